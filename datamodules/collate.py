@@ -1,0 +1,63 @@
+"""The one tokenization and collation path: prompt/response boundaries, truncation, padding and masks.
+
+Prompts go through the tokenizer's chat template when it has one (a single user turn plus the generation
+prompt); otherwise they are encoded as plain text. A response is encoded without special tokens and followed
+by EOS, so prompt + response concatenate at the token level with no boundary effects.
+"""
+from __future__ import annotations
+
+import torch
+
+from modules.batch import PairBatch, Sequences
+
+
+def encode_prompt(tokenizer, text: str) -> list[int]:
+    if getattr(tokenizer, "chat_template", None):
+        ids = tokenizer.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True,
+                                            tokenize=True)
+        return list(ids["input_ids"] if hasattr(ids, "keys") else ids)
+    return tokenizer(text, add_special_tokens=True)["input_ids"]
+
+
+def encode_response(tokenizer, text: str) -> list[int]:
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    return ids + ([tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else [])
+
+
+def pad(rows: list[list[int]], pad_id: int, side: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Pad lists of ids to (B, max_len) on `side`; returns (ids, mask)."""
+    width = max(len(r) for r in rows)
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, row in enumerate(rows):
+        sl = slice(width - len(row), width) if side == "left" else slice(0, len(row))
+        ids[i, sl] = torch.tensor(row, dtype=torch.long)
+        mask[i, sl] = 1
+    return ids, mask
+
+
+def sequences(prompts: list[list[int]], responses: list[list[int]], pad_id: int) -> Sequences:
+    """Right-padded prompt + response sequences with the loss mask on the response tokens."""
+    ids, mask = pad([p + r for p, r in zip(prompts, responses)], pad_id, "right")
+    loss_mask = torch.zeros_like(mask)
+    for i, (p, r) in enumerate(zip(prompts, responses)):
+        loss_mask[i, len(p): len(p) + len(r)] = 1
+    return Sequences(ids, mask, loss_mask)
+
+
+class PairCollator:
+    """Collates encoded examples ({prompt_ids, chosen_ids?, rejected_ids?, prompt, ...}) into a PairBatch."""
+
+    def __init__(self, pad_token_id: int):
+        self.pad_token_id = pad_token_id
+
+    def __call__(self, examples: list[dict]) -> PairBatch:
+        prompts = [e["prompt_ids"] for e in examples]
+        prompt_ids, prompt_mask = pad(prompts, self.pad_token_id, "left")
+        batch = PairBatch(prompt_ids, prompt_mask, prompts=[e["prompt"] for e in examples])
+        if "chosen_ids" in examples[0]:
+            batch.chosen = sequences(prompts, [e["chosen_ids"] for e in examples], self.pad_token_id)
+            batch.rejected = sequences(prompts, [e["rejected_ids"] for e in examples], self.pad_token_id)
+            batch.chosen_text = [e["chosen"] for e in examples]
+            batch.rejected_text = [e["rejected"] for e in examples]
+        return batch

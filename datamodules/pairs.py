@@ -1,0 +1,120 @@
+"""PairDataModule: the one datamodule shared by the SFT, reward and RL stages.
+
+Records are `{prompt, chosen, rejected}`. SFT trains on (prompt, chosen), the reward stage on all three, RL on
+prompts (`prompts_only: true` accepts records without responses). Every batch is a `modules.batch.PairBatch`.
+"""
+from __future__ import annotations
+
+import logging
+
+import lightning as L
+from torch.utils.data import DataLoader
+
+from datamodules.collate import PairCollator, encode_prompt, encode_response
+from datamodules.sources import FIELDS, DataError, FieldMap, validate_records
+
+log = logging.getLogger(__name__)
+
+
+class PairDataModule(L.LightningDataModule):
+    """Args:
+        source: where records come from (`datamodules.task.ReviewTask`, `datamodules.sources.LocalFiles`,
+            `datamodules.sources.HubDataset`, or any object with `load(split) -> (origin, rows)`).
+        tokenizer: tokenizer directory, hub id or .gguf file; defaults to the source's own tokenizer.
+            Linked to the model by the CLI (`data.tokenizer_path` -> `model.tokenizer`).
+        fields: names of the prompt / chosen / rejected fields in the raw records.
+        max_length: prompt + response tokens; longer responses are cut (counted in the log).
+        max_prompt_length: longer prompts are bad records (they would leave no room for a response).
+        prompts_only: records need only a prompt (RL on a prompt set).
+        skip_invalid: drop bad records with a logged count instead of raising.
+        batch_size / val_batch_size / num_workers / seed: loader settings (`seed` shuffles the train split).
+    """
+
+    def __init__(self, source, tokenizer: str | None = None, fields: FieldMap | None = None,
+                 batch_size: int = 16, val_batch_size: int | None = None, max_length: int = 64,
+                 max_prompt_length: int = 32, prompts_only: bool = False, skip_invalid: bool = False,
+                 num_workers: int = 0, seed: int = 0):
+        super().__init__()
+        self.source, self.fields = source, fields or FieldMap()
+        self.tokenizer_path = tokenizer or _source_tokenizer(source)
+        self.batch_size, self.val_batch_size = batch_size, val_batch_size or batch_size
+        self.max_length, self.max_prompt_length = max_length, max_prompt_length
+        self.prompts_only, self.skip_invalid = prompts_only, skip_invalid
+        self.num_workers, self.seed = num_workers, seed
+        self.splits: dict[str, list[dict]] = {}
+        self._tokenizer = None
+
+    @property
+    def tokenizer(self):
+        if self._tokenizer is None:
+            from modules.backbone import load_tokenizer
+
+            self._tokenizer = load_tokenizer(self.tokenizer_path)
+        return self._tokenizer
+
+    def setup(self, stage: str | None = None) -> None:
+        for split in ("train", "val"):
+            if split not in self.splits:
+                self.splits[split] = self.encoded(split)
+
+    def records(self, split: str) -> tuple[str, list[dict]]:
+        """(origin, validated records) of a split: `{prompt, chosen, rejected}` or `{prompt}`."""
+        origin, rows = self.source.load(split)
+        need = ("prompt",) if self.prompts_only else FIELDS
+        return origin, validate_records(rows, origin, self.fields, need, self.skip_invalid)
+
+    def encoded(self, split: str) -> list[dict]:
+        origin, records = self.records(split)
+        out, cut = [], 0
+        for index, rec in enumerate(records):
+            example = self.encode(rec, index, origin)
+            if example is None:
+                continue
+            cut += example.pop("_cut")
+            out.append(example)
+        if cut:
+            log.info("%s: %d responses cut to max_length=%d tokens", origin, cut, self.max_length)
+        if not out:
+            raise DataError(f"{origin}: no usable records")
+        return out
+
+    def encode(self, rec: dict, index: int, origin: str) -> dict | None:
+        """Token ids of one record; a prompt that leaves no room for a response is a bad record."""
+        prompt_ids = encode_prompt(self.tokenizer, rec["prompt"])
+        budget = min(self.max_prompt_length, self.max_length - 1)
+        if len(prompt_ids) > budget:
+            message = (f"{origin}: record {index}: field {self.fields.prompt!r}: {len(prompt_ids)} tokens leave no "
+                       f"room for a response (max_prompt_length={self.max_prompt_length}, max_length={self.max_length})")
+            if not self.skip_invalid:
+                raise DataError(message)
+            log.warning("skipped: %s", message)
+            return None
+        example = {"prompt": rec["prompt"], "prompt_ids": prompt_ids, "_cut": 0}
+        if not self.prompts_only:
+            room = self.max_length - len(prompt_ids)
+            for key in ("chosen", "rejected"):
+                ids = encode_response(self.tokenizer, rec[key])
+                example["_cut"] += len(ids) > room
+                example[f"{key}_ids"], example[key] = ids[:room], rec[key]
+        return example
+
+    def _loader(self, split: str, shuffle: bool) -> DataLoader:
+        import torch
+
+        generator = torch.Generator().manual_seed(self.seed)
+        return DataLoader(self.splits[split], batch_size=self.batch_size if shuffle else self.val_batch_size,
+                          shuffle=shuffle, generator=generator, num_workers=self.num_workers,
+                          collate_fn=PairCollator(self.tokenizer.pad_token_id), drop_last=False)
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader("train", shuffle=True)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader("val", shuffle=False)
+
+
+def _source_tokenizer(source) -> str:
+    if not hasattr(source, "tokenizer"):
+        raise ValueError(f"PairDataModule: source {type(source).__name__} ships no tokenizer; set data tokenizer: "
+                         "<directory, hub id or .gguf file>")
+    return source.tokenizer()

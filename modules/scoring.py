@@ -1,0 +1,45 @@
+"""Forward passes that turn sequences into numbers: response logprobs, values and scalar rewards.
+
+Every forward uses position ids from the attention mask, so left padding does not shift positions.
+"""
+from __future__ import annotations
+
+import torch
+
+from modules import functional as F
+
+
+def lm_logits(model, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """Causal-LM logits (B, T, V) with position ids that ignore padding."""
+    return model(input_ids=input_ids, attention_mask=attention_mask,
+                 position_ids=F.position_ids_from_mask(attention_mask), use_cache=False).logits
+
+
+def response_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, prompt_length: int,
+                      temperature: float = 1.0) -> torch.Tensor:
+    """Per-token logprobs (B, L) of the response tokens input_ids[:, P:] given everything before them."""
+    logits = lm_logits(model, input_ids, attention_mask)        # (B, P + L, V)
+    logits = logits[:, prompt_length - 1: -1]                   # (B, L, V): position t predicts t + 1
+    return F.token_logprobs(logits, input_ids[:, prompt_length:], temperature)  # (B, L)
+
+
+def scorer_head(scorer):
+    """(backbone, head) of an AutoModelForSequenceClassification (peft-wrapped or not)."""
+    model = scorer.get_base_model() if hasattr(scorer, "get_base_model") else scorer
+    head = getattr(model, "score", None) or getattr(model, "classifier", None)
+    if head is None:
+        raise TypeError(f"{type(model).__name__}: no 'score' or 'classifier' head to read a reward from")
+    return getattr(model, model.base_model_prefix), head
+
+
+def token_scores(scorer, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """The scalar head applied at every position: (B, T). Used for rewards (last token) and values."""
+    backbone, head = scorer_head(scorer)
+    hidden = backbone(input_ids=input_ids, attention_mask=attention_mask,
+                      position_ids=F.position_ids_from_mask(attention_mask), use_cache=False).last_hidden_state
+    return head(hidden).squeeze(-1).float()                     # (B, T)
+
+
+def sequence_rewards(scorer, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """Reward read at the last real token of each row, whatever the padding side. (B, T) -> (B,)."""
+    return F.gather_last(token_scores(scorer, input_ids, attention_mask), attention_mask)

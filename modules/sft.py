@@ -1,0 +1,67 @@
+"""Supervised fine-tuning: next-token cross-entropy on response tokens only (prompt and padding masked)."""
+from __future__ import annotations
+
+import lightning as L
+import torch
+from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
+from torchmetrics import MeanMetric
+from torchmetrics.text import Perplexity
+
+from modules import functional as F
+from modules.backbone import BackboneSpec, build_causal_lm, load_tokenizer, save_pretrained
+from modules.batch import PairBatch
+from modules.scoring import lm_logits
+
+IGNORE = -100
+
+
+class SFTModule(L.LightningModule):
+    """Args:
+        backbone: how to build the policy (see `modules.backbone.BackboneSpec`).
+        tokenizer: tokenizer location; linked from `data.tokenizer_path` by the CLI.
+        optimizer / scheduler: factories injected by the CLI (`scheduler` is stepped every optimizer step).
+    """
+
+    def __init__(self, backbone: BackboneSpec, tokenizer: str, optimizer: OptimizerCallable = torch.optim.AdamW,
+                 scheduler: LRSchedulerCallable | None = None):
+        super().__init__()
+        self.save_hyperparameters()
+        self.backbone, self.tokenizer_path = backbone, tokenizer
+        self.optimizer_factory, self.scheduler_factory = optimizer, scheduler
+        self.tokenizer = load_tokenizer(tokenizer)
+        self.policy = None
+        self.val_loss = MeanMetric()
+        self.val_ppl = Perplexity(ignore_index=IGNORE)
+
+    def configure_model(self) -> None:
+        if self.policy is None:
+            self.policy = build_causal_lm(self.backbone, self.tokenizer)
+
+    def loss(self, batch: PairBatch) -> tuple[torch.Tensor, torch.Tensor]:
+        seq = batch.chosen
+        logits = lm_logits(self.policy, seq.input_ids, seq.attention_mask)      # (B, T, V)
+        return F.response_only_ce(logits, seq.input_ids, seq.loss_mask), logits
+
+    def training_step(self, batch: PairBatch, batch_idx: int) -> torch.Tensor:
+        loss, _ = self.loss(batch)
+        self.log("train/loss", loss, prog_bar=True, batch_size=len(batch))
+        return loss
+
+    def validation_step(self, batch: PairBatch, batch_idx: int) -> None:
+        loss, logits = self.loss(batch)
+        seq = batch.chosen
+        labels = seq.input_ids[:, 1:].masked_fill(seq.loss_mask[:, 1:] == 0, IGNORE)  # (B, T-1)
+        self.val_loss.update(loss, weight=seq.loss_mask[:, 1:].sum())
+        self.val_ppl.update(logits[:, :-1].float(), labels)
+        self.log("val/loss", self.val_loss, prog_bar=True, batch_size=len(batch))
+        self.log("val/perplexity", self.val_ppl, batch_size=len(batch))
+
+    def configure_optimizers(self):
+        optimizer = self.optimizer_factory(self.policy.parameters())
+        if self.scheduler_factory is None:
+            return optimizer
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": self.scheduler_factory(optimizer), "interval": "step"}}
+
+    def export(self, directory: str) -> None:
+        """Policy + tokenizer in Hugging Face format (LoRA merged)."""
+        save_pretrained(self.policy, self.tokenizer, directory)
