@@ -7,7 +7,7 @@ PY := $(VENV)/bin/python
 # satisfied and does not fetch a CUDA build. Elsewhere (a GPU machine) pip resolves torch as usual.
 CPU_TORCH := $(firstword $(wildcard /opt/wheels/torch-*+cpu-*.whl))
 
-.PHONY: install demo test sft lint clean
+.PHONY: install demo test sft reward lint clean
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -21,7 +21,10 @@ install: $(VENV)/.installed
 sft: install
 	$(PY) train.py fit --config configs/quickstart/sft.yaml
 
-demo: sft
+reward: install
+	$(PY) train.py fit --config configs/quickstart/reward.yaml
+
+demo: sft reward
 
 test: install
 	$(PY) -m pytest -q

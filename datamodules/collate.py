@@ -19,9 +19,10 @@ def encode_prompt(tokenizer, text: str) -> list[int]:
     return tokenizer(text, add_special_tokens=True)["input_ids"]
 
 
-def encode_response(tokenizer, text: str) -> list[int]:
+def encode_response(tokenizer, text: str, eos: bool = True) -> list[int]:
+    """Response ids followed by EOS (`eos=False` for a response that was cut before emitting one)."""
     ids = tokenizer(text, add_special_tokens=False)["input_ids"]
-    return ids + ([tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else [])
+    return ids + ([tokenizer.eos_token_id] if eos and tokenizer.eos_token_id is not None else [])
 
 
 def pad(rows: list[list[int]], pad_id: int, side: str) -> tuple[torch.Tensor, torch.Tensor]:

@@ -193,7 +193,8 @@ def save_pretrained(model: nn.Module, tokenizer, directory: str) -> None:
     os.makedirs(directory, exist_ok=True)
     fresh = type(model)(copy.deepcopy(model.config))
     fresh.load_state_dict(model.state_dict())
-    fresh.generation_config.pad_token_id = tokenizer.pad_token_id
-    fresh.generation_config.eos_token_id = tokenizer.eos_token_id
+    if getattr(fresh, "generation_config", None) is not None:
+        fresh.generation_config.pad_token_id = tokenizer.pad_token_id
+        fresh.generation_config.eos_token_id = tokenizer.eos_token_id
     fresh.save_pretrained(directory)
     tokenizer.save_pretrained(directory)

@@ -43,3 +43,23 @@ def token_scores(scorer, input_ids: torch.Tensor, attention_mask: torch.Tensor) 
 def sequence_rewards(scorer, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
     """Reward read at the last real token of each row, whatever the padding side. (B, T) -> (B,)."""
     return F.gather_last(token_scores(scorer, input_ids, attention_mask), attention_mask)
+
+
+@torch.no_grad()
+def score_texts(scorer, tokenizer, prompts: list[str], responses: list[str], has_eos: list[bool] | None = None,
+                batch_size: int = 64) -> torch.Tensor:
+    """Rewards (N,) of (prompt, response) texts, tokenized through the shared collation path.
+
+    `has_eos[i] = False` scores response i without a closing EOS, as a cut-off sample is scored from its ids.
+    """
+    from datamodules.collate import encode_prompt, encode_response, sequences
+
+    device = next(scorer.parameters()).device
+    has_eos = [True] * len(responses) if has_eos is None else list(has_eos)
+    out = []
+    for i in range(0, len(prompts), batch_size):
+        rows = range(i, min(i + batch_size, len(prompts)))
+        seq = sequences([encode_prompt(tokenizer, prompts[j]) for j in rows],
+                        [encode_response(tokenizer, responses[j], has_eos[j]) for j in rows], tokenizer.pad_token_id)
+        out.append(sequence_rewards(scorer, seq.input_ids.to(device), seq.attention_mask.to(device)))
+    return torch.cat(out).float()

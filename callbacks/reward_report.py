@@ -1,0 +1,49 @@
+"""End-of-fit report for the reward stage, measured against the task's gold reward.
+
+On held-out pairs: accuracy against the sampled labels and against the gold ordering (pairs with equal gold
+reward excluded). On fresh samples of the SFT policy (the calibration samples): Spearman correlation between
+the model's reward and the gold reward. Printed and logged under `report/`.
+"""
+from __future__ import annotations
+
+import lightning as L
+import torch
+from torchmetrics.functional import spearman_corrcoef
+
+from modules.batch import PairBatch
+
+
+class RewardReport(L.Callback):
+    def __init__(self, gold=None, max_pairs: int = 1000):
+        self.gold, self.max_pairs = gold, max_pairs
+        self.metrics: dict[str, float] = {}
+
+    @torch.no_grad()
+    def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if not trainer.is_global_zero:
+            return
+        chosen, rejected, texts = [], [], ([], [], [])
+        for batch in trainer.datamodule.val_dataloader():
+            batch: PairBatch = trainer.strategy.batch_to_device(batch, pl_module.device)
+            c, r = pl_module.pair_rewards(batch)
+            chosen.append(c.cpu()), rejected.append(r.cpu())
+            texts[0].extend(batch.prompts), texts[1].extend(batch.chosen_text), texts[2].extend(batch.rejected_text)
+            if sum(map(len, chosen)) >= self.max_pairs:
+                break
+        chosen, rejected = torch.cat(chosen), torch.cat(rejected)
+        m = {"report/label_accuracy": (chosen > rejected).float().mean().item()}
+        if self.gold is not None:
+            gc = torch.tensor(self.gold(texts[0][: len(chosen)], texts[1][: len(chosen)]))
+            gr = torch.tensor(self.gold(texts[0][: len(chosen)], texts[2][: len(chosen)]))
+            keep = gc != gr
+            m["report/gold_order_accuracy"] = ((chosen > rejected) == (gc > gr))[keep].float().mean().item()
+            cal = pl_module.calibrate(trainer.datamodule.splits["val"])
+            gold = torch.tensor(self.gold(cal["prompts"], cal["responses"]), dtype=torch.float32)
+            m["report/spearman_gold"] = spearman_corrcoef(cal["rewards"].float(), gold).item()
+            m["report/sft_gold_reward"] = gold.mean().item()
+        cal = pl_module.calibrate(trainer.datamodule.splits["val"])
+        m["report/calibration_mean"], m["report/calibration_std"] = cal["mean"], cal["std"]
+        self.metrics = m
+        if trainer.logger is not None:
+            trainer.logger.log_metrics(m, step=trainer.global_step)
+        print("[reward report] " + "  ".join(f"{k.split('/')[-1]}={v:.3f}" for k, v in m.items()))

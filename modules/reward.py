@@ -1,0 +1,129 @@
+"""Reward model stage: Bradley-Terry on (prompt, chosen, rejected), scalar head at the last real token.
+
+Loss: -log sigmoid(r(x, y_w) - r(x, y_l)) (+ optional centering: center_coef * mean r^2, as in
+Eisenstein et al. 2023 "Helping or herding"). Chosen and rejected are scored in one forward pass.
+After fit the reward is calibrated on responses sampled from the SFT policy on held-out prompts; its mean and
+std are exported with the model (`reward_stats.json`) so the RL stage can use (r - mean) / std.
+"""
+from __future__ import annotations
+
+import json
+import os
+
+import lightning as L
+import torch
+from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
+from torchmetrics import CatMetric, MeanMetric
+from torchmetrics.classification import BinaryAccuracy
+
+from datamodules.collate import PairCollator
+from modules import functional as F
+from modules.backbone import BackboneSpec, build_causal_lm, build_scorer, load_tokenizer, save_pretrained
+from modules.batch import PairBatch, Sequences
+from modules.sampling import SamplingConfig, sample
+from modules.scoring import sequence_rewards
+
+STATS_FILE = "reward_stats.json"
+
+
+def stack_pair(chosen: Sequences, rejected: Sequences, pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Chosen rows then rejected rows, right-padded to one width: (2B, T) ids and mask."""
+    width = max(chosen.input_ids.shape[1], rejected.input_ids.shape[1])
+    grow = lambda t, v: torch.nn.functional.pad(t, (0, width - t.shape[1]), value=v)  # noqa: E731
+    ids = torch.cat([grow(chosen.input_ids, pad_id), grow(rejected.input_ids, pad_id)])
+    mask = torch.cat([grow(chosen.attention_mask, 0), grow(rejected.attention_mask, 0)])
+    return ids, mask
+
+
+class RewardModule(L.LightningModule):
+    """Args:
+        backbone: the scorer's backbone, usually `pretrained: <SFT export>`.
+        tokenizer: linked from the datamodule.
+        center_coef: weight of the reward-centering penalty (0 = off).
+        calibration_policy: causal LM whose samples calibrate the reward (default: `backbone.pretrained`).
+        calibration_prompts: held-out prompts used for calibration; sampling: how they are sampled.
+    """
+
+    def __init__(self, backbone: BackboneSpec, tokenizer: str, optimizer: OptimizerCallable = torch.optim.AdamW,
+                 scheduler: LRSchedulerCallable | None = None, center_coef: float = 0.0,
+                 calibration_policy: str | None = None, calibration_prompts: int = 128,
+                 sampling: SamplingConfig | None = None):
+        super().__init__()
+        self.save_hyperparameters()
+        self.backbone, self.center_coef = backbone, center_coef
+        self.optimizer_factory, self.scheduler_factory = optimizer, scheduler
+        self.tokenizer = load_tokenizer(tokenizer)
+        self.calibration_policy = calibration_policy or backbone.pretrained
+        self.calibration_prompts, self.sampling = calibration_prompts, sampling or SamplingConfig()
+        self.scorer = None
+        self.calibration: dict | None = None
+        self.val_accuracy, self.val_margin, self.val_rewards = BinaryAccuracy(), MeanMetric(), CatMetric()
+
+    def configure_model(self) -> None:
+        if self.scorer is None:
+            self.scorer = build_scorer(self.backbone, self.tokenizer)
+
+    def pair_rewards(self, batch: PairBatch) -> tuple[torch.Tensor, torch.Tensor]:
+        """(r_chosen, r_rejected), each (B,), from one forward pass over the 2B sequences."""
+        ids, mask = stack_pair(batch.chosen, batch.rejected, self.tokenizer.pad_token_id)
+        rewards = sequence_rewards(self.scorer, ids, mask)          # (2B,)
+        return rewards.chunk(2)
+
+    def training_step(self, batch: PairBatch, batch_idx: int) -> torch.Tensor:
+        chosen, rejected = self.pair_rewards(batch)
+        loss = F.bradley_terry_loss(chosen, rejected)
+        if self.center_coef:
+            loss = loss + self.center_coef * torch.cat([chosen, rejected]).pow(2).mean()
+        self.log_dict({"train/loss": loss, "train/accuracy": (chosen > rejected).float().mean()},
+                      prog_bar=True, batch_size=len(batch))
+        return loss
+
+    def validation_step(self, batch: PairBatch, batch_idx: int) -> None:
+        chosen, rejected = self.pair_rewards(batch)
+        self.val_accuracy.update(torch.sigmoid(chosen - rejected), torch.ones_like(chosen, dtype=torch.long))
+        self.val_margin.update(chosen - rejected)
+        self.val_rewards.update(torch.cat([chosen, rejected]))
+        self.log("val/loss", F.bradley_terry_loss(chosen, rejected), batch_size=len(batch), sync_dist=True)
+        self.log_dict({"val/accuracy": self.val_accuracy, "val/margin": self.val_margin}, prog_bar=True,
+                      batch_size=len(batch))
+
+    def on_validation_epoch_end(self) -> None:
+        rewards = self.val_rewards.compute()
+        self.log_dict({"val/reward_mean": rewards.mean(), "val/reward_std": rewards.std()})
+        self.val_rewards.reset()
+
+    def configure_optimizers(self):
+        optimizer = self.optimizer_factory([p for p in self.scorer.parameters() if p.requires_grad])
+        if self.scheduler_factory is None:
+            return optimizer
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": self.scheduler_factory(optimizer), "interval": "step"}}
+
+    @torch.no_grad()
+    def calibrate(self, examples: list[dict], seed: int = 0) -> dict:
+        """Sample one response per held-out prompt from the calibration policy; store reward mean / std."""
+        if self.calibration is None:
+            if self.calibration_policy is None:
+                raise ValueError("RewardModule: set calibration_policy (a causal LM) to calibrate the reward")
+            policy = build_causal_lm(BackboneSpec(pretrained=self.calibration_policy), self.tokenizer).to(self.device)
+            collated = PairCollator(self.tokenizer.pad_token_id)(examples[: self.calibration_prompts])
+            with torch.random.fork_rng():
+                torch.manual_seed(seed)
+                roll = sample(policy, self.tokenizer, collated.prompt_ids.to(self.device),
+                              collated.prompt_mask.to(self.device), collated.prompts, self.sampling)
+            rewards = sequence_rewards(self.scorer, roll.input_ids, roll.attention_mask).float().cpu()
+            self.calibration = {"prompts": roll.prompts, "responses": roll.responses, "rewards": rewards,
+                                "mean": rewards.mean().item(), "std": rewards.std().clamp(min=1e-6).item()}
+        return self.calibration
+
+    def export(self, directory: str) -> None:
+        """AutoModelForSequenceClassification (num_labels=1) + tokenizer + reward_stats.json."""
+        save_pretrained(self.scorer, self.tokenizer, directory)
+        stats = {"mean": 0.0, "std": 1.0, "n": 0, "source": "uncalibrated"}
+        if self.calibration is None and self.trainer is not None and self.trainer.datamodule is not None:
+            self.calibrate(self.trainer.datamodule.splits["val"])
+        if self.calibration is not None:
+            stats = {"mean": self.calibration["mean"], "std": self.calibration["std"],
+                     "n": len(self.calibration["rewards"]), "source": f"samples of {self.calibration_policy}"}
+        with open(os.path.join(directory, STATS_FILE), "w") as handle:
+            json.dump(stats, handle, indent=2)
+

@@ -1,0 +1,73 @@
+"""Rewards the RL stage can optimise. Any object works if it is one of:
+  * `score(rollout, tokenizer) -> Tensor (N,)` (token-level access, e.g. `RewardModel`), or
+  * a plain callable `(prompts: list[str], responses: list[str]) -> list[float]` (e.g. the embedded task's
+    `datamodules.task.GoldReward`, or a rule-based reward of yours), selected by `class_path`.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+
+import torch
+from torch import nn
+
+from modules.backbone import BackboneSpec, build_scorer, load_tokenizer
+from modules.batch import Rollout
+from modules.scoring import score_texts, sequence_rewards
+
+log = logging.getLogger(__name__)
+
+
+class RewardModel(nn.Module):
+    """A frozen reward-model export (AutoModelForSequenceClassification, num_labels=1).
+
+    Args:
+        path: export directory of the reward stage (or any such HF directory / hub id).
+        normalize: return (r - mean) / std with the stats stored next to the export (`reward_stats.json`).
+        clip: clip the (normalised) reward to [-clip, clip] (None = off).
+    When the reward model shares the policy's vocabulary, rollouts are scored from their token ids directly;
+    otherwise their texts are re-tokenized with the reward model's own tokenizer.
+    """
+
+    def __init__(self, path: str, normalize: bool = True, clip: float | None = None):
+        super().__init__()
+        self.path, self.normalize, self.clip = path, normalize, clip
+        self.tokenizer = load_tokenizer(path)
+        self.model = build_scorer(BackboneSpec(pretrained=path), self.tokenizer).eval().requires_grad_(False)
+        stats_path = os.path.join(path, "reward_stats.json")
+        self.mean, self.std = 0.0, 1.0
+        if normalize:
+            if not os.path.exists(stats_path):
+                raise FileNotFoundError(f"{stats_path}: no reward statistics; export them with the reward stage "
+                                        "or set normalize: false")
+            stats = json.load(open(stats_path))
+            self.mean, self.std = float(stats["mean"]), float(stats["std"])
+        self._shares_vocab: dict[int, bool] = {}
+
+    def train(self, mode: bool = True) -> "RewardModel":
+        return super().train(False)  # always frozen, eval mode
+
+    def _same_vocab(self, tokenizer) -> bool:
+        key = id(tokenizer)
+        if key not in self._shares_vocab:
+            self._shares_vocab[key] = tokenizer.get_vocab() == self.tokenizer.get_vocab()
+        return self._shares_vocab[key]
+
+    @torch.no_grad()
+    def score(self, rollout: Rollout, tokenizer) -> torch.Tensor:
+        if self._same_vocab(tokenizer):
+            raw = sequence_rewards(self.model, rollout.input_ids, rollout.attention_mask)   # (N,)
+        else:
+            raw = score_texts(self.model, self.tokenizer, rollout.prompts, rollout.responses,
+                              rollout.has_eos.tolist()).to(rollout.input_ids.device)
+        reward = (raw - self.mean) / self.std
+        return reward.clamp(-self.clip, self.clip) if self.clip else reward
+
+
+def score(reward, rollout: Rollout, tokenizer) -> torch.Tensor:
+    """Rewards (N,) float32 on the rollout's device, for either kind of reward object."""
+    if hasattr(reward, "score"):
+        return reward.score(rollout, tokenizer).float()
+    values = reward(rollout.prompts, rollout.responses)
+    return torch.as_tensor(values, dtype=torch.float32, device=rollout.input_ids.device)

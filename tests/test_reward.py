@@ -1,0 +1,103 @@
+"""Reward stage: last-token scoring, BT loss, a tiny separable fit, export round-trip, calibration stats."""
+import json
+
+import pytest
+import torch
+
+from datamodules.collate import PairCollator, encode_prompt, encode_response
+from modules.backbone import BackboneSpec, build_causal_lm, save_pretrained
+from modules.reward import RewardModule, stack_pair
+from modules.scoring import sequence_rewards, token_scores
+
+
+@pytest.fixture
+def sft_dir(tiny_spec, tokenizer, tmp_path):
+    save_pretrained(build_causal_lm(tiny_spec, tokenizer), tokenizer, str(tmp_path / "sft"))
+    return str(tmp_path / "sft")
+
+
+def examples(tokenizer, rows):
+    return [{"prompt": p, "prompt_ids": encode_prompt(tokenizer, p), "chosen": c, "rejected": r,
+             "chosen_ids": encode_response(tokenizer, c), "rejected_ids": encode_response(tokenizer, r)}
+            for p, c, r in rows]
+
+
+def test_reward_is_read_at_the_last_real_token_for_either_padding_side(sft_dir, tokenizer):
+    module = RewardModule(BackboneSpec(pretrained=sft_dir), sft_dir)
+    module.configure_model()
+    ids = torch.tensor([[4, 5, 6, 7]])
+    full = token_scores(module.scorer, ids, torch.ones_like(ids))[0]            # (4,)
+    pad = tokenizer.pad_token_id
+    right = torch.tensor([[4, 5, 6, 7, pad, pad]]), torch.tensor([[1, 1, 1, 1, 0, 0]])
+    left = torch.tensor([[pad, pad, 4, 5, 6, 7]]), torch.tensor([[0, 0, 1, 1, 1, 1]])
+    for seq, mask in (right, left):
+        assert torch.allclose(sequence_rewards(module.scorer, seq, mask), full[-1:], atol=1e-5)
+
+
+def test_stack_pair_scores_chosen_and_rejected_in_one_batch(tokenizer):
+    batch = PairCollator(tokenizer.pad_token_id)(examples(tokenizer, [
+        ("write a review of the cafe :", "the food was great .", "the food was bad and the staff was rude .")]))
+    ids, mask = stack_pair(batch.chosen, batch.rejected, tokenizer.pad_token_id)
+    assert ids.shape[0] == 2 and mask[0].sum() < mask[1].sum()
+    assert torch.equal(ids[1, : mask[1].sum()], batch.rejected.input_ids[0, : mask[1].sum()])
+
+
+def test_tiny_fit_learns_a_separable_preference_and_export_round_trips(sft_dir, tokenizer, tmp_path):
+    import lightning as L
+    from torch.utils.data import DataLoader
+
+    rows = [(f"write a review of the {place} :", f"the {s} was great .", f"the {s} was awful .")
+            for place in ("cafe", "hotel", "park", "zoo") for s in ("food", "staff", "view", "room")]
+    data = examples(tokenizer, rows)
+    loader = DataLoader(data, batch_size=8, shuffle=True, collate_fn=PairCollator(tokenizer.pad_token_id))
+    module = RewardModule(BackboneSpec(pretrained=sft_dir), sft_dir,
+                          optimizer=lambda p: torch.optim.AdamW(p, lr=3e-3), calibration_prompts=8)
+    module.configure_model()
+    batch = PairCollator(tokenizer.pad_token_id)(data)
+
+    def accuracy():
+        with torch.no_grad():
+            c, r = module.pair_rewards(batch)
+        return (c > r).float().mean().item(), c
+
+    before, _ = accuracy()
+    L.Trainer(max_epochs=15, accelerator="cpu", logger=False, enable_checkpointing=False,
+              enable_progress_bar=False, enable_model_summary=False).fit(module, loader)
+    after, scores = accuracy()
+    assert after == 1.0 and after > before
+
+    module.export(str(tmp_path / "rm"))  # no datamodule: uncalibrated stats
+    from transformers import AutoModelForSequenceClassification
+
+    hf = AutoModelForSequenceClassification.from_pretrained(tmp_path / "rm")
+    assert hf.config.num_labels == 1
+    with torch.no_grad():
+        hf_scores = hf(input_ids=batch.chosen.input_ids, attention_mask=batch.chosen.attention_mask).logits[:, 0]
+    assert torch.allclose(hf_scores, scores, atol=1e-5)
+    assert json.load(open(tmp_path / "rm" / "reward_stats.json"))["source"] == "uncalibrated"
+
+
+def test_calibration_stats_are_exported_and_used_for_normalisation(sft_dir, tokenizer, tmp_path):
+    from modules.rewards import RewardModel
+    from modules.sampling import SamplingConfig, sample
+
+    module = RewardModule(BackboneSpec(pretrained=sft_dir), sft_dir, calibration_prompts=16,
+                          sampling=SamplingConfig(max_new_tokens=8))
+    module.configure_model()
+    data = examples(tokenizer, [(f"write a review of the {p} :", "the food was ok .", "the food was bad .")
+                                for p in ("cafe", "hotel", "park", "zoo")] * 4)
+    cal = module.calibrate(data)
+    assert len(cal["rewards"]) == 16 and cal["std"] > 0
+    module.export(str(tmp_path / "rm"))
+    stats = json.load(open(tmp_path / "rm" / "reward_stats.json"))
+    assert stats["mean"] == pytest.approx(cal["mean"]) and stats["n"] == 16
+
+    reward = RewardModel(str(tmp_path / "rm"))
+    collated = PairCollator(tokenizer.pad_token_id)(data[:4])
+    roll = sample(build_causal_lm(BackboneSpec(pretrained=sft_dir), tokenizer), tokenizer, collated.prompt_ids,
+                  collated.prompt_mask, collated.prompts, SamplingConfig(max_new_tokens=8))
+    raw = sequence_rewards(reward.model, roll.input_ids, roll.attention_mask)
+    assert torch.allclose(reward.score(roll, tokenizer), (raw - stats["mean"]) / stats["std"], atol=1e-5)
+    by_text = RewardModel(str(tmp_path / "rm"))
+    by_text._shares_vocab[id(tokenizer)] = False  # force the re-tokenizing path: same numbers
+    assert torch.allclose(by_text.score(roll, tokenizer), reward.score(roll, tokenizer), atol=1e-4)
