@@ -42,8 +42,9 @@ class Evaluation(L.Callback):
         self._last_step = -1
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        step = trainer.global_step
-        if self.every_n_steps and step % self.every_n_steps == 0 and step != self._last_step:
+        # One training step may take several optimizer steps (RL): evaluate when a multiple is crossed.
+        step, every = trainer.global_step, self.every_n_steps
+        if every and step // every > max(self._last_step, 0) // every:
             self.run(trainer, pl_module)
 
     def on_fit_end(self, trainer, pl_module) -> None:
@@ -71,6 +72,7 @@ class Evaluation(L.Callback):
             for key, value in metrics.items():
                 sums[key] = sums.get(key, 0.0) + value * len(part)
             rows += shown
+        rows = rows[: self.show]
         n = torch.tensor(float(len(examples)), device=pl_module.device)
         n_all = trainer.strategy.reduce(n, reduce_op="sum")
         metrics = {k: float(trainer.strategy.reduce(torch.tensor(v, device=pl_module.device), reduce_op="sum") / n_all)

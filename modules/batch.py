@@ -54,6 +54,7 @@ class Rollout:
     old_logp: torch.Tensor | None = None     # (N, L) per-token logprobs under pi_old
     ref_logp: torch.Tensor | None = None     # (N, L) per-token logprobs under pi_ref
     values: torch.Tensor | None = None       # (N, L) value estimates (objectives with needs_values)
+    timings: dict[str, float] = field(default_factory=dict)  # perf/* seconds spent building it
 
     def __len__(self) -> int:
         return self.input_ids.shape[0]
@@ -70,3 +71,24 @@ class Rollout:
                        self.group_size, [self.prompts[i] for i in idx], [self.responses[i] for i in idx],
                        self.has_eos[rows], take(self.rewards), take(self.old_logp), take(self.ref_logp),
                        take(self.values))
+
+
+@dataclass
+class ObjectiveInput:
+    """Everything an objective sees: tensors only. N = rows (groups of `group_size` consecutive rows share a
+    prompt), L = response length. Per-token tensors are aligned with the response tokens."""
+
+    logp: torch.Tensor         # (N, L) logprobs under the current policy (carries the gradient)
+    old_logp: torch.Tensor     # (N, L) logprobs under pi_old, the policy that sampled the rollout
+    ref_logp: torch.Tensor     # (N, L) logprobs under the frozen reference policy
+    mask: torch.Tensor         # (N, L) 1 on response tokens up to and including the first EOS
+    rewards: torch.Tensor      # (N,) sequence rewards (penalties included)
+    group_size: int            # K responses per prompt
+    values: torch.Tensor | None = None       # (N, L) current value estimates (objectives with needs_values)
+    extra: dict[str, torch.Tensor] = field(default_factory=dict)  # per-row tensors from `Objective.prepare`
+
+
+@dataclass
+class ObjectiveOutput:
+    loss: torch.Tensor                                          # scalar, differentiable
+    metrics: dict[str, torch.Tensor] = field(default_factory=dict)  # detached scalars, logged under train/

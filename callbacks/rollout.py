@@ -1,0 +1,49 @@
+"""OnPolicyRollout: decides when to sample and owns the rollout buffer and its random state.
+
+Before every training step it asks the RL module for a fresh rollout of the step's prompt batch
+(`RLModule.make_rollout`: K responses per prompt, EOS truncation, rewards, pi_old and pi_ref logprobs) and hands
+it to the module. Sampling draws from a random stream owned by this callback and saved in checkpoints
+(`state_dict` / `load_state_dict`), so a resumed run samples exactly what an uninterrupted run would have,
+whatever else (evaluation, dropout) used the global generator in between.
+"""
+from __future__ import annotations
+
+import contextlib
+
+import lightning as L
+import torch
+
+
+class OnPolicyRollout(L.Callback):
+    def __init__(self, seed: int = 0):
+        self.seed = seed
+        self.rng_state: dict | None = None
+        self.rollouts = 0
+        self.samples = 0
+
+    @contextlib.contextmanager
+    def _own_rng(self, device: torch.device, rank: int):
+        devices = [device] if device.type == "cuda" else []
+        with torch.random.fork_rng(devices=devices):
+            if self.rng_state is None:
+                torch.manual_seed(self.seed * 1000 + rank)
+            else:
+                torch.set_rng_state(self.rng_state["cpu"])
+                if devices and self.rng_state.get("cuda") is not None:
+                    torch.cuda.set_rng_state(self.rng_state["cuda"], device)
+            yield
+            self.rng_state = {"cpu": torch.get_rng_state(),
+                              "cuda": torch.cuda.get_rng_state(device) if devices else None}
+
+    def on_train_batch_start(self, trainer: L.Trainer, pl_module, batch, batch_idx: int) -> None:
+        with self._own_rng(pl_module.device, trainer.global_rank):
+            pl_module.rollout = pl_module.make_rollout(batch)
+        self.rollouts += 1
+        self.samples += len(pl_module.rollout)
+
+    def state_dict(self) -> dict:
+        return {"rng_state": self.rng_state, "rollouts": self.rollouts, "samples": self.samples, "seed": self.seed}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        self.rng_state, self.rollouts = state_dict["rng_state"], state_dict["rollouts"]
+        self.samples, self.seed = state_dict["samples"], state_dict["seed"]

@@ -1,0 +1,56 @@
+"""The objective interface: the plug-in point of the RL stage.
+
+An objective is a small `nn.Module` holding its hyperparameters (and, if it needs them, running statistics as
+buffers, so they are checkpointed). It receives an `ObjectiveInput` of tensors and returns an
+`ObjectiveOutput(loss, metrics)`; it never calls a model, a tokenizer or `self.log`. Class attributes tell the
+RL module what it needs:
+  responses_per_prompt  K responses sampled per prompt (2 for P3O and online DPO)
+  needs_values          the module keeps a value head and fills `ObjectiveInput.values` (PPO)
+Add an algorithm = one file with a subclass, selected in YAML by `class_path`.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from modules.batch import ObjectiveInput, ObjectiveOutput
+
+
+class Objective(nn.Module):
+    responses_per_prompt: int = 1
+    needs_values: bool = False
+
+    @torch.no_grad()
+    def prepare(self, batch: ObjectiveInput) -> dict[str, torch.Tensor]:
+        """Called once per rollout, before the epochs, on the whole rollout (`logp` = `old_logp`, no gradient).
+        Update running statistics here and return per-row tensors (first dim N, e.g. advantages) that are then
+        sliced into `batch.extra` for every minibatch."""
+        return {}
+
+    def forward(self, batch: ObjectiveInput) -> ObjectiveOutput:
+        raise NotImplementedError
+
+
+class RunningMoments(nn.Module):
+    """Running mean / std over everything passed to `update` (Chan et al. parallel algorithm), checkpointed."""
+
+    def __init__(self):
+        super().__init__()
+        self.register_buffer("mean", torch.zeros((), dtype=torch.float64))
+        self.register_buffer("var", torch.ones((), dtype=torch.float64))
+        self.register_buffer("count", torch.zeros((), dtype=torch.float64))
+
+    @torch.no_grad()
+    def update(self, x: torch.Tensor) -> None:
+        x = x.detach().double().flatten()
+        n, mean, var = x.numel(), x.mean(), x.var(unbiased=False) if x.numel() > 1 else x.new_zeros(())
+        total = self.count + n
+        delta = mean - self.mean
+        m2 = self.var * self.count + var * n + delta**2 * self.count * n / total
+        self.mean.copy_(self.mean + delta * n / total)
+        self.var.copy_(m2 / total)
+        self.count.copy_(total)
+
+    @property
+    def std(self) -> torch.Tensor:
+        return self.var.clamp(min=1e-12).sqrt()

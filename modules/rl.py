@@ -1,0 +1,156 @@
+"""RLModule: on-policy RL fine-tuning with a swappable objective (P3O, PPO, DPO, RLOO, GRPO, yours).
+
+Holds the trainable policy, a frozen reference (a frozen copy; or, for a LoRA policy, the same weights with the
+adapters disabled: no second copy), a frozen reward and the `objective`. The `OnPolicyRollout` callback fills
+`self.rollout` before each training step (`make_rollout` is the routine it calls); `training_step` then runs
+`epochs` passes of minibatch updates over it with manual optimization. All logprobs are computed from logits
+divided by the sampling temperature, through `modules.scoring.response_logprobs`.
+"""
+from __future__ import annotations
+
+import contextlib
+import time
+from collections import defaultdict
+from typing import Callable
+
+import lightning as L
+import torch
+from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
+
+from modules import functional as F
+from modules.backbone import BackboneSpec, build_causal_lm, frozen_copy, is_lora, load_tokenizer, save_pretrained
+from modules.batch import ObjectiveInput, PairBatch, Rollout
+from modules.objectives.base import Objective
+from modules.rewards import score as score_rewards
+from modules.sampling import SamplingConfig, sample
+from modules.scoring import response_logprobs
+
+
+class RLModule(L.LightningModule):
+    """Args:
+        policy: the policy backbone, usually `pretrained: <SFT export>` (optionally with `lora`).
+        tokenizer: linked from the datamodule.
+        reward: `modules.rewards.RewardModel` (a reward-stage export) or any callable
+            `(prompts, responses) -> list[float]`, selected by class_path.
+        objective: the RL objective (`modules.objectives.p3o.P3O`, ...).
+        sampling: how rollouts are sampled (temperature also divides the logits for every logprob).
+        epochs: passes over each rollout; minibatch_groups: prompts (groups of K responses) per update.
+        max_grad_norm: gradient clipping (None = off).
+        missing_eos_penalty: subtracted from the reward of responses that never emit EOS (None = off).
+        seed: seeds the minibatch shuffling.
+    """
+
+    def __init__(self, policy: BackboneSpec, tokenizer: str, reward: Callable, objective: Objective,
+                 optimizer: OptimizerCallable = torch.optim.AdamW, scheduler: LRSchedulerCallable | None = None,
+                 sampling: SamplingConfig | None = None, epochs: int = 4, minibatch_groups: int = 8,
+                 max_grad_norm: float | None = 1.0, missing_eos_penalty: float | None = None, seed: int = 0):
+        super().__init__()
+        self.save_hyperparameters(ignore=["reward", "objective"])
+        self.automatic_optimization = False
+        self.policy_spec, self.reward, self.objective = policy, reward, objective
+        self.tokenizer = load_tokenizer(tokenizer)
+        self.optimizer_factory, self.scheduler_factory = optimizer, scheduler
+        self.sampling = sampling or SamplingConfig()
+        self.epochs, self.minibatch_groups, self.max_grad_norm = epochs, minibatch_groups, max_grad_norm
+        self.missing_eos_penalty, self.seed = missing_eos_penalty, seed
+        self.policy = self.reference = None
+        self.rollout: Rollout | None = None
+
+    def configure_model(self) -> None:
+        if self.policy is None:
+            self.policy = build_causal_lm(self.policy_spec, self.tokenizer)
+            self.reference = None if is_lora(self.policy) else frozen_copy(self.policy)
+
+    @contextlib.contextmanager
+    def reference_model(self):
+        """The frozen reference policy: the copy, or the LoRA policy with its adapters disabled."""
+        if self.reference is not None:
+            yield self.reference
+        else:
+            with self.policy.disable_adapter():
+                yield self.policy
+
+    def logprobs(self, model, rollout: Rollout) -> torch.Tensor:
+        """Per-token response logprobs (N, L) at the sampling temperature: the one place they are computed."""
+        return response_logprobs(model, rollout.input_ids, rollout.attention_mask, rollout.prompt_length,
+                                 self.sampling.temperature)
+
+    def score(self, rollout: Rollout) -> torch.Tensor:
+        """Training reward (N,): the reward, minus `missing_eos_penalty` where no EOS was emitted."""
+        rewards = score_rewards(self.reward, rollout, self.tokenizer).to(self.device)
+        if self.missing_eos_penalty is not None:
+            rewards = rewards - self.missing_eos_penalty * (~rollout.has_eos).float()
+        return rewards
+
+    @torch.no_grad()
+    def make_rollout(self, batch: PairBatch) -> Rollout:
+        """Sample K responses per prompt, score them, and record pi_old / pi_ref logprobs (and timings)."""
+        t0 = time.perf_counter()
+        roll = sample(self.policy, self.tokenizer, batch.prompt_ids, batch.prompt_mask, batch.prompts,
+                      self.sampling, self.objective.responses_per_prompt)
+        t1 = time.perf_counter()
+        roll.rewards = self.score(roll)
+        roll.old_logp = self.logprobs(self.policy, roll)
+        with self.reference_model() as ref:
+            roll.ref_logp = self.logprobs(ref, roll)
+        tokens = roll.response_mask.sum().item()
+        roll.timings = {"perf/rollout_s": t1 - t0, "perf/score_s": time.perf_counter() - t1,
+                        "perf/tokens_per_s": tokens / max(t1 - t0, 1e-9)}
+        return roll
+
+    def objective_input(self, roll: Rollout, logp: torch.Tensor, extra: dict) -> ObjectiveInput:
+        return ObjectiveInput(logp=logp, old_logp=roll.old_logp, ref_logp=roll.ref_logp, mask=roll.response_mask,
+                              rewards=roll.rewards, group_size=roll.group_size, extra=extra)
+
+    def minibatches(self, roll: Rollout) -> list[torch.Tensor]:
+        """Row indices of each minibatch for one epoch: whole groups, shuffled by (seed, step)."""
+        K, groups = roll.group_size, len(roll) // roll.group_size
+        gen = torch.Generator().manual_seed(self.seed * 1_000_003 + self.global_step)
+        order = torch.randperm(groups, generator=gen)
+        rows = (order[:, None] * K + torch.arange(K)).flatten()          # (N,) whole groups
+        return list(rows.split(self.minibatch_groups * K))
+
+    def training_step(self, batch: PairBatch, batch_idx: int) -> None:
+        if self.rollout is None:
+            raise RuntimeError("RLModule has no rollout: add callbacks.rollout.OnPolicyRollout to trainer.callbacks")
+        roll, self.rollout = self.rollout, None
+        optimizer, t0, sums = self.optimizers(), time.perf_counter(), defaultdict(float)
+        extra = self.objective.prepare(self.objective_input(roll, roll.old_logp, {}))
+        updates = 0
+        for _ in range(self.epochs):
+            for rows in self.minibatches(roll):
+                sub = roll.select(rows.to(roll.input_ids.device))
+                out = self.objective(self.objective_input(sub, self.logprobs(self.policy, sub),
+                                                          {k: v[rows] for k, v in extra.items()}))
+                optimizer.zero_grad()
+                self.manual_backward(out.loss)
+                if self.max_grad_norm is not None:
+                    self.clip_gradients(optimizer, gradient_clip_val=self.max_grad_norm, gradient_clip_algorithm="norm")
+                optimizer.step()
+                updates += 1
+                for key, value in out.metrics.items():
+                    sums[f"train/{key}"] += float(value)
+        scheduler = self.lr_schedulers()
+        if scheduler is not None:
+            scheduler.step()
+        metrics = {k: v / updates for k, v in sums.items()}
+        metrics.update(self.rollout_metrics(roll), **{"perf/update_s": time.perf_counter() - t0})
+        reward = metrics.pop("train/reward")
+        self.log_dict(metrics, sync_dist=True, batch_size=len(batch))
+        self.log("train/reward", reward, prog_bar=True, sync_dist=True, batch_size=len(batch))
+
+    def rollout_metrics(self, roll: Rollout) -> dict[str, float]:
+        old, ref = (F.sequence_logprobs(x, roll.response_mask) for x in (roll.old_logp, roll.ref_logp))
+        return {"train/reward": roll.rewards.mean().item(), "train/reward_std": roll.rewards.std().item(),
+                "train/kl": (old - ref).mean().item(), "train/length": roll.response_mask.sum(-1).float().mean().item(),
+                "train/eos_rate": roll.has_eos.float().mean().item(), **roll.timings}
+
+    def configure_optimizers(self):
+        optimizer = self.optimizer_factory([p for p in self.policy.parameters() if p.requires_grad])
+        if self.scheduler_factory is None:
+            return optimizer
+        return {"optimizer": optimizer, "lr_scheduler": self.scheduler_factory(optimizer)}
+
+    def export(self, directory: str) -> None:
+        """The trained policy + tokenizer in Hugging Face format (LoRA merged)."""
+        save_pretrained(self.policy, self.tokenizer, directory)
