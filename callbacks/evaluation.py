@@ -35,8 +35,8 @@ class Evaluation(L.Callback):
     """
 
     def __init__(self, reward=None, num_prompts: int = 64, every_n_steps: int | None = None,
-                 sampling: SamplingConfig | None = None, show: int = 4, batch_size: int = 64):
-        self.reward, self.num_prompts, self.every_n_steps = reward, num_prompts, every_n_steps
+                 sampling: SamplingConfig | None = None, show: int = 4, batch_size: int = 64, seed: int = 1234):
+        self.reward, self.num_prompts, self.every_n_steps, self.seed = reward, num_prompts, every_n_steps, seed
         self.sampling, self.show, self.batch_size = sampling, show, batch_size
         self.history: list[dict] = []
         self._last_step = -1
@@ -64,6 +64,12 @@ class Evaluation(L.Callback):
     @torch.no_grad()
     def run(self, trainer: L.Trainer, pl_module: L.LightningModule) -> dict:
         self._last_step = trainer.global_step
+        devices = [pl_module.device] if pl_module.device.type == "cuda" else []
+        with torch.random.fork_rng(devices=devices):  # same draws at every evaluation; training RNG untouched
+            torch.manual_seed(self.seed + trainer.global_rank)
+            return self._run(trainer, pl_module)
+
+    def _run(self, trainer: L.Trainer, pl_module: L.LightningModule) -> dict:
         sums, rows = {}, []
         examples = self.prompts(trainer)
         for start in range(0, len(examples), self.batch_size):

@@ -8,7 +8,7 @@ from __future__ import annotations
 import logging
 
 import lightning as L
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, DistributedSampler
 
 from datamodules.collate import PairCollator, encode_prompt, encode_response
 from datamodules.sources import FIELDS, DataError, FieldMap, validate_records
@@ -99,12 +99,15 @@ class PairDataModule(L.LightningDataModule):
         return example
 
     def _loader(self, split: str, shuffle: bool) -> DataLoader:
-        import torch
-
-        generator = torch.Generator().manual_seed(self.seed)
+        # A DistributedSampler even on one process: its order is a function of (seed, epoch) alone, so a run
+        # resumed at an epoch boundary sees the same batches as an uninterrupted one; under DDP it shards.
+        trainer = self.trainer
+        sampler = DistributedSampler(self.splits[split], num_replicas=trainer.world_size if trainer else 1,
+                                     rank=trainer.global_rank if trainer else 0, shuffle=shuffle, seed=self.seed,
+                                     drop_last=shuffle and trainer is not None and trainer.world_size > 1)
         return DataLoader(self.splits[split], batch_size=self.batch_size if shuffle else self.val_batch_size,
-                          shuffle=shuffle, generator=generator, num_workers=self.num_workers,
-                          collate_fn=PairCollator(self.tokenizer.pad_token_id), drop_last=False)
+                          sampler=sampler, num_workers=self.num_workers,
+                          collate_fn=PairCollator(self.tokenizer.pad_token_id))
 
     def train_dataloader(self) -> DataLoader:
         return self._loader("train", shuffle=True)

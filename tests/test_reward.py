@@ -5,15 +5,9 @@ import pytest
 import torch
 
 from datamodules.collate import PairCollator, encode_prompt, encode_response
-from modules.backbone import BackboneSpec, build_causal_lm, save_pretrained
+from modules.backbone import BackboneSpec, build_causal_lm
 from modules.reward import RewardModule, stack_pair
 from modules.scoring import sequence_rewards, token_scores
-
-
-@pytest.fixture
-def sft_dir(tiny_spec, tokenizer, tmp_path):
-    save_pretrained(build_causal_lm(tiny_spec, tokenizer), tokenizer, str(tmp_path / "sft"))
-    return str(tmp_path / "sft")
 
 
 def examples(tokenizer, rows):

@@ -1,0 +1,87 @@
+"""RL stage end to end: sampling masks, a tiny fit, DDP with 2 processes, exact resume."""
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from datamodules.collate import PairCollator, encode_prompt
+from modules.backbone import BackboneSpec, build_causal_lm
+from modules.sampling import SamplingConfig, sample
+from tests.helpers import tiny_rl_config
+from train import cli_main
+
+
+def test_sampling_truncates_after_the_first_eos(sft_dir, tokenizer):
+    model = build_causal_lm(BackboneSpec(pretrained=sft_dir), tokenizer)
+    with torch.no_grad():   # make EOS likely so that both kinds of rows occur
+        model.lm_head.weight[tokenizer.eos_token_id] = model.lm_head.weight.mean(0) + 0.02 * model.lm_head.weight.std()
+    prompts = ["write a review of the cafe :", "write a review of the zoo :"] * 8
+    batch = PairCollator(tokenizer.pad_token_id)([{"prompt": p, "prompt_ids": encode_prompt(tokenizer, p)}
+                                                  for p in prompts])
+    torch.manual_seed(0)
+    roll = sample(model, tokenizer, batch.prompt_ids, batch.prompt_mask, batch.prompts,
+                  SamplingConfig(max_new_tokens=12), num_samples=2)
+    assert len(roll) == 32 and roll.prompts[:2] == [prompts[0]] * 2
+    resp, mask, eos = roll.response_ids, roll.response_mask, tokenizer.eos_token_id
+    assert 0 < roll.has_eos.sum() < len(roll)
+    for i in range(len(roll)):
+        n = int(mask[i].sum())
+        if roll.has_eos[i]:
+            assert resp[i, n - 1] == eos and (resp[i, : n - 1] != eos).all()   # mask ends at the first EOS
+        else:
+            assert n == resp.shape[1]
+        assert (resp[i, n:] == tokenizer.pad_token_id).all()                 # everything after is padding
+        assert roll.responses[i] == tokenizer.decode(resp[i, : n], skip_special_tokens=True).strip()
+    assert torch.equal(roll.attention_mask[:, roll.prompt_length:], mask)
+
+
+def params(module):
+    return {k: v.detach().clone() for k, v in module.state_dict().items()}
+
+
+def test_tiny_rl_fit_changes_the_policy_and_not_the_reference(tmp_path, sft_dir):
+    cli = cli_main(["fit", "--config", tiny_rl_config(tmp_path, sft_dir)])
+    module = cli.model
+    initial = build_causal_lm(BackboneSpec(pretrained=sft_dir), module.tokenizer).state_dict()
+    policy, reference = module.policy.state_dict(), module.reference.state_dict()
+    assert any(not torch.equal(policy[k], initial[k]) for k in initial)
+    assert all(torch.equal(reference[k], initial[k]) for k in initial)
+    metrics = cli.trainer.callback_metrics
+    for key in ("train/loss", "train/clipfrac", "train/ratio_mean", "train/kl", "train/reward", "perf/rollout_s",
+                "perf/update_s", "perf/score_s", "perf/tokens_per_s"):
+        assert key in metrics, key
+    assert cli.trainer.global_step == 4 * 2 * 2  # 4 rollouts x 2 epochs x 2 minibatches
+    frontier = next((tmp_path / "runs").rglob("frontier.csv")).read_text().splitlines()
+    assert "val/kl" in frontier[0] and "val/win_rate" in frontier[0] and len(frontier) == 2
+
+
+def test_resume_gives_the_same_parameters_as_an_uninterrupted_run(tmp_path, sft_dir):
+    straight = cli_main(["fit", "--config", tiny_rl_config(tmp_path, sft_dir, name="a.yaml", max_epochs=2)])
+    first = cli_main(["fit", "--config", tiny_rl_config(tmp_path, sft_dir, name="b.yaml", max_epochs=1)])
+    ckpt = str(tmp_path / "half.ckpt")
+    first.trainer.save_checkpoint(ckpt)
+    resumed = cli_main(["fit", "--config", tiny_rl_config(tmp_path, sft_dir, name="c.yaml", max_epochs=2),
+                        "--ckpt_path", ckpt])
+    a, c = params(straight.model), params(resumed.model)
+    assert straight.trainer.global_step == resumed.trainer.global_step == 32
+    assert any(not torch.equal(a[k], params(first.model)[k]) for k in a)  # the second half did something
+    for key in a:
+        assert torch.equal(a[key], c[key]), key
+
+
+@pytest.mark.slow
+def test_ddp_two_cpu_processes(tmp_path, sft_dir):
+    """`--trainer.devices=2 --trainer.strategy=ddp` on CPU: shards, gradient sync, identical policies."""
+    digest = str(tmp_path / "digest")
+    config = tiny_rl_config(tmp_path, sft_dir, devices=2, strategy="ddp", extra_callbacks=[
+        {"class_path": "tests.helpers.ParamDigest", "init_args": {"path": digest}}])
+    env = {**os.environ, "PYTHONPATH": os.getcwd()}
+    proc = subprocess.run([sys.executable, "train.py", "fit", "--config", config], env=env, capture_output=True,
+                          text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    sums = [torch.load(f"{digest}.rank{r}.pt") for r in (0, 1)]
+    assert sums[0]["prompts"] != sums[1]["prompts"]            # each rank rolled out its own prompt shard
+    assert torch.equal(sums[0]["params"], sums[1]["params"])   # gradients synchronised: same policy
+    assert not torch.equal(sums[0]["params"], sums[0]["initial"])
