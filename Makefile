@@ -7,7 +7,7 @@ PY := $(VENV)/bin/python
 # satisfied and does not fetch a CUDA build. Elsewhere (a GPU machine) pip resolves torch as usual.
 CPU_TORCH := $(firstword $(wildcard /opt/wheels/torch-*+cpu-*.whl))
 
-.PHONY: install demo test sft reward lint clean
+.PHONY: install demo test sft reward p3o lint clean
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -24,7 +24,14 @@ sft: install
 reward: install
 	$(PY) train.py fit --config configs/quickstart/reward.yaml
 
-demo: sft reward
+p3o: install
+	$(PY) train.py fit --config configs/quickstart/p3o.yaml
+
+# The whole pipeline on the embedded task: SFT -> reward model -> P3O, ending with the SFT-vs-P3O table.
+demo: install
+	$(PY) train.py fit --config configs/quickstart/sft.yaml
+	$(PY) train.py fit --config configs/quickstart/reward.yaml
+	$(PY) train.py fit --config configs/quickstart/p3o.yaml
 
 test: install
 	$(PY) -m pytest -q

@@ -119,7 +119,7 @@ class RewardModule(L.LightningModule):
         """AutoModelForSequenceClassification (num_labels=1) + tokenizer + reward_stats.json."""
         save_pretrained(self.scorer, self.tokenizer, directory)
         stats = {"mean": 0.0, "std": 1.0, "n": 0, "source": "uncalibrated"}
-        if self.calibration is None and self.trainer is not None and self.trainer.datamodule is not None:
+        if self.calibration is None and self._trainer is not None and self.trainer.datamodule is not None:
             self.calibrate(self.trainer.datamodule.splits["val"])
         if self.calibration is not None:
             stats = {"mean": self.calibration["mean"], "std": self.calibration["std"],
