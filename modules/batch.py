@@ -85,6 +85,7 @@ class ObjectiveInput:
     rewards: torch.Tensor      # (N,) sequence rewards (penalties included)
     group_size: int            # K responses per prompt
     values: torch.Tensor | None = None       # (N, L) current value estimates (objectives with needs_values)
+    old_values: torch.Tensor | None = None   # (N, L) value estimates recorded with the rollout
     extra: dict[str, torch.Tensor] = field(default_factory=dict)  # per-row tensors from `Objective.prepare`
 
 

@@ -18,12 +18,13 @@ import torch
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 
 from modules import functional as F
-from modules.backbone import BackboneSpec, build_causal_lm, frozen_copy, is_lora, load_tokenizer, save_pretrained
+from modules.backbone import (BackboneSpec, build_causal_lm, build_scorer, frozen_copy, is_lora, load_tokenizer,
+                              save_pretrained)
 from modules.batch import ObjectiveInput, PairBatch, Rollout
 from modules.objectives.base import Objective
 from modules.rewards import score as score_rewards
 from modules.sampling import SamplingConfig, sample
-from modules.scoring import response_logprobs
+from modules.scoring import response_logprobs, token_scores
 
 
 class RLModule(L.LightningModule):
@@ -38,12 +39,15 @@ class RLModule(L.LightningModule):
         max_grad_norm: gradient clipping (None = off).
         missing_eos_penalty: subtracted from the reward of responses that never emit EOS (None = off).
         seed: seeds the minibatch shuffling.
+        value_model: backbone of the value head, built only for objectives with `needs_values` (PPO); usually
+            `pretrained: <reward export>`. Default: a fresh head on the policy's pretrained weights.
     """
 
     def __init__(self, policy: BackboneSpec, tokenizer: str, reward: Callable, objective: Objective,
                  optimizer: OptimizerCallable = torch.optim.AdamW, scheduler: LRSchedulerCallable | None = None,
                  sampling: SamplingConfig | None = None, epochs: int = 4, minibatch_groups: int = 8,
-                 max_grad_norm: float | None = 1.0, missing_eos_penalty: float | None = None, seed: int = 0):
+                 max_grad_norm: float | None = 1.0, missing_eos_penalty: float | None = None, seed: int = 0,
+                 value_model: BackboneSpec | None = None):
         super().__init__()
         self.save_hyperparameters(ignore=["reward", "objective"])
         self.automatic_optimization = False
@@ -52,14 +56,17 @@ class RLModule(L.LightningModule):
         self.optimizer_factory, self.scheduler_factory = optimizer, scheduler
         self.sampling = sampling or SamplingConfig()
         self.epochs, self.minibatch_groups, self.max_grad_norm = epochs, minibatch_groups, max_grad_norm
-        self.missing_eos_penalty, self.seed = missing_eos_penalty, seed
-        self.policy = self.reference = None
+        self.missing_eos_penalty, self.seed, self.value_spec = missing_eos_penalty, seed, value_model
+        self.policy = self.reference = self.value = None
         self.rollout: Rollout | None = None
 
     def configure_model(self) -> None:
         if self.policy is None:
             self.policy = build_causal_lm(self.policy_spec, self.tokenizer)
             self.reference = None if is_lora(self.policy) else frozen_copy(self.policy)
+        if self.objective.needs_values and self.value is None:
+            spec = self.value_spec or BackboneSpec(pretrained=self.policy_spec.pretrained, config=self.policy_spec.config)
+            self.value = build_scorer(spec, self.tokenizer)
 
     @contextlib.contextmanager
     def reference_model(self):
@@ -74,6 +81,11 @@ class RLModule(L.LightningModule):
         """Per-token response logprobs (N, L) at the sampling temperature: the one place they are computed."""
         return response_logprobs(model, rollout.input_ids, rollout.attention_mask, rollout.prompt_length,
                                  self.sampling.temperature)
+
+    def values(self, rollout: Rollout) -> torch.Tensor:
+        """Value estimates (N, L): V of the state before each response token (read at the previous position)."""
+        scores = token_scores(self.value, rollout.input_ids, rollout.attention_mask)   # (N, P + L)
+        return scores[:, rollout.prompt_length - 1: -1]
 
     def score(self, rollout: Rollout) -> torch.Tensor:
         """Training reward (N,): the reward, minus `missing_eos_penalty` where no EOS was emitted."""
@@ -93,14 +105,17 @@ class RLModule(L.LightningModule):
         roll.old_logp = self.logprobs(self.policy, roll)
         with self.reference_model() as ref:
             roll.ref_logp = self.logprobs(ref, roll)
+        if self.value is not None:
+            roll.values = self.values(roll)
         tokens = roll.response_mask.sum().item()
         roll.timings = {"perf/rollout_s": t1 - t0, "perf/score_s": time.perf_counter() - t1,
                         "perf/tokens_per_s": tokens / max(t1 - t0, 1e-9)}
         return roll
 
-    def objective_input(self, roll: Rollout, logp: torch.Tensor, extra: dict) -> ObjectiveInput:
+    def objective_input(self, roll: Rollout, logp: torch.Tensor, extra: dict, values=None) -> ObjectiveInput:
         return ObjectiveInput(logp=logp, old_logp=roll.old_logp, ref_logp=roll.ref_logp, mask=roll.response_mask,
-                              rewards=roll.rewards, group_size=roll.group_size, extra=extra)
+                              rewards=roll.rewards, group_size=roll.group_size, values=values,
+                              old_values=roll.values, extra=extra)
 
     def minibatches(self, roll: Rollout) -> list[torch.Tensor]:
         """Row indices of each minibatch for one epoch: whole groups, shuffled by (seed, step)."""
@@ -120,8 +135,9 @@ class RLModule(L.LightningModule):
         for _ in range(self.epochs):
             for rows in self.minibatches(roll):
                 sub = roll.select(rows.to(roll.input_ids.device))
+                values = self.values(sub) if self.value is not None else None
                 out = self.objective(self.objective_input(sub, self.logprobs(self.policy, sub),
-                                                          {k: v[rows] for k, v in extra.items()}))
+                                                          {k: v[rows] for k, v in extra.items()}, values))
                 optimizer.zero_grad()
                 self.manual_backward(out.loss)
                 if self.max_grad_norm is not None:
@@ -146,7 +162,8 @@ class RLModule(L.LightningModule):
                 "train/eos_rate": roll.has_eos.float().mean().item(), **roll.timings}
 
     def configure_optimizers(self):
-        optimizer = self.optimizer_factory([p for p in self.policy.parameters() if p.requires_grad])
+        models = [self.policy] + ([self.value] if self.value is not None else [])
+        optimizer = self.optimizer_factory([p for m in models for p in m.parameters() if p.requires_grad])
         if self.scheduler_factory is None:
             return optimizer
         return {"optimizer": optimizer, "lr_scheduler": self.scheduler_factory(optimizer)}

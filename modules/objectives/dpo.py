@@ -1,0 +1,50 @@
+"""Online DPO: two fresh samples per prompt, the reward picks winner and loser, DPO loss against the reference.
+
+Papers: Rafailov et al., "Direct Preference Optimization", arXiv 2305.18290 (the loss); Guo et al., "Direct
+Language Model Alignment from Online AI Feedback", arXiv 2402.04792 (sampling the pair from the current policy
+and labelling it with a reward / annotator). Loss (ALGORITHMS.md s. 7):
+    -log sigmoid(beta * [(logp_w - ref_w) - (logp_l - ref_l)])
+`soft_labels: true` weights both orderings by p = sigmoid(r_w - r_l) (a Bradley-Terry probability from the
+reward): -[p log sigmoid(beta m) + (1 - p) log sigmoid(-beta m)]. Pairs with equal rewards carry no preference
+and are masked out (hard labels). No importance ratio: old logprobs are unused.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as TF
+
+from modules import functional as F
+from modules.batch import ObjectiveInput, ObjectiveOutput
+from modules.objectives.base import Objective
+from modules.objectives.p3o import pair_view
+
+
+class OnlineDPO(Objective):
+    """Args: beta (DPO temperature), soft_labels (weight orderings by sigmoid(r_w - r_l))."""
+
+    responses_per_prompt = 2
+
+    def __init__(self, beta: float = 0.1, soft_labels: bool = False):
+        super().__init__()
+        self.beta, self.soft_labels = beta, soft_labels
+
+    def forward(self, batch: ObjectiveInput) -> ObjectiveOutput:
+        if batch.group_size != 2:
+            raise ValueError(f"OnlineDPO needs 2 responses per prompt, got group_size={batch.group_size}")
+        implicit = F.sequence_logprobs(batch.logp, batch.mask) - F.sequence_logprobs(batch.ref_logp, batch.mask)
+        h1, h2 = pair_view(implicit)                                     # (P,) implicit rewards
+        r1, r2 = pair_view(batch.rewards.float())
+        sign = torch.sign(r1 - r2)                                       # +1: y1 wins, -1: y2 wins
+        margin = self.beta * (h1 - h2) * sign                            # beta * [(w) - (l)]
+        if self.soft_labels:
+            p = torch.sigmoid((r1 - r2).abs())
+            losses = -(p * TF.logsigmoid(margin) + (1 - p) * TF.logsigmoid(-margin))
+            keep = torch.ones_like(losses)
+        else:
+            losses, keep = -TF.logsigmoid(margin), (sign != 0).float()
+        loss = F.masked_mean(losses, keep)
+        return ObjectiveOutput(loss, {
+            "loss": loss.detach(), "margin": F.masked_mean(margin.detach(), keep),
+            "accuracy": F.masked_mean((margin.detach() > 0).float(), keep),
+            "kl_ref": implicit.detach().mean(),
+        })

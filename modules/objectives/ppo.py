@@ -1,0 +1,96 @@
+"""PPO for RLHF, InstructGPT style.
+
+Papers: Schulman et al., "Proximal Policy Optimization Algorithms", arXiv 1707.06347; Ziegler et al.,
+"Fine-Tuning Language Models from Human Preferences", arXiv 1909.08593; Ouyang et al. (InstructGPT) 2203.02155;
+details from Huang et al., "The N Implementation Details of RLHF with PPO" (2024). ALGORITHMS.md s. 7:
+per-token reward -beta * KL_t (k1 or k3) with the reward-model score added at the last response token;
+GAE(gamma, lambda) on the value head's estimates; advantages whitened over the rollout; clipped policy loss on
+per-token ratios; clipped value loss; one response per prompt; optional adaptive KL controller (Ziegler et al.).
+Deviations: advantages are whitened once per rollout (in `prepare`), not per minibatch.
+"""
+from __future__ import annotations
+
+import torch
+
+from modules import functional as F
+from modules.batch import ObjectiveInput, ObjectiveOutput
+from modules.objectives.base import Objective
+
+
+def last_token_mask(mask: torch.Tensor) -> torch.Tensor:
+    """One-hot (N, L) at the last 1 of each row of `mask`."""
+    out = torch.zeros_like(mask, dtype=torch.float32)
+    out[torch.arange(mask.shape[0]), F.last_token_index(mask)] = 1.0
+    return out * (mask.sum(-1, keepdim=True) > 0)
+
+
+def gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: float, lam: float):
+    """Generalised advantage estimation over response tokens. (N, L) each -> (advantages, returns).
+
+    delta_t = r_t + gamma * V_{t+1} - V_t (V = 0 after the last token); A_t = delta_t + gamma * lam * A_{t+1}.
+    """
+    mask = mask.float()
+    values = values * mask
+    advantages = torch.zeros_like(rewards)
+    last = torch.zeros_like(rewards[:, 0])
+    for t in reversed(range(rewards.shape[1])):
+        next_value = values[:, t + 1] if t + 1 < rewards.shape[1] else torch.zeros_like(last)
+        delta = rewards[:, t] + gamma * next_value - values[:, t]
+        last = (delta + gamma * lam * last) * mask[:, t]
+        advantages[:, t] = last
+    return advantages, advantages + values
+
+
+class PPO(Objective):
+    """Args:
+        kl_coef: beta of the per-token KL penalty; kl_estimator: 'k1' or 'k3'.
+        gamma, lam: GAE discount and lambda (1.0, 0.95).
+        clip_eps: policy ratio clip; value_clip: value clip around the rollout's values; vf_coef: value loss weight.
+        whiten_advantages: normalise advantages over the rollout.
+        target_kl / kl_horizon: adaptive KL controller (None = fixed beta); beta follows the rollout KL.
+    """
+
+    needs_values = True
+
+    def __init__(self, kl_coef: float = 0.05, kl_estimator: str = "k1", gamma: float = 1.0, lam: float = 0.95,
+                 clip_eps: float = 0.2, value_clip: float = 0.2, vf_coef: float = 0.1, whiten_advantages: bool = True,
+                 target_kl: float | None = None, kl_horizon: int = 10000):
+        super().__init__()
+        self.kl_estimator, self.gamma, self.lam = kl_estimator, gamma, lam
+        self.clip_eps, self.value_clip, self.vf_coef = clip_eps, value_clip, vf_coef
+        self.whiten_advantages, self.target_kl, self.kl_horizon = whiten_advantages, target_kl, kl_horizon
+        self.register_buffer("kl_coef", torch.tensor(float(kl_coef)))   # adaptive: checkpointed with the run
+
+    def token_rewards(self, batch: ObjectiveInput) -> torch.Tensor:
+        """-beta * KL_t on every response token, plus the sequence reward at the last one. (N, L)."""
+        kl = F.kl_penalty(batch.old_logp, batch.ref_logp, self.kl_estimator) * batch.mask
+        return -self.kl_coef * kl + batch.rewards.float()[:, None] * last_token_mask(batch.mask)
+
+    @torch.no_grad()
+    def prepare(self, batch: ObjectiveInput) -> dict[str, torch.Tensor]:
+        if batch.old_values is None:
+            raise ValueError("PPO needs value estimates: the RL module fills them when needs_values is set")
+        if self.target_kl is not None:
+            kl = F.sequence_logprobs(batch.old_logp - batch.ref_logp, batch.mask).mean()
+            error = (kl / self.target_kl - 1).clamp(-0.2, 0.2)
+            self.kl_coef.mul_(1 + error * len(batch.rewards) / self.kl_horizon)
+        adv, returns = gae(self.token_rewards(batch), batch.old_values, batch.mask, self.gamma, self.lam)
+        if self.whiten_advantages:
+            adv = F.masked_whiten(adv, batch.mask)
+        return {"advantages": adv, "returns": returns}
+
+    def forward(self, batch: ObjectiveInput) -> ObjectiveOutput:
+        adv, returns, mask = batch.extra["advantages"], batch.extra["returns"], batch.mask
+        ratio = (batch.logp - batch.old_logp).clamp(max=20.0).exp()                    # (N, L)
+        pg = -torch.min(adv * ratio, adv * ratio.clamp(1 - self.clip_eps, 1 + self.clip_eps))
+        v, v_old = batch.values, batch.old_values
+        v_clipped = v_old + (v - v_old).clamp(-self.value_clip, self.value_clip)
+        vf = 0.5 * torch.max((v - returns) ** 2, (v_clipped - returns) ** 2)
+        pg_loss, vf_loss = F.masked_mean(pg, mask), F.masked_mean(vf, mask)
+        loss = pg_loss + self.vf_coef * vf_loss
+        return ObjectiveOutput(loss, {
+            "loss": loss.detach(), "pg_loss": pg_loss.detach(), "vf_loss": vf_loss.detach(),
+            "clipfrac": F.clip_fraction(ratio.detach(), self.clip_eps, mask),
+            "ratio_mean": F.masked_mean(ratio.detach(), mask), "kl_coef": self.kl_coef.detach().clone(),
+            "value_mean": F.masked_mean(v.detach(), mask),
+        })

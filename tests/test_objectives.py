@@ -1,0 +1,143 @@
+"""PPO, online DPO, RLOO and GRPO maths on literal tensors, and P3O's place among them."""
+import math
+
+import pytest
+import torch
+
+from modules.batch import ObjectiveInput
+from modules.objectives.dpo import OnlineDPO
+from modules.objectives.grpo import GRPO, group_normalized_advantages
+from modules.objectives.p3o import P3O
+from modules.objectives.ppo import PPO, gae, last_token_mask
+from modules.objectives.rloo import RLOO, leave_one_out_advantages
+
+
+def make_input(logp, old=None, ref=None, rewards=None, group_size=2, mask=None, values=None):
+    logp = torch.tensor(logp, dtype=torch.float32)
+    logp = (logp if logp.dim() == 2 else logp[:, None]).requires_grad_(True)
+    like = lambda x: logp.detach().clone() if x is None else torch.tensor(x, dtype=torch.float32).view_as(logp)  # noqa
+    mask = torch.ones_like(logp) if mask is None else torch.tensor(mask, dtype=torch.float32)
+    return ObjectiveInput(logp=logp, old_logp=like(old), ref_logp=like(ref), mask=mask,
+                          rewards=torch.tensor(rewards, dtype=torch.float32), group_size=group_size,
+                          values=None if values is None else torch.tensor(values, dtype=torch.float32),
+                          old_values=None if values is None else torch.tensor(values, dtype=torch.float32))
+
+
+def grad(objective, batch):
+    batch.logp.grad = None
+    batch.extra = objective.prepare(batch)   # as the RL module does once per rollout
+    objective(batch).loss.backward()
+    return batch.logp.grad.clone()
+
+
+def test_dpo_loss_is_log2_when_policy_equals_reference():
+    batch = make_input([-1.0, -2.0, -0.5, -3.0], ref=[-1.0, -2.0, -0.5, -3.0], rewards=[1.0, 0.0, 0.0, 2.0])
+    assert math.isclose(OnlineDPO(beta=0.1)(batch).loss.item(), math.log(2.0), rel_tol=1e-6)
+    assert math.isclose(OnlineDPO(beta=0.1, soft_labels=True)(batch).loss.item(), math.log(2.0), rel_tol=1e-6)
+
+
+def test_dpo_winner_is_picked_by_the_reward_and_ties_carry_no_preference():
+    """Pair 0 has r = (0, 1): y2 wins, so the gradient raises logp2 and lowers logp1. At the reference
+    d loss / d logp_w = -beta * sigmoid(0) = -beta / 2, averaged over the 1 non-tied pair; pair 1 is a tie."""
+    batch = make_input([0.0, 0.0, 0.0, 0.0], ref=[0.0] * 4, rewards=[0.0, 1.0, 5.0, 5.0])
+    g = grad(OnlineDPO(beta=0.4), batch).view(-1)
+    assert torch.allclose(g, torch.tensor([0.2, -0.2, 0.0, 0.0]))
+
+
+def test_dpo_soft_labels_weight_both_orderings():
+    """r = (2, 0): p = sigmoid(2); loss = -[p log s(m) + (1-p) log s(-m)], m = beta * (h1 - h2) = 0.1 * 1."""
+    batch = make_input([1.0, 0.0], ref=[0.0, 0.0], rewards=[2.0, 0.0])
+    p, m = 1 / (1 + math.exp(-2.0)), 0.1
+    ls = lambda x: -math.log(1 + math.exp(-x))  # noqa: E731
+    expected = -(p * ls(m) + (1 - p) * ls(-m))
+    assert math.isclose(OnlineDPO(beta=0.1, soft_labels=True)(batch).loss.item(), expected, rel_tol=1e-6)
+
+
+def test_gae_against_a_hand_computed_example():
+    """gamma = 1, lambda = 0.5, rewards (0, 0, 1), values (0.5, 0.6, 0.7):
+    deltas: d2 = 1 - 0.7 = 0.3, d1 = 0 + 0.7 - 0.6 = 0.1, d0 = 0 + 0.6 - 0.5 = 0.1
+    A2 = 0.3, A1 = 0.1 + 0.5 * 0.3 = 0.25, A0 = 0.1 + 0.5 * 0.25 = 0.225; returns = A + V.
+    The fourth position is padding: zero advantage, and it does not bootstrap the last real token."""
+    rewards = torch.tensor([[0.0, 0.0, 1.0, 0.0]])
+    values = torch.tensor([[0.5, 0.6, 0.7, 9.0]])
+    mask = torch.tensor([[1.0, 1.0, 1.0, 0.0]])
+    adv, ret = gae(rewards, values, mask, gamma=1.0, lam=0.5)
+    assert torch.allclose(adv, torch.tensor([[0.225, 0.25, 0.3, 0.0]]))
+    assert torch.allclose(ret[:, :3], torch.tensor([[0.725, 0.85, 1.0]]))
+
+
+def test_ppo_token_rewards_put_the_score_on_the_last_token():
+    """beta = 0.5, k1 KL per token = old - ref = (0.2, 0.4, 0); score 3 on the last real token (index 1)."""
+    batch = make_input([[0.0, 0.0, 0.0]], old=[[0.2, 0.4, 0.0]], ref=[[0.0, 0.0, 0.0]], rewards=[3.0],
+                       mask=[[1.0, 1.0, 0.0]], group_size=1)
+    assert torch.equal(last_token_mask(batch.mask), torch.tensor([[0.0, 1.0, 0.0]]))
+    assert torch.allclose(PPO(kl_coef=0.5).token_rewards(batch), torch.tensor([[-0.1, -0.2 + 3.0, 0.0]]))
+
+
+def pair_batch(rewards, seed=0):
+    torch.manual_seed(seed)
+    n = len(rewards)
+    logp = (-torch.rand(n) * 2).tolist()
+    old = (torch.tensor(logp) + 0.05 * torch.randn(n)).tolist()  # inside the clip band
+    ref = (torch.tensor(logp) - torch.rand(n)).tolist()
+    return logp, old, ref
+
+
+def test_ppo_is_not_shift_invariant_but_p3o_is():
+    rewards = torch.tensor([1.0, -0.5, 0.3, 2.0])
+    shift = torch.tensor([5.0, 5.0, -3.0, -3.0])                 # one delta per prompt (pairs of rows)
+    logp, old, ref = pair_batch(rewards.tolist())
+    values = [[0.1], [0.2], [0.3], [0.4]]
+
+    def ppo_grad(r):
+        return grad(PPO(whiten_advantages=False), make_input(logp, old, ref, r.tolist(), group_size=1, values=values))
+
+    def p3o_grad(r):
+        return grad(P3O(), make_input(logp, old, ref, r.tolist()))
+
+    assert not torch.allclose(ppo_grad(rewards), ppo_grad(rewards + shift), atol=1e-3)
+    assert torch.allclose(p3o_grad(rewards), p3o_grad(rewards + shift), atol=1e-6)
+
+
+def test_p3o_reduces_to_rloo_with_two_samples():
+    """Ratios 1 (old = logp), clip inactive: P3O-V1, P3O-V2 and RLOO(k=2) give the same gradient."""
+    rewards = [1.0, -0.5, 0.3, 2.0, 0.0, 0.7]
+    logp, _, ref = pair_batch(rewards, seed=1)
+    g_rloo = grad(RLOO(k=2, kl_coef=0.05), make_input(logp, logp, ref, rewards))
+    for variant in ("v1", "v2"):
+        g_p3o = grad(P3O(variant=variant, kl_coef=0.05), make_input(logp, logp, ref, rewards))
+        assert torch.allclose(g_p3o, g_rloo, atol=1e-6), variant
+
+
+def test_leave_one_out_and_group_normalised_advantages():
+    """Group (1, 2, 6): baselines (4, 3.5, 1.5) -> A = (-3, -1.5, 4.5). GRPO with k = 2 loses the magnitude:
+    (r - mean) / std = +-1/sqrt(2) whatever the difference."""
+    assert torch.allclose(leave_one_out_advantages(torch.tensor([1.0, 2.0, 6.0]), 3), torch.tensor([-3.0, -1.5, 4.5]))
+    for gap in (0.1, 10.0):
+        adv = group_normalized_advantages(torch.tensor([gap, 0.0]), 2)
+        assert torch.allclose(adv, torch.tensor([1.0, -1.0]) / math.sqrt(2), atol=1e-3)
+
+
+def test_grpo_gradient_at_ratio_one_and_reference():
+    """logp = old = ref: the k3 KL has zero gradient, clip inactive -> d loss / d logp_t = -A_i / (L_i * N)."""
+    batch = make_input([[0.0, 0.0], [0.0, 0.0]], rewards=[1.0, 0.0], mask=[[1.0, 1.0], [1.0, 0.0]])
+    g = grad(GRPO(k=2, kl_coef=0.1), batch)
+    a = 1 / math.sqrt(2) / (1 + 1e-4 * math.sqrt(2))
+    assert torch.allclose(g, torch.tensor([[-a / 4, -a / 4], [a / 2, 0.0]]), atol=1e-5)
+
+
+def test_adaptive_kl_controller_moves_beta_toward_the_target():
+    """KL 2x the target: error clipped to 0.2; beta *= 1 + 0.2 * N / horizon = 1 + 0.2 * 2 / 10."""
+    ppo = PPO(kl_coef=0.1, target_kl=1.0, kl_horizon=10)
+    batch = make_input([[0.0], [0.0]], old=[[2.0], [2.0]], ref=[[0.0], [0.0]], rewards=[0.0, 0.0], group_size=1,
+                       values=[[0.0], [0.0]])
+    ppo.prepare(batch)
+    assert math.isclose(ppo.kl_coef.item(), 0.1 * 1.04, rel_tol=1e-6)
+
+
+def test_ppo_needs_values_and_objectives_validate_group_sizes():
+    with pytest.raises(ValueError, match="value estimates"):
+        PPO().prepare(make_input([0.0], rewards=[1.0], group_size=1))
+    with pytest.raises(ValueError, match="k >= 2"):
+        RLOO(k=1)
+    assert PPO.needs_values and OnlineDPO.responses_per_prompt == 2 and GRPO(k=4).responses_per_prompt == 4
