@@ -134,6 +134,8 @@ def validate_records(rows: list, origin: str, fields: FieldMap, need: tuple[str,
 def _problem(row, fields: FieldMap, need: tuple[str, ...]) -> tuple[str, str] | None:
     if not isinstance(row, dict):
         return "<record>", f"expected an object, got {type(row).__name__}"
+    if "_invalid" in row:  # set by a format adapter (datamodules.formats)
+        return tuple(row["_invalid"])
     for key in need:
         name = getattr(fields, key)
         if name not in row or row[name] is None:

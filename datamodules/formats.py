@@ -1,0 +1,114 @@
+"""Adapters from public preference-data layouts to `{prompt, chosen, rejected}`.
+
+Each adapter wraps another source (a `HubDataset`, `LocalFiles`, ...) and converts its rows. A row that cannot
+be converted becomes `{"_invalid": (field, reason)}`, which validation turns into a DataError naming the record
+and field, or a counted skip with `skip_invalid: true`.
+
+    source:
+      class_path: datamodules.formats.AnthropicHH
+      init_args:
+        source: {class_path: datamodules.sources.HubDataset, init_args: {name: Anthropic/hh-rlhf}}
+"""
+from __future__ import annotations
+
+ASSISTANT = "\n\nAssistant:"
+
+
+class _Adapter:
+    def __init__(self, source):
+        self.source = source
+
+    @property
+    def name(self) -> str:
+        return getattr(self.source, "name", type(self.source).__name__)
+
+    def load(self, split: str) -> tuple[str, list[dict]]:
+        origin, rows = self.source.load(split)
+        return origin, [self.convert(row) for row in rows]
+
+    def convert(self, row) -> dict:
+        raise NotImplementedError
+
+
+def _text(row, key):
+    value = row.get(key) if isinstance(row, dict) else None
+    return value if isinstance(value, str) else None
+
+
+class AnthropicHH(_Adapter):
+    """`Anthropic/hh-rlhf`: full transcripts in `chosen` / `rejected`. The prompt is the shared prefix up to and
+    including the last "\\n\\nAssistant:"; the responses are the remainders (stripped)."""
+
+    def convert(self, row) -> dict:
+        chosen, rejected = _text(row, "chosen"), _text(row, "rejected")
+        if chosen is None:
+            return {"_invalid": ("chosen", "missing or not a string")}
+        if rejected is None:
+            return {"_invalid": ("rejected", "missing or not a string")}
+        cut = chosen.rfind(ASSISTANT)
+        if cut < 0:
+            return {"_invalid": ("chosen", "no '\\n\\nAssistant:' turn")}
+        prompt = chosen[: cut + len(ASSISTANT)]
+        if not rejected.startswith(prompt):
+            # the transcripts diverge before the last assistant turn: cut at the last turn they share
+            shared = _common_prefix(chosen, rejected)
+            cut = shared.rfind(ASSISTANT)
+            if cut < 0:
+                return {"_invalid": ("rejected", "shares no '\\n\\nAssistant:' turn with 'chosen'")}
+            prompt = shared[: cut + len(ASSISTANT)]
+        return {"prompt": prompt, "chosen": chosen[len(prompt):].strip(), "rejected": rejected[len(prompt):].strip()}
+
+
+def _common_prefix(a: str, b: str) -> str:
+    n = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        n += 1
+    return a[:n]
+
+
+def tldr_prompt(subreddit: str | None, title: str | None, post: str) -> str:
+    """The usual TL;DR prompt layout (Stiennon et al. 2020)."""
+    return f"SUBREDDIT: r/{subreddit or ''}\nTITLE: {title or ''}\nPOST: {post}\nTL;DR:"
+
+
+class SummarizeFromFeedback(_Adapter):
+    """`openai/summarize_from_feedback`, config `comparisons`: `info` (post or article, title, subreddit), two
+    `summaries` [{text}], and `choice` (the index of the preferred summary)."""
+
+    def convert(self, row) -> dict:
+        info = row.get("info") if isinstance(row, dict) else None
+        if not isinstance(info, dict):
+            return {"_invalid": ("info", "missing or not an object")}
+        post = _text(info, "post") or _text(info, "article")
+        if not post:
+            return {"_invalid": ("info.post", "missing or empty (nor an 'article')")}
+        summaries = row.get("summaries")
+        if not isinstance(summaries, list) or len(summaries) != 2 or not all(_text(s, "text") for s in summaries):
+            return {"_invalid": ("summaries", "expected two objects with a 'text' string")}
+        choice = row.get("choice")
+        if choice not in (0, 1):
+            return {"_invalid": ("choice", f"expected 0 or 1, got {choice!r}")}
+        return {"prompt": tldr_prompt(info.get("subreddit"), info.get("title"), post),
+                "chosen": summaries[choice]["text"].strip(), "rejected": summaries[1 - choice]["text"].strip()}
+
+
+class CarperTLDR(_Adapter):
+    """`CarperAI/openai_summarize_comparisons`: `prompt` (SUBREDDIT/TITLE/POST) and `chosen` / `rejected`
+    beginning with "TL;DR:". The "TL;DR:" cue moves into the prompt so responses are the summaries alone."""
+
+    CUE = "TL;DR:"
+
+    def convert(self, row) -> dict:
+        out = {}
+        for key in ("prompt", "chosen", "rejected"):
+            value = _text(row, key)
+            if value is None:
+                return {"_invalid": (key, "missing or not a string")}
+            out[key] = value
+        prompt = out["prompt"].rstrip()
+        if not prompt.endswith(self.CUE):
+            prompt = f"{prompt}\n{self.CUE}"
+        strip = lambda s: s.strip()[len(self.CUE):].strip() if s.strip().startswith(self.CUE) else s.strip()  # noqa
+        return {"prompt": prompt, "chosen": strip(out["chosen"]), "rejected": strip(out["rejected"])}
