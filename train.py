@@ -5,8 +5,11 @@ A LightningCLI in subclass mode for model and data: any LightningModule / Lightn
 """
 from __future__ import annotations
 
+import copy
 import os
+from pathlib import Path
 
+import yaml
 from lightning.pytorch.cli import LightningCLI
 
 
@@ -19,6 +22,28 @@ def cli_main(args: list[str] | None = None, run: bool = True) -> RLHFCLI:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     return RLHFCLI(args=args, run=run, subclass_mode_model=True, subclass_mode_data=True,
                    save_config_kwargs={"overwrite": True})
+
+
+def merge_config(base: dict, override: dict) -> dict:
+    """Deep merge for deriving configs (benchmarks, tests). A dict naming a different `class_path` replaces the
+    entry; lists replace lists (so `trainer.callbacks` is given whole)."""
+    out = copy.deepcopy(base)
+    for key, value in override.items():
+        old = out.get(key)
+        same_class = isinstance(old, dict) and value.get("class_path", old.get("class_path")) == old.get("class_path") \
+            if isinstance(value, dict) else False
+        if same_class:
+            out[key] = merge_config(old, value)
+        else:
+            out[key] = value
+    return out
+
+
+def derive_config(source: str, override: dict, path: str | Path) -> str:
+    """Write the YAML `source` deep-merged with `override` to `path`; returns the path."""
+    config = merge_config(yaml.safe_load(Path(source).read_text()), override)
+    Path(path).write_text(yaml.safe_dump(config, sort_keys=False))
+    return str(path)
 
 
 if __name__ == "__main__":

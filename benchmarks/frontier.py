@@ -46,26 +46,34 @@ def ensure_exports() -> None:
 
 
 def run_one(config: str, knob: str, value: float, k: int, seed: int, args, out: Path) -> list[dict]:
-    from train import cli_main
+    """One training run; returns its evaluation points (the start, every few rollouts, the end)."""
+    import yaml
 
-    responses_per_rollout, minibatch_responses = args.responses_per_rollout, args.minibatch_responses
-    cli = cli_main([
-        "fit", "--config", config, f"--seed_everything={seed}",
-        f"--model.init_args.objective.init_args.{knob}={value}", f"--model.init_args.seed={seed}",
-        f"--data.init_args.batch_size={responses_per_rollout // k}",
-        f"--model.init_args.minibatch_groups={max(1, minibatch_responses // k)}",
-        "--trainer.max_steps=-1", "--trainer.max_epochs=1", f"--trainer.limit_train_batches={args.rollouts}",
-        "--trainer.enable_progress_bar=false", "--trainer.enable_model_summary=false",
-        f"--trainer.logger.init_args.save_dir={out / 'runs'}",
-        f"--trainer.callbacks.1.init_args.every_n_steps={args.eval_every_rollouts * 4 * (responses_per_rollout // minibatch_responses)}",
-        f"--trainer.callbacks.1.init_args.num_prompts={args.eval_prompts}", "--trainer.callbacks.1.init_args.show=0",
-        f"--trainer.callbacks.2.init_args.dirpath={out / 'exports' / f'{Path(config).stem}-{knob}{value}-s{seed}'}",
-    ])
+    from train import cli_main, derive_config
+
+    updates_per_rollout = 4 * (args.responses_per_rollout // args.minibatch_responses)   # epochs x minibatches
+    tag = f"{Path(config).stem}-{knob}{value}-s{seed}"
+    callbacks = yaml.safe_load(Path(config).read_text())["trainer"]["callbacks"]
+    for cb in callbacks:
+        if cb["class_path"].endswith("Evaluation"):
+            cb["init_args"].update(every_n_steps=args.eval_every_rollouts * updates_per_rollout,
+                                   num_prompts=args.eval_prompts, show=0)
+        if cb["class_path"].endswith("HFExport"):
+            cb["init_args"]["dirpath"] = str(out / "exports" / tag)
+    derived = derive_config(config, {
+        "seed_everything": seed,
+        "trainer": {"max_steps": -1, "max_epochs": 1, "limit_train_batches": args.rollouts, "callbacks": callbacks,
+                    "enable_progress_bar": False, "enable_model_summary": False,
+                    "logger": {"init_args": {"save_dir": str(out / "runs"), "name": tag}}},
+        "model": {"init_args": {"seed": seed, "minibatch_groups": max(1, args.minibatch_responses // k),
+                                "objective": {"init_args": {knob: value}}}},
+        "data": {"init_args": {"batch_size": args.responses_per_rollout // k}},
+    }, out / "configs" / f"{tag}.yaml")
+    cli = cli_main(["fit", "--config", derived])
     evaluation = next(cb for cb in cli.trainer.callbacks if type(cb).__name__ == "Evaluation")
     rollout = next(cb for cb in cli.trainer.callbacks if type(cb).__name__ == "OnPolicyRollout")
     per_rollout = rollout.samples / max(rollout.rollouts, 1)
-    return [{"step": h["step"], "samples": int(h["step"] / (4 * (responses_per_rollout // minibatch_responses))
-                                               * per_rollout),
+    return [{"step": h["step"], "samples": int(h["step"] / updates_per_rollout * per_rollout),
              "gold": h.get("val/gold_reward"), "proxy": h.get("val/reward"), "kl": h.get("val/kl"),
              "win_rate": h.get("val/win_rate"), "length": h.get("val/length")} for h in evaluation.history]
 
@@ -152,11 +160,12 @@ def main() -> None:
     parser.add_argument("--eval-prompts", type=int, default=128)
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks/results/frontier")
     args = parser.parse_args()
+    sys.argv = sys.argv[:1]  # LightningCLI reads its own arguments from run_one's list
     if args.quick:
         args.seeds, args.rollouts, args.eval_every_rollouts, args.eval_prompts = [0], 12, 4, 64
     os.chdir(ROOT)
     logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)
-    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "configs").mkdir(parents=True, exist_ok=True)
     ensure_exports()
     rows, start = [], time.time()
     for name in args.objectives:

@@ -18,8 +18,15 @@ import torch
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 
 from modules import functional as F
-from modules.backbone import (BackboneSpec, build_causal_lm, build_scorer, frozen_copy, is_lora, load_tokenizer,
-                              save_pretrained)
+from modules.backbone import (
+    BackboneSpec,
+    build_causal_lm,
+    build_scorer,
+    frozen_copy,
+    is_lora,
+    load_tokenizer,
+    save_pretrained,
+)
 from modules.batch import ObjectiveInput, PairBatch, Rollout
 from modules.objectives.base import Objective
 from modules.rewards import score as score_rewards

