@@ -117,7 +117,7 @@ class PairDataModule(L.LightningDataModule):
 
 
 def _source_tokenizer(source) -> str:
-    if not hasattr(source, "tokenizer"):
+    if getattr(source, "tokenizer", None) is None:
         raise ValueError(f"PairDataModule: source {type(source).__name__} ships no tokenizer; set data tokenizer: "
                          "<directory, hub id or .gguf file>")
     return source.tokenizer()

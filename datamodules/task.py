@@ -36,27 +36,33 @@ def _analyzer():
     return SentimentIntensityAnalyzer()
 
 
-def gold_reward(prompt: str, response: str, repetition_weight: float = 0.5) -> float:
-    """Gold reward of a response: VADER compound sentiment minus `repetition_weight` x repeated-word fraction.
+def gold_reward(prompt: str, response: str, repetition_weight: float = 0.5, max_words: int | None = None,
+                length_weight: float = 0.02) -> float:
+    """Gold reward of a response: VADER compound sentiment, minus `repetition_weight` x repeated-word fraction,
+    minus (when `max_words` is set) a brevity term `length_weight` x words beyond `max_words`, capped at 1.
 
     The prompt does not change the score (it is part of the signature so any task's gold reward fits).
-    Empty responses score 0 minus nothing: neutral.
+    Empty responses score 0: neutral.
     """
     words = response.split()
     if not words:
         return 0.0
-    repeated = 1.0 - len(set(words)) / len(words)
-    return _analyzer().polarity_scores(response)["compound"] - repetition_weight * repeated
+    repeated = 1.0 - len({w.lower().strip(".,!?") or w for w in words}) / len(words)  # "Great." repeats "great"
+    score = _analyzer().polarity_scores(response)["compound"] - repetition_weight * repeated
+    if max_words is not None:
+        score -= min(1.0, length_weight * max(0, len(words) - max_words))
+    return score
 
 
 class GoldReward:
     """The gold reward as a batch callable: `reward(prompts, responses) -> list[float]` (select by class_path)."""
 
-    def __init__(self, repetition_weight: float = 0.5):
-        self.repetition_weight = repetition_weight
+    def __init__(self, repetition_weight: float = 0.5, max_words: int | None = None, length_weight: float = 0.02):
+        self.repetition_weight, self.max_words, self.length_weight = repetition_weight, max_words, length_weight
 
     def __call__(self, prompts: list[str], responses: list[str]) -> list[float]:
-        return [gold_reward(p, r, self.repetition_weight) for p, r in zip(prompts, responses)]
+        return [gold_reward(p, r, self.repetition_weight, self.max_words, self.length_weight)
+                for p, r in zip(prompts, responses)]
 
 
 class ReviewTask:
@@ -146,3 +152,27 @@ def train_word_tokenizer(corpus: list[str], path: str) -> None:
     tmp = f"{path}.tmp{os.getpid()}"
     fast.save_pretrained(tmp)
     os.replace(tmp, path) if not os.path.exists(path) else None
+
+
+CHAT_PROMPTS = ["Write a one-sentence review of the {place}.", "In one sentence, what did you think of the {place}?",
+                "Give a short review of a {place} you visited.", "Review the {place} briefly."]
+
+
+class ChatReviewTask(ReviewTask):
+    """The review task phrased for a chat model: English instructions and sentence-cased reviews.
+
+    Used with SmolLM2-135M-Instruct (configs/smollm2/): its own tokenizer and chat template, so `tokenizer()`
+    is not offered: set the datamodule's `tokenizer`. Pair it with `GoldReward(max_words=...)` so that the
+    instruct model's long, upbeat answers do not saturate the gold reward.
+    """
+
+    name = "embedded chat review task"
+
+    def prompt(self, rng: random.Random) -> str:
+        return rng.choice(CHAT_PROMPTS).format(place=rng.choice(PLACES))
+
+    def response(self, rng: random.Random) -> str:
+        text = super().response(rng)[: -len(" .")].replace(" ,", ",")
+        return text[0].upper() + text[1:] + "."
+
+    tokenizer = None
