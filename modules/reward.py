@@ -18,7 +18,7 @@ from torchmetrics.classification import BinaryAccuracy
 
 from datamodules.collate import PairCollator
 from modules import functional as F
-from modules.backbone import BackboneSpec, build_causal_lm, build_scorer, load_tokenizer, save_pretrained
+from modules.backbone import BackboneSpec, build_causal_lm, build_scorer, export_model, load_tokenizer
 from modules.batch import PairBatch, Sequences
 from modules.sampling import SamplingConfig, sample
 from modules.scoring import sequence_rewards
@@ -115,9 +115,9 @@ class RewardModule(L.LightningModule):
                                 "mean": rewards.mean().item(), "std": rewards.std().clamp(min=1e-6).item()}
         return self.calibration
 
-    def export(self, directory: str) -> None:
+    def export(self, directory: str, merge_lora: bool = True) -> None:
         """AutoModelForSequenceClassification (num_labels=1) + tokenizer + reward_stats.json."""
-        save_pretrained(self.scorer, self.tokenizer, directory)
+        export_model(self.scorer, self.backbone, self.tokenizer, directory, merge_lora)
         stats = {"mean": 0.0, "std": 1.0, "n": 0, "source": "uncalibrated"}
         if self.calibration is None and self._trainer is not None and self.trainer.datamodule is not None:
             self.calibrate(self.trainer.datamodule.splits["val"])

@@ -22,10 +22,10 @@ from modules.backbone import (
     BackboneSpec,
     build_causal_lm,
     build_scorer,
+    export_model,
     frozen_copy,
     is_lora,
     load_tokenizer,
-    save_pretrained,
 )
 from modules.batch import ObjectiveInput, PairBatch, Rollout
 from modules.objectives.base import Objective
@@ -175,6 +175,6 @@ class RLModule(L.LightningModule):
             return optimizer
         return {"optimizer": optimizer, "lr_scheduler": self.scheduler_factory(optimizer)}
 
-    def export(self, directory: str) -> None:
-        """The trained policy + tokenizer in Hugging Face format (LoRA merged)."""
-        save_pretrained(self.policy, self.tokenizer, directory)
+    def export(self, directory: str, merge_lora: bool = True) -> None:
+        """The trained policy + tokenizer in Hugging Face format (LoRA merged unless `merge_lora=False`)."""
+        export_model(self.policy, self.policy_spec, self.tokenizer, directory, merge_lora)

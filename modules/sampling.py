@@ -39,7 +39,8 @@ def sample(model, tokenizer, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor
     was_training = model.training
     model.eval()
     try:
-        out = model.generate(input_ids=ids, attention_mask=mask, generation_config=gen)  # (N, P + L')
+        out = model.generate(input_ids=ids, attention_mask=mask, generation_config=gen,
+                             synced_gpus=is_sharded(model))              # (N, P + L')
     finally:
         model.train(was_training)
     P = ids.shape[1]
@@ -60,3 +61,16 @@ def sample(model, tokenizer, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor
         responses=[t.strip() for t in texts],
         has_eos=F.has_eos(response, tokenizer.eos_token_id),
     )
+
+
+def is_sharded(model) -> bool:
+    """True when parameters are sharded across ranks (FSDP, DeepSpeed ZeRO-3): every rank must then keep
+    calling forward until all ranks finish generating (`synced_gpus`)."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+        return False
+    from torch.distributed.fsdp import FullyShardedDataParallel
+
+    return any(isinstance(m, FullyShardedDataParallel) or getattr(m, "_is_fsdp_managed_module", False)
+               for m in model.modules()) or any(hasattr(p, "ds_id") for p in model.parameters())

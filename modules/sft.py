@@ -8,7 +8,7 @@ from torchmetrics import MeanMetric
 from torchmetrics.text import Perplexity
 
 from modules import functional as F
-from modules.backbone import BackboneSpec, build_causal_lm, load_tokenizer, save_pretrained
+from modules.backbone import BackboneSpec, build_causal_lm, export_model, load_tokenizer
 from modules.batch import PairBatch
 from modules.scoring import lm_logits
 
@@ -62,6 +62,6 @@ class SFTModule(L.LightningModule):
             return optimizer
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": self.scheduler_factory(optimizer), "interval": "step"}}
 
-    def export(self, directory: str) -> None:
-        """Policy + tokenizer in Hugging Face format (LoRA merged)."""
-        save_pretrained(self.policy, self.tokenizer, directory)
+    def export(self, directory: str, merge_lora: bool = True) -> None:
+        """Policy + tokenizer in Hugging Face format (LoRA merged unless `merge_lora=False`)."""
+        export_model(self.policy, self.backbone, self.tokenizer, directory, merge_lora)

