@@ -6,7 +6,7 @@ import pytest
 
 from datamodules.pairs import PairDataModule
 from datamodules.sources import DataError, FieldMap, LocalFiles
-from datamodules.task import ReviewTask, gold_reward
+from datamodules.task import ChatReviewTask, GoldReward, ReviewTask, gold_reward
 
 GOOD = {"prompt": "write a review of the cafe :", "chosen": "the food was great .", "rejected": "the food was bad ."}
 
@@ -128,3 +128,23 @@ def test_task_is_deterministic_noisy_and_inside_the_range(tmp_path):
 def test_gold_reward_penalises_repetition():
     assert gold_reward("", "the food was great .") > gold_reward("", "great great great great great")
     assert gold_reward("", "the food was great .") > 0 > gold_reward("", "the food was awful .")
+
+
+def test_gold_reward_brevity_term_on_literal_text():
+    short = "The food was great."                                    # 4 words
+    sentiment = gold_reward("", short)
+    assert gold_reward("", short, max_words=4) == sentiment           # within the limit: no penalty
+    assert gold_reward("", short, max_words=2, length_weight=0.1) == pytest.approx(sentiment - 0.2)
+    assert gold_reward("", short, max_words=0, length_weight=1.0) == pytest.approx(sentiment - 1.0)  # capped at 1
+    assert gold_reward("", "Great food, great.") < gold_reward("", "Great food, lovely.")  # case/punct-blind repeats
+    assert GoldReward(max_words=2, length_weight=0.1)(["p"], [short]) == [pytest.approx(sentiment - 0.2)]
+
+
+def test_chat_task_is_english_sentences_and_needs_a_model_tokenizer(tmp_path):
+    task = ChatReviewTask(num_train=20, num_val=5, seed=0, cache_dir=str(tmp_path))
+    for record in task.records("train"):
+        assert record["prompt"][0].isupper() and record["prompt"].endswith((".", "?"))
+        assert record["chosen"][0].isupper() and record["chosen"].endswith(".") and " ," not in record["chosen"]
+    with pytest.raises(ValueError, match="ships no tokenizer"):
+        PairDataModule(task)
+
