@@ -6,7 +6,7 @@ Works for any stage module exposing `policy` and `tokenizer`. When the module al
   val/win_rate (gold when available, else proxy; ties count half), val/length, val/eos_rate,
 plus val/demo_gold_reward (the dataset's `chosen` responses) as the yardstick for SFT.
 Each evaluation appends a row to `<log_dir>/frontier.csv`, redraws the reward-vs-KL frontier into TensorBoard
-and logs a text table of samples. Runs at the end of fit and every `every_n_steps` optimizer steps.
+and logs a text table of samples. Runs when training ends and every `every_n_steps` optimizer steps.
 """
 from __future__ import annotations
 
@@ -17,6 +17,7 @@ import os
 import lightning as L
 import torch
 
+from callbacks.sharding import outside_forward
 from datamodules.collate import PairCollator
 from modules import functional as F
 from modules.sampling import SamplingConfig, sample
@@ -47,7 +48,7 @@ class Evaluation(L.Callback):
         if every and step // every > max(self._last_step, 0) // every:
             self.run(trainer, pl_module)
 
-    def on_fit_end(self, trainer, pl_module) -> None:
+    def on_train_end(self, trainer, pl_module) -> None:  # before teardown: models still on device, sharded
         if trainer.global_step != self._last_step:
             self.run(trainer, pl_module)
         if trainer.is_global_zero and len(self.history) > 1:
@@ -70,7 +71,8 @@ class Evaluation(L.Callback):
         devices = [pl_module.device] if pl_module.device.type == "cuda" else []
         with torch.random.fork_rng(devices=devices):  # same draws at every evaluation; training RNG untouched
             torch.manual_seed(self.seed + trainer.global_rank)
-            return self._run(trainer, pl_module)
+            with outside_forward(trainer):
+                return self._run(trainer, pl_module)
 
     def _run(self, trainer: L.Trainer, pl_module: L.LightningModule) -> dict:
         sums, rows = {}, []

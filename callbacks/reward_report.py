@@ -1,4 +1,4 @@
-"""End-of-fit report for the reward stage, measured against the task's gold reward.
+"""End-of-training report for the reward stage, measured against the task's gold reward.
 
 On held-out pairs: accuracy against the sampled labels and against the gold ordering (pairs with equal gold
 reward excluded). On fresh samples of the SFT policy (the calibration samples): Spearman correlation between
@@ -10,6 +10,7 @@ import lightning as L
 import torch
 from torchmetrics.functional import spearman_corrcoef
 
+from callbacks.sharding import outside_forward
 from modules.batch import PairBatch
 
 
@@ -19,9 +20,18 @@ class RewardReport(L.Callback):
         self.metrics: dict[str, float] = {}
 
     @torch.no_grad()
-    def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        # Every rank computes the report (sharded models need every rank in each forward); rank 0 logs it.
+        with outside_forward(trainer):
+            m = self.report(trainer, pl_module)
+        self.metrics = m
         if not trainer.is_global_zero:
             return
+        if trainer.logger is not None:
+            trainer.logger.log_metrics(m, step=trainer.global_step)
+        print("[reward report] " + "  ".join(f"{k.split('/')[-1]}={v:.3f}" for k, v in m.items()))
+
+    def report(self, trainer: L.Trainer, pl_module: L.LightningModule) -> dict[str, float]:
         chosen, rejected, texts = [], [], ([], [], [])
         for batch in trainer.datamodule.val_dataloader():
             batch: PairBatch = trainer.strategy.batch_to_device(batch, pl_module.device)
@@ -43,7 +53,4 @@ class RewardReport(L.Callback):
             m["report/sft_gold_reward"] = gold.mean().item()
         cal = pl_module.calibrate(trainer.datamodule.splits["val"])
         m["report/calibration_mean"], m["report/calibration_std"] = cal["mean"], cal["std"]
-        self.metrics = m
-        if trainer.logger is not None:
-            trainer.logger.log_metrics(m, step=trainer.global_step)
-        print("[reward report] " + "  ".join(f"{k.split('/')[-1]}={v:.3f}" for k, v in m.items()))
+        return m

@@ -13,6 +13,8 @@ import contextlib
 import lightning as L
 import torch
 
+from callbacks.sharding import outside_forward
+
 
 class OnPolicyRollout(L.Callback):
     def __init__(self, seed: int = 0):
@@ -36,7 +38,7 @@ class OnPolicyRollout(L.Callback):
                               "cuda": torch.cuda.get_rng_state(device) if devices else None}
 
     def on_train_batch_start(self, trainer: L.Trainer, pl_module, batch, batch_idx: int) -> None:
-        with self._own_rng(pl_module.device, trainer.global_rank):
+        with self._own_rng(pl_module.device, trainer.global_rank), outside_forward(trainer):
             pl_module.rollout = pl_module.make_rollout(batch)
         self.rollouts += 1
         self.samples += len(pl_module.rollout)

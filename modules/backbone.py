@@ -11,6 +11,7 @@ Optionally wrapped with LoRA (peft) and loaded in 4-bit / 8-bit (bitsandbytes, f
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import importlib.util
@@ -112,7 +113,30 @@ def _tiny_config(spec: BackboneSpec, tokenizer, **overrides):
     return AutoConfig.for_model(model_type, **cfg)
 
 
+@contextlib.contextmanager
+def _outside_zero_init():
+    """Build whole models even inside DeepSpeed's `zero.Init` (Lightning enters it around `configure_model` under
+    ZeRO-3): transformers cannot initialise or load parameters that zero.Init has already partitioned. DeepSpeed
+    partitions the whole module when its engine starts instead (each rank briefly holds a full copy)."""
+    import sys
+
+    zero = sys.modules.get("deepspeed.runtime.zero.partition_parameters")
+    active = zero is not None and zero.top_level_context is not None
+    if active:
+        zero.shutdown_init_context()
+    try:
+        yield
+    finally:
+        if active:
+            zero.restore_init_context()
+
+
 def _build(auto_cls, spec: BackboneSpec, tokenizer, **overrides) -> nn.Module:
+    with _outside_zero_init():
+        return _build_whole(auto_cls, spec, tokenizer, **overrides)
+
+
+def _build_whole(auto_cls, spec: BackboneSpec, tokenizer, **overrides) -> nn.Module:
     if spec.config is not None:
         torch.manual_seed(spec.seed)
         model = auto_cls.from_config(_tiny_config(spec, tokenizer, **overrides), dtype=_dtype(spec))
@@ -155,6 +179,19 @@ def build_scorer(spec: BackboneSpec, tokenizer) -> nn.Module:
     from transformers import AutoModelForSequenceClassification
 
     return _build(AutoModelForSequenceClassification, spec, tokenizer, num_labels=1)
+
+
+def shard(model: nn.Module) -> nn.Module:
+    """Wrap a built model in FSDP (with the strategy's wrap policy and precision) when Lightning's FSDP strategy
+    is building it, i.e. inside its `configure_model` context; unchanged under every other strategy.
+
+    Each stage shards its own models rather than letting Lightning wrap the whole LightningModule: then every
+    model call (the RL update's several forward/backward pairs in one step, rollouts, evaluation) runs through
+    that model's own FSDP root, and frozen models (the reference) are sharded too.
+    """
+    from torch.distributed.fsdp.wrap import wrap
+
+    return wrap(model)
 
 
 def disable_dropout(model: nn.Module) -> None:
@@ -216,6 +253,10 @@ def export_model(model: nn.Module, spec: BackboneSpec | None, tokenizer, directo
     `PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(f"{directory}/base"), directory)`.
     A quantized (QLoRA) model is exported over its float base weights.
     """
+    from torch.distributed.fsdp import FullyShardedDataParallel
+
+    if isinstance(model, FullyShardedDataParallel):   # whole weights inside `summon_full_params` (the export)
+        model = model.module
     if is_lora(model) and spec is not None and spec.quantization:
         model = _float_twin(model, spec, tokenizer)
     if not is_lora(model) or merge_lora:

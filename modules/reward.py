@@ -2,7 +2,7 @@
 
 Loss: -log sigmoid(r(x, y_w) - r(x, y_l)) (+ optional centering: center_coef * mean r^2, as in
 Eisenstein et al. 2023 "Helping or herding"). Chosen and rejected are scored in one forward pass.
-After fit the reward is calibrated on responses sampled from the SFT policy on held-out prompts; its mean and
+After training the reward is calibrated on responses sampled from the SFT policy on held-out prompts; its mean and
 std are exported with the model (`reward_stats.json`) so the RL stage can use (r - mean) / std.
 """
 from __future__ import annotations
@@ -18,7 +18,7 @@ from torchmetrics.classification import BinaryAccuracy
 
 from datamodules.collate import PairCollator
 from modules import functional as F
-from modules.backbone import BackboneSpec, build_causal_lm, build_scorer, export_model, load_tokenizer
+from modules.backbone import BackboneSpec, build_causal_lm, build_scorer, export_model, load_tokenizer, shard
 from modules.batch import PairBatch, Sequences
 from modules.sampling import SamplingConfig, sample
 from modules.scoring import sequence_rewards
@@ -61,7 +61,7 @@ class RewardModule(L.LightningModule):
 
     def configure_model(self) -> None:
         if self.scorer is None:
-            self.scorer = build_scorer(self.backbone, self.tokenizer)
+            self.scorer = shard(build_scorer(self.backbone, self.tokenizer))
 
     def pair_rewards(self, batch: PairBatch) -> tuple[torch.Tensor, torch.Tensor]:
         """(r_chosen, r_rejected), each (B,), from one forward pass over the 2B sequences."""

@@ -16,6 +16,7 @@ from typing import Callable
 import lightning as L
 import torch
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
+from torch.distributed.fsdp import FullyShardedDataParallel
 
 from modules import functional as F
 from modules.backbone import (
@@ -26,6 +27,7 @@ from modules.backbone import (
     frozen_copy,
     is_lora,
     load_tokenizer,
+    shard,
 )
 from modules.batch import ObjectiveInput, PairBatch, Rollout
 from modules.objectives.base import Objective
@@ -69,11 +71,19 @@ class RLModule(L.LightningModule):
 
     def configure_model(self) -> None:
         if self.policy is None:
-            self.policy = build_causal_lm(self.policy_spec, self.tokenizer)
-            self.reference = None if is_lora(self.policy) else frozen_copy(self.policy)
+            policy = build_causal_lm(self.policy_spec, self.tokenizer)
+            self.reference = None if is_lora(policy) else shard(frozen_copy(policy))
+            self.policy = shard(policy)
         if self.objective.needs_values and self.value is None:
             spec = self.value_spec or BackboneSpec(pretrained=self.policy_spec.pretrained, config=self.policy_spec.config)
-            self.value = build_scorer(spec, self.tokenizer)
+            self.value = shard(build_scorer(spec, self.tokenizer))
+
+    def on_fit_start(self) -> None:
+        # A frozen reward model built by the CLI is a plain submodule; strategies that shard only what each stage
+        # wraps (FSDP here) leave it where it was built.
+        device = self.trainer.strategy.root_device
+        if isinstance(self.reward, torch.nn.Module) and any(p.device != device for p in self.reward.parameters()):
+            self.reward.to(device)
 
     @contextlib.contextmanager
     def reference_model(self):
@@ -148,7 +158,7 @@ class RLModule(L.LightningModule):
                 optimizer.zero_grad()
                 self.manual_backward(out.loss)
                 if self.max_grad_norm is not None:
-                    self.clip_gradients(optimizer, gradient_clip_val=self.max_grad_norm, gradient_clip_algorithm="norm")
+                    self.clip_grad_norm(optimizer)
                 optimizer.step()
                 updates += 1
                 for key, value in out.metrics.items():
@@ -161,6 +171,16 @@ class RLModule(L.LightningModule):
         reward = metrics.pop("train/reward")
         self.log_dict(metrics, sync_dist=True, batch_size=len(batch))
         self.log("train/reward", reward, prog_bar=True, sync_dist=True, batch_size=len(batch))
+
+    def clip_grad_norm(self, optimizer) -> None:
+        """Clip the gradient norm to `max_grad_norm`: through each FSDP root's own `clip_grad_norm_` when the models
+        are sharded (Lightning's FSDP precision refuses norm clipping; policy and value are clipped separately),
+        otherwise through Lightning (DeepSpeed clips itself, from its config's `gradient_clipping`)."""
+        roots = [m for m in (self.policy, self.value) if isinstance(m, FullyShardedDataParallel)]
+        for model in roots:
+            model.clip_grad_norm_(self.max_grad_norm)
+        if not roots:
+            self.clip_gradients(optimizer, gradient_clip_val=self.max_grad_norm, gradient_clip_algorithm="norm")
 
     def rollout_metrics(self, roll: Rollout) -> dict[str, float]:
         old, ref = (F.sequence_logprobs(x, roll.response_mask) for x in (roll.old_logp, roll.ref_logp))

@@ -1,6 +1,7 @@
 """The one generation routine: used by the rollout callback, evaluation and the stage reports."""
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 
 import torch
@@ -39,8 +40,9 @@ def sample(model, tokenizer, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor
     was_training = model.training
     model.eval()
     try:
-        out = model.generate(input_ids=ids, attention_mask=mask, generation_config=gen,
-                             synced_gpus=is_sharded(model))              # (N, P + L')
+        with _fsdp_root_gathered(model):
+            out = model.generate(input_ids=ids, attention_mask=mask, generation_config=gen,
+                                 synced_gpus=is_sharded(model))          # (N, P + L')
     finally:
         model.train(was_training)
     P = ids.shape[1]
@@ -61,6 +63,17 @@ def sample(model, tokenizer, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor
         responses=[t.strip() for t in texts],
         has_eos=F.has_eos(response, tokenizer.eos_token_id),
     )
+
+
+def _fsdp_root_gathered(model):
+    """`generate` on an FSDP-wrapped model runs the inner model's forward, skipping the wrapper's own unshard:
+    gather the root-level parameters (embeddings, head, norms) for it. Nested units (decoder layers) gather their
+    own when called. A no-op for any other model."""
+    from torch.distributed.fsdp import FullyShardedDataParallel
+
+    if isinstance(model, FullyShardedDataParallel):
+        return FullyShardedDataParallel.summon_full_params(model, recurse=False, writeback=False)
+    return contextlib.nullcontext()
 
 
 def is_sharded(model) -> bool:

@@ -8,7 +8,7 @@ from torchmetrics import MeanMetric
 from torchmetrics.text import Perplexity
 
 from modules import functional as F
-from modules.backbone import BackboneSpec, build_causal_lm, export_model, load_tokenizer
+from modules.backbone import BackboneSpec, build_causal_lm, export_model, load_tokenizer, shard
 from modules.batch import PairBatch
 from modules.scoring import lm_logits
 
@@ -35,7 +35,7 @@ class SFTModule(L.LightningModule):
 
     def configure_model(self) -> None:
         if self.policy is None:
-            self.policy = build_causal_lm(self.backbone, self.tokenizer)
+            self.policy = shard(build_causal_lm(self.backbone, self.tokenizer))
 
     def loss(self, batch: PairBatch) -> tuple[torch.Tensor, torch.Tensor]:
         seq = batch.chosen
