@@ -131,12 +131,8 @@ def _outside_zero_init():
             zero.restore_init_context()
 
 
+@_outside_zero_init()
 def _build(auto_cls, spec: BackboneSpec, tokenizer, **overrides) -> nn.Module:
-    with _outside_zero_init():
-        return _build_whole(auto_cls, spec, tokenizer, **overrides)
-
-
-def _build_whole(auto_cls, spec: BackboneSpec, tokenizer, **overrides) -> nn.Module:
     if spec.config is not None:
         torch.manual_seed(spec.seed)
         model = auto_cls.from_config(_tiny_config(spec, tokenizer, **overrides), dtype=_dtype(spec))
