@@ -87,6 +87,8 @@ class ObjectiveInput:
     values: torch.Tensor | None = None       # (N, L) current value estimates (objectives with needs_values)
     old_values: torch.Tensor | None = None   # (N, L) value estimates recorded with the rollout
     extra: dict[str, torch.Tensor] = field(default_factory=dict)  # per-row tensors from `Objective.prepare`
+    max_new_tokens: int | None = None        # the sampler's response budget (Dr. GRPO's constant normaliser)
+    tokens_per_rank: float | None = None     # response tokens of this update's minibatch, mean over ranks (DAPO)
 
 
 @dataclass

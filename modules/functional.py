@@ -125,3 +125,23 @@ def clip_fraction(ratio: torch.Tensor, eps: float, mask: torch.Tensor | None = N
     """Fraction of entries with |ratio - 1| > eps (optionally over a mask)."""
     clipped = ((ratio - 1.0).abs() > eps).float()
     return clipped.mean() if mask is None else masked_mean(clipped, mask)
+
+
+def clipped_surrogate(log_ratio: torch.Tensor, advantages: torch.Tensor, eps: float,
+                      dual_clip: float | None = None) -> torch.Tensor:
+    """PPO's clipped surrogate min(rho * A, clamp(rho, 1 - eps, 1 + eps) * A), rho = exp(log_ratio). Elementwise.
+
+    rho is exp of the *unclamped* log-ratio, so the active branch's gradient is the formula's for every input
+    whose exp does not overflow float32 (log-ratio < ~88.7; beyond that the loss is non-finite and the RL
+    module's guard stops the update before the optimizer step). With log rho = 21 and A = -1 the unclipped branch
+    is active and d/d(log rho) = A * rho = -e^21 = -1.32e9: a clamp of the log-ratio at 20 would make it 0.
+
+    `dual_clip` (c > 1, Ye et al. 2020, "Mastering Complex Control in MOBA Games with Deep RL", off by default):
+    for A < 0 the surrogate is bounded below by c * A, so a huge ratio on a bad token stops pushing once
+    rho > c (gradient 0 there) instead of growing without bound.
+    """
+    ratio = log_ratio.exp()
+    surrogate = torch.min(advantages * ratio, advantages * ratio.clamp(1 - eps, 1 + eps))
+    if dual_clip is not None:
+        surrogate = torch.where(advantages < 0, torch.max(surrogate, dual_clip * advantages), surrogate)
+    return surrogate

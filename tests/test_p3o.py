@@ -123,12 +123,3 @@ def test_metrics_and_errors():
         objective(bad)
     with pytest.raises(ValueError, match="variant"):
         P3O(variant="v3")
-
-
-def test_scale_q_divides_delta_by_running_reward_std():
-    objective = P3O(variant="v2", kl_coef=0.0, scale_q=True)
-    batch = make_input([0.0, 0.0, 0.0, 0.0], [0.0] * 4, [0.0] * 4, [2.0, -2.0, 2.0, -2.0])
-    objective.prepare(batch)                       # rewards std (population) = 2
-    g = grad(objective, batch)
-    assert torch.allclose(-g, torch.tensor([1.0, -1.0, 1.0, -1.0]) * 0.5 * (4.0 / 2.0) / 2, atol=1e-6)
-    assert objective.state_dict()["reward_stats.count"].item() == 4

@@ -53,4 +53,11 @@ class RunningMoments(nn.Module):
 
     @property
     def std(self) -> torch.Tensor:
+        """Population std of everything seen."""
         return self.var.clamp(min=1e-12).sqrt()
+
+    @property
+    def unbiased_std(self) -> torch.Tensor:
+        """Std with Bessel's correction, sqrt(var * n / (n - 1)) (trlx's `RunningMoments.std`)."""
+        n = self.count.clamp(min=2.0)
+        return (self.var * n / (n - 1)).clamp(min=1e-12).sqrt()

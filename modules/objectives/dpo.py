@@ -4,9 +4,10 @@ Papers: Rafailov et al., "Direct Preference Optimization", arXiv 2305.18290 (the
 Language Model Alignment from Online AI Feedback", arXiv 2402.04792 (sampling the pair from the current policy
 and labelling it with a reward / annotator). Loss (ALGORITHMS.md s. 7):
     -log sigmoid(beta * [(logp_w - ref_w) - (logp_l - ref_l)])
-`soft_labels: true` weights both orderings by p = sigmoid(r_w - r_l) (a Bradley-Terry probability from the
-reward): -[p log sigmoid(beta m) + (1 - p) log sigmoid(-beta m)]. Pairs with equal rewards carry no preference
-and are masked out (hard labels). No importance ratio: old logprobs are unused.
+`soft_labels: true` is the P3O authors' soft-label online DPO: with d = (logp_1 - ref_1) - (logp_2 - ref_2) and
+p = sigmoid(r_1 - r_2) (a Bradley-Terry probability from the reward), -[p log sigmoid(beta d) + (1 - p) log
+sigmoid(-beta d)]. On a tie p = 1/2 and the loss pulls d towards 0. With hard labels, pairs with equal rewards
+carry no preference and are masked out. No importance ratio: old logprobs are unused.
 """
 from __future__ import annotations
 
@@ -37,8 +38,8 @@ class OnlineDPO(Objective):
         sign = torch.sign(r1 - r2)                                       # +1: y1 wins, -1: y2 wins
         margin = self.beta * (h1 - h2) * sign                            # beta * [(w) - (l)]
         if self.soft_labels:
-            p = torch.sigmoid((r1 - r2).abs())
-            losses = -(p * TF.logsigmoid(margin) + (1 - p) * TF.logsigmoid(-margin))
+            p, d = torch.sigmoid(r1 - r2), self.beta * (h1 - h2)
+            losses = -(p * TF.logsigmoid(d) + (1 - p) * TF.logsigmoid(-d))
             keep = torch.ones_like(losses)
         else:
             losses, keep = -TF.logsigmoid(margin), (sign != 0).float()

@@ -1,13 +1,25 @@
 """GRPO: Group Relative Policy Optimization.
 
 Paper: Shao et al., "DeepSeekMath: Pushing the Limits of Mathematical Reasoning in Open Language Models",
-arXiv 2402.03300. Group-normalised advantages A_i = (r_i - mean_group) / (std_group + eps) broadcast to every
-token of response i; token-level PPO clip on the per-token ratio; the KL to the reference enters the loss
-(k3 estimator, per token) with coefficient beta instead of the reward. Per-sequence token mean, then mean over
-sequences, as in the paper. Note: with k = 2 the advantages are always +-1/sqrt(2) (std with Bessel's
-correction): the size of the reward difference is lost, unlike P3O / RLOO.
+arXiv 2402.03300; reference code: TRL's GRPOTrainer. Advantages A_i = (r_i - mean_group) / (std + 1e-4),
+computed once per rollout and broadcast to every token of response i; token-level PPO clip on the per-token
+ratio; the KL to the reference enters the loss (k3 estimator, per token) with coefficient beta instead of the
+reward. Note: with k = 2 and group scaling the advantages are always +-1/sqrt(2) (std with Bessel's correction):
+the size of the reward difference is lost, unlike P3O / RLOO.
+
+`scale_rewards` (TRL's argument): 'group' divides by the std of the group (default, TRL's default), 'batch' by
+the std of all rewards of the rollout (on each rank: TRL gathers the rewards of all ranks first), 'none' only
+centres. `loss_type` (TRL's argument) says how per-token losses l_t (mask m_t) are aggregated:
+  'grpo'    mean over sequences of each sequence's token mean (the paper; our default)
+  'bnpo'    sum_t l_t m_t / sum_t m_t over the minibatch
+  'dr_grpo' sum_t l_t m_t / (sequences x max_new_tokens) (Liu et al., "Understanding R1-Zero-Like Training")
+  'dapo'    sum_t l_t m_t / (response tokens of the optimizer step's batch over all ranks / ranks): TRL's
+            default. One minibatch is one optimizer step here, so on one process 'dapo' equals 'bnpo'.
+Deviations from TRL: GRPO's beta defaults to 0.04 (TRL's is 0.0); `dual_clip` (off) replaces TRL's `delta`.
 """
 from __future__ import annotations
+
+from typing import Literal
 
 import torch
 
@@ -16,30 +28,63 @@ from modules.batch import ObjectiveInput, ObjectiveOutput
 from modules.objectives.base import Objective
 
 
-def group_normalized_advantages(rewards: torch.Tensor, k: int, eps: float = 1e-4) -> torch.Tensor:
-    """(r - group mean) / (group std + eps), std with Bessel's correction. (N,) -> (N,)."""
-    groups = rewards.view(-1, k)
-    return ((groups - groups.mean(-1, keepdim=True)) / (groups.std(-1, keepdim=True) + eps)).view(-1)
+def group_normalized_advantages(rewards: torch.Tensor, k: int, scale: str = "group", eps: float = 1e-4) -> torch.Tensor:
+    """(r - group mean) / (std + eps), std with Bessel's correction over the group ('group') or all rewards
+    ('batch'); 'none' only centres. (N,) -> (N,)."""
+    groups = rewards.view(-1, k)                                  # (G, k)
+    centred = groups - groups.mean(-1, keepdim=True)
+    if scale == "group":
+        centred = centred / (groups.std(-1, keepdim=True) + eps)
+    elif scale == "batch":
+        centred = centred / (rewards.std() + eps)
+    elif scale != "none":
+        raise ValueError(f"GRPO: scale_rewards must be 'group', 'batch' or 'none', got {scale!r}")
+    return centred.view(-1)
+
+
+def aggregate(per_token: torch.Tensor, mask: torch.Tensor, loss_type: str, max_new_tokens: int | None = None,
+              tokens_per_rank: float | None = None) -> torch.Tensor:
+    """Reduce per-token losses (N, L) under `mask` to a scalar as TRL's `loss_type` does (see the module doc)."""
+    if loss_type == "grpo":
+        return F.masked_mean(per_token, mask, dim=-1).mean()
+    total = F.masked_sum(per_token, mask)
+    if loss_type == "bnpo":
+        return total / mask.sum().clamp(min=1)
+    if loss_type == "dr_grpo":
+        return total / (per_token.shape[0] * (max_new_tokens or per_token.shape[1]))
+    if loss_type == "dapo":
+        return total / (tokens_per_rank if tokens_per_rank is not None else mask.sum().clamp(min=1))
+    raise ValueError(f"GRPO: loss_type must be 'grpo', 'bnpo', 'dr_grpo' or 'dapo', got {loss_type!r}")
 
 
 class GRPO(Objective):
-    """Args: k (group size, >= 2), kl_coef (beta on the k3 KL in the loss), clip_eps."""
+    """Args: k (group size, >= 2), kl_coef (beta on the k3 KL in the loss), clip_eps,
+    loss_type ('grpo' | 'bnpo' | 'dr_grpo' | 'dapo'), scale_rewards ('group' | 'batch' | 'none'), dual_clip."""
 
-    def __init__(self, k: int = 4, kl_coef: float = 0.04, clip_eps: float = 0.2):
+    def __init__(self, k: int = 4, kl_coef: float = 0.04, clip_eps: float = 0.2,
+                 loss_type: Literal["grpo", "bnpo", "dr_grpo", "dapo"] = "grpo",
+                 scale_rewards: Literal["group", "batch", "none"] = "group", dual_clip: float | None = None):
         super().__init__()
         if k < 2:
             raise ValueError(f"GRPO needs a group of k >= 2 responses, got {k}")
+        aggregate(torch.zeros(1, 1), torch.ones(1, 1), loss_type)              # reject unknown names early
+        group_normalized_advantages(torch.zeros(2), 2, scale_rewards)
         self.responses_per_prompt, self.kl_coef, self.clip_eps = k, kl_coef, clip_eps
+        self.loss_type, self.scale_rewards, self.dual_clip = loss_type, scale_rewards, dual_clip
+
+    @torch.no_grad()
+    def prepare(self, batch: ObjectiveInput) -> dict[str, torch.Tensor]:
+        return {"advantages": group_normalized_advantages(batch.rewards.float(), batch.group_size, self.scale_rewards)}
 
     def forward(self, batch: ObjectiveInput) -> ObjectiveOutput:
-        adv = group_normalized_advantages(batch.rewards.float(), batch.group_size)[:, None]  # (N, 1)
-        log_ratio = (batch.logp - batch.old_logp).clamp(max=20.0)                         # (N, L)
-        ratio = log_ratio.exp()
-        surrogate = torch.min(adv * ratio, adv * ratio.clamp(1 - self.clip_eps, 1 + self.clip_eps))
-        kl = F.kl_penalty(batch.logp, batch.ref_logp, "k3")                                # (N, L)
+        adv = batch.extra["advantages"][:, None]                                            # (N, 1)
+        log_ratio = batch.logp - batch.old_logp                                             # (N, L)
+        surrogate = F.clipped_surrogate(log_ratio, adv, self.clip_eps, self.dual_clip)      # (N, L)
+        kl = F.kl_penalty(batch.logp, batch.ref_logp, "k3")                                 # (N, L)
         per_token = -(surrogate - self.kl_coef * kl)
-        loss = F.masked_mean(per_token, batch.mask, dim=-1).mean()
+        loss = aggregate(per_token, batch.mask, self.loss_type, batch.max_new_tokens, batch.tokens_per_rank)
+        ratio = log_ratio.detach().exp()
         return ObjectiveOutput(loss, {
-            "loss": loss.detach(), "clipfrac": F.clip_fraction(ratio.detach(), self.clip_eps, batch.mask),
-            "ratio_mean": F.masked_mean(ratio.detach(), batch.mask), "kl_ref": F.masked_mean(kl.detach(), batch.mask),
+            "loss": loss.detach(), "clipfrac": F.clip_fraction(ratio, self.clip_eps, batch.mask),
+            "ratio_mean": F.masked_mean(ratio, batch.mask), "kl_ref": F.masked_mean(kl.detach(), batch.mask),
         })

@@ -9,11 +9,23 @@ drives a clipped, importance-weighted pairwise policy gradient; no value functio
       capped to [1/R, R];
   v2 (joint clipping): one joint weight sg[clamp(rho1 rho2, 1/R, R)] and one clip of L = logp1 - logp2
       to [L_old - eps, L_old + eps].
-Deviations / choices, all off or neutral by default:
-  * `scale_q`: Delta divided by a running std of the rewards (updated once per rollout), as in the authors'
-    code option; `reward_clip` clips raw rewards to +-value before use.
-  * Ratios are computed from log-ratios clamped to +-20 before `exp`, so an extreme ratio (which the clip
-    or cap would discard anyway) cannot turn the backward pass into inf * 0 = NaN.
+Options, all off by default (the paper's defaults):
+  * `k` > 2 responses per prompt (the paper's future work): the loss is the mean over all K(K-1)/2 pairs of each
+    group, every pair with its own clipping and importance weights. K = 2 is exactly the paper's P3O; with one
+    epoch, ratios 1 and no clipping its gradient equals RLOO-K's exactly (constant 1; `tests/test_p3o.py`).
+  * `reward_clip` clips raw rewards to +-value; `scale_q` then divides the *rewards* (not the KL term) by a
+    running std of all rewards seen so far, with Bessel's correction (the authors' code):
+    Delta = r1/sigma - r2/sigma - beta (KL1 - KL2). The running std mixes prompts but is one number per rollout,
+    so shift invariance holds only up to how a shift changes sigma (a per-prompt shift changes it).
+  * `avg_tokenwise` (the authors' later code): the summed pair loss is divided by the response tokens of the
+    minibatch (both responses; and by K - 1, the pairs each response is in) instead of averaged over pairs, so the
+    step size depends on response length.
+Deviations from the authors' code:
+  * V2 clips L = logp1 - logp2 around L_old; the authors clip (logp1 - ref1) - (logp2 - ref2) around the same
+    quantity at pi_old. The two differ by the constant ref1 - ref2: the same gradient and clip decisions, while the
+    loss *value* (`train/loss`) is shifted by 1/2 Delta w (ref1 - ref2) per pair.
+  * Ratios are exp of the unclamped log-ratios (`functional.clipped_surrogate`), so every gradient is the
+    formula's for finite inputs; only the detached IS weights are capped (in log space).
 """
 from __future__ import annotations
 
@@ -26,8 +38,6 @@ from modules import functional as F
 from modules.batch import ObjectiveInput, ObjectiveOutput
 from modules.objectives.base import Objective, RunningMoments
 
-MAX_LOG_RATIO = 20.0
-
 
 def pair_view(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(N,) with pairs in consecutive rows -> (first, second), each (N/2,)."""
@@ -35,14 +45,26 @@ def pair_view(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return pairs[:, 0], pairs[:, 1]
 
 
+def group_pairs(n: int, k: int, device=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Row indices (i, j), i < j, of every pair within each group of k consecutive rows: 2 x (n/k * k(k-1)/2,).
+    For k = 2 they are (0, 1), (2, 3), ...: the consecutive pairs of `pair_view`."""
+    first, second = torch.triu_indices(k, k, offset=1, device=device)       # (M,) each, M = k(k-1)/2
+    offsets = torch.arange(0, n, k, device=device)[:, None]                  # (G, 1)
+    return (offsets + first).flatten(), (offsets + second).flatten()
+
+
 def p3o_v1_terms(delta, log_rho1, log_rho2, eps: float, cap: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-pair J_V1 (P,) and clipped fraction (P,). All inputs (P,); `delta` detached."""
-    rho1, rho2 = log_rho1.clamp(max=MAX_LOG_RATIO).exp(), log_rho2.clamp(max=MAX_LOG_RATIO).exp()
-    c1, c2 = rho1.detach().clamp(1 / cap, cap), rho2.detach().clamp(1 / cap, cap)
-    term1 = torch.min(delta * c2 * rho1, delta * c2 * rho1.clamp(1 - eps, 1 + eps))
-    term2 = torch.min(-delta * c1 * rho2, -delta * c1 * rho2.clamp(1 - eps, 1 + eps))
-    clipped = (((rho1 - 1).abs() > eps).float() + ((rho2 - 1).abs() > eps).float()) / 2
-    return 0.5 * (term1 + term2), clipped.detach()
+    """Per-pair J_V1 (P,) and clipped fraction (P,). All inputs (P,); `delta` detached.
+
+    J_V1 = 1/2 [min(D c2 rho1, D c2 clip(rho1)) + min(-D c1 rho2, -D c1 clip(rho2))], c_i = sg[clamp(rho_i, 1/R, R)].
+    """
+    log_cap = math.log(cap)
+    c1 = log_rho1.detach().clamp(-log_cap, log_cap).exp()
+    c2 = log_rho2.detach().clamp(-log_cap, log_cap).exp()
+    term1 = F.clipped_surrogate(log_rho1, delta * c2, eps)
+    term2 = F.clipped_surrogate(log_rho2, -delta * c1, eps)
+    clipped = ((log_rho1.detach().exp() - 1).abs() > eps).float() + ((log_rho2.detach().exp() - 1).abs() > eps).float()
+    return 0.5 * (term1 + term2), clipped / 2
 
 
 def p3o_v2_terms(delta, logp1, logp2, old1, old2, eps: float, cap: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -61,19 +83,23 @@ class P3O(Objective):
         clip_eps: PPO-style clip range eps (0.2).
         kl_coef: beta of the KL-shaped reward (0.05).
         is_cap: R, the cap of the importance weights to [1/R, R] (10).
-        scale_q: divide Delta by the running std of rewards.
+        k: responses per prompt (2 = the paper); the loss averages over all pairs of each group.
         reward_clip: clip raw rewards to [-reward_clip, reward_clip] (None = off).
+        scale_q: divide the (clipped) rewards by their running std (Bessel-corrected) before the KL term.
+        avg_tokenwise: normalise the summed pair loss by response tokens instead of averaging over pairs.
     """
 
-    responses_per_prompt = 2
-
     def __init__(self, variant: Literal["v1", "v2"] = "v2", clip_eps: float = 0.2, kl_coef: float = 0.05,
-                 is_cap: float = 10.0, scale_q: bool = False, reward_clip: float | None = None):
+                 is_cap: float = 10.0, k: int = 2, reward_clip: float | None = None, scale_q: bool = False,
+                 avg_tokenwise: bool = False):
         super().__init__()
         if variant not in ("v1", "v2"):
             raise ValueError(f"P3O: variant must be 'v1' or 'v2', got {variant!r}")
+        if k < 2:
+            raise ValueError(f"P3O: k must be >= 2 responses per prompt, got {k}")
         self.variant, self.clip_eps, self.kl_coef, self.is_cap = variant, clip_eps, kl_coef, is_cap
-        self.scale_q, self.reward_clip = scale_q, reward_clip
+        self.responses_per_prompt, self.reward_clip = k, reward_clip
+        self.scale_q, self.avg_tokenwise = scale_q, avg_tokenwise
         self.reward_stats = RunningMoments()
 
     def rewards(self, batch: ObjectiveInput) -> torch.Tensor:
@@ -86,28 +112,33 @@ class P3O(Objective):
             self.reward_stats.update(self.rewards(batch))
         return {}
 
+    def scaled_rewards(self, batch: ObjectiveInput) -> torch.Tensor:
+        """r (clipped), divided by the running std when `scale_q`. (N,)"""
+        r = self.rewards(batch)
+        return r / self.reward_stats.unbiased_std.to(r.dtype) if self.scale_q else r
+
     def forward(self, batch: ObjectiveInput) -> ObjectiveOutput:
-        if batch.group_size != 2:
-            raise ValueError(f"P3O needs 2 responses per prompt, got group_size={batch.group_size}")
+        K = self.responses_per_prompt
+        if batch.group_size != K:
+            raise ValueError(f"P3O(k={K}) needs {K} responses per prompt, got group_size={batch.group_size}")
         logp = F.sequence_logprobs(batch.logp, batch.mask)                 # (N,)
         old = F.sequence_logprobs(batch.old_logp, batch.mask)              # (N,)
         ref = F.sequence_logprobs(batch.ref_logp, batch.mask)              # (N,)
-        r_hat = self.rewards(batch) - self.kl_coef * (logp.detach() - ref)  # (N,) KL-shaped, detached
-        r1, r2 = pair_view(r_hat)
-        delta = r1 - r2                                                    # (P,)
-        if self.scale_q:
-            delta = delta / self.reward_stats.std.to(delta.dtype)
-        (lp1, lp2), (old1, old2) = pair_view(logp), pair_view(old)
+        r_hat = self.scaled_rewards(batch) - self.kl_coef * (logp.detach() - ref)  # (N,) KL-shaped, detached
+        i, j = group_pairs(len(logp), K, logp.device)                     # (P,) each
+        delta = r_hat[i] - r_hat[j]                                        # (P,)
         if self.variant == "v1":
-            objective, clipped = p3o_v1_terms(delta, lp1 - old1, lp2 - old2, self.clip_eps, self.is_cap)
+            objective, clipped = p3o_v1_terms(delta, logp[i] - old[i], logp[j] - old[j], self.clip_eps, self.is_cap)
         else:
-            objective, clipped = p3o_v2_terms(delta, lp1, lp2, old1, old2, self.clip_eps, self.is_cap)
-        loss = -objective.mean()
-        log_ratio = (logp - old).detach()
-        ratio = log_ratio.clamp(max=MAX_LOG_RATIO).exp()
+            objective, clipped = p3o_v2_terms(delta, logp[i], logp[j], old[i], old[j], self.clip_eps, self.is_cap)
+        if self.avg_tokenwise:
+            loss = -2 * objective.sum() / ((K - 1) * batch.mask.sum().clamp(min=1))
+        else:
+            loss = -objective.mean()
+        ratio = (logp - old).detach().exp()
         metrics = {
             "loss": loss.detach(), "clipfrac": clipped.mean(), "ratio_mean": ratio.mean(), "ratio_max": ratio.max(),
-            "delta_abs": delta.abs().mean(), "approx_kl_old": (0.5 * log_ratio**2).mean(),
+            "delta_abs": delta.abs().mean(), "approx_kl_old": (0.5 * (logp - old).detach() ** 2).mean(),
             "kl_ref": (logp.detach() - ref).mean(),
         }
         return ObjectiveOutput(loss, metrics)

@@ -6,7 +6,15 @@ details from Huang et al., "The N Implementation Details of RLHF with PPO" (2024
 per-token reward -beta * KL_t (k1 or k3) with the reward-model score added at the last response token;
 GAE(gamma, lambda) on the value head's estimates; advantages whitened over the rollout; clipped policy loss on
 per-token ratios; clipped value loss; one response per prompt; optional adaptive KL controller (Ziegler et al.).
-Deviations: advantages are whitened once per rollout (in `prepare`), not per minibatch.
+Deviations from TRL's PPOTrainer (the reference code), all deliberate:
+  * advantages are whitened once per rollout (in `prepare`), not per minibatch;
+  * the score is added at the last response token (the EOS, when emitted) and V = 0 after it, the usual choice
+    (Ziegler et al., OpenRLHF). TRL adds the score one position later (the first padding position after EOS)
+    and keeps V_old there, so with gamma * lambda < 1 its GAE differs from ours: it bootstraps from V_old at
+    that position and discounts the score by one more step of gamma * lambda for every earlier token.
+    With gamma = lambda = 1 both give the same advantages on the response tokens.
+  * the ratio is exp of the unclamped log-ratio (`functional.clipped_surrogate`); `dual_clip` (off) bounds the
+    surrogate of negative advantages instead.
 """
 from __future__ import annotations
 
@@ -48,17 +56,19 @@ class PPO(Objective):
         clip_eps: policy ratio clip; value_clip: value clip around the rollout's values; vf_coef: value loss weight.
         whiten_advantages: normalise advantages over the rollout.
         target_kl / kl_horizon: adaptive KL controller (None = fixed beta); beta follows the rollout KL.
+        dual_clip: c > 1 bounds the surrogate of negative advantages below by c * A (None = off).
     """
 
     needs_values = True
 
     def __init__(self, kl_coef: float = 0.05, kl_estimator: str = "k1", gamma: float = 1.0, lam: float = 0.95,
                  clip_eps: float = 0.2, value_clip: float = 0.2, vf_coef: float = 0.1, whiten_advantages: bool = True,
-                 target_kl: float | None = None, kl_horizon: int = 10000):
+                 target_kl: float | None = None, kl_horizon: int = 10000, dual_clip: float | None = None):
         super().__init__()
         self.kl_estimator, self.gamma, self.lam = kl_estimator, gamma, lam
         self.clip_eps, self.value_clip, self.vf_coef = clip_eps, value_clip, vf_coef
         self.whiten_advantages, self.target_kl, self.kl_horizon = whiten_advantages, target_kl, kl_horizon
+        self.dual_clip = dual_clip
         self.register_buffer("kl_coef", torch.tensor(float(kl_coef)))   # adaptive: checkpointed with the run
 
     def token_rewards(self, batch: ObjectiveInput) -> torch.Tensor:
@@ -81,8 +91,9 @@ class PPO(Objective):
 
     def forward(self, batch: ObjectiveInput) -> ObjectiveOutput:
         adv, returns, mask = batch.extra["advantages"], batch.extra["returns"], batch.mask
-        ratio = (batch.logp - batch.old_logp).clamp(max=20.0).exp()                    # (N, L)
-        pg = -torch.min(adv * ratio, adv * ratio.clamp(1 - self.clip_eps, 1 + self.clip_eps))
+        log_ratio = batch.logp - batch.old_logp                                         # (N, L)
+        pg = -F.clipped_surrogate(log_ratio, adv, self.clip_eps, self.dual_clip)
+        ratio = log_ratio.detach().exp()
         v, v_old = batch.values, batch.old_values
         v_clipped = v_old + (v - v_old).clamp(-self.value_clip, self.value_clip)
         vf = 0.5 * torch.max((v - returns) ** 2, (v_clipped - returns) ** 2)
@@ -90,7 +101,7 @@ class PPO(Objective):
         loss = pg_loss + self.vf_coef * vf_loss
         return ObjectiveOutput(loss, {
             "loss": loss.detach(), "pg_loss": pg_loss.detach(), "vf_loss": vf_loss.detach(),
-            "clipfrac": F.clip_fraction(ratio.detach(), self.clip_eps, mask),
-            "ratio_mean": F.masked_mean(ratio.detach(), mask), "kl_coef": self.kl_coef.detach().clone(),
+            "clipfrac": F.clip_fraction(ratio, self.clip_eps, mask),
+            "ratio_mean": F.masked_mean(ratio, mask), "kl_coef": self.kl_coef.detach().clone(),
             "value_mean": F.masked_mean(v.detach(), mask),
         })

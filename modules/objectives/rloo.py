@@ -1,11 +1,15 @@
 """RLOO: REINFORCE Leave-One-Out with k samples per prompt.
 
 Paper: Ahmadian et al., "Back to Basics: Revisiting REINFORCE Style Optimization for Learning from Human
-Feedback in LLMs", arXiv 2402.14740 (after Kool et al. 2019). Sequence-level: the KL-shaped reward
-r_hat_i = r_i - beta * (logp_i - ref_i) (detached, as in P3O) gets the baseline "mean of the other k - 1
-responses", A_i = r_hat_i - mean_{j != i} r_hat_j. With one epoch the loss is -mean_i A_i * logp_i; for reuse
-over several epochs the sequence ratio is PPO-clipped (as TRL's RLOOTrainer does), which at ratio 1 is the
-same gradient. With k = 2 and no clipping this is exactly P3O's pairwise policy gradient (ALGORITHMS.md s. 2).
+Feedback in LLMs", arXiv 2402.14740 (after Kool et al. 2019); reference code: TRL's RLOOTrainer. Sequence-level:
+the KL-shaped reward r_hat_i = r_i - beta * sum_t (old_logp - ref_logp) — the rollout's KL, fixed across epochs,
+as in TRL and the paper — gets the baseline "mean of the other k - 1 responses",
+A_i = r_hat_i - mean_{j != i} r_hat_j, computed once per rollout (`prepare`). With one epoch the loss is
+-mean_i A_i * logp_i; for reuse over several epochs the sequence ratio is PPO-clipped (as TRL's RLOOTrainer does),
+which at ratio 1 is the same gradient. With k = 2 and no clipping this is exactly P3O's pairwise policy gradient
+(ALGORITHMS.md s. 2).
+Options: `kl_on_current_policy: true` shapes with the current policy's detached logp, recomputed every minibatch
+(as P3O does; our earlier default). `dual_clip` bounds the surrogate of negative advantages (off).
 """
 from __future__ import annotations
 
@@ -14,7 +18,6 @@ import torch
 from modules import functional as F
 from modules.batch import ObjectiveInput, ObjectiveOutput
 from modules.objectives.base import Objective
-from modules.objectives.p3o import MAX_LOG_RATIO
 
 
 def leave_one_out_advantages(rewards: torch.Tensor, k: int) -> torch.Tensor:
@@ -25,25 +28,39 @@ def leave_one_out_advantages(rewards: torch.Tensor, k: int) -> torch.Tensor:
 
 
 class RLOO(Objective):
-    """Args: k (responses per prompt, >= 2), kl_coef (beta of the KL-shaped reward), clip_eps."""
+    """Args: k (responses per prompt, >= 2), kl_coef (beta of the KL-shaped reward), clip_eps,
+    kl_on_current_policy (shape with the current policy's logp instead of the rollout's), dual_clip."""
 
-    def __init__(self, k: int = 2, kl_coef: float = 0.05, clip_eps: float = 0.2):
+    def __init__(self, k: int = 2, kl_coef: float = 0.05, clip_eps: float = 0.2, kl_on_current_policy: bool = False,
+                 dual_clip: float | None = None):
         super().__init__()
         if k < 2:
             raise ValueError(f"RLOO needs k >= 2 responses per prompt, got {k}")
         self.responses_per_prompt, self.kl_coef, self.clip_eps = k, kl_coef, clip_eps
+        self.kl_on_current_policy, self.dual_clip = kl_on_current_policy, dual_clip
+
+    def advantages(self, rewards: torch.Tensor, logp: torch.Tensor, ref: torch.Tensor, k: int) -> torch.Tensor:
+        """Leave-one-out advantages of r - beta * (logp - ref), all (N,), logp detached."""
+        return leave_one_out_advantages(rewards.float() - self.kl_coef * (logp - ref), k)
+
+    @torch.no_grad()
+    def prepare(self, batch: ObjectiveInput) -> dict[str, torch.Tensor]:
+        old = F.sequence_logprobs(batch.old_logp, batch.mask)
+        ref = F.sequence_logprobs(batch.ref_logp, batch.mask)
+        return {"advantages": self.advantages(batch.rewards, old, ref, batch.group_size)}
 
     def forward(self, batch: ObjectiveInput) -> ObjectiveOutput:
         logp = F.sequence_logprobs(batch.logp, batch.mask)                  # (N,)
         old = F.sequence_logprobs(batch.old_logp, batch.mask)               # (N,)
         ref = F.sequence_logprobs(batch.ref_logp, batch.mask)               # (N,)
-        r_hat = batch.rewards.float() - self.kl_coef * (logp.detach() - ref)
-        adv = leave_one_out_advantages(r_hat, batch.group_size)            # (N,)
-        ratio = (logp - old).clamp(max=MAX_LOG_RATIO).exp()
-        surrogate = torch.min(adv * ratio, adv * ratio.clamp(1 - self.clip_eps, 1 + self.clip_eps))
+        if self.kl_on_current_policy:
+            adv = self.advantages(batch.rewards, logp.detach(), ref, batch.group_size)
+        else:
+            adv = batch.extra["advantages"]                                 # (N,) from the rollout
+        surrogate = F.clipped_surrogate(logp - old, adv, self.clip_eps, self.dual_clip)
         loss = -surrogate.mean()
+        ratio = (logp - old).detach().exp()
         return ObjectiveOutput(loss, {
-            "loss": loss.detach(), "clipfrac": F.clip_fraction(ratio.detach(), self.clip_eps),
-            "ratio_mean": ratio.detach().mean(), "advantage_abs": adv.abs().mean(),
-            "kl_ref": (logp.detach() - ref).mean(),
+            "loss": loss.detach(), "clipfrac": F.clip_fraction(ratio, self.clip_eps),
+            "ratio_mean": ratio.mean(), "advantage_abs": adv.abs().mean(), "kl_ref": (logp.detach() - ref).mean(),
         })

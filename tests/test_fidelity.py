@@ -1,0 +1,248 @@
+"""Each objective against its reference implementation, item by item (issue 12), on literal tensors.
+
+The expected numbers are worked out in each docstring. Sequences have one token unless a mask says otherwise,
+so a sequence logprob equals its token logprob.
+"""
+import math
+
+import pytest
+import torch
+
+from modules import functional as F
+from modules.batch import ObjectiveInput
+from modules.objectives.dpo import OnlineDPO
+from modules.objectives.grpo import GRPO, group_normalized_advantages
+from modules.objectives.p3o import P3O, group_pairs
+from modules.objectives.ppo import PPO, gae
+from modules.objectives.rloo import RLOO
+
+E21 = math.exp(21.0)
+
+
+def make_input(logp, old, ref, rewards, group_size=2, mask=None, **fields):
+    col = lambda x: torch.tensor(x, dtype=torch.float32).view(len(rewards), -1)  # noqa: E731
+    logp = col(logp).requires_grad_(True)
+    return ObjectiveInput(logp=logp, old_logp=col(old), ref_logp=col(ref),
+                          mask=torch.ones_like(logp) if mask is None else torch.tensor(mask, dtype=torch.float32),
+                          rewards=torch.tensor(rewards, dtype=torch.float32), group_size=group_size, **fields)
+
+
+def grad(objective, batch):
+    batch.logp.grad = None
+    batch.extra = objective.prepare(batch)
+    out = objective(batch)
+    out.loss.backward()
+    return out.loss.detach(), batch.logp.grad.clone()
+
+
+# 1. A clamp of the log-ratio must not zero the gradient of the active branch.
+
+def test_clipped_surrogate_keeps_the_gradient_of_a_huge_ratio_with_negative_advantage():
+    """log rho = 21, A = -1: min(-e^21, -1.2) = -e^21 is active, d/d(log rho) = -e^21 = -1.3188e9.
+    dual_clip c = 3 bounds it by c * A = -3 (gradient 0); at rho = 2 < c the surrogate is min(-2, -1.2) = -2 and
+    the gradient -2. A positive advantage is never dual-clipped: min(e^21, 1.2) = 1.2 (clipped, gradient 0)."""
+    log_ratio = torch.tensor([21.0, math.log(2.0), 21.0], requires_grad=True)
+    adv = torch.tensor([-1.0, -1.0, 1.0])
+    F.clipped_surrogate(log_ratio, adv, 0.2).sum().backward()
+    assert torch.allclose(log_ratio.grad, torch.tensor([-E21, -2.0, 0.0]), rtol=1e-6)
+    log_ratio.grad = None
+    out = F.clipped_surrogate(log_ratio, adv, 0.2, dual_clip=3.0)
+    out.sum().backward()
+    assert torch.allclose(out.detach(), torch.tensor([-3.0, -2.0, 1.2]))
+    assert torch.allclose(log_ratio.grad, torch.tensor([0.0, -2.0, 0.0]))
+
+
+def test_p3o_v1_gradient_at_log_ratio_21_with_negative_delta():
+    """Pair r = (0, 1), beta = 0, so Delta = -1; log rho = (21, 0). c2 = 1, c1 = clamp(e^21, 0.1, 10) = 10.
+    term1 = min(-e^21, -1.2) = -e^21 -> dJ/dlogp1 = 1/2 * -e^21; term2 = min(10 rho2, 10 clip(rho2)) -> dJ/dlogp2
+    = 1/2 * 10 = 5. loss = -J (one pair): gradients (e^21 / 2, -5) = (6.594e8, -5): the authors' formula."""
+    _, g = grad(P3O(variant="v1", kl_coef=0.0), make_input([21.0, 0.0], [0.0, 0.0], [0.0, 0.0], [0.0, 1.0]))
+    assert torch.allclose(g.view(-1), torch.tensor([E21 / 2, -5.0]), rtol=1e-6)
+
+
+def test_rloo_grpo_and_ppo_gradients_at_log_ratio_21_with_negative_advantage():
+    """RLOO k = 2, r = (0, 1), beta = 0: A = (-1, 1); loss = -mean(surrogates): gradients (e^21 / 2, -1/2).
+    GRPO k = 2: A = (-0.5, 0.5) / (std 0.70711 + 1e-4) = (-0.707007, 0.707007); 'grpo' aggregation averages two
+    one-token sequences: gradient of row 0 = 0.707007 * e^21 / 2 = 4.6620e8 (ref = logp so the k3 term is 0).
+    PPO, one token, advantage -1 given: pg = -min(-e^21, -1.2) = e^21, gradient e^21 = 1.3188e9."""
+    _, g = grad(RLOO(k=2, kl_coef=0.0), make_input([21.0, 0.0], [0.0, 0.0], [0.0, 0.0], [0.0, 1.0]))
+    assert torch.allclose(g.view(-1), torch.tensor([E21 / 2, -0.5]), rtol=1e-6)
+    _, g = grad(GRPO(k=2, kl_coef=0.0), make_input([21.0, 0.0], [0.0, 0.0], [21.0, 0.0], [0.0, 1.0]))
+    assert torch.allclose(g[0, 0], torch.tensor(0.5 / (math.sqrt(0.5) + 1e-4) * E21 / 2), rtol=1e-6)
+    ppo = PPO(vf_coef=0.0)
+    batch = make_input([21.0], [0.0], [0.0], [0.0], group_size=1, values=torch.zeros(1, 1),
+                       old_values=torch.zeros(1, 1), extra={"advantages": torch.tensor([[-1.0]]),
+                                                            "returns": torch.zeros(1, 1)})
+    ppo(batch).loss.backward()
+    assert torch.allclose(batch.logp.grad, torch.tensor([[E21]]), rtol=1e-6)
+
+
+# 2. scale_q: clipped rewards divided by a running, Bessel-corrected std, before the KL term.
+
+@pytest.mark.parametrize("reward_clip, sigma, deltas", [
+    (None, math.sqrt(8 / 3), (2 / math.sqrt(8 / 3) - 0.1, 2 / math.sqrt(8 / 3))),
+    (2.5, math.sqrt(6.1875 / 3), (1.5 / math.sqrt(6.1875 / 3) - 0.1, 2 / math.sqrt(6.1875 / 3))),
+])
+def test_scale_q_is_the_authors_option(reward_clip, sigma, deltas):
+    """r = (3, 1, 1, -1), beta = 0.5, logp - ref = (0.4, 0.2, 0, 0), ratios 1 (V2, in the band).
+    No clip: mean 1, squared deviations 4 + 0 + 0 + 4 = 8, sigma = sqrt(8/3) = 1.63299 (Bessel);
+    Delta0 = (3 - 1)/sigma - 0.5 (0.4 - 0.2) = 1.22474 - 0.1 = 1.12474, Delta1 = 2/sigma = 1.22474.
+    Clip at 2.5: r = (2.5, 1, 1, -1), mean 0.875, squared deviations 6.1875, sigma = sqrt(6.1875/3) = 1.43614;
+    Delta0 = 1.5/sigma - 0.1 = 0.94447, Delta1 = 2/sigma = 1.39262. In the band -grad = 1/2 Delta (+1, -1) / 2 pairs.
+    (Dividing the whole Delta by the population std, as before, gives Delta0 = 1.9/1.41421 = 1.34350.)"""
+    objective = P3O(variant="v2", kl_coef=0.5, scale_q=True, reward_clip=reward_clip)
+    logp = [-1.0, -2.0, -1.5, -0.5]
+    _, g = grad(objective, make_input(logp, logp, [-1.4, -2.2, -1.5, -0.5], [3.0, 1.0, 1.0, -1.0]))
+    assert objective.reward_stats.unbiased_std.item() == pytest.approx(sigma, rel=1e-6)
+    d0, d1 = deltas
+    assert torch.allclose(-g.view(-1), torch.tensor([d0, -d0, d1, -d1]) / 4, atol=1e-6)
+
+
+# 3. Soft-label online DPO on ties follows the authors: p = 1/2 pulls the implicit margin towards 0.
+
+def test_soft_label_dpo_pulls_a_tie_towards_zero_margin():
+    """r1 = r2 = 1 -> p = 1/2; h = logp - ref = (0.5, -0.5), beta = 0.5 -> x = beta (h1 - h2) = 0.5.
+    loss = -[1/2 log s(0.5) + 1/2 log s(-0.5)] = 1/2 (0.474077 + 0.974077) = 0.724077.
+    dloss/dx = s(x) - p = 0.622459 - 0.5 = 0.122459; dx/dlogp = (0.5, -0.5) -> grad (0.061230, -0.061230).
+    (Masking ties, as before, gave log 2 and no gradient.)"""
+    loss, g = grad(OnlineDPO(beta=0.5, soft_labels=True), make_input([-1.0, -2.0], [0.0, 0.0], [-1.5, -1.5], [1.0, 1.0]))
+    assert loss.item() == pytest.approx(0.724077, abs=1e-6)
+    assert torch.allclose(g.view(-1), torch.tensor([0.0612296, -0.0612296]), atol=1e-6)
+
+
+# 4. RLOO shapes the reward with the rollout's KL (old - ref), fixed across epochs.
+
+def test_rloo_kl_shaping_uses_the_rollout_logprobs():
+    """r = (1, 0), beta = 0.5, old - ref = (0.4, 0), current logp - old = (0.1, -0.1) (inside the clip).
+    Reference: r_hat = (0.8, 0), A = (0.8, -0.8); loss = -mean(A rho) -> grad = -A rho / 2 =
+    (-0.8 e^0.1 / 2, 0.8 e^-0.1 / 2) = (-0.442068, 0.361935).
+    kl_on_current_policy: logp - ref = (0.5, -0.1), r_hat = (0.75, 0.05), A = (0.7, -0.7) -> (-0.386810, 0.316693)."""
+    args = ([-0.9, -2.1], [-1.0, -2.0], [-1.4, -2.0], [1.0, 0.0])
+    _, g = grad(RLOO(k=2, kl_coef=0.5), make_input(*args))
+    assert torch.allclose(g.view(-1), torch.tensor([-0.442068, 0.361935]), atol=1e-6)
+    _, g = grad(RLOO(k=2, kl_coef=0.5, kl_on_current_policy=True), make_input(*args))
+    assert torch.allclose(g.view(-1), torch.tensor([-0.386810, 0.316693]), atol=1e-6)
+
+
+# 5. GRPO: TRL's loss_type and scale_rewards.
+
+def grpo_batch(**fields):
+    """k = 2, r = (1, 0), ratios 1, ref = logp; lengths 2 and 3 tokens (5 in all), 3 columns."""
+    zeros = [[0.0] * 3] * 2
+    return make_input(zeros, zeros, zeros, [1.0, 0.0], mask=[[1, 1, 0], [1, 1, 1]], **fields)
+
+
+@pytest.mark.parametrize("loss_type, fields, loss, g0, g1", [
+    # A = +-0.5 / (0.707107 + 1e-4) = +-0.707007; per-token loss -A: row 0 -0.707007 (2 tokens), row 1 +0.707007 (3)
+    ("grpo", {}, 0.0, -0.707007 / 4, 0.707007 / 6),                              # mean of sequence means
+    ("bnpo", {}, 0.707007 / 5, -0.707007 / 5, 0.707007 / 5),                     # sum / 5 tokens
+    ("dr_grpo", {"max_new_tokens": 4}, 0.707007 / 8, -0.707007 / 8, 0.707007 / 8),  # sum / (2 rows x 4)
+    ("dapo", {"tokens_per_rank": 10.0}, 0.707007 / 10, -0.707007 / 10, 0.707007 / 10),  # sum / global tokens
+    ("dapo", {}, 0.707007 / 5, -0.707007 / 5, 0.707007 / 5),                     # one process: = bnpo
+])
+def test_grpo_loss_types(loss_type, fields, loss, g0, g1):
+    value, g = grad(GRPO(k=2, kl_coef=0.0, loss_type=loss_type), grpo_batch(**fields))
+    assert value.item() == pytest.approx(loss, abs=1e-6)
+    assert torch.allclose(g, torch.tensor([[g0, g0, 0.0], [g1, g1, g1]]), atol=1e-6)
+
+
+def test_grpo_scale_rewards():
+    """r = (1, 0 | 3, 3). group: (+-0.5 / (0.707107 + 1e-4), 0 / (0 + 1e-4)) = (0.707007, -0.707007, 0, 0);
+    batch: std of all four (mean 1.75, squared deviations 6.75, /3 = 2.25) = 1.5 -> (0.5, -0.5, 0, 0) / 1.5001;
+    none: (0.5, -0.5, 0, 0)."""
+    r = torch.tensor([1.0, 0.0, 3.0, 3.0])
+    assert torch.allclose(group_normalized_advantages(r, 2, "group"), torch.tensor([0.707007, -0.707007, 0, 0]), atol=1e-6)
+    assert torch.allclose(group_normalized_advantages(r, 2, "batch"), torch.tensor([0.5, -0.5, 0, 0]) / 1.5001, atol=1e-6)
+    assert torch.allclose(group_normalized_advantages(r, 2, "none"), torch.tensor([0.5, -0.5, 0, 0]))
+    with pytest.raises(ValueError, match="loss_type"):
+        GRPO(loss_type="sum")
+    with pytest.raises(ValueError, match="scale_rewards"):
+        GRPO(scale_rewards="global")
+
+
+# 6. P3O avg_tokenwise: the summed pair loss over response tokens.
+
+def test_p3o_avg_tokenwise():
+    """Two pairs, r = (1, 0 | 0, 2), beta = 0, ratios 1: Delta = (1, -2). Response lengths (2, 1 | 1, 1): n = 5.
+    Authors: loss = sum_pairs -Delta w L / n -> d/dlogp(y1) = -Delta / n: row 0 -0.2 per token, row 1 0.2,
+    row 2 0.4, row 3 -0.4. The paper's per-pair mean: -1/2 Delta / 2 pairs: -0.25, 0.25, 0.5, -0.5."""
+    mask = [[1, 1], [1, 0], [1, 0], [1, 0]]
+    zeros = [[0.0, 0.0]] * 4
+    _, g = grad(P3O(kl_coef=0.0, avg_tokenwise=True), make_input(zeros, zeros, zeros, [1.0, 0.0, 0.0, 2.0], mask=mask))
+    assert torch.allclose(g, torch.tensor([[-0.2, -0.2], [0.2, 0], [0.4, 0], [-0.4, 0]]), atol=1e-6)
+    _, g = grad(P3O(kl_coef=0.0), make_input(zeros, zeros, zeros, [1.0, 0.0, 0.0, 2.0], mask=mask))
+    assert torch.allclose(g, torch.tensor([[-0.25, -0.25], [0.25, 0], [0.5, 0], [-0.5, 0]]), atol=1e-6)
+
+
+# 7. PPO's score placement (documented, not changed).
+
+def test_ppo_score_at_eos_against_trl_placement():
+    """Two response tokens (EOS at t = 1), score 1, V = (0.5, 0.25), gamma = 1, lambda = 0.9, no KL.
+    Ours (score at EOS, V = 0 after): delta1 = 1 - 0.25 = 0.75 = A1; delta0 = 0.25 - 0.5 = -0.25,
+    A0 = -0.25 + 0.9 * 0.75 = 0.425. TRL (score one position later, V_old = 0.1 kept there): A2 = 0.9,
+    A1 = (0.1 - 0.25) + 0.9 * 0.9 = 0.66, A0 = -0.25 + 0.9 * 0.66 = 0.344. With lambda = 1 both give A0 = 0.5."""
+    ours, _ = gae(torch.tensor([[0.0, 1.0]]), torch.tensor([[0.5, 0.25]]), torch.ones(1, 2), 1.0, 0.9)
+    trl, _ = gae(torch.tensor([[0.0, 0.0, 1.0]]), torch.tensor([[0.5, 0.25, 0.1]]), torch.ones(1, 3), 1.0, 0.9)
+    assert torch.allclose(ours, torch.tensor([[0.425, 0.75]]))
+    assert torch.allclose(trl, torch.tensor([[0.344, 0.66, 0.9]]))
+    ours, _ = gae(torch.tensor([[0.0, 1.0]]), torch.tensor([[0.5, 0.25]]), torch.ones(1, 2), 1.0, 1.0)
+    trl, _ = gae(torch.tensor([[0.0, 0.0, 1.0]]), torch.tensor([[0.5, 0.25, 0.1]]), torch.ones(1, 3), 1.0, 1.0)
+    assert torch.allclose(ours, trl[:, :2])
+
+
+# 8. P3O V2 clips logp1 - logp2; the authors clip (logp1 - ref1) - (logp2 - ref2).
+
+def test_p3o_v2_loss_is_the_authors_shifted_by_a_constant():
+    """logp = (-1, -2), old = (-1.05, -1.9), ref = (-1.5, -1.0), r = (1, 0), beta = 0: Delta = 1,
+    w = exp(0.05 - 0.1) = 0.951229. Ours: L = 1.0, L_old = 0.85 (in band): J = 1/2 w L = 0.475615, loss -0.475615.
+    Authors: L' = 0.5 - (-1.0) = 1.5, L'_old = 1.35 (in band): loss -0.713422 = ours + 1/2 Delta w (ref1 - ref2)
+    = -0.475615 - 0.237807. The gradients are equal: (-w/2, w/2) = (-0.475615, 0.475615)."""
+    batch = make_input([-1.0, -2.0], [-1.05, -1.9], [-1.5, -1.0], [1.0, 0.0])
+    loss, g = grad(P3O(variant="v2", kl_coef=0.0), batch)
+    logp = torch.tensor([-1.0, -2.0], requires_grad=True)
+    w, rel, rel_old = math.exp(-0.05), (logp[0] + 1.5) - (logp[1] + 1.0), torch.tensor(0.45 + 0.9)
+    authors = -0.5 * torch.min(w * rel, w * rel.clamp(rel_old - 0.2, rel_old + 0.2))
+    authors.backward()
+    assert loss.item() == pytest.approx(-0.475615, abs=1e-6)
+    assert authors.item() == pytest.approx(-0.713422, abs=1e-6)
+    assert authors.item() - loss.item() == pytest.approx(0.5 * w * (-1.5 + 1.0), abs=1e-6)
+    assert torch.allclose(g.view(-1), logp.grad, atol=1e-6)
+
+
+# P3O with K responses per prompt (issue 13, section 3).
+
+def test_group_pairs_for_k_2_are_the_consecutive_pairs_and_for_k_3_every_pair():
+    assert [t.tolist() for t in group_pairs(4, 2)] == [[0, 2], [1, 3]]
+    assert [t.tolist() for t in group_pairs(6, 3)] == [[0, 0, 1, 3, 3, 4], [1, 2, 2, 4, 5, 5]]
+
+
+def random_group_input(k: int, groups: int = 3, seed: int = 0, ratio_one: bool = False, shift=None):
+    gen = torch.Generator().manual_seed(seed)
+    n = k * groups
+    logp = -torch.rand(n, generator=gen) * 3
+    old = logp.clone() if ratio_one else logp + 0.3 * torch.randn(n, generator=gen)
+    ref = logp - torch.rand(n, generator=gen)
+    rewards = torch.randn(n, generator=gen) + (0 if shift is None else shift)
+    return make_input(logp.tolist(), old.tolist(), ref.tolist(), rewards.tolist(), group_size=k)
+
+
+@pytest.mark.parametrize("k", [3, 4])
+def test_p3o_k_equals_rloo_k_at_ratio_one_without_clipping(k):
+    """Per group, sum_{i<j} 1/2 (r_i - r_j)(grad_i - grad_j) = K/2 sum_i (r_i - mean) grad_i; over the
+    G K(K-1)/2 pairs that is -(1 / (G (K-1))) sum_i (r_i - mean) grad_i, exactly RLOO-K's
+    -(1/(G K)) sum_i K/(K-1) (r_i - mean) grad_i: the constant is 1."""
+    for variant in ("v1", "v2"):
+        _, g_p3o = grad(P3O(variant=variant, k=k, kl_coef=0.05), random_group_input(k, ratio_one=True))
+        _, g_rloo = grad(RLOO(k=k, kl_coef=0.05), random_group_input(k, ratio_one=True))
+        assert g_p3o.abs().sum() > 0
+        assert torch.allclose(g_p3o, g_rloo, atol=1e-6)
+
+
+@pytest.mark.parametrize("k", [2, 3, 4])
+@pytest.mark.parametrize("variant", ["v1", "v2"])
+def test_p3o_k_is_shift_invariant(k, variant):
+    shift = (torch.randn(3, generator=torch.Generator().manual_seed(1)) * 100).repeat_interleave(k)
+    _, g = grad(P3O(variant=variant, k=k), random_group_input(k))
+    _, g_shift = grad(P3O(variant=variant, k=k), random_group_input(k, shift=shift))
+    assert g.abs().sum() > 0
+    assert torch.allclose(g, g_shift, atol=1e-5)
