@@ -4,7 +4,8 @@ Before every training step it asks the RL module for a fresh rollout of the step
 (`RLModule.make_rollout`: K responses per prompt, EOS truncation, rewards, pi_old and pi_ref logprobs) and hands
 it to the module. Sampling draws from a random stream owned by this callback and saved in checkpoints
 (`state_dict` / `load_state_dict`), so a resumed run samples exactly what an uninterrupted run would have,
-whatever else (evaluation, dropout) used the global generator in between.
+whatever else (evaluation, dropout) used the global generator in between. Under DDP every rank samples from its
+own stream; a checkpoint (written by rank 0) holds all of them, and each rank resumes with its own.
 """
 from __future__ import annotations
 
@@ -22,6 +23,10 @@ class OnPolicyRollout(L.Callback):
         self.rng_state: dict | None = None
         self.rollouts = 0
         self.samples = 0
+        self.rank, self.world_size = 0, 1
+
+    def setup(self, trainer: L.Trainer, pl_module, stage: str) -> None:
+        self.rank, self.world_size = trainer.global_rank, trainer.world_size
 
     @contextlib.contextmanager
     def _own_rng(self, device: torch.device, rank: int):
@@ -44,8 +49,19 @@ class OnPolicyRollout(L.Callback):
         self.samples += len(pl_module.rollout)
 
     def state_dict(self) -> dict:
-        return {"rng_state": self.rng_state, "rollouts": self.rollouts, "samples": self.samples, "seed": self.seed}
+        """Called on every rank when a checkpoint is written: gathers each rank's random stream."""
+        states = [self.rng_state]
+        if self.world_size > 1:
+            import torch.distributed as dist
+
+            states = [None] * self.world_size
+            dist.all_gather_object(states, self.rng_state)
+        return {"rng_states": states, "rollouts": self.rollouts, "samples": self.samples, "seed": self.seed}
 
     def load_state_dict(self, state_dict: dict) -> None:
-        self.rng_state, self.rollouts = state_dict["rng_state"], state_dict["rollouts"]
+        states = state_dict["rng_states"]
+        if len(states) != self.world_size:
+            raise ValueError(f"OnPolicyRollout: the checkpoint holds the sampling streams of {len(states)} ranks, this "
+                             f"run has {self.world_size}; resume with the same number of processes")
+        self.rng_state, self.rollouts = states[self.rank], state_dict["rollouts"]
         self.samples, self.seed = state_dict["samples"], state_dict["seed"]

@@ -105,15 +105,44 @@ class PairDataModule(L.LightningDataModule):
         sampler = DistributedSampler(self.splits[split], num_replicas=trainer.world_size if trainer else 1,
                                      rank=trainer.global_rank if trainer else 0, shuffle=shuffle, seed=self.seed,
                                      drop_last=shuffle and trainer is not None and trainer.world_size > 1)
-        return DataLoader(self.splits[split], batch_size=self.batch_size if shuffle else self.val_batch_size,
-                          sampler=sampler, num_workers=self.num_workers,
-                          collate_fn=PairCollator(self.tokenizer.pad_token_id))
+        return ResumableLoader(self.splits[split], batch_size=self.batch_size if shuffle else self.val_batch_size,
+                               sampler=sampler, num_workers=self.num_workers,
+                               collate_fn=PairCollator(self.tokenizer.pad_token_id))
 
     def train_dataloader(self) -> DataLoader:
         return self._loader("train", shuffle=True)
 
     def val_dataloader(self) -> DataLoader:
         return self._loader("val", shuffle=False)
+
+
+class ResumableLoader(DataLoader):
+    """A DataLoader that resumes mid-epoch: Lightning saves its `state_dict` (the sampler's epoch and the batches
+    yielded in it) with every checkpoint and restores it before iterating again. The sampler's order is a function
+    of (seed, epoch) alone, so the resumed iterator replays that epoch's order and skips the batches already
+    trained on: a run killed after a mid-epoch checkpoint continues with exactly the batch it would have seen."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.position = {"epoch": 0, "batches": 0}
+        self._resume_at: dict | None = None
+
+    def __iter__(self):
+        epoch = getattr(self.sampler, "epoch", 0)
+        resume, self._resume_at = self._resume_at, None
+        skip = resume["batches"] if resume is not None and resume["epoch"] == epoch else 0
+        self.position = {"epoch": epoch, "batches": skip}
+        for index, batch in enumerate(super().__iter__()):
+            if index < skip:
+                continue
+            self.position = {"epoch": epoch, "batches": index + 1}   # counted before Lightning sees the batch
+            yield batch
+
+    def state_dict(self) -> dict:
+        return dict(self.position)
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        self._resume_at = dict(state_dict)
 
 
 def _source_tokenizer(source) -> str:

@@ -281,8 +281,12 @@ def save_pretrained(model: nn.Module, tokenizer, directory: str) -> None:
     config = copy.deepcopy(model.config)
     if "quantization_config" in vars(config):
         del config.quantization_config
+    state = model.state_dict()
+    bad = next((k for k, v in state.items() if v.is_floating_point() and not torch.isfinite(v).all()), None)
+    if bad is not None:
+        raise ValueError(f"export to {directory}: parameter {bad!r} holds NaN or inf; nothing was written")
     fresh = type(model)(config)
-    fresh.load_state_dict(model.state_dict())
+    fresh.load_state_dict(state)
     if getattr(fresh, "generation_config", None) is not None:
         fresh.generation_config.pad_token_id = tokenizer.pad_token_id
         fresh.generation_config.eos_token_id = tokenizer.eos_token_id

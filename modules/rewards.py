@@ -65,9 +65,44 @@ class RewardModel(nn.Module):
         return reward.clamp(-self.clip, self.clip) if self.clip else reward
 
 
-def score(reward, rollout: Rollout, tokenizer) -> torch.Tensor:
-    """Rewards (N,) float32 on the rollout's device, for either kind of reward object."""
-    if hasattr(reward, "score"):
-        return reward.score(rollout, tokenizer).float()
-    values = reward(rollout.prompts, rollout.responses)
-    return torch.as_tensor(values, dtype=torch.float32, device=rollout.input_ids.device)
+class RewardError(ValueError):
+    """A reward returned something other than one finite number per response."""
+
+
+def score(reward, rollout: Rollout, tokenizer, nonfinite: float | None = None) -> tuple[torch.Tensor, int]:
+    """(rewards (N,) float32 on the rollout's device, number of non-finite rewards replaced), for either kind of
+    reward object, validated by `check`."""
+    values = reward.score(rollout, tokenizer) if hasattr(reward, "score") else reward(rollout.prompts, rollout.responses)
+    rewards, replaced = check(values, reward, rollout, nonfinite)
+    return rewards.to(rollout.input_ids.device), replaced
+
+
+def check(values, reward, rollout: Rollout, nonfinite: float | None = None) -> tuple[torch.Tensor, int]:
+    """Exactly one finite number per response, as a float32 tensor (N,); otherwise a `RewardError` naming the
+    reward's class, what was expected and received, and the first offending prompt / response. With `nonfinite`
+    set, NaN / inf rewards are replaced by that value (a penalty) instead. Returns (rewards, replaced count)."""
+    name, n = _name(reward), len(rollout)
+    try:
+        tensor = torch.as_tensor(values, dtype=torch.float32).detach().cpu()
+    except (TypeError, ValueError, RuntimeError) as err:
+        raise RewardError(f"reward {name} returned {type(values).__name__} that is not a sequence of numbers "
+                          f"({err}); expected {n} floats, one per response") from None
+    if tensor.shape != (n,):
+        got = f"{tensor.numel()} values" if tensor.dim() == 1 else f"shape {tuple(tensor.shape)}"
+        raise RewardError(f"reward {name} returned {got} for {n} responses; expected one number per response "
+                          "(rewards would be misaligned with responses)")
+    bad = ~torch.isfinite(tensor)
+    if bad.any():
+        i = int(bad.nonzero()[0])
+        if nonfinite is None:
+            raise RewardError(f"reward {name} returned {tensor[i].item()} for response {i} of {n} "
+                              f"(prompt {rollout.prompts[i]!r}, response {rollout.responses[i]!r}) and "
+                              f"{int(bad.sum()) - 1} more non-finite; expected finite numbers (set model.init_args."
+                              "nonfinite_reward: <penalty> to replace them by a penalty instead)")
+        tensor = torch.where(bad, torch.full_like(tensor, nonfinite), tensor)
+    return tensor, int(bad.sum())
+
+
+def _name(reward) -> str:
+    cls = type(reward)
+    return f"{cls.__module__}.{cls.__qualname__}"

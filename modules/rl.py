@@ -36,6 +36,10 @@ from modules.sampling import SamplingConfig, sample
 from modules.scoring import response_logprobs, token_scores
 
 
+class NonFiniteError(RuntimeError):
+    """A loss or gradient that is NaN or inf: the update stops before `optimizer.step`."""
+
+
 class RLModule(L.LightningModule):
     """Args:
         policy: the policy backbone, usually `pretrained: <SFT export>` (optionally with `lora`).
@@ -47,6 +51,9 @@ class RLModule(L.LightningModule):
         epochs: passes over each rollout; minibatch_groups: prompts (groups of K responses) per update.
         max_grad_norm: gradient clipping (None = off).
         missing_eos_penalty: subtracted from the reward of responses that never emit EOS (None = off).
+        nonfinite_reward: a reward that is NaN or +-inf stops the run with an error naming the response (None,
+            the default); set a number to replace such rewards by it instead (a penalty), counted in
+            `train/nonfinite_rewards`. A reward must return exactly one number per response either way.
         seed: seeds the minibatch shuffling.
         value_model: backbone of the value head, built only for objectives with `needs_values` (PPO); usually
             `pretrained: <reward export>`. Default: a fresh head on the policy's pretrained weights.
@@ -56,7 +63,7 @@ class RLModule(L.LightningModule):
                  optimizer: OptimizerCallable = torch.optim.AdamW, scheduler: LRSchedulerCallable | None = None,
                  sampling: SamplingConfig | None = None, epochs: int = 4, minibatch_groups: int = 8,
                  max_grad_norm: float | None = 1.0, missing_eos_penalty: float | None = None, seed: int = 0,
-                 value_model: BackboneSpec | None = None):
+                 value_model: BackboneSpec | None = None, nonfinite_reward: float | None = None):
         super().__init__()
         self.save_hyperparameters(ignore=["reward", "objective"])
         self.automatic_optimization = False
@@ -66,6 +73,7 @@ class RLModule(L.LightningModule):
         self.sampling = sampling or SamplingConfig()
         self.epochs, self.minibatch_groups, self.max_grad_norm = epochs, minibatch_groups, max_grad_norm
         self.missing_eos_penalty, self.seed, self.value_spec = missing_eos_penalty, seed, value_model
+        self.nonfinite_reward = nonfinite_reward
         self.policy = self.reference = self.value = None
         self.rollout: Rollout | None = None
 
@@ -105,8 +113,11 @@ class RLModule(L.LightningModule):
         return scores[:, rollout.prompt_length - 1: -1]
 
     def score(self, rollout: Rollout) -> torch.Tensor:
-        """Training reward (N,): the reward, minus `missing_eos_penalty` where no EOS was emitted."""
-        rewards = score_rewards(self.reward, rollout, self.tokenizer).to(self.device)
+        """Training reward (N,): the reward (validated: one finite number per response), minus
+        `missing_eos_penalty` where no EOS was emitted."""
+        rewards, replaced = score_rewards(self.reward, rollout, self.tokenizer, self.nonfinite_reward)
+        rewards = rewards.to(self.device)
+        rollout.timings["train/nonfinite_rewards"] = float(replaced)
         if self.missing_eos_penalty is not None:
             rewards = rewards - self.missing_eos_penalty * (~rollout.has_eos).float()
         return rewards
@@ -125,14 +136,16 @@ class RLModule(L.LightningModule):
         if self.value is not None:
             roll.values = self.values(roll)
         tokens = roll.response_mask.sum().item()
-        roll.timings = {"perf/rollout_s": t1 - t0, "perf/score_s": time.perf_counter() - t1,
-                        "perf/tokens_per_s": tokens / max(t1 - t0, 1e-9)}
+        roll.timings.update({"perf/rollout_s": t1 - t0, "perf/score_s": time.perf_counter() - t1,
+                             "perf/tokens_per_s": tokens / max(t1 - t0, 1e-9)})
         return roll
 
-    def objective_input(self, roll: Rollout, logp: torch.Tensor, extra: dict, values=None) -> ObjectiveInput:
+    def objective_input(self, roll: Rollout, logp: torch.Tensor, extra: dict, values=None,
+                        tokens_per_rank: float | None = None) -> ObjectiveInput:
         return ObjectiveInput(logp=logp, old_logp=roll.old_logp, ref_logp=roll.ref_logp, mask=roll.response_mask,
                               rewards=roll.rewards, group_size=roll.group_size, values=values,
-                              old_values=roll.values, extra=extra)
+                              old_values=roll.values, extra=extra, max_new_tokens=self.sampling.max_new_tokens,
+                              tokens_per_rank=tokens_per_rank)
 
     def minibatches(self, roll: Rollout) -> list[torch.Tensor]:
         """Row indices of each minibatch for one epoch: whole groups, shuffled by (seed, step)."""
@@ -146,23 +159,15 @@ class RLModule(L.LightningModule):
         if self.rollout is None:
             raise RuntimeError("RLModule has no rollout: add callbacks.rollout.OnPolicyRollout to trainer.callbacks")
         roll, self.rollout = self.rollout, None
-        optimizer, t0, sums = self.optimizers(), time.perf_counter(), defaultdict(float)
+        t0, sums, updates = time.perf_counter(), defaultdict(float), 0
         extra = self.objective.prepare(self.objective_input(roll, roll.old_logp, {}))
-        updates = 0
-        for _ in range(self.epochs):
-            for rows in self.minibatches(roll):
-                sub = roll.select(rows.to(roll.input_ids.device))
-                values = self.values(sub) if self.value is not None else None
-                out = self.objective(self.objective_input(sub, self.logprobs(self.policy, sub),
-                                                          {k: v[rows] for k, v in extra.items()}, values))
-                optimizer.zero_grad()
-                self.manual_backward(out.loss)
-                if self.max_grad_norm is not None:
-                    self.clip_grad_norm(optimizer)
-                optimizer.step()
-                updates += 1
-                for key, value in out.metrics.items():
+        for epoch in range(self.epochs):
+            for index, rows in enumerate(self.minibatches(roll)):
+                where = f"rollout {batch_idx}, epoch {epoch}, minibatch {index}"
+                for key, value in self.update(roll.select(rows.to(roll.input_ids.device)),
+                                              {k: v[rows] for k, v in extra.items()}, where).items():
                     sums[f"train/{key}"] += float(value)
+                updates += 1
         scheduler = self.lr_schedulers()
         if scheduler is not None:
             scheduler.step()
@@ -171,6 +176,31 @@ class RLModule(L.LightningModule):
         reward = metrics.pop("train/reward")
         self.log_dict(metrics, sync_dist=True, batch_size=len(batch))
         self.log("train/reward", reward, prog_bar=True, sync_dist=True, batch_size=len(batch))
+
+    def update(self, sub: Rollout, extra: dict, where: str) -> dict[str, torch.Tensor]:
+        """One optimizer step on a minibatch; stops before the step if the loss or the gradient is not finite."""
+        optimizer = self.optimizers()
+        tokens = self.trainer.strategy.reduce(sub.response_mask.sum().float(), reduce_op="mean")
+        values = self.values(sub) if self.value is not None else None
+        out = self.objective(self.objective_input(sub, self.logprobs(self.policy, sub), extra, values, float(tokens)))
+        self.stop_unless_finite(out.loss.detach(), "loss", where)
+        optimizer.zero_grad()
+        self.manual_backward(out.loss)
+        grads = [p.grad for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+        grad_norm = torch.nn.utils.get_total_norm(grads) if grads else torch.zeros(())
+        self.stop_unless_finite(grad_norm, "gradient norm", where)
+        if self.max_grad_norm is not None:
+            self.clip_grad_norm(optimizer)
+        optimizer.step()
+        return {**out.metrics, "grad_norm": grad_norm}
+
+    def stop_unless_finite(self, value: torch.Tensor, what: str, where: str) -> None:
+        """Raise `NonFiniteError` (on every rank at once) when `value` is NaN or inf, before the optimizer step."""
+        if self.trainer.strategy.reduce_boolean_decision(bool(torch.isfinite(value).all()), all=True):
+            return
+        raise NonFiniteError(f"{type(self.objective).__name__}: non-finite {what} ({value.item()}) at {where}; the "
+                             "optimizer step was skipped and the weights are unchanged by it (the last checkpoint "
+                             "holds the last good state)")
 
     def clip_grad_norm(self, optimizer) -> None:
         """Clip the gradient norm to `max_grad_norm`: through each FSDP root's own `clip_grad_norm_` when the models

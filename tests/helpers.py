@@ -16,21 +16,26 @@ def derived_config(source: str, tmp_path: Path, override: dict, name: str = "con
 
 
 def tiny_rl_config(tmp_path: Path, sft_dir: str, source: str = "configs/quickstart/p3o.yaml", name: str = "rl.yaml",
-                   extra_callbacks: list | None = None, **trainer) -> str:
-    """The quickstart RL config shrunk to seconds: a tiny SFT export, the gold reward, 16 prompts."""
+                   extra_callbacks: list | None = None, checkpoint: dict | None = None, model: dict | None = None,
+                   **trainer) -> str:
+    """The quickstart RL config shrunk to seconds: a tiny SFT export, the gold reward, 16 prompts.
+    `checkpoint` updates the StepCheckpoint's init_args; `model` is merged into model.init_args."""
     config = yaml.safe_load(Path(source).read_text())
     callbacks = [cb for cb in config["trainer"]["callbacks"] if not cb["class_path"].endswith("HFExport")]
     callbacks += extra_callbacks or []
     for cb in callbacks:
         if cb["class_path"].endswith("Evaluation"):
             cb["init_args"].update(num_prompts=8, every_n_steps=None, show=0)
+        if cb["class_path"].endswith("StepCheckpoint"):
+            cb["init_args"].update(checkpoint or {})
     override = {
         "trainer": {"max_steps": -1, "max_epochs": 1, "callbacks": callbacks, "log_every_n_steps": 1,
                     "enable_progress_bar": False, "enable_model_summary": False,
                     "logger": {"init_args": {"save_dir": str(tmp_path / "runs")}}, **trainer},
         "model": {"init_args": {"policy": {"pretrained": sft_dir},
                                 "reward": {"class_path": "datamodules.task.GoldReward"},
-                                "sampling": {"max_new_tokens": 8}, "epochs": 2, "minibatch_groups": 2}},
+                                "sampling": {"max_new_tokens": 8}, "epochs": 2, "minibatch_groups": 2,
+                                **(model or {})}},
         "data": {"init_args": {"tokenizer": sft_dir, "batch_size": 4,
                                "source": {"init_args": {"num_train": 16, "num_val": 8,
                                                         "cache_dir": str(tmp_path / "tok")}}}},
@@ -54,3 +59,76 @@ class ParamDigest(L.Callback):
         flat = torch.cat([p.detach().flatten() for p in pl_module.policy.parameters()])
         torch.save({"params": flat, "initial": self.initial, "prompts": self.prompts},
                    f"{self.path}.rank{trainer.global_rank}.pt")
+
+
+class BadReward:
+    """Test reward: the gold reward broken on purpose. mode 'nan' / 'inf': response 1 scores NaN / +inf;
+    'extra': one value too many; 'short': one too few."""
+
+    def __init__(self, mode: str = "nan"):
+        self.mode = mode
+
+    def __call__(self, prompts: list[str], responses: list[str]) -> list[float]:
+        from datamodules.task import GoldReward
+
+        values = GoldReward()(prompts, responses)
+        if self.mode in ("nan", "inf"):
+            values[1] = float(self.mode)
+        return values + [0.0] if self.mode == "extra" else values[:-1] if self.mode == "short" else values
+
+
+class BreakAfter(L.Callback):
+    """Test callback: from training batch `at` on, the objective's loss is NaN ('loss') or finite with NaN
+    gradients ('grad')."""
+
+    def __init__(self, at: int, mode: str = "loss"):
+        self.at, self.mode = at, mode
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if trainer.fit_loop.total_batch_idx < self.at or getattr(pl_module.objective, "_broken", False):
+            return
+        objective, forward, mode = pl_module.objective, pl_module.objective.forward, self.mode
+
+        def broken(inputs):
+            out = forward(inputs)
+            if mode == "loss":
+                out.loss = out.loss * float("nan")
+            else:  # value unchanged, gradient NaN: d/dx sqrt(-x) at x > 0
+                x = inputs.logp.sum().abs() + 1
+                out.loss = out.loss + torch.where(torch.tensor(False), torch.sqrt(-x), torch.zeros(()))
+            return out
+
+        objective.forward, objective._broken = broken, True
+
+
+class KillAt(L.Callback):
+    """Test callback: sends `signal` to its own process when training batch `at` (counted over the run) starts."""
+
+    def __init__(self, at: int, signal: str = "SIGKILL"):
+        self.at, self.signal = at, signal
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        import os
+        import signal
+
+        if trainer.fit_loop.total_batch_idx == self.at:
+            os.kill(os.getpid(), getattr(signal, self.signal))
+
+
+class RecordingCheckpoint(L.Callback):
+    """Test callback: records after which batches a StepCheckpoint of the same trainer saved."""
+
+    def __init__(self):
+        self.saves = []
+
+    def on_train_start(self, trainer, pl_module):
+        from callbacks.checkpoint import StepCheckpoint
+
+        ckpt = next(cb for cb in trainer.callbacks if isinstance(cb, StepCheckpoint))
+        save = ckpt.save
+
+        def recording(trainer):
+            save(trainer)
+            self.saves.append(ckpt.batches)
+
+        ckpt.save = recording

@@ -1,0 +1,157 @@
+"""Runs either do what they say or stop and say why (issue 11): rewards checked where they enter, non-finite
+numbers never reach the weights, checkpoints on a cadence that fires, exact mid-epoch resume (also after
+SIGKILL, under DDP, and after Ctrl-C)."""
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from modules.backbone import BackboneSpec, build_causal_lm, save_pretrained
+from modules.batch import Rollout
+from modules.rewards import RewardError, check
+from modules.rl import NonFiniteError
+from tests.helpers import tiny_rl_config
+from train import cli_main
+
+
+def rollout_of(n: int) -> Rollout:
+    return Rollout(input_ids=torch.zeros(n, 3, dtype=torch.long), attention_mask=torch.ones(n, 3, dtype=torch.long),
+                   response_mask=torch.ones(n, 1, dtype=torch.long), prompt_length=2, group_size=2,
+                   prompts=[f"prompt {i}" for i in range(n)], responses=[f"response {i}" for i in range(n)],
+                   has_eos=torch.ones(n, dtype=torch.bool))
+
+
+class Scorer:
+    pass
+
+
+@pytest.mark.parametrize("values, message", [
+    ([0.1, float("nan"), 0.3, float("inf")], r"reward \S*Scorer returned nan for response 1 of 4 \(prompt 'prompt 1', "
+                                             r"response 'response 1'\) and 1 more non-finite"),
+    ([0.1, 0.2, 0.3, 0.4, 0.5], r"returned 5 values for 4 responses; expected one number per response"),
+    ([0.1, 0.2, 0.3], r"returned 3 values for 4 responses"),
+    ([[0.1], [0.2], [0.3], [0.4]], r"returned shape \(4, 1\) for 4 responses"),
+    (["good", "bad", "ok", "fine"], r"not a sequence of numbers"),
+])
+def test_reward_check_rejects_what_is_not_one_finite_number_per_response(values, message):
+    with pytest.raises(RewardError, match=message):
+        check(values, Scorer(), rollout_of(4))
+
+
+def test_reward_check_replaces_non_finite_rewards_by_the_chosen_penalty():
+    rewards, replaced = check([0.1, float("nan"), float("-inf"), 0.4], Scorer(), rollout_of(4), nonfinite=-2.0)
+    assert replaced == 2 and torch.equal(rewards, torch.tensor([0.1, -2.0, -2.0, 0.4]))
+
+
+@pytest.mark.parametrize("mode, message", [("nan", "returned nan for response 1"), ("inf", "returned inf"),
+                                           ("extra", "returned 9 values for 8 responses"),
+                                           ("short", "returned 7 values for 8 responses")])
+def test_a_bad_reward_callable_stops_the_run_before_any_update(tmp_path, sft_dir, mode, message):
+    config = tiny_rl_config(tmp_path, sft_dir, model={"reward": {"class_path": "tests.helpers.BadReward",
+                                                                 "init_args": {"mode": mode}}})
+    with pytest.raises(RewardError, match="tests.helpers.BadReward " + message):
+        cli_main(["fit", "--config", config])
+
+
+def test_nonfinite_reward_penalty_is_applied_and_counted(tmp_path, sft_dir):
+    config = tiny_rl_config(tmp_path, sft_dir, model={"nonfinite_reward": -1.0, "reward": {
+        "class_path": "tests.helpers.BadReward", "init_args": {"mode": "nan"}}})
+    cli = cli_main(["fit", "--config", config])
+    assert cli.trainer.callback_metrics["train/nonfinite_rewards"] == 1.0   # one per rollout (response 1)
+    assert all(torch.isfinite(p).all() for p in cli.model.policy.parameters())
+
+
+@pytest.mark.parametrize("mode, what", [("loss", "non-finite loss"), ("grad", "non-finite gradient norm")])
+def test_a_nonfinite_update_stops_before_the_step_keeping_the_last_good_checkpoint(tmp_path, sft_dir, mode, what):
+    """Rollout 2 (the third) breaks: the run raises before that rollout's first optimizer step; last.ckpt, written
+    after every rollout, holds the finite state after rollout 1; the export is never written."""
+    export = tmp_path / "export"
+    config = tiny_rl_config(tmp_path, sft_dir, checkpoint={"dirpath": str(tmp_path / "ckpt"), "every_n_batches": 1},
+                            extra_callbacks=[{"class_path": "tests.helpers.BreakAfter", "init_args": {"at": 2, "mode": mode}},
+                                             {"class_path": "callbacks.export.HFExport", "init_args": {"dirpath": str(export)}}])
+    with pytest.raises(NonFiniteError, match=f"P3O: {what} .* at rollout 2, epoch 0, minibatch 0; the optimizer step "
+                                             "was skipped"):
+        cli_main(["fit", "--config", config, "--trainer.logger=false"])
+    state = torch.load(tmp_path / "ckpt" / "last.ckpt", weights_only=False)
+    assert state["global_step"] == 2 * 2 * 2          # 2 rollouts x 2 epochs x 2 minibatches
+    policy = {k: v for k, v in state["state_dict"].items() if k.startswith("policy.")}
+    assert policy and all(torch.isfinite(v).all() for v in policy.values())
+    assert not export.exists()
+
+
+def test_an_export_never_writes_nonfinite_weights(tiny_spec, tokenizer, tmp_path):
+    model = build_causal_lm(tiny_spec, tokenizer)
+    with torch.no_grad():
+        model.lm_head.weight[3, 2] = float("nan")
+    with pytest.raises(ValueError, match="parameter 'lm_head.weight' holds NaN or inf; nothing was written"):
+        save_pretrained(model, tokenizer, str(tmp_path / "out"))
+    assert not (tmp_path / "out" / "model.safetensors").exists()
+
+
+def test_rl_checkpoints_fire_every_n_rollouts_and_at_the_end(tmp_path, sft_dir):
+    """4 rollouts of 4 optimizer steps each: a global_step cadence of 3 would fire at step 3, 6, ... never on a
+    rollout boundary; every_n_batches: 3 saves after rollout 3, then once more when training ends."""
+    config = tiny_rl_config(tmp_path, sft_dir, checkpoint={"every_n_batches": 3},
+                            extra_callbacks=[{"class_path": "tests.helpers.RecordingCheckpoint"}])
+    cli = cli_main(["fit", "--config", config])
+    recorder = next(cb for cb in cli.trainer.callbacks if type(cb).__name__ == "RecordingCheckpoint")
+    assert recorder.saves == [3, 4]
+    assert next((tmp_path / "runs").rglob("checkpoints/last.ckpt")).exists()
+
+
+def _run(config: str, *args: str, expect: int = 0) -> None:
+    env = {**os.environ, "PYTHONPATH": os.getcwd()}
+    proc = subprocess.run([sys.executable, "train.py", "fit", "--config", config, *args], env=env,
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == expect, proc.stderr[-3000:]
+
+
+def _digest(path: Path, rank: int = 0) -> dict:
+    return torch.load(f"{path}.rank{rank}.pt")
+
+
+def _resume_case(tmp_path, sft_dir, devices: int, interrupt: str):
+    """Uninterrupted: 2 epochs of R rollouts. Interrupted when rollout R + 1 (the second of the second epoch)
+    starts: SIGKILL dies at once, leaving last.ckpt of the rollout before (saved after every rollout); SIGINT
+    finishes that rollout, saves and exits 0. Resumed from last.ckpt: bit-equal policy weights, and the resumed
+    run trains on exactly the remaining prompt batches."""
+    extra = {"devices": devices, "strategy": "ddp"} if devices > 1 else {}
+    rollouts = 4 if devices == 1 else 2          # 16 prompts / (4 per batch x ranks)
+
+    def config(name, callbacks, every=1):
+        return tiny_rl_config(tmp_path, sft_dir, name=f"{name}.yaml", max_epochs=2, extra_callbacks=callbacks,
+                              checkpoint={"dirpath": str(tmp_path / name), "every_n_batches": every}, **extra)
+
+    digest = lambda name: [{"class_path": "tests.helpers.ParamDigest",  # noqa: E731
+                            "init_args": {"path": str(tmp_path / name)}}]
+    at = rollouts + 1                             # second epoch, second batch
+    _run(config("straight", digest("straight"), every=0))
+    kill = [{"class_path": "tests.helpers.KillAt", "init_args": {"at": at, "signal": interrupt}}]
+    # SIGKILL: dies at once (the last save was after the previous rollout); SIGINT: finishes rollout `at`, saves, stops.
+    _run(config("killed", kill, every=1 if interrupt == "SIGKILL" else 0), expect=-9 if interrupt == "SIGKILL" else 0)
+    last = tmp_path / "killed" / "last.ckpt"
+    assert last.exists()
+    loader = torch.load(last, weights_only=False)["loops"]["fit_loop"]["state_dict"]["combined_loader"]
+    assert loader == [{"epoch": 1, "batches": 1 if interrupt == "SIGKILL" else 2}]    # mid-epoch
+    _run(config("resumed", digest("resumed"), every=0), "--ckpt_path", str(last))
+    for rank in range(devices):
+        a, b = _digest(tmp_path / "straight", rank), _digest(tmp_path / "resumed", rank)
+        assert not torch.equal(a["params"], a["initial"])
+        assert torch.equal(a["params"], b["params"]), f"rank {rank}: resumed weights differ from the uninterrupted run"
+        assert a["prompts"][-len(b["prompts"]):] == b["prompts"]      # the resumed run saw the remaining batches
+
+
+def test_sigkill_after_a_mid_epoch_checkpoint_resumes_bit_exactly(tmp_path, sft_dir):
+    _resume_case(tmp_path, sft_dir, devices=1, interrupt="SIGKILL")
+
+
+def test_ctrl_c_finishes_the_rollout_saves_and_resumes_bit_exactly(tmp_path, sft_dir):
+    _resume_case(tmp_path, sft_dir, devices=1, interrupt="SIGINT")
+
+
+@pytest.mark.slow
+def test_sigkill_mid_epoch_resume_is_bit_exact_under_two_process_ddp(tmp_path, sft_dir):
+    _resume_case(tmp_path, sft_dir, devices=2, interrupt="SIGKILL")
