@@ -7,15 +7,26 @@ from __future__ import annotations
 
 import copy
 import os
+import sys
 from pathlib import Path
 
 import yaml
 from lightning.pytorch.cli import LightningCLI
 
+from modules.backbone import missing_path
+
 
 class RLHFCLI(LightningCLI):
     def add_arguments_to_parser(self, parser) -> None:
         parser.link_arguments("data.tokenizer_path", "model.init_args.tokenizer", apply_on="instantiate")
+
+    def before_instantiate_classes(self) -> None:
+        """A missing local model path stops here with one line naming the config field (and, for an export of
+        another stage, the command that makes it) instead of a hub-id error deep inside transformers."""
+        config = self.config.get(self.subcommand, self.config) if self.subcommand else self.config
+        problem = missing_path(config.as_dict() if hasattr(config, "as_dict") else dict(config))
+        if problem:
+            sys.exit(f"error: {problem}")
 
 
 def cli_main(args: list[str] | None = None, run: bool = True) -> RLHFCLI:

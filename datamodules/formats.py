@@ -11,11 +11,13 @@ and field, or a counted skip with `skip_invalid: true`.
 """
 from __future__ import annotations
 
+from datamodules.sources import Source
+
 ASSISTANT = "\n\nAssistant:"
 
 
-class _Adapter:
-    def __init__(self, source):
+class _Adapter(Source):
+    def __init__(self, source: Source):
         self.source = source
 
     @property

@@ -11,7 +11,7 @@ import lightning as L
 from torch.utils.data import DataLoader, DistributedSampler
 
 from datamodules.collate import PairCollator, encode_prompt, encode_response
-from datamodules.sources import FIELDS, DataError, FieldMap, validate_records
+from datamodules.sources import FIELDS, DataError, FieldMap, Source, validate_records
 
 log = logging.getLogger(__name__)
 
@@ -19,7 +19,7 @@ log = logging.getLogger(__name__)
 class PairDataModule(L.LightningDataModule):
     """Args:
         source: where records come from (`datamodules.task.ReviewTask`, `datamodules.sources.LocalFiles`,
-            `datamodules.sources.HubDataset`, or any object with `load(split) -> (origin, rows)`).
+            `datamodules.sources.HubDataset`, an adapter of `datamodules.formats`, or your `Source` subclass).
         tokenizer: tokenizer directory, hub id or .gguf file; defaults to the source's own tokenizer.
             Linked to the model by the CLI (`data.tokenizer_path` -> `model.tokenizer`).
         fields: names of the prompt / chosen / rejected fields in the raw records.
@@ -30,7 +30,7 @@ class PairDataModule(L.LightningDataModule):
         batch_size / val_batch_size / num_workers / seed: loader settings (`seed` shuffles the train split).
     """
 
-    def __init__(self, source, tokenizer: str | None = None, fields: FieldMap | None = None,
+    def __init__(self, source: Source, tokenizer: str | None = None, fields: FieldMap | None = None,
                  batch_size: int = 16, val_batch_size: int | None = None, max_length: int = 64,
                  max_prompt_length: int = 32, prompts_only: bool = False, skip_invalid: bool = False,
                  num_workers: int = 0, seed: int = 0):
@@ -73,7 +73,7 @@ class PairDataModule(L.LightningDataModule):
             cut += example.pop("_cut")
             out.append(example)
         if cut:
-            log.info("%s: %d responses cut to max_length=%d tokens", origin, cut, self.max_length)
+            log.warning("%s: %d of %d responses cut to max_length=%d tokens", origin, cut, 2 * len(out), self.max_length)
         if not out:
             raise DataError(f"{origin}: no usable records")
         return out
@@ -146,7 +146,8 @@ class ResumableLoader(DataLoader):
 
 
 def _source_tokenizer(source) -> str:
-    if getattr(source, "tokenizer", None) is None:
+    path = source.tokenizer() if hasattr(source, "tokenizer") else None
+    if path is None:
         raise ValueError(f"PairDataModule: source {type(source).__name__} ships no tokenizer; set data tokenizer: "
                          "<directory, hub id or .gguf file>")
-    return source.tokenizer()
+    return path

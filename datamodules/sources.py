@@ -34,7 +34,22 @@ class FieldMap:
     rejected: str = "rejected"
 
 
-class LocalFiles:
+class Source:
+    """Where records come from; subclass it (the CLI then accepts your class by `class_path`, and dotted overrides
+    such as `--data.init_args.source.init_args.num_train=100` reach its arguments).
+
+    `load(split)` returns `(origin, rows)` for split 'train' / 'val' (origin names the file or dataset in error
+    messages); `tokenizer()` returns the path of a tokenizer the source ships, or None.
+    """
+
+    def load(self, split: str) -> tuple[str, list[dict]]:
+        raise NotImplementedError
+
+    def tokenizer(self) -> str | None:
+        return None
+
+
+class LocalFiles(Source):
     """Records from local `.jsonl`, `.json` or `.parquet` files, read through `datasets`.
 
     Args:
@@ -58,7 +73,7 @@ class LocalFiles:
         return self.train, (rows[: len(rows) - n_val] if split == "train" else rows[len(rows) - n_val:])
 
 
-class HubDataset:
+class HubDataset(Source):
     """Records from `datasets.load_dataset(name, config)` (needs network access to the hub)."""
 
     def __init__(self, name: str, config: str | None = None, train_split: str = "train", val_split: str = "test",
@@ -101,8 +116,13 @@ def read_file(path: str) -> list[dict]:
 def _read_jsonl(path: str) -> list[dict]:
     # Line by line so a broken line is reported with its record index (datasets would only name the file).
     rows = []
-    with open(path, encoding="utf-8") as handle:
-        for i, line in enumerate(handle):
+    with open(path, "rb") as handle:
+        for i, raw in enumerate(handle):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as err:
+                raise DataError(f"{path}: record {len(rows)} (line {i + 1}): not valid UTF-8 at byte {err.start} of the "
+                                f"line ({raw[max(0, err.start - 10): err.start + 10]!r})") from None
             if not line.strip():
                 continue
             try:
@@ -138,7 +158,10 @@ def _problem(row, fields: FieldMap, need: tuple[str, ...]) -> tuple[str, str] | 
         return tuple(row["_invalid"])
     for key in need:
         name = getattr(fields, key)
-        if name not in row or row[name] is None:
+        if name not in row:
+            return name, (f"missing (the record has fields {sorted(row)}; name yours with data "
+                          f"fields: {{prompt: ..., chosen: ..., rejected: ...}})")
+        if row[name] is None:
             return name, "missing"
         if not isinstance(row[name], str):
             return name, f"expected a string, got {type(row[name]).__name__}"

@@ -15,6 +15,8 @@ import math
 import os
 import random
 
+from datamodules.sources import Source
+
 PLACES = ["cafe", "hotel", "museum", "bakery", "restaurant", "cinema", "gym", "park", "library", "bar",
           "shop", "theater", "beach", "zoo", "market", "spa"]
 SUBJECTS = ["food", "service", "room", "staff", "price", "music", "view", "coffee", "bed", "menu", "owner",
@@ -65,7 +67,7 @@ class GoldReward:
                 for p, r in zip(prompts, responses)]
 
 
-class ReviewTask:
+class ReviewTask(Source):
     """Source of `{prompt, chosen, rejected}` records for the embedded task, plus its word-level tokenizer.
 
     Args:
@@ -175,4 +177,5 @@ class ChatReviewTask(ReviewTask):
         text = super().response(rng)[: -len(" .")].replace(" ,", ",")
         return text[0].upper() + text[1:] + "."
 
-    tokenizer = None
+    def tokenizer(self) -> None:   # chat prompts need the model's own tokenizer (data tokenizer: ...)
+        return None

@@ -18,6 +18,7 @@ import importlib.util
 import logging
 import os
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Literal
 
 import torch
@@ -62,6 +63,40 @@ def resolve_path(name: str) -> str:
     if not os.path.exists(path):
         raise FileNotFoundError(f"{name}: no file {rel!r} in package {pkg!r} ({path})")
     return path
+
+
+PATH_FIELDS = ("pretrained", "path", "tokenizer")  # config fields naming a model / tokenizer location
+
+
+def missing_path(config: dict, prefix: str = "") -> str | None:
+    """The first `pretrained` / `path` / `tokenizer` field naming a local path that does not exist, as a message."""
+    for key, value in config.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            found = missing_path(value, name + ".")
+            if found:
+                return found
+        elif key in PATH_FIELDS and isinstance(value, str) and _is_local(value) and not os.path.exists(value):
+            return f"{name}: {value} does not exist{_how_to_make(value)}"
+    return None
+
+
+def _is_local(name: str) -> bool:
+    """A local path rather than a hub id ('name' or 'org/name') or a `package:` file."""
+    if name.startswith("package:"):
+        return False
+    parts = Path(name).parts
+    return name.startswith((".", "/", "~")) or name.endswith(".gguf") or len(parts) > 2 or \
+        (len(parts) == 2 and Path(parts[0]).is_dir())
+
+
+def _how_to_make(path: str) -> str:
+    """For an export of one of our stage configs (artifacts/<group>/<stage>): the command that writes it."""
+    parts = Path(path).parts
+    if len(parts) >= 3 and parts[0] == "artifacts" and Path("configs", parts[1], f"{parts[2]}.yaml").exists():
+        return (f" (it is the export of another stage: run `python train.py fit --config "
+                f"configs/{parts[1]}/{parts[2]}.yaml` first)")
+    return " (a local directory or file was expected; hub ids look like 'org/name')"
 
 
 def _hf_location(name: str) -> dict[str, Any]:

@@ -99,10 +99,10 @@ def test_collation_masks_and_boundaries(tmp_path, tokenizer, task_tokenizer_path
 def test_long_responses_are_cut_to_max_length(tmp_path, task_tokenizer_path, caplog):
     long = {**GOOD, "chosen": " ".join(["the food was great and"] * 20)}
     path = write_jsonl(tmp_path / "pairs.jsonl", [long])
-    with caplog.at_level(logging.INFO):
+    with caplog.at_level(logging.WARNING):
         dm = module(path, task_tokenizer_path, max_length=24)
     assert len(dm.splits["train"][0]["prompt_ids"]) + len(dm.splits["train"][0]["chosen_ids"]) == 24
-    assert "1 responses cut to max_length=24" in caplog.text
+    assert "1 of 2 responses cut to max_length=24" in caplog.text
 
 
 def test_prompts_only_records(tmp_path, task_tokenizer_path):

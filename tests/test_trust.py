@@ -74,7 +74,7 @@ def test_a_nonfinite_update_stops_before_the_step_keeping_the_last_good_checkpoi
                                              {"class_path": "callbacks.export.HFExport", "init_args": {"dirpath": str(export)}}])
     with pytest.raises(NonFiniteError, match=f"P3O: {what} .* at rollout 2, epoch 0, minibatch 0; the optimizer step "
                                              "was skipped"):
-        cli_main(["fit", "--config", config, "--trainer.logger=false"])
+        cli_main(["fit", "--config", config])
     state = torch.load(tmp_path / "ckpt" / "last.ckpt", weights_only=False)
     assert state["global_step"] == 2 * 2 * 2          # 2 rollouts x 2 epochs x 2 minibatches
     policy = {k: v for k, v in state["state_dict"].items() if k.startswith("policy.")}
@@ -155,3 +155,40 @@ def test_ctrl_c_finishes_the_rollout_saves_and_resumes_bit_exactly(tmp_path, sft
 @pytest.mark.slow
 def test_sigkill_mid_epoch_resume_is_bit_exact_under_two_process_ddp(tmp_path, sft_dir):
     _resume_case(tmp_path, sft_dir, devices=2, interrupt="SIGKILL")
+
+
+# Errors a user can act on (issue 11, section 4).
+
+def test_a_missing_export_is_one_line_naming_the_field_and_the_command_that_makes_it(tmp_path):
+    env = {**os.environ, "PYTHONPATH": os.getcwd()}
+    proc = subprocess.run([sys.executable, "train.py", "fit", "--config", "configs/quickstart/p3o.yaml",
+                           "--model.init_args.policy.pretrained=artifacts/none/sft"], env=env, capture_output=True,
+                          text=True, timeout=300, cwd=os.getcwd())
+    assert proc.returncode != 0
+    assert proc.stderr.strip().splitlines()[-1] == ("error: model.init_args.policy.pretrained: artifacts/none/sft does "
+                                                    "not exist (a local directory or file was expected; hub ids look "
+                                                    "like 'org/name')")
+    from modules.backbone import _how_to_make
+
+    assert _how_to_make("artifacts/quickstart/reward") == (" (it is the export of another stage: run `python train.py "
+                                                           "fit --config configs/quickstart/reward.yaml` first)")
+
+
+def test_dotted_overrides_reach_the_source_arguments():
+    cli = cli_main(["--config", "configs/quickstart/sft.yaml", "--data.init_args.source.init_args.num_train=100"],
+                   run=False)
+    assert cli.datamodule.source.num_train == 100
+
+
+def test_invalid_utf8_and_wrong_field_names_name_the_file_and_line(tmp_path):
+    from datamodules.sources import DataError, FieldMap, read_file, validate_records
+
+    bad = tmp_path / "bad.jsonl"
+    bad.write_bytes(b'{"prompt": "a", "chosen": "b", "rejected": "c"}\n{"prompt": "a", "chosen": "b\xff", "rejected": "c"}\n')
+    with pytest.raises(DataError, match=r"bad.jsonl: record 1 \(line 2\): not valid UTF-8"):
+        read_file(str(bad))
+    cols = tmp_path / "cols.jsonl"
+    cols.write_text('{"question": "a", "good": "b", "bad": "c"}\n')
+    with pytest.raises(DataError, match=r"record 0: field 'prompt': missing \(the record has fields \['bad', 'good', "
+                                        r"'question'\]; name yours with data fields"):
+        validate_records(read_file(str(cols)), str(cols), FieldMap())
