@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from modules.backbone import BackboneSpec, build_causal_lm, save_pretrained
+from modules.backbone import build_causal_lm, save_pretrained
 from modules.batch import Rollout
 from modules.rewards import RewardError, check
 from modules.rl import NonFiniteError
