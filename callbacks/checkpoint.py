@@ -4,7 +4,8 @@ One training batch is one optimizer step in the SFT and reward stages and one wh
 epoch of minibatch updates) in RL, where `global_step` counts optimizer steps and so a `global_step` cadence
 (`ModelCheckpoint(every_n_train_steps=...)`) can miss every time. This counts batches instead. It keeps one
 file, `<dirpath>/last.ckpt` (default dirpath: `<the logger's run dir>/checkpoints`), written atomically (a
-temporary file renamed over the old one), so a kill at any moment leaves the previous good checkpoint. Resume with `--ckpt_path <dirpath>/last.ckpt`: the prompt loader,
+temporary file renamed over the old one), so a kill at any moment leaves the previous good checkpoint.
+Resume with `--ckpt_path <dirpath>/last.ckpt`: the prompt loader,
 the rollout sampler's random stream, optimizer and objective state all continue where they stopped.
 
 With `on_interrupt` (default), the first SIGINT (Ctrl-C) or SIGTERM lets the current batch finish, saves, and
