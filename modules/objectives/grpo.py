@@ -28,6 +28,10 @@ from modules.batch import ObjectiveInput, ObjectiveOutput
 from modules.objectives.base import Objective
 
 
+LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo")
+SCALE_REWARDS = ("group", "batch", "none")
+
+
 def group_normalized_advantages(rewards: torch.Tensor, k: int, scale: str = "group", eps: float = 1e-4) -> torch.Tensor:
     """(r - group mean) / (std + eps), std with Bessel's correction over the group ('group') or all rewards
     ('batch'); 'none' only centres. (N,) -> (N,)."""
@@ -67,8 +71,10 @@ class GRPO(Objective):
         super().__init__()
         if k < 2:
             raise ValueError(f"GRPO needs a group of k >= 2 responses, got {k}")
-        aggregate(torch.zeros(1, 1), torch.ones(1, 1), loss_type)              # reject unknown names early
-        group_normalized_advantages(torch.zeros(2), 2, scale_rewards)
+        if loss_type not in LOSS_TYPES:
+            raise ValueError(f"GRPO: loss_type must be one of {LOSS_TYPES}, got {loss_type!r}")
+        if scale_rewards not in SCALE_REWARDS:
+            raise ValueError(f"GRPO: scale_rewards must be one of {SCALE_REWARDS}, got {scale_rewards!r}")
         self.responses_per_prompt, self.kl_coef, self.clip_eps = k, kl_coef, clip_eps
         self.loss_type, self.scale_rewards, self.dual_clip = loss_type, scale_rewards, dual_clip
 
