@@ -27,7 +27,6 @@ from modules import functional as F
 from modules.batch import ObjectiveInput, ObjectiveOutput
 from modules.objectives.base import Objective
 
-
 LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo")
 SCALE_REWARDS = ("group", "batch", "none")
 
