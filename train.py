@@ -6,6 +6,7 @@ A LightningCLI in subclass mode for model and data: any LightningModule / Lightn
 from __future__ import annotations
 
 import copy
+import logging
 import os
 import sys
 from pathlib import Path
@@ -29,8 +30,18 @@ class RLHFCLI(LightningCLI):
             sys.exit(f"error: {problem}")
 
 
+class _NoAdverts(logging.Filter):
+    """Drops Lightning's litlogger advert (an INFO line on every run that says nothing about the run)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "litlogger" not in record.getMessage()
+
+
 def cli_main(args: list[str] | None = None, run: bool = True) -> RLHFCLI:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    for handler in logging.getLogger("lightning.pytorch").handlers:
+        if not any(isinstance(f, _NoAdverts) for f in handler.filters):
+            handler.addFilter(_NoAdverts())
     return RLHFCLI(args=args, run=run, subclass_mode_model=True, subclass_mode_data=True,
                    save_config_kwargs={"overwrite": True})
 

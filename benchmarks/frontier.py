@@ -51,13 +51,11 @@ def run_one(config: str, knob: str, value: float, k: int, seed: int, args, out: 
 
     from train import cli_main, derive_config
 
-    updates_per_rollout = 4 * (args.responses_per_rollout // args.minibatch_responses)   # epochs x minibatches
     tag = f"{Path(config).stem}-{knob}{value}-s{seed}"
     callbacks = yaml.safe_load(Path(config).read_text())["trainer"]["callbacks"]
     for cb in callbacks:
         if cb["class_path"].endswith("Evaluation"):
-            cb["init_args"].update(every_n_steps=args.eval_every_rollouts * updates_per_rollout,
-                                   num_prompts=args.eval_prompts, show=0)
+            cb["init_args"].update(every_n_batches=args.eval_every_rollouts, num_prompts=args.eval_prompts, show=0)
         if cb["class_path"].endswith("HFExport"):
             cb["init_args"]["dirpath"] = str(out / "exports" / tag)
     derived = derive_config(config, {
@@ -73,7 +71,7 @@ def run_one(config: str, knob: str, value: float, k: int, seed: int, args, out: 
     evaluation = next(cb for cb in cli.trainer.callbacks if type(cb).__name__ == "Evaluation")
     rollout = next(cb for cb in cli.trainer.callbacks if type(cb).__name__ == "OnPolicyRollout")
     per_rollout = rollout.samples / max(rollout.rollouts, 1)
-    return [{"step": h["step"], "samples": int(h["step"] / updates_per_rollout * per_rollout),
+    return [{"step": h["step"], "samples": int(h["step"] * per_rollout),
              "gold": h.get("val/gold_reward"), "proxy": h.get("val/reward"), "kl": h.get("val/kl"),
              "win_rate": h.get("val/win_rate"), "length": h.get("val/length")} for h in evaluation.history]
 

@@ -40,7 +40,7 @@ def child(stage: str, preset: str, steps: int, out: Path, overrides: list[str]) 
         if cb["class_path"].endswith("HFExport"):
             cb["init_args"]["dirpath"] = str(export)
         if cb["class_path"].endswith("Evaluation"):
-            cb["init_args"].update(every_n_steps=steps, num_prompts=64, show=0)
+            cb["init_args"].update(every_n_batches=steps, num_prompts=64, show=0)   # at the start and the end
     override = {"trainer": {"max_steps": steps, "callbacks": callbacks, "enable_progress_bar": False,
                             "accelerator": "gpu", "devices": 1,
                             "logger": {"init_args": {"save_dir": str(out / "runs"), "name": f"{stage}-{preset}"}}}}

@@ -6,7 +6,11 @@ Works for any stage module exposing `policy` and `tokenizer`. When the module al
   val/win_rate (gold when available, else proxy; ties count half), val/length, val/eos_rate,
 plus val/demo_gold_reward (the dataset's `chosen` responses) as the yardstick for SFT.
 Each evaluation appends a row to `<log_dir>/frontier.csv`, redraws the reward-vs-KL frontier into TensorBoard
-and logs a text table of samples. Runs when training ends and every `every_n_steps` optimizer steps.
+and logs a text table of samples. Runs when training ends and every `every_n_batches` training batches.
+
+X-axis: every val/* point is logged at the number of training batches done (rollouts in RL, optimizer steps in
+SFT and reward), the step Lightning gives `train/*`: train/* of rollout b and val/* at b both describe the
+policy after b updates of the rollout loop, and the curves line up in TensorBoard.
 """
 from __future__ import annotations
 
@@ -30,34 +34,34 @@ class Evaluation(L.Callback):
     """Args:
         reward: the gold reward, a callable `(prompts, responses) -> list[float]`; None when the task has none.
         num_prompts: held-out prompts (the first ones of the val split; the same every time).
-        every_n_steps: evaluate every this many optimizer steps (None: only at the end).
+        every_n_batches: evaluate before training and every this many training batches (RL: rollouts; SFT and
+            reward: optimizer steps); None: only at the end.
         sampling: sampling settings; defaults to the module's own `sampling` (RL) or SamplingConfig().
         show: samples printed and logged as text.
     """
 
-    def __init__(self, reward=None, num_prompts: int = 64, every_n_steps: int | None = None,
+    def __init__(self, reward=None, num_prompts: int = 64, every_n_batches: int | None = None,
                  sampling: SamplingConfig | None = None, show: int = 4, batch_size: int = 64, seed: int = 1234):
-        self.reward, self.num_prompts, self.every_n_steps, self.seed = reward, num_prompts, every_n_steps, seed
+        self.reward, self.num_prompts, self.every_n_batches, self.seed = reward, num_prompts, every_n_batches, seed
         self.sampling, self.show, self.batch_size = sampling, show, batch_size
         self.history: list[dict] = []
         self._last_step = -1
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        # One training step may take several optimizer steps (RL): evaluate when a multiple is crossed.
-        step, every = trainer.global_step, self.every_n_steps
-        if every and step // every > max(self._last_step, 0) // every:
-            self.run(trainer, pl_module)
+        done = batches_done(trainer) + 1          # Lightning counts this batch after its end hooks
+        if self.every_n_batches and done % self.every_n_batches == 0:
+            self.run(trainer, pl_module, done)
 
     def on_train_end(self, trainer, pl_module) -> None:  # before teardown: models still on device, sharded
-        if trainer.global_step != self._last_step:
-            self.run(trainer, pl_module)
+        if batches_done(trainer) != self._last_step:
+            self.run(trainer, pl_module, batches_done(trainer))
         if trainer.is_global_zero and len(self.history) > 1:
             name = type(getattr(pl_module, "objective", pl_module)).__name__
             print(summary_table(self.history[0], self.history[-1], name))
 
     def on_train_start(self, trainer, pl_module) -> None:
-        if self.every_n_steps:  # the step-0 point: where the frontier starts
-            self.run(trainer, pl_module)
+        if self.every_n_batches:  # the step-0 point: where the frontier starts
+            self.run(trainer, pl_module, batches_done(trainer))
 
     def prompts(self, trainer) -> list[dict]:
         dm = trainer.datamodule
@@ -66,15 +70,16 @@ class Evaluation(L.Callback):
         return examples[trainer.global_rank:: trainer.world_size]
 
     @torch.no_grad()
-    def run(self, trainer: L.Trainer, pl_module: L.LightningModule) -> dict:
-        self._last_step = trainer.global_step
+    def run(self, trainer: L.Trainer, pl_module: L.LightningModule, step: int) -> dict:
+        """Evaluate now; `step` is the x-axis value (training batches done)."""
+        self._last_step = step
         devices = [pl_module.device] if pl_module.device.type == "cuda" else []
         with torch.random.fork_rng(devices=devices):  # same draws at every evaluation; training RNG untouched
             torch.manual_seed(self.seed + trainer.global_rank)
             with outside_forward(trainer):
-                return self._run(trainer, pl_module)
+                return self._run(trainer, pl_module, step)
 
-    def _run(self, trainer: L.Trainer, pl_module: L.LightningModule) -> dict:
+    def _run(self, trainer: L.Trainer, pl_module: L.LightningModule, step: int) -> dict:
         sums, rows = {}, []
         examples = self.prompts(trainer)
         for start in range(0, len(examples), self.batch_size):
@@ -89,7 +94,7 @@ class Evaluation(L.Callback):
         metrics = {k: float(trainer.strategy.reduce(torch.tensor(v, device=pl_module.device), reduce_op="sum") / n_all)
                    for k, v in sorted(sums.items())}
         if trainer.is_global_zero:
-            self.report(trainer, metrics, rows)
+            self.report(trainer, metrics, rows, step)
         return metrics
 
     def evaluate(self, pl_module, examples: list[dict]) -> tuple[dict, list[tuple]]:
@@ -133,8 +138,7 @@ class Evaluation(L.Callback):
         wins = (ours > theirs).float() + 0.5 * (ours == theirs).float()
         return {"val/kl": (logp - ref_logp).mean().item(), "val/win_rate": wins.mean().item()}
 
-    def report(self, trainer, metrics: dict, rows: list[tuple]) -> None:
-        step = trainer.global_step
+    def report(self, trainer, metrics: dict, rows: list[tuple], step: int) -> None:
         self.history.append({"step": step, **metrics})
         logger = trainer.logger
         if logger is not None:
@@ -144,9 +148,14 @@ class Evaluation(L.Callback):
             write_frontier_csv(os.path.join(log_dir, "frontier.csv"), self.history)
             _log_text_and_figure(logger, rows, self.history, step)
         table = "  ".join(f"{k.split('/')[-1]}={v:.3f}" for k, v in metrics.items())
-        print(f"[eval step {step}] {table}")
+        print(f"[eval after {step} batches] {table}")
         for prompt, response, value in rows:
             print(f"  {value:+.3f}  {prompt} -> {response}")
+
+
+def batches_done(trainer: L.Trainer) -> int:
+    """Training batches that stepped (rollouts in RL): the step Lightning logs `self.log` metrics at."""
+    return trainer.fit_loop.epoch_loop._batches_that_stepped
 
 
 def summary_table(start: dict, end: dict, name: str) -> str:
@@ -154,7 +163,7 @@ def summary_table(start: dict, end: dict, name: str) -> str:
     keys = [k for k in ("val/gold_reward", "val/reward", "val/kl", "val/win_rate", "val/length", "val/eos_rate")
             if k in end]
     head = f"{'policy':<22}" + "".join(f"{k.split('/')[-1]:>13}" for k in keys)
-    rows = [(f"start (step {start['step']})", start), (f"{name} (step {end['step']})", end)]
+    rows = [(f"start (batch {start['step']})", start), (f"{name} (batch {end['step']})", end)]
     body = [f"{label:<22}" + "".join(f"{row.get(k, float('nan')):>13.3f}" for k in keys) for label, row in rows]
     return "\n".join([head, *body])
 

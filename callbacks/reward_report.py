@@ -10,8 +10,9 @@ import lightning as L
 import torch
 from torchmetrics.functional import spearman_corrcoef
 
+from callbacks.evaluation import batches_done
 from callbacks.sharding import outside_forward
-from modules.batch import PairBatch
+from datamodules.batch import PairBatch
 
 
 class RewardReport(L.Callback):
@@ -28,7 +29,7 @@ class RewardReport(L.Callback):
         if not trainer.is_global_zero:
             return
         if trainer.logger is not None:
-            trainer.logger.log_metrics(m, step=trainer.global_step)
+            trainer.logger.log_metrics(m, step=batches_done(trainer))
         print("[reward report] " + "  ".join(f"{k.split('/')[-1]}={v:.3f}" for k, v in m.items()))
 
     def report(self, trainer: L.Trainer, pl_module: L.LightningModule) -> dict[str, float]:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from modules.batch import PairBatch, Sequences
+from datamodules.batch import PairBatch, Sequences
 
 
 def encode_prompt(tokenizer, text: str) -> list[int]:

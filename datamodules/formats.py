@@ -28,6 +28,9 @@ class _Adapter(Source):
         origin, rows = self.source.load(split)
         return origin, [self.convert(row) for row in rows]
 
+    def first_index(self, split: str) -> int:
+        return self.source.first_index(split)
+
     def convert(self, row) -> dict:
         raise NotImplementedError
 

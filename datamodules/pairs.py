@@ -1,7 +1,7 @@
 """PairDataModule: the one datamodule shared by the SFT, reward and RL stages.
 
 Records are `{prompt, chosen, rejected}`. SFT trains on (prompt, chosen), the reward stage on all three, RL on
-prompts (`prompts_only: true` accepts records without responses). Every batch is a `modules.batch.PairBatch`.
+prompts (`prompts_only: true` accepts records without responses). Every batch is a `datamodules.batch.PairBatch`.
 """
 from __future__ import annotations
 
@@ -59,14 +59,19 @@ class PairDataModule(L.LightningDataModule):
 
     def records(self, split: str) -> tuple[str, list[dict]]:
         """(origin, validated records) of a split: `{prompt, chosen, rejected}` or `{prompt}`."""
+        origin, indexed = self._indexed_records(split)
+        return origin, [rec for _, rec in indexed]
+
+    def _indexed_records(self, split: str) -> tuple[str, list[tuple[int, dict]]]:
         origin, rows = self.source.load(split)
         need = ("prompt",) if self.prompts_only else FIELDS
-        return origin, validate_records(rows, origin, self.fields, need, self.skip_invalid)
+        first = self.source.first_index(split) if hasattr(self.source, "first_index") else 0
+        return origin, validate_records(rows, origin, self.fields, need, self.skip_invalid, first)
 
     def encoded(self, split: str) -> list[dict]:
-        origin, records = self.records(split)
+        origin, records = self._indexed_records(split)
         out, cut = [], 0
-        for index, rec in enumerate(records):
+        for index, rec in records:
             example = self.encode(rec, index, origin)
             if example is None:
                 continue

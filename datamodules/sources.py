@@ -1,12 +1,8 @@
 """Where records come from, and their validation.
 
-A source is any object with `load(split) -> (origin, rows)` for split 'train' / 'val' (origin names the file or
-dataset in error messages) and, optionally, `tokenizer() -> path` when it ships its own tokenizer
-(the embedded task: `datamodules.task.ReviewTask`).
-
-A source yields raw records for a split; `validate_records` maps them to `{prompt, chosen, rejected}` and
-either raises a `DataError` naming file, record index and field, or (with `skip_invalid`) drops the record and
-counts it, so nothing vanishes silently.
+A `Source` yields raw records for a split; `validate_records` maps them to `{prompt, chosen, rejected}` and
+either raises a `DataError` naming file, record index (in the file) and field, or (with `skip_invalid`) drops
+the record and counts it, so nothing vanishes silently.
 """
 from __future__ import annotations
 
@@ -39,11 +35,16 @@ class Source:
     such as `--data.init_args.source.init_args.num_train=100` reach its arguments).
 
     `load(split)` returns `(origin, rows)` for split 'train' / 'val' (origin names the file or dataset in error
-    messages); `tokenizer()` returns the path of a tokenizer the source ships, or None.
+    messages); `first_index(split)` is the index in that file of the split's first row (a held-out tail starts
+    after the training rows), so errors name the record as it is numbered in the file; `tokenizer()` returns the
+    path of a tokenizer the source ships, or None.
     """
 
     def load(self, split: str) -> tuple[str, list[dict]]:
         raise NotImplementedError
+
+    def first_index(self, split: str) -> int:
+        return 0
 
     def tokenizer(self) -> str | None:
         return None
@@ -69,8 +70,16 @@ class LocalFiles(Source):
             path = self.train if split == "train" else self.val
             return path, read_file(path)
         rows = read_file(self.train)
-        n_val = max(1, int(round(len(rows) * self.val_fraction))) if len(rows) > 1 else 0
-        return self.train, (rows[: len(rows) - n_val] if split == "train" else rows[len(rows) - n_val:])
+        n_train = self._n_train(len(rows))
+        return self.train, (rows[:n_train] if split == "train" else rows[n_train:])
+
+    def first_index(self, split: str) -> int:
+        if self.val is not None or split == "train":
+            return 0
+        return self._n_train(len(read_file(self.train)))
+
+    def _n_train(self, n_rows: int) -> int:
+        return n_rows - (max(1, int(round(n_rows * self.val_fraction))) if n_rows > 1 else 0)
 
 
 class HubDataset(Source):
@@ -133,13 +142,14 @@ def _read_jsonl(path: str) -> list[dict]:
 
 
 def validate_records(rows: list, origin: str, fields: FieldMap, need: tuple[str, ...] = FIELDS,
-                     skip_invalid: bool = False) -> list[dict]:
-    """Map rows to `{prompt, chosen, rejected}` (only `need`), raising or counting every bad record."""
+                     skip_invalid: bool = False, first: int = 0) -> list[tuple[int, dict]]:
+    """Map rows to `(index in the file, {prompt, chosen, rejected})` (only `need`), raising or counting every bad
+    record; `first` is the file index of `rows[0]`."""
     out, skipped = [], Counter()
-    for index, row in enumerate(rows):
+    for index, row in enumerate(rows, start=first):
         problem = _problem(row, fields, need)
         if problem is None:
-            out.append({key: row[getattr(fields, key)] for key in need})
+            out.append((index, {key: row[getattr(fields, key)] for key in need}))
             continue
         field, reason = problem
         if not skip_invalid:

@@ -176,7 +176,9 @@ def _build(auto_cls, spec: BackboneSpec, tokenizer, **overrides) -> nn.Module:
         kwargs = dict(_hf_location(spec.pretrained), dtype=_dtype(spec), **spec.extra, **overrides)
         if spec.quantization:
             kwargs["quantization_config"] = _quantization_config(spec)
-        model = auto_cls.from_pretrained(**kwargs)
+        with _without_load_report():
+            model, info = auto_cls.from_pretrained(**kwargs, output_loading_info=True)
+        _report_loading(spec.pretrained, info)
     model.config.pad_token_id = tokenizer.pad_token_id
     if len(tokenizer) > model.get_input_embeddings().weight.shape[0]:
         model.resize_token_embeddings(len(tokenizer))
@@ -189,6 +191,37 @@ def _build(auto_cls, spec: BackboneSpec, tokenizer, **overrides) -> nn.Module:
     if spec.lora:
         model = _with_lora(model, spec.lora, task_type="SEQ_CLS" if overrides.get("num_labels") else "CAUSAL_LM")
     return model
+
+
+class _LoadReportFilter(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "LOAD REPORT" not in record.getMessage()
+
+
+@contextlib.contextmanager
+def _without_load_report():
+    """transformers prints a multi-line LOAD REPORT table for every fresh head; `_report_loading` says it in one."""
+    hf_log, quiet = logging.getLogger("transformers.modeling_utils"), _LoadReportFilter()
+    hf_log.addFilter(quiet)
+    try:
+        yield
+    finally:
+        hf_log.removeFilter(quiet)
+
+
+def _report_loading(path: str, info: dict) -> None:
+    """One line on what `from_pretrained` did not load: a fresh score head is expected (INFO); anything else
+    (missing body weights, unused or mismatched checkpoint tensors) is a WARNING naming the keys."""
+    missing, unexpected = sorted(info.get("missing_keys", ())), sorted(info.get("unexpected_keys", ()))
+    mismatched = sorted(str(m[0]) if isinstance(m, (tuple, list)) else str(m) for m in info.get("mismatched_keys", ()))
+    head = [k for k in missing if k.split(".")[0] in ("score", "classifier")]
+    others = [k for k in missing if k not in head]
+    if head:
+        log.info("%s: new reward head %s (initialised from the spec's seed)", path, head)
+    if others or unexpected or mismatched:
+        show = lambda keys: f"{keys[:4]}{' + %d more' % (len(keys) - 4) if len(keys) > 4 else ''}"  # noqa: E731
+        log.warning("%s: not in the checkpoint (initialised fresh): %s; in the checkpoint but unused: %s; "
+                    "shape mismatch: %s", path, show(others), show(unexpected), show(mismatched))
 
 
 def _with_lora(model: nn.Module, lora: dict[str, Any], task_type: str) -> nn.Module:

@@ -16,14 +16,45 @@ from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torchmetrics import CatMetric, MeanMetric
 from torchmetrics.classification import BinaryAccuracy
 
+from datamodules.batch import PairBatch, Sequences
 from datamodules.collate import PairCollator
 from modules import functional as F
 from modules.backbone import BackboneSpec, build_causal_lm, build_scorer, export_model, load_tokenizer, shard
-from modules.batch import PairBatch, Sequences
 from modules.sampling import SamplingConfig, sample
 from modules.scoring import sequence_rewards
 
 STATS_FILE = "reward_stats.json"
+
+# Written into the export as README.md; tests/test_reward.py runs this code on an export.
+USAGE = """\
+# Reward model exported by p3o-rlhf
+
+A Bradley-Terry reward: `AutoModelForSequenceClassification` with one label, read at the last token.
+It was trained on **prompt + response + EOS**: score a response with its closing EOS token appended (without it
+the reward is read at a position the model never learnt to score). The prompt goes through the tokenizer's chat
+template when it has one; the response is encoded without special tokens. `reward_stats.json` holds the mean and
+std of the reward on samples of the SFT policy: `(reward - mean) / std` is the normalised reward the RL stage uses.
+
+```python
+import json, torch
+from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+tok = AutoTokenizer.from_pretrained(path)
+model = AutoModelForSequenceClassification.from_pretrained(path).eval()
+stats = json.load(open(f"{path}/reward_stats.json"))
+
+def reward(prompt: str, response: str) -> float:
+    if tok.chat_template:
+        ids = tok.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
+                                      tokenize=True, return_dict=True)["input_ids"]
+    else:
+        ids = tok(prompt)["input_ids"]
+    ids = ids + tok(response, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+    with torch.no_grad():
+        raw = model(input_ids=torch.tensor([ids])).logits[0, 0].item()   # one unpadded sequence at a time
+    return (raw - stats["mean"]) / stats["std"]
+```
+"""
 
 
 def stack_pair(chosen: Sequences, rejected: Sequences, pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -124,6 +155,24 @@ class RewardModule(L.LightningModule):
         if self.calibration is not None:
             stats = {"mean": self.calibration["mean"], "std": self.calibration["std"],
                      "n": len(self.calibration["rewards"]), "source": f"samples of {self.calibration_policy}"}
+        stats["input"] = "prompt (chat template if any) + response + EOS; see README.md"
         with open(os.path.join(directory, STATS_FILE), "w") as handle:
             json.dump(stats, handle, indent=2)
+        with open(os.path.join(directory, "README.md"), "w") as handle:
+            handle.write(USAGE)
+        _read_last_token_when_pad_is_eos(directory, self.tokenizer)
 
+
+
+def _read_last_token_when_pad_is_eos(directory: str, tokenizer) -> None:
+    """transformers reads a sequence classifier at the last token that is not `pad_token_id`; when padding is
+    EOS, that is the token *before* the closing EOS, a silently wrong reward. Saving `pad_token_id: null` makes
+    plain transformers read the last token of an unpadded sequence and refuse padded batches (loud, not wrong).
+    Our own loading sets the pad token again from the tokenizer and reads rewards through the attention mask."""
+    if tokenizer.pad_token_id is None or tokenizer.pad_token_id != tokenizer.eos_token_id:
+        return
+    path = os.path.join(directory, "config.json")
+    config = json.load(open(path))
+    config["pad_token_id"] = None
+    with open(path, "w") as handle:
+        json.dump(config, handle, indent=2)

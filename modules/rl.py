@@ -18,6 +18,7 @@ import torch
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torch.distributed.fsdp import FullyShardedDataParallel
 
+from datamodules.batch import PairBatch
 from modules import functional as F
 from modules.backbone import (
     BackboneSpec,
@@ -29,7 +30,7 @@ from modules.backbone import (
     load_tokenizer,
     shard,
 )
-from modules.batch import ObjectiveInput, PairBatch, Rollout
+from modules.batch import ObjectiveInput, Rollout
 from modules.objectives.base import Objective
 from modules.rewards import score as score_rewards
 from modules.sampling import SamplingConfig, sample

@@ -7,9 +7,9 @@ from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torchmetrics import MeanMetric
 from torchmetrics.text import Perplexity
 
+from datamodules.batch import PairBatch
 from modules import functional as F
 from modules.backbone import BackboneSpec, build_causal_lm, export_model, load_tokenizer, shard
-from modules.batch import PairBatch
 from modules.scoring import lm_logits
 
 IGNORE = -100

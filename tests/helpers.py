@@ -25,7 +25,7 @@ def tiny_rl_config(tmp_path: Path, sft_dir: str, source: str = "configs/quicksta
     callbacks += extra_callbacks or []
     for cb in callbacks:
         if cb["class_path"].endswith("Evaluation"):
-            cb["init_args"].update(num_prompts=8, every_n_steps=None, show=0)
+            cb["init_args"].update(num_prompts=8, every_n_batches=None, show=0)
         if cb["class_path"].endswith("StepCheckpoint"):
             cb["init_args"].update(checkpoint or {})
     override = {
@@ -43,22 +43,51 @@ def tiny_rl_config(tmp_path: Path, sft_dir: str, source: str = "configs/quicksta
     return derived_config(source, tmp_path, override, name)
 
 
+def tiny_stage_config(tmp_path: Path, stage: str, sft_dir: str, name: str, extra_callbacks: list | None = None,
+                      checkpoint: dict | None = None, **trainer) -> str:
+    """The quickstart SFT or reward config ('sft' / 'reward') shrunk to seconds: a tiny model, 32 records in
+    batches of 4, no export/evaluation callbacks. `checkpoint` updates the StepCheckpoint's init_args."""
+    from tests.conftest import TINY
+
+    source = f"configs/quickstart/{stage}.yaml"
+    config = yaml.safe_load(Path(source).read_text())
+    callbacks = [cb for cb in config["trainer"]["callbacks"] if cb["class_path"].endswith("StepCheckpoint")]
+    callbacks[0]["init_args"].update(checkpoint or {})
+    model = ({"backbone": {"config": dict(TINY)}} if stage == "sft" else
+             {"backbone": {"pretrained": sft_dir}, "calibration_prompts": 4})
+    override = {
+        "trainer": {"max_steps": -1, "max_epochs": 1, "callbacks": callbacks + (extra_callbacks or []),
+                    "log_every_n_steps": 1, "enable_progress_bar": False, "enable_model_summary": False,
+                    "logger": {"init_args": {"save_dir": str(tmp_path / "runs")}}, **trainer},
+        "model": {"init_args": model},
+        "data": {"init_args": {"batch_size": 4, "tokenizer": sft_dir,
+                               "source": {"init_args": {"num_train": 32, "num_val": 8,
+                                                        "cache_dir": str(tmp_path / "tok")}}}},
+    }
+    return derived_config(source, tmp_path, override, name)
+
+
 class ParamDigest(L.Callback):
-    """Test callback: each rank saves its policy's flattened parameters and the prompts it rolled out."""
+    """Test callback: each rank saves its module's flattened trainable parameters and the prompts it trained on."""
 
     def __init__(self, path: str):
         self.path, self.prompts, self.initial = path, [], None
 
     def on_train_start(self, trainer, pl_module):
-        self.initial = torch.cat([p.detach().flatten() for p in pl_module.policy.parameters()])
+        self.initial = self._flat(pl_module)
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
         self.prompts += list(batch.prompts)
 
     def on_fit_end(self, trainer, pl_module):
-        flat = torch.cat([p.detach().flatten() for p in pl_module.policy.parameters()])
+        flat = self._flat(pl_module)
         torch.save({"params": flat, "initial": self.initial, "prompts": self.prompts},
                    f"{self.path}.rank{trainer.global_rank}.pt")
+
+
+    @staticmethod
+    def _flat(pl_module) -> torch.Tensor:
+        return torch.cat([p.detach().flatten().clone() for p in pl_module.parameters() if p.requires_grad])
 
 
 class BadReward:

@@ -148,3 +148,16 @@ def test_chat_task_is_english_sentences_and_needs_a_model_tokenizer(tmp_path):
     with pytest.raises(ValueError, match="ships no tokenizer"):
         PairDataModule(task)
 
+
+
+def test_datamodules_do_not_import_the_modules_package_at_import_time():
+    """One-way flow: modules/ imports datamodules/ (PairBatch, collation), never the reverse at module level (the
+    tokenizer loader, `modules.backbone.load_tokenizer`, is imported lazily where the datamodule needs it)."""
+    import ast
+    from pathlib import Path
+
+    for path in Path("datamodules").glob("*.py"):
+        for node in ast.parse(path.read_text()).body:
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else \
+                [node.module or ""] if isinstance(node, ast.ImportFrom) else []
+            assert not any(n == "modules" or n.startswith("modules.") for n in names), f"{path}: imports {names}"

@@ -7,7 +7,7 @@ import torch
 from datamodules.collate import PairCollator, encode_prompt, encode_response
 from modules.backbone import BackboneSpec, build_causal_lm
 from modules.reward import RewardModule, stack_pair
-from modules.scoring import sequence_rewards, token_scores
+from modules.scoring import score_texts, sequence_rewards, token_scores
 
 
 def examples(tokenizer, rows):
@@ -95,3 +95,14 @@ def test_calibration_stats_are_exported_and_used_for_normalisation(sft_dir, toke
     by_text = RewardModel(str(tmp_path / "rm"))
     by_text._shares_vocab[id(tokenizer)] = False  # force the re-tokenizing path: same numbers
     assert torch.allclose(by_text.score(roll, tokenizer), reward.score(roll, tokenizer), atol=1e-4)
+
+    # The export's README.md recipe (plain transformers, EOS appended) gives the same normalised rewards.
+    card = (tmp_path / "rm" / "README.md").read_text()
+    code = card.split("```python\n")[1].split("```")[0]
+    scope = {"path": str(tmp_path / "rm")}
+    exec(code, scope)
+    plain = torch.tensor([scope["reward"](p, r) for p, r in zip(roll.prompts, roll.responses)])
+    ours = (score_texts(reward.model, tokenizer, roll.prompts, roll.responses) - stats["mean"]) / stats["std"]
+    assert torch.allclose(plain, ours, atol=1e-4)
+    assert not torch.allclose(plain, (score_texts(reward.model, tokenizer, roll.prompts, roll.responses,
+                                                  has_eos=[False] * len(roll)) - stats["mean"]) / stats["std"])

@@ -1,6 +1,7 @@
 """Runs either do what they say or stop and say why (issue 11): rewards checked where they enter, non-finite
 numbers never reach the weights, checkpoints on a cadence that fires, exact mid-epoch resume (also after
 SIGKILL, under DDP, and after Ctrl-C)."""
+import json
 import os
 import subprocess
 import sys
@@ -8,12 +9,13 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 
 from modules.backbone import build_causal_lm, save_pretrained
 from modules.batch import Rollout
 from modules.rewards import RewardError, check
 from modules.rl import NonFiniteError
-from tests.helpers import tiny_rl_config
+from tests.helpers import tiny_rl_config, tiny_stage_config
 from train import cli_main
 
 
@@ -113,17 +115,20 @@ def _digest(path: Path, rank: int = 0) -> dict:
     return torch.load(f"{path}.rank{rank}.pt")
 
 
-def _resume_case(tmp_path, sft_dir, devices: int, interrupt: str):
-    """Uninterrupted: 2 epochs of R rollouts. Interrupted when rollout R + 1 (the second of the second epoch)
-    starts: SIGKILL dies at once, leaving last.ckpt of the rollout before (saved after every rollout); SIGINT
-    finishes that rollout, saves and exits 0. Resumed from last.ckpt: bit-equal policy weights, and the resumed
-    run trains on exactly the remaining prompt batches."""
+def _resume_case(tmp_path, sft_dir, devices: int, interrupt: str, stage: str = "rl"):
+    """Uninterrupted: 2 epochs of R rollouts (SFT / reward stages: R training batches). Interrupted when rollout
+    R + 1 (the second of the second epoch) starts: SIGKILL dies at once, leaving last.ckpt of the rollout before
+    (saved after every rollout); SIGINT finishes that rollout, saves and exits 0. Resumed from last.ckpt: bit-equal
+    weights, and the resumed run trains on exactly the remaining batches."""
     extra = {"devices": devices, "strategy": "ddp"} if devices > 1 else {}
-    rollouts = 4 if devices == 1 else 2          # 16 prompts / (4 per batch x ranks)
+    rollouts = (4 if stage == "rl" else 8) // devices   # 16 prompts (32 records) / (4 per batch x ranks)
 
     def config(name, callbacks, every=1):
+        checkpoint = {"dirpath": str(tmp_path / name), "every_n_batches": every}
+        if stage != "rl":
+            return tiny_stage_config(tmp_path, stage, sft_dir, f"{name}.yaml", callbacks, checkpoint, max_epochs=2)
         return tiny_rl_config(tmp_path, sft_dir, name=f"{name}.yaml", max_epochs=2, extra_callbacks=callbacks,
-                              checkpoint={"dirpath": str(tmp_path / name), "every_n_batches": every}, **extra)
+                              checkpoint=checkpoint, **extra)
 
     digest = lambda name: [{"class_path": "tests.helpers.ParamDigest",  # noqa: E731
                             "init_args": {"path": str(tmp_path / name)}}]
@@ -150,6 +155,11 @@ def test_sigkill_after_a_mid_epoch_checkpoint_resumes_bit_exactly(tmp_path, sft_
 
 def test_ctrl_c_finishes_the_rollout_saves_and_resumes_bit_exactly(tmp_path, sft_dir):
     _resume_case(tmp_path, sft_dir, devices=1, interrupt="SIGINT")
+
+
+@pytest.mark.parametrize("stage", ["sft", "reward"])
+def test_sft_and_reward_stages_resume_bit_exactly_after_a_mid_epoch_sigkill(tmp_path, sft_dir, stage):
+    _resume_case(tmp_path, sft_dir, devices=1, interrupt="SIGKILL", stage=stage)
 
 
 @pytest.mark.slow
@@ -192,3 +202,47 @@ def test_invalid_utf8_and_wrong_field_names_name_the_file_and_line(tmp_path):
     with pytest.raises(DataError, match=r"record 0: field 'prompt': missing \(the record has fields \['bad', 'good', "
                                         r"'question'\]; name yours with data fields"):
         validate_records(read_file(str(cols)), str(cols), FieldMap())
+
+
+def test_a_bad_record_in_the_validation_tail_is_named_by_its_index_in_the_file(tmp_path, task_tokenizer_path, caplog):
+    """10 records, val_fraction 0.2: records 0-7 train, 8-9 validation. The bad record is the file's record 9
+    (split-relative it would be 1); with skip_invalid, a too-long prompt after a dropped record keeps its file index."""
+    from datamodules.pairs import PairDataModule
+    from datamodules.sources import DataError, LocalFiles
+
+    rows = [{"prompt": "the film was", "chosen": "good", "rejected": "bad"} for _ in range(10)]
+    rows[9] = {"prompt": "the film was", "chosen": "good"}
+    path = tmp_path / "data.jsonl"
+    path.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    dm = PairDataModule(LocalFiles(str(path), val_fraction=0.2), tokenizer=task_tokenizer_path)
+    with pytest.raises(DataError, match=r"data.jsonl: record 9: field 'rejected': missing"):
+        dm.setup()
+    rows[1] = {"prompt": "x", "chosen": "same", "rejected": "same"}
+    rows[3] = {"prompt": "word " * 40, "chosen": "good", "rejected": "bad"}
+    path.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    dm = PairDataModule(LocalFiles(str(path), val_fraction=0.2), tokenizer=task_tokenizer_path, skip_invalid=True)
+    dm.setup()
+    assert len(dm.splits["train"]) == 6 and len(dm.splits["val"]) == 1
+    assert "record 3: field 'prompt'" in caplog.text
+
+
+def test_train_and_val_metrics_share_one_x_axis_in_tensorboard(tmp_path, sft_dir):
+    """4 rollouts, evaluation every rollout: train/* of rollout b is logged at step b (b = 0..3) and val/* after b
+    rollouts at step b (0 = before training .. 4 = the end), one x-axis (rollouts), not optimizer steps (0..16)."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+
+    config = tiny_rl_config(tmp_path, sft_dir)
+    data = yaml.safe_load(Path(config).read_text())
+    for cb in data["trainer"]["callbacks"]:
+        if cb["class_path"].endswith("Evaluation"):
+            cb["init_args"]["every_n_batches"] = 1
+    Path(config).write_text(yaml.safe_dump(data))
+    cli = cli_main(["fit", "--config", config])
+    assert cli.trainer.global_step == 16
+    events = EventAccumulator(cli.trainer.logger.log_dir)
+    events.Reload()
+    steps = lambda tag: [e.step for e in events.Scalars(tag)]  # noqa: E731
+    assert steps("train/reward") == [0, 1, 2, 3]
+    assert steps("val/kl") == [0, 1, 2, 3, 4]
+    assert steps("val/gold_reward") == [0, 1, 2, 3, 4]
