@@ -37,11 +37,31 @@ class _NoAdverts(logging.Filter):
         return "litlogger" not in record.getMessage()
 
 
-def cli_main(args: list[str] | None = None, run: bool = True) -> RLHFCLI:
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# Warnings that say nothing actionable about a run of this project: frozen and dropout-free models are in eval mode
+# on purpose; the RL stage's val split feeds the Evaluation callback, not a validation_step; a torch 2.13
+# deprecation inside Lightning's own code.
+QUIET = (r"Found \d+ module\(s\) in eval mode", r"You passed in a `val_dataloader` but have no `validation_step`",
+         r"`isinstance\(treespec, LeafSpec\)` is deprecated")
+
+
+def quiet_output() -> None:
+    """Keep the console to what a user reads: drop the warnings above, Lightning's litlogger advert and
+    transformers' per-file progress bars (loading and writing a 100 KB model)."""
+    import warnings
+
+    from transformers.utils import logging as hf_logging
+
+    for pattern in QUIET:
+        warnings.filterwarnings("ignore", message=pattern)
     for handler in logging.getLogger("lightning.pytorch").handlers:
         if not any(isinstance(f, _NoAdverts) for f in handler.filters):
             handler.addFilter(_NoAdverts())
+    hf_logging.disable_progress_bar()
+
+
+def cli_main(args: list[str] | None = None, run: bool = True) -> RLHFCLI:
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    quiet_output()
     return RLHFCLI(args=args, run=run, subclass_mode_model=True, subclass_mode_data=True,
                    save_config_kwargs={"overwrite": True})
 

@@ -86,7 +86,7 @@ class StepCheckpoint(Checkpoint):
         """Write last.ckpt atomically: every rank enters (sharded strategies gather), rank 0 renames."""
         self.saved_at = self.batches
         partial = self.last_path + ".partial"
-        trainer.save_checkpoint(partial)
+        trainer.save_checkpoint(partial, weights_only=False)   # full state: optimizer, loops, callbacks
         if trainer.is_global_zero:
             if os.path.isdir(partial):                 # DeepSpeed writes a directory: replace it whole
                 shutil.rmtree(self.last_path, ignore_errors=True)

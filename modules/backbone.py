@@ -210,14 +210,16 @@ def _without_load_report():
 
 
 def _report_loading(path: str, info: dict) -> None:
-    """One line on what `from_pretrained` did not load: a fresh score head is expected (INFO); anything else
-    (missing body weights, unused or mismatched checkpoint tensors) is a WARNING naming the keys."""
+    """One line on what `from_pretrained` did not load. Swapping heads is expected (INFO): a fresh score head,
+    and the causal LM's `lm_head` left unused, when a reward model starts from an SFT export. Anything else
+    (missing body weights, other unused or mismatched tensors) is a WARNING naming the keys."""
     missing, unexpected = sorted(info.get("missing_keys", ())), sorted(info.get("unexpected_keys", ()))
     mismatched = sorted(str(m[0]) if isinstance(m, (tuple, list)) else str(m) for m in info.get("mismatched_keys", ()))
     head = [k for k in missing if k.split(".")[0] in ("score", "classifier")]
-    others = [k for k in missing if k not in head]
-    if head:
-        log.info("%s: new reward head %s (initialised from the spec's seed)", path, head)
+    old_head = [k for k in unexpected if k.split(".")[0] == "lm_head"]
+    others, unexpected = [k for k in missing if k not in head], [k for k in unexpected if k not in old_head]
+    if head or old_head:
+        log.info("%s: heads swapped (new: %s, unused: %s)", path, head, old_head)
     if others or unexpected or mismatched:
         show = lambda keys: f"{keys[:4]}{' + %d more' % (len(keys) - 4) if len(keys) > 4 else ''}"  # noqa: E731
         log.warning("%s: not in the checkpoint (initialised fresh): %s; in the checkpoint but unused: %s; "

@@ -246,3 +246,20 @@ def test_train_and_val_metrics_share_one_x_axis_in_tensorboard(tmp_path, sft_dir
     assert steps("train/reward") == [0, 1, 2, 3]
     assert steps("val/kl") == [0, 1, 2, 3, 4]
     assert steps("val/gold_reward") == [0, 1, 2, 3, 4]
+
+
+def test_stage_output_keeps_to_what_a_user_reads(tmp_path, sft_dir):
+    """The reward stage builds a scorer from a causal-LM export (a fresh head: transformers' LOAD REPORT table)
+    and checkpoints (Lightning's weights_only line); none of that noise, nor the litlogger advert, reaches the
+    console, while the stage's own report does."""
+    config = tiny_stage_config(tmp_path, "reward", sft_dir, "reward.yaml",
+                               [{"class_path": "callbacks.reward_report.RewardReport"}])
+    env = {**os.environ, "PYTHONPATH": os.getcwd()}
+    proc = subprocess.run([sys.executable, "train.py", "fit", "--config", config], env=env, capture_output=True,
+                          text=True, timeout=600)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0, out[-3000:]
+    assert "[reward report] label_accuracy=" in out
+    for noise in ("LOAD REPORT", "litlogger", "weights_only", "Loading weights", "Writing model shards",
+                  "module(s) in eval mode", "LeafSpec"):
+        assert noise not in out, noise
