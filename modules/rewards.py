@@ -5,9 +5,11 @@
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
+import random
 
 import torch
 from torch import nn
@@ -63,6 +65,49 @@ class RewardModel(nn.Module):
                               rollout.has_eos.tolist()).to(rollout.input_ids.device)
         reward = (raw - self.mean) / self.std
         return reward.clamp(-self.clip, self.clip) if self.clip else reward
+
+
+class PromptShift(nn.Module):
+    """Wraps any reward and adds a per-prompt offset: r'(x, y) = r(x, y) + delta(x), with
+    delta(x) = scale * reward_std * z(x), z(x) a standard normal drawn from sha256(seed, prompt text). Responses
+    to the same prompt get the same offset, whatever the batch, rank or run; `scale` is in units of the wrapped
+    reward's std (`reward_std`: 1 for a normalised `RewardModel`, whose std on SFT samples is 1 by construction;
+    for another reward pass its measured std).
+
+    It tests the paper's claim: objectives that compare responses to the same prompt (P3O, RLOO, GRPO with group
+    scaling, online DPO) see the same training signal whatever delta is; PPO's value function has to learn delta.
+
+        reward:
+          class_path: modules.rewards.PromptShift
+          init_args:
+            reward: {class_path: modules.rewards.RewardModel, init_args: {path: artifacts/quickstart/reward}}
+            scale: 4.0
+
+    Worked example: `z('a')` is a fixed number, so with scale 2 and reward_std 0.5 the prompt 'a' gets
+    delta = 2 * 0.5 * z('a') = z('a') added to each of its responses' rewards.
+    """
+
+    def __init__(self, reward, scale: float = 1.0, seed: int = 0, reward_std: float = 1.0):
+        super().__init__()
+        if not (scale >= 0 and reward_std > 0):
+            raise ValueError(f"PromptShift: expected scale >= 0 and reward_std > 0, got scale={scale}, "
+                             f"reward_std={reward_std}")
+        self.reward, self.scale, self.seed, self.reward_std = reward, float(scale), int(seed), float(reward_std)
+
+    def offset(self, prompt: str) -> float:
+        """delta(prompt) = scale * reward_std * z(prompt)."""
+        digest = hashlib.sha256(f"{self.seed}\0{prompt}".encode()).digest()
+        return self.scale * self.reward_std * random.Random(digest).gauss(0.0, 1.0)
+
+    @torch.no_grad()
+    def score(self, rollout: Rollout, tokenizer) -> torch.Tensor:
+        inner = self.reward
+        values = inner.score(rollout, tokenizer) if hasattr(inner, "score") else inner(rollout.prompts, rollout.responses)
+        # One number per response, checked here (naming the wrapped reward); NaN/inf pass through (as NaN) to the
+        # RL module's own check, which stops the run or applies the `nonfinite_reward` penalty.
+        rewards, _ = check(values, inner, rollout, nonfinite=float("nan"))
+        offsets = torch.tensor([self.offset(p) for p in rollout.prompts], dtype=torch.float32)
+        return rewards.to(rollout.input_ids.device) + offsets.to(rollout.input_ids.device)
 
 
 class RewardError(ValueError):
