@@ -1,0 +1,100 @@
+"""Running one RL training from a quickstart config for the benchmarks (frontier, invariance).
+
+Every run derives its config from a quickstart YAML with only what the benchmark varies overridden, and returns
+its evaluation points and final policy weights. `seed` seeds everything that is random in a run: the global
+generator, the rollout sampler's stream, the prompt order and the minibatch shuffling.
+"""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import lightning as L
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+DEFAULT_EXPORTS = ROOT / "artifacts/quickstart"
+
+
+class Trace(L.Callback):
+    """Records what a benchmark compares between runs: the sampled responses of every rollout and the policy
+    weights after the first rollout's updates (before any difference between two runs can compound)."""
+
+    def __init__(self):
+        self.responses: list[list[str]] = []
+        self.weights_after_first: torch.Tensor | None = None
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        self.responses.append(list(pl_module.rollout.responses))   # OnPolicyRollout ran before (callback order)
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        if self.weights_after_first is None:
+            self.weights_after_first = flat_weights(pl_module.policy)
+
+
+def flat_weights(model) -> torch.Tensor:
+    return torch.cat([p.detach().float().flatten().cpu() for p in model.parameters()])
+
+
+def ensure_exports(exports: Path, tag: str) -> None:
+    """Build the quickstart SFT and reward exports where they are missing (the default location only)."""
+    from train import cli_main
+
+    for stage in ("sft", "reward"):
+        if not (exports / stage / "config.json").exists():
+            if exports != DEFAULT_EXPORTS:
+                raise SystemExit(f"error: {exports / stage} does not exist (--exports must hold sft/ and reward/)")
+            print(f"[{tag}] building the quickstart {stage} export")
+            cli_main(["fit", "--config", f"configs/quickstart/{stage}.yaml", "--trainer.enable_progress_bar=false"])
+
+
+def run_one(config: str, tag: str, seed: int, out: Path, *, rollouts: int, responses_per_rollout: int,
+            minibatch_responses: int, k: int, eval_every: int, eval_prompts: int, exports: Path = DEFAULT_EXPORTS,
+            model: dict | None = None, objective: dict | None = None, lr: float | None = None) -> dict:
+    """One run. Budget: `rollouts` rollouts of `responses_per_rollout` sampled responses (prompts per rollout =
+    responses / k), minibatches of `minibatch_responses` responses; evaluation every `eval_every` rollouts on the
+    first `eval_prompts` held-out prompts. `model` / `objective` are merged into the model's / objective's
+    init_args. Returns {"points": evaluation history, "weights": final policy parameters (flat, CPU),
+    "weights_after_first": the same after the first rollout, "responses": each rollout's sampled responses}."""
+    import yaml
+
+    from train import cli_main, derive_config
+
+    callbacks = yaml.safe_load(Path(config).read_text())["trainer"]["callbacks"]
+    for cb in callbacks:
+        if cb["class_path"].endswith("Evaluation"):
+            cb["init_args"].update(every_n_batches=eval_every, num_prompts=eval_prompts, show=0)
+        if cb["class_path"].endswith("OnPolicyRollout"):
+            cb["init_args"] = {**cb.get("init_args", {}), "seed": seed}
+    callbacks = [cb for cb in callbacks if not cb["class_path"].endswith(("HFExport", "StepCheckpoint"))]
+    model_args = {"seed": seed, "minibatch_groups": max(1, minibatch_responses // k),
+                  "policy": {"pretrained": str(exports / "sft")}, "objective": {"init_args": objective or {}},
+                  **(model or {})}
+    if "reward" not in (model or {}):
+        model_args["reward"] = {"init_args": {"path": str(exports / "reward")}}
+    if "ppo" in Path(config).stem:
+        model_args["value_model"] = {"pretrained": str(exports / "reward")}
+    if lr is not None:
+        model_args["optimizer"] = {"init_args": {"lr": lr}}
+    derived = derive_config(config, {
+        "seed_everything": seed,
+        "trainer": {"max_steps": -1, "max_epochs": 1, "limit_train_batches": rollouts, "callbacks": callbacks,
+                    "enable_progress_bar": False, "enable_model_summary": False, "enable_checkpointing": False,
+                    "logger": {"init_args": {"save_dir": str(out / "runs"), "name": tag}}},
+        "model": {"init_args": model_args},
+        "data": {"init_args": {"batch_size": responses_per_rollout // k, "seed": seed,
+                               "tokenizer": str(exports / "sft")}},
+    }, out / "configs" / f"{tag}.yaml")
+    trace = Trace()
+    cli = cli_main(["--config", derived], run=False)
+    cli.trainer.callbacks.append(trace)
+    cli.trainer.fit(cli.model, datamodule=cli.datamodule)
+    evaluation = next(cb for cb in cli.trainer.callbacks if type(cb).__name__ == "Evaluation")
+    points = [{"rollout": h["step"], "samples": h["step"] * responses_per_rollout, "gold": h.get("val/gold_reward"),
+               "proxy": h.get("val/reward"), "kl": h.get("val/kl"), "win_rate": h.get("val/win_rate"),
+               "length": h.get("val/length")} for h in evaluation.history]
+    return {"points": points, "weights": flat_weights(cli.model.policy),
+            "weights_after_first": trace.weights_after_first, "responses": trace.responses}
