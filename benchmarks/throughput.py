@@ -130,7 +130,7 @@ def run_trl(shape: dict, rollouts: int, new_tokens: int, threads: int) -> dict:
                           temperature=1.0, top_p=1.0, top_k=0, gradient_checkpointing=False, use_cpu=True,
                           bf16=False, fp16=False, max_steps=steps_per_rollout * rollouts, logging_steps=10_000,
                           save_strategy="no", report_to="none", disable_tqdm=True, seed=0, shuffle_dataset=False,
-                          max_grad_norm=1.0, adam_beta2=0.95, weight_decay=0.0,
+                          max_grad_norm=1.0, adam_beta2=0.95, weight_decay=0.0, optim="adamw_torch_fused",
                           model_init_kwargs={"dtype": torch.float32})
         trainer = GRPOTrainer(model=f"{tmp}/model", reward_funcs=reward, args=args, train_dataset=data, processing_class=tok,
                               callbacks=[Clock()])

@@ -36,6 +36,8 @@ from modules.rewards import score as score_rewards
 from modules.sampling import SamplingConfig, sample
 from modules.scoring import response_logprobs, token_scores
 
+OLD_LOGPROBS = ("auto", "sampler", "forward")
+
 
 class NonFiniteError(RuntimeError):
     """A loss or gradient that is NaN or inf: the update stops before `optimizer.step`."""
@@ -58,13 +60,18 @@ class RLModule(L.LightningModule):
         seed: seeds the minibatch shuffling.
         value_model: backbone of the value head, built only for objectives with `needs_values` (PPO); usually
             `pretrained: <reward export>`. Default: a fresh head on the policy's pretrained weights.
+        old_logprobs: where pi_old's logprobs come from. 'sampler': recorded while sampling (no extra forward
+            pass; the KV-cached decode equals a full forward up to float rounding, tested); 'forward': a separate
+            forward pass over the rollout; 'auto' (default): the sampler at full fp32 precision, the forward pass
+            under mixed precision (there the decode and the forward round differently).
     """
 
     def __init__(self, policy: BackboneSpec, tokenizer: str, reward: Callable, objective: Objective,
                  optimizer: OptimizerCallable = torch.optim.AdamW, scheduler: LRSchedulerCallable | None = None,
                  sampling: SamplingConfig | None = None, epochs: int = 4, minibatch_groups: int = 8,
                  max_grad_norm: float | None = 1.0, missing_eos_penalty: float | None = None, seed: int = 0,
-                 value_model: BackboneSpec | None = None, nonfinite_reward: float | None = None):
+                 value_model: BackboneSpec | None = None, nonfinite_reward: float | None = None,
+                 old_logprobs: str = "auto"):
         super().__init__()
         self.save_hyperparameters(ignore=["reward", "objective"])
         self.automatic_optimization = False
@@ -75,6 +82,9 @@ class RLModule(L.LightningModule):
         self.epochs, self.minibatch_groups, self.max_grad_norm = epochs, minibatch_groups, max_grad_norm
         self.missing_eos_penalty, self.seed, self.value_spec = missing_eos_penalty, seed, value_model
         self.nonfinite_reward = nonfinite_reward
+        if old_logprobs not in OLD_LOGPROBS:
+            raise ValueError(f"RLModule: old_logprobs={old_logprobs!r}; expected one of {OLD_LOGPROBS}")
+        self.old_logprobs = old_logprobs
         self.policy = self.reference = self.value = None
         self.rollout: Rollout | None = None
 
@@ -103,6 +113,13 @@ class RLModule(L.LightningModule):
             with self.policy.disable_adapter():
                 yield self.policy
 
+    @property
+    def logprobs_from_sampler(self) -> bool:
+        if self.old_logprobs != "auto":
+            return self.old_logprobs == "sampler"
+        precision = str(self.trainer.precision) if self._trainer is not None else "32-true"
+        return precision in ("32-true", "32", "64-true", "64")
+
     def logprobs(self, model, rollout: Rollout) -> torch.Tensor:
         """Per-token response logprobs (N, L) at the sampling temperature: the one place they are computed."""
         return response_logprobs(model, rollout.input_ids, rollout.attention_mask, rollout.prompt_length,
@@ -128,10 +145,11 @@ class RLModule(L.LightningModule):
         """Sample K responses per prompt, score them, and record pi_old / pi_ref logprobs (and timings)."""
         t0 = time.perf_counter()
         roll = sample(self.policy, self.tokenizer, batch.prompt_ids, batch.prompt_mask, batch.prompts,
-                      self.sampling, self.objective.responses_per_prompt)
+                      self.sampling, self.objective.responses_per_prompt, record_logprobs=self.logprobs_from_sampler)
         t1 = time.perf_counter()
         roll.rewards = self.score(roll)
-        roll.old_logp = self.logprobs(self.policy, roll)
+        if roll.old_logp is None:
+            roll.old_logp = self.logprobs(self.policy, roll)
         with self.reference_model() as ref:
             roll.ref_logp = self.logprobs(ref, roll)
         if self.value is not None:

@@ -21,15 +21,40 @@ class SamplingConfig:
     do_sample: bool = True
 
 
+class _RecordLogprobs:
+    """A logits processor that keeps the sampler's own logprob of each sampled token: log_softmax(logits / T) at
+    every step, read at the token drawn (known at the next step, or from the final sequences). HF runs custom
+    processors before its temperature / top-k / top-p warpers, so these are the raw logits the policy's forward
+    gives: the same quantity `modules.scoring.response_logprobs` computes (here from the KV-cached decode, equal
+    up to float rounding). Memory: one (N, V) distribution at a time."""
+
+    def __init__(self, temperature: float):
+        self.temperature, self.picked, self.last = temperature, [], None
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        if self.last is not None:
+            self.picked.append(self.last.gather(-1, input_ids[:, -1:]).squeeze(-1))
+        self.last = torch.log_softmax(scores.float() / self.temperature, dim=-1)      # (N, V)
+        return scores
+
+    def result(self, response: torch.Tensor) -> torch.Tensor:
+        """(N, L) logprobs of `response` (N, L), the generated tokens."""
+        if self.last is not None and len(self.picked) < response.shape[1]:
+            self.picked.append(self.last.gather(-1, response[:, len(self.picked)].unsqueeze(-1)).squeeze(-1))
+        return torch.stack(self.picked, 1) if self.picked else response.new_zeros(response.shape, dtype=torch.float32)
+
+
 @torch.no_grad()
 def sample(model, tokenizer, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, prompts: list[str],
-           config: SamplingConfig, num_samples: int = 1) -> Rollout:
+           config: SamplingConfig, num_samples: int = 1, record_logprobs: bool = False) -> Rollout:
     """Draw `num_samples` responses per prompt; truncate each after its first EOS.
 
     prompt_ids / prompt_mask (B, P) must be left-padded. Returns a Rollout of N = B * num_samples rows,
     prompt-major (row i * K + k is the k-th sample for prompt i), tokens after the first EOS set to pad.
+    `record_logprobs`: also fill `old_logp` (N, L) with the sampler's logprobs of the sampled tokens (0 after the
+    response), which saves the pi_old forward pass.
     """
-    from transformers import GenerationConfig
+    from transformers import GenerationConfig, LogitsProcessorList
 
     ids = prompt_ids.repeat_interleave(num_samples, 0)           # (N, P)
     mask = prompt_mask.repeat_interleave(num_samples, 0)         # (N, P)
@@ -41,7 +66,9 @@ def sample(model, tokenizer, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor
     model.eval()
     try:
         with _fsdp_root_gathered(model):
+            recorder = _RecordLogprobs(config.temperature) if record_logprobs else None
             out = model.generate(input_ids=ids, attention_mask=mask, generation_config=gen,
+                                 logits_processor=LogitsProcessorList([recorder] if recorder else []),
                                  synced_gpus=is_sharded(model))          # (N, P + L')
     finally:
         model.train(was_training)
@@ -49,6 +76,7 @@ def sample(model, tokenizer, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor
     response = out[:, P:]                                        # (N, L')
     if response.shape[1] == 0:                                   # max_new_tokens = 0
         response = out.new_full((out.shape[0], 1), tokenizer.pad_token_id)
+    picked = recorder.result(response) if recorder is not None else None   # (N, L) of the tokens as drawn
     resp_mask = F.response_mask(response, tokenizer.eos_token_id)  # (N, L)
     response = torch.where(resp_mask.bool(), response, torch.full_like(response, tokenizer.pad_token_id))
     texts = tokenizer.batch_decode(response * resp_mask + (1 - resp_mask) * tokenizer.pad_token_id,
@@ -62,6 +90,7 @@ def sample(model, tokenizer, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor
         prompts=[p for p in prompts for _ in range(num_samples)],
         responses=[t.strip() for t in texts],
         has_eos=F.has_eos(response, tokenizer.eos_token_id),
+        old_logp=None if picked is None else picked * resp_mask,
     )
 
 

@@ -9,17 +9,22 @@ import torch
 from modules import functional as F
 
 
-def lm_logits(model, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-    """Causal-LM logits (B, T, V) with position ids that ignore padding."""
+def lm_logits(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, keep: int = 0) -> torch.Tensor:
+    """Causal-LM logits with position ids that ignore padding: (B, T, V), or (B, keep, V) for the last `keep`
+    positions only (`logits_to_keep`: the LM head and its output are computed for those positions alone; the
+    numbers are the same, the head's FLOPs and memory shrink by T / keep)."""
     return model(input_ids=input_ids, attention_mask=attention_mask,
-                 position_ids=F.position_ids_from_mask(attention_mask), use_cache=False).logits
+                 position_ids=F.position_ids_from_mask(attention_mask), use_cache=False, logits_to_keep=keep).logits
 
 
 def response_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, prompt_length: int,
                       temperature: float = 1.0) -> torch.Tensor:
-    """Per-token logprobs (B, L) of the response tokens input_ids[:, P:] given everything before them."""
-    logits = lm_logits(model, input_ids, attention_mask)        # (B, P + L, V)
-    logits = logits[:, prompt_length - 1: -1]                   # (B, L, V): position t predicts t + 1
+    """Per-token logprobs (B, L) of the response tokens input_ids[:, P:] given everything before them.
+
+    Only the positions that predict a response token reach the LM head: P - 1 .. P + L - 2, the last L + 1
+    positions minus the final one (the prompt positions before would be computed and thrown away)."""
+    L = input_ids.shape[1] - prompt_length
+    logits = lm_logits(model, input_ids, attention_mask, keep=L + 1)[:, :-1]   # (B, L, V): t predicts t + 1
     return F.token_logprobs(logits, input_ids[:, prompt_length:], temperature)  # (B, L)
 
 
