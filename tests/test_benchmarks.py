@@ -81,3 +81,14 @@ def test_frontier_quick_reports_intervals_paired_differences_and_overoptimisatio
 
     points = list(csv.DictReader(open(tmp_path / "points.csv")))
     assert {int(p["rollout"]) for p in points} == {0, 1, 2, 3, 4}            # evaluated after every rollout
+
+
+def test_throughput_quick_prints_the_table_for_our_side():
+    """TRL is an optional extra (not installed in CI): --sides ours measures our RL stage alone."""
+    import os
+    import subprocess
+
+    proc = subprocess.run([sys.executable, "benchmarks/throughput.py", "--quick", "--sides", "ours"],
+                          capture_output=True, text=True, timeout=900, env={**os.environ, "PYTHONPATH": os.getcwd()})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "| ours |" in proc.stdout and "compute floor:" in proc.stdout and "perf/rollout_s" in proc.stdout

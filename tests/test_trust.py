@@ -246,6 +246,7 @@ def test_train_and_val_metrics_share_one_x_axis_in_tensorboard(tmp_path, sft_dir
     assert steps("train/reward") == [0, 1, 2, 3]
     assert steps("val/kl") == [0, 1, 2, 3, 4]
     assert steps("val/gold_reward") == [0, 1, 2, 3, 4]
+    assert steps("perf/peak_memory_gb") == [0, 1, 2, 3] and events.Scalars("perf/peak_memory_gb")[-1].value > 0.1
 
 
 def test_stage_output_keeps_to_what_a_user_reads(tmp_path, sft_dir):
