@@ -155,5 +155,10 @@ def test_smollm2_gguf_loads_with_its_tokenizer_and_chat_template(tmp_path):
     # its export is a float model: no GGUF quantization record, so it reloads 4-bit (the QLoRA path)
     save_pretrained(model, tok, str(tmp_path))
     assert "quantization_config" not in json.loads((tmp_path / "config.json").read_text())
-    quantized = build_causal_lm(BackboneSpec(pretrained=str(tmp_path), quantization="4bit"), tok)
+    quantized = build_causal_lm(BackboneSpec(pretrained=str(tmp_path), quantization="4bit", lora={"r": 4}), tok)
     assert any("4bit" in type(m).__name__ for m in quantized.modules())
+    # QLoRA on SmolLM2's dims with the locked bitsandbytes: 4-bit forward, backward into the LoRA weights
+    loss = quantized(input_ids=ids, labels=ids).loss
+    loss.backward()
+    assert torch.isfinite(loss) and any(p.grad is not None and p.grad.abs().sum() > 0
+                                        for n, p in quantized.named_parameters() if "lora_" in n)
