@@ -64,7 +64,10 @@ def main() -> None:
     parser.add_argument("--weak-rollouts", type=int, default=24)
     parser.add_argument("--exports", type=Path, default=DEFAULT_EXPORTS, help="directory with sft/ and reward/")
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks/results/frontier")
+    parser.add_argument("--report-only", action="store_true", help="redo table.md and the figures from points.csv")
     args = parser.parse_args()
+    if args.report_only:
+        return report(read_points(args.out / "points.csv"), args.out)
     sys.argv = sys.argv[:1]  # LightningCLI reads its own arguments from run_one's list
     kl_sweep, lr_sweep = KL_SWEEP, LR_SWEEP
     if args.quick:
@@ -146,6 +149,19 @@ def write_points(rows: list[dict], out: Path) -> None:
         writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
         writer.writeheader()
         writer.writerows(rows)
+
+
+def read_points(path: Path) -> list[dict]:
+    """points.csv back into typed rows (numbers as numbers, empty cells as None)."""
+    def typed(key: str, value: str):
+        if key in ("setting", "objective", "knob"):
+            return value
+        if value == "":
+            return None
+        return int(value) if key in ("seed", "rollout", "samples") else float(value)
+
+    with open(path, newline="") as handle:
+        return [{k: typed(k, v) for k, v in row.items()} for row in csv.DictReader(handle)]
 
 
 def per_seed(rows: list[dict], setting: str, name: str) -> dict[int, list[dict]]:
@@ -249,6 +265,7 @@ def plot_overoptimisation(rows: list[dict], names: list[str], path: Path) -> Non
             ax.plot(kl, [p["proxy"] for p in points], "--", color="tab:purple", alpha=0.7, lw=1,
                     label="proxy (weak RM)" if seed == min(per_seed(rows, "weak", name)) else None)
         ax.set_title(name)
+        ax.set_xscale("symlog", linthresh=10)      # linear to KL 10, then logarithmic (some runs reach KL 100+)
         ax.set_xlabel("KL(policy || SFT)")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)

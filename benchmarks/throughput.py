@@ -13,8 +13,8 @@ num_iterations=2, per_device_train_batch_size=8, gradient checkpointing off (its
 
 Each side runs in its own process (peak RSS is per side), the sides alternate, the first rollout of every run is
 a warm-up. Printed: median seconds per rollout, the ratio ours/TRL, peak memory, our phase split (perf/*), and
-the compute floor: the FLOPs of one rollout (generation, reward-model-free logprob passes, updates) over this
-machine's measured fp32 matmul rate, and the decode floor (weights read once per new token over measured
+the compute floor: the FLOPs of the work a rollout cannot skip (generation, the pi_ref pass, the updates) over
+this machine's measured fp32 matmul rate, and the decode floor (weights read once per new token over measured
 memory bandwidth).
 """
 from __future__ import annotations
@@ -54,12 +54,14 @@ def run_ours(shape: dict, rollouts: int, new_tokens: int, threads: int) -> dict:
 
     times: list[float] = []
     phases: list[dict] = []
+    prompt_lengths: list[int] = []
 
     import lightning as L
 
     class Clock(L.Callback):
-        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):   # before the rollout is sampled
             self.t0 = time.perf_counter()
+            prompt_lengths.append(batch.prompt_ids.shape[1])
 
         def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
             times.append(time.perf_counter() - self.t0)
@@ -81,10 +83,9 @@ def run_ours(shape: dict, rollouts: int, new_tokens: int, threads: int) -> dict:
         }, Path(tmp) / "ours.yaml")
         torch_threads(threads)
         cli = cli_main(["--config", config], run=False)
-        cli.trainer.callbacks[:0] = [OnPolicyRollout()]
-        cli.trainer.callbacks.append(Clock())
+        cli.trainer.callbacks[:0] = [Clock(), OnPolicyRollout()]   # the clock starts before sampling
         cli.trainer.fit(cli.model, datamodule=cli.datamodule)
-    return {"seconds": times, "phases": phases}
+    return {"seconds": times, "phases": phases, "prompt_length": statistics.median(prompt_lengths)}
 
 
 def run_trl(shape: dict, rollouts: int, new_tokens: int, threads: int) -> dict:
@@ -167,11 +168,11 @@ def machine_rates(threads: int) -> dict:
     return {"gflops": statistics.median(flops[1:]), "gbps": statistics.median(bw[1:])}
 
 
-def rollout_flops(shape: dict, prompt_len: int, new_tokens: int, vocab: int) -> dict:
-    """Matmul FLOPs of one rollout as we run it (2 per multiply-add; attention scores included, elementwise ops
-    not). N responses of T = prompt + new tokens. Generation: prefill + one token per step, LM head on the new
-    positions; logprob passes (pi_old, pi_ref): full forwards with the LM head on the response positions;
-    updates: EPOCHS x (forward + backward = 3 x forward) over every response."""
+def rollout_flops(shape: dict, prompt_len: float, new_tokens: int, vocab: int) -> dict:
+    """Matmul FLOPs of the work one rollout cannot do without (2 per multiply-add; attention scores included,
+    elementwise ops not). N responses of T = prompt + new tokens. Generation: prefill + one token per step, LM
+    head on the new positions; one logprob pass (pi_ref; pi_old comes with the samples): a forward with the LM
+    head on the response positions; updates: EPOCHS x (forward + backward = 3 x forward) over every response."""
     H, inter, n_layers = shape["hidden_size"], shape["intermediate_size"], shape["num_hidden_layers"]
     kv = H * shape["num_key_value_heads"] // shape["num_attention_heads"]
     body = n_layers * (2 * H * H + 2 * H * kv + 3 * H * inter)             # weights multiplied per token
@@ -179,7 +180,7 @@ def rollout_flops(shape: dict, prompt_len: int, new_tokens: int, vocab: int) -> 
     attn = lambda n_tok, ctx: 2 * 2 * n_layers * H * n_tok * ctx     # noqa: E731  QK^T and AV
     forward = 2 * N * T * body + attn(N * T, T / 2) + 2 * N * new_tokens * H * vocab
     generate = 2 * N * T * body + attn(N * T, T / 2) + 2 * N * new_tokens * H * vocab
-    return {"generate": generate, "logprobs": 2 * forward, "update": EPOCHS * 3 * forward, "weights": body + H * vocab}
+    return {"generate": generate, "logprobs": forward, "update": EPOCHS * 3 * forward, "weights": body + H * vocab}
 
 
 # ---------------------------------------------------------------------------------------------------- main
@@ -210,7 +211,7 @@ def main() -> None:
     sides = [s for s in args.sides if s != "trl" or _has_trl()]
     if "trl" in args.sides and "trl" not in sides:
         print("[throughput] TRL is not installed (pip install -e '.[bench]'); measuring ours only")
-    results = {s: {"seconds": [], "phases": [], "peak": []} for s in sides}
+    results = {s: {"seconds": [], "phases": [], "peak": [], "prompt_length": None} for s in sides}
     for _ in range(args.alternations):
         for side in sides:
             with tempfile.NamedTemporaryFile(suffix=".json") as out:
@@ -224,6 +225,7 @@ def main() -> None:
             results[side]["seconds"] += r["seconds"][1:]          # drop the warm-up rollout
             results[side]["phases"] += r["phases"][1:]
             results[side]["peak"].append(r["peak_rss_gb"])
+            results[side]["prompt_length"] = r.get("prompt_length")
             print(f"[throughput] {side}: {['%.2f' % s for s in r['seconds']]} s/rollout, peak {r['peak_rss_gb']:.2f} GB",
                   flush=True)
     print(table(results, args))
@@ -232,7 +234,8 @@ def main() -> None:
 def table(results: dict, args) -> str:
     shape = QUICK if args.quick else SMOLLM2
     rates = machine_rates(args.threads)
-    flops = rollout_flops(shape, prompt_len=40, new_tokens=args.new_tokens, vocab=49152)
+    prompt_len = results.get("ours", {}).get("prompt_length") or 40
+    flops = rollout_flops(shape, prompt_len=prompt_len, new_tokens=args.new_tokens, vocab=49152)
     total = flops["generate"] + flops["logprobs"] + flops["update"]
     compute_floor = total / (rates["gflops"] * 1e9)
     decode_floor = args.new_tokens * flops["weights"] * 4 / (rates["gbps"] * 1e9)
@@ -250,8 +253,9 @@ def table(results: dict, args) -> str:
         keys = sorted({k for p in phases for k in p if k.endswith("_s")})
         lines.append("ours, phase medians (s): " + ", ".join(f"{k} {statistics.median(p[k] for p in phases if k in p):.2f}"
                                                                for k in keys))
-    lines.append(f"compute floor: {total / 1e12:.2f} TFLOP per rollout (generate {flops['generate'] / 1e12:.2f}, "
-                 f"logprob passes {flops['logprobs'] / 1e12:.2f}, updates {flops['update'] / 1e12:.2f}) = "
+    lines.append(f"compute floor: {total / 1e12:.2f} TFLOP per rollout, prompts of {prompt_len:.0f} tokens (generate "
+                 f"{flops['generate'] / 1e12:.2f}, pi_ref pass {flops['logprobs'] / 1e12:.2f}, "
+                 f"updates {flops['update'] / 1e12:.2f}) = "
                  f"{compute_floor:.1f} s; decode floor (weights read per new token) {decode_floor:.2f} s")
     return "\n".join(lines)
 

@@ -81,6 +81,11 @@ def test_frontier_quick_reports_intervals_paired_differences_and_overoptimisatio
 
     points = list(csv.DictReader(open(tmp_path / "points.csv")))
     assert {int(p["rollout"]) for p in points} == {0, 1, 2, 3, 4}            # evaluated after every rollout
+    from frontier import read_points, report
+
+    (tmp_path / "table.md").unlink()
+    report(read_points(tmp_path / "points.csv"), tmp_path)                  # --report-only: the same table again
+    assert (tmp_path / "table.md").read_text() == table
 
 
 def test_throughput_quick_prints_the_table_for_our_side():
