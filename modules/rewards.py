@@ -83,8 +83,8 @@ class PromptShift(nn.Module):
             reward: {class_path: modules.rewards.RewardModel, init_args: {path: artifacts/quickstart/reward}}
             scale: 4.0
 
-    Worked example: `z('a')` is a fixed number, so with scale 2 and reward_std 0.5 the prompt 'a' gets
-    delta = 2 * 0.5 * z('a') = z('a') added to each of its responses' rewards.
+    Worked example (seed 0): z('a') = 1.3305 (sha256 of b'0\\x00a' seeding Python's Mersenne Twister, then gauss),
+    so with scale 2 and reward_std 0.5 every response to 'a' gets delta = 2 * 0.5 * 1.3305 = 1.3305 added.
     """
 
     def __init__(self, reward, scale: float = 1.0, seed: int = 0, reward_std: float = 1.0):
