@@ -123,3 +123,22 @@ def test_metrics_and_errors():
         objective(bad)
     with pytest.raises(ValueError, match="variant"):
         P3O(variant="v3")
+
+
+def test_scale_q_breaks_shift_invariance_because_its_running_std_mixes_prompts():
+    """With scale_q the reward difference is divided by the running std of rewards over *all* prompts. Rewards
+    [1, 0, 0, 1] have std 0.577; shifted by +10 / -10 per prompt, [11, 10, -10, -9] have std 11.56: the same
+    reward differences weigh 20x less, so the gradient shrinks. Without scale_q the two gradients are equal."""
+    logp, old, ref = [-1.0, -1.2, -0.8, -1.1], [-1.0, -1.2, -0.8, -1.1], [-1.3, -1.0, -0.9, -1.0]
+    rewards, shifted = [1.0, 0.0, 0.0, 1.0], [11.0, 10.0, -10.0, -9.0]
+    for scale_q in (False, True):
+        grads = []
+        for r in (rewards, shifted):
+            objective = P3O(variant="v2", scale_q=scale_q, kl_coef=0.0)
+            batch = make_input(logp, old, ref, r)
+            objective.prepare(batch)
+            grads.append(grad(objective, batch))
+        if scale_q:
+            assert grads[1].abs().sum() < grads[0].abs().sum() / 10
+        else:
+            assert torch.allclose(grads[0], grads[1], atol=1e-6)
