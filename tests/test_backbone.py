@@ -88,7 +88,8 @@ def test_lora_export_as_adapter_plus_base_reloads_with_transformers(tiny_spec, t
     assert not (out / "model.safetensors").exists()
     direct = AutoModelForCausalLM.from_pretrained(out)          # transformers follows the adapter to its base
     explicit = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(out / "base"), out)
-    for loaded in (direct, explicit):
+    via_build = build_causal_lm(BackboneSpec(pretrained=str(out)), tokenizer)   # our loader (loading report on)
+    for loaded in (direct, explicit, via_build):
         assert torch.allclose(loaded(input_ids=ids).logits, expected, atol=1e-5)
     assert is_lora(model) and model.peft_config["default"].base_model_name_or_path != str((out / "base").resolve())
 
