@@ -31,7 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from stats import bootstrap_ci, fmt_ci, frontier_at, frontier_auc, paired_ci  # noqa: E402
 
-from runs import DEFAULT_EXPORTS, ROOT, ensure_exports, run_one  # noqa: E402
+from runs import DEFAULT_EXPORTS, ROOT, ensure_exports, panel_figure, run_one  # noqa: E402
 
 # name -> (config, K responses per prompt, KL knob of the objective, objective overrides)
 OBJECTIVES = {
@@ -248,33 +248,19 @@ def plot_frontier(rows: list[dict], names: list[str], path: Path) -> None:
 
 
 def plot_overoptimisation(rows: list[dict], names: list[str], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    cols = min(3, len(names))
-    n_rows = (len(names) + cols - 1) // cols
-    fig, axes = plt.subplots(n_rows, cols, figsize=(4.2 * cols, 3.3 * n_rows), squeeze=False, sharey=True)
-    for ax, name in zip(axes.flat, names):
-        for seed, points in sorted(per_seed(rows, "weak", name).items()):
+    def draw(ax, name):
+        seeds = per_seed(rows, "weak", name)
+        for seed, points in sorted(seeds.items()):
             points = sorted(points, key=lambda r: r["rollout"])
-            kl = [p["kl"] for p in points]
+            kl, first = [p["kl"] for p in points], seed == min(seeds)
             ax.plot(kl, [p["gold"] for p in points], "-", color="tab:green", alpha=0.7, lw=1,
-                    label="gold" if seed == min(per_seed(rows, "weak", name)) else None)
+                    label="gold" if first else None)
             ax.plot(kl, [p["proxy"] for p in points], "--", color="tab:purple", alpha=0.7, lw=1,
-                    label="proxy (weak RM)" if seed == min(per_seed(rows, "weak", name)) else None)
-        ax.set_title(name)
+                    label="proxy (weak RM)" if first else None)
         ax.set_xscale("symlog", linthresh=10)      # linear to KL 10, then logarithmic (some runs reach KL 100+)
-        ax.set_xlabel("KL(policy || SFT)")
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
-    for ax in list(axes.flat)[len(names):]:
-        ax.axis("off")
-    fig.suptitle("Over-optimisation: gold and proxy reward vs KL against a weak reward model (each line a seed)")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+
+    panel_figure(names, draw, "Over-optimisation: gold and proxy reward vs KL against a weak reward model (each "
+                 "line a seed)", path, sharey=True)
 
 
 if __name__ == "__main__":

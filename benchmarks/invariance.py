@@ -24,7 +24,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from runs import DEFAULT_EXPORTS, ROOT, ensure_exports, run_one  # noqa: E402
+from stats import frontier_at  # noqa: E402
+
+from runs import DEFAULT_EXPORTS, ROOT, ensure_exports, panel_figure, run_one  # noqa: E402
 
 # name -> (config, K responses per prompt)
 OBJECTIVES = {
@@ -35,12 +37,6 @@ OBJECTIVES = {
     "RLOO": ("configs/quickstart/rloo.yaml", 2),
     "OnlineDPO": ("configs/quickstart/dpo.yaml", 2),
 }
-
-
-def best_within(points: list[dict], budget: float) -> float | None:
-    """Best gold reward among the evaluation points whose KL is within the budget."""
-    inside = [p["gold"] for p in points if p["kl"] is not None and p["kl"] <= budget]
-    return max(inside) if inside else None
 
 
 def main() -> None:
@@ -86,7 +82,7 @@ def main() -> None:
                 end = run["points"][-1]
                 same = [a == b for a, b in zip(run["responses"], base["responses"])] + [False]
                 rows.append({"objective": name, "scale": scale, "seed": seed, "gold": end["gold"], "kl": end["kl"],
-                             "gold_kl2": best_within(run["points"], 2.0), "gold_kl4": best_within(run["points"], 4.0),
+                             "gold_kl2": frontier_at(run["points"], 2.0), "gold_kl4": frontier_at(run["points"], 4.0),
                              "dw_first": (run["weights_after_first"] - base["weights_after_first"]).abs().max().item(),
                              "same_rollouts": same.index(False),
                              "max_dw": (run["weights"] - base["weights"]).abs().max().item()})
@@ -122,31 +118,17 @@ def write_outputs(rows: list[dict], points: list[dict], out: Path) -> None:
 
 
 def plot(points: list[dict], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     names = list(dict.fromkeys(p["objective"] for p in points))
-    cols = min(3, len(names))
-    fig, axes = plt.subplots((len(names) + cols - 1) // cols, cols, figsize=(4.2 * cols, 3.4 * ((len(names) + cols - 1) // cols)),
-                             squeeze=False)
-    for ax, name in zip(axes.flat, names):
-        for scale in sorted({p["scale"] for p in points if p["objective"] == name}):
-            mine = [p for p in points if p["objective"] == name and p["scale"] == scale and p["seed"] == min(
-                q["seed"] for q in points if q["objective"] == name)]
-            ax.plot([p["kl"] for p in mine], [p["gold"] for p in mine], "o-", ms=3, label=f"shift {scale:g} std")
-        ax.set_title(name)
-        ax.set_xlabel("KL(policy || SFT)")
+
+    def draw(ax, name):
+        mine = [p for p in points if p["objective"] == name]
+        first_seed = min(p["seed"] for p in mine)
+        for scale in sorted({p["scale"] for p in mine}):
+            run = [p for p in mine if p["scale"] == scale and p["seed"] == first_seed]
+            ax.plot([p["kl"] for p in run], [p["gold"] for p in run], "o-", ms=3, label=f"shift {scale:g} std")
         ax.set_ylabel("gold reward")
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
-    for ax in list(axes.flat)[len(names):]:
-        ax.axis("off")
-    fig.suptitle("Per-prompt reward shift: gold reward vs KL during training (first seed)")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+
+    panel_figure(names, draw, "Per-prompt reward shift: gold reward vs KL during training (first seed)", path)
 
 
 if __name__ == "__main__":

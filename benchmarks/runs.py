@@ -98,3 +98,28 @@ def run_one(config: str, tag: str, seed: int, out: Path, *, rollouts: int, respo
                "length": h.get("val/length")} for h in evaluation.history]
     return {"points": points, "weights": flat_weights(cli.model.policy),
             "weights_after_first": trace.weights_after_first, "responses": trace.responses}
+
+
+def panel_figure(names: list[str], draw, title: str, path: Path, sharey: bool = False) -> None:
+    """One panel per objective, 3 to a row: `draw(ax, name)` plots into it; each panel gets its title, the KL
+    x-label, a grid and a legend; the figure is saved to `path`."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    cols = min(3, len(names))
+    n_rows = (len(names) + cols - 1) // cols
+    fig, axes = plt.subplots(n_rows, cols, figsize=(4.2 * cols, 3.4 * n_rows), squeeze=False, sharey=sharey)
+    for ax, name in zip(axes.flat, names):
+        draw(ax, name)
+        ax.set_title(name)
+        ax.set_xlabel("KL(policy || SFT)")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    for ax in list(axes.flat)[len(names):]:
+        ax.axis("off")
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

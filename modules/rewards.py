@@ -101,13 +101,11 @@ class PromptShift(nn.Module):
 
     @torch.no_grad()
     def score(self, rollout: Rollout, tokenizer) -> torch.Tensor:
-        inner = self.reward
-        values = inner.score(rollout, tokenizer) if hasattr(inner, "score") else inner(rollout.prompts, rollout.responses)
-        # One number per response, checked here (naming the wrapped reward); NaN/inf pass through (as NaN) to the
-        # RL module's own check, which stops the run or applies the `nonfinite_reward` penalty.
-        rewards, _ = check(values, inner, rollout, nonfinite=float("nan"))
+        # The wrapped reward is scored and checked like any reward (one number per response, its class named);
+        # NaN/inf pass through (as NaN) to the RL module's own check: stop, or the `nonfinite_reward` penalty.
+        rewards, _ = score(self.reward, rollout, tokenizer, nonfinite=float("nan"))
         offsets = torch.tensor([self.offset(p) for p in rollout.prompts], dtype=torch.float32)
-        return rewards.to(rollout.input_ids.device) + offsets.to(rollout.input_ids.device)
+        return rewards + offsets.to(rewards.device)
 
 
 class RewardError(ValueError):
