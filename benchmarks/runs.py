@@ -1,6 +1,6 @@
-"""Running one RL training from a quickstart config for the benchmarks (frontier, invariance).
+"""Running one RL training from a stage-3 config for the benchmarks (frontier, invariance, smollm2).
 
-Every run derives its config from a quickstart YAML with only what the benchmark varies overridden, and returns
+Every run derives its config from a stage-3 YAML with only what the benchmark varies overridden, and returns
 its evaluation points and final policy weights. `seed` seeds everything that is random in a run: the global
 generator, the rollout sampler's stream, the prompt order and the minibatch shuffling.
 """
@@ -39,16 +39,17 @@ def flat_weights(model) -> torch.Tensor:
     return torch.cat([p.detach().float().flatten().cpu() for p in model.parameters()])
 
 
-def ensure_exports(exports: Path, tag: str) -> None:
-    """Build the quickstart SFT and reward exports where they are missing (the default location only)."""
+def ensure_exports(exports: Path, tag: str, family: str = "quickstart") -> None:
+    """Build the SFT and reward exports of `configs/<family>/` where they are missing (at their default location
+    `artifacts/<family>` only)."""
     from train import cli_main
 
     for stage in ("sft", "reward"):
         if not (exports / stage / "config.json").exists():
-            if exports != DEFAULT_EXPORTS:
+            if exports != ROOT / "artifacts" / family:
                 raise SystemExit(f"error: {exports / stage} does not exist (--exports must hold sft/ and reward/)")
-            print(f"[{tag}] building the quickstart {stage} export")
-            cli_main(["fit", "--config", f"configs/quickstart/{stage}.yaml", "--trainer.enable_progress_bar=false"])
+            print(f"[{tag}] building the {family} {stage} export")
+            cli_main(["fit", "--config", f"configs/{family}/{stage}.yaml", "--trainer.enable_progress_bar=false"])
 
 
 def run_one(config: str, tag: str, seed: int, out: Path, *, rollouts: int, responses_per_rollout: int,

@@ -97,3 +97,16 @@ def test_throughput_quick_prints_the_table_for_our_side():
                           capture_output=True, text=True, timeout=900, env={**os.environ, "PYTHONPATH": os.getcwd()})
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "| ours |" in proc.stdout and "compute floor:" in proc.stdout and "perf/rollout_s" in proc.stdout
+
+
+def test_smollm2_comparison_quick_reports_every_objective_from_one_start(exports, tmp_path):
+    _run("smollm2.py", exports, tmp_path)
+    rows = [line.split("|")[1].strip() for line in (tmp_path / "table.md").read_text().splitlines()
+            if line.startswith("| ") and not line.startswith("| objective")]
+    assert rows == ["SFT", "P3O-V2", "PPO", "GRPO-2"]
+    import csv
+    with open(tmp_path / "points.csv", newline="") as handle:
+        points = list(csv.DictReader(handle))
+    starts = {p["objective"]: p["gold"] for p in points if p["rollout"] == "0"}
+    assert len(starts) == 3 and len(set(starts.values())) == 1    # same SFT policy, prompts and evaluation seed
+    assert {p["rollout"] for p in points} == {"0", "1", "2"} and (tmp_path / "curves.png").exists()
