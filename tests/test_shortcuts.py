@@ -82,3 +82,57 @@ def test_fused_adamw_matches_the_per_tensor_loop(tiny_spec, tokenizer):
             optimizer.step()
     for a, b in zip(models[0].parameters(), models[1].parameters()):
         assert torch.allclose(a, b, atol=1e-6, rtol=0)
+
+
+def test_clipping_scales_by_the_norm_the_update_computed_exactly_as_lightning_clips(tmp_path, sft_dir, monkeypatch):
+    """`update` computes the gradient norm once (for the non-finite check and train/grad_norm) and clips with it
+    (`clip_grads_with_norm_`); Lightning's path computes it again (`clip_grad_norm_`). With a max norm small enough
+    that every step clips, one rollout through each path ends with bit-equal weights."""
+    import modules.rl
+    from tests.helpers import tiny_rl_config
+    from train import cli_main
+
+    weights = {}
+    for path in ("direct", "lightning"):
+        if path == "lightning":
+            monkeypatch.setattr(modules.rl, "PLAIN_GRADIENTS", ())
+        config = tiny_rl_config(tmp_path, sft_dir, name=f"{path}.yaml", model={"max_grad_norm": 1e-3},
+                                limit_train_batches=1)
+        cli = cli_main(["fit", "--config", config])
+        assert cli.trainer.callback_metrics["train/grad_norm"] > 1e-3           # so the clipping was active
+        weights[path] = torch.cat([p.detach().flatten() for p in cli.model.policy.parameters()])
+    assert torch.equal(weights["direct"], weights["lightning"])
+
+
+def test_bf16_mixed_on_cpu_with_fused_adamw_and_clipping_keeps_logprobs_within_its_tolerance(tmp_path, sft_dir):
+    """bf16 autocast on CPU (`configs/presets/bf16.yaml`; CPUs with native bf16 matmul run it faster, see the
+    README's speed section) with the configs' fused AdamW and gradient clipping: Lightning's mixed-precision
+    plugin refused to clip for a fused optimizer (RuntimeError) although bf16 has no loss scaler.
+    Tolerance: autocast rounds every matmul's inputs to bf16 (8 significant bits: relative error <= 2^-9 ~ 0.002
+    per rounding), so a logprob moves by a few times 0.002 x the size of the logits. On the tiny model (logits of
+    order 1) the rollout's pi_ref logprobs differ from fp32 by a mean of 3e-4 and a max of 9e-4 nats (measured);
+    we accept a mean of 3e-3 and a max of 3e-2 nats. pi_old and pi_ref come from forward passes
+    under the same autocast as the update ('auto'), so the first minibatch's ratios are 1 up to the same rounding."""
+    from lightning.pytorch.callbacks import LambdaCallback
+
+    from tests.helpers import tiny_rl_config
+    from train import cli_main
+
+    config = tiny_rl_config(tmp_path, sft_dir, model={"optimizer": {"init_args": {"fused": True}}},
+                            precision="bf16-mixed", limit_train_batches=1)
+    cli = cli_main(["--config", config], run=False)
+    kept = []
+    cli.trainer.callbacks.append(LambdaCallback(   # after OnPolicyRollout: keeps the rollout
+        on_train_batch_start=lambda trainer, module, *args: kept.append(module.rollout)))
+    cli.model.configure_model()
+    before = torch.cat([p.detach().flatten().clone() for p in cli.model.policy.parameters()])
+    cli.trainer.fit(cli.model, datamodule=cli.datamodule)
+    model, roll = cli.model, kept[0]
+    assert not model.logprobs_from_sampler
+    after = torch.cat([p.detach().flatten() for p in model.policy.parameters()])
+    assert torch.isfinite(after).all() and not torch.equal(before, after)
+    mask = roll.response_mask.bool()
+    with model.reference_model() as ref, torch.no_grad():
+        fp32 = response_logprobs(ref, roll.input_ids, roll.attention_mask, roll.prompt_length, model.sampling.temperature)
+    err = (roll.ref_logp - fp32)[mask].abs()
+    assert err.mean() < 3e-3 and err.max() < 3e-2, (err.mean(), err.max())
