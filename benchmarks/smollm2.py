@@ -3,6 +3,7 @@
     python benchmarks/smollm2.py            # 3 objectives x 12 rollouts x 16 responses, seed 0 (~1 h on 2 cores,
                                             # plus ~16 min for the exports if artifacts/smollm2 lacks them)
     python benchmarks/smollm2.py --quick    # 2 rollouts x 8 responses against --exports (CI-sized)
+    python benchmarks/smollm2.py --report-only   # table.md and curves.png again from points.csv
 
 Each objective runs its `configs/smollm2/<name>.yaml` at the same budget: the same number of sampled responses
 per rollout (P3O and GRPO: 8 prompts x 2; PPO: 16 prompts x 1), the same minibatch of 16 responses, 2 epochs,
@@ -47,7 +48,11 @@ def main() -> None:
     parser.add_argument("--eval-prompts", type=int, default=32)
     parser.add_argument("--exports", type=Path, default=ROOT / "artifacts/smollm2", help="directory with sft/ and reward/")
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks/results/smollm2")
+    parser.add_argument("--report-only", action="store_true",
+                        help="redo table.md and curves.png from points.csv (give the --eval-prompts of the run)")
     args = parser.parse_args()
+    if args.report_only:
+        return report(read_points(args.out / "points.csv"), args.out, args.eval_prompts)
     sys.argv = sys.argv[:1]  # LightningCLI reads its own arguments from run_one's list
     if args.quick:
         args.rollouts, args.responses_per_rollout, args.minibatch_responses = 2, 8, 8
@@ -69,7 +74,7 @@ def main() -> None:
         print(f"[smollm2] {name}: gold={end['gold']:.3f} proxy={end['proxy']:.3f} kl={end['kl']:.2f} "
               f"win={end['win_rate']:.2f} ({wall:.0f}s, total {time.time() - start:.0f}s)", flush=True)
         write_points(rows, args.out)
-    report(rows, args.out)
+    report(rows, args.out, args.eval_prompts)
     print(f"[smollm2] wrote {args.out}/table.md, points.csv, curves.png in {time.time() - start:.0f}s")
 
 
@@ -80,12 +85,24 @@ def write_points(rows: list[dict], out: Path) -> None:
         writer.writerows(rows)
 
 
-def report(rows: list[dict], out: Path) -> None:
+def read_points(path: Path) -> list[dict]:
+    """points.csv back into typed rows."""
+    def typed(key: str, value: str):
+        if key == "objective":
+            return value
+        return int(value) if key in ("seed", "rollout", "samples") else float(value)
+
+    with open(path, newline="") as handle:
+        return [{k: typed(k, v) for k, v in row.items()} for row in csv.DictReader(handle)]
+
+
+def report(rows: list[dict], out: Path, n_prompts: int) -> None:
     names = list(dict.fromkeys(r["objective"] for r in rows))
     start = min((r for r in rows if r["objective"] == names[0]), key=lambda r: r["rollout"])
     lines = [f"SmolLM2-135M-Instruct, LoRA, seed {start['seed']}: the SFT policy (rollout 0) and each objective after "
-             "its last rollout, on the same held-out prompts. Win rate: gold reward against the SFT policy's response "
-             "to the same prompt (ties count half).", "",
+             f"its last rollout, on the same {n_prompts} held-out prompts. Win rate: gold reward against a response "
+             "of the SFT policy to the same prompt (ties count half); the SFT row is the SFT policy against its own "
+             f"second sample, i.e. 0.5 up to sampling noise (standard error ~{0.5 / n_prompts ** 0.5:.2f}).", "",
              "| objective | rollouts x responses | gold | proxy | KL | win rate vs SFT | length | best gold (at KL) | wall |",
              "|---|---|---|---|---|---|---|---|---|",
              f"| SFT | 0 | {start['gold']:.3f} | {start['proxy']:.3f} | {start['kl']:.2f} | {start['win_rate']:.2f} | "

@@ -110,3 +110,9 @@ def test_smollm2_comparison_quick_reports_every_objective_from_one_start(exports
     starts = {p["objective"]: p["gold"] for p in points if p["rollout"] == "0"}
     assert len(starts) == 3 and len(set(starts.values())) == 1    # same SFT policy, prompts and evaluation seed
     assert {p["rollout"] for p in points} == {"0", "1", "2"} and (tmp_path / "curves.png").exists()
+    from smollm2 import read_points, report
+
+    table = (tmp_path / "table.md").read_text()
+    (tmp_path / "table.md").unlink()
+    report(read_points(tmp_path / "points.csv"), tmp_path, n_prompts=8)      # --report-only: the same table again
+    assert (tmp_path / "table.md").read_text() == table
