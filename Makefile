@@ -10,7 +10,7 @@ CPU_TORCH := $(firstword $(wildcard /opt/wheels/torch-*+cpu-*.whl))
 
 LOCK := constraints.txt
 
-.PHONY: install lock demo test sft reward p3o smollm2 frontier invariance bench lint clean
+.PHONY: install lock demo test sft reward p3o smollm2 smollm2-compare frontier invariance bench lint clean
 
 $(VENV)/.installed: pyproject.toml $(LOCK)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -56,6 +56,10 @@ smollm2: install
 	$(PY) train.py fit --config configs/smollm2/reward.yaml
 	$(PY) train.py fit --config configs/smollm2/p3o.yaml
 	$(PY) train.py fit --config configs/smollm2/p3o_qlora.yaml
+
+# SmolLM2: P3O-V2 vs PPO vs GRPO-2 from the same exports at the same budget (builds the exports if missing).
+smollm2-compare: install
+	$(PY) benchmarks/smollm2.py $(ARGS)
 
 # Per-prompt reward shifts: every objective at shift scales 0, 1, 4, 16 (ARGS=--quick for the CI-sized version).
 invariance: install

@@ -10,8 +10,9 @@ per rollout (P3O and GRPO: 8 prompts x 2; PPO: 16 prompts x 1), the same minibat
 the same rollouts, learning rate and KL coefficient, and the same held-out prompts, evaluated before training
 and every `--eval-every` rollouts. One seed per objective: on CPU this is a measurement of one run each, not a
 ranking (the embedded-task frontier, `benchmarks/frontier.py`, has the seeds and intervals).
-Writes, under --out: points.csv, table.md (gold, proxy, KL, win rate vs SFT, length, wall time at the end and
-the best gold on the way), curves.png (gold and proxy reward against KL per objective).
+Writes, under --out: points.csv, table.md (gold, proxy, KL, win rate vs SFT, length and wall time at the end,
+and each objective's best gold within the smallest end-KL of all objectives: a comparison at matched KL),
+curves.png (gold and proxy reward against KL per objective).
 """
 from __future__ import annotations
 
@@ -24,6 +25,8 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from stats import frontier_at  # noqa: E402
 
 from runs import ROOT, ensure_exports, panel_figure, run_one  # noqa: E402
 
@@ -99,26 +102,30 @@ def read_points(path: Path) -> list[dict]:
 def report(rows: list[dict], out: Path, n_prompts: int) -> None:
     names = list(dict.fromkeys(r["objective"] for r in rows))
     start = min((r for r in rows if r["objective"] == names[0]), key=lambda r: r["rollout"])
+    runs = {name: sorted((r for r in rows if r["objective"] == name), key=lambda r: r["rollout"]) for name in names}
+    budget = min(points[-1]["kl"] for points in runs.values())        # the smallest KL any objective ended at
     lines = [f"SmolLM2-135M-Instruct, LoRA, seed {start['seed']}: the SFT policy (rollout 0) and each objective after "
              f"its last rollout, on the same {n_prompts} held-out prompts. Win rate: gold reward against a response "
              "of the SFT policy to the same prompt (ties count half); the SFT row is the SFT policy against its own "
              f"second sample, i.e. 0.5 up to sampling noise (standard error ~{0.5 / n_prompts ** 0.5:.2f}).", "",
-             "| objective | rollouts x responses | gold | proxy | KL | win rate vs SFT | length | best gold (at KL) | wall |",
+             f"| objective | rollouts x responses | gold | proxy | KL | win rate vs SFT | length | gold @ KL<={budget:.2f} "
+             "(at KL) | wall |",
              "|---|---|---|---|---|---|---|---|---|",
              f"| SFT | 0 | {start['gold']:.3f} | {start['proxy']:.3f} | {start['kl']:.2f} | {start['win_rate']:.2f} | "
              f"{start['length']:.1f} | | |"]
-    for name in names:
-        points = sorted((r for r in rows if r["objective"] == name), key=lambda r: r["rollout"])
-        end, best = points[-1], max(points, key=lambda r: r["gold"])
+    for name, points in runs.items():
+        end = points[-1]
+        gold = frontier_at(points, budget)
+        at = next((f"{gold:.3f} ({p['kl']:.2f})" for p in points if p["kl"] <= budget and p["gold"] == gold), "n/a")
         minutes, seconds = divmod(round(end["wall_s"]), 60)
         lines.append(f"| {name} | {end['rollout']} x {end['samples'] // max(end['rollout'], 1)} | {end['gold']:.3f} | "
                      f"{end['proxy']:.3f} | {end['kl']:.2f} | {end['win_rate']:.2f} | {end['length']:.1f} | "
-                     f"{best['gold']:.3f} ({best['kl']:.2f}) | {minutes} min {seconds:02d} s |")
+                     f"{at} | {minutes} min {seconds:02d} s |")
     (out / "table.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 
     def draw(ax, name):
-        points = sorted((r for r in rows if r["objective"] == name), key=lambda r: r["rollout"])
+        points = runs[name]
         kl = [p["kl"] for p in points]
         ax.plot(kl, [p["gold"] for p in points], "o-", color="tab:green", label="gold")
         ax.plot(kl, [p["proxy"] for p in points], "s--", color="tab:purple", label="proxy (reward model)")
