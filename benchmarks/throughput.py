@@ -151,19 +151,23 @@ def torch_threads(n: int) -> None:
 
 # ---------------------------------------------------------------------------------------------------- the floor
 def machine_rates(threads: int, precision: str = "32-true") -> dict:
-    """Measured matmul rate (GFLOP/s, median of 5; bf16 operands under bf16-mixed) and memory bandwidth (GB/s, a
-    large fp32 copy)."""
+    """Measured matmul rates (GFLOP/s, median of 5; bf16 operands under bf16-mixed): a large one (2048 rows) and
+    the decode-shaped one (a row per response being generated, PROMPTS x K); memory bandwidth (GB/s, a large fp32
+    copy)."""
     import torch
 
     torch.set_num_threads(threads)
     dtype = torch.bfloat16 if precision == "bf16-mixed" else torch.float32
-    a, b = torch.randn(2048, 576, dtype=dtype), torch.randn(576, 1536, dtype=dtype)
-    flops = []
-    for _ in range(6):
-        t0 = time.perf_counter()
-        for _ in range(10):
-            a @ b
-        flops.append(10 * 2 * 2048 * 576 * 1536 / (time.perf_counter() - t0) / 1e9)
+    b = torch.randn(576, 1536, dtype=dtype)
+    rates = {}
+    for rows, repeats in ((2048, 10), (PROMPTS * K, 400)):
+        a, flops = torch.randn(rows, 576, dtype=dtype), []
+        for _ in range(6):
+            t0 = time.perf_counter()
+            for _ in range(repeats):
+                a @ b
+            flops.append(repeats * 2 * rows * 576 * 1536 / (time.perf_counter() - t0) / 1e9)
+        rates[rows] = statistics.median(flops[1:])
     src = torch.randn(64 * 2**20 // 4)
     dst = torch.empty_like(src)
     bw = []
@@ -171,7 +175,7 @@ def machine_rates(threads: int, precision: str = "32-true") -> dict:
         t0 = time.perf_counter()
         dst.copy_(src)
         bw.append(2 * src.numel() * 4 / (time.perf_counter() - t0) / 1e9)
-    return {"gflops": statistics.median(flops[1:]), "gbps": statistics.median(bw[1:])}
+    return {"gflops": rates[2048], "gflops_decode": rates[PROMPTS * K], "gbps": statistics.median(bw[1:])}
 
 
 def rollout_flops(shape: dict, prompt_len: float, new_tokens: int, vocab: int) -> dict:
@@ -186,7 +190,9 @@ def rollout_flops(shape: dict, prompt_len: float, new_tokens: int, vocab: int) -
     attn = lambda n_tok, ctx: 2 * 2 * n_layers * H * n_tok * ctx     # noqa: E731  QK^T and AV
     forward = 2 * N * T * body + attn(N * T, T / 2) + 2 * N * new_tokens * H * vocab
     generate = 2 * N * T * body + attn(N * T, T / 2) + 2 * N * new_tokens * H * vocab
-    return {"generate": generate, "logprobs": forward, "update": EPOCHS * 3 * forward, "weights": body + H * vocab}
+    decode = 2 * N * new_tokens * (body + H * vocab)                # the part of `generate` done one row-token at a time
+    return {"generate": generate, "decode": decode, "logprobs": forward, "update": EPOCHS * 3 * forward,
+            "weights": body + H * vocab}
 
 
 # ---------------------------------------------------------------------------------------------------- main
@@ -268,6 +274,9 @@ def table(results: dict, args) -> str:
                  f"{flops['generate'] / 1e12:.2f}, pi_ref pass {flops['logprobs'] / 1e12:.2f}, "
                  f"updates {flops['update'] / 1e12:.2f}) = "
                  f"{compute_floor:.1f} s; decode floor (weights read per new token) {decode_floor:.2f} s")
+    small = (flops["generate"] - flops["decode"]) / (rates["gflops"] * 1e9) + flops["decode"] / (rates["gflops_decode"] * 1e9)
+    lines.append(f"generation at the decode-shaped matmul rate ({PROMPTS * K} rows: {rates['gflops_decode']:.0f} GFLOP/s "
+                 f"vs {rates['gflops']:.0f} for 2048 rows): {small:.1f} s, against perf/rollout_s above")
     return "\n".join(lines)
 
 

@@ -97,6 +97,7 @@ def test_throughput_quick_prints_the_table_for_our_side():
                           capture_output=True, text=True, timeout=900, env={**os.environ, "PYTHONPATH": os.getcwd()})
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "| ours |" in proc.stdout and "compute floor:" in proc.stdout and "perf/rollout_s" in proc.stdout
+    assert "decode-shaped matmul rate" in proc.stdout
 
 
 def test_smollm2_comparison_quick_reports_every_objective_from_one_start(exports, tmp_path):
