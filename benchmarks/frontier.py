@@ -20,7 +20,6 @@ Writes, under --out: points.csv, table.md, frontier.png, overoptimisation.png.
 from __future__ import annotations
 
 import argparse
-import csv
 import logging
 import os
 import sys
@@ -31,7 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from stats import bootstrap_ci, fmt_ci, frontier_at, frontier_auc, paired_ci  # noqa: E402
 
-from runs import DEFAULT_EXPORTS, ROOT, ensure_exports, panel_figure, run_one  # noqa: E402
+from runs import DEFAULT_EXPORTS, ROOT, ensure_exports, panel_figure, read_points, run_one, write_points  # noqa: E402
 
 # name -> (config, K responses per prompt, KL knob of the objective, objective overrides)
 OBJECTIVES = {
@@ -142,26 +141,6 @@ def build_weak_reward(args) -> Path:
     print(f"[frontier] training the weak reward model on {args.weak_labels} preference pairs")
     cli_main(["fit", "--config", config])
     return path
-
-
-def write_points(rows: list[dict], out: Path) -> None:
-    with open(out / "points.csv", "w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
-
-
-def read_points(path: Path) -> list[dict]:
-    """points.csv back into typed rows (numbers as numbers, empty cells as None)."""
-    def typed(key: str, value: str):
-        if key in ("setting", "objective", "knob"):
-            return value
-        if value == "":
-            return None
-        return int(value) if key in ("seed", "rollout", "samples") else float(value)
-
-    with open(path, newline="") as handle:
-        return [{k: typed(k, v) for k, v in row.items()} for row in csv.DictReader(handle)]
 
 
 def per_seed(rows: list[dict], setting: str, name: str) -> dict[int, list[dict]]:

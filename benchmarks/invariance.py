@@ -14,7 +14,6 @@ Writes, under --out: table.md, points.csv, invariance.png (gold vs KL per object
 from __future__ import annotations
 
 import argparse
-import csv
 import logging
 import os
 import statistics
@@ -26,7 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from stats import frontier_at  # noqa: E402
 
-from runs import DEFAULT_EXPORTS, ROOT, ensure_exports, panel_figure, run_one  # noqa: E402
+from runs import DEFAULT_EXPORTS, ROOT, ensure_exports, panel_figure, run_one, write_points  # noqa: E402
 
 # name -> (config, K responses per prompt)
 OBJECTIVES = {
@@ -97,10 +96,7 @@ def main() -> None:
 
 
 def write_outputs(rows: list[dict], points: list[dict], out: Path) -> None:
-    with open(out / "points.csv", "w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=list(points[0]))
-        writer.writeheader()
-        writer.writerows(points)
+    write_points(points, out)
     lines = ["| objective | shift (reward std) | gold at end | KL at end | gold @ KL<=2 | gold @ KL<=4 "
              "| vs shift 0: max abs weight diff after rollout 1 | rollouts sampled identically | max abs weight diff "
              "at the end |", "|---" * 9 + "|"]

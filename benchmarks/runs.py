@@ -6,6 +6,7 @@ generator, the rollout sampler's stream, the prompt order and the minibatch shuf
 """
 from __future__ import annotations
 
+import csv
 import sys
 from pathlib import Path
 
@@ -17,6 +18,7 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 DEFAULT_EXPORTS = ROOT / "artifacts/quickstart"
+TEXT_COLUMNS, INT_COLUMNS = ("setting", "objective", "knob"), ("seed", "rollout", "samples")
 
 
 class Trace(L.Callback):
@@ -124,3 +126,24 @@ def panel_figure(names: list[str], draw, title: str, path: Path, sharey: bool = 
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def write_points(rows: list[dict], out: Path) -> None:
+    """Every evaluation point of a benchmark to `out`/points.csv (columns: the keys of the first row)."""
+    with open(out / "points.csv", "w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+
+
+def read_points(path: Path) -> list[dict]:
+    """points.csv back into typed rows (numbers as numbers, empty cells as None): what `--report-only` reads."""
+    def typed(key: str, value: str):
+        if key in TEXT_COLUMNS:
+            return value
+        if value == "":
+            return None
+        return int(value) if key in INT_COLUMNS else float(value)
+
+    with open(path, newline="") as handle:
+        return [{k: typed(k, v) for k, v in row.items()} for row in csv.DictReader(handle)]

@@ -20,7 +20,6 @@ largest KL every objective reached; curves.png (gold and proxy reward against KL
 from __future__ import annotations
 
 import argparse
-import csv
 import logging
 import os
 import sys
@@ -31,7 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from stats import frontier_at  # noqa: E402
 
-from runs import ROOT, ensure_exports, panel_figure, run_one  # noqa: E402
+from runs import ROOT, ensure_exports, panel_figure, read_points, run_one, write_points  # noqa: E402
 
 # name -> (config, K responses per prompt)
 OBJECTIVES = {
@@ -39,7 +38,6 @@ OBJECTIVES = {
     "PPO": ("configs/smollm2/ppo.yaml", 1),
     "GRPO-2": ("configs/smollm2/grpo.yaml", 2),
 }
-COLUMNS = ["objective", "lr", "seed", "rollout", "samples", "gold", "proxy", "kl", "win_rate", "length", "wall_s"]
 BUDGETS = [0.5, 1.0, 2.0, 4.0, 8.0]
 
 
@@ -87,24 +85,6 @@ def main() -> None:
             write_points(rows, args.out)
     report(rows, args.out, args.eval_prompts)
     print(f"[smollm2] wrote {args.out}/table.md, points.csv, curves.png in {time.time() - start:.0f}s")
-
-
-def write_points(rows: list[dict], out: Path) -> None:
-    with open(out / "points.csv", "w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=COLUMNS)
-        writer.writeheader()
-        writer.writerows(rows)
-
-
-def read_points(path: Path) -> list[dict]:
-    """points.csv back into typed rows."""
-    def typed(key: str, value: str):
-        if key == "objective":
-            return value
-        return int(value) if key in ("seed", "rollout", "samples") else float(value)
-
-    with open(path, newline="") as handle:
-        return [{k: typed(k, v) for k, v in row.items()} for row in csv.DictReader(handle)]
 
 
 def report(rows: list[dict], out: Path, n_prompts: int) -> None:

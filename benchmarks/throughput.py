@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import statistics
 import subprocess
 import sys
@@ -200,7 +199,11 @@ def one_side(args) -> None:
     shape = QUICK if args.quick else SMOLLM2
     run = run_ours if args.side == "ours" else run_trl
     result = run(shape, args.rollouts + 1, args.new_tokens, args.threads, args.precision)
-    result["peak_rss_gb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+    import torch
+
+    from modules.rl import peak_memory_gb
+
+    result["peak_rss_gb"] = peak_memory_gb(torch.device("cpu"))          # the process's peak RSS
     Path(args.json).write_text(json.dumps(result))
 
 

@@ -81,7 +81,9 @@ def test_frontier_quick_reports_intervals_paired_differences_and_overoptimisatio
 
     points = list(csv.DictReader(open(tmp_path / "points.csv")))
     assert {int(p["rollout"]) for p in points} == {0, 1, 2, 3, 4}            # evaluated after every rollout
-    from frontier import read_points, report
+    from frontier import report
+
+    from runs import read_points
 
     (tmp_path / "table.md").unlink()
     report(read_points(tmp_path / "points.csv"), tmp_path)                  # --report-only: the same table again
@@ -111,7 +113,9 @@ def test_smollm2_comparison_quick_reports_every_objective_from_one_start(exports
     starts = {p["objective"]: p["gold"] for p in points if p["rollout"] == "0"}
     assert len(starts) == 3 and len(set(starts.values())) == 1    # same SFT policy, prompts and evaluation seed
     assert {p["rollout"] for p in points} == {"0", "1", "2"} and (tmp_path / "curves.png").exists()
-    from smollm2 import read_points, report
+    from smollm2 import report
+
+    from runs import read_points
 
     table = (tmp_path / "table.md").read_text()
     (tmp_path / "table.md").unlink()
