@@ -34,6 +34,45 @@ def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
     return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
 
 
+def shared_prompt_layout(attention_mask: torch.Tensor, prompt_length: int, group_size: int):
+    """Lay out groups of K responses that share a prompt as one row each: [prompt, response 1, ..., response K].
+
+    The prompt is then computed once per group instead of K times; every response attends to the prompt and to
+    its own earlier tokens only, at the positions it has in its own row, so each response token sees exactly
+    what it sees in the (N, P + L) layout. attention_mask (N, P + L), rows i * K + k prompt-major, returns
+    - `gather` (G, P + K L): column indices into the flattened (N * (P + L)) rows: packed = flat[gather];
+    - `position_ids` (G, P + K L): the positions of the unpacked rows (`position_ids_from_mask`);
+    - `allowed` (G, 1, P + K L, P + K L) bool: query i may attend key j (causal, real keys, own response or the
+      prompt; every query sees at least itself, so a padded one stays finite);
+    - `keep` (K L,): the packed columns whose outputs predict the response tokens, response-major: response k's
+      token l is predicted at column P - 1 for l = 0, else at P + k L + l - 1.
+
+    Example, P = 2, L = 2, K = 2, one group: columns [p0 p1 | a0 a1 | b0 b1], segments [0 0 1 1 2 2]. Query b0
+    (column 4) sees p0, p1, b0 and not a0, a1; keep = [1, 2, 1, 4] (p1 predicts a0 and b0, a0 predicts a1, b0
+    predicts b1).
+    """
+    N, T = attention_mask.shape
+    P, K = prompt_length, group_size
+    L, G = T - P, N // K
+    device = attention_mask.device
+    rows = torch.arange(G, device=device)[:, None] * K                                          # (G, 1) first row
+    prompt_cols = rows * T + torch.arange(P, device=device)                                     # (G, P)
+    response_cols = ((rows + torch.arange(K, device=device))[:, :, None] * T + P
+                     + torch.arange(L, device=device)).reshape(G, K * L)                        # (G, K L)
+    gather = torch.cat([prompt_cols, response_cols], 1)                                         # (G, P + K L)
+    position_ids = position_ids_from_mask(attention_mask).flatten()[gather]
+    real = attention_mask.flatten()[gather].bool()                                              # (G, P + K L)
+    segment = torch.cat([torch.zeros(P, dtype=torch.long, device=device),
+                         torch.arange(1, K + 1, device=device).repeat_interleave(L)])           # (P + K L,)
+    col = torch.arange(P + K * L, device=device)
+    causal = col[None, :] <= col[:, None]                                                       # (q, k)
+    same = (segment[None, :] == 0) | (segment[None, :] == segment[:, None])                     # (q, k)
+    allowed = (causal & same)[None] & real[:, None, :] | torch.eye(P + K * L, dtype=torch.bool, device=device)
+    starts = P + torch.arange(K, device=device)[:, None] * L                                   # (K, 1)
+    keep = torch.cat([torch.full((K, 1), P - 1, device=device), starts + torch.arange(L - 1, device=device)], 1)
+    return gather, position_ids, allowed[:, None], keep.flatten()
+
+
 def last_token_index(attention_mask: torch.Tensor) -> torch.Tensor:
     """Index of the last real token of each row, whatever the padding side. (B, T) -> (B,)."""
     T = attention_mask.shape[-1]

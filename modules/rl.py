@@ -76,6 +76,9 @@ class RLModule(L.LightningModule):
             pass; the KV-cached decode equals a full forward up to float rounding, tested); 'forward': a separate
             forward pass over the rollout; 'auto' (default): the sampler at full fp32 precision, the forward pass
             under mixed precision (there the decode and the forward round differently).
+        share_prompts: compute each prompt once for its K responses in every logprob forward (pi_ref, pi_old,
+            the updates): `modules.scoring.response_logprobs` with the group size. On (default) where the model
+            allows it (`modules.scoring.shares_prompts`); the same numbers up to float rounding, fewer FLOPs.
     """
 
     def __init__(self, policy: BackboneSpec, tokenizer: str, reward: Callable, objective: Objective,
@@ -83,7 +86,7 @@ class RLModule(L.LightningModule):
                  sampling: SamplingConfig | None = None, epochs: int = 4, minibatch_groups: int = 8,
                  max_grad_norm: float | None = 1.0, missing_eos_penalty: float | None = None, seed: int = 0,
                  value_model: BackboneSpec | None = None, nonfinite_reward: float | None = None,
-                 old_logprobs: str = "auto"):
+                 old_logprobs: str = "auto", share_prompts: bool = True):
         super().__init__()
         self.save_hyperparameters(ignore=["reward", "objective"])
         self.automatic_optimization = False
@@ -96,7 +99,7 @@ class RLModule(L.LightningModule):
         self.nonfinite_reward = nonfinite_reward
         if old_logprobs not in OLD_LOGPROBS:
             raise ValueError(f"RLModule: old_logprobs={old_logprobs!r}; expected one of {OLD_LOGPROBS}")
-        self.old_logprobs = old_logprobs
+        self.old_logprobs, self.share_prompts = old_logprobs, share_prompts
         self.policy = self.reference = self.value = None
         self.rollout: Rollout | None = None
 
@@ -135,7 +138,7 @@ class RLModule(L.LightningModule):
     def logprobs(self, model, rollout: Rollout) -> torch.Tensor:
         """Per-token response logprobs (N, L) at the sampling temperature: the one place they are computed."""
         return response_logprobs(model, rollout.input_ids, rollout.attention_mask, rollout.prompt_length,
-                                 self.sampling.temperature)
+                                 self.sampling.temperature, rollout.group_size if self.share_prompts else 1)
 
     def values(self, rollout: Rollout) -> torch.Tensor:
         """Value estimates (N, L): V of the state before each response token (read at the previous position)."""

@@ -84,3 +84,34 @@ def test_kl_estimators():
 
 def test_clip_fraction():
     assert F.clip_fraction(torch.tensor([1.0, 1.3, 0.7, 1.1]), 0.2).item() == 0.5
+
+
+def test_shared_prompt_layout_on_one_group_with_a_padded_prompt_and_an_early_eos():
+    """P = 2, L = 2, K = 2. Row a = [pad p1 a0 a1], row b = [pad p1 b0 pad] (b stopped after b0). Packed columns:
+    [pad p1 | a0 a1 | b0 b1] = flat indices [0 1 | 2 3 | 6 7] (row b starts at 4).
+    Positions are each row's own (cumsum of its mask - 1, clamped): a [0 0 1 2], b [0 0 1 1] -> [0 0 1 2 1 1].
+    Attention (query rows, key columns): pad sees only itself; p1 sees p1; a0 sees p1 a0; a1 sees p1 a0 a1;
+    b0 sees p1 b0 (not a's tokens); b1 (padding) sees p1 b0 and itself.
+    keep: p1 predicts a0, a0 predicts a1, p1 predicts b0, b0 predicts b1 -> [1 2 1 4]."""
+    mask = torch.tensor([[0, 1, 1, 1], [0, 1, 1, 0]])
+    gather, positions, allowed, keep = F.shared_prompt_layout(mask, prompt_length=2, group_size=2)
+    assert gather.tolist() == [[0, 1, 2, 3, 6, 7]]
+    assert positions.tolist() == [[0, 0, 1, 2, 1, 1]]
+    assert allowed.shape == (1, 1, 6, 6)
+    assert allowed[0, 0].int().tolist() == [[1, 0, 0, 0, 0, 0],
+                                            [0, 1, 0, 0, 0, 0],
+                                            [0, 1, 1, 0, 0, 0],
+                                            [0, 1, 1, 1, 0, 0],
+                                            [0, 1, 0, 0, 1, 0],
+                                            [0, 1, 0, 0, 1, 1]]
+    assert keep.tolist() == [1, 2, 1, 4]
+
+
+def test_shared_prompt_layout_puts_each_group_in_its_own_row():
+    """Two groups of K = 2, P = 1, L = 1, no padding: rows 0, 1 share prompt 0 and rows 2, 3 prompt 1. Each row of
+    the (4, 2) input starts at 2 * row, so group 0 packs [0 | 1 3] and group 1 [4 | 5 7]; positions [0 1 1]."""
+    gather, positions, allowed, keep = F.shared_prompt_layout(torch.ones(4, 2, dtype=torch.long), 1, 2)
+    assert gather.tolist() == [[0, 1, 3], [4, 5, 7]]
+    assert positions.tolist() == [[0, 1, 1], [0, 1, 1]]
+    assert allowed[:, 0].int().tolist() == [[[1, 0, 0], [1, 1, 0], [1, 0, 1]]] * 2
+    assert keep.tolist() == [0, 0]

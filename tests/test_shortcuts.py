@@ -1,9 +1,13 @@
 """Work reductions (issue 14) keep the maths: each shortcut against the computation it replaces."""
+import pytest
 import torch
 
 from modules import functional as F
 from modules.backbone import BackboneSpec, build_causal_lm
 from modules.scoring import lm_logits, response_logprobs
+from tests.conftest import TINY
+
+TINY_SHAPE = {k: v for k, v in TINY.items() if k != "model_type"}
 
 
 def _full_logprobs(model, ids, mask, P):
@@ -136,3 +140,87 @@ def test_bf16_mixed_on_cpu_with_fused_adamw_and_clipping_keeps_logprobs_within_i
         fp32 = response_logprobs(ref, roll.input_ids, roll.attention_mask, roll.prompt_length, model.sampling.temperature)
     err = (roll.ref_logp - fp32)[mask].abs()
     assert err.mean() < 3e-3 and err.max() < 3e-2, (err.mean(), err.max())
+
+
+def _grouped_rows(tokenizer, K: int = 3):
+    """Two prompts (the first left-padded by 2) x K responses of 6 tokens; response 1 stops after 3 tokens and
+    response 4 after 1 (EOS, then padding): the layouts that differ from one row per response."""
+    torch.manual_seed(0)
+    prompts = torch.randint(3, 40, (2, 5)).repeat_interleave(K, 0)
+    prompt_mask = torch.ones_like(prompts)
+    prompt_mask[:K, :2] = 0
+    responses = torch.randint(3, 40, (2 * K, 6))
+    response_mask = torch.ones_like(responses)
+    response_mask[1, 3:] = 0
+    response_mask[4, 1:] = 0
+    responses[response_mask == 0] = tokenizer.pad_token_id
+    return torch.cat([prompts, responses], 1), torch.cat([prompt_mask, response_mask], 1), response_mask
+
+
+@pytest.mark.parametrize("model_type,attention", [("llama", "sdpa"), ("llama", "eager"), ("mistral", "sdpa"),
+                                                  ("qwen2", "sdpa"), ("qwen3", "eager"), ("llama-lora", "sdpa")])
+def test_shared_prompt_logprobs_and_gradients_equal_one_row_per_response(tokenizer, model_type, attention):
+    """Each prompt computed once for its K = 3 responses (`group_size=3`) against one row per response: the same
+    logprobs on every response token (1e-5) and the same gradient of their masked sum (1e-5 relative to the
+    largest), for each decoder and attention implementation that shares prompts, and a LoRA policy."""
+    from modules.scoring import shares_prompts
+
+    config = {**TINY_SHAPE, "model_type": model_type.split("-")[0], "attn_implementation": attention,
+              "num_key_value_heads": 1}
+    if model_type == "mistral":
+        config["sliding_window"] = None
+    model = build_causal_lm(BackboneSpec(config=config, lora={"r": 4} if "lora" in model_type else None), tokenizer)
+    ids, mask, response_mask = _grouped_rows(tokenizer)
+    assert model.config._attn_implementation == attention and shares_prompts(model, ids, mask, 5, 3)
+    results = []
+    for group_size in (1, 3):
+        model.zero_grad()
+        logp = response_logprobs(model, ids, mask, 5, 0.7, group_size=group_size)
+        (logp * response_mask).sum().backward()
+        grads = torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None])
+        results.append((logp.detach(), grads))
+    (plain, plain_grad), (shared, shared_grad) = results
+    assert torch.isfinite(shared).all()
+    assert torch.allclose(plain * response_mask, shared * response_mask, atol=1e-5, rtol=0)
+    assert (plain_grad - shared_grad).abs().max() <= 1e-5 * plain_grad.abs().max()
+
+
+def test_prompts_are_shared_only_where_the_layout_is_exact(tokenizer):
+    """Falls back to one row per response when a group's rows hold different prompts, when groups are not whole,
+    for a sliding window shorter than the rows, and for an attention implementation that ignores custom masks."""
+    from modules.scoring import shares_prompts
+
+    ids, mask, _ = _grouped_rows(tokenizer)
+    llama = build_causal_lm(BackboneSpec(config={**TINY_SHAPE, "model_type": "llama"}), tokenizer)
+    assert shares_prompts(llama, ids, mask, 5, 3)
+    other = ids.clone()
+    other[1, 4] += 1
+    assert not shares_prompts(llama, other, mask, 5, 3)
+    assert not shares_prompts(llama, ids[:5], mask[:5], 5, 3)
+    for window, shared in ((8, False), (11, True)):
+        mistral = build_causal_lm(BackboneSpec(config={**TINY_SHAPE, "model_type": "mistral",
+                                                       "sliding_window": window}), tokenizer)
+        assert shares_prompts(mistral, ids, mask, 5, 3) == shared
+    llama.config._attn_implementation = "flash_attention_2"
+    assert not shares_prompts(llama, ids, mask, 5, 3)
+
+
+def test_rl_module_shares_prompts_by_default_with_the_same_updates(tmp_path, sft_dir, monkeypatch):
+    """The same tiny run (K = 2) with share_prompts on (the default) and off: the shared path runs (counted), and
+    the weights after the first rollout agree within 1e-4."""
+    import modules.scoring
+    from tests.helpers import tiny_rl_config
+    from train import cli_main
+
+    calls = []
+    shared = modules.scoring._shared_prompt_logprobs
+    monkeypatch.setattr(modules.scoring, "_shared_prompt_logprobs", lambda *a: calls.append(1) or shared(*a))
+    weights = {}
+    for share in (True, False):
+        calls.clear()
+        config = tiny_rl_config(tmp_path, sft_dir, name=f"share-{share}.yaml", model={"share_prompts": share},
+                                limit_train_batches=1)
+        cli = cli_main(["fit", "--config", config])
+        weights[share] = torch.cat([p.detach().flatten() for p in cli.model.policy.parameters()])
+        assert len(calls) == (5 if share else 0)      # pi_ref + 2 epochs x 2 minibatches (pi_old: the sampler)
+    assert (weights[True] - weights[False]).abs().max() < 1e-4
