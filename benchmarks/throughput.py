@@ -15,7 +15,8 @@ num_iterations=2, per_device_train_batch_size=8, gradient checkpointing off (its
 
 Each side runs in its own process (peak RSS is per side), the sides alternate, the first rollout of every run is
 a warm-up. Printed: median seconds per rollout, the ratio ours/TRL, peak memory, our phase split (perf/*), and
-the compute floor: the FLOPs of the work a rollout cannot skip (generation, the pi_ref pass, the updates) over
+the compute floor: the FLOPs of the work a rollout cannot skip (generation, the pi_ref pass, the updates; each
+prompt computed once for its K responses) over
 this machine's measured matmul rate (fp32, or bf16 under `--precision bf16-mixed`), and the decode floor
 (weights read once per new token over measured memory bandwidth).
 """
@@ -177,20 +178,23 @@ def machine_rates(threads: int, precision: str = "32-true") -> dict:
     return {"gflops": rates[2048], "gflops_decode": rates[PROMPTS * K], "gbps": statistics.median(bw[1:])}
 
 
-def rollout_flops(shape: dict, prompt_len: float, new_tokens: int, vocab: int) -> dict:
+def rollout_flops(shape: dict, prompt_len: float, new_tokens: int, vocab: int, shared: bool = True) -> dict:
     """Matmul FLOPs of the work one rollout cannot do without (2 per multiply-add; attention scores included,
-    elementwise ops not). N responses of T = prompt + new tokens. Generation: prefill + one token per step, LM
-    head on the new positions; one logprob pass (pi_ref; pi_old comes with the samples): a forward with the LM
-    head on the response positions; updates: EPOCHS x (forward + backward = 3 x forward) over every response."""
+    elementwise ops not). PROMPTS prompts of P tokens, K responses of L new tokens each; `shared`: each prompt is
+    computed once for its K responses (`RLModule(share_prompts=True)`), else once per response (one row each, as
+    TRL lays them out). Generation: the prefill + one token per step, LM head on the new positions; one logprob
+    pass (pi_ref; pi_old comes with the samples), LM head on the response positions; updates: EPOCHS x (forward +
+    backward = 3 x forward)."""
     H, inter, n_layers = shape["hidden_size"], shape["intermediate_size"], shape["num_hidden_layers"]
     kv = H * shape["num_key_value_heads"] // shape["num_attention_heads"]
     body = n_layers * (2 * H * H + 2 * H * kv + 3 * H * inter)             # weights multiplied per token
-    N, T = PROMPTS * K, prompt_len + new_tokens
-    attn = lambda n_tok, ctx: 2 * 2 * n_layers * H * n_tok * ctx     # noqa: E731  QK^T and AV
-    forward = 2 * N * T * body + attn(N * T, T / 2) + 2 * N * new_tokens * H * vocab
-    generate = 2 * N * T * body + attn(N * T, T / 2) + 2 * N * new_tokens * H * vocab
-    decode = 2 * N * new_tokens * (body + H * vocab)                # the part of `generate` done one row-token at a time
-    return {"generate": generate, "decode": decode, "logprobs": forward, "update": EPOCHS * 3 * forward,
+    P, L, N = prompt_len, new_tokens, PROMPTS * K
+    prompt_rows = PROMPTS if shared else N
+    tokens = prompt_rows * P + N * L
+    attn = 2 * 2 * n_layers * H * (prompt_rows * P * P / 2 + N * L * (P + L / 2))   # QK^T and AV, causal
+    forward = 2 * tokens * body + attn + 2 * N * L * H * vocab
+    decode = 2 * N * L * (body + H * vocab)                 # the part of `generate` done one row-token at a time
+    return {"generate": forward, "decode": decode, "logprobs": forward, "update": EPOCHS * 3 * forward,
             "weights": body + H * vocab}
 
 
@@ -273,10 +277,14 @@ def table(results: dict, args) -> str:
         keys = sorted({k for p in phases for k in p if k.endswith("_s")})
         lines.append("ours, phase medians (s): " + ", ".join(f"{k} {statistics.median(p[k] for p in phases if k in p):.2f}"
                                                                for k in keys))
-    lines.append(f"compute floor: {total / 1e12:.2f} TFLOP per rollout, prompts of {prompt_len:.0f} tokens (generate "
-                 f"{flops['generate'] / 1e12:.2f}, pi_ref pass {flops['logprobs'] / 1e12:.2f}, "
-                 f"updates {flops['update'] / 1e12:.2f}) = "
-                 f"{compute_floor:.1f} s; decode floor (weights read per new token) {decode_floor:.2f} s")
+    unshared = rollout_flops(shape, prompt_len=prompt_len, new_tokens=args.new_tokens, vocab=49152, shared=False)
+    unshared_total = unshared["generate"] + unshared["logprobs"] + unshared["update"]
+    lines.append(f"compute floor: {total / 1e12:.2f} TFLOP per rollout, prompts of {prompt_len:.0f} tokens each computed "
+                 f"once for its {K} responses (generate {flops['generate'] / 1e12:.2f}, pi_ref pass "
+                 f"{flops['logprobs'] / 1e12:.2f}, updates {flops['update'] / 1e12:.2f}) = {compute_floor:.1f} s "
+                 f"(one row per response: {unshared_total / 1e12:.2f} TFLOP = "
+                 f"{unshared_total / (rates['gflops'] * 1e9):.1f} s); "
+                 f"decode floor (weights read per new token) {decode_floor:.2f} s")
     small = (flops["generate"] - flops["decode"]) / (rates["gflops"] * 1e9) + flops["decode"] / (rates["gflops_decode"] * 1e9)
     lines.append(f"generation at the decode-shaped matmul rate ({PROMPTS * K} rows: {rates['gflops_decode']:.0f} GFLOP/s "
                  f"vs {rates['gflops']:.0f} for 2048 rows): {small:.1f} s, against perf/rollout_s above")

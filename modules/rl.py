@@ -76,9 +76,10 @@ class RLModule(L.LightningModule):
             pass; the KV-cached decode equals a full forward up to float rounding, tested); 'forward': a separate
             forward pass over the rollout; 'auto' (default): the sampler at full fp32 precision, the forward pass
             under mixed precision (there the decode and the forward round differently).
-        share_prompts: compute each prompt once for its K responses in every logprob forward (pi_ref, pi_old,
-            the updates): `modules.scoring.response_logprobs` with the group size. On (default) where the model
-            allows it (`modules.scoring.shares_prompts`); the same numbers up to float rounding, fewer FLOPs.
+        share_prompts: compute each prompt once for its K responses: in the sampler's prefill (one KV cache per
+            prompt, repeated K times) and in every logprob forward (pi_ref, pi_old, the updates;
+            `modules.scoring.response_logprobs` with the group size, where `modules.scoring.shares_prompts`
+            allows it). On by default: the same numbers up to float rounding, fewer FLOPs.
     """
 
     def __init__(self, policy: BackboneSpec, tokenizer: str, reward: Callable, objective: Objective,
@@ -160,7 +161,8 @@ class RLModule(L.LightningModule):
         """Sample K responses per prompt, score them, and record pi_old / pi_ref logprobs (and timings)."""
         t0 = time.perf_counter()
         roll = sample(self.policy, self.tokenizer, batch.prompt_ids, batch.prompt_mask, batch.prompts,
-                      self.sampling, self.objective.responses_per_prompt, record_logprobs=self.logprobs_from_sampler)
+                      self.sampling, self.objective.responses_per_prompt, record_logprobs=self.logprobs_from_sampler,
+                      share_prompts=self.share_prompts)
         t1 = time.perf_counter()
         roll.rewards = self.score(roll)
         if roll.old_logp is None:

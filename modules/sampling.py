@@ -46,13 +46,16 @@ class _RecordLogprobs:
 
 @torch.no_grad()
 def sample(model, tokenizer, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, prompts: list[str],
-           config: SamplingConfig, num_samples: int = 1, record_logprobs: bool = False) -> Rollout:
+           config: SamplingConfig, num_samples: int = 1, record_logprobs: bool = False,
+           share_prompts: bool = True) -> Rollout:
     """Draw `num_samples` responses per prompt; truncate each after its first EOS.
 
     prompt_ids / prompt_mask (B, P) must be left-padded. Returns a Rollout of N = B * num_samples rows,
     prompt-major (row i * K + k is the k-th sample for prompt i), tokens after the first EOS set to pad.
     `record_logprobs`: also fill `old_logp` (N, L) with the sampler's logprobs of the sampled tokens (0 after the
     response), which saves the pi_old forward pass.
+    `share_prompts` (K > 1, unsharded models): each prompt's KV cache (all but its last token) is computed once and
+    repeated for its K samples instead of K times (`_prompt_cache`); `generate` continues from it.
     """
     from transformers import GenerationConfig, LogitsProcessorList
 
@@ -67,9 +70,12 @@ def sample(model, tokenizer, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor
     try:
         with _fsdp_root_gathered(model):
             recorder = _RecordLogprobs(config.temperature) if record_logprobs else None
-            out = model.generate(input_ids=ids, attention_mask=mask, generation_config=gen,
+            sharded = is_sharded(model)
+            shared = share_prompts and num_samples > 1 and prompt_ids.shape[1] > 1 and not sharded
+            cache = _prompt_cache(model, prompt_ids, prompt_mask, num_samples) if shared else None
+            out = model.generate(input_ids=ids, attention_mask=mask, generation_config=gen, past_key_values=cache,
                                  logits_processor=LogitsProcessorList([recorder] if recorder else []),
-                                 synced_gpus=is_sharded(model))          # (N, P + L')
+                                 synced_gpus=sharded)                   # (N, P + L')
     finally:
         model.train(was_training)
     P = ids.shape[1]
@@ -92,6 +98,20 @@ def sample(model, tokenizer, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor
         has_eos=F.has_eos(response, tokenizer.eos_token_id),
         old_logp=None if picked is None else picked * resp_mask,
     )
+
+
+def _prompt_cache(model, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, num_samples: int):
+    """The KV cache of every prompt but its last token (B rows), repeated for its K samples (N = B K rows):
+    `generate` then runs only the last prompt token and the new ones. Keys and values are those of `generate`'s
+    own prefill (same positions, same mask), computed once per prompt instead of K times."""
+    from transformers import DynamicCache
+
+    cache = DynamicCache(config=model.config)
+    mask = prompt_mask[:, :-1]
+    model(input_ids=prompt_ids[:, :-1], attention_mask=mask, position_ids=F.position_ids_from_mask(mask),
+          past_key_values=cache, use_cache=True, logits_to_keep=1)
+    cache.batch_repeat_interleave(num_samples)
+    return cache
 
 
 def _fsdp_root_gathered(model):

@@ -57,6 +57,16 @@ def test_token_logprobs_divide_by_temperature():
     assert torch.allclose(F.sequence_logprobs(got, torch.tensor([[1, 0]])), expected[:, 0])
 
 
+def test_token_logprobs_value_and_gradient_at_temperature_one():
+    """Logits [ln 3, 0], label 0: softmax [3/4, 1/4], so log p = log 3/4, and d log p / d logits = onehot - softmax
+    = [1/4, -1/4]."""
+    logits = torch.tensor([[[math.log(3.0), 0.0]]], requires_grad=True)
+    got = F.token_logprobs(logits, torch.tensor([[0]]))
+    got.sum().backward()
+    assert torch.allclose(got, torch.tensor([[math.log(0.75)]]), atol=1e-6)
+    assert torch.allclose(logits.grad, torch.tensor([[[0.25, -0.25]]]), atol=1e-6)
+
+
 def test_response_only_ce_masks_prompt_and_padding():
     """Two-token vocabulary. Sequence [p, r1, r2, pad]; loss mask on r1, r2. Position t predicts t+1, so only
     the predictions made at positions 0 and 1 count: -log softmax([0, 0])[1] = log 2 and

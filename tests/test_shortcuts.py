@@ -224,3 +224,29 @@ def test_rl_module_shares_prompts_by_default_with_the_same_updates(tmp_path, sft
         weights[share] = torch.cat([p.detach().flatten() for p in cli.model.policy.parameters()])
         assert len(calls) == (5 if share else 0)      # pi_ref + 2 epochs x 2 minibatches (pi_old: the sampler)
     assert (weights[True] - weights[False]).abs().max() < 1e-4
+
+
+def test_sampling_computes_each_prompt_once_and_draws_the_same_responses(tiny_spec, tokenizer):
+    """K = 4 samples of 2 left-padded prompts, from the same random state with share_prompts on (the default) and
+    off: the shared run's first forward is the prompts' prefill, 2 rows of P - 1 tokens (not 8 rows of P); both
+    runs draw the same tokens and record the same logprobs (1e-5)."""
+    from datamodules.collate import PairCollator, encode_prompt
+    from modules.sampling import SamplingConfig, sample
+
+    model = build_causal_lm(tiny_spec, tokenizer).eval()
+    texts = ["write a review of the cafe :", "write a review of the hotel , please :"]
+    batch = PairCollator(tokenizer.pad_token_id)([{"prompt": t, "prompt_ids": encode_prompt(tokenizer, t)} for t in texts])
+    P = batch.prompt_ids.shape[1]
+    shapes = []
+    model.register_forward_pre_hook(lambda module, args, kwargs: shapes.append(tuple(kwargs["input_ids"].shape)),
+                                    with_kwargs=True)
+    rolls = {}
+    for share in (True, False):
+        shapes.clear()
+        torch.manual_seed(0)
+        rolls[share] = sample(model, tokenizer, batch.prompt_ids, batch.prompt_mask, batch.prompts,
+                              SamplingConfig(temperature=0.7, max_new_tokens=10), num_samples=4, record_logprobs=True,
+                              share_prompts=share)
+        assert shapes[:2] == ([(2, P - 1), (8, 1)] if share else [(8, P), (8, 1)])
+    assert torch.equal(rolls[True].input_ids, rolls[False].input_ids)
+    assert torch.allclose(rolls[True].old_logp, rolls[False].old_logp, atol=1e-5, rtol=0)
