@@ -29,6 +29,31 @@ class RLHFCLI(LightningCLI):
         if problem:
             sys.exit(f"error: {problem}")
 
+    def instantiate_classes(self) -> None:
+        super().instantiate_classes()
+        if self.trainer.strategy.root_device.type == "cpu":
+            reuse_freed_memory()
+
+
+def reuse_freed_memory() -> bool:
+    """CPU training: let glibc keep freed memory for the next allocation instead of returning it to the OS.
+
+    By default glibc serves every block over 32 MB (logits over a 49k vocabulary, an embedding's gradient) from a
+    fresh mmap and unmaps it on free, so each step pays page faults to zero those pages again. `mallopt` with no
+    mmap and no trimming reuses them (what jemalloc / tcmalloc, which PyTorch's CPU tuning guide recommends,
+    do). Numbers are unchanged; the process keeps its peak memory mapped. Off with P3O_REUSE_FREED_MEMORY=0, and
+    a no-op where libc is not glibc. Returns whether it was applied."""
+    if os.environ.get("P3O_REUSE_FREED_MEMORY", "1") == "0" or not sys.platform.startswith("linux"):
+        return False
+    import ctypes
+
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        m_trim_threshold, m_mmap_max = -1, -4                   # glibc <malloc.h>
+        return bool(libc.mallopt(m_mmap_max, 0)) and bool(libc.mallopt(m_trim_threshold, 2**31 - 1))
+    except (OSError, AttributeError):
+        return False
+
 
 class _NoAdverts(logging.Filter):
     """Drops Lightning's litlogger advert (an INFO line on every run that says nothing about the run)."""

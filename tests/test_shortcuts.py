@@ -250,3 +250,19 @@ def test_sampling_computes_each_prompt_once_and_draws_the_same_responses(tiny_sp
         assert shapes[:2] == ([(2, P - 1), (8, 1)] if share else [(8, P), (8, 1)])
     assert torch.equal(rolls[True].input_ids, rolls[False].input_ids)
     assert torch.allclose(rolls[True].old_logp, rolls[False].old_logp, atol=1e-5, rtol=0)
+
+
+def test_cpu_runs_reuse_freed_memory_unless_switched_off(monkeypatch, tmp_path, sft_dir):
+    """The CLI applies `reuse_freed_memory` when the trainer runs on CPU. On Linux/glibc it returns True (both
+    mallopt calls accepted), with P3O_REUSE_FREED_MEMORY=0 it does nothing and returns False."""
+    import train
+    from tests.helpers import tiny_rl_config
+
+    calls = []
+    monkeypatch.setattr(train, "reuse_freed_memory", lambda: calls.append(1) or True)
+    train.cli_main(["--config", tiny_rl_config(tmp_path, sft_dir)], run=False)
+    assert calls == [1]
+    monkeypatch.undo()
+    assert train.reuse_freed_memory() is (train.sys.platform.startswith("linux"))
+    monkeypatch.setenv("P3O_REUSE_FREED_MEMORY", "0")
+    assert train.reuse_freed_memory() is False
