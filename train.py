@@ -38,8 +38,9 @@ class RLHFCLI(LightningCLI):
 def reuse_freed_memory() -> bool:
     """CPU training: let glibc keep freed memory for the next allocation instead of returning it to the OS.
 
-    By default glibc serves every block over 32 MB (logits over a 49k vocabulary, an embedding's gradient) from a
-    fresh mmap and unmaps it on free, so each step pays page faults to zero those pages again. `mallopt` with no
+    By default glibc serves blocks above its mmap threshold (128 KB, rising to at most 32 MB) from a fresh mmap and
+    unmaps them on free, so blocks of 50-113 MB (logits over a 49k vocabulary, an embedding's gradient) pay page
+    faults to zero their pages again on every step. `mallopt` with no
     mmap and no trimming reuses them (what jemalloc / tcmalloc, which PyTorch's CPU tuning guide recommends,
     do). Numbers are unchanged; the process keeps its peak memory mapped. Off with P3O_REUSE_FREED_MEMORY=0, and
     a no-op where libc is not glibc. Returns whether it was applied."""
