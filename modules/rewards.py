@@ -28,13 +28,15 @@ class RewardModel(nn.Module):
         path: export directory of the reward stage (or any such HF directory / hub id).
         normalize: return (r - mean) / std with the stats stored next to the export (`reward_stats.json`).
         clip: clip the (normalised) reward to [-clip, clip] (None = off).
+        share_prompts: score a rollout's K responses to a prompt with the prompt computed once
+            (`modules.scoring.sequence_rewards` with the group size; same numbers up to float rounding).
     When the reward model shares the policy's vocabulary, rollouts are scored from their token ids directly;
     otherwise their texts are re-tokenized with the reward model's own tokenizer.
     """
 
-    def __init__(self, path: str, normalize: bool = True, clip: float | None = None):
+    def __init__(self, path: str, normalize: bool = True, clip: float | None = None, share_prompts: bool = True):
         super().__init__()
-        self.path, self.normalize, self.clip = path, normalize, clip
+        self.path, self.normalize, self.clip, self.share_prompts = path, normalize, clip, share_prompts
         self.tokenizer = load_tokenizer(path)
         self.model = build_scorer(BackboneSpec(pretrained=path), self.tokenizer).eval().requires_grad_(False)
         stats_path = os.path.join(path, "reward_stats.json")
@@ -59,7 +61,8 @@ class RewardModel(nn.Module):
     @torch.no_grad()
     def score(self, rollout: Rollout, tokenizer) -> torch.Tensor:
         if self._same_vocab(tokenizer):
-            raw = sequence_rewards(self.model, rollout.input_ids, rollout.attention_mask)   # (N,)
+            raw = sequence_rewards(self.model, rollout.input_ids, rollout.attention_mask, rollout.prompt_length,
+                                   rollout.group_size if self.share_prompts else 1)          # (N,)
         else:
             raw = score_texts(self.model, self.tokenizer, rollout.prompts, rollout.responses,
                               rollout.has_eos.tolist()).to(rollout.input_ids.device)

@@ -70,11 +70,16 @@ def _shared_prompt_logprobs(model, input_ids, attention_mask, prompt_length, tem
     N, T = input_ids.shape
     L = T - prompt_length
     gather, position_ids, allowed, keep = F.shared_prompt_layout(attention_mask, prompt_length, group_size)
-    if CUSTOM_MASK_ATTENTION[model.config._attn_implementation] == "additive":
-        allowed = torch.zeros(allowed.shape, device=allowed.device).masked_fill(~allowed, torch.finfo(torch.float32).min)
-    logits = model(input_ids=input_ids.flatten()[gather], attention_mask=allowed, position_ids=position_ids,
-                   use_cache=False, logits_to_keep=keep).logits                      # (G, K L, V)
+    logits = model(input_ids=input_ids.flatten()[gather], attention_mask=_custom_mask(model, allowed),
+                   position_ids=position_ids, use_cache=False, logits_to_keep=keep).logits    # (G, K L, V)
     return F.token_logprobs(logits.reshape(N, L, -1), input_ids[:, prompt_length:], temperature)
+
+
+def _custom_mask(model, allowed: torch.Tensor) -> torch.Tensor:
+    """The boolean mask as the model's attention implementation takes it (additive: 0 or float32 min)."""
+    if CUSTOM_MASK_ATTENTION[model.config._attn_implementation] == "additive":
+        return torch.zeros(allowed.shape, device=allowed.device).masked_fill(~allowed, torch.finfo(torch.float32).min)
+    return allowed
 
 
 def scorer_head(scorer):
@@ -94,9 +99,24 @@ def token_scores(scorer, input_ids: torch.Tensor, attention_mask: torch.Tensor) 
     return head(hidden).squeeze(-1).float()                     # (B, T)
 
 
-def sequence_rewards(scorer, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-    """Reward read at the last real token of each row, whatever the padding side. (B, T) -> (B,)."""
-    return F.gather_last(token_scores(scorer, input_ids, attention_mask), attention_mask)
+def sequence_rewards(scorer, input_ids: torch.Tensor, attention_mask: torch.Tensor, prompt_length: int = 0,
+                     group_size: int = 1) -> torch.Tensor:
+    """Reward read at the last real token of each row, whatever the padding side. (B, T) -> (B,).
+
+    A rollout's rows (`prompt_length` P, `group_size` K > 1: rows i * K + k share prompt i) are scored with each
+    prompt computed once per group where `shares_prompts` allows it, as in `response_logprobs`: row i * K + k's
+    last real token, at column c >= P of its own row, sits at column c + k L of its group's packed row."""
+    if not (group_size > 1 and shares_prompts(scorer, input_ids, attention_mask, prompt_length, group_size)):
+        return F.gather_last(token_scores(scorer, input_ids, attention_mask), attention_mask)
+    N, T = input_ids.shape
+    gather, position_ids, allowed, _ = F.shared_prompt_layout(attention_mask, prompt_length, group_size)
+    backbone, head = scorer_head(scorer)
+    hidden = backbone(input_ids=input_ids.flatten()[gather], attention_mask=_custom_mask(scorer, allowed),
+                      position_ids=position_ids, use_cache=False).last_hidden_state          # (G, P + K L, H)
+    rows = torch.arange(N, device=input_ids.device)
+    last = F.last_token_index(attention_mask)                                                 # (N,)
+    column = torch.where(last < prompt_length, last, last + (rows % group_size) * (T - prompt_length))
+    return head(hidden[rows // group_size, column]).squeeze(-1).float()                       # (N,)
 
 
 @torch.no_grad()

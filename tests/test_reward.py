@@ -7,7 +7,7 @@ import torch
 from datamodules.collate import PairCollator, encode_prompt, encode_response
 from modules.backbone import BackboneSpec, build_causal_lm
 from modules.reward import RewardModule, stack_pair
-from modules.scoring import score_texts, sequence_rewards, token_scores
+from modules.scoring import score_texts, sequence_rewards, shares_prompts, token_scores
 
 
 def examples(tokenizer, rows):
@@ -88,10 +88,17 @@ def test_calibration_stats_are_exported_and_used_for_normalisation(sft_dir, toke
 
     reward = RewardModel(str(tmp_path / "rm"))
     collated = PairCollator(tokenizer.pad_token_id)(data[:4])
-    roll = sample(build_causal_lm(BackboneSpec(pretrained=sft_dir), tokenizer), tokenizer, collated.prompt_ids,
-                  collated.prompt_mask, collated.prompts, SamplingConfig(max_new_tokens=8))
+    policy = build_causal_lm(BackboneSpec(pretrained=sft_dir), tokenizer)
+    roll = sample(policy, tokenizer, collated.prompt_ids, collated.prompt_mask, collated.prompts,
+                  SamplingConfig(max_new_tokens=8))
     raw = sequence_rewards(reward.model, roll.input_ids, roll.attention_mask)
     assert torch.allclose(reward.score(roll, tokenizer), (raw - stats["mean"]) / stats["std"], atol=1e-5)
+    # Two responses per prompt: each prompt is scored once per group, with the same numbers as one row each.
+    pairs = sample(policy, tokenizer, collated.prompt_ids, collated.prompt_mask, collated.prompts,
+                   SamplingConfig(max_new_tokens=8), num_samples=2)
+    assert shares_prompts(reward.model, pairs.input_ids, pairs.attention_mask, pairs.prompt_length, 2)
+    raw = sequence_rewards(reward.model, pairs.input_ids, pairs.attention_mask)
+    assert torch.allclose(reward.score(pairs, tokenizer), (raw - stats["mean"]) / stats["std"], atol=1e-5)
     by_text = RewardModel(str(tmp_path / "rm"))
     by_text._shares_vocab[id(tokenizer)] = False  # force the re-tokenizing path: same numbers
     assert torch.allclose(by_text.score(roll, tokenizer), reward.score(roll, tokenizer), atol=1e-4)

@@ -266,3 +266,18 @@ def test_cpu_runs_reuse_freed_memory_unless_switched_off(monkeypatch, tmp_path, 
     assert train.reuse_freed_memory() is (train.sys.platform.startswith("linux"))
     monkeypatch.setenv("P3O_REUSE_FREED_MEMORY", "0")
     assert train.reuse_freed_memory() is False
+
+
+@pytest.mark.parametrize("attention", ["sdpa", "eager"])
+def test_shared_prompt_rewards_equal_one_row_per_response(tokenizer, attention):
+    """A reward model (scalar head) scores K = 3 responses per prompt with each prompt computed once: the same
+    rewards (1e-5) as one row per response, read at each response's last real token (rows 1 and 4 stop early)."""
+    from modules.backbone import build_scorer
+    from modules.scoring import sequence_rewards
+
+    scorer = build_scorer(BackboneSpec(config={**TINY_SHAPE, "attn_implementation": attention}), tokenizer).eval()
+    ids, mask, _ = _grouped_rows(tokenizer)
+    with torch.no_grad():
+        plain, shared = sequence_rewards(scorer, ids, mask), sequence_rewards(scorer, ids, mask, 5, 3)
+    assert shared.shape == (6,) and not torch.allclose(plain, plain[:1].expand(6))
+    assert torch.allclose(plain, shared, atol=1e-5, rtol=0)
