@@ -54,7 +54,7 @@ def sample(model, tokenizer, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor
     prompt-major (row i * K + k is the k-th sample for prompt i), tokens after the first EOS set to pad.
     `record_logprobs`: also fill `old_logp` (N, L) with the sampler's logprobs of the sampled tokens (0 after the
     response), which saves the pi_old forward pass.
-    `share_prompts` (K > 1, unsharded models): each prompt's KV cache (all but its last token) is computed once and
+    `share_prompts` (K > 1; not FSDP-wrapped, not sharded): each prompt's KV cache (all but its last token) is computed once and
     repeated for its K samples instead of K times (`_prompt_cache`); `generate` continues from it.
     """
     from transformers import GenerationConfig, LogitsProcessorList
@@ -71,7 +71,8 @@ def sample(model, tokenizer, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor
         with _fsdp_root_gathered(model):
             recorder = _RecordLogprobs(config.temperature) if record_logprobs else None
             sharded = is_sharded(model)
-            shared = share_prompts and num_samples > 1 and prompt_ids.shape[1] > 1 and not sharded
+            shared = (share_prompts and num_samples > 1 and prompt_ids.shape[1] > 1 and not sharded
+                      and not _is_fsdp_root(model))
             cache = _prompt_cache(model, prompt_ids, prompt_mask, num_samples) if shared else None
             out = model.generate(input_ids=ids, attention_mask=mask, generation_config=gen, past_key_values=cache,
                                  logits_processor=LogitsProcessorList([recorder] if recorder else []),
@@ -114,13 +115,21 @@ def _prompt_cache(model, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, nu
     return cache
 
 
+def _is_fsdp_root(model) -> bool:
+    """An FSDP wrapper: `generate` runs its inner module inside `_fsdp_root_gathered`, where calling the wrapper's
+    own forward (as `_prompt_cache` would) is not supported; such models prefill K times."""
+    from torch.distributed.fsdp import FullyShardedDataParallel
+
+    return isinstance(model, FullyShardedDataParallel)
+
+
 def _fsdp_root_gathered(model):
     """`generate` on an FSDP-wrapped model runs the inner model's forward, skipping the wrapper's own unshard:
     gather the root-level parameters (embeddings, head, norms) for it. Nested units (decoder layers) gather their
     own when called. A no-op for any other model."""
     from torch.distributed.fsdp import FullyShardedDataParallel
 
-    if isinstance(model, FullyShardedDataParallel):
+    if _is_fsdp_root(model):
         return FullyShardedDataParallel.summon_full_params(model, recurse=False, writeback=False)
     return contextlib.nullcontext()
 

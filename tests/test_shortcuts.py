@@ -226,10 +226,11 @@ def test_rl_module_shares_prompts_by_default_with_the_same_updates(tmp_path, sft
     assert (weights[True] - weights[False]).abs().max() < 1e-4
 
 
-def test_sampling_computes_each_prompt_once_and_draws_the_same_responses(tiny_spec, tokenizer):
+def test_sampling_computes_each_prompt_once_and_draws_the_same_responses(tiny_spec, tokenizer, monkeypatch):
     """K = 4 samples of 2 left-padded prompts, from the same random state with share_prompts on (the default) and
     off: the shared run's first forward is the prompts' prefill, 2 rows of P - 1 tokens (not 8 rows of P); both
-    runs draw the same tokens and record the same logprobs (1e-5)."""
+    runs draw the same tokens and record the same logprobs (1e-5). An FSDP-wrapped model prefills K times."""
+    import modules.sampling
     from datamodules.collate import PairCollator, encode_prompt
     from modules.sampling import SamplingConfig, sample
 
@@ -250,6 +251,11 @@ def test_sampling_computes_each_prompt_once_and_draws_the_same_responses(tiny_sp
         assert shapes[:2] == ([(2, P - 1), (8, 1)] if share else [(8, P), (8, 1)])
     assert torch.equal(rolls[True].input_ids, rolls[False].input_ids)
     assert torch.allclose(rolls[True].old_logp, rolls[False].old_logp, atol=1e-5, rtol=0)
+    monkeypatch.setattr(modules.sampling, "_is_fsdp_root", lambda model: True)
+    shapes.clear()
+    sample(model, tokenizer, batch.prompt_ids, batch.prompt_mask, batch.prompts, SamplingConfig(max_new_tokens=2),
+           num_samples=4)
+    assert shapes[0] == (8, P)
 
 
 def test_cpu_runs_reuse_freed_memory_unless_switched_off(monkeypatch, tmp_path, sft_dir):
