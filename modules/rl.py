@@ -137,9 +137,14 @@ class RLModule(L.LightningModule):
         return precision in ("32-true", "32", "64-true", "64")
 
     def logprobs(self, model, rollout: Rollout) -> torch.Tensor:
-        """Per-token response logprobs (N, L) at the sampling temperature: the one place they are computed."""
-        return response_logprobs(model, rollout.input_ids, rollout.attention_mask, rollout.prompt_length,
+        """Per-token response logprobs (N, L) at the sampling temperature: the one place they are computed.
+
+        0 after each response (outside `response_mask`), as the sampler records pi_old: the padding positions'
+        values mean nothing, and exactly 0 keeps every objective's ratio and KL finite there (exp(logp - ref) of
+        two arbitrary pad logprobs could overflow, and inf x mask 0 is NaN). No gradient reaches those positions."""
+        logp = response_logprobs(model, rollout.input_ids, rollout.attention_mask, rollout.prompt_length,
                                  self.sampling.temperature, rollout.group_size if self.share_prompts else 1)
+        return torch.where(rollout.response_mask.bool(), logp, torch.zeros((), dtype=logp.dtype, device=logp.device))
 
     def values(self, rollout: Rollout) -> torch.Tensor:
         """Value estimates (N, L): V of the state before each response token (read at the previous position)."""

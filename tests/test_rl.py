@@ -134,3 +134,40 @@ def test_an_objective_outside_the_repository_runs_by_class_path(tmp_path, sft_di
     assert type(cli.model.objective).__name__ == "ReinforceWithMeanBaseline"
     assert "train/adv_abs" in cli.trainer.callback_metrics
     assert cli.trainer.callbacks[0].samples == 16 * 3
+
+
+def test_rl_logprobs_are_zero_after_each_response_so_ratios_and_kl_stay_finite(sft_dir, tokenizer):
+    """`RLModule.logprobs` returns the forward's logprobs on response tokens and exactly 0 after each response
+    (as the sampler records pi_old), with no gradient there. Why it matters: two pad-position logprobs 200 nats
+    apart make GRPO's k3 KL exp(200) = inf there, and inf x mask 0 = NaN in the loss; with 0 on both sides the
+    KL there is 0 and the loss is finite."""
+    from modules.batch import ObjectiveInput
+    from modules.objectives.grpo import GRPO
+    from modules.rl import RLModule
+    from modules.scoring import response_logprobs
+
+    module = RLModule(BackboneSpec(pretrained=sft_dir), sft_dir, reward=lambda p, r: [0.0] * len(p), objective=GRPO(k=2))
+    model = build_causal_lm(BackboneSpec(pretrained=sft_dir), tokenizer)
+    batch = PairCollator(tokenizer.pad_token_id)([{"prompt": t, "prompt_ids": encode_prompt(tokenizer, t)}
+                                                 for t in ["write a review of the cafe :"]])
+    torch.manual_seed(0)
+    roll = sample(model, tokenizer, batch.prompt_ids, batch.prompt_mask, batch.prompts,
+                  SamplingConfig(max_new_tokens=6), num_samples=2)
+    roll.response_mask[0, 2:] = 0                                  # as if response 0 had stopped after 2 tokens
+    roll.attention_mask[0, roll.prompt_length + 2:] = 0
+    logp = module.logprobs(model, roll)
+    full = response_logprobs(model, roll.input_ids, roll.attention_mask, roll.prompt_length)
+    mask = roll.response_mask.bool()
+    assert torch.equal(logp[~mask], torch.zeros((~mask).sum().item()))
+    assert torch.allclose(logp[mask], full[mask], atol=1e-5)
+    logp.sum().backward()
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
+
+    rewards, L = torch.tensor([1.0, 0.0]), mask.shape[1]
+    pads = lambda value: torch.where(mask, torch.zeros(2, L), torch.full((2, L), value))   # noqa: E731
+    grpo = GRPO(k=2)
+    for ref, finite in ((pads(0.0), True), (pads(200.0), False)):
+        batch_in = ObjectiveInput(logp=torch.zeros(2, L), old_logp=torch.zeros(2, L), ref_logp=ref,
+                                  mask=roll.response_mask, rewards=rewards, group_size=2)
+        batch_in.extra = grpo.prepare(batch_in)
+        assert bool(torch.isfinite(grpo(batch_in).loss)) == finite
