@@ -195,7 +195,7 @@ def rollout_flops(shape: dict, prompt_len: float, new_tokens: int, vocab: int, s
     forward = 2 * tokens * body + attn + 2 * N * L * H * vocab
     decode = 2 * N * L * (body + H * vocab)                 # the part of `generate` done one row-token at a time
     return {"generate": forward, "decode": decode, "logprobs": forward, "update": EPOCHS * 3 * forward,
-            "weights": body + H * vocab}
+            "total": (2 + EPOCHS * 3) * forward, "weights": body + H * vocab}
 
 
 # ---------------------------------------------------------------------------------------------------- main
@@ -258,7 +258,7 @@ def table(results: dict, args) -> str:
     rates = machine_rates(args.threads, args.precision)
     prompt_len = results.get("ours", {}).get("prompt_length") or 40
     flops = rollout_flops(shape, prompt_len=prompt_len, new_tokens=args.new_tokens, vocab=49152)
-    total = flops["generate"] + flops["logprobs"] + flops["update"]
+    total = flops["total"]
     compute_floor = total / (rates["gflops"] * 1e9)
     decode_floor = args.new_tokens * flops["weights"] * 4 / (rates["gbps"] * 1e9)
     dtype = "bf16" if args.precision == "bf16-mixed" else "fp32"
@@ -277,8 +277,8 @@ def table(results: dict, args) -> str:
         keys = sorted({k for p in phases for k in p if k.endswith("_s")})
         lines.append("ours, phase medians (s): " + ", ".join(f"{k} {statistics.median(p[k] for p in phases if k in p):.2f}"
                                                                for k in keys))
-    unshared = rollout_flops(shape, prompt_len=prompt_len, new_tokens=args.new_tokens, vocab=49152, shared=False)
-    unshared_total = unshared["generate"] + unshared["logprobs"] + unshared["update"]
+    unshared_total = rollout_flops(shape, prompt_len=prompt_len, new_tokens=args.new_tokens, vocab=49152,
+                                   shared=False)["total"]
     lines.append(f"compute floor: {total / 1e12:.2f} TFLOP per rollout, prompts of {prompt_len:.0f} tokens each computed "
                  f"once for its {K} responses (generate {flops['generate'] / 1e12:.2f}, pi_ref pass "
                  f"{flops['logprobs'] / 1e12:.2f}, updates {flops['update'] / 1e12:.2f}) = {compute_floor:.1f} s "

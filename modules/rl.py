@@ -144,7 +144,7 @@ class RLModule(L.LightningModule):
         two arbitrary pad logprobs could overflow, and inf x mask 0 is NaN). No gradient reaches those positions."""
         logp = response_logprobs(model, rollout.input_ids, rollout.attention_mask, rollout.prompt_length,
                                  self.sampling.temperature, rollout.group_size if self.share_prompts else 1)
-        return torch.where(rollout.response_mask.bool(), logp, torch.zeros((), dtype=logp.dtype, device=logp.device))
+        return logp.masked_fill(~rollout.response_mask.bool(), 0.0)
 
     def values(self, rollout: Rollout) -> torch.Tensor:
         """Value estimates (N, L): V of the state before each response token (read at the previous position)."""

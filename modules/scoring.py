@@ -9,12 +9,16 @@ import torch
 from modules import functional as F
 
 
-def lm_logits(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, keep: int = 0) -> torch.Tensor:
+def lm_logits(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, keep: int | torch.Tensor = 0,
+              position_ids: torch.Tensor | None = None) -> torch.Tensor:
     """Causal-LM logits with position ids that ignore padding: (B, T, V), or (B, keep, V) for the last `keep`
     positions only (`logits_to_keep`: the LM head and its output are computed for those positions alone; the
-    numbers are the same, the head's FLOPs and memory shrink by T / keep)."""
-    return model(input_ids=input_ids, attention_mask=attention_mask,
-                 position_ids=F.position_ids_from_mask(attention_mask), use_cache=False, logits_to_keep=keep).logits
+    numbers are the same, the head's FLOPs and memory shrink by T / keep). A 1D tensor `keep` names the positions;
+    `position_ids` default to those of the (2D) mask."""
+    if position_ids is None:
+        position_ids = F.position_ids_from_mask(attention_mask)
+    return model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False,
+                 logits_to_keep=keep).logits
 
 
 def response_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, prompt_length: int,
@@ -70,8 +74,8 @@ def _shared_prompt_logprobs(model, input_ids, attention_mask, prompt_length, tem
     N, T = input_ids.shape
     L = T - prompt_length
     gather, position_ids, allowed, keep = F.shared_prompt_layout(attention_mask, prompt_length, group_size)
-    logits = model(input_ids=input_ids.flatten()[gather], attention_mask=_custom_mask(model, allowed),
-                   position_ids=position_ids, use_cache=False, logits_to_keep=keep).logits    # (G, K L, V)
+    packed = input_ids.flatten()[gather]                                                      # (G, P + K L)
+    logits = lm_logits(model, packed, _custom_mask(model, allowed), keep, position_ids)       # (G, K L, V)
     return F.token_logprobs(logits.reshape(N, L, -1), input_ids[:, prompt_length:], temperature)
 
 
@@ -91,11 +95,15 @@ def scorer_head(scorer):
     return getattr(model, model.base_model_prefix), head
 
 
-def token_scores(scorer, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-    """The scalar head applied at every position: (B, T). Used for rewards (last token) and values."""
+def token_scores(scorer, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                 position_ids: torch.Tensor | None = None) -> torch.Tensor:
+    """The scalar head applied at every position: (B, T). Used for rewards (last token) and values.
+    `position_ids` default to those of the (2D) mask."""
+    if position_ids is None:
+        position_ids = F.position_ids_from_mask(attention_mask)
     backbone, head = scorer_head(scorer)
-    hidden = backbone(input_ids=input_ids, attention_mask=attention_mask,
-                      position_ids=F.position_ids_from_mask(attention_mask), use_cache=False).last_hidden_state
+    hidden = backbone(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                      use_cache=False).last_hidden_state
     return head(hidden).squeeze(-1).float()                     # (B, T)
 
 
@@ -110,13 +118,11 @@ def sequence_rewards(scorer, input_ids: torch.Tensor, attention_mask: torch.Tens
         return F.gather_last(token_scores(scorer, input_ids, attention_mask), attention_mask)
     N, T = input_ids.shape
     gather, position_ids, allowed, _ = F.shared_prompt_layout(attention_mask, prompt_length, group_size)
-    backbone, head = scorer_head(scorer)
-    hidden = backbone(input_ids=input_ids.flatten()[gather], attention_mask=_custom_mask(scorer, allowed),
-                      position_ids=position_ids, use_cache=False).last_hidden_state          # (G, P + K L, H)
-    rows = torch.arange(N, device=input_ids.device)
+    scores = token_scores(scorer, input_ids.flatten()[gather], _custom_mask(scorer, allowed), position_ids)
+    rows = torch.arange(N, device=input_ids.device)                                           # scores (G, P + K L)
     last = F.last_token_index(attention_mask)                                                 # (N,)
     column = torch.where(last < prompt_length, last, last + (rows % group_size) * (T - prompt_length))
-    return head(hidden[rows // group_size, column]).squeeze(-1).float()                       # (N,)
+    return scores[rows // group_size, column]                                                 # (N,)
 
 
 @torch.no_grad()
