@@ -73,6 +73,22 @@ def shared_prompt_layout(attention_mask: torch.Tensor, prompt_length: int, group
     return gather, position_ids, allowed[:, None], keep.flatten()
 
 
+def inverse_cdf_sample(probs: torch.Tensor, uniforms: torch.Tensor) -> torch.Tensor:
+    """One token per row drawn from `probs` (B, V) with `uniforms` (B,) in [0, 1): the first index whose cumulative
+    probability exceeds u * total (float64 cumsum). Exactly the categorical distribution, from one uniform per row;
+    an index of probability 0 is never returned (u at the top edge maps to the last index of positive probability).
+
+    Example: probs [0.25, 0.25, 0.5] have cumulative [0.25, 0.5, 1.0]; u = 0.1 -> 0, u = 0.25 -> 1 (0.25 is not
+    above 0.25), u = 0.4 -> 1, u = 0.5 -> 2, u = 0.999 -> 2. probs [0, 0.5, 0, 0.5, 0]: u = 0 -> 1, u = 0.5 -> 3,
+    u = 1 -> 3 (the last positive index, not 4). Unnormalised [2, 6] (total 8): u = 0.24 -> 0, u = 0.26 -> 1.
+    """
+    cdf = probs.double().cumsum(-1)                                      # (B, V)
+    target = uniforms.double().unsqueeze(-1) * cdf[:, -1:]              # (B, 1)
+    index = torch.searchsorted(cdf, target, right=True).squeeze(-1)     # (B,) first cdf > target
+    last_positive = probs.shape[-1] - 1 - (probs > 0).flip(-1).int().argmax(-1)   # (B,)
+    return torch.minimum(index, last_positive)
+
+
 def last_token_index(attention_mask: torch.Tensor) -> torch.Tensor:
     """Index of the last real token of each row, whatever the padding side. (B, T) -> (B,)."""
     T = attention_mask.shape[-1]

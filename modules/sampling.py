@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -12,36 +13,59 @@ from modules.batch import Rollout
 
 @dataclass
 class SamplingConfig:
-    """Sampling settings. `top_k: 0` and `top_p: 1.0` disable those filters (the paper samples at T = 1)."""
+    """Sampling settings. `top_k: 0` and `top_p: 1.0` disable those filters (the paper samples at T = 1).
+    `prepack_weights`: on CPU with fp32 weights and no autocast, run the policy's linear layers through oneDNN with
+    their weights reordered once per `sample` call (`prepacked_linears`); exact up to float rounding, on by
+    default, ignored elsewhere."""
 
     temperature: float = 1.0
     top_p: float = 1.0
     top_k: int = 0
     max_new_tokens: int = 32
     do_sample: bool = True
+    prepack_weights: bool = True
 
 
-class _RecordLogprobs:
-    """A logits processor that keeps the sampler's own logprob of each sampled token: log_softmax(logits / T) at
-    every step, read at the token drawn (known at the next step, or from the final sequences). HF runs custom
-    processors before its temperature / top-k / top-p warpers, so these are the raw logits the policy's forward
-    gives: the same quantity `modules.scoring.response_logprobs` computes (here from the KV-cached decode, equal
-    up to float rounding). Memory: one (N, V) distribution at a time."""
+class _Draw:
+    """The token choice of each generation step, as the last logits processor: `generate` runs with
+    `do_sample=False` and takes the argmax of what this returns (0 at the chosen token, -inf elsewhere).
 
-    def __init__(self, temperature: float):
-        self.temperature, self.picked, self.last = temperature, [], None
+    Sampling: HF's temperature / top-k / top-p warpers, softmax, then one uniform per row through the inverse CDF
+    (`F.inverse_cdf_sample`): the same categorical distribution as `torch.multinomial`, which on CPU draws an
+    exponential variate for every vocabulary entry (`benchmarks/decode.py` times both). Greedy
+    (`do_sample: false`): the argmax.
+    With `record`, it also keeps the sampler's own logprob of each chosen token, log_softmax(logits / T) of the raw
+    logits (before top-k / top-p): the quantity `modules.scoring.response_logprobs` computes (here from the
+    KV-cached decode, equal up to float rounding). Memory: one (N, V) distribution at a time."""
+
+    def __init__(self, config: "SamplingConfig", record: bool):
+        from transformers import LogitsProcessorList, TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
+
+        self.temperature, self.record, self.picked = config.temperature, record, []
+        self.warpers = None
+        if config.do_sample:
+            self.warpers = LogitsProcessorList([TemperatureLogitsWarper(config.temperature)]
+                                               + ([TopKLogitsWarper(config.top_k)] if config.top_k else [])
+                                               + ([TopPLogitsWarper(config.top_p)] if config.top_p < 1.0 else []))
 
     def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
-        if self.last is not None:
-            self.picked.append(self.last.gather(-1, input_ids[:, -1:]).squeeze(-1))
-        self.last = torch.log_softmax(scores.float() / self.temperature, dim=-1)      # (N, V)
-        return scores
+        logits = scores.float()                                                     # (N, V)
+        if self.warpers is None:
+            tokens = logits.argmax(-1)                                              # (N,)
+        else:
+            probs = torch.softmax(self.warpers(input_ids, logits), -1)
+            tokens = F.inverse_cdf_sample(probs, torch.rand(len(probs), device=probs.device))
+        if self.record:
+            logp = torch.log_softmax(logits / self.temperature, -1) if self.temperature != 1.0 else \
+                torch.log_softmax(logits, -1)
+            self.picked.append(logp.gather(-1, tokens[:, None]).squeeze(-1))
+        return torch.full_like(scores, float("-inf")).scatter_(-1, tokens[:, None], 0.0)
 
     def result(self, response: torch.Tensor) -> torch.Tensor:
-        """(N, L) logprobs of `response` (N, L), the generated tokens."""
-        if self.last is not None and len(self.picked) < response.shape[1]:
-            self.picked.append(self.last.gather(-1, response[:, len(self.picked)].unsqueeze(-1)).squeeze(-1))
-        return torch.stack(self.picked, 1) if self.picked else response.new_zeros(response.shape, dtype=torch.float32)
+        """(N, L) logprobs of `response` (N, L), the generated tokens (steps that `generate` undid are dropped)."""
+        if not self.picked:
+            return response.new_zeros(response.shape, dtype=torch.float32)
+        return torch.stack(self.picked[:response.shape[1]], 1)
 
 
 @torch.no_grad()
@@ -61,29 +85,28 @@ def sample(model, tokenizer, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor
 
     ids = prompt_ids.repeat_interleave(num_samples, 0)           # (N, P)
     mask = prompt_mask.repeat_interleave(num_samples, 0)         # (N, P)
-    gen = GenerationConfig(do_sample=config.do_sample, temperature=config.temperature if config.do_sample else None,
-                           top_p=config.top_p if config.do_sample else None,
-                           top_k=config.top_k if config.do_sample else None, max_new_tokens=config.max_new_tokens,
+    gen = GenerationConfig(do_sample=False, max_new_tokens=config.max_new_tokens,   # `_Draw` makes the choice
                            pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
     was_training = model.training
     model.eval()
     try:
         with _fsdp_root_gathered(model):
-            recorder = _RecordLogprobs(config.temperature) if record_logprobs else None
+            draw = _Draw(config, record_logprobs)
             sharded = is_sharded(model)
             shared = (share_prompts and num_samples > 1 and prompt_ids.shape[1] > 1 and not sharded
                       and not _is_fsdp_root(model))
-            cache = _prompt_cache(model, prompt_ids, prompt_mask, num_samples) if shared else None
-            out = model.generate(input_ids=ids, attention_mask=mask, generation_config=gen, past_key_values=cache,
-                                 logits_processor=LogitsProcessorList([recorder] if recorder else []),
-                                 synced_gpus=sharded)                   # (N, P + L')
+            prepacked = prepacked_linears(model, len(ids)) if config.prepack_weights else contextlib.nullcontext()
+            with prepacked:
+                cache = _prompt_cache(model, prompt_ids, prompt_mask, num_samples) if shared else None
+                out = model.generate(input_ids=ids, attention_mask=mask, generation_config=gen, past_key_values=cache,
+                                     logits_processor=LogitsProcessorList([draw]), synced_gpus=sharded)  # (N, P + L')
     finally:
         model.train(was_training)
     P = ids.shape[1]
     response = out[:, P:]                                        # (N, L')
     if response.shape[1] == 0:                                   # max_new_tokens = 0
         response = out.new_full((out.shape[0], 1), tokenizer.pad_token_id)
-    picked = recorder.result(response) if recorder is not None else None   # (N, L) of the tokens as drawn
+    picked = draw.result(response) if record_logprobs else None   # (N, L) of the tokens as drawn
     resp_mask = F.response_mask(response, tokenizer.eos_token_id)  # (N, L)
     response = torch.where(resp_mask.bool(), response, torch.full_like(response, tokenizer.pad_token_id))
     texts = tokenizer.batch_decode(response * resp_mask + (1 - resp_mask) * tokenizer.pad_token_id,
@@ -99,6 +122,38 @@ def sample(model, tokenizer, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor
         has_eos=F.has_eos(response, tokenizer.eos_token_id),
         old_logp=None if picked is None else picked * resp_mask,
     )
+
+
+@contextlib.contextmanager
+def prepacked_linears(model, rows: int):
+    """For the duration, every plain `nn.Linear` of `model` computes through oneDNN with its weight reordered once
+    for inputs of `rows` rows (`torch.ops.mkldnn`), instead of `F.linear`, whose BLAS call repacks the weight at
+    every call. Decoding calls each linear once per token with a few rows, where that repacking dominates: on the
+    2-core AMD EPYC it roughly halves the decode time (`benchmarks/decode.py`). Same maths, fp32
+    rounding aside (`tests/test_sampling.py`).
+
+    Applies only on CPU, to fp32 weights, outside autocast, when nothing is sharded; elsewhere (GPU, bf16,
+    bitsandbytes or other `nn.Linear` subclasses, autocast) it changes nothing. No autograd: generation only.
+    Memory: a reordered copy of the linear weights while it is active (tied embeddings included)."""
+    linears = [m for m in model.modules() if type(m) is torch.nn.Linear]
+    applies = (linears and torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_reorder_linear_weight")
+               and not torch.is_autocast_enabled("cpu") and not is_sharded(model) and not _is_fsdp_root(model)
+               and all(m.weight.device.type == "cpu" and m.weight.dtype == torch.float32 for m in linears))
+    if not applies:
+        yield
+        return
+    try:
+        for m in linears:
+            packed = torch.ops.mkldnn._reorder_linear_weight(m.weight.detach(), rows)
+            m.forward = functools.partial(_prepacked_linear, packed, m.bias)
+        yield
+    finally:
+        for m in linears:
+            m.__dict__.pop("forward", None)
+
+
+def _prepacked_linear(packed: torch.Tensor, bias: torch.Tensor | None, x: torch.Tensor) -> torch.Tensor:
+    return torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [], "")
 
 
 def _prompt_cache(model, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, num_samples: int):

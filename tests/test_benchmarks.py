@@ -102,6 +102,18 @@ def test_throughput_quick_prints_the_table_for_our_side():
     assert "decode-shaped matmul rate" in proc.stdout
 
 
+def test_decode_quick_prints_every_way_with_its_ratio():
+    import os
+    import subprocess
+
+    proc = subprocess.run([sys.executable, "benchmarks/decode.py", "--quick"], capture_output=True, text=True,
+                          timeout=600, env={**os.environ, "PYTHONPATH": os.getcwd()})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = [line.split("|")[1].strip() for line in proc.stdout.splitlines() if line.startswith("| ") and "---" not in line]
+    assert rows == ["way", "hf", "draw", "prepacked"] and "| hf | " in proc.stdout and "| 1.00 |" in proc.stdout
+    assert "torch.multinomial" in proc.stdout and "F.inverse_cdf_sample" in proc.stdout
+
+
 def test_smollm2_comparison_quick_reports_every_objective_from_one_start(exports, tmp_path):
     _run("smollm2.py", exports, tmp_path)
     rows = [line.split("|")[1].strip() for line in (tmp_path / "table.md").read_text().splitlines()

@@ -125,3 +125,14 @@ def test_shared_prompt_layout_puts_each_group_in_its_own_row():
     assert positions.tolist() == [[0, 1, 1], [0, 1, 1]]
     assert allowed[:, 0].int().tolist() == [[[1, 0, 0], [1, 1, 0], [1, 0, 1]]] * 2
     assert keep.tolist() == [0, 0]
+
+
+def test_inverse_cdf_sample_literal():
+    """Docstring example: cumulative [0.25, 0.5, 1.0]; zero-probability indices are never returned, even at u = 1."""
+    probs = torch.tensor([[0.25, 0.25, 0.5]]).repeat(5, 1)
+    assert F.inverse_cdf_sample(probs, torch.tensor([0.1, 0.25, 0.4, 0.5, 0.999])).tolist() == [0, 1, 1, 2, 2]
+    sparse = torch.tensor([[0.0, 0.5, 0.0, 0.5, 0.0]]).repeat(3, 1)
+    assert F.inverse_cdf_sample(sparse, torch.tensor([0.0, 0.5, 1.0])).tolist() == [1, 3, 3]
+    # unnormalised rows (top-k leaves a sum of 1 only up to rounding) scale with their own total
+    assert F.inverse_cdf_sample(torch.tensor([[2.0, 6.0]]), torch.tensor([0.24])).tolist() == [0]
+    assert F.inverse_cdf_sample(torch.tensor([[2.0, 6.0]]), torch.tensor([0.26])).tolist() == [1]

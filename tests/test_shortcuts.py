@@ -287,3 +287,72 @@ def test_shared_prompt_rewards_equal_one_row_per_response(tokenizer, attention):
         plain, shared = sequence_rewards(scorer, ids, mask), sequence_rewards(scorer, ids, mask, 5, 3)
     assert shared.shape == (6,) and not torch.allclose(plain, plain[:1].expand(6))
     assert torch.allclose(plain, shared, atol=1e-5, rtol=0)
+
+
+def test_the_sampler_draws_from_the_warped_distribution_and_records_the_raw_logprobs():
+    """`_Draw` (inverse CDF instead of torch.multinomial): over 40000 rows of the same 6 logits at T = 0.7, top-k 4,
+    top-p 0.9, the token frequencies match HF's warped softmax within 0.01, tokens the warpers remove are never
+    drawn, generate's argmax of the returned scores is the drawn token, and the recorded logprob is
+    log_softmax(logits / T) at it (before top-k / top-p)."""
+    from transformers import LogitsProcessorList, TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
+
+    from modules.sampling import SamplingConfig, _Draw
+
+    logits = torch.tensor([[2.0, 1.5, 1.0, 0.2, -1.0, 0.9]]).repeat(40_000, 1)
+    ids = torch.zeros(40_000, 1, dtype=torch.long)
+    warp = LogitsProcessorList([TemperatureLogitsWarper(0.7), TopKLogitsWarper(4), TopPLogitsWarper(0.9)])
+    expected = torch.softmax(warp(ids, logits.clone()), -1)[0]
+    assert (expected == 0).sum() >= 2                                   # the warpers removed some tokens
+    torch.manual_seed(0)
+    draw = _Draw(SamplingConfig(temperature=0.7, top_k=4, top_p=0.9), record=True)
+    scores = draw(ids, logits.clone())
+    tokens = scores.argmax(-1)
+    assert (scores == 0).sum(-1).eq(1).all()
+    freq = torch.bincount(tokens, minlength=6).float() / len(tokens)
+    assert torch.allclose(freq, expected, atol=0.01) and (freq[expected == 0] == 0).all()
+    raw = torch.log_softmax(logits[0] / 0.7, -1)
+    assert torch.allclose(draw.result(tokens[:, None])[:, 0], raw[tokens], atol=1e-6)
+    greedy = _Draw(SamplingConfig(do_sample=False), record=False)
+    assert (greedy(ids[:2], logits[:2].clone()).argmax(-1) == 0).all()
+
+
+def test_prepacked_linears_give_the_same_forward_and_draws_and_apply_only_to_cpu_fp32(tiny_spec, tokenizer):
+    """Inside `prepacked_linears` a tiny model's logits equal the plain forward's within 1e-5 (Llama, Llama + LoRA,
+    Qwen2 for linears with a bias), the
+    layers' own forwards come back afterwards, and `sample` draws identical tokens from the same random state with
+    `prepack_weights` on and off (recorded logprobs within 1e-5). It changes nothing under autocast or for bf16
+    weights."""
+    from datamodules.collate import PairCollator, encode_prompt
+    from modules.sampling import SamplingConfig, prepacked_linears, sample
+
+    ids = torch.randint(3, 40, (3, 7))
+    patched = lambda model: [m for m in model.modules() if "forward" in m.__dict__]  # noqa: E731
+    qwen2 = BackboneSpec(config={**TINY_SHAPE, "model_type": "qwen2", "num_key_value_heads": 1})
+    for spec in (tiny_spec, BackboneSpec(config=tiny_spec.config, lora={"r": 4}), qwen2):
+        model = build_causal_lm(spec, tokenizer).eval()
+        if spec is qwen2:                                           # random biases (they start at 0)
+            biases = [m.bias for m in model.modules() if type(m) is torch.nn.Linear and m.bias is not None]
+            assert biases and [torch.nn.init.normal_(b) for b in biases]
+        with torch.no_grad():
+            plain = model(input_ids=ids).logits
+            with prepacked_linears(model, 3):
+                assert len(patched(model)) == sum(type(m) is torch.nn.Linear for m in model.modules()) > 0
+                fast = model(input_ids=ids).logits
+        assert patched(model) == [] and torch.allclose(fast, plain, atol=1e-5, rtol=0)
+
+    model = build_causal_lm(tiny_spec, tokenizer).eval()
+    texts = ["write a review of the cafe :", "write a review of the hotel , please :"]
+    batch = PairCollator(tokenizer.pad_token_id)([{"prompt": t, "prompt_ids": encode_prompt(tokenizer, t)} for t in texts])
+    rolls = {}
+    for prepack in (True, False):
+        torch.manual_seed(0)
+        rolls[prepack] = sample(model, tokenizer, batch.prompt_ids, batch.prompt_mask, batch.prompts,
+                                SamplingConfig(temperature=0.7, max_new_tokens=10, prepack_weights=prepack),
+                                num_samples=4, record_logprobs=True)
+    assert torch.equal(rolls[True].input_ids, rolls[False].input_ids)
+    assert torch.allclose(rolls[True].old_logp, rolls[False].old_logp, atol=1e-5, rtol=0)
+
+    with torch.autocast("cpu", dtype=torch.bfloat16), prepacked_linears(model, 3):
+        assert patched(model) == []
+    with prepacked_linears(model.to(torch.bfloat16), 3):
+        assert patched(model) == []
