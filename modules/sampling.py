@@ -14,9 +14,8 @@ from modules.batch import Rollout
 @dataclass
 class SamplingConfig:
     """Sampling settings. `top_k: 0` and `top_p: 1.0` disable those filters (the paper samples at T = 1).
-    `prepack_weights`: on CPU with fp32 weights and no autocast, run the policy's linear layers through oneDNN with
-    their weights reordered once per `sample` call (`prepacked_linears`); exact up to float rounding, on by
-    default, ignored elsewhere."""
+    `prepack_weights`: on CPU, run the policy's linear layers through oneDNN with their weights reordered once per
+    `sample` call (`prepacked_linears`); the same maths up to rounding, on by default, ignored elsewhere."""
 
     temperature: float = 1.0
     top_p: float = 1.0
@@ -129,31 +128,48 @@ def prepacked_linears(model, rows: int):
     """For the duration, every plain `nn.Linear` of `model` computes through oneDNN with its weight reordered once
     for inputs of `rows` rows (`torch.ops.mkldnn`), instead of `F.linear`, whose BLAS call repacks the weight at
     every call. Decoding calls each linear once per token with a few rows, where that repacking dominates: on the
-    2-core AMD EPYC it roughly halves the decode time (`benchmarks/decode.py`). Same maths, fp32
-    rounding aside (`tests/test_sampling.py`).
+    2-core AMD EPYC it cuts the decode time by about a third (`benchmarks/decode.py`). Same maths, rounding aside
+    (`tests/test_shortcuts.py`): fp32 weights compute in fp32; under CPU bf16 autocast the weights are packed in
+    bf16 and inputs cast to bf16, as autocast's `linear` does; bf16 weights compute in bf16.
 
-    Applies only on CPU, to fp32 weights, outside autocast, when nothing is sharded; elsewhere (GPU, bf16,
-    bitsandbytes or other `nn.Linear` subclasses, autocast) it changes nothing. No autograd: generation only.
-    Memory: a reordered copy of the linear weights while it is active (tied embeddings included)."""
+    Applies only on CPU, when nothing is sharded and every plain linear has fp32 (or bf16) weights; elsewhere (GPU,
+    fp16 autocast, CPUs without oneDNN bf16 for bf16 work) it changes nothing. bitsandbytes and other `nn.Linear`
+    subclasses keep their own forward. No autograd: generation only. Memory: a reordered copy of the linear weights
+    while it is active (tied embeddings included)."""
     linears = [m for m in model.modules() if type(m) is torch.nn.Linear]
-    applies = (linears and torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_reorder_linear_weight")
-               and not torch.is_autocast_enabled("cpu") and not is_sharded(model) and not _is_fsdp_root(model)
-               and all(m.weight.device.type == "cpu" and m.weight.dtype == torch.float32 for m in linears))
-    if not applies:
+    dtype = _prepack_dtype(model, linears)
+    if dtype is None:
         yield
         return
     try:
         for m in linears:
-            packed = torch.ops.mkldnn._reorder_linear_weight(m.weight.detach(), rows)
-            m.forward = functools.partial(_prepacked_linear, packed, m.bias)
+            packed = torch.ops.mkldnn._reorder_linear_weight(m.weight.detach().to(dtype), rows)
+            bias = None if m.bias is None else m.bias.detach().to(dtype)
+            m.forward = functools.partial(_prepacked_linear, packed, bias, dtype)
         yield
     finally:
         for m in linears:
             m.__dict__.pop("forward", None)
 
 
-def _prepacked_linear(packed: torch.Tensor, bias: torch.Tensor | None, x: torch.Tensor) -> torch.Tensor:
-    return torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [], "")
+def _prepack_dtype(model, linears: list) -> torch.dtype | None:
+    """The dtype `prepacked_linears` computes in, or None where it does not apply."""
+    if not (linears and torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_reorder_linear_weight")
+            and not is_sharded(model) and not _is_fsdp_root(model)):
+        return None
+    weights = {(m.weight.device.type, m.weight.dtype) for m in linears}
+    if len(weights) != 1 or next(iter(weights)) not in {("cpu", torch.float32), ("cpu", torch.bfloat16)}:
+        return None
+    dtype = next(iter(weights))[1]
+    if torch.is_autocast_enabled("cpu"):
+        dtype = torch.get_autocast_dtype("cpu")
+    if dtype == torch.bfloat16 and not torch.ops.mkldnn._is_mkldnn_bf16_supported():
+        return None
+    return dtype if dtype in (torch.float32, torch.bfloat16) else None
+
+
+def _prepacked_linear(packed: torch.Tensor, bias: torch.Tensor | None, dtype: torch.dtype, x: torch.Tensor):
+    return torch.ops.mkldnn._linear_pointwise(x.to(dtype), packed, bias, "none", [], "")
 
 
 def _prompt_cache(model, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, num_samples: int):
