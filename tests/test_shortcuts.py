@@ -370,3 +370,26 @@ def test_prepacked_linears_give_the_same_forward_and_draws_and_apply_only_to_cpu
             fast = model(input_ids=ids).logits
         assert fast.dtype == torch.bfloat16 and (fast.float() - plain.float()).abs().max() < 0.02
     assert patched(model) == []
+
+
+def test_sample_draws_the_first_token_from_the_policys_distribution(tiny_spec, tokenizer):
+    """End to end through `sample` and HF's `generate`: 20000 one-token samples of one prompt at T = 0.5, top-k 20;
+    each token's frequency matches softmax(top-k(logits / T)) at the prompt's last position within 4.5 standard
+    errors (+1e-3), and no token outside the top 20 is drawn."""
+    from datamodules.collate import PairCollator, encode_prompt
+    from modules.sampling import SamplingConfig, sample
+
+    model = build_causal_lm(tiny_spec, tokenizer).eval()
+    text = "write a review of the cafe :"
+    batch = PairCollator(tokenizer.pad_token_id)([{"prompt": text, "prompt_ids": encode_prompt(tokenizer, text)}])
+    with torch.no_grad():
+        logits = model(input_ids=batch.prompt_ids, attention_mask=batch.prompt_mask).logits[0, -1] / 0.5
+    top = logits.topk(20)
+    expected = torch.zeros_like(logits).index_put_((top.indices,), torch.softmax(top.values, -1))
+    torch.manual_seed(0)
+    roll = sample(model, tokenizer, batch.prompt_ids, batch.prompt_mask, batch.prompts,
+                  SamplingConfig(temperature=0.5, top_k=20, max_new_tokens=1), num_samples=20_000)
+    first = roll.input_ids[:, roll.prompt_length]
+    freq = torch.bincount(first, minlength=len(logits)).float() / len(first)
+    assert (freq[expected == 0] == 0).all()
+    assert ((freq - expected).abs() <= 4.5 * (expected * (1 - expected) / len(first)).sqrt() + 1e-3).all()
