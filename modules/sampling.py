@@ -84,7 +84,9 @@ def sample(model, tokenizer, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor
 
     ids = prompt_ids.repeat_interleave(num_samples, 0)           # (N, P)
     mask = prompt_mask.repeat_interleave(num_samples, 0)         # (N, P)
-    gen = GenerationConfig(do_sample=False, max_new_tokens=config.max_new_tokens,   # `_Draw` makes the choice
+    # `_Draw` makes the choice; HF's neutral sampling values keep a checkpoint's own (generation_config.json) from
+    # being merged in, where they would only draw a warning
+    gen = GenerationConfig(do_sample=False, temperature=1.0, top_p=1.0, top_k=50, max_new_tokens=config.max_new_tokens,
                            pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
     was_training = model.training
     model.eval()

@@ -393,3 +393,22 @@ def test_sample_draws_the_first_token_from_the_policys_distribution(tiny_spec, t
     freq = torch.bincount(first, minlength=len(logits)).float() / len(first)
     assert (freq[expected == 0] == 0).all()
     assert ((freq - expected).abs() <= 4.5 * (expected * (1 - expected) / len(first)).sqrt() + 1e-3).all()
+
+
+def test_a_checkpoints_own_sampling_defaults_do_not_change_what_sample_draws(tiny_spec, tokenizer):
+    """A generation_config.json with do_sample / temperature / top-k / top-p (as hub checkpoints ship) changes
+    nothing: `SamplingConfig` alone decides, so the same random state draws the same tokens."""
+    from datamodules.collate import PairCollator, encode_prompt
+    from modules.sampling import SamplingConfig, sample
+
+    model = build_causal_lm(tiny_spec, tokenizer).eval()
+    text = "write a review of the cafe :"
+    batch = PairCollator(tokenizer.pad_token_id)([{"prompt": text, "prompt_ids": encode_prompt(tokenizer, text)}])
+    draws = []
+    for defaults in ({}, {"do_sample": True, "temperature": 0.3, "top_k": 2, "top_p": 0.5}):
+        for key, value in defaults.items():
+            setattr(model.generation_config, key, value)
+        torch.manual_seed(0)
+        draws.append(sample(model, tokenizer, batch.prompt_ids, batch.prompt_mask, batch.prompts,
+                            SamplingConfig(max_new_tokens=6), num_samples=8).input_ids)
+    assert torch.equal(draws[0], draws[1])
