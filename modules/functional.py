@@ -73,6 +73,35 @@ def shared_prompt_layout(attention_mask: torch.Tensor, prompt_length: int, group
     return gather, position_ids, allowed[:, None], keep.flatten()
 
 
+def packed_prompt_layout(attention_mask: torch.Tensor, prompt_length: int, group_size: int):
+    """`shared_prompt_layout` without its padding: in each group's row the real tokens (the prompt's, then each
+    response's) move to the front in order, and rows are as long as the group with the most real tokens (T').
+    Every token keeps its position id and sees the same tokens, so the numbers are unchanged; padding left of the
+    prompts and after each response's EOS is no longer computed. attention_mask (N, P + L) as there; returns
+    - `gather` (G, T'): column indices into the flattened (N * (P + L)) rows: packed = flat[gather];
+    - `position_ids` (G, T'); `allowed` (G, 1, T', T') bool, as in `shared_prompt_layout`;
+    - `source` (N, L): the flat index into the (G * T') packed positions of the output that predicts response
+      token (n, l); meaningful where that token is real (the last prompt token for l = 0, else token l - 1).
+
+    Example, P = 2, L = 2, K = 2, one group, prompt [pad p1], response a = [a0 pad] (EOS at a0), b = [b0 b1]:
+    the padded layout [pad p1 | a0 pad | b0 b1] packs to [p1 a0 b0 b1], gather [1, 2, 6, 7], positions
+    [0, 1, 1, 2]; b1 sees p1, b0 and itself, b0 does not see a0; a0 and b0 are predicted by p1 (source 0), b1 by
+    b0 (source 2).
+    """
+    gather, position_ids, allowed, keep = shared_prompt_layout(attention_mask, prompt_length, group_size)
+    N, T = attention_mask.shape
+    G, S = gather.shape
+    real = attention_mask.flatten()[gather].bool()                                        # (G, S)
+    order = torch.sort((~real).to(torch.uint8), dim=1, stable=True).indices               # real slots first
+    width = int(real.sum(1).max())
+    column = torch.empty_like(order).scatter_(1, order, torch.arange(S, device=order.device).expand(G, S))
+    order = order[:, :width]                                                              # (G, T')
+    allowed = allowed[:, 0].gather(1, order[:, :, None].expand(G, width, S)).gather(2, order[:, None, :].expand(G, width, width))
+    rows = torch.arange(G, device=order.device)[:, None] * width
+    source = (rows + column[:, keep]).reshape(N, T - prompt_length)                       # (N, L), prompt-major
+    return gather.gather(1, order), position_ids.gather(1, order), allowed[:, None], source
+
+
 def inverse_cdf_sample(probs: torch.Tensor, uniforms: torch.Tensor) -> torch.Tensor:
     """One token per row drawn from `probs` (B, V) with `uniforms` (B,) in [0, 1): the first index whose cumulative
     probability exceeds u * total (float64 cumsum). Exactly the categorical distribution, from one uniform per row;

@@ -29,10 +29,15 @@ def response_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.Tens
     positions minus the final one (the prompt positions before would be computed and thrown away).
 
     `group_size` K > 1 (rows i * K + k share prompt i): where `shares_prompts` allows it, the prompt is computed
-    once per group (`F.shared_prompt_layout`): G rows of P + K L tokens instead of N = G K rows of P + L. The
-    same numbers on every real token up to float rounding, with fewer FLOPs (K = 2, P = 42, L = 32: 0.72x the
-    tokens). Positions after a response's EOS get finite values that differ; every consumer masks them."""
+    once per group, and padding not at all (`F.packed_prompt_layout`): G rows of at most P + K L real tokens
+    instead of N = G K rows of P + L, and the LM head on the real response tokens only. The same numbers on every
+    real token up to float rounding, with fewer FLOPs (K = 2, P = 42, L = 32, no padding: 0.72x the tokens);
+    positions after a response's EOS are then exactly 0. FSDP-wrapped and sharded models, whose LM head cannot
+    be called apart from the model, keep the padding (`F.shared_prompt_layout`; finite values after the EOS).
+    Every consumer masks the positions after the EOS."""
     if group_size > 1 and shares_prompts(model, input_ids, attention_mask, prompt_length, group_size):
+        if _whole_model(model):
+            return _packed_prompt_logprobs(model, input_ids, attention_mask, prompt_length, temperature, group_size)
         return _shared_prompt_logprobs(model, input_ids, attention_mask, prompt_length, temperature, group_size)
     L = input_ids.shape[1] - prompt_length
     logits = lm_logits(model, input_ids, attention_mask, keep=L + 1)[:, :-1]   # (B, L, V): t predicts t + 1
@@ -77,6 +82,31 @@ def _shared_prompt_logprobs(model, input_ids, attention_mask, prompt_length, tem
     packed = input_ids.flatten()[gather]                                                      # (G, P + K L)
     logits = lm_logits(model, packed, _custom_mask(model, allowed), keep, position_ids)       # (G, K L, V)
     return F.token_logprobs(logits.reshape(N, L, -1), input_ids[:, prompt_length:], temperature)
+
+
+def _packed_prompt_logprobs(model, input_ids, attention_mask, prompt_length, temperature, group_size):
+    gather, position_ids, allowed, source = F.packed_prompt_layout(attention_mask, prompt_length, group_size)
+    decoder, head = causal_lm_parts(model)
+    hidden = decoder(input_ids=input_ids.flatten()[gather], attention_mask=_custom_mask(model, allowed),
+                     position_ids=position_ids, use_cache=False).last_hidden_state            # (G, T', H)
+    real = attention_mask[:, prompt_length:].bool()                                          # (N, L)
+    logits = head(hidden.flatten(0, 1)[source[real]])                                        # (real tokens, V)
+    logp = F.token_logprobs(logits, input_ids[:, prompt_length:][real], temperature)
+    return logp.new_zeros(real.shape).masked_scatter(real, logp)                             # (N, L)
+
+
+def causal_lm_parts(model):
+    """(decoder, LM head) of a causal LM (peft-wrapped or not): the hidden states and the head applied to them
+    give the model's logits for the decoders of `SHARED_PROMPT_MODELS`."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return base.get_decoder(), base.get_output_embeddings()
+
+
+def _whole_model(model) -> bool:
+    """Parameters neither sharded nor behind an FSDP root wrapper: submodules can be called on their own."""
+    from modules.sampling import _is_fsdp_root, is_sharded
+
+    return not (is_sharded(model) or _is_fsdp_root(model))
 
 
 def _custom_mask(model, allowed: torch.Tensor) -> torch.Tensor:

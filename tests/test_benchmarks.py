@@ -136,6 +136,19 @@ def test_decode_quick_prints_every_way_with_its_ratio():
     assert "torch.multinomial" in proc.stdout and "F.inverse_cdf_sample" in proc.stdout
 
 
+def test_layout_quick_reports_every_layout_against_the_padded_one(exports, tmp_path):
+    import os
+    import subprocess
+
+    proc = subprocess.run([sys.executable, "benchmarks/layout.py", "--quick", "--exports", str(exports)],
+                          capture_output=True, text=True, timeout=900, env={**os.environ, "PYTHONPATH": os.getcwd()})
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
+    rows = [line.split("|")[1].strip() for line in proc.stdout.splitlines() if line.startswith("| ") and "---" not in line]
+    assert rows == ["layout", "packed", "padded", "unshared"]
+    assert "padding in the padded layout" in proc.stdout and "perf/update_s" in proc.stdout
+    assert [line for line in proc.stdout.splitlines() if line.startswith("| padded |")][0].endswith("| 1.00 |")
+
+
 def test_smollm2_comparison_quick_reports_every_objective_from_one_start(exports, tmp_path):
     _run("smollm2.py", exports, tmp_path)
     rows = [line.split("|")[1].strip() for line in (tmp_path / "table.md").read_text().splitlines()

@@ -136,3 +136,24 @@ def test_inverse_cdf_sample_literal():
     # unnormalised rows (top-k leaves a sum of 1 only up to rounding) scale with their own total
     assert F.inverse_cdf_sample(torch.tensor([[2.0, 6.0]]), torch.tensor([0.24])).tolist() == [0]
     assert F.inverse_cdf_sample(torch.tensor([[2.0, 6.0]]), torch.tensor([0.26])).tolist() == [1]
+
+
+def test_packed_prompt_layout_literal():
+    """Docstring example: prompt [pad p1], response a = [a0 pad], b = [b0 b1] pack to [p1 a0 b0 b1]."""
+    mask = torch.tensor([[0, 1, 1, 0], [0, 1, 1, 1]])
+    gather, position_ids, allowed, source = F.packed_prompt_layout(mask, prompt_length=2, group_size=2)
+    assert gather.tolist() == [[1, 2, 6, 7]] and position_ids.tolist() == [[0, 1, 1, 2]]
+    assert allowed.shape == (1, 1, 4, 4)
+    assert allowed[0, 0].int().tolist() == [[1, 0, 0, 0],     # p1
+                                            [1, 1, 0, 0],     # a0: p1, itself
+                                            [1, 0, 1, 0],     # b0: p1, itself (not a0)
+                                            [1, 0, 1, 1]]     # b1: p1, b0, itself
+    real = mask[:, 2:].bool()
+    assert source[real].tolist() == [0, 0, 2]                 # a0 <- p1, b0 <- p1, b1 <- b0
+    # two groups of different lengths: rows as long as the longer one, the shorter one's tail padded
+    two = torch.tensor([[1, 1, 1, 0], [1, 1, 1, 1], [0, 1, 1, 0], [0, 1, 1, 0]])
+    gather, position_ids, allowed, source = F.packed_prompt_layout(two, prompt_length=2, group_size=2)
+    assert gather.shape == (2, 5) and gather[0].tolist() == [0, 1, 2, 6, 7]
+    assert gather[1, :3].tolist() == [9, 10, 14] and position_ids[1, :3].tolist() == [0, 1, 1]
+    assert not allowed[1, 0, :3, 3:].any()                    # nobody attends to the padded tail
+    assert source[two[:, 2:].bool()].tolist() == [1, 1, 3, 5, 5]   # the second row starts at packed index 5

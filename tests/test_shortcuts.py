@@ -157,13 +157,20 @@ def _grouped_rows(tokenizer, K: int = 3):
     return torch.cat([prompts, responses], 1), torch.cat([prompt_mask, response_mask], 1), response_mask
 
 
+@pytest.mark.parametrize("packed", [True, False], ids=["packed", "padded"])
 @pytest.mark.parametrize("model_type,attention", [("llama", "sdpa"), ("llama", "eager"), ("mistral", "sdpa"),
                                                   ("qwen2", "sdpa"), ("qwen3", "eager"), ("llama-lora", "sdpa")])
-def test_shared_prompt_logprobs_and_gradients_equal_one_row_per_response(tokenizer, model_type, attention):
+def test_shared_prompt_logprobs_and_gradients_equal_one_row_per_response(tokenizer, model_type, attention, packed,
+                                                                        monkeypatch):
     """Each prompt computed once for its K = 3 responses (`group_size=3`) against one row per response: the same
     logprobs on every response token (1e-5) and the same gradient of their masked sum (1e-5 relative to the
-    largest), for each decoder and attention implementation that shares prompts, and a LoRA policy."""
+    largest), for each decoder and attention implementation that shares prompts, and a LoRA policy; packed (the
+    default: padding dropped, the decoder sees fewer columns than the padded layout's P + K L) and padded (what an
+    FSDP-wrapped or sharded model runs). The packed path returns exactly 0 after each response."""
+    import modules.scoring
     from modules.scoring import shares_prompts
+
+    monkeypatch.setattr(modules.scoring, "_whole_model", lambda model: packed)
 
     config = {**TINY_SHAPE, "model_type": model_type.split("-")[0], "attn_implementation": attention,
               "num_key_value_heads": 1}
@@ -172,6 +179,9 @@ def test_shared_prompt_logprobs_and_gradients_equal_one_row_per_response(tokeniz
     model = build_causal_lm(BackboneSpec(config=config, lora={"r": 4} if "lora" in model_type else None), tokenizer)
     ids, mask, response_mask = _grouped_rows(tokenizer)
     assert model.config._attn_implementation == attention and shares_prompts(model, ids, mask, 5, 3)
+    widths = []
+    model.get_decoder().register_forward_pre_hook(lambda m, a, kw: widths.append(kw["input_ids"].shape[1]),
+                                                  with_kwargs=True)
     results = []
     for group_size in (1, 3):
         model.zero_grad()
@@ -183,6 +193,11 @@ def test_shared_prompt_logprobs_and_gradients_equal_one_row_per_response(tokeniz
     assert torch.isfinite(shared).all()
     assert torch.allclose(plain * response_mask, shared * response_mask, atol=1e-5, rtol=0)
     assert (plain_grad - shared_grad).abs().max() <= 1e-5 * plain_grad.abs().max()
+    L = ids.shape[1] - 5
+    real_per_group = (mask.view(-1, 3, ids.shape[1])[:, :, 5:].sum((1, 2)) + mask.view(-1, 3, ids.shape[1])[:, 0, :5].sum(1))
+    assert widths[-1] == (int(real_per_group.max()) if packed else 5 + 3 * L)
+    if packed:
+        assert (shared[response_mask == 0] == 0).all()
 
 
 def test_prompts_are_shared_only_where_the_layout_is_exact(tokenizer):
@@ -206,15 +221,15 @@ def test_prompts_are_shared_only_where_the_layout_is_exact(tokenizer):
 
 
 def test_rl_module_shares_prompts_by_default_with_the_same_updates(tmp_path, sft_dir, monkeypatch):
-    """The same tiny run (K = 2) with share_prompts on (the default) and off: the shared path runs (counted), and
-    the weights after the first rollout agree within 1e-4."""
+    """The same tiny run (K = 2) with share_prompts on (the default) and off: the shared path runs (counted; packed,
+    as the model is whole), and the weights after the first rollout agree within 1e-4."""
     import modules.scoring
     from tests.helpers import tiny_rl_config
     from train import cli_main
 
     calls = []
-    shared = modules.scoring._shared_prompt_logprobs
-    monkeypatch.setattr(modules.scoring, "_shared_prompt_logprobs", lambda *a: calls.append(1) or shared(*a))
+    shared = modules.scoring._packed_prompt_logprobs
+    monkeypatch.setattr(modules.scoring, "_packed_prompt_logprobs", lambda *a: calls.append(1) or shared(*a))
     weights = {}
     for share in (True, False):
         calls.clear()

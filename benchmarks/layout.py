@@ -1,0 +1,140 @@
+"""Seconds per RL rollout of a real run under each logprob layout, alternating processes, in one command.
+
+    python benchmarks/layout.py                                    # SmolLM2 P3O (`make smollm2` builds its exports)
+    python benchmarks/layout.py --config configs/quickstart/p3o.yaml --rollouts 8   # the quickstart (`make demo`)
+    python benchmarks/layout.py --quick --exports DIR   # quickstart config, DIR/sft + DIR/reward, 3 rollouts, 1 run
+
+The config's RL stage for `--rollouts` rollouts (the first one a warm-up; no evaluation, checkpoints or logger),
+once per layout of `RLModule`'s logprob passes (pi_ref and the updates), each in its own process, alternating:
+  packed    the default: each prompt once per group, padding dropped (`F.packed_prompt_layout`)
+  padded    each prompt once per group, padding kept (`F.shared_prompt_layout`; what FSDP-wrapped models run)
+  unshared  one row per response (`share_prompts: false`)
+Random weights never stop early, real ones do: responses end at different lengths, and the padding after each
+EOS is what `packed` drops. Printed: the share of padding in the padded layout, median seconds per rollout and
+per phase (perf/*), and each layout's ratio to `padded`.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+LAYOUTS = ("packed", "padded", "unshared")
+
+
+def one_run(config: str, layout: str, rollouts: int, threads: int, exports: str | None) -> dict:
+    import lightning as L
+    import torch
+
+    import modules.scoring
+    from callbacks.rollout import OnPolicyRollout
+    from modules.rl import RLModule
+    from train import cli_main, derive_config
+
+    torch.set_num_threads(threads)
+    if layout == "padded":
+        modules.scoring._whole_model = lambda model: False
+    padding: list[float] = []
+    make_rollout = RLModule.make_rollout
+
+    def measured(self, batch):
+        roll = make_rollout(self, batch)
+        P, K, mask = roll.prompt_length, roll.group_size, roll.attention_mask
+        slots = mask.shape[0] // K * (P + K * (mask.shape[1] - P))
+        padding.append(1 - float(mask[:, P:].sum() + mask[::K, :P].sum()) / slots)
+        return roll
+
+    RLModule.make_rollout = measured
+    seconds: list[float] = []
+    phases: list[dict] = []
+
+    class Clock(L.Callback):
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            self.t0 = time.perf_counter()
+
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            seconds.append(time.perf_counter() - self.t0)
+            phases.append({k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("perf/")})
+
+    with tempfile.TemporaryDirectory() as tmp:
+        path = derive_config(str(ROOT / config), {
+            "trainer": {"limit_train_batches": rollouts, "callbacks": [], "logger": False, "enable_checkpointing": False,
+                        "enable_progress_bar": False, "enable_model_summary": False},
+            "model": {"init_args": {"share_prompts": layout != "unshared", **_exports(exports)}},
+            **({"data": {"init_args": {"tokenizer": f"{exports}/sft"}}} if exports else {})}, Path(tmp) / "run.yaml")
+        cli = cli_main(["--config", path], run=False)
+        cli.trainer.callbacks[:0] = [Clock(), OnPolicyRollout()]
+        cli.trainer.fit(cli.model, datamodule=cli.datamodule)
+    return {"seconds": seconds[1:], "phases": phases[1:], "padding": padding[1:]}
+
+
+def _exports(exports: str | None) -> dict:
+    """Model overrides that read the SFT and reward exports from `exports` instead of the config's paths."""
+    if not exports:
+        return {}
+    return {"policy": {"pretrained": f"{exports}/sft"}, "reward": {"init_args": {"path": f"{exports}/reward"}}}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", default="configs/smollm2/p3o.yaml")
+    parser.add_argument("--rollouts", type=int, default=5, help="rollouts per run, the first a warm-up")
+    parser.add_argument("--alternations", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--layouts", nargs="*", default=list(LAYOUTS), choices=LAYOUTS)
+    parser.add_argument("--exports", help="a directory holding sft/ and reward/ exports, used instead of the config's")
+    parser.add_argument("--quick", action="store_true", help="the quickstart P3O config, 3 rollouts, one run each")
+    parser.add_argument("--layout", choices=LAYOUTS, help=argparse.SUPPRESS)
+    parser.add_argument("--json", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.quick:
+        args.config, args.rollouts, args.alternations = "configs/quickstart/p3o.yaml", 3, 1
+    if args.layout:
+        run = one_run(args.config, args.layout, args.rollouts, args.threads, args.exports)
+        Path(args.json).write_text(json.dumps(run))
+        return
+    results = {name: {"seconds": [], "phases": [], "padding": []} for name in args.layouts}
+    for _ in range(args.alternations):
+        for name in args.layouts:
+            with tempfile.NamedTemporaryFile(suffix=".json") as out:
+                proc = subprocess.run([sys.executable, __file__, "--layout", name, "--json", out.name, "--config",
+                                       args.config, "--rollouts", str(args.rollouts), "--threads", str(args.threads)]
+                                      + (["--exports", str(Path(args.exports).resolve())] if args.exports else []),
+                                      capture_output=True, text=True, cwd=ROOT)
+                if proc.returncode != 0:
+                    raise SystemExit(f"[layout] {name} failed:\n{proc.stderr[-3000:]}")
+                run = json.loads(Path(out.name).read_text())
+            for key in results[name]:
+                results[name][key] += run[key]
+            print(f"[layout] {name}: {['%.2f' % s for s in run['seconds']]} s/rollout", flush=True)
+    print(table(results, args))
+
+
+def table(results: dict, args) -> str:
+    padding = [p for r in results.values() for p in r["padding"]]
+    keys = sorted({k for r in results.values() for p in r["phases"] for k in p if k.endswith("_s")})
+    median = {name: {"total": statistics.median(r["seconds"]),
+                     **{k: statistics.median(p[k] for p in r["phases"] if k in p) for k in keys}}
+              for name, r in results.items()}
+    base = median.get("padded")
+    lines = [f"`{args.config}`, {args.rollouts - 1} measured rollouts x {args.alternations} runs per layout, "
+             f"{args.threads} threads; padding in the padded layout: median {statistics.median(padding):.0%} "
+             f"(range {min(padding):.0%}-{max(padding):.0%})", "",
+             "| layout | s / rollout | " + " | ".join(keys) + " | ratio to padded |",
+             "|---|---|" + "---|" * len(keys) + "---|"]
+    for name, m in median.items():
+        ratio = f"{m['total'] / base['total']:.2f}" if base else "-"
+        lines.append(f"| {name} | {m['total']:.2f} | " + " | ".join(f"{m[k]:.2f}" for k in keys) + f" | {ratio} |")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    main()
