@@ -120,7 +120,7 @@ def main() -> None:
 
 def table(results: dict, args) -> str:
     padding = [p for r in results.values() for p in r["padding"]]
-    keys = sorted({k for r in results.values() for p in r["phases"] for k in p if k.endswith("_s")})
+    keys = sorted({k for r in results.values() for p in r["phases"] for k in p if k.endswith("_s") and "per_s" not in k})
     median = {name: {"total": statistics.median(r["seconds"]),
                      **{k: statistics.median(p[k] for p in r["phases"] if k in p) for k in keys}}
               for name, r in results.items()}
