@@ -41,7 +41,7 @@ def one_run(config: str, layout: str, rollouts: int, threads: int, exports: str 
 
     torch.set_num_threads(threads)
     if layout == "padded":
-        modules.scoring._whole_model = lambda model: False
+        modules.scoring.whole_model = lambda model: False
     padding: list[float] = []
     make_rollout = RLModule.make_rollout
 

@@ -96,7 +96,8 @@ def packed_prompt_layout(attention_mask: torch.Tensor, prompt_length: int, group
     width = int(real.sum(1).max())
     column = torch.empty_like(order).scatter_(1, order, torch.arange(S, device=order.device).expand(G, S))
     order = order[:, :width]                                                              # (G, T')
-    allowed = allowed[:, 0].gather(1, order[:, :, None].expand(G, width, S)).gather(2, order[:, None, :].expand(G, width, width))
+    allowed = allowed[:, 0].gather(1, order[:, :, None].expand(G, width, S))                 # (G, T', S)
+    allowed = allowed.gather(2, order[:, None, :].expand(G, width, width))                  # (G, T', T')
     rows = torch.arange(G, device=order.device)[:, None] * width
     source = (rows + column[:, keep]).reshape(N, T - prompt_length)                       # (N, L), prompt-major
     return gather.gather(1, order), position_ids.gather(1, order), allowed[:, None], source

@@ -55,9 +55,7 @@ class _Draw:
             probs = torch.softmax(self.warpers(input_ids, logits), -1)
             tokens = F.inverse_cdf_sample(probs, torch.rand(len(probs), device=probs.device))
         if self.record:
-            logp = torch.log_softmax(logits / self.temperature, -1) if self.temperature != 1.0 else \
-                torch.log_softmax(logits, -1)
-            self.picked.append(logp.gather(-1, tokens[:, None]).squeeze(-1))
+            self.picked.append(F.token_logprobs(logits, tokens, self.temperature))     # (N,)
         return torch.full_like(scores, float("-inf")).scatter_(-1, tokens[:, None], 0.0)
 
     def result(self, response: torch.Tensor) -> torch.Tensor:
@@ -77,7 +75,7 @@ def sample(model, tokenizer, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor
     prompt-major (row i * K + k is the k-th sample for prompt i), tokens after the first EOS set to pad.
     `record_logprobs`: also fill `old_logp` (N, L) with the sampler's logprobs of the sampled tokens (0 after the
     response), which saves the pi_old forward pass.
-    `share_prompts` (K > 1; not FSDP-wrapped, not sharded): each prompt's KV cache (all but its last token) is computed once and
+    `share_prompts` (K > 1, `whole_model`): each prompt's KV cache (all but its last token) is computed once and
     repeated for its K samples instead of K times (`_prompt_cache`); `generate` continues from it.
     """
     from transformers import GenerationConfig, LogitsProcessorList
@@ -94,8 +92,7 @@ def sample(model, tokenizer, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor
         with _fsdp_root_gathered(model):
             draw = _Draw(config, record_logprobs)
             sharded = is_sharded(model)
-            shared = (share_prompts and num_samples > 1 and prompt_ids.shape[1] > 1 and not sharded
-                      and not _is_fsdp_root(model))
+            shared = share_prompts and num_samples > 1 and prompt_ids.shape[1] > 1 and whole_model(model)
             prepacked = prepacked_linears(model, len(ids)) if config.prepack_weights else contextlib.nullcontext()
             with prepacked:
                 cache = _prompt_cache(model, prompt_ids, prompt_mask, num_samples) if shared else None
@@ -157,12 +154,14 @@ def prepacked_linears(model, rows: int):
 def _prepack_dtype(model, linears: list) -> torch.dtype | None:
     """The dtype `prepacked_linears` computes in, or None where it does not apply."""
     if not (linears and torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_reorder_linear_weight")
-            and not is_sharded(model) and not _is_fsdp_root(model)):
+            and whole_model(model)):
         return None
     weights = {(m.weight.device.type, m.weight.dtype) for m in linears}
-    if len(weights) != 1 or next(iter(weights)) not in {("cpu", torch.float32), ("cpu", torch.bfloat16)}:
+    if len(weights) != 1:
         return None
-    dtype = next(iter(weights))[1]
+    device, dtype = weights.pop()
+    if device != "cpu" or dtype not in (torch.float32, torch.bfloat16):
+        return None
     if torch.is_autocast_enabled("cpu"):
         dtype = torch.get_autocast_dtype("cpu")
     if dtype == torch.bfloat16 and not torch.ops.mkldnn._is_mkldnn_bf16_supported():
@@ -186,6 +185,12 @@ def _prompt_cache(model, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, nu
           past_key_values=cache, use_cache=True, logits_to_keep=1)
     cache.batch_repeat_interleave(num_samples)
     return cache
+
+
+def whole_model(model) -> bool:
+    """Parameters neither sharded nor behind an FSDP root wrapper: the model's submodules can be called on their
+    own (the sampler's shared prefill, `prepacked_linears`, `modules.scoring`'s packed logprobs)."""
+    return not (is_sharded(model) or _is_fsdp_root(model))
 
 
 def _is_fsdp_root(model) -> bool:

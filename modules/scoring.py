@@ -7,6 +7,7 @@ from __future__ import annotations
 import torch
 
 from modules import functional as F
+from modules.sampling import whole_model
 
 
 def lm_logits(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, keep: int | torch.Tensor = 0,
@@ -36,7 +37,7 @@ def response_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.Tens
     be called apart from the model, keep the padding (`F.shared_prompt_layout`; finite values after the EOS).
     Every consumer masks the positions after the EOS."""
     if group_size > 1 and shares_prompts(model, input_ids, attention_mask, prompt_length, group_size):
-        if _whole_model(model):
+        if whole_model(model):
             return _packed_prompt_logprobs(model, input_ids, attention_mask, prompt_length, temperature, group_size)
         return _shared_prompt_logprobs(model, input_ids, attention_mask, prompt_length, temperature, group_size)
     L = input_ids.shape[1] - prompt_length
@@ -100,13 +101,6 @@ def causal_lm_parts(model):
     give the model's logits for the decoders of `SHARED_PROMPT_MODELS`."""
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     return base.get_decoder(), base.get_output_embeddings()
-
-
-def _whole_model(model) -> bool:
-    """Parameters neither sharded nor behind an FSDP root wrapper: submodules can be called on their own."""
-    from modules.sampling import _is_fsdp_root, is_sharded
-
-    return not (is_sharded(model) or _is_fsdp_root(model))
 
 
 def _custom_mask(model, allowed: torch.Tensor) -> torch.Tensor:

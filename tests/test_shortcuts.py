@@ -170,7 +170,7 @@ def test_shared_prompt_logprobs_and_gradients_equal_one_row_per_response(tokeniz
     import modules.scoring
     from modules.scoring import shares_prompts
 
-    monkeypatch.setattr(modules.scoring, "_whole_model", lambda model: packed)
+    monkeypatch.setattr(modules.scoring, "whole_model", lambda model: packed)
 
     config = {**TINY_SHAPE, "model_type": model_type.split("-")[0], "attn_implementation": attention,
               "num_key_value_heads": 1}
