@@ -166,7 +166,8 @@ def test_shared_prompt_logprobs_and_gradients_equal_one_row_per_response(tokeniz
     logprobs on every response token (1e-5) and the same gradient of their masked sum (1e-5 relative to the
     largest), for each decoder and attention implementation that shares prompts, and a LoRA policy; packed (the
     default: padding dropped, the decoder sees fewer columns than the padded layout's P + K L) and padded (what an
-    FSDP-wrapped or sharded model runs). The packed path returns exactly 0 after each response."""
+    FSDP-wrapped or sharded model runs). The packed path runs the LM head on the real response tokens only and
+    returns exactly 0 after each response."""
     import modules.scoring
     from modules.scoring import shares_prompts
 
@@ -179,9 +180,10 @@ def test_shared_prompt_logprobs_and_gradients_equal_one_row_per_response(tokeniz
     model = build_causal_lm(BackboneSpec(config=config, lora={"r": 4} if "lora" in model_type else None), tokenizer)
     ids, mask, response_mask = _grouped_rows(tokenizer)
     assert model.config._attn_implementation == attention and shares_prompts(model, ids, mask, 5, 3)
-    widths = []
+    widths, head_rows = [], []
     model.get_decoder().register_forward_pre_hook(lambda m, a, kw: widths.append(kw["input_ids"].shape[1]),
                                                   with_kwargs=True)
+    model.get_output_embeddings().register_forward_pre_hook(lambda m, a: head_rows.append(a[0].shape[:-1].numel()))
     results = []
     for group_size in (1, 3):
         model.zero_grad()
@@ -196,8 +198,10 @@ def test_shared_prompt_logprobs_and_gradients_equal_one_row_per_response(tokeniz
     L = ids.shape[1] - 5
     real_per_group = (mask.view(-1, 3, ids.shape[1])[:, :, 5:].sum((1, 2)) + mask.view(-1, 3, ids.shape[1])[:, 0, :5].sum(1))
     assert widths[-1] == (int(real_per_group.max()) if packed else 5 + 3 * L)
-    if packed:
-        assert (shared[response_mask == 0] == 0).all()
+    if packed:                                           # the LM head sees the real response tokens alone
+        assert (shared[response_mask == 0] == 0).all() and head_rows[-1] == int(response_mask.sum())
+    else:
+        assert head_rows[-1] == 2 * 3 * L                # groups x K L predicting positions
 
 
 def test_prompts_are_shared_only_where_the_layout_is_exact(tokenizer):
