@@ -103,6 +103,23 @@ def packed_prompt_layout(attention_mask: torch.Tensor, prompt_length: int, group
     return gather.gather(1, order), position_ids.gather(1, order), allowed[:, None], source
 
 
+def packed_last_token(attention_mask: torch.Tensor, prompt_length: int, group_size: int,
+                      gather: torch.Tensor) -> torch.Tensor:
+    """The index into the flattened packed rows (`gather` of `packed_prompt_layout`, (G, T')) of each row's last
+    real token: (N,). A row with no real response token ends on its prompt, which the group's first row holds.
+
+    Example (`packed_prompt_layout`'s): mask [[0 1 1 0], [0 1 1 1]], P = 2, K = 2, gather [[1, 2, 6, 7]]: row 0
+    ends at a0 (flat 2, packed 1), row 1 at b1 (flat 7, packed 3): [1, 3].
+    """
+    N, T = attention_mask.shape
+    rows = torch.arange(N, device=attention_mask.device)
+    last = last_token_index(attention_mask)                                               # (N,)
+    owner = torch.where(last < prompt_length, rows - rows % group_size, rows)
+    packed_at = torch.full((N * T,), -1, dtype=torch.long, device=gather.device)
+    packed_at[gather.flatten()] = torch.arange(gather.numel(), device=gather.device)      # flat -> packed
+    return packed_at[owner * T + last]
+
+
 def inverse_cdf_sample(probs: torch.Tensor, uniforms: torch.Tensor) -> torch.Tensor:
     """One token per row drawn from `probs` (B, V) with `uniforms` (B,) in [0, 1): the first index whose cumulative
     probability exceeds u * total (float64 cumsum). Exactly the categorical distribution, from one uniform per row;

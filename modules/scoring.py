@@ -136,17 +136,14 @@ def sequence_rewards(scorer, input_ids: torch.Tensor, attention_mask: torch.Tens
     """Reward read at the last real token of each row, whatever the padding side. (B, T) -> (B,).
 
     A rollout's rows (`prompt_length` P, `group_size` K > 1: rows i * K + k share prompt i) are scored with each
-    prompt computed once per group where `shares_prompts` allows it, as in `response_logprobs`: row i * K + k's
-    last real token, at column c >= P of its own row, sits at column c + k L of its group's packed row."""
+    prompt computed once per group and no padding where `shares_prompts` allows it (`F.packed_prompt_layout`, as
+    in `response_logprobs`; the scalar head is applied apart from the backbone, so this holds for every scorer),
+    each reward read at its row's last real token in the packed rows (`F.packed_last_token`)."""
     if not (group_size > 1 and shares_prompts(scorer, input_ids, attention_mask, prompt_length, group_size)):
         return F.gather_last(token_scores(scorer, input_ids, attention_mask), attention_mask)
-    N, T = input_ids.shape
-    gather, position_ids, allowed, _ = F.shared_prompt_layout(attention_mask, prompt_length, group_size)
+    gather, position_ids, allowed, _ = F.packed_prompt_layout(attention_mask, prompt_length, group_size)
     scores = token_scores(scorer, input_ids.flatten()[gather], _custom_mask(scorer, allowed), position_ids)
-    rows = torch.arange(N, device=input_ids.device)                                           # scores (G, P + K L)
-    last = F.last_token_index(attention_mask)                                                 # (N,)
-    column = torch.where(last < prompt_length, last, last + (rows % group_size) * (T - prompt_length))
-    return scores[rows // group_size, column]                                                 # (N,)
+    return scores.flatten()[F.packed_last_token(attention_mask, prompt_length, group_size, gather)]   # (N,)
 
 
 @torch.no_grad()

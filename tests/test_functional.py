@@ -157,3 +157,19 @@ def test_packed_prompt_layout_literal():
     assert gather[1, :3].tolist() == [9, 10, 14] and position_ids[1, :3].tolist() == [0, 1, 1]
     assert not allowed[1, 0, :3, 3:].any()                    # nobody attends to the padded tail
     assert source[two[:, 2:].bool()].tolist() == [1, 1, 3, 5, 5]   # the second row starts at packed index 5
+
+
+def test_packed_last_token_literal():
+    """Docstring example: rows ending at a0 and b1 of [p1 a0 b0 b1] read packed indices [1, 3]; in the two-group
+    layout above, the second group starts at 5; a row with no response token reads its prompt's last token, which
+    the group's first row holds."""
+    mask = torch.tensor([[0, 1, 1, 0], [0, 1, 1, 1]])
+    gather = F.packed_prompt_layout(mask, 2, 2)[0]
+    assert F.packed_last_token(mask, 2, 2, gather).tolist() == [1, 3]
+    two = torch.tensor([[1, 1, 1, 0], [1, 1, 1, 1], [0, 1, 1, 0], [0, 1, 1, 0]])
+    gather = F.packed_prompt_layout(two, 2, 2)[0]                  # [[p0 p1 a0 b0 b1], [p1 c0 d0 pad pad]]
+    assert F.packed_last_token(two, 2, 2, gather).tolist() == [2, 4, 6, 7]
+    empty = torch.tensor([[1, 1, 1, 0], [1, 1, 0, 0]])              # row 1: no response token
+    gather = F.packed_prompt_layout(empty, 2, 2)[0]
+    assert gather.tolist() == [[0, 1, 2]]
+    assert F.packed_last_token(empty, 2, 2, gather).tolist() == [2, 1]

@@ -295,15 +295,20 @@ def test_cpu_runs_reuse_freed_memory_unless_switched_off(monkeypatch, tmp_path, 
 
 @pytest.mark.parametrize("attention", ["sdpa", "eager"])
 def test_shared_prompt_rewards_equal_one_row_per_response(tokenizer, attention):
-    """A reward model (scalar head) scores K = 3 responses per prompt with each prompt computed once: the same
-    rewards (1e-5) as one row per response, read at each response's last real token (rows 1 and 4 stop early)."""
+    """A reward model (scalar head) scores K = 3 responses per prompt with each prompt computed once and no
+    padding (the backbone sees 18 columns, not the padded layout's P + K L = 23): the same rewards (1e-5) as one row
+    per response, read at each response's last real token (rows 1 and 4 stop early)."""
     from modules.backbone import build_scorer
-    from modules.scoring import sequence_rewards
+    from modules.scoring import scorer_head, sequence_rewards
 
     scorer = build_scorer(BackboneSpec(config={**TINY_SHAPE, "attn_implementation": attention}), tokenizer).eval()
     ids, mask, _ = _grouped_rows(tokenizer)
+    widths = []
+    scorer_head(scorer)[0].register_forward_pre_hook(lambda m, a, kw: widths.append(kw["input_ids"].shape[1]),
+                                                     with_kwargs=True)
     with torch.no_grad():
         plain, shared = sequence_rewards(scorer, ids, mask), sequence_rewards(scorer, ids, mask, 5, 3)
+    assert widths == [11, 18]                 # one row per response: P + L; packed: 18 real tokens, not P + K L = 23
     assert shared.shape == (6,) and not torch.allclose(plain, plain[:1].expand(6))
     assert torch.allclose(plain, shared, atol=1e-5, rtol=0)
 
