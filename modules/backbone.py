@@ -188,9 +188,23 @@ def _build(auto_cls, spec: BackboneSpec, tokenizer, **overrides) -> nn.Module:
         from peft import prepare_model_for_kbit_training
 
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+        _without_cpu_inference_packing(model)
     if spec.lora:
         model = _with_lora(model, spec.lora, task_type="SEQ_CLS" if overrides.get("num_labels") else "CAUSAL_LM")
     return model
+
+
+def _without_cpu_inference_packing(model: nn.Module) -> None:
+    """Keep every bitsandbytes 4-bit layer on its dequantize + matmul path, in eval and training mode alike.
+
+    bitsandbytes (0.50) repacks a `Linear4bit` weight for its CPU inference kernel at the first forward in eval
+    mode on CPUs with AVX512-BF16, and never packs it back: in training mode the layer then runs that kernel,
+    which has no autograd, so no gradient reaches the layer's input and the LoRA adapters before it get none -
+    silently (a warning at backward). Sampling switches the policy to eval before every update, so QLoRA on such
+    a CPU trained only the adapters next to the residual stream. Tested in tests/test_backbone.py."""
+    for module in model.modules():
+        if hasattr(module, "support_avx512bf16_for_cpu"):
+            module.support_avx512bf16_for_cpu = False
 
 
 class _LoadReportFilter(logging.Filter):

@@ -112,6 +112,34 @@ def test_4bit_loading_runs_forward_and_backward_with_lora(tokenizer, tmp_path):
 
 
 @pytest.mark.skipif(importlib.util.find_spec("bitsandbytes") is None, reason="bitsandbytes not installed")
+def test_4bit_lora_gradients_are_the_same_after_an_eval_mode_forward(tokenizer, tmp_path):
+    """The sampler runs the policy in eval mode before every update. bitsandbytes (0.50) repacks a 4-bit layer for
+    its CPU inference kernel at an eval-mode forward (on AVX512-BF16 CPUs, such as this project's) and never back;
+    that kernel has no autograd, so training gradients then stop at every 4-bit layer. Built by `build_causal_lm`,
+    the layers stay on the dequantize path: a model that made an eval-mode forward first gets the same LoRA
+    gradients as one that did not, the first layer's q_proj adapter included (its gradient passes through 4-bit
+    o_proj and MLP layers; it was exactly 0 with the packing)."""
+    save_pretrained(build_causal_lm(BackboneSpec(config=QUANTIZABLE), tokenizer), tokenizer, str(tmp_path / "lm"))
+    spec = BackboneSpec(pretrained=str(tmp_path / "lm"), quantization="4bit", lora={"r": 4})
+    ids = torch.tensor([[4, 5, 6, 7]])
+    grads = []
+    for eval_first in (False, True):
+        model = build_causal_lm(spec, tokenizer)
+        if eval_first:
+            model.eval()
+            with torch.no_grad():
+                model(input_ids=ids)
+            model.train()
+        model(input_ids=ids, labels=ids).loss.backward()
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
+    first_q = next(n for n in grads[0] if "layers.0.self_attn.q_proj.lora_B" in n)
+    assert grads[0][first_q].abs().sum() > 0
+    assert grads[0].keys() == grads[1].keys()
+    for name, grad in grads[0].items():
+        assert torch.allclose(grads[1][name], grad, atol=1e-6), name
+
+
+@pytest.mark.skipif(importlib.util.find_spec("bitsandbytes") is None, reason="bitsandbytes not installed")
 def test_qlora_export_merges_adapters_into_the_float_base(tokenizer, tmp_path):
     from transformers import AutoModelForCausalLM
 
