@@ -1,7 +1,12 @@
 """Entry point: `python train.py fit --config configs/quickstart/sft.yaml`.
 
 A LightningCLI in subclass mode for model and data: any LightningModule / LightningDataModule is selected by
-`class_path`. The tokenizer location is derived from the datamodule and linked into the model.
+`class_path`. The tokenizer location is derived from the datamodule and linked into the model; `--export_dir`
+sets the export folder (the `HFExport` callback's `dirpath`).
+
+Exit codes of `python train.py`: 0 the run finished; 1 an error a user can fix, printed as one line
+(`error: ...`: a config field, a data record, a reward, an export, a checkpoint); 130 / 143 training was stopped by
+SIGINT / SIGTERM (128 + the signal): the checkpoint is saved and the export was not written.
 """
 from __future__ import annotations
 
@@ -10,27 +15,52 @@ import logging
 import os
 import sys
 from pathlib import Path
+from typing import Optional
 
 import yaml
 from lightning.pytorch.cli import LightningCLI
 
-from modules.backbone import missing_path
+from callbacks.checkpoint import interrupted
+from callbacks.export import ExportError, HFExport
+from datamodules.sources import DataError
+from modules.checks import ConfigError, config_problem, config_warnings
+from modules.rewards import RewardError
+from modules.rl import NonFiniteError
+
+log = logging.getLogger("train")
+# Errors at a boundary the user controls; their message is the whole story (`main` prints it as one line).
+USER_ERRORS = (ConfigError, DataError, ExportError, RewardError, NonFiniteError)
 
 
 class RLHFCLI(LightningCLI):
     def add_arguments_to_parser(self, parser) -> None:
         parser.link_arguments("data.tokenizer_path", "model.init_args.tokenizer", apply_on="instantiate")
+        parser.add_argument("--export_dir", type=Optional[str], default=None,
+                            help="Where the HFExport callback writes the trained model (overrides its dirpath).")
+
+    def _run_config(self) -> dict:
+        config = self.config.get(self.subcommand, self.config) if self.subcommand else self.config
+        return config.as_dict() if hasattr(config, "as_dict") else dict(config)
 
     def before_instantiate_classes(self) -> None:
-        """A missing local model path stops here with one line naming the config field (and, for an export of
-        another stage, the command that makes it) instead of a hub-id error deep inside transformers."""
-        config = self.config.get(self.subcommand, self.config) if self.subcommand else self.config
-        problem = missing_path(config.as_dict() if hasattr(config, "as_dict") else dict(config))
+        """Settings that cannot work (a missing local model path, epochs 0, a negative learning rate, ...) stop
+        here with one line naming the config field, before anything is built; doubtful ones are warned about."""
+        config = self._run_config()
+        problem = config_problem(config)
         if problem:
             sys.exit(f"error: {problem}")
+        for warning in config_warnings(config):
+            log.warning("warning: %s", warning)
 
     def instantiate_classes(self) -> None:
         super().instantiate_classes()
+        export_dir = self._run_config().get("export_dir")
+        if export_dir is not None:
+            exports = [cb for cb in self.trainer.callbacks if isinstance(cb, HFExport)]
+            if not exports:
+                sys.exit("error: --export_dir: the config has no callbacks.export.HFExport to write the export")
+            for callback in exports:
+                callback.dirpath = export_dir
         if self.trainer.strategy.root_device.type == "cpu":
             reuse_freed_memory()
 
@@ -114,5 +144,16 @@ def derive_config(source: str, override: dict, path: str | Path) -> str:
     return str(path)
 
 
+def main(args: list[str] | None = None) -> int:
+    """`python train.py ...`: the exit code (see the module docstring); user errors print one line."""
+    try:
+        cli = cli_main(args)
+    except USER_ERRORS as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+    signum = interrupted(cli.trainer) if cli.subcommand == "fit" else None
+    return 128 + signum if signum else 0
+
+
 if __name__ == "__main__":
-    cli_main()
+    sys.exit(main())

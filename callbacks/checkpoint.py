@@ -9,7 +9,13 @@ Resume with `--ckpt_path <dirpath>/last.ckpt`: the prompt loader,
 the rollout sampler's random stream, optimizer and objective state all continue where they stopped.
 
 With `on_interrupt` (default), the first SIGINT (Ctrl-C) or SIGTERM lets the current batch finish, saves, and
-stops training (a second Ctrl-C interrupts at once). Under DDP the ranks agree on stopping after each batch.
+stops training (a second Ctrl-C interrupts at once). Under DDP the ranks agree on stopping after each batch. An
+interrupted run is not a finished one: `interrupted` holds the signal, the export is not written, there is no final
+evaluation, and `python train.py` exits with 128 + the signal's number (130 for SIGINT, 143 for SIGTERM).
+
+The final checkpoint is written before anything else runs at the end of training (`finish`, called by the
+export and the evaluation callbacks first): an export or evaluation that fails at the end cannot lose the
+batches trained since the last save.
 """
 from __future__ import annotations
 
@@ -36,6 +42,8 @@ class StepCheckpoint(Checkpoint):
         self.dirpath, self.every_n_batches, self.on_interrupt = dirpath, every_n_batches, on_interrupt
         self.batches = 0
         self.saved_at: int | None = None
+        self.resumed_at: int | None = None      # batches done in the checkpoint this run resumed from
+        self.interrupted: int | None = None     # the signal that stopped training early
         self._signal: int | None = None
         self._previous_handlers: dict = {}
 
@@ -68,13 +76,27 @@ class StepCheckpoint(Checkpoint):
         if stop or (self.every_n_batches and self.batches % self.every_n_batches == 0):
             self.save(trainer)
         if stop:
+            self.interrupted = _agreed_signal(trainer, self._signal)
             trainer.should_stop = True
-            rank_zero_info(f"stopped after batch {self.batches}; resume with --ckpt_path {self.last_path}")
+            rank_zero_info(f"{signal.Signals(self.interrupted).name}: stopped after batch {self.batches}, saved "
+                           f"{self.last_path}; resume with --ckpt_path {self.last_path}")
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.finish(trainer)
+        self._restore_handlers()
+
+    def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.finish(trainer)    # a resumed run that was already complete skips the train hooks altogether
+
+    def finish(self, trainer: L.Trainer) -> None:
+        """The final save, once, before any other end-of-training work; says so when the run resumed from a
+        checkpoint that was already complete (nothing was trained)."""
         if self.saved_at != self.batches:
             self.save(trainer)
-        self._restore_handlers()
+        if self.resumed_at is not None and self.resumed_at == self.batches:
+            rank_zero_info(f"the run in the checkpoint is already complete ({self.batches} training batches); this "
+                           "run's limits leave nothing to train, so nothing was trained")
+            self.resumed_at = None   # said once
 
     def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
         self._restore_handlers()
@@ -103,4 +125,29 @@ class StepCheckpoint(Checkpoint):
 
     def load_state_dict(self, state_dict: dict) -> None:
         self.batches = state_dict["batches"]
-        self.saved_at = self.batches
+        self.saved_at = self.resumed_at = self.batches
+
+
+def _agreed_signal(trainer: L.Trainer, local: int | None) -> int:
+    """The signal that stopped training, the same on every rank (the highest number any rank received)."""
+    import torch
+
+    received = torch.tensor(float(local or 0), device=trainer.strategy.root_device)
+    if trainer.world_size > 1:
+        import torch.distributed as dist
+
+        dist.all_reduce(received, op=dist.ReduceOp.MAX)
+    return int(received.item()) or signal.SIGTERM
+
+
+def finish_checkpoints(trainer: L.Trainer) -> None:
+    """Write every StepCheckpoint's final checkpoint now (end-of-training callbacks call this first)."""
+    for callback in trainer.callbacks:
+        if isinstance(callback, StepCheckpoint):
+            callback.finish(trainer)
+
+
+def interrupted(trainer: L.Trainer) -> int | None:
+    """The signal that stopped this run's training early (SIGINT / SIGTERM through a StepCheckpoint), or None."""
+    return next((cb.interrupted for cb in trainer.callbacks if isinstance(cb, StepCheckpoint) and cb.interrupted),
+                None)

@@ -21,6 +21,7 @@ import os
 import lightning as L
 import torch
 
+from callbacks.checkpoint import finish_checkpoints, interrupted
 from callbacks.sharding import outside_forward
 from datamodules.collate import PairCollator
 from modules import functional as F
@@ -48,11 +49,14 @@ class Evaluation(L.Callback):
         self._last_step = -1
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        done = batches_done(trainer) + 1          # Lightning counts this batch after its end hooks
+        done = batches_done(trainer)
         if self.every_n_batches and done % self.every_n_batches == 0:
             self.run(trainer, pl_module, done)
 
     def on_train_end(self, trainer, pl_module) -> None:  # before teardown: models still on device, sharded
+        finish_checkpoints(trainer)     # the weights are saved before an evaluation that could fail
+        if interrupted(trainer):        # stopped early (Ctrl-C, SIGTERM): exit promptly, no final evaluation
+            return
         if batches_done(trainer) != self._last_step:
             self.run(trainer, pl_module, batches_done(trainer))
         if trainer.is_global_zero and len(self.history) > 1:
@@ -154,17 +158,25 @@ class Evaluation(L.Callback):
 
 
 def batches_done(trainer: L.Trainer) -> int:
-    """Training batches that stepped (rollouts in RL): the step Lightning logs `self.log` metrics at."""
-    return trainer.fit_loop.epoch_loop._batches_that_stepped
+    """Training batches done (rollouts in RL): the step Lightning logs `self.log` metrics at.
+
+    Lightning counts a batch in `_batches_that_stepped` only after its end hooks, and a run resumed from a
+    checkpoint saved in those hooks adds that batch only when the epoch restarts, after `on_train_start`. Both
+    show as a batch processed but not completed, so it is added here: the same count in `on_train_start` (also
+    after a resume), `on_train_batch_end` and `on_train_end`."""
+    loop = trainer.fit_loop.epoch_loop
+    pending = loop.batch_progress.total.processed > loop.batch_progress.total.completed
+    return loop._batches_that_stepped + int(pending)
 
 
 def summary_table(start: dict, end: dict, name: str) -> str:
     """Start of training (the SFT policy) against the end, on the same held-out prompts."""
     keys = [k for k in ("val/gold_reward", "val/reward", "val/kl", "val/win_rate", "val/length", "val/eos_rate")
             if k in end]
-    head = f"{'policy':<22}" + "".join(f"{k.split('/')[-1]:>13}" for k in keys)
     rows = [(f"start (batch {start['step']})", start), (f"{name} (batch {end['step']})", end)]
-    body = [f"{label:<22}" + "".join(f"{row.get(k, float('nan')):>13.3f}" for k in keys) for label, row in rows]
+    width = max(22, *(len(label) + 1 for label, _ in rows))
+    head = f"{'policy':<{width}}" + "".join(f"{k.split('/')[-1]:>13}" for k in keys)
+    body = [f"{label:<{width}}" + "".join(f"{row.get(k, float('nan')):>13.3f}" for k in keys) for label, row in rows]
     return "\n".join([head, *body])
 
 

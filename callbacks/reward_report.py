@@ -10,6 +10,7 @@ import lightning as L
 import torch
 from torchmetrics.functional import spearman_corrcoef
 
+from callbacks.checkpoint import finish_checkpoints, interrupted
 from callbacks.evaluation import batches_done
 from callbacks.sharding import outside_forward
 from datamodules.batch import PairBatch
@@ -23,6 +24,9 @@ class RewardReport(L.Callback):
     @torch.no_grad()
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         # Every rank computes the report (sharded models need every rank in each forward); rank 0 logs it.
+        finish_checkpoints(trainer)      # the weights are saved before work that could fail
+        if interrupted(trainer):
+            return
         with outside_forward(trainer):
             m = self.report(trainer, pl_module)
         self.metrics = m

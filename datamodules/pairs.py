@@ -64,6 +64,8 @@ class PairDataModule(L.LightningDataModule):
 
     def _indexed_records(self, split: str) -> tuple[str, list[tuple[int, dict]]]:
         origin, rows = self.source.load(split)
+        if not rows:
+            raise DataError(f"{origin}: the {split} split is empty{_why_empty(self.source, split)}")
         need = ("prompt",) if self.prompts_only else FIELDS
         first = self.source.first_index(split) if hasattr(self.source, "first_index") else 0
         return origin, validate_records(rows, origin, self.fields, need, self.skip_invalid, first)
@@ -80,7 +82,8 @@ class PairDataModule(L.LightningDataModule):
         if cut:
             log.warning("%s: %d of %d responses cut to max_length=%d tokens", origin, cut, 2 * len(out), self.max_length)
         if not out:
-            raise DataError(f"{origin}: no usable records")
+            raise DataError(f"{origin}: no usable records in the {split} split: every record was "
+                            "skipped (see the warnings above)")
         return out
 
     def encode(self, rec: dict, index: int, origin: str) -> dict | None:
@@ -148,6 +151,16 @@ class ResumableLoader(DataLoader):
 
     def load_state_dict(self, state_dict: dict) -> None:
         self._resume_at = dict(state_dict)
+
+
+def _why_empty(source, split: str) -> str:
+    """What to do about an empty split, for the sources whose split sizes a user sets."""
+    from datamodules.sources import LocalFiles
+
+    if isinstance(source, LocalFiles) and split == "val" and source.val is None:
+        return (f" (val_fraction={source.val_fraction} of the file's records holds none out); add records or give "
+                "a validation file (LocalFiles val: <path>)")
+    return ""
 
 
 def _source_tokenizer(source) -> str:

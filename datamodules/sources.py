@@ -128,7 +128,7 @@ def _read_jsonl(path: str) -> list[dict]:
     with open(path, "rb") as handle:
         for i, raw in enumerate(handle):
             try:
-                line = raw.decode("utf-8")
+                line = raw.decode("utf-8-sig" if i == 0 else "utf-8")   # a byte-order mark on the first line is fine
             except UnicodeDecodeError as err:
                 raise DataError(f"{path}: record {len(rows)} (line {i + 1}): not valid UTF-8 at byte {err.start} of the "
                                 f"line ({raw[max(0, err.start - 10): err.start + 10]!r})") from None
@@ -158,7 +158,25 @@ def validate_records(rows: list, origin: str, fields: FieldMap, need: tuple[str,
         skipped[f"{field}: {reason}"] += 1
     if skipped:
         log.warning("%s: skipped %d of %d records: %s", origin, sum(skipped.values()), len(rows), dict(skipped))
+    if need != ("prompt",):   # a prompt set may repeat prompts on purpose (one prompt, many rollouts)
+        _warn_duplicates(out, origin)
     return out
+
+
+def _warn_duplicates(records: list[tuple[int, dict]], origin: str) -> None:
+    """Warn, with a count and the first example, about records identical to an earlier one (kept: repeating a
+    record weights it, which may be meant)."""
+    seen, repeats = {}, []
+    for index, rec in records:
+        key = tuple(sorted(rec.items()))
+        if key in seen:
+            repeats.append((index, seen[key]))
+        else:
+            seen[key] = index
+    if repeats:
+        index, first = repeats[0]
+        log.warning("%s: %d of %d records repeat an earlier record (e.g. record %d = record %d); they are kept",
+                    origin, len(repeats), len(records), index, first)
 
 
 def _problem(row, fields: FieldMap, need: tuple[str, ...]) -> tuple[str, str] | None:
@@ -172,7 +190,7 @@ def _problem(row, fields: FieldMap, need: tuple[str, ...]) -> tuple[str, str] | 
             return name, (f"missing (the record has fields {sorted(row)}; name yours with data "
                           f"fields: {{prompt: ..., chosen: ..., rejected: ...}})")
         if row[name] is None:
-            return name, "missing"
+            return name, "null; expected a string"
         if not isinstance(row[name], str):
             return name, f"expected a string, got {type(row[name]).__name__}"
         if not row[name].strip():

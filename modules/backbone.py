@@ -324,14 +324,16 @@ def _is_scorer(model: nn.Module) -> bool:
     return "ForSequenceClassification" in type(getattr(model, "get_base_model", lambda: model)()).__name__
 
 
-def export_model(model: nn.Module, spec: BackboneSpec | None, tokenizer, directory: str, merge_lora: bool = True) -> None:
+def export_model(model: nn.Module, spec: BackboneSpec | None, tokenizer, directory: str, merge_lora: bool = True,
+                 final_dir: str | None = None) -> None:
     """Export a stage's model + tokenizer as a plain Hugging Face directory.
 
     A LoRA model is merged by default. With `merge_lora=False` the directory holds the adapter
     (adapter_config.json, adapter_model.safetensors) and the tokenizer, and `<directory>/base` the base model;
     `AutoModelForCausalLM.from_pretrained(directory)` loads both (peft installed), or
     `PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(f"{directory}/base"), directory)`.
-    A quantized (QLoRA) model is exported over its float base weights.
+    A quantized (QLoRA) model is exported over its float base weights. `final_dir`: the folder `directory` will be
+    renamed to (an atomic export writes elsewhere first); the adapter records its base there.
     """
     from torch.distributed.fsdp import FullyShardedDataParallel
 
@@ -345,7 +347,8 @@ def export_model(model: nn.Module, spec: BackboneSpec | None, tokenizer, directo
     base = os.path.join(directory, "base")
     save_pretrained(copy.deepcopy(model).unload(), tokenizer, base)
     config = model.peft_config[model.active_adapter]
-    original, config.base_model_name_or_path = config.base_model_name_or_path, os.path.abspath(base)
+    original = config.base_model_name_or_path
+    config.base_model_name_or_path = os.path.abspath(os.path.join(final_dir or directory, "base"))
     try:
         model.save_pretrained(directory)
     finally:

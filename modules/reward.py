@@ -25,7 +25,7 @@ from modules.scoring import sequence_rewards
 
 STATS_FILE = "reward_stats.json"
 
-# Written into the export as README.md; tests/test_reward.py runs this code on an export.
+# Written into the export as README.md, with {PATH} the export folder; tests/test_reward.py runs this code as written.
 USAGE = """\
 # Reward model exported by p3o-rlhf
 
@@ -39,6 +39,7 @@ std of the reward on samples of the SFT policy: `(reward - mean) / std` is the n
 import json, torch
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
+path = {PATH}   # this folder
 tok = AutoTokenizer.from_pretrained(path)
 model = AutoModelForSequenceClassification.from_pretrained(path).eval()
 stats = json.load(open(f"{path}/reward_stats.json"))
@@ -146,9 +147,10 @@ class RewardModule(L.LightningModule):
                                 "mean": rewards.mean().item(), "std": rewards.std().clamp(min=1e-6).item()}
         return self.calibration
 
-    def export(self, directory: str, merge_lora: bool = True) -> None:
-        """AutoModelForSequenceClassification (num_labels=1) + tokenizer + reward_stats.json."""
-        export_model(self.scorer, self.backbone, self.tokenizer, directory, merge_lora)
+    def export(self, directory: str, merge_lora: bool = True, final_dir: str | None = None) -> None:
+        """AutoModelForSequenceClassification (num_labels=1) + tokenizer + reward_stats.json + README.md (its code
+        names `final_dir`, the folder the export ends up in, default `directory`)."""
+        export_model(self.scorer, self.backbone, self.tokenizer, directory, merge_lora, final_dir)
         stats = {"mean": 0.0, "std": 1.0, "n": 0, "source": "uncalibrated"}
         if self.calibration is None and self._trainer is not None and self.trainer.datamodule is not None:
             self.calibrate(self.trainer.datamodule.splits["val"])
@@ -159,7 +161,7 @@ class RewardModule(L.LightningModule):
         with open(os.path.join(directory, STATS_FILE), "w") as handle:
             json.dump(stats, handle, indent=2)
         with open(os.path.join(directory, "README.md"), "w") as handle:
-            handle.write(USAGE)
+            handle.write(USAGE.replace("{PATH}", json.dumps(final_dir or directory)))
         _read_last_token_when_pad_is_eos(directory, self.tokenizer)
 
 

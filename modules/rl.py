@@ -9,6 +9,7 @@ divided by the sampling temperature, through `modules.scoring.response_logprobs`
 from __future__ import annotations
 
 import contextlib
+import logging
 import time
 from collections import defaultdict
 from typing import Callable
@@ -32,11 +33,13 @@ from modules.backbone import (
     shard,
 )
 from modules.batch import ObjectiveInput, Rollout
+from modules.checks import ConfigError
 from modules.objectives.base import Objective
 from modules.rewards import score as score_rewards
 from modules.sampling import SamplingConfig, sample
 from modules.scoring import response_logprobs, token_scores
 
+log = logging.getLogger(__name__)
 OLD_LOGPROBS = ("auto", "sampler", "forward")
 # Precision plugins whose gradients are the true gradients (no loss scaler, no engine of their own): clipped directly.
 PLAIN_GRADIENTS = (Precision, DoublePrecision, HalfPrecision, MixedPrecision)
@@ -49,6 +52,10 @@ def peak_memory_gb(device: torch.device) -> float:
     import resource
 
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20     # Linux reports KiB
+
+
+def _qualified_name(obj) -> str:
+    return f"{type(obj).__module__}.{type(obj).__qualname__}"
 
 
 class NonFiniteError(RuntimeError):
@@ -68,7 +75,8 @@ class RLModule(L.LightningModule):
         missing_eos_penalty: subtracted from the reward of responses that never emit EOS (None = off).
         nonfinite_reward: a reward that is NaN or +-inf stops the run with an error naming the response (None,
             the default); set a number to replace such rewards by it instead (a penalty), counted in
-            `train/nonfinite_rewards`. A reward must return exactly one number per response either way.
+            `train/nonfinite_rewards` and in a console warning. A reward must return exactly one number per response
+            either way.
         seed: seeds the minibatch shuffling.
         value_model: backbone of the value head, built only for objectives with `needs_values` (PPO); usually
             `pretrained: <reward export>`. Default: a fresh head on the policy's pretrained weights.
@@ -157,6 +165,9 @@ class RLModule(L.LightningModule):
         rewards, replaced = score_rewards(self.reward, rollout, self.tokenizer, self.nonfinite_reward)
         rewards = rewards.to(self.device)
         rollout.timings["train/nonfinite_rewards"] = float(replaced)
+        if replaced:
+            log.warning("reward %s: %d of %d rewards were NaN or inf, replaced by nonfinite_reward=%s",
+                        _qualified_name(self.reward), replaced, len(rollout), self.nonfinite_reward)
         if self.missing_eos_penalty is not None:
             rewards = rewards - self.missing_eos_penalty * (~rollout.has_eos).float()
         return rewards
@@ -276,6 +287,20 @@ class RLModule(L.LightningModule):
             return optimizer
         return {"optimizer": optimizer, "lr_scheduler": self.scheduler_factory(optimizer)}
 
-    def export(self, directory: str, merge_lora: bool = True) -> None:
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        checkpoint["objective"] = _qualified_name(self.objective)
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        """A checkpoint of another objective (PPO resumed as P3O, P3O as RLOO) stops with one line naming both,
+        before torch's list of unexpected keys; checkpoints without the record are compared by their keys."""
+        ours, theirs = _qualified_name(self.objective), checkpoint.get("objective")
+        trained = {k for k in checkpoint.get("state_dict", {}) if not k.startswith("reward.")}
+        if theirs is None and trained != {k for k in self.state_dict() if not k.startswith("reward.")}:
+            theirs = "another objective (its parameters differ from this run's)"
+        if theirs is not None and theirs != ours:
+            raise ConfigError(f"the checkpoint was written by a run of {theirs}; this run's objective is {ours}: "
+                              "resume with the config that wrote it, or train this objective without --ckpt_path")
+
+    def export(self, directory: str, merge_lora: bool = True, final_dir: str | None = None) -> None:
         """The trained policy + tokenizer in Hugging Face format (LoRA merged unless `merge_lora=False`)."""
-        export_model(self.policy, self.policy_spec, self.tokenizer, directory, merge_lora)
+        export_model(self.policy, self.policy_spec, self.tokenizer, directory, merge_lora, final_dir)

@@ -62,6 +62,6 @@ class SFTModule(L.LightningModule):
             return optimizer
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": self.scheduler_factory(optimizer), "interval": "step"}}
 
-    def export(self, directory: str, merge_lora: bool = True) -> None:
+    def export(self, directory: str, merge_lora: bool = True, final_dir: str | None = None) -> None:
         """Policy + tokenizer in Hugging Face format (LoRA merged unless `merge_lora=False`)."""
-        export_model(self.policy, self.backbone, self.tokenizer, directory, merge_lora)
+        export_model(self.policy, self.backbone, self.tokenizer, directory, merge_lora, final_dir)

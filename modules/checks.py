@@ -1,0 +1,55 @@
+"""Checks of a parsed run config before anything is built or trained: each problem is one line naming the field.
+
+`config_problem` returns what stops the run (a missing model path, settings that cannot train); `config_warnings`
+what runs but is probably not what the user meant. `train.py` calls both before instantiating anything.
+"""
+from __future__ import annotations
+
+import math
+
+from modules.backbone import missing_path
+
+
+class ConfigError(ValueError):
+    """A setting or a checkpoint that does not fit the run; the message names the field or the file."""
+
+
+def _walk(node, path: str = ""):
+    """(dotted path, key, value) of every entry of a nested config."""
+    items = node.items() if isinstance(node, dict) else enumerate(node) if isinstance(node, list) else ()
+    for key, value in items:
+        where = f"{path}.{key}" if path else str(key)
+        yield where, key, value
+        yield from _walk(value, where)
+
+
+def config_problem(config: dict) -> str | None:
+    """The first setting that cannot give a working run, as one line; None when there is none."""
+    problem = missing_path(config)
+    if problem:
+        return problem
+    for where, key, value in _walk(config):
+        if key == "max_new_tokens" and isinstance(value, int) and value < 1:
+            return f"{where}: {value}; expected at least 1 (tokens sampled per response)"
+        if key == "lr" and ".optimizer." in f".{where}" and isinstance(value, (int, float)) \
+                and not (math.isfinite(value) and value >= 0):
+            return f"{where}: {value}; expected a finite learning rate >= 0"
+    model = (config.get("model") or {}).get("init_args") or {}
+    for key, meaning in (("epochs", "passes of updates over each rollout; 0 samples rollouts and never updates"),
+                         ("minibatch_groups", "prompts per update")):
+        if isinstance(model.get(key), int) and model[key] < 1:
+            return f"model.init_args.{key}: {model[key]}; expected at least 1 ({meaning})"
+    return None
+
+
+def config_warnings(config: dict) -> list[str]:
+    """Settings that run but silently do less than they say."""
+    model = (config.get("model") or {}).get("init_args") or {}
+    data = (config.get("data") or {}).get("init_args") or {}
+    groups, prompts, epochs = model.get("minibatch_groups"), data.get("batch_size"), model.get("epochs")
+    out = []
+    if all(isinstance(v, int) and v > 0 for v in (groups, prompts, epochs)) and groups > prompts:
+        out.append(f"model.init_args.minibatch_groups={groups} is more than the {prompts} prompts of a rollout "
+                   f"(data.init_args.batch_size): each epoch is one minibatch of {prompts} prompts, {epochs} optimizer "
+                   f"steps per rollout")
+    return out
