@@ -28,7 +28,7 @@ def module(path, tokenizer_path, **kw):
     ({**GOOD, "prompt": "  "}, "prompt", "empty"),
     ({**GOOD, "rejected": ""}, "rejected", "empty"),
     ({**GOOD, "rejected": GOOD["chosen"]}, "rejected", "identical to 'chosen'"),
-    ({**GOOD, "chosen": None}, "chosen", "missing"),
+    ({**GOOD, "chosen": None}, "chosen", "null; expected a string"),
 ])
 def test_bad_record_error_names_file_record_and_field(tmp_path, task_tokenizer_path, record, field, reason):
     path = write_jsonl(tmp_path / "pairs.jsonl", [GOOD, GOOD, record])
@@ -161,3 +161,47 @@ def test_datamodules_do_not_import_the_modules_package_at_import_time():
             names = [a.name for a in node.names] if isinstance(node, ast.Import) else \
                 [node.module or ""] if isinstance(node, ast.ImportFrom) else []
             assert not any(n == "modules" or n.startswith("modules.") for n in names), f"{path}: imports {names}"
+
+
+def test_an_empty_validation_split_is_named_as_the_cause(tmp_path, task_tokenizer_path):
+    """Before: a 1-record file said 'no usable records'."""
+    path = write_jsonl(tmp_path / "one.jsonl", [GOOD])
+    dm = PairDataModule(LocalFiles(path), tokenizer=task_tokenizer_path)
+    with pytest.raises(DataError, match=r"one.jsonl: the val split is empty \(val_fraction=0.05 of the file's records "
+                                        r"holds none out\); add records or give a validation file"):
+        dm.setup()
+
+
+def test_duplicate_records_are_counted_in_a_warning(tmp_path, task_tokenizer_path, caplog):
+    """Before: 200 identical records passed without a word. They are kept (repeating a record may be meant)."""
+    path = write_jsonl(tmp_path / "same.jsonl", [GOOD] * 200)
+    with caplog.at_level(logging.WARNING):
+        dm = module(path, task_tokenizer_path)
+    assert "same.jsonl: 199 of 200 records repeat an earlier record (e.g. record 1 = record 0); they are kept" \
+        in caplog.text
+    assert len(dm.splits["train"]) == 200
+
+
+def test_a_jsonl_file_with_a_byte_order_mark_is_read(tmp_path, task_tokenizer_path):
+    path = tmp_path / "bom.jsonl"
+    path.write_bytes(b"\xef\xbb\xbf" + (json.dumps(GOOD) + "\n").encode() * 2)
+    assert module(path, task_tokenizer_path).splits["train"][0]["prompt"] == GOOD["prompt"]
+
+
+def test_a_data_error_is_one_line_without_a_traceback(tmp_path, task_tokenizer_path):
+    """Before: every data error printed a 31-60-line traceback before its clear last line."""
+    import os
+    import subprocess
+    import sys
+
+    path = write_jsonl(tmp_path / "pairs.jsonl", [GOOD, {**GOOD, "chosen": None}])
+    proc = subprocess.run([sys.executable, "train.py", "fit", "--config", "configs/quickstart/sft.yaml",
+                           "--data.init_args.source=datamodules.sources.LocalFiles",
+                           f"--data.init_args.source.init_args.train={path}",
+                           f"--data.init_args.source.init_args.val={path}", f"--data.init_args.tokenizer={task_tokenizer_path}",
+                           f"--trainer.logger.init_args.save_dir={tmp_path}", "--trainer.callbacks=[]"],
+                          env={**os.environ, "PYTHONPATH": os.getcwd()}, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 1
+    assert "Traceback" not in proc.stderr
+    assert proc.stderr.strip().splitlines()[-1] == f"error: {path}: record 1: field 'chosen': null; expected a string " \
+                                                   "(set data skip_invalid: true to drop such records with a count)"

@@ -111,8 +111,8 @@ def test_calibration_stats_are_exported_and_used_for_normalisation(sft_dir, toke
     # The export's README.md recipe (plain transformers, EOS appended) gives the same normalised rewards.
     card = (tmp_path / "rm" / "README.md").read_text()
     code = card.split("```python\n")[1].split("```")[0]
-    scope = {"path": str(tmp_path / "rm")}
-    exec(code, scope)
+    scope = {}
+    exec(code, scope)     # as pasted: it names its own folder (before: NameError: path)
     plain = torch.tensor([scope["reward"](p, r) for p, r in zip(roll.prompts, roll.responses)])
     ours = (score_texts(reward.model, tokenizer, roll.prompts, roll.responses) - stats["mean"]) / stats["std"]
     assert torch.allclose(plain, ours, atol=1e-4)

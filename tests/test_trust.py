@@ -118,7 +118,7 @@ def _digest(path: Path, rank: int = 0) -> dict:
 def _resume_case(tmp_path, sft_dir, devices: int, interrupt: str, stage: str = "rl"):
     """Uninterrupted: 2 epochs of R rollouts (SFT / reward stages: R training batches). Interrupted when rollout
     R + 1 (the second of the second epoch) starts: SIGKILL dies at once, leaving last.ckpt of the rollout before
-    (saved after every rollout); SIGINT finishes that rollout, saves and exits 0. Resumed from last.ckpt: bit-equal
+    (saved after every rollout); SIGINT finishes that rollout, saves and exits 130. Resumed from last.ckpt: bit-equal
     weights, and the resumed run trains on exactly the remaining batches."""
     extra = {"devices": devices, "strategy": "ddp"} if devices > 1 else {}
     rollouts = (4 if stage == "rl" else 8) // devices   # 16 prompts (32 records) / (4 per batch x ranks)
@@ -136,7 +136,7 @@ def _resume_case(tmp_path, sft_dir, devices: int, interrupt: str, stage: str = "
     _run(config("straight", digest("straight"), every=0))
     kill = [{"class_path": "tests.helpers.KillAt", "init_args": {"at": at, "signal": interrupt}}]
     # SIGKILL: dies at once (the last save was after the previous rollout); SIGINT: finishes rollout `at`, saves, stops.
-    _run(config("killed", kill, every=1 if interrupt == "SIGKILL" else 0), expect=-9 if interrupt == "SIGKILL" else 0)
+    _run(config("killed", kill, every=1 if interrupt == "SIGKILL" else 0), expect=-9 if interrupt == "SIGKILL" else 130)
     last = tmp_path / "killed" / "last.ckpt"
     assert last.exists()
     loader = torch.load(last, weights_only=False)["loops"]["fit_loop"]["state_dict"]["combined_loader"]

@@ -1,0 +1,89 @@
+"""Settings that cannot train stop before anything is built, with one line naming the field; settings that silently
+do less are warned about; a checkpoint of another objective is named as such."""
+import logging
+
+import pytest
+import torch
+
+from modules.checks import ConfigError, config_problem, config_warnings
+from tests.helpers import tiny_rl_config
+from train import cli_main, main
+
+P3O = "configs/quickstart/p3o.yaml"
+
+
+@pytest.mark.parametrize("override, line", [
+    ("--model.init_args.epochs=0", "error: model.init_args.epochs: 0; expected at least 1 (passes of updates over "
+                                   "each rollout; 0 samples rollouts and never updates)"),
+    ("--model.init_args.minibatch_groups=0", "error: model.init_args.minibatch_groups: 0; expected at least 1 "
+                                             "(prompts per update)"),
+    ("--model.init_args.sampling.max_new_tokens=0", "error: model.init_args.sampling.max_new_tokens: 0; expected at "
+                                                    "least 1 (tokens sampled per response)"),
+    ("--model.init_args.optimizer.init_args.lr=-1.0e-3", "error: model.init_args.optimizer.init_args.lr: -0.001; "
+                                                         "expected a finite learning rate >= 0"),
+])
+def test_settings_that_cannot_train_stop_with_one_line_before_anything_is_built(tmp_path, sft_dir, capsys, override,
+                                                                                 line):
+    """Before: epochs 0 sampled 3 rollouts, made 0 steps and exited 0; max_new_tokens 0 and a negative learning rate
+    failed inside transformers / torch after the models were built, with 47 lines of traceback."""
+    config = tiny_rl_config(tmp_path, sft_dir)
+    with pytest.raises(SystemExit) as stop:
+        cli_main(["fit", "--config", config, override])
+    assert str(stop.value) == line
+
+
+def test_more_minibatch_groups_than_prompts_is_warned_about():
+    """Before: minibatch_groups 64 with 32 prompts per batch was silently one minibatch per epoch."""
+    config = {"model": {"init_args": {"minibatch_groups": 64, "epochs": 4}}, "data": {"init_args": {"batch_size": 32}}}
+    assert config_problem(config) is None
+    assert config_warnings(config) == ["model.init_args.minibatch_groups=64 is more than the 32 prompts of a rollout "
+                                       "(data.init_args.batch_size): each epoch is one minibatch of 32 prompts, 4 "
+                                       "optimizer steps per rollout"]
+    config["model"]["init_args"]["minibatch_groups"] = 8
+    assert config_warnings(config) == []
+
+
+def test_the_warning_reaches_the_console_of_a_run(tmp_path, sft_dir, caplog):
+    config = tiny_rl_config(tmp_path, sft_dir)
+    with caplog.at_level(logging.WARNING):
+        cli_main(["--config", config, "--model.init_args.minibatch_groups=64"], run=False)
+    assert "warning: model.init_args.minibatch_groups=64 is more than the 4 prompts of a rollout" in caplog.text
+
+
+@pytest.mark.parametrize("first, then", [("ppo", "p3o"), ("p3o", "rloo")])
+def test_a_checkpoint_of_another_objective_is_named_in_one_line(tmp_path, sft_dir, first, then):
+    """Before: torch's list of unexpected keys."""
+    names = {"ppo": "modules.objectives.ppo.PPO", "p3o": "modules.objectives.p3o.P3O",
+             "rloo": "modules.objectives.rloo.RLOO"}
+    configs = {name: tiny_rl_config(tmp_path, sft_dir, source=f"configs/quickstart/{name}.yaml", name=f"{name}.yaml",
+                                    checkpoint={"dirpath": str(tmp_path / name)}) for name in (first, then)}
+    value = [f"--model.init_args.value_model.pretrained={sft_dir}"] if first == "ppo" else []
+    cli_main(["fit", "--config", configs[first], "--trainer.limit_train_batches=1", *value])
+    last = tmp_path / first / "last.ckpt"
+    with pytest.raises(ConfigError, match=rf"^the checkpoint was written by a run of {names[first]}; this run's "
+                                          rf"objective is {names[then]}: resume with the config that wrote it"):
+        cli_main(["fit", "--config", configs[then], "--ckpt_path", str(last)])
+    if first == "ppo":   # a checkpoint from before the objective was recorded: told apart by its parameters
+        state = torch.load(last, weights_only=False)
+        del state["objective"]
+        torch.save(state, last)
+        with pytest.raises(ConfigError, match="written by a run of another objective .its parameters differ"):
+            cli_main(["fit", "--config", configs[then], "--ckpt_path", str(last)])
+
+
+def test_replaced_nonfinite_rewards_are_counted_on_the_console(tmp_path, sft_dir, caplog):
+    """Before: only in TensorBoard."""
+    config = tiny_rl_config(tmp_path, sft_dir, model={"nonfinite_reward": -1.0, "reward": {
+        "class_path": "tests.helpers.BadReward", "init_args": {"mode": "nan"}}})
+    with caplog.at_level(logging.WARNING):
+        cli_main(["fit", "--config", config, "--trainer.limit_train_batches=1"])
+    assert "reward tests.helpers.BadReward: 1 of 8 rewards were NaN or inf, replaced by nonfinite_reward=-1.0" \
+        in caplog.text
+
+
+def test_main_turns_a_user_error_into_one_line_and_exit_code_1(tmp_path, sft_dir, capsys):
+    config = tiny_rl_config(tmp_path, sft_dir, model={"reward": {"class_path": "tests.helpers.BadReward",
+                                                                 "init_args": {"mode": "short"}}})
+    assert main(["fit", "--config", config]) == 1
+    assert capsys.readouterr().err.strip().splitlines()[-1].startswith(
+        "error: reward tests.helpers.BadReward returned 7 values for 8 responses")
