@@ -295,7 +295,7 @@ class RLModule(L.LightningModule):
         before torch's list of unexpected keys; checkpoints without the record are compared by their keys."""
         ours, theirs = _qualified_name(self.objective), checkpoint.get("objective")
         trained = {k for k in checkpoint.get("state_dict", {}) if not k.startswith("reward.")}
-        if theirs is None and trained != {k for k in self.state_dict() if not k.startswith("reward.")}:
+        if theirs is None and trained and trained != {k for k in self.state_dict() if not k.startswith("reward.")}:
             theirs = "another objective (its parameters differ from this run's)"
         if theirs is not None and theirs != ours:
             raise ConfigError(f"the checkpoint was written by a run of {theirs}; this run's objective is {ours}: "

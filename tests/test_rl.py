@@ -103,39 +103,6 @@ def test_every_objective_trains_in_the_same_module(tmp_path, sft_dir, name):
         assert "train/vf_loss" in cli.trainer.callback_metrics and cli.model.value is not None
 
 
-EXTERNAL = '''
-import torch
-from modules.batch import ObjectiveInput, ObjectiveOutput
-from modules.functional import sequence_logprobs
-from modules.objectives.base import Objective
-
-
-class ReinforceWithMeanBaseline(Objective):
-    """Plain REINFORCE: A_i = r_i - mean over the group; loss = -mean A_i * logp_i."""
-
-    def __init__(self, k: int = 3):
-        super().__init__()
-        self.responses_per_prompt = k
-
-    def forward(self, batch: ObjectiveInput) -> ObjectiveOutput:
-        r = batch.rewards.view(-1, batch.group_size)
-        adv = (r - r.mean(-1, keepdim=True)).view(-1)
-        loss = -(adv * sequence_logprobs(batch.logp, batch.mask)).mean()
-        return ObjectiveOutput(loss, {"loss": loss.detach(), "adv_abs": adv.abs().mean()})
-'''
-
-
-def test_an_objective_outside_the_repository_runs_by_class_path(tmp_path, sft_dir, monkeypatch):
-    (tmp_path / "my_objectives.py").write_text(EXTERNAL)
-    monkeypatch.syspath_prepend(str(tmp_path))
-    config = tiny_rl_config(tmp_path, sft_dir)
-    cli = cli_main(["fit", "--config", config, "--model.init_args.objective=my_objectives.ReinforceWithMeanBaseline",
-                    "--model.init_args.objective.k=3"])
-    assert type(cli.model.objective).__name__ == "ReinforceWithMeanBaseline"
-    assert "train/adv_abs" in cli.trainer.callback_metrics
-    assert cli.trainer.callbacks[0].samples == 16 * 3
-
-
 def test_rl_logprobs_are_zero_after_each_response_so_ratios_and_kl_stay_finite(sft_dir, tokenizer):
     """`RLModule.logprobs` returns the forward's logprobs on response tokens and exactly 0 after each response
     (as the sampler records pi_old), with no gradient there. Why it matters: two pad-position logprobs 200 nats

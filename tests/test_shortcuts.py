@@ -345,8 +345,8 @@ def test_prepacked_linears_give_the_same_forward_and_draws_and_apply_only_to_cpu
     Qwen2 for linears with a bias), the
     layers' own forwards come back afterwards, and `sample` draws identical tokens from the same random state with
     `prepack_weights` on and off (recorded logprobs within 1e-5). Under CPU bf16 autocast, and for bf16 weights, it
-    computes in bf16 like the plain forward (logits within 0.02 at a scale of ~0.5); under fp16 autocast it changes
-    nothing."""
+    computes in bf16 like the plain forward (logits within 0.02 at a scale of ~0.5) where oneDNN has bf16 kernels and
+    does not apply where it has none; under fp16 autocast it changes nothing."""
     from datamodules.collate import PairCollator, encode_prompt
     from modules.sampling import SamplingConfig, prepacked_linears, sample
 
@@ -377,7 +377,8 @@ def test_prepacked_linears_give_the_same_forward_and_draws_and_apply_only_to_cpu
     assert torch.equal(rolls[True].input_ids, rolls[False].input_ids)
     assert torch.allclose(rolls[True].old_logp, rolls[False].old_logp, atol=1e-5, rtol=0)
 
-    n_linears = sum(type(m) is torch.nn.Linear for m in model.modules())
+    # bf16 prepacking needs oneDNN's bf16 kernels (AVX512-BF16 / AMX); on CPUs without them it must not apply.
+    n_linears = sum(type(m) is torch.nn.Linear for m in model.modules()) if torch.ops.mkldnn._is_mkldnn_bf16_supported() else 0
     with torch.no_grad():
         with torch.autocast("cpu", dtype=torch.bfloat16):
             plain = model(input_ids=ids).logits
