@@ -164,6 +164,63 @@ def token_logprobs(logits: torch.Tensor, labels: torch.Tensor, temperature: floa
     return torch.log_softmax(logits, dim=-1).gather(-1, labels.unsqueeze(-1)).squeeze(-1)  # (B, T)
 
 
+def linear_token_logprobs(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, labels: torch.Tensor,
+                          temperature: float = 1.0, chunk: int = 0) -> torch.Tensor:
+    """`token_logprobs(hidden @ weight.T + bias, labels, temperature)` for the rows of `hidden` (M, H) with labels
+    (M,) -> (M,) float32, where the LM head's logits (M, V) never exist whole when `chunk` > 0.
+
+    Forward: `chunk` rows at a time, keeping only each row's logprob. Backward: each chunk's logits are computed
+    again, under the autocast state of the forward, and differentiated on the spot; the weight's (and bias's)
+    gradient is summed over chunks in float32. Peak memory is one chunk's logits and their gradient, (chunk, V),
+    instead of (M, V) several times. The same ops as the plain computation row by row: equal up to float rounding
+    (`tests/test_functional.py`). `chunk` 0 (or >= M) is the plain computation.
+
+    Example: hidden [[1, 0], [0, 1]], weight [[1, 0], [0, 1], [0, 0]] (V = 3), no bias, labels [0, 2], T = 1:
+    logits [[1, 0, 0], [0, 1, 0]], logsumexp = log(e + 2) = 1.5514 in both rows, so logprobs
+    [1 - 1.5514, 0 - 1.5514] = [-0.5514, -1.5514], with any chunk size.
+    """
+    if chunk <= 0 or chunk >= hidden.shape[0]:
+        return token_logprobs(F.linear(hidden, weight, bias), labels, temperature)
+    return _ChunkedLinearLogprobs.apply(hidden, weight, bias, labels, temperature, chunk)
+
+
+class _ChunkedLinearLogprobs(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, labels, temperature, chunk):
+        device = hidden.device.type
+        ctx.autocast = {"device_type": device, "enabled": torch.is_autocast_enabled(device),
+                        "dtype": torch.get_autocast_dtype(device)}
+        ctx.temperature, ctx.chunk = temperature, chunk
+        ctx.save_for_backward(hidden, weight, bias, labels)
+        return torch.cat([token_logprobs(F.linear(h, weight, bias), y, temperature)
+                          for h, y in zip(hidden.split(chunk), labels.split(chunk))])          # (M,)
+
+    @staticmethod
+    def backward(ctx, grad):
+        hidden, weight, bias, labels = ctx.saved_tensors
+        need_h, need_w, need_b = ctx.needs_input_grad[:3]
+        grad_h = torch.empty_like(hidden) if need_h else None
+        grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_w else None
+        grad_b = torch.zeros(bias.shape, dtype=torch.float32, device=bias.device) if need_b else None
+        w = weight.detach().requires_grad_(need_w)
+        b = bias.detach().requires_grad_(need_b) if bias is not None else None
+        with torch.enable_grad(), torch.autocast(**ctx.autocast):
+            for start in range(0, hidden.shape[0], ctx.chunk):
+                rows = slice(start, start + ctx.chunk)
+                h = hidden[rows].detach().requires_grad_(need_h)
+                logp = token_logprobs(F.linear(h, w, b), labels[rows], ctx.temperature)      # (chunk,)
+                wanted = [t for t, need in ((h, need_h), (w, need_w), (b, need_b)) if need]
+                grads = iter(torch.autograd.grad(logp, wanted, grad[rows]))
+                if need_h:
+                    grad_h[rows] = next(grads)
+                if need_w:
+                    grad_w += next(grads)
+                if need_b:
+                    grad_b += next(grads)
+        return (grad_h, grad_w.to(weight.dtype) if need_w else None, grad_b.to(bias.dtype) if need_b else None,
+                None, None, None)
+
+
 def sequence_logprobs(token_logps: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """Sequence-level log-probability: sum of token logprobs over the response mask. (B, T) -> (B,)."""
     return masked_sum(token_logps, mask, dim=-1)
@@ -209,17 +266,14 @@ def kl_penalty(logp: torch.Tensor, ref_logp: torch.Tensor, estimator: str = "k1"
     raise ValueError(f"unknown KL estimator {estimator!r}; expected one of 'k1', 'k2', 'k3'")
 
 
-def response_only_ce(logits: torch.Tensor, input_ids: torch.Tensor, loss_mask: torch.Tensor) -> torch.Tensor:
-    """Mean next-token cross-entropy over the tokens where `loss_mask` is 1.
+def response_only_nll(target_logp: torch.Tensor, loss_mask: torch.Tensor) -> torch.Tensor:
+    """Mean next-token negative log-likelihood over the target tokens.
 
-    logits (B, T, V) at positions 0..T-1; input_ids (B, T); loss_mask (B, T) marks the *target* tokens
-    (response tokens, EOS included). Position t predicts token t + 1, so the mask is shifted by one.
+    target_logp (B, T-1): log p(token t + 1 | tokens <= t) at positions 0..T-2 (`modules.scoring.target_logprobs`);
+    loss_mask (B, T) marks the *target* tokens (response tokens, EOS included), so position t counts where
+    loss_mask[:, t + 1] is 1: prompt and padding never count.
     """
-    target_mask = loss_mask[:, 1:]                                # (B, T-1)
-    nll = F.cross_entropy(
-        logits[:, :-1].float().reshape(-1, logits.shape[-1]), input_ids[:, 1:].reshape(-1), reduction="none"
-    ).view_as(target_mask)                                        # (B, T-1)
-    return masked_mean(nll, target_mask)
+    return masked_mean(-target_logp, loss_mask[:, 1:])
 
 
 def bradley_terry_loss(chosen: torch.Tensor, rejected: torch.Tensor) -> torch.Tensor:

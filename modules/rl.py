@@ -88,6 +88,9 @@ class RLModule(L.LightningModule):
             prompt, repeated K times) and in every logprob forward (pi_ref, pi_old, the updates;
             `modules.scoring.response_logprobs` with the group size, where `modules.scoring.shares_prompts`
             allows it). On by default: the same numbers up to float rounding, fewer FLOPs.
+        logprob_chunk: tokens per LM-head chunk in every logprob pass (policy, reference, evaluation;
+            `modules.scoring.head_chunk`): None (default) keeps each chunk's fp32 logits under 2**24 values, so the
+            (tokens, vocabulary) logits never exist whole; 0 computes them whole. Exact up to float rounding.
     """
 
     def __init__(self, policy: BackboneSpec, tokenizer: str, reward: Callable, objective: Objective,
@@ -95,7 +98,7 @@ class RLModule(L.LightningModule):
                  sampling: SamplingConfig | None = None, epochs: int = 4, minibatch_groups: int = 8,
                  max_grad_norm: float | None = 1.0, missing_eos_penalty: float | None = None, seed: int = 0,
                  value_model: BackboneSpec | None = None, nonfinite_reward: float | None = None,
-                 old_logprobs: str = "auto", share_prompts: bool = True):
+                 old_logprobs: str = "auto", share_prompts: bool = True, logprob_chunk: int | None = None):
         super().__init__()
         self.save_hyperparameters(ignore=["reward", "objective"])
         self.automatic_optimization = False
@@ -108,7 +111,7 @@ class RLModule(L.LightningModule):
         self.nonfinite_reward = nonfinite_reward
         if old_logprobs not in OLD_LOGPROBS:
             raise ValueError(f"RLModule: old_logprobs={old_logprobs!r}; expected one of {OLD_LOGPROBS}")
-        self.old_logprobs, self.share_prompts = old_logprobs, share_prompts
+        self.old_logprobs, self.share_prompts, self.logprob_chunk = old_logprobs, share_prompts, logprob_chunk
         self.policy = self.reference = self.value = None
         self.rollout: Rollout | None = None
 
@@ -151,7 +154,8 @@ class RLModule(L.LightningModule):
         values mean nothing, and exactly 0 keeps every objective's ratio and KL finite there (exp(logp - ref) of
         two arbitrary pad logprobs could overflow, and inf x mask 0 is NaN). No gradient reaches those positions."""
         logp = response_logprobs(model, rollout.input_ids, rollout.attention_mask, rollout.prompt_length,
-                                 self.sampling.temperature, rollout.group_size if self.share_prompts else 1)
+                                 self.sampling.temperature, rollout.group_size if self.share_prompts else 1,
+                                 self.logprob_chunk)
         return logp.masked_fill(~rollout.response_mask.bool(), 0.0)
 
     def values(self, rollout: Rollout) -> torch.Tensor:

@@ -22,27 +22,77 @@ def lm_logits(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, keep
                  logits_to_keep=keep).logits
 
 
+# Values of fp32 logits one LM-head chunk may hold (64 MB): `chunk=None` means this many divided by the vocabulary.
+LOGITS_PER_CHUNK = 2**24
+
+
+def head_chunk(chunk: int | None, vocab_size: int) -> int:
+    """Rows per LM-head chunk: `chunk` as given (0 = the whole logits at once), or by default the rows whose fp32
+    logits fit in `LOGITS_PER_CHUNK` values (341 rows at SmolLM2's 49,152 tokens, 110 at Qwen's 151,936)."""
+    return max(1, LOGITS_PER_CHUNK // vocab_size) if chunk is None else chunk
+
+
 def response_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, prompt_length: int,
-                      temperature: float = 1.0, group_size: int = 1) -> torch.Tensor:
+                      temperature: float = 1.0, group_size: int = 1, chunk: int | None = None) -> torch.Tensor:
     """Per-token logprobs (B, L) of the response tokens input_ids[:, P:] given everything before them.
 
     Only the positions that predict a response token reach the LM head: P - 1 .. P + L - 2, the last L + 1
-    positions minus the final one (the prompt positions before would be computed and thrown away).
+    positions minus the final one (the prompt positions before would be computed and thrown away). Where the
+    model's logits are its LM head applied to the decoder's hidden states (`splits_head`), the head sees the real
+    response tokens alone (positions after a response's EOS are exactly 0) and runs in chunks of `chunk` tokens
+    (`head_chunk`; `F.linear_token_logprobs`): the (tokens, vocabulary) logits never exist whole, in the forward or
+    the backward. Elsewhere the whole logits are computed (finite values after the EOS).
 
     `group_size` K > 1 (rows i * K + k share prompt i): where `shares_prompts` allows it, the prompt is computed
     once per group, and padding not at all (`F.packed_prompt_layout`): G rows of at most P + K L real tokens
-    instead of N = G K rows of P + L, and the LM head on the real response tokens only. The same numbers on every
-    real token up to float rounding, with fewer FLOPs (K = 2, P = 42, L = 32, no padding: 0.72x the tokens);
-    positions after a response's EOS are then exactly 0. FSDP-wrapped and sharded models, whose LM head cannot
+    instead of N = G K rows of P + L. The same numbers on every
+    real token up to float rounding, with fewer FLOPs (K = 2, P = 42, L = 32, no padding: 0.72x the tokens).
+    FSDP-wrapped and sharded models, whose LM head cannot
     be called apart from the model, keep the padding (`F.shared_prompt_layout`; finite values after the EOS).
     Every consumer masks the positions after the EOS."""
     if group_size > 1 and shares_prompts(model, input_ids, attention_mask, prompt_length, group_size):
         if whole_model(model):
-            return _packed_prompt_logprobs(model, input_ids, attention_mask, prompt_length, temperature, group_size)
+            return _packed_prompt_logprobs(model, input_ids, attention_mask, prompt_length, temperature, group_size,
+                                           chunk)
         return _shared_prompt_logprobs(model, input_ids, attention_mask, prompt_length, temperature, group_size)
-    L = input_ids.shape[1] - prompt_length
-    logits = lm_logits(model, input_ids, attention_mask, keep=L + 1)[:, :-1]   # (B, L, V): t predicts t + 1
-    return F.token_logprobs(logits, input_ids[:, prompt_length:], temperature)  # (B, L)
+    targets = torch.zeros_like(attention_mask)
+    targets[:, prompt_length:] = attention_mask[:, prompt_length:]
+    return target_logprobs(model, input_ids, attention_mask, targets, temperature, chunk)[:, prompt_length - 1:]
+
+
+def target_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, targets: torch.Tensor,
+                    temperature: float = 1.0, chunk: int | None = None) -> torch.Tensor:
+    """log p(input_ids[:, t + 1] | <= t) at the positions t whose next token is a target (`targets[:, t + 1]` = 1):
+    (B, T - 1), exactly 0 elsewhere. The LM head sees those positions alone, in chunks where `splits_head`
+    allows (see `response_logprobs`). SFT's loss and every response logprob come from here."""
+    wanted = targets[:, 1:].bool()                                                           # (B, T - 1)
+    if not splits_head(model):
+        first = int(wanted.any(0).nonzero()[0]) if wanted.any() else wanted.shape[1] - 1
+        logits = lm_logits(model, input_ids, attention_mask, keep=input_ids.shape[1] - first)[:, :-1]
+        logp = F.token_logprobs(logits, input_ids[:, first + 1:], temperature)              # (B, T - 1 - first)
+        return torch.nn.functional.pad(logp, (first, 0)).masked_fill(~wanted, 0.0)
+    decoder, head = causal_lm_parts(model)
+    hidden = decoder(input_ids=input_ids, attention_mask=attention_mask, use_cache=False,
+                     position_ids=F.position_ids_from_mask(attention_mask)).last_hidden_state  # (B, T, H)
+    logp = head_logprobs(head, hidden[:, :-1][wanted], input_ids[:, 1:][wanted], temperature, chunk)
+    return logp.new_zeros(wanted.shape).masked_scatter(wanted, logp)                         # (B, T - 1)
+
+
+def head_logprobs(head, hidden: torch.Tensor, labels: torch.Tensor, temperature: float = 1.0,
+                  chunk: int | None = None) -> torch.Tensor:
+    """Logprobs (M,) of `labels` (M,) under the LM head applied to `hidden` (M, H): in chunks of `head_chunk` rows
+    for a plain Linear head with more rows than that (`F.linear_token_logprobs`); otherwise the head is called on
+    all rows at once (a LoRA-adapted or quantized head, or few rows)."""
+    rows = head_chunk(chunk, head.weight.shape[0]) if type(head) is torch.nn.Linear else 0
+    if 0 < rows < hidden.shape[0]:
+        return F.linear_token_logprobs(hidden, head.weight, head.bias, labels, temperature, rows)
+    return F.token_logprobs(head(hidden), labels, temperature)
+
+
+def splits_head(model) -> bool:
+    """Whether the model's logits are its LM head applied to its decoder's last hidden states, callable apart:
+    a whole (unsharded) model of `SHARED_PROMPT_MODELS` (no logit scaling or soft-capping in between)."""
+    return getattr(getattr(model, "config", None), "model_type", None) in SHARED_PROMPT_MODELS and whole_model(model)
 
 
 # Attention implementations that apply a custom 4D mask as given: a boolean one for SDPA, an additive one for eager.
@@ -85,14 +135,14 @@ def _shared_prompt_logprobs(model, input_ids, attention_mask, prompt_length, tem
     return F.token_logprobs(logits.reshape(N, L, -1), input_ids[:, prompt_length:], temperature)
 
 
-def _packed_prompt_logprobs(model, input_ids, attention_mask, prompt_length, temperature, group_size):
+def _packed_prompt_logprobs(model, input_ids, attention_mask, prompt_length, temperature, group_size, chunk):
     gather, position_ids, allowed, source = F.packed_prompt_layout(attention_mask, prompt_length, group_size)
     decoder, head = causal_lm_parts(model)
     hidden = decoder(input_ids=input_ids.flatten()[gather], attention_mask=_custom_mask(model, allowed),
                      position_ids=position_ids, use_cache=False).last_hidden_state            # (G, T', H)
     real = attention_mask[:, prompt_length:].bool()                                          # (N, L)
-    logits = head(hidden.flatten(0, 1)[source[real]])                                        # (real tokens, V)
-    logp = F.token_logprobs(logits, input_ids[:, prompt_length:][real], temperature)
+    logp = head_logprobs(head, hidden.flatten(0, 1)[source[real]], input_ids[:, prompt_length:][real], temperature,
+                         chunk)                                                              # (real tokens,)
     return logp.new_zeros(real.shape).masked_scatter(real, logp)                             # (N, L)
 
 

@@ -5,14 +5,18 @@ import lightning as L
 import torch
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torchmetrics import MeanMetric
-from torchmetrics.text import Perplexity
 
 from datamodules.batch import PairBatch
 from modules import functional as F
 from modules.backbone import BackboneSpec, build_causal_lm, export_model, load_tokenizer, shard
-from modules.scoring import lm_logits
+from modules.scoring import target_logprobs
 
-IGNORE = -100
+
+class Perplexity(MeanMetric):
+    """exp of the token-weighted mean NLL (what torchmetrics' Perplexity computes, without the logits)."""
+
+    def compute(self) -> torch.Tensor:
+        return super().compute().exp()
 
 
 class SFTModule(L.LightningModule):
@@ -20,39 +24,43 @@ class SFTModule(L.LightningModule):
         backbone: how to build the policy (see `modules.backbone.BackboneSpec`).
         tokenizer: tokenizer location; linked from `data.tokenizer_path` by the CLI.
         optimizer / scheduler: factories injected by the CLI (`scheduler` is stepped every optimizer step).
+        logprob_chunk: tokens per LM-head chunk for the loss (`modules.scoring.head_chunk`): None (default) keeps
+            each chunk's fp32 logits under 2**24 values; 0 computes the whole (tokens, vocabulary) logits at once.
     """
 
     def __init__(self, backbone: BackboneSpec, tokenizer: str, optimizer: OptimizerCallable = torch.optim.AdamW,
-                 scheduler: LRSchedulerCallable | None = None):
+                 scheduler: LRSchedulerCallable | None = None, logprob_chunk: int | None = None):
         super().__init__()
         self.save_hyperparameters()
         self.backbone, self.tokenizer_path = backbone, tokenizer
         self.optimizer_factory, self.scheduler_factory = optimizer, scheduler
+        self.logprob_chunk = logprob_chunk
         self.tokenizer = load_tokenizer(tokenizer)
         self.policy = None
         self.val_loss = MeanMetric()
-        self.val_ppl = Perplexity(ignore_index=IGNORE)
+        self.val_ppl = Perplexity()
 
     def configure_model(self) -> None:
         if self.policy is None:
             self.policy = shard(build_causal_lm(self.backbone, self.tokenizer))
 
-    def loss(self, batch: PairBatch) -> tuple[torch.Tensor, torch.Tensor]:
+    def loss(self, batch: PairBatch) -> torch.Tensor:
+        """Mean NLL of the response tokens; the LM head sees those positions alone, in chunks."""
         seq = batch.chosen
-        logits = lm_logits(self.policy, seq.input_ids, seq.attention_mask)      # (B, T, V)
-        return F.response_only_ce(logits, seq.input_ids, seq.loss_mask), logits
+        logp = target_logprobs(self.policy, seq.input_ids, seq.attention_mask, seq.loss_mask,
+                               chunk=self.logprob_chunk)                       # (B, T - 1)
+        return F.response_only_nll(logp, seq.loss_mask)
 
     def training_step(self, batch: PairBatch, batch_idx: int) -> torch.Tensor:
-        loss, _ = self.loss(batch)
+        loss = self.loss(batch)
         self.log("train/loss", loss, prog_bar=True, batch_size=len(batch))
         return loss
 
     def validation_step(self, batch: PairBatch, batch_idx: int) -> None:
-        loss, logits = self.loss(batch)
-        seq = batch.chosen
-        labels = seq.input_ids[:, 1:].masked_fill(seq.loss_mask[:, 1:] == 0, IGNORE)  # (B, T-1)
-        self.val_loss.update(loss, weight=seq.loss_mask[:, 1:].sum())
-        self.val_ppl.update(logits[:, :-1].float(), labels)
+        loss = self.loss(batch)
+        tokens = batch.chosen.loss_mask[:, 1:].sum()
+        self.val_loss.update(loss, weight=tokens)
+        self.val_ppl.update(loss, weight=tokens)
         self.log("val/loss", self.val_loss, prog_bar=True, batch_size=len(batch))
         self.log("val/perplexity", self.val_ppl, batch_size=len(batch))
 

@@ -1,6 +1,7 @@
 """Maths on literal tensors; expected values worked out by hand in each docstring."""
 import math
 
+import pytest
 import torch
 
 from modules import functional as F
@@ -67,15 +68,48 @@ def test_token_logprobs_value_and_gradient_at_temperature_one():
     assert torch.allclose(logits.grad, torch.tensor([[[0.25, -0.25]]]), atol=1e-6)
 
 
-def test_response_only_ce_masks_prompt_and_padding():
+def test_response_only_nll_masks_prompt_and_padding():
     """Two-token vocabulary. Sequence [p, r1, r2, pad]; loss mask on r1, r2. Position t predicts t+1, so only
     the predictions made at positions 0 and 1 count: -log softmax([0, 0])[1] = log 2 and
-    -log softmax([3, 0])[0] = log(1 + e^-3). Position 2 (predicting the pad) has huge logits and is ignored."""
+    -log softmax([3, 0])[0] = log(1 + e^-3). Position 2 (predicting the pad, logits [100, -100]: log p = -200)
+    is ignored."""
     logits = torch.tensor([[[0.0, 0.0], [3.0, 0.0], [100.0, -100.0], [0.0, 0.0]]])
     ids = torch.tensor([[0, 1, 0, 1]])
     loss_mask = torch.tensor([[0, 1, 1, 0]])
+    target_logp = F.token_logprobs(logits[:, :-1], ids[:, 1:])                 # (1, 3)
     expected = (math.log(2.0) + math.log(1.0 + math.exp(-3.0))) / 2
-    assert math.isclose(F.response_only_ce(logits, ids, loss_mask).item(), expected, rel_tol=1e-5)
+    assert math.isclose(F.response_only_nll(target_logp, loss_mask).item(), expected, rel_tol=1e-5)
+
+
+def test_linear_token_logprobs_literal_example_in_any_chunking():
+    """The docstring's example: hidden = I (2 x 2), weight [[1, 0], [0, 1], [0, 0]], labels [0, 2]: logits
+    [[1, 0, 0], [0, 1, 0]], logsumexp log(e + 2) in both rows, logprobs [1 - log(e + 2), -log(e + 2)]."""
+    hidden, weight = torch.eye(2), torch.tensor([[1.0, 0.0], [0.0, 1.0], [0.0, 0.0]])
+    lse = math.log(math.e + 2)
+    for chunk in (0, 1, 2):
+        got = F.linear_token_logprobs(hidden, weight, None, torch.tensor([0, 2]), chunk=chunk)
+        assert torch.allclose(got, torch.tensor([1 - lse, -lse]), atol=1e-6)
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16-autocast"])
+def test_chunked_linear_logprobs_equal_the_whole_logits_in_value_and_gradient(precision):
+    """37 rows in chunks of 5 (the last one of 2) against one (37, V) logits tensor, with a bias and T = 0.7:
+    logprobs and the gradients of hidden, weight and bias agree within float rounding; under bf16 autocast the
+    backward recomputes each chunk in bf16 as the forward did."""
+    torch.manual_seed(0)
+    M, H, V = 37, 16, 50
+    leaves = [torch.randn(M, H, requires_grad=True), torch.randn(V, H, requires_grad=True),
+              torch.randn(V, requires_grad=True)]
+    labels, weights = torch.randint(0, V, (M,)), torch.randn(M)
+    results = []
+    for chunk in (0, 5):
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision != "fp32"):
+            logp = F.linear_token_logprobs(*leaves, labels, temperature=0.7, chunk=chunk)
+        grads = torch.autograd.grad((logp * weights).sum(), leaves)
+        results.append((logp, *grads))
+    tol = 1e-5 if precision == "fp32" else 2e-2
+    for plain, chunked in zip(*results):
+        assert plain.dtype == chunked.dtype and torch.allclose(plain, chunked, atol=tol, rtol=tol)
 
 
 def test_bradley_terry_loss_value():
