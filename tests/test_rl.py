@@ -138,3 +138,15 @@ def test_rl_logprobs_are_zero_after_each_response_so_ratios_and_kl_stay_finite(s
                                   mask=roll.response_mask, rewards=rewards, group_size=2)
         batch_in.extra = grpo.prepare(batch_in)
         assert bool(torch.isfinite(grpo(batch_in).loss)) == finite
+
+
+def test_p3o_trains_with_activation_checkpointing_and_lora(tmp_path, sft_dir):
+    """The backbone option end to end: LoRA adapters change, the frozen base and the reference (adapters off) do not."""
+    config = tiny_rl_config(tmp_path, sft_dir, model={"policy": {"pretrained": sft_dir, "lora": {"r": 4},
+                                                                 "activation_checkpointing": True}})
+    cli = cli_main(["fit", "--config", config, "--trainer.limit_train_batches=2"])
+    policy = cli.model.policy
+    assert policy.get_base_model().model.layers[0].gradient_checkpointing
+    initial = build_causal_lm(BackboneSpec(pretrained=sft_dir, lora={"r": 4}), cli.model.tokenizer).state_dict()
+    changed = {k for k, v in policy.state_dict().items() if not torch.equal(v, initial[k])}
+    assert changed and all("lora_" in k for k in changed)
