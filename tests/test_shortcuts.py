@@ -505,7 +505,7 @@ def test_activation_checkpointing_gives_the_same_logprobs_and_gradients(tokenize
         spec = BackboneSpec(config=config, lora={"r": 4} if lora else None, activation_checkpointing=checkpointing)
         model = build_causal_lm(spec, tokenizer).train()
         calls = []
-        model.get_decoder().layers[0].input_layernorm.register_forward_pre_hook(lambda *args: calls.append(1))
+        model.get_decoder().layers[0].input_layernorm.register_forward_pre_hook(lambda *args, calls=calls: calls.append(1))
         logp = response_logprobs(model, ids, mask, 5, 0.7, group_size=group_size)
         (logp * response_mask).sum().backward()
         grads = torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None])
