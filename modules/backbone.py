@@ -192,7 +192,10 @@ def _build(auto_cls, spec: BackboneSpec, tokenizer, **overrides) -> nn.Module:
     if spec.activation_checkpointing:
         # Non-reentrant checkpointing: gradients reach LoRA adapters and 4-bit bases with no input-grad hooks. It
         # applies in training mode only (HF's layers check `self.training`): sampling and no-grad passes are unchanged.
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        if hasattr(model, "activation_checkpointing_enable"):        # the current name; older transformers: the other
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if spec.quantization:
         from peft import prepare_model_for_kbit_training
 
