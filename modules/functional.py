@@ -120,6 +120,28 @@ def packed_last_token(attention_mask: torch.Tensor, prompt_length: int, group_si
     return packed_at[owner * T + last]
 
 
+def micro_batch_groups(group_tokens: torch.Tensor, budget: int, parts: int | None = None) -> list[tuple[int, int]]:
+    """Consecutive ranges [start, end) of G groups, each holding at most `budget` real tokens (a group over the
+    budget alone), then the part with the most groups split in half until there are `parts` of them (the same
+    count on every rank; at most G).
+
+    Example: group tokens [3, 4, 2, 6, 1], budget 7 -> [(0, 2), (2, 3), (3, 5)] (7, 2, 7 tokens: adding the next
+    group would pass 7); with parts=4 the first part (2 groups) is halved -> [(0, 1), (1, 2), (2, 3), (3, 5)].
+    """
+    ranges, start, total = [], 0, 0
+    for g, tokens in enumerate(group_tokens.tolist()):
+        if g > start and total + tokens > budget:
+            ranges.append((start, g))
+            start, total = g, 0
+        total += tokens
+    ranges.append((start, len(group_tokens)))
+    while parts is not None and len(ranges) < min(parts, len(group_tokens)):
+        i = max(range(len(ranges)), key=lambda j: ranges[j][1] - ranges[j][0])
+        a, b = ranges[i]
+        ranges[i: i + 1] = [(a, (a + b) // 2), ((a + b) // 2, b)]
+    return ranges
+
+
 def inverse_cdf_sample(probs: torch.Tensor, uniforms: torch.Tensor) -> torch.Tensor:
     """One token per row drawn from `probs` (B, V) with `uniforms` (B,) in [0, 1): the first index whose cumulative
     probability exceeds u * total (float64 cumsum). Exactly the categorical distribution, from one uniform per row;

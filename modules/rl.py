@@ -32,7 +32,7 @@ from modules.backbone import (
     load_tokenizer,
     shard,
 )
-from modules.batch import ObjectiveInput, Rollout
+from modules.batch import ObjectiveInput, ObjectiveOutput, Rollout
 from modules.checks import ConfigError
 from modules.objectives.base import Objective
 from modules.rewards import score as score_rewards
@@ -52,6 +52,16 @@ def peak_memory_gb(device: torch.device) -> float:
     import resource
 
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20     # Linux reports KiB
+
+
+def _rng_state(device: torch.device) -> tuple:
+    return torch.get_rng_state(), torch.cuda.get_rng_state(device) if device.type == "cuda" else None
+
+
+def _set_rng_state(state: tuple, device: torch.device) -> None:
+    torch.set_rng_state(state[0])
+    if state[1] is not None:
+        torch.cuda.set_rng_state(state[1], device)
 
 
 def _qualified_name(obj) -> str:
@@ -88,6 +98,12 @@ class RLModule(L.LightningModule):
             prompt, repeated K times) and in every logprob forward (pi_ref, pi_old, the updates;
             `modules.scoring.response_logprobs` with the group size, where `modules.scoring.shares_prompts`
             allows it). On by default: the same numbers up to float rounding, fewer FLOPs.
+        micro_batch_tokens: real tokens (prompt + response, summed over rows) per forward and backward: every pass
+            over a rollout or a minibatch (pi_ref, a forward pi_old, values, the update) runs in micro-batches of whole
+            groups up to this many tokens (a larger group alone), the same number on every rank. An update then
+            accumulates the exact gradient of the whole minibatch's loss (`backward_minibatch`): the objective's
+            normalisers are the minibatch's, at the cost of one more forward per micro-batch. None (default): one
+            pass per rollout and per minibatch.
         logprob_chunk: tokens per LM-head chunk in every logprob pass (policy, reference, evaluation;
             `modules.scoring.head_chunk`): None (default) keeps each chunk's fp32 logits under 2**24 values, so the
             (tokens, vocabulary) logits never exist whole; 0 computes them whole. Exact up to float rounding.
@@ -98,7 +114,8 @@ class RLModule(L.LightningModule):
                  sampling: SamplingConfig | None = None, epochs: int = 4, minibatch_groups: int = 8,
                  max_grad_norm: float | None = 1.0, missing_eos_penalty: float | None = None, seed: int = 0,
                  value_model: BackboneSpec | None = None, nonfinite_reward: float | None = None,
-                 old_logprobs: str = "auto", share_prompts: bool = True, logprob_chunk: int | None = None):
+                 old_logprobs: str = "auto", share_prompts: bool = True, logprob_chunk: int | None = None,
+                 micro_batch_tokens: int | None = None):
         super().__init__()
         self.save_hyperparameters(ignore=["reward", "objective"])
         self.automatic_optimization = False
@@ -112,6 +129,7 @@ class RLModule(L.LightningModule):
         if old_logprobs not in OLD_LOGPROBS:
             raise ValueError(f"RLModule: old_logprobs={old_logprobs!r}; expected one of {OLD_LOGPROBS}")
         self.old_logprobs, self.share_prompts, self.logprob_chunk = old_logprobs, share_prompts, logprob_chunk
+        self.micro_batch_tokens = micro_batch_tokens
         self.policy = self.reference = self.value = None
         self.rollout: Rollout | None = None
 
@@ -147,20 +165,36 @@ class RLModule(L.LightningModule):
         precision = str(self.trainer.precision) if self._trainer is not None else "32-true"
         return precision in ("32-true", "32", "64-true", "64")
 
+    def micro_batches(self, roll: Rollout) -> list[torch.Tensor]:
+        """Row indices of each micro-batch (`micro_batch_tokens`): consecutive whole groups, as many on every rank
+        (the most any rank needs: sharded models run collective forwards)."""
+        rows = torch.arange(len(roll), device=roll.input_ids.device)
+        if self.micro_batch_tokens is None:
+            return [rows]
+        K = roll.group_size
+        tokens = roll.attention_mask.view(len(roll) // K, -1).sum(-1)                      # (groups,)
+        count = len(F.micro_batch_groups(tokens, self.micro_batch_tokens))
+        if self._trainer is not None:
+            count = int(self.trainer.strategy.reduce(torch.tensor(count, device=self.device), reduce_op="max"))
+        return [rows[a * K: b * K] for a, b in F.micro_batch_groups(tokens, self.micro_batch_tokens, count)]
+
     def logprobs(self, model, rollout: Rollout) -> torch.Tensor:
-        """Per-token response logprobs (N, L) at the sampling temperature: the one place they are computed.
+        """Per-token response logprobs (N, L) at the sampling temperature: the one place they are computed, one
+        forward per micro-batch.
 
         0 after each response (outside `response_mask`), as the sampler records pi_old: the padding positions'
         values mean nothing, and exactly 0 keeps every objective's ratio and KL finite there (exp(logp - ref) of
         two arbitrary pad logprobs could overflow, and inf x mask 0 is NaN). No gradient reaches those positions."""
-        logp = response_logprobs(model, rollout.input_ids, rollout.attention_mask, rollout.prompt_length,
-                                 self.sampling.temperature, rollout.group_size if self.share_prompts else 1,
-                                 self.logprob_chunk)
+        parts = [rollout.select(rows) for rows in self.micro_batches(rollout)]
+        logp = torch.cat([response_logprobs(model, part.input_ids, part.attention_mask, part.prompt_length,
+                                            self.sampling.temperature, part.group_size if self.share_prompts else 1,
+                                            self.logprob_chunk) for part in parts])
         return logp.masked_fill(~rollout.response_mask.bool(), 0.0)
 
     def values(self, rollout: Rollout) -> torch.Tensor:
         """Value estimates (N, L): V of the state before each response token (read at the previous position)."""
-        scores = token_scores(self.value, rollout.input_ids, rollout.attention_mask)   # (N, P + L)
+        scores = torch.cat([token_scores(self.value, rollout.input_ids[rows], rollout.attention_mask[rows])
+                            for rows in self.micro_batches(rollout)])                      # (N, P + L)
         return scores[:, rollout.prompt_length - 1: -1]
 
     def score(self, rollout: Rollout) -> torch.Tensor:
@@ -238,11 +272,8 @@ class RLModule(L.LightningModule):
         """One optimizer step on a minibatch; stops before the step if the loss or the gradient is not finite."""
         optimizer = self.optimizers()
         tokens = self.trainer.strategy.reduce(sub.response_mask.sum().float(), reduce_op="mean")
-        values = self.values(sub) if self.value is not None else None
-        out = self.objective(self.objective_input(sub, self.logprobs(self.policy, sub), extra, values, float(tokens)))
-        self.stop_unless_finite(out.loss.detach(), "loss", where)
         optimizer.zero_grad()
-        self.manual_backward(out.loss)
+        out = self.backward_minibatch(sub, extra, float(tokens), where)
         params = [p for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
         grad_norm = torch.nn.utils.get_total_norm([p.grad for p in params]) if params else torch.zeros(())
         self.stop_unless_finite(grad_norm, "gradient norm", where)
@@ -251,9 +282,57 @@ class RLModule(L.LightningModule):
         optimizer.step()
         return {**out.metrics, "grad_norm": grad_norm}
 
+    def backward_minibatch(self, sub: Rollout, extra: dict, tokens: float, where: str) -> ObjectiveOutput:
+        """The objective on the minibatch, its gradient added to the parameters' `.grad`; stops before any backward
+        when the loss is not finite.
+
+        One micro-batch: forward, loss, backward. Several (`micro_batch_tokens`), the same gradient exactly (up to
+        float rounding) with one micro-batch's activations at a time: (1) each micro-batch's logprobs (and values)
+        without a graph; (2) the objective on the whole minibatch, differentiated with respect to those tensors
+        alone, so every normaliser (token counts, means over pairs or groups, whitening) is the minibatch's; (3)
+        each micro-batch again with its graph, backpropagating its rows of that gradient (chain rule). Step (3)
+        replays step (1)'s random state, so dropout masks match too. The price: one more forward per micro-batch."""
+        parts = self.micro_batches(sub)
+        if len(parts) == 1:
+            logp, values = self._forward_part(sub)
+            out = self.objective(self.objective_input(sub, logp, extra, values, tokens))
+            self.stop_unless_finite(out.loss.detach(), "loss", where)
+            self._backward(out.loss)
+            return out
+        states, outs = [], []
+        with torch.no_grad():
+            for rows in parts:
+                states.append(_rng_state(self.device))
+                outs.append(self._forward_part(sub.select(rows)))
+        logp = torch.cat([o[0] for o in outs]).requires_grad_()
+        values = torch.cat([o[1] for o in outs]).requires_grad_() if self.value is not None else None
+        out = self.objective(self.objective_input(sub, logp, extra, values, tokens))
+        self.stop_unless_finite(out.loss.detach(), "loss", where)
+        leaves = [t for t in (logp, values) if t is not None]
+        grads = torch.autograd.grad(out.loss, leaves)
+        for rows, state in zip(parts, states):
+            _set_rng_state(state, self.device)
+            tensors = [t for t in self._forward_part(sub.select(rows)) if t is not None]
+            self._backward(sum((t * g[rows]).sum() for t, g in zip(tensors, grads)))
+        return ObjectiveOutput(out.loss.detach(), out.metrics)
+
+    def _forward_part(self, part: Rollout) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(logprobs, values or None) of one micro-batch, in one forward each."""
+        logp = response_logprobs(self.policy, part.input_ids, part.attention_mask, part.prompt_length,
+                                 self.sampling.temperature, part.group_size if self.share_prompts else 1,
+                                 self.logprob_chunk).masked_fill(~part.response_mask.bool(), 0.0)
+        if self.value is None:
+            return logp, None
+        scores = token_scores(self.value, part.input_ids, part.attention_mask)            # (n, P + L)
+        return logp, scores[:, part.prompt_length - 1: -1]
+
+    def _backward(self, loss: torch.Tensor) -> None:
+        self.manual_backward(loss) if self._trainer is not None else loss.backward()
+
     def stop_unless_finite(self, value: torch.Tensor, what: str, where: str) -> None:
         """Raise `NonFiniteError` (on every rank at once) when `value` is NaN or inf, before the optimizer step."""
-        if self.trainer.strategy.reduce_boolean_decision(bool(torch.isfinite(value).all()), all=True):
+        finite = bool(torch.isfinite(value).all())
+        if (self.trainer.strategy.reduce_boolean_decision(finite, all=True) if self._trainer is not None else finite):
             return
         raise NonFiniteError(f"{type(self.objective).__name__}: non-finite {what} ({value.item()}) at {where}; the "
                              "optimizer step was skipped and the weights are unchanged by it (the last checkpoint "

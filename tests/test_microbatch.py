@@ -1,0 +1,109 @@
+"""Micro-batches by token budget: every pass and every update equals the one-batch computation."""
+import pytest
+import torch
+
+from datamodules.collate import PairCollator, encode_prompt
+from modules import functional as F
+from modules.backbone import BackboneSpec
+from modules.objectives.dpo import OnlineDPO
+from modules.objectives.grpo import GRPO
+from modules.objectives.p3o import P3O
+from modules.objectives.ppo import PPO
+from modules.objectives.rloo import RLOO
+from modules.rl import RLModule
+from modules.sampling import SamplingConfig
+
+PROMPTS = ["write a review of the cafe :", "write a review of the hotel , please :", "write a review of the zoo :",
+           "write a review of the park :", "write a review of the gym :", "write a review of the bar :"]
+
+
+def test_micro_batch_groups_literal_example():
+    """The docstring's example: tokens [3, 4, 2, 6, 1], budget 7 -> (0, 2), (2, 3), (3, 5); four parts -> the first
+    (two groups, the most) halved; a group over the budget stays whole; never more parts than groups."""
+    tokens = torch.tensor([3, 4, 2, 6, 1])
+    assert F.micro_batch_groups(tokens, 7) == [(0, 2), (2, 3), (3, 5)]
+    assert F.micro_batch_groups(tokens, 7, parts=4) == [(0, 1), (1, 2), (2, 3), (3, 5)]
+    assert F.micro_batch_groups(torch.tensor([9, 9]), 7) == [(0, 1), (1, 2)]
+    assert F.micro_batch_groups(torch.tensor([1, 1]), 100, parts=5) == [(0, 1), (1, 2)]
+
+
+def objective(name: str, k: int):
+    if name == "ppo":
+        made = PPO()
+        made.responses_per_prompt = k        # PPO samples K per prompt as well (no group maths)
+        return made
+    return {"p3o": lambda: P3O(k=k), "p3o_v1": lambda: P3O(variant="v1", k=k), "dpo": OnlineDPO,
+            "rloo": lambda: RLOO(k=k), "grpo": lambda: GRPO(k=k), "grpo_dapo": lambda: GRPO(k=k, loss_type="dapo"),
+            "grpo_bnpo": lambda: GRPO(k=k, loss_type="bnpo")}[name]()
+
+
+CASES = [("p3o", 2), ("p3o", 4), ("p3o_v1", 2), ("ppo", 2), ("ppo", 4), ("dpo", 2), ("rloo", 2), ("rloo", 4),
+         ("grpo", 2), ("grpo", 4), ("grpo_dapo", 4), ("grpo_bnpo", 2)]
+
+
+def rollout_module(sft_dir, tokenizer, name: str, k: int, share_prompts: bool, lora: bool):
+    from datamodules.task import GoldReward
+
+    spec = BackboneSpec(pretrained=sft_dir, lora={"r": 4} if lora else None)
+    module = RLModule(spec, sft_dir, reward=GoldReward(), objective=objective(name, k),
+                      sampling=SamplingConfig(max_new_tokens=8), share_prompts=share_prompts,
+                      value_model=BackboneSpec(pretrained=sft_dir) if name == "ppo" else None)
+    module.configure_model()
+    batch = PairCollator(tokenizer.pad_token_id)([{"prompt": t, "prompt_ids": encode_prompt(tokenizer, t)}
+                                                 for t in PROMPTS])
+    torch.manual_seed(0)
+    roll = module.make_rollout(batch)
+    with torch.no_grad():          # the policy moves away from pi_old, so ratios and clipping are not trivial
+        for name_, p in module.policy.named_parameters():
+            if p.requires_grad:
+                p.add_(0.3 * torch.randn_like(p) * (p.std() if p.numel() > 1 and p.std() > 0 else 0.1))
+    return module, roll
+
+
+@pytest.mark.parametrize("share_prompts", [True, False], ids=["packed", "padded"])
+@pytest.mark.parametrize("name, k", CASES, ids=[f"{n}-k{k}" for n, k in CASES])
+def test_an_update_in_micro_batches_has_the_gradient_of_the_whole_minibatch(sft_dir, tokenizer, name, k,
+                                                                            share_prompts):
+    """6 prompts x K responses, updated once as one batch and once in micro-batches of at most 30 real tokens
+    (3 or more parts): the same loss, metrics and parameter gradients (policy and, for PPO, value head) within float
+    rounding, for every objective, K = 2 and 4, the packed and the padded layouts. Normalisers are the minibatch's
+    (token counts for dapo / bnpo, means over pairs and groups, PPO's whitening in `prepare`)."""
+    _same_update(*rollout_module(sft_dir, tokenizer, name, k, share_prompts, lora=False))
+
+
+@pytest.mark.parametrize("name, k", [("p3o", 2), ("grpo", 4)])
+def test_a_lora_update_in_micro_batches_has_the_gradient_of_the_whole_minibatch(sft_dir, tokenizer, name, k):
+    _same_update(*rollout_module(sft_dir, tokenizer, name, k, share_prompts=True, lora=True))
+
+
+def _same_update(module, roll):
+    extra = module.objective.prepare(module.objective_input(roll, roll.old_logp, {}))
+    tokens = float(roll.response_mask.sum())
+    results = []
+    for budget in (None, 30):
+        module.micro_batch_tokens = budget
+        parts = module.micro_batches(roll)
+        assert len(parts) == 1 if budget is None else len(parts) >= 3
+        params = [p for m in (module.policy, module.value) if m is not None for p in m.parameters() if p.requires_grad]
+        for p in params:
+            p.grad = None
+        out = module.backward_minibatch(roll, extra, tokens, "test")
+        results.append((out, torch.cat([p.grad.flatten() for p in params if p.grad is not None])))
+    (whole, whole_grad), (parts_out, parts_grad) = results
+    assert torch.allclose(whole.loss.detach(), parts_out.loss, atol=1e-6, rtol=1e-5)
+    for key, value in whole.metrics.items():
+        assert torch.allclose(value.float(), parts_out.metrics[key].float(), atol=1e-5, rtol=1e-4), key
+    assert whole_grad.abs().max() > 0 and whole_grad.shape == parts_grad.shape
+    assert (whole_grad - parts_grad).abs().max() <= 1e-5 * whole_grad.abs().max()
+
+
+def test_rollout_passes_in_micro_batches_equal_one_pass(sft_dir, tokenizer):
+    """pi_ref / pi_old logprobs and PPO's values over a rollout, one pass against micro-batches of 30 tokens."""
+    module, roll = rollout_module(sft_dir, tokenizer, "ppo", 2, share_prompts=True, lora=False)
+    with torch.no_grad():
+        whole = (module.logprobs(module.policy, roll), module.values(roll))
+        module.micro_batch_tokens = 30
+        assert len(module.micro_batches(roll)) >= 3
+        parts = (module.logprobs(module.policy, roll), module.values(roll))
+    for a, b in zip(whole, parts):
+        assert torch.allclose(a, b, atol=1e-5, rtol=0)
