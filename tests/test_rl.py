@@ -73,9 +73,12 @@ def test_resume_gives_the_same_parameters_as_an_uninterrupted_run(tmp_path, sft_
 
 @pytest.mark.slow
 def test_ddp_two_cpu_processes(tmp_path, sft_dir):
-    """`--trainer.devices=2 --trainer.strategy=ddp` on CPU: shards, gradient sync, identical policies."""
+    """`--trainer.devices=2 --trainer.strategy=ddp` on CPU: shards, gradient sync, identical policies; with
+    micro-batches of at most 40 tokens, whose count the ranks agree on (their responses, so their token counts,
+    differ)."""
     digest = str(tmp_path / "digest")
-    config = tiny_rl_config(tmp_path, sft_dir, devices=2, strategy="ddp", extra_callbacks=[
+    config = tiny_rl_config(tmp_path, sft_dir, devices=2, strategy="ddp", model={"micro_batch_tokens": 40},
+                            extra_callbacks=[
         {"class_path": "tests.helpers.ParamDigest", "init_args": {"path": digest}}])
     env = {**os.environ, "PYTHONPATH": os.getcwd()}
     proc = subprocess.run([sys.executable, "train.py", "fit", "--config", config], env=env, capture_output=True,
