@@ -26,7 +26,6 @@ from callbacks.sharding import outside_forward
 from datamodules.collate import PairCollator
 from modules import functional as F
 from modules.sampling import SamplingConfig, sample
-from modules.scoring import response_logprobs
 
 log = logging.getLogger(__name__)
 
@@ -128,12 +127,10 @@ class Evaluation(L.Callback):
         return None if self.reward is None else torch.tensor(self.reward(prompts, responses), dtype=torch.float32)
 
     def _against_reference(self, pl_module, roll, ids, mask, prompts, config, gold, proxy) -> dict:
-        T, chunk = config.temperature, getattr(pl_module, "logprob_chunk", None)
-        logp = F.sequence_logprobs(response_logprobs(pl_module.policy, roll.input_ids, roll.attention_mask,
-                                                     roll.prompt_length, T, chunk=chunk), roll.response_mask)
+        T = config.temperature        # the RL module's logprobs: its micro-batches and LM-head chunks
+        logp = F.sequence_logprobs(pl_module.logprobs(pl_module.policy, roll, T), roll.response_mask)
         with pl_module.reference_model() as ref:
-            ref_logp = F.sequence_logprobs(response_logprobs(ref, roll.input_ids, roll.attention_mask,
-                                                             roll.prompt_length, T, chunk=chunk), roll.response_mask)
+            ref_logp = F.sequence_logprobs(pl_module.logprobs(ref, roll, T), roll.response_mask)
             ref_roll = sample(ref, pl_module.tokenizer, ids, mask, prompts, config)
         if gold is not None:
             ours, theirs = gold, self._gold(prompts, ref_roll.responses)

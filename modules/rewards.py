@@ -115,10 +115,20 @@ class RewardError(ValueError):
     """A reward returned something other than one finite number per response."""
 
 
-def score(reward, rollout: Rollout, tokenizer, nonfinite: float | None = None) -> tuple[torch.Tensor, int]:
+def score(reward, rollout: Rollout, tokenizer, nonfinite: float | None = None,
+          parts: list[torch.Tensor] | None = None) -> tuple[torch.Tensor, int]:
     """(rewards (N,) float32 on the rollout's device, number of non-finite rewards replaced), for either kind of
-    reward object, validated by `check`."""
-    values = reward.score(rollout, tokenizer) if hasattr(reward, "score") else reward(rollout.prompts, rollout.responses)
+    reward object, validated by `check`. `parts`: row indices of consecutive micro-batches, each scored in its own
+    call of a token-level reward (`score(rollout, tokenizer)`: a reward model's forward); a text callable gets
+    every response at once. Each part must return one number per response; the whole is then checked once, so an
+    error names the response by its index in the rollout."""
+    if not hasattr(reward, "score"):
+        values = reward(rollout.prompts, rollout.responses)
+    elif parts is None or len(parts) == 1:
+        values = reward.score(rollout, tokenizer)
+    else:
+        values = torch.cat([_numbers(reward.score(piece, tokenizer), reward, len(piece))
+                            for piece in (rollout.select(rows) for rows in parts)])
     rewards, replaced = check(values, reward, rollout, nonfinite)
     return rewards.to(rollout.input_ids.device), replaced
 
@@ -128,15 +138,7 @@ def check(values, reward, rollout: Rollout, nonfinite: float | None = None) -> t
     reward's class, what was expected and received, and the first offending prompt / response. With `nonfinite`
     set, NaN / inf rewards are replaced by that value (a penalty) instead. Returns (rewards, replaced count)."""
     name, n = _name(reward), len(rollout)
-    try:
-        tensor = torch.as_tensor(values, dtype=torch.float32).detach().cpu()
-    except (TypeError, ValueError, RuntimeError) as err:
-        raise RewardError(f"reward {name} returned {type(values).__name__} that is not a sequence of numbers "
-                          f"({err}); expected {n} floats, one per response") from None
-    if tensor.shape != (n,):
-        got = f"{tensor.numel()} values" if tensor.dim() == 1 else f"shape {tuple(tensor.shape)}"
-        raise RewardError(f"reward {name} returned {got} for {n} responses; expected one number per response "
-                          "(rewards would be misaligned with responses)")
+    tensor = _numbers(values, reward, n)
     bad = ~torch.isfinite(tensor)
     if bad.any():
         i = int(bad.nonzero()[0])
@@ -147,6 +149,21 @@ def check(values, reward, rollout: Rollout, nonfinite: float | None = None) -> t
                               "nonfinite_reward: <penalty> to replace them by a penalty instead)")
         tensor = torch.where(bad, torch.full_like(tensor, nonfinite), tensor)
     return tensor, int(bad.sum())
+
+
+def _numbers(values, reward, n: int) -> torch.Tensor:
+    """`values` as a float32 CPU tensor of shape (n,), or a `RewardError` saying what came instead."""
+    name = _name(reward)
+    try:
+        tensor = torch.as_tensor(values, dtype=torch.float32).detach().cpu()
+    except (TypeError, ValueError, RuntimeError) as err:
+        raise RewardError(f"reward {name} returned {type(values).__name__} that is not a sequence of numbers "
+                          f"({err}); expected {n} floats, one per response") from None
+    if tensor.shape != (n,):
+        got = f"{tensor.numel()} values" if tensor.dim() == 1 else f"shape {tuple(tensor.shape)}"
+        raise RewardError(f"reward {name} returned {got} for {n} responses; expected one number per response "
+                          "(rewards would be misaligned with responses)")
+    return tensor
 
 
 def _name(reward) -> str:

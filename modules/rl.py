@@ -178,17 +178,18 @@ class RLModule(L.LightningModule):
             count = int(self.trainer.strategy.reduce(torch.tensor(count, device=self.device), reduce_op="max"))
         return [rows[a * K: b * K] for a, b in F.micro_batch_groups(tokens, self.micro_batch_tokens, count)]
 
-    def logprobs(self, model, rollout: Rollout) -> torch.Tensor:
-        """Per-token response logprobs (N, L) at the sampling temperature: the one place they are computed, one
-        forward per micro-batch.
+    def logprobs(self, model, rollout: Rollout, temperature: float | None = None) -> torch.Tensor:
+        """Per-token response logprobs (N, L) at the sampling temperature (or `temperature`): the one place they
+        are computed, one forward per micro-batch.
 
         0 after each response (outside `response_mask`), as the sampler records pi_old: the padding positions'
         values mean nothing, and exactly 0 keeps every objective's ratio and KL finite there (exp(logp - ref) of
         two arbitrary pad logprobs could overflow, and inf x mask 0 is NaN). No gradient reaches those positions."""
         parts = [rollout.select(rows) for rows in self.micro_batches(rollout)]
-        logp = torch.cat([response_logprobs(model, part.input_ids, part.attention_mask, part.prompt_length,
-                                            self.sampling.temperature, part.group_size if self.share_prompts else 1,
-                                            self.logprob_chunk) for part in parts])
+        T = self.sampling.temperature if temperature is None else temperature
+        logp = torch.cat([response_logprobs(model, part.input_ids, part.attention_mask, part.prompt_length, T,
+                                            part.group_size if self.share_prompts else 1, self.logprob_chunk)
+                          for part in parts])
         return logp.masked_fill(~rollout.response_mask.bool(), 0.0)
 
     def values(self, rollout: Rollout) -> torch.Tensor:
@@ -200,7 +201,8 @@ class RLModule(L.LightningModule):
     def score(self, rollout: Rollout) -> torch.Tensor:
         """Training reward (N,): the reward (validated: one finite number per response), minus
         `missing_eos_penalty` where no EOS was emitted."""
-        rewards, replaced = score_rewards(self.reward, rollout, self.tokenizer, self.nonfinite_reward)
+        rewards, replaced = score_rewards(self.reward, rollout, self.tokenizer, self.nonfinite_reward,
+                                          self.micro_batches(rollout))
         rewards = rewards.to(self.device)
         rollout.timings["train/nonfinite_rewards"] = float(replaced)
         if replaced:

@@ -54,7 +54,7 @@ def rollout_module(sft_dir, tokenizer, name: str, k: int, share_prompts: bool, l
     torch.manual_seed(0)
     roll = module.make_rollout(batch)
     with torch.no_grad():          # the policy moves away from pi_old, so ratios and clipping are not trivial
-        for name_, p in module.policy.named_parameters():
+        for p in module.policy.parameters():
             if p.requires_grad:
                 p.add_(0.3 * torch.randn_like(p) * (p.std() if p.numel() > 1 and p.std() > 0 else 0.1))
     return module, roll
@@ -107,3 +107,33 @@ def test_rollout_passes_in_micro_batches_equal_one_pass(sft_dir, tokenizer):
         parts = (module.logprobs(module.policy, roll), module.values(roll))
     for a, b in zip(whole, parts):
         assert torch.allclose(a, b, atol=1e-5, rtol=0)
+
+
+class TokenReward:
+    """Test reward with token-level access: the sum of each row's ids (NaN for a row holding token 7 at column 0)."""
+
+    def __init__(self):
+        self.calls = []
+
+    def score(self, rollout, tokenizer):
+        self.calls.append(len(rollout))
+        out = rollout.input_ids.sum(-1).float()
+        return torch.where(rollout.input_ids[:, 0] == 7, torch.full_like(out, float("nan")), out)
+
+
+def test_a_token_level_reward_is_scored_per_micro_batch_and_checked_as_a_whole():
+    """Rows 0-7 in parts of 3, 3 and 2 rows: one call each, the rewards in row order; a NaN in the second part is
+    named by its index in the rollout (5 of 8), not in its part."""
+    from modules.rewards import RewardError, score
+    from tests.test_trust import rollout_of
+
+    roll = rollout_of(8)
+    roll.input_ids = torch.arange(24).view(8, 3) % 6 + 1          # ids 1..6: no 7 yet
+    parts = [torch.arange(0, 3), torch.arange(3, 6), torch.arange(6, 8)]
+    reward = TokenReward()
+    rewards, replaced = score(reward, roll, None, parts=parts)
+    assert reward.calls == [3, 3, 2] and replaced == 0
+    assert torch.equal(rewards, roll.input_ids.sum(-1).float())
+    roll.input_ids[5, 0] = 7
+    with pytest.raises(RewardError, match=r"returned nan for response 5 of 8 \(prompt 'prompt 5'"):
+        score(TokenReward(), roll, None, parts=parts)
