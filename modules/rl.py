@@ -36,7 +36,7 @@ from modules.batch import ObjectiveInput, ObjectiveOutput, Rollout
 from modules.checks import ConfigError
 from modules.objectives.base import Objective
 from modules.rewards import score as score_rewards
-from modules.sampling import SamplingConfig, sample
+from modules.sampling import SamplingConfig, sample, whole_model
 from modules.scoring import response_logprobs, token_scores
 
 log = logging.getLogger(__name__)
@@ -165,16 +165,17 @@ class RLModule(L.LightningModule):
         precision = str(self.trainer.precision) if self._trainer is not None else "32-true"
         return precision in ("32-true", "32", "64-true", "64")
 
-    def micro_batches(self, roll: Rollout) -> list[torch.Tensor]:
-        """Row indices of each micro-batch (`micro_batch_tokens`): consecutive whole groups, as many on every rank
-        (the most any rank needs: sharded models run collective forwards)."""
+    def micro_batches(self, roll: Rollout, agree: bool = False) -> list[torch.Tensor]:
+        """Row indices of each micro-batch (`micro_batch_tokens`): consecutive whole groups. With `agree` (the
+        update: every backward syncs gradients) or a sharded policy (every forward is collective), as many on every
+        rank: the most any rank needs."""
         rows = torch.arange(len(roll), device=roll.input_ids.device)
         if self.micro_batch_tokens is None:
             return [rows]
         K = roll.group_size
         tokens = roll.attention_mask.view(len(roll) // K, -1).sum(-1)                      # (groups,)
         count = len(F.micro_batch_groups(tokens, self.micro_batch_tokens))
-        if self._trainer is not None:
+        if self._trainer is not None and self.trainer.world_size > 1 and (agree or not whole_model(self.policy)):
             count = int(self.trainer.strategy.reduce(torch.tensor(count, device=self.device), reduce_op="max"))
         return [rows[a * K: b * K] for a, b in F.micro_batch_groups(tokens, self.micro_batch_tokens, count)]
 
@@ -294,7 +295,7 @@ class RLModule(L.LightningModule):
         alone, so every normaliser (token counts, means over pairs or groups, whitening) is the minibatch's; (3)
         each micro-batch again with its graph, backpropagating its rows of that gradient (chain rule). Step (3)
         replays step (1)'s random state, so dropout masks match too. The price: one more forward per micro-batch."""
-        parts = self.micro_batches(sub)
+        parts = self.micro_batches(sub, agree=True)
         if len(parts) == 1:
             logp, values = self._forward_part(sub)
             out = self.objective(self.objective_input(sub, logp, extra, values, tokens))
