@@ -168,3 +168,21 @@ def test_smollm2_comparison_quick_reports_every_objective_from_one_start(exports
     (tmp_path / "table.md").unlink()
     report(read_points(tmp_path / "points.csv"), tmp_path, n_prompts=8)      # --report-only: the same table again
     assert (tmp_path / "table.md").read_text() == table
+
+
+def test_memory_benchmark_settings_compute_the_same_update():
+    """`benchmarks/memory.py`'s child step, in this process at the quick size: every setting (whole logits, chunked
+    head, micro-batches, + activation checkpointing) gives the same loss and gradient norm; `micro` splits."""
+    import argparse
+
+    from memory import SETTINGS, one_update
+
+    runs = {}
+    for name in SETTINGS:
+        args = argparse.Namespace(setting=name, quick=True, vocab=512, threads=2, micro_batch_tokens=48, prompts=4,
+                                  prompt_tokens=8, response_tokens=16)
+        runs[name] = one_update(args)
+    assert runs["micro"]["micro_batches"] >= 3 and runs["whole"]["micro_batches"] == 1
+    for name, run in runs.items():
+        assert run["loss"] == pytest.approx(runs["whole"]["loss"], rel=1e-5), name
+        assert run["grad_norm"] == pytest.approx(runs["whole"]["grad_norm"], rel=1e-4), name
