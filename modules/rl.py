@@ -312,11 +312,11 @@ class RLModule(L.LightningModule):
         out = self.objective(self.objective_input(sub, logp, extra, values, tokens))
         self.stop_unless_finite(out.loss.detach(), "loss", where)
         leaves = [t for t in (logp, values) if t is not None]
-        grads = torch.autograd.grad(out.loss, leaves)
+        grads = torch.autograd.grad(out.loss, leaves, allow_unused=True)     # None: the loss ignores that tensor
         for rows, state in zip(parts, states):
             _set_rng_state(state, self.device)
             tensors = [t for t in self._forward_part(sub.select(rows)) if t is not None]
-            self._backward(sum((t * g[rows]).sum() for t, g in zip(tensors, grads)))
+            self._backward(sum((t * g[rows]).sum() for t, g in zip(tensors, grads) if g is not None))
         return ObjectiveOutput(out.loss.detach(), out.metrics)
 
     def _forward_part(self, part: Rollout) -> tuple[torch.Tensor, torch.Tensor | None]:
