@@ -140,14 +140,21 @@ def _agreed_signal(trainer: L.Trainer, local: int | None) -> int:
     return int(received.item()) or signal.SIGTERM
 
 
+def step_checkpoints(trainer: L.Trainer) -> list[StepCheckpoint]:
+    return [cb for cb in trainer.callbacks if isinstance(cb, StepCheckpoint)]
+
+
 def finish_checkpoints(trainer: L.Trainer) -> None:
     """Write every StepCheckpoint's final checkpoint now (end-of-training callbacks call this first)."""
-    for callback in trainer.callbacks:
-        if isinstance(callback, StepCheckpoint):
-            callback.finish(trainer)
+    for callback in step_checkpoints(trainer):
+        callback.finish(trainer)
 
 
 def interrupted(trainer: L.Trainer) -> int | None:
     """The signal that stopped this run's training early (SIGINT / SIGTERM through a StepCheckpoint), or None."""
-    return next((cb.interrupted for cb in trainer.callbacks if isinstance(cb, StepCheckpoint) and cb.interrupted),
-                None)
+    return next((cb.interrupted for cb in step_checkpoints(trainer) if cb.interrupted), None)
+
+
+def saved_checkpoint(trainer: L.Trainer) -> str | None:
+    """The path of this run's last saved checkpoint (written before the export), if a StepCheckpoint saved one."""
+    return next((cb.last_path for cb in step_checkpoints(trainer) if cb.saved_at is not None), None)

@@ -23,7 +23,7 @@ import signal
 
 import lightning as L
 
-from callbacks.checkpoint import StepCheckpoint, finish_checkpoints, interrupted
+from callbacks.checkpoint import finish_checkpoints, interrupted, saved_checkpoint
 from callbacks.sharding import full_parameters
 
 log = logging.getLogger(__name__)
@@ -61,7 +61,7 @@ class HFExport(L.Callback):
             self.done = True
             if trainer.is_global_zero:
                 log.warning("%s: training did not finish, so %s was not written (resume with --ckpt_path %s)",
-                            signal.Signals(stopped_by).name, self.dirpath, _checkpoint(trainer) or "<checkpoint>")
+                            signal.Signals(stopped_by).name, self.dirpath, saved_checkpoint(trainer) or "<checkpoint>")
             return
         self.export(trainer, pl_module)
 
@@ -79,7 +79,7 @@ class HFExport(L.Callback):
             if trainer.is_global_zero:
                 try:
                     write_atomically(self.dirpath, lambda tmp: pl_module.export(tmp, self.merge_lora, self.dirpath),
-                                     {"stage": type(pl_module).__name__, "checkpoint": _checkpoint(trainer),
+                                     {"stage": type(pl_module).__name__, "checkpoint": saved_checkpoint(trainer),
                                       "training_batches": trainer.fit_loop.epoch_loop.batch_progress.total.completed})
                     log.info("exported %s to %s", type(pl_module).__name__, self.dirpath)
                 except Exception as err:  # noqa: BLE001 -- any cause; the weights are safe in the checkpoint
@@ -87,7 +87,7 @@ class HFExport(L.Callback):
         trainer.strategy.barrier("hf_export")
         failure = trainer.strategy.broadcast(failure)
         if failure:
-            where = _checkpoint(trainer)
+            where = saved_checkpoint(trainer)
             raise ExportError(f"export to {self.dirpath} failed ({failure}); the folder is unchanged; the trained "
                               + (f"weights are in {where} (run the same command with --ckpt_path {where} to export "
                                  "again)" if where else "weights were not saved (no StepCheckpoint in the callbacks)"))
@@ -140,10 +140,3 @@ def write_atomically(directory: str, write, record: dict) -> None:
         raise
     shutil.rmtree(old, ignore_errors=True)
 
-
-def _checkpoint(trainer: L.Trainer) -> str | None:
-    """The final checkpoint of this run (written before the export), if a StepCheckpoint saved one."""
-    for callback in trainer.callbacks:
-        if isinstance(callback, StepCheckpoint) and callback.saved_at is not None:
-            return callback.last_path
-    return None

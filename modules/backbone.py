@@ -73,20 +73,7 @@ def resolve_path(name: str) -> str:
 PATH_FIELDS = ("pretrained", "path", "tokenizer")  # config fields naming a model / tokenizer location
 
 
-def missing_path(config: dict, prefix: str = "") -> str | None:
-    """The first `pretrained` / `path` / `tokenizer` field naming a local path that does not exist, as a message."""
-    for key, value in config.items():
-        name = f"{prefix}{key}"
-        if isinstance(value, dict):
-            found = missing_path(value, name + ".")
-            if found:
-                return found
-        elif key in PATH_FIELDS and isinstance(value, str) and _is_local(value) and not os.path.exists(value):
-            return f"{name}: {value} does not exist{_how_to_make(value)}"
-    return None
-
-
-def _is_local(name: str) -> bool:
+def is_local(name: str) -> bool:
     """A local path rather than a hub id ('name' or 'org/name') or a `package:` file."""
     if name.startswith("package:"):
         return False
@@ -95,7 +82,7 @@ def _is_local(name: str) -> bool:
         (len(parts) == 2 and Path(parts[0]).is_dir())
 
 
-def _how_to_make(path: str) -> str:
+def how_to_make(path: str) -> str:
     """For an export of one of our stage configs (artifacts/<group>/<stage>): the command that writes it."""
     parts = Path(path).parts
     if len(parts) >= 3 and parts[0] == "artifacts" and Path("configs", parts[1], f"{parts[2]}.yaml").exists():

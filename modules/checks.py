@@ -6,8 +6,9 @@ what runs but is probably not what the user meant. `train.py` calls both before 
 from __future__ import annotations
 
 import math
+import os
 
-from modules.backbone import missing_path
+from modules.backbone import PATH_FIELDS, how_to_make, is_local
 
 
 class ConfigError(ValueError):
@@ -25,10 +26,11 @@ def _walk(node, path: str = ""):
 
 def config_problem(config: dict) -> str | None:
     """The first setting that cannot give a working run, as one line; None when there is none."""
-    problem = missing_path(config)
-    if problem:
-        return problem
     for where, key, value in _walk(config):
+        # model and data paths are inputs; a callback's `path` may name an output (trainer.* is not checked)
+        if key in PATH_FIELDS and not where.startswith("trainer.") and isinstance(value, str) and is_local(value) \
+                and not os.path.exists(value):
+            return f"{where}: {value} does not exist{how_to_make(value)}"
         if key == "max_new_tokens" and isinstance(value, int) and value < 1:
             return f"{where}: {value}; expected at least 1 (tokens sampled per response)"
         if key == "lr" and ".optimizer." in f".{where}" and isinstance(value, (int, float)) \

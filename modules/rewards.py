@@ -137,7 +137,7 @@ def check(values, reward, rollout: Rollout, nonfinite: float | None = None) -> t
     """Exactly one finite number per response, as a float32 tensor (N,); otherwise a `RewardError` naming the
     reward's class, what was expected and received, and the first offending prompt / response. With `nonfinite`
     set, NaN / inf rewards are replaced by that value (a penalty) instead. Returns (rewards, replaced count)."""
-    name, n = _name(reward), len(rollout)
+    name, n = qualified_name(reward), len(rollout)
     tensor = _numbers(values, reward, n)
     bad = ~torch.isfinite(tensor)
     if bad.any():
@@ -153,7 +153,7 @@ def check(values, reward, rollout: Rollout, nonfinite: float | None = None) -> t
 
 def _numbers(values, reward, n: int) -> torch.Tensor:
     """`values` as a float32 CPU tensor of shape (n,), or a `RewardError` saying what came instead."""
-    name = _name(reward)
+    name = qualified_name(reward)
     try:
         tensor = torch.as_tensor(values, dtype=torch.float32).detach().cpu()
     except (TypeError, ValueError, RuntimeError) as err:
@@ -166,6 +166,7 @@ def _numbers(values, reward, n: int) -> torch.Tensor:
     return tensor
 
 
-def _name(reward) -> str:
-    cls = type(reward)
+def qualified_name(obj) -> str:
+    """`module.Class` of an object: how errors and warnings name a reward or an objective."""
+    cls = type(obj)
     return f"{cls.__module__}.{cls.__qualname__}"

@@ -35,6 +35,7 @@ from modules.backbone import (
 from modules.batch import ObjectiveInput, ObjectiveOutput, Rollout
 from modules.checks import ConfigError
 from modules.objectives.base import Objective
+from modules.rewards import qualified_name
 from modules.rewards import score as score_rewards
 from modules.sampling import SamplingConfig, sample, whole_model
 from modules.scoring import response_logprobs, token_scores
@@ -62,10 +63,6 @@ def _set_rng_state(state: tuple, device: torch.device) -> None:
     torch.set_rng_state(state[0])
     if state[1] is not None:
         torch.cuda.set_rng_state(state[1], device)
-
-
-def _qualified_name(obj) -> str:
-    return f"{type(obj).__module__}.{type(obj).__qualname__}"
 
 
 class NonFiniteError(RuntimeError):
@@ -186,18 +183,22 @@ class RLModule(L.LightningModule):
         0 after each response (outside `response_mask`), as the sampler records pi_old: the padding positions'
         values mean nothing, and exactly 0 keeps every objective's ratio and KL finite there (exp(logp - ref) of
         two arbitrary pad logprobs could overflow, and inf x mask 0 is NaN). No gradient reaches those positions."""
-        parts = [rollout.select(rows) for rows in self.micro_batches(rollout)]
         T = self.sampling.temperature if temperature is None else temperature
-        logp = torch.cat([response_logprobs(model, part.input_ids, part.attention_mask, part.prompt_length, T,
-                                            part.group_size if self.share_prompts else 1, self.logprob_chunk)
-                          for part in parts])
-        return logp.masked_fill(~rollout.response_mask.bool(), 0.0)
+        return torch.cat([self._part_logprobs(model, rollout.select(rows), T) for rows in self.micro_batches(rollout)])
 
     def values(self, rollout: Rollout) -> torch.Tensor:
         """Value estimates (N, L): V of the state before each response token (read at the previous position)."""
-        scores = torch.cat([token_scores(self.value, rollout.input_ids[rows], rollout.attention_mask[rows])
-                            for rows in self.micro_batches(rollout)])                      # (N, P + L)
-        return scores[:, rollout.prompt_length - 1: -1]
+        return torch.cat([self._part_values(rollout.select(rows)) for rows in self.micro_batches(rollout)])
+
+    def _part_logprobs(self, model, part: Rollout, temperature: float) -> torch.Tensor:
+        """`logprobs` of one micro-batch, in one forward."""
+        logp = response_logprobs(model, part.input_ids, part.attention_mask, part.prompt_length, temperature,
+                                 part.group_size if self.share_prompts else 1, self.logprob_chunk)
+        return logp.masked_fill(~part.response_mask.bool(), 0.0)
+
+    def _part_values(self, part: Rollout) -> torch.Tensor:
+        """`values` of one micro-batch, in one forward."""
+        return token_scores(self.value, part.input_ids, part.attention_mask)[:, part.prompt_length - 1: -1]
 
     def score(self, rollout: Rollout) -> torch.Tensor:
         """Training reward (N,): the reward (validated: one finite number per response), minus
@@ -208,7 +209,7 @@ class RLModule(L.LightningModule):
         rollout.timings["train/nonfinite_rewards"] = float(replaced)
         if replaced:
             log.warning("reward %s: %d of %d rewards were NaN or inf, replaced by nonfinite_reward=%s",
-                        _qualified_name(self.reward), replaced, len(rollout), self.nonfinite_reward)
+                        qualified_name(self.reward), replaced, len(rollout), self.nonfinite_reward)
         if self.missing_eos_penalty is not None:
             rewards = rewards - self.missing_eos_penalty * (~rollout.has_eos).float()
         return rewards
@@ -321,13 +322,8 @@ class RLModule(L.LightningModule):
 
     def _forward_part(self, part: Rollout) -> tuple[torch.Tensor, torch.Tensor | None]:
         """(logprobs, values or None) of one micro-batch, in one forward each."""
-        logp = response_logprobs(self.policy, part.input_ids, part.attention_mask, part.prompt_length,
-                                 self.sampling.temperature, part.group_size if self.share_prompts else 1,
-                                 self.logprob_chunk).masked_fill(~part.response_mask.bool(), 0.0)
-        if self.value is None:
-            return logp, None
-        scores = token_scores(self.value, part.input_ids, part.attention_mask)            # (n, P + L)
-        return logp, scores[:, part.prompt_length - 1: -1]
+        logp = self._part_logprobs(self.policy, part, self.sampling.temperature)
+        return logp, self._part_values(part) if self.value is not None else None
 
     def _backward(self, loss: torch.Tensor) -> None:
         self.manual_backward(loss) if self._trainer is not None else loss.backward()
@@ -374,12 +370,12 @@ class RLModule(L.LightningModule):
         return {"optimizer": optimizer, "lr_scheduler": self.scheduler_factory(optimizer)}
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
-        checkpoint["objective"] = _qualified_name(self.objective)
+        checkpoint["objective"] = qualified_name(self.objective)
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         """A checkpoint of another objective (PPO resumed as P3O, P3O as RLOO) stops with one line naming both,
         before torch's list of unexpected keys; checkpoints without the record are compared by their keys."""
-        ours, theirs = _qualified_name(self.objective), checkpoint.get("objective")
+        ours, theirs = qualified_name(self.objective), checkpoint.get("objective")
         trained = {k for k in checkpoint.get("state_dict", {}) if not k.startswith("reward.")}
         if theirs is None and trained and trained != {k for k in self.state_dict() if not k.startswith("reward.")}:
             theirs = "another objective (its parameters differ from this run's)"

@@ -178,9 +178,9 @@ def test_a_missing_export_is_one_line_naming_the_field_and_the_command_that_make
     assert proc.stderr.strip().splitlines()[-1] == ("error: model.init_args.policy.pretrained: artifacts/none/sft does "
                                                     "not exist (a local directory or file was expected; hub ids look "
                                                     "like 'org/name')")
-    from modules.backbone import _how_to_make
+    from modules.backbone import how_to_make
 
-    assert _how_to_make("artifacts/quickstart/reward") == (" (it is the export of another stage: run `python train.py "
+    assert how_to_make("artifacts/quickstart/reward") == (" (it is the export of another stage: run `python train.py "
                                                            "fit --config configs/quickstart/reward.yaml` first)")
 
 
