@@ -159,3 +159,23 @@ def test_after_a_resume_the_first_evaluation_is_labelled_with_the_batches_done(t
     cli = cli_main(["fit", "--config", config, "--ckpt_path", str(tmp_path / "ckpt" / "last.ckpt")])
     evaluation = next(cb for cb in cli.trainer.callbacks if type(cb).__name__ == "Evaluation")
     assert [row["step"] for row in evaluation.history] == [3, 4]
+
+
+def test_an_unmerged_lora_export_points_at_its_base_in_the_final_folder(tmp_path, sft_dir, tokenizer):
+    """`merge_lora: false` through the atomic write: the adapter records `<final folder>/base`, not the temporary
+    folder it was written in, and loads with plain transformers + peft from the final folder."""
+    from transformers import AutoModelForCausalLM
+
+    from modules.backbone import BackboneSpec, build_causal_lm, export_model
+
+    spec = BackboneSpec(pretrained=sft_dir, lora={"r": 4})
+    model = build_causal_lm(spec, tokenizer)
+    export = tmp_path / "lora"
+    write_atomically(str(export), lambda tmp: export_model(model, spec, tokenizer, tmp, merge_lora=False,
+                                                           final_dir=str(export)), {"stage": "RLModule"})
+    config = json.loads((export / "adapter_config.json").read_text())
+    assert config["base_model_name_or_path"] == str(export / "base")
+    loaded = AutoModelForCausalLM.from_pretrained(export)
+    ids = torch.tensor([[3, 4, 5]])
+    with torch.no_grad():
+        assert torch.allclose(loaded(input_ids=ids).logits, model(input_ids=ids).logits, atol=1e-5)
