@@ -7,7 +7,7 @@
 The config's RL stage for `--rollouts` rollouts (the first one a warm-up; no evaluation, checkpoints or logger),
 once per layout of `RLModule`'s logprob passes (pi_ref and the updates), each in its own process, alternating:
   packed    the default: each prompt once per group, padding dropped (`F.packed_prompt_layout`)
-  padded    each prompt once per group, padding kept (`F.shared_prompt_layout`; what FSDP-wrapped models run)
+  padded    each prompt once per group, padding kept (`F.shared_prompt_layout`; what models partitioned by DeepSpeed ZeRO-3 run)
   unshared  one row per response (`share_prompts: false`)
 Random weights never stop early, real ones do: responses end at different lengths, and the padding after each
 EOS is what `packed` drops. Printed: the share of padding in the padded layout, median seconds per rollout and
@@ -41,7 +41,7 @@ def one_run(config: str, layout: str, rollouts: int, threads: int, exports: str 
 
     torch.set_num_threads(threads)
     if layout == "padded":
-        modules.scoring.whole_model = lambda model: False
+        modules.scoring.is_partitioned = lambda model: True
     padding: list[float] = []
     make_rollout = RLModule.make_rollout
 

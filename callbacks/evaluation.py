@@ -45,7 +45,7 @@ class Evaluation(L.Callback):
         self.reward, self.num_prompts, self.every_n_batches, self.seed = reward, num_prompts, every_n_batches, seed
         self.sampling, self.show, self.batch_size = sampling, show, batch_size
         self.history: list[dict] = []
-        self._last_step = -1
+        self._last_step, self._warned = -1, False
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         done = batches_done(trainer)
@@ -70,7 +70,13 @@ class Evaluation(L.Callback):
         dm = trainer.datamodule
         dm.setup("validate")
         examples = dm.splits["val"][: self.num_prompts]
-        return examples[trainer.global_rank:: trainer.world_size]
+        usable = len(examples) // trainer.world_size * trainer.world_size
+        if usable < len(examples) and not self._warned:     # sharded models: every rank makes as many forwards
+            self._warned = True
+            log.warning("Evaluation: %d prompts over %d processes; the last %d are left out so that every rank "
+                        "evaluates %d", len(examples), trainer.world_size, len(examples) - usable,
+                        usable // trainer.world_size)
+        return examples[:usable][trainer.global_rank:: trainer.world_size]
 
     @torch.no_grad()
     def run(self, trainer: L.Trainer, pl_module: L.LightningModule, step: int) -> dict:

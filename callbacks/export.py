@@ -75,6 +75,8 @@ class HFExport(L.Callback):
     def export(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self.done = True
         failure = None
+        if hasattr(pl_module, "before_export"):      # every rank: work the export needs that sharded models share
+            pl_module.before_export()
         with full_parameters(trainer):
             if trainer.is_global_zero:
                 try:

@@ -260,19 +260,6 @@ def build_scorer(spec: BackboneSpec, tokenizer) -> nn.Module:
     return _build(AutoModelForSequenceClassification, spec, tokenizer, num_labels=1)
 
 
-def shard(model: nn.Module) -> nn.Module:
-    """Wrap a built model in FSDP (with the strategy's wrap policy and precision) when Lightning's FSDP strategy
-    is building it, i.e. inside its `configure_model` context; unchanged under every other strategy.
-
-    Each stage shards its own models rather than letting Lightning wrap the whole LightningModule: then every
-    model call (the RL update's several forward/backward pairs in one step, rollouts, evaluation) runs through
-    that model's own FSDP root, and frozen models (the reference) are sharded too.
-    """
-    from torch.distributed.fsdp.wrap import wrap
-
-    return wrap(model)
-
-
 def disable_dropout(model: nn.Module) -> None:
     """Zero every dropout probability: nn.Dropout modules, functional attention dropout and config fields."""
     for module in model.modules():
@@ -319,6 +306,13 @@ def _float_twin(model: nn.Module, spec: BackboneSpec, tokenizer) -> nn.Module:
     return twin
 
 
+def _rebuilt(model: nn.Module, spec: BackboneSpec, tokenizer, state: dict) -> nn.Module:
+    """A plain (unsharded) model built from `spec` like `model`, holding `state`."""
+    twin = build_scorer(spec, tokenizer) if _is_scorer(model) else build_causal_lm(spec, tokenizer)
+    twin.load_state_dict(state)
+    return twin
+
+
 def _is_scorer(model: nn.Module) -> bool:
     return "ForSequenceClassification" in type(getattr(model, "get_base_model", lambda: model)()).__name__
 
@@ -334,10 +328,11 @@ def export_model(model: nn.Module, spec: BackboneSpec | None, tokenizer, directo
     A quantized (QLoRA) model is exported over its float base weights. `final_dir`: the folder `directory` will be
     renamed to (an atomic export writes elsewhere first); the adapter records its base there.
     """
-    from torch.distributed.fsdp import FullyShardedDataParallel
+    from modules.sharding import whole_state
 
-    if isinstance(model, FullyShardedDataParallel):   # whole weights inside `summon_full_params` (the export)
-        model = model.module
+    state = whole_state(model)
+    if state is not None:                     # FSDP2: a plain model from the whole weights gathered on rank 0
+        model = _rebuilt(model, spec, tokenizer, state)
     if is_lora(model) and spec is not None and spec.quantization:
         model = _float_twin(model, spec, tokenizer)
     if not is_lora(model) or merge_lora:

@@ -36,6 +36,11 @@ def config_problem(config: dict) -> str | None:
         if key == "lr" and ".optimizer." in f".{where}" and isinstance(value, (int, float)) \
                 and not (math.isfinite(value) and value >= 0):
             return f"{where}: {value}; expected a finite learning rate >= 0"
+    strategy = (config.get("trainer") or {}).get("strategy")
+    name = strategy.get("class_path", "") if isinstance(strategy, dict) else str(strategy or "")
+    if name.split(".")[-1] == "FSDPStrategy" or name.startswith("fsdp"):
+        return (f"trainer.strategy: {name} is FSDP1, which no stage supports any more; shard with FSDP2: "
+                "--config configs/presets/fsdp.yaml (strategy modules.sharding.FSDP2Strategy)")
     model = (config.get("model") or {}).get("init_args") or {}
     for key, meaning in (("epochs", "passes of updates over each rollout; 0 samples rollouts and never updates"),
                          ("minibatch_groups", "prompts per update")):

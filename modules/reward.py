@@ -19,9 +19,10 @@ from torchmetrics.classification import BinaryAccuracy
 from datamodules.batch import PairBatch, Sequences
 from datamodules.collate import PairCollator
 from modules import functional as F
-from modules.backbone import BackboneSpec, build_causal_lm, build_scorer, export_model, load_tokenizer, shard
+from modules.backbone import BackboneSpec, build_causal_lm, build_scorer, export_model, load_tokenizer
 from modules.sampling import SamplingConfig, sample
 from modules.scoring import sequence_rewards
+from modules.sharding import fsdp_mesh, shard
 
 STATS_FILE = "reward_stats.json"
 
@@ -93,7 +94,7 @@ class RewardModule(L.LightningModule):
 
     def configure_model(self) -> None:
         if self.scorer is None:
-            self.scorer = shard(build_scorer(self.backbone, self.tokenizer))
+            self.scorer = shard(build_scorer(self.backbone, self.tokenizer), fsdp_mesh(self))
 
     def pair_rewards(self, batch: PairBatch) -> tuple[torch.Tensor, torch.Tensor]:
         """(r_chosen, r_rejected), each (B,), from one forward pass over the 2B sequences."""
@@ -147,13 +148,19 @@ class RewardModule(L.LightningModule):
                                 "mean": rewards.mean().item(), "std": rewards.std().clamp(min=1e-6).item()}
         return self.calibration
 
+    def before_export(self) -> None:
+        """On every rank before rank 0 exports (`callbacks.export.HFExport`): the calibration the export stores,
+        whose scoring forwards a sharded scorer needs every rank for."""
+        if self.calibration is None and self._trainer is not None and self.trainer.datamodule is not None:
+            self.calibrate(self.trainer.datamodule.splits["val"])
+
     def export(self, directory: str, merge_lora: bool = True, final_dir: str | None = None) -> None:
         """AutoModelForSequenceClassification (num_labels=1) + tokenizer + reward_stats.json + README.md (its code
         names `final_dir`, the folder the export ends up in, default `directory`)."""
         export_model(self.scorer, self.backbone, self.tokenizer, directory, merge_lora, final_dir)
         stats = {"mean": 0.0, "std": 1.0, "n": 0, "source": "uncalibrated"}
-        if self.calibration is None and self._trainer is not None and self.trainer.datamodule is not None:
-            self.calibrate(self.trainer.datamodule.splits["val"])
+        if self.calibration is None:
+            self.before_export()
         if self.calibration is not None:
             stats = {"mean": self.calibration["mean"], "std": self.calibration["std"],
                      "n": len(self.calibration["rewards"]), "source": f"samples of {self.calibration_policy}"}

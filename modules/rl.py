@@ -18,7 +18,6 @@ import lightning as L
 import torch
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from lightning.pytorch.plugins.precision import DoublePrecision, HalfPrecision, MixedPrecision, Precision
-from torch.distributed.fsdp import FullyShardedDataParallel
 
 from datamodules.batch import PairBatch
 from modules import functional as F
@@ -30,15 +29,15 @@ from modules.backbone import (
     frozen_copy,
     is_lora,
     load_tokenizer,
-    shard,
 )
 from modules.batch import ObjectiveInput, ObjectiveOutput, Rollout
 from modules.checks import ConfigError
 from modules.objectives.base import Objective
-from modules.rewards import qualified_name
+from modules.rewards import RewardModel, qualified_name
 from modules.rewards import score as score_rewards
-from modules.sampling import SamplingConfig, sample, whole_model
+from modules.sampling import SamplingConfig, sample
 from modules.scoring import response_logprobs, token_scores
+from modules.sharding import fsdp_mesh, is_sharded, shard
 
 log = logging.getLogger(__name__)
 OLD_LOGPROBS = ("auto", "sampler", "forward")
@@ -131,17 +130,20 @@ class RLModule(L.LightningModule):
         self.rollout: Rollout | None = None
 
     def configure_model(self) -> None:
+        mesh = fsdp_mesh(self)        # FSDP2 under ModelParallelStrategy: every model is sharded, the reward's too
         if self.policy is None:
             policy = build_causal_lm(self.policy_spec, self.tokenizer)
-            self.reference = None if is_lora(policy) else shard(frozen_copy(policy))
-            self.policy = shard(policy)
+            self.reference = None if is_lora(policy) else shard(frozen_copy(policy), mesh)
+            self.policy = shard(policy, mesh)
+            for reward_model in (m for m in self.modules() if isinstance(m, RewardModel)):
+                reward_model.model = shard(reward_model.model, mesh)
         if self.objective.needs_values and self.value is None:
             spec = self.value_spec or BackboneSpec(pretrained=self.policy_spec.pretrained, config=self.policy_spec.config)
-            self.value = shard(build_scorer(spec, self.tokenizer))
+            self.value = shard(build_scorer(spec, self.tokenizer), mesh)
 
     def on_fit_start(self) -> None:
-        # A frozen reward model built by the CLI is a plain submodule; strategies that shard only what each stage
-        # wraps (FSDP here) leave it where it was built.
+        # A frozen reward model built by the CLI is a plain submodule that a strategy may leave where it was built
+        # (FSDP2 has sharded it onto the device in `configure_model`).
         device = self.trainer.strategy.root_device
         if isinstance(self.reward, torch.nn.Module) and any(p.device != device for p in self.reward.parameters()):
             self.reward.to(device)
@@ -172,7 +174,7 @@ class RLModule(L.LightningModule):
         K = roll.group_size
         tokens = roll.attention_mask.view(len(roll) // K, -1).sum(-1)                      # (groups,)
         count = len(F.micro_batch_groups(tokens, self.micro_batch_tokens))
-        if self._trainer is not None and self.trainer.world_size > 1 and (agree or not whole_model(self.policy)):
+        if self._trainer is not None and self.trainer.world_size > 1 and (agree or is_sharded(self.policy)):
             count = int(self.trainer.strategy.reduce(torch.tensor(count, device=self.device), reduce_op="max"))
         return [rows[a * K: b * K] for a, b in F.micro_batch_groups(tokens, self.micro_batch_tokens, count)]
 
@@ -280,6 +282,7 @@ class RLModule(L.LightningModule):
         out = self.backward_minibatch(sub, extra, float(tokens), where)
         params = [p for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
         grad_norm = torch.nn.utils.get_total_norm([p.grad for p in params]) if params else torch.zeros(())
+        grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm   # FSDP2: all shards
         self.stop_unless_finite(grad_norm, "gradient norm", where)
         if self.max_grad_norm is not None:
             self.clip_grad_norm(optimizer, params, grad_norm)
@@ -339,19 +342,14 @@ class RLModule(L.LightningModule):
 
     def clip_grad_norm(self, optimizer, params: list[torch.Tensor], grad_norm: torch.Tensor) -> None:
         """Clip the gradient norm to `max_grad_norm`.
-        - Sharded (FSDP): each root's own `clip_grad_norm_` (Lightning's FSDP precision refuses norm clipping;
-          policy and value are clipped separately).
-        - Plain gradients (32/64/16-true, or mixed precision without a loss scaler: bf16-mixed): scaled by the norm
+        - Plain gradients (32/64/16-true, or mixed precision without a loss scaler: bf16-mixed; FSDP2's sharded
+          gradients included, `grad_norm` being over all shards): scaled by the norm
           `update` already computed, as `torch.nn.utils.clip_grad_norm_` does after computing it. One norm pass
           instead of two, and it works with fused optimizers, which Lightning's mixed-precision plugin refuses to
           clip for even when no scaler is involved.
         - Otherwise through Lightning (fp16 loss scaling; DeepSpeed clips itself, from `gradient_clipping`)."""
-        roots = [m for m in (self.policy, self.value) if isinstance(m, FullyShardedDataParallel)]
         plugin = self.trainer.precision_plugin
-        if roots:
-            for model in roots:
-                model.clip_grad_norm_(self.max_grad_norm)
-        elif type(plugin) in PLAIN_GRADIENTS and getattr(plugin, "scaler", None) is None:
+        if type(plugin) in PLAIN_GRADIENTS and getattr(plugin, "scaler", None) is None:
             torch.nn.utils.clip_grads_with_norm_(params, self.max_grad_norm, grad_norm)
         else:
             self.clip_gradients(optimizer, gradient_clip_val=self.max_grad_norm, gradient_clip_algorithm="norm")

@@ -9,6 +9,7 @@ import torch
 
 from modules import functional as F
 from modules.batch import Rollout
+from modules.sharding import gathered, is_partitioned
 
 
 @dataclass
@@ -75,7 +76,7 @@ def sample(model, tokenizer, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor
     prompt-major (row i * K + k is the k-th sample for prompt i), tokens after the first EOS set to pad.
     `record_logprobs`: also fill `old_logp` (N, L) with the sampler's logprobs of the sampled tokens (0 after the
     response), which saves the pi_old forward pass.
-    `share_prompts` (K > 1, `whole_model`): each prompt's KV cache (all but its last token) is computed once and
+    `share_prompts` (K > 1, parameters not partitioned by DeepSpeed): each prompt's KV cache (all but its last token) is computed once and
     repeated for its K samples instead of K times (`_prompt_cache`); `generate` continues from it.
     """
     from transformers import GenerationConfig, LogitsProcessorList
@@ -89,15 +90,15 @@ def sample(model, tokenizer, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor
     was_training = model.training
     model.eval()
     try:
-        with _fsdp_root_gathered(model):
+        with gathered(model):                                    # FSDP2: whole parameters, no collective per token
             draw = _Draw(config, record_logprobs)
-            sharded = is_sharded(model)
-            shared = share_prompts and num_samples > 1 and prompt_ids.shape[1] > 1 and whole_model(model)
+            partitioned = is_partitioned(model)                  # DeepSpeed ZeRO-3: every rank runs every step
+            shared = share_prompts and num_samples > 1 and prompt_ids.shape[1] > 1 and not partitioned
             prepacked = prepacked_linears(model, len(ids)) if config.prepack_weights else contextlib.nullcontext()
             with prepacked:
                 cache = _prompt_cache(model, prompt_ids, prompt_mask, num_samples) if shared else None
                 out = model.generate(input_ids=ids, attention_mask=mask, generation_config=gen, past_key_values=cache,
-                                     logits_processor=LogitsProcessorList([draw]), synced_gpus=sharded)  # (N, P + L')
+                                     logits_processor=LogitsProcessorList([draw]), synced_gpus=partitioned)  # (N, P + L')
     finally:
         model.train(was_training)
     P = ids.shape[1]
@@ -131,7 +132,7 @@ def prepacked_linears(model, rows: int):
     (`tests/test_shortcuts.py`): fp32 weights compute in fp32; under CPU bf16 autocast the weights are packed in
     bf16 and inputs cast to bf16, as autocast's `linear` does; bf16 weights compute in bf16.
 
-    Applies only on CPU, when nothing is sharded and every plain linear has fp32 (or bf16) weights; elsewhere (GPU,
+    Applies only on CPU, when no parameter is partitioned (a sharded model is gathered while sampling) and every plain linear has fp32 (or bf16) weights; elsewhere (GPU,
     fp16 autocast, CPUs without oneDNN bf16 for bf16 work) it changes nothing. bitsandbytes and other `nn.Linear`
     subclasses keep their own forward. No autograd: generation only. Memory: a reordered copy of the linear weights
     while it is active (tied embeddings included)."""
@@ -154,7 +155,7 @@ def prepacked_linears(model, rows: int):
 def _prepack_dtype(model, linears: list) -> torch.dtype | None:
     """The dtype `prepacked_linears` computes in, or None where it does not apply."""
     if not (linears and torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_reorder_linear_weight")
-            and whole_model(model)):
+            and not is_partitioned(model)):
         return None
     weights = {(m.weight.device.type, m.weight.dtype) for m in linears}
     if len(weights) != 1:
@@ -185,41 +186,3 @@ def _prompt_cache(model, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, nu
           past_key_values=cache, use_cache=True, logits_to_keep=1)
     cache.batch_repeat_interleave(num_samples)
     return cache
-
-
-def whole_model(model) -> bool:
-    """Parameters neither sharded nor behind an FSDP root wrapper: the model's submodules can be called on their
-    own (the sampler's shared prefill, `prepacked_linears`, `modules.scoring`'s packed logprobs)."""
-    return not (is_sharded(model) or _is_fsdp_root(model))
-
-
-def _is_fsdp_root(model) -> bool:
-    """An FSDP wrapper: `generate` runs its inner module inside `_fsdp_root_gathered`, where calling the wrapper's
-    own forward (as `_prompt_cache` would) is not supported; such models prefill K times."""
-    from torch.distributed.fsdp import FullyShardedDataParallel
-
-    return isinstance(model, FullyShardedDataParallel)
-
-
-def _fsdp_root_gathered(model):
-    """`generate` on an FSDP-wrapped model runs the inner model's forward, skipping the wrapper's own unshard:
-    gather the root-level parameters (embeddings, head, norms) for it. Nested units (decoder layers) gather their
-    own when called. A no-op for any other model."""
-    from torch.distributed.fsdp import FullyShardedDataParallel
-
-    if _is_fsdp_root(model):
-        return FullyShardedDataParallel.summon_full_params(model, recurse=False, writeback=False)
-    return contextlib.nullcontext()
-
-
-def is_sharded(model) -> bool:
-    """True when parameters are sharded across ranks (FSDP, DeepSpeed ZeRO-3): every rank must then keep
-    calling forward until all ranks finish generating (`synced_gpus`)."""
-    import torch.distributed as dist
-
-    if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
-        return False
-    from torch.distributed.fsdp import FullyShardedDataParallel
-
-    return any(isinstance(m, FullyShardedDataParallel) or getattr(m, "_is_fsdp_managed_module", False)
-               for m in model.modules()) or any(hasattr(p, "ds_id") for p in model.parameters())

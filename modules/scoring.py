@@ -4,10 +4,12 @@ Every forward uses position ids from the attention mask, so left padding does no
 """
 from __future__ import annotations
 
+import contextlib
+
 import torch
 
 from modules import functional as F
-from modules.sampling import whole_model
+from modules.sharding import is_partitioned
 
 
 def lm_logits(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, keep: int | torch.Tensor = 0,
@@ -47,11 +49,11 @@ def response_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.Tens
     once per group, and padding not at all (`F.packed_prompt_layout`): G rows of at most P + K L real tokens
     instead of N = G K rows of P + L. The same numbers on every
     real token up to float rounding, with fewer FLOPs (K = 2, P = 42, L = 32, no padding: 0.72x the tokens).
-    FSDP-wrapped and sharded models, whose LM head cannot
-    be called apart from the model, keep the padding (`F.shared_prompt_layout`; finite values after the EOS).
+    Models partitioned by DeepSpeed ZeRO-3, whose LM head cannot be applied apart from the model's forward, keep
+    the padding (`F.shared_prompt_layout`; finite values after the EOS).
     Every consumer masks the positions after the EOS."""
     if group_size > 1 and shares_prompts(model, input_ids, attention_mask, prompt_length, group_size):
-        if whole_model(model):
+        if not is_partitioned(model):
             return _packed_prompt_logprobs(model, input_ids, attention_mask, prompt_length, temperature, group_size,
                                            chunk)
         return _shared_prompt_logprobs(model, input_ids, attention_mask, prompt_length, temperature, group_size)
@@ -71,10 +73,9 @@ def target_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.Tensor
         logits = lm_logits(model, input_ids, attention_mask, keep=input_ids.shape[1] - first)[:, :-1]
         logp = F.token_logprobs(logits, input_ids[:, first + 1:], temperature)              # (B, T - 1 - first)
         return torch.nn.functional.pad(logp, (first, 0)).masked_fill(~wanted, 0.0)
-    decoder, head = causal_lm_parts(model)
-    hidden = decoder(input_ids=input_ids, attention_mask=attention_mask, use_cache=False,
-                     position_ids=F.position_ids_from_mask(attention_mask)).last_hidden_state  # (B, T, H)
-    logp = head_logprobs(head, hidden[:, :-1][wanted], input_ids[:, 1:][wanted], temperature, chunk)
+    hidden = decoder_states(model, input_ids, attention_mask, F.position_ids_from_mask(attention_mask))  # (B, T, H)
+    logp = head_logprobs(causal_lm_parts(model)[1], hidden[:, :-1][wanted], input_ids[:, 1:][wanted], temperature,
+                         chunk)
     return logp.new_zeros(wanted.shape).masked_scatter(wanted, logp)                         # (B, T - 1)
 
 
@@ -91,8 +92,10 @@ def head_logprobs(head, hidden: torch.Tensor, labels: torch.Tensor, temperature:
 
 def splits_head(model) -> bool:
     """Whether the model's logits are its LM head applied to its decoder's last hidden states, callable apart:
-    a whole (unsharded) model of `SHARED_PROMPT_MODELS` (no logit scaling or soft-capping in between)."""
-    return getattr(getattr(model, "config", None), "model_type", None) in SHARED_PROMPT_MODELS and whole_model(model)
+    a model of `SHARED_PROMPT_MODELS` (no logit scaling or soft-capping in between) whose parameters are not
+    partitioned by DeepSpeed (an FSDP2 root keeps its LM head gathered after its forward: `modules.sharding`)."""
+    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    return model_type in SHARED_PROMPT_MODELS and not is_partitioned(model)
 
 
 # Attention implementations that apply a custom 4D mask as given: a boolean one for SDPA, an additive one for eager.
@@ -137,13 +140,35 @@ def _shared_prompt_logprobs(model, input_ids, attention_mask, prompt_length, tem
 
 def _packed_prompt_logprobs(model, input_ids, attention_mask, prompt_length, temperature, group_size, chunk):
     gather, position_ids, allowed, source = F.packed_prompt_layout(attention_mask, prompt_length, group_size)
-    decoder, head = causal_lm_parts(model)
-    hidden = decoder(input_ids=input_ids.flatten()[gather], attention_mask=_custom_mask(model, allowed),
-                     position_ids=position_ids, use_cache=False).last_hidden_state            # (G, T', H)
+    hidden = decoder_states(model, input_ids.flatten()[gather], _custom_mask(model, allowed), position_ids)  # (G, T', H)
     real = attention_mask[:, prompt_length:].bool()                                          # (N, L)
+    head = causal_lm_parts(model)[1]
     logp = head_logprobs(head, hidden.flatten(0, 1)[source[real]], input_ids[:, prompt_length:][real], temperature,
                          chunk)                                                              # (real tokens,)
     return logp.new_zeros(real.shape).masked_scatter(real, logp)                             # (N, L)
+
+
+def decoder_states(model, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                   position_ids: torch.Tensor) -> torch.Tensor:
+    """The decoder's last hidden states (B, T, H), the LM head's input, from the model's own forward with the head
+    applied to one position only: calling the model (not its decoder alone) is what lets FSDP2 gather and
+    reduce the root's parameters (embeddings, final norm, head)."""
+    decoder = causal_lm_parts(model)[0]
+    with _output_of(decoder) as seen:
+        model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False,
+              logits_to_keep=1)
+    return seen[0].last_hidden_state
+
+
+@contextlib.contextmanager
+def _output_of(module: torch.nn.Module):
+    """Collects `module`'s forward outputs while active (a list, filled in call order)."""
+    seen = []
+    handle = module.register_forward_hook(lambda mod, args, out: seen.append(out))
+    try:
+        yield seen
+    finally:
+        handle.remove()
 
 
 def causal_lm_parts(model):
@@ -175,10 +200,9 @@ def token_scores(scorer, input_ids: torch.Tensor, attention_mask: torch.Tensor,
     `position_ids` default to those of the (2D) mask."""
     if position_ids is None:
         position_ids = F.position_ids_from_mask(attention_mask)
-    backbone, head = scorer_head(scorer)
-    hidden = backbone(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                      use_cache=False).last_hidden_state
-    return head(hidden).squeeze(-1).float()                     # (B, T)
+    with _output_of(scorer_head(scorer)[1]) as seen:     # the model's own forward, for FSDP2 (`decoder_states`)
+        scorer(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False)
+    return seen[0].squeeze(-1).float()                         # (B, T)
 
 
 def sequence_rewards(scorer, input_ids: torch.Tensor, attention_mask: torch.Tensor, prompt_length: int = 0,

@@ -8,8 +8,9 @@ from torchmetrics import MeanMetric
 
 from datamodules.batch import PairBatch
 from modules import functional as F
-from modules.backbone import BackboneSpec, build_causal_lm, export_model, load_tokenizer, shard
+from modules.backbone import BackboneSpec, build_causal_lm, export_model, load_tokenizer
 from modules.scoring import target_logprobs
+from modules.sharding import fsdp_mesh, shard
 
 
 class Perplexity(MeanMetric):
@@ -42,7 +43,7 @@ class SFTModule(L.LightningModule):
 
     def configure_model(self) -> None:
         if self.policy is None:
-            self.policy = shard(build_causal_lm(self.backbone, self.tokenizer))
+            self.policy = shard(build_causal_lm(self.backbone, self.tokenizer), fsdp_mesh(self))
 
     def loss(self, batch: PairBatch) -> torch.Tensor:
         """Mean NLL of the response tokens; the LM head sees those positions alone, in chunks."""

@@ -87,7 +87,9 @@ class ParamDigest(L.Callback):
 
     @staticmethod
     def _flat(pl_module) -> torch.Tensor:
-        return torch.cat([p.detach().flatten().clone() for p in pl_module.parameters() if p.requires_grad])
+        # FSDP2: each rank gathers the whole parameters (every rank calls this)
+        whole = [p.full_tensor() if hasattr(p, "full_tensor") else p for p in pl_module.parameters() if p.requires_grad]
+        return torch.cat([p.detach().flatten().clone() for p in whole])
 
 
 class BadReward:

@@ -165,13 +165,13 @@ def test_shared_prompt_logprobs_and_gradients_equal_one_row_per_response(tokeniz
     """Each prompt computed once for its K = 3 responses (`group_size=3`) against one row per response: the same
     logprobs on every response token (1e-5) and the same gradient of their masked sum (1e-5 relative to the
     largest), for each decoder and attention implementation that shares prompts, and a LoRA policy; packed (the
-    default: padding dropped, the decoder sees fewer columns than the padded layout's P + K L) and padded (what an
-    FSDP-wrapped or sharded model runs). The packed path runs the LM head on the real response tokens only and
+    default: padding dropped, the decoder sees fewer columns than the padded layout's P + K L) and padded (what a
+    model partitioned by DeepSpeed ZeRO-3 runs). The packed path runs the LM head on the real response tokens only and
     returns exactly 0 after each response."""
     import modules.scoring
     from modules.scoring import shares_prompts
 
-    monkeypatch.setattr(modules.scoring, "whole_model", lambda model: packed)
+    monkeypatch.setattr(modules.scoring, "is_partitioned", lambda model: not packed)
 
     config = {**TINY_SHAPE, "model_type": model_type.split("-")[0], "attn_implementation": attention,
               "num_key_value_heads": 1}
@@ -245,11 +245,10 @@ def test_rl_module_shares_prompts_by_default_with_the_same_updates(tmp_path, sft
     assert (weights[True] - weights[False]).abs().max() < 1e-4
 
 
-def test_sampling_computes_each_prompt_once_and_draws_the_same_responses(tiny_spec, tokenizer, monkeypatch):
+def test_sampling_computes_each_prompt_once_and_draws_the_same_responses(tiny_spec, tokenizer):
     """K = 4 samples of 2 left-padded prompts, from the same random state with share_prompts on (the default) and
     off: the shared run's first forward is the prompts' prefill, 2 rows of P - 1 tokens (not 8 rows of P); both
-    runs draw the same tokens and record the same logprobs (1e-5). An FSDP-wrapped model prefills K times."""
-    import modules.sampling
+    runs draw the same tokens and record the same logprobs (1e-5)."""
     from datamodules.collate import PairCollator, encode_prompt
     from modules.sampling import SamplingConfig, sample
 
@@ -270,11 +269,6 @@ def test_sampling_computes_each_prompt_once_and_draws_the_same_responses(tiny_sp
         assert shapes[:2] == ([(2, P - 1), (8, 1)] if share else [(8, P), (8, 1)])
     assert torch.equal(rolls[True].input_ids, rolls[False].input_ids)
     assert torch.allclose(rolls[True].old_logp, rolls[False].old_logp, atol=1e-5, rtol=0)
-    monkeypatch.setattr(modules.sampling, "_is_fsdp_root", lambda model: True)
-    shapes.clear()
-    sample(model, tokenizer, batch.prompt_ids, batch.prompt_mask, batch.prompts, SamplingConfig(max_new_tokens=2),
-           num_samples=4)
-    assert shapes[0] == (8, P)
 
 
 def test_cpu_runs_reuse_freed_memory_unless_switched_off(monkeypatch, tmp_path, sft_dir):

@@ -115,12 +115,12 @@ def _digest(path: Path, rank: int = 0) -> dict:
     return torch.load(f"{path}.rank{rank}.pt")
 
 
-def _resume_case(tmp_path, sft_dir, devices: int, interrupt: str, stage: str = "rl"):
+def _resume_case(tmp_path, sft_dir, devices: int, interrupt: str, stage: str = "rl", strategy="ddp"):
     """Uninterrupted: 2 epochs of R rollouts (SFT / reward stages: R training batches). Interrupted when rollout
     R + 1 (the second of the second epoch) starts: SIGKILL dies at once, leaving last.ckpt of the rollout before
     (saved after every rollout); SIGINT finishes that rollout, saves and exits 130. Resumed from last.ckpt: bit-equal
     weights, and the resumed run trains on exactly the remaining batches."""
-    extra = {"devices": devices, "strategy": "ddp"} if devices > 1 else {}
+    extra = {"devices": devices, "strategy": strategy} if devices > 1 else {}
     rollouts = (4 if stage == "rl" else 8) // devices   # 16 prompts (32 records) / (4 per batch x ranks)
 
     def config(name, callbacks, every=1):
@@ -165,6 +165,13 @@ def test_sft_and_reward_stages_resume_bit_exactly_after_a_mid_epoch_sigkill(tmp_
 @pytest.mark.slow
 def test_sigkill_mid_epoch_resume_is_bit_exact_under_two_process_ddp(tmp_path, sft_dir):
     _resume_case(tmp_path, sft_dir, devices=2, interrupt="SIGKILL")
+
+
+@pytest.mark.slow
+def test_sigkill_mid_epoch_resume_is_bit_exact_under_two_process_fsdp2(tmp_path, sft_dir):
+    """FSDP2: the checkpoint holds the whole weights and optimizer state gathered on rank 0; resumed, each rank
+    takes its shards back."""
+    _resume_case(tmp_path, sft_dir, devices=2, interrupt="SIGKILL", strategy={"class_path": "modules.sharding.FSDP2Strategy"})
 
 
 # Errors a user can act on (issue 11, section 4).

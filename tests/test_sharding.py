@@ -1,0 +1,177 @@
+"""FSDP2 (`modules.sharding`) on 2 CPU processes with gloo: the sharded maths equal the whole model's, and the
+stages train, resume and export under `FSDP2Strategy` (`configs/presets/fsdp_cpu.yaml`)."""
+from __future__ import annotations
+
+import copy
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from tests.conftest import TINY
+from tests.helpers import tiny_rl_config, tiny_stage_config
+
+FSDP2 = {"class_path": "modules.sharding.FSDP2Strategy"}
+TWO_LAYERS = {**TINY, "num_hidden_layers": 2}
+
+
+def _rollout_batch(tokenizer, groups: int = 4, K: int = 2, P: int = 5, L: int = 6):
+    """`groups` x K left-padded rows (prompt P, response L), the K rows of a group sharing their prompt; responses
+    end at different lengths (right padding)."""
+    gen = torch.Generator().manual_seed(0)
+    ids = torch.randint(5, len(tokenizer), (groups, 1, P + L), generator=gen).expand(-1, K, -1).clone()
+    ids[:, :, P:] = torch.randint(5, len(tokenizer), (groups, K, L), generator=gen)
+    ids = ids.flatten(0, 1)
+    mask = torch.ones_like(ids)
+    mask[::3, :2] = 0                                 # left padding of some prompts (groups 0, 1 and 3)
+    mask[0::2] = mask[1::2] = torch.maximum(mask[0::2], mask[1::2])  # a group's K rows share their prompt mask
+    for row, stop in ((1, 3), (2, 5), (5, 2)):
+        mask[row, P + stop:] = 0                      # responses that ended early
+    ids = torch.where(mask.bool(), ids, torch.full_like(ids, tokenizer.pad_token_id))
+    return ids, mask, P, K
+
+
+def _gradient_case(rank: int, world: int, tokenizer_path: str, path: str) -> None:
+    """Each rank: the whole model's gradient of the global batch (every row) and the sharded model's of its own
+    half, for a causal LM (packed logprobs, chunked LM head), a LoRA causal LM, and a scalar scorer (values);
+    greedy sampling of its rows under sharding against the whole model."""
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+
+    from modules.backbone import BackboneSpec, build_causal_lm, build_scorer, load_tokenizer
+    from modules.sampling import SamplingConfig, sample
+    from modules.scoring import response_logprobs, token_scores
+    from modules.sharding import shard
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=os.environ["TEST_PORT"])
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    mesh = init_device_mesh("cpu", (world,))
+    tokenizer = load_tokenizer(tokenizer_path)
+    ids, mask, P, K = _rollout_batch(tokenizer)
+    mine = slice(rank * len(ids) // world, (rank + 1) * len(ids) // world)
+    results = {}
+
+    def losses(model, rows, kind):
+        if kind == "values":
+            scores = token_scores(model, ids[rows], mask[rows])
+            return (scores * mask[rows]).sum(), scores
+        logp = response_logprobs(model, ids[rows], mask[rows], P, 1.0, K, chunk=4)
+        return (logp * mask[rows, P:]).sum(), logp
+
+    for kind in ("full", "lora", "values"):
+        spec = BackboneSpec(config=dict(TWO_LAYERS), lora={"r": 4, "lora_alpha": 8} if kind == "lora" else None)
+        model = (build_scorer if kind == "values" else build_causal_lm)(spec, tokenizer)
+        if kind == "lora":                       # B = 0 at init: move it so the adapters matter in the forward
+            for name, p in model.named_parameters():
+                if "lora_B" in name:
+                    p.data.normal_(0, 0.1, generator=torch.Generator().manual_seed(1))
+        whole = copy.deepcopy(model)
+        loss, whole_out = losses(whole, slice(None), kind)
+        (loss / len(ids)).backward()                                   # the global batch's mean
+        shard(model, mesh)
+        loss, out = losses(model, mine, kind)
+        (loss / (len(ids) // world)).backward()                        # each rank's mean; FSDP2 averages ranks
+        grads = [(p.grad.full_tensor(), q.grad) for p, q in zip(model.parameters(), whole.parameters())
+                 if q.requires_grad]
+        results[kind] = {"out": (out.detach(), whole_out.detach()[mine]),
+                         "grad": max(float((a - b).abs().max() / b.abs().max()) for a, b in grads),
+                         "count": len(grads)}
+        if kind == "full":
+            config = SamplingConfig(do_sample=False, max_new_tokens=4 + 3 * rank)   # ranks stop at different lengths
+            batch = (ids[mine, :P], mask[mine, :P], [""] * (len(ids) // world))
+            results["sample"] = (sample(model, tokenizer, *batch, config, num_samples=2).input_ids,
+                                 sample(whole, tokenizer, *batch, config, num_samples=2).input_ids)
+    torch.save(results, f"{path}.rank{rank}.pt")
+    dist.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_sharded_gradients_logprobs_and_samples_equal_the_whole_model(tmp_path, task_tokenizer_path):
+    """FSDP2 over 2 processes, each with half the rows: the logprobs (packed prompt layout, LM head in chunks of
+    4 rows applied after the model's forward) and values equal the whole model's on those rows (1e-5), and the
+    averaged sharded gradient equals the whole model's gradient of the global batch (1e-5 relative to its largest
+    entry), for every trainable parameter of a causal LM, a LoRA causal LM (adapters only) and a scorer. Greedy
+    samples of each rank's prompts, 4 and 7 new tokens, equal the whole model's."""
+    import torch.multiprocessing as mp
+
+    os.environ["TEST_PORT"] = str(29500 + os.getpid() % 1000)
+    mp.spawn(_gradient_case, args=(2, task_tokenizer_path, str(tmp_path / "grads")), nprocs=2, join=True)
+    for rank in (0, 1):
+        results = torch.load(tmp_path / f"grads.rank{rank}.pt")
+        for kind in ("full", "lora", "values"):
+            sharded, whole = results[kind]["out"]
+            assert torch.allclose(sharded, whole, atol=1e-5, rtol=0), (rank, kind)
+            assert results[kind]["grad"] < 1e-5, (rank, kind, results[kind]["grad"])
+        assert results["lora"]["count"] == 2 * 2 * 7                   # A and B of 7 linears in each of 2 layers
+        sharded, whole = results["sample"]
+        assert sharded.shape == whole.shape and torch.equal(sharded, whole)
+
+
+def _train(config: str, *args: str, expect: int = 0) -> None:
+    env = {**os.environ, "PYTHONPATH": os.getcwd()}
+    proc = subprocess.run([sys.executable, "train.py", "fit", "--config", config, *args], env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == expect, proc.stderr[-3000:]
+
+
+def _digests(path) -> list[dict]:
+    return [torch.load(f"{path}.rank{rank}.pt") for rank in (0, 1)]
+
+
+def _exported_params(directory: str, scorer: bool = False) -> torch.Tensor:
+    """The export's parameters, loaded with plain transformers, flattened in the model's parameter order."""
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    cls = AutoModelForSequenceClassification if scorer else AutoModelForCausalLM
+    model = cls.from_pretrained(directory)
+    return torch.cat([p.detach().flatten() for p in model.parameters()])
+
+
+# Each case: (stage, tiny config overrides). Runs under DDP and under FSDP2 on 2 CPU processes, same seeds.
+CASES = {
+    "sft": ("sft", {}),
+    "reward": ("reward", {}),
+    "p3o": ("rl", {"micro_batch_tokens": 40}),
+    "ppo": ("rl", {}),
+    "p3o_lora": ("rl", {"policy": {"lora": {"r": 4, "lora_alpha": 8}}}),
+}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("case", list(CASES))
+def test_fsdp2_trains_like_ddp_and_exports_whole_weights(tmp_path, sft_dir, case):
+    """The same run on 2 CPU processes under DDP and under FSDP2 (every model sharded: policy, reference, value,
+    the reward stage's scorer; LoRA adapters over a sharded base; P3O with micro-batches of at most 40 tokens):
+    each rank trains on its own prompts, both ranks end with the same weights, and they equal DDP's within 1e-6
+    (float rounding of a reduce-scatter instead of an all-reduce). The FSDP2 export, gathered on rank 0, loads with
+    plain transformers and holds exactly the trained weights (LoRA merged: compared through DDP's export)."""
+    stage, model = CASES[case]
+    source = f"configs/quickstart/{'ppo' if case == 'ppo' else 'p3o'}.yaml"
+    digests, exports = {}, {}
+    for name, strategy in (("ddp", "ddp"), ("fsdp2", FSDP2)):
+        exports[name] = str(tmp_path / f"export-{name}")
+        callbacks = [{"class_path": "tests.helpers.ParamDigest", "init_args": {"path": str(tmp_path / name)}},
+                     {"class_path": "callbacks.export.HFExport", "init_args": {"dirpath": exports[name]}}]
+        if stage == "rl":
+            extra = {"value_model": {"pretrained": sft_dir}} if case == "ppo" else {}
+            config = tiny_rl_config(tmp_path, sft_dir, source=source, name=f"{name}.yaml", extra_callbacks=callbacks,
+                                    model={**model, **extra}, devices=2, strategy=strategy)
+        else:
+            config = tiny_stage_config(tmp_path, stage, sft_dir, f"{name}.yaml", callbacks, devices=2,
+                                       strategy=strategy, limit_train_batches=3)
+        _train(config)
+        digests[name] = _digests(tmp_path / name)
+    ddp, fsdp2 = digests["ddp"], digests["fsdp2"]
+    assert fsdp2[0]["prompts"] != fsdp2[1]["prompts"] and fsdp2[0]["prompts"] == ddp[0]["prompts"]
+    assert torch.equal(fsdp2[0]["params"], fsdp2[1]["params"])
+    assert not torch.equal(fsdp2[0]["params"], fsdp2[0]["initial"])
+    assert torch.equal(fsdp2[0]["initial"], ddp[0]["initial"])
+    assert (fsdp2[0]["params"] - ddp[0]["params"]).abs().max() < 1e-6
+    scorer = stage == "reward"
+    exported = _exported_params(exports["fsdp2"], scorer)
+    if case == "p3o_lora":
+        assert (exported - _exported_params(exports["ddp"], scorer)).abs().max() < 1e-6
+    else:
+        assert torch.equal(exported, fsdp2[0]["params"][: exported.numel()])
