@@ -2,7 +2,7 @@
 
     python benchmarks/frontier.py            # 9 objectives x (2 KL strengths x 2 learning rates) x 5 seeds
                                              # + over-optimisation against a weak reward model (see README for time)
-    python benchmarks/frontier.py --quick    # 3 objectives, 1 setting, 2 seeds, a few rollouts (CI-sized)
+    python benchmarks/frontier.py --quick    # 2 objectives, 1 setting, 2 seeds, a few rollouts (CI-sized)
 
 Budget, the same for every objective: the same number of *sampled responses* per rollout and in total (prompts
 per rollout = responses per rollout / K), the same number of responses per minibatch and of updates per rollout,
@@ -52,7 +52,7 @@ BASELINE = "P3O-V2"
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="P3O-V2, PPO, GRPO-4; 1 setting; 2 seeds; 4 rollouts")
+    parser.add_argument("--quick", action="store_true", help="P3O-V2, GRPO-4; 1 setting; 2 seeds; 4 rollouts")
     parser.add_argument("--objectives", nargs="*", default=list(OBJECTIVES), choices=list(OBJECTIVES))
     parser.add_argument("--seeds", type=int, nargs="*", default=[0, 1, 2, 3, 4])
     parser.add_argument("--rollouts", type=int, default=16)
@@ -70,7 +70,7 @@ def main() -> None:
     sys.argv = sys.argv[:1]  # LightningCLI reads its own arguments from run_one's list
     kl_sweep, lr_sweep = KL_SWEEP, LR_SWEEP
     if args.quick:
-        args.objectives, args.seeds = ["P3O-V2", "PPO", "GRPO-4"], [0, 1]
+        args.objectives, args.seeds = ["P3O-V2", "GRPO-4"], [0, 1]
         args.rollouts, args.weak_rollouts, args.responses_per_rollout, args.minibatch_responses = 4, 4, 16, 8
         args.eval_prompts, args.weak_labels = 16, 64
         kl_sweep, lr_sweep = {"kl_coef": [0.05], "beta": [0.1]}, [1e-3]

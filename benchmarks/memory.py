@@ -1,38 +1,60 @@
-"""Peak memory of one RL update under each memory setting, each in its own process, in one command.
+"""Peak memory and seconds per rollout of a whole RL step, ours against TRL's GRPOTrainer at equal work, as the
+response length, the responses per rollout and the vocabulary grow; and one update under each memory setting.
 
-    python benchmarks/memory.py            # SmolLM2-135M shape (random init), 16 prompts x 2 x 128 tokens (~10 min)
-    python benchmarks/memory.py --quick    # a 2-layer model of that shape, 4 prompts x 2 x 16 tokens (CI-sized)
+    python benchmarks/memory.py                     # the sweep: 6 points x (TRL, ours) (about an hour on 2 cores)
+    python benchmarks/memory.py --points base V151936 --ours defaults micro   # some points, some of our variants
+    python benchmarks/memory.py --settings          # one update under each memory setting (about 6 minutes)
+    python benchmarks/memory.py --quick             # a 2-layer model, tiny workloads (CI-sized; TRL optional)
 
-One P3O-V2 update of a full fine-tune: pi_old and pi_ref logprobs over the rollout (no graph), then the
-minibatch's loss and its backward, for a minibatch of all the responses (random prompt and response tokens: the
-memory does not depend on what they say). The reference is a frozen copy, as in a full fine-tune run. Not
-included: sampling, the reward model, the optimizer's state (AdamW: 2 fp32 copies of the weights) and its step.
-Settings, each in a fresh process (peak RSS is a high-water mark):
+The sweep. Each point is one workload: a random-init Llama of SmolLM2-135M's shape, P prompts x 2 responses x L
+new tokens (random weights rarely emit EOS: responses run to L), GRPO (k 2), one epoch over one minibatch of all
+the responses (one optimizer step per rollout), AdamW, fp32, the VADER gold reward, 2 rollouts per run (the
+first a warm-up; seconds are the second's, peak memory the process's high-water mark). Each side runs in its own
+process through `benchmarks/throughput.py`'s sides. TRL 1.16's GRPOTrainer runs with its defaults for memory:
+gradient checkpointing on and its chunked LM head. Points:
+  L32, base (L128), L512     response length at 32 responses, vocabulary 49,152
+  N16, base (N32), N64       responses per rollout at 128 tokens
+  V151936                    a vocabulary of 151,936 (Qwen's size): SmolLM2's tokenizer with added tokens
+Our variants (`--ours`): `defaults` (the library's defaults), `micro` (+ `micro_batch_tokens: 2048`), `micro+ckpt`
+(+ `activation_checkpointing: true`).
+
+The settings (`--settings`): one P3O-V2 update of a full fine-tune: pi_old and pi_ref logprobs over the rollout
+(no graph), then the minibatch's loss and its backward, for a minibatch of all the responses (random prompt and
+response tokens: the memory does not depend on what they say). The reference is a frozen copy, as in a full
+fine-tune run. Not included: sampling, the reward model, the optimizer's state and its step. Settings, each in a
+fresh process (peak RSS is a high-water mark):
   whole       `logprob_chunk: 0`, no micro-batches: the (tokens, vocabulary) logits exist whole
   chunked     the default: the LM head in chunks
   micro       + `micro_batch_tokens` (default 1280: 8 of the 32 responses)
   micro+ckpt  + `activation_checkpointing: true`
 Printed: peak RSS and seconds, with ratios against `whole`, and the loss and gradient norm of each setting (the
-settings compute the same update: they agree to float rounding). The TRL side of issue 22's benchmark (its
-GRPOTrainer at equal work, and sweeps over length, responses and vocabulary) is not written yet.
+settings compute the same update: they agree to float rounding).
 """
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.throughput import QUICK, SMOLLM2  # noqa: E402
+from benchmarks.throughput import QUICK, SMOLLM2, TOKENIZER  # noqa: E402
 
 SETTINGS = {"whole": {"logprob_chunk": 0}, "chunked": {}, "micro": {"micro": True},
             "micro+ckpt": {"micro": True, "checkpointing": True}}
+# The sweep's points: (new tokens per response, prompts, vocabulary); 2 responses per prompt.
+POINTS = {"L32": (32, 16, 49152), "base": (128, 16, 49152), "L512": (512, 16, 49152), "N16": (128, 8, 49152),
+          "N64": (128, 32, 49152), "V151936": (128, 16, 151936)}
+QUICK_POINTS = {"base": (8, 4, 49152), "N16": (8, 8, 49152), "V151936": (8, 4, 151936)}
+OURS = {"defaults": [], "micro": ["--micro-batch-tokens", "2048"],
+        "micro+ckpt": ["--micro-batch-tokens", "2048", "--checkpointing"]}
 
 
 class VocabularyOnly:
@@ -96,14 +118,61 @@ def cpu_model() -> str:
         return platform.machine()
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="2-layer model, 4 prompts x 2 x 16 tokens")
-    parser.add_argument("--micro_batch_tokens", type=int, default=None, help="budget of the micro settings")
-    parser.add_argument("--vocab", type=int, default=49152, help="vocabulary size (SmolLM2: 49152; Qwen: 151936)")
-    parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--setting", choices=list(SETTINGS), help=argparse.SUPPRESS)   # the child process
-    args = parser.parse_args()
+def tokenizer_of_size(size: int, directory: str) -> str:
+    """SmolLM2's tokenizer grown to `size` entries with added tokens `<v0>`, `<v1>`, ... (what a random-init model
+    of that vocabulary samples decodes to them); its own path when `size` is its size."""
+    from modules.backbone import load_tokenizer
+
+    tok = load_tokenizer(TOKENIZER)
+    if size == len(tok):
+        return TOKENIZER
+    tok.add_tokens([f"<v{i}>" for i in range(size - len(tok))])
+    tok.save_pretrained(directory)
+    return directory
+
+
+def sweep(args) -> None:
+    points = QUICK_POINTS if args.quick else POINTS
+    names = args.points or list(points)
+    sides = ([("trl", [])] if _has_trl() else []) + [(f"ours {v}", OURS[v]) for v in args.ours]
+    if not _has_trl():
+        print("[memory] TRL is not installed (pip install -e '.[bench]'); measuring ours only", flush=True)
+    rows = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for name in names:
+            new_tokens, prompts, vocab = points[name]
+            tokenizer = tokenizer_of_size(vocab, os.path.join(tmp, f"tokenizer-{vocab}"))
+            for side, extra in sides:
+                out = os.path.join(tmp, "side.json")
+                command = [sys.executable, str(ROOT / "benchmarks/throughput.py"), "--side", side.split()[0],
+                           "--json", out, "--rollouts", "1", "--new-tokens", str(new_tokens), "--threads",
+                           str(args.threads), "--prompts", str(prompts), "--minibatch-prompts", str(prompts),
+                           "--epochs", "1", "--tokenizer", tokenizer] + extra + ["--quick"] * args.quick
+                if side == "trl":
+                    command.append("--trl-checkpointing")        # TRL's default
+                proc = subprocess.run(command, capture_output=True, text=True, cwd=ROOT,
+                                      env={**os.environ, "OMP_NUM_THREADS": str(args.threads)})
+                if proc.returncode != 0:
+                    sys.exit(f"error: {side} at point {name} failed:\n{proc.stderr[-3000:]}")
+                result = json.loads(Path(out).read_text())
+                rows[name, side] = {"peak_gb": result["peak_gb"], "seconds": result["seconds"][-1]}
+                print(f"[memory] {name} {side}: peak {result['peak_gb']:.2f} GB, "
+                      f"{['%.1f' % t for t in result['seconds']]} s per rollout", flush=True)
+    print(f"\nRL rollout + update, {'2-layer quick model' if args.quick else 'SmolLM2-135M shape'} (random init), "
+          f"GRPO k 2, one minibatch of all responses, fp32, {args.threads} threads, {cpu_model()}")
+    head = "| point | L | responses | vocabulary | " + " | ".join(f"{s} GB | {s} s" for s, _ in sides)
+    ratios = [s for s, _ in sides if s != "trl"] if any(s == "trl" for s, _ in sides) else []
+    head += "".join(f" | {s} / TRL memory | {s} / TRL time" for s in ratios) + " |"
+    print(head + "\n" + "|---" * (head.count("|") - 1) + "|")
+    for name in names:
+        new_tokens, prompts, vocab = points[name]
+        cells = [f"{rows[name, s]['peak_gb']:.2f} | {rows[name, s]['seconds']:.1f}" for s, _ in sides]
+        cells += [f"{rows[name, s]['peak_gb'] / rows[name, 'trl']['peak_gb']:.2f} | "
+                  f"{rows[name, s]['seconds'] / rows[name, 'trl']['seconds']:.2f}" for s in ratios]
+        print(f"| {name} | {new_tokens} | {2 * prompts} | {vocab:,} | " + " | ".join(cells) + " |")
+
+
+def settings(args) -> None:
     args.prompts, args.prompt_tokens, args.response_tokens = (4, 8, 16) if args.quick else (16, 32, 128)
     if args.micro_batch_tokens is None:
         args.micro_batch_tokens = 48 if args.quick else 1280
@@ -112,7 +181,7 @@ def main() -> None:
         return
     rows = {}
     for name in SETTINGS:
-        command = [sys.executable, __file__, "--setting", name, "--vocab", str(args.vocab), "--threads",
+        command = [sys.executable, __file__, "--settings", "--setting", name, "--vocab", str(args.vocab), "--threads",
                    str(args.threads), "--micro_batch_tokens", str(args.micro_batch_tokens)] + ["--quick"] * args.quick
         proc = subprocess.run(command, capture_output=True, text=True, cwd=ROOT)
         if proc.returncode != 0:
@@ -127,6 +196,27 @@ def main() -> None:
         print(f"{name:<12}{r['peak_gb']:>9.2f}{r['peak_gb'] / base['peak_gb']:>9.2f}{r['seconds']:>9.1f}"
               f"{r['seconds'] / base['seconds']:>9.2f}{r['micro_batches']:>7}{r['loss']:>14.6f}{r['grad_norm']:>14.6f}")
     print(f"(peak after building the models: {base['built_gb']:.2f} GB)")
+
+
+def _has_trl() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("trl") is not None
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="2-layer model, tiny workloads")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--points", nargs="*", help=f"sweep points (default all: {', '.join(POINTS)})")
+    parser.add_argument("--ours", nargs="*", default=["defaults", "micro+ckpt"], choices=list(OURS),
+                        help="our variants in the sweep")
+    parser.add_argument("--settings", action="store_true", help="one update under each memory setting instead")
+    parser.add_argument("--micro_batch_tokens", type=int, default=None, help="--settings: budget of the micro settings")
+    parser.add_argument("--vocab", type=int, default=49152, help="--settings: vocabulary size (Qwen: 151936)")
+    parser.add_argument("--setting", choices=list(SETTINGS), help=argparse.SUPPRESS)   # the child process
+    args = parser.parse_args()
+    settings(args) if args.settings else sweep(args)
 
 
 if __name__ == "__main__":

@@ -86,14 +86,16 @@ def run_ours(shape: dict, rollouts: int, args) -> dict:
                         "limit_train_batches": rollouts, "callbacks": [], "logger": False, "precision": args.precision,
                         "enable_checkpointing": False, "enable_progress_bar": False, "enable_model_summary": False},
             "model": {"init_args": {
-                "policy": {"pretrained": None, "lora": {"r": args.lora} if args.lora else None, "config": shape},
+                "policy": {"pretrained": None, "lora": {"r": args.lora} if args.lora else None, "config": shape,
+                           "activation_checkpointing": args.checkpointing},
                 "reward": {"class_path": "datamodules.task.GoldReward"},
                 "objective": {"class_path": "modules.objectives.grpo.GRPO",
-                              "init_args": {"k": K, "kl_coef": 0.04, "clip_eps": 0.2}},
-                "sampling": {"max_new_tokens": args.new_tokens}, "epochs": EPOCHS, "minibatch_groups": MINIBATCH_PROMPTS,
+                              "init_args": {"k": args.k, "kl_coef": 0.04, "clip_eps": 0.2}},
+                "sampling": {"max_new_tokens": args.new_tokens}, "epochs": args.epochs,
+                "minibatch_groups": args.minibatch_prompts, "micro_batch_tokens": args.micro_batch_tokens,
                 "optimizer": {"init_args": {"lr": 1e-6}}}},
-            "data": {"init_args": {"tokenizer": TOKENIZER, "batch_size": PROMPTS,
-                                   "source": {"init_args": {"num_train": PROMPTS * rollouts, "num_val": 8}}}},
+            "data": {"init_args": {"tokenizer": args.tokenizer, "batch_size": args.prompts,
+                                   "source": {"init_args": {"num_train": args.prompts * rollouts, "num_val": 8}}}},
         }, Path(tmp) / "ours.yaml")
         torch_threads(args)
         cli = cli_main(["--config", config], run=False)
@@ -111,7 +113,7 @@ def run_trl(shape: dict, rollouts: int, args) -> dict:
     from modules.backbone import load_tokenizer
 
     torch_threads(args)
-    tok = load_tokenizer(TOKENIZER)
+    tok = load_tokenizer(args.tokenizer)
     cfg = dict(shape)
     config = AutoConfig.for_model(cfg.pop("model_type"), vocab_size=len(tok), pad_token_id=tok.pad_token_id,
                                   eos_token_id=tok.eos_token_id, bos_token_id=tok.bos_token_id, **cfg)
@@ -120,8 +122,9 @@ def run_trl(shape: dict, rollouts: int, args) -> dict:
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     gold = GoldReward()
-    data = datasets.Dataset.from_list([{"prompt": [{"role": "user", "content": p}]} for p in prompts(PROMPTS * rollouts)])
-    steps_per_rollout = EPOCHS * (PROMPTS // MINIBATCH_PROMPTS)
+    data = datasets.Dataset.from_list([{"prompt": [{"role": "user", "content": p}]}
+                                       for p in prompts(args.prompts * rollouts)])
+    steps_per_rollout = args.epochs * (args.prompts // args.minibatch_prompts)
     marks: list[float] = []
 
     class Clock(TrainerCallback):
@@ -144,10 +147,12 @@ def run_trl(shape: dict, rollouts: int, args) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         model.save_pretrained(f"{tmp}/model")          # TRL builds its reference model from the model's path
         tok.save_pretrained(f"{tmp}/model")
-        config = GRPOConfig(output_dir=tmp, per_device_train_batch_size=MINIBATCH_PROMPTS * K, num_generations=K,
-                            steps_per_generation=PROMPTS // MINIBATCH_PROMPTS,   # generation batch: 16 responses
-                            num_iterations=EPOCHS, max_completion_length=args.new_tokens, learning_rate=1e-6, beta=0.04,
-                            temperature=1.0, top_p=1.0, top_k=0, gradient_checkpointing=False,
+        config = GRPOConfig(output_dir=tmp, per_device_train_batch_size=args.minibatch_prompts * args.k,
+                            num_generations=args.k,
+                            steps_per_generation=args.prompts // args.minibatch_prompts,   # one generation batch
+                            num_iterations=args.epochs, max_completion_length=args.new_tokens, learning_rate=1e-6,
+                            beta=0.04, temperature=1.0, top_p=1.0, top_k=0,
+                            gradient_checkpointing=args.trl_checkpointing,
                             use_cpu=args.device == "cpu",
                             bf16=args.precision == "bf16-mixed", fp16=False, max_steps=steps_per_rollout * rollouts,
                             logging_steps=10_000,
@@ -158,6 +163,17 @@ def run_trl(shape: dict, rollouts: int, args) -> dict:
                               processing_class=tok, callbacks=[Clock()], peft_config=peft_config)
         trainer.train()
     return {"seconds": [b - a for a, b in zip(marks, marks[1:])], "phases": []}
+
+
+def add_work_arguments(parser: argparse.ArgumentParser) -> None:
+    """The workload of one side's run, as `benchmarks/memory.py` varies it (hidden here: this script's table
+    describes its own fixed workload, PROMPTS x K responses, EPOCHS epochs over minibatches of MINIBATCH_PROMPTS)."""
+    for name, default in (("prompts", PROMPTS), ("k", K), ("minibatch-prompts", MINIBATCH_PROMPTS), ("epochs", EPOCHS),
+                          ("micro-batch-tokens", None)):
+        parser.add_argument(f"--{name}", type=int, default=default, help=argparse.SUPPRESS)
+    parser.add_argument("--tokenizer", default=TOKENIZER, help=argparse.SUPPRESS)
+    parser.add_argument("--checkpointing", action="store_true", help=argparse.SUPPRESS)       # ours
+    parser.add_argument("--trl-checkpointing", action="store_true", help=argparse.SUPPRESS)   # TRL's
 
 
 def torch_threads(args) -> None:
@@ -262,6 +278,7 @@ def main() -> None:
     parser.add_argument("--sides", nargs="*", default=["ours", "trl"], choices=["ours", "trl"])
     parser.add_argument("--side", choices=["ours", "trl"], help=argparse.SUPPRESS)
     parser.add_argument("--json", help=argparse.SUPPRESS)
+    add_work_arguments(parser)
     args = parser.parse_args()
     if args.quick:
         args.rollouts, args.alternations, args.new_tokens = 1, 1, 8

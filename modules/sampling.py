@@ -76,8 +76,9 @@ def sample(model, tokenizer, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor
     prompt-major (row i * K + k is the k-th sample for prompt i), tokens after the first EOS set to pad.
     `record_logprobs`: also fill `old_logp` (N, L) with the sampler's logprobs of the sampled tokens (0 after the
     response), which saves the pi_old forward pass.
-    `share_prompts` (K > 1, parameters not partitioned by DeepSpeed): each prompt's KV cache (all but its last token) is computed once and
-    repeated for its K samples instead of K times (`_prompt_cache`); `generate` continues from it.
+    `share_prompts` (K > 1, parameters not partitioned by DeepSpeed): each prompt's KV cache (all but its last
+    token) is computed once and repeated for its K samples instead of K times (`_prompt_cache`); `generate`
+    continues from it. A model sharded by FSDP2 is gathered for the duration (`modules.sharding.gathered`).
     """
     from transformers import GenerationConfig, LogitsProcessorList
 
@@ -132,10 +133,10 @@ def prepacked_linears(model, rows: int):
     (`tests/test_shortcuts.py`): fp32 weights compute in fp32; under CPU bf16 autocast the weights are packed in
     bf16 and inputs cast to bf16, as autocast's `linear` does; bf16 weights compute in bf16.
 
-    Applies only on CPU, when no parameter is partitioned (a sharded model is gathered while sampling) and every plain linear has fp32 (or bf16) weights; elsewhere (GPU,
-    fp16 autocast, CPUs without oneDNN bf16 for bf16 work) it changes nothing. bitsandbytes and other `nn.Linear`
-    subclasses keep their own forward. No autograd: generation only. Memory: a reordered copy of the linear weights
-    while it is active (tied embeddings included)."""
+    Applies only on CPU, when no parameter is partitioned (an FSDP2 model is gathered while sampling) and every
+    plain linear has fp32 (or bf16) weights; elsewhere (GPU, fp16 autocast, CPUs without oneDNN bf16 for bf16 work)
+    it changes nothing. bitsandbytes and other `nn.Linear` subclasses keep their own forward. No autograd:
+    generation only. Memory: a reordered copy of the linear weights while it is active (tied embeddings included)."""
     linears = [m for m in model.modules() if type(m) is torch.nn.Linear]
     dtype = _prepack_dtype(model, linears)
     if dtype is None:

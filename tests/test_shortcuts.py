@@ -298,8 +298,8 @@ def test_shared_prompt_rewards_equal_one_row_per_response(tokenizer, attention):
     scorer = build_scorer(BackboneSpec(config={**TINY_SHAPE, "attn_implementation": attention}), tokenizer).eval()
     ids, mask, _ = _grouped_rows(tokenizer)
     widths = []
-    scorer_head(scorer)[0].register_forward_pre_hook(lambda m, a, kw: widths.append(kw["input_ids"].shape[1]),
-                                                     with_kwargs=True)
+    scorer_head(scorer)[0].register_forward_pre_hook(
+        lambda m, a, kw: widths.append((kw["input_ids"] if "input_ids" in kw else a[0]).shape[1]), with_kwargs=True)
     with torch.no_grad():
         plain, shared = sequence_rewards(scorer, ids, mask), sequence_rewards(scorer, ids, mask, 5, 3)
     assert widths == [11, 18]                 # one row per response: P + L; packed: 18 real tokens, not P + K L = 23

@@ -163,15 +163,12 @@ def test_sft_and_reward_stages_resume_bit_exactly_after_a_mid_epoch_sigkill(tmp_
 
 
 @pytest.mark.slow
-def test_sigkill_mid_epoch_resume_is_bit_exact_under_two_process_ddp(tmp_path, sft_dir):
-    _resume_case(tmp_path, sft_dir, devices=2, interrupt="SIGKILL")
-
-
-@pytest.mark.slow
-def test_sigkill_mid_epoch_resume_is_bit_exact_under_two_process_fsdp2(tmp_path, sft_dir):
-    """FSDP2: the checkpoint holds the whole weights and optimizer state gathered on rank 0; resumed, each rank
-    takes its shards back."""
-    _resume_case(tmp_path, sft_dir, devices=2, interrupt="SIGKILL", strategy={"class_path": "modules.sharding.FSDP2Strategy"})
+def test_sigkill_mid_epoch_resume_is_bit_exact_under_two_processes_with_fsdp2(tmp_path, sft_dir):
+    """Two processes (every rank's sampling RNG and prompt shard restored, as under DDP, whose callbacks are the
+    same), FSDP2: the checkpoint holds the whole weights and optimizer state gathered on rank 0; resumed, each
+    rank takes its shards back."""
+    _resume_case(tmp_path, sft_dir, devices=2, interrupt="SIGKILL",
+                 strategy={"class_path": "modules.sharding.FSDP2Strategy"})
 
 
 # Errors a user can act on (issue 11, section 4).
