@@ -21,7 +21,7 @@ from datamodules.collate import PairCollator
 from modules import functional as F
 from modules.backbone import BackboneSpec, build_causal_lm, build_scorer, export_model, load_tokenizer
 from modules.sampling import SamplingConfig, sample
-from modules.scoring import sequence_rewards
+from modules.scoring import in_parts, micro_batch_ranges, sequence_rewards
 from modules.sharding import fsdp_mesh, shard
 
 STATS_FILE = "reward_stats.json"
@@ -75,12 +75,16 @@ class RewardModule(L.LightningModule):
         center_coef: weight of the reward-centering penalty (0 = off).
         calibration_policy: causal LM whose samples calibrate the reward (default: `backbone.pretrained`).
         calibration_prompts: held-out prompts used for calibration; sampling: how they are sampled.
+        micro_batch_tokens: score each batch in micro-batches of pairs with at most this many real tokens (chosen
+            + rejected), each recomputed in the backward (`modules.scoring.in_parts`): the activations of one
+            micro-batch at a time, one more forward each; the loss and gradient of the whole batch. None
+            (default): one pass.
     """
 
     def __init__(self, backbone: BackboneSpec, tokenizer: str, optimizer: OptimizerCallable = torch.optim.AdamW,
                  scheduler: LRSchedulerCallable | None = None, center_coef: float = 0.0,
                  calibration_policy: str | None = None, calibration_prompts: int = 128,
-                 sampling: SamplingConfig | None = None):
+                 sampling: SamplingConfig | None = None, micro_batch_tokens: int | None = None):
         super().__init__()
         self.save_hyperparameters()
         self.backbone, self.center_coef = backbone, center_coef
@@ -88,7 +92,7 @@ class RewardModule(L.LightningModule):
         self.tokenizer = load_tokenizer(tokenizer)
         self.calibration_policy = calibration_policy or backbone.pretrained
         self.calibration_prompts, self.sampling = calibration_prompts, sampling or SamplingConfig()
-        self.scorer = None
+        self.scorer, self.micro_batch_tokens = None, micro_batch_tokens
         self.calibration: dict | None = None
         self.val_accuracy, self.val_margin, self.val_rewards = BinaryAccuracy(), MeanMetric(), CatMetric()
 
@@ -97,10 +101,19 @@ class RewardModule(L.LightningModule):
             self.scorer = shard(build_scorer(self.backbone, self.tokenizer), fsdp_mesh(self))
 
     def pair_rewards(self, batch: PairBatch) -> tuple[torch.Tensor, torch.Tensor]:
-        """(r_chosen, r_rejected), each (B,), from one forward pass over the 2B sequences."""
-        ids, mask = stack_pair(batch.chosen, batch.rejected, self.tokenizer.pad_token_id)
-        rewards = sequence_rewards(self.scorer, ids, mask)          # (2B,)
-        return rewards.chunk(2)
+        """(r_chosen, r_rejected), each (B,), from one forward pass over the 2B sequences (one per micro-batch of
+        pairs with `micro_batch_tokens`)."""
+        ids, mask = stack_pair(batch.chosen, batch.rejected, self.tokenizer.pad_token_id)   # (2B, T)
+        B = len(ids) // 2
+        ranges = micro_batch_ranges(mask[:B].sum(-1) + mask[B:].sum(-1), self.micro_batch_tokens, self.scorer)
+
+        def pairs(chosen_ids, chosen_mask, rejected_ids, rejected_mask):            # (b, 2): r_chosen, r_rejected
+            rewards = sequence_rewards(self.scorer, torch.cat([chosen_ids, rejected_ids]),
+                                       torch.cat([chosen_mask, rejected_mask]))
+            return rewards.view(2, -1).T
+
+        rewards = in_parts(pairs, ranges, ids[:B], mask[:B], ids[B:], mask[B:])          # (B, 2)
+        return rewards[:, 0], rewards[:, 1]
 
     def training_step(self, batch: PairBatch, batch_idx: int) -> torch.Tensor:
         chosen, rejected = self.pair_rewards(batch)

@@ -9,7 +9,7 @@ import contextlib
 import torch
 
 from modules import functional as F
-from modules.sharding import is_partitioned
+from modules.sharding import is_partitioned, is_sharded
 
 
 def lm_logits(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, keep: int | torch.Tensor = 0,
@@ -77,6 +77,36 @@ def target_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.Tensor
     logp = head_logprobs(causal_lm_parts(model)[1], hidden[:, :-1][wanted], input_ids[:, 1:][wanted], temperature,
                          chunk)
     return logp.new_zeros(wanted.shape).masked_scatter(wanted, logp)                         # (B, T - 1)
+
+
+def micro_batch_ranges(tokens: torch.Tensor, budget: int | None, model) -> list[tuple[int, int]]:
+    """Consecutive row ranges of at most `budget` real tokens each (`tokens` (B,): each row's; a row over the
+    budget alone; `F.micro_batch_groups`), as many on every rank when `model` is sharded (every forward is then a
+    collective): the most any rank needs. `budget` None: one range of every row."""
+    if budget is None:
+        return [(0, len(tokens))]
+    count = len(F.micro_batch_groups(tokens, budget))
+    if is_sharded(model):
+        import torch.distributed as dist
+
+        most = torch.tensor(count, device=tokens.device)
+        dist.all_reduce(most, op=dist.ReduceOp.MAX)
+        count = int(most)
+    return F.micro_batch_groups(tokens, budget, count)
+
+
+def in_parts(fn, ranges: list[tuple[int, int]], *tensors: torch.Tensor) -> torch.Tensor:
+    """`fn` applied to the rows of `tensors` range by range, its outputs concatenated along rows. With gradients
+    on, each range runs checkpointed (`torch.utils.checkpoint`, non-reentrant): its activations are dropped after
+    its forward and recomputed, one range at a time, in the backward. So at most one range's activations exist at
+    once, for one more forward per range; values and gradients are those of `fn` on all rows at once, up to float
+    rounding (any loss computed on the concatenated output keeps its normalisers whole)."""
+    if len(ranges) == 1:
+        return fn(*tensors)
+    from torch.utils.checkpoint import checkpoint
+
+    run = (lambda *part: checkpoint(fn, *part, use_reentrant=False)) if torch.is_grad_enabled() else fn
+    return torch.cat([run(*(t[a:b] for t in tensors)) for a, b in ranges])
 
 
 def head_logprobs(head, hidden: torch.Tensor, labels: torch.Tensor, temperature: float = 1.0,

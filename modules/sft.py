@@ -9,7 +9,7 @@ from torchmetrics import MeanMetric
 from datamodules.batch import PairBatch
 from modules import functional as F
 from modules.backbone import BackboneSpec, build_causal_lm, export_model, load_tokenizer
-from modules.scoring import target_logprobs
+from modules.scoring import in_parts, micro_batch_ranges, target_logprobs
 from modules.sharding import fsdp_mesh, shard
 
 
@@ -27,15 +27,19 @@ class SFTModule(L.LightningModule):
         optimizer / scheduler: factories injected by the CLI (`scheduler` is stepped every optimizer step).
         logprob_chunk: tokens per LM-head chunk for the loss (`modules.scoring.head_chunk`): None (default) keeps
             each chunk's fp32 logits under 2**24 values; 0 computes the whole (tokens, vocabulary) logits at once.
+        micro_batch_tokens: run each batch's forward in micro-batches of rows with at most this many real tokens,
+            each recomputed in the backward (`modules.scoring.in_parts`): the activations of one micro-batch at a
+            time, one more forward each; the loss and gradient of the whole batch. None (default): one pass.
     """
 
     def __init__(self, backbone: BackboneSpec, tokenizer: str, optimizer: OptimizerCallable = torch.optim.AdamW,
-                 scheduler: LRSchedulerCallable | None = None, logprob_chunk: int | None = None):
+                 scheduler: LRSchedulerCallable | None = None, logprob_chunk: int | None = None,
+                 micro_batch_tokens: int | None = None):
         super().__init__()
         self.save_hyperparameters()
         self.backbone, self.tokenizer_path = backbone, tokenizer
         self.optimizer_factory, self.scheduler_factory = optimizer, scheduler
-        self.logprob_chunk = logprob_chunk
+        self.logprob_chunk, self.micro_batch_tokens = logprob_chunk, micro_batch_tokens
         self.tokenizer = load_tokenizer(tokenizer)
         self.policy = None
         self.val_loss = MeanMetric()
@@ -46,10 +50,13 @@ class SFTModule(L.LightningModule):
             self.policy = shard(build_causal_lm(self.backbone, self.tokenizer), fsdp_mesh(self))
 
     def loss(self, batch: PairBatch) -> torch.Tensor:
-        """Mean NLL of the response tokens; the LM head sees those positions alone, in chunks."""
+        """Mean NLL of the response tokens; the LM head sees those positions alone, in chunks; the rows in
+        micro-batches of `micro_batch_tokens`."""
         seq = batch.chosen
-        logp = target_logprobs(self.policy, seq.input_ids, seq.attention_mask, seq.loss_mask,
-                               chunk=self.logprob_chunk)                       # (B, T - 1)
+        ranges = micro_batch_ranges(seq.attention_mask.sum(-1), self.micro_batch_tokens, self.policy)
+        logp = in_parts(lambda ids, mask, targets: target_logprobs(self.policy, ids, mask, targets,
+                                                                   chunk=self.logprob_chunk),
+                        ranges, seq.input_ids, seq.attention_mask, seq.loss_mask)    # (B, T - 1)
         return F.response_only_nll(logp, seq.loss_mask)
 
     def training_step(self, batch: PairBatch, batch_idx: int) -> torch.Tensor:

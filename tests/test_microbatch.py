@@ -137,3 +137,46 @@ def test_a_token_level_reward_is_scored_per_micro_batch_and_checked_as_a_whole()
     roll.input_ids[5, 0] = 7
     with pytest.raises(RewardError, match=r"returned nan for response 5 of 8 \(prompt 'prompt 5'"):
         score(TokenReward(), roll, None, parts=parts)
+
+
+@pytest.mark.parametrize("stage", ["sft", "reward"])
+def test_sft_and_reward_micro_batches_give_the_whole_batch_loss_and_gradient(stage, sft_dir, tokenizer):
+    """`micro_batch_tokens` on the SFT and reward stages: 6 rows (pairs) of different lengths in parts of at most
+    30 real tokens; the loss and every gradient equal one pass over the batch (1e-5 relative), with one forward per
+    part and one recomputation per part in the backward (the activations of one part at a time)."""
+    from datamodules.collate import encode_response
+    from modules.reward import RewardModule
+    from modules.sft import SFTModule
+
+    rows = [{"prompt": p, "prompt_ids": encode_prompt(tokenizer, p), "chosen": c, "rejected": r,
+             "chosen_ids": encode_response(tokenizer, c), "rejected_ids": encode_response(tokenizer, r)}
+            for p, c, r in zip(PROMPTS, ["great .", "the room was clean and the staff kind .", "fun", "ok .",
+                                         "the view was lovely .", "too loud ."],
+                               ["bad .", "dirty .", "the animals looked sad and tired .", "meh", "no .", "fine ."])]
+    batch = PairCollator(tokenizer.pad_token_id)(rows)
+    results = {}
+    for budget in (None, 30):
+        torch.manual_seed(0)
+        if stage == "sft":
+            module = SFTModule(BackboneSpec(pretrained=sft_dir), sft_dir, micro_batch_tokens=budget)
+        else:
+            module = RewardModule(BackboneSpec(pretrained=sft_dir), sft_dir, micro_batch_tokens=budget)
+        module.configure_model()
+        model = module.policy if stage == "sft" else module.scorer
+        calls = []
+        model.register_forward_pre_hook(lambda m, a, calls=calls: calls.append(1))
+        if stage == "sft":
+            loss = module.loss(batch)
+        else:
+            chosen, rejected = module.pair_rewards(batch)
+            loss = F.bradley_terry_loss(chosen, rejected)
+        forwards = len(calls)
+        loss.backward()
+        results[budget] = (loss.detach(), [p.grad.clone() for p in model.parameters() if p.grad is not None],
+                           forwards, len(calls) - forwards)
+    (plain, plain_grads, plain_fw, plain_re), (micro, micro_grads, micro_fw, micro_re) = results[None], results[30]
+    assert (plain_fw, plain_re) == (1, 0) and micro_fw >= 3 and micro_re == micro_fw
+    assert torch.allclose(micro, plain, rtol=1e-5, atol=0)
+    assert len(micro_grads) == len(plain_grads) > 0
+    for a, b in zip(micro_grads, plain_grads):
+        assert (a - b).abs().max() <= 1e-5 * b.abs().max()

@@ -132,8 +132,8 @@ def _exported_params(directory: str, scorer: bool = False) -> torch.Tensor:
 # Each case: (stage, tiny config overrides, compared with DDP). SFT and the reward stage run FSDP2 alone: the
 # sharded gradients of a causal LM and a scorer equal the whole model's (the test above).
 CASES = {
-    "sft": ("sft", {}, False),
-    "reward": ("reward", {}, False),
+    "sft": ("sft", {"micro_batch_tokens": 40}, False),
+    "reward": ("reward", {"micro_batch_tokens": 60}, False),
     "p3o": ("rl", {"micro_batch_tokens": 40}, True),
     "ppo": ("rl", {}, True),
     "p3o_lora": ("rl", {"policy": {"lora": {"r": 4, "lora_alpha": 8}}}, True),
@@ -144,8 +144,8 @@ CASES = {
 @pytest.mark.parametrize("case", list(CASES))
 def test_fsdp2_trains_like_ddp_and_exports_whole_weights(tmp_path, sft_dir, case):
     """A run on 2 CPU processes under FSDP2 (every model sharded: policy, reference, value, the reward stage's
-    scorer; LoRA adapters over a sharded base; P3O with micro-batches of at most 40 tokens, whose count the ranks
-    agree on): each rank trains on its own prompts and both end with the same weights. The RL runs equal the same
+    scorer; LoRA adapters over a sharded base; SFT, reward and P3O in micro-batches, whose count the ranks agree
+    on): each rank trains on its own prompts and both end with the same weights. The RL runs equal the same
     run under DDP within 1e-6 (float rounding of a reduce-scatter instead of an all-reduce), evaluation included.
     The FSDP2 export, gathered on rank 0, loads with plain transformers and holds exactly the trained weights
     (LoRA merged: compared with DDP's export)."""
@@ -163,7 +163,7 @@ def test_fsdp2_trains_like_ddp_and_exports_whole_weights(tmp_path, sft_dir, case
         else:
             config = tiny_stage_config(tmp_path, stage, sft_dir, f"{name}.yaml", callbacks, devices=2,
                                        strategy=strategy, limit_train_batches=3)
-        _train(config)
+        _train(config, *(f"--model.init_args.{k}={v}" for k, v in model.items() if stage != "rl"))
         digests[name] = _digests(tmp_path / name)
     fsdp2 = digests["fsdp2"]
     assert fsdp2[0]["prompts"] != fsdp2[1]["prompts"]                       # each rank its own shard of prompts
