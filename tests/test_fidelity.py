@@ -1,4 +1,4 @@
-"""Each objective against its reference implementation, item by item (issue 12), on literal tensors.
+"""Each objective against its reference implementation, item by item, on literal tensors.
 
 The expected numbers are worked out in each docstring. Sequences have one token unless a mask says otherwise,
 so a sequence logprob equals its token logprob.
@@ -209,7 +209,7 @@ def test_p3o_v2_loss_is_the_authors_shifted_by_a_constant():
     assert torch.allclose(g.view(-1), logp.grad, atol=1e-6)
 
 
-# P3O with K responses per prompt (issue 13, section 3).
+# P3O with K responses per prompt.
 
 def test_group_pairs_for_k_2_are_the_consecutive_pairs_and_for_k_3_every_pair():
     assert [t.tolist() for t in group_pairs(4, 2)] == [[0, 2], [1, 3]]

@@ -1,4 +1,4 @@
-"""Shift invariance (issue 13 section 1): the per-prompt shift wrapper, and P3O vs PPO trained end to end on a
+"""Shift invariance: the per-prompt shift wrapper, and P3O vs PPO trained end to end on a
 reward shifted per prompt."""
 import pytest
 import torch

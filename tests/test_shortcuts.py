@@ -1,4 +1,4 @@
-"""Work reductions (issue 14) keep the maths: each shortcut against the computation it replaces."""
+"""Work reductions keep the maths: each shortcut against the computation it replaces."""
 import pytest
 import torch
 

@@ -1,6 +1,6 @@
-"""Runs either do what they say or stop and say why (issue 11): rewards checked where they enter, non-finite
+"""Runs either do what they say or stop and say why: rewards checked where they enter, non-finite
 numbers never reach the weights, checkpoints on a cadence that fires, exact mid-epoch resume (also after
-SIGKILL, under DDP, and after Ctrl-C)."""
+SIGKILL, on 2 processes under FSDP2, and after Ctrl-C)."""
 import json
 import os
 import subprocess
@@ -171,7 +171,7 @@ def test_sigkill_mid_epoch_resume_is_bit_exact_under_two_processes_with_fsdp2(tm
                  strategy={"class_path": "modules.sharding.FSDP2Strategy"})
 
 
-# Errors a user can act on (issue 11, section 4).
+# Errors a user can act on.
 
 def test_a_missing_export_is_one_line_naming_the_field_and_the_command_that_makes_it(tmp_path):
     env = {**os.environ, "PYTHONPATH": os.getcwd()}
