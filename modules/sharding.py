@@ -24,19 +24,22 @@ import torch
 from lightning.pytorch.strategies import ModelParallelStrategy
 from torch import nn
 
+from modules.checks import ConfigError
 
-class ShardingError(ValueError):
-    """A configuration that the sharded path cannot run (one line, before anything is built)."""
+
+class ShardingError(ConfigError):
+    """A configuration that the sharded path cannot run (`train.py` prints it as one line, before training)."""
 
 
 class FSDP2Strategy(ModelParallelStrategy):
     """Lightning's `ModelParallelStrategy` as FSDP2 alone: every process in the data-parallel dimension (each
     rank its own share of the prompts), tensor parallel size 1, and checkpoints written as one file on rank 0
-    (the whole weights and optimizer state, which `--ckpt_path` resumes exactly, on any number of processes).
+    (the whole weights and optimizer state; `--ckpt_path` resumes it exactly with the same number of processes,
+    tested with 2).
 
     Args:
-        save_distributed_checkpoint: write a folder with one shard per rank instead of one file (faster for
-            models too large to gather on one rank; resumed only with the same number of processes).
+        save_distributed_checkpoint: write a folder with one shard per rank instead of one file (for models too
+            large to gather on one rank; not tested here).
         process_group_backend: `nccl` on GPUs and `gloo` on CPU by default.
     """
 
