@@ -76,7 +76,7 @@ def shard(model: nn.Module, mesh) -> nn.Module:
         return model
     from torch.distributed.fsdp import fully_shard
 
-    if any(getattr(m, "quantization_method", None) or getattr(m, "is_loaded_in_4bit", False) for m in model.modules()):
+    if any(type(m).__name__ in ("Linear4bit", "Linear8bitLt") for m in model.modules()):
         raise ShardingError("FSDP2 cannot shard 4-bit / 8-bit (bitsandbytes) weights: drop `quantization` from the "
                             "backbone, or train QLoRA on one device")
     layers = {name for m in model.modules() for name in (getattr(m, "_no_split_modules", None) or ())}

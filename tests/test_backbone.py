@@ -109,6 +109,10 @@ def test_4bit_loading_runs_forward_and_backward_with_lora(tokenizer, tmp_path):
     loss = model(input_ids=torch.tensor([[4, 5, 6, 7]]), labels=torch.tensor([[4, 5, 6, 7]])).loss
     loss.backward()
     assert any(p.grad is not None for n, p in model.named_parameters() if "lora_" in n)
+    from modules.sharding import ShardingError, shard
+
+    with pytest.raises(ShardingError, match="FSDP2 cannot shard 4-bit / 8-bit"):     # refused before any FSDP2 call
+        shard(model, mesh=object())
 
 
 @pytest.mark.skipif(importlib.util.find_spec("bitsandbytes") is None, reason="bitsandbytes not installed")
