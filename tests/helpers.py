@@ -7,7 +7,7 @@ import lightning as L
 import torch
 import yaml
 
-from train import derive_config
+from train import derive_config, merge_config
 
 
 def derived_config(source: str, tmp_path: Path, override: dict, name: str = "config.yaml") -> str:
@@ -19,7 +19,7 @@ def tiny_rl_config(tmp_path: Path, sft_dir: str, source: str = "configs/quicksta
                    extra_callbacks: list | None = None, checkpoint: dict | None = None, model: dict | None = None,
                    **trainer) -> str:
     """The quickstart RL config shrunk to seconds: a tiny SFT export, the gold reward, 16 prompts.
-    `checkpoint` updates the StepCheckpoint's init_args; `model` is merged into model.init_args."""
+    `checkpoint` updates the StepCheckpoint's init_args; `model` is deep-merged into model.init_args."""
     config = yaml.safe_load(Path(source).read_text())
     callbacks = [cb for cb in config["trainer"]["callbacks"] if not cb["class_path"].endswith("HFExport")]
     callbacks += extra_callbacks or []
@@ -32,10 +32,10 @@ def tiny_rl_config(tmp_path: Path, sft_dir: str, source: str = "configs/quicksta
         "trainer": {"max_steps": -1, "max_epochs": 1, "callbacks": callbacks, "log_every_n_steps": 1,
                     "enable_progress_bar": False, "enable_model_summary": False,
                     "logger": {"init_args": {"save_dir": str(tmp_path / "runs")}}, **trainer},
-        "model": {"init_args": {"policy": {"pretrained": sft_dir},
-                                "reward": {"class_path": "datamodules.task.GoldReward"},
-                                "sampling": {"max_new_tokens": 8}, "epochs": 2, "minibatch_groups": 2,
-                                **(model or {})}},
+        "model": {"init_args": merge_config({"policy": {"pretrained": sft_dir},
+                                             "reward": {"class_path": "datamodules.task.GoldReward"},
+                                             "sampling": {"max_new_tokens": 8}, "epochs": 2, "minibatch_groups": 2},
+                                            model or {})},
         "data": {"init_args": {"tokenizer": sft_dir, "batch_size": 4,
                                "source": {"init_args": {"num_train": 16, "num_val": 8,
                                                         "cache_dir": str(tmp_path / "tok")}}}},
