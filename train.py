@@ -25,11 +25,12 @@ from callbacks.export import ExportError, HFExport
 from datamodules.sources import DataError
 from modules.checks import ConfigError, config_problem, config_warnings
 from modules.rewards import RewardError
+from modules.engines import SamplerMismatchError
 from modules.rl import NonFiniteError
 
 log = logging.getLogger("train")
 # Errors at a boundary the user controls; their message is the whole story (`main` prints it as one line).
-USER_ERRORS = (ConfigError, DataError, ExportError, RewardError, NonFiniteError)
+USER_ERRORS = (ConfigError, DataError, ExportError, RewardError, NonFiniteError, SamplerMismatchError)
 
 
 class RLHFCLI(LightningCLI):

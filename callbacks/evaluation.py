@@ -111,7 +111,7 @@ class Evaluation(L.Callback):
         collated = PairCollator(tok.pad_token_id)(examples)
         ids, mask = collated.prompt_ids.to(pl_module.device), collated.prompt_mask.to(pl_module.device)
         config = self.sampling or getattr(pl_module, "sampling", None) or SamplingConfig()
-        roll = sample(pl_module.policy, tok, ids, mask, collated.prompts, config)
+        roll = _generate(pl_module)(pl_module.policy, tok, ids, mask, collated.prompts, config)
         out = {"val/length": roll.response_mask.sum(-1).float().mean().item(),
                "val/eos_rate": roll.has_eos.float().mean().item()}
         gold = self._gold(collated.prompts, roll.responses)
@@ -137,7 +137,7 @@ class Evaluation(L.Callback):
         logp = F.sequence_logprobs(pl_module.logprobs(pl_module.policy, roll, T), roll.response_mask)
         with pl_module.reference_model() as ref:
             ref_logp = F.sequence_logprobs(pl_module.logprobs(ref, roll, T), roll.response_mask)
-            ref_roll = sample(ref, pl_module.tokenizer, ids, mask, prompts, config)
+            ref_roll = _generate(pl_module)(ref, pl_module.tokenizer, ids, mask, prompts, config)
         if gold is not None:
             ours, theirs = gold, self._gold(prompts, ref_roll.responses)
         else:
@@ -214,3 +214,10 @@ def _log_text_and_figure(logger, rows, history, step) -> None:
     fig.tight_layout()
     experiment.add_figure("val/frontier", fig, step)
     plt.close(fig)
+
+
+def _generate(pl_module):
+    """The stage's generation engine (the RL module's `engine`: evaluation samples as training does), else our
+    sampler."""
+    engine = getattr(pl_module, "engine", None)
+    return sample if engine is None else engine.generate

@@ -8,6 +8,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from modules.functional import sequence_weight
+
 
 @dataclass
 class Rollout:
@@ -29,6 +31,8 @@ class Rollout:
     old_logp: torch.Tensor | None = None     # (N, L) per-token logprobs under pi_old
     ref_logp: torch.Tensor | None = None     # (N, L) per-token logprobs under pi_ref
     values: torch.Tensor | None = None       # (N, L) value estimates (objectives with needs_values)
+    sampler_logp: torch.Tensor | None = None  # (N, L) the engine's own logprobs, kept when pi_old is a forward's
+    sampler_weights: torch.Tensor | None = None  # (N, L) mismatch correction pi_old / pi_sampler (engine.correction)
     timings: dict[str, float] = field(default_factory=dict)  # perf/* seconds spent building it
 
     def __len__(self) -> int:
@@ -45,7 +49,7 @@ class Rollout:
         return Rollout(self.input_ids[rows], self.attention_mask[rows], self.response_mask[rows], self.prompt_length,
                        self.group_size, [self.prompts[i] for i in idx], [self.responses[i] for i in idx],
                        self.has_eos[rows], take(self.rewards), take(self.old_logp), take(self.ref_logp),
-                       take(self.values))
+                       take(self.values), take(self.sampler_logp), take(self.sampler_weights))
 
 
 @dataclass
@@ -64,6 +68,15 @@ class ObjectiveInput:
     extra: dict[str, torch.Tensor] = field(default_factory=dict)  # per-row tensors from `Objective.prepare`
     max_new_tokens: int | None = None        # the sampler's response budget (Dr. GRPO's constant normaliser)
     tokens_per_rank: float | None = None     # response tokens of this update's minibatch, mean over ranks (DAPO)
+    sampler_weights: torch.Tensor | None = None  # (N, L) detached pi_old / pi_sampler weights (engine.correction)
+
+    def token_weights(self) -> torch.Tensor | float:
+        """(N, L) mismatch-correction weights of each token's policy loss; 1.0 without a correction."""
+        return 1.0 if self.sampler_weights is None else self.sampler_weights
+
+    def sequence_weights(self) -> torch.Tensor | float:
+        """(N,) mismatch-correction weight of each response (`functional.sequence_weight`); 1.0 without one."""
+        return 1.0 if self.sampler_weights is None else sequence_weight(self.sampler_weights, self.mask)
 
 
 @dataclass

@@ -327,3 +327,46 @@ def clipped_surrogate(log_ratio: torch.Tensor, advantages: torch.Tensor, eps: fl
     if dual_clip is not None:
         surrogate = torch.where(advantages < 0, torch.max(surrogate, dual_clip * advantages), surrogate)
     return surrogate
+
+
+def mismatch_weights(old_logp: torch.Tensor, sampler_logp: torch.Tensor, mask: torch.Tensor, level: str = "sequence",
+                     mode: str = "mask", low: float | None = None, high: float | None = 3.0) -> torch.Tensor:
+    """Importance weights of the sampler/trainer gap, pi_old / pi_sampler, bounded (TRL 1.16's
+    `vllm_importance_sampling_mode`, veRL's rollout IS). All (N, L); returns (N, L), 0 outside `mask`.
+
+    d_t = (old_t - sampler_t) m_t. 'token': w_t = exp(d_t); 'sequence': w = exp(sum_t d_t) on every token of the row.
+    'truncate': clamp(w, low, high); 'mask': w where low <= w <= high, else 0. None = no bound on that side.
+
+    Example: old = [[-1.0, -2.0]], sampler = [[-1.5, -1.0]], mask = [[1, 1]], high = 3:
+      d = [0.5, -1.0]; token: w = [e^0.5, e^-1] = [1.6487, 0.3679] (both kept, truncate or mask);
+      sequence: w = e^-0.5 = 0.6065 on both tokens. With high = 1.5, token/truncate gives [1.5, 0.3679] and
+      token/mask [0, 0.3679]; with sequence d = [2.0, 0.0] (w = e^2 = 7.389), truncate 3 gives 3, mask gives 0.
+    """
+    if level not in ("token", "sequence"):
+        raise ValueError(f"mismatch_weights: level must be 'token' or 'sequence', got {level!r}")
+    mask = mask.to(old_logp.dtype)
+    diff = (old_logp - sampler_logp) * mask                                          # (N, L)
+    log_w = diff if level == "token" else diff.sum(-1, keepdim=True).expand_as(diff)
+    w = log_w.exp()
+    if mode == "truncate":
+        w = w.clamp(min=low, max=high)
+    elif mode == "mask":
+        keep = torch.ones_like(w, dtype=torch.bool)
+        if low is not None:
+            keep &= w >= low
+        if high is not None:
+            keep &= w <= high
+        w = w * keep
+    else:
+        raise ValueError(f"mismatch_weights: mode must be 'truncate' or 'mask', got {mode!r}")
+    return w * mask
+
+
+def sequence_weight(token_weights: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """One weight per response from per-token weights: their mean over the response (for sequence-level weights,
+    which are equal on every token, that weight itself). (N, L) -> (N,); an empty response gets 1.
+
+    Example: weights [[0.5, 1.5, 0], [0, 0, 0]], mask [[1, 1, 0], [0, 0, 0]] -> [1.0, 1.0]."""
+    mask = mask.to(token_weights.dtype)
+    count = mask.sum(-1)
+    return torch.where(count > 0, masked_sum(token_weights, mask, -1) / count.clamp(min=1), torch.ones_like(count))

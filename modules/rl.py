@@ -32,10 +32,11 @@ from modules.backbone import (
 )
 from modules.batch import ObjectiveInput, ObjectiveOutput, Rollout
 from modules.checks import ConfigError
+from modules.engines import Engine, Sampler, SamplerMismatchError
 from modules.objectives.base import Objective
 from modules.rewards import RewardModel, qualified_name
 from modules.rewards import score as score_rewards
-from modules.sampling import SamplingConfig, sample
+from modules.sampling import SamplingConfig
 from modules.scoring import response_logprobs, token_scores
 from modules.sharding import fsdp_mesh, is_sharded, shard
 
@@ -100,6 +101,11 @@ class RLModule(L.LightningModule):
             accumulates the exact gradient of the whole minibatch's loss (`backward_minibatch`): the objective's
             normalisers are the minibatch's, at the cost of one more forward per micro-batch. None (default): one
             pass per rollout and per minibatch.
+        engine: what generates the rollouts and the evaluation samples (`modules.engines`): `Sampler` (default,
+            our sampler over the policy) or `VLLM` (colocated vLLM, weights pushed before every generation). With an
+            engine whose logprobs are not the trainer's, pi_old comes from a forward pass (unless `old_logprobs:
+            sampler`), `train/sampler_logprob_diff` is logged and checked against `engine.max_logprob_diff`, and
+            `engine.correction` weights every objective's policy loss by pi_old / pi_sampler.
         logprob_chunk: tokens per LM-head chunk in every logprob pass (policy, reference, evaluation;
             `modules.scoring.head_chunk`): None (default) keeps each chunk's fp32 logits under 2**24 values, so the
             (tokens, vocabulary) logits never exist whole; 0 computes them whole. Exact up to float rounding.
@@ -111,9 +117,9 @@ class RLModule(L.LightningModule):
                  max_grad_norm: float | None = 1.0, missing_eos_penalty: float | None = None, seed: int = 0,
                  value_model: BackboneSpec | None = None, nonfinite_reward: float | None = None,
                  old_logprobs: str = "auto", share_prompts: bool = True, logprob_chunk: int | None = None,
-                 micro_batch_tokens: int | None = None):
+                 micro_batch_tokens: int | None = None, engine: Engine | None = None):
         super().__init__()
-        self.save_hyperparameters(ignore=["reward", "objective"])
+        self.save_hyperparameters(ignore=["reward", "objective", "engine"])
         self.automatic_optimization = False
         self.policy_spec, self.reward, self.objective = policy, reward, objective
         self.tokenizer = load_tokenizer(tokenizer)
@@ -126,6 +132,7 @@ class RLModule(L.LightningModule):
             raise ValueError(f"RLModule: old_logprobs={old_logprobs!r}; expected one of {OLD_LOGPROBS}")
         self.old_logprobs, self.share_prompts, self.logprob_chunk = old_logprobs, share_prompts, logprob_chunk
         self.micro_batch_tokens = micro_batch_tokens
+        self.engine = engine or Sampler()
         self.policy = self.reference = self.value = None
         self.rollout: Rollout | None = None
 
@@ -145,6 +152,9 @@ class RLModule(L.LightningModule):
         # A frozen reward model built by the CLI is a plain submodule that a strategy may leave where it was built
         # (FSDP2 has sharded it onto the device in `configure_model`).
         device = self.trainer.strategy.root_device
+        if not isinstance(self.engine, Sampler) and self.trainer.world_size > 1:
+            raise ConfigError(f"engine: {type(self.engine).__name__} runs in single-process training for now; with "
+                              f"{self.trainer.world_size} processes use the default engine (modules.engines.Sampler)")
         if isinstance(self.reward, torch.nn.Module) and any(p.device != device for p in self.reward.parameters()):
             self.reward.to(device)
 
@@ -159,8 +169,11 @@ class RLModule(L.LightningModule):
 
     @property
     def logprobs_from_sampler(self) -> bool:
+        """Whether pi_old is the sampler's recorded logprobs (no forward pass); see `old_logprobs`."""
         if self.old_logprobs != "auto":
             return self.old_logprobs == "sampler"
+        if not self.engine.exact:
+            return False
         precision = str(self.trainer.precision) if self._trainer is not None else "32-true"
         return precision in ("32-true", "32", "64-true", "64")
 
@@ -220,13 +233,17 @@ class RLModule(L.LightningModule):
     def make_rollout(self, batch: PairBatch) -> Rollout:
         """Sample K responses per prompt, score them, and record pi_old / pi_ref logprobs (and timings)."""
         t0 = time.perf_counter()
-        roll = sample(self.policy, self.tokenizer, batch.prompt_ids, batch.prompt_mask, batch.prompts,
-                      self.sampling, self.objective.responses_per_prompt, record_logprobs=self.logprobs_from_sampler,
-                      share_prompts=self.share_prompts)
+        from_sampler = self.logprobs_from_sampler
+        roll = self.engine.generate(self.policy, self.tokenizer, batch.prompt_ids, batch.prompt_mask, batch.prompts,
+                                    self.sampling, self.objective.responses_per_prompt,
+                                    record_logprobs=from_sampler or not self.engine.exact,
+                                    share_prompts=self.share_prompts)
         t1 = time.perf_counter()
         roll.rewards = self.score(roll)
-        if roll.old_logp is None:
-            roll.old_logp = self.logprobs(self.policy, roll)
+        if not from_sampler:
+            roll.sampler_logp, roll.old_logp = roll.old_logp, self.logprobs(self.policy, roll)
+        if roll.sampler_logp is not None:
+            self.check_sampler(roll)
         with self.reference_model() as ref:
             roll.ref_logp = self.logprobs(ref, roll)
         if self.value is not None:
@@ -236,12 +253,34 @@ class RLModule(L.LightningModule):
                              "perf/tokens_per_s": tokens / max(t1 - t0, 1e-9)})
         return roll
 
+    def check_sampler(self, roll: Rollout) -> None:
+        """The sampler/trainer gap of a rollout whose pi_old is a forward pass: `train/sampler_logprob_diff` (mean
+        |sampler - trainer| logprob over response tokens), the run stopped (every rank at once) above
+        `engine.max_logprob_diff`, and the mismatch weights of `engine.correction` (their mean and the fraction
+        masked to 0 logged as `train/sampler_weight_mean` / `train/sampler_weight_zero`)."""
+        mask = roll.response_mask
+        diff = F.masked_mean((roll.sampler_logp - roll.old_logp).abs(), mask)
+        roll.timings["train/sampler_logprob_diff"] = float(diff)
+        limit = self.engine.max_logprob_diff
+        fine = limit is None or bool(diff <= limit)
+        if self._trainer is not None:
+            fine = self.trainer.strategy.reduce_boolean_decision(fine, all=True)
+        if not fine:
+            raise SamplerMismatchError(
+                f"engine {type(self.engine).__name__}: the sampler's logprobs differ from the trainer's by {float(diff):.4g} "
+                f"per token on average (max_logprob_diff={limit}) at step {self.global_step}: its weights are not the "
+                "policy's (a stale or incomplete push); stopped before training on its samples")
+        if self.engine.correction is not None:
+            roll.sampler_weights = self.engine.correction.weights(roll.old_logp, roll.sampler_logp, mask)
+            roll.timings["train/sampler_weight_mean"] = float(F.masked_mean(roll.sampler_weights, mask))
+            roll.timings["train/sampler_weight_zero"] = float(F.masked_mean((roll.sampler_weights == 0).float(), mask))
+
     def objective_input(self, roll: Rollout, logp: torch.Tensor, extra: dict, values=None,
                         tokens_per_rank: float | None = None) -> ObjectiveInput:
         return ObjectiveInput(logp=logp, old_logp=roll.old_logp, ref_logp=roll.ref_logp, mask=roll.response_mask,
                               rewards=roll.rewards, group_size=roll.group_size, values=values,
                               old_values=roll.values, extra=extra, max_new_tokens=self.sampling.max_new_tokens,
-                              tokens_per_rank=tokens_per_rank)
+                              tokens_per_rank=tokens_per_rank, sampler_weights=roll.sampler_weights)
 
     def minibatches(self, roll: Rollout) -> list[torch.Tensor]:
         """Row indices of each minibatch for one epoch: whole groups, shuffled by (seed, step)."""

@@ -102,11 +102,19 @@ def sample(model, tokenizer, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor
                                      logits_processor=LogitsProcessorList([draw]), synced_gpus=partitioned)  # (N, P + L')
     finally:
         model.train(was_training)
-    P = ids.shape[1]
-    response = out[:, P:]                                        # (N, L')
+    response = out[:, ids.shape[1]:]                             # (N, L')
+    picked = draw.result(response) if record_logprobs else None   # (N, L') of the tokens as drawn
+    return rollout_of(ids, mask, response, prompts, num_samples, tokenizer, picked)
+
+
+def rollout_of(ids: torch.Tensor, mask: torch.Tensor, response: torch.Tensor, prompts: list[str], num_samples: int,
+               tokenizer, picked: torch.Tensor | None = None) -> Rollout:
+    """The `Rollout` of generated tokens, whatever engine drew them: `ids` / `mask` (N, P) the left-padded prompts
+    (each repeated for its samples), `response` (N, L) the tokens drawn (anything after the first EOS is ignored),
+    `prompts` one text per prompt, `picked` (N, L) the engine's logprob of each drawn token (or None). Tokens after
+    the first EOS become pad, their mask and logprobs 0; `responses` holds the decoded texts."""
     if response.shape[1] == 0:                                   # max_new_tokens = 0
-        response = out.new_full((out.shape[0], 1), tokenizer.pad_token_id)
-    picked = draw.result(response) if record_logprobs else None   # (N, L) of the tokens as drawn
+        response = response.new_full((response.shape[0], 1), tokenizer.pad_token_id)
     resp_mask = F.response_mask(response, tokenizer.eos_token_id)  # (N, L)
     response = torch.where(resp_mask.bool(), response, torch.full_like(response, tokenizer.pad_token_id))
     texts = tokenizer.batch_decode(response * resp_mask + (1 - resp_mask) * tokenizer.pad_token_id,
@@ -115,13 +123,18 @@ def sample(model, tokenizer, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor
         input_ids=torch.cat([ids, response], 1),                 # (N, P + L)
         attention_mask=torch.cat([mask, resp_mask], 1),          # (N, P + L)
         response_mask=resp_mask,
-        prompt_length=P,
+        prompt_length=ids.shape[1],
         group_size=num_samples,
         prompts=[p for p in prompts for _ in range(num_samples)],
         responses=[t.strip() for t in texts],
         has_eos=F.has_eos(response, tokenizer.eos_token_id),
-        old_logp=None if picked is None else picked * resp_mask,
+        old_logp=None if picked is None else _fit(picked, response.shape[1]) * resp_mask,
     )
+
+
+def _fit(x: torch.Tensor, length: int) -> torch.Tensor:
+    """(N, L) -> (N, length): cut, or padded with zeros on the right."""
+    return torch.nn.functional.pad(x[:, :length], (0, max(0, length - x.shape[1])))
 
 
 @contextlib.contextmanager

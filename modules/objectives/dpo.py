@@ -43,6 +43,10 @@ class OnlineDPO(Objective):
             keep = torch.ones_like(losses)
         else:
             losses, keep = -TF.logsigmoid(margin), (sign != 0).float()
+        weight = batch.sequence_weights()                                # (N,) or 1.0: engine mismatch correction
+        if torch.is_tensor(weight):
+            w1, w2 = pair_view(weight)
+            losses = losses * w1 * w2
         loss = F.masked_mean(losses, keep)
         return ObjectiveOutput(loss, {
             "loss": loss.detach(), "margin": F.masked_mean(margin.detach(), keep),

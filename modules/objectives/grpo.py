@@ -86,7 +86,7 @@ class GRPO(Objective):
         log_ratio = batch.logp - batch.old_logp                                             # (N, L)
         surrogate = F.clipped_surrogate(log_ratio, adv, self.clip_eps, self.dual_clip)      # (N, L)
         kl = F.kl_penalty(batch.logp, batch.ref_logp, "k3")                                 # (N, L)
-        per_token = -(surrogate - self.kl_coef * kl)
+        per_token = -(surrogate * batch.token_weights() - self.kl_coef * kl)            # TRL: IS weights the PG term
         loss = aggregate(per_token, batch.mask, self.loss_type, batch.max_new_tokens, batch.tokens_per_rank)
         ratio = log_ratio.detach().exp()
         return ObjectiveOutput(loss, {

@@ -131,6 +131,9 @@ class P3O(Objective):
             objective, clipped = p3o_v1_terms(delta, logp[i] - old[i], logp[j] - old[j], self.clip_eps, self.is_cap)
         else:
             objective, clipped = p3o_v2_terms(delta, logp[i], logp[j], old[i], old[j], self.clip_eps, self.is_cap)
+        weight = batch.sequence_weights()                                  # (N,) or 1.0: engine mismatch correction
+        if torch.is_tensor(weight):
+            objective = objective * weight[i] * weight[j]                  # a pair is weighted by both responses'
         if self.avg_tokenwise:
             loss = -2 * objective.sum() / ((K - 1) * batch.mask.sum().clamp(min=1))
         else:

@@ -92,7 +92,7 @@ class PPO(Objective):
     def forward(self, batch: ObjectiveInput) -> ObjectiveOutput:
         adv, returns, mask = batch.extra["advantages"], batch.extra["returns"], batch.mask
         log_ratio = batch.logp - batch.old_logp                                         # (N, L)
-        pg = -F.clipped_surrogate(log_ratio, adv, self.clip_eps, self.dual_clip)
+        pg = -F.clipped_surrogate(log_ratio, adv, self.clip_eps, self.dual_clip) * batch.token_weights()
         ratio = log_ratio.detach().exp()
         v, v_old = batch.values, batch.old_values
         v_clipped = v_old + (v - v_old).clamp(-self.value_clip, self.value_clip)

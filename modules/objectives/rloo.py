@@ -58,7 +58,7 @@ class RLOO(Objective):
         else:
             adv = batch.extra["advantages"]                                 # (N,) from the rollout
         surrogate = F.clipped_surrogate(logp - old, adv, self.clip_eps, self.dual_clip)
-        loss = -surrogate.mean()
+        loss = -(surrogate * batch.sequence_weights()).mean()
         ratio = (logp - old).detach().exp()
         return ObjectiveOutput(loss, {
             "loss": loss.detach(), "clipfrac": F.clip_fraction(ratio, self.clip_eps),
