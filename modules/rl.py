@@ -152,9 +152,6 @@ class RLModule(L.LightningModule):
         # A frozen reward model built by the CLI is a plain submodule that a strategy may leave where it was built
         # (FSDP2 has sharded it onto the device in `configure_model`).
         device = self.trainer.strategy.root_device
-        if not isinstance(self.engine, Sampler) and self.trainer.world_size > 1:
-            raise ConfigError(f"engine: {type(self.engine).__name__} runs in single-process training for now; with "
-                              f"{self.trainer.world_size} processes use the default engine (modules.engines.Sampler)")
         if isinstance(self.reward, torch.nn.Module) and any(p.device != device for p in self.reward.parameters()):
             self.reward.to(device)
 

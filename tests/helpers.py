@@ -7,6 +7,7 @@ import lightning as L
 import torch
 import yaml
 
+from modules.engines import MismatchCorrection, Sampler
 from train import derive_config, merge_config
 
 
@@ -163,3 +164,22 @@ class RecordingCheckpoint(L.Callback):
             self.saves.append(ckpt.batches)
 
         ckpt.save = recording
+
+
+class ShiftedSampler(Sampler):
+    """Our sampler standing in for an engine whose logprobs are not the trainer's (`exact = False`): it reports
+    every sampled token's logprob plus `shift` (0: the trainer's own, up to float rounding; 4: a stale layer)."""
+
+    exact = False
+
+    def __init__(self, shift: float = 0.0, max_logprob_diff: float | None = 1.0,
+                 correction: MismatchCorrection | None = None):
+        super().__init__(max_logprob_diff, correction)
+        self.shift, self.calls = shift, 0
+
+    def generate(self, *args, **kwargs):
+        self.calls += 1
+        roll = super().generate(*args, **kwargs)
+        if roll.old_logp is not None:
+            roll.old_logp = (roll.old_logp + self.shift) * roll.response_mask
+        return roll

@@ -1,0 +1,60 @@
+"""The generation engine seam (`modules.engines`): the RL module and evaluation generate through `engine`; an
+engine whose logprobs are not the trainer's gets a forward pi_old, the logged and guarded gap, and the
+correction. Here with a stand-in engine (`tests.helpers.ShiftedSampler`); vLLM itself: tests/test_vllm.py."""
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from modules.engines import Sampler
+from tests.helpers import tiny_rl_config
+from train import cli_main
+
+ENGINE = "tests.helpers.ShiftedSampler"
+
+
+def test_an_inexact_engine_gets_a_forward_pi_old_and_its_gap_logged_and_corrected(tmp_path, sft_dir):
+    """With shift 0 the stand-in's logprobs are the trainer's up to rounding: the run trains, pi_old comes from
+    the forward (so `old_logp` is the trainer's, `sampler_logp` the engine's), train/sampler_logprob_diff is
+    ~1e-7, and the correction's weights are ~1 with none masked."""
+    engine = {"class_path": ENGINE, "init_args": {"shift": 0.0, "correction": {"level": "token", "mode": "mask"}}}
+    cli = cli_main(["fit", "--config", tiny_rl_config(tmp_path, sft_dir, model={"engine": engine})])
+    metrics = cli.trainer.callback_metrics
+    assert not cli.model.logprobs_from_sampler
+    assert 0 <= float(metrics["train/sampler_logprob_diff"]) < 1e-4
+    assert abs(float(metrics["train/sampler_weight_mean"]) - 1) < 1e-3
+    assert float(metrics["train/sampler_weight_zero"]) == 0.0
+    assert cli.model.engine.calls == 4 + 2          # 4 rollouts, then evaluation of the policy and the reference
+
+
+def test_a_stale_engine_stops_the_run_with_one_line(tmp_path, sft_dir):
+    """A gap of 4 nats per token (a stale layer) stops the run before its first update: exit 1, one line."""
+    engine = {"class_path": ENGINE, "init_args": {"shift": -4.0}}
+    config = tiny_rl_config(tmp_path, sft_dir, model={"engine": engine})
+    proc = subprocess.run([sys.executable, "train.py", "fit", "--config", config], capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 1, proc.stderr[-2000:]
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: engine ShiftedSampler: the sampler's logprobs differ from the trainer's by 4")
+    assert "Traceback" not in proc.stderr
+
+
+def test_the_default_engine_is_our_sampler_and_its_logprobs_are_pi_old(tmp_path, sft_dir):
+    cli = cli_main(["fit", "--config", tiny_rl_config(tmp_path, sft_dir)])
+    assert isinstance(cli.model.engine, Sampler) and cli.model.logprobs_from_sampler
+    assert "train/sampler_logprob_diff" not in cli.trainer.callback_metrics
+
+
+def test_the_sampler_engine_equals_sample(sft_dir, tokenizer):
+    from modules.backbone import BackboneSpec, build_causal_lm
+    from modules.sampling import SamplingConfig, sample
+
+    model = build_causal_lm(BackboneSpec(pretrained=sft_dir), tokenizer)
+    enc = tokenizer(["a film", "the plot was"], return_tensors="pt", padding=True)
+    config = SamplingConfig(max_new_tokens=6)
+    torch.manual_seed(3)
+    a = sample(model, tokenizer, enc.input_ids, enc.attention_mask, ["a", "b"], config, 2, True)
+    torch.manual_seed(3)
+    b = Sampler().generate(model, tokenizer, enc.input_ids, enc.attention_mask, ["a", "b"], config, 2, True)
+    assert torch.equal(a.input_ids, b.input_ids) and torch.equal(a.old_logp, b.old_logp)
