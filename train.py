@@ -24,8 +24,8 @@ from callbacks.checkpoint import interrupted
 from callbacks.export import ExportError, HFExport
 from datamodules.sources import DataError
 from modules.checks import ConfigError, config_problem, config_warnings
-from modules.rewards import RewardError
 from modules.engines import SamplerMismatchError
+from modules.rewards import RewardError
 from modules.rl import NonFiniteError
 
 log = logging.getLogger("train")

