@@ -4,6 +4,7 @@ correction. Here with a stand-in engine (`tests.helpers.ShiftedSampler`); vLLM i
 import subprocess
 import sys
 
+import pytest
 import torch
 
 from modules.engines import Sampler
