@@ -20,6 +20,7 @@ from __future__ import annotations
 import logging
 import os
 import tempfile
+import time
 from dataclasses import dataclass
 from typing import Literal
 
@@ -210,7 +211,9 @@ class VLLM(Engine):
 
         if self.sleep_between_rollouts and torch.cuda.is_available():
             self.llm.wake_up()
+        t0 = time.perf_counter()
         self.push(model)
+        push_s = time.perf_counter() - t0
         P = prompt_ids.shape[1]
         if P + config.max_new_tokens > self._max_len:
             raise ConfigError(f"engine: VLLM holds {self._max_len} tokens per sequence (max_model_len), fewer than the "
@@ -233,8 +236,10 @@ class VLLM(Engine):
             response[row, :len(c.token_ids)] = torch.tensor(c.token_ids, dtype=torch.long)
             picked[row, :len(c.token_ids)] = torch.tensor([step[t].logprob for step, t in zip(c.logprobs, c.token_ids)])
         device = prompt_ids.device
-        return rollout_of(prompt_ids.repeat_interleave(num_samples, 0), prompt_mask.repeat_interleave(num_samples, 0),
+        roll = rollout_of(prompt_ids.repeat_interleave(num_samples, 0), prompt_mask.repeat_interleave(num_samples, 0),
                           response.to(device), prompts, num_samples, tokenizer, picked.to(device))
+        roll.timings["perf/push_s"] = push_s             # part of perf/rollout_s
+        return roll
 
 
 def _check_cpu_head_size(config) -> None:
