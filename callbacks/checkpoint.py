@@ -29,7 +29,9 @@ from lightning.pytorch.utilities import rank_zero_info
 
 
 class StepCheckpoint(Checkpoint):
-    """Args:
+    """Writes `last.ckpt` every few training batches, at the end and on Ctrl-C / SIGTERM; a resume continues exactly.
+
+    Args:
         dirpath: where `last.ckpt` is written (None: `checkpoints/` in the run's log dir, like ModelCheckpoint).
         every_n_batches: save after every this many training batches (rollouts in RL); 0 = only at the end and on
             interrupt.

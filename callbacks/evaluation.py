@@ -31,13 +31,17 @@ log = logging.getLogger(__name__)
 
 
 class Evaluation(L.Callback):
-    """Args:
+    """Evaluates the policy on fixed held-out prompts: gold and proxy reward, KL, win rate, length, samples.
+
+    Args:
         reward: the gold reward, a callable `(prompts, responses) -> list[float]`; None when the task has none.
         num_prompts: held-out prompts (the first ones of the val split; the same every time).
         every_n_batches: evaluate before training and every this many training batches (RL: rollouts; SFT and
             reward: optimizer steps); None: only at the end.
         sampling: sampling settings; defaults to the module's own `sampling` (RL) or SamplingConfig().
         show: samples printed and logged as text.
+        batch_size: prompts per generation call.
+        seed: seeds the evaluation's sampling (the same draws at every evaluation of the same policy).
     """
 
     def __init__(self, reward=None, num_prompts: int = 64, every_n_batches: int | None = None,

@@ -17,6 +17,14 @@ from datamodules.batch import PairBatch
 
 
 class RewardReport(L.Callback):
+    """After reward training: accuracy against the labels and the gold ordering on held-out pairs, and the
+    correlation with the gold reward on the calibration samples (see the module docstring).
+
+    Args:
+        gold: the gold reward, a callable `(prompts, responses) -> list[float]` (None: labels only).
+        max_pairs: held-out pairs scored at most.
+    """
+
     def __init__(self, gold=None, max_pairs: int = 1000):
         self.gold, self.max_pairs = gold, max_pairs
         self.metrics: dict[str, float] = {}

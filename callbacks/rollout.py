@@ -18,6 +18,12 @@ from callbacks.sharding import outside_forward
 
 
 class OnPolicyRollout(L.Callback):
+    """Samples a fresh rollout before every RL training step, from its own checkpointed random stream.
+
+    Args:
+        seed: seeds the sampling stream (each rank draws from seed * 1000 + rank).
+    """
+
     def __init__(self, seed: int = 0):
         self.seed = seed
         self.rng_state: dict | None = None

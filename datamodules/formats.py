@@ -17,6 +17,12 @@ ASSISTANT = "\n\nAssistant:"
 
 
 class _Adapter(Source):
+    """Converts the rows of another source to `{prompt, chosen, rejected}`.
+
+    Args:
+        source: the source whose rows are converted (`datamodules.sources.HubDataset`, `LocalFiles`, ...).
+    """
+
     def __init__(self, source: Source):
         self.source = source
 

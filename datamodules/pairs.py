@@ -17,7 +17,9 @@ log = logging.getLogger(__name__)
 
 
 class PairDataModule(L.LightningDataModule):
-    """Args:
+    """The one datamodule of every stage: tokenized `{prompt, chosen, rejected}` pairs (or prompts alone).
+
+    Args:
         source: where records come from (`datamodules.task.ReviewTask`, `datamodules.sources.LocalFiles`,
             `datamodules.sources.HubDataset`, an adapter of `datamodules.formats`, or your `Source` subclass).
         tokenizer: tokenizer directory, hub id or .gguf file; defaults to the source's own tokenizer.
@@ -27,7 +29,10 @@ class PairDataModule(L.LightningDataModule):
         max_prompt_length: longer prompts are bad records (they would leave no room for a response).
         prompts_only: records need only a prompt (RL on a prompt set).
         skip_invalid: drop bad records with a logged count instead of raising.
-        batch_size / val_batch_size / num_workers / seed: loader settings (`seed` shuffles the train split).
+        batch_size: records per training batch (prompts per rollout in RL).
+        val_batch_size: records per validation batch (None: batch_size).
+        num_workers: DataLoader worker processes.
+        seed: shuffles the train split.
     """
 
     def __init__(self, source: Source, tokenizer: str | None = None, fields: FieldMap | None = None,

@@ -83,7 +83,15 @@ class LocalFiles(Source):
 
 
 class HubDataset(Source):
-    """Records from `datasets.load_dataset(name, config)` (needs network access to the hub)."""
+    """Records from `datasets.load_dataset(name, config)` (needs network access to the hub).
+
+    Args:
+        name: the dataset's hub id (e.g. `Anthropic/hh-rlhf`).
+        config: the dataset's configuration name, if it has several.
+        train_split: the split read as training data.
+        val_split: the split read as validation data.
+        max_records: read at most this many records per split (None: all).
+    """
 
     def __init__(self, name: str, config: str | None = None, train_split: str = "train", val_split: str = "test",
                  max_records: int | None = None):

@@ -57,7 +57,13 @@ def gold_reward(prompt: str, response: str, repetition_weight: float = 0.5, max_
 
 
 class GoldReward:
-    """The gold reward as a batch callable: `reward(prompts, responses) -> list[float]` (select by class_path)."""
+    """The gold reward as a batch callable: `reward(prompts, responses) -> list[float]` (select by class_path).
+
+    Args:
+        repetition_weight: subtracted per unit of repeated-word fraction (`gold_reward`).
+        max_words: responses longer than this lose `length_weight` per extra word, capped at 1 (None: no limit).
+        length_weight: the brevity term's weight per word beyond `max_words`.
+    """
 
     def __init__(self, repetition_weight: float = 0.5, max_words: int | None = None, length_weight: float = 0.02):
         self.repetition_weight, self.max_words, self.length_weight = repetition_weight, max_words, length_weight
@@ -71,11 +77,13 @@ class ReviewTask(Source):
     """Source of `{prompt, chosen, rejected}` records for the embedded task, plus its word-level tokenizer.
 
     Args:
-        num_train / num_val: records per split (val prompts are disjoint draws from another seed).
+        num_train: training records.
+        num_val: validation records (their prompts are disjoint draws from another seed).
         seed: everything is a function of it.
-        positive_rate / negative_rate: probability that an adjective is drawn from the positive / negative list
-            (the rest are neutral). The defaults lean negative so that SFT on `chosen` sits near zero gold
-            reward, well inside [-1, 1]: room for RL to improve.
+        positive_rate: probability that an adjective is drawn from the positive list.
+        negative_rate: probability that an adjective is drawn from the negative list (the rest are neutral). The
+            defaults lean negative so that SFT on `chosen` sits near zero gold reward, well inside [-1, 1]: room
+            for RL to improve.
         max_clauses: responses have 1..max_clauses clauses.
         label_temperature: Bradley-Terry temperature on the gold reward difference
             (P(a preferred) = sigmoid((g_a - g_b) / T)); larger = noisier labels.

@@ -31,19 +31,31 @@ log = logging.getLogger(__name__)
 class BackboneSpec:
     """How to build a backbone. Exactly one of `pretrained` and `config` is set.
 
-    `activation_checkpointing`: keep only each decoder layer's input in the forward and recompute the layer in the
-    backward (transformers' gradient checkpointing, non-reentrant): activation memory of one layer instead of all
-    of them, for about one more forward's time; the same gradients (tested with LoRA and the packed layout)."""
+    Args:
+        pretrained: a Hugging Face directory (another stage's export), a hub id, a .gguf file, or
+            `package:<pkg>/<file>` (a file inside an installed package).
+        config: a transformers config as a dict (`model_type` plus its fields): a random-init model.
+        lora: peft.LoraConfig keyword arguments, e.g. `{r: 8, target_modules: all-linear}` (None: full fine-tune).
+        quantization: load the pretrained base in 4 or 8 bits with bitsandbytes (QLoRA; needs `lora`).
+        dtype: the weights' dtype.
+        dropout: keep the architecture's dropout (off by default: RL compares logprobs of the same tokens).
+        activation_checkpointing: keep only each decoder layer's input in the forward and recompute the layer in
+            the backward (transformers' gradient checkpointing, non-reentrant): activation memory of one layer
+            instead of all of them, for about one more forward's time; the same gradients (tested with LoRA and
+            the packed layout).
+        seed: random-init seed for `config` models and fresh heads.
+        extra: passed to `from_pretrained` (e.g. `revision`).
+    """
 
     pretrained: str | None = None
     config: dict[str, Any] | None = None
-    lora: dict[str, Any] | None = None          # peft.LoraConfig kwargs, e.g. {r: 8, target_modules: all-linear}
+    lora: dict[str, Any] | None = None
     quantization: Literal["4bit", "8bit"] | None = None
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
-    dropout: bool = False                       # keep the architecture's dropout (off for RL)
-    activation_checkpointing: bool = False      # recompute each decoder layer in the backward instead of storing it
-    seed: int = 0                               # random init seed for `config` models and fresh heads
-    extra: dict[str, Any] = field(default_factory=dict)  # passed to from_pretrained (e.g. revision)
+    dropout: bool = False
+    activation_checkpointing: bool = False
+    seed: int = 0
+    extra: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self):
         if (self.pretrained is None) == (self.config is None):

@@ -69,12 +69,17 @@ def stack_pair(chosen: Sequences, rejected: Sequences, pad_id: int) -> tuple[tor
 
 
 class RewardModule(L.LightningModule):
-    """Args:
+    """Reward model training: a Bradley-Terry loss on (chosen, rejected) pairs, then calibration on policy samples.
+
+    Args:
         backbone: the scorer's backbone, usually `pretrained: <SFT export>`.
         tokenizer: linked from the datamodule.
+        optimizer: the optimizer factory (class_path + init_args).
+        scheduler: a learning-rate scheduler factory, stepped every optimizer step (None: constant).
         center_coef: weight of the reward-centering penalty (0 = off).
         calibration_policy: causal LM whose samples calibrate the reward (default: `backbone.pretrained`).
-        calibration_prompts: held-out prompts used for calibration; sampling: how they are sampled.
+        calibration_prompts: held-out prompts used for calibration.
+        sampling: how the calibration prompts are sampled.
         micro_batch_tokens: score each batch in micro-batches of pairs with at most this many real tokens (chosen
             + rejected), each recomputed in the backward (`modules.scoring.in_parts`): the activations of one
             micro-batch at a time, one more forward each; the loss and gradient of the whole batch. None

@@ -70,14 +70,19 @@ class NonFiniteError(RuntimeError):
 
 
 class RLModule(L.LightningModule):
-    """Args:
+    """On-policy RL fine-tuning: rollouts from `engine`, rewards, then epochs of minibatch updates of `objective`.
+
+    Args:
         policy: the policy backbone, usually `pretrained: <SFT export>` (optionally with `lora`).
         tokenizer: linked from the datamodule.
         reward: `modules.rewards.RewardModel` (a reward-stage export) or any callable
             `(prompts, responses) -> list[float]`, selected by class_path.
         objective: the RL objective (`modules.objectives.p3o.P3O`, ...).
+        optimizer: the optimizer factory (class_path + init_args).
+        scheduler: a learning-rate scheduler factory, stepped once per rollout (None: constant).
         sampling: how rollouts are sampled (temperature also divides the logits for every logprob).
-        epochs: passes over each rollout; minibatch_groups: prompts (groups of K responses) per update.
+        epochs: passes over each rollout.
+        minibatch_groups: prompts (groups of K responses) per update.
         max_grad_norm: gradient clipping (None = off).
         missing_eos_penalty: subtracted from the reward of responses that never emit EOS (None = off).
         nonfinite_reward: a reward that is NaN or +-inf stops the run with an error naming the response (None,

@@ -14,9 +14,17 @@ from modules.sharding import gathered, is_partitioned
 
 @dataclass
 class SamplingConfig:
-    """Sampling settings. `top_k: 0` and `top_p: 1.0` disable those filters (the paper samples at T = 1).
-    `prepack_weights`: on CPU, run the policy's linear layers through oneDNN with their weights reordered once per
-    `sample` call (`prepacked_linears`); the same maths up to rounding, on by default, ignored elsewhere."""
+    """Sampling settings of rollouts and evaluation (the paper samples at T = 1 with no filter).
+
+    Args:
+        temperature: divides the logits when sampling, and in every logprob the RL stage computes.
+        top_p: nucleus filter (1.0: off).
+        top_k: keep the k most likely tokens (0: off).
+        max_new_tokens: the response budget in tokens.
+        do_sample: False takes the most likely token (greedy).
+        prepack_weights: on CPU, run the policy's linear layers through oneDNN with their weights reordered once
+            per `sample` call (`prepacked_linears`); the same maths up to rounding, on by default, ignored elsewhere.
+    """
 
     temperature: float = 1.0
     top_p: float = 1.0

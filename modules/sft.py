@@ -21,10 +21,13 @@ class Perplexity(MeanMetric):
 
 
 class SFTModule(L.LightningModule):
-    """Args:
+    """Supervised fine-tuning: the NLL of the `chosen` responses given their prompts.
+
+    Args:
         backbone: how to build the policy (see `modules.backbone.BackboneSpec`).
         tokenizer: tokenizer location; linked from `data.tokenizer_path` by the CLI.
-        optimizer / scheduler: factories injected by the CLI (`scheduler` is stepped every optimizer step).
+        optimizer: the optimizer factory (class_path + init_args, e.g. torch.optim.AdamW with lr).
+        scheduler: a learning-rate scheduler factory, stepped every optimizer step (None: constant).
         logprob_chunk: tokens per LM-head chunk for the loss (`modules.scoring.head_chunk`): None (default) keeps
             each chunk's fp32 logits under 2**24 values; 0 computes the whole (tokens, vocabulary) logits at once.
         micro_batch_tokens: run each batch's forward in micro-batches of rows with at most this many real tokens,

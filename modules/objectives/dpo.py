@@ -21,7 +21,12 @@ from modules.objectives.p3o import pair_view
 
 
 class OnlineDPO(Objective):
-    """Args: beta (DPO temperature), soft_labels (weight orderings by sigmoid(r_w - r_l))."""
+    """Online DPO on two fresh samples per prompt, the reward picking winner and loser (see the module docstring).
+
+    Args:
+        beta: the DPO temperature on the implicit reward difference.
+        soft_labels: weight both orderings by sigmoid(r_1 - r_2) instead of a hard winner (the P3O authors' variant).
+    """
 
     responses_per_prompt = 2
 

@@ -61,8 +61,16 @@ def aggregate(per_token: torch.Tensor, mask: torch.Tensor, loss_type: str, max_n
 
 
 class GRPO(Objective):
-    """Args: k (group size, >= 2), kl_coef (beta on the k3 KL in the loss), clip_eps,
-    loss_type ('grpo' | 'bnpo' | 'dr_grpo' | 'dapo'), scale_rewards ('group' | 'batch' | 'none'), dual_clip."""
+    """GRPO: group-normalised advantages, token-level PPO clipping, k3 KL in the loss (see the module docstring).
+
+    Args:
+        k: responses per prompt (the group), >= 2.
+        kl_coef: beta on the per-token k3 KL to the reference in the loss.
+        clip_eps: PPO clip range of the per-token ratio.
+        loss_type: how per-token losses are aggregated: 'grpo', 'bnpo', 'dr_grpo' or 'dapo' (TRL's names).
+        scale_rewards: advantages divided by the group's std ('group'), the rollout's ('batch'), or only centred ('none').
+        dual_clip: c > 1 bounds the surrogate of negative advantages below by c * A (None: off).
+    """
 
     def __init__(self, k: int = 4, kl_coef: float = 0.04, clip_eps: float = 0.2,
                  loss_type: Literal["grpo", "bnpo", "dr_grpo", "dapo"] = "grpo",

@@ -78,7 +78,9 @@ def p3o_v2_terms(delta, logp1, logp2, old1, old2, eps: float, cap: float) -> tup
 
 
 class P3O(Objective):
-    """Args:
+    """P3O: the clipped pairwise policy gradient on the KL-shaped reward difference of two responses to a prompt.
+
+    Args:
         variant: 'v1' (separate clipping) or 'v2' (joint clipping; the default, more stable in the paper).
         clip_eps: PPO-style clip range eps (0.2).
         kl_coef: beta of the KL-shaped reward (0.05).

@@ -50,13 +50,20 @@ def gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: 
 
 
 class PPO(Objective):
-    """Args:
-        kl_coef: beta of the per-token KL penalty; kl_estimator: 'k1' or 'k3'.
-        gamma, lam: GAE discount and lambda (1.0, 0.95).
-        clip_eps: policy ratio clip; value_clip: value clip around the rollout's values; vf_coef: value loss weight.
+    """PPO with a value head, GAE and the per-token KL penalty in the reward (InstructGPT style).
+
+    Args:
+        kl_coef: beta of the per-token KL penalty (the starting value when adaptive).
+        kl_estimator: 'k1' (log-ratio) or 'k3' per-token KL estimate in the reward.
+        gamma: GAE discount.
+        lam: GAE lambda.
+        clip_eps: policy ratio clip.
+        value_clip: value clip around the rollout's values.
+        vf_coef: weight of the value loss.
         whiten_advantages: normalise advantages over the rollout.
-        target_kl / kl_horizon: adaptive KL controller (None = fixed beta); beta follows the rollout KL.
-        dual_clip: c > 1 bounds the surrogate of negative advantages below by c * A (None = off).
+        target_kl: adaptive KL controller's target KL per response (None: fixed beta).
+        kl_horizon: the adaptive controller's horizon in responses (Ziegler et al.).
+        dual_clip: c > 1 bounds the surrogate of negative advantages below by c * A (None: off).
     """
 
     needs_values = True

@@ -28,8 +28,15 @@ def leave_one_out_advantages(rewards: torch.Tensor, k: int) -> torch.Tensor:
 
 
 class RLOO(Objective):
-    """Args: k (responses per prompt, >= 2), kl_coef (beta of the KL-shaped reward), clip_eps,
-    kl_on_current_policy (shape with the current policy's logp instead of the rollout's), dual_clip."""
+    """RLOO: leave-one-out baselines on the KL-shaped sequence reward, PPO-clipped sequence ratio.
+
+    Args:
+        k: responses per prompt, >= 2.
+        kl_coef: beta of the KL-shaped reward r - beta (logp - ref).
+        clip_eps: PPO clip range of the sequence ratio (for reuse over several epochs).
+        kl_on_current_policy: shape with the current policy's detached logp, every minibatch, instead of the rollout's.
+        dual_clip: c > 1 bounds the surrogate of negative advantages below by c * A (None: off).
+    """
 
     def __init__(self, k: int = 2, kl_coef: float = 0.05, clip_eps: float = 0.2, kl_on_current_policy: bool = False,
                  dual_clip: float | None = None):
