@@ -1,4 +1,4 @@
-"""P3O maths on literal tensors (ALGORITHMS.md sections 5, 6 and 10).
+"""P3O maths on literal tensors (docs/algorithms.md sections 5, 6 and 10).
 
 Responses have one token each, so a sequence logprob equals its token logprob and every number below can be
 checked by hand. Rows come in pairs (y1, y2) of the same prompt.

@@ -2,7 +2,7 @@
 
 Papers: Rafailov et al., "Direct Preference Optimization", arXiv 2305.18290 (the loss); Guo et al., "Direct
 Language Model Alignment from Online AI Feedback", arXiv 2402.04792 (sampling the pair from the current policy
-and labelling it with a reward / annotator). Loss (ALGORITHMS.md s. 7):
+and labelling it with a reward / annotator). Loss (docs/algorithms.md s. 7):
     -log sigmoid(beta * [(logp_w - ref_w) - (logp_l - ref_l)])
 `soft_labels: true` is the P3O authors' soft-label online DPO: with d = (logp_1 - ref_1) - (logp_2 - ref_2) and
 p = sigmoid(r_1 - r_2) (a Bradley-Terry probability from the reward), -[p log sigmoid(beta d) + (1 - p) log

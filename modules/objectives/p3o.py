@@ -1,7 +1,7 @@
 """P3O: Pairwise Proximal Policy Optimization.
 
 Paper: Wu, Zhu, Zhang, Wen, Ramchandran, Jiao, "Pairwise Proximal Policy Optimization: Harnessing Relative
-Feedback for LLM Alignment", arXiv 2310.00212. Maths as in ALGORITHMS.md sections 2-6:
+Feedback for LLM Alignment", arXiv 2310.00212. Maths as in docs/algorithms.md sections 2-6:
 two responses per prompt; the sequence-level KL-shaped reward difference
     Delta = [r1 - beta (logp1 - ref1)] - [r2 - beta (logp2 - ref2)]     (detached, current policy's logp)
 drives a clipped, importance-weighted pairwise policy gradient; no value function.

@@ -2,7 +2,7 @@
 
 Papers: Schulman et al., "Proximal Policy Optimization Algorithms", arXiv 1707.06347; Ziegler et al.,
 "Fine-Tuning Language Models from Human Preferences", arXiv 1909.08593; Ouyang et al. (InstructGPT) 2203.02155;
-details from Huang et al., "The N Implementation Details of RLHF with PPO" (2024). ALGORITHMS.md s. 7:
+details from Huang et al., "The N Implementation Details of RLHF with PPO" (2024). docs/algorithms.md s. 7:
 per-token reward -beta * KL_t (k1 or k3) with the reward-model score added at the last response token;
 GAE(gamma, lambda) on the value head's estimates; advantages whitened over the rollout; clipped policy loss on
 per-token ratios; clipped value loss; one response per prompt; optional adaptive KL controller (Ziegler et al.).

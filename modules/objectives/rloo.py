@@ -7,7 +7,7 @@ as in TRL and the paper — gets the baseline "mean of the other k - 1 responses
 A_i = r_hat_i - mean_{j != i} r_hat_j, computed once per rollout (`prepare`). With one epoch the loss is
 -mean_i A_i * logp_i; for reuse over several epochs the sequence ratio is PPO-clipped (as TRL's RLOOTrainer does),
 which at ratio 1 is the same gradient. With k = 2 and no clipping this is exactly P3O's pairwise policy gradient
-(ALGORITHMS.md s. 2).
+(docs/algorithms.md s. 2).
 Options: `kl_on_current_policy: true` shapes with the current policy's detached logp, recomputed every minibatch
 (as P3O does; our earlier default). `dual_clip` bounds the surrogate of negative advantages (off).
 """
