@@ -7,7 +7,8 @@
 The config's RL stage for `--rollouts` rollouts (the first one a warm-up; no evaluation, checkpoints or logger),
 once per layout of `RLModule`'s logprob passes (pi_ref and the updates), each in its own process, alternating:
   packed    the default: each prompt once per group, padding dropped (`F.packed_prompt_layout`)
-  padded    each prompt once per group, padding kept (`F.shared_prompt_layout`; what models partitioned by DeepSpeed ZeRO-3 run)
+  padded    each prompt once per group, padding kept (`prompt_layout: padded`, `F.shared_prompt_layout`; what
+            models partitioned by DeepSpeed ZeRO-3 run)
   unshared  one row per response (`share_prompts: false`)
 Random weights never stop early, real ones do: responses end at different lengths, and the padding after each
 EOS is what `packed` drops. Printed: the share of padding in the padded layout, median seconds per rollout and
@@ -34,27 +35,22 @@ def one_run(config: str, layout: str, rollouts: int, threads: int, exports: str 
     import lightning as L
     import torch
 
-    import modules.scoring
     from callbacks.rollout import OnPolicyRollout
-    from modules.rl import RLModule
     from train import cli_main, derive_config
 
     torch.set_num_threads(threads)
-    if layout == "padded":
-        modules.scoring.is_partitioned = lambda model: True
     padding: list[float] = []
-    make_rollout = RLModule.make_rollout
-
-    def measured(self, batch):
-        roll = make_rollout(self, batch)
-        P, K, mask = roll.prompt_length, roll.group_size, roll.attention_mask
-        slots = mask.shape[0] // K * (P + K * (mask.shape[1] - P))
-        padding.append(1 - float(mask[:, P:].sum() + mask[::K, :P].sum()) / slots)
-        return roll
-
-    RLModule.make_rollout = measured
     seconds: list[float] = []
     phases: list[dict] = []
+
+    class Padding(L.Callback):
+        """The share of padding in the padded layout of each rollout (runs after `OnPolicyRollout` made it)."""
+
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            roll = pl_module.rollout
+            P, K, mask = roll.prompt_length, roll.group_size, roll.attention_mask
+            slots = mask.shape[0] // K * (P + K * (mask.shape[1] - P))
+            padding.append(1 - float(mask[:, P:].sum() + mask[::K, :P].sum()) / slots)
 
     class Clock(L.Callback):
         def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
@@ -68,10 +64,11 @@ def one_run(config: str, layout: str, rollouts: int, threads: int, exports: str 
         path = derive_config(str(ROOT / config), {
             "trainer": {"limit_train_batches": rollouts, "callbacks": [], "logger": False, "enable_checkpointing": False,
                         "enable_progress_bar": False, "enable_model_summary": False},
-            "model": {"init_args": {"share_prompts": layout != "unshared", **_exports(exports)}},
+            "model": {"init_args": {"share_prompts": layout != "unshared", "prompt_layout":
+                                    "padded" if layout == "padded" else "packed", **_exports(exports)}},
             **({"data": {"init_args": {"tokenizer": f"{exports}/sft"}}} if exports else {})}, Path(tmp) / "run.yaml")
         cli = cli_main(["--config", path], run=False)
-        cli.trainer.callbacks[:0] = [Clock(), OnPolicyRollout()]
+        cli.trainer.callbacks[:0] = [Clock(), OnPolicyRollout(), Padding()]
         cli.trainer.fit(cli.model, datamodule=cli.datamodule)
     return {"seconds": seconds[1:], "phases": phases[1:], "padding": padding[1:]}
 

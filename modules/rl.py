@@ -12,7 +12,7 @@ import contextlib
 import logging
 import time
 from collections import defaultdict
-from typing import Callable
+from typing import Callable, Literal
 
 import lightning as L
 import torch
@@ -100,6 +100,9 @@ class RLModule(L.LightningModule):
             prompt, repeated K times) and in every logprob forward (pi_ref, pi_old, the updates;
             `modules.scoring.response_logprobs` with the group size, where `modules.scoring.shares_prompts`
             allows it). On by default: the same numbers up to float rounding, fewer FLOPs.
+        prompt_layout: how a logprob forward lays out a group that shares its prompt: 'packed' (default) drops
+            the padding after each response's EOS; 'padded' keeps it (what models partitioned by DeepSpeed ZeRO-3
+            always run; `benchmarks/layout.py` compares the two). The same numbers on real tokens.
         micro_batch_tokens: real tokens (prompt + response, summed over rows) per forward and backward: every pass
             over a rollout or a minibatch (pi_ref, a forward pi_old, values, the update) runs in micro-batches of whole
             groups up to this many tokens (a larger group alone), the same number on every rank. An update then
@@ -122,7 +125,8 @@ class RLModule(L.LightningModule):
                  max_grad_norm: float | None = 1.0, missing_eos_penalty: float | None = None, seed: int = 0,
                  value_model: BackboneSpec | None = None, nonfinite_reward: float | None = None,
                  old_logprobs: str = "auto", share_prompts: bool = True, logprob_chunk: int | None = None,
-                 micro_batch_tokens: int | None = None, engine: Engine | None = None):
+                 micro_batch_tokens: int | None = None, engine: Engine | None = None,
+                 prompt_layout: Literal["packed", "padded"] = "packed"):
         super().__init__()
         self.save_hyperparameters(ignore=["reward", "objective", "engine"])
         self.automatic_optimization = False
@@ -137,6 +141,9 @@ class RLModule(L.LightningModule):
             raise ValueError(f"RLModule: old_logprobs={old_logprobs!r}; expected one of {OLD_LOGPROBS}")
         self.old_logprobs, self.share_prompts, self.logprob_chunk = old_logprobs, share_prompts, logprob_chunk
         self.micro_batch_tokens = micro_batch_tokens
+        if prompt_layout not in ("packed", "padded"):
+            raise ValueError(f"RLModule: prompt_layout={prompt_layout!r}; expected 'packed' or 'padded'")
+        self.prompt_layout = prompt_layout
         self.engine = engine or Sampler()
         self.policy = self.reference = self.value = None
         self.rollout: Rollout | None = None
@@ -210,7 +217,8 @@ class RLModule(L.LightningModule):
     def _part_logprobs(self, model, part: Rollout, temperature: float) -> torch.Tensor:
         """`logprobs` of one micro-batch, in one forward."""
         logp = response_logprobs(model, part.input_ids, part.attention_mask, part.prompt_length, temperature,
-                                 part.group_size if self.share_prompts else 1, self.logprob_chunk)
+                                 part.group_size if self.share_prompts else 1, self.logprob_chunk,
+                                 packed=self.prompt_layout == "packed")
         return logp.masked_fill(~part.response_mask.bool(), 0.0)
 
     def _part_values(self, part: Rollout) -> torch.Tensor:

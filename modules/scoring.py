@@ -35,7 +35,8 @@ def head_chunk(chunk: int | None, vocab_size: int) -> int:
 
 
 def response_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, prompt_length: int,
-                      temperature: float = 1.0, group_size: int = 1, chunk: int | None = None) -> torch.Tensor:
+                      temperature: float = 1.0, group_size: int = 1, chunk: int | None = None,
+                      packed: bool = True) -> torch.Tensor:
     """Per-token logprobs (B, L) of the response tokens input_ids[:, P:] given everything before them.
 
     Only the positions that predict a response token reach the LM head: P - 1 .. P + L - 2, the last L + 1
@@ -50,10 +51,10 @@ def response_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.Tens
     instead of N = G K rows of P + L. The same numbers on every
     real token up to float rounding, with fewer FLOPs (K = 2, P = 42, L = 32, no padding: 0.72x the tokens).
     Models partitioned by DeepSpeed ZeRO-3, whose LM head cannot be applied apart from the model's forward, keep
-    the padding (`F.shared_prompt_layout`; finite values after the EOS).
+    the padding (`F.shared_prompt_layout`; finite values after the EOS), as every model does with `packed=False`.
     Every consumer masks the positions after the EOS."""
     if group_size > 1 and shares_prompts(model, input_ids, attention_mask, prompt_length, group_size):
-        if not is_partitioned(model):
+        if packed and not is_partitioned(model):
             return _packed_prompt_logprobs(model, input_ids, attention_mask, prompt_length, temperature, group_size,
                                            chunk)
         return _shared_prompt_logprobs(model, input_ids, attention_mask, prompt_length, temperature, group_size)

@@ -160,18 +160,14 @@ def _grouped_rows(tokenizer, K: int = 3):
 @pytest.mark.parametrize("packed", [True, False], ids=["packed", "padded"])
 @pytest.mark.parametrize("model_type,attention", [("llama", "sdpa"), ("llama", "eager"), ("mistral", "sdpa"),
                                                   ("qwen2", "sdpa"), ("qwen3", "eager"), ("llama-lora", "sdpa")])
-def test_shared_prompt_logprobs_and_gradients_equal_one_row_per_response(tokenizer, model_type, attention, packed,
-                                                                        monkeypatch):
+def test_shared_prompt_logprobs_and_gradients_equal_one_row_per_response(tokenizer, model_type, attention, packed):
     """Each prompt computed once for its K = 3 responses (`group_size=3`) against one row per response: the same
     logprobs on every response token (1e-5) and the same gradient of their masked sum (1e-5 relative to the
     largest), for each decoder and attention implementation that shares prompts, and a LoRA policy; packed (the
     default: padding dropped, the decoder sees fewer columns than the padded layout's P + K L) and padded (what a
-    model partitioned by DeepSpeed ZeRO-3 runs). The packed path runs the LM head on the real response tokens only and
-    returns exactly 0 after each response."""
-    import modules.scoring
+    model partitioned by DeepSpeed ZeRO-3 runs; `prompt_layout: padded`). The packed path runs the LM head on the real
+    response tokens only and returns exactly 0 after each response."""
     from modules.scoring import shares_prompts
-
-    monkeypatch.setattr(modules.scoring, "is_partitioned", lambda model: not packed)
 
     config = {**TINY_SHAPE, "model_type": model_type.split("-")[0], "attn_implementation": attention,
               "num_key_value_heads": 1}
@@ -187,7 +183,7 @@ def test_shared_prompt_logprobs_and_gradients_equal_one_row_per_response(tokeniz
     results = []
     for group_size in (1, 3):
         model.zero_grad()
-        logp = response_logprobs(model, ids, mask, 5, 0.7, group_size=group_size)
+        logp = response_logprobs(model, ids, mask, 5, 0.7, group_size=group_size, packed=packed)
         (logp * response_mask).sum().backward()
         grads = torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None])
         results.append((logp.detach(), grads))
