@@ -23,7 +23,13 @@ class DataError(ValueError):
 
 @dataclass
 class FieldMap:
-    """Names of the prompt / chosen / rejected fields in the source records."""
+    """Names of the prompt / chosen / rejected fields in the source records.
+
+    Args:
+        prompt: the prompt's field.
+        chosen: the preferred response's field.
+        rejected: the other response's field.
+    """
 
     prompt: str = "prompt"
     chosen: str = "chosen"
@@ -54,8 +60,10 @@ class LocalFiles(Source):
     """Records from local `.jsonl`, `.json` or `.parquet` files, read through `datasets`.
 
     Args:
-        train: path of the training file. val: path of the validation file; when omitted, the last
-            `val_fraction` of the training records (in file order) is held out.
+        train: path of the training file.
+        val: path of the validation file; when omitted, the last `val_fraction` of the training records (in file
+            order) is held out.
+        val_fraction: the share of the training file held out when `val` is omitted.
     """
 
     def __init__(self, train: str, val: str | None = None, val_fraction: float = 0.05):

@@ -68,3 +68,20 @@ def test_preset_overlays_parse(preset, sft_dir, reward_dir, tmp_path):
         parsed = cli.config["trainer"][key]
         assert (parsed.get("class_path") if hasattr(parsed, "get") else parsed) == (
             value.get("class_path") if isinstance(value, dict) else value), key
+
+
+def test_the_readmes_own_data_example_parses(sft_dir, reward_dir, tmp_path):
+    """The YAML of the README's "Your own data and model" section, over the quickstart P3O config."""
+    section = Path("README.md").read_text().split("## Your own data and model")[1]
+    snippet = tmp_path / "mine.yaml"
+    text = section.split("```yaml\n")[1].split("```")[0].replace("artifacts/my-sft", sft_dir)
+    for split in ("train", "val"):                   # files that exist, in the README's layout
+        (tmp_path / f"{split}.jsonl").write_text('{"question": "q", "good": "a", "bad": "b"}\n')
+        text = text.replace(f"data/{split}.jsonl", str(tmp_path / f"{split}.jsonl"))
+    snippet.write_text(text)
+    base = local_copy("configs/quickstart/p3o.yaml", sft_dir, reward_dir, tmp_path)
+    cli = ParseOnly(args=["--config", base, "--config", str(snippet)], run=False, subclass_mode_model=True,
+                    subclass_mode_data=True)
+    data = cli.config["data"]["init_args"]
+    assert data["source"]["class_path"] == "datamodules.sources.LocalFiles"
+    assert data["fields"]["prompt"] == "question" and cli.config["model"]["init_args"]["policy"]["lora"]["r"] == 16
