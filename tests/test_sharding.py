@@ -142,9 +142,9 @@ CASES = {
 
 @pytest.mark.slow
 @pytest.mark.parametrize("case", list(CASES))
-def test_fsdp2_trains_like_ddp_and_exports_whole_weights(tmp_path, sft_dir, case):
+def test_fsdp2_trains_like_ddp_and_exports_whole_weights(tmp_path, sft_dir, reward_dir, case):
     """A run on 2 CPU processes under FSDP2 (every model sharded: policy, reference, value, the reward stage's
-    scorer; LoRA adapters over a sharded base; SFT, reward and P3O in micro-batches, whose count the ranks agree
+    scorer, the P3O run's reward model; LoRA adapters over a sharded base; SFT, reward and P3O in micro-batches, whose count the ranks agree
     on): each rank trains on its own prompts and both end with the same weights. The RL runs equal the same
     run under DDP within 1e-6 (float rounding of a reduce-scatter instead of an all-reduce), evaluation included.
     The FSDP2 export, gathered on rank 0, loads with plain transformers and holds exactly the trained weights
@@ -158,6 +158,9 @@ def test_fsdp2_trains_like_ddp_and_exports_whole_weights(tmp_path, sft_dir, case
                      {"class_path": "callbacks.export.HFExport", "init_args": {"dirpath": exports[name]}}]
         if stage == "rl":
             extra = {"value_model": {"pretrained": sft_dir}} if case == "ppo" else {}
+            if case == "p3o":                        # a reward-stage export as the reward: sharded too
+                extra["reward"] = {"class_path": "modules.rewards.RewardModel",
+                                   "init_args": {"path": reward_dir, "normalize": False}}
             config = tiny_rl_config(tmp_path, sft_dir, source=source, name=f"{name}.yaml", extra_callbacks=callbacks,
                                     model={**model, **extra}, devices=2, strategy=strategy)
         else:

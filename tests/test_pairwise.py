@@ -1,0 +1,75 @@
+"""Pairwise rewards (`modules.rewards.PairwiseReward`): every pair of a group asked once, the antisymmetric
+matrix, the tournament for per-response objectives, validation as strict as for scalar rewards, and P3O trained
+on r(a) - r(b) equal to P3O trained on r."""
+import math
+
+import pytest
+import torch
+
+from modules.batch import Rollout
+from modules.rewards import DifferenceOf, PairwiseReward, RewardError, score_pairs, tournament_scores
+from tests.helpers import tiny_rl_config
+from train import cli_main
+
+
+def _rollout(responses: list[str], K: int) -> Rollout:
+    n = len(responses)
+    ids = torch.ones(n, 3, dtype=torch.long)
+    return Rollout(ids, torch.ones_like(ids), torch.ones(n, 1, dtype=torch.long), 2, K,
+                   [f"p{i // K}" for i in range(n)], responses, torch.ones(n, dtype=torch.bool))
+
+
+class Table(PairwiseReward):
+    """f(a, b) = score[a] - score[b] from a dict, recording every call."""
+
+    def __init__(self, scores: dict, broken: str | None = None):
+        self.scores, self.broken, self.calls = scores, broken, []
+
+    def __call__(self, prompts, a, b):
+        self.calls.append((list(prompts), list(a), list(b)))
+        if self.broken == "count":
+            return [0.0]
+        return [float("nan") if self.broken == "nan" and x == "y" else self.scores[x] - self.scores[y]
+                for x, y in zip(a, b)]
+
+
+def test_every_pair_is_asked_once_and_the_matrix_is_antisymmetric():
+    """K = 3, one prompt: pairs (0,1), (0,2), (1,2) in one call; M[a, b] = f(a, b), M[b, a] = -f(a, b)."""
+    reward = Table({"x": 0.5, "y": 2.0, "z": -1.0})
+    M, replaced = score_pairs(reward, _rollout(["x", "y", "z"], 3))
+    assert replaced == 0 and len(reward.calls) == 1
+    assert reward.calls[0][1:] == (["x", "x", "y"], ["y", "z", "z"])
+    assert torch.allclose(M, torch.tensor([[0.0, -1.5, 1.5], [1.5, 0.0, 3.0], [-1.5, -3.0, 0.0]]))
+
+
+def test_tournament_is_the_win_fraction():
+    """The docstring's example, and K = 3: mean of sigmoid over the 2 opponents."""
+    M = torch.tensor([[0.0, -1.5], [1.5, 0.0]])
+    assert torch.allclose(tournament_scores(M, 2), torch.tensor([0.1824, 0.8176]), atol=1e-4)
+    M3 = torch.tensor([[0.0, 1.0, 2.0], [-1.0, 0.0, 0.0], [-2.0, 0.0, 0.0]])
+    s = lambda x: 1 / (1 + math.exp(-x))  # noqa: E731
+    expected = [(s(1) + s(2)) / 2, (s(-1) + s(0)) / 2, (s(-2) + s(0)) / 2]
+    assert torch.allclose(tournament_scores(M3, 3), torch.tensor(expected), atol=1e-6)
+
+
+@pytest.mark.parametrize("broken, message", [("count", r"returned 1 values for 3 pairs"),
+                                             ("nan", r"returned nan for pair 0 of 3 \(prompt 'p0', a 'x', b 'y'\)")])
+def test_a_bad_pairwise_reward_is_named_with_the_pair(broken, message):
+    with pytest.raises(RewardError, match=message):
+        score_pairs(Table({"x": 0.0, "y": 1.0, "z": 2.0}, broken), _rollout(["x", "y", "z"], 3))
+
+
+def test_p3o_on_a_pairwise_difference_equals_p3o_on_the_scalar_reward(tmp_path, sft_dir):
+    """P3O with f(x, a, b) = r(a) - r(b) (`DifferenceOf(GoldReward)`) takes the updates it takes with r: the same
+    weights at the end within float rounding (r(a) - r(b) is rounded once instead of twice)."""
+    gold = {"class_path": "datamodules.task.GoldReward"}
+    runs = {}
+    for name, reward in (("scalar", gold), ("pairwise", {"class_path": "modules.rewards.DifferenceOf",
+                                                         "init_args": {"reward": gold}})):
+        cli = cli_main(["fit", "--config", tiny_rl_config(tmp_path, sft_dir, name=f"{name}.yaml",
+                                                          model={"reward": reward})])
+        runs[name] = torch.cat([p.detach().flatten() for p in cli.model.policy.parameters()])
+        if name == "pairwise":
+            assert isinstance(cli.model.reward, DifferenceOf)
+            assert "train/pair_reward_abs" in cli.trainer.callback_metrics
+    assert (runs["scalar"] - runs["pairwise"]).abs().max() < 1e-5
