@@ -124,13 +124,15 @@ class Evaluation(L.Callback):
             demos = [e.get("chosen") for e in examples]
             if all(isinstance(d, str) for d in demos):
                 out["val/demo_gold_reward"] = self._gold(collated.prompts, demos).mean().item()
-        proxy = pl_module.score(roll).float().cpu() if hasattr(pl_module, "score") else None
+        # a pairwise reward compares responses to one prompt: one sample per prompt has no proxy score
+        pairwise = getattr(getattr(pl_module, "reward", None), "pairwise", False)
+        proxy = pl_module.score(roll).float().cpu() if hasattr(pl_module, "score") and not pairwise else None
         if proxy is not None:
             out["val/reward"] = proxy.mean().item()
         if hasattr(pl_module, "reference_model"):
             out.update(self._against_reference(pl_module, roll, ids, mask, collated.prompts, config, gold, proxy))
-        shown = [(p, r, g) for p, r, g in zip(roll.prompts, roll.responses,
-                                               gold.tolist() if gold is not None else proxy.tolist())]
+        scores = gold if gold is not None else proxy if proxy is not None else torch.full((len(roll),), float("nan"))
+        shown = [(p, r, g) for p, r, g in zip(roll.prompts, roll.responses, scores.tolist())]
         return out, shown[: self.show]
 
     def _gold(self, prompts, responses) -> torch.Tensor | None:
@@ -142,10 +144,13 @@ class Evaluation(L.Callback):
         with pl_module.reference_model() as ref:
             ref_logp = F.sequence_logprobs(pl_module.logprobs(ref, roll, T), roll.response_mask)
             ref_roll = _generate(pl_module)(ref, pl_module.tokenizer, ids, mask, prompts, config)
+        kl = {"val/kl": (logp - ref_logp).mean().item()}
         if gold is not None:
             ours, theirs = gold, self._gold(prompts, ref_roll.responses)
-        else:
+        elif proxy is not None:
             ours, theirs = proxy, pl_module.score(ref_roll).float().cpu()
+        else:                                  # a pairwise reward without a gold one: no score to compare
+            return kl
         wins = (ours > theirs).float() + 0.5 * (ours == theirs).float()
         return {"val/kl": (logp - ref_logp).mean().item(), "val/win_rate": wins.mean().item()}
 

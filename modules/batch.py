@@ -33,6 +33,7 @@ class Rollout:
     values: torch.Tensor | None = None       # (N, L) value estimates (objectives with needs_values)
     sampler_logp: torch.Tensor | None = None  # (N, L) the engine's own logprobs, kept when pi_old is a forward's
     sampler_weights: torch.Tensor | None = None  # (N, L) mismatch correction pi_old / pi_sampler (engine.correction)
+    pair_rewards: torch.Tensor | None = None  # (N, K) pairwise reward of each response over each of its group's
     timings: dict[str, float] = field(default_factory=dict)  # perf/* seconds spent building it
 
     def __len__(self) -> int:
@@ -49,7 +50,8 @@ class Rollout:
         return Rollout(self.input_ids[rows], self.attention_mask[rows], self.response_mask[rows], self.prompt_length,
                        self.group_size, [self.prompts[i] for i in idx], [self.responses[i] for i in idx],
                        self.has_eos[rows], take(self.rewards), take(self.old_logp), take(self.ref_logp),
-                       take(self.values), take(self.sampler_logp), take(self.sampler_weights))
+                       take(self.values), take(self.sampler_logp), take(self.sampler_weights),
+                       take(self.pair_rewards))
 
 
 @dataclass
@@ -69,6 +71,7 @@ class ObjectiveInput:
     max_new_tokens: int | None = None        # the sampler's response budget (Dr. GRPO's constant normaliser)
     tokens_per_rank: float | None = None     # response tokens of this update's minibatch, mean over ranks (DAPO)
     sampler_weights: torch.Tensor | None = None  # (N, L) detached pi_old / pi_sampler weights (engine.correction)
+    pair_rewards: torch.Tensor | None = None  # (N, K) a pairwise reward's M[i K + a, b] = f(x_i, y_a, y_b) (else None)
 
     def token_weights(self) -> torch.Tensor | float:
         """(N, L) mismatch-correction weights of each token's policy loss; 1.0 without a correction."""

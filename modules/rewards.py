@@ -1,7 +1,9 @@
 """Rewards the RL stage can optimise. Any object works if it is one of:
   * `score(rollout, tokenizer) -> Tensor (N,)` (token-level access, e.g. `RewardModel`), or
   * a plain callable `(prompts: list[str], responses: list[str]) -> list[float]` (e.g. the embedded task's
-    `datamodules.task.GoldReward`, or a rule-based reward of yours), selected by `class_path`.
+    `datamodules.task.GoldReward`, or a rule-based reward of yours), selected by `class_path`, or
+  * a *pairwise* reward: an object with `pairwise = True` called as `(prompts, responses_a, responses_b) ->
+    list[float]`, the logit of P(a preferred over b) for each pair (`PairwiseReward`; `score_pairs`).
 """
 from __future__ import annotations
 
@@ -10,6 +12,7 @@ import json
 import logging
 import os
 import random
+from typing import Callable
 
 import torch
 from torch import nn
@@ -88,6 +91,12 @@ class PromptShift(nn.Module):
 
     Worked example (seed 0): z('a') = 1.3305 (sha256 of b'0\\x00a' seeding Python's Mersenne Twister, then gauss),
     so with scale 2 and reward_std 0.5 every response to 'a' gets delta = 2 * 0.5 * 1.3305 = 1.3305 added.
+
+    Args:
+        reward: the wrapped reward (any reward the RL module takes but a pairwise one).
+        scale: the offset's size in units of `reward_std`.
+        seed: seeds z(x) together with the prompt text.
+        reward_std: the wrapped reward's std (1 for a normalised `RewardModel`).
     """
 
     def __init__(self, reward, scale: float = 1.0, seed: int = 0, reward_std: float = 1.0):
@@ -95,6 +104,9 @@ class PromptShift(nn.Module):
         if not (scale >= 0 and reward_std > 0):
             raise ValueError(f"PromptShift: expected scale >= 0 and reward_std > 0, got scale={scale}, "
                              f"reward_std={reward_std}")
+        if is_pairwise(reward):
+            raise ValueError(f"PromptShift: {qualified_name(reward)} is a pairwise reward; a per-prompt offset cancels "
+                             "in every pair, so there is nothing to shift")
         self.reward, self.scale, self.seed, self.reward_std = reward, float(scale), int(seed), float(reward_std)
 
     def offset(self, prompt: str) -> float:
@@ -164,6 +176,93 @@ def _numbers(values, reward, n: int) -> torch.Tensor:
         raise RewardError(f"reward {name} returned {got} for {n} responses; expected one number per response "
                           "(rewards would be misaligned with responses)")
     return tensor
+
+
+class PairwiseReward:
+    """The pairwise reward interface: `reward(prompts, responses_a, responses_b) -> list[float]`, one number per
+    pair, the logit of P(a preferred over b) (a Bradley-Terry margin). Subclass it (or set `pairwise = True` on
+    your callable) and select it by `class_path` as the RL module's `reward`.
+
+    The RL module asks it about every pair (i, j), i < j, of each group of K responses to a prompt: K (K - 1) / 2
+    comparisons per prompt. P3O and online DPO use each pair's number directly (as r_i - r_j); the other
+    objectives get per-response scores from the tournament (`tournament_scores`)."""
+
+    pairwise = True
+
+    def __call__(self, prompts: list[str], responses_a: list[str], responses_b: list[str]) -> list[float]:
+        raise NotImplementedError
+
+
+class DifferenceOf(PairwiseReward):
+    """A pairwise reward from a scalar one: f(x, a, b) = r(x, a) - r(x, b) (the Bradley-Terry margin of r).
+
+    Args:
+        reward: a text reward `(prompts, responses) -> list[float]` (e.g. `datamodules.task.GoldReward`).
+    """
+
+    def __init__(self, reward: Callable):
+        self.reward = reward
+
+    def __call__(self, prompts, responses_a, responses_b):
+        a, b = self.reward(prompts, responses_a), self.reward(prompts, responses_b)
+        return [x - y for x, y in zip(a, b)]
+
+
+def is_pairwise(reward) -> bool:
+    return bool(getattr(reward, "pairwise", False))
+
+
+def score_pairs(reward, rollout: Rollout, nonfinite: float | None = None) -> tuple[torch.Tensor, int]:
+    """(M (N, K), non-finite count) for a pairwise reward: M[i K + a, b] = f(x_i, y_a, y_b), the pairwise reward of
+    response a over response b of group i, asked once per pair a < b in one call; M[., b, a] = -M[., a, b] (a
+    logit of P(a over b) is minus that of P(b over a)) and the diagonal is 0. Validated like a scalar reward: one
+    finite number per pair, or a `RewardError` naming the reward, the pair and its texts (`nonfinite` replaces
+    NaN / inf instead).
+
+    Example (K = 2, one prompt, f = r(a) - r(b) with r = [0.5, 2.0]): M = [[0, -1.5], [1.5, 0]]."""
+    K, n = rollout.group_size, len(rollout)
+    first, second = torch.triu_indices(K, K, offset=1)                          # (P_g,) each
+    rows_a = (torch.arange(0, n, K)[:, None] + first).flatten().tolist()
+    rows_b = (torch.arange(0, n, K)[:, None] + second).flatten().tolist()
+    values = reward([rollout.prompts[i] for i in rows_a], [rollout.responses[i] for i in rows_a],
+                    [rollout.responses[j] for j in rows_b])
+    name = qualified_name(reward)
+    try:
+        tensor = torch.as_tensor(values, dtype=torch.float32).detach().cpu()
+    except (TypeError, ValueError, RuntimeError) as err:
+        raise RewardError(f"pairwise reward {name} returned {type(values).__name__} that is not a sequence of "
+                          f"numbers ({err}); expected {len(rows_a)} floats, one per pair") from None
+    if tensor.shape != (len(rows_a),):
+        got = f"{tensor.numel()} values" if tensor.dim() == 1 else f"shape {tuple(tensor.shape)}"
+        raise RewardError(f"pairwise reward {name} returned {got} for {len(rows_a)} pairs; expected one number "
+                          f"per pair (K = {K} responses per prompt: K (K - 1) / 2 pairs each)")
+    bad = ~torch.isfinite(tensor)
+    if bad.any():
+        p = int(bad.nonzero()[0])
+        i, j = rows_a[p], rows_b[p]
+        if nonfinite is None:
+            raise RewardError(f"pairwise reward {name} returned {tensor[p].item()} for pair {p} of {len(rows_a)} "
+                              f"(prompt {rollout.prompts[i]!r}, a {rollout.responses[i]!r}, b "
+                              f"{rollout.responses[j]!r}) and {int(bad.sum()) - 1} more non-finite; expected finite "
+                              "numbers (set model.init_args.nonfinite_reward: <value> to replace them)")
+        tensor = torch.where(bad, torch.full_like(tensor, nonfinite), tensor)
+    M = torch.zeros(n, K)
+    M[rows_a, second.repeat(n // K).tolist()] = tensor
+    M[rows_b, first.repeat(n // K).tolist()] = -tensor
+    return M.to(rollout.input_ids.device), int(bad.sum())
+
+
+def tournament_scores(pair_rewards: torch.Tensor, group_size: int) -> torch.Tensor:
+    """Per-response scores from pairwise rewards, for objectives that need one number per response: the win
+    fraction, mean over the K - 1 opponents of sigmoid(M[a, b]) (in [0, 1]; 1/2 for a response as good as every
+    other). (N, K) -> (N,). It costs the K (K - 1) / 2 comparisons per prompt that `score_pairs` asked.
+
+    Example: M = [[0, -1.5], [1.5, 0]] -> [sigmoid(-1.5), sigmoid(1.5)] = [0.1824, 0.8176]."""
+    K = group_size
+    own = torch.arange(len(pair_rewards), device=pair_rewards.device) % K                  # (N,)
+    wins = torch.sigmoid(pair_rewards)
+    wins = wins.masked_fill(torch.nn.functional.one_hot(own, K).bool(), 0.0)
+    return wins.sum(-1) / max(K - 1, 1)
 
 
 def qualified_name(obj) -> str:

@@ -34,7 +34,7 @@ from modules.batch import ObjectiveInput, ObjectiveOutput, Rollout
 from modules.checks import ConfigError
 from modules.engines import Engine, Sampler, SamplerMismatchError
 from modules.objectives.base import Objective
-from modules.rewards import RewardModel, qualified_name
+from modules.rewards import RewardModel, is_pairwise, qualified_name, score_pairs, tournament_scores
 from modules.rewards import score as score_rewards
 from modules.sampling import SamplingConfig
 from modules.scoring import response_logprobs, token_scores
@@ -75,8 +75,10 @@ class RLModule(L.LightningModule):
     Args:
         policy: the policy backbone, usually `pretrained: <SFT export>` (optionally with `lora`).
         tokenizer: linked from the datamodule.
-        reward: `modules.rewards.RewardModel` (a reward-stage export) or any callable
-            `(prompts, responses) -> list[float]`, selected by class_path.
+        reward: `modules.rewards.RewardModel` (a reward-stage export), any callable
+            `(prompts, responses) -> list[float]`, or a pairwise reward `(prompts, responses_a, responses_b) ->
+            list[float]` (`modules.rewards.PairwiseReward`: P3O and online DPO use each pair's number as the
+            reward difference; other objectives get the tournament's win fractions), selected by class_path.
         objective: the RL objective (`modules.objectives.p3o.P3O`, ...).
         optimizer: the optimizer factory (class_path + init_args).
         scheduler: a learning-rate scheduler factory, stepped once per rollout (None: constant).
@@ -227,7 +229,11 @@ class RLModule(L.LightningModule):
 
     def score(self, rollout: Rollout) -> torch.Tensor:
         """Training reward (N,): the reward (validated: one finite number per response), minus
-        `missing_eos_penalty` where no EOS was emitted."""
+        `missing_eos_penalty` where no EOS was emitted. A pairwise reward also fills `rollout.pair_rewards` (N, K)
+        (`modules.rewards.score_pairs`; the penalty enters as f - pen_a + pen_b) and returns the tournament's win
+        fractions (`tournament_scores`)."""
+        if is_pairwise(self.reward):
+            return self._score_pairs(rollout)
         rewards, replaced = score_rewards(self.reward, rollout, self.tokenizer, self.nonfinite_reward,
                                           self.micro_batches(rollout))
         rewards = rewards.to(self.device)
@@ -238,6 +244,20 @@ class RLModule(L.LightningModule):
         if self.missing_eos_penalty is not None:
             rewards = rewards - self.missing_eos_penalty * (~rollout.has_eos).float()
         return rewards
+
+    def _score_pairs(self, rollout: Rollout) -> torch.Tensor:
+        pairs, replaced = score_pairs(self.reward, rollout, self.nonfinite_reward)
+        rollout.timings["train/nonfinite_rewards"] = float(replaced)
+        if replaced:
+            log.warning("pairwise reward %s: %d pairs were NaN or inf, replaced by nonfinite_reward=%s",
+                        qualified_name(self.reward), replaced, self.nonfinite_reward)
+        if self.missing_eos_penalty is not None:
+            K = rollout.group_size
+            penalty = self.missing_eos_penalty * (~rollout.has_eos).float().to(pairs.device)      # (N,)
+            pairs = pairs - penalty[:, None] + penalty.view(-1, K).repeat_interleave(K, 0)      # f - pen_a + pen_b
+        rollout.pair_rewards = pairs.to(self.device)
+        rollout.timings["train/pair_reward_abs"] = float(pairs.abs().sum() / max(pairs.numel() - len(pairs), 1))
+        return tournament_scores(rollout.pair_rewards, rollout.group_size)
 
     @torch.no_grad()
     def make_rollout(self, batch: PairBatch) -> Rollout:
@@ -290,7 +310,8 @@ class RLModule(L.LightningModule):
         return ObjectiveInput(logp=logp, old_logp=roll.old_logp, ref_logp=roll.ref_logp, mask=roll.response_mask,
                               rewards=roll.rewards, group_size=roll.group_size, values=values,
                               old_values=roll.values, extra=extra, max_new_tokens=self.sampling.max_new_tokens,
-                              tokens_per_rank=tokens_per_rank, sampler_weights=roll.sampler_weights)
+                              tokens_per_rank=tokens_per_rank, sampler_weights=roll.sampler_weights,
+                              pair_rewards=roll.pair_rewards)
 
     def minibatches(self, roll: Rollout) -> list[torch.Tensor]:
         """Row indices of each minibatch for one epoch: whole groups, shuffled by (seed, step)."""

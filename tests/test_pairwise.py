@@ -53,7 +53,7 @@ def test_tournament_is_the_win_fraction():
 
 
 @pytest.mark.parametrize("broken, message", [("count", r"returned 1 values for 3 pairs"),
-                                             ("nan", r"returned nan for pair 0 of 3 \(prompt 'p0', a 'x', b 'y'\)")])
+                                             ("nan", r"returned nan for pair 2 of 3 \(prompt 'p0', a 'y', b 'z'\)")])
 def test_a_bad_pairwise_reward_is_named_with_the_pair(broken, message):
     with pytest.raises(RewardError, match=message):
         score_pairs(Table({"x": 0.0, "y": 1.0, "z": 2.0}, broken), _rollout(["x", "y", "z"], 3))

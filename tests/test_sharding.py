@@ -144,9 +144,10 @@ CASES = {
 @pytest.mark.parametrize("case", list(CASES))
 def test_fsdp2_trains_like_ddp_and_exports_whole_weights(tmp_path, sft_dir, reward_dir, case):
     """A run on 2 CPU processes under FSDP2 (every model sharded: policy, reference, value, the reward stage's
-    scorer, the P3O run's reward model; LoRA adapters over a sharded base; SFT, reward and P3O in micro-batches, whose count the ranks agree
-    on): each rank trains on its own prompts and both end with the same weights. The RL runs equal the same
-    run under DDP within 1e-6 (float rounding of a reduce-scatter instead of an all-reduce), evaluation included.
+    scorer, the P3O run's reward model; LoRA adapters over a sharded base; SFT, reward and P3O in micro-batches,
+    whose count the ranks agree on): each rank trains on its own prompts and both end with the same weights. The RL
+    runs equal the same run under DDP within 1e-6 (float rounding of a reduce-scatter instead of an all-reduce),
+    evaluation included.
     The FSDP2 export, gathered on rank 0, loads with plain transformers and holds exactly the trained weights
     (LoRA merged: compared with DDP's export)."""
     stage, model, against_ddp = CASES[case]

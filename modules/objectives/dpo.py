@@ -39,11 +39,15 @@ class OnlineDPO(Objective):
             raise ValueError(f"OnlineDPO needs 2 responses per prompt, got group_size={batch.group_size}")
         implicit = F.sequence_logprobs(batch.logp, batch.mask) - F.sequence_logprobs(batch.ref_logp, batch.mask)
         h1, h2 = pair_view(implicit)                                     # (P,) implicit rewards
-        r1, r2 = pair_view(batch.rewards.float())
-        sign = torch.sign(r1 - r2)                                       # +1: y1 wins, -1: y2 wins
+        if batch.pair_rewards is None:
+            r1, r2 = pair_view(batch.rewards.float())
+            diff = r1 - r2                                               # (P,)
+        else:
+            diff = batch.pair_rewards[0::2, 1].float()                   # a pairwise reward: f(x, y1, y2)
+        sign = torch.sign(diff)                                          # +1: y1 wins, -1: y2 wins
         margin = self.beta * (h1 - h2) * sign                            # beta * [(w) - (l)]
         if self.soft_labels:
-            p, d = torch.sigmoid(r1 - r2), self.beta * (h1 - h2)
+            p, d = torch.sigmoid(diff), self.beta * (h1 - h2)
             losses = -(p * TF.logsigmoid(d) + (1 - p) * TF.logsigmoid(-d))
             keep = torch.ones_like(losses)
         else:

@@ -119,6 +119,15 @@ class P3O(Objective):
         r = self.rewards(batch)
         return r / self.reward_stats.unbiased_std.to(r.dtype) if self.scale_q else r
 
+    def pair_differences(self, batch: ObjectiveInput, i: torch.Tensor, j: torch.Tensor) -> torch.Tensor:
+        """f(x, y_i, y_j) of each pair (P,) from a pairwise reward (`batch.pair_rewards`), clipped by `reward_clip`.
+        It replaces r_i - r_j; `scale_q` needs scalar rewards."""
+        if self.scale_q:
+            raise ValueError("P3O: scale_q divides scalar rewards by their running std; with a pairwise reward set "
+                             "scale_q: false")
+        d = batch.pair_rewards[i, j % self.responses_per_prompt].float()
+        return d.clamp(-self.reward_clip, self.reward_clip) if self.reward_clip is not None else d
+
     def forward(self, batch: ObjectiveInput) -> ObjectiveOutput:
         K = self.responses_per_prompt
         if batch.group_size != K:
@@ -126,9 +135,13 @@ class P3O(Objective):
         logp = F.sequence_logprobs(batch.logp, batch.mask)                 # (N,)
         old = F.sequence_logprobs(batch.old_logp, batch.mask)              # (N,)
         ref = F.sequence_logprobs(batch.ref_logp, batch.mask)              # (N,)
-        r_hat = self.scaled_rewards(batch) - self.kl_coef * (logp.detach() - ref)  # (N,) KL-shaped, detached
         i, j = group_pairs(len(logp), K, logp.device)                     # (P,) each
-        delta = r_hat[i] - r_hat[j]                                        # (P,)
+        if batch.pair_rewards is None:
+            r_hat = self.scaled_rewards(batch) - self.kl_coef * (logp.detach() - ref)  # (N,) KL-shaped, detached
+            delta = r_hat[i] - r_hat[j]                                    # (P,)
+        else:                                                              # a pairwise reward: f(x, y_i, y_j)
+            kl = logp.detach() - ref
+            delta = self.pair_differences(batch, i, j) - self.kl_coef * (kl[i] - kl[j])
         if self.variant == "v1":
             objective, clipped = p3o_v1_terms(delta, logp[i] - old[i], logp[j] - old[j], self.clip_eps, self.is_cap)
         else:
