@@ -59,15 +59,18 @@ def test_a_bad_pairwise_reward_is_named_with_the_pair(broken, message):
         score_pairs(Table({"x": 0.0, "y": 1.0, "z": 2.0}, broken), _rollout(["x", "y", "z"], 3))
 
 
-def test_p3o_on_a_pairwise_difference_equals_p3o_on_the_scalar_reward(tmp_path, sft_dir):
-    """P3O with f(x, a, b) = r(a) - r(b) (`DifferenceOf(GoldReward)`) takes the updates it takes with r: the same
-    weights at the end within float rounding (r(a) - r(b) is rounded once instead of twice)."""
+@pytest.mark.parametrize("k", [2, 4])
+def test_p3o_on_a_pairwise_difference_equals_p3o_on_the_scalar_reward(tmp_path, sft_dir, k):
+    """P3O (K = 2, and K = 4: all 6 pairs of a group) with f(x, a, b) = r(a) - r(b) (`DifferenceOf(GoldReward)`)
+    takes the updates it takes with r: the same weights at the end within float rounding (r(a) - r(b) is rounded
+    once instead of twice)."""
     gold = {"class_path": "datamodules.task.GoldReward"}
     runs = {}
     for name, reward in (("scalar", gold), ("pairwise", {"class_path": "modules.rewards.DifferenceOf",
                                                          "init_args": {"reward": gold}})):
         cli = cli_main(["fit", "--config", tiny_rl_config(tmp_path, sft_dir, name=f"{name}.yaml",
-                                                          model={"reward": reward})])
+                                                          model={"reward": reward, "objective": {"init_args": {"k": k}}})])
+        assert cli.model.objective.responses_per_prompt == k
         runs[name] = torch.cat([p.detach().flatten() for p in cli.model.policy.parameters()])
         if name == "pairwise":
             assert isinstance(cli.model.reward, DifferenceOf)
