@@ -6,8 +6,8 @@
 
 The config's RL stage for `--rollouts` rollouts (the first one a warm-up; no evaluation, checkpoints or logger),
 once per layout of `RLModule`'s logprob passes (pi_ref and the updates), each in its own process, alternating:
-  packed    the default: each prompt once per group, padding dropped (`F.packed_prompt_layout`)
-  padded    each prompt once per group, padding kept (`prompt_layout: padded`, `F.shared_prompt_layout`; what
+  packed    the default: each prompt once per group, padding dropped (`layout.packed_prompt_layout`)
+  padded    each prompt once per group, padding kept (`prompt_layout: padded`, `layout.shared_prompt_layout`; what
             models partitioned by DeepSpeed ZeRO-3 run)
   unshared  one row per response (`share_prompts: false`)
 Random weights never stop early, real ones do: responses end at different lengths, and the padding after each

@@ -174,7 +174,6 @@ class VLLM(Engine):
         cpu = not torch.cuda.is_available()
         if cpu:
             _check_cpu_head_size(model.config)
-        if cpu:
             os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", f"{self.cpu_kv_cache_gb:g}")
         self._folder = tempfile.TemporaryDirectory(prefix="p3o-vllm-")
         save_pretrained(model, tokenizer, self._folder.name)

@@ -21,6 +21,7 @@ from lightning.pytorch.plugins.precision import DoublePrecision, HalfPrecision, 
 
 from datamodules.batch import PairBatch
 from modules import functional as F
+from modules import layout
 from modules.backbone import (
     BackboneSpec,
     build_causal_lm,
@@ -100,7 +101,7 @@ class RLModule(L.LightningModule):
             under mixed precision (there the decode and the forward round differently).
         share_prompts: compute each prompt once for its K responses: in the sampler's prefill (one KV cache per
             prompt, repeated K times) and in every logprob forward (pi_ref, pi_old, the updates;
-            `modules.scoring.response_logprobs` with the group size, where `modules.scoring.shares_prompts`
+            `modules.scoring.response_logprobs` with the group size, where `modules.layout.shares_prompts`
             allows it). On by default: the same numbers up to float rounding, fewer FLOPs.
         prompt_layout: how a logprob forward lays out a group that shares its prompt: 'packed' (default) drops
             the padding after each response's EOS; 'padded' keeps it (what models partitioned by DeepSpeed ZeRO-3
@@ -197,10 +198,10 @@ class RLModule(L.LightningModule):
             return [rows]
         K = roll.group_size
         tokens = roll.attention_mask.view(len(roll) // K, -1).sum(-1)                      # (groups,)
-        count = len(F.micro_batch_groups(tokens, self.micro_batch_tokens))
+        count = len(layout.micro_batch_groups(tokens, self.micro_batch_tokens))
         if self._trainer is not None and self.trainer.world_size > 1 and (agree or is_sharded(self.policy)):
             count = int(self.trainer.strategy.reduce(torch.tensor(count, device=self.device), reduce_op="max"))
-        return [rows[a * K: b * K] for a, b in F.micro_batch_groups(tokens, self.micro_batch_tokens, count)]
+        return [rows[a * K: b * K] for a, b in layout.micro_batch_groups(tokens, self.micro_batch_tokens, count)]
 
     def logprobs(self, model, rollout: Rollout, temperature: float | None = None) -> torch.Tensor:
         """Per-token response logprobs (N, L) at the sampling temperature (or `temperature`): the one place they

@@ -9,6 +9,7 @@ import contextlib
 import torch
 
 from modules import functional as F
+from modules import layout
 from modules.sharding import is_partitioned, is_sharded
 
 
@@ -46,14 +47,14 @@ def response_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.Tens
     (`head_chunk`; `F.linear_token_logprobs`): the (tokens, vocabulary) logits never exist whole, in the forward or
     the backward. Elsewhere the whole logits are computed (finite values after the EOS).
 
-    `group_size` K > 1 (rows i * K + k share prompt i): where `shares_prompts` allows it, the prompt is computed
-    once per group, and padding not at all (`F.packed_prompt_layout`): G rows of at most P + K L real tokens
+    `group_size` K > 1 (rows i * K + k share prompt i): where `layout.shares_prompts` allows it, the prompt is computed
+    once per group, and padding not at all (`layout.packed_prompt_layout`): G rows of at most P + K L real tokens
     instead of N = G K rows of P + L. The same numbers on every
     real token up to float rounding, with fewer FLOPs (K = 2, P = 42, L = 32, no padding: 0.72x the tokens).
     Models partitioned by DeepSpeed ZeRO-3, whose LM head cannot be applied apart from the model's forward, keep
-    the padding (`F.shared_prompt_layout`; finite values after the EOS), as every model does with `packed=False`.
+    the padding (`layout.shared_prompt_layout`; finite values after the EOS), as every model does with `packed=False`.
     Every consumer masks the positions after the EOS."""
-    if group_size > 1 and shares_prompts(model, input_ids, attention_mask, prompt_length, group_size):
+    if group_size > 1 and layout.shares_prompts(model, input_ids, attention_mask, prompt_length, group_size):
         if packed and not is_partitioned(model):
             return _packed_prompt_logprobs(model, input_ids, attention_mask, prompt_length, temperature, group_size,
                                            chunk)
@@ -82,18 +83,18 @@ def target_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.Tensor
 
 def micro_batch_ranges(tokens: torch.Tensor, budget: int | None, model) -> list[tuple[int, int]]:
     """Consecutive row ranges of at most `budget` real tokens each (`tokens` (B,): each row's; a row over the
-    budget alone; `F.micro_batch_groups`), as many on every rank when `model` is sharded (every forward is then a
+    budget alone; `layout.micro_batch_groups`), as many on every rank when `model` is sharded (every forward is then a
     collective): the most any rank needs. `budget` None: one range of every row."""
     if budget is None:
         return [(0, len(tokens))]
-    count = len(F.micro_batch_groups(tokens, budget))
+    count = len(layout.micro_batch_groups(tokens, budget))
     if is_sharded(model):
         import torch.distributed as dist
 
         most = torch.tensor(count, device=tokens.device)
         dist.all_reduce(most, op=dist.ReduceOp.MAX)
         count = int(most)
-    return F.micro_batch_groups(tokens, budget, count)
+    return layout.micro_batch_groups(tokens, budget, count)
 
 
 def in_parts(fn, ranges: list[tuple[int, int]], *tensors: torch.Tensor) -> torch.Tensor:
@@ -123,55 +124,24 @@ def head_logprobs(head, hidden: torch.Tensor, labels: torch.Tensor, temperature:
 
 def splits_head(model) -> bool:
     """Whether the model's logits are its LM head applied to its decoder's last hidden states, callable apart:
-    a model of `SHARED_PROMPT_MODELS` (no logit scaling or soft-capping in between) whose parameters are not
+    a model of `layout.SHARED_PROMPT_MODELS` (no logit scaling or soft-capping in between) whose parameters are not
     partitioned by DeepSpeed (an FSDP2 root keeps its LM head gathered after its forward: `modules.sharding`)."""
     model_type = getattr(getattr(model, "config", None), "model_type", None)
-    return model_type in SHARED_PROMPT_MODELS and not is_partitioned(model)
-
-
-# Attention implementations that apply a custom 4D mask as given: a boolean one for SDPA, an additive one for eager.
-CUSTOM_MASK_ATTENTION = {"sdpa": "bool", "eager": "additive"}
-# Decoders whose attention is plain causal attention over position ids, so that a custom mask with the same
-# positions reproduces it exactly (tested for each in tests/test_shortcuts.py). Others (ALiBi, sliding windows,
-# bidirectional prefixes) build masks of their own and keep the one-row-per-response layout.
-SHARED_PROMPT_MODELS = ("llama", "mistral", "qwen2", "qwen3")
-
-
-def shares_prompts(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, prompt_length: int,
-                   group_size: int) -> bool:
-    """Whether `response_logprobs` can compute each group's prompt once. It needs all of:
-    - a decoder of `SHARED_PROMPT_MODELS`, with an attention implementation that takes a custom mask;
-    - no sliding window shorter than the rows (a window that long never cuts anything off);
-    - whole groups, the K rows of each holding the same prompt (ids and mask)."""
-    config = getattr(model, "config", None)
-    N, K = input_ids.shape[0], group_size
-    if (N % K or getattr(config, "model_type", None) not in SHARED_PROMPT_MODELS
-            or getattr(config, "_attn_implementation", None) not in CUSTOM_MASK_ATTENTION
-            or input_ids.shape[1] > (window(config) or input_ids.shape[1])):
-        return False
-    grouped = torch.stack([input_ids[:, :prompt_length], attention_mask[:, :prompt_length]]).view(2, N // K, K, -1)
-    return bool((grouped == grouped[:, :, :1]).all())
-
-
-def window(config) -> int | None:
-    """The sliding-window length in use, None without one (Qwen2/3 set a length but switch it off)."""
-    if not getattr(config, "use_sliding_window", True):
-        return None
-    return getattr(config, "sliding_window", None)
+    return model_type in layout.SHARED_PROMPT_MODELS and not is_partitioned(model)
 
 
 def _shared_prompt_logprobs(model, input_ids, attention_mask, prompt_length, temperature, group_size):
     N, T = input_ids.shape
     L = T - prompt_length
-    gather, position_ids, allowed, keep = F.shared_prompt_layout(attention_mask, prompt_length, group_size)
+    gather, position_ids, allowed, keep = layout.shared_prompt_layout(attention_mask, prompt_length, group_size)
     packed = input_ids.flatten()[gather]                                                      # (G, P + K L)
-    logits = lm_logits(model, packed, _custom_mask(model, allowed), keep, position_ids)       # (G, K L, V)
+    logits = lm_logits(model, packed, layout.custom_mask(model, allowed), keep, position_ids)       # (G, K L, V)
     return F.token_logprobs(logits.reshape(N, L, -1), input_ids[:, prompt_length:], temperature)
 
 
 def _packed_prompt_logprobs(model, input_ids, attention_mask, prompt_length, temperature, group_size, chunk):
-    gather, position_ids, allowed, source = F.packed_prompt_layout(attention_mask, prompt_length, group_size)
-    hidden = decoder_states(model, input_ids.flatten()[gather], _custom_mask(model, allowed), position_ids)  # (G, T', H)
+    gather, position_ids, allowed, source = layout.packed_prompt_layout(attention_mask, prompt_length, group_size)
+    hidden = decoder_states(model, input_ids.flatten()[gather], layout.custom_mask(model, allowed), position_ids)  # (G, T', H)
     real = attention_mask[:, prompt_length:].bool()                                          # (N, L)
     head = causal_lm_parts(model)[1]
     logp = head_logprobs(head, hidden.flatten(0, 1)[source[real]], input_ids[:, prompt_length:][real], temperature,
@@ -204,16 +174,9 @@ def _output_of(module: torch.nn.Module):
 
 def causal_lm_parts(model):
     """(decoder, LM head) of a causal LM (peft-wrapped or not): the hidden states and the head applied to them
-    give the model's logits for the decoders of `SHARED_PROMPT_MODELS`."""
+    give the model's logits for the decoders of `layout.SHARED_PROMPT_MODELS`."""
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     return base.get_decoder(), base.get_output_embeddings()
-
-
-def _custom_mask(model, allowed: torch.Tensor) -> torch.Tensor:
-    """The boolean mask as the model's attention implementation takes it (additive: 0 or float32 min)."""
-    if CUSTOM_MASK_ATTENTION[model.config._attn_implementation] == "additive":
-        return torch.zeros(allowed.shape, device=allowed.device).masked_fill(~allowed, torch.finfo(torch.float32).min)
-    return allowed
 
 
 def scorer_head(scorer):
@@ -241,14 +204,14 @@ def sequence_rewards(scorer, input_ids: torch.Tensor, attention_mask: torch.Tens
     """Reward read at the last real token of each row, whatever the padding side. (B, T) -> (B,).
 
     A rollout's rows (`prompt_length` P, `group_size` K > 1: rows i * K + k share prompt i) are scored with each
-    prompt computed once per group and no padding where `shares_prompts` allows it (`F.packed_prompt_layout`, as
+    prompt computed once per group and no padding where `layout.shares_prompts` allows it (`layout.packed_prompt_layout`, as
     in `response_logprobs`; the scalar head is applied apart from the backbone, so this holds for every scorer),
-    each reward read at its row's last real token in the packed rows (`F.packed_last_token`)."""
-    if not (group_size > 1 and shares_prompts(scorer, input_ids, attention_mask, prompt_length, group_size)):
+    each reward read at its row's last real token in the packed rows (`layout.packed_last_token`)."""
+    if not (group_size > 1 and layout.shares_prompts(scorer, input_ids, attention_mask, prompt_length, group_size)):
         return F.gather_last(token_scores(scorer, input_ids, attention_mask), attention_mask)
-    gather, position_ids, allowed, _ = F.packed_prompt_layout(attention_mask, prompt_length, group_size)
-    scores = token_scores(scorer, input_ids.flatten()[gather], _custom_mask(scorer, allowed), position_ids)
-    return scores.flatten()[F.packed_last_token(attention_mask, prompt_length, group_size, gather)]   # (N,)
+    gather, position_ids, allowed, _ = layout.packed_prompt_layout(attention_mask, prompt_length, group_size)
+    scores = token_scores(scorer, input_ids.flatten()[gather], layout.custom_mask(scorer, allowed), position_ids)
+    return scores.flatten()[layout.packed_last_token(attention_mask, prompt_length, group_size, gather)]   # (N,)
 
 
 @torch.no_grad()

@@ -5,6 +5,7 @@ import torch
 from datamodules.collate import PairCollator, encode_prompt
 from modules import functional as F
 from modules.backbone import BackboneSpec
+from modules.layout import micro_batch_groups
 from modules.objectives.dpo import OnlineDPO
 from modules.objectives.grpo import GRPO
 from modules.objectives.p3o import P3O
@@ -21,10 +22,10 @@ def test_micro_batch_groups_literal_example():
     """The docstring's example: tokens [3, 4, 2, 6, 1], budget 7 -> (0, 2), (2, 3), (3, 5); four parts -> the first
     (two groups, the most) halved; a group over the budget stays whole; never more parts than groups."""
     tokens = torch.tensor([3, 4, 2, 6, 1])
-    assert F.micro_batch_groups(tokens, 7) == [(0, 2), (2, 3), (3, 5)]
-    assert F.micro_batch_groups(tokens, 7, parts=4) == [(0, 1), (1, 2), (2, 3), (3, 5)]
-    assert F.micro_batch_groups(torch.tensor([9, 9]), 7) == [(0, 1), (1, 2)]
-    assert F.micro_batch_groups(torch.tensor([1, 1]), 100, parts=5) == [(0, 1), (1, 2)]
+    assert micro_batch_groups(tokens, 7) == [(0, 2), (2, 3), (3, 5)]
+    assert micro_batch_groups(tokens, 7, parts=4) == [(0, 1), (1, 2), (2, 3), (3, 5)]
+    assert micro_batch_groups(torch.tensor([9, 9]), 7) == [(0, 1), (1, 2)]
+    assert micro_batch_groups(torch.tensor([1, 1]), 100, parts=5) == [(0, 1), (1, 2)]
 
 
 def objective(name: str, k: int):

@@ -6,8 +6,9 @@ import torch
 
 from datamodules.collate import PairCollator, encode_prompt, encode_response
 from modules.backbone import BackboneSpec, build_causal_lm
+from modules.layout import shares_prompts
 from modules.reward import RewardModule, stack_pair
-from modules.scoring import score_texts, sequence_rewards, shares_prompts, token_scores
+from modules.scoring import score_texts, sequence_rewards, token_scores
 
 
 def examples(tokenizer, rows):

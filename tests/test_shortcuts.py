@@ -167,7 +167,7 @@ def test_shared_prompt_logprobs_and_gradients_equal_one_row_per_response(tokeniz
     default: padding dropped, the decoder sees fewer columns than the padded layout's P + K L) and padded (what a
     model partitioned by DeepSpeed ZeRO-3 runs; `prompt_layout: padded`). The packed path runs the LM head on the real
     response tokens only and returns exactly 0 after each response."""
-    from modules.scoring import shares_prompts
+    from modules.layout import shares_prompts
 
     config = {**TINY_SHAPE, "model_type": model_type.split("-")[0], "attn_implementation": attention,
               "num_key_value_heads": 1}
@@ -203,7 +203,7 @@ def test_shared_prompt_logprobs_and_gradients_equal_one_row_per_response(tokeniz
 def test_prompts_are_shared_only_where_the_layout_is_exact(tokenizer):
     """Falls back to one row per response when a group's rows hold different prompts, when groups are not whole,
     for a sliding window shorter than the rows, and for an attention implementation that ignores custom masks."""
-    from modules.scoring import shares_prompts
+    from modules.layout import shares_prompts
 
     ids, mask, _ = _grouped_rows(tokenizer)
     llama = build_causal_lm(BackboneSpec(config={**TINY_SHAPE, "model_type": "llama"}), tokenizer)
