@@ -24,6 +24,7 @@ from callbacks.checkpoint import interrupted
 from callbacks.export import ExportError, HFExport
 from datamodules.sources import DataError
 from modules.checks import ConfigError, config_problem, config_warnings
+from modules.cpu import reuse_freed_memory
 from modules.engines import SamplerMismatchError
 from modules.rewards import RewardError
 from modules.rl import NonFiniteError
@@ -64,27 +65,6 @@ class RLHFCLI(LightningCLI):
                 callback.dirpath = export_dir
         if self.trainer.strategy.root_device.type == "cpu":
             reuse_freed_memory()
-
-
-def reuse_freed_memory() -> bool:
-    """CPU training: let glibc keep freed memory for the next allocation instead of returning it to the OS.
-
-    By default glibc serves blocks above its mmap threshold (128 KB, rising to at most 32 MB) from a fresh mmap and
-    unmaps them on free, so blocks of 50-113 MB (logits over a 49k vocabulary, an embedding's gradient) pay page
-    faults to zero their pages again on every step. `mallopt` with no
-    mmap and no trimming reuses them (what jemalloc / tcmalloc, which PyTorch's CPU tuning guide recommends,
-    do). Numbers are unchanged; the process keeps its peak memory mapped. Off with P3O_REUSE_FREED_MEMORY=0, and
-    a no-op where libc is not glibc. Returns whether it was applied."""
-    if os.environ.get("P3O_REUSE_FREED_MEMORY", "1") == "0" or not sys.platform.startswith("linux"):
-        return False
-    import ctypes
-
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-        m_trim_threshold, m_mmap_max = -1, -4                   # glibc <malloc.h>
-        return bool(libc.mallopt(m_mmap_max, 0)) and bool(libc.mallopt(m_trim_threshold, 2**31 - 1))
-    except (OSError, AttributeError):
-        return False
 
 
 class _NoAdverts(logging.Filter):

@@ -2,13 +2,13 @@
 from __future__ import annotations
 
 import contextlib
-import functools
 from dataclasses import dataclass
 
 import torch
 
 from modules import functional as F
 from modules.batch import Rollout
+from modules.cpu import prepacked_linears
 from modules.sharding import gathered, is_partitioned
 
 
@@ -143,57 +143,6 @@ def rollout_of(ids: torch.Tensor, mask: torch.Tensor, response: torch.Tensor, pr
 def _fit(x: torch.Tensor, length: int) -> torch.Tensor:
     """(N, L) -> (N, length): cut, or padded with zeros on the right."""
     return torch.nn.functional.pad(x[:, :length], (0, max(0, length - x.shape[1])))
-
-
-@contextlib.contextmanager
-def prepacked_linears(model, rows: int):
-    """For the duration, every plain `nn.Linear` of `model` computes through oneDNN with its weight reordered once
-    for inputs of `rows` rows (`torch.ops.mkldnn`), instead of `F.linear`, whose BLAS call repacks the weight at
-    every call. Decoding calls each linear once per token with a few rows, where that repacking dominates: on the
-    2-core AMD EPYC it cuts the decode time by about a third (`benchmarks/decode.py`). Same maths, rounding aside
-    (`tests/test_shortcuts.py`): fp32 weights compute in fp32; under CPU bf16 autocast the weights are packed in
-    bf16 and inputs cast to bf16, as autocast's `linear` does; bf16 weights compute in bf16.
-
-    Applies only on CPU, when no parameter is partitioned (an FSDP2 model is gathered while sampling) and every
-    plain linear has fp32 (or bf16) weights; elsewhere (GPU, fp16 autocast, CPUs without oneDNN bf16 for bf16 work)
-    it changes nothing. bitsandbytes and other `nn.Linear` subclasses keep their own forward. No autograd:
-    generation only. Memory: a reordered copy of the linear weights while it is active (tied embeddings included)."""
-    linears = [m for m in model.modules() if type(m) is torch.nn.Linear]
-    dtype = _prepack_dtype(model, linears)
-    if dtype is None:
-        yield
-        return
-    try:
-        for m in linears:
-            packed = torch.ops.mkldnn._reorder_linear_weight(m.weight.detach().to(dtype), rows)
-            bias = None if m.bias is None else m.bias.detach().to(dtype)
-            m.forward = functools.partial(_prepacked_linear, packed, bias, dtype)
-        yield
-    finally:
-        for m in linears:
-            m.__dict__.pop("forward", None)
-
-
-def _prepack_dtype(model, linears: list) -> torch.dtype | None:
-    """The dtype `prepacked_linears` computes in, or None where it does not apply."""
-    if not (linears and torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_reorder_linear_weight")
-            and not is_partitioned(model)):
-        return None
-    weights = {(m.weight.device.type, m.weight.dtype) for m in linears}
-    if len(weights) != 1:
-        return None
-    device, dtype = weights.pop()
-    if device != "cpu" or dtype not in (torch.float32, torch.bfloat16):
-        return None
-    if torch.is_autocast_enabled("cpu"):
-        dtype = torch.get_autocast_dtype("cpu")
-    if dtype == torch.bfloat16 and not torch.ops.mkldnn._is_mkldnn_bf16_supported():
-        return None
-    return dtype if dtype in (torch.float32, torch.bfloat16) else None
-
-
-def _prepacked_linear(packed: torch.Tensor, bias: torch.Tensor | None, dtype: torch.dtype, x: torch.Tensor):
-    return torch.ops.mkldnn._linear_pointwise(x.to(dtype), packed, bias, "none", [], "")
 
 
 def _prompt_cache(model, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, num_samples: int):

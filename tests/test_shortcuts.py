@@ -338,7 +338,8 @@ def test_prepacked_linears_give_the_same_forward_and_draws_and_apply_only_to_cpu
     computes in bf16 like the plain forward (logits within 0.02 at a scale of ~0.5) where oneDNN has bf16 kernels and
     does not apply where it has none; under fp16 autocast it changes nothing."""
     from datamodules.collate import PairCollator, encode_prompt
-    from modules.sampling import SamplingConfig, prepacked_linears, sample
+    from modules.cpu import prepacked_linears
+    from modules.sampling import SamplingConfig, sample
 
     ids = torch.randint(3, 40, (3, 7))
     patched = lambda model: [m for m in model.modules() if "forward" in m.__dict__]  # noqa: E731
