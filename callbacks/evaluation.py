@@ -152,7 +152,7 @@ class Evaluation(L.Callback):
         else:                                  # a pairwise reward without a gold one: no score to compare
             return kl
         wins = (ours > theirs).float() + 0.5 * (ours == theirs).float()
-        return {"val/kl": (logp - ref_logp).mean().item(), "val/win_rate": wins.mean().item()}
+        return {**kl, "val/win_rate": wins.mean().item()}
 
     def report(self, trainer, metrics: dict, rows: list[tuple], step: int) -> None:
         self.history.append({"step": step, **metrics})

@@ -163,18 +163,19 @@ def check(values, reward, rollout: Rollout, nonfinite: float | None = None) -> t
     return tensor, int(bad.sum())
 
 
-def _numbers(values, reward, n: int) -> torch.Tensor:
-    """`values` as a float32 CPU tensor of shape (n,), or a `RewardError` saying what came instead."""
-    name = qualified_name(reward)
+def _numbers(values, reward, n: int, unit: str = "response",
+             why: str = "rewards would be misaligned with responses") -> torch.Tensor:
+    """`values` as a float32 CPU tensor of shape (n,), one per `unit` (response, or pair for a pairwise reward),
+    or a `RewardError` saying what came instead."""
+    name = f"{'pairwise ' if unit == 'pair' else ''}reward {qualified_name(reward)}"
     try:
         tensor = torch.as_tensor(values, dtype=torch.float32).detach().cpu()
     except (TypeError, ValueError, RuntimeError) as err:
-        raise RewardError(f"reward {name} returned {type(values).__name__} that is not a sequence of numbers "
-                          f"({err}); expected {n} floats, one per response") from None
+        raise RewardError(f"{name} returned {type(values).__name__} that is not a sequence of numbers "
+                          f"({err}); expected {n} floats, one per {unit}") from None
     if tensor.shape != (n,):
         got = f"{tensor.numel()} values" if tensor.dim() == 1 else f"shape {tuple(tensor.shape)}"
-        raise RewardError(f"reward {name} returned {got} for {n} responses; expected one number per response "
-                          "(rewards would be misaligned with responses)")
+        raise RewardError(f"{name} returned {got} for {n} {unit}s; expected one number per {unit} ({why})")
     return tensor
 
 
@@ -220,22 +221,14 @@ def score_pairs(reward, rollout: Rollout, nonfinite: float | None = None) -> tup
     NaN / inf instead).
 
     Example (K = 2, one prompt, f = r(a) - r(b) with r = [0.5, 2.0]): M = [[0, -1.5], [1.5, 0]]."""
+    from modules.objectives.p3o import group_pairs
+
     K, n = rollout.group_size, len(rollout)
-    first, second = torch.triu_indices(K, K, offset=1)                          # (P_g,) each
-    rows_a = (torch.arange(0, n, K)[:, None] + first).flatten().tolist()
-    rows_b = (torch.arange(0, n, K)[:, None] + second).flatten().tolist()
+    rows_a, rows_b = (rows.tolist() for rows in group_pairs(n, K))                 # every pair a < b of each group
     values = reward([rollout.prompts[i] for i in rows_a], [rollout.responses[i] for i in rows_a],
                     [rollout.responses[j] for j in rows_b])
     name = qualified_name(reward)
-    try:
-        tensor = torch.as_tensor(values, dtype=torch.float32).detach().cpu()
-    except (TypeError, ValueError, RuntimeError) as err:
-        raise RewardError(f"pairwise reward {name} returned {type(values).__name__} that is not a sequence of "
-                          f"numbers ({err}); expected {len(rows_a)} floats, one per pair") from None
-    if tensor.shape != (len(rows_a),):
-        got = f"{tensor.numel()} values" if tensor.dim() == 1 else f"shape {tuple(tensor.shape)}"
-        raise RewardError(f"pairwise reward {name} returned {got} for {len(rows_a)} pairs; expected one number "
-                          f"per pair (K = {K} responses per prompt: K (K - 1) / 2 pairs each)")
+    tensor = _numbers(values, reward, len(rows_a), "pair", f"K = {K} responses per prompt: K (K - 1) / 2 pairs each")
     bad = ~torch.isfinite(tensor)
     if bad.any():
         p = int(bad.nonzero()[0])
@@ -247,8 +240,8 @@ def score_pairs(reward, rollout: Rollout, nonfinite: float | None = None) -> tup
                               "numbers (set model.init_args.nonfinite_reward: <value> to replace them)")
         tensor = torch.where(bad, torch.full_like(tensor, nonfinite), tensor)
     M = torch.zeros(n, K)
-    M[rows_a, second.repeat(n // K).tolist()] = tensor
-    M[rows_b, first.repeat(n // K).tolist()] = -tensor
+    M[rows_a, [j % K for j in rows_b]] = tensor
+    M[rows_b, [i % K for i in rows_a]] = -tensor
     return M.to(rollout.input_ids.device), int(bad.sum())
 
 
