@@ -76,3 +76,40 @@ def test_p3o_on_a_pairwise_difference_equals_p3o_on_the_scalar_reward(tmp_path, 
             assert isinstance(cli.model.reward, DifferenceOf)
             assert "train/pair_reward_abs" in cli.trainer.callback_metrics
     assert (runs["scalar"] - runs["pairwise"]).abs().max() < 1e-5
+
+
+@pytest.mark.parametrize("soft", [False, True])
+def test_online_dpo_reads_the_pair_reward_as_the_reward_difference(soft):
+    """OnlineDPO given M = [[0, r1 - r2], [r2 - r1, 0]] per pair has the loss it has with rewards (r1, r2)."""
+    from modules.objectives.dpo import OnlineDPO
+    from tests.test_objectives import make_input
+
+    rewards = [1.0, 0.0, 0.2, 0.9]
+    plain = make_input([-1.0, -2.0, -0.5, -3.0], ref=[-1.2, -1.5, -0.5, -2.0], rewards=rewards)
+    paired = make_input([-1.0, -2.0, -0.5, -3.0], ref=[-1.2, -1.5, -0.5, -2.0], rewards=[0.5] * 4)
+    paired.pair_rewards = torch.tensor([[0.0, 1.0], [-1.0, 0.0], [0.0, -0.7], [0.7, 0.0]])
+    dpo = OnlineDPO(beta=0.1, soft_labels=soft)
+    assert torch.allclose(dpo(plain).loss, dpo(paired).loss, atol=1e-6)
+
+
+def test_rloo_trains_on_the_tournament_of_a_pairwise_reward(tmp_path, sft_dir, monkeypatch):
+    """An objective that needs per-response scores (RLOO, K = 2) trains on a pairwise reward through the
+    tournament: the rollout's rewards are win fractions sigmoid(f) in (0, 1), each pair's summing to 1."""
+    gold = {"class_path": "datamodules.task.GoldReward"}
+    reward = {"class_path": "modules.rewards.DifferenceOf", "init_args": {"reward": gold}}
+    seen = []
+    from modules.rl import RLModule
+
+    original = RLModule.make_rollout
+
+    def recording(self, batch):
+        roll = original(self, batch)
+        seen.append(roll.rewards.clone())
+        return roll
+
+    monkeypatch.setattr(RLModule, "make_rollout", recording)
+    cli = cli_main(["fit", "--config", tiny_rl_config(tmp_path, sft_dir, source="configs/quickstart/rloo.yaml",
+                                                      model={"reward": reward})])
+    assert "train/loss" in cli.trainer.callback_metrics and seen
+    for r in seen:
+        assert ((r > 0) & (r < 1)).all() and torch.allclose(r.view(-1, 2).sum(-1), torch.ones(len(r) // 2))
