@@ -46,6 +46,14 @@ def sequences(prompts: list[list[int]], responses: list[list[int]], pad_id: int)
     return Sequences(ids, mask, loss_mask)
 
 
+def stack_pair(chosen: Sequences, rejected: Sequences, pad_id: int) -> Sequences:
+    """Chosen rows then rejected rows, right-padded to one width: (2B, T), so a pair is scored in one forward."""
+    width = max(chosen.input_ids.shape[1], rejected.input_ids.shape[1])
+    grow = lambda t, v: torch.nn.functional.pad(t, (0, width - t.shape[1]), value=v)  # noqa: E731
+    return Sequences(*(torch.cat([grow(getattr(chosen, f), v), grow(getattr(rejected, f), v)])
+                       for f, v in (("input_ids", pad_id), ("attention_mask", 0), ("loss_mask", 0))))
+
+
 class PairCollator:
     """Collates encoded examples ({prompt_ids, chosen_ids?, rejected_ids?, prompt, ...}) into a PairBatch."""
 

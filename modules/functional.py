@@ -195,6 +195,48 @@ def bradley_terry_loss(chosen: torch.Tensor, rejected: torch.Tensor) -> torch.Te
     return -F.logsigmoid(chosen - rejected).mean()
 
 
+PREFERENCE_LOSSES = ("sigmoid", "ipo", "simpo")
+
+
+def preference_loss(chosen_logp: torch.Tensor, rejected_logp: torch.Tensor, chosen_tokens: torch.Tensor,
+                    rejected_tokens: torch.Tensor, ref_chosen_logp: torch.Tensor | None = None,
+                    ref_rejected_logp: torch.Tensor | None = None, loss: str = "sigmoid", beta: float = 0.1,
+                    gamma: float = 0.0, label_smoothing: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Offline preference optimisation on (chosen, rejected) pairs: (per-pair loss (B,), margin h (B,)).
+
+    Inputs are sequence logprobs summed over response tokens (B,): the policy's, the reference's (not read by
+    'simpo'), and the response token counts n. As in TRL 1.16 (`DPOTrainer` 'sigmoid' and 'ipo'; SimPO from the
+    experimental `CPOTrainer` 'simpo'):
+      'sigmoid' (DPO):  h = (lp_c - ref_c) - (lp_r - ref_r)
+                        loss = -(1 - ls) log sigmoid(beta h) - ls log sigmoid(-beta h)   (ls: conservative DPO)
+      'ipo':            h = (lp_c - ref_c) / n_c - (lp_r - ref_r) / n_r   (per-token, TRL's length normalisation)
+                        loss = (h - 1 / (2 beta))^2
+      'simpo':          h = lp_c / n_c - lp_r / n_r - gamma / beta        (no reference)
+                        loss as 'sigmoid'
+    h > 0 means the policy prefers the chosen response (more than the reference does, for DPO and IPO).
+
+    Example: lp_c = -4, lp_r = -6, ref_c = ref_r = -5, n_c = 2, n_r = 4, beta = 0.5:
+      sigmoid: h = 1 - (-1) = 2, loss = -log sigmoid(1) = 0.31326; with ls = 0.1:
+               0.9 * 0.31326 + 0.1 * -log sigmoid(-1) = 0.9 * 0.31326 + 0.1 * 1.31326 = 0.41326;
+      ipo:     h = 1/2 + 1/4 = 0.75, loss = (0.75 - 1)^2 = 0.0625;
+      simpo (gamma 0.5): h = -2 + 1.5 - 1 = -1.5, loss = -log sigmoid(-0.75) = 1.13687.
+    """
+    if loss not in PREFERENCE_LOSSES:
+        raise ValueError(f"preference_loss: loss={loss!r}; expected one of {PREFERENCE_LOSSES}")
+    n_c, n_r = chosen_tokens.to(chosen_logp.dtype).clamp(min=1), rejected_tokens.to(rejected_logp.dtype).clamp(min=1)
+    if loss == "simpo":
+        h = chosen_logp / n_c - rejected_logp / n_r - gamma / beta
+    else:
+        if ref_chosen_logp is None or ref_rejected_logp is None:
+            raise ValueError(f"preference_loss: loss={loss!r} needs the reference's logprobs")
+        chosen_ratio, rejected_ratio = chosen_logp - ref_chosen_logp, rejected_logp - ref_rejected_logp
+        h = chosen_ratio / n_c - rejected_ratio / n_r if loss == "ipo" else chosen_ratio - rejected_ratio
+    if loss == "ipo":
+        return (h - 1 / (2 * beta)) ** 2, h
+    per_pair = -(1 - label_smoothing) * F.logsigmoid(beta * h) - label_smoothing * F.logsigmoid(-beta * h)
+    return per_pair, h
+
+
 def clip_fraction(ratio: torch.Tensor, eps: float, mask: torch.Tensor | None = None) -> torch.Tensor:
     """Fraction of entries with |ratio - 1| > eps (optionally over a mask)."""
     clipped = ((ratio - 1.0).abs() > eps).float()

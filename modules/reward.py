@@ -16,8 +16,8 @@ from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torchmetrics import CatMetric, MeanMetric
 from torchmetrics.classification import BinaryAccuracy
 
-from datamodules.batch import PairBatch, Sequences
-from datamodules.collate import PairCollator
+from datamodules.batch import PairBatch
+from datamodules.collate import PairCollator, stack_pair
 from modules import functional as F
 from modules.backbone import BackboneSpec, build_causal_lm, build_scorer, export_model, load_tokenizer
 from modules.sampling import SamplingConfig, sample
@@ -57,15 +57,6 @@ def reward(prompt: str, response: str) -> float:
     return (raw - stats["mean"]) / stats["std"]
 ```
 """
-
-
-def stack_pair(chosen: Sequences, rejected: Sequences, pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Chosen rows then rejected rows, right-padded to one width: (2B, T) ids and mask."""
-    width = max(chosen.input_ids.shape[1], rejected.input_ids.shape[1])
-    grow = lambda t, v: torch.nn.functional.pad(t, (0, width - t.shape[1]), value=v)  # noqa: E731
-    ids = torch.cat([grow(chosen.input_ids, pad_id), grow(rejected.input_ids, pad_id)])
-    mask = torch.cat([grow(chosen.attention_mask, 0), grow(rejected.attention_mask, 0)])
-    return ids, mask
 
 
 class RewardModule(L.LightningModule):
@@ -108,7 +99,8 @@ class RewardModule(L.LightningModule):
     def pair_rewards(self, batch: PairBatch) -> tuple[torch.Tensor, torch.Tensor]:
         """(r_chosen, r_rejected), each (B,), from one forward pass over the 2B sequences (one per micro-batch of
         pairs with `micro_batch_tokens`)."""
-        ids, mask = stack_pair(batch.chosen, batch.rejected, self.tokenizer.pad_token_id)   # (2B, T)
+        both = stack_pair(batch.chosen, batch.rejected, self.tokenizer.pad_token_id)        # (2B, T)
+        ids, mask = both.input_ids, both.attention_mask
         B = len(ids) // 2
         ranges = micro_batch_ranges(mask[:B].sum(-1) + mask[B:].sum(-1), self.micro_batch_tokens, self.scorer)
 

@@ -4,10 +4,10 @@ import json
 import pytest
 import torch
 
-from datamodules.collate import PairCollator, encode_prompt, encode_response
+from datamodules.collate import PairCollator, encode_prompt, encode_response, stack_pair
 from modules.backbone import BackboneSpec, build_causal_lm
 from modules.layout import shares_prompts
-from modules.reward import RewardModule, stack_pair
+from modules.reward import RewardModule
 from modules.scoring import score_texts, sequence_rewards, token_scores
 
 
@@ -32,7 +32,9 @@ def test_reward_is_read_at_the_last_real_token_for_either_padding_side(sft_dir, 
 def test_stack_pair_scores_chosen_and_rejected_in_one_batch(tokenizer):
     batch = PairCollator(tokenizer.pad_token_id)(examples(tokenizer, [
         ("write a review of the cafe :", "the food was great .", "the food was bad and the staff was rude .")]))
-    ids, mask = stack_pair(batch.chosen, batch.rejected, tokenizer.pad_token_id)
+    both = stack_pair(batch.chosen, batch.rejected, tokenizer.pad_token_id)
+    ids, mask = both.input_ids, both.attention_mask
+    assert torch.equal(both.loss_mask[1, : mask[1].sum()], batch.rejected.loss_mask[0, : mask[1].sum()])
     assert ids.shape[0] == 2 and mask[0].sum() < mask[1].sum()
     assert torch.equal(ids[1, : mask[1].sum()], batch.rejected.input_ids[0, : mask[1].sum()])
 
