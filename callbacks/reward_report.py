@@ -1,8 +1,9 @@
-"""End-of-training report for the reward stage, measured against the task's gold reward.
+"""End-of-training report for the reward and preference-model stages, measured against the task's gold reward.
 
 On held-out pairs: accuracy against the sampled labels and against the gold ordering (pairs with equal gold
-reward excluded). On fresh samples of the SFT policy (the calibration samples): Spearman correlation between
-the model's reward and the gold reward. Printed and logged under `report/`.
+reward excluded), from the module's `pair_margins(batch)` (> 0: chosen preferred). For a scalar reward model, on
+fresh samples of the SFT policy (the calibration samples): Spearman correlation between the model's reward and the
+gold reward. Printed and logged under `report/`.
 """
 from __future__ import annotations
 
@@ -17,8 +18,9 @@ from datamodules.batch import PairBatch
 
 
 class RewardReport(L.Callback):
-    """After reward training: accuracy against the labels and the gold ordering on held-out pairs, and the
-    correlation with the gold reward on the calibration samples (see the module docstring).
+    """After reward or preference-model training: accuracy against the labels and the gold ordering on held-out
+    pairs, and (scalar reward models) the correlation with the gold reward on the calibration samples (see the
+    module docstring).
 
     Args:
         gold: the gold reward, a callable `(prompts, responses) -> list[float]` (None: labels only).
@@ -45,25 +47,27 @@ class RewardReport(L.Callback):
         print("[reward report] " + "  ".join(f"{k.split('/')[-1]}={v:.3f}" for k, v in m.items()))
 
     def report(self, trainer: L.Trainer, pl_module: L.LightningModule) -> dict[str, float]:
-        chosen, rejected, texts = [], [], ([], [], [])
+        margins, texts = [], ([], [], [])
         for batch in trainer.datamodule.val_dataloader():
             batch: PairBatch = trainer.strategy.batch_to_device(batch, pl_module.device)
-            c, r = pl_module.pair_rewards(batch)
-            chosen.append(c.cpu()), rejected.append(r.cpu())
+            margins.append(pl_module.pair_margins(batch).float().cpu())
             texts[0].extend(batch.prompts), texts[1].extend(batch.chosen_text), texts[2].extend(batch.rejected_text)
-            if sum(map(len, chosen)) >= self.max_pairs:
+            if sum(map(len, margins)) >= self.max_pairs:
                 break
-        chosen, rejected = torch.cat(chosen), torch.cat(rejected)
-        m = {"report/label_accuracy": (chosen > rejected).float().mean().item()}
+        margin = torch.cat(margins)
+        n = len(margin)
+        m = {"report/label_accuracy": (margin > 0).float().mean().item()}
         if self.gold is not None:
-            gc = torch.tensor(self.gold(texts[0][: len(chosen)], texts[1][: len(chosen)]))
-            gr = torch.tensor(self.gold(texts[0][: len(chosen)], texts[2][: len(chosen)]))
+            gc = torch.tensor(self.gold(texts[0][:n], texts[1][:n]))
+            gr = torch.tensor(self.gold(texts[0][:n], texts[2][:n]))
             keep = gc != gr
-            m["report/gold_order_accuracy"] = ((chosen > rejected) == (gc > gr))[keep].float().mean().item()
-            cal = pl_module.calibrate(trainer.datamodule.splits["val"])
+            m["report/gold_order_accuracy"] = ((margin > 0) == (gc > gr))[keep].float().mean().item()
+        if not hasattr(pl_module, "calibrate"):     # a pairwise model scores pairs, not single responses
+            return m
+        cal = pl_module.calibrate(trainer.datamodule.splits["val"])
+        if self.gold is not None:
             gold = torch.tensor(self.gold(cal["prompts"], cal["responses"]), dtype=torch.float32)
             m["report/spearman_gold"] = spearman_corrcoef(cal["rewards"].float(), gold).item()
             m["report/sft_gold_reward"] = gold.mean().item()
-        cal = pl_module.calibrate(trainer.datamodule.splits["val"])
         m["report/calibration_mean"], m["report/calibration_std"] = cal["mean"], cal["std"]
         return m

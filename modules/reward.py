@@ -112,6 +112,11 @@ class RewardModule(L.LightningModule):
         rewards = in_parts(pairs, ranges, ids[:B], mask[:B], ids[B:], mask[B:])          # (B, 2)
         return rewards[:, 0], rewards[:, 1]
 
+    def pair_margins(self, batch: PairBatch) -> torch.Tensor:
+        """r_chosen - r_rejected (B,): > 0 where the model prefers the chosen response."""
+        chosen, rejected = self.pair_rewards(batch)
+        return chosen - rejected
+
     def training_step(self, batch: PairBatch, batch_idx: int) -> torch.Tensor:
         chosen, rejected = self.pair_rewards(batch)
         loss = F.bradley_terry_loss(chosen, rejected)
@@ -179,11 +184,11 @@ class RewardModule(L.LightningModule):
             json.dump(stats, handle, indent=2)
         with open(os.path.join(directory, "README.md"), "w") as handle:
             handle.write(USAGE.replace("{PATH}", json.dumps(final_dir or directory)))
-        _read_last_token_when_pad_is_eos(directory, self.tokenizer)
+        read_last_token_when_pad_is_eos(directory, self.tokenizer)
 
 
 
-def _read_last_token_when_pad_is_eos(directory: str, tokenizer) -> None:
+def read_last_token_when_pad_is_eos(directory: str, tokenizer) -> None:
     """transformers reads a sequence classifier at the last token that is not `pad_token_id`; when padding is
     EOS, that is the token *before* the closing EOS, a silently wrong reward. Saving `pad_token_id: null` makes
     plain transformers read the last token of an unpadded sequence and refuse padded batches (loud, not wrong).

@@ -209,6 +209,46 @@ class DifferenceOf(PairwiseReward):
         return [x - y for x, y in zip(a, b)]
 
 
+class PreferenceModel(nn.Module, PairwiseReward):
+    """A frozen pairwise preference-model export (`modules.preference_model.PreferenceModule`), as a pairwise reward
+    or a judge: f(x, a, b) = g(x, a, b) - g(x, b, a), the logit of P(a preferred over b), antisymmetric exactly.
+    Responses are scored as texts, each followed by EOS (the input the model was trained on).
+
+    Args:
+        path: export directory of the preference-model stage.
+        batch_size: pairs per forward (both orders of each).
+    """
+
+    def __init__(self, path: str, batch_size: int = 64):
+        super().__init__()
+        from modules.preference_model import CONFIG_FILE
+
+        if not os.path.exists(os.path.join(path, CONFIG_FILE)):
+            raise FileNotFoundError(f"{path}: not a preference-model export (no {CONFIG_FILE}); train one with "
+                                    "configs/quickstart/preference.yaml, or use modules.rewards.RewardModel for a "
+                                    "scalar reward model")
+        self.path, self.batch_size = path, batch_size
+        self.tokenizer = load_tokenizer(path)
+        self.model = build_scorer(BackboneSpec(pretrained=path), self.tokenizer).eval().requires_grad_(False)
+
+    def train(self, mode: bool = True) -> "PreferenceModel":
+        return super().train(False)  # always frozen, eval mode
+
+    @torch.no_grad()
+    def __call__(self, prompts: list[str], responses_a: list[str], responses_b: list[str]) -> list[float]:
+        from datamodules.collate import encode_prompt, encode_response
+        from modules.preference_model import pair_inputs, preferences
+
+        tok, device, out = self.tokenizer, next(self.model.parameters()).device, []
+        for i in range(0, len(prompts), self.batch_size):
+            rows = range(i, min(i + self.batch_size, len(prompts)))
+            ids, mask = pair_inputs([encode_prompt(tok, prompts[j]) for j in rows],
+                                    [encode_response(tok, responses_a[j]) for j in rows],
+                                    [encode_response(tok, responses_b[j]) for j in rows], tok.pad_token_id)
+            out += preferences(self.model, ids.to(device), mask.to(device)).float().tolist()
+        return out
+
+
 def is_pairwise(reward) -> bool:
     return bool(getattr(reward, "pairwise", False))
 

@@ -50,3 +50,16 @@ def reward_dir(sft_dir, tmp_path_factory) -> str:
     path = str(tmp_path_factory.mktemp("rm") / "reward")
     module.export(path)
     return path
+
+
+@pytest.fixture(scope="session")
+def preference_dir(sft_dir, tmp_path_factory) -> str:
+    """An untrained pairwise preference-model export of the tiny SFT model (a fresh head)."""
+    from modules.backbone import BackboneSpec
+    from modules.preference_model import PreferenceModule
+
+    module = PreferenceModule(BackboneSpec(pretrained=sft_dir), sft_dir)
+    module.configure_model()
+    path = str(tmp_path_factory.mktemp("pm") / "preference")
+    module.export(path)
+    return path

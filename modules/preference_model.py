@@ -1,0 +1,160 @@
+"""Pairwise preference model stage: reads (prompt, A, B) together and says how much A is preferred over B.
+
+g(x, a, b) is a scalar head read at the last token of `prompt + a + EOS + b + EOS`; the preference is
+f(x, a, b) = g(x, a, b) - g(x, b, a), the logit of P(a preferred over b). It is antisymmetric by construction:
+f(x, b, a) = -f(x, a, b) exactly, and f(x, a, a) = 0. Trained with the Bradley-Terry loss -log sigmoid(f(x, y_w,
+y_l)) on the same `{prompt, chosen, rejected}` pairs as the reward stage; both orders of a pair run in one forward.
+The export is a plain `AutoModelForSequenceClassification` directory with `preference.json` and a README.md whose
+code computes f with transformers alone; `modules.rewards.PreferenceModel` loads it as the RL stage's pairwise
+reward (or as the evaluation's judge).
+"""
+from __future__ import annotations
+
+import json
+import os
+
+import lightning as L
+import torch
+from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
+from torchmetrics import MeanMetric
+
+from datamodules.batch import PairBatch
+from datamodules.collate import pad
+from modules import functional as F
+from modules.backbone import BackboneSpec, build_scorer, export_model, load_tokenizer
+from modules.reward import read_last_token_when_pad_is_eos
+from modules.scoring import in_parts, micro_batch_ranges, sequence_rewards
+from modules.sharding import fsdp_mesh, shard
+
+CONFIG_FILE = "preference.json"
+
+# Written into the export as README.md, with {PATH} the export folder; tests/test_preference_model.py runs it.
+USAGE = """\
+# Pairwise preference model exported by p3o-rlhf
+
+`preference(prompt, a, b)` is the logit of P(a preferred over b): g(a, b) - g(b, a), where g is this
+`AutoModelForSequenceClassification` (one label) read at the last token of **prompt + a + EOS + b + EOS**
+(the prompt through the tokenizer's chat template when it has one; responses encoded without special tokens).
+It is antisymmetric: preference(prompt, b, a) = -preference(prompt, a, b).
+
+```python
+import torch
+from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+path = {PATH}   # this folder
+tok = AutoTokenizer.from_pretrained(path)
+model = AutoModelForSequenceClassification.from_pretrained(path).eval()
+
+def preference(prompt: str, a: str, b: str) -> float:
+    if tok.chat_template:
+        ids = tok.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
+                                      tokenize=True, return_dict=True)["input_ids"]
+    else:
+        ids = tok(prompt)["input_ids"]
+    response = lambda text: tok(text, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+    with torch.no_grad():   # one unpadded sequence at a time
+        g = lambda x, y: model(input_ids=torch.tensor([ids + response(x) + response(y)])).logits[0, 0].item()
+        return g(a, b) - g(b, a)
+```
+"""
+
+
+def pair_inputs(prompts: list[list[int]], a: list[list[int]], b: list[list[int]],
+                pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Right-padded `prompt + a + b` then `prompt + b + a` rows (each response already ending in its EOS):
+    (2B, T) ids and mask, the two orders of every pair in one batch."""
+    rows = [p + x + y for p, x, y in zip(prompts, a, b)] + [p + y + x for p, x, y in zip(prompts, a, b)]
+    return pad(rows, pad_id, "right")
+
+
+def preferences(scorer, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """f (B,) from the 2B rows of `pair_inputs`: g(a, b) - g(b, a)."""
+    g = sequence_rewards(scorer, ids, mask)
+    forward, backward = g.chunk(2)
+    return forward - backward
+
+
+def _token_lists(batch: PairBatch) -> tuple[list[list[int]], list[list[int]], list[list[int]]]:
+    """(prompt, chosen, rejected) token lists of a batch (responses with their EOS), from its right-padded rows."""
+    def part(seq, i, keep):
+        return seq.input_ids[i][keep].tolist()
+
+    c, r = batch.chosen, batch.rejected
+    prompts = [part(c, i, c.attention_mask[i].bool() & ~c.loss_mask[i].bool()) for i in range(len(batch))]
+    chosen = [part(c, i, c.loss_mask[i].bool()) for i in range(len(batch))]
+    rejected = [part(r, i, r.loss_mask[i].bool()) for i in range(len(batch))]
+    return prompts, chosen, rejected
+
+
+class PreferenceModule(L.LightningModule):
+    """Pairwise preference model training: Bradley-Terry on f(x, chosen, rejected), antisymmetric by construction.
+
+    Args:
+        backbone: the model's backbone, usually `pretrained: <SFT export>` (a fresh scalar head).
+        tokenizer: linked from the datamodule.
+        optimizer: the optimizer factory (class_path + init_args).
+        scheduler: a learning-rate scheduler factory, stepped every optimizer step (None: constant).
+        micro_batch_tokens: score each batch in micro-batches of pairs with at most this many real tokens (both
+            orders), each recomputed in the backward (`modules.scoring.in_parts`): the loss and gradient of the whole
+            batch. None (default): one pass.
+    """
+
+    def __init__(self, backbone: BackboneSpec, tokenizer: str, optimizer: OptimizerCallable = torch.optim.AdamW,
+                 scheduler: LRSchedulerCallable | None = None, micro_batch_tokens: int | None = None):
+        super().__init__()
+        self.save_hyperparameters()
+        self.backbone = backbone
+        self.optimizer_factory, self.scheduler_factory = optimizer, scheduler
+        self.micro_batch_tokens = micro_batch_tokens
+        self.tokenizer = load_tokenizer(tokenizer)
+        self.scorer = None
+        self.val_loss, self.val_accuracy = MeanMetric(), MeanMetric()
+
+    def configure_model(self) -> None:
+        if self.scorer is None:
+            self.scorer = shard(build_scorer(self.backbone, self.tokenizer), fsdp_mesh(self))
+
+    def pair_margins(self, batch: PairBatch) -> torch.Tensor:
+        """f(x, chosen, rejected) (B,): > 0 where the model prefers the chosen response."""
+        ids, mask = pair_inputs(*_token_lists(batch), self.tokenizer.pad_token_id)
+        ids, mask = ids.to(self.device), mask.to(self.device)
+        B = len(batch)
+        ranges = micro_batch_ranges(mask[:B].sum(-1) + mask[B:].sum(-1), self.micro_batch_tokens, self.scorer)
+
+        def part(ab_ids, ab_mask, ba_ids, ba_mask):
+            return preferences(self.scorer, torch.cat([ab_ids, ba_ids]), torch.cat([ab_mask, ba_mask]))
+
+        return in_parts(part, ranges, ids[:B], mask[:B], ids[B:], mask[B:])
+
+    def training_step(self, batch: PairBatch, batch_idx: int) -> torch.Tensor:
+        margin = self.pair_margins(batch)
+        loss = F.bradley_terry_loss(margin, torch.zeros_like(margin))
+        self.log_dict({"train/loss": loss, "train/accuracy": (margin > 0).float().mean()}, prog_bar=True,
+                      batch_size=len(batch))
+        return loss
+
+    def validation_step(self, batch: PairBatch, batch_idx: int) -> None:
+        margin = self.pair_margins(batch)
+        self.val_loss.update(F.bradley_terry_loss(margin, torch.zeros_like(margin)), weight=len(batch))
+        self.val_accuracy.update((margin > 0).float().mean(), weight=len(batch))
+        self.log_dict({"val/loss": self.val_loss, "val/accuracy": self.val_accuracy}, prog_bar=True,
+                      batch_size=len(batch))
+
+    def configure_optimizers(self):
+        optimizer = self.optimizer_factory([p for p in self.scorer.parameters() if p.requires_grad])
+        if self.scheduler_factory is None:
+            return optimizer
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": self.scheduler_factory(optimizer), "interval": "step"}}
+
+    def export(self, directory: str, merge_lora: bool = True, final_dir: str | None = None) -> None:
+        """AutoModelForSequenceClassification (num_labels=1) + tokenizer + preference.json + README.md (its code
+        names `final_dir`, the folder the export ends up in, default `directory`)."""
+        export_model(self.scorer, self.backbone, self.tokenizer, directory, merge_lora, final_dir)
+        with open(os.path.join(directory, CONFIG_FILE), "w") as handle:
+            json.dump({"kind": "pairwise preference model",
+                       "input": "prompt (chat template if any) + response a + EOS + response b + EOS",
+                       "output": "f(a, b) = g(a, b) - g(b, a), the logit of P(a preferred over b); see README.md"},
+                      handle, indent=2)
+        with open(os.path.join(directory, "README.md"), "w") as handle:
+            handle.write(USAGE.replace("{PATH}", json.dumps(final_dir or directory)))
+        read_last_token_when_pad_is_eos(directory, self.tokenizer)
