@@ -3,7 +3,8 @@
 Works for any stage module exposing `policy` and `tokenizer`. When the module also has a reference policy
 (`reference_model()`) and a training reward (`score(rollout)`), it logs the full RL set:
   val/reward (proxy), val/gold_reward, val/kl (Monte-Carlo KL: mean sequence log-ratio policy/reference),
-  val/win_rate (gold when available, else proxy; ties count half), val/length, val/eos_rate,
+  val/win_rate (gold when available, else proxy, else a pairwise training reward asked in both orders; ties count
+  half), val/judge_win_rate and val/judge_agreement (with a `judge`), val/length, val/eos_rate,
 plus val/demo_gold_reward (the dataset's `chosen` responses) as the yardstick for SFT.
 Each evaluation appends a row to `<log_dir>/frontier.csv`, redraws the reward-vs-KL frontier into TensorBoard
 and logs a text table of samples. Runs when training ends and every `every_n_batches` training batches.
@@ -25,6 +26,8 @@ from callbacks.checkpoint import finish_checkpoints, interrupted
 from callbacks.sharding import outside_forward
 from datamodules.collate import PairCollator
 from modules import functional as F
+from modules.judges import both_orders, win_rate
+from modules.rewards import is_pairwise
 from modules.sampling import SamplingConfig, sample
 
 log = logging.getLogger(__name__)
@@ -42,11 +45,17 @@ class Evaluation(L.Callback):
         show: samples printed and logged as text.
         batch_size: prompts per generation call.
         seed: seeds the evaluation's sampling (the same draws at every evaluation of the same policy).
+        judge: a pairwise judge `(prompts, responses_a, responses_b) -> logits of P(a better)` (`modules.judges`:
+            `modules.rewards.PreferenceModel`, `modules.judges.LLMJudge`, or yours by class_path), asked in both
+            orders about the policy's response against the reference policy's: `val/judge_win_rate` and
+            `val/judge_agreement` (the fraction of pairs both orders agree on), beside the gold reward.
     """
 
     def __init__(self, reward=None, num_prompts: int = 64, every_n_batches: int | None = None,
-                 sampling: SamplingConfig | None = None, show: int = 4, batch_size: int = 64, seed: int = 1234):
+                 sampling: SamplingConfig | None = None, show: int = 4, batch_size: int = 64, seed: int = 1234,
+                 judge=None):
         self.reward, self.num_prompts, self.every_n_batches, self.seed = reward, num_prompts, every_n_batches, seed
+        self.judge = judge
         self.sampling, self.show, self.batch_size = sampling, show, batch_size
         self.history: list[dict] = []
         self._last_step, self._warned = -1, False
@@ -144,15 +153,22 @@ class Evaluation(L.Callback):
         with pl_module.reference_model() as ref:
             ref_logp = F.sequence_logprobs(pl_module.logprobs(ref, roll, T), roll.response_mask)
             ref_roll = _generate(pl_module)(ref, pl_module.tokenizer, ids, mask, prompts, config)
-        kl = {"val/kl": (logp - ref_logp).mean().item()}
+        out = {"val/kl": (logp - ref_logp).mean().item()}
+        if self.judge is not None:
+            _to_device(self.judge, pl_module.device)
+            score, agree = both_orders(self.judge, prompts, roll.responses, ref_roll.responses)
+            out.update({"val/judge_win_rate": win_rate(score).item(), "val/judge_agreement": agree.float().mean().item()})
+        reward = getattr(pl_module, "reward", None)
         if gold is not None:
             ours, theirs = gold, self._gold(prompts, ref_roll.responses)
         elif proxy is not None:
             ours, theirs = proxy, pl_module.score(ref_roll).float().cpu()
-        else:                                  # a pairwise reward without a gold one: no score to compare
-            return kl
+        elif is_pairwise(reward):              # a pairwise training reward, no gold: it judges, in both orders
+            ours, theirs = both_orders(reward, prompts, roll.responses, ref_roll.responses)[0], 0.0
+        else:
+            return out
         wins = (ours > theirs).float() + 0.5 * (ours == theirs).float()
-        return {**kl, "val/win_rate": wins.mean().item()}
+        return {**out, "val/win_rate": wins.mean().item()}
 
     def report(self, trainer, metrics: dict, rows: list[tuple], step: int) -> None:
         self.history.append({"step": step, **metrics})
@@ -183,7 +199,8 @@ def batches_done(trainer: L.Trainer) -> int:
 
 def summary_table(start: dict, end: dict, name: str) -> str:
     """Start of training (the SFT policy) against the end, on the same held-out prompts."""
-    keys = [k for k in ("val/gold_reward", "val/reward", "val/kl", "val/win_rate", "val/length", "val/eos_rate")
+    keys = [k for k in ("val/gold_reward", "val/reward", "val/kl", "val/win_rate", "val/judge_win_rate", "val/length",
+                        "val/eos_rate")
             if k in end]
     rows = [(f"start (batch {start['step']})", start), (f"{name} (batch {end['step']})", end)]
     width = max(22, *(len(label) + 1 for label, _ in rows))
@@ -223,6 +240,13 @@ def _log_text_and_figure(logger, rows, history, step) -> None:
     fig.tight_layout()
     experiment.add_figure("val/frontier", fig, step)
     plt.close(fig)
+
+
+def _to_device(judge, device: torch.device) -> None:
+    """A judge holding a model (`PreferenceModel`, `LLMJudge`) runs where the policy does."""
+    model = judge if isinstance(judge, torch.nn.Module) else getattr(judge, "model", None)
+    if isinstance(model, torch.nn.Module) and next(model.parameters()).device != device:
+        model.to(device)
 
 
 def _generate(pl_module):

