@@ -152,7 +152,7 @@ def per_seed(rows: list[dict], setting: str, name: str) -> dict[int, list[dict]]
     return out
 
 
-def report(rows: list[dict], out: Path) -> None:
+def report(rows: list[dict], out: Path, baseline: str = BASELINE) -> None:
     names = list(dict.fromkeys(r["objective"] for r in rows))
     metrics: dict[str, dict[str, dict[int, float]]] = {}
     for name in names:
@@ -169,14 +169,14 @@ def report(rows: list[dict], out: Path) -> None:
     for name in names:
         cells = [fmt_ci(bootstrap_ci(list(metrics[name][k].values()))) if metrics[name][k] else "n/a" for k in keys]
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
-    if BASELINE in metrics:
-        lines += ["", f"Paired differences {BASELINE} minus each objective (same seeds) [bootstrap 95% interval]; an "
+    if baseline in metrics:
+        lines += ["", f"Paired differences {baseline} minus each objective (same seeds) [bootstrap 95% interval]; an "
                   "interval that excludes 0 is a difference the seeds resolve.", "",
                   "| objective | " + " | ".join(f"Δ gold @ KL<={b:g}" for b in BUDGETS) + " | Δ AUC |",
                   "|---" * (len(keys) + 1) + "|"]
         for name in names:
-            if name != BASELINE:
-                cells = [fmt_ci(paired_ci(metrics[BASELINE][k], metrics[name][k])) for k in keys]
+            if name != baseline:
+                cells = [fmt_ci(paired_ci(metrics[baseline][k], metrics[name][k])) for k in keys]
                 lines.append(f"| {name} | " + " | ".join(cells) + " |")
     weak_names = [n for n in names if per_seed(rows, "weak", n)]
     if weak_names:

@@ -22,15 +22,18 @@ TEXT_COLUMNS, INT_COLUMNS = ("setting", "objective", "knob"), ("seed", "rollout"
 
 
 class Trace(L.Callback):
-    """Records what a benchmark compares between runs: the sampled responses of every rollout and the policy
-    weights after the first rollout's updates (before any difference between two runs can compound)."""
+    """Records what a benchmark compares between runs: the sampled responses of every rollout, the seconds its
+    scoring took, and the policy weights after the first rollout's updates (before any difference between two runs
+    can compound)."""
 
     def __init__(self):
         self.responses: list[list[str]] = []
+        self.score_s: list[float] = []
         self.weights_after_first: torch.Tensor | None = None
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
         self.responses.append(list(pl_module.rollout.responses))   # OnPolicyRollout ran before (callback order)
+        self.score_s.append(pl_module.rollout.timings["perf/score_s"])
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         if self.weights_after_first is None:
@@ -41,15 +44,15 @@ def flat_weights(model) -> torch.Tensor:
     return torch.cat([p.detach().float().flatten().cpu() for p in model.parameters()])
 
 
-def ensure_exports(exports: Path, tag: str, family: str = "quickstart") -> None:
-    """Build the SFT and reward exports of `configs/<family>/` where they are missing (at their default location
-    `artifacts/<family>` only)."""
+def ensure_exports(exports: Path, tag: str, family: str = "quickstart", stages: tuple = ("sft", "reward")) -> None:
+    """Build the exports of `configs/<family>/<stage>.yaml` (SFT and reward by default) where they are missing (at
+    their default location `artifacts/<family>` only)."""
     from train import cli_main
 
-    for stage in ("sft", "reward"):
+    for stage in stages:
         if not (exports / stage / "config.json").exists():
             if exports != ROOT / "artifacts" / family:
-                raise SystemExit(f"error: {exports / stage} does not exist (--exports must hold sft/ and reward/)")
+                raise SystemExit(f"error: {exports / stage} does not exist (--exports must hold {', '.join(stages)})")
             print(f"[{tag}] building the {family} {stage} export")
             cli_main(["fit", "--config", f"configs/{family}/{stage}.yaml", "--trainer.enable_progress_bar=false"])
 
@@ -61,7 +64,8 @@ def run_one(config: str, tag: str, seed: int, out: Path, *, rollouts: int, respo
     responses / k), minibatches of `minibatch_responses` responses; evaluation every `eval_every` rollouts on the
     first `eval_prompts` held-out prompts. `model` / `objective` are merged into the model's / objective's
     init_args. Returns {"points": evaluation history, "weights": final policy parameters (flat, CPU),
-    "weights_after_first": the same after the first rollout, "responses": each rollout's sampled responses}."""
+    "weights_after_first": the same after the first rollout, "responses": each rollout's sampled responses,
+    "score_s": each rollout's scoring seconds}."""
     import yaml
 
     from train import cli_main, derive_config
@@ -100,7 +104,7 @@ def run_one(config: str, tag: str, seed: int, out: Path, *, rollouts: int, respo
                "proxy": h.get("val/reward"), "kl": h.get("val/kl"), "win_rate": h.get("val/win_rate"),
                "length": h.get("val/length")} for h in evaluation.history]
     return {"points": points, "weights": flat_weights(cli.model.policy),
-            "weights_after_first": trace.weights_after_first, "responses": trace.responses}
+            "weights_after_first": trace.weights_after_first, "responses": trace.responses, "score_s": trace.score_s}
 
 
 def panel_figure(names: list[str], draw, title: str, path: Path, sharey: bool = False) -> None:

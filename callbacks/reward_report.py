@@ -1,9 +1,10 @@
 """End-of-training report for the reward and preference-model stages, measured against the task's gold reward.
 
 On held-out pairs: accuracy against the sampled labels and against the gold ordering (pairs with equal gold
-reward excluded), from the module's `pair_margins(batch)` (> 0: chosen preferred). For a scalar reward model, on
-fresh samples of the SFT policy (the calibration samples): Spearman correlation between the model's reward and the
-gold reward. Printed and logged under `report/`.
+reward excluded), from the module's `pair_margins(batch)` (> 0: chosen preferred). On fresh samples of the SFT
+policy (the calibration samples): for a scalar reward model, the Spearman correlation between its reward and the
+gold reward; for a pairwise model, its accuracy on the gold ordering of pairs of samples (the comparisons RL asks
+of it). Printed and logged under `report/`.
 """
 from __future__ import annotations
 
@@ -62,9 +63,16 @@ class RewardReport(L.Callback):
             gr = torch.tensor(self.gold(texts[0][:n], texts[2][:n]))
             keep = gc != gr
             m["report/gold_order_accuracy"] = ((margin > 0) == (gc > gr))[keep].float().mean().item()
-        if not hasattr(pl_module, "calibrate"):     # a pairwise model scores pairs, not single responses
-            return m
         cal = pl_module.calibrate(trainer.datamodule.splits["val"])
+        if "pair_margins" in cal:                   # a pairwise model: pairs of SFT samples, ordered as gold does
+            if self.gold is not None:
+                ga = torch.tensor(self.gold(cal["prompts"], cal["responses_a"]))
+                gb = torch.tensor(self.gold(cal["prompts"], cal["responses_b"]))
+                keep = ga != gb
+                m["report/sample_gold_order_accuracy"] = \
+                    ((cal["pair_margins"] > 0) == (ga > gb))[keep].float().mean().item()
+            m["report/calibration_std"] = cal["std"]
+            return m
         if self.gold is not None:
             gold = torch.tensor(self.gold(cal["prompts"], cal["responses"]), dtype=torch.float32)
             m["report/spearman_gold"] = spearman_corrcoef(cal["rewards"].float(), gold).item()

@@ -19,10 +19,11 @@ from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torchmetrics import MeanMetric
 
 from datamodules.batch import PairBatch
-from datamodules.collate import pad
+from datamodules.collate import PairCollator, encode_prompt, encode_response, pad
 from modules import functional as F
-from modules.backbone import BackboneSpec, build_scorer, export_model, load_tokenizer
+from modules.backbone import BackboneSpec, build_causal_lm, build_scorer, export_model, load_tokenizer
 from modules.reward import read_last_token_when_pad_is_eos
+from modules.sampling import SamplingConfig, sample
 from modules.scoring import in_parts, micro_batch_ranges, sequence_rewards
 from modules.sharding import fsdp_mesh, shard
 
@@ -67,6 +68,13 @@ def pair_inputs(prompts: list[list[int]], a: list[list[int]], b: list[list[int]]
     return pad(rows, pad_id, "right")
 
 
+def text_pair_inputs(tokenizer, prompts: list[str], a: list[str], b: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+    """`pair_inputs` of texts: prompts through the shared collation path, each response followed by EOS (how a
+    preference export reads any two responses; `modules.rewards.PreferenceModel`)."""
+    return pair_inputs([encode_prompt(tokenizer, p) for p in prompts], [encode_response(tokenizer, x) for x in a],
+                       [encode_response(tokenizer, y) for y in b], tokenizer.pad_token_id)
+
+
 def preferences(scorer, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """f (B,) from the 2B rows of `pair_inputs`: g(a, b) - g(b, a)."""
     g = sequence_rewards(scorer, ids, mask)
@@ -97,16 +105,25 @@ class PreferenceModule(L.LightningModule):
         micro_batch_tokens: score each batch in micro-batches of pairs with at most this many real tokens (both
             orders), each recomputed in the backward (`modules.scoring.in_parts`): the loss and gradient of the whole
             batch. None (default): one pass.
+        calibration_policy: causal LM whose pairs of samples calibrate the preference's scale (default:
+            `backbone.pretrained`).
+        calibration_prompts: held-out prompts used for calibration (two samples each).
+        sampling: how the calibration prompts are sampled.
     """
 
     def __init__(self, backbone: BackboneSpec, tokenizer: str, optimizer: OptimizerCallable = torch.optim.AdamW,
-                 scheduler: LRSchedulerCallable | None = None, micro_batch_tokens: int | None = None):
+                 scheduler: LRSchedulerCallable | None = None, micro_batch_tokens: int | None = None,
+                 calibration_policy: str | None = None, calibration_prompts: int = 128,
+                 sampling: SamplingConfig | None = None):
         super().__init__()
         self.save_hyperparameters()
         self.backbone = backbone
         self.optimizer_factory, self.scheduler_factory = optimizer, scheduler
         self.micro_batch_tokens = micro_batch_tokens
         self.tokenizer = load_tokenizer(tokenizer)
+        self.calibration_policy = calibration_policy or backbone.pretrained
+        self.calibration_prompts, self.sampling = calibration_prompts, sampling or SamplingConfig()
+        self.calibration: dict | None = None
         self.scorer = None
         self.val_loss, self.val_accuracy = MeanMetric(), MeanMetric()
 
@@ -146,15 +163,47 @@ class PreferenceModule(L.LightningModule):
             return optimizer
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": self.scheduler_factory(optimizer), "interval": "step"}}
 
+    @torch.no_grad()
+    def calibrate(self, examples: list[dict], seed: int = 0) -> dict:
+        """Two samples per held-out prompt from the calibration policy; store the std of f over those pairs (the
+        scale `modules.rewards.PreferenceModel(normalize=True)` divides by, so that f has the spread of the
+        difference of two normalised scalar rewards, sqrt(2))."""
+        if self.calibration is None:
+            if self.calibration_policy is None:
+                raise ValueError("PreferenceModule: set calibration_policy (a causal LM) to calibrate the preference")
+            policy = build_causal_lm(BackboneSpec(pretrained=self.calibration_policy), self.tokenizer).to(self.device)
+            collated = PairCollator(self.tokenizer.pad_token_id)(examples[: self.calibration_prompts])
+            with torch.random.fork_rng():
+                torch.manual_seed(seed)
+                roll = sample(policy, self.tokenizer, collated.prompt_ids.to(self.device),
+                              collated.prompt_mask.to(self.device), collated.prompts, self.sampling, num_samples=2)
+            ids, mask = text_pair_inputs(self.tokenizer, roll.prompts[::2], roll.responses[::2], roll.responses[1::2])
+            margins = preferences(self.scorer, ids.to(self.device), mask.to(self.device)).float().cpu()
+            self.calibration = {"prompts": roll.prompts[::2], "responses_a": roll.responses[::2],
+                                "responses_b": roll.responses[1::2], "pair_margins": margins,
+                                "std": margins.std().clamp(min=1e-6).item()}
+        return self.calibration
+
+    def before_export(self) -> None:
+        """On every rank before rank 0 exports: the calibration the export stores (see `RewardModule`)."""
+        if self.calibration is None and self._trainer is not None and self.trainer.datamodule is not None:
+            self.calibrate(self.trainer.datamodule.splits["val"])
+
     def export(self, directory: str, merge_lora: bool = True, final_dir: str | None = None) -> None:
-        """AutoModelForSequenceClassification (num_labels=1) + tokenizer + preference.json + README.md (its code
-        names `final_dir`, the folder the export ends up in, default `directory`)."""
+        """AutoModelForSequenceClassification (num_labels=1) + tokenizer + preference.json (with the calibration
+        std) + README.md (its code names `final_dir`, the folder the export ends up in, default `directory`)."""
         export_model(self.scorer, self.backbone, self.tokenizer, directory, merge_lora, final_dir)
+        if self.calibration is None:
+            self.before_export()
+        stats = {"std": 1.0, "n": 0, "source": "uncalibrated"}
+        if self.calibration is not None:
+            stats = {"std": self.calibration["std"], "n": len(self.calibration["pair_margins"]),
+                     "source": f"pairs of samples of {self.calibration_policy}"}
         with open(os.path.join(directory, CONFIG_FILE), "w") as handle:
             json.dump({"kind": "pairwise preference model",
                        "input": "prompt (chat template if any) + response a + EOS + response b + EOS",
-                       "output": "f(a, b) = g(a, b) - g(b, a), the logit of P(a preferred over b); see README.md"},
-                      handle, indent=2)
+                       "output": "f(a, b) = g(a, b) - g(b, a), the logit of P(a preferred over b); see README.md",
+                       **stats}, handle, indent=2)
         with open(os.path.join(directory, "README.md"), "w") as handle:
             handle.write(USAGE.replace("{PATH}", json.dumps(final_dir or directory)))
         read_last_token_when_pad_is_eos(directory, self.tokenizer)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
 import os
 import random
 from typing import Callable
@@ -216,18 +217,23 @@ class PreferenceModel(nn.Module, PairwiseReward):
 
     Args:
         path: export directory of the preference-model stage.
+        normalize: multiply f by sqrt(2) / std, with the std of f over pairs of SFT samples stored in the export's
+            `preference.json`: the spread of the difference of two normalised scalar rewards (`RewardModel`), so the
+            RL configs' KL coefficients mean the same with either reward.
         batch_size: pairs per forward (both orders of each).
     """
 
-    def __init__(self, path: str, batch_size: int = 64):
+    def __init__(self, path: str, normalize: bool = True, batch_size: int = 64):
         super().__init__()
         from modules.preference_model import CONFIG_FILE
 
-        if not os.path.exists(os.path.join(path, CONFIG_FILE)):
+        config = os.path.join(path, CONFIG_FILE)
+        if not os.path.exists(config):
             raise FileNotFoundError(f"{path}: not a preference-model export (no {CONFIG_FILE}); train one with "
                                     "configs/quickstart/preference.yaml, or use modules.rewards.RewardModel for a "
                                     "scalar reward model")
-        self.path, self.batch_size = path, batch_size
+        self.path, self.normalize, self.batch_size = path, normalize, batch_size
+        self.scale = math.sqrt(2) / float(json.load(open(config))["std"]) if normalize else 1.0
         self.tokenizer = load_tokenizer(path)
         self.model = build_scorer(BackboneSpec(pretrained=path), self.tokenizer).eval().requires_grad_(False)
 
@@ -236,16 +242,13 @@ class PreferenceModel(nn.Module, PairwiseReward):
 
     @torch.no_grad()
     def __call__(self, prompts: list[str], responses_a: list[str], responses_b: list[str]) -> list[float]:
-        from datamodules.collate import encode_prompt, encode_response
-        from modules.preference_model import pair_inputs, preferences
+        from modules.preference_model import preferences, text_pair_inputs
 
-        tok, device, out = self.tokenizer, next(self.model.parameters()).device, []
+        device, out = next(self.model.parameters()).device, []
         for i in range(0, len(prompts), self.batch_size):
-            rows = range(i, min(i + self.batch_size, len(prompts)))
-            ids, mask = pair_inputs([encode_prompt(tok, prompts[j]) for j in rows],
-                                    [encode_response(tok, responses_a[j]) for j in rows],
-                                    [encode_response(tok, responses_b[j]) for j in rows], tok.pad_token_id)
-            out += preferences(self.model, ids.to(device), mask.to(device)).float().tolist()
+            part = slice(i, i + self.batch_size)
+            ids, mask = text_pair_inputs(self.tokenizer, prompts[part], responses_a[part], responses_b[part])
+            out += (preferences(self.model, ids.to(device), mask.to(device)).float() * self.scale).tolist()
         return out
 
 

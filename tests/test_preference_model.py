@@ -75,7 +75,7 @@ def fitted_preference_dir(sft_dir, tokenizer, tmp_path_factory) -> str:
 def test_a_tiny_fit_learns_the_pairs_and_the_export_reads_the_same_in_plain_transformers(fitted_preference_dir):
     m = pytest.preference_module
     assert torch.all(m.fitted_margins > 0)                              # every training pair learnt
-    judge = PreferenceModel(fitted_preference_dir)
+    judge = PreferenceModel(fitted_preference_dir, normalize=False)
     prompts, chosen, rejected = zip(*ROWS)
     ours = torch.tensor(judge(list(prompts), list(chosen), list(rejected)))
     torch.testing.assert_close(ours, m.fitted_margins, rtol=0, atol=1e-5)
@@ -86,6 +86,28 @@ def test_a_tiny_fit_learns_the_pairs_and_the_export_reads_the_same_in_plain_tran
     exec(card.split("```python\n")[1].split("```")[0], scope)           # the export's README code, as pasted
     plain = torch.tensor([scope["preference"](p, c, r) for p, c, r in ROWS[:4]])
     torch.testing.assert_close(plain, ours[:4], rtol=0, atol=1e-5)
+
+
+def test_calibration_stores_the_spread_on_sft_pairs_and_normalize_rescales_by_it(sft_dir, tokenizer, tmp_path):
+    import json
+    import math
+
+    from modules.sampling import SamplingConfig
+
+    m = PreferenceModule(BackboneSpec(pretrained=sft_dir), sft_dir, calibration_prompts=8,
+                         sampling=SamplingConfig(max_new_tokens=8))
+    m.configure_model()
+    examples = [{"prompt": p, "prompt_ids": encode_prompt(tokenizer, p)} for p, _, _ in ROWS[:8]]
+    cal = m.calibrate(examples)
+    assert len(cal["pair_margins"]) == 8 and cal["std"] == pytest.approx(cal["pair_margins"].std().item())
+    m.export(str(tmp_path / "pm"))
+    stored = json.load(open(tmp_path / "pm" / "preference.json"))
+    assert stored["std"] == pytest.approx(cal["std"]) and stored["n"] == 8
+    args = (cal["prompts"], cal["responses_a"], cal["responses_b"])
+    raw, normalised = (torch.tensor(PreferenceModel(str(tmp_path / "pm"), normalize=n)(*args)) for n in (False, True))
+    torch.testing.assert_close(raw, cal["pair_margins"], rtol=0, atol=1e-5)   # calibration reads texts as the reward does
+    torch.testing.assert_close(normalised, raw * math.sqrt(2) / cal["std"])
+    assert normalised.std().item() == pytest.approx(math.sqrt(2), rel=1e-4)
 
 
 def test_a_scalar_reward_export_is_refused_as_a_preference_model(reward_dir):
@@ -100,7 +122,8 @@ def test_the_stage_reports_label_and_gold_accuracy_through_the_cli(sft_dir, tmp_
     config = derived_config("configs/quickstart/preference.yaml", tmp_path, {
         "trainer": {"max_epochs": 1, "callbacks": callbacks[:2], "enable_progress_bar": False,
                     "logger": {"init_args": {"save_dir": str(tmp_path / "runs")}}},
-        "model": {"init_args": {"backbone": {"pretrained": sft_dir}}},
+        "model": {"init_args": {"backbone": {"pretrained": sft_dir}, "calibration_prompts": 8,
+                                "sampling": {"max_new_tokens": 8}}},
         "data": {"init_args": {"tokenizer": sft_dir, "batch_size": 8,
                                "source": {"init_args": {"num_train": 16, "num_val": 16,
                                                         "cache_dir": str(tmp_path / "tok")}}}},
@@ -108,6 +131,7 @@ def test_the_stage_reports_label_and_gold_accuracy_through_the_cli(sft_dir, tmp_
     cli_main(["fit", "--config", config])
     report = [line for line in capsys.readouterr().out.splitlines() if line.startswith("[reward report]")]
     assert report and "label_accuracy=" in report[0] and "gold_order_accuracy=" in report[0]
+    assert "sample_gold_order_accuracy=" in report[0] and "calibration_std=" in report[0]
     assert "spearman" not in report[0]        # a pairwise model has no per-response score to correlate
     PreferenceModel(str(tmp_path / "export"))  # loads as the RL stage's pairwise reward
 
