@@ -37,8 +37,9 @@ def test_bootstrap_and_paired_intervals():
 
 
 @pytest.fixture(scope="module")
-def exports(sft_dir, tmp_path_factory):
-    """A directory with the tiny SFT export as sft/ and an (uncalibrated: mean 0, std 1) reward export as reward/."""
+def exports(sft_dir, preference_dir, tmp_path_factory):
+    """A directory with the tiny SFT export as sft/, an (uncalibrated: mean 0, std 1) reward export as reward/ and
+    an (uncalibrated) preference-model export as preference/."""
     import shutil
 
     from modules.backbone import BackboneSpec
@@ -49,15 +50,16 @@ def exports(sft_dir, tmp_path_factory):
     module = RewardModule(BackboneSpec(pretrained=sft_dir), sft_dir)
     module.configure_model()
     module.export(str(root / "reward"))
+    shutil.copytree(preference_dir, root / "preference")
     return root
 
 
-def _run(script: str, exports: Path, out: Path) -> str:
+def _run(script: str, exports: Path, out: Path, *extra: str) -> str:
     import os
     import subprocess
 
     proc = subprocess.run([sys.executable, f"benchmarks/{script}", "--quick", "--exports", str(exports),
-                           "--out", str(out)], capture_output=True, text=True, timeout=900,
+                           "--out", str(out), *extra], capture_output=True, text=True, timeout=900,
                           env={**os.environ, "PYTHONPATH": os.getcwd()})
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
     return proc.stdout
@@ -88,6 +90,20 @@ def test_frontier_quick_reports_intervals_paired_differences_and_overoptimisatio
     (tmp_path / "table.md").unlink()
     report(read_points(tmp_path / "points.csv"), tmp_path)                  # --report-only: the same table again
     assert (tmp_path / "table.md").read_text() == table
+
+
+def test_relative_quick_reports_the_pairwise_arms_offline_dpo_and_the_cost(exports, tmp_path):
+    _run("relative.py", exports, tmp_path, "--seeds", "0", "--arms", "P3O pairwise", "GRPO-4 tournament", "offline DPO")
+    table = (tmp_path / "table.md").read_text()
+    for arm in ("P3O pairwise", "GRPO-4 tournament", "offline DPO"):
+        assert f"| {arm} |" in table
+    assert "Paired differences P3O pairwise minus" in table and (tmp_path / "frontier.png").exists()
+    # cost: 16 responses per rollout; K = 2 -> 8 pairs (16 forwards), K = 4 -> 4 prompts x 6 pairs (48 forwards)
+    assert "| P3O pairwise | 8 | 16 |" in table and "| GRPO-4 tournament | 24 | 48 |" in table
+    import csv
+
+    dpo = [p for p in csv.DictReader(open(tmp_path / "points.csv")) if p["objective"] == "offline DPO"]
+    assert [int(p["rollout"]) for p in dpo] == [0, 2]          # 64 pairs in batches of 32: evaluated at 0 and the end
 
 
 def test_throughput_quick_prints_the_table_for_our_side():

@@ -113,3 +113,15 @@ def test_rloo_trains_on_the_tournament_of_a_pairwise_reward(tmp_path, sft_dir, m
     assert "train/loss" in cli.trainer.callback_metrics and seen
     for r in seen:
         assert ((r > 0) & (r < 1)).all() and torch.allclose(r.view(-1, 2).sum(-1), torch.ones(len(r) // 2))
+
+
+def test_the_docs_pairwise_reward_example_scores_every_pair():
+    """docs/relative.md's example class, as written, is a pairwise reward the RL module can ask."""
+    from pathlib import Path
+
+    code = Path("docs/relative.md").read_text().split("```python\n")[1].split("```")[0]
+    scope = {}
+    exec(code, scope)
+    reward = scope["ShorterIsBetter"]()
+    M, _ = score_pairs(reward, _rollout(["a b c", "a", "a b"], 3))
+    torch.testing.assert_close(M, torch.tensor([[0.0, -0.2, -0.1], [0.2, 0.0, 0.1], [0.1, -0.1, 0.0]]))
