@@ -57,9 +57,9 @@ def comparisons_per_rollout(k: int, reward: str, responses: int) -> tuple[int, i
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="every arm, 1 setting, 2 seeds, 3 rollouts")
+    parser.add_argument("--quick", action="store_true", help="every arm, 1 setting, 2 seeds (or --seeds), 3 rollouts")
     parser.add_argument("--arms", nargs="*", default=[*ARMS, OFFLINE], choices=[*ARMS, OFFLINE])
-    parser.add_argument("--seeds", type=int, nargs="*", default=[0, 1, 2, 3, 4])
+    parser.add_argument("--seeds", type=int, nargs="*", help="default: 0-4 (--quick: 0 1)")
     parser.add_argument("--rollouts", type=int, default=16)
     parser.add_argument("--responses-per-rollout", type=int, default=64)
     parser.add_argument("--minibatch-responses", type=int, default=16)
@@ -75,9 +75,11 @@ def main() -> None:
     sys.argv = sys.argv[:1]  # LightningCLI reads its own arguments from run_one's list
     kl_sweep, lr_sweep, betas, dpo_lrs = KL_SWEEP, LR_SWEEP, DPO_BETAS, DPO_LRS
     if args.quick:
-        args.seeds, args.rollouts, args.responses_per_rollout, args.minibatch_responses = [0, 1], 3, 16, 8
+        args.seeds = args.seeds or [0, 1]
+        args.rollouts, args.responses_per_rollout, args.minibatch_responses = 3, 16, 8
         args.eval_prompts, args.dpo_eval_every, args.dpo_pairs = 16, 4, 64
         kl_sweep, lr_sweep, betas, dpo_lrs = [0.05], [1e-3], [0.1], [3e-4]
+    args.seeds = args.seeds or [0, 1, 2, 3, 4]
     os.chdir(ROOT)
     logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)
     (args.out / "configs").mkdir(parents=True, exist_ok=True)
@@ -106,7 +108,7 @@ def main() -> None:
                     end = run["points"][-1]
                     print(f"[relative] {name} kl={kl:g} lr={lr:g} seed={seed}: gold={end['gold']:.3f} "
                           f"kl={end['kl']:.2f} ({seconds:.0f}s, total {time.time() - start:.0f}s)", flush=True)
-        write_points(rows, args.out), write_costs(costs, args.out)
+        write_points(rows, args.out), write_points(costs, args.out, "costs.csv")
     if OFFLINE in args.arms:
         for seed in args.seeds:
             for beta in betas:
@@ -120,7 +122,7 @@ def main() -> None:
                     print(f"[relative] {OFFLINE} beta={beta:g} lr={lr:g} seed={seed}: gold={points[-1]['gold']:.3f} "
                           f"kl={points[-1]['kl']:.2f} ({time.time() - t0:.0f}s, total {time.time() - start:.0f}s)",
                           flush=True)
-        write_points(rows, args.out), write_costs(costs, args.out)
+        write_points(rows, args.out), write_points(costs, args.out, "costs.csv")
     write_report(rows, costs, args.out)
     print(f"[relative] wrote {args.out}/table.md, points.csv, costs.csv, frontier.png in {time.time() - start:.0f}s")
 
@@ -150,13 +152,6 @@ def run_offline_dpo(args, seed: int, beta: float, lr: float) -> list[dict]:
     evaluation = next(cb for cb in cli.trainer.callbacks if type(cb).__name__ == "Evaluation")
     return [{"rollout": h["step"], "samples": 0, "gold": h.get("val/gold_reward"), "proxy": None, "kl": h.get("val/kl"),
              "win_rate": h.get("val/win_rate"), "length": h.get("val/length")} for h in evaluation.history]
-
-
-def write_costs(costs: list[dict], out: Path) -> None:
-    with open(out / "costs.csv", "w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=list(costs[0]))
-        writer.writeheader()
-        writer.writerows(costs)
 
 
 def read_costs(path: Path) -> list[dict]:

@@ -132,9 +132,9 @@ def panel_figure(names: list[str], draw, title: str, path: Path, sharey: bool = 
     plt.close(fig)
 
 
-def write_points(rows: list[dict], out: Path) -> None:
-    """Every evaluation point of a benchmark to `out`/points.csv (columns: the keys of the first row)."""
-    with open(out / "points.csv", "w", newline="") as handle:
+def write_points(rows: list[dict], out: Path, name: str = "points.csv") -> None:
+    """Every evaluation point of a benchmark (or any rows) to `out`/`name` (columns: the keys of the first row)."""
+    with open(out / name, "w", newline="") as handle:
         writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
         writer.writeheader()
         writer.writerows(rows)

@@ -293,6 +293,17 @@ def frozen_copy(model: nn.Module) -> nn.Module:
     return ref.eval()
 
 
+@contextlib.contextmanager
+def reference_of(policy: nn.Module, reference: nn.Module | None):
+    """The frozen reference policy: `reference` (a frozen copy), or when it is None the LoRA `policy` with its
+    adapters disabled (the base weights)."""
+    if reference is not None:
+        yield reference
+    else:
+        with policy.disable_adapter():
+            yield policy
+
+
 def is_lora(model: nn.Module) -> bool:
     return hasattr(model, "disable_adapter") and hasattr(model, "peft_config")
 

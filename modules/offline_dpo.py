@@ -7,7 +7,6 @@ the same KL-reward frontier points as the RL stage (KL against the reference, go
 """
 from __future__ import annotations
 
-import contextlib
 from typing import Literal
 
 import lightning as L
@@ -18,7 +17,7 @@ from torchmetrics import MeanMetric
 from datamodules.batch import PairBatch, Sequences
 from datamodules.collate import stack_pair
 from modules import functional as F
-from modules.backbone import BackboneSpec, build_causal_lm, export_model, frozen_copy, is_lora, load_tokenizer
+from modules.backbone import BackboneSpec, build_causal_lm, export_model, frozen_copy, is_lora, load_tokenizer, reference_of
 from modules.batch import Rollout
 from modules.sampling import SamplingConfig
 from modules.scoring import in_parts, micro_batch_ranges, response_logprobs, target_logprobs
@@ -74,14 +73,9 @@ class OfflineDPOModule(L.LightningModule):
             self.reference = None if is_lora(policy) else shard(frozen_copy(policy), mesh)
             self.policy = shard(policy, mesh)
 
-    @contextlib.contextmanager
     def reference_model(self):
-        """The frozen reference policy: the copy, or the LoRA policy with its adapters disabled."""
-        if self.reference is not None:
-            yield self.reference
-        else:
-            with self.policy.disable_adapter():
-                yield self.policy
+        """The frozen reference policy, as a context: the copy, or the LoRA policy with its adapters disabled."""
+        return reference_of(self.policy, self.reference)
 
     def sequence_logprobs(self, model, pairs: Sequences) -> torch.Tensor:
         """Summed response logprobs (2B,) of chosen-then-rejected rows, in micro-batches of pairs."""

@@ -19,11 +19,11 @@ from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torchmetrics import MeanMetric
 
 from datamodules.batch import PairBatch
-from datamodules.collate import PairCollator, encode_prompt, encode_response, pad
+from datamodules.collate import encode_prompt, encode_response, pad
 from modules import functional as F
-from modules.backbone import BackboneSpec, build_causal_lm, build_scorer, export_model, load_tokenizer
+from modules.backbone import BackboneSpec, build_scorer, export_model, load_tokenizer
 from modules.reward import read_last_token_when_pad_is_eos
-from modules.sampling import SamplingConfig, sample
+from modules.sampling import SamplingConfig, sample_policy
 from modules.scoring import in_parts, micro_batch_ranges, sequence_rewards
 from modules.sharding import fsdp_mesh, shard
 
@@ -171,12 +171,8 @@ class PreferenceModule(L.LightningModule):
         if self.calibration is None:
             if self.calibration_policy is None:
                 raise ValueError("PreferenceModule: set calibration_policy (a causal LM) to calibrate the preference")
-            policy = build_causal_lm(BackboneSpec(pretrained=self.calibration_policy), self.tokenizer).to(self.device)
-            collated = PairCollator(self.tokenizer.pad_token_id)(examples[: self.calibration_prompts])
-            with torch.random.fork_rng():
-                torch.manual_seed(seed)
-                roll = sample(policy, self.tokenizer, collated.prompt_ids.to(self.device),
-                              collated.prompt_mask.to(self.device), collated.prompts, self.sampling, num_samples=2)
+            roll = sample_policy(self.calibration_policy, self.tokenizer, examples[: self.calibration_prompts],
+                                 self.sampling, num_samples=2, seed=seed, device=self.device)
             ids, mask = text_pair_inputs(self.tokenizer, roll.prompts[::2], roll.responses[::2], roll.responses[1::2])
             margins = preferences(self.scorer, ids.to(self.device), mask.to(self.device)).float().cpu()
             self.calibration = {"prompts": roll.prompts[::2], "responses_a": roll.responses[::2],

@@ -17,10 +17,10 @@ from torchmetrics import CatMetric, MeanMetric
 from torchmetrics.classification import BinaryAccuracy
 
 from datamodules.batch import PairBatch
-from datamodules.collate import PairCollator, stack_pair
+from datamodules.collate import stack_pair
 from modules import functional as F
-from modules.backbone import BackboneSpec, build_causal_lm, build_scorer, export_model, load_tokenizer
-from modules.sampling import SamplingConfig, sample
+from modules.backbone import BackboneSpec, build_scorer, export_model, load_tokenizer
+from modules.sampling import SamplingConfig, sample_policy
 from modules.scoring import in_parts, micro_batch_ranges, sequence_rewards
 from modules.sharding import fsdp_mesh, shard
 
@@ -152,12 +152,8 @@ class RewardModule(L.LightningModule):
         if self.calibration is None:
             if self.calibration_policy is None:
                 raise ValueError("RewardModule: set calibration_policy (a causal LM) to calibrate the reward")
-            policy = build_causal_lm(BackboneSpec(pretrained=self.calibration_policy), self.tokenizer).to(self.device)
-            collated = PairCollator(self.tokenizer.pad_token_id)(examples[: self.calibration_prompts])
-            with torch.random.fork_rng():
-                torch.manual_seed(seed)
-                roll = sample(policy, self.tokenizer, collated.prompt_ids.to(self.device),
-                              collated.prompt_mask.to(self.device), collated.prompts, self.sampling)
+            roll = sample_policy(self.calibration_policy, self.tokenizer, examples[: self.calibration_prompts],
+                                 self.sampling, seed=seed, device=self.device)
             rewards = sequence_rewards(self.scorer, roll.input_ids, roll.attention_mask).float().cpu()
             self.calibration = {"prompts": roll.prompts, "responses": roll.responses, "rewards": rewards,
                                 "mean": rewards.mean().item(), "std": rewards.std().clamp(min=1e-6).item()}

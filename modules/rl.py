@@ -8,7 +8,6 @@ divided by the sampling temperature, through `modules.scoring.response_logprobs`
 """
 from __future__ import annotations
 
-import contextlib
 import logging
 import time
 from collections import defaultdict
@@ -30,6 +29,7 @@ from modules.backbone import (
     frozen_copy,
     is_lora,
     load_tokenizer,
+    reference_of,
 )
 from modules.batch import ObjectiveInput, ObjectiveOutput, Rollout
 from modules.checks import ConfigError
@@ -170,14 +170,9 @@ class RLModule(L.LightningModule):
         if isinstance(self.reward, torch.nn.Module) and any(p.device != device for p in self.reward.parameters()):
             self.reward.to(device)
 
-    @contextlib.contextmanager
     def reference_model(self):
-        """The frozen reference policy: the copy, or the LoRA policy with its adapters disabled."""
-        if self.reference is not None:
-            yield self.reference
-        else:
-            with self.policy.disable_adapter():
-                yield self.policy
+        """The frozen reference policy, as a context: the copy, or the LoRA policy with its adapters disabled."""
+        return reference_of(self.policy, self.reference)
 
     @property
     def logprobs_from_sampler(self) -> bool:

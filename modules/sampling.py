@@ -157,3 +157,19 @@ def _prompt_cache(model, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, nu
           past_key_values=cache, use_cache=True, logits_to_keep=1)
     cache.batch_repeat_interleave(num_samples)
     return cache
+
+
+@torch.no_grad()
+def sample_policy(path: str, tokenizer, examples: list[dict], config: SamplingConfig, num_samples: int = 1,
+                  seed: int = 0, device: torch.device | str = "cpu") -> Rollout:
+    """`num_samples` responses per prompt of encoded `examples` from the causal LM at `path`, under `seed` (the
+    caller's random stream untouched): the SFT samples that calibrate the reward and preference models."""
+    from datamodules.collate import PairCollator
+    from modules.backbone import BackboneSpec, build_causal_lm
+
+    policy = build_causal_lm(BackboneSpec(pretrained=path), tokenizer).to(device)
+    collated = PairCollator(tokenizer.pad_token_id)(examples)
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        return sample(policy, tokenizer, collated.prompt_ids.to(device), collated.prompt_mask.to(device),
+                      collated.prompts, config, num_samples=num_samples)
