@@ -15,7 +15,7 @@ VLLM_PY := $(VLLM_VENV)/bin/python
 VLLM_LOCK := constraints-vllm.txt
 VLLM_TORCH := $(if $(CPU_TORCH),"$(CPU_TORCH)",torch==2.13.0+cpu --extra-index-url https://download.pytorch.org/whl/cpu)
 
-.PHONY: install install-vllm lock lock-vllm demo test sft reward p3o smollm2 smollm2-compare frontier invariance bench lint clean
+.PHONY: install install-vllm lock lock-vllm demo test test-fast sft reward p3o smollm2 smollm2-compare frontier invariance bench lint clean
 
 $(VENV)/.installed: pyproject.toml $(LOCK)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -110,6 +110,10 @@ frontier: install
 test: install install-vllm
 	$(PY) -m pytest -q
 	$(VLLM_PY) -m pytest -q tests/test_vllm.py
+
+# The fast tier for development (about a minute): every test but those marked slow (over ~3 s each).
+test-fast: install
+	$(PY) -m pytest -q -m "not slow"
 
 lint: install
 	$(VENV)/bin/ruff check .

@@ -65,6 +65,7 @@ def _run(script: str, exports: Path, out: Path, *extra: str) -> str:
     return proc.stdout
 
 
+@pytest.mark.slow
 def test_invariance_quick_runs_and_reports_every_scale(exports, tmp_path):
     _run("invariance.py", exports, tmp_path)
     table = (tmp_path / "table.md").read_text().splitlines()
@@ -73,6 +74,7 @@ def test_invariance_quick_runs_and_reports_every_scale(exports, tmp_path):
     assert (tmp_path / "invariance.png").exists()
 
 
+@pytest.mark.slow
 def test_frontier_quick_reports_intervals_paired_differences_and_overoptimisation(exports, tmp_path):
     _run("frontier.py", exports, tmp_path)
     table = (tmp_path / "table.md").read_text()
@@ -92,6 +94,7 @@ def test_frontier_quick_reports_intervals_paired_differences_and_overoptimisatio
     assert (tmp_path / "table.md").read_text() == table
 
 
+@pytest.mark.slow
 def test_relative_quick_reports_the_pairwise_arms_offline_dpo_and_the_cost(exports, tmp_path):
     _run("relative.py", exports, tmp_path, "--seeds", "0", "--arms", "P3O pairwise", "GRPO-4 tournament", "offline DPO")
     table = (tmp_path / "table.md").read_text()
@@ -106,6 +109,7 @@ def test_relative_quick_reports_the_pairwise_arms_offline_dpo_and_the_cost(expor
     assert [int(p["rollout"]) for p in dpo] == [0, 2]          # 64 pairs in batches of 32: evaluated at 0 and the end
 
 
+@pytest.mark.slow
 def test_throughput_quick_prints_the_table_for_our_side():
     """TRL is an optional extra (not installed in CI): --sides ours measures our RL stage alone (LoRA: `--lora 4`,
     whose FLOPs `test_throughput_shapes_parameter_counts_and_lora_flops` checks)."""
@@ -140,6 +144,7 @@ def test_throughput_shapes_parameter_counts_and_lora_flops():
     assert lora["update"] == pytest.approx(full["update"] * 2 / 3) and lora["generate"] == full["generate"]
 
 
+@pytest.mark.slow
 def test_decode_quick_prints_every_way_with_its_ratio():
     import os
     import subprocess
@@ -152,6 +157,7 @@ def test_decode_quick_prints_every_way_with_its_ratio():
     assert "torch.multinomial" in proc.stdout and "F.inverse_cdf_sample" in proc.stdout
 
 
+@pytest.mark.slow
 def test_layout_quick_reports_every_layout_against_the_padded_one(exports, tmp_path):
     import os
     import subprocess
@@ -165,6 +171,7 @@ def test_layout_quick_reports_every_layout_against_the_padded_one(exports, tmp_p
     assert [line for line in proc.stdout.splitlines() if line.startswith("| padded |")][0].endswith("| 1.00 |")
 
 
+@pytest.mark.slow
 def test_smollm2_comparison_quick_reports_every_objective_from_one_start(exports, tmp_path):
     _run("smollm2.py", exports, tmp_path)
     rows = [line.split("|")[1].strip() for line in (tmp_path / "table.md").read_text().splitlines()
@@ -204,6 +211,7 @@ def test_memory_benchmark_settings_compute_the_same_update():
         assert run["grad_norm"] == pytest.approx(runs["whole"]["grad_norm"], rel=1e-4), name
 
 
+@pytest.mark.slow
 def test_memory_sweep_quick_prints_a_row_per_point_for_our_side():
     """TRL is an optional extra (not installed in CI): the sweep measures our side alone, a row per point, with
     peak memory and seconds per rollout for each of our variants (one point, one variant: a process each)."""

@@ -24,6 +24,7 @@ P3O = "configs/quickstart/p3o.yaml"
     ("--trainer.strategy=fsdp", "error: trainer.strategy: fsdp is FSDP1, which no stage supports any more; shard with "
                                 "FSDP2: --config configs/presets/fsdp.yaml (strategy modules.sharding.FSDP2Strategy)"),
 ])
+@pytest.mark.slow
 def test_settings_that_cannot_train_stop_with_one_line_before_anything_is_built(tmp_path, sft_dir, capsys, override,
                                                                                  line):
     """Before: epochs 0 sampled 3 rollouts, made 0 steps and exited 0; max_new_tokens 0 and a negative learning rate
@@ -53,6 +54,7 @@ def test_the_warning_reaches_the_console_of_a_run(tmp_path, sft_dir, caplog):
     assert "warning: model.init_args.minibatch_groups=64 is more than the 4 prompts of a rollout" in caplog.text
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("first, then", [("ppo", "p3o"), ("p3o", "rloo")])
 def test_a_checkpoint_of_another_objective_is_named_in_one_line(tmp_path, sft_dir, first, then):
     """Before: torch's list of unexpected keys."""

@@ -29,6 +29,7 @@ def local_copy(config: str, sft_dir: str, reward_dir: str, tmp_path: Path, prefe
     return str(local)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("config", CONFIGS)
 def test_config_parses_and_instantiates(config, sft_dir, reward_dir, preference_dir, tmp_path):
     cli = cli_main(["--config", local_copy(config, sft_dir, reward_dir, tmp_path, preference_dir)], run=False)
@@ -42,6 +43,7 @@ class ParseOnly(RLHFCLI):
         pass
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("preset", PRESETS)
 def test_preset_overlays_parse(preset, sft_dir, reward_dir, tmp_path):
     base = local_copy("configs/quickstart/p3o.yaml", sft_dir, reward_dir, tmp_path)

@@ -188,6 +188,7 @@ def test_a_jsonl_file_with_a_byte_order_mark_is_read(tmp_path, task_tokenizer_pa
     assert module(path, task_tokenizer_path).splits["train"][0]["prompt"] == GOOD["prompt"]
 
 
+@pytest.mark.slow
 def test_a_data_error_is_one_line_without_a_traceback(tmp_path, task_tokenizer_path):
     """Before: every data error printed a 31-60-line traceback before its clear last line."""
     import os

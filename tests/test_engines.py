@@ -28,6 +28,7 @@ def test_an_inexact_engine_gets_a_forward_pi_old_and_its_gap_logged_and_correcte
     assert cli.model.engine.calls == 4 + 2          # 4 rollouts, then evaluation of the policy and the reference
 
 
+@pytest.mark.slow
 def test_a_stale_engine_stops_the_run_with_one_line(tmp_path, sft_dir):
     """A gap of 4 nats per token (a stale layer) stops the run before its first update: exit 1, one line."""
     engine = {"class_path": ENGINE, "init_args": {"shift": -4.0}}

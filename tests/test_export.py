@@ -99,6 +99,7 @@ def test_an_export_replaces_the_previous_one_whole_and_refuses_a_folder_of_other
                                           "(thesis.tex); an export replaces its folder whole")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("signal_name, code", [("SIGINT", 130), ("SIGTERM", 143)])
 def test_an_interrupted_run_keeps_its_checkpoint_leaves_the_export_and_exits_non_zero(tmp_path, sft_dir,
                                                                                        signal_name, code):
@@ -125,6 +126,7 @@ def test_export_dir_on_the_command_line_moves_the_export_not_the_checkpoint(tmp_
     assert (tmp_path / "ckpt" / "last.ckpt").exists()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("every", [1, 0])
 def test_a_finished_run_resumed_says_it_is_complete_and_trains_nothing(tmp_path, sft_dir, caplog, every):
     """Before: a finished run resumed with a smaller limit trained nothing, said nothing and re-exported. Saved
@@ -141,6 +143,7 @@ def test_a_finished_run_resumed_says_it_is_complete_and_trains_nothing(tmp_path,
     assert (tmp_path / "export" / "model.safetensors").exists()
 
 
+@pytest.mark.slow
 def test_after_a_resume_the_first_evaluation_is_labelled_with_the_batches_done(tmp_path, sft_dir):
     """Before: a checkpoint taken after batch 3 evaluated as 'after 2 batches', in frontier.csv and TensorBoard."""
     config = tiny_rl_config(tmp_path, sft_dir, checkpoint={"dirpath": str(tmp_path / "ckpt"), "every_n_batches": 1},

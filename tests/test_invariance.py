@@ -61,6 +61,7 @@ def _final_weights(tmp_path, sft_dir, source: str, scale: float, name: str) -> t
     return torch.cat([p.detach().flatten() for p in cli.model.policy.parameters()])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("objective", ["p3o", "ppo"])
 def test_a_per_prompt_reward_shift_leaves_p3o_unchanged_and_moves_ppo(tmp_path, sft_dir, objective):
     """4 rollouts x 8 updates on the gold reward, plus delta(x) ~ N(0, 10^2) per prompt (scale 10, reward_std 1:

@@ -61,6 +61,7 @@ def rollout_module(sft_dir, tokenizer, name: str, k: int, share_prompts: bool, l
     return module, roll
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("share_prompts", [True, False], ids=["packed", "padded"])
 @pytest.mark.parametrize("name, k", CASES, ids=[f"{n}-k{k}" for n, k in CASES])
 def test_an_update_in_micro_batches_has_the_gradient_of_the_whole_minibatch(sft_dir, tokenizer, name, k,

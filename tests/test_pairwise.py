@@ -59,6 +59,7 @@ def test_a_bad_pairwise_reward_is_named_with_the_pair(broken, message):
         score_pairs(Table({"x": 0.0, "y": 1.0, "z": 2.0}, broken), _rollout(["x", "y", "z"], 3))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("k", [2, 4])
 def test_p3o_on_a_pairwise_difference_equals_p3o_on_the_scalar_reward(tmp_path, sft_dir, k):
     """P3O (K = 2, and K = 4: all 6 pairs of a group) with f(x, a, b) = r(a) - r(b) (`DifferenceOf(GoldReward)`)

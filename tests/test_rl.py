@@ -54,6 +54,7 @@ def test_tiny_rl_fit_changes_the_policy_and_not_the_reference(tmp_path, sft_dir)
     assert "val/kl" in frontier[0] and "val/win_rate" in frontier[0] and len(frontier) == 2
 
 
+@pytest.mark.slow
 def test_resume_gives_the_same_parameters_as_an_uninterrupted_run(tmp_path, sft_dir):
     straight = cli_main(["fit", "--config", tiny_rl_config(tmp_path, sft_dir, name="a.yaml", max_epochs=2)])
     first = cli_main(["fit", "--config", tiny_rl_config(tmp_path, sft_dir, name="b.yaml", max_epochs=1)])
@@ -68,6 +69,7 @@ def test_resume_gives_the_same_parameters_as_an_uninterrupted_run(tmp_path, sft_
         assert torch.equal(a[key], c[key]), key
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["p3o_v1", "ppo", "dpo", "rloo", "grpo"])
 def test_every_objective_trains_in_the_same_module(tmp_path, sft_dir, name):
     config = tiny_rl_config(tmp_path, sft_dir, source=f"configs/quickstart/{name}.yaml")

@@ -54,6 +54,7 @@ def test_the_samplers_logprobs_equal_a_forward_pass_over_the_rollout(tiny_spec, 
     assert (roll.old_logp[roll.response_mask.bool()] < 0).all()
 
 
+@pytest.mark.slow
 def test_rl_module_takes_pi_old_from_the_sampler_at_fp32_and_from_a_forward_pass_when_asked(tmp_path, sft_dir):
     """The same tiny run with old_logprobs 'sampler' (the fp32 default) and 'forward': the rollouts' pi_old agree
     within float rounding, so the first rollout's updates agree too (weights within 1e-4 after rollout 1)."""

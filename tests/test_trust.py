@@ -51,6 +51,7 @@ def test_reward_check_replaces_non_finite_rewards_by_the_chosen_penalty():
 @pytest.mark.parametrize("mode, message", [("nan", "returned nan for response 1"), ("inf", "returned inf"),
                                            ("extra", "returned 9 values for 8 responses"),
                                            ("short", "returned 7 values for 8 responses")])
+@pytest.mark.slow
 def test_a_bad_reward_callable_stops_the_run_before_any_update(tmp_path, sft_dir, mode, message):
     config = tiny_rl_config(tmp_path, sft_dir, model={"reward": {"class_path": "tests.helpers.BadReward",
                                                                  "init_args": {"mode": mode}}})
@@ -66,6 +67,7 @@ def test_nonfinite_reward_penalty_is_applied_and_counted(tmp_path, sft_dir):
     assert all(torch.isfinite(p).all() for p in cli.model.policy.parameters())
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("mode, what", [("loss", "non-finite loss"), ("grad", "non-finite gradient norm")])
 def test_a_nonfinite_update_stops_before_the_step_keeping_the_last_good_checkpoint(tmp_path, sft_dir, mode, what):
     """Rollout 2 (the third) breaks: the run raises before that rollout's first optimizer step; last.ckpt, written
@@ -149,14 +151,17 @@ def _resume_case(tmp_path, sft_dir, devices: int, interrupt: str, stage: str = "
         assert a["prompts"][-len(b["prompts"]):] == b["prompts"]      # the resumed run saw the remaining batches
 
 
+@pytest.mark.slow
 def test_sigkill_after_a_mid_epoch_checkpoint_resumes_bit_exactly(tmp_path, sft_dir):
     _resume_case(tmp_path, sft_dir, devices=1, interrupt="SIGKILL")
 
 
+@pytest.mark.slow
 def test_ctrl_c_finishes_the_rollout_saves_and_resumes_bit_exactly(tmp_path, sft_dir):
     _resume_case(tmp_path, sft_dir, devices=1, interrupt="SIGINT")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("stage", ["sft", "reward"])
 def test_sft_and_reward_stages_resume_bit_exactly_after_a_mid_epoch_sigkill(tmp_path, sft_dir, stage):
     _resume_case(tmp_path, sft_dir, devices=1, interrupt="SIGKILL", stage=stage)
@@ -173,6 +178,7 @@ def test_sigkill_mid_epoch_resume_is_bit_exact_under_two_processes_with_fsdp2(tm
 
 # Errors a user can act on.
 
+@pytest.mark.slow
 def test_a_missing_export_is_one_line_naming_the_field_and_the_command_that_makes_it(tmp_path):
     env = {**os.environ, "PYTHONPATH": os.getcwd()}
     proc = subprocess.run([sys.executable, "train.py", "fit", "--config", "configs/quickstart/p3o.yaml",
@@ -253,6 +259,7 @@ def test_train_and_val_metrics_share_one_x_axis_in_tensorboard(tmp_path, sft_dir
     assert steps("perf/peak_memory_gb") == [0, 1, 2, 3] and events.Scalars("perf/peak_memory_gb")[-1].value > 0.1
 
 
+@pytest.mark.slow
 def test_stage_output_keeps_to_what_a_user_reads(tmp_path, sft_dir):
     """The reward stage builds a scorer from a causal-LM export (a fresh head: transformers' LOAD REPORT table)
     and checkpoints (Lightning's weights_only line); none of that noise, nor the litlogger advert, reaches the
