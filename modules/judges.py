@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 
 from modules.backbone import BackboneSpec, build_causal_lm, load_tokenizer
-from modules.rewards import PairwiseReward, RewardError, _numbers, qualified_name
+from modules.rewards import PairwiseReward, _numbers, finite_or_replaced, qualified_name
 
 TEMPLATE = ("Which response answers the request better?\n\nRequest: {prompt}\n\nResponse A: {a}\n\n"
             "Response B: {b}\n\nAnswer with one letter, A or B.")
@@ -33,11 +33,8 @@ def both_orders(judge, prompts: list[str], a: list[str], b: list[str]) -> tuple[
 
 def _checked(values, judge, n: int) -> torch.Tensor:
     tensor = _numbers(values, judge, n, "pair", "verdicts would be misaligned with pairs")
-    if not torch.isfinite(tensor).all():
-        i = int((~torch.isfinite(tensor)).nonzero()[0])
-        raise RewardError(f"judge {qualified_name(judge)} returned {tensor[i].item()} for pair {i} of {n}; expected "
-                          "finite numbers")
-    return tensor
+    return finite_or_replaced(tensor, None, lambda i, bad: (
+        f"judge {qualified_name(judge)} returned {tensor[i].item()} for pair {i} of {n}; expected finite numbers"))[0]
 
 
 def win_rate(score: torch.Tensor) -> torch.Tensor:

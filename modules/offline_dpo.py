@@ -17,6 +17,7 @@ from torchmetrics import MeanMetric
 from datamodules.batch import PairBatch, Sequences
 from datamodules.collate import stack_pair
 from modules import functional as F
+from modules import optimizers
 from modules.backbone import BackboneSpec, build_causal_lm, export_model, frozen_copy, is_lora, load_tokenizer, reference_of
 from modules.batch import Rollout
 from modules.sampling import SamplingConfig
@@ -132,10 +133,7 @@ class OfflineDPOModule(L.LightningModule):
         return logp.masked_fill(~rollout.response_mask.bool(), 0.0)
 
     def configure_optimizers(self):
-        optimizer = self.optimizer_factory([p for p in self.policy.parameters() if p.requires_grad])
-        if self.scheduler_factory is None:
-            return optimizer
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": self.scheduler_factory(optimizer), "interval": "step"}}
+        return optimizers.configure(self.optimizer_factory, self.scheduler_factory, self.policy)
 
     def export(self, directory: str, merge_lora: bool = True, final_dir: str | None = None) -> None:
         """Policy + tokenizer in Hugging Face format (LoRA merged unless `merge_lora=False`)."""

@@ -21,6 +21,7 @@ from torchmetrics import MeanMetric
 from datamodules.batch import PairBatch
 from datamodules.collate import encode_prompt, encode_response, pad
 from modules import functional as F
+from modules import optimizers
 from modules.backbone import BackboneSpec, build_scorer, export_model, load_tokenizer
 from modules.reward import read_last_token_when_pad_is_eos
 from modules.sampling import SamplingConfig, sample_policy
@@ -158,10 +159,7 @@ class PreferenceModule(L.LightningModule):
                       batch_size=len(batch))
 
     def configure_optimizers(self):
-        optimizer = self.optimizer_factory([p for p in self.scorer.parameters() if p.requires_grad])
-        if self.scheduler_factory is None:
-            return optimizer
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": self.scheduler_factory(optimizer), "interval": "step"}}
+        return optimizers.configure(self.optimizer_factory, self.scheduler_factory, self.scorer)
 
     @torch.no_grad()
     def calibrate(self, examples: list[dict], seed: int = 0) -> dict:

@@ -19,6 +19,7 @@ from torchmetrics.classification import BinaryAccuracy
 from datamodules.batch import PairBatch
 from datamodules.collate import stack_pair
 from modules import functional as F
+from modules import optimizers
 from modules.backbone import BackboneSpec, build_scorer, export_model, load_tokenizer
 from modules.sampling import SamplingConfig, sample_policy
 from modules.scoring import in_parts, micro_batch_ranges, sequence_rewards
@@ -141,10 +142,7 @@ class RewardModule(L.LightningModule):
         self.val_rewards.reset()
 
     def configure_optimizers(self):
-        optimizer = self.optimizer_factory([p for p in self.scorer.parameters() if p.requires_grad])
-        if self.scheduler_factory is None:
-            return optimizer
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": self.scheduler_factory(optimizer), "interval": "step"}}
+        return optimizers.configure(self.optimizer_factory, self.scheduler_factory, self.scorer)
 
     @torch.no_grad()
     def calibrate(self, examples: list[dict], seed: int = 0) -> dict:

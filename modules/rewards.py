@@ -152,16 +152,22 @@ def check(values, reward, rollout: Rollout, nonfinite: float | None = None) -> t
     set, NaN / inf rewards are replaced by that value (a penalty) instead. Returns (rewards, replaced count)."""
     name, n = qualified_name(reward), len(rollout)
     tensor = _numbers(values, reward, n)
+    return finite_or_replaced(tensor, nonfinite, lambda i, bad: (
+        f"reward {name} returned {tensor[i].item()} for response {i} of {n} (prompt {rollout.prompts[i]!r}, "
+        f"response {rollout.responses[i]!r}) and {bad - 1} more non-finite; expected finite numbers (set "
+        "model.init_args.nonfinite_reward: <penalty> to replace them by a penalty instead)"))
+
+
+def finite_or_replaced(tensor: torch.Tensor, nonfinite: float | None, error) -> tuple[torch.Tensor, int]:
+    """(`tensor` with NaN / inf replaced by `nonfinite`, how many were); with `nonfinite` None, a `RewardError`
+    whose message is `error(index of the first, count)` instead."""
     bad = ~torch.isfinite(tensor)
-    if bad.any():
-        i = int(bad.nonzero()[0])
-        if nonfinite is None:
-            raise RewardError(f"reward {name} returned {tensor[i].item()} for response {i} of {n} "
-                              f"(prompt {rollout.prompts[i]!r}, response {rollout.responses[i]!r}) and "
-                              f"{int(bad.sum()) - 1} more non-finite; expected finite numbers (set model.init_args."
-                              "nonfinite_reward: <penalty> to replace them by a penalty instead)")
-        tensor = torch.where(bad, torch.full_like(tensor, nonfinite), tensor)
-    return tensor, int(bad.sum())
+    count = int(bad.sum())
+    if not count:
+        return tensor, 0
+    if nonfinite is None:
+        raise RewardError(error(int(bad.nonzero()[0]), count))
+    return torch.where(bad, torch.full_like(tensor, nonfinite), tensor), count
 
 
 def _numbers(values, reward, n: int, unit: str = "response",
@@ -272,20 +278,15 @@ def score_pairs(reward, rollout: Rollout, nonfinite: float | None = None) -> tup
                     [rollout.responses[j] for j in rows_b])
     name = qualified_name(reward)
     tensor = _numbers(values, reward, len(rows_a), "pair", f"K = {K} responses per prompt: K (K - 1) / 2 pairs each")
-    bad = ~torch.isfinite(tensor)
-    if bad.any():
-        p = int(bad.nonzero()[0])
-        i, j = rows_a[p], rows_b[p]
-        if nonfinite is None:
-            raise RewardError(f"pairwise reward {name} returned {tensor[p].item()} for pair {p} of {len(rows_a)} "
-                              f"(prompt {rollout.prompts[i]!r}, a {rollout.responses[i]!r}, b "
-                              f"{rollout.responses[j]!r}) and {int(bad.sum()) - 1} more non-finite; expected finite "
-                              "numbers (set model.init_args.nonfinite_reward: <value> to replace them)")
-        tensor = torch.where(bad, torch.full_like(tensor, nonfinite), tensor)
+    tensor, replaced = finite_or_replaced(tensor, nonfinite, lambda p, bad: (
+        f"pairwise reward {name} returned {tensor[p].item()} for pair {p} of {len(rows_a)} (prompt "
+        f"{rollout.prompts[rows_a[p]]!r}, a {rollout.responses[rows_a[p]]!r}, b {rollout.responses[rows_b[p]]!r}) and "
+        f"{bad - 1} more non-finite; expected finite numbers (set model.init_args.nonfinite_reward: <value> to "
+        "replace them)"))
     M = torch.zeros(n, K)
     M[rows_a, [j % K for j in rows_b]] = tensor
     M[rows_b, [i % K for i in rows_a]] = -tensor
-    return M.to(rollout.input_ids.device), int(bad.sum())
+    return M.to(rollout.input_ids.device), replaced
 
 
 def tournament_scores(pair_rewards: torch.Tensor, group_size: int) -> torch.Tensor:

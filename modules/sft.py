@@ -8,6 +8,7 @@ from torchmetrics import MeanMetric
 
 from datamodules.batch import PairBatch
 from modules import functional as F
+from modules import optimizers
 from modules.backbone import BackboneSpec, build_causal_lm, export_model, load_tokenizer
 from modules.scoring import in_parts, micro_batch_ranges, target_logprobs
 from modules.sharding import fsdp_mesh, shard
@@ -76,10 +77,7 @@ class SFTModule(L.LightningModule):
         self.log("val/perplexity", self.val_ppl, batch_size=len(batch))
 
     def configure_optimizers(self):
-        optimizer = self.optimizer_factory(self.policy.parameters())
-        if self.scheduler_factory is None:
-            return optimizer
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": self.scheduler_factory(optimizer), "interval": "step"}}
+        return optimizers.configure(self.optimizer_factory, self.scheduler_factory, self.policy)
 
     def export(self, directory: str, merge_lora: bool = True, final_dir: str | None = None) -> None:
         """Policy + tokenizer in Hugging Face format (LoRA merged unless `merge_lora=False`)."""

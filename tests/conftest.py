@@ -39,27 +39,27 @@ def sft_dir(tmp_path_factory, tokenizer) -> str:
     return path
 
 
+def _untrained_export(stage, sft_dir: str, path: str) -> str:
+    """A stage module (`RewardModule`, `PreferenceModule`) on the tiny SFT model, exported untrained."""
+    from modules.backbone import BackboneSpec
+
+    module = stage(BackboneSpec(pretrained=sft_dir), sft_dir)
+    module.configure_model()
+    module.export(path)
+    return path
+
+
 @pytest.fixture(scope="session")
 def reward_dir(sft_dir, tmp_path_factory) -> str:
     """An untrained reward-stage export of the tiny SFT model (a fresh head; no calibration stats)."""
-    from modules.backbone import BackboneSpec
     from modules.reward import RewardModule
 
-    module = RewardModule(BackboneSpec(pretrained=sft_dir), sft_dir)
-    module.configure_model()
-    path = str(tmp_path_factory.mktemp("rm") / "reward")
-    module.export(path)
-    return path
+    return _untrained_export(RewardModule, sft_dir, str(tmp_path_factory.mktemp("rm") / "reward"))
 
 
 @pytest.fixture(scope="session")
 def preference_dir(sft_dir, tmp_path_factory) -> str:
     """An untrained pairwise preference-model export of the tiny SFT model (a fresh head)."""
-    from modules.backbone import BackboneSpec
     from modules.preference_model import PreferenceModule
 
-    module = PreferenceModule(BackboneSpec(pretrained=sft_dir), sft_dir)
-    module.configure_model()
-    path = str(tmp_path_factory.mktemp("pm") / "preference")
-    module.export(path)
-    return path
+    return _untrained_export(PreferenceModule, sft_dir, str(tmp_path_factory.mktemp("pm") / "preference"))
