@@ -183,7 +183,7 @@ def kl_penalty(logp: torch.Tensor, ref_logp: torch.Tensor, estimator: str = "k1"
 def response_only_nll(target_logp: torch.Tensor, loss_mask: torch.Tensor) -> torch.Tensor:
     """Mean next-token negative log-likelihood over the target tokens.
 
-    target_logp (B, T-1): log p(token t + 1 | tokens <= t) at positions 0..T-2 (`modules.scoring.target_logprobs`);
+    target_logp (B, T-1): log p(token t + 1 | tokens <= t) at positions 0..T-2 (`modules.forward.target_logprobs`);
     loss_mask (B, T) marks the *target* tokens (response tokens, EOS included), so position t counts where
     loss_mask[:, t + 1] is 1: prompt and padding never count.
     """

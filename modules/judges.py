@@ -74,7 +74,7 @@ class LLMJudge(PairwiseReward):
     @torch.no_grad()
     def __call__(self, prompts: list[str], responses_a: list[str], responses_b: list[str]) -> list[float]:
         from datamodules.collate import encode_prompt, pad
-        from modules.scoring import lm_logits
+        from modules.forward import lm_logits
 
         device, out = next(self.model.parameters()).device, []
         for i in range(0, len(prompts), self.batch_size):

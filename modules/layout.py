@@ -1,7 +1,7 @@
 """The shared-prompt layouts: how a group of K responses to one prompt becomes one row (the prompt once, then each
 response), with the attention mask and positions that make every response see exactly what it sees alone; the
 packed variant that drops the padding; which models can run them; and how rows are split into micro-batches of
-whole groups. Index and mask maths only: `modules.scoring` runs the forward passes over these layouts.
+whole groups. Index and mask maths only: `modules.forward` runs the forward passes over these layouts.
 
 Shapes: N = rows (groups of K consecutive rows share a prompt), G = N / K groups, P = prompt length, L = response
 length, T' = the longest packed row.

@@ -20,8 +20,8 @@ from modules import functional as F
 from modules import optimizers
 from modules.backbone import BackboneSpec, build_causal_lm, export_model, frozen_copy, is_lora, load_tokenizer, reference_of
 from modules.batch import Rollout
+from modules.forward import in_parts, micro_batch_ranges, response_logprobs, target_logprobs
 from modules.sampling import SamplingConfig
-from modules.scoring import in_parts, micro_batch_ranges, response_logprobs, target_logprobs
 from modules.sharding import fsdp_mesh, shard
 
 
@@ -39,10 +39,10 @@ class OfflineDPOModule(L.LightningModule):
         optimizer: the optimizer factory (class_path + init_args).
         scheduler: a learning-rate scheduler factory, stepped every optimizer step (None: constant).
         sampling: how `callbacks.evaluation.Evaluation` samples this policy.
-        logprob_chunk: tokens per LM-head chunk (`modules.scoring.head_chunk`): None (default) keeps each chunk's
+        logprob_chunk: tokens per LM-head chunk (`modules.forward.head_chunk`): None (default) keeps each chunk's
             fp32 logits under 2**24 values; 0 computes the whole (tokens, vocabulary) logits at once.
         micro_batch_tokens: run each batch in micro-batches of pairs with at most this many real tokens (chosen +
-            rejected), each recomputed in the backward (`modules.scoring.in_parts`): the loss and gradient of the
+            rejected), each recomputed in the backward (`modules.forward.in_parts`): the loss and gradient of the
             whole batch. None (default): one pass.
     """
 

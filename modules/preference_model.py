@@ -23,9 +23,9 @@ from datamodules.collate import encode_prompt, encode_response, pad
 from modules import functional as F
 from modules import optimizers
 from modules.backbone import BackboneSpec, build_scorer, export_model, load_tokenizer
-from modules.reward import read_last_token_when_pad_is_eos
+from modules.forward import in_parts, micro_batch_ranges, sequence_rewards
+from modules.reward_model import read_last_token_when_pad_is_eos
 from modules.sampling import SamplingConfig, sample_policy
-from modules.scoring import in_parts, micro_batch_ranges, sequence_rewards
 from modules.sharding import fsdp_mesh, shard
 
 CONFIG_FILE = "preference.json"
@@ -104,7 +104,7 @@ class PreferenceModule(L.LightningModule):
         optimizer: the optimizer factory (class_path + init_args).
         scheduler: a learning-rate scheduler factory, stepped every optimizer step (None: constant).
         micro_batch_tokens: score each batch in micro-batches of pairs with at most this many real tokens (both
-            orders), each recomputed in the backward (`modules.scoring.in_parts`): the loss and gradient of the whole
+            orders), each recomputed in the backward (`modules.forward.in_parts`): the loss and gradient of the whole
             batch. None (default): one pass.
         calibration_policy: causal LM whose pairs of samples calibrate the preference's scale (default:
             `backbone.pretrained`).

@@ -20,7 +20,7 @@ from torch import nn
 
 from modules.backbone import BackboneSpec, build_scorer, load_tokenizer
 from modules.batch import Rollout
-from modules.scoring import score_texts, sequence_rewards
+from modules.forward import score_texts, sequence_rewards
 
 log = logging.getLogger(__name__)
 
@@ -33,7 +33,7 @@ class RewardModel(nn.Module):
         normalize: return (r - mean) / std with the stats stored next to the export (`reward_stats.json`).
         clip: clip the (normalised) reward to [-clip, clip] (None = off).
         share_prompts: score a rollout's K responses to a prompt with the prompt computed once
-            (`modules.scoring.sequence_rewards` with the group size; same numbers up to float rounding).
+            (`modules.forward.sequence_rewards` with the group size; same numbers up to float rounding).
     When the reward model shares the policy's vocabulary, rollouts are scored from their token ids directly;
     otherwise their texts are re-tokenized with the reward model's own tokenizer.
     """

@@ -4,7 +4,7 @@ Holds the trainable policy, a frozen reference (a frozen copy; or, for a LoRA po
 adapters disabled: no second copy), a frozen reward and the `objective`. The `OnPolicyRollout` callback fills
 `self.rollout` before each training step (`make_rollout` is the routine it calls); `training_step` then runs
 `epochs` passes of minibatch updates over it with manual optimization. All logprobs are computed from logits
-divided by the sampling temperature, through `modules.scoring.response_logprobs`.
+divided by the sampling temperature, through `modules.forward.response_logprobs`.
 """
 from __future__ import annotations
 
@@ -34,11 +34,11 @@ from modules.backbone import (
 from modules.batch import ObjectiveInput, ObjectiveOutput, Rollout
 from modules.checks import ConfigError
 from modules.engines import Engine, Sampler, SamplerMismatchError
+from modules.forward import response_logprobs, token_scores
 from modules.objectives.base import Objective
 from modules.rewards import RewardModel, is_pairwise, qualified_name, score_pairs, tournament_scores
 from modules.rewards import score as score_rewards
 from modules.sampling import SamplingConfig
-from modules.scoring import response_logprobs, token_scores
 from modules.sharding import fsdp_mesh, is_sharded, shard
 
 log = logging.getLogger(__name__)
@@ -101,7 +101,7 @@ class RLModule(L.LightningModule):
             under mixed precision (there the decode and the forward round differently).
         share_prompts: compute each prompt once for its K responses: in the sampler's prefill (one KV cache per
             prompt, repeated K times) and in every logprob forward (pi_ref, pi_old, the updates;
-            `modules.scoring.response_logprobs` with the group size, where `modules.layout.shares_prompts`
+            `modules.forward.response_logprobs` with the group size, where `modules.layout.shares_prompts`
             allows it). On by default: the same numbers up to float rounding, fewer FLOPs.
         prompt_layout: how a logprob forward lays out a group that shares its prompt: 'packed' (default) drops
             the padding after each response's EOS; 'padded' keeps it (what models partitioned by DeepSpeed ZeRO-3
@@ -110,15 +110,15 @@ class RLModule(L.LightningModule):
             over a rollout or a minibatch (pi_ref, a forward pi_old, values, the update) runs in micro-batches of whole
             groups up to this many tokens (a larger group alone), the same number on every rank. An update then
             accumulates the exact gradient of the whole minibatch's loss (`backward_minibatch`): the objective's
-            normalisers are the minibatch's, at the cost of one more forward per micro-batch. None (default): one
-            pass per rollout and per minibatch.
+            normalisers are the minibatch's, at the cost of one more forward per micro-batch (none on the first
+            minibatch after a rollout, which reuses pi_old). None (default): one pass per rollout and per minibatch.
         engine: what generates the rollouts and the evaluation samples (`modules.engines`): `Sampler` (default,
             our sampler over the policy) or `VLLM` (colocated vLLM, weights pushed before every generation). With an
             engine whose logprobs are not the trainer's, pi_old comes from a forward pass (unless `old_logprobs:
             sampler`), `train/sampler_logprob_diff` is logged and checked against `engine.max_logprob_diff`, and
             `engine.correction` weights every objective's policy loss by pi_old / pi_sampler.
         logprob_chunk: tokens per LM-head chunk in every logprob pass (policy, reference, evaluation;
-            `modules.scoring.head_chunk`): None (default) keeps each chunk's fp32 logits under 2**24 values, so the
+            `modules.forward.head_chunk`): None (default) keeps each chunk's fp32 logits under 2**24 values, so the
             (tokens, vocabulary) logits never exist whole; 0 computes them whole. Exact up to float rounding.
     """
 
@@ -326,8 +326,9 @@ class RLModule(L.LightningModule):
         for epoch in range(self.epochs):
             for index, rows in enumerate(self.minibatches(roll)):
                 where = f"rollout {batch_idx}, epoch {epoch}, minibatch {index}"
+                first = epoch == 0 and index == 0           # no optimizer step since the rollout's passes
                 for key, value in self.update(roll.select(rows.to(roll.input_ids.device)),
-                                              {k: v[rows] for k, v in extra.items()}, where).items():
+                                              {k: v[rows] for k, v in extra.items()}, where, first).items():
                     sums[f"train/{key}"] += float(value)
                 updates += 1
         scheduler = self.lr_schedulers()
@@ -340,12 +341,13 @@ class RLModule(L.LightningModule):
         self.log_dict(metrics, sync_dist=True, batch_size=len(batch))
         self.log("train/reward", reward, prog_bar=True, sync_dist=True, batch_size=len(batch))
 
-    def update(self, sub: Rollout, extra: dict, where: str) -> dict[str, torch.Tensor]:
-        """One optimizer step on a minibatch; stops before the step if the loss or the gradient is not finite."""
+    def update(self, sub: Rollout, extra: dict, where: str, first: bool = False) -> dict[str, torch.Tensor]:
+        """One optimizer step on a minibatch; stops before the step if the loss or the gradient is not finite.
+        `first`: no step has happened since the rollout (see `backward_minibatch`)."""
         optimizer = self.optimizers()
         tokens = self.trainer.strategy.reduce(sub.response_mask.sum().float(), reduce_op="mean")
         optimizer.zero_grad()
-        out = self.backward_minibatch(sub, extra, float(tokens), where)
+        out = self.backward_minibatch(sub, extra, float(tokens), where, first)
         params = [p for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
         grad_norm = torch.nn.utils.get_total_norm([p.grad for p in params]) if params else torch.zeros(())
         grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm   # FSDP2: all shards
@@ -355,7 +357,8 @@ class RLModule(L.LightningModule):
         optimizer.step()
         return {**out.metrics, "grad_norm": grad_norm}
 
-    def backward_minibatch(self, sub: Rollout, extra: dict, tokens: float, where: str) -> ObjectiveOutput:
+    def backward_minibatch(self, sub: Rollout, extra: dict, tokens: float, where: str,
+                           first: bool = False) -> ObjectiveOutput:
         """The objective on the minibatch, its gradient added to the parameters' `.grad`; stops before any backward
         when the loss is not finite.
 
@@ -364,7 +367,10 @@ class RLModule(L.LightningModule):
         without a graph; (2) the objective on the whole minibatch, differentiated with respect to those tensors
         alone, so every normaliser (token counts, means over pairs or groups, whitening) is the minibatch's; (3)
         each micro-batch again with its graph, backpropagating its rows of that gradient (chain rule). Step (3)
-        replays step (1)'s random state, so dropout masks match too. The price: one more forward per micro-batch."""
+        replays step (1)'s random state, so dropout masks match too. The price: one more forward per micro-batch,
+        except on the `first` minibatch after a rollout without dropout: no step has happened since the rollout's
+        passes, so step (1)'s logprobs and values are the rollout's pi_old and old values (equal within float
+        rounding, tested), and step (1) is skipped."""
         parts = self.micro_batches(sub, agree=True)
         if len(parts) == 1:
             logp, values = self._forward_part(sub)
@@ -372,13 +378,18 @@ class RLModule(L.LightningModule):
             self.stop_unless_finite(out.loss.detach(), "loss", where)
             self._backward(out.loss)
             return out
-        states, outs = [], []
-        with torch.no_grad():
-            for rows in parts:
-                states.append(_rng_state(self.device))
-                outs.append(self._forward_part(sub.select(rows)))
-        logp = torch.cat([o[0] for o in outs]).requires_grad_()
-        values = torch.cat([o[1] for o in outs]).requires_grad_() if self.value is not None else None
+        if first and self.rollout_passes_reusable(sub):
+            states = [_rng_state(self.device)] * len(parts)
+            logp = sub.old_logp.clone().requires_grad_()
+            values = sub.values.clone().requires_grad_() if self.value is not None else None
+        else:
+            states, outs = [], []
+            with torch.no_grad():
+                for rows in parts:
+                    states.append(_rng_state(self.device))
+                    outs.append(self._forward_part(sub.select(rows)))
+            logp = torch.cat([o[0] for o in outs]).requires_grad_()
+            values = torch.cat([o[1] for o in outs]).requires_grad_() if self.value is not None else None
         out = self.objective(self.objective_input(sub, logp, extra, values, tokens))
         self.stop_unless_finite(out.loss.detach(), "loss", where)
         leaves = [t for t in (logp, values) if t is not None]
@@ -388,6 +399,12 @@ class RLModule(L.LightningModule):
             tensors = [t for t in self._forward_part(sub.select(rows)) if t is not None]
             self._backward(sum((t * g[rows]).sum() for t, g in zip(tensors, grads) if g is not None))
         return ObjectiveOutput(out.loss.detach(), out.metrics)
+
+    def rollout_passes_reusable(self, sub: Rollout) -> bool:
+        """Whether the rollout's pi_old (and old values) are what a forward of the unchanged policy (and value model)
+        gives now: no dropout anywhere, so a forward is deterministic, and PPO's old values recorded."""
+        no_dropout = not self.policy_spec.dropout and not (self.value_spec is not None and self.value_spec.dropout)
+        return no_dropout and sub.old_logp is not None and (self.value is None or sub.values is not None)
 
     def _forward_part(self, part: Rollout) -> tuple[torch.Tensor, torch.Tensor | None]:
         """(logprobs, values or None) of one micro-batch, in one forward each."""

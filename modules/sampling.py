@@ -43,7 +43,7 @@ class _Draw:
     exponential variate for every vocabulary entry (`benchmarks/decode.py` times both). Greedy
     (`do_sample: false`): the argmax.
     With `record`, it also keeps the sampler's own logprob of each chosen token, log_softmax(logits / T) of the raw
-    logits (before top-k / top-p): the quantity `modules.scoring.response_logprobs` computes (here from the
+    logits (before top-k / top-p): the quantity `modules.forward.response_logprobs` computes (here from the
     KV-cached decode, equal up to float rounding). Memory: one (N, V) distribution at a time."""
 
     def __init__(self, config: "SamplingConfig", record: bool):

@@ -10,7 +10,7 @@ from datamodules.batch import PairBatch
 from modules import functional as F
 from modules import optimizers
 from modules.backbone import BackboneSpec, build_causal_lm, export_model, load_tokenizer
-from modules.scoring import in_parts, micro_batch_ranges, target_logprobs
+from modules.forward import in_parts, micro_batch_ranges, target_logprobs
 from modules.sharding import fsdp_mesh, shard
 
 
@@ -29,10 +29,10 @@ class SFTModule(L.LightningModule):
         tokenizer: tokenizer location; linked from `data.tokenizer_path` by the CLI.
         optimizer: the optimizer factory (class_path + init_args, e.g. torch.optim.AdamW with lr).
         scheduler: a learning-rate scheduler factory, stepped every optimizer step (None: constant).
-        logprob_chunk: tokens per LM-head chunk for the loss (`modules.scoring.head_chunk`): None (default) keeps
+        logprob_chunk: tokens per LM-head chunk for the loss (`modules.forward.head_chunk`): None (default) keeps
             each chunk's fp32 logits under 2**24 values; 0 computes the whole (tokens, vocabulary) logits at once.
         micro_batch_tokens: run each batch's forward in micro-batches of rows with at most this many real tokens,
-            each recomputed in the backward (`modules.scoring.in_parts`): the activations of one micro-batch at a
+            each recomputed in the backward (`modules.forward.in_parts`): the activations of one micro-batch at a
             time, one more forward each; the loss and gradient of the whole batch. None (default): one pass.
     """
 

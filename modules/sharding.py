@@ -8,7 +8,7 @@ model) are sharded too. Gradients are averaged over the ranks, as under DDP.
 
 What the rest of the code relies on:
   * The root keeps its parameters gathered after its forward (`reshard_after_forward=False`), so the LM head can
-    be applied after the forward, chunk by chunk (`modules.scoring`), and its gradient still reaches FSDP.
+    be applied after the forward, chunk by chunk (`modules.forward`), and its gradient still reaches FSDP.
   * Every forward of a sharded model is a collective: all ranks make the same number of forwards
     (`RLModule.micro_batches` agrees on a count; evaluation gives every rank as many prompts).
   * Sampling runs inside `gathered`: all parameters gathered once, then generation makes no collective call, so

@@ -52,7 +52,7 @@ def _untrained_export(stage, sft_dir: str, path: str) -> str:
 @pytest.fixture(scope="session")
 def reward_dir(sft_dir, tmp_path_factory) -> str:
     """An untrained reward-stage export of the tiny SFT model (a fresh head; no calibration stats)."""
-    from modules.reward import RewardModule
+    from modules.reward_model import RewardModule
 
     return _untrained_export(RewardModule, sft_dir, str(tmp_path_factory.mktemp("rm") / "reward"))
 

@@ -43,7 +43,7 @@ def exports(sft_dir, preference_dir, tmp_path_factory):
     import shutil
 
     from modules.backbone import BackboneSpec
-    from modules.reward import RewardModule
+    from modules.reward_model import RewardModule
 
     root = tmp_path_factory.mktemp("exports")
     shutil.copytree(sft_dir, root / "sft")

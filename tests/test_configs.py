@@ -77,3 +77,17 @@ def test_the_readmes_own_data_example_parses(sft_dir, reward_dir, tmp_path):
     data = cli.config["data"]["init_args"]
     assert data["source"]["class_path"] == "datamodules.sources.LocalFiles"
     assert data["fields"]["prompt"] == "question" and cli.config["model"]["init_args"]["policy"]["lora"]["r"] == 16
+
+
+def test_a_config_naming_the_renamed_reward_stage_still_builds_and_is_warned(sft_dir, reward_dir, tmp_path):
+    """`modules.reward` became `modules.reward_model`: the old class_path keeps working with a FutureWarning."""
+    import sys
+
+    sys.modules.pop("modules.reward", None)
+    old = Path(local_copy("configs/quickstart/reward.yaml", sft_dir, reward_dir, tmp_path))
+    old.write_text(old.read_text().replace("modules.reward_model.RewardModule", "modules.reward.RewardModule"))
+    with pytest.warns(FutureWarning, match="modules.reward_model.RewardModule"):
+        cli = cli_main(["--config", str(old)], run=False)
+    from modules.reward_model import RewardModule
+
+    assert type(cli.model) is RewardModule

@@ -42,7 +42,7 @@ CASES = [("p3o", 2), ("p3o", 4), ("p3o_v1", 2), ("ppo", 2), ("ppo", 4), ("dpo", 
          ("grpo", 2), ("grpo", 4), ("grpo_dapo", 4), ("grpo_bnpo", 2)]
 
 
-def rollout_module(sft_dir, tokenizer, name: str, k: int, share_prompts: bool, lora: bool):
+def rollout_module(sft_dir, tokenizer, name: str, k: int, share_prompts: bool, lora: bool, perturb: bool = True):
     from datamodules.task import GoldReward
 
     spec = BackboneSpec(pretrained=sft_dir, lora={"r": 4} if lora else None)
@@ -54,6 +54,8 @@ def rollout_module(sft_dir, tokenizer, name: str, k: int, share_prompts: bool, l
                                                  for t in PROMPTS])
     torch.manual_seed(0)
     roll = module.make_rollout(batch)
+    if not perturb:
+        return module, roll
     with torch.no_grad():          # the policy moves away from pi_old, so ratios and clipping are not trivial
         for p in module.policy.parameters():
             if p.requires_grad:
@@ -78,7 +80,37 @@ def test_a_lora_update_in_micro_batches_has_the_gradient_of_the_whole_minibatch(
     _same_update(*rollout_module(sft_dir, tokenizer, name, k, share_prompts=True, lora=True))
 
 
-def _same_update(module, roll):
+@pytest.mark.parametrize("name, k, share_prompts, lora", [("p3o", 2, True, False), ("ppo", 2, False, False),
+                                                         ("grpo_dapo", 4, True, False), ("p3o", 4, False, True)])
+def test_the_first_minibatch_after_a_rollout_reuses_its_passes_with_the_gradient_of_the_whole_minibatch(
+        sft_dir, tokenizer, name, k, share_prompts, lora):
+    """With no step since the rollout, the micro-batched update takes step (1)'s logprobs (and PPO's values) from
+    the rollout's pi_old instead of a forward: one forward per micro-batch instead of two, and the same loss and
+    gradients as the whole minibatch in one pass (whose pi is a fresh forward) within float rounding."""
+    module, roll = rollout_module(sft_dir, tokenizer, name, k, share_prompts, lora, perturb=False)
+    forwards = []
+    forward_part = module._forward_part
+    module._forward_part = lambda part: forwards.append(len(part)) or forward_part(part)
+    _same_update(module, roll, first=True)
+    assert forwards[0] == len(roll) and sum(forwards[1:]) == len(roll)      # whole; then each micro-batch once
+
+
+def test_the_rollout_passes_are_not_reused_under_dropout_or_after_a_step(sft_dir, tokenizer):
+    module, roll = rollout_module(sft_dir, tokenizer, "p3o", 2, True, False, perturb=False)
+    assert module.rollout_passes_reusable(roll)
+    module.policy_spec.dropout = True
+    assert not module.rollout_passes_reusable(roll)
+    module.policy_spec.dropout = False
+    module.micro_batch_tokens = 30
+    forwards = []
+    forward_part = module._forward_part
+    module._forward_part = lambda part: forwards.append(len(part)) or forward_part(part)
+    extra = module.objective.prepare(module.objective_input(roll, roll.old_logp, {}))
+    module.backward_minibatch(roll, extra, float(roll.response_mask.sum()), "test", first=False)
+    assert sum(forwards) == 2 * len(roll)
+
+
+def _same_update(module, roll, first: bool = False):
     extra = module.objective.prepare(module.objective_input(roll, roll.old_logp, {}))
     tokens = float(roll.response_mask.sum())
     results = []
@@ -89,7 +121,7 @@ def _same_update(module, roll):
         params = [p for m in (module.policy, module.value) if m is not None for p in m.parameters() if p.requires_grad]
         for p in params:
             p.grad = None
-        out = module.backward_minibatch(roll, extra, tokens, "test")
+        out = module.backward_minibatch(roll, extra, tokens, "test", first)
         results.append((out, torch.cat([p.grad.flatten() for p in params if p.grad is not None])))
     (whole, whole_grad), (parts_out, parts_grad) = results
     assert torch.allclose(whole.loss.detach(), parts_out.loss, atol=1e-6, rtol=1e-5)
@@ -147,7 +179,7 @@ def test_sft_and_reward_micro_batches_give_the_whole_batch_loss_and_gradient(sta
     30 real tokens; the loss and every gradient equal one pass over the batch (1e-5 relative), with one forward per
     part and one recomputation per part in the backward (the activations of one part at a time)."""
     from datamodules.collate import encode_response
-    from modules.reward import RewardModule
+    from modules.reward_model import RewardModule
     from modules.sft import SFTModule
 
     rows = [{"prompt": p, "prompt_ids": encode_prompt(tokenizer, p), "chosen": c, "rejected": r,

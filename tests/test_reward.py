@@ -6,9 +6,9 @@ import torch
 
 from datamodules.collate import PairCollator, encode_prompt, encode_response, stack_pair
 from modules.backbone import BackboneSpec, build_causal_lm
+from modules.forward import score_texts, sequence_rewards, token_scores
 from modules.layout import shares_prompts
-from modules.reward import RewardModule
-from modules.scoring import score_texts, sequence_rewards, token_scores
+from modules.reward_model import RewardModule
 
 
 def examples(tokenizer, rows):

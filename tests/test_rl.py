@@ -92,9 +92,9 @@ def test_rl_logprobs_are_zero_after_each_response_so_ratios_and_kl_stay_finite(s
     apart make GRPO's k3 KL exp(200) = inf there, and inf x mask 0 = NaN in the loss; with 0 on both sides the
     KL there is 0 and the loss is finite."""
     from modules.batch import ObjectiveInput
+    from modules.forward import response_logprobs
     from modules.objectives.grpo import GRPO
     from modules.rl import RLModule
-    from modules.scoring import response_logprobs
 
     module = RLModule(BackboneSpec(pretrained=sft_dir), sft_dir, reward=lambda p, r: [0.0] * len(p), objective=GRPO(k=2))
     model = build_causal_lm(BackboneSpec(pretrained=sft_dir), tokenizer)

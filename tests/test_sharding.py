@@ -41,8 +41,8 @@ def _gradient_case(rank: int, world: int, tokenizer_path: str, path: str) -> Non
     from torch.distributed.device_mesh import init_device_mesh
 
     from modules.backbone import BackboneSpec, build_causal_lm, build_scorer, load_tokenizer
+    from modules.forward import response_logprobs, token_scores
     from modules.sampling import SamplingConfig, sample
-    from modules.scoring import response_logprobs, token_scores
     from modules.sharding import shard
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=os.environ["TEST_PORT"])

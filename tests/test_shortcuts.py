@@ -4,7 +4,7 @@ import torch
 
 from modules import functional as F
 from modules.backbone import BackboneSpec, build_causal_lm
-from modules.scoring import lm_logits, response_logprobs
+from modules.forward import lm_logits, response_logprobs
 from tests.conftest import TINY
 
 TINY_SHAPE = {k: v for k, v in TINY.items() if k != "model_type"}
@@ -224,13 +224,13 @@ def test_prompts_are_shared_only_where_the_layout_is_exact(tokenizer):
 def test_rl_module_shares_prompts_by_default_with_the_same_updates(tmp_path, sft_dir, monkeypatch):
     """The same tiny run (K = 2) with share_prompts on (the default) and off: the shared path runs (counted; packed,
     as the model is whole), and the weights after the first rollout agree within 1e-4."""
-    import modules.scoring
+    import modules.forward
     from tests.helpers import tiny_rl_config
     from train import cli_main
 
     calls = []
-    shared = modules.scoring._packed_prompt_logprobs
-    monkeypatch.setattr(modules.scoring, "_packed_prompt_logprobs", lambda *a: calls.append(1) or shared(*a))
+    shared = modules.forward._packed_prompt_logprobs
+    monkeypatch.setattr(modules.forward, "_packed_prompt_logprobs", lambda *a: calls.append(1) or shared(*a))
     weights = {}
     for share in (True, False):
         calls.clear()
@@ -290,7 +290,7 @@ def test_shared_prompt_rewards_equal_one_row_per_response(tokenizer, attention):
     padding (the backbone sees 18 columns, not the padded layout's P + K L = 23): the same rewards (1e-5) as one row
     per response, read at each response's last real token (rows 1 and 4 stop early)."""
     from modules.backbone import build_scorer
-    from modules.scoring import scorer_head, sequence_rewards
+    from modules.forward import scorer_head, sequence_rewards
 
     scorer = build_scorer(BackboneSpec(config={**TINY_SHAPE, "attn_implementation": attention}), tokenizer).eval()
     ids, mask, _ = _grouped_rows(tokenizer)
@@ -462,7 +462,7 @@ def test_chunked_lm_head_logprobs_and_gradients_equal_the_whole_logits(tokenizer
 def test_sft_loss_in_chunks_equals_cross_entropy_over_the_whole_logits(tokenizer):
     """SFT's loss through `target_logprobs` in chunks of 3 tokens against torch's cross-entropy on the full
     logits of the response tokens (prompt and padding masked), in value and gradient."""
-    from modules.scoring import target_logprobs
+    from modules.forward import target_logprobs
 
     torch.manual_seed(0)
     model = build_causal_lm(BackboneSpec(config={**TINY_SHAPE, "model_type": "llama"}), tokenizer)
