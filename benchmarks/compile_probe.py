@@ -15,22 +15,19 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import time
+import sys
+from pathlib import Path
 
 import torch
 
-SHAPE = {"vocab_size": 49152, "hidden_size": 576, "intermediate_size": 1536, "num_hidden_layers": 30,
-         "num_attention_heads": 9, "num_key_value_heads": 3, "max_position_embeddings": 2048,
-         "tie_word_embeddings": True, "rope_theta": 100000.0, "pad_token_id": 0, "eos_token_id": 1}
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmarks.harness import SMOLLM2, machine, random_llama, seconds  # noqa: E402
 
 
 def timed(fn, repeats: int) -> list[float]:
-    out = []
-    for _ in range(repeats + 1):
-        t0 = time.perf_counter()
-        fn()
-        out.append(time.perf_counter() - t0)
-    return out
+    """Seconds of `repeats` + 1 calls, the first included (it compiles)."""
+    return [seconds(fn) for _ in range(repeats + 1)]
 
 
 def main() -> None:
@@ -38,20 +35,19 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=4)
     args = parser.parse_args()
-    from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig
+    from transformers import GenerationConfig
 
     torch.set_num_threads(args.threads)
-    torch.manual_seed(0)
-    config = AutoConfig.for_model("llama", **SHAPE)
-    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    ids = torch.randint(2, SHAPE["vocab_size"], (8, 74))
+    model = random_llama(SMOLLM2)
+    vocab = model.config.vocab_size
+    ids = torch.randint(2, vocab, (8, 74))
 
     def update(m):
         model.zero_grad(set_to_none=True)
         logits = m(input_ids=ids, attention_mask=torch.ones_like(ids), logits_to_keep=33).logits
         torch.log_softmax(logits.float(), -1).gather(-1, ids[:, -33:, None]).mean().backward()
 
-    prompts = torch.randint(2, SHAPE["vocab_size"], (16, 42))
+    prompts = torch.randint(2, vocab, (16, 42))
 
     def generate(cache: str | None):
         config = GenerationConfig(do_sample=True, max_new_tokens=32, min_new_tokens=32, top_k=0, top_p=1.0,
@@ -69,7 +65,7 @@ def main() -> None:
     rows.append(("generate (16 x 32 tokens)", "static cache + compiled forward",
                  timed(lambda: generate("static"), args.repeats)))
     model.forward = eager_forward
-    print(f"{args.threads} threads, SmolLM2-135M shape, fp32, median of {args.repeats} after the first call\n")
+    print(f"{machine(args.threads)}, SmolLM2-135M shape, fp32, median of {args.repeats} after the first call\n")
     print("| phase | variant | s (median) | first call (s) |\n|---|---|---|---|")
     for phase, variant, times in rows:
         print(f"| {phase} | {variant} | {statistics.median(times[1:]):.2f} | {times[0]:.1f} |")

@@ -17,27 +17,19 @@ from __future__ import annotations
 import argparse
 import statistics
 import sys
-import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.throughput import PROMPTS, QUICK, SMOLLM2, TOKENIZER, K, prompts  # noqa: E402
+from benchmarks.harness import QUICK, SMOLLM2, TOKENIZER, alternate, machine, random_llama, seconds  # noqa: E402
+from benchmarks.throughput import PROMPTS, K, prompts  # noqa: E402
 
 
 def setup(shape: dict):
-    import torch
-    from transformers import AutoConfig, AutoModelForCausalLM
-
     from modules.backbone import load_tokenizer
 
     tok = load_tokenizer(TOKENIZER)
-    cfg = dict(shape)
-    config = AutoConfig.for_model(cfg.pop("model_type"), vocab_size=len(tok), pad_token_id=tok.pad_token_id,
-                                  eos_token_id=tok.eos_token_id, bos_token_id=tok.bos_token_id, **cfg)
-    torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
+    model = random_llama(shape, tok).eval()
     texts = [tok.apply_chat_template([{"role": "user", "content": p}], add_generation_prompt=True, tokenize=False)
              for p in prompts(PROMPTS)]
     tok.padding_side = "left"
@@ -77,29 +69,19 @@ def main() -> None:
                               num_samples=K, record_logprobs=True)
 
     ways = {"hf": hf, "draw": ours(False), "prepacked": ours(True)}
-    seconds: dict[str, list[float]] = {name: [] for name in ways}
-    for repeat in range(args.repeats + 1):
-        for name, fn in ways.items():
-            t0 = time.perf_counter()
-            fn()
-            if repeat:                                            # the first round is a warm-up
-                seconds[name].append(time.perf_counter() - t0)
+    runs = alternate(list(ways), args.repeats + 1, lambda name: seconds(ways[name]))
+    seconds_per_call = {name: values[1:] for name, values in runs.items()}      # the first round is a warm-up
 
     probs = torch.softmax(torch.randn(PROMPTS * K, 49152) * 3, -1)
     draws = {"torch.multinomial": lambda: torch.multinomial(probs, 1),
              "F.inverse_cdf_sample": lambda: F.inverse_cdf_sample(probs, torch.rand(len(probs)))}
-    draw_ms: dict[str, list[float]] = {name: [] for name in draws}
-    for _ in range(21):
-        for name, fn in draws.items():
-            t0 = time.perf_counter()
-            fn()
-            draw_ms[name].append((time.perf_counter() - t0) * 1e3)
+    draw_ms = alternate(list(draws), 21, lambda name: seconds(draws[name]) * 1e3)
 
-    base = statistics.median(seconds["hf"])
+    base = statistics.median(seconds_per_call["hf"])
     print(f"{'2-layer ' if args.quick else ''}SmolLM2-135M shape, fp32, {PROMPTS} prompts x {K} responses x "
-          f"{args.new_tokens} new tokens, {args.threads} threads, {args.repeats} calls per way\n")
+          f"{args.new_tokens} new tokens, {machine(args.threads)}, {args.repeats} calls per way\n")
     print("| way | s / call (median) | ratio to hf |\n|---|---|---|")
-    for name, values in seconds.items():
+    for name, values in seconds_per_call.items():
         print(f"| {name} | {statistics.median(values):.2f} | {statistics.median(values) / base:.2f} |")
     ms = {name: statistics.median(v[1:]) for name, v in draw_ms.items()}
     print(f"\ntoken draw on ({PROMPTS * K}, 49152): " + ", ".join(f"{n} {v:.2f} ms" for n, v in ms.items())

@@ -19,14 +19,13 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmarks.harness import ROOT, alternate, child, clock, machine, medians  # noqa: E402
 
 LAYOUTS = ("packed", "padded", "unshared")
 
@@ -40,8 +39,7 @@ def one_run(config: str, layout: str, rollouts: int, threads: int, exports: str 
 
     torch.set_num_threads(threads)
     padding: list[float] = []
-    seconds: list[float] = []
-    phases: list[dict] = []
+    timer = clock()
 
     class Padding(L.Callback):
         """The share of padding in the padded layout of each rollout (runs after `OnPolicyRollout` made it)."""
@@ -52,14 +50,6 @@ def one_run(config: str, layout: str, rollouts: int, threads: int, exports: str 
             slots = mask.shape[0] // K * (P + K * (mask.shape[1] - P))
             padding.append(1 - float(mask[:, P:].sum() + mask[::K, :P].sum()) / slots)
 
-    class Clock(L.Callback):
-        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
-            self.t0 = time.perf_counter()
-
-        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-            seconds.append(time.perf_counter() - self.t0)
-            phases.append({k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("perf/")})
-
     with tempfile.TemporaryDirectory() as tmp:
         path = derive_config(str(ROOT / config), {
             "trainer": {"limit_train_batches": rollouts, "callbacks": [], "logger": False, "enable_checkpointing": False,
@@ -68,9 +58,9 @@ def one_run(config: str, layout: str, rollouts: int, threads: int, exports: str 
                                     "padded" if layout == "padded" else "packed", **_exports(exports)}},
             **({"data": {"init_args": {"tokenizer": f"{exports}/sft"}}} if exports else {})}, Path(tmp) / "run.yaml")
         cli = cli_main(["--config", path], run=False)
-        cli.trainer.callbacks[:0] = [Clock(), OnPolicyRollout(), Padding()]
+        cli.trainer.callbacks[:0] = [timer, OnPolicyRollout(), Padding()]
         cli.trainer.fit(cli.model, datamodule=cli.datamodule)
-    return {"seconds": seconds[1:], "phases": phases[1:], "padding": padding[1:]}
+    return {"seconds": timer.seconds[1:], "phases": timer.phases[1:], "padding": padding[1:]}
 
 
 def _exports(exports: str | None) -> dict:
@@ -98,32 +88,28 @@ def main() -> None:
         run = one_run(args.config, args.layout, args.rollouts, args.threads, args.exports)
         Path(args.json).write_text(json.dumps(run))
         return
-    results = {name: {"seconds": [], "phases": [], "padding": []} for name in args.layouts}
-    for _ in range(args.alternations):
-        for name in args.layouts:
-            with tempfile.NamedTemporaryFile(suffix=".json") as out:
-                proc = subprocess.run([sys.executable, __file__, "--layout", name, "--json", out.name, "--config",
-                                       args.config, "--rollouts", str(args.rollouts), "--threads", str(args.threads)]
-                                      + (["--exports", str(Path(args.exports).resolve())] if args.exports else []),
-                                      capture_output=True, text=True, cwd=ROOT)
-                if proc.returncode != 0:
-                    raise SystemExit(f"[layout] {name} failed:\n{proc.stderr[-3000:]}")
-                run = json.loads(Path(out.name).read_text())
-            for key in results[name]:
-                results[name][key] += run[key]
-            print(f"[layout] {name}: {['%.2f' % s for s in run['seconds']]} s/rollout", flush=True)
-    print(table(results, args))
+
+    def run(name: str) -> dict:
+        result = child([__file__, "--layout", name, "--config", args.config, "--rollouts", args.rollouts,
+                        "--threads", args.threads, *(["--exports", Path(args.exports).resolve()] if args.exports else [])],
+                       f"layout {name}")
+        print(f"[layout] {name}: {['%.2f' % s for s in result['seconds']]} s/rollout", flush=True)
+        return result
+
+    runs = alternate(args.layouts, args.alternations, run)
+    print(table({name: {key: [x for r in rs for x in r[key]] for key in ("seconds", "phases", "padding")}
+                 for name, rs in runs.items()}, args))
 
 
 def table(results: dict, args) -> str:
     padding = [p for r in results.values() for p in r["padding"]]
     keys = sorted({k for r in results.values() for p in r["phases"] for k in p if k.endswith("_s") and "per_s" not in k})
-    median = {name: {"total": statistics.median(r["seconds"]),
-                     **{k: statistics.median(p[k] for p in r["phases"] if k in p) for k in keys}}
+    median = {name: {"total": statistics.median(r["seconds"]), **{k: v for k, v in medians(r["phases"]).items()
+                                                                   if k in keys}}
               for name, r in results.items()}
     base = median.get("padded")
     lines = [f"`{args.config}`, {args.rollouts - 1} measured rollouts x {args.alternations} runs per layout, "
-             f"{args.threads} threads; padding in the padded layout: median {statistics.median(padding):.0%} "
+             f"{machine(args.threads)}; padding in the padded layout: median {statistics.median(padding):.0%} "
              f"(range {min(padding):.0%}-{max(padding):.0%})", "",
              "| layout | s / rollout | " + " | ".join(keys) + " | ratio to padded |",
              "|---|---|" + "---|" * len(keys) + "---|"]

@@ -35,18 +35,15 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.throughput import QUICK, SMOLLM2, TOKENIZER  # noqa: E402
+from benchmarks.harness import QUICK, SMOLLM2, TOKENIZER, child, has_trl, machine, peak_rss_gb  # noqa: E402
 
 SETTINGS = {"whole": {"logprob_chunk": 0}, "chunked": {}, "micro": {"micro": True},
             "micro+ckpt": {"micro": True, "checkpointing": True}}
@@ -73,8 +70,6 @@ class VocabularyOnly:
 
 def one_update(args) -> dict:
     """Runs in the child process: one update under `args.setting`; returns the measurements."""
-    import resource
-
     import torch
 
     from datamodules.task import ReviewTask
@@ -98,7 +93,7 @@ def one_update(args) -> dict:
     ids = torch.cat([torch.randint(3, args.vocab, (G, P)).repeat_interleave(K, 0), torch.randint(3, args.vocab, (G * K, L))], 1)
     roll = Rollout(ids, torch.ones_like(ids), torch.ones(G * K, L, dtype=torch.long), P, K, ["p"] * (G * K),
                    ["r"] * (G * K), torch.ones(G * K, dtype=torch.bool), rewards=torch.randn(G * K))
-    built = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+    built = peak_rss_gb()
     t0 = time.perf_counter()
     with torch.no_grad():
         roll.old_logp = module.logprobs(module.policy, roll)
@@ -107,16 +102,9 @@ def one_update(args) -> dict:
     out = module.backward_minibatch(roll, extra, float(roll.response_mask.sum()), "benchmark")
     seconds = time.perf_counter() - t0
     grad = torch.cat([p.grad.flatten() for p in module.policy.parameters() if p.grad is not None])
-    return {"peak_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, "built_gb": built,
+    return {"peak_gb": peak_rss_gb(), "built_gb": built,
             "seconds": seconds, "loss": out.loss.item(), "grad_norm": grad.norm().item(),
             "micro_batches": len(module.micro_batches(roll)) if setting.get("micro") else 1}
-
-
-def cpu_model() -> str:
-    try:
-        return next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
-    except (OSError, StopIteration):
-        return platform.machine()
 
 
 def tokenizer_of_size(size: int, directory: str) -> str:
@@ -135,8 +123,8 @@ def tokenizer_of_size(size: int, directory: str) -> str:
 def sweep(args) -> None:
     points = QUICK_POINTS if args.quick else POINTS
     names = args.points or list(points)
-    sides = ([("trl", [])] if _has_trl() else []) + [(f"ours {v}", OURS[v]) for v in args.ours]
-    if not _has_trl():
+    sides = ([("trl", [])] if has_trl() else []) + [(f"ours {v}", OURS[v]) for v in args.ours]
+    if not has_trl():
         print("[memory] TRL is not installed (pip install -e '.[bench]'); measuring ours only", flush=True)
     rows = {}
     with tempfile.TemporaryDirectory() as tmp:
@@ -144,24 +132,17 @@ def sweep(args) -> None:
             new_tokens, prompts, vocab = points[name]
             tokenizer = tokenizer_of_size(vocab, os.path.join(tmp, f"tokenizer-{vocab}"))
             for side, extra in sides:
-                out = os.path.join(tmp, "side.json")
-                command = [sys.executable, str(ROOT / "benchmarks/throughput.py"), "--side", side.split()[0],
-                           "--json", out, "--rollouts", str(args.rollouts), "--new-tokens", str(new_tokens),
-                           "--threads", str(args.threads), "--prompts", str(prompts), "--minibatch-prompts", str(prompts),
-                           "--epochs", "1", "--tokenizer", tokenizer] + extra + ["--quick"] * args.quick
-                if side == "trl":
-                    command.append("--trl-checkpointing")        # TRL's default
-                proc = subprocess.run(command, capture_output=True, text=True, cwd=ROOT,
-                                      env={**os.environ, "OMP_NUM_THREADS": str(args.threads)})
-                if proc.returncode != 0:
-                    sys.exit(f"error: {side} at point {name} failed:\n{proc.stderr[-3000:]}")
-                result = json.loads(Path(out).read_text())
+                command = ["benchmarks/throughput.py", "--side", side.split()[0], "--rollouts", args.rollouts,
+                           "--new-tokens", new_tokens, "--threads", args.threads, "--prompts", prompts,
+                           "--minibatch-prompts", prompts, "--epochs", 1, "--tokenizer", tokenizer,
+                           *extra, *["--quick"] * args.quick, *["--trl-checkpointing"] * (side == "trl")]  # TRL's default
+                result = child(command, f"memory {side} at point {name}", env={"OMP_NUM_THREADS": str(args.threads)})
                 measured = result["seconds"][1:] or result["seconds"]      # after the warm-up rollout, if any
                 rows[name, side] = {"peak_gb": result["peak_gb"], "seconds": statistics.median(measured)}
                 print(f"[memory] {name} {side}: peak {result['peak_gb']:.2f} GB, "
                       f"{['%.1f' % t for t in result['seconds']]} s per rollout", flush=True)
     print(f"\nRL rollout + update, {'2-layer quick model' if args.quick else 'SmolLM2-135M shape'} (random init), "
-          f"GRPO k 2, one minibatch of all responses, fp32, {args.threads} threads, {cpu_model()}")
+          f"GRPO k 2, one minibatch of all responses, fp32, {machine(args.threads)}")
     head = "| point | L | responses | vocabulary | " + " | ".join(f"{s} GB | {s} s" for s, _ in sides)
     ratios = [s for s, _ in sides if s != "trl"] if any(s == "trl" for s, _ in sides) else []
     head += "".join(f" | {s} / TRL memory | {s} / TRL time" for s in ratios) + " |"
@@ -179,31 +160,20 @@ def settings(args) -> None:
     if args.micro_batch_tokens is None:
         args.micro_batch_tokens = 48 if args.quick else 1280
     if args.setting:
-        print(json.dumps(one_update(args)))
+        Path(args.json).write_text(json.dumps(one_update(args)))
         return
-    rows = {}
-    for name in SETTINGS:
-        command = [sys.executable, __file__, "--settings", "--setting", name, "--vocab", str(args.vocab), "--threads",
-                   str(args.threads), "--micro_batch_tokens", str(args.micro_batch_tokens)] + ["--quick"] * args.quick
-        proc = subprocess.run(command, capture_output=True, text=True, cwd=ROOT)
-        if proc.returncode != 0:
-            sys.exit(f"error: setting {name} failed:\n{proc.stderr[-2000:]}")
-        rows[name] = json.loads(proc.stdout.strip().splitlines()[-1])
+    rows = {name: child([__file__, "--settings", "--setting", name, "--vocab", args.vocab, "--threads", args.threads,
+                         "--micro_batch_tokens", args.micro_batch_tokens, *["--quick"] * args.quick],
+                        f"memory setting {name}") for name in SETTINGS}
     base = rows["whole"]
     print(f"One P3O update, {args.prompts} prompts x 2 x {args.response_tokens} response tokens, vocabulary "
-          f"{args.vocab}, {'2-layer quick model' if args.quick else 'SmolLM2-135M shape'}, {args.threads} threads, "
-          f"{cpu_model()}; micro-batches of {args.micro_batch_tokens} tokens")
+          f"{args.vocab}, {'2-layer quick model' if args.quick else 'SmolLM2-135M shape'}, "
+          f"{machine(args.threads)}; micro-batches of {args.micro_batch_tokens} tokens")
     print(f"{'setting':<12}{'peak GB':>9}{'x whole':>9}{'seconds':>9}{'x whole':>9}{'parts':>7}{'loss':>14}{'grad norm':>14}")
     for name, r in rows.items():
         print(f"{name:<12}{r['peak_gb']:>9.2f}{r['peak_gb'] / base['peak_gb']:>9.2f}{r['seconds']:>9.1f}"
               f"{r['seconds'] / base['seconds']:>9.2f}{r['micro_batches']:>7}{r['loss']:>14.6f}{r['grad_norm']:>14.6f}")
     print(f"(peak after building the models: {base['built_gb']:.2f} GB)")
-
-
-def _has_trl() -> bool:
-    import importlib.util
-
-    return importlib.util.find_spec("trl") is not None
 
 
 def main() -> None:
@@ -219,6 +189,7 @@ def main() -> None:
     parser.add_argument("--micro_batch_tokens", type=int, default=None, help="--settings: budget of the micro settings")
     parser.add_argument("--vocab", type=int, default=49152, help="--settings: vocabulary size (Qwen: 151936)")
     parser.add_argument("--setting", choices=list(SETTINGS), help=argparse.SUPPRESS)   # the child process
+    parser.add_argument("--json", help=argparse.SUPPRESS)
     args = parser.parse_args()
     settings(args) if args.settings else sweep(args)
 

