@@ -225,3 +225,18 @@ def test_memory_sweep_quick_prints_a_row_per_point_for_our_side():
     assert len(rows) == 1 and "| 8 | 16 | 49,152 |" in rows[0]
     peak, seconds = (float(cell) for cell in rows[0].strip(" |").split("|")[4:6])
     assert peak > 0.1 and seconds > 0
+
+
+def test_the_harness_alternates_sides_and_reports_a_failed_child(tmp_path):
+    from benchmarks.harness import alternate, child
+
+    order = []
+    runs = alternate(["a", "b"], 3, lambda side: order.append(side) or len(order))
+    assert order == ["a", "b"] * 3 and runs == {"a": [1, 3, 5], "b": [2, 4, 6]}
+    script = tmp_path / "side.py"
+    script.write_text("import json, sys\nif sys.argv[1] == 'fail': sys.exit('broken side')\n"
+                      "json.dump({'side': sys.argv[1]}, open(sys.argv[-1], 'w'))\n")
+    assert child([script, "ok"], "demo") == {"side": "ok"}
+    assert child([script, "fail"], "demo", fail_ok=True) == {"error": "exit 1: broken side"}
+    with pytest.raises(SystemExit, match=r"\[demo\] failed \(exit 1\)"):
+        child([script, "fail"], "demo")
