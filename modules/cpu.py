@@ -26,7 +26,7 @@ def prepacked_linears(model, rows: int):
     for inputs of `rows` rows (`torch.ops.mkldnn`), instead of `F.linear`, whose BLAS call repacks the weight at
     every call. Decoding calls each linear once per token with a few rows, where that repacking dominates: on the
     2-core AMD EPYC it cuts the decode time by about a third (`benchmarks/decode.py`). Same maths, rounding aside
-    (`tests/test_shortcuts.py`): fp32 weights compute in fp32; under CPU bf16 autocast the weights are packed in
+    (`tests/test_cpu.py`): fp32 weights compute in fp32; under CPU bf16 autocast the weights are packed in
     bf16 and inputs cast to bf16, as autocast's `linear` does; bf16 weights compute in bf16.
 
     Applies only on CPU, when no parameter is partitioned (an FSDP2 model is gathered while sampling) and every

@@ -125,7 +125,7 @@ def micro_batch_groups(group_tokens: torch.Tensor, budget: int, parts: int | Non
 CUSTOM_MASK_ATTENTION = {"sdpa": "bool", "eager": "additive"}
 
 # Decoders whose attention is plain causal attention over position ids, so that a custom mask with the same
-# positions reproduces it exactly (tested for each in tests/test_shortcuts.py). Others (ALiBi, sliding windows,
+# positions reproduces it exactly (tested for each in tests/test_layout.py). Others (ALiBi, sliding windows,
 # bidirectional prefixes) build masks of their own and keep the one-row-per-response layout.
 SHARED_PROMPT_MODELS = ("llama", "mistral", "qwen2", "qwen3")
 

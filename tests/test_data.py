@@ -1,12 +1,17 @@
 """PairDataModule: the shared tokenization path and every bad-input case."""
 import json
 import logging
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 
 from datamodules.pairs import PairDataModule
 from datamodules.sources import DataError, FieldMap, LocalFiles
 from datamodules.task import ChatReviewTask, GoldReward, ReviewTask, gold_reward
+from train import cli_main
 
 GOOD = {"prompt": "write a review of the cafe :", "chosen": "the food was great .", "rejected": "the food was bad ."}
 
@@ -149,12 +154,10 @@ def test_chat_task_is_english_sentences_and_needs_a_model_tokenizer(tmp_path):
         PairDataModule(task)
 
 
-
 def test_datamodules_do_not_import_the_modules_package_at_import_time():
     """One-way flow: modules/ imports datamodules/ (PairBatch, collation), never the reverse at module level (the
     tokenizer loader, `modules.backbone.load_tokenizer`, is imported lazily where the datamodule needs it)."""
     import ast
-    from pathlib import Path
 
     for path in Path("datamodules").glob("*.py"):
         for node in ast.parse(path.read_text()).body:
@@ -191,9 +194,6 @@ def test_a_jsonl_file_with_a_byte_order_mark_is_read(tmp_path, task_tokenizer_pa
 @pytest.mark.slow
 def test_a_data_error_is_one_line_without_a_traceback(tmp_path, task_tokenizer_path):
     """Before: every data error printed a 31-60-line traceback before its clear last line."""
-    import os
-    import subprocess
-    import sys
 
     path = write_jsonl(tmp_path / "pairs.jsonl", [GOOD, {**GOOD, "chosen": None}])
     proc = subprocess.run([sys.executable, "train.py", "fit", "--config", "configs/quickstart/sft.yaml",
@@ -206,3 +206,45 @@ def test_a_data_error_is_one_line_without_a_traceback(tmp_path, task_tokenizer_p
     assert "Traceback" not in proc.stderr
     assert proc.stderr.strip().splitlines()[-1] == f"error: {path}: record 1: field 'chosen': null; expected a string " \
                                                    "(set data skip_invalid: true to drop such records with a count)"
+
+
+def test_dotted_overrides_reach_the_source_arguments():
+    cli = cli_main(["--config", "configs/quickstart/sft.yaml", "--data.init_args.source.init_args.num_train=100"],
+                   run=False)
+    assert cli.datamodule.source.num_train == 100
+
+
+def test_invalid_utf8_and_wrong_field_names_name_the_file_and_line(tmp_path):
+    from datamodules.sources import DataError, FieldMap, read_file, validate_records
+
+    bad = tmp_path / "bad.jsonl"
+    bad.write_bytes(b'{"prompt": "a", "chosen": "b", "rejected": "c"}\n{"prompt": "a", "chosen": "b\xff", "rejected": "c"}\n')
+    with pytest.raises(DataError, match=r"bad.jsonl: record 1 \(line 2\): not valid UTF-8"):
+        read_file(str(bad))
+    cols = tmp_path / "cols.jsonl"
+    cols.write_text('{"question": "a", "good": "b", "bad": "c"}\n')
+    with pytest.raises(DataError, match=r"record 0: field 'prompt': missing \(the record has fields \['bad', 'good', "
+                                        r"'question'\]; name yours with data fields"):
+        validate_records(read_file(str(cols)), str(cols), FieldMap())
+
+
+def test_a_bad_record_in_the_validation_tail_is_named_by_its_index_in_the_file(tmp_path, task_tokenizer_path, caplog):
+    """10 records, val_fraction 0.2: records 0-7 train, 8-9 validation. The bad record is the file's record 9
+    (split-relative it would be 1); with skip_invalid, a too-long prompt after a dropped record keeps its file index."""
+    from datamodules.pairs import PairDataModule
+    from datamodules.sources import DataError, LocalFiles
+
+    rows = [{"prompt": "the film was", "chosen": "good", "rejected": "bad"} for _ in range(10)]
+    rows[9] = {"prompt": "the film was", "chosen": "good"}
+    path = tmp_path / "data.jsonl"
+    path.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    dm = PairDataModule(LocalFiles(str(path), val_fraction=0.2), tokenizer=task_tokenizer_path)
+    with pytest.raises(DataError, match=r"data.jsonl: record 9: field 'rejected': missing"):
+        dm.setup()
+    rows[1] = {"prompt": "x", "chosen": "same", "rejected": "same"}
+    rows[3] = {"prompt": "word " * 40, "chosen": "good", "rejected": "bad"}
+    path.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    dm = PairDataModule(LocalFiles(str(path), val_fraction=0.2), tokenizer=task_tokenizer_path, skip_invalid=True)
+    dm.setup()
+    assert len(dm.splits["train"]) == 6 and len(dm.splits["val"]) == 1
+    assert "record 3: field 'prompt'" in caplog.text

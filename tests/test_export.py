@@ -10,6 +10,7 @@ import torch
 import yaml
 
 from callbacks.export import ExportError, target_problem, write_atomically
+from modules.backbone import build_causal_lm, save_pretrained
 from tests.helpers import tiny_rl_config
 from train import cli_main, main
 
@@ -182,3 +183,12 @@ def test_an_unmerged_lora_export_points_at_its_base_in_the_final_folder(tmp_path
     ids = torch.tensor([[3, 4, 5]])
     with torch.no_grad():
         assert torch.allclose(loaded(input_ids=ids).logits, model(input_ids=ids).logits, atol=1e-5)
+
+
+def test_an_export_never_writes_nonfinite_weights(tiny_spec, tokenizer, tmp_path):
+    model = build_causal_lm(tiny_spec, tokenizer)
+    with torch.no_grad():
+        model.lm_head.weight[3, 2] = float("nan")
+    with pytest.raises(ValueError, match="parameter 'lm_head.weight' holds NaN or inf; nothing was written"):
+        save_pretrained(model, tokenizer, str(tmp_path / "out"))
+    assert not (tmp_path / "out" / "model.safetensors").exists()

@@ -139,5 +139,3 @@ def test_inverse_cdf_sample_literal():
     # unnormalised rows (top-k leaves a sum of 1 only up to rounding) scale with their own total
     assert F.inverse_cdf_sample(torch.tensor([[2.0, 6.0]]), torch.tensor([0.24])).tolist() == [0]
     assert F.inverse_cdf_sample(torch.tensor([[2.0, 6.0]]), torch.tensor([0.26])).tolist() == [1]
-
-

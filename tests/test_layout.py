@@ -1,7 +1,11 @@
 """The shared-prompt layouts (`modules.layout`) on literal masks."""
+import pytest
 import torch
 
 from modules import layout as L
+from modules.backbone import BackboneSpec, build_causal_lm
+from modules.forward import response_logprobs
+from tests.helpers import TINY_SHAPE, grouped_rows
 
 
 def test_shared_prompt_layout_on_one_group_with_a_padded_prompt_and_an_early_eos():
@@ -70,3 +74,107 @@ def test_packed_last_token_literal():
     gather = L.packed_prompt_layout(empty, 2, 2)[0]
     assert gather.tolist() == [[0, 1, 2]]
     assert L.packed_last_token(empty, 2, 2, gather).tolist() == [2, 1]
+
+
+@pytest.mark.parametrize("packed", [True, False], ids=["packed", "padded"])
+@pytest.mark.parametrize("model_type,attention", [("llama", "sdpa"), ("llama", "eager"), ("mistral", "sdpa"),
+                                                  ("qwen2", "sdpa"), ("qwen3", "eager"), ("llama-lora", "sdpa")])
+def test_shared_prompt_logprobs_and_gradients_equal_one_row_per_response(tokenizer, model_type, attention, packed):
+    """Each prompt computed once for its K = 3 responses (`group_size=3`) against one row per response: the same
+    logprobs on every response token (1e-5) and the same gradient of their masked sum (1e-5 relative to the
+    largest), for each decoder and attention implementation that shares prompts, and a LoRA policy; packed (the
+    default: padding dropped, the decoder sees fewer columns than the padded layout's P + K L) and padded (what a
+    model partitioned by DeepSpeed ZeRO-3 runs; `prompt_layout: padded`). The packed path runs the LM head on the real
+    response tokens only and returns exactly 0 after each response."""
+    from modules.layout import shares_prompts
+
+    config = {**TINY_SHAPE, "model_type": model_type.split("-")[0], "attn_implementation": attention,
+              "num_key_value_heads": 1}
+    if model_type == "mistral":
+        config["sliding_window"] = None
+    model = build_causal_lm(BackboneSpec(config=config, lora={"r": 4} if "lora" in model_type else None), tokenizer)
+    ids, mask, response_mask = grouped_rows(tokenizer)
+    assert model.config._attn_implementation == attention and shares_prompts(model, ids, mask, 5, 3)
+    widths, head_rows = [], []
+    model.get_decoder().register_forward_pre_hook(lambda m, a, kw: widths.append(kw["input_ids"].shape[1]),
+                                                  with_kwargs=True)
+    model.get_output_embeddings().register_forward_pre_hook(lambda m, a: head_rows.append(a[0].shape[:-1].numel()))
+    results = []
+    for group_size in (1, 3):
+        model.zero_grad()
+        logp = response_logprobs(model, ids, mask, 5, 0.7, group_size=group_size, packed=packed)
+        (logp * response_mask).sum().backward()
+        grads = torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None])
+        results.append((logp.detach(), grads))
+    (plain, plain_grad), (shared, shared_grad) = results
+    assert torch.isfinite(shared).all()
+    assert torch.allclose(plain * response_mask, shared * response_mask, atol=1e-5, rtol=0)
+    assert (plain_grad - shared_grad).abs().max() <= 1e-5 * plain_grad.abs().max()
+    L = ids.shape[1] - 5
+    real_per_group = (mask.view(-1, 3, ids.shape[1])[:, :, 5:].sum((1, 2)) + mask.view(-1, 3, ids.shape[1])[:, 0, :5].sum(1))
+    assert widths[-1] == (int(real_per_group.max()) if packed else 5 + 3 * L)
+    if packed:                                           # the LM head sees the real response tokens alone
+        assert (shared[response_mask == 0] == 0).all() and head_rows[-1] == int(response_mask.sum())
+    else:
+        assert head_rows[-1] == 2 * 3 * L                # groups x K L predicting positions
+
+
+def test_prompts_are_shared_only_where_the_layout_is_exact(tokenizer):
+    """Falls back to one row per response when a group's rows hold different prompts, when groups are not whole,
+    for a sliding window shorter than the rows, and for an attention implementation that ignores custom masks."""
+    from modules.layout import shares_prompts
+
+    ids, mask, _ = grouped_rows(tokenizer)
+    llama = build_causal_lm(BackboneSpec(config={**TINY_SHAPE, "model_type": "llama"}), tokenizer)
+    assert shares_prompts(llama, ids, mask, 5, 3)
+    other = ids.clone()
+    other[1, 4] += 1
+    assert not shares_prompts(llama, other, mask, 5, 3)
+    assert not shares_prompts(llama, ids[:5], mask[:5], 5, 3)
+    for window, shared in ((8, False), (11, True)):
+        mistral = build_causal_lm(BackboneSpec(config={**TINY_SHAPE, "model_type": "mistral",
+                                                       "sliding_window": window}), tokenizer)
+        assert shares_prompts(mistral, ids, mask, 5, 3) == shared
+    llama.config._attn_implementation = "flash_attention_2"
+    assert not shares_prompts(llama, ids, mask, 5, 3)
+
+
+def test_rl_module_shares_prompts_by_default_with_the_same_updates(tmp_path, sft_dir, monkeypatch):
+    """The same tiny run (K = 2) with share_prompts on (the default) and off: the shared path runs (counted; packed,
+    as the model is whole), and the weights after the first rollout agree within 1e-4."""
+    import modules.forward
+    from tests.helpers import tiny_rl_config
+    from train import cli_main
+
+    calls = []
+    shared = modules.forward._packed_prompt_logprobs
+    monkeypatch.setattr(modules.forward, "_packed_prompt_logprobs", lambda *a: calls.append(1) or shared(*a))
+    weights = {}
+    for share in (True, False):
+        calls.clear()
+        config = tiny_rl_config(tmp_path, sft_dir, name=f"share-{share}.yaml", model={"share_prompts": share},
+                                limit_train_batches=1)
+        cli = cli_main(["fit", "--config", config])
+        weights[share] = torch.cat([p.detach().flatten() for p in cli.model.policy.parameters()])
+        assert len(calls) == (5 if share else 0)      # pi_ref + 2 epochs x 2 minibatches (pi_old: the sampler)
+    assert (weights[True] - weights[False]).abs().max() < 1e-4
+
+
+@pytest.mark.parametrize("attention", ["sdpa", "eager"])
+def test_shared_prompt_rewards_equal_one_row_per_response(tokenizer, attention):
+    """A reward model (scalar head) scores K = 3 responses per prompt with each prompt computed once and no
+    padding (the backbone sees 18 columns, not the padded layout's P + K L = 23): the same rewards (1e-5) as one row
+    per response, read at each response's last real token (rows 1 and 4 stop early)."""
+    from modules.backbone import build_scorer
+    from modules.forward import scorer_head, sequence_rewards
+
+    scorer = build_scorer(BackboneSpec(config={**TINY_SHAPE, "attn_implementation": attention}), tokenizer).eval()
+    ids, mask, _ = grouped_rows(tokenizer)
+    widths = []
+    scorer_head(scorer)[0].register_forward_pre_hook(
+        lambda m, a, kw: widths.append((kw["input_ids"] if "input_ids" in kw else a[0]).shape[1]), with_kwargs=True)
+    with torch.no_grad():
+        plain, shared = sequence_rewards(scorer, ids, mask), sequence_rewards(scorer, ids, mask, 5, 3)
+    assert widths == [11, 18]                 # one row per response: P + L; packed: 18 real tokens, not P + K L = 23
+    assert shared.shape == (6,) and not torch.allclose(plain, plain[:1].expand(6))
+    assert torch.allclose(plain, shared, atol=1e-5, rtol=0)

@@ -159,7 +159,7 @@ def test_a_token_level_reward_is_scored_per_micro_batch_and_checked_as_a_whole()
     """Rows 0-7 in parts of 3, 3 and 2 rows: one call each, the rewards in row order; a NaN in the second part is
     named by its index in the rollout (5 of 8), not in its part."""
     from modules.rewards import RewardError, score
-    from tests.test_trust import rollout_of
+    from tests.test_rewards import rollout_of
 
     roll = rollout_of(8)
     roll.input_ids = torch.arange(24).view(8, 3) % 6 + 1          # ids 1..6: no 7 yet

@@ -1,37 +1,17 @@
-"""RL stage end to end: sampling masks, a tiny fit, DDP with 2 processes, exact resume."""
+"""modules/rl.py end to end: a tiny fit, every objective in one module, exact resume, pi_old from the sampler or a
+forward pass, gradient clipping, bf16-mixed on CPU, and a non-finite update stopped before its step."""
+
 
 import pytest
 import torch
 
 from datamodules.collate import PairCollator, encode_prompt
 from modules.backbone import BackboneSpec, build_causal_lm
+from modules.forward import response_logprobs
+from modules.rl import NonFiniteError
 from modules.sampling import SamplingConfig, sample
 from tests.helpers import tiny_rl_config
 from train import cli_main
-
-
-def test_sampling_truncates_after_the_first_eos(sft_dir, tokenizer):
-    model = build_causal_lm(BackboneSpec(pretrained=sft_dir), tokenizer)
-    with torch.no_grad():   # make EOS likely so that both kinds of rows occur
-        model.lm_head.weight[tokenizer.eos_token_id] = model.lm_head.weight.mean(0) + 0.02 * model.lm_head.weight.std()
-    prompts = ["write a review of the cafe :", "write a review of the zoo :"] * 8
-    batch = PairCollator(tokenizer.pad_token_id)([{"prompt": p, "prompt_ids": encode_prompt(tokenizer, p)}
-                                                  for p in prompts])
-    torch.manual_seed(0)
-    roll = sample(model, tokenizer, batch.prompt_ids, batch.prompt_mask, batch.prompts,
-                  SamplingConfig(max_new_tokens=12), num_samples=2)
-    assert len(roll) == 32 and roll.prompts[:2] == [prompts[0]] * 2
-    resp, mask, eos = roll.response_ids, roll.response_mask, tokenizer.eos_token_id
-    assert 0 < roll.has_eos.sum() < len(roll)
-    for i in range(len(roll)):
-        n = int(mask[i].sum())
-        if roll.has_eos[i]:
-            assert resp[i, n - 1] == eos and (resp[i, : n - 1] != eos).all()   # mask ends at the first EOS
-        else:
-            assert n == resp.shape[1]
-        assert (resp[i, n:] == tokenizer.pad_token_id).all()                 # everything after is padding
-        assert roll.responses[i] == tokenizer.decode(resp[i, : n], skip_special_tokens=True).strip()
-    assert torch.equal(roll.attention_mask[:, roll.prompt_length:], mask)
 
 
 def params(module):
@@ -133,3 +113,93 @@ def test_p3o_trains_with_activation_checkpointing_and_lora(tmp_path, sft_dir):
     initial = build_causal_lm(BackboneSpec(pretrained=sft_dir, lora={"r": 4}), cli.model.tokenizer).state_dict()
     changed = {k for k, v in policy.state_dict().items() if not torch.equal(v, initial[k])}
     assert changed and all("lora_" in k for k in changed)
+
+
+@pytest.mark.slow
+def test_rl_module_takes_pi_old_from_the_sampler_at_fp32_and_from_a_forward_pass_when_asked(tmp_path, sft_dir):
+    """The same tiny run with old_logprobs 'sampler' (the fp32 default) and 'forward': the rollouts' pi_old agree
+    within float rounding, so the first rollout's updates agree too (weights within 1e-4 after rollout 1)."""
+    from tests.helpers import tiny_rl_config
+    from train import cli_main
+
+    weights = {}
+    for source in ("sampler", "forward"):
+        config = tiny_rl_config(tmp_path, sft_dir, name=f"{source}.yaml", model={"old_logprobs": source},
+                                limit_train_batches=1)
+        cli = cli_main(["fit", "--config", config])
+        assert cli.model.logprobs_from_sampler == (source == "sampler")
+        weights[source] = torch.cat([p.detach().flatten() for p in cli.model.policy.parameters()])
+    assert (weights["sampler"] - weights["forward"]).abs().max() < 1e-4
+
+
+def test_clipping_scales_by_the_norm_the_update_computed_exactly_as_lightning_clips(tmp_path, sft_dir, monkeypatch):
+    """`update` computes the gradient norm once (for the non-finite check and train/grad_norm) and clips with it
+    (`clip_grads_with_norm_`); Lightning's path computes it again (`clip_grad_norm_`). With a max norm small enough
+    that every step clips, one rollout through each path ends with bit-equal weights."""
+    import modules.rl
+    from tests.helpers import tiny_rl_config
+    from train import cli_main
+
+    weights = {}
+    for path in ("direct", "lightning"):
+        if path == "lightning":
+            monkeypatch.setattr(modules.rl, "PLAIN_GRADIENTS", ())
+        config = tiny_rl_config(tmp_path, sft_dir, name=f"{path}.yaml", model={"max_grad_norm": 1e-3},
+                                limit_train_batches=1)
+        cli = cli_main(["fit", "--config", config])
+        assert cli.trainer.callback_metrics["train/grad_norm"] > 1e-3           # so the clipping was active
+        weights[path] = torch.cat([p.detach().flatten() for p in cli.model.policy.parameters()])
+    assert torch.equal(weights["direct"], weights["lightning"])
+
+
+def test_bf16_mixed_on_cpu_with_fused_adamw_and_clipping_keeps_logprobs_within_its_tolerance(tmp_path, sft_dir):
+    """bf16 autocast on CPU (`configs/presets/bf16.yaml`; CPUs with native bf16 matmul run it faster, see the
+    README's speed section) with the configs' fused AdamW and gradient clipping: Lightning's mixed-precision
+    plugin refused to clip for a fused optimizer (RuntimeError) although bf16 has no loss scaler.
+    Tolerance: autocast rounds every matmul's inputs to bf16 (8 significant bits: relative error <= 2^-9 ~ 0.002
+    per rounding), so a logprob moves by a few times 0.002 x the size of the logits. On the tiny model (logits of
+    order 1) the rollout's pi_ref logprobs differ from fp32 by a mean of 3e-4 and a max of 9e-4 nats (measured);
+    we accept a mean of 3e-3 and a max of 3e-2 nats. pi_old and pi_ref come from forward passes
+    under the same autocast as the update ('auto'), so the first minibatch's ratios are 1 up to the same rounding."""
+    from lightning.pytorch.callbacks import LambdaCallback
+
+    from tests.helpers import tiny_rl_config
+    from train import cli_main
+
+    config = tiny_rl_config(tmp_path, sft_dir, model={"optimizer": {"init_args": {"fused": True}}},
+                            precision="bf16-mixed", limit_train_batches=1)
+    cli = cli_main(["--config", config], run=False)
+    kept = []
+    cli.trainer.callbacks.append(LambdaCallback(   # after OnPolicyRollout: keeps the rollout
+        on_train_batch_start=lambda trainer, module, *args: kept.append(module.rollout)))
+    cli.model.configure_model()
+    before = torch.cat([p.detach().flatten().clone() for p in cli.model.policy.parameters()])
+    cli.trainer.fit(cli.model, datamodule=cli.datamodule)
+    model, roll = cli.model, kept[0]
+    assert not model.logprobs_from_sampler
+    after = torch.cat([p.detach().flatten() for p in model.policy.parameters()])
+    assert torch.isfinite(after).all() and not torch.equal(before, after)
+    mask = roll.response_mask.bool()
+    with model.reference_model() as ref, torch.no_grad():
+        fp32 = response_logprobs(ref, roll.input_ids, roll.attention_mask, roll.prompt_length, model.sampling.temperature)
+    err = (roll.ref_logp - fp32)[mask].abs()
+    assert err.mean() < 3e-3 and err.max() < 3e-2, (err.mean(), err.max())
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("mode, what", [("loss", "non-finite loss"), ("grad", "non-finite gradient norm")])
+def test_a_nonfinite_update_stops_before_the_step_keeping_the_last_good_checkpoint(tmp_path, sft_dir, mode, what):
+    """Rollout 2 (the third) breaks: the run raises before that rollout's first optimizer step; last.ckpt, written
+    after every rollout, holds the finite state after rollout 1; the export is never written."""
+    export = tmp_path / "export"
+    config = tiny_rl_config(tmp_path, sft_dir, checkpoint={"dirpath": str(tmp_path / "ckpt"), "every_n_batches": 1},
+                            extra_callbacks=[{"class_path": "tests.helpers.BreakAfter", "init_args": {"at": 2, "mode": mode}},
+                                             {"class_path": "callbacks.export.HFExport", "init_args": {"dirpath": str(export)}}])
+    with pytest.raises(NonFiniteError, match=f"P3O: {what} .* at rollout 2, epoch 0, minibatch 0; the optimizer step "
+                                             "was skipped"):
+        cli_main(["fit", "--config", config])
+    state = torch.load(tmp_path / "ckpt" / "last.ckpt", weights_only=False)
+    assert state["global_step"] == 2 * 2 * 2          # 2 rollouts x 2 epochs x 2 minibatches
+    policy = {k: v for k, v in state["state_dict"].items() if k.startswith("policy.")}
+    assert policy and all(torch.isfinite(v).all() for v in policy.values())
+    assert not export.exists()

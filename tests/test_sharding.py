@@ -4,14 +4,12 @@ from __future__ import annotations
 
 import copy
 import os
-import subprocess
-import sys
 
 import pytest
 import torch
 
 from tests.conftest import TINY
-from tests.helpers import tiny_rl_config, tiny_stage_config
+from tests.helpers import run_train, tiny_rl_config, tiny_stage_config
 
 FSDP2 = {"class_path": "modules.sharding.FSDP2Strategy"}
 TWO_LAYERS = {**TINY, "num_hidden_layers": 2}
@@ -109,13 +107,6 @@ def test_sharded_gradients_logprobs_and_samples_equal_the_whole_model(tmp_path, 
         assert sharded.shape == whole.shape and torch.equal(sharded, whole)
 
 
-def _train(config: str, *args: str, expect: int = 0) -> None:
-    env = {**os.environ, "PYTHONPATH": os.getcwd()}
-    proc = subprocess.run([sys.executable, "train.py", "fit", "--config", config, *args], env=env,
-                          capture_output=True, text=True, timeout=300)
-    assert proc.returncode == expect, proc.stderr[-3000:]
-
-
 def _digests(path) -> list[dict]:
     return [torch.load(f"{path}.rank{rank}.pt") for rank in (0, 1)]
 
@@ -167,7 +158,7 @@ def test_fsdp2_trains_like_ddp_and_exports_whole_weights(tmp_path, sft_dir, rewa
         else:
             config = tiny_stage_config(tmp_path, stage, sft_dir, f"{name}.yaml", callbacks, devices=2,
                                        strategy=strategy, limit_train_batches=3)
-        _train(config, *(f"--model.init_args.{k}={v}" for k, v in model.items() if stage != "rl"))
+        run_train(config, *(f"--model.init_args.{k}={v}" for k, v in model.items() if stage != "rl"))
         digests[name] = _digests(tmp_path / name)
     fsdp2 = digests["fsdp2"]
     assert fsdp2[0]["prompts"] != fsdp2[1]["prompts"]                       # each rank its own shard of prompts

@@ -1,0 +1,83 @@
+"""callbacks/checkpoint.py: checkpoints on a cadence of training batches (rollouts in RL) that fires, and exact
+mid-epoch resume: after SIGKILL, after Ctrl-C, for every stage, and on 2 processes under FSDP2."""
+from pathlib import Path
+
+import pytest
+import torch
+
+from tests.helpers import run_train, tiny_rl_config, tiny_stage_config
+from train import cli_main
+
+
+def test_rl_checkpoints_fire_every_n_rollouts_and_at_the_end(tmp_path, sft_dir):
+    """4 rollouts of 4 optimizer steps each: a global_step cadence of 3 would fire at step 3, 6, ... never on a
+    rollout boundary; every_n_batches: 3 saves after rollout 3, then once more when training ends."""
+    config = tiny_rl_config(tmp_path, sft_dir, checkpoint={"every_n_batches": 3},
+                            extra_callbacks=[{"class_path": "tests.helpers.RecordingCheckpoint"}])
+    cli = cli_main(["fit", "--config", config])
+    recorder = next(cb for cb in cli.trainer.callbacks if type(cb).__name__ == "RecordingCheckpoint")
+    assert recorder.saves == [3, 4]
+    assert next((tmp_path / "runs").rglob("checkpoints/last.ckpt")).exists()
+
+
+def _digest(path: Path, rank: int = 0) -> dict:
+    return torch.load(f"{path}.rank{rank}.pt")
+
+
+def _resume_case(tmp_path, sft_dir, devices: int, interrupt: str, stage: str = "rl", strategy="ddp"):
+    """Uninterrupted: 2 epochs of R rollouts (SFT / reward stages: R training batches). Interrupted when rollout
+    R + 1 (the second of the second epoch) starts: SIGKILL dies at once, leaving last.ckpt of the rollout before
+    (saved after every rollout); SIGINT finishes that rollout, saves and exits 130. Resumed from last.ckpt: bit-equal
+    weights, and the resumed run trains on exactly the remaining batches."""
+    extra = {"devices": devices, "strategy": strategy} if devices > 1 else {}
+    rollouts = (4 if stage == "rl" else 8) // devices   # 16 prompts (32 records) / (4 per batch x ranks)
+
+    def config(name, callbacks, every=1):
+        checkpoint = {"dirpath": str(tmp_path / name), "every_n_batches": every}
+        if stage != "rl":
+            return tiny_stage_config(tmp_path, stage, sft_dir, f"{name}.yaml", callbacks, checkpoint, max_epochs=2)
+        return tiny_rl_config(tmp_path, sft_dir, name=f"{name}.yaml", max_epochs=2, extra_callbacks=callbacks,
+                              checkpoint=checkpoint, **extra)
+
+    digest = lambda name: [{"class_path": "tests.helpers.ParamDigest",  # noqa: E731
+                            "init_args": {"path": str(tmp_path / name)}}]
+    at = rollouts + 1                             # second epoch, second batch
+    run_train(config("straight", digest("straight"), every=0))
+    kill = [{"class_path": "tests.helpers.KillAt", "init_args": {"at": at, "signal": interrupt}}]
+    # SIGKILL: dies at once (the last save was after the previous rollout); SIGINT: finishes rollout `at`, saves, stops.
+    run_train(config("killed", kill, every=1 if interrupt == "SIGKILL" else 0), expect=-9 if interrupt == "SIGKILL" else 130)
+    last = tmp_path / "killed" / "last.ckpt"
+    assert last.exists()
+    loader = torch.load(last, weights_only=False)["loops"]["fit_loop"]["state_dict"]["combined_loader"]
+    assert loader == [{"epoch": 1, "batches": 1 if interrupt == "SIGKILL" else 2}]    # mid-epoch
+    run_train(config("resumed", digest("resumed"), every=0), "--ckpt_path", str(last))
+    for rank in range(devices):
+        a, b = _digest(tmp_path / "straight", rank), _digest(tmp_path / "resumed", rank)
+        assert not torch.equal(a["params"], a["initial"])
+        assert torch.equal(a["params"], b["params"]), f"rank {rank}: resumed weights differ from the uninterrupted run"
+        assert a["prompts"][-len(b["prompts"]):] == b["prompts"]      # the resumed run saw the remaining batches
+
+
+@pytest.mark.slow
+def test_sigkill_after_a_mid_epoch_checkpoint_resumes_bit_exactly(tmp_path, sft_dir):
+    _resume_case(tmp_path, sft_dir, devices=1, interrupt="SIGKILL")
+
+
+@pytest.mark.slow
+def test_ctrl_c_finishes_the_rollout_saves_and_resumes_bit_exactly(tmp_path, sft_dir):
+    _resume_case(tmp_path, sft_dir, devices=1, interrupt="SIGINT")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("stage", ["sft", "reward"])
+def test_sft_and_reward_stages_resume_bit_exactly_after_a_mid_epoch_sigkill(tmp_path, sft_dir, stage):
+    _resume_case(tmp_path, sft_dir, devices=1, interrupt="SIGKILL", stage=stage)
+
+
+@pytest.mark.slow
+def test_sigkill_mid_epoch_resume_is_bit_exact_under_two_processes_with_fsdp2(tmp_path, sft_dir):
+    """Two processes (every rank's sampling RNG and prompt shard restored, as under DDP, whose callbacks are the
+    same), FSDP2: the checkpoint holds the whole weights and optimizer state gathered on rank 0; resumed, each
+    rank takes its shards back."""
+    _resume_case(tmp_path, sft_dir, devices=2, interrupt="SIGKILL",
+                 strategy={"class_path": "modules.sharding.FSDP2Strategy"})

@@ -1,0 +1,80 @@
+"""modules/cpu.py: the CPU-only speed shims (prepacked linears, the allocator setting) give the same numbers and
+switch off."""
+import torch
+
+from modules.backbone import BackboneSpec, build_causal_lm
+from tests.helpers import TINY_SHAPE
+
+
+def test_cpu_runs_reuse_freed_memory_unless_switched_off(monkeypatch, tmp_path, sft_dir):
+    """The CLI applies `reuse_freed_memory` when the trainer runs on CPU. On Linux/glibc it returns True (both
+    mallopt calls accepted), with P3O_REUSE_FREED_MEMORY=0 it does nothing and returns False."""
+    import train
+    from tests.helpers import tiny_rl_config
+
+    calls = []
+    monkeypatch.setattr(train, "reuse_freed_memory", lambda: calls.append(1) or True)
+    train.cli_main(["--config", tiny_rl_config(tmp_path, sft_dir)], run=False)
+    assert calls == [1]
+    monkeypatch.undo()
+    assert train.reuse_freed_memory() is (train.sys.platform.startswith("linux"))
+    monkeypatch.setenv("P3O_REUSE_FREED_MEMORY", "0")
+    assert train.reuse_freed_memory() is False
+
+
+def test_prepacked_linears_give_the_same_forward_and_draws_and_apply_only_to_cpu_fp32(tiny_spec, tokenizer):
+    """Inside `prepacked_linears` a tiny model's logits equal the plain forward's within 1e-5 (Llama, Llama + LoRA,
+    Qwen2 for linears with a bias), the
+    layers' own forwards come back afterwards, and `sample` draws identical tokens from the same random state with
+    `prepack_weights` on and off (recorded logprobs within 1e-5). Under CPU bf16 autocast, and for bf16 weights, it
+    computes in bf16 like the plain forward (logits within 0.02 at a scale of ~0.5) where oneDNN has bf16 kernels and
+    does not apply where it has none; under fp16 autocast it changes nothing."""
+    from datamodules.collate import PairCollator, encode_prompt
+    from modules.cpu import prepacked_linears
+    from modules.sampling import SamplingConfig, sample
+
+    ids = torch.randint(3, 40, (3, 7))
+    patched = lambda model: [m for m in model.modules() if "forward" in m.__dict__]  # noqa: E731
+    qwen2 = BackboneSpec(config={**TINY_SHAPE, "model_type": "qwen2", "num_key_value_heads": 1})
+    for spec in (tiny_spec, BackboneSpec(config=tiny_spec.config, lora={"r": 4}), qwen2):
+        model = build_causal_lm(spec, tokenizer).eval()
+        if spec is qwen2:                                           # random biases (they start at 0)
+            biases = [m.bias for m in model.modules() if type(m) is torch.nn.Linear and m.bias is not None]
+            assert biases and [torch.nn.init.normal_(b) for b in biases]
+        with torch.no_grad():
+            plain = model(input_ids=ids).logits
+            with prepacked_linears(model, 3):
+                assert len(patched(model)) == sum(type(m) is torch.nn.Linear for m in model.modules()) > 0
+                fast = model(input_ids=ids).logits
+        assert patched(model) == [] and torch.allclose(fast, plain, atol=1e-5, rtol=0)
+
+    model = build_causal_lm(tiny_spec, tokenizer).eval()
+    texts = ["write a review of the cafe :", "write a review of the hotel , please :"]
+    batch = PairCollator(tokenizer.pad_token_id)([{"prompt": t, "prompt_ids": encode_prompt(tokenizer, t)} for t in texts])
+    rolls = {}
+    for prepack in (True, False):
+        torch.manual_seed(0)
+        rolls[prepack] = sample(model, tokenizer, batch.prompt_ids, batch.prompt_mask, batch.prompts,
+                                SamplingConfig(temperature=0.7, max_new_tokens=10, prepack_weights=prepack),
+                                num_samples=4, record_logprobs=True)
+    assert torch.equal(rolls[True].input_ids, rolls[False].input_ids)
+    assert torch.allclose(rolls[True].old_logp, rolls[False].old_logp, atol=1e-5, rtol=0)
+
+    # bf16 prepacking needs oneDNN's bf16 kernels (AVX512-BF16 / AMX); on CPUs without them it must not apply.
+    n_linears = sum(type(m) is torch.nn.Linear for m in model.modules()) if torch.ops.mkldnn._is_mkldnn_bf16_supported() else 0
+    with torch.no_grad():
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            plain = model(input_ids=ids).logits
+            with prepacked_linears(model, 3):
+                assert len(patched(model)) == n_linears
+                fast = model(input_ids=ids).logits
+        assert fast.dtype == plain.dtype and (fast.float() - plain.float()).abs().max() < 0.02
+        with torch.autocast("cpu", dtype=torch.float16), prepacked_linears(model, 3):
+            assert patched(model) == []
+        model.to(torch.bfloat16)
+        plain = model(input_ids=ids).logits
+        with prepacked_linears(model, 3):
+            assert len(patched(model)) == n_linears
+            fast = model(input_ids=ids).logits
+        assert fast.dtype == torch.bfloat16 and (fast.float() - plain.float()).abs().max() < 0.02
+    assert patched(model) == []

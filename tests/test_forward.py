@@ -1,0 +1,86 @@
+"""modules/forward.py: the forward passes' shortcuts equal the plain computation: the LM head on response
+positions only, the LM head in chunks (logprobs and gradients), the SFT loss in chunks."""
+import pytest
+import torch
+
+from modules import functional as F
+from modules.backbone import BackboneSpec, build_causal_lm
+from modules.forward import lm_logits, response_logprobs
+from tests.helpers import TINY_SHAPE, grouped_rows
+
+
+def _full_logprobs(model, ids, mask, P):
+    """The computation `response_logprobs` replaced: the LM head over every position, prompt ones discarded."""
+    logits = model(input_ids=ids, attention_mask=mask, position_ids=F.position_ids_from_mask(mask),
+                   use_cache=False).logits
+    return F.token_logprobs(logits[:, P - 1: -1], ids[:, P:], 0.7)
+
+
+def test_response_logprobs_run_the_lm_head_on_response_positions_only_with_the_same_numbers(tiny_spec, tokenizer):
+    """Left-padded prompts (P = 5), 4 response tokens: logits_to_keep = 5 gives (B, 5, V) instead of (B, 9, V), and
+    the logprobs equal the full computation's, for a plain and a LoRA model."""
+    torch.manual_seed(0)
+    ids = torch.randint(3, 40, (3, 9))
+    mask = torch.ones_like(ids)
+    mask[0, :2] = 0
+    mask[1, :1] = 0
+    for spec in (tiny_spec, BackboneSpec(config=tiny_spec.config, lora={"r": 4})):
+        model = build_causal_lm(spec, tokenizer).eval()
+        with torch.no_grad():
+            assert lm_logits(model, ids, mask, keep=5).shape == (3, 5, len(tokenizer))
+            fast, full = response_logprobs(model, ids, mask, 5, 0.7), _full_logprobs(model, ids, mask, 5)
+        assert fast.shape == (3, 4)
+        assert torch.allclose(fast, full, atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("group_size", [1, 3], ids=["one-row-per-response", "packed"])
+@pytest.mark.parametrize("lora", [False, True], ids=["full", "lora"])
+def test_chunked_lm_head_logprobs_and_gradients_equal_the_whole_logits(tokenizer, group_size, lora, monkeypatch):
+    """`response_logprobs` with the LM head in chunks of 4 tokens against chunk 0 (the whole logits): the same
+    logprobs on every response token and the same gradient of their masked sum (1e-5), for a full and a LoRA
+    policy, with one row per response and packed groups; the chunked path ran on every real response token."""
+    import modules.functional
+
+    calls = []
+    plain_linear = modules.functional.linear_token_logprobs
+    monkeypatch.setattr(modules.functional, "linear_token_logprobs",
+                        lambda hidden, *a: calls.append((hidden.shape[0], a[-1])) or plain_linear(hidden, *a))
+    config = {**TINY_SHAPE, "model_type": "llama", "num_key_value_heads": 1}
+    model = build_causal_lm(BackboneSpec(config=config, lora={"r": 4} if lora else None), tokenizer)
+    ids, mask, response_mask = grouped_rows(tokenizer)
+    results = []
+    for chunk in (0, 4):
+        model.zero_grad()
+        logp = response_logprobs(model, ids, mask, 5, 0.7, group_size=group_size, chunk=chunk)
+        (logp * response_mask).sum().backward()
+        grads = torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None])
+        results.append((logp.detach(), grads))
+    (whole, whole_grad), (chunked, chunked_grad) = results
+    assert calls == [(int(response_mask.sum()), 4)]
+    assert torch.allclose(whole * response_mask, chunked * response_mask, atol=1e-5, rtol=0)
+    assert (whole_grad - chunked_grad).abs().max() <= 1e-5 * whole_grad.abs().max()
+
+
+def test_sft_loss_in_chunks_equals_cross_entropy_over_the_whole_logits(tokenizer):
+    """SFT's loss through `target_logprobs` in chunks of 3 tokens against torch's cross-entropy on the full
+    logits of the response tokens (prompt and padding masked), in value and gradient."""
+    from modules.forward import target_logprobs
+
+    torch.manual_seed(0)
+    model = build_causal_lm(BackboneSpec(config={**TINY_SHAPE, "model_type": "llama"}), tokenizer)
+    ids, mask, response_mask = grouped_rows(tokenizer)
+    loss_mask = torch.cat([torch.zeros(ids.shape[0], 5, dtype=torch.long), response_mask], 1)
+    losses, grads = [], []
+    for chunk in (None, 3):
+        model.zero_grad()
+        if chunk is None:
+            logits = model(input_ids=ids, attention_mask=mask, position_ids=F.position_ids_from_mask(mask)).logits
+            nll = torch.nn.functional.cross_entropy(logits[:, :-1].transpose(1, 2), ids[:, 1:], reduction="none")
+            loss = F.masked_mean(nll, loss_mask[:, 1:])
+        else:
+            loss = F.response_only_nll(target_logprobs(model, ids, mask, loss_mask, chunk=chunk), loss_mask)
+        loss.backward()
+        losses.append(loss.detach())
+        grads.append(torch.cat([p.grad.flatten() for p in model.parameters()]))
+    assert torch.allclose(losses[0], losses[1], atol=1e-6)
+    assert (grads[0] - grads[1]).abs().max() <= 1e-5 * grads[0].abs().max()

@@ -1,0 +1,57 @@
+"""modules/rewards.py: what a reward returns is checked (one finite number per response, or the run stops naming
+the reward), and non-finite rewards are replaced by the chosen penalty and counted."""
+import pytest
+import torch
+
+from modules.batch import Rollout
+from modules.rewards import RewardError, check
+from tests.helpers import tiny_rl_config
+from train import cli_main
+
+
+def rollout_of(n: int) -> Rollout:
+    return Rollout(input_ids=torch.zeros(n, 3, dtype=torch.long), attention_mask=torch.ones(n, 3, dtype=torch.long),
+                   response_mask=torch.ones(n, 1, dtype=torch.long), prompt_length=2, group_size=2,
+                   prompts=[f"prompt {i}" for i in range(n)], responses=[f"response {i}" for i in range(n)],
+                   has_eos=torch.ones(n, dtype=torch.bool))
+
+
+class Scorer:
+    pass
+
+
+@pytest.mark.parametrize("values, message", [
+    ([0.1, float("nan"), 0.3, float("inf")], r"reward \S*Scorer returned nan for response 1 of 4 \(prompt 'prompt 1', "
+                                             r"response 'response 1'\) and 1 more non-finite"),
+    ([0.1, 0.2, 0.3, 0.4, 0.5], r"returned 5 values for 4 responses; expected one number per response"),
+    ([0.1, 0.2, 0.3], r"returned 3 values for 4 responses"),
+    ([[0.1], [0.2], [0.3], [0.4]], r"returned shape \(4, 1\) for 4 responses"),
+    (["good", "bad", "ok", "fine"], r"not a sequence of numbers"),
+])
+def test_reward_check_rejects_what_is_not_one_finite_number_per_response(values, message):
+    with pytest.raises(RewardError, match=message):
+        check(values, Scorer(), rollout_of(4))
+
+
+def test_reward_check_replaces_non_finite_rewards_by_the_chosen_penalty():
+    rewards, replaced = check([0.1, float("nan"), float("-inf"), 0.4], Scorer(), rollout_of(4), nonfinite=-2.0)
+    assert replaced == 2 and torch.equal(rewards, torch.tensor([0.1, -2.0, -2.0, 0.4]))
+
+
+@pytest.mark.parametrize("mode, message", [("nan", "returned nan for response 1"), ("inf", "returned inf"),
+                                           ("extra", "returned 9 values for 8 responses"),
+                                           ("short", "returned 7 values for 8 responses")])
+@pytest.mark.slow
+def test_a_bad_reward_callable_stops_the_run_before_any_update(tmp_path, sft_dir, mode, message):
+    config = tiny_rl_config(tmp_path, sft_dir, model={"reward": {"class_path": "tests.helpers.BadReward",
+                                                                 "init_args": {"mode": mode}}})
+    with pytest.raises(RewardError, match="tests.helpers.BadReward " + message):
+        cli_main(["fit", "--config", config])
+
+
+def test_nonfinite_reward_penalty_is_applied_and_counted(tmp_path, sft_dir):
+    config = tiny_rl_config(tmp_path, sft_dir, model={"nonfinite_reward": -1.0, "reward": {
+        "class_path": "tests.helpers.BadReward", "init_args": {"mode": "nan"}}})
+    cli = cli_main(["fit", "--config", config])
+    assert cli.trainer.callback_metrics["train/nonfinite_rewards"] == 1.0   # one per rollout (response 1)
+    assert all(torch.isfinite(p).all() for p in cli.model.policy.parameters())

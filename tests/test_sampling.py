@@ -1,0 +1,148 @@
+"""modules/sampling.py: our sampler draws from the policy's (warped) distribution, records the raw logprobs a
+forward gives, computes each prompt once for its K responses, and truncates after the first EOS."""
+
+import torch
+
+from datamodules.collate import PairCollator, encode_prompt
+from modules.backbone import BackboneSpec, build_causal_lm
+from modules.forward import response_logprobs
+from modules.sampling import SamplingConfig, sample
+
+
+def test_the_samplers_logprobs_equal_a_forward_pass_over_the_rollout(tiny_spec, tokenizer):
+    """pi_old recorded while sampling (T = 0.7, left-padded prompts of different lengths, 4 samples each, top-k 5
+    so that the warpers change what is drawn but not the recorded logits / T) equals `response_logprobs` over the
+    finished rollout on every response token, within float32 rounding (KV-cached decode vs one full forward)."""
+    from datamodules.collate import PairCollator, encode_prompt
+    from modules.sampling import SamplingConfig, sample
+
+    model = build_causal_lm(tiny_spec, tokenizer).eval()
+    texts = ["write a review of the cafe :", "write a review of the hotel , please :"]
+    batch = PairCollator(tokenizer.pad_token_id)([{"prompt": t, "prompt_ids": encode_prompt(tokenizer, t)} for t in texts])
+    torch.manual_seed(0)
+    roll = sample(model, tokenizer, batch.prompt_ids, batch.prompt_mask, batch.prompts,
+                  SamplingConfig(temperature=0.7, top_k=5, max_new_tokens=12), num_samples=4, record_logprobs=True)
+    with torch.no_grad():
+        forward = response_logprobs(model, roll.input_ids, roll.attention_mask, roll.prompt_length, 0.7)
+    assert roll.old_logp.shape == forward.shape == roll.response_mask.shape
+    assert torch.allclose(roll.old_logp, forward * roll.response_mask, atol=1e-5, rtol=0)
+    assert (roll.old_logp[roll.response_mask.bool()] < 0).all()
+
+
+def test_sampling_computes_each_prompt_once_and_draws_the_same_responses(tiny_spec, tokenizer):
+    """K = 4 samples of 2 left-padded prompts, from the same random state with share_prompts on (the default) and
+    off: the shared run's first forward is the prompts' prefill, 2 rows of P - 1 tokens (not 8 rows of P); both
+    runs draw the same tokens and record the same logprobs (1e-5)."""
+    from datamodules.collate import PairCollator, encode_prompt
+    from modules.sampling import SamplingConfig, sample
+
+    model = build_causal_lm(tiny_spec, tokenizer).eval()
+    texts = ["write a review of the cafe :", "write a review of the hotel , please :"]
+    batch = PairCollator(tokenizer.pad_token_id)([{"prompt": t, "prompt_ids": encode_prompt(tokenizer, t)} for t in texts])
+    P = batch.prompt_ids.shape[1]
+    shapes = []
+    model.register_forward_pre_hook(lambda module, args, kwargs: shapes.append(tuple(kwargs["input_ids"].shape)),
+                                    with_kwargs=True)
+    rolls = {}
+    for share in (True, False):
+        shapes.clear()
+        torch.manual_seed(0)
+        rolls[share] = sample(model, tokenizer, batch.prompt_ids, batch.prompt_mask, batch.prompts,
+                              SamplingConfig(temperature=0.7, max_new_tokens=10), num_samples=4, record_logprobs=True,
+                              share_prompts=share)
+        assert shapes[:2] == ([(2, P - 1), (8, 1)] if share else [(8, P), (8, 1)])
+    assert torch.equal(rolls[True].input_ids, rolls[False].input_ids)
+    assert torch.allclose(rolls[True].old_logp, rolls[False].old_logp, atol=1e-5, rtol=0)
+
+
+def test_the_sampler_draws_from_the_warped_distribution_and_records_the_raw_logprobs():
+    """`_Draw` (inverse CDF instead of torch.multinomial): over 40000 rows of the same 6 logits at T = 0.7, top-k 4,
+    top-p 0.9, the token frequencies match HF's warped softmax within 0.01, tokens the warpers remove are never
+    drawn, generate's argmax of the returned scores is the drawn token, and the recorded logprob is
+    log_softmax(logits / T) at it (before top-k / top-p)."""
+    from transformers import LogitsProcessorList, TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
+
+    from modules.sampling import SamplingConfig, _Draw
+
+    logits = torch.tensor([[2.0, 1.5, 1.0, 0.2, -1.0, 0.9]]).repeat(40_000, 1)
+    ids = torch.zeros(40_000, 1, dtype=torch.long)
+    warp = LogitsProcessorList([TemperatureLogitsWarper(0.7), TopKLogitsWarper(4), TopPLogitsWarper(0.9)])
+    expected = torch.softmax(warp(ids, logits.clone()), -1)[0]
+    assert (expected == 0).sum() >= 2                                   # the warpers removed some tokens
+    torch.manual_seed(0)
+    draw = _Draw(SamplingConfig(temperature=0.7, top_k=4, top_p=0.9), record=True)
+    scores = draw(ids, logits.clone())
+    tokens = scores.argmax(-1)
+    assert (scores == 0).sum(-1).eq(1).all()
+    freq = torch.bincount(tokens, minlength=6).float() / len(tokens)
+    assert torch.allclose(freq, expected, atol=0.01) and (freq[expected == 0] == 0).all()
+    raw = torch.log_softmax(logits[0] / 0.7, -1)
+    assert torch.allclose(draw.result(tokens[:, None])[:, 0], raw[tokens], atol=1e-6)
+    greedy = _Draw(SamplingConfig(do_sample=False), record=False)
+    assert (greedy(ids[:2], logits[:2].clone()).argmax(-1) == 0).all()
+
+
+def test_sample_draws_the_first_token_from_the_policys_distribution(tiny_spec, tokenizer):
+    """End to end through `sample` and HF's `generate`: 20000 one-token samples of one prompt at T = 0.5, top-k 20;
+    each token's frequency matches softmax(top-k(logits / T)) at the prompt's last position within 4.5 standard
+    errors (+1e-3), and no token outside the top 20 is drawn."""
+    from datamodules.collate import PairCollator, encode_prompt
+    from modules.sampling import SamplingConfig, sample
+
+    model = build_causal_lm(tiny_spec, tokenizer).eval()
+    text = "write a review of the cafe :"
+    batch = PairCollator(tokenizer.pad_token_id)([{"prompt": text, "prompt_ids": encode_prompt(tokenizer, text)}])
+    with torch.no_grad():
+        logits = model(input_ids=batch.prompt_ids, attention_mask=batch.prompt_mask).logits[0, -1] / 0.5
+    top = logits.topk(20)
+    expected = torch.zeros_like(logits).index_put_((top.indices,), torch.softmax(top.values, -1))
+    torch.manual_seed(0)
+    roll = sample(model, tokenizer, batch.prompt_ids, batch.prompt_mask, batch.prompts,
+                  SamplingConfig(temperature=0.5, top_k=20, max_new_tokens=1), num_samples=20_000)
+    first = roll.input_ids[:, roll.prompt_length]
+    freq = torch.bincount(first, minlength=len(logits)).float() / len(first)
+    assert (freq[expected == 0] == 0).all()
+    assert ((freq - expected).abs() <= 4.5 * (expected * (1 - expected) / len(first)).sqrt() + 1e-3).all()
+
+
+def test_a_checkpoints_own_sampling_defaults_do_not_change_what_sample_draws(tiny_spec, tokenizer):
+    """A generation_config.json with do_sample / temperature / top-k / top-p (as hub checkpoints ship) changes
+    nothing: `SamplingConfig` alone decides, so the same random state draws the same tokens."""
+    from datamodules.collate import PairCollator, encode_prompt
+    from modules.sampling import SamplingConfig, sample
+
+    model = build_causal_lm(tiny_spec, tokenizer).eval()
+    text = "write a review of the cafe :"
+    batch = PairCollator(tokenizer.pad_token_id)([{"prompt": text, "prompt_ids": encode_prompt(tokenizer, text)}])
+    draws = []
+    for defaults in ({}, {"do_sample": True, "temperature": 0.3, "top_k": 2, "top_p": 0.5}):
+        for key, value in defaults.items():
+            setattr(model.generation_config, key, value)
+        torch.manual_seed(0)
+        draws.append(sample(model, tokenizer, batch.prompt_ids, batch.prompt_mask, batch.prompts,
+                            SamplingConfig(max_new_tokens=6), num_samples=8).input_ids)
+    assert torch.equal(draws[0], draws[1])
+
+
+def test_sampling_truncates_after_the_first_eos(sft_dir, tokenizer):
+    model = build_causal_lm(BackboneSpec(pretrained=sft_dir), tokenizer)
+    with torch.no_grad():   # make EOS likely so that both kinds of rows occur
+        model.lm_head.weight[tokenizer.eos_token_id] = model.lm_head.weight.mean(0) + 0.02 * model.lm_head.weight.std()
+    prompts = ["write a review of the cafe :", "write a review of the zoo :"] * 8
+    batch = PairCollator(tokenizer.pad_token_id)([{"prompt": p, "prompt_ids": encode_prompt(tokenizer, p)}
+                                                  for p in prompts])
+    torch.manual_seed(0)
+    roll = sample(model, tokenizer, batch.prompt_ids, batch.prompt_mask, batch.prompts,
+                  SamplingConfig(max_new_tokens=12), num_samples=2)
+    assert len(roll) == 32 and roll.prompts[:2] == [prompts[0]] * 2
+    resp, mask, eos = roll.response_ids, roll.response_mask, tokenizer.eos_token_id
+    assert 0 < roll.has_eos.sum() < len(roll)
+    for i in range(len(roll)):
+        n = int(mask[i].sum())
+        if roll.has_eos[i]:
+            assert resp[i, n - 1] == eos and (resp[i, : n - 1] != eos).all()   # mask ends at the first EOS
+        else:
+            assert n == resp.shape[1]
+        assert (resp[i, n:] == tokenizer.pad_token_id).all()                 # everything after is padding
+        assert roll.responses[i] == tokenizer.decode(resp[i, : n], skip_special_tokens=True).strip()
+    assert torch.equal(roll.attention_mask[:, roll.prompt_length:], mask)
