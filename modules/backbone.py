@@ -14,9 +14,12 @@ from __future__ import annotations
 import contextlib
 import copy
 import dataclasses
+import hashlib
 import importlib.util
 import logging
 import os
+import shutil
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -112,10 +115,12 @@ def _hf_location(name: str) -> dict[str, Any]:
 
 
 def load_tokenizer(name: str):
-    """Tokenizer from a directory, hub id or GGUF file; pad token made distinct from EOS where possible."""
+    """Tokenizer from a directory, hub id or GGUF file (converted once, then read from `gguf_tokenizer`'s cache);
+    pad token made distinct from EOS where possible."""
     from transformers import AutoTokenizer
 
-    tok = AutoTokenizer.from_pretrained(**_hf_location(name))
+    location = _hf_location(name)
+    tok = gguf_tokenizer(resolve_path(name)) if "gguf_file" in location else AutoTokenizer.from_pretrained(**location)
     if tok.pad_token is None or tok.pad_token_id == tok.eos_token_id:
         for candidate in ("<|finetune_right_pad_id|>", "<pad>", "<|pad|>", "<|padding|>", tok.unk_token):
             if candidate and candidate in tok.get_vocab() and tok.convert_tokens_to_ids(candidate) != tok.eos_token_id:
@@ -125,6 +130,34 @@ def load_tokenizer(name: str):
             if tok.pad_token is None:
                 tok.pad_token = tok.eos_token
             log.warning("tokenizer %s: no pad token distinct from EOS; padding with EOS (masks still exact)", name)
+    return tok
+
+
+def gguf_tokenizer(path: str):
+    """The tokenizer of a GGUF file. transformers converts it from the file's metadata in seconds (8 s for
+    SmolLM2's); the result is saved once in a cache folder and read back in a fraction of a second afterwards, the
+    same tokenizer (tested). The folder is keyed by the file's path, size and modification time and the
+    transformers version, under `$P3O_CACHE` (default `~/.cache/p3o_rlhf`); a cache that cannot be written only
+    costs the conversion."""
+    from transformers import AutoTokenizer, __version__
+
+    stat = os.stat(path)
+    key = f"{os.path.abspath(path)}|{stat.st_size}|{stat.st_mtime_ns}|{__version__}"
+    root = Path(os.environ.get("P3O_CACHE") or Path.home() / ".cache" / "p3o_rlhf") / "gguf_tokenizers"
+    cached = root / f"{Path(path).stem}-{hashlib.sha256(key.encode()).hexdigest()[:16]}"
+    if (cached / "tokenizer_config.json").exists():
+        return AutoTokenizer.from_pretrained(cached)
+    tok = AutoTokenizer.from_pretrained(os.path.dirname(path) or ".", gguf_file=os.path.basename(path))
+    staging = None
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        staging = tempfile.mkdtemp(dir=root, prefix=".staging-")
+        tok.save_pretrained(staging)
+        os.rename(staging, cached)                 # whole or absent; a concurrent process may have written it first
+    except OSError as exc:
+        log.debug("gguf tokenizer cache %s not written: %s", cached, exc)
+        if staging:
+            shutil.rmtree(staging, ignore_errors=True)
     return tok
 
 

@@ -202,6 +202,32 @@ def test_smollm2_gguf_loads_with_its_tokenizer_and_chat_template(tmp_path):
                                         for n, p in quantized.named_parameters() if "lora_" in n)
 
 
+@pytest.mark.slow
+def test_a_gguf_tokenizer_is_converted_once_and_read_back_the_same(tmp_path, monkeypatch):
+    """The first load converts the GGUF file's tokenizer and caches it under $P3O_CACHE; the second reads the cache
+    (no GGUF conversion) and is the same tokenizer: vocabulary, special tokens and pad token, chat template and the
+    ids of text with special tokens, unicode and emoji. An unwritable cache still gives the tokenizer."""
+    from transformers import AutoTokenizer
+
+    calls = []
+    load = AutoTokenizer.from_pretrained
+    monkeypatch.setattr(AutoTokenizer, "from_pretrained", lambda *a, **k: calls.append(k) or load(*a, **k))
+    monkeypatch.setenv("P3O_CACHE", str(tmp_path / "cache"))
+    converted, cached = load_tokenizer(SMOLLM2), load_tokenizer(SMOLLM2)
+    assert ["gguf_file" in k for k in calls] == [True, False]
+    assert len(list((tmp_path / "cache" / "gguf_tokenizers").iterdir())) == 1          # no staging folder left
+    assert converted.get_vocab() == cached.get_vocab() and len(converted) == len(cached)
+    assert converted.special_tokens_map == cached.special_tokens_map and converted.pad_token_id == cached.pad_token_id
+    assert converted.chat_template == cached.chat_template
+    for text in ("The cafe was great!\n", "<|im_start|>user\nhi<|im_end|>", "ñandú 日本 🎉", "   spaces  "):
+        assert converted(text).input_ids == cached(text).input_ids
+    chat = [{"role": "user", "content": "Say hello."}]
+    assert converted.apply_chat_template(chat, tokenize=False) == cached.apply_chat_template(chat, tokenize=False)
+    (tmp_path / "file").write_text("")
+    monkeypatch.setenv("P3O_CACHE", str(tmp_path / "file"))                      # not a folder: not writable
+    assert load_tokenizer(SMOLLM2).get_vocab() == converted.get_vocab()
+
+
 @pytest.mark.parametrize("group_size", [1, 3], ids=["one-row-per-response", "packed"])
 @pytest.mark.parametrize("lora", [False, True], ids=["full", "lora"])
 def test_activation_checkpointing_gives_the_same_logprobs_and_gradients(tokenizer, lora, group_size):
