@@ -5,6 +5,7 @@ response length, the responses per rollout and the vocabulary grow; and one upda
     python benchmarks/memory.py --points base V151936 --ours defaults micro   # some points, some of our variants
     python benchmarks/memory.py --settings          # one update under each memory setting (about 6 minutes)
     python benchmarks/memory.py --quick             # a 2-layer model, tiny workloads (CI-sized; TRL optional)
+    python benchmarks/memory.py --plot OUT1 OUT2 --figure memory.png   # the figure from saved sweep outputs
 
 The sweep. Each point is one workload: a random-init Llama of SmolLM2-135M's shape, P prompts x 2 responses x L
 new tokens (random weights rarely emit EOS: responses run to L), GRPO (k 2), one epoch over one minibatch of all
@@ -155,6 +156,61 @@ def sweep(args) -> None:
         print(f"| {name} | {new_tokens} | {2 * prompts} | {vocab:,} | " + " | ".join(cells) + " |")
 
 
+def read_sweep_tables(texts: list[str]) -> dict[tuple[str, str], dict]:
+    """What `sweep` printed (one or several runs' output), as (point, side) -> peak GB and seconds: its table rows,
+    and the progress line of each side (`[memory] base trl: peak 9.71 GB, ['139.3', '136.8'] s per rollout`) for a
+    run stopped before its table. A point measured twice keeps its last row."""
+    import ast
+    import re
+
+    rows = {}
+    progress = re.compile(r"\[memory\] (\S+) (.+): peak ([0-9.]+) GB, (\[.*\]) s per rollout")
+    for text in texts:
+        head = None
+        for line in text.splitlines():
+            cells = [c.strip() for c in line.strip().strip("|").split("|")]
+            if (match := progress.match(line)) and match[1] in POINTS:
+                seconds = [float(t) for t in ast.literal_eval(match[4])]
+                rows[match[1], match[2]] = {"peak_gb": float(match[3]),
+                                            "seconds": statistics.median(seconds[1:] or seconds)}
+            elif line.startswith("| point |"):
+                head = cells
+            elif head and line.startswith("| ") and not line.startswith("|---") and len(cells) == len(head):
+                for i, title in enumerate(head):
+                    if title.endswith(" GB") and "/" not in title:
+                        side = title[: -len(" GB")]
+                        rows[cells[0], side] = {"peak_gb": float(cells[i]), "seconds": float(cells[i + 1])}
+    return rows
+
+
+def plot_sweep(rows: dict[tuple[str, str], dict], path: Path) -> None:
+    """Peak memory and seconds per rollout at each point, one bar per side (TRL first)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    points = [p for p in POINTS if any(key[0] == p for key in rows)]
+    sides = sorted({side for _, side in rows}, key=lambda s: (s != "trl", s))
+    fig, axes = plt.subplots(1, 2, figsize=(11, 3.8))
+    width = 0.8 / len(sides)
+    for ax, key, label in ((axes[0], "peak_gb", "peak RSS (GB)"), (axes[1], "seconds", "seconds per rollout")):
+        for i, side in enumerate(sides):
+            xs = [j + (i - (len(sides) - 1) / 2) * width for j, p in enumerate(points) if (p, side) in rows]
+            ax.bar(xs, [rows[p, side][key] for p in points if (p, side) in rows], width,
+                   label="TRL 1.16 GRPOTrainer" if side == "trl" else side)
+        ax.set_xticks(range(len(points)), [f"{p}\nL{POINTS[p][0]} x {2 * POINTS[p][1]}" +
+                                           (f"\nV {POINTS[p][2]:,}" if POINTS[p][2] != 49152 else "")
+                                           for p in points], fontsize=8)
+        ax.set_ylabel(label)
+        ax.grid(axis="y", alpha=0.3)
+    axes[0].legend(fontsize=8)
+    fig.suptitle("A whole RL step (rollout + reference pass + one update), SmolLM2-135M shape, fp32, 2 CPU threads")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 def settings(args) -> None:
     args.prompts, args.prompt_tokens, args.response_tokens = (4, 8, 16) if args.quick else (16, 32, 128)
     if args.micro_batch_tokens is None:
@@ -188,9 +244,15 @@ def main() -> None:
     parser.add_argument("--settings", action="store_true", help="one update under each memory setting instead")
     parser.add_argument("--micro_batch_tokens", type=int, default=None, help="--settings: budget of the micro settings")
     parser.add_argument("--vocab", type=int, default=49152, help="--settings: vocabulary size (Qwen: 151936)")
+    parser.add_argument("--plot", nargs="*", metavar="OUTPUT",
+                        help="draw the sweep's figure from saved outputs of earlier sweeps (to --figure) instead")
+    parser.add_argument("--figure", default="memory.png", help="--plot: the figure's path")
     parser.add_argument("--setting", choices=list(SETTINGS), help=argparse.SUPPRESS)   # the child process
     parser.add_argument("--json", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.plot:
+        plot_sweep(read_sweep_tables([Path(p).read_text() for p in args.plot]), Path(args.figure))
+        return
     settings(args) if args.settings else sweep(args)
 
 

@@ -240,3 +240,22 @@ def test_the_harness_alternates_sides_and_reports_a_failed_child(tmp_path):
     assert child([script, "fail"], "demo", fail_ok=True) == {"error": "exit 1: broken side"}
     with pytest.raises(SystemExit, match=r"\[demo\] failed \(exit 1\)"):
         child([script, "fail"], "demo")
+
+
+def test_the_memory_figure_reads_progress_lines_and_tables(tmp_path):
+    """A sweep stopped before its table leaves progress lines (seconds: the median after the warm-up rollout);
+    a table row of a later run replaces them; the figure is drawn from both."""
+    from memory import plot_sweep, read_sweep_tables
+
+    stopped = "[memory] base trl: peak 9.71 GB, ['139.3', '136.8'] s per rollout\n" \
+              "[memory] base ours defaults: peak 11.62 GB, ['97.5', '78.8', '80.8'] s per rollout\n"
+    table = "| point | L | responses | vocabulary | trl GB | trl s | ours defaults GB | ours defaults s | " \
+            "ours defaults / TRL memory | ours defaults / TRL time |\n|---|---|---|---|---|---|---|---|---|---|\n" \
+            "| N64 | 128 | 64 | 49,152 | 11.85 | 253.6 | 19.87 | 147.8 | 1.68 | 0.58 |\n" \
+            "| base | 128 | 32 | 49,152 | 9.70 | 137.0 | 11.00 | 70.0 | 1.13 | 0.51 |\n"
+    assert read_sweep_tables([stopped]) == {("base", "trl"): {"peak_gb": 9.71, "seconds": 136.8},
+                                           ("base", "ours defaults"): {"peak_gb": 11.62, "seconds": 79.8}}
+    rows = read_sweep_tables([stopped, table])
+    assert rows["base", "ours defaults"] == {"peak_gb": 11.0, "seconds": 70.0} and len(rows) == 4
+    plot_sweep(rows, tmp_path / "memory.png")
+    assert (tmp_path / "memory.png").stat().st_size > 10_000

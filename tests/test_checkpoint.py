@@ -42,7 +42,10 @@ def _resume_case(tmp_path, sft_dir, devices: int, interrupt: str, stage: str = "
     digest = lambda name: [{"class_path": "tests.helpers.ParamDigest",  # noqa: E731
                             "init_args": {"path": str(tmp_path / name)}}]
     at = rollouts + 1                             # second epoch, second batch
-    run_train(config("straight", digest("straight"), every=0))
+    # One process: the uninterrupted and the resumed runs go in this one (the same numbers: each run seeds
+    # everything it draws), the killed run in its own. Two processes: every run through train.py's launcher.
+    run = (lambda cfg, *args: cli_main(["fit", "--config", cfg, *args])) if devices == 1 else run_train
+    run(config("straight", digest("straight"), every=0))
     kill = [{"class_path": "tests.helpers.KillAt", "init_args": {"at": at, "signal": interrupt}}]
     # SIGKILL: dies at once (the last save was after the previous rollout); SIGINT: finishes rollout `at`, saves, stops.
     run_train(config("killed", kill, every=1 if interrupt == "SIGKILL" else 0), expect=-9 if interrupt == "SIGKILL" else 130)
@@ -50,7 +53,7 @@ def _resume_case(tmp_path, sft_dir, devices: int, interrupt: str, stage: str = "
     assert last.exists()
     loader = torch.load(last, weights_only=False)["loops"]["fit_loop"]["state_dict"]["combined_loader"]
     assert loader == [{"epoch": 1, "batches": 1 if interrupt == "SIGKILL" else 2}]    # mid-epoch
-    run_train(config("resumed", digest("resumed"), every=0), "--ckpt_path", str(last))
+    run(config("resumed", digest("resumed"), every=0), "--ckpt_path", str(last))
     for rank in range(devices):
         a, b = _digest(tmp_path / "straight", rank), _digest(tmp_path / "resumed", rank)
         assert not torch.equal(a["params"], a["initial"])
