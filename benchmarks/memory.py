@@ -140,8 +140,10 @@ def sweep(args) -> None:
                 result = child(command, f"memory {side} at point {name}", env={"OMP_NUM_THREADS": str(args.threads)})
                 measured = result["seconds"][1:] or result["seconds"]      # after the warm-up rollout, if any
                 rows[name, side] = {"peak_gb": result["peak_gb"], "seconds": statistics.median(measured)}
+                updates = [p["perf/update_s"] for p in result["phases"][1:] or result["phases"] if "perf/update_s" in p]
                 print(f"[memory] {name} {side}: peak {result['peak_gb']:.2f} GB, "
-                      f"{['%.1f' % t for t in result['seconds']]} s per rollout", flush=True)
+                      f"{['%.1f' % t for t in result['seconds']]} s per rollout" +
+                      (f", update phase {statistics.median(updates):.1f} s" if updates else ""), flush=True)
     print(f"\nRL rollout + update, {'2-layer quick model' if args.quick else 'SmolLM2-135M shape'} (random init), "
           f"GRPO k 2, one minibatch of all responses, fp32, {machine(args.threads)}")
     head = "| point | L | responses | vocabulary | " + " | ".join(f"{s} GB | {s} s" for s, _ in sides)
@@ -164,7 +166,7 @@ def read_sweep_tables(texts: list[str]) -> dict[tuple[str, str], dict]:
     import re
 
     rows = {}
-    progress = re.compile(r"\[memory\] (\S+) (.+): peak ([0-9.]+) GB, (\[.*\]) s per rollout")
+    progress = re.compile(r"\[memory\] (\S+) (.+): peak ([0-9.]+) GB, (\[.*?\]) s per rollout")
     for text in texts:
         head = None
         for line in text.splitlines():

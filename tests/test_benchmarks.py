@@ -248,7 +248,7 @@ def test_the_memory_figure_reads_progress_lines_and_tables(tmp_path):
     from memory import plot_sweep, read_sweep_tables
 
     stopped = "[memory] base trl: peak 9.71 GB, ['139.3', '136.8'] s per rollout\n" \
-              "[memory] base ours defaults: peak 11.62 GB, ['97.5', '78.8', '80.8'] s per rollout\n"
+              "[memory] base ours defaults: peak 11.62 GB, ['97.5', '78.8', '80.8'] s per rollout, update phase 30.1 s\n"
     table = "| point | L | responses | vocabulary | trl GB | trl s | ours defaults GB | ours defaults s | " \
             "ours defaults / TRL memory | ours defaults / TRL time |\n|---|---|---|---|---|---|---|---|---|---|\n" \
             "| N64 | 128 | 64 | 49,152 | 11.85 | 253.6 | 19.87 | 147.8 | 1.68 | 0.58 |\n" \
