@@ -109,7 +109,7 @@ frontier: install
 # The suite, then the vLLM engine's tests in its own environment (tests/test_vllm.py skips in .venv).
 # The suite runs on TEST_WORKERS processes (pytest-xdist), every test single-threaded (OMP_NUM_THREADS=1: the tiny
 # test models gain nothing from a second thread, and two workers must not oversubscribe two cores). On 2 AMD EPYC
-# cores: about 8 min, against 12 min 44 s in one process with 2 threads (tests/TIMINGS.md).
+# cores: 6 min 48 s from a fresh clone, against 12 min 44 s in one process with 2 threads (tests/TIMINGS.md).
 TEST_WORKERS ?= 2
 test: install install-vllm
 	OMP_NUM_THREADS=1 $(PY) -m pytest -q -n $(TEST_WORKERS)
