@@ -42,6 +42,17 @@ def grouped_rows(tokenizer, K: int = 3):
     return torch.cat([prompts, responses], 1), torch.cat([prompt_mask, response_mask], 1), response_mask
 
 
+def logprobs_and_grads(model, ids, mask, response_mask, **kwargs) -> tuple[torch.Tensor, torch.Tensor]:
+    """`response_logprobs(model, ids, mask, 5, 0.7, **kwargs)` for `grouped_rows`' batch (prompt length 5,
+    temperature 0.7), and the flattened gradient of their sum over `response_mask` (the model's grads zeroed first)."""
+    from modules.forward import response_logprobs
+
+    model.zero_grad()
+    logp = response_logprobs(model, ids, mask, 5, 0.7, **kwargs)
+    (logp * response_mask).sum().backward()
+    return logp.detach(), torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None])
+
+
 def derived_config(source: str, tmp_path: Path, override: dict, name: str = "config.yaml") -> str:
     """Write `source` deep-merged with `override` to tmp_path/name; returns the path."""
     return derive_config(source, override, tmp_path / name)

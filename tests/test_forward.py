@@ -6,7 +6,7 @@ import torch
 from modules import functional as F
 from modules.backbone import BackboneSpec, build_causal_lm
 from modules.forward import lm_logits, response_logprobs
-from tests.helpers import TINY_SHAPE, grouped_rows
+from tests.helpers import TINY_SHAPE, grouped_rows, logprobs_and_grads
 
 
 def _full_logprobs(model, ids, mask, P):
@@ -48,14 +48,8 @@ def test_chunked_lm_head_logprobs_and_gradients_equal_the_whole_logits(tokenizer
     config = {**TINY_SHAPE, "model_type": "llama", "num_key_value_heads": 1}
     model = build_causal_lm(BackboneSpec(config=config, lora={"r": 4} if lora else None), tokenizer)
     ids, mask, response_mask = grouped_rows(tokenizer)
-    results = []
-    for chunk in (0, 4):
-        model.zero_grad()
-        logp = response_logprobs(model, ids, mask, 5, 0.7, group_size=group_size, chunk=chunk)
-        (logp * response_mask).sum().backward()
-        grads = torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None])
-        results.append((logp.detach(), grads))
-    (whole, whole_grad), (chunked, chunked_grad) = results
+    (whole, whole_grad), (chunked, chunked_grad) = [
+        logprobs_and_grads(model, ids, mask, response_mask, group_size=group_size, chunk=chunk) for chunk in (0, 4)]
     assert calls == [(int(response_mask.sum()), 4)]
     assert torch.allclose(whole * response_mask, chunked * response_mask, atol=1e-5, rtol=0)
     assert (whole_grad - chunked_grad).abs().max() <= 1e-5 * whole_grad.abs().max()

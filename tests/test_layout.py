@@ -4,8 +4,7 @@ import torch
 
 from modules import layout as L
 from modules.backbone import BackboneSpec, build_causal_lm
-from modules.forward import response_logprobs
-from tests.helpers import TINY_SHAPE, grouped_rows
+from tests.helpers import TINY_SHAPE, grouped_rows, logprobs_and_grads
 
 
 def test_shared_prompt_layout_on_one_group_with_a_padded_prompt_and_an_early_eos():
@@ -99,14 +98,8 @@ def test_shared_prompt_logprobs_and_gradients_equal_one_row_per_response(tokeniz
     model.get_decoder().register_forward_pre_hook(lambda m, a, kw: widths.append(kw["input_ids"].shape[1]),
                                                   with_kwargs=True)
     model.get_output_embeddings().register_forward_pre_hook(lambda m, a: head_rows.append(a[0].shape[:-1].numel()))
-    results = []
-    for group_size in (1, 3):
-        model.zero_grad()
-        logp = response_logprobs(model, ids, mask, 5, 0.7, group_size=group_size, packed=packed)
-        (logp * response_mask).sum().backward()
-        grads = torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None])
-        results.append((logp.detach(), grads))
-    (plain, plain_grad), (shared, shared_grad) = results
+    (plain, plain_grad), (shared, shared_grad) = [
+        logprobs_and_grads(model, ids, mask, response_mask, group_size=group_size, packed=packed) for group_size in (1, 3)]
     assert torch.isfinite(shared).all()
     assert torch.allclose(plain * response_mask, shared * response_mask, atol=1e-5, rtol=0)
     assert (plain_grad - shared_grad).abs().max() <= 1e-5 * plain_grad.abs().max()
