@@ -359,18 +359,18 @@ class RLModule(L.LightningModule):
 
     def backward_minibatch(self, sub: Rollout, extra: dict, tokens: float, where: str,
                            first: bool = False) -> ObjectiveOutput:
-        """The objective on the minibatch, its gradient added to the parameters' `.grad`; stops before any backward
-        when the loss is not finite.
+        """The objective on the minibatch, its gradient added to the parameters' `.grad`; stops (before the
+        optimizer step, and before the backward of the micro-batch whose loss it is) when the loss is not finite.
 
-        One micro-batch: forward, loss, backward. Several (`micro_batch_tokens`), the same gradient exactly (up to
-        float rounding) with one micro-batch's activations at a time: (1) each micro-batch's logprobs (and values)
-        without a graph; (2) the objective on the whole minibatch, differentiated with respect to those tensors
-        alone, so every normaliser (token counts, means over pairs or groups, whitening) is the minibatch's; (3)
-        each micro-batch again with its graph, backpropagating its rows of that gradient (chain rule). Step (3)
-        replays step (1)'s random state, so dropout masks match too. The price: one more forward per micro-batch,
-        except on the `first` minibatch after a rollout without dropout: no step has happened since the rollout's
-        passes, so step (1)'s logprobs and values are the rollout's pi_old and old values (equal within float
-        rounding, tested), and step (1) is skipped."""
+        One micro-batch: forward, loss, backward. Several (`micro_batch_tokens`): the same gradient exactly (up to
+        float rounding) with one micro-batch's activations at a time, and every normaliser (token counts, means over
+        pairs or groups) the minibatch's:
+        - an objective with `separable_groups` (all shipped ones): each micro-batch's forward with its graph, its
+          rows put into the minibatch's logprobs (and values), the objective on the whole minibatch, backward. Its
+          rows' gradient depends on its own groups alone, so the other rows may hold any value: the micro-batches
+          already done hold their detached results, the rest pi_old. One forward per micro-batch, as one pass; the
+          last micro-batch sees every row's current value, so its loss and metrics are the minibatch's.
+        - any other objective (`_backward_general`): one more forward per micro-batch."""
         parts = self.micro_batches(sub, agree=True)
         if len(parts) == 1:
             logp, values = self._forward_part(sub)
@@ -378,6 +378,31 @@ class RLModule(L.LightningModule):
             self.stop_unless_finite(out.loss.detach(), "loss", where)
             self._backward(out.loss)
             return out
+        if not self.objective.separable_groups:
+            return self._backward_general(sub, extra, tokens, where, parts, first)
+        logp = sub.old_logp.detach().clone()
+        values = sub.values.detach().clone() if self.value is not None else None
+        for rows in parts:
+            part_logp, part_values = self._forward_part(sub.select(rows))
+            out = self.objective(self.objective_input(
+                sub, logp.index_put((rows,), part_logp.to(logp.dtype)), extra,
+                values.index_put((rows,), part_values.to(values.dtype)) if values is not None else None, tokens))
+            self.stop_unless_finite(out.loss.detach(), "loss", where)
+            self._backward(out.loss)
+            logp[rows] = part_logp.detach()
+            if values is not None:
+                values[rows] = part_values.detach()
+        return ObjectiveOutput(out.loss.detach(), out.metrics)
+
+    def _backward_general(self, sub: Rollout, extra: dict, tokens: float, where: str, parts: list[torch.Tensor],
+                          first: bool) -> ObjectiveOutput:
+        """`backward_minibatch` in micro-batches for any objective: (1) each micro-batch's logprobs (and values)
+        without a graph; (2) the objective on the whole minibatch, differentiated with respect to those tensors
+        alone; (3) each micro-batch again with its graph, backpropagating its rows of that gradient (chain rule).
+        Step (3) replays step (1)'s random state, so dropout masks match too. The price: one more forward per
+        micro-batch, except on the `first` minibatch after a rollout without dropout: no step has happened since
+        the rollout's passes, so step (1)'s logprobs and values are the rollout's pi_old and old values (equal within
+        float rounding, tested), and step (1) is skipped."""
         if first and self.rollout_passes_reusable(sub):
             states = [_rng_state(self.device)] * len(parts)
             logp = sub.old_logp.clone().requires_grad_()

@@ -5,6 +5,7 @@ import torch
 from datamodules.collate import PairCollator, encode_prompt
 from modules import functional as F
 from modules.backbone import BackboneSpec
+from modules.batch import ObjectiveInput, ObjectiveOutput
 from modules.layout import micro_batch_groups
 from modules.objectives.dpo import OnlineDPO
 from modules.objectives.grpo import GRPO
@@ -71,8 +72,13 @@ def test_an_update_in_micro_batches_has_the_gradient_of_the_whole_minibatch(sft_
     """6 prompts x K responses, updated once as one batch and once in micro-batches of at most 30 real tokens
     (3 or more parts): the same loss, metrics and parameter gradients (policy and, for PPO, value head) within float
     rounding, for every objective, K = 2 and 4, the packed and the padded layouts. Normalisers are the minibatch's
-    (token counts for dapo / bnpo, means over pairs and groups, PPO's whitening in `prepare`)."""
-    _same_update(*rollout_module(sft_dir, tokenizer, name, k, share_prompts, lora=False))
+    (token counts for dapo / bnpo, means over pairs and groups, PPO's whitening in `prepare`). Every shipped
+    objective is `separable_groups`: one forward per micro-batch, on a minibatch that is not the first too."""
+    module, roll = rollout_module(sft_dir, tokenizer, name, k, share_prompts, lora=False)
+    assert module.objective.separable_groups
+    forwards = count_forwards(module)
+    _same_update(module, roll)
+    assert forwards[0] == len(roll) and sum(forwards[1:]) == len(roll)      # whole; then each micro-batch once
 
 
 @pytest.mark.parametrize("name, k", [("p3o", 2), ("grpo", 4)])
@@ -80,33 +86,118 @@ def test_a_lora_update_in_micro_batches_has_the_gradient_of_the_whole_minibatch(
     _same_update(*rollout_module(sft_dir, tokenizer, name, k, share_prompts=True, lora=True))
 
 
-@pytest.mark.parametrize("name, k, share_prompts, lora", [("p3o", 2, True, False), ("ppo", 2, False, False),
-                                                         ("grpo_dapo", 4, True, False), ("p3o", 4, False, True)])
-def test_the_first_minibatch_after_a_rollout_reuses_its_passes_with_the_gradient_of_the_whole_minibatch(
-        sft_dir, tokenizer, name, k, share_prompts, lora):
-    """With no step since the rollout, the micro-batched update takes step (1)'s logprobs (and PPO's values) from
-    the rollout's pi_old instead of a forward: one forward per micro-batch instead of two, and the same loss and
-    gradients as the whole minibatch in one pass (whose pi is a fresh forward) within float rounding."""
-    module, roll = rollout_module(sft_dir, tokenizer, name, k, share_prompts, lora, perturb=False)
+GENERAL = [("p3o", 2, True, False), ("ppo", 2, False, False), ("grpo_dapo", 4, True, False), ("p3o", 4, False, True)]
+
+
+@pytest.mark.parametrize("first", [False, True], ids=["later", "first"])
+@pytest.mark.parametrize("name, k, share_prompts, lora", GENERAL, ids=["p3o-k2", "ppo-padded", "grpo_dapo-k4",
+                                                                       "p3o-k4-lora"])
+def test_the_general_path_has_the_gradient_of_the_whole_minibatch(sft_dir, tokenizer, name, k, share_prompts, lora,
+                                                                   first):
+    """An objective that is not `separable_groups` (here a shipped one told so): a forward without a graph, the
+    objective's gradient on the whole minibatch, then each micro-batch again with its graph: two forwards per
+    micro-batch. With no step since the rollout (`first`), step (1)'s logprobs (and PPO's values) are the
+    rollout's pi_old: one forward per micro-batch. The same loss and gradients as the whole minibatch in one pass
+    (whose pi is a fresh forward) within float rounding either way."""
+    module, roll = rollout_module(sft_dir, tokenizer, name, k, share_prompts, lora, perturb=not first)
+    module.objective.separable_groups = False
+    forwards = count_forwards(module)
+    _same_update(module, roll, first=first)
+    assert forwards[0] == len(roll) and sum(forwards[1:]) == (1 if first else 2) * len(roll)
+
+
+SEPARABLE = {
+    "p3o-v2-k2": lambda: P3O(), "p3o-v1-k4": lambda: P3O(variant="v1", k=4),
+    "p3o-tokenwise-scale_q": lambda: P3O(k=4, avg_tokenwise=True, scale_q=True, reward_clip=1.0),
+    "ppo": lambda: PPO(kl_estimator="k3", dual_clip=3.0), "dpo": OnlineDPO, "dpo-soft": lambda: OnlineDPO(soft_labels=True),
+    "rloo-k4-current-kl": lambda: RLOO(k=4, kl_on_current_policy=True), "grpo-dr": lambda: GRPO(loss_type="dr_grpo"),
+    "grpo-dapo": lambda: GRPO(loss_type="dapo"), "grpo-bnpo-batch": lambda: GRPO(loss_type="bnpo", scale_rewards="batch"),
+}
+
+
+class NormalisedByItsOwnLogprobs(torch.nn.Module):
+    """Not separable: each response's logprob divided by their std over the minibatch (the checker must say so)."""
+
+    def forward(self, batch):
+        logp = F.sequence_logprobs(batch.logp, batch.mask)
+        return ObjectiveOutput(-(logp * batch.rewards).sum() / logp.std(), {})
+
+
+def coupled_rows(objective, k: int, weights: bool = False, pairwise: bool = False) -> list[int]:
+    """Groups (of 3, K rows each) whose gradient with respect to their rows of logp (and values) moves when the
+    other groups' rows change: none, for an objective that is `separable_groups`."""
+    from modules.objectives.base import Objective
+
+    torch.manual_seed(0)
+    n, length = 3 * k, 5
+    mask = (torch.arange(length) < torch.tensor([5, 3, 4, 2, 5, 1, 4, 3, 5, 2, 3, 4][:n])[:, None]).float()
+    old, ref = -torch.rand(n, length) * mask, -torch.rand(n, length) * mask
+    rewards, sampler_weights, pair_rewards = torch.randn(n), torch.rand(n, length) + 0.5, torch.randn(n, k)
+
+    def batch_of(logp, values):
+        return ObjectiveInput(logp=logp, old_logp=old, ref_logp=ref, mask=mask, rewards=rewards, group_size=k,
+                              values=values, old_values=torch.zeros(n, length), max_new_tokens=length,
+                              tokens_per_rank=float(mask.sum()), sampler_weights=sampler_weights if weights else None,
+                              pair_rewards=pair_rewards if pairwise else None)
+
+    prepare = objective.prepare if isinstance(objective, Objective) else (lambda b: {})
+    extra = prepare(batch_of(old, torch.zeros(n, length)))
+    logp = old + 0.02 * torch.randn(n, length) * mask          # inside the clip range: a gradient everywhere
+    values = torch.randn(n, length)
+    coupled = []
+    for g in range(3):
+        rows = slice(g * k, (g + 1) * k)
+        grads = []
+        for seed in (2, 3):
+            other = torch.Generator().manual_seed(seed)
+            x, v = logp.clone(), values.clone()
+            keep = torch.zeros(n, dtype=torch.bool)
+            keep[rows] = True
+            x = torch.where(keep[:, None], x, old + torch.randn(n, length, generator=other) * mask).requires_grad_()
+            v = torch.where(keep[:, None], v, torch.randn(n, length, generator=other)).requires_grad_()
+            batch = batch_of(x, v)
+            batch.extra = extra
+            grad = torch.autograd.grad(objective(batch).loss, [x, v], allow_unused=True)
+            grads.append(torch.cat([(t if t is not None else torch.zeros(n, length))[rows].flatten() for t in grad]))
+        assert grads[0].abs().max() > 0
+        if not torch.allclose(grads[0], grads[1], atol=1e-6, rtol=1e-5):
+            coupled.append(g)
+    return coupled
+
+
+@pytest.mark.parametrize("weights", [False, True], ids=["plain", "is-weights"])
+@pytest.mark.parametrize("name", list(SEPARABLE))
+def test_every_shipped_objective_is_separable_by_groups(name, weights):
+    """The property `separable_groups` declares, checked directly on literal-shaped random tensors: with 3 groups,
+    each group's gradient (logp and values) is the same whatever the other groups' rows hold, with the engine's
+    importance weights too. A loss normalised by a statistic of its own logprobs fails the same check."""
+    objective = SEPARABLE[name]()
+    k = objective.responses_per_prompt if objective.responses_per_prompt > 1 else 2
+    assert objective.separable_groups
+    assert coupled_rows(objective, k, weights) == []
+    if name.startswith(("p3o-v2", "dpo")):
+        assert coupled_rows(objective, k, weights, pairwise=True) == []
+    assert coupled_rows(NormalisedByItsOwnLogprobs(), 2) == [0, 1, 2]
+
+
+def count_forwards(module) -> list[int]:
+    """Rows of every `_forward_part` call of `module` from now on (the list fills as it runs)."""
     forwards = []
     forward_part = module._forward_part
     module._forward_part = lambda part: forwards.append(len(part)) or forward_part(part)
-    _same_update(module, roll, first=True)
-    assert forwards[0] == len(roll) and sum(forwards[1:]) == len(roll)      # whole; then each micro-batch once
+    return forwards
 
 
-def test_the_rollout_passes_are_not_reused_under_dropout_or_after_a_step(sft_dir, tokenizer):
+def test_the_rollout_passes_are_not_reused_under_dropout(sft_dir, tokenizer):
     module, roll = rollout_module(sft_dir, tokenizer, "p3o", 2, True, False, perturb=False)
     assert module.rollout_passes_reusable(roll)
     module.policy_spec.dropout = True
     assert not module.rollout_passes_reusable(roll)
-    module.policy_spec.dropout = False
+    module.objective.separable_groups = False
     module.micro_batch_tokens = 30
-    forwards = []
-    forward_part = module._forward_part
-    module._forward_part = lambda part: forwards.append(len(part)) or forward_part(part)
+    forwards = count_forwards(module)
     extra = module.objective.prepare(module.objective_input(roll, roll.old_logp, {}))
-    module.backward_minibatch(roll, extra, float(roll.response_mask.sum()), "test", first=False)
+    module.backward_minibatch(roll, extra, float(roll.response_mask.sum()), "test", first=True)
     assert sum(forwards) == 2 * len(roll)
 
 

@@ -6,6 +6,12 @@ buffers, so they are checkpointed). It receives an `ObjectiveInput` of tensors a
 RL module what it needs:
   responses_per_prompt  K responses sampled per prompt (2 for P3O and online DPO)
   needs_values          the module keeps a value head and fills `ObjectiveInput.values` (PPO)
+  separable_groups      the loss is a sum of per-group terms, each a function of its own group's rows of `logp`
+                        and `values` alone, divided by constants of the minibatch (its token, pair or group
+                        counts; never a statistic of the current `logp`). Then a micro-batch of whole groups has
+                        its exact gradient with the other rows at any value, and a micro-batched update needs one
+                        forward per micro-batch instead of two (`RLModule.backward_minibatch`). False (the safe
+                        default for a new objective): the update pays the extra forward and is exact either way.
 Add an algorithm = one file with a subclass, selected in YAML by `class_path`.
 """
 from __future__ import annotations
@@ -19,6 +25,7 @@ from modules.batch import ObjectiveInput, ObjectiveOutput
 class Objective(nn.Module):
     responses_per_prompt: int = 1
     needs_values: bool = False
+    separable_groups: bool = False
 
     @torch.no_grad()
     def prepare(self, batch: ObjectiveInput) -> dict[str, torch.Tensor]:

@@ -29,6 +29,7 @@ class OnlineDPO(Objective):
     """
 
     responses_per_prompt = 2
+    separable_groups = True        # a pair's loss over the minibatch's count of decided pairs
 
     def __init__(self, beta: float = 0.1, soft_labels: bool = False):
         super().__init__()

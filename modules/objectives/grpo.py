@@ -72,6 +72,8 @@ class GRPO(Objective):
         dual_clip: c > 1 bounds the surrogate of negative advantages below by c * A (None: off).
     """
 
+    separable_groups = True        # per-token terms over the minibatch's rows or tokens
+
     def __init__(self, k: int = 4, kl_coef: float = 0.04, clip_eps: float = 0.2,
                  loss_type: Literal["grpo", "bnpo", "dr_grpo", "dapo"] = "grpo",
                  scale_rewards: Literal["group", "batch", "none"] = "group", dual_clip: float | None = None):

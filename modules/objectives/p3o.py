@@ -91,6 +91,8 @@ class P3O(Objective):
         avg_tokenwise: normalise the summed pair loss by response tokens instead of averaging over pairs.
     """
 
+    separable_groups = True        # each group's pairs over the minibatch's pair (or token) count
+
     def __init__(self, variant: Literal["v1", "v2"] = "v2", clip_eps: float = 0.2, kl_coef: float = 0.05,
                  is_cap: float = 10.0, k: int = 2, reward_clip: float | None = None, scale_q: bool = False,
                  avg_tokenwise: bool = False):

@@ -67,6 +67,7 @@ class PPO(Objective):
     """
 
     needs_values = True
+    separable_groups = True        # per-token terms over the minibatch's token count; whitening is in `prepare`
 
     def __init__(self, kl_coef: float = 0.05, kl_estimator: str = "k1", gamma: float = 1.0, lam: float = 0.95,
                  clip_eps: float = 0.2, value_clip: float = 0.2, vf_coef: float = 0.1, whiten_advantages: bool = True,

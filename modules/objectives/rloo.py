@@ -38,6 +38,8 @@ class RLOO(Objective):
         dual_clip: c > 1 bounds the surrogate of negative advantages below by c * A (None: off).
     """
 
+    separable_groups = True        # per-row terms (baselines within the group) over the row count
+
     def __init__(self, k: int = 2, kl_coef: float = 0.05, clip_eps: float = 0.2, kl_on_current_policy: bool = False,
                  dual_clip: float | None = None):
         super().__init__()
