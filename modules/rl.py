@@ -110,8 +110,10 @@ class RLModule(L.LightningModule):
             over a rollout or a minibatch (pi_ref, a forward pi_old, values, the update) runs in micro-batches of whole
             groups up to this many tokens (a larger group alone), the same number on every rank. An update then
             accumulates the exact gradient of the whole minibatch's loss (`backward_minibatch`): the objective's
-            normalisers are the minibatch's, at the cost of one more forward per micro-batch (none on the first
-            minibatch after a rollout, which reuses pi_old). None (default): one pass per rollout and per minibatch.
+            normalisers are the minibatch's, with one forward per micro-batch for an objective that is
+            `separable_groups` (all shipped ones). Default 1024: peak memory set by the micro-batch, not by the
+            responses per rollout or their length (`benchmarks/results/memory`). None: one pass per rollout and per
+            minibatch (the default before 0.3.0; the same numbers up to float rounding).
         engine: what generates the rollouts and the evaluation samples (`modules.engines`): `Sampler` (default,
             our sampler over the policy) or `VLLM` (colocated vLLM, weights pushed before every generation). With an
             engine whose logprobs are not the trainer's, pi_old comes from a forward pass (unless `old_logprobs:
@@ -128,7 +130,7 @@ class RLModule(L.LightningModule):
                  max_grad_norm: float | None = 1.0, missing_eos_penalty: float | None = None, seed: int = 0,
                  value_model: BackboneSpec | None = None, nonfinite_reward: float | None = None,
                  old_logprobs: str = "auto", share_prompts: bool = True, logprob_chunk: int | None = None,
-                 micro_batch_tokens: int | None = None, engine: Engine | None = None,
+                 micro_batch_tokens: int | None = 1024, engine: Engine | None = None,
                  prompt_layout: Literal["packed", "padded"] = "packed"):
         super().__init__()
         self.save_hyperparameters(ignore=["reward", "objective", "engine"])

@@ -55,7 +55,7 @@ def test_preset_overlays_parse(preset, sft_dir, reward_dir, tmp_path):
         if Path(preset).name == "vllm.yaml":          # the engine starts on the first rollout: vllm is not needed here
             assert type(cli.model.engine).__name__ == "VLLM" and cli.model.engine.correction.mode == "mask"
         if Path(preset).name == "rl_low_memory.yaml":
-            assert cli.model.micro_batch_tokens == 2048 and cli.model.policy_spec.activation_checkpointing
+            assert cli.model.micro_batch_tokens == 512 and cli.model.policy_spec.activation_checkpointing
         return
     cli = ParseOnly(args=args, run=False, subclass_mode_model=True, subclass_mode_data=True)
     overlay = __import__("yaml").safe_load(Path(preset).read_text())["trainer"]
