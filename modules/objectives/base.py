@@ -10,8 +10,10 @@ RL module what it needs:
                         and `values` alone, divided by constants of the minibatch (its token, pair or group
                         counts; never a statistic of the current `logp`). Then a micro-batch of whole groups has
                         its exact gradient with the other rows at any value, and a micro-batched update needs one
-                        forward per micro-batch instead of two (`RLModule.backward_minibatch`). False (the safe
-                        default for a new objective): the update pays the extra forward and is exact either way.
+                        forward per micro-batch instead of two (`RLModule.backward_minibatch`; `forward` then
+                        runs once per micro-batch, so it must not update state: that belongs in `prepare`). False
+                        (the safe default for a new objective): the update pays the extra forward and is exact
+                        either way.
 Add an algorithm = one file with a subclass, selected in YAML by `class_path`.
 """
 from __future__ import annotations
