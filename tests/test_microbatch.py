@@ -170,13 +170,16 @@ def coupled_rows(objective, k: int, weights: bool = False, pairwise: bool = Fals
 def test_every_shipped_objective_is_separable_by_groups(name, weights):
     """The property `separable_groups` declares, checked directly on literal-shaped random tensors: with 3 groups,
     each group's gradient (logp and values) is the same whatever the other groups' rows hold, with the engine's
-    importance weights too. A loss normalised by a statistic of its own logprobs fails the same check."""
+    importance weights too."""
     objective = SEPARABLE[name]()
     k = objective.responses_per_prompt if objective.responses_per_prompt > 1 else 2
     assert objective.separable_groups
     assert coupled_rows(objective, k, weights) == []
     if name.startswith(("p3o-v2", "dpo")):
         assert coupled_rows(objective, k, weights, pairwise=True) == []
+
+
+def test_the_separability_check_finds_a_loss_normalised_by_its_own_logprobs():
     assert coupled_rows(NormalisedByItsOwnLogprobs(), 2) == [0, 1, 2]
 
 
