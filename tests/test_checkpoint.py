@@ -24,12 +24,18 @@ def _digest(path: Path, rank: int = 0) -> dict:
     return torch.load(f"{path}.rank{rank}.pt")
 
 
-def _resume_case(tmp_path, sft_dir, devices: int, interrupt: str, stage: str = "rl", strategy="ddp"):
+def _resume_case(tmp_path, sft_dir, devices: int, interrupt: str, stage: str = "rl", strategy=None,
+                 accelerator: str = "cpu"):
     """Uninterrupted: 2 epochs of R rollouts (SFT / reward stages: R training batches). Interrupted when rollout
     R + 1 (the second of the second epoch) starts: SIGKILL dies at once, leaving last.ckpt of the rollout before
     (saved after every rollout); SIGINT finishes that rollout, saves and exits 130. Resumed from last.ckpt: bit-equal
-    weights, and the resumed run trains on exactly the remaining batches."""
-    extra = {"devices": devices, "strategy": strategy} if devices > 1 else {}
+    weights, and the resumed run trains on exactly the remaining batches. `strategy`: DDP by default on several
+    processes; `accelerator` 'gpu': the RL runs on CUDA (`tests/test_gpu.py`)."""
+    extra = {"devices": devices, "strategy": strategy or "ddp"} if devices > 1 else {}
+    if strategy:
+        extra["strategy"] = strategy
+    if accelerator != "cpu":
+        extra["accelerator"] = accelerator
     rollouts = (4 if stage == "rl" else 8) // devices   # 16 prompts (32 records) / (4 per batch x ranks)
 
     def config(name, callbacks, every=1):
@@ -42,9 +48,10 @@ def _resume_case(tmp_path, sft_dir, devices: int, interrupt: str, stage: str = "
     digest = lambda name: [{"class_path": "tests.helpers.ParamDigest",  # noqa: E731
                             "init_args": {"path": str(tmp_path / name)}}]
     at = rollouts + 1                             # second epoch, second batch
-    # One process: the uninterrupted and the resumed runs go in this one (the same numbers: each run seeds
-    # everything it draws), the killed run in its own. Two processes: every run through train.py's launcher.
-    run = (lambda cfg, *args: cli_main(["fit", "--config", cfg, *args])) if devices == 1 else run_train
+    # One CPU process: the uninterrupted and the resumed runs go in this one (the same numbers: each run seeds
+    # everything it draws), the killed run in its own. Otherwise every run through train.py's launcher.
+    in_process = devices == 1 and not strategy and accelerator == "cpu"
+    run = (lambda cfg, *args: cli_main(["fit", "--config", cfg, *args])) if in_process else run_train
     run(config("straight", digest("straight"), every=0))
     kill = [{"class_path": "tests.helpers.KillAt", "init_args": {"at": at, "signal": interrupt}}]
     # SIGKILL: dies at once (the last save was after the previous rollout); SIGINT: finishes rollout `at`, saves, stops.

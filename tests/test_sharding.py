@@ -107,8 +107,8 @@ def test_sharded_gradients_logprobs_and_samples_equal_the_whole_model(tmp_path, 
         assert sharded.shape == whole.shape and torch.equal(sharded, whole)
 
 
-def _digests(path) -> list[dict]:
-    return [torch.load(f"{path}.rank{rank}.pt") for rank in (0, 1)]
+def _digests(path, ranks: int = 2) -> list[dict]:
+    return [torch.load(f"{path}.rank{rank}.pt") for rank in range(ranks)]
 
 
 def _exported_params(directory: str, scorer: bool = False) -> torch.Tensor:
