@@ -78,8 +78,11 @@ def reuse_freed_memory() -> bool:
     unmaps them on free, so blocks of 50-113 MB (logits over a 49k vocabulary, an embedding's gradient) pay page
     faults to zero their pages again on every step. `mallopt` with no
     mmap and no trimming reuses them (what jemalloc / tcmalloc, which PyTorch's CPU tuning guide recommends,
-    do). Numbers are unchanged; the process keeps its peak memory mapped. Off with P3O_REUSE_FREED_MEMORY=0, and
-    a no-op where libc is not glibc. Returns whether it was applied."""
+    do). Numbers are unchanged; the process keeps its peak memory mapped, and memory freed in blocks of one size is
+    not returned for blocks of another: with micro-batches, peak RSS is well above the tensors ever alive at once
+    (`benchmarks/allocator.py`: 1.43 GB against 0.49 for one checkpointed micro-batch of 1024 tokens). Off with
+    P3O_REUSE_FREED_MEMORY=0 (add glibc's MALLOC_MMAP_THRESHOLD_=1048576 to bring RSS down to those tensors, for
+    more page faults), and a no-op where libc is not glibc. Returns whether it was applied."""
     if os.environ.get("P3O_REUSE_FREED_MEMORY", "1") == "0" or not sys.platform.startswith("linux"):
         return False
     import ctypes

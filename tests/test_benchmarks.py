@@ -227,6 +227,23 @@ def test_memory_sweep_quick_prints_a_row_per_point_for_our_side():
     assert peak > 0.1 and seconds > 0
 
 
+@pytest.mark.slow
+def test_allocator_quick_prints_rss_live_tensors_and_seconds_per_setting():
+    """`benchmarks/allocator.py --quick`, two settings at one size (a process each): a row per setting with the
+    peak RSS and the peak of the tensors alive (read from torch.profiler's memory timeline), both positive."""
+    import os
+    import subprocess
+
+    proc = subprocess.run([sys.executable, "benchmarks/allocator.py", "--quick", "--groups", "2", "--settings", "reuse",
+                           "mmap1m"], capture_output=True, text=True, timeout=600,
+                          env={**os.environ, "PYTHONPATH": os.getcwd()})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = [line.strip(" |").split("|") for line in proc.stdout.splitlines() if line.startswith(("| reuse", "| mmap1m"))]
+    assert [r[0].strip() for r in rows] == ["reuse", "mmap1m"]
+    for row in rows:
+        assert row[1].strip() == "32" and float(row[2]) > 0 and float(row[3]) > 0 and float(row[4]) > 0
+
+
 def test_the_harness_alternates_sides_and_reports_a_failed_child(tmp_path):
     from benchmarks.harness import alternate, child
 
