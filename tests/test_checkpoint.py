@@ -31,7 +31,7 @@ def _resume_case(tmp_path, sft_dir, devices: int, interrupt: str, stage: str = "
     (saved after every rollout); SIGINT finishes that rollout, saves and exits 130. Resumed from last.ckpt: bit-equal
     weights, and the resumed run trains on exactly the remaining batches. `strategy`: DDP by default on several
     processes; `accelerator` 'gpu': the RL runs on CUDA (`tests/test_gpu.py`)."""
-    extra = {"devices": devices, "strategy": strategy or "ddp"} if devices > 1 else {}
+    extra = {"devices": devices, "strategy": "ddp"} if devices > 1 else {}
     if strategy:
         extra["strategy"] = strategy
     if accelerator != "cpu":

@@ -10,44 +10,14 @@ import os
 import pytest
 import torch
 
-from tests.helpers import run_train, tiny_rl_config, tiny_stage_config
 from tests.test_checkpoint import _resume_case
-from tests.test_sharding import CASES, FSDP2, _digests, _exported_params
+from tests.test_sampling import sampler_case
+from tests.test_sharding import CASES, FSDP2, _exported_params, run_case
 
 DEVICE = "cpu" if os.environ.get("P3O_GPU_TESTS_ON_CPU") else "cuda"
 ACCELERATOR = "gpu" if DEVICE == "cuda" else "cpu"
 pytestmark = [pytest.mark.gpu, pytest.mark.slow,
               pytest.mark.skipif(DEVICE == "cuda" and not torch.cuda.is_available(), reason="needs a CUDA device")]
-
-
-def sampler_case(device: str, spec, tokenizer, atol: float) -> None:
-    """On `device`: pi_old recorded while sampling (KV-cached decode, T = 0.7, top-k 5, left-padded prompts, 4
-    samples each) equals `response_logprobs` over the finished rollout within `atol`; greedy responses equal
-    transformers' `generate` up to each row's EOS."""
-    from datamodules.collate import PairCollator, encode_prompt
-    from modules.backbone import build_causal_lm
-    from modules.forward import response_logprobs
-    from modules.sampling import SamplingConfig, sample
-
-    model = build_causal_lm(spec, tokenizer).to(device).eval()
-    texts = ["write a review of the cafe :", "write a review of the hotel , please :"]
-    batch = PairCollator(tokenizer.pad_token_id)([{"prompt": t, "prompt_ids": encode_prompt(tokenizer, t)} for t in texts])
-    ids, mask = batch.prompt_ids.to(device), batch.prompt_mask.to(device)
-    torch.manual_seed(0)
-    roll = sample(model, tokenizer, ids, mask, batch.prompts,
-                  SamplingConfig(temperature=0.7, top_k=5, max_new_tokens=12), num_samples=4, record_logprobs=True)
-    assert roll.input_ids.device.type == torch.device(device).type
-    with torch.no_grad():
-        forward = response_logprobs(model, roll.input_ids, roll.attention_mask, roll.prompt_length, 0.7, group_size=4)
-    assert torch.allclose(roll.old_logp, forward * roll.response_mask, atol=atol, rtol=0)
-    greedy = sample(model, tokenizer, ids, mask, batch.prompts, SamplingConfig(do_sample=False, max_new_tokens=8))
-    reference = model.generate(input_ids=ids, attention_mask=mask, do_sample=False, max_new_tokens=8,
-                               pad_token_id=tokenizer.pad_token_id)
-    P = ids.shape[1]
-    n = min(greedy.input_ids.shape[1], reference.shape[1]) - P
-    rows = greedy.response_mask[:, :n].bool()
-    assert rows.any()
-    assert torch.equal(greedy.input_ids[:, P:P + n][rows], reference[:, P:P + n][rows])
 
 
 def test_the_samplers_logprobs_equal_a_forward_pass_on_cuda(tiny_spec, tokenizer):
@@ -63,26 +33,11 @@ def test_fsdp2_on_one_gpu_trains_like_the_unsharded_run_and_exports_whole_weight
     CUDA, the gathers for sampling and export) and under the default single-device strategy: the same weights
     within 1e-5; the FSDP2 export loads with plain transformers and holds the trained weights (LoRA merged:
     against the unsharded export, 1e-5)."""
-    stage, model, _ = CASES[case]
-    source = f"configs/quickstart/{'ppo' if case == 'ppo' else 'p3o'}.yaml"
+    stage = CASES[case][0]
     digests, exports = {}, {}
     for name, strategy in (("single", "auto"), ("fsdp2", FSDP2)):
-        exports[name] = str(tmp_path / f"export-{name}")
-        callbacks = [{"class_path": "tests.helpers.ParamDigest", "init_args": {"path": str(tmp_path / name)}},
-                     {"class_path": "callbacks.export.HFExport", "init_args": {"dirpath": exports[name]}}]
-        trainer = {"accelerator": ACCELERATOR, "devices": 1, "strategy": strategy}
-        if stage == "rl":
-            extra = {"value_model": {"pretrained": sft_dir}} if case == "ppo" else {}
-            if case == "p3o":
-                extra["reward"] = {"class_path": "modules.rewards.RewardModel",
-                                   "init_args": {"path": reward_dir, "normalize": False}}
-            config = tiny_rl_config(tmp_path, sft_dir, source=source, name=f"{name}.yaml", extra_callbacks=callbacks,
-                                    model={**model, **extra}, **trainer)
-        else:
-            config = tiny_stage_config(tmp_path, stage, sft_dir, f"{name}.yaml", callbacks, limit_train_batches=3,
-                                       **trainer)
-        run_train(config, *(f"--model.init_args.{k}={v}" for k, v in model.items() if stage != "rl"))
-        digests[name] = _digests(tmp_path / name, ranks=1)[0]
+        (digests[name],), exports[name] = run_case(tmp_path, sft_dir, reward_dir, case, name, accelerator=ACCELERATOR,
+                                                   devices=1, strategy=strategy)
     single, fsdp2 = digests["single"], digests["fsdp2"]
     assert single["prompts"] == fsdp2["prompts"] and torch.equal(single["initial"], fsdp2["initial"])
     assert not torch.equal(fsdp2["params"], fsdp2["initial"])

@@ -9,24 +9,38 @@ from modules.forward import response_logprobs
 from modules.sampling import SamplingConfig, sample
 
 
-def test_the_samplers_logprobs_equal_a_forward_pass_over_the_rollout(tiny_spec, tokenizer):
-    """pi_old recorded while sampling (T = 0.7, left-padded prompts of different lengths, 4 samples each, top-k 5
-    so that the warpers change what is drawn but not the recorded logits / T) equals `response_logprobs` over the
-    finished rollout on every response token, within float32 rounding (KV-cached decode vs one full forward)."""
-    from datamodules.collate import PairCollator, encode_prompt
-    from modules.sampling import SamplingConfig, sample
-
-    model = build_causal_lm(tiny_spec, tokenizer).eval()
+def sampler_case(device: str, spec, tokenizer, atol: float) -> None:
+    """On `device`: pi_old recorded while sampling (T = 0.7, left-padded prompts of different lengths, 4 samples
+    each, top-k 5 so that the warpers change what is drawn but not the recorded logits / T) equals
+    `response_logprobs` over the finished rollout on every response token within `atol` (KV-cached decode vs one
+    full forward); greedy responses equal transformers' `generate` up to each row's EOS. `tests/test_gpu.py` runs
+    it on CUDA."""
+    model = build_causal_lm(spec, tokenizer).to(device).eval()
     texts = ["write a review of the cafe :", "write a review of the hotel , please :"]
     batch = PairCollator(tokenizer.pad_token_id)([{"prompt": t, "prompt_ids": encode_prompt(tokenizer, t)} for t in texts])
+    ids, mask = batch.prompt_ids.to(device), batch.prompt_mask.to(device)
     torch.manual_seed(0)
-    roll = sample(model, tokenizer, batch.prompt_ids, batch.prompt_mask, batch.prompts,
+    roll = sample(model, tokenizer, ids, mask, batch.prompts,
                   SamplingConfig(temperature=0.7, top_k=5, max_new_tokens=12), num_samples=4, record_logprobs=True)
+    assert roll.input_ids.device.type == torch.device(device).type
     with torch.no_grad():
         forward = response_logprobs(model, roll.input_ids, roll.attention_mask, roll.prompt_length, 0.7)
     assert roll.old_logp.shape == forward.shape == roll.response_mask.shape
-    assert torch.allclose(roll.old_logp, forward * roll.response_mask, atol=1e-5, rtol=0)
+    assert torch.allclose(roll.old_logp, forward * roll.response_mask, atol=atol, rtol=0)
     assert (roll.old_logp[roll.response_mask.bool()] < 0).all()
+    greedy = sample(model, tokenizer, ids, mask, batch.prompts, SamplingConfig(do_sample=False, max_new_tokens=8))
+    reference = model.generate(input_ids=ids, attention_mask=mask, do_sample=False, max_new_tokens=8,
+                               pad_token_id=tokenizer.pad_token_id)
+    P = ids.shape[1]
+    n = min(greedy.input_ids.shape[1], reference.shape[1]) - P
+    rows = greedy.response_mask[:, :n].bool()
+    assert rows.any()
+    assert torch.equal(greedy.input_ids[:, P:P + n][rows], reference[:, P:P + n][rows])
+
+
+def test_the_samplers_logprobs_equal_a_forward_pass_over_the_rollout(tiny_spec, tokenizer):
+    """`sampler_case` on the CPU: within float32 rounding (1e-5)."""
+    sampler_case("cpu", tiny_spec, tokenizer, atol=1e-5)
 
 
 def test_sampling_computes_each_prompt_once_and_draws_the_same_responses(tiny_spec, tokenizer):

@@ -131,6 +131,29 @@ CASES = {
 }
 
 
+def run_case(tmp_path, sft_dir: str, reward_dir: str, case: str, name: str, **trainer) -> tuple[list[dict], str]:
+    """One run of CASES[case] through train.py with `trainer` settings (devices, strategy, accelerator): each
+    rank's `ParamDigest` and the HF export's directory. The P3O case scores with a reward-stage export (sharded
+    too under FSDP2), the PPO case trains a value model."""
+    stage, model, _ = CASES[case]
+    export = str(tmp_path / f"export-{name}")
+    callbacks = [{"class_path": "tests.helpers.ParamDigest", "init_args": {"path": str(tmp_path / name)}},
+                 {"class_path": "callbacks.export.HFExport", "init_args": {"dirpath": export}}]
+    if stage == "rl":
+        extra = {"value_model": {"pretrained": sft_dir}} if case == "ppo" else {}
+        if case == "p3o":
+            extra["reward"] = {"class_path": "modules.rewards.RewardModel",
+                               "init_args": {"path": reward_dir, "normalize": False}}
+        source = f"configs/quickstart/{'ppo' if case == 'ppo' else 'p3o'}.yaml"
+        config = tiny_rl_config(tmp_path, sft_dir, source=source, name=f"{name}.yaml", extra_callbacks=callbacks,
+                                model={**model, **extra}, **trainer)
+    else:
+        config = tiny_stage_config(tmp_path, stage, sft_dir, f"{name}.yaml", callbacks, limit_train_batches=3,
+                                   **trainer)
+    run_train(config, *(f"--model.init_args.{k}={v}" for k, v in model.items() if stage != "rl"))
+    return _digests(tmp_path / name, trainer.get("devices", 1)), export
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("case", list(CASES))
 def test_fsdp2_trains_like_ddp_and_exports_whole_weights(tmp_path, sft_dir, reward_dir, case):
@@ -141,25 +164,10 @@ def test_fsdp2_trains_like_ddp_and_exports_whole_weights(tmp_path, sft_dir, rewa
     evaluation included.
     The FSDP2 export, gathered on rank 0, loads with plain transformers and holds exactly the trained weights
     (LoRA merged: compared with DDP's export)."""
-    stage, model, against_ddp = CASES[case]
-    source = f"configs/quickstart/{'ppo' if case == 'ppo' else 'p3o'}.yaml"
+    stage, _, against_ddp = CASES[case]
     digests, exports = {}, {}
     for name, strategy in (("ddp", "ddp"), ("fsdp2", FSDP2))[0 if against_ddp else 1:]:
-        exports[name] = str(tmp_path / f"export-{name}")
-        callbacks = [{"class_path": "tests.helpers.ParamDigest", "init_args": {"path": str(tmp_path / name)}},
-                     {"class_path": "callbacks.export.HFExport", "init_args": {"dirpath": exports[name]}}]
-        if stage == "rl":
-            extra = {"value_model": {"pretrained": sft_dir}} if case == "ppo" else {}
-            if case == "p3o":                        # a reward-stage export as the reward: sharded too
-                extra["reward"] = {"class_path": "modules.rewards.RewardModel",
-                                   "init_args": {"path": reward_dir, "normalize": False}}
-            config = tiny_rl_config(tmp_path, sft_dir, source=source, name=f"{name}.yaml", extra_callbacks=callbacks,
-                                    model={**model, **extra}, devices=2, strategy=strategy)
-        else:
-            config = tiny_stage_config(tmp_path, stage, sft_dir, f"{name}.yaml", callbacks, devices=2,
-                                       strategy=strategy, limit_train_batches=3)
-        run_train(config, *(f"--model.init_args.{k}={v}" for k, v in model.items() if stage != "rl"))
-        digests[name] = _digests(tmp_path / name)
+        digests[name], exports[name] = run_case(tmp_path, sft_dir, reward_dir, case, name, devices=2, strategy=strategy)
     fsdp2 = digests["fsdp2"]
     assert fsdp2[0]["prompts"] != fsdp2[1]["prompts"]                       # each rank its own shard of prompts
     assert torch.equal(fsdp2[0]["params"], fsdp2[1]["params"])
