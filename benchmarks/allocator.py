@@ -1,6 +1,8 @@
-"""Where a checkpointed update's peak RSS goes on CPU: the tensors alive at once against what glibc keeps mapped.
+"""Where a checkpointed update's peak RSS goes on CPU: the tensors alive at once against what the allocator keeps
+mapped, under glibc's settings and under jemalloc and tcmalloc.
 
-    python benchmarks/allocator.py                  # 4 allocator settings x 2 micro-batch sizes (~15 min on 2 cores)
+    python benchmarks/allocator.py                  # 7 allocator settings x 2 micro-batch sizes (~30 min on 2 cores)
+    python benchmarks/allocator.py --settings reuse tcmalloc   # some of them
     python benchmarks/allocator.py --quick          # a 2-layer model, tiny micro-batches (CI-sized)
 
 One micro-batch of an RL update, as `RLModule` runs it with its defaults: a random-init Llama of SmolLM2-135M's
@@ -12,6 +14,12 @@ process per setting and size. Settings:
   mmap1m   `P3O_REUSE_FREED_MEMORY=0 MALLOC_MMAP_THRESHOLD_=1048576`: every block of 1 MB or more is mapped and
            unmapped on free, so RSS follows the tensors alive, at the price of page faults
   mmap4m   the same from 4 MB
+  jemalloc jemalloc in place of glibc's malloc (`LD_PRELOAD=libjemalloc.so.2`, its defaults: freed pages go back
+           to the OS after ~10 s); Debian/Ubuntu: `apt install libjemalloc2`
+  jemalloc-tuned  jemalloc with the MALLOC_CONF of PyTorch's CPU tuning guide (freed pages kept for reuse)
+  tcmalloc gperftools' tcmalloc (`LD_PRELOAD=libtcmalloc_minimal.so.4`); Debian/Ubuntu: `apt install
+           libtcmalloc-minimal4`
+A preloaded allocator that is not installed skips its rows with a line saying so.
 Printed: the peak RSS over the model and its gradients, seconds per micro-batch (median of the last 3), and the
 peak of the tensors alive at once (torch.profiler's memory timeline of one more micro-batch) over the same base.
 """
@@ -30,7 +38,12 @@ from benchmarks.harness import QUICK, SMOLLM2, child, machine, peak_rss_gb  # no
 
 SETTINGS = {"reuse": {}, "glibc": {"P3O_REUSE_FREED_MEMORY": "0"},
             "mmap1m": {"P3O_REUSE_FREED_MEMORY": "0", "MALLOC_MMAP_THRESHOLD_": str(2**20)},
-            "mmap4m": {"P3O_REUSE_FREED_MEMORY": "0", "MALLOC_MMAP_THRESHOLD_": str(4 * 2**20)}}
+            "mmap4m": {"P3O_REUSE_FREED_MEMORY": "0", "MALLOC_MMAP_THRESHOLD_": str(4 * 2**20)},
+            "jemalloc": {"LD_PRELOAD": "libjemalloc.so.2"},               # reuse_freed_memory stands aside
+            "jemalloc-tuned": {"LD_PRELOAD": "libjemalloc.so.2",
+                               "MALLOC_CONF": "oversize_threshold:1,background_thread:true,metadata_thp:auto,"
+                                              "dirty_decay_ms:9000000000,muzzy_decay_ms:9000000000"},
+            "tcmalloc": {"LD_PRELOAD": "libtcmalloc_minimal.so.4"}}
 P, K = 42, 2
 
 
@@ -89,6 +102,17 @@ def live_peak_gb(step) -> float | None:
     return (max(total) - total[0]) / 2**30 if total else None
 
 
+def preloadable(library: str) -> bool:
+    """Whether the dynamic linker preloads `library` (a soname): where it cannot, ld.so says so on stderr and runs
+    the program without it."""
+    import os
+    import subprocess
+
+    proc = subprocess.run([sys.executable, "-c", ""], env={**os.environ, "LD_PRELOAD": library}, capture_output=True,
+                          text=True)
+    return proc.returncode == 0 and "preloaded" not in proc.stderr
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="2-layer model, 2 and 4 groups of 8-token responses")
@@ -111,6 +135,10 @@ def main() -> None:
           f"{machine(args.threads)}; GB above the model and its gradients")
     print("| setting | response tokens | peak RSS GB | tensors alive, peak GB | s / micro-batch |\n|---|---|---|---|---|")
     for setting in args.settings:
+        preload = SETTINGS[setting].get("LD_PRELOAD")
+        if preload and not preloadable(preload):
+            print(f"| {setting} | not installed: {preload} | | | |", flush=True)
+            continue
         for g in groups:
             r = child([__file__, "--one", g, "--threads", args.threads, "--response-tokens",
                        args.response_tokens, *["--quick"] * args.quick], f"allocator {setting} G={g}",

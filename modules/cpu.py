@@ -4,7 +4,7 @@ CPU, and can be switched off:
   prepacked_linears    sampling: every plain nn.Linear computes through oneDNN with its weight reordered once per
                        `sample` call (private `torch.ops.mkldnn` ops). Off: `sampling: {prepack_weights: false}`.
   reuse_freed_memory   training on CPU: glibc keeps freed blocks for reuse (`mallopt` through ctypes) instead of
-                       unmapping them. Off: P3O_REUSE_FREED_MEMORY=0.
+                       unmapping them. Off: P3O_REUSE_FREED_MEMORY=0, or a preloaded jemalloc / tcmalloc.
 
 Timings: `benchmarks/decode.py` and `benchmarks/results/throughput/README.md`.
 """
@@ -76,14 +76,20 @@ def reuse_freed_memory() -> bool:
 
     By default glibc serves blocks above its mmap threshold (128 KB, rising to at most 32 MB) from a fresh mmap and
     unmaps them on free, so blocks of 50-113 MB (logits over a 49k vocabulary, an embedding's gradient) pay page
-    faults to zero their pages again on every step. `mallopt` with no
-    mmap and no trimming reuses them (what jemalloc / tcmalloc, which PyTorch's CPU tuning guide recommends,
-    do). Numbers are unchanged; the process keeps its peak memory mapped, and memory freed in blocks of one size is
-    not returned for blocks of another: with micro-batches, peak RSS is well above the tensors ever alive at once
-    (`benchmarks/allocator.py`: 1.43 GB against 0.49 for one checkpointed micro-batch of 1024 tokens). Off with
-    P3O_REUSE_FREED_MEMORY=0 (add glibc's MALLOC_MMAP_THRESHOLD_=1048576 to bring RSS down to those tensors, for
-    more page faults), and a no-op where libc is not glibc. Returns whether it was applied."""
+    faults to zero their pages again on every step. `mallopt` with no mmap and no trimming reuses them. Numbers are
+    unchanged; the process keeps its peak memory mapped, and memory freed in blocks of one size is not returned for
+    blocks of another: with micro-batches, peak RSS is well above the tensors ever alive at once
+    (`benchmarks/allocator.py`: 1.43 GB against 0.49 for one checkpointed micro-batch of 1024 tokens).
+
+    A better allocator does both: tcmalloc, preloaded (`LD_PRELOAD=libtcmalloc_minimal.so.4`, Debian/Ubuntu package
+    libtcmalloc-minimal4), took the whole base point of `benchmarks/memory.py` from 4.24-4.54 GB to 3.83 GB at no
+    cost in time (`benchmarks/results/memory`); jemalloc kept as little, a little slower. Where LD_PRELOAD names
+    jemalloc, tcmalloc or mimalloc, glibc's malloc is not the one in use and this does nothing. Off with
+    P3O_REUSE_FREED_MEMORY=0 (add glibc's MALLOC_MMAP_THRESHOLD_=1048576 to bring RSS down to the tensors alive,
+    for more page faults), and a no-op where libc is not glibc. Returns whether it was applied."""
     if os.environ.get("P3O_REUSE_FREED_MEMORY", "1") == "0" or not sys.platform.startswith("linux"):
+        return False
+    if any(name in os.environ.get("LD_PRELOAD", "") for name in ("jemalloc", "tcmalloc", "mimalloc")):
         return False
     import ctypes
 

@@ -244,6 +244,14 @@ def test_allocator_quick_prints_rss_live_tensors_and_seconds_per_setting():
         assert row[1].strip() == "32" and float(row[2]) > 0 and float(row[3]) > 0 and float(row[4]) > 0
 
 
+def test_allocator_skips_an_allocator_the_linker_cannot_preload():
+    """A preloaded allocator that is not installed is reported, not measured with glibc under its name: ld.so only
+    warns and runs the program without it."""
+    from benchmarks.allocator import preloadable
+
+    assert preloadable("libc.so.6") and not preloadable("libp3o-no-such-allocator.so.1")
+
+
 def test_the_harness_alternates_sides_and_reports_a_failed_child(tmp_path):
     from benchmarks.harness import alternate, child
 

@@ -8,7 +8,8 @@ from tests.helpers import TINY_SHAPE
 
 def test_cpu_runs_reuse_freed_memory_unless_switched_off(monkeypatch, tmp_path, sft_dir):
     """The CLI applies `reuse_freed_memory` when the trainer runs on CPU. On Linux/glibc it returns True (both
-    mallopt calls accepted), with P3O_REUSE_FREED_MEMORY=0 it does nothing and returns False."""
+    mallopt calls accepted); with P3O_REUSE_FREED_MEMORY=0, or with tcmalloc or jemalloc preloaded (glibc's malloc
+    then serves nothing), it does nothing and returns False."""
     import train
     from tests.helpers import tiny_rl_config
 
@@ -18,6 +19,10 @@ def test_cpu_runs_reuse_freed_memory_unless_switched_off(monkeypatch, tmp_path, 
     assert calls == [1]
     monkeypatch.undo()
     assert train.reuse_freed_memory() is (train.sys.platform.startswith("linux"))
+    for preload in ("libtcmalloc_minimal.so.4", "/usr/lib/x86_64-linux-gnu/libjemalloc.so.2"):
+        monkeypatch.setenv("LD_PRELOAD", preload)
+        assert train.reuse_freed_memory() is False
+    monkeypatch.delenv("LD_PRELOAD")
     monkeypatch.setenv("P3O_REUSE_FREED_MEMORY", "0")
     assert train.reuse_freed_memory() is False
 

@@ -1,6 +1,8 @@
-"""The README's examples run as pasted: the plug-in objective (its code and its command), and they end sane."""
+"""The README's examples run as pasted: the plug-in objective (its code and its command), and they end sane; every
+relative link of the README, the docs and the results pages resolves."""
 import re
 import shlex
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -64,3 +66,34 @@ def test_the_plugin_objective_example_runs_as_written_and_ends_sane(tmp_path, mo
     assert end["val/kl"] < 10 and end["val/eos_rate"] > 0.9, end
     assert end["val/gold_reward"] > start["val/gold_reward"] + 0.1, (start, end)
     assert (tmp_path / "export" / "model.safetensors").exists()
+
+
+def heading_anchor(heading: str) -> str:
+    """GitHub's anchor for a Markdown heading: lower case, punctuation but '-' and '_' dropped, spaces to '-'.
+    'tcmalloc or jemalloc in place of glibc's malloc: 0.5-0.7 GB less' -> 'tcmalloc-or-jemalloc-in-place-of-glibcs-
+    malloc-05-07-gb-less'."""
+    return re.sub(r"[^\w\- ]", "", heading.strip().lower()).replace(" ", "-")
+
+
+def test_every_relative_link_in_the_markdown_resolves_to_a_file_and_heading():
+    """Each `[text](path#anchor)` and `<img src=...>` in a tracked .md file (code blocks aside) names a file of the
+    repository and, for an anchor into a .md file, one of its headings."""
+    assert heading_anchor("tcmalloc or jemalloc: 0.5-0.7 GB") == "tcmalloc-or-jemalloc-05-07-gb"
+    files = [Path(f) for f in subprocess.run(["git", "ls-files", "*.md"], capture_output=True, text=True,
+                                             check=True).stdout.split()]
+    assert Path("README.md") in files
+    broken = []
+    for file in files:
+        text = re.sub(r"```.*?```", "", file.read_text(), flags=re.S)
+        for match in re.finditer(r"\]\(([^)\s]+)\)|src=\"([^\"]+)\"", text):
+            link = match[1] or match[2]
+            if re.match(r"[a-z]+:", link):                     # https:, mailto:
+                continue
+            path, _, anchor = link.partition("#")
+            target = file.parent / path if path else file
+            if not target.exists():
+                broken.append(f"{file}: {link} (no such file)")
+            elif anchor and target.suffix == ".md" and anchor not in {
+                    heading_anchor(h) for h in re.findall(r"^#+ (.*)$", target.read_text(), flags=re.M)}:
+                broken.append(f"{file}: {link} (no such heading)")
+    assert not broken, "\n".join(broken)
