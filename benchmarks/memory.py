@@ -217,8 +217,9 @@ def plot_sweep(rows: dict[tuple[str, str], dict], path: Path) -> None:
                                            (f"\nV {POINTS[p][2]:,}" if POINTS[p][2] != 49152 else "")
                                            for p in points], fontsize=8)
         ax.set_ylabel(label)
+        ax.set_ylim(0, 1.3 * max(row[key] for row in rows.values()))     # room for the legend above the bars
         ax.grid(axis="y", alpha=0.3)
-    axes[0].legend(fontsize=8)
+    axes[0].legend(fontsize=8, ncol=len(sides), loc="upper center")
     fig.suptitle("A whole RL step (rollout + reference pass + one update), SmolLM2-135M shape, fp32, 2 CPU threads")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
