@@ -85,9 +85,9 @@ def reuse_freed_memory() -> bool:
     libtcmalloc-minimal4), took the whole base point of `benchmarks/memory.py` from 4.23-4.54 GB to 3.83-3.85 GB at
     the same speed, and its 151,936-vocabulary point from 6.85 to 5.72 GB (`benchmarks/results/memory`); jemalloc
     kept as little, a little slower. Where LD_PRELOAD names jemalloc, tcmalloc or mimalloc, glibc's malloc is not the
-    one in use and this does nothing. Off with
-    P3O_REUSE_FREED_MEMORY=0 (add glibc's MALLOC_MMAP_THRESHOLD_=1048576 to bring RSS down to the tensors alive,
-    for more page faults), and a no-op where libc is not glibc. Returns whether it was applied."""
+    one in use and this does nothing. Off with P3O_REUSE_FREED_MEMORY=0 (add glibc's MALLOC_MMAP_THRESHOLD_=1048576
+    to bring RSS down to the tensors alive, for more page faults), and a no-op where libc is not glibc. Returns
+    whether it was applied."""
     if os.environ.get("P3O_REUSE_FREED_MEMORY", "1") == "0" or not sys.platform.startswith("linux"):
         return False
     if any(name in os.environ.get("LD_PRELOAD", "") for name in ("jemalloc", "tcmalloc", "mimalloc")):

@@ -18,6 +18,7 @@ def test_cpu_runs_reuse_freed_memory_unless_switched_off(monkeypatch, tmp_path, 
     train.cli_main(["--config", tiny_rl_config(tmp_path, sft_dir)], run=False)
     assert calls == [1]
     monkeypatch.undo()
+    monkeypatch.delenv("LD_PRELOAD", raising=False)               # the suite itself may run under tcmalloc
     assert train.reuse_freed_memory() is (train.sys.platform.startswith("linux"))
     for preload in ("libtcmalloc_minimal.so.4", "/usr/lib/x86_64-linux-gnu/libjemalloc.so.2"):
         monkeypatch.setenv("LD_PRELOAD", preload)
