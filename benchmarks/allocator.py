@@ -27,7 +27,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -55,7 +57,7 @@ def one(args) -> dict:
     from modules.cpu import reuse_freed_memory
     from modules.forward import response_logprobs
 
-    reuse_freed_memory()                    # a no-op under P3O_REUSE_FREED_MEMORY=0, as in train.py
+    reuse_freed_memory()        # as in train.py: a no-op under P3O_REUSE_FREED_MEMORY=0 or a preloaded allocator
     torch.set_num_threads(args.threads)
     shape = QUICK if args.quick else SMOLLM2
     model = build_causal_lm(BackboneSpec(config=dict(shape), activation_checkpointing=True), VocabularyOnly(49152)).train()
@@ -105,9 +107,6 @@ def live_peak_gb(step) -> float | None:
 def preloadable(library: str) -> bool:
     """Whether the dynamic linker preloads `library` (a soname): where it cannot, ld.so says so on stderr and runs
     the program without it."""
-    import os
-    import subprocess
-
     proc = subprocess.run([sys.executable, "-c", ""], env={**os.environ, "LD_PRELOAD": library}, capture_output=True,
                           text=True)
     return proc.returncode == 0 and "preloaded" not in proc.stderr

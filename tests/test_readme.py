@@ -69,9 +69,8 @@ def test_the_plugin_objective_example_runs_as_written_and_ends_sane(tmp_path, mo
 
 
 def heading_anchor(heading: str) -> str:
-    """GitHub's anchor for a Markdown heading: lower case, punctuation but '-' and '_' dropped, spaces to '-'.
-    'tcmalloc or jemalloc in place of glibc's malloc: 0.5-0.7 GB less' -> 'tcmalloc-or-jemalloc-in-place-of-glibcs-
-    malloc-05-07-gb-less'."""
+    """GitHub's anchor for a Markdown heading: lower case, punctuation but '-' and '_' dropped, spaces to '-':
+    "glibc's malloc: 0.4-1.1 GB" -> 'glibcs-malloc-04-11-gb'."""
     return re.sub(r"[^\w\- ]", "", heading.strip().lower()).replace(" ", "-")
 
 
