@@ -3,6 +3,7 @@ response length, the responses per rollout and the vocabulary grow; and one upda
 
     python benchmarks/memory.py                     # the sweep: 6 points x (TRL, ours) (about an hour on 2 cores)
     python benchmarks/memory.py --points base V151936 --ours defaults micro   # some points, some of our variants
+    python benchmarks/memory.py --points base --ours defaults --strategies single ddp fsdp2   # 2 CPU processes
     python benchmarks/memory.py --settings          # one update under each memory setting (about 6 minutes)
     python benchmarks/memory.py --quick             # a 2-layer model, tiny workloads (CI-sized; TRL optional)
     python benchmarks/memory.py --plot OUT1 OUT2 --figure memory.png   # the figure from saved sweep outputs
@@ -20,7 +21,10 @@ gradient checkpointing on and its chunked LM head. Points:
 Our variants (`--ours`): `defaults` (the library as shipped: since 0.3.0 `micro_batch_tokens: 1024` and the
 policy checkpointed), `whole` (one pass per rollout and per minibatch, no checkpointing: the defaults before 0.3.0),
 `micro` (`micro_batch_tokens: 2048`), `micro+ckpt` (+ `activation_checkpointing: true`), `micro512+ckpt` (512
-tokens, checkpointed: `configs/presets/rl_low_memory.yaml`).
+tokens, checkpointed: `configs/presets/rl_low_memory.yaml`). `--strategies ddp fsdp2` runs each of our variants
+also on 2 CPU processes (gloo; the strategies of `configs/presets/ddp_cpu.yaml` and `fsdp_cpu.yaml`), at the
+same global work and threads: each rank rolls out and updates half the prompts on half the threads. Its peak is
+the larger rank's (the progress line gives both, and their sum: what the machine holds).
 
 The settings (`--settings`): one P3O-V2 update of a full fine-tune: pi_old and pi_ref logprobs over the rollout
 (no graph), then the minibatch's loss and its backward, for a minibatch of all the responses (random prompt and
@@ -128,7 +132,9 @@ def tokenizer_of_size(size: int, directory: str, base: str = TOKENIZER) -> str:
 def sweep(args) -> None:
     points = QUICK_POINTS if args.quick else POINTS
     names = args.points or list(points)
-    sides = ([("trl", [])] if has_trl() else []) + [(f"ours {v}", OURS[v]) for v in args.ours]
+    sides = ([("trl", [])] if has_trl() else []) + [
+        (f"ours {v}" + ("" if strategy == "single" else f" {strategy}"), [*OURS[v], "--strategy", strategy])
+        for strategy in args.strategies for v in args.ours]
     if not has_trl():
         print("[memory] TRL is not installed or does not import (pip install -e '.[bench]'); measuring ours only", flush=True)
     rows = {}
@@ -146,7 +152,9 @@ def sweep(args) -> None:
                 measured = result["seconds"][1:] or result["seconds"]      # after the warm-up rollout, if any
                 rows[name, side] = {"peak_gb": result["peak_gb"], "seconds": statistics.median(measured)}
                 updates = [p["perf/update_s"] for p in result["phases"][1:] or result["phases"] if "perf/update_s" in p]
-                print(f"[memory] {name} {side}: peak {result['peak_gb']:.2f} GB, "
+                ranks = result.get("peak_gb_ranks")
+                print(f"[memory] {name} {side}: peak {result['peak_gb']:.2f} GB" +
+                      (f" (ranks {', '.join('%.2f' % r for r in ranks)}; sum {sum(ranks):.2f})" if ranks else "") + ", "
                       f"{['%.1f' % t for t in result['seconds']]} s per rollout" +
                       (f", update phase {statistics.median(updates):.1f} s" if updates else ""), flush=True)
     shape = "2-layer quick model" if args.quick else f"{args.shape} shape"
@@ -155,7 +163,7 @@ def sweep(args) -> None:
 
         where, memory = f"GPU {torch.cuda.get_device_name()}", "peak GPU memory: torch's peak allocation"
     else:
-        where, memory = machine(args.threads), "peak memory: the process's peak RSS"
+        where, memory = machine(args.threads), "peak memory: the process's peak RSS (2 processes: the larger rank's)"
     print(f"\nRL rollout + update, {shape} (random init), GRPO k 2, one minibatch of all responses, {args.precision}, "
           f"{where}; {memory}")
     head = "| point | L | responses | vocabulary | " + " | ".join(f"{s} GB | {s} s" for s, _ in sides)
@@ -254,6 +262,9 @@ def main() -> None:
     parser.add_argument("--points", nargs="*", help=f"sweep points (default all: {', '.join(POINTS)})")
     parser.add_argument("--ours", nargs="*", default=["defaults", "whole"], choices=list(OURS),
                         help="our variants in the sweep")
+    parser.add_argument("--strategies", nargs="*", default=["single"], choices=["single", "ddp", "fsdp2"],
+                        help="our variants' strategies: one process, or 2 CPU processes (gloo) under DDP or FSDP2, "
+                             "each rank with half the prompts and threads")
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu", help="the sweep's device (both sides)")
     parser.add_argument("--shape", choices=list(SHAPES), default="smollm2-135m",
                         help="the sweep's model shape (llama-1b: a 1.07B Llama body on the same vocabulary)")

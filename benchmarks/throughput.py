@@ -53,6 +53,9 @@ from benchmarks.harness import QUICK, ROOT, SHAPES, TOKENIZER, alternate, child,
 
 PROMPTS, K, MINIBATCH_PROMPTS, EPOCHS = 8, 2, 4, 2
 SIDES = ["ours", "ours-vllm", "trl", "trl-vllm"]
+# Ours on 2 processes (`--strategy`, as `benchmarks/memory.py` varies it): the strategies of the presets
+# `ddp_cpu.yaml` and `fsdp_cpu.yaml`, each rank with its share of the prompts and of the threads.
+STRATEGIES = {"single": None, "ddp": "ddp", "fsdp2": {"class_path": "modules.sharding.FSDP2Strategy"}}
 VLLM_PYTHON = ROOT / ".venv-vllm/bin/python"      # the engine's environment (`make install-vllm`)
 
 
@@ -71,7 +74,8 @@ def run_ours(shape: dict, rollouts: int, args) -> dict:
 
     with tempfile.TemporaryDirectory() as tmp:
         config = derive_config(str(ROOT / "configs/smollm2/p3o.yaml"), {
-            "trainer": {"accelerator": "gpu" if args.device == "cuda" else "cpu", "devices": 1,
+            "trainer": {"accelerator": "gpu" if args.device == "cuda" else "cpu", "devices": processes(args),
+                        **({} if args.strategy == "single" else {"strategy": STRATEGIES[args.strategy]}),
                         "limit_train_batches": rollouts, "callbacks": [], "logger": False, "precision": args.precision,
                         "enable_checkpointing": False, "enable_progress_bar": False, "enable_model_summary": False},
             "model": {"init_args": {
@@ -81,10 +85,10 @@ def run_ours(shape: dict, rollouts: int, args) -> dict:
                 "objective": {"class_path": "modules.objectives.grpo.GRPO",
                               "init_args": {"k": args.k, "kl_coef": 0.04, "clip_eps": 0.2}},
                 "sampling": {"max_new_tokens": args.new_tokens}, "epochs": args.epochs,
-                "minibatch_groups": args.minibatch_prompts,
+                "minibatch_groups": args.minibatch_prompts // processes(args),
                 **({} if args.library_defaults else {"micro_batch_tokens": args.micro_batch_tokens}),
                 "optimizer": {"init_args": {"lr": 1e-6}}}},
-            "data": {"init_args": {"tokenizer": args.tokenizer, "batch_size": args.prompts,
+            "data": {"init_args": {"tokenizer": args.tokenizer, "batch_size": args.prompts // processes(args),
                                    "source": {"init_args": {"num_train": args.prompts * rollouts, "num_val": 8}}}},
         }, Path(tmp) / "ours.yaml")
         torch_threads(args)
@@ -170,14 +174,21 @@ def add_work_arguments(parser: argparse.ArgumentParser) -> None:
     # --micro-batch-tokens / --checkpointing say otherwise.
     parser.add_argument("--library-defaults", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--trl-checkpointing", action="store_true", help=argparse.SUPPRESS)   # TRL's
+    parser.add_argument("--strategy", choices=list(STRATEGIES), default="single", help=argparse.SUPPRESS)  # ours
+
+
+def processes(args) -> int:
+    """Ours runs in 1 process, or 2 under `--strategy ddp | fsdp2` (the same global work: each rank rolls out and
+    updates on half the prompts)."""
+    return 1 if args.strategy == "single" else 2
 
 
 def torch_threads(args) -> None:
-    """CPU runs use `--threads` threads (GPU runs leave torch's default)."""
+    """CPU runs use `--threads` threads in all (each of `processes` ranks its share; GPU runs leave torch's default)."""
     import torch
 
     if args.device == "cpu":
-        torch.set_num_threads(args.threads)
+        torch.set_num_threads(max(1, args.threads // processes(args)))
 
 
 # ---------------------------------------------------------------------------------------------------- the floor
@@ -254,6 +265,12 @@ def one_side(args) -> None:
     from modules.rl import peak_memory_gb
 
     result["peak_gb"] = peak_memory_gb(torch.device(args.device))   # CPU: the process's peak RSS; GPU: torch's peak
+    if torch.distributed.is_initialized():          # 2 processes: every rank's peak; rank 0 writes the result
+        peaks = [None] * torch.distributed.get_world_size()
+        torch.distributed.all_gather_object(peaks, result["peak_gb"])
+        result["peak_gb"], result["peak_gb_ranks"] = max(peaks), peaks
+        if torch.distributed.get_rank() != 0:
+            return
     Path(args.json).write_text(json.dumps(result))
 
 
