@@ -19,12 +19,13 @@ from typing import Optional
 
 import yaml
 from lightning.pytorch.cli import LightningCLI
+from lightning.pytorch.strategies import ModelParallelStrategy
 
 from callbacks.checkpoint import interrupted
 from callbacks.export import ExportError, HFExport
 from datamodules.sources import DataError
 from modules.checks import ConfigError, config_problem, config_warnings
-from modules.cpu import reuse_freed_memory
+from modules.cpu import reuse_freed_memory, sharded_allocator_warning
 from modules.engines import SamplerMismatchError
 from modules.rewards import RewardError
 from modules.rl import NonFiniteError
@@ -64,7 +65,10 @@ class RLHFCLI(LightningCLI):
             for callback in exports:
                 callback.dirpath = export_dir
         if self.trainer.strategy.root_device.type == "cpu":
-            reuse_freed_memory()
+            if not isinstance(self.trainer.strategy, ModelParallelStrategy):
+                reuse_freed_memory()
+            elif (warning := sharded_allocator_warning()) and self.trainer.global_rank == 0:
+                log.warning("warning: %s", warning)
 
 
 class _NoAdverts(logging.Filter):

@@ -4,7 +4,8 @@ CPU, and can be switched off:
   prepacked_linears    sampling: every plain nn.Linear computes through oneDNN with its weight reordered once per
                        `sample` call (private `torch.ops.mkldnn` ops). Off: `sampling: {prepack_weights: false}`.
   reuse_freed_memory   training on CPU: glibc keeps freed blocks for reuse (`mallopt` through ctypes) instead of
-                       unmapping them. Off: P3O_REUSE_FREED_MEMORY=0, or a preloaded jemalloc / tcmalloc.
+                       unmapping them. Off: P3O_REUSE_FREED_MEMORY=0, a preloaded jemalloc / tcmalloc, or FSDP2
+                       (where it only fragments: `sharded_allocator_warning`).
 
 Timings: `benchmarks/decode.py` and `benchmarks/results/throughput/README.md`.
 """
@@ -71,6 +72,24 @@ def _prepacked_linear(packed: torch.Tensor, bias: torch.Tensor | None, dtype: to
     return torch.ops.mkldnn._linear_pointwise(x.to(dtype), packed, bias, "none", [], "")
 
 
+def preloaded_allocator() -> str | None:
+    """The malloc that LD_PRELOAD puts in place of glibc's (jemalloc, tcmalloc or mimalloc), or None."""
+    preload = os.environ.get("LD_PRELOAD", "")
+    return next((name for name in ("jemalloc", "tcmalloc", "mimalloc") if name in preload), None)
+
+
+def sharded_allocator_warning() -> str | None:
+    """The line `train.py` logs when FSDP2 runs on CPU under glibc's malloc (Linux, nothing preloaded); None
+    otherwise. Measured at the base point of `benchmarks/memory.py --strategies fsdp2` on 2 processes
+    (`benchmarks/results/memory`): glibc as it comes 4.2-4.5 GB per process, 4.9-5.2 with `reuse_freed_memory`
+    (which `train.py` therefore leaves off under FSDP2), tcmalloc 3.0 GB at the same speed."""
+    if not sys.platform.startswith("linux") or preloaded_allocator():
+        return None
+    return ("FSDP2 on CPU under glibc's malloc: measured 4.2-4.5 GB per process where tcmalloc keeps 3.0 GB at the "
+            "same speed (benchmarks/results/memory); preload it: LD_PRELOAD=libtcmalloc_minimal.so.4 python train.py ... "
+            "(Debian/Ubuntu: apt install libtcmalloc-minimal4)")
+
+
 def reuse_freed_memory() -> bool:
     """CPU training: let glibc keep freed memory for the next allocation instead of returning it to the OS.
 
@@ -90,7 +109,7 @@ def reuse_freed_memory() -> bool:
     whether it was applied."""
     if os.environ.get("P3O_REUSE_FREED_MEMORY", "1") == "0" or not sys.platform.startswith("linux"):
         return False
-    if any(name in os.environ.get("LD_PRELOAD", "") for name in ("jemalloc", "tcmalloc", "mimalloc")):
+    if preloaded_allocator():
         return False
     import ctypes
 

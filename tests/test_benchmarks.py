@@ -214,17 +214,24 @@ def test_memory_benchmark_settings_compute_the_same_update():
 @pytest.mark.slow
 def test_memory_sweep_quick_prints_a_row_per_point_for_our_side():
     """TRL is an optional extra (not installed in CI): the sweep measures our side alone, a row per point, with
-    peak memory and seconds per rollout for each of our variants (one point, one variant: a process each)."""
+    peak memory and seconds per rollout for each of our variants (one point, one variant: a process each). Here the
+    variant runs on 2 CPU processes under FSDP2: its progress line gives each rank's peak, the table the larger."""
     import os
+    import re
     import subprocess
 
-    proc = subprocess.run([sys.executable, "benchmarks/memory.py", "--quick", "--points", "N16", "--ours", "defaults"],
+    proc = subprocess.run([sys.executable, "benchmarks/memory.py", "--quick", "--points", "N16", "--ours", "defaults",
+                           "--strategies", "fsdp2"],
                           capture_output=True, text=True, timeout=900, env={**os.environ, "PYTHONPATH": os.getcwd()})
     assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "| ours defaults fsdp2 GB | ours defaults fsdp2 s |" in proc.stdout
     rows = [line for line in proc.stdout.splitlines() if line.startswith("| N16 |")]
     assert len(rows) == 1 and "| 8 | 16 | 49,152 |" in rows[0]
     peak, seconds = (float(cell) for cell in rows[0].strip(" |").split("|")[4:6])
     assert peak > 0.1 and seconds > 0
+    ranks = re.search(r"\(ranks ([0-9.]+), ([0-9.]+); sum ([0-9.]+)\)", proc.stdout)
+    assert ranks, proc.stdout
+    assert peak == pytest.approx(max(float(ranks[1]), float(ranks[2])), abs=0.01)
 
 
 @pytest.mark.slow
