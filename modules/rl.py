@@ -26,7 +26,6 @@ from modules.backbone import (
     build_causal_lm,
     build_scorer,
     export_model,
-    frozen_copy,
     is_lora,
     load_tokenizer,
     reference_of,
@@ -39,7 +38,7 @@ from modules.objectives.base import Objective
 from modules.rewards import RewardModel, is_pairwise, qualified_name, score_pairs, tournament_scores
 from modules.rewards import score as score_rewards
 from modules.sampling import SamplingConfig
-from modules.sharding import fsdp_mesh, is_sharded, shard
+from modules.sharding import fsdp_mesh, is_sharded, shard, shard_with_frozen_copy
 
 log = logging.getLogger(__name__)
 OLD_LOGPROBS = ("auto", "sampler", "forward")
@@ -157,8 +156,10 @@ class RLModule(L.LightningModule):
         mesh = fsdp_mesh(self)        # FSDP2 under ModelParallelStrategy: every model is sharded, the reward's too
         if self.policy is None:
             policy = build_causal_lm(self.policy_spec, self.tokenizer)
-            self.reference = None if is_lora(policy) else shard(frozen_copy(policy), mesh)
-            self.policy = shard(policy, mesh)
+            if is_lora(policy):                         # the reference is the base, adapters disabled
+                self.policy, self.reference = shard(policy, mesh), None
+            else:
+                self.policy, self.reference = shard_with_frozen_copy(policy, mesh)
             for reward_model in (m for m in self.modules() if isinstance(m, RewardModel)):
                 reward_model.model = shard(reward_model.model, mesh)
         if self.objective.needs_values and self.value is None:

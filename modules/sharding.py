@@ -19,6 +19,7 @@ DeepSpeed ZeRO-3 (`is_partitioned`) gathers each submodule's parameters inside i
 from __future__ import annotations
 
 import contextlib
+import copy
 
 import torch
 from lightning.pytorch.strategies import ModelParallelStrategy
@@ -87,6 +88,36 @@ def shard(model: nn.Module, mesh) -> nn.Module:
         fully_shard(unit, mesh=mesh)
     fully_shard(model, mesh=mesh, reshard_after_forward=False)
     return model
+
+
+def shard_with_frozen_copy(model: nn.Module, mesh) -> tuple[nn.Module, nn.Module]:
+    """`shard(model, mesh)` and a frozen, eval-mode copy of it sharded the same way (a full fine-tune's reference
+    policy); without a mesh, `model` and `frozen_copy(model)`.
+
+    Under FSDP2 the copy never exists whole: it is deep-copied with every parameter a meta tensor (tied ones stay
+    tied), sharded like `model`, given storage for its own shards only (`to_empty`), and each rank copies its
+    shards and the buffers from `model`'s. So a rank holds one whole model while building, not two (the
+    1.07B-parameter shape on 2 CPU processes: 8.55 GiB before, `benchmarks/results/memory`), and the copy equals
+    `model` exactly (`tests/test_sharding.py`)."""
+    from modules.backbone import frozen_copy
+
+    if mesh is None:
+        return model, frozen_copy(model)
+    meta = {id(p): nn.Parameter(torch.empty_like(p, device="meta"), requires_grad=False) for p in model.parameters()}
+    reference = copy.deepcopy(model, memo=meta).requires_grad_(False).eval()
+    buffers = dict(reference.named_buffers())         # `to_empty` replaces them: their values are copied back
+    shard(model, mesh)
+    shard(reference, mesh)
+    reference.to_empty(device=next(model.parameters()).to_local().device)
+    ours, theirs = dict(reference.named_parameters()), dict(model.named_parameters())
+    if ours.keys() != theirs.keys():
+        raise RuntimeError(f"{type(model).__name__}: the sharded copy's parameters are not the model's")
+    with torch.no_grad():
+        for name, p in ours.items():
+            p.to_local().copy_(theirs[name].to_local())
+        for name, b in reference.named_buffers():
+            b.copy_(buffers[name])
+    return model, reference
 
 
 def fsdp_units(model: nn.Module) -> list[nn.Module]:

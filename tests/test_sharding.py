@@ -41,7 +41,7 @@ def _gradient_case(rank: int, world: int, tokenizer_path: str, path: str) -> Non
     from modules.backbone import BackboneSpec, build_causal_lm, build_scorer, load_tokenizer
     from modules.forward import response_logprobs, token_scores
     from modules.sampling import SamplingConfig, sample
-    from modules.sharding import shard
+    from modules.sharding import fsdp_units, shard, shard_with_frozen_copy
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=os.environ["TEST_PORT"])
     dist.init_process_group("gloo", rank=rank, world_size=world)
@@ -59,7 +59,8 @@ def _gradient_case(rank: int, world: int, tokenizer_path: str, path: str) -> Non
         return (logp * mask[rows, P:]).sum(), logp
 
     for kind in ("full", "lora", "values"):
-        spec = BackboneSpec(config=dict(TWO_LAYERS), lora={"r": 4, "lora_alpha": 8} if kind == "lora" else None)
+        spec = BackboneSpec(config={**TWO_LAYERS, "tie_word_embeddings": kind == "full"},    # tied, as SmolLM2
+                            lora={"r": 4, "lora_alpha": 8} if kind == "lora" else None)
         model = (build_scorer if kind == "values" else build_causal_lm)(spec, tokenizer)
         if kind == "lora":                       # B = 0 at init: move it so the adapters matter in the forward
             for name, p in model.named_parameters():
@@ -68,7 +69,18 @@ def _gradient_case(rank: int, world: int, tokenizer_path: str, path: str) -> Non
         whole = copy.deepcopy(model)
         loss, whole_out = losses(whole, slice(None), kind)
         (loss / len(ids)).backward()                                   # the global batch's mean
-        shard(model, mesh)
+        if kind == "full":           # the reference of a full fine-tune, sharded without ever being whole
+            _, reference = shard_with_frozen_copy(model, mesh)
+            results["reference"] = {          # (before a forward: the root then holds its parameters gathered)
+                "params": all(torch.equal(p.full_tensor(), q) for p, q in zip(reference.parameters(), whole.parameters())),
+                "names": [n for n, _ in reference.named_parameters()] == [n for n, _ in whole.named_parameters()],
+                "frozen": not reference.training and not any(p.requires_grad for p in reference.parameters()),
+                "tied": reference.get_output_embeddings().weight is reference.get_input_embeddings().weight,
+                "units": len(fsdp_units(reference)) == len(fsdp_units(model)) > 1}
+            with torch.no_grad():
+                results["reference"]["out"] = (losses(reference, mine, kind)[1], whole_out.detach()[mine])
+        else:
+            shard(model, mesh)
         loss, out = losses(model, mine, kind)
         (loss / (len(ids) // world)).backward()                        # each rank's mean; FSDP2 averages ranks
         grads = [(p.grad.full_tensor(), q.grad) for p, q in zip(model.parameters(), whole.parameters())
@@ -90,8 +102,10 @@ def test_sharded_gradients_logprobs_and_samples_equal_the_whole_model(tmp_path, 
     """FSDP2 over 2 processes, each with half the rows: the logprobs (packed prompt layout, LM head in chunks of
     4 rows applied after the model's forward) and values equal the whole model's on those rows (1e-5), and the
     averaged sharded gradient equals the whole model's gradient of the global batch (1e-5 relative to its largest
-    entry), for every trainable parameter of a causal LM, a LoRA causal LM (adapters only) and a scorer. Greedy
-    samples of each rank's prompts, 4 and 7 new tokens, equal the whole model's."""
+    entry), for every trainable parameter of a causal LM (tied embeddings, as SmolLM2), a LoRA causal LM (adapters
+    only) and a scorer. Greedy samples of each rank's prompts, 4 and 7 new tokens, equal the whole model's. The
+    causal LM's frozen copy made sharded (`shard_with_frozen_copy`: never whole) holds exactly its weights, names,
+    buffers and tie, is frozen and sharded into as many units, and its logprobs equal the whole model's bit for bit."""
     import torch.multiprocessing as mp
 
     os.environ["TEST_PORT"] = str(29500 + os.getpid() % 1000)
@@ -103,6 +117,9 @@ def test_sharded_gradients_logprobs_and_samples_equal_the_whole_model(tmp_path, 
             assert torch.allclose(sharded, whole, atol=1e-5, rtol=0), (rank, kind)
             assert results[kind]["grad"] < 1e-5, (rank, kind, results[kind]["grad"])
         assert results["lora"]["count"] == 2 * 2 * 7                   # A and B of 7 linears in each of 2 layers
+        reference = results["reference"]
+        assert torch.equal(*reference["out"]), rank
+        assert all(reference[key] for key in ("params", "names", "frozen", "tied", "units")), (rank, reference)
         sharded, whole = results["sample"]
         assert sharded.shape == whole.shape and torch.equal(sharded, whole)
 
