@@ -4,6 +4,7 @@ response length, the responses per rollout and the vocabulary grow; and one upda
     python benchmarks/memory.py                     # the sweep: 6 points x (TRL, ours) (about an hour on 2 cores)
     python benchmarks/memory.py --points base V151936 --ours defaults micro   # some points, some of our variants
     python benchmarks/memory.py --points base --ours defaults --strategies single ddp fsdp2   # 2 CPU processes
+    python benchmarks/memory.py --build --shape llama-1b --strategies single fsdp2   # building the models alone
     python benchmarks/memory.py --settings          # one update under each memory setting (about 6 minutes)
     python benchmarks/memory.py --quick             # a 2-layer model, tiny workloads (CI-sized; TRL optional)
     python benchmarks/memory.py --plot OUT1 OUT2 --figure memory.png   # the figure from saved sweep outputs
@@ -25,6 +26,9 @@ tokens, checkpointed: `configs/presets/rl_low_memory.yaml`). `--strategies ddp f
 also on 2 CPU processes (gloo; the strategies of `configs/presets/ddp_cpu.yaml` and `fsdp_cpu.yaml`), at the
 same global work and threads: each rank rolls out and updates half the prompts on half the threads. Its peak is
 the larger rank's (the progress line gives both, and their sum: what the machine holds).
+
+`--build`: the peak memory of building our RL module's models alone (the policy and a full fine-tune's reference
+copy, sharded under FSDP2), per process, under each of `--strategies`; the run stops before its first rollout.
 
 The settings (`--settings`): one P3O-V2 update of a full fine-tune: pi_old and pi_ref logprobs over the rollout
 (no graph), then the minibatch's loss and its backward, for a minibatch of all the responses (random prompt and
@@ -178,6 +182,28 @@ def sweep(args) -> None:
         print(f"| {name} | {new_tokens} | {2 * prompts} | {vocab:,} | " + " | ".join(cells) + " |")
 
 
+def build(args) -> None:
+    """Peak memory of building our RL module's models (policy, and the reference copy of a full fine-tune) and
+    sharding them, per process, under each of `--strategies`: the run stops before its first rollout."""
+    rows = {}
+    for strategy in args.strategies:
+        result = child(["benchmarks/throughput.py", "--side", "ours", "--build-only", "--library-defaults",
+                        "--strategy", strategy, "--threads", args.threads, "--prompts", 4, "--minibatch-prompts", 4,
+                        "--epochs", 1, "--device", args.device, "--shape", "smollm2-135m" if args.quick else args.shape,
+                        "--tokenizer", args.tokenizer, *["--quick"] * args.quick], f"memory build {strategy}",
+                       env={"OMP_NUM_THREADS": str(args.threads)})
+        rows[strategy] = result
+        ranks = result.get("peak_gb_ranks") or [result["peak_gb"]]
+        print(f"[memory] build {strategy}: peak {', '.join('%.2f' % r for r in ranks)} GB", flush=True)
+    shape = "2-layer quick model" if args.quick else f"{args.shape} shape"
+    print(f"\nBuilding the RL module's policy and reference ({shape}, random init, fp32, full fine-tune), "
+          f"{machine(args.threads)}; peak memory: each process's peak RSS")
+    print("| strategy | processes | peak per process GB | all processes GB |\n|---|---|---|---|")
+    for strategy, r in rows.items():
+        ranks = r.get("peak_gb_ranks") or [r["peak_gb"]]
+        print(f"| {strategy} | {len(ranks)} | {max(ranks):.2f} | {sum(ranks):.2f} |")
+
+
 def read_sweep_tables(texts: list[str]) -> dict[tuple[str, str], dict]:
     """What `sweep` printed (one or several runs' output), as (point, side) -> peak GB and seconds: its table rows,
     and the progress line of each side (`[memory] base trl: peak 9.71 GB, ['139.3', '136.8'] s per rollout`) for a
@@ -274,6 +300,8 @@ def main() -> None:
     parser.add_argument("--rollouts", type=int, default=1,
                         help="measured rollouts after a warm-up one (0: the first rollout alone, warm-up costs included)")
     parser.add_argument("--settings", action="store_true", help="one update under each memory setting instead")
+    parser.add_argument("--build", action="store_true",
+                        help="the peak of building (and sharding) our models under each of --strategies instead")
     parser.add_argument("--micro_batch_tokens", type=int, default=None, help="--settings: budget of the micro settings")
     parser.add_argument("--vocab", type=int, default=49152, help="--settings: vocabulary size (Qwen: 151936)")
     parser.add_argument("--plot", nargs="*", metavar="OUTPUT",
@@ -285,7 +313,7 @@ def main() -> None:
     if args.plot:
         plot_sweep(read_sweep_tables([Path(p).read_text() for p in args.plot]), Path(args.figure))
         return
-    settings(args) if args.settings else sweep(args)
+    build(args) if args.build else settings(args) if args.settings else sweep(args)
 
 
 if __name__ == "__main__":

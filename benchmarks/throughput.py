@@ -89,7 +89,7 @@ def run_ours(shape: dict, rollouts: int, args) -> dict:
                 **({} if args.library_defaults else {"micro_batch_tokens": args.micro_batch_tokens}),
                 "optimizer": {"init_args": {"lr": 1e-6}}}},
             "data": {"init_args": {"tokenizer": args.tokenizer, "batch_size": args.prompts // processes(args),
-                                   "source": {"init_args": {"num_train": args.prompts * rollouts, "num_val": 8}}}},
+                                   "source": {"init_args": {"num_train": args.prompts * max(rollouts, 1), "num_val": 8}}}},
         }, Path(tmp) / "ours.yaml")
         torch_threads(args)
         if args.side == "ours-vllm":
@@ -100,7 +100,8 @@ def run_ours(shape: dict, rollouts: int, args) -> dict:
         cli = cli_main(["--config", config], run=False)
         cli.trainer.callbacks[:0] = [timer, OnPolicyRollout()]   # the clock starts before sampling
         cli.trainer.fit(cli.model, datamodule=cli.datamodule)
-    return {"seconds": timer.seconds, "phases": timer.phases, "prompt_length": statistics.median(timer.prompt_lengths)}
+    return {"seconds": timer.seconds, "phases": timer.phases,
+            "prompt_length": statistics.median(timer.prompt_lengths) if timer.prompt_lengths else None}
 
 
 def run_trl(shape: dict, rollouts: int, args) -> dict:
@@ -175,6 +176,7 @@ def add_work_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--library-defaults", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--trl-checkpointing", action="store_true", help=argparse.SUPPRESS)   # TRL's
     parser.add_argument("--strategy", choices=list(STRATEGIES), default="single", help=argparse.SUPPRESS)  # ours
+    parser.add_argument("--build-only", action="store_true", help=argparse.SUPPRESS)   # ours: build the models, no rollout
 
 
 def processes(args) -> int:
@@ -259,7 +261,7 @@ def model_shape(args) -> dict:
 
 def one_side(args) -> None:
     run = run_ours if args.side.startswith("ours") else run_trl
-    result = run(model_shape(args), args.rollouts + 1, args)
+    result = run(model_shape(args), 0 if args.build_only else args.rollouts + 1, args)
     import torch
 
     from modules.rl import peak_memory_gb

@@ -97,8 +97,8 @@ def shard_with_frozen_copy(model: nn.Module, mesh) -> tuple[nn.Module, nn.Module
     Under FSDP2 the copy never exists whole: it is deep-copied with every parameter a meta tensor (tied ones stay
     tied), sharded like `model`, given storage for its own shards only (`to_empty`), and each rank copies its
     shards and the buffers from `model`'s. So a rank holds one whole model while building, not two (the
-    1.07B-parameter shape on 2 CPU processes: 8.55 GiB before, `benchmarks/results/memory`), and the copy equals
-    `model` exactly (`tests/test_sharding.py`)."""
+    1.07B-parameter shape on 2 CPU processes: 4.81 GB per process instead of 8.55, `benchmarks/memory.py --build`),
+    and the copy equals `model` exactly (`tests/test_sharding.py`)."""
     from modules.backbone import frozen_copy
 
     if mesh is None:

@@ -235,6 +235,22 @@ def test_memory_sweep_quick_prints_a_row_per_point_for_our_side():
 
 
 @pytest.mark.slow
+def test_memory_build_quick_prints_the_peak_of_building_the_models():
+    """`benchmarks/memory.py --build`: our RL module's models are built (no rollout) and the table gives each
+    strategy's peak per process, above the fresh interpreter's footprint."""
+    import os
+    import subprocess
+
+    proc = subprocess.run([sys.executable, "benchmarks/memory.py", "--build", "--quick", "--strategies", "single"],
+                          capture_output=True, text=True, timeout=900, env={**os.environ, "PYTHONPATH": os.getcwd()})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = [line for line in proc.stdout.splitlines() if line.startswith("| single |")]
+    assert len(rows) == 1, proc.stdout
+    processes, peak, both = rows[0].strip(" |").split("|")[1:]
+    assert int(processes) == 1 and float(peak) == float(both) > 0.2
+
+
+@pytest.mark.slow
 def test_allocator_quick_prints_rss_live_tensors_and_seconds_per_setting():
     """`benchmarks/allocator.py --quick`, two settings at one size (a process each): a row per setting with the
     peak RSS and the peak of the tensors alive (read from torch.profiler's memory timeline), both positive."""
