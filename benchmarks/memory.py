@@ -56,6 +56,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.harness import QUICK, SHAPES, SMOLLM2, TOKENIZER, child, has_trl, machine, peak_rss_gb  # noqa: E402
+from benchmarks.throughput import STRATEGIES  # noqa: E402
 
 SETTINGS = {"whole": {"logprob_chunk": 0}, "chunked": {}, "micro": {"micro": True},
             "micro+ckpt": {"micro": True, "checkpointing": True}}
@@ -185,22 +186,19 @@ def sweep(args) -> None:
 def build(args) -> None:
     """Peak memory of building our RL module's models (policy, and the reference copy of a full fine-tune) and
     sharding them, per process, under each of `--strategies`: the run stops before its first rollout."""
-    rows = {}
+    peaks = {}                                          # strategy -> each process's peak
     for strategy in args.strategies:
         result = child(["benchmarks/throughput.py", "--side", "ours", "--build-only", "--library-defaults",
                         "--strategy", strategy, "--threads", args.threads, "--prompts", 4, "--minibatch-prompts", 4,
-                        "--epochs", 1, "--device", args.device, "--shape", "smollm2-135m" if args.quick else args.shape,
-                        "--tokenizer", args.tokenizer, *["--quick"] * args.quick], f"memory build {strategy}",
-                       env={"OMP_NUM_THREADS": str(args.threads)})
-        rows[strategy] = result
-        ranks = result.get("peak_gb_ranks") or [result["peak_gb"]]
-        print(f"[memory] build {strategy}: peak {', '.join('%.2f' % r for r in ranks)} GB", flush=True)
+                        "--epochs", 1, "--device", args.device, "--shape", args.shape, "--tokenizer", args.tokenizer,
+                        *["--quick"] * args.quick], f"memory build {strategy}", env={"OMP_NUM_THREADS": str(args.threads)})
+        peaks[strategy] = result.get("peak_gb_ranks") or [result["peak_gb"]]
+        print(f"[memory] build {strategy}: peak {', '.join('%.2f' % r for r in peaks[strategy])} GB", flush=True)
     shape = "2-layer quick model" if args.quick else f"{args.shape} shape"
     print(f"\nBuilding the RL module's policy and reference ({shape}, random init, fp32, full fine-tune), "
           f"{machine(args.threads)}; peak memory: each process's peak RSS")
     print("| strategy | processes | peak per process GB | all processes GB |\n|---|---|---|---|")
-    for strategy, r in rows.items():
-        ranks = r.get("peak_gb_ranks") or [r["peak_gb"]]
+    for strategy, ranks in peaks.items():
         print(f"| {strategy} | {len(ranks)} | {max(ranks):.2f} | {sum(ranks):.2f} |")
 
 
@@ -288,7 +286,7 @@ def main() -> None:
     parser.add_argument("--points", nargs="*", help=f"sweep points (default all: {', '.join(POINTS)})")
     parser.add_argument("--ours", nargs="*", default=["defaults", "whole"], choices=list(OURS),
                         help="our variants in the sweep")
-    parser.add_argument("--strategies", nargs="*", default=["single"], choices=["single", "ddp", "fsdp2"],
+    parser.add_argument("--strategies", nargs="*", default=["single"], choices=list(STRATEGIES),
                         help="our variants' strategies: one process, or 2 CPU processes (gloo) under DDP or FSDP2, "
                              "each rank with half the prompts and threads")
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu", help="the sweep's device (both sides)")

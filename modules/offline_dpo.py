@@ -18,11 +18,11 @@ from datamodules.batch import PairBatch, Sequences
 from datamodules.collate import stack_pair
 from modules import functional as F
 from modules import optimizers
-from modules.backbone import BackboneSpec, build_causal_lm, export_model, is_lora, load_tokenizer, reference_of
+from modules.backbone import BackboneSpec, build_causal_lm, export_model, load_tokenizer, reference_of
 from modules.batch import Rollout
 from modules.forward import in_parts, micro_batch_ranges, response_logprobs, target_logprobs
 from modules.sampling import SamplingConfig
-from modules.sharding import fsdp_mesh, shard, shard_with_frozen_copy
+from modules.sharding import fsdp_mesh, shard_with_frozen_copy
 
 
 class OfflineDPOModule(L.LightningModule):
@@ -71,10 +71,7 @@ class OfflineDPOModule(L.LightningModule):
         if self.policy is None:
             mesh = fsdp_mesh(self)
             policy = build_causal_lm(self.policy_spec, self.tokenizer)
-            if is_lora(policy):                         # the reference is the base, adapters disabled
-                self.policy, self.reference = shard(policy, mesh), None
-            else:
-                self.policy, self.reference = shard_with_frozen_copy(policy, mesh)
+            self.policy, self.reference = shard_with_frozen_copy(policy, mesh)    # None: LoRA's base
 
     def reference_model(self):
         """The frozen reference policy, as a context: the copy, or the LoRA policy with its adapters disabled."""

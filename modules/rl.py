@@ -26,7 +26,6 @@ from modules.backbone import (
     build_causal_lm,
     build_scorer,
     export_model,
-    is_lora,
     load_tokenizer,
     reference_of,
 )
@@ -156,10 +155,7 @@ class RLModule(L.LightningModule):
         mesh = fsdp_mesh(self)        # FSDP2 under ModelParallelStrategy: every model is sharded, the reward's too
         if self.policy is None:
             policy = build_causal_lm(self.policy_spec, self.tokenizer)
-            if is_lora(policy):                         # the reference is the base, adapters disabled
-                self.policy, self.reference = shard(policy, mesh), None
-            else:
-                self.policy, self.reference = shard_with_frozen_copy(policy, mesh)
+            self.policy, self.reference = shard_with_frozen_copy(policy, mesh)    # None: LoRA's base
             for reward_model in (m for m in self.modules() if isinstance(m, RewardModel)):
                 reward_model.model = shard(reward_model.model, mesh)
         if self.objective.needs_values and self.value is None:

@@ -90,17 +90,20 @@ def shard(model: nn.Module, mesh) -> nn.Module:
     return model
 
 
-def shard_with_frozen_copy(model: nn.Module, mesh) -> tuple[nn.Module, nn.Module]:
-    """`shard(model, mesh)` and a frozen, eval-mode copy of it sharded the same way (a full fine-tune's reference
-    policy); without a mesh, `model` and `frozen_copy(model)`.
+def shard_with_frozen_copy(model: nn.Module, mesh) -> tuple[nn.Module, nn.Module | None]:
+    """`shard(model, mesh)` and its reference policy: None for a LoRA model (the reference is its base, adapters
+    disabled: `reference_of`), else a frozen, eval-mode copy sharded the same way (without a mesh,
+    `frozen_copy(model)`).
 
     Under FSDP2 the copy never exists whole: it is deep-copied with every parameter a meta tensor (tied ones stay
     tied), sharded like `model`, given storage for its own shards only (`to_empty`), and each rank copies its
     shards and the buffers from `model`'s. So a rank holds one whole model while building, not two (the
     1.07B-parameter shape on 2 CPU processes: 4.81 GB per process instead of 8.55, `benchmarks/memory.py --build`),
     and the copy equals `model` exactly (`tests/test_sharding.py`)."""
-    from modules.backbone import frozen_copy
+    from modules.backbone import frozen_copy, is_lora
 
+    if is_lora(model):
+        return shard(model, mesh), None
     if mesh is None:
         return model, frozen_copy(model)
     meta = {id(p): nn.Parameter(torch.empty_like(p, device="meta"), requires_grad=False) for p in model.parameters()}
