@@ -28,9 +28,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from stats import bootstrap_ci, fmt_ci, frontier_at, frontier_auc, paired_ci  # noqa: E402
-
 from runs import DEFAULT_EXPORTS, ROOT, ensure_exports, panel_figure, read_points, run_one, write_points  # noqa: E402
+from stats import bootstrap_ci, fmt_ci, frontier_at, frontier_auc, paired_ci  # noqa: E402
 
 # name -> (config, K responses per prompt, KL knob of the objective, objective overrides)
 OBJECTIVES = {

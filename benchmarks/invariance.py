@@ -23,9 +23,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from stats import frontier_at  # noqa: E402
-
 from runs import DEFAULT_EXPORTS, ROOT, ensure_exports, panel_figure, run_one, write_points  # noqa: E402
+from stats import frontier_at  # noqa: E402
 
 # name -> (config, K responses per prompt)
 OBJECTIVES = {

@@ -5,6 +5,7 @@ response length, the responses per rollout and the vocabulary grow; and one upda
     python benchmarks/memory.py --points base V151936 --ours defaults micro   # some points, some of our variants
     python benchmarks/memory.py --points base --ours defaults --strategies single ddp fsdp2   # 2 CPU processes
     python benchmarks/memory.py --build --shape llama-1b --strategies single fsdp2   # building the models alone
+    python benchmarks/memory.py --build --shape llama-1b --strategies fsdp2 --processes 4 [--lora 16]
     python benchmarks/memory.py --settings          # one update under each memory setting (about 6 minutes)
     python benchmarks/memory.py --quick             # a 2-layer model, tiny workloads (CI-sized; TRL optional)
     python benchmarks/memory.py --plot OUT1 OUT2 --figure memory.png   # the figure from saved sweep outputs
@@ -28,7 +29,8 @@ same global work and threads: each rank rolls out and updates half the prompts o
 the larger rank's (the progress line gives both, and their sum: what the machine holds).
 
 `--build`: the peak memory of building our RL module's models alone (the policy and a full fine-tune's reference
-copy, sharded under FSDP2), per process, under each of `--strategies`; the run stops before its first rollout.
+copy, sharded under FSDP2), per process, under each of `--strategies` on `--processes` CPU processes (2), of a full
+fine-tune or with `--lora R` adapters (no reference copy); the run stops before its first rollout.
 
 The settings (`--settings`): one P3O-V2 update of a full fine-tune: pi_old and pi_ref logprobs over the rollout
 (no graph), then the minibatch's loss and its backward, for a minibatch of all the responses (random prompt and
@@ -189,13 +191,15 @@ def build(args) -> None:
     peaks = {}                                          # strategy -> each process's peak
     for strategy in args.strategies:
         result = child(["benchmarks/throughput.py", "--side", "ours", "--build-only", "--library-defaults",
-                        "--strategy", strategy, "--threads", args.threads, "--prompts", 4, "--minibatch-prompts", 4,
+                        "--strategy", strategy, "--processes", args.processes, "--lora", args.lora,
+                        "--threads", args.threads, "--prompts", 4, "--minibatch-prompts", 4,
                         "--epochs", 1, "--device", args.device, "--shape", args.shape, "--tokenizer", args.tokenizer,
                         *["--quick"] * args.quick], f"memory build {strategy}", env={"OMP_NUM_THREADS": str(args.threads)})
         peaks[strategy] = result.get("peak_gb_ranks") or [result["peak_gb"]]
         print(f"[memory] build {strategy}: peak {', '.join('%.2f' % r for r in peaks[strategy])} GB", flush=True)
     shape = "2-layer quick model" if args.quick else f"{args.shape} shape"
-    print(f"\nBuilding the RL module's policy and reference ({shape}, random init, fp32, full fine-tune), "
+    tuning = f"LoRA r={args.lora}, no reference copy" if args.lora else "full fine-tune"
+    print(f"\nBuilding the RL module's models ({shape}, random init, fp32, {tuning}), "
           f"{machine(args.threads)}; peak memory: each process's peak RSS")
     print("| strategy | processes | peak per process GB | all processes GB |\n|---|---|---|---|")
     for strategy, ranks in peaks.items():
@@ -300,6 +304,9 @@ def main() -> None:
     parser.add_argument("--settings", action="store_true", help="one update under each memory setting instead")
     parser.add_argument("--build", action="store_true",
                         help="the peak of building (and sharding) our models under each of --strategies instead")
+    parser.add_argument("--processes", type=int, default=2,
+                        help="--build: the processes of the ddp / fsdp2 strategies (each rank its share of the prompts)")
+    parser.add_argument("--lora", type=int, default=0, help="--build: LoRA rank on every linear (0: full fine-tune)")
     parser.add_argument("--micro_batch_tokens", type=int, default=None, help="--settings: budget of the micro settings")
     parser.add_argument("--vocab", type=int, default=49152, help="--settings: vocabulary size (Qwen: 151936)")
     parser.add_argument("--plot", nargs="*", metavar="OUTPUT",

@@ -29,7 +29,6 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from frontier import report  # noqa: E402
-
 from runs import DEFAULT_EXPORTS, ROOT, ensure_exports, read_points, run_one, write_points  # noqa: E402
 
 PAIRWISE = "pairwise"

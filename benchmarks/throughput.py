@@ -177,12 +177,13 @@ def add_work_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--trl-checkpointing", action="store_true", help=argparse.SUPPRESS)   # TRL's
     parser.add_argument("--strategy", choices=list(STRATEGIES), default="single", help=argparse.SUPPRESS)  # ours
     parser.add_argument("--build-only", action="store_true", help=argparse.SUPPRESS)   # ours: build the models, no rollout
+    parser.add_argument("--processes", type=int, default=2, help=argparse.SUPPRESS)   # ours under ddp / fsdp2
 
 
 def processes(args) -> int:
-    """Ours runs in 1 process, or 2 under `--strategy ddp | fsdp2` (the same global work: each rank rolls out and
-    updates on half the prompts)."""
-    return 1 if args.strategy == "single" else 2
+    """Ours runs in 1 process, or `--processes` (2) under `--strategy ddp | fsdp2` (the same global work: each rank
+    rolls out and updates on its share of the prompts)."""
+    return 1 if args.strategy == "single" else args.processes
 
 
 def torch_threads(args) -> None:
@@ -267,7 +268,7 @@ def one_side(args) -> None:
     from modules.rl import peak_memory_gb
 
     result["peak_gb"] = peak_memory_gb(torch.device(args.device))   # CPU: the process's peak RSS; GPU: torch's peak
-    if torch.distributed.is_initialized():          # 2 processes: every rank's peak; rank 0 writes the result
+    if torch.distributed.is_initialized():          # several processes: every rank's peak; rank 0 writes the result
         peaks = [None] * torch.distributed.get_world_size()
         torch.distributed.all_gather_object(peaks, result["peak_gb"])
         result["peak_gb"], result["peak_gb_ranks"] = max(peaks), peaks

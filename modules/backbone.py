@@ -206,11 +206,34 @@ def _outside_zero_init():
             zero.restore_init_context()
 
 
+# `extra` keys that also shape the config or the model class of an empty (meta) build, which reads the config only
+_CONFIG_ARGS = ("revision", "subfolder", "trust_remote_code", "token", "cache_dir", "local_files_only")
+_MODEL_ARGS = ("trust_remote_code", "attn_implementation")
+EMPTY_BUILD_EXTRA = tuple(dict.fromkeys(_CONFIG_ARGS + _MODEL_ARGS))
+
+
+def _empty_pretrained(auto_cls, spec: BackboneSpec, **overrides) -> nn.Module:
+    """`spec.pretrained`'s architecture with meta tensors: only its config is read (no weights, no GGUF
+    de-quantization)."""
+    from transformers import AutoConfig
+
+    extra = lambda keys: {k: v for k, v in spec.extra.items() if k in keys}  # noqa: E731
+    config = AutoConfig.from_pretrained(**_hf_location(spec.pretrained), **extra(_CONFIG_ARGS), **overrides)
+    with torch.device("meta"):
+        return auto_cls.from_config(config, dtype=_dtype(spec), **extra(_MODEL_ARGS))
+
+
 @_outside_zero_init()
-def _build(auto_cls, spec: BackboneSpec, tokenizer, **overrides) -> nn.Module:
+def _build(auto_cls, spec: BackboneSpec, tokenizer, empty: bool = False, **overrides) -> nn.Module:
     if spec.config is not None:
         torch.manual_seed(spec.seed)
-        model = auto_cls.from_config(_tiny_config(spec, tokenizer, **overrides), dtype=_dtype(spec))
+        with torch.device("meta") if empty else contextlib.nullcontext():
+            model = auto_cls.from_config(_tiny_config(spec, tokenizer, **overrides), dtype=_dtype(spec))
+    elif empty:
+        if spec.quantization:
+            raise ValueError(f"{spec.pretrained}: a {spec.quantization} model cannot be built empty (meta tensors)")
+        torch.manual_seed(spec.seed)
+        model = _empty_pretrained(auto_cls, spec, **overrides)
     else:
         torch.manual_seed(spec.seed)  # fresh heads (e.g. a reward head) are initialised reproducibly
         kwargs = dict(_hf_location(spec.pretrained), dtype=_dtype(spec), **spec.extra, **overrides)
@@ -221,7 +244,7 @@ def _build(auto_cls, spec: BackboneSpec, tokenizer, **overrides) -> nn.Module:
         _report_loading(spec.pretrained, info)
     model.config.pad_token_id = tokenizer.pad_token_id
     if len(tokenizer) > model.get_input_embeddings().weight.shape[0]:
-        model.resize_token_embeddings(len(tokenizer))
+        model.resize_token_embeddings(len(tokenizer), mean_resizing=not empty)  # (no statistics of meta rows)
     if not spec.dropout:
         disable_dropout(model)
     if spec.activation_checkpointing:
@@ -296,18 +319,20 @@ def _with_lora(model: nn.Module, lora: dict[str, Any], task_type: str) -> nn.Mod
         return get_peft_model(model, LoraConfig(**kwargs))
 
 
-def build_causal_lm(spec: BackboneSpec, tokenizer) -> nn.Module:
-    """A causal LM (AutoModelForCausalLM) as described by `spec`."""
+def build_causal_lm(spec: BackboneSpec, tokenizer, empty: bool = False) -> nn.Module:
+    """A causal LM (AutoModelForCausalLM) as described by `spec`. `empty`: the same modules with every parameter
+    and buffer a meta tensor, no weights read (`modules.sharding.build_sharded` fills them from one rank)."""
     from transformers import AutoModelForCausalLM
 
-    return _build(AutoModelForCausalLM, spec, tokenizer)
+    return _build(AutoModelForCausalLM, spec, tokenizer, empty=empty)
 
 
-def build_scorer(spec: BackboneSpec, tokenizer) -> nn.Module:
-    """A sequence scorer (AutoModelForSequenceClassification, num_labels=1) as described by `spec`."""
+def build_scorer(spec: BackboneSpec, tokenizer, empty: bool = False) -> nn.Module:
+    """A sequence scorer (AutoModelForSequenceClassification, num_labels=1) as described by `spec`; `empty` as in
+    `build_causal_lm`."""
     from transformers import AutoModelForSequenceClassification
 
-    return _build(AutoModelForSequenceClassification, spec, tokenizer, num_labels=1)
+    return _build(AutoModelForSequenceClassification, spec, tokenizer, empty=empty, num_labels=1)
 
 
 def disable_dropout(model: nn.Module) -> None:

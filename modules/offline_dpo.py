@@ -22,7 +22,7 @@ from modules.backbone import BackboneSpec, build_causal_lm, export_model, load_t
 from modules.batch import Rollout
 from modules.forward import in_parts, micro_batch_ranges, response_logprobs, target_logprobs
 from modules.sampling import SamplingConfig
-from modules.sharding import fsdp_mesh, shard_with_frozen_copy
+from modules.sharding import build_with_reference, fsdp_mesh
 
 
 class OfflineDPOModule(L.LightningModule):
@@ -69,9 +69,8 @@ class OfflineDPOModule(L.LightningModule):
 
     def configure_model(self) -> None:
         if self.policy is None:
-            mesh = fsdp_mesh(self)
-            policy = build_causal_lm(self.policy_spec, self.tokenizer)
-            self.policy, self.reference = shard_with_frozen_copy(policy, mesh)    # None: LoRA's base
+            self.policy, self.reference = build_with_reference(      # reference None: LoRA's base
+                build_causal_lm, self.policy_spec, self.tokenizer, fsdp_mesh(self))
 
     def reference_model(self):
         """The frozen reference policy, as a context: the copy, or the LoRA policy with its adapters disabled."""

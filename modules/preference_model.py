@@ -26,7 +26,7 @@ from modules.backbone import BackboneSpec, build_scorer, export_model, load_toke
 from modules.forward import in_parts, micro_batch_ranges, sequence_rewards
 from modules.reward_model import read_last_token_when_pad_is_eos
 from modules.sampling import SamplingConfig, sample_policy
-from modules.sharding import fsdp_mesh, shard
+from modules.sharding import build_sharded, fsdp_mesh
 
 CONFIG_FILE = "preference.json"
 
@@ -130,7 +130,7 @@ class PreferenceModule(L.LightningModule):
 
     def configure_model(self) -> None:
         if self.scorer is None:
-            self.scorer = shard(build_scorer(self.backbone, self.tokenizer), fsdp_mesh(self))
+            self.scorer = build_sharded(build_scorer, self.backbone, self.tokenizer, fsdp_mesh(self))
 
     def pair_margins(self, batch: PairBatch) -> torch.Tensor:
         """f(x, chosen, rejected) (B,): > 0 where the model prefers the chosen response."""

@@ -23,7 +23,7 @@ from modules import optimizers
 from modules.backbone import BackboneSpec, build_scorer, export_model, load_tokenizer
 from modules.forward import in_parts, micro_batch_ranges, sequence_rewards
 from modules.sampling import SamplingConfig, sample_policy
-from modules.sharding import fsdp_mesh, shard
+from modules.sharding import build_sharded, fsdp_mesh
 
 STATS_FILE = "reward_stats.json"
 
@@ -95,7 +95,7 @@ class RewardModule(L.LightningModule):
 
     def configure_model(self) -> None:
         if self.scorer is None:
-            self.scorer = shard(build_scorer(self.backbone, self.tokenizer), fsdp_mesh(self))
+            self.scorer = build_sharded(build_scorer, self.backbone, self.tokenizer, fsdp_mesh(self))
 
     def pair_rewards(self, batch: PairBatch) -> tuple[torch.Tensor, torch.Tensor]:
         """(r_chosen, r_rejected), each (B,), from one forward pass over the 2B sequences (one per micro-batch of

@@ -37,7 +37,7 @@ from modules.objectives.base import Objective
 from modules.rewards import RewardModel, is_pairwise, qualified_name, score_pairs, tournament_scores
 from modules.rewards import score as score_rewards
 from modules.sampling import SamplingConfig
-from modules.sharding import fsdp_mesh, is_sharded, shard, shard_with_frozen_copy
+from modules.sharding import build_sharded, build_with_reference, fsdp_mesh, is_sharded, shard
 
 log = logging.getLogger(__name__)
 OLD_LOGPROBS = ("auto", "sampler", "forward")
@@ -154,13 +154,13 @@ class RLModule(L.LightningModule):
     def configure_model(self) -> None:
         mesh = fsdp_mesh(self)        # FSDP2 under ModelParallelStrategy: every model is sharded, the reward's too
         if self.policy is None:
-            policy = build_causal_lm(self.policy_spec, self.tokenizer)
-            self.policy, self.reference = shard_with_frozen_copy(policy, mesh)    # None: LoRA's base
+            self.policy, self.reference = build_with_reference(      # reference None: LoRA's base
+                build_causal_lm, self.policy_spec, self.tokenizer, mesh)
             for reward_model in (m for m in self.modules() if isinstance(m, RewardModel)):
                 reward_model.model = shard(reward_model.model, mesh)
         if self.objective.needs_values and self.value is None:
             spec = self.value_spec or BackboneSpec(pretrained=self.policy_spec.pretrained, config=self.policy_spec.config)
-            self.value = shard(build_scorer(spec, self.tokenizer), mesh)
+            self.value = build_sharded(build_scorer, spec, self.tokenizer, mesh)
 
     def on_fit_start(self) -> None:
         # A frozen reward model built by the CLI is a plain submodule that a strategy may leave where it was built

@@ -11,7 +11,7 @@ from modules import functional as F
 from modules import optimizers
 from modules.backbone import BackboneSpec, build_causal_lm, export_model, load_tokenizer
 from modules.forward import in_parts, micro_batch_ranges, target_logprobs
-from modules.sharding import fsdp_mesh, shard
+from modules.sharding import build_sharded, fsdp_mesh
 
 
 class Perplexity(MeanMetric):
@@ -51,7 +51,7 @@ class SFTModule(L.LightningModule):
 
     def configure_model(self) -> None:
         if self.policy is None:
-            self.policy = shard(build_causal_lm(self.backbone, self.tokenizer), fsdp_mesh(self))
+            self.policy = build_sharded(build_causal_lm, self.backbone, self.tokenizer, fsdp_mesh(self))
 
     def loss(self, batch: PairBatch) -> torch.Tensor:
         """Mean NLL of the response tokens; the LM head sees those positions alone, in chunks; the rows in

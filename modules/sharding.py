@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+from typing import Callable
 
 import torch
 from lightning.pytorch.strategies import ModelParallelStrategy
@@ -30,6 +31,10 @@ from modules.checks import ConfigError
 
 class ShardingError(ConfigError):
     """A configuration that the sharded path cannot run (`train.py` prints it as one line, before training)."""
+
+
+QUANTIZED = ("FSDP2 cannot shard 4-bit / 8-bit (bitsandbytes) weights: drop `quantization` from the backbone, or "
+             "train QLoRA on one device")
 
 
 class FSDP2Strategy(ModelParallelStrategy):
@@ -78,8 +83,7 @@ def shard(model: nn.Module, mesh) -> nn.Module:
     from torch.distributed.fsdp import fully_shard
 
     if any(type(m).__name__ in ("Linear4bit", "Linear8bitLt") for m in model.modules()):
-        raise ShardingError("FSDP2 cannot shard 4-bit / 8-bit (bitsandbytes) weights: drop `quantization` from the "
-                            "backbone, or train QLoRA on one device")
+        raise ShardingError(QUANTIZED)
     layers = {name for m in model.modules() for name in (getattr(m, "_no_split_modules", None) or ())}
     units = [m for m in model.modules() if type(m).__name__ in layers]
     if not units:
@@ -90,37 +94,120 @@ def shard(model: nn.Module, mesh) -> nn.Module:
     return model
 
 
-def shard_with_frozen_copy(model: nn.Module, mesh) -> tuple[nn.Module, nn.Module | None]:
-    """`shard(model, mesh)` and its reference policy: None for a LoRA model (the reference is its base, adapters
-    disabled: `reference_of`), else a frozen, eval-mode copy sharded the same way (without a mesh,
-    `frozen_copy(model)`).
+def build_sharded(build: Callable[..., nn.Module], spec, tokenizer, mesh) -> nn.Module:
+    """`build(spec, tokenizer)` (`build_causal_lm` or `build_scorer`) sharded over `mesh`; built as usual without
+    one. The whole model exists on the mesh's first rank only:
 
-    Under FSDP2 the copy never exists whole: it is deep-copied with every parameter a meta tensor (tied ones stay
-    tied), sharded like `model`, given storage for its own shards only (`to_empty`), and each rank copies its
-    shards and the buffers from `model`'s. So a rank holds one whole model while building, not two (the
-    1.07B-parameter shape on 2 CPU processes: 4.81 GB per process instead of 8.55, `benchmarks/memory.py --build`),
-    and the copy equals `model` exactly (`tests/test_sharding.py`)."""
+      1. every rank builds the model empty (`empty=True`: meta tensors; a pretrained model's config is read, not
+         its weights), and the first rank also builds it whole, as it would without a mesh;
+      2. the ranks check that their empty models have the whole model's parameters and buffers (names, shapes,
+         dtypes): a difference is a `ShardingError` on every rank, before any weight moves;
+      3. every rank shards its empty model and gives it storage for its own shards only (`to_empty`);
+      4. the first rank broadcasts each whole parameter in turn, every rank keeps its shard of it, and the first
+         rank frees its copy; then the buffers (rotary tables included); then the first rank's random state, so
+         every rank continues from the same state as before.
+
+    So a rank holds its shards plus one parameter, and the first rank one whole model at most (the 1.07B shape on
+    2 CPU processes: see `benchmarks/memory.py --build`). The result equals the whole model exactly
+    (`tests/test_sharding.py`). 4-bit / 8-bit weights cannot be sharded (`ShardingError`)."""
+    return _built_and_sharded(build, spec, tokenizer, mesh, reference=False)[0]
+
+
+def build_with_reference(build: Callable[..., nn.Module], spec, tokenizer, mesh
+                         ) -> tuple[nn.Module, nn.Module | None]:
+    """The policy as `build_sharded` makes it, and its reference: None for a LoRA policy (the reference is its
+    base, adapters disabled: `reference_of`), else a frozen, eval-mode copy (`frozen_copy` without a mesh). Under
+    FSDP2 the copy is sharded from the empty model and each rank copies its own shards into it: it is never whole
+    either, and equals the policy exactly."""
+    return _built_and_sharded(build, spec, tokenizer, mesh, reference=True)
+
+
+def _built_and_sharded(build, spec, tokenizer, mesh, reference: bool) -> tuple[nn.Module, nn.Module | None]:
+    import torch.distributed as dist
+    from torch.distributed.tensor import distribute_tensor
+
     from modules.backbone import frozen_copy, is_lora
 
-    if is_lora(model):
-        return shard(model, mesh), None
     if mesh is None:
-        return model, frozen_copy(model)
-    meta = {id(p): nn.Parameter(torch.empty_like(p, device="meta"), requires_grad=False) for p in model.parameters()}
-    reference = copy.deepcopy(model, memo=meta).requires_grad_(False).eval()
-    buffers = dict(reference.named_buffers())         # `to_empty` replaces them: their values are copied back
-    shard(model, mesh)
-    shard(reference, mesh)
-    reference.to_empty(device=next(model.parameters()).to_local().device)
-    ours, theirs = dict(reference.named_parameters()), dict(model.named_parameters())
-    if ours.keys() != theirs.keys():
-        raise RuntimeError(f"{type(model).__name__}: the sharded copy's parameters are not the model's")
+        model = build(spec, tokenizer)
+        return model, (frozen_copy(model) if reference and not is_lora(model) else None)
+    if spec.quantization:
+        raise ShardingError(QUANTIZED)
+    first = mesh.get_local_rank() == 0
+    model = build(spec, tokenizer, empty=True)
+    whole = build(spec, tokenizer) if first else None         # after the empty build: its random state is kept
+    _check_layouts(model, whole, mesh)
+    copy_of = None
+    if reference and not is_lora(model):
+        copy_of = copy.deepcopy(model).requires_grad_(False).eval()
+    device = _mesh_device(mesh)
+    for empty in filter(None, (model, copy_of)):
+        shard(empty, mesh)
+        empty.to_empty(device=device)
+    source, group = dist.get_global_rank(mesh.get_group(), 0), mesh.get_group()
+    sent = dict(whole.named_parameters()) if first else {}
     with torch.no_grad():
-        for name, p in ours.items():
-            p.to_local().copy_(theirs[name].to_local())
-        for name, b in reference.named_buffers():
-            b.copy_(buffers[name])
-    return model, reference
+        for name, p in model.named_parameters():
+            full = sent[name].detach().to(device) if first else torch.empty(p.shape, dtype=p.dtype, device=device)
+            dist.broadcast(full, src=source, group=group)
+            p.to_local().copy_(distribute_tensor(full, mesh, p.placements, src_data_rank=None).to_local())
+            if first:
+                sent[name].data = torch.empty(0, dtype=p.dtype)          # the whole copy goes as its shard arrives
+        kept = dict(whole.named_buffers()) if first else {}
+        for name, b in model.named_buffers():
+            if first:
+                b.copy_(kept[name])
+            dist.broadcast(b, src=source, group=group)
+        del whole, sent, kept
+        state = [torch.get_rng_state()]
+        dist.broadcast_object_list(state, src=source, group=group)
+        torch.set_rng_state(state[0])
+        if copy_of is not None:
+            theirs = dict(model.named_parameters())
+            for name, p in copy_of.named_parameters():
+                p.to_local().copy_(theirs[name].to_local())
+            ours = dict(model.named_buffers())
+            for name, b in copy_of.named_buffers():
+                b.copy_(ours[name])
+    return model, copy_of
+
+
+def _layout(model: nn.Module) -> list[tuple]:
+    """What an empty build must share with the whole one: each parameter's and buffer's name, shape and dtype
+    (tied parameters are listed once) and whether it is trained."""
+    return ([("parameter", n, tuple(p.shape), str(p.dtype), p.requires_grad) for n, p in model.named_parameters()]
+            + [("buffer", n, tuple(b.shape), str(b.dtype)) for n, b in model.named_buffers()])
+
+
+def _check_layouts(empty: nn.Module, whole: nn.Module | None, mesh) -> None:
+    """Every rank's empty model has the whole model's layout (`whole` is on the first rank only), else a
+    `ShardingError` on every rank (one rank raising alone would leave the others waiting in a broadcast)."""
+    import torch.distributed as dist
+
+    from modules.backbone import EMPTY_BUILD_EXTRA
+
+    expected = [_layout(whole) if whole is not None else None]
+    dist.broadcast_object_list(expected, src=dist.get_global_rank(mesh.get_group(), 0), group=mesh.get_group())
+    ours = _layout(empty)
+    mismatch = None
+    if ours != expected[0]:
+        first = next((a, b) for a, b in zip(ours + [None], expected[0] + [None]) if a != b)
+        mismatch = (f"{type(empty).__name__}: built empty (meta tensors) on rank {dist.get_rank()}, it differs from "
+                    f"the whole model built on rank {dist.get_global_rank(mesh.get_group(), 0)}: {first[0]} "
+                    f"against {first[1]}; an `extra` from_pretrained argument that changes the architecture is "
+                    f"not applied to empty builds (only {', '.join(EMPTY_BUILD_EXTRA)} are)")
+    everyone = [None] * mesh.size()
+    dist.all_gather_object(everyone, mismatch, group=mesh.get_group())
+    found = next((m for m in everyone if m is not None), None)
+    if found is not None:
+        raise ShardingError(found)
+
+
+def _mesh_device(mesh) -> torch.device:
+    """The device FSDP2 puts this rank's shards on: the CPU, or the current accelerator."""
+    if mesh.device_type == "cpu":
+        return torch.device("cpu")
+    return torch.device(mesh.device_type, getattr(torch, mesh.device_type).current_device())
 
 
 def fsdp_units(model: nn.Module) -> list[nn.Module]:

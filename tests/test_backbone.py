@@ -262,3 +262,37 @@ def test_a_missing_export_is_one_line_naming_the_field_and_the_command_that_make
 
     assert how_to_make("artifacts/quickstart/reward") == (" (it is the export of another stage: run `python train.py "
                                                            "fit --config configs/quickstart/reward.yaml` first)")
+
+
+@pytest.mark.slow
+def test_an_empty_build_has_the_whole_builds_layout_and_reads_no_weights(tiny_spec, tokenizer, tmp_path, monkeypatch):
+    """`empty=True` (what `modules.sharding.build_sharded` builds on every rank) makes the whole build's modules with
+    meta tensors: the same parameters and buffers (names, shapes, dtypes, ties, trained or not) for a random-init
+    LoRA model, a scorer from a directory whose tokenizer has grown since (resized embeddings) and the SmolLM2
+    GGUF, without reading weights: the directory's weights file is gone, and the GGUF's tensors are never read."""
+    import copy
+
+    import transformers.modeling_gguf_pytorch_utils as gguf
+
+    from modules.sharding import _layout
+
+    def same(whole, empty):
+        assert _layout(empty) == _layout(whole) and _layout(whole)
+        assert {t.device.type for t in [*empty.parameters(), *empty.buffers()]} == {"meta"}
+
+    lora = BackboneSpec(config=dict(TINY_SHAPE), lora={"r": 4})
+    same(build_causal_lm(lora, tokenizer), build_causal_lm(lora, tokenizer, empty=True))
+    save_pretrained(build_causal_lm(tiny_spec, tokenizer), tokenizer, str(tmp_path))
+    grown = copy.deepcopy(tokenizer)
+    grown.add_tokens(["<new-token>"])
+    directory = BackboneSpec(pretrained=str(tmp_path))
+    whole = build_scorer(directory, grown)
+    assert whole.get_input_embeddings().weight.shape[0] == len(tokenizer) + 1
+    os.remove(tmp_path / "model.safetensors")
+    same(whole, build_scorer(directory, grown, empty=True))
+    smollm2, tok = BackboneSpec(pretrained=SMOLLM2), load_tokenizer(SMOLLM2)
+    whole = build_causal_lm(smollm2, tok)
+    read = gguf.load_gguf_checkpoint
+    monkeypatch.setattr(gguf, "load_gguf_checkpoint", lambda path, return_tensors=False, **kw:
+                        pytest.fail("weights read") if return_tensors else read(path, return_tensors, **kw))
+    same(whole, build_causal_lm(smollm2, tok, empty=True))

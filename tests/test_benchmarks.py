@@ -86,7 +86,6 @@ def test_frontier_quick_reports_intervals_paired_differences_and_overoptimisatio
     points = list(csv.DictReader(open(tmp_path / "points.csv")))
     assert {int(p["rollout"]) for p in points} == {0, 1, 2, 3, 4}            # evaluated after every rollout
     from frontier import report
-
     from runs import read_points
 
     (tmp_path / "table.md").unlink()
@@ -183,9 +182,8 @@ def test_smollm2_comparison_quick_reports_every_objective_from_one_start(exports
     starts = {p["objective"]: p["gold"] for p in points if p["rollout"] == "0"}
     assert len(starts) == 3 and len(set(starts.values())) == 1    # same SFT policy, prompts and evaluation seed
     assert {p["rollout"] for p in points} == {"0", "1", "2"} and (tmp_path / "curves.png").exists()
-    from smollm2 import report
-
     from runs import read_points
+    from smollm2 import report
 
     table = (tmp_path / "table.md").read_text()
     (tmp_path / "table.md").unlink()

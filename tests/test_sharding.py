@@ -2,7 +2,6 @@
 stages train, resume and export under `FSDP2Strategy` (`configs/presets/fsdp_cpu.yaml`)."""
 from __future__ import annotations
 
-import copy
 import os
 
 import pytest
@@ -41,7 +40,7 @@ def _gradient_case(rank: int, world: int, tokenizer_path: str, path: str) -> Non
     from modules.backbone import BackboneSpec, build_causal_lm, build_scorer, load_tokenizer
     from modules.forward import response_logprobs, token_scores
     from modules.sampling import SamplingConfig, sample
-    from modules.sharding import fsdp_units, shard, shard_with_frozen_copy
+    from modules.sharding import ShardingError, build_sharded, build_with_reference, fsdp_units
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=os.environ["TEST_PORT"])
     dist.init_process_group("gloo", rank=rank, world_size=world)
@@ -58,19 +57,27 @@ def _gradient_case(rank: int, world: int, tokenizer_path: str, path: str) -> Non
         logp = response_logprobs(model, ids[rows], mask[rows], P, 1.0, K, chunk=4)
         return (logp * mask[rows, P:]).sum(), logp
 
-    for kind in ("full", "lora", "values"):
-        spec = BackboneSpec(config={**TWO_LAYERS, "tie_word_embeddings": kind == "full"},    # tied, as SmolLM2
-                            lora={"r": 4, "lora_alpha": 8} if kind == "lora" else None)
-        model = (build_scorer if kind == "values" else build_causal_lm)(spec, tokenizer)
-        if kind == "lora":                       # B = 0 at init: move it so the adapters matter in the forward
+    builds = []
+
+    def build(spec, tokenizer, empty=False):
+        builds.append(empty)
+        model = (build_scorer if kind == "values" else build_causal_lm)(spec, tokenizer, empty)
+        if kind == "lora" and not empty:         # B = 0 at init: move it so the adapters matter in the forward
             for name, p in model.named_parameters():
                 if "lora_B" in name:
                     p.data.normal_(0, 0.1, generator=torch.Generator().manual_seed(1))
-        whole = copy.deepcopy(model)
+        return model
+
+    for kind in ("full", "lora", "values"):
+        spec = BackboneSpec(config={**TWO_LAYERS, "tie_word_embeddings": kind == "full"},    # tied, as SmolLM2
+                            lora={"r": 4, "lora_alpha": 8} if kind == "lora" else None)
+        whole = build(spec, tokenizer)
+        builds.clear()
         loss, whole_out = losses(whole, slice(None), kind)
         (loss / len(ids)).backward()                                   # the global batch's mean
-        if kind == "full":           # the reference of a full fine-tune, sharded without ever being whole
-            _, reference = shard_with_frozen_copy(model, mesh)
+        random_state = torch.get_rng_state()
+        if kind == "full":       # the policy and its reference copy: built whole on rank 0 only, then sharded
+            model, reference = build_with_reference(build, spec, tokenizer, mesh)
             results["reference"] = {          # (before a forward: the root then holds its parameters gathered)
                 "params": all(torch.equal(p.full_tensor(), q) for p, q in zip(reference.parameters(), whole.parameters())),
                 "names": [n for n, _ in reference.named_parameters()] == [n for n, _ in whole.named_parameters()],
@@ -80,7 +87,13 @@ def _gradient_case(rank: int, world: int, tokenizer_path: str, path: str) -> Non
             with torch.no_grad():
                 results["reference"]["out"] = (losses(reference, mine, kind)[1], whole_out.detach()[mine])
         else:
-            shard(model, mesh)
+            model = build_sharded(build, spec, tokenizer, mesh)
+        results[kind + " built"] = {
+            "whole on rank 0 only": builds == ([True, False] if rank == 0 else [True]),
+            "names": [n for n, _ in model.named_parameters()] == [n for n, _ in whole.named_parameters()],
+            "params": all(torch.equal(p.full_tensor(), q) for p, q in zip(model.parameters(), whole.parameters())),
+            "buffers": all(torch.equal(b, w) for (_, b), (_, w) in zip(model.named_buffers(), whole.named_buffers())),
+            "random state": torch.equal(torch.get_rng_state(), random_state)}
         loss, out = losses(model, mine, kind)
         (loss / (len(ids) // world)).backward()                        # each rank's mean; FSDP2 averages ranks
         grads = [(p.grad.full_tensor(), q.grad) for p, q in zip(model.parameters(), whole.parameters())
@@ -93,6 +106,15 @@ def _gradient_case(rank: int, world: int, tokenizer_path: str, path: str) -> Non
             batch = (ids[mine, :P], mask[mine, :P], [""] * (len(ids) // world))
             results["sample"] = (sample(model, tokenizer, *batch, config, num_samples=2).input_ids,
                                  sample(whole, tokenizer, *batch, config, num_samples=2).input_ids)
+
+    def differs(spec, tokenizer, empty=False):          # rank 1's empty build is not the model rank 0 builds
+        wider = {**spec.config, "hidden_size": 2 * spec.config["hidden_size"]} if empty and rank == 1 else spec.config
+        return build_causal_lm(BackboneSpec(config=wider), tokenizer, empty)
+
+    try:
+        build_sharded(differs, BackboneSpec(config=TWO_LAYERS), tokenizer, mesh)
+    except ShardingError as error:
+        results["mismatch"] = str(error)
     torch.save(results, f"{path}.rank{rank}.pt")
     dist.destroy_process_group()
 
@@ -103,9 +125,12 @@ def test_sharded_gradients_logprobs_and_samples_equal_the_whole_model(tmp_path, 
     4 rows applied after the model's forward) and values equal the whole model's on those rows (1e-5), and the
     averaged sharded gradient equals the whole model's gradient of the global batch (1e-5 relative to its largest
     entry), for every trainable parameter of a causal LM (tied embeddings, as SmolLM2), a LoRA causal LM (adapters
-    only) and a scorer. Greedy samples of each rank's prompts, 4 and 7 new tokens, equal the whole model's. The
-    causal LM's frozen copy made sharded (`shard_with_frozen_copy`: never whole) holds exactly its weights, names,
-    buffers and tie, is frozen and sharded into as many units, and its logprobs equal the whole model's bit for bit."""
+    only) and a scorer. Greedy samples of each rank's prompts, 4 and 7 new tokens, equal the whole model's.
+    Each sharded model is built whole on rank 0 only (`build_sharded`: rank 1 builds it empty) and holds exactly the
+    whole model's names, weights and buffers; every rank ends with the random state of a whole build. The causal
+    LM's frozen copy (`build_with_reference`: never whole) holds exactly its weights, names, buffers and tie, is
+    frozen and sharded into as many units, and its logprobs equal the whole model's bit for bit. An empty build
+    that differs from rank 0's whole one is a `ShardingError` naming the first difference, on both ranks."""
     import torch.multiprocessing as mp
 
     os.environ["TEST_PORT"] = str(29500 + os.getpid() % 1000)
@@ -117,9 +142,14 @@ def test_sharded_gradients_logprobs_and_samples_equal_the_whole_model(tmp_path, 
             assert torch.allclose(sharded, whole, atol=1e-5, rtol=0), (rank, kind)
             assert results[kind]["grad"] < 1e-5, (rank, kind, results[kind]["grad"])
         assert results["lora"]["count"] == 2 * 2 * 7                   # A and B of 7 linears in each of 2 layers
+        for kind in ("full", "lora", "values"):
+            assert all(results[kind + " built"].values()), (rank, kind, results[kind + " built"])
         reference = results["reference"]
         assert torch.equal(*reference["out"]), rank
         assert all(reference[key] for key in ("params", "names", "frozen", "tied", "units")), (rank, reference)
+        assert results["mismatch"].startswith("LlamaForCausalLM: built empty (meta tensors) on rank 1, it differs "
+                                              "from the whole model built on rank 0: ('parameter', "
+                                              "'model.embed_tokens.weight'"), results["mismatch"]
         sharded, whole = results["sample"]
         assert sharded.shape == whole.shape and torch.equal(sharded, whole)
 
