@@ -2,9 +2,11 @@
 `ModelParallelStrategy` with every process in the data-parallel dimension (`configs/presets/fsdp.yaml` on GPUs,
 `fsdp_cpu.yaml` on 2 CPU processes with gloo).
 
-Each stage shards its own models in `configure_model` (`shard`): every decoder layer is one FSDP unit, the rest of
-the model (embeddings, final norm, LM or scalar head) the root unit. Frozen models (the reference, a reward
-model) are sharded too. Gradients are averaged over the ranks, as under DDP.
+Each stage builds and shards its own models in `configure_model` (`build_sharded`, `build_with_reference`): the
+whole model is built on the first rank only, the others build it empty and receive their shards (as accelerate's
+`cpu_ram_efficient_loading` does). Every decoder layer is one FSDP unit, the rest of the model (embeddings, final
+norm, LM or scalar head) the root unit (`shard`). Frozen models (the reference, a reward model) are sharded too.
+Gradients are averaged over the ranks, as under DDP.
 
 What the rest of the code relies on:
   * The root keeps its parameters gathered after its forward (`reshard_after_forward=False`), so the LM head can

@@ -235,17 +235,23 @@ def test_memory_sweep_quick_prints_a_row_per_point_for_our_side():
 @pytest.mark.slow
 def test_memory_build_quick_prints_the_peak_of_building_the_models():
     """`benchmarks/memory.py --build`: our RL module's models are built (no rollout) and the table gives each
-    strategy's peak per process, above the fresh interpreter's footprint."""
+    strategy's peak per process, above the fresh interpreter's footprint, and all processes' sum: one process, and
+    FSDP2 on `--processes 3` with `--lora`."""
     import os
     import subprocess
 
-    proc = subprocess.run([sys.executable, "benchmarks/memory.py", "--build", "--quick", "--strategies", "single"],
+    proc = subprocess.run([sys.executable, "benchmarks/memory.py", "--build", "--quick", "--strategies", "single",
+                           "fsdp2", "--processes", "3", "--lora", "4"],
                           capture_output=True, text=True, timeout=900, env={**os.environ, "PYTHONPATH": os.getcwd()})
     assert proc.returncode == 0, proc.stderr[-3000:]
-    rows = [line for line in proc.stdout.splitlines() if line.startswith("| single |")]
-    assert len(rows) == 1, proc.stdout
-    processes, peak, both = rows[0].strip(" |").split("|")[1:]
-    assert int(processes) == 1 and float(peak) == float(both) > 0.2
+    assert "LoRA r=4, no reference copy" in proc.stdout
+    rows = {line.split("|")[1].strip(): [float(x) for x in line.strip(" |").split("|")[1:]]
+            for line in proc.stdout.splitlines() if line.startswith(("| single |", "| fsdp2 |"))}
+    assert rows.keys() == {"single", "fsdp2"}, proc.stdout
+    processes, peak, every = rows["single"]
+    assert processes == 1 and peak == every > 0.2
+    processes, peak, every = rows["fsdp2"]
+    assert processes == 3 and 3 * peak >= every > 2 * 0.2
 
 
 @pytest.mark.slow
