@@ -69,7 +69,8 @@ def _gradient_case(rank: int, world: int, tokenizer_path: str, path: str) -> Non
         return model
 
     for kind in ("full", "lora", "values"):
-        spec = BackboneSpec(config={**TWO_LAYERS, "tie_word_embeddings": kind == "full"},    # tied, as SmolLM2
+        spec = BackboneSpec(config={**TWO_LAYERS, "tie_word_embeddings": kind == "full",     # tied, as SmolLM2
+                                    "intermediate_size": 63},        # MLP rows split unevenly: 32 + 31
                             lora={"r": 4, "lora_alpha": 8} if kind == "lora" else None)
         whole = build(spec, tokenizer)
         builds.clear()
@@ -125,7 +126,8 @@ def test_sharded_gradients_logprobs_and_samples_equal_the_whole_model(tmp_path, 
     4 rows applied after the model's forward) and values equal the whole model's on those rows (1e-5), and the
     averaged sharded gradient equals the whole model's gradient of the global batch (1e-5 relative to its largest
     entry), for every trainable parameter of a causal LM (tied embeddings, as SmolLM2), a LoRA causal LM (adapters
-    only) and a scorer. Greedy samples of each rank's prompts, 4 and 7 new tokens, equal the whole model's.
+    only) and a scorer, their MLP rows split unevenly (32 + 31). Greedy samples of each rank's prompts, 4 and 7 new
+    tokens, equal the whole model's.
     Each sharded model is built whole on rank 0 only (`build_sharded`: rank 1 builds it empty) and holds exactly the
     whole model's names, weights and buffers; every rank ends with the random state of a whole build. The causal
     LM's frozen copy (`build_with_reference`: never whole) holds exactly its weights, names, buffers and tie, is
