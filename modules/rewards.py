@@ -36,13 +36,15 @@ class RewardModel(nn.Module):
             (`modules.forward.sequence_rewards` with the group size; same numbers up to float rounding).
     When the reward model shares the policy's vocabulary, rollouts are scored from their token ids directly;
     otherwise their texts are re-tokenized with the reward model's own tokenizer.
+
+    The scorer is built when the RL module's `configure_model` calls `configure(mesh)` (under FSDP2 whole on the
+    first rank only, then sharded: `modules.sharding.build_sharded`), or at the first use of `model` otherwise.
     """
 
     def __init__(self, path: str, normalize: bool = True, clip: float | None = None, share_prompts: bool = True):
         super().__init__()
         self.path, self.normalize, self.clip, self.share_prompts = path, normalize, clip, share_prompts
         self.tokenizer = load_tokenizer(path)
-        self.model = build_scorer(BackboneSpec(pretrained=path), self.tokenizer).eval().requires_grad_(False)
         stats_path = os.path.join(path, "reward_stats.json")
         self.mean, self.std = 0.0, 1.0
         if normalize:
@@ -52,6 +54,23 @@ class RewardModel(nn.Module):
             stats = json.load(open(stats_path))
             self.mean, self.std = float(stats["mean"]), float(stats["std"])
         self._shares_vocab: dict[int, bool] = {}
+
+    def configure(self, mesh=None) -> None:
+        """Build the scorer, frozen, sharded over `mesh` (None: whole). Nothing to do once built."""
+        from modules.sharding import build_sharded
+
+        if "model" not in self._modules:
+            model = build_sharded(build_scorer, BackboneSpec(pretrained=self.path), self.tokenizer, mesh)
+            self._modules["model"] = model.eval().requires_grad_(False)
+
+    @property
+    def model(self) -> nn.Module:
+        """The scorer (AutoModelForSequenceClassification), built whole at first use unless `configure` built it."""
+        try:
+            self.configure()
+        except AttributeError as error:     # raised inside a property, it would read as "no attribute 'model'"
+            raise RuntimeError(f"{self.path}: building the reward model failed: {error}") from error
+        return self._modules["model"]
 
     def train(self, mode: bool = True) -> "RewardModel":
         return super().train(False)  # always frozen, eval mode

@@ -37,7 +37,7 @@ from modules.objectives.base import Objective
 from modules.rewards import RewardModel, is_pairwise, qualified_name, score_pairs, tournament_scores
 from modules.rewards import score as score_rewards
 from modules.sampling import SamplingConfig
-from modules.sharding import build_sharded, build_with_reference, fsdp_mesh, is_sharded, shard
+from modules.sharding import build_sharded, build_with_reference, fsdp_mesh, is_sharded
 
 log = logging.getLogger(__name__)
 OLD_LOGPROBS = ("auto", "sampler", "forward")
@@ -157,7 +157,7 @@ class RLModule(L.LightningModule):
             self.policy, self.reference = build_with_reference(      # reference None: LoRA's base
                 build_causal_lm, self.policy_spec, self.tokenizer, mesh)
             for reward_model in (m for m in self.modules() if isinstance(m, RewardModel)):
-                reward_model.model = shard(reward_model.model, mesh)
+                reward_model.configure(mesh)
         if self.objective.needs_values and self.value is None:
             spec = self.value_spec or BackboneSpec(pretrained=self.policy_spec.pretrained, config=self.policy_spec.config)
             self.value = build_sharded(build_scorer, spec, self.tokenizer, mesh)

@@ -30,7 +30,7 @@ def _rollout_batch(tokenizer, groups: int = 4, K: int = 2, P: int = 5, L: int = 
     return ids, mask, P, K
 
 
-def _gradient_case(rank: int, world: int, tokenizer_path: str, path: str) -> None:
+def _gradient_case(rank: int, world: int, tokenizer_path: str, reward_dir: str, path: str) -> None:
     """Each rank: the whole model's gradient of the global batch (every row) and the sharded model's of its own
     half, for a causal LM (packed logprobs, chunked LM head), a LoRA causal LM, and a scalar scorer (values);
     greedy sampling of its rows under sharding against the whole model."""
@@ -38,7 +38,8 @@ def _gradient_case(rank: int, world: int, tokenizer_path: str, path: str) -> Non
     from torch.distributed.device_mesh import init_device_mesh
 
     from modules.backbone import BackboneSpec, build_causal_lm, build_scorer, load_tokenizer
-    from modules.forward import response_logprobs, token_scores
+    from modules.forward import response_logprobs, sequence_rewards, token_scores
+    from modules.rewards import RewardModel
     from modules.sampling import SamplingConfig, sample
     from modules.sharding import ShardingError, build_sharded, build_with_reference, fsdp_units
 
@@ -108,6 +109,14 @@ def _gradient_case(rank: int, world: int, tokenizer_path: str, path: str) -> Non
             results["sample"] = (sample(model, tokenizer, *batch, config, num_samples=2).input_ids,
                                  sample(whole, tokenizer, *batch, config, num_samples=2).input_ids)
 
+    reward = RewardModel(reward_dir)                   # as the CLI makes it: nothing built until `configure`
+    results["reward built late"] = "model" not in reward._modules
+    reward.configure(mesh)
+    with torch.no_grad():
+        results["reward"] = (len(fsdp_units(reward.model)),
+                             sequence_rewards(reward.model, ids[mine], mask[mine], P, K),
+                             sequence_rewards(RewardModel(reward_dir).model, ids[mine], mask[mine], P, K))
+
     def differs(spec, tokenizer, empty=False):          # rank 1's empty build is not the model rank 0 builds
         wider = {**spec.config, "hidden_size": 2 * spec.config["hidden_size"]} if empty and rank == 1 else spec.config
         return build_causal_lm(BackboneSpec(config=wider), tokenizer, empty)
@@ -121,7 +130,7 @@ def _gradient_case(rank: int, world: int, tokenizer_path: str, path: str) -> Non
 
 
 @pytest.mark.slow
-def test_sharded_gradients_logprobs_and_samples_equal_the_whole_model(tmp_path, task_tokenizer_path):
+def test_sharded_gradients_logprobs_and_samples_equal_the_whole_model(tmp_path, task_tokenizer_path, reward_dir):
     """FSDP2 over 2 processes, each with half the rows: the logprobs (packed prompt layout, LM head in chunks of
     4 rows applied after the model's forward) and values equal the whole model's on those rows (1e-5), and the
     averaged sharded gradient equals the whole model's gradient of the global batch (1e-5 relative to its largest
@@ -132,11 +141,12 @@ def test_sharded_gradients_logprobs_and_samples_equal_the_whole_model(tmp_path, 
     whole model's names, weights and buffers; every rank ends with the random state of a whole build. The causal
     LM's frozen copy (`build_with_reference`: never whole) holds exactly its weights, names, buffers and tie, is
     frozen and sharded into as many units, and its logprobs equal the whole model's bit for bit. An empty build
-    that differs from rank 0's whole one is a `ShardingError` naming the first difference, on both ranks."""
+    that differs from rank 0's whole one is a `ShardingError` naming the first difference, on both ranks. A reward
+    model (`RewardModel`) is built only by `configure(mesh)`, sharded, and scores as the whole one (1e-5)."""
     import torch.multiprocessing as mp
 
     os.environ["TEST_PORT"] = str(29500 + os.getpid() % 1000)
-    mp.spawn(_gradient_case, args=(2, task_tokenizer_path, str(tmp_path / "grads")), nprocs=2, join=True)
+    mp.spawn(_gradient_case, args=(2, task_tokenizer_path, reward_dir, str(tmp_path / "grads")), nprocs=2, join=True)
     for rank in (0, 1):
         results = torch.load(tmp_path / f"grads.rank{rank}.pt")
         for kind in ("full", "lora", "values"):
@@ -152,6 +162,8 @@ def test_sharded_gradients_logprobs_and_samples_equal_the_whole_model(tmp_path, 
         assert results["mismatch"].startswith("LlamaForCausalLM: built empty (meta tensors) on rank 1, it differs "
                                               "from the whole model built on rank 0: ('parameter', "
                                               "'model.embed_tokens.weight'"), results["mismatch"]
+        units, sharded, whole = results["reward"]
+        assert results["reward built late"] and units > 1 and torch.allclose(sharded, whole, atol=1e-5, rtol=0)
         sharded, whole = results["sample"]
         assert sharded.shape == whole.shape and torch.equal(sharded, whole)
 
