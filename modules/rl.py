@@ -163,8 +163,8 @@ class RLModule(L.LightningModule):
             self.value = build_sharded(build_scorer, spec, self.tokenizer, mesh)
 
     def on_fit_start(self) -> None:
-        # A frozen reward model built by the CLI is a plain submodule that a strategy may leave where it was built
-        # (FSDP2 has sharded it onto the device in `configure_model`).
+        # A frozen reward the CLI made is a plain submodule that a strategy may leave where it was built
+        # (FSDP2 has sharded a `RewardModel` onto the device in `configure_model`).
         device = self.trainer.strategy.root_device
         if isinstance(self.reward, torch.nn.Module) and any(p.device != device for p in self.reward.parameters()):
             self.reward.to(device)

@@ -73,6 +73,8 @@ def _gradient_case(rank: int, world: int, tokenizer_path: str, reward_dir: str, 
         spec = BackboneSpec(config={**TWO_LAYERS, "tie_word_embeddings": kind == "full",     # tied, as SmolLM2
                                     "intermediate_size": 63},        # MLP rows split unevenly: 32 + 31
                             lora={"r": 4, "lora_alpha": 8} if kind == "lora" else None)
+        if kind == "values":                     # a pretrained scorer: from_pretrained (eval mode) on rank 0 only
+            spec = BackboneSpec(pretrained=reward_dir)
         whole = build(spec, tokenizer)
         builds.clear()
         loss, whole_out = losses(whole, slice(None), kind)
@@ -95,6 +97,7 @@ def _gradient_case(rank: int, world: int, tokenizer_path: str, reward_dir: str, 
             "names": [n for n, _ in model.named_parameters()] == [n for n, _ in whole.named_parameters()],
             "params": all(torch.equal(p.full_tensor(), q) for p, q in zip(model.parameters(), whole.parameters())),
             "buffers": all(torch.equal(b, w) for (_, b), (_, w) in zip(model.named_buffers(), whole.named_buffers())),
+            "modes": [m.training for m in model.modules()] == [m.training for m in whole.modules()],
             "random state": torch.equal(torch.get_rng_state(), random_state)}
         loss, out = losses(model, mine, kind)
         (loss / (len(ids) // world)).backward()                        # each rank's mean; FSDP2 averages ranks
@@ -131,18 +134,18 @@ def _gradient_case(rank: int, world: int, tokenizer_path: str, reward_dir: str, 
 
 @pytest.mark.slow
 def test_sharded_gradients_logprobs_and_samples_equal_the_whole_model(tmp_path, task_tokenizer_path, reward_dir):
-    """FSDP2 over 2 processes, each with half the rows: the logprobs (packed prompt layout, LM head in chunks of
-    4 rows applied after the model's forward) and values equal the whole model's on those rows (1e-5), and the
-    averaged sharded gradient equals the whole model's gradient of the global batch (1e-5 relative to its largest
-    entry), for every trainable parameter of a causal LM (tied embeddings, as SmolLM2), a LoRA causal LM (adapters
-    only) and a scorer, their MLP rows split unevenly (32 + 31). Greedy samples of each rank's prompts, 4 and 7 new
-    tokens, equal the whole model's.
-    Each sharded model is built whole on rank 0 only (`build_sharded`: rank 1 builds it empty) and holds exactly the
-    whole model's names, weights and buffers; every rank ends with the random state of a whole build. The causal
-    LM's frozen copy (`build_with_reference`: never whole) holds exactly its weights, names, buffers and tie, is
-    frozen and sharded into as many units, and its logprobs equal the whole model's bit for bit. An empty build
-    that differs from rank 0's whole one is a `ShardingError` naming the first difference, on both ranks. A reward
-    model (`RewardModel`) is built only by `configure(mesh)`, sharded, and scores as the whole one (1e-5)."""
+    """FSDP2 over 2 processes, each with half the rows: the logprobs (packed prompt layout, LM head in chunks of 4 rows
+    applied after the model's forward) and values equal the whole model's on those rows (1e-5), and the averaged
+    sharded gradient equals the whole model's gradient of the global batch (1e-5 relative to its largest entry), for
+    every trainable parameter of a causal LM (tied embeddings, as SmolLM2), a LoRA causal LM (adapters only) and a
+    pretrained scorer, the first two with MLP rows split unevenly (32 + 31). Greedy samples of each rank's prompts,
+    4 and 7 new tokens, equal the whole model's. Each sharded model is built whole on rank 0 only (`build_sharded`:
+    rank 1 builds it empty) and holds exactly the whole model's names, weights, buffers and train / eval modes;
+    every rank ends with the random state of a whole build. The causal LM's frozen copy (`build_with_reference`:
+    never whole) holds exactly its weights, names, buffers and tie, is frozen and sharded into as many units, and
+    its logprobs equal the whole model's bit for bit. An empty build that differs from rank 0's whole one is a
+    `ShardingError` naming the first difference, on both ranks. A reward model (`RewardModel`) is built only by
+    `configure(mesh)`, sharded, and scores as the whole one (1e-5)."""
     import torch.multiprocessing as mp
 
     os.environ["TEST_PORT"] = str(29500 + os.getpid() % 1000)
