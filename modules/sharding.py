@@ -181,9 +181,10 @@ def _built_and_sharded(build, spec, tokenizer, mesh, reference: bool) -> tuple[n
 
 def _layout(model: nn.Module) -> list[tuple]:
     """What an empty build must share with the whole one: each parameter's and buffer's name, shape and dtype
-    (tied parameters are listed once) and whether it is trained."""
+    (tied parameters are listed once) and whether it is trained; each module's name and class."""
     return ([("parameter", n, tuple(p.shape), str(p.dtype), p.requires_grad) for n, p in model.named_parameters()]
-            + [("buffer", n, tuple(b.shape), str(b.dtype)) for n, b in model.named_buffers()])
+            + [("buffer", n, tuple(b.shape), str(b.dtype)) for n, b in model.named_buffers()]
+            + [("module", n, type(m).__name__) for n, m in model.named_modules()])
 
 
 def _check_layouts(empty: nn.Module, whole: nn.Module | None, mesh) -> None:
