@@ -102,8 +102,10 @@ def build_sharded(build: Callable[..., nn.Module], spec, tokenizer, mesh) -> nn.
 
       1. every rank builds the model empty (`empty=True`: meta tensors; a pretrained model's config is read, not
          its weights), and the first rank also builds it whole, as it would without a mesh;
-      2. the ranks check that their empty models have the whole model's parameters and buffers (names, shapes,
-         dtypes): a difference is a `ShardingError` on every rank, before any weight moves;
+      2. the ranks check that their empty models have the whole model's parameters, buffers and modules (names,
+         shapes, dtypes, classes): a difference, or a build that failed on one rank, stops every rank (a
+         `ShardingError` naming the rank and the reason) before any weight moves; the modules take the whole
+         build's train / eval modes;
       3. every rank shards its empty model and gives it storage for its own shards only (`to_empty`);
       4. the first rank broadcasts each whole parameter in turn, every rank keeps its shard of it, and the first
          rank frees its copy; then the buffers (rotary tables included); then the first rank's random state, so
@@ -136,9 +138,13 @@ def _built_and_sharded(build, spec, tokenizer, mesh, reference: bool) -> tuple[n
         return model, (frozen_copy(model) if reference and not is_lora(model) else None)
     if spec.quantization:
         raise ShardingError(QUANTIZED)
-    first = mesh.get_local_rank() == 0
-    model = build(spec, tokenizer, empty=True)
-    whole = build(spec, tokenizer) if first else None         # after the empty build: its random state is kept
+    first, model, whole, error = mesh.get_local_rank() == 0, None, None, None
+    try:
+        model = build(spec, tokenizer, empty=True)
+        whole = build(spec, tokenizer) if first else None     # after the empty build: its random state is kept
+    except Exception as failure:                              # (a rank raising alone would leave the others waiting)
+        error = failure
+    _fail_together(error, mesh)
     _check_layouts(model, whole, mesh)
     source, group = dist.get_global_rank(mesh.get_group(), 0), mesh.get_group()
     modes = [[m.training for m in whole.modules()] if first else None]    # from_pretrained leaves eval mode
@@ -187,9 +193,25 @@ def _layout(model: nn.Module) -> list[tuple]:
             + [("module", n, type(m).__name__) for n, m in model.named_modules()])
 
 
+def _fail_together(error: Exception | None, mesh) -> None:
+    """Every rank raises if any rank failed: its own error, or a `ShardingError` naming the first rank that failed
+    and why. (One rank raising alone would leave the others waiting in their next collective.)"""
+    import torch.distributed as dist
+
+    everyone = [None] * mesh.size()
+    said = None if error is None else f"{type(error).__name__}: {error}"
+    dist.all_gather_object(everyone, said, group=mesh.get_group())
+    if error is not None:
+        raise error
+    failed = next(((rank, said) for rank, said in enumerate(everyone) if said is not None), None)
+    if failed is not None:
+        rank = dist.get_global_rank(mesh.get_group(), failed[0])
+        raise ShardingError(f"rank {rank} could not build its model: {failed[1]}")
+
+
 def _check_layouts(empty: nn.Module, whole: nn.Module | None, mesh) -> None:
     """Every rank's empty model has the whole model's layout (`whole` is on the first rank only), else a
-    `ShardingError` on every rank (one rank raising alone would leave the others waiting in a broadcast)."""
+    `ShardingError` on every rank (`_fail_together`)."""
     import torch.distributed as dist
 
     from modules.backbone import EMPTY_BUILD_EXTRA
@@ -200,15 +222,12 @@ def _check_layouts(empty: nn.Module, whole: nn.Module | None, mesh) -> None:
     mismatch = None
     if ours != expected[0]:
         first = next((a, b) for a, b in zip(ours + [None], expected[0] + [None]) if a != b)
-        mismatch = (f"{type(empty).__name__}: built empty (meta tensors) on rank {dist.get_rank()}, it differs from "
-                    f"the whole model built on rank {dist.get_global_rank(mesh.get_group(), 0)}: {first[0]} "
-                    f"against {first[1]}; an `extra` from_pretrained argument that changes the architecture is "
-                    f"not applied to empty builds (only {', '.join(EMPTY_BUILD_EXTRA)} are)")
-    everyone = [None] * mesh.size()
-    dist.all_gather_object(everyone, mismatch, group=mesh.get_group())
-    found = next((m for m in everyone if m is not None), None)
-    if found is not None:
-        raise ShardingError(found)
+        mismatch = ShardingError(
+            f"{type(empty).__name__}: built empty (meta tensors) on rank {dist.get_rank()}, it differs from the whole "
+            f"model built on rank {dist.get_global_rank(mesh.get_group(), 0)}: {first[0]} against {first[1]}; an "
+            f"`extra` from_pretrained argument that changes the architecture is not applied to empty builds (only "
+            f"{', '.join(EMPTY_BUILD_EXTRA)} are)")
+    _fail_together(mismatch, mesh)
 
 
 def _mesh_device(mesh) -> torch.device:

@@ -128,6 +128,16 @@ def _gradient_case(rank: int, world: int, tokenizer_path: str, reward_dir: str, 
         build_sharded(differs, BackboneSpec(config=TWO_LAYERS), tokenizer, mesh)
     except ShardingError as error:
         results["mismatch"] = str(error)
+
+    def unreadable(spec, tokenizer, empty=False):     # rank 0's whole build fails: rank 1 must not wait for it
+        if not empty:
+            raise OSError("model.safetensors: unreadable")
+        return build_causal_lm(spec, tokenizer, empty)
+
+    try:
+        build_sharded(unreadable, BackboneSpec(config=TWO_LAYERS), tokenizer, mesh)
+    except (OSError, ShardingError) as error:
+        results["failed"] = f"{type(error).__name__}: {error}"
     torch.save(results, f"{path}.rank{rank}.pt")
     dist.destroy_process_group()
 
@@ -144,8 +154,9 @@ def test_sharded_gradients_logprobs_and_samples_equal_the_whole_model(tmp_path, 
     every rank ends with the random state of a whole build. The causal LM's frozen copy (`build_with_reference`:
     never whole) holds exactly its weights, names, buffers and tie, is frozen and sharded into as many units, and
     its logprobs equal the whole model's bit for bit. An empty build that differs from rank 0's whole one is a
-    `ShardingError` naming the first difference, on both ranks. A reward model (`RewardModel`) is built only by
-    `configure(mesh)`, sharded, and scores as the whole one (1e-5)."""
+    `ShardingError` naming the first difference, on both ranks, and a whole build that fails on rank 0 stops rank 1
+    too. A reward model (`RewardModel`) is built only by `configure(mesh)`, sharded, and scores as the whole one
+    (1e-5)."""
     import torch.multiprocessing as mp
 
     os.environ["TEST_PORT"] = str(29500 + os.getpid() % 1000)
@@ -162,9 +173,12 @@ def test_sharded_gradients_logprobs_and_samples_equal_the_whole_model(tmp_path, 
         reference = results["reference"]
         assert torch.equal(*reference["out"]), rank
         assert all(reference[key] for key in ("params", "names", "frozen", "tied", "units")), (rank, reference)
-        assert results["mismatch"].startswith("LlamaForCausalLM: built empty (meta tensors) on rank 1, it differs "
-                                              "from the whole model built on rank 0: ('parameter', "
-                                              "'model.embed_tokens.weight'"), results["mismatch"]
+        mismatch = ("LlamaForCausalLM: built empty (meta tensors) on rank 1, it differs from the whole model built "
+                    "on rank 0: ('parameter', 'model.embed_tokens.weight'")
+        assert results["mismatch"].startswith(mismatch if rank == 1 else "rank 1 could not build its model: "
+                                              "ShardingError: " + mismatch), results["mismatch"]
+        assert results["failed"] == ("OSError: model.safetensors: unreadable" if rank == 0 else "ShardingError: rank 0 "
+                                     "could not build its model: OSError: model.safetensors: unreadable"), results["failed"]
         units, sharded, whole = results["reward"]
         assert results["reward built late"] and units > 1 and torch.allclose(sharded, whole, atol=1e-5, rtol=0)
         sharded, whole = results["sample"]
