@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import logging
 from typing import Callable
 
 import torch
@@ -29,6 +30,8 @@ from lightning.pytorch.strategies import ModelParallelStrategy
 from torch import nn
 
 from modules.checks import ConfigError
+
+log = logging.getLogger(__name__)
 
 
 class ShardingError(ConfigError):
@@ -101,7 +104,9 @@ def build_sharded(build: Callable[..., nn.Module], spec, tokenizer, mesh) -> nn.
     one. The whole model exists on the mesh's first rank only:
 
       1. every rank builds the model empty (`empty=True`: meta tensors; a pretrained model's config is read, not
-         its weights), and the first rank also builds it whole, as it would without a mesh;
+         its weights), and the first rank also builds it whole, as it would without a mesh (a model that cannot
+         be built empty on some rank, such as an adapter-only LoRA export, is built whole on every rank instead,
+         with a warning);
       2. the ranks check that their empty models have the whole model's parameters, buffers and modules (names,
          shapes, dtypes, classes): a difference, or a build that failed on one rank, stops every rank (a
          `ShardingError` naming the rank and the reason) before any weight moves; the modules take the whole
@@ -138,11 +143,22 @@ def _built_and_sharded(build, spec, tokenizer, mesh, reference: bool) -> tuple[n
         return model, (frozen_copy(model) if reference and not is_lora(model) else None)
     if spec.quantization:
         raise ShardingError(QUANTIZED)
-    first, model, whole, error = mesh.get_local_rank() == 0, None, None, None
+    first, model, whole = mesh.get_local_rank() == 0, None, None
     try:
         model = build(spec, tokenizer, empty=True)
-        whole = build(spec, tokenizer) if first else None     # after the empty build: its random state is kept
-    except Exception as failure:                              # (a rank raising alone would leave the others waiting)
+    except Exception as failure:             # e.g. an adapter-only export: no config of its own to build from
+        if first:
+            log.warning("warning: %s cannot be built empty (%s: %s); every rank builds it whole before sharding "
+                        "(more memory while building)", spec.pretrained or "the model", type(failure).__name__, failure)
+    if _failed_anywhere(model is None, mesh):
+        model = None
+    error = None
+    try:                                     # after the empty build: the whole build's random state is kept
+        whole = build(spec, tokenizer) if first or model is None else None
+        if model is None:                    # every rank builds it whole (one whole model each while building)
+            model = _meta_twin(whole)
+            whole = whole if first else None
+    except Exception as failure:             # (a rank raising alone would leave the others waiting)
         error = failure
     _fail_together(error, mesh)
     _check_layouts(model, whole, mesh)
@@ -191,6 +207,22 @@ def _layout(model: nn.Module) -> list[tuple]:
     return ([("parameter", n, tuple(p.shape), str(p.dtype), p.requires_grad) for n, p in model.named_parameters()]
             + [("buffer", n, tuple(b.shape), str(b.dtype)) for n, b in model.named_buffers()]
             + [("module", n, type(m).__name__) for n, m in model.named_modules()])
+
+
+def _failed_anywhere(failed: bool, mesh) -> bool:
+    """Whether `failed` holds on any rank of `mesh` (every rank gets the same answer)."""
+    import torch.distributed as dist
+
+    everyone = [None] * mesh.size()
+    dist.all_gather_object(everyone, failed, group=mesh.get_group())
+    return any(everyone)
+
+
+def _meta_twin(model: nn.Module) -> nn.Module:
+    """A deep copy of `model` whose parameters are meta tensors (tied ones stay tied; buffers are copied)."""
+    meta = {id(p): nn.Parameter(torch.empty_like(p, device="meta"), requires_grad=p.requires_grad)
+            for p in model.parameters()}
+    return copy.deepcopy(model, memo=meta)
 
 
 def _fail_together(error: Exception | None, mesh) -> None:

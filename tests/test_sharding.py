@@ -37,7 +37,7 @@ def _gradient_case(rank: int, world: int, tokenizer_path: str, reward_dir: str, 
     import torch.distributed as dist
     from torch.distributed.device_mesh import init_device_mesh
 
-    from modules.backbone import BackboneSpec, build_causal_lm, build_scorer, load_tokenizer
+    from modules.backbone import BackboneSpec, build_causal_lm, build_scorer, export_model, load_tokenizer
     from modules.forward import response_logprobs, sequence_rewards, token_scores
     from modules.rewards import RewardModel
     from modules.sampling import SamplingConfig, sample
@@ -129,6 +129,20 @@ def _gradient_case(rank: int, world: int, tokenizer_path: str, reward_dir: str, 
     except ShardingError as error:
         results["mismatch"] = str(error)
 
+    adapter = f"{path}.adapter"          # a LoRA export as adapter + base: it has no config to build empty from
+    if rank == 0:
+        lora = BackboneSpec(config=TWO_LAYERS, lora={"r": 4})
+        export_model(build_causal_lm(lora, tokenizer), lora, tokenizer, adapter, merge_lora=False)
+    dist.barrier()
+    builds.clear()
+    kind = "adapter export"
+    model = build_sharded(build, BackboneSpec(pretrained=adapter), tokenizer, mesh)
+    whole = build_causal_lm(BackboneSpec(pretrained=adapter), tokenizer)
+    results["adapter export"] = (builds == [True, False], sum("lora" in n for n, _ in whole.named_parameters()),
+                                 [n for n, _ in model.named_parameters()] == [n for n, _ in whole.named_parameters()]
+                                 and all(torch.equal(p.full_tensor(), q) for p, q in zip(model.parameters(),
+                                                                                         whole.parameters())))
+
     def unreadable(spec, tokenizer, empty=False):     # rank 0's whole build fails: rank 1 must not wait for it
         if not empty:
             raise OSError("model.safetensors: unreadable")
@@ -155,7 +169,8 @@ def test_sharded_gradients_logprobs_and_samples_equal_the_whole_model(tmp_path, 
     never whole) holds exactly its weights, names, buffers and tie, is frozen and sharded into as many units, and
     its logprobs equal the whole model's bit for bit. An empty build that differs from rank 0's whole one is a
     `ShardingError` naming the first difference, on both ranks, and a whole build that fails on rank 0 stops rank 1
-    too. A reward model (`RewardModel`) is built only by `configure(mesh)`, sharded, and scores as the whole one
+    too; a model that cannot be built empty (a LoRA export as adapter + base) is built whole on both ranks and
+    sharded. A reward model (`RewardModel`) is built only by `configure(mesh)`, sharded, and scores as the whole one
     (1e-5)."""
     import torch.multiprocessing as mp
 
@@ -181,6 +196,8 @@ def test_sharded_gradients_logprobs_and_samples_equal_the_whole_model(tmp_path, 
                                      "could not build its model: OSError: model.safetensors: unreadable"), results["failed"]
         units, sharded, whole = results["reward"]
         assert results["reward built late"] and units > 1 and torch.allclose(sharded, whole, atol=1e-5, rtol=0)
+        both_whole, adapters, equal = results["adapter export"]
+        assert both_whole and adapters == 2 * 2 * 7 and equal, results["adapter export"]
         sharded, whole = results["sample"]
         assert sharded.shape == whole.shape and torch.equal(sharded, whole)
 
