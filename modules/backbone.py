@@ -225,17 +225,15 @@ def _empty_pretrained(auto_cls, spec: BackboneSpec, **overrides) -> nn.Module:
 
 @_outside_zero_init()
 def _build(auto_cls, spec: BackboneSpec, tokenizer, empty: bool = False, **overrides) -> nn.Module:
+    torch.manual_seed(spec.seed)      # random-init models and fresh heads (e.g. a reward head) are reproducible
     if spec.config is not None:
-        torch.manual_seed(spec.seed)
         with torch.device("meta") if empty else contextlib.nullcontext():
             model = auto_cls.from_config(_tiny_config(spec, tokenizer, **overrides), dtype=_dtype(spec))
     elif empty:
         if spec.quantization:
             raise ValueError(f"{spec.pretrained}: a {spec.quantization} model cannot be built empty (meta tensors)")
-        torch.manual_seed(spec.seed)
         model = _empty_pretrained(auto_cls, spec, **overrides)
     else:
-        torch.manual_seed(spec.seed)  # fresh heads (e.g. a reward head) are initialised reproducibly
         kwargs = dict(_hf_location(spec.pretrained), dtype=_dtype(spec), **spec.extra, **overrides)
         if spec.quantization:
             kwargs["quantization_config"] = _quantization_config(spec)

@@ -150,7 +150,7 @@ def _built_and_sharded(build, spec, tokenizer, mesh, reference: bool) -> tuple[n
         if first:
             log.warning("warning: %s cannot be built empty (%s: %s); every rank builds it whole before sharding "
                         "(more memory while building)", spec.pretrained or "the model", type(failure).__name__, failure)
-    if _failed_anywhere(model is None, mesh):
+    if any(_gathered(model is None, mesh)):
         model = None
     error = None
     try:                                     # after the empty build: the whole build's random state is kept
@@ -209,13 +209,13 @@ def _layout(model: nn.Module) -> list[tuple]:
             + [("module", n, type(m).__name__) for n, m in model.named_modules()])
 
 
-def _failed_anywhere(failed: bool, mesh) -> bool:
-    """Whether `failed` holds on any rank of `mesh` (every rank gets the same answer)."""
+def _gathered(value, mesh) -> list:
+    """`value` from every rank of `mesh`, in rank order, on every rank."""
     import torch.distributed as dist
 
     everyone = [None] * mesh.size()
-    dist.all_gather_object(everyone, failed, group=mesh.get_group())
-    return any(everyone)
+    dist.all_gather_object(everyone, value, group=mesh.get_group())
+    return everyone
 
 
 def _meta_twin(model: nn.Module) -> nn.Module:
@@ -230,9 +230,7 @@ def _fail_together(error: Exception | None, mesh) -> None:
     and why. (One rank raising alone would leave the others waiting in their next collective.)"""
     import torch.distributed as dist
 
-    everyone = [None] * mesh.size()
-    said = None if error is None else f"{type(error).__name__}: {error}"
-    dist.all_gather_object(everyone, said, group=mesh.get_group())
+    everyone = _gathered(None if error is None else f"{type(error).__name__}: {error}", mesh)
     if error is not None:
         raise error
     failed = next(((rank, said) for rank, said in enumerate(everyone) if said is not None), None)
