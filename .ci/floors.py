@@ -11,6 +11,7 @@ import tomllib
 from pathlib import Path
 
 from packaging.requirements import Requirement
+from packaging.utils import canonicalize_name
 
 
 def floors(pyproject: Path) -> dict[str, str]:
@@ -21,7 +22,7 @@ def floors(pyproject: Path) -> dict[str, str]:
         lower = [spec.version for spec in req.specifier if spec.operator == ">="]
         if len(lower) != 1:
             sys.exit(f"{pyproject}: dependency {line!r} has no single '>=' floor")
-        pins[req.name.lower()] = lower[0]
+        pins[canonicalize_name(req.name)] = lower[0]
     return pins
 
 

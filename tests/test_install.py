@@ -6,6 +6,7 @@ import re
 import tomllib
 from pathlib import Path
 
+import pytest
 from packaging.requirements import Requirement
 from packaging.specifiers import SpecifierSet
 from packaging.utils import canonicalize_name
@@ -26,11 +27,12 @@ def requirements() -> list[Requirement]:
     return [Requirement(r) for r in project["dependencies"] + project["optional-dependencies"]["dev"]]
 
 
-def floors() -> dict[str, str]:
+def floors_script():
+    """`.ci/floors.py`, the script `make lock-oldest` runs, as a module."""
     spec = importlib.util.spec_from_file_location("floors", ROOT / ".ci" / "floors.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    return {canonicalize_name(n): v for n, v in module.floors(PYPROJECT).items()}
+    return module
 
 
 def readme_versions(sentence_start: str) -> dict[str, str]:
@@ -51,8 +53,9 @@ def test_the_lock_lies_inside_pyprojects_ranges():
 
 def test_every_floor_is_the_version_the_oldest_run_installed():
     oldest = pins("constraints-oldest.txt")
-    assert floors(), "pyproject.toml: no floors"
-    for name, floor in floors().items():
+    floors = floors_script().floors(PYPROJECT)
+    assert floors, "pyproject.toml: no floors"
+    for name, floor in floors.items():
         assert name in oldest, f"constraints-oldest.txt pins no {name}: run `make lock-oldest`"
         assert Version(oldest[name]) == Version(floor), (
             f"{name}: floor {floor} in pyproject.toml, {oldest[name]} in constraints-oldest.txt: run `make lock-oldest`")
@@ -60,15 +63,10 @@ def test_every_floor_is_the_version_the_oldest_run_installed():
 
 def test_floors_need_one_lower_bound_each(tmp_path):
     """A dependency bounded by anything but one `>=` has no floor a run could test: `.ci/floors.py` refuses it."""
-    import pytest
-
     bad = tmp_path / "pyproject.toml"
     bad.write_text('[project]\ndependencies = ["torch<3"]\n[project.optional-dependencies]\ndev = []\n')
-    spec = importlib.util.spec_from_file_location("floors", ROOT / ".ci" / "floors.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
     with pytest.raises(SystemExit, match="'torch<3' has no single '>=' floor"):
-        module.floors(bad)
+        floors_script().floors(bad)
 
 
 def test_the_readme_names_the_versions_both_runs_used():
