@@ -16,23 +16,22 @@ ROOT = Path(__file__).resolve().parents[1]
 PYPROJECT = ROOT / "pyproject.toml"
 
 
+def ci_script(name: str):
+    """`.ci/<name>.py` (the scripts `make lock` / `make lock-oldest` run) as a module."""
+    spec = importlib.util.spec_from_file_location(name, ROOT / ".ci" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 def pins(name: str) -> dict[str, str]:
-    lines = (ROOT / name).read_text().splitlines()
-    pairs = (line.split("==", 1) for line in lines if "==" in line and not line.startswith("#"))
-    return {canonicalize_name(n): v.strip() for n, v in pairs}
+    """A lock file's pins, read as `.ci/lock.py` reads them, by canonical name."""
+    return {canonicalize_name(n): v for n, v in ci_script("lock").read(ROOT / name).items()}
 
 
 def requirements() -> list[Requirement]:
     project = tomllib.loads(PYPROJECT.read_text())["project"]
     return [Requirement(r) for r in project["dependencies"] + project["optional-dependencies"]["dev"]]
-
-
-def floors_script():
-    """`.ci/floors.py`, the script `make lock-oldest` runs, as a module."""
-    spec = importlib.util.spec_from_file_location("floors", ROOT / ".ci" / "floors.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def readme_versions(sentence_start: str) -> dict[str, str]:
@@ -53,7 +52,7 @@ def test_the_lock_lies_inside_pyprojects_ranges():
 
 def test_every_floor_is_the_version_the_oldest_run_installed():
     oldest = pins("constraints-oldest.txt")
-    floors = floors_script().floors(PYPROJECT)
+    floors = ci_script("floors").floors(PYPROJECT)
     assert floors, "pyproject.toml: no floors"
     for name, floor in floors.items():
         assert name in oldest, f"constraints-oldest.txt pins no {name}: run `make lock-oldest`"
@@ -66,7 +65,7 @@ def test_floors_need_one_lower_bound_each(tmp_path):
     bad = tmp_path / "pyproject.toml"
     bad.write_text('[project]\ndependencies = ["torch<3"]\n[project.optional-dependencies]\ndev = []\n')
     with pytest.raises(SystemExit, match="'torch<3' has no single '>=' floor"):
-        floors_script().floors(bad)
+        ci_script("floors").floors(bad)
 
 
 def test_the_readme_names_the_versions_both_runs_used():
