@@ -27,8 +27,9 @@ from callbacks.sharding import outside_forward
 from datamodules.collate import PairCollator
 from modules import functional as F
 from modules.judges import both_orders, win_rate
-from modules.rewards import is_pairwise
+from modules.rewards import FrozenModel, is_pairwise
 from modules.sampling import SamplingConfig, sample
+from modules.sharding import fsdp_mesh
 
 log = logging.getLogger(__name__)
 
@@ -48,7 +49,9 @@ class Evaluation(L.Callback):
         judge: a pairwise judge `(prompts, responses_a, responses_b) -> logits of P(a better)` (`modules.judges`:
             `modules.rewards.PreferenceModel`, `modules.judges.LLMJudge`, or yours by class_path), asked in both
             orders about the policy's response against the reference policy's: `val/judge_win_rate` and
-            `val/judge_agreement` (the fraction of pairs both orders agree on), beside the gold reward.
+            `val/judge_agreement` (the fraction of pairs both orders agree on), beside the gold reward. A judge
+            holding a model (`modules.rewards.FrozenModel`) has it built at setup, sharded under FSDP2 like the
+            stage's own models.
     """
 
     def __init__(self, reward=None, num_prompts: int = 64, every_n_batches: int | None = None,
@@ -59,6 +62,10 @@ class Evaluation(L.Callback):
         self.sampling, self.show, self.batch_size = sampling, show, batch_size
         self.history: list[dict] = []
         self._last_step, self._warned = -1, False
+
+    def setup(self, trainer, pl_module, stage: str) -> None:
+        if isinstance(self.judge, FrozenModel):           # (Lightning has made the FSDP2 mesh by now)
+            self.judge.configure(fsdp_mesh(pl_module))
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         done = batches_done(trainer)
@@ -245,7 +252,8 @@ def _log_text_and_figure(logger, rows, history, step) -> None:
 def _to_device(judge, device: torch.device) -> None:
     """A judge holding a model (`PreferenceModel`, `LLMJudge`) runs where the policy does."""
     model = judge if isinstance(judge, torch.nn.Module) else getattr(judge, "model", None)
-    if isinstance(model, torch.nn.Module) and next(model.parameters()).device != device:
+    weight = next(model.parameters(), None) if isinstance(model, torch.nn.Module) else None
+    if weight is not None and weight.device != device:
         model.to(device)
 
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 
 from modules.backbone import BackboneSpec, build_causal_lm, load_tokenizer
-from modules.rewards import PairwiseReward, _numbers, finite_or_replaced, qualified_name
+from modules.rewards import FrozenModel, PairwiseReward, _numbers, finite_or_replaced, qualified_name
 
 TEMPLATE = ("Which response answers the request better?\n\nRequest: {prompt}\n\nResponse A: {a}\n\n"
             "Response B: {b}\n\nAnswer with one letter, A or B.")
@@ -42,7 +42,7 @@ def win_rate(score: torch.Tensor) -> torch.Tensor:
     return ((score > 0).float() + 0.5 * (score == 0).float()).mean()
 
 
-class LLMJudge(PairwiseReward):
+class LLMJudge(FrozenModel, PairwiseReward):
     """A local causal LM as a pairwise judge: the template (with the prompt and both responses) as a user turn,
     then the logit log p(label_a) - log p(label_b) of the next token.
 
@@ -52,17 +52,19 @@ class LLMJudge(PairwiseReward):
         template: the question, with `{prompt}`, `{a}` and `{b}`; through the tokenizer's chat template when it has one.
         labels: the two answers, each one token of the judge's tokenizer (after the chat template's generation prompt).
         batch_size: questions per forward.
+    The model is built by `configure(mesh)` (sharded under FSDP2) or at its first use (`FrozenModel`).
     """
+
+    builder = staticmethod(build_causal_lm)
 
     def __init__(self, model: str, template: str = TEMPLATE, labels: tuple[str, str] = ("A", "B"),
                  batch_size: int = 16):
         for field in ("{prompt}", "{a}", "{b}"):
             if field not in template:
                 raise ValueError(f"LLMJudge: the template has no {field}; it needs {{prompt}}, {{a}} and {{b}}")
+        super().__init__(BackboneSpec(pretrained=model), load_tokenizer(model))
         self.template, self.batch_size = template, batch_size
-        self.tokenizer = load_tokenizer(model)
         self.label_ids = [self._one_token(label) for label in labels]
-        self.model = build_causal_lm(BackboneSpec(pretrained=model), self.tokenizer).eval().requires_grad_(False)
 
     def _one_token(self, label: str) -> int:
         ids = self.tokenizer(label, add_special_tokens=False)["input_ids"]
@@ -76,12 +78,13 @@ class LLMJudge(PairwiseReward):
         from datamodules.collate import encode_prompt, pad
         from modules.forward import lm_logits
 
-        device, out = next(self.model.parameters()).device, []
-        for i in range(0, len(prompts), self.batch_size):
-            rows = range(i, min(i + self.batch_size, len(prompts)))
+        device = next(self.model.parameters()).device
+
+        def forward(a: int, b: int) -> list[float]:
             questions = [encode_prompt(self.tokenizer, self.template.format(prompt=prompts[j], a=responses_a[j],
-                                                                            b=responses_b[j])) for j in rows]
+                                                                            b=responses_b[j])) for j in range(a, b)]
             ids, mask = pad(questions, self.tokenizer.pad_token_id, "left")
             logp = lm_logits(self.model, ids.to(device), mask.to(device), keep=1)[:, -1].float().log_softmax(-1)
-            out += (logp[:, self.label_ids[0]] - logp[:, self.label_ids[1]]).tolist()
-        return out
+            return (logp[:, self.label_ids[0]] - logp[:, self.label_ids[1]]).tolist()
+
+        return self.batched(len(prompts), self.batch_size, forward)

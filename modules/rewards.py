@@ -25,7 +25,71 @@ from modules.forward import score_texts, sequence_rewards
 log = logging.getLogger(__name__)
 
 
-class RewardModel(nn.Module):
+class FrozenModel(nn.Module):
+    """The base of every reward or judge that holds a model of its own (`RewardModel`, `PreferenceModel`,
+    `modules.judges.LLMJudge`): the model is frozen, always in eval mode, and built once from `spec` with
+    `builder` (`build_scorer` or `build_causal_lm`), when the stage calls `configure(mesh)` (the RL module for
+    its reward, `callbacks.evaluation.Evaluation` for its judge), or else at the first use of `model`.
+
+    Under FSDP2 (`mesh` given) the model is built whole on the first rank only, then sharded
+    (`modules.sharding.build_sharded`): every forward is then a collective, so a subclass that runs its inputs in
+    batches of its own goes through `batched`, which makes as many forwards on every rank."""
+
+    builder: Callable = staticmethod(build_scorer)
+
+    def __init__(self, spec: BackboneSpec, tokenizer):
+        super().__init__()
+        self.spec, self.tokenizer = spec, tokenizer
+
+    def configure(self, mesh=None) -> None:
+        """Build the model, frozen, sharded over `mesh` (None: whole). Nothing to do once built."""
+        from modules.sharding import build_sharded
+
+        if "model" not in self._modules:
+            model = build_sharded(self.builder, self.spec, self.tokenizer, mesh)
+            self._modules["model"] = model.eval().requires_grad_(False)
+
+    @property
+    def model(self) -> nn.Module:
+        """The model, built whole at first use unless `configure` built it."""
+        try:
+            self.configure()
+        except AttributeError as error:     # raised inside a property, it would read as "no attribute 'model'"
+            raise RuntimeError(f"{self.spec.pretrained}: building the model of {qualified_name(self)} failed: "
+                               f"{error}") from error
+        return self._modules["model"]
+
+    def train(self, mode: bool = True) -> "FrozenModel":
+        return super().train(False)  # always frozen, eval mode
+
+    def batched(self, n: int, size: int, forward: Callable[[int, int], list[float]]) -> list[float]:
+        """`forward(a, b)` (the model's numbers for rows [a, b)) over `n` rows in batches of at most `size` rows,
+        concatenated. When the model is sharded every rank makes as many forwards (the most any rank needs): a rank
+        whose rows have run out runs the model on one pad token, for the collectives, and keeps nothing.
+
+        Example: n = 5, size = 2 -> forward(0, 2), forward(2, 4), forward(4, 5); with a sharded model and another
+        rank that needs 4 batches, one pad-token forward follows."""
+        from modules.sharding import is_sharded
+
+        count, model = -(-n // size), self.model
+        device = next(model.parameters()).device
+        if is_sharded(model):
+            import torch.distributed as dist
+
+            most = torch.tensor(count, device=device)
+            dist.all_reduce(most, op=dist.ReduceOp.MAX)
+            count = int(most)
+        out = []
+        for start in range(0, count * size, size):
+            if start < n:
+                out += forward(start, min(n, start + size))
+            else:
+                pad = torch.full((1, 1), self.tokenizer.pad_token_id, device=device)
+                model(input_ids=pad, attention_mask=torch.ones_like(pad))
+        return out
+
+
+class RewardModel(FrozenModel):
     """A frozen reward-model export (AutoModelForSequenceClassification, num_labels=1).
 
     Args:
@@ -38,13 +102,12 @@ class RewardModel(nn.Module):
     otherwise their texts are re-tokenized with the reward model's own tokenizer.
 
     The scorer is built when the RL module's `configure_model` calls `configure(mesh)` (under FSDP2 whole on the
-    first rank only, then sharded: `modules.sharding.build_sharded`), or at the first use of `model` otherwise.
+    first rank only, then sharded), or at the first use of `model` otherwise (`FrozenModel`).
     """
 
     def __init__(self, path: str, normalize: bool = True, clip: float | None = None, share_prompts: bool = True):
-        super().__init__()
+        super().__init__(BackboneSpec(pretrained=path), load_tokenizer(path))
         self.path, self.normalize, self.clip, self.share_prompts = path, normalize, clip, share_prompts
-        self.tokenizer = load_tokenizer(path)
         stats_path = os.path.join(path, "reward_stats.json")
         self.mean, self.std = 0.0, 1.0
         if normalize:
@@ -54,26 +117,6 @@ class RewardModel(nn.Module):
             stats = json.load(open(stats_path))
             self.mean, self.std = float(stats["mean"]), float(stats["std"])
         self._shares_vocab: dict[int, bool] = {}
-
-    def configure(self, mesh=None) -> None:
-        """Build the scorer, frozen, sharded over `mesh` (None: whole). Nothing to do once built."""
-        from modules.sharding import build_sharded
-
-        if "model" not in self._modules:
-            model = build_sharded(build_scorer, BackboneSpec(pretrained=self.path), self.tokenizer, mesh)
-            self._modules["model"] = model.eval().requires_grad_(False)
-
-    @property
-    def model(self) -> nn.Module:
-        """The scorer (AutoModelForSequenceClassification), built whole at first use unless `configure` built it."""
-        try:
-            self.configure()
-        except AttributeError as error:     # raised inside a property, it would read as "no attribute 'model'"
-            raise RuntimeError(f"{self.path}: building the reward model failed: {error}") from error
-        return self._modules["model"]
-
-    def train(self, mode: bool = True) -> "RewardModel":
-        return super().train(False)  # always frozen, eval mode
 
     def _same_vocab(self, tokenizer) -> bool:
         key = id(tokenizer)
@@ -235,7 +278,7 @@ class DifferenceOf(PairwiseReward):
         return [x - y for x, y in zip(a, b)]
 
 
-class PreferenceModel(nn.Module, PairwiseReward):
+class PreferenceModel(FrozenModel, PairwiseReward):
     """A frozen pairwise preference-model export (`modules.preference_model.PreferenceModule`), as a pairwise reward
     or a judge: f(x, a, b) = g(x, a, b) - g(x, b, a), the logit of P(a preferred over b), antisymmetric exactly.
     Responses are scored as texts, each followed by EOS (the input the model was trained on).
@@ -246,10 +289,10 @@ class PreferenceModel(nn.Module, PairwiseReward):
             `preference.json`: the spread of the difference of two normalised scalar rewards (`RewardModel`), so the
             RL configs' KL coefficients mean the same with either reward.
         batch_size: pairs per forward (both orders of each).
+    Built by `configure(mesh)` (sharded under FSDP2) or at its first use (`FrozenModel`).
     """
 
     def __init__(self, path: str, normalize: bool = True, batch_size: int = 64):
-        super().__init__()
         from modules.preference_model import CONFIG_FILE
 
         config = os.path.join(path, CONFIG_FILE)
@@ -257,24 +300,21 @@ class PreferenceModel(nn.Module, PairwiseReward):
             raise FileNotFoundError(f"{path}: not a preference-model export (no {CONFIG_FILE}); train one with "
                                     "configs/quickstart/preference.yaml, or use modules.rewards.RewardModel for a "
                                     "scalar reward model")
+        super().__init__(BackboneSpec(pretrained=path), load_tokenizer(path))
         self.path, self.normalize, self.batch_size = path, normalize, batch_size
         self.scale = math.sqrt(2) / float(json.load(open(config))["std"]) if normalize else 1.0
-        self.tokenizer = load_tokenizer(path)
-        self.model = build_scorer(BackboneSpec(pretrained=path), self.tokenizer).eval().requires_grad_(False)
-
-    def train(self, mode: bool = True) -> "PreferenceModel":
-        return super().train(False)  # always frozen, eval mode
 
     @torch.no_grad()
     def __call__(self, prompts: list[str], responses_a: list[str], responses_b: list[str]) -> list[float]:
         from modules.preference_model import preferences, text_pair_inputs
 
-        device, out = next(self.model.parameters()).device, []
-        for i in range(0, len(prompts), self.batch_size):
-            part = slice(i, i + self.batch_size)
-            ids, mask = text_pair_inputs(self.tokenizer, prompts[part], responses_a[part], responses_b[part])
-            out += (preferences(self.model, ids.to(device), mask.to(device)).float() * self.scale).tolist()
-        return out
+        device = next(self.model.parameters()).device
+
+        def forward(a: int, b: int) -> list[float]:
+            ids, mask = text_pair_inputs(self.tokenizer, prompts[a:b], responses_a[a:b], responses_b[a:b])
+            return (preferences(self.model, ids.to(device), mask.to(device)).float() * self.scale).tolist()
+
+        return self.batched(len(prompts), self.batch_size, forward)
 
 
 def is_pairwise(reward) -> bool:

@@ -34,7 +34,7 @@ from modules.checks import ConfigError
 from modules.engines import Engine, Sampler, SamplerMismatchError
 from modules.forward import response_logprobs, token_scores
 from modules.objectives.base import Objective
-from modules.rewards import RewardModel, is_pairwise, qualified_name, score_pairs, tournament_scores
+from modules.rewards import FrozenModel, is_pairwise, qualified_name, score_pairs, tournament_scores
 from modules.rewards import score as score_rewards
 from modules.sampling import SamplingConfig
 from modules.sharding import build_sharded, build_with_reference, fsdp_mesh, is_sharded
@@ -156,15 +156,15 @@ class RLModule(L.LightningModule):
         if self.policy is None:
             self.policy, self.reference = build_with_reference(      # reference None: LoRA's base
                 build_causal_lm, self.policy_spec, self.tokenizer, mesh)
-            for reward_model in (m for m in self.modules() if isinstance(m, RewardModel)):
-                reward_model.configure(mesh)
+            for frozen in (m for m in self.modules() if isinstance(m, FrozenModel)):   # the reward's model
+                frozen.configure(mesh)
         if self.objective.needs_values and self.value is None:
             spec = self.value_spec or BackboneSpec(pretrained=self.policy_spec.pretrained, config=self.policy_spec.config)
             self.value = build_sharded(build_scorer, spec, self.tokenizer, mesh)
 
     def on_fit_start(self) -> None:
         # A frozen reward the CLI made is a plain submodule that a strategy may leave where it was built
-        # (FSDP2 has sharded a `RewardModel` onto the device in `configure_model`).
+        # (FSDP2 has sharded a reward's model, `FrozenModel`, onto the device in `configure_model`).
         device = self.trainer.strategy.root_device
         if isinstance(self.reward, torch.nn.Module) and any(p.device != device for p in self.reward.parameters()):
             self.reward.to(device)

@@ -60,15 +60,16 @@ def derived_config(source: str, tmp_path: Path, override: dict, name: str = "con
 
 def tiny_rl_config(tmp_path: Path, sft_dir: str, source: str = "configs/quickstart/p3o.yaml", name: str = "rl.yaml",
                    extra_callbacks: list | None = None, checkpoint: dict | None = None, model: dict | None = None,
-                   **trainer) -> str:
+                   evaluation: dict | None = None, **trainer) -> str:
     """The quickstart RL config shrunk to seconds: a tiny SFT export, the gold reward, 16 prompts.
-    `checkpoint` updates the StepCheckpoint's init_args; `model` is deep-merged into model.init_args."""
+    `checkpoint` updates the StepCheckpoint's init_args, `evaluation` the Evaluation's; `model` is deep-merged into
+    model.init_args."""
     config = yaml.safe_load(Path(source).read_text())
     callbacks = [cb for cb in config["trainer"]["callbacks"] if not cb["class_path"].endswith("HFExport")]
     callbacks += extra_callbacks or []
     for cb in callbacks:
         if cb["class_path"].endswith("Evaluation"):
-            cb["init_args"].update(num_prompts=8, every_n_batches=None, show=0)
+            cb["init_args"].update(num_prompts=8, every_n_batches=None, show=0, **(evaluation or {}))
         if cb["class_path"].endswith("StepCheckpoint"):
             cb["init_args"].update(checkpoint or {})
     override = {
@@ -111,7 +112,9 @@ def tiny_stage_config(tmp_path: Path, stage: str, sft_dir: str, name: str, extra
 
 
 class ParamDigest(L.Callback):
-    """Test callback: each rank saves its module's flattened trainable parameters and the prompts it trained on."""
+    """Test callback: each rank saves its module's flattened trainable parameters, the prompts it trained on, the
+    last evaluation's metrics (`callbacks.evaluation.Evaluation`; rank 0 only, None without one) and whether each
+    model a reward or judge holds (`modules.rewards.FrozenModel`) is sharded."""
 
     def __init__(self, path: str):
         self.path, self.prompts, self.initial = path, [], None
@@ -124,7 +127,15 @@ class ParamDigest(L.Callback):
 
     def on_fit_end(self, trainer, pl_module):
         flat = self._flat(pl_module)
-        torch.save({"params": flat, "initial": self.initial, "prompts": self.prompts},
+        from modules.rewards import FrozenModel, qualified_name
+        from modules.sharding import fsdp_units
+
+        evaluation = next((cb.history[-1] for cb in trainer.callbacks if getattr(cb, "history", None)), None)
+        frozen = [m for m in [*pl_module.modules(), *(getattr(cb, "judge", None) for cb in trainer.callbacks)]
+                  if isinstance(m, FrozenModel)]                   # the reward's and the judge's own models
+        sharded = {qualified_name(m): bool(fsdp_units(m.model)) for m in frozen}
+        torch.save({"params": flat, "initial": self.initial, "prompts": self.prompts, "evaluation": evaluation,
+                    "sharded": sharded},
                    f"{self.path}.rank{trainer.global_rank}.pt")
 
 

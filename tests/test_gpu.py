@@ -27,17 +27,18 @@ def test_the_samplers_logprobs_equal_a_forward_pass_on_cuda(tiny_spec, tokenizer
 
 
 @pytest.mark.parametrize("case", list(CASES))
-def test_fsdp2_on_one_gpu_trains_like_the_unsharded_run_and_exports_whole_weights(tmp_path, sft_dir, reward_dir, case):
+def test_fsdp2_on_one_gpu_trains_like_the_unsharded_run_and_exports_whole_weights(tmp_path, sft_dir, reward_dir,
+                                                                                  preference_dir, case):
     """`test_sharding`'s stages (SFT, reward, P3O in micro-batches with a reward model, PPO with its value model,
-    LoRA P3O) on one GPU, under `FSDP2Strategy` (a mesh of one rank: the sharded code path, DTensor parameters on
-    CUDA, the gathers for sampling and export) and under the default single-device strategy: the same weights
-    within 1e-5; the FSDP2 export loads with plain transformers and holds the trained weights (LoRA merged:
-    against the unsharded export, 1e-5)."""
+    LoRA P3O with an LLM judge as its reward and a preference model as its evaluation's judge) on one GPU, under
+    `FSDP2Strategy` (a mesh of one rank: the sharded code path, DTensor parameters on CUDA, the gathers for sampling
+    and export) and under the default single-device strategy: the same weights within 1e-5; the FSDP2 export loads
+    with plain transformers and holds the trained weights (LoRA merged: against the unsharded export, 1e-5)."""
     stage = CASES[case][0]
     digests, exports = {}, {}
     for name, strategy in (("single", "auto"), ("fsdp2", FSDP2)):
-        (digests[name],), exports[name] = run_case(tmp_path, sft_dir, reward_dir, case, name, accelerator=ACCELERATOR,
-                                                   devices=1, strategy=strategy)
+        (digests[name],), exports[name] = run_case(tmp_path, sft_dir, reward_dir, case, name, preference_dir,
+                                                   accelerator=ACCELERATOR, devices=1, strategy=strategy)
     single, fsdp2 = digests["single"], digests["fsdp2"]
     assert single["prompts"] == fsdp2["prompts"] and torch.equal(single["initial"], fsdp2["initial"])
     assert not torch.equal(fsdp2["params"], fsdp2["initial"])

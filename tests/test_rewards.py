@@ -55,3 +55,21 @@ def test_nonfinite_reward_penalty_is_applied_and_counted(tmp_path, sft_dir):
     cli = cli_main(["fit", "--config", config])
     assert cli.trainer.callback_metrics["train/nonfinite_rewards"] == 1.0   # one per rollout (response 1)
     assert all(torch.isfinite(p).all() for p in cli.model.policy.parameters())
+
+
+def test_a_frozen_model_is_built_once_frozen_and_runs_its_batches_in_order(reward_dir):
+    """`FrozenModel` (here a `RewardModel`): nothing is built until `model` (or `configure`) is used, then once, frozen
+    and in eval mode whatever `train()` asks; `batched` over 5 rows, 2 per forward, calls forward(0, 2),
+    forward(2, 4), forward(4, 5) and concatenates their numbers (the docstring's example; unsharded: no extra
+    forward)."""
+    from modules.rewards import RewardModel
+
+    reward = RewardModel(reward_dir, normalize=False)
+    assert "model" not in reward._modules and not list(reward.parameters())
+    model = reward.model
+    assert reward.model is model and not model.training and not any(p.requires_grad for p in reward.parameters())
+    assert not reward.train().model.training
+    calls = []
+    out = reward.batched(5, 2, lambda a, b: calls.append((a, b)) or list(range(a, b)))
+    assert calls == [(0, 2), (2, 4), (4, 5)] and out == [0, 1, 2, 3, 4]
+    assert reward.batched(0, 2, lambda a, b: calls.append((a, b))) == [] and len(calls) == 3

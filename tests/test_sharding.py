@@ -30,21 +30,25 @@ def _rollout_batch(tokenizer, groups: int = 4, K: int = 2, P: int = 5, L: int = 
     return ids, mask, P, K
 
 
-def _gradient_case(rank: int, world: int, tokenizer_path: str, reward_dir: str, path: str) -> None:
+def _gradient_case(rank: int, world: int, tokenizer_path: str, reward_dir: str, preference_dir: str, sft_dir: str,
+                   path: str) -> None:
     """Each rank: the whole model's gradient of the global batch (every row) and the sharded model's of its own
     half, for a causal LM (packed logprobs, chunked LM head), a LoRA causal LM, and a scalar scorer (values);
-    greedy sampling of its rows under sharding against the whole model."""
+    greedy sampling of its rows under sharding against the whole model; the rewards and judges that hold a model."""
+    import datetime
+
     import torch.distributed as dist
     from torch.distributed.device_mesh import init_device_mesh
 
     from modules.backbone import BackboneSpec, build_causal_lm, build_scorer, export_model, load_tokenizer
     from modules.forward import response_logprobs, sequence_rewards, token_scores
-    from modules.rewards import RewardModel
+    from modules.judges import LLMJudge
+    from modules.rewards import PreferenceModel, RewardModel
     from modules.sampling import SamplingConfig, sample
     from modules.sharding import ShardingError, build_sharded, build_with_reference, fsdp_units
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=os.environ["TEST_PORT"])
-    dist.init_process_group("gloo", rank=rank, world_size=world)
+    dist.init_process_group("gloo", rank=rank, world_size=world, timeout=datetime.timedelta(minutes=2))  # no hang
     mesh = init_device_mesh("cpu", (world,))
     tokenizer = load_tokenizer(tokenizer_path)
     ids, mask, P, K = _rollout_batch(tokenizer)
@@ -119,6 +123,15 @@ def _gradient_case(rank: int, world: int, tokenizer_path: str, reward_dir: str, 
         results["reward"] = (len(fsdp_units(reward.model)),
                              sequence_rewards(reward.model, ids[mine], mask[mine], P, K),
                              sequence_rewards(RewardModel(reward_dir).model, ids[mine], mask[mine], P, K))
+    pairs = (["write a review :", "the cafe", "review the food :"], ["great .", "bad", "the food was ok ."],
+             ["ok .", "great food", "awful"])
+    pairs = tuple(texts[: 3 - 2 * rank] for texts in pairs)     # rank 0: 3 pairs, rank 1: 1 (2 forwards fewer)
+    for name, make in (("preference", lambda: PreferenceModel(preference_dir, normalize=False, batch_size=1)),
+                       ("llm judge", lambda: LLMJudge(sft_dir, labels=("great", "awful"), batch_size=1))):
+        judge = make()
+        built_late = "model" not in judge._modules
+        judge.configure(mesh)
+        results[name] = (built_late, len(fsdp_units(judge.model)), judge(*pairs), make()(*pairs))
 
     def differs(spec, tokenizer, empty=False):          # rank 1's empty build is not the model rank 0 builds
         wider = {**spec.config, "hidden_size": 2 * spec.config["hidden_size"]} if empty and rank == 1 else spec.config
@@ -157,7 +170,8 @@ def _gradient_case(rank: int, world: int, tokenizer_path: str, reward_dir: str, 
 
 
 @pytest.mark.slow
-def test_sharded_gradients_logprobs_and_samples_equal_the_whole_model(tmp_path, task_tokenizer_path, reward_dir):
+def test_sharded_gradients_logprobs_and_samples_equal_the_whole_model(tmp_path, task_tokenizer_path, reward_dir,
+                                                                     preference_dir, sft_dir):
     """FSDP2 over 2 processes, each with half the rows: the logprobs (packed prompt layout, LM head in chunks of 4 rows
     applied after the model's forward) and values equal the whole model's on those rows (1e-5), and the averaged
     sharded gradient equals the whole model's gradient of the global batch (1e-5 relative to its largest entry), for
@@ -170,12 +184,16 @@ def test_sharded_gradients_logprobs_and_samples_equal_the_whole_model(tmp_path, 
     its logprobs equal the whole model's bit for bit. An empty build that differs from rank 0's whole one is a
     `ShardingError` naming the first difference, on both ranks, and a whole build that fails on rank 0 stops rank 1
     too; a model that cannot be built empty (a LoRA export as adapter + base) is built whole on both ranks and
-    sharded. A reward model (`RewardModel`) is built only by `configure(mesh)`, sharded, and scores as the whole one
-    (1e-5)."""
+    sharded. A reward model (`RewardModel`), a pairwise preference model (`PreferenceModel`) and an LLM judge
+    (`LLMJudge`) are each built only by `configure(mesh)`, sharded, and score as the whole one (1e-5; the untrained
+    preference head's logits, ~1e-5, within 1e-4 of themselves); the last two,
+    asked about 3 pairs on rank 0 and 1 on rank 1 one pair per forward, make as many forwards on both ranks
+    (`FrozenModel.batched`; otherwise rank 0 would wait for rank 1 until gloo's timeout)."""
     import torch.multiprocessing as mp
 
     os.environ["TEST_PORT"] = str(29500 + os.getpid() % 1000)
-    mp.spawn(_gradient_case, args=(2, task_tokenizer_path, reward_dir, str(tmp_path / "grads")), nprocs=2, join=True)
+    mp.spawn(_gradient_case, args=(2, task_tokenizer_path, reward_dir, preference_dir, sft_dir, str(tmp_path / "grads")),
+             nprocs=2, join=True)
     for rank in (0, 1):
         results = torch.load(tmp_path / f"grads.rank{rank}.pt")
         for kind in ("full", "lora", "values"):
@@ -196,6 +214,10 @@ def test_sharded_gradients_logprobs_and_samples_equal_the_whole_model(tmp_path, 
                                      "could not build its model: OSError: model.safetensors: unreadable"), results["failed"]
         units, sharded, whole = results["reward"]
         assert results["reward built late"] and units > 1 and torch.allclose(sharded, whole, atol=1e-5, rtol=0)
+        for name in ("preference", "llm judge"):
+            built_late, units, sharded, whole = results[name]
+            assert built_late and units > 1 and len(sharded) == 3 - 2 * rank, (rank, name, results[name])
+            assert sharded == pytest.approx(whole, rel=1e-4, abs=1e-9) and all(whole), (rank, name, sharded, whole)
         both_whole, adapters, equal = results["adapter export"]
         assert both_whole and adapters == 2 * 2 * 7 and equal, results["adapter export"]
         sharded, whole = results["sample"]
@@ -222,26 +244,34 @@ CASES = {
     "reward": ("reward", {"micro_batch_tokens": 60}, False),
     "p3o": ("rl", {"micro_batch_tokens": 40}, True),
     "ppo": ("rl", {}, True),
-    "p3o_lora": ("rl", {"policy": {"lora": {"r": 4, "lora_alpha": 8}}}, True),
+    "p3o_lora": ("rl", {"policy": {"lora": {"r": 4, "lora_alpha": 8}}}, True),    # pairwise reward, a judge
 }
 
 
-def run_case(tmp_path, sft_dir: str, reward_dir: str, case: str, name: str, **trainer) -> tuple[list[dict], str]:
+def run_case(tmp_path, sft_dir: str, reward_dir: str, case: str, name: str, preference_dir: str | None = None,
+             **trainer) -> tuple[list[dict], str]:
     """One run of CASES[case] through train.py with `trainer` settings (devices, strategy, accelerator): each
-    rank's `ParamDigest` and the HF export's directory. The P3O case scores with a reward-stage export (sharded
-    too under FSDP2), the PPO case trains a value model."""
+    rank's `ParamDigest` and the HF export's directory. The P3O case scores with a reward-stage export, the LoRA
+    P3O case with an LLM judge as its pairwise reward and evaluates with a preference-model export as its judge
+    (each sharded too under FSDP2); the PPO case trains a value model."""
     stage, model, _ = CASES[case]
     export = str(tmp_path / f"export-{name}")
     callbacks = [{"class_path": "tests.helpers.ParamDigest", "init_args": {"path": str(tmp_path / name)}},
                  {"class_path": "callbacks.export.HFExport", "init_args": {"dirpath": export}}]
     if stage == "rl":
         extra = {"value_model": {"pretrained": sft_dir}} if case == "ppo" else {}
+        evaluation = {}
         if case == "p3o":
             extra["reward"] = {"class_path": "modules.rewards.RewardModel",
                                "init_args": {"path": reward_dir, "normalize": False}}
+        if case == "p3o_lora":          # an LLM as the pairwise reward, a preference model as the judge
+            extra["reward"] = {"class_path": "modules.judges.LLMJudge",
+                               "init_args": {"model": sft_dir, "labels": ["great", "awful"], "batch_size": 3}}
+            evaluation["judge"] = {"class_path": "modules.rewards.PreferenceModel",
+                                   "init_args": {"path": preference_dir, "normalize": False, "batch_size": 3}}
         source = f"configs/quickstart/{'ppo' if case == 'ppo' else 'p3o'}.yaml"
         config = tiny_rl_config(tmp_path, sft_dir, source=source, name=f"{name}.yaml", extra_callbacks=callbacks,
-                                model={**model, **extra}, **trainer)
+                                model={**model, **extra}, evaluation=evaluation, **trainer)
     else:
         config = tiny_stage_config(tmp_path, stage, sft_dir, f"{name}.yaml", callbacks, limit_train_batches=3,
                                    **trainer)
@@ -251,22 +281,27 @@ def run_case(tmp_path, sft_dir: str, reward_dir: str, case: str, name: str, **tr
 
 @pytest.mark.slow
 @pytest.mark.parametrize("case", list(CASES))
-def test_fsdp2_trains_like_ddp_and_exports_whole_weights(tmp_path, sft_dir, reward_dir, case):
+def test_fsdp2_trains_like_ddp_and_exports_whole_weights(tmp_path, sft_dir, reward_dir, preference_dir, case):
     """A run on 2 CPU processes under FSDP2 (every model sharded: policy, reference, value, the reward stage's
-    scorer, the P3O run's reward model; LoRA adapters over a sharded base; SFT, reward and P3O in micro-batches,
-    whose count the ranks agree on): each rank trains on its own prompts and both end with the same weights. The RL
-    runs equal the same run under DDP within 1e-6 (float rounding of a reduce-scatter instead of an all-reduce),
-    evaluation included.
+    scorer, the P3O run's reward model, the LoRA P3O run's LLM judge as its pairwise reward and its evaluation's
+    preference-model judge; LoRA adapters over a sharded base; SFT, reward and P3O in micro-batches, whose count
+    the ranks agree on): each rank trains on its own prompts and both end with the same weights. The RL runs equal
+    the same run under DDP within 1e-6 (float rounding of a reduce-scatter instead of an all-reduce), evaluation
+    included (LoRA P3O: its metrics, the judge's win rate among them, within 1e-6).
     The FSDP2 export, gathered on rank 0, loads with plain transformers and holds exactly the trained weights
     (LoRA merged: compared with DDP's export)."""
     stage, _, against_ddp = CASES[case]
     digests, exports = {}, {}
     for name, strategy in (("ddp", "ddp"), ("fsdp2", FSDP2))[0 if against_ddp else 1:]:
-        digests[name], exports[name] = run_case(tmp_path, sft_dir, reward_dir, case, name, devices=2, strategy=strategy)
+        digests[name], exports[name] = run_case(tmp_path, sft_dir, reward_dir, case, name, preference_dir,
+                                                devices=2, strategy=strategy)
     fsdp2 = digests["fsdp2"]
     assert fsdp2[0]["prompts"] != fsdp2[1]["prompts"]                       # each rank its own shard of prompts
     assert torch.equal(fsdp2[0]["params"], fsdp2[1]["params"])
     assert not torch.equal(fsdp2[0]["params"], fsdp2[0]["initial"])
+    held = {"p3o": ["modules.rewards.RewardModel"],
+            "p3o_lora": ["modules.judges.LLMJudge", "modules.rewards.PreferenceModel"]}.get(case, [])
+    assert all(fsdp2[rank]["sharded"] == dict.fromkeys(held, True) for rank in (0, 1)), fsdp2[0]["sharded"]
     scorer = stage == "reward"
     exported = _exported_params(exports["fsdp2"], scorer)
     if against_ddp:
@@ -276,5 +311,7 @@ def test_fsdp2_trains_like_ddp_and_exports_whole_weights(tmp_path, sft_dir, rewa
         assert (fsdp2[0]["params"] - ddp[0]["params"]).abs().max() < 1e-6
     if case == "p3o_lora":
         assert (exported - _exported_params(exports["ddp"], scorer)).abs().max() < 1e-6
+        ours, theirs = fsdp2[0]["evaluation"], digests["ddp"][0]["evaluation"]        # the judges' verdicts too
+        assert "val/judge_win_rate" in ours and ours == pytest.approx(theirs, abs=1e-6), (ours, theirs)
     else:
         assert torch.equal(exported, fsdp2[0]["params"][: exported.numel()])
