@@ -20,12 +20,13 @@ from modules import functional as F
 from modules import optimizers
 from modules.backbone import BackboneSpec, build_causal_lm, export_model, load_tokenizer, reference_of
 from modules.batch import Rollout
+from modules.checkpoints import TrainedOnlyCheckpoints
 from modules.forward import in_parts, micro_batch_ranges, response_logprobs, target_logprobs
 from modules.sampling import SamplingConfig
 from modules.sharding import build_with_reference, fsdp_mesh
 
 
-class OfflineDPOModule(L.LightningModule):
+class OfflineDPOModule(TrainedOnlyCheckpoints, L.LightningModule):
     """Offline DPO / IPO / SimPO: the policy learns the preference pairs directly, with no reward model.
 
     Args:

@@ -23,6 +23,7 @@ from datamodules.collate import encode_prompt, encode_response, pad
 from modules import functional as F
 from modules import optimizers
 from modules.backbone import BackboneSpec, build_scorer, export_model, load_tokenizer
+from modules.checkpoints import TrainedOnlyCheckpoints
 from modules.forward import in_parts, micro_batch_ranges, sequence_rewards
 from modules.reward_model import read_last_token_when_pad_is_eos
 from modules.sampling import SamplingConfig, sample_policy
@@ -95,7 +96,7 @@ def _token_lists(batch: PairBatch) -> tuple[list[list[int]], list[list[int]], li
     return prompts, chosen, rejected
 
 
-class PreferenceModule(L.LightningModule):
+class PreferenceModule(TrainedOnlyCheckpoints, L.LightningModule):
     """Pairwise preference model training: Bradley-Terry on f(x, chosen, rejected), antisymmetric by construction.
 
     Args:

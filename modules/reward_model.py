@@ -21,6 +21,7 @@ from datamodules.collate import stack_pair
 from modules import functional as F
 from modules import optimizers
 from modules.backbone import BackboneSpec, build_scorer, export_model, load_tokenizer
+from modules.checkpoints import TrainedOnlyCheckpoints
 from modules.forward import in_parts, micro_batch_ranges, sequence_rewards
 from modules.sampling import SamplingConfig, sample_policy
 from modules.sharding import build_sharded, fsdp_mesh
@@ -60,7 +61,7 @@ def reward(prompt: str, response: str) -> float:
 """
 
 
-class RewardModule(L.LightningModule):
+class RewardModule(TrainedOnlyCheckpoints, L.LightningModule):
     """Reward model training: a Bradley-Terry loss on (chosen, rejected) pairs, then calibration on policy samples.
 
     Args:

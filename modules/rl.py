@@ -30,6 +30,7 @@ from modules.backbone import (
     reference_of,
 )
 from modules.batch import ObjectiveInput, ObjectiveOutput, Rollout
+from modules.checkpoints import TrainedOnlyCheckpoints, frozen_names
 from modules.checks import ConfigError
 from modules.engines import Engine, Sampler, SamplerMismatchError
 from modules.forward import response_logprobs, token_scores
@@ -68,7 +69,7 @@ class NonFiniteError(RuntimeError):
     """A loss or gradient that is NaN or inf: the update stops before `optimizer.step`."""
 
 
-class RLModule(L.LightningModule):
+class RLModule(TrainedOnlyCheckpoints, L.LightningModule):
     """On-policy RL fine-tuning: rollouts from `engine`, rewards, then epochs of minibatch updates of `objective`.
 
     Args:
@@ -476,17 +477,21 @@ class RLModule(L.LightningModule):
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         checkpoint["objective"] = qualified_name(self.objective)
+        super().on_save_checkpoint(checkpoint)        # the frozen weights left out (`modules.checkpoints`)
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         """A checkpoint of another objective (PPO resumed as P3O, P3O as RLOO) stops with one line naming both,
         before torch's list of unexpected keys; checkpoints without the record are compared by their keys."""
         ours, theirs = qualified_name(self.objective), checkpoint.get("objective")
-        trained = {k for k in checkpoint.get("state_dict", {}) if not k.startswith("reward.")}
-        if theirs is None and trained and trained != {k for k in self.state_dict() if not k.startswith("reward.")}:
+        frozen = frozen_names(self)
+        trained = lambda keys: {k for k in keys if k not in frozen and not k.startswith("reward.")}  # noqa: E731
+        if theirs is None and trained(checkpoint.get("state_dict", {})) and (
+                trained(checkpoint["state_dict"]) != trained(self.state_dict())):
             theirs = "another objective (its parameters differ from this run's)"
         if theirs is not None and theirs != ours:
             raise ConfigError(f"the checkpoint was written by a run of {theirs}; this run's objective is {ours}: "
                               "resume with the config that wrote it, or train this objective without --ckpt_path")
+        super().on_load_checkpoint(checkpoint)
 
     def export(self, directory: str, merge_lora: bool = True, final_dir: str | None = None) -> None:
         """The trained policy + tokenizer in Hugging Face format (LoRA merged unless `merge_lora=False`)."""

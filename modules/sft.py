@@ -10,6 +10,7 @@ from datamodules.batch import PairBatch
 from modules import functional as F
 from modules import optimizers
 from modules.backbone import BackboneSpec, build_causal_lm, export_model, load_tokenizer
+from modules.checkpoints import TrainedOnlyCheckpoints
 from modules.forward import in_parts, micro_batch_ranges, target_logprobs
 from modules.sharding import build_sharded, fsdp_mesh
 
@@ -21,7 +22,7 @@ class Perplexity(MeanMetric):
         return super().compute().exp()
 
 
-class SFTModule(L.LightningModule):
+class SFTModule(TrainedOnlyCheckpoints, L.LightningModule):
     """Supervised fine-tuning: the NLL of the `chosen` responses given their prompts.
 
     Args:

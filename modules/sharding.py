@@ -45,8 +45,8 @@ QUANTIZED = ("FSDP2 cannot shard 4-bit / 8-bit (bitsandbytes) weights: drop `qua
 class FSDP2Strategy(ModelParallelStrategy):
     """Lightning's `ModelParallelStrategy` as FSDP2 alone: every process in the data-parallel dimension (each
     rank its own share of the prompts), tensor parallel size 1, and checkpoints written as one file on rank 0
-    (the whole weights and optimizer state; `--ckpt_path` resumes it exactly with the same number of processes,
-    tested with 2).
+    (the trained weights and optimizer state, whole; the frozen weights are left out, `modules.checkpoints`;
+    `--ckpt_path` resumes it exactly with the same number of processes, tested with 2).
 
     Args:
         save_distributed_checkpoint: write a folder with one shard per rank instead of one file (for models too
@@ -62,6 +62,27 @@ class FSDP2Strategy(ModelParallelStrategy):
     def setup_environment(self) -> None:
         self._data_parallel_size = self.num_nodes * self.num_processes
         super().setup_environment()
+
+    def lightning_module_state_dict(self) -> dict:
+        """The weights for a checkpoint, gathered on rank 0, frozen ones left out before anything is gathered
+        (`modules.checkpoints`; a distributed checkpoint keeps them: its loader needs every key)."""
+        if self._save_distributed_checkpoint:
+            return super().lightning_module_state_dict()
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        options = StateDictOptions(full_state_dict=True, cpu_offload=True, ignore_frozen_params=True)
+        return get_model_state_dict(self.model, options=options)
+
+    def load_checkpoint(self, checkpoint_path, weights_only: bool | None = None) -> dict:
+        """Loads what the checkpoint holds; its frozen weights are left out, so the load is not strict: the
+        module's `on_load_checkpoint` (`modules.checkpoints`) then checks the loaded names against its trained
+        ones and its frozen weights against the checkpoint's digest."""
+        module = self.lightning_module
+        strict, module.strict_loading = module.strict_loading, False
+        try:
+            return super().load_checkpoint(checkpoint_path, weights_only=weights_only)
+        finally:
+            module.strict_loading = strict
 
 
 def fsdp_mesh(module) -> "torch.distributed.device_mesh.DeviceMesh | None":

@@ -123,6 +123,25 @@ def test_throughput_quick_prints_the_table_for_our_side():
     assert "full fine-tune" in proc.stdout
 
 
+@pytest.mark.slow
+def test_checkpoint_quick_shows_the_frozen_weights_left_out():
+    """Both settings' rows: the file holds the trained weights and optimizer state (within 1%: the loops' state,
+    pickling); a LoRA checkpoint is under 5% of what it was with its base and the reward model inside."""
+    import os
+    import subprocess
+
+    proc = subprocess.run([sys.executable, "benchmarks/checkpoint.py", "--quick"], capture_output=True, text=True,
+                          timeout=900, env={**os.environ, "PYTHONPATH": os.getcwd()})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = {line.split("|")[1].strip(): line.split("|")[2:-1] for line in proc.stdout.splitlines()
+            if line.startswith(("| full fine-tune", "| LoRA r 16"))}
+    assert set(rows) == {"full fine-tune", "LoRA r 16"}, proc.stdout
+    for name, cells in rows.items():
+        file, weights, optimizer, left_out = (float(c.split()[0]) for c in cells[:4])
+        assert file == pytest.approx(weights + optimizer, rel=0.01, abs=2e-3) and left_out > 0, (name, cells)
+    assert float(rows["LoRA r 16"][5]) < 0.05 and 0.5 < float(rows["full fine-tune"][5]) < 0.7
+
+
 def test_throughput_shapes_parameter_counts_and_lora_flops():
     """The 1B shape has >= 1e9 parameters as transformers builds it (on the meta device), equal to
     `rollout_params`; LoRA updates count forward + input gradient: 2/3 of a full update's FLOPs."""

@@ -1,10 +1,12 @@
 """callbacks/checkpoint.py: checkpoints on a cadence of training batches (rollouts in RL) that fires, and exact
 mid-epoch resume: after SIGKILL, after Ctrl-C, for every stage, and on 2 processes under FSDP2."""
+import shutil
 from pathlib import Path
 
 import pytest
 import torch
 
+from modules.checks import ConfigError
 from tests.helpers import run_train, tiny_rl_config, tiny_stage_config
 from train import cli_main
 
@@ -25,12 +27,14 @@ def _digest(path: Path, rank: int = 0) -> dict:
 
 
 def _resume_case(tmp_path, sft_dir, devices: int, interrupt: str, stage: str = "rl", strategy=None,
-                 accelerator: str = "cpu"):
+                 accelerator: str = "cpu", model: dict | None = None) -> Path:
     """Uninterrupted: 2 epochs of R rollouts (SFT / reward stages: R training batches). Interrupted when rollout
     R + 1 (the second of the second epoch) starts: SIGKILL dies at once, leaving last.ckpt of the rollout before
     (saved after every rollout); SIGINT finishes that rollout, saves and exits 130. Resumed from last.ckpt: bit-equal
-    weights, and the resumed run trains on exactly the remaining batches. `strategy`: DDP by default on several
-    processes; `accelerator` 'gpu': the RL runs on CUDA (`tests/test_gpu.py`)."""
+    weights, and the resumed run trains on exactly the remaining batches. The checkpoint holds the trained weights
+    alone (`modules.checkpoints`): an RL run's reference (or LoRA base) is only in its digest of frozen weights.
+    `strategy`: DDP by default on several processes; `accelerator` 'gpu': the RL runs on CUDA (`tests/test_gpu.py`);
+    `model`: RL module settings. Returns last.ckpt."""
     extra = {"devices": devices, "strategy": "ddp"} if devices > 1 else {}
     if strategy:
         extra["strategy"] = strategy
@@ -43,7 +47,7 @@ def _resume_case(tmp_path, sft_dir, devices: int, interrupt: str, stage: str = "
         if stage != "rl":
             return tiny_stage_config(tmp_path, stage, sft_dir, f"{name}.yaml", callbacks, checkpoint, max_epochs=2)
         return tiny_rl_config(tmp_path, sft_dir, name=f"{name}.yaml", max_epochs=2, extra_callbacks=callbacks,
-                              checkpoint=checkpoint, **extra)
+                              checkpoint=checkpoint, model=model, **extra)
 
     digest = lambda name: [{"class_path": "tests.helpers.ParamDigest",  # noqa: E731
                             "init_args": {"path": str(tmp_path / name)}}]
@@ -58,14 +62,18 @@ def _resume_case(tmp_path, sft_dir, devices: int, interrupt: str, stage: str = "
     run_train(config("killed", kill, every=1 if interrupt == "SIGKILL" else 0), expect=-9 if interrupt == "SIGKILL" else 130)
     last = tmp_path / "killed" / "last.ckpt"
     assert last.exists()
-    loader = torch.load(last, weights_only=False)["loops"]["fit_loop"]["state_dict"]["combined_loader"]
+    saved = torch.load(last, weights_only=False)
+    loader = saved["loops"]["fit_loop"]["state_dict"]["combined_loader"]
     assert loader == [{"epoch": 1, "batches": 1 if interrupt == "SIGKILL" else 2}]    # mid-epoch
+    assert sorted(saved["state_dict"]) == saved["trained_keys"] and not set(saved["state_dict"]) & set(saved["frozen_digest"])
+    assert stage != "rl" or any(k.startswith(("reference.", "policy.base_model")) for k in saved["frozen_digest"])
     run(config("resumed", digest("resumed"), every=0), "--ckpt_path", str(last))
     for rank in range(devices):
         a, b = _digest(tmp_path / "straight", rank), _digest(tmp_path / "resumed", rank)
         assert not torch.equal(a["params"], a["initial"])
         assert torch.equal(a["params"], b["params"]), f"rank {rank}: resumed weights differ from the uninterrupted run"
         assert a["prompts"][-len(b["prompts"]):] == b["prompts"]      # the resumed run saw the remaining batches
+    return last
 
 
 @pytest.mark.slow
@@ -91,3 +99,48 @@ def test_sigkill_mid_epoch_resume_is_bit_exact_under_two_processes_with_fsdp2(tm
     rank takes its shards back."""
     _resume_case(tmp_path, sft_dir, devices=2, interrupt="SIGKILL",
                  strategy={"class_path": "modules.sharding.FSDP2Strategy"})
+
+
+@pytest.mark.slow
+def test_a_lora_run_checkpoints_its_adapters_alone_and_refuses_other_frozen_weights(tmp_path, sft_dir, reward_dir):
+    """LoRA P3O scored by a reward-stage export: the checkpoint holds the adapters alone, besides the objective's
+    statistics (the base and the reward model are only in its digest of frozen weights), and a SIGKILL resume is
+    bit-exact. Resumed with another reward model (the same export, its head changed), the run stops before training
+    with one line naming the reward model's head; before, the checkpoint's copy of the reward model silently
+    replaced the configured one."""
+    from safetensors.torch import load_file, save_file
+
+    model = {"policy": {"lora": {"r": 4, "lora_alpha": 8}},
+             "reward": {"class_path": "modules.rewards.RewardModel", "init_args": {"path": reward_dir,
+                                                                                  "normalize": False}}}
+    last = _resume_case(tmp_path, sft_dir, devices=1, interrupt="SIGKILL", model=model)
+    saved = torch.load(last, weights_only=False)
+    weights = [k for k in saved["state_dict"] if not k.startswith("objective.")]      # (the objective's statistics)
+    assert weights and all("lora_" in k for k in weights), weights
+    assert {k.split(".")[0] for k in saved["frozen_digest"]} == {"policy", "reward"}
+    other = tmp_path / "other-reward"
+    shutil.copytree(reward_dir, other)
+    weights = load_file(other / "model.safetensors")
+    weights["score.weight"] = weights["score.weight"] + 0.01
+    save_file(weights, other / "model.safetensors", metadata={"format": "pt"})
+    config = tiny_rl_config(tmp_path, sft_dir, name="other.yaml",
+                            model={**model, "reward": {**model["reward"], "init_args": {"path": str(other),
+                                                                                          "normalize": False}}})
+    with pytest.raises(ConfigError, match=r"^the frozen weights differ from the checkpoint's at reward.model.score.weight "
+                                          r"\(sum, norm: checkpoint \(.*resume with the models the checkpoint was written with$"):
+        cli_main(["fit", "--config", config, "--ckpt_path", str(last)])
+
+
+def test_the_frozen_digest_is_the_sum_and_norm_of_each_frozen_parameter():
+    """The docstring's example: [[1, 2], [2, 0]] -> (5, 3); trained parameters and buffers are not in it, and every
+    name of a frozen parameter is left out of a checkpoint (a tied one under both)."""
+    from modules.checkpoints import frozen_digest, frozen_names
+
+    module = torch.nn.Module()
+    module.frozen = torch.nn.Parameter(torch.tensor([[1.0, 2.0], [2.0, 0.0]]), requires_grad=False)
+    module.trained = torch.nn.Parameter(torch.ones(3))
+    module.inner = torch.nn.Module()
+    module.inner.tied = module.frozen
+    module.register_buffer("steps", torch.tensor(7.0))
+    assert frozen_digest(module) == {"frozen": (5.0, 3.0)}
+    assert frozen_names(module) == {"frozen", "inner.tied"}

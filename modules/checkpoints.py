@@ -1,0 +1,111 @@
+"""What a training checkpoint holds: the weights training changes, not the frozen ones.
+
+Every stage module derives from `TrainedOnlyCheckpoints`. A run's frozen weights (a full fine-tune's reference
+copy, a LoRA model's base, an RL run's reward model or judge) are rebuilt from its config on resume, exactly as
+they were built at the start, so its checkpoints leave them out: a LoRA run's checkpoint holds the adapters and
+their optimizer state, not the base; a full fine-tune's holds the policy, not its reference. In their place it
+records a digest of each frozen parameter (`frozen_digest`: its sum and its L2 norm, in float64; computed once per
+run, 0.5 s for SmolLM2-135M's shape twice over on 2 CPU cores, `benchmarks/checkpoint.py`). A resume whose
+frozen weights differ from the checkpoint's (another SFT export, another reward model) stops before training with
+one line naming the first parameter that differs, instead of silently training against other weights.
+
+Under FSDP2 the frozen weights are not gathered to the first rank either (`modules.sharding.FSDP2Strategy`).
+A checkpoint written before this (with the frozen weights in it) still resumes. DeepSpeed writes its checkpoints
+through its own engine, frozen weights included.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+from modules.checks import ConfigError
+
+DIGEST = "frozen_digest"     # checkpoint keys: {parameter name: (sum, L2 norm)} and the names of the saved entries
+TRAINED = "trained_keys"
+
+
+class TrainedOnlyCheckpoints:
+    """LightningModule hooks: checkpoints without the frozen parameters, checked against them on resume."""
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        frozen = frozen_names(self)
+        state = checkpoint.get("state_dict")
+        for name in frozen if state is not None else ():
+            state.pop(name, None)
+        checkpoint[TRAINED] = sorted(k for k in self.state_dict() if k not in frozen)
+        if getattr(self, "_frozen_digest", None) is None:       # frozen weights do not change: once per run
+            self._frozen_digest = frozen_digest(self)
+        checkpoint[DIGEST] = self._frozen_digest
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        """Before the weights load (one device, DDP): the frozen entries are filled from this run's own, so the
+        strict load sees every key. The saved entries must be this run's trained ones, and the frozen weights
+        must match the checkpoint's digest: otherwise a `ConfigError` naming the first difference."""
+        saved = checkpoint.get(TRAINED)
+        if saved is None:                     # written before frozen weights were left out: nothing to check
+            return
+        frozen = frozen_names(self)
+        ours = sorted(k for k in self.state_dict() if k not in frozen)
+        if saved != ours:
+            extra, missing = sorted(set(saved) - set(ours)), sorted(set(ours) - set(saved))
+            raise ConfigError(f"the checkpoint's trained weights are not this run's: {len(missing)} missing (first: "
+                              f"{missing[:1]}), {len(extra)} not in this run (first: {extra[:1]}); resume with the "
+                              "config that wrote it (same model, LoRA settings and objective)")
+        theirs = checkpoint.get(DIGEST, {})
+        mine = self._frozen_digest = frozen_digest(self)
+        for name in sorted(set(theirs) | set(mine)):
+            a, b = theirs.get(name), mine.get(name)
+            if a is None or b is None or not all(math.isclose(x, y, rel_tol=1e-9, abs_tol=1e-12) for x, y in zip(a, b)):
+                raise ConfigError(
+                    f"the frozen weights differ from the checkpoint's at {name} (sum, norm: checkpoint {a}, this run "
+                    f"{b}): the checkpoint leaves frozen weights out (a LoRA base, the reference, the reward model) "
+                    "and this run rebuilt them from other files; resume with the models the checkpoint was written with")
+        state = checkpoint.get("state_dict")
+        if state is not None:
+            own = self.state_dict(keep_vars=True)
+            for name in frozen:
+                state.setdefault(name, own[name].detach())
+
+
+def frozen_names(module: torch.nn.Module) -> set[str]:
+    """The state-dict names of `module`'s frozen parameters (every name of a tied one)."""
+    return {name for name, p in module.named_parameters(remove_duplicate=False) if not p.requires_grad}
+
+
+@torch.no_grad()
+def frozen_digest(module: torch.nn.Module) -> dict[str, tuple[float, float]]:
+    """{name: (sum, L2 norm)} of every frozen parameter (tied ones once), in float64. A parameter sharded by FSDP2
+    contributes each rank's shard (every rank calls this; one all-reduce); one whole on every rank counts once.
+
+    Example: a frozen parameter [[1, 2], [2, 0]] -> (5.0, 3.0) (sum 5; sqrt(1 + 4 + 4) = 3)."""
+    from torch.distributed.tensor import DTensor
+
+    names, sums, shared = [], [], []
+    for name, p in module.named_parameters():
+        if p.requires_grad:
+            continue
+        local = p.to_local() if isinstance(p, DTensor) else p
+        names.append(name)
+        sums.append(_sum_and_squares(local))
+        shared.append(isinstance(p, DTensor))
+    if not names:
+        return {}
+    table = torch.stack(sums)                                                         # (P, 2): sum, sum of squares
+    if any(shared):
+        import torch.distributed as dist
+
+        device = next(p for p in module.parameters() if isinstance(p, DTensor)).to_local().device
+        parts = table.to(device) * torch.tensor(shared, device=device).unsqueeze(1)  # shards add up over ranks
+        dist.all_reduce(parts)
+        table = torch.where(torch.tensor(shared).unsqueeze(1), parts.cpu(), table)
+    return {name: (float(s), math.sqrt(float(q))) for name, (s, q) in zip(names, table.tolist())}
+
+
+def _sum_and_squares(tensor: torch.Tensor) -> torch.Tensor:
+    """(sum, sum of squares) in float64 (on the CPU), 4M values at a time: no float64 copy of a whole tensor."""
+    total = torch.zeros(2, dtype=torch.float64, device=tensor.device)
+    for part in tensor.detach().reshape(-1).split(1 << 22):
+        part = part.double()
+        total += torch.stack([part.sum(), part.square().sum()])
+    return total.cpu()
