@@ -31,9 +31,9 @@ class TrainedOnlyCheckpoints:
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         frozen = frozen_names(self)
         state = checkpoint.get("state_dict")
-        for name in frozen if state is not None else ():
-            state.pop(name, None)
-        checkpoint[TRAINED] = sorted(k for k in self.state_dict() if k not in frozen)
+        for key in [k for k in state if is_frozen(k, frozen)] if state is not None else ():
+            del state[key]
+        checkpoint[TRAINED] = sorted(k for k in self.state_dict() if not is_frozen(k, frozen))
         if getattr(self, "_frozen_digest", None) is None:       # frozen weights do not change: once per run
             self._frozen_digest = frozen_digest(self)
         checkpoint[DIGEST] = self._frozen_digest
@@ -46,7 +46,7 @@ class TrainedOnlyCheckpoints:
         if saved is None:                     # written before frozen weights were left out: nothing to check
             return
         frozen = frozen_names(self)
-        ours = sorted(k for k in self.state_dict() if k not in frozen)
+        ours = sorted(k for k in self.state_dict() if not is_frozen(k, frozen))
         if saved != ours:
             extra, missing = sorted(set(saved) - set(ours)), sorted(set(ours) - set(saved))
             raise ConfigError(f"the checkpoint's trained weights are not this run's: {len(missing)} missing (first: "
@@ -63,14 +63,24 @@ class TrainedOnlyCheckpoints:
                     "and this run rebuilt them from other files; resume with the models the checkpoint was written with")
         state = checkpoint.get("state_dict")
         if state is not None:
-            own = self.state_dict(keep_vars=True)
-            for name in frozen:
-                state.setdefault(name, own[name].detach())
+            own = self.state_dict()                # as a checkpoint with them would hold them
+            for name in frozen:                     # (a 4-bit weight's quantization state is rebuilt with it)
+                state.setdefault(name, own[name])
 
 
 def frozen_names(module: torch.nn.Module) -> set[str]:
     """The state-dict names of `module`'s frozen parameters (every name of a tied one)."""
     return {name for name, p in module.named_parameters(remove_duplicate=False) if not p.requires_grad}
+
+
+def is_frozen(key: str, frozen: set[str]) -> bool:
+    """Whether a state-dict entry belongs to a frozen parameter: the parameter itself, or what a 4-bit weight
+    saves beside it (`<name>.absmax`, `<name>.quant_map`, ...: bitsandbytes' quantization state, which a load of
+    the module's own state dict does not take back).
+
+    Example: frozen {'w'}: 'w' and 'w.absmax' are frozen entries, 'w2' is not."""
+    parts = key.split(".")
+    return any(".".join(parts[:i]) in frozen for i in range(len(parts), 0, -1))
 
 
 @torch.no_grad()

@@ -131,10 +131,21 @@ def test_a_lora_run_checkpoints_its_adapters_alone_and_refuses_other_frozen_weig
         cli_main(["fit", "--config", config, "--ckpt_path", str(last)])
 
 
+@pytest.mark.slow
+def test_a_qlora_run_resumes_bit_exactly(tmp_path, sft_dir):
+    """A 4-bit base with LoRA: the checkpoint holds the adapters, not the quantized base nor its quantization state
+    (`absmax`, `quant_map`, ...); before, it held both, and a resume stopped on those entries as unexpected keys."""
+    last = _resume_case(tmp_path, sft_dir, devices=1, interrupt="SIGKILL",
+                        model={"policy": {"quantization": "4bit", "lora": {"r": 4, "lora_alpha": 8}}})
+    weights = [k for k in torch.load(last, weights_only=False)["state_dict"] if not k.startswith("objective.")]
+    assert weights and all("lora_" in k for k in weights), weights
+
+
 def test_the_frozen_digest_is_the_sum_and_norm_of_each_frozen_parameter():
     """The docstring's example: [[1, 2], [2, 0]] -> (5, 3); trained parameters and buffers are not in it, and every
-    name of a frozen parameter is left out of a checkpoint (a tied one under both)."""
-    from modules.checkpoints import frozen_digest, frozen_names
+    name of a frozen parameter is left out of a checkpoint (a tied one under both), with what a 4-bit weight saves
+    beside it."""
+    from modules.checkpoints import frozen_digest, frozen_names, is_frozen
 
     module = torch.nn.Module()
     module.frozen = torch.nn.Parameter(torch.tensor([[1.0, 2.0], [2.0, 0.0]]), requires_grad=False)
@@ -144,3 +155,5 @@ def test_the_frozen_digest_is_the_sum_and_norm_of_each_frozen_parameter():
     module.register_buffer("steps", torch.tensor(7.0))
     assert frozen_digest(module) == {"frozen": (5.0, 3.0)}
     assert frozen_names(module) == {"frozen", "inner.tied"}
+    assert is_frozen("w", {"w"}) and is_frozen("w.absmax", {"w"}) and is_frozen("w.quant_state.nf4", {"w"})
+    assert not is_frozen("w2", {"w"}) and not is_frozen("a.w", {"w"})
