@@ -5,7 +5,7 @@ copy, a LoRA model's base, an RL run's reward model or judge) are rebuilt from i
 they were built at the start, so its checkpoints leave them out: a LoRA run's checkpoint holds the adapters and
 their optimizer state, not the base; a full fine-tune's holds the policy, not its reference. In their place it
 records a digest of each frozen parameter (`frozen_digest`: its sum and its L2 norm, in float64; computed once per
-run, 0.5 s for SmolLM2-135M's shape twice over on 2 CPU cores, `benchmarks/checkpoint.py`). A resume whose
+run: about 0.6 s for SmolLM2-135M's shape twice over on 2 CPU cores, `benchmarks/checkpoint.py`). A resume whose
 frozen weights differ from the checkpoint's (another SFT export, another reward model) stops before training with
 one line naming the first parameter that differs, instead of silently training against other weights.
 
