@@ -30,7 +30,7 @@ from modules.backbone import (
     reference_of,
 )
 from modules.batch import ObjectiveInput, ObjectiveOutput, Rollout
-from modules.checkpoints import TrainedOnlyCheckpoints, frozen_names
+from modules.checkpoints import TrainedOnlyCheckpoints, frozen_names, is_frozen
 from modules.checks import ConfigError
 from modules.engines import Engine, Sampler, SamplerMismatchError
 from modules.forward import response_logprobs, token_scores
@@ -484,7 +484,7 @@ class RLModule(TrainedOnlyCheckpoints, L.LightningModule):
         before torch's list of unexpected keys; checkpoints without the record are compared by their keys."""
         ours, theirs = qualified_name(self.objective), checkpoint.get("objective")
         frozen = frozen_names(self)
-        trained = lambda keys: {k for k in keys if k not in frozen and not k.startswith("reward.")}  # noqa: E731
+        trained = lambda keys: {k for k in keys if not is_frozen(k, frozen) and not k.startswith("reward.")}  # noqa: E731
         if theirs is None and trained(checkpoint.get("state_dict", {})) and (
                 trained(checkpoint["state_dict"]) != trained(self.state_dict())):
             theirs = "another objective (its parameters differ from this run's)"

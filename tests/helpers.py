@@ -200,6 +200,26 @@ class KillAt(L.Callback):
             os.kill(os.getpid(), getattr(signal, self.signal))
 
 
+class GatheredFrozen(L.Callback):
+    """Test callback: on rank 0, appends to `path` one JSON line per save: the frozen parameters (a tied one under
+    its first name) in the checkpoint's state dict as the strategy made it, before the module's own hook leaves
+    them out (`modules.checkpoints`)."""
+
+    def __init__(self, path: str):
+        self.path = path
+
+    def on_save_checkpoint(self, trainer, pl_module, checkpoint):
+        import json
+
+        from modules.checkpoints import is_frozen
+
+        if trainer.is_global_zero:
+            frozen = {name for name, p in pl_module.named_parameters() if not p.requires_grad}
+            keys = sorted(k for k in checkpoint.get("state_dict", {}) if is_frozen(k, frozen))
+            with open(self.path, "a") as out:
+                out.write(json.dumps(keys) + "\n")
+
+
 class RecordingCheckpoint(L.Callback):
     """Test callback: records after which batches a StepCheckpoint of the same trainer saved."""
 
