@@ -29,8 +29,12 @@ class TrainedOnlyCheckpoints:
     """LightningModule hooks: checkpoints without the frozen parameters, checked against them on resume."""
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
+        from torch.distributed.tensor import DTensor
+
         frozen = frozen_names(self)
         state = checkpoint.get("state_dict")
+        if state is not None and any(isinstance(v, DTensor) for v in state.values()):
+            state = None            # a distributed (sharded) checkpoint keeps them: its loader asks for every key
         for key in [k for k in state if is_frozen(k, frozen)] if state is not None else ():
             del state[key]
         checkpoint[TRAINED] = sorted(k for k in self.state_dict() if not is_frozen(k, frozen))
