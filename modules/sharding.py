@@ -50,7 +50,8 @@ class FSDP2Strategy(ModelParallelStrategy):
 
     Args:
         save_distributed_checkpoint: write a folder with one shard per rank instead of one file (for models too
-            large to gather on one rank; not tested here).
+            large to gather on one rank; frozen weights included: its loader asks for every key). Not in the
+            suite: a 2-process CPU run saved and resumed from one by hand on 2026-12-01.
         process_group_backend: `nccl` on GPUs and `gloo` on CPU by default.
     """
 
