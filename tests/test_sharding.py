@@ -185,10 +185,10 @@ def test_sharded_gradients_logprobs_and_samples_equal_the_whole_model(tmp_path, 
     `ShardingError` naming the first difference, on both ranks, and a whole build that fails on rank 0 stops rank 1
     too; a model that cannot be built empty (a LoRA export as adapter + base) is built whole on both ranks and
     sharded. A reward model (`RewardModel`), a pairwise preference model (`PreferenceModel`) and an LLM judge
-    (`LLMJudge`) are each built only by `configure(mesh)`, sharded, and score as the whole one (1e-5; the untrained
-    preference head's logits, ~1e-5, within 1e-4 of themselves); the last two,
-    asked about 3 pairs on rank 0 and 1 on rank 1 one pair per forward, make as many forwards on both ranks
-    (`FrozenModel.batched`; otherwise rank 0 would wait for rank 1 until gloo's timeout)."""
+    (`LLMJudge`) are each built only by `configure(mesh)`, sharded, and score as the whole one (1e-5; the preference
+    model's f, about 1e-5 from an untrained head, within 1e-4 relative). The last two, asked about 3 pairs on rank 0
+    and 1 on rank 1, one pair per forward, make as many forwards on both ranks (`FrozenModel.batched`; otherwise
+    rank 0 would wait for rank 1 until gloo's timeout)."""
     import torch.multiprocessing as mp
 
     os.environ["TEST_PORT"] = str(29500 + os.getpid() % 1000)
