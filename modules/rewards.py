@@ -4,6 +4,7 @@
     `datamodules.task.GoldReward`, or a rule-based reward of yours), selected by `class_path`, or
   * a *pairwise* reward: an object with `pairwise = True` called as `(prompts, responses_a, responses_b) ->
     list[float]`, the logit of P(a preferred over b) for each pair (`PairwiseReward`; `score_pairs`).
+A reward or judge that holds a model of its own derives from `FrozenModel` (built once, frozen, sharded under FSDP2).
 """
 from __future__ import annotations
 
