@@ -37,7 +37,7 @@ class TrainedOnlyCheckpoints:
             state = None            # a distributed (sharded) checkpoint keeps them: its loader asks for every key
         for key in [k for k in state if is_frozen(k, frozen)] if state is not None else ():
             del state[key]
-        checkpoint[TRAINED] = sorted(k for k in self.state_dict() if not is_frozen(k, frozen))
+        checkpoint[TRAINED] = trained_keys(self, frozen)
         if getattr(self, "_frozen_digest", None) is None:       # frozen weights do not change: once per run
             self._frozen_digest = frozen_digest(self)
         checkpoint[DIGEST] = self._frozen_digest
@@ -50,7 +50,7 @@ class TrainedOnlyCheckpoints:
         if saved is None:                     # written before frozen weights were left out: nothing to check
             return
         frozen = frozen_names(self)
-        ours = sorted(k for k in self.state_dict() if not is_frozen(k, frozen))
+        ours = trained_keys(self, frozen)
         if saved != ours:
             extra, missing = sorted(set(saved) - set(ours)), sorted(set(ours) - set(saved))
             raise ConfigError(f"the checkpoint's trained weights are not this run's: {len(missing)} missing (first: "
@@ -75,6 +75,11 @@ class TrainedOnlyCheckpoints:
 def frozen_names(module: torch.nn.Module) -> set[str]:
     """The state-dict names of `module`'s frozen parameters (every name of a tied one)."""
     return {name for name, p in module.named_parameters(remove_duplicate=False) if not p.requires_grad}
+
+
+def trained_keys(module: torch.nn.Module, frozen: set[str]) -> list[str]:
+    """The sorted state-dict entries a checkpoint of `module` holds: all but the frozen ones (`is_frozen`)."""
+    return sorted(k for k in module.state_dict() if not is_frozen(k, frozen))
 
 
 def is_frozen(key: str, frozen: set[str]) -> bool:

@@ -10,7 +10,7 @@ import torch
 
 from modules import functional as F
 from modules import layout
-from modules.sharding import is_partitioned, is_sharded
+from modules.sharding import forwards_on_every_rank, is_partitioned
 
 
 def lm_logits(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, keep: int | torch.Tensor = 0,
@@ -87,13 +87,7 @@ def micro_batch_ranges(tokens: torch.Tensor, budget: int | None, model) -> list[
     collective): the most any rank needs. `budget` None: one range of every row."""
     if budget is None:
         return [(0, len(tokens))]
-    count = len(layout.micro_batch_groups(tokens, budget))
-    if is_sharded(model):
-        import torch.distributed as dist
-
-        most = torch.tensor(count, device=tokens.device)
-        dist.all_reduce(most, op=dist.ReduceOp.MAX)
-        count = int(most)
+    count = forwards_on_every_rank(len(layout.micro_batch_groups(tokens, budget)), model, tokens.device)
     return layout.micro_batch_groups(tokens, budget, count)
 
 

@@ -70,17 +70,11 @@ class FrozenModel(nn.Module):
 
         Example: n = 5, size = 2 -> forward(0, 2), forward(2, 4), forward(4, 5); with a sharded model and another
         rank that needs 4 batches, one pad-token forward follows."""
-        from modules.sharding import is_sharded
+        from modules.sharding import forwards_on_every_rank
 
-        count, model = -(-n // size), self.model
+        model = self.model
         device = next(model.parameters()).device
-        if is_sharded(model):
-            import torch.distributed as dist
-
-            most = torch.tensor(count, device=device)
-            dist.all_reduce(most, op=dist.ReduceOp.MAX)
-            count = int(most)
-        out = []
+        count, out = forwards_on_every_rank(-(-n // size), model, device), []
         for start in range(0, count * size, size):
             if start < n:
                 out += forward(start, min(n, start + size))

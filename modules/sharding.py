@@ -309,6 +309,18 @@ def is_sharded(model: nn.Module) -> bool:
     return bool(fsdp_units(model)) or is_partitioned(model)
 
 
+def forwards_on_every_rank(count: int, model: nn.Module, device: torch.device) -> int:
+    """The number of forwards of `model` to make when this rank needs `count`: `count` itself, or the most any
+    rank needs when `model` is sharded (every rank calls this then; one all-reduce)."""
+    if not is_sharded(model):
+        return count
+    import torch.distributed as dist
+
+    most = torch.tensor(count, device=device)
+    dist.all_reduce(most, op=dist.ReduceOp.MAX)
+    return int(most)
+
+
 @contextlib.contextmanager
 def gathered(model: nn.Module):
     """For the duration, every FSDP2 unit of `model` holds its whole parameters (one all-gather each, on entry)
