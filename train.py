@@ -29,6 +29,7 @@ from modules.cpu import reuse_freed_memory, sharded_allocator_warning
 from modules.engines import SamplerMismatchError
 from modules.rewards import RewardError
 from modules.rl import NonFiniteError
+from modules.sharding import exit_process
 
 log = logging.getLogger("train")
 # Errors at a boundary the user controls; their message is the whole story (`main` prints it as one line).
@@ -141,4 +142,4 @@ def main(args: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_process(main())

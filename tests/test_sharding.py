@@ -45,7 +45,7 @@ def _gradient_case(rank: int, world: int, tokenizer_path: str, reward_dir: str, 
     from modules.judges import LLMJudge
     from modules.rewards import PreferenceModel, RewardModel
     from modules.sampling import SamplingConfig, sample
-    from modules.sharding import ShardingError, build_sharded, build_with_reference, fsdp_units
+    from modules.sharding import ShardingError, build_sharded, build_with_reference, exit_process, fsdp_units
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=os.environ["TEST_PORT"])
     dist.init_process_group("gloo", rank=rank, world_size=world, timeout=datetime.timedelta(minutes=2))  # no hang
@@ -166,7 +166,7 @@ def _gradient_case(rank: int, world: int, tokenizer_path: str, reward_dir: str, 
     except (OSError, ShardingError) as error:
         results["failed"] = f"{type(error).__name__}: {error}"
     torch.save(results, f"{path}.rank{rank}.pt")
-    dist.destroy_process_group()
+    exit_process(0)         # not through finalization: gloo can abort there (`exit_process`)
 
 
 @pytest.mark.slow
@@ -315,3 +315,36 @@ def test_fsdp2_trains_like_ddp_and_exports_whole_weights(tmp_path, sft_dir, rewa
         assert "val/judge_win_rate" in ours and ours == pytest.approx(theirs, abs=1e-6), (ours, theirs)
     else:
         assert torch.equal(exported, fsdp2[0]["params"][: exported.numel()])
+
+
+_EXIT = """
+import atexit, sys
+import torch.distributed as dist
+from modules.sharding import exit_process
+
+class Finalized:
+    def __del__(self):
+        print("finalized", flush=True)
+
+kept = Finalized()                      # a module global: deleted when the interpreter is finalized
+atexit.register(lambda: print("atexit;", dist.is_initialized(), end=" "))
+if sys.argv[1] == "gloo":
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+print("unflushed;", end=" ")
+exit_process(3)
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("group", ["gloo", "none"])
+def test_a_gloo_process_exits_without_finalizing_the_interpreter(group):
+    """`exit_process(3)` in a gloo process group: exit code 3, the atexit handlers ran (the group still up for
+    them), unflushed output written, the group destroyed, and nothing finalized (where gloo's worker threads can
+    abort the process). Without a group: a plain exit, finalization included."""
+    import subprocess
+    import sys
+
+    proc = subprocess.run([sys.executable, "-c", _EXIT, group], capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "PYTHONPATH": os.getcwd()})
+    assert proc.returncode == 3, proc.stderr
+    assert proc.stdout == ("unflushed; atexit; True " if group == "gloo" else "unflushed; atexit; False finalized\n")
