@@ -5,7 +5,7 @@ response length, the responses per rollout and the vocabulary grow; and one upda
     python benchmarks/memory.py --points base V151936 --ours defaults micro   # some points, some of our variants
     python benchmarks/memory.py --points base --ours defaults --strategies single ddp fsdp2   # 2 CPU processes
     python benchmarks/memory.py --build --shape llama-1b --strategies single fsdp2   # building the models alone
-    python benchmarks/memory.py --build --shape llama-1b --strategies fsdp2 --processes 4 [--lora 16]
+    python benchmarks/memory.py --build --shape llama-1b --strategies fsdp2 --processes 4 [--lora 16] [--judge]
     python benchmarks/memory.py --settings          # one update under each memory setting (about 6 minutes)
     python benchmarks/memory.py --quick             # a 2-layer model, tiny workloads (CI-sized; TRL optional)
     python benchmarks/memory.py --plot OUT1 OUT2 --figure memory.png   # the figure from saved sweep outputs
@@ -30,7 +30,8 @@ the larger rank's (the progress line gives both, and their sum: what the machine
 
 `--build`: the peak memory of building our RL module's models alone (the policy and a full fine-tune's reference
 copy, sharded under FSDP2), per process, under each of `--strategies` on `--processes` CPU processes (2), of a full
-fine-tune or with `--lora R` adapters (no reference copy); the run stops before its first rollout.
+fine-tune or with `--lora R` adapters (no reference copy), with `--judge` an LLM judge of the same shape as the
+reward (`modules.judges.LLMJudge`, sharded too); the run stops before its first rollout.
 
 The settings (`--settings`): one P3O-V2 update of a full fine-tune: pi_old and pi_ref logprobs over the rollout
 (no graph), then the minibatch's loss and its backward, for a minibatch of all the responses (random prompt and
@@ -185,20 +186,35 @@ def sweep(args) -> None:
         print(f"| {name} | {new_tokens} | {2 * prompts} | {vocab:,} | " + " | ".join(cells) + " |")
 
 
+def judge_export(args, directory: str) -> str:
+    """A random-init causal LM of the benchmark's shape with its tokenizer, exported as a judge's weights."""
+    from benchmarks.harness import random_llama
+    from modules.backbone import load_tokenizer, save_pretrained
+
+    tokenizer = load_tokenizer(args.tokenizer)
+    save_pretrained(random_llama(QUICK if args.quick else SHAPES[args.shape], tokenizer), tokenizer, directory)
+    return directory
+
+
 def build(args) -> None:
-    """Peak memory of building our RL module's models (policy, and the reference copy of a full fine-tune) and
-    sharding them, per process, under each of `--strategies`: the run stops before its first rollout."""
+    """Peak memory of building our RL module's models (policy, and the reference copy of a full fine-tune; with
+    `--judge`, an LLM judge of the same shape as the reward) and sharding them, per process, under each of
+    `--strategies`: the run stops before its first rollout."""
     peaks = {}                                          # strategy -> each process's peak
-    for strategy in args.strategies:
-        result = child(["benchmarks/throughput.py", "--side", "ours", "--build-only", "--library-defaults",
-                        "--strategy", strategy, "--processes", args.processes, "--lora", args.lora,
-                        "--threads", args.threads, "--prompts", 4, "--minibatch-prompts", 4,
-                        "--epochs", 1, "--device", args.device, "--shape", args.shape, "--tokenizer", args.tokenizer,
-                        *["--quick"] * args.quick], f"memory build {strategy}", env={"OMP_NUM_THREADS": str(args.threads)})
-        peaks[strategy] = result.get("peak_gb_ranks") or [result["peak_gb"]]
-        print(f"[memory] build {strategy}: peak {', '.join('%.2f' % r for r in peaks[strategy])} GB", flush=True)
+    with tempfile.TemporaryDirectory() as tmp:
+        judge = ["--judge", judge_export(args, os.path.join(tmp, "judge"))] if args.judge else []
+        for strategy in args.strategies:
+            result = child(["benchmarks/throughput.py", "--side", "ours", "--build-only", "--library-defaults",
+                            "--strategy", strategy, "--processes", args.processes, "--lora", args.lora,
+                            "--threads", args.threads, "--prompts", 4, "--minibatch-prompts", 4, "--epochs", 1,
+                            "--device", args.device, "--shape", args.shape, "--tokenizer", args.tokenizer, *judge,
+                            *["--quick"] * args.quick], f"memory build {strategy}",
+                           env={"OMP_NUM_THREADS": str(args.threads)})
+            peaks[strategy] = result.get("peak_gb_ranks") or [result["peak_gb"]]
+            print(f"[memory] build {strategy}: peak {', '.join('%.2f' % r for r in peaks[strategy])} GB", flush=True)
     shape = "2-layer quick model" if args.quick else f"{args.shape} shape"
     tuning = f"LoRA r={args.lora}, no reference copy" if args.lora else "full fine-tune"
+    tuning += ", an LLM judge of the same shape as the reward" if args.judge else ""
     print(f"\nBuilding the RL module's models ({shape}, random init, fp32, {tuning}), "
           f"{machine(args.threads)}; peak memory: each process's peak RSS")
     print("| strategy | processes | peak per process GB | all processes GB |\n|---|---|---|---|")
@@ -307,6 +323,8 @@ def main() -> None:
     parser.add_argument("--processes", type=int, default=2,
                         help="--build: the processes of the ddp / fsdp2 strategies (each rank its share of the prompts)")
     parser.add_argument("--lora", type=int, default=0, help="--build: LoRA rank on every linear (0: full fine-tune)")
+    parser.add_argument("--judge", action="store_true",
+                        help="--build: the reward is an LLM judge of the same shape (random init), built and sharded too")
     parser.add_argument("--micro_batch_tokens", type=int, default=None, help="--settings: budget of the micro settings")
     parser.add_argument("--vocab", type=int, default=49152, help="--settings: vocabulary size (Qwen: 151936)")
     parser.add_argument("--plot", nargs="*", metavar="OUTPUT",

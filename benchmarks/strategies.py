@@ -124,3 +124,6 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
+    from modules.sharding import exit_process
+
+    exit_process(0)        # a run on several CPU processes (gloo) must not go through finalization: see there

@@ -81,7 +81,8 @@ def run_ours(shape: dict, rollouts: int, args) -> dict:
             "model": {"init_args": {
                 "policy": {"pretrained": None, "lora": {"r": args.lora} if args.lora else None, "config": shape,
                            **({} if args.library_defaults else {"activation_checkpointing": args.checkpointing})},
-                "reward": {"class_path": "datamodules.task.GoldReward"},
+                "reward": ({"class_path": "modules.judges.LLMJudge", "init_args": {"model": args.judge}} if args.judge
+                           else {"class_path": "datamodules.task.GoldReward"}),
                 "objective": {"class_path": "modules.objectives.grpo.GRPO",
                               "init_args": {"k": args.k, "kl_coef": 0.04, "clip_eps": 0.2}},
                 "sampling": {"max_new_tokens": args.new_tokens}, "epochs": args.epochs,
@@ -177,6 +178,7 @@ def add_work_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--trl-checkpointing", action="store_true", help=argparse.SUPPRESS)   # TRL's
     parser.add_argument("--strategy", choices=list(STRATEGIES), default="single", help=argparse.SUPPRESS)  # ours
     parser.add_argument("--build-only", action="store_true", help=argparse.SUPPRESS)   # ours: build the models, no rollout
+    parser.add_argument("--judge", help=argparse.SUPPRESS)   # ours: an LLM judge's weights as the reward (memory --build)
     parser.add_argument("--processes", type=int, default=2, help=argparse.SUPPRESS)   # ours under ddp / fsdp2
 
 
@@ -395,3 +397,6 @@ def rollout_params(shape: dict, vocab: int = 49152) -> int:
 
 if __name__ == "__main__":
     main()
+    from modules.sharding import exit_process
+
+    exit_process(0)        # a run on several CPU processes (gloo) must not go through finalization: see there

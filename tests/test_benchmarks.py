@@ -255,15 +255,15 @@ def test_memory_sweep_quick_prints_a_row_per_point_for_our_side():
 def test_memory_build_quick_prints_the_peak_of_building_the_models():
     """`benchmarks/memory.py --build`: our RL module's models are built (no rollout) and the table gives each
     strategy's peak per process, above the fresh interpreter's footprint, and all processes' sum: one process, and
-    FSDP2 on `--processes 3` with `--lora`."""
+    FSDP2 on `--processes 3` with `--lora` and an LLM judge as the reward (`--judge`)."""
     import os
     import subprocess
 
     proc = subprocess.run([sys.executable, "benchmarks/memory.py", "--build", "--quick", "--strategies", "single",
-                           "fsdp2", "--processes", "3", "--lora", "4"],
+                           "fsdp2", "--processes", "3", "--lora", "4", "--judge"],
                           capture_output=True, text=True, timeout=900, env={**os.environ, "PYTHONPATH": os.getcwd()})
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "LoRA r=4, no reference copy" in proc.stdout
+    assert "LoRA r=4, no reference copy, an LLM judge of the same shape as the reward" in proc.stdout
     rows = {line.split("|")[1].strip(): [float(x) for x in line.strip(" |").split("|")[1:]]
             for line in proc.stdout.splitlines() if line.startswith(("| single |", "| fsdp2 |"))}
     assert rows.keys() == {"single", "fsdp2"}, proc.stdout
