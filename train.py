@@ -14,6 +14,7 @@ import copy
 import logging
 import os
 import sys
+import traceback
 from pathlib import Path
 from typing import Optional
 
@@ -142,4 +143,9 @@ def main(args: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    exit_process(main())
+    try:
+        code = main()
+    except Exception:                   # not a user's error: the traceback, then the same exit as any run's
+        traceback.print_exc()
+        code = 1
+    exit_process(code)
