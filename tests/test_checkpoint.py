@@ -28,14 +28,16 @@ def _digest(path: Path, rank: int = 0) -> dict:
 
 
 def _resume_case(tmp_path, sft_dir, devices: int, interrupt: str, stage: str = "rl", strategy=None,
-                 accelerator: str = "cpu", model: dict | None = None) -> Path:
+                 accelerator: str = "cpu", model: dict | None = None, sharded_too: bool = False) -> Path:
     """Uninterrupted: 2 epochs of R rollouts (SFT / reward stages: R training batches). Interrupted when rollout
     R + 1 (the second of the second epoch) starts: SIGKILL dies at once, leaving last.ckpt of the rollout before
     (saved after every rollout); SIGINT finishes that rollout, saves and exits 130. Resumed from last.ckpt: bit-equal
     weights, and the resumed run trains on exactly the remaining batches. The checkpoint holds the trained weights
     alone (`modules.checkpoints`): an RL run's reference (or LoRA base) is only in its digest of frozen weights.
     `strategy`: DDP by default on several processes (FSDP2 gathers no frozen weight to rank 0 to save);
-    `accelerator` 'gpu': the RL runs on CUDA (`tests/test_gpu.py`); `model`: RL module settings. Returns last.ckpt."""
+    `accelerator` 'gpu': the RL runs on CUDA (`tests/test_gpu.py`); `model`: RL module settings; `sharded_too`: the
+    interruption and the resume again with `strategy` writing distributed checkpoints (a folder of shards, frozen
+    weights included). Returns last.ckpt."""
     extra = {"devices": devices, "strategy": "ddp"} if devices > 1 else {}
     if strategy:
         extra["strategy"] = strategy
@@ -73,11 +75,22 @@ def _resume_case(tmp_path, sft_dir, devices: int, interrupt: str, stage: str = "
     assert sorted(saved["state_dict"]) == saved["trained_keys"] and not set(saved["state_dict"]) & set(saved["frozen_digest"])
     assert stage != "rl" or any(k.startswith(("reference.", "policy.base_model")) for k in saved["frozen_digest"])
     run(config("resumed", digest("resumed"), every=0), "--ckpt_path", str(last))
+    resumed = ["resumed"]
+    if sharded_too:       # `save_distributed_checkpoint`: last.ckpt is a folder with one shard per rank
+        extra["strategy"] = {**strategy, "init_args": {**strategy.get("init_args", {}), "save_distributed_checkpoint": True}}
+        run_train(config("killed_sharded", kill, every=1 if interrupt == "SIGKILL" else 0),
+                  expect=-9 if interrupt == "SIGKILL" else 130)
+        folder = tmp_path / "killed_sharded" / "last.ckpt"
+        assert folder.is_dir() and len(list(folder.glob("*.distcp"))) == devices, list(folder.iterdir())
+        run(config("resumed_sharded", digest("resumed_sharded"), every=0), "--ckpt_path", str(folder))
+        resumed.append("resumed_sharded")
     for rank in range(devices):
-        a, b = _digest(tmp_path / "straight", rank), _digest(tmp_path / "resumed", rank)
+        a = _digest(tmp_path / "straight", rank)
         assert not torch.equal(a["params"], a["initial"])
-        assert torch.equal(a["params"], b["params"]), f"rank {rank}: resumed weights differ from the uninterrupted run"
-        assert a["prompts"][-len(b["prompts"]):] == b["prompts"]      # the resumed run saw the remaining batches
+        for name in resumed:
+            b = _digest(tmp_path / name, rank)
+            assert torch.equal(a["params"], b["params"]), f"rank {rank}: {name} weights differ from the uninterrupted run"
+            assert a["prompts"][-len(b["prompts"]):] == b["prompts"]      # the resumed run saw the remaining batches
     return last
 
 
@@ -100,10 +113,11 @@ def test_sft_and_reward_stages_resume_bit_exactly_after_a_mid_epoch_sigkill(tmp_
 @pytest.mark.slow
 def test_sigkill_mid_epoch_resume_is_bit_exact_under_two_processes_with_fsdp2(tmp_path, sft_dir):
     """Two processes (every rank's sampling RNG and prompt shard restored, as under DDP, whose callbacks are the
-    same), FSDP2: the checkpoint holds the whole weights and optimizer state gathered on rank 0; resumed, each
-    rank takes its shards back."""
+    same), FSDP2: the checkpoint holds the trained weights and optimizer state gathered on rank 0; resumed, each
+    rank takes its shards back. Again with `save_distributed_checkpoint: true` (a folder with one shard per rank,
+    the frozen weights included: its loader asks for every key)."""
     _resume_case(tmp_path, sft_dir, devices=2, interrupt="SIGKILL",
-                 strategy={"class_path": "modules.sharding.FSDP2Strategy"})
+                 strategy={"class_path": "modules.sharding.FSDP2Strategy"}, sharded_too=True)
 
 
 @pytest.mark.slow
