@@ -101,7 +101,7 @@ def exit_process(code: int) -> NoReturn:
     run, and at the end of a 2-process test."""
     import torch.distributed as dist
 
-    if not (dist.is_available() and dist.is_initialized() and dist.get_backend() == "gloo"):
+    if not (dist.is_available() and dist.is_initialized() and "gloo" in str(dist.get_backend())):  # "cpu:gloo,cuda:nccl" too
         sys.exit(code)
     atexit._run_exitfuncs()         # what a normal exit runs before finalization, while the interpreter is whole
     if dist.is_initialized():
