@@ -23,6 +23,8 @@ from __future__ import annotations
 import atexit
 import contextlib
 import copy
+import gc
+import io
 import logging
 import os
 import sys
@@ -91,8 +93,9 @@ class FSDP2Strategy(ModelParallelStrategy):
 
 def exit_process(code: int) -> NoReturn:
     """Ends the process with exit code `code`. In a gloo process group (FSDP2 or DDP on CPU) the interpreter is not
-    finalized: the atexit handlers run (loggers, Lightning's), stdout and stderr are flushed, the process group is
-    destroyed, then `os._exit`. Otherwise plain `sys.exit`.
+    finalized: the atexit handlers run (loggers, Lightning's), the process group is destroyed, every open file is
+    flushed (stdout, stderr and any a callback left open, as finalization would), then `os._exit`. Otherwise plain
+    `sys.exit`.
 
     Why: gloo's worker threads live as long as the device mesh and the sharded modules that hold the group, that is
     until finalization, and a worker that releases the last reference to a tensor there takes the GIL of an
@@ -106,8 +109,10 @@ def exit_process(code: int) -> NoReturn:
     atexit._run_exitfuncs()         # what a normal exit runs before finalization, while the interpreter is whole
     if dist.is_initialized():
         dist.destroy_process_group()
-    sys.stdout.flush()
-    sys.stderr.flush()
+    for file in [o for o in gc.get_objects() if isinstance(o, io.IOBase)] + [sys.stdout, sys.stderr]:
+        with contextlib.suppress(Exception):    # what finalization would write: files a callback left open
+            if not file.closed and file.writable():
+                file.flush()
     os._exit(code)
 
 

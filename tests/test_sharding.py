@@ -318,7 +318,7 @@ def test_fsdp2_trains_like_ddp_and_exports_whole_weights(tmp_path, sft_dir, rewa
 
 
 _EXIT = """
-import atexit
+import atexit, sys
 import torch.distributed as dist
 from modules.sharding import exit_process
 
@@ -330,23 +330,26 @@ kept = Finalized()                      # a module global: deleted when the inte
 atexit.register(lambda: print("atexit;", dist.is_initialized(), end=" "))
 dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
 print("unflushed;", end=" ")
+left_open = open(sys.argv[1], "w")
+left_open.write("written")
 exit_process(3)
 """
 
 
 @pytest.mark.slow
-def test_a_gloo_process_exits_without_finalizing_the_interpreter():
+def test_a_gloo_process_exits_without_finalizing_the_interpreter(tmp_path):
     """`exit_process(3)` in a gloo process group: exit code 3, the atexit handlers ran (the group still up for
-    them), unflushed output written, and nothing finalized (where gloo's worker threads can abort the process).
-    Without a group: a plain `sys.exit`."""
+    them), unflushed output written (stdout, and a file left open), and nothing finalized (where gloo's worker
+    threads can abort the process). Without a group: a plain `sys.exit`."""
     import subprocess
     import sys
 
     from modules.sharding import exit_process
 
-    proc = subprocess.run([sys.executable, "-c", _EXIT], capture_output=True, text=True, timeout=120,
-                          env={**os.environ, "PYTHONPATH": os.getcwd()})
+    proc = subprocess.run([sys.executable, "-c", _EXIT, str(tmp_path / "left_open.txt")], capture_output=True,
+                          text=True, timeout=120, env={**os.environ, "PYTHONPATH": os.getcwd()})
     assert (proc.returncode, proc.stdout) == (3, "unflushed; atexit; True "), proc.stderr
+    assert (tmp_path / "left_open.txt").read_text() == "written"
     with pytest.raises(SystemExit) as exited:
         exit_process(3)
     assert exited.value.code == 3
