@@ -485,8 +485,8 @@ class RLModule(TrainedOnlyCheckpoints, L.LightningModule):
         ours, theirs = qualified_name(self.objective), checkpoint.get("objective")
         frozen = frozen_names(self)
         trained = lambda keys: {k for k in keys if not is_frozen(k, frozen) and not k.startswith("reward.")}  # noqa: E731
-        if theirs is None and trained(checkpoint.get("state_dict", {})) and (
-                trained(checkpoint["state_dict"]) != trained(self.state_dict())):
+        saved = trained(checkpoint.get("state_dict", {}))
+        if theirs is None and saved and saved != trained(self.state_dict()):
             theirs = "another objective (its parameters differ from this run's)"
         if theirs is not None and theirs != ours:
             raise ConfigError(f"the checkpoint was written by a run of {theirs}; this run's objective is {ours}: "
