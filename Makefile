@@ -123,8 +123,8 @@ frontier: install
 # The suite, then the vLLM engine's tests in its own environment (tests/test_vllm.py skips in .venv).
 # The suite runs on TEST_WORKERS processes (pytest-xdist), every test single-threaded (OMP_NUM_THREADS=1: the tiny
 # test models gain nothing from a second thread, and two workers must not oversubscribe two cores). A worker that
-# runs out of tests takes half of the other's queue (--dist worksteal): the slow tests take 1-2 min each, and with
-# `--dist load` one worker sat idle for the last ~4 min while the other ran the queue it had been sent
+# runs out of tests takes half of the other's queue (--dist worksteal): the slow tests take up to 2 min each, and
+# with `--dist load` one profiled run left a worker idle for 260 s while the other ran the queue it had been sent
 # (tests/TIMINGS.md).
 TEST_WORKERS ?= 2
 XDIST := -n $(TEST_WORKERS) --dist worksteal
