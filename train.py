@@ -28,9 +28,9 @@ from datamodules.sources import DataError
 from modules.checks import ConfigError, config_problem, config_warnings
 from modules.cpu import reuse_freed_memory, sharded_allocator_warning
 from modules.engines import SamplerMismatchError
+from modules.process import exit_process
 from modules.rewards import RewardError
 from modules.rl import NonFiniteError
-from modules.sharding import exit_process
 
 log = logging.getLogger("train")
 # Errors at a boundary the user controls; their message is the whole story (`main` prints it as one line).

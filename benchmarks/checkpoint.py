@@ -104,3 +104,6 @@ def main(argv: list[str] | None = None) -> None:
 
 if __name__ == "__main__":
     main()
+    from modules.process import exit_process
+
+    exit_process(0)        # no finalization: seconds saved, and gloo can abort there (see there)

@@ -243,3 +243,6 @@ def plot_overoptimisation(rows: list[dict], names: list[str], path: Path) -> Non
 
 if __name__ == "__main__":
     main()
+    from modules.process import exit_process
+
+    exit_process(0)        # no finalization: seconds saved, and gloo can abort there (see there)

@@ -115,12 +115,13 @@ class ReviewTask(Source):
             clauses.append(" ".join(w for w in words if w))
         return " ".join(clauses) + " ."
 
-    def records(self, split: str) -> list[dict]:
-        """Deterministic records for 'train' or 'val'."""
+    def records(self, split: str, limit: int | None = None) -> list[dict]:
+        """Deterministic records for 'train' or 'val'; with `limit`, only the first `limit` of them (the same
+        records: each is drawn after the ones before it, so the rest need not be labelled)."""
         n, offset = (self.num_train, 0) if split == "train" else (self.num_val, 1_000_003)
         rng = random.Random(self.seed * 7919 + offset)
         out = []
-        for _ in range(n):
+        for _ in range(n if limit is None else min(n, limit)):
             prompt, a, b = self.prompt(rng), self.response(rng), self.response(rng)
             while b == a:
                 b = self.response(rng)
@@ -135,7 +136,7 @@ class ReviewTask(Source):
     def corpus(self) -> list[str]:
         words = PLACES + SUBJECTS + POSITIVE + NEGATIVE + NEUTRAL + [w for w in INTENSIFIERS if w] + JOINERS + VERBS
         fixed = "write a review of the : ."
-        return [fixed, " ".join(words)] + [r["prompt"] + " " + r["chosen"] for r in self.records("train")[:200]]
+        return [fixed, " ".join(words)] + [r["prompt"] + " " + r["chosen"] for r in self.records("train", limit=200)]
 
     def tokenizer(self) -> str:
         """Train (once, cached on disk) a word-level tokenizer on the task text; returns its directory."""

@@ -20,15 +20,10 @@ DeepSpeed ZeRO-3 (`is_partitioned`) gathers each submodule's parameters inside i
 """
 from __future__ import annotations
 
-import atexit
 import contextlib
 import copy
-import gc
-import io
 import logging
-import os
-import sys
-from typing import Callable, NoReturn
+from typing import Callable
 
 import torch
 from lightning.pytorch.strategies import ModelParallelStrategy
@@ -89,31 +84,6 @@ class FSDP2Strategy(ModelParallelStrategy):
             return super().load_checkpoint(checkpoint_path, weights_only=weights_only)
         finally:
             module.strict_loading = strict
-
-
-def exit_process(code: int) -> NoReturn:
-    """Ends the process with exit code `code`. In a gloo process group (FSDP2 or DDP on CPU) the interpreter is not
-    finalized: the atexit handlers run (loggers, Lightning's), the process group is destroyed, every open file is
-    flushed (stdout, stderr and any a callback left open, as finalization would), then `os._exit`. Otherwise plain
-    `sys.exit`.
-
-    Why: gloo's worker threads live as long as the device mesh and the sharded modules that hold the group, that is
-    until finalization, and a worker that releases the last reference to a tensor there takes the GIL of an
-    interpreter being torn down: the process aborts (SIGABRT, "terminate called without an active exception";
-    pytorch/pytorch#190489), so a finished run would report failure. Seen once in CI, at the end of a resumed FSDP2
-    run, and at the end of a 2-process test."""
-    import torch.distributed as dist
-
-    if not (dist.is_available() and dist.is_initialized() and "gloo" in str(dist.get_backend())):  # "cpu:gloo,cuda:nccl" too
-        sys.exit(code)
-    atexit._run_exitfuncs()         # what a normal exit runs before finalization, while the interpreter is whole
-    if dist.is_initialized():
-        dist.destroy_process_group()
-    for file in [o for o in gc.get_objects() if isinstance(o, io.IOBase)] + [sys.stdout, sys.stderr]:
-        with contextlib.suppress(Exception):    # what finalization would write: files a callback left open
-            if not file.closed and file.writable():
-                file.flush()
-    os._exit(code)
 
 
 def fsdp_mesh(module) -> "torch.distributed.device_mesh.DeviceMesh | None":

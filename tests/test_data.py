@@ -128,6 +128,8 @@ def test_task_is_deterministic_noisy_and_inside_the_range(tmp_path):
     chosen = sum(gold_reward("", r["chosen"]) for r in train) / len(train)
     assert -0.5 < chosen < 0.5         # SFT demonstrations sit well inside [-1, 1]
     assert all(r["chosen"] != r["rejected"] for r in train)
+    # the first records alone (the tokenizer's corpus) are the same records
+    assert task.records("train", limit=30) == train[:30] and task.records("val", limit=10**6) == task.records("val")
 
 
 def test_gold_reward_penalises_repetition():

@@ -43,9 +43,10 @@ def _gradient_case(rank: int, world: int, tokenizer_path: str, reward_dir: str, 
     from modules.backbone import BackboneSpec, build_causal_lm, build_scorer, export_model, load_tokenizer
     from modules.forward import response_logprobs, sequence_rewards, token_scores
     from modules.judges import LLMJudge
+    from modules.process import exit_process
     from modules.rewards import PreferenceModel, RewardModel
     from modules.sampling import SamplingConfig, sample
-    from modules.sharding import ShardingError, build_sharded, build_with_reference, exit_process, fsdp_units
+    from modules.sharding import ShardingError, build_sharded, build_with_reference, fsdp_units
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=os.environ["TEST_PORT"])
     dist.init_process_group("gloo", rank=rank, world_size=world, timeout=datetime.timedelta(minutes=2))  # no hang
@@ -315,41 +316,3 @@ def test_fsdp2_trains_like_ddp_and_exports_whole_weights(tmp_path, sft_dir, rewa
         assert "val/judge_win_rate" in ours and ours == pytest.approx(theirs, abs=1e-6), (ours, theirs)
     else:
         assert torch.equal(exported, fsdp2[0]["params"][: exported.numel()])
-
-
-_EXIT = """
-import atexit, sys
-import torch.distributed as dist
-from modules.sharding import exit_process
-
-class Finalized:
-    def __del__(self):
-        print("finalized", flush=True)
-
-kept = Finalized()                      # a module global: deleted when the interpreter is finalized
-atexit.register(lambda: print("atexit;", dist.is_initialized(), end=" "))
-dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
-print("unflushed;", end=" ")
-left_open = open(sys.argv[1], "w")
-left_open.write("written")
-exit_process(3)
-"""
-
-
-@pytest.mark.slow
-def test_a_gloo_process_exits_without_finalizing_the_interpreter(tmp_path):
-    """`exit_process(3)` in a gloo process group: exit code 3, the atexit handlers ran (the group still up for
-    them), unflushed output written (stdout, and a file left open), and nothing finalized (where gloo's worker
-    threads can abort the process). Without a group: a plain `sys.exit`."""
-    import subprocess
-    import sys
-
-    from modules.sharding import exit_process
-
-    proc = subprocess.run([sys.executable, "-c", _EXIT, str(tmp_path / "left_open.txt")], capture_output=True,
-                          text=True, timeout=120, env={**os.environ, "PYTHONPATH": os.getcwd()})
-    assert (proc.returncode, proc.stdout) == (3, "unflushed; atexit; True "), proc.stderr
-    assert (tmp_path / "left_open.txt").read_text() == "written"
-    with pytest.raises(SystemExit) as exited:
-        exit_process(3)
-    assert exited.value.code == 3
