@@ -28,12 +28,12 @@ def exit_process(code: int) -> NoReturn:
         FSDP2 run, and at the end of a 2-process test.
 
     Finalization's other work (module teardown, `__del__` of what is still alive) writes nothing: Python does not
-    promise it anyway. Under a profiler or tracer (`python -m cProfile train.py ...`), which writes its results
-    after the script, it is a plain `sys.exit` instead, except in a gloo group. Tested in tests/test_process.py."""
+    promise it anyway. Where something goes on after the script (`_host_goes_on`: a profiler, a debugger, an
+    interactive session) it is a plain `sys.exit` instead, except in a gloo group. Tested in tests/test_process.py."""
     dist = sys.modules.get("torch.distributed")     # (never imported here: a script that has none exits as fast)
     group = dist is not None and dist.is_available() and dist.is_initialized()
-    if (sys.getprofile() or sys.gettrace()) and not (group and "gloo" in str(dist.get_backend())):
-        sys.exit(code)      # `python -m cProfile` / `trace` / a debugger: they write their results after the script
+    if _host_goes_on() and not (group and "gloo" in str(dist.get_backend())):
+        sys.exit(code)
     for thread in threading.enumerate():            # what finalization waits for first
         if thread is not threading.main_thread() and not thread.daemon:
             thread.join()
@@ -47,3 +47,11 @@ def exit_process(code: int) -> NoReturn:
             if not file.closed and file.writable():
                 file.flush()
     os._exit(code)
+
+
+def _host_goes_on() -> bool:
+    """The script runs inside something that goes on after it: a profiler or tracer that then writes its results
+    (`python -m cProfile` / `trace`, coverage), a debugger, `python -i`, IPython or Jupyter's `%run`."""
+    import builtins
+
+    return bool(sys.getprofile() or sys.gettrace() or sys.flags.interactive or hasattr(builtins, "get_ipython"))

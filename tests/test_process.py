@@ -16,6 +16,9 @@ class Finalized:
         print("finalized", flush=True)
 
 kept = Finalized()                      # a module global: deleted when the interpreter is finalized
+if sys.argv[3:] == ["ipython"]:                  # what IPython / Jupyter's `%run` shows while a script runs
+    import builtins
+    builtins.get_ipython = lambda: None
 if sys.argv[2] == "gloo":
     import torch.distributed as dist
     atexit.register(lambda: print("atexit;", dist.is_initialized(), end=" "))
@@ -42,16 +45,26 @@ def test_a_process_exits_as_it_would_without_finalizing_the_interpreter(tmp_path
     assert "Warning" not in proc.stderr, proc.stderr   # (torch.distributed's deprecated `reduce_op`, read by the file scan)
 
 
-def test_under_a_profiler_the_process_exits_normally_so_the_profile_is_written(tmp_path):
-    """`python -m cProfile -o FILE script.py`: the script's `exit_process` is a plain `sys.exit`, so the
-    interpreter is finalized and cProfile writes its profile after the script."""
+@pytest.mark.parametrize("host", ["cProfile", "python -i", "IPython"])
+def test_where_something_goes_on_after_the_script_it_exits_normally(tmp_path, host):
+    """`python -m cProfile -o FILE script.py` (which writes its profile after the script), `python -i script.py`
+    (a session after it) and IPython or Jupyter's `%run` (`get_ipython` among the builtins): `exit_process` is a
+    plain `sys.exit`, so the interpreter is finalized, the profile written and no session killed."""
     script = tmp_path / "script.py"
     script.write_text(_EXIT)
-    proc = _run([sys.executable, "-m", "cProfile", "-o", str(tmp_path / "profile"), str(script),
-                 str(tmp_path / "left_open.txt"), "none"])
-    # (cProfile catches the script's SystemExit: it exits 0 whatever the script's code)
-    assert proc.stdout == "unflushed; joined; atexit; False finalized\n", proc.stderr
-    assert (tmp_path / "profile").stat().st_size > 0 and (tmp_path / "left_open.txt").read_text() == "written"
+    args = [str(script), str(tmp_path / "left_open.txt"), "none"]
+    command = {"cProfile": ["-m", "cProfile", "-o", str(tmp_path / "profile"), *args], "python -i": ["-i", *args],
+               "IPython": [*args, "ipython"]}[host]
+    proc = subprocess.run([sys.executable, *command], capture_output=True, text=True, timeout=120, stdin=subprocess.DEVNULL,
+                          env={**os.environ, "PYTHONPATH": os.getcwd()})
+    # (cProfile catches the script's SystemExit and exits 0; `python -i` prints it and reads the session from stdin)
+    assert proc.stdout.startswith("unflushed; joined; atexit; False ") and "finalized" in proc.stdout, proc.stderr
+    assert proc.returncode == (3 if host == "IPython" else 0), proc.stderr
+    assert (tmp_path / "left_open.txt").read_text() == "written"
+    if host == "cProfile":
+        assert (tmp_path / "profile").stat().st_size > 0
+    if host == "python -i":
+        assert "SystemExit: 3" in proc.stderr and proc.stderr.rstrip().endswith(">>>")     # the session went on
 
 
 def _run(command: list[str]) -> subprocess.CompletedProcess:
