@@ -55,8 +55,7 @@ def test_where_something_goes_on_after_the_script_it_exits_normally(tmp_path, ho
     args = [str(script), str(tmp_path / "left_open.txt"), "none"]
     command = {"cProfile": ["-m", "cProfile", "-o", str(tmp_path / "profile"), *args], "python -i": ["-i", *args],
                "IPython": [*args, "ipython"]}[host]
-    proc = subprocess.run([sys.executable, *command], capture_output=True, text=True, timeout=120, stdin=subprocess.DEVNULL,
-                          env={**os.environ, "PYTHONPATH": os.getcwd()})
+    proc = _run([sys.executable, *command])
     # (cProfile catches the script's SystemExit and exits 0; `python -i` prints it and reads the session from stdin)
     assert proc.stdout.startswith("unflushed; joined; atexit; False ") and "finalized" in proc.stdout, proc.stderr
     assert proc.returncode == (3 if host == "IPython" else 0), proc.stderr
@@ -68,5 +67,5 @@ def test_where_something_goes_on_after_the_script_it_exits_normally(tmp_path, ho
 
 
 def _run(command: list[str]) -> subprocess.CompletedProcess:
-    return subprocess.run(command, capture_output=True, text=True, timeout=120,
+    return subprocess.run(command, capture_output=True, text=True, timeout=120, stdin=subprocess.DEVNULL,
                           env={**os.environ, "PYTHONPATH": os.getcwd()})
