@@ -68,7 +68,8 @@ class PairDataModule(L.LightningDataModule):
         return origin, [rec for _, rec in indexed]
 
     def _indexed_records(self, split: str) -> tuple[str, list[tuple[int, dict]]]:
-        origin, rows = self.source.load(split)
+        prompts = self.prompts_only and hasattr(self.source, "load_prompts")
+        origin, rows = self.source.load_prompts(split) if prompts else self.source.load(split)
         if not rows:
             raise DataError(f"{origin}: the {split} split is empty{_why_empty(self.source, split)}")
         need = ("prompt",) if self.prompts_only else FIELDS

@@ -41,13 +41,18 @@ class Source:
     such as `--data.init_args.source.init_args.num_train=100` reach its arguments).
 
     `load(split)` returns `(origin, rows)` for split 'train' / 'val' (origin names the file or dataset in error
-    messages); `first_index(split)` is the index in that file of the split's first row (a held-out tail starts
-    after the training rows), so errors name the record as it is numbered in the file; `tokenizer()` returns the
-    path of a tokenizer the source ships, or None.
+    messages). `load_prompts(split)` returns the same rows for a prompts-only datamodule (RL), which reads only
+    their prompts: override it where a row's responses cost work to make (the embedded task labels them).
+    `first_index(split)` is the index in that file of the split's first row (a held-out tail starts after the
+    training rows), so errors name the record as it is numbered in the file. `tokenizer()` returns the path of a
+    tokenizer the source ships, or None.
     """
 
     def load(self, split: str) -> tuple[str, list[dict]]:
         raise NotImplementedError
+
+    def load_prompts(self, split: str) -> tuple[str, list[dict]]:
+        return self.load(split)
 
     def first_index(self, split: str) -> int:
         return 0

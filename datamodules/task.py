@@ -115,23 +115,34 @@ class ReviewTask(Source):
             clauses.append(" ".join(w for w in words if w))
         return " ".join(clauses) + " ."
 
-    def records(self, split: str, limit: int | None = None) -> list[dict]:
-        """Deterministic records for 'train' or 'val'; with `limit`, only the first `limit` of them (the same
-        records: each is drawn after the ones before it, so the rest need not be labelled)."""
+    def _draws(self, split: str, limit: int | None = None):
+        """(prompt, a, b, u) per record of 'train' or 'val', in order: two distinct responses and the uniform draw
+        that decides the label (`records`). With `limit`, only the first `limit` (each is drawn after the ones
+        before it, so the rest need not be drawn)."""
         n, offset = (self.num_train, 0) if split == "train" else (self.num_val, 1_000_003)
         rng = random.Random(self.seed * 7919 + offset)
-        out = []
         for _ in range(n if limit is None else min(n, limit)):
             prompt, a, b = self.prompt(rng), self.response(rng), self.response(rng)
             while b == a:
                 b = self.response(rng)
+            yield prompt, a, b, rng.random()
+
+    def records(self, split: str, limit: int | None = None) -> list[dict]:
+        """Deterministic records for 'train' or 'val' (the first `limit` with `limit`): a wins with Bradley-Terry
+        probability sigmoid((gold(a) - gold(b)) / label_temperature)."""
+        out = []
+        for prompt, a, b, u in self._draws(split, limit):
             margin = (gold_reward(prompt, a) - gold_reward(prompt, b)) / self.label_temperature
-            a_wins = rng.random() < 1.0 / (1.0 + math.exp(-margin))
+            a_wins = u < 1.0 / (1.0 + math.exp(-margin))
             out.append({"prompt": prompt, "chosen": a if a_wins else b, "rejected": b if a_wins else a})
         return out
 
     def load(self, split: str) -> tuple[str, list[dict]]:
         return f"{self.name}[{split}]", self.records(split)
+
+    def load_prompts(self, split: str) -> tuple[str, list[dict]]:
+        """The prompts of `load(split)`, in order, without labelling their responses (no gold reward computed)."""
+        return f"{self.name}[{split}]", [{"prompt": prompt} for prompt, *_ in self._draws(split)]
 
     def corpus(self) -> list[str]:
         words = PLACES + SUBJECTS + POSITIVE + NEGATIVE + NEUTRAL + [w for w in INTENSIFIERS if w] + JOINERS + VERBS
