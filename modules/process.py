@@ -30,6 +30,7 @@ def exit_process(code: int) -> NoReturn:
     Finalization's other work (module teardown, `__del__` of what is still alive) writes nothing: Python does not
     promise it anyway. Where something goes on after the script (`_host_goes_on`: a profiler, a debugger, an
     interactive session) it is a plain `sys.exit` instead, except in a gloo group. Tested in tests/test_process.py."""
+    gc.unfreeze()       # what train.py froze after its imports: not in `gc.get_objects`, and not finalized on exit
     dist = sys.modules.get("torch.distributed")     # (never imported here: a script that has none exits as fast)
     group = dist is not None and dist.is_available() and dist.is_initialized()
     if _host_goes_on() and not (group and "gloo" in str(dist.get_backend())):

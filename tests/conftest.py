@@ -1,8 +1,21 @@
+import gc
 import os
 
 import pytest
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_collection(session):
+    """No cyclic garbage collection while the test modules import torch, lightning and transformers; what they
+    leave is then frozen out of the collector's walks, as in train.py (about 9% of `make test-fast`'s CPU)."""
+    gc.disable()
+    try:
+        return (yield)
+    finally:
+        gc.freeze()
+        gc.enable()
 
 TINY = {"model_type": "llama", "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1,
         "num_attention_heads": 2, "num_key_value_heads": 2, "max_position_embeddings": 128}

@@ -27,6 +27,10 @@ else:
     atexit.register(lambda: print("atexit;", "torch" in sys.modules, end=" "))
 threading.Thread(target=lambda: time.sleep(0.5) or print("joined;", end=" ")).start()   # not a daemon
 print("unflushed;", end=" ")
+import gc
+frozen_open = open(sys.argv[1] + ".frozen", "w")       # opened before a `gc.freeze`, as in train.py's imports
+frozen_open.write("written")
+gc.freeze()
 left_open = open(sys.argv[1], "w")
 left_open.write("written")
 exit_process(3)
@@ -41,7 +45,7 @@ def test_a_process_exits_as_it_would_without_finalizing_the_interpreter(tmp_path
     abort the process, and which costs seconds after torch); no warning printed."""
     proc = _run([sys.executable, "-c", _EXIT, str(tmp_path / "left_open.txt"), group])
     assert (proc.returncode, proc.stdout) == (3, f"unflushed; joined; atexit; {group == 'gloo'} "), proc.stderr
-    assert (tmp_path / "left_open.txt").read_text() == "written"
+    assert (tmp_path / "left_open.txt").read_text() == (tmp_path / "left_open.txt.frozen").read_text() == "written"
     assert "Warning" not in proc.stderr, proc.stderr   # (torch.distributed's deprecated `reduce_op`, read by the file scan)
 
 
@@ -69,3 +73,22 @@ def test_where_something_goes_on_after_the_script_it_exits_normally(tmp_path, ho
 def _run(command: list[str]) -> subprocess.CompletedProcess:
     return subprocess.run(command, capture_output=True, text=True, timeout=120, stdin=subprocess.DEVNULL,
                           env={**os.environ, "PYTHONPATH": os.getcwd()})
+
+
+_TRAIN_GC = """
+import atexit, gc, runpy, sys
+import train                            # imported (tests, benchmarks): the collector left as it was
+print(gc.isenabled(), gc.get_freeze_count(), end="; ")
+atexit.register(lambda: print(gc.isenabled(), gc.get_freeze_count() > 100_000, flush=True))
+sys.argv = ["train.py", "--help"]
+runpy.run_path("train.py", run_name="__main__")       # as a script: its imports frozen, the collector back on
+"""
+
+
+@pytest.mark.slow
+def test_train_py_as_a_script_freezes_what_its_imports_leave_and_collects_again():
+    """`python train.py`: the collector is off while the libraries import and on again after, with what they left
+    (hundreds of thousands of objects) frozen out of its walks. Imported as a module it changes nothing."""
+    proc = _run([sys.executable, "-c", _TRAIN_GC])
+    assert proc.returncode == 0 and proc.stdout.startswith("True 0; "), proc.stderr[-2000:]
+    assert proc.stdout.rstrip().endswith("True True"), proc.stdout[-500:]
