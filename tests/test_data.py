@@ -119,7 +119,7 @@ def test_prompts_only_records(tmp_path, task_tokenizer_path):
 
 def test_an_rl_datamodule_reads_the_task_prompts_without_labelling_them(tmp_path, task_tokenizer_path, monkeypatch):
     """Prompts only (RL): the embedded task's prompts, in the order of its labelled records, and no gold reward
-    computed for responses nobody reads (about 0.5 s of CPU for the quickstart's 3200 records)."""
+    computed for responses nobody reads (0.8 s of CPU for the quickstart's 3200 records, here)."""
     task = ReviewTask(num_train=40, num_val=10, seed=5, cache_dir=str(tmp_path))
     labelled = {split: [r["prompt"] for r in task.records(split)] for split in ("train", "val")}
     monkeypatch.setattr("datamodules.task.gold_reward", lambda *a, **k: pytest.fail("a response was labelled"))
