@@ -17,6 +17,7 @@ def pytest_collection(session):
         gc.freeze()
         gc.enable()
 
+
 TINY = {"model_type": "llama", "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1,
         "num_attention_heads": 2, "num_key_value_heads": 2, "max_position_embeddings": 128}
 
