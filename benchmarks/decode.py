@@ -50,7 +50,7 @@ def main() -> None:
     from transformers import GenerationConfig
 
     from modules import functional as F
-    from modules.sampling import SamplingConfig, _prompt_cache, sample
+    from modules.sampling import SamplingConfig, _prompt_cache, cache_kwarg, sample
 
     torch.set_num_threads(args.threads)
     model, tok, ids, mask, texts = setup(QUICK if args.quick else SMOLLM2)
@@ -61,7 +61,7 @@ def main() -> None:
         with torch.no_grad():
             cache = _prompt_cache(model, ids, mask, K)
             model.generate(input_ids=ids.repeat_interleave(K, 0), attention_mask=mask.repeat_interleave(K, 0),
-                           generation_config=hf_config, past_key_values=cache)
+                           generation_config=hf_config, **{cache_kwarg(): cache})
 
     def ours(prepack: bool):
         return lambda: sample(model, tok, ids, mask, texts, SamplingConfig(max_new_tokens=args.new_tokens,

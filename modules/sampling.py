@@ -12,6 +12,17 @@ from modules.cpu import prepacked_linears
 from modules.sharding import gathered, is_partitioned
 
 
+def cache_kwarg(version: str | None = None) -> str:
+    """The keyword that hands a KV cache to a model's `forward` and to `generate` under transformers `version`
+    (default: the installed one): `cache` since 5.24, which renamed `past_key_values` (the old name still works
+    there but warns, and leaves `forward` in 5.40); the floor, 5.17, knows only `past_key_values`.
+    `cache_kwarg("5.23.0")` -> "past_key_values", `cache_kwarg("5.24.0")` -> "cache"."""
+    from transformers import __version__
+
+    major, minor = (int(part) for part in (version or __version__).split(".")[:2])
+    return "cache" if (major, minor) >= (5, 24) else "past_key_values"
+
+
 @dataclass
 class SamplingConfig:
     """Sampling settings of rollouts and evaluation (the paper samples at T = 1 with no filter).
@@ -106,7 +117,7 @@ def sample(model, tokenizer, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor
             prepacked = prepacked_linears(model, len(ids)) if config.prepack_weights else contextlib.nullcontext()
             with prepacked:
                 cache = _prompt_cache(model, prompt_ids, prompt_mask, num_samples) if shared else None
-                out = model.generate(input_ids=ids, attention_mask=mask, generation_config=gen, past_key_values=cache,
+                out = model.generate(input_ids=ids, attention_mask=mask, generation_config=gen, **{cache_kwarg(): cache},
                                      logits_processor=LogitsProcessorList([draw]), synced_gpus=partitioned)  # (N, P + L')
     finally:
         model.train(was_training)
@@ -154,7 +165,7 @@ def _prompt_cache(model, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, nu
     cache = DynamicCache(config=model.config)
     mask = prompt_mask[:, :-1]
     model(input_ids=prompt_ids[:, :-1], attention_mask=mask, position_ids=F.position_ids_from_mask(mask),
-          past_key_values=cache, use_cache=True, logits_to_keep=1)
+          **{cache_kwarg(): cache}, use_cache=True, logits_to_keep=1)
     cache.batch_repeat_interleave(num_samples)
     return cache
 

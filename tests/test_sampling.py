@@ -69,6 +69,26 @@ def test_sampling_computes_each_prompt_once_and_draws_the_same_responses(tiny_sp
     assert torch.allclose(rolls[True].old_logp, rolls[False].old_logp, atol=1e-5, rtol=0)
 
 
+def test_the_kv_cache_goes_by_the_name_the_installed_transformers_reads(tiny_spec, tokenizer):
+    """transformers 5.24 renamed `past_key_values` to `cache` (the old name warns, and leaves `forward` in 5.40):
+    `cache_kwarg` gives "past_key_values" below 5.24 and "cache" from it on; a sample with the shared prompt cache
+    (a forward and a `generate` that each take it) warns about neither name."""
+    import warnings
+
+    from modules.sampling import cache_kwarg
+
+    assert [cache_kwarg(v) for v in ("5.17.0", "5.23.0", "5.24.0", "5.24.0.dev0", "6.0.0")] == \
+        ["past_key_values"] * 2 + ["cache"] * 3
+    model = build_causal_lm(tiny_spec, tokenizer).eval()
+    batch = PairCollator(tokenizer.pad_token_id)([{"prompt": t, "prompt_ids": encode_prompt(tokenizer, t)}
+                                                  for t in ["write a review of the cafe :", "a review :"]])
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        sample(model, tokenizer, batch.prompt_ids, batch.prompt_mask, batch.prompts,
+               SamplingConfig(max_new_tokens=4), num_samples=2)
+    assert not [str(w.message) for w in caught if "past_key_values" in str(w.message)]
+
+
 def test_the_sampler_draws_from_the_warped_distribution_and_records_the_raw_logprobs():
     """`_Draw` (inverse CDF instead of torch.multinomial): over 40000 rows of the same 6 logits at T = 0.7, top-k 4,
     top-p 0.9, the token frequencies match HF's warped softmax within 0.01, tokens the warpers remove are never
