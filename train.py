@@ -24,8 +24,10 @@ from pathlib import Path
 from typing import Optional
 
 import yaml
+from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.strategies import ModelParallelStrategy
+from lightning.pytorch.utilities.model_helpers import is_overridden
 
 from callbacks.checkpoint import interrupted
 from callbacks.export import ExportError, HFExport
@@ -34,7 +36,7 @@ from modules.checks import ConfigError, config_problem, config_warnings
 from modules.cpu import reuse_freed_memory, sharded_allocator_warning
 from modules.engines import SamplerMismatchError
 from modules.process import exit_process
-from modules.rewards import RewardError
+from modules.rewards import RewardError, qualified_name
 from modules.rl import NonFiniteError
 
 if __name__ == "__main__":
@@ -48,6 +50,19 @@ if __name__ == "__main__":
 log = logging.getLogger("train")
 # Errors at a boundary the user controls; their message is the whole story (`main` prints it as one line).
 USER_ERRORS = (ConfigError, DataError, ExportError, RewardError, NonFiniteError, SamplerMismatchError)
+# What a class built from the config raises about the values it was given (`P3O(k=1)`, `BackboneSpec` with both
+# `pretrained` and `config`, `Trainer(devices=0)`, a tokenizer folder it cannot read).
+SETTING_ERRORS = (ValueError, OSError, MisconfigurationException)
+
+
+def root_cause(err: BaseException) -> BaseException:
+    """The first exception of the chain that ends in `err`: jsonargparse re-raises a constructor's error inside its
+    own (`raise ... from`), once per level of the config it was building."""
+    seen = {id(err)}
+    while (inner := err.__cause__ or err.__context__) is not None and id(inner) not in seen:
+        err = inner
+        seen.add(id(err))
+    return err
 
 
 class RLHFCLI(LightningCLI):
@@ -55,6 +70,19 @@ class RLHFCLI(LightningCLI):
         parser.link_arguments("data.tokenizer_path", "model.init_args.tokenizer", apply_on="instantiate")
         parser.add_argument("--export_dir", type=Optional[str], default=None,
                             help="Where the HFExport callback writes the trained model (overrides its dirpath).")
+
+    @staticmethod
+    def subcommands() -> dict[str, set[str]]:
+        """`fit` and `validate`: no stage has a test or predict step."""
+        return {name: skip for name, skip in LightningCLI.subcommands().items() if name in ("fit", "validate")}
+
+    def before_validate(self) -> None:
+        if not is_overridden("validation_step", self.model):
+            raise ConfigError(
+                f"validate: {qualified_name(self.model)} has no validation loop: it evaluates (callbacks.evaluation."
+                "Evaluation) during fit, every_n_batches and at the end. To evaluate an export on its own, validate "
+                "it as an SFT policy: python train.py validate --config configs/quickstart/sft.yaml "
+                "--model.init_args.backbone='{pretrained: <export>, config: null}'")
 
     def _run_config(self) -> dict:
         config = self.config.get(self.subcommand, self.config) if self.subcommand else self.config
@@ -71,7 +99,15 @@ class RLHFCLI(LightningCLI):
             log.warning("warning: %s", warning)
 
     def instantiate_classes(self) -> None:
-        super().instantiate_classes()
+        """A constructor's complaint about its settings stops the run with its own message as one line, not
+        jsonargparse's stack trace with the whole parsed config; other errors keep their traceback."""
+        try:
+            super().instantiate_classes()
+        except Exception as err:
+            cause = root_cause(err)
+            if isinstance(cause, SETTING_ERRORS):
+                raise ConfigError(str(cause).strip()) from err
+            raise
         export_dir = self._run_config().get("export_dir")
         if export_dir is not None:
             exports = [cb for cb in self.trainer.callbacks if isinstance(cb, HFExport)]

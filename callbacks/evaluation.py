@@ -7,7 +7,9 @@ Works for any stage module exposing `policy` and `tokenizer`. When the module al
   half), val/judge_win_rate and val/judge_agreement (with a `judge`), val/length, val/eos_rate,
 plus val/demo_gold_reward (the dataset's `chosen` responses) as the yardstick for SFT.
 Each evaluation appends a row to `<log_dir>/frontier.csv`, redraws the reward-vs-KL frontier into TensorBoard
-and logs a text table of samples. Runs when training ends and every `every_n_batches` training batches.
+and logs a text table of samples. Runs when training ends and every `every_n_batches` training batches; under
+`python train.py validate` (stages with a validation loop: SFT, offline DPO), once after that loop, its metrics in
+the loop's table.
 
 X-axis: every val/* point is logged at the number of training batches done (rollouts in RL, optimizer steps in
 SFT and reward), the step Lightning gives `train/*`: train/* of rollout b and val/* at b both describe the
@@ -21,6 +23,7 @@ import os
 
 import lightning as L
 import torch
+from lightning.pytorch.trainer.states import TrainerFn
 
 from callbacks.checkpoint import finish_checkpoints, interrupted
 from callbacks.sharding import outside_forward
@@ -86,6 +89,14 @@ class Evaluation(L.Callback):
         if self.every_n_batches:  # the step-0 point: where the frontier starts
             self.run(trainer, pl_module, batches_done(trainer))
 
+    def on_validation_epoch_end(self, trainer, pl_module) -> None:
+        """`validate` (not fit's validation loops): one evaluation, logged with the loop's own metrics, so that it
+        is in Lightning's table, the logger and what `trainer.validate` returns."""
+        if trainer.state.fn != TrainerFn.VALIDATING or trainer.sanity_checking:
+            return
+        metrics = self.run(trainer, pl_module, batches_done(trainer), log=False)
+        pl_module.log_dict(metrics, sync_dist=False)    # (summed over the ranks already)
+
     def prompts(self, trainer) -> list[dict]:
         dm = trainer.datamodule
         dm.setup("validate")
@@ -99,16 +110,16 @@ class Evaluation(L.Callback):
         return examples[:usable][trainer.global_rank:: trainer.world_size]
 
     @torch.no_grad()
-    def run(self, trainer: L.Trainer, pl_module: L.LightningModule, step: int) -> dict:
-        """Evaluate now; `step` is the x-axis value (training batches done)."""
+    def run(self, trainer: L.Trainer, pl_module: L.LightningModule, step: int, log: bool = True) -> dict:
+        """Evaluate now; `step` is the x-axis value (training batches done); `log`: to the logger, at `step`."""
         self._last_step = step
         devices = [pl_module.device] if pl_module.device.type == "cuda" else []
         with torch.random.fork_rng(devices=devices):  # same draws at every evaluation; training RNG untouched
             torch.manual_seed(self.seed + trainer.global_rank)
             with outside_forward(trainer):
-                return self._run(trainer, pl_module, step)
+                return self._run(trainer, pl_module, step, log)
 
-    def _run(self, trainer: L.Trainer, pl_module: L.LightningModule, step: int) -> dict:
+    def _run(self, trainer: L.Trainer, pl_module: L.LightningModule, step: int, log: bool) -> dict:
         sums, rows = {}, []
         examples = self.prompts(trainer)
         for start in range(0, len(examples), self.batch_size):
@@ -123,7 +134,7 @@ class Evaluation(L.Callback):
         metrics = {k: float(trainer.strategy.reduce(torch.tensor(v, device=pl_module.device), reduce_op="sum") / n_all)
                    for k, v in sorted(sums.items())}
         if trainer.is_global_zero:
-            self.report(trainer, metrics, rows, step)
+            self.report(trainer, metrics, rows, step, log)
         return metrics
 
     def evaluate(self, pl_module, examples: list[dict]) -> tuple[dict, list[tuple]]:
@@ -177,17 +188,18 @@ class Evaluation(L.Callback):
         wins = (ours > theirs).float() + 0.5 * (ours == theirs).float()
         return {**out, "val/win_rate": wins.mean().item()}
 
-    def report(self, trainer, metrics: dict, rows: list[tuple], step: int) -> None:
+    def report(self, trainer, metrics: dict, rows: list[tuple], step: int, log: bool = True) -> None:
         self.history.append({"step": step, **metrics})
         logger = trainer.logger
-        if logger is not None:
+        if logger is not None and log:
             logger.log_metrics(metrics, step=step)
         log_dir = getattr(logger, "log_dir", None) if logger is not None else None
         if log_dir:
             write_frontier_csv(os.path.join(log_dir, "frontier.csv"), self.history)
             _log_text_and_figure(logger, rows, self.history, step)
         table = "  ".join(f"{k.split('/')[-1]}={v:.3f}" for k, v in metrics.items())
-        print(f"[eval after {step} batches] {table}")
+        when = f"after {step} batches" if trainer.state.fn == TrainerFn.FITTING else trainer.state.fn.value
+        print(f"[eval {when}] {table}")
         for prompt, response, value in rows:
             print(f"  {value:+.3f}  {prompt} -> {response}")
 

@@ -64,8 +64,12 @@ class BackboneSpec:
     extra: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self):
-        if (self.pretrained is None) == (self.config is None):
-            raise ValueError("BackboneSpec: set exactly one of 'pretrained' (path, hub id, .gguf) and 'config'")
+        if self.pretrained is None and self.config is None:
+            raise ValueError("BackboneSpec: set one of 'pretrained' (path, hub id, .gguf) and 'config' (random init)")
+        if self.pretrained is not None and self.config is not None:
+            raise ValueError(f"BackboneSpec: both 'pretrained' ({self.pretrained}) and 'config' are set; set exactly "
+                             "one (a later --config or command-line value for one keeps the other from the config "
+                             "before it: give both, e.g. {pretrained: <path>, config: null})")
         if self.quantization and self.pretrained is None:
             raise ValueError("BackboneSpec: 'quantization' needs 'pretrained' weights, not a random 'config'")
         if self.quantization and self.pretrained.endswith(".gguf"):

@@ -162,6 +162,16 @@ class BadReward:
         return values + [0.0] if self.mode == "extra" else values[:-1] if self.mode == "short" else values
 
 
+class BrokenReward:
+    """Test reward whose constructor fails with a bug, not a complaint about its settings."""
+
+    def __init__(self):
+        raise RuntimeError("BrokenReward: a bug in its constructor")
+
+    def __call__(self, prompts: list[str], responses: list[str]) -> list[float]:
+        return [0.0] * len(responses)
+
+
 class BreakAfter(L.Callback):
     """Test callback: from training batch `at` on, the objective's loss is NaN ('loss') or finite with NaN
     gradients ('grad')."""

@@ -92,3 +92,35 @@ def test_main_turns_a_user_error_into_one_line_and_exit_code_1(tmp_path, sft_dir
     assert main(["fit", "--config", config]) == 1
     assert capsys.readouterr().err.strip().splitlines()[-1].startswith(
         "error: reward tests.helpers.BadReward returned 7 values for 8 responses")
+
+
+@pytest.mark.parametrize("override, line", [
+    ("--model.init_args.objective.k=1", "error: P3O: k must be >= 2 responses per prompt, got 1"),
+    ("--model.init_args.policy.config={model_type: llama}",
+     "error: BackboneSpec: both 'pretrained' ({sft_dir}) and 'config' are set; set exactly one (a later --config or "
+     "command-line value for one keeps the other from the config before it: give both, e.g. {{pretrained: <path>, "
+     "config: null}})"),
+    ("--data.init_args.source.init_args.negative_rate=0.9",
+     "error: ReviewTask: positive_rate + negative_rate must lie in [0, 1]"),
+    ("--trainer.devices=0", "error: `Trainer(devices='0')` value is not a valid input using cpu accelerator."),
+])
+def test_a_constructors_complaint_about_its_settings_is_one_line(tmp_path, sft_dir, capsys, override, line):
+    """A class built from the config that refuses its values (an objective, a backbone spec, a data source, the
+    trainer): its message, one line, exit code 1. Before: jsonargparse's stack trace ending in the whole parsed
+    config, the message in the middle."""
+    from train import main
+
+    config = tiny_rl_config(tmp_path, sft_dir)
+    assert main(["fit", "--config", config, override]) == 1
+    assert capsys.readouterr().err.strip().splitlines()[-1] == line.format(sft_dir=sft_dir)
+
+
+def test_an_error_that_is_not_about_a_setting_keeps_its_traceback(tmp_path, sft_dir):
+    """A reward whose constructor fails for another reason (here a RuntimeError) is a bug to debug: `main` lets it
+    through, and `python train.py` prints its traceback."""
+    from train import main, root_cause
+
+    config = tiny_rl_config(tmp_path, sft_dir, model={"reward": {"class_path": "tests.helpers.BrokenReward"}})
+    with pytest.raises(Exception) as raised:
+        main(["fit", "--config", config])
+    assert isinstance(root_cause(raised.value), RuntimeError) and "BrokenReward" in str(root_cause(raised.value))
