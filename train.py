@@ -76,6 +76,19 @@ class RLHFCLI(LightningCLI):
         """`fit` and `validate`: no stage has a test or predict step."""
         return {name: skip for name, skip in LightningCLI.subcommands().items() if name in ("fit", "validate")}
 
+    def before_fit(self) -> None:
+        """Trainer settings for automatic optimization, which the RL stage (manual: several optimizer steps per
+        rollout) would refuse with Lightning's traceback and its advice to switch: what to set instead."""
+        if self.model.automatic_optimization:
+            return
+        if self.trainer.accumulate_grad_batches != 1:
+            raise ConfigError(f"trainer.accumulate_grad_batches: {self.trainer.accumulate_grad_batches}; the RL stage "
+                              "makes one optimizer step per minibatch of model.init_args.minibatch_groups prompts and "
+                              "accumulates its micro-batches (model.init_args.micro_batch_tokens) itself: set those")
+        if self.trainer.gradient_clip_val:
+            raise ConfigError(f"trainer.gradient_clip_val: {self.trainer.gradient_clip_val}; the RL stage clips the "
+                              "gradient norm itself: set model.init_args.max_grad_norm")
+
     def before_validate(self) -> None:
         if not is_overridden("validation_step", self.model):
             raise ConfigError(

@@ -227,23 +227,37 @@ def _empty_pretrained(auto_cls, spec: BackboneSpec, **overrides) -> nn.Module:
         return auto_cls.from_config(config, dtype=_dtype(spec), **extra(_MODEL_ARGS))
 
 
+@contextlib.contextmanager
+def _refused_settings(what: str, errors: tuple[type[Exception], ...] = (ValueError, OSError)):
+    """transformers or peft refusing what the spec asks (a folder that is not a model, a hub id out of reach, an
+    unknown `model_type`, LoRA target modules the model lacks) is a `ConfigError`: one line naming the setting."""
+    try:
+        yield
+    except errors as err:
+        from modules.checks import ConfigError  # (modules.checks imports this module)
+
+        raise ConfigError(f"{what}: {' '.join(str(err).split())}") from err
+
+
 @_outside_zero_init()
 def _build(auto_cls, spec: BackboneSpec, tokenizer, empty: bool = False, **overrides) -> nn.Module:
     torch.manual_seed(spec.seed)      # random-init models and fresh heads (e.g. a reward head) are reproducible
-    if spec.config is not None:
-        with torch.device("meta") if empty else contextlib.nullcontext():
-            model = auto_cls.from_config(_tiny_config(spec, tokenizer, **overrides), dtype=_dtype(spec))
-    elif empty:
-        if spec.quantization:
-            raise ValueError(f"{spec.pretrained}: a {spec.quantization} model cannot be built empty (meta tensors)")
-        model = _empty_pretrained(auto_cls, spec, **overrides)
-    else:
-        kwargs = dict(_hf_location(spec.pretrained), dtype=_dtype(spec), **spec.extra, **overrides)
-        if spec.quantization:
-            kwargs["quantization_config"] = _quantization_config(spec)
-        with _without_load_report():
-            model, info = auto_cls.from_pretrained(**kwargs, output_loading_info=True)
-        _report_loading(spec.pretrained, info)
+    if empty and spec.quantization:
+        raise ValueError(f"{spec.pretrained}: a {spec.quantization} model cannot be built empty (meta tensors)")
+    source = f"pretrained {spec.pretrained}" if spec.config is None else f"config {spec.config}"
+    with _refused_settings(f"{source}: transformers cannot build it"):
+        if spec.config is not None:
+            with torch.device("meta") if empty else contextlib.nullcontext():
+                model = auto_cls.from_config(_tiny_config(spec, tokenizer, **overrides), dtype=_dtype(spec))
+        elif empty:
+            model = _empty_pretrained(auto_cls, spec, **overrides)
+        else:
+            kwargs = dict(_hf_location(spec.pretrained), dtype=_dtype(spec), **spec.extra, **overrides)
+            if spec.quantization:
+                kwargs["quantization_config"] = _quantization_config(spec)
+            with _without_load_report():
+                model, info = auto_cls.from_pretrained(**kwargs, output_loading_info=True)
+            _report_loading(spec.pretrained, info)
     model.config.pad_token_id = tokenizer.pad_token_id
     if len(tokenizer) > model.get_input_embeddings().weight.shape[0]:
         model.resize_token_embeddings(len(tokenizer), mean_resizing=not empty)  # (no statistics of meta rows)
@@ -262,7 +276,8 @@ def _build(auto_cls, spec: BackboneSpec, tokenizer, empty: bool = False, **overr
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
         _without_cpu_inference_packing(model)
     if spec.lora:
-        model = _with_lora(model, spec.lora, task_type="SEQ_CLS" if overrides.get("num_labels") else "CAUSAL_LM")
+        with _refused_settings(f"lora {spec.lora}: peft cannot apply it", (ValueError, TypeError)):
+            model = _with_lora(model, spec.lora, task_type="SEQ_CLS" if overrides.get("num_labels") else "CAUSAL_LM")
     return model
 
 

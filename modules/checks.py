@@ -36,6 +36,10 @@ def config_problem(config: dict) -> str | None:
         if key == "lr" and ".optimizer." in f".{where}" and isinstance(value, (int, float)) \
                 and not (math.isfinite(value) and value >= 0):
             return f"{where}: {value}; expected a finite learning rate >= 0"
+    ckpt = config.get("ckpt_path")
+    if isinstance(ckpt, str) and ckpt not in ("last", "best", "hpc", "registry") and "://" not in ckpt \
+            and not ckpt.startswith("registry:") and not os.path.exists(ckpt):
+        return f"ckpt_path: {ckpt} does not exist"
     strategy = (config.get("trainer") or {}).get("strategy")
     name = strategy.get("class_path", "") if isinstance(strategy, dict) else str(strategy or "")
     if name.split(".")[-1] == "FSDPStrategy" or name.startswith("fsdp"):

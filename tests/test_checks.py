@@ -21,6 +21,7 @@ P3O = "configs/quickstart/p3o.yaml"
                                                     "least 1 (tokens sampled per response)"),
     ("--model.init_args.optimizer.init_args.lr=-1.0e-3", "error: model.init_args.optimizer.init_args.lr: -0.001; "
                                                          "expected a finite learning rate >= 0"),
+    ("--ckpt_path=/no/such/last.ckpt", "error: ckpt_path: /no/such/last.ckpt does not exist"),
     ("--trainer.strategy=fsdp", "error: trainer.strategy: fsdp is FSDP1, which no stage supports any more; shard with "
                                 "FSDP2: --config configs/presets/fsdp.yaml (strategy modules.sharding.FSDP2Strategy)"),
 ])
@@ -96,23 +97,46 @@ def test_main_turns_a_user_error_into_one_line_and_exit_code_1(tmp_path, sft_dir
 
 @pytest.mark.parametrize("override, line", [
     ("--model.init_args.objective.k=1", "error: P3O: k must be >= 2 responses per prompt, got 1"),
-    ("--model.init_args.policy.config={model_type: llama}",
+    ("--model.init_args.policy.config={{model_type: llama}}",
      "error: BackboneSpec: both 'pretrained' ({sft_dir}) and 'config' are set; set exactly one (a later --config or "
      "command-line value for one keeps the other from the config before it: give both, e.g. {{pretrained: <path>, "
      "config: null}})"),
     ("--data.init_args.source.init_args.negative_rate=0.9",
      "error: ReviewTask: positive_rate + negative_rate must lie in [0, 1]"),
     ("--trainer.devices=0", "error: `Trainer(devices='0')` value is not a valid input using cpu accelerator."),
+    ("--trainer.accumulate_grad_batches=2",
+     "error: trainer.accumulate_grad_batches: 2; the RL stage makes one optimizer step per minibatch of "
+     "model.init_args.minibatch_groups prompts and accumulates its micro-batches (model.init_args.micro_batch_tokens) "
+     "itself: set those"),
+    ("--trainer.gradient_clip_val=1.0", "error: trainer.gradient_clip_val: 1.0; the RL stage clips the gradient norm "
+                                        "itself: set model.init_args.max_grad_norm"),
+    ("--model.init_args.policy.lora={{r: 4, target_modules: [q_projj]}}",
+     "error: lora {{'r': 4, 'target_modules': ['q_projj']}}: peft cannot apply it: "),
+    ("--model.init_args.policy.lora={{r: 4, alpha: 8}}", "error: lora {{'r': 4, 'alpha': 8}}: peft cannot apply it: "
+                                                       "LoraConfig.__init__() got an unexpected keyword argument 'alpha'"),
+    ("--model.init_args.policy.pretrained={tmp_path}/empty",
+     "error: pretrained {tmp_path}/empty: transformers cannot build it: "),
+    ("--model.init_args.policy.pretrained={tmp_path}/no-weights",
+     "error: pretrained {tmp_path}/no-weights: transformers cannot build it: "),
 ])
 def test_a_constructors_complaint_about_its_settings_is_one_line(tmp_path, sft_dir, capsys, override, line):
     """A class built from the config that refuses its values (an objective, a backbone spec, a data source, the
-    trainer): its message, one line, exit code 1. Before: jsonargparse's stack trace ending in the whole parsed
-    config, the message in the middle."""
+    trainer), transformers or peft refusing a model or LoRA setting, Lightning settings the RL stage does its own
+    way: the message, one line, exit code 1. Before: a stack trace (jsonargparse's
+    ending in the whole parsed config, the message in the middle; Lightning's advising to switch the RL stage to
+    automatic optimization)."""
+    import shutil
+
     from train import main
 
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "no-weights").mkdir()
+    shutil.copy(f"{sft_dir}/config.json", tmp_path / "no-weights")
     config = tiny_rl_config(tmp_path, sft_dir)
-    assert main(["fit", "--config", config, override]) == 1
-    assert capsys.readouterr().err.strip().splitlines()[-1] == line.format(sft_dir=sft_dir)
+    assert main(["fit", "--config", config, override.format(tmp_path=tmp_path)]) == 1
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    line = line.format(sft_dir=sft_dir, tmp_path=tmp_path)     # (after "cannot ... it: ", the library's own words)
+    assert last.startswith(line) and len(last) > len(line) + 20 if line.endswith(": ") else last == line
 
 
 def test_an_error_that_is_not_about_a_setting_keeps_its_traceback(tmp_path, sft_dir):
