@@ -44,6 +44,17 @@ class SamplingConfig:
     do_sample: bool = True
     prepack_weights: bool = True
 
+    def __post_init__(self):
+        """Values the warpers would refuse at the first rollout, after the models are built (or, for top_p > 1,
+        silently treat as off): refused here, as the config is read."""
+        if not self.temperature > 0 or self.temperature == float("inf"):
+            raise ValueError(f"SamplingConfig: temperature={self.temperature}; expected a finite number > 0 (it also "
+                             "divides every logprob; do_sample: false samples greedily)")
+        if not 0 <= self.top_p <= 1:
+            raise ValueError(f"SamplingConfig: top_p={self.top_p}; expected 0 <= top_p <= 1 (1: off)")
+        if self.top_k < 0:
+            raise ValueError(f"SamplingConfig: top_k={self.top_k}; expected >= 0 (0: off)")
+
 
 class _Draw:
     """The token choice of each generation step, as the last logits processor: `generate` runs with

@@ -104,6 +104,10 @@ def test_main_turns_a_user_error_into_one_line_and_exit_code_1(tmp_path, sft_dir
     ("--data.init_args.source.init_args.negative_rate=0.9",
      "error: ReviewTask: positive_rate + negative_rate must lie in [0, 1]"),
     ("--trainer.devices=0", "error: `Trainer(devices='0')` value is not a valid input using cpu accelerator."),
+    ("--model.init_args.sampling.temperature=0", "error: SamplingConfig: temperature=0.0; expected a finite number > 0 "
+                                                 "(it also divides every logprob; do_sample: false samples greedily)"),
+    ("--model.init_args.sampling.top_p=1.5", "error: SamplingConfig: top_p=1.5; expected 0 <= top_p <= 1 (1: off)"),
+    ("--model.init_args.sampling.top_k=-1", "error: SamplingConfig: top_k=-1; expected >= 0 (0: off)"),
     ("--trainer.accumulate_grad_batches=2",
      "error: trainer.accumulate_grad_batches: 2; the RL stage makes one optimizer step per minibatch of "
      "model.init_args.minibatch_groups prompts and accumulates its micro-batches (model.init_args.micro_batch_tokens) "
