@@ -40,6 +40,11 @@ class PairDataModule(L.LightningDataModule):
                  max_prompt_length: int = 32, prompts_only: bool = False, skip_invalid: bool = False,
                  num_workers: int = 0, seed: int = 0):
         super().__init__()
+        for name, value, least in (("batch_size", batch_size, 1), ("val_batch_size", val_batch_size or 1, 1),
+                                   ("max_length", max_length, 2), ("max_prompt_length", max_prompt_length, 1),
+                                   ("num_workers", num_workers, 0)):
+            if value < least:
+                raise ValueError(f"PairDataModule: {name}={value}; expected at least {least}")
         self.source, self.fields = source, fields or FieldMap()
         self.tokenizer_path = tokenizer or _source_tokenizer(source)
         self.batch_size, self.val_batch_size = batch_size, val_batch_size or batch_size

@@ -103,6 +103,7 @@ def test_main_turns_a_user_error_into_one_line_and_exit_code_1(tmp_path, sft_dir
      "config: null}})"),
     ("--data.init_args.source.init_args.negative_rate=0.9",
      "error: ReviewTask: positive_rate + negative_rate must lie in [0, 1]"),
+    ("--data.init_args.batch_size=0", "error: PairDataModule: batch_size=0; expected at least 1"),
     ("--trainer.devices=0", "error: `Trainer(devices='0')` value is not a valid input using cpu accelerator."),
     ("--model.init_args.sampling.temperature=0", "error: SamplingConfig: temperature=0.0; expected a finite number > 0 "
                                                  "(it also divides every logprob; do_sample: false samples greedily)"),
@@ -122,7 +123,8 @@ def test_main_turns_a_user_error_into_one_line_and_exit_code_1(tmp_path, sft_dir
      "error: pretrained {tmp_path}/empty: transformers cannot build it: "),
     ("--model.init_args.policy.pretrained={tmp_path}/no-weights",
      "error: pretrained {tmp_path}/no-weights: transformers cannot build it: "),
-])
+], ids=["objective", "backbone", "source", "batch_size", "devices", "temperature", "top_p", "top_k", "accumulate",
+        "clip", "lora_targets", "lora_argument", "not_a_model", "no_weights"])
 def test_a_constructors_complaint_about_its_settings_is_one_line(tmp_path, sft_dir, capsys, override, line):
     """A class built from the config that refuses its values (an objective, a backbone spec, a data source, the
     trainer), transformers or peft refusing a model or LoRA setting, Lightning settings the RL stage does its own
