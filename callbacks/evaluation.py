@@ -95,7 +95,7 @@ class Evaluation(L.Callback):
         if trainer.state.fn != TrainerFn.VALIDATING or trainer.sanity_checking:
             return
         metrics = self.run(trainer, pl_module, batches_done(trainer), log=False)
-        pl_module.log_dict(metrics, sync_dist=False)    # (summed over the ranks already)
+        pl_module.log_dict(metrics, sync_dist=True)     # (every rank has the totals: their mean, Lightning's due)
 
     def prompts(self, trainer) -> list[dict]:
         dm = trainer.datamodule
