@@ -141,6 +141,12 @@ class RLModule(TrainedOnlyCheckpoints, L.LightningModule):
         self.epochs, self.minibatch_groups, self.max_grad_norm = epochs, minibatch_groups, max_grad_norm
         self.missing_eos_penalty, self.seed, self.value_spec = missing_eos_penalty, seed, value_model
         self.nonfinite_reward = nonfinite_reward
+        if max_grad_norm is not None and not max_grad_norm > 0:     # (0 would zero every gradient, < 0 flip them)
+            raise ValueError(f"RLModule: max_grad_norm={max_grad_norm}; expected > 0, or null for no clipping")
+        if micro_batch_tokens is not None and micro_batch_tokens < 1:
+            raise ValueError(f"RLModule: micro_batch_tokens={micro_batch_tokens}; expected >= 1, or null for one pass")
+        if logprob_chunk is not None and logprob_chunk < 0:
+            raise ValueError(f"RLModule: logprob_chunk={logprob_chunk}; expected >= 0 (0: whole logits), or null")
         if old_logprobs not in OLD_LOGPROBS:
             raise ValueError(f"RLModule: old_logprobs={old_logprobs!r}; expected one of {OLD_LOGPROBS}")
         self.old_logprobs, self.share_prompts, self.logprob_chunk = old_logprobs, share_prompts, logprob_chunk

@@ -109,6 +109,7 @@ def test_main_turns_a_user_error_into_one_line_and_exit_code_1(tmp_path, sft_dir
                                                  "(it also divides every logprob; do_sample: false samples greedily)"),
     ("--model.init_args.sampling.top_p=1.5", "error: SamplingConfig: top_p=1.5; expected 0 <= top_p <= 1 (1: off)"),
     ("--model.init_args.sampling.top_k=-1", "error: SamplingConfig: top_k=-1; expected >= 0 (0: off)"),
+    ("--model.init_args.max_grad_norm=0", "error: RLModule: max_grad_norm=0.0; expected > 0, or null for no clipping"),
     ("--trainer.accumulate_grad_batches=2",
      "error: trainer.accumulate_grad_batches: 2; the RL stage makes one optimizer step per minibatch of "
      "model.init_args.minibatch_groups prompts and accumulates its micro-batches (model.init_args.micro_batch_tokens) "
@@ -123,8 +124,8 @@ def test_main_turns_a_user_error_into_one_line_and_exit_code_1(tmp_path, sft_dir
      "error: pretrained {tmp_path}/empty: transformers cannot build it: "),
     ("--model.init_args.policy.pretrained={tmp_path}/no-weights",
      "error: pretrained {tmp_path}/no-weights: transformers cannot build it: "),
-], ids=["objective", "backbone", "source", "batch_size", "devices", "temperature", "top_p", "top_k", "accumulate",
-        "clip", "lora_targets", "lora_argument", "not_a_model", "no_weights"])
+], ids=["objective", "backbone", "source", "batch_size", "devices", "temperature", "top_p", "top_k", "max_grad_norm",
+        "accumulate", "clip", "lora_targets", "lora_argument", "not_a_model", "no_weights"])
 def test_a_constructors_complaint_about_its_settings_is_one_line(tmp_path, sft_dir, capsys, override, line):
     """A class built from the config that refuses its values (an objective, a backbone spec, a data source, the
     trainer), transformers or peft refusing a model or LoRA setting, Lightning settings the RL stage does its own
