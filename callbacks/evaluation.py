@@ -44,7 +44,7 @@ class Evaluation(L.Callback):
         reward: the gold reward, a callable `(prompts, responses) -> list[float]`; None when the task has none.
         num_prompts: held-out prompts (the first ones of the val split; the same every time).
         every_n_batches: evaluate before training and every this many training batches (RL: rollouts; SFT and
-            reward: optimizer steps); None: only at the end.
+            reward: optimizer steps); None or 0: only at the end.
         sampling: sampling settings; defaults to the module's own `sampling` (RL) or SamplingConfig().
         show: samples printed and logged as text.
         batch_size: prompts per generation call.
@@ -60,6 +60,12 @@ class Evaluation(L.Callback):
     def __init__(self, reward=None, num_prompts: int = 64, every_n_batches: int | None = None,
                  sampling: SamplingConfig | None = None, show: int = 4, batch_size: int = 64, seed: int = 1234,
                  judge=None):
+        for name, value in (("num_prompts", num_prompts), ("batch_size", batch_size)):
+            if value < 1:        # (a negative num_prompts sliced off the last prompts)
+                raise ValueError(f"Evaluation: {name}={value}; expected at least 1")
+        if show < 0 or (every_n_batches or 0) < 0:
+            raise ValueError(f"Evaluation: show={show}, every_n_batches={every_n_batches}; expected >= 0 (every_n_batches "
+                             "0 or null: only at the end)")
         self.reward, self.num_prompts, self.every_n_batches, self.seed = reward, num_prompts, every_n_batches, seed
         self.judge = judge
         self.sampling, self.show, self.batch_size = sampling, show, batch_size

@@ -69,7 +69,7 @@ def tiny_rl_config(tmp_path: Path, sft_dir: str, source: str = "configs/quicksta
     callbacks += extra_callbacks or []
     for cb in callbacks:
         if cb["class_path"].endswith("Evaluation"):
-            cb["init_args"].update(num_prompts=8, every_n_batches=None, show=0, **(evaluation or {}))
+            cb["init_args"].update({"num_prompts": 8, "every_n_batches": None, "show": 0, **(evaluation or {})})
         if cb["class_path"].endswith("StepCheckpoint"):
             cb["init_args"].update(checkpoint or {})
     override = {

@@ -155,3 +155,12 @@ def test_an_error_that_is_not_about_a_setting_keeps_its_traceback(tmp_path, sft_
     with pytest.raises(Exception) as raised:
         main(["fit", "--config", config])
     assert isinstance(root_cause(raised.value), RuntimeError) and "BrokenReward" in str(root_cause(raised.value))
+
+
+def test_a_callbacks_complaint_is_one_line_too(tmp_path, sft_dir, capsys):
+    """Before: a negative num_prompts evaluated all but the last prompts of the val split, silently."""
+    from train import main
+
+    config = tiny_rl_config(tmp_path, sft_dir, evaluation={"num_prompts": -8})
+    assert main(["fit", "--config", config]) == 1
+    assert capsys.readouterr().err.strip().splitlines()[-1] == "error: Evaluation: num_prompts=-8; expected at least 1"
