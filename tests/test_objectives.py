@@ -141,3 +141,22 @@ def test_ppo_needs_values_and_objectives_validate_group_sizes():
     with pytest.raises(ValueError, match="k >= 2"):
         RLOO(k=1)
     assert PPO.needs_values and OnlineDPO.responses_per_prompt == 2 and GRPO(k=4).responses_per_prompt == 4
+
+
+@pytest.mark.parametrize("build, message", [
+    (lambda: P3O(clip_eps=0.0), r"^P3O: clip_eps=0.0; expected > 0$"),
+    (lambda: P3O(is_cap=-1.0), r"^P3O: is_cap=-1.0; expected > 0$"),
+    (lambda: PPO(dual_clip=1.0), r"^PPO: dual_clip=1.0; expected > 1, or null \(off\)$"),
+    (lambda: PPO(kl_estimator="k4"), r"^PPO: kl_estimator='k4'; expected 'k1', 'k2' or 'k3'$"),
+    (lambda: PPO(lam=1.5), r"^PPO: gamma=1.0, lam=1.5; expected both in \[0, 1\]$"),
+    (lambda: RLOO(clip_eps=-0.2), r"^RLOO: clip_eps=-0.2; expected > 0$"),
+    (lambda: GRPO(dual_clip=0.5), r"^GRPO: dual_clip=0.5; expected > 1, or null \(off\)$"),
+    (lambda: OnlineDPO(beta=0.0), r"^OnlineDPO: beta=0.0; expected > 0$"),
+], ids=["p3o_clip", "p3o_cap", "ppo_dual", "ppo_kl", "ppo_lam", "rloo_clip", "grpo_dual", "dpo_beta"])
+def test_objectives_refuse_hyperparameters_outside_their_range(build, message):
+    """Checked when the config is read (`train.py` prints the message as one line). Before: a kl_estimator typo
+    failed at the first update, the rest ran (clip_eps 0 pins the clipped ratio at 1, dual_clip <= 1 is no lower
+    bound: Ye et al.'s c > 1)."""
+    with pytest.raises(ValueError, match=message):
+        build()
+    P3O(clip_eps=1e9), PPO(dual_clip=3.0, gamma=0.0, lam=1.0), GRPO(dual_clip=1.01), OnlineDPO(beta=1e-3)  # in range

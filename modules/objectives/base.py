@@ -40,6 +40,14 @@ class Objective(nn.Module):
         raise NotImplementedError
 
 
+def check_clipping(name: str, clip_eps: float, dual_clip: float | None = None) -> None:
+    """The ratio clip of the PPO-style objectives: `clip_eps` > 0, and `dual_clip` (Ye et al.'s c) > 1 when set."""
+    if not clip_eps > 0:
+        raise ValueError(f"{name}: clip_eps={clip_eps}; expected > 0")
+    if dual_clip is not None and not dual_clip > 1:
+        raise ValueError(f"{name}: dual_clip={dual_clip}; expected > 1, or null (off)")
+
+
 class RunningMoments(nn.Module):
     """Running mean / std over everything passed to `update` (Chan et al. parallel algorithm), checkpointed."""
 

@@ -33,6 +33,8 @@ class OnlineDPO(Objective):
 
     def __init__(self, beta: float = 0.1, soft_labels: bool = False):
         super().__init__()
+        if not beta > 0:
+            raise ValueError(f"OnlineDPO: beta={beta}; expected > 0")
         self.beta, self.soft_labels = beta, soft_labels
 
     def forward(self, batch: ObjectiveInput) -> ObjectiveOutput:

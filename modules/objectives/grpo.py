@@ -25,7 +25,7 @@ import torch
 
 from modules import functional as F
 from modules.batch import ObjectiveInput, ObjectiveOutput
-from modules.objectives.base import Objective
+from modules.objectives.base import Objective, check_clipping
 
 LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo")
 SCALE_REWARDS = ("group", "batch", "none")
@@ -84,6 +84,7 @@ class GRPO(Objective):
             raise ValueError(f"GRPO: loss_type must be one of {LOSS_TYPES}, got {loss_type!r}")
         if scale_rewards not in SCALE_REWARDS:
             raise ValueError(f"GRPO: scale_rewards must be one of {SCALE_REWARDS}, got {scale_rewards!r}")
+        check_clipping("GRPO", clip_eps, dual_clip)
         self.responses_per_prompt, self.kl_coef, self.clip_eps = k, kl_coef, clip_eps
         self.loss_type, self.scale_rewards, self.dual_clip = loss_type, scale_rewards, dual_clip
 

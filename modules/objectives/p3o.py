@@ -36,7 +36,7 @@ import torch
 
 from modules import functional as F
 from modules.batch import ObjectiveInput, ObjectiveOutput
-from modules.objectives.base import Objective, RunningMoments
+from modules.objectives.base import Objective, RunningMoments, check_clipping
 
 
 def pair_view(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -101,6 +101,9 @@ class P3O(Objective):
             raise ValueError(f"P3O: variant must be 'v1' or 'v2', got {variant!r}")
         if k < 2:
             raise ValueError(f"P3O: k must be >= 2 responses per prompt, got {k}")
+        check_clipping("P3O", clip_eps)
+        if not is_cap > 0:
+            raise ValueError(f"P3O: is_cap={is_cap}; expected > 0")
         self.variant, self.clip_eps, self.kl_coef, self.is_cap = variant, clip_eps, kl_coef, is_cap
         self.responses_per_prompt, self.reward_clip = k, reward_clip
         self.scale_q, self.avg_tokenwise = scale_q, avg_tokenwise

@@ -18,11 +18,13 @@ Deviations from TRL's PPOTrainer (the reference code), all deliberate:
 """
 from __future__ import annotations
 
+from typing import Literal
+
 import torch
 
 from modules import functional as F
 from modules.batch import ObjectiveInput, ObjectiveOutput
-from modules.objectives.base import Objective
+from modules.objectives.base import Objective, check_clipping
 
 
 def last_token_mask(mask: torch.Tensor) -> torch.Tensor:
@@ -54,7 +56,7 @@ class PPO(Objective):
 
     Args:
         kl_coef: beta of the per-token KL penalty (the starting value when adaptive).
-        kl_estimator: 'k1' (log-ratio) or 'k3' per-token KL estimate in the reward.
+        kl_estimator: 'k1' (log-ratio), 'k2' or 'k3' per-token KL estimate in the reward (`modules.functional.kl_penalty`).
         gamma: GAE discount.
         lam: GAE lambda.
         clip_eps: policy ratio clip.
@@ -69,10 +71,16 @@ class PPO(Objective):
     needs_values = True
     separable_groups = True        # per-token terms over the minibatch's token count; whitening is in `prepare`
 
-    def __init__(self, kl_coef: float = 0.05, kl_estimator: str = "k1", gamma: float = 1.0, lam: float = 0.95,
+    def __init__(self, kl_coef: float = 0.05, kl_estimator: Literal["k1", "k2", "k3"] = "k1", gamma: float = 1.0,
+                 lam: float = 0.95,
                  clip_eps: float = 0.2, value_clip: float = 0.2, vf_coef: float = 0.1, whiten_advantages: bool = True,
                  target_kl: float | None = None, kl_horizon: int = 10000, dual_clip: float | None = None):
         super().__init__()
+        if kl_estimator not in ("k1", "k2", "k3"):
+            raise ValueError(f"PPO: kl_estimator={kl_estimator!r}; expected 'k1', 'k2' or 'k3'")
+        if not (0 <= gamma <= 1 and 0 <= lam <= 1):
+            raise ValueError(f"PPO: gamma={gamma}, lam={lam}; expected both in [0, 1]")
+        check_clipping("PPO", clip_eps, dual_clip)
         self.kl_estimator, self.gamma, self.lam = kl_estimator, gamma, lam
         self.clip_eps, self.value_clip, self.vf_coef = clip_eps, value_clip, vf_coef
         self.whiten_advantages, self.target_kl, self.kl_horizon = whiten_advantages, target_kl, kl_horizon

@@ -17,7 +17,7 @@ import torch
 
 from modules import functional as F
 from modules.batch import ObjectiveInput, ObjectiveOutput
-from modules.objectives.base import Objective
+from modules.objectives.base import Objective, check_clipping
 
 
 def leave_one_out_advantages(rewards: torch.Tensor, k: int) -> torch.Tensor:
@@ -45,6 +45,7 @@ class RLOO(Objective):
         super().__init__()
         if k < 2:
             raise ValueError(f"RLOO needs k >= 2 responses per prompt, got {k}")
+        check_clipping("RLOO", clip_eps, dual_clip)
         self.responses_per_prompt, self.kl_coef, self.clip_eps = k, kl_coef, clip_eps
         self.kl_on_current_policy, self.dual_clip = kl_on_current_policy, dual_clip
 
