@@ -59,10 +59,12 @@ def root_cause(err: BaseException) -> BaseException:
     """The first exception of the chain that ends in `err`: jsonargparse re-raises a constructor's error inside its
     own (`raise ... from`), once per level of the config it was building."""
     seen = {id(err)}
-    while (inner := err.__cause__ or err.__context__) is not None and id(inner) not in seen:
+    while True:
+        inner = err.__cause__ if err.__cause__ is not None or err.__suppress_context__ else err.__context__
+        if inner is None or id(inner) in seen:
+            return err
         err = inner
         seen.add(id(err))
-    return err
 
 
 class RLHFCLI(LightningCLI):
@@ -119,7 +121,7 @@ class RLHFCLI(LightningCLI):
         except Exception as err:
             cause = root_cause(err)
             if isinstance(cause, SETTING_ERRORS):
-                raise ConfigError(str(cause).strip()) from err
+                raise ConfigError(" ".join(str(cause).split())) from err
             raise
         export_dir = self._run_config().get("export_dir")
         if export_dir is not None:

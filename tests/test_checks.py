@@ -164,3 +164,25 @@ def test_a_callbacks_complaint_is_one_line_too(tmp_path, sft_dir, capsys):
     config = tiny_rl_config(tmp_path, sft_dir, evaluation={"num_prompts": -8})
     assert main(["fit", "--config", config]) == 1
     assert capsys.readouterr().err.strip().splitlines()[-1] == "error: Evaluation: num_prompts=-8; expected at least 1"
+
+
+def test_the_root_cause_follows_what_python_prints_as_the_cause():
+    """`raise ... from err` and an error raised while handling another lead to the first; `from None` stops."""
+    from train import root_cause
+
+    def chained(suppress: bool):
+        try:
+            try:
+                raise KeyError("first")
+            except KeyError as first:
+                raise ValueError("second") from (None if suppress else first)
+        except ValueError:
+            try:
+                raise RuntimeError("third")             # (while handling: __context__)
+            except RuntimeError as third:
+                return third
+
+    assert isinstance(root_cause(chained(suppress=False)), KeyError)
+    assert str(root_cause(chained(suppress=True))) == "second"
+    plain = OSError("alone")
+    assert root_cause(plain) is plain
