@@ -239,9 +239,34 @@ def _refused_settings(what: str, errors: tuple[type[Exception], ...] = (ValueErr
         raise ConfigError(f"{what}: {' '.join(str(err).split())}") from err
 
 
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
+
+
+def check_tokenizer(pretrained: str, tokenizer) -> None:
+    """A local pretrained model that ships its own tokenizer (an export's folder, a GGUF file) must get every one
+    of that tokenizer's tokens under the same id from the run's: otherwise each id means another token to the model,
+    and training goes on, silently, on scrambled text (two tokenizers of the embedded task, trained on different
+    samples, give 79 of their 94 tokens other ids, and the samples still read as reviews). The run's may add
+    tokens (the embeddings then grow). Hub ids are not checked (no download for this)."""
+    path = resolve_path(pretrained)
+    if not (path.endswith(".gguf") or any(os.path.exists(os.path.join(path, f)) for f in TOKENIZER_FILES)):
+        return
+    own, ours = load_tokenizer(pretrained).get_vocab(), tokenizer.get_vocab()
+    differ = [token for token, index in own.items() if ours.get(token) != index]
+    if differ:
+        from modules.checks import ConfigError  # (modules.checks imports this module)
+
+        token = differ[0]
+        raise ConfigError(f"pretrained {pretrained}: its tokenizer gives {len(differ)} of its {len(own)} tokens other "
+                          f"ids than this run's ({tokenizer.name_or_path}), e.g. {token!r}: {own[token]} there, "
+                          f"{ours.get(token)} here; train with the model's own (data.init_args.tokenizer: {pretrained})")
+
+
 @_outside_zero_init()
 def _build(auto_cls, spec: BackboneSpec, tokenizer, empty: bool = False, **overrides) -> nn.Module:
     torch.manual_seed(spec.seed)      # random-init models and fresh heads (e.g. a reward head) are reproducible
+    if spec.pretrained is not None and (is_local(spec.pretrained) or spec.pretrained.startswith("package:")):
+        check_tokenizer(spec.pretrained, tokenizer)
     if empty and spec.quantization:
         raise ValueError(f"{spec.pretrained}: a {spec.quantization} model cannot be built empty (meta tensors)")
     source = f"pretrained {spec.pretrained}" if spec.config is None else f"config {spec.config}"

@@ -186,3 +186,24 @@ def test_the_root_cause_follows_what_python_prints_as_the_cause():
     assert str(root_cause(chained(suppress=True))) == "second"
     plain = OSError("alone")
     assert root_cause(plain) is plain
+
+
+def test_a_model_whose_own_tokenizer_gives_other_ids_stops_the_run(tmp_path, sft_dir, tokenizer, capsys):
+    """The run's tokenizer (data.init_args.tokenizer) is another one than the SFT export's: every id would mean
+    another token to the model. Before: it trained on, silently (two tokenizers of the embedded task, trained on
+    different samples, give most tokens other ids, and samples still read as reviews). A run's tokenizer with
+    tokens added after the model's passes."""
+    from datamodules.task import ReviewTask
+    from modules.backbone import check_tokenizer, load_tokenizer
+    from train import main
+
+    other = ReviewTask(num_train=50, num_val=10, seed=7, cache_dir=str(tmp_path / "tok")).tokenizer()
+    assert load_tokenizer(other).get_vocab() != tokenizer.get_vocab()
+    config = tiny_rl_config(tmp_path, sft_dir)
+    assert main(["fit", "--config", config, f"--data.init_args.tokenizer={other}"]) == 1
+    line = capsys.readouterr().err.strip().splitlines()[-1]
+    assert line.startswith(f"error: pretrained {sft_dir}: its tokenizer gives ") and line.endswith(
+        f"here; train with the model's own (data.init_args.tokenizer: {sft_dir})"), line
+    grown = load_tokenizer(sft_dir)
+    grown.add_tokens(["<extra_token>"])
+    check_tokenizer(sft_dir, grown)
