@@ -101,6 +101,7 @@ class RewardModel(FrozenModel):
     """
 
     def __init__(self, path: str, normalize: bool = True, clip: float | None = None, share_prompts: bool = True):
+        _check_scorer(path)
         super().__init__(BackboneSpec(pretrained=path), load_tokenizer(path))
         self.path, self.normalize, self.clip, self.share_prompts = path, normalize, clip, share_prompts
         stats_path = os.path.join(path, "reward_stats.json")
@@ -129,6 +130,21 @@ class RewardModel(FrozenModel):
                               rollout.has_eos.tolist()).to(rollout.input_ids.device)
         reward = (raw - self.mean) / self.std
         return reward.clamp(-self.clip, self.clip) if self.clip else reward
+
+
+def _check_scorer(path: str) -> None:
+    """A local folder given as a scalar reward model holds one: not a causal LM (an SFT or RL export: its score head
+    would be random, and the run would train on noise) nor a pairwise preference model (its head scores pairs)."""
+    from modules.preference_model import CONFIG_FILE
+
+    if os.path.exists(os.path.join(path, CONFIG_FILE)):
+        raise ValueError(f"RewardModel: {path} is a pairwise preference-model export; use "
+                         "modules.rewards.PreferenceModel for it")
+    config = os.path.join(path, "config.json")
+    architectures = (json.load(open(config)).get("architectures") or []) if os.path.exists(config) else []
+    if architectures and not any(a.endswith("ForSequenceClassification") for a in architectures):
+        raise ValueError(f"RewardModel: {path} holds a {architectures[0]}, not a scorer (a ...ForSequenceClassification, "
+                         "as the reward stage exports): its score head would be random")
 
 
 class PromptShift(nn.Module):

@@ -73,3 +73,16 @@ def test_a_frozen_model_is_built_once_frozen_and_runs_its_batches_in_order(rewar
     out = reward.batched(5, 2, lambda a, b: calls.append((a, b)) or list(range(a, b)))
     assert calls == [(0, 2), (2, 4), (4, 5)] and out == [0, 1, 2, 3, 4]
     assert reward.batched(0, 2, lambda a, b: calls.append((a, b))) == [] and len(calls) == 3
+
+
+def test_a_reward_model_path_that_holds_no_scorer_is_refused(sft_dir, preference_dir, reward_dir):
+    """An SFT export (a causal LM) as the reward: before, a fresh random score head scored the rollouts and the run
+    trained on noise (with `normalize: false`; with normalize, it stopped on the missing statistics). A preference
+    model's head scores pairs: it is named, with the class that reads it."""
+    from modules.rewards import RewardModel
+
+    with pytest.raises(ValueError, match=rf"^RewardModel: {sft_dir} holds a LlamaForCausalLM, not a scorer"):
+        RewardModel(sft_dir, normalize=False)
+    with pytest.raises(ValueError, match=r"is a pairwise preference-model export; use modules.rewards.PreferenceModel"):
+        RewardModel(preference_dir, normalize=False)
+    RewardModel(reward_dir, normalize=False)
