@@ -31,6 +31,7 @@ from lightning.pytorch.utilities.model_helpers import is_overridden
 
 from callbacks.checkpoint import interrupted
 from callbacks.export import ExportError, HFExport
+from callbacks.rollout import OnPolicyRollout
 from datamodules.sources import DataError
 from modules.checks import ConfigError, config_problem, config_warnings
 from modules.cpu import reuse_freed_memory, sharded_allocator_warning
@@ -79,10 +80,14 @@ class RLHFCLI(LightningCLI):
         return {name: skip for name, skip in LightningCLI.subcommands().items() if name in ("fit", "validate")}
 
     def before_fit(self) -> None:
-        """Trainer settings for automatic optimization, which the RL stage (manual: several optimizer steps per
-        rollout) would refuse with Lightning's traceback and its advice to switch: what to set instead."""
+        """The RL stage (manual optimization: several optimizer steps per rollout) without its rollout callback, or
+        with trainer settings for automatic optimization, which Lightning would refuse with a traceback and its
+        advice to switch: what to set instead."""
         if self.model.automatic_optimization:
             return
+        if not any(isinstance(cb, OnPolicyRollout) for cb in self.trainer.callbacks):
+            raise ConfigError("trainer.callbacks: the RL stage needs callbacks.rollout.OnPolicyRollout, which samples "
+                              "its rollouts; add it")
         if self.trainer.accumulate_grad_batches != 1:
             raise ConfigError(f"trainer.accumulate_grad_batches: {self.trainer.accumulate_grad_batches}; the RL stage "
                               "makes one optimizer step per minibatch of model.init_args.minibatch_groups prompts and "

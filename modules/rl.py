@@ -325,7 +325,7 @@ class RLModule(TrainedOnlyCheckpoints, L.LightningModule):
 
     def training_step(self, batch: PairBatch, batch_idx: int) -> None:
         if self.rollout is None:
-            raise RuntimeError("RLModule has no rollout: add callbacks.rollout.OnPolicyRollout to trainer.callbacks")
+            raise ConfigError("RLModule has no rollout: add callbacks.rollout.OnPolicyRollout to trainer.callbacks")
         roll, self.rollout = self.rollout, None
         t0, sums, updates = time.perf_counter(), defaultdict(float), 0
         extra = self.objective.prepare(self.objective_input(roll, roll.old_logp, {}))

@@ -157,6 +157,22 @@ def test_an_error_that_is_not_about_a_setting_keeps_its_traceback(tmp_path, sft_
     assert isinstance(root_cause(raised.value), RuntimeError) and "BrokenReward" in str(root_cause(raised.value))
 
 
+def test_an_rl_run_without_its_rollout_callback_stops_before_building_anything(tmp_path, sft_dir, capsys):
+    """Before: RuntimeError's traceback at the first training batch, after the models and the first evaluation."""
+    import yaml
+
+    from train import main
+
+    config = tiny_rl_config(tmp_path, sft_dir)
+    data = yaml.safe_load(open(config))
+    data["trainer"]["callbacks"] = [cb for cb in data["trainer"]["callbacks"] if "OnPolicyRollout" not in cb["class_path"]]
+    yaml.safe_dump(data, open(config, "w"))
+    assert main(["fit", "--config", config]) == 1
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        "error: trainer.callbacks: the RL stage needs callbacks.rollout.OnPolicyRollout, which samples its rollouts; "
+        "add it")
+
+
 def test_a_callbacks_complaint_is_one_line_too(tmp_path, sft_dir, capsys):
     """Before: a negative num_prompts evaluated all but the last prompts of the val split, silently."""
     from train import main
