@@ -29,6 +29,7 @@ from callbacks.checkpoint import finish_checkpoints, interrupted
 from callbacks.sharding import outside_forward
 from datamodules.collate import PairCollator
 from modules import functional as F
+from modules.checks import ConfigError
 from modules.judges import both_orders, win_rate
 from modules.rewards import FrozenModel, is_pairwise
 from modules.sampling import SamplingConfig, sample
@@ -73,6 +74,10 @@ class Evaluation(L.Callback):
         self._last_step, self._warned = -1, False
 
     def setup(self, trainer, pl_module, stage: str) -> None:
+        if not hasattr(pl_module, "policy"):            # (else an AttributeError once training has ended)
+            raise ConfigError(f"callbacks.evaluation.Evaluation: {type(pl_module).__name__} has no policy to sample; "
+                              "it evaluates the SFT, RL and offline DPO stages (a reward model reports with "
+                              "callbacks.reward_report.RewardReport)")
         if isinstance(self.judge, FrozenModel):           # (Lightning has made the FSDP2 mesh by now)
             self.judge.configure(fsdp_mesh(pl_module))
 

@@ -223,3 +223,16 @@ def test_a_model_whose_own_tokenizer_gives_other_ids_stops_the_run(tmp_path, sft
     grown = load_tokenizer(sft_dir)
     grown.add_tokens(["<extra_token>"])
     check_tokenizer(sft_dir, grown)
+
+
+def test_an_evaluation_on_a_stage_without_a_policy_stops_before_training(tmp_path, sft_dir, capsys):
+    """The Evaluation callback in the reward stage's config. Before: an AttributeError once training had ended."""
+    from tests.helpers import tiny_stage_config
+    from train import main
+
+    evaluation = {"class_path": "callbacks.evaluation.Evaluation", "init_args": {"num_prompts": 4}}
+    config = tiny_stage_config(tmp_path, "reward", sft_dir, "reward.yaml", [evaluation])
+    assert main(["fit", "--config", config]) == 1
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        "error: callbacks.evaluation.Evaluation: RewardModule has no policy to sample; it evaluates the SFT, RL and "
+        "offline DPO stages (a reward model reports with callbacks.reward_report.RewardReport)")
