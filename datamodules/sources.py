@@ -119,10 +119,14 @@ class HubDataset(Source):
     def load(self, split: str) -> tuple[str, list[dict]]:
         import datasets
 
-        ds = datasets.load_dataset(self.hub_name, self.config, split=self.splits[split])
+        where = f"{self.hub_name}[{self.splits[split]}]"
+        try:
+            ds = datasets.load_dataset(self.hub_name, self.config, split=self.splits[split])
+        except (OSError, ValueError) as err:        # out of reach (no network, no such id), no such split or config
+            raise DataError(f"{where}: datasets cannot load it: {' '.join(str(err).split())}") from err
         if self.max_records is not None:
             ds = ds.select(range(min(self.max_records, len(ds))))
-        return f"{self.hub_name}[{self.splits[split]}]", ds.to_list()
+        return where, ds.to_list()
 
 
 def read_file(path: str) -> list[dict]:

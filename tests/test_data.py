@@ -263,3 +263,19 @@ def test_a_bad_record_in_the_validation_tail_is_named_by_its_index_in_the_file(t
     dm.setup()
     assert len(dm.splits["train"]) == 6 and len(dm.splits["val"]) == 1
     assert "record 3: field 'prompt'" in caplog.text
+
+
+def test_a_hub_dataset_out_of_reach_is_one_data_error(monkeypatch):
+    """`datasets` raises ConnectionError (an OSError) after its retries without network, ValueError for a split
+    the dataset lacks: one DataError naming the dataset and split (before: datasets' traceback)."""
+    import datasets
+
+    from datamodules.sources import DataError, HubDataset
+
+    def unreachable(name, config=None, split=None):
+        raise ConnectionError(f"Couldn't reach '{name}' on the Hub\n(LocalEntryNotFoundError)")
+
+    monkeypatch.setattr(datasets, "load_dataset", unreachable)
+    with pytest.raises(DataError, match=r"^Anthropic/hh-rlhf\[test\]: datasets cannot load it: Couldn't reach "
+                                        r"'Anthropic/hh-rlhf' on the Hub \(LocalEntryNotFoundError\)$"):
+        HubDataset("Anthropic/hh-rlhf").load("val")
