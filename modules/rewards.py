@@ -14,6 +14,7 @@ import logging
 import math
 import os
 import random
+from pathlib import Path
 from typing import Callable
 
 import torch
@@ -140,8 +141,8 @@ def _check_scorer(path: str) -> None:
     if os.path.exists(os.path.join(path, CONFIG_FILE)):
         raise ValueError(f"RewardModel: {path} is a pairwise preference-model export; use "
                          "modules.rewards.PreferenceModel for it")
-    config = os.path.join(path, "config.json")
-    architectures = (json.load(open(config)).get("architectures") or []) if os.path.exists(config) else []
+    config = Path(path, "config.json")
+    architectures = (json.loads(config.read_text()).get("architectures") or []) if config.exists() else []
     if architectures and not any(a.endswith("ForSequenceClassification") for a in architectures):
         raise ValueError(f"RewardModel: {path} holds a {architectures[0]}, not a scorer (a ...ForSequenceClassification, "
                          "as the reward stage exports): its score head would be random")
