@@ -129,9 +129,8 @@ def test_main_turns_a_user_error_into_one_line_and_exit_code_1(tmp_path, sft_dir
 def test_a_constructors_complaint_about_its_settings_is_one_line(tmp_path, sft_dir, capsys, override, line):
     """A class built from the config that refuses its values (an objective, a backbone spec, a data source, the
     trainer), transformers or peft refusing a model or LoRA setting, Lightning settings the RL stage does its own
-    way: the message, one line, exit code 1. Before: a stack trace (jsonargparse's
-    ending in the whole parsed config, the message in the middle; Lightning's advising to switch the RL stage to
-    automatic optimization)."""
+    way: the message, one line, exit code 1. Before: a stack trace (jsonargparse's ending in the whole parsed
+    config, the message in the middle; Lightning's advising to switch the RL stage to automatic optimization)."""
     import shutil
 
     from train import main
