@@ -64,6 +64,15 @@ class MismatchCorrection:
             raise ConfigError(f"MismatchCorrection: level={self.level!r}; expected 'token' or 'sequence'")
         if self.mode not in ("truncate", "mask"):
             raise ConfigError(f"MismatchCorrection: mode={self.mode!r}; expected 'truncate' or 'mask'")
+        for side in ("min", "max"):
+            bound = getattr(self, side)
+            if bound is not None and not 0 <= bound < float("inf"):
+                raise ConfigError(f"MismatchCorrection: {side}={bound}; expected a finite weight >= 0, or null (no bound)")
+        if self.max is not None and not self.max > 0:
+            raise ConfigError("MismatchCorrection: max=0 would weight every token 0 (no policy gradient); expected > 0")
+        if self.min is not None and self.max is not None and not self.min < self.max:
+            raise ConfigError(f"MismatchCorrection: min={self.min}, max={self.max}; expected min < max (otherwise "
+                              "every token is masked, or clamped to one weight)")
 
     def weights(self, old_logp: torch.Tensor, sampler_logp: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """(N, L) weights of each response token (0 outside `mask`)."""
@@ -84,6 +93,9 @@ class Engine:
     exact: bool = True        # the recorded logprobs equal the trainer's up to float rounding: usable as pi_old
 
     def __init__(self, max_logprob_diff: float | None = None, correction: MismatchCorrection | None = None):
+        if max_logprob_diff is not None and not 0 < max_logprob_diff < float("inf"):
+            raise ConfigError(f"{type(self).__name__}: max_logprob_diff={max_logprob_diff}; expected a finite number > 0 "
+                              "(rounding alone gives 1e-5 to 1e-2), or null (never stop)")
         self.max_logprob_diff, self.correction = max_logprob_diff, correction
 
     def generate(self, model, tokenizer, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, prompts: list[str],
@@ -140,6 +152,13 @@ class VLLM(Engine):
                  tensor_parallel_size: int = 1, cpu_kv_cache_gb: float = 1.0, enforce_eager: bool = True,
                  max_logprob_diff: float | None = 1.0, correction: MismatchCorrection | None = None):
         super().__init__(max_logprob_diff, correction)
+        for name, value, low in (("max_model_len", max_model_len, 1), ("tensor_parallel_size", tensor_parallel_size, 1)):
+            if value is not None and value < low:
+                raise ConfigError(f"VLLM: {name}={value}; expected >= {low}")
+        if not 0 < gpu_memory_utilization <= 1:
+            raise ConfigError(f"VLLM: gpu_memory_utilization={gpu_memory_utilization}; expected a fraction in (0, 1]")
+        if not 0 < cpu_kv_cache_gb < float("inf"):
+            raise ConfigError(f"VLLM: cpu_kv_cache_gb={cpu_kv_cache_gb}; expected a finite number of GiB > 0")
         self.dtype, self.max_model_len, self.gpu_memory_utilization = dtype, max_model_len, gpu_memory_utilization
         self.sleep_between_rollouts, self.tensor_parallel_size = sleep_between_rollouts, tensor_parallel_size
         self.cpu_kv_cache_gb, self.enforce_eager = cpu_kv_cache_gb, enforce_eager

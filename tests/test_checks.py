@@ -124,8 +124,23 @@ def test_main_turns_a_user_error_into_one_line_and_exit_code_1(tmp_path, sft_dir
      "error: pretrained {tmp_path}/empty: transformers cannot build it: "),
     ("--model.init_args.policy.pretrained={tmp_path}/no-weights",
      "error: pretrained {tmp_path}/no-weights: transformers cannot build it: "),
+    ("--model.init_args.engine={{class_path: modules.engines.Sampler, init_args: {{max_logprob_diff: 0}}}}",
+     "error: Sampler: max_logprob_diff=0.0; expected a finite number > 0 (rounding alone gives 1e-5 to 1e-2), or null "
+     "(never stop)"),
+    ("--model.init_args.engine={{class_path: modules.engines.VLLM, init_args: {{gpu_memory_utilization: 30}}}}",
+     "error: VLLM: gpu_memory_utilization=30.0; expected a fraction in (0, 1]"),
+    ("--model.init_args.engine={{class_path: modules.engines.VLLM, init_args: {{tensor_parallel_size: 0}}}}",
+     "error: VLLM: tensor_parallel_size=0; expected >= 1"),
+    ("--model.init_args.engine={{class_path: modules.engines.VLLM, init_args: {{cpu_kv_cache_gb: 0}}}}",
+     "error: VLLM: cpu_kv_cache_gb=0.0; expected a finite number of GiB > 0"),
+    ("--model.init_args.engine={{class_path: modules.engines.VLLM, init_args: {{correction: {{min: 2, max: 0.5}}}}}}",
+     "error: MismatchCorrection: min=2.0, max=0.5; expected min < max (otherwise every token is masked, or clamped to "
+     "one weight)"),
+    ("--model.init_args.engine={{class_path: modules.engines.VLLM, init_args: {{correction: {{max: -1}}}}}}",
+     "error: MismatchCorrection: max=-1.0; expected a finite weight >= 0, or null (no bound)"),
 ], ids=["objective", "backbone", "source", "batch_size", "devices", "temperature", "top_p", "top_k", "max_grad_norm",
-        "accumulate", "clip", "lora_targets", "lora_argument", "not_a_model", "no_weights"])
+        "accumulate", "clip", "lora_targets", "lora_argument", "not_a_model", "no_weights", "logprob_diff",
+        "gpu_memory", "tensor_parallel", "kv_cache", "correction_bounds", "correction_negative"])
 def test_a_constructors_complaint_about_its_settings_is_one_line(tmp_path, sft_dir, capsys, override, line):
     """A class built from the config that refuses its values (an objective, a backbone spec, a data source, the
     trainer), transformers or peft refusing a model or LoRA setting, Lightning settings the RL stage does its own
