@@ -138,7 +138,7 @@ class VLLM(Engine):
             has the rest.
         sleep_between_rollouts: CUDA: free vLLM's KV cache (sleep level 1) after each generation and take it back
             before the next, so the update has that memory.
-        tensor_parallel_size: CUDA: GPUs one engine spans.
+        tensor_parallel_size: CUDA: GPUs one engine spans (1 on CPU).
         cpu_kv_cache_gb: CPU: GiB of KV cache (sets VLLM_CPU_KVCACHE_SPACE before start-up unless it is set).
         enforce_eager: no CUDA graphs / compilation (start-up in seconds; slower decode on GPU).
         max_logprob_diff: see `Engine` (default 1.0: a stale layer gives ~4).
@@ -184,13 +184,20 @@ class VLLM(Engine):
                               "default engine (modules.engines.Sampler)")
         if is_lora(model) and any("bnb" in type(m).__module__ for m in model.modules()):
             raise ConfigError("engine: VLLM cannot take the weights of a 4/8-bit (QLoRA) base; use the default engine")
+        cpu = not torch.cuda.is_available()
+        if cpu and self.tensor_parallel_size != 1:
+            raise ConfigError(f"engine: VLLM tensor_parallel_size={self.tensor_parallel_size}; on CPU the engine runs "
+                              "in this one process: 1 (the option spans GPUs)")
+        longest = getattr(model.config, "max_position_embeddings", None)
+        if self.max_model_len is not None and longest is not None and self.max_model_len > longest:
+            raise ConfigError(f"engine: VLLM max_model_len={self.max_model_len}; this model holds at most "
+                              f"{longest} positions (max_position_embeddings)")
         try:
             import vllm
         except ImportError as err:
             raise ConfigError("engine: VLLM needs the vllm package (CPU: `make install-vllm`, which builds .venv-vllm; "
                               "CUDA: `pip install vllm`); see the README's engine section") from err
         os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")      # colocated: in this process
-        cpu = not torch.cuda.is_available()
         if cpu:
             _check_cpu_head_size(model.config)
             os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", f"{self.cpu_kv_cache_gb:g}")

@@ -73,3 +73,25 @@ def test_vllm_with_several_processes_is_refused_in_one_line(sft_dir, tokenizer, 
     model = build_causal_lm(BackboneSpec(pretrained=sft_dir), tokenizer)
     with pytest.raises(ConfigError, match="VLLM runs in single-process training for now; with 2 processes"):
         VLLM().start(model, tokenizer)
+
+
+@pytest.mark.parametrize("options, message", [
+    (dict(max_model_len=100_000), "engine: VLLM max_model_len=100000; this model holds at most 128 positions "
+                                  "(max_position_embeddings)"),
+    pytest.param(dict(tensor_parallel_size=2), "engine: VLLM tensor_parallel_size=2; on CPU the engine runs in this "
+                 "one process: 1 (the option spans GPUs)",
+                 marks=pytest.mark.skipif(torch.cuda.is_available(), reason="a CPU-only refusal")),
+], ids=["max_model_len", "tensor_parallel"])
+def test_vllm_settings_the_model_or_the_cpu_cannot_take_are_refused_before_start(sft_dir, tokenizer, options, message):
+    """Before: vLLM's own errors at the first rollout, after the models were built: a pydantic ValidationError of
+    ModelConfig (max_model_len over the model's positions) or an AssertionError about NUMA nodes (two tensor
+    parallel workers on CPU), each under a stack trace. Checked before vllm is imported: in every environment."""
+    from modules.backbone import BackboneSpec, build_causal_lm
+    from modules.checks import ConfigError
+    from modules.engines import VLLM
+
+    model = build_causal_lm(BackboneSpec(pretrained=sft_dir), tokenizer)
+    assert model.config.max_position_embeddings == 128
+    with pytest.raises(ConfigError) as raised:
+        VLLM(**options).start(model, tokenizer)
+    assert str(raised.value) == message
