@@ -72,6 +72,9 @@ class LocalFiles(Source):
     """
 
     def __init__(self, train: str, val: str | None = None, val_fraction: float = 0.05):
+        if not 0 < val_fraction < 1:
+            raise ValueError(f"LocalFiles: val_fraction={val_fraction}; expected a share of the training file "
+                             "between 0 and 1 (at least one record is held out)")
         self.train, self.val, self.val_fraction = train, val, val_fraction
 
     @property

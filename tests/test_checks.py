@@ -138,9 +138,12 @@ def test_main_turns_a_user_error_into_one_line_and_exit_code_1(tmp_path, sft_dir
      "one weight)"),
     ("--model.init_args.engine={{class_path: modules.engines.VLLM, init_args: {{correction: {{max: -1}}}}}}",
      "error: MismatchCorrection: max=-1.0; expected a finite weight >= 0, or null (no bound)"),
+    ("--data.init_args.source={{class_path: datamodules.sources.LocalFiles, init_args: {{train: pairs.jsonl, "
+     "val_fraction: 1.5}}}}", "error: LocalFiles: val_fraction=1.5; expected a share of the training file between 0 "
+                              "and 1 (at least one record is held out)"),
 ], ids=["objective", "backbone", "source", "batch_size", "devices", "temperature", "top_p", "top_k", "max_grad_norm",
         "accumulate", "clip", "lora_targets", "lora_argument", "not_a_model", "no_weights", "logprob_diff",
-        "gpu_memory", "tensor_parallel", "kv_cache", "correction_bounds", "correction_negative"])
+        "gpu_memory", "tensor_parallel", "kv_cache", "correction_bounds", "correction_negative", "val_fraction"])
 def test_a_constructors_complaint_about_its_settings_is_one_line(tmp_path, sft_dir, capsys, override, line):
     """A class built from the config that refuses its values (an objective, a backbone spec, a data source, the
     trainer), transformers or peft refusing a model or LoRA setting, Lightning settings the RL stage does its own
