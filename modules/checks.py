@@ -33,6 +33,10 @@ def config_problem(config: dict) -> str | None:
             return f"{where}: {value} does not exist{how_to_make(value)}"
         if key == "max_new_tokens" and isinstance(value, int) and value < 1:
             return f"{where}: {value}; expected at least 1 (tokens sampled per response)"
+        if key == "micro_batch_tokens" and isinstance(value, int) and value < 1:
+            return f"{where}: {value}; expected at least 1 (real tokens per forward), or null for one pass"
+        if key == "logprob_chunk" and isinstance(value, int) and value < 0:
+            return f"{where}: {value}; expected >= 0 (tokens per LM-head chunk; 0: the whole logits at once), or null"
         if key == "lr" and ".optimizer." in f".{where}" and isinstance(value, (int, float)) \
                 and not (math.isfinite(value) and value >= 0):
             return f"{where}: {value}; expected a finite learning rate >= 0"

@@ -22,6 +22,10 @@ P3O = "configs/quickstart/p3o.yaml"
     ("--model.init_args.optimizer.init_args.lr=-1.0e-3", "error: model.init_args.optimizer.init_args.lr: -0.001; "
                                                          "expected a finite learning rate >= 0"),
     ("--ckpt_path=/no/such/last.ckpt", "error: ckpt_path: /no/such/last.ckpt does not exist"),
+    ("--model.init_args.micro_batch_tokens=0", "error: model.init_args.micro_batch_tokens: 0; expected at least 1 "
+                                               "(real tokens per forward), or null for one pass"),
+    ("--model.init_args.logprob_chunk=-5", "error: model.init_args.logprob_chunk: -5; expected >= 0 (tokens per LM-head "
+                                           "chunk; 0: the whole logits at once), or null"),
     ("--trainer.strategy=fsdp", "error: trainer.strategy: fsdp is FSDP1, which no stage supports any more; shard with "
                                 "FSDP2: --config configs/presets/fsdp.yaml (strategy modules.sharding.FSDP2Strategy)"),
 ])
@@ -29,12 +33,33 @@ P3O = "configs/quickstart/p3o.yaml"
 def test_settings_that_cannot_train_stop_with_one_line_before_anything_is_built(tmp_path, sft_dir, capsys, override,
                                                                                  line):
     """Before: epochs 0 sampled 3 rollouts, made 0 steps and exited 0; max_new_tokens 0 and a negative learning rate
-    failed inside transformers / torch after the models were built, with 47 lines of traceback. FSDP1, retired,
-    points to FSDP2."""
+    failed inside transformers / torch after the models were built, with 47 lines of traceback; a negative
+    logprob_chunk trained the SFT stage without a word. FSDP1, retired, points to FSDP2. (The checks read every
+    stage's config alike: `test_every_stage_gets_the_same_config_checks`.)"""
     config = tiny_rl_config(tmp_path, sft_dir)
     with pytest.raises(SystemExit) as stop:
         cli_main(["fit", "--config", config, override])
     assert str(stop.value) == line
+
+
+@pytest.mark.parametrize("stage", ["sft", "reward", "preference", "offline_dpo", "p3o"])
+def test_every_stage_gets_the_same_config_checks(stage, monkeypatch):
+    """`config_problem` reads any stage's parsed config: the SFT, reward, preference and offline DPO modules take
+    `micro_batch_tokens` (and SFT / offline DPO `logprob_chunk`) as the RL module does, and are checked alike.
+    (The other stages' exports count as present: the paths' own check is another test's.)"""
+    import yaml
+
+    from modules import checks
+    from modules.checks import config_problem
+
+    monkeypatch.setattr(checks.os.path, "exists", lambda path: True)
+
+    config = yaml.safe_load(open(f"configs/quickstart/{stage}.yaml"))
+    config["model"]["init_args"].update(micro_batch_tokens=0)
+    assert config_problem(config) == ("model.init_args.micro_batch_tokens: 0; expected at least 1 (real tokens per "
+                                      "forward), or null for one pass")
+    config["model"]["init_args"].update(micro_batch_tokens=None, logprob_chunk=-1)
+    assert config_problem(config).startswith("model.init_args.logprob_chunk: -1; expected >= 0")
 
 
 def test_more_minibatch_groups_than_prompts_is_warned_about():
