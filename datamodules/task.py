@@ -93,8 +93,14 @@ class ReviewTask(Source):
     def __init__(self, num_train: int = 2000, num_val: int = 200, seed: int = 0, positive_rate: float = 0.3,
                  negative_rate: float = 0.45, max_clauses: int = 3, label_temperature: float = 0.2,
                  cache_dir: str = "artifacts/tokenizers"):
-        if not 0 <= positive_rate + negative_rate <= 1:
+        if not (0 <= positive_rate and 0 <= negative_rate and positive_rate + negative_rate <= 1):
             raise ValueError("ReviewTask: positive_rate + negative_rate must lie in [0, 1]")
+        for name, value in (("num_train", num_train), ("num_val", num_val), ("max_clauses", max_clauses)):
+            if value < 1:
+                raise ValueError(f"ReviewTask: {name}={value}; expected at least 1")
+        if not label_temperature > 0:
+            raise ValueError(f"ReviewTask: label_temperature={label_temperature}; expected > 0 (it divides the gold "
+                             "reward difference)")
         self.num_train, self.num_val, self.seed = num_train, num_val, seed
         self.positive_rate, self.negative_rate = positive_rate, negative_rate
         self.max_clauses, self.label_temperature, self.cache_dir = max_clauses, label_temperature, cache_dir

@@ -24,6 +24,10 @@ def _walk(node, path: str = ""):
         yield from _walk(value, where)
 
 
+# Counts that must be >= 1 wherever they appear (data module, reward and judge models, callbacks, stages).
+COUNTS = {"batch_size": "items per batch or forward", "max_pairs": "pairs scored for the report"}
+
+
 def config_problem(config: dict) -> str | None:
     """The first setting that cannot give a working run, as one line; None when there is none."""
     for where, key, value in _walk(config):
@@ -33,6 +37,10 @@ def config_problem(config: dict) -> str | None:
             return f"{where}: {value} does not exist{how_to_make(value)}"
         if key == "max_new_tokens" and isinstance(value, int) and value < 1:
             return f"{where}: {value}; expected at least 1 (tokens sampled per response)"
+        if key in COUNTS and isinstance(value, int) and value < 1:
+            return f"{where}: {value}; expected at least 1 ({COUNTS[key]})"
+        if key == "calibration_prompts" and isinstance(value, int) and value < 2:
+            return f"{where}: {value}; expected at least 2 (the std of their scores is the reward's scale)"
         if key == "micro_batch_tokens" and isinstance(value, int) and value < 1:
             return f"{where}: {value}; expected at least 1 (real tokens per forward), or null for one pass"
         if key == "logprob_chunk" and isinstance(value, int) and value < 0:

@@ -111,8 +111,8 @@ class RewardModel(FrozenModel):
             if not os.path.exists(stats_path):
                 raise FileNotFoundError(f"{stats_path}: no reward statistics; export them with the reward stage "
                                         "or set normalize: false")
-            stats = json.load(open(stats_path))
-            self.mean, self.std = float(stats["mean"]), float(stats["std"])
+            stats = read_scale(stats_path, ("mean", "std"))
+            self.mean, self.std = stats["mean"], stats["std"]
         self._shares_vocab: dict[int, bool] = {}
 
     def _same_vocab(self, tokenizer) -> bool:
@@ -131,6 +131,24 @@ class RewardModel(FrozenModel):
                               rollout.has_eos.tolist()).to(rollout.input_ids.device)
         reward = (raw - self.mean) / self.std
         return reward.clamp(-self.clip, self.clip) if self.clip else reward
+
+
+def read_scale(path: str, keys: tuple[str, ...]) -> dict[str, float]:
+    """The calibration numbers an export stores (`keys` of the JSON file at `path`): each finite, `std` > 0; else a
+    ValueError naming the file and the field (a NaN std, from a calibration of one prompt, made every reward NaN)."""
+    try:
+        stats = json.loads(Path(path).read_text())
+    except (OSError, ValueError) as err:
+        raise ValueError(f"{path}: not readable as JSON ({err})") from None
+    numbers = {}
+    for key in keys:
+        value = stats.get(key) if isinstance(stats, dict) else None
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \
+                or (key == "std" and not value > 0):
+            raise ValueError(f"{path}: {key} is {value!r}; expected a finite number{' > 0' if key == 'std' else ''} "
+                             "(export the stage again: its calibration needs at least 2 prompts)")
+        numbers[key] = float(value)
+    return numbers
 
 
 def _check_scorer(path: str) -> None:
@@ -314,7 +332,7 @@ class PreferenceModel(FrozenModel, PairwiseReward):
                                     "scalar reward model")
         super().__init__(BackboneSpec(pretrained=path), load_tokenizer(path))
         self.path, self.normalize, self.batch_size = path, normalize, batch_size
-        self.scale = math.sqrt(2) / float(json.load(open(config))["std"]) if normalize else 1.0
+        self.scale = math.sqrt(2) / read_scale(config, ("std",))["std"] if normalize else 1.0
 
     @torch.no_grad()
     def __call__(self, prompts: list[str], responses_a: list[str], responses_b: list[str]) -> list[float]:

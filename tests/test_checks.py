@@ -22,6 +22,8 @@ P3O = "configs/quickstart/p3o.yaml"
     ("--model.init_args.optimizer.init_args.lr=-1.0e-3", "error: model.init_args.optimizer.init_args.lr: -0.001; "
                                                          "expected a finite learning rate >= 0"),
     ("--ckpt_path=/no/such/last.ckpt", "error: ckpt_path: /no/such/last.ckpt does not exist"),
+    ("--data.init_args.batch_size=0", "error: data.init_args.batch_size: 0; expected at least 1 (items per batch or "
+                                      "forward)"),
     ("--model.init_args.micro_batch_tokens=0", "error: model.init_args.micro_batch_tokens: 0; expected at least 1 "
                                                "(real tokens per forward), or null for one pass"),
     ("--model.init_args.logprob_chunk=-5", "error: model.init_args.logprob_chunk: -5; expected >= 0 (tokens per LM-head "
@@ -45,7 +47,9 @@ def test_settings_that_cannot_train_stop_with_one_line_before_anything_is_built(
 @pytest.mark.parametrize("stage", ["sft", "reward", "preference", "offline_dpo", "p3o"])
 def test_every_stage_gets_the_same_config_checks(stage, monkeypatch):
     """`config_problem` reads any stage's parsed config: the SFT, reward, preference and offline DPO modules take
-    `micro_batch_tokens` (and SFT / offline DPO `logprob_chunk`) as the RL module does, and are checked alike.
+    `micro_batch_tokens` (and SFT / offline DPO `logprob_chunk`) as the RL module does, and are checked alike; so is
+    a `batch_size` anywhere (data, reward and judge models, callbacks). Before: a calibration of 1 prompt exported a
+    reward model whose scale was NaN (the std of one score), found only when RL stopped on NaN rewards.
     (The other stages' exports count as present: the paths' own check is another test's.)"""
     import yaml
 
@@ -60,6 +64,14 @@ def test_every_stage_gets_the_same_config_checks(stage, monkeypatch):
                                       "forward), or null for one pass")
     config["model"]["init_args"].update(micro_batch_tokens=None, logprob_chunk=-1)
     assert config_problem(config).startswith("model.init_args.logprob_chunk: -1; expected >= 0")
+    config["model"]["init_args"].update(logprob_chunk=None)
+    config["data"]["init_args"].update(batch_size=0)
+    assert config_problem(config) == "data.init_args.batch_size: 0; expected at least 1 (items per batch or forward)"
+    if stage in ("reward", "preference"):
+        config["data"]["init_args"].update(batch_size=8)
+        config["model"]["init_args"].update(calibration_prompts=1)
+        assert config_problem(config) == ("model.init_args.calibration_prompts: 1; expected at least 2 (the std of "
+                                          "their scores is the reward's scale)")
 
 
 def test_more_minibatch_groups_than_prompts_is_warned_about():
@@ -128,7 +140,6 @@ def test_main_turns_a_user_error_into_one_line_and_exit_code_1(tmp_path, sft_dir
      "config: null}})"),
     ("--data.init_args.source.init_args.negative_rate=0.9",
      "error: ReviewTask: positive_rate + negative_rate must lie in [0, 1]"),
-    ("--data.init_args.batch_size=0", "error: PairDataModule: batch_size=0; expected at least 1"),
     ("--trainer.devices=0", "error: `Trainer(devices='0')` value is not a valid input using cpu accelerator."),
     ("--model.init_args.sampling.temperature=0", "error: SamplingConfig: temperature=0.0; expected a finite number > 0 "
                                                  "(it also divides every logprob; do_sample: false samples greedily)"),
@@ -166,7 +177,7 @@ def test_main_turns_a_user_error_into_one_line_and_exit_code_1(tmp_path, sft_dir
     ("--data.init_args.source={{class_path: datamodules.sources.LocalFiles, init_args: {{train: pairs.jsonl, "
      "val_fraction: 1.5}}}}", "error: LocalFiles: val_fraction=1.5; expected a share of the training file between 0 "
                               "and 1 (at least one record is held out)"),
-], ids=["objective", "backbone", "source", "batch_size", "devices", "temperature", "top_p", "top_k", "max_grad_norm",
+], ids=["objective", "backbone", "source", "devices", "temperature", "top_p", "top_k", "max_grad_norm",
         "accumulate", "clip", "lora_targets", "lora_argument", "not_a_model", "no_weights", "logprob_diff",
         "gpu_memory", "tensor_parallel", "kv_cache", "correction_bounds", "correction_negative", "val_fraction"])
 def test_a_constructors_complaint_about_its_settings_is_one_line(tmp_path, sft_dir, capsys, override, line):

@@ -1,5 +1,7 @@
 """modules/rewards.py: what a reward returns is checked (one finite number per response, or the run stops naming
 the reward), and non-finite rewards are replaced by the chosen penalty and counted."""
+import re
+
 import pytest
 import torch
 
@@ -86,3 +88,25 @@ def test_a_reward_model_path_that_holds_no_scorer_is_refused(sft_dir, preference
     with pytest.raises(ValueError, match=r"is a pairwise preference-model export; use modules.rewards.PreferenceModel"):
         RewardModel(preference_dir, normalize=False)
     RewardModel(reward_dir, normalize=False)
+
+
+@pytest.mark.parametrize("stats, message", [
+    ('{"mean": 0.1, "std": NaN}', "std is nan; expected a finite number > 0"),
+    ('{"mean": 0.1, "std": 0}', "std is 0; expected a finite number > 0"),
+    ('{"std": 1.0}', "mean is None; expected a finite number"),
+    ('{"mean": 0.1, "std"', "not readable as JSON"),
+], ids=["nan_std", "zero_std", "no_mean", "broken"])
+def test_an_export_whose_scale_is_not_a_number_is_refused_naming_the_file(reward_dir, tmp_path, stats, message):
+    """Before: a reward-stage export calibrated on one prompt stored std NaN (the std of one score), and every
+    reward of the RL run became NaN; a file without `mean` or with broken JSON stopped it with a KeyError /
+    JSONDecodeError traceback. Now the file and the field, in one line (`read_scale`). The quickstart reward
+    export itself reads as written."""
+    import shutil
+
+    from modules.rewards import RewardModel, read_scale
+
+    assert set(read_scale(f"{reward_dir}/reward_stats.json", ("mean", "std"))) == {"mean", "std"}
+    shutil.copytree(reward_dir, tmp_path / "reward")
+    (tmp_path / "reward" / "reward_stats.json").write_text(stats)
+    with pytest.raises(ValueError, match=rf"^{tmp_path}/reward/reward_stats.json: {re.escape(message)}"):
+        RewardModel(str(tmp_path / "reward"))
