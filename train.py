@@ -33,7 +33,7 @@ from callbacks.checkpoint import interrupted
 from callbacks.export import ExportError, HFExport
 from callbacks.rollout import OnPolicyRollout
 from datamodules.sources import DataError
-from modules.checks import ConfigError, config_problem, config_warnings
+from modules.checks import ConfigError, command_line_problem, config_problem, config_warnings
 from modules.cpu import reuse_freed_memory, sharded_allocator_warning
 from modules.engines import SamplerMismatchError
 from modules.process import exit_process
@@ -103,6 +103,12 @@ class RLHFCLI(LightningCLI):
                 "Evaluation) during fit, every_n_batches and at the end. To evaluate an export on its own, validate "
                 "it as an SFT policy: python train.py validate --config configs/quickstart/sft.yaml "
                 "--model.init_args.backbone='{pretrained: <export>, config: null}'")
+
+    def parse_arguments(self, parser, args) -> None:
+        """A command-line null that jsonargparse would misread stops here, in one line (`command_line_problem`)."""
+        if not isinstance(args, dict) and (problem := command_line_problem(list(sys.argv[1:] if args is None else args))):
+            sys.exit(f"error: {problem}")
+        super().parse_arguments(parser, args)
 
     def _run_config(self) -> dict:
         config = self.config.get(self.subcommand, self.config) if self.subcommand else self.config

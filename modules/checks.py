@@ -65,6 +65,34 @@ def config_problem(config: dict) -> str | None:
     return None
 
 
+NULLS = ("null", "Null", "NULL", "~", "None")
+
+
+def command_line_problem(args: list[str]) -> str | None:
+    """A command-line null that jsonargparse (through 4.53, the newest) would misread, as one line; else None.
+
+    Below a `model` or `data` class's own arguments (a field of a backbone, of the objective, of the reward, of a
+    LoRA dict), `--model.init_args.policy.lora=null` reaches the field as the string 'None': a `str` field keeps
+    it (a model path named None), a dict entry too, and any other type fails with a page of union errors. The same
+    override written as a dict of the enclosing block, `--model.init_args.policy='{lora: null}'`, reads null
+    correctly and keeps the block's other fields (a dict-valued field, such as `lora` itself, is replaced whole).
+    A class's own arguments (`--model.init_args.value_model=null`) and YAML files are not affected."""
+    for i, arg in enumerate(args):
+        if not arg.startswith(("--model.", "--data.")):
+            continue
+        key, eq, value = arg[2:].partition("=")
+        if not eq:
+            value = args[i + 1] if i + 1 < len(args) else ""
+        if value not in NULLS:
+            continue
+        parent, _, field = key.rpartition(".")
+        parent = parent.removesuffix(".init_args")
+        if "." in parent:
+            return (f"--{key}={value}: jsonargparse reads a null below a class's own arguments as the string 'None'; "
+                    f"write the enclosing block as a dict, which keeps its other fields: --{parent}='{{{field}: null}}'")
+    return None
+
+
 def config_warnings(config: dict) -> list[str]:
     """Settings that run but silently do less than they say."""
     model = (config.get("model") or {}).get("init_args") or {}

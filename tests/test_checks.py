@@ -289,3 +289,43 @@ def test_an_evaluation_on_a_stage_without_a_policy_stops_before_training(tmp_pat
     assert capsys.readouterr().err.strip().splitlines()[-1] == (
         "error: callbacks.evaluation.Evaluation: RewardModule has no policy to sample; it evaluates the SFT, RL and "
         "offline DPO stages (a reward model reports with callbacks.reward_report.RewardReport)")
+
+
+@pytest.mark.parametrize("override, hint", [
+    ("--model.init_args.policy.lora=null", "--model.init_args.policy='{lora: null}'"),
+    ("--model.init_args.objective.init_args.reward_clip=null", "--model.init_args.objective='{reward_clip: null}'"),
+    ("--model.init_args.policy.pretrained=None", "--model.init_args.policy='{pretrained: null}'"),
+], ids=["dataclass_field", "class_argument", "string_field"])
+def test_a_null_below_a_class_argument_is_refused_with_the_dict_form_that_reads_it(override, hint, capsys):
+    """jsonargparse (4.53) reads `--model.init_args.policy.lora=null` as the string 'None': LoRA could not be
+    switched off from the command line (a page of union errors), and `policy.pretrained=null` became a model path
+    named None, silently. The one-line refusal names the dict form, and the dict form reads null and keeps the
+    block's other fields (the config's pretrained path; the objective's class and its other arguments)."""
+    import yaml
+
+    config = "configs/smollm2/p3o.yaml"
+    with pytest.raises(SystemExit) as stop:
+        cli_main(["fit", "--config", config, override])
+    line = str(stop.value)
+    assert line.startswith(f"error: {override}: jsonargparse reads a null") and line.endswith(hint)
+    with pytest.raises(SystemExit) as printed:
+        cli_main(["fit", "--config", config, hint.replace("'", ""), "--print_config"])
+    assert printed.value.code in (None, 0)
+    parsed, given = yaml.safe_load(capsys.readouterr().out)["model"]["init_args"], yaml.safe_load(open(config))
+    block, field = hint[2:].split("=")[0].split(".")[-1], yaml.safe_load(hint.split("=", 1)[1].strip("'"))
+    name = next(iter(field))
+    assert parsed[block].get("init_args", parsed[block])[name] is None
+    kept = given["model"]["init_args"][block]
+    kept = kept.get("init_args", kept)
+    assert all(parsed[block].get("init_args", parsed[block])[k] == v for k, v in kept.items() if k != name)
+    assert parsed["objective"]["class_path"] == given["model"]["init_args"]["objective"]["class_path"]
+
+
+def test_nulls_that_jsonargparse_reads_are_left_alone():
+    """A class's own argument, a trainer field and a config file's nulls are read correctly: nothing to refuse."""
+    from modules.checks import command_line_problem
+
+    assert command_line_problem(["fit", "--model.init_args.value_model=null", "--model.value_model", "null",
+                                 "--trainer.logger.init_args.version=null", "--data.init_args.source=null",
+                                 "--model.init_args.policy.lora={r: 4}", "--config", "null"]) is None
+    assert command_line_problem(["--model.init_args.policy.lora", "~"]).startswith("--model.init_args.policy.lora=~:")
