@@ -29,7 +29,7 @@ from callbacks.checkpoint import finish_checkpoints, interrupted
 from callbacks.sharding import outside_forward
 from datamodules.collate import PairCollator
 from modules import functional as F
-from modules.checks import ConfigError
+from modules.checks import ConfigError, check_positions
 from modules.judges import both_orders, win_rate
 from modules.rewards import FrozenModel, is_pairwise
 from modules.sampling import SamplingConfig, sample
@@ -81,6 +81,9 @@ class Evaluation(L.Callback):
         if isinstance(self.judge, FrozenModel):           # (Lightning has made the FSDP2 mesh by now)
             self.judge.configure(fsdp_mesh(pl_module))
 
+    def _sampling(self, pl_module) -> SamplingConfig:
+        return self.sampling or getattr(pl_module, "sampling", None) or SamplingConfig()
+
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         done = batches_done(trainer)
         if self.every_n_batches and done % self.every_n_batches == 0:
@@ -97,6 +100,12 @@ class Evaluation(L.Callback):
             print(summary_table(self.history[0], self.history[-1], name))
 
     def on_train_start(self, trainer, pl_module) -> None:
+        # (after the module's own on_fit_start checks, which name the rollouts' sampling where it is shared)
+        if hasattr(trainer.datamodule, "max_prompt_length"):
+            prompt, new = trainer.datamodule.max_prompt_length, self._sampling(pl_module).max_new_tokens
+            source = "evaluation" if self.sampling else "model" if getattr(pl_module, "sampling", None) else "default"
+            check_positions("callbacks.evaluation.Evaluation", prompt + new, f"data max_prompt_length ({prompt}) + "
+                            f"{source} sampling.max_new_tokens ({new})", {"policy": pl_module.policy})
         if self.every_n_batches:  # the step-0 point: where the frontier starts
             self.run(trainer, pl_module, batches_done(trainer))
 
@@ -152,7 +161,7 @@ class Evaluation(L.Callback):
         tok = pl_module.tokenizer
         collated = PairCollator(tok.pad_token_id)(examples)
         ids, mask = collated.prompt_ids.to(pl_module.device), collated.prompt_mask.to(pl_module.device)
-        config = self.sampling or getattr(pl_module, "sampling", None) or SamplingConfig()
+        config = self._sampling(pl_module)
         roll = _generate(pl_module)(pl_module.policy, tok, ids, mask, collated.prompts, config)
         out = {"val/length": roll.response_mask.sum(-1).float().mean().item(),
                "val/eos_rate": roll.has_eos.float().mean().item()}

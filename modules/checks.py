@@ -65,6 +65,18 @@ def config_problem(config: dict) -> str | None:
     return None
 
 
+def check_positions(owner: str, tokens: int, why: str, models: dict) -> None:
+    """Sequences of `tokens` tokens (`why`: the settings they come from) fit the positions of every model in
+    `models` (name -> model or None), or a ConfigError naming both. Past its `max_position_embeddings` a model
+    with learned positions fails at the first long sequence (an index error; a device assert on a GPU), and a
+    rotary one samples and trains, silently, on positions it has never seen."""
+    for name, model in models.items():
+        limit = getattr(getattr(model, "config", None), "max_position_embeddings", None)
+        if isinstance(limit, int) and tokens > limit:
+            raise ConfigError(f"{owner}: {why} = {tokens} tokens per sequence, more than the {name}'s "
+                              f"max_position_embeddings ({limit}); lower them")
+
+
 NULLS = ("null", "Null", "NULL", "~", "None")
 
 

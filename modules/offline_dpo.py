@@ -21,6 +21,7 @@ from modules import optimizers
 from modules.backbone import BackboneSpec, build_causal_lm, export_model, load_tokenizer, reference_of
 from modules.batch import Rollout
 from modules.checkpoints import TrainedOnlyCheckpoints
+from modules.checks import check_positions
 from modules.forward import in_parts, micro_batch_ranges, response_logprobs, target_logprobs
 from modules.sampling import SamplingConfig
 from modules.sharding import build_with_reference, fsdp_mesh
@@ -72,6 +73,11 @@ class OfflineDPOModule(TrainedOnlyCheckpoints, L.LightningModule):
         if self.policy is None:
             self.policy, self.reference = build_with_reference(      # reference None: LoRA's base
                 build_causal_lm, self.policy_spec, self.tokenizer, fsdp_mesh(self))
+
+    def on_fit_start(self) -> None:
+        if hasattr(self.trainer.datamodule, "max_length"):      # (the pair datamodule; None without one)
+            length = self.trainer.datamodule.max_length
+            check_positions("OfflineDPOModule", length, f"data max_length ({length})", {"policy": self.policy})
 
     def reference_model(self):
         """The frozen reference policy, as a context: the copy, or the LoRA policy with its adapters disabled."""

@@ -22,6 +22,7 @@ from modules import functional as F
 from modules import optimizers
 from modules.backbone import BackboneSpec, build_scorer, export_model, load_tokenizer
 from modules.checkpoints import TrainedOnlyCheckpoints
+from modules.checks import check_positions
 from modules.forward import in_parts, micro_batch_ranges, sequence_rewards
 from modules.sampling import SamplingConfig, sample_policy
 from modules.sharding import build_sharded, fsdp_mesh
@@ -97,6 +98,11 @@ class RewardModule(TrainedOnlyCheckpoints, L.LightningModule):
     def configure_model(self) -> None:
         if self.scorer is None:
             self.scorer = build_sharded(build_scorer, self.backbone, self.tokenizer, fsdp_mesh(self))
+
+    def on_fit_start(self) -> None:
+        if hasattr(self.trainer.datamodule, "max_length"):      # (the pair datamodule; None without one)
+            length = self.trainer.datamodule.max_length
+            check_positions("RewardModule", length, f"data max_length ({length})", {"reward model": self.scorer})
 
     def pair_rewards(self, batch: PairBatch) -> tuple[torch.Tensor, torch.Tensor]:
         """(r_chosen, r_rejected), each (B,), from one forward pass over the 2B sequences (one per micro-batch of

@@ -31,7 +31,7 @@ from modules.backbone import (
 )
 from modules.batch import ObjectiveInput, ObjectiveOutput, Rollout
 from modules.checkpoints import TrainedOnlyCheckpoints, frozen_names, is_frozen
-from modules.checks import ConfigError
+from modules.checks import ConfigError, check_positions
 from modules.engines import Engine, Sampler, SamplerMismatchError
 from modules.forward import response_logprobs, token_scores
 from modules.objectives.base import Objective
@@ -170,6 +170,13 @@ class RLModule(TrainedOnlyCheckpoints, L.LightningModule):
             self.value = build_sharded(build_scorer, spec, self.tokenizer, mesh)
 
     def on_fit_start(self) -> None:
+        data = self.trainer.datamodule
+        if hasattr(data, "max_prompt_length"):
+            reward = self.reward.model if isinstance(self.reward, FrozenModel) and not is_pairwise(self.reward) else None
+            check_positions("RLModule", data.max_prompt_length + self.sampling.max_new_tokens,
+                            f"data max_prompt_length ({data.max_prompt_length}) + model sampling.max_new_tokens "
+                            f"({self.sampling.max_new_tokens})",
+                            {"policy": self.policy, "value model": self.value, "reward model": reward})
         # A frozen reward the CLI made is a plain submodule that a strategy may leave where it was built
         # (FSDP2 has sharded a reward's model, `FrozenModel`, onto the device in `configure_model`).
         device = self.trainer.strategy.root_device

@@ -11,6 +11,7 @@ from modules import functional as F
 from modules import optimizers
 from modules.backbone import BackboneSpec, build_causal_lm, export_model, load_tokenizer
 from modules.checkpoints import TrainedOnlyCheckpoints
+from modules.checks import check_positions
 from modules.forward import in_parts, micro_batch_ranges, target_logprobs
 from modules.sharding import build_sharded, fsdp_mesh
 
@@ -53,6 +54,11 @@ class SFTModule(TrainedOnlyCheckpoints, L.LightningModule):
     def configure_model(self) -> None:
         if self.policy is None:
             self.policy = build_sharded(build_causal_lm, self.backbone, self.tokenizer, fsdp_mesh(self))
+
+    def on_fit_start(self) -> None:
+        if hasattr(self.trainer.datamodule, "max_length"):      # (the pair datamodule; None without one)
+            length = self.trainer.datamodule.max_length
+            check_positions("SFTModule", length, f"data max_length ({length})", {"policy": self.policy})
 
     def loss(self, batch: PairBatch) -> torch.Tensor:
         """Mean NLL of the response tokens; the LM head sees those positions alone, in chunks; the rows in

@@ -329,3 +329,46 @@ def test_nulls_that_jsonargparse_reads_are_left_alone():
                                  "--trainer.logger.init_args.version=null", "--data.init_args.source=null",
                                  "--model.init_args.policy.lora={r: 4}", "--config", "null"]) is None
     assert command_line_problem(["--model.init_args.policy.lora", "~"]).startswith("--model.init_args.policy.lora=~:")
+
+
+def test_check_positions_names_the_settings_and_the_model_that_cannot_hold_them():
+    """12 + 120 = 132 tokens do not fit a model of 128 positions; 12 + 116 = 128 do, and so does a model that does
+    not say (no `max_position_embeddings`) or none at all (a module without a value model)."""
+    from types import SimpleNamespace
+
+    from modules.checks import ConfigError, check_positions
+
+    short, unsaid = SimpleNamespace(config=SimpleNamespace(max_position_embeddings=128)), SimpleNamespace(config=None)
+    with pytest.raises(ConfigError) as raised:
+        check_positions("RLModule", 132, "max_prompt_length (12) + max_new_tokens (120)",
+                        {"policy": unsaid, "value model": None, "reward model": short})
+    assert str(raised.value) == ("RLModule: max_prompt_length (12) + max_new_tokens (120) = 132 tokens per sequence, "
+                                 "more than the reward model's max_position_embeddings (128); lower them")
+    check_positions("RLModule", 128, "", {"policy": short, "value model": None})
+
+
+@pytest.mark.parametrize("stage, override, line", [
+    ("rl", "--model.init_args.sampling.max_new_tokens=120",
+     "error: RLModule: data max_prompt_length (12) + model sampling.max_new_tokens (120) = 132 tokens per sequence, "
+     "more than the policy's max_position_embeddings (128); lower them"),
+    ("evaluation", None,
+     "error: callbacks.evaluation.Evaluation: data max_prompt_length (12) + evaluation sampling.max_new_tokens (117) "
+     "= 129 tokens per sequence, more than the policy's max_position_embeddings (128); lower them"),
+    ("sft", "--data.init_args.max_length=129",
+     "error: SFTModule: data max_length (129) = 129 tokens per sequence, more than the policy's "
+     "max_position_embeddings (128); lower them"),
+], ids=["rollout", "evaluation", "sft"])
+@pytest.mark.slow
+def test_sequences_longer_than_the_models_positions_stop_before_training(tmp_path, sft_dir, capsys, stage, override,
+                                                                         line):
+    """Before: the tiny Llama (rotary, 128 positions) sampled and trained on positions 128 and up without a word
+    (transformers printed a 'friendly reminder' once); a model with learned positions fails there with an index
+    error, on a GPU a device-side assert. Checked once the models are built, before the first rollout or batch."""
+    from tests.helpers import tiny_stage_config
+    from train import main
+
+    config = (tiny_rl_config(tmp_path, sft_dir) if stage == "rl" else
+              tiny_rl_config(tmp_path, sft_dir, evaluation={"sampling": {"max_new_tokens": 117}}) if stage == "evaluation"
+              else tiny_stage_config(tmp_path, "sft", sft_dir, "s.yaml"))
+    assert main(["fit", "--config", config] + ([override] if override else [])) == 1
+    assert capsys.readouterr().err.strip().splitlines()[-1] == line
