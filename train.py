@@ -106,7 +106,8 @@ class RLHFCLI(LightningCLI):
 
     def parse_arguments(self, parser, args) -> None:
         """A command-line null that jsonargparse would misread stops here, in one line (`command_line_problem`)."""
-        if not isinstance(args, dict) and (problem := command_line_problem(list(sys.argv[1:] if args is None else args))):
+        given = sys.argv[1:] if args is None else args if isinstance(args, (list, tuple)) else []   # (not a dict)
+        if problem := command_line_problem(list(given)):
             sys.exit(f"error: {problem}")
         super().parse_arguments(parser, args)
 
