@@ -77,6 +77,15 @@ def check_positions(owner: str, tokens: int, why: str, models: dict) -> None:
                               f"max_position_embeddings ({limit}); lower them")
 
 
+def check_calibration_prompts(owner: str, datamodule) -> None:
+    """The validation split holds the 2 prompts a reward or preference calibration needs at least (the std of
+    their scores is the scale the export stores; of one score it is NaN), or a ConfigError before training."""
+    held_out = len(datamodule.splits["val"])
+    if held_out < 2:
+        raise ConfigError(f"{owner}: the validation split has {held_out} record; the calibration after training needs "
+                          "at least 2 held-out prompts (the std of their scores is the export's scale): add records")
+
+
 NULLS = ("null", "Null", "NULL", "~", "None")
 
 

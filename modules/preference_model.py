@@ -24,6 +24,7 @@ from modules import functional as F
 from modules import optimizers
 from modules.backbone import BackboneSpec, build_scorer, export_model, load_tokenizer
 from modules.checkpoints import TrainedOnlyCheckpoints
+from modules.checks import check_calibration_prompts
 from modules.forward import in_parts, micro_batch_ranges, sequence_rewards
 from modules.reward_model import read_last_token_when_pad_is_eos
 from modules.sampling import SamplingConfig, sample_policy
@@ -124,6 +125,10 @@ class PreferenceModule(TrainedOnlyCheckpoints, L.LightningModule):
         self.micro_batch_tokens = micro_batch_tokens
         self.tokenizer = load_tokenizer(tokenizer)
         self.calibration_policy = calibration_policy or backbone.pretrained
+        if self.calibration_policy is None:       # (else the export, after training, fails for want of it)
+            raise ValueError("PreferenceModule: a random-init backbone (config) gives no default calibration_policy; set "
+                             "model.init_args.calibration_policy to the causal LM whose samples set the preference's "
+                             "scale (the SFT export): the export stores that scale")
         self.calibration_prompts, self.sampling = calibration_prompts, sampling or SamplingConfig()
         self.calibration: dict | None = None
         self.scorer = None
@@ -132,6 +137,10 @@ class PreferenceModule(TrainedOnlyCheckpoints, L.LightningModule):
     def configure_model(self) -> None:
         if self.scorer is None:
             self.scorer = build_sharded(build_scorer, self.backbone, self.tokenizer, fsdp_mesh(self))
+
+    def on_fit_start(self) -> None:
+        if hasattr(self.trainer.datamodule, "splits"):      # (the pair datamodule; None without one)
+            check_calibration_prompts("PreferenceModule", self.trainer.datamodule)
 
     def pair_margins(self, batch: PairBatch) -> torch.Tensor:
         """f(x, chosen, rejected) (B,): > 0 where the model prefers the chosen response."""

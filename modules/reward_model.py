@@ -22,7 +22,7 @@ from modules import functional as F
 from modules import optimizers
 from modules.backbone import BackboneSpec, build_scorer, export_model, load_tokenizer
 from modules.checkpoints import TrainedOnlyCheckpoints
-from modules.checks import check_positions
+from modules.checks import check_calibration_prompts, check_positions
 from modules.forward import in_parts, micro_batch_ranges, sequence_rewards
 from modules.sampling import SamplingConfig, sample_policy
 from modules.sharding import build_sharded, fsdp_mesh
@@ -90,6 +90,10 @@ class RewardModule(TrainedOnlyCheckpoints, L.LightningModule):
         self.optimizer_factory, self.scheduler_factory = optimizer, scheduler
         self.tokenizer = load_tokenizer(tokenizer)
         self.calibration_policy = calibration_policy or backbone.pretrained
+        if self.calibration_policy is None:       # (else the export, after training, fails for want of it)
+            raise ValueError("RewardModule: a random-init backbone (config) gives no default calibration_policy; set "
+                             "model.init_args.calibration_policy to the causal LM whose samples set the reward's "
+                             "scale (the SFT export): the export stores that scale")
         self.calibration_prompts, self.sampling = calibration_prompts, sampling or SamplingConfig()
         self.scorer, self.micro_batch_tokens = None, micro_batch_tokens
         self.calibration: dict | None = None
@@ -103,6 +107,7 @@ class RewardModule(TrainedOnlyCheckpoints, L.LightningModule):
         if hasattr(self.trainer.datamodule, "max_length"):      # (the pair datamodule; None without one)
             length = self.trainer.datamodule.max_length
             check_positions("RewardModule", length, f"data max_length ({length})", {"reward model": self.scorer})
+            check_calibration_prompts("RewardModule", self.trainer.datamodule)
 
     def pair_rewards(self, batch: PairBatch) -> tuple[torch.Tensor, torch.Tensor]:
         """(r_chosen, r_rejected), each (B,), from one forward pass over the 2B sequences (one per micro-batch of

@@ -372,3 +372,17 @@ def test_sequences_longer_than_the_models_positions_stop_before_training(tmp_pat
               else tiny_stage_config(tmp_path, "sft", sft_dir, "s.yaml"))
     assert main(["fit", "--config", config] + ([override] if override else [])) == 1
     assert capsys.readouterr().err.strip().splitlines()[-1] == line
+
+
+@pytest.mark.slow
+def test_a_reward_stage_with_one_held_out_prompt_stops_before_training(tmp_path, sft_dir, capsys):
+    """Before: it trained, then calibrated on the one validation prompt and exported std NaN (the std of one score),
+    which made every reward of the RL run after it NaN."""
+    from tests.helpers import tiny_stage_config
+    from train import main
+
+    config = tiny_stage_config(tmp_path, "reward", sft_dir, "r.yaml")
+    assert main(["fit", "--config", config, "--data.init_args.source.init_args.num_val=1"]) == 1
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        "error: RewardModule: the validation split has 1 record; the calibration after training needs at least 2 "
+        "held-out prompts (the std of their scores is the export's scale): add records")

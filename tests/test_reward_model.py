@@ -121,3 +121,19 @@ def test_calibration_stats_are_exported_and_used_for_normalisation(sft_dir, toke
     assert torch.allclose(plain, ours, atol=1e-4)
     assert not torch.allclose(plain, (score_texts(reward.model, tokenizer, roll.prompts, roll.responses,
                                                   has_eos=[False] * len(roll)) - stats["mean"]) / stats["std"])
+
+
+@pytest.mark.parametrize("module", ["modules.reward_model.RewardModule", "modules.preference_model.PreferenceModule"])
+def test_a_random_init_scorer_needs_a_calibration_policy_before_it_trains(sft_dir, module):
+    """The calibration policy defaults to the backbone's pretrained model; a random-init backbone has none. Before,
+    the stage trained, then failed where it first calibrated (the RewardReport, or the export after the last
+    batch: 'set calibration_policy'). Now the constructor says so (one line from train.py); given one, it builds."""
+    import importlib
+
+    from tests.conftest import TINY
+
+    cls = getattr(importlib.import_module(module.rsplit(".", 1)[0]), module.rsplit(".", 1)[1])
+    with pytest.raises(ValueError, match=rf"^{cls.__name__}: a random-init backbone \(config\) gives no default "
+                                         "calibration_policy; set model.init_args.calibration_policy"):
+        cls(BackboneSpec(config=dict(TINY)), sft_dir)
+    assert cls(BackboneSpec(config=dict(TINY)), sft_dir, calibration_policy=sft_dir).calibration_policy == sft_dir
