@@ -10,6 +10,8 @@ contributes nothing, and the fraction of pairs on which the two orders agree is 
 """
 from __future__ import annotations
 
+import string
+
 import torch
 
 from modules.backbone import BackboneSpec, build_causal_lm, load_tokenizer
@@ -62,9 +64,20 @@ class LLMJudge(FrozenModel, PairwiseReward):
         for field in ("{prompt}", "{a}", "{b}"):
             if field not in template:
                 raise ValueError(f"LLMJudge: the template has no {field}; it needs {{prompt}}, {{a}} and {{b}}")
+        try:
+            others = {name for _, name, _, _ in string.Formatter().parse(template) if name is not None} - {"prompt", "a", "b"}
+        except ValueError as err:       # (an unmatched brace)
+            raise ValueError(f"LLMJudge: the template is not a format string ({err}); write a literal brace as "
+                             "{{ or }}") from None
+        if others:
+            raise ValueError(f"LLMJudge: the template has {{{sorted(others)[0]}}}; only {{prompt}}, {{a}} and {{b}} "
+                             "are filled in (write a literal brace as {{ or }})")
         super().__init__(BackboneSpec(pretrained=model), load_tokenizer(model))
         self.template, self.batch_size = template, batch_size
         self.label_ids = [self._one_token(label) for label in labels]
+        if self.label_ids[0] == self.label_ids[1]:
+            raise ValueError(f"LLMJudge: labels {labels[0]!r} and {labels[1]!r} are the same token of the judge's "
+                             "tokenizer; its verdict, log p(a) - log p(b), would be 0 for every pair")
 
     def _one_token(self, label: str) -> int:
         ids = self.tokenizer(label, add_special_tokens=False)["input_ids"]

@@ -65,6 +65,23 @@ def test_the_llm_judge_is_the_logit_of_its_two_labels_after_the_template(sft_dir
         LLMJudge(sft_dir, template="{prompt} {a}", labels=("great", "awful"))
 
 
+@pytest.mark.parametrize("template, labels, message", [
+    ("{prompt} {a} {b} {score}", ("great", "awful"), "the template has {score}; only {prompt}, {a} and {b} are filled"),
+    ("{prompt} {a} {b} {}", ("great", "awful"), "the template has {}; only"),
+    ("{prompt} {a} {b} }", ("great", "awful"), "the template is not a format string (Single '}' encountered"),
+    ("{prompt} {a} {b}", ("great", "great"), "labels 'great' and 'great' are the same token of the judge's tokenizer"),
+], ids=["unknown_field", "positional_field", "lone_brace", "same_label"])
+def test_a_judge_that_cannot_give_a_verdict_is_refused_when_built(sft_dir, template, labels, message):
+    """Before: a template with another field or a lone brace raised KeyError / IndexError / ValueError at the first
+    evaluation (a traceback); two labels of one token gave 0 for every pair, a judge win rate of 1/2 with
+    nothing said. A literal brace written {{ }} is fine."""
+    import re
+
+    with pytest.raises(ValueError, match="^LLMJudge: " + re.escape(message)):
+        LLMJudge(sft_dir, template=template, labels=labels)
+    LLMJudge(sft_dir, template="{{json}} {prompt} {a} {b}", labels=("great", "awful"))
+
+
 def with_judge(config: str, judge: dict) -> str:
     data = yaml.safe_load(Path(config).read_text())
     for cb in data["trainer"]["callbacks"]:
