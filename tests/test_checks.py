@@ -291,34 +291,38 @@ def test_an_evaluation_on_a_stage_without_a_policy_stops_before_training(tmp_pat
         "offline DPO stages (a reward model reports with callbacks.reward_report.RewardReport)")
 
 
-@pytest.mark.parametrize("override, hint", [
-    ("--model.init_args.policy.lora=null", "--model.init_args.policy='{lora: null}'"),
-    ("--model.init_args.objective.init_args.reward_clip=null", "--model.init_args.objective='{reward_clip: null}'"),
-    ("--model.init_args.policy.pretrained=None", "--model.init_args.policy='{pretrained: null}'"),
+@pytest.mark.parametrize("override, block, field", [
+    ("--model.init_args.policy.lora=null", "policy", "lora"),
+    ("--model.init_args.objective.init_args.reward_clip=null", "objective", "reward_clip"),
+    ("--model.init_args.policy.pretrained=None", "policy", "pretrained"),
 ], ids=["dataclass_field", "class_argument", "string_field"])
-def test_a_null_below_a_class_argument_is_refused_with_the_dict_form_that_reads_it(override, hint, capsys):
+def test_a_null_below_a_class_argument_is_refused_with_the_dict_form_that_reads_it(override, block, field, capsys,
+                                                                                   tmp_path):
     """jsonargparse (4.53) reads `--model.init_args.policy.lora=null` as the string 'None': LoRA could not be
     switched off from the command line (a page of union errors), and `policy.pretrained=null` became a model path
-    named None, silently. The one-line refusal names the dict form, and the dict form reads null and keeps the
-    block's other fields (the config's pretrained path; the objective's class and its other arguments)."""
+    named None, silently. The one-line refusal names the dict form; the dict form reads null and keeps the block's
+    other fields from the config (the backbone's pretrained path and LoRA; the objective's class and arguments)."""
     import yaml
 
-    config = "configs/smollm2/p3o.yaml"
+    from train import derive_config
+
+    config = derive_config("configs/smollm2/p3o.yaml", {"model": {"init_args": {"objective": {"init_args": {
+        "reward_clip": 5.0}}}}}, tmp_path / "p3o.yaml")           # (an optional argument of a class, set)
+    hint = f"--model.init_args.{block}={{{field}: null}}"
     with pytest.raises(SystemExit) as stop:
         cli_main(["fit", "--config", config, override])
-    line = str(stop.value)
-    assert line.startswith(f"error: {override}: jsonargparse reads a null") and line.endswith(hint)
+    assert str(stop.value) == (f"error: {override}: jsonargparse reads a null below a class's own arguments as the "
+                               f"string 'None'; write the enclosing block as a dict, which keeps its other fields: "
+                               f"--model.init_args.{block}='{{{field}: null}}'")
     with pytest.raises(SystemExit) as printed:
-        cli_main(["fit", "--config", config, hint.replace("'", ""), "--print_config"])
+        cli_main(["fit", "--config", config, hint, "--print_config"])
     assert printed.value.code in (None, 0)
-    parsed, given = yaml.safe_load(capsys.readouterr().out)["model"]["init_args"], yaml.safe_load(open(config))
-    block, field = hint[2:].split("=")[0].split(".")[-1], yaml.safe_load(hint.split("=", 1)[1].strip("'"))
-    name = next(iter(field))
-    assert parsed[block].get("init_args", parsed[block])[name] is None
-    kept = given["model"]["init_args"][block]
-    kept = kept.get("init_args", kept)
-    assert all(parsed[block].get("init_args", parsed[block])[k] == v for k, v in kept.items() if k != name)
-    assert parsed["objective"]["class_path"] == given["model"]["init_args"]["objective"]["class_path"]
+    parsed = yaml.safe_load(capsys.readouterr().out)["model"]["init_args"][block]
+    given = yaml.safe_load(open(config))["model"]["init_args"][block]
+    assert parsed.get("class_path") == given.get("class_path")
+    parsed, given = parsed.get("init_args", parsed), given.get("init_args", given)   # (a class: its arguments)
+    assert parsed[field] is None and given.get(field) is not None
+    assert {k: parsed[k] for k in given if k != field} == {k: v for k, v in given.items() if k != field}
 
 
 def test_nulls_that_jsonargparse_reads_are_left_alone():
