@@ -24,7 +24,7 @@ from modules import functional as F
 from modules import optimizers
 from modules.backbone import BackboneSpec, build_scorer, export_model, load_tokenizer
 from modules.checkpoints import TrainedOnlyCheckpoints
-from modules.checks import check_calibration_prompts
+from modules.checks import check_calibration_prompts, check_positions
 from modules.forward import in_parts, micro_batch_ranges, sequence_rewards
 from modules.reward_model import read_last_token_when_pad_is_eos
 from modules.sampling import SamplingConfig, sample_policy
@@ -139,8 +139,13 @@ class PreferenceModule(TrainedOnlyCheckpoints, L.LightningModule):
             self.scorer = build_sharded(build_scorer, self.backbone, self.tokenizer, fsdp_mesh(self))
 
     def on_fit_start(self) -> None:
-        if hasattr(self.trainer.datamodule, "splits"):      # (the pair datamodule; None without one)
-            check_calibration_prompts("PreferenceModule", self.trainer.datamodule)
+        data = self.trainer.datamodule
+        if hasattr(data, "splits"):      # (the pair datamodule; None without one)
+            check_calibration_prompts("PreferenceModule", data)
+            longest = max(len(e["prompt_ids"]) + len(e["chosen_ids"]) + len(e["rejected_ids"])
+                          for split in ("train", "val") for e in data.splits[split])      # the rows it reads
+            check_positions("PreferenceModule", longest, f"prompt + chosen + rejected (the longest pair of the data, "
+                            f"at max_length {data.max_length})", {"preference model": self.scorer})
 
     def pair_margins(self, batch: PairBatch) -> torch.Tensor:
         """f(x, chosen, rejected) (B,): > 0 where the model prefers the chosen response."""

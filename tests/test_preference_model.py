@@ -1,6 +1,8 @@
 """Pairwise preference-model stage: antisymmetric by construction, micro-batches equal one pass, a tiny fit learns
 the pairs, the export's README code gives the same preferences as `modules.rewards.PreferenceModel`, the stage
 reports against labels and gold through the CLI, and P3O trains on the export (SFT -> pairwise model -> P3O)."""
+import re
+
 import pytest
 import torch
 import yaml
@@ -134,6 +136,30 @@ def test_the_stage_reports_label_and_gold_accuracy_through_the_cli(sft_dir, tmp_
     assert "sample_gold_order_accuracy=" in report[0] and "calibration_std=" in report[0]
     assert "spearman" not in report[0]        # a pairwise model has no per-response score to correlate
     PreferenceModel(str(tmp_path / "export"))  # loads as the RL stage's pairwise reward
+
+
+def test_pairs_longer_than_the_models_positions_stop_before_training(sft_dir, tmp_path, capsys):
+    """The model reads prompt + a + b, up to about twice max_length: the longest pair of the data is checked against
+    its positions (here a random-init scorer of 24 positions). Before: trained on positions it never had, silently
+    (a rotary model), or an index error at the first long batch (learned positions)."""
+    from tests.conftest import TINY
+    from train import main
+
+    config = derived_config("configs/quickstart/preference.yaml", tmp_path, {
+        "trainer": {"max_epochs": 1, "callbacks": [], "enable_progress_bar": False,
+                    "logger": {"init_args": {"save_dir": str(tmp_path / "runs")}}},
+        "model": {"init_args": {"backbone": {"pretrained": None, "config": dict(TINY, max_position_embeddings=24)},
+                                "calibration_policy": sft_dir}},
+        "data": {"init_args": {"tokenizer": sft_dir, "batch_size": 8,
+                               "source": {"init_args": {"num_train": 16, "num_val": 8,
+                                                        "cache_dir": str(tmp_path / "tok")}}}},
+    }, "preference.yaml")
+    assert main(["fit", "--config", config]) == 1
+    line = capsys.readouterr().err.strip().splitlines()[-1]
+    assert re.fullmatch(r"error: PreferenceModule: prompt \+ chosen \+ rejected \(the longest pair of the data, at "
+                        r"max_length 48\) = (\d+) tokens per sequence, more than the preference model's "
+                        r"max_position_embeddings \(24\); lower them", line), line
+    assert 24 < int(re.search(r"= (\d+) tokens", line).group(1)) <= 2 * 48
 
 
 def test_p3o_trains_on_the_preference_model_export(sft_dir, fitted_preference_dir, tmp_path):
