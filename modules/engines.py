@@ -152,9 +152,9 @@ class VLLM(Engine):
                  tensor_parallel_size: int = 1, cpu_kv_cache_gb: float = 1.0, enforce_eager: bool = True,
                  max_logprob_diff: float | None = 1.0, correction: MismatchCorrection | None = None):
         super().__init__(max_logprob_diff, correction)
-        for name, value, low in (("max_model_len", max_model_len, 1), ("tensor_parallel_size", tensor_parallel_size, 1)):
-            if value is not None and value < low:
-                raise ConfigError(f"VLLM: {name}={value}; expected >= {low}")
+        for name, value in (("max_model_len", max_model_len), ("tensor_parallel_size", tensor_parallel_size)):
+            if value is not None and value < 1:
+                raise ConfigError(f"VLLM: {name}={value}; expected >= 1")
         if not 0 < gpu_memory_utilization <= 1:
             raise ConfigError(f"VLLM: gpu_memory_utilization={gpu_memory_utilization}; expected a fraction in (0, 1]")
         if not 0 < cpu_kv_cache_gb < float("inf"):
