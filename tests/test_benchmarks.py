@@ -162,6 +162,18 @@ def test_throughput_shapes_parameter_counts_and_lora_flops():
     assert lora["update"] == pytest.approx(full["update"] * 2 / 3) and lora["generate"] == full["generate"]
 
 
+def test_the_trl_reuse_side_stops_where_our_malloc_settings_cannot_be_applied(monkeypatch):
+    """`trl-reuse` is TRL under the glibc settings our train.py applies (`reuse_freed_memory`); where they cannot be
+    applied it stops in one line, before building anything, rather than measure TRL as shipped under that name."""
+    from types import SimpleNamespace
+
+    from benchmarks.throughput import run_trl
+
+    monkeypatch.setenv("P3O_REUSE_FREED_MEMORY", "0")
+    with pytest.raises(SystemExit, match="trl-reuse: glibc's malloc settings could not be applied"):
+        run_trl({}, 1, SimpleNamespace(side="trl-reuse"))
+
+
 @pytest.mark.slow
 def test_decode_quick_prints_every_way_with_its_ratio():
     import os
