@@ -285,9 +285,14 @@ class PairwiseReward:
 
     The RL module asks it about every pair (i, j), i < j, of each group of K responses to a prompt: K (K - 1) / 2
     comparisons per prompt. P3O and online DPO use each pair's number directly (as r_i - r_j); the other
-    objectives get per-response scores from the tournament (`tournament_scores`)."""
+    objectives get per-response scores from the tournament (`tournament_scores`).
+
+    A reward that is not antisymmetric by construction (`antisymmetric = False`, the default: an LLM judge, an API
+    judge) is asked about each pair in both orders, and its position bias cancels: f = (f(a, b) - f(b, a)) / 2.
+    Set `antisymmetric = True` on a reward whose f(b, a) is -f(a, b) exactly, and each pair is asked once."""
 
     pairwise = True
+    antisymmetric = False
 
     def __call__(self, prompts: list[str], responses_a: list[str], responses_b: list[str]) -> list[float]:
         raise NotImplementedError
@@ -299,6 +304,8 @@ class DifferenceOf(PairwiseReward):
     Args:
         reward: a text reward `(prompts, responses) -> list[float]` (e.g. `datamodules.task.GoldReward`).
     """
+
+    antisymmetric = True
 
     def __init__(self, reward: Callable):
         self.reward = reward
@@ -321,6 +328,8 @@ class PreferenceModel(FrozenModel, PairwiseReward):
         batch_size: pairs per forward (both orders of each).
     Built by `configure(mesh)` (sharded under FSDP2) or at its first use (`FrozenModel`).
     """
+
+    antisymmetric = True
 
     def __init__(self, path: str, normalize: bool = True, batch_size: int = 64):
         from modules.preference_model import CONFIG_FILE
@@ -351,31 +360,47 @@ def is_pairwise(reward) -> bool:
     return bool(getattr(reward, "pairwise", False))
 
 
-def score_pairs(reward, rollout: Rollout, nonfinite: float | None = None) -> tuple[torch.Tensor, int]:
-    """(M (N, K), non-finite count) for a pairwise reward: M[i K + a, b] = f(x_i, y_a, y_b), the pairwise reward of
-    response a over response b of group i, asked once per pair a < b in one call; M[., b, a] = -M[., a, b] (a
-    logit of P(a over b) is minus that of P(b over a)) and the diagonal is 0. Validated like a scalar reward: one
-    finite number per pair, or a `RewardError` naming the reward, the pair and its texts (`nonfinite` replaces
-    NaN / inf instead).
+def score_pairs(reward, rollout: Rollout, nonfinite: float | None = None) -> tuple[torch.Tensor, int, float | None]:
+    """(M (N, K), non-finite count, order agreement) for a pairwise reward: M[i K + a, b] = f(x_i, y_a, y_b), the
+    pairwise reward of response a over response b of group i; M[., b, a] = -M[., a, b] (a logit of P(a over b) is
+    minus that of P(b over a)) and the diagonal is 0. Validated like a scalar reward: one finite number per pair,
+    or a `RewardError` naming the reward, the pair and its texts (`nonfinite` replaces NaN / inf instead).
 
-    Example (K = 2, one prompt, f = r(a) - r(b) with r = [0.5, 2.0]): M = [[0, -1.5], [1.5, 0]]."""
+    A reward that declares `antisymmetric = True` is asked once per pair a < b, in one call; agreement is None.
+    Any other (a judge) is asked, in one call, about every pair in both orders, and M[., a, b] = (f(a, b) -
+    f(b, a)) / 2: a bias towards the first (or second) position cancels. Agreement is the fraction of pairs whose
+    two orders name the same winner (f(a, b) > 0 and f(b, a) < 0, or f(a, b) <= 0 and f(b, a) >= 0).
+
+    Examples (K = 2, one prompt, r = [0.5, 2.0]): f = r(a) - r(b), antisymmetric: M = [[0, -1.5], [1.5, 0]].
+    A judge f = r(a) - r(b) + 1 (the first position favoured by 1): f(0, 1) = -0.5, f(1, 0) = 2.5, so
+    M[0, 1] = (-0.5 - 2.5) / 2 = -1.5, the same M, and agreement 1.0 (both orders say response 1 wins)."""
     from modules.objectives.p3o import group_pairs
 
     K, n = rollout.group_size, len(rollout)
     rows_a, rows_b = (rows.tolist() for rows in group_pairs(n, K))                 # every pair a < b of each group
-    values = reward([rollout.prompts[i] for i in rows_a], [rollout.responses[i] for i in rows_a],
-                    [rollout.responses[j] for j in rows_b])
+    both = not getattr(reward, "antisymmetric", False)
+    first, second = (rows_a + rows_b, rows_b + rows_a) if both else (rows_a, rows_b)
+    values = reward([rollout.prompts[i] for i in first], [rollout.responses[i] for i in first],
+                    [rollout.responses[j] for j in second])
     name = qualified_name(reward)
-    tensor = _numbers(values, reward, len(rows_a), "pair", f"K = {K} responses per prompt: K (K - 1) / 2 pairs each")
+    asked = len(first)
+    why = f"K = {K} responses per prompt: K (K - 1) / 2 pairs each" + (
+        ", asked in both orders (the reward does not declare antisymmetric = True)" if both else "")
+    tensor = _numbers(values, reward, asked, "pair", why)
     tensor, replaced = finite_or_replaced(tensor, nonfinite, lambda p, bad: (
-        f"pairwise reward {name} returned {tensor[p].item()} for pair {p} of {len(rows_a)} (prompt "
-        f"{rollout.prompts[rows_a[p]]!r}, a {rollout.responses[rows_a[p]]!r}, b {rollout.responses[rows_b[p]]!r}) and "
+        f"pairwise reward {name} returned {tensor[p].item()} for pair {p} of {asked} (prompt "
+        f"{rollout.prompts[first[p]]!r}, a {rollout.responses[first[p]]!r}, b {rollout.responses[second[p]]!r}) and "
         f"{bad - 1} more non-finite; expected finite numbers (set model.init_args.nonfinite_reward: <value> to "
         "replace them)"))
+    agreement = None
+    if both:
+        forward, backward = tensor[:len(rows_a)], tensor[len(rows_a):]
+        tensor = (forward - backward) / 2
+        agreement = ((forward > 0) == (backward < 0)).float().mean().item() if len(rows_a) else 1.0
     M = torch.zeros(n, K)
     M[rows_a, [j % K for j in rows_b]] = tensor
     M[rows_b, [i % K for i in rows_a]] = -tensor
-    return M.to(rollout.input_ids.device), replaced
+    return M.to(rollout.input_ids.device), replaced, agreement
 
 
 def tournament_scores(pair_rewards: torch.Tensor, group_size: int) -> torch.Tensor:

@@ -255,8 +255,10 @@ class RLModule(TrainedOnlyCheckpoints, L.LightningModule):
         return rewards
 
     def _score_pairs(self, rollout: Rollout) -> torch.Tensor:
-        pairs, replaced = score_pairs(self.reward, rollout, self.nonfinite_reward)
+        pairs, replaced, agreement = score_pairs(self.reward, rollout, self.nonfinite_reward)
         rollout.timings["train/nonfinite_rewards"] = float(replaced)
+        if agreement is not None:                                  # asked in both orders: how often they agree
+            rollout.timings["train/pair_order_agreement"] = agreement
         if replaced:
             log.warning("pairwise reward %s: %d pairs were NaN or inf, replaced by nonfinite_reward=%s",
                         qualified_name(self.reward), replaced, self.nonfinite_reward)

@@ -162,6 +162,23 @@ class BadReward:
         return values + [0.0] if self.mode == "extra" else values[:-1] if self.mode == "short" else values
 
 
+class FirstPositionJudge:
+    """Test pairwise reward: a judge that favours whatever it reads first, f(a, b) = r(a) - r(b) + bias with r the
+    gold reward. It does not declare itself antisymmetric, so the RL module asks it in both orders."""
+
+    pairwise = True
+
+    def __init__(self, bias: float = 3.0):
+        self.bias = bias
+
+    def __call__(self, prompts: list[str], responses_a: list[str], responses_b: list[str]) -> list[float]:
+        from datamodules.task import GoldReward
+
+        gold = GoldReward()
+        a, b = gold(prompts, responses_a), gold(prompts, responses_b)
+        return [x - y + self.bias for x, y in zip(a, b)]
+
+
 class BrokenReward:
     """Test reward whose constructor fails with a bug, not a complaint about its settings."""
 

@@ -1,6 +1,7 @@
 """Pairwise rewards (`modules.rewards.PairwiseReward`): every pair of a group asked once, the antisymmetric
-matrix, the tournament for per-response objectives, validation as strict as for scalar rewards, and P3O trained
-on r(a) - r(b) equal to P3O trained on r."""
+matrix, a judge's position bias cancelled by asking it in both orders, the tournament for per-response objectives,
+validation as strict as for scalar rewards, and P3O trained on r(a) - r(b) equal to P3O trained on r and on a
+judge biased towards the first position."""
 import math
 
 import pytest
@@ -8,7 +9,7 @@ import torch
 
 from modules.batch import Rollout
 from modules.rewards import DifferenceOf, PairwiseReward, RewardError, score_pairs, tournament_scores
-from tests.helpers import tiny_rl_config
+from tests.helpers import FirstPositionJudge, tiny_rl_config
 from train import cli_main
 
 
@@ -20,26 +21,43 @@ def _rollout(responses: list[str], K: int) -> Rollout:
 
 
 class Table(PairwiseReward):
-    """f(a, b) = score[a] - score[b] from a dict, recording every call."""
+    """f(a, b) = score[a] - score[b] + bias from a dict, recording every call; antisymmetric (asked once per pair)
+    unless it has a bias."""
 
-    def __init__(self, scores: dict, broken: str | None = None):
-        self.scores, self.broken, self.calls = scores, broken, []
+    def __init__(self, scores: dict, broken: str | None = None, bias: float = 0.0):
+        self.scores, self.broken, self.bias, self.calls = scores, broken, bias, []
+        self.antisymmetric = bias == 0.0
 
     def __call__(self, prompts, a, b):
         self.calls.append((list(prompts), list(a), list(b)))
         if self.broken == "count":
             return [0.0]
-        return [float("nan") if self.broken == "nan" and x == "y" else self.scores[x] - self.scores[y]
+        return [float("nan") if self.broken == "nan" and x == "y" else self.scores[x] - self.scores[y] + self.bias
                 for x, y in zip(a, b)]
 
 
 def test_every_pair_is_asked_once_and_the_matrix_is_antisymmetric():
     """K = 3, one prompt: pairs (0,1), (0,2), (1,2) in one call; M[a, b] = f(a, b), M[b, a] = -f(a, b)."""
     reward = Table({"x": 0.5, "y": 2.0, "z": -1.0})
-    M, replaced = score_pairs(reward, _rollout(["x", "y", "z"], 3))
-    assert replaced == 0 and len(reward.calls) == 1
+    M, replaced, agreement = score_pairs(reward, _rollout(["x", "y", "z"], 3))
+    assert replaced == 0 and agreement is None and len(reward.calls) == 1
     assert reward.calls[0][1:] == (["x", "x", "y"], ["y", "z", "z"])
     assert torch.allclose(M, torch.tensor([[0.0, -1.5, 1.5], [1.5, 0.0, 3.0], [-1.5, -3.0, 0.0]]))
+
+
+def test_a_reward_not_declared_antisymmetric_is_asked_in_both_orders_and_its_position_bias_cancels():
+    """The docstring's judge, at K = 3: f = s(a) - s(b) + 2 with s = (x 0.5, y 2.0, z -1.0). One call asks the 3
+    pairs, then the 3 reversed. M is the unbiased matrix: M[x, y] = ((0.5 - 2 + 2) - (2 - 0.5 + 2)) / 2 = -1.5.
+    Agreement: (x, y) 0.5 and 3.5, both > 0: no; (x, z) 3.5 and 0.5: no; (y, z) 5 and -1: yes. So 1/3."""
+    reward = Table({"x": 0.5, "y": 2.0, "z": -1.0}, bias=2.0)
+    M, replaced, agreement = score_pairs(reward, _rollout(["x", "y", "z"], 3))
+    assert replaced == 0 and len(reward.calls) == 1
+    assert reward.calls[0][1:] == (["x", "x", "y", "y", "z", "z"], ["y", "z", "z", "x", "x", "y"])
+    assert torch.allclose(M, torch.tensor([[0.0, -1.5, 1.5], [1.5, 0.0, 3.0], [-1.5, -3.0, 0.0]]))
+    assert agreement == pytest.approx(1 / 3)
+    K2 = Table({"x": 0.5, "y": 2.0}, bias=1.0)                                      # the docstring's K = 2 example
+    M, _, agreement = score_pairs(K2, _rollout(["x", "y"], 2))
+    assert torch.allclose(M, torch.tensor([[0.0, -1.5], [1.5, 0.0]])) and agreement == 1.0
 
 
 def test_tournament_is_the_win_fraction():
@@ -52,11 +70,14 @@ def test_tournament_is_the_win_fraction():
     assert torch.allclose(tournament_scores(M3, 3), torch.tensor(expected), atol=1e-6)
 
 
-@pytest.mark.parametrize("broken, message", [("count", r"returned 1 values for 3 pairs"),
-                                             ("nan", r"returned nan for pair 2 of 3 \(prompt 'p0', a 'y', b 'z'\)")])
-def test_a_bad_pairwise_reward_is_named_with_the_pair(broken, message):
+@pytest.mark.parametrize("broken, bias, message", [
+    ("count", 0.0, r"returned 1 values for 3 pairs"),
+    ("nan", 0.0, r"returned nan for pair 2 of 3 \(prompt 'p0', a 'y', b 'z'\)"),
+    ("count", 1.0, r"returned 1 values for 6 pairs; .*asked in both orders"),
+    ("nan", 1.0, r"returned nan for pair 2 of 6 \(prompt 'p0', a 'y', b 'z'\)")])
+def test_a_bad_pairwise_reward_is_named_with_the_pair(broken, bias, message):
     with pytest.raises(RewardError, match=message):
-        score_pairs(Table({"x": 0.0, "y": 1.0, "z": 2.0}, broken), _rollout(["x", "y", "z"], 3))
+        score_pairs(Table({"x": 0.0, "y": 1.0, "z": 2.0}, broken, bias), _rollout(["x", "y", "z"], 3))
 
 
 @pytest.mark.slow
@@ -77,6 +98,25 @@ def test_p3o_on_a_pairwise_difference_equals_p3o_on_the_scalar_reward(tmp_path, 
             assert isinstance(cli.model.reward, DifferenceOf)
             assert "train/pair_reward_abs" in cli.trainer.callback_metrics
     assert (runs["scalar"] - runs["pairwise"]).abs().max() < 1e-5
+
+
+def test_p3o_on_a_judge_biased_to_the_first_position_trains_as_on_the_unbiased_one(tmp_path, sft_dir):
+    """A judge f(a, b) = r(a) - r(b) + 3 (`tests.helpers.FirstPositionJudge`, not declared antisymmetric) is asked
+    in both orders, so P3O on it takes the updates P3O takes on r(a) - r(b) (`DifferenceOf`): the same weights
+    within float rounding, and `train/pair_order_agreement` logged. Asked once, every pair's Delta would be off by
+    3 in favour of the first response."""
+    gold = {"class_path": "datamodules.task.GoldReward"}
+    runs, metrics = {}, {}
+    for name, reward in (("unbiased", {"class_path": "modules.rewards.DifferenceOf", "init_args": {"reward": gold}}),
+                         ("judge", {"class_path": "tests.helpers.FirstPositionJudge", "init_args": {"bias": 3.0}})):
+        cli = cli_main(["fit", "--config", tiny_rl_config(tmp_path, sft_dir, name=f"{name}.yaml",
+                                                          model={"reward": reward})])
+        runs[name] = torch.cat([p.detach().flatten() for p in cli.model.policy.parameters()])
+        metrics[name] = cli.trainer.callback_metrics
+    assert isinstance(cli.model.reward, FirstPositionJudge)
+    assert (runs["unbiased"] - runs["judge"]).abs().max() < 1e-5
+    assert "train/pair_order_agreement" not in metrics["unbiased"]
+    assert 0.0 <= float(metrics["judge"]["train/pair_order_agreement"]) <= 1.0
 
 
 @pytest.mark.parametrize("soft", [False, True])
@@ -124,5 +164,6 @@ def test_the_docs_pairwise_reward_example_scores_every_pair():
     scope = {}
     exec(code, scope)
     reward = scope["ShorterIsBetter"]()
-    M, _ = score_pairs(reward, _rollout(["a b c", "a", "a b"], 3))
+    assert reward.antisymmetric
+    M, _, _ = score_pairs(reward, _rollout(["a b c", "a", "a b"], 3))
     torch.testing.assert_close(M, torch.tensor([[0.0, -0.2, -0.1], [0.2, 0.0, 0.1], [0.1, -0.1, 0.0]]))

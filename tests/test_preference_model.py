@@ -170,6 +170,7 @@ def test_p3o_trains_on_the_preference_model_export(sft_dir, fitted_preference_di
     assert torch.isfinite(torch.tensor(cli.trainer.callback_metrics["train/loss"].item()))
     with torch.no_grad():
         roll = cli.model.make_rollout(next(iter(cli.datamodule.train_dataloader())))
-    M, _ = score_pairs(cli.model.reward, roll)
+    M, _, agreement = score_pairs(cli.model.reward, roll)
+    assert agreement is None                                      # antisymmetric: each pair asked once
     torch.testing.assert_close(roll.pair_rewards, M)              # P3O's pair differences are the model's logits
     assert torch.all(M.view(-1, 2, 2)[:, 0, 1] == -M.view(-1, 2, 2)[:, 1, 0]) and M.abs().sum() > 0

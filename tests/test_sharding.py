@@ -288,10 +288,14 @@ def test_fsdp2_trains_like_ddp_and_exports_whole_weights(tmp_path, sft_dir, rewa
     preference-model judge; LoRA adapters over a sharded base; SFT, reward and P3O in micro-batches, whose count
     the ranks agree on): each rank trains on its own prompts and both end with the same weights. The RL runs equal
     the same run under DDP within 1e-6 (float rounding of a reduce-scatter instead of an all-reduce), evaluation
-    included (LoRA P3O: its metrics, the judge's win rate among them, within 1e-6).
+    included (LoRA P3O: its metrics, the judge's win rate among them, within 1e-6). LoRA P3O's weights are within
+    5e-6 (measured 1.3e-6): it trains on the tiny LLM judge's verdicts asked in both orders, (f(a, b) - f(b, a)) / 2,
+    about 3e-5 where f itself is about 0.24 (position bias), so the sharded judge's rounding (about 1e-7, within the
+    1e-5 tested above) is a few thousandths of the signal, and AdamW's normalised step passes that on to the weights.
     The FSDP2 export, gathered on rank 0, loads with plain transformers and holds exactly the trained weights
     (LoRA merged: compared with DDP's export)."""
     stage, _, against_ddp = CASES[case]
+    tolerance = 5e-6 if case == "p3o_lora" else 1e-6
     digests, exports = {}, {}
     for name, strategy in (("ddp", "ddp"), ("fsdp2", FSDP2))[0 if against_ddp else 1:]:
         digests[name], exports[name] = run_case(tmp_path, sft_dir, reward_dir, case, name, preference_dir,
@@ -309,9 +313,9 @@ def test_fsdp2_trains_like_ddp_and_exports_whole_weights(tmp_path, sft_dir, rewa
         ddp = digests["ddp"]
         assert fsdp2[0]["prompts"] == ddp[0]["prompts"] and torch.equal(ddp[0]["params"], ddp[1]["params"])
         assert torch.equal(fsdp2[0]["initial"], ddp[0]["initial"])
-        assert (fsdp2[0]["params"] - ddp[0]["params"]).abs().max() < 1e-6
+        assert (fsdp2[0]["params"] - ddp[0]["params"]).abs().max() < tolerance
     if case == "p3o_lora":
-        assert (exported - _exported_params(exports["ddp"], scorer)).abs().max() < 1e-6
+        assert (exported - _exported_params(exports["ddp"], scorer)).abs().max() < tolerance
         ours, theirs = fsdp2[0]["evaluation"], digests["ddp"][0]["evaluation"]        # the judges' verdicts too
         assert "val/judge_win_rate" in ours and ours == pytest.approx(theirs, abs=1e-6), (ours, theirs)
     else:
