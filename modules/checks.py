@@ -52,7 +52,12 @@ def config_problem(config: dict) -> str | None:
     if isinstance(ckpt, str) and ckpt not in ("last", "best", "hpc", "registry") and "://" not in ckpt \
             and not ckpt.startswith("registry:") and not os.path.exists(ckpt):
         return f"ckpt_path: {ckpt} does not exist"
-    strategy = (config.get("trainer") or {}).get("strategy")
+    trainer = config.get("trainer") or {}
+    for key in ("max_steps", "max_epochs"):
+        if trainer.get(key) == 0 and not isinstance(trainer.get(key), bool):
+            return (f"trainer.{key}: 0; expected at least 1, or -1 for no limit (0 stops the run before its first "
+                    "batch: nothing trained, no export written)")
+    strategy = trainer.get("strategy")
     name = strategy.get("class_path", "") if isinstance(strategy, dict) else str(strategy or "")
     if name.split(".")[-1] == "FSDPStrategy" or name.startswith("fsdp"):
         return (f"trainer.strategy: {name} is FSDP1, which no stage supports any more; shard with FSDP2: "

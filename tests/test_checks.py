@@ -28,13 +28,16 @@ P3O = "configs/quickstart/p3o.yaml"
                                                "(real tokens per forward), or null for one pass"),
     ("--model.init_args.logprob_chunk=-5", "error: model.init_args.logprob_chunk: -5; expected >= 0 (tokens per LM-head "
                                            "chunk; 0: the whole logits at once), or null"),
+    ("--trainer.max_steps=0", "error: trainer.max_steps: 0; expected at least 1, or -1 for no limit (0 stops the run "
+                              "before its first batch: nothing trained, no export written)"),
     ("--trainer.strategy=fsdp", "error: trainer.strategy: fsdp is FSDP1, which no stage supports any more; shard with "
                                 "FSDP2: --config configs/presets/fsdp.yaml (strategy modules.sharding.FSDP2Strategy)"),
 ])
 @pytest.mark.slow
 def test_settings_that_cannot_train_stop_with_one_line_before_anything_is_built(tmp_path, sft_dir, capsys, override,
                                                                                  line):
-    """Before: epochs 0 sampled 3 rollouts, made 0 steps and exited 0; max_new_tokens 0 and a negative learning rate
+    """Before: epochs 0 sampled 3 rollouts, made 0 steps and exited 0; max_steps 0 exited 0 with no export and
+    only Lightning's info line; max_new_tokens 0 and a negative learning rate
     failed inside transformers / torch after the models were built, with 47 lines of traceback; a negative
     logprob_chunk trained the SFT stage without a word. FSDP1, retired, points to FSDP2. (The checks read every
     stage's config alike: `test_every_stage_gets_the_same_config_checks`.)"""
@@ -72,6 +75,16 @@ def test_every_stage_gets_the_same_config_checks(stage, monkeypatch):
         config["model"]["init_args"].update(calibration_prompts=1)
         assert config_problem(config) == ("model.init_args.calibration_prompts: 1; expected at least 2 (the std of "
                                           "their scores is the reward's scale)")
+
+
+def test_a_run_limited_to_zero_steps_or_epochs_is_refused():
+    """Lightning stops `max_steps: 0` or `max_epochs: 0` before the first batch and exits 0: no export, one info line."""
+    for key in ("max_steps", "max_epochs"):
+        assert config_problem({"trainer": {key: 0}}) == (
+            f"trainer.{key}: 0; expected at least 1, or -1 for no limit (0 stops the run before its first batch: "
+            "nothing trained, no export written)")
+    assert config_problem({"trainer": {"max_steps": -1, "max_epochs": None}}) is None
+    assert config_problem({"trainer": {"max_steps": 1, "max_epochs": 1}}) is None
 
 
 def test_more_minibatch_groups_than_prompts_is_warned_about():
