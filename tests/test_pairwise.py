@@ -100,6 +100,7 @@ def test_p3o_on_a_pairwise_difference_equals_p3o_on_the_scalar_reward(tmp_path, 
     assert (runs["scalar"] - runs["pairwise"]).abs().max() < 1e-5
 
 
+@pytest.mark.slow
 def test_p3o_on_a_judge_biased_to_the_first_position_trains_as_on_the_unbiased_one(tmp_path, sft_dir):
     """A judge f(a, b) = r(a) - r(b) + 3 (`tests.helpers.FirstPositionJudge`, not declared antisymmetric) is asked
     in both orders, so P3O on it takes the updates P3O takes on r(a) - r(b) (`DifferenceOf`): the same weights
