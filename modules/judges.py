@@ -46,7 +46,8 @@ def win_rate(score: torch.Tensor) -> torch.Tensor:
 
 class LLMJudge(FrozenModel, PairwiseReward):
     """A local causal LM as a pairwise judge: the template (with the prompt and both responses) as a user turn,
-    then the logit log p(label_a) - log p(label_b) of the next token.
+    then the logit log p(label_a) - log p(label_b) of the next token. As the RL module's reward it is asked about
+    every pair in both orders (it is not antisymmetric), so its position bias cancels, at twice the forwards.
 
     Args:
         model: the judge's weights: an HF directory, a hub id, a .gguf file or `package:<pkg>/<file>` (SmolLM2:
