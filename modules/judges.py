@@ -98,6 +98,7 @@ class LLMJudge(FrozenModel, PairwiseReward):
             questions = [encode_prompt(self.tokenizer, self.template.format(prompt=prompts[j], a=responses_a[j],
                                                                             b=responses_b[j])) for j in range(a, b)]
             ids, mask = pad(questions, self.tokenizer.pad_token_id, "left")
+            self.check_length(ids.shape[1], "a question (the template with the prompt and both responses)")
             logp = lm_logits(self.model, ids.to(device), mask.to(device), keep=1)[:, -1].float().log_softmax(-1)
             return (logp[:, self.label_ids[0]] - logp[:, self.label_ids[1]]).tolist()
 

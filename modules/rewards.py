@@ -64,6 +64,17 @@ class FrozenModel(nn.Module):
     def train(self, mode: bool = True) -> "FrozenModel":
         return super().train(False)  # always frozen, eval mode
 
+    def check_length(self, tokens: int, what: str) -> None:
+        """A `RewardError` when an input of `tokens` tokens (`what`) is longer than the model's
+        `max_position_embeddings`. Checked as each batch is built, because the texts a pairwise model or a judge reads
+        (a prompt and two responses, a template) are only known from the rollout: past its positions a rotary
+        model scores, silently, on positions it has never seen, and one with learned positions fails on an index."""
+        limit = getattr(getattr(self.model, "config", None), "max_position_embeddings", None)
+        if isinstance(limit, int) and tokens > limit:
+            raise RewardError(f"{qualified_name(self)} ({self.spec.pretrained}): {what} is {tokens} tokens, more than "
+                              f"the model's max_position_embeddings ({limit}); lower model.init_args.sampling."
+                              "max_new_tokens or data.init_args.max_prompt_length, or use a model with more positions")
+
     def batched(self, n: int, size: int, forward: Callable[[int, int], list[float]]) -> list[float]:
         """`forward(a, b)` (the model's numbers for rows [a, b)) over `n` rows in batches of at most `size` rows,
         concatenated. When the model is sharded every rank makes as many forwards (the most any rank needs): a rank
@@ -351,6 +362,7 @@ class PreferenceModel(FrozenModel, PairwiseReward):
 
         def forward(a: int, b: int) -> list[float]:
             ids, mask = text_pair_inputs(self.tokenizer, prompts[a:b], responses_a[a:b], responses_b[a:b])
+            self.check_length(ids.shape[1], "a pair (prompt + a + EOS + b + EOS)")
             return (preferences(self.model, ids.to(device), mask.to(device)).float() * self.scale).tolist()
 
         return self.batched(len(prompts), self.batch_size, forward)

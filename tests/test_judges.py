@@ -47,6 +47,28 @@ def test_a_judge_returning_the_wrong_count_or_nan_is_named():
         both_orders(NaN(), ["p", "q"], ["a", "b"], ["c", "d"])
 
 
+def test_a_pairwise_model_given_more_tokens_than_its_positions_stops_with_one_line(sft_dir, preference_dir):
+    """The tiny models have 128 positions. Two responses of 60 words each (a token per word) fit a scalar reward
+    model's prompt + response, but not a judge's question or a preference model's prompt + a + EOS + b + EOS: a
+    `RewardError` naming the class, the model, the length and the settings to lower. Before: the rotary model read
+    positions it was never trained on, silently."""
+    from modules.rewards import PreferenceModel
+
+    long = " ".join(["great"] * 60)
+    judge = LLMJudge(sft_dir, labels=("great", "awful"), batch_size=2)
+    judge(["write a review of the cafe :"], ["great ."], ["bad ."])                   # short ones are read
+    with pytest.raises(RewardError, match=r"^modules\.judges\.LLMJudge \(.*\): a question \(the template with the "
+                                          r"prompt and both responses\) is \d+ tokens, more than the model's "
+                                          r"max_position_embeddings \(128\); lower model\.init_args\.sampling\."
+                                          r"max_new_tokens"):
+        judge(["write a review of the cafe :"], [long], [long])
+    preference = PreferenceModel(preference_dir, normalize=False)
+    preference(["write a review of the cafe :"], ["great ."], ["bad ."])
+    with pytest.raises(RewardError, match=r"^modules\.rewards\.PreferenceModel \(.*\): a pair \(prompt \+ a \+ EOS "
+                                          r"\+ b \+ EOS\) is 1[2-9]\d tokens, more than"):
+        preference(["write a review of the cafe :"], [long], [long])
+
+
 def test_the_llm_judge_is_the_logit_of_its_two_labels_after_the_template(sft_dir, tokenizer):
     from datamodules.collate import encode_prompt
 
