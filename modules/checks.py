@@ -53,10 +53,12 @@ def config_problem(config: dict) -> str | None:
             and not ckpt.startswith("registry:") and not os.path.exists(ckpt):
         return f"ckpt_path: {ckpt} does not exist"
     trainer = config.get("trainer") or {}
-    for key in ("max_steps", "max_epochs"):
+    for key in ("max_steps", "max_epochs", "limit_train_batches"):
         if trainer.get(key) == 0 and not isinstance(trainer.get(key), bool):
-            return (f"trainer.{key}: 0; expected at least 1, or -1 for no limit (0 stops the run before its first "
-                    "batch: nothing trained, no export written)")
+            expected = ("> 0 (batches per epoch, or a fraction of the epoch)" if key == "limit_train_batches" else
+                        "at least 1, or -1 for no limit")
+            return (f"trainer.{key}: {trainer[key]}; expected {expected} (0 stops the run before its first batch: "
+                    "nothing trained, no export written; `python train.py validate` evaluates without training)")
     strategy = trainer.get("strategy")
     name = strategy.get("class_path", "") if isinstance(strategy, dict) else str(strategy or "")
     if name.split(".")[-1] == "FSDPStrategy" or name.startswith("fsdp"):

@@ -29,7 +29,8 @@ P3O = "configs/quickstart/p3o.yaml"
     ("--model.init_args.logprob_chunk=-5", "error: model.init_args.logprob_chunk: -5; expected >= 0 (tokens per LM-head "
                                            "chunk; 0: the whole logits at once), or null"),
     ("--trainer.max_steps=0", "error: trainer.max_steps: 0; expected at least 1, or -1 for no limit (0 stops the run "
-                              "before its first batch: nothing trained, no export written)"),
+                              "before its first batch: nothing trained, no export written; `python train.py "
+                              "validate` evaluates without training)"),
     ("--trainer.strategy=fsdp", "error: trainer.strategy: fsdp is FSDP1, which no stage supports any more; shard with "
                                 "FSDP2: --config configs/presets/fsdp.yaml (strategy modules.sharding.FSDP2Strategy)"),
 ])
@@ -78,13 +79,17 @@ def test_every_stage_gets_the_same_config_checks(stage, monkeypatch):
 
 
 def test_a_run_limited_to_zero_steps_or_epochs_is_refused():
-    """Lightning stops `max_steps: 0` or `max_epochs: 0` before the first batch and exits 0: no export, one info line."""
+    """Lightning stops `max_steps: 0` or `max_epochs: 0` before the first batch and exits 0 with no export and an info
+    line; `limit_train_batches: 0` (or 0.0) the same without a word."""
+    after = ("(0 stops the run before its first batch: nothing trained, no export written; `python train.py validate` "
+             "evaluates without training)")
     for key in ("max_steps", "max_epochs"):
-        assert config_problem({"trainer": {key: 0}}) == (
-            f"trainer.{key}: 0; expected at least 1, or -1 for no limit (0 stops the run before its first batch: "
-            "nothing trained, no export written)")
-    assert config_problem({"trainer": {"max_steps": -1, "max_epochs": None}}) is None
-    assert config_problem({"trainer": {"max_steps": 1, "max_epochs": 1}}) is None
+        assert config_problem({"trainer": {key: 0}}) == f"trainer.{key}: 0; expected at least 1, or -1 for no limit {after}"
+    for zero in (0, 0.0):
+        assert config_problem({"trainer": {"limit_train_batches": zero}}) == (
+            f"trainer.limit_train_batches: {zero}; expected > 0 (batches per epoch, or a fraction of the epoch) {after}")
+    assert config_problem({"trainer": {"max_steps": -1, "max_epochs": None, "limit_train_batches": None}}) is None
+    assert config_problem({"trainer": {"max_steps": 1, "max_epochs": 1, "limit_train_batches": 0.5}}) is None
 
 
 def test_more_minibatch_groups_than_prompts_is_warned_about():
