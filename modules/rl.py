@@ -141,6 +141,7 @@ class RLModule(TrainedOnlyCheckpoints, L.LightningModule):
         self.epochs, self.minibatch_groups, self.max_grad_norm = epochs, minibatch_groups, max_grad_norm
         self.missing_eos_penalty, self.seed, self.value_spec = missing_eos_penalty, seed, value_model
         self.nonfinite_reward = nonfinite_reward
+        self._order_warned = False      # a judge whose two orders disagree is reported once per run
         if max_grad_norm is not None and not max_grad_norm > 0:     # (0 would zero every gradient, < 0 flip them)
             raise ValueError(f"RLModule: max_grad_norm={max_grad_norm}; expected > 0, or null for no clipping")
         if micro_batch_tokens is not None and micro_batch_tokens < 1:
@@ -259,6 +260,13 @@ class RLModule(TrainedOnlyCheckpoints, L.LightningModule):
         rollout.timings["train/nonfinite_rewards"] = float(replaced)
         if agreement is not None:                                  # asked in both orders: how often they agree
             rollout.timings["train/pair_order_agreement"] = agreement
+            if agreement < 0.5 and not self._order_warned:
+                self._order_warned = True
+                log.warning("pairwise reward %s: asked in both orders, it named the same winner for %.0f%% of this "
+                            "rollout's pairs (an unbiased coin would for half): its verdicts follow the position more "
+                            "than the responses, and what is left after the bias cancels is small "
+                            "(train/pair_order_agreement, train/pair_reward_abs)", qualified_name(self.reward),
+                            100 * agreement)
         if replaced:
             log.warning("pairwise reward %s: %d pairs were NaN or inf, replaced by nonfinite_reward=%s",
                         qualified_name(self.reward), replaced, self.nonfinite_reward)

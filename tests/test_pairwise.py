@@ -101,11 +101,12 @@ def test_p3o_on_a_pairwise_difference_equals_p3o_on_the_scalar_reward(tmp_path, 
 
 
 @pytest.mark.slow
-def test_p3o_on_a_judge_biased_to_the_first_position_trains_as_on_the_unbiased_one(tmp_path, sft_dir):
+def test_p3o_on_a_judge_biased_to_the_first_position_trains_as_on_the_unbiased_one(tmp_path, sft_dir, caplog):
     """A judge f(a, b) = r(a) - r(b) + 3 (`tests.helpers.FirstPositionJudge`, not declared antisymmetric) is asked
     in both orders, so P3O on it takes the updates P3O takes on r(a) - r(b) (`DifferenceOf`): the same weights
     within float rounding, and `train/pair_order_agreement` logged. Asked once, every pair's Delta would be off by
-    3 in favour of the first response."""
+    3 in favour of the first response. The gold reward is in [-1, 1], so the bias outweighs every difference: the
+    two orders never agree, which a warning says once."""
     gold = {"class_path": "datamodules.task.GoldReward"}
     runs, metrics = {}, {}
     for name, reward in (("unbiased", {"class_path": "modules.rewards.DifferenceOf", "init_args": {"reward": gold}}),
@@ -117,7 +118,12 @@ def test_p3o_on_a_judge_biased_to_the_first_position_trains_as_on_the_unbiased_o
     assert isinstance(cli.model.reward, FirstPositionJudge)
     assert (runs["unbiased"] - runs["judge"]).abs().max() < 1e-5
     assert "train/pair_order_agreement" not in metrics["unbiased"]
-    assert 0.0 <= float(metrics["judge"]["train/pair_order_agreement"]) <= 1.0
+    assert float(metrics["judge"]["train/pair_order_agreement"]) == 0.0
+    warnings = [r.getMessage() for r in caplog.records if "asked in both orders, it named" in r.getMessage()]
+    assert warnings == ["pairwise reward tests.helpers.FirstPositionJudge: asked in both orders, it named the same "
+                        "winner for 0% of this rollout's pairs (an unbiased coin would for half): its verdicts follow "
+                        "the position more than the responses, and what is left after the bias cancels is small "
+                        "(train/pair_order_agreement, train/pair_reward_abs)"]
 
 
 @pytest.mark.parametrize("soft", [False, True])
