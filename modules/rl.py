@@ -263,7 +263,7 @@ class RLModule(TrainedOnlyCheckpoints, L.LightningModule):
             if agreement < 0.5 and not self._order_warned:
                 self._order_warned = True
                 log.warning("pairwise reward %s: asked in both orders, it named the same winner for %.0f%% of this "
-                            "rollout's pairs (an unbiased coin would for half): its verdicts follow the position more "
+                            "rollout's pairs (one answering at random would for half): its verdicts follow the position more "
                             "than the responses, and what is left after the bias cancels is small "
                             "(train/pair_order_agreement, train/pair_reward_abs)", qualified_name(self.reward),
                             100 * agreement)

@@ -121,7 +121,7 @@ def test_p3o_on_a_judge_biased_to_the_first_position_trains_as_on_the_unbiased_o
     assert float(metrics["judge"]["train/pair_order_agreement"]) == 0.0
     warnings = [r.getMessage() for r in caplog.records if "asked in both orders, it named" in r.getMessage()]
     assert warnings == ["pairwise reward tests.helpers.FirstPositionJudge: asked in both orders, it named the same "
-                        "winner for 0% of this rollout's pairs (an unbiased coin would for half): its verdicts follow "
+                        "winner for 0% of this rollout's pairs (one answering at random would for half): its verdicts follow "
                         "the position more than the responses, and what is left after the bias cancels is small "
                         "(train/pair_order_agreement, train/pair_reward_abs)"]
 
