@@ -52,14 +52,7 @@ def config_problem(config: dict) -> str | None:
     if isinstance(ckpt, str) and ckpt not in ("last", "best", "hpc", "registry") and "://" not in ckpt \
             and not ckpt.startswith("registry:") and not os.path.exists(ckpt):
         return f"ckpt_path: {ckpt} does not exist"
-    trainer = config.get("trainer") or {}
-    for key in ("max_steps", "max_epochs", "limit_train_batches"):
-        if trainer.get(key) == 0 and not isinstance(trainer.get(key), bool):
-            expected = ("> 0 (batches per epoch, or a fraction of the epoch)" if key == "limit_train_batches" else
-                        "at least 1, or -1 for no limit")
-            return (f"trainer.{key}: {trainer[key]}; expected {expected} (0 stops the run before its first batch: "
-                    "nothing trained, no export written; `python train.py validate` evaluates without training)")
-    strategy = trainer.get("strategy")
+    strategy = (config.get("trainer") or {}).get("strategy")
     name = strategy.get("class_path", "") if isinstance(strategy, dict) else str(strategy or "")
     if name.split(".")[-1] == "FSDPStrategy" or name.startswith("fsdp"):
         return (f"trainer.strategy: {name} is FSDP1, which no stage supports any more; shard with FSDP2: "
@@ -125,8 +118,12 @@ def config_warnings(config: dict) -> list[str]:
     """Settings that run but silently do less than they say."""
     model = (config.get("model") or {}).get("init_args") or {}
     data = (config.get("data") or {}).get("init_args") or {}
+    trainer = config.get("trainer") or {}
     groups, prompts, epochs = model.get("minibatch_groups"), data.get("batch_size"), model.get("epochs")
-    out = []
+    out = [f"trainer.{key}={trainer[key]}: the run stops before its first batch; nothing is trained and no export is "
+           "written (`python train.py validate` evaluates without training)"
+           for key in ("max_steps", "max_epochs", "limit_train_batches")
+           if trainer.get(key) == 0 and not isinstance(trainer.get(key), bool)]
     if all(isinstance(v, int) and v > 0 for v in (groups, prompts, epochs)) and groups > prompts:
         out.append(f"model.init_args.minibatch_groups={groups} is more than the {prompts} prompts of a rollout "
                    f"(data.init_args.batch_size): each epoch is one minibatch of {prompts} prompts, {epochs} optimizer "

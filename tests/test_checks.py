@@ -28,17 +28,13 @@ P3O = "configs/quickstart/p3o.yaml"
                                                "(real tokens per forward), or null for one pass"),
     ("--model.init_args.logprob_chunk=-5", "error: model.init_args.logprob_chunk: -5; expected >= 0 (tokens per LM-head "
                                            "chunk; 0: the whole logits at once), or null"),
-    ("--trainer.max_steps=0", "error: trainer.max_steps: 0; expected at least 1, or -1 for no limit (0 stops the run "
-                              "before its first batch: nothing trained, no export written; `python train.py "
-                              "validate` evaluates without training)"),
     ("--trainer.strategy=fsdp", "error: trainer.strategy: fsdp is FSDP1, which no stage supports any more; shard with "
                                 "FSDP2: --config configs/presets/fsdp.yaml (strategy modules.sharding.FSDP2Strategy)"),
 ])
 @pytest.mark.slow
 def test_settings_that_cannot_train_stop_with_one_line_before_anything_is_built(tmp_path, sft_dir, capsys, override,
                                                                                  line):
-    """Before: epochs 0 sampled 3 rollouts, made 0 steps and exited 0; max_steps 0 exited 0 with no export and
-    only Lightning's info line; max_new_tokens 0 and a negative learning rate
+    """Before: epochs 0 sampled 3 rollouts, made 0 steps and exited 0; max_new_tokens 0 and a negative learning rate
     failed inside transformers / torch after the models were built, with 47 lines of traceback; a negative
     logprob_chunk trained the SFT stage without a word. FSDP1, retired, points to FSDP2. (The checks read every
     stage's config alike: `test_every_stage_gets_the_same_config_checks`.)"""
@@ -78,18 +74,17 @@ def test_every_stage_gets_the_same_config_checks(stage, monkeypatch):
                                           "their scores is the reward's scale)")
 
 
-def test_a_run_limited_to_zero_steps_or_epochs_is_refused():
-    """Lightning stops `max_steps: 0` or `max_epochs: 0` before the first batch and exits 0 with no export and an info
-    line; `limit_train_batches: 0` (or 0.0) the same without a word."""
-    after = ("(0 stops the run before its first batch: nothing trained, no export written; `python train.py validate` "
-             "evaluates without training)")
-    for key in ("max_steps", "max_epochs"):
-        assert config_problem({"trainer": {key: 0}}) == f"trainer.{key}: 0; expected at least 1, or -1 for no limit {after}"
-    for zero in (0, 0.0):
-        assert config_problem({"trainer": {"limit_train_batches": zero}}) == (
-            f"trainer.limit_train_batches: {zero}; expected > 0 (batches per epoch, or a fraction of the epoch) {after}")
-    assert config_problem({"trainer": {"max_steps": -1, "max_epochs": None, "limit_train_batches": None}}) is None
-    assert config_problem({"trainer": {"max_steps": 1, "max_epochs": 1, "limit_train_batches": 0.5}}) is None
+def test_a_run_limited_to_zero_batches_is_warned_about():
+    """`max_steps: 0`, `max_epochs: 0` or `limit_train_batches: 0` stop the run before its first batch, exit 0 and
+    write no export (Lightning says so in an info line, or not at all). Zero batches is a setting Lightning
+    documents (`benchmarks/memory.py --build` stops so once the models are built), so it runs, with a warning."""
+    for key in ("max_steps", "max_epochs", "limit_train_batches"):
+        config = {"trainer": {key: 0}}
+        assert config_problem(config) is None
+        assert config_warnings(config) == [f"trainer.{key}=0: the run stops before its first batch; nothing is trained "
+                                           "and no export is written (`python train.py validate` evaluates without "
+                                           "training)"]
+    assert config_warnings({"trainer": {"max_steps": -1, "max_epochs": None, "limit_train_batches": 0.5}}) == []
 
 
 def test_more_minibatch_groups_than_prompts_is_warned_about():
