@@ -260,11 +260,11 @@ class RLModule(TrainedOnlyCheckpoints, L.LightningModule):
         rollout.timings["train/nonfinite_rewards"] = float(replaced)
         if agreement is not None:                                  # asked in both orders: how often they agree
             rollout.timings["train/pair_order_agreement"] = agreement
-            if agreement < 0.5 and not self._order_warned:
+            if agreement < 0.5 and not self._order_warned and self.global_rank == 0:      # once, from one rank
                 self._order_warned = True
                 log.warning("pairwise reward %s: asked in both orders, it named the same winner for %.0f%% of this "
-                            "rollout's pairs (one answering at random would for half): its verdicts follow the position more "
-                            "than the responses, and what is left after the bias cancels is small "
+                            "rollout's pairs (one answering at random would for half): its verdicts follow the "
+                            "position more than the responses, and what is left after the bias cancels is small "
                             "(train/pair_order_agreement, train/pair_reward_abs)", qualified_name(self.reward),
                             100 * agreement)
         if replaced:
