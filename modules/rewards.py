@@ -368,6 +368,15 @@ class PreferenceModel(FrozenModel, PairwiseReward):
         return self.batched(len(prompts), self.batch_size, forward)
 
 
+def order_debiased(forward: torch.Tensor, backward: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(score, agree) from a pairwise reward asked in both orders, forward = f(a, b) and backward = f(b, a):
+    score = (f(a, b) - f(b, a)) / 2, a bias towards either position cancelled (> 0: a wins); agree: both orders
+    name the same winner (f(a, b) > 0 and f(b, a) < 0, or f(a, b) <= 0 and f(b, a) >= 0).
+
+    Example: f(a, b) = 1.5 (first position favoured by 1), f(b, a) = 0.5: score = 0.5 (a wins), agree = False."""
+    return (forward - backward) / 2, (forward > 0) == (backward < 0)
+
+
 def is_pairwise(reward) -> bool:
     return bool(getattr(reward, "pairwise", False))
 
@@ -381,7 +390,7 @@ def score_pairs(reward, rollout: Rollout, nonfinite: float | None = None) -> tup
     A reward that declares `antisymmetric = True` is asked once per pair a < b, in one call; agreement is None.
     Any other (a judge) is asked, in one call, about every pair in both orders, and M[., a, b] = (f(a, b) -
     f(b, a)) / 2: a bias towards the first (or second) position cancels. Agreement is the fraction of pairs whose
-    two orders name the same winner (f(a, b) > 0 and f(b, a) < 0, or f(a, b) <= 0 and f(b, a) >= 0).
+    two orders name the same winner (`order_debiased`).
 
     Examples (K = 2, one prompt, r = [0.5, 2.0]): f = r(a) - r(b), antisymmetric: M = [[0, -1.5], [1.5, 0]].
     A judge f = r(a) - r(b) + 1 (the first position favoured by 1): f(0, 1) = -0.5, f(1, 0) = 2.5, so
@@ -406,9 +415,8 @@ def score_pairs(reward, rollout: Rollout, nonfinite: float | None = None) -> tup
         "replace them)"))
     agreement = None
     if both:
-        forward, backward = tensor[:len(rows_a)], tensor[len(rows_a):]
-        tensor = (forward - backward) / 2
-        agreement = ((forward > 0) == (backward < 0)).float().mean().item() if len(rows_a) else 1.0
+        tensor, agree = order_debiased(tensor[:len(rows_a)], tensor[len(rows_a):])
+        agreement = agree.float().mean().item() if len(rows_a) else 1.0
     M = torch.zeros(n, K)
     M[rows_a, [j % K for j in rows_b]] = tensor
     M[rows_b, [i % K for i in rows_a]] = -tensor

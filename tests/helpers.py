@@ -162,6 +162,24 @@ class BadReward:
         return values + [0.0] if self.mode == "extra" else values[:-1] if self.mode == "short" else values
 
 
+class ScoreTable:
+    """Test pairwise reward: f(a, b) = scores[a] - scores[b] + bias from a dict, recording every call; antisymmetric
+    (asked once per pair) unless it has a bias. `broken`: 'count' returns one number, 'nan' NaN for pairs with a = 'y'."""
+
+    pairwise = True
+
+    def __init__(self, scores: dict, broken: str | None = None, bias: float = 0.0):
+        self.scores, self.broken, self.bias, self.calls = scores, broken, bias, []
+        self.antisymmetric = bias == 0.0
+
+    def __call__(self, prompts: list[str], a: list[str], b: list[str]) -> list[float]:
+        self.calls.append((list(prompts), list(a), list(b)))
+        if self.broken == "count":
+            return [0.0]
+        return [float("nan") if self.broken == "nan" and x == "y" else self.scores[x] - self.scores[y] + self.bias
+                for x, y in zip(a, b)]
+
+
 class FirstPositionJudge:
     """Test pairwise reward: a judge that favours whatever it reads first, f(a, b) = r(a) - r(b) + bias with r the
     gold reward. It does not declare itself antisymmetric, so the RL module asks it in both orders."""

@@ -9,24 +9,14 @@ import yaml
 
 from modules.judges import LLMJudge, both_orders, win_rate
 from modules.rewards import PairwiseReward, RewardError
-from tests.helpers import tiny_rl_config
+from tests.helpers import ScoreTable, tiny_rl_config
 from train import cli_main
-
-
-class FirstIsBetter(PairwiseReward):
-    """f(a, b) = r(a) - r(b) + bias: a judge that favours the first position by `bias`."""
-
-    def __init__(self, scores: dict, bias: float = 1.0):
-        self.scores, self.bias = scores, bias
-
-    def __call__(self, prompts, a, b):
-        return [self.scores[x] - self.scores[y] + self.bias for x, y in zip(a, b)]
 
 
 def test_both_orders_cancel_a_position_bias_and_report_agreement():
     """The docstring's example: f(a, b) = 1.5 and f(b, a) = 0.5 (r(a) - r(b) = 0.5, bias 1): score 0.5, disagree.
     With r(c) - r(d) = 2: f = 3 and -1, score 2, agree."""
-    judge = FirstIsBetter({"a": 0.5, "b": 0.0, "c": 2.0, "d": 0.0})
+    judge = ScoreTable({"a": 0.5, "b": 0.0, "c": 2.0, "d": 0.0}, bias=1.0)
     score, agree = both_orders(judge, ["p", "p"], ["a", "c"], ["b", "d"])
     assert score.tolist() == [0.5, 2.0] and agree.tolist() == [False, True]
     assert win_rate(torch.tensor([2.0, 0.0, -1.0])).item() == pytest.approx(0.5)

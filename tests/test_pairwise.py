@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from modules.batch import Rollout
-from modules.rewards import DifferenceOf, PairwiseReward, RewardError, score_pairs, tournament_scores
-from tests.helpers import FirstPositionJudge, tiny_rl_config
+from modules.rewards import DifferenceOf, RewardError, score_pairs, tournament_scores
+from tests.helpers import FirstPositionJudge, ScoreTable, tiny_rl_config
 from train import cli_main
 
 
@@ -20,25 +20,9 @@ def _rollout(responses: list[str], K: int) -> Rollout:
                    [f"p{i // K}" for i in range(n)], responses, torch.ones(n, dtype=torch.bool))
 
 
-class Table(PairwiseReward):
-    """f(a, b) = score[a] - score[b] + bias from a dict, recording every call; antisymmetric (asked once per pair)
-    unless it has a bias."""
-
-    def __init__(self, scores: dict, broken: str | None = None, bias: float = 0.0):
-        self.scores, self.broken, self.bias, self.calls = scores, broken, bias, []
-        self.antisymmetric = bias == 0.0
-
-    def __call__(self, prompts, a, b):
-        self.calls.append((list(prompts), list(a), list(b)))
-        if self.broken == "count":
-            return [0.0]
-        return [float("nan") if self.broken == "nan" and x == "y" else self.scores[x] - self.scores[y] + self.bias
-                for x, y in zip(a, b)]
-
-
 def test_every_pair_is_asked_once_and_the_matrix_is_antisymmetric():
     """K = 3, one prompt: pairs (0,1), (0,2), (1,2) in one call; M[a, b] = f(a, b), M[b, a] = -f(a, b)."""
-    reward = Table({"x": 0.5, "y": 2.0, "z": -1.0})
+    reward = ScoreTable({"x": 0.5, "y": 2.0, "z": -1.0})
     M, replaced, agreement = score_pairs(reward, _rollout(["x", "y", "z"], 3))
     assert replaced == 0 and agreement is None and len(reward.calls) == 1
     assert reward.calls[0][1:] == (["x", "x", "y"], ["y", "z", "z"])
@@ -49,13 +33,13 @@ def test_a_reward_not_declared_antisymmetric_is_asked_in_both_orders_and_its_pos
     """The docstring's judge, at K = 3: f = s(a) - s(b) + 2 with s = (x 0.5, y 2.0, z -1.0). One call asks the 3
     pairs, then the 3 reversed. M is the unbiased matrix: M[x, y] = ((0.5 - 2 + 2) - (2 - 0.5 + 2)) / 2 = -1.5.
     Agreement: (x, y) 0.5 and 3.5, both > 0: no; (x, z) 3.5 and 0.5: no; (y, z) 5 and -1: yes. So 1/3."""
-    reward = Table({"x": 0.5, "y": 2.0, "z": -1.0}, bias=2.0)
+    reward = ScoreTable({"x": 0.5, "y": 2.0, "z": -1.0}, bias=2.0)
     M, replaced, agreement = score_pairs(reward, _rollout(["x", "y", "z"], 3))
     assert replaced == 0 and len(reward.calls) == 1
     assert reward.calls[0][1:] == (["x", "x", "y", "y", "z", "z"], ["y", "z", "z", "x", "x", "y"])
     assert torch.allclose(M, torch.tensor([[0.0, -1.5, 1.5], [1.5, 0.0, 3.0], [-1.5, -3.0, 0.0]]))
     assert agreement == pytest.approx(1 / 3)
-    K2 = Table({"x": 0.5, "y": 2.0}, bias=1.0)                                      # the docstring's K = 2 example
+    K2 = ScoreTable({"x": 0.5, "y": 2.0}, bias=1.0)                                      # the docstring's K = 2 example
     M, _, agreement = score_pairs(K2, _rollout(["x", "y"], 2))
     assert torch.allclose(M, torch.tensor([[0.0, -1.5], [1.5, 0.0]])) and agreement == 1.0
 
@@ -77,7 +61,7 @@ def test_tournament_is_the_win_fraction():
     ("nan", 1.0, r"returned nan for pair 2 of 6 \(prompt 'p0', a 'y', b 'z'\)")])
 def test_a_bad_pairwise_reward_is_named_with_the_pair(broken, bias, message):
     with pytest.raises(RewardError, match=message):
-        score_pairs(Table({"x": 0.0, "y": 1.0, "z": 2.0}, broken, bias), _rollout(["x", "y", "z"], 3))
+        score_pairs(ScoreTable({"x": 0.0, "y": 1.0, "z": 2.0}, broken, bias), _rollout(["x", "y", "z"], 3))
 
 
 @pytest.mark.slow
