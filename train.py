@@ -27,6 +27,7 @@ import yaml
 from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.strategies import ModelParallelStrategy
+from lightning.pytorch.utilities import rank_zero_only
 from lightning.pytorch.utilities.model_helpers import is_overridden
 
 from callbacks.checkpoint import interrupted
@@ -122,8 +123,8 @@ class RLHFCLI(LightningCLI):
         problem = config_problem(config)
         if problem:
             sys.exit(f"error: {problem}")
-        for warning in config_warnings(config):
-            log.warning("warning: %s", warning)
+        for warning in config_warnings(config):       # every process reads the config: said by the first
+            rank_zero_only(log.warning)("warning: %s", warning)
 
     def instantiate_classes(self) -> None:
         """A constructor's complaint about its settings stops the run with its own message as one line, not

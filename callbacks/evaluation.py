@@ -24,6 +24,7 @@ import os
 import lightning as L
 import torch
 from lightning.pytorch.trainer.states import TrainerFn
+from lightning.pytorch.utilities import rank_zero_only
 
 from callbacks.checkpoint import finish_checkpoints, interrupted
 from callbacks.sharding import outside_forward
@@ -36,6 +37,7 @@ from modules.sampling import SamplingConfig, sample
 from modules.sharding import fsdp_mesh
 
 log = logging.getLogger(__name__)
+warn = rank_zero_only(log.warning)     # said once, by the first process
 
 
 class Evaluation(L.Callback):
@@ -124,8 +126,8 @@ class Evaluation(L.Callback):
         usable = len(examples) // trainer.world_size * trainer.world_size
         if usable < len(examples) and not self._warned:     # sharded models: every rank makes as many forwards
             self._warned = True
-            log.warning("Evaluation: %d prompts over %d processes; the last %d are left out so that every rank "
-                        "evaluates %d", len(examples), trainer.world_size, len(examples) - usable,
+            warn("Evaluation: %d prompts over %d processes; the last %d are left out so that every rank "
+                 "evaluates %d", len(examples), trainer.world_size, len(examples) - usable,
                         usable // trainer.world_size)
         return examples[:usable][trainer.global_rank:: trainer.world_size]
 

@@ -5,15 +5,11 @@ prompts (`prompts_only: true` accepts records without responses). Every batch is
 """
 from __future__ import annotations
 
-import logging
-
 import lightning as L
 from torch.utils.data import DataLoader, DistributedSampler
 
 from datamodules.collate import PairCollator, encode_prompt, encode_response
-from datamodules.sources import FIELDS, DataError, FieldMap, Source, validate_records
-
-log = logging.getLogger(__name__)
+from datamodules.sources import FIELDS, DataError, FieldMap, Source, validate_records, warn
 
 
 class PairDataModule(L.LightningDataModule):
@@ -91,7 +87,7 @@ class PairDataModule(L.LightningDataModule):
             cut += example.pop("_cut")
             out.append(example)
         if cut:
-            log.warning("%s: %d of %d responses cut to max_length=%d tokens", origin, cut, 2 * len(out), self.max_length)
+            warn("%s: %d of %d responses cut to max_length=%d tokens", origin, cut, 2 * len(out), self.max_length)
         if not out:
             raise DataError(f"{origin}: no usable records in the {split} split: every record was "
                             "skipped (see the warnings above)")
@@ -106,7 +102,7 @@ class PairDataModule(L.LightningDataModule):
                        f"room for a response (max_prompt_length={self.max_prompt_length}, max_length={self.max_length})")
             if not self.skip_invalid:
                 raise DataError(message)
-            log.warning("skipped: %s", message)
+            warn("skipped: %s", message)
             return None
         example = {"prompt": rec["prompt"], "prompt_ids": prompt_ids, "_cut": 0}
         if not self.prompts_only:

@@ -12,7 +12,10 @@ import os
 from collections import Counter
 from dataclasses import dataclass
 
+from lightning.pytorch.utilities import rank_zero_only
+
 log = logging.getLogger(__name__)
+warn = rank_zero_only(log.warning)   # every process reads the same data: its warnings once, from the first
 
 FIELDS = ("prompt", "chosen", "rejected")
 
@@ -185,7 +188,7 @@ def validate_records(rows: list, origin: str, fields: FieldMap, need: tuple[str,
                             "(set data skip_invalid: true to drop such records with a count)")
         skipped[f"{field}: {reason}"] += 1
     if skipped:
-        log.warning("%s: skipped %d of %d records: %s", origin, sum(skipped.values()), len(rows), dict(skipped))
+        warn("%s: skipped %d of %d records: %s", origin, sum(skipped.values()), len(rows), dict(skipped))
     if need != ("prompt",):   # a prompt set may repeat prompts on purpose (one prompt, many rollouts)
         _warn_duplicates(out, origin)
     return out
@@ -203,7 +206,7 @@ def _warn_duplicates(records: list[tuple[int, dict]], origin: str) -> None:
             seen[key] = index
     if repeats:
         index, first = repeats[0]
-        log.warning("%s: %d of %d records repeat an earlier record (e.g. record %d = record %d); they are kept",
+        warn("%s: %d of %d records repeat an earlier record (e.g. record %d = record %d); they are kept",
                     origin, len(repeats), len(records), index, first)
 
 

@@ -26,9 +26,11 @@ from pathlib import Path
 from typing import Any, Literal
 
 import torch
+from lightning.pytorch.utilities import rank_zero_only
 from torch import nn
 
 log = logging.getLogger(__name__)
+warn = rank_zero_only(log.warning)     # every process builds the same models: their warnings once, from the first
 
 
 @dataclass
@@ -136,7 +138,7 @@ def load_tokenizer(name: str):
         else:
             if tok.pad_token is None:
                 tok.pad_token = tok.eos_token
-            log.warning("tokenizer %s: no pad token distinct from EOS; padding with EOS (masks still exact)", name)
+            warn("tokenizer %s: no pad token distinct from EOS; padding with EOS (masks still exact)", name)
     return tok
 
 
@@ -350,8 +352,8 @@ def _report_loading(path: str, info: dict) -> None:
         log.info("%s: heads swapped (new: %s, unused: %s)", path, head, old_head)
     if others or unexpected or mismatched:
         show = lambda keys: f"{keys[:4]}{' + %d more' % (len(keys) - 4) if len(keys) > 4 else ''}"  # noqa: E731
-        log.warning("%s: not in the checkpoint (initialised fresh): %s; in the checkpoint but unused: %s; "
-                    "shape mismatch: %s", path, show(others), show(unexpected), show(mismatched))
+        warn("%s: not in the checkpoint (initialised fresh): %s; in the checkpoint but unused: %s; "
+             "shape mismatch: %s", path, show(others), show(unexpected), show(mismatched))
 
 
 def _with_lora(model: nn.Module, lora: dict[str, Any], task_type: str) -> nn.Module:

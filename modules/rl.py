@@ -88,8 +88,8 @@ class RLModule(TrainedOnlyCheckpoints, L.LightningModule):
         max_grad_norm: gradient clipping (None = off).
         missing_eos_penalty: subtracted from the reward of responses that never emit EOS (None = off).
         nonfinite_reward: a reward that is NaN or +-inf stops the run with an error naming the response (None,
-            the default); set a number to replace such rewards by it instead (a penalty), counted in
-            `train/nonfinite_rewards` and in a console warning. A reward must return exactly one number per response
+            the default); set a number to replace such rewards by it instead (a penalty), counted (over all
+            processes) in `train/nonfinite_rewards` and in a console warning. A reward must return exactly one number per response
             either way.
         seed: seeds the minibatch shuffling.
         value_model: backbone of the value head, built only for objectives with `needs_values` (PPO); usually
@@ -247,18 +247,24 @@ class RLModule(TrainedOnlyCheckpoints, L.LightningModule):
         rewards, replaced = score_rewards(self.reward, rollout, self.tokenizer, self.nonfinite_reward,
                                           self.micro_batches(rollout))
         rewards = rewards.to(self.device)
+        scored = len(rollout)
+        if self.nonfinite_reward is not None:   # (else a non-finite reward has stopped the run): all processes' counts
+            replaced, scored = (int(n) for n in self.over_ranks([replaced, scored]))
         rollout.timings["train/nonfinite_rewards"] = float(replaced)
-        if replaced:
+        if replaced and self.global_rank == 0:
             log.warning("reward %s: %d of %d rewards were NaN or inf, replaced by nonfinite_reward=%s",
-                        qualified_name(self.reward), replaced, len(rollout), self.nonfinite_reward)
+                        qualified_name(self.reward), replaced, scored, self.nonfinite_reward)
         if self.missing_eos_penalty is not None:
             rewards = rewards - self.missing_eos_penalty * (~rollout.has_eos).float()
         return rewards
 
     def _score_pairs(self, rollout: Rollout) -> torch.Tensor:
         pairs, replaced, agreement = score_pairs(self.reward, rollout, self.nonfinite_reward)
+        if self.nonfinite_reward is not None:
+            replaced = int(self.over_ranks([replaced])[0])
         rollout.timings["train/nonfinite_rewards"] = float(replaced)
         if agreement is not None:                                  # asked in both orders: how often they agree
+            agreement = self.over_ranks([agreement], "mean")[0]   # (every rank scores as many pairs)
             rollout.timings["train/pair_order_agreement"] = agreement
             if agreement < 0.5 and not self._order_warned and self.global_rank == 0:      # once, from one rank
                 self._order_warned = True
@@ -267,7 +273,7 @@ class RLModule(TrainedOnlyCheckpoints, L.LightningModule):
                             "position more than the responses, and what is left after the bias cancels is small "
                             "(train/pair_order_agreement, train/pair_reward_abs)", qualified_name(self.reward),
                             100 * agreement)
-        if replaced:
+        if replaced and self.global_rank == 0:
             log.warning("pairwise reward %s: %d pairs were NaN or inf, replaced by nonfinite_reward=%s",
                         qualified_name(self.reward), replaced, self.nonfinite_reward)
         if self.missing_eos_penalty is not None:
@@ -277,6 +283,15 @@ class RLModule(TrainedOnlyCheckpoints, L.LightningModule):
         rollout.pair_rewards = pairs.to(self.device)
         rollout.timings["train/pair_reward_abs"] = float(pairs.abs().sum() / max(pairs.numel() - len(pairs), 1))
         return tournament_scores(rollout.pair_rewards, rollout.group_size)
+
+    def over_ranks(self, values: list[float], reduce_op: str = "sum") -> list[float]:
+        """`values` summed (or averaged: "mean") over the processes, in one reduce; themselves in one process. Every
+        rank calls it at the same point: each scores its own rollout (or evaluation batch) at once, so the counts
+        logged and warned about (by the first rank alone) are those of all processes."""
+        if self._trainer is None or self.trainer.world_size == 1:
+            return values
+        total = self.trainer.strategy.reduce(torch.tensor(values, dtype=torch.float32, device=self.device), reduce_op=reduce_op)
+        return total.tolist()
 
     @torch.no_grad()
     def make_rollout(self, batch: PairBatch) -> Rollout:

@@ -1,6 +1,7 @@
 """modules/rewards.py: what a reward returns is checked (one finite number per response, or the run stops naming
 the reward), and non-finite rewards are replaced by the chosen penalty and counted."""
 import re
+from pathlib import Path
 
 import pytest
 import torch
@@ -57,6 +58,39 @@ def test_nonfinite_reward_penalty_is_applied_and_counted(tmp_path, sft_dir):
     cli = cli_main(["fit", "--config", config])
     assert cli.trainer.callback_metrics["train/nonfinite_rewards"] == 1.0   # one per rollout (response 1)
     assert all(torch.isfinite(p).all() for p in cli.model.policy.parameters())
+
+
+def _scalars(root, tag: str) -> list[float]:
+    """The values of `tag` in the one TensorBoard run under `root`."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    [run] = {path.parent for path in Path(root).rglob("events.out.tfevents*")}
+    events = EventAccumulator(str(run))
+    events.Reload()
+    return [event.value for event in events.Scalars(tag)]
+
+
+@pytest.mark.slow
+def test_under_two_processes_each_warning_is_said_once_counting_every_process(tmp_path, sft_dir):
+    """DDP on 2 CPU processes: every process reads the config and the data and builds the models, and each scores
+    its own rollouts. A config warning and the evaluation's left-out prompts are said once; the non-finite rewards
+    replaced are summed over both processes, in the warning (said once) and in `train/nonfinite_rewards`.
+    `BadReward` makes response 1 of each call NaN: per rollout one on each process, 2 of 2 x 4 prompts x K = 2
+    responses; at the evaluation (7 prompts: 3 per process, one sample each) 2 of 6. Before: every line twice, each
+    with its own process's count (1 of 8)."""
+    from tests.helpers import run_train
+
+    config = tiny_rl_config(tmp_path, sft_dir, evaluation={"num_prompts": 7}, devices=2, strategy="ddp",
+                            model={"nonfinite_reward": -1.0, "minibatch_groups": 99,
+                                   "reward": {"class_path": "tests.helpers.BadReward", "init_args": {"mode": "nan"}}})
+    err = run_train(config).stderr
+    assert err.count("minibatch_groups=99 is more than the 4 prompts") == 1, err[-3000:]
+    assert err.count("Evaluation: 7 prompts over 2 processes; the last 1 are left out") == 1
+    replaced = re.findall(r"rewards were NaN or inf", err)
+    assert err.count("2 of 16 rewards were NaN or inf") == 2 and err.count("2 of 6 rewards were NaN or inf") == 1
+    assert len(replaced) == 3, err[-3000:]
+    logged = _scalars(tmp_path / "runs", "train/nonfinite_rewards")
+    assert logged == [2.0, 2.0], logged
 
 
 def test_a_frozen_model_is_built_once_frozen_and_runs_its_batches_in_order(reward_dir):
