@@ -190,14 +190,23 @@ def test_an_empty_validation_split_is_named_as_the_cause(tmp_path, task_tokenize
         dm.setup()
 
 
-def test_duplicate_records_are_counted_in_a_warning(tmp_path, task_tokenizer_path, caplog):
-    """Before: 200 identical records passed without a word. They are kept (repeating a record may be meant)."""
+def test_duplicate_records_are_counted_in_a_warning_said_by_the_first_process_alone(tmp_path, task_tokenizer_path,
+                                                                                     caplog, monkeypatch):
+    """Before: 200 identical records passed without a word. They are kept (repeating a record may be meant). Every
+    process of a multi-process run reads the same data: only the first says so (before: each did)."""
+    from lightning.pytorch.utilities import rank_zero_only
+
     path = write_jsonl(tmp_path / "same.jsonl", [GOOD] * 200)
     with caplog.at_level(logging.WARNING):
         dm = module(path, task_tokenizer_path)
     assert "same.jsonl: 199 of 200 records repeat an earlier record (e.g. record 1 = record 0); they are kept" \
         in caplog.text
     assert len(dm.splits["train"]) == 200
+    caplog.clear()
+    monkeypatch.setattr(rank_zero_only, "rank", 1)
+    with caplog.at_level(logging.WARNING):
+        assert len(module(path, task_tokenizer_path).splits["train"]) == 200
+    assert "repeat an earlier record" not in caplog.text
 
 
 def test_a_jsonl_file_with_a_byte_order_mark_is_read(tmp_path, task_tokenizer_path):
