@@ -69,6 +69,19 @@ def root_cause(err: BaseException) -> BaseException:
         seen.add(id(err))
 
 
+def ours(err: BaseException) -> BaseException | None:
+    """The outermost of this project's errors (`USER_ERRORS`: a message written to be the whole story) in the chain
+    that ends in `err`, or None. Below it may lie the library errors it explains (a hub out of reach: transformers'
+    OSError over huggingface_hub's, over httpx's)."""
+    seen = set()
+    while err is not None and id(err) not in seen:
+        if isinstance(err, USER_ERRORS):
+            return err
+        seen.add(id(err))
+        err = err.__cause__ if err.__cause__ is not None or err.__suppress_context__ else err.__context__
+    return None
+
+
 class RLHFCLI(LightningCLI):
     def add_arguments_to_parser(self, parser) -> None:
         parser.link_arguments("data.tokenizer_path", "model.init_args.tokenizer", apply_on="instantiate")
@@ -132,8 +145,8 @@ class RLHFCLI(LightningCLI):
         try:
             super().instantiate_classes()
         except Exception as err:
-            cause = root_cause(err)
-            if isinstance(cause, SETTING_ERRORS):
+            cause = ours(err) or root_cause(err)
+            if isinstance(cause, (*USER_ERRORS, *SETTING_ERRORS)):
                 raise ConfigError(" ".join(str(cause).split())) from err
             raise
         export_dir = self._run_config().get("export_dir")

@@ -94,7 +94,7 @@ def resolve_path(name: str) -> str:
     return path
 
 
-PATH_FIELDS = ("pretrained", "path", "tokenizer")  # config fields naming a model / tokenizer location
+PATH_FIELDS = ("pretrained", "path", "tokenizer", "model")  # config fields naming a model / tokenizer location
 
 
 def is_local(name: str) -> bool:
@@ -129,7 +129,8 @@ def load_tokenizer(name: str):
     from transformers import AutoTokenizer
 
     location = _hf_location(name)
-    tok = gguf_tokenizer(resolve_path(name)) if "gguf_file" in location else AutoTokenizer.from_pretrained(**location)
+    with _refused_settings(f"{name}: transformers cannot load its tokenizer"):     # (a hub id out of reach)
+        tok = gguf_tokenizer(resolve_path(name)) if "gguf_file" in location else AutoTokenizer.from_pretrained(**location)
     if tok.pad_token is None or tok.pad_token_id == tok.eos_token_id:
         for candidate in ("<|finetune_right_pad_id|>", "<pad>", "<|pad|>", "<|padding|>", tok.unk_token):
             if candidate and candidate in tok.get_vocab() and tok.convert_tokens_to_ids(candidate) != tok.eos_token_id:

@@ -31,9 +31,10 @@ COUNTS = {"batch_size": "items per batch or forward", "max_pairs": "pairs scored
 def config_problem(config: dict) -> str | None:
     """The first setting that cannot give a working run, as one line; None when there is none."""
     for where, key, value in _walk(config):
-        # model and data paths are inputs; a callback's `path` may name an output (trainer.* is not checked)
-        if key in PATH_FIELDS and not where.startswith("trainer.") and isinstance(value, str) and is_local(value) \
-                and not os.path.exists(value):
+        # model and data paths are inputs; a callback's `path` may name an output (trainer.* is not checked, but
+        # for the models of a callback's judge or reward: `Evaluation`'s)
+        read = not where.startswith("trainer.") or ".judge." in where or ".reward." in where
+        if key in PATH_FIELDS and read and isinstance(value, str) and is_local(value) and not os.path.exists(value):
             return f"{where}: {value} does not exist{how_to_make(value)}"
         if key == "max_new_tokens" and isinstance(value, int) and value < 1:
             return f"{where}: {value}; expected at least 1 (tokens sampled per response)"

@@ -223,6 +223,47 @@ def test_an_error_that_is_not_about_a_setting_keeps_its_traceback(tmp_path, sft_
     assert isinstance(root_cause(raised.value), RuntimeError) and "BrokenReward" in str(root_cause(raised.value))
 
 
+def test_a_judges_model_that_does_not_exist_is_named_before_anything_is_built():
+    """`LLMJudge`'s `model`, as the RL reward or as an `Evaluation` judge (under trainer.callbacks, whose other
+    paths may be outputs), is checked like `pretrained` and `path`. Before: a local path the judge could not find
+    went to the hub as a repository id (huggingface_hub's error, or 1 minute of retries and 160 lines of traceback
+    for 'artifacts/...')."""
+    judge = {"class_path": "modules.judges.LLMJudge", "init_args": {"model": "artifacts/none/sft"}}
+    evaluation = {"class_path": "callbacks.evaluation.Evaluation", "init_args": {"judge": judge}}
+    exists = "artifacts/none/sft does not exist (a local directory or file was expected; hub ids look like 'org/name')"
+    assert config_problem({"model": {"init_args": {"reward": judge}}}) == f"model.init_args.reward.init_args.model: {exists}"
+    assert config_problem({"trainer": {"callbacks": [evaluation]}}) == \
+        f"trainer.callbacks.0.init_args.judge.init_args.model: {exists}"
+    assert config_problem({"trainer": {"callbacks": [{"init_args": {"path": "out/metrics.csv"}}]}}) is None  # an output
+
+
+def test_a_tokenizer_the_hub_cannot_give_is_one_line(tmp_path, sft_dir, capsys, monkeypatch):
+    """A hub id out of reach as `data.init_args.tokenizer` (or an `LLMJudge`'s model): transformers' OSError over
+    huggingface_hub's over httpx's, raised while jsonargparse builds the classes. Before: its 150-line traceback (the
+    chain's first error, httpx's, is not about a setting); now the project's error in the chain, one line. (Offline,
+    as here, the hub is not asked: transformers' error is simulated.)"""
+    from transformers import AutoTokenizer
+
+    from train import main
+
+    real = AutoTokenizer.from_pretrained
+
+    def offline(*args, **kwargs):
+        if kwargs.get("pretrained_model_name_or_path", args[0] if args else None) != "someorg/sometokenizer":
+            return real(*args, **kwargs)
+        try:
+            raise RuntimeError("[Errno -2] Name or service not known")          # (httpx's ConnectError)
+        except RuntimeError as err:
+            raise OSError("We couldn't connect to 'https://huggingface.co' to load the files") from err
+
+    monkeypatch.setattr(AutoTokenizer, "from_pretrained", offline)
+    config = tiny_rl_config(tmp_path, sft_dir)
+    assert main(["fit", "--config", config, "--data.init_args.tokenizer=someorg/sometokenizer"]) == 1
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        "error: someorg/sometokenizer: transformers cannot load its tokenizer: We couldn't connect to "
+        "'https://huggingface.co' to load the files")
+
+
 def test_an_rl_run_without_its_rollout_callback_stops_before_building_anything(tmp_path, sft_dir, capsys):
     """Before: RuntimeError's traceback at the first training batch, after the models and the first evaluation."""
     import yaml
