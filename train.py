@@ -83,6 +83,13 @@ def ours(err: BaseException) -> BaseException | None:
 
 
 class RLHFCLI(LightningCLI):
+    def __init__(self, *args, **kwargs):
+        # Each stage takes its optimizer and scheduler as init arguments (`model.init_args.optimizer`, `.scheduler`):
+        # no second way through LightningCLI's `--optimizer` / `--lr_scheduler`, which would replace the stage's
+        # `configure_optimizers` (the RL stage's holds the value model's parameters too).
+        kwargs.setdefault("auto_configure_optimizers", False)
+        super().__init__(*args, **kwargs)
+
     def add_arguments_to_parser(self, parser) -> None:
         parser.link_arguments("data.tokenizer_path", "model.init_args.tokenizer", apply_on="instantiate")
         parser.add_argument("--export_dir", type=Optional[str], default=None,

@@ -98,7 +98,16 @@ def command_line_problem(args: list[str]) -> str | None:
     it (a model path named None), a dict entry too, and any other type fails with a page of union errors. The same
     override written as a dict of the enclosing block, `--model.init_args.policy='{lora: null}'`, reads null
     correctly and keeps the block's other fields (a dict-valued field, such as `lora` itself, is replaced whole).
-    A class's own arguments (`--model.init_args.value_model=null`) and YAML files are not affected."""
+    A class's own arguments (`--model.init_args.value_model=null`) and YAML files are not affected.
+
+    Also LightningCLI's `--optimizer` and `--lr_scheduler`, which this CLI does not take: each stage's optimizer
+    and scheduler are its `model.init_args.optimizer` and `model.init_args.scheduler`."""
+    for arg in args:
+        option = arg.partition("=")[0].split(".")[0]
+        if option in ("--optimizer", "--lr_scheduler"):
+            field = "optimizer" if option == "--optimizer" else "scheduler"
+            return (f"{arg}: each stage takes its {field} in its model block: --model.init_args.{field}=<class path> "
+                    f"and --model.init_args.{field}.<argument>=<value>")
     for i, arg in enumerate(args):
         if not arg.startswith(("--model.", "--data.")):
             continue

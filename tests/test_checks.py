@@ -389,6 +389,27 @@ def test_nulls_that_jsonargparse_reads_are_left_alone():
     assert command_line_problem(["--model.init_args.policy.lora", "~"]).startswith("--model.init_args.policy.lora=~:")
 
 
+@pytest.mark.parametrize("override, field", [(["--optimizer=torch.optim.SGD", "--optimizer.lr=0.1"], "optimizer"),
+                                             (["--lr_scheduler", "torch.optim.lr_scheduler.StepLR"], "scheduler")])
+def test_lightningclis_optimizer_options_point_to_the_stages_own(tmp_path, sft_dir, override, field):
+    """Each stage takes its optimizer and scheduler as init arguments. Before, LightningCLI's `--optimizer` and
+    `--lr_scheduler` were listed in --help too and replaced the stage's `configure_optimizers`: the SFT stage (its
+    policy built later, in `configure_model`) stopped with "optimizer got an empty parameter list"; now one line
+    names the stage's field. The stage's own field still parses (the scheduler stepped as documented)."""
+    from train import main
+
+    config = tiny_rl_config(tmp_path, sft_dir)
+    with pytest.raises(SystemExit) as stop:
+        main(["fit", "--config", config, *override])
+    assert str(stop.value) == (f"error: {override[0]}: each stage takes its {field} in its model block: "
+                               f"--model.init_args.{field}=<class path> and --model.init_args.{field}.<argument>=<value>")
+    cli = cli_main(["--config", config, "--model.init_args.scheduler=torch.optim.lr_scheduler.StepLR",
+                    "--model.init_args.scheduler.step_size=3", "--model.init_args.optimizer.lr=0.5"], run=False)
+    assert "optimizer" not in cli.config and "lr_scheduler" not in cli.config
+    optimizer = cli.model.optimizer_factory([torch.nn.Parameter(torch.zeros(1))])
+    assert optimizer.param_groups[0]["lr"] == 0.5 and cli.model.scheduler_factory(optimizer).step_size == 3
+
+
 def test_check_positions_names_the_settings_and_the_model_that_cannot_hold_them():
     """12 + 120 = 132 tokens do not fit a model of 128 positions; 12 + 116 = 128 do, and so does a model that does
     not say (no `max_position_embeddings`) or none at all (a module without a value model)."""
