@@ -21,6 +21,7 @@ from lightning.pytorch.plugins.precision import DoublePrecision, HalfPrecision, 
 from datamodules.batch import PairBatch
 from modules import functional as F
 from modules import layout
+from modules.accumulate import accumulate
 from modules.backbone import (
     BackboneSpec,
     build_causal_lm,
@@ -53,16 +54,6 @@ def peak_memory_gb(device: torch.device) -> float:
     import resource
 
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20     # Linux reports KiB
-
-
-def _rng_state(device: torch.device) -> tuple:
-    return torch.get_rng_state(), torch.cuda.get_rng_state(device) if device.type == "cuda" else None
-
-
-def _set_rng_state(state: tuple, device: torch.device) -> None:
-    torch.set_rng_state(state[0])
-    if state[1] is not None:
-        torch.cuda.set_rng_state(state[1], device)
 
 
 class NonFiniteError(RuntimeError):
@@ -402,66 +393,23 @@ class RLModule(TrainedOnlyCheckpoints, L.LightningModule):
 
         One micro-batch: forward, loss, backward. Several (`micro_batch_tokens`): the same gradient exactly (up to
         float rounding) with one micro-batch's activations at a time, and every normaliser (token counts, means over
-        pairs or groups) the minibatch's:
-        - an objective with `separable_groups` (all shipped ones): each micro-batch's forward with its graph, its
-          rows put into the minibatch's logprobs (and values), the objective on the whole minibatch, backward. Its
-          rows' gradient depends on its own groups alone, so the other rows may hold any value: the micro-batches
-          already done hold their detached results, the rest pi_old. One forward per micro-batch, as one pass; the
-          last micro-batch sees every row's current value, so its loss and metrics are the minibatch's.
-        - any other objective (`_backward_general`): one more forward per micro-batch."""
-        parts = self.micro_batches(sub, agree=True)
-        if len(parts) == 1:
-            logp, values = self._forward_part(sub)
+        pairs or groups) the minibatch's (`modules.accumulate`): one forward per micro-batch for an objective with
+        `separable_groups` (all shipped ones), two for any other, except on the `first` minibatch after a rollout
+        without dropout (`rollout_passes_reusable`): no step has happened since the rollout's passes, so the first
+        of the two is the rollout's pi_old and old values (equal within float rounding, tested) and is skipped."""
+        def loss(logp: torch.Tensor, values: torch.Tensor | None) -> ObjectiveOutput:
             out = self.objective(self.objective_input(sub, logp, extra, values, tokens))
             self.stop_unless_finite(out.loss.detach(), "loss", where)
+            return out
+
+        parts = self.micro_batches(sub, agree=True)
+        if len(parts) == 1:
+            out = loss(*self._forward_part(sub))
             self._backward(out.loss)
             return out
-        if not self.objective.separable_groups:
-            return self._backward_general(sub, extra, tokens, where, parts, first)
-        logp = sub.old_logp.detach().clone()
-        values = sub.values.detach().clone() if self.value is not None else None
-        for rows in parts:
-            part_logp, part_values = self._forward_part(sub.select(rows))
-            out = self.objective(self.objective_input(
-                sub, logp.index_put((rows,), part_logp.to(logp.dtype)), extra,
-                values.index_put((rows,), part_values.to(values.dtype)) if values is not None else None, tokens))
-            self.stop_unless_finite(out.loss.detach(), "loss", where)
-            self._backward(out.loss)
-            logp[rows] = part_logp.detach()
-            if values is not None:
-                values[rows] = part_values.detach()
-        return ObjectiveOutput(out.loss.detach(), out.metrics)
-
-    def _backward_general(self, sub: Rollout, extra: dict, tokens: float, where: str, parts: list[torch.Tensor],
-                          first: bool) -> ObjectiveOutput:
-        """`backward_minibatch` in micro-batches for any objective: (1) each micro-batch's logprobs (and values)
-        without a graph; (2) the objective on the whole minibatch, differentiated with respect to those tensors
-        alone; (3) each micro-batch again with its graph, backpropagating its rows of that gradient (chain rule).
-        Step (3) replays step (1)'s random state, so dropout masks match too. The price: one more forward per
-        micro-batch, except on the `first` minibatch after a rollout without dropout: no step has happened since
-        the rollout's passes, so step (1)'s logprobs and values are the rollout's pi_old and old values (equal within
-        float rounding, tested), and step (1) is skipped."""
-        if first and self.rollout_passes_reusable(sub):
-            states = [_rng_state(self.device)] * len(parts)
-            logp = sub.old_logp.clone().requires_grad_()
-            values = sub.values.clone().requires_grad_() if self.value is not None else None
-        else:
-            states, outs = [], []
-            with torch.no_grad():
-                for rows in parts:
-                    states.append(_rng_state(self.device))
-                    outs.append(self._forward_part(sub.select(rows)))
-            logp = torch.cat([o[0] for o in outs]).requires_grad_()
-            values = torch.cat([o[1] for o in outs]).requires_grad_() if self.value is not None else None
-        out = self.objective(self.objective_input(sub, logp, extra, values, tokens))
-        self.stop_unless_finite(out.loss.detach(), "loss", where)
-        leaves = [t for t in (logp, values) if t is not None]
-        grads = torch.autograd.grad(out.loss, leaves, allow_unused=True)     # None: the loss ignores that tensor
-        for rows, state in zip(parts, states):
-            _set_rng_state(state, self.device)
-            tensors = [t for t in self._forward_part(sub.select(rows)) if t is not None]
-            self._backward(sum((t * g[rows]).sum() for t, g in zip(tensors, grads) if g is not None))
-        return ObjectiveOutput(out.loss.detach(), out.metrics)
+        return accumulate(parts, lambda rows: self._forward_part(sub.select(rows)), loss, self._backward,
+                          (sub.old_logp, sub.values if self.value is not None else None),
+                          self.objective.separable_groups, first and self.rollout_passes_reusable(sub), self.device)
 
     def rollout_passes_reusable(self, sub: Rollout) -> bool:
         """Whether the rollout's pi_old (and old values) are what a forward of the unchanged policy (and value model)
