@@ -80,8 +80,8 @@ class RLModule(TrainedOnlyCheckpoints, L.LightningModule):
         missing_eos_penalty: subtracted from the reward of responses that never emit EOS (None = off).
         nonfinite_reward: a reward that is NaN or +-inf stops the run with an error naming the response (None,
             the default); set a number to replace such rewards by it instead (a penalty), counted (over all
-            processes) in `train/nonfinite_rewards` and in a console warning. A reward must return exactly one number per response
-            either way.
+            processes) in `train/nonfinite_rewards` and in a console warning. A reward must return exactly one number
+            per response either way.
         seed: seeds the minibatch shuffling.
         value_model: backbone of the value head, built only for objectives with `needs_values` (PPO); usually
             `pretrained: <reward export>`. Default: a fresh head on the policy's pretrained weights.
@@ -281,8 +281,8 @@ class RLModule(TrainedOnlyCheckpoints, L.LightningModule):
         logged and warned about (by the first rank alone) are those of all processes."""
         if self._trainer is None or self.trainer.world_size == 1:
             return values
-        total = self.trainer.strategy.reduce(torch.tensor(values, dtype=torch.float32, device=self.device), reduce_op=reduce_op)
-        return total.tolist()
+        values = torch.tensor(values, dtype=torch.float32, device=self.device)
+        return self.trainer.strategy.reduce(values, reduce_op=reduce_op).tolist()
 
     @torch.no_grad()
     def make_rollout(self, batch: PairBatch) -> Rollout:
