@@ -34,8 +34,8 @@ def accumulate(parts: list[torch.Tensor], forward: Callable[[torch.Tensor], Tens
                backward: Callable[[torch.Tensor], None], initial: Tensors, separable: bool,
                reuse: bool = False, device: torch.device | None = None):
     """Add the gradient of `loss(*tensors)` to the parameters' `.grad`, where `tensors` are `forward` over every row
-    of the minibatch, one micro-batch of rows (`parts`, index tensors) at a time; returns the loss's output, its loss
-    detached and its metrics those of the whole minibatch.
+    of the minibatch, one micro-batch of rows (`parts`: index tensors, each row in one) at a time; returns the loss's
+    output, its loss detached and its metrics those of the whole minibatch.
 
     `forward(rows)` gives a tuple of tensors for those rows (None where the minibatch has no such tensor);
     `initial` the same tuple for every row, detached (the rollout's pi_old and old values); `backward(loss)` adds a
@@ -59,7 +59,7 @@ def accumulate(parts: list[torch.Tensor], forward: Callable[[torch.Tensor], Tens
             for rows in parts:
                 states.append(_rng_state(device))
                 outs.append(forward(rows))
-        leaves = [torch.cat(ts).requires_grad_() if ts[0] is not None else None for ts in zip(*outs)]
+        leaves = [_gathered(parts, ts) if ts[0] is not None else None for ts in zip(*outs)]
     out = loss(*leaves)
     wanted = [t for t in leaves if t is not None]
     grads = iter(torch.autograd.grad(out.loss, wanted, allow_unused=True))      # None: the loss ignores that tensor
@@ -70,6 +70,14 @@ def accumulate(parts: list[torch.Tensor], forward: Callable[[torch.Tensor], Tens
         if terms:                                           # (none: the loss reads no tensor with a gradient)
             backward(sum(terms))
     return ObjectiveOutput(out.loss.detach(), out.metrics)
+
+
+def _gathered(parts: list[torch.Tensor], pieces: Sequence[torch.Tensor]) -> torch.Tensor:
+    """The micro-batches' results put back at their rows: one leaf tensor for the whole minibatch."""
+    whole = pieces[0].new_empty((sum(len(rows) for rows in parts), *pieces[0].shape[1:]))
+    for rows, piece in zip(parts, pieces):
+        whole[rows] = piece
+    return whole.requires_grad_()
 
 
 def _rng_state(device: torch.device | None) -> tuple:

@@ -27,18 +27,21 @@ def per_row(y: torch.Tensor, _values=None) -> ObjectiveOutput:
     return ObjectiveOutput(loss, {"mean": y.mean().detach()})
 
 
-@pytest.mark.parametrize("loss, separable, reuse, dropout", [
-    (whitened, False, False, 0.0), (whitened, False, True, 0.0), (whitened, False, False, 0.5),
-    (per_row, True, False, 0.0), (per_row, False, False, 0.0)])
-def test_micro_batches_give_the_gradient_loss_and_metrics_of_one_pass(loss, separable, reuse, dropout):
-    """Micro-batches of rows [0, 1], [2, 3, 4], [5]: the parameters' gradient, the loss and its metrics equal one
-    pass over all 6 rows within float rounding (with dropout: the pass that draws the micro-batches' masks in turn;
-    the replayed random state gives the backward's forwards the same masks). With `reuse`, the first pass is
-    skipped and `initial` (what that pass gives: no step since) stands for it."""
+@pytest.mark.parametrize("loss, separable, reuse, dropout, parts", [
+    (whitened, False, False, 0.0, [[0, 1], [2, 3, 4], [5]]), (whitened, False, True, 0.0, [[0, 1], [2, 3, 4], [5]]),
+    (whitened, False, False, 0.5, [[0, 1], [2, 3, 4], [5]]), (whitened, False, False, 0.0, [[4, 0], [5, 2], [1, 3]]),
+    (per_row, True, False, 0.0, [[0, 1], [2, 3, 4], [5]]), (per_row, True, False, 0.0, [[4, 0], [5, 2], [1, 3]]),
+    (per_row, False, False, 0.0, [[0, 1], [2, 3, 4], [5]])])
+def test_micro_batches_give_the_gradient_loss_and_metrics_of_one_pass(loss, separable, reuse, dropout, parts):
+    """Micro-batches of rows (in order, or not): the parameters' gradient, the loss and its metrics equal one pass
+    over all 6 rows within float rounding (with dropout: the pass that draws the micro-batches' masks in turn; the
+    replayed random state gives the backward's forwards the same masks). With `reuse`, the first pass is skipped
+    and `initial` (what that pass gives: no step since) stands for it."""
     layer, forward = _setup(dropout)
-    parts = [torch.tensor([0, 1]), torch.tensor([2, 3, 4]), torch.tensor([5])]
+    parts = [torch.tensor(rows) for rows in parts]
     torch.manual_seed(1)
-    whole = loss(torch.cat([forward(rows)[0] for rows in parts]))
+    drawn = [forward(rows)[0] for rows in parts]
+    whole = loss(torch.zeros(6).index_put((torch.cat(parts),), torch.cat(drawn)))
     whole.loss.backward()
     expected = [p.grad.clone() for p in layer.parameters()]
     layer.zero_grad()
