@@ -119,6 +119,7 @@ class OfflineDPOModule(TrainedOnlyCheckpoints, L.LightningModule):
         self.log_dict({"train/loss": loss, "train/accuracy": (margin > 0).float().mean(),
                        "train/margin": margin.mean(), "train/logp_chosen": chosen.mean(),
                        "train/logp_rejected": rejected.mean()}, prog_bar=True, batch_size=len(batch))
+        optimizers.log_learning_rate(self, len(batch))
         return loss
 
     def validation_step(self, batch: PairBatch, batch_idx: int) -> None:

@@ -164,6 +164,7 @@ class PreferenceModule(TrainedOnlyCheckpoints, L.LightningModule):
         loss = F.bradley_terry_loss(margin, torch.zeros_like(margin))
         self.log_dict({"train/loss": loss, "train/accuracy": (margin > 0).float().mean()}, prog_bar=True,
                       batch_size=len(batch))
+        optimizers.log_learning_rate(self, len(batch))
         return loss
 
     def validation_step(self, batch: PairBatch, batch_idx: int) -> None:

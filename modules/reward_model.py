@@ -137,6 +137,7 @@ class RewardModule(TrainedOnlyCheckpoints, L.LightningModule):
             loss = loss + self.center_coef * torch.cat([chosen, rejected]).pow(2).mean()
         self.log_dict({"train/loss": loss, "train/accuracy": (chosen > rejected).float().mean()},
                       prog_bar=True, batch_size=len(batch))
+        optimizers.log_learning_rate(self, len(batch))
         return loss
 
     def validation_step(self, batch: PairBatch, batch_idx: int) -> None:

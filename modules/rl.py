@@ -36,6 +36,7 @@ from modules.checks import ConfigError, check_positions
 from modules.engines import Engine, Sampler, SamplerMismatchError
 from modules.forward import response_logprobs, token_scores
 from modules.objectives.base import Objective
+from modules.optimizers import learning_rate
 from modules.rewards import FrozenModel, is_pairwise, qualified_name, score_pairs, tournament_scores
 from modules.rewards import score as score_rewards
 from modules.sampling import SamplingConfig
@@ -360,6 +361,7 @@ class RLModule(TrainedOnlyCheckpoints, L.LightningModule):
                                               {k: v[rows] for k, v in extra.items()}, where, first).items():
                     sums[f"train/{key}"] += float(value)
                 updates += 1
+        sums["train/lr"] = learning_rate(self) * updates         # the rate of this rollout's updates
         scheduler = self.lr_schedulers()
         if scheduler is not None:
             scheduler.step()

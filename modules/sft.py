@@ -73,6 +73,7 @@ class SFTModule(TrainedOnlyCheckpoints, L.LightningModule):
     def training_step(self, batch: PairBatch, batch_idx: int) -> torch.Tensor:
         loss = self.loss(batch)
         self.log("train/loss", loss, prog_bar=True, batch_size=len(batch))
+        optimizers.log_learning_rate(self, len(batch))
         return loss
 
     def validation_step(self, batch: PairBatch, batch_idx: int) -> None:
