@@ -57,29 +57,27 @@ USER_ERRORS = (ConfigError, DataError, ExportError, RewardError, NonFiniteError,
 SETTING_ERRORS = (ValueError, OSError, MisconfigurationException)
 
 
-def root_cause(err: BaseException) -> BaseException:
-    """The first exception of the chain that ends in `err`: jsonargparse re-raises a constructor's error inside its
-    own (`raise ... from`), once per level of the config it was building."""
-    seen = {id(err)}
-    while True:
-        inner = err.__cause__ if err.__cause__ is not None or err.__suppress_context__ else err.__context__
-        if inner is None or id(inner) in seen:
-            return err
-        err = inner
+def chain(err: BaseException) -> list[BaseException]:
+    """`err` and the exceptions it was raised from (or during), outermost first: jsonargparse re-raises a
+    constructor's error inside its own (`raise ... from`), once per level of the config it was building."""
+    out, seen = [], set()
+    while err is not None and id(err) not in seen:
+        out.append(err)
         seen.add(id(err))
+        err = err.__cause__ if err.__cause__ is not None or err.__suppress_context__ else err.__context__
+    return out
+
+
+def root_cause(err: BaseException) -> BaseException:
+    """The first exception of the chain that ends in `err`."""
+    return chain(err)[-1]
 
 
 def ours(err: BaseException) -> BaseException | None:
     """The outermost of this project's errors (`USER_ERRORS`: a message written to be the whole story) in the chain
     that ends in `err`, or None. Below it may lie the library errors it explains (a hub out of reach: transformers'
     OSError over huggingface_hub's, over httpx's)."""
-    seen = set()
-    while err is not None and id(err) not in seen:
-        if isinstance(err, USER_ERRORS):
-            return err
-        seen.add(id(err))
-        err = err.__cause__ if err.__cause__ is not None or err.__suppress_context__ else err.__context__
-    return None
+    return next((e for e in chain(err) if isinstance(e, USER_ERRORS)), None)
 
 
 class RLHFCLI(LightningCLI):

@@ -127,8 +127,7 @@ class Evaluation(L.Callback):
         if usable < len(examples) and not self._warned:     # sharded models: every rank makes as many forwards
             self._warned = True
             warn("Evaluation: %d prompts over %d processes; the last %d are left out so that every rank "
-                 "evaluates %d", len(examples), trainer.world_size, len(examples) - usable,
-                        usable // trainer.world_size)
+                 "evaluates %d", len(examples), trainer.world_size, len(examples) - usable, usable // trainer.world_size)
         return examples[:usable][trainer.global_rank:: trainer.world_size]
 
     @torch.no_grad()

@@ -207,7 +207,7 @@ def _warn_duplicates(records: list[tuple[int, dict]], origin: str) -> None:
     if repeats:
         index, first = repeats[0]
         warn("%s: %d of %d records repeat an earlier record (e.g. record %d = record %d); they are kept",
-                    origin, len(repeats), len(records), index, first)
+             origin, len(repeats), len(records), index, first)
 
 
 def _problem(row, fields: FieldMap, need: tuple[str, ...]) -> tuple[str, str] | None:
