@@ -361,11 +361,11 @@ class RLModule(TrainedOnlyCheckpoints, L.LightningModule):
                                               {k: v[rows] for k, v in extra.items()}, where, first).items():
                     sums[f"train/{key}"] += float(value)
                 updates += 1
-        sums["train/lr"] = learning_rate(self) * updates         # the rate of this rollout's updates
+        lr = learning_rate(self)                                  # the rate of this rollout's updates
         scheduler = self.lr_schedulers()
         if scheduler is not None:
             scheduler.step()
-        metrics = {k: v / updates for k, v in sums.items()}
+        metrics = {**{k: v / updates for k, v in sums.items()}, "train/lr": lr}
         metrics.update(self.rollout_metrics(roll), **{"perf/update_s": time.perf_counter() - t0,
                                                       "perf/peak_memory_gb": peak_memory_gb(self.device)})
         reward = metrics.pop("train/reward")
