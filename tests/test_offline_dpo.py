@@ -118,6 +118,7 @@ def test_a_tiny_offline_dpo_fit_learns_the_pairs_and_exports(sft_dir, tmp_path, 
                                                         "cache_dir": str(tmp_path / "tok")}}}},
     }, "offline_dpo.yaml")
     cli = cli_main(["fit", "--config", config])
+    assert float(cli.trainer.callback_metrics["train/lr"]) == pytest.approx(3e-3)          # logged by every stage
     m, batch = cli.model, next(iter(cli.datamodule.train_dataloader()))
     with torch.no_grad():
         loss, margin, _ = m.pair_loss(batch)

@@ -130,7 +130,8 @@ def test_the_stage_reports_label_and_gold_accuracy_through_the_cli(sft_dir, tmp_
                                "source": {"init_args": {"num_train": 16, "num_val": 16,
                                                         "cache_dir": str(tmp_path / "tok")}}}},
     }, "preference.yaml")
-    cli_main(["fit", "--config", config])
+    cli = cli_main(["fit", "--config", config])
+    assert float(cli.trainer.callback_metrics["train/lr"]) == pytest.approx(cli.trainer.optimizers[0].param_groups[0]["lr"])
     report = [line for line in capsys.readouterr().out.splitlines() if line.startswith("[reward report]")]
     assert report and "label_accuracy=" in report[0] and "gold_order_accuracy=" in report[0]
     assert "sample_gold_order_accuracy=" in report[0] and "calibration_std=" in report[0]
