@@ -28,7 +28,8 @@ GB = 1e9
 
 def exports(root: Path, shape: dict) -> tuple[str, str]:
     """A random-weight SFT export of `shape` (SmolLM2's tokenizer) and an untrained reward-stage export of it."""
-    from modules.backbone import BackboneSpec, load_tokenizer, save_pretrained
+    from modules.backbone import BackboneSpec, load_tokenizer
+    from modules.export import save_pretrained
     from modules.reward_model import RewardModule
 
     sft, reward = root / "sft", root / "reward"

@@ -191,7 +191,8 @@ def sweep(args) -> None:
 def judge_export(args, directory: str) -> str:
     """A random-init causal LM of the benchmark's shape with its tokenizer, exported as a judge's weights."""
     from benchmarks.harness import random_llama
-    from modules.backbone import load_tokenizer, save_pretrained
+    from modules.backbone import load_tokenizer
+    from modules.export import save_pretrained
 
     tokenizer = load_tokenizer(args.tokenizer)
     save_pretrained(random_llama(QUICK if args.quick else SHAPES[args.shape], tokenizer), tokenizer, directory)

@@ -42,7 +42,7 @@ class HFExport(L.Callback):
 
     Args:
         dirpath: the export folder (replaced whole by each export; `--export_dir` on the command line).
-        merge_lora: False writes a LoRA model as adapter + base (see `modules.backbone.export_model`).
+        merge_lora: False writes a LoRA model as adapter + base (see `modules.export.export_model`).
     """
 
     def __init__(self, dirpath: str, merge_lora: bool = True):

@@ -172,7 +172,8 @@ class VLLM(Engine):
 
     def start(self, model, tokenizer) -> None:
         """Start the engine on a plain copy of `model` (the first `generate` does this)."""
-        from modules.backbone import is_lora, save_pretrained
+        from modules.backbone import is_lora
+        from modules.export import save_pretrained
         from modules.sharding import is_partitioned, is_sharded
 
         if torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:

@@ -18,10 +18,11 @@ from datamodules.batch import PairBatch, Sequences
 from datamodules.collate import stack_pair
 from modules import functional as F
 from modules import optimizers
-from modules.backbone import BackboneSpec, build_causal_lm, export_model, load_tokenizer, reference_of
+from modules.backbone import BackboneSpec, build_causal_lm, load_tokenizer, reference_of
 from modules.batch import Rollout
 from modules.checkpoints import TrainedOnlyCheckpoints
 from modules.checks import check_positions
+from modules.export import export_model
 from modules.forward import in_parts, micro_batch_ranges, response_logprobs, target_logprobs
 from modules.sampling import SamplingConfig
 from modules.sharding import build_with_reference, fsdp_mesh

@@ -22,9 +22,10 @@ from datamodules.batch import PairBatch
 from datamodules.collate import encode_prompt, encode_response, pad
 from modules import functional as F
 from modules import optimizers
-from modules.backbone import BackboneSpec, build_scorer, export_model, load_tokenizer
+from modules.backbone import BackboneSpec, build_scorer, load_tokenizer
 from modules.checkpoints import TrainedOnlyCheckpoints
 from modules.checks import check_calibration_prompts, check_positions
+from modules.export import export_model
 from modules.forward import in_parts, micro_batch_ranges, sequence_rewards
 from modules.reward_model import read_last_token_when_pad_is_eos
 from modules.sampling import SamplingConfig, sample_policy

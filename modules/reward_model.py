@@ -20,9 +20,10 @@ from datamodules.batch import PairBatch
 from datamodules.collate import stack_pair
 from modules import functional as F
 from modules import optimizers
-from modules.backbone import BackboneSpec, build_scorer, export_model, load_tokenizer
+from modules.backbone import BackboneSpec, build_scorer, load_tokenizer
 from modules.checkpoints import TrainedOnlyCheckpoints
 from modules.checks import check_calibration_prompts, check_positions
+from modules.export import export_model
 from modules.forward import in_parts, micro_batch_ranges, sequence_rewards
 from modules.sampling import SamplingConfig, sample_policy
 from modules.sharding import build_sharded, fsdp_mesh

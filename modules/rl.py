@@ -26,7 +26,6 @@ from modules.backbone import (
     BackboneSpec,
     build_causal_lm,
     build_scorer,
-    export_model,
     load_tokenizer,
     reference_of,
 )
@@ -34,6 +33,7 @@ from modules.batch import ObjectiveInput, ObjectiveOutput, Rollout
 from modules.checkpoints import TrainedOnlyCheckpoints, frozen_names, is_frozen
 from modules.checks import ConfigError, check_positions
 from modules.engines import Engine, Sampler, SamplerMismatchError
+from modules.export import export_model
 from modules.forward import response_logprobs, token_scores
 from modules.objectives.base import Objective
 from modules.optimizers import learning_rate

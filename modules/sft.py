@@ -9,9 +9,10 @@ from torchmetrics import MeanMetric
 from datamodules.batch import PairBatch
 from modules import functional as F
 from modules import optimizers
-from modules.backbone import BackboneSpec, build_causal_lm, export_model, load_tokenizer
+from modules.backbone import BackboneSpec, build_causal_lm, load_tokenizer
 from modules.checkpoints import TrainedOnlyCheckpoints
 from modules.checks import check_positions
+from modules.export import export_model
 from modules.forward import in_parts, micro_batch_ranges, target_logprobs
 from modules.sharding import build_sharded, fsdp_mesh
 

