@@ -34,6 +34,15 @@ def test_tiny_rl_fit_changes_the_policy_and_not_the_reference(tmp_path, sft_dir)
     assert "val/kl" in frontier[0] and "val/win_rate" in frontier[0] and len(frontier) == 2
 
 
+
+@pytest.mark.slow
+def test_max_steps_counts_optimizer_steps_and_ends_with_the_rollout_that_reaches_it(tmp_path, sft_dir):
+    """`trainer.max_steps` is Lightning's count of optimizer steps: 4 per rollout here (2 epochs x 2 minibatches), so
+    5 ends after the second rollout (8 steps), never inside one; the rollouts are `limit_train_batches`."""
+    cli = cli_main(["fit", "--config", tiny_rl_config(tmp_path, sft_dir, max_steps=5)])
+    assert cli.trainer.global_step == 8
+    assert cli.trainer.fit_loop.epoch_loop.batch_progress.current.completed == 2
+
 @pytest.mark.slow
 def test_resume_gives_the_same_parameters_as_an_uninterrupted_run(tmp_path, sft_dir):
     straight = cli_main(["fit", "--config", tiny_rl_config(tmp_path, sft_dir, name="a.yaml", max_epochs=2)])
