@@ -25,7 +25,7 @@ from typing import Optional
 
 import yaml
 from lightning.fabric.utilities.exceptions import MisconfigurationException
-from lightning.pytorch.cli import LightningCLI
+from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.strategies import ModelParallelStrategy
 from lightning.pytorch.utilities import rank_zero_only
 from lightning.pytorch.utilities.model_helpers import is_overridden
@@ -37,6 +37,7 @@ from datamodules.sources import DataError
 from modules.checks import ConfigError, command_line_problem, config_problem, config_warnings
 from modules.cpu import reuse_freed_memory, sharded_allocator_warning
 from modules.engines import SamplerMismatchError
+from modules.parse_errors import one_line
 from modules.process import exit_process
 from modules.rewards import RewardError, qualified_name
 from modules.rl import NonFiniteError
@@ -80,8 +81,22 @@ def ours(err: BaseException) -> BaseException | None:
     return next((e for e in chain(err) if isinstance(e, USER_ERRORS)), None)
 
 
+class Parser(LightningArgumentParser):
+    """LightningCLI's parser, but a config or command line it refuses (a misspelt key, a value of the wrong type, a
+    class path that does not import) stops the run with one line (`modules.parse_errors`), not the usage and the
+    whole parsed config. `JSONARGPARSE_DEBUG=1` gives jsonargparse's own report."""
+    given: list[str] = []       # the arguments being parsed (to say which file or option held the field)
+
+    def error(self, message: str, ex: Exception | None = None):
+        if self.exit_on_error and not os.environ.get("JSONARGPARSE_DEBUG"):
+            parser = getattr(ex, "subcommand_parser", None) or self    # (the subcommand's, with its options)
+            sys.exit(f"error: {one_line(message, Parser.given, tuple(a.dest for a in parser._actions))}")
+        super().error(message, ex)
+
+
 class RLHFCLI(LightningCLI):
     def __init__(self, *args, **kwargs):
+        kwargs.setdefault("parser_class", Parser)
         # Each stage takes its optimizer and scheduler as init arguments (`model.init_args.optimizer`, `.scheduler`):
         # no second way through LightningCLI's `--optimizer` / `--lr_scheduler`, which would replace the stage's
         # `configure_optimizers` (the RL stage's holds the value model's parameters too).
@@ -128,6 +143,7 @@ class RLHFCLI(LightningCLI):
         given = sys.argv[1:] if args is None else args if isinstance(args, (list, tuple)) else []   # (not a dict)
         if problem := command_line_problem(list(given)):
             sys.exit(f"error: {problem}")
+        Parser.given = list(given)
         super().parse_arguments(parser, args)
 
     def _run_config(self) -> dict:

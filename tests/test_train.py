@@ -83,9 +83,10 @@ def test_only_fit_and_validate_are_subcommands_and_an_rl_stage_does_not_validate
     from train import main
 
     config = tiny_rl_config(tmp_path, sft_dir)
-    with pytest.raises(SystemExit):
+    with pytest.raises(SystemExit) as stop:
         main(["test", "--config", config])
-    assert "invalid choice: 'test' (choose from 'fit', 'validate')" in capsys.readouterr().err
+    assert str(stop.value) == ("error: argument subcommand: invalid choice: 'test' (choose from 'fit', 'validate') "
+                               "(see python train.py --help)")
     assert main(["validate", "--config", config]) == 1
     line = capsys.readouterr().err.strip().splitlines()[-1]
     advice = ("error: validate: modules.rl.RLModule has no validation loop: it evaluates (callbacks.evaluation."
