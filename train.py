@@ -84,11 +84,11 @@ def ours(err: BaseException) -> BaseException | None:
 class Parser(LightningArgumentParser):
     """LightningCLI's parser, but a config or command line it refuses (a misspelt key, a value of the wrong type, a
     class path that does not import) stops the run with one line (`modules.parse_errors`), not the usage and the
-    whole parsed config. `JSONARGPARSE_DEBUG=1` gives jsonargparse's own report."""
+    whole parsed config. `JSONARGPARSE_DEBUG=true` gives jsonargparse's own report."""
     given: list[str] = []       # the arguments being parsed (to say which file or option held the field)
 
     def error(self, message: str, ex: Exception | None = None):
-        if self.exit_on_error and not os.environ.get("JSONARGPARSE_DEBUG"):
+        if self.exit_on_error and os.environ.get("JSONARGPARSE_DEBUG", "").lower() != "true":
             parser = getattr(ex, "subcommand_parser", None) or self    # (the subcommand's, with its options)
             sys.exit(f"error: {one_line(message, Parser.given, tuple(a.dest for a in parser._actions))}")
         super().error(message, ex)

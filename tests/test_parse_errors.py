@@ -148,3 +148,12 @@ def test_a_mistake_in_a_config_or_on_the_command_line_stops_with_one_line(tmp_pa
     assert str(stop.value) == f"error: {line} ({origin})"
     printed = capsys.readouterr()
     assert "usage:" not in printed.err and "Given value" not in printed.err
+
+
+def test_jsonargparse_debug_gives_its_own_report(monkeypatch):
+    """`JSONARGPARSE_DEBUG=true` (jsonargparse's switch) keeps its whole report, raised, for a bug in this module."""
+    from jsonargparse import ArgumentError
+
+    monkeypatch.setenv("JSONARGPARSE_DEBUG", "true")
+    with pytest.raises(ArgumentError, match="Option 'epoch' is not accepted"):
+        cli_main(["fit", "--config", "configs/quickstart/p3o.yaml", "--model.init_args.epoch=2"])
