@@ -6,6 +6,7 @@ the record and counts it, so nothing vanishes silently.
 """
 from __future__ import annotations
 
+import csv
 import json
 import logging
 import os
@@ -65,7 +66,7 @@ class Source:
 
 
 class LocalFiles(Source):
-    """Records from local `.jsonl`, `.json` or `.parquet` files, read through `datasets`.
+    """Records from local `.jsonl`, `.json`, `.parquet`, `.csv` or `.tsv` files (`read_file`).
 
     Args:
         train: path of the training file.
@@ -136,14 +137,17 @@ class HubDataset(Source):
 
 
 def read_file(path: str) -> list[dict]:
-    """All rows of a .jsonl/.json/.parquet file as dicts; unreadable files raise DataError naming the file."""
+    """All rows of a .jsonl / .json / .parquet / .csv / .tsv file as dicts; unreadable files raise DataError naming
+    the file (and, for .jsonl, .csv and .tsv, the record and line). .json and .parquet are read through `datasets`."""
     if not os.path.exists(path):
         raise DataError(f"{path}: file not found")
     ext = os.path.splitext(path)[1].lower()
     if ext == ".jsonl":
         return _read_jsonl(path)
+    if ext in (".csv", ".tsv"):
+        return _read_table(path, "," if ext == ".csv" else "\t")
     if ext not in (".json", ".parquet"):
-        raise DataError(f"{path}: unsupported file type {ext!r}; expected .jsonl, .json or .parquet")
+        raise DataError(f"{path}: unsupported file type {ext!r}; expected .jsonl, .json, .parquet, .csv or .tsv")
     import datasets
 
     try:
@@ -169,6 +173,27 @@ def _read_jsonl(path: str) -> list[dict]:
                 rows.append(json.loads(line))
             except json.JSONDecodeError as err:
                 raise DataError(f"{path}: record {len(rows)} (line {i + 1}): not valid JSON: {err.msg}") from err
+    return rows
+
+
+def _read_table(path: str, delimiter: str) -> list[dict]:
+    """The rows of a CSV / TSV file with a header line, every cell a string as written: a response '42' or 'NA'
+    stays that text (pandas, under `datasets`' csv reader, would make them a number and a missing value), quoted cells
+    may hold the delimiter and newlines. A row with more or fewer cells than the header raises DataError naming it."""
+    try:
+        with open(path, newline="", encoding="utf-8-sig") as handle:
+            reader = csv.DictReader(handle, delimiter=delimiter, strict=True)
+            header, rows = reader.fieldnames or [], []
+            for row in reader:
+                if None in row or None in row.values():      # extra cells (under None) or missing ones (None)
+                    cells = len(header) + len(row.get(None, [])) - sum(v is None for v in row.values())
+                    raise DataError(f"{path}: record {len(rows)} (line {reader.line_num}): {cells} cells, the header "
+                                    f"line has {len(header)} ({', '.join(header)})")
+                rows.append(row)
+    except UnicodeDecodeError as err:
+        raise DataError(f"{path}: not valid UTF-8 at byte {err.start} of the file") from None
+    except csv.Error as err:
+        raise DataError(f"{path}: not readable as {'CSV' if delimiter == ',' else 'TSV'}: {err}") from None
     return rows
 
 

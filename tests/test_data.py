@@ -288,3 +288,31 @@ def test_a_hub_dataset_out_of_reach_is_one_data_error(monkeypatch):
     with pytest.raises(DataError, match=r"^Anthropic/hh-rlhf\[test\]: datasets cannot load it: Couldn't reach "
                                         r"'Anthropic/hh-rlhf' on the Hub \(LocalEntryNotFoundError\)$"):
         HubDataset("Anthropic/hh-rlhf").load("val")
+
+
+def test_csv_and_tsv_cells_are_read_as_written_and_a_ragged_row_is_named(tmp_path):
+    """Quoted cells keep their commas and newlines; '42', 'NA' and '' stay strings (pandas would read a number, a
+    missing value and NaN); a byte-order mark is dropped. A row with a cell too many or too few stops with the
+    record, its line and the header."""
+    from datamodules.sources import DataError, FieldMap, read_file, validate_records
+
+    table = tmp_path / "pairs.csv"
+    table.write_text('\ufeffprompt,chosen,rejected\n"a, b",42,NA\nq,"two\nlines",\n', encoding="utf-8")
+    rows = read_file(str(table))
+    assert rows == [{"prompt": "a, b", "chosen": "42", "rejected": "NA"},
+                    {"prompt": "q", "chosen": "two\nlines", "rejected": ""}]
+    assert validate_records(rows[:1], str(table), FieldMap()) == [(0, rows[0])]
+    tsv = tmp_path / "pairs.tsv"
+    tsv.write_text("question\tgood\tbad\nx, y\tyes\tno\n")
+    assert read_file(str(tsv)) == [{"question": "x, y", "good": "yes", "bad": "no"}]
+    ragged = tmp_path / "ragged.csv"
+    ragged.write_text("prompt,chosen,rejected\na,b,c\nd,e\nf,g,h,i\n")
+    with pytest.raises(DataError, match=r"ragged.csv: record 1 \(line 3\): 2 cells, the header line has 3 "
+                                        r"\(prompt, chosen, rejected\)"):
+        read_file(str(ragged))
+    ragged.write_text("prompt,chosen,rejected\na,b,c,d\n")
+    with pytest.raises(DataError, match=r"record 0 \(line 2\): 4 cells, the header line has 3"):
+        read_file(str(ragged))
+    with pytest.raises(DataError, match=r"unsupported file type '.txt'; expected .jsonl, .json, .parquet, .csv or .tsv"):
+        (tmp_path / "pairs.txt").write_text("x")
+        read_file(str(tmp_path / "pairs.txt"))
