@@ -70,17 +70,18 @@ def test_unreadable_files(tmp_path, task_tokenizer_path):
     broken.write_bytes(b"not a parquet file")
     with pytest.raises(DataError, match="broken.parquet: could not be read as parquet"):
         module(broken, task_tokenizer_path)
-    with pytest.raises(DataError, match="unsupported file type '.csv'"):
-        module(tmp_path / "x.csv", task_tokenizer_path) if (tmp_path / "x.csv").write_text("a") else None
+    with pytest.raises(DataError, match="unsupported file type '.txt'"):
+        module(tmp_path / "x.txt", task_tokenizer_path) if (tmp_path / "x.txt").write_text("a") else None
 
 
-def test_json_parquet_and_field_names(tmp_path, task_tokenizer_path):
+def test_json_parquet_csv_and_field_names(tmp_path, task_tokenizer_path):
     import datasets
 
     rows = [{"q": GOOD["prompt"], "good": GOOD["chosen"], "bad": GOOD["rejected"]}] * 3
     datasets.Dataset.from_list(rows).to_parquet(str(tmp_path / "p.parquet"))
     (tmp_path / "p.json").write_text(json.dumps(rows))
-    for name in ("p.parquet", "p.json"):
+    datasets.Dataset.from_list(rows).to_csv(str(tmp_path / "p.csv"), index=False)
+    for name in ("p.parquet", "p.json", "p.csv"):
         dm = module(tmp_path / name, task_tokenizer_path, fields=FieldMap(prompt="q", chosen="good", rejected="bad"))
         assert len(dm.splits["train"]) == 3
 
