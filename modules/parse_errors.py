@@ -184,9 +184,7 @@ def where_given(path: str, args: list[str]) -> str | None:
             option = arg[2:].partition("=")[0].removesuffix("+").replace(".init_args", "")
             if option and (bare == option or bare.startswith(option + ".") or option.startswith(bare + ".")):
                 return "on the command line"
-    files = [args[i + 1] for i, a in enumerate(args[:-1]) if a in ("--config", "-c")]
-    files += [a.partition("=")[2] for a in args if a.startswith("--config=")]
-    for name in reversed(files):
+    for name in reversed(config_files(args)):
         try:
             node = yaml.safe_load(open(name))
         except (OSError, yaml.YAMLError):
@@ -226,18 +224,49 @@ def nearest(key: str, choices: tuple[str, ...]) -> str | None:
     return min(related, key=lambda c: abs(len(c) - len(key))) if related else None
 
 
+def config_files(args: list[str]) -> list[str]:
+    """The `--config` / `-c` files among `args`, in order."""
+    files = []
+    for i, arg in enumerate(args):
+        if arg in ("--config", "-c") and i + 1 < len(args):
+            files.append(args[i + 1])
+        elif arg.startswith("--config="):
+            files.append(arg.partition("=")[2])
+    return files
+
+
+def unreadable_config(args: list[str]) -> str | None:
+    """The first `--config` file that is not YAML, or not a mapping of settings, as one line (jsonargparse names
+    neither the file nor, for an empty one, the reason); None when every one reads."""
+    for name in config_files(args):
+        try:
+            with open(name) as handle:
+                node = yaml.safe_load(handle)
+        except OSError:
+            continue                                # jsonargparse's own message names a missing file
+        except yaml.YAMLError as err:
+            return f"--config {name}: not valid YAML: {' '.join(str(err).split())}"
+        if not isinstance(node, dict):
+            what = "is empty" if node is None else f"holds a {type(node).__name__}"
+            return f"--config {name}: {what}; expected a mapping of settings (trainer:, model:, data:, ...)"
+    return None
+
+
 def one_line(message: str, args: list[str], options: tuple[str, ...] = ()) -> str:
     """jsonargparse's error `message` about `args` as one line (see the module docstring). `options`: the keys of
     the parser that refused them (`trainer.max_epochs`, ...), for a misspelt top-level one."""
     top = message.strip()
+    if top.startswith(("Problems parsing config", "Unexpected config")) and (bad := unreadable_config(args)):
+        return bad
     if match := SUBCOMMAND.match(top) or UNRECOGNIZED.match(top):
         found = _option(match[1], options)
     else:
         found = _find(_tree(message), "", None, "")
-    if found is None:
+    if found is None or not found.path:             # no field named: the whole report
         found = Problem("", " ".join(_texts(_tree(message))))
     see = "python train.py --help" if "subcommand" in found.reason else "python train.py fit --help"
-    line = f"{found.path}: {found.reason}" if found.path else f"{found.reason} (see {see})"
+    field = "--config" if found.path == "config" else found.path
+    line = f"{field}: {found.reason}" if field else f"{found.reason} (see {see})"
     if found.key and (near := nearest(found.key, found.choices)):
         line += f"; did you mean {near!r}?"
     elif found.key and found.listed and 0 < len(found.choices) <= 16:

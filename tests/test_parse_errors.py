@@ -157,3 +157,27 @@ def test_jsonargparse_debug_gives_its_own_report(monkeypatch):
     monkeypatch.setenv("JSONARGPARSE_DEBUG", "true")
     with pytest.raises(ArgumentError, match="Option 'epoch' is not accepted"):
         cli_main(["fit", "--config", "configs/quickstart/p3o.yaml", "--model.init_args.epoch=2"])
+
+
+@pytest.mark.parametrize("text, line", [
+    ("model:\n  init_args: {policy: {pretrained: x}\n", "not valid YAML: while parsing a flow mapping in \"{file}\", "
+     "line 2, column 14 expected ',' or '}', but got '<stream end>' in \"{file}\", line 3, column 1"),
+    ("trainer:\n\tmax_epochs: 1\n", "not valid YAML: while scanning for the next token found character '\\t' that "
+     "cannot start any token in \"{file}\", line 2, column 1"),
+    ("- a\n- b\n", "holds a list; expected a mapping of settings (trainer:, model:, data:, ...)"),
+    ("", "is empty; expected a mapping of settings (trainer:, model:, data:, ...)"),
+])
+def test_a_config_file_that_is_not_a_mapping_of_settings_is_named_with_yamls_reason(tmp_path, text, line):
+    """jsonargparse says "Problems parsing config: ..." without the file, and "Unexpected config: " with nothing
+    else for an empty one."""
+    mine = tmp_path / "mine.yaml"
+    mine.write_text(text)
+    with pytest.raises(SystemExit) as stop:
+        cli_main(["fit", "--config", "configs/quickstart/p3o.yaml", "--config", str(mine)])
+    assert str(stop.value) == f"error: --config {mine}: " + line.replace("{file}", str(mine))
+
+
+def test_a_missing_config_file_is_named():
+    with pytest.raises(SystemExit) as stop:
+        cli_main(["fit", "--config", "no/such.yaml"])
+    assert str(stop.value).startswith("error: --config: File does not exist:") and "no/such.yaml" in str(stop.value)
