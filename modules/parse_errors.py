@@ -186,7 +186,8 @@ def where_given(path: str, args: list[str]) -> str | None:
                 return "on the command line"
     for name in reversed(config_files(args)):
         try:
-            node = yaml.safe_load(open(name))
+            with open(name) as handle:
+                node = yaml.safe_load(handle)
         except (OSError, yaml.YAMLError):
             continue
         if _holds(node, path.replace("[...]", "").split(".")):
@@ -265,12 +266,12 @@ def one_line(message: str, args: list[str], options: tuple[str, ...] = ()) -> st
     if found is None or not found.path:             # no field named: the whole report
         found = Problem("", " ".join(_texts(_tree(message))))
     see = "python train.py --help" if "subcommand" in found.reason else "python train.py fit --help"
-    field = "--config" if found.path == "config" else found.path
-    line = f"{field}: {found.reason}" if field else f"{found.reason} (see {see})"
+    where = "--config" if found.path == "config" else found.path
+    line = f"{where}: {found.reason}" if where else f"{found.reason} (see {see})"
     if found.key and (near := nearest(found.key, found.choices)):
         line += f"; did you mean {near!r}?"
     elif found.key and found.listed and 0 < len(found.choices) <= 16:
         line += f" (it takes: {', '.join(found.choices)})"
-    if found.path and (where := where_given(found.path, args)):
-        line += f" ({where})"
+    if found.path and (given := where_given(found.path, args)):
+        line += f" ({given})"
     return line
