@@ -177,13 +177,13 @@ def _class_problem(path: str, class_path: str, reason: str) -> Problem:
 
 
 def where_given(path: str, args: list[str]) -> str | None:
-    """'on the command line' or 'in <file>' (the last `--config` file holding `path`), or None."""
+    """'on the command line' or 'in <file>' (the last `--config` file holding `path`), or None. An option naming
+    the field (or a field below it) wins; then the files; then an option naming a block above it (`--model=...`)."""
     bare = path.replace(".init_args", "").replace("[...]", "")
-    for arg in args:
-        if arg.startswith("--") and not arg.startswith("--config"):
-            option = arg[2:].partition("=")[0].removesuffix("+").replace(".init_args", "")
-            if option and (bare == option or bare.startswith(option + ".") or option.startswith(bare + ".")):
-                return "on the command line"
+    options = [arg[2:].partition("=")[0].removesuffix("+").replace(".init_args", "") for arg in args
+               if arg.startswith("--") and not arg.startswith("--config")]
+    if any(o == bare or o.startswith(bare + ".") for o in options):
+        return "on the command line"
     for name in reversed(config_files(args)):
         try:
             with open(name) as handle:
@@ -192,6 +192,8 @@ def where_given(path: str, args: list[str]) -> str | None:
             continue
         if _holds(node, path.replace("[...]", "").split(".")):
             return f"in {name}"
+    if any(o and bare.startswith(o + ".") for o in options):
+        return "on the command line"
     return None
 
 

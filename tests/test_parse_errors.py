@@ -101,6 +101,9 @@ def test_where_given_names_the_command_line_or_the_last_config_file_holding_the_
     assert where_given("model.init_args.epochs", both) == f"in {second}"
     assert where_given("model.init_args.epoch", ["fit", "--model.epoch=2"]) == "on the command line"
     assert where_given("model.init_args.other", both) is None
+    # a block named on the command line does not hide the file that holds the field itself
+    assert where_given("model.init_args.epoch", [*both, "--model=modules.rl.RLModule"]) == f"in {first}"
+    assert where_given("model.init_args.other", [*both, "--model=modules.rl.RLModule"]) == "on the command line"
 
 
 @pytest.mark.parametrize("where, setting, line", [
