@@ -34,6 +34,7 @@ from callbacks.checkpoint import interrupted
 from callbacks.export import ExportError, HFExport
 from callbacks.rollout import OnPolicyRollout
 from datamodules.sources import DataError
+from modules.checkpoints import resume_check
 from modules.checks import ConfigError, command_line_problem, config_problem, config_warnings
 from modules.cpu import reuse_freed_memory, sharded_allocator_warning
 from modules.engines import SamplerMismatchError
@@ -137,6 +138,25 @@ class RLHFCLI(LightningCLI):
                 "Evaluation) during fit, every_n_batches and at the end. To evaluate an export on its own, validate "
                 "it as an SFT policy: python train.py validate --config configs/quickstart/sft.yaml "
                 "--model.init_args.backbone='{pretrained: <export>, config: null}'")
+
+    def _parse_ckpt_path(self) -> None:
+        """Lightning parses the settings saved in `--ckpt_path`'s checkpoint over the config: the checkpoint's model
+        class and each of its settings would replace the config's and the command line's without a word. Here the
+        config decides (it always names the stage): a checkpoint of another stage stops the run in one line, and the
+        settings that differ from those of the run that wrote the checkpoint are warned about."""
+        subcommand = self.config.get("subcommand")
+        config = self.config.get(subcommand, self.config) if subcommand else self.config
+        path = config.get("ckpt_path")
+        if not path or not Path(path).is_file():                    # (a sharded checkpoint is a folder)
+            return
+        model = config.get("model")
+        problem, differences = resume_check(path, model.as_dict() if hasattr(model, "as_dict") else dict(model or {}))
+        if problem:
+            raise ConfigError(problem)
+        if differences:
+            rank_zero_only(log.warning)(
+                "warning: --ckpt_path %s: this run's settings differ from those of the run that wrote it (%s); it goes "
+                "on with this run's, so it does not repeat the interrupted run exactly", path, "; ".join(differences))
 
     def parse_arguments(self, parser, args) -> None:
         """A command-line null that jsonargparse would misread stops here, in one line (`command_line_problem`)."""

@@ -128,3 +128,36 @@ def _sum_and_squares(tensor: torch.Tensor) -> torch.Tensor:
         part = part.double()
         total += torch.stack([part.sum(), part.square().sum()])
     return total.cpu()
+
+
+def saved_settings(path: str) -> dict:
+    """The settings a stage's checkpoint records: LightningCLI's `_class_path` and the module's init arguments as
+    they were given (`hyper_parameters`), read without loading its tensors where the file allows (memory-mapped)."""
+    try:
+        checkpoint = torch.load(path, weights_only=True, map_location="cpu", mmap=True)
+    except RuntimeError:                # written in torch's old (not zip) format: no memory map
+        checkpoint = torch.load(path, weights_only=True, map_location="cpu")
+    return dict(checkpoint.get("hyper_parameters") or {})
+
+
+def _flat(node, prefix: str = "") -> dict:
+    """{dotted key: value} of nested dicts; a list is one value (tuples as lists, as YAML and the checkpoint have them)."""
+    if isinstance(node, dict):
+        return {k: v for key, value in node.items() for k, v in _flat(value, f"{prefix}{key}.").items()}
+    return {prefix[:-1]: list(node) if isinstance(node, tuple) else node}
+
+
+def resume_check(path: str, model: dict, linked: tuple[str, ...] = ("tokenizer",)) -> tuple[str | None, list[str]]:
+    """Resuming from the checkpoint at `path` with the config's `model` block (`{class_path, init_args}`): (a line that
+    stops the run, when the checkpoint is of another stage; the settings of this run that differ from those of the
+    run that wrote it, as `model.init_args.<field>: <theirs> -> <this run's>`). `linked`: fields the config fills
+    only when it builds the model (not compared)."""
+    saved = saved_settings(path)
+    theirs, ours = saved.pop("_class_path", None), model.get("class_path")
+    saved.pop("_instantiator", None)
+    if theirs and ours and theirs != ours:
+        return (f"--ckpt_path {path}: a checkpoint of {theirs}; this config trains {ours}: use the config that wrote it, "
+                "or a checkpoint of this stage"), []
+    given = _flat(model.get("init_args") or {})
+    return None, [f"model.init_args.{key}: {value!r} -> {given[key]!r}" for key, value in _flat(saved).items()
+                  if key in given and key.split(".")[0] not in linked and value != given[key]]

@@ -167,3 +167,35 @@ def test_the_frozen_digest_is_the_sum_and_norm_of_each_frozen_parameter():
     assert frozen_names(module) == {"frozen", "inner.tied"}
     assert is_frozen("w", {"w"}) and is_frozen("w.absmax", {"w"}) and is_frozen("w.quant_state.nf4", {"w"})
     assert not is_frozen("w2", {"w"}) and not is_frozen("a.w", {"w"})
+
+
+@pytest.mark.slow
+def test_a_resume_runs_on_the_configs_settings_warns_of_each_change_and_refuses_another_stage(tmp_path, sft_dir,
+                                                                                              caplog):
+    """Lightning parses the settings saved in the checkpoint over the config. Before: a resume with
+    `--model.init_args.epochs=1` and a lower temperature ran on the checkpoint's 2 epochs and temperature 1.0 without
+    a word, and an SFT config given an RL checkpoint became an RL run ("the following arguments are required:
+    reward, objective"). Now the config decides, each changed setting is named, and another stage's checkpoint
+    stops the run in one line."""
+    import logging
+
+    first = cli_main(["fit", "--config", tiny_rl_config(tmp_path, sft_dir, name="a.yaml", max_epochs=1)])
+    assert first.trainer.global_step == 16                         # 4 rollouts x 2 epochs x 2 minibatches
+    ckpt = str(tmp_path / "half.ckpt")
+    first.trainer.save_checkpoint(ckpt)
+    with caplog.at_level(logging.WARNING):
+        resumed = cli_main(["fit", "--config", tiny_rl_config(tmp_path, sft_dir, name="b.yaml", max_epochs=2),
+                            "--ckpt_path", ckpt, "--model.init_args.epochs=1",
+                            "--model.init_args.sampling.temperature=0.5"])
+    assert resumed.model.epochs == 1 and resumed.model.sampling.temperature == 0.5
+    assert resumed.trainer.global_step == 16 + 4 * 1 * 2
+    assert (f"warning: --ckpt_path {ckpt}: this run's settings differ from those of the run that wrote it "
+            "(model.init_args.sampling.temperature: 1.0 -> 0.5; model.init_args.epochs: 2 -> 1)") in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):             # the same settings: not a word
+        cli_main(["fit", "--config", tiny_rl_config(tmp_path, sft_dir, name="c.yaml", max_epochs=1),
+                  "--ckpt_path", ckpt])
+    assert "differ" not in caplog.text
+    with pytest.raises(ConfigError, match=rf"^--ckpt_path {ckpt}: a checkpoint of modules.rl.RLModule; this config "
+                                          r"trains modules.sft.SFTModule: use the config that wrote it"):
+        cli_main(["fit", "--config", tiny_stage_config(tmp_path, "sft", sft_dir, "sft.yaml"), "--ckpt_path", ckpt])
