@@ -147,6 +147,23 @@ def _flat(node, prefix: str = "") -> dict:
     return {prefix[:-1]: list(node) if isinstance(node, tuple) else node}
 
 
+def _same_class(a: str, b: str) -> bool:
+    """Whether two class paths name one class (a renamed module's alias included: `modules.reward.RewardModule`)."""
+    import importlib
+    import warnings
+
+    def load(path: str):
+        module, _, name = path.rpartition(".")
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)     # the alias's notice
+            return getattr(importlib.import_module(module), name, path)
+
+    try:
+        return a == b or load(a) is load(b)
+    except ImportError:
+        return False
+
+
 def resume_check(path: str, model: dict, linked: tuple[str, ...] = ("tokenizer",)) -> tuple[str | None, list[str]]:
     """Resuming from the checkpoint at `path` with the config's `model` block (`{class_path, init_args}`): (a line that
     stops the run, when the checkpoint is of another stage; the settings of this run that differ from those of the
@@ -155,7 +172,7 @@ def resume_check(path: str, model: dict, linked: tuple[str, ...] = ("tokenizer",
     saved = saved_settings(path)
     theirs, ours = saved.pop("_class_path", None), model.get("class_path")
     saved.pop("_instantiator", None)
-    if theirs and ours and theirs != ours:
+    if theirs and ours and not _same_class(theirs, ours):
         return (f"--ckpt_path {path}: a checkpoint of {theirs}; this config trains {ours}: use the config that wrote it, "
                 "or a checkpoint of this stage"), []
     given = _flat(model.get("init_args") or {})

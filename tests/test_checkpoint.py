@@ -199,3 +199,13 @@ def test_a_resume_runs_on_the_configs_settings_warns_of_each_change_and_refuses_
     with pytest.raises(ConfigError, match=rf"^--ckpt_path {ckpt}: a checkpoint of modules.rl.RLModule; this config "
                                           r"trains modules.sft.SFTModule: use the config that wrote it"):
         cli_main(["fit", "--config", tiny_stage_config(tmp_path, "sft", sft_dir, "sft.yaml"), "--ckpt_path", ckpt])
+
+
+def test_a_checkpoint_of_a_renamed_stage_is_the_same_stage():
+    """A checkpoint written under the deprecated alias `modules.reward.RewardModule` resumes under the config's
+    `modules.reward_model.RewardModule` (one class); another class, or one that does not import, is not the same."""
+    from modules.checkpoints import _same_class
+
+    assert _same_class("modules.reward.RewardModule", "modules.reward_model.RewardModule")
+    assert not _same_class("modules.rl.RLModule", "modules.sft.SFTModule")
+    assert not _same_class("no_such_package.Stage", "modules.sft.SFTModule")
