@@ -144,13 +144,11 @@ class RLHFCLI(LightningCLI):
         class and each of its settings would replace the config's and the command line's without a word. Here the
         config decides (it always names the stage): a checkpoint of another stage stops the run in one line, and the
         settings that differ from those of the run that wrote the checkpoint are warned about."""
-        subcommand = self.config.get("subcommand")
-        config = self.config.get(subcommand, self.config) if subcommand else self.config
+        config = self._run_config()
         path = config.get("ckpt_path")
         if not path or not Path(path).is_file():                    # (a sharded checkpoint is a folder)
             return
-        model = config.get("model")
-        problem, differences = resume_check(path, model.as_dict() if hasattr(model, "as_dict") else dict(model or {}))
+        problem, differences = resume_check(path, config.get("model") or {})
         if problem:
             raise ConfigError(problem)
         if differences:
@@ -167,7 +165,9 @@ class RLHFCLI(LightningCLI):
         super().parse_arguments(parser, args)
 
     def _run_config(self) -> dict:
-        config = self.config.get(self.subcommand, self.config) if self.subcommand else self.config
+        """The parsed config of the subcommand being run (the whole config without one), as a dict."""
+        subcommand = self.config.get("subcommand")      # (read before LightningCLI sets `self.subcommand`)
+        config = self.config.get(subcommand, self.config) if subcommand else self.config
         return config.as_dict() if hasattr(config, "as_dict") else dict(config)
 
     def before_instantiate_classes(self) -> None:

@@ -19,7 +19,7 @@ import math
 
 import torch
 
-from modules.checks import ConfigError
+from modules.checks import ConfigError, import_class
 
 DIGEST = "frozen_digest"     # checkpoint keys: {parameter name: (sum, L2 norm)} and the names of the saved entries
 TRAINED = "trained_keys"
@@ -149,19 +149,14 @@ def _flat(node, prefix: str = "") -> dict:
 
 def _same_class(a: str, b: str) -> bool:
     """Whether two class paths name one class (a renamed module's alias included: `modules.reward.RewardModule`)."""
-    import importlib
     import warnings
 
-    def load(path: str):
-        module, _, name = path.rpartition(".")
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", FutureWarning)     # the alias's notice
-            return getattr(importlib.import_module(module), name, path)
-
-    try:
-        return a == b or load(a) is load(b)
-    except ImportError:
-        return False
+    if a == b:
+        return True
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)         # the alias's notice
+        first, second = import_class(a), import_class(b)
+    return first is not None and first is second
 
 
 def resume_check(path: str, model: dict, linked: tuple[str, ...] = ("tokenizer",)) -> tuple[str | None, list[str]]:

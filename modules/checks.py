@@ -5,6 +5,7 @@ what runs but is probably not what the user meant. `train.py` calls both before 
 """
 from __future__ import annotations
 
+import importlib
 import math
 import os
 
@@ -13,6 +14,15 @@ from modules.backbone import PATH_FIELDS, how_to_make, is_local
 
 class ConfigError(ValueError):
     """A setting or a checkpoint that does not fit the run; the message names the field or the file."""
+
+
+def import_class(class_path: str):
+    """The object a config's class path (`package.module.Name`) names, or None when it does not import."""
+    module, _, name = class_path.rpartition(".")
+    try:
+        return getattr(importlib.import_module(module), name)
+    except (ImportError, AttributeError, ValueError):
+        return None
 
 
 def _walk(node, path: str = ""):

@@ -23,6 +23,8 @@ from dataclasses import dataclass, field
 
 import yaml
 
+from modules.checks import import_class
+
 PARSER_KEY = re.compile(r'Parser key "([^"]+)":\s*(.*)')
 CLASS = re.compile(r"Problem with given class_path '([^']+)':\s*(.*)")
 OPTION = re.compile(r"Option '([^']+)' is not accepted")
@@ -72,14 +74,6 @@ class Problem:
     listed: bool = True             # say `choices` when none is near (not a module's names)
 
 
-def _import(class_path: str):
-    module, _, name = class_path.rpartition(".")
-    try:
-        return getattr(importlib.import_module(module), name)
-    except (ImportError, AttributeError, ValueError):
-        return None
-
-
 def arguments_of(cls) -> tuple[str, ...]:
     """The keyword arguments a class takes: a dataclass's fields, else its constructor's named parameters."""
     if cls is None:
@@ -127,7 +121,7 @@ def _find(nodes: list[_Node], path: str, owner, owner_path: str) -> Problem | No
             if found and listed:            # a list (trainer.callbacks): the item by its class, not `init_args`
                 found.path = found.path.replace(f"{key}.init_args.", f"{key}[...].init_args.", 1)
         elif match := CLASS.match(text):
-            cls = _import(match[1])
+            cls = import_class(match[1])
             inner = path if cls is None or dataclasses.is_dataclass(cls) else f"{path}.init_args"
             rest = [_Node(match[2], node.indent + 1)] if match[2] else []
             found = _find(rest + node.children, inner, cls, match[1])
@@ -148,7 +142,7 @@ def _find(nodes: list[_Node], path: str, owner, owner_path: str) -> Problem | No
         elif match := CALLABLE.match(text):   # a class given for a callable (reward, optimizer): its own reason
             given = re.search(r"class_path='([^']+)'", match[2])
             cls = given[1] if given else match[2]
-            inner = _find([_Node(match[1], node.indent + 1)], f"{path}.init_args", _import(cls), cls)
+            inner = _find([_Node(match[1], node.indent + 1)], f"{path}.init_args", import_class(cls), cls)
             found = inner if inner and inner.key else _class_problem(path, cls, match[1])
         elif match := EXPECTED.match(text):
             found = Problem(path, f"expected {(match[1] or match[2]).removeprefix('typing.')}, got {match[3]!r}")
