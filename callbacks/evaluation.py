@@ -32,7 +32,7 @@ from datamodules.collate import PairCollator
 from modules import functional as F
 from modules.checks import ConfigError, check_positions
 from modules.judges import both_orders, win_rate
-from modules.rewards import FrozenModel, is_pairwise
+from modules.rewards import FrozenModel, field_kwargs, is_pairwise
 from modules.sampling import SamplingConfig, sample
 from modules.sharding import fsdp_mesh
 
@@ -44,7 +44,8 @@ class Evaluation(L.Callback):
     """Evaluates the policy on fixed held-out prompts: gold and proxy reward, KL, win rate, length, samples.
 
     Args:
-        reward: the gold reward, a callable `(prompts, responses) -> list[float]`; None when the task has none.
+        reward: the gold reward, a callable `(prompts, responses) -> list[float]` (given the record fields it
+            takes, as in training: `modules.rewards.field_kwargs`); None when the task has none.
         num_prompts: held-out prompts (the first ones of the val split; the same every time).
         every_n_batches: evaluate before training and every this many training batches (RL: rollouts; SFT and
             reward: optimizer steps); None or 0: only at the end.
@@ -82,6 +83,8 @@ class Evaluation(L.Callback):
                               "callbacks.reward_report.RewardReport)")
         if isinstance(self.judge, FrozenModel):           # (Lightning has made the FSDP2 mesh by now)
             self.judge.configure(fsdp_mesh(pl_module))
+        if self.reward is not None and trainer.datamodule is not None:     # a field the data does not keep
+            field_kwargs(self.reward, dict.fromkeys(getattr(trainer.datamodule, "reward_fields", ()), []))
 
     def _sampling(self, pl_module) -> SamplingConfig:
         return self.sampling or getattr(pl_module, "sampling", None) or SamplingConfig()
@@ -163,35 +166,38 @@ class Evaluation(L.Callback):
         collated = PairCollator(tok.pad_token_id)(examples)
         ids, mask = collated.prompt_ids.to(pl_module.device), collated.prompt_mask.to(pl_module.device)
         config = self._sampling(pl_module)
-        roll = _generate(pl_module)(pl_module.policy, tok, ids, mask, collated.prompts, config)
+        roll = _generate(pl_module)(pl_module.policy, tok, ids, mask, collated.prompts, config).with_fields(collated.fields)
         out = {"val/length": roll.response_mask.sum(-1).float().mean().item(),
                "val/eos_rate": roll.has_eos.float().mean().item()}
-        gold = self._gold(collated.prompts, roll.responses)
+        gold = self._gold(collated.prompts, roll.responses, roll.fields)
         if gold is not None:
             out["val/gold_reward"] = gold.mean().item()
             demos = [e.get("chosen") for e in examples]
             if all(isinstance(d, str) for d in demos):
-                out["val/demo_gold_reward"] = self._gold(collated.prompts, demos).mean().item()
+                out["val/demo_gold_reward"] = self._gold(collated.prompts, demos, roll.fields).mean().item()
         # a pairwise reward compares responses to one prompt: one sample per prompt has no proxy score
         pairwise = getattr(getattr(pl_module, "reward", None), "pairwise", False)
         proxy = pl_module.score(roll).float().cpu() if hasattr(pl_module, "score") and not pairwise else None
         if proxy is not None:
             out["val/reward"] = proxy.mean().item()
+            out.update({f"val/reward_{name}": term.mean().item() for name, term in roll.reward_terms.items()})
         if hasattr(pl_module, "reference_model"):
             out.update(self._against_reference(pl_module, roll, ids, mask, collated.prompts, config, gold, proxy))
         scores = gold if gold is not None else proxy if proxy is not None else torch.full((len(roll),), float("nan"))
         shown = [(p, r, g) for p, r, g in zip(roll.prompts, roll.responses, scores.tolist())]
         return out, shown[: self.show]
 
-    def _gold(self, prompts, responses) -> torch.Tensor | None:
-        return None if self.reward is None else torch.tensor(self.reward(prompts, responses), dtype=torch.float32)
+    def _gold(self, prompts, responses, fields: dict[str, list]) -> torch.Tensor | None:
+        if self.reward is None:
+            return None
+        return torch.tensor(self.reward(prompts, responses, **field_kwargs(self.reward, fields)), dtype=torch.float32)
 
     def _against_reference(self, pl_module, roll, ids, mask, prompts, config, gold, proxy) -> dict:
         T = config.temperature        # the RL module's logprobs: its micro-batches and LM-head chunks
         logp = F.sequence_logprobs(pl_module.logprobs(pl_module.policy, roll, T), roll.response_mask)
         with pl_module.reference_model() as ref:
             ref_logp = F.sequence_logprobs(pl_module.logprobs(ref, roll, T), roll.response_mask)
-            ref_roll = _generate(pl_module)(ref, pl_module.tokenizer, ids, mask, prompts, config)
+            ref_roll = _generate(pl_module)(ref, pl_module.tokenizer, ids, mask, prompts, config).with_fields(roll.fields)
         out = {"val/kl": (logp - ref_logp).mean().item()}
         if self.judge is not None:
             _to_device(self.judge, pl_module.device)
@@ -199,7 +205,7 @@ class Evaluation(L.Callback):
             out.update({"val/judge_win_rate": win_rate(score).item(), "val/judge_agreement": agree.float().mean().item()})
         reward = getattr(pl_module, "reward", None)
         if gold is not None:
-            ours, theirs = gold, self._gold(prompts, ref_roll.responses)
+            ours, theirs = gold, self._gold(prompts, ref_roll.responses, roll.fields)
         elif proxy is not None:
             ours, theirs = proxy, pl_module.score(ref_roll).float().cpu()
         elif is_pairwise(reward):              # a pairwise training reward, no gold: it judges, in both orders

@@ -28,6 +28,7 @@ class PairBatch:
     rejected: Sequences | None = None
     chosen_text: list[str] = field(default_factory=list)
     rejected_text: list[str] = field(default_factory=list)
+    fields: dict[str, list] = field(default_factory=dict)  # the reward's record fields: name -> (B,) values
 
     def __len__(self) -> int:
         return self.prompt_ids.shape[0]

@@ -63,7 +63,8 @@ class PairCollator:
     def __call__(self, examples: list[dict]) -> PairBatch:
         prompts = [e["prompt_ids"] for e in examples]
         prompt_ids, prompt_mask = pad(prompts, self.pad_token_id, "left")
-        batch = PairBatch(prompt_ids, prompt_mask, prompts=[e["prompt"] for e in examples])
+        batch = PairBatch(prompt_ids, prompt_mask, prompts=[e["prompt"] for e in examples],
+                          fields={name: [e["fields"][name] for e in examples] for name in examples[0].get("fields", {})})
         if "chosen_ids" in examples[0]:
             batch.chosen = sequences(prompts, [e["chosen_ids"] for e in examples], self.pad_token_id)
             batch.rejected = sequences(prompts, [e["rejected_ids"] for e in examples], self.pad_token_id)

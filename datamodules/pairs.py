@@ -29,12 +29,16 @@ class PairDataModule(L.LightningDataModule):
         val_batch_size: records per validation batch (None: batch_size).
         num_workers: DataLoader worker processes.
         seed: shuffles the train split.
+        reward_fields: further fields of each record the reward reads, by keyword, one value per response (a
+            verifiable reward's reference answer, a test case): e.g. `[answer]` gives a reward whose call takes
+            `answer=` the answers of the rollout's prompts (`modules.rewards.field_kwargs`). A record without one
+            is a bad record. Values are kept as read (text, number, list, ...).
     """
 
     def __init__(self, source: Source, tokenizer: str | None = None, fields: FieldMap | None = None,
                  batch_size: int = 16, val_batch_size: int | None = None, max_length: int = 64,
                  max_prompt_length: int = 32, prompts_only: bool = False, skip_invalid: bool = False,
-                 num_workers: int = 0, seed: int = 0):
+                 num_workers: int = 0, seed: int = 0, reward_fields: list[str] | None = None):
         super().__init__()
         for name, value, least in (("batch_size", batch_size, 1), ("val_batch_size", val_batch_size or 1, 1),
                                    ("max_length", max_length, 2), ("max_prompt_length", max_prompt_length, 1),
@@ -47,6 +51,11 @@ class PairDataModule(L.LightningDataModule):
         self.max_length, self.max_prompt_length = max_length, max_prompt_length
         self.prompts_only, self.skip_invalid = prompts_only, skip_invalid
         self.num_workers, self.seed = num_workers, seed
+        self.reward_fields = tuple(reward_fields or ())
+        taken = [name for name in self.reward_fields if name in ("prompts", "responses", "responses_a", "responses_b")]
+        if taken or len(set(self.reward_fields)) < len(self.reward_fields):
+            raise ValueError(f"PairDataModule: reward_fields={list(self.reward_fields)}; expected distinct names other "
+                             "than prompts / responses / responses_a / responses_b (the reward's positional arguments)")
         self.splits: dict[str, list[dict]] = {}
         self._tokenizer = None
 
@@ -75,7 +84,7 @@ class PairDataModule(L.LightningDataModule):
             raise DataError(f"{origin}: the {split} split is empty{_why_empty(self.source, split)}")
         need = ("prompt",) if self.prompts_only else FIELDS
         first = self.source.first_index(split) if hasattr(self.source, "first_index") else 0
-        return origin, validate_records(rows, origin, self.fields, need, self.skip_invalid, first)
+        return origin, validate_records(rows, origin, self.fields, need, self.skip_invalid, first, self.reward_fields)
 
     def encoded(self, split: str) -> list[dict]:
         origin, records = self._indexed_records(split)
@@ -105,6 +114,8 @@ class PairDataModule(L.LightningDataModule):
             warn("skipped: %s", message)
             return None
         example = {"prompt": rec["prompt"], "prompt_ids": prompt_ids, "_cut": 0}
+        if "fields" in rec:
+            example["fields"] = rec["fields"]
         if not self.prompts_only:
             room = self.max_length - len(prompt_ids)
             for key in ("chosen", "rejected"):

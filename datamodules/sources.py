@@ -198,14 +198,18 @@ def _read_table(path: str, delimiter: str) -> list[dict]:
 
 
 def validate_records(rows: list, origin: str, fields: FieldMap, need: tuple[str, ...] = FIELDS,
-                     skip_invalid: bool = False, first: int = 0) -> list[tuple[int, dict]]:
+                     skip_invalid: bool = False, first: int = 0, keep: tuple[str, ...] = ()) -> list[tuple[int, dict]]:
     """Map rows to `(index in the file, {prompt, chosen, rejected})` (only `need`), raising or counting every bad
-    record; `first` is the file index of `rows[0]`."""
+    record; `first` is the file index of `rows[0]`. `keep`: further fields every record must hold (any value but
+    null), carried as they are in the record's `fields` dict (the reward's record fields, e.g. a reference answer)."""
     out, skipped = [], Counter()
     for index, row in enumerate(rows, start=first):
-        problem = _problem(row, fields, need)
+        problem = _problem(row, fields, need) or _missing(row, keep)
         if problem is None:
-            out.append((index, {key: row[getattr(fields, key)] for key in need}))
+            rec = {key: row[getattr(fields, key)] for key in need}
+            if keep:
+                rec["fields"] = {name: row[name] for name in keep}
+            out.append((index, rec))
             continue
         field, reason = problem
         if not skip_invalid:
@@ -224,7 +228,7 @@ def _warn_duplicates(records: list[tuple[int, dict]], origin: str) -> None:
     record weights it, which may be meant)."""
     seen, repeats = {}, []
     for index, rec in records:
-        key = tuple(sorted(rec.items()))
+        key = json.dumps(rec, sort_keys=True, default=repr)
         if key in seen:
             repeats.append((index, seen[key]))
         else:
@@ -253,4 +257,15 @@ def _problem(row, fields: FieldMap, need: tuple[str, ...]) -> tuple[str, str] | 
             return name, "empty"
     if "chosen" in need and "rejected" in need and row[fields.chosen] == row[fields.rejected]:
         return fields.rejected, "identical to 'chosen'"
+    return None
+
+
+def _missing(row: dict, keep: tuple[str, ...]) -> tuple[str, str] | None:
+    """The first of the reward's record fields (`PairDataModule reward_fields`) that `row` lacks or holds null."""
+    for name in keep:
+        if name not in row:
+            return name, (f"missing; data reward_fields names it for the reward (the record has fields "
+                          f"{sorted(row)})")
+        if row[name] is None:
+            return name, "null; the reward reads it (data reward_fields)"
     return None

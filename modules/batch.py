@@ -35,6 +35,8 @@ class Rollout:
     sampler_weights: torch.Tensor | None = None  # (N, L) mismatch correction pi_old / pi_sampler (engine.correction)
     pair_rewards: torch.Tensor | None = None  # (N, K) pairwise reward of each response over each of its group's
     timings: dict[str, float] = field(default_factory=dict)  # perf/* seconds spent building it
+    fields: dict[str, list] = field(default_factory=dict)    # the reward's record fields: name -> (N,) values, row's prompt
+    reward_terms: dict[str, torch.Tensor] = field(default_factory=dict)  # a composed reward's terms: name -> (N,)
 
     def __len__(self) -> int:
         return self.input_ids.shape[0]
@@ -51,7 +53,15 @@ class Rollout:
                        self.group_size, [self.prompts[i] for i in idx], [self.responses[i] for i in idx],
                        self.has_eos[rows], take(self.rewards), take(self.old_logp), take(self.ref_logp),
                        take(self.values), take(self.sampler_logp), take(self.sampler_weights),
-                       take(self.pair_rewards))
+                       take(self.pair_rewards),
+                       fields={name: [values[i] for i in idx] for name, values in self.fields.items()})
+
+    def with_fields(self, fields: dict[str, list]) -> "Rollout":
+        """Set `fields` from the prompts' record fields (name -> one value per prompt): each repeated for the K
+        responses to its prompt. Returns the rollout."""
+        K = self.group_size
+        self.fields = {name: [value for value in values for _ in range(K)] for name, values in fields.items()}
+        return self
 
 
 @dataclass

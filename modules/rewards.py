@@ -4,11 +4,15 @@
     `datamodules.task.GoldReward`, or a rule-based reward of yours), selected by `class_path`, or
   * a *pairwise* reward: an object with `pairwise = True` called as `(prompts, responses_a, responses_b) ->
     list[float]`, the logit of P(a preferred over b) for each pair (`PairwiseReward`; `score_pairs`).
+A callable may also take record fields by keyword (a verifiable reward's reference `answer`: `field_kwargs`),
+and `Composed` sums several rewards with weights, each term logged. Verifiable rewards live in
+`modules.verifiable`, rewards served over HTTP in `modules.remote`.
 A reward or judge that holds a model of its own derives from `FrozenModel` (built once, frozen, sharded under FSDP2).
 """
 from __future__ import annotations
 
 import hashlib
+import inspect
 import json
 import logging
 import math
@@ -238,8 +242,10 @@ def score(reward, rollout: Rollout, tokenizer, nonfinite: float | None = None,
     call of a token-level reward (`score(rollout, tokenizer)`: a reward model's forward); a text callable gets
     every response at once. Each part must return one number per response; the whole is then checked once, so an
     error names the response by its index in the rollout."""
-    if not hasattr(reward, "score"):
-        values = reward(rollout.prompts, rollout.responses)
+    if isinstance(reward, Composed):
+        values = reward.combine(rollout, tokenizer, nonfinite, parts)
+    elif not hasattr(reward, "score"):
+        values = reward(rollout.prompts, rollout.responses, **field_kwargs(reward, rollout.fields))
     elif parts is None or len(parts) == 1:
         values = reward.score(rollout, tokenizer)
     else:
@@ -401,8 +407,9 @@ def score_pairs(reward, rollout: Rollout, nonfinite: float | None = None) -> tup
     rows_a, rows_b = (rows.tolist() for rows in group_pairs(n, K))                 # every pair a < b of each group
     both = not getattr(reward, "antisymmetric", False)
     first, second = (rows_a + rows_b, rows_b + rows_a) if both else (rows_a, rows_b)
+    fields = {name: [values[i] for i in first] for name, values in rollout.fields.items()}
     values = reward([rollout.prompts[i] for i in first], [rollout.responses[i] for i in first],
-                    [rollout.responses[j] for j in second])
+                    [rollout.responses[j] for j in second], **field_kwargs(reward, fields, pairwise=True))
     name = qualified_name(reward)
     asked = len(first)
     why = f"K = {K} responses per prompt: K (K - 1) / 2 pairs each" + (
@@ -436,7 +443,120 @@ def tournament_scores(pair_rewards: torch.Tensor, group_size: int) -> torch.Tens
     return wins.sum(-1) / max(K - 1, 1)
 
 
+POSITIONAL = {False: ("prompts", "responses"), True: ("prompts", "responses_a", "responses_b")}
+
+
+def field_kwargs(reward, fields: dict[str, list], pairwise: bool = False) -> dict[str, list]:
+    """The record fields (`PairDataModule reward_fields`: name -> one value per response, or per pair) that the
+    call of a text `reward` takes by keyword: every one if it takes `**kwargs`, else those it names after its
+    positional texts (`prompts, responses`, or `prompts, responses_a, responses_b`). A field it requires (no
+    default) that `fields` lacks is a `RewardError` naming it.
+
+    Example: `def correct(prompts, responses, answer)` with fields {answer: ["4", "4", "9", "9"], id: [...]} is
+    called as `correct(prompts, responses, answer=["4", "4", "9", "9"])`; with fields {} it is refused."""
+    params = _parameters(reward)
+    if params is None:                      # no signature to read (a builtin): texts only
+        return {}
+    missing = [name for name in required_fields(reward, pairwise) if name not in fields]
+    if missing:
+        raise RewardError(f"reward {qualified_name(reward)} takes {', '.join(map(repr, missing))} by keyword, which "
+                          f"no record field provides (fields given: {sorted(fields) or 'none'}); set data.init_args."
+                          f"reward_fields: [{', '.join(missing)}] and give every record that field")
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params):
+        return dict(fields)
+    return {name: values for name, values in fields.items() if name in {p.name for p in params}}
+
+
+def required_fields(reward, pairwise: bool = False) -> list[str]:
+    """The record fields a reward's call cannot do without: its `record_fields` attribute where it has one (a
+    reward told the field's name in its settings, e.g. `modules.verifiable.AnswerMatch(field=...)`), else its
+    parameters after the positional texts that have no default (a `Composed` reward: those of its terms). A
+    token-level reward (`score(rollout, tokenizer)`) reads `rollout.fields` itself and requires none here."""
+    if isinstance(reward, Composed):
+        return sorted({name for term in reward.rewards.values() for name in required_fields(term)})
+    if getattr(reward, "record_fields", None) is not None:      # a reward whose fields are its settings
+        return list(reward.record_fields)
+    params = _parameters(reward)
+    if params is None or hasattr(reward, "score"):
+        return []
+    later = [p for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)][len(POSITIONAL[pairwise]):]
+    return [p.name for p in later if p.default is inspect.Parameter.empty]
+
+
+def _parameters(reward) -> list[inspect.Parameter] | None:
+    try:
+        return list(inspect.signature(reward).parameters.values())
+    except (TypeError, ValueError):
+        return None
+
+
+class Composed(nn.Module):
+    """A weighted sum of per-response rewards: r = sum_k w_k r_k. Each term is logged: `train/reward_<name>` per
+    rollout and `val/reward_<name>` in evaluation (the weighted sum is `train/reward`). Each term is validated as
+    a reward of its own (one finite number per response; an error names the term), and a term that takes record
+    fields gets its own (`field_kwargs`). As an evaluation reward (a text callable), its terms must be text
+    callables too.
+
+    Args:
+        rewards: name -> reward: any per-response reward (a text callable such as `modules.verifiable.AnswerMatch`,
+            a `RewardModel`, a `modules.remote.RemoteReward`), by `class_path`. Names are letters, digits, `_`.
+        weights: name -> weight (a term left out weighs 1).
+
+    Example: terms correct in {0, 1} and format in {0, 1}, weights {correct: 1.0, format: 0.2}: a correct response
+    in the wrong format gets 1.0, a wrong one in the right format 0.2, both right 1.2.
+    """
+
+    def __init__(self, rewards: dict[str, Callable], weights: dict[str, float] | None = None):
+        super().__init__()
+        weights = dict(weights or {})
+        if not rewards:
+            raise ValueError("Composed: rewards is empty; expected name -> reward for at least one term")
+        bad = [name for name in rewards if not name.isidentifier()]
+        unknown = sorted(set(weights) - set(rewards))
+        if bad or unknown:
+            problem = (f"term names {bad} are not names" if bad else
+                       f"weights for {unknown} name no term of rewards {sorted(rewards)}")
+            raise ValueError(f"Composed: {problem}; expected names of letters, digits and _, and weights keyed by "
+                             "those names")
+        for name, reward in rewards.items():
+            if is_pairwise(reward) or not (callable(reward) or hasattr(reward, "score")):
+                raise ValueError(f"Composed: term {name!r} ({qualified_name(reward)}) is "
+                                 f"{'a pairwise reward' if is_pairwise(reward) else 'not callable'}; expected a "
+                                 "per-response reward (a callable (prompts, responses) or a RewardModel)")
+            if not math.isfinite(float(weights.get(name, 1.0))):
+                raise ValueError(f"Composed: weights[{name!r}]={weights[name]}; expected a finite number")
+        self.rewards = dict(rewards)
+        self.weights = {name: float(weights.get(name, 1.0)) for name in rewards}
+        self.models = nn.ModuleDict({n: r for n, r in rewards.items() if isinstance(r, nn.Module)})  # moved, sharded
+
+    def combine(self, rollout: Rollout, tokenizer, nonfinite: float | None = None,
+                parts: list[torch.Tensor] | None = None) -> torch.Tensor:
+        """The weighted sum (N,) over `rollout`; each term (N,) goes to `rollout.reward_terms`. A term's NaN / inf
+        stops the run (`nonfinite` None) naming the term, or makes the sum non-finite (then replaced as one)."""
+        total = 0.0
+        for name, reward in self.rewards.items():
+            try:
+                values, _ = score(reward, rollout, tokenizer, None if nonfinite is None else float("nan"), parts)
+            except RewardError as error:
+                raise RewardError(f"term {name!r} of {qualified_name(self)}: {error}") from None
+            rollout.reward_terms[name] = values
+            total = total + self.weights[name] * values
+        return total
+
+    def forward(self, prompts: list[str], responses: list[str], **fields) -> list[float]:
+        """The weighted sum over texts (as an evaluation reward); every term must be a text callable."""
+        total = torch.zeros(len(responses))
+        for name, reward in self.rewards.items():
+            if hasattr(reward, "score"):
+                raise RewardError(f"{qualified_name(self)}: term {name!r} ({qualified_name(reward)}) scores token "
+                                  "ids, not texts; as an evaluation reward every term must be a text callable")
+            values = reward(prompts, responses, **field_kwargs(reward, fields))
+            total += self.weights[name] * _numbers(values, reward, len(responses))
+        return total.tolist()
+
+
 def qualified_name(obj) -> str:
-    """`module.Class` of an object: how errors and warnings name a reward or an objective."""
-    cls = type(obj)
+    """`module.Class` of an object (`module.function` of a function): how errors and warnings name a reward or an
+    objective."""
+    cls = obj if inspect.isfunction(obj) else type(obj)
     return f"{cls.__module__}.{cls.__qualname__}"

@@ -37,7 +37,7 @@ from modules.export import export_model
 from modules.forward import response_logprobs, token_scores
 from modules.objectives.base import Objective
 from modules.optimizers import learning_rate
-from modules.rewards import FrozenModel, is_pairwise, qualified_name, score_pairs, tournament_scores
+from modules.rewards import FrozenModel, field_kwargs, is_pairwise, qualified_name, score_pairs, tournament_scores
 from modules.rewards import score as score_rewards
 from modules.sampling import SamplingConfig
 from modules.sharding import build_sharded, build_with_reference, fsdp_mesh, is_sharded
@@ -164,6 +164,8 @@ class RLModule(TrainedOnlyCheckpoints, L.LightningModule):
 
     def on_fit_start(self) -> None:
         data = self.trainer.datamodule
+        if data is not None:        # a reward that reads a record field the data does not keep: before any rollout
+            field_kwargs(self.reward, dict.fromkeys(getattr(data, "reward_fields", ()), []), is_pairwise(self.reward))
         if hasattr(data, "max_prompt_length"):
             reward = self.reward.model if isinstance(self.reward, FrozenModel) and not is_pairwise(self.reward) else None
             check_positions("RLModule", data.max_prompt_length + self.sampling.max_new_tokens,
@@ -293,7 +295,7 @@ class RLModule(TrainedOnlyCheckpoints, L.LightningModule):
         roll = self.engine.generate(self.policy, self.tokenizer, batch.prompt_ids, batch.prompt_mask, batch.prompts,
                                     self.sampling, self.objective.responses_per_prompt,
                                     record_logprobs=from_sampler or not self.engine.exact,
-                                    share_prompts=self.share_prompts)
+                                    share_prompts=self.share_prompts).with_fields(batch.fields)
         t1 = time.perf_counter()
         roll.rewards = self.score(roll)
         if not from_sampler:
@@ -454,7 +456,8 @@ class RLModule(TrainedOnlyCheckpoints, L.LightningModule):
         old, ref = (F.sequence_logprobs(x, roll.response_mask) for x in (roll.old_logp, roll.ref_logp))
         return {"train/reward": roll.rewards.mean().item(), "train/reward_std": roll.rewards.std().item(),
                 "train/kl": (old - ref).mean().item(), "train/length": roll.response_mask.sum(-1).float().mean().item(),
-                "train/eos_rate": roll.has_eos.float().mean().item(), **roll.timings}
+                "train/eos_rate": roll.has_eos.float().mean().item(), **roll.timings,
+                **{f"train/reward_{name}": term.mean().item() for name, term in roll.reward_terms.items()}}
 
     def configure_optimizers(self):
         models = [self.policy] + ([self.value] if self.value is not None else [])

@@ -1,0 +1,121 @@
+"""Verifiable rewards: a rule checks each response against the record it answers (a reference answer kept with
+the prompt by `PairDataModule reward_fields`), or against a required format. Each returns 1.0 or 0.0 per
+response, and composes with others in `modules.rewards.Composed` (e.g. correctness plus a small format bonus).
+"""
+from __future__ import annotations
+
+import math
+import re
+
+NUMBER = re.compile(r"[-+]?(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?(?:[eE][-+]?\d+)?|[-+]?\.\d+")
+EXTRACTS = ("last_number", "boxed", "all")
+
+
+class AnswerMatch:
+    """1.0 where the answer read from a response equals the record's reference answer, else 0.0 (GSM8K- or
+    MATH-style correctness).
+
+    Args:
+        field: the record field holding the reference answer; list it in the data's `reward_fields`.
+        extract: how an answer is read from a response: `last_number` (the last number in it; thousands commas
+            dropped, compared as numbers within `tolerance`), `boxed` (the text inside the last `\\boxed{...}`,
+            braces balanced), `all` (the whole response), or a regular expression whose first group (else its
+            whole match) is the answer, at its last match. The reference is read the same way when it holds such
+            an answer (GSM8K's "... #### 72" gives 72), else taken whole.
+        tolerance: numbers closer than this (absolute) are equal.
+
+    Texts are compared with surrounding whitespace and `$` dropped, and inner whitespace collapsed.
+    Examples: extract `last_number`, answer "72": "She sold 48 + 24 = 72 clips." -> 1.0; "72.0" -> 1.0;
+    "about 70" -> 0.0; "no idea" -> 0.0. Extract `boxed`, answer "\\frac{1}{2}": "so \\boxed{\\frac{1}{2}}" -> 1.0.
+    """
+
+    def __init__(self, field: str = "answer", extract: str = "last_number", tolerance: float = 1e-6):
+        if extract not in EXTRACTS:
+            try:
+                re.compile(extract)
+            except re.error as error:
+                raise ValueError(f"AnswerMatch: extract={extract!r} is neither one of {list(EXTRACTS)} nor a valid "
+                                 f"regular expression ({error})") from None
+        if not tolerance >= 0:
+            raise ValueError(f"AnswerMatch: tolerance={tolerance}; expected a number >= 0")
+        self.field, self.extract, self.tolerance = field, extract, tolerance
+        self.record_fields = (field,)
+
+    def __call__(self, prompts: list[str], responses: list[str], **fields) -> list[float]:
+        answers = fields[self.field]
+        return [float(self.matches(response, answer)) for response, answer in zip(responses, answers)]
+
+    def matches(self, response: str, answer) -> bool:
+        got = self.read(response)
+        if got is None:
+            return False
+        want = answer if isinstance(answer, (int, float)) and not isinstance(answer, bool) else \
+            (self.read(str(answer)) or _normal(str(answer)))
+        if self.extract == "last_number":
+            numbers = [_number(x) for x in (got, want)]
+            if None not in numbers:
+                return math.isclose(numbers[0], numbers[1], rel_tol=0.0, abs_tol=self.tolerance)
+        return _normal(str(got)) == _normal(str(want))
+
+    def read(self, text: str) -> str | None:
+        """The answer in `text` (None: it holds none)."""
+        if self.extract == "all":
+            return text.strip() or None
+        if self.extract == "last_number":
+            found = NUMBER.findall(text)
+            return found[-1] if found else None
+        if self.extract == "boxed":
+            return _last_boxed(text)
+        found = list(re.finditer(self.extract, text, re.DOTALL))
+        if not found:
+            return None
+        last = found[-1]
+        return last.group(1) if last.groups() else last.group(0)
+
+
+class PatternMatch:
+    """1.0 where the response matches a regular expression, else 0.0: a format reward (e.g. reasoning in
+    `<think>...</think>` before the answer).
+
+    Args:
+        pattern: the regular expression (`.` matches newlines too).
+        full: the whole response must match (`re.fullmatch`, surrounding whitespace dropped); else a match
+            anywhere in it (`re.search`).
+
+    Example: pattern `\\d+`, full true: "42" -> 1.0, "42 apples" -> 0.0; full false: "42 apples" -> 1.0.
+    """
+
+    def __init__(self, pattern: str, full: bool = False):
+        try:
+            self.regex = re.compile(pattern, re.DOTALL)
+        except re.error as error:
+            raise ValueError(f"PatternMatch: pattern={pattern!r} is not a valid regular expression ({error})") from None
+        self.pattern, self.full = pattern, full
+
+    def __call__(self, prompts: list[str], responses: list[str]) -> list[float]:
+        match = self.regex.fullmatch if self.full else self.regex.search
+        return [float(match(r.strip() if self.full else r) is not None) for r in responses]
+
+
+def _number(text) -> float | None:
+    if isinstance(text, (int, float)):
+        return float(text)
+    match = NUMBER.fullmatch(str(text).strip())
+    return float(match.group(0).replace(",", "")) if match else None
+
+
+def _normal(text: str) -> str:
+    return " ".join(text.strip().strip("$").split())
+
+
+def _last_boxed(text: str) -> str | None:
+    """The contents of the last `\\boxed{...}` in `text`, nested braces balanced (None: none, or unclosed)."""
+    start = text.rfind("\\boxed{")
+    if start < 0:
+        return None
+    depth, begin = 0, start + len("\\boxed{")
+    for i in range(begin - 1, len(text)):
+        depth += {"{": 1, "}": -1}.get(text[i], 0)
+        if depth == 0:
+            return text[begin:i]
+    return None

@@ -1,0 +1,179 @@
+"""Record fields for rewards (`PairDataModule reward_fields` -> batch -> rollout -> the reward's keyword
+arguments) and `modules.rewards.Composed`, a weighted sum of rewards with each term logged."""
+import json
+
+import pytest
+import torch
+import yaml
+
+from datamodules.collate import PairCollator
+from datamodules.pairs import PairDataModule
+from datamodules.sources import DataError, LocalFiles
+from modules.batch import Rollout
+from modules.rewards import Composed, RewardError, field_kwargs, required_fields, score, score_pairs
+from modules.verifiable import AnswerMatch, PatternMatch
+from tests.helpers import tiny_rl_config
+from train import cli_main
+
+
+def rollout(responses: list[str], group_size: int = 2) -> Rollout:
+    n = len(responses)
+    return Rollout(input_ids=torch.zeros(n, 3, dtype=torch.long), attention_mask=torch.ones(n, 3, dtype=torch.long),
+                   response_mask=torch.ones(n, 1, dtype=torch.long), prompt_length=2, group_size=group_size,
+                   prompts=[f"prompt {i // group_size}" for i in range(n)], responses=responses,
+                   has_eos=torch.ones(n, dtype=torch.bool))
+
+
+def correct(prompts, responses, answer):
+    return [float(r == a) for r, a in zip(responses, answer)]
+
+
+def anything(prompts, responses, **fields):
+    return [float(len(fields))] * len(responses)
+
+
+def texts_only(prompts, responses):
+    return [1.0] * len(responses)
+
+
+def optional(prompts, responses, answer=None, level=1):
+    return [float(answer is not None) + level] * len(responses)
+
+
+def test_field_kwargs_gives_each_reward_the_fields_its_call_takes():
+    fields = {"answer": ["4", "9"], "id": [1, 2]}
+    assert field_kwargs(correct, fields) == {"answer": ["4", "9"]}
+    assert field_kwargs(anything, fields) == fields
+    assert field_kwargs(texts_only, fields) == {}
+    assert field_kwargs(optional, {"id": [1, 2]}) == {}          # defaults: nothing required
+    assert field_kwargs(len, fields) == {}                        # no signature to read
+    assert required_fields(correct) == ["answer"] and required_fields(optional) == []
+    assert required_fields(AnswerMatch(field="solution")) == ["solution"]
+    with pytest.raises(RewardError, match=r"reward \S+correct takes 'answer' by keyword, which no record field "
+                                          r"provides \(fields given: \['id'\]\); set data.init_args.reward_fields: "
+                                          r"\[answer\]"):
+        field_kwargs(correct, {"id": [1, 2]})
+
+
+def test_rollout_fields_repeat_per_response_and_follow_a_selection():
+    roll = rollout(["a", "b", "c", "d"]).with_fields({"answer": ["x", "y"]})
+    assert roll.fields == {"answer": ["x", "x", "y", "y"]}
+    assert roll.select(torch.tensor([3, 0])).fields == {"answer": ["y", "x"]}
+
+
+def test_a_text_reward_and_a_pairwise_one_get_the_fields_of_their_rows():
+    roll = rollout(["4", "5", "9", "9"]).with_fields({"answer": ["4", "9"]})
+    rewards, _ = score(correct, roll, tokenizer=None)
+    assert rewards.tolist() == [1.0, 0.0, 1.0, 1.0]
+
+    class Pairwise:
+        pairwise, antisymmetric = True, True
+
+        def __call__(self, prompts, responses_a, responses_b, answer):
+            return [float(a == x) - float(b == x) for a, b, x in zip(responses_a, responses_b, answer)]
+
+    M, _, _ = score_pairs(Pairwise(), roll)
+    assert M.tolist() == [[0.0, 1.0], [-1.0, 0.0], [0.0, 0.0], [0.0, 0.0]]
+
+
+def test_composed_sums_weighted_terms_and_keeps_each_term():
+    """Docstring example: correct in {0, 1}, format in {0, 1}, weights {correct: 1.0, format: 0.2}: a correct
+    response in the wrong format gets 1.0, a wrong one in the right format 0.2, both right 1.2, neither 0."""
+    reward = Composed({"correct": AnswerMatch(), "format": PatternMatch(r"\d+", full=True)},
+                      weights={"correct": 1.0, "format": 0.2})
+    roll = rollout(["it is 4", "5", "4", "none"]).with_fields({"answer": ["4", "4"]})
+    rewards, _ = score(reward, roll, tokenizer=None)
+    assert torch.allclose(rewards, torch.tensor([1.0, 0.2, 1.2, 0.0]))
+    assert roll.reward_terms["correct"].tolist() == [1.0, 0.0, 1.0, 0.0]
+    assert roll.reward_terms["format"].tolist() == [0.0, 1.0, 1.0, 0.0]
+    assert required_fields(reward) == ["answer"]
+    assert reward(roll.prompts, roll.responses, **roll.fields) == pytest.approx([1.0, 0.2, 1.2, 0.0])
+
+
+def test_composed_names_the_term_that_fails_and_a_penalty_replaces_the_whole_sum():
+    nan_second = lambda prompts, responses: [1.0, float("nan")]  # noqa: E731
+    reward = Composed({"ok": texts_only, "shaky": nan_second})
+    with pytest.raises(RewardError, match=r"term 'shaky' of modules.rewards.Composed: reward \S+ returned nan for "
+                                          r"response 1 of 2"):
+        score(reward, rollout(["a", "b"]), tokenizer=None)
+    rewards, replaced = score(reward, rollout(["a", "b"]), tokenizer=None, nonfinite=-3.0)
+    assert rewards.tolist() == [2.0, -3.0] and replaced == 1
+    with pytest.raises(RewardError, match=r"term 'ok' of \S+: reward \S+ returned 3 values for 2 responses"):
+        score(Composed({"ok": lambda p, r: [1.0, 2.0, 3.0]}), rollout(["a", "b"]), tokenizer=None)
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"rewards": {}}, "rewards is empty"),
+    ({"rewards": {"a b": texts_only}}, r"term names \['a b'\] are not names"),
+    ({"rewards": {"a": texts_only}, "weights": {"b": 1.0}}, r"weights for \['b'\] name no term of rewards \['a'\]"),
+    ({"rewards": {"a": texts_only}, "weights": {"a": float("nan")}}, r"weights\['a'\]=nan; expected a finite number"),
+    ({"rewards": {"a": 3}}, r"term 'a' \(builtins.int\) is not callable"),
+])
+def test_composed_refuses_what_it_cannot_sum(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        Composed(**kwargs)
+
+
+def records(path, rows):
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return str(path)
+
+
+def test_the_datamodule_keeps_the_reward_fields_and_names_a_record_without_one(tmp_path, task_tokenizer_path):
+    rows = [{"prompt": f"what is {i} plus {i}", "answer": 2 * i, "note": "x"} for i in range(6)]
+    path = records(tmp_path / "maths.jsonl", rows)
+    dm = PairDataModule(LocalFiles(path, val=path), tokenizer=task_tokenizer_path, prompts_only=True,
+                        reward_fields=["answer"], batch_size=3)
+    dm.setup()
+    batch = PairCollator(dm.tokenizer.pad_token_id)(dm.splits["train"][:3])
+    assert batch.fields == {"answer": [0, 2, 4]}
+    rows[4].pop("answer")
+    records(tmp_path / "maths.jsonl", rows)
+    with pytest.raises(DataError, match=r"maths.jsonl: record 4: field 'answer': missing; data reward_fields names "
+                                        r"it for the reward \(the record has fields \['note', 'prompt'\]\)"):
+        PairDataModule(LocalFiles(path, val=path), tokenizer=task_tokenizer_path, prompts_only=True,
+                       reward_fields=["answer"]).setup()
+    with pytest.raises(ValueError, match=r"reward_fields=\['responses'\]; expected distinct names other than prompts"):
+        PairDataModule(LocalFiles(path, val=path), tokenizer=task_tokenizer_path, reward_fields=["responses"])
+
+
+def maths_config(tmp_path, sft_dir, reward_fields: list | None, evaluate_answers: bool = True) -> str:
+    """The tiny P3O run on a JSONL of sums with answers: Composed(correct + 0.2 format), evaluated by AnswerMatch."""
+    rows = [{"prompt": f"the sum of {i} and {i + 1}", "answer": 2 * i + 1} for i in range(16)]
+    path = records(tmp_path / "sums.jsonl", rows)
+    config_path = tiny_rl_config(tmp_path, sft_dir)
+    config = yaml.safe_load(open(config_path))
+    config["data"]["init_args"]["source"] = {"class_path": "datamodules.sources.LocalFiles",
+                                             "init_args": {"train": path, "val": path}}
+    config["data"]["init_args"]["reward_fields"] = reward_fields
+    config["model"]["init_args"]["reward"] = {"class_path": "modules.rewards.Composed", "init_args": {
+        "rewards": {"correct": {"class_path": "modules.verifiable.AnswerMatch"},
+                    "format": {"class_path": "modules.verifiable.PatternMatch", "init_args": {"pattern": r"\d"}}},
+        "weights": {"format": 0.2}}}
+    for callback in config["trainer"]["callbacks"]:
+        if callback["class_path"].endswith("Evaluation"):
+            callback["init_args"]["reward"] = {"class_path": "modules.verifiable.AnswerMatch"} if evaluate_answers else None
+    yaml.safe_dump(config, open(config_path, "w"))
+    return config_path
+
+
+def test_a_composed_verifiable_reward_trains_p3o_end_to_end_with_each_term_logged(tmp_path, sft_dir):
+    cli = cli_main(["fit", "--config", maths_config(tmp_path, sft_dir, ["answer"])])
+    metrics = cli.trainer.callback_metrics
+    terms = [metrics[f"train/reward_{name}"] for name in ("correct", "format")]
+    assert torch.isclose(metrics["train/reward"], terms[0] + 0.2 * terms[1], atol=1e-6)
+    evaluation = next(cb for cb in cli.trainer.callbacks if type(cb).__name__ == "Evaluation").history[-1]
+    assert {"val/gold_reward", "val/reward", "val/reward_correct", "val/reward_format"} <= set(evaluation)
+    assert abs(evaluation["val/reward"] - evaluation["val/reward_correct"] - 0.2 * evaluation["val/reward_format"]) < 1e-6
+
+
+@pytest.mark.parametrize("evaluate_answers, named", [(True, "modules.verifiable.AnswerMatch"),   # the evaluation's
+                                                     (False, "modules.rewards.Composed")])     # the training reward
+def test_a_reward_field_the_data_does_not_keep_stops_the_run_before_any_rollout(tmp_path, sft_dir, capsys,
+                                                                                evaluate_answers, named):
+    from train import main
+
+    assert main(["fit", "--config", maths_config(tmp_path, sft_dir, None, evaluate_answers)]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1] == (f"error: reward {named} takes 'answer' by keyword, which no record field provides (fields "
+                       "given: none); set data.init_args.reward_fields: [answer] and give every record that field"), err
