@@ -14,6 +14,7 @@ import hashlib
 import math
 import os
 import random
+import re
 
 from datamodules.sources import Source
 
@@ -71,6 +72,12 @@ class GoldReward:
     def __call__(self, prompts: list[str], responses: list[str]) -> list[float]:
         return [gold_reward(p, r, self.repetition_weight, self.max_words, self.length_weight)
                 for p, r in zip(prompts, responses)]
+
+
+def place_of(prompt: str) -> str:
+    """The place a review prompt asks about ("write a review of the spa :" -> "spa"): each record's `place` field,
+    for a verifiable check that the review names it (`modules.verifiable.Contains`)."""
+    return next(place for place in PLACES if re.search(rf"\b{place}\b", prompt))
 
 
 class ReviewTask(Source):
@@ -140,7 +147,8 @@ class ReviewTask(Source):
         for prompt, a, b, u in self._draws(split, limit):
             margin = (gold_reward(prompt, a) - gold_reward(prompt, b)) / self.label_temperature
             a_wins = u < 1.0 / (1.0 + math.exp(-margin))
-            out.append({"prompt": prompt, "chosen": a if a_wins else b, "rejected": b if a_wins else a})
+            out.append({"prompt": prompt, "chosen": a if a_wins else b, "rejected": b if a_wins else a,
+                        "place": place_of(prompt)})
         return out
 
     def load(self, split: str) -> tuple[str, list[dict]]:
@@ -148,7 +156,7 @@ class ReviewTask(Source):
 
     def load_prompts(self, split: str) -> tuple[str, list[dict]]:
         """The prompts of `load(split)`, in order, without labelling their responses (no gold reward computed)."""
-        return f"{self.name}[{split}]", [{"prompt": prompt} for prompt, *_ in self._draws(split)]
+        return f"{self.name}[{split}]", [{"prompt": prompt, "place": place_of(prompt)} for prompt, *_ in self._draws(split)]
 
     def corpus(self) -> list[str]:
         words = PLACES + SUBJECTS + POSITIVE + NEGATIVE + NEUTRAL + [w for w in INTENSIFIERS if w] + JOINERS + VERBS

@@ -73,6 +73,34 @@ class AnswerMatch:
         return last.group(1) if last.groups() else last.group(0)
 
 
+class Contains:
+    """1.0 where the response contains the record's value of `field` (any of them, for a list), else 0.0: an
+    instruction-following check ("mention the place you review", "use the keyword ..."), as in IFEval.
+
+    Args:
+        field: the record field holding the text (or list of texts) to find; list it in the data's `reward_fields`.
+        whole_word: match whole words only ("spa" is not found in "spacious").
+        case_sensitive: match case.
+
+    Examples (field place = "spa"): "the spa was lovely" -> 1.0; "a spacious room" -> 0.0 (1.0 with whole_word
+    false); "The SPA" -> 1.0 (0.0 with case_sensitive); place = ["spa", "gym"]: "the gym" -> 1.0.
+    """
+
+    def __init__(self, field: str, whole_word: bool = True, case_sensitive: bool = False):
+        self.field, self.whole_word, self.case_sensitive = field, whole_word, case_sensitive
+        self.record_fields = (field,)
+
+    def __call__(self, prompts: list[str], responses: list[str], **fields) -> list[float]:
+        return [float(any(self.found(str(v), response) for v in (value if isinstance(value, list) else [value])))
+                for response, value in zip(responses, fields[self.field])]
+
+    def found(self, text: str, response: str) -> bool:
+        pattern = re.escape(text.strip())
+        if self.whole_word:
+            pattern = rf"(?<!\w){pattern}(?!\w)"
+        return re.search(pattern, response, 0 if self.case_sensitive else re.IGNORECASE) is not None
+
+
 class PatternMatch:
     """1.0 where the response matches a regular expression, else 0.0: a format reward (e.g. reasoning in
     `<think>...</think>` before the answer).
