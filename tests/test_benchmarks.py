@@ -109,6 +109,32 @@ def test_relative_quick_reports_the_pairwise_arms_offline_dpo_and_the_cost(expor
 
 
 @pytest.mark.slow
+def test_verifiable_quick_builds_its_sft_export_and_reports_every_objective(tmp_path):
+    _run("verifiable.py", tmp_path / "exports", tmp_path / "out")
+    assert (tmp_path / "exports" / "sft" / "config.json").exists() and (tmp_path / "out" / "accuracy.png").exists()
+    table = (tmp_path / "out" / "table.md").read_text()
+    for arm in ("P3O", "RLOO", "GRPO-4"):
+        assert f"| {arm} |" in table
+    import csv
+
+    points = list(csv.DictReader(open(tmp_path / "out" / "points.csv")))
+    assert [int(p["rollout"]) for p in points if p["objective"] == "P3O"] == [0, 1, 2, 3]   # evaluated every rollout
+    assert all(0.0 <= float(p["gold"]) <= 1.0 for p in points)                            # accuracies
+
+
+def test_verifiable_summary_on_literal_points():
+    """Two seeds: start 0.4 / 0.5, best 0.9 / 0.7 (mid-run), end 0.8 / 0.7 with KL 1.0 / 2.0."""
+    from benchmarks.verifiable import summary
+
+    rows = [{"objective": "P3O", "seed": s, "rollout": r, "gold": g, "kl": k, "run_s": 10.0}
+            for s, points in ((0, [(0, 0.4, 0.0), (5, 0.9, 0.5), (10, 0.8, 1.0)]), (1, [(0, 0.5, 0.0), (10, 0.7, 2.0)]))
+            for r, g, k in points]
+    arm = summary(rows)["P3O"]
+    assert arm["start"] == {0: 0.4, 1: 0.5} and arm["end"] == {0: 0.8, 1: 0.7} and arm["best"] == {0: 0.9, 1: 0.7}
+    assert arm["kl"] == {0: 1.0, 1: 2.0}
+
+
+@pytest.mark.slow
 def test_throughput_quick_prints_the_table_for_our_side():
     """TRL is an optional extra (not installed in CI): --sides ours measures our RL stage alone (LoRA: `--lora 4`,
     whose FLOPs `test_throughput_shapes_parameter_counts_and_lora_flops` checks)."""

@@ -82,6 +82,24 @@ def test_the_readmes_own_data_example_parses(sft_dir, reward_dir, tmp_path):
     assert data["fields"]["prompt"] == "question" and cli.config["model"]["init_args"]["policy"]["lora"]["r"] == 16
 
 
+def test_the_readmes_composed_reward_example_builds(sft_dir, reward_dir, tmp_path):
+    """The YAML of the README's "Verifiable, composed and remote rewards" section, over the sums P3O config: it
+    builds every term (the server is not asked until a rollout) and the data keeps the answer field."""
+    from modules.remote import RemoteReward
+    from modules.rewards import Composed
+    from modules.verifiable import AnswerMatch, PatternMatch
+
+    section = Path("README.md").read_text().split("## Verifiable, composed and remote rewards")[1]
+    snippet = tmp_path / "rewards.yaml"
+    snippet.write_text(section.split("```yaml\n")[1].split("```")[0])
+    base = local_copy("configs/quickstart/sums_p3o.yaml", sft_dir, reward_dir, tmp_path)
+    cli = cli_main(["--config", base, "--config", str(snippet)], run=False)
+    reward = cli.model.reward
+    assert isinstance(reward, Composed) and reward.weights == {"correct": 1.0, "format": 0.1, "server": 0.5}
+    assert [type(r) for r in reward.rewards.values()] == [AnswerMatch, PatternMatch, RemoteReward]
+    assert cli.datamodule.reward_fields == ("answer",)
+
+
 def test_a_config_naming_the_renamed_reward_stage_still_builds_and_is_warned(sft_dir, reward_dir, tmp_path):
     """`modules.reward` became `modules.reward_model`: the old class_path keeps working with a FutureWarning."""
     import sys

@@ -54,3 +54,42 @@ def test_pattern_match():
     assert think(["q"] * 2, ["<think>a\nb</think> 4", "4 <think>a</think>"]) == [1.0, 0.0]
     with pytest.raises(ValueError, match=r"PatternMatch: pattern='\[' is not a valid regular expression"):
         PatternMatch("[")
+
+
+def test_contains():
+    """Docstring examples (place = "spa"): "the spa was lovely" -> 1; "a spacious room" -> 0 (1 with whole_word
+    false); "The SPA" -> 1 (0 with case_sensitive); place ["spa", "gym"]: "the gym" -> 1."""
+    from modules.verifiable import Contains
+
+    rule = Contains("place")
+    assert rule(["q"] * 4, ["the spa was lovely", "a spacious room", "The SPA", "the gym"],
+                place=["spa", "spa", "spa", ["spa", "gym"]]) == [1.0, 0.0, 1.0, 1.0]
+    assert Contains("place", whole_word=False)(["q"], ["a spacious room"], place=["spa"]) == [1.0]
+    assert Contains("place", case_sensitive=True)(["q"], ["The SPA"], place=["spa"]) == [0.0]
+    assert Contains("place")(["q"], ["a (c++) course"], place=["(c++)"]) == [1.0]      # the text, not a pattern
+
+
+def test_the_embedded_task_records_name_their_place():
+    from datamodules.task import PLACES, ChatReviewTask, ReviewTask
+
+    for task in (ReviewTask(num_train=4, num_val=2), ChatReviewTask(num_train=4, num_val=2)):
+        for record in task.load("train")[1] + task.load_prompts("val")[1]:
+            words = record["prompt"].replace(".", " ").replace("?", " ").split()
+            assert record["place"] in words and record["place"] in PLACES
+
+
+def test_the_sum_task_records_carry_their_answer_and_demonstrations_right_at_the_stated_share():
+    from datamodules.sums import SumTask
+
+    task = SumTask(num_train=2000, num_val=10, max_operand=5, accuracy=0.5, seed=0)
+    records = task.load("train")[1]
+    for record in records:
+        a, b = (int(w) for w in record["prompt"].split()[1:4:2])
+        assert record["answer"] == a + b and record["prompt"] == f"add {a} and {b} :"
+        assert record["rejected"] != str(a + b) and record["rejected"] != record["chosen"]
+        assert abs(int(record["chosen"]) - (a + b)) <= 2 and int(record["rejected"]) >= 0
+    right = sum(r["chosen"] == str(r["answer"]) for r in records) / len(records)
+    assert 0.45 < right < 0.55
+    assert task.load("val")[1] != SumTask(num_train=2000, num_val=10, max_operand=5, seed=0).load("train")[1][:10]
+    with pytest.raises(ValueError, match=r"SumTask: accuracy=1.5; expected a share in \[0, 1\]"):
+        SumTask(accuracy=1.5)
