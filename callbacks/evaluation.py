@@ -201,7 +201,7 @@ class Evaluation(L.Callback):
         out = {"val/kl": (logp - ref_logp).mean().item()}
         if self.judge is not None:
             _to_device(self.judge, pl_module.device)
-            score, agree = both_orders(self.judge, prompts, roll.responses, ref_roll.responses)
+            score, agree = both_orders(self.judge, prompts, roll.responses, ref_roll.responses, roll.fields)
             out.update({"val/judge_win_rate": win_rate(score).item(), "val/judge_agreement": agree.float().mean().item()})
         reward = getattr(pl_module, "reward", None)
         if gold is not None:
@@ -209,7 +209,7 @@ class Evaluation(L.Callback):
         elif proxy is not None:
             ours, theirs = proxy, pl_module.score(ref_roll).float().cpu()
         elif is_pairwise(reward):              # a pairwise training reward, no gold: it judges, in both orders
-            ours, theirs = both_orders(reward, prompts, roll.responses, ref_roll.responses)[0], 0.0
+            ours, theirs = both_orders(reward, prompts, roll.responses, ref_roll.responses, roll.fields)[0], 0.0
         else:
             return out
         wins = (ours > theirs).float() + 0.5 * (ours == theirs).float()

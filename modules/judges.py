@@ -15,21 +15,32 @@ import string
 import torch
 
 from modules.backbone import BackboneSpec, build_causal_lm, load_tokenizer
-from modules.rewards import FrozenModel, PairwiseReward, _numbers, finite_or_replaced, order_debiased, qualified_name
+from modules.rewards import (
+    FrozenModel,
+    PairwiseReward,
+    _numbers,
+    field_kwargs,
+    finite_or_replaced,
+    order_debiased,
+    qualified_name,
+)
 
 TEMPLATE = ("Which response answers the request better?\n\nRequest: {prompt}\n\nResponse A: {a}\n\n"
             "Response B: {b}\n\nAnswer with one letter, A or B.")
 
 
-def both_orders(judge, prompts: list[str], a: list[str], b: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+def both_orders(judge, prompts: list[str], a: list[str], b: list[str],
+                fields: dict[str, list] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """(score (N,), agree (N,) bool) of `modules.rewards.order_debiased`: score = (f(a, b) - f(b, a)) / 2, the
     judge's logit of a over b with its position bias cancelled (> 0: a wins); agree: both orders name the same
-    winner. One call per order, each checked for one finite number per pair.
+    winner. One call per order, each checked for one finite number per pair, and given the record fields (name ->
+    one value per pair) its call takes (`modules.rewards.field_kwargs`).
 
     Example: f(a, b) = 1.5 (first position favoured by 1), f(b, a) = 0.5: score = 0.5 (a wins), agree = False.
     """
     n = len(prompts)
-    forward, backward = (_checked(judge(prompts, x, y), judge, n) for x, y in ((a, b), (b, a)))
+    kwargs = field_kwargs(judge, fields or {}, pairwise=True)
+    forward, backward = (_checked(judge(prompts, x, y, **kwargs), judge, n) for x, y in ((a, b), (b, a)))
     return order_debiased(forward, backward)
 
 

@@ -37,7 +37,7 @@ from modules.export import export_model
 from modules.forward import response_logprobs, token_scores
 from modules.objectives.base import Objective
 from modules.optimizers import learning_rate
-from modules.rewards import FrozenModel, field_kwargs, is_pairwise, qualified_name, score_pairs, tournament_scores
+from modules.rewards import Composed, FrozenModel, field_kwargs, is_pairwise, qualified_name, score_pairs, tournament_scores
 from modules.rewards import score as score_rewards
 from modules.sampling import SamplingConfig
 from modules.sharding import build_sharded, build_with_reference, fsdp_mesh, is_sharded
@@ -167,11 +167,13 @@ class RLModule(TrainedOnlyCheckpoints, L.LightningModule):
         if data is not None:        # a reward that reads a record field the data does not keep: before any rollout
             field_kwargs(self.reward, dict.fromkeys(getattr(data, "reward_fields", ()), []), is_pairwise(self.reward))
         if hasattr(data, "max_prompt_length"):
-            reward = self.reward.model if isinstance(self.reward, FrozenModel) and not is_pairwise(self.reward) else None
+            terms = self.reward.rewards if isinstance(self.reward, Composed) else {"": self.reward}
+            rewards = {f"reward model{' ' + name if name else ''}": term.model for name, term in terms.items()
+                       if isinstance(term, FrozenModel) and not is_pairwise(term)}
             check_positions("RLModule", data.max_prompt_length + self.sampling.max_new_tokens,
                             f"data max_prompt_length ({data.max_prompt_length}) + model sampling.max_new_tokens "
                             f"({self.sampling.max_new_tokens})",
-                            {"policy": self.policy, "value model": self.value, "reward model": reward})
+                            {"policy": self.policy, "value model": self.value, **rewards})
         # A frozen reward the CLI made is a plain submodule that a strategy may leave where it was built
         # (FSDP2 has sharded a reward's model, `FrozenModel`, onto the device in `configure_model`).
         device = self.trainer.strategy.root_device

@@ -177,3 +177,55 @@ def test_a_reward_field_the_data_does_not_keep_stops_the_run_before_any_rollout(
     err = capsys.readouterr().err.strip().splitlines()
     assert err[-1] == (f"error: reward {named} takes 'answer' by keyword, which no record field provides (fields "
                        "given: none); set data.init_args.reward_fields: [answer] and give every record that field"), err
+
+
+@pytest.mark.slow
+def test_a_composed_reward_holding_a_reward_model_resumes_bit_exactly_without_saving_it(tmp_path, sft_dir, reward_dir):
+    """The reward model inside `Composed` is a frozen model of the RL module like a reward model alone: built and
+    moved with it, left out of the checkpoint (only in its digest of frozen weights), and a SIGKILL resume is
+    bit-exact."""
+    from tests.test_checkpoint import _resume_case
+
+    model = {"reward": {"class_path": "modules.rewards.Composed", "init_args": {
+        "rewards": {"preference": {"class_path": "modules.rewards.RewardModel",
+                                   "init_args": {"path": reward_dir, "normalize": False}},
+                    "gold": {"class_path": "datamodules.task.GoldReward"}},
+        "weights": {"preference": 0.5}}}}
+    last = _resume_case(tmp_path, sft_dir, devices=1, interrupt="SIGKILL", model=model)
+    saved = torch.load(last, weights_only=False)
+    assert not [k for k in saved["state_dict"] if k.startswith("reward.")]
+    assert any(k.startswith("reward.models.preference.model.") for k in saved["frozen_digest"])
+
+
+@pytest.mark.slow
+def test_a_composed_terms_reward_model_too_short_for_the_rollouts_stops_before_training(tmp_path, sft_dir, reward_dir,
+                                                                                     capsys):
+    """As for a reward model alone (`modules.checks.check_positions`), each term's model is checked, by its name."""
+    import shutil
+
+    from train import main
+
+    short = tmp_path / "short-reward"
+    shutil.copytree(reward_dir, short)
+    config = json.loads((short / "config.json").read_text())
+    (short / "config.json").write_text(json.dumps({**config, "max_position_embeddings": 16}))
+    model = {"reward": {"class_path": "modules.rewards.Composed", "init_args": {"rewards": {
+        "gold": {"class_path": "datamodules.task.GoldReward"},
+        "preference": {"class_path": "modules.rewards.RewardModel", "init_args": {"path": str(short), "normalize": False}}}}}}
+    assert main(["fit", "--config", tiny_rl_config(tmp_path, sft_dir, model=model)]) == 1
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        "error: RLModule: data max_prompt_length (12) + model sampling.max_new_tokens (8) = 20 tokens per sequence, "
+        "more than the reward model preference's max_position_embeddings (16); lower them")
+
+
+def test_a_judge_asked_in_both_orders_gets_the_record_fields_of_its_pairs():
+    """A judge that knows the answer: f(a, b) = [a right] - [b right]; asked in both orders, the score is the same."""
+    from modules.judges import both_orders
+
+    def judge(prompts, responses_a, responses_b, answer):
+        return [float(a == x) - float(b == x) for a, b, x in zip(responses_a, responses_b, answer)]
+
+    score, agree = both_orders(judge, ["p", "q"], ["4", "8"], ["5", "9"], {"answer": ["4", "9"]})
+    assert score.tolist() == [1.0, -1.0] and agree.all()
+    with pytest.raises(RewardError, match="takes 'answer' by keyword"):
+        both_orders(judge, ["p"], ["4"], ["5"])
