@@ -16,6 +16,7 @@ import os
 import time
 import urllib.error
 import urllib.request
+from concurrent.futures import ThreadPoolExecutor
 
 from modules.rewards import PairwiseReward, RewardError
 
@@ -31,6 +32,8 @@ class RemoteReward:
         retries: further tries after a connection error, a timeout or a 429 / 5xx answer.
         backoff: seconds before the first retry, doubled before each next one.
         batch_size: responses per request (None: the whole rollout in one).
+        concurrency: requests in flight at once (threads), for a server that scores several batches in parallel;
+            the answers are put back in order.
         headers: extra HTTP headers, e.g. {Authorization: Bearer $REWARD_TOKEN}; `$NAME` in a value is read from
             the environment variable NAME when the request is made, so no secret sits in a config.
     """
@@ -38,24 +41,28 @@ class RemoteReward:
     texts = ("prompts", "responses")
 
     def __init__(self, url: str, timeout: float = 60.0, retries: int = 2, backoff: float = 1.0,
-                 batch_size: int | None = None, headers: dict[str, str] | None = None):
+                 batch_size: int | None = None, concurrency: int = 1, headers: dict[str, str] | None = None):
         if not url.startswith(("http://", "https://")):
             raise ValueError(f"{type(self).__name__}: url={url!r}; expected an http:// or https:// address")
         for name, value, least in (("timeout", timeout, 1e-3), ("retries", retries, 0), ("backoff", backoff, 0),
-                                   ("batch_size", batch_size or 1, 1)):
+                                   ("batch_size", batch_size or 1, 1), ("concurrency", concurrency, 1)):
             if not value >= least:
                 raise ValueError(f"{type(self).__name__}: {name}={value}; expected at least {least}")
         self.url, self.timeout, self.retries, self.backoff = url, timeout, retries, backoff
-        self.batch_size, self.headers = batch_size, dict(headers or {})
+        self.batch_size, self.concurrency, self.headers = batch_size, concurrency, dict(headers or {})
 
     def __call__(self, prompts: list[str], *texts: list[str], **fields) -> list[float]:
         columns = dict(zip(self.texts, (prompts, *texts)), **fields)
-        n = len(prompts)
-        size = self.batch_size or max(n, 1)
+        size = self.batch_size or max(len(prompts), 1)
+        parts = [{key: values[start: start + size] for key, values in columns.items()}
+                 for start in range(0, len(prompts), size)]
+        if self.concurrency > 1 and len(parts) > 1:
+            with ThreadPoolExecutor(min(self.concurrency, len(parts))) as pool:
+                answers = list(pool.map(self.request, parts))         # in order; the first failure is raised
+        else:
+            answers = [self.request(part) for part in parts]
         out: list[float] = []
-        for start in range(0, n, size):
-            part = {key: values[start: start + size] for key, values in columns.items()}
-            got = self.request(part)
+        for part, got in zip(parts, answers):
             if len(got) != len(part["prompts"]):
                 raise RewardError(f"{self.where}: answered {len(got)} rewards for {len(part['prompts'])} "
                                   f"{'pairs' if len(self.texts) == 3 else 'responses'}; expected one each")
@@ -118,6 +125,7 @@ class RemotePairwiseReward(RemoteReward, PairwiseReward):
     texts = ("prompts", "responses_a", "responses_b")
 
     def __init__(self, url: str, timeout: float = 60.0, retries: int = 2, backoff: float = 1.0,
-                 batch_size: int | None = None, headers: dict[str, str] | None = None, antisymmetric: bool = False):
-        super().__init__(url, timeout, retries, backoff, batch_size, headers)
+                 batch_size: int | None = None, concurrency: int = 1, headers: dict[str, str] | None = None,
+                 antisymmetric: bool = False):
+        super().__init__(url, timeout, retries, backoff, batch_size, concurrency, headers)
         self.antisymmetric = antisymmetric

@@ -65,6 +65,40 @@ def test_a_remote_reward_sends_texts_and_fields_in_batches_and_reads_one_number_
     assert seen[0][1]["Authorization"] == "Bearer s3cret" and seen[0][1]["Content-Type"] == "application/json"
 
 
+def test_concurrent_requests_are_in_flight_together_and_answers_come_back_in_order():
+    """A server that holds each request until 3 are in flight (or 2 s pass) and answers each with its first
+    response's length: with concurrency 3 all 3 batches wait together; the answers are in the batches' order."""
+    import time
+
+    lock, inflight, most = threading.Lock(), [0], [0]
+
+    class Handler(BaseHTTPRequestHandler):
+        def log_message(self, *args):
+            pass
+
+        def do_POST(self):
+            request = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+            with lock:
+                inflight[0] += 1
+                most[0] = max(most[0], inflight[0])
+            deadline = time.time() + 2
+            while most[0] < 3 and time.time() < deadline:
+                time.sleep(0.01)
+            time.sleep(0.05 * len(request["responses"][0]))          # later batches answer first
+            with lock:
+                inflight[0] -= 1
+            body = json.dumps({"rewards": [float(len(r)) for r in request["responses"]]}).encode()
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+    with serving(Handler) as url:
+        reward = RemoteReward(url, batch_size=2, concurrency=3)
+        assert reward(["p"] * 6, ["aaa", "aaa", "bb", "bb", "c", "c"]) == [3.0, 3.0, 2.0, 2.0, 1.0, 1.0]
+    assert most[0] == 3
+
+
 def test_a_remote_reward_retries_what_may_pass_and_not_what_will_not():
     seen = []
     with serving(scripted([(503, b"busy"), (429, b""), (200, lengths)], seen)) as url:
