@@ -88,6 +88,12 @@ class Parser(LightningArgumentParser):
     whole parsed config. `JSONARGPARSE_DEBUG=true` gives jsonargparse's own report."""
     given: list[str] = []       # the arguments being parsed (to say which file or option held the field)
 
+    def __init__(self, *args, **kwargs):
+        # argparse would take a unique prefix of an option for the option (`--trainer.max_epoch=2` as max_epochs),
+        # where a misspelt key in a config, or under `--model.init_args`, is refused: refused everywhere alike
+        kwargs.setdefault("allow_abbrev", False)
+        super().__init__(*args, **kwargs)
+
     def error(self, message: str, ex: Exception | None = None):
         if self.exit_on_error and os.environ.get("JSONARGPARSE_DEBUG", "").lower() != "true":
             parser = getattr(ex, "subcommand_parser", None) or self    # (the subcommand's, with its options)

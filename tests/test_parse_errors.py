@@ -125,6 +125,9 @@ def test_where_given_names_the_command_line_or_the_last_config_file_holding_the_
      "model.init_args.sampling.temp: modules.sampling.SamplingConfig has no argument 'temp'; did you mean "
      "'temperature'?"),
     ("line", "--trainer.max_epochz=2", "trainer.max_epochz: not an option of train.py; did you mean 'max_epochs'?"),
+    # a prefix of an option: argparse took it for the option, silently (as no config file or init_args key is)
+    ("line", "--trainer.max_epoch=2", "trainer.max_epoch: not an option of train.py; did you mean 'max_epochs'?"),
+    ("line", "--seed_every=3", "seed_every: not an option of train.py; did you mean 'seed_everything'?"),
     ("line", "--trainer.precision=bf17", "trainer.precision: expected int or Literal['transformer-engine', "
      "'transformer-engine-float16', '16-true', '16-mixed', 'bf16-true', 'bf16-mixed', '32-true', '64-true'] or "
      "Literal['64', '32', '16', 'bf16'], got 'bf17'"),
