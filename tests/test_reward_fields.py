@@ -229,3 +229,14 @@ def test_a_judge_asked_in_both_orders_gets_the_record_fields_of_its_pairs():
     assert score.tolist() == [1.0, -1.0] and agree.all()
     with pytest.raises(RewardError, match="takes 'answer' by keyword"):
         both_orders(judge, ["p"], ["4"], ["5"])
+
+
+def right_sum(prompts, responses, answer):
+    """A reward written as a plain function, given by its import path."""
+    return [float(r.strip() == str(a)) for r, a in zip(responses, answer)]
+
+
+def test_a_plain_function_by_its_import_path_is_a_reward_that_reads_fields(tmp_path, sft_dir):
+    config = maths_config(tmp_path, sft_dir, ["answer"])
+    cli = cli_main(["fit", "--config", config, "--model.init_args.reward=tests.test_reward_fields.right_sum"])
+    assert cli.model.reward is right_sum and "train/reward" in cli.trainer.callback_metrics
