@@ -239,4 +239,6 @@ def right_sum(prompts, responses, answer):
 def test_a_plain_function_by_its_import_path_is_a_reward_that_reads_fields(tmp_path, sft_dir):
     config = maths_config(tmp_path, sft_dir, ["answer"])
     cli = cli_main(["fit", "--config", config, "--model.init_args.reward=tests.test_reward_fields.right_sum"])
-    assert cli.model.reward is right_sum and "train/reward" in cli.trainer.callback_metrics
+    reward = cli.model.reward
+    assert (reward.__module__, reward.__name__) == ("tests.test_reward_fields", "right_sum")
+    assert "train/reward" in cli.trainer.callback_metrics
