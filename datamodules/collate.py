@@ -67,7 +67,8 @@ class PairCollator:
                           fields={name: [e["fields"][name] for e in examples] for name in examples[0].get("fields", {})})
         if "chosen_ids" in examples[0]:
             batch.chosen = sequences(prompts, [e["chosen_ids"] for e in examples], self.pad_token_id)
-            batch.rejected = sequences(prompts, [e["rejected_ids"] for e in examples], self.pad_token_id)
             batch.chosen_text = [e["chosen"] for e in examples]
+        if "rejected_ids" in examples[0]:
+            batch.rejected = sequences(prompts, [e["rejected_ids"] for e in examples], self.pad_token_id)
             batch.rejected_text = [e["rejected"] for e in examples]
         return batch

@@ -1,7 +1,8 @@
 """PairDataModule: the one datamodule shared by the SFT, reward and RL stages.
 
 Records are `{prompt, chosen, rejected}`. SFT trains on (prompt, chosen), the reward stage on all three, RL on
-prompts (`prompts_only: true` accepts records without responses). Every batch is a `datamodules.batch.PairBatch`.
+prompts (`prompts_only: true` accepts records without responses; `chosen_only: true` records without a rejected
+response, for SFT on demonstrations). Every batch is a `datamodules.batch.PairBatch`.
 """
 from __future__ import annotations
 
@@ -24,6 +25,8 @@ class PairDataModule(L.LightningDataModule):
         max_length: prompt + response tokens; longer responses are cut (counted in the log).
         max_prompt_length: longer prompts are bad records (they would leave no room for a response).
         prompts_only: records need only a prompt (RL on a prompt set).
+        chosen_only: records need a prompt and a chosen response only (SFT on demonstrations, e.g. `{prompt,
+            completion}` with `fields: {chosen: completion}`); batches then have no `rejected`.
         skip_invalid: drop bad records with a logged count instead of raising.
         batch_size: records per training batch (prompts per rollout in RL).
         val_batch_size: records per validation batch (None: batch_size).
@@ -37,7 +40,8 @@ class PairDataModule(L.LightningDataModule):
 
     def __init__(self, source: Source, tokenizer: str | None = None, fields: FieldMap | None = None,
                  batch_size: int = 16, val_batch_size: int | None = None, max_length: int = 64,
-                 max_prompt_length: int = 32, prompts_only: bool = False, skip_invalid: bool = False,
+                 max_prompt_length: int = 32, prompts_only: bool = False, chosen_only: bool = False,
+                 skip_invalid: bool = False,
                  num_workers: int = 0, seed: int = 0, reward_fields: list[str] | None = None):
         super().__init__()
         for name, value, least in (("batch_size", batch_size, 1), ("val_batch_size", val_batch_size or 1, 1),
@@ -49,7 +53,10 @@ class PairDataModule(L.LightningDataModule):
         self.tokenizer_path = tokenizer or _source_tokenizer(source)
         self.batch_size, self.val_batch_size = batch_size, val_batch_size or batch_size
         self.max_length, self.max_prompt_length = max_length, max_prompt_length
-        self.prompts_only, self.skip_invalid = prompts_only, skip_invalid
+        if prompts_only and chosen_only:
+            raise ValueError("PairDataModule: prompts_only and chosen_only are both true; expected at most one (prompts "
+                             "alone, or prompts with a chosen response)")
+        self.prompts_only, self.chosen_only, self.skip_invalid = prompts_only, chosen_only, skip_invalid
         self.num_workers, self.seed = num_workers, seed
         self.reward_fields = tuple(reward_fields or ())
         taken = [name for name in self.reward_fields if name in ("prompts", "responses", "responses_a", "responses_b")]
@@ -67,6 +74,11 @@ class PairDataModule(L.LightningDataModule):
             self._tokenizer = load_tokenizer(self.tokenizer_path)
         return self._tokenizer
 
+    @property
+    def responses(self) -> str:
+        """What each record holds besides its prompt: 'pairs' (chosen and rejected), 'chosen', or 'none'."""
+        return "none" if self.prompts_only else "chosen" if self.chosen_only else "pairs"
+
     def setup(self, stage: str | None = None) -> None:
         for split in ("train", "val"):
             if split not in self.splits:
@@ -82,7 +94,7 @@ class PairDataModule(L.LightningDataModule):
         origin, rows = self.source.load_prompts(split) if prompts else self.source.load(split)
         if not rows:
             raise DataError(f"{origin}: the {split} split is empty{_why_empty(self.source, split)}")
-        need = ("prompt",) if self.prompts_only else FIELDS
+        need = {"none": ("prompt",), "chosen": ("prompt", "chosen"), "pairs": FIELDS}[self.responses]
         first = self.source.first_index(split) if hasattr(self.source, "first_index") else 0
         return origin, validate_records(rows, origin, self.fields, need, self.skip_invalid, first, self.reward_fields)
 
@@ -118,7 +130,7 @@ class PairDataModule(L.LightningDataModule):
             example["fields"] = rec["fields"]
         if not self.prompts_only:
             room = self.max_length - len(prompt_ids)
-            for key in ("chosen", "rejected"):
+            for key in ("chosen",) if self.chosen_only else ("chosen", "rejected"):
                 ids = encode_response(self.tokenizer, rec[key])
                 example["_cut"] += len(ids) > room
                 example[f"{key}_ids"], example[key] = ids[:room], rec[key]

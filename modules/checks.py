@@ -88,6 +88,22 @@ def check_positions(owner: str, tokens: int, why: str, models: dict) -> None:
                               f"max_position_embeddings ({limit}); lower them")
 
 
+RESPONSES = {"pairs": "chosen and rejected responses", "chosen": "a chosen response", "none": "no response"}
+
+
+def check_responses(owner: str, datamodule, need: str) -> None:
+    """The data's records hold what the stage trains on (`need`: 'chosen' for SFT, 'pairs' for the reward,
+    preference and offline DPO stages), or a ConfigError before anything runs. Before: an AttributeError traceback
+    at the first batch (SFT on `prompts_only: true` data)."""
+    has = getattr(datamodule, "responses", None)
+    if has is None or has == need or (need == "chosen" and has == "pairs"):
+        return
+    setting = "prompts_only: true" if has == "none" else "chosen_only: true"
+    fix = ("set it false (records {prompt, chosen} need data chosen_only: true)" if need == "chosen"
+           else "set it false: records {prompt, chosen, rejected}")
+    raise ConfigError(f"{owner} trains on {RESPONSES[need]}; data {setting} reads {RESPONSES[has]}: {fix}")
+
+
 def check_calibration_prompts(owner: str, datamodule) -> None:
     """The validation split holds the 2 prompts a reward or preference calibration needs at least (the std of
     their scores is the scale the export stores; of one score it is NaN), or a ConfigError before training."""

@@ -21,7 +21,7 @@ from modules import optimizers
 from modules.backbone import BackboneSpec, build_causal_lm, load_tokenizer, reference_of
 from modules.batch import Rollout
 from modules.checkpoints import TrainedOnlyCheckpoints
-from modules.checks import check_positions
+from modules.checks import check_positions, check_responses
 from modules.export import export_model
 from modules.forward import in_parts, micro_batch_ranges, response_logprobs, target_logprobs
 from modules.sampling import SamplingConfig
@@ -74,6 +74,9 @@ class OfflineDPOModule(TrainedOnlyCheckpoints, L.LightningModule):
         if self.policy is None:
             self.policy, self.reference = build_with_reference(      # reference None: LoRA's base
                 build_causal_lm, self.policy_spec, self.tokenizer, fsdp_mesh(self))
+
+    def setup(self, stage: str) -> None:
+        check_responses("OfflineDPOModule", self.trainer.datamodule, "pairs")
 
     def on_fit_start(self) -> None:
         if hasattr(self.trainer.datamodule, "max_length"):      # (the pair datamodule; None without one)

@@ -24,7 +24,7 @@ from modules import functional as F
 from modules import optimizers
 from modules.backbone import BackboneSpec, build_scorer, load_tokenizer
 from modules.checkpoints import TrainedOnlyCheckpoints
-from modules.checks import check_calibration_prompts, check_positions
+from modules.checks import check_calibration_prompts, check_positions, check_responses
 from modules.export import export_model
 from modules.forward import in_parts, micro_batch_ranges, sequence_rewards
 from modules.reward_model import read_last_token_when_pad_is_eos
@@ -138,6 +138,9 @@ class PreferenceModule(TrainedOnlyCheckpoints, L.LightningModule):
     def configure_model(self) -> None:
         if self.scorer is None:
             self.scorer = build_sharded(build_scorer, self.backbone, self.tokenizer, fsdp_mesh(self))
+
+    def setup(self, stage: str) -> None:
+        check_responses("PreferenceModule", self.trainer.datamodule, "pairs")
 
     def on_fit_start(self) -> None:
         data = self.trainer.datamodule

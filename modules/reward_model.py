@@ -22,7 +22,7 @@ from modules import functional as F
 from modules import optimizers
 from modules.backbone import BackboneSpec, build_scorer, load_tokenizer
 from modules.checkpoints import TrainedOnlyCheckpoints
-from modules.checks import check_calibration_prompts, check_positions
+from modules.checks import check_calibration_prompts, check_positions, check_responses
 from modules.export import export_model
 from modules.forward import in_parts, micro_batch_ranges, sequence_rewards
 from modules.sampling import SamplingConfig, sample_policy
@@ -103,6 +103,9 @@ class RewardModule(TrainedOnlyCheckpoints, L.LightningModule):
     def configure_model(self) -> None:
         if self.scorer is None:
             self.scorer = build_sharded(build_scorer, self.backbone, self.tokenizer, fsdp_mesh(self))
+
+    def setup(self, stage: str) -> None:
+        check_responses("RewardModule", self.trainer.datamodule, "pairs")
 
     def on_fit_start(self) -> None:
         if hasattr(self.trainer.datamodule, "max_length"):      # (the pair datamodule; None without one)

@@ -11,7 +11,7 @@ from modules import functional as F
 from modules import optimizers
 from modules.backbone import BackboneSpec, build_causal_lm, load_tokenizer
 from modules.checkpoints import TrainedOnlyCheckpoints
-from modules.checks import check_positions
+from modules.checks import check_positions, check_responses
 from modules.export import export_model
 from modules.forward import in_parts, micro_batch_ranges, target_logprobs
 from modules.sharding import build_sharded, fsdp_mesh
@@ -55,6 +55,9 @@ class SFTModule(TrainedOnlyCheckpoints, L.LightningModule):
     def configure_model(self) -> None:
         if self.policy is None:
             self.policy = build_sharded(build_causal_lm, self.backbone, self.tokenizer, fsdp_mesh(self))
+
+    def setup(self, stage: str) -> None:
+        check_responses("SFTModule", self.trainer.datamodule, "chosen")
 
     def on_fit_start(self) -> None:
         if hasattr(self.trainer.datamodule, "max_length"):      # (the pair datamodule; None without one)
