@@ -1,4 +1,5 @@
-"""Adapters from public preference-data layouts to `{prompt, chosen, rejected}`.
+"""Adapters from public data layouts to `{prompt, chosen, rejected}` (preference data) or to `{prompt, chosen,
+answer}` (a verifiable task: `GSM8K`).
 
 Each adapter wraps another source (a `HubDataset`, `LocalFiles`, ...) and converts its rows. A row that cannot
 be converted becomes `{"_invalid": (field, reason)}`, which validation turns into a DataError naming the record
@@ -10,6 +11,8 @@ and field, or a counted skip with `skip_invalid: true`.
         source: {class_path: datamodules.sources.HubDataset, init_args: {name: Anthropic/hh-rlhf}}
 """
 from __future__ import annotations
+
+import re
 
 from datamodules.sources import Source
 
@@ -123,3 +126,44 @@ class CarperTLDR(_Adapter):
             prompt = f"{prompt}\n{self.CUE}"
         strip = lambda s: s.strip()[len(self.CUE):].strip() if s.strip().startswith(self.CUE) else s.strip()  # noqa
         return {"prompt": prompt, "chosen": strip(out["chosen"]), "rejected": strip(out["rejected"])}
+
+
+CALCULATOR = re.compile(r"<<[^<>]*>>")
+
+
+class GSM8K(_Adapter):
+    """`openai/gsm8k` (config `main`): `question`, and `answer`, a worked solution ending in "#### <number>". Gives
+    `{prompt: question + instruction, chosen: the solution, answer: the number}`: SFT on the solutions (data
+    `chosen_only: true`), then RL on the questions (`prompts_only: true`) with `reward_fields: [answer]` and a
+    verifiable reward such as `modules.verifiable.AnswerMatch(field: answer)`.
+
+    Args:
+        source: the source whose rows are converted.
+        instruction: appended to each question (after a blank line); empty for none.
+        strip_calculator: drop the dataset's calculator annotations from the solutions ("48/2 = <<48/2=24>>24"
+            -> "48/2 = 24").
+
+    Example: {question: "Natalia sold 48 clips ... How many clips did she sell?", answer: "... = <<48+24=72>>72
+    clips.\n#### 72"} -> {prompt: "Natalia sold ... sell?\n\n" + instruction, chosen: "... = 72 clips.\n#### 72",
+    answer: "72"}.
+    """
+
+    INSTRUCTION = "Solve it step by step; end with #### and the final number."
+
+    def __init__(self, source: Source, instruction: str = INSTRUCTION, strip_calculator: bool = True):
+        super().__init__(source)
+        self.instruction, self.strip_calculator = instruction, strip_calculator
+
+    def convert(self, row) -> dict:
+        question, solution = _text(row, "question"), _text(row, "answer")
+        if not question or not question.strip():
+            return {"_invalid": ("question", "missing, empty or not a string")}
+        if solution is None or "####" not in solution:
+            return {"_invalid": ("answer", "missing, not a string, or without '#### <final answer>'")}
+        final = solution.rsplit("####", 1)[1].strip().replace(",", "")
+        if not final:
+            return {"_invalid": ("answer", "nothing after '####'")}
+        if self.strip_calculator:
+            solution = CALCULATOR.sub("", solution)
+        prompt = question.strip() + (f"\n\n{self.instruction}" if self.instruction else "")
+        return {"prompt": prompt, "chosen": solution.strip(), "answer": final}

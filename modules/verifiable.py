@@ -17,14 +17,15 @@ class AnswerMatch:
 
     Args:
         field: the record field holding the reference answer; list it in the data's `reward_fields`.
-        extract: how an answer is read from a response: `last_number` (the last number in it; thousands commas
-            dropped, compared as numbers within `tolerance`), `boxed` (the text inside the last `\\boxed{...}`,
-            braces balanced), `all` (the whole response), or a regular expression whose first group (else its
-            whole match) is the answer, at its last match. The reference is read the same way when it holds such
-            an answer (GSM8K's "... #### 72" gives 72), else taken whole.
+        extract: how an answer is read from a response: `last_number` (the last number in it), `boxed` (the text
+            inside the last `\\boxed{...}`, braces balanced), `all` (the whole response), or a regular expression
+            whose first group (else its whole match) is the answer, at its last match (e.g. `####\\s*(\\S+)`). The
+            reference is read the same way when it holds such an answer (GSM8K's "... #### 72" gives 72), else
+            taken whole.
         tolerance: numbers closer than this (absolute) are equal.
 
-    Texts are compared with surrounding whitespace and `$` dropped, and inner whitespace collapsed.
+    Two answers that are both numbers (thousands commas dropped: "1,000" is 1000) are compared as numbers within
+    `tolerance`; otherwise as texts, with surrounding whitespace and `$` dropped and inner whitespace collapsed.
     Examples: extract `last_number`, answer "72": "She sold 48 + 24 = 72 clips." -> 1.0; "72.0" -> 1.0;
     "about 70" -> 0.0; "no idea" -> 0.0. Extract `boxed`, answer "\\frac{1}{2}": "so \\boxed{\\frac{1}{2}}" -> 1.0.
     """
@@ -51,10 +52,9 @@ class AnswerMatch:
             return False
         want = answer if isinstance(answer, (int, float)) and not isinstance(answer, bool) else \
             (self.read(str(answer)) or _normal(str(answer)))
-        if self.extract == "last_number":
-            numbers = [_number(x) for x in (got, want)]
-            if None not in numbers:
-                return math.isclose(numbers[0], numbers[1], rel_tol=0.0, abs_tol=self.tolerance)
+        numbers = [_number(x) for x in (got, want)]
+        if None not in numbers:                 # two numbers (whatever read them): equal within the tolerance
+            return math.isclose(numbers[0], numbers[1], rel_tol=0.0, abs_tol=self.tolerance)
         return _normal(str(got)) == _normal(str(want))
 
     def read(self, text: str) -> str | None:

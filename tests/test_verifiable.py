@@ -93,3 +93,10 @@ def test_the_sum_task_records_carry_their_answer_and_demonstrations_right_at_the
     assert task.load("val")[1] != SumTask(num_train=2000, num_val=10, max_operand=5, seed=0).load("train")[1][:10]
     with pytest.raises(ValueError, match=r"SumTask: accuracy=1.5; expected a share in \[0, 1\]"):
         SumTask(accuracy=1.5)
+
+
+def test_two_numbers_compare_as_numbers_whatever_read_them():
+    """GSM8K's format read by a regex: "#### 1,000" against the reference "1000" (or the raw "... #### 1000")."""
+    rule = AnswerMatch(extract=r"####\s*(\S+)")
+    assert rule(["q"] * 4, ["so #### 1,000", "so #### 1000.0", "1000", "#### about"],
+                answer=["1000", "work ... #### 1000", "1000", "about"]) == [1.0, 1.0, 0.0, 1.0]
