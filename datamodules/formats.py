@@ -144,8 +144,8 @@ class GSM8K(_Adapter):
             -> "48/2 = 24").
 
     Example: {question: "Natalia sold 48 clips ... How many clips did she sell?", answer: "... = <<48+24=72>>72
-    clips.\n#### 72"} -> {prompt: "Natalia sold ... sell?\n\n" + instruction, chosen: "... = 72 clips.\n#### 72",
-    answer: "72"}.
+    clips.\\n#### 72"} -> {prompt: "Natalia sold ... sell?\\n\\n" + instruction, chosen: "... = 72
+    clips.\\n#### 72", answer: "72"}.
     """
 
     INSTRUCTION = "Solve it step by step; end with #### and the final number."
