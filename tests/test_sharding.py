@@ -253,7 +253,8 @@ CASES = {
 def run_case(tmp_path, sft_dir: str, reward_dir: str, case: str, name: str, preference_dir: str | None = None,
              **trainer) -> tuple[list[dict], str]:
     """One run of CASES[case] through train.py with `trainer` settings (devices, strategy, accelerator): each
-    rank's `ParamDigest` and the HF export's directory. The P3O case scores with a reward-stage export, the LoRA
+    rank's `ParamDigest` and the HF export's directory. The P3O case scores with a reward-stage export (a term of a
+    `Composed` reward, beside the gold reward), the LoRA
     P3O case with an LLM judge as its pairwise reward and evaluates with a preference-model export as its judge
     (each sharded too under FSDP2); the PPO case trains a value model."""
     stage, model, _ = CASES[case]
@@ -263,9 +264,12 @@ def run_case(tmp_path, sft_dir: str, reward_dir: str, case: str, name: str, pref
     if stage == "rl":
         extra = {"value_model": {"pretrained": sft_dir}} if case == "ppo" else {}
         evaluation = {}
-        if case == "p3o":
-            extra["reward"] = {"class_path": "modules.rewards.RewardModel",
-                               "init_args": {"path": reward_dir, "normalize": False}}
+        if case == "p3o":               # a reward model as a term of a composed reward, beside the gold reward
+            extra["reward"] = {"class_path": "modules.rewards.Composed", "init_args": {
+                "rewards": {"preference": {"class_path": "modules.rewards.RewardModel",
+                                           "init_args": {"path": reward_dir, "normalize": False}},
+                            "gold": {"class_path": "datamodules.task.GoldReward"}},
+                "weights": {"gold": 0.5}}}
         if case == "p3o_lora":          # an LLM as the pairwise reward, a preference model as the judge
             extra["reward"] = {"class_path": "modules.judges.LLMJudge",
                                "init_args": {"model": sft_dir, "labels": ["great", "awful"], "batch_size": 3}}
@@ -284,17 +288,17 @@ def run_case(tmp_path, sft_dir: str, reward_dir: str, case: str, name: str, pref
 @pytest.mark.slow
 @pytest.mark.parametrize("case", list(CASES))
 def test_fsdp2_trains_like_ddp_and_exports_whole_weights(tmp_path, sft_dir, reward_dir, preference_dir, case):
-    """A run on 2 CPU processes under FSDP2 (every model sharded: policy, reference, value, the reward stage's
-    scorer, the P3O run's reward model, the LoRA P3O run's LLM judge as its pairwise reward and its evaluation's
-    preference-model judge; LoRA adapters over a sharded base; SFT, reward and P3O in micro-batches, whose count
-    the ranks agree on): each rank trains on its own prompts and both end with the same weights. The RL runs equal
+    """A run on 2 CPU processes under FSDP2 (every model sharded: policy, reference, value, the reward stage's scorer, the
+    P3O run's reward model (inside a composed reward), the LoRA P3O run's LLM judge as its pairwise reward and its
+    evaluation's preference-model judge; LoRA adapters over a sharded base; SFT, reward and P3O in micro-batches, whose
+    count the ranks agree on): each rank trains on its own prompts and both end with the same weights. The RL runs equal
     the same run under DDP within 1e-6 (float rounding of a reduce-scatter instead of an all-reduce), evaluation
-    included (LoRA P3O: its metrics, the judge's win rate among them, within 1e-6). LoRA P3O's weights are within
-    5e-6 (measured 1.3e-6): it trains on the tiny LLM judge's verdicts asked in both orders, (f(a, b) - f(b, a)) / 2,
-    about 3e-5 where f itself is about 0.24 (position bias), so the sharded judge's rounding (about 1e-7, within the
-    1e-5 tested above) is a few thousandths of the signal, and AdamW's normalised step passes that on to the weights.
-    The FSDP2 export, gathered on rank 0, loads with plain transformers and holds exactly the trained weights
-    (LoRA merged: compared with DDP's export)."""
+    included (LoRA P3O: its metrics, the judge's win rate among them, within 1e-6). LoRA P3O's weights are within 5e-6
+    (measured 1.3e-6): it trains on the tiny LLM judge's verdicts asked in both orders, (f(a, b) - f(b, a)) / 2, about
+    3e-5 where f itself is about 0.24 (position bias), so the sharded judge's rounding (about 1e-7, within the 1e-5
+    tested above) is a few thousandths of the signal, and AdamW's normalised step passes that on to the weights. The
+    FSDP2 export, gathered on rank 0, loads with plain transformers and holds exactly the trained weights (LoRA merged:
+    compared with DDP's export)."""
     stage, _, against_ddp = CASES[case]
     tolerance = 5e-6 if case == "p3o_lora" else 1e-6
     digests, exports = {}, {}
