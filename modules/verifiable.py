@@ -16,7 +16,8 @@ class AnswerMatch:
     MATH-style correctness).
 
     Args:
-        field: the record field holding the reference answer; list it in the data's `reward_fields`.
+        field: the record field holding the reference answer (or a list of accepted answers); list it in the
+            data's `reward_fields`.
         extract: how an answer is read from a response: `last_number` (the last number in it), `boxed` (the text
             inside the last `\\boxed{...}`, braces balanced), `all` (the whole response), or a regular expression
             whose first group (else its whole match) is the answer, at its last match (e.g. `####\\s*(\\S+)`). The
@@ -47,9 +48,12 @@ class AnswerMatch:
         return [float(self.matches(response, answer)) for response, answer in zip(responses, answers)]
 
     def matches(self, response: str, answer) -> bool:
+        """The response's answer equals `answer` (any of them, for a list of accepted answers)."""
         got = self.read(response)
         if got is None:
             return False
+        if isinstance(answer, (list, tuple)):
+            return any(self.matches(response, one) for one in answer)
         want = answer if isinstance(answer, (int, float)) and not isinstance(answer, bool) else \
             (self.read(str(answer)) or _normal(str(answer)))
         numbers = [_number(x) for x in (got, want)]

@@ -100,3 +100,9 @@ def test_two_numbers_compare_as_numbers_whatever_read_them():
     rule = AnswerMatch(extract=r"####\s*(\S+)")
     assert rule(["q"] * 4, ["so #### 1,000", "so #### 1000.0", "1000", "#### about"],
                 answer=["1000", "work ... #### 1000", "1000", "about"]) == [1.0, 1.0, 0.0, 1.0]
+
+
+def test_a_list_of_accepted_answers():
+    rule = AnswerMatch(extract="boxed")
+    assert rule(["q"] * 3, ["\\boxed{1/2}", "\\boxed{0.5}", "\\boxed{2}"],
+                answer=[["1/2", "0.5"], ["1/2", "0.5"], ["1/2", "0.5"]]) == [1.0, 1.0, 0.0]
