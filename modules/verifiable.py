@@ -1,11 +1,18 @@
-"""Verifiable rewards: a rule checks each response against the record it answers (a reference answer kept with
-the prompt by `PairDataModule reward_fields`), or against a required format. Each returns 1.0 or 0.0 per
-response, and composes with others in `modules.rewards.Composed` (e.g. correctness plus a small format bonus).
+"""Verifiable rewards: a rule checks each response against the record it answers (a reference answer or tests
+kept with the prompt by `PairDataModule reward_fields`), or against a required format. Each returns 1.0 or 0.0
+per response (`PythonTests` optionally the share of tests passed), and composes with others in
+`modules.rewards.Composed` (e.g. correctness plus a small format bonus).
 """
 from __future__ import annotations
 
 import math
+import os
 import re
+import signal
+import subprocess
+import sys
+import tempfile
+from concurrent.futures import ThreadPoolExecutor
 
 NUMBER = re.compile(r"[-+]?(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?(?:[eE][-+]?\d+)?|[-+]?\.\d+")
 EXTRACTS = ("last_number", "boxed", "all")
@@ -151,3 +158,71 @@ def _last_boxed(text: str) -> str | None:
         if depth == 0:
             return text[begin:i]
     return None
+
+
+FENCED = re.compile(r"```(?:python|py)?[ \t]*\n(.*?)```", re.DOTALL)
+
+
+class PythonTests:
+    """1.0 where the Python code of a response passes the record's tests, else 0.0 (with `partial`: the share of
+    its tests passed): a coding task's verifiable reward.
+
+    Args:
+        field: the record field holding the tests: Python source run after the response's code (asserts; a test
+            passes when the program exits with status 0), or a list of such sources, each one test. List it in the
+            data's `reward_fields`.
+        timeout: seconds each test may run; one that runs longer is killed and fails.
+        partial: the share of a record's tests passed, instead of 1.0 only when all pass.
+        workers: tests run at once (processes).
+
+    The code is the last fenced block of the response (```python ... ```), else the whole response. Each test
+    runs in a fresh interpreter (`python -I`: no user site or environment variables) in an empty temporary
+    directory, with no input and a minimal environment. **That is not a sandbox**: model-written code runs with
+    your permissions. For code from a model you do not trust, serve a sandbox and use
+    `modules.remote.RemoteReward`.
+
+    Example: tests ["assert add(1, 2) == 3", "assert add(-1, 1) == 0"]; "def add(a, b): return a + b" -> 1.0;
+    "def add(a, b): return a * b" -> 0.0 (partial: 0.0, as 1*2 != 3 and -1*1 != 0); "def add(a, b): return abs(a)
+    + b" -> 0.0 (partial: 0.5); "while True: pass" -> 0.0 (killed after `timeout`).
+    """
+
+    def __init__(self, field: str = "tests", timeout: float = 5.0, partial: bool = False, workers: int = 2):
+        if not timeout > 0 or workers < 1:
+            raise ValueError(f"PythonTests: timeout={timeout}, workers={workers}; expected timeout > 0 and workers >= 1")
+        self.field, self.timeout, self.partial, self.workers = field, timeout, partial, workers
+        self.record_fields = (field,)
+
+    def __call__(self, prompts: list[str], responses: list[str], **fields) -> list[float]:
+        jobs = [(i, code_of(response), test) for i, (response, tests) in enumerate(zip(responses, fields[self.field]))
+                for test in (tests if isinstance(tests, list) else [tests])]
+        with ThreadPoolExecutor(self.workers) as pool:
+            passed = list(pool.map(lambda job: self.passes(job[1], str(job[2])), jobs))
+        out = []
+        for i in range(len(responses)):
+            mine = [ok for (row, _, _), ok in zip(jobs, passed) if row == i]
+            share = sum(mine) / len(mine) if mine else 0.0
+            out.append(share if self.partial else float(share == 1.0))
+        return out
+
+    def passes(self, code: str, test: str) -> bool:
+        """`code` then `test` run as one program exits with status 0 within `timeout`."""
+        with tempfile.TemporaryDirectory() as folder:
+            path = os.path.join(folder, "program.py")
+            with open(path, "w") as handle:
+                handle.write(f"{code}\n\n{test}\n")
+            # its own process group: on timeout, whatever the program started is killed with it
+            process = subprocess.Popen([sys.executable, "-I", path], cwd=folder, stdin=subprocess.DEVNULL,
+                                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+                                       env={"PATH": os.environ.get("PATH", ""), "PYTHONHASHSEED": "0"})
+            try:
+                return process.wait(timeout=self.timeout) == 0
+            except subprocess.TimeoutExpired:
+                os.killpg(process.pid, signal.SIGKILL)
+                process.wait()
+                return False
+
+
+def code_of(response: str) -> str:
+    """The last fenced code block of a response (```python ... ```, ```py or bare ```), else the whole response."""
+    blocks = FENCED.findall(response)
+    return blocks[-1] if blocks else response

@@ -12,7 +12,8 @@ EXTRA = ["modules.engines.Sampler", "modules.engines.MismatchCorrection", "modul
          "modules.backbone.BackboneSpec", "datamodules.sources.FieldMap",   # nested without a class_path of their own
          "datamodules.sources.LocalFiles", "datamodules.formats.CarperTLDR",  # named by the README
          "modules.rewards.DifferenceOf", "modules.rewards.PromptShift",
-         "modules.remote.RemoteReward", "modules.remote.RemotePairwiseReward", "modules.verifiable.Contains"]
+         "modules.remote.RemoteReward", "modules.remote.RemotePairwiseReward", "modules.verifiable.Contains",
+         "modules.verifiable.PythonTests"]
 
 
 def _class_paths(node, out: set) -> set:

@@ -106,3 +106,24 @@ def test_a_list_of_accepted_answers():
     rule = AnswerMatch(extract="boxed")
     assert rule(["q"] * 3, ["\\boxed{1/2}", "\\boxed{0.5}", "\\boxed{2}"],
                 answer=[["1/2", "0.5"], ["1/2", "0.5"], ["1/2", "0.5"]]) == [1.0, 1.0, 0.0]
+
+
+def test_python_tests():
+    """Docstring example (timeout 0.5 s here): add as +, as *, as abs(a) + b, an endless loop; and the code of
+    the last fenced block. The endless loop is killed with what it started (its process group)."""
+    import time
+
+    from modules.verifiable import PythonTests, code_of
+
+    tests = ["assert add(1, 2) == 3", "assert add(-1, 1) == 0"]
+    responses = ["def add(a, b): return a + b", "def add(a, b): return a * b", "def add(a, b): return abs(a) + b",
+                 "import subprocess, sys\nsubprocess.Popen([sys.executable, '-c', 'while True: pass'])\nwhile True: pass",
+                 "Sure:\n```python\ndef add(a, b):\n    return a + b\n```\nand `add(1, 2)` is 3."]
+    start = time.time()
+    assert PythonTests(timeout=0.5)(["q"] * 5, responses, tests=[tests] * 5) == [1.0, 0.0, 0.0, 0.0, 1.0]
+    assert PythonTests(timeout=0.5, partial=True)(["q"] * 5, responses, tests=[tests] * 5) == [1.0, 0.0, 0.5, 0.0, 1.0]
+    assert time.time() - start < 20                                 # the endless loops were cut at 0.5 s
+    assert PythonTests()(["q"], ["x = 1"], tests=["assert x == 1"]) == [1.0]      # one test as a string
+    assert code_of("```py\na = 1\n```\n```\nb = 2\n```") == "b = 2\n" and code_of("plain") == "plain"
+    with pytest.raises(ValueError, match=r"PythonTests: timeout=0, workers=2; expected timeout > 0"):
+        PythonTests(timeout=0)
