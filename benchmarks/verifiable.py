@@ -1,13 +1,13 @@
-"""Learning from a verifiable reward: P3O, RLOO and GRPO on the embedded sum task, whose reward is 1 where the
-response's number is the record's answer, else 0 (`modules.verifiable.AnswerMatch`).
+"""Learning from a verifiable reward: P3O, RLOO and GRPO (and P3O over 4 responses) on the embedded sum task,
+whose reward is 1 where the response's number is the record's answer, else 0 (`modules.verifiable.AnswerMatch`).
 
-    python benchmarks/verifiable.py            # 3 objectives x 5 seeds, 80 rollouts each (~10 min on 2 cores)
+    python benchmarks/verifiable.py            # 4 objectives x 5 seeds, 80 rollouts each (~4 min on 2 cores)
     python benchmarks/verifiable.py --quick    # every objective, 1 seed, 3 rollouts (CI-sized)
 
 Every run starts from one SFT export of configs/quickstart/sums_sft.yaml (demonstrations right half of the time)
 and runs configs/quickstart/sums_p3o.yaml with only the objective swapped: the same responses per rollout (64:
-32 prompts x 2, or 16 x 4 for GRPO-4), minibatches of 16 responses, learning rate, KL coefficient, and the same
-evaluation every 10 rollouts on the same 200 held-out prompts, sampled at temperature 1. The accuracy reported is
+32 prompts x 2, or 16 x 4 for GRPO-4 and P3O-4), minibatches of 16 responses, learning rate, KL coefficient, and
+the same evaluation every 10 rollouts on the same 200 held-out prompts, sampled at temperature 1. The accuracy reported is
 that evaluation's `val/gold_reward`: the share of right sums.
 Writes, under --out: points.csv, table.md, accuracy.png.
 """
@@ -34,6 +34,8 @@ ARMS = {
                 "init_args": {"variant": "v2", "clip_eps": 0.2, "kl_coef": 0.05, "is_cap": 10.0}}),
     "RLOO": (2, {"class_path": "modules.objectives.rloo.RLOO", "init_args": {"k": 2, "kl_coef": 0.05, "clip_eps": 0.2}}),
     "GRPO-4": (4, {"class_path": "modules.objectives.grpo.GRPO", "init_args": {"k": 4, "kl_coef": 0.05, "clip_eps": 0.2}}),
+    "P3O-4": (4, {"class_path": "modules.objectives.p3o.P3O",
+                  "init_args": {"variant": "v2", "k": 4, "clip_eps": 0.2, "kl_coef": 0.05, "is_cap": 10.0}}),
 }
 BASELINE = "P3O"
 
