@@ -1,7 +1,7 @@
-"""Learning from a verifiable reward: P3O, RLOO and GRPO (and P3O over 4 responses) on the embedded sum task,
+"""Learning from a verifiable reward: P3O, RLOO and GRPO (and two P3O variants) on the embedded sum task,
 whose reward is 1 where the response's number is the record's answer, else 0 (`modules.verifiable.AnswerMatch`).
 
-    python benchmarks/verifiable.py            # 4 objectives x 5 seeds, 80 rollouts each (~4 min on 2 cores)
+    python benchmarks/verifiable.py            # 5 objectives x 5 seeds, 80 rollouts each (~5 min on 2 cores)
     python benchmarks/verifiable.py --quick    # every objective, 1 seed, 3 rollouts (CI-sized)
 
 Every run starts from one SFT export of configs/quickstart/sums_sft.yaml (demonstrations right half of the time)
@@ -36,6 +36,9 @@ ARMS = {
     "GRPO-4": (4, {"class_path": "modules.objectives.grpo.GRPO", "init_args": {"k": 4, "kl_coef": 0.05, "clip_eps": 0.2}}),
     "P3O-4": (4, {"class_path": "modules.objectives.p3o.P3O",
                   "init_args": {"variant": "v2", "k": 4, "clip_eps": 0.2, "kl_coef": 0.05, "is_cap": 10.0}}),
+    "P3O scale_q": (2, {"class_path": "modules.objectives.p3o.P3O",          # rewards / their running std
+                        "init_args": {"variant": "v2", "clip_eps": 0.2, "kl_coef": 0.05, "is_cap": 10.0,
+                                      "scale_q": True}}),
 }
 BASELINE = "P3O"
 
@@ -71,7 +74,7 @@ def main() -> None:
         k, objective = ARMS[name]
         for seed in args.seeds:
             t0 = time.time()
-            run = run_one(CONFIG, f"{name}-s{seed}", seed, args.out, rollouts=args.rollouts,
+            run = run_one(CONFIG, f"{name.replace(' ', '_')}-s{seed}", seed, args.out, rollouts=args.rollouts,
                           responses_per_rollout=args.responses_per_rollout, minibatch_responses=args.minibatch_responses,
                           k=k, eval_every=args.eval_every, eval_prompts=args.eval_prompts, exports=args.exports,
                           model={"reward": REWARD, "objective": objective})

@@ -113,7 +113,7 @@ def test_verifiable_quick_builds_its_sft_export_and_reports_every_objective(tmp_
     _run("verifiable.py", tmp_path / "exports", tmp_path / "out")
     assert (tmp_path / "exports" / "sft" / "config.json").exists() and (tmp_path / "out" / "accuracy.png").exists()
     table = (tmp_path / "out" / "table.md").read_text()
-    for arm in ("P3O", "RLOO", "GRPO-4", "P3O-4"):
+    for arm in ("P3O", "RLOO", "GRPO-4", "P3O-4", "P3O scale_q"):
         assert f"| {arm} |" in table
     import csv
 
