@@ -21,7 +21,8 @@ class SumTask(Source):
     Args:
         num_train: training records.
         num_val: validation records.
-        max_operand: operands are drawn from 0..max_operand.
+        max_operand: operands are drawn from 0..max_operand (at 9, the quickstart's 2-layer SFT policy learns too
+            little of the sums for RL to sharpen: 0.33-0.41 held-out accuracy, at best 0.47 after P3O).
         accuracy: the share of demonstrations that are right.
         seed: everything is a function of it.
         cache_dir: where the word-level tokenizer is saved.
@@ -29,7 +30,7 @@ class SumTask(Source):
 
     name = "embedded sum task"
 
-    def __init__(self, num_train: int = 2000, num_val: int = 200, max_operand: int = 9, accuracy: float = 0.5,
+    def __init__(self, num_train: int = 2000, num_val: int = 200, max_operand: int = 5, accuracy: float = 0.5,
                  seed: int = 0, cache_dir: str = "artifacts/tokenizers"):
         for name, value, least in (("num_train", num_train, 1), ("num_val", num_val, 1), ("max_operand", max_operand, 1)):
             if value < least:

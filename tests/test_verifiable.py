@@ -127,3 +127,23 @@ def test_python_tests():
     assert code_of("```py\na = 1\n```\n```\nb = 2\n```") == "b = 2\n" and code_of("plain") == "plain"
     with pytest.raises(ValueError, match=r"PythonTests: timeout=0, workers=2; expected timeout > 0"):
         PythonTests(timeout=0)
+
+
+def test_python_tests_kill_what_a_test_started_when_it_runs_past_the_timeout(tmp_path):
+    """A response that starts an endless child process and then loops: at the timeout its whole process group is
+    killed, the child included (it is gone, or a zombie waiting for the init process to reap it)."""
+    import os
+    import time
+
+    from modules.verifiable import PythonTests
+
+    pid_file = tmp_path / "child.pid"
+    code = ("import subprocess, sys\n"
+            "child = subprocess.Popen([sys.executable, '-c', 'while True: pass'])\n"
+            f"open({str(pid_file)!r}, 'w').write(str(child.pid))\n"
+            "while True: pass")
+    assert PythonTests(timeout=1.0)(["q"], [code], tests=["pass"]) == [0.0]
+    pid = int(pid_file.read_text())
+    time.sleep(0.2)
+    state = open(f"/proc/{pid}/status").read().split("State:")[1].split()[0] if os.path.exists(f"/proc/{pid}") else None
+    assert state in (None, "Z"), state
