@@ -101,15 +101,13 @@ def build_sft(exports: Path, quick: bool) -> None:
 
 
 def summary(rows: list[dict]) -> dict[str, dict]:
-    """Per objective: {start, end, best: {seed: accuracy}, kl: {seed: KL at the end}, run_s: [seconds]}."""
+    """Per objective: {start, end, best: {seed: accuracy}, kl: {seed: KL at the end}, run_s: {seed: seconds}}."""
     out = {}
-    for row in rows:
+    for row in sorted(rows, key=lambda r: r["rollout"]):        # a run's last evaluation comes last
         arm = out.setdefault(row["objective"], {"start": {}, "end": {}, "best": {}, "kl": {}, "run_s": {}})
         seed = row["seed"]
-        if row["rollout"] == 0:
-            arm["start"][seed] = row["gold"]
-        if row["rollout"] >= max(r["rollout"] for r in rows if r["objective"] == row["objective"] and r["seed"] == seed):
-            arm["end"][seed], arm["kl"][seed] = row["gold"], row["kl"]
+        arm["start"].setdefault(seed, row["gold"])
+        arm["end"][seed], arm["kl"][seed] = row["gold"], row["kl"]
         arm["best"][seed] = max(arm["best"].get(seed, 0.0), row["gold"])
         arm["run_s"][seed] = row["run_s"]
     return out

@@ -32,7 +32,7 @@ from datamodules.collate import PairCollator
 from modules import functional as F
 from modules.checks import ConfigError, check_positions
 from modules.judges import both_orders, win_rate
-from modules.rewards import FrozenModel, field_kwargs, is_pairwise
+from modules.rewards import FrozenModel, check_fields, field_kwargs, is_pairwise
 from modules.sampling import SamplingConfig, sample
 from modules.sharding import fsdp_mesh
 
@@ -84,7 +84,7 @@ class Evaluation(L.Callback):
         if isinstance(self.judge, FrozenModel):           # (Lightning has made the FSDP2 mesh by now)
             self.judge.configure(fsdp_mesh(pl_module))
         if self.reward is not None and trainer.datamodule is not None:     # a field the data does not keep
-            field_kwargs(self.reward, dict.fromkeys(getattr(trainer.datamodule, "reward_fields", ()), []))
+            check_fields(self.reward, getattr(trainer.datamodule, "reward_fields", ()))
 
     def _sampling(self, pl_module) -> SamplingConfig:
         return self.sampling or getattr(pl_module, "sampling", None) or SamplingConfig()

@@ -3,12 +3,10 @@ response instead of scoring it (`modules.verifiable.AnswerMatch`). Built locally
 """
 from __future__ import annotations
 
-import hashlib
-import os
 import random
 
 from datamodules.sources import Source
-from datamodules.task import train_word_tokenizer
+from datamodules.task import cached_word_tokenizer
 
 
 class SumTask(Source):
@@ -63,8 +61,4 @@ class SumTask(Source):
     def tokenizer(self) -> str:
         """A word-level tokenizer over the task's words and numbers (trained once, cached on disk)."""
         corpus = ["add and :", " ".join(str(i) for i in range(2 * self.max_operand + 3))]
-        key = hashlib.sha1("\n".join(corpus).encode()).hexdigest()[:10]
-        path = os.path.join(self.cache_dir, f"sums-{key}")
-        if not os.path.exists(os.path.join(path, "tokenizer.json")):
-            train_word_tokenizer(corpus, path)
-        return path
+        return cached_word_tokenizer(corpus, self.cache_dir, "sums")

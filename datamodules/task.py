@@ -165,12 +165,17 @@ class ReviewTask(Source):
 
     def tokenizer(self) -> str:
         """Train (once, cached on disk) a word-level tokenizer on the task text; returns its directory."""
-        corpus = self.corpus()
-        key = hashlib.sha1("\n".join(corpus).encode()).hexdigest()[:10]
-        path = os.path.join(self.cache_dir, f"reviews-{key}")
-        if not os.path.exists(os.path.join(path, "tokenizer.json")):
-            train_word_tokenizer(corpus, path)
-        return path
+        return cached_word_tokenizer(self.corpus(), self.cache_dir, "reviews")
+
+
+def cached_word_tokenizer(corpus: list[str], cache_dir: str, name: str) -> str:
+    """The directory of a word-level tokenizer trained on `corpus` (`train_word_tokenizer`), trained once and kept
+    under `cache_dir` as `<name>-<hash of the corpus>`."""
+    key = hashlib.sha1("\n".join(corpus).encode()).hexdigest()[:10]
+    path = os.path.join(cache_dir, f"{name}-{key}")
+    if not os.path.exists(os.path.join(path, "tokenizer.json")):
+        train_word_tokenizer(corpus, path)
+    return path
 
 
 def train_word_tokenizer(corpus: list[str], path: str) -> None:

@@ -457,14 +457,20 @@ def field_kwargs(reward, fields: dict[str, list], pairwise: bool = False) -> dic
     params = _parameters(reward)
     if params is None:                      # no signature to read (a builtin): texts only
         return {}
-    missing = [name for name in required_fields(reward, pairwise) if name not in fields]
-    if missing:
-        raise RewardError(f"reward {qualified_name(reward)} takes {', '.join(map(repr, missing))} by keyword, which "
-                          f"no record field provides (fields given: {sorted(fields) or 'none'}); set data.init_args."
-                          f"reward_fields: [{', '.join(missing)}] and give every record that field")
+    check_fields(reward, fields, pairwise)
     if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params):
         return dict(fields)
     return {name: values for name, values in fields.items() if name in {p.name for p in params}}
+
+
+def check_fields(reward, names, pairwise: bool = False) -> None:
+    """A `RewardError` naming what to set unless the record fields `names` hold every field `reward` requires
+    (`required_fields`): the check `field_kwargs` makes at each call, and the stages make before the first rollout."""
+    missing = [name for name in required_fields(reward, pairwise) if name not in set(names)]
+    if missing:
+        raise RewardError(f"reward {qualified_name(reward)} takes {', '.join(map(repr, missing))} by keyword, which "
+                          f"no record field provides (fields given: {sorted(names) or 'none'}); set data.init_args."
+                          f"reward_fields: [{', '.join(missing)}] and give every record that field")
 
 
 def required_fields(reward, pairwise: bool = False) -> list[str]:

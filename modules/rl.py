@@ -37,7 +37,7 @@ from modules.export import export_model
 from modules.forward import response_logprobs, token_scores
 from modules.objectives.base import Objective
 from modules.optimizers import learning_rate
-from modules.rewards import Composed, FrozenModel, field_kwargs, is_pairwise, qualified_name, score_pairs, tournament_scores
+from modules.rewards import Composed, FrozenModel, check_fields, is_pairwise, qualified_name, score_pairs, tournament_scores
 from modules.rewards import score as score_rewards
 from modules.sampling import SamplingConfig
 from modules.sharding import build_sharded, build_with_reference, fsdp_mesh, is_sharded
@@ -165,7 +165,7 @@ class RLModule(TrainedOnlyCheckpoints, L.LightningModule):
     def on_fit_start(self) -> None:
         data = self.trainer.datamodule
         if data is not None:        # a reward that reads a record field the data does not keep: before any rollout
-            field_kwargs(self.reward, dict.fromkeys(getattr(data, "reward_fields", ()), []), is_pairwise(self.reward))
+            check_fields(self.reward, getattr(data, "reward_fields", ()), is_pairwise(self.reward))
         if hasattr(data, "max_prompt_length"):
             terms = self.reward.rewards if isinstance(self.reward, Composed) else {"": self.reward}
             rewards = {f"reward model{' ' + name if name else ''}": term.model for name, term in terms.items()
