@@ -36,6 +36,7 @@ from callbacks.rollout import OnPolicyRollout
 from datamodules.sources import DataError
 from modules.checkpoints import resume_check
 from modules.checks import ConfigError, command_line_problem, config_problem, config_warnings
+from modules.cli_help import class_help, help_request
 from modules.cpu import reuse_freed_memory, sharded_allocator_warning
 from modules.engines import SamplerMismatchError
 from modules.parse_errors import one_line
@@ -163,10 +164,14 @@ class RLHFCLI(LightningCLI):
                 "on with this run's, so it does not repeat the interrupted run exactly", path, "; ".join(differences))
 
     def parse_arguments(self, parser, args) -> None:
-        """A command-line null that jsonargparse would misread stops here, in one line (`command_line_problem`)."""
+        """A command-line null that jsonargparse would misread stops here, in one line (`command_line_problem`); a
+        `--<field>.help <class path>` prints that class's arguments and exits."""
         given = sys.argv[1:] if args is None else args if isinstance(args, (list, tuple)) else []   # (not a dict)
         if problem := command_line_problem(list(given)):
             sys.exit(f"error: {problem}")
+        if request := help_request(list(given)):      # `--<field>.help <class path>` for any field (`cli_help`)
+            print(class_help(*request))
+            sys.exit(0)
         Parser.given = list(given)
         super().parse_arguments(parser, args)
 
