@@ -23,12 +23,13 @@ TEXT_COLUMNS, INT_COLUMNS = ("setting", "objective", "knob"), ("seed", "rollout"
 
 class Trace(L.Callback):
     """Records what a benchmark compares between runs: the sampled responses of every rollout, the seconds its
-    scoring took, and the policy weights after the first rollout's updates (before any difference between two runs
-    can compound)."""
+    scoring took, each rollout's `train/*` metrics (the means over its updates, as logged), and the policy weights
+    after the first rollout's updates (before any difference between two runs can compound)."""
 
     def __init__(self):
         self.responses: list[list[str]] = []
         self.score_s: list[float] = []
+        self.train: list[dict[str, float]] = []
         self.weights_after_first: torch.Tensor | None = None
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
@@ -36,6 +37,7 @@ class Trace(L.Callback):
         self.score_s.append(pl_module.rollout.timings["perf/score_s"])
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        self.train.append({k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("train/")})
         if self.weights_after_first is None:
             self.weights_after_first = flat_weights(pl_module.policy)
 
@@ -65,7 +67,7 @@ def run_one(config: str, tag: str, seed: int, out: Path, *, rollouts: int, respo
     first `eval_prompts` held-out prompts. `model` / `objective` are merged into the model's / objective's
     init_args. Returns {"points": evaluation history, "weights": final policy parameters (flat, CPU),
     "weights_after_first": the same after the first rollout, "responses": each rollout's sampled responses,
-    "score_s": each rollout's scoring seconds}."""
+    "score_s": each rollout's scoring seconds, "train": each rollout's `train/*` metrics}."""
     import yaml
 
     from train import cli_main, derive_config
@@ -104,7 +106,8 @@ def run_one(config: str, tag: str, seed: int, out: Path, *, rollouts: int, respo
                "proxy": h.get("val/reward"), "kl": h.get("val/kl"), "win_rate": h.get("val/win_rate"),
                "length": h.get("val/length")} for h in evaluation.history]
     return {"points": points, "weights": flat_weights(cli.model.policy),
-            "weights_after_first": trace.weights_after_first, "responses": trace.responses, "score_s": trace.score_s}
+            "weights_after_first": trace.weights_after_first, "responses": trace.responses, "score_s": trace.score_s,
+            "train": trace.train}
 
 
 def panel_figure(names: list[str], draw, title: str, path: Path, sharey: bool = False) -> None:

@@ -1,7 +1,7 @@
-"""Learning from a verifiable reward: P3O, RLOO and GRPO (and two P3O variants) on the embedded sum task,
+"""Learning from a verifiable reward: P3O, RLOO and GRPO (and four P3O variants) on the embedded sum task,
 whose reward is 1 where the response's number is the record's answer, else 0 (`modules.verifiable.AnswerMatch`).
 
-    python benchmarks/verifiable.py            # 5 objectives x 5 seeds, 80 rollouts each (~5 min on 2 cores)
+    python benchmarks/verifiable.py            # 7 arms x 5 seeds, 80 rollouts each (~7 min on 2 cores)
     python benchmarks/verifiable.py --quick    # every objective, 1 seed, 3 rollouts (CI-sized)
 
 Every run starts from one SFT export of configs/quickstart/sums_sft.yaml (demonstrations right half of the time)
@@ -39,6 +39,12 @@ ARMS = {
     "P3O scale_q": (2, {"class_path": "modules.objectives.p3o.P3O",          # rewards / their running std
                         "init_args": {"variant": "v2", "clip_eps": 0.2, "kl_coef": 0.05, "is_cap": 10.0,
                                       "scale_q": True}}),
+    # how tight P3O's trust region is: V2 clips the pair's L = logp1 - logp2 within eps of L_old, which both
+    # responses' moves add up in; V1 clips each response's own ratio, as RLOO does
+    "P3O-V1": (2, {"class_path": "modules.objectives.p3o.P3O",
+                   "init_args": {"variant": "v1", "clip_eps": 0.2, "kl_coef": 0.05, "is_cap": 10.0}}),
+    "P3O clip 0.4": (2, {"class_path": "modules.objectives.p3o.P3O",
+                         "init_args": {"variant": "v2", "clip_eps": 0.4, "kl_coef": 0.05, "is_cap": 10.0}}),
 }
 BASELINE = "P3O"
 
@@ -79,13 +85,25 @@ def main() -> None:
                           k=k, eval_every=args.eval_every, eval_prompts=args.eval_prompts, exports=args.exports,
                           model={"reward": REWARD, "objective": objective})
             seconds = time.time() - t0
-            rows.extend({"objective": name, "seed": seed, "run_s": seconds, **p} for p in run["points"])
+            clipfrac = [m.get("train/clipfrac") for m in run["train"]]
+            rows.extend({"objective": name, "seed": seed, "run_s": seconds, **p,
+                         "clipfrac": mean_since(clipfrac, previous["rollout"] if previous else None, p["rollout"])}
+                        for previous, p in zip([None, *run["points"]], run["points"]))
             end = run["points"][-1]
             print(f"[verifiable] {name} seed={seed}: accuracy {run['points'][0]['gold']:.3f} -> {end['gold']:.3f} "
                   f"kl={end['kl']:.2f} ({seconds:.0f}s, total {time.time() - start:.0f}s)", flush=True)
         write_points(rows, args.out)
     write_report(rows, args.out)
     print(f"[verifiable] wrote {args.out}/table.md, points.csv, accuracy.png in {time.time() - start:.0f}s")
+
+
+def mean_since(values: list[float | None], after: int | None, upto: int) -> float | None:
+    """The mean of `values[r - 1]` for rollouts r in (after, upto] (a rollout's `train/clipfrac`, the mean over its
+    updates), or None where there are none (the evaluation before the first rollout)."""
+    if after is None:
+        return None
+    window = [v for v in values[after:upto] if v is not None]
+    return statistics.fmean(window) if window else None
 
 
 def build_sft(exports: Path, quick: bool) -> None:
@@ -100,15 +118,29 @@ def build_sft(exports: Path, quick: bool) -> None:
               "--trainer.logger=false", *short])
 
 
+def early_rollout(rows: list[dict]) -> int:
+    """The evaluation that measures how fast an objective rises: the first at or after a quarter of the run (20 of
+    80 rollouts)."""
+    steps = sorted({r["rollout"] for r in rows})
+    return next(s for s in steps if s >= steps[-1] / 4 and s > 0)
+
+
 def summary(rows: list[dict]) -> dict[str, dict]:
-    """Per objective: {start, end, best: {seed: accuracy}, kl: {seed: KL at the end}, run_s: {seed: seconds}}."""
-    out = {}
+    """Per objective, each {seed: value}: start, early (at `early_rollout`), end, best (accuracy), kl (at the end),
+    clipfrac (the mean over the run's rollouts of `train/clipfrac`), run_s (seconds)."""
+    out, early = {}, early_rollout(rows)
     for row in sorted(rows, key=lambda r: r["rollout"]):        # a run's last evaluation comes last
-        arm = out.setdefault(row["objective"], {"start": {}, "end": {}, "best": {}, "kl": {}, "run_s": {}})
+        arm = out.setdefault(row["objective"], {key: {} for key in ("start", "early", "end", "best", "kl", "clip",
+                                                                     "clipfrac", "run_s")})
         seed = row["seed"]
         arm["start"].setdefault(seed, row["gold"])
+        if row["rollout"] == early:
+            arm["early"][seed] = row["gold"]
         arm["end"][seed], arm["kl"][seed] = row["gold"], row["kl"]
         arm["best"][seed] = max(arm["best"].get(seed, 0.0), row["gold"])
+        if row.get("clipfrac") is not None:       # (each window between evaluations holds as many rollouts)
+            arm["clip"].setdefault(seed, []).append(row["clipfrac"])
+            arm["clipfrac"][seed] = statistics.fmean(arm["clip"][seed])
         arm["run_s"][seed] = row["run_s"]
     return out
 
@@ -118,15 +150,19 @@ def write_report(rows: list[dict], out: Path) -> None:
     seeds = len(next(iter(arms.values()))["end"])
     lines = [f"Held-out accuracy (share of right sums, sampled at temperature 1), mean over {seeds} seeds with its "
              "95% bootstrap interval; `vs P3O`: the paired difference of the final accuracy (same seed: same prompt "
-             "order and sampling stream).", "",
-             "| objective | accuracy at start | at the end | best during the run | KL at the end | end vs P3O | s / run |",
-             "|---|---|---|---|---|---|---|"]
+             "order and sampling stream); clipfrac: the share of clipped terms (pairs, responses or tokens, as the "
+             "objective clips), mean over the run's updates and seeds.", "",
+             f"| objective | accuracy at start | at rollout {early_rollout(rows)} | at the end | best during the run | "
+             "KL at the end | end vs P3O | clipfrac | s / run |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for name, arm in arms.items():
         versus = "-" if name == BASELINE or BASELINE not in arms else fmt_ci(paired_ci(arm["end"], arms[BASELINE]["end"]))
+        clipfrac = f"{statistics.fmean(arm['clipfrac'].values()):.3f}" if arm["clipfrac"] else "-"
         lines.append(f"| {name} | {statistics.fmean(arm['start'].values()):.3f} | "
+                     f"{fmt_ci(bootstrap_ci(list(arm['early'].values())))} | "
                      f"{fmt_ci(bootstrap_ci(list(arm['end'].values())))} | "
                      f"{fmt_ci(bootstrap_ci(list(arm['best'].values())))} | "
-                     f"{statistics.fmean(arm['kl'].values()):.2f} | {versus} | "
+                     f"{statistics.fmean(arm['kl'].values()):.2f} | {versus} | {clipfrac} | "
                      f"{statistics.median(arm['run_s'].values()):.0f} |")
     (out / "table.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))

@@ -113,25 +113,45 @@ def test_verifiable_quick_builds_its_sft_export_and_reports_every_objective(tmp_
     _run("verifiable.py", tmp_path / "exports", tmp_path / "out")
     assert (tmp_path / "exports" / "sft" / "config.json").exists() and (tmp_path / "out" / "accuracy.png").exists()
     table = (tmp_path / "out" / "table.md").read_text()
-    for arm in ("P3O", "RLOO", "GRPO-4", "P3O-4", "P3O scale_q"):
+    for arm in ("P3O", "RLOO", "GRPO-4", "P3O-4", "P3O scale_q", "P3O-V1", "P3O clip 0.4"):
         assert f"| {arm} |" in table
+    assert "| objective | accuracy at start | at rollout 1 | at the end |" in table
     import csv
 
     points = list(csv.DictReader(open(tmp_path / "out" / "points.csv")))
     assert [int(p["rollout"]) for p in points if p["objective"] == "P3O"] == [0, 1, 2, 3]   # evaluated every rollout
     assert all(0.0 <= float(p["gold"]) <= 1.0 for p in points)                            # accuracies
+    # each evaluation after the first carries the mean train/clipfrac of the rollouts since the one before
+    assert all((p["clipfrac"] == "") == (p["rollout"] == "0") for p in points)
+    assert all(0.0 <= float(p["clipfrac"]) <= 1.0 for p in points if p["clipfrac"])
 
 
 def test_verifiable_summary_on_literal_points():
-    """Two seeds: start 0.4 / 0.5, best 0.9 / 0.7 (mid-run), end 0.8 / 0.7 with KL 1.0 / 2.0."""
-    from benchmarks.verifiable import summary
+    """Two seeds evaluated at 0, 5, 10: start 0.4 / 0.5, at 5 (the first evaluation at or after a quarter of the
+    run) 0.9 / 0.6, end 0.8 / 0.7 with KL 1.0 / 2.0, best 0.9 / 0.7; clipfrac the mean of the two windows':
+    (0.2 + 0.1) / 2 = 0.15 and (0.3 + 0.3) / 2 = 0.3."""
+    from benchmarks.verifiable import early_rollout, summary
 
-    rows = [{"objective": "P3O", "seed": s, "rollout": r, "gold": g, "kl": k, "run_s": 10.0}
-            for s, points in ((0, [(0, 0.4, 0.0), (5, 0.9, 0.5), (10, 0.8, 1.0)]), (1, [(0, 0.5, 0.0), (10, 0.7, 2.0)]))
-            for r, g, k in points]
+    rows = [{"objective": "P3O", "seed": s, "rollout": r, "gold": g, "kl": k, "clipfrac": c, "run_s": 10.0}
+            for s, points in ((0, [(0, 0.4, 0.0, None), (5, 0.9, 0.5, 0.2), (10, 0.8, 1.0, 0.1)]),
+                              (1, [(0, 0.5, 0.0, None), (5, 0.6, 1.0, 0.3), (10, 0.7, 2.0, 0.3)]))
+            for r, g, k, c in points]
+    assert early_rollout(rows) == 5
     arm = summary(rows)["P3O"]
     assert arm["start"] == {0: 0.4, 1: 0.5} and arm["end"] == {0: 0.8, 1: 0.7} and arm["best"] == {0: 0.9, 1: 0.7}
-    assert arm["kl"] == {0: 1.0, 1: 2.0}
+    assert arm["early"] == {0: 0.9, 1: 0.6} and arm["kl"] == {0: 1.0, 1: 2.0}
+    assert arm["clipfrac"] == pytest.approx({0: 0.15, 1: 0.3})
+
+
+def test_verifiable_clipfrac_window_is_the_mean_of_the_rollouts_since_the_last_evaluation():
+    """Rollout r's value is values[r - 1]: (0, 2] -> (0.1 + 0.2) / 2, (2, 4] -> (0.3 + 0.5) / 2 (a rollout without
+    the metric skipped: (2, 5] -> the same 0.4); before the first rollout there is none."""
+    from benchmarks.verifiable import mean_since
+
+    values = [0.1, 0.2, 0.3, 0.5, None]
+    assert mean_since(values, None, 0) is None
+    assert mean_since(values, 0, 2) == pytest.approx(0.15)
+    assert mean_since(values, 2, 4) == pytest.approx(0.4) == mean_since(values, 2, 5)
 
 
 @pytest.mark.slow
