@@ -32,7 +32,7 @@ from datamodules.collate import PairCollator
 from modules import functional as F
 from modules.checks import ConfigError, check_positions
 from modules.judges import both_orders, win_rate
-from modules.rewards import FrozenModel, check_fields, field_kwargs, is_pairwise
+from modules.rewards import FrozenModel, as_numbers, awaited, check_fields, field_kwargs, is_pairwise
 from modules.sampling import SamplingConfig, sample
 from modules.sharding import fsdp_mesh
 
@@ -157,6 +157,11 @@ class Evaluation(L.Callback):
         n_all = trainer.strategy.reduce(n, reduce_op="sum")
         metrics = {k: float(trainer.strategy.reduce(torch.tensor(v, device=pl_module.device), reduce_op="sum") / n_all)
                    for k, v in sorted(sums.items())}
+        for key in [k for k in metrics if k.endswith("/count")]:       # val/reward_<term>: total / count
+            name, count = key.removesuffix("/count"), metrics.pop(key)
+            total = metrics.pop(f"{name}/total")
+            if count > 0:                                               # (else it applied to no held-out prompt)
+                metrics[name] = total / count
         if trainer.is_global_zero:
             self.report(trainer, metrics, rows, step, log)
         return metrics
@@ -180,7 +185,10 @@ class Evaluation(L.Callback):
         proxy = pl_module.score(roll).float().cpu() if hasattr(pl_module, "score") and not pairwise else None
         if proxy is not None:
             out["val/reward"] = proxy.mean().item()
-            out.update({f"val/reward_{name}": term.mean().item() for name, term in roll.reward_terms.items()})
+            for name, term in roll.reward_terms.items():     # a term's mean over the responses it applies to: its
+                applies = ~torch.isnan(term)                  # total and count, per prompt like every value here
+                out[f"val/reward_{name}/total"] = float(term[applies].sum()) / len(roll)
+                out[f"val/reward_{name}/count"] = float(applies.sum()) / len(roll)
         if hasattr(pl_module, "reference_model"):
             out.update(self._against_reference(pl_module, roll, ids, mask, collated.prompts, config, gold, proxy))
         scores = gold if gold is not None else proxy if proxy is not None else torch.full((len(roll),), float("nan"))
@@ -190,7 +198,8 @@ class Evaluation(L.Callback):
     def _gold(self, prompts, responses, fields: dict[str, list]) -> torch.Tensor | None:
         if self.reward is None:
             return None
-        return torch.tensor(self.reward(prompts, responses, **field_kwargs(self.reward, fields)), dtype=torch.float32)
+        values = awaited(self.reward(prompts, responses, **field_kwargs(self.reward, fields)))
+        return as_numbers(values, self.reward, len(responses))          # (one number per response, or one line)
 
     def _against_reference(self, pl_module, roll, ids, mask, prompts, config, gold, proxy) -> dict:
         T = config.temperature        # the RL module's logprobs: its micro-batches and LM-head chunks

@@ -36,13 +36,18 @@ class PairDataModule(L.LightningDataModule):
             verifiable reward's reference answer, a test case): e.g. `[answer]` gives a reward whose call takes
             `answer=` the answers of the rollout's prompts (`modules.rewards.field_kwargs`). A record without one
             is a bad record. Values are kept as read (text, number, list, ...).
+        optional_fields: those of `reward_fields` a record may lack or hold null, given to the reward as None: a
+            mixed dataset whose tasks carry different fields (maths records an `answer`, coding records `tests`),
+            each scored by the term of a `modules.rewards.Composed` that reads its field (a term returns None
+            where it does not apply, as the `modules.verifiable` rewards do for a None field).
     """
 
     def __init__(self, source: Source, tokenizer: str | None = None, fields: FieldMap | None = None,
                  batch_size: int = 16, val_batch_size: int | None = None, max_length: int = 64,
                  max_prompt_length: int = 32, prompts_only: bool = False, chosen_only: bool = False,
                  skip_invalid: bool = False,
-                 num_workers: int = 0, seed: int = 0, reward_fields: list[str] | None = None):
+                 num_workers: int = 0, seed: int = 0, reward_fields: list[str] | None = None,
+                 optional_fields: list[str] | None = None):
         super().__init__()
         for name, value, least in (("batch_size", batch_size, 1), ("val_batch_size", val_batch_size or 1, 1),
                                    ("max_length", max_length, 2), ("max_prompt_length", max_prompt_length, 1),
@@ -63,6 +68,10 @@ class PairDataModule(L.LightningDataModule):
         if taken or len(set(self.reward_fields)) < len(self.reward_fields):
             raise ValueError(f"PairDataModule: reward_fields={list(self.reward_fields)}; expected distinct names other "
                              "than prompts / responses / responses_a / responses_b (the reward's positional arguments)")
+        self.optional_fields = tuple(optional_fields or ())
+        if stray := [name for name in self.optional_fields if name not in self.reward_fields]:
+            raise ValueError(f"PairDataModule: optional_fields names {stray}, which reward_fields "
+                             f"{list(self.reward_fields)} does not; expected a subset of reward_fields")
         self.splits: dict[str, list[dict]] = {}
         self._tokenizer = None
 
@@ -96,7 +105,8 @@ class PairDataModule(L.LightningDataModule):
             raise DataError(f"{origin}: the {split} split is empty{_why_empty(self.source, split)}")
         need = {"none": ("prompt",), "chosen": ("prompt", "chosen"), "pairs": FIELDS}[self.responses]
         first = self.source.first_index(split) if hasattr(self.source, "first_index") else 0
-        return origin, validate_records(rows, origin, self.fields, need, self.skip_invalid, first, self.reward_fields)
+        return origin, validate_records(rows, origin, self.fields, need, self.skip_invalid, first, self.reward_fields,
+                                        self.optional_fields)
 
     def encoded(self, split: str) -> list[dict]:
         origin, records = self._indexed_records(split)

@@ -198,17 +198,20 @@ def _read_table(path: str, delimiter: str) -> list[dict]:
 
 
 def validate_records(rows: list, origin: str, fields: FieldMap, need: tuple[str, ...] = FIELDS,
-                     skip_invalid: bool = False, first: int = 0, keep: tuple[str, ...] = ()) -> list[tuple[int, dict]]:
+                     skip_invalid: bool = False, first: int = 0, keep: tuple[str, ...] = (),
+                     optional: tuple[str, ...] = ()) -> list[tuple[int, dict]]:
     """Map rows to `(index in the file, {prompt, chosen, rejected})` (only `need`), raising or counting every bad
     record; `first` is the file index of `rows[0]`. `keep`: further fields every record must hold (any value but
-    null), carried as they are in the record's `fields` dict (the reward's record fields, e.g. a reference answer)."""
+    null), carried as they are in the record's `fields` dict (the reward's record fields, e.g. a reference answer);
+    those also in `optional` may be missing or null, and are carried as None."""
     out, skipped = [], Counter()
+    required = tuple(name for name in keep if name not in optional)
     for index, row in enumerate(rows, start=first):
-        problem = _problem(row, fields, need) or _missing(row, keep)
+        problem = _problem(row, fields, need) or _missing(row, required)
         if problem is None:
             rec = {key: row[getattr(fields, key)] for key in need}
             if keep:
-                rec["fields"] = {name: row[name] for name in keep}
+                rec["fields"] = {name: row.get(name) for name in keep}
             out.append((index, rec))
             continue
         field, reason = problem

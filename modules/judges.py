@@ -18,7 +18,8 @@ from modules.backbone import BackboneSpec, build_causal_lm, load_tokenizer
 from modules.rewards import (
     FrozenModel,
     PairwiseReward,
-    _numbers,
+    as_numbers,
+    awaited_all,
     field_kwargs,
     finite_or_replaced,
     order_debiased,
@@ -40,12 +41,13 @@ def both_orders(judge, prompts: list[str], a: list[str], b: list[str],
     """
     n = len(prompts)
     kwargs = field_kwargs(judge, fields or {}, pairwise=True)
-    forward, backward = (_checked(judge(prompts, x, y, **kwargs), judge, n) for x, y in ((a, b), (b, a)))
+    verdicts = awaited_all([judge(prompts, a, b, **kwargs), judge(prompts, b, a, **kwargs)])   # (an async judge: at once)
+    forward, backward = (_checked(values, judge, n) for values in verdicts)
     return order_debiased(forward, backward)
 
 
 def _checked(values, judge, n: int) -> torch.Tensor:
-    tensor = _numbers(values, judge, n, "pair", "verdicts would be misaligned with pairs")
+    tensor = as_numbers(values, judge, n, "pair", "verdicts would be misaligned with pairs")
     return finite_or_replaced(tensor, None, lambda i, bad: (
         f"judge {qualified_name(judge)} returned {tensor[i].item()} for pair {i} of {n}; expected finite numbers"))[0]
 

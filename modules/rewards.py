@@ -11,6 +11,8 @@ A reward or judge that holds a model of its own derives from `FrozenModel` (buil
 """
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import hashlib
 import inspect
 import json
@@ -18,6 +20,7 @@ import logging
 import math
 import os
 import random
+import threading
 from pathlib import Path
 from typing import Callable
 
@@ -244,15 +247,48 @@ def score(reward, rollout: Rollout, tokenizer, nonfinite: float | None = None,
     error names the response by its index in the rollout."""
     if isinstance(reward, Composed):
         values = reward.combine(rollout, tokenizer, nonfinite, parts)
-    elif not hasattr(reward, "score"):
-        values = reward(rollout.prompts, rollout.responses, **field_kwargs(reward, rollout.fields))
-    elif parts is None or len(parts) == 1:
-        values = reward.score(rollout, tokenizer)
     else:
-        values = torch.cat([_numbers(reward.score(piece, tokenizer), reward, len(piece))
-                            for piece in (rollout.select(rows) for rows in parts)])
+        values = awaited(raw_values(reward, rollout, tokenizer, parts))
     rewards, replaced = check(values, reward, rollout, nonfinite)
     return rewards.to(rollout.input_ids.device), replaced
+
+
+def raw_values(reward, rollout: Rollout, tokenizer, parts: list[torch.Tensor] | None = None):
+    """What `reward` returns for `rollout`, unchecked: a text callable's list (an awaitable if it is `async`), or a
+    token-level reward's tensor, over `parts` (`score`)."""
+    if not hasattr(reward, "score"):
+        return reward(rollout.prompts, rollout.responses, **field_kwargs(reward, rollout.fields))
+    if parts is None or len(parts) == 1:
+        return reward.score(rollout, tokenizer)
+    return torch.cat([as_numbers(reward.score(piece, tokenizer), reward, len(piece))
+                      for piece in (rollout.select(rows) for rows in parts)])
+
+
+_loop: asyncio.AbstractEventLoop | None = None
+
+
+def awaited(value):
+    """`value` itself, or its result when it is awaitable (what an `async def` reward returns): `awaited_all`."""
+    return awaited_all([value])[0]
+
+
+def awaited_all(values: list) -> list:
+    """`values` with each awaitable one replaced by its result, the awaitables run concurrently. Every awaitable runs
+    on one event loop that lives, in a daemon thread, as long as the process (as TRL runs async reward functions):
+    a client an async reward made once (an HTTP session) stays bound to the loop it was made on."""
+    global _loop
+    pending = [v for v in values if inspect.isawaitable(v)]
+    if not pending:
+        return list(values)
+    if _loop is None:
+        _loop = asyncio.new_event_loop()
+        threading.Thread(target=_loop.run_forever, name="async rewards", daemon=True).start()
+
+    async def gather():
+        return await asyncio.gather(*pending)
+
+    done = iter(asyncio.run_coroutine_threadsafe(gather(), _loop).result())
+    return [next(done) if inspect.isawaitable(v) else v for v in values]
 
 
 def check(values, reward, rollout: Rollout, nonfinite: float | None = None) -> tuple[torch.Tensor, int]:
@@ -260,7 +296,7 @@ def check(values, reward, rollout: Rollout, nonfinite: float | None = None) -> t
     reward's class, what was expected and received, and the first offending prompt / response. With `nonfinite`
     set, NaN / inf rewards are replaced by that value (a penalty) instead. Returns (rewards, replaced count)."""
     name, n = qualified_name(reward), len(rollout)
-    tensor = _numbers(values, reward, n)
+    tensor = as_numbers(values, reward, n)
     return finite_or_replaced(tensor, nonfinite, lambda i, bad: (
         f"reward {name} returned {tensor[i].item()} for response {i} of {n} (prompt {rollout.prompts[i]!r}, "
         f"response {rollout.responses[i]!r}) and {bad - 1} more non-finite; expected finite numbers (set "
@@ -279,11 +315,15 @@ def finite_or_replaced(tensor: torch.Tensor, nonfinite: float | None, error) -> 
     return torch.where(bad, torch.full_like(tensor, nonfinite), tensor), count
 
 
-def _numbers(values, reward, n: int, unit: str = "response",
+def as_numbers(values, reward, n: int, unit: str = "response",
              why: str = "rewards would be misaligned with responses") -> torch.Tensor:
     """`values` as a float32 CPU tensor of shape (n,), one per `unit` (response, or pair for a pairwise reward),
     or a `RewardError` saying what came instead."""
     name = f"{'pairwise ' if unit == 'pair' else ''}reward {qualified_name(reward)}"
+    if isinstance(values, (list, tuple)) and None in values:
+        raise RewardError(f"{name} returned None for {unit} {list(values).index(None)} of {n}; expected a number "
+                          "(None, 'does not apply', is for a term of modules.rewards.Composed, whose other terms "
+                          "score that response)")
     try:
         tensor = torch.as_tensor(values, dtype=torch.float32).detach().cpu()
     except (TypeError, ValueError, RuntimeError) as err:
@@ -328,7 +368,7 @@ class DifferenceOf(PairwiseReward):
         self.reward = reward
 
     def __call__(self, prompts, responses_a, responses_b):
-        a, b = self.reward(prompts, responses_a), self.reward(prompts, responses_b)
+        a, b = awaited_all([self.reward(prompts, responses_a), self.reward(prompts, responses_b)])
         return [x - y for x, y in zip(a, b)]
 
 
@@ -408,13 +448,13 @@ def score_pairs(reward, rollout: Rollout, nonfinite: float | None = None) -> tup
     both = not getattr(reward, "antisymmetric", False)
     first, second = (rows_a + rows_b, rows_b + rows_a) if both else (rows_a, rows_b)
     fields = {name: [values[i] for i in first] for name, values in rollout.fields.items()}
-    values = reward([rollout.prompts[i] for i in first], [rollout.responses[i] for i in first],
-                    [rollout.responses[j] for j in second], **field_kwargs(reward, fields, pairwise=True))
+    values = awaited(reward([rollout.prompts[i] for i in first], [rollout.responses[i] for i in first],
+                            [rollout.responses[j] for j in second], **field_kwargs(reward, fields, pairwise=True)))
     name = qualified_name(reward)
     asked = len(first)
     why = f"K = {K} responses per prompt: K (K - 1) / 2 pairs each" + (
         ", asked in both orders (the reward does not declare antisymmetric = True)" if both else "")
-    tensor = _numbers(values, reward, asked, "pair", why)
+    tensor = as_numbers(values, reward, asked, "pair", why)
     tensor, replaced = finite_or_replaced(tensor, nonfinite, lambda p, bad: (
         f"pairwise reward {name} returned {tensor[p].item()} for pair {p} of {asked} (prompt "
         f"{rollout.prompts[first[p]]!r}, a {rollout.responses[first[p]]!r}, b {rollout.responses[second[p]]!r}) and "
@@ -537,28 +577,91 @@ class Composed(nn.Module):
 
     def combine(self, rollout: Rollout, tokenizer, nonfinite: float | None = None,
                 parts: list[torch.Tensor] | None = None) -> torch.Tensor:
-        """The weighted sum (N,) over `rollout`; each term (N,) goes to `rollout.reward_terms`. A term's NaN / inf
-        stops the run (`nonfinite` None) naming the term, or makes the sum non-finite (then replaced as one)."""
-        total = 0.0
+        """The weighted sum (N,) over `rollout`; each term (N,) goes to `rollout.reward_terms`, NaN where it does
+        not apply. A term's NaN / inf stops the run (`nonfinite` None) naming the term, or makes the sum non-finite
+        (then replaced as one). `async` terms are awaited together."""
+        raw = {}
         for name, reward in self.rewards.items():
-            try:
-                values, _ = score(reward, rollout, tokenizer, None if nonfinite is None else float("nan"), parts)
-            except RewardError as error:
-                raise RewardError(f"term {name!r} of {qualified_name(self)}: {error}") from None
-            rollout.reward_terms[name] = values
-            total = total + self.weights[name] * values
-        return total
+            with self.term(name):
+                raw[name] = raw_values(reward, rollout, tokenizer, parts)
+        raw = dict(zip(raw, awaited_all(list(raw.values()))))
+        terms = {}
+        for name, reward in self.rewards.items():
+            with self.term(name):
+                terms[name] = self.checked(raw[name], reward, rollout, nonfinite)
+        rollout.reward_terms.update({name: values for name, (values, _) in terms.items()})
+        return self.total(terms, rollout.prompts, rollout.responses)
 
     def forward(self, prompts: list[str], responses: list[str], **fields) -> list[float]:
         """The weighted sum over texts (as an evaluation reward); every term must be a text callable."""
-        total = torch.zeros(len(responses))
+        raw = {}
         for name, reward in self.rewards.items():
             if hasattr(reward, "score"):
                 raise RewardError(f"{qualified_name(self)}: term {name!r} ({qualified_name(reward)}) scores token "
                                   "ids, not texts; as an evaluation reward every term must be a text callable")
-            values = reward(prompts, responses, **field_kwargs(reward, fields))
-            total += self.weights[name] * _numbers(values, reward, len(responses))
-        return total.tolist()
+            raw[name] = reward(prompts, responses, **field_kwargs(reward, fields))
+        raw = dict(zip(raw, awaited_all(list(raw.values()))))
+        terms = {}
+        for name, reward in self.rewards.items():
+            with self.term(name):
+                terms[name] = _numbers_or_none(raw[name], reward, len(responses))
+        return self.total(terms, prompts, responses).tolist()
+
+    @contextlib.contextmanager
+    def term(self, name: str):
+        """A `RewardError` raised while scoring term `name` names the term."""
+        try:
+            yield
+        except RewardError as error:
+            raise RewardError(f"term {name!r} of {qualified_name(self)}: {error}") from None
+
+    @staticmethod
+    def checked(values, reward, rollout: Rollout, nonfinite: float | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(values (N,), applies (N,)) of a term, on the rollout's device: NaN where it returned None (it does not
+        apply), checked like any reward where it applies (non-finite: an error, or NaN with `nonfinite` set)."""
+        numbers, applies = _numbers_or_none(values, reward, len(rollout))
+        scored, _ = check(numbers, reward, rollout, None if nonfinite is None else float("nan"))
+        device = rollout.input_ids.device
+        return torch.where(applies, scored, float("nan")).to(device), applies.to(device)
+
+    def total(self, terms: dict[str, tuple[torch.Tensor, torch.Tensor]], prompts: list[str],
+              responses: list[str]) -> torch.Tensor:
+        """sum_k w_k r_k over the terms that apply to each response (`terms`: name -> (values, applies)); a
+        `RewardError` naming the first response no term applies to. A term's NaN where it applies (a non-finite
+        value replaced) makes the sum NaN, to be replaced as one."""
+        values, applies = next(iter(terms.values()))
+        total, covered = torch.zeros_like(values), torch.zeros_like(applies)
+        for name, (values, applies) in terms.items():
+            total = total + torch.where(applies, self.weights[name] * values, 0.0)
+            covered |= applies
+        if not covered.all():
+            i = int((~covered).nonzero()[0])
+            raise RewardError(f"{qualified_name(self)}: no term applies to response {i} of {len(total)} (prompt "
+                              f"{prompts[i]!r}, response {responses[i]!r}): each of {sorted(terms)} returned None for "
+                              "it; give every record a field that one of the terms reads")
+        return total
+
+
+def _numbers_or_none(values, reward, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(numbers (n,) with 0 where `values` holds None, applies (n,) bool: not None) for a `Composed` term, whose
+    None says that it does not apply to that response (TRL's convention for multi-task rewards)."""
+    if isinstance(values, (list, tuple)) and len(values) == n:
+        applies = torch.tensor([v is not None for v in values], dtype=torch.bool)
+        return as_numbers([0.0 if v is None else v for v in values], reward, n), applies
+    return as_numbers(values, reward, n), torch.ones(n, dtype=torch.bool)
+
+
+def term_means(terms: dict[str, torch.Tensor], over_ranks=None) -> dict[str, float]:
+    """Each composed reward term's mean over the responses it applies to (not NaN), over every process
+    (`over_ranks`: sums [totals..., counts...] over them, or None in one process); a term that applies to no
+    response anywhere is left out (every rank leaves it out alike).
+
+    Example: {correct: [1, 0, nan, nan], runs: [nan, nan, 0.5, nan]} -> {correct: 0.5, runs: 0.5}."""
+    names = list(terms)
+    sums = [float(torch.nan_to_num(terms[n].float(), nan=0.0).sum()) for n in names]
+    counts = [float((~torch.isnan(terms[n])).sum()) for n in names]
+    totals = over_ranks(sums + counts) if over_ranks is not None else sums + counts
+    return {name: totals[i] / totals[len(names) + i] for i, name in enumerate(names) if totals[len(names) + i] > 0}
 
 
 def qualified_name(obj) -> str:

@@ -37,7 +37,16 @@ from modules.export import export_model
 from modules.forward import response_logprobs, token_scores
 from modules.objectives.base import Objective
 from modules.optimizers import learning_rate
-from modules.rewards import Composed, FrozenModel, check_fields, is_pairwise, qualified_name, score_pairs, tournament_scores
+from modules.rewards import (
+    Composed,
+    FrozenModel,
+    check_fields,
+    is_pairwise,
+    qualified_name,
+    score_pairs,
+    term_means,
+    tournament_scores,
+)
 from modules.rewards import score as score_rewards
 from modules.sampling import SamplingConfig
 from modules.sharding import build_sharded, build_with_reference, fsdp_mesh, is_sharded
@@ -70,7 +79,9 @@ class RLModule(TrainedOnlyCheckpoints, L.LightningModule):
         reward: `modules.rewards.RewardModel` (a reward-stage export), any callable
             `(prompts, responses) -> list[float]`, or a pairwise reward `(prompts, responses_a, responses_b) ->
             list[float]` (`modules.rewards.PairwiseReward`: P3O and online DPO use each pair's number as the
-            reward difference; other objectives get the tournament's win fractions), selected by class_path.
+            reward difference; other objectives get the tournament's win fractions), selected by class_path. A
+            callable may take record fields by keyword (data `reward_fields`), be `async def`, and be a term of
+            `modules.rewards.Composed` (docs/rewards.md).
         objective: the RL objective (`modules.objectives.p3o.P3O`, ...).
         optimizer: the optimizer factory (class_path + init_args).
         scheduler: a learning-rate scheduler factory, stepped once per rollout (None: constant).
@@ -459,7 +470,7 @@ class RLModule(TrainedOnlyCheckpoints, L.LightningModule):
         return {"train/reward": roll.rewards.mean().item(), "train/reward_std": roll.rewards.std().item(),
                 "train/kl": (old - ref).mean().item(), "train/length": roll.response_mask.sum(-1).float().mean().item(),
                 "train/eos_rate": roll.has_eos.float().mean().item(), **roll.timings,
-                **{f"train/reward_{name}": term.mean().item() for name, term in roll.reward_terms.items()}}
+                **{f"train/reward_{name}": mean for name, mean in term_means(roll.reward_terms, self.over_ranks).items()}}
 
     def configure_optimizers(self):
         models = [self.policy] + ([self.value] if self.value is not None else [])

@@ -1,7 +1,9 @@
 """Verifiable rewards: a rule checks each response against the record it answers (a reference answer or tests
 kept with the prompt by `PairDataModule reward_fields`), or against a required format. Each returns 1.0 or 0.0
 per response (`PythonTests` optionally the share of tests passed), and composes with others in
-`modules.rewards.Composed` (e.g. correctness plus a small format bonus).
+`modules.rewards.Composed` (e.g. correctness plus a small format bonus). A rule that reads a record field returns
+None for a record whose field is None (`PairDataModule optional_fields`): it does not apply there, and in a
+`Composed` reward the terms that do apply score that response (a mixed dataset of maths and coding records).
 """
 from __future__ import annotations
 
@@ -50,9 +52,10 @@ class AnswerMatch:
         self.field, self.extract, self.tolerance = field, extract, tolerance
         self.record_fields = (field,)
 
-    def __call__(self, prompts: list[str], responses: list[str], **fields) -> list[float]:
+    def __call__(self, prompts: list[str], responses: list[str], **fields) -> list[float | None]:
         answers = fields[self.field]
-        return [float(self.matches(response, answer)) for response, answer in zip(responses, answers)]
+        return [None if answer is None else float(self.matches(response, answer))
+                for response, answer in zip(responses, answers)]
 
     def matches(self, response: str, answer) -> bool:
         """The response's answer equals `answer` (any of them, for a list of accepted answers)."""
@@ -101,8 +104,9 @@ class Contains:
         self.field, self.whole_word, self.case_sensitive = field, whole_word, case_sensitive
         self.record_fields = (field,)
 
-    def __call__(self, prompts: list[str], responses: list[str], **fields) -> list[float]:
-        return [float(any(self.found(str(v), response) for v in (value if isinstance(value, list) else [value])))
+    def __call__(self, prompts: list[str], responses: list[str], **fields) -> list[float | None]:
+        return [None if value is None else
+                float(any(self.found(str(v), response) for v in (value if isinstance(value, list) else [value])))
                 for response, value in zip(responses, fields[self.field])]
 
     def found(self, text: str, response: str) -> bool:
@@ -192,13 +196,16 @@ class PythonTests:
         self.field, self.timeout, self.partial, self.workers = field, timeout, partial, workers
         self.record_fields = (field,)
 
-    def __call__(self, prompts: list[str], responses: list[str], **fields) -> list[float]:
+    def __call__(self, prompts: list[str], responses: list[str], **fields) -> list[float | None]:
         jobs = [(i, code_of(response), test) for i, (response, tests) in enumerate(zip(responses, fields[self.field]))
-                for test in (tests if isinstance(tests, list) else [tests])]
+                if tests is not None for test in (tests if isinstance(tests, list) else [tests])]
         with ThreadPoolExecutor(self.workers) as pool:
             passed = list(pool.map(lambda job: self.passes(job[1], str(job[2])), jobs))
         out = []
-        for i in range(len(responses)):
+        for i, tests in enumerate(fields[self.field]):
+            if tests is None:                       # (no test ran for it: the rule does not apply)
+                out.append(None)
+                continue
             mine = [ok for (row, _, _), ok in zip(jobs, passed) if row == i]
             share = sum(mine) / len(mine) if mine else 0.0
             out.append(share if self.partial else float(share == 1.0))

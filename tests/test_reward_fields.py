@@ -282,3 +282,105 @@ def test_the_gsm8k_configs_run_end_to_end_on_a_local_file_in_gsm8ks_layout(tmp_p
     composed = metrics["train/reward_correct"] + 0.1 * metrics["train/reward_format"]
     missing_eos = 1.0 * (1 - metrics["train/eos_rate"])           # the config's missing_eos_penalty, on the last rollout
     assert torch.isclose(metrics["train/reward"], composed - missing_eos, atol=1e-6)
+
+
+def test_a_composed_term_returning_none_does_not_apply_and_the_others_score_that_response():
+    """A maths record (answer "4") and a coding-style record (keyword "spa", no answer), 2 responses each. correct
+    applies to rows 0-1 (1, 0), mentions to rows 2-3 (1, 0); weights {correct: 1, mentions: 0.5}:
+    rewards [1, 0, 0.5, 0]; each term NaN where it does not apply; its logged mean over the rows it applies to."""
+    from modules.rewards import term_means
+    from modules.verifiable import Contains
+
+    reward = Composed({"correct": AnswerMatch(), "mentions": Contains("keyword")}, weights={"mentions": 0.5})
+    roll = rollout(["4", "5", "the spa", "a room"]).with_fields({"answer": ["4", None], "keyword": [None, "spa"]})
+    rewards, _ = score(reward, roll, tokenizer=None)
+    assert rewards.tolist() == [1.0, 0.0, 0.5, 0.0]
+    correct, mentions = roll.reward_terms["correct"], roll.reward_terms["mentions"]
+    assert correct[:2].tolist() == [1.0, 0.0] and correct[2:].isnan().all()
+    assert mentions[:2].isnan().all() and mentions[2:].tolist() == [1.0, 0.0]
+    assert term_means(roll.reward_terms) == {"correct": 0.5, "mentions": 0.5}
+    assert reward(roll.prompts, roll.responses, **roll.fields) == [1.0, 0.0, 0.5, 0.0]      # as an evaluation reward
+
+
+def test_term_means_over_the_responses_a_term_applies_to_and_over_every_process():
+    """Docstring example; with two processes (`over_ranks` doubling as a stand-in for the sum of two identical
+    ranks) the means are unchanged; a term that applies nowhere is left out."""
+    from modules.rewards import term_means
+
+    nan = float("nan")
+    terms = {"correct": torch.tensor([1.0, 0.0, nan, nan]), "runs": torch.tensor([nan, nan, 0.5, nan]),
+             "never": torch.tensor([nan] * 4)}
+    assert term_means(terms) == {"correct": 0.5, "runs": 0.5}
+    assert term_means(terms, over_ranks=lambda values: [2 * v for v in values]) == {"correct": 0.5, "runs": 0.5}
+
+
+def test_none_is_refused_outside_a_composed_reward_and_where_no_term_applies():
+    reward = Composed({"correct": AnswerMatch()})
+    roll = rollout(["4", "5", "x", "y"]).with_fields({"answer": ["4", None]})
+    with pytest.raises(RewardError, match=r"modules.rewards.Composed: no term applies to response 2 of 4 \(prompt "
+                                          r"'prompt 1', response 'x'\): each of \['correct'\] returned None for it"):
+        score(reward, roll, tokenizer=None)
+    with pytest.raises(RewardError, match=r"reward modules.verifiable.AnswerMatch returned None for response 2 of 4; "
+                                          r"expected a number \(None, 'does not apply', is for a term of "
+                                          r"modules.rewards.Composed"):
+        score(AnswerMatch(), roll, tokenizer=None)
+
+
+def test_a_non_finite_term_where_it_applies_is_not_taken_for_does_not_apply():
+    """With a penalty set, a NaN where a term applies makes the sum NaN, replaced by the penalty (counted); a None
+    elsewhere leaves the other term's value."""
+    shaky = lambda prompts, responses: [float("nan"), None, 1.0, None]  # noqa: E731
+    reward = Composed({"shaky": shaky, "flat": lambda prompts, responses: [None, 2.0, None, 2.0]})
+    rewards, replaced = score(reward, rollout(["a", "b", "c", "d"]), tokenizer=None, nonfinite=-3.0)
+    assert rewards.tolist() == [-3.0, 2.0, 1.0, 2.0] and replaced == 1
+
+
+def test_optional_fields_keep_records_without_them_as_none_and_the_rules_skip_them(tmp_path, task_tokenizer_path):
+    from modules.verifiable import Contains, PythonTests
+
+    rows = [{"prompt": "what is 2 plus 2", "answer": 4}, {"prompt": "write f", "tests": "assert f() == 1"},
+            {"prompt": "what is 1 plus 1", "answer": 2, "tests": None}]
+    path = records(tmp_path / "mixed.jsonl", rows)
+    dm = PairDataModule(LocalFiles(path, val=path), tokenizer=task_tokenizer_path, prompts_only=True,
+                        reward_fields=["answer", "tests"], optional_fields=["answer", "tests"], batch_size=3)
+    dm.setup()
+    batch = PairCollator(dm.tokenizer.pad_token_id)(dm.splits["train"])
+    assert batch.fields == {"answer": [4, None, 2], "tests": [None, "assert f() == 1", None]}
+    responses = ["4", "def f():\n    return 1", "3"]
+    assert AnswerMatch()(batch.prompts, responses, answer=batch.fields["answer"]) == [1.0, None, 0.0]
+    assert PythonTests()(batch.prompts, responses, tests=batch.fields["tests"]) == [None, 1.0, None]
+    assert Contains("tests")(batch.prompts, responses, tests=batch.fields["tests"])[::2] == [None, None]
+    with pytest.raises(DataError, match=r"mixed.jsonl: record 1: field 'answer': missing"):   # required unless optional
+        PairDataModule(LocalFiles(path, val=path), tokenizer=task_tokenizer_path, prompts_only=True,
+                       reward_fields=["answer", "tests"], optional_fields=["tests"]).setup()
+    with pytest.raises(ValueError, match=r"optional_fields names \['id'\], which reward_fields \['answer'\] does not"):
+        PairDataModule(LocalFiles(path, val=path), tokenizer=task_tokenizer_path, reward_fields=["answer"],
+                       optional_fields=["id"])
+
+
+def test_a_mixed_dataset_trains_p3o_with_each_term_scoring_its_own_records(tmp_path, sft_dir):
+    """Sums with an answer and reviews with a keyword in one file: Composed(AnswerMatch + Contains), each term
+    logged as its mean over the records it applies to, in training and in evaluation (gold: the same Composed)."""
+    rows = [row for i, place in enumerate(("spa", "bar", "pool", "gym") * 2)            # alternating
+            for row in ({"prompt": f"the sum of {i} and {i + 1}", "answer": 2 * i + 1},
+                        {"prompt": f"write about the {place} {i}", "keyword": place})]
+    path = records(tmp_path / "mixed.jsonl", rows)
+    config_path = tiny_rl_config(tmp_path, sft_dir)
+    config = yaml.safe_load(open(config_path))
+    config["data"]["init_args"].update(source={"class_path": "datamodules.sources.LocalFiles",
+                                               "init_args": {"train": path, "val": path}},
+                                       reward_fields=["answer", "keyword"], optional_fields=["answer", "keyword"])
+    composed = {"class_path": "modules.rewards.Composed", "init_args": {"rewards": {
+        "correct": {"class_path": "modules.verifiable.AnswerMatch"},
+        "mentions": {"class_path": "modules.verifiable.Contains", "init_args": {"field": "keyword"}}}}}
+    config["model"]["init_args"]["reward"] = composed
+    for callback in config["trainer"]["callbacks"]:
+        if callback["class_path"].endswith("Evaluation"):
+            callback["init_args"]["reward"] = composed
+    yaml.safe_dump(config, open(config_path, "w"))
+    cli = cli_main(["fit", "--config", config_path])
+    metrics = cli.trainer.callback_metrics
+    assert {"train/reward_correct", "train/reward_mentions"} <= set(metrics)
+    evaluation = next(cb for cb in cli.trainer.callbacks if type(cb).__name__ == "Evaluation").history[-1]
+    assert {"val/reward_correct", "val/reward_mentions"} <= set(evaluation)
+    assert all(0.0 <= evaluation[f"val/reward_{name}"] <= 1.0 for name in ("correct", "mentions"))

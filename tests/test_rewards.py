@@ -144,3 +144,72 @@ def test_an_export_whose_scale_is_not_a_number_is_refused_naming_the_file(reward
     (tmp_path / "reward" / "reward_stats.json").write_text(stats)
     with pytest.raises(ValueError, match=rf"^{tmp_path}/reward/reward_stats.json: {re.escape(message)}"):
         RewardModel(str(tmp_path / "reward"))
+
+
+async def async_length(prompts, responses):
+    """An `async def` reward (TRL's async reward functions): the length of each response."""
+    import asyncio
+
+    await asyncio.sleep(0)
+    return [float(len(r)) for r in responses]
+
+
+class AsyncClient:
+    """An async reward holding state bound to an event loop (as an HTTP session is): it records the loop of each
+    call."""
+
+    def __init__(self):
+        self.loops = []
+
+    async def __call__(self, prompts, responses):
+        import asyncio
+
+        self.loops.append(asyncio.get_running_loop())
+        return [1.0] * len(responses)
+
+
+def test_an_async_reward_is_awaited_on_one_loop_that_outlives_each_call():
+    from modules.rewards import score
+
+    rewards, _ = score(async_length, rollout_of(2), tokenizer=None)
+    assert rewards.tolist() == [10.0, 10.0]                  # "response 0"
+    client = AsyncClient()
+    for _ in range(2):
+        score(client, rollout_of(2), tokenizer=None)
+    assert client.loops[0] is client.loops[1] and not client.loops[0].is_closed()
+
+
+def test_async_terms_of_a_composed_reward_run_concurrently():
+    """Each term waits (up to 10 s) for the other to have started: awaited one after the other, the first would
+    time out; together, both finish at once."""
+    import asyncio
+
+    from modules.rewards import Composed, score
+
+    started = {}
+
+    def term(me: str, other: str):
+        async def reward(prompts, responses):
+            started.setdefault(me, asyncio.Event()).set()
+            await asyncio.wait_for(started.setdefault(other, asyncio.Event()).wait(), timeout=10)
+            return [1.0] * len(responses)
+        return reward
+
+    rewards, _ = score(Composed({"a": term("a", "b"), "b": term("b", "a")}), rollout_of(2), tokenizer=None)
+    assert rewards.tolist() == [2.0, 2.0]
+
+
+class AsyncLength:
+    """`async_length` as a class (an evaluation reward is given by class_path)."""
+
+    async def __call__(self, prompts, responses):
+        return await async_length(prompts, responses)
+
+
+def test_an_async_reward_trains_end_to_end_as_the_evaluation_reward_too(tmp_path, sft_dir):
+    config_path = tiny_rl_config(tmp_path, sft_dir, model={"reward": {"class_path": "tests.test_rewards.AsyncClient"}},
+                                 evaluation={"reward": {"class_path": "tests.test_rewards.AsyncLength"}})
+    cli = cli_main(["fit", "--config", config_path])
+    assert cli.trainer.callback_metrics["train/reward"] == 1.0
+    evaluation = next(cb for cb in cli.trainer.callbacks if type(cb).__name__ == "Evaluation").history[-1]
+    assert evaluation["val/gold_reward"] > 0
