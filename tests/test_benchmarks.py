@@ -113,7 +113,7 @@ def test_verifiable_quick_builds_its_sft_export_and_reports_every_objective(tmp_
     _run("verifiable.py", tmp_path / "exports", tmp_path / "out")
     assert (tmp_path / "exports" / "sft" / "config.json").exists() and (tmp_path / "out" / "accuracy.png").exists()
     table = (tmp_path / "out" / "table.md").read_text()
-    for arm in ("P3O", "RLOO", "GRPO-4", "P3O-4", "P3O scale_q", "P3O-V1", "P3O clip 0.4"):
+    for arm in ("P3O", "RLOO", "GRPO-4", "P3O-4", "P3O scale_q", "P3O-V1", "P3O clip 0.4", "GRPO-4 unscaled"):
         assert f"| {arm} |" in table
     assert "| objective | accuracy at start | at rollout 1 | at the end |" in table
     import csv
@@ -141,6 +141,16 @@ def test_verifiable_summary_on_literal_points():
     assert arm["start"] == {0: 0.4, 1: 0.5} and arm["end"] == {0: 0.8, 1: 0.7} and arm["best"] == {0: 0.9, 1: 0.7}
     assert arm["early"] == {0: 0.9, 1: 0.6} and arm["kl"] == {0: 1.0, 1: 2.0}
     assert arm["clipfrac"] == pytest.approx({0: 0.15, 1: 0.3})
+
+
+def test_verifiable_runs_of_some_arms_keep_the_other_arms_rows(tmp_path):
+    from benchmarks.runs import write_points
+    from benchmarks.verifiable import kept_rows
+
+    assert kept_rows(tmp_path / "points.csv", ["P3O"]) == []
+    rows = [{"objective": arm, "seed": 0, "rollout": 0, "gold": 0.5} for arm in ("P3O", "RLOO", "gone")]
+    write_points(rows, tmp_path)
+    assert kept_rows(tmp_path / "points.csv", ["P3O"]) == [rows[1]]      # (an arm no longer defined: dropped)
 
 
 def test_verifiable_clipfrac_window_is_the_mean_of_the_rollouts_since_the_last_evaluation():
