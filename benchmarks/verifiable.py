@@ -192,28 +192,40 @@ def write_report(rows: list[dict], out: Path) -> None:
     figure(rows, out / "accuracy.png")
 
 
+MAIN = ("P3O", "RLOO", "GRPO-4", "P3O-4", "P3O scale_q")      # the objectives compared; the other arms ask why
+
+
 def figure(rows: list[dict], path: Path) -> None:
-    """Accuracy against rollouts: each seed faint, the mean over seeds bold, one colour per objective."""
+    """Accuracy against rollouts: each seed faint, the mean over seeds bold, one colour per arm; the objectives in
+    the left panel, the ablations (with P3O and GRPO-4 to compare) in the right one."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for index, name in enumerate(dict.fromkeys(r["objective"] for r in rows)):
-        colour = f"C{index}"
-        mine = [r for r in rows if r["objective"] == name]
-        for seed in sorted({r["seed"] for r in mine}):
-            points = [r for r in mine if r["seed"] == seed]
-            ax.plot([r["rollout"] for r in points], [r["gold"] for r in points], color=colour, alpha=0.25, lw=0.8)
-        steps = sorted({r["rollout"] for r in mine})
-        ax.plot(steps, [statistics.fmean(r["gold"] for r in mine if r["rollout"] == s) for s in steps], color=colour,
-                lw=2, label=name)
-    ax.set_xlabel("rollout")
-    ax.set_ylabel("held-out accuracy")
-    ax.set_title("Verifiable reward on the sum task")
-    ax.grid(alpha=0.3)
-    ax.legend()
+    names = list(dict.fromkeys(r["objective"] for r in rows))
+    colours = {name: f"C{index % 10}" for index, name in enumerate(names)}
+    panels = [("objectives", [n for n in names if n in MAIN]),
+              ("why does P3O rise more slowly?", [n for n in names if n not in MAIN or n in ("P3O", "GRPO-4")])]
+    panels = [(title, arms) for title, arms in panels if any(a not in ("P3O", "GRPO-4") for a in arms) or title ==
+              "objectives"]
+    fig, axes = plt.subplots(1, len(panels), figsize=(6 * len(panels), 4), sharey=True, squeeze=False)
+    for ax, (title, arms) in zip(axes[0], panels):
+        for name in arms:
+            mine = [r for r in rows if r["objective"] == name]
+            for seed in sorted({r["seed"] for r in mine}):
+                points = [r for r in mine if r["seed"] == seed]
+                ax.plot([r["rollout"] for r in points], [r["gold"] for r in points], color=colours[name], alpha=0.2,
+                        lw=0.8)
+            steps = sorted({r["rollout"] for r in mine})
+            ax.plot(steps, [statistics.fmean(r["gold"] for r in mine if r["rollout"] == s) for s in steps],
+                    color=colours[name], lw=2, label=name)
+        ax.set_xlabel("rollout")
+        ax.set_title(title)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8, loc="lower right")
+    axes[0][0].set_ylabel("held-out accuracy")
+    fig.suptitle("Verifiable reward on the sum task")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
