@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 import os
 import re
+import secrets
 import signal
 import subprocess
 import sys
@@ -178,11 +179,15 @@ class PythonTests:
         timeout: seconds each test may run; one that runs longer is killed and fails.
         partial: the share of a record's tests passed, instead of 1.0 only when all pass.
         workers: tests run at once (processes).
+        memory_mb: the address space each test's process may use (`RLIMIT_AS`), so that code allocating without
+            bound fails with a MemoryError instead of taking the training process's memory (None: no limit). As
+            veRL's sandbox's `memory_limit_mb`.
 
     The code is the last fenced block of the response (```python ... ```), else the whole response. Each test
     runs in a fresh interpreter (`python -I`: no user site or environment variables) in an empty temporary
-    directory, with no input and a minimal environment. **That is not a sandbox**: model-written code runs with
-    your permissions. For code from a model you do not trust, serve a sandbox and use
+    directory, with no input, a minimal environment and its memory capped; it passes when the program runs past
+    the test to its end (code that exits early with status 0, a known reward hack, fails) and exits with status
+    0. **That is not a sandbox**: model-written code runs with your permissions. For code from a model you do not trust, serve a sandbox and use
     `modules.remote.RemoteReward`.
 
     Example: tests ["assert add(1, 2) == 3", "assert add(-1, 1) == 0"]; "def add(a, b): return a + b" -> 1.0;
@@ -190,10 +195,13 @@ class PythonTests:
     + b" -> 0.0 (partial: 0.5); "while True: pass" -> 0.0 (killed after `timeout`).
     """
 
-    def __init__(self, field: str = "tests", timeout: float = 5.0, partial: bool = False, workers: int = 2):
-        if not timeout > 0 or workers < 1:
-            raise ValueError(f"PythonTests: timeout={timeout}, workers={workers}; expected timeout > 0 and workers >= 1")
+    def __init__(self, field: str = "tests", timeout: float = 5.0, partial: bool = False, workers: int = 2,
+                 memory_mb: int | None = 1024):
+        if not timeout > 0 or workers < 1 or (memory_mb is not None and memory_mb < 64):
+            raise ValueError(f"PythonTests: timeout={timeout}, workers={workers}, memory_mb={memory_mb}; expected "
+                             "timeout > 0, workers >= 1 and memory_mb >= 64 (an interpreter needs some) or null")
         self.field, self.timeout, self.partial, self.workers = field, timeout, partial, workers
+        self.memory_mb = memory_mb
         self.record_fields = (field,)
 
     def __call__(self, prompts: list[str], responses: list[str], **fields) -> list[float | None]:
@@ -212,21 +220,42 @@ class PythonTests:
         return out
 
     def passes(self, code: str, test: str) -> bool:
-        """`code` then `test` run as one program exits with status 0 within `timeout`."""
+        """`code` then `test`, run as one program, reach its end and exit with status 0 within `timeout`. The end is
+        a line after the test that writes a random token to a file: code that exits early with status 0
+        (`sys.exit(0)`, `os._exit(0)`, an `atexit` hook), so that the test never runs, does not pass."""
+        token = secrets.token_hex(16)
         with tempfile.TemporaryDirectory() as folder:
-            path = os.path.join(folder, "program.py")
+            path, done = os.path.join(folder, "program.py"), os.path.join(folder, "done")
             with open(path, "w") as handle:
-                handle.write(f"{code}\n\n{test}\n")
+                handle.write(f"{code}\n\n{test}\n\nwith open({done!r}, 'w') as _done:\n    _done.write({token!r})\n")
             # its own process group: on timeout, whatever the program started is killed with it
-            process = subprocess.Popen([sys.executable, "-I", path], cwd=folder, stdin=subprocess.DEVNULL,
+            limit = ["-c", LIMITED, str(self.memory_mb)] if self.memory_mb is not None else []
+            process = subprocess.Popen([sys.executable, "-I", *limit, path], cwd=folder, stdin=subprocess.DEVNULL,
                                        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
                                        env={"PATH": os.environ.get("PATH", ""), "PYTHONHASHSEED": "0"})
             try:
-                return process.wait(timeout=self.timeout) == 0
+                return process.wait(timeout=self.timeout) == 0 and _read(done) == token
             except subprocess.TimeoutExpired:
                 os.killpg(process.pid, signal.SIGKILL)
                 process.wait()
                 return False
+
+
+def _read(path: str) -> str | None:
+    try:
+        with open(path) as handle:
+            return handle.read(64)
+    except (OSError, UnicodeDecodeError):
+        return None
+
+
+# Runs the program at argv[2] as __main__ with its address space capped at argv[1] MiB: set in the child itself
+# (a `preexec_fn` is not safe in a process with threads, as the trainer is).
+LIMITED = ("import resource, runpy, sys\n"
+           "limit = int(sys.argv[1]) * 2 ** 20\n"
+           "resource.setrlimit(resource.RLIMIT_AS, (limit, limit))\n"
+           "sys.argv = sys.argv[2:]\n"
+           "runpy.run_path(sys.argv[0], run_name='__main__')\n")
 
 
 def code_of(response: str) -> str:

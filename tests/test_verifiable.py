@@ -125,8 +125,25 @@ def test_python_tests():
     assert time.time() - start < 20                                 # the endless loops were cut at 0.5 s
     assert PythonTests()(["q"], ["x = 1"], tests=["assert x == 1"]) == [1.0]      # one test as a string
     assert code_of("```py\na = 1\n```\n```\nb = 2\n```") == "b = 2\n" and code_of("plain") == "plain"
-    with pytest.raises(ValueError, match=r"PythonTests: timeout=0, workers=2; expected timeout > 0"):
+    with pytest.raises(ValueError, match=r"PythonTests: timeout=0, workers=2, memory_mb=1024; expected timeout > 0"):
         PythonTests(timeout=0)
+    with pytest.raises(ValueError, match=r"memory_mb=16; expected .* memory_mb >= 64 \(an interpreter needs some\)"):
+        PythonTests(memory_mb=16)
+
+
+def test_python_tests_fail_code_that_exits_before_its_test_and_cap_its_memory():
+    """Exiting with status 0 before the test runs (a known reward hack) passed while a test passed on exit status
+    alone: `sys.exit(0)`, `os._exit(0)`, an `atexit` hook that exits 0 after the failed assert. Now the program
+    must run past the test to its end. A response that allocates 2 GiB fails at once under `memory_mb` (before:
+    it took the memory, for as long as the machine had it); one that changes directory still passes."""
+    from modules.verifiable import PythonTests
+
+    hacks = ["import sys\nsys.exit(0)", "import os\nos._exit(0)",
+             "import atexit, os\natexit.register(lambda: os._exit(0))",
+             "x = bytearray(2 * 1024 ** 3)\ndef f(): return 1"]
+    fine = ["def f(): return 1", "import os\nos.chdir('/')\ndef f(): return 1"]
+    responses = hacks + fine
+    assert PythonTests(memory_mb=256)(["q"] * 6, responses, tests=["assert f() == 1"] * 6) == [0.0] * 4 + [1.0] * 2
 
 
 def test_python_tests_kill_what_a_test_started_when_it_runs_past_the_timeout(tmp_path):
