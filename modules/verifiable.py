@@ -187,8 +187,8 @@ class PythonTests:
     runs in a fresh interpreter (`python -I`: no user site or environment variables) in an empty temporary
     directory, with no input, a minimal environment and its memory capped; it passes when the program runs past
     the test to its end (code that exits early with status 0, a known reward hack, fails) and exits with status
-    0. **That is not a sandbox**: model-written code runs with your permissions. For code from a model you do not trust, serve a sandbox and use
-    `modules.remote.RemoteReward`.
+    0. **That is not a sandbox**: model-written code runs with your permissions. For code from a model you do not
+    trust, serve a sandbox and use `modules.remote.RemoteReward`.
 
     Example: tests ["assert add(1, 2) == 3", "assert add(-1, 1) == 0"]; "def add(a, b): return a + b" -> 1.0;
     "def add(a, b): return a * b" -> 0.0 (partial: 0.0, as 1*2 != 3 and -1*1 != 0); "def add(a, b): return abs(a)
