@@ -32,7 +32,7 @@ from datamodules.collate import PairCollator
 from modules import functional as F
 from modules.checks import ConfigError, check_positions
 from modules.judges import both_orders, win_rate
-from modules.rewards import FrozenModel, as_numbers, awaited, check_fields, field_kwargs, is_pairwise
+from modules.rewards import FrozenModel, as_numbers, awaited, call_text_reward, check_fields, is_pairwise
 from modules.sampling import SamplingConfig, sample
 from modules.sharding import fsdp_mesh
 
@@ -198,7 +198,7 @@ class Evaluation(L.Callback):
     def _gold(self, prompts, responses, fields: dict[str, list]) -> torch.Tensor | None:
         if self.reward is None:
             return None
-        values = awaited(self.reward(prompts, responses, **field_kwargs(self.reward, fields)))
+        values = awaited(call_text_reward(self.reward, prompts, responses, fields))
         return as_numbers(values, self.reward, len(responses))          # (one number per response, or one line)
 
     def _against_reference(self, pl_module, roll, ids, mask, prompts, config, gold, proxy) -> dict:

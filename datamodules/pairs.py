@@ -64,10 +64,12 @@ class PairDataModule(L.LightningDataModule):
         self.prompts_only, self.chosen_only, self.skip_invalid = prompts_only, chosen_only, skip_invalid
         self.num_workers, self.seed = num_workers, seed
         self.reward_fields = tuple(reward_fields or ())
-        taken = [name for name in self.reward_fields if name in ("prompts", "responses", "responses_a", "responses_b")]
+        taken = [name for name in self.reward_fields
+                 if name in ("prompts", "responses", "responses_a", "responses_b", "completions")]
         if taken or len(set(self.reward_fields)) < len(self.reward_fields):
             raise ValueError(f"PairDataModule: reward_fields={list(self.reward_fields)}; expected distinct names other "
-                             "than prompts / responses / responses_a / responses_b (the reward's positional arguments)")
+                             "than prompts / responses / responses_a / responses_b / completions (the texts a reward "
+                             "is called with)")
         self.optional_fields = tuple(optional_fields or ())
         if stray := [name for name in self.optional_fields if name not in self.reward_fields]:
             raise ValueError(f"PairDataModule: optional_fields names {stray}, which reward_fields "

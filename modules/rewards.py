@@ -257,7 +257,7 @@ def raw_values(reward, rollout: Rollout, tokenizer, parts: list[torch.Tensor] | 
     """What `reward` returns for `rollout`, unchecked: a text callable's list (an awaitable if it is `async`), or a
     token-level reward's tensor, over `parts` (`score`)."""
     if not hasattr(reward, "score"):
-        return reward(rollout.prompts, rollout.responses, **field_kwargs(reward, rollout.fields))
+        return call_text_reward(reward, rollout.prompts, rollout.responses, rollout.fields)
     if parts is None or len(parts) == 1:
         return reward.score(rollout, tokenizer)
     return torch.cat([as_numbers(reward.score(piece, tokenizer), reward, len(piece))
@@ -368,7 +368,8 @@ class DifferenceOf(PairwiseReward):
         self.reward = reward
 
     def __call__(self, prompts, responses_a, responses_b):
-        a, b = awaited_all([self.reward(prompts, responses_a), self.reward(prompts, responses_b)])
+        a, b = awaited_all([call_text_reward(self.reward, prompts, responses_a, {}),
+                            call_text_reward(self.reward, prompts, responses_b, {})])
         return [x - y for x, y in zip(a, b)]
 
 
@@ -486,11 +487,34 @@ def tournament_scores(pair_rewards: torch.Tensor, group_size: int) -> torch.Tens
 POSITIONAL = {False: ("prompts", "responses"), True: ("prompts", "responses_a", "responses_b")}
 
 
+def call_text_reward(reward, prompts: list[str], responses: list[str], fields: dict[str, list]):
+    """What a per-response text reward returns (an awaitable if it is `async`), called with the record fields it
+    takes (`field_kwargs`): positionally as `reward(prompts, responses, **fields)`, or, for a reward function
+    written for TRL (it names a parameter `completions`), by keyword as TRL's GRPOTrainer calls it:
+    `reward(prompts=..., completions=..., **fields)` (`prompts` only if it takes it).
+
+    Example: TRL's `def accuracy(completions, answer, **kwargs)` is called as `accuracy(prompts=prompts,
+    completions=responses, answer=[...])`."""
+    kwargs = field_kwargs(reward, fields)
+    if not trl_style(reward):
+        return reward(prompts, responses, **kwargs)
+    params = _parameters(reward)
+    takes_prompts = any(p.name == "prompts" or p.kind is inspect.Parameter.VAR_KEYWORD for p in params)
+    return reward(completions=responses, **({"prompts": prompts} if takes_prompts else {}), **kwargs)
+
+
+def trl_style(reward) -> bool:
+    """A per-response text reward written for TRL: its call names a parameter `completions` (and none
+    `responses`), and takes the texts by keyword."""
+    names = {p.name for p in _parameters(reward) or ()}
+    return "completions" in names and "responses" not in names and not hasattr(reward, "score")
+
+
 def field_kwargs(reward, fields: dict[str, list], pairwise: bool = False) -> dict[str, list]:
     """The record fields (`PairDataModule reward_fields`: name -> one value per response, or per pair) that the
-    call of a text `reward` takes by keyword: every one if it takes `**kwargs`, else those it names after its
-    positional texts (`prompts, responses`, or `prompts, responses_a, responses_b`). A field it requires (no
-    default) that `fields` lacks is a `RewardError` naming it.
+    call of a text `reward` takes by keyword: every one if it takes `**kwargs`, else those it names besides its
+    texts (`prompts, responses`, `prompts, responses_a, responses_b`, or TRL's `prompts, completions`). A field it
+    requires (no default) that `fields` lacks is a `RewardError` naming it.
 
     Example: `def correct(prompts, responses, answer)` with fields {answer: ["4", "4", "9", "9"], id: [...]} is
     called as `correct(prompts, responses, answer=["4", "4", "9", "9"])`; with fields {} it is refused."""
@@ -525,7 +549,9 @@ def required_fields(reward, pairwise: bool = False) -> list[str]:
     params = _parameters(reward)
     if params is None or hasattr(reward, "score"):
         return []
-    later = [p for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)][len(POSITIONAL[pairwise]):]
+    named = [p for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
+    later = [p for p in named if p.name not in ("prompts", "completions")] if not pairwise and trl_style(reward) \
+        else named[len(POSITIONAL[pairwise]):]
     return [p.name for p in later if p.default is inspect.Parameter.empty]
 
 
@@ -599,7 +625,7 @@ class Composed(nn.Module):
             if hasattr(reward, "score"):
                 raise RewardError(f"{qualified_name(self)}: term {name!r} ({qualified_name(reward)}) scores token "
                                   "ids, not texts; as an evaluation reward every term must be a text callable")
-            raw[name] = reward(prompts, responses, **field_kwargs(reward, fields))
+            raw[name] = call_text_reward(reward, prompts, responses, fields)
         raw = dict(zip(raw, awaited_all(list(raw.values()))))
         terms = {}
         for name, reward in self.rewards.items():

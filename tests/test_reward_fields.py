@@ -384,3 +384,36 @@ def test_a_mixed_dataset_trains_p3o_with_each_term_scoring_its_own_records(tmp_p
     evaluation = next(cb for cb in cli.trainer.callbacks if type(cb).__name__ == "Evaluation").history[-1]
     assert {"val/reward_correct", "val/reward_mentions"} <= set(evaluation)
     assert all(0.0 <= evaluation[f"val/reward_{name}"] <= 1.0 for name in ("correct", "mentions"))
+
+
+def trl_accuracy(completions, answer, **kwargs):
+    """A reward function as written for TRL's GRPOTrainer: texts and dataset columns by keyword."""
+    return [1.0 if c.strip() == str(a) else 0.0 for c, a in zip(completions, answer)]
+
+
+def trl_prompt_length(prompts, completions):
+    return [float(len(p.split())) for p in prompts]
+
+
+def test_a_reward_function_written_for_trl_is_called_as_trl_calls_it():
+    """`def f(completions, answer, **kwargs)` (TRL's convention) was called positionally, as f(prompts, responses):
+    completions got the prompts and answer the responses, a TypeError ('multiple values for argument'). Now a call
+    that names `completions` gets the texts by keyword, and its fields as any reward's."""
+    from modules.rewards import call_text_reward, trl_style
+
+    roll = rollout(["4", "5", "9", "9"]).with_fields({"answer": ["4", "9"]})
+    assert trl_style(trl_accuracy) and not trl_style(correct)
+    assert required_fields(trl_accuracy) == ["answer"] and required_fields(trl_prompt_length) == []
+    assert score(trl_accuracy, roll, tokenizer=None)[0].tolist() == [1.0, 0.0, 1.0, 1.0]
+    assert call_text_reward(trl_prompt_length, ["a b", "c"], ["x", "y"], {}) == [2.0, 1.0]
+    both = Composed({"right": trl_accuracy, "ours": correct}, weights={"ours": 0.5})
+    assert score(both, roll, tokenizer=None)[0].tolist() == [1.5, 0.0, 1.5, 1.5]
+    assert both(roll.prompts, roll.responses, **roll.fields) == [1.5, 0.0, 1.5, 1.5]     # as an evaluation reward
+    with pytest.raises(RewardError, match=r"takes 'answer' by keyword, which no record field provides"):
+        score(trl_accuracy, rollout(["4", "5"]), tokenizer=None)
+
+
+def test_a_trl_reward_function_by_its_import_path_trains_and_evaluates(tmp_path, sft_dir):
+    config = maths_config(tmp_path, sft_dir, ["answer"])
+    cli = cli_main(["fit", "--config", config, "--model.init_args.reward=tests.test_reward_fields.trl_accuracy"])
+    assert "train/reward" in cli.trainer.callback_metrics
