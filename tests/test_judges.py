@@ -132,3 +132,21 @@ def test_evaluation_uses_a_preference_model_judge_and_a_pairwise_reward_without_
     assert 0 <= end["val/judge_win_rate"] <= 1 and 0 <= end["val/judge_agreement"] <= 1
     # the same model as reward and judge: the same both-order verdicts
     assert end["val/win_rate"] == pytest.approx(end["val/judge_win_rate"]) and "val/gold_reward" not in end
+
+
+def test_an_async_judge_is_awaited_in_both_orders_and_as_a_pairwise_reward():
+    """An `async def` judge (an API judge over an async client): `both_orders` and `score_pairs` await it and get
+    the same numbers as from the same judge written synchronously (the docstring's example)."""
+    from modules.rewards import score_pairs
+    from tests.test_pairwise import _rollout
+
+    table = ScoreTable({"a": 0.5, "b": 0.0, "c": 2.0, "d": 0.0}, bias=1.0)
+
+    class AsyncJudge(PairwiseReward):
+        async def __call__(self, prompts, a, b):
+            return table(prompts, a, b)
+
+    score, agree = both_orders(AsyncJudge(), ["p", "p"], ["a", "c"], ["b", "d"])
+    assert score.tolist() == [0.5, 2.0] and agree.tolist() == [False, True]
+    M, _, agreement = score_pairs(AsyncJudge(), _rollout(["a", "b"], 2))
+    assert torch.allclose(M, torch.tensor([[0.0, 0.5], [-0.5, 0.0]])) and agreement == 0.0
