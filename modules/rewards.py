@@ -567,7 +567,9 @@ class Composed(nn.Module):
     rollout and `val/reward_<name>` in evaluation (the weighted sum is `train/reward`). Each term is validated as
     a reward of its own (one finite number per response; an error names the term), and a term that takes record
     fields gets its own (`field_kwargs`). As an evaluation reward (a text callable), its terms must be text
-    callables too.
+    callables too. On a dataset that mixes tasks, a term returns None for a response it does not apply to (TRL's
+    convention): the response's reward is the weighted sum of the terms that apply, and each term is logged as its
+    mean over the responses it applies to (`term_means`); a response no term applies to is an error.
 
     Args:
         rewards: name -> reward: any per-response reward (a text callable such as `modules.verifiable.AnswerMatch`,
@@ -575,7 +577,9 @@ class Composed(nn.Module):
         weights: name -> weight (a term left out weighs 1).
 
     Example: terms correct in {0, 1} and format in {0, 1}, weights {correct: 1.0, format: 0.2}: a correct response
-    in the wrong format gets 1.0, a wrong one in the right format 0.2, both right 1.2.
+    in the wrong format gets 1.0, a wrong one in the right format 0.2, both right 1.2. Mixed: terms correct
+    (maths records) and mentions (records with a keyword), weights {correct: 1, mentions: 0.5}, values [1, 0, None,
+    None] and [None, None, 1, 0]: rewards [1, 0, 0.5, 0].
     """
 
     def __init__(self, rewards: dict[str, Callable], weights: dict[str, float] | None = None):
