@@ -237,6 +237,14 @@ def preference_loss(chosen_logp: torch.Tensor, rejected_logp: torch.Tensor, chos
     return per_pair, h
 
 
+def tied_groups(rewards: torch.Tensor, group_size: int) -> torch.Tensor:
+    """The fraction of groups (K consecutive rows of `rewards` (N,)) whose rewards are all equal (within float
+    tolerance): groups that give a comparison-based objective no reward signal, only the KL term (TRL's
+    `frac_reward_zero_std`). Example: [1, 1, 0, 1, 0, 0], K = 2 -> groups (1, 1), (0, 1), (0, 0) -> 2/3."""
+    groups = rewards.float().view(-1, group_size)
+    return torch.isclose(groups.max(-1).values, groups.min(-1).values).float().mean()
+
+
 def clip_fraction(ratio: torch.Tensor, eps: float, mask: torch.Tensor | None = None) -> torch.Tensor:
     """Fraction of entries with |ratio - 1| > eps (optionally over a mask)."""
     clipped = ((ratio - 1.0).abs() > eps).float()

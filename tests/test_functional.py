@@ -139,3 +139,12 @@ def test_inverse_cdf_sample_literal():
     # unnormalised rows (top-k leaves a sum of 1 only up to rounding) scale with their own total
     assert F.inverse_cdf_sample(torch.tensor([[2.0, 6.0]]), torch.tensor([0.24])).tolist() == [0]
     assert F.inverse_cdf_sample(torch.tensor([[2.0, 6.0]]), torch.tensor([0.26])).tolist() == [1]
+
+
+def test_tied_groups_is_the_share_of_groups_whose_rewards_all_equal():
+    """Docstring example: [1, 1, 0, 1, 0, 0], K = 2 -> (1, 1) and (0, 0) tie, (0, 1) does not: 2/3; K = 3 -> (1, 1, 0)
+    and (1, 0, 0): none."""
+    rewards = torch.tensor([1.0, 1.0, 0.0, 1.0, 0.0, 0.0])
+    assert F.tied_groups(rewards, 2).item() == pytest.approx(2 / 3)
+    assert F.tied_groups(rewards, 3).item() == 0.0
+    assert F.tied_groups(torch.tensor([0.5, 0.5 + 1e-9]), 2).item() == 1.0       # equal within float tolerance

@@ -162,6 +162,7 @@ def test_a_composed_verifiable_reward_trains_p3o_end_to_end_with_each_term_logge
     metrics = cli.trainer.callback_metrics
     terms = [metrics[f"train/reward_{name}"] for name in ("correct", "format")]
     assert torch.isclose(metrics["train/reward"], terms[0] + 0.2 * terms[1], atol=1e-6)
+    assert 0.0 <= metrics["train/tied_groups"] <= 1.0          # pairs whose rewards tie: no reward signal
     evaluation = next(cb for cb in cli.trainer.callbacks if type(cb).__name__ == "Evaluation").history[-1]
     assert {"val/gold_reward", "val/reward", "val/reward_correct", "val/reward_format"} <= set(evaluation)
     assert abs(evaluation["val/reward"] - evaluation["val/reward_correct"] - 0.2 * evaluation["val/reward_format"]) < 1e-6
