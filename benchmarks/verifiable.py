@@ -57,6 +57,7 @@ ARMS["P3O lr 1e-4"] = ARMS["P3O"]
 ARMS["P3O kl 0"] = (2, {"class_path": "modules.objectives.p3o.P3O",
                         "init_args": {"variant": "v2", "clip_eps": 0.2, "kl_coef": 0.0, "is_cap": 10.0}})
 BASELINE = "P3O"
+TRAIN_METRICS = ("clipfrac", "tied_groups")       # train/* metrics kept per evaluation window: mean since the last
 
 
 def main() -> None:
@@ -96,9 +97,10 @@ def main() -> None:
                           k=k, eval_every=args.eval_every, eval_prompts=args.eval_prompts, exports=args.exports,
                           model={"reward": REWARD, "objective": objective}, lr=lr)
             seconds = time.time() - t0
-            clipfrac = [m.get("train/clipfrac") for m in run["train"]]
+            per_rollout = {key: [m.get(f"train/{key}") for m in run["train"]] for key in TRAIN_METRICS}
             rows.extend({"objective": name, "seed": seed, "run_s": seconds, **p,
-                         "clipfrac": mean_since(clipfrac, previous["rollout"] if previous else None, p["rollout"])}
+                         **{key: mean_since(values, previous["rollout"] if previous else None, p["rollout"])
+                            for key, values in per_rollout.items()}}
                         for previous, p in zip([None, *run["points"]], run["points"]))
             end = run["points"][-1]
             print(f"[verifiable] {name} seed={seed}: accuracy {run['points'][0]['gold']:.3f} -> {end['gold']:.3f} "
@@ -114,7 +116,8 @@ def kept_rows(path: Path, running: list[str]) -> list[dict]:
     the table; none if there is no such file."""
     if not path.exists():
         return []
-    kept = [row for row in read_points(path) if row["objective"] not in running and row["objective"] in ARMS]
+    kept = [{**dict.fromkeys(TRAIN_METRICS), **row} for row in read_points(path)    # (a metric added since: empty)
+            if row["objective"] not in running and row["objective"] in ARMS]
     if kept:
         print(f"[verifiable] keeping {path}'s rows of {sorted({r['objective'] for r in kept})}")
     return kept
@@ -122,7 +125,7 @@ def kept_rows(path: Path, running: list[str]) -> list[dict]:
 
 def mean_since(values: list[float | None], after: int | None, upto: int) -> float | None:
     """The mean of `values[r - 1]` for rollouts r in (after, upto] (a rollout's `train/clipfrac`, the mean over its
-    updates), or None where there are none (the evaluation before the first rollout)."""
+    updates, or `train/tied_groups`), or None where there are none (the evaluation before the first rollout)."""
     if after is None:
         return None
     window = [v for v in values[after:upto] if v is not None]
@@ -150,20 +153,21 @@ def early_rollout(rows: list[dict]) -> int:
 
 def summary(rows: list[dict]) -> dict[str, dict]:
     """Per objective, each {seed: value}: start, early (at `early_rollout`), end, best (accuracy), kl (at the end),
-    clipfrac (the mean over the run's rollouts of `train/clipfrac`), run_s (seconds)."""
-    out, early = {}, early_rollout(rows)
+    each of `TRAIN_METRICS` (the mean over the run's rollouts), run_s (seconds)."""
+    out, early, windows = {}, early_rollout(rows), {}
     for row in sorted(rows, key=lambda r: r["rollout"]):        # a run's last evaluation comes last
-        arm = out.setdefault(row["objective"], {key: {} for key in ("start", "early", "end", "best", "kl", "clip",
-                                                                     "clipfrac", "run_s")})
+        arm = out.setdefault(row["objective"], {key: {} for key in ("start", "early", "end", "best", "kl",
+                                                                     *TRAIN_METRICS, "run_s")})
         seed = row["seed"]
         arm["start"].setdefault(seed, row["gold"])
         if row["rollout"] == early:
             arm["early"][seed] = row["gold"]
         arm["end"][seed], arm["kl"][seed] = row["gold"], row["kl"]
         arm["best"][seed] = max(arm["best"].get(seed, 0.0), row["gold"])
-        if row.get("clipfrac") is not None:       # (each window between evaluations holds as many rollouts)
-            arm["clip"].setdefault(seed, []).append(row["clipfrac"])
-            arm["clipfrac"][seed] = statistics.fmean(arm["clip"][seed])
+        for key in TRAIN_METRICS:        # (each window between evaluations holds as many rollouts)
+            if row.get(key) is not None:
+                windows.setdefault((row["objective"], seed, key), []).append(row[key])
+                arm[key][seed] = statistics.fmean(windows[row["objective"], seed, key])
         arm["run_s"][seed] = row["run_s"]
     return out
 
@@ -174,18 +178,19 @@ def write_report(rows: list[dict], out: Path) -> None:
     lines = [f"Held-out accuracy (share of right sums, sampled at temperature 1), mean over {seeds} seeds with its "
              "95% bootstrap interval; `vs P3O`: the paired difference of the final accuracy (same seed: same prompt "
              "order and sampling stream); clipfrac: the share of clipped terms (pairs, responses or tokens, as the "
-             "objective clips), mean over the run's updates and seeds.", "",
+             "objective clips), mean over the run's updates and seeds; tied: the share of groups whose rewards all "
+             "tie (`train/tied_groups`), mean over the run's rollouts and seeds.", "",
              f"| objective | accuracy at start | at rollout {early_rollout(rows)} | at the end | best during the run | "
-             "KL at the end | end vs P3O | clipfrac | s / run |",
-             "|---|---|---|---|---|---|---|---|---|"]
+             "KL at the end | end vs P3O | clipfrac | tied | s / run |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for name, arm in arms.items():
         versus = "-" if name == BASELINE or BASELINE not in arms else fmt_ci(paired_ci(arm["end"], arms[BASELINE]["end"]))
-        clipfrac = f"{statistics.fmean(arm['clipfrac'].values()):.3f}" if arm["clipfrac"] else "-"
+        clipfrac, tied = (f"{statistics.fmean(arm[key].values()):.3f}" if arm[key] else "-" for key in TRAIN_METRICS)
         lines.append(f"| {name} | {statistics.fmean(arm['start'].values()):.3f} | "
                      f"{fmt_ci(bootstrap_ci(list(arm['early'].values())))} | "
                      f"{fmt_ci(bootstrap_ci(list(arm['end'].values())))} | "
                      f"{fmt_ci(bootstrap_ci(list(arm['best'].values())))} | "
-                     f"{statistics.fmean(arm['kl'].values()):.2f} | {versus} | {clipfrac} | "
+                     f"{statistics.fmean(arm['kl'].values()):.2f} | {versus} | {clipfrac} | {tied} | "
                      f"{statistics.median(arm['run_s'].values()):.0f} |")
     (out / "table.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))

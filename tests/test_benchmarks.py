@@ -124,7 +124,8 @@ def test_verifiable_quick_builds_its_sft_export_and_reports_every_objective(tmp_
     assert all(0.0 <= float(p["gold"]) <= 1.0 for p in points)                            # accuracies
     # each evaluation after the first carries the mean train/clipfrac of the rollouts since the one before
     assert all((p["clipfrac"] == "") == (p["rollout"] == "0") for p in points)
-    assert all(0.0 <= float(p["clipfrac"]) <= 1.0 for p in points if p["clipfrac"])
+    assert all(0.0 <= float(p["clipfrac"]) <= 1.0 and 0.0 <= float(p["tied_groups"]) <= 1.0
+               for p in points if p["clipfrac"])
 
 
 def test_verifiable_summary_on_literal_points():
@@ -151,7 +152,8 @@ def test_verifiable_runs_of_some_arms_keep_the_other_arms_rows(tmp_path):
     assert kept_rows(tmp_path / "points.csv", ["P3O"]) == []
     rows = [{"objective": arm, "seed": 0, "rollout": 0, "gold": 0.5} for arm in ("P3O", "RLOO", "gone")]
     write_points(rows, tmp_path)
-    assert kept_rows(tmp_path / "points.csv", ["P3O"]) == [rows[1]]      # (an arm no longer defined: dropped)
+    assert kept_rows(tmp_path / "points.csv", ["P3O"]) == [{**rows[1], "clipfrac": None, "tied_groups": None}]
+    # (an arm no longer defined: dropped; a metric added since the run: empty)
 
 
 def test_verifiable_clipfrac_window_is_the_mean_of_the_rollouts_since_the_last_evaluation():
