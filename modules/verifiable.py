@@ -17,6 +17,8 @@ import sys
 import tempfile
 from concurrent.futures import ThreadPoolExecutor
 
+from modules.rewards import RewardError
+
 NUMBER = re.compile(r"[-+]?(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?(?:[eE][-+]?\d+)?|[-+]?\.\d+")
 EXTRACTS = ("last_number", "boxed", "all")
 
@@ -173,9 +175,11 @@ class PythonTests:
     its tests passed): a coding task's verifiable reward.
 
     Args:
-        field: the record field holding the tests: Python source run after the response's code (asserts; a test
-            passes when the program exits with status 0), or a list of such sources, each one test. List it in the
-            data's `reward_fields`.
+        field: the record field holding the tests, one or a list: Python source run after the response's code
+            (asserts; it passes when the program runs to its end and exits with status 0), or `{input, output}`
+            (a contest-style test: the code, run with `input` as its standard input, must exit with status 0
+            having printed `output`, compared line by line, trailing whitespace ignored). List it in the data's
+            `reward_fields`.
         timeout: seconds each test may run; one that runs longer is killed and fails.
         partial: the share of a record's tests passed, instead of 1.0 only when all pass.
         workers: tests run at once (processes).
@@ -185,14 +189,17 @@ class PythonTests:
 
     The code is the last fenced block of the response (```python ... ```), else the whole response. Each test
     runs in a fresh interpreter (`python -I`: no user site or environment variables) in an empty temporary
-    directory, with no input, a minimal environment and its memory capped; it passes when the program runs past
-    the test to its end (code that exits early with status 0, a known reward hack, fails) and exits with status
-    0. **That is not a sandbox**: model-written code runs with your permissions. For code from a model you do not
-    trust, serve a sandbox and use `modules.remote.RemoteReward`.
+    directory, with a minimal environment, its memory capped and every file it writes, its output included, capped
+    at 16 MiB; an assert test passes when the program runs past the test to its end (code that exits early with
+    status 0, a known reward hack, fails) and exits with status 0. **That is not a sandbox**: model-written code runs
+    with your permissions. For code from a model you do not trust, serve a sandbox and use
+    `modules.remote.RemoteReward`.
 
     Example: tests ["assert add(1, 2) == 3", "assert add(-1, 1) == 0"]; "def add(a, b): return a + b" -> 1.0;
     "def add(a, b): return a * b" -> 0.0 (partial: 0.0, as 1*2 != 3 and -1*1 != 0); "def add(a, b): return abs(a)
-    + b" -> 0.0 (partial: 0.5); "while True: pass" -> 0.0 (killed after `timeout`).
+    + b" -> 0.0 (partial: 0.5); "while True: pass" -> 0.0 (killed after `timeout`). Contest-style: test {input:
+    "2 3", output: "5"}; "a, b = map(int, input().split())\\nprint(a + b)" -> 1.0; "print(5)" -> 1.0 too (one test
+    cannot tell: give several); "print(2 + 3, '')" -> 1.0 (trailing space); "print('5\\n5')" -> 0.0.
     """
 
     def __init__(self, field: str = "tests", timeout: float = 5.0, partial: bool = False, workers: int = 2,
@@ -208,7 +215,8 @@ class PythonTests:
         jobs = [(i, code_of(response), test) for i, (response, tests) in enumerate(zip(responses, fields[self.field]))
                 if tests is not None for test in (tests if isinstance(tests, list) else [tests])]
         with ThreadPoolExecutor(self.workers) as pool:
-            passed = list(pool.map(lambda job: self.passes(job[1], str(job[2])), jobs))
+            passed = list(pool.map(lambda job: self.passes(job[1], job[2] if isinstance(job[2], dict) else str(job[2])),
+                                   jobs))
         out = []
         for i, tests in enumerate(fields[self.field]):
             if tests is None:                       # (no test ran for it: the rule does not apply)
@@ -219,43 +227,76 @@ class PythonTests:
             out.append(share if self.partial else float(share == 1.0))
         return out
 
-    def passes(self, code: str, test: str) -> bool:
-        """`code` then `test`, run as one program, reach its end and exit with status 0 within `timeout`. The end is
-        a line after the test that writes a random token to a file: code that exits early with status 0
-        (`sys.exit(0)`, `os._exit(0)`, an `atexit` hook), so that the test never runs, does not pass."""
-        token = secrets.token_hex(16)
+    def passes(self, code: str, test: str | dict) -> bool:
+        """Whether `code` passes `test`, within `timeout`:
+        - Python source: `code` then `test`, run as one program, reach its end and exit with status 0. The end is a
+          line after the test that writes a random token to a file: code that exits early with status 0
+          (`sys.exit(0)`, `os._exit(0)`, an `atexit` hook), so that the test never runs, does not pass.
+        - `{input, output}`: `code` run with `input` as its standard input exits with status 0 having printed
+          `output` (`same_output`)."""
         with tempfile.TemporaryDirectory() as folder:
-            path, done = os.path.join(folder, "program.py"), os.path.join(folder, "done")
-            with open(path, "w") as handle:
-                handle.write(f"{code}\n\n{test}\n\nwith open({done!r}, 'w') as _done:\n    _done.write({token!r})\n")
-            # its own process group: on timeout, whatever the program started is killed with it
-            limit = ["-c", LIMITED, str(self.memory_mb)] if self.memory_mb is not None else []
-            process = subprocess.Popen([sys.executable, "-I", *limit, path], cwd=folder, stdin=subprocess.DEVNULL,
-                                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+            if isinstance(test, dict):
+                if not (isinstance(test.get("input"), str) and isinstance(test.get("output"), str)):
+                    raise RewardError(f"PythonTests: a test {str(test)[:80]!r}; expected Python source, or "
+                                      "{input: <text>, output: <text>} (standard input and the output expected)")
+                status = self.run(folder, code, test["input"])
+                return status == 0 and same_output(_read(os.path.join(folder, "stdout"), OUTPUT_MB * 2 ** 20) or "",
+                                                   test["output"])
+            token, done = secrets.token_hex(16), os.path.join(folder, "done")
+            status = self.run(folder, f"{code}\n\n{test}\n\nwith open({done!r}, 'w') as _done:\n    _done.write({token!r})\n")
+            return status == 0 and _read(done, 64) == token
+
+    def run(self, folder: str, program: str, stdin: str = "") -> int | None:
+        """`program` (source) run in `folder` in a fresh `python -I`, its memory and file sizes capped, `stdin` as
+        its standard input and its standard output in `folder`/stdout; its exit status, or None when it ran past
+        `timeout` (then it is killed with its process group: whatever it started goes with it)."""
+        path, inputs, outputs = (os.path.join(folder, name) for name in ("program.py", "stdin", "stdout"))
+        for name, text in ((path, program), (inputs, stdin)):
+            with open(name, "w") as handle:
+                handle.write(text)
+        with open(inputs) as stdin_file, open(outputs, "w") as stdout_file:
+            process = subprocess.Popen([sys.executable, "-I", "-c", LIMITED, str(self.memory_mb or 0), str(OUTPUT_MB),
+                                        path], cwd=folder, stdin=stdin_file, stdout=stdout_file,
+                                       stderr=subprocess.DEVNULL, start_new_session=True,
                                        env={"PATH": os.environ.get("PATH", ""), "PYTHONHASHSEED": "0"})
             try:
-                return process.wait(timeout=self.timeout) == 0 and _read(done) == token
+                return process.wait(timeout=self.timeout)
             except subprocess.TimeoutExpired:
                 os.killpg(process.pid, signal.SIGKILL)
                 process.wait()
-                return False
+                return None
 
 
-def _read(path: str) -> str | None:
+def same_output(got: str, expected: str) -> bool:
+    """Whether a program's output is the expected one, as judges of programming contests compare: line by line,
+    trailing whitespace on each line and trailing blank lines ignored. "3 \\n4\\n\\n" equals "3\\n4"; "3 4" does not
+    equal "3\\n4"."""
+    def lines(text: str) -> list[str]:
+        return [line.rstrip() for line in text.rstrip().splitlines()]
+
+    return lines(got) == lines(expected)
+
+
+def _read(path: str, limit: int) -> str | None:
+    """At most `limit` characters of the text file at `path` (undecodable bytes replaced), or None if unreadable."""
     try:
-        with open(path) as handle:
-            return handle.read(64)
-    except (OSError, UnicodeDecodeError):
+        with open(path, errors="replace") as handle:
+            return handle.read(limit)
+    except OSError:
         return None
 
 
-# Runs the program at argv[2] as __main__ with its address space capped at argv[1] MiB: set in the child itself
-# (a `preexec_fn` is not safe in a process with threads, as the trainer is).
+# Runs the program at argv[3] as __main__ with its address space capped at argv[1] MiB (0: no cap) and every file it
+# writes, its standard output included, at argv[2] MiB (past it the process is killed by SIGXFSZ): the limits are
+# set in the child itself (a `preexec_fn` is not safe in a process with threads, as the trainer is).
 LIMITED = ("import resource, runpy, sys\n"
-           "limit = int(sys.argv[1]) * 2 ** 20\n"
-           "resource.setrlimit(resource.RLIMIT_AS, (limit, limit))\n"
-           "sys.argv = sys.argv[2:]\n"
+           "memory, files = (int(n) * 2 ** 20 for n in sys.argv[1:3])\n"
+           "if memory:\n"
+           "    resource.setrlimit(resource.RLIMIT_AS, (memory, memory))\n"
+           "resource.setrlimit(resource.RLIMIT_FSIZE, (files, files))\n"
+           "sys.argv = sys.argv[3:]\n"
            "runpy.run_path(sys.argv[0], run_name='__main__')\n")
+OUTPUT_MB = 16            # the most a test's program may write to a file or its standard output
 
 
 def code_of(response: str) -> str:

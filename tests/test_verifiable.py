@@ -164,3 +164,42 @@ def test_python_tests_kill_what_a_test_started_when_it_runs_past_the_timeout(tmp
     time.sleep(0.2)
     state = open(f"/proc/{pid}/status").read().split("State:")[1].split()[0] if os.path.exists(f"/proc/{pid}") else None
     assert state in (None, "Z"), state
+
+
+def test_python_tests_of_the_contest_kind_compare_standard_output():
+    """Docstring example: {input "2 3", output "5"}: reading and adding -> 1.0, printing 5 -> 1.0 (one test cannot
+    tell), a trailing space -> 1.0, two lines -> 0.0; a crash after the right output -> 0.0 (status 1). Two tests
+    of a record, one of each kind, with `partial`."""
+    from modules.verifiable import PythonTests
+
+    test = {"input": "2 3", "output": "5"}
+    responses = ["a, b = map(int, input().split())\nprint(a + b)", "print(5)", "print(2 + 3, '')", "print('5\\n5')",
+                 "print(5)\nraise SystemExit(1)"]
+    assert PythonTests()(["q"] * 5, responses, tests=[test] * 5) == [1.0, 1.0, 1.0, 0.0, 0.0]
+    both = [{"input": "4 4", "output": "8"}, "assert add(1, 2) == 3"]
+    reader = "import sys\ndef add(a, b): return a + b\nprint(sum(map(int, sys.stdin.read().split())))"
+    assert PythonTests(partial=True)(["q"], [reader], tests=[both]) == [1.0]
+    assert PythonTests(partial=True)(["q"], ["print(8)"], tests=[both]) == [0.5]     # add is undefined: the assert fails
+
+
+def test_same_output_ignores_trailing_whitespace_and_blank_lines_only():
+    from modules.verifiable import same_output
+
+    assert same_output("3 \n4\n\n", "3\n4") and same_output("", "\n")
+    assert not same_output("3 4", "3\n4") and not same_output(" 3", "3")
+
+
+def test_python_tests_cap_what_a_program_writes_and_name_a_malformed_test():
+    """A program printing without end is stopped at 16 MiB of output (SIGXFSZ), long before a 60 s timeout; a test
+    that is neither source nor {input, output} is one line."""
+    import time
+
+    from modules.rewards import RewardError
+    from modules.verifiable import PythonTests
+
+    start = time.time()
+    assert PythonTests(timeout=60)(["q"], ["while True: print('x' * 4096)"], tests=[{"input": "", "output": "x"}]) == [0.0]
+    assert time.time() - start < 30
+    with pytest.raises(RewardError, match=r"PythonTests: a test \"\{'input': 'x'\}\"; expected Python source, or "
+                                          r"\{input: <text>, output: <text>\}"):
+        PythonTests()(["q"], ["pass"], tests=[{"input": "x"}])
