@@ -1,5 +1,5 @@
 """Adapters from public data layouts to `{prompt, chosen, rejected}` (preference data) or to `{prompt, chosen,
-answer}` (a verifiable task: `GSM8K`).
+<reward fields>}` (a verifiable task: `GSM8K`'s answer, `MBPP`'s tests).
 
 Each adapter wraps another source (a `HubDataset`, `LocalFiles`, ...) and converts its rows. A row that cannot
 be converted becomes `{"_invalid": (field, reason)}`, which validation turns into a DataError naming the record
@@ -167,3 +167,52 @@ class GSM8K(_Adapter):
             solution = CALCULATOR.sub("", solution)
         prompt = question.strip() + (f"\n\n{self.instruction}" if self.instruction else "")
         return {"prompt": prompt, "chosen": solution.strip(), "answer": final}
+
+
+class MBPP(_Adapter):
+    """`google-research-datasets/mbpp` (config `full` or `sanitized`): a task (`text`; `prompt` in `sanitized`), its
+    reference `code`, three asserts (`test_list`) and their set-up (`test_setup_code`; `test_imports` in
+    `sanitized`). Gives `{prompt: the task, the first `shown_tests` asserts (they name the function and show a call)
+    and the instruction, chosen: the code in a ```python block, tests: [set-up + assert, ...]}`: SFT on the code
+    (data `chosen_only: true`), then RL on the tasks (`prompts_only: true`) with `reward_fields: [tests]` and
+    `modules.verifiable.PythonTests(field: tests)`.
+
+    Args:
+        source: the source whose rows are converted.
+        shown_tests: how many of the asserts the prompt shows (the MBPP paper's prompt shows all 3; a reward on
+            tests the policy has seen invites answers that special-case them).
+        instruction: appended to the prompt (after a blank line); empty for none.
+
+    Example (shown_tests 1): {text: "Write a function to find the minimum cost path ...", code: "R = 3\\r\\ndef
+    min_cost(cost, m, n): ...", test_list: ["assert min_cost(...) == 8", ...], test_setup_code: ""} -> {prompt:
+    "Write a function ... path ...\\nYour code should pass this test:\\nassert min_cost(...) == 8\\n\\n" +
+    instruction, chosen: "```python\\nR = 3\\ndef min_cost(cost, m, n): ...\\n```", tests: the 3 asserts}.
+    """
+
+    INSTRUCTION = "Write the Python code in a ```python block."
+
+    def __init__(self, source: Source, shown_tests: int = 1, instruction: str = INSTRUCTION):
+        if shown_tests < 0:
+            raise ValueError(f"MBPP: shown_tests={shown_tests}; expected 0 or more")
+        super().__init__(source)
+        self.shown_tests, self.instruction = shown_tests, instruction
+
+    def convert(self, row) -> dict:
+        task, code = _text(row, "text") or _text(row, "prompt"), _text(row, "code")
+        tests = row.get("test_list") if isinstance(row, dict) else None
+        if not task or not task.strip():
+            return {"_invalid": ("text", "missing, empty or not a string (nor a 'prompt')")}
+        if not code or not code.strip():
+            return {"_invalid": ("code", "missing, empty or not a string")}
+        if not isinstance(tests, list) or not tests or not all(isinstance(t, str) and t.strip() for t in tests):
+            return {"_invalid": ("test_list", "expected a non-empty list of asserts (strings)")}
+        imports = row.get("test_imports") or []          # (sanitized: a list of import lines)
+        setup = "\n".join([_text(row, "test_setup_code") or "", *(i for i in imports if isinstance(i, str))]).strip()
+        shown = tests[: self.shown_tests]
+        prompt = task.strip()
+        if shown:
+            prompt += f"\nYour code should pass {'this test' if len(shown) == 1 else 'these tests'}:\n" + "\n".join(shown)
+        prompt += f"\n\n{self.instruction}" if self.instruction else ""
+        code = code.replace("\r\n", "\n").strip()
+        return {"prompt": prompt, "chosen": f"```python\n{code}\n```",
+                "tests": [f"{setup}\n{test}" if setup else test for test in tests]}

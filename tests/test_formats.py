@@ -1,9 +1,9 @@
-"""HH, TL;DR and GSM8K adapters on fixture files in exactly the hub layouts, malformed records included."""
+"""HH, TL;DR, GSM8K and MBPP adapters on fixture files in exactly the hub layouts, malformed records included."""
 import json
 
 import pytest
 
-from datamodules.formats import GSM8K, AnthropicHH, CarperTLDR, SummarizeFromFeedback
+from datamodules.formats import GSM8K, MBPP, AnthropicHH, CarperTLDR, SummarizeFromFeedback
 from datamodules.pairs import PairDataModule
 from datamodules.sources import DataError, LocalFiles
 
@@ -34,6 +34,26 @@ GSM = [  # openai/gsm8k, config main: its first training record, and one with a 
      "answer": "Natalia sold 48/2 = <<48/2=24>>24 clips in May.\nNatalia sold 48+24 = <<48+24=72>>72 clips altogether "
                "in April and May.\n#### 72"},
     {"question": "A shop sells 250 pens a day. How many in 8 days?", "answer": "250 * 8 = <<250*8=2000>>2000\n#### 2,000"},
+]
+
+MBPP_FULL = [  # google-research-datasets/mbpp, config full (Windows line ends in `code`, as the dataset has them)
+    {"task_id": 11, "text": "Write a python function to remove first and last occurrence of a given character from "
+                            "the string.",
+     "code": "def remove_Occ(s,ch): \r\n    for i in range(len(s)): \r\n        if (s[i] == ch): \r\n"
+             "            s = s[0 : i] + s[i + 1:] \r\n            break\r\n    for i in range(len(s) - 1,-1,-1):  "
+             "\r\n        if (s[i] == ch): \r\n            s = s[0 : i] + s[i + 1:] \r\n            break\r\n"
+             "    return s ",
+     "test_list": ['assert remove_Occ("hello","l") == "heo"', 'assert remove_Occ("abcda","a") == "bcd"',
+                   'assert remove_Occ("PHP","P") == "H"'],
+     "test_setup_code": "", "challenge_test_list": []},
+]
+MBPP_SANITIZED = [  # config sanitized: `prompt` for the task, `test_imports` for the set-up
+    {"source_file": "x.py", "task_id": 2, "prompt": "Write a function to find the shared elements from the given "
+                                                    "two lists.",
+     "code": "def similar_elements(a, b):\n    return tuple(set(a) & set(b))",
+     "test_imports": ["import math"],
+     "test_list": ["assert set(similar_elements((3, 4, 5, 6),(5, 7, 4, 10))) == set((4, 5))",
+                   "assert math.isclose(len(similar_elements((1, 2), (2, 3))), 1)"]},
 ]
 
 
@@ -111,3 +131,32 @@ def test_gsm8k_malformed_records(tmp_path, task_tokenizer_path):
              chosen_only=True)
     with pytest.raises(DataError, match=r"record 2: field 'question': missing, empty or not a string"):
         load(GSM8K, tmp_path, GSM + [{"answer": "#### 1"}], task_tokenizer_path, chosen_only=True)
+
+
+def test_mbpp_gives_the_code_as_chosen_and_the_asserts_as_tests(tmp_path, task_tokenizer_path):
+    """Docstring example's shape, both configurations: one assert shown in the prompt, the code fenced (Windows line
+    ends made Unix), every assert a test (sanitized: after its imports); the reference code passes its own tests."""
+    from modules.verifiable import PythonTests
+
+    records = load(MBPP, tmp_path, MBPP_FULL + MBPP_SANITIZED, task_tokenizer_path, chosen_only=True,
+                   reward_fields=["tests"])
+    first = records[0]
+    assert first["prompt"] == (MBPP_FULL[0]["text"] + "\nYour code should pass this test:\n"
+                               + MBPP_FULL[0]["test_list"][0] + "\n\nWrite the Python code in a ```python block.")
+    assert first["chosen"].startswith("```python\ndef remove_Occ(s,ch): \n") and "\r" not in first["chosen"]
+    assert first["fields"] == {"tests": MBPP_FULL[0]["test_list"]}
+    assert records[1]["fields"]["tests"][1].startswith("import math\nassert math.isclose")
+    assert PythonTests()(["q", "q"], [r["chosen"] for r in records], tests=[r["fields"]["tests"] for r in records]) == \
+        [1.0, 1.0]
+    all_shown = MBPP(LocalFiles(write(tmp_path, MBPP_FULL)), shown_tests=3, instruction="").load("train")[1][0]
+    assert all_shown["prompt"].endswith("these tests:\n" + "\n".join(MBPP_FULL[0]["test_list"]))
+
+
+def test_mbpp_malformed_records(tmp_path, task_tokenizer_path):
+    bad = {**MBPP_FULL[0], "test_list": []}
+    with pytest.raises(DataError, match=r"record 1: field 'test_list': expected a non-empty list of asserts"):
+        load(MBPP, tmp_path, MBPP_FULL + [bad], task_tokenizer_path, chosen_only=True)
+    with pytest.raises(DataError, match=r"record 1: field 'code': missing, empty or not a string"):
+        load(MBPP, tmp_path, MBPP_FULL + [{**MBPP_FULL[0], "code": None}], task_tokenizer_path, chosen_only=True)
+    with pytest.raises(ValueError, match=r"MBPP: shown_tests=-1; expected 0 or more"):
+        MBPP(LocalFiles(write(tmp_path, MBPP_FULL)), shown_tests=-1)

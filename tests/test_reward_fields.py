@@ -285,6 +285,45 @@ def test_the_gsm8k_configs_run_end_to_end_on_a_local_file_in_gsm8ks_layout(tmp_p
     assert torch.isclose(metrics["train/reward"], composed - missing_eos, atol=1e-6)
 
 
+@pytest.mark.slow
+def test_the_mbpp_configs_run_end_to_end_on_a_local_file_in_mbpps_layout(tmp_path, sft_dir):
+    """configs/mbpp/sft.yaml then p3o.yaml, as written but for the hub (as the GSM8K test above): SFT on the fenced
+    reference code, evaluated by PythonTests; then P3O with 4 responses per task on PythonTests(partial)."""
+    from tests.test_formats import MBPP_FULL
+    from train import derive_config
+
+    rows = [{**MBPP_FULL[0], "task_id": i, "text": f"{MBPP_FULL[0]['text']} ({i})"} for i in range(8)]
+    path = records(tmp_path / "mbpp.jsonl", rows)
+    source = {"class_path": "datamodules.formats.MBPP", "init_args": {
+        "instruction": "", "source": {"class_path": "datamodules.sources.LocalFiles",
+                                      "init_args": {"train": path, "val": path}}}}
+    small = {"trainer": {"accelerator": "cpu", "precision": "32-true", "logger": False, "enable_progress_bar": False}}
+    callbacks = lambda config, export: [  # noqa: E731
+        {**cb, "init_args": {**cb.get("init_args", {}), **({"dirpath": str(export)} if "Export" in cb["class_path"] else
+                                                          {"num_prompts": 4, "sampling": {"max_new_tokens": 8}}
+                                                          if "Evaluation" in cb["class_path"] else {})}}
+        for cb in yaml.safe_load(open(config))["trainer"]["callbacks"] if "Checkpoint" not in cb["class_path"]]
+    sft = derive_config("configs/mbpp/sft.yaml", {**small, "trainer": {**small["trainer"], "max_epochs": 1,
+                        "callbacks": callbacks("configs/mbpp/sft.yaml", tmp_path / "sft")},
+                        "model": {"init_args": {"backbone": {"pretrained": sft_dir}}},
+                        "data": {"init_args": {"source": source, "tokenizer": sft_dir, "batch_size": 8,
+                                               "max_length": 128, "max_prompt_length": 64}}}, tmp_path / "sft.yaml")
+    cli = cli_main(["fit", "--config", sft])
+    assert cli.datamodule.chosen_only and (tmp_path / "sft" / "config.json").exists()
+    evaluation = next(cb for cb in cli.trainer.callbacks if type(cb).__name__ == "Evaluation")
+    assert 0.0 <= evaluation.history[-1]["val/gold_reward"] <= 1.0
+    assert evaluation.history[-1]["val/demo_gold_reward"] == 1.0       # the reference code passes its tests
+    p3o = derive_config("configs/mbpp/p3o.yaml", {**small, "trainer": {**small["trainer"], "limit_train_batches": 2,
+                        "max_epochs": 1, "callbacks": callbacks("configs/mbpp/p3o.yaml", tmp_path / "p3o")},
+                        "model": {"init_args": {"policy": {"pretrained": str(tmp_path / "sft")},
+                                                "sampling": {"max_new_tokens": 8}}},
+                        "data": {"init_args": {"source": source, "tokenizer": str(tmp_path / "sft"), "batch_size": 2,
+                                               "max_length": 72, "max_prompt_length": 64}}}, tmp_path / "p3o.yaml")
+    cli = cli_main(["fit", "--config", p3o])
+    assert cli.model.objective.responses_per_prompt == 4 and (tmp_path / "p3o" / "config.json").exists()
+    assert "train/reward" in cli.trainer.callback_metrics
+
+
 def test_a_composed_term_returning_none_does_not_apply_and_the_others_score_that_response():
     """A maths record (answer "4") and a coding-style record (keyword "spa", no answer), 2 responses each. correct
     applies to rows 0-1 (1, 0), mentions to rows 2-3 (1, 0); weights {correct: 1, mentions: 0.5}:
