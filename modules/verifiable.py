@@ -258,7 +258,7 @@ class PythonTests:
             process = subprocess.Popen([sys.executable, "-I", "-c", LIMITED, str(self.memory_mb or 0), str(OUTPUT_MB),
                                         path], cwd=folder, stdin=stdin_file, stdout=stdout_file,
                                        stderr=subprocess.DEVNULL, start_new_session=True,
-                                       env={"PATH": os.environ.get("PATH", ""), "PYTHONHASHSEED": "0"})
+                                       env=TEST_ENV)
             try:
                 return process.wait(timeout=self.timeout)
             except subprocess.TimeoutExpired:
@@ -297,6 +297,11 @@ LIMITED = ("import resource, runpy, sys\n"
            "sys.argv = sys.argv[3:]\n"
            "runpy.run_path(sys.argv[0], run_name='__main__')\n")
 OUTPUT_MB = 16            # the most a test's program may write to a file or its standard output
+# A test's whole environment: no variable of the trainer's (tokens, paths), one thread for the numeric libraries (a
+# test is one of `workers` at once; with a thread per core each, a many-core machine would also need their stacks
+# within `memory_mb`).
+TEST_ENV = {"PATH": os.environ.get("PATH", ""), "PYTHONHASHSEED": "0", "OMP_NUM_THREADS": "1",
+            "OPENBLAS_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
 
 
 def code_of(response: str) -> str:

@@ -144,6 +144,9 @@ def test_python_tests_fail_code_that_exits_before_its_test_and_cap_its_memory():
     fine = ["def f(): return 1", "import os\nos.chdir('/')\ndef f(): return 1"]
     responses = hacks + fine
     assert PythonTests(memory_mb=256)(["q"] * 6, responses, tests=["assert f() == 1"] * 6) == [0.0] * 4 + [1.0] * 2
+    # the environment is the test's own: none of the trainer's variables, one thread for numeric libraries
+    environment = "import os\ndef f(): return os.environ.get('OMP_NUM_THREADS'), 'HOME' in os.environ"
+    assert PythonTests()(["q"], [environment], tests=["assert f() == ('1', False)"]) == [1.0]
 
 
 def test_python_tests_kill_what_a_test_started_when_it_runs_past_the_timeout(tmp_path):
