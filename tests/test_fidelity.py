@@ -160,6 +160,49 @@ def test_grpo_scale_rewards():
         GRPO(scale_rewards="global")
 
 
+def test_gspo_clips_one_length_normalised_ratio_per_response():
+    """k = 2, r = (1, 0): A = (+0.707007, -0.707007); both responses have token log-ratios (0.1, 0.3), so each has
+    one ratio exp(0.2) = 1.221403 > 1 + 0.2. Response 0 (A > 0) is clipped: per-token loss -1.2 A = -0.848408,
+    gradient 0. Response 1 (A < 0) is not: per-token loss 1.221403 * 0.707007 = 0.863539, and with 'grpo'
+    aggregation (half of its token mean) each token's gradient is 1/2 * 1/2 * 0.863539 = 0.215885 (the ratio's
+    derivative through the mean of 2 tokens). Loss (-0.848408 + 0.863539) / 2 = 0.007566. At token level the same
+    tokens clip differently: (0.1, 0.3) -> ratios 1.105 (inside) and 1.350 (outside)."""
+    batch = make_input([[0.1, 0.3], [0.1, 0.3]], [[0.0, 0.0]] * 2, [[0.0, 0.0]] * 2, [1.0, 0.0])
+    value, g = grad(GRPO(k=2, kl_coef=0.0, importance_sampling_level="sequence"), batch)
+    assert value.item() == pytest.approx(0.007566, abs=1e-6)
+    assert torch.allclose(g, torch.tensor([[0.0, 0.0], [0.215885, 0.215885]]), atol=1e-6)
+    with pytest.raises(ValueError, match="importance_sampling_level must be 'token' or 'sequence'"):
+        GRPO(importance_sampling_level="group")
+
+
+@pytest.mark.parametrize("loss_type", ["grpo", "bnpo"])
+def test_gspo_equals_trls_sequence_level_formula(loss_type):
+    """TRL 1.16's `_compute_loss` with `importance_sampling_level='sequence'`, written out: the mean masked log-ratio
+    per sequence (B, 1), coef_2 = clamp(coef_1, 1 - eps, 1 + eps), -min(coef_1 A, coef_2 A) + beta * k3 KL per
+    token, aggregated by `loss_type`. Random tensors, ragged masks: the same loss and gradient."""
+    torch.manual_seed(0)
+    logp, old, ref = (torch.randn(4, 5) * 0.3 for _ in range(3))
+    mask = torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1], [1, 0, 0, 0, 0], [1, 1, 1, 1, 0]], dtype=torch.float32)
+    rewards = torch.tensor([1.0, 0.0, 0.5, 2.0])
+    batch = make_input(logp.tolist(), old.tolist(), ref.tolist(), rewards.tolist(), mask=mask.tolist())
+    value, g = grad(GRPO(k=2, kl_coef=0.04, loss_type=loss_type, importance_sampling_level="sequence"), batch)
+
+    theirs = logp.clone().requires_grad_(True)
+    adv = group_normalized_advantages(rewards, 2)[:, None]
+    log_w = ((theirs - old) * mask).sum(-1) / mask.sum(-1).clamp(min=1.0)
+    coef_1 = torch.exp(log_w.unsqueeze(-1))
+    coef_2 = torch.clamp(coef_1, 1 - 0.2, 1 + 0.2)
+    kl = torch.exp(ref - theirs) - (ref - theirs) - 1
+    per_token = -torch.min(coef_1 * adv, coef_2 * adv) + 0.04 * kl
+    if loss_type == "grpo":
+        loss = ((per_token * mask).sum(-1) / mask.sum(-1).clamp(min=1.0)).mean()
+    else:
+        loss = (per_token * mask).sum() / mask.sum().clamp(min=1.0)
+    loss.backward()
+    assert value.item() == pytest.approx(loss.item(), abs=1e-6)
+    assert torch.allclose(g, theirs.grad, atol=1e-6)
+
+
 # 6. P3O avg_tokenwise: the summed pair loss over response tokens.
 
 def test_p3o_avg_tokenwise():

@@ -15,6 +15,10 @@ centres. `loss_type` (TRL's argument) says how per-token losses l_t (mask m_t) a
   'dr_grpo' sum_t l_t m_t / (sequences x max_new_tokens) (Liu et al., "Understanding R1-Zero-Like Training")
   'dapo'    sum_t l_t m_t / (response tokens of the optimizer step's batch over all ranks / ranks): TRL's
             default. One minibatch is one optimizer step here, so on one process 'dapo' equals 'bnpo'.
+`importance_sampling_level` (TRL's argument): 'token' clips each token's ratio (GRPO); 'sequence' is GSPO (Zheng
+et al., "Group Sequence Policy Optimization", arXiv 2507.18071): one ratio per response, exp of the mean over its
+tokens of log(pi / pi_old), clipped and broadcast to its tokens (TRL's formula; with `loss_type: grpo`, the
+paper's per-sequence objective). GSPO's paper clips far tighter than PPO (3e-4 / 4e-4): set `clip_eps` to match.
 Deviations from TRL: GRPO's beta defaults to 0.04 (TRL's is 0.0); `dual_clip` (off) replaces TRL's `delta`.
 """
 from __future__ import annotations
@@ -70,14 +74,20 @@ class GRPO(Objective):
         loss_type: how per-token losses are aggregated: 'grpo', 'bnpo', 'dr_grpo' or 'dapo' (TRL's names).
         scale_rewards: advantages divided by the group's std ('group'), the rollout's ('batch'), or only centred ('none').
         dual_clip: c > 1 bounds the surrogate of negative advantages below by c * A (None: off).
+        importance_sampling_level: 'token' (GRPO: each token's ratio clipped) or 'sequence' (GSPO: one ratio per
+            response, the exp of its tokens' mean log-ratio).
     """
 
     separable_groups = True        # per-token terms over the minibatch's rows or tokens
 
     def __init__(self, k: int = 4, kl_coef: float = 0.04, clip_eps: float = 0.2,
                  loss_type: Literal["grpo", "bnpo", "dr_grpo", "dapo"] = "grpo",
-                 scale_rewards: Literal["group", "batch", "none"] = "group", dual_clip: float | None = None):
+                 scale_rewards: Literal["group", "batch", "none"] = "group", dual_clip: float | None = None,
+                 importance_sampling_level: Literal["token", "sequence"] = "token"):
         super().__init__()
+        if importance_sampling_level not in ("token", "sequence"):
+            raise ValueError(f"GRPO: importance_sampling_level must be 'token' or 'sequence', got "
+                             f"{importance_sampling_level!r}")
         if k < 2:
             raise ValueError(f"GRPO needs a group of k >= 2 responses, got {k}")
         if loss_type not in LOSS_TYPES:
@@ -87,6 +97,7 @@ class GRPO(Objective):
         check_clipping("GRPO", clip_eps, dual_clip)
         self.responses_per_prompt, self.kl_coef, self.clip_eps = k, kl_coef, clip_eps
         self.loss_type, self.scale_rewards, self.dual_clip = loss_type, scale_rewards, dual_clip
+        self.importance_sampling_level = importance_sampling_level
 
     @torch.no_grad()
     def prepare(self, batch: ObjectiveInput) -> dict[str, torch.Tensor]:
@@ -95,6 +106,9 @@ class GRPO(Objective):
     def forward(self, batch: ObjectiveInput) -> ObjectiveOutput:
         adv = batch.extra["advantages"][:, None]                                            # (N, 1)
         log_ratio = batch.logp - batch.old_logp                                             # (N, L)
+        if self.importance_sampling_level == "sequence":          # GSPO: each response's mean log-ratio, per token
+            per_response = F.masked_sum(log_ratio, batch.mask, -1) / batch.mask.sum(-1).clamp(min=1)   # (N,)
+            log_ratio = per_response[:, None].expand_as(log_ratio)
         surrogate = F.clipped_surrogate(log_ratio, adv, self.clip_eps, self.dual_clip)      # (N, L)
         kl = F.kl_penalty(batch.logp, batch.ref_logp, "k3")                                 # (N, L)
         per_token = -(surrogate * batch.token_weights() - self.kl_coef * kl)            # TRL: IS weights the PG term
