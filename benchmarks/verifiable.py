@@ -215,6 +215,7 @@ def figure(rows: list[dict], path: Path) -> None:
 
     names = list(dict.fromkeys(r["objective"] for r in rows))
     colours = {name: f"C{index % 10}" for index, name in enumerate(names)}
+    styles = {name: "-" if index < 10 else "--" for index, name in enumerate(names)}     # (10 colours, then dashed)
     panels = [("objectives", [n for n in names if n in MAIN]),
               ("why does P3O rise more slowly?", [n for n in names if n not in MAIN or n in ("P3O", "GRPO-4")])]
     panels = [(title, arms) for title, arms in panels if any(a not in ("P3O", "GRPO-4") for a in arms) or title ==
@@ -229,7 +230,7 @@ def figure(rows: list[dict], path: Path) -> None:
                         lw=0.8)
             steps = sorted({r["rollout"] for r in mine})
             ax.plot(steps, [statistics.fmean(r["gold"] for r in mine if r["rollout"] == s) for s in steps],
-                    color=colours[name], lw=2, label=name)
+                    color=colours[name], ls=styles[name], lw=2, label=name)
         ax.set_xlabel("rollout")
         ax.set_title(title)
         ax.grid(alpha=0.3)
