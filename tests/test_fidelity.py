@@ -175,6 +175,19 @@ def test_gspo_clips_one_length_normalised_ratio_per_response():
         GRPO(importance_sampling_level="group")
 
 
+def test_grpo_kl_in_reward_shapes_the_rewards_and_drops_the_kl_loss():
+    """k = 2, r = (1, 0), logp = old = 0, ref = (-0.5, 0.5): the rollout's KL old - ref = (0.5, -0.5); beta 0.5 ->
+    shaped rewards (1 - 0.25, 0 + 0.25) = (0.75, 0.25), centred +-0.25, group std 0.353553 -> A = +-0.25 / 0.353653
+    = +-0.706907. At ratio 1 the gradient is -A / 2 per row: (-0.353453, 0.353453), with no k3 KL term (in the loss
+    it would add beta (1 - e^(ref - logp)) / 2 = 0.098367 to row 0's). Loss: the mean of -A = 0."""
+    batch = make_input([0.0, 0.0], [0.0, 0.0], [-0.5, 0.5], [1.0, 0.0])
+    value, g = grad(GRPO(k=2, kl_coef=0.5, kl_in_reward=True), batch)
+    assert value.item() == pytest.approx(0.0, abs=1e-6)
+    assert torch.allclose(g.view(-1), torch.tensor([-0.353453, 0.353453]), atol=1e-6)
+    _, in_loss = grad(GRPO(k=2, kl_coef=0.5), make_input([0.0, 0.0], [0.0, 0.0], [-0.5, 0.5], [1.0, 0.0]))
+    assert in_loss.view(-1)[0].item() == pytest.approx(-0.707007 / 2 + 0.5 * (1 - math.exp(-0.5)) / 2, abs=1e-6)
+
+
 @pytest.mark.parametrize("loss_type", ["grpo", "bnpo"])
 def test_gspo_equals_trls_sequence_level_formula(loss_type):
     """TRL 1.16's `_compute_loss` with `importance_sampling_level='sequence'`, written out: the mean masked log-ratio

@@ -19,6 +19,9 @@ centres. `loss_type` (TRL's argument) says how per-token losses l_t (mask m_t) a
 et al., "Group Sequence Policy Optimization", arXiv 2507.18071): one ratio per response, exp of the mean over its
 tokens of log(pi / pi_old), clipped and broadcast to its tokens (TRL's formula; with `loss_type: grpo`, the
 paper's per-sequence objective). GSPO's paper clips far tighter than PPO (3e-4 / 4e-4): set `clip_eps` to match.
+`kl_in_reward` (veRL's `use_kl_in_reward`, in place of its `use_kl_loss`): the KL enters the reward instead of
+the loss, r_i - beta * sum_t (old_logp - ref_logp) (the rollout's k1 estimate, as RLOO and PPO shape theirs),
+before the group normalisation; the loss then has no KL term.
 Deviations from TRL: GRPO's beta defaults to 0.04 (TRL's is 0.0); `dual_clip` (off) replaces TRL's `delta`.
 """
 from __future__ import annotations
@@ -76,6 +79,8 @@ class GRPO(Objective):
         dual_clip: c > 1 bounds the surrogate of negative advantages below by c * A (None: off).
         importance_sampling_level: 'token' (GRPO: each token's ratio clipped) or 'sequence' (GSPO: one ratio per
             response, the exp of its tokens' mean log-ratio).
+        kl_in_reward: subtract beta times the rollout's sequence KL from each reward before the advantages, instead
+            of the k3 KL term in the loss (veRL's use_kl_in_reward).
     """
 
     separable_groups = True        # per-token terms over the minibatch's rows or tokens
@@ -83,7 +88,7 @@ class GRPO(Objective):
     def __init__(self, k: int = 4, kl_coef: float = 0.04, clip_eps: float = 0.2,
                  loss_type: Literal["grpo", "bnpo", "dr_grpo", "dapo"] = "grpo",
                  scale_rewards: Literal["group", "batch", "none"] = "group", dual_clip: float | None = None,
-                 importance_sampling_level: Literal["token", "sequence"] = "token"):
+                 importance_sampling_level: Literal["token", "sequence"] = "token", kl_in_reward: bool = False):
         super().__init__()
         if importance_sampling_level not in ("token", "sequence"):
             raise ValueError(f"GRPO: importance_sampling_level must be 'token' or 'sequence', got "
@@ -97,11 +102,14 @@ class GRPO(Objective):
         check_clipping("GRPO", clip_eps, dual_clip)
         self.responses_per_prompt, self.kl_coef, self.clip_eps = k, kl_coef, clip_eps
         self.loss_type, self.scale_rewards, self.dual_clip = loss_type, scale_rewards, dual_clip
-        self.importance_sampling_level = importance_sampling_level
+        self.importance_sampling_level, self.kl_in_reward = importance_sampling_level, kl_in_reward
 
     @torch.no_grad()
     def prepare(self, batch: ObjectiveInput) -> dict[str, torch.Tensor]:
-        return {"advantages": group_normalized_advantages(batch.rewards.float(), batch.group_size, self.scale_rewards)}
+        rewards = batch.rewards.float()
+        if self.kl_in_reward:                                     # r - beta * sum_t (old - ref), the rollout's KL
+            rewards = rewards - self.kl_coef * F.sequence_logprobs(batch.old_logp - batch.ref_logp, batch.mask)
+        return {"advantages": group_normalized_advantages(rewards, batch.group_size, self.scale_rewards)}
 
     def forward(self, batch: ObjectiveInput) -> ObjectiveOutput:
         adv = batch.extra["advantages"][:, None]                                            # (N, 1)
@@ -111,7 +119,8 @@ class GRPO(Objective):
             log_ratio = per_response[:, None].expand_as(log_ratio)
         surrogate = F.clipped_surrogate(log_ratio, adv, self.clip_eps, self.dual_clip)      # (N, L)
         kl = F.kl_penalty(batch.logp, batch.ref_logp, "k3")                                 # (N, L)
-        per_token = -(surrogate * batch.token_weights() - self.kl_coef * kl)            # TRL: IS weights the PG term
+        beta = 0.0 if self.kl_in_reward else self.kl_coef                                  # (else in the reward)
+        per_token = -(surrogate * batch.token_weights() - beta * kl)                    # TRL: IS weights the PG term
         loss = aggregate(per_token, batch.mask, self.loss_type, batch.max_new_tokens, batch.tokens_per_rank)
         ratio = log_ratio.detach().exp()
         return ObjectiveOutput(loss, {
