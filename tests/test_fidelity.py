@@ -175,6 +175,19 @@ def test_gspo_clips_one_length_normalised_ratio_per_response():
         GRPO(importance_sampling_level="group")
 
 
+def test_p3o_kl_in_loss_leaves_the_reward_difference_and_adds_the_sequence_k3():
+    """Pair r = (1, 0), one token each, logp = old = 0, ref = (-0.5, 0.5), beta 0.5. The paper's P3O shapes the
+    difference: Delta = (1 - 0.5 * 0.5) - (0 - 0.5 * -0.5) = 0.5, gradients (-0.25, 0.25). With kl_in_loss, Delta = 1
+    (gradients (-0.5, 0.5) from the pair) plus beta * mean_n k3_n, whose gradient is beta / 2 * (1 - e^(ref - logp)):
+    (0.098367, -0.162180). So (-0.401633, 0.337820); loss 0 + 0.5 * (0.106531 + 0.148721) / 2 = 0.063813."""
+    args = ([0.0, 0.0], [0.0, 0.0], [-0.5, 0.5], [1.0, 0.0])
+    _, g = grad(P3O(kl_coef=0.5), make_input(*args))
+    assert torch.allclose(g.view(-1), torch.tensor([-0.25, 0.25]), atol=1e-6)
+    value, g = grad(P3O(kl_coef=0.5, kl_in_loss=True), make_input(*args))
+    assert value.item() == pytest.approx(0.063813, abs=1e-6)
+    assert torch.allclose(g.view(-1), torch.tensor([-0.401633, 0.337820]), atol=1e-6)
+
+
 def test_grpo_kl_in_reward_shapes_the_rewards_and_drops_the_kl_loss():
     """k = 2, r = (1, 0), logp = old = 0, ref = (-0.5, 0.5): the rollout's KL old - ref = (0.5, -0.5); beta 0.5 ->
     shaped rewards (1 - 0.25, 0 + 0.25) = (0.75, 0.25), centred +-0.25, group std 0.353553 -> A = +-0.25 / 0.353653

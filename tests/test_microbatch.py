@@ -109,6 +109,8 @@ def test_the_general_path_has_the_gradient_of_the_whole_minibatch(sft_dir, token
 SEPARABLE = {
     "p3o-v2-k2": lambda: P3O(), "p3o-v1-k4": lambda: P3O(variant="v1", k=4),
     "p3o-tokenwise-scale_q": lambda: P3O(k=4, avg_tokenwise=True, scale_q=True, reward_clip=1.0),
+    "p3o-kl-in-loss": lambda: P3O(k=4, kl_in_loss=True), "gspo-kl-in-reward": lambda: GRPO(
+        importance_sampling_level="sequence", kl_in_reward=True),
     "ppo": lambda: PPO(kl_estimator="k3", dual_clip=3.0), "dpo": OnlineDPO, "dpo-soft": lambda: OnlineDPO(soft_labels=True),
     "rloo-k4-current-kl": lambda: RLOO(k=4, kl_on_current_policy=True), "grpo-dr": lambda: GRPO(loss_type="dr_grpo"),
     "grpo-dapo": lambda: GRPO(loss_type="dapo"), "grpo-bnpo-batch": lambda: GRPO(loss_type="bnpo", scale_rewards="batch"),

@@ -20,6 +20,10 @@ Options, all off by default (the paper's defaults):
   * `avg_tokenwise` (the authors' later code): the summed pair loss is divided by the response tokens of the
     minibatch (both responses; and by K - 1, the pairs each response is in) instead of averaged over pairs, so the
     step size depends on response length.
+  * `kl_in_loss` (not the paper's): the KL leaves the reward difference, Delta = r1 - r2, and enters the loss as
+    beta times each response's sequence KL (the sum over its tokens of the k3 estimate, as GRPO's per-token
+    penalty), averaged over responses. On a 0 / 1 reward most pairs tie, and their Delta is then the KL difference
+    alone (benchmarks/results/verifiable: moving GRPO's KL into its reward slows it to P3O's pace).
 Deviations from the authors' code:
   * V2 clips L = logp1 - logp2 around L_old; the authors clip (logp1 - ref1) - (logp2 - ref2) around the same
     quantity at pi_old. The two differ by the constant ref1 - ref2: the same gradient and clip decisions, while the
@@ -89,13 +93,15 @@ class P3O(Objective):
         reward_clip: clip raw rewards to [-reward_clip, reward_clip] (None = off).
         scale_q: divide the (clipped) rewards by their running std (Bessel-corrected) before the KL term.
         avg_tokenwise: normalise the summed pair loss by response tokens instead of averaging over pairs.
+        kl_in_loss: beta times the mean sequence k3 KL to the reference in the loss instead of the KL-shaped reward
+            difference (not the paper's; see the module docstring).
     """
 
     separable_groups = True        # each group's pairs over the minibatch's pair (or token) count
 
     def __init__(self, variant: Literal["v1", "v2"] = "v2", clip_eps: float = 0.2, kl_coef: float = 0.05,
                  is_cap: float = 10.0, k: int = 2, reward_clip: float | None = None, scale_q: bool = False,
-                 avg_tokenwise: bool = False):
+                 avg_tokenwise: bool = False, kl_in_loss: bool = False):
         super().__init__()
         if variant not in ("v1", "v2"):
             raise ValueError(f"P3O: variant must be 'v1' or 'v2', got {variant!r}")
@@ -106,7 +112,7 @@ class P3O(Objective):
             raise ValueError(f"P3O: is_cap={is_cap}; expected > 0")
         self.variant, self.clip_eps, self.kl_coef, self.is_cap = variant, clip_eps, kl_coef, is_cap
         self.responses_per_prompt, self.reward_clip = k, reward_clip
-        self.scale_q, self.avg_tokenwise = scale_q, avg_tokenwise
+        self.scale_q, self.avg_tokenwise, self.kl_in_loss = scale_q, avg_tokenwise, kl_in_loss
         self.reward_stats = RunningMoments()
 
     def rewards(self, batch: ObjectiveInput) -> torch.Tensor:
@@ -141,12 +147,13 @@ class P3O(Objective):
         old = F.sequence_logprobs(batch.old_logp, batch.mask)              # (N,)
         ref = F.sequence_logprobs(batch.ref_logp, batch.mask)              # (N,)
         i, j = group_pairs(len(logp), K, logp.device)                     # (P,) each
+        beta = 0.0 if self.kl_in_loss else self.kl_coef                   # (kl_in_loss: in the loss, below)
         if batch.pair_rewards is None:
-            r_hat = self.scaled_rewards(batch) - self.kl_coef * (logp.detach() - ref)  # (N,) KL-shaped, detached
+            r_hat = self.scaled_rewards(batch) - beta * (logp.detach() - ref)  # (N,) KL-shaped, detached
             delta = r_hat[i] - r_hat[j]                                    # (P,)
         else:                                                              # a pairwise reward: f(x, y_i, y_j)
             kl = logp.detach() - ref
-            delta = self.pair_differences(batch, i, j) - self.kl_coef * (kl[i] - kl[j])
+            delta = self.pair_differences(batch, i, j) - beta * (kl[i] - kl[j])
         if self.variant == "v1":
             objective, clipped = p3o_v1_terms(delta, logp[i] - old[i], logp[j] - old[j], self.clip_eps, self.is_cap)
         else:
@@ -158,6 +165,9 @@ class P3O(Objective):
             loss = -2 * objective.sum() / ((K - 1) * batch.mask.sum().clamp(min=1))
         else:
             loss = -objective.mean()
+        if self.kl_in_loss:                                                # mean over responses of sum_t k3_t
+            loss = loss + self.kl_coef * F.sequence_logprobs(F.kl_penalty(batch.logp, batch.ref_logp, "k3"),
+                                                             batch.mask).mean()
         ratio = (logp - old).detach().exp()
         metrics = {
             "loss": loss.detach(), "clipfrac": clipped.mean(), "ratio_mean": ratio.mean(), "ratio_max": ratio.max(),
