@@ -227,11 +227,13 @@ def figure(rows: list[dict], path: Path) -> None:
     names = list(dict.fromkeys(r["objective"] for r in rows))
     colours = {name: f"C{index % 10}" for index, name in enumerate(names)}
     styles = {name: "-" if index < 10 else "--" for index, name in enumerate(names)}     # (10 colours, then dashed)
+    kl = [n for n in names if "kl" in n.lower() and n not in MAIN]
     panels = [("objectives", [n for n in names if n in MAIN]),
-              ("why does P3O rise more slowly?", [n for n in names if n not in MAIN or n in ("P3O", "GRPO-4")])]
-    panels = [(title, arms) for title, arms in panels if any(a not in ("P3O", "GRPO-4") for a in arms) or title ==
-              "objectives"]
-    fig, axes = plt.subplots(1, len(panels), figsize=(6 * len(panels), 4), sharey=True, squeeze=False)
+              ("why slower? clipping, scale, step", [n for n in names if n not in MAIN and n not in kl]),
+              ("why slower? where the KL enters", kl)]
+    compare = [n for n in ("P3O", "GRPO-4") if n in names]          # drawn again beside each ablation
+    panels = [(title, ([] if title == "objectives" else compare) + arms) for title, arms in panels if arms]
+    fig, axes = plt.subplots(1, len(panels), figsize=(5.5 * len(panels), 4.2), sharey=True, squeeze=False)
     for ax, (title, arms) in zip(axes[0], panels):
         for name in arms:
             mine = [r for r in rows if r["objective"] == name]
@@ -245,7 +247,7 @@ def figure(rows: list[dict], path: Path) -> None:
         ax.set_xlabel("rollout")
         ax.set_title(title)
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=8, loc="lower right")
+        ax.legend(fontsize=7, loc="lower right")
     axes[0][0].set_ylabel("held-out accuracy")
     fig.suptitle("Verifiable reward on the sum task")
     fig.tight_layout()
