@@ -1,7 +1,7 @@
 """Learning from a verifiable reward: P3O, RLOO and GRPO (four P3O variants, one GRPO) on the embedded sum task,
 whose reward is 1 where the response's number is the record's answer, else 0 (`modules.verifiable.AnswerMatch`).
 
-    python benchmarks/verifiable.py            # 14 arms x 5 seeds, 80 rollouts each (~17 min on 2 cores)
+    python benchmarks/verifiable.py            # 15 arms x 5 seeds, 80 rollouts each (~18 min on 2 cores)
     python benchmarks/verifiable.py --quick    # every objective, 1 seed, 3 rollouts (CI-sized)
 
 Every run starts from one SFT export of configs/quickstart/sums_sft.yaml (demonstrations right half of the time)
@@ -69,6 +69,10 @@ ARMS["GRPO-4 KL in reward unscaled"] = (4, {"class_path": "modules.objectives.gr
 ARMS["P3O KL in loss"] = (2, {"class_path": "modules.objectives.p3o.P3O",
                               "init_args": {"variant": "v2", "clip_eps": 0.2, "kl_coef": 0.05, "is_cap": 10.0,
                                             "kl_in_loss": True}})
+# ... at half the beta: GRPO's penalty is a mean over each response's ~2 tokens, this one their sum
+ARMS["P3O KL in loss, beta 0.025"] = (2, {"class_path": "modules.objectives.p3o.P3O",
+                                          "init_args": {"variant": "v2", "clip_eps": 0.2, "kl_coef": 0.025,
+                                                        "is_cap": 10.0, "kl_in_loss": True}})
 # P3O without the KL term in its reward difference (GRPO puts its KL in the loss, as a separate k3 penalty)
 ARMS["P3O kl 0"] = (2, {"class_path": "modules.objectives.p3o.P3O",
                         "init_args": {"variant": "v2", "clip_eps": 0.2, "kl_coef": 0.0, "is_cap": 10.0}})
