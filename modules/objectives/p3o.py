@@ -23,7 +23,8 @@ Options, all off by default (the paper's defaults):
   * `kl_in_loss` (not the paper's): the KL leaves the reward difference, Delta = r1 - r2, and enters the loss as
     beta times each response's sequence KL (the sum over its tokens of the k3 estimate, as GRPO's per-token
     penalty), averaged over responses. On a 0 / 1 reward most pairs tie, and their Delta is then the KL difference
-    alone (benchmarks/results/verifiable: moving GRPO's KL into its reward slows it to P3O's pace).
+    alone. An ablation (benchmarks/results/verifiable): moving GRPO's KL into its reward slows it to P3O's pace,
+    but P3O with `kl_in_loss` was no faster there.
 Deviations from the authors' code:
   * V2 clips L = logp1 - logp2 around L_old; the authors clip (logp1 - ref1) - (logp2 - ref2) around the same
     quantity at pi_old. The two differ by the constant ref1 - ref2: the same gradient and clip decisions, while the
