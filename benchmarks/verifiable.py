@@ -1,14 +1,17 @@
-"""Learning from a verifiable reward: P3O, RLOO and GRPO (four P3O variants, one GRPO) on the embedded sum task,
-whose reward is 1 where the response's number is the record's answer, else 0 (`modules.verifiable.AnswerMatch`).
+"""Learning from a verifiable reward: P3O, RLOO and GRPO (and two P3O variants) on the embedded sum task, whose
+reward is 1 where the response's number is the record's answer, else 0 (`modules.verifiable.AnswerMatch`); and ten
+ablation arms asking why P3O rises more slowly than GRPO-4 there, each changing one thing.
 
     python benchmarks/verifiable.py            # 15 arms x 5 seeds, 80 rollouts each (~18 min on 2 cores)
-    python benchmarks/verifiable.py --quick    # every objective, 1 seed, 3 rollouts (CI-sized)
+    python benchmarks/verifiable.py --arms 'P3O kl 0'   # some arms; the others' rows in points.csv are kept
+    python benchmarks/verifiable.py --quick    # every arm, 1 seed, 3 rollouts (CI-sized)
 
 Every run starts from one SFT export of configs/quickstart/sums_sft.yaml (demonstrations right half of the time)
 and runs configs/quickstart/sums_p3o.yaml with only the objective swapped: the same responses per rollout (64:
-32 prompts x 2, or 16 x 4 for GRPO-4 and P3O-4), minibatches of 16 responses, learning rate, KL coefficient, and
-the same evaluation every 10 rollouts on the same 200 held-out prompts, sampled at temperature 1. The accuracy reported is
-that evaluation's `val/gold_reward`: the share of right sums.
+32 prompts x 2, or 16 x 4 for the K = 4 arms), minibatches of 16 responses, learning rate (but `LR`'s arm), KL
+coefficient (but where an arm's name says otherwise), and the same evaluation every 10 rollouts on the same 200
+held-out prompts, sampled at temperature 1. The accuracy reported is that evaluation's `val/gold_reward`: the share
+of right sums.
 Writes, under --out: points.csv, table.md, accuracy.png.
 """
 from __future__ import annotations
@@ -222,7 +225,8 @@ MAIN = ("P3O", "RLOO", "GRPO-4", "P3O-4", "P3O scale_q")      # the objectives c
 
 def figure(rows: list[dict], path: Path) -> None:
     """Accuracy against rollouts: each seed faint, the mean over seeds bold, one colour per arm; the objectives in
-    the left panel, the ablations (with P3O and GRPO-4 to compare) in the right one."""
+    the first panel, the ablations (with P3O and GRPO-4 again, to compare) in two more: those of clipping, reward
+    scale and step size, and those of where the KL enters."""
     import matplotlib
 
     matplotlib.use("Agg")
