@@ -245,39 +245,48 @@ def test_a_plain_function_by_its_import_path_is_a_reward_that_reads_fields(tmp_p
     assert "train/reward" in cli.trainer.callback_metrics
 
 
-@pytest.mark.slow
-def test_the_gsm8k_configs_run_end_to_end_on_a_local_file_in_gsm8ks_layout(tmp_path, sft_dir):
-    """configs/gsm8k/sft.yaml then p3o.yaml, as written but for the hub: the model (the tiny SFT export), the data (a
-    local file of records in openai/gsm8k's layout) and their sizes. SFT on solutions alone (chosen_only), then P3O
-    with 4 responses per question on Composed(AnswerMatch + PatternMatch)."""
-    from tests.test_formats import GSM
+def run_both_stages(tmp_path, sft_dir, family: str, adapter: str, rows: list, sft_max_length: int, p3o_trainer=None):
+    """configs/<family>/sft.yaml then p3o.yaml, as written but for the hub: the model (the tiny SFT export), the data
+    (`rows`, a local file in the hub dataset's layout, read by `datamodules.formats.<adapter>`) and their sizes.
+    Returns the two stages' CLIs (after fit); each stage's export is under tmp_path (sft/, p3o/)."""
     from train import derive_config
 
-    rows = [{"question": f"{q['question']} ({i})", "answer": q["answer"]} for i in range(8) for q in GSM]
-    path = records(tmp_path / "gsm8k.jsonl", rows)
-    source = {"class_path": "datamodules.formats.GSM8K", "init_args": {
+    path = records(tmp_path / f"{family}.jsonl", rows)
+    source = {"class_path": f"datamodules.formats.{adapter}", "init_args": {
         "instruction": "", "source": {"class_path": "datamodules.sources.LocalFiles",
                                       "init_args": {"train": path, "val": path}}}}
-    small = {"trainer": {"accelerator": "cpu", "precision": "32-true", "logger": False, "enable_progress_bar": False}}
-    callbacks = lambda config, export: [  # noqa: E731
-        {**cb, "init_args": {**cb.get("init_args", {}), **({"dirpath": str(export)} if "Export" in cb["class_path"] else
-                                                          {"num_prompts": 4, "sampling": {"max_new_tokens": 8}}
-                                                          if "Evaluation" in cb["class_path"] else {})}}
-        for cb in yaml.safe_load(open(config))["trainer"]["callbacks"] if "Checkpoint" not in cb["class_path"]]
-    sft = derive_config("configs/gsm8k/sft.yaml", {**small, "trainer": {**small["trainer"], "max_epochs": 1,
-                        "callbacks": callbacks("configs/gsm8k/sft.yaml", tmp_path / "sft")},
-                        "model": {"init_args": {"backbone": {"pretrained": sft_dir}}},
-                        "data": {"init_args": {"source": source, "tokenizer": sft_dir, "batch_size": 8,
-                                               "max_length": 120, "max_prompt_length": 64}}}, tmp_path / "sft.yaml")
-    cli = cli_main(["fit", "--config", sft])
-    assert cli.datamodule.chosen_only and cli.trainer.global_step == 2 and (tmp_path / "sft" / "config.json").exists()
-    p3o = derive_config("configs/gsm8k/p3o.yaml", {**small, "trainer": {**small["trainer"], "limit_train_batches": 2,
-                        "callbacks": callbacks("configs/gsm8k/p3o.yaml", tmp_path / "p3o")},
-                        "model": {"init_args": {"policy": {"pretrained": str(tmp_path / "sft")},
-                                                "sampling": {"max_new_tokens": 8}}},
-                        "data": {"init_args": {"source": source, "tokenizer": str(tmp_path / "sft"), "batch_size": 2,
-                                               "max_length": 72, "max_prompt_length": 64}}}, tmp_path / "p3o.yaml")
-    cli = cli_main(["fit", "--config", p3o])
+    small = {"accelerator": "cpu", "precision": "32-true", "logger": False, "enable_progress_bar": False}
+
+    def callbacks(stage: str) -> list:          # no checkpoints; the export under tmp_path; a small evaluation
+        return [{**cb, "init_args": {**cb.get("init_args", {}), **(
+            {"dirpath": str(tmp_path / stage)} if "Export" in cb["class_path"] else
+            {"num_prompts": 4, "sampling": {"max_new_tokens": 8}} if "Evaluation" in cb["class_path"] else {})}}
+            for cb in yaml.safe_load(open(f"configs/{family}/{stage}.yaml"))["trainer"]["callbacks"]
+            if "Checkpoint" not in cb["class_path"]]
+
+    sft = derive_config(f"configs/{family}/sft.yaml", {
+        "trainer": {**small, "max_epochs": 1, "callbacks": callbacks("sft")},
+        "model": {"init_args": {"backbone": {"pretrained": sft_dir}}},
+        "data": {"init_args": {"source": source, "tokenizer": sft_dir, "batch_size": 8, "max_length": sft_max_length,
+                               "max_prompt_length": 64}}}, tmp_path / "sft.yaml")
+    sft_cli = cli_main(["fit", "--config", sft])
+    p3o = derive_config(f"configs/{family}/p3o.yaml", {
+        "trainer": {**small, "limit_train_batches": 2, **(p3o_trainer or {}), "callbacks": callbacks("p3o")},
+        "model": {"init_args": {"policy": {"pretrained": str(tmp_path / "sft")}, "sampling": {"max_new_tokens": 8}}},
+        "data": {"init_args": {"source": source, "tokenizer": str(tmp_path / "sft"), "batch_size": 2,
+                               "max_length": 72, "max_prompt_length": 64}}}, tmp_path / "p3o.yaml")
+    return sft_cli, cli_main(["fit", "--config", p3o])
+
+
+@pytest.mark.slow
+def test_the_gsm8k_configs_run_end_to_end_on_a_local_file_in_gsm8ks_layout(tmp_path, sft_dir):
+    """configs/gsm8k/sft.yaml then p3o.yaml on a local file in openai/gsm8k's layout (`run_both_stages`). SFT on
+    solutions alone (chosen_only), then P3O with 4 responses per question on Composed(AnswerMatch + PatternMatch)."""
+    from tests.test_formats import GSM
+
+    rows = [{"question": f"{q['question']} ({i})", "answer": q["answer"]} for i in range(8) for q in GSM]
+    sft, cli = run_both_stages(tmp_path, sft_dir, "gsm8k", "GSM8K", rows, sft_max_length=120)
+    assert sft.datamodule.chosen_only and sft.trainer.global_step == 2 and (tmp_path / "sft" / "config.json").exists()
     metrics = cli.trainer.callback_metrics
     assert cli.model.objective.responses_per_prompt == 4 and (tmp_path / "p3o" / "config.json").exists()
     composed = metrics["train/reward_correct"] + 0.1 * metrics["train/reward_format"]
@@ -287,39 +296,17 @@ def test_the_gsm8k_configs_run_end_to_end_on_a_local_file_in_gsm8ks_layout(tmp_p
 
 @pytest.mark.slow
 def test_the_mbpp_configs_run_end_to_end_on_a_local_file_in_mbpps_layout(tmp_path, sft_dir):
-    """configs/mbpp/sft.yaml then p3o.yaml, as written but for the hub (as the GSM8K test above): SFT on the fenced
+    """configs/mbpp/sft.yaml then p3o.yaml on a local file in MBPP's layout (`run_both_stages`): SFT on the fenced
     reference code, evaluated by PythonTests; then P3O with 4 responses per task on PythonTests(partial)."""
     from tests.test_formats import MBPP_FULL
-    from train import derive_config
 
     rows = [{**MBPP_FULL[0], "task_id": i, "text": f"{MBPP_FULL[0]['text']} ({i})"} for i in range(8)]
-    path = records(tmp_path / "mbpp.jsonl", rows)
-    source = {"class_path": "datamodules.formats.MBPP", "init_args": {
-        "instruction": "", "source": {"class_path": "datamodules.sources.LocalFiles",
-                                      "init_args": {"train": path, "val": path}}}}
-    small = {"trainer": {"accelerator": "cpu", "precision": "32-true", "logger": False, "enable_progress_bar": False}}
-    callbacks = lambda config, export: [  # noqa: E731
-        {**cb, "init_args": {**cb.get("init_args", {}), **({"dirpath": str(export)} if "Export" in cb["class_path"] else
-                                                          {"num_prompts": 4, "sampling": {"max_new_tokens": 8}}
-                                                          if "Evaluation" in cb["class_path"] else {})}}
-        for cb in yaml.safe_load(open(config))["trainer"]["callbacks"] if "Checkpoint" not in cb["class_path"]]
-    sft = derive_config("configs/mbpp/sft.yaml", {**small, "trainer": {**small["trainer"], "max_epochs": 1,
-                        "callbacks": callbacks("configs/mbpp/sft.yaml", tmp_path / "sft")},
-                        "model": {"init_args": {"backbone": {"pretrained": sft_dir}}},
-                        "data": {"init_args": {"source": source, "tokenizer": sft_dir, "batch_size": 8,
-                                               "max_length": 128, "max_prompt_length": 64}}}, tmp_path / "sft.yaml")
-    cli = cli_main(["fit", "--config", sft])
-    assert cli.datamodule.chosen_only and (tmp_path / "sft" / "config.json").exists()
-    evaluation = next(cb for cb in cli.trainer.callbacks if type(cb).__name__ == "Evaluation")
+    sft, cli = run_both_stages(tmp_path, sft_dir, "mbpp", "MBPP", rows, sft_max_length=128,
+                               p3o_trainer={"max_epochs": 1})
+    assert sft.datamodule.chosen_only and (tmp_path / "sft" / "config.json").exists()
+    evaluation = next(cb for cb in sft.trainer.callbacks if type(cb).__name__ == "Evaluation")
     assert 0.0 <= evaluation.history[-1]["val/gold_reward"] <= 1.0
     assert evaluation.history[-1]["val/demo_gold_reward"] == 1.0       # the reference code passes its tests
-    p3o = derive_config("configs/mbpp/p3o.yaml", {**small, "trainer": {**small["trainer"], "limit_train_batches": 2,
-                        "max_epochs": 1, "callbacks": callbacks("configs/mbpp/p3o.yaml", tmp_path / "p3o")},
-                        "model": {"init_args": {"policy": {"pretrained": str(tmp_path / "sft")},
-                                                "sampling": {"max_new_tokens": 8}}},
-                        "data": {"init_args": {"source": source, "tokenizer": str(tmp_path / "sft"), "batch_size": 2,
-                                               "max_length": 72, "max_prompt_length": 64}}}, tmp_path / "p3o.yaml")
-    cli = cli_main(["fit", "--config", p3o])
     assert cli.model.objective.responses_per_prompt == 4 and (tmp_path / "p3o" / "config.json").exists()
     assert "train/reward" in cli.trainer.callback_metrics
 
