@@ -16,11 +16,17 @@ class ConfigError(ValueError):
     """A setting or a checkpoint that does not fit the run; the message names the field or the file."""
 
 
+def import_object(class_path: str):
+    """The object a config's class path (`package.module.Name`) names; ImportError, AttributeError or ValueError
+    (an empty module name) saying why not."""
+    module, _, name = class_path.rpartition(".")
+    return getattr(importlib.import_module(module), name)
+
+
 def import_class(class_path: str):
     """The object a config's class path (`package.module.Name`) names, or None when it does not import."""
-    module, _, name = class_path.rpartition(".")
     try:
-        return getattr(importlib.import_module(module), name)
+        return import_object(class_path)
     except (ImportError, AttributeError, ValueError):
         return None
 

@@ -10,12 +10,11 @@ and `--print_config`.
 """
 from __future__ import annotations
 
-import importlib
 import inspect
 
 from jsonargparse import ArgumentParser, DefaultHelpFormatter
 
-from modules.checks import ConfigError
+from modules.checks import ConfigError, import_object
 
 
 class RawDescription(DefaultHelpFormatter):
@@ -42,10 +41,9 @@ def help_request(args: list[str]) -> tuple[str, str] | None:
 
 def load(path: str, option: str):
     """The class or function at `path` (`module.Name`); a ConfigError in one line if it does not import."""
-    module, _, name = path.rpartition(".")
     try:
-        return getattr(importlib.import_module(module), name)
-    except (ImportError, AttributeError) as err:      # (an ImportError's message names the missing module)
+        return import_object(path)
+    except (ImportError, AttributeError, ValueError) as err:   # (an ImportError's message names the missing module)
         raise ConfigError(f"{option}: {path} does not import ({err})") from None
 
 
