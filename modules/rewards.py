@@ -688,6 +688,8 @@ def term_means(terms: dict[str, torch.Tensor], over_ranks=None) -> dict[str, flo
 
     Example: {correct: [1, 0, nan, nan], runs: [nan, nan, 0.5, nan]} -> {correct: 0.5, runs: 0.5}."""
     names = list(terms)
+    if not names:                           # (no composed reward: no collective either; every rank alike)
+        return {}
     sums = [float(torch.nan_to_num(terms[n].float(), nan=0.0).sum()) for n in names]
     counts = [float((~torch.isnan(terms[n])).sum()) for n in names]
     totals = over_ranks(sums + counts) if over_ranks is not None else sums + counts

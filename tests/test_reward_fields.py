@@ -339,6 +339,7 @@ def test_term_means_over_the_responses_a_term_applies_to_and_over_every_process(
              "never": torch.tensor([nan] * 4)}
     assert term_means(terms) == {"correct": 0.5, "runs": 0.5}
     assert term_means(terms, over_ranks=lambda values: [2 * v for v in values]) == {"correct": 0.5, "runs": 0.5}
+    assert term_means({}, over_ranks=lambda values: pytest.fail("no reduce without terms")) == {}
 
 
 def test_none_is_refused_outside_a_composed_reward_and_where_no_term_applies():
