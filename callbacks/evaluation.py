@@ -28,7 +28,7 @@ from lightning.pytorch.utilities import rank_zero_only
 
 from callbacks.checkpoint import finish_checkpoints, interrupted
 from callbacks.sharding import outside_forward
-from datamodules.collate import PairCollator
+from datamodules.collate import PairCollator, encode_response
 from modules import functional as F
 from modules.checks import ConfigError, check_positions
 from modules.judges import both_orders, win_rate
@@ -174,12 +174,13 @@ class Evaluation(L.Callback):
         roll = _generate(pl_module)(pl_module.policy, tok, ids, mask, collated.prompts, config).with_fields(collated.fields)
         out = {"val/length": roll.response_mask.sum(-1).float().mean().item(),
                "val/eos_rate": roll.has_eos.float().mean().item()}
-        gold = self._gold(collated.prompts, roll.responses, roll.fields)
+        gold = self._gold(collated.prompts, roll.responses, roll.fields, roll.completion_ids)
         if gold is not None:
             out["val/gold_reward"] = gold.mean().item()
             demos = [e.get("chosen") for e in examples]
             if all(isinstance(d, str) for d in demos):
-                out["val/demo_gold_reward"] = self._gold(collated.prompts, demos, roll.fields).mean().item()
+                demo_ids = lambda: [encode_response(tok, d) for d in demos]  # noqa: E731  (as SFT trains them)
+                out["val/demo_gold_reward"] = self._gold(collated.prompts, demos, roll.fields, demo_ids).mean().item()
         # a pairwise reward compares responses to one prompt: one sample per prompt has no proxy score
         pairwise = getattr(getattr(pl_module, "reward", None), "pairwise", False)
         proxy = pl_module.score(roll).float().cpu() if hasattr(pl_module, "score") and not pairwise else None
@@ -195,10 +196,10 @@ class Evaluation(L.Callback):
         shown = [(p, r, g) for p, r, g in zip(roll.prompts, roll.responses, scores.tolist())]
         return out, shown[: self.show]
 
-    def _gold(self, prompts, responses, fields: dict[str, list]) -> torch.Tensor | None:
+    def _gold(self, prompts, responses, fields: dict[str, list], ids) -> torch.Tensor | None:
         if self.reward is None:
             return None
-        values = awaited(call_text_reward(self.reward, prompts, responses, fields))
+        values = awaited(call_text_reward(self.reward, prompts, responses, fields, ids))
         return as_numbers(values, self.reward, len(responses))          # (one number per response, or one line)
 
     def _against_reference(self, pl_module, roll, ids, mask, prompts, config, gold, proxy) -> dict:
@@ -214,7 +215,7 @@ class Evaluation(L.Callback):
             out.update({"val/judge_win_rate": win_rate(score).item(), "val/judge_agreement": agree.float().mean().item()})
         reward = getattr(pl_module, "reward", None)
         if gold is not None:
-            ours, theirs = gold, self._gold(prompts, ref_roll.responses, roll.fields)
+            ours, theirs = gold, self._gold(prompts, ref_roll.responses, roll.fields, ref_roll.completion_ids)
         elif proxy is not None:
             ours, theirs = proxy, pl_module.score(ref_roll).float().cpu()
         elif is_pairwise(reward):              # a pairwise training reward, no gold: it judges, in both orders

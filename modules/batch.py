@@ -45,6 +45,12 @@ class Rollout:
     def response_ids(self) -> torch.Tensor:
         return self.input_ids[:, self.prompt_length:]  # (N, L)
 
+    def completion_ids(self) -> list[list[int]]:
+        """Each response's token ids up to and including its EOS (all of them without one): what a reward that
+        takes `completion_ids` gets (TRL's name; `modules.rewards.call_text_reward`)."""
+        ids, mask = self.response_ids.cpu(), self.response_mask.bool().cpu()
+        return [row[keep].tolist() for row, keep in zip(ids, mask)]
+
     def select(self, rows: torch.Tensor) -> "Rollout":
         """The sub-rollout of the given row indices (whole groups are the caller's business)."""
         idx = rows.tolist()
@@ -82,6 +88,15 @@ class ObjectiveInput:
     tokens_per_rank: float | None = None     # response tokens of this update's minibatch, mean over ranks (DAPO)
     sampler_weights: torch.Tensor | None = None  # (N, L) detached pi_old / pi_sampler weights (engine.correction)
     pair_rewards: torch.Tensor | None = None  # (N, K) a pairwise reward's M[i K + a, b] = f(x_i, y_a, y_b) (else None)
+    trained: torch.Tensor | None = None      # (N,) bool: rows whose tokens carry the loss (None: all; mask_truncated)
+
+    def loss_mask(self) -> torch.Tensor:
+        """(N, L) the tokens that carry the loss: `mask` less the rows that are not `trained` (`RLModule
+        mask_truncated`: responses cut off before EOS). Token-level means and counts of a loss are over these;
+        advantages, baselines and KL shaping use `mask`, every response as sampled.
+
+        Example: mask [[1, 1, 0], [1, 1, 1]], trained [True, False] -> [[1, 1, 0], [0, 0, 0]]."""
+        return self.mask if self.trained is None else self.mask * self.trained[:, None].to(self.mask.dtype)
 
     def token_weights(self) -> torch.Tensor | float:
         """(N, L) mismatch-correction weights of each token's policy loss; 1.0 without a correction."""

@@ -257,7 +257,7 @@ def raw_values(reward, rollout: Rollout, tokenizer, parts: list[torch.Tensor] | 
     """What `reward` returns for `rollout`, unchecked: a text callable's list (an awaitable if it is `async`), or a
     token-level reward's tensor, over `parts` (`score`)."""
     if not hasattr(reward, "score"):
-        return call_text_reward(reward, rollout.prompts, rollout.responses, rollout.fields)
+        return call_text_reward(reward, rollout.prompts, rollout.responses, rollout.fields, rollout.completion_ids)
     if parts is None or len(parts) == 1:
         return reward.score(rollout, tokenizer)
     return torch.cat([as_numbers(reward.score(piece, tokenizer), reward, len(piece))
@@ -485,29 +485,54 @@ def tournament_scores(pair_rewards: torch.Tensor, group_size: int) -> torch.Tens
 
 
 POSITIONAL = {False: ("prompts", "responses"), True: ("prompts", "responses_a", "responses_b")}
+IDS = "completion_ids"      # not a record field: each response's token ids, EOS included (TRL's `completion_ids`)
 
 
-def call_text_reward(reward, prompts: list[str], responses: list[str], fields: dict[str, list]):
+def call_text_reward(reward, prompts: list[str], responses: list[str], fields: dict[str, list],
+                     ids: Callable[[], list[list[int]]] | list[list[int]] | None = None):
     """What a per-response text reward returns (an awaitable if it is `async`), called with the record fields it
     takes (`field_kwargs`): positionally as `reward(prompts, responses, **fields)`, or, for a reward function
-    written for TRL (it names a parameter `completions`), by keyword as TRL's GRPOTrainer calls it:
-    `reward(prompts=..., completions=..., **fields)` (`prompts` only if it takes it).
+    written for TRL (`trl_style`), by keyword as TRL's GRPOTrainer calls it: `reward(prompts=..., completions=...,
+    completion_ids=..., **fields)` (`prompts` and `completion_ids` only if it takes them).
+
+    `ids`: the responses' token ids up to and including EOS (`Rollout.completion_ids`, or a function giving them,
+    called only for a reward that takes them), passed as `completion_ids=` to a reward that names that parameter
+    (a length penalty such as `modules.verifiable.OverlongPenalty`) and to a TRL-style one with `**kwargs`. A
+    reward that requires them where the caller has none (a pairwise reward's scalar reward) is a `RewardError`.
 
     Example: TRL's `def accuracy(completions, answer, **kwargs)` is called as `accuracy(prompts=prompts,
-    completions=responses, answer=[...])`."""
+    completions=responses, completion_ids=[...], answer=[...])`."""
     kwargs = field_kwargs(reward, fields)
+    params = _parameters(reward) or []
+    if takes_ids(reward):
+        if ids is None:
+            if any(p.name == IDS and p.default is inspect.Parameter.empty for p in params):
+                raise RewardError(f"reward {qualified_name(reward)} takes {IDS} (the responses' token ids), which "
+                                  "its caller does not have: a pairwise reward or judge calls it with texts alone; "
+                                  "use it as the RL stage's reward, a term of modules.rewards.Composed, or the "
+                                  "evaluation reward")
+        else:
+            kwargs[IDS] = ids() if callable(ids) else ids
     if not trl_style(reward):
         return reward(prompts, responses, **kwargs)
-    params = _parameters(reward)
     takes_prompts = any(p.name == "prompts" or p.kind is inspect.Parameter.VAR_KEYWORD for p in params)
     return reward(completions=responses, **({"prompts": prompts} if takes_prompts else {}), **kwargs)
 
 
 def trl_style(reward) -> bool:
-    """A per-response text reward written for TRL: its call names a parameter `completions` (and none
-    `responses`), and takes the texts by keyword."""
+    """A per-response text reward written for TRL: its call names a parameter `completions` or `completion_ids`
+    (and none `responses`), and takes its inputs by keyword (TRL's `get_soft_overlong_punishment` takes
+    `completion_ids, **kwargs`)."""
     names = {p.name for p in _parameters(reward) or ()}
-    return "completions" in names and "responses" not in names and not hasattr(reward, "score")
+    return bool({"completions", IDS} & names) and "responses" not in names and not hasattr(reward, "score")
+
+
+def takes_ids(reward) -> bool:
+    """Whether a text reward's call takes `completion_ids`: it names that parameter, or it is written for TRL
+    (`trl_style`) and takes `**kwargs` (TRL passes them to every reward function)."""
+    params = _parameters(reward) or ()
+    return any(p.name == IDS for p in params) or (
+        trl_style(reward) and any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params))
 
 
 def field_kwargs(reward, fields: dict[str, list], pairwise: bool = False) -> dict[str, list]:
@@ -552,7 +577,7 @@ def required_fields(reward, pairwise: bool = False) -> list[str]:
     named = [p for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
     later = [p for p in named if p.name not in ("prompts", "completions")] if not pairwise and trl_style(reward) \
         else named[len(POSITIONAL[pairwise]):]
-    return [p.name for p in later if p.default is inspect.Parameter.empty]
+    return [p.name for p in later if p.default is inspect.Parameter.empty and p.name != IDS]
 
 
 def _parameters(reward) -> list[inspect.Parameter] | None:
@@ -622,14 +647,17 @@ class Composed(nn.Module):
         rollout.reward_terms.update({name: values for name, (values, _) in terms.items()})
         return self.total(terms, rollout.prompts, rollout.responses)
 
-    def forward(self, prompts: list[str], responses: list[str], **fields) -> list[float]:
-        """The weighted sum over texts (as an evaluation reward); every term must be a text callable."""
+    def forward(self, prompts: list[str], responses: list[str], completion_ids: list[list[int]] | None = None,
+                **fields) -> list[float]:
+        """The weighted sum over texts (as an evaluation reward); every term must be a text callable. Its terms get
+        the responses' `completion_ids` where it is given them (`call_text_reward`)."""
         raw = {}
         for name, reward in self.rewards.items():
             if hasattr(reward, "score"):
                 raise RewardError(f"{qualified_name(self)}: term {name!r} ({qualified_name(reward)}) scores token "
                                   "ids, not texts; as an evaluation reward every term must be a text callable")
-            raw[name] = call_text_reward(reward, prompts, responses, fields)
+            with self.term(name):
+                raw[name] = call_text_reward(reward, prompts, responses, fields, completion_ids)
         raw = dict(zip(raw, awaited_all(list(raw.values()))))
         terms = {}
         for name, reward in self.rewards.items():

@@ -90,6 +90,10 @@ class RLModule(TrainedOnlyCheckpoints, L.LightningModule):
         minibatch_groups: prompts (groups of K responses) per update.
         max_grad_norm: gradient clipping (None = off).
         missing_eos_penalty: subtracted from the reward of responses that never emit EOS (None = off).
+        mask_truncated: responses cut off at `sampling.max_new_tokens` before EOS carry no loss (DAPO's overlong
+            filtering, TRL's `mask_truncated_completions`): no gradient reaches their tokens, and token-level means
+            and counts (GRPO's loss types, PPO's means, P3O's `avg_tokenwise`) leave them out; their rewards still
+            set their group's baseline and their pairs' differences. Off by default.
         nonfinite_reward: a reward that is NaN or +-inf stops the run with an error naming the response (None,
             the default); set a number to replace such rewards by it instead (a penalty), counted (over all
             processes) in `train/nonfinite_rewards` and in a console warning. A reward must return exactly one number
@@ -129,7 +133,8 @@ class RLModule(TrainedOnlyCheckpoints, L.LightningModule):
     def __init__(self, policy: BackboneSpec, tokenizer: str, reward: Callable, objective: Objective,
                  optimizer: OptimizerCallable = torch.optim.AdamW, scheduler: LRSchedulerCallable | None = None,
                  sampling: SamplingConfig | None = None, epochs: int = 4, minibatch_groups: int = 8,
-                 max_grad_norm: float | None = 1.0, missing_eos_penalty: float | None = None, seed: int = 0,
+                 max_grad_norm: float | None = 1.0, missing_eos_penalty: float | None = None,
+                 mask_truncated: bool = False, seed: int = 0,
                  value_model: BackboneSpec | None = None, nonfinite_reward: float | None = None,
                  old_logprobs: str = "auto", share_prompts: bool = True, logprob_chunk: int | None = None,
                  micro_batch_tokens: int | None = 1024, engine: Engine | None = None,
@@ -143,7 +148,7 @@ class RLModule(TrainedOnlyCheckpoints, L.LightningModule):
         self.sampling = sampling or SamplingConfig()
         self.epochs, self.minibatch_groups, self.max_grad_norm = epochs, minibatch_groups, max_grad_norm
         self.missing_eos_penalty, self.seed, self.value_spec = missing_eos_penalty, seed, value_model
-        self.nonfinite_reward = nonfinite_reward
+        self.nonfinite_reward, self.mask_truncated = nonfinite_reward, mask_truncated
         self._order_warned = False      # a judge whose two orders disagree is reported once per run
         if max_grad_norm is not None and not max_grad_norm > 0:     # (0 would zero every gradient, < 0 flip them)
             raise ValueError(f"RLModule: max_grad_norm={max_grad_norm}; expected > 0, or null for no clipping")
@@ -348,11 +353,23 @@ class RLModule(TrainedOnlyCheckpoints, L.LightningModule):
 
     def objective_input(self, roll: Rollout, logp: torch.Tensor, extra: dict, values=None,
                         tokens_per_rank: float | None = None) -> ObjectiveInput:
+        """What the objective sees of `roll` with the current `logp` (and `values`). With `mask_truncated`, the
+        rows without EOS are not `trained`: their logp and values enter detached (no gradient reaches them; every
+        other number is as without the option) and `ObjectiveInput.loss_mask` leaves their tokens out."""
+        trained = self.trained_rows(roll)
+        if trained is not None:
+            keep = trained.to(logp.device)[:, None]
+            logp = torch.where(keep, logp, logp.detach())
+            values = None if values is None else torch.where(keep, values, values.detach())
         return ObjectiveInput(logp=logp, old_logp=roll.old_logp, ref_logp=roll.ref_logp, mask=roll.response_mask,
                               rewards=roll.rewards, group_size=roll.group_size, values=values,
                               old_values=roll.values, extra=extra, max_new_tokens=self.sampling.max_new_tokens,
                               tokens_per_rank=tokens_per_rank, sampler_weights=roll.sampler_weights,
-                              pair_rewards=roll.pair_rewards)
+                              pair_rewards=roll.pair_rewards, trained=trained)
+
+    def trained_rows(self, roll: Rollout) -> torch.Tensor | None:
+        """(N,) bool: the responses the loss trains on (those that emitted EOS, with `mask_truncated`); None: all."""
+        return roll.has_eos.to(roll.response_mask.device) if self.mask_truncated else None
 
     def minibatches(self, roll: Rollout) -> list[torch.Tensor]:
         """Row indices of each minibatch for one epoch: whole groups, shuffled by (seed, step)."""
@@ -391,7 +408,9 @@ class RLModule(TrainedOnlyCheckpoints, L.LightningModule):
         """One optimizer step on a minibatch; stops before the step if the loss or the gradient is not finite.
         `first`: no step has happened since the rollout (see `backward_minibatch`)."""
         optimizer = self.optimizers()
-        tokens = self.trainer.strategy.reduce(sub.response_mask.sum().float(), reduce_op="mean")
+        trained = self.trained_rows(sub)
+        mask = sub.response_mask if trained is None else sub.response_mask * trained[:, None]
+        tokens = self.trainer.strategy.reduce(mask.sum().float(), reduce_op="mean")     # (those the loss trains on)
         optimizer.zero_grad()
         out = self.backward_minibatch(sub, extra, float(tokens), where, first)
         params = [p for group in optimizer.param_groups for p in group["params"] if p.grad is not None]

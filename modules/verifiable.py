@@ -143,6 +143,37 @@ class PatternMatch:
         return [float(match(r.strip() if self.full else r) is not None) for r in responses]
 
 
+class OverlongPenalty:
+    """DAPO's soft overlong punishment (Yu et al., "DAPO", arXiv 2503.14476, Eq. 13; TRL's
+    `get_soft_overlong_punishment`, veRL's overlong buffer): 0 for a response of at most `max_tokens - buffer`
+    tokens, falling linearly to -1 at `max_tokens`, -1 beyond. A length term to add to a correctness reward in
+    `modules.rewards.Composed`, so that running into the length limit costs a little before it cuts an answer off.
+    A response's length is its token count with its EOS (TRL's `completion_ids`).
+
+        R(y) = 0                               if |y| <= L - B
+               ((L - B) - |y|) / B             if L - B < |y| <= L
+               -1                              if |y| > L
+
+    Args:
+        max_tokens: L, usually the sampling's `max_new_tokens` (our sampler never goes beyond it, so then -1 is the
+            reward of a response that ends exactly at the limit).
+        buffer: B, the tokens before L over which the penalty grows (0 <= B <= L; 0: -1 beyond L, else 0).
+
+    Example (L = 100, B = 20): lengths 80 -> 0.0, 90 -> -0.5, 95 -> -0.75, 100 -> -1.0, 101 -> -1.0.
+    """
+
+    def __init__(self, max_tokens: int, buffer: int):
+        if not 1 <= max_tokens or not 0 <= buffer <= max_tokens:
+            raise ValueError(f"OverlongPenalty: max_tokens={max_tokens}, buffer={buffer}; expected max_tokens >= 1 and "
+                             "0 <= buffer <= max_tokens")
+        self.max_tokens, self.buffer = max_tokens, buffer
+
+    def __call__(self, prompts: list[str], responses: list[str], completion_ids: list[list[int]]) -> list[float]:
+        start = self.max_tokens - self.buffer
+        return [0.0 if len(ids) <= start else (start - len(ids)) / self.buffer if len(ids) <= self.max_tokens else -1.0
+                for ids in completion_ids]
+
+
 def _number(text) -> float | None:
     if isinstance(text, (int, float)):
         return float(text)

@@ -63,7 +63,7 @@ def aggregate(per_token: torch.Tensor, mask: torch.Tensor, loss_type: str, max_n
     if loss_type == "dr_grpo":
         return total / (per_token.shape[0] * (max_new_tokens or per_token.shape[1]))
     if loss_type == "dapo":
-        return total / (tokens_per_rank if tokens_per_rank is not None else mask.sum().clamp(min=1))
+        return total / (tokens_per_rank if tokens_per_rank else mask.sum().clamp(min=1))   # (0 tokens: total is 0)
     raise ValueError(f"GRPO: loss_type must be 'grpo', 'bnpo', 'dr_grpo' or 'dapo', got {loss_type!r}")
 
 
@@ -121,9 +121,10 @@ class GRPO(Objective):
         kl = F.kl_penalty(batch.logp, batch.ref_logp, "k3")                                 # (N, L)
         beta = 0.0 if self.kl_in_reward else self.kl_coef                                  # (else in the reward)
         per_token = -(surrogate * batch.token_weights() - beta * kl)                    # TRL: IS weights the PG term
-        loss = aggregate(per_token, batch.mask, self.loss_type, batch.max_new_tokens, batch.tokens_per_rank)
+        mask = batch.loss_mask()                                  # (mask_truncated: less the cut-off responses)
+        loss = aggregate(per_token, mask, self.loss_type, batch.max_new_tokens, batch.tokens_per_rank)
         ratio = log_ratio.detach().exp()
         return ObjectiveOutput(loss, {
-            "loss": loss.detach(), "clipfrac": F.clip_fraction(ratio, self.clip_eps, batch.mask),
-            "ratio_mean": F.masked_mean(ratio, batch.mask), "kl_ref": F.masked_mean(kl.detach(), batch.mask),
+            "loss": loss.detach(), "clipfrac": F.clip_fraction(ratio, self.clip_eps, mask),
+            "ratio_mean": F.masked_mean(ratio, mask), "kl_ref": F.masked_mean(kl.detach(), mask),
         })

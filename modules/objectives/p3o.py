@@ -163,7 +163,7 @@ class P3O(Objective):
         if torch.is_tensor(weight):
             objective = objective * weight[i] * weight[j]                  # a pair is weighted by both responses'
         if self.avg_tokenwise:
-            loss = -2 * objective.sum() / ((K - 1) * batch.mask.sum().clamp(min=1))
+            loss = -2 * objective.sum() / ((K - 1) * batch.loss_mask().sum().clamp(min=1))
         else:
             loss = -objective.mean()
         if self.kl_in_loss:                                                # mean over responses of sum_t k3_t

@@ -106,7 +106,7 @@ class PPO(Objective):
         return {"advantages": adv, "returns": returns}
 
     def forward(self, batch: ObjectiveInput) -> ObjectiveOutput:
-        adv, returns, mask = batch.extra["advantages"], batch.extra["returns"], batch.mask
+        adv, returns, mask = batch.extra["advantages"], batch.extra["returns"], batch.loss_mask()
         log_ratio = batch.logp - batch.old_logp                                         # (N, L)
         pg = -F.clipped_surrogate(log_ratio, adv, self.clip_eps, self.dual_clip) * batch.token_weights()
         ratio = log_ratio.detach().exp()
