@@ -9,7 +9,9 @@ once for its 2 responses), three ways:
   draw       `modules.sampling.sample(prepack_weights=False)`: the inverse-CDF draw (`F.inverse_cdf_sample`)
   prepacked  `modules.sampling.sample()`, the default: the draw + `prepacked_linears` (oneDNN, weights reordered
              once per call)
-and the token draw alone on (16, 49152) probabilities: `torch.multinomial` against `F.inverse_cdf_sample`.
+and the token draw alone on (16, 49152) probabilities: `torch.multinomial` against `F.inverse_cdf_sample`; and
+what the sampler records at each step, the drawn token's logprob alone against it with the entropy
+(`F.token_logprobs_and_entropy`, what `_Draw` runs), beside the time of a whole step.
 Printed: medians and ratios against `hf`, all measured in the same command.
 """
 from __future__ import annotations
@@ -76,6 +78,10 @@ def main() -> None:
     draws = {"torch.multinomial": lambda: torch.multinomial(probs, 1),
              "F.inverse_cdf_sample": lambda: F.inverse_cdf_sample(probs, torch.rand(len(probs)))}
     draw_ms = alternate(list(draws), 21, lambda name: seconds(draws[name]) * 1e3)
+    logits, tokens = torch.randn(PROMPTS * K, 49152) * 3, torch.randint(0, 49152, (PROMPTS * K,))
+    records = {"token_logprobs": lambda: F.token_logprobs(logits, tokens),
+               "token_logprobs_and_entropy": lambda: F.token_logprobs_and_entropy(logits, tokens)}
+    record_ms = alternate(list(records), 21, lambda name: seconds(records[name]) * 1e3)
 
     base = statistics.median(seconds_per_call["hf"])
     print(f"{'2-layer ' if args.quick else ''}SmolLM2-135M shape, fp32, {PROMPTS} prompts x {K} responses x "
@@ -86,6 +92,11 @@ def main() -> None:
     ms = {name: statistics.median(v[1:]) for name, v in draw_ms.items()}
     print(f"\ntoken draw on ({PROMPTS * K}, 49152): " + ", ".join(f"{n} {v:.2f} ms" for n, v in ms.items())
           + f" (ratio {ms['F.inverse_cdf_sample'] / ms['torch.multinomial']:.3f})")
+    ms = {name: statistics.median(v[1:]) for name, v in record_ms.items()}
+    step_ms = 1e3 * statistics.median(seconds_per_call["prepacked"]) / args.new_tokens
+    print(f"what the sampler records each step on ({PROMPTS * K}, 49152): " + ", ".join(f"{n} {v:.2f} ms" for n, v in
+          ms.items()) + f"; the entropy adds {ms['token_logprobs_and_entropy'] - ms['token_logprobs']:.2f} ms to a "
+          f"prepacked step of {step_ms:.1f} ms")
 
 
 if __name__ == "__main__":

@@ -173,7 +173,9 @@ class Evaluation(L.Callback):
         config = self._sampling(pl_module)
         roll = _generate(pl_module)(pl_module.policy, tok, ids, mask, collated.prompts, config).with_fields(collated.fields)
         out = {"val/length": roll.response_mask.sum(-1).float().mean().item(),
-               "val/eos_rate": roll.has_eos.float().mean().item()}
+               "val/eos_rate": roll.has_eos.float().mean().item(),
+               **({"val/entropy": F.masked_mean(roll.entropy, roll.response_mask).item()} if roll.entropy is not None
+                  else {})}
         gold = self._gold(collated.prompts, roll.responses, roll.fields, roll.completion_ids)
         if gold is not None:
             out["val/gold_reward"] = gold.mean().item()

@@ -34,6 +34,7 @@ class Rollout:
     sampler_logp: torch.Tensor | None = None  # (N, L) the engine's own logprobs, kept when pi_old is a forward's
     sampler_weights: torch.Tensor | None = None  # (N, L) mismatch correction pi_old / pi_sampler (engine.correction)
     pair_rewards: torch.Tensor | None = None  # (N, K) pairwise reward of each response over each of its group's
+    entropy: torch.Tensor | None = None      # (N, L) entropy of the distribution each token was drawn from (our sampler)
     timings: dict[str, float] = field(default_factory=dict)  # perf/* seconds spent building it
     fields: dict[str, list] = field(default_factory=dict)    # the reward's record fields: name -> (N,) values, row's prompt
     reward_terms: dict[str, torch.Tensor] = field(default_factory=dict)  # a composed reward's terms: name -> (N,)
@@ -59,7 +60,7 @@ class Rollout:
                        self.group_size, [self.prompts[i] for i in idx], [self.responses[i] for i in idx],
                        self.has_eos[rows], take(self.rewards), take(self.old_logp), take(self.ref_logp),
                        take(self.values), take(self.sampler_logp), take(self.sampler_weights),
-                       take(self.pair_rewards),
+                       take(self.pair_rewards), take(self.entropy),
                        fields={name: [values[i] for i in idx] for name, values in self.fields.items()})
 
     def with_fields(self, fields: dict[str, list]) -> "Rollout":

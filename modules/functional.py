@@ -78,6 +78,29 @@ def token_logprobs(logits: torch.Tensor, labels: torch.Tensor, temperature: floa
     return torch.log_softmax(logits, dim=-1).gather(-1, labels.unsqueeze(-1)).squeeze(-1)  # (B, T)
 
 
+def entropy(logp: torch.Tensor) -> torch.Tensor:
+    """Entropy -sum_v p_v log p_v of distributions given by their log-probabilities: (..., V) -> (...). A token of
+    log-probability -inf (masked out) adds 0.
+
+    Example: log [1/2, 1/4, 1/4] -> 1/2 log 2 + 2 * 1/4 log 4 = 1.5 log 2 = 1.0397; log [1, 0, 0] -> 0."""
+    return -torch.linalg.vecdot(logp.exp(), logp.clamp(min=torch.finfo(logp.dtype).min))   # (-inf -> min: 0 * min = 0)
+
+
+def token_logprobs_and_entropy(logits: torch.Tensor, labels: torch.Tensor,
+                               temperature: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """(`token_logprobs(logits, labels, temperature)`, the `entropy` of each distribution softmax(logits / T)),
+    from one log_softmax: what the sampler records at each step (the logprob of the token drawn and the entropy of
+    the distribution it was drawn from, before top-k / top-p). logits (..., V), labels (...) -> two (...) float32.
+
+    Example: logits [0, -log 2, -log 2] (probabilities [1/2, 1/4, 1/4]), label 1, T = 1: (log 1/4, 1.5 log 2) =
+    (-1.3863, 1.0397)."""
+    logits = logits.float()
+    if temperature != 1.0:
+        logits = logits / temperature
+    logp = torch.log_softmax(logits, dim=-1)
+    return logp.gather(-1, labels.unsqueeze(-1)).squeeze(-1), entropy(logp)
+
+
 def linear_token_logprobs(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, labels: torch.Tensor,
                           temperature: float = 1.0, chunk: int = 0) -> torch.Tensor:
     """`token_logprobs(hidden @ weight.T + bias, labels, temperature)` for the rows of `hidden` (M, H) with labels

@@ -489,6 +489,8 @@ class RLModule(TrainedOnlyCheckpoints, L.LightningModule):
         return {"train/reward": roll.rewards.mean().item(), "train/reward_std": roll.rewards.std().item(),
                 "train/kl": (old - ref).mean().item(), "train/length": roll.response_mask.sum(-1).float().mean().item(),
                 "train/eos_rate": roll.has_eos.float().mean().item(), **roll.timings,
+                **({"train/entropy": F.masked_mean(roll.entropy, roll.response_mask).item()}   # (our sampler's)
+                   if roll.entropy is not None else {}),
                 **{f"train/reward_{name}": mean for name, mean in term_means(roll.reward_terms, self.over_ranks).items()},
                 **({"train/tied_groups": F.tied_groups(roll.rewards, roll.group_size).item()}   # scalar rewards, K > 1
                    if roll.group_size > 1 and roll.pair_rewards is None else {})}

@@ -148,3 +148,24 @@ def test_tied_groups_is_the_share_of_groups_whose_rewards_all_equal():
     assert F.tied_groups(rewards, 2).item() == pytest.approx(2 / 3)
     assert F.tied_groups(rewards, 3).item() == 0.0
     assert F.tied_groups(torch.tensor([0.5, 0.5 + 1e-9]), 2).item() == 1.0       # equal within float tolerance
+
+
+def test_entropy_literal_examples():
+    """`F.entropy`'s docstring: log [1/2, 1/4, 1/4] -> 1.5 log 2; a one-hot distribution -> 0 (its -inf entries add
+    nothing, where 0 * -inf would be NaN); uniform over 8 -> log 8."""
+    logp = torch.log(torch.tensor([[0.5, 0.25, 0.25], [1.0, 0.0, 0.0]]))
+    assert torch.allclose(F.entropy(logp), torch.tensor([1.5 * math.log(2), 0.0]), atol=1e-6)
+    assert torch.allclose(F.entropy(torch.full((8,), -math.log(8))), torch.tensor(math.log(8)), atol=1e-6)
+
+
+def test_token_logprobs_and_entropy_is_token_logprobs_with_the_entropy_of_the_same_distribution():
+    """The docstring's example: logits [0, -log 2, -log 2], label 1 -> (log 1/4, 1.5 log 2); on random logits at
+    T = 0.7, the logprobs are `token_logprobs`'s exactly, and the entropy is -sum p log p of softmax(logits / T)."""
+    logp, entropy = F.token_logprobs_and_entropy(torch.tensor([0.0, -math.log(2), -math.log(2)]), torch.tensor(1))
+    assert torch.allclose(logp, torch.tensor(math.log(0.25)), atol=1e-6)
+    assert torch.allclose(entropy, torch.tensor(1.5 * math.log(2)), atol=1e-6)
+    logits, labels = torch.randn(3, 5, 11), torch.randint(0, 11, (3, 5))
+    logp, entropy = F.token_logprobs_and_entropy(logits, labels, 0.7)
+    assert torch.equal(logp, F.token_logprobs(logits, labels, 0.7))
+    p = torch.softmax(logits / 0.7, -1)
+    assert torch.allclose(entropy, -(p * p.log()).sum(-1), atol=1e-5)

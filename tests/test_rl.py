@@ -1,6 +1,7 @@
 """modules/rl.py end to end: a tiny fit, every objective in one module, exact resume, pi_old from the sampler or a
 forward pass, gradient clipping, bf16-mixed on CPU, and a non-finite update stopped before its step."""
 
+import math
 
 import pytest
 import torch
@@ -27,8 +28,11 @@ def test_tiny_rl_fit_changes_the_policy_and_not_the_reference(tmp_path, sft_dir)
     assert all(torch.equal(reference[k], initial[k]) for k in initial)
     metrics = cli.trainer.callback_metrics
     for key in ("train/loss", "train/clipfrac", "train/ratio_mean", "train/kl", "train/reward", "perf/rollout_s",
-                "perf/update_s", "perf/score_s", "perf/tokens_per_s"):
+                "perf/update_s", "perf/score_s", "perf/tokens_per_s", "train/entropy"):
         assert key in metrics, key
+    assert 0 < metrics["train/entropy"] < math.log(len(module.tokenizer))      # nats per token, below uniform's
+    evaluation = next(cb for cb in cli.trainer.callbacks if type(cb).__name__ == "Evaluation")
+    assert 0 < evaluation.history[-1]["val/entropy"] < math.log(len(module.tokenizer))
     assert cli.trainer.global_step == 4 * 2 * 2  # 4 rollouts x 2 epochs x 2 minibatches
     frontier = next((tmp_path / "runs").rglob("frontier.csv")).read_text().splitlines()
     assert "val/kl" in frontier[0] and "val/win_rate" in frontier[0] and len(frontier) == 2

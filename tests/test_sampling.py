@@ -4,8 +4,9 @@ forward gives, computes each prompt once for its K responses, and truncates afte
 import torch
 
 from datamodules.collate import PairCollator, encode_prompt
+from modules import functional as F
 from modules.backbone import BackboneSpec, build_causal_lm
-from modules.forward import response_logprobs
+from modules.forward import lm_logits, response_logprobs
 from modules.sampling import SamplingConfig, sample
 
 
@@ -13,8 +14,8 @@ def sampler_case(device: str, spec, tokenizer, atol: float) -> None:
     """On `device`: pi_old recorded while sampling (T = 0.7, left-padded prompts of different lengths, 4 samples
     each, top-k 5 so that the warpers change what is drawn but not the recorded logits / T) equals
     `response_logprobs` over the finished rollout on every response token within `atol` (KV-cached decode vs one
-    full forward); greedy responses equal transformers' `generate` up to each row's EOS. `tests/test_gpu.py` runs
-    it on CUDA."""
+    full forward), and so does the entropy recorded at each step (within 10 `atol`); greedy responses equal
+    transformers' `generate` up to each row's EOS. `tests/test_gpu.py` runs it on CUDA."""
     model = build_causal_lm(spec, tokenizer).to(device).eval()
     texts = ["write a review of the cafe :", "write a review of the hotel , please :"]
     batch = PairCollator(tokenizer.pad_token_id)([{"prompt": t, "prompt_ids": encode_prompt(tokenizer, t)} for t in texts])
@@ -28,6 +29,10 @@ def sampler_case(device: str, spec, tokenizer, atol: float) -> None:
     assert roll.old_logp.shape == forward.shape == roll.response_mask.shape
     assert torch.allclose(roll.old_logp, forward * roll.response_mask, atol=atol, rtol=0)
     assert (roll.old_logp[roll.response_mask.bool()] < 0).all()
+    with torch.no_grad():      # the entropy recorded at each step: that of softmax(logits / T) of a full forward
+        logits = lm_logits(model, roll.input_ids, roll.attention_mask)[:, roll.prompt_length - 1: -1]
+    entropy = F.entropy(torch.log_softmax(logits.float() / 0.7, -1)) * roll.response_mask
+    assert torch.allclose(roll.entropy, entropy, atol=10 * atol, rtol=0) and (entropy[roll.response_mask.bool()] > 0).all()
     greedy = sample(model, tokenizer, ids, mask, batch.prompts, SamplingConfig(do_sample=False, max_new_tokens=8))
     reference = model.generate(input_ids=ids, attention_mask=mask, do_sample=False, max_new_tokens=8,
                                pad_token_id=tokenizer.pad_token_id)
