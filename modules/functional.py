@@ -268,15 +268,24 @@ def tied_groups(rewards: torch.Tensor, group_size: int) -> torch.Tensor:
     return torch.isclose(groups.max(-1).values, groups.min(-1).values).float().mean()
 
 
-def clip_fraction(ratio: torch.Tensor, eps: float, mask: torch.Tensor | None = None) -> torch.Tensor:
-    """Fraction of entries with |ratio - 1| > eps (optionally over a mask)."""
-    clipped = ((ratio - 1.0).abs() > eps).float()
+def clip_fraction(ratio: torch.Tensor, eps: float, mask: torch.Tensor | None = None,
+                  eps_high: float | None = None) -> torch.Tensor:
+    """Fraction of entries with ratio outside [1 - eps, 1 + eps_high] (eps_high None: eps), optionally over a mask."""
+    high = eps if eps_high is None else eps_high
+    clipped = ((ratio < 1.0 - eps) | (ratio > 1.0 + high)).float()
     return clipped.mean() if mask is None else masked_mean(clipped, mask)
 
 
 def clipped_surrogate(log_ratio: torch.Tensor, advantages: torch.Tensor, eps: float,
-                      dual_clip: float | None = None) -> torch.Tensor:
-    """PPO's clipped surrogate min(rho * A, clamp(rho, 1 - eps, 1 + eps) * A), rho = exp(log_ratio). Elementwise.
+                      dual_clip: float | None = None, eps_high: float | None = None) -> torch.Tensor:
+    """PPO's clipped surrogate min(rho * A, clamp(rho, 1 - eps, 1 + eps_high) * A), rho = exp(log_ratio),
+    eps_high = eps unless given. Elementwise.
+
+    `eps_high` is DAPO's clip-higher (Yu et al., arXiv 2503.14476; TRL's `epsilon_high`, veRL's `clip_ratio_high`):
+    for A > 0 only the upper bound is ever active, so a larger eps_high lets a token the policy made unlikely gain
+    more probability per update, against entropy collapse. Example: A = 1, rho = 1.25: eps 0.2 gives 1.2 (clipped,
+    gradient 0); eps_high 0.28 gives 1.25 (gradient rho A = 1.25). A = -1, rho = 0.75: both give -0.8 (the lower
+    bound, 1 - eps).
 
     rho is exp of the *unclamped* log-ratio, so the active branch's gradient is the formula's for every input
     whose exp does not overflow float32 (log-ratio < ~88.7; beyond that the loss is non-finite and the RL
@@ -288,7 +297,7 @@ def clipped_surrogate(log_ratio: torch.Tensor, advantages: torch.Tensor, eps: fl
     rho > c (gradient 0 there) instead of growing without bound.
     """
     ratio = log_ratio.exp()
-    surrogate = torch.min(advantages * ratio, advantages * ratio.clamp(1 - eps, 1 + eps))
+    surrogate = torch.min(advantages * ratio, advantages * ratio.clamp(1 - eps, 1 + (eps if eps_high is None else eps_high)))
     if dual_clip is not None:
         surrogate = torch.where(advantages < 0, torch.max(surrogate, dual_clip * advantages), surrogate)
     return surrogate

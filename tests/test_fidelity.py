@@ -229,6 +229,55 @@ def test_gspo_equals_trls_sequence_level_formula(loss_type):
     assert torch.allclose(g, theirs.grad, atol=1e-6)
 
 
+@pytest.mark.parametrize("loss_type", ["grpo", "dapo"])
+def test_grpo_clip_higher_equals_trls_epsilon_high(loss_type):
+    """TRL 1.16's `_compute_loss` with `epsilon=0.2, epsilon_high=0.28` (DAPO's clip-higher), written out: coef_2 =
+    clamp(coef_1, 1 - eps_low, 1 + eps_high) per token, -min(coef_1 A, coef_2 A) + beta k3, aggregated by
+    `loss_type` (dapo: over the batch's tokens). Log-ratios up to +-0.4, so both bounds bind somewhere: the same loss
+    and gradient, and a different one from the symmetric clip."""
+    torch.manual_seed(1)
+    logp, ref = torch.randn(4, 5) * 0.3, torch.randn(4, 5) * 0.3
+    old = logp - (torch.rand(4, 5) - 0.5) * 0.8
+    mask = torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1], [1, 0, 0, 0, 0], [1, 1, 1, 1, 0]], dtype=torch.float32)
+    rewards = torch.tensor([1.0, 0.0, 0.5, 2.0])
+    batch = make_input(logp.tolist(), old.tolist(), ref.tolist(), rewards.tolist(), mask=mask.tolist(),
+                       tokens_per_rank=float(mask.sum()))
+    value, g = grad(GRPO(k=2, kl_coef=0.04, loss_type=loss_type, clip_eps_high=0.28), batch)
+    _, symmetric = grad(GRPO(k=2, kl_coef=0.04, loss_type=loss_type), batch)
+
+    theirs = logp.clone().requires_grad_(True)
+    adv = group_normalized_advantages(rewards, 2)[:, None]
+    coef_1 = torch.exp(theirs - old)
+    coef_2 = torch.clamp(coef_1, 1 - 0.2, 1 + 0.28)
+    kl = torch.exp(ref - theirs) - (ref - theirs) - 1
+    per_token = -torch.min(coef_1 * adv, coef_2 * adv) + 0.04 * kl
+    if loss_type == "grpo":
+        loss = ((per_token * mask).sum(-1) / mask.sum(-1).clamp(min=1.0)).mean()
+    else:
+        loss = (per_token * mask).sum() / mask.sum().clamp(min=1.0)
+    loss.backward()
+    assert value.item() == pytest.approx(loss.item(), abs=1e-6)
+    assert torch.allclose(g, theirs.grad, atol=1e-6) and not torch.allclose(g, symmetric, atol=1e-4)
+
+
+def test_clip_higher_in_rloo_ppo_and_p3o_v1_lets_a_good_response_rise_further():
+    """One response with A > 0 at ratio 1.25: clip 0.2 stops it (gradient 0), clip_eps_high 0.28 does not (RLOO:
+    -A rho / N; P3O-V1's first response of a pair with Delta = 1, partner at ratio 1: -1/2 Delta rho); P3O-V2 and
+    values <= 0 are refused in one line."""
+    up = math.log(1.25)
+    for high, expected in [(None, 0.0), (0.28, -1.25 / 2)]:
+        _, g = grad(RLOO(k=2, kl_coef=0.0, clip_eps_high=high), make_input([up, 0.0], [0.0, 0.0], [0.0, 0.0], [1.0, 0.0]))
+        assert g.view(-1)[0].item() == pytest.approx(expected, abs=1e-6)       # A = 1 - 0 = 1, mean over 2 rows
+        _, g = grad(P3O(variant="v1", kl_coef=0.0, clip_eps_high=high),
+                    make_input([up, 0.0], [0.0, 0.0], [0.0, 0.0], [1.0, 0.0]))
+        assert g.view(-1)[0].item() == pytest.approx(expected, abs=1e-6)
+    with pytest.raises(ValueError, match=r"P3O: clip_eps_high=0.28 with variant v2; v2 clips the pair's relative"):
+        P3O(clip_eps_high=0.28)
+    for make in (RLOO, GRPO, PPO):
+        with pytest.raises(ValueError, match=r"clip_eps_high=0; expected > 0"):
+            make(clip_eps_high=0)
+
+
 # 6. P3O avg_tokenwise: the summed pair loss over response tokens.
 
 def test_p3o_avg_tokenwise():

@@ -169,3 +169,19 @@ def test_token_logprobs_and_entropy_is_token_logprobs_with_the_entropy_of_the_sa
     assert torch.equal(logp, F.token_logprobs(logits, labels, 0.7))
     p = torch.softmax(logits / 0.7, -1)
     assert torch.allclose(entropy, -(p * p.log()).sum(-1), atol=1e-5)
+
+
+def test_clipped_surrogate_clip_higher_literal_example():
+    """The docstring's example: A = 1, rho = 1.25: eps 0.2 gives 1.2 with gradient 0 (clipped), eps_high 0.28 gives
+    1.25 with gradient d(rho A)/d(log rho) = 1.25; A = -1, rho = 0.75: -0.8 either way (the lower bound). The clip
+    fraction counts ratios outside [1 - eps, 1 + eps_high]."""
+    for eps_high, value, gradient in [(None, 1.2, 0.0), (0.28, 1.25, 1.25)]:
+        log_ratio = torch.tensor(math.log(1.25), requires_grad=True)
+        out = F.clipped_surrogate(log_ratio, torch.tensor(1.0), 0.2, eps_high=eps_high)
+        out.backward()
+        assert out.item() == pytest.approx(value) and log_ratio.grad.item() == pytest.approx(gradient)
+        low = F.clipped_surrogate(torch.tensor(math.log(0.75)), torch.tensor(-1.0), 0.2, eps_high=eps_high)
+        assert low.item() == pytest.approx(-0.8)
+    ratios = torch.tensor([0.75, 0.9, 1.1, 1.25, 1.3])
+    assert F.clip_fraction(ratios, 0.2).item() == pytest.approx(3 / 5)
+    assert F.clip_fraction(ratios, 0.2, eps_high=0.28).item() == pytest.approx(2 / 5)

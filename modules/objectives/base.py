@@ -40,10 +40,14 @@ class Objective(nn.Module):
         raise NotImplementedError
 
 
-def check_clipping(name: str, clip_eps: float, dual_clip: float | None = None) -> None:
-    """The ratio clip of the PPO-style objectives: `clip_eps` > 0, and `dual_clip` (Ye et al.'s c) > 1 when set."""
+def check_clipping(name: str, clip_eps: float, dual_clip: float | None = None, clip_eps_high: float | None = None) -> None:
+    """The ratio clip of the PPO-style objectives: `clip_eps` > 0, `clip_eps_high` > 0 when set, and `dual_clip`
+    (Ye et al.'s c) > 1 when set."""
     if not clip_eps > 0:
         raise ValueError(f"{name}: clip_eps={clip_eps}; expected > 0")
+    if clip_eps_high is not None and not clip_eps_high > 0:
+        raise ValueError(f"{name}: clip_eps_high={clip_eps_high}; expected > 0 (DAPO uses 0.28 with clip_eps 0.2), or "
+                         "null for clip_eps")
     if dual_clip is not None and not dual_clip > 1:
         raise ValueError(f"{name}: dual_clip={dual_clip}; expected > 1, or null (off)")
 

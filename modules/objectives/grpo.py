@@ -81,6 +81,8 @@ class GRPO(Objective):
             response, the exp of its tokens' mean log-ratio).
         kl_in_reward: subtract beta times the rollout's sequence KL from each reward before the advantages, instead
             of the k3 KL term in the loss (veRL's use_kl_in_reward).
+        clip_eps_high: the upper clip bound, 1 + clip_eps_high (DAPO's clip-higher, TRL's `epsilon_high`; DAPO uses
+            0.28 with clip_eps 0.2). None: clip_eps.
     """
 
     separable_groups = True        # per-token terms over the minibatch's rows or tokens
@@ -88,7 +90,8 @@ class GRPO(Objective):
     def __init__(self, k: int = 4, kl_coef: float = 0.04, clip_eps: float = 0.2,
                  loss_type: Literal["grpo", "bnpo", "dr_grpo", "dapo"] = "grpo",
                  scale_rewards: Literal["group", "batch", "none"] = "group", dual_clip: float | None = None,
-                 importance_sampling_level: Literal["token", "sequence"] = "token", kl_in_reward: bool = False):
+                 importance_sampling_level: Literal["token", "sequence"] = "token", kl_in_reward: bool = False,
+                 clip_eps_high: float | None = None):
         super().__init__()
         if importance_sampling_level not in ("token", "sequence"):
             raise ValueError(f"GRPO: importance_sampling_level must be 'token' or 'sequence', got "
@@ -99,10 +102,11 @@ class GRPO(Objective):
             raise ValueError(f"GRPO: loss_type must be one of {LOSS_TYPES}, got {loss_type!r}")
         if scale_rewards not in SCALE_REWARDS:
             raise ValueError(f"GRPO: scale_rewards must be one of {SCALE_REWARDS}, got {scale_rewards!r}")
-        check_clipping("GRPO", clip_eps, dual_clip)
+        check_clipping("GRPO", clip_eps, dual_clip, clip_eps_high)
         self.responses_per_prompt, self.kl_coef, self.clip_eps = k, kl_coef, clip_eps
         self.loss_type, self.scale_rewards, self.dual_clip = loss_type, scale_rewards, dual_clip
         self.importance_sampling_level, self.kl_in_reward = importance_sampling_level, kl_in_reward
+        self.clip_eps_high = clip_eps_high
 
     @torch.no_grad()
     def prepare(self, batch: ObjectiveInput) -> dict[str, torch.Tensor]:
@@ -117,7 +121,7 @@ class GRPO(Objective):
         if self.importance_sampling_level == "sequence":          # GSPO: each response's mean log-ratio, per token
             per_response = F.masked_sum(log_ratio, batch.mask, -1) / batch.mask.sum(-1).clamp(min=1)   # (N,)
             log_ratio = per_response[:, None].expand_as(log_ratio)
-        surrogate = F.clipped_surrogate(log_ratio, adv, self.clip_eps, self.dual_clip)      # (N, L)
+        surrogate = F.clipped_surrogate(log_ratio, adv, self.clip_eps, self.dual_clip, self.clip_eps_high)   # (N, L)
         kl = F.kl_penalty(batch.logp, batch.ref_logp, "k3")                                 # (N, L)
         beta = 0.0 if self.kl_in_reward else self.kl_coef                                  # (else in the reward)
         per_token = -(surrogate * batch.token_weights() - beta * kl)                    # TRL: IS weights the PG term
@@ -125,6 +129,6 @@ class GRPO(Objective):
         loss = aggregate(per_token, mask, self.loss_type, batch.max_new_tokens, batch.tokens_per_rank)
         ratio = log_ratio.detach().exp()
         return ObjectiveOutput(loss, {
-            "loss": loss.detach(), "clipfrac": F.clip_fraction(ratio, self.clip_eps, mask),
+            "loss": loss.detach(), "clipfrac": F.clip_fraction(ratio, self.clip_eps, mask, self.clip_eps_high),
             "ratio_mean": F.masked_mean(ratio, mask), "kl_ref": F.masked_mean(kl.detach(), mask),
         })

@@ -58,17 +58,20 @@ def group_pairs(n: int, k: int, device=None) -> tuple[torch.Tensor, torch.Tensor
     return (offsets + first).flatten(), (offsets + second).flatten()
 
 
-def p3o_v1_terms(delta, log_rho1, log_rho2, eps: float, cap: float) -> tuple[torch.Tensor, torch.Tensor]:
+def p3o_v1_terms(delta, log_rho1, log_rho2, eps: float, cap: float,
+                 eps_high: float | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-pair J_V1 (P,) and clipped fraction (P,). All inputs (P,); `delta` detached.
 
-    J_V1 = 1/2 [min(D c2 rho1, D c2 clip(rho1)) + min(-D c1 rho2, -D c1 clip(rho2))], c_i = sg[clamp(rho_i, 1/R, R)].
+    J_V1 = 1/2 [min(D c2 rho1, D c2 clip(rho1)) + min(-D c1 rho2, -D c1 clip(rho2))], c_i = sg[clamp(rho_i, 1/R, R)],
+    clip to [1 - eps, 1 + eps_high] (eps_high None: eps; `functional.clipped_surrogate`).
     """
     log_cap = math.log(cap)
     c1 = log_rho1.detach().clamp(-log_cap, log_cap).exp()
     c2 = log_rho2.detach().clamp(-log_cap, log_cap).exp()
-    term1 = F.clipped_surrogate(log_rho1, delta * c2, eps)
-    term2 = F.clipped_surrogate(log_rho2, -delta * c1, eps)
-    clipped = ((log_rho1.detach().exp() - 1).abs() > eps).float() + ((log_rho2.detach().exp() - 1).abs() > eps).float()
+    term1 = F.clipped_surrogate(log_rho1, delta * c2, eps, eps_high=eps_high)
+    term2 = F.clipped_surrogate(log_rho2, -delta * c1, eps, eps_high=eps_high)
+    high = eps if eps_high is None else eps_high
+    clipped = sum(((r.detach().exp() < 1 - eps) | (r.detach().exp() > 1 + high)).float() for r in (log_rho1, log_rho2))
     return 0.5 * (term1 + term2), clipped / 2
 
 
@@ -96,22 +99,31 @@ class P3O(Objective):
         avg_tokenwise: normalise the summed pair loss by response tokens instead of averaging over pairs.
         kl_in_loss: beta times the mean sequence k3 KL to the reference in the loss instead of the KL-shaped reward
             difference (not the paper's; see the module docstring).
+        clip_eps_high: v1 only: each ratio clipped to [1 - clip_eps, 1 + clip_eps_high] (DAPO's clip-higher, TRL's
+            `epsilon_high`); None: clip_eps. v2 clips the pair's relative logprob, where only the bound in the
+            reward difference's direction is ever active: a larger clip_eps is all clip-higher could mean there.
     """
 
     separable_groups = True        # each group's pairs over the minibatch's pair (or token) count
 
     def __init__(self, variant: Literal["v1", "v2"] = "v2", clip_eps: float = 0.2, kl_coef: float = 0.05,
                  is_cap: float = 10.0, k: int = 2, reward_clip: float | None = None, scale_q: bool = False,
-                 avg_tokenwise: bool = False, kl_in_loss: bool = False):
+                 avg_tokenwise: bool = False, kl_in_loss: bool = False, clip_eps_high: float | None = None):
         super().__init__()
         if variant not in ("v1", "v2"):
             raise ValueError(f"P3O: variant must be 'v1' or 'v2', got {variant!r}")
         if k < 2:
             raise ValueError(f"P3O: k must be >= 2 responses per prompt, got {k}")
-        check_clipping("P3O", clip_eps)
+        check_clipping("P3O", clip_eps, clip_eps_high=clip_eps_high)
+        if clip_eps_high is not None and variant == "v2":
+            raise ValueError(f"P3O: clip_eps_high={clip_eps_high} with variant v2; v2 clips the pair's relative "
+                             "logprob, where only the bound in the reward difference's direction is active: set "
+                             "clip_eps, or use variant: v1 (each response's ratio clipped to [1 - clip_eps, "
+                             "1 + clip_eps_high])")
         if not is_cap > 0:
             raise ValueError(f"P3O: is_cap={is_cap}; expected > 0")
         self.variant, self.clip_eps, self.kl_coef, self.is_cap = variant, clip_eps, kl_coef, is_cap
+        self.clip_eps_high = clip_eps_high
         self.responses_per_prompt, self.reward_clip = k, reward_clip
         self.scale_q, self.avg_tokenwise, self.kl_in_loss = scale_q, avg_tokenwise, kl_in_loss
         self.reward_stats = RunningMoments()
@@ -156,7 +168,8 @@ class P3O(Objective):
             kl = logp.detach() - ref
             delta = self.pair_differences(batch, i, j) - beta * (kl[i] - kl[j])
         if self.variant == "v1":
-            objective, clipped = p3o_v1_terms(delta, logp[i] - old[i], logp[j] - old[j], self.clip_eps, self.is_cap)
+            objective, clipped = p3o_v1_terms(delta, logp[i] - old[i], logp[j] - old[j], self.clip_eps, self.is_cap,
+                                              self.clip_eps_high)
         else:
             objective, clipped = p3o_v2_terms(delta, logp[i], logp[j], old[i], old[j], self.clip_eps, self.is_cap)
         weight = batch.sequence_weights()                                  # (N,) or 1.0: engine mismatch correction

@@ -66,6 +66,8 @@ class PPO(Objective):
         target_kl: adaptive KL controller's target KL per response (None: fixed beta).
         kl_horizon: the adaptive controller's horizon in responses (Ziegler et al.).
         dual_clip: c > 1 bounds the surrogate of negative advantages below by c * A (None: off).
+        clip_eps_high: the upper clip bound, 1 + clip_eps_high (DAPO's clip-higher, TRL's `epsilon_high`; DAPO uses
+            0.28 with clip_eps 0.2). None: clip_eps.
     """
 
     needs_values = True
@@ -74,17 +76,18 @@ class PPO(Objective):
     def __init__(self, kl_coef: float = 0.05, kl_estimator: Literal["k1", "k2", "k3"] = "k1", gamma: float = 1.0,
                  lam: float = 0.95,
                  clip_eps: float = 0.2, value_clip: float = 0.2, vf_coef: float = 0.1, whiten_advantages: bool = True,
-                 target_kl: float | None = None, kl_horizon: int = 10000, dual_clip: float | None = None):
+                 target_kl: float | None = None, kl_horizon: int = 10000, dual_clip: float | None = None,
+                 clip_eps_high: float | None = None):
         super().__init__()
         if kl_estimator not in ("k1", "k2", "k3"):
             raise ValueError(f"PPO: kl_estimator={kl_estimator!r}; expected 'k1', 'k2' or 'k3'")
         if not (0 <= gamma <= 1 and 0 <= lam <= 1):
             raise ValueError(f"PPO: gamma={gamma}, lam={lam}; expected both in [0, 1]")
-        check_clipping("PPO", clip_eps, dual_clip)
+        check_clipping("PPO", clip_eps, dual_clip, clip_eps_high)
         self.kl_estimator, self.gamma, self.lam = kl_estimator, gamma, lam
         self.clip_eps, self.value_clip, self.vf_coef = clip_eps, value_clip, vf_coef
         self.whiten_advantages, self.target_kl, self.kl_horizon = whiten_advantages, target_kl, kl_horizon
-        self.dual_clip = dual_clip
+        self.dual_clip, self.clip_eps_high = dual_clip, clip_eps_high
         self.register_buffer("kl_coef", torch.tensor(float(kl_coef)))   # adaptive: checkpointed with the run
 
     def token_rewards(self, batch: ObjectiveInput) -> torch.Tensor:
@@ -108,7 +111,7 @@ class PPO(Objective):
     def forward(self, batch: ObjectiveInput) -> ObjectiveOutput:
         adv, returns, mask = batch.extra["advantages"], batch.extra["returns"], batch.loss_mask()
         log_ratio = batch.logp - batch.old_logp                                         # (N, L)
-        pg = -F.clipped_surrogate(log_ratio, adv, self.clip_eps, self.dual_clip) * batch.token_weights()
+        pg = -F.clipped_surrogate(log_ratio, adv, self.clip_eps, self.dual_clip, self.clip_eps_high) * batch.token_weights()
         ratio = log_ratio.detach().exp()
         v, v_old = batch.values, batch.old_values
         v_clipped = v_old + (v - v_old).clamp(-self.value_clip, self.value_clip)
@@ -117,7 +120,7 @@ class PPO(Objective):
         loss = pg_loss + self.vf_coef * vf_loss
         return ObjectiveOutput(loss, {
             "loss": loss.detach(), "pg_loss": pg_loss.detach(), "vf_loss": vf_loss.detach(),
-            "clipfrac": F.clip_fraction(ratio, self.clip_eps, mask),
+            "clipfrac": F.clip_fraction(ratio, self.clip_eps, mask, self.clip_eps_high),
             "ratio_mean": F.masked_mean(ratio, mask), "kl_coef": self.kl_coef.detach().clone(),
             "value_mean": F.masked_mean(v.detach(), mask),
         })

@@ -36,17 +36,19 @@ class RLOO(Objective):
         clip_eps: PPO clip range of the sequence ratio (for reuse over several epochs).
         kl_on_current_policy: shape with the current policy's detached logp, every minibatch, instead of the rollout's.
         dual_clip: c > 1 bounds the surrogate of negative advantages below by c * A (None: off).
+        clip_eps_high: the upper clip bound, 1 + clip_eps_high (DAPO's clip-higher, TRL's `epsilon_high`; DAPO uses
+            0.28 with clip_eps 0.2). None: clip_eps.
     """
 
     separable_groups = True        # per-row terms (baselines within the group) over the row count
 
     def __init__(self, k: int = 2, kl_coef: float = 0.05, clip_eps: float = 0.2, kl_on_current_policy: bool = False,
-                 dual_clip: float | None = None):
+                 dual_clip: float | None = None, clip_eps_high: float | None = None):
         super().__init__()
         if k < 2:
             raise ValueError(f"RLOO needs k >= 2 responses per prompt, got {k}")
-        check_clipping("RLOO", clip_eps, dual_clip)
-        self.responses_per_prompt, self.kl_coef, self.clip_eps = k, kl_coef, clip_eps
+        check_clipping("RLOO", clip_eps, dual_clip, clip_eps_high)
+        self.responses_per_prompt, self.kl_coef, self.clip_eps, self.clip_eps_high = k, kl_coef, clip_eps, clip_eps_high
         self.kl_on_current_policy, self.dual_clip = kl_on_current_policy, dual_clip
 
     def advantages(self, rewards: torch.Tensor, logp: torch.Tensor, ref: torch.Tensor, k: int) -> torch.Tensor:
@@ -67,10 +69,10 @@ class RLOO(Objective):
             adv = self.advantages(batch.rewards, logp.detach(), ref, batch.group_size)
         else:
             adv = batch.extra["advantages"]                                 # (N,) from the rollout
-        surrogate = F.clipped_surrogate(logp - old, adv, self.clip_eps, self.dual_clip)
+        surrogate = F.clipped_surrogate(logp - old, adv, self.clip_eps, self.dual_clip, self.clip_eps_high)
         loss = -(surrogate * batch.sequence_weights()).mean()
         ratio = (logp - old).detach().exp()
         return ObjectiveOutput(loss, {
-            "loss": loss.detach(), "clipfrac": F.clip_fraction(ratio, self.clip_eps),
+            "loss": loss.detach(), "clipfrac": F.clip_fraction(ratio, self.clip_eps, eps_high=self.clip_eps_high),
             "ratio_mean": ratio.mean(), "advantage_abs": adv.abs().mean(), "kl_ref": (logp.detach() - ref).mean(),
         })
