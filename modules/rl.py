@@ -150,6 +150,7 @@ class RLModule(TrainedOnlyCheckpoints, L.LightningModule):
         self.missing_eos_penalty, self.seed, self.value_spec = missing_eos_penalty, seed, value_model
         self.nonfinite_reward, self.mask_truncated = nonfinite_reward, mask_truncated
         self._order_warned = False      # a judge whose two orders disagree is reported once per run
+        self._cut_off_warned = False    # so is a rollout that mask_truncated leaves nothing to train on
         if max_grad_norm is not None and not max_grad_norm > 0:     # (0 would zero every gradient, < 0 flip them)
             raise ValueError(f"RLModule: max_grad_norm={max_grad_norm}; expected > 0, or null for no clipping")
         if micro_batch_tokens is not None and micro_batch_tokens < 1:
@@ -383,6 +384,8 @@ class RLModule(TrainedOnlyCheckpoints, L.LightningModule):
         if self.rollout is None:
             raise ConfigError("RLModule has no rollout: add callbacks.rollout.OnPolicyRollout to trainer.callbacks")
         roll, self.rollout = self.rollout, None
+        if self.mask_truncated:
+            self.warn_if_all_cut_off(roll)
         t0, sums, updates = time.perf_counter(), defaultdict(float), 0
         extra = self.objective.prepare(self.objective_input(roll, roll.old_logp, {}))
         for epoch in range(self.epochs):
@@ -403,6 +406,17 @@ class RLModule(TrainedOnlyCheckpoints, L.LightningModule):
         reward = metrics.pop("train/reward")
         self.log_dict(metrics, sync_dist=True, batch_size=len(batch))
         self.log("train/reward", reward, prog_bar=True, sync_dist=True, batch_size=len(batch))
+
+    def warn_if_all_cut_off(self, roll: Rollout) -> None:
+        """With `mask_truncated`, a rollout whose every response (on every process) was cut off trains on nothing:
+        said once per run, by the first process, instead of a run that silently stands still."""
+        ended = self.over_ranks([float(roll.has_eos.sum())])[0]
+        if ended == 0 and not self._cut_off_warned and self.global_rank == 0:
+            self._cut_off_warned = True
+            log.warning("mask_truncated: every response of rollout %d reached sampling.max_new_tokens=%d before EOS, "
+                        "so none carries a loss and the policy does not learn from it (train/eos_rate); raise "
+                        "max_new_tokens, or train a while without mask_truncated", self.global_step,
+                        self.sampling.max_new_tokens)
 
     def update(self, sub: Rollout, extra: dict, where: str, first: bool = False) -> dict[str, torch.Tensor]:
         """One optimizer step on a minibatch; stops before the step if the loss or the gradient is not finite.

@@ -227,3 +227,18 @@ def test_a_run_that_masks_cut_off_responses_and_penalises_length_end_to_end(tmp_
     assert -1.0 <= evaluation(cli).history[-1]["val/gold_reward"] <= 0.0
     initial = build_causal_lm(BackboneSpec(pretrained=sft_dir), cli.model.tokenizer).state_dict()
     assert any(not torch.equal(v, initial[k]) for k, v in cli.model.policy.state_dict().items())
+
+
+def test_a_rollout_cut_off_everywhere_is_said_once(sft_dir, tokenizer, caplog):
+    """With `mask_truncated`, a rollout whose every response hit the limit trains on nothing: one warning per run
+    (not one per rollout), none when a response ended."""
+    module, roll = module_with_truncated(sft_dir, tokenizer, "p3o-k2")
+    module.mask_truncated = True
+    with caplog.at_level("WARNING", logger="modules.rl"):
+        module.warn_if_all_cut_off(roll)
+        assert not caplog.records
+        roll.has_eos = torch.zeros(len(roll), dtype=torch.bool)
+        module.warn_if_all_cut_off(roll)
+        module.warn_if_all_cut_off(roll)
+    assert len(caplog.records) == 1
+    assert "mask_truncated: every response of rollout 0 reached sampling.max_new_tokens=8 before EOS" in caplog.text
