@@ -28,9 +28,9 @@ from lightning.pytorch.utilities import rank_zero_only
 
 from callbacks.checkpoint import finish_checkpoints, interrupted
 from callbacks.sharding import outside_forward
-from datamodules.collate import PairCollator, encode_response
+from datamodules.collate import PairCollator, encode_response, prompt_text
 from modules import functional as F
-from modules.checks import ConfigError, check_positions
+from modules.checks import ConfigError, check_positions, import_object
 from modules.judges import both_orders, win_rate
 from modules.rewards import FrozenModel, as_numbers, awaited, call_text_reward, check_fields, is_pairwise
 from modules.sampling import SamplingConfig, sample
@@ -70,6 +70,7 @@ class Evaluation(L.Callback):
         if show < 0 or (every_n_batches or 0) < 0:
             raise ValueError(f"Evaluation: show={show}, every_n_batches={every_n_batches}; expected >= 0 (every_n_batches "
                              "0 or null: only at the end)")
+        reward, judge = (_named(value, name) for name, value in (("reward", reward), ("judge", judge)))
         self.reward, self.num_prompts, self.every_n_batches, self.seed = reward, num_prompts, every_n_batches, seed
         self.judge = judge
         self.sampling, self.show, self.batch_size = sampling, show, batch_size
@@ -240,7 +241,7 @@ class Evaluation(L.Callback):
         when = f"after {step} batches" if trainer.state.fn == TrainerFn.FITTING else trainer.state.fn.value
         print(f"[eval {when}] {table}")
         for prompt, response, value in rows:
-            print(f"  {value:+.3f}  {prompt} -> {response}")
+            print(f"  {value:+.3f}  {prompt_text(prompt)} -> {response}")
 
 
 def batches_done(trainer: L.Trainer) -> int:
@@ -275,12 +276,28 @@ def write_frontier_csv(path: str, history: list[dict]) -> None:
         writer.writerows(history)
 
 
+def _named(value, name: str):
+    """A reward or judge given by its import path (`reward: myrewards.correct`, a function): the object it names, as
+    the RL module's typed `reward` resolves one; a path that does not import, or names something that is not
+    callable, is a `ConfigError` naming the field. Anything else as given."""
+    if not isinstance(value, str):
+        return value
+    try:
+        found = import_object(value)
+    except (ImportError, AttributeError, ValueError) as error:
+        raise ConfigError(f"Evaluation: {name}={value!r} does not import ({error}); expected the import path of a "
+                          "function, or {class_path: ..., init_args: ...} for a class") from None
+    if not callable(found):
+        raise ConfigError(f"Evaluation: {name}={value!r} is a {type(found).__name__}, not callable")
+    return found
+
+
 def _log_text_and_figure(logger, rows, history, step) -> None:
     experiment = getattr(logger, "experiment", None)
     if experiment is None or not hasattr(experiment, "add_text"):
         return
     lines = ["| reward | prompt | response |", "|---|---|---|"]
-    lines += [f"| {v:+.3f} | {p} | {r} |" for p, r, v in rows]
+    lines += [f"| {v:+.3f} | {prompt_text(p)} | {r} |" for p, r, v in rows]
     experiment.add_text("val/samples", "\n".join(lines), step)
     points = [(h["val/kl"], h.get("val/gold_reward", h.get("val/reward"))) for h in history if "val/kl" in h]
     if not points:

@@ -23,7 +23,7 @@ class PairBatch:
 
     prompt_ids: torch.Tensor      # (B, P) left-padded prompts, ready for generation
     prompt_mask: torch.Tensor     # (B, P)
-    prompts: list[str] = field(default_factory=list)  # the prompt texts (B,)
+    prompts: list = field(default_factory=list)  # each prompt (B,): its text, or its conversation (messages)
     chosen: Sequences | None = None
     rejected: Sequences | None = None
     chosen_text: list[str] = field(default_factory=list)

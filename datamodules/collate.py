@@ -1,8 +1,10 @@
 """The one tokenization and collation path: prompt/response boundaries, truncation, padding and masks.
 
 Prompts go through the tokenizer's chat template when it has one (a single user turn plus the generation
-prompt); otherwise they are encoded as plain text. A response is encoded without special tokens and followed
-by EOS, so prompt + response concatenate at the token level with no boundary effects.
+prompt); otherwise they are encoded as plain text. A prompt may also be a conversation, TRL's conversational
+format: a list of `{role, content}` messages (a system turn, earlier turns), which goes through the chat template
+as it is. A response is encoded without special tokens and followed by EOS, so prompt + response concatenate at
+the token level with no boundary effects.
 """
 from __future__ import annotations
 
@@ -11,12 +13,36 @@ import torch
 from datamodules.batch import PairBatch, Sequences
 
 
-def encode_prompt(tokenizer, text: str) -> list[int]:
-    if getattr(tokenizer, "chat_template", None):
-        ids = tokenizer.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True,
-                                            tokenize=True)
-        return list(ids["input_ids"] if hasattr(ids, "keys") else ids)
-    return tokenizer(text, add_special_tokens=True)["input_ids"]
+class NoChatTemplate(ValueError):
+    """A conversation given to a tokenizer without a chat template."""
+
+
+def encode_prompt(tokenizer, prompt: str | list[dict]) -> list[int]:
+    """Prompt ids ending with the generation prompt: a text as one user turn through the chat template (plain text
+    without one), a conversation (a list of `{role, content}` messages) through the chat template as it is
+    (`NoChatTemplate` without one)."""
+    template = getattr(tokenizer, "chat_template", None)
+    if isinstance(prompt, list):
+        if not template:
+            raise NoChatTemplate("a conversation (a list of messages) needs a tokenizer with a chat template, and "
+                                 f"{getattr(tokenizer, 'name_or_path', 'this tokenizer')!r} has none")
+        messages = prompt
+    elif template:
+        messages = [{"role": "user", "content": prompt}]
+    else:
+        return tokenizer(prompt, add_special_tokens=True)["input_ids"]
+    ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+    return list(ids["input_ids"] if hasattr(ids, "keys") else ids)
+
+
+def prompt_text(prompt: str | list[dict]) -> str:
+    """A prompt as text, for display and text templates (an LLM judge's question): itself, or a conversation's
+    messages one per line as `role: content`.
+
+    Example: [{role: system, content: "Be brief."}, {role: user, content: "Hi"}] -> "system: Be brief.\nuser: Hi"."""
+    if isinstance(prompt, list):
+        return "\n".join(f"{m['role']}: {m['content']}" for m in prompt)
+    return prompt
 
 
 def encode_response(tokenizer, text: str, eos: bool = True) -> list[int]:

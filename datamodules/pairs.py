@@ -9,7 +9,7 @@ from __future__ import annotations
 import lightning as L
 from torch.utils.data import DataLoader, DistributedSampler
 
-from datamodules.collate import PairCollator, encode_prompt, encode_response
+from datamodules.collate import NoChatTemplate, PairCollator, encode_prompt, encode_response
 from datamodules.sources import FIELDS, DataError, FieldMap, Source, validate_records, warn
 
 
@@ -128,7 +128,11 @@ class PairDataModule(L.LightningDataModule):
 
     def encode(self, rec: dict, index: int, origin: str) -> dict | None:
         """Token ids of one record; a prompt that leaves no room for a response is a bad record."""
-        prompt_ids = encode_prompt(self.tokenizer, rec["prompt"])
+        try:
+            prompt_ids = encode_prompt(self.tokenizer, rec["prompt"])
+        except NoChatTemplate as error:
+            raise DataError(f"{origin}: record {index}: field {self.fields.prompt!r}: {error}; use a tokenizer that "
+                            "has one (data tokenizer), or give prompts as text") from None
         budget = min(self.max_prompt_length, self.max_length - 1)
         if len(prompt_ids) > budget:
             message = (f"{origin}: record {index}: field {self.fields.prompt!r}: {len(prompt_ids)} tokens leave no "

@@ -209,7 +209,7 @@ def validate_records(rows: list, origin: str, fields: FieldMap, need: tuple[str,
     for index, row in enumerate(rows, start=first):
         problem = _problem(row, fields, need) or _missing(row, required)
         if problem is None:
-            rec = {key: row[getattr(fields, key)] for key in need}
+            rec = {key: _value(row[getattr(fields, key)], key != "prompt") for key in need}
             if keep:
                 rec["fields"] = {name: row.get(name) for name in keep}
             out.append((index, rec))
@@ -254,13 +254,43 @@ def _problem(row, fields: FieldMap, need: tuple[str, ...]) -> tuple[str, str] | 
                           f"fields: {{prompt: ..., chosen: ..., rejected: ...}})")
         if row[name] is None:
             return name, "null; expected a string"
+        if isinstance(row[name], list):             # TRL's conversational format
+            problem = _conversation_problem(row[name], response=key != "prompt")
+            if problem:
+                return name, problem
+            continue
         if not isinstance(row[name], str):
-            return name, f"expected a string, got {type(row[name]).__name__}"
+            what = "a string or a list of messages" if key == "prompt" else "a string or one assistant message"
+            return name, f"expected {what}, got {type(row[name]).__name__}"
         if not row[name].strip():
             return name, "empty"
     if "chosen" in need and "rejected" in need and row[fields.chosen] == row[fields.rejected]:
         return fields.rejected, "identical to 'chosen'"
     return None
+
+
+def _conversation_problem(messages: list, response: bool) -> str | None:
+    """What is wrong with a field in TRL's conversational format, or None: a prompt is a non-empty list of
+    `{role, content}` messages with text content; a response (chosen, rejected) is one message of role assistant."""
+    if response and (len(messages) != 1 or not isinstance(messages[0], dict) or messages[0].get("role") != "assistant"):
+        return (f"a list of {len(messages)} items; expected a string, or one message {{role: assistant, content: ...}} "
+                "(TRL's conversational format)")
+    if not messages:
+        return "an empty list of messages"
+    for i, message in enumerate(messages):
+        if not isinstance(message, dict) or not isinstance(message.get("role"), str) or not message["role"]:
+            return f"message {i}: expected {{role: <text>, content: <text>}}, got {message!r:.80}"
+        if not isinstance(message.get("content"), str):
+            return (f"message {i} ({message['role']}): content: expected text, got "
+                    f"{type(message.get('content')).__name__} (text-only messages)")
+    if not messages[-1]["content"].strip():
+        return f"message {len(messages) - 1} ({messages[-1]['role']}): empty"
+    return None
+
+
+def _value(value, response: bool):
+    """A field's value as the stages use it: a response given as one assistant message becomes its text."""
+    return value[0]["content"] if response and isinstance(value, list) else value
 
 
 def _missing(row: dict, keep: tuple[str, ...]) -> tuple[str, str] | None:

@@ -24,7 +24,7 @@ class Rollout:
     response_mask: torch.Tensor    # (N, L) 1 up to and including the first EOS
     prompt_length: int             # P: response token l sits at column P + l
     group_size: int                # K responses per prompt; N = num_prompts * K
-    prompts: list[str]             # (N,) prompt text of each row
+    prompts: list                  # (N,) each row's prompt: its text, or its conversation (a list of messages)
     responses: list[str]           # (N,) decoded response text (truncated after EOS)
     has_eos: torch.Tensor          # (N,) bool
     rewards: torch.Tensor | None = None      # (N,) reward used for training (penalties included)

@@ -102,13 +102,13 @@ class LLMJudge(FrozenModel, PairwiseReward):
 
     @torch.no_grad()
     def __call__(self, prompts: list[str], responses_a: list[str], responses_b: list[str]) -> list[float]:
-        from datamodules.collate import encode_prompt, pad
+        from datamodules.collate import encode_prompt, pad, prompt_text
         from modules.forward import lm_logits
 
         device = next(self.model.parameters()).device
 
         def forward(a: int, b: int) -> list[float]:
-            questions = [encode_prompt(self.tokenizer, self.template.format(prompt=prompts[j], a=responses_a[j],
+            questions = [encode_prompt(self.tokenizer, self.template.format(prompt=prompt_text(prompts[j]), a=responses_a[j],
                                                                             b=responses_b[j])) for j in range(a, b)]
             ids, mask = pad(questions, self.tokenizer.pad_token_id, "left")
             self.check_length(ids.shape[1], "a question (the template with the prompt and both responses)")

@@ -258,10 +258,23 @@ def raw_values(reward, rollout: Rollout, tokenizer, parts: list[torch.Tensor] | 
     token-level reward's tensor, over `parts` (`score`)."""
     if not hasattr(reward, "score"):
         return call_text_reward(reward, rollout.prompts, rollout.responses, rollout.fields, rollout.completion_ids)
-    if parts is None or len(parts) == 1:
-        return reward.score(rollout, tokenizer)
-    return torch.cat([as_numbers(reward.score(piece, tokenizer), reward, len(piece))
-                      for piece in (rollout.select(rows) for rows in parts)])
+    with conversations_named(reward):
+        if parts is None or len(parts) == 1:
+            return reward.score(rollout, tokenizer)
+        return torch.cat([as_numbers(reward.score(piece, tokenizer), reward, len(piece))
+                          for piece in (rollout.select(rows) for rows in parts)])
+
+
+@contextlib.contextmanager
+def conversations_named(reward):
+    """A reward model that re-encodes conversational prompts with a tokenizer that has no chat template: one line
+    naming the reward (`datamodules.collate.NoChatTemplate`), not a traceback from inside it."""
+    from datamodules.collate import NoChatTemplate
+
+    try:
+        yield
+    except NoChatTemplate as error:
+        raise RewardError(f"reward {qualified_name(reward)}: {error}") from None
 
 
 _loop: asyncio.AbstractEventLoop | None = None
@@ -449,8 +462,9 @@ def score_pairs(reward, rollout: Rollout, nonfinite: float | None = None) -> tup
     both = not getattr(reward, "antisymmetric", False)
     first, second = (rows_a + rows_b, rows_b + rows_a) if both else (rows_a, rows_b)
     fields = {name: [values[i] for i in first] for name, values in rollout.fields.items()}
-    values = awaited(reward([rollout.prompts[i] for i in first], [rollout.responses[i] for i in first],
-                            [rollout.responses[j] for j in second], **field_kwargs(reward, fields, pairwise=True)))
+    with conversations_named(reward):
+        values = awaited(reward([rollout.prompts[i] for i in first], [rollout.responses[i] for i in first],
+                                [rollout.responses[j] for j in second], **field_kwargs(reward, fields, pairwise=True)))
     name = qualified_name(reward)
     asked = len(first)
     why = f"K = {K} responses per prompt: K (K - 1) / 2 pairs each" + (
@@ -500,6 +514,9 @@ def call_text_reward(reward, prompts: list[str], responses: list[str], fields: d
     (a length penalty such as `modules.verifiable.OverlongPenalty`) and to a TRL-style one with `**kwargs`. A
     reward that requires them where the caller has none (a pairwise reward's scalar reward) is a `RewardError`.
 
+    On conversational data (prompts given as lists of messages) a TRL-style reward gets each completion as TRL
+    gives it there, `[{"role": "assistant", "content": text}]`; any other reward gets texts.
+
     Example: TRL's `def accuracy(completions, answer, **kwargs)` is called as `accuracy(prompts=prompts,
     completions=responses, completion_ids=[...], answer=[...])`."""
     kwargs = field_kwargs(reward, fields)
@@ -516,6 +533,8 @@ def call_text_reward(reward, prompts: list[str], responses: list[str], fields: d
     if not trl_style(reward):
         return reward(prompts, responses, **kwargs)
     takes_prompts = any(p.name == "prompts" or p.kind is inspect.Parameter.VAR_KEYWORD for p in params)
+    if any(isinstance(prompt, list) for prompt in prompts):        # conversational data: TRL's completions
+        responses = [[{"role": "assistant", "content": response}] for response in responses]
     return reward(completions=responses, **({"prompts": prompts} if takes_prompts else {}), **kwargs)
 
 

@@ -29,7 +29,7 @@ def module(path, tokenizer_path, **kw):
 
 @pytest.mark.parametrize("record, field, reason", [
     ({"chosen": "a", "rejected": "b"}, "prompt", "missing"),
-    ({**GOOD, "chosen": 3}, "chosen", "expected a string, got int"),
+    ({**GOOD, "chosen": 3}, "chosen", "expected a string or one assistant message, got int"),
     ({**GOOD, "prompt": "  "}, "prompt", "empty"),
     ({**GOOD, "rejected": ""}, "rejected", "empty"),
     ({**GOOD, "rejected": GOOD["chosen"]}, "rejected", "identical to 'chosen'"),
