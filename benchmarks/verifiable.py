@@ -79,6 +79,14 @@ ARMS["P3O KL in loss, beta 0.025"] = (2, {"class_path": "modules.objectives.p3o.
 # P3O without the KL term in its reward difference (GRPO puts its KL in the loss, as a separate k3 penalty)
 ARMS["P3O kl 0"] = (2, {"class_path": "modules.objectives.p3o.P3O",
                         "init_args": {"variant": "v2", "clip_eps": 0.2, "kl_coef": 0.0, "is_cap": 10.0}})
+# What remains between P3O-V1 and RLOO at K = 2 (at ratio 1 and without KL the same gradient): P3O's KL shaping from
+# the current policy, recomputed every minibatch (RLOO's is the rollout's), and its partner's importance weight
+ARMS["RLOO KL on current policy"] = (2, {"class_path": "modules.objectives.rloo.RLOO",
+                                         "init_args": {"k": 2, "kl_coef": 0.05, "clip_eps": 0.2,
+                                                       "kl_on_current_policy": True}})
+ARMS["P3O-V1 no partner weight"] = (2, {"class_path": "modules.objectives.p3o.P3O",       # c_j = clamp(rho_j, 1, 1)
+                                        "init_args": {"variant": "v1", "clip_eps": 0.2, "kl_coef": 0.05,
+                                                      "is_cap": 1.0}})
 BASELINE = "P3O"
 TRAIN_METRICS = ("clipfrac", "tied_groups")       # train/* metrics kept per evaluation window: mean since the last
 
