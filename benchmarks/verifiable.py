@@ -87,6 +87,9 @@ ARMS["RLOO KL on current policy"] = (2, {"class_path": "modules.objectives.rloo.
 ARMS["P3O-V1 no partner weight"] = (2, {"class_path": "modules.objectives.p3o.P3O",       # c_j = clamp(rho_j, 1, 1)
                                         "init_args": {"variant": "v1", "clip_eps": 0.2, "kl_coef": 0.05,
                                                       "is_cap": 1.0}})
+# ... and P3O-V2 without its joint importance weight sg[clamp(rho1 rho2, 1/R, R)] (R = 1: the weight is 1)
+ARMS["P3O no IS weight"] = (2, {"class_path": "modules.objectives.p3o.P3O",
+                                "init_args": {"variant": "v2", "clip_eps": 0.2, "kl_coef": 0.05, "is_cap": 1.0}})
 BASELINE = "P3O"
 TRAIN_METRICS = ("clipfrac", "tied_groups")       # train/* metrics kept per evaluation window: mean since the last
 
