@@ -91,7 +91,7 @@ ARMS["P3O-V1 no partner weight"] = (2, {"class_path": "modules.objectives.p3o.P3
 ARMS["P3O no IS weight"] = (2, {"class_path": "modules.objectives.p3o.P3O",
                                 "init_args": {"variant": "v2", "clip_eps": 0.2, "kl_coef": 0.05, "is_cap": 1.0}})
 BASELINE = "P3O"
-TRAIN_METRICS = ("clipfrac", "tied_groups")       # train/* metrics kept per evaluation window: mean since the last
+TRAIN_METRICS = ("clipfrac", "tied_groups", "better_shift", "worse_shift")       # train/* metrics kept per evaluation window: mean since the last
 
 
 def main() -> None:
@@ -191,7 +191,8 @@ def summary(rows: list[dict]) -> dict[str, dict]:
     out, early, windows = {}, early_rollout(rows), {}
     for row in sorted(rows, key=lambda r: r["rollout"]):        # a run's last evaluation comes last
         arm = out.setdefault(row["objective"], {key: {} for key in ("start", "early", "end", "best", "kl",
-                                                                     *TRAIN_METRICS, "run_s")})
+                                                                     *TRAIN_METRICS, "run_s", "early_better_shift",
+                                                                     "early_worse_shift")})
         seed = row["seed"]
         arm["start"].setdefault(seed, row["gold"])
         if row["rollout"] == early:
@@ -202,6 +203,8 @@ def summary(rows: list[dict]) -> dict[str, dict]:
             if row.get(key) is not None:
                 windows.setdefault((row["objective"], seed, key), []).append(row[key])
                 arm[key][seed] = statistics.fmean(windows[row["objective"], seed, key])
+                if key.endswith("_shift") and row["rollout"] <= early:      # the first quarter: how fast it rises
+                    arm[f"early_{key}"][seed] = arm[key][seed]
         arm["run_s"][seed] = row["run_s"]
     return out
 
@@ -213,18 +216,22 @@ def write_report(rows: list[dict], out: Path) -> None:
              "95% bootstrap interval; `vs P3O`: the paired difference of the final accuracy (same seed: same prompt "
              "order and sampling stream); clipfrac: the share of clipped terms (pairs, responses or tokens, as the "
              "objective clips), mean over the run's updates and seeds; tied: the share of groups whose rewards all "
-             "tie (`train/tied_groups`), mean over the run's rollouts and seeds.", "",
+             "tie (`train/tied_groups`), mean over the run's rollouts and seeds; better / worse: P3O's mean "
+             "log(pi / pi_old) of each pair's better and worse response during the updates (`train/better_shift`, "
+             "`train/worse_shift`), over the first quarter of the run.", "",
              f"| objective | accuracy at start | at rollout {early_rollout(rows)} | at the end | best during the run | "
-             "KL at the end | end vs P3O | clipfrac | tied | s / run |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+             "KL at the end | end vs P3O | clipfrac | tied | better / worse | s / run |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for name, arm in arms.items():
         versus = "-" if name == BASELINE or BASELINE not in arms else fmt_ci(paired_ci(arm["end"], arms[BASELINE]["end"]))
-        clipfrac, tied = (f"{statistics.fmean(arm[key].values()):.3f}" if arm[key] else "-" for key in TRAIN_METRICS)
+        clipfrac, tied = (f"{statistics.fmean(arm[key].values()):.3f}" if arm[key] else "-" for key in TRAIN_METRICS[:2])
+        shifts = (f"{statistics.fmean(arm['early_better_shift'].values()):+.3f} / "
+                  f"{statistics.fmean(arm['early_worse_shift'].values()):+.3f}" if arm["early_better_shift"] else "-")
         lines.append(f"| {name} | {statistics.fmean(arm['start'].values()):.3f} | "
                      f"{fmt_ci(bootstrap_ci(list(arm['early'].values())))} | "
                      f"{fmt_ci(bootstrap_ci(list(arm['end'].values())))} | "
                      f"{fmt_ci(bootstrap_ci(list(arm['best'].values())))} | "
-                     f"{statistics.fmean(arm['kl'].values()):.2f} | {versus} | {clipfrac} | {tied} | "
+                     f"{statistics.fmean(arm['kl'].values()):.2f} | {versus} | {clipfrac} | {tied} | {shifts} | "
                      f"{statistics.median(arm['run_s'].values()):.0f} |")
     (out / "table.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))

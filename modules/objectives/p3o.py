@@ -183,9 +183,12 @@ class P3O(Objective):
             loss = loss + self.kl_coef * F.sequence_logprobs(F.kl_penalty(batch.logp, batch.ref_logp, "k3"),
                                                              batch.mask).mean()
         ratio = (logp - old).detach().exp()
+        shift = (logp - old).detach()                                      # (N,) how far each response has moved
+        better, worse = torch.where(delta >= 0, i, j), torch.where(delta >= 0, j, i)
         metrics = {
             "loss": loss.detach(), "clipfrac": clipped.mean(), "ratio_mean": ratio.mean(), "ratio_max": ratio.max(),
             "delta_abs": delta.abs().mean(), "approx_kl_old": (0.5 * (logp - old).detach() ** 2).mean(),
             "kl_ref": (logp.detach() - ref).mean(),
+            "better_shift": shift[better].mean(), "worse_shift": shift[worse].mean(),   # log pi / pi_old, per pair
         }
         return ObjectiveOutput(loss, metrics)
