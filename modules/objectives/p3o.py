@@ -183,12 +183,17 @@ class P3O(Objective):
             loss = loss + self.kl_coef * F.sequence_logprobs(F.kl_penalty(batch.logp, batch.ref_logp, "k3"),
                                                              batch.mask).mean()
         ratio = (logp - old).detach().exp()
-        shift = (logp - old).detach()                                      # (N,) how far each response has moved
-        better, worse = torch.where(delta >= 0, i, j), torch.where(delta >= 0, j, i)
+        # how far the better and the worse response of each pair whose rewards differ (not their KL) have moved,
+        # log pi / pi_old; 0 in a minibatch without such a pair
+        shift, r = (logp - old).detach(), self.rewards(batch)
+        raw = self.pair_differences(batch, i, j) if batch.pair_rewards is not None else r[i] - r[j]      # (P,)
+        decided = raw != 0
+        better, worse = torch.where(raw > 0, i, j)[decided], torch.where(raw > 0, j, i)[decided]
         metrics = {
             "loss": loss.detach(), "clipfrac": clipped.mean(), "ratio_mean": ratio.mean(), "ratio_max": ratio.max(),
             "delta_abs": delta.abs().mean(), "approx_kl_old": (0.5 * (logp - old).detach() ** 2).mean(),
             "kl_ref": (logp.detach() - ref).mean(),
-            "better_shift": shift[better].mean(), "worse_shift": shift[worse].mean(),   # log pi / pi_old, per pair
+            "better_shift": shift[better].sum() / max(len(better), 1),
+            "worse_shift": shift[worse].sum() / max(len(worse), 1),
         }
         return ObjectiveOutput(loss, metrics)
