@@ -91,7 +91,8 @@ ARMS["P3O-V1 no partner weight"] = (2, {"class_path": "modules.objectives.p3o.P3
 ARMS["P3O no IS weight"] = (2, {"class_path": "modules.objectives.p3o.P3O",
                                 "init_args": {"variant": "v2", "clip_eps": 0.2, "kl_coef": 0.05, "is_cap": 1.0}})
 BASELINE = "P3O"
-TRAIN_METRICS = ("clipfrac", "tied_groups", "better_shift", "worse_shift")       # train/* metrics kept per evaluation window: mean since the last
+# train/* metrics kept per evaluation window: mean since the last
+TRAIN_METRICS = ("clipfrac", "tied_groups", "better_shift", "worse_shift")
 
 
 def main() -> None:

@@ -364,3 +364,22 @@ def test_p3o_k_is_shift_invariant(k, variant):
     _, g_shift = grad(P3O(variant=variant, k=k), random_group_input(k, shift=shift))
     assert g.abs().sum() > 0
     assert torch.allclose(g, g_shift, atol=1e-5)
+
+
+def test_p3o_v1_without_its_partner_weight_is_rloo_with_the_kl_on_the_current_policy():
+    """The twins of benchmarks/results/verifiable: P3O-V1 with `is_cap` 1 (each term's partner weight is 1) and RLOO
+    at K = 2 with `kl_on_current_policy` have the same loss and gradient, clipping and KL shaping included: ratios
+    up to e^+-0.3 (clipped at 0.2 somewhere), ragged masks, 0 / 1 rewards."""
+    torch.manual_seed(0)
+    mask = torch.ones(8, 3)
+    mask[1, 2], mask[4, 1:] = 0, 0
+    old, ref = -torch.rand(8, 3) * mask, -torch.rand(8, 3) * mask
+    logp = old + (torch.rand(8, 3) - 0.5) * 0.6 * mask
+    rewards = torch.tensor([1.0, 0.0, 1.0, 1.0, 0.0, 1.0, 0.0, 0.0])
+    batch = lambda: make_input(logp.tolist(), old.tolist(), ref.tolist(), rewards.tolist(), mask=mask.tolist())  # noqa: E731
+    p3o_loss, p3o_grad = grad(P3O(variant="v1", kl_coef=0.05, is_cap=1.0), batch())
+    rloo_loss, rloo_grad = grad(RLOO(k=2, kl_coef=0.05, kl_on_current_policy=True), batch())
+    assert p3o_loss.item() == pytest.approx(rloo_loss.item(), abs=1e-7)
+    assert torch.allclose(p3o_grad, rloo_grad, atol=1e-7) and p3o_grad.abs().max() > 0
+    ratios = ((logp - old) * mask).sum(-1).exp()                 # the sequence ratios both objectives clip
+    assert ((ratios - 1).abs() > 0.2).any() and ((ratios - 1).abs() < 0.2).any()
