@@ -148,12 +148,12 @@ def test_verifiable_summary_on_literal_points():
 
 def test_verifiable_runs_of_some_arms_keep_the_other_arms_rows(tmp_path):
     from benchmarks.runs import write_points
-    from benchmarks.verifiable import kept_rows
+    from benchmarks.verifiable import TRAIN_METRICS, kept_rows
 
     assert kept_rows(tmp_path / "points.csv", ["P3O"]) == []
     rows = [{"objective": arm, "seed": 0, "rollout": 0, "gold": 0.5} for arm in ("P3O", "RLOO", "gone")]
     write_points(rows, tmp_path)
-    assert kept_rows(tmp_path / "points.csv", ["P3O"]) == [{**rows[1], "clipfrac": None, "tied_groups": None}]
+    assert kept_rows(tmp_path / "points.csv", ["P3O"]) == [{**rows[1], **dict.fromkeys(TRAIN_METRICS)}]
     # (an arm no longer defined: dropped; a metric added since the run: empty)
 
 
