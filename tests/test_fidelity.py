@@ -216,17 +216,22 @@ def test_gspo_equals_trls_sequence_level_formula(loss_type):
     theirs = logp.clone().requires_grad_(True)
     adv = group_normalized_advantages(rewards, 2)[:, None]
     log_w = ((theirs - old) * mask).sum(-1) / mask.sum(-1).clamp(min=1.0)
-    coef_1 = torch.exp(log_w.unsqueeze(-1))
-    coef_2 = torch.clamp(coef_1, 1 - 0.2, 1 + 0.2)
-    kl = torch.exp(ref - theirs) - (ref - theirs) - 1
-    per_token = -torch.min(coef_1 * adv, coef_2 * adv) + 0.04 * kl
-    if loss_type == "grpo":
-        loss = ((per_token * mask).sum(-1) / mask.sum(-1).clamp(min=1.0)).mean()
-    else:
-        loss = (per_token * mask).sum() / mask.sum().clamp(min=1.0)
+    loss = trl_grpo_loss(torch.exp(log_w.unsqueeze(-1)), adv, theirs, ref, mask, loss_type, 0.2, 0.2)
     loss.backward()
     assert value.item() == pytest.approx(loss.item(), abs=1e-6)
     assert torch.allclose(g, theirs.grad, atol=1e-6)
+
+
+def trl_grpo_loss(coef_1, adv, logp, ref, mask, loss_type: str, eps_low: float, eps_high: float, beta: float = 0.04):
+    """TRL 1.16's `_compute_loss` from the ratios on: coef_2 = clamp(coef_1, 1 - eps_low, 1 + eps_high),
+    -min(coef_1 A, coef_2 A) + beta k3 per token, then 'grpo' (the mean over sequences of each one's token mean) or
+    the token mean of the batch ('bnpo', and 'dapo' on one process)."""
+    coef_2 = torch.clamp(coef_1, 1 - eps_low, 1 + eps_high)
+    kl = torch.exp(ref - logp) - (ref - logp) - 1
+    per_token = -torch.min(coef_1 * adv, coef_2 * adv) + beta * kl
+    if loss_type == "grpo":
+        return ((per_token * mask).sum(-1) / mask.sum(-1).clamp(min=1.0)).mean()
+    return (per_token * mask).sum() / mask.sum().clamp(min=1.0)
 
 
 @pytest.mark.parametrize("loss_type", ["grpo", "dapo"])
@@ -247,14 +252,7 @@ def test_grpo_clip_higher_equals_trls_epsilon_high(loss_type):
 
     theirs = logp.clone().requires_grad_(True)
     adv = group_normalized_advantages(rewards, 2)[:, None]
-    coef_1 = torch.exp(theirs - old)
-    coef_2 = torch.clamp(coef_1, 1 - 0.2, 1 + 0.28)
-    kl = torch.exp(ref - theirs) - (ref - theirs) - 1
-    per_token = -torch.min(coef_1 * adv, coef_2 * adv) + 0.04 * kl
-    if loss_type == "grpo":
-        loss = ((per_token * mask).sum(-1) / mask.sum(-1).clamp(min=1.0)).mean()
-    else:
-        loss = (per_token * mask).sum() / mask.sum().clamp(min=1.0)
+    loss = trl_grpo_loss(torch.exp(theirs - old), adv, theirs, ref, mask, loss_type, 0.2, 0.28)
     loss.backward()
     assert value.item() == pytest.approx(loss.item(), abs=1e-6)
     assert torch.allclose(g, theirs.grad, atol=1e-6) and not torch.allclose(g, symmetric, atol=1e-4)
