@@ -59,12 +59,17 @@ class Evaluation(L.Callback):
             `val/judge_agreement` (the fraction of pairs both orders agree on), beside the gold reward. A judge
             holding a model (`modules.rewards.FrozenModel`) has it built at setup, sharded under FSDP2 like the
             stage's own models.
+        samples_per_prompt: n responses sampled per prompt (veRL's validation `n`): every value is a mean over all
+            of them (`val/gold_reward` is then mean@n, the pass@1 estimate of a 0 / 1 reward from n draws), and with
+            n > 1 `val/gold_best_of_n` is the mean over prompts of their best response's gold reward (pass@n of a
+            0 / 1 reward). The reference policy's samples for the win rate and the KL are drawn alike.
     """
 
     def __init__(self, reward=None, num_prompts: int = 64, every_n_batches: int | None = None,
                  sampling: SamplingConfig | None = None, show: int = 4, batch_size: int = 64, seed: int = 1234,
-                 judge=None):
-        for name, value in (("num_prompts", num_prompts), ("batch_size", batch_size)):
+                 judge=None, samples_per_prompt: int = 1):
+        for name, value in (("num_prompts", num_prompts), ("batch_size", batch_size),
+                            ("samples_per_prompt", samples_per_prompt)):
             if value < 1:        # (a negative num_prompts sliced off the last prompts)
                 raise ValueError(f"Evaluation: {name}={value}; expected at least 1")
         if show < 0 or (every_n_batches or 0) < 0:
@@ -74,6 +79,7 @@ class Evaluation(L.Callback):
         self.reward, self.num_prompts, self.every_n_batches, self.seed = reward, num_prompts, every_n_batches, seed
         self.judge = judge
         self.sampling, self.show, self.batch_size = sampling, show, batch_size
+        self.samples_per_prompt = samples_per_prompt
         self.history: list[dict] = []
         self._last_step, self._warned = -1, False
 
@@ -172,18 +178,22 @@ class Evaluation(L.Callback):
         collated = PairCollator(tok.pad_token_id)(examples)
         ids, mask = collated.prompt_ids.to(pl_module.device), collated.prompt_mask.to(pl_module.device)
         config = self._sampling(pl_module)
-        roll = _generate(pl_module)(pl_module.policy, tok, ids, mask, collated.prompts, config).with_fields(collated.fields)
+        n = self.samples_per_prompt
+        roll = _generate(pl_module)(pl_module.policy, tok, ids, mask, collated.prompts, config, n)
+        roll.with_fields(collated.fields)                        # (each prompt's fields for its n responses)
         out = {"val/length": roll.response_mask.sum(-1).float().mean().item(),
                "val/eos_rate": roll.has_eos.float().mean().item(),
                **({"val/entropy": F.masked_mean(roll.entropy, roll.response_mask).item()} if roll.entropy is not None
                   else {})}
-        gold = self._gold(collated.prompts, roll.responses, roll.fields, roll.completion_ids)
+        gold = self._gold(roll.prompts, roll.responses, roll.fields, roll.completion_ids)
         if gold is not None:
             out["val/gold_reward"] = gold.mean().item()
+            if n > 1:
+                out["val/gold_best_of_n"] = F.best_of_groups(gold, n).mean().item()
             demos = [e.get("chosen") for e in examples]
             if all(isinstance(d, str) for d in demos):
                 demo_ids = lambda: [encode_response(tok, d) for d in demos]  # noqa: E731  (as SFT trains them)
-                out["val/demo_gold_reward"] = self._gold(collated.prompts, demos, roll.fields, demo_ids).mean().item()
+                out["val/demo_gold_reward"] = self._gold(collated.prompts, demos, collated.fields, demo_ids).mean().item()
         # a pairwise reward compares responses to one prompt: one sample per prompt has no proxy score
         pairwise = getattr(getattr(pl_module, "reward", None), "pairwise", False)
         proxy = pl_module.score(roll).float().cpu() if hasattr(pl_module, "score") and not pairwise else None
@@ -194,7 +204,7 @@ class Evaluation(L.Callback):
                 out[f"val/reward_{name}/total"] = float(term[applies].sum()) / len(roll)
                 out[f"val/reward_{name}/count"] = float(applies.sum()) / len(roll)
         if hasattr(pl_module, "reference_model"):
-            out.update(self._against_reference(pl_module, roll, ids, mask, collated.prompts, config, gold, proxy))
+            out.update(self._against_reference(pl_module, roll, ids, mask, collated, config, gold, proxy))
         scores = gold if gold is not None else proxy if proxy is not None else torch.full((len(roll),), float("nan"))
         shown = [(p, r, g) for p, r, g in zip(roll.prompts, roll.responses, scores.tolist())]
         return out, shown[: self.show]
@@ -205,12 +215,14 @@ class Evaluation(L.Callback):
         values = awaited(call_text_reward(self.reward, prompts, responses, fields, ids))
         return as_numbers(values, self.reward, len(responses))          # (one number per response, or one line)
 
-    def _against_reference(self, pl_module, roll, ids, mask, prompts, config, gold, proxy) -> dict:
+    def _against_reference(self, pl_module, roll, ids, mask, collated, config, gold, proxy) -> dict:
         T = config.temperature        # the RL module's logprobs: its micro-batches and LM-head chunks
         logp = F.sequence_logprobs(pl_module.logprobs(pl_module.policy, roll, T), roll.response_mask)
         with pl_module.reference_model() as ref:
             ref_logp = F.sequence_logprobs(pl_module.logprobs(ref, roll, T), roll.response_mask)
-            ref_roll = _generate(pl_module)(ref, pl_module.tokenizer, ids, mask, prompts, config).with_fields(roll.fields)
+            ref_roll = _generate(pl_module)(ref, pl_module.tokenizer, ids, mask, collated.prompts, config,
+                                            self.samples_per_prompt).with_fields(collated.fields)
+        prompts = roll.prompts                                   # (one per response, row-aligned with ref_roll's)
         out = {"val/kl": (logp - ref_logp).mean().item()}
         if self.judge is not None:
             _to_device(self.judge, pl_module.device)

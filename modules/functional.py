@@ -260,6 +260,14 @@ def preference_loss(chosen_logp: torch.Tensor, rejected_logp: torch.Tensor, chos
     return per_pair, h
 
 
+def best_of_groups(values: torch.Tensor, group_size: int) -> torch.Tensor:
+    """The largest value of each group of `group_size` consecutive entries: (N,) -> (N / group_size,). For 0 / 1
+    rewards of n samples per prompt, whether any is right (pass@n).
+
+    Example: [0, 1, 0, 0, 0, 0, 0, 0], groups of 4 -> [1, 0] (mean 0.5); [0.2, 0.7, -1, 0.1], groups of 2 -> [0.7, 0.1]."""
+    return values.view(-1, group_size).max(-1).values
+
+
 def tied_groups(rewards: torch.Tensor, group_size: int) -> torch.Tensor:
     """The fraction of groups (K consecutive rows of `rewards` (N,)) whose rewards are all equal (within float
     tolerance): groups that give a comparison-based objective no reward signal, only the KL term (TRL's

@@ -185,3 +185,10 @@ def test_clipped_surrogate_clip_higher_literal_example():
     ratios = torch.tensor([0.75, 0.9, 1.1, 1.25, 1.3])
     assert F.clip_fraction(ratios, 0.2).item() == pytest.approx(3 / 5)
     assert F.clip_fraction(ratios, 0.2, eps_high=0.28).item() == pytest.approx(2 / 5)
+
+
+def test_best_of_groups_literal_examples():
+    """The docstring's examples: [0, 1, 0, 0, 0, 0, 0, 0] in groups of 4 -> [1, 0]; [0.2, 0.7, -1, 0.1] in 2s ->
+    [0.7, 0.1]."""
+    assert F.best_of_groups(torch.tensor([0.0, 1, 0, 0, 0, 0, 0, 0]), 4).tolist() == [1.0, 0.0]
+    assert torch.allclose(F.best_of_groups(torch.tensor([0.2, 0.7, -1.0, 0.1]), 2), torch.tensor([0.7, 0.1]))

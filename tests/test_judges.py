@@ -107,6 +107,24 @@ def evaluation(cli):
     return next(cb for cb in cli.trainer.callbacks if type(cb).__name__ == "Evaluation")
 
 
+def test_evaluation_samples_several_responses_per_prompt(sft_dir, tmp_path):
+    """`samples_per_prompt: 4`: the gold reward is the mean over 4 samples of each of the 8 prompts, the best of each
+    prompt's 4 at least as high on average, and the judge, KL and win rate run on the 32 row-aligned pairs (the gold
+    reward as judge: its win rate is the gold one). Fewer than 1 sample is refused."""
+    from callbacks.evaluation import Evaluation
+
+    gold_judge = {"class_path": "modules.rewards.DifferenceOf",
+                  "init_args": {"reward": {"class_path": "datamodules.task.GoldReward"}}}
+    config = with_judge(tiny_rl_config(tmp_path, sft_dir, evaluation={"samples_per_prompt": 4}), gold_judge)
+    cli = cli_main(["fit", "--config", config, "--trainer.limit_train_batches=1"])
+    end = evaluation(cli).history[-1]
+    assert evaluation(cli).samples_per_prompt == 4
+    assert end["val/gold_best_of_n"] > end["val/gold_reward"]        # (the samples of a prompt differ in gold)
+    assert end["val/judge_win_rate"] == pytest.approx(end["val/win_rate"]) and end["val/judge_agreement"] == 1.0
+    with pytest.raises(ValueError, match=r"Evaluation: samples_per_prompt=0; expected at least 1"):
+        Evaluation(samples_per_prompt=0)
+
+
 def test_evaluation_logs_the_judges_win_rate_beside_the_gold_one(sft_dir, tmp_path):
     gold_judge = {"class_path": "modules.rewards.DifferenceOf",
                   "init_args": {"reward": {"class_path": "datamodules.task.GoldReward"}}}
