@@ -500,6 +500,8 @@ def tournament_scores(pair_rewards: torch.Tensor, group_size: int) -> torch.Tens
 
 POSITIONAL = {False: ("prompts", "responses"), True: ("prompts", "responses_a", "responses_b")}
 IDS = "completion_ids"      # not a record field: each response's token ids, EOS included (TRL's `completion_ids`)
+# what TRL 1.16's GRPOTrainer passes a reward function besides those: not passed here
+TRL_TRAINER_ARGUMENTS = ("trainer_state", "log_extra", "log_metric", "environments")
 
 
 def call_text_reward(reward, prompts: list[str], responses: list[str], fields: dict[str, list],
@@ -575,6 +577,11 @@ def check_fields(reward, names, pairwise: bool = False) -> None:
     """A `RewardError` naming what to set unless the record fields `names` hold every field `reward` requires
     (`required_fields`): the check `field_kwargs` makes at each call, and the stages make before the first rollout."""
     missing = [name for name in required_fields(reward, pairwise) if name not in set(names)]
+    if trl_only := [name for name in missing if name in TRL_TRAINER_ARGUMENTS]:
+        raise RewardError(f"reward {qualified_name(reward)} requires {', '.join(map(repr, trl_only))}, which TRL's "
+                          "GRPOTrainer passes and this project does not (it passes prompts, completions, "
+                          "completion_ids and the record fields); give the parameter a default, or read it from "
+                          "**kwargs")
     if missing:
         raise RewardError(f"reward {qualified_name(reward)} takes {', '.join(map(repr, missing))} by keyword, which "
                           f"no record field provides (fields given: {sorted(names) or 'none'}); set data.init_args."

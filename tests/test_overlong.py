@@ -242,3 +242,23 @@ def test_a_rollout_cut_off_everywhere_is_said_once(sft_dir, tokenizer, caplog):
         module.warn_if_all_cut_off(roll)
     assert len(caplog.records) == 1
     assert "mask_truncated: every response of rollout 0 reached sampling.max_new_tokens=8 before EOS" in caplog.text
+
+
+def test_a_trl_reward_that_requires_trls_trainer_arguments_is_told_what_is_passed():
+    """A TRL reward naming `trainer_state` (or `log_metric`, ...) without a default: one line saying this project
+    does not pass it, where before it was taken for a record field ("set data.init_args.reward_fields:
+    [trainer_state]"); with a default it runs."""
+    from modules.rewards import check_fields
+
+    def curriculum(completions, trainer_state, **kwargs):
+        return [0.0] * len(completions)
+
+    def tolerant(completions, trainer_state=None, **kwargs):
+        return [float(trainer_state is None)] * len(completions)
+
+    with pytest.raises(RewardError, match=r"requires 'trainer_state', which TRL's GRPOTrainer passes and this project "
+                                          r"does not \(it passes prompts, completions, completion_ids and the record "
+                                          r"fields\)"):
+        check_fields(curriculum, [])
+    check_fields(tolerant, [])
+    assert call_text_reward(tolerant, ["p"], ["r"], {}) == [1.0]
