@@ -165,3 +165,30 @@ def test_an_evaluation_reward_or_judge_named_by_its_import_path_is_resolved_or_r
     with pytest.raises(ConfigError, match=r"Evaluation: reward='tests.test_conversations.TEMPLATE' is a str, not "
                                           r"callable"):
         Evaluation(reward="tests.test_conversations.TEMPLATE")
+
+
+def test_sft_trains_on_conversational_demonstrations_end_to_end(tmp_path, chat_dir):
+    """The quickstart SFT config on records in TRL's conversational format, `chosen` as one assistant message
+    (`chosen_only`): two epochs on 8 records train to a finite loss, the export is written, and each chosen message
+    is read as its text."""
+    from train import cli_main
+
+    rows = [{"prompt": [CONVERSATION[0], {"role": "user", "content": f"the {place}"}],
+             "chosen": [{"role": "assistant", "content": f"the {place} was friendly ."}]}
+            for place in ("cafe", "hotel", "zoo", "park", "gym", "bar", "spa", "museum")]
+    path = write(tmp_path / "demos.jsonl", rows)
+    config = yaml.safe_load(open("configs/quickstart/sft.yaml"))
+    config["trainer"].update({"max_epochs": 2, "logger": False, "enable_checkpointing": False,
+                              "enable_progress_bar": False, "log_every_n_steps": 1, "callbacks": [
+                                  {"class_path": "callbacks.export.HFExport",
+                                   "init_args": {"dirpath": str(tmp_path / "export")}}]})
+    config["model"]["init_args"]["backbone"] = {"pretrained": chat_dir}
+    config["data"]["init_args"].update({"source": {"class_path": "datamodules.sources.LocalFiles",
+                                                   "init_args": {"train": path, "val": path}},
+                                        "tokenizer": chat_dir, "batch_size": 4, "chosen_only": True,
+                                        "max_prompt_length": 16})
+    (tmp_path / "sft.yaml").write_text(yaml.safe_dump(config))
+    cli = cli_main(["fit", "--config", str(tmp_path / "sft.yaml")])
+    assert torch.isfinite(cli.trainer.callback_metrics["train/loss"])
+    assert (tmp_path / "export" / "config.json").exists()
+    assert cli.datamodule.splits["train"][0]["chosen"] == "the cafe was friendly ."
