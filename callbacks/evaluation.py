@@ -32,7 +32,17 @@ from datamodules.collate import PairCollator, encode_response, prompt_text
 from modules import functional as F
 from modules.checks import ConfigError, check_positions, import_object
 from modules.judges import both_orders, win_rate
-from modules.rewards import FrozenModel, as_numbers, awaited, call_text_reward, check_fields, is_pairwise
+from modules.rewards import (
+    DEFAULT_TIMEOUT,
+    FrozenModel,
+    as_numbers,
+    awaited,
+    call_text_reward,
+    check_fields,
+    is_pairwise,
+    qualified_name,
+    reward_timeout,
+)
 from modules.sampling import SamplingConfig, sample
 from modules.sharding import fsdp_mesh
 
@@ -155,7 +165,8 @@ class Evaluation(L.Callback):
         examples = self.prompts(trainer)
         for start in range(0, len(examples), self.batch_size):
             part = examples[start: start + self.batch_size]
-            metrics, shown = self.evaluate(pl_module, part)
+            with reward_timeout(getattr(pl_module, "reward_timeout", DEFAULT_TIMEOUT)):      # (the RL module's)
+                metrics, shown = self.evaluate(pl_module, part)
             for key, value in metrics.items():
                 sums[key] = sums.get(key, 0.0) + value * len(part)
             rows += shown
@@ -212,7 +223,8 @@ class Evaluation(L.Callback):
     def _gold(self, prompts, responses, fields: dict[str, list], ids) -> torch.Tensor | None:
         if self.reward is None:
             return None
-        values = awaited(call_text_reward(self.reward, prompts, responses, fields, ids))
+        values = awaited(call_text_reward(self.reward, prompts, responses, fields, ids),
+                         f"evaluation reward {qualified_name(self.reward)}")
         return as_numbers(values, self.reward, len(responses))          # (one number per response, or one line)
 
     def _against_reference(self, pl_module, roll, ids, mask, collated, config, gold, proxy) -> dict:

@@ -41,7 +41,8 @@ def both_orders(judge, prompts: list[str], a: list[str], b: list[str],
     """
     n = len(prompts)
     kwargs = field_kwargs(judge, fields or {}, pairwise=True)
-    verdicts = awaited_all([judge(prompts, a, b, **kwargs), judge(prompts, b, a, **kwargs)])   # (an async judge: at once)
+    verdicts = awaited_all([judge(prompts, a, b, **kwargs), judge(prompts, b, a, **kwargs)],   # (an async judge: at once)
+                           f"judge {qualified_name(judge)}")
     forward, backward = (_checked(values, judge, n) for values in verdicts)
     return order_debiased(forward, backward)
 

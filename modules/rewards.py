@@ -12,7 +12,9 @@ A reward or judge that holds a model of its own derives from `FrozenModel` (buil
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
+import contextvars
 import hashlib
 import inspect
 import json
@@ -248,7 +250,7 @@ def score(reward, rollout: Rollout, tokenizer, nonfinite: float | None = None,
     if isinstance(reward, Composed):
         values = reward.combine(rollout, tokenizer, nonfinite, parts)
     else:
-        values = awaited(raw_values(reward, rollout, tokenizer, parts))
+        values = awaited(raw_values(reward, rollout, tokenizer, parts), f"reward {qualified_name(reward)}")
     rewards, replaced = check(values, reward, rollout, nonfinite)
     return rewards.to(rollout.input_ids.device), replaced
 
@@ -278,17 +280,33 @@ def conversations_named(reward):
 
 
 _loop: asyncio.AbstractEventLoop | None = None
+DEFAULT_TIMEOUT = 600.0         # seconds an async reward's call may take (RLModule reward_timeout)
+_timeout: contextvars.ContextVar[float | None] = contextvars.ContextVar("reward_timeout", default=DEFAULT_TIMEOUT)
 
 
-def awaited(value):
+@contextlib.contextmanager
+def reward_timeout(seconds: float | None):
+    """Within it, an async reward's (judge's, term's) call that has not finished after `seconds` is cancelled and a
+    `RewardError` stops the run (None: no limit). The RL module sets its `reward_timeout` around scoring, and the
+    evaluation around its rewards and judges; elsewhere `DEFAULT_TIMEOUT` applies."""
+    token = _timeout.set(seconds)
+    try:
+        yield
+    finally:
+        _timeout.reset(token)
+
+
+def awaited(value, what: str = "reward"):
     """`value` itself, or its result when it is awaitable (what an `async def` reward returns): `awaited_all`."""
-    return awaited_all([value])[0]
+    return awaited_all([value], what)[0]
 
 
-def awaited_all(values: list) -> list:
+def awaited_all(values: list, what: str = "reward") -> list:
     """`values` with each awaitable one replaced by its result, the awaitables run concurrently. Every awaitable runs
     on one event loop that lives, in a daemon thread, as long as the process (as TRL runs async reward functions):
-    a client an async reward made once (an HTTP session) stays bound to the loop it was made on."""
+    a client an async reward made once (an HTTP session) stays bound to the loop it was made on. Awaitables that
+    have not all finished within the `reward_timeout` in force are cancelled, and a `RewardError` names `what`
+    (e.g. "reward mymodule.judge") instead of a run that hangs."""
     global _loop
     pending = [v for v in values if inspect.isawaitable(v)]
     if not pending:
@@ -300,7 +318,14 @@ def awaited_all(values: list) -> list:
     async def gather():
         return await asyncio.gather(*pending)
 
-    done = iter(asyncio.run_coroutine_threadsafe(gather(), _loop).result())
+    future, seconds = asyncio.run_coroutine_threadsafe(gather(), _loop), _timeout.get()
+    try:
+        done = iter(future.result(timeout=seconds))
+    except concurrent.futures.TimeoutError:
+        future.cancel()                                    # (cancels the gathered calls on the loop)
+        raise RewardError(f"{what}: an async call did not finish within {seconds:g} s; set "
+                          "model.init_args.reward_timeout (seconds, or null for no limit) if it needs longer, or give "
+                          "its client a timeout of its own") from None
     return [next(done) if inspect.isawaitable(v) else v for v in values]
 
 
@@ -382,7 +407,7 @@ class DifferenceOf(PairwiseReward):
 
     def __call__(self, prompts, responses_a, responses_b):
         a, b = awaited_all([call_text_reward(self.reward, prompts, responses_a, {}),
-                            call_text_reward(self.reward, prompts, responses_b, {})])
+                            call_text_reward(self.reward, prompts, responses_b, {})], f"reward {qualified_name(self.reward)}")
         return [x - y for x, y in zip(a, b)]
 
 
@@ -464,7 +489,8 @@ def score_pairs(reward, rollout: Rollout, nonfinite: float | None = None) -> tup
     fields = {name: [values[i] for i in first] for name, values in rollout.fields.items()}
     with conversations_named(reward):
         values = awaited(reward([rollout.prompts[i] for i in first], [rollout.responses[i] for i in first],
-                                [rollout.responses[j] for j in second], **field_kwargs(reward, fields, pairwise=True)))
+                                [rollout.responses[j] for j in second], **field_kwargs(reward, fields, pairwise=True)),
+                         f"pairwise reward {qualified_name(reward)}")
     name = qualified_name(reward)
     asked = len(first)
     why = f"K = {K} responses per prompt: K (K - 1) / 2 pairs each" + (
@@ -665,7 +691,7 @@ class Composed(nn.Module):
         for name, reward in self.rewards.items():
             with self.term(name):
                 raw[name] = raw_values(reward, rollout, tokenizer, parts)
-        raw = dict(zip(raw, awaited_all(list(raw.values()))))
+        raw = dict(zip(raw, awaited_all(list(raw.values()), f"{qualified_name(self)} (terms {sorted(raw)})")))
         terms = {}
         for name, reward in self.rewards.items():
             with self.term(name):
@@ -684,7 +710,7 @@ class Composed(nn.Module):
                                   "ids, not texts; as an evaluation reward every term must be a text callable")
             with self.term(name):
                 raw[name] = call_text_reward(reward, prompts, responses, fields, completion_ids)
-        raw = dict(zip(raw, awaited_all(list(raw.values()))))
+        raw = dict(zip(raw, awaited_all(list(raw.values()), f"{qualified_name(self)} (terms {sorted(raw)})")))
         terms = {}
         for name, reward in self.rewards.items():
             with self.term(name):

@@ -38,11 +38,13 @@ from modules.forward import response_logprobs, token_scores
 from modules.objectives.base import Objective
 from modules.optimizers import learning_rate
 from modules.rewards import (
+    DEFAULT_TIMEOUT,
     Composed,
     FrozenModel,
     check_fields,
     is_pairwise,
     qualified_name,
+    reward_timeout,
     score_pairs,
     term_means,
     tournament_scores,
@@ -99,6 +101,9 @@ class RLModule(TrainedOnlyCheckpoints, L.LightningModule):
             processes) in `train/nonfinite_rewards` and in a console warning. A reward must return exactly one number
             per response either way.
         seed: seeds the minibatch shuffling.
+        reward_timeout: seconds an `async` reward's (a composed term's, a judge's) call on one rollout or evaluation
+            batch may take before it is cancelled and the run stops naming it (null: no limit; 600 by default). A
+            synchronous reward has its own: `modules.remote.RemoteReward`'s timeout, `PythonTests`' per test.
         value_model: backbone of the value head, built only for objectives with `needs_values` (PPO); usually
             `pretrained: <reward export>`. Default: a fresh head on the policy's pretrained weights.
         old_logprobs: where pi_old's logprobs come from. 'sampler': recorded while sampling (no extra forward
@@ -138,7 +143,7 @@ class RLModule(TrainedOnlyCheckpoints, L.LightningModule):
                  value_model: BackboneSpec | None = None, nonfinite_reward: float | None = None,
                  old_logprobs: str = "auto", share_prompts: bool = True, logprob_chunk: int | None = None,
                  micro_batch_tokens: int | None = 1024, engine: Engine | None = None,
-                 prompt_layout: Literal["packed", "padded"] = "packed"):
+                 prompt_layout: Literal["packed", "padded"] = "packed", reward_timeout: float | None = DEFAULT_TIMEOUT):
         super().__init__()
         self.save_hyperparameters(ignore=["reward", "objective", "engine"])
         self.automatic_optimization = False
@@ -153,6 +158,9 @@ class RLModule(TrainedOnlyCheckpoints, L.LightningModule):
         self._cut_off_warned = False    # so is a rollout that mask_truncated leaves nothing to train on
         if max_grad_norm is not None and not max_grad_norm > 0:     # (0 would zero every gradient, < 0 flip them)
             raise ValueError(f"RLModule: max_grad_norm={max_grad_norm}; expected > 0, or null for no clipping")
+        if reward_timeout is not None and not reward_timeout > 0:
+            raise ValueError(f"RLModule: reward_timeout={reward_timeout}; expected seconds > 0, or null for no limit")
+        self.reward_timeout = reward_timeout
         if micro_batch_tokens is not None and micro_batch_tokens < 1:
             raise ValueError(f"RLModule: micro_batch_tokens={micro_batch_tokens}; expected >= 1, or null for one pass")
         if logprob_chunk is not None and logprob_chunk < 0:
@@ -316,7 +324,8 @@ class RLModule(TrainedOnlyCheckpoints, L.LightningModule):
                                     record_logprobs=from_sampler or not self.engine.exact,
                                     share_prompts=self.share_prompts).with_fields(batch.fields)
         t1 = time.perf_counter()
-        roll.rewards = self.score(roll)
+        with reward_timeout(self.reward_timeout):
+            roll.rewards = self.score(roll)
         if not from_sampler:
             roll.sampler_logp, roll.old_logp = roll.old_logp, self.logprobs(self.policy, roll)
         if roll.sampler_logp is not None:

@@ -445,3 +445,61 @@ def test_a_trl_reward_function_by_its_import_path_trains_and_evaluates(tmp_path,
     config = maths_config(tmp_path, sft_dir, ["answer"])
     cli = cli_main(["fit", "--config", config, "--model.init_args.reward=tests.test_reward_fields.trl_accuracy"])
     assert "train/reward" in cli.trainer.callback_metrics
+
+
+def test_an_async_reward_that_does_not_finish_in_time_is_cancelled_and_named(task_tokenizer_path):
+    """`reward_timeout`: a call still running after it is cancelled and the run stops with one line naming the
+    reward (where it would hang); the loop stays usable, and within a longer limit the same reward finishes."""
+    import asyncio
+    import time
+
+    from modules.rewards import reward_timeout
+    from modules.rl import RLModule
+
+    cancelled = []
+
+    async def slow(prompts, responses):
+        try:
+            await asyncio.sleep(float(prompts[0].split()[-1]) / 10)
+        except asyncio.CancelledError:
+            cancelled.append(True)
+            raise
+        return [1.0] * len(responses)
+
+    roll = rollout(["a", "b"])
+    roll.prompts = ["wait 50", "wait 50"]                # 5 s
+    start = time.perf_counter()
+    with reward_timeout(0.3), pytest.raises(RewardError, match=r"^reward \S*slow: an async call did not finish "
+                                                               r"within 0.3 s; set model.init_args.reward_timeout"):
+        score(slow, roll, None)
+    assert time.perf_counter() - start < 3
+    for _ in range(100):                                 # (the cancellation lands on the loop's thread)
+        if cancelled:
+            break
+        time.sleep(0.01)
+    assert cancelled
+    roll.prompts = ["wait 1", "wait 1"]                  # 0.1 s
+    with reward_timeout(5):
+        assert score(slow, roll, None)[0].tolist() == [1.0, 1.0]
+    with pytest.raises(ValueError, match=r"RLModule: reward_timeout=0; expected seconds > 0, or null"):
+        RLModule(policy=None, tokenizer=task_tokenizer_path, reward=slow, objective=None, reward_timeout=0)
+
+
+async def sleepy(prompts, responses):
+    """An async reward that takes 5 s."""
+    import asyncio
+
+    await asyncio.sleep(5)
+    return [0.0] * len(responses)
+
+
+def test_the_rl_stage_stops_on_an_async_reward_past_its_reward_timeout(tmp_path, sft_dir):
+    """`model.init_args.reward_timeout: 0.2` and a reward that takes 5 s: the first rollout's scoring stops the run
+    with the line naming the reward, instead of waiting (for ever, for a call that never returns)."""
+    from tests.helpers import tiny_rl_config
+    from train import cli_main
+
+    config = tiny_rl_config(tmp_path, sft_dir, model={"reward": "tests.test_reward_fields.sleepy", "reward_timeout": 0.2})
+    with pytest.raises(RewardError, match=r"^reward tests.test_reward_fields.sleepy: an async call did not finish "
+                                          r"within 0.2 s"):
+        cli_main(["fit", "--config", config])
