@@ -71,6 +71,11 @@ class Rollout:
         return self
 
 
+def loss_mask(mask: torch.Tensor, trained: torch.Tensor | None) -> torch.Tensor:
+    """(N, L) `mask` less the rows (N,) that are not `trained`; `mask` itself when `trained` is None."""
+    return mask if trained is None else mask * trained[:, None].to(mask.dtype)
+
+
 @dataclass
 class ObjectiveInput:
     """Everything an objective sees: tensors only. N = rows (groups of `group_size` consecutive rows share a
@@ -97,7 +102,7 @@ class ObjectiveInput:
         advantages, baselines and KL shaping use `mask`, every response as sampled.
 
         Example: mask [[1, 1, 0], [1, 1, 1]], trained [True, False] -> [[1, 1, 0], [0, 0, 0]]."""
-        return self.mask if self.trained is None else self.mask * self.trained[:, None].to(self.mask.dtype)
+        return loss_mask(self.mask, self.trained)
 
     def token_weights(self) -> torch.Tensor | float:
         """(N, L) mismatch-correction weights of each token's policy loss; 1.0 without a correction."""

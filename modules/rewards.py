@@ -687,11 +687,7 @@ class Composed(nn.Module):
         """The weighted sum (N,) over `rollout`; each term (N,) goes to `rollout.reward_terms`, NaN where it does
         not apply. A term's NaN / inf stops the run (`nonfinite` None) naming the term, or makes the sum non-finite
         (then replaced as one). `async` terms are awaited together."""
-        raw = {}
-        for name, reward in self.rewards.items():
-            with self.term(name):
-                raw[name] = raw_values(reward, rollout, tokenizer, parts)
-        raw = dict(zip(raw, awaited_all(list(raw.values()), f"{qualified_name(self)} (terms {sorted(raw)})")))
+        raw = self.gathered(lambda reward: raw_values(reward, rollout, tokenizer, parts))
         terms = {}
         for name, reward in self.rewards.items():
             with self.term(name):
@@ -703,19 +699,25 @@ class Composed(nn.Module):
                 **fields) -> list[float]:
         """The weighted sum over texts (as an evaluation reward); every term must be a text callable. Its terms get
         the responses' `completion_ids` where it is given them (`call_text_reward`)."""
-        raw = {}
         for name, reward in self.rewards.items():
             if hasattr(reward, "score"):
                 raise RewardError(f"{qualified_name(self)}: term {name!r} ({qualified_name(reward)}) scores token "
                                   "ids, not texts; as an evaluation reward every term must be a text callable")
-            with self.term(name):
-                raw[name] = call_text_reward(reward, prompts, responses, fields, completion_ids)
-        raw = dict(zip(raw, awaited_all(list(raw.values()), f"{qualified_name(self)} (terms {sorted(raw)})")))
+        raw = self.gathered(lambda reward: call_text_reward(reward, prompts, responses, fields, completion_ids))
         terms = {}
         for name, reward in self.rewards.items():
             with self.term(name):
                 terms[name] = _numbers_or_none(raw[name], reward, len(responses))
         return self.total(terms, prompts, responses).tolist()
+
+    def gathered(self, call) -> dict:
+        """name -> what `call(term)` returned for each term (errors naming the term), the async ones awaited
+        together."""
+        raw = {}
+        for name, reward in self.rewards.items():
+            with self.term(name):
+                raw[name] = call(reward)
+        return dict(zip(raw, awaited_all(list(raw.values()), f"{qualified_name(self)} (terms {sorted(raw)})")))
 
     @contextlib.contextmanager
     def term(self, name: str):

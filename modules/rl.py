@@ -29,7 +29,7 @@ from modules.backbone import (
     load_tokenizer,
     reference_of,
 )
-from modules.batch import ObjectiveInput, ObjectiveOutput, Rollout
+from modules.batch import ObjectiveInput, ObjectiveOutput, Rollout, loss_mask
 from modules.checkpoints import TrainedOnlyCheckpoints, frozen_names, is_frozen
 from modules.checks import ConfigError, check_positions
 from modules.engines import Engine, Sampler, SamplerMismatchError
@@ -431,9 +431,8 @@ class RLModule(TrainedOnlyCheckpoints, L.LightningModule):
         """One optimizer step on a minibatch; stops before the step if the loss or the gradient is not finite.
         `first`: no step has happened since the rollout (see `backward_minibatch`)."""
         optimizer = self.optimizers()
-        trained = self.trained_rows(sub)
-        mask = sub.response_mask if trained is None else sub.response_mask * trained[:, None]
-        tokens = self.trainer.strategy.reduce(mask.sum().float(), reduce_op="mean")     # (those the loss trains on)
+        mask = loss_mask(sub.response_mask, self.trained_rows(sub))                    # (the tokens the loss trains on)
+        tokens = self.trainer.strategy.reduce(mask.sum().float(), reduce_op="mean")
         optimizer.zero_grad()
         out = self.backward_minibatch(sub, extra, float(tokens), where, first)
         params = [p for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
