@@ -61,11 +61,14 @@ def ensure_exports(exports: Path, tag: str, family: str = "quickstart", stages: 
 
 def run_one(config: str, tag: str, seed: int, out: Path, *, rollouts: int, responses_per_rollout: int,
             minibatch_responses: int, k: int, eval_every: int, eval_prompts: int, exports: Path = DEFAULT_EXPORTS,
-            model: dict | None = None, objective: dict | None = None, lr: float | None = None) -> dict:
-    """One run. Budget: `rollouts` rollouts of `responses_per_rollout` sampled responses (prompts per rollout =
+            model: dict | None = None, objective: dict | None = None, lr: float | None = None,
+            oversample: int = 1, data: dict | None = None) -> dict:
+    """One run. Budget: `rollouts` rollouts of `responses_per_rollout` trained responses (prompts per rollout =
     responses / k), minibatches of `minibatch_responses` responses; evaluation every `eval_every` rollouts on the
     first `eval_prompts` held-out prompts. `model` / `objective` are merged into the model's / objective's
-    init_args. Returns {"points": evaluation history, "weights": final policy parameters (flat, CPU),
+    init_args, `data` into the data's. `oversample` > 1: each rollout samples that many times the prompts and trains
+    on `responses_per_rollout` of the responses (`keep_groups`: DAPO's dynamic sampling); a point's "samples" counts
+    the sampled ones. Returns {"points": evaluation history, "weights": final policy parameters (flat, CPU),
     "weights_after_first": the same after the first rollout, "responses": each rollout's sampled responses,
     "score_s": each rollout's scoring seconds, "train": each rollout's `train/*` metrics}."""
     import yaml
@@ -88,21 +91,24 @@ def run_one(config: str, tag: str, seed: int, out: Path, *, rollouts: int, respo
         model_args["value_model"] = {"pretrained": str(exports / "reward")}
     if lr is not None:
         model_args["optimizer"] = {"init_args": {"lr": lr}}
+    if oversample > 1:
+        model_args["keep_groups"] = responses_per_rollout // k
     derived = derive_config(config, {
         "seed_everything": seed,
         "trainer": {"max_steps": -1, "max_epochs": 1, "limit_train_batches": rollouts, "callbacks": callbacks,
                     "enable_progress_bar": False, "enable_model_summary": False, "enable_checkpointing": False,
                     "logger": {"init_args": {"save_dir": str(out / "runs"), "name": tag}}},
         "model": {"init_args": model_args},
-        "data": {"init_args": {"batch_size": responses_per_rollout // k, "seed": seed,
-                               "tokenizer": str(exports / "sft")}},
+        "data": {"init_args": {"batch_size": oversample * responses_per_rollout // k, "seed": seed,
+                               "tokenizer": str(exports / "sft"), **(data or {})}},
     }, out / "configs" / f"{tag}.yaml")
     trace = Trace()
     cli = cli_main(["--config", derived], run=False)
     cli.trainer.callbacks.append(trace)
     cli.trainer.fit(cli.model, datamodule=cli.datamodule)
     evaluation = next(cb for cb in cli.trainer.callbacks if type(cb).__name__ == "Evaluation")
-    points = [{"rollout": h["step"], "samples": h["step"] * responses_per_rollout, "gold": h.get("val/gold_reward"),
+    sampled = responses_per_rollout * oversample
+    points = [{"rollout": h["step"], "samples": h["step"] * sampled, "gold": h.get("val/gold_reward"),
                "proxy": h.get("val/reward"), "kl": h.get("val/kl"), "win_rate": h.get("val/win_rate"),
                "length": h.get("val/length")} for h in evaluation.history]
     return {"points": points, "weights": flat_weights(cli.model.policy),

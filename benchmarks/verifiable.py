@@ -90,9 +90,13 @@ ARMS["P3O-V1 no partner weight"] = (2, {"class_path": "modules.objectives.p3o.P3
 # ... and P3O-V2 without its joint importance weight sg[clamp(rho1 rho2, 1/R, R)] (R = 1: the weight is 1)
 ARMS["P3O no IS weight"] = (2, {"class_path": "modules.objectives.p3o.P3O",
                                 "init_args": {"variant": "v2", "clip_eps": 0.2, "kl_coef": 0.05, "is_cap": 1.0}})
+# DAPO's dynamic sampling (`keep_groups`): each rollout samples `OVERSAMPLE` times the prompts and trains on as many
+# as the arm it copies, those whose rewards do not all tie first (the sum task holds as many more records)
+OVERSAMPLE = {"GRPO-4 dynamic sampling": 2, "P3O-4 dynamic sampling": 2, "P3O dynamic sampling": 3}
+ARMS.update({name: ARMS[name.removesuffix(" dynamic sampling")] for name in OVERSAMPLE})
 BASELINE = "P3O"
 # train/* metrics kept per evaluation window: mean since the last
-TRAIN_METRICS = ("clipfrac", "tied_groups", "better_shift", "worse_shift")
+TRAIN_METRICS = ("clipfrac", "tied_groups", "better_shift", "worse_shift", "sampled_tied_groups")
 
 
 def main() -> None:
@@ -124,13 +128,14 @@ def main() -> None:
     build_sft(args.exports, args.quick)
     start, rows = time.time(), kept_rows(args.out / "points.csv", args.arms)
     for name in args.arms:
-        (k, objective), lr = ARMS[name], LR.get(name)
+        (k, objective), lr, oversample = ARMS[name], LR.get(name), OVERSAMPLE.get(name, 1)
         for seed in args.seeds:
             t0 = time.time()
             run = run_one(CONFIG, f"{name.replace(' ', '_')}-s{seed}", seed, args.out, rollouts=args.rollouts,
                           responses_per_rollout=args.responses_per_rollout, minibatch_responses=args.minibatch_responses,
                           k=k, eval_every=args.eval_every, eval_prompts=args.eval_prompts, exports=args.exports,
-                          model={"reward": REWARD, "objective": objective}, lr=lr)
+                          model={"reward": REWARD, "objective": objective}, lr=lr, oversample=oversample,
+                          data={"source": {"init_args": {"num_train": 3000 * oversample}}} if oversample > 1 else None)
             seconds = time.time() - t0
             per_rollout = {key: [m.get(f"train/{key}") for m in run["train"]] for key in TRAIN_METRICS}
             rows.extend({"objective": name, "seed": seed, "run_s": seconds, **p,
@@ -217,7 +222,8 @@ def write_report(rows: list[dict], out: Path) -> None:
              "95% bootstrap interval; `vs P3O`: the paired difference of the final accuracy (same seed: same prompt "
              "order and sampling stream); clipfrac: the share of clipped terms (pairs, responses or tokens, as the "
              "objective clips), mean over the run's updates and seeds; tied: the share of groups whose rewards all "
-             "tie (`train/tied_groups`), mean over the run's rollouts and seeds; better / worse: P3O's mean "
+             "tie (`train/tied_groups`), mean over the run's rollouts and seeds (dynamic sampling: of the groups "
+             "trained on, then of those sampled); better / worse: P3O's mean "
              "log(pi / pi_old) of each pair's better and worse response during the updates (`train/better_shift`, "
              "`train/worse_shift`), over the first quarter of the run.", "",
              f"| objective | accuracy at start | at rollout {early_rollout(rows)} | at the end | best during the run | "
@@ -226,6 +232,8 @@ def write_report(rows: list[dict], out: Path) -> None:
     for name, arm in arms.items():
         versus = "-" if name == BASELINE or BASELINE not in arms else fmt_ci(paired_ci(arm["end"], arms[BASELINE]["end"]))
         clipfrac, tied = (f"{statistics.fmean(arm[key].values()):.3f}" if arm[key] else "-" for key in TRAIN_METRICS[:2])
+        if arm["sampled_tied_groups"]:          # dynamic sampling: the kept rollout's, then the sampled one's
+            tied += f" ({statistics.fmean(arm['sampled_tied_groups'].values()):.3f} sampled)"
         shifts = (f"{statistics.fmean(arm['early_better_shift'].values()):+.3f} / "
                   f"{statistics.fmean(arm['early_worse_shift'].values()):+.3f}" if arm["early_better_shift"] else "-")
         lines.append(f"| {name} | {statistics.fmean(arm['start'].values()):.3f} | "
@@ -244,8 +252,8 @@ MAIN = ("P3O", "RLOO", "GRPO-4", "P3O-4", "P3O scale_q")      # the objectives c
 
 def figure(rows: list[dict], path: Path) -> None:
     """Accuracy against rollouts: each seed faint, the mean over seeds bold, one colour per arm; the objectives in
-    the first panel, the ablations (with P3O and GRPO-4 again, to compare) in two more: those of clipping, reward
-    scale and step size, and those of where the KL enters."""
+    the first panel, the ablations (with P3O and GRPO-4 again, to compare) in three more: those of clipping, reward
+    scale and step size, those of where the KL enters, and DAPO's dynamic sampling (with P3O-4 too)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -255,11 +263,14 @@ def figure(rows: list[dict], path: Path) -> None:
     colours = {name: f"C{index % 10}" for index, name in enumerate(names)}
     styles = {name: "-" if index < 10 else "--" for index, name in enumerate(names)}     # (10 colours, then dashed)
     kl = [n for n in names if "kl" in n.lower() and n not in MAIN]
+    dynamic = [n for n in names if n in OVERSAMPLE]
     panels = [("objectives", [n for n in names if n in MAIN]),
-              ("why slower? clipping, scale, step", [n for n in names if n not in MAIN and n not in kl]),
-              ("why slower? where the KL enters", kl)]
-    compare = [n for n in ("P3O", "GRPO-4") if n in names]          # drawn again beside each ablation
-    panels = [(title, ([] if title == "objectives" else compare) + arms) for title, arms in panels if arms]
+              ("why slower? clipping, scale, step", [n for n in names if n not in MAIN + tuple(kl + dynamic)]),
+              ("why slower? where the KL enters", kl),
+              ("dynamic sampling (2-3x the samples per rollout)", dynamic)]
+    compare = {title: [n for n in ("P3O", "P3O-4" if arms is dynamic else "", "GRPO-4") if n in names]
+               for title, arms in panels}                           # drawn again beside each ablation
+    panels = [(title, ([] if title == "objectives" else compare[title]) + arms) for title, arms in panels if arms]
     fig, axes = plt.subplots(1, len(panels), figsize=(5.5 * len(panels), 4.2), sharey=True, squeeze=False)
     for ax, (title, arms) in zip(axes[0], panels):
         for name in arms:

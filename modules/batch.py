@@ -61,7 +61,8 @@ class Rollout:
                        self.has_eos[rows], take(self.rewards), take(self.old_logp), take(self.ref_logp),
                        take(self.values), take(self.sampler_logp), take(self.sampler_weights),
                        take(self.pair_rewards), take(self.entropy),
-                       fields={name: [values[i] for i in idx] for name, values in self.fields.items()})
+                       fields={name: [values[i] for i in idx] for name, values in self.fields.items()},
+                       reward_terms={name: values[rows.to(values.device)] for name, values in self.reward_terms.items()})
 
     def with_fields(self, fields: dict[str, list]) -> "Rollout":
         """Set `fields` from the prompts' record fields (name -> one value per prompt): each repeated for the K

@@ -268,12 +268,35 @@ def best_of_groups(values: torch.Tensor, group_size: int) -> torch.Tensor:
     return values.view(-1, group_size).max(-1).values
 
 
-def tied_groups(rewards: torch.Tensor, group_size: int) -> torch.Tensor:
-    """The fraction of groups (K consecutive rows of `rewards` (N,)) whose rewards are all equal (within float
-    tolerance): groups that give a comparison-based objective no reward signal, only the KL term (TRL's
-    `frac_reward_zero_std`). Example: [1, 1, 0, 1, 0, 0], K = 2 -> groups (1, 1), (0, 1), (0, 0) -> 2/3."""
+def group_ties(rewards: torch.Tensor, group_size: int) -> torch.Tensor:
+    """(N,) -> (N / K,) bool: whether each group's (K consecutive entries') rewards are all equal, within float
+    tolerance: a group that gives a comparison-based objective no reward signal, only the KL term.
+    Example: [1, 1, 0, 1, 0, 0], K = 2 -> groups (1, 1), (0, 1), (0, 0) -> [True, False, True]."""
     groups = rewards.float().view(-1, group_size)
-    return torch.isclose(groups.max(-1).values, groups.min(-1).values).float().mean()
+    return torch.isclose(groups.max(-1).values, groups.min(-1).values)
+
+
+def tied_groups(rewards: torch.Tensor, group_size: int) -> torch.Tensor:
+    """The fraction of groups whose rewards are all equal (`group_ties`; TRL's `frac_reward_zero_std`).
+    Example: [1, 1, 0, 1, 0, 0], K = 2 -> 2/3."""
+    return group_ties(rewards, group_size).float().mean()
+
+
+def pair_ties(pair_rewards: torch.Tensor, group_size: int) -> torch.Tensor:
+    """(N, K) pairwise rewards M[i K + a, b] -> (N / K,) bool: whether every pair of each group ties (M = 0 within
+    float tolerance): `group_ties` for a pairwise reward, whose win fractions may also be equal when pairs do not
+    tie (a cycle a > b > c > a).
+    Example: K = 2, M = [[0, 0], [0, 0], [0, -1.5], [1.5, 0]] -> [True, False]."""
+    groups = pair_rewards.float().reshape(-1, group_size * group_size)
+    return torch.isclose(groups, torch.zeros_like(groups)).all(-1)
+
+
+def kept_groups(informative: torch.Tensor, count: int) -> torch.Tensor:
+    """The indices (ascending) of `count` groups out of (G,) `informative` flags: the first `count` informative
+    ones in order, then, if fewer are, the first of the others (DAPO's dynamic sampling, within one batch).
+    Example: [F, T, F, T, T], count 2 -> [1, 3]; count 4 -> [0, 1, 3, 4] (0 fills in); count 9 -> all five."""
+    order = torch.argsort((~informative).to(torch.int8), stable=True)     # informative first, each in order
+    return order[:count].sort().values
 
 
 def clip_fraction(ratio: torch.Tensor, eps: float, mask: torch.Tensor | None = None,

@@ -96,6 +96,13 @@ class RLModule(TrainedOnlyCheckpoints, L.LightningModule):
             filtering, TRL's `mask_truncated_completions`): no gradient reaches their tokens, and token-level means
             and counts (GRPO's loss types, PPO's means, P3O's `avg_tokenwise`) leave them out; their rewards still
             set their group's baseline and their pairs' differences. Off by default.
+        keep_groups: DAPO's dynamic sampling (veRL's `filter_groups`): of each rollout's prompts (the data's
+            `batch_size`, all sampled and scored), train on this many: those whose K rewards are not all equal first
+            (a pairwise reward: whose pairs do not all tie), in batch order, then tied ones if fewer differ (the
+            rollout's `train/tied_groups` then above 0). A tied group gives a comparison-based objective no reward
+            signal; it is dropped before the pi_ref, pi_old and value passes, which it would cost. Logged over every
+            sampled response: `train/sampled_reward` and `train/sampled_tied_groups`. Needs K >= 2. None (default):
+            train on every prompt.
         nonfinite_reward: a reward that is NaN or +-inf stops the run with an error naming the response (None,
             the default); set a number to replace such rewards by it instead (a penalty), counted (over all
             processes) in `train/nonfinite_rewards` and in a console warning. A reward must return exactly one number
@@ -139,7 +146,7 @@ class RLModule(TrainedOnlyCheckpoints, L.LightningModule):
                  optimizer: OptimizerCallable = torch.optim.AdamW, scheduler: LRSchedulerCallable | None = None,
                  sampling: SamplingConfig | None = None, epochs: int = 4, minibatch_groups: int = 8,
                  max_grad_norm: float | None = 1.0, missing_eos_penalty: float | None = None,
-                 mask_truncated: bool = False, seed: int = 0,
+                 mask_truncated: bool = False, keep_groups: int | None = None, seed: int = 0,
                  value_model: BackboneSpec | None = None, nonfinite_reward: float | None = None,
                  old_logprobs: str = "auto", share_prompts: bool = True, logprob_chunk: int | None = None,
                  micro_batch_tokens: int | None = 1024, engine: Engine | None = None,
@@ -153,11 +160,17 @@ class RLModule(TrainedOnlyCheckpoints, L.LightningModule):
         self.sampling = sampling or SamplingConfig()
         self.epochs, self.minibatch_groups, self.max_grad_norm = epochs, minibatch_groups, max_grad_norm
         self.missing_eos_penalty, self.seed, self.value_spec = missing_eos_penalty, seed, value_model
-        self.nonfinite_reward, self.mask_truncated = nonfinite_reward, mask_truncated
+        self.nonfinite_reward, self.mask_truncated, self.keep_groups = nonfinite_reward, mask_truncated, keep_groups
         self._order_warned = False      # a judge whose two orders disagree is reported once per run
         self._cut_off_warned = False    # so is a rollout that mask_truncated leaves nothing to train on
         if max_grad_norm is not None and not max_grad_norm > 0:     # (0 would zero every gradient, < 0 flip them)
             raise ValueError(f"RLModule: max_grad_norm={max_grad_norm}; expected > 0, or null for no clipping")
+        if keep_groups is not None and keep_groups < 1:
+            raise ValueError(f"RLModule: keep_groups={keep_groups}; expected prompts >= 1, or null to train on all")
+        if keep_groups is not None and objective.responses_per_prompt < 2:
+            raise ValueError(f"RLModule: keep_groups keeps the prompts whose responses' rewards differ; "
+                             f"{type(objective).__name__} samples {objective.responses_per_prompt} response per prompt "
+                             "(needs K >= 2)")
         if reward_timeout is not None and not reward_timeout > 0:
             raise ValueError(f"RLModule: reward_timeout={reward_timeout}; expected seconds > 0, or null for no limit")
         self.reward_timeout = reward_timeout
@@ -191,6 +204,14 @@ class RLModule(TrainedOnlyCheckpoints, L.LightningModule):
         data = self.trainer.datamodule
         if data is not None:        # a reward that reads a record field the data does not keep: before any rollout
             check_fields(self.reward, getattr(data, "reward_fields", ()), is_pairwise(self.reward))
+        prompts = getattr(data, "batch_size", None)
+        if self.keep_groups is not None and isinstance(prompts, int) and self.keep_groups >= prompts:
+            if self.keep_groups > prompts:
+                raise ConfigError(f"RLModule: keep_groups={self.keep_groups} keeps more prompts per rollout than it "
+                                  f"samples (data batch_size={prompts}); sample more (DAPO: about 3x) or keep fewer")
+            if self.global_rank == 0:
+                log.warning("RLModule: keep_groups=%d equals the data's batch_size: every prompt is kept, none filtered; "
+                            "sample more prompts per rollout than you keep", prompts)
         if hasattr(data, "max_prompt_length"):
             terms = self.reward.rewards if isinstance(self.reward, Composed) else {"": self.reward}
             rewards = {f"reward model{' ' + name if name else ''}": term.model for name, term in terms.items()
@@ -323,9 +344,11 @@ class RLModule(TrainedOnlyCheckpoints, L.LightningModule):
                                     self.sampling, self.objective.responses_per_prompt,
                                     record_logprobs=from_sampler or not self.engine.exact,
                                     share_prompts=self.share_prompts).with_fields(batch.fields)
-        t1 = time.perf_counter()
+        t1, tokens = time.perf_counter(), roll.response_mask.sum().item()
         with reward_timeout(self.reward_timeout):
             roll.rewards = self.score(roll)
+        if self.keep_groups is not None:
+            roll = self.keep_informative(roll)
         if not from_sampler:
             roll.sampler_logp, roll.old_logp = roll.old_logp, self.logprobs(self.policy, roll)
         if roll.sampler_logp is not None:
@@ -334,10 +357,22 @@ class RLModule(TrainedOnlyCheckpoints, L.LightningModule):
             roll.ref_logp = self.logprobs(ref, roll)
         if self.value is not None:
             roll.values = self.values(roll)
-        tokens = roll.response_mask.sum().item()
         roll.timings.update({"perf/rollout_s": t1 - t0, "perf/score_s": time.perf_counter() - t1,
                              "perf/tokens_per_s": tokens / max(t1 - t0, 1e-9)})
         return roll
+
+    def keep_informative(self, roll: Rollout) -> Rollout:
+        """The `keep_groups` groups of a scored rollout that training keeps (`functional.kept_groups`): those whose
+        rewards (pairwise: pairs) do not all tie first. Logs the sampled rollout's mean reward and share of tied
+        groups."""
+        K = roll.group_size
+        tied = F.pair_ties(roll.pair_rewards, K) if roll.pair_rewards is not None else F.group_ties(roll.rewards, K)
+        groups = F.kept_groups(~tied.cpu(), self.keep_groups)
+        rows = (groups[:, None] * K + torch.arange(K)).flatten().to(roll.input_ids.device)
+        kept = roll.select(rows)
+        kept.timings = {**roll.timings, "train/sampled_reward": roll.rewards.mean().item(),
+                        "train/sampled_tied_groups": tied.float().mean().item()}
+        return kept
 
     def check_sampler(self, roll: Rollout) -> None:
         """The sampler/trainer gap of a rollout whose pi_old is a forward pass: `train/sampler_logprob_diff` (mean

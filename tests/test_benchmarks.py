@@ -115,7 +115,8 @@ def test_verifiable_quick_builds_its_sft_export_and_reports_every_objective(tmp_
     table = (tmp_path / "out" / "table.md").read_text()
     for arm in ("P3O", "RLOO", "GRPO-4", "P3O-4", "P3O scale_q", "P3O-V1", "P3O clip 0.4", "GRPO-4 unscaled",
                 "P3O lr 1e-4", "P3O kl 0", "GRPO-4 sequence ratio", "GRPO-4 KL in reward",
-                "GRPO-4 KL in reward unscaled", "P3O KL in loss", "P3O KL in loss, beta 0.025"):
+                "GRPO-4 KL in reward unscaled", "P3O KL in loss", "P3O KL in loss, beta 0.025", "GRPO-4 dynamic sampling",
+                "P3O-4 dynamic sampling", "P3O dynamic sampling"):
         assert f"| {arm} |" in table
     assert "| objective | accuracy at start | at rollout 1 | at the end |" in table
     import csv
@@ -123,6 +124,8 @@ def test_verifiable_quick_builds_its_sft_export_and_reports_every_objective(tmp_
     points = list(csv.DictReader(open(tmp_path / "out" / "points.csv")))
     assert [int(p["rollout"]) for p in points if p["objective"] == "P3O"] == [0, 1, 2, 3]   # evaluated every rollout
     assert all(0.0 <= float(p["gold"]) <= 1.0 for p in points)                            # accuracies
+    sampled = {p["objective"]: int(p["samples"]) for p in points if p["rollout"] == "1"}
+    assert (sampled["P3O"], sampled["P3O dynamic sampling"], sampled["GRPO-4 dynamic sampling"]) == (16, 48, 32)
     # each evaluation after the first carries the mean train/clipfrac of the rollouts since the one before
     assert all((p["clipfrac"] == "") == (p["rollout"] == "0") for p in points)
     assert all(0.0 <= float(p["clipfrac"]) <= 1.0 and 0.0 <= float(p["tied_groups"]) <= 1.0
