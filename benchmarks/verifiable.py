@@ -1,8 +1,9 @@
 """Learning from a verifiable reward: P3O, RLOO and GRPO (and two P3O variants) on the embedded sum task, whose
-reward is 1 where the response's number is the record's answer, else 0 (`modules.verifiable.AnswerMatch`); and ten
-ablation arms asking why P3O rises more slowly than GRPO-4 there, each changing one thing.
+reward is 1 where the response's number is the record's answer, else 0 (`modules.verifiable.AnswerMatch`); thirteen
+ablation arms asking why P3O rises more slowly than GRPO-4 there, each changing one thing; and three with DAPO's
+dynamic sampling (`keep_groups`).
 
-    python benchmarks/verifiable.py            # 15 arms x 5 seeds, 80 rollouts each (~18 min on 2 cores)
+    python benchmarks/verifiable.py            # 21 arms x 5 seeds, 80 rollouts each (~27 min on 2 cores)
     python benchmarks/verifiable.py --arms 'P3O kl 0'   # some arms; the others' rows in points.csv are kept
     python benchmarks/verifiable.py --quick    # every arm, 1 seed, 3 rollouts (CI-sized)
 
@@ -262,6 +263,8 @@ def figure(rows: list[dict], path: Path) -> None:
     names = list(dict.fromkeys(r["objective"] for r in rows))
     colours = {name: f"C{index % 10}" for index, name in enumerate(names)}
     styles = {name: "-" if index < 10 else "--" for index, name in enumerate(names)}     # (10 colours, then dashed)
+    for name in set(OVERSAMPLE) & set(names):           # dynamic sampling: its arm's colour, dashed
+        colours[name], styles[name] = colours.get(name.removesuffix(" dynamic sampling"), colours[name]), "--"
     kl = [n for n in names if "kl" in n.lower() and n not in MAIN]
     dynamic = [n for n in names if n in OVERSAMPLE]
     panels = [("objectives", [n for n in names if n in MAIN]),
