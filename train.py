@@ -40,7 +40,7 @@ from modules.cli_help import class_help, help_request
 from modules.cpu import reuse_freed_memory, sharded_allocator_warning
 from modules.engines import SamplerMismatchError
 from modules.parse_errors import one_line
-from modules.process import exit_process
+from modules.process import exit_process, peer_failure
 from modules.rewards import RewardError, qualified_name
 from modules.rl import NonFiniteError
 
@@ -279,6 +279,11 @@ def main(args: list[str] | None = None) -> int:
         cli = cli_main(args)
     except USER_ERRORS as err:
         print(f"error: {err}", file=sys.stderr)
+        return 1
+    except RuntimeError as err:
+        if (line := peer_failure(err)) is None:
+            raise
+        print(f"error: {line}", file=sys.stderr)
         return 1
     signum = interrupted(cli.trainer) if cli.subcommand == "fit" else None
     return 128 + signum if signum else 0

@@ -1,4 +1,5 @@
-"""How a script ends: `exit_process`, the last call of `train.py` and of every benchmark script."""
+"""How a script ends: `exit_process`, the last call of `train.py` and of every benchmark script; and
+`peer_failure`, the line a process says when another process of its run failed first."""
 from __future__ import annotations
 
 import atexit
@@ -48,6 +49,27 @@ def exit_process(code: int) -> NoReturn:
             if not file.closed and file.writable():
                 file.flush()
     os._exit(code)
+
+
+# what gloo raises in a collective whose other side has exited (pair.cc: "Connection closed by peer [addr]:port")
+PEER_GONE = ("Connection closed by peer", "Connection reset by peer")
+
+
+def peer_failure(err: BaseException) -> str | None:
+    """The one line for `err` if it is a collective that failed because another process of the run exited first
+    (having printed its own error: a user error is one line there too), else None. Under DDP a reward that fails on
+    one process's batch stops that process; without this, the others each added a 70-line gloo traceback after its
+    line, ending in "Connection closed by peer"."""
+    gone = next((text for text in PEER_GONE if isinstance(err, RuntimeError) and text in str(err)), None)
+    if gone is None:
+        return None
+    dist = sys.modules.get("torch.distributed")
+    if dist is not None and dist.is_available() and dist.is_initialized():
+        rank, size = dist.get_rank(), dist.get_world_size()
+    else:
+        rank, size = os.environ.get("RANK", "?"), os.environ.get("WORLD_SIZE", "?")
+    return (f"process {rank} of {size} stopped: another process of the run exited first, its error above (here a "
+            f"collective lost its peer: {gone.lower()})")
 
 
 def _host_goes_on() -> bool:

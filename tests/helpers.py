@@ -162,6 +162,20 @@ class BadReward:
         return values + [0.0] if self.mode == "extra" else values[:-1] if self.mode == "short" else values
 
 
+class ShortOnRank:
+    """Test reward: 0 for every response, but one number too few on the process of global rank `rank` (under DDP: a
+    reward error on one process only, as a bad record in one process's batch gives)."""
+
+    def __init__(self, rank: int = 0):
+        self.rank = rank
+
+    def __call__(self, prompts: list[str], responses: list[str]) -> list[float]:
+        import torch.distributed as dist
+
+        short = dist.is_initialized() and dist.get_rank() == self.rank
+        return [0.0] * (len(responses) - short)
+
+
 class ScoreTable:
     """Test pairwise reward: f(a, b) = scores[a] - scores[b] + bias from a dict, recording every call; antisymmetric
     (asked once per pair) unless it has a bias. `broken`: 'count' returns one number, 'nan' NaN for pairs with a = 'y'."""

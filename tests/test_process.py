@@ -92,3 +92,38 @@ def test_train_py_as_a_script_freezes_what_its_imports_leave_and_collects_again(
     proc = _run([sys.executable, "-c", _TRAIN_GC])
     assert proc.returncode == 0 and proc.stdout.startswith("True 0; "), proc.stderr[-2000:]
     assert proc.stdout.rstrip().endswith("True True"), proc.stdout[-500:]
+
+
+def test_a_collective_that_lost_its_peer_is_one_line_and_nothing_else_is():
+    """`peer_failure`: gloo's error for a collective whose other process exited (its words, in a RuntimeError) gets
+    the line; another RuntimeError, or those words in another type, does not."""
+    from modules.process import peer_failure
+
+    gloo = RuntimeError("[/__w/pytorch/pytorch/third_party/gloo/gloo/transport/tcp/pair.cc:553] Connection closed by "
+                        "peer [127.0.0.1]:34181. This is typically caused by a remote worker crashing.")
+    line = peer_failure(gloo)
+    assert line.startswith("process ") and line.endswith("its error above (here a collective lost its peer: "
+                                                         "connection closed by peer)")
+    assert peer_failure(RuntimeError("Connection reset by peer")) is not None
+    assert peer_failure(RuntimeError("CUDA out of memory")) is None
+    assert peer_failure(ValueError("Connection closed by peer")) is None
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("rank", [0, 1])
+def test_a_user_error_on_one_ddp_process_is_one_line_from_each(tmp_path, sft_dir, rank):
+    """DDP on 2 CPU processes, a reward returning one number too few on one process only: that process prints the
+    reward's one line and exits; the other, whose next collective loses its peer, one line saying so, instead of a
+    70-line gloo traceback ending in "Connection closed by peer" (rank 0 is the launching process, rank 1 its
+    child: both ways round). No traceback, exit code 1, within the test's timeout (no hang)."""
+    from tests.helpers import run_train, tiny_rl_config
+
+    config = tiny_rl_config(tmp_path, sft_dir, devices=2, strategy="ddp",
+                            model={"reward": {"class_path": "tests.helpers.ShortOnRank", "init_args": {"rank": rank}}})
+    err = run_train(config, expect=1, timeout=300).stderr
+    errors = [line for line in err.splitlines() if line.startswith("error: ")]
+    assert "Traceback" not in err, err[-3000:]
+    assert errors == ["error: reward tests.helpers.ShortOnRank returned 7 values for 8 responses; expected one number "
+                      "per response (rewards would be misaligned with responses)",
+                      f"error: process {1 - rank} of 2 stopped: another process of the run exited first, its error "
+                      "above (here a collective lost its peer: connection closed by peer)"], err[-3000:]
