@@ -4,6 +4,8 @@ Shapes: B = batch, T = sequence length, V = vocabulary. Masks are 0/1 tensors of
 """
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 
@@ -332,6 +334,54 @@ def clipped_surrogate(log_ratio: torch.Tensor, advantages: torch.Tensor, eps: fl
     if dual_clip is not None:
         surrogate = torch.where(advantages < 0, torch.max(surrogate, dual_clip * advantages), surrogate)
     return surrogate
+
+
+def cispo_surrogate(logp: torch.Tensor, log_ratio: torch.Tensor, advantages: torch.Tensor,
+                    max_ratio: float) -> torch.Tensor:
+    """CISPO's surrogate (MiniMax-M1, arXiv 2506.13585; TRL 1.16's `loss_type="cispo"`): sg[min(rho, max_ratio)] * A
+    * logp, elementwise. The importance weight is clipped and detached, never the token: every token keeps a
+    gradient, sg[min(rho, max)] * A * grad logp, where PPO's clip zeroes it outside the trust region.
+
+    Example: logp -1, A = 1: rho = 2, max 5 -> value -2, gradient 2 (PPO at eps 0.2: clipped, gradient 0);
+    rho = 6 -> value -5, gradient 5."""
+    return log_ratio.detach().exp().clamp(max=max_ratio) * advantages * logp
+
+
+def sapo_surrogate(log_ratio: torch.Tensor, advantages: torch.Tensor, tau_pos: float = 1.0,
+                   tau_neg: float = 1.05) -> torch.Tensor:
+    """SAPO's soft-gated surrogate (Soft Adaptive Policy Optimization, arXiv 2511.20347; TRL 1.16's
+    `loss_type="sapo"`): sigmoid(tau (rho - 1)) * 4 / tau * A, tau = tau_pos where A > 0, else tau_neg. In place of a
+    hard clip, a smooth gate: its gradient, 4 sigmoid'(tau (rho - 1)) rho A grad logp, is the policy gradient A grad
+    logp at rho = 1 and fades as rho leaves 1.
+
+    Example: A = 1, rho = 1 -> value 2 (sigmoid(0) * 4), gradient in log rho 1; rho = e^0.5 (tau 1) -> value
+    4 sigmoid(0.6487) = 2.6269, gradient 4 sigmoid'(0.6487) e^0.5 = 1.4867; A = -1, rho = 1 -> value -4 / 2.1 =
+    -1.9048 (tau 1.05), gradient -1."""
+    tau = torch.where(advantages > 0, tau_pos, tau_neg)
+    return torch.sigmoid(tau * (log_ratio.exp() - 1)) * 4 / tau * advantages
+
+
+@torch.no_grad()
+def vespo_weights(log_ratio: torch.Tensor, mask: torch.Tensor, advantages: torch.Tensor,
+                  log_sampler_weights: torch.Tensor | None = None, k_pos: float = 2.0, lambda_pos: float = 3.0,
+                  k_neg: float = 3.0, lambda_neg: float = 2.0) -> torch.Tensor:
+    """VESPO's sequence weights (Variational Sequence-Level Soft Policy Optimization, arXiv 2602.10693; TRL 1.16's
+    `get_gamma_weights`): phi(w) = e^lam w^k e^(-lam w), phi(1) = 1, with w = exp(sum_t log(pi / pi_old)) the
+    response's sequence ratio (each token's log-ratio clamped to [-20, 20], the sum to [log 1e-8, 20]), times its
+    mismatch correction (`log_sampler_weights` summed, each clamped alike) where there is one; (k, lam) = (k_pos,
+    lambda_pos) where A >= 0, else (k_neg, lambda_neg). Detached (a gradient scale); NaN / inf -> 0. (N, L) -> (N, 1).
+
+    Example: sum of log-ratios log 2 (w = 2): A >= 0 -> e^3 * 4 * e^-6 = 4 e^-3 = 0.19915; A < 0 -> e^2 * 8 * e^-4 =
+    8 e^-2 = 1.08268; w = 1 -> 1 either way."""
+    floor = math.log(1e-8)
+    log_w = (log_ratio.clamp(-20.0, 20.0) * mask).sum(-1, keepdim=True)
+    if log_sampler_weights is not None:
+        log_w = log_w + (log_sampler_weights.clamp(floor, 20.0) * mask).sum(-1, keepdim=True)
+    log_w = log_w.clamp(floor, 20.0)
+    positive = advantages >= 0
+    k = torch.where(positive, k_pos, k_neg)
+    lam = torch.where(positive, lambda_pos, lambda_neg).clamp(min=1e-4)
+    return torch.exp(lam + k * log_w - lam * log_w.exp()).nan_to_num(nan=0.0, posinf=0.0, neginf=0.0)
 
 
 def mismatch_weights(old_logp: torch.Tensor, sampler_logp: torch.Tensor, mask: torch.Tensor, level: str = "sequence",

@@ -258,6 +258,93 @@ def test_grpo_clip_higher_equals_trls_epsilon_high(loss_type):
     assert torch.allclose(g, theirs.grad, atol=1e-6) and not torch.allclose(g, symmetric, atol=1e-4)
 
 
+def trl_loss_types(logp, old, ref, adv, mask, loss_type: str, level: str, is_ratio=None, beta: float = 0.04,
+                   eps: float = 0.2, eps_high: float = 5.0, sapo=(1.0, 1.05), vespo=(2.0, 3.0, 3.0, 2.0)):
+    """TRL 1.16's `GRPOTrainer._compute_loss` and `get_gamma_weights` for 'cispo', 'sapo', 'luspo' and 'vespo',
+    written out line by line on one process without accumulation (so 'cispo' and 'vespo' normalise by the batch's
+    tokens). `eps_high` is TRL's `epsilon_high`, which 'cispo' takes as its bound; `is_ratio` TRL's
+    `importance_sampling_ratio` (the vLLM correction)."""
+    log_ratio = logp - old
+    if level == "token":
+        log_importance_weights = log_ratio
+    else:
+        log_importance_weights = ((log_ratio * mask).sum(-1) / mask.sum(-1).clamp(min=1.0)).unsqueeze(-1)
+    coef_1 = torch.exp(log_importance_weights)
+    per_token_kl = torch.exp(ref - logp) - (ref - logp) - 1
+    if loss_type == "cispo":
+        per_token_loss = -torch.clamp(coef_1, max=eps_high).detach() * adv * logp
+    elif loss_type == "luspo":
+        coef_2 = torch.clamp(coef_1, 1 - eps, 1 + eps)
+        per_token_loss = -torch.min(coef_1 * adv, coef_2 * adv)
+    elif loss_type == "sapo":
+        temperatures = torch.where(adv > 0, sapo[0], sapo[1])
+        per_token_loss = -torch.sigmoid(temperatures * (coef_1 - 1)) * 4 / temperatures * adv
+    else:                                                       # vespo: get_gamma_weights, under no_grad
+        with torch.no_grad():
+            lower = math.log(1e-8)
+            seq_log_ratio = torch.sum(torch.clamp(log_ratio, -20.0, 20.0) * mask, dim=-1, keepdim=True)
+            if is_ratio is not None:
+                seq_log_ratio += torch.sum(torch.clamp(torch.log(is_ratio), lower, 20.0), dim=-1, keepdim=True)
+            log_w_seq = torch.clamp(seq_log_ratio, lower, 20.0)
+            k_seq = torch.where(adv >= 0, vespo[0], vespo[2])
+            lambda_seq = torch.where(adv >= 0, vespo[1], vespo[3]).clamp(min=1e-4)
+            phi_seq = torch.exp(lambda_seq + k_seq * log_w_seq - lambda_seq * torch.exp(log_w_seq)).nan_to_num(
+                nan=0.0, posinf=0.0, neginf=0.0)
+        per_token_loss = -phi_seq * adv * logp
+    if is_ratio is not None and loss_type != "vespo":
+        per_token_loss = per_token_loss * is_ratio
+    per_token_loss = per_token_loss + beta * per_token_kl
+    if loss_type == "sapo":
+        return ((per_token_loss * mask).sum(-1) / mask.sum(-1).clamp(min=1.0)).mean()
+    if loss_type == "luspo":
+        return (per_token_loss * mask).sum(-1).mean()
+    return (per_token_loss * mask).sum() / mask.sum().clamp(min=1.0)
+
+
+LOSS_TYPE_CASES = [("cispo", "token"), ("cispo", "sequence"), ("sapo", "token"), ("sapo", "sequence"),
+                   ("luspo", "sequence"), ("luspo", "token"), ("vespo", "token")]
+
+
+@pytest.mark.parametrize("correction", [False, True], ids=["plain", "mismatch"])
+@pytest.mark.parametrize("loss_type, level", LOSS_TYPE_CASES, ids=[f"{t}-{lv}" for t, lv in LOSS_TYPE_CASES])
+def test_cispo_sapo_luspo_vespo_equal_trls(loss_type, level, correction):
+    """GRPO's `loss_type` cispo, sapo, luspo and vespo against TRL 1.16's code written out (`trl_loss_types`):
+    log-ratios up to +-1.5, so CISPO's bound (here 1.5, not TRL's 5.0, to bind) and the gates act somewhere; ragged
+    masks, both importance-sampling levels, and a vLLM mismatch correction (TRL's `importance_sampling_ratio`, which
+    multiplies every loss type's term but VESPO's, whose sequence weight it enters): the same loss and gradient."""
+    torch.manual_seed(2)
+    logp, ref = torch.randn(4, 5) * 0.3, torch.randn(4, 5) * 0.3
+    old = logp - (torch.rand(4, 5) - 0.5) * 3.0
+    mask = torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1], [1, 0, 0, 0, 0], [1, 1, 1, 1, 0]], dtype=torch.float32)
+    rewards = torch.tensor([1.0, 0.0, 0.5, 2.0])
+    weights = (torch.rand(4, 5) + 0.5) * mask if correction else None
+    batch = make_input(logp.tolist(), old.tolist(), ref.tolist(), rewards.tolist(), mask=mask.tolist(),
+                       tokens_per_rank=float(mask.sum()), sampler_weights=weights)
+    value, g = grad(GRPO(k=2, kl_coef=0.04, loss_type=loss_type, importance_sampling_level=level, cispo_max=1.5), batch)
+
+    theirs = logp.clone().requires_grad_(True)
+    adv = group_normalized_advantages(rewards, 2)[:, None]
+    is_ratio = None if weights is None else torch.where(mask.bool(), weights, 1.0)    # (TRL's: 1 on padding)
+    loss = trl_loss_types(theirs, old, ref, adv, mask, loss_type, level, is_ratio, eps_high=1.5)
+    loss.backward()
+    assert value.item() == pytest.approx(loss.item(), abs=1e-6)
+    assert torch.allclose(g, theirs.grad, atol=1e-6)
+
+
+def test_loss_types_without_a_clip_refuse_its_bounds():
+    """cispo, sapo and vespo have no PPO clip: clip_eps_high or dual_clip with them is one line (cispo's own bound is
+    cispo_max); a bound or temperature <= 0 is refused."""
+    for loss_type in ("cispo", "sapo", "vespo"):
+        with pytest.raises(ValueError, match=rf"GRPO: clip_eps_high / dual_clip bound PPO's clipped term, which loss_type "
+                                             rf"'{loss_type}' does not have"):
+            GRPO(loss_type=loss_type, clip_eps_high=0.28)
+    with pytest.raises(ValueError, match=r"does not have \(its bound is cispo_max\)"):
+        GRPO(loss_type="cispo", dual_clip=3.0)
+    with pytest.raises(ValueError, match=r"GRPO: sapo_temperature_neg=0; expected > 0"):
+        GRPO(loss_type="sapo", sapo_temperature_neg=0)
+    GRPO(loss_type="luspo", clip_eps_high=0.28, importance_sampling_level="sequence")     # (luspo clips)
+
+
 def test_clip_higher_in_rloo_ppo_and_p3o_v1_lets_a_good_response_rise_further():
     """One response with A > 0 at ratio 1.25: clip 0.2 stops it (gradient 0), clip_eps_high 0.28 does not (RLOO:
     -A rho / N; P3O-V1's first response of a pair with Delta = 1, partner at ratio 1: -1/2 Delta rho); P3O-V2 and

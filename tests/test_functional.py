@@ -192,3 +192,41 @@ def test_best_of_groups_literal_examples():
     [0.7, 0.1]."""
     assert F.best_of_groups(torch.tensor([0.0, 1, 0, 0, 0, 0, 0, 0]), 4).tolist() == [1.0, 0.0]
     assert torch.allclose(F.best_of_groups(torch.tensor([0.2, 0.7, -1.0, 0.1]), 2), torch.tensor([0.7, 0.1]))
+
+
+def test_cispo_surrogate_literal_examples():
+    """The docstring: logp -1, A = 1: rho 2 (under max 5) -> value -2, gradient (in logp) 2, where PPO's clip at 0.2
+    gives 0; rho 6 -> the weight 5: value -5, gradient 5. The weight is detached: no gradient through the ratio."""
+    for rho, value, gradient in [(2.0, -2.0, 2.0), (6.0, -5.0, 5.0)]:
+        logp = torch.tensor([-1.0], requires_grad=True)
+        log_ratio = torch.tensor([math.log(rho)], requires_grad=True)
+        out = F.cispo_surrogate(logp, log_ratio, torch.tensor([1.0]), 5.0)
+        out.backward()
+        assert out.item() == pytest.approx(value) and logp.grad.item() == pytest.approx(gradient)
+        assert log_ratio.grad is None or log_ratio.grad.item() == 0.0
+    ppo = torch.tensor([math.log(2.0)], requires_grad=True)
+    F.clipped_surrogate(ppo, torch.tensor([1.0]), 0.2).backward()
+    assert ppo.grad.item() == 0.0
+
+
+def test_sapo_surrogate_literal_examples():
+    """The docstring: A = 1, rho = 1 -> 2 with gradient (in log rho) 1, the policy gradient; rho = e^0.5 -> 2.6269,
+    gradient 1.4867; A = -1, rho = 1 (tau 1.05) -> -1.9048, gradient -1."""
+    for log_rho, adv, value, gradient in [(0.0, 1.0, 2.0, 1.0), (0.5, 1.0, 2.6269, 1.4867), (0.0, -1.0, -1.9048, -1.0)]:
+        log_ratio = torch.tensor([log_rho], requires_grad=True)
+        out = F.sapo_surrogate(log_ratio, torch.tensor([adv]))
+        out.backward()
+        assert out.item() == pytest.approx(value, abs=1e-4) and log_ratio.grad.item() == pytest.approx(gradient, abs=1e-4)
+
+
+def test_vespo_weights_literal_examples():
+    """The docstring: a sequence log-ratio log 2 (here two tokens of log 2 / 2; the third is padding, whatever it
+    holds): phi = 4 e^-3 for A >= 0 (k 2, lambda 3), 8 e^-2 for A < 0 (k 3, lambda 2); log-ratio 0 -> 1; a mismatch
+    correction's log-weights add to the sequence's (log 2 from the ratio, log 1/2 from the correction: w = 1)."""
+    half = math.log(2) / 2
+    log_ratio, mask = torch.tensor([[half, half, 5.0]] * 3), torch.tensor([[1.0, 1.0, 0.0]] * 3)
+    phi = F.vespo_weights(log_ratio, mask, torch.tensor([[1.0], [-1.0], [0.0]]))
+    assert phi.view(-1).tolist() == pytest.approx([4 * math.exp(-3), 8 * math.exp(-2), 4 * math.exp(-3)], rel=1e-5)
+    assert F.vespo_weights(torch.zeros(1, 2), torch.ones(1, 2), torch.tensor([[1.0]])).item() == pytest.approx(1.0)
+    correction = torch.tensor([[-half, -half, float("-inf")]])       # (log 0 outside the mask)
+    assert F.vespo_weights(log_ratio[:1], mask[:1], torch.tensor([[1.0]]), correction).item() == pytest.approx(1.0)

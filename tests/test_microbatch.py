@@ -36,11 +36,14 @@ def objective(name: str, k: int):
         return made
     return {"p3o": lambda: P3O(k=k), "p3o_v1": lambda: P3O(variant="v1", k=k), "dpo": OnlineDPO,
             "rloo": lambda: RLOO(k=k), "grpo": lambda: GRPO(k=k), "grpo_dapo": lambda: GRPO(k=k, loss_type="dapo"),
-            "grpo_bnpo": lambda: GRPO(k=k, loss_type="bnpo")}[name]()
+            "grpo_bnpo": lambda: GRPO(k=k, loss_type="bnpo"), "grpo_cispo": lambda: GRPO(k=k, loss_type="cispo"),
+            "grpo_sapo": lambda: GRPO(k=k, loss_type="sapo"), "grpo_vespo": lambda: GRPO(k=k, loss_type="vespo"),
+            "grpo_luspo": lambda: GRPO(k=k, loss_type="luspo", importance_sampling_level="sequence")}[name]()
 
 
 CASES = [("p3o", 2), ("p3o", 4), ("p3o_v1", 2), ("ppo", 2), ("ppo", 4), ("dpo", 2), ("rloo", 2), ("rloo", 4),
-         ("grpo", 2), ("grpo", 4), ("grpo_dapo", 4), ("grpo_bnpo", 2)]
+         ("grpo", 2), ("grpo", 4), ("grpo_dapo", 4), ("grpo_bnpo", 2), ("grpo_cispo", 4), ("grpo_sapo", 2),
+         ("grpo_luspo", 4), ("grpo_vespo", 2)]
 
 
 def rollout_module(sft_dir, tokenizer, name: str, k: int, share_prompts: bool, lora: bool, perturb: bool = True):

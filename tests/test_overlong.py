@@ -116,7 +116,11 @@ def objective(name: str):
             "dpo": OnlineDPO, "rloo-k4": lambda: RLOO(k=4), "ppo": lambda: PPO(kl_estimator="k3"),
             "grpo": lambda: GRPO(k=4), "grpo-dapo": lambda: GRPO(k=4, loss_type="dapo"),
             "grpo-bnpo": lambda: GRPO(k=2, loss_type="bnpo"), "grpo-dr": lambda: GRPO(k=4, loss_type="dr_grpo"),
-            "gspo": lambda: GRPO(k=4, importance_sampling_level="sequence")}[name]()
+            "gspo": lambda: GRPO(k=4, importance_sampling_level="sequence"),
+            "grpo-cispo": lambda: GRPO(k=4, loss_type="cispo", cispo_max=1.02),
+            "grpo-sapo": lambda: GRPO(k=2, loss_type="sapo"),
+            "grpo-luspo": lambda: GRPO(k=4, loss_type="luspo", importance_sampling_level="sequence"),
+            "grpo-vespo": lambda: GRPO(k=4, loss_type="vespo")}[name]()
 
 
 def module_with_truncated(sft_dir, tokenizer, name: str):
@@ -152,7 +156,7 @@ def gradients(module, roll, mask_truncated: bool, reference_mask: torch.Tensor |
 
 
 NAMES = ["p3o-k2", "p3o-k4", "p3o-tokenwise", "dpo", "rloo-k4", "ppo", "grpo", "grpo-dapo", "grpo-bnpo", "grpo-dr",
-         "gspo"]
+         "gspo", "grpo-cispo", "grpo-sapo", "grpo-luspo", "grpo-vespo"]
 
 
 @pytest.mark.parametrize("name", NAMES)

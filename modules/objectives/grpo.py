@@ -15,6 +15,13 @@ centres. `loss_type` (TRL's argument) says how per-token losses l_t (mask m_t) a
   'dr_grpo' sum_t l_t m_t / (sequences x max_new_tokens) (Liu et al., "Understanding R1-Zero-Like Training")
   'dapo'    sum_t l_t m_t / (response tokens of the optimizer step's batch over all ranks / ranks): TRL's
             default. One minibatch is one optimizer step here, so on one process 'dapo' equals 'bnpo'.
+Four more of TRL 1.16's loss types change the per-token term too (`functional` has each formula):
+  'cispo'   -sg[min(rho, cispo_max)] A logp (MiniMax-M1): the weight clipped, never the token; aggregated as 'dapo'
+  'sapo'    -sigmoid(tau (rho - 1)) 4 / tau A (SAPO), a soft gate in place of the clip; aggregated as 'grpo'
+  'luspo'   the clipped term (LUSPO, length-unbiased GSPO: use with importance_sampling_level 'sequence'), summed over
+            each sequence's tokens, then the mean over sequences
+  'vespo'   -phi(w) A logp (VESPO), phi a gamma weight of the sequence ratio w; aggregated as 'dapo'. The mismatch
+            correction enters w, not the loss
 `importance_sampling_level` (TRL's argument): 'token' clips each token's ratio (GRPO); 'sequence' is GSPO (Zheng
 et al., "Group Sequence Policy Optimization", arXiv 2507.18071): one ratio per response, exp of the mean over its
 tokens of log(pi / pi_old), clipped and broadcast to its tokens (TRL's formula; with `loss_type: grpo`, the
@@ -22,7 +29,9 @@ paper's per-sequence objective). GSPO's paper clips far tighter than PPO (3e-4 /
 `kl_in_reward` (veRL's `use_kl_in_reward`, in place of its `use_kl_loss`): the KL enters the reward instead of
 the loss, r_i - beta * sum_t (old_logp - ref_logp) (the rollout's k1 estimate, as RLOO and PPO shape theirs),
 before the group normalisation; the loss then has no KL term.
-Deviations from TRL: GRPO's beta defaults to 0.04 (TRL's is 0.0); `dual_clip` (off) replaces TRL's `delta`.
+Deviations from TRL: GRPO's beta defaults to 0.04 (TRL's is 0.0); `dual_clip` (off) replaces TRL's `delta`;
+CISPO's bound is `cispo_max` (5.0, ScaleRL's value), where TRL reuses `epsilon_high` (and so clamps the ratio at
+0.2 unless it is set).
 """
 from __future__ import annotations
 
@@ -34,7 +43,8 @@ from modules import functional as F
 from modules.batch import ObjectiveInput, ObjectiveOutput
 from modules.objectives.base import Objective, check_clipping
 
-LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo")
+LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo", "cispo", "sapo", "luspo", "vespo")
+CLIPPED = ("grpo", "bnpo", "dr_grpo", "dapo", "luspo")        # the loss types with PPO's clipped term
 SCALE_REWARDS = ("group", "batch", "none")
 
 
@@ -55,16 +65,18 @@ def group_normalized_advantages(rewards: torch.Tensor, k: int, scale: str = "gro
 def aggregate(per_token: torch.Tensor, mask: torch.Tensor, loss_type: str, max_new_tokens: int | None = None,
               tokens_per_rank: float | None = None) -> torch.Tensor:
     """Reduce per-token losses (N, L) under `mask` to a scalar as TRL's `loss_type` does (see the module doc)."""
-    if loss_type == "grpo":
+    if loss_type in ("grpo", "sapo"):
         return F.masked_mean(per_token, mask, dim=-1).mean()
+    if loss_type == "luspo":
+        return F.masked_sum(per_token, mask, dim=-1).mean()
     total = F.masked_sum(per_token, mask)
     if loss_type == "bnpo":
         return total / mask.sum().clamp(min=1)
     if loss_type == "dr_grpo":
         return total / (per_token.shape[0] * (max_new_tokens or per_token.shape[1]))
-    if loss_type == "dapo":
+    if loss_type in ("dapo", "cispo", "vespo"):
         return total / (tokens_per_rank if tokens_per_rank else mask.sum().clamp(min=1))   # (0 tokens: total is 0)
-    raise ValueError(f"GRPO: loss_type must be 'grpo', 'bnpo', 'dr_grpo' or 'dapo', got {loss_type!r}")
+    raise ValueError(f"GRPO: loss_type must be one of {LOSS_TYPES}, got {loss_type!r}")
 
 
 class GRPO(Objective):
@@ -74,7 +86,8 @@ class GRPO(Objective):
         k: responses per prompt (the group), >= 2.
         kl_coef: beta on the per-token k3 KL to the reference in the loss.
         clip_eps: PPO clip range of the per-token ratio.
-        loss_type: how per-token losses are aggregated: 'grpo', 'bnpo', 'dr_grpo' or 'dapo' (TRL's names).
+        loss_type: TRL's names: how per-token losses are aggregated ('grpo', 'bnpo', 'dr_grpo', 'dapo'), or another
+            per-token term ('cispo', 'sapo', 'luspo', 'vespo'; see the module docstring).
         scale_rewards: advantages divided by the group's std ('group'), the rollout's ('batch'), or only centred ('none').
         dual_clip: c > 1 bounds the surrogate of negative advantages below by c * A (None: off).
         importance_sampling_level: 'token' (GRPO: each token's ratio clipped) or 'sequence' (GSPO: one ratio per
@@ -82,16 +95,25 @@ class GRPO(Objective):
         kl_in_reward: subtract beta times the rollout's sequence KL from each reward before the advantages, instead
             of the k3 KL term in the loss (veRL's use_kl_in_reward).
         clip_eps_high: the upper clip bound, 1 + clip_eps_high (DAPO's clip-higher, TRL's `epsilon_high`; DAPO uses
-            0.28 with clip_eps 0.2). None: clip_eps.
+            0.28 with clip_eps 0.2). None: clip_eps. clip_eps, clip_eps_high and dual_clip: the clipped loss types.
+        cispo_max: 'cispo': the bound of the detached ratio (TRL's `epsilon_high` there; ScaleRL's 5.0).
+        sapo_temperature_pos: 'sapo': the gate's temperature tau where A > 0 (TRL's).
+        sapo_temperature_neg: 'sapo': tau where A <= 0 (TRL's).
+        vespo_k_pos: 'vespo': the gamma weight's power k where A >= 0 (TRL's).
+        vespo_lambda_pos: 'vespo': its decay lambda where A >= 0.
+        vespo_k_neg: 'vespo': k where A < 0.
+        vespo_lambda_neg: 'vespo': lambda where A < 0.
     """
 
     separable_groups = True        # per-token terms over the minibatch's rows or tokens
 
     def __init__(self, k: int = 4, kl_coef: float = 0.04, clip_eps: float = 0.2,
-                 loss_type: Literal["grpo", "bnpo", "dr_grpo", "dapo"] = "grpo",
+                 loss_type: Literal["grpo", "bnpo", "dr_grpo", "dapo", "cispo", "sapo", "luspo", "vespo"] = "grpo",
                  scale_rewards: Literal["group", "batch", "none"] = "group", dual_clip: float | None = None,
                  importance_sampling_level: Literal["token", "sequence"] = "token", kl_in_reward: bool = False,
-                 clip_eps_high: float | None = None):
+                 clip_eps_high: float | None = None, cispo_max: float = 5.0, sapo_temperature_pos: float = 1.0,
+                 sapo_temperature_neg: float = 1.05, vespo_k_pos: float = 2.0, vespo_lambda_pos: float = 3.0,
+                 vespo_k_neg: float = 3.0, vespo_lambda_neg: float = 2.0):
         super().__init__()
         if importance_sampling_level not in ("token", "sequence"):
             raise ValueError(f"GRPO: importance_sampling_level must be 'token' or 'sequence', got "
@@ -103,6 +125,17 @@ class GRPO(Objective):
         if scale_rewards not in SCALE_REWARDS:
             raise ValueError(f"GRPO: scale_rewards must be one of {SCALE_REWARDS}, got {scale_rewards!r}")
         check_clipping("GRPO", clip_eps, dual_clip, clip_eps_high)
+        if loss_type not in CLIPPED and (clip_eps_high, dual_clip) != (None, None):
+            raise ValueError(f"GRPO: clip_eps_high / dual_clip bound PPO's clipped term, which loss_type {loss_type!r} "
+                             f"does not have{' (its bound is cispo_max)' if loss_type == 'cispo' else ''}")
+        for name, value in (("cispo_max", cispo_max), ("sapo_temperature_pos", sapo_temperature_pos),
+                            ("sapo_temperature_neg", sapo_temperature_neg), ("vespo_lambda_pos", vespo_lambda_pos),
+                            ("vespo_lambda_neg", vespo_lambda_neg)):
+            if not value > 0:
+                raise ValueError(f"GRPO: {name}={value}; expected > 0")
+        self.cispo_max, self.sapo_temperatures = cispo_max, (sapo_temperature_pos, sapo_temperature_neg)
+        self.vespo = {"k_pos": vespo_k_pos, "lambda_pos": vespo_lambda_pos, "k_neg": vespo_k_neg,
+                      "lambda_neg": vespo_lambda_neg}
         self.responses_per_prompt, self.kl_coef, self.clip_eps = k, kl_coef, clip_eps
         self.loss_type, self.scale_rewards, self.dual_clip = loss_type, scale_rewards, dual_clip
         self.importance_sampling_level, self.kl_in_reward = importance_sampling_level, kl_in_reward
@@ -117,18 +150,31 @@ class GRPO(Objective):
 
     def forward(self, batch: ObjectiveInput) -> ObjectiveOutput:
         adv = batch.extra["advantages"][:, None]                                            # (N, 1)
-        log_ratio = batch.logp - batch.old_logp                                             # (N, L)
+        token_log_ratio = log_ratio = batch.logp - batch.old_logp                           # (N, L)
         if self.importance_sampling_level == "sequence":          # GSPO: each response's mean log-ratio, per token
             per_response = F.masked_sum(log_ratio, batch.mask, -1) / batch.mask.sum(-1).clamp(min=1)   # (N,)
             log_ratio = per_response[:, None].expand_as(log_ratio)
-        surrogate = F.clipped_surrogate(log_ratio, adv, self.clip_eps, self.dual_clip, self.clip_eps_high)   # (N, L)
+        mask, weights = batch.loss_mask(), batch.token_weights()  # (mask_truncated: less the cut-off responses)
+        ratio = log_ratio.detach().exp()
+        metrics = {}
+        if self.loss_type == "cispo":
+            surrogate = F.cispo_surrogate(batch.logp, log_ratio, adv, self.cispo_max)
+            metrics["clipfrac"] = F.masked_mean(((ratio > self.cispo_max) & (adv > 0)).float(), mask)     # (TRL's)
+        elif self.loss_type == "sapo":
+            surrogate = F.sapo_surrogate(log_ratio, adv, *self.sapo_temperatures)
+        elif self.loss_type == "vespo":     # the mismatch correction enters the sequence weight, not the loss
+            log_sampler = None if batch.sampler_weights is None else batch.sampler_weights.log()
+            phi = F.vespo_weights(token_log_ratio, batch.mask, adv, log_sampler, **self.vespo)             # (N, 1)
+            surrogate, weights = phi * adv * batch.logp, 1.0
+            metrics["vespo_weight_mean"] = phi.mean()
+        else:
+            surrogate = F.clipped_surrogate(log_ratio, adv, self.clip_eps, self.dual_clip, self.clip_eps_high)
+            metrics["clipfrac"] = F.clip_fraction(ratio, self.clip_eps, mask, self.clip_eps_high)
         kl = F.kl_penalty(batch.logp, batch.ref_logp, "k3")                                 # (N, L)
         beta = 0.0 if self.kl_in_reward else self.kl_coef                                  # (else in the reward)
-        per_token = -(surrogate * batch.token_weights() - beta * kl)                    # TRL: IS weights the PG term
-        mask = batch.loss_mask()                                  # (mask_truncated: less the cut-off responses)
+        per_token = -(surrogate * weights - beta * kl)                                  # TRL: IS weights the PG term
         loss = aggregate(per_token, mask, self.loss_type, batch.max_new_tokens, batch.tokens_per_rank)
-        ratio = log_ratio.detach().exp()
         return ObjectiveOutput(loss, {
-            "loss": loss.detach(), "clipfrac": F.clip_fraction(ratio, self.clip_eps, mask, self.clip_eps_high),
-            "ratio_mean": F.masked_mean(ratio, mask), "kl_ref": F.masked_mean(kl.detach(), mask),
+            "loss": loss.detach(), **metrics, "ratio_mean": F.masked_mean(ratio, mask),
+            "kl_ref": F.masked_mean(kl.detach(), mask),
         })
