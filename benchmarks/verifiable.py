@@ -91,6 +91,14 @@ ARMS["P3O-V1 no partner weight"] = (2, {"class_path": "modules.objectives.p3o.P3
 # ... and P3O-V2 without its joint importance weight sg[clamp(rho1 rho2, 1/R, R)] (R = 1: the weight is 1)
 ARMS["P3O no IS weight"] = (2, {"class_path": "modules.objectives.p3o.P3O",
                                 "init_args": {"variant": "v2", "clip_eps": 0.2, "kl_coef": 0.05, "is_cap": 1.0}})
+# GRPO-4 with TRL 1.16's default KL gradient (the k3 term times the ratio: unbiased), and with two of its other
+# per-token terms in place of the clip: CISPO (the weight clipped, never the token) and SAPO (a soft gate)
+ARMS["GRPO-4 unbiased KL"] = (4, {"class_path": "modules.objectives.grpo.GRPO",
+                                  "init_args": {"k": 4, "kl_coef": 0.05, "clip_eps": 0.2, "kl_bias_correction": True}})
+ARMS["GRPO-4 CISPO"] = (4, {"class_path": "modules.objectives.grpo.GRPO",
+                            "init_args": {"k": 4, "kl_coef": 0.05, "loss_type": "cispo"}})
+ARMS["GRPO-4 SAPO"] = (4, {"class_path": "modules.objectives.grpo.GRPO",
+                           "init_args": {"k": 4, "kl_coef": 0.05, "loss_type": "sapo"}})
 # DAPO's dynamic sampling (`keep_groups`): each rollout samples `OVERSAMPLE` times the prompts and trains on as many
 # as the arm it copies, those whose rewards do not all tie first (the sum task holds as many more records)
 OVERSAMPLE = {"GRPO-4 dynamic sampling": 2, "P3O-4 dynamic sampling": 2, "P3O dynamic sampling": 3}

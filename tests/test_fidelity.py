@@ -222,12 +222,16 @@ def test_gspo_equals_trls_sequence_level_formula(loss_type):
     assert torch.allclose(g, theirs.grad, atol=1e-6)
 
 
-def trl_grpo_loss(coef_1, adv, logp, ref, mask, loss_type: str, eps_low: float, eps_high: float, beta: float = 0.04):
+def trl_grpo_loss(coef_1, adv, logp, ref, mask, loss_type: str, eps_low: float, eps_high: float, beta: float = 0.04,
+                  use_bias_correction_kl: bool = False):
     """TRL 1.16's `_compute_loss` from the ratios on: coef_2 = clamp(coef_1, 1 - eps_low, 1 + eps_high),
-    -min(coef_1 A, coef_2 A) + beta k3 per token, then 'grpo' (the mean over sequences of each one's token mean) or
-    the token mean of the batch ('bnpo', and 'dapo' on one process)."""
+    -min(coef_1 A, coef_2 A) + beta k3 per token (k3 times coef_1 with `use_bias_correction_kl`, TRL's default; ours
+    is `kl_bias_correction`, off by default), then 'grpo' (the mean over sequences of each one's token mean) or the
+    token mean of the batch ('bnpo', and 'dapo' on one process)."""
     coef_2 = torch.clamp(coef_1, 1 - eps_low, 1 + eps_high)
     kl = torch.exp(ref - logp) - (ref - logp) - 1
+    if use_bias_correction_kl:
+        kl = kl * coef_1
     per_token = -torch.min(coef_1 * adv, coef_2 * adv) + beta * kl
     if loss_type == "grpo":
         return ((per_token * mask).sum(-1) / mask.sum(-1).clamp(min=1.0)).mean()
@@ -329,6 +333,41 @@ def test_cispo_sapo_luspo_vespo_equal_trls(loss_type, level, correction):
     loss.backward()
     assert value.item() == pytest.approx(loss.item(), abs=1e-6)
     assert torch.allclose(g, theirs.grad, atol=1e-6)
+
+
+@pytest.mark.parametrize("level", ["token", "sequence"])
+def test_grpo_kl_bias_correction_equals_trls_default(level):
+    """TRL 1.16's default `use_bias_correction_kl=True`, written out (`trl_grpo_loss`): the k3 term times the
+    differentiable ratio coef_1, at either importance-sampling level. Ours with `kl_bias_correction` gives the same
+    loss and gradient; without it, a different gradient (beta 0.5, so the KL term weighs)."""
+    torch.manual_seed(3)
+    logp, ref = torch.randn(4, 5) * 0.3, torch.randn(4, 5) * 0.3
+    old = logp - (torch.rand(4, 5) - 0.5) * 0.8
+    mask = torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1], [1, 0, 0, 0, 0], [1, 1, 1, 1, 0]], dtype=torch.float32)
+    rewards = torch.tensor([1.0, 0.0, 0.5, 2.0])
+    batch = make_input(logp.tolist(), old.tolist(), ref.tolist(), rewards.tolist(), mask=mask.tolist())
+    value, g = grad(GRPO(k=2, kl_coef=0.5, importance_sampling_level=level, kl_bias_correction=True), batch)
+    _, plain = grad(GRPO(k=2, kl_coef=0.5, importance_sampling_level=level), batch)
+
+    theirs = logp.clone().requires_grad_(True)
+    adv = group_normalized_advantages(rewards, 2)[:, None]
+    log_w = theirs - old if level == "token" else (((theirs - old) * mask).sum(-1) / mask.sum(-1).clamp(min=1.0))[:, None]
+    loss = trl_grpo_loss(torch.exp(log_w), adv, theirs, ref, mask, "grpo", 0.2, 0.2, 0.5, use_bias_correction_kl=True)
+    loss.backward()
+    assert value.item() == pytest.approx(loss.item(), abs=1e-6)
+    assert torch.allclose(g, theirs.grad, atol=1e-6) and not torch.allclose(g, plain, atol=1e-3)
+
+
+def test_kl_bias_correction_at_ratio_one_is_the_log_ratios_gradient():
+    """The module docstring: at rho = 1, d(rho k3)/d logp = k3 + (1 - e^(ref - logp)) = logp - ref. One token,
+    logp = old = 0, ref = -0.5, A = 0 (equal rewards), beta 1: gradient 0.5 with the correction, 1 - e^-0.5 =
+    0.393469 (k3's own) without; the group's other token (ref 0) gives 0 either way."""
+    for correction, expected in [(True, 0.5), (False, 1 - math.exp(-0.5))]:
+        batch = make_input([0.0, 0.0], [0.0, 0.0], [-0.5, 0.0], [1.0, 1.0])
+        _, g = grad(GRPO(k=2, kl_coef=1.0, kl_bias_correction=correction), batch)
+        assert g.view(-1).tolist() == pytest.approx([expected / 2, 0.0], abs=1e-6)      # (the mean over 2 rows)
+    with pytest.raises(ValueError, match=r"GRPO: kl_bias_correction weights the KL term of the loss, which kl_in_reward"):
+        GRPO(kl_bias_correction=True, kl_in_reward=True)
 
 
 def test_loss_types_without_a_clip_refuse_its_bounds():

@@ -29,7 +29,11 @@ paper's per-sequence objective). GSPO's paper clips far tighter than PPO (3e-4 /
 `kl_in_reward` (veRL's `use_kl_in_reward`, in place of its `use_kl_loss`): the KL enters the reward instead of
 the loss, r_i - beta * sum_t (old_logp - ref_logp) (the rollout's k1 estimate, as RLOO and PPO shape theirs),
 before the group normalisation; the loss then has no KL term.
-Deviations from TRL: GRPO's beta defaults to 0.04 (TRL's is 0.0); `dual_clip` (off) replaces TRL's `delta`;
+`kl_bias_correction` (TRL's `use_bias_correction_kl`, DeepSeek-V3.2): the k3 term multiplied by the (differentiable)
+ratio rho, rho k3, so its gradient is the unbiased reverse-KL gradient: at rho = 1 it adds k3 grad logp to grad k3,
+and the sum is (logp - ref) grad logp per token.
+Deviations from TRL: GRPO's beta defaults to 0.04 (TRL's is 0.0); `kl_bias_correction` is off by default (TRL
+1.16's is on: with beta > 0 set it for TRL's gradient); `dual_clip` (off) replaces TRL's `delta`;
 CISPO's bound is `cispo_max` (5.0, ScaleRL's value), where TRL reuses `epsilon_high` (and so clamps the ratio at
 0.2 unless it is set).
 """
@@ -96,6 +100,8 @@ class GRPO(Objective):
             of the k3 KL term in the loss (veRL's use_kl_in_reward).
         clip_eps_high: the upper clip bound, 1 + clip_eps_high (DAPO's clip-higher, TRL's `epsilon_high`; DAPO uses
             0.28 with clip_eps 0.2). None: clip_eps. clip_eps, clip_eps_high and dual_clip: the clipped loss types.
+        kl_bias_correction: the k3 KL term times the ratio, for the unbiased reverse-KL gradient (TRL's
+            `use_bias_correction_kl`, on by default there; off here).
         cispo_max: 'cispo': the bound of the detached ratio (TRL's `epsilon_high` there; ScaleRL's 5.0).
         sapo_temperature_pos: 'sapo': the gate's temperature tau where A > 0 (TRL's).
         sapo_temperature_neg: 'sapo': tau where A <= 0 (TRL's).
@@ -113,7 +119,7 @@ class GRPO(Objective):
                  importance_sampling_level: Literal["token", "sequence"] = "token", kl_in_reward: bool = False,
                  clip_eps_high: float | None = None, cispo_max: float = 5.0, sapo_temperature_pos: float = 1.0,
                  sapo_temperature_neg: float = 1.05, vespo_k_pos: float = 2.0, vespo_lambda_pos: float = 3.0,
-                 vespo_k_neg: float = 3.0, vespo_lambda_neg: float = 2.0):
+                 vespo_k_neg: float = 3.0, vespo_lambda_neg: float = 2.0, kl_bias_correction: bool = False):
         super().__init__()
         if importance_sampling_level not in ("token", "sequence"):
             raise ValueError(f"GRPO: importance_sampling_level must be 'token' or 'sequence', got "
@@ -133,6 +139,9 @@ class GRPO(Objective):
                             ("vespo_lambda_neg", vespo_lambda_neg)):
             if not value > 0:
                 raise ValueError(f"GRPO: {name}={value}; expected > 0")
+        if kl_bias_correction and kl_in_reward:
+            raise ValueError("GRPO: kl_bias_correction weights the KL term of the loss, which kl_in_reward removes")
+        self.kl_bias_correction = kl_bias_correction
         self.cispo_max, self.sapo_temperatures = cispo_max, (sapo_temperature_pos, sapo_temperature_neg)
         self.vespo = {"k_pos": vespo_k_pos, "lambda_pos": vespo_lambda_pos, "k_neg": vespo_k_neg,
                       "lambda_neg": vespo_lambda_neg}
@@ -172,7 +181,8 @@ class GRPO(Objective):
             metrics["clipfrac"] = F.clip_fraction(ratio, self.clip_eps, mask, self.clip_eps_high)
         kl = F.kl_penalty(batch.logp, batch.ref_logp, "k3")                                 # (N, L)
         beta = 0.0 if self.kl_in_reward else self.kl_coef                                  # (else in the reward)
-        per_token = -(surrogate * weights - beta * kl)                                  # TRL: IS weights the PG term
+        penalty = kl * log_ratio.exp() if self.kl_bias_correction else kl                 # (rho k3: unbiased)
+        per_token = -(surrogate * weights - beta * penalty)                             # TRL: IS weights the PG term
         loss = aggregate(per_token, mask, self.loss_type, batch.max_new_tokens, batch.tokens_per_rank)
         return ObjectiveOutput(loss, {
             "loss": loss.detach(), **metrics, "ratio_mean": F.masked_mean(ratio, mask),
