@@ -1,9 +1,9 @@
 """Learning from a verifiable reward: P3O, RLOO and GRPO (and two P3O variants) on the embedded sum task, whose
 reward is 1 where the response's number is the record's answer, else 0 (`modules.verifiable.AnswerMatch`); thirteen
-ablation arms asking why P3O rises more slowly than GRPO-4 there, each changing one thing; and three with DAPO's
-dynamic sampling (`keep_groups`).
+ablation arms asking why P3O rises more slowly than GRPO-4 there, each changing one thing; three of TRL 1.16's GRPO
+variants (its unbiased KL gradient, CISPO, SAPO); and three with DAPO's dynamic sampling (`keep_groups`).
 
-    python benchmarks/verifiable.py            # 21 arms x 5 seeds, 80 rollouts each (~27 min on 2 cores)
+    python benchmarks/verifiable.py            # 24 arms x 5 seeds, 80 rollouts each (~32 min on 2 cores)
     python benchmarks/verifiable.py --arms 'P3O kl 0'   # some arms; the others' rows in points.csv are kept
     python benchmarks/verifiable.py --quick    # every arm, 1 seed, 3 rollouts (CI-sized)
 
