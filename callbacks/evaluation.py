@@ -165,7 +165,8 @@ class Evaluation(L.Callback):
         examples = self.prompts(trainer)
         for start in range(0, len(examples), self.batch_size):
             part = examples[start: start + self.batch_size]
-            with reward_timeout(getattr(pl_module, "reward_timeout", DEFAULT_TIMEOUT)):      # (the RL module's)
+            with (reward_timeout(pl_module.reward_timeout) if hasattr(pl_module, "reward_timeout")    # (the RL module's)
+                  else reward_timeout(DEFAULT_TIMEOUT, knob=None)):
                 metrics, shown = self.evaluate(pl_module, part)
             for key, value in metrics.items():
                 sums[key] = sums.get(key, 0.0) + value * len(part)

@@ -281,15 +281,18 @@ def conversations_named(reward):
 
 _loop: asyncio.AbstractEventLoop | None = None
 DEFAULT_TIMEOUT = 600.0         # seconds an async reward's call may take (RLModule reward_timeout)
-_timeout: contextvars.ContextVar[float | None] = contextvars.ContextVar("reward_timeout", default=DEFAULT_TIMEOUT)
+TIMEOUT_KNOB = "model.init_args.reward_timeout"
+_timeout: contextvars.ContextVar[tuple[float | None, str | None]] = contextvars.ContextVar(
+    "reward_timeout", default=(DEFAULT_TIMEOUT, None))
 
 
 @contextlib.contextmanager
-def reward_timeout(seconds: float | None):
+def reward_timeout(seconds: float | None, knob: str | None = TIMEOUT_KNOB):
     """Within it, an async reward's (judge's, term's) call that has not finished after `seconds` is cancelled and a
-    `RewardError` stops the run (None: no limit). The RL module sets its `reward_timeout` around scoring, and the
-    evaluation around its rewards and judges; elsewhere `DEFAULT_TIMEOUT` applies."""
-    token = _timeout.set(seconds)
+    `RewardError` stops the run (None: no limit); its message names `knob`, the setting that sets the limit (None:
+    none does). The RL module sets its `reward_timeout` around scoring, and the evaluation the RL module's around its
+    rewards and judges; elsewhere (an SFT or reward stage's evaluation) `DEFAULT_TIMEOUT` applies, set by nothing."""
+    token = _timeout.set((seconds, knob))
     try:
         yield
     finally:
@@ -318,14 +321,15 @@ def awaited_all(values: list, what: str = "reward") -> list:
     async def gather():
         return await asyncio.gather(*pending)
 
-    future, seconds = asyncio.run_coroutine_threadsafe(gather(), _loop), _timeout.get()
+    future, (seconds, knob) = asyncio.run_coroutine_threadsafe(gather(), _loop), _timeout.get()
     try:
         done = iter(future.result(timeout=seconds))
     except concurrent.futures.TimeoutError:
         future.cancel()                                    # (cancels the gathered calls on the loop)
-        raise RewardError(f"{what}: an async call did not finish within {seconds:g} s; set "
-                          "model.init_args.reward_timeout (seconds, or null for no limit) if it needs longer, or give "
-                          "its client a timeout of its own") from None
+        longer = (f"set {knob} (seconds, or null for no limit) if it needs longer, or give its client a timeout of its "
+                  "own" if knob else "the limit outside the RL stage, which no setting changes; give its client a "
+                  "timeout of its own")
+        raise RewardError(f"{what}: an async call did not finish within {seconds:g} s; {longer}") from None
     return [next(done) if inspect.isawaitable(v) else v for v in values]
 
 

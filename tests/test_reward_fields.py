@@ -478,6 +478,10 @@ def test_an_async_reward_that_does_not_finish_in_time_is_cancelled_and_named(tas
             break
         time.sleep(0.01)
     assert cancelled
+    with reward_timeout(0.3, knob=None), pytest.raises(RewardError, match=r"^reward \S*slow: an async call did not "
+                                                                          r"finish within 0.3 s; the limit outside the "
+                                                                          r"RL stage, which no setting changes; give"):
+        score(slow, roll, None)                          # (an SFT stage's evaluation: no setting to name)
     roll.prompts = ["wait 1", "wait 1"]                  # 0.1 s
     with reward_timeout(5):
         assert score(slow, roll, None)[0].tolist() == [1.0, 1.0]
