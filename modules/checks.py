@@ -162,12 +162,15 @@ def config_warnings(config: dict) -> list[str]:
     data = (config.get("data") or {}).get("init_args") or {}
     trainer = config.get("trainer") or {}
     groups, prompts, epochs = model.get("minibatch_groups"), data.get("batch_size"), model.get("epochs")
+    where = "data.init_args.batch_size"
+    if isinstance(model.get("keep_groups"), int) and isinstance(prompts, int) and 0 < model["keep_groups"] < prompts:
+        prompts, where = model["keep_groups"], "model.init_args.keep_groups"       # (the prompts trained on)
     out = [f"trainer.{key}={trainer[key]}: the run stops before its first batch; nothing is trained and no export is "
            "written (`python train.py validate` evaluates without training)"
            for key in ("max_steps", "max_epochs", "limit_train_batches")
            if trainer.get(key) == 0 and not isinstance(trainer.get(key), bool)]
     if all(isinstance(v, int) and v > 0 for v in (groups, prompts, epochs)) and groups > prompts:
         out.append(f"model.init_args.minibatch_groups={groups} is more than the {prompts} prompts of a rollout "
-                   f"(data.init_args.batch_size): each epoch is one minibatch of {prompts} prompts, {epochs} optimizer "
+                   f"({where}): each epoch is one minibatch of {prompts} prompts, {epochs} optimizer "
                    f"steps per rollout")
     return out

@@ -96,6 +96,10 @@ def test_more_minibatch_groups_than_prompts_is_warned_about():
                                        "optimizer steps per rollout"]
     config["model"]["init_args"]["minibatch_groups"] = 8
     assert config_warnings(config) == []
+    config["model"]["init_args"]["keep_groups"] = 4          # dynamic sampling: 4 of the 32 prompts are trained on
+    assert config_warnings(config) == ["model.init_args.minibatch_groups=8 is more than the 4 prompts of a rollout "
+                                       "(model.init_args.keep_groups): each epoch is one minibatch of 4 prompts, 4 "
+                                       "optimizer steps per rollout"]
 
 
 def test_the_warning_reaches_the_console_of_a_run(tmp_path, sft_dir, caplog):
