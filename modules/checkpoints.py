@@ -73,8 +73,12 @@ class TrainedOnlyCheckpoints:
 
 
 def frozen_names(module: torch.nn.Module) -> set[str]:
-    """The state-dict names of `module`'s frozen parameters (every name of a tied one)."""
-    return {name for name, p in module.named_parameters(remove_duplicate=False) if not p.requires_grad}
+    """The state-dict names of `module`'s frozen parameters (every name of a tied one) that its checkpoints leave out:
+    all, but those under the module's `checkpointed_frozen` prefixes (frozen weights that training moves: the RL
+    module's reference with `ref_sync_steps`)."""
+    kept = tuple(getattr(module, "checkpointed_frozen", ()))
+    return {name for name, p in module.named_parameters(remove_duplicate=False)
+            if not p.requires_grad and not (kept and name.startswith(kept))}
 
 
 def trained_keys(module: torch.nn.Module, frozen: set[str]) -> list[str]:
@@ -94,15 +98,17 @@ def is_frozen(key: str, frozen: set[str]) -> bool:
 
 @torch.no_grad()
 def frozen_digest(module: torch.nn.Module) -> dict[str, tuple[float, float]]:
-    """{name: (sum, L2 norm)} of every frozen parameter (tied ones once), in float64. A parameter sharded by FSDP2
+    """{name: (sum, L2 norm)} of every frozen parameter a checkpoint leaves out (`frozen_names`; tied ones once), in
+    float64. A parameter sharded by FSDP2
     contributes each rank's shard (every rank calls this; one all-reduce); one whole on every rank counts once.
 
     Example: a frozen parameter [[1, 2], [2, 0]] -> (5.0, 3.0) (sum 5; sqrt(1 + 4 + 4) = 3)."""
     from torch.distributed.tensor import DTensor
 
     names, sums, shared = [], [], []
+    left_out = frozen_names(module)
     for name, p in module.named_parameters():
-        if p.requires_grad:
+        if name not in left_out:
             continue
         local = p.to_local() if isinstance(p, DTensor) else p
         names.append(name)

@@ -51,7 +51,7 @@ from modules.rewards import (
 )
 from modules.rewards import score as score_rewards
 from modules.sampling import SamplingConfig
-from modules.sharding import build_sharded, build_with_reference, fsdp_mesh, is_sharded
+from modules.sharding import build_sharded, build_with_reference, fsdp_mesh, fsdp_units, is_sharded
 
 log = logging.getLogger(__name__)
 OLD_LOGPROBS = ("auto", "sampler", "forward")
@@ -107,6 +107,12 @@ class RLModule(TrainedOnlyCheckpoints, L.LightningModule):
             the default); set a number to replace such rewards by it instead (a penalty), counted (over all
             processes) in `train/nonfinite_rewards` and in a console warning. A reward must return exactly one number
             per response either way.
+        ref_sync_steps: every this many optimizer steps the reference moves towards the policy, ref <- alpha policy +
+            (1 - alpha) ref (TR-DPO; TRL's `sync_ref_model` with `ref_model_sync_steps`), applied after the rollout
+            whose updates reach the count; with `ref_sync_alpha: 1` a reset of the reference to the policy (ProRL's
+            reference reset). The KL terms and `val/kl` are then to the moved reference; checkpoints hold it. Needs a
+            full fine-tune (a LoRA policy's reference is its base). None (default): the reference stays the start.
+        ref_sync_alpha: alpha of `ref_sync_steps` (TRL's `ref_model_mixup_alpha`, 0.6), in (0, 1].
         seed: seeds the minibatch shuffling.
         reward_timeout: seconds an `async` reward's (a composed term's, a judge's) call on one rollout or evaluation
             batch may take before it is cancelled and the run stops naming it (null: no limit; 600 by default). A
@@ -146,7 +152,8 @@ class RLModule(TrainedOnlyCheckpoints, L.LightningModule):
                  optimizer: OptimizerCallable = torch.optim.AdamW, scheduler: LRSchedulerCallable | None = None,
                  sampling: SamplingConfig | None = None, epochs: int = 4, minibatch_groups: int = 8,
                  max_grad_norm: float | None = 1.0, missing_eos_penalty: float | None = None,
-                 mask_truncated: bool = False, keep_groups: int | None = None, seed: int = 0,
+                 mask_truncated: bool = False, keep_groups: int | None = None, ref_sync_steps: int | None = None,
+                 ref_sync_alpha: float = 0.6, seed: int = 0,
                  value_model: BackboneSpec | None = None, nonfinite_reward: float | None = None,
                  old_logprobs: str = "auto", share_prompts: bool = True, logprob_chunk: int | None = None,
                  micro_batch_tokens: int | None = 1024, engine: Engine | None = None,
@@ -171,6 +178,14 @@ class RLModule(TrainedOnlyCheckpoints, L.LightningModule):
             raise ValueError(f"RLModule: keep_groups keeps the prompts whose responses' rewards differ; "
                              f"{type(objective).__name__} samples {objective.responses_per_prompt} response per prompt "
                              "(needs K >= 2)")
+        if ref_sync_steps is not None and ref_sync_steps < 1:
+            raise ValueError(f"RLModule: ref_sync_steps={ref_sync_steps}; expected optimizer steps >= 1, or null (off)")
+        if not 0 < ref_sync_alpha <= 1:
+            raise ValueError(f"RLModule: ref_sync_alpha={ref_sync_alpha}; expected 0 < alpha <= 1 (1: a reset)")
+        if ref_sync_steps is not None and policy is not None and policy.lora:
+            raise ValueError("RLModule: ref_sync_steps moves the reference copy towards the policy; a LoRA policy's "
+                             "reference is its base weights (no copy): train without LoRA, or without ref_sync_steps")
+        self.ref_sync_steps, self.ref_sync_alpha = ref_sync_steps, ref_sync_alpha
         if reward_timeout is not None and not reward_timeout > 0:
             raise ValueError(f"RLModule: reward_timeout={reward_timeout}; expected seconds > 0, or null for no limit")
         self.reward_timeout = reward_timeout
@@ -440,6 +455,9 @@ class RLModule(TrainedOnlyCheckpoints, L.LightningModule):
                                               {k: v[rows] for k, v in extra.items()}, where, first).items():
                     sums[f"train/{key}"] += float(value)
                 updates += 1
+        if self.ref_sync_steps is not None and (self.global_step // self.ref_sync_steps
+                                                > (self.global_step - updates) // self.ref_sync_steps):
+            self.sync_reference()
         lr = learning_rate(self)                                  # the rate of this rollout's updates
         scheduler = self.lr_schedulers()
         if scheduler is not None:
@@ -450,6 +468,22 @@ class RLModule(TrainedOnlyCheckpoints, L.LightningModule):
         reward = metrics.pop("train/reward")
         self.log_dict(metrics, sync_dist=True, batch_size=len(batch))
         self.log("train/reward", reward, prog_bar=True, sync_dist=True, batch_size=len(batch))
+
+    @property
+    def checkpointed_frozen(self) -> tuple[str, ...]:
+        """Frozen weights a checkpoint holds (`modules.checkpoints`): the reference, when `ref_sync_steps` moves it."""
+        return ("reference.",) if self.ref_sync_steps is not None else ()
+
+    @torch.no_grad()
+    def sync_reference(self) -> None:
+        """ref <- alpha policy + (1 - alpha) ref, parameter by parameter. Under FSDP2 each rank its own shards: every
+        unit of both models is put back to its sharded state first (the root stays gathered after a forward), so
+        the two hold the same shards."""
+        for unit in fsdp_units(self.policy) + fsdp_units(self.reference):
+            unit.reshard()
+        policy = dict(self.policy.named_parameters())
+        for name, ref in self.reference.named_parameters():
+            ref.lerp_(policy[name].to(ref.dtype), self.ref_sync_alpha)
 
     def warn_if_all_cut_off(self, roll: Rollout) -> None:
         """With `mask_truncated`, a rollout whose every response (on every process) was cut off trains on nothing:

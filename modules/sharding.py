@@ -66,12 +66,15 @@ class FSDP2Strategy(ModelParallelStrategy):
 
     def lightning_module_state_dict(self) -> dict:
         """The weights for a checkpoint, gathered on rank 0, frozen ones left out before anything is gathered
-        (`modules.checkpoints`; a distributed checkpoint keeps them: its loader needs every key)."""
+        (`modules.checkpoints`; a distributed checkpoint keeps them: its loader needs every key). A module whose
+        checkpoints hold some frozen weights (`checkpointed_frozen`: the RL reference with `ref_sync_steps`) has
+        every weight gathered, and `on_save_checkpoint` drops the frozen ones it leaves out."""
         if self._save_distributed_checkpoint:
             return super().lightning_module_state_dict()
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
-        options = StateDictOptions(full_state_dict=True, cpu_offload=True, ignore_frozen_params=True)
+        keeps_frozen = bool(getattr(self.lightning_module, "checkpointed_frozen", ()))
+        options = StateDictOptions(full_state_dict=True, cpu_offload=True, ignore_frozen_params=not keeps_frozen)
         return get_model_state_dict(self.model, options=options)
 
     def load_checkpoint(self, checkpoint_path, weights_only: bool | None = None) -> dict:
