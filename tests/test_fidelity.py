@@ -223,7 +223,7 @@ def test_gspo_equals_trls_sequence_level_formula(loss_type):
 
 
 def trl_grpo_loss(coef_1, adv, logp, ref, mask, loss_type: str, eps_low: float, eps_high: float, beta: float = 0.04,
-                  use_bias_correction_kl: bool = False):
+                  use_bias_correction_kl: bool = False, delta: float | None = None):
     """TRL 1.16's `_compute_loss` from the ratios on: coef_2 = clamp(coef_1, 1 - eps_low, 1 + eps_high),
     -min(coef_1 A, coef_2 A) + beta k3 per token (k3 times coef_1 with `use_bias_correction_kl`, TRL's default; ours
     is `kl_bias_correction`, off by default), then 'grpo' (the mean over sequences of each one's token mean) or the
@@ -232,6 +232,8 @@ def trl_grpo_loss(coef_1, adv, logp, ref, mask, loss_type: str, eps_low: float, 
     kl = torch.exp(ref - logp) - (ref - logp) - 1
     if use_bias_correction_kl:
         kl = kl * coef_1
+    if delta is not None:                                   # INTELLECT-2's two-sided clipping (TRL's `delta`)
+        coef_1 = torch.clamp(coef_1, max=delta)
     per_token = -torch.min(coef_1 * adv, coef_2 * adv) + beta * kl
     if loss_type == "grpo":
         return ((per_token * mask).sum(-1) / mask.sum(-1).clamp(min=1.0)).mean()
@@ -368,6 +370,30 @@ def test_kl_bias_correction_at_ratio_one_is_the_log_ratios_gradient():
         assert g.view(-1).tolist() == pytest.approx([expected / 2, 0.0], abs=1e-6)      # (the mean over 2 rows)
     with pytest.raises(ValueError, match=r"GRPO: kl_bias_correction weights the KL term of the loss, which kl_in_reward"):
         GRPO(kl_bias_correction=True, kl_in_reward=True)
+
+
+@pytest.mark.parametrize("loss_type", ["grpo", "dapo"])
+def test_grpo_dual_clip_equals_trls_delta(loss_type):
+    """TRL 1.16's `delta` (INTELLECT-2's two-sided clipping: coef_1 clamped at delta before -min(coef_1 A, coef_2 A))
+    is Ye et al.'s dual clip: for A < 0 both give max(min(rho, c), clip(rho)) A, for A > 0 neither acts (c > 1 + eps).
+    Log-ratios up to +-1.5 (ratios past c = 2 on both signs of A): the same loss and gradient as ours with
+    `dual_clip: 2`, and a different one from no dual clip."""
+    torch.manual_seed(4)
+    logp, ref = torch.randn(4, 5) * 0.3, torch.randn(4, 5) * 0.3
+    old = logp - (torch.rand(4, 5) - 0.5) * 3.0
+    mask = torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1], [1, 0, 0, 0, 0], [1, 1, 1, 1, 0]], dtype=torch.float32)
+    rewards = torch.tensor([1.0, 0.0, 0.5, 2.0])
+    batch = make_input(logp.tolist(), old.tolist(), ref.tolist(), rewards.tolist(), mask=mask.tolist(),
+                       tokens_per_rank=float(mask.sum()))
+    value, g = grad(GRPO(k=2, loss_type=loss_type, dual_clip=2.0), batch)
+    _, plain = grad(GRPO(k=2, loss_type=loss_type), batch)
+
+    theirs = logp.clone().requires_grad_(True)
+    adv = group_normalized_advantages(rewards, 2)[:, None]
+    loss = trl_grpo_loss(torch.exp(theirs - old), adv, theirs, ref, mask, loss_type, 0.2, 0.2, delta=2.0)
+    loss.backward()
+    assert value.item() == pytest.approx(loss.item(), abs=1e-6)
+    assert torch.allclose(g, theirs.grad, atol=1e-6) and not torch.allclose(g, plain, atol=1e-4)
 
 
 def test_loss_types_without_a_clip_refuse_its_bounds():

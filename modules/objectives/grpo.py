@@ -33,7 +33,8 @@ before the group normalisation; the loss then has no KL term.
 ratio rho, rho k3, so its gradient is the unbiased reverse-KL gradient: at rho = 1 it adds k3 grad logp to grad k3,
 and the sum is (logp - ref) grad logp per token.
 Deviations from TRL: GRPO's beta defaults to 0.04 (TRL's is 0.0); `kl_bias_correction` is off by default (TRL
-1.16's is on: with beta > 0 set it for TRL's gradient); `dual_clip` (off) replaces TRL's `delta`;
+1.16's is on: with beta > 0 set it for TRL's gradient); `dual_clip` is TRL's `delta` under another name (the same
+loss and gradient, tested);
 CISPO's bound is `cispo_max` (5.0, ScaleRL's value), where TRL reuses `epsilon_high` (and so clamps the ratio at
 0.2 unless it is set).
 """
@@ -93,7 +94,7 @@ class GRPO(Objective):
         loss_type: TRL's names: how per-token losses are aggregated ('grpo', 'bnpo', 'dr_grpo', 'dapo'), or another
             per-token term ('cispo', 'sapo', 'luspo', 'vespo'; see the module docstring).
         scale_rewards: advantages divided by the group's std ('group'), the rollout's ('batch'), or only centred ('none').
-        dual_clip: c > 1 bounds the surrogate of negative advantages below by c * A (None: off).
+        dual_clip: c > 1 bounds the surrogate of negative advantages below by c * A (None: off; TRL's `delta`).
         importance_sampling_level: 'token' (GRPO: each token's ratio clipped) or 'sequence' (GSPO: one ratio per
             response, the exp of its tokens' mean log-ratio).
         kl_in_reward: subtract beta times the rollout's sequence KL from each reward before the advantages, instead
