@@ -96,6 +96,7 @@ class ObjectiveInput:
     sampler_weights: torch.Tensor | None = None  # (N, L) detached pi_old / pi_sampler weights (engine.correction)
     pair_rewards: torch.Tensor | None = None  # (N, K) a pairwise reward's M[i K + a, b] = f(x_i, y_a, y_b) (else None)
     trained: torch.Tensor | None = None      # (N,) bool: rows whose tokens carry the loss (None: all; mask_truncated)
+    sampler_logp: torch.Tensor | None = None  # (N, L) the engine's own logprobs where pi_old is a forward's (else None)
 
     def loss_mask(self) -> torch.Tensor:
         """(N, L) the tokens that carry the loss: `mask` less the rows that are not `trained` (`RLModule

@@ -336,6 +336,19 @@ def clipped_surrogate(log_ratio: torch.Tensor, advantages: torch.Tensor, eps: fl
     return surrogate
 
 
+def off_policy_keep(logp: torch.Tensor, sampled_logp: torch.Tensor, mask: torch.Tensor, advantages: torch.Tensor,
+                    threshold: float) -> torch.Tensor:
+    """DeepSeek-V3.2's off-policy sequence mask (TRL 1.16's `get_off_policy_mask`): (N, 1), 1 to keep a response,
+    0 to leave its policy term out: kept where A >= 0 or the mean over its tokens of sampled_logp - logp (a KL
+    estimate from the policy that sampled it to the current one; NaN counts 0) is at most `threshold`. Detached.
+
+    Example: threshold 0.5, per-token differences [0.6, 0.6] -> mean 0.6: A = -1 drops it, A = +1 keeps it;
+    [0.4, 0.4] -> 0.4: kept either way."""
+    gap = (sampled_logp - logp.detach()).nan_to_num(nan=0.0)
+    mean = (gap * mask).sum(-1, keepdim=True) / mask.sum(-1, keepdim=True).clamp(min=1.0)
+    return ((advantages >= 0) | (mean <= threshold)).to(mask.dtype)
+
+
 def cispo_surrogate(logp: torch.Tensor, log_ratio: torch.Tensor, advantages: torch.Tensor,
                     max_ratio: float) -> torch.Tensor:
     """CISPO's surrogate (MiniMax-M1, arXiv 2506.13585; TRL 1.16's `loss_type="cispo"`): sg[min(rho, max_ratio)] * A

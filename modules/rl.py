@@ -425,7 +425,7 @@ class RLModule(TrainedOnlyCheckpoints, L.LightningModule):
                               rewards=roll.rewards, group_size=roll.group_size, values=values,
                               old_values=roll.values, extra=extra, max_new_tokens=self.sampling.max_new_tokens,
                               tokens_per_rank=tokens_per_rank, sampler_weights=roll.sampler_weights,
-                              pair_rewards=roll.pair_rewards, trained=trained)
+                              pair_rewards=roll.pair_rewards, trained=trained, sampler_logp=roll.sampler_logp)
 
     def trained_rows(self, roll: Rollout) -> torch.Tensor | None:
         """(N,) bool: the responses the loss trains on (those that emitted EOS, with `mask_truncated`); None: all."""

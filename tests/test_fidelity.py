@@ -396,6 +396,44 @@ def test_grpo_dual_clip_equals_trls_delta(loss_type):
     assert torch.allclose(g, theirs.grad, atol=1e-6) and not torch.allclose(g, plain, atol=1e-4)
 
 
+@pytest.mark.parametrize("engine", [False, True], ids=["old", "sampler"])
+def test_grpo_off_policy_mask_equals_trls(engine):
+    """TRL 1.16's `get_off_policy_mask` and its use in `_compute_loss`, written out: the mean over each response's
+    tokens of sampling_logp - logp (the sampler's logprobs with vLLM, else pi_old's), kept where A >= 0 or that mean
+    <= the threshold, the per-token policy loss times the keep mask before the mismatch weight and the KL. Gaps up to
+    +-1.5, threshold 0.1, so some responses with A < 0 drop: the same loss and gradient, and not those without it."""
+    torch.manual_seed(5)
+    logp, ref = torch.randn(4, 5) * 0.3, torch.randn(4, 5) * 0.3
+    old = logp + (torch.rand(4, 5) - 0.3) * 1.5
+    mask = torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1], [1, 0, 0, 0, 0], [1, 1, 1, 1, 0]], dtype=torch.float32)
+    rewards = torch.tensor([1.0, 0.0, 0.5, 2.0])
+    sampler = old + (torch.rand(4, 5) - 0.5) * 0.4 if engine else None
+    weights = torch.exp(old - sampler).clamp(max=3.0) * mask if engine else None
+    batch = make_input(logp.tolist(), old.tolist(), ref.tolist(), rewards.tolist(), mask=mask.tolist(),
+                       tokens_per_rank=float(mask.sum()), sampler_logp=sampler, sampler_weights=weights)
+    value, g = grad(GRPO(k=2, loss_type="dapo", off_policy_mask=0.1), batch)
+    _, plain = grad(GRPO(k=2, loss_type="dapo"), batch)
+
+    theirs = logp.clone().requires_grad_(True)
+    adv = group_normalized_advantages(rewards, 2)[:, None]
+    sampling = old if sampler is None else sampler
+    kl_div = torch.nan_to_num(sampling - theirs.detach(), nan=0.0)
+    avg_seq_kl = (kl_div * mask).sum(dim=1, keepdim=True) / mask.sum(dim=1, keepdim=True).clamp(min=1.0)
+    off_policy_mask = ((adv >= 0) | (avg_seq_kl <= 0.1)).to(mask.dtype)
+    assert 0 < off_policy_mask.sum() < 4
+    coef_1 = torch.exp(theirs - old)
+    per_token = -torch.min(coef_1 * adv, torch.clamp(coef_1, 0.8, 1.2) * adv) * off_policy_mask
+    if weights is not None:
+        per_token = per_token * torch.where(mask.bool(), weights, 1.0)
+    per_token = per_token + 0.04 * (torch.exp(ref - theirs) - (ref - theirs) - 1)
+    loss = (per_token * mask).sum() / mask.sum()
+    loss.backward()
+    assert value.item() == pytest.approx(loss.item(), abs=1e-6)
+    assert torch.allclose(g, theirs.grad, atol=1e-6) and not torch.allclose(g, plain, atol=1e-4)
+    with pytest.raises(ValueError, match=r"GRPO: off_policy_mask=-1; expected a threshold >= 0"):
+        GRPO(off_policy_mask=-1)
+
+
 def test_loss_types_without_a_clip_refuse_its_bounds():
     """cispo, sapo and vespo have no PPO clip: clip_eps_high or dual_clip with them is one line (cispo's own bound is
     cispo_max); a bound or temperature <= 0 is refused."""

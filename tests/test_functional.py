@@ -230,3 +230,16 @@ def test_vespo_weights_literal_examples():
     assert F.vespo_weights(torch.zeros(1, 2), torch.ones(1, 2), torch.tensor([[1.0]])).item() == pytest.approx(1.0)
     correction = torch.tensor([[-half, -half, float("-inf")]])       # (log 0 outside the mask)
     assert F.vespo_weights(log_ratio[:1], mask[:1], torch.tensor([[1.0]]), correction).item() == pytest.approx(1.0)
+
+
+def test_off_policy_keep_literal_examples():
+    """The docstring, threshold 0.5: mean gap 0.6 (NaN counting 0 is not reached here) drops a response with A = -1,
+    keeps one with A = +1 (and A = 0); mean 0.4 keeps both; a padded third token does not count."""
+    logp = torch.zeros(4, 3)
+    sampled = torch.tensor([[0.6, 0.6, 9.0], [0.6, 0.6, 9.0], [0.4, 0.4, 9.0], [0.4, 0.4, 9.0]])
+    mask = torch.tensor([[1.0, 1.0, 0.0]] * 4)
+    adv = torch.tensor([[-1.0], [1.0], [-1.0], [1.0]])
+    assert F.off_policy_keep(logp, sampled, mask, adv, 0.5).view(-1).tolist() == [0.0, 1.0, 1.0, 1.0]
+    assert F.off_policy_keep(logp, sampled, mask, torch.zeros(4, 1), 0.5).view(-1).tolist() == [1.0] * 4
+    nan = torch.tensor([[float("nan"), 1.0, 0.0]])                  # an unscored token: no evidence (0)
+    assert F.off_policy_keep(torch.zeros(1, 3), nan, mask[:1], torch.tensor([[-1.0]]), 0.5).item() == 1.0

@@ -38,12 +38,13 @@ def objective(name: str, k: int):
             "rloo": lambda: RLOO(k=k), "grpo": lambda: GRPO(k=k), "grpo_dapo": lambda: GRPO(k=k, loss_type="dapo"),
             "grpo_bnpo": lambda: GRPO(k=k, loss_type="bnpo"), "grpo_cispo": lambda: GRPO(k=k, loss_type="cispo"),
             "grpo_sapo": lambda: GRPO(k=k, loss_type="sapo"), "grpo_vespo": lambda: GRPO(k=k, loss_type="vespo"),
-            "grpo_luspo": lambda: GRPO(k=k, loss_type="luspo", importance_sampling_level="sequence")}[name]()
+            "grpo_luspo": lambda: GRPO(k=k, loss_type="luspo", importance_sampling_level="sequence"),
+            "grpo_opsm": lambda: GRPO(k=k, loss_type="dapo", off_policy_mask=0.0)}[name]()
 
 
 CASES = [("p3o", 2), ("p3o", 4), ("p3o_v1", 2), ("ppo", 2), ("ppo", 4), ("dpo", 2), ("rloo", 2), ("rloo", 4),
          ("grpo", 2), ("grpo", 4), ("grpo_dapo", 4), ("grpo_bnpo", 2), ("grpo_cispo", 4), ("grpo_sapo", 2),
-         ("grpo_luspo", 4), ("grpo_vespo", 2)]
+         ("grpo_luspo", 4), ("grpo_vespo", 2), ("grpo_opsm", 4)]
 
 
 def rollout_module(sft_dir, tokenizer, name: str, k: int, share_prompts: bool, lora: bool, perturb: bool = True):

@@ -29,6 +29,9 @@ paper's per-sequence objective). GSPO's paper clips far tighter than PPO (3e-4 /
 `kl_in_reward` (veRL's `use_kl_in_reward`, in place of its `use_kl_loss`): the KL enters the reward instead of
 the loss, r_i - beta * sum_t (old_logp - ref_logp) (the rollout's k1 estimate, as RLOO and PPO shape theirs),
 before the group normalisation; the loss then has no KL term.
+`off_policy_mask` (TRL's `off_policy_mask_threshold`, DeepSeek-V3.2's off-policy sequence masking): a response with a
+negative advantage whose mean per-token log(pi_sampler / pi) is above the threshold drops out of the policy term
+(its KL term stays); pi_sampler is the engine's logprobs where pi_old is a forward's (vLLM), else pi_old.
 `kl_bias_correction` (TRL's `use_bias_correction_kl`, DeepSeek-V3.2): the k3 term multiplied by the (differentiable)
 ratio rho, rho k3, so its gradient is the unbiased reverse-KL gradient: at rho = 1 it adds k3 grad logp to grad k3,
 and the sum is (logp - ref) grad logp per token.
@@ -101,6 +104,8 @@ class GRPO(Objective):
             of the k3 KL term in the loss (veRL's use_kl_in_reward).
         clip_eps_high: the upper clip bound, 1 + clip_eps_high (DAPO's clip-higher, TRL's `epsilon_high`; DAPO uses
             0.28 with clip_eps 0.2). None: clip_eps. clip_eps, clip_eps_high and dual_clip: the clipped loss types.
+        off_policy_mask: a response with A < 0 whose mean log(pi_sampler / pi) per token exceeds this leaves the
+            policy term (TRL's `off_policy_mask_threshold`, e.g. 0.5); None: off.
         kl_bias_correction: the k3 KL term times the ratio, for the unbiased reverse-KL gradient (TRL's
             `use_bias_correction_kl`, on by default there; off here).
         cispo_max: 'cispo': the bound of the detached ratio (TRL's `epsilon_high` there; ScaleRL's 5.0).
@@ -120,7 +125,8 @@ class GRPO(Objective):
                  importance_sampling_level: Literal["token", "sequence"] = "token", kl_in_reward: bool = False,
                  clip_eps_high: float | None = None, cispo_max: float = 5.0, sapo_temperature_pos: float = 1.0,
                  sapo_temperature_neg: float = 1.05, vespo_k_pos: float = 2.0, vespo_lambda_pos: float = 3.0,
-                 vespo_k_neg: float = 3.0, vespo_lambda_neg: float = 2.0, kl_bias_correction: bool = False):
+                 vespo_k_neg: float = 3.0, vespo_lambda_neg: float = 2.0, kl_bias_correction: bool = False,
+                 off_policy_mask: float | None = None):
         super().__init__()
         if importance_sampling_level not in ("token", "sequence"):
             raise ValueError(f"GRPO: importance_sampling_level must be 'token' or 'sequence', got "
@@ -142,7 +148,10 @@ class GRPO(Objective):
                 raise ValueError(f"GRPO: {name}={value}; expected > 0")
         if kl_bias_correction and kl_in_reward:
             raise ValueError("GRPO: kl_bias_correction weights the KL term of the loss, which kl_in_reward removes")
-        self.kl_bias_correction = kl_bias_correction
+        if off_policy_mask is not None and not off_policy_mask >= 0:
+            raise ValueError(f"GRPO: off_policy_mask={off_policy_mask}; expected a threshold >= 0 (TRL suggests 0.5), or "
+                             "null (off)")
+        self.kl_bias_correction, self.off_policy_mask = kl_bias_correction, off_policy_mask
         self.cispo_max, self.sapo_temperatures = cispo_max, (sapo_temperature_pos, sapo_temperature_neg)
         self.vespo = {"k_pos": vespo_k_pos, "lambda_pos": vespo_lambda_pos, "k_neg": vespo_k_neg,
                       "lambda_neg": vespo_lambda_neg}
@@ -180,6 +189,11 @@ class GRPO(Objective):
         else:
             surrogate = F.clipped_surrogate(log_ratio, adv, self.clip_eps, self.dual_clip, self.clip_eps_high)
             metrics["clipfrac"] = F.clip_fraction(ratio, self.clip_eps, mask, self.clip_eps_high)
+        if self.off_policy_mask is not None:         # DeepSeek-V3.2: far off-policy responses with A < 0 drop out
+            sampled = batch.sampler_logp if batch.sampler_logp is not None else batch.old_logp
+            keep = F.off_policy_keep(batch.logp, sampled, batch.mask, adv, self.off_policy_mask)          # (N, 1)
+            surrogate = surrogate * keep
+            metrics["off_policy_masked"] = 1 - keep.mean()
         kl = F.kl_penalty(batch.logp, batch.ref_logp, "k3")                                 # (N, L)
         beta = 0.0 if self.kl_in_reward else self.kl_coef                                  # (else in the reward)
         penalty = kl * log_ratio.exp() if self.kl_bias_correction else kl                 # (rho k3: unbiased)
