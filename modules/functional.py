@@ -346,7 +346,7 @@ def off_policy_keep(logp: torch.Tensor, sampled_logp: torch.Tensor, mask: torch.
     [0.4, 0.4] -> 0.4: kept either way."""
     gap = (sampled_logp - logp.detach()).nan_to_num(nan=0.0)
     mean = (gap * mask).sum(-1, keepdim=True) / mask.sum(-1, keepdim=True).clamp(min=1.0)
-    return ((advantages >= 0) | (mean <= threshold)).to(mask.dtype)
+    return ((advantages >= 0) | (mean <= threshold)).to(gap.dtype)        # (float: a rollout's mask is an integer one)
 
 
 def cispo_surrogate(logp: torch.Tensor, log_ratio: torch.Tensor, advantages: torch.Tensor,

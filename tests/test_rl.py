@@ -79,6 +79,22 @@ def test_every_objective_trains_in_the_same_module(tmp_path, sft_dir, name):
         assert "train/vf_loss" in cli.trainer.callback_metrics and cli.model.value is not None
 
 
+@pytest.mark.parametrize("options, logged", [
+    ({"loss_type": "vespo", "off_policy_mask": 0.0, "kl_bias_correction": True}, ["vespo_weight_mean", "off_policy_masked"]),
+    ({"loss_type": "cispo", "importance_sampling_level": "sequence"}, ["clipfrac"]),
+    ({"loss_type": "sapo"}, []), ({"loss_type": "luspo", "importance_sampling_level": "sequence"}, ["clipfrac"]),
+], ids=["vespo-opsm-unbiased-kl", "cispo-sequence", "sapo", "luspo"])
+def test_grpos_trl_options_train_end_to_end_from_a_config(tmp_path, sft_dir, options, logged):
+    """TRL 1.16's GRPO options given in the config (`--config` YAML, parsed by jsonargparse against GRPO's typed
+    arguments) train the tiny run on real rollouts (integer masks, micro-batches) and log their metrics."""
+    config = tiny_rl_config(tmp_path, sft_dir, source="configs/quickstart/grpo.yaml",
+                            model={"objective": {"init_args": options}})
+    cli = cli_main(["fit", "--config", config])
+    metrics = cli.trainer.callback_metrics
+    assert torch.isfinite(metrics["train/loss"]) and all(f"train/{name}" in metrics for name in logged)
+    assert all(getattr(cli.model.objective, k) == v for k, v in options.items() if hasattr(cli.model.objective, k))
+
+
 def test_rl_logprobs_are_zero_after_each_response_so_ratios_and_kl_stay_finite(sft_dir, tokenizer):
     """`RLModule.logprobs` returns the forward's logprobs on response tokens and exactly 0 after each response
     (as the sampler records pi_old), with no gradient there. Why it matters: two pad-position logprobs 200 nats
