@@ -51,7 +51,7 @@ from modules.rewards import (
 )
 from modules.rewards import score as score_rewards
 from modules.sampling import SamplingConfig
-from modules.sharding import build_sharded, build_with_reference, fsdp_mesh, fsdp_units, is_sharded
+from modules.sharding import build_sharded, build_with_reference, fsdp_mesh, fsdp_units, is_partitioned, is_sharded
 
 log = logging.getLogger(__name__)
 OLD_LOGPROBS = ("auto", "sampler", "forward")
@@ -219,6 +219,9 @@ class RLModule(TrainedOnlyCheckpoints, L.LightningModule):
         data = self.trainer.datamodule
         if data is not None:        # a reward that reads a record field the data does not keep: before any rollout
             check_fields(self.reward, getattr(data, "reward_fields", ()), is_pairwise(self.reward))
+        if self.ref_sync_steps is not None and is_partitioned(self.policy):
+            raise ConfigError("RLModule: ref_sync_steps moves the reference weights in place, which DeepSpeed ZeRO-3 "
+                              "holds only inside each forward; use FSDP2 (configs/presets/fsdp.yaml) or ZeRO-2")
         prompts = getattr(data, "batch_size", None)
         if self.keep_groups is not None and isinstance(prompts, int) and self.keep_groups >= prompts:
             if self.keep_groups > prompts:
