@@ -222,6 +222,17 @@ def test_gspo_equals_trls_sequence_level_formula(loss_type):
     assert torch.allclose(g, theirs.grad, atol=1e-6)
 
 
+def ragged_case(seed: int, spread: float, centre: float = 0.5):
+    """Two groups of 2 responses of up to 5 tokens, ragged masks (3, 5, 1, 4 tokens), rewards [1, 0, 0.5, 2]: logp and
+    ref ~ 0.3 N(0, 1), old = logp - (U(0, 1) - centre) * spread, so the log-ratios reach +-spread / 2 (the draws in
+    that order, from `seed`)."""
+    torch.manual_seed(seed)
+    logp, ref = torch.randn(4, 5) * 0.3, torch.randn(4, 5) * 0.3
+    old = logp - (torch.rand(4, 5) - centre) * spread
+    mask = torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1], [1, 0, 0, 0, 0], [1, 1, 1, 1, 0]], dtype=torch.float32)
+    return logp, old, ref, mask, torch.tensor([1.0, 0.0, 0.5, 2.0])
+
+
 def trl_grpo_loss(coef_1, adv, logp, ref, mask, loss_type: str, eps_low: float, eps_high: float, beta: float = 0.04,
                   use_bias_correction_kl: bool = False, delta: float | None = None):
     """TRL 1.16's `_compute_loss` from the ratios on: coef_2 = clamp(coef_1, 1 - eps_low, 1 + eps_high),
@@ -246,11 +257,7 @@ def test_grpo_clip_higher_equals_trls_epsilon_high(loss_type):
     clamp(coef_1, 1 - eps_low, 1 + eps_high) per token, -min(coef_1 A, coef_2 A) + beta k3, aggregated by
     `loss_type` (dapo: over the batch's tokens). Log-ratios up to +-0.4, so both bounds bind somewhere: the same loss
     and gradient, and a different one from the symmetric clip."""
-    torch.manual_seed(1)
-    logp, ref = torch.randn(4, 5) * 0.3, torch.randn(4, 5) * 0.3
-    old = logp - (torch.rand(4, 5) - 0.5) * 0.8
-    mask = torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1], [1, 0, 0, 0, 0], [1, 1, 1, 1, 0]], dtype=torch.float32)
-    rewards = torch.tensor([1.0, 0.0, 0.5, 2.0])
+    logp, old, ref, mask, rewards = ragged_case(1, spread=0.8)
     batch = make_input(logp.tolist(), old.tolist(), ref.tolist(), rewards.tolist(), mask=mask.tolist(),
                        tokens_per_rank=float(mask.sum()))
     value, g = grad(GRPO(k=2, kl_coef=0.04, loss_type=loss_type, clip_eps_high=0.28), batch)
@@ -318,11 +325,7 @@ def test_cispo_sapo_luspo_vespo_equal_trls(loss_type, level, correction):
     log-ratios up to +-1.5, so CISPO's bound (here 1.5, not TRL's 5.0, to bind) and the gates act somewhere; ragged
     masks, both importance-sampling levels, and a vLLM mismatch correction (TRL's `importance_sampling_ratio`, which
     multiplies every loss type's term but VESPO's, whose sequence weight it enters): the same loss and gradient."""
-    torch.manual_seed(2)
-    logp, ref = torch.randn(4, 5) * 0.3, torch.randn(4, 5) * 0.3
-    old = logp - (torch.rand(4, 5) - 0.5) * 3.0
-    mask = torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1], [1, 0, 0, 0, 0], [1, 1, 1, 1, 0]], dtype=torch.float32)
-    rewards = torch.tensor([1.0, 0.0, 0.5, 2.0])
+    logp, old, ref, mask, rewards = ragged_case(2, spread=3.0)
     weights = (torch.rand(4, 5) + 0.5) * mask if correction else None
     batch = make_input(logp.tolist(), old.tolist(), ref.tolist(), rewards.tolist(), mask=mask.tolist(),
                        tokens_per_rank=float(mask.sum()), sampler_weights=weights)
@@ -342,11 +345,7 @@ def test_grpo_kl_bias_correction_equals_trls_default(level):
     """TRL 1.16's default `use_bias_correction_kl=True`, written out (`trl_grpo_loss`): the k3 term times the
     differentiable ratio coef_1, at either importance-sampling level. Ours with `kl_bias_correction` gives the same
     loss and gradient; without it, a different gradient (beta 0.5, so the KL term weighs)."""
-    torch.manual_seed(3)
-    logp, ref = torch.randn(4, 5) * 0.3, torch.randn(4, 5) * 0.3
-    old = logp - (torch.rand(4, 5) - 0.5) * 0.8
-    mask = torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1], [1, 0, 0, 0, 0], [1, 1, 1, 1, 0]], dtype=torch.float32)
-    rewards = torch.tensor([1.0, 0.0, 0.5, 2.0])
+    logp, old, ref, mask, rewards = ragged_case(3, spread=0.8)
     batch = make_input(logp.tolist(), old.tolist(), ref.tolist(), rewards.tolist(), mask=mask.tolist())
     value, g = grad(GRPO(k=2, kl_coef=0.5, importance_sampling_level=level, kl_bias_correction=True), batch)
     _, plain = grad(GRPO(k=2, kl_coef=0.5, importance_sampling_level=level), batch)
@@ -378,11 +377,7 @@ def test_grpo_dual_clip_equals_trls_delta(loss_type):
     is Ye et al.'s dual clip: for A < 0 both give max(min(rho, c), clip(rho)) A, for A > 0 neither acts (c > 1 + eps).
     Log-ratios up to +-1.5 (ratios past c = 2 on both signs of A): the same loss and gradient as ours with
     `dual_clip: 2`, and a different one from no dual clip."""
-    torch.manual_seed(4)
-    logp, ref = torch.randn(4, 5) * 0.3, torch.randn(4, 5) * 0.3
-    old = logp - (torch.rand(4, 5) - 0.5) * 3.0
-    mask = torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1], [1, 0, 0, 0, 0], [1, 1, 1, 1, 0]], dtype=torch.float32)
-    rewards = torch.tensor([1.0, 0.0, 0.5, 2.0])
+    logp, old, ref, mask, rewards = ragged_case(4, spread=3.0)
     batch = make_input(logp.tolist(), old.tolist(), ref.tolist(), rewards.tolist(), mask=mask.tolist(),
                        tokens_per_rank=float(mask.sum()))
     value, g = grad(GRPO(k=2, loss_type=loss_type, dual_clip=2.0), batch)
@@ -402,11 +397,7 @@ def test_grpo_off_policy_mask_equals_trls(engine):
     tokens of sampling_logp - logp (the sampler's logprobs with vLLM, else pi_old's), kept where A >= 0 or that mean
     <= the threshold, the per-token policy loss times the keep mask before the mismatch weight and the KL. Gaps up to
     +-1.5, threshold 0.1, so some responses with A < 0 drop: the same loss and gradient, and not those without it."""
-    torch.manual_seed(5)
-    logp, ref = torch.randn(4, 5) * 0.3, torch.randn(4, 5) * 0.3
-    old = logp + (torch.rand(4, 5) - 0.3) * 1.5
-    mask = torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1], [1, 0, 0, 0, 0], [1, 1, 1, 1, 0]], dtype=torch.float32)
-    rewards = torch.tensor([1.0, 0.0, 0.5, 2.0])
+    logp, old, ref, mask, rewards = ragged_case(5, spread=-1.5, centre=0.3)
     sampler = old + (torch.rand(4, 5) - 0.5) * 0.4 if engine else None
     weights = torch.exp(old - sampler).clamp(max=3.0) * mask if engine else None
     batch = make_input(logp.tolist(), old.tolist(), ref.tolist(), rewards.tolist(), mask=mask.tolist(),
