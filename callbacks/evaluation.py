@@ -40,8 +40,10 @@ from modules.rewards import (
     call_text_reward,
     check_fields,
     is_pairwise,
+    lightning_state,
     qualified_name,
     reward_timeout,
+    trainer_state,
 )
 from modules.sampling import SamplingConfig, sample
 from modules.sharding import fsdp_mesh
@@ -165,8 +167,9 @@ class Evaluation(L.Callback):
         examples = self.prompts(trainer)
         for start in range(0, len(examples), self.batch_size):
             part = examples[start: start + self.batch_size]
+            progress = pl_module.progress() if hasattr(pl_module, "progress") else lightning_state(trainer)
             with (reward_timeout(pl_module.reward_timeout) if hasattr(pl_module, "reward_timeout")    # (the RL module's)
-                  else reward_timeout(DEFAULT_TIMEOUT, knob=None)):
+                  else reward_timeout(DEFAULT_TIMEOUT, knob=None)), trainer_state(progress):
                 metrics, shown = self.evaluate(pl_module, part)
             for key, value in metrics.items():
                 sums[key] = sums.get(key, 0.0) + value * len(part)

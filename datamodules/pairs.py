@@ -65,10 +65,12 @@ class PairDataModule(L.LightningDataModule):
         self.num_workers, self.seed = num_workers, seed
         self.reward_fields = tuple(reward_fields or ())
         taken = [name for name in self.reward_fields
-                 if name in ("prompts", "responses", "responses_a", "responses_b", "completions", "completion_ids")]
+                 if name in ("prompts", "responses", "responses_a", "responses_b", "completions", "completion_ids",
+                             "trainer_state")]
         if taken or len(set(self.reward_fields)) < len(self.reward_fields):
             raise ValueError(f"PairDataModule: reward_fields={list(self.reward_fields)}; expected distinct names other "
-                             "than prompts / responses / responses_a / responses_b / completions / completion_ids (what "
+                             "than prompts / responses / responses_a / responses_b / completions / completion_ids / "
+                             "trainer_state (what "
                              "a reward is called with)")
         self.optional_fields = tuple(optional_fields or ())
         if stray := [name for name in self.optional_fields if name not in self.reward_fields]:

@@ -530,8 +530,45 @@ def tournament_scores(pair_rewards: torch.Tensor, group_size: int) -> torch.Tens
 
 POSITIONAL = {False: ("prompts", "responses"), True: ("prompts", "responses_a", "responses_b")}
 IDS = "completion_ids"      # not a record field: each response's token ids, EOS included (TRL's `completion_ids`)
+STATE = "trainer_state"     # not a record field either: the training's progress (TRL's `trainer_state`)
 # what TRL 1.16's GRPOTrainer passes a reward function besides those: not passed here
-TRL_TRAINER_ARGUMENTS = ("trainer_state", "log_extra", "log_metric", "environments")
+TRL_TRAINER_ARGUMENTS = ("log_extra", "log_metric", "environments")
+_state: contextvars.ContextVar = contextvars.ContextVar("trainer_state", default=None)
+
+
+@contextlib.contextmanager
+def trainer_state(state):
+    """Within it, a reward that takes `trainer_state` (by name, or a TRL-style one with `**kwargs`) gets `state`
+    (`lightning_state`): the RL module sets it around scoring, the evaluation around its rewards."""
+    token = _state.set(state)
+    try:
+        yield
+    finally:
+        _state.reset(token)
+
+
+def lightning_state(trainer, steps_per_batch: int = 1):
+    """TRL's `trainer_state` (a `transformers.TrainerState`) from a Lightning trainer, for reward functions that shape
+    their reward by training progress: `global_step`, optimizer steps so far; `max_steps`, the run's (training
+    batches of all epochs x `steps_per_batch`, or `trainer.max_steps` where smaller; -1 when neither bounds it);
+    `epoch`, fractional (training batches done / batches per epoch); `num_train_epochs`.
+
+    Example: 4 batches per epoch, 2 epochs, 4 optimizer steps per batch, after 5 batches: global_step 20,
+    max_steps 32, epoch 1.25."""
+    import math
+
+    from transformers import TrainerState
+
+    batches, epochs = trainer.num_training_batches, trainer.max_epochs
+    total = batches * epochs * steps_per_batch if math.isfinite(batches) and epochs and epochs > 0 else -1
+    if trainer.max_steps and trainer.max_steps > 0:
+        total = trainer.max_steps if total < 0 else min(total, trainer.max_steps)
+    loop = trainer.fit_loop.epoch_loop          # batches done, as `callbacks.evaluation.batches_done` counts them
+    done = loop._batches_that_stepped + int(loop.batch_progress.total.processed > loop.batch_progress.total.completed)
+    epoch = done / batches if math.isfinite(batches) and batches > 0 else float(trainer.current_epoch)
+    return TrainerState(global_step=trainer.global_step, max_steps=int(total), epoch=float(epoch),
+                        num_train_epochs=epochs if epochs and epochs > 0 else 0,
+                        is_world_process_zero=trainer.is_global_zero)
 
 
 def call_text_reward(reward, prompts: list[str], responses: list[str], fields: dict[str, list],
@@ -553,6 +590,12 @@ def call_text_reward(reward, prompts: list[str], responses: list[str], fields: d
     completions=responses, completion_ids=[...], answer=[...])`."""
     kwargs = field_kwargs(reward, fields)
     params = _parameters(reward) or []
+    if takes_state(reward):
+        if _state.get() is not None:
+            kwargs[STATE] = _state.get()
+        elif any(p.name == STATE and p.default is inspect.Parameter.empty for p in params):
+            raise RewardError(f"reward {qualified_name(reward)} takes {STATE} (TRL's: the training's progress), which "
+                              "only the RL module's scoring and the evaluation give; called here without one")
     if takes_ids(reward):
         if ids is None:
             if any(p.name == IDS and p.default is inspect.Parameter.empty for p in params):
@@ -576,6 +619,14 @@ def trl_style(reward) -> bool:
     `completion_ids, **kwargs`)."""
     names = {p.name for p in _parameters(reward) or ()}
     return bool({"completions", IDS} & names) and "responses" not in names and not hasattr(reward, "score")
+
+
+def takes_state(reward) -> bool:
+    """Whether a text reward's call takes `trainer_state`: it names that parameter, or it is written for TRL
+    (`trl_style`) and takes `**kwargs` (TRL passes it to every reward function)."""
+    params = _parameters(reward) or ()
+    return any(p.name == STATE for p in params) or (
+        trl_style(reward) and any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params))
 
 
 def takes_ids(reward) -> bool:
@@ -610,8 +661,8 @@ def check_fields(reward, names, pairwise: bool = False) -> None:
     if trl_only := [name for name in missing if name in TRL_TRAINER_ARGUMENTS]:
         raise RewardError(f"reward {qualified_name(reward)} requires {', '.join(map(repr, trl_only))}, which TRL's "
                           "GRPOTrainer passes and this project does not (it passes prompts, completions, "
-                          "completion_ids and the record fields); give the parameter a default, or read it from "
-                          "**kwargs")
+                          "completion_ids, trainer_state and the record fields); give the parameter a default, or read "
+                          "it from **kwargs")
     if missing:
         raise RewardError(f"reward {qualified_name(reward)} takes {', '.join(map(repr, missing))} by keyword, which "
                           f"no record field provides (fields given: {sorted(names) or 'none'}); set data.init_args."
@@ -633,7 +684,7 @@ def required_fields(reward, pairwise: bool = False) -> list[str]:
     named = [p for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
     later = [p for p in named if p.name not in ("prompts", "completions")] if not pairwise and trl_style(reward) \
         else named[len(POSITIONAL[pairwise]):]
-    return [p.name for p in later if p.default is inspect.Parameter.empty and p.name != IDS]
+    return [p.name for p in later if p.default is inspect.Parameter.empty and p.name not in (IDS, STATE)]
 
 
 def _parameters(reward) -> list[inspect.Parameter] | None:

@@ -9,6 +9,7 @@ divided by the sampling temperature, through `modules.forward.response_logprobs`
 from __future__ import annotations
 
 import logging
+import math
 import time
 from collections import defaultdict
 from typing import Callable, Literal
@@ -43,11 +44,13 @@ from modules.rewards import (
     FrozenModel,
     check_fields,
     is_pairwise,
+    lightning_state,
     qualified_name,
     reward_timeout,
     score_pairs,
     term_means,
     tournament_scores,
+    trainer_state,
 )
 from modules.rewards import score as score_rewards
 from modules.sampling import SamplingConfig
@@ -363,7 +366,7 @@ class RLModule(TrainedOnlyCheckpoints, L.LightningModule):
                                     record_logprobs=from_sampler or not self.engine.exact,
                                     share_prompts=self.share_prompts).with_fields(batch.fields)
         t1, tokens = time.perf_counter(), roll.response_mask.sum().item()
-        with reward_timeout(self.reward_timeout):
+        with reward_timeout(self.reward_timeout), trainer_state(self.progress(len(batch))):
             roll.rewards = self.score(roll)
         if self.keep_groups is not None:
             roll = self.keep_informative(roll)
@@ -378,6 +381,16 @@ class RLModule(TrainedOnlyCheckpoints, L.LightningModule):
         roll.timings.update({"perf/rollout_s": t1 - t0, "perf/score_s": time.perf_counter() - t1,
                              "perf/tokens_per_s": tokens / max(t1 - t0, 1e-9)})
         return roll
+
+    def progress(self, prompts: int | None = None):
+        """TRL's `trainer_state` for the rewards (`modules.rewards.lightning_state`), counting optimizer steps:
+        `epochs` x the minibatches of a rollout of `prompts` (the data's batch size by default; `keep_groups` where
+        fewer). None outside a trainer."""
+        if self._trainer is None:
+            return None
+        prompts = prompts or getattr(self.trainer.datamodule, "batch_size", None) or self.minibatch_groups
+        kept = min(self.keep_groups or prompts, prompts)
+        return lightning_state(self.trainer, self.epochs * math.ceil(kept / self.minibatch_groups))
 
     def keep_informative(self, roll: Rollout) -> Rollout:
         """The `keep_groups` groups of a scored rollout that training keeps (`functional.kept_groups`): those whose

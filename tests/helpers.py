@@ -162,6 +162,17 @@ class BadReward:
         return values + [0.0] if self.mode == "extra" else values[:-1] if self.mode == "short" else values
 
 
+SEEN_STATES: list = []
+
+
+def progress_reward(completions, trainer_state, **kwargs):
+    """Test reward written for TRL that shapes by progress: records where it was called (training: a rollout's
+    responses: 8 in `tiny_rl_config`; the evaluation's: its prompts, fewer) and the `trainer_state` it got; scores 0."""
+    where = "training" if len(completions) == 8 else "evaluation"
+    SEEN_STATES.append((where, trainer_state.global_step, trainer_state.max_steps, trainer_state.epoch))
+    return [0.0] * len(completions)
+
+
 class ShortOnRank:
     """Test reward: 0 for every response, but one number too few on the process of global rank `rank` (under DDP: a
     reward error on one process only, as a bad record in one process's batch gives)."""

@@ -14,6 +14,7 @@ from modules.rewards import Composed, DifferenceOf, RewardError, call_text_rewar
 from modules.verifiable import AnswerMatch, OverlongPenalty
 from tests.helpers import tiny_rl_config
 from tests.test_microbatch import _same_update, rollout_module
+from train import cli_main
 
 
 def test_loss_mask_is_the_response_mask_less_the_rows_not_trained():
@@ -103,12 +104,13 @@ def test_a_reward_that_needs_token_ids_where_there_are_none_is_one_line():
                             {}) == [True]
 
 
-def test_completion_ids_is_not_a_record_field_name():
+@pytest.mark.parametrize("name", ["completion_ids", "trainer_state"])
+def test_completion_ids_and_trainer_state_are_not_record_field_names(name):
     from datamodules.pairs import PairDataModule
     from datamodules.sources import LocalFiles
 
-    with pytest.raises(ValueError, match=r"reward_fields=\['completion_ids'\]; expected distinct names other than"):
-        PairDataModule(LocalFiles("unused.jsonl"), tokenizer="unused", reward_fields=["completion_ids"])
+    with pytest.raises(ValueError, match=rf"reward_fields=\['{name}'\]; expected distinct names other than"):
+        PairDataModule(LocalFiles("unused.jsonl"), tokenizer="unused", reward_fields=[name])
 
 
 def objective(name: str):
@@ -249,20 +251,60 @@ def test_a_rollout_cut_off_everywhere_is_said_once(sft_dir, tokenizer, caplog):
 
 
 def test_a_trl_reward_that_requires_trls_trainer_arguments_is_told_what_is_passed():
-    """A TRL reward naming `trainer_state` (or `log_metric`, ...) without a default: one line saying this project
-    does not pass it, where before it was taken for a record field ("set data.init_args.reward_fields:
-    [trainer_state]"); with a default it runs."""
-    from modules.rewards import check_fields
+    """A TRL reward requiring `log_metric` (or `log_extra`, `environments`): one line saying this project does not
+    pass it, where before it was taken for a record field ("set data.init_args.reward_fields: [log_metric]"); with a
+    default it runs. `trainer_state` is passed (TRL's progress, `lightning_state`): inside the stages' scoring
+    (`trainer_state(...)`) a reward naming it, or TRL-style with `**kwargs`, gets it; called outside, one that
+    requires it is one line, one with a default gets None; a reward of ours with `**fields` never gets it."""
+    from modules.rewards import check_fields, trainer_state
+
+    def logging_reward(completions, log_metric, **kwargs):
+        return [0.0] * len(completions)
 
     def curriculum(completions, trainer_state, **kwargs):
-        return [0.0] * len(completions)
+        return [float(trainer_state.global_step)] * len(completions)
 
     def tolerant(completions, trainer_state=None, **kwargs):
         return [float(trainer_state is None)] * len(completions)
 
-    with pytest.raises(RewardError, match=r"requires 'trainer_state', which TRL's GRPOTrainer passes and this project "
-                                          r"does not \(it passes prompts, completions, completion_ids and the record "
-                                          r"fields\)"):
-        check_fields(curriculum, [])
-    check_fields(tolerant, [])
+    def trl_kwargs(completions, **kwargs):
+        return [float(kwargs["trainer_state"].global_step)] * len(completions)
+
+    def ours(prompts, responses, **fields):
+        assert "trainer_state" not in fields
+        return [0.0] * len(responses)
+
+    with pytest.raises(RewardError, match=r"requires 'log_metric', which TRL's GRPOTrainer passes and this project "
+                                          r"does not \(it passes prompts, completions, completion_ids, trainer_state "
+                                          r"and the record fields\)"):
+        check_fields(logging_reward, [])
+    check_fields(curriculum, [])
+    with pytest.raises(RewardError, match=r"takes trainer_state \(TRL's: the training's progress\), which only the RL "
+                                          r"module's scoring and the evaluation give"):
+        call_text_reward(curriculum, ["p"], ["r"], {})
     assert call_text_reward(tolerant, ["p"], ["r"], {}) == [1.0]
+    from transformers import TrainerState
+
+    with trainer_state(TrainerState(global_step=7)):
+        assert call_text_reward(curriculum, ["p"], ["r"], {}) == [7.0]
+        assert call_text_reward(trl_kwargs, ["p"], ["r"], {}) == [7.0]
+        assert call_text_reward(tolerant, ["p"], ["r"], {}) == [0.0]
+        assert call_text_reward(ours, ["p"], ["r"], {}) == [0.0]
+
+
+def test_a_trl_reward_gets_the_trainer_state_in_training_and_evaluation(tmp_path, sft_dir):
+    """The tiny run, 4 rollouts of 4 optimizer steps (2 epochs x 2 minibatches) with `progress_reward` as the RL
+    reward and the evaluation's (6 prompts): each rollout's scoring sees the steps before it (0, 4, 8, 12), the run's
+    16 and the fractional epoch (0, 0.25, 0.5, 0.75); the evaluation at the end (its samples, the reference's, the
+    demonstrations) sees 16 steps of 16, epoch 1."""
+    from tests.helpers import SEEN_STATES
+
+    SEEN_STATES.clear()
+    config = tiny_rl_config(tmp_path, sft_dir, model={"reward": "tests.helpers.progress_reward"},
+                            evaluation={"reward": "tests.helpers.progress_reward", "num_prompts": 6})
+    cli_main(["fit", "--config", config])
+    assert {"training", "evaluation"} == {where for where, *_ in SEEN_STATES}, SEEN_STATES
+    training = [state for where, *state in SEEN_STATES if where == "training"]
+    assert training == [[0, 16, 0.0], [4, 16, 0.25], [8, 16, 0.5], [12, 16, 0.75]], SEEN_STATES
+    evaluation = [state for where, *state in SEEN_STATES if where == "evaluation"]
+    assert evaluation and all(state == [16, 16, 1.0] for state in evaluation), SEEN_STATES
