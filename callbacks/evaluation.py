@@ -42,6 +42,7 @@ from modules.rewards import (
     is_pairwise,
     lightning_state,
     qualified_name,
+    reward_metrics,
     reward_timeout,
     trainer_state,
 )
@@ -169,12 +170,18 @@ class Evaluation(L.Callback):
             part = examples[start: start + self.batch_size]
             progress = pl_module.progress() if hasattr(pl_module, "progress") else lightning_state(trainer)
             with (reward_timeout(pl_module.reward_timeout) if hasattr(pl_module, "reward_timeout")    # (the RL module's)
-                  else reward_timeout(DEFAULT_TIMEOUT, knob=None)), trainer_state(progress):
+                  else reward_timeout(DEFAULT_TIMEOUT, knob=None)), trainer_state(progress), reward_metrics(keep=False):
                 metrics, shown = self.evaluate(pl_module, part)
             for key, value in metrics.items():
                 sums[key] = sums.get(key, 0.0) + value * len(part)
             rows += shown
         rows = rows[: self.show]
+        if trainer.world_size > 1:     # every process reduces the same keys (what a reward logs may differ)
+            import torch.distributed as dist
+
+            keys: list = [None] * trainer.world_size
+            dist.all_gather_object(keys, sorted(sums))
+            sums = {key: sums.get(key, 0.0) for part in keys for key in part}
         n = torch.tensor(float(len(examples)), device=pl_module.device)
         n_all = trainer.strategy.reduce(n, reduce_op="sum")
         metrics = {k: float(trainer.strategy.reduce(torch.tensor(v, device=pl_module.device), reduce_op="sum") / n_all)
@@ -200,7 +207,8 @@ class Evaluation(L.Callback):
                "val/eos_rate": roll.has_eos.float().mean().item(),
                **({"val/entropy": F.masked_mean(roll.entropy, roll.response_mask).item()} if roll.entropy is not None
                   else {})}
-        gold = self._gold(roll.prompts, roll.responses, roll.fields, roll.completion_ids)
+        with reward_metrics() as logged:        # what the rewards log about the policy's samples (TRL's log_metric)
+            gold = self._gold(roll.prompts, roll.responses, roll.fields, roll.completion_ids)
         if gold is not None:
             out["val/gold_reward"] = gold.mean().item()
             if n > 1:
@@ -211,7 +219,11 @@ class Evaluation(L.Callback):
                 out["val/demo_gold_reward"] = self._gold(collated.prompts, demos, collated.fields, demo_ids).mean().item()
         # a pairwise reward compares responses to one prompt: one sample per prompt has no proxy score
         pairwise = getattr(getattr(pl_module, "reward", None), "pairwise", False)
-        proxy = pl_module.score(roll).float().cpu() if hasattr(pl_module, "score") and not pairwise else None
+        with reward_metrics() as proxy_logged:
+            proxy = pl_module.score(roll).float().cpu() if hasattr(pl_module, "score") and not pairwise else None
+        for name, values in [*logged.items(), *proxy_logged.items()]:   # val/<name>: total / count, as terms
+            out[f"val/{name}/total"] = out.get(f"val/{name}/total", 0.0) + sum(values) / len(examples)
+            out[f"val/{name}/count"] = out.get(f"val/{name}/count", 0.0) + len(values) / len(examples)
         if proxy is not None:
             out["val/reward"] = proxy.mean().item()
             for name, term in roll.reward_terms.items():     # a term's mean over the responses it applies to: its

@@ -531,9 +531,50 @@ def tournament_scores(pair_rewards: torch.Tensor, group_size: int) -> torch.Tens
 POSITIONAL = {False: ("prompts", "responses"), True: ("prompts", "responses_a", "responses_b")}
 IDS = "completion_ids"      # not a record field: each response's token ids, EOS included (TRL's `completion_ids`)
 STATE = "trainer_state"     # not a record field either: the training's progress (TRL's `trainer_state`)
+LOG_METRIC = "log_metric"   # nor this: TRL's `log_metric(name, value)`, a scalar the reward logs
 # what TRL 1.16's GRPOTrainer passes a reward function besides those: not passed here
-TRL_TRAINER_ARGUMENTS = ("log_extra", "log_metric", "environments")
+TRL_TRAINER_ARGUMENTS = ("log_extra", "environments")
 _state: contextvars.ContextVar = contextvars.ContextVar("trainer_state", default=None)
+_logged: contextvars.ContextVar = contextvars.ContextVar("log_metric", default=None)
+
+
+@contextlib.contextmanager
+def reward_metrics(keep: bool = True):
+    """Within it, a reward that takes `log_metric` (by name, or TRL-style with `**kwargs`) gets TRL's
+    `log_metric(name, value)`; yields {name: [values]} of the calls (`keep=False`: a dict the values are dropped
+    from, for the calls whose metrics are not reported, such as an evaluation's reference samples). The RL module
+    logs each name's mean over a rollout and the processes as `train/<name>` (`metric_means`), the evaluation as
+    `val/<name>`."""
+    logged: dict[str, list[float]] = {}
+    token = _logged.set((logged, keep))
+    try:
+        yield logged
+    finally:
+        _logged.reset(token)
+
+
+def _log_metric(name: str, value) -> None:
+    logged, keep = _logged.get()
+    if not isinstance(name, str) or not name:
+        raise RewardError(f"log_metric({name!r}, ...): expected a metric name (a non-empty string)")
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        raise RewardError(f"log_metric({name!r}, {value!r}): expected a number") from None
+    if keep:
+        logged.setdefault(name, []).append(number)
+
+
+def metric_means(logged: dict[str, list[float]], over_ranks: Callable[[list[float], str], list[float]],
+                 names: Callable[[list[str]], list[str]]) -> dict[str, float]:
+    """{name: mean of every value logged under it} over the processes: `names` turns this process's names into every
+    process's (in one order on all), `over_ranks` sums; a name one process did not log adds nothing there (TRL:
+    total / count over the processes). Example: {"a": [1, 3]} here, {"a": [5], "b": [2]} elsewhere -> a 3, b 2."""
+    every = names(sorted(logged))
+    if not every:                                   # (the same on every process: nothing logged anywhere)
+        return {}
+    sums = over_ranks([x for name in every for x in (sum(logged.get(name, [])), len(logged.get(name, [])))], "sum")
+    return {name: sums[2 * i] / sums[2 * i + 1] for i, name in enumerate(every) if sums[2 * i + 1] > 0}
 
 
 @contextlib.contextmanager
@@ -590,12 +631,15 @@ def call_text_reward(reward, prompts: list[str], responses: list[str], fields: d
     completions=responses, completion_ids=[...], answer=[...])`."""
     kwargs = field_kwargs(reward, fields)
     params = _parameters(reward) or []
-    if takes_state(reward):
-        if _state.get() is not None:
-            kwargs[STATE] = _state.get()
-        elif any(p.name == STATE and p.default is inspect.Parameter.empty for p in params):
-            raise RewardError(f"reward {qualified_name(reward)} takes {STATE} (TRL's: the training's progress), which "
-                              "only the RL module's scoring and the evaluation give; called here without one")
+    for name, value, what in ((STATE, _state.get(), "TRL's: the training's progress"),
+                              (LOG_METRIC, _log_metric if _logged.get() is not None else None, "TRL's metric logger")):
+        if not takes_trl_argument(reward, name):
+            continue
+        if value is not None:
+            kwargs[name] = value
+        elif any(p.name == name and p.default is inspect.Parameter.empty for p in params):
+            raise RewardError(f"reward {qualified_name(reward)} takes {name} ({what}), which only the RL module's "
+                              "scoring and the evaluation give; called here without one")
     if takes_ids(reward):
         if ids is None:
             if any(p.name == IDS and p.default is inspect.Parameter.empty for p in params):
@@ -621,11 +665,11 @@ def trl_style(reward) -> bool:
     return bool({"completions", IDS} & names) and "responses" not in names and not hasattr(reward, "score")
 
 
-def takes_state(reward) -> bool:
-    """Whether a text reward's call takes `trainer_state`: it names that parameter, or it is written for TRL
-    (`trl_style`) and takes `**kwargs` (TRL passes it to every reward function)."""
+def takes_trl_argument(reward, name: str) -> bool:
+    """Whether a text reward's call takes TRL's `trainer_state` or `log_metric` (`name`): it names that parameter, or
+    it is written for TRL (`trl_style`) and takes `**kwargs` (TRL passes them to every reward function)."""
     params = _parameters(reward) or ()
-    return any(p.name == STATE for p in params) or (
+    return any(p.name == name for p in params) or (
         trl_style(reward) and any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params))
 
 
@@ -661,8 +705,8 @@ def check_fields(reward, names, pairwise: bool = False) -> None:
     if trl_only := [name for name in missing if name in TRL_TRAINER_ARGUMENTS]:
         raise RewardError(f"reward {qualified_name(reward)} requires {', '.join(map(repr, trl_only))}, which TRL's "
                           "GRPOTrainer passes and this project does not (it passes prompts, completions, "
-                          "completion_ids, trainer_state and the record fields); give the parameter a default, or read "
-                          "it from **kwargs")
+                          "completion_ids, trainer_state, log_metric and the record fields); give the parameter a "
+                          "default, or read it from **kwargs")
     if missing:
         raise RewardError(f"reward {qualified_name(reward)} takes {', '.join(map(repr, missing))} by keyword, which "
                           f"no record field provides (fields given: {sorted(names) or 'none'}); set data.init_args."
@@ -684,7 +728,7 @@ def required_fields(reward, pairwise: bool = False) -> list[str]:
     named = [p for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
     later = [p for p in named if p.name not in ("prompts", "completions")] if not pairwise and trl_style(reward) \
         else named[len(POSITIONAL[pairwise]):]
-    return [p.name for p in later if p.default is inspect.Parameter.empty and p.name not in (IDS, STATE)]
+    return [p.name for p in later if p.default is inspect.Parameter.empty and p.name not in (IDS, STATE, LOG_METRIC)]
 
 
 def _parameters(reward) -> list[inspect.Parameter] | None:

@@ -45,7 +45,9 @@ from modules.rewards import (
     check_fields,
     is_pairwise,
     lightning_state,
+    metric_means,
     qualified_name,
+    reward_metrics,
     reward_timeout,
     score_pairs,
     term_means,
@@ -366,8 +368,9 @@ class RLModule(TrainedOnlyCheckpoints, L.LightningModule):
                                     record_logprobs=from_sampler or not self.engine.exact,
                                     share_prompts=self.share_prompts).with_fields(batch.fields)
         t1, tokens = time.perf_counter(), roll.response_mask.sum().item()
-        with reward_timeout(self.reward_timeout), trainer_state(self.progress(len(batch))):
+        with reward_timeout(self.reward_timeout), trainer_state(self.progress(len(batch))), reward_metrics() as logged:
             roll.rewards = self.score(roll)
+        roll.timings.update({f"train/{name}": mean for name, mean in self.logged_means(logged).items()})
         if self.keep_groups is not None:
             roll = self.keep_informative(roll)
         if not from_sampler:
@@ -381,6 +384,20 @@ class RLModule(TrainedOnlyCheckpoints, L.LightningModule):
         roll.timings.update({"perf/rollout_s": t1 - t0, "perf/score_s": time.perf_counter() - t1,
                              "perf/tokens_per_s": tokens / max(t1 - t0, 1e-9)})
         return roll
+
+    def logged_means(self, logged: dict[str, list[float]]) -> dict[str, float]:
+        """The means of what the rewards logged (TRL's `log_metric`) over the processes (`metric_means`)."""
+        return metric_means(logged, self.over_ranks, self.every_name)
+
+    def every_name(self, names: list[str]) -> list[str]:
+        """The sorted union of `names` over the processes (each process's own in one process)."""
+        if self._trainer is None or self.trainer.world_size == 1:
+            return sorted(names)
+        import torch.distributed as dist
+
+        gathered: list = [None] * self.trainer.world_size
+        dist.all_gather_object(gathered, list(names))
+        return sorted({name for part in gathered for name in part})
 
     def progress(self, prompts: int | None = None):
         """TRL's `trainer_state` for the rewards (`modules.rewards.lightning_state`), counting optimizer steps:

@@ -187,6 +187,19 @@ class ShortOnRank:
         return [0.0] * (len(responses) - short)
 
 
+def logging_reward(completions, log_metric, **kwargs):
+    """Test reward written for TRL that logs a metric (TRL's `log_metric`): `calls`, 1 per call; `rank`, this process's
+    rank (0 alone); and, on rank 1 only, `only_rank1` (a name one process never logs). Scores 0."""
+    import torch.distributed as dist
+
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    log_metric("calls", 1.0)
+    log_metric("rank", float(rank))
+    if rank == 1:
+        log_metric("only_rank1", 7.0)
+    return [0.0] * len(completions)
+
+
 class ScoreTable:
     """Test pairwise reward: f(a, b) = scores[a] - scores[b] + bias from a dict, recording every call; antisymmetric
     (asked once per pair) unless it has a bias. `broken`: 'count' returns one number, 'nan' NaN for pairs with a = 'y'."""

@@ -1,0 +1,84 @@
+"""TRL's `log_metric` for reward functions: a scalar a reward logs, as `train/<name>` and `val/<name>`, its mean
+over the calls and the processes (TRL 1.16's GRPOTrainer `_log_metric`)."""
+import pytest
+
+from modules.rewards import RewardError, call_text_reward, metric_means, reward_metrics
+from tests.helpers import run_train, tiny_rl_config
+from tests.test_rewards import _scalars
+from train import cli_main
+
+
+def test_metric_means_literal_example():
+    """The docstring: {"a": [1, 3]} here, {"a": [5], "b": [2]} on another process -> a (1 + 3 + 5) / 3 = 3, b 2 (the
+    other process's values and names stood in for by the two callables)."""
+    elsewhere = {"a": [5.0], "b": [2.0]}
+    names = lambda mine: sorted(set(mine) | set(elsewhere))  # noqa: E731
+
+    def over_ranks(values, op):
+        theirs = [x for name in names([]) for x in (sum(elsewhere.get(name, [])), len(elsewhere.get(name, [])))]
+        return [a + b for a, b in zip(values, theirs)]
+
+    assert metric_means({"a": [1.0, 3.0]}, over_ranks, names) == {"a": 3.0, "b": 2.0}
+    assert metric_means({}, over_ranks, lambda mine: []) == {}
+
+
+def test_a_reward_logs_through_log_metric_where_a_stage_collects_it():
+    """Inside `reward_metrics()` a reward naming `log_metric`, or written for TRL with `**kwargs`, logs into the
+    collected dict; with `keep=False` the values are dropped; outside, one requiring it is one line, one with a
+    default gets None; a name that is not a string or a value that is not a number is one line."""
+    def named(completions, log_metric):
+        log_metric("len", float(len(completions)))
+        return [0.0] * len(completions)
+
+    def trl(completions, **kwargs):
+        kwargs["log_metric"]("seen", 2)
+        return [0.0] * len(completions)
+
+    def optional(completions, log_metric=None):
+        return [float(log_metric is None)] * len(completions)
+
+    with reward_metrics() as logged:
+        call_text_reward(named, ["p", "q"], ["a", "b"], {})
+        call_text_reward(trl, ["p"], ["a"], {})
+        call_text_reward(trl, ["p"], ["a"], {})
+    assert logged == {"len": [2.0], "seen": [2.0, 2.0]}
+    with reward_metrics(keep=False) as dropped:
+        call_text_reward(named, ["p"], ["a"], {})
+    assert dropped == {}
+    with pytest.raises(RewardError, match=r"takes log_metric \(TRL's metric logger\), which only the RL module's"):
+        call_text_reward(named, ["p"], ["a"], {})
+    assert call_text_reward(optional, ["p"], ["a"], {}) == [1.0]
+
+    def bad(completions, log_metric):
+        log_metric("x", "high")
+        return [0.0] * len(completions)
+
+    with reward_metrics(), pytest.raises(RewardError, match=r"log_metric\('x', 'high'\): expected a number"):
+        call_text_reward(bad, ["p"], ["a"], {})
+
+
+def test_what_a_reward_logs_is_a_train_and_a_val_metric(tmp_path, sft_dir):
+    """The tiny run with `logging_reward` as the RL reward and the evaluation's: `train/calls` and `train/rank` are
+    logged (1 and 0: one process), and the evaluation's `val/calls` (the policy's samples only; not the reference's
+    or the demonstrations')."""
+    config = tiny_rl_config(tmp_path, sft_dir, model={"reward": "tests.helpers.logging_reward"},
+                            evaluation={"reward": "tests.helpers.logging_reward"})
+    cli = cli_main(["fit", "--config", config])
+    metrics = cli.trainer.callback_metrics
+    assert float(metrics["train/calls"]) == 1.0 and float(metrics["train/rank"]) == 0.0
+    evaluation = next(cb for cb in cli.trainer.callbacks if type(cb).__name__ == "Evaluation").history[-1]
+    assert evaluation["val/calls"] == 1.0 and "val/only_rank1" not in evaluation
+
+
+@pytest.mark.slow
+def test_under_two_processes_a_name_one_process_logs_does_not_hang_and_means_are_over_both(tmp_path, sft_dir):
+    """DDP on 2 CPU processes, `logging_reward` in training and evaluation: rank 1 alone logs `only_rank1`, so the
+    processes' names differ (a reduce of each process's own names would pair different metrics or wait for ever).
+    `train/rank` is the mean over both processes' calls, 0.5; `train/only_rank1` rank 1's 7; the same for `val/`."""
+    config = tiny_rl_config(tmp_path, sft_dir, devices=2, strategy="ddp",
+                            model={"reward": "tests.helpers.logging_reward"},
+                            evaluation={"reward": "tests.helpers.logging_reward"})
+    run_train(config, timeout=300)
+    assert _scalars(tmp_path / "runs", "train/rank") == [0.5, 0.5]
+    assert _scalars(tmp_path / "runs", "train/only_rank1") == [7.0, 7.0]
+    assert _scalars(tmp_path / "runs", "val/rank") == [0.5] and _scalars(tmp_path / "runs", "val/only_rank1") == [7.0]
