@@ -15,6 +15,7 @@ import asyncio
 import concurrent.futures
 import contextlib
 import contextvars
+import functools
 import hashlib
 import inspect
 import json
@@ -553,8 +554,14 @@ def reward_metrics(keep: bool = True):
         _logged.reset(token)
 
 
-def _log_metric(name: str, value) -> None:
-    logged, keep = _logged.get()
+def _metric_logger(collector: tuple[dict, bool]) -> Callable[[str, float], None]:
+    """TRL's `log_metric(name, value)` into `collector` (the `reward_metrics` in force where the reward is called:
+    bound now, since an async reward runs on another thread, whose context has none)."""
+    return functools.partial(_log_metric, collector)
+
+
+def _log_metric(collector: tuple[dict, bool], name: str, value) -> None:
+    logged, keep = collector
     if not isinstance(name, str) or not name:
         raise RewardError(f"log_metric({name!r}, ...): expected a metric name (a non-empty string)")
     try:
@@ -632,7 +639,7 @@ def call_text_reward(reward, prompts: list[str], responses: list[str], fields: d
     kwargs = field_kwargs(reward, fields)
     params = _parameters(reward) or []
     for name, value, what in ((STATE, _state.get(), "TRL's: the training's progress"),
-                              (LOG_METRIC, _log_metric if _logged.get() is not None else None, "TRL's metric logger")):
+                              (LOG_METRIC, _logged.get() and _metric_logger(_logged.get()), "TRL's metric logger")):
         if not takes_trl_argument(reward, name):
             continue
         if value is not None:

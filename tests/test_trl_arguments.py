@@ -82,3 +82,17 @@ def test_under_two_processes_a_name_one_process_logs_does_not_hang_and_means_are
     assert _scalars(tmp_path / "runs", "train/rank") == [0.5, 0.5]
     assert _scalars(tmp_path / "runs", "train/only_rank1") == [7.0, 7.0]
     assert _scalars(tmp_path / "runs", "val/rank") == [0.5] and _scalars(tmp_path / "runs", "val/only_rank1") == [7.0]
+
+
+def test_an_async_reward_logs_into_the_collector_of_its_call():
+    """An `async def` reward runs on the event loop's thread, where the caller's context is not: its `log_metric` is
+    bound to the collector in force at the call (two calls, both logged)."""
+    from modules.rewards import awaited_all
+
+    async def judge(completions, log_metric):
+        log_metric("judged", float(len(completions)))
+        return [0.0] * len(completions)
+
+    with reward_metrics() as logged:
+        awaited_all([call_text_reward(judge, ["p"], ["a"], {}), call_text_reward(judge, ["p", "q"], ["a", "b"], {})])
+    assert sorted(logged["judged"]) == [1.0, 2.0]
