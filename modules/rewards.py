@@ -555,8 +555,8 @@ def reward_metrics(keep: bool = True):
 
 
 def _metric_logger(collector: tuple[dict, bool]) -> Callable[[str, float], None]:
-    """TRL's `log_metric(name, value)` into `collector` (the `reward_metrics` in force where the reward is called:
-    bound now, since an async reward runs on another thread, whose context has none)."""
+    """TRL's `log_metric(name, value)` into `collector`, the `reward_metrics` in force where the reward is called:
+    bound then, so that it logs there whichever thread an async reward's body runs on."""
     return functools.partial(_log_metric, collector)
 
 
@@ -603,8 +603,6 @@ def lightning_state(trainer, steps_per_batch: int = 1):
 
     Example: 4 batches per epoch, 2 epochs, 4 optimizer steps per batch, after 5 batches: global_step 20,
     max_steps 32, epoch 1.25."""
-    import math
-
     from transformers import TrainerState
 
     batches, epochs = trainer.num_training_batches, trainer.max_epochs
