@@ -96,3 +96,22 @@ def test_an_async_reward_logs_into_the_collector_of_its_call():
     with reward_metrics() as logged:
         awaited_all([call_text_reward(judge, ["p"], ["a"], {}), call_text_reward(judge, ["p", "q"], ["a", "b"], {})])
     assert sorted(logged["judged"]) == [1.0, 2.0]
+
+
+def test_lightning_state_literal_example():
+    """The docstring: 4 batches per epoch, 2 epochs, 4 optimizer steps per batch, after 5 batches (20 steps):
+    global_step 20, max_steps 32, epoch 1.25; a max_steps of 24 bounds it; an unknown length is -1."""
+    from types import SimpleNamespace
+
+    from modules.rewards import lightning_state
+
+    def trainer(batches=4, epochs=2, max_steps=-1):
+        progress = SimpleNamespace(total=SimpleNamespace(processed=5, completed=5))
+        loop = SimpleNamespace(_batches_that_stepped=5, batch_progress=progress)
+        return SimpleNamespace(num_training_batches=batches, max_epochs=epochs, max_steps=max_steps, global_step=20,
+                               current_epoch=1, is_global_zero=True, fit_loop=SimpleNamespace(epoch_loop=loop))
+
+    state = lightning_state(trainer(), steps_per_batch=4)
+    assert (state.global_step, state.max_steps, state.epoch, state.num_train_epochs) == (20, 32, 1.25, 2)
+    assert lightning_state(trainer(max_steps=24), steps_per_batch=4).max_steps == 24
+    assert lightning_state(trainer(batches=float("inf"), epochs=-1), steps_per_batch=4).max_steps == -1
