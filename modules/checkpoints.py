@@ -55,7 +55,7 @@ class TrainedOnlyCheckpoints:
             extra, missing = sorted(set(saved) - set(ours)), sorted(set(ours) - set(saved))
             raise ConfigError(f"the checkpoint's trained weights are not this run's: {len(missing)} missing (first: "
                               f"{missing[:1]}), {len(extra)} not in this run (first: {extra[:1]}); resume with the "
-                              "config that wrote it (same model, LoRA settings and objective)")
+                              "config that wrote it (same model, LoRA settings, objective and ref_sync_steps)")
         theirs = checkpoint.get(DIGEST, {})
         mine = self._frozen_digest = frozen_digest(self)
         for name in sorted(set(theirs) | set(mine)):

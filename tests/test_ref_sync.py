@@ -96,3 +96,17 @@ def test_a_moved_reference_is_checkpointed_and_a_sigkill_resume_is_bit_exact(tmp
     saved = torch.load(last, weights_only=False)
     assert any(k.startswith("reference.") for k in saved["state_dict"])
     assert not any(k.startswith("reference.") for k in saved["frozen_digest"])
+
+
+def test_resuming_a_checkpoint_without_the_reference_with_ref_sync_is_one_line(tmp_path, sft_dir, capsys):
+    """A checkpoint of a run without `ref_sync_steps` holds no reference: resumed with it set, the run stops before
+    training in one line naming the missing reference weights and the setting."""
+    config = tiny_rl_config(tmp_path, sft_dir, checkpoint={"dirpath": str(tmp_path / "ckpt"), "every_n_batches": 1})
+    assert main(["fit", "--config", config]) == 0
+    capsys.readouterr()
+    assert main(["fit", "--config", config, "--model.init_args.ref_sync_steps=4",
+                 f"--ckpt_path={tmp_path / 'ckpt' / 'last.ckpt'}"]) == 1
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert last.startswith("error: the checkpoint's trained weights are not this run's: ") and "reference." in last
+    assert last.endswith("resume with the config that wrote it (same model, LoRA settings, objective and "
+                         "ref_sync_steps)")
