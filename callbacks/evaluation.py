@@ -42,6 +42,7 @@ from modules.rewards import (
     is_pairwise,
     lightning_state,
     qualified_name,
+    reward_extras,
     reward_metrics,
     reward_timeout,
     trainer_state,
@@ -170,7 +171,8 @@ class Evaluation(L.Callback):
             part = examples[start: start + self.batch_size]
             progress = pl_module.progress() if hasattr(pl_module, "progress") else lightning_state(trainer)
             with (reward_timeout(pl_module.reward_timeout) if hasattr(pl_module, "reward_timeout")    # (the RL module's)
-                  else reward_timeout(DEFAULT_TIMEOUT, knob=None)), trainer_state(progress), reward_metrics(keep=False):
+                  else reward_timeout(DEFAULT_TIMEOUT, knob=None)), trainer_state(progress), reward_metrics(keep=False), \
+                    reward_extras(keep=False):
                 metrics, shown = self.evaluate(pl_module, part)
             for key, value in metrics.items():
                 sums[key] = sums.get(key, 0.0) + value * len(part)
@@ -207,8 +209,8 @@ class Evaluation(L.Callback):
                "val/eos_rate": roll.has_eos.float().mean().item(),
                **({"val/entropy": F.masked_mean(roll.entropy, roll.response_mask).item()} if roll.entropy is not None
                   else {})}
-        with reward_metrics() as logged:        # what the rewards log about the policy's samples (TRL's log_metric)
-            gold = self._gold(roll.prompts, roll.responses, roll.fields, roll.completion_ids)
+        with reward_metrics() as logged, reward_extras() as extras:    # what the rewards log about the policy's
+            gold = self._gold(roll.prompts, roll.responses, roll.fields, roll.completion_ids)   # samples (TRL's)
         if gold is not None:
             out["val/gold_reward"] = gold.mean().item()
             if n > 1:
@@ -219,7 +221,7 @@ class Evaluation(L.Callback):
                 out["val/demo_gold_reward"] = self._gold(collated.prompts, demos, collated.fields, demo_ids).mean().item()
         # a pairwise reward compares responses to one prompt: one sample per prompt has no proxy score
         pairwise = getattr(getattr(pl_module, "reward", None), "pairwise", False)
-        with reward_metrics() as proxy_logged:
+        with reward_metrics() as proxy_logged, reward_extras() as proxy_extras:
             proxy = pl_module.score(roll).float().cpu() if hasattr(pl_module, "score") and not pairwise else None
         for name, values in [*logged.items(), *proxy_logged.items()]:   # val/<name>: total / count, as terms
             out[f"val/{name}/total"] = out.get(f"val/{name}/total", 0.0) + sum(values) / len(examples)
@@ -233,8 +235,11 @@ class Evaluation(L.Callback):
         if hasattr(pl_module, "reference_model"):
             out.update(self._against_reference(pl_module, roll, ids, mask, collated, config, gold, proxy))
         scores = gold if gold is not None else proxy if proxy is not None else torch.full((len(roll),), float("nan"))
-        shown = [(p, r, g) for p, r, g in zip(roll.prompts, roll.responses, scores.tolist())]
-        return out, shown[: self.show]
+        columns = {name: values for name, values in {**proxy_extras, **extras}.items() if len(values) == len(roll)}
+        first = list(zip(roll.prompts, roll.responses, scores.tolist()))[: self.show]
+        shown = [(p, r, g, {name: values[i] for name, values in columns.items()})      # (log_extra's, per sample)
+                 for i, (p, r, g) in enumerate(first)]
+        return out, shown
 
     def _gold(self, prompts, responses, fields: dict[str, list], ids) -> torch.Tensor | None:
         if self.reward is None:
@@ -280,8 +285,13 @@ class Evaluation(L.Callback):
         table = "  ".join(f"{k.split('/')[-1]}={v:.3f}" for k, v in metrics.items())
         when = f"after {step} batches" if trainer.state.fn == TrainerFn.FITTING else trainer.state.fn.value
         print(f"[eval {when}] {table}")
-        for prompt, response, value in rows:
-            print(f"  {value:+.3f}  {prompt_text(prompt)} -> {response}")
+        for prompt, response, value, extra in rows:
+            print(f"  {value:+.3f}  {prompt_text(prompt)} -> {response}" + (f"   [{extra_text(extra)}]" if extra else ""))
+
+
+def extra_text(extra: dict) -> str:
+    """The columns a reward logged for one sample (TRL's `log_extra`), as `name: value; ...`."""
+    return "; ".join(f"{name}: {value}" for name, value in extra.items())
 
 
 def batches_done(trainer: L.Trainer) -> int:
@@ -336,8 +346,9 @@ def _log_text_and_figure(logger, rows, history, step) -> None:
     experiment = getattr(logger, "experiment", None)
     if experiment is None or not hasattr(experiment, "add_text"):
         return
-    lines = ["| reward | prompt | response |", "|---|---|---|"]
-    lines += [f"| {v:+.3f} | {prompt_text(p)} | {r} |" for p, r, v in rows]
+    extra = any(e for *_, e in rows)
+    lines = ["| reward | prompt | response |" + (" extra |" if extra else ""), "|---|---|---|" + ("---|" if extra else "")]
+    lines += [f"| {v:+.3f} | {prompt_text(p)} | {r} |" + (f" {extra_text(e)} |" if extra else "") for p, r, v, e in rows]
     experiment.add_text("val/samples", "\n".join(lines), step)
     points = [(h["val/kl"], h.get("val/gold_reward", h.get("val/reward"))) for h in history if "val/kl" in h]
     if not points:

@@ -533,10 +533,43 @@ POSITIONAL = {False: ("prompts", "responses"), True: ("prompts", "responses_a", 
 IDS = "completion_ids"      # not a record field: each response's token ids, EOS included (TRL's `completion_ids`)
 STATE = "trainer_state"     # not a record field either: the training's progress (TRL's `trainer_state`)
 LOG_METRIC = "log_metric"   # nor this: TRL's `log_metric(name, value)`, a scalar the reward logs
-# what TRL 1.16's GRPOTrainer passes a reward function besides those: not passed here
-TRL_TRAINER_ARGUMENTS = ("log_extra", "environments")
+LOG_EXTRA = "log_extra"     # nor this: TRL's `log_extra(column, values)`, a column of the samples shown
+# what TRL 1.16's GRPOTrainer passes a reward function besides those: not passed here (tool environments)
+TRL_TRAINER_ARGUMENTS = ("environments",)
 _state: contextvars.ContextVar = contextvars.ContextVar("trainer_state", default=None)
 _logged: contextvars.ContextVar = contextvars.ContextVar("log_metric", default=None)
+_extras: contextvars.ContextVar = contextvars.ContextVar("log_extra", default=None)
+
+
+@contextlib.contextmanager
+def reward_extras(keep: bool = True):
+    """Within it, a reward that takes `log_extra` (by name, or TRL-style with `**kwargs`) gets TRL's
+    `log_extra(column, values)`, one value per response of its call; yields {column: [values]} (`keep=False`: dropped,
+    for calls whose samples are not shown: training, which has no table of samples, and an evaluation's reference
+    samples). The evaluation shows the columns beside its samples (`show`)."""
+    columns: dict[str, list] = {}
+    token = _extras.set((columns, keep))
+    try:
+        yield columns
+    finally:
+        _extras.reset(token)
+
+
+def _extra_logger(collector: tuple[dict, bool], responses: int) -> Callable[[str, list], None]:
+    """TRL's `log_extra(column, values)` into `collector` for a call on `responses` responses (bound at the call)."""
+    return functools.partial(_log_extra, collector, responses)
+
+
+def _log_extra(collector: tuple[dict, bool], responses: int, column: str, values) -> None:
+    columns, keep = collector
+    if not isinstance(column, str) or not column:
+        raise RewardError(f"log_extra({column!r}, ...): expected a column name (a non-empty string)")
+    sized = hasattr(values, "__len__") and not isinstance(values, (str, bytes))
+    if not sized or len(values) != responses:
+        got = f"{len(values)} values" if sized else f"a {type(values).__name__}"
+        raise RewardError(f"log_extra({column!r}, ...): expected one value per response ({responses}), got {got}")
+    if keep:
+        columns.setdefault(column, []).extend(values)
 
 
 @contextlib.contextmanager
@@ -637,7 +670,9 @@ def call_text_reward(reward, prompts: list[str], responses: list[str], fields: d
     kwargs = field_kwargs(reward, fields)
     params = _parameters(reward) or []
     for name, value, what in ((STATE, _state.get(), "TRL's: the training's progress"),
-                              (LOG_METRIC, _logged.get() and _metric_logger(_logged.get()), "TRL's metric logger")):
+                              (LOG_METRIC, _logged.get() and _metric_logger(_logged.get()), "TRL's metric logger"),
+                              (LOG_EXTRA, _extras.get() and _extra_logger(_extras.get(), len(responses)),
+                               "TRL's logger of extra columns")):
         if not takes_trl_argument(reward, name):
             continue
         if value is not None:
@@ -671,7 +706,7 @@ def trl_style(reward) -> bool:
 
 
 def takes_trl_argument(reward, name: str) -> bool:
-    """Whether a text reward's call takes TRL's `trainer_state` or `log_metric` (`name`): it names that parameter, or
+    """Whether a text reward's call takes TRL's `trainer_state`, `log_metric` or `log_extra` (`name`): it names it, or
     it is written for TRL (`trl_style`) and takes `**kwargs` (TRL passes them to every reward function)."""
     params = _parameters(reward) or ()
     return any(p.name == name for p in params) or (
@@ -710,8 +745,8 @@ def check_fields(reward, names, pairwise: bool = False) -> None:
     if trl_only := [name for name in missing if name in TRL_TRAINER_ARGUMENTS]:
         raise RewardError(f"reward {qualified_name(reward)} requires {', '.join(map(repr, trl_only))}, which TRL's "
                           "GRPOTrainer passes and this project does not (it passes prompts, completions, "
-                          "completion_ids, trainer_state, log_metric and the record fields); give the parameter a "
-                          "default, or read it from **kwargs")
+                          "completion_ids, trainer_state, log_metric, log_extra and the record fields); give the "
+                          "parameter a default, or read it from **kwargs")
     if missing:
         raise RewardError(f"reward {qualified_name(reward)} takes {', '.join(map(repr, missing))} by keyword, which "
                           f"no record field provides (fields given: {sorted(names) or 'none'}); set data.init_args."
@@ -733,7 +768,8 @@ def required_fields(reward, pairwise: bool = False) -> list[str]:
     named = [p for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
     later = [p for p in named if p.name not in ("prompts", "completions")] if not pairwise and trl_style(reward) \
         else named[len(POSITIONAL[pairwise]):]
-    return [p.name for p in later if p.default is inspect.Parameter.empty and p.name not in (IDS, STATE, LOG_METRIC)]
+    return [p.name for p in later if p.default is inspect.Parameter.empty
+            and p.name not in (IDS, STATE, LOG_METRIC, LOG_EXTRA)]
 
 
 def _parameters(reward) -> list[inspect.Parameter] | None:

@@ -47,6 +47,7 @@ from modules.rewards import (
     lightning_state,
     metric_means,
     qualified_name,
+    reward_extras,
     reward_metrics,
     reward_timeout,
     score_pairs,
@@ -368,7 +369,8 @@ class RLModule(TrainedOnlyCheckpoints, L.LightningModule):
                                     record_logprobs=from_sampler or not self.engine.exact,
                                     share_prompts=self.share_prompts).with_fields(batch.fields)
         t1, tokens = time.perf_counter(), roll.response_mask.sum().item()
-        with reward_timeout(self.reward_timeout), trainer_state(self.progress(len(batch))), reward_metrics() as logged:
+        with (reward_timeout(self.reward_timeout), trainer_state(self.progress(len(batch))), reward_metrics() as logged,
+              reward_extras(keep=False)):                      # (extra columns: shown with evaluation samples only)
             roll.rewards = self.score(roll)
         roll.timings.update({f"train/{name}": mean for name, mean in self.logged_means(logged).items()})
         if self.keep_groups is not None:

@@ -115,3 +115,48 @@ def test_lightning_state_literal_example():
     assert (state.global_step, state.max_steps, state.epoch, state.num_train_epochs) == (20, 32, 1.25, 2)
     assert lightning_state(trainer(max_steps=24), steps_per_batch=4).max_steps == 24
     assert lightning_state(trainer(batches=float("inf"), epochs=-1), steps_per_batch=4).max_steps == -1
+
+
+def test_log_extra_columns_are_checked_and_collected_where_a_stage_shows_them():
+    """`log_extra(column, values)`: one value per response of the call, else one line; collected in `reward_extras()`,
+    dropped with `keep=False` (training: no table of samples); outside, one requiring it is one line."""
+    from modules.rewards import reward_extras
+
+    def parsed(completions, log_extra):
+        log_extra("first", [c[:1] for c in completions])
+        return [0.0] * len(completions)
+
+    def short(completions, log_extra):
+        log_extra("first", ["x"])
+        return [0.0] * len(completions)
+
+    with reward_extras() as columns:
+        call_text_reward(parsed, ["p", "q"], ["ab", "cd"], {})
+    assert columns == {"first": ["a", "c"]}
+    with reward_extras(keep=False) as dropped:
+        call_text_reward(parsed, ["p"], ["ab"], {})
+    assert dropped == {}
+    with reward_extras(), pytest.raises(RewardError, match=r"log_extra\('first', \.\.\.\): expected one value per "
+                                                           r"response \(2\), got 1 values"):
+        call_text_reward(short, ["p", "q"], ["ab", "cd"], {})
+    with pytest.raises(RewardError, match=r"takes log_extra \(TRL's logger of extra columns\), which only the RL"):
+        call_text_reward(parsed, ["p"], ["a"], {})
+
+
+def extra_reward(completions, log_extra, **kwargs):
+    """Test reward written for TRL: logs each completion's length as the column `chars`; scores 0."""
+    log_extra("chars", [len(c) for c in completions])
+    return [0.0] * len(completions)
+
+
+def test_the_evaluation_shows_log_extra_columns_beside_its_samples(tmp_path, sft_dir, capsys):
+    """The tiny run with `extra_reward` as the RL reward (its training calls work, the columns dropped) and the
+    evaluation's, showing 2 samples: each printed sample ends with `[chars: <its length>]`."""
+    config = tiny_rl_config(tmp_path, sft_dir, model={"reward": "tests.test_trl_arguments.extra_reward"},
+                            evaluation={"reward": "tests.test_trl_arguments.extra_reward", "show": 2})
+    cli_main(["fit", "--config", config])
+    shown = [line for line in capsys.readouterr().out.splitlines() if " -> " in line]
+    assert len(shown) == 2 and all(line.endswith("]") and "[chars: " in line for line in shown), shown
+    for line in shown:
+        response, chars = line.split(" -> ", 1)[1].rsplit("   [chars: ", 1)
+        assert int(chars.rstrip("]")) == len(response)
