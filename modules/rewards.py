@@ -539,25 +539,31 @@ TRL_TRAINER_ARGUMENTS = ("environments",)
 _state: contextvars.ContextVar = contextvars.ContextVar("trainer_state", default=None)
 _logged: contextvars.ContextVar = contextvars.ContextVar("log_metric", default=None)
 _extras: contextvars.ContextVar = contextvars.ContextVar("log_extra", default=None)
+STAGES_ONLY = "which only the RL module's scoring and the evaluation give; called here without one"
+NOT_GIVEN = {   # why a reward requiring one of these did not get it
+    IDS: "(the responses' token ids), which its caller does not have: a pairwise reward or judge calls it with texts "
+         "alone; use it as the RL stage's reward, a term of modules.rewards.Composed, or the evaluation reward",
+    STATE: f"(TRL's: the training's progress), {STAGES_ONLY}", LOG_METRIC: f"(TRL's metric logger), {STAGES_ONLY}",
+    LOG_EXTRA: f"(TRL's logger of extra columns), {STAGES_ONLY}"}
 
 
 @contextlib.contextmanager
+def _collecting(var: contextvars.ContextVar, keep: bool):
+    """Sets `var` to (a new dict, keep) for the duration and yields the dict (`reward_metrics`, `reward_extras`)."""
+    collected: dict[str, list] = {}
+    token = var.set((collected, keep))
+    try:
+        yield collected
+    finally:
+        var.reset(token)
+
+
 def reward_extras(keep: bool = True):
     """Within it, a reward that takes `log_extra` (by name, or TRL-style with `**kwargs`) gets TRL's
     `log_extra(column, values)`, one value per response of its call; yields {column: [values]} (`keep=False`: dropped,
     for calls whose samples are not shown: training, which has no table of samples, and an evaluation's reference
     samples). The evaluation shows the columns beside its samples (`show`)."""
-    columns: dict[str, list] = {}
-    token = _extras.set((columns, keep))
-    try:
-        yield columns
-    finally:
-        _extras.reset(token)
-
-
-def _extra_logger(collector: tuple[dict, bool], responses: int) -> Callable[[str, list], None]:
-    """TRL's `log_extra(column, values)` into `collector` for a call on `responses` responses (bound at the call)."""
-    return functools.partial(_log_extra, collector, responses)
+    return _collecting(_extras, keep)
 
 
 def _log_extra(collector: tuple[dict, bool], responses: int, column: str, values) -> None:
@@ -572,25 +578,13 @@ def _log_extra(collector: tuple[dict, bool], responses: int, column: str, values
         columns.setdefault(column, []).extend(values)
 
 
-@contextlib.contextmanager
 def reward_metrics(keep: bool = True):
     """Within it, a reward that takes `log_metric` (by name, or TRL-style with `**kwargs`) gets TRL's
     `log_metric(name, value)`; yields {name: [values]} of the calls (`keep=False`: a dict the values are dropped
     from, for the calls whose metrics are not reported, such as an evaluation's reference samples). The RL module
     logs each name's mean over a rollout and the processes as `train/<name>` (`metric_means`), the evaluation as
     `val/<name>`."""
-    logged: dict[str, list[float]] = {}
-    token = _logged.set((logged, keep))
-    try:
-        yield logged
-    finally:
-        _logged.reset(token)
-
-
-def _metric_logger(collector: tuple[dict, bool]) -> Callable[[str, float], None]:
-    """TRL's `log_metric(name, value)` into `collector`, the `reward_metrics` in force where the reward is called:
-    bound then, so that it logs there whichever thread an async reward's body runs on."""
-    return functools.partial(_log_metric, collector)
+    return _collecting(_logged, keep)
 
 
 def _log_metric(collector: tuple[dict, bool], name: str, value) -> None:
@@ -669,26 +663,19 @@ def call_text_reward(reward, prompts: list[str], responses: list[str], fields: d
     completions=responses, completion_ids=[...], answer=[...])`."""
     kwargs = field_kwargs(reward, fields)
     params = _parameters(reward) or []
-    for name, value, what in ((STATE, _state.get(), "TRL's: the training's progress"),
-                              (LOG_METRIC, _logged.get() and _metric_logger(_logged.get()), "TRL's metric logger"),
-                              (LOG_EXTRA, _extras.get() and _extra_logger(_extras.get(), len(responses)),
-                               "TRL's logger of extra columns")):
-        if not takes_trl_argument(reward, name):
+    # what a reward may take besides its texts and fields: each made only for one that takes it (the loggers bound
+    # to the collectors in force here, whichever thread an async reward's body runs on), or None where not given
+    given = {IDS: lambda: ids() if callable(ids) else ids, STATE: _state.get,
+             LOG_METRIC: lambda: _logged.get() and functools.partial(_log_metric, _logged.get()),
+             LOG_EXTRA: lambda: _extras.get() and functools.partial(_log_extra, _extras.get(), len(responses))}
+    for name, make in given.items():
+        if not takes(reward, name):
             continue
+        value = make()
         if value is not None:
             kwargs[name] = value
         elif any(p.name == name and p.default is inspect.Parameter.empty for p in params):
-            raise RewardError(f"reward {qualified_name(reward)} takes {name} ({what}), which only the RL module's "
-                              "scoring and the evaluation give; called here without one")
-    if takes_ids(reward):
-        if ids is None:
-            if any(p.name == IDS and p.default is inspect.Parameter.empty for p in params):
-                raise RewardError(f"reward {qualified_name(reward)} takes {IDS} (the responses' token ids), which "
-                                  "its caller does not have: a pairwise reward or judge calls it with texts alone; "
-                                  "use it as the RL stage's reward, a term of modules.rewards.Composed, or the "
-                                  "evaluation reward")
-        else:
-            kwargs[IDS] = ids() if callable(ids) else ids
+            raise RewardError(f"reward {qualified_name(reward)} takes {name} {NOT_GIVEN[name]}")
     if not trl_style(reward):
         return reward(prompts, responses, **kwargs)
     takes_prompts = any(p.name == "prompts" or p.kind is inspect.Parameter.VAR_KEYWORD for p in params)
@@ -705,19 +692,11 @@ def trl_style(reward) -> bool:
     return bool({"completions", IDS} & names) and "responses" not in names and not hasattr(reward, "score")
 
 
-def takes_trl_argument(reward, name: str) -> bool:
-    """Whether a text reward's call takes TRL's `trainer_state`, `log_metric` or `log_extra` (`name`): it names it, or
-    it is written for TRL (`trl_style`) and takes `**kwargs` (TRL passes them to every reward function)."""
+def takes(reward, name: str) -> bool:
+    """Whether a text reward's call takes `completion_ids`, `trainer_state`, `log_metric` or `log_extra` (`name`): it
+    names that parameter, or it is written for TRL (`trl_style`) and takes `**kwargs` (TRL passes them all)."""
     params = _parameters(reward) or ()
     return any(p.name == name for p in params) or (
-        trl_style(reward) and any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params))
-
-
-def takes_ids(reward) -> bool:
-    """Whether a text reward's call takes `completion_ids`: it names that parameter, or it is written for TRL
-    (`trl_style`) and takes `**kwargs` (TRL passes them to every reward function)."""
-    params = _parameters(reward) or ()
-    return any(p.name == IDS for p in params) or (
         trl_style(reward) and any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params))
 
 
@@ -768,8 +747,7 @@ def required_fields(reward, pairwise: bool = False) -> list[str]:
     named = [p for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
     later = [p for p in named if p.name not in ("prompts", "completions")] if not pairwise and trl_style(reward) \
         else named[len(POSITIONAL[pairwise]):]
-    return [p.name for p in later if p.default is inspect.Parameter.empty
-            and p.name not in (IDS, STATE, LOG_METRIC, LOG_EXTRA)]
+    return [p.name for p in later if p.default is inspect.Parameter.empty and p.name not in NOT_GIVEN]
 
 
 def _parameters(reward) -> list[inspect.Parameter] | None:
