@@ -32,6 +32,7 @@ from datamodules.collate import PairCollator, encode_response, prompt_text
 from modules import functional as F
 from modules.checks import ConfigError, check_positions, import_object
 from modules.judges import both_orders, win_rate
+from modules.process import names_on_every_process
 from modules.rewards import (
     DEFAULT_TIMEOUT,
     FrozenModel,
@@ -179,11 +180,7 @@ class Evaluation(L.Callback):
             rows += shown
         rows = rows[: self.show]
         if trainer.world_size > 1:     # every process reduces the same keys (what a reward logs may differ)
-            import torch.distributed as dist
-
-            keys: list = [None] * trainer.world_size
-            dist.all_gather_object(keys, sorted(sums))
-            sums = {key: sums.get(key, 0.0) for part in keys for key in part}
+            sums = {key: sums.get(key, 0.0) for key in names_on_every_process(sums)}
         n = torch.tensor(float(len(examples)), device=pl_module.device)
         n_all = trainer.strategy.reduce(n, reduce_op="sum")
         metrics = {k: float(trainer.strategy.reduce(torch.tensor(v, device=pl_module.device), reduce_op="sum") / n_all)

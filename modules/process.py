@@ -1,5 +1,5 @@
-"""How a script ends: `exit_process`, the last call of `train.py` and of every benchmark script; and
-`peer_failure`, the line a process says when another process of its run failed first."""
+"""How a script ends: `exit_process`, the last call of `train.py` and of every benchmark script; `peer_failure`, the
+line a process says when another process of its run failed first; and `names_on_every_process`."""
 from __future__ import annotations
 
 import atexit
@@ -49,6 +49,18 @@ def exit_process(code: int) -> NoReturn:
             if not file.closed and file.writable():
                 file.flush()
     os._exit(code)
+
+
+def names_on_every_process(names) -> list[str]:
+    """The sorted union of `names` over the processes of the run (one `all_gather_object`; every process calls it),
+    or `names` sorted in one process: keys that every process then reduces in one order, where each process's own
+    may differ (what a reward logs)."""
+    dist = sys.modules.get("torch.distributed")
+    if dist is None or not dist.is_available() or not dist.is_initialized() or dist.get_world_size() == 1:
+        return sorted(names)
+    gathered: list = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, sorted(names))
+    return sorted({name for part in gathered for name in part})
 
 
 # what gloo raises in a collective whose other side has exited (pair.cc: "Connection closed by peer [addr]:port")

@@ -38,6 +38,7 @@ from modules.export import export_model
 from modules.forward import response_logprobs, token_scores
 from modules.objectives.base import Objective
 from modules.optimizers import learning_rate
+from modules.process import names_on_every_process
 from modules.rewards import (
     DEFAULT_TIMEOUT,
     Composed,
@@ -389,17 +390,7 @@ class RLModule(TrainedOnlyCheckpoints, L.LightningModule):
 
     def logged_means(self, logged: dict[str, list[float]]) -> dict[str, float]:
         """The means of what the rewards logged (TRL's `log_metric`) over the processes (`metric_means`)."""
-        return metric_means(logged, self.over_ranks, self.every_name)
-
-    def every_name(self, names: list[str]) -> list[str]:
-        """The sorted union of `names` over the processes (each process's own in one process)."""
-        if self._trainer is None or self.trainer.world_size == 1:
-            return sorted(names)
-        import torch.distributed as dist
-
-        gathered: list = [None] * self.trainer.world_size
-        dist.all_gather_object(gathered, list(names))
-        return sorted({name for part in gathered for name in part})
+        return metric_means(logged, self.over_ranks, names_on_every_process)
 
     def progress(self, prompts: int | None = None):
         """TRL's `trainer_state` for the rewards (`modules.rewards.lightning_state`), counting optimizer steps:
