@@ -115,15 +115,25 @@ def test_a_user_error_on_one_ddp_process_is_one_line_from_each(tmp_path, sft_dir
     """DDP on 2 CPU processes, a reward returning one number too few on one process only: that process prints the
     reward's one line and exits; the other, whose next collective loses its peer, one line saying so, instead of a
     70-line gloo traceback ending in "Connection closed by peer" (rank 0 is the launching process, rank 1 its
-    child: both ways round). No traceback, exit code 1, within the test's timeout (no hang)."""
+    child: both ways round). No traceback, exit code 1, within the test's timeout (no hang).
+
+    When the child fails, Lightning's observer in the launching process (it polls the children every 5 s) may see
+    its exit before the launching process has exited itself, and then kills it (exit -9, "Forcefully terminating
+    all other processes"): a race the launching process cannot win every time on a busy machine (seen once in a
+    fresh clone's run). Either way there is no traceback; the line is there wherever the process lived to say it."""
     from tests.helpers import run_train, tiny_rl_config
 
     config = tiny_rl_config(tmp_path, sft_dir, devices=2, strategy="ddp",
                             model={"reward": {"class_path": "tests.helpers.ShortOnRank", "init_args": {"rank": rank}}})
-    err = run_train(config, expect=1, timeout=300).stderr
+    proc = run_train(config, expect=1 if rank == 0 else (1, -9), timeout=300)
+    err = proc.stderr
     errors = [line for line in err.splitlines() if line.startswith("error: ")]
     assert "Traceback" not in err, err[-3000:]
-    assert errors == ["error: reward tests.helpers.ShortOnRank returned 7 values for 8 responses; expected one number "
-                      "per response (rewards would be misaligned with responses)",
-                      f"error: process {1 - rank} of 2 stopped: another process of the run exited first, its error "
-                      "above (here a collective lost its peer: connection closed by peer)"], err[-3000:]
+    expected = ["error: reward tests.helpers.ShortOnRank returned 7 values for 8 responses; expected one number per "
+                "response (rewards would be misaligned with responses)",
+                f"error: process {1 - rank} of 2 stopped: another process of the run exited first, its error above "
+                "(here a collective lost its peer: connection closed by peer)"]
+    if proc.returncode == -9:                                  # (killed by Lightning's observer, see above)
+        assert "Forcefully terminating all other processes" in err and errors == expected[:len(errors)] and errors
+    else:
+        assert errors == expected, err[-3000:]
