@@ -205,9 +205,10 @@ class Evaluation(L.Callback):
         out = {"val/length": roll.response_mask.sum(-1).float().mean().item(),
                "val/eos_rate": roll.has_eos.float().mean().item(),
                **({"val/entropy": F.masked_mean(roll.entropy, roll.response_mask).item()} if roll.entropy is not None
-                  else {})}
+                  else {}),
+               **({"val/tool_calls": roll.timings["tools/calls"] / len(roll)} if "tools/calls" in roll.timings else {})}
         with reward_metrics() as logged, reward_extras() as extras:    # what the rewards log about the policy's
-            gold = self._gold(roll.prompts, roll.responses, roll.fields, roll.completion_ids)   # samples (TRL's)
+            gold = self._gold(roll.prompts, roll.responses, roll.fields, roll.completion_ids, roll.messages)  # (TRL's)
         if gold is not None:
             out["val/gold_reward"] = gold.mean().item()
             if n > 1:
@@ -238,10 +239,10 @@ class Evaluation(L.Callback):
                  for i, (p, r, g) in enumerate(first)]
         return out, shown
 
-    def _gold(self, prompts, responses, fields: dict[str, list], ids) -> torch.Tensor | None:
+    def _gold(self, prompts, responses, fields: dict[str, list], ids, messages=None) -> torch.Tensor | None:
         if self.reward is None:
             return None
-        values = awaited(call_text_reward(self.reward, prompts, responses, fields, ids),
+        values = awaited(call_text_reward(self.reward, prompts, responses, fields, ids, messages),
                          f"evaluation reward {qualified_name(self.reward)}")
         return as_numbers(values, self.reward, len(responses))          # (one number per response, or one line)
 
@@ -374,7 +375,6 @@ def _to_device(judge, device: torch.device) -> None:
 
 
 def _generate(pl_module):
-    """The stage's generation engine (the RL module's `engine`: evaluation samples as training does), else our
-    sampler."""
-    engine = getattr(pl_module, "engine", None)
-    return sample if engine is None else engine.generate
+    """The stage's generation: the RL module's (`RLModule.generate`: its engine, and the data's tools, so evaluation
+    samples as training does), else our sampler."""
+    return pl_module.generate if hasattr(pl_module, "engine") else sample

@@ -11,6 +11,7 @@ from torch.utils.data import DataLoader, DistributedSampler
 
 from datamodules.collate import NoChatTemplate, PairCollator, encode_prompt, encode_response
 from datamodules.sources import FIELDS, DataError, FieldMap, Source, validate_records, warn
+from datamodules.tools import Tools
 
 
 class PairDataModule(L.LightningDataModule):
@@ -40,6 +41,10 @@ class PairDataModule(L.LightningDataModule):
             mixed dataset whose tasks carry different fields (maths records an `answer`, coding records `tests`),
             each scored by the term of a `modules.rewards.Composed` that reads its field (a term returns None
             where it does not apply, as the `modules.verifiable` rewards do for a None field).
+        tools: Python functions the policy may call (`datamodules.tools.Tools`, TRL's `tools`): their schemas are
+            rendered into every prompt by the tokenizer's chat template (every stage, so SFT on tool-use traces sees
+            the prompts RL samples from), and the RL stage's rollouts and evaluation run the calls, feeding the
+            results back as tool messages (docs/tools.md).
     """
 
     def __init__(self, source: Source, tokenizer: str | None = None, fields: FieldMap | None = None,
@@ -47,8 +52,9 @@ class PairDataModule(L.LightningDataModule):
                  max_prompt_length: int = 32, prompts_only: bool = False, chosen_only: bool = False,
                  skip_invalid: bool = False,
                  num_workers: int = 0, seed: int = 0, reward_fields: list[str] | None = None,
-                 optional_fields: list[str] | None = None):
+                 optional_fields: list[str] | None = None, tools: Tools | None = None):
         super().__init__()
+        self.tools = tools
         for name, value, least in (("batch_size", batch_size, 1), ("val_batch_size", val_batch_size or 1, 1),
                                    ("max_length", max_length, 2), ("max_prompt_length", max_prompt_length, 1),
                                    ("num_workers", num_workers, 0)):
@@ -93,6 +99,8 @@ class PairDataModule(L.LightningDataModule):
         return "none" if self.prompts_only else "chosen" if self.chosen_only else "pairs"
 
     def setup(self, stage: str | None = None) -> None:
+        if self.tools is not None:
+            self.tools.check_template(self.tokenizer)
         for split in ("train", "val"):
             if split not in self.splits:
                 self.splits[split] = self.encoded(split)
@@ -131,7 +139,7 @@ class PairDataModule(L.LightningDataModule):
     def encode(self, rec: dict, index: int, origin: str) -> dict | None:
         """Token ids of one record; a prompt that leaves no room for a response is a bad record."""
         try:
-            prompt_ids = encode_prompt(self.tokenizer, rec["prompt"])
+            prompt_ids = encode_prompt(self.tokenizer, rec["prompt"], self.tools and self.tools.schemas)
         except NoChatTemplate as error:
             raise DataError(f"{origin}: record {index}: field {self.fields.prompt!r}: {error}; use a tokenizer that "
                             "has one (data tokenizer), or give prompts as text") from None

@@ -20,8 +20,9 @@ class Rollout:
     """
 
     input_ids: torch.Tensor        # (N, P + L) left-padded prompt then response (pads after EOS)
-    attention_mask: torch.Tensor   # (N, P + L)
-    response_mask: torch.Tensor    # (N, L) 1 up to and including the first EOS
+    attention_mask: torch.Tensor   # (N, P + L) 1 on every real token (with tools: the tool results too)
+    response_mask: torch.Tensor    # (N, L) the policy's own tokens: 1 up to and including the first EOS (with tools:
+                                   # each turn's tokens, 0 on the tool results between them; `datamodules.tools`)
     prompt_length: int             # P: response token l sits at column P + l
     group_size: int                # K responses per prompt; N = num_prompts * K
     prompts: list                  # (N,) each row's prompt: its text, or its conversation (a list of messages)
@@ -38,6 +39,7 @@ class Rollout:
     timings: dict[str, float] = field(default_factory=dict)  # perf/* seconds spent building it
     fields: dict[str, list] = field(default_factory=dict)    # the reward's record fields: name -> (N,) values, row's prompt
     reward_terms: dict[str, torch.Tensor] = field(default_factory=dict)  # a composed reward's terms: name -> (N,)
+    messages: list[list[dict]] | None = None  # (N,) with tools: each response as its assistant and tool messages
 
     def __len__(self) -> int:
         return self.input_ids.shape[0]
@@ -47,9 +49,9 @@ class Rollout:
         return self.input_ids[:, self.prompt_length:]  # (N, L)
 
     def completion_ids(self) -> list[list[int]]:
-        """Each response's token ids up to and including its EOS (all of them without one): what a reward that
-        takes `completion_ids` gets (TRL's name; `modules.rewards.call_text_reward`)."""
-        ids, mask = self.response_ids.cpu(), self.response_mask.bool().cpu()
+        """Each response's token ids up to and including its EOS (all of them without one), tool results included:
+        what a reward that takes `completion_ids` gets (TRL's name; `modules.rewards.call_text_reward`)."""
+        ids, mask = self.response_ids.cpu(), self.attention_mask[:, self.prompt_length:].bool().cpu()
         return [row[keep].tolist() for row, keep in zip(ids, mask)]
 
     def select(self, rows: torch.Tensor) -> "Rollout":
@@ -62,7 +64,8 @@ class Rollout:
                        take(self.values), take(self.sampler_logp), take(self.sampler_weights),
                        take(self.pair_rewards), take(self.entropy),
                        fields={name: [values[i] for i in idx] for name, values in self.fields.items()},
-                       reward_terms={name: values[rows.to(values.device)] for name, values in self.reward_terms.items()})
+                       reward_terms={name: values[rows.to(values.device)] for name, values in self.reward_terms.items()},
+                       messages=None if self.messages is None else [self.messages[i] for i in idx])
 
     def with_fields(self, fields: dict[str, list]) -> "Rollout":
         """Set `fields` from the prompts' record fields (name -> one value per prompt): each repeated for the K

@@ -100,7 +100,10 @@ class Engine:
 
     def generate(self, model, tokenizer, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, prompts: list[str],
                  config: SamplingConfig, num_samples: int = 1, record_logprobs: bool = False,
-                 share_prompts: bool = True) -> Rollout:
+                 share_prompts: bool = True, same_weights: bool = False) -> Rollout:
+        """`same_weights`: the model has not changed since this engine's last `generate` (a later turn of a tool
+        rollout, `modules.sampling.generate_with_tools`), so an engine with its own copy of the weights need not
+        push them again."""
         raise NotImplementedError
 
 
@@ -114,7 +117,7 @@ class Sampler(Engine):
     """
 
     def generate(self, model, tokenizer, prompt_ids, prompt_mask, prompts, config, num_samples=1,
-                 record_logprobs=False, share_prompts=True) -> Rollout:
+                 record_logprobs=False, share_prompts=True, same_weights=False) -> Rollout:
         return sample(model, tokenizer, prompt_ids, prompt_mask, prompts, config, num_samples, record_logprobs,
                       share_prompts)
 
@@ -229,7 +232,7 @@ class VLLM(Engine):
         self.pushes += 1
 
     def generate(self, model, tokenizer, prompt_ids, prompt_mask, prompts, config, num_samples=1,
-                 record_logprobs=False, share_prompts=True) -> Rollout:
+                 record_logprobs=False, share_prompts=True, same_weights=False) -> Rollout:
         if self.llm is None:
             self.start(model, tokenizer)
         from vllm import SamplingParams
@@ -238,7 +241,8 @@ class VLLM(Engine):
         if self.sleep_between_rollouts and torch.cuda.is_available():
             self.llm.wake_up()
         t0 = time.perf_counter()
-        self.push(model)
+        if not (same_weights and self.pushes):
+            self.push(model)
         push_s = time.perf_counter() - t0
         P = prompt_ids.shape[1]
         if P + config.max_new_tokens > self._max_len:

@@ -260,7 +260,8 @@ def raw_values(reward, rollout: Rollout, tokenizer, parts: list[torch.Tensor] | 
     """What `reward` returns for `rollout`, unchecked: a text callable's list (an awaitable if it is `async`), or a
     token-level reward's tensor, over `parts` (`score`)."""
     if not hasattr(reward, "score"):
-        return call_text_reward(reward, rollout.prompts, rollout.responses, rollout.fields, rollout.completion_ids)
+        return call_text_reward(reward, rollout.prompts, rollout.responses, rollout.fields, rollout.completion_ids,
+                                rollout.messages)
     with conversations_named(reward):
         if parts is None or len(parts) == 1:
             return reward.score(rollout, tokenizer)
@@ -645,7 +646,8 @@ def lightning_state(trainer, steps_per_batch: int = 1):
 
 
 def call_text_reward(reward, prompts: list[str], responses: list[str], fields: dict[str, list],
-                     ids: Callable[[], list[list[int]]] | list[list[int]] | None = None):
+                     ids: Callable[[], list[list[int]]] | list[list[int]] | None = None,
+                     messages: list[list[dict]] | None = None):
     """What a per-response text reward returns (an awaitable if it is `async`), called with the record fields it
     takes (`field_kwargs`): positionally as `reward(prompts, responses, **fields)`, or, for a reward function
     written for TRL (`trl_style`), by keyword as TRL's GRPOTrainer calls it: `reward(prompts=..., completions=...,
@@ -657,7 +659,9 @@ def call_text_reward(reward, prompts: list[str], responses: list[str], fields: d
     reward that requires them where the caller has none (a pairwise reward's scalar reward) is a `RewardError`.
 
     On conversational data (prompts given as lists of messages) a TRL-style reward gets each completion as TRL
-    gives it there, `[{"role": "assistant", "content": text}]`; any other reward gets texts.
+    gives it there, `[{"role": "assistant", "content": text}]`, or with tools `messages` (`Rollout.messages`: the
+    assistant turns and tool results in order, as TRL's tool loop gives them); any other reward gets texts (with
+    tools, the whole response: turns and tool results as the policy saw them).
 
     Example: TRL's `def accuracy(completions, answer, **kwargs)` is called as `accuracy(prompts=prompts,
     completions=responses, completion_ids=[...], answer=[...])`."""
@@ -680,7 +684,7 @@ def call_text_reward(reward, prompts: list[str], responses: list[str], fields: d
         return reward(prompts, responses, **kwargs)
     takes_prompts = any(p.name == "prompts" or p.kind is inspect.Parameter.VAR_KEYWORD for p in params)
     if any(isinstance(prompt, list) for prompt in prompts):        # conversational data: TRL's completions
-        responses = [[{"role": "assistant", "content": response}] for response in responses]
+        responses = messages or [[{"role": "assistant", "content": response}] for response in responses]
     return reward(completions=responses, **({"prompts": prompts} if takes_prompts else {}), **kwargs)
 
 

@@ -8,6 +8,7 @@ divided by the sampling temperature, through `modules.forward.response_logprobs`
 """
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import time
@@ -20,6 +21,7 @@ from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from lightning.pytorch.plugins.precision import DoublePrecision, HalfPrecision, MixedPrecision, Precision
 
 from datamodules.batch import PairBatch
+from datamodules.tools import Tools
 from modules import functional as F
 from modules import layout
 from modules.accumulate import accumulate
@@ -57,8 +59,8 @@ from modules.rewards import (
     trainer_state,
 )
 from modules.rewards import score as score_rewards
-from modules.sampling import SamplingConfig
-from modules.sharding import build_sharded, build_with_reference, fsdp_mesh, fsdp_units, is_partitioned, is_sharded
+from modules.sampling import SamplingConfig, generate_with_tools
+from modules.sharding import build_sharded, build_with_reference, fsdp_mesh, fsdp_units, gathered, is_partitioned, is_sharded
 
 log = logging.getLogger(__name__)
 OLD_LOGPROBS = ("auto", "sampler", "forward")
@@ -226,6 +228,9 @@ class RLModule(TrainedOnlyCheckpoints, L.LightningModule):
         data = self.trainer.datamodule
         if data is not None:        # a reward that reads a record field the data does not keep: before any rollout
             check_fields(self.reward, getattr(data, "reward_fields", ()), is_pairwise(self.reward))
+        if getattr(data, "tools", None) is not None and is_partitioned(self.policy):
+            raise ConfigError("data tools: DeepSpeed ZeRO-3 generates in lockstep on every rank, and with tools ranks run "
+                              "different numbers of turns; use FSDP2 (configs/presets/fsdp.yaml), ZeRO-2 or DDP")
         if self.ref_sync_steps is not None and is_partitioned(self.policy):
             raise ConfigError("RLModule: ref_sync_steps moves the reference weights in place, which DeepSpeed ZeRO-3 "
                               "holds only inside each forward; use FSDP2 (configs/presets/fsdp.yaml) or ZeRO-2")
@@ -365,11 +370,14 @@ class RLModule(TrainedOnlyCheckpoints, L.LightningModule):
         """Sample K responses per prompt, score them, and record pi_old / pi_ref logprobs (and timings)."""
         t0 = time.perf_counter()
         from_sampler = self.logprobs_from_sampler
-        roll = self.engine.generate(self.policy, self.tokenizer, batch.prompt_ids, batch.prompt_mask, batch.prompts,
-                                    self.sampling, self.objective.responses_per_prompt,
-                                    record_logprobs=from_sampler or not self.engine.exact,
-                                    share_prompts=self.share_prompts).with_fields(batch.fields)
+        roll = self.generate(self.policy, self.tokenizer, batch.prompt_ids, batch.prompt_mask, batch.prompts,
+                             self.sampling, self.objective.responses_per_prompt,
+                             record_logprobs=from_sampler or not self.engine.exact,
+                             share_prompts=self.share_prompts).with_fields(batch.fields)
         t1, tokens = time.perf_counter(), roll.response_mask.sum().item()
+        if "tools/calls" in roll.timings:              # (sums over the rollout: per response, per call)
+            calls, failed = roll.timings.pop("tools/calls"), roll.timings.pop("tools/failed")
+            roll.timings.update({"train/tool_calls": calls / len(roll), "train/tool_failures": failed / max(calls, 1)})
         with (reward_timeout(self.reward_timeout), trainer_state(self.progress(len(batch))), reward_metrics() as logged,
               reward_extras(keep=False)):                      # (extra columns: shown with evaluation samples only)
             roll.rewards = self.score(roll)
@@ -387,6 +395,26 @@ class RLModule(TrainedOnlyCheckpoints, L.LightningModule):
         roll.timings.update({"perf/rollout_s": t1 - t0, "perf/score_s": time.perf_counter() - t1,
                              "perf/tokens_per_s": tokens / max(t1 - t0, 1e-9)})
         return roll
+
+    @property
+    def tools(self) -> Tools | None:
+        """The data's tools (`datamodules.pairs.PairDataModule tools`), which generation runs; None without."""
+        return getattr(self.trainer.datamodule, "tools", None) if self._trainer is not None else None
+
+    def generate(self, model, tokenizer, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, prompts: list,
+                 config: SamplingConfig, num_samples: int = 1, record_logprobs: bool = False,
+                 share_prompts: bool = True) -> Rollout:
+        """The one entry point of this stage's generation, rollouts and evaluation alike: `engine`, turn after turn
+        with the data's tools when it has them (`modules.sampling.generate_with_tools`). A model sharded by FSDP2 is
+        gathered once for all the turns: ranks may run different numbers of turns."""
+        tools = self.tools
+        if tools is None:
+            return self.engine.generate(model, tokenizer, prompt_ids, prompt_mask, prompts, config, num_samples,
+                                        record_logprobs, share_prompts)
+        with gathered(model):
+            return generate_with_tools(functools.partial(self.engine.generate, model, tokenizer), tools, tokenizer,
+                                       prompt_ids, prompt_mask, prompts, config, num_samples,
+                                       record_logprobs=record_logprobs, share_prompts=share_prompts)
 
     def logged_means(self, logged: dict[str, list[float]]) -> dict[str, float]:
         """The means of what the rewards logged (TRL's `log_metric`) over the processes (`metric_means`)."""

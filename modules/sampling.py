@@ -1,11 +1,15 @@
-"""The one generation routine: used by the rollout callback, evaluation and the stage reports."""
+"""The one generation routine (used by the rollout callback, evaluation and the stage reports), and its multi-turn
+form with tools (`generate_with_tools`)."""
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 
+from datamodules.tools import CALL, Tools, tool_suffix
 from modules import functional as F
 from modules.batch import Rollout
 from modules.cpu import prepacked_linears
@@ -210,3 +214,132 @@ def sample_policy(path: str, tokenizer, examples: list[dict], config: SamplingCo
         torch.manual_seed(seed)
         return sample(policy, tokenizer, collated.prompt_ids.to(device), collated.prompt_mask.to(device),
                       collated.prompts, config, num_samples=num_samples)
+
+
+@dataclass
+class _Row:
+    """One response being built: its tokens after the prompt, which are the policy's, and the policy's recorded
+    logprob and entropy at each (0 on tool tokens)."""
+
+    tokens: list[int]
+    own: list[int]
+    logp: list[float]
+    entropy: list[float]
+    messages: list[dict]
+    last_turn: str
+    ended: bool                     # the last turn emitted EOS
+    told: bool = False              # the last turn is in `messages`
+    calls: int = 0
+    failed: int = 0
+
+
+def generate_with_tools(generate: Callable, tools: Tools, tokenizer, prompt_ids: torch.Tensor,
+                        prompt_mask: torch.Tensor, prompts: list, config, num_samples: int, **kwargs) -> Rollout:
+    """The multi-turn rollout of `num_samples` responses per prompt, with `tools` (`datamodules.tools`, whose
+    docstring describes the loop and the layout): `generate` is an
+    engine's `generate(prompt_ids, prompt_mask, prompts, config, num_samples, same_weights=..., **kwargs)` (the
+    model and tokenizer bound), called once for the first turns and once per round of calls for the responses that
+    go on (one sample each, `same_weights=True`). Returns a Rollout laid out as any other, plus `messages` (each
+    response as TRL's list of assistant and tool messages) and `timings["tools/calls"]`, `["tools/failed"]` (sums
+    over the rollout)."""
+    first = generate(prompt_ids, prompt_mask, prompts, config, num_samples, same_weights=False, **kwargs)
+    budget, eos = config.max_new_tokens, tokenizer.eos_token_id
+    rows = []
+    for i in range(len(first)):
+        keep = first.response_mask[i].bool()
+        tokens = first.response_ids[i][keep].tolist()
+        rows.append(_Row(tokens, [1] * len(tokens), _picked(first.old_logp, i, keep), _picked(first.entropy, i, keep),
+                         [], _turn_text(tokenizer, tokens), bool(first.has_eos[i])))
+    for _ in range(tools.max_turns):
+        going = []
+        for i, row in enumerate(rows):
+            if not row.ended or not CALL.search(row.last_turn):
+                continue
+            results, failed = tools.call(row.last_turn)
+            row.calls, row.failed = row.calls + len(results), row.failed + failed
+            row.messages.append({"role": "assistant", "content": row.last_turn.strip()})
+            row.told = True
+            suffix = tool_suffix(tokenizer, results)
+            if len(row.tokens) + len(suffix) >= budget:   # no room: the response ends with its call, unanswered
+                row.ended = False
+                continue
+            row.messages += results
+            row.tokens += suffix
+            row.own += [0] * len(suffix)
+            row.logp += [0.0] * len(suffix)
+            row.entropy += [0.0] * len(suffix)
+            going.append(i)
+        if not going:
+            break
+        contexts = [prompt_ids[i // num_samples][prompt_mask[i // num_samples].bool()].tolist() + rows[i].tokens
+                    for i in going]
+        ids, mask = _left_pad(contexts, tokenizer.pad_token_id, prompt_ids.device)
+        room = max(budget - len(rows[i].tokens) for i in going)
+        turn = generate(ids, mask, [prompts[i // num_samples] for i in going], dataclasses.replace(config, max_new_tokens=room),
+                        1, same_weights=True, **{**kwargs, "share_prompts": False})
+        for j, i in enumerate(going):
+            row, left = rows[i], budget - len(rows[i].tokens)
+            keep = turn.response_mask[j].bool()
+            tokens = turn.response_ids[j][keep].tolist()[:left]
+            row.tokens += tokens
+            row.own += [1] * len(tokens)
+            row.logp += _picked(turn.old_logp, j, keep)[:left]
+            row.entropy += _picked(turn.entropy, j, keep)[:left]
+            row.last_turn, row.told = _turn_text(tokenizer, tokens), False
+            row.ended = bool(turn.has_eos[j]) and len(tokens) == int(keep.sum())
+    for row in rows:
+        if not row.told:                               # the final turn
+            row.messages.append({"role": "assistant", "content": row.last_turn.strip()})
+    roll = _assemble(first, rows, tokenizer, eos)
+    roll.timings.update({"tools/calls": float(sum(r.calls for r in rows)), "tools/failed": float(sum(r.failed for r in rows))})
+    return roll
+
+
+def _picked(values: torch.Tensor | None, row: int, keep: torch.Tensor) -> list[float]:
+    return [0.0] * int(keep.sum()) if values is None else values[row][keep].tolist()
+
+
+def _turn_text(tokenizer, tokens: list[int]) -> str:
+    """A turn as text, special tokens kept (a template may make `<tool_call>` one), its EOS dropped."""
+    if tokens and tokens[-1] == tokenizer.eos_token_id:
+        tokens = tokens[:-1]
+    return tokenizer.decode(tokens, skip_special_tokens=False)
+
+
+def _left_pad(rows: list[list[int]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    from datamodules.collate import pad
+
+    ids, mask = pad(rows, pad_id, "left")
+    return ids.to(device), mask.to(device)
+
+
+def _assemble(first: Rollout, rows: list[_Row], tokenizer, eos: int) -> Rollout:
+    """The Rollout of the built rows: the first turns' prompts, responses right-padded to the longest."""
+    width = max(1, max(len(r.tokens) for r in rows))
+    N, device = len(rows), first.input_ids.device
+    response = torch.full((N, width), tokenizer.pad_token_id, dtype=torch.long)
+    real, own = torch.zeros(N, width, dtype=torch.long), torch.zeros(N, width, dtype=torch.long)
+    logp, entropy = torch.zeros(N, width), torch.zeros(N, width)
+    for i, row in enumerate(rows):
+        n = len(row.tokens)
+        response[i, :n] = torch.tensor(row.tokens, dtype=torch.long)
+        real[i, :n] = 1
+        own[i, :n] = torch.tensor(row.own, dtype=torch.long)
+        logp[i, :n], entropy[i, :n] = torch.tensor(row.logp), torch.tensor(row.entropy)
+    texts = tokenizer.batch_decode([r.tokens for r in rows], skip_special_tokens=True)
+    prompt_ids, prompt_mask = first.input_ids[:, :first.prompt_length], first.attention_mask[:, :first.prompt_length]
+    return Rollout(
+        input_ids=torch.cat([prompt_ids, response.to(device)], 1),
+        attention_mask=torch.cat([prompt_mask, real.to(device)], 1),
+        response_mask=own.to(device),
+        prompt_length=first.prompt_length,
+        group_size=first.group_size,
+        prompts=first.prompts,
+        responses=[t.strip() for t in texts],
+        has_eos=torch.tensor([r.own[-1:] == [1] and r.tokens[-1] == eos for r in rows], device=first.has_eos.device),
+        old_logp=None if first.old_logp is None else logp.to(device),
+        entropy=None if first.entropy is None else entropy.to(device),
+        sampler_logp=None,
+        timings=dict(first.timings),
+        messages=[r.messages for r in rows],
+    )

@@ -329,8 +329,14 @@ def gathered(model: nn.Module):
     """For the duration, every FSDP2 unit of `model` holds its whole parameters (one all-gather each, on entry)
     and keeps them across forwards: generation then calls no collective, so ranks may stop at different lengths.
     On exit the units are sharded again, the root back to staying gathered after its forward. No-op otherwise.
-    Memory: the whole model on every rank while it lasts (as the rollout engines of other frameworks need)."""
+    Memory: the whole model on every rank while it lasts (as the rollout engines of other frameworks need).
+    Nested (the turns of a tool rollout, each a `sample`, inside one `gathered`): the inner ones do nothing."""
+    if getattr(model, "_gathered", False):
+        yield
+        return
     units = fsdp_units(model)
+    if units:
+        model._gathered = True
     for unit in units:
         unit.set_reshard_after_forward(False, recurse=False)
         unit.unshard()
@@ -340,6 +346,8 @@ def gathered(model: nn.Module):
         for unit in units:
             unit.reshard()
             unit.set_reshard_after_forward(unit is not units[0], recurse=False)
+        if units:
+            model._gathered = False
 
 
 _FULL_STATES: dict[int, dict] = {}

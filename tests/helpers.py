@@ -339,3 +339,66 @@ class ShiftedSampler(Sampler):
         if roll.old_logp is not None:
             roll.old_logp = (roll.old_logp + self.shift) * roll.response_mask
         return roll
+
+
+# A Hermes-style chat template (the tool format of Qwen2.5 / Qwen3): SmolLM2's own template ignores `tools`.
+HERMES_TEMPLATE = (
+    "{% if tools %}<|im_start|>system\nYou may call these tools:\n<tools>\n{% for tool in tools %}"
+    "{{ tool | tojson }}\n{% endfor %}</tools>\nCall one as <tool_call>{\"name\": ..., \"arguments\": {...}}"
+    "</tool_call><|im_end|>\n{% endif %}"
+    "{% for message in messages %}"
+    "{% if message.role == 'assistant' and message.tool_calls %}<|im_start|>assistant\n{{ message.content }}"
+    "{% for call in message.tool_calls %}<tool_call>{\"name\": \"{{ call.function.name }}\", \"arguments\": "
+    "{{ call.function.arguments | tojson }}}</tool_call>{% endfor %}<|im_end|>\n"
+    "{% elif message.role == 'tool' %}<|im_start|>user\n<tool_response>{{ message.content }}</tool_response>"
+    "<|im_end|>\n"
+    "{% else %}<|im_start|>{{ message.role }}\n{{ message.content }}<|im_end|>\n{% endif %}"
+    "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+
+
+def add(a: int, b: int) -> int:
+    """Add two integers.
+
+    Args:
+        a: the first.
+        b: the second.
+    """
+    return a + b
+
+
+class ScriptedFirstTurn:
+    """A test engine's first turns: every even response's is a call of `add` (2 + 3), every odd one's the answer "5";
+    later turns are the engine's own (the next base class). The scripted turns' recorded logprobs are 0, not the
+    policy's (`exact = False`: pi_old comes from a forward pass)."""
+
+    exact = False
+    CALL = '<tool_call>{"name": "add", "arguments": {"a": 2, "b": 3}}</tool_call>'
+    only_rank: int | None = None       # in a distributed run, only this rank's responses call (ranks then differ)
+
+    def generate(self, model, tokenizer, prompt_ids, prompt_mask, prompts, config, num_samples=1,
+                 record_logprobs=False, share_prompts=True, same_weights=False):
+        from datamodules.collate import pad
+        from modules.sampling import rollout_of
+
+        if same_weights:
+            return super().generate(model, tokenizer, prompt_ids, prompt_mask, prompts, config, num_samples,
+                                    record_logprobs, share_prompts, same_weights)
+        import torch.distributed as dist
+
+        calls = self.only_rank is None or not dist.is_initialized() or dist.get_rank() == self.only_rank
+        rows = [tokenizer(self.CALL if calls and i % 2 == 0 else "5", add_special_tokens=False)["input_ids"]
+                + [tokenizer.eos_token_id] for i in range(len(prompt_ids) * num_samples)]
+        response = pad(rows, tokenizer.pad_token_id, "right")[0].to(prompt_ids.device)
+        return rollout_of(prompt_ids.repeat_interleave(num_samples, 0), prompt_mask.repeat_interleave(num_samples, 0),
+                          response, prompts, num_samples, tokenizer,
+                          torch.zeros(response.shape, device=response.device) if record_logprobs else None)
+
+
+class ScriptedToolCalls(ScriptedFirstTurn, Sampler):
+    """`ScriptedFirstTurn`, then our sampler."""
+
+
+class RankZeroToolCalls(ScriptedToolCalls):
+    """`ScriptedToolCalls` where only rank 0's responses call: rank 0 runs two turns per rollout, rank 1 one."""
+
+    only_rank = 0

@@ -156,6 +156,57 @@ def test_p3o_trains_end_to_end_with_vllm(tmp_path, vllm_sft_dir):
     assert diff < 1e-3 and abs(weight - 1) < 1e-2 and changed
 
 
+TOOL_ROLLOUT = """
+import torch
+from benchmarks.harness import TOKENIZER
+from datamodules.collate import encode_prompt, pad
+from modules.backbone import BackboneSpec, build_causal_lm, load_tokenizer
+from modules.engines import VLLM
+from modules.forward import response_logprobs
+from modules.sampling import SamplingConfig
+from datamodules.tools import Tools
+from modules.sampling import generate_with_tools
+from tests.helpers import HERMES_TEMPLATE, ScriptedFirstTurn, add
+from tests.test_vllm import VLLM_TINY
+
+class ScriptedVLLM(ScriptedFirstTurn, VLLM):
+    pass
+
+tok = load_tokenizer(TOKENIZER)
+tok.chat_template = HERMES_TEMPLATE
+torch.manual_seed(0)
+model = build_causal_lm(BackboneSpec(config=dict(VLLM_TINY, max_position_embeddings=512)), tok)
+tools = Tools(functions=[add])
+ids, mask = pad([encode_prompt(tok, p, tools.schemas) for p in ["What is 2 + 3?", "Add two and three."]],
+                tok.pad_token_id, "left")
+engine = ScriptedVLLM()
+roll = generate_with_tools(lambda *a, **k: engine.generate(model, tok, *a, **k), tools, tok, ids, mask, ["a", "b"],
+                           SamplingConfig(max_new_tokens=64), 2, record_logprobs=True)
+call = len(tok(ScriptedFirstTurn.CALL, add_special_tokens=False)["input_ids"]) + 1
+later = roll.response_mask.clone()
+later[:, :call] = 0
+logp = response_logprobs(model, roll.input_ids, roll.attention_mask, roll.prompt_length, 1.0).detach()
+pushes = [engine.pushes]
+for same in (True, False):
+    VLLM.generate(engine, model, tok, ids, mask, ["a", "b"], SamplingConfig(max_new_tokens=4), same_weights=same)
+    pushes.append(engine.pushes)
+print("RESULT", ",".join(map(str, pushes)), int(later.sum()), float(((logp - roll.old_logp).abs() * later).max()))
+"""
+
+
+def test_tool_turns_continue_through_vllm_with_one_push_per_rollout():
+    """A tool rollout through the vLLM engine (`modules.sampling.generate_with_tools`; first turns scripted: even rows
+    call `add`): the turns after the tool results are vLLM's, from contexts of prompt + call + result, and their
+    logprobs equal a
+    trainer forward over the whole sequence up to rounding. A later turn (`same_weights`) pushes no weights when
+    the engine has them already; a new rollout does."""
+    proc = subprocess.run([sys.executable, "-c", TOOL_ROLLOUT], capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    line = next(x for x in proc.stdout.splitlines() if x.startswith("RESULT")).split()
+    pushes, tokens, diff = line[1], int(line[2]), float(line[3])
+    assert pushes == "1,1,2" and tokens > 0 and diff < 1e-3
+
+
 def test_a_head_size_vllm_cpu_cannot_run_is_refused_in_one_line(sft_dir, tokenizer):
     from modules.checks import ConfigError
 

@@ -35,19 +35,26 @@ def last_token_mask(mask: torch.Tensor) -> torch.Tensor:
 
 
 def gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: float, lam: float):
-    """Generalised advantage estimation over response tokens. (N, L) each -> (advantages, returns).
+    """Generalised advantage estimation over the policy's tokens (`mask`). (N, L) each -> (advantages, returns).
 
-    delta_t = r_t + gamma * V_{t+1} - V_t (V = 0 after the last token); A_t = delta_t + gamma * lam * A_{t+1}.
-    """
+    delta_t = r_t + gamma * V_{t'} - V_t and A_t = delta_t + gamma * lam * A_{t'}, where t' is the next token with
+    mask 1 (V = A = 0 after the last). Tokens with mask 0 between two of the policy's (a tool's result,
+    `datamodules.tools`) are skipped, not steps: the recursion runs over the policy's tokens alone, as veRL's multi-turn
+    GAE does, and gives 0 there. With no such gap, t' = t + 1.
+
+    Example (gamma = lam = 1): rewards [[0, 0, 1]], values [[0.5, 0.2, 0.4]], mask [[1, 0, 1]] ->
+    A_2 = 1 - 0.4 = 0.6; A_0 = 0 + 0.4 - 0.5 + 0.6 = 0.5: advantages [[0.5, 0, 0.6]], returns [[1.0, 0, 1.0]]."""
     mask = mask.float()
     values = values * mask
     advantages = torch.zeros_like(rewards)
-    last = torch.zeros_like(rewards[:, 0])
+    last = torch.zeros_like(rewards[:, 0])                   # A and V at the next token with mask 1
+    next_value = torch.zeros_like(last)
     for t in reversed(range(rewards.shape[1])):
-        next_value = values[:, t + 1] if t + 1 < rewards.shape[1] else torch.zeros_like(last)
         delta = rewards[:, t] + gamma * next_value - values[:, t]
-        last = (delta + gamma * lam * last) * mask[:, t]
-        advantages[:, t] = last
+        here = mask[:, t]
+        last = torch.where(here > 0, delta + gamma * lam * last, last)
+        next_value = torch.where(here > 0, values[:, t], next_value)
+        advantages[:, t] = last * here
     return advantages, advantages + values
 
 

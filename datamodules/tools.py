@@ -1,0 +1,195 @@
+"""Tools a task offers (TRL's GRPOTrainer `tools`): Python functions the policy may call while it answers.
+
+The data module renders the functions' JSON schemas into every prompt through the tokenizer's chat template
+(`apply_chat_template(..., tools=...)`), for every stage; the RL module's generation (its rollouts and its
+evaluation samples) runs them (`modules.sampling.generate_with_tools`):
+  1. every response generates a turn;
+  2. a turn that ended with EOS and holds tool calls in the Hermes format that the Qwen2.5 / Qwen3, SmolLM3 and
+     Hermes templates render, `<tool_call>{"name": ..., "arguments": {...}}</tool_call>`, has them run
+     (`run_call`); their results become `tool` messages, rendered by the chat template together with the next
+     assistant header (`tool_suffix`) and appended to the response;
+  3. those responses generate their next turn, and so on, until no new turn calls a tool, `max_turns` rounds of
+     calls have run, or a response has no room left.
+
+A rollout's response is then every turn and every tool result in order. `attention_mask` covers all of it,
+`response_mask` only the policy's own tokens (each turn up to and including its EOS): the tool results are context
+the policy is conditioned on, never trained on, and not counted in the KL or the length (TRL's `tool_mask`).
+`max_new_tokens` bounds the whole response, tool results included (TRL's `max_completion_length`): a tool result
+that would leave no room for one more token is not appended, and that response ends with its call.
+
+A call that fails (malformed JSON, an unknown tool, wrong arguments, an exception, more than `timeout` seconds)
+gives the policy `{"error": "..."}` as its result, as TRL does; the share of failed calls is logged
+(`train/tool_failures`), beside the calls per response (`train/tool_calls`).
+"""
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import inspect
+import json
+import re
+from dataclasses import dataclass, field
+from typing import Callable
+
+from datamodules.sources import DataError
+
+CALL = re.compile(r"<tool_call>(.*?)</tool_call>", re.DOTALL)
+
+
+@dataclass
+class Tools:
+    """Python functions the policy may call (TRL's `tools`), each given in YAML by its import path
+    (`mypackage.tools.calculator`). Their names, type hints and Google-style docstrings make the JSON schemas
+    rendered into every prompt (`transformers.utils.get_json_schema`); each may be `async def`.
+
+    Args:
+        functions: the tools, by import path.
+        max_turns: rounds of tool calls per response (TRL's `max_tool_calling_iterations`); the turn after the
+            last round is the policy's final answer.
+        timeout: seconds a call may take; a slower one gives the policy an error result (and is counted as a
+            failure). A synchronous function that ignores it keeps running in its thread.
+    """
+
+    functions: list[Callable] = field(default_factory=list)
+    max_turns: int = 4
+    timeout: float = 30.0
+
+    def __post_init__(self):
+        if not self.functions:
+            raise ValueError("Tools: functions is empty; expected at least one function (an import path, e.g. "
+                              "mypackage.tools.calculator)")
+        for fn in self.functions:
+            if not callable(fn):
+                raise ValueError(f"Tools: functions holds {fn!r}, which is not callable; expected functions")
+        names = [fn.__name__ for fn in self.functions]
+        if len(set(names)) < len(names):
+            raise ValueError(f"Tools: functions {names} repeat a name; the policy calls a tool by its name")
+        if self.max_turns < 1:
+            raise ValueError(f"Tools: max_turns={self.max_turns}; expected >= 1 (rounds of tool calls per response)")
+        if not 0 < self.timeout < float("inf"):
+            raise ValueError(f"Tools: timeout={self.timeout}; expected a finite number of seconds > 0")
+        self.by_name = {fn.__name__: fn for fn in self.functions}
+        self.schemas = [schema_of(fn) for fn in self.functions]
+
+    def check_template(self, tokenizer) -> None:
+        """A chat template that does not render the schemas (SmolLM2's, Llama 3's basic one), or that cannot render
+        a tool result after an assistant turn, stops here in one line."""
+        name = getattr(tokenizer, "name_or_path", "the tokenizer")
+        if not getattr(tokenizer, "chat_template", None):
+            raise DataError(f"data tools: tokenizer {name!r} has no chat template, which tools need (their schemas "
+                              "go into every prompt, their results are rendered as tool messages)")
+        user = [{"role": "user", "content": "x"}]
+        with_tools = tokenizer.apply_chat_template(user, tools=self.schemas, add_generation_prompt=True, tokenize=False)
+        plain = tokenizer.apply_chat_template(user, add_generation_prompt=True, tokenize=False)
+        if with_tools == plain or self.schemas[0]["function"]["name"] not in with_tools:
+            raise DataError(f"data tools: the chat template of {name!r} does not render tool schemas (it ignores "
+                              "`tools`); use a tokenizer whose template does (Qwen2.5 / Qwen3, SmolLM3, Hermes)")
+        tool_suffix(tokenizer, [{"role": "tool", "name": self.schemas[0]["function"]["name"], "content": "1"}])
+
+    def call(self, text: str) -> tuple[list[dict], int]:
+        """Run every call in a turn's `text`: ([tool message per call], failed calls)."""
+        messages, failed = [], 0
+        for call in parse_calls(text):
+            name, result, ok = run_call(call, self.by_name, self.timeout)
+            messages.append({"role": "tool", "name": name, "content": result})
+            failed += not ok
+        return messages, failed
+
+
+def schema_of(fn: Callable) -> dict:
+    """The JSON schema of `fn` that chat templates render (`transformers.utils.get_json_schema`), or one line saying
+    what its docstring lacks."""
+    from transformers.utils import get_json_schema
+
+    try:
+        return get_json_schema(fn)
+    except Exception as error:
+        raise ValueError(f"Tools: function {getattr(fn, '__module__', '?')}.{fn.__name__}: {error} (a tool needs "
+                          "type hints and a Google-style docstring with an Args section)") from None
+
+
+def parse_calls(text: str) -> list[dict]:
+    """The tool calls in a turn's text: each `<tool_call>` block's JSON as `{"name", "arguments"}`, or
+    `{"error": why}` for a block that is not such JSON.
+
+    Example: 'Let me add. <tool_call>{"name": "add", "arguments": {"a": 2, "b": 3}}</tool_call>' ->
+    [{"name": "add", "arguments": {"a": 2, "b": 3}}]; '<tool_call>add(2, 3)</tool_call>' -> [{"error": "..."}]."""
+    calls = []
+    for body in CALL.findall(text):
+        try:
+            call = json.loads(body)
+        except json.JSONDecodeError as error:
+            calls.append({"error": f"the tool call is not JSON ({error.msg} at character {error.pos})"})
+            continue
+        if not isinstance(call, dict) or not isinstance(call.get("name"), str):
+            calls.append({"error": 'a tool call is a JSON object {"name": ..., "arguments": {...}}'})
+            continue
+        arguments = call.get("arguments", {})
+        if isinstance(arguments, str):                     # some templates render the arguments as a JSON string
+            try:
+                arguments = json.loads(arguments)
+            except json.JSONDecodeError:
+                pass
+        if not isinstance(arguments, dict):
+            calls.append({"name": call["name"], "error": "the arguments of a tool call are a JSON object"})
+            continue
+        calls.append({"name": call["name"], "arguments": arguments})
+    return calls
+
+
+def run_call(call: dict, by_name: dict[str, Callable], timeout: float) -> tuple[str, str, bool]:
+    """(tool name, result text, succeeded) of one parsed call. The result is the function's return value as text
+    (JSON for dicts and lists), or `{"error": ...}` when the call fails in any way.
+
+    Example: {"name": "add", "arguments": {"a": 2, "b": 3}} with add(a, b) = a + b -> ("add", "5", True);
+    {"name": "mul", ...} where there is no `mul` -> ("mul", '{"error": "no tool named mul; the tools are add"}', False).
+    """
+    name = call.get("name") or "unknown"
+    if "error" in call:
+        return name, json.dumps({"error": call["error"]}), False
+    fn = by_name.get(name)
+    if fn is None:
+        return name, json.dumps({"error": f"no tool named {name}; the tools are {', '.join(by_name)}"}), False
+    try:
+        result = _run(fn, call["arguments"], timeout)
+    except concurrent.futures.TimeoutError:
+        return name, json.dumps({"error": f"the call took more than {timeout:g} s"}), False
+    except Exception as error:                        # the policy's call went wrong: it learns from the message
+        return name, json.dumps({"error": f"{type(error).__name__}: {error}"}), False
+    text = result if isinstance(result, str) else json.dumps(result, default=str) \
+        if isinstance(result, (dict, list)) else str(result)
+    return name, text, True
+
+
+def _run(fn: Callable, arguments: dict, timeout: float):
+    if inspect.iscoroutinefunction(fn):
+        return asyncio.run(asyncio.wait_for(fn(**arguments), timeout))
+    pool = concurrent.futures.ThreadPoolExecutor(max_workers=1)
+    try:
+        return pool.submit(fn, **arguments).result(timeout=timeout)
+    finally:
+        pool.shutdown(wait=False)
+
+
+def tool_suffix(tokenizer, messages: list[dict]) -> list[int]:
+    """Token ids that follow an assistant turn's EOS to give it `messages` (tool results) and open the next
+    assistant turn: the chat template's rendering of [user, assistant with a call, *messages] with the generation
+    prompt, less that of [user, assistant with a call] cut after its last EOS (TRL's `_get_tool_suffix_ids`).
+
+    Example (ChatML): [{"role": "tool", "content": "5"}] -> ids of "\\n<|im_start|>tool\\n5<|im_end|>\\n
+    <|im_start|>assistant\\n" (the template's own tool wrapping, e.g. Qwen's <tool_response>, included)."""
+    call = [{"type": "function", "function": {"name": messages[0]["name"], "arguments": {}}}]
+    head = [{"role": "user", "content": "x"}, {"role": "assistant", "content": "", "tool_calls": call}]
+    prefix = _ids(tokenizer.apply_chat_template(head, add_generation_prompt=False, tokenize=True))
+    full = _ids(tokenizer.apply_chat_template(head + messages, add_generation_prompt=True, tokenize=True))
+    eos = [i for i, t in enumerate(prefix) if t == tokenizer.eos_token_id]
+    prefix = prefix[:eos[-1] + 1] if eos else prefix
+    if full[:len(prefix)] != prefix:
+        raise DataError(f"data tools: the chat template of {getattr(tokenizer, 'name_or_path', 'the tokenizer')!r} "
+                          "renders an assistant turn differently when a tool result follows it, so a result cannot "
+                          "be appended to a generated turn")
+    return full[len(prefix):]
+
+
+def _ids(rendered) -> list[int]:
+    return list(rendered["input_ids"] if hasattr(rendered, "keys") else rendered)

@@ -1,0 +1,291 @@
+"""Tool use in rollouts (`datamodules.tools`, `modules.sampling.generate_with_tools`; TRL's `tools`): parsing and
+running calls, the tool results' tokens, the multi-turn rollout's layout (the policy's tokens trained, the tool
+results context only), GAE across a tool result, and runs end to end from a YAML config."""
+import asyncio
+import json
+import time
+
+import pytest
+import torch
+import yaml
+
+from datamodules.collate import encode_prompt, pad
+from datamodules.sources import DataError
+from datamodules.tools import Tools, parse_calls, run_call, tool_suffix
+from modules.sampling import generate_with_tools
+from tests.conftest import TINY
+from tests.helpers import HERMES_TEMPLATE, ScriptedToolCalls, add
+
+
+def slow(seconds: float) -> str:
+    """Sleep.
+
+    Args:
+        seconds: how long.
+    """
+    time.sleep(seconds)
+    return "done"
+
+
+async def later(x: int) -> int:
+    """Return x after a pause.
+
+    Args:
+        x: the value.
+    """
+    await asyncio.sleep(0.01)
+    return x
+
+
+def broken(x: int) -> int:
+    """Divide by zero.
+
+    Args:
+        x: the value.
+    """
+    return x // 0
+
+
+@pytest.fixture(scope="module")
+def hermes():
+    """SmolLM2's tokenizer with a Hermes-style template (its own ignores tools)."""
+    from benchmarks.harness import TOKENIZER
+    from modules.backbone import load_tokenizer
+
+    tokenizer = load_tokenizer(TOKENIZER)
+    tokenizer.chat_template = HERMES_TEMPLATE
+    return tokenizer
+
+
+@pytest.fixture(scope="module")
+def tool_dir(tmp_path_factory, hermes) -> str:
+    """A tiny random-weight policy with that tokenizer, exported as the SFT stage does (room for the tool schemas)."""
+    from modules.backbone import BackboneSpec, build_causal_lm
+    from modules.export import save_pretrained
+
+    path = str(tmp_path_factory.mktemp("tools") / "sft")
+    torch.manual_seed(0)
+    save_pretrained(build_causal_lm(BackboneSpec(config={**TINY, "max_position_embeddings": 512}), hermes), hermes, path)
+    return path
+
+
+def test_parse_calls_reads_each_block_and_says_what_is_wrong_with_a_bad_one():
+    text = ('First <tool_call>{"name": "add", "arguments": {"a": 2, "b": 3}}</tool_call> then '
+            '<tool_call> {"name": "add", "arguments": "{\\"a\\": 1, \\"b\\": 1}"} </tool_call>'
+            '<tool_call>add(2, 3)</tool_call><tool_call>[1]</tool_call>'
+            '<tool_call>{"name": "add", "arguments": [1, 2]}</tool_call>')
+    calls = parse_calls(text)
+    assert calls[:2] == [{"name": "add", "arguments": {"a": 2, "b": 3}}, {"name": "add", "arguments": {"a": 1, "b": 1}}]
+    assert calls[2] == {"error": "the tool call is not JSON (Expecting value at character 0)"}
+    assert "JSON object" in calls[3]["error"] and "name" not in calls[3]
+    assert calls[4] == {"name": "add", "error": "the arguments of a tool call are a JSON object"}
+    assert parse_calls("no call here") == [] and parse_calls("<tool_call>{}") == []     # (an unclosed block)
+
+
+def test_run_call_returns_the_result_or_an_error_for_the_policy():
+    tools = {f.__name__: f for f in (add, slow, later, broken)}
+    assert run_call({"name": "add", "arguments": {"a": 2, "b": 3}}, tools, 5) == ("add", "5", True)
+    assert run_call({"name": "later", "arguments": {"x": 7}}, tools, 5) == ("later", "7", True)    # async
+    name, text, ok = run_call({"name": "mul", "arguments": {}}, tools, 5)
+    assert (name, ok) and json.loads(text) == {"error": "no tool named mul; the tools are add, slow, later, broken"}
+    assert not ok
+    assert json.loads(run_call({"name": "broken", "arguments": {"x": 1}}, tools, 5)[1]) == {
+        "error": "ZeroDivisionError: integer division or modulo by zero"}
+    assert "TypeError" in run_call({"name": "add", "arguments": {"a": 1}}, tools, 5)[1]     # a missing argument
+    t0 = time.perf_counter()
+    assert json.loads(run_call({"name": "slow", "arguments": {"seconds": 3}}, tools, 0.2)[1]) == {
+        "error": "the call took more than 0.2 s"}
+    assert time.perf_counter() - t0 < 2
+    assert run_call({"error": "bad"}, tools, 5) == ("unknown", '{"error": "bad"}', False)
+
+
+def test_tools_config_is_checked_in_one_line(hermes, sft_dir):
+    from modules.backbone import load_tokenizer
+
+    with pytest.raises(ValueError, match="functions is empty"):
+        Tools(functions=[])
+    with pytest.raises(ValueError, match="max_turns=0"):
+        Tools(functions=[add], max_turns=0)
+    with pytest.raises(ValueError, match="repeat a name"):
+        Tools(functions=[add, add])
+
+    def undocumented(a):
+        return a
+
+    with pytest.raises(ValueError, match="undocumented.*docstring"):
+        Tools(functions=[undocumented])
+    tools = Tools(functions=[add])
+    tools.check_template(hermes)
+    smollm2 = load_tokenizer(hermes.name_or_path)                     # its own template ignores `tools`
+    with pytest.raises(DataError, match="does not render tool schemas"):
+        tools.check_template(smollm2)
+    with pytest.raises(DataError, match="has no chat template"):
+        tools.check_template(load_tokenizer(sft_dir))
+
+
+def test_tool_suffix_is_what_the_template_puts_between_a_turn_and_the_next(hermes):
+    """After the call's EOS: the rest of that line, the tool message as the template wraps it, then the next
+    assistant header."""
+    suffix = tool_suffix(hermes, [{"role": "tool", "name": "add", "content": "5"}])
+    assert hermes.decode(suffix) == "\n<|im_start|>user\n<tool_response>5</tool_response><|im_end|>\n<|im_start|>assistant\n"
+    call = {"role": "assistant", "content": "",
+            "tool_calls": [{"type": "function", "function": {"name": "add", "arguments": {}}}]}
+    whole = hermes.apply_chat_template([{"role": "user", "content": "q"}, call, {"role": "tool", "name": "add", "content": "5"}],
+                                       add_generation_prompt=True, tokenize=False)
+    assert whole.endswith(hermes.decode(suffix))
+
+
+def rollout(hermes, model, max_new_tokens: int, max_turns: int = 2, num_samples: int = 2):
+    tools = Tools(functions=[add], max_turns=max_turns)
+    prompts = ["What is 2 + 3?", "Add two and three."]
+    ids, mask = pad([encode_prompt(hermes, p, tools.schemas) for p in prompts], hermes.pad_token_id, "left")
+    engine = ScriptedToolCalls()
+    from modules.sampling import SamplingConfig
+
+    torch.manual_seed(1)
+    return generate_with_tools(lambda *a, **k: engine.generate(model, hermes, *a, **k), tools, hermes, ids, mask,
+                               prompts, SamplingConfig(max_new_tokens=max_new_tokens), num_samples,
+                               record_logprobs=True, share_prompts=True)
+
+
+def test_a_tool_rollout_trains_on_the_policys_tokens_and_conditions_on_the_results(hermes, tool_dir):
+    """Even rows call `add` (scripted), odd ones answer. A calling row's response is its call, the tool result and a
+    sampled turn: attention over all of it, the response mask over the call and the sampled turn only; the sampled
+    turn's recorded logprobs equal a trainer forward over the whole sequence (so pi_old from the sampler stays
+    exact); the messages are TRL's (assistant, tool, assistant)."""
+    from modules.backbone import BackboneSpec, build_causal_lm
+    from modules.forward import response_logprobs
+
+    model = build_causal_lm(BackboneSpec(pretrained=tool_dir), hermes)
+    roll = rollout(hermes, model, max_new_tokens=80)
+    call = hermes(ScriptedToolCalls.CALL, add_special_tokens=False)["input_ids"] + [hermes.eos_token_id]
+    suffix = tool_suffix(hermes, [{"role": "tool", "name": "add", "content": "5"}])
+    real = roll.attention_mask[:, roll.prompt_length:]
+    for row in (0, 2):
+        n_call, n_tool = len(call), len(suffix)
+        assert roll.response_ids[row, :n_call].tolist() == call
+        assert roll.response_ids[row, n_call:n_call + n_tool].tolist() == suffix
+        assert roll.response_mask[row, :n_call].all() and not roll.response_mask[row, n_call:n_call + n_tool].any()
+        sampled = int(real[row].sum()) - n_call - n_tool
+        assert sampled > 0 and roll.response_mask[row, n_call + n_tool:].sum() == sampled
+        assert roll.messages[row][:2] == [{"role": "assistant", "content": ScriptedToolCalls.CALL},
+                                          {"role": "tool", "name": "add", "content": "5"}]
+        assert [m["role"] for m in roll.messages[row]] == ["assistant", "tool", "assistant"]
+        assert "<tool_response>5</tool_response>" in roll.responses[row]      # the text reward sees the result too
+        logp = response_logprobs(model, roll.input_ids, roll.attention_mask, roll.prompt_length, 1.0).detach()
+        later = slice(n_call + n_tool, n_call + n_tool + sampled)
+        torch.testing.assert_close(roll.old_logp[row, later], logp[row, later], atol=1e-4, rtol=0)
+        assert (roll.old_logp[row, n_call:n_call + n_tool] == 0).all()
+    for row in (1, 3):
+        answer = hermes("5", add_special_tokens=False)["input_ids"] + [hermes.eos_token_id]
+        assert roll.response_ids[row, :len(answer)].tolist() == answer
+        assert torch.equal(roll.response_mask[row], real[row]) and real[row].sum() == len(answer)
+        assert roll.messages[row] == [{"role": "assistant", "content": "5"}] and roll.has_eos[row]
+    assert roll.timings["tools/calls"] == 2 and roll.timings["tools/failed"] == 0
+    assert roll.completion_ids()[0] == roll.response_ids[0, :int(real[0].sum())].tolist()   # (tool results included)
+    kept = roll.select(torch.tensor([2, 3]))
+    assert kept.messages == roll.messages[2:]
+
+
+def test_a_result_that_leaves_no_room_ends_the_response_with_its_call(hermes, tool_dir):
+    """max_new_tokens bounds the whole response, tool results included (TRL's max_completion_length): with room for
+    the call but not the result plus one token, the response is the call alone, as emitted (EOS and all)."""
+    from modules.backbone import BackboneSpec, build_causal_lm
+
+    model = build_causal_lm(BackboneSpec(pretrained=tool_dir), hermes)
+    call = hermes(ScriptedToolCalls.CALL, add_special_tokens=False)["input_ids"] + [hermes.eos_token_id]
+    suffix = tool_suffix(hermes, [{"role": "tool", "name": "add", "content": "5"}])
+    roll = rollout(hermes, model, max_new_tokens=len(call) + len(suffix))
+    assert roll.attention_mask[0, roll.prompt_length:].sum() == len(call) and roll.has_eos[0]
+    assert roll.messages[0] == [{"role": "assistant", "content": ScriptedToolCalls.CALL}]
+    roomy = rollout(hermes, model, max_new_tokens=len(call) + len(suffix) + 1)
+    assert roomy.attention_mask[0, roomy.prompt_length:].sum() == len(call) + len(suffix) + 1
+    assert roomy.response_mask[0].sum() == len(call) + 1 and not roomy.has_eos[0]    # (one token, then out of room)
+
+
+def test_gae_skips_the_tool_results_between_the_policys_tokens():
+    """The docstring's example, and a response with a gap equals the same response without it (GAE over the
+    policy's tokens alone)."""
+    from modules.objectives.ppo import gae
+
+    adv, ret = gae(torch.tensor([[0.0, 0.0, 1.0]]), torch.tensor([[0.5, 0.2, 0.4]]), torch.tensor([[1, 0, 1]]), 1.0, 1.0)
+    torch.testing.assert_close(adv, torch.tensor([[0.5, 0.0, 0.6]]))
+    torch.testing.assert_close(ret, torch.tensor([[1.0, 0.0, 1.0]]))
+    torch.manual_seed(0)
+    rewards, values = torch.randn(2, 7), torch.randn(2, 7)
+    mask = torch.tensor([[1, 1, 0, 0, 1, 1, 0], [1, 0, 1, 1, 1, 0, 0]])
+    adv, ret = gae(rewards, values, mask, 0.9, 0.8)
+    for row in range(2):
+        own = mask[row].bool()
+        dense_adv, dense_ret = gae(rewards[row][own][None], values[row][own][None], torch.ones(1, int(own.sum())), 0.9, 0.8)
+        torch.testing.assert_close(adv[row][own], dense_adv[0])
+        torch.testing.assert_close(ret[row][own], dense_ret[0])
+        assert (adv[row][~own] == 0).all()
+
+
+def correct_after_tool(completions, **kwargs) -> list[float]:
+    """A TRL-style reward on conversational prompts: 1 when a tool was called and its result was 5."""
+    assert all(isinstance(c, list) and c[0]["role"] == "assistant" for c in completions)
+    return [float(any(m["role"] == "tool" and m["content"] == "5" for m in c)) for c in completions]
+
+
+def tool_config(tmp_path, tool_dir, objective: str = "p3o", engine: str = "tests.helpers.ScriptedToolCalls",
+                callbacks: list | None = None, **trainer) -> str:
+    """The quickstart `objective` config on 8 conversational prompts with `data.tools` (`add`, one round), the scripted
+    engine, the TRL-style `correct_after_tool` as training and evaluation reward; its path."""
+    rows = [{"prompt": [{"role": "user", "content": f"What is 2 + 3? ({i})"}]} for i in range(8)]
+    path = tmp_path / "prompts.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    config = yaml.safe_load(open(f"configs/quickstart/{objective}.yaml"))
+    config["trainer"].update({"limit_train_batches": 2, "logger": False, "enable_checkpointing": False,
+                              "enable_progress_bar": False, "callbacks": [
+                                  {"class_path": "callbacks.rollout.OnPolicyRollout"},
+                                  {"class_path": "callbacks.evaluation.Evaluation", "init_args": {
+                                      "reward": "tests.test_tools.correct_after_tool", "num_prompts": 4, "show": 2}},
+                                  *(callbacks or [])], **trainer})
+    config["model"]["init_args"].update({"policy": {"pretrained": tool_dir}, "sampling": {"max_new_tokens": 64},
+                                         "reward": "tests.test_tools.correct_after_tool", "epochs": 1,
+                                         "minibatch_groups": 2, "engine": {"class_path": engine}})
+    if objective == "ppo":
+        config["model"]["init_args"]["value_model"] = {"pretrained": tool_dir}
+    config["data"]["init_args"].update({"source": {"class_path": "datamodules.sources.LocalFiles",
+                                                   "init_args": {"train": str(path), "val": str(path)}},
+                                        "tokenizer": tool_dir, "batch_size": 4, "max_prompt_length": 200,
+                                        "max_length": 264, "tools": {"functions": ["tests.helpers.add"], "max_turns": 1}})
+    (tmp_path / "rl.yaml").write_text(yaml.safe_dump(config))
+    return str(tmp_path / "rl.yaml")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("objective", ["p3o", "ppo", "grpo", "rloo", "dpo"])
+def test_rl_with_tools_runs_end_to_end_from_yaml(tmp_path, tool_dir, objective):
+    """The quickstart config on conversational prompts with `data.tools`: every rollout runs the tools (half the
+    responses call `add`), the TRL-style reward sees the tool messages, training logs the calls, and evaluation
+    samples through the same loop."""
+    from tests.test_judges import evaluation
+    from train import cli_main
+
+    cli = cli_main(["fit", "--config", tool_config(tmp_path, tool_dir, objective)])
+    metrics = cli.trainer.callback_metrics
+    assert torch.isfinite(metrics["train/loss"])
+    assert float(metrics["train/tool_calls"]) == pytest.approx(0.5)           # (the scripted engine: even rows call)
+    assert float(metrics["train/tool_failures"]) == 0
+    assert float(metrics["train/reward"]) == pytest.approx(0.5)          # the reward saw the calling rows' tool messages
+    last = evaluation(cli).history[-1]
+    assert last["val/gold_reward"] == pytest.approx(0.5) and last["val/tool_calls"] == pytest.approx(0.5)
+
+
+@pytest.mark.slow
+def test_fsdp2_ranks_may_run_different_numbers_of_turns(tmp_path, tool_dir):
+    """2 CPU processes under FSDP2, only rank 0's responses calling the tool: rank 0 generates two turns per rollout,
+    rank 1 one. The policy is gathered once for all of a rollout's turns (`RLModule.generate`), so no collective is
+    left unmatched: the run finishes, both ranks end with the same trained weights."""
+    from tests.helpers import run_train
+
+    digest = str(tmp_path / "digest")
+    config = tool_config(tmp_path, tool_dir, engine="tests.helpers.RankZeroToolCalls",
+                         callbacks=[{"class_path": "tests.helpers.ParamDigest", "init_args": {"path": digest}}],
+                         devices=2, accelerator="cpu", strategy={"class_path": "modules.sharding.FSDP2Strategy"})
+    run_train(config, timeout=300)
+    ranks = [torch.load(f"{digest}.rank{rank}.pt") for rank in (0, 1)]
+    assert torch.equal(ranks[0]["params"], ranks[1]["params"]) and not torch.equal(ranks[0]["params"], ranks[0]["initial"])
