@@ -63,12 +63,15 @@ def pad(rows: list[list[int]], pad_id: int, side: str) -> tuple[torch.Tensor, to
     return ids, mask
 
 
-def sequences(prompts: list[list[int]], responses: list[list[int]], pad_id: int) -> Sequences:
-    """Right-padded prompt + response sequences with the loss mask on the response tokens."""
+def sequences(prompts: list[list[int]], responses: list[list[int]], pad_id: int,
+              own: list[list[int] | None] | None = None) -> Sequences:
+    """Right-padded prompt + response sequences with the loss mask on the response tokens; `own[i]` (a tool-use
+    trace's, `datamodules.tools.encode_trace`) limits row i's to the policy's tokens."""
     ids, mask = pad([p + r for p, r in zip(prompts, responses)], pad_id, "right")
     loss_mask = torch.zeros_like(mask)
     for i, (p, r) in enumerate(zip(prompts, responses)):
-        loss_mask[i, len(p): len(p) + len(r)] = 1
+        trained = own[i] if own is not None and own[i] is not None else [1] * len(r)
+        loss_mask[i, len(p): len(p) + len(r)] = torch.tensor(trained, dtype=loss_mask.dtype)
     return Sequences(ids, mask, loss_mask)
 
 
@@ -92,7 +95,8 @@ class PairCollator:
         batch = PairBatch(prompt_ids, prompt_mask, prompts=[e["prompt"] for e in examples],
                           fields={name: [e["fields"][name] for e in examples] for name in examples[0].get("fields", {})})
         if "chosen_ids" in examples[0]:
-            batch.chosen = sequences(prompts, [e["chosen_ids"] for e in examples], self.pad_token_id)
+            batch.chosen = sequences(prompts, [e["chosen_ids"] for e in examples], self.pad_token_id,
+                                     [e.get("chosen_own") for e in examples])
             batch.chosen_text = [e["chosen"] for e in examples]
         if "rejected_ids" in examples[0]:
             batch.rejected = sequences(prompts, [e["rejected_ids"] for e in examples], self.pad_token_id)

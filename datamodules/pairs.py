@@ -11,7 +11,7 @@ from torch.utils.data import DataLoader, DistributedSampler
 
 from datamodules.collate import NoChatTemplate, PairCollator, encode_prompt, encode_response
 from datamodules.sources import FIELDS, DataError, FieldMap, Source, validate_records, warn
-from datamodules.tools import Tools
+from datamodules.tools import Tools, encode_trace
 
 
 class PairDataModule(L.LightningDataModule):
@@ -44,7 +44,8 @@ class PairDataModule(L.LightningDataModule):
         tools: Python functions the policy may call (`datamodules.tools.Tools`, TRL's `tools`): their schemas are
             rendered into every prompt by the tokenizer's chat template (every stage, so SFT on tool-use traces sees
             the prompts RL samples from), and the RL stage's rollouts and evaluation run the calls, feeding the
-            results back as tool messages (docs/tools.md).
+            results back as tool messages (docs/tools.md). With `chosen_only`, a `chosen` may then be a tool-use
+            trace (assistant turns with `tool_calls`, tool results, the answer): SFT trains on the assistant's turns.
     """
 
     def __init__(self, source: Source, tokenizer: str | None = None, fields: FieldMap | None = None,
@@ -157,10 +158,28 @@ class PairDataModule(L.LightningDataModule):
         if not self.prompts_only:
             room = self.max_length - len(prompt_ids)
             for key in ("chosen",) if self.chosen_only else ("chosen", "rejected"):
-                ids = encode_response(self.tokenizer, rec[key])
+                if isinstance(rec[key], list):                 # a tool-use trace: the assistant's turns trained
+                    ids, own = self.encode_trace(rec, key, index, origin)
+                    example[f"{key}_own"] = own[:room]
+                else:
+                    ids = encode_response(self.tokenizer, rec[key])
                 example["_cut"] += len(ids) > room
                 example[f"{key}_ids"], example[key] = ids[:room], rec[key]
         return example
+
+    def encode_trace(self, rec: dict, key: str, index: int, origin: str) -> tuple[list[int], list[int]]:
+        """A tool-use trace's ids and the policy's tokens among them (`datamodules.tools.encode_trace`)."""
+        where = f"{origin}: record {index}: field {getattr(self.fields, key)!r}"
+        if self.tools is None:
+            raise DataError(f"{where}: a tool-use trace (assistant and tool messages) needs data tools, whose "
+                            "schemas the prompts carry")
+        if not self.chosen_only:
+            raise DataError(f"{where}: tool-use traces are SFT demonstrations (data chosen_only: true); the reward "
+                            "and preference stages take single responses")
+        try:
+            return encode_trace(self.tokenizer, rec["prompt"], rec[key], self.tools.schemas)
+        except DataError as error:
+            raise DataError(f"{where}: {error}") from None
 
     def _loader(self, split: str, shuffle: bool) -> DataLoader:
         # A DistributedSampler even on one process: its order is a function of (seed, epoch) alone, so a run

@@ -271,10 +271,14 @@ def _problem(row, fields: FieldMap, need: tuple[str, ...]) -> tuple[str, str] | 
 
 def _conversation_problem(messages: list, response: bool) -> str | None:
     """What is wrong with a field in TRL's conversational format, or None: a prompt is a non-empty list of
-    `{role, content}` messages with text content; a response (chosen, rejected) is one message of role assistant."""
-    if response and (len(messages) != 1 or not isinstance(messages[0], dict) or messages[0].get("role") != "assistant"):
+    `{role, content}` messages with text content; a response (chosen, rejected) is one message of role assistant,
+    or a tool-use trace (`_trace_problem`)."""
+    roles = [m.get("role") if isinstance(m, dict) else None for m in messages]
+    if response and roles != ["assistant"]:
+        if len(roles) > 1 and _is_trace(roles):
+            return _trace_problem(messages)
         return (f"a list of {len(messages)} items; expected a string, or one message {{role: assistant, content: ...}} "
-                "(TRL's conversational format)")
+                "(TRL's conversational format), or a tool-use trace: assistant, tool..., assistant, ...")
     if not messages:
         return "an empty list of messages"
     for i, message in enumerate(messages):
@@ -288,9 +292,37 @@ def _conversation_problem(messages: list, response: bool) -> str | None:
     return None
 
 
+def _is_trace(roles: list) -> bool:
+    """Roles of a tool-use trace: assistant turns with one or more tool results between them, an assistant's last."""
+    return (roles[0] == roles[-1] == "assistant" and set(roles) <= {"assistant", "tool"}
+            and all(not (a == b == "assistant") for a, b in zip(roles, roles[1:])))
+
+
+def _trace_problem(messages: list[dict]) -> str | None:
+    """What is wrong with a tool-use trace (SFT on the turns of a tool rollout, `datamodules.tools.encode_trace`), or
+    None: an assistant turn has text content, or `tool_calls` (TRL's `[{"type": "function", "function": {"name": ...,
+    "arguments": {...}}}]`) and content text or none; a tool result has text content."""
+    for i, message in enumerate(messages):
+        content, calls = message.get("content"), message.get("tool_calls")
+        if message["role"] == "assistant" and calls is not None:
+            if not isinstance(calls, list) or not calls or not all(
+                    isinstance(c, dict) and isinstance(c.get("function"), dict)
+                    and isinstance(c["function"].get("name"), str) for c in calls):
+                return (f'message {i} (assistant): tool_calls: expected [{{"type": "function", "function": {{"name": '
+                        f'..., "arguments": {{...}}}}}}, ...], got {calls!r:.80}')
+            if content is None:
+                continue
+        if not isinstance(content, str):
+            return f"message {i} ({message['role']}): content: expected text, got {type(content).__name__}"
+    if not (messages[-1].get("content") or "").strip():
+        return f"message {len(messages) - 1} (assistant): empty (a trace ends with the assistant's answer)"
+    return None
+
+
 def _value(value, response: bool):
-    """A field's value as the stages use it: a response given as one assistant message becomes its text."""
-    return value[0]["content"] if response and isinstance(value, list) else value
+    """A field's value as the stages use it: a response given as one assistant message becomes its text; a tool-use
+    trace stays a list of messages."""
+    return value[0]["content"] if response and isinstance(value, list) and len(value) == 1 else value
 
 
 def _missing(row: dict, keep: tuple[str, ...]) -> tuple[str, str] | None:

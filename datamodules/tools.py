@@ -193,3 +193,44 @@ def tool_suffix(tokenizer, messages: list[dict]) -> list[int]:
 
 def _ids(rendered) -> list[int]:
     return list(rendered["input_ids"] if hasattr(rendered, "keys") else rendered)
+
+
+def encode_trace(tokenizer, prompt: str | list[dict], messages: list[dict], schemas: list[dict]) -> tuple[list[int], list[int]]:
+    """A tool-use trace as a response (SFT on demonstrations of tool use): its token ids and which are the policy's
+    (1) rather than a tool's (0). Each assistant turn is its text as the chat template writes it after the
+    conversation so far (content, then its `tool_calls` in the template's format), tokenized as a response is
+    (`datamodules.collate.encode_response`), then EOS; each run of tool results is the `tool_suffix` a rollout
+    appends. So a trace's tokens and masks are those of the rollout that would produce it (tested), and SFT trains
+    on the assistant's turns alone.
+
+    Example (Hermes template): [assistant calling add(2, 3), tool "5", assistant "5."] -> ids of
+    '<tool_call>{"name": "add", "arguments": {"a": 2, "b": 3}}</tool_call>' + EOS (1s), of the suffix
+    '\\n<|im_start|>user\\n<tool_response>5</tool_response><|im_end|>\\n<|im_start|>assistant\\n' (0s), of '5.' + EOS (1s)."""
+    context = list(prompt) if isinstance(prompt, list) else [{"role": "user", "content": prompt}]
+    ids, own, i = [], [], 0
+    while i < len(messages):
+        if messages[i]["role"] == "assistant":
+            message = {**messages[i], "content": messages[i].get("content") or ""}
+            turn = tokenizer(_turn(tokenizer, context, message, schemas), add_special_tokens=False)["input_ids"]
+            turn.append(tokenizer.eos_token_id)
+            ids, own, context, i = ids + turn, own + [1] * len(turn), context + [message], i + 1
+            continue
+        results = []
+        while i < len(messages) and messages[i]["role"] == "tool":
+            results.append({"role": "tool", "name": messages[i].get("name") or "tool", "content": messages[i]["content"]})
+            i += 1
+        suffix = tool_suffix(tokenizer, results)
+        ids, own, context = ids + suffix, own + [0] * len(suffix), context + results
+    return ids, own
+
+
+def _turn(tokenizer, context: list[dict], message: dict, schemas: list[dict]) -> str:
+    """The text the chat template writes for assistant `message` after `context` and its generation prompt, up to
+    (not including) its EOS."""
+    before = tokenizer.apply_chat_template(context, tools=schemas, add_generation_prompt=True, tokenize=False)
+    after = tokenizer.apply_chat_template(context + [message], tools=schemas, tokenize=False)
+    end = after.find(tokenizer.eos_token, len(before)) if after.startswith(before) else -1
+    if end < 0:
+        raise DataError("the chat template does not write an assistant turn as the generation prompt followed by "
+                        f"the turn and {tokenizer.eos_token!r}, so a trace's turns cannot be laid out as a rollout's")
+    return after[len(before):end]

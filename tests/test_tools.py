@@ -289,3 +289,77 @@ def test_fsdp2_ranks_may_run_different_numbers_of_turns(tmp_path, tool_dir):
     run_train(config, timeout=300)
     ranks = [torch.load(f"{digest}.rank{rank}.pt") for rank in (0, 1)]
     assert torch.equal(ranks[0]["params"], ranks[1]["params"]) and not torch.equal(ranks[0]["params"], ranks[0]["initial"])
+
+
+TRACE = [{"role": "assistant", "content": "",
+          "tool_calls": [{"type": "function", "function": {"name": "add", "arguments": {"a": 2, "b": 3}}}]},
+         {"role": "tool", "name": "add", "content": "5"},
+         {"role": "assistant", "content": "The sum is 5."}]
+
+
+def test_a_trace_is_laid_out_as_the_rollout_that_would_produce_it(hermes, tool_dir):
+    """SFT on a tool-use trace: its call turn, the tool suffix and its answer, with the policy's tokens marked, are
+    the tokens and the response mask of a rollout whose policy wrote that call (the scripted engine's) and then that
+    answer."""
+    from datamodules.tools import encode_trace
+    from modules.backbone import BackboneSpec, build_causal_lm
+
+    ids, own = encode_trace(hermes, "What is 2 + 3?", TRACE, Tools(functions=[add]).schemas)
+    call = hermes(ScriptedToolCalls.CALL, add_special_tokens=False)["input_ids"] + [hermes.eos_token_id]
+    suffix = tool_suffix(hermes, [{"role": "tool", "name": "add", "content": "5"}])
+    answer = hermes("The sum is 5.", add_special_tokens=False)["input_ids"] + [hermes.eos_token_id]
+    assert ids == call + suffix + answer
+    assert own == [1] * len(call) + [0] * len(suffix) + [1] * len(answer)
+    roll = rollout(hermes, build_causal_lm(BackboneSpec(pretrained=tool_dir), hermes), max_new_tokens=80)
+    n = len(call) + len(suffix)
+    assert roll.response_ids[0, :n].tolist() == ids[:n] and roll.response_mask[0, :n].tolist() == own[:n]
+
+
+def test_sft_trains_on_the_assistant_turns_of_tool_use_traces(tmp_path, tool_dir):
+    """An SFT run from YAML on traces (`chosen_only`, data tools): the batches' loss mask covers the assistant's turns
+    and not the tool result, and it trains to a finite loss."""
+    from train import cli_main
+
+    rows = [{"prompt": [{"role": "user", "content": f"What is 2 + 3? ({i})"}], "chosen": TRACE} for i in range(8)]
+    path = tmp_path / "traces.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    config = yaml.safe_load(open("configs/quickstart/sft.yaml"))
+    config["trainer"].update({"max_epochs": 1, "logger": False, "enable_checkpointing": False,
+                              "enable_progress_bar": False, "log_every_n_steps": 1, "callbacks": []})
+    config["model"]["init_args"]["backbone"] = {"pretrained": tool_dir}
+    config["data"]["init_args"].update({"source": {"class_path": "datamodules.sources.LocalFiles",
+                                                   "init_args": {"train": str(path), "val": str(path)}},
+                                        "tokenizer": tool_dir, "batch_size": 4, "chosen_only": True,
+                                        "max_prompt_length": 200, "max_length": 300,
+                                        "tools": {"functions": ["tests.helpers.add"]}})
+    (tmp_path / "sft.yaml").write_text(yaml.safe_dump(config))
+    cli = cli_main(["fit", "--config", str(tmp_path / "sft.yaml")])
+    assert torch.isfinite(cli.trainer.callback_metrics["train/loss"])
+    example = cli.datamodule.splits["train"][0]
+    batch = next(iter(cli.datamodule.train_dataloader()))
+    P = len(example["prompt_ids"])
+    trained = batch.chosen.loss_mask[0, P: P + len(example["chosen_ids"])].tolist()
+    assert trained == example["chosen_own"] and 0 in trained and example["chosen"] == TRACE
+
+
+@pytest.mark.parametrize("chosen, settings, reason", [
+    (TRACE, {}, "a tool-use trace .* needs data tools"),
+    (TRACE, {"tools": Tools(functions=[add])}, r"tool-use traces are SFT demonstrations \(data chosen_only: true\)"),
+    ([TRACE[0], TRACE[2], TRACE[1], TRACE[2]], {}, "a list of 4 items; expected a string, or one message"),
+    ([{"role": "assistant", "tool_calls": "add(2, 3)"}, TRACE[1], TRACE[2]], {},
+     r"message 0 \(assistant\): tool_calls: expected \[\{\"type\": \"function\""),
+    ([TRACE[0], {"role": "tool", "content": 5}, TRACE[2]], {}, r"message 1 \(tool\): content: expected text, got int"),
+    ([TRACE[0], TRACE[1], {"role": "assistant", "content": " "}], {}, r"message 2 \(assistant\): empty"),
+])
+def test_a_malformed_trace_is_one_line_naming_record_and_field(tmp_path, tool_dir, chosen, settings, reason):
+    from datamodules.pairs import PairDataModule
+    from datamodules.sources import LocalFiles
+
+    rows = [{"prompt": "What is 2 + 3?", "chosen": "5", "rejected": "6"},
+            {"prompt": "What is 2 + 3?", "chosen": chosen, "rejected": "6"}]
+    path = tmp_path / "t.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    data = PairDataModule(LocalFiles(str(path)), tokenizer=tool_dir, max_prompt_length=200, max_length=300,
+                          **settings)
+    with pytest.raises(DataError, match=rf"t.jsonl: record 1: field 'chosen': {reason}"):
+        data.setup("fit")
