@@ -110,7 +110,7 @@ def run_one(config: str, tag: str, seed: int, out: Path, *, rollouts: int, respo
     sampled = responses_per_rollout * oversample
     points = [{"rollout": h["step"], "samples": h["step"] * sampled, "gold": h.get("val/gold_reward"),
                "proxy": h.get("val/reward"), "kl": h.get("val/kl"), "win_rate": h.get("val/win_rate"),
-               "length": h.get("val/length")} for h in evaluation.history]
+               "length": h.get("val/length"), "tool_calls": h.get("val/tool_calls")} for h in evaluation.history]
     return {"points": points, "weights": flat_weights(cli.model.policy),
             "weights_after_first": trace.weights_after_first, "responses": trace.responses, "score_s": trace.score_s,
             "train": trace.train}

@@ -62,3 +62,101 @@ class SumTask(Source):
         """A word-level tokenizer over the task's words and numbers (trained once, cached on disk)."""
         corpus = ["add and :", " ".join(str(i) for i in range(2 * self.max_operand + 3))]
         return cached_word_tokenizer(corpus, self.cache_dir, "sums")
+
+
+def add(a: int, b: int) -> int:
+    """Add two whole numbers: the calculator of `CalculatorSumTask`.
+
+    Args:
+        a: the first number.
+        b: the second number.
+    """
+    return a + b
+
+
+def final_answer(completions: list, answer: list, **kwargs) -> list[float]:
+    """1.0 where the last number of the response's final assistant turn is the record's answer, else 0.0 (a TRL
+    reward function, on conversational prompts: each completion its list of messages, tool results among them). It
+    reads the final turn alone, so a response that stops after a tool's result is not paid for the tool's number.
+
+    Example: [[{assistant: "<tool_call>...</tool_call>"}, {tool: "7"}, {assistant: "7"}]], answer [7] -> [1.0]."""
+    out = []
+    for messages, want in zip(completions, answer):
+        text = messages[-1]["content"] if messages and messages[-1]["role"] == "assistant" else ""
+        numbers = [word for word in text.split() if word.isdigit()]
+        out.append(float(bool(numbers) and int(numbers[-1]) == int(want)))
+    return out
+
+
+# The calculator task's chat template: word-level, every token space-separated; the call is Hermes JSON.
+CALCULATOR_TEMPLATE = (
+    "{% if tools %}tools{% for t in tools %} {{ t.function.name }}{% endfor %} :{% endif %}"
+    "{% for m in messages %}"
+    "{% if m.role == 'assistant' %}{% if m.content %} {{ m.content }}{% endif %}"
+    "{% for c in m.tool_calls or [] %} <tool_call> {\"name\": \"{{ c.function.name }}\", \"arguments\": "
+    "{{ c.function.arguments | tojson }}} </tool_call>{% endfor %} <eos>"
+    "{% elif m.role == 'tool' %} result {{ m.content }} :"
+    "{% else %} {{ m.content }} :{% endif %}{% endfor %}")
+
+
+class CalculatorSumTask(SumTask):
+    """Sums too large to learn by heart, with a calculator: conversational records `{prompt: [{user: "add 23 and 48"}],
+    chosen, answer: 71}` for data `tools: {functions: [datamodules.sums.add]}` (docs/tools.md).
+
+    A demonstration (`chosen`) is, with probability `tool_share`, a tool-use trace: a call of `add` with the two
+    numbers, its result, and the result as the answer; otherwise a direct answer, right with probability `accuracy`
+    (else off by 1 or 2). SFT on them gives a policy that calls the calculator about `tool_share` of the time; RL
+    on `final_answer` has the rest to gain by calling it more. Its word-level tokenizer carries a chat template that
+    renders the tools, the calls and the results (`CALCULATOR_TEMPLATE`).
+
+    Args:
+        num_train: training records.
+        num_val: validation records.
+        max_operand: operands are drawn from 0..max_operand.
+        accuracy: the share of direct answers that are right.
+        tool_share: the share of demonstrations that call the calculator.
+        seed: everything is a function of it.
+        cache_dir: where the tokenizer is saved.
+    """
+
+    name = "embedded calculator sum task"
+
+    def __init__(self, num_train: int = 3000, num_val: int = 200, max_operand: int = 30, accuracy: float = 0.5,
+                 tool_share: float = 0.5, seed: int = 0, cache_dir: str = "artifacts/tokenizers"):
+        super().__init__(num_train, num_val, max_operand, accuracy, seed, cache_dir)
+        if not 0 <= tool_share <= 1:
+            raise ValueError(f"CalculatorSumTask: tool_share={tool_share}; expected a share in [0, 1]")
+        self.tool_share = tool_share
+
+    def records(self, split: str) -> list[dict]:
+        n, offset = (self.num_train, 0) if split == "train" else (self.num_val, 1_000_003)
+        rng = random.Random(self.seed * 7919 + offset)
+        out = []
+        for _ in range(n):
+            a, b = rng.randint(0, self.max_operand), rng.randint(0, self.max_operand)
+            if rng.random() < self.tool_share:
+                call = {"type": "function", "function": {"name": "add", "arguments": {"a": a, "b": b}}}
+                chosen = [{"role": "assistant", "content": "", "tool_calls": [call]},
+                          {"role": "tool", "name": "add", "content": str(a + b)},
+                          {"role": "assistant", "content": str(a + b)}]
+            else:
+                chosen = str(a + b if rng.random() < self.accuracy else self.wrong(rng, a + b))
+            out.append({"prompt": [{"role": "user", "content": f"add {a} and {b}"}], "chosen": chosen,
+                        "answer": a + b})
+        return out
+
+    def tokenizer(self) -> str:
+        """The word-level tokenizer of every word, number and call fragment the task writes, with its chat template
+        (trained once, cached on disk)."""
+        from modules.backbone import load_tokenizer
+
+        top = 2 * self.max_operand + 2
+        numbers = range(top + 1)
+        corpus = ["tools add : and result <tool_call> </tool_call> {\"name\": \"add\", \"arguments\": {\"a\": \"b\":",
+                  " ".join(f"{i} {i}, {i}}}}}" for i in numbers)]
+        path = cached_word_tokenizer(corpus, self.cache_dir, "calculator")
+        tokenizer = load_tokenizer(path)
+        if tokenizer.chat_template != CALCULATOR_TEMPLATE:
+            tokenizer.chat_template = CALCULATOR_TEMPLATE
+            tokenizer.save_pretrained(path)
+        return path

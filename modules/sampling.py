@@ -9,6 +9,7 @@ from typing import Callable
 
 import torch
 
+from datamodules.collate import pad
 from datamodules.tools import CALL, Tools, tool_suffix
 from modules import functional as F
 from modules.batch import Rollout
@@ -236,12 +237,12 @@ class _Row:
 def generate_with_tools(generate: Callable, tools: Tools, tokenizer, prompt_ids: torch.Tensor,
                         prompt_mask: torch.Tensor, prompts: list, config, num_samples: int, **kwargs) -> Rollout:
     """The multi-turn rollout of `num_samples` responses per prompt, with `tools` (`datamodules.tools`, whose
-    docstring describes the loop and the layout): `generate` is an
-    engine's `generate(prompt_ids, prompt_mask, prompts, config, num_samples, same_weights=..., **kwargs)` (the
-    model and tokenizer bound), called once for the first turns and once per round of calls for the responses that
-    go on (one sample each, `same_weights=True`). Returns a Rollout laid out as any other, plus `messages` (each
-    response as TRL's list of assistant and tool messages) and `timings["tools/calls"]`, `["tools/failed"]` (sums
-    over the rollout)."""
+    docstring describes the loop and the layout). `generate` is an engine's `generate(prompt_ids, prompt_mask,
+    prompts, config, num_samples, same_weights=..., **kwargs)` (the model and tokenizer bound), called once for the
+    first turns and once per round of calls for the responses that go on (one sample each, from prompt + the
+    response so far, `same_weights=True`). Returns a Rollout laid out as any other, plus `messages` (each response
+    as TRL's list of assistant and tool messages) and `timings["tools/calls"]`, `["tools/failed"]` (sums over the
+    rollout)."""
     first = generate(prompt_ids, prompt_mask, prompts, config, num_samples, same_weights=False, **kwargs)
     budget, eos = config.max_new_tokens, tokenizer.eos_token_id
     rows = []
@@ -307,8 +308,6 @@ def _turn_text(tokenizer, tokens: list[int]) -> str:
 
 
 def _left_pad(rows: list[list[int]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
-    from datamodules.collate import pad
-
     ids, mask = pad(rows, pad_id, "left")
     return ids.to(device), mask.to(device)
 

@@ -409,3 +409,29 @@ def test_the_memory_figure_reads_progress_lines_and_tables(tmp_path):
     assert rows["base", "ours defaults"] == {"peak_gb": 11.0, "seconds": 70.0} and len(rows) == 4
     plot_sweep(rows, tmp_path / "memory.png")
     assert (tmp_path / "memory.png").stat().st_size > 10_000
+
+
+@pytest.mark.slow
+def test_tools_quick_builds_its_sft_export_and_reports_every_arm(tmp_path):
+    _run("tools.py", tmp_path / "exports", tmp_path / "out")
+    assert (tmp_path / "exports" / "sft" / "config.json").exists() and (tmp_path / "out" / "tools.png").exists()
+    table = (tmp_path / "out" / "table.md").read_text()
+    assert "| objective | seeds | rollouts | accuracy at start | at the end | calls per answer at start |" in table
+    for arm in ("P3O", "GRPO-4", "RLOO"):
+        assert f"| {arm} | 1 | 3 |" in table
+    import csv
+
+    points = list(csv.DictReader(open(tmp_path / "out" / "points.csv")))
+    assert [int(p["rollout"]) for p in points if p["objective"] == "P3O"] == [0, 1, 2, 3]
+    assert all(0.0 <= float(p["gold"]) <= 1.0 and 0.0 <= float(p["tool_calls"]) <= 1.0 for p in points)
+
+
+def test_tools_summary_on_literal_points():
+    """The docstring's example."""
+    from benchmarks.tools import summary
+
+    rows = [{"objective": "P3O", "seed": s, "rollout": r, "gold": g, "tool_calls": c, "kl": k}
+            for s, points in ((0, [(0, 0.4, 0.5, 0.0), (10, 0.9, 1.0, 1.2)]), (1, [(0, 0.5, 0.4, 0.0), (10, 0.8, 0.9, 1.4)]))
+            for r, g, c, k in points]
+    assert summary(rows)["P3O"] == {"start": [0.4, 0.5], "end": [0.9, 0.8], "calls_start": [0.5, 0.4],
+                                    "calls_end": [1.0, 0.9], "kl": [1.2, 1.4], "rollouts": [10, 10]}

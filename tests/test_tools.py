@@ -363,3 +363,44 @@ def test_a_malformed_trace_is_one_line_naming_record_and_field(tmp_path, tool_di
                           **settings)
     with pytest.raises(DataError, match=rf"t.jsonl: record 1: field 'chosen': {reason}"):
         data.setup("fit")
+
+
+def test_final_answer_reads_the_last_number_of_the_final_assistant_turn():
+    from datamodules.sums import final_answer
+
+    call = {"role": "assistant", "content": ScriptedToolCalls.CALL}
+    completions = [[call, {"role": "tool", "name": "add", "content": "7"}, {"role": "assistant", "content": "it is 7"}],
+                   [call, {"role": "tool", "name": "add", "content": "7"}, {"role": "assistant", "content": ""}],
+                   [{"role": "assistant", "content": "6 or 7 ."}], [{"role": "assistant", "content": "8"}]]
+    assert final_answer(completions, [7, 7, 7, 7]) == [1.0, 0.0, 1.0, 0.0]    # (the tool's 7 pays nothing alone)
+
+
+def test_the_calculator_task_writes_traces_a_rollout_would_parse(tmp_path):
+    """CalculatorSumTask: about tool_share of the demonstrations are traces whose call is add(a, b) and whose answer
+    is its result; the others direct answers, right about `accuracy` of the time; its tokenizer's template renders
+    the tools, and a trace's call turn, decoded as a rollout decodes it, parses back to the call."""
+    from datamodules.pairs import PairDataModule
+    from datamodules.sums import CalculatorSumTask, add
+    from datamodules.tools import parse_calls
+
+    task = CalculatorSumTask(num_train=1000, num_val=10, tool_share=0.5, accuracy=0.5, cache_dir=str(tmp_path))
+    records = task.records("train")
+    traces = [r for r in records if isinstance(r["chosen"], list)]
+    assert 0.45 < len(traces) / len(records) < 0.55
+    direct = [r for r in records if not isinstance(r["chosen"], list)]
+    assert 0.4 < sum(int(r["chosen"]) == r["answer"] for r in direct) / len(direct) < 0.6
+    a, b = (int(word) for word in traces[0]["prompt"][0]["content"].split()[1::2])
+    assert traces[0]["chosen"][0]["tool_calls"][0]["function"]["arguments"] == {"a": a, "b": b}
+    assert traces[0]["chosen"][1:] == [{"role": "tool", "name": "add", "content": str(a + b)},
+                                       {"role": "assistant", "content": str(a + b)}] and traces[0]["answer"] == a + b
+    data = PairDataModule(task, chosen_only=True, tools=Tools(functions=[add], max_turns=1), max_length=28,
+                          max_prompt_length=10)
+    data.setup("fit")
+    example = next(e for e in data.splits["train"] if isinstance(e["chosen"], list))
+    tok = data.tokenizer
+    assert tok.decode(example["prompt_ids"]).startswith("tools add :")
+    call = example["chosen_ids"][:example["chosen_own"].index(0)]
+    text = tok.decode(call[:-1], skip_special_tokens=False)                 # (the call turn, its EOS dropped)
+    (parsed,) = parse_calls(text)
+    a, b = (int(word) for word in example["prompt"][0]["content"].split()[1::2])
+    assert parsed == {"name": "add", "arguments": {"a": a, "b": b}}
