@@ -244,17 +244,20 @@ class VLLM(Engine):
         if not (same_weights and self.pushes):
             self.push(model)
         push_s = time.perf_counter() - t0
-        P = prompt_ids.shape[1]
-        if P + config.max_new_tokens > self._max_len:
+        lengths = prompt_mask.sum(-1).tolist()                                  # each prompt, unpadded
+        P = int(max(lengths))
+        if P + config.max_new_tokens > self._max_len and not same_weights:
             raise ConfigError(f"engine: VLLM holds {self._max_len} tokens per sequence (max_model_len), fewer than the "
                               f"prompt ({P}) + max_new_tokens ({config.max_new_tokens}); raise "
                               "engine.init_args.max_model_len (up to the model's max_position_embeddings)")
         seeds = torch.randint(0, 2**31 - 1, (len(prompt_ids),)).tolist()        # from the caller's random stream
         requests = [TokensPrompt(prompt_token_ids=row[m.bool()].tolist()) for row, m in zip(prompt_ids, prompt_mask)]
+        # (a later turn of a tool rollout: each context's own room; the first turn's check bounds what it needs)
         params = [SamplingParams(n=num_samples, temperature=config.temperature if config.do_sample else 0.0,
                                  top_p=config.top_p, top_k=config.top_k if config.do_sample else 0,
-                                 max_tokens=config.max_new_tokens, seed=seed, logprobs=0,
-                                 stop_token_ids=[tokenizer.eos_token_id], detokenize=False) for seed in seeds]
+                                 max_tokens=min(config.max_new_tokens, self._max_len - int(n)), seed=seed, logprobs=0,
+                                 stop_token_ids=[tokenizer.eos_token_id], detokenize=False)
+                  for seed, n in zip(seeds, lengths)]
         outputs = self.llm.generate(requests, params, use_tqdm=False)
         if self.sleep_between_rollouts and torch.cuda.is_available():
             self.llm.sleep(level=1)

@@ -276,16 +276,19 @@ def test_rl_with_tools_runs_end_to_end_from_yaml(tmp_path, tool_dir, objective):
 
 
 @pytest.mark.slow
-def test_fsdp2_ranks_may_run_different_numbers_of_turns(tmp_path, tool_dir):
-    """2 CPU processes under FSDP2, only rank 0's responses calling the tool: rank 0 generates two turns per rollout,
-    rank 1 one. The policy is gathered once for all of a rollout's turns (`RLModule.generate`), so no collective is
-    left unmatched: the run finishes, both ranks end with the same trained weights."""
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp2"])
+def test_ranks_may_run_different_numbers_of_turns(tmp_path, tool_dir, strategy):
+    """2 CPU processes under DDP or FSDP2, only rank 0's responses calling the tool: rank 0 generates two turns per
+    rollout, rank 1 one. Under FSDP2 the policy is gathered once for all of a rollout's turns (`RLModule.generate`;
+    without that, a collective is left unmatched and the run stops): the run finishes, both ranks end with the same
+    trained weights."""
     from tests.helpers import run_train
 
     digest = str(tmp_path / "digest")
     config = tool_config(tmp_path, tool_dir, engine="tests.helpers.RankZeroToolCalls",
                          callbacks=[{"class_path": "tests.helpers.ParamDigest", "init_args": {"path": digest}}],
-                         devices=2, accelerator="cpu", strategy={"class_path": "modules.sharding.FSDP2Strategy"})
+                         devices=2, accelerator="cpu",
+                         strategy="ddp" if strategy == "ddp" else {"class_path": "modules.sharding.FSDP2Strategy"})
     run_train(config, timeout=300)
     ranks = [torch.load(f"{digest}.rank{rank}.pt") for rank in (0, 1)]
     assert torch.equal(ranks[0]["params"], ranks[1]["params"]) and not torch.equal(ranks[0]["params"], ranks[0]["initial"])
