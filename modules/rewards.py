@@ -680,6 +680,8 @@ def call_text_reward(reward, prompts: list[str], responses: list[str], fields: d
             kwargs[name] = value
         elif any(p.name == name and p.default is inspect.Parameter.empty for p in params):
             raise RewardError(f"reward {qualified_name(reward)} takes {name} {NOT_GIVEN[name]}")
+    if isinstance(reward, Composed):                              # (its terms get what this call was given)
+        return reward(prompts, responses, messages=messages, **kwargs)
     if not trl_style(reward):
         return reward(prompts, responses, **kwargs)
     takes_prompts = any(p.name == "prompts" or p.kind is inspect.Parameter.VAR_KEYWORD for p in params)
@@ -818,14 +820,16 @@ class Composed(nn.Module):
         return self.total(terms, rollout.prompts, rollout.responses)
 
     def forward(self, prompts: list[str], responses: list[str], completion_ids: list[list[int]] | None = None,
-                **fields) -> list[float]:
+                messages: list[list[dict]] | None = None, **fields) -> list[float]:
         """The weighted sum over texts (as an evaluation reward); every term must be a text callable. Its terms get
-        the responses' `completion_ids` where it is given them (`call_text_reward`)."""
+        the responses' `completion_ids` and, with tools, `messages` where it is given them (`call_text_reward`), as
+        in training."""
         for name, reward in self.rewards.items():
             if hasattr(reward, "score"):
                 raise RewardError(f"{qualified_name(self)}: term {name!r} ({qualified_name(reward)}) scores token "
                                   "ids, not texts; as an evaluation reward every term must be a text callable")
-        raw = self.gathered(lambda reward: call_text_reward(reward, prompts, responses, fields, completion_ids))
+        raw = self.gathered(lambda reward: call_text_reward(reward, prompts, responses, fields, completion_ids,
+                                                            messages))
         terms = {}
         for name, reward in self.rewards.items():
             with self.term(name):

@@ -407,3 +407,16 @@ def test_the_calculator_task_writes_traces_a_rollout_would_parse(tmp_path):
     (parsed,) = parse_calls(text)
     a, b = (int(word) for word in example["prompt"][0]["content"].split()[1::2])
     assert parsed == {"name": "add", "arguments": {"a": a, "b": b}}
+
+
+def test_a_composed_reward_passes_the_messages_to_its_terms_in_evaluation():
+    """As an evaluation reward (`call_text_reward` over texts), a `Composed` hands its TRL-style terms each
+    response's messages, as training does (`raw_values`)."""
+    from modules.rewards import Composed, call_text_reward
+
+    messages = [[{"role": "assistant", "content": ScriptedToolCalls.CALL}, {"role": "tool", "name": "add", "content": "5"},
+                 {"role": "assistant", "content": "5"}], [{"role": "assistant", "content": "5"}]]
+    prompts = [[{"role": "user", "content": "What is 2 + 3?"}]] * 2
+    reward = Composed(rewards={"tool": correct_after_tool}, weights={"tool": 2.0})
+    assert call_text_reward(reward, prompts, ["a", "b"], {}, None, messages) == [2.0, 0.0]
+    assert call_text_reward(correct_after_tool, prompts, ["a", "b"], {}, None, messages) == [1.0, 0.0]
