@@ -59,6 +59,43 @@ def ensure_exports(exports: Path, tag: str, family: str = "quickstart", stages: 
             cli_main(["fit", "--config", f"configs/{family}/{stage}.yaml", "--trainer.enable_progress_bar=false"])
 
 
+def learning_arguments(parser, *, quick_help: str, seeds: list[int], rollouts: int, exports: Path, out: Path) -> None:
+    """The arguments of a benchmark of learning curves from one SFT export (`verifiable.py`, `tools.py`): --quick,
+    --seeds, the budget of each run, --exports, --out, --report-only (`settle` applies --quick)."""
+    parser.add_argument("--quick", action="store_true", help=quick_help)
+    parser.add_argument("--seeds", type=int, nargs="*", help=f"default: {seeds[0]}-{seeds[-1]} (--quick: 0)")
+    parser.add_argument("--rollouts", type=int, default=rollouts)
+    parser.add_argument("--responses-per-rollout", type=int, default=64)
+    parser.add_argument("--minibatch-responses", type=int, default=16)
+    parser.add_argument("--eval-every", type=int, default=10)
+    parser.add_argument("--eval-prompts", type=int, default=200)
+    parser.add_argument("--exports", type=Path, default=exports, help="directory with sft/ (built if missing)")
+    parser.add_argument("--out", type=Path, default=out)
+    parser.add_argument("--report-only", action="store_true", help="redo table.md and the figure from points.csv")
+
+
+def settle(args, seeds: list[int]) -> None:
+    """--quick's budget (1 seed, 3 rollouts of 16 responses in minibatches of 8, 16 prompts evaluated after each)
+    and the default seeds."""
+    if args.quick:
+        args.seeds = args.seeds or [0]
+        args.rollouts, args.responses_per_rollout, args.minibatch_responses = 3, 16, 8
+        args.eval_every, args.eval_prompts = 1, 16
+    args.seeds = args.seeds if args.seeds is not None else seeds
+
+
+def build_sft(exports: Path, config: str, quick: bool, tag: str) -> None:
+    """The SFT export of `config` at `exports`/sft unless it is there (--quick: one short epoch)."""
+    from train import cli_main
+
+    if (exports / "sft" / "config.json").exists():
+        return
+    print(f"[{tag}] building the SFT export of {config} at {exports / 'sft'}")
+    short = ["--trainer.max_epochs=1", "--data.init_args.source.init_args.num_train=256"] if quick else []
+    cli_main(["fit", "--config", config, f"--export_dir={exports / 'sft'}", "--trainer.enable_progress_bar=false",
+              "--trainer.logger=false", *short])
+
+
 def run_one(config: str, tag: str, seed: int, out: Path, *, rollouts: int, responses_per_rollout: int,
             minibatch_responses: int, k: int, eval_every: int, eval_prompts: int, exports: Path = DEFAULT_EXPORTS,
             model: dict | None = None, objective: dict | None = None, lr: float | None = None,

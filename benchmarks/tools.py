@@ -26,7 +26,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from runs import ROOT, read_points, run_one, write_points  # noqa: E402
+from runs import ROOT, build_sft, learning_arguments, read_points, run_one, settle, write_points  # noqa: E402
 from stats import bootstrap_ci, fmt_ci  # noqa: E402
 
 CONFIG, SFT_CONFIG = "configs/quickstart/tools_p3o.yaml", "configs/quickstart/tools_sft.yaml"
@@ -40,29 +40,17 @@ ARMS = {
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="every arm, 1 seed, 3 rollouts")
-    parser.add_argument("--seeds", type=int, nargs="*", help="default: 0-2 (--quick: 0)")
-    parser.add_argument("--rollouts", type=int, default=60)
-    parser.add_argument("--responses-per-rollout", type=int, default=64)
-    parser.add_argument("--minibatch-responses", type=int, default=16)
-    parser.add_argument("--eval-every", type=int, default=10)
-    parser.add_argument("--eval-prompts", type=int, default=200)
-    parser.add_argument("--exports", type=Path, default=ROOT / "artifacts/tools", help="directory with sft/ (built if missing)")
-    parser.add_argument("--out", type=Path, default=ROOT / "benchmarks/results/tools")
-    parser.add_argument("--report-only", action="store_true", help="redo table.md and the figure from points.csv")
+    learning_arguments(parser, quick_help="every arm, 1 seed, 3 rollouts", seeds=[0, 1, 2], rollouts=60,
+                       exports=ROOT / "artifacts/tools", out=ROOT / "benchmarks/results/tools")
     args = parser.parse_args()
     if args.report_only:
         return write_report(read_points(args.out / "points.csv"), args.out)
     sys.argv = sys.argv[:1]  # LightningCLI reads its own arguments from run_one's list
-    if args.quick:
-        args.seeds = args.seeds or [0]
-        args.rollouts, args.responses_per_rollout, args.minibatch_responses = 3, 16, 8
-        args.eval_every, args.eval_prompts = 1, 16
-    args.seeds = args.seeds if args.seeds is not None else [0, 1, 2]
+    settle(args, [0, 1, 2])
     os.chdir(ROOT)
     logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)
     (args.out / "configs").mkdir(parents=True, exist_ok=True)
-    build_sft(args.exports, args.quick)
+    build_sft(args.exports, SFT_CONFIG, args.quick, "tools")
     start, rows = time.time(), []
     for name, (k, objective) in ARMS.items():
         for seed in args.seeds:
@@ -80,18 +68,6 @@ def main() -> None:
         write_points(rows, args.out)
     write_report(read_points(args.out / "points.csv"), args.out)
     print(f"[tools] wrote {args.out}/table.md, points.csv, tools.png in {time.time() - start:.0f}s")
-
-
-def build_sft(exports: Path, quick: bool) -> None:
-    """The calculator SFT export at `exports`/sft, from configs/quickstart/tools_sft.yaml (--quick: one short epoch)."""
-    from train import cli_main
-
-    if (exports / "sft" / "config.json").exists():
-        return
-    print(f"[tools] building the calculator SFT export at {exports / 'sft'}")
-    short = ["--trainer.max_epochs=1", "--data.init_args.source.init_args.num_train=256"] if quick else []
-    cli_main(["fit", "--config", SFT_CONFIG, f"--export_dir={exports / 'sft'}", "--trainer.enable_progress_bar=false",
-              "--trainer.logger=false", *short])
 
 
 def summary(rows: list[dict]) -> dict[str, dict[str, list[float]]]:

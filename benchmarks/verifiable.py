@@ -27,7 +27,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from runs import ROOT, read_points, run_one, write_points  # noqa: E402
+from runs import ROOT, build_sft, learning_arguments, read_points, run_one, settle, write_points  # noqa: E402
 from stats import bootstrap_ci, fmt_ci, paired_ci  # noqa: E402
 
 CONFIG, SFT_CONFIG = "configs/quickstart/sums_p3o.yaml", "configs/quickstart/sums_sft.yaml"
@@ -110,31 +110,19 @@ TRAIN_METRICS = ("clipfrac", "tied_groups", "better_shift", "worse_shift", "samp
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="every objective, 1 seed (or --seeds), 3 rollouts")
+    learning_arguments(parser, quick_help="every objective, 1 seed (or --seeds), 3 rollouts", seeds=[0, 1, 2, 3, 4],
+                       rollouts=80, exports=ROOT / "artifacts/sums", out=ROOT / "benchmarks/results/verifiable")
     parser.add_argument("--arms", nargs="*", default=list(ARMS), choices=list(ARMS),
                         help="the arms to run (default: all); the other arms' rows in --out's points.csv are kept")
-    parser.add_argument("--seeds", type=int, nargs="*", help="default: 0-4 (--quick: 0)")
-    parser.add_argument("--rollouts", type=int, default=80)
-    parser.add_argument("--responses-per-rollout", type=int, default=64)
-    parser.add_argument("--minibatch-responses", type=int, default=16)
-    parser.add_argument("--eval-every", type=int, default=10)
-    parser.add_argument("--eval-prompts", type=int, default=200)
-    parser.add_argument("--exports", type=Path, default=ROOT / "artifacts/sums", help="directory with sft/ (built if missing)")
-    parser.add_argument("--out", type=Path, default=ROOT / "benchmarks/results/verifiable")
-    parser.add_argument("--report-only", action="store_true", help="redo table.md and the figure from points.csv")
     args = parser.parse_args()
     if args.report_only:
         return write_report(read_points(args.out / "points.csv"), args.out)
     sys.argv = sys.argv[:1]  # LightningCLI reads its own arguments from run_one's list
-    if args.quick:
-        args.seeds = args.seeds or [0]
-        args.rollouts, args.responses_per_rollout, args.minibatch_responses = 3, 16, 8
-        args.eval_every, args.eval_prompts = 1, 16
-    args.seeds = args.seeds if args.seeds is not None else [0, 1, 2, 3, 4]
+    settle(args, [0, 1, 2, 3, 4])
     os.chdir(ROOT)
     logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)
     (args.out / "configs").mkdir(parents=True, exist_ok=True)
-    build_sft(args.exports, args.quick)
+    build_sft(args.exports, SFT_CONFIG, args.quick, "verifiable")
     start, rows = time.time(), kept_rows(args.out / "points.csv", args.arms)
     for name in args.arms:
         (k, objective), lr, oversample = ARMS[name], LR.get(name), OVERSAMPLE.get(name, 1)
@@ -179,18 +167,6 @@ def mean_since(values: list[float | None], after: int | None, upto: int) -> floa
         return None
     window = [v for v in values[after:upto] if v is not None]
     return statistics.fmean(window) if window else None
-
-
-def build_sft(exports: Path, quick: bool) -> None:
-    """The sums SFT export at `exports`/sft, from configs/quickstart/sums_sft.yaml (--quick: one short epoch)."""
-    from train import cli_main
-
-    if (exports / "sft" / "config.json").exists():
-        return
-    print(f"[verifiable] building the sums SFT export at {exports / 'sft'}")
-    short = ["--trainer.max_epochs=1", "--data.init_args.source.init_args.num_train=256"] if quick else []
-    cli_main(["fit", "--config", SFT_CONFIG, f"--export_dir={exports / 'sft'}", "--trainer.enable_progress_bar=false",
-              "--trainer.logger=false", *short])
 
 
 def early_rollout(rows: list[dict]) -> int:

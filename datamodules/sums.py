@@ -46,14 +46,13 @@ class SumTask(Source):
     def records(self, split: str) -> list[dict]:
         n, offset = (self.num_train, 0) if split == "train" else (self.num_val, 1_000_003)
         rng = random.Random(self.seed * 7919 + offset)
-        out = []
-        for _ in range(n):
-            a, b = rng.randint(0, self.max_operand), rng.randint(0, self.max_operand)
-            chosen = a + b if rng.random() < self.accuracy else self.wrong(rng, a + b)
-            rejected = self.wrong(rng, a + b, besides=chosen)
-            out.append({"prompt": f"add {a} and {b} :", "chosen": str(chosen), "rejected": str(rejected),
-                        "answer": a + b})
-        return out
+        return [self.record(rng, rng.randint(0, self.max_operand), rng.randint(0, self.max_operand)) for _ in range(n)]
+
+    def record(self, rng: random.Random, a: int, b: int) -> dict:
+        """The record of `a + b`, its demonstrations drawn from `rng`."""
+        chosen = a + b if rng.random() < self.accuracy else self.wrong(rng, a + b)
+        rejected = self.wrong(rng, a + b, besides=chosen)
+        return {"prompt": f"add {a} and {b} :", "chosen": str(chosen), "rejected": str(rejected), "answer": a + b}
 
     def load(self, split: str) -> tuple[str, list[dict]]:
         return f"{self.name}[{split}]", self.records(split)
@@ -128,22 +127,15 @@ class CalculatorSumTask(SumTask):
             raise ValueError(f"CalculatorSumTask: tool_share={tool_share}; expected a share in [0, 1]")
         self.tool_share = tool_share
 
-    def records(self, split: str) -> list[dict]:
-        n, offset = (self.num_train, 0) if split == "train" else (self.num_val, 1_000_003)
-        rng = random.Random(self.seed * 7919 + offset)
-        out = []
-        for _ in range(n):
-            a, b = rng.randint(0, self.max_operand), rng.randint(0, self.max_operand)
-            if rng.random() < self.tool_share:
-                call = {"type": "function", "function": {"name": "add", "arguments": {"a": a, "b": b}}}
-                chosen = [{"role": "assistant", "content": "", "tool_calls": [call]},
-                          {"role": "tool", "name": "add", "content": str(a + b)},
-                          {"role": "assistant", "content": str(a + b)}]
-            else:
-                chosen = str(a + b if rng.random() < self.accuracy else self.wrong(rng, a + b))
-            out.append({"prompt": [{"role": "user", "content": f"add {a} and {b}"}], "chosen": chosen,
-                        "answer": a + b})
-        return out
+    def record(self, rng: random.Random, a: int, b: int) -> dict:
+        if rng.random() < self.tool_share:
+            call = {"type": "function", "function": {"name": "add", "arguments": {"a": a, "b": b}}}
+            chosen = [{"role": "assistant", "content": "", "tool_calls": [call]},
+                      {"role": "tool", "name": "add", "content": str(a + b)},
+                      {"role": "assistant", "content": str(a + b)}]
+        else:
+            chosen = str(a + b if rng.random() < self.accuracy else self.wrong(rng, a + b))
+        return {"prompt": [{"role": "user", "content": f"add {a} and {b}"}], "chosen": chosen, "answer": a + b}
 
     def tokenizer(self) -> str:
         """The word-level tokenizer of every word, number and call fragment the task writes, with its chat template
