@@ -20,6 +20,9 @@ that would leave no room for one more token is not appended, and that response e
 A call that fails (malformed JSON, an unknown tool, wrong arguments, an exception, more than `timeout` seconds)
 gives the policy `{"error": "..."}` as its result, as TRL does; the share of failed calls is logged
 (`train/tool_failures`), beside the calls per response (`train/tool_calls`).
+
+A demonstration given as a tool-use trace (SFT) is laid out the same way, its tool results outside the loss
+(`encode_trace`). docs/tools.md is the user's guide.
 """
 from __future__ import annotations
 
