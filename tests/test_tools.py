@@ -420,3 +420,46 @@ def test_a_composed_reward_passes_the_messages_to_its_terms_in_evaluation():
     reward = Composed(rewards={"tool": correct_after_tool}, weights={"tool": 2.0})
     assert call_text_reward(reward, prompts, ["a", "b"], {}, None, messages) == [2.0, 0.0]
     assert call_text_reward(correct_after_tool, prompts, ["a", "b"], {}, None, messages) == [1.0, 0.0]
+
+
+def scripted(hermes, turns: list[str]):
+    """A `generate` whose n-th call answers every context with `turns[n]` (then EOS), recorded logprobs -1."""
+    from modules.sampling import rollout_of
+
+    calls = []
+
+    def generate(ids, mask, prompts, config, num_samples, same_weights=False, **kwargs):
+        text = turns[len(calls)]
+        calls.append((len(ids), same_weights, config.max_new_tokens))
+        row = hermes(text, add_special_tokens=False)["input_ids"] + [hermes.eos_token_id]
+        response = torch.tensor([row] * (len(ids) * num_samples))
+        return rollout_of(ids.repeat_interleave(num_samples, 0), mask.repeat_interleave(num_samples, 0), response,
+                          prompts, num_samples, hermes, -torch.ones(response.shape))
+    return generate, calls
+
+
+@pytest.mark.parametrize("max_turns", [1, 2])
+def test_rounds_of_calls_stop_at_max_turns_and_a_turn_may_call_twice(hermes, max_turns):
+    """Every turn but the third calls `add` twice: each round runs both calls and appends both results as one suffix.
+    With max_turns 2 the third turn (the answer) ends the response; with max_turns 1 the second turn's calls are not
+    run and it ends the response. Later turns are one sample per response, from its own context, same weights."""
+    tools = Tools(functions=[add], max_turns=max_turns)
+    twice = ScriptedToolCalls.CALL + ScriptedToolCalls.CALL.replace('"a": 2', '"a": 4')
+    generate, calls = scripted(hermes, [twice, twice, "The sums are 5 and 7."])
+    prompts = ["q1", "q2"]
+    ids, mask = pad([encode_prompt(hermes, p, tools.schemas) for p in prompts], hermes.pad_token_id, "left")
+    from modules.sampling import SamplingConfig
+
+    roll = generate_with_tools(generate, tools, hermes, ids, mask, prompts, SamplingConfig(max_new_tokens=400), 2)
+    results = [{"role": "tool", "name": "add", "content": "5"}, {"role": "tool", "name": "add", "content": "7"}]
+    turn = hermes(twice, add_special_tokens=False)["input_ids"] + [hermes.eos_token_id]
+    suffix = tool_suffix(hermes, results)
+    assert [m["role"] for m in roll.messages[0]] == ["assistant", "tool", "tool"] * max_turns + ["assistant"]
+    assert roll.messages[0][1:3] == results and roll.messages[0][-1]["content"] == (
+        "The sums are 5 and 7." if max_turns == 2 else twice)
+    assert roll.timings["tools/calls"] == 4 * 2 * max_turns and roll.timings["tools/failed"] == 0
+    assert roll.response_ids[0, :len(turn) + len(suffix)].tolist() == turn + suffix
+    assert roll.response_mask[0, len(turn):len(turn) + len(suffix)].sum() == 0
+    assert roll.old_logp[0][roll.response_mask[0].bool()].eq(-1).all() and roll.old_logp[0][len(turn)] == 0
+    assert calls[0] == (2, False, 400) and all(n == 4 and same for n, same, _ in calls[1:])
+    assert len(calls) == 1 + max_turns and calls[1][2] == 400 - len(turn) - len(suffix)      # (the rows' room)
