@@ -226,10 +226,8 @@ class _Row:
     own: list[int]
     logp: list[float]
     entropy: list[float]
-    messages: list[dict]
-    last_turn: str
+    messages: list[dict]            # its turns and results so far: the last, its latest turn, until results follow
     ended: bool                     # the last turn emitted EOS
-    told: bool = False              # the last turn is in `messages`
     calls: int = 0
     failed: int = 0
 
@@ -250,16 +248,15 @@ def generate_with_tools(generate: Callable, tools: Tools, tokenizer, prompt_ids:
         keep = first.response_mask[i].bool()
         tokens = first.response_ids[i][keep].tolist()
         rows.append(_Row(tokens, [1] * len(tokens), _picked(first.old_logp, i, keep), _picked(first.entropy, i, keep),
-                         [], _turn_text(tokenizer, tokens), bool(first.has_eos[i])))
+                         [_assistant(tokenizer, tokens)], bool(first.has_eos[i])))
     for _ in range(tools.max_turns):
         going = []
         for i, row in enumerate(rows):
-            if not row.ended or not CALL.search(row.last_turn):
+            text = row.messages[-1]["content"]        # (its latest turn)
+            if not row.ended or not CALL.search(text):
                 continue
-            results, failed = tools.call(row.last_turn)
+            results, failed = tools.call(text)
             row.calls, row.failed = row.calls + len(results), row.failed + failed
-            row.messages.append({"role": "assistant", "content": row.last_turn.strip()})
-            row.told = True
             suffix = tool_suffix(tokenizer, results)
             if len(row.tokens) + len(suffix) >= budget:   # no room: the response ends with its call, unanswered
                 row.ended = False
@@ -276,8 +273,9 @@ def generate_with_tools(generate: Callable, tools: Tools, tokenizer, prompt_ids:
                     for i in going]
         ids, mask = _left_pad(contexts, tokenizer.pad_token_id, prompt_ids.device)
         room = max(budget - len(rows[i].tokens) for i in going)
-        turn = generate(ids, mask, [prompts[i // num_samples] for i in going], dataclasses.replace(config, max_new_tokens=room),
-                        1, same_weights=True, **{**kwargs, "share_prompts": False})
+        turn = generate(ids, mask, [prompts[i // num_samples] for i in going],
+                        dataclasses.replace(config, max_new_tokens=room), 1, same_weights=True,
+                        **{**kwargs, "share_prompts": False})
         for j, i in enumerate(going):
             row, left = rows[i], budget - len(rows[i].tokens)
             keep = turn.response_mask[j].bool()
@@ -286,13 +284,11 @@ def generate_with_tools(generate: Callable, tools: Tools, tokenizer, prompt_ids:
             row.own += [1] * len(tokens)
             row.logp += _picked(turn.old_logp, j, keep)[:left]
             row.entropy += _picked(turn.entropy, j, keep)[:left]
-            row.last_turn, row.told = _turn_text(tokenizer, tokens), False
+            row.messages.append(_assistant(tokenizer, tokens))
             row.ended = bool(turn.has_eos[j]) and len(tokens) == int(keep.sum())
-    for row in rows:
-        if not row.told:                               # the final turn
-            row.messages.append({"role": "assistant", "content": row.last_turn.strip()})
     roll = _assemble(first, rows, tokenizer, eos)
-    roll.timings.update({"tools/calls": float(sum(r.calls for r in rows)), "tools/failed": float(sum(r.failed for r in rows))})
+    roll.timings.update({"tools/calls": float(sum(r.calls for r in rows)),
+                         "tools/failed": float(sum(r.failed for r in rows))})
     return roll
 
 
@@ -300,11 +296,12 @@ def _picked(values: torch.Tensor | None, row: int, keep: torch.Tensor) -> list[f
     return [0.0] * int(keep.sum()) if values is None else values[row][keep].tolist()
 
 
-def _turn_text(tokenizer, tokens: list[int]) -> str:
-    """A turn as text, special tokens kept (a template may make `<tool_call>` one), its EOS dropped."""
+def _assistant(tokenizer, tokens: list[int]) -> dict:
+    """A turn as an assistant message: its text, special tokens kept (a template may make `<tool_call>` one), its
+    EOS dropped."""
     if tokens and tokens[-1] == tokenizer.eos_token_id:
         tokens = tokens[:-1]
-    return tokenizer.decode(tokens, skip_special_tokens=False)
+    return {"role": "assistant", "content": tokenizer.decode(tokens, skip_special_tokens=False).strip()}
 
 
 def _left_pad(rows: list[list[int]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
