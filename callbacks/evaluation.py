@@ -18,6 +18,7 @@ policy after b updates of the rollout loop, and the curves line up in TensorBoar
 from __future__ import annotations
 
 import csv
+import functools
 import logging
 import os
 
@@ -200,7 +201,7 @@ class Evaluation(L.Callback):
         ids, mask = collated.prompt_ids.to(pl_module.device), collated.prompt_mask.to(pl_module.device)
         config = self._sampling(pl_module)
         n = self.samples_per_prompt
-        roll = _generate(pl_module)(pl_module.policy, tok, ids, mask, collated.prompts, config, n)
+        roll = _generate(pl_module, collated.fields)(pl_module.policy, tok, ids, mask, collated.prompts, config, n)
         roll.with_fields(collated.fields)                        # (each prompt's fields for its n responses)
         out = {"val/length": roll.response_mask.sum(-1).float().mean().item(),
                "val/eos_rate": roll.has_eos.float().mean().item(),
@@ -208,7 +209,8 @@ class Evaluation(L.Callback):
                   else {}),
                **({"val/tool_calls": roll.timings["tools/calls"] / len(roll)} if "tools/calls" in roll.timings else {})}
         with reward_metrics() as logged, reward_extras() as extras:    # what the rewards log about the policy's
-            gold = self._gold(roll.prompts, roll.responses, roll.fields, roll.completion_ids, roll.messages)  # (TRL's)
+            gold = self._gold(roll.prompts, roll.responses, roll.fields, roll.completion_ids, roll.messages,  # (TRL's)
+                              roll.environments)
         if gold is not None:
             out["val/gold_reward"] = gold.mean().item()
             if n > 1:
@@ -239,10 +241,10 @@ class Evaluation(L.Callback):
                  for i, (p, r, g) in enumerate(first)]
         return out, shown
 
-    def _gold(self, prompts, responses, fields: dict[str, list], ids, messages=None) -> torch.Tensor | None:
+    def _gold(self, prompts, responses, fields: dict[str, list], ids, messages=None, environments=None) -> torch.Tensor | None:
         if self.reward is None:
             return None
-        values = awaited(call_text_reward(self.reward, prompts, responses, fields, ids, messages),
+        values = awaited(call_text_reward(self.reward, prompts, responses, fields, ids, messages, environments),
                          f"evaluation reward {qualified_name(self.reward)}")
         return as_numbers(values, self.reward, len(responses))          # (one number per response, or one line)
 
@@ -251,8 +253,9 @@ class Evaluation(L.Callback):
         logp = F.sequence_logprobs(pl_module.logprobs(pl_module.policy, roll, T), roll.response_mask)
         with pl_module.reference_model() as ref:
             ref_logp = F.sequence_logprobs(pl_module.logprobs(ref, roll, T), roll.response_mask)
-            ref_roll = _generate(pl_module)(ref, pl_module.tokenizer, ids, mask, collated.prompts, config,
-                                            self.samples_per_prompt).with_fields(collated.fields)
+            generate = _generate(pl_module, collated.fields)
+            ref_roll = generate(ref, pl_module.tokenizer, ids, mask, collated.prompts, config,
+                                self.samples_per_prompt).with_fields(collated.fields)
         prompts = roll.prompts                                   # (one per response, row-aligned with ref_roll's)
         out = {"val/kl": (logp - ref_logp).mean().item()}
         if self.judge is not None:
@@ -261,7 +264,8 @@ class Evaluation(L.Callback):
             out.update({"val/judge_win_rate": win_rate(score).item(), "val/judge_agreement": agree.float().mean().item()})
         reward = getattr(pl_module, "reward", None)
         if gold is not None:
-            ours, theirs = gold, self._gold(prompts, ref_roll.responses, roll.fields, ref_roll.completion_ids)
+            ours, theirs = gold, self._gold(prompts, ref_roll.responses, roll.fields, ref_roll.completion_ids,
+                                            ref_roll.messages, ref_roll.environments)
         elif proxy is not None:
             ours, theirs = proxy, pl_module.score(ref_roll).float().cpu()
         elif is_pairwise(reward):              # a pairwise training reward, no gold: it judges, in both orders
@@ -374,7 +378,8 @@ def _to_device(judge, device: torch.device) -> None:
         model.to(device)
 
 
-def _generate(pl_module):
-    """The stage's generation: the RL module's (`RLModule.generate`: its engine, and the data's tools, so evaluation
-    samples as training does), else our sampler."""
-    return pl_module.generate if hasattr(pl_module, "engine") else sample
+def _generate(pl_module, fields: dict[str, list]):
+    """The stage's generation: the RL module's (`RLModule.generate`: its engine, and the data's tools, reset from the
+    prompts' record `fields` where they have an environment, so evaluation samples as training does), else our
+    sampler."""
+    return functools.partial(pl_module.generate, fields=fields) if hasattr(pl_module, "engine") else sample

@@ -73,12 +73,11 @@ class PairDataModule(L.LightningDataModule):
         self.reward_fields = tuple(reward_fields or ())
         taken = [name for name in self.reward_fields
                  if name in ("prompts", "responses", "responses_a", "responses_b", "completions", "completion_ids",
-                             "trainer_state")]
+                             "trainer_state", "log_metric", "log_extra", "environments")]
         if taken or len(set(self.reward_fields)) < len(self.reward_fields):
             raise ValueError(f"PairDataModule: reward_fields={list(self.reward_fields)}; expected distinct names other "
                              "than prompts / responses / responses_a / responses_b / completions / completion_ids / "
-                             "trainer_state (what "
-                             "a reward is called with)")
+                             "trainer_state / log_metric / log_extra / environments (what a reward is called with)")
         self.optional_fields = tuple(optional_fields or ())
         if stray := [name for name in self.optional_fields if name not in self.reward_fields]:
             raise ValueError(f"PairDataModule: optional_fields names {stray}, which reward_fields "

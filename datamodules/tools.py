@@ -21,6 +21,12 @@ A call that fails (malformed JSON, an unknown tool, wrong arguments, an exceptio
 gives the policy `{"error": "..."}` as its result, as TRL does; the share of failed calls is logged
 (`train/tool_failures`), beside the calls per response (`train/tool_calls`).
 
+With an `environment` (TRL's `environment_factory`), each response gets its own instance of a class whose public
+methods are further tools, so its calls act on state that lasts the whole response (a game, a sandbox, a
+database): before the first turn each instance's `reset` is called with the record's prompt and fields, and a text
+it returns is appended to the last user message of that response's prompt; after the response, a reward may read
+the instance (TRL's `environments`, e.g. `modules.rewards.environment_reward`, its `get_reward()`).
+
 A demonstration given as a tool-use trace (SFT) is laid out the same way, its tool results outside the loss
 (`encode_trace`). docs/tools.md is the user's guide.
 """
@@ -42,11 +48,19 @@ CALL = re.compile(r"<tool_call>(.*?)</tool_call>", re.DOTALL)
 @dataclass
 class Tools:
     """Python functions the policy may call (TRL's `tools`), each given in YAML by its import path
-    (`mypackage.tools.calculator`). Their names, type hints and Google-style docstrings make the JSON schemas
-    rendered into every prompt (`transformers.utils.get_json_schema`); each may be `async def`.
+    (`mypackage.tools.calculator`), and/or an environment class whose methods it may call. Their names, type hints
+    and Google-style docstrings make the JSON schemas rendered into every prompt (`transformers.utils.
+    get_json_schema`); each may be `async def`.
 
     Args:
         functions: the tools, by import path.
+        environment: a class, by import path, built with no arguments (TRL's `environment_factory`): one instance
+            per response, reused across rollouts ("construct once, reset often"). It defines `reset(self, ...)`,
+            called before each response with the keywords it names among `prompt` (the record's) and the data's
+            `reward_fields` (all of them if it takes `**kwargs`), returning None or a text appended to the last
+            user message; every other public method is a tool acting on that instance (`get_reward`, if defined,
+            is not: `modules.rewards.environment_reward` reads it). The K responses to a prompt must get the same
+            text, as they answer the same prompt.
         max_turns: rounds of tool calls per response (TRL's `max_tool_calling_iterations`); the turn after the
             last round is the policy's final answer.
         timeout: seconds a call may take; a slower one gives the policy an error result (and is counted as a
@@ -54,25 +68,87 @@ class Tools:
     """
 
     functions: list[Callable] = field(default_factory=list)
+    environment: type | None = None
     max_turns: int = 4
     timeout: float = 30.0
 
     def __post_init__(self):
-        if not self.functions:
-            raise ValueError("Tools: functions is empty; expected at least one function (an import path, e.g. "
-                              "mypackage.tools.calculator)")
+        if not self.functions and self.environment is None:
+            raise ValueError("Tools: functions is empty and no environment is given; expected at least one function "
+                              "(an import path, e.g. mypackage.tools.calculator) or an environment class")
         for fn in self.functions:
             if not callable(fn):
                 raise ValueError(f"Tools: functions holds {fn!r}, which is not callable; expected functions")
-        names = [fn.__name__ for fn in self.functions]
-        if len(set(names)) < len(names):
-            raise ValueError(f"Tools: functions {names} repeat a name; the policy calls a tool by its name")
         if self.max_turns < 1:
             raise ValueError(f"Tools: max_turns={self.max_turns}; expected >= 1 (rounds of tool calls per response)")
         if not 0 < self.timeout < float("inf"):
             raise ValueError(f"Tools: timeout={self.timeout}; expected a finite number of seconds > 0")
+        self.pool = [] if self.environment is None else [self._new_environment()]
+        methods = [] if self.environment is None else list(environment_methods(self.pool[0]).values())
+        names = [fn.__name__ for fn in self.functions + methods]
+        if len(set(names)) < len(names):
+            raise ValueError(f"Tools: the functions and environment methods {names} repeat a name; the policy calls a "
+                              "tool by its name")
         self.by_name = {fn.__name__: fn for fn in self.functions}
-        self.schemas = [schema_of(fn) for fn in self.functions]
+        self.schemas = [schema_of(fn) for fn in self.functions + methods]
+        self.reset_takes = None if self.environment is None else _keywords(self.pool[0].reset)
+
+    def _new_environment(self):
+        name = self.environment_name
+        try:
+            instance = self.environment()
+        except Exception as error:
+            raise ValueError(f"Tools: environment {name}() raised {type(error).__name__}: {error}; expected a class "
+                              "built with no arguments") from None
+        if not callable(getattr(instance, "reset", None)):
+            raise ValueError(f"Tools: environment {name} has no reset method; expected reset(self, ...) returning None "
+                              "or a text appended to the prompt")
+        return instance
+
+    @property
+    def environment_name(self) -> str:
+        return f"{self.environment.__module__}.{self.environment.__qualname__}" if self.environment else ""
+
+    def check_fields(self, names) -> None:
+        """A DataError naming what to set unless `prompt` and the record fields `names` (the data's
+        `reward_fields`) hold every keyword the environment's `reset` requires; checked before the first rollout."""
+        if self.environment is None:
+            return
+        required, _ = self.reset_takes
+        if missing := [name for name in required if name != "prompt" and name not in set(names)]:
+            raise DataError(f"data tools environment {self.environment_name}: reset takes {', '.join(map(repr, missing))}"
+                            f", which no record field provides (fields given: {sorted(names) or 'none'}); set data."
+                            f"init_args.reward_fields: [{', '.join(missing)}] and give every record that field")
+
+    def start(self, prompts: list, fields: dict[str, list], num_samples: int) -> tuple[list, list]:
+        """Reset one environment per response (`num_samples` per prompt, prompt-major): (the instances, each
+        prompt with its observation appended to its last user message, or as it was where `reset` returned None).
+        A reset that raises, returns something other than a text, or gives the responses to one prompt different
+        texts stops the run in one line naming the environment."""
+        while len(self.pool) < len(prompts) * num_samples:
+            self.pool.append(self._new_environment())
+        envs, out = self.pool[:len(prompts) * num_samples], []
+        taken = self.reset_takes[1]
+        for i, prompt in enumerate(prompts):
+            given = {"prompt": prompt, **{name: values[i] for name, values in fields.items()}}
+            kwargs = given if taken is None else {name: value for name, value in given.items() if name in taken}
+            seen = []
+            for env in envs[i * num_samples:(i + 1) * num_samples]:
+                try:
+                    observation = env.reset(**kwargs)
+                except Exception as error:
+                    raise DataError(f"data tools environment {self.environment_name}: reset(prompt {i}) raised "
+                                    f"{type(error).__name__}: {error}") from None
+                if observation is not None and not isinstance(observation, str):
+                    raise DataError(f"data tools environment {self.environment_name}: reset returned a "
+                                    f"{type(observation).__name__}; expected None or a text to append to the prompt")
+                seen.append(observation)
+            if any(o != seen[0] for o in seen):
+                raise DataError(f"data tools environment {self.environment_name}: reset gave the {num_samples} "
+                                f"responses to prompt {i} different texts ({seen[0]!r}, ...); they answer the same "
+                                "prompt, so the text must follow from the record alone (seed any randomness from it)")
+            out.append(prompt if seen[0] is None else observed(prompt, seen[0]))
+        return envs, out
 
     def check_template(self, tokenizer) -> None:
         """A chat template that does not render the schemas (SmolLM2's, Llama 3's basic one), or that cannot render
@@ -89,14 +165,43 @@ class Tools:
                               "`tools`); use a tokenizer whose template does (Qwen2.5 / Qwen3, SmolLM3, Hermes)")
         tool_suffix(tokenizer, [{"role": "tool", "name": self.schemas[0]["function"]["name"], "content": "1"}])
 
-    def call(self, text: str) -> tuple[list[dict], int]:
-        """Run every call in a turn's `text`: ([tool message per call], failed calls)."""
+    def call(self, text: str, environment=None) -> tuple[list[dict], int]:
+        """Run every call in a turn's `text`, on the response's `environment` instance for its methods: ([tool
+        message per call], failed calls)."""
+        by_name = self.by_name if environment is None else {**self.by_name, **environment_methods(environment)}
         messages, failed = [], 0
         for call in parse_calls(text):
-            name, result, ok = run_call(call, self.by_name, self.timeout)
+            name, result, ok = run_call(call, by_name, self.timeout)
             messages.append({"role": "tool", "name": name, "content": result})
             failed += not ok
         return messages, failed
+
+
+def environment_methods(instance) -> dict[str, Callable]:
+    """An environment instance's tools: its public methods but `reset` and `get_reward`, by name (TRL's rule)."""
+    return {name: method for name, method in inspect.getmembers(instance, predicate=inspect.ismethod)
+            if not name.startswith("_") and name not in ("reset", "get_reward")}
+
+
+def _keywords(fn: Callable) -> tuple[list[str], list[str] | None]:
+    """(the keywords `fn` requires, every keyword it takes: None for any, with `**kwargs`).
+
+    Example: def reset(self, secret, prompt=None) -> (["secret"], ["secret", "prompt"])."""
+    params = list(inspect.signature(fn).parameters.values())
+    named = [p for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
+    required = [p.name for p in named if p.default is inspect.Parameter.empty]
+    return required, None if any(p.kind is p.VAR_KEYWORD for p in params) else [p.name for p in named]
+
+
+def observed(prompt: str | list[dict], observation: str) -> str | list[dict]:
+    """`prompt` with an environment's `observation` appended to its last message's text (TRL's rule), the record's
+    own prompt left as it was.
+
+    Example: "guess the code" + " It has 2 digits." -> "guess the code It has 2 digits."; [{user: "hi"}] + " x" ->
+    [{user: "hi x"}]."""
+    if isinstance(prompt, str):
+        return prompt + observation
+    return prompt[:-1] + [{**prompt[-1], "content": (prompt[-1].get("content") or "") + observation}]
 
 
 def schema_of(fn: Callable) -> dict:

@@ -40,6 +40,7 @@ class Rollout:
     fields: dict[str, list] = field(default_factory=dict)    # the reward's record fields: name -> (N,) values, row's prompt
     reward_terms: dict[str, torch.Tensor] = field(default_factory=dict)  # a composed reward's terms: name -> (N,)
     messages: list[list[dict]] | None = None  # (N,) with tools: each response as its assistant and tool messages
+    environments: list | None = None          # (N,) with a tools environment: each response's instance (rewards read it)
 
     def __len__(self) -> int:
         return self.input_ids.shape[0]
@@ -65,7 +66,8 @@ class Rollout:
                        take(self.pair_rewards), take(self.entropy),
                        fields={name: [values[i] for i in idx] for name, values in self.fields.items()},
                        reward_terms={name: values[rows.to(values.device)] for name, values in self.reward_terms.items()},
-                       messages=None if self.messages is None else [self.messages[i] for i in idx])
+                       messages=None if self.messages is None else [self.messages[i] for i in idx],
+                       environments=None if self.environments is None else [self.environments[i] for i in idx])
 
     def with_fields(self, fields: dict[str, list]) -> "Rollout":
         """Set `fields` from the prompts' record fields (name -> one value per prompt): each repeated for the K

@@ -261,7 +261,7 @@ def raw_values(reward, rollout: Rollout, tokenizer, parts: list[torch.Tensor] | 
     token-level reward's tensor, over `parts` (`score`)."""
     if not hasattr(reward, "score"):
         return call_text_reward(reward, rollout.prompts, rollout.responses, rollout.fields, rollout.completion_ids,
-                                rollout.messages)
+                                rollout.messages, rollout.environments)
     with conversations_named(reward):
         if parts is None or len(parts) == 1:
             return reward.score(rollout, tokenizer)
@@ -535,8 +535,7 @@ IDS = "completion_ids"      # not a record field: each response's token ids, EOS
 STATE = "trainer_state"     # not a record field either: the training's progress (TRL's `trainer_state`)
 LOG_METRIC = "log_metric"   # nor this: TRL's `log_metric(name, value)`, a scalar the reward logs
 LOG_EXTRA = "log_extra"     # nor this: TRL's `log_extra(column, values)`, a column of the samples shown
-# what TRL 1.16's GRPOTrainer passes a reward function besides those: not passed here (tool environments)
-TRL_TRAINER_ARGUMENTS = ("environments",)
+ENVS = "environments"       # nor this: TRL's `environments`, each response's tools environment instance
 _state: contextvars.ContextVar = contextvars.ContextVar("trainer_state", default=None)
 _logged: contextvars.ContextVar = contextvars.ContextVar("log_metric", default=None)
 _extras: contextvars.ContextVar = contextvars.ContextVar("log_extra", default=None)
@@ -545,7 +544,9 @@ NOT_GIVEN = {   # why a reward requiring one of these did not get it
     IDS: "(the responses' token ids), which its caller does not have: a pairwise reward or judge calls it with texts "
          "alone; use it as the RL stage's reward, a term of modules.rewards.Composed, or the evaluation reward",
     STATE: f"(TRL's: the training's progress), {STAGES_ONLY}", LOG_METRIC: f"(TRL's metric logger), {STAGES_ONLY}",
-    LOG_EXTRA: f"(TRL's logger of extra columns), {STAGES_ONLY}"}
+    LOG_EXTRA: f"(TRL's logger of extra columns), {STAGES_ONLY}",
+    ENVS: "(TRL's: each response's environment instance), which only generation with a tools environment gives "
+          "(data.init_args.tools.environment): the RL module's rollouts and its evaluation"}
 
 
 @contextlib.contextmanager
@@ -647,7 +648,7 @@ def lightning_state(trainer, steps_per_batch: int = 1):
 
 def call_text_reward(reward, prompts: list[str], responses: list[str], fields: dict[str, list],
                      ids: Callable[[], list[list[int]]] | list[list[int]] | None = None,
-                     messages: list[list[dict]] | None = None):
+                     messages: list[list[dict]] | None = None, environments: list | None = None):
     """What a per-response text reward returns (an awaitable if it is `async`), called with the record fields it
     takes (`field_kwargs`): positionally as `reward(prompts, responses, **fields)`, or, for a reward function
     written for TRL (`trl_style`), by keyword as TRL's GRPOTrainer calls it: `reward(prompts=..., completions=...,
@@ -661,7 +662,9 @@ def call_text_reward(reward, prompts: list[str], responses: list[str], fields: d
     On conversational data (prompts given as lists of messages) a TRL-style reward gets each completion as TRL
     gives it there, `[{"role": "assistant", "content": text}]`, or with tools `messages` (`Rollout.messages`: the
     assistant turns and tool results in order, as TRL's tool loop gives them); any other reward gets texts (with
-    tools, the whole response: turns and tool results as the policy saw them).
+    tools, the whole response: turns and tool results as the policy saw them). With a tools environment, a reward
+    that names `environments` (or a TRL-style one with `**kwargs`) gets each response's instance (`Rollout.
+    environments`), as TRL passes them: `modules.rewards.environment_reward` reads their `get_reward()`.
 
     Example: TRL's `def accuracy(completions, answer, **kwargs)` is called as `accuracy(prompts=prompts,
     completions=responses, completion_ids=[...], answer=[...])`."""
@@ -671,7 +674,8 @@ def call_text_reward(reward, prompts: list[str], responses: list[str], fields: d
     # to the collectors in force here, whichever thread an async reward's body runs on), or None where not given
     given = {IDS: lambda: ids() if callable(ids) else ids, STATE: _state.get,
              LOG_METRIC: lambda: _logged.get() and functools.partial(_log_metric, _logged.get()),
-             LOG_EXTRA: lambda: _extras.get() and functools.partial(_log_extra, _extras.get(), len(responses))}
+             LOG_EXTRA: lambda: _extras.get() and functools.partial(_log_extra, _extras.get(), len(responses)),
+             ENVS: lambda: environments}
     for name, make in given.items():
         if not takes(reward, name):
             continue
@@ -699,8 +703,9 @@ def trl_style(reward) -> bool:
 
 
 def takes(reward, name: str) -> bool:
-    """Whether a text reward's call takes `completion_ids`, `trainer_state`, `log_metric` or `log_extra` (`name`): it
-    names that parameter, or it is written for TRL (`trl_style`) and takes `**kwargs` (TRL passes them all)."""
+    """Whether a text reward's call takes `completion_ids`, `trainer_state`, `log_metric`, `log_extra` or
+    `environments` (`name`): it names that parameter, or it is written for TRL (`trl_style`) and takes `**kwargs`
+    (TRL passes them all)."""
     params = _parameters(reward) or ()
     return any(p.name == name for p in params) or (
         trl_style(reward) and any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params))
@@ -727,11 +732,6 @@ def check_fields(reward, names, pairwise: bool = False) -> None:
     """A `RewardError` naming what to set unless the record fields `names` hold every field `reward` requires
     (`required_fields`): the check `field_kwargs` makes at each call, and the stages make before the first rollout."""
     missing = [name for name in required_fields(reward, pairwise) if name not in set(names)]
-    if trl_only := [name for name in missing if name in TRL_TRAINER_ARGUMENTS]:
-        raise RewardError(f"reward {qualified_name(reward)} requires {', '.join(map(repr, trl_only))}, which TRL's "
-                          "GRPOTrainer passes and this project does not (it passes prompts, completions, "
-                          "completion_ids, trainer_state, log_metric, log_extra and the record fields); give the "
-                          "parameter a default, or read it from **kwargs")
     if missing:
         raise RewardError(f"reward {qualified_name(reward)} takes {', '.join(map(repr, missing))} by keyword, which "
                           f"no record field provides (fields given: {sorted(names) or 'none'}); set data.init_args."
@@ -761,6 +761,25 @@ def _parameters(reward) -> list[inspect.Parameter] | None:
         return list(inspect.signature(reward).parameters.values())
     except (TypeError, ValueError):
         return None
+
+
+async def environment_reward(prompts: list, responses: list[str], environments: list) -> list[float]:
+    """Each response's score from its own tools environment, its `get_reward()` (sync or `async`): TRL's reward
+    owned by the environment (a game won, a sandbox's tests passed), read after the response from the state its
+    calls left. The RL stage's reward, a term of `Composed`, or the evaluation reward, with data `tools:
+    {environment: ...}` (`datamodules.tools.Tools`).
+
+    Example: environments whose get_reward() return 1.0 and 0.0 -> [1.0, 0.0]."""
+    values = []
+    for environment in environments:
+        get = getattr(environment, "get_reward", None)
+        if not callable(get):
+            raise RewardError(f"reward modules.rewards.environment_reward: the environment {type(environment).__module__}"
+                              f".{type(environment).__qualname__} has no get_reward method; expected get_reward(self) "
+                              "returning a number")
+        value = get()
+        values.append(await value if inspect.isawaitable(value) else value)
+    return values
 
 
 class Composed(nn.Module):
@@ -820,16 +839,16 @@ class Composed(nn.Module):
         return self.total(terms, rollout.prompts, rollout.responses)
 
     def forward(self, prompts: list[str], responses: list[str], completion_ids: list[list[int]] | None = None,
-                messages: list[list[dict]] | None = None, **fields) -> list[float]:
+                messages: list[list[dict]] | None = None, environments: list | None = None, **fields) -> list[float]:
         """The weighted sum over texts (as an evaluation reward); every term must be a text callable. Its terms get
-        the responses' `completion_ids` and, with tools, `messages` where it is given them (`call_text_reward`), as
-        in training."""
+        the responses' `completion_ids` and, with tools, `messages` and `environments` where it is given them
+        (`call_text_reward`), as in training."""
         for name, reward in self.rewards.items():
             if hasattr(reward, "score"):
                 raise RewardError(f"{qualified_name(self)}: term {name!r} ({qualified_name(reward)}) scores token "
                                   "ids, not texts; as an evaluation reward every term must be a text callable")
         raw = self.gathered(lambda reward: call_text_reward(reward, prompts, responses, fields, completion_ids,
-                                                            messages))
+                                                            messages, environments))
         terms = {}
         for name, reward in self.rewards.items():
             with self.term(name):

@@ -228,6 +228,8 @@ class RLModule(TrainedOnlyCheckpoints, L.LightningModule):
         data = self.trainer.datamodule
         if data is not None:        # a reward that reads a record field the data does not keep: before any rollout
             check_fields(self.reward, getattr(data, "reward_fields", ()), is_pairwise(self.reward))
+            if getattr(data, "tools", None) is not None:
+                data.tools.check_fields(getattr(data, "reward_fields", ()))
         if getattr(data, "tools", None) is not None and is_partitioned(self.policy):
             raise ConfigError("data tools: DeepSpeed ZeRO-3 generates in lockstep on every rank, and with tools ranks run "
                               "different numbers of turns; use FSDP2 (configs/presets/fsdp.yaml), ZeRO-2 or DDP")
@@ -373,7 +375,7 @@ class RLModule(TrainedOnlyCheckpoints, L.LightningModule):
         roll = self.generate(self.policy, self.tokenizer, batch.prompt_ids, batch.prompt_mask, batch.prompts,
                              self.sampling, self.objective.responses_per_prompt,
                              record_logprobs=from_sampler or not self.engine.exact,
-                             share_prompts=self.share_prompts).with_fields(batch.fields)
+                             share_prompts=self.share_prompts, fields=batch.fields).with_fields(batch.fields)
         t1, tokens = time.perf_counter(), roll.response_mask.sum().item()
         if "tools/calls" in roll.timings:              # (sums over the rollout: per response, per call)
             calls, failed = roll.timings.pop("tools/calls"), roll.timings.pop("tools/failed")
@@ -403,17 +405,18 @@ class RLModule(TrainedOnlyCheckpoints, L.LightningModule):
 
     def generate(self, model, tokenizer, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, prompts: list,
                  config: SamplingConfig, num_samples: int = 1, record_logprobs: bool = False,
-                 share_prompts: bool = True) -> Rollout:
+                 share_prompts: bool = True, fields: dict[str, list] | None = None) -> Rollout:
         """The one entry point of this stage's generation, rollouts and evaluation alike: `engine`, turn after turn
-        with the data's tools when it has them (`modules.sampling.generate_with_tools`). A model sharded by FSDP2 is
-        gathered once for all the turns: ranks may run different numbers of turns."""
+        with the data's tools when it has them (`modules.sampling.generate_with_tools`; `fields`, the prompts' record
+        fields, reset a tools environment). A model sharded by FSDP2 is gathered once for all the turns: ranks may
+        run different numbers of turns."""
         tools = self.tools
         if tools is None:
             return self.engine.generate(model, tokenizer, prompt_ids, prompt_mask, prompts, config, num_samples,
                                         record_logprobs, share_prompts)
         with gathered(model):
             return generate_with_tools(functools.partial(self.engine.generate, model, tokenizer), tools, tokenizer,
-                                       prompt_ids, prompt_mask, prompts, config, num_samples,
+                                       prompt_ids, prompt_mask, prompts, config, num_samples, fields,
                                        record_logprobs=record_logprobs, share_prompts=share_prompts)
 
     def logged_means(self, logged: dict[str, list[float]]) -> dict[str, float]:

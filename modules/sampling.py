@@ -9,7 +9,7 @@ from typing import Callable
 
 import torch
 
-from datamodules.collate import pad
+from datamodules.collate import encode_prompt, pad
 from datamodules.tools import CALL, Tools, tool_suffix
 from modules import functional as F
 from modules.batch import Rollout
@@ -233,14 +233,27 @@ class _Row:
 
 
 def generate_with_tools(generate: Callable, tools: Tools, tokenizer, prompt_ids: torch.Tensor,
-                        prompt_mask: torch.Tensor, prompts: list, config, num_samples: int, **kwargs) -> Rollout:
+                        prompt_mask: torch.Tensor, prompts: list, config, num_samples: int,
+                        fields: dict[str, list] | None = None, **kwargs) -> Rollout:
     """The multi-turn rollout of `num_samples` responses per prompt, with `tools` (`datamodules.tools`, whose
     docstring describes the loop and the layout). `generate` is an engine's `generate(prompt_ids, prompt_mask,
     prompts, config, num_samples, same_weights=..., **kwargs)` (the model and tokenizer bound), called once for the
     first turns and once per round of calls for the responses that go on (one sample each, from prompt + the
     response so far, `same_weights=True`). Returns a Rollout laid out as any other, plus `messages` (each response
     as TRL's list of assistant and tool messages) and `timings["tools/calls"]`, `["tools/failed"]` (sums over the
-    rollout)."""
+    rollout).
+
+    With an environment (`Tools.environment`), each response's instance is reset first from its prompt and record
+    `fields` (name -> one value per prompt); prompts whose reset returned a text are encoded again with it (and
+    `Rollout.prompts` holds them so), every call runs on the response's own instance, and `Rollout.environments`
+    holds the instances for the rewards."""
+    environments = None
+    if tools.environment is not None:
+        environments, observed = tools.start(prompts, fields or {}, num_samples)
+        if observed != list(prompts):
+            prompts = observed
+            ids = [encode_prompt(tokenizer, prompt, tools.schemas) for prompt in prompts]
+            prompt_ids, prompt_mask = _left_pad(ids, tokenizer.pad_token_id, prompt_ids.device)
     first = generate(prompt_ids, prompt_mask, prompts, config, num_samples, same_weights=False, **kwargs)
     budget, eos = config.max_new_tokens, tokenizer.eos_token_id
     rows = []
@@ -255,7 +268,7 @@ def generate_with_tools(generate: Callable, tools: Tools, tokenizer, prompt_ids:
             text = row.messages[-1]["content"]        # (its latest turn)
             if not row.ended or not CALL.search(text):
                 continue
-            results, failed = tools.call(text)
+            results, failed = tools.call(text, environments and environments[i])
             row.calls, row.failed = row.calls + len(results), row.failed + failed
             suffix = tool_suffix(tokenizer, results)
             if len(row.tokens) + len(suffix) >= budget:   # no room: the response ends with its call, unanswered
@@ -287,6 +300,7 @@ def generate_with_tools(generate: Callable, tools: Tools, tokenizer, prompt_ids:
             row.messages.append(_assistant(tokenizer, tokens))
             row.ended = bool(turn.has_eos[j]) and len(tokens) == int(keep.sum())
     roll = _assemble(first, rows, tokenizer, eos)
+    roll.environments = environments
     roll.timings.update({"tools/calls": float(sum(r.calls for r in rows)),
                          "tools/failed": float(sum(r.failed for r in rows))})
     return roll

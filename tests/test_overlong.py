@@ -251,12 +251,12 @@ def test_a_rollout_cut_off_everywhere_is_said_once(sft_dir, tokenizer, caplog):
 
 
 def test_a_trl_reward_that_requires_trls_trainer_arguments_is_told_what_is_passed():
-    """A TRL reward requiring `environments` (TRL's tool environments): one line saying this project does not pass
-    it, where before it was taken for a record field ("set data.init_args.reward_fields: [environments]"); with a
-    default it runs (`log_metric`, `log_extra`: tests/test_trl_arguments.py). `trainer_state` is passed (TRL's
-    progress, `lightning_state`): inside the stages' scoring (`trainer_state(...)`) a reward naming it, or TRL-style
-    with `**kwargs`, gets it; called outside, one that requires it is one line, one with a default gets None; a
-    reward of ours with `**fields` never gets it."""
+    """A TRL reward requiring `environments` (TRL's tool environments) is not taken for a record field ("set
+    data.init_args.reward_fields: [environments]"); called where no tools environment gives them, it is one line
+    (with one: tests/test_environments.py; `log_metric`, `log_extra`: tests/test_trl_arguments.py).
+    `trainer_state` is passed (TRL's progress, `lightning_state`): inside the stages' scoring (`trainer_state(...)`) a
+    reward naming it, or TRL-style with `**kwargs`, gets it; called outside, one that requires it is one line, one
+    with a default gets None; a reward of ours with `**fields` never gets it."""
     from modules.rewards import check_fields, trainer_state
 
     def logging_reward(completions, environments, **kwargs):
@@ -275,10 +275,10 @@ def test_a_trl_reward_that_requires_trls_trainer_arguments_is_told_what_is_passe
         assert "trainer_state" not in fields
         return [0.0] * len(responses)
 
-    with pytest.raises(RewardError, match=r"requires 'environments', which TRL's GRPOTrainer passes and this project "
-                                          r"does not \(it passes prompts, completions, completion_ids, trainer_state, "
-                                          r"log_metric, log_extra and the record fields\)"):
-        check_fields(logging_reward, [])
+    check_fields(logging_reward, [])
+    with pytest.raises(RewardError, match=r"takes environments \(TRL's: each response's environment instance\), which "
+                                          r"only generation with a tools environment gives"):
+        call_text_reward(logging_reward, ["p"], ["r"], {})
     check_fields(curriculum, [])
     with pytest.raises(RewardError, match=r"takes trainer_state \(TRL's: the training's progress\), which only the RL "
                                           r"module's scoring and the evaluation give"):

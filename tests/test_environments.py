@@ -1,0 +1,223 @@
+"""Tools environments (`datamodules.tools.Tools environment`; TRL's `environment_factory`): one stateful instance
+per response, reset from its record, whose methods are the tools its calls run on, read by the reward afterwards
+(`modules.rewards.environment_reward`, TRL's `environments`)."""
+import json
+
+import pytest
+import torch
+import yaml
+
+from datamodules.collate import encode_prompt, pad
+from datamodules.sources import DataError
+from datamodules.tools import Tools, environment_methods, observed
+from modules.rewards import RewardError, awaited, call_text_reward, environment_reward
+from modules.sampling import SamplingConfig, generate_with_tools
+from tests.helpers import ScriptedToolCalls
+from tests.test_tools import hermes, tool_config, tool_dir  # noqa: F401  (fixtures)
+
+
+class Counter:
+    """A stateful environment: `add` sums onto the record's `base` and counts its calls; the reward is whether it
+    was called. Its reset tells the policy where it starts."""
+
+    built = 0
+
+    def __init__(self):
+        Counter.built += 1
+        self.base, self.calls = 0, 0
+
+    def reset(self, base: int = 0) -> str:
+        self.base, self.calls = int(base), 0
+        return f" Start from {base}."
+
+    def add(self, a: int, b: int) -> int:
+        """Add two numbers to the start.
+
+        Args:
+            a: the first number.
+            b: the second number.
+        """
+        self.calls += 1
+        return self.base + a + b
+
+    def get_reward(self) -> float:
+        return float(self.calls > 0)
+
+    def _helper(self) -> None:            # (private: not a tool)
+        pass
+
+
+class Quiet(Counter):
+    """Takes every record field and the prompt, returns no observation, and scores asynchronously."""
+
+    def reset(self, **kwargs) -> None:
+        self.seen, self.base, self.calls = kwargs, 0, 0
+
+    async def get_reward(self) -> float:
+        return 2.0
+
+
+class Moody(Counter):
+    """Gives each instance a different observation: responses to one prompt would not share their prompt."""
+
+    def reset(self, base: int = 0) -> str:
+        return f" {id(self)}"
+
+
+class NeedsSecret(Counter):
+    def reset(self, secret: str) -> None:
+        pass
+
+
+class NoReset:
+    pass
+
+
+class Numeric(Counter):
+    def reset(self, base: int = 0) -> int:
+        return 3
+
+
+def test_observed_appends_to_the_last_message_and_leaves_the_record_alone():
+    """The docstring's examples, and the record's own prompt is not changed."""
+    assert observed("guess the code", " It has 2 digits.") == "guess the code It has 2 digits."
+    conversation = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "hi"}]
+    assert observed(conversation, " x") == [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "hi x"}]
+    assert conversation[-1]["content"] == "hi"
+
+
+def test_an_environments_public_methods_are_its_tools_and_the_config_is_checked():
+    """Tools are the public methods but reset / get_reward, schemas from their docstrings; one instance is built at
+    once (it is probed); a name both a function and a method have, a class without reset or that cannot be built,
+    and a reset keyword no record field gives are each one line."""
+    tools = Tools(environment=Counter)
+    assert list(environment_methods(Counter())) == ["add"]
+    assert [s["function"]["name"] for s in tools.schemas] == ["add"]
+    assert tools.schemas[0]["function"]["description"] == "Add two numbers to the start."
+    assert len(tools.pool) == 1
+    from tests.helpers import add
+
+    with pytest.raises(ValueError, match=r"the functions and environment methods \['add', 'add'\] repeat a name"):
+        Tools(functions=[add], environment=Counter)
+    with pytest.raises(ValueError, match=r"environment \S*test_environments.NoReset has no reset method"):
+        Tools(environment=NoReset)
+    with pytest.raises(ValueError, match=r"functions is empty and no environment is given"):
+        Tools()
+
+    class Broken(Counter):
+        def __init__(self):
+            raise OSError("no server")
+
+    with pytest.raises(ValueError, match=r"Broken\(\) raised OSError: no server; expected a class built with no "):
+        Tools(environment=Broken)
+    Tools(environment=NeedsSecret).check_fields(["secret", "answer"])
+    with pytest.raises(DataError, match=r"environment \S*test_environments.NeedsSecret: reset takes 'secret', which "
+                                        r"no record field provides \(fields given: \['answer'\]\); set data.init_args."
+                                        r"reward_fields: \[secret\]"):
+        Tools(environment=NeedsSecret).check_fields(["answer"])
+    Tools(environment=Counter).check_fields([])                      # (base has a default)
+
+
+def test_start_resets_one_instance_per_response_with_the_keywords_reset_takes():
+    """K = 2 responses to each of 2 prompts: 4 instances, reset with the record field `base` (Counter names it) or
+    with every field and the prompt (`**kwargs`); the observation goes after the prompt; the pool is reused by the
+    next rollout (no new instance), grown only when a rollout needs more; what reset gets wrong is one line."""
+    tools = Tools(environment=Counter)
+    built = Counter.built
+    envs, prompts = tools.start(["p0", [{"role": "user", "content": "p1"}]], {"base": [3, 10], "id": ["a", "b"]}, 2)
+    assert [e.base for e in envs] == [3, 3, 10, 10] and len({id(e) for e in envs}) == 4
+    assert prompts == ["p0 Start from 3.", [{"role": "user", "content": "p1 Start from 10."}]]
+    again, _ = tools.start(["q"], {"base": [1]}, 2)
+    assert again == envs[:2] and [e.base for e in again] == [1, 1] and Counter.built == built + 3
+    quiet = Tools(environment=Quiet)
+    envs, prompts = quiet.start(["p0"], {"base": [3], "id": ["a"]}, 1)
+    assert envs[0].seen == {"prompt": "p0", "base": 3, "id": "a"} and prompts == ["p0"]
+    assert awaited(environment_reward(["p0"], ["r"], envs)) == [2.0]
+    with pytest.raises(DataError, match=r"Moody: reset gave the 2 responses to prompt 0 different texts .* the text must "
+                                        r"follow from the record alone"):
+        Tools(environment=Moody).start(["p"], {}, 2)
+    with pytest.raises(DataError, match=r"Numeric: reset returned a int; expected None or a text"):
+        Tools(environment=Numeric).start(["p"], {}, 1)
+    with pytest.raises(DataError, match=r"Counter: reset\(prompt 0\) raised ValueError: invalid literal"):
+        Tools(environment=Counter).start(["p"], {"base": ["x"]}, 1)
+
+
+def test_each_responses_calls_run_on_its_own_instance_and_the_reward_reads_it(hermes, tool_dir):  # noqa: F811
+    """The scripted engine makes even responses call `add(2, 3)`: each runs on its own instance, so its result is its
+    prompt's base + 5 (5 and 15); the prompts were encoded again with their observations (the rollout's prompt ids
+    and `prompts` say so); `environments` are the instances, and `environment_reward` (TRL's `get_reward`) and a TRL
+    reward taking `environments` read them, also after `select`."""
+    from modules.backbone import BackboneSpec, build_causal_lm
+
+    model = build_causal_lm(BackboneSpec(pretrained=tool_dir), hermes)
+    tools = Tools(environment=Counter, max_turns=1)
+    prompts = ["What is 2 + 3?", "Add two and three."]
+    ids, mask = pad([encode_prompt(hermes, p, tools.schemas) for p in prompts], hermes.pad_token_id, "left")
+    engine = ScriptedToolCalls()
+    torch.manual_seed(1)
+    roll = generate_with_tools(lambda *a, **k: engine.generate(model, hermes, *a, **k), tools, hermes, ids, mask,
+                               prompts, SamplingConfig(max_new_tokens=80), 2, {"base": [0, 10]},
+                               record_logprobs=True, share_prompts=True)
+    seen = [observed(p, f" Start from {b}.") for p, b in zip(prompts, (0, 10))]
+    assert roll.prompts == [seen[0], seen[0], seen[1], seen[1]]
+    want, _ = pad([encode_prompt(hermes, p, tools.schemas) for p in seen], hermes.pad_token_id, "left")
+    width = want.shape[1]
+    assert roll.prompt_length == width
+    torch.testing.assert_close(roll.input_ids[::2, :width], want)
+    assert [m[1]["content"] for m in (roll.messages[0], roll.messages[2])] == ["5", "15"]
+    assert [e.calls for e in roll.environments] == [1, 0, 1, 0]
+    assert [e.base for e in roll.environments] == [0, 0, 10, 10]
+    assert awaited(environment_reward(roll.prompts, roll.responses, roll.environments)) == [1.0, 0.0, 1.0, 0.0]
+
+    def trl_reward(completions, environments, **kwargs):
+        return [float(e.base) for e in environments]
+
+    assert call_text_reward(trl_reward, roll.prompts, roll.responses, {}, None, None, roll.environments) == [0, 0, 10, 10]
+    assert roll.select(torch.tensor([2, 3])).environments == roll.environments[2:]
+    with pytest.raises(RewardError, match=r"environment tests.helpers.ScriptedToolCalls has no get_reward method"):
+        awaited(environment_reward(["p"], ["r"], [engine]))
+
+
+def environment_config(tmp_path, tool_dir, objective: str = "p3o") -> str:  # noqa: F811
+    """`tests.test_tools.tool_config` with the Counter environment as the tools, records carrying `base` (each
+    prompt's), and `environment_reward` as the training reward; a TRL reward reading `environments` evaluates."""
+    path = tool_config(tmp_path, tool_dir, objective)
+    config = yaml.safe_load(open(path))
+    rows = [{"prompt": [{"role": "user", "content": f"What is 2 + 3? ({i})"}], "base": i} for i in range(8)]
+    (tmp_path / "prompts.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    config["data"]["init_args"].update({"tools": {"environment": "tests.test_environments.Counter", "max_turns": 1},
+                                        "reward_fields": ["base"]})
+    config["model"]["init_args"]["reward"] = "modules.rewards.environment_reward"
+    config["trainer"]["callbacks"][1]["init_args"]["reward"] = "tests.test_environments.result_is_base_plus_5"
+    (tmp_path / "rl.yaml").write_text(yaml.safe_dump(config))
+    return str(tmp_path / "rl.yaml")
+
+
+def result_is_base_plus_5(completions, environments, base, **kwargs) -> list[float]:
+    """TRL-style: 1 where the response's environment was called and the tool message is its base + 5."""
+    return [float(e.calls == 1 and e.base == b and any(m["role"] == "tool" and m["content"] == str(b + 5) for m in c))
+            for c, e, b in zip(completions, environments, base)]
+
+
+@pytest.mark.slow
+def test_rl_with_an_environment_runs_end_to_end_from_yaml(tmp_path, tool_dir):  # noqa: F811
+    """P3O from YAML with the Counter environment: every rollout resets an instance per response from its record,
+    half the responses call (scripted), the environment's own reward pays those, and the evaluation samples through
+    the same loop with a TRL reward that reads the instances. A reset keyword the records lack stops the run before
+    the first rollout, in one line."""
+    from tests.test_judges import evaluation
+    from train import cli_main
+
+    path = environment_config(tmp_path, tool_dir)
+    cli = cli_main(["fit", "--config", path])
+    metrics = cli.trainer.callback_metrics
+    assert torch.isfinite(metrics["train/loss"])
+    assert float(metrics["train/tool_calls"]) == pytest.approx(0.5)
+    assert float(metrics["train/reward"]) == pytest.approx(0.5)
+    last = evaluation(cli).history[-1]
+    assert last["val/gold_reward"] == pytest.approx(0.5) and last["val/tool_calls"] == pytest.approx(0.5)
+    config = yaml.safe_load(open(path))
+    config["data"]["init_args"]["tools"]["environment"] = "tests.test_environments.NeedsSecret"
+    (tmp_path / "secret.yaml").write_text(yaml.safe_dump(config))
+    with pytest.raises(DataError, match=r"NeedsSecret: reset takes 'secret', which no record field provides"):
+        cli_main(["fit", "--config", str(tmp_path / "secret.yaml")])
