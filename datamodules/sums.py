@@ -98,6 +98,13 @@ CALCULATOR_TEMPLATE = (
     "{% else %} {{ m.content }} :{% endif %}{% endfor %}")
 
 
+# The register task's: the same, each argument's value a word of its own (`{"n": 23 } }`, still JSON), so a call
+# copies the prompt's number token rather than mapping it to a token such as `23}}`.
+REGISTER_TEMPLATE = CALCULATOR_TEMPLATE.replace(
+    "{{ c.function.arguments | tojson }}}",
+    "{% for k, v in c.function.arguments.items() %}{{ '{' if loop.first else ',' }}\"{{ k }}\": {{ v }}{% endfor %} } }")
+
+
 class CalculatorSumTask(SumTask):
     """Sums too large to learn by heart, with a calculator: conversational records `{prompt: [{user: "add 23 and 48"}],
     chosen, answer: 71}` for data `tools: {functions: [datamodules.sums.add]}` (docs/tools.md).
@@ -119,6 +126,7 @@ class CalculatorSumTask(SumTask):
     """
 
     name = "embedded calculator sum task"
+    template = CALCULATOR_TEMPLATE
 
     def __init__(self, num_train: int = 3000, num_val: int = 200, max_operand: int = 30, accuracy: float = 0.5,
                  tool_share: float = 0.5, seed: int = 0, cache_dir: str = "artifacts/tokenizers"):
@@ -140,15 +148,78 @@ class CalculatorSumTask(SumTask):
     def tokenizer(self) -> str:
         """The word-level tokenizer of every word, number and call fragment the task writes, with its chat template
         (trained once, cached on disk)."""
+        return self.word_tokenizer("calculator", '{"a": "b":')
+
+    def word_tokenizer(self, name: str, words: str) -> str:
+        """The tokenizer `name` of the calls' words, the task's own `words` (its arguments' keys), and every number
+        up to twice the largest operand, with the task's chat `template`."""
         from modules.backbone import load_tokenizer
 
         top = 2 * self.max_operand + 2
         numbers = range(top + 1)
-        corpus = ["tools add : and result <tool_call> </tool_call> {\"name\": \"add\", \"arguments\": {\"a\": \"b\":",
+        corpus = [f"tools add : and result <tool_call> </tool_call> {{\"name\": \"add\", \"arguments\": {words}",
                   " ".join(f"{i} {i}, {i}}}}}" for i in numbers)]
-        path = cached_word_tokenizer(corpus, self.cache_dir, "calculator")
+        path = cached_word_tokenizer(corpus, self.cache_dir, name)
         tokenizer = load_tokenizer(path)
-        if tokenizer.chat_template != CALCULATOR_TEMPLATE:
-            tokenizer.chat_template = CALCULATOR_TEMPLATE
+        if tokenizer.chat_template != self.template:
+            tokenizer.chat_template = self.template
             tokenizer.save_pretrained(path)
         return path
+
+
+class Register:
+    """A register the policy adds numbers to, one per response (a tools environment, TRL's `environment_factory`):
+    the environment of `RegisterSumTask`. Its `add` keeps a running total across the response's calls, and the
+    reward (`modules.rewards.environment_reward`) is whether the total is the record's answer when the response ends.
+
+    Example: reset(answer=71); add(23) -> 23; add(48) -> 71; get_reward() -> 1.0 (after add(70) alone: 0.0)."""
+
+    def __init__(self):
+        self.total, self.target = 0, None
+
+    def reset(self, answer: int) -> None:
+        self.total, self.target = 0, int(answer)
+
+    def add(self, n: int) -> int:
+        """Add a number to the register and return its total.
+
+        Args:
+            n: the number to add.
+        """
+        self.total += int(n)
+        return self.total
+
+    def get_reward(self) -> float:
+        return float(self.total == self.target)
+
+
+class RegisterSumTask(CalculatorSumTask):
+    """Sums with a register (a tools environment): conversational records `{prompt: [{user: "add 23 and 48"}],
+    chosen, answer: 71}` for data `tools: {environment: datamodules.sums.Register}` and the reward
+    `modules.rewards.environment_reward` (docs/tools.md).
+
+    A demonstration is, with probability `tool_share`, a tool-use trace: one turn calling `add` twice (the first
+    number, then the second), the register's totals as results (23, then 71), and "done"; otherwise a direct
+    answer, right with probability `accuracy`. A direct answer leaves the register at 0 and earns nothing: only a
+    response whose calls leave the sum in the register is paid, so RL has the calls to learn, and the state to keep
+    (the second call's result is the first's plus its own). Same arguments as `CalculatorSumTask`.
+    """
+
+    name = "embedded register sum task"
+    template = REGISTER_TEMPLATE
+
+    def record(self, rng: random.Random, a: int, b: int) -> dict:
+        if rng.random() < self.tool_share:
+            calls = [{"type": "function", "function": {"name": "add", "arguments": {"n": n}}} for n in (a, b)]
+            chosen = [{"role": "assistant", "content": "", "tool_calls": calls},
+                      {"role": "tool", "name": "add", "content": str(a)},
+                      {"role": "tool", "name": "add", "content": str(a + b)},
+                      {"role": "assistant", "content": "done"}]
+        else:
+            chosen = str(a + b if rng.random() < self.accuracy else self.wrong(rng, a + b))
+        return {"prompt": [{"role": "user", "content": f"add {a} and {b}"}], "chosen": chosen, "answer": a + b}
+
+    def tokenizer(self) -> str:
+        """The word-level tokenizer of the register's calls, results and "done", with `REGISTER_TEMPLATE` (trained
+        once, cached on disk)."""
+        return self.word_tokenizer("register", '{"n": } done')

@@ -221,3 +221,36 @@ def test_rl_with_an_environment_runs_end_to_end_from_yaml(tmp_path, tool_dir):  
     (tmp_path / "secret.yaml").write_text(yaml.safe_dump(config))
     with pytest.raises(DataError, match=r"NeedsSecret: reset takes 'secret', which no record field provides"):
         cli_main(["fit", "--config", str(tmp_path / "secret.yaml")])
+
+
+def test_the_register_task_writes_traces_whose_calls_leave_the_sum_in_the_register(tmp_path):
+    """RegisterSumTask: about tool_share of the demonstrations are traces of one turn calling add(a) then add(b),
+    results a and a + b, then "done". The tokenizer renders the environment's tool; a trace's call turn, decoded as
+    a rollout decodes it and run on a fresh Register reset from its record, gives the trace's results and a reward
+    of 1; a direct answer leaves the register at 0 (reward 0), as does a wrong call."""
+    from datamodules.pairs import PairDataModule
+    from datamodules.sums import Register, RegisterSumTask
+
+    task = RegisterSumTask(num_train=400, num_val=10, tool_share=0.5, cache_dir=str(tmp_path))
+    records = task.records("train")
+    traces = [r for r in records if isinstance(r["chosen"], list)]
+    assert 0.4 < len(traces) / len(records) < 0.6
+    a, b = (int(word) for word in traces[0]["prompt"][0]["content"].split()[1::2])
+    assert [c["function"]["arguments"] for c in traces[0]["chosen"][0]["tool_calls"]] == [{"n": a}, {"n": b}]
+    assert [m["content"] for m in traces[0]["chosen"][1:]] == [str(a), str(a + b), "done"]
+    tools = Tools(environment=Register, max_turns=1)
+    data = PairDataModule(task, chosen_only=True, tools=tools, reward_fields=["answer"], max_length=36,
+                          max_prompt_length=10)
+    data.setup("fit")
+    example = next(e for e in data.splits["train"] if isinstance(e["chosen"], list))
+    tok = data.tokenizer
+    assert tok.decode(example["prompt_ids"]).startswith("tools add :")
+    call = example["chosen_ids"][:example["chosen_own"].index(0)]
+    (register,), _ = tools.start([example["prompt"]], {"answer": [example["fields"]["answer"]]}, 1)
+    results, failed = tools.call(tok.decode(call[:-1], skip_special_tokens=False), register)
+    assert failed == 0 and [m["content"] for m in results] == [m["content"] for m in example["chosen"][1:3]]
+    assert awaited(environment_reward([], [], [register])) == [1.0]
+    (register,), _ = tools.start([example["prompt"]], {"answer": [example["fields"]["answer"]]}, 1)
+    assert register.total == 0 and register.get_reward() == 0.0
+    register.add(example["fields"]["answer"] + 1)
+    assert register.get_reward() == 0.0
