@@ -412,18 +412,19 @@ def test_the_memory_figure_reads_progress_lines_and_tables(tmp_path):
 
 
 @pytest.mark.slow
-def test_tools_quick_builds_its_sft_export_and_reports_every_arm(tmp_path):
-    _run("tools.py", tmp_path / "exports", tmp_path / "out")
+@pytest.mark.parametrize("task,measure,calls", [("calculator", "accuracy", 1.0), ("register", "register holds the sum", 2.0)])
+def test_tools_quick_builds_its_sft_export_and_reports_every_arm(tmp_path, task, measure, calls):
+    _run("tools.py", tmp_path / "exports", tmp_path / "out", "--task", task)
     assert (tmp_path / "exports" / "sft" / "config.json").exists() and (tmp_path / "out" / "tools.png").exists()
     table = (tmp_path / "out" / "table.md").read_text()
-    assert "| objective | seeds | rollouts | accuracy at start | at the end | calls per answer at start |" in table
+    assert f"| objective | seeds | rollouts | {measure} at start | at the end | calls per answer at start |" in table
     for arm in ("P3O", "GRPO-4", "RLOO"):
         assert f"| {arm} | 1 | 3 |" in table
     import csv
 
     points = list(csv.DictReader(open(tmp_path / "out" / "points.csv")))
     assert [int(p["rollout"]) for p in points if p["objective"] == "P3O"] == [0, 1, 2, 3]
-    assert all(0.0 <= float(p["gold"]) <= 1.0 and 0.0 <= float(p["tool_calls"]) <= 1.0 for p in points)
+    assert all(0.0 <= float(p["gold"]) <= 1.0 and 0.0 <= float(p["tool_calls"]) <= calls for p in points)
 
 
 def test_tools_summary_on_literal_points():
