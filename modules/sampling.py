@@ -10,6 +10,7 @@ from typing import Callable
 import torch
 
 from datamodules.collate import encode_prompt, pad
+from datamodules.sources import DataError
 from datamodules.tools import CALL, Tools, tool_suffix
 from modules import functional as F
 from modules.batch import Rollout
@@ -234,7 +235,7 @@ class _Row:
 
 def generate_with_tools(generate: Callable, tools: Tools, tokenizer, prompt_ids: torch.Tensor,
                         prompt_mask: torch.Tensor, prompts: list, config, num_samples: int,
-                        fields: dict[str, list] | None = None, **kwargs) -> Rollout:
+                        fields: dict[str, list] | None = None, max_length: int | None = None, **kwargs) -> Rollout:
     """The multi-turn rollout of `num_samples` responses per prompt, with `tools` (`datamodules.tools`, whose
     docstring describes the loop and the layout). `generate` is an engine's `generate(prompt_ids, prompt_mask,
     prompts, config, num_samples, same_weights=..., **kwargs)` (the model and tokenizer bound), called once for the
@@ -245,7 +246,8 @@ def generate_with_tools(generate: Callable, tools: Tools, tokenizer, prompt_ids:
 
     With an environment (`Tools.environment`), each response's instance is reset first from its prompt and record
     `fields` (name -> one value per prompt); prompts whose reset returned a text are encoded again with it (and
-    `Rollout.prompts` holds them so), every call runs on the response's own instance, and `Rollout.environments`
+    `Rollout.prompts` holds them so; such a prompt that leaves no room for `max_new_tokens` within `max_length`, the
+    model's positions, is one line), every call runs on the response's own instance, and `Rollout.environments`
     holds the instances for the rewards."""
     environments = None
     if tools.environment is not None:
@@ -253,6 +255,11 @@ def generate_with_tools(generate: Callable, tools: Tools, tokenizer, prompt_ids:
         if observed != list(prompts):
             prompts = observed
             ids = [encode_prompt(tokenizer, prompt, tools.schemas) for prompt in prompts]
+            longest = max(range(len(ids)), key=lambda i: len(ids[i]))
+            if max_length is not None and len(ids[longest]) + config.max_new_tokens > max_length:
+                raise DataError(f"data tools environment {tools.environment_name}: reset's text makes prompt "
+                                f"{longest} {len(ids[longest])} tokens, which leaves no room for max_new_tokens="
+                                f"{config.max_new_tokens} in the model's {max_length} positions; shorten the text")
             prompt_ids, prompt_mask = _left_pad(ids, tokenizer.pad_token_id, prompt_ids.device)
     first = generate(prompt_ids, prompt_mask, prompts, config, num_samples, same_weights=False, **kwargs)
     budget, eos = config.max_new_tokens, tokenizer.eos_token_id

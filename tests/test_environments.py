@@ -146,7 +146,8 @@ def test_each_responses_calls_run_on_its_own_instance_and_the_reward_reads_it(he
     """The scripted engine makes even responses call `add(2, 3)`: each runs on its own instance, so its result is its
     prompt's base + 5 (5 and 15); the prompts were encoded again with their observations (the rollout's prompt ids
     and `prompts` say so); `environments` are the instances, and `environment_reward` (TRL's `get_reward`) and a TRL
-    reward taking `environments` read them, also after `select`."""
+    reward taking `environments` read them, also after `select`. A text that leaves no room for the response in the
+    model's positions is one line."""
     from modules.backbone import BackboneSpec, build_causal_lm
 
     model = build_causal_lm(BackboneSpec(pretrained=tool_dir), hermes)
@@ -176,6 +177,10 @@ def test_each_responses_calls_run_on_its_own_instance_and_the_reward_reads_it(he
     assert roll.select(torch.tensor([2, 3])).environments == roll.environments[2:]
     with pytest.raises(RewardError, match=r"environment tests.helpers.ScriptedToolCalls has no get_reward method"):
         awaited(environment_reward(["p"], ["r"], [engine]))
+    with pytest.raises(DataError, match=rf"Counter: reset's text makes prompt \d {width} tokens, which leaves no room for "
+                                        rf"max_new_tokens=80 in the model's {width + 79} positions"):
+        generate_with_tools(lambda *a, **k: engine.generate(model, hermes, *a, **k), tools, hermes, ids, mask,
+                            prompts, SamplingConfig(max_new_tokens=80), 2, {"base": [0, 10]}, width + 79)
 
 
 def environment_config(tmp_path, tool_dir, objective: str = "p3o") -> str:  # noqa: F811
