@@ -402,3 +402,34 @@ class RankZeroToolCalls(ScriptedToolCalls):
     """`ScriptedToolCalls` where only rank 0's responses call: rank 0 runs two turns per rollout, rank 1 one."""
 
     only_rank = 0
+
+
+class Counter:
+    """A stateful environment: `add` sums onto the record's `base` and counts its calls; the reward is whether it
+    was called. Its reset tells the policy where it starts."""
+
+    built = 0
+
+    def __init__(self):
+        Counter.built += 1
+        self.base, self.calls = 0, 0
+
+    def reset(self, base: int = 0) -> str:
+        self.base, self.calls = int(base), 0
+        return f" Start from {base}."
+
+    def add(self, a: int, b: int) -> int:
+        """Add two numbers to the start.
+
+        Args:
+            a: the first number.
+            b: the second number.
+        """
+        self.calls += 1
+        return self.base + a + b
+
+    def get_reward(self) -> float:
+        return float(self.calls > 0)
+
+    def _helper(self) -> None:            # (private: not a tool)
+        pass

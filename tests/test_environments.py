@@ -12,39 +12,8 @@ from datamodules.sources import DataError
 from datamodules.tools import Tools, environment_methods, observed
 from modules.rewards import RewardError, awaited, call_text_reward, environment_reward
 from modules.sampling import SamplingConfig, generate_with_tools
-from tests.helpers import ScriptedToolCalls
+from tests.helpers import Counter, ScriptedToolCalls
 from tests.test_tools import hermes, tool_config, tool_dir  # noqa: F401  (fixtures)
-
-
-class Counter:
-    """A stateful environment: `add` sums onto the record's `base` and counts its calls; the reward is whether it
-    was called. Its reset tells the policy where it starts."""
-
-    built = 0
-
-    def __init__(self):
-        Counter.built += 1
-        self.base, self.calls = 0, 0
-
-    def reset(self, base: int = 0) -> str:
-        self.base, self.calls = int(base), 0
-        return f" Start from {base}."
-
-    def add(self, a: int, b: int) -> int:
-        """Add two numbers to the start.
-
-        Args:
-            a: the first number.
-            b: the second number.
-        """
-        self.calls += 1
-        return self.base + a + b
-
-    def get_reward(self) -> float:
-        return float(self.calls > 0)
-
-    def _helper(self) -> None:            # (private: not a tool)
-        pass
 
 
 class Quiet(Counter):
@@ -190,7 +159,7 @@ def environment_config(tmp_path, tool_dir, objective: str = "p3o") -> str:  # no
     config = yaml.safe_load(open(path))
     rows = [{"prompt": [{"role": "user", "content": f"What is 2 + 3? ({i})"}], "base": i} for i in range(8)]
     (tmp_path / "prompts.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    config["data"]["init_args"].update({"tools": {"environment": "tests.test_environments.Counter", "max_turns": 1},
+    config["data"]["init_args"].update({"tools": {"environment": "tests.helpers.Counter", "max_turns": 1},
                                         "reward_fields": ["base"]})
     config["model"]["init_args"]["reward"] = "modules.rewards.environment_reward"
     config["trainer"]["callbacks"][1]["init_args"]["reward"] = "tests.test_environments.result_is_base_plus_5"

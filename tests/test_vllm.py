@@ -166,7 +166,7 @@ from modules.forward import response_logprobs
 from modules.sampling import SamplingConfig
 from datamodules.tools import Tools
 from modules.sampling import generate_with_tools
-from tests.helpers import HERMES_TEMPLATE, ScriptedFirstTurn, add
+from tests.helpers import HERMES_TEMPLATE, Counter, ScriptedFirstTurn, add
 from tests.test_vllm import VLLM_TINY
 
 class ScriptedVLLM(ScriptedFirstTurn, VLLM):
@@ -190,7 +190,14 @@ pushes = [engine.pushes]
 for same in (True, False):
     VLLM.generate(engine, model, tok, ids, mask, ["a", "b"], SamplingConfig(max_new_tokens=4), same_weights=same)
     pushes.append(engine.pushes)
-print("RESULT", ",".join(map(str, pushes)), int(later.sum()), float(((logp - roll.old_logp).abs() * later).max()))
+env = Tools(environment=Counter, max_turns=1)
+env_roll = generate_with_tools(lambda *a, **k: engine.generate(model, tok, *a, **k), env, tok, ids, mask, ["a", "b"],
+                               SamplingConfig(max_new_tokens=64), 2, {"base": [0, 10]}, 512, record_logprobs=True)
+want = pad([encode_prompt(tok, p, env.schemas) for p in ["a Start from 0.", "b Start from 10."]], tok.pad_token_id, "left")[0]
+same_prompts = bool(torch.equal(env_roll.input_ids[::2, :env_roll.prompt_length], want))
+results = "/".join(m[1]["content"] for m in env_roll.messages[::2])
+print("RESULT", ",".join(map(str, pushes)), int(later.sum()), float(((logp - roll.old_logp).abs() * later).max()),
+      same_prompts, results, ",".join(str(e.calls) for e in env_roll.environments))
 """
 
 
@@ -199,12 +206,14 @@ def test_tool_turns_continue_through_vllm_with_one_push_per_rollout():
     call `add`): the turns after the tool results are vLLM's, from contexts of prompt + call + result, and their
     logprobs equal a
     trainer forward over the whole sequence up to rounding. A later turn (`same_weights`) pushes no weights when
-    the engine has them already; a new rollout does."""
+    the engine has them already; a new rollout does. With a tools environment (`tests.helpers.Counter`), vLLM
+    generates from the prompts encoded with reset's text, and each call runs on its response's instance."""
     proc = subprocess.run([sys.executable, "-c", TOOL_ROLLOUT], capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     line = next(x for x in proc.stdout.splitlines() if x.startswith("RESULT")).split()
     pushes, tokens, diff = line[1], int(line[2]), float(line[3])
     assert pushes == "1,1,2" and tokens > 0 and diff < 1e-3
+    assert line[4:] == ["True", "5/15", "1,0,1,0"]      # (a tools environment: prompts with its text, its own state)
 
 
 def test_a_head_size_vllm_cpu_cannot_run_is_refused_in_one_line(sft_dir, tokenizer):
