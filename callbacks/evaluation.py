@@ -216,7 +216,8 @@ class Evaluation(L.Callback):
             if n > 1:
                 out["val/gold_best_of_n"] = F.best_of_groups(gold, n).mean().item()
             demos = [e.get("chosen") for e in examples]
-            if all(isinstance(d, str) for d in demos):
+            in_environment = getattr(getattr(pl_module, "tools", None), "environment", None) is not None
+            if all(isinstance(d, str) for d in demos) and not in_environment:   # (a demonstration ran in none)
                 demo_ids = lambda: [encode_response(tok, d) for d in demos]  # noqa: E731  (as SFT trains them)
                 out["val/demo_gold_reward"] = self._gold(collated.prompts, demos, collated.fields, demo_ids).mean().item()
         # a pairwise reward compares responses to one prompt: one sample per prompt has no proxy score

@@ -154,13 +154,14 @@ def test_each_responses_calls_run_on_its_own_instance_and_the_reward_reads_it(he
 
 def environment_config(tmp_path, tool_dir, objective: str = "p3o") -> str:  # noqa: F811
     """`tests.test_tools.tool_config` with the Counter environment as the tools, records carrying `base` (each
-    prompt's), and `environment_reward` as the training reward; a TRL reward reading `environments` evaluates."""
+    prompt's) and a demonstration, and `environment_reward` as the training reward; a TRL reward reading
+    `environments` evaluates."""
     path = tool_config(tmp_path, tool_dir, objective)
     config = yaml.safe_load(open(path))
-    rows = [{"prompt": [{"role": "user", "content": f"What is 2 + 3? ({i})"}], "base": i} for i in range(8)]
+    rows = [{"prompt": [{"role": "user", "content": f"What is 2 + 3? ({i})"}], "chosen": "5", "base": i} for i in range(8)]
     (tmp_path / "prompts.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     config["data"]["init_args"].update({"tools": {"environment": "tests.helpers.Counter", "max_turns": 1},
-                                        "reward_fields": ["base"]})
+                                        "reward_fields": ["base"], "prompts_only": False, "chosen_only": True})
     config["model"]["init_args"]["reward"] = "modules.rewards.environment_reward"
     config["trainer"]["callbacks"][1]["init_args"]["reward"] = "tests.test_environments.result_is_base_plus_5"
     (tmp_path / "rl.yaml").write_text(yaml.safe_dump(config))
@@ -177,8 +178,8 @@ def result_is_base_plus_5(completions, environments, base, **kwargs) -> list[flo
 def test_rl_with_an_environment_runs_end_to_end_from_yaml(tmp_path, tool_dir):  # noqa: F811
     """P3O from YAML with the Counter environment: every rollout resets an instance per response from its record,
     half the responses call (scripted), the environment's own reward pays those, and the evaluation samples through
-    the same loop with a TRL reward that reads the instances. A reset keyword the records lack stops the run before
-    the first rollout, in one line."""
+    the same loop with a TRL reward that reads the instances (not the demonstrations, which ran in no environment).
+    A reset keyword the records lack stops the run before the first rollout, in one line."""
     from tests.test_judges import evaluation
     from train import cli_main
 
@@ -190,6 +191,7 @@ def test_rl_with_an_environment_runs_end_to_end_from_yaml(tmp_path, tool_dir):  
     assert float(metrics["train/reward"]) == pytest.approx(0.5)
     last = evaluation(cli).history[-1]
     assert last["val/gold_reward"] == pytest.approx(0.5) and last["val/tool_calls"] == pytest.approx(0.5)
+    assert "val/demo_gold_reward" not in last
     config = yaml.safe_load(open(path))
     config["data"]["init_args"]["tools"]["environment"] = "tests.test_environments.NeedsSecret"
     (tmp_path / "secret.yaml").write_text(yaml.safe_dump(config))
