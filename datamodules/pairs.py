@@ -36,7 +36,8 @@ class PairDataModule(L.LightningDataModule):
         reward_fields: further fields of each record the reward reads, by keyword, one value per response (a
             verifiable reward's reference answer, a test case): e.g. `[answer]` gives a reward whose call takes
             `answer=` the answers of the rollout's prompts (`modules.rewards.field_kwargs`). A record without one
-            is a bad record. Values are kept as read (text, number, list, ...).
+            is a bad record. Values are kept as read (text, number, list, ...). A tools environment's `reset` takes
+            them too.
         optional_fields: those of `reward_fields` a record may lack or hold null, given to the reward as None: a
             mixed dataset whose tasks carry different fields (maths records an `answer`, coding records `tests`),
             each scored by the term of a `modules.rewards.Composed` that reads its field (a term returns None
@@ -46,6 +47,8 @@ class PairDataModule(L.LightningDataModule):
             the prompts RL samples from), and the RL stage's rollouts and evaluation run the calls, feeding the
             results back as tool messages (docs/tools.md). With `chosen_only`, a `chosen` may then be a tool-use
             trace (assistant turns with `tool_calls`, tool results, the answer): SFT trains on the assistant's turns.
+            Its `environment` (TRL's `environment_factory`) gives each response an instance whose methods are tools,
+            reset from the record's prompt and `reward_fields`.
     """
 
     def __init__(self, source: Source, tokenizer: str | None = None, fields: FieldMap | None = None,
