@@ -738,6 +738,17 @@ def check_fields(reward, names, pairwise: bool = False) -> None:
                           f"reward_fields: [{', '.join(missing)}] and give every record that field")
 
 
+def check_environments(reward, environment) -> None:
+    """A `RewardError` before the first rollout where `reward` (or a term of a `Composed` one) requires
+    `environments` and the data's tools have no `environment` to give them."""
+    if environment is not None:
+        return
+    terms = reward.rewards.values() if isinstance(reward, Composed) else [reward]
+    for term in terms:
+        if any(p.name == ENVS and p.default is inspect.Parameter.empty for p in _parameters(term) or ()):
+            raise RewardError(f"reward {qualified_name(term)} takes {ENVS} {NOT_GIVEN[ENVS]}; this data has none")
+
+
 def required_fields(reward, pairwise: bool = False) -> list[str]:
     """The record fields a reward's call cannot do without: its `record_fields` attribute where it has one (a
     reward told the field's name in its settings, e.g. `modules.verifiable.AnswerMatch(field=...)`), else its

@@ -45,6 +45,7 @@ from modules.rewards import (
     DEFAULT_TIMEOUT,
     Composed,
     FrozenModel,
+    check_environments,
     check_fields,
     is_pairwise,
     lightning_state,
@@ -230,6 +231,7 @@ class RLModule(TrainedOnlyCheckpoints, L.LightningModule):
             check_fields(self.reward, getattr(data, "reward_fields", ()), is_pairwise(self.reward))
             if getattr(data, "tools", None) is not None:
                 data.tools.check_fields(getattr(data, "reward_fields", ()))
+            check_environments(self.reward, getattr(getattr(data, "tools", None), "environment", None))
         if getattr(data, "tools", None) is not None and is_partitioned(self.policy):
             raise ConfigError("data tools: DeepSpeed ZeRO-3 generates in lockstep on every rank, and with tools ranks run "
                               "different numbers of turns; use FSDP2 (configs/presets/fsdp.yaml), ZeRO-2 or DDP")

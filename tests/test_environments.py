@@ -179,7 +179,8 @@ def test_rl_with_an_environment_runs_end_to_end_from_yaml(tmp_path, tool_dir):  
     """P3O from YAML with the Counter environment: every rollout resets an instance per response from its record,
     half the responses call (scripted), the environment's own reward pays those, and the evaluation samples through
     the same loop with a TRL reward that reads the instances (not the demonstrations, which ran in no environment).
-    A reset keyword the records lack stops the run before the first rollout, in one line."""
+    A reset keyword the records lack stops the run before the first rollout, in one line; so does a reward that
+    takes `environments` with tools but no environment."""
     from tests.test_judges import evaluation
     from train import cli_main
 
@@ -197,6 +198,12 @@ def test_rl_with_an_environment_runs_end_to_end_from_yaml(tmp_path, tool_dir):  
     (tmp_path / "secret.yaml").write_text(yaml.safe_dump(config))
     with pytest.raises(DataError, match=r"NeedsSecret: reset takes 'secret', which no record field provides"):
         cli_main(["fit", "--config", str(tmp_path / "secret.yaml")])
+    config["data"]["init_args"]["tools"] = {"functions": ["tests.helpers.add"], "max_turns": 1}
+    (tmp_path / "none.yaml").write_text(yaml.safe_dump(config))
+    with pytest.raises(RewardError, match=r"^reward modules.rewards.environment_reward takes environments \(TRL's: each "
+                                          r"response's environment instance\), which only generation with a tools "
+                                          r"environment gives .*; this data has none$"):
+        cli_main(["fit", "--config", str(tmp_path / "none.yaml")])
 
 
 def test_the_register_task_writes_traces_whose_calls_leave_the_sum_in_the_register(tmp_path):
