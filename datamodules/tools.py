@@ -65,12 +65,17 @@ class Tools:
             last round is the policy's final answer.
         timeout: seconds a call may take; a slower one gives the policy an error result (and is counted as a
             failure). A synchronous function that ignores it keeps running in its thread.
+        concurrency: responses whose calls run at once, each in a thread of its own (a response's own calls run in
+            order): for tools that wait (a remote sandbox, a search API), so a round of calls takes about the
+            slowest call rather than their sum. 1 (the default, as TRL) runs them one after another; above 1 the
+            functions must be safe to call from several threads at once (environment instances are per response).
     """
 
     functions: list[Callable] = field(default_factory=list)
     environment: type | None = None
     max_turns: int = 4
     timeout: float = 30.0
+    concurrency: int = 1
 
     def __post_init__(self):
         if not self.functions and self.environment is None:
@@ -83,6 +88,8 @@ class Tools:
             raise ValueError(f"Tools: max_turns={self.max_turns}; expected >= 1 (rounds of tool calls per response)")
         if not 0 < self.timeout < float("inf"):
             raise ValueError(f"Tools: timeout={self.timeout}; expected a finite number of seconds > 0")
+        if self.concurrency < 1:
+            raise ValueError(f"Tools: concurrency={self.concurrency}; expected >= 1 (responses whose calls run at once)")
         self.pool = [] if self.environment is None else [self._new_environment()]
         methods = [] if self.environment is None else list(environment_methods(self.pool[0]).values())
         names = [fn.__name__ for fn in self.functions + methods]
@@ -175,6 +182,14 @@ class Tools:
             messages.append({"role": "tool", "name": name, "content": result})
             failed += not ok
         return messages, failed
+
+    def call_all(self, texts: list[str], environments: list) -> list[tuple[list[dict], int]]:
+        """`call` for each response's latest turn `texts[i]` on its `environments[i]` (None without), `concurrency`
+        responses at a time; the outcomes in the order of `texts`."""
+        if self.concurrency == 1 or len(texts) < 2:
+            return [self.call(text, env) for text, env in zip(texts, environments)]
+        with concurrent.futures.ThreadPoolExecutor(max_workers=self.concurrency) as pool:
+            return list(pool.map(self.call, texts, environments))
 
 
 def environment_methods(instance) -> dict[str, Callable]:

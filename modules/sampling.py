@@ -271,11 +271,11 @@ def generate_with_tools(generate: Callable, tools: Tools, tokenizer, prompt_ids:
                          [_assistant(tokenizer, tokens)], bool(first.has_eos[i])))
     for _ in range(tools.max_turns):
         going = []
-        for i, row in enumerate(rows):
-            text = row.messages[-1]["content"]        # (its latest turn)
-            if not row.ended or not CALL.search(text):
-                continue
-            results, failed = tools.call(text, environments and environments[i])
+        calling = [i for i, row in enumerate(rows) if row.ended and CALL.search(row.messages[-1]["content"])]
+        outcomes = tools.call_all([rows[i].messages[-1]["content"] for i in calling],      # (each one's latest turn)
+                                  [environments and environments[i] for i in calling])
+        for i, (results, failed) in zip(calling, outcomes):
+            row = rows[i]
             row.calls, row.failed = row.calls + len(results), row.failed + failed
             suffix = tool_suffix(tokenizer, results)
             if len(row.tokens) + len(suffix) >= budget:   # no room: the response ends with its call, unanswered

@@ -3,6 +3,7 @@ running calls, the tool results' tokens, the multi-turn rollout's layout (the po
 results context only), GAE across a tool result, and runs end to end from a YAML config."""
 import asyncio
 import json
+import threading
 import time
 
 import pytest
@@ -463,3 +464,50 @@ def test_rounds_of_calls_stop_at_max_turns_and_a_turn_may_call_twice(hermes, max
     assert roll.old_logp[0][roll.response_mask[0].bool()].eq(-1).all() and roll.old_logp[0][len(turn)] == 0
     assert calls[0] == (2, False, 400) and all(n == 4 and same for n, same, _ in calls[1:])
     assert len(calls) == 1 + max_turns and calls[1][2] == 400 - len(turn) - len(suffix)      # (the rows' room)
+
+
+class InFlight:
+    """How many `wait` calls run at once, and the most so far."""
+
+    lock, now, most = threading.Lock(), 0, 0
+
+
+def wait(x: int) -> int:
+    """Wait 50 ms and return x.
+
+    Args:
+        x: the value.
+    """
+    with InFlight.lock:
+        InFlight.now += 1
+        InFlight.most = max(InFlight.most, InFlight.now)
+    time.sleep(0.05)
+    with InFlight.lock:
+        InFlight.now -= 1
+    return x
+
+
+def test_concurrency_runs_responses_calls_at_once_with_the_same_outcomes():
+    """8 responses, each calling `wait` twice in one turn and adding to its own register twice: with concurrency 4
+    several responses' calls are in flight at once, with 1 never more than one; the outcomes are the same, in the
+    responses' order, and each response's calls ran in its order (its register's second total is its first plus
+    10)."""
+    from datamodules.sums import Register
+
+    def turn(i: int) -> str:
+        calls = [{"name": "wait", "arguments": {"x": i}}, {"name": "add", "arguments": {"n": i}},
+                 {"name": "add", "arguments": {"n": 10}}, {"name": "wait", "arguments": {"x": -i}}]
+        return " ".join(f"<tool_call>{json.dumps(c)}</tool_call>" for c in calls)
+
+    outcomes = {}
+    for concurrency in (1, 4):
+        tools = Tools(functions=[wait], environment=Register, concurrency=concurrency)
+        registers, _ = tools.start([f"p{i}" for i in range(8)], {"answer": list(range(8))}, 1)
+        InFlight.most = 0
+        outcomes[concurrency] = tools.call_all([turn(i) for i in range(8)], registers)
+        assert (InFlight.most > 1) == (concurrency > 1), (concurrency, InFlight.most)
+    assert outcomes[1] == outcomes[4]
+    assert [[m["content"] for m in results] for results, _ in outcomes[4]] == [
+        [str(i), str(i), str(i + 10), str(-i)] for i in range(8)]
+    with pytest.raises(ValueError, match=r"Tools: concurrency=0; expected >= 1"):
+        Tools(functions=[wait], concurrency=0)
