@@ -81,6 +81,8 @@ class PairDataModule(L.LightningDataModule):
             raise ValueError(f"PairDataModule: reward_fields={list(self.reward_fields)}; expected distinct names other "
                              "than prompts / responses / responses_a / responses_b / completions / completion_ids / "
                              "trainer_state / log_metric / log_extra / environments (what a reward is called with)")
+        if tools is not None and tools.multi and "environment" not in self.reward_fields:
+            self.reward_fields += ("environment",)              # (each record's environment, for its rollouts)
         self.optional_fields = tuple(optional_fields or ())
         if stray := [name for name in self.optional_fields if name not in self.reward_fields]:
             raise ValueError(f"PairDataModule: optional_fields names {stray}, which reward_fields "
@@ -142,7 +144,11 @@ class PairDataModule(L.LightningDataModule):
     def encode(self, rec: dict, index: int, origin: str) -> dict | None:
         """Token ids of one record; a prompt that leaves no room for a response is a bad record."""
         try:
-            prompt_ids = encode_prompt(self.tokenizer, rec["prompt"], self.tools and self.tools.schemas)
+            schemas = self.schemas(rec)
+        except DataError as error:
+            raise DataError(f"{origin}: record {index}: {error}") from None
+        try:
+            prompt_ids = encode_prompt(self.tokenizer, rec["prompt"], schemas)
         except NoChatTemplate as error:
             raise DataError(f"{origin}: record {index}: field {self.fields.prompt!r}: {error}; use a tokenizer that "
                             "has one (data tokenizer), or give prompts as text") from None
@@ -169,6 +175,13 @@ class PairDataModule(L.LightningDataModule):
                 example[f"{key}_ids"], example[key] = ids[:room], rec[key]
         return example
 
+    def schemas(self, rec: dict) -> list[dict] | None:
+        """The tool schemas a record's prompt carries: None without tools; with several environments, those of the
+        one its `environment` field names (`Tools.schemas_for`)."""
+        if self.tools is None:
+            return None
+        return self.tools.schemas_for(rec.get("fields", {}).get("environment") if self.tools.multi else None)
+
     def encode_trace(self, rec: dict, key: str, index: int, origin: str) -> tuple[list[int], list[int]]:
         """A tool-use trace's ids and the policy's tokens among them (`datamodules.tools.encode_trace`)."""
         where = f"{origin}: record {index}: field {getattr(self.fields, key)!r}"
@@ -179,7 +192,7 @@ class PairDataModule(L.LightningDataModule):
             raise DataError(f"{where}: tool-use traces are SFT demonstrations (data chosen_only: true); the reward "
                             "and preference stages take single responses")
         try:
-            return encode_trace(self.tokenizer, rec["prompt"], rec[key], self.tools.schemas)
+            return encode_trace(self.tokenizer, rec["prompt"], rec[key], self.schemas(rec))
         except DataError as error:
             raise DataError(f"{where}: {error}") from None
 

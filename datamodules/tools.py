@@ -60,7 +60,8 @@ class Tools:
             `reward_fields` (all of them if it takes `**kwargs`), returning None or a text appended to the last
             user message; every other public method is a tool acting on that instance (`get_reward`, if defined,
             is not: `modules.rewards.environment_reward` reads it). The K responses to a prompt must get the same
-            text, as they answer the same prompt.
+            text, as they answer the same prompt. Or several, `{name: class}` (TRL's dict): each record names its
+            own in its `environment` field (read as a reward field), and its prompt carries that one's tools only.
         max_turns: rounds of tool calls per response (TRL's `max_tool_calling_iterations`); the turn after the
             last round is the policy's final answer.
         timeout: seconds a call may take; a slower one gives the policy an error result (and is counted as a
@@ -72,7 +73,7 @@ class Tools:
     """
 
     functions: list[Callable] = field(default_factory=list)
-    environment: type | None = None
+    environment: type | dict[str, type] | None = None
     max_turns: int = 4
     timeout: float = 30.0
     concurrency: int = 1
@@ -90,72 +91,107 @@ class Tools:
             raise ValueError(f"Tools: timeout={self.timeout}; expected a finite number of seconds > 0")
         if self.concurrency < 1:
             raise ValueError(f"Tools: concurrency={self.concurrency}; expected >= 1 (responses whose calls run at once)")
-        self.pool = [] if self.environment is None else [self._new_environment()]
-        methods = [] if self.environment is None else list(environment_methods(self.pool[0]).values())
-        names = [fn.__name__ for fn in self.functions + methods]
-        if len(set(names)) < len(names):
-            raise ValueError(f"Tools: the functions and environment methods {names} repeat a name; the policy calls a "
-                              "tool by its name")
+        classes = self.environment if isinstance(self.environment, dict) else \
+            {} if self.environment is None else {None: self.environment}
+        if isinstance(self.environment, dict) and not self.environment:
+            raise ValueError("Tools: environment is an empty mapping; expected {name: class, ...} or one class")
+        self.classes: dict[str | None, type] = classes
+        self.pools = {name: [self._new_environment(name)] for name in classes}   # (each probed at once)
         self.by_name = {fn.__name__: fn for fn in self.functions}
-        self.schemas = [schema_of(fn) for fn in self.functions + methods]
-        self.reset_takes = None if self.environment is None else _keywords(self.pool[0].reset)
-
-    def _new_environment(self):
-        name = self.environment_name
-        try:
-            instance = self.environment()
-        except Exception as error:
-            raise ValueError(f"Tools: environment {name}() raised {type(error).__name__}: {error}; expected a class "
-                              "built with no arguments") from None
-        if not callable(getattr(instance, "reset", None)):
-            raise ValueError(f"Tools: environment {name} has no reset method; expected reset(self, ...) returning None "
-                              "or a text appended to the prompt")
-        return instance
+        self.tool_schemas = {}                                     # environment name -> the schemas its prompts carry
+        for name in classes or [None]:
+            methods = list(environment_methods(self.pools[name][0]).values()) if classes else []
+            names = [fn.__name__ for fn in self.functions + methods]
+            if len(set(names)) < len(names):
+                raise ValueError(f"Tools: the functions and environment methods {names} repeat a name; the policy "
+                                  "calls a tool by its name")
+            self.tool_schemas[name] = [schema_of(fn) for fn in self.functions + methods]
+        self.schemas = [schema for schemas in self.tool_schemas.values() for schema in schemas]
+        self.reset_takes = {name: _keywords(pool[0].reset) for name, pool in self.pools.items()}
 
     @property
-    def environment_name(self) -> str:
-        return f"{self.environment.__module__}.{self.environment.__qualname__}" if self.environment else ""
+    def multi(self) -> bool:
+        """Several environments, each record choosing its own by its `environment` field (TRL's dict)."""
+        return isinstance(self.environment, dict)
+
+    def environment_name(self, name: str | None = None) -> str:
+        """The class path of environment `name` (the one environment's for None), for messages."""
+        cls = self.classes[name]
+        return f"{cls.__module__}.{cls.__qualname__}"
+
+    def _new_environment(self, name: str | None):
+        where = self.environment_name(name)
+        try:
+            instance = self.classes[name]()
+        except Exception as error:
+            raise ValueError(f"Tools: environment {where}() raised {type(error).__name__}: {error}; expected a class "
+                              "built with no arguments") from None
+        if not callable(getattr(instance, "reset", None)):
+            raise ValueError(f"Tools: environment {where} has no reset method; expected reset(self, ...) returning "
+                              "None or a text appended to the prompt")
+        return instance
+
+    def schemas_for(self, environment: str | None = None) -> list[dict]:
+        """The schemas a prompt carries: the functions' and those of its record's `environment` (with several);
+        an unknown name is a DataError naming it."""
+        if not self.multi:
+            return self.schemas
+        if environment not in self.tool_schemas:
+            raise DataError(f"field 'environment': {environment!r} is not one of data tools environment "
+                            f"{sorted(self.tool_schemas)}")
+        return self.tool_schemas[environment]
 
     def check_fields(self, names) -> None:
         """A DataError naming what to set unless `prompt` and the record fields `names` (the data's
-        `reward_fields`) hold every keyword the environment's `reset` requires; checked before the first rollout."""
-        if self.environment is None:
-            return
-        required, _ = self.reset_takes
-        if missing := [name for name in required if name != "prompt" and name not in set(names)]:
-            raise DataError(f"data tools environment {self.environment_name}: reset takes {', '.join(map(repr, missing))}"
-                            f", which no record field provides (fields given: {sorted(names) or 'none'}); set data."
-                            f"init_args.reward_fields: [{', '.join(missing)}] and give every record that field")
+        `reward_fields`) hold every keyword each environment's `reset` requires; checked before the first rollout."""
+        for name, (required, _) in self.reset_takes.items():
+            if missing := [key for key in required if key != "prompt" and key not in set(names)]:
+                raise DataError(f"data tools environment {self.environment_name(name)}: reset takes "
+                                f"{', '.join(map(repr, missing))}, which no record field provides (fields given: "
+                                f"{sorted(names) or 'none'}); set data.init_args.reward_fields: [{', '.join(missing)}] "
+                                "and give every record that field")
 
-    def start(self, prompts: list, fields: dict[str, list], num_samples: int) -> tuple[list, list]:
-        """Reset one environment per response (`num_samples` per prompt, prompt-major): (the instances, each
-        prompt with its observation appended to its last user message, or as it was where `reset` returned None).
-        A reset that raises, returns something other than a text, or gives the responses to one prompt different
-        texts stops the run in one line naming the environment."""
-        while len(self.pool) < len(prompts) * num_samples:
-            self.pool.append(self._new_environment())
-        envs, out = self.pool[:len(prompts) * num_samples], []
-        taken = self.reset_takes[1]
+    def start(self, prompts: list, fields: dict[str, list], num_samples: int) -> tuple[list, list, list]:
+        """Reset one environment per response (`num_samples` per prompt, prompt-major; with several, of the kind its
+        record's `environment` field names): (the instances, each prompt with its observation appended to its last
+        user message or as it was where `reset` returned None, each prompt's environment name). A reset that
+        raises, returns something other than a text, or gives the responses to one prompt different texts stops the
+        run in one line naming the environment."""
+        names = [fields["environment"][i] if self.multi else None for i in range(len(prompts))]
+        handed = dict.fromkeys(self.pools, 0)                 # instances of each environment given out so far
+        envs, out = [], []
         for i, prompt in enumerate(prompts):
-            given = {"prompt": prompt, **{name: values[i] for name, values in fields.items()}}
-            kwargs = given if taken is None else {name: value for name, value in given.items() if name in taken}
+            name = names[i]
+            if name not in self.pools:
+                raise DataError(f"data tools: prompt {i}'s record field 'environment' is {name!r}, not one of "
+                                f"{sorted(self.pools)}")
+            pool, where = self.pools[name], self.environment_name(name)
+            while len(pool) < handed[name] + num_samples:
+                pool.append(self._new_environment(name))
+            mine = pool[handed[name]:handed[name] + num_samples]
+            handed[name] += num_samples
+            given = {"prompt": prompt, **{key: values[i] for key, values in fields.items()
+                                          if not (self.multi and key == "environment")}}
+            taken = self.reset_takes[name][1]
+            kwargs = given if taken is None else {key: value for key, value in given.items() if key in taken}
             seen = []
-            for env in envs[i * num_samples:(i + 1) * num_samples]:
+            for env in mine:
                 try:
                     observation = env.reset(**kwargs)
                 except Exception as error:
-                    raise DataError(f"data tools environment {self.environment_name}: reset(prompt {i}) raised "
+                    raise DataError(f"data tools environment {where}: reset(prompt {i}) raised "
                                     f"{type(error).__name__}: {error}") from None
                 if observation is not None and not isinstance(observation, str):
-                    raise DataError(f"data tools environment {self.environment_name}: reset returned a "
+                    raise DataError(f"data tools environment {where}: reset returned a "
                                     f"{type(observation).__name__}; expected None or a text to append to the prompt")
                 seen.append(observation)
             if any(o != seen[0] for o in seen):
-                raise DataError(f"data tools environment {self.environment_name}: reset gave the {num_samples} "
-                                f"responses to prompt {i} different texts ({seen[0]!r}, ...); they answer the same "
-                                "prompt, so the text must follow from the record alone (seed any randomness from it)")
+                raise DataError(f"data tools environment {where}: reset gave the {num_samples} responses to prompt {i} "
+                                f"different texts ({seen[0]!r}, ...); they answer the same prompt, so the text must "
+                                "follow from the record alone (seed any randomness from it)")
+            envs += mine
             out.append(prompt if seen[0] is None else observed(prompt, seen[0]))
-        return envs, out
+        return envs, out, names
 
     def check_template(self, tokenizer) -> None:
         """A chat template that does not render the schemas (SmolLM2's, Llama 3's basic one), or that cannot render

@@ -251,13 +251,13 @@ def generate_with_tools(generate: Callable, tools: Tools, tokenizer, prompt_ids:
     holds the instances for the rewards."""
     environments = None
     if tools.environment is not None:
-        environments, observed = tools.start(prompts, fields or {}, num_samples)
+        environments, observed, names = tools.start(prompts, fields or {}, num_samples)
         if observed != list(prompts):
             prompts = observed
-            ids = [encode_prompt(tokenizer, prompt, tools.schemas) for prompt in prompts]
+            ids = [encode_prompt(tokenizer, prompt, tools.schemas_for(name)) for prompt, name in zip(prompts, names)]
             longest = max(range(len(ids)), key=lambda i: len(ids[i]))
             if max_length is not None and len(ids[longest]) + config.max_new_tokens > max_length:
-                raise DataError(f"data tools environment {tools.environment_name}: reset's text makes prompt "
+                raise DataError(f"data tools environment {tools.environment_name(names[longest])}: reset's text makes prompt "
                                 f"{longest} {len(ids[longest])} tokens, which leaves no room for max_new_tokens="
                                 f"{config.max_new_tokens} in the model's {max_length} positions; shorten the text")
             prompt_ids, prompt_mask = _left_pad(ids, tokenizer.pad_token_id, prompt_ids.device)

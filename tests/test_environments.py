@@ -63,7 +63,7 @@ def test_an_environments_public_methods_are_its_tools_and_the_config_is_checked(
     assert list(environment_methods(Counter())) == ["add"]
     assert [s["function"]["name"] for s in tools.schemas] == ["add"]
     assert tools.schemas[0]["function"]["description"] == "Add two numbers to the start."
-    assert len(tools.pool) == 1
+    assert len(tools.pools[None]) == 1
     from tests.helpers import add
 
     with pytest.raises(ValueError, match=r"the functions and environment methods \['add', 'add'\] repeat a name"):
@@ -93,13 +93,13 @@ def test_start_resets_one_instance_per_response_with_the_keywords_reset_takes():
     next rollout (no new instance), grown only when a rollout needs more; what reset gets wrong is one line."""
     tools = Tools(environment=Counter)
     built = Counter.built
-    envs, prompts = tools.start(["p0", [{"role": "user", "content": "p1"}]], {"base": [3, 10], "id": ["a", "b"]}, 2)
+    envs, prompts, _ = tools.start(["p0", [{"role": "user", "content": "p1"}]], {"base": [3, 10], "id": ["a", "b"]}, 2)
     assert [e.base for e in envs] == [3, 3, 10, 10] and len({id(e) for e in envs}) == 4
     assert prompts == ["p0 Start from 3.", [{"role": "user", "content": "p1 Start from 10."}]]
-    again, _ = tools.start(["q"], {"base": [1]}, 2)
+    again, _, _ = tools.start(["q"], {"base": [1]}, 2)
     assert again == envs[:2] and [e.base for e in again] == [1, 1] and Counter.built == built + 3
     quiet = Tools(environment=Quiet)
-    envs, prompts = quiet.start(["p0"], {"base": [3], "id": ["a"]}, 1)
+    envs, prompts, _ = quiet.start(["p0"], {"base": [3], "id": ["a"]}, 1)
     assert envs[0].seen == {"prompt": "p0", "base": 3, "id": "a"} and prompts == ["p0"]
     assert awaited(environment_reward(["p0"], ["r"], envs)) == [2.0]
     with pytest.raises(DataError, match=r"Moody: reset gave the 2 responses to prompt 0 different texts .* the text must "
@@ -229,11 +229,60 @@ def test_the_register_task_writes_traces_whose_calls_leave_the_sum_in_the_regist
     tok = data.tokenizer
     assert tok.decode(example["prompt_ids"]).startswith("tools add :")
     call = example["chosen_ids"][:example["chosen_own"].index(0)]
-    (register,), _ = tools.start([example["prompt"]], {"answer": [example["fields"]["answer"]]}, 1)
+    (register,), _, _ = tools.start([example["prompt"]], {"answer": [example["fields"]["answer"]]}, 1)
     results, failed = tools.call(tok.decode(call[:-1], skip_special_tokens=False), register)
     assert failed == 0 and [m["content"] for m in results] == [m["content"] for m in example["chosen"][1:3]]
     assert awaited(environment_reward([], [], [register])) == [1.0]
-    (register,), _ = tools.start([example["prompt"]], {"answer": [example["fields"]["answer"]]}, 1)
+    (register,), _, _ = tools.start([example["prompt"]], {"answer": [example["fields"]["answer"]]}, 1)
     assert register.total == 0 and register.get_reward() == 0.0
     register.add(example["fields"]["answer"] + 1)
     assert register.get_reward() == 0.0
+
+
+def test_several_environments_each_record_its_own_tools_instances_and_reset(tmp_path, hermes, tool_dir):  # noqa: F811
+    """TRL's dict of environments: {count: Counter, register: Register}. Each record names its own in `environment`
+    (added to the reward fields), and its prompt carries that environment's tools only; an unknown name is one line
+    naming the record. A rollout resets an instance of each prompt's kind (with its own keywords, not
+    `environment`), the pools apart; a call runs on its response's environment: `add(a, b)` works on a Counter and
+    is an error result on a Register, whose `add` takes `n`."""
+    from datamodules.pairs import PairDataModule
+    from datamodules.sources import LocalFiles
+    from datamodules.sums import Register
+    from modules.backbone import BackboneSpec, build_causal_lm
+
+    tools = Tools(environment={"count": Counter, "register": Register}, max_turns=1)
+    assert tools.multi and {n: [s["function"]["parameters"]["required"] for s in tools.schemas_for(n)]
+                            for n in ("count", "register")} == {"count": [["a", "b"]], "register": [["n"]]}
+    rows = [{"prompt": "What is 2 + 3?", "environment": "count", "base": 10, "answer": 5},
+            {"prompt": "Add 2 and 3.", "environment": "register", "base": 0, "answer": 5}]
+    path = tmp_path / "mixed.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    data = PairDataModule(LocalFiles(str(path), str(path)), tokenizer=tool_dir, tools=tools, prompts_only=True,
+                          reward_fields=["base", "answer"], max_length=400, max_prompt_length=300)
+    assert data.reward_fields == ("base", "answer", "environment")
+    data.setup("fit")
+    texts = {e["fields"]["environment"]: hermes.decode(e["prompt_ids"]) for e in data.splits["val"]}
+    assert '"a"' in texts["count"] and '"n"' not in texts["count"] and '"n"' in texts["register"]
+    path.write_text("".join(json.dumps(r) + "\n" for r in [rows[0], {**rows[1], "environment": "chess"}]))
+    with pytest.raises(DataError, match=r"record 1: field 'environment': 'chess' is not one of data tools environment "
+                                        r"\['count', 'register'\]"):
+        PairDataModule(LocalFiles(str(path), str(path)), tokenizer=tool_dir, tools=tools, prompts_only=True,
+                       reward_fields=["base", "answer"], max_length=400, max_prompt_length=300).setup("fit")
+
+    model = build_causal_lm(BackboneSpec(pretrained=tool_dir), hermes)
+    prompts = [r["prompt"] for r in rows]
+    ids, mask = pad([encode_prompt(hermes, p, tools.schemas_for(r["environment"])) for p, r in zip(prompts, rows)],
+                    hermes.pad_token_id, "left")
+    fields = {"environment": ["count", "register"], "base": [10, 0], "answer": [5, 5]}
+    engine = ScriptedToolCalls()
+    roll = generate_with_tools(lambda *a, **k: engine.generate(model, hermes, *a, **k), tools, hermes, ids, mask,
+                               prompts, SamplingConfig(max_new_tokens=80), 2, fields, record_logprobs=True)
+    assert [type(e).__name__ for e in roll.environments] == ["Counter", "Counter", "Register", "Register"]
+    assert roll.environments[0].base == 10 and roll.environments[2].target == 5
+    assert roll.messages[0][1]["content"] == "15"
+    assert "unexpected keyword argument" in roll.messages[2][1]["content"] and roll.timings["tools/failed"] == 1
+    assert len(tools.pools["count"]) == 2 and len(tools.pools["register"]) == 2
+    again, _, names = tools.start(["p", "q"], {"environment": ["register", "register"], "base": [0, 0],
+                                               "answer": [1, 2]}, 2)
+    assert names == ["register", "register"] and again[:2] == tools.pools["register"][:2]
+    assert len(tools.pools["register"]) == 4 and len(tools.pools["count"]) == 2

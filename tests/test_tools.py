@@ -502,7 +502,7 @@ def test_concurrency_runs_responses_calls_at_once_with_the_same_outcomes():
     outcomes = {}
     for concurrency in (1, 4):
         tools = Tools(functions=[wait], environment=Register, concurrency=concurrency)
-        registers, _ = tools.start([f"p{i}" for i in range(8)], {"answer": list(range(8))}, 1)
+        registers, _, _ = tools.start([f"p{i}" for i in range(8)], {"answer": list(range(8))}, 1)
         InFlight.most = 0
         outcomes[concurrency] = tools.call_all([turn(i) for i in range(8)], registers)
         assert (InFlight.most > 1) == (concurrency > 1), (concurrency, InFlight.most)
