@@ -433,3 +433,17 @@ class Counter:
 
     def _helper(self) -> None:            # (private: not a tool)
         pass
+
+
+def first_trace_call(task, tools, **data) -> tuple[dict, object, str]:
+    """A calculator-style task's SFT data with `tools` (chosen only, its prompts `tools add :` first): (its first
+    tool-use trace example, the tokenizer, the text of that trace's call turn, decoded as a rollout decodes it)."""
+    from datamodules.pairs import PairDataModule
+
+    data = PairDataModule(task, chosen_only=True, tools=tools, max_prompt_length=10, **data)
+    data.setup("fit")
+    example = next(e for e in data.splits["train"] if isinstance(e["chosen"], list))
+    tok = data.tokenizer
+    assert tok.decode(example["prompt_ids"]).startswith("tools add :")
+    call = example["chosen_ids"][:example["chosen_own"].index(0)]
+    return example, tok, tok.decode(call[:-1], skip_special_tokens=False)     # (the call turn, its EOS dropped)

@@ -12,7 +12,7 @@ from datamodules.sources import DataError
 from datamodules.tools import Tools, environment_methods, observed
 from modules.rewards import RewardError, awaited, call_text_reward, environment_reward
 from modules.sampling import SamplingConfig, generate_with_tools
-from tests.helpers import Counter, ScriptedToolCalls
+from tests.helpers import Counter, ScriptedToolCalls, first_trace_call
 from tests.test_tools import hermes, tool_config, tool_dir  # noqa: F401  (fixtures)
 
 
@@ -211,7 +211,6 @@ def test_the_register_task_writes_traces_whose_calls_leave_the_sum_in_the_regist
     results a and a + b, then "done". The tokenizer renders the environment's tool; a trace's call turn, decoded as
     a rollout decodes it and run on a fresh Register reset from its record, gives the trace's results and a reward
     of 1; a direct answer leaves the register at 0 (reward 0), as does a wrong call."""
-    from datamodules.pairs import PairDataModule
     from datamodules.sums import Register, RegisterSumTask
 
     task = RegisterSumTask(num_train=400, num_val=10, tool_share=0.5, cache_dir=str(tmp_path))
@@ -222,15 +221,9 @@ def test_the_register_task_writes_traces_whose_calls_leave_the_sum_in_the_regist
     assert [c["function"]["arguments"] for c in traces[0]["chosen"][0]["tool_calls"]] == [{"n": a}, {"n": b}]
     assert [m["content"] for m in traces[0]["chosen"][1:]] == [str(a), str(a + b), "done"]
     tools = Tools(environment=Register, max_turns=1)
-    data = PairDataModule(task, chosen_only=True, tools=tools, reward_fields=["answer"], max_length=36,
-                          max_prompt_length=10)
-    data.setup("fit")
-    example = next(e for e in data.splits["train"] if isinstance(e["chosen"], list))
-    tok = data.tokenizer
-    assert tok.decode(example["prompt_ids"]).startswith("tools add :")
-    call = example["chosen_ids"][:example["chosen_own"].index(0)]
+    example, _, call = first_trace_call(task, tools, reward_fields=["answer"], max_length=40)
     (register,), _, _ = tools.start([example["prompt"]], {"answer": [example["fields"]["answer"]]}, 1)
-    results, failed = tools.call(tok.decode(call[:-1], skip_special_tokens=False), register)
+    results, failed = tools.call(call, register)
     assert failed == 0 and [m["content"] for m in results] == [m["content"] for m in example["chosen"][1:3]]
     assert awaited(environment_reward([], [], [register])) == [1.0]
     (register,), _, _ = tools.start([example["prompt"]], {"answer": [example["fields"]["answer"]]}, 1)

@@ -15,7 +15,7 @@ from datamodules.sources import DataError
 from datamodules.tools import Tools, parse_calls, run_call, tool_suffix
 from modules.sampling import generate_with_tools
 from tests.conftest import TINY
-from tests.helpers import HERMES_TEMPLATE, ScriptedToolCalls, add
+from tests.helpers import HERMES_TEMPLATE, ScriptedToolCalls, add, first_trace_call
 
 
 def slow(seconds: float) -> str:
@@ -383,7 +383,6 @@ def test_the_calculator_task_writes_traces_a_rollout_would_parse(tmp_path):
     """CalculatorSumTask: about tool_share of the demonstrations are traces whose call is add(a, b) and whose answer
     is its result; the others direct answers, right about `accuracy` of the time; its tokenizer's template renders
     the tools, and a trace's call turn, decoded as a rollout decodes it, parses back to the call."""
-    from datamodules.pairs import PairDataModule
     from datamodules.sums import CalculatorSumTask, add
     from datamodules.tools import parse_calls
 
@@ -397,14 +396,7 @@ def test_the_calculator_task_writes_traces_a_rollout_would_parse(tmp_path):
     assert traces[0]["chosen"][0]["tool_calls"][0]["function"]["arguments"] == {"a": a, "b": b}
     assert traces[0]["chosen"][1:] == [{"role": "tool", "name": "add", "content": str(a + b)},
                                        {"role": "assistant", "content": str(a + b)}] and traces[0]["answer"] == a + b
-    data = PairDataModule(task, chosen_only=True, tools=Tools(functions=[add], max_turns=1), max_length=28,
-                          max_prompt_length=10)
-    data.setup("fit")
-    example = next(e for e in data.splits["train"] if isinstance(e["chosen"], list))
-    tok = data.tokenizer
-    assert tok.decode(example["prompt_ids"]).startswith("tools add :")
-    call = example["chosen_ids"][:example["chosen_own"].index(0)]
-    text = tok.decode(call[:-1], skip_special_tokens=False)                 # (the call turn, its EOS dropped)
+    example, _, text = first_trace_call(task, Tools(functions=[add], max_turns=1), max_length=28)
     (parsed,) = parse_calls(text)
     a, b = (int(word) for word in example["prompt"][0]["content"].split()[1::2])
     assert parsed == {"name": "add", "arguments": {"a": a, "b": b}}
