@@ -92,10 +92,11 @@ def table(rows: list[dict], shape_name: str) -> str:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="a 2-layer model of SmolLM2's widths (the suite's run)")
+    parser.add_argument("--quick", action="store_true", help="a 2-layer, width-128 model with SmolLM2's vocabulary "
+                        "(the suite's run)")
     parser.add_argument("--lora", type=int, default=16, help="LoRA rank of the LoRA setting (every linear layer)")
     args = parser.parse_args(argv)
-    shape, shape_name = (QUICK, "2-layer SmolLM2-135M") if args.quick else (SMOLLM2, "SmolLM2-135M")
+    shape, shape_name = (QUICK, "2-layer width-128 quick model") if args.quick else (SMOLLM2, "SmolLM2-135M")
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         sft, reward = exports(root, shape)

@@ -84,8 +84,9 @@ def main() -> None:
     record_ms = alternate(list(records), 21, lambda name: seconds(records[name]) * 1e3)
 
     base = statistics.median(seconds_per_call["hf"])
-    print(f"{'2-layer ' if args.quick else ''}SmolLM2-135M shape, fp32, {PROMPTS} prompts x {K} responses x "
-          f"{args.new_tokens} new tokens, {machine(args.threads)}, {args.repeats} calls per way\n")
+    shape = "2-layer width-128 quick model" if args.quick else "SmolLM2-135M shape"
+    print(f"{shape}, fp32, {PROMPTS} prompts x {K} responses x {args.new_tokens} new tokens, {machine(args.threads)}, "
+          f"{args.repeats} calls per way\n")
     print("| way | s / call (median) | ratio to hf |\n|---|---|---|")
     for name, values in seconds_per_call.items():
         print(f"| {name} | {statistics.median(values):.2f} | {statistics.median(values) / base:.2f} |")

@@ -32,7 +32,9 @@ SMOLLM2 = {"model_type": "llama", "hidden_size": 576, "intermediate_size": 1536,
            "tie_word_embeddings": True, "rope_theta": 100000.0}
 LLAMA_1B = {**SMOLLM2, "hidden_size": 2048, "intermediate_size": 8192, "num_hidden_layers": 16,
             "num_attention_heads": 32, "num_key_value_heads": 8, "rope_theta": 500000.0}   # Llama-3.2-1B's body
-QUICK = {**SMOLLM2, "num_hidden_layers": 2}            # the `--quick` (CI-sized) runs
+# The `--quick` (CI-sized) runs: SmolLM2's vocabulary and layout, 2 layers of width 128 (heads of 32 dimensions).
+QUICK = {**SMOLLM2, "num_hidden_layers": 2, "hidden_size": 128, "intermediate_size": 256, "num_attention_heads": 4,
+         "num_key_value_heads": 2}
 SHAPES = {"smollm2-135m": SMOLLM2, "llama-1b": LLAMA_1B}
 
 
