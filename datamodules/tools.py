@@ -99,8 +99,11 @@ class Tools:
         self.pools = {name: [self._new_environment(name)] for name in classes}   # (each probed at once)
         self.by_name = {fn.__name__: fn for fn in self.functions}
         self.tool_schemas = {}                                     # environment name -> the schemas its prompts carry
+        self.method_names = {}                                     # environment class -> its tools' names
         for name in classes or [None]:
             methods = list(environment_methods(self.pools[name][0]).values()) if classes else []
+            if classes:
+                self.method_names[classes[name]] = [fn.__name__ for fn in methods]
             names = [fn.__name__ for fn in self.functions + methods]
             if len(set(names)) < len(names):
                 raise ValueError(f"Tools: the functions and environment methods {names} repeat a name; the policy "
@@ -211,7 +214,8 @@ class Tools:
     def call(self, text: str, environment=None) -> tuple[list[dict], int]:
         """Run every call in a turn's `text`, on the response's `environment` instance for its methods: ([tool
         message per call], failed calls)."""
-        by_name = self.by_name if environment is None else {**self.by_name, **environment_methods(environment)}
+        by_name = self.by_name if environment is None else {
+            **self.by_name, **{name: getattr(environment, name) for name in self.method_names[type(environment)]}}
         messages, failed = [], 0
         for call in parse_calls(text):
             name, result, ok = run_call(call, by_name, self.timeout)

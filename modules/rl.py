@@ -227,12 +227,13 @@ class RLModule(TrainedOnlyCheckpoints, L.LightningModule):
 
     def on_fit_start(self) -> None:
         data = self.trainer.datamodule
+        tools = getattr(data, "tools", None)
         if data is not None:        # a reward that reads a record field the data does not keep: before any rollout
             check_fields(self.reward, getattr(data, "reward_fields", ()), is_pairwise(self.reward))
-            if getattr(data, "tools", None) is not None:
-                data.tools.check_fields(getattr(data, "reward_fields", ()))
-            check_environments(self.reward, getattr(getattr(data, "tools", None), "environment", None))
-        if getattr(data, "tools", None) is not None and is_partitioned(self.policy):
+            if tools is not None:
+                tools.check_fields(getattr(data, "reward_fields", ()))
+            check_environments(self.reward, getattr(tools, "environment", None))
+        if tools is not None and is_partitioned(self.policy):
             raise ConfigError("data tools: DeepSpeed ZeRO-3 generates in lockstep on every rank, and with tools ranks run "
                               "different numbers of turns; use FSDP2 (configs/presets/fsdp.yaml), ZeRO-2 or DDP")
         if self.ref_sync_steps is not None and is_partitioned(self.policy):
