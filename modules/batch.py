@@ -35,7 +35,10 @@ class Rollout:
     sampler_logp: torch.Tensor | None = None  # (N, L) the engine's own logprobs, kept when pi_old is a forward's
     sampler_weights: torch.Tensor | None = None  # (N, L) mismatch correction pi_old / pi_sampler (engine.correction)
     pair_rewards: torch.Tensor | None = None  # (N, K) pairwise reward of each response over each of its group's
-    entropy: torch.Tensor | None = None      # (N, L) entropy of the distribution each token was drawn from (our sampler)
+    entropy: torch.Tensor | None = None      # (N, L) entropy of the distribution each token was drawn from (our sampler;
+                                             # pi_old's forward's where `top_entropy_quantile` needs it and that is pi_old)
+    forks: torch.Tensor | None = None        # (N, L) bool: the tokens the policy gradient flows through
+                                             # (`RLModule top_entropy_quantile`; None: every trained token)
     timings: dict[str, float] = field(default_factory=dict)  # perf/* seconds spent building it
     fields: dict[str, list] = field(default_factory=dict)    # the reward's record fields: name -> (N,) values, row's prompt
     reward_terms: dict[str, torch.Tensor] = field(default_factory=dict)  # a composed reward's terms: name -> (N,)
@@ -63,7 +66,7 @@ class Rollout:
                        self.group_size, [self.prompts[i] for i in idx], [self.responses[i] for i in idx],
                        self.has_eos[rows], take(self.rewards), take(self.old_logp), take(self.ref_logp),
                        take(self.values), take(self.sampler_logp), take(self.sampler_weights),
-                       take(self.pair_rewards), take(self.entropy),
+                       take(self.pair_rewards), take(self.entropy), take(self.forks),
                        fields={name: [values[i] for i in idx] for name, values in self.fields.items()},
                        reward_terms={name: values[rows.to(values.device)] for name, values in self.reward_terms.items()},
                        messages=None if self.messages is None else [self.messages[i] for i in idx],
@@ -102,6 +105,7 @@ class ObjectiveInput:
     pair_rewards: torch.Tensor | None = None  # (N, K) a pairwise reward's M[i K + a, b] = f(x_i, y_a, y_b) (else None)
     trained: torch.Tensor | None = None      # (N,) bool: rows whose tokens carry the loss (None: all; mask_truncated)
     sampler_logp: torch.Tensor | None = None  # (N, L) the engine's own logprobs where pi_old is a forward's (else None)
+    forks: torch.Tensor | None = None        # (N, L) bool: the forking tokens, the policy gradient's alone (None: all)
 
     def loss_mask(self) -> torch.Tensor:
         """(N, L) the tokens that carry the loss: `mask` less the rows that are not `trained` (`RLModule
@@ -111,9 +115,25 @@ class ObjectiveInput:
         Example: mask [[1, 1, 0], [1, 1, 1]], trained [True, False] -> [[1, 1, 0], [0, 0, 0]]."""
         return loss_mask(self.mask, self.trained)
 
-    def token_weights(self) -> torch.Tensor | float:
-        """(N, L) mismatch-correction weights of each token's policy loss; 1.0 without a correction."""
-        return 1.0 if self.sampler_weights is None else self.sampler_weights
+    def policy_mask(self) -> torch.Tensor:
+        """(N, L) the tokens whose policy term trains: `loss_mask()` less the tokens that are not `forks`. (Means
+        and counts of a loss stay over `loss_mask()`; the entropy bonus is a mean over these.)
+
+        Example: mask [[1, 1, 0], [1, 1, 1]], trained None, forks [[0, 1, 1], [1, 0, 0]] -> [[0, 1, 0], [1, 0, 0]]."""
+        mask = self.loss_mask()
+        return mask if self.forks is None else mask * self.forks.to(mask.dtype)
+
+    def token_weights(self, correction: bool = True) -> torch.Tensor | float:
+        """(N, L) weights of each token's policy loss: the mismatch correction's (unless not `correction`) times
+        0 on the tokens that are not `forks`; 1.0 without either."""
+        weights = self.sampler_weights if correction and self.sampler_weights is not None else 1.0
+        return weights if self.forks is None else weights * self.forks.to(self.logp.dtype)
+
+    def policy_logp(self) -> torch.Tensor:
+        """`logp` for a sequence-level policy term: its gradient only through the `forks` (the same values).
+
+        Example: logp [[-1, -2]], forks [[True, False]]: sum(policy_logp) = -3, its gradient [[1, 0]]."""
+        return self.logp if self.forks is None else torch.where(self.forks, self.logp, self.logp.detach())
 
     def sequence_weights(self) -> torch.Tensor | float:
         """(N,) mismatch-correction weight of each response (`functional.sequence_weight`); 1.0 without one."""

@@ -37,8 +37,10 @@ def head_chunk(chunk: int | None, vocab_size: int) -> int:
 
 def response_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, prompt_length: int,
                       temperature: float = 1.0, group_size: int = 1, chunk: int | None = None,
-                      packed: bool = True) -> torch.Tensor:
-    """Per-token logprobs (B, L) of the response tokens input_ids[:, P:] given everything before them.
+                      packed: bool = True, entropy: bool = False) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """Per-token logprobs (B, L) of the response tokens input_ids[:, P:] given everything before them; with
+    `entropy`, also the entropy (B, L) of each of those tokens' distributions (softmax of the logits / T, as the
+    sampler records it), from the same logits and differentiable (an entropy bonus's gradient).
 
     Only the positions that predict a response token reach the LM head: P - 1 .. P + L - 2, the last L + 1
     positions minus the final one (the prompt positions before would be computed and thrown away). Where the
@@ -57,28 +59,43 @@ def response_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.Tens
     if group_size > 1 and layout.shares_prompts(model, input_ids, attention_mask, prompt_length, group_size):
         if packed and not is_partitioned(model):
             return _packed_prompt_logprobs(model, input_ids, attention_mask, prompt_length, temperature, group_size,
-                                           chunk)
-        return _shared_prompt_logprobs(model, input_ids, attention_mask, prompt_length, temperature, group_size)
+                                           chunk, entropy)
+        return _shared_prompt_logprobs(model, input_ids, attention_mask, prompt_length, temperature, group_size,
+                                       entropy)
     targets = torch.zeros_like(attention_mask)
     targets[:, prompt_length:] = attention_mask[:, prompt_length:]
-    return target_logprobs(model, input_ids, attention_mask, targets, temperature, chunk)[:, prompt_length - 1:]
+    out = target_logprobs(model, input_ids, attention_mask, targets, temperature, chunk, entropy)
+    return tuple(x[:, prompt_length - 1:] for x in out) if entropy else out[:, prompt_length - 1:]
 
 
 def target_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, targets: torch.Tensor,
-                    temperature: float = 1.0, chunk: int | None = None) -> torch.Tensor:
+                    temperature: float = 1.0, chunk: int | None = None,
+                    entropy: bool = False) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """log p(input_ids[:, t + 1] | <= t) at the positions t whose next token is a target (`targets[:, t + 1]` = 1):
-    (B, T - 1), exactly 0 elsewhere. The LM head sees those positions alone, in chunks where `splits_head`
-    allows (see `response_logprobs`). SFT's loss and every response logprob come from here."""
+    (B, T - 1), exactly 0 elsewhere (with `entropy`, also the entropy of each of those distributions, 0
+    elsewhere). The LM head sees those positions alone, in chunks where `splits_head` allows (see
+    `response_logprobs`). SFT's loss and every response logprob come from here."""
     wanted = targets[:, 1:].bool()                                                           # (B, T - 1)
     if not splits_head(model):
         first = int(wanted.any(0).nonzero()[0]) if wanted.any() else wanted.shape[1] - 1
         logits = lm_logits(model, input_ids, attention_mask, keep=input_ids.shape[1] - first)[:, :-1]
-        logp = F.token_logprobs(logits, input_ids[:, first + 1:], temperature)              # (B, T - 1 - first)
-        return torch.nn.functional.pad(logp, (first, 0)).masked_fill(~wanted, 0.0)
+        labels = input_ids[:, first + 1:]
+        out = F.token_logprobs_and_entropy(logits, labels, temperature) if entropy else \
+            (F.token_logprobs(logits, labels, temperature),)                                # (B, T - 1 - first) each
+        out = tuple(torch.nn.functional.pad(x, (first, 0)).masked_fill(~wanted, 0.0) for x in out)
+        return out if entropy else out[0]
     hidden = decoder_states(model, input_ids, attention_mask, F.position_ids_from_mask(attention_mask))  # (B, T, H)
-    logp = head_logprobs(causal_lm_parts(model)[1], hidden[:, :-1][wanted], input_ids[:, 1:][wanted], temperature,
-                         chunk)
-    return logp.new_zeros(wanted.shape).masked_scatter(wanted, logp)                         # (B, T - 1)
+    out = head_logprobs(causal_lm_parts(model)[1], hidden[:, :-1][wanted], input_ids[:, 1:][wanted], temperature,
+                        chunk, entropy)
+    return _scattered(out, wanted)                                                           # (B, T - 1)
+
+
+def _scattered(values: torch.Tensor | tuple[torch.Tensor, ...], where: torch.Tensor):
+    """Per-position tensors of `where`'s shape holding `values` (one per True position, in order), 0 elsewhere; a
+    tuple of them for a tuple."""
+    if isinstance(values, tuple):
+        return tuple(_scattered(v, where) for v in values)
+    return values.new_zeros(where.shape).masked_scatter(where, values)
 
 
 def micro_batch_ranges(tokens: torch.Tensor, budget: int | None, model) -> list[tuple[int, int]]:
@@ -106,13 +123,16 @@ def in_parts(fn, ranges: list[tuple[int, int]], *tensors: torch.Tensor) -> torch
 
 
 def head_logprobs(head, hidden: torch.Tensor, labels: torch.Tensor, temperature: float = 1.0,
-                  chunk: int | None = None) -> torch.Tensor:
-    """Logprobs (M,) of `labels` (M,) under the LM head applied to `hidden` (M, H): in chunks of `head_chunk` rows
-    for a plain Linear head with more rows than that (`F.linear_token_logprobs`); otherwise the head is called on
-    all rows at once (a LoRA-adapted or quantized head, or few rows)."""
+                  chunk: int | None = None, entropy: bool = False) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """Logprobs (M,) of `labels` (M,) under the LM head applied to `hidden` (M, H) (with `entropy`, also each
+    row's entropy): in chunks of `head_chunk` rows for a plain Linear head with more rows than that
+    (`F.linear_token_logprobs`); otherwise the head is called on all rows at once (a LoRA-adapted or quantized
+    head, or few rows)."""
     rows = head_chunk(chunk, head.weight.shape[0]) if type(head) is torch.nn.Linear else 0
     if 0 < rows < hidden.shape[0]:
-        return F.linear_token_logprobs(hidden, head.weight, head.bias, labels, temperature, rows)
+        return F.linear_token_logprobs(hidden, head.weight, head.bias, labels, temperature, rows, entropy)
+    if entropy:
+        return F.token_logprobs_and_entropy(head(hidden), labels, temperature)
     return F.token_logprobs(head(hidden), labels, temperature)
 
 
@@ -124,23 +144,24 @@ def splits_head(model) -> bool:
     return model_type in layout.SHARED_PROMPT_MODELS and not is_partitioned(model)
 
 
-def _shared_prompt_logprobs(model, input_ids, attention_mask, prompt_length, temperature, group_size):
+def _shared_prompt_logprobs(model, input_ids, attention_mask, prompt_length, temperature, group_size, entropy):
     N, T = input_ids.shape
     L = T - prompt_length
     gather, position_ids, allowed, keep = layout.shared_prompt_layout(attention_mask, prompt_length, group_size)
     packed = input_ids.flatten()[gather]                                                      # (G, P + K L)
     logits = lm_logits(model, packed, layout.custom_mask(model, allowed), keep, position_ids)       # (G, K L, V)
-    return F.token_logprobs(logits.reshape(N, L, -1), input_ids[:, prompt_length:], temperature)
+    score = F.token_logprobs_and_entropy if entropy else F.token_logprobs
+    return score(logits.reshape(N, L, -1), input_ids[:, prompt_length:], temperature)
 
 
-def _packed_prompt_logprobs(model, input_ids, attention_mask, prompt_length, temperature, group_size, chunk):
+def _packed_prompt_logprobs(model, input_ids, attention_mask, prompt_length, temperature, group_size, chunk, entropy):
     gather, position_ids, allowed, source = layout.packed_prompt_layout(attention_mask, prompt_length, group_size)
     hidden = decoder_states(model, input_ids.flatten()[gather], layout.custom_mask(model, allowed), position_ids)  # (G, T', H)
     real = attention_mask[:, prompt_length:].bool()                                          # (N, L)
     head = causal_lm_parts(model)[1]
-    logp = head_logprobs(head, hidden.flatten(0, 1)[source[real]], input_ids[:, prompt_length:][real], temperature,
-                         chunk)                                                              # (real tokens,)
-    return logp.new_zeros(real.shape).masked_scatter(real, logp)                             # (N, L)
+    out = head_logprobs(head, hidden.flatten(0, 1)[source[real]], input_ids[:, prompt_length:][real], temperature,
+                        chunk, entropy)                                                      # (real tokens,)
+    return _scattered(out, real)                                                             # (N, L)
 
 
 def decoder_states(model, input_ids: torch.Tensor, attention_mask: torch.Tensor,

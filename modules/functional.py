@@ -104,38 +104,54 @@ def token_logprobs_and_entropy(logits: torch.Tensor, labels: torch.Tensor,
 
 
 def linear_token_logprobs(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, labels: torch.Tensor,
-                          temperature: float = 1.0, chunk: int = 0) -> torch.Tensor:
+                          temperature: float = 1.0, chunk: int = 0,
+                          with_entropy: bool = False) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """`token_logprobs(hidden @ weight.T + bias, labels, temperature)` for the rows of `hidden` (M, H) with labels
-    (M,) -> (M,) float32, where the LM head's logits (M, V) never exist whole when `chunk` > 0.
+    (M,) -> (M,) float32, where the LM head's logits (M, V) never exist whole when `chunk` > 0. `with_entropy`:
+    also the `entropy` of each row's distribution softmax(logits / T), (M,) float32, differentiable too
+    (`token_logprobs_and_entropy`; an entropy bonus's gradient).
 
-    Forward: `chunk` rows at a time, keeping only each row's logprob. Backward: each chunk's logits are computed
-    again, under the autocast state of the forward, and differentiated on the spot; the weight's (and bias's)
-    gradient is summed over chunks in float32. Peak memory is one chunk's logits and their gradient, (chunk, V),
-    instead of (M, V) several times. The same ops as the plain computation row by row: equal up to float rounding
-    (`tests/test_functional.py`). `chunk` 0 (or >= M) is the plain computation.
+    Forward: `chunk` rows at a time, keeping only each row's logprob (and entropy). Backward: each chunk's logits
+    are computed again, under the autocast state of the forward, and differentiated on the spot; the weight's (and
+    bias's) gradient is summed over chunks in float32. Peak memory is one chunk's logits and their gradient,
+    (chunk, V), instead of (M, V) several times. The same ops as the plain computation row by row: equal up to
+    float rounding (`tests/test_functional.py`). `chunk` 0 (or >= M) is the plain computation.
 
     Example: hidden [[1, 0], [0, 1]], weight [[1, 0], [0, 1], [0, 0]] (V = 3), no bias, labels [0, 2], T = 1:
     logits [[1, 0, 0], [0, 1, 0]], logsumexp = log(e + 2) = 1.5514 in both rows, so logprobs
-    [1 - 1.5514, 0 - 1.5514] = [-0.5514, -1.5514], with any chunk size.
+    [1 - 1.5514, 0 - 1.5514] = [-0.5514, -1.5514], with any chunk size; probabilities (e, 1, 1) / (e + 2) in
+    both rows, so both entropies log(e + 2) - e / (e + 2) = 1.5514 - 0.5761 = 0.9753.
     """
     if chunk <= 0 or chunk >= hidden.shape[0]:
-        return token_logprobs(F.linear(hidden, weight, bias), labels, temperature)
-    return _ChunkedLinearLogprobs.apply(hidden, weight, bias, labels, temperature, chunk)
+        logits = F.linear(hidden, weight, bias)
+        if with_entropy:
+            return token_logprobs_and_entropy(logits, labels, temperature)
+        return token_logprobs(logits, labels, temperature)
+    return _ChunkedLinearLogprobs.apply(hidden, weight, bias, labels, temperature, chunk, with_entropy)
 
 
 class _ChunkedLinearLogprobs(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, hidden, weight, bias, labels, temperature, chunk):
+    def _outputs(h, w, b, y, temperature, with_entropy) -> tuple[torch.Tensor, ...]:
+        """(logprobs,) or (logprobs, entropies) of one chunk of rows."""
+        if with_entropy:
+            return token_logprobs_and_entropy(F.linear(h, w, b), y, temperature)
+        return (token_logprobs(F.linear(h, w, b), y, temperature),)
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, labels, temperature, chunk, with_entropy):
         device = hidden.device.type
         ctx.autocast = {"device_type": device, "enabled": torch.is_autocast_enabled(device),
                         "dtype": torch.get_autocast_dtype(device)}
-        ctx.temperature, ctx.chunk = temperature, chunk
+        ctx.temperature, ctx.chunk, ctx.with_entropy = temperature, chunk, with_entropy
         ctx.save_for_backward(hidden, weight, bias, labels)
-        return torch.cat([token_logprobs(F.linear(h, weight, bias), y, temperature)
-                          for h, y in zip(hidden.split(chunk), labels.split(chunk))])          # (M,)
+        parts = [_ChunkedLinearLogprobs._outputs(h, weight, bias, y, temperature, with_entropy)
+                 for h, y in zip(hidden.split(chunk), labels.split(chunk))]
+        outputs = tuple(torch.cat(column) for column in zip(*parts))                           # each (M,)
+        return outputs if with_entropy else outputs[0]
 
     @staticmethod
-    def backward(ctx, grad):
+    def backward(ctx, *grad):
         hidden, weight, bias, labels = ctx.saved_tensors
         need_h, need_w, need_b = ctx.needs_input_grad[:3]
         grad_h = torch.empty_like(hidden) if need_h else None
@@ -147,9 +163,9 @@ class _ChunkedLinearLogprobs(torch.autograd.Function):
             for start in range(0, hidden.shape[0], ctx.chunk):
                 rows = slice(start, start + ctx.chunk)
                 h = hidden[rows].detach().requires_grad_(need_h)
-                logp = token_logprobs(F.linear(h, w, b), labels[rows], ctx.temperature)      # (chunk,)
+                outputs = _ChunkedLinearLogprobs._outputs(h, w, b, labels[rows], ctx.temperature, ctx.with_entropy)
                 wanted = [t for t, need in ((h, need_h), (w, need_w), (b, need_b)) if need]
-                grads = iter(torch.autograd.grad(logp, wanted, grad[rows]))
+                grads = iter(torch.autograd.grad(outputs, wanted, [g[rows] for g in grad]))
                 if need_h:
                     grad_h[rows] = next(grads)
                 if need_w:
@@ -157,7 +173,24 @@ class _ChunkedLinearLogprobs(torch.autograd.Function):
                 if need_b:
                     grad_b += next(grads)
         return (grad_h, grad_w.to(weight.dtype) if need_w else None, grad_b.to(bias.dtype) if need_b else None,
-                None, None, None)
+                None, None, None, None)
+
+
+def high_entropy_mask(entropy: torch.Tensor, mask: torch.Tensor, top: float,
+                      pool: torch.Tensor | None = None) -> torch.Tensor:
+    """The "forking" tokens of Wang et al. 2025 ("Beyond the 80/20 rule"; TRL's `top_entropy_quantile` rho): the
+    tokens of `mask` whose `entropy` is at least the (1 - top) quantile (linear interpolation, `torch.quantile`) of
+    the entropies in `pool` (default: those under `mask`; the RL module passes every process's). (N, L) -> (N, L)
+    bool. top = 1 keeps every masked token (the threshold is the smallest entropy), top = 0 those at the largest.
+
+    Example: entropy [[0.1, 2.0, 0.5], [1.0, 3.0, 9.9]], mask [[1, 1, 1], [1, 1, 0]], top 0.4: the pool is
+    [0.1, 2.0, 0.5, 1.0, 3.0], sorted [0.1, 0.5, 1.0, 2.0, 3.0]; its 0.6 quantile sits at position 0.6 x 4 = 2.4,
+    1.0 + 0.4 (2.0 - 1.0) = 1.4; so [[0, 1, 0], [0, 1, 0]] (2.0 and 3.0; 9.9 is outside the mask)."""
+    mask = mask.bool()
+    pool = entropy[mask] if pool is None else pool
+    if pool.numel() == 0:
+        return torch.zeros_like(mask)
+    return (entropy >= torch.quantile(pool.float(), 1.0 - top)) & mask
 
 
 def sequence_logprobs(token_logps: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

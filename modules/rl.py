@@ -156,6 +156,20 @@ class RLModule(TrainedOnlyCheckpoints, L.LightningModule):
         logprob_chunk: tokens per LM-head chunk in every logprob pass (policy, reference, evaluation;
             `modules.forward.head_chunk`): None (default) keeps each chunk's fp32 logits under 2**24 values, so the
             (tokens, vocabulary) logits never exist whole; 0 computes them whole. Exact up to float rounding.
+        entropy_coef: an entropy bonus (TRL's `entropy_coef`, veRL's `entropy_coeff`, OpenRLHF's
+            `entropy_loss_coef`): the loss becomes the objective's minus entropy_coef x the current policy's mean
+            per-token entropy (of softmax(logits / T), computed with the logprobs and differentiated) over the tokens
+            the policy loss trains on (with `top_entropy_quantile`, its forking tokens), whatever the objective's own
+            normalisation; the minibatch's mean, micro-batched or not. Logged as `train/update_entropy`. 0 (default):
+            off, and no entropy is computed in the update.
+        top_entropy_quantile: rho of Wang et al. 2025, "Beyond the 80/20 rule" (TRL's `top_entropy_quantile`,
+            which it recommends at 0.2): the policy gradient flows through the "forking" tokens alone, those whose
+            entropy under pi_old is in the top rho of the rollout's trained tokens (every process's;
+            `functional.high_entropy_mask`). Token-level losses (GRPO's, PPO's) weight the other tokens' policy terms
+            by 0, as TRL does; sequence-level ones (P3O, RLOO, online DPO) take their logprobs without a gradient
+            there. KL terms and normalisers are unchanged. The mask is set once per rollout from pi_old's entropies
+            (the sampler's, or those of pi_old's forward pass); TRL takes the current policy's per micro-batch, the
+            same tokens on a rollout's first update. `train/forking_tokens` logs the share kept. 1 (default): off.
     """
 
     def __init__(self, policy: BackboneSpec, tokenizer: str, reward: Callable, objective: Objective,
@@ -167,7 +181,8 @@ class RLModule(TrainedOnlyCheckpoints, L.LightningModule):
                  value_model: BackboneSpec | None = None, nonfinite_reward: float | None = None,
                  old_logprobs: str = "auto", share_prompts: bool = True, logprob_chunk: int | None = None,
                  micro_batch_tokens: int | None = 1024, engine: Engine | None = None,
-                 prompt_layout: Literal["packed", "padded"] = "packed", reward_timeout: float | None = DEFAULT_TIMEOUT):
+                 prompt_layout: Literal["packed", "padded"] = "packed", reward_timeout: float | None = DEFAULT_TIMEOUT,
+                 entropy_coef: float = 0.0, top_entropy_quantile: float = 1.0):
         super().__init__()
         self.save_hyperparameters(ignore=["reward", "objective", "engine"])
         self.automatic_optimization = False
@@ -210,6 +225,12 @@ class RLModule(TrainedOnlyCheckpoints, L.LightningModule):
         if prompt_layout not in ("packed", "padded"):
             raise ValueError(f"RLModule: prompt_layout={prompt_layout!r}; expected 'packed' or 'padded'")
         self.prompt_layout = prompt_layout
+        if not math.isfinite(entropy_coef):
+            raise ValueError(f"RLModule: entropy_coef={entropy_coef}; expected a finite number (0: off)")
+        if not 0 <= top_entropy_quantile <= 1:
+            raise ValueError(f"RLModule: top_entropy_quantile={top_entropy_quantile}; expected 0 <= rho <= 1 (TRL "
+                             "recommends 0.2; 1: every token)")
+        self.entropy_coef, self.top_entropy_quantile = entropy_coef, top_entropy_quantile
         self.engine = engine or Sampler()
         self.policy = self.reference = self.value = None
         self.rollout: Rollout | None = None
@@ -289,26 +310,30 @@ class RLModule(TrainedOnlyCheckpoints, L.LightningModule):
             count = int(self.trainer.strategy.reduce(torch.tensor(count, device=self.device), reduce_op="max"))
         return [rows[a * K: b * K] for a, b in layout.micro_batch_groups(tokens, self.micro_batch_tokens, count)]
 
-    def logprobs(self, model, rollout: Rollout, temperature: float | None = None) -> torch.Tensor:
+    def logprobs(self, model, rollout: Rollout, temperature: float | None = None,
+                 entropy: bool = False) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         """Per-token response logprobs (N, L) at the sampling temperature (or `temperature`): the one place they
-        are computed, one forward per micro-batch.
+        are computed, one forward per micro-batch. `entropy`: (logprobs, entropies), both (N, L).
 
         0 after each response (outside `response_mask`), as the sampler records pi_old: the padding positions'
         values mean nothing, and exactly 0 keeps every objective's ratio and KL finite there (exp(logp - ref) of
         two arbitrary pad logprobs could overflow, and inf x mask 0 is NaN). No gradient reaches those positions."""
         T = self.sampling.temperature if temperature is None else temperature
-        return torch.cat([self._part_logprobs(model, rollout.select(rows), T) for rows in self.micro_batches(rollout)])
+        parts = [self._part_logprobs(model, rollout.select(rows), T, entropy) for rows in self.micro_batches(rollout)]
+        return tuple(torch.cat(column) for column in zip(*parts)) if entropy else torch.cat(parts)
 
     def values(self, rollout: Rollout) -> torch.Tensor:
         """Value estimates (N, L): V of the state before each response token (read at the previous position)."""
         return torch.cat([self._part_values(rollout.select(rows)) for rows in self.micro_batches(rollout)])
 
-    def _part_logprobs(self, model, part: Rollout, temperature: float) -> torch.Tensor:
+    def _part_logprobs(self, model, part: Rollout, temperature: float,
+                       entropy: bool = False) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         """`logprobs` of one micro-batch, in one forward."""
-        logp = response_logprobs(model, part.input_ids, part.attention_mask, part.prompt_length, temperature,
-                                 part.group_size if self.share_prompts else 1, self.logprob_chunk,
-                                 packed=self.prompt_layout == "packed")
-        return logp.masked_fill(~part.response_mask.bool(), 0.0)
+        out = response_logprobs(model, part.input_ids, part.attention_mask, part.prompt_length, temperature,
+                                part.group_size if self.share_prompts else 1, self.logprob_chunk,
+                                packed=self.prompt_layout == "packed", entropy=entropy)
+        outside = ~part.response_mask.bool()
+        return tuple(x.masked_fill(outside, 0.0) for x in out) if entropy else out.masked_fill(outside, 0.0)
 
     def _part_values(self, part: Rollout) -> torch.Tensor:
         """`values` of one micro-batch, in one forward."""
@@ -389,8 +414,15 @@ class RLModule(TrainedOnlyCheckpoints, L.LightningModule):
         roll.timings.update({f"train/{name}": mean for name, mean in self.logged_means(logged).items()})
         if self.keep_groups is not None:
             roll = self.keep_informative(roll)
+        forks = self.top_entropy_quantile < 1                 # (the mask needs pi_old's entropies)
         if not from_sampler:
-            roll.sampler_logp, roll.old_logp = roll.old_logp, self.logprobs(self.policy, roll)
+            roll.sampler_logp = roll.old_logp
+            if forks:
+                roll.old_logp, roll.entropy = self.logprobs(self.policy, roll, entropy=True)
+            else:
+                roll.old_logp = self.logprobs(self.policy, roll)
+        elif forks and roll.entropy is None:                 # (an engine that records no entropies)
+            roll.entropy = self.logprobs(self.policy, roll, entropy=True)[1]
         if roll.sampler_logp is not None:
             self.check_sampler(roll)
         with self.reference_model() as ref:
@@ -486,7 +518,22 @@ class RLModule(TrainedOnlyCheckpoints, L.LightningModule):
                               rewards=roll.rewards, group_size=roll.group_size, values=values,
                               old_values=roll.values, extra=extra, max_new_tokens=self.sampling.max_new_tokens,
                               tokens_per_rank=tokens_per_rank, sampler_weights=roll.sampler_weights,
-                              pair_rewards=roll.pair_rewards, trained=trained, sampler_logp=roll.sampler_logp)
+                              pair_rewards=roll.pair_rewards, trained=trained, sampler_logp=roll.sampler_logp,
+                              forks=roll.forks)
+
+    def forking_tokens(self, roll: Rollout) -> torch.Tensor:
+        """(N, L) bool: the trained tokens whose pi_old entropy is in the top `top_entropy_quantile` of every
+        process's (`functional.high_entropy_mask`, the quantile over all of them, as TRL gathers them)."""
+        mask = loss_mask(roll.response_mask, self.trained_rows(roll)).bool()
+        pool = roll.entropy[mask].float()
+        if self._trainer is not None and self.trainer.world_size > 1:           # (-1: padding; entropies are >= 0)
+            longest = int(self.trainer.strategy.reduce(torch.tensor(float(len(pool)), device=self.device), reduce_op="max"))
+            padded = torch.cat([pool, pool.new_full((longest - len(pool),), -1.0)])
+            pool = self.all_gather(padded).flatten()
+            pool = pool[pool >= 0]
+        forks = F.high_entropy_mask(roll.entropy, mask, self.top_entropy_quantile, pool)
+        roll.timings["train/forking_tokens"] = float(forks.sum() / mask.sum().clamp(min=1))
+        return forks
 
     def trained_rows(self, roll: Rollout) -> torch.Tensor | None:
         """(N,) bool: the responses the loss trains on (those that emitted EOS, with `mask_truncated`); None: all."""
@@ -507,6 +554,8 @@ class RLModule(TrainedOnlyCheckpoints, L.LightningModule):
         if self.mask_truncated:
             self.warn_if_all_cut_off(roll)
         t0, sums, updates = time.perf_counter(), defaultdict(float), 0
+        if self.top_entropy_quantile < 1:
+            roll.forks = self.forking_tokens(roll)
         extra = self.objective.prepare(self.objective_input(roll, roll.old_logp, {}))
         for epoch in range(self.epochs):
             for index, rows in enumerate(self.minibatches(roll)):
@@ -585,8 +634,12 @@ class RLModule(TrainedOnlyCheckpoints, L.LightningModule):
         `separable_groups` (all shipped ones), two for any other, except on the `first` minibatch after a rollout
         without dropout (`rollout_passes_reusable`): no step has happened since the rollout's passes, so the first
         of the two is the rollout's pi_old and old values (equal within float rounding, tested) and is skipped."""
-        def loss(logp: torch.Tensor, values: torch.Tensor | None) -> ObjectiveOutput:
-            out = self.objective(self.objective_input(sub, logp, extra, values, tokens))
+        def loss(logp: torch.Tensor, values: torch.Tensor | None, entropy: torch.Tensor | None) -> ObjectiveOutput:
+            batch = self.objective_input(sub, logp, extra, values, tokens)
+            out = self.objective(batch)
+            if entropy is not None:                                   # the entropy bonus (`entropy_coef`)
+                bonus = F.masked_mean(entropy, batch.policy_mask())
+                out = ObjectiveOutput(out.loss - self.entropy_coef * bonus, {**out.metrics, "update_entropy": bonus.detach()})
             self.stop_unless_finite(out.loss.detach(), "loss", where)
             return out
 
@@ -595,8 +648,11 @@ class RLModule(TrainedOnlyCheckpoints, L.LightningModule):
             out = loss(*self._forward_part(sub))
             self._backward(out.loss)
             return out
+        entropy = None
+        if self.entropy_coef:             # (rows not yet run hold these; the bonus is linear in them: exact either way)
+            entropy = sub.entropy if sub.entropy is not None else torch.zeros_like(sub.old_logp)
         return accumulate(parts, lambda rows: self._forward_part(sub.select(rows)), loss, self._backward,
-                          (sub.old_logp, sub.values if self.value is not None else None),
+                          (sub.old_logp, sub.values if self.value is not None else None, entropy),
                           self.objective.separable_groups, first and self.rollout_passes_reusable(sub), self.device)
 
     def rollout_passes_reusable(self, sub: Rollout) -> bool:
@@ -605,10 +661,14 @@ class RLModule(TrainedOnlyCheckpoints, L.LightningModule):
         no_dropout = not self.policy_spec.dropout and not (self.value_spec is not None and self.value_spec.dropout)
         return no_dropout and sub.old_logp is not None and (self.value is None or sub.values is not None)
 
-    def _forward_part(self, part: Rollout) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """(logprobs, values or None) of one micro-batch, in one forward each."""
-        logp = self._part_logprobs(self.policy, part, self.sampling.temperature)
-        return logp, self._part_values(part) if self.value is not None else None
+    def _forward_part(self, part: Rollout) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+        """(logprobs, values or None, entropies or None: with `entropy_coef`) of one micro-batch, in one forward
+        each."""
+        values = self._part_values(part) if self.value is not None else None
+        if self.entropy_coef:
+            logp, entropy = self._part_logprobs(self.policy, part, self.sampling.temperature, entropy=True)
+            return logp, values, entropy
+        return self._part_logprobs(self.policy, part, self.sampling.temperature), values, None
 
     def _backward(self, loss: torch.Tensor) -> None:
         self.manual_backward(loss) if self._trainer is not None else loss.backward()

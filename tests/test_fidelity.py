@@ -234,18 +234,24 @@ def ragged_case(seed: int, spread: float, centre: float = 0.5):
 
 
 def trl_grpo_loss(coef_1, adv, logp, ref, mask, loss_type: str, eps_low: float, eps_high: float, beta: float = 0.04,
-                  use_bias_correction_kl: bool = False, delta: float | None = None):
+                  use_bias_correction_kl: bool = False, delta: float | None = None, entropy_mask=None, is_ratio=None):
     """TRL 1.16's `_compute_loss` from the ratios on: coef_2 = clamp(coef_1, 1 - eps_low, 1 + eps_high),
     -min(coef_1 A, coef_2 A) + beta k3 per token (k3 times coef_1 with `use_bias_correction_kl`, TRL's default; ours
     is `kl_bias_correction`, off by default), then 'grpo' (the mean over sequences of each one's token mean) or the
-    token mean of the batch ('bnpo', and 'dapo' on one process)."""
+    token mean of the batch ('bnpo', and 'dapo' on one process). `entropy_mask` (`top_entropy_quantile`) and
+    `is_ratio` (the vLLM correction) multiply the policy term, in TRL's order."""
     coef_2 = torch.clamp(coef_1, 1 - eps_low, 1 + eps_high)
     kl = torch.exp(ref - logp) - (ref - logp) - 1
     if use_bias_correction_kl:
         kl = kl * coef_1
     if delta is not None:                                   # INTELLECT-2's two-sided clipping (TRL's `delta`)
         coef_1 = torch.clamp(coef_1, max=delta)
-    per_token = -torch.min(coef_1 * adv, coef_2 * adv) + beta * kl
+    per_token = -torch.min(coef_1 * adv, coef_2 * adv)
+    if entropy_mask is not None:                            # (TRL's `top_entropy_quantile`)
+        per_token = per_token * entropy_mask
+    if is_ratio is not None:                                # (TRL's `importance_sampling_ratio`: vLLM's correction)
+        per_token = per_token * is_ratio
+    per_token = per_token + beta * kl
     if loss_type == "grpo":
         return ((per_token * mask).sum(-1) / mask.sum(-1).clamp(min=1.0)).mean()
     return (per_token * mask).sum() / mask.sum().clamp(min=1.0)
@@ -272,7 +278,8 @@ def test_grpo_clip_higher_equals_trls_epsilon_high(loss_type):
 
 
 def trl_loss_types(logp, old, ref, adv, mask, loss_type: str, level: str, is_ratio=None, beta: float = 0.04,
-                   eps: float = 0.2, eps_high: float = 5.0, sapo=(1.0, 1.05), vespo=(2.0, 3.0, 3.0, 2.0)):
+                   eps: float = 0.2, eps_high: float = 5.0, sapo=(1.0, 1.05), vespo=(2.0, 3.0, 3.0, 2.0),
+                   entropy_mask=None):
     """TRL 1.16's `GRPOTrainer._compute_loss` and `get_gamma_weights` for 'cispo', 'sapo', 'luspo' and 'vespo',
     written out line by line on one process without accumulation (so 'cispo' and 'vespo' normalise by the batch's
     tokens). `eps_high` is TRL's `epsilon_high`, which 'cispo' takes as its bound; `is_ratio` TRL's
@@ -304,6 +311,8 @@ def trl_loss_types(logp, old, ref, adv, mask, loss_type: str, level: str, is_rat
             phi_seq = torch.exp(lambda_seq + k_seq * log_w_seq - lambda_seq * torch.exp(log_w_seq)).nan_to_num(
                 nan=0.0, posinf=0.0, neginf=0.0)
         per_token_loss = -phi_seq * adv * logp
+    if entropy_mask is not None:                                # (TRL's `top_entropy_quantile`)
+        per_token_loss = per_token_loss * entropy_mask
     if is_ratio is not None and loss_type != "vespo":
         per_token_loss = per_token_loss * is_ratio
     per_token_loss = per_token_loss + beta * per_token_kl
@@ -338,6 +347,40 @@ def test_cispo_sapo_luspo_vespo_equal_trls(loss_type, level, correction):
     loss.backward()
     assert value.item() == pytest.approx(loss.item(), abs=1e-6)
     assert torch.allclose(g, theirs.grad, atol=1e-6)
+
+
+FORK_CASES = [("grpo", "token"), ("dapo", "token"), ("cispo", "token"), ("sapo", "sequence"), ("luspo", "sequence"),
+              ("vespo", "token")]
+
+
+@pytest.mark.parametrize("loss_type, level", FORK_CASES, ids=[f"{t}-{lv}" for t, lv in FORK_CASES])
+def test_forking_tokens_equal_trls_top_entropy_quantile(loss_type, level):
+    """TRL 1.16's `top_entropy_quantile`: its `entropy_mask` multiplies each token's policy term (after the
+    off-policy mask, before the vLLM weights and the KL term), here with a mismatch correction too: GRPO given the
+    same mask as `forks` has the same loss and gradient for every loss type, and a different one without it."""
+    logp, old, ref, mask, rewards = ragged_case(3, spread=1.0)
+    torch.manual_seed(3)
+    forks = (torch.rand(4, 5) > 0.5) & mask.bool()
+    weights = (torch.rand(4, 5) + 0.5) * mask
+    batch = make_input(logp.tolist(), old.tolist(), ref.tolist(), rewards.tolist(), mask=mask.tolist(),
+                       tokens_per_rank=float(mask.sum()), sampler_weights=weights, forks=forks)
+    objective = GRPO(k=2, kl_coef=0.04, loss_type=loss_type, importance_sampling_level=level, cispo_max=1.5)
+    value, g = grad(objective, batch)
+    batch.forks = None
+    _, unmasked = grad(objective, batch)
+
+    theirs = logp.clone().requires_grad_(True)
+    adv = group_normalized_advantages(rewards, 2)[:, None]
+    is_ratio = torch.where(mask.bool(), weights, 1.0)
+    if loss_type in ("grpo", "dapo"):
+        loss = trl_grpo_loss(torch.exp(theirs - old), adv, theirs, ref, mask, loss_type, 0.2, 0.2,
+                             entropy_mask=forks.float(), is_ratio=is_ratio)
+    else:
+        loss = trl_loss_types(theirs, old, ref, adv, mask, loss_type, level, is_ratio, eps_high=1.5,
+                              entropy_mask=forks.float())
+    loss.backward()
+    assert value.item() == pytest.approx(loss.item(), abs=1e-6)
+    assert torch.allclose(g, theirs.grad, atol=1e-6) and not torch.allclose(g, unmasked, atol=1e-4)
 
 
 @pytest.mark.parametrize("level", ["token", "sequence"])

@@ -245,7 +245,7 @@ CASES = {
     "sft": ("sft", {"micro_batch_tokens": 40}, False),
     "reward": ("reward", {"micro_batch_tokens": 60}, False),
     "p3o": ("rl", {"micro_batch_tokens": 40}, True),
-    "ppo": ("rl", {}, True),
+    "ppo": ("rl", {"entropy_coef": 0.01, "top_entropy_quantile": 0.5}, True),    # the entropy in the loss too
     "p3o_lora": ("rl", {"policy": {"lora": {"r": 4, "lora_alpha": 8}}}, True),    # pairwise reward, a judge
 }
 
@@ -288,17 +288,18 @@ def run_case(tmp_path, sft_dir: str, reward_dir: str, case: str, name: str, pref
 @pytest.mark.slow
 @pytest.mark.parametrize("case", list(CASES))
 def test_fsdp2_trains_like_ddp_and_exports_whole_weights(tmp_path, sft_dir, reward_dir, preference_dir, case):
-    """A run on 2 CPU processes under FSDP2 (every model sharded: policy, reference, value, the reward stage's scorer, the
-    P3O run's reward model (inside a composed reward), the LoRA P3O run's LLM judge as its pairwise reward and its
-    evaluation's preference-model judge; LoRA adapters over a sharded base; SFT, reward and P3O in micro-batches, whose
-    count the ranks agree on): each rank trains on its own prompts and both end with the same weights. The RL runs equal
-    the same run under DDP within 1e-6 (float rounding of a reduce-scatter instead of an all-reduce), evaluation
-    included (LoRA P3O: its metrics, the judge's win rate among them, within 1e-6). LoRA P3O's weights are within 5e-6
-    (measured 1.3e-6): it trains on the tiny LLM judge's verdicts asked in both orders, (f(a, b) - f(b, a)) / 2, about
-    3e-5 where f itself is about 0.24 (position bias), so the sharded judge's rounding (about 1e-7, within the 1e-5
-    tested above) is a few thousandths of the signal, and AdamW's normalised step passes that on to the weights. The
-    FSDP2 export, gathered on rank 0, loads with plain transformers and holds exactly the trained weights (LoRA merged:
-    compared with DDP's export)."""
+    """A run on 2 CPU processes under FSDP2 (every model sharded: policy, reference, value, the reward stage's
+    scorer, the P3O run's reward model (inside a composed reward), the LoRA P3O run's LLM judge as its pairwise
+    reward and its evaluation's preference-model judge; LoRA adapters over a sharded base; SFT, reward and P3O in
+    micro-batches, whose count the ranks agree on): each rank trains on its own prompts and both end with the same
+    weights. The RL runs equal the same run under DDP within 1e-6 (float rounding of a reduce-scatter instead of an
+    all-reduce), evaluation included (PPO with an entropy bonus and forking tokens over both processes' entropies;
+    LoRA P3O: its metrics, the judge's win rate among them, within 1e-6). LoRA P3O's weights are within 5e-6
+    (measured 1.3e-6): it trains on the tiny LLM judge's verdicts asked in both orders, (f(a, b) - f(b, a)) / 2,
+    about 3e-5 where f itself is about 0.24 (position bias), so the sharded judge's rounding (about 1e-7, within the
+    1e-5 tested above) is a few thousandths of the signal, and AdamW's normalised step passes that on to the
+    weights. The FSDP2 export, gathered on rank 0, loads with plain transformers and holds exactly the trained
+    weights (LoRA merged: compared with DDP's export)."""
     stage, _, against_ddp = CASES[case]
     tolerance = 5e-6 if case == "p3o_lora" else 1e-6
     digests, exports = {}, {}

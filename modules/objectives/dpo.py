@@ -40,7 +40,7 @@ class OnlineDPO(Objective):
     def forward(self, batch: ObjectiveInput) -> ObjectiveOutput:
         if batch.group_size != 2:
             raise ValueError(f"OnlineDPO needs 2 responses per prompt, got group_size={batch.group_size}")
-        implicit = F.sequence_logprobs(batch.logp, batch.mask) - F.sequence_logprobs(batch.ref_logp, batch.mask)
+        implicit = F.sequence_logprobs(batch.policy_logp(), batch.mask) - F.sequence_logprobs(batch.ref_logp, batch.mask)
         h1, h2 = pair_view(implicit)                                     # (P,) implicit rewards
         if batch.pair_rewards is None:
             r1, r2 = pair_view(batch.rewards.float())

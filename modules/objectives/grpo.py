@@ -184,7 +184,7 @@ class GRPO(Objective):
         elif self.loss_type == "vespo":     # the mismatch correction enters the sequence weight, not the loss
             log_sampler = None if batch.sampler_weights is None else batch.sampler_weights.log()
             phi = F.vespo_weights(token_log_ratio, batch.mask, adv, log_sampler, **self.vespo)             # (N, 1)
-            surrogate, weights = phi * adv * batch.logp, 1.0
+            surrogate, weights = phi * adv * batch.logp, batch.token_weights(correction=False)
             metrics["vespo_weight_mean"] = phi.mean()
         else:
             surrogate = F.clipped_surrogate(log_ratio, adv, self.clip_eps, self.dual_clip, self.clip_eps_high)

@@ -156,7 +156,7 @@ class P3O(Objective):
         K = self.responses_per_prompt
         if batch.group_size != K:
             raise ValueError(f"P3O(k={K}) needs {K} responses per prompt, got group_size={batch.group_size}")
-        logp = F.sequence_logprobs(batch.logp, batch.mask)                 # (N,)
+        logp = F.sequence_logprobs(batch.policy_logp(), batch.mask)        # (N,) (forks: their gradient alone)
         old = F.sequence_logprobs(batch.old_logp, batch.mask)              # (N,)
         ref = F.sequence_logprobs(batch.ref_logp, batch.mask)              # (N,)
         i, j = group_pairs(len(logp), K, logp.device)                     # (P,) each

@@ -62,7 +62,7 @@ class RLOO(Objective):
         return {"advantages": self.advantages(batch.rewards, old, ref, batch.group_size)}
 
     def forward(self, batch: ObjectiveInput) -> ObjectiveOutput:
-        logp = F.sequence_logprobs(batch.logp, batch.mask)                  # (N,)
+        logp = F.sequence_logprobs(batch.policy_logp(), batch.mask)         # (N,) (forks: their gradient alone)
         old = F.sequence_logprobs(batch.old_logp, batch.mask)               # (N,)
         ref = F.sequence_logprobs(batch.ref_logp, batch.mask)               # (N,)
         if self.kl_on_current_policy:
