@@ -44,7 +44,7 @@ def test_chunked_lm_head_logprobs_and_gradients_equal_the_whole_logits(tokenizer
     calls = []
     plain_linear = modules.functional.linear_token_logprobs
     monkeypatch.setattr(modules.functional, "linear_token_logprobs",
-                        lambda hidden, *a: calls.append((hidden.shape[0], a[-1])) or plain_linear(hidden, *a))
+                        lambda hidden, *a: calls.append((hidden.shape[0], a[4])) or plain_linear(hidden, *a))  # (a[4]: chunk)
     config = {**TINY_SHAPE, "model_type": "llama", "num_key_value_heads": 1}
     model = build_causal_lm(BackboneSpec(config=config, lora={"r": 4} if lora else None), tokenizer)
     ids, mask, response_mask = grouped_rows(tokenizer)
