@@ -21,12 +21,15 @@ gradient checkpointing on and its chunked LM head. Points:
   L32, base (L128), L512     response length at 32 responses, vocabulary 49,152
   N16, base (N32), N64       responses per rollout at 128 tokens
   V151936                    a vocabulary of 151,936 (Qwen's size): SmolLM2's tokenizer with added tokens
-Our variants (`--ours`): `defaults` (the library as shipped: since 0.3.0 `micro_batch_tokens: 1024` and the
-policy checkpointed), `whole` (one pass per rollout and per minibatch, no checkpointing: the defaults before 0.3.0),
+Our variants (`--ours`): `defaults` (the library as shipped: since 0.3.0 `micro_batch_tokens: 1024` and the policy
+checkpointed), `whole` (one pass per rollout and per minibatch, no checkpointing: the defaults before 0.3.0),
 `micro` (`micro_batch_tokens: 2048`), `micro+ckpt` (+ `activation_checkpointing: true`), `micro512+ckpt` (512
-tokens, checkpointed: `configs/presets/rl_low_memory.yaml`). `--strategies ddp fsdp2` runs each of our variants
-also on 2 CPU processes (gloo; the strategies of `configs/presets/ddp_cpu.yaml` and `fsdp_cpu.yaml`), at the
-same global work and threads: each rank rolls out and updates half the prompts on half the threads. Its peak is
+tokens, checkpointed: `configs/presets/rl_low_memory.yaml`), `defaults+entropy` (the defaults with an entropy
+bonus, `entropy_coef: 0.01`, and the forking tokens, `top_entropy_quantile: 0.2`: what the entropy in the loss
+costs; TRL computes the entropies in every training forward, whether its options use them or not). `--strategies
+ddp fsdp2` runs each of our variants also on 2 CPU processes (gloo; the strategies of
+`configs/presets/ddp_cpu.yaml` and `fsdp_cpu.yaml`), at the same global work and threads: each rank rolls out and
+updates half the prompts on half the threads. Its peak is
 the larger rank's (the progress line gives both, and their sum: what the machine holds).
 
 `--build`: the peak memory of building our RL module's models alone (the policy and a full fine-tune's reference
@@ -70,7 +73,9 @@ POINTS = {"L32": (32, 16, 49152), "base": (128, 16, 49152), "L512": (512, 16, 49
 QUICK_POINTS = {"base": (8, 4, 49152), "N16": (8, 8, 49152), "V151936": (8, 4, 151936)}
 OURS = {"defaults": ["--library-defaults"], "whole": [], "micro": ["--micro-batch-tokens", "2048"],
         "micro+ckpt": ["--micro-batch-tokens", "2048", "--checkpointing"],
-        "micro512+ckpt": ["--micro-batch-tokens", "512", "--checkpointing"]}
+        "micro512+ckpt": ["--micro-batch-tokens", "512", "--checkpointing"],
+        # the defaults with the entropy in the loss (`entropy_coef`, `top_entropy_quantile` at TRL's suggested 0.2)
+        "defaults+entropy": ["--library-defaults", "--entropy-coef", "0.01", "--top-entropy-quantile", "0.2"]}
 
 
 class VocabularyOnly:

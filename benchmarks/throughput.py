@@ -92,6 +92,7 @@ def run_ours(shape: dict, rollouts: int, args) -> dict:
                 "sampling": {"max_new_tokens": args.new_tokens}, "epochs": args.epochs,
                 "minibatch_groups": args.minibatch_prompts // processes(args),
                 **({} if args.library_defaults else {"micro_batch_tokens": args.micro_batch_tokens}),
+                "entropy_coef": args.entropy_coef, "top_entropy_quantile": args.top_entropy_quantile,
                 "optimizer": {"init_args": {"lr": 1e-6}}}},
             "data": {"init_args": {"tokenizer": args.tokenizer, "batch_size": args.prompts // processes(args),
                                    "source": {"init_args": {"num_train": args.prompts * max(rollouts, 1), "num_val": 8}}}},
@@ -181,6 +182,8 @@ def add_work_arguments(parser: argparse.ArgumentParser) -> None:
         parser.add_argument(f"--{name}", type=int, default=default, help=argparse.SUPPRESS)
     parser.add_argument("--tokenizer", default=TOKENIZER, help=argparse.SUPPRESS)
     parser.add_argument("--checkpointing", action="store_true", help=argparse.SUPPRESS)       # ours
+    parser.add_argument("--entropy-coef", type=float, default=0.0, help=argparse.SUPPRESS)    # ours: the entropy
+    parser.add_argument("--top-entropy-quantile", type=float, default=1.0, help=argparse.SUPPRESS)   # in the loss
     # Ours as the library ships it (micro-batches and checkpointing at their defaults); without it, ours runs one
     # pass per minibatch without checkpointing (this script's own comparison: each side's fastest setting) unless
     # --micro-batch-tokens / --checkpointing say otherwise.
