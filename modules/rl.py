@@ -36,6 +36,7 @@ from modules.batch import ObjectiveInput, ObjectiveOutput, Rollout, loss_mask
 from modules.checkpoints import TrainedOnlyCheckpoints, frozen_names, is_frozen
 from modules.checks import ConfigError, check_positions
 from modules.engines import Engine, Sampler, SamplerMismatchError
+from modules.entropy import EntropyControl
 from modules.export import export_model
 from modules.forward import response_logprobs, token_scores
 from modules.objectives.base import Objective
@@ -160,8 +161,19 @@ class RLModule(TrainedOnlyCheckpoints, L.LightningModule):
             `entropy_loss_coef`): the loss becomes the objective's minus entropy_coef x the current policy's mean
             per-token entropy (of softmax(logits / T), computed with the logprobs and differentiated) over the tokens
             the policy loss trains on (with `top_entropy_quantile`, its forking tokens), whatever the objective's own
-            normalisation; the minibatch's mean, micro-batched or not. Logged as `train/update_entropy`. 0 (default):
-            off, and no entropy is computed in the update.
+            normalisation; the minibatch's mean, micro-batched or not. Logged as `train/update_entropy`, the
+            coefficient as `train/entropy_coef`. 0 (default): off, and no entropy is computed in the update (unless
+            `entropy_target` is set). A negative coefficient is an entropy penalty.
+        entropy_target: adaptive entropy control (Skywork-OR1; TRL's `use_adaptive_entropy` with its
+            `entropy_target`), in nats: `entropy_coef` is then the starting coefficient, moved by
+            `entropy_coef_delta` after every optimizer step, up while that step's mean entropy (every process's
+            trained tokens) is at or below the target, down otherwise, within [`entropy_coef_min`,
+            `entropy_coef_max`]; the bonus applies only while the last step's entropy was at or below the target
+            (`modules.entropy.EntropyControl`; checkpointed). Set it near the entropy you see early in training
+            (`train/entropy`). None (default): the coefficient stays `entropy_coef`.
+        entropy_coef_delta: the adaptive coefficient's step (TRL's default 0.005).
+        entropy_coef_min: the adaptive coefficient's lower bound (0).
+        entropy_coef_max: the adaptive coefficient's upper bound (1).
         top_entropy_quantile: rho of Wang et al. 2025, "Beyond the 80/20 rule" (TRL's `top_entropy_quantile`,
             which it recommends at 0.2): the policy gradient flows through the "forking" tokens alone, those whose
             entropy under pi_old is in the top rho of the rollout's trained tokens (every process's;
@@ -182,7 +194,8 @@ class RLModule(TrainedOnlyCheckpoints, L.LightningModule):
                  old_logprobs: str = "auto", share_prompts: bool = True, logprob_chunk: int | None = None,
                  micro_batch_tokens: int | None = 1024, engine: Engine | None = None,
                  prompt_layout: Literal["packed", "padded"] = "packed", reward_timeout: float | None = DEFAULT_TIMEOUT,
-                 entropy_coef: float = 0.0, top_entropy_quantile: float = 1.0):
+                 entropy_coef: float = 0.0, top_entropy_quantile: float = 1.0, entropy_target: float | None = None,
+                 entropy_coef_delta: float = 0.005, entropy_coef_min: float = 0.0, entropy_coef_max: float = 1.0):
         super().__init__()
         self.save_hyperparameters(ignore=["reward", "objective", "engine"])
         self.automatic_optimization = False
@@ -230,7 +243,16 @@ class RLModule(TrainedOnlyCheckpoints, L.LightningModule):
         if not 0 <= top_entropy_quantile <= 1:
             raise ValueError(f"RLModule: top_entropy_quantile={top_entropy_quantile}; expected 0 <= rho <= 1 (TRL "
                              "recommends 0.2; 1: every token)")
-        self.entropy_coef, self.top_entropy_quantile = entropy_coef, top_entropy_quantile
+        if entropy_target is not None and not (math.isfinite(entropy_target) and entropy_target >= 0):
+            raise ValueError(f"RLModule: entropy_target={entropy_target}; expected an entropy >= 0 in nats, or null "
+                             "(a constant entropy_coef)")
+        if entropy_target is not None and not (entropy_coef_delta > 0 and entropy_coef_min <= entropy_coef_max):
+            raise ValueError(f"RLModule: entropy_coef_delta={entropy_coef_delta}, entropy_coef_min={entropy_coef_min}, "
+                             f"entropy_coef_max={entropy_coef_max}; expected delta > 0 and min <= max")
+        self.top_entropy_quantile = top_entropy_quantile
+        self.entropy_control = EntropyControl(entropy_coef, entropy_target, entropy_coef_delta, entropy_coef_min,
+                                              entropy_coef_max)
+        self._entropy_sums: torch.Tensor | None = None     # (entropy sum, tokens) of the last minibatch's bonus
         self.engine = engine or Sampler()
         self.policy = self.reference = self.value = None
         self.rollout: Rollout | None = None
@@ -621,6 +643,11 @@ class RLModule(TrainedOnlyCheckpoints, L.LightningModule):
         if self.max_grad_norm is not None:
             self.clip_grad_norm(optimizer, params, grad_norm)
         optimizer.step()
+        if self.entropy_control.target is not None:         # the adaptive coefficient, on every process's tokens
+            sums = self._entropy_sums
+            if self._trainer is not None and self.trainer.world_size > 1:
+                sums = self.trainer.strategy.reduce(sums, reduce_op="sum")
+            self.entropy_control.step(float(sums[0] / sums[1].clamp(min=1)))
         return {**out.metrics, "grad_norm": grad_norm}
 
     def backward_minibatch(self, sub: Rollout, extra: dict, tokens: float, where: str,
@@ -638,8 +665,11 @@ class RLModule(TrainedOnlyCheckpoints, L.LightningModule):
             batch = self.objective_input(sub, logp, extra, values, tokens)
             out = self.objective(batch)
             if entropy is not None:                                   # the entropy bonus (`entropy_coef`)
-                bonus = F.masked_mean(entropy, batch.policy_mask())
-                out = ObjectiveOutput(out.loss - self.entropy_coef * bonus, {**out.metrics, "update_entropy": bonus.detach()})
+                mask = batch.policy_mask()
+                self._entropy_sums = torch.stack([F.masked_sum(entropy, mask), mask.sum()]).detach().double()
+                bonus, coef = F.masked_mean(entropy, mask), self.entropy_control.applied()
+                out = ObjectiveOutput(out.loss - coef * bonus, {**out.metrics, "update_entropy": bonus.detach(),
+                                                                "entropy_coef": torch.tensor(coef)})
             self.stop_unless_finite(out.loss.detach(), "loss", where)
             return out
 
@@ -649,7 +679,7 @@ class RLModule(TrainedOnlyCheckpoints, L.LightningModule):
             self._backward(out.loss)
             return out
         entropy = None
-        if self.entropy_coef:             # (rows not yet run hold these; the bonus is linear in them: exact either way)
+        if self.entropy_control.enabled:  # (rows not yet run hold these; the bonus is linear in them: exact either way)
             entropy = sub.entropy if sub.entropy is not None else torch.zeros_like(sub.old_logp)
         return accumulate(parts, lambda rows: self._forward_part(sub.select(rows)), loss, self._backward,
                           (sub.old_logp, sub.values if self.value is not None else None, entropy),
@@ -665,7 +695,7 @@ class RLModule(TrainedOnlyCheckpoints, L.LightningModule):
         """(logprobs, values or None, entropies or None: with `entropy_coef`) of one micro-batch, in one forward
         each."""
         values = self._part_values(part) if self.value is not None else None
-        if self.entropy_coef:
+        if self.entropy_control.enabled:
             logp, entropy = self._part_logprobs(self.policy, part, self.sampling.temperature, entropy=True)
             return logp, values, entropy
         return self._part_logprobs(self.policy, part, self.sampling.temperature), values, None

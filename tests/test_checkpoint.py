@@ -101,7 +101,12 @@ def _resume_case(tmp_path, sft_dir, devices: int, interrupt: str, stage: str = "
 
 @pytest.mark.slow
 def test_sigkill_after_a_mid_epoch_checkpoint_resumes_bit_exactly(tmp_path, sft_dir):
-    _resume_case(tmp_path, sft_dir, devices=1, interrupt="SIGKILL")
+    """With the adaptive entropy bonus on (its target above any entropy here: the coefficient rises every step), whose
+    state the checkpoint must carry: a resume that restarted it would apply none on its first step."""
+    last = _resume_case(tmp_path, sft_dir, devices=1, interrupt="SIGKILL",
+                        model={"entropy_coef": 0.01, "entropy_target": 100.0})
+    state = torch.load(last, weights_only=False)["state_dict"]
+    assert float(state["entropy_control.coef"]) > 0.01 and float(state["entropy_control.last"]) < 100
 
 
 @pytest.mark.slow

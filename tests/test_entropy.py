@@ -9,6 +9,7 @@ import torch
 from modules import functional as F
 from modules.backbone import BackboneSpec, build_causal_lm
 from modules.batch import ObjectiveInput
+from modules.entropy import EntropyControl
 from modules.forward import response_logprobs
 from tests.helpers import TINY_SHAPE, grouped_rows, run_train, tiny_rl_config
 
@@ -168,7 +169,7 @@ def test_the_entropy_bonus_is_the_objectives_loss_minus_coef_times_the_mean_entr
 
     module, roll = _rl_module(sft_dir, tokenizer, P3O(), entropy_coef=1.0)
     with_bonus, out = _update_gradient(module, roll)
-    module.entropy_coef = 0.0
+    module.entropy_control = EntropyControl(0.0)
     plain, plain_out = _update_gradient(module, roll)
     module.policy.zero_grad()
     _, entropy = module.logprobs(module.policy, roll, entropy=True)
@@ -225,34 +226,66 @@ def test_micro_batched_updates_with_entropy_options_equal_one_pass(sft_dir, toke
     _same_update(module, roll)
 
 
-@pytest.mark.parametrize("option, value, message", [
-    ("entropy_coef", float("nan"), "entropy_coef=nan; expected a finite number"),
-    ("top_entropy_quantile", 1.5, "top_entropy_quantile=1.5; expected 0 <= rho <= 1")])
-def test_entropy_options_are_checked(sft_dir, option, value, message):
+def test_adaptive_entropy_control_literal_example():
+    """The docstring's example (Skywork-OR1's rule, TRL's `use_adaptive_entropy`): nothing applied before the first
+    step; up by delta after a step at or below the target, down after one above it, clamped at the bounds; a
+    constant coefficient never moves and is always applied."""
+    control = EntropyControl(0.01, target=0.2, delta=0.005, low=0.0, high=1.0)
+    assert control.enabled and control.applied() == 0.0
+    control.step(0.1)
+    assert math.isclose(control.applied(), 0.015)
+    coefs = []
+    for entropy in (0.5, 0.5, 0.5):
+        control.step(entropy)
+        coefs.append(float(control.coef))
+    assert coefs == pytest.approx([0.01, 0.005, 0.0], abs=1e-12) and control.applied() == 0.0
+    control.step(0.2)                                                   # (at the target: up, and applied)
+    assert math.isclose(control.applied(), 0.005)
+    capped = EntropyControl(0.999, target=1.0, delta=0.005, high=1.0)
+    capped.step(0.0)
+    assert float(capped.coef) == 1.0
+    constant = EntropyControl(0.05)
+    constant.step(9.0)
+    assert constant.applied() == 0.05 and not EntropyControl(0.0).enabled
+    assert "coef" in EntropyControl(0.01, target=1.0).state_dict() and not constant.state_dict()   # (checkpointed)
+
+
+@pytest.mark.parametrize("options, message", [
+    ({"entropy_coef": float("nan")}, "entropy_coef=nan; expected a finite number"),
+    ({"top_entropy_quantile": 1.5}, "top_entropy_quantile=1.5; expected 0 <= rho <= 1"),
+    ({"entropy_target": -1.0}, "entropy_target=-1.0; expected an entropy >= 0"),
+    ({"entropy_target": 1.0, "entropy_coef_min": 0.5, "entropy_coef_max": 0.1}, "expected delta > 0 and min <= max"),
+    ({"entropy_target": 1.0, "entropy_coef_delta": 0.0}, "expected delta > 0 and min <= max")])
+def test_entropy_options_are_checked(sft_dir, options, message):
     from datamodules.task import GoldReward
     from modules.objectives.p3o import P3O
     from modules.rl import RLModule
 
     with pytest.raises(ValueError, match=message.replace("(", r"\(")):
-        RLModule(BackboneSpec(pretrained=sft_dir), sft_dir, reward=GoldReward(), objective=P3O(), **{option: value})
+        RLModule(BackboneSpec(pretrained=sft_dir), sft_dir, reward=GoldReward(), objective=P3O(), **options)
 
 
 @pytest.mark.slow
-def test_a_run_with_the_entropy_bonus_and_forking_tokens(tmp_path, sft_dir):
-    """The quickstart P3O config, tiny, with `entropy_coef: 0.01` and `top_entropy_quantile: 0.2`, pi_old from a
-    forward pass (`old_logprobs: forward`: its entropies set the forks): it trains, and logs the share of forking
-    tokens (about 0.2) and the entropy in the loss."""
+def test_a_run_with_the_adaptive_entropy_bonus_and_forking_tokens(tmp_path, sft_dir):
+    """The quickstart P3O config, tiny (4 updates per rollout), with `entropy_coef: 0.01`, `entropy_target: 100`
+    (above any entropy here: the coefficient rises by 0.005 after every step) and `top_entropy_quantile: 0.2`,
+    pi_old from a forward pass (`old_logprobs: forward`: its entropies set the forks): it trains, and logs the
+    share of forking tokens (about 0.2), the entropy in the loss, and the coefficient each rollout's updates
+    applied: (0 + 0.015 + 0.02 + 0.025) / 4 = 0.015 (none before the first step), then (0.03 + ... + 0.045) / 4 =
+    0.0375, and so on."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     config = tiny_rl_config(tmp_path, sft_dir, model={"entropy_coef": 0.01, "top_entropy_quantile": 0.2,
-                                                      "old_logprobs": "forward"})
+                                                      "entropy_target": 100.0, "old_logprobs": "forward"})
     run_train(config)
     events = EventAccumulator(str(next((tmp_path / "runs").rglob("events.out.tfevents.*")).parent))
     events.Reload()
     forks = [e.value for e in events.Scalars("train/forking_tokens")]
     entropy = [e.value for e in events.Scalars("train/update_entropy")]
+    coefs = [e.value for e in events.Scalars("train/entropy_coef")]
     assert forks and all(0.1 < f < 0.3 for f in forks)
     assert entropy and all(e > 0 for e in entropy)
+    assert coefs == pytest.approx([0.015 + 0.02 * r for r in range(len(coefs))], abs=1e-6) and len(coefs) == 4
 
 
 def test_the_forking_threshold_is_over_every_processs_tokens(sft_dir, tokenizer):
