@@ -18,6 +18,18 @@ def pytest_collection(session):
         gc.enable()
 
 
+@pytest.fixture(autouse=True)
+def _torch_threads():
+    """Each test leaves torch's thread count as it found it: a benchmark's code run in this process sets its own
+    (`torch.set_num_threads(args.threads)`), and a later in-process run on another count rounds differently from the
+    same run in a subprocess (a bit-exact resume compares the two: it failed after such a test, on one worker)."""
+    import torch
+
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)
+
+
 TINY = {"model_type": "llama", "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1,
         "num_attention_heads": 2, "num_key_value_heads": 2, "max_position_embeddings": 128}
 
