@@ -312,3 +312,24 @@ def test_the_forking_threshold_is_over_every_processs_tokens(sft_dir, tokenizer)
     forks = module.forking_tokens(roll)
     pool = torch.cat([roll.entropy[roll.response_mask.bool()], others])
     assert torch.equal(forks, F.high_entropy_mask(roll.entropy, roll.response_mask, 0.5, pool)) and forks.any()
+
+
+def test_forks_of_an_engine_without_entropies_come_from_a_forward_pass(sft_dir, tokenizer):
+    """An engine that records no entropies (vLLM) with `old_logprobs: sampler`: with `top_entropy_quantile` the
+    rollout's entropies come from one forward pass of the policy, equal (1e-5) to what our sampler records; without
+    the option none are computed."""
+    from modules.engines import Sampler
+    from modules.objectives.p3o import P3O
+
+    class NoEntropy(Sampler):
+        def generate(self, *args, **kwargs):
+            roll = super().generate(*args, **kwargs)
+            self.recorded, roll.entropy = roll.entropy, None
+            return roll
+
+    engine = NoEntropy()
+    module, roll = _rl_module(sft_dir, tokenizer, P3O(), top_entropy_quantile=0.5, old_logprobs="sampler", engine=engine)
+    assert roll.entropy is not None and torch.allclose(roll.entropy, engine.recorded, atol=1e-5)
+    assert engine.recorded.abs().sum() > 0
+    _, plain = _rl_module(sft_dir, tokenizer, P3O(), old_logprobs="sampler", engine=NoEntropy())
+    assert plain.entropy is None
