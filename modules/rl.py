@@ -660,7 +660,9 @@ class RLModule(TrainedOnlyCheckpoints, L.LightningModule):
         pairs or groups) the minibatch's (`modules.accumulate`): one forward per micro-batch for an objective with
         `separable_groups` (all shipped ones), two for any other, except on the `first` minibatch after a rollout
         without dropout (`rollout_passes_reusable`): no step has happened since the rollout's passes, so the first
-        of the two is the rollout's pi_old and old values (equal within float rounding, tested) and is skipped."""
+        of the two is the rollout's pi_old and old values (equal within float rounding, tested) and is skipped
+        (not with an entropy bonus). With one (`entropy_coef`), the forward gives the current entropies too, and the
+        loss is the objective's minus the coefficient times their mean over the minibatch's trained tokens."""
         def loss(logp: torch.Tensor, values: torch.Tensor | None, entropy: torch.Tensor | None) -> ObjectiveOutput:
             batch = self.objective_input(sub, logp, extra, values, tokens)
             out = self.objective(batch)
@@ -681,9 +683,11 @@ class RLModule(TrainedOnlyCheckpoints, L.LightningModule):
         entropy = None
         if self.entropy_control.enabled:  # (rows not yet run hold these; the bonus is linear in them: exact either way)
             entropy = sub.entropy if sub.entropy is not None else torch.zeros_like(sub.old_logp)
+        # (the rollout's entropies may be another pass's than its pi_old: with the bonus, step (1) always runs)
+        reuse = first and self.rollout_passes_reusable(sub) and not self.entropy_control.enabled
         return accumulate(parts, lambda rows: self._forward_part(sub.select(rows)), loss, self._backward,
                           (sub.old_logp, sub.values if self.value is not None else None, entropy),
-                          self.objective.separable_groups, first and self.rollout_passes_reusable(sub), self.device)
+                          self.objective.separable_groups, reuse, self.device)
 
     def rollout_passes_reusable(self, sub: Rollout) -> bool:
         """Whether the rollout's pi_old (and old values) are what a forward of the unchanged policy (and value model)
@@ -694,11 +698,11 @@ class RLModule(TrainedOnlyCheckpoints, L.LightningModule):
     def _forward_part(self, part: Rollout) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
         """(logprobs, values or None, entropies or None: with `entropy_coef`) of one micro-batch, in one forward
         each."""
-        values = self._part_values(part) if self.value is not None else None
         if self.entropy_control.enabled:
             logp, entropy = self._part_logprobs(self.policy, part, self.sampling.temperature, entropy=True)
-            return logp, values, entropy
-        return self._part_logprobs(self.policy, part, self.sampling.temperature), values, None
+        else:
+            logp, entropy = self._part_logprobs(self.policy, part, self.sampling.temperature), None
+        return logp, self._part_values(part) if self.value is not None else None, entropy
 
     def _backward(self, loss: torch.Tensor) -> None:
         self.manual_backward(loss) if self._trainer is not None else loss.backward()
