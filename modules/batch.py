@@ -106,6 +106,8 @@ class ObjectiveInput:
     trained: torch.Tensor | None = None      # (N,) bool: rows whose tokens carry the loss (None: all; mask_truncated)
     sampler_logp: torch.Tensor | None = None  # (N, L) the engine's own logprobs where pi_old is a forward's (else None)
     forks: torch.Tensor | None = None        # (N, L) bool: the forking tokens, the policy gradient's alone (None: all)
+    reward_terms: torch.Tensor | None = None  # (N, T) a composed reward's terms (NaN where one does not apply), for
+    reward_weights: torch.Tensor | None = None  # (T,) their weights; objectives with `needs_reward_terms` (else None)
 
     def loss_mask(self) -> torch.Tensor:
         """(N, L) the tokens that carry the loss: `mask` less the rows that are not `trained` (`RLModule

@@ -216,6 +216,15 @@ class RLModule(TrainedOnlyCheckpoints, L.LightningModule):
             raise ValueError(f"RLModule: keep_groups keeps the prompts whose responses' rewards differ; "
                              f"{type(objective).__name__} samples {objective.responses_per_prompt} response per prompt "
                              "(needs K >= 2)")
+        if objective.needs_reward_terms and not isinstance(reward, Composed):
+            raise ValueError(f"RLModule: {type(objective).__name__} normalises each term of the reward apart "
+                             f"(multi_objective_aggregation 'normalize_then_sum'), so the reward must be a "
+                             f"modules.rewards.Composed of named terms; got {qualified_name(reward)}")
+        if objective.needs_reward_terms and (missing_eos_penalty, nonfinite_reward) != (None, None):
+            raise ValueError(f"RLModule: {type(objective).__name__} normalises each term of the composed reward apart, "
+                             "so missing_eos_penalty and nonfinite_reward, which replace or shift their sum, would be "
+                             "lost; set them to null (a length term in the composed reward, e.g. "
+                             "modules.verifiable.OverlongPenalty, penalises cut-off responses)")
         if ref_sync_steps is not None and ref_sync_steps < 1:
             raise ValueError(f"RLModule: ref_sync_steps={ref_sync_steps}; expected optimizer steps >= 1, or null (off)")
         if not 0 < ref_sync_alpha <= 1:
@@ -541,7 +550,16 @@ class RLModule(TrainedOnlyCheckpoints, L.LightningModule):
                               old_values=roll.values, extra=extra, max_new_tokens=self.sampling.max_new_tokens,
                               tokens_per_rank=tokens_per_rank, sampler_weights=roll.sampler_weights,
                               pair_rewards=roll.pair_rewards, trained=trained, sampler_logp=roll.sampler_logp,
-                              forks=roll.forks)
+                              forks=roll.forks, **self.reward_terms(roll))
+
+    def reward_terms(self, roll: Rollout) -> dict[str, torch.Tensor]:
+        """`ObjectiveInput`'s `reward_terms` (N, T) and `reward_weights` (T,), in the composed reward's order, for an
+        objective with `needs_reward_terms`; nothing otherwise."""
+        if not self.objective.needs_reward_terms:
+            return {}
+        names, device = list(self.reward.weights), roll.rewards.device
+        return {"reward_terms": torch.stack([roll.reward_terms[n].to(device).float() for n in names], -1),
+                "reward_weights": torch.tensor([self.reward.weights[n] for n in names], device=device)}
 
     def forking_tokens(self, roll: Rollout) -> torch.Tensor:
         """(N, L) bool: the trained tokens whose pi_old entropy is in the top `top_entropy_quantile` of every

@@ -605,3 +605,66 @@ def test_p3o_v1_without_its_partner_weight_is_rloo_with_the_kl_on_the_current_po
     assert torch.allclose(p3o_grad, rloo_grad, atol=1e-7) and p3o_grad.abs().max() > 0
     ratios = ((logp - old) * mask).sum(-1).exp()                 # the sequence ratios both objectives clip
     assert ((ratios - 1).abs() > 0.2).any() and ((ratios - 1).abs() < 0.2).any()
+
+
+def trl_normalize_then_sum(rewards_per_func, weights, num_generations):
+    """TRL 1.16's `_generate_and_score_completions` with `multi_objective_aggregation="normalize_then_sum"`, written
+    out on one process (its `nanstd`: Bessel's correction, NaN below 2 values), to the advantages."""
+    def nanstd(tensor, dim=None, keepdim=False):
+        mean = torch.nanmean(tensor, dim=dim, keepdim=True)
+        variance = torch.nanmean((tensor - mean) ** 2, dim=dim, keepdim=True)
+        count = torch.sum(~torch.isnan(tensor), dim=dim, keepdim=True)
+        correction = torch.where(count > 1, count / (count - 1), torch.full_like(count / 1.0, float("nan")))
+        std = torch.sqrt(variance * correction)
+        return std if keepdim else std.squeeze() if dim is None else std.squeeze(dim)
+
+    grouped = rewards_per_func.view(-1, num_generations, rewards_per_func.shape[1])
+    mean_k = torch.nanmean(grouped, dim=1, keepdim=True)
+    std_k = nanstd(grouped, dim=1, keepdim=True)
+    reward_k = ((grouped - mean_k) / (std_k + 1e-4)).view(-1, rewards_per_func.shape[1])
+    rewards = (reward_k * weights.unsqueeze(0)).nansum(dim=1)
+    std_rewards = nanstd(rewards).expand_as(rewards)
+    return torch.nan_to_num((rewards - torch.nanmean(rewards)) / (std_rewards + 1e-4), nan=0.0)
+
+
+def test_gdpo_literal_example():
+    """`decoupled_advantages`' docstring: k = 3, group 1 a [1, 0, 0], b tied; group 2 the other way round: each term
+    normalised in its group (the tied one 0), summed, normalised over the 6: [1.2910, -0.6455, -0.6455] twice
+    (eps 1e-4 moves the 4th decimal), where GRPO's group-normalised sum gives [1.1547, -0.5774, -0.5774]."""
+    from modules.objectives.grpo import decoupled_advantages
+
+    terms = torch.tensor([[1.0, 0.0], [0.0, 0.0], [0.0, 0.0], [0.0, 1.0], [0.0, 0.0], [0.0, 0.0]])
+    gdpo = decoupled_advantages(terms, torch.tensor([1.0, 1.0]), 3)
+    assert torch.allclose(gdpo, torch.tensor([1.2910, -0.6455, -0.6455] * 2), atol=2e-4)
+    summed = group_normalized_advantages(terms.sum(-1), 3)
+    assert torch.allclose(summed, torch.tensor([1.1547, -0.5774, -0.5774] * 2), atol=2e-4)
+
+
+@pytest.mark.parametrize("k", [2, 4])
+def test_gdpo_equals_trls_normalize_then_sum(k):
+    """GRPO's `multi_objective_aggregation: normalize_then_sum` against TRL 1.16's code written out: three terms of
+    different scales and weights, one of them NaN (not applying) on a third of the responses, one group where a term
+    ties: the same advantages, and so the same loss and gradient; a different one from summing first."""
+    torch.manual_seed(0)
+    N = 4 * k
+    terms = torch.stack([torch.rand(N), 10 * torch.randn(N), (torch.rand(N) > 0.5).float()], -1)
+    terms[::3, 1] = float("nan")
+    terms[:k, 2] = 1.0                                                   # (a group where the third term ties)
+    weights = torch.tensor([1.0, 0.1, 0.5])
+    objective = GRPO(k=k, multi_objective_aggregation="normalize_then_sum")
+    rewards = (torch.nan_to_num(terms) * weights).sum(-1)
+    batch = make_input(torch.zeros(N).tolist(), torch.zeros(N).tolist(), torch.zeros(N).tolist(), rewards.tolist(),
+                       group_size=k, reward_terms=terms, reward_weights=weights)
+    ours = objective.prepare(batch)["advantages"]
+    assert torch.allclose(ours, trl_normalize_then_sum(terms, weights, k), atol=1e-5)
+    assert not torch.allclose(ours, GRPO(k=k).prepare(batch)["advantages"], atol=1e-2)
+
+
+def test_gdpo_refuses_what_it_would_ignore():
+    for kwargs in ({"kl_in_reward": True}, {"scale_rewards": "batch"}):
+        with pytest.raises(ValueError, match="takes neither kl_in_reward nor scale_rewards"):
+            GRPO(multi_objective_aggregation="normalize_then_sum", **kwargs)
+    with pytest.raises(ValueError, match="multi_objective_aggregation='sum'; expected one of"):
+        GRPO(multi_objective_aggregation="sum")
+    with pytest.raises(ValueError, match="needs the reward's terms"):
+        GRPO(k=2, multi_objective_aggregation="normalize_then_sum").prepare(make_input([0, 0], [0, 0], [0, 0], [1, 0]))

@@ -507,3 +507,49 @@ def test_the_rl_stage_stops_on_an_async_reward_past_its_reward_timeout(tmp_path,
     with pytest.raises(RewardError, match=r"^reward tests.test_reward_fields.sleepy: an async call did not finish "
                                           r"within 0.2 s"):
         cli_main(["fit", "--config", config])
+
+
+def test_gdpo_normalises_the_composed_terms_of_a_run_apart(tmp_path, sft_dir):
+    """GRPO-4 with `multi_objective_aggregation: normalize_then_sum` (GDPO) on the composed sums reward (correct + 0.2
+    format): it trains end to end, and the advantages of a rollout are `decoupled_advantages` of its two terms in
+    the composed reward's order with their weights, not GRPO's of the sum."""
+    from modules.objectives.grpo import decoupled_advantages, group_normalized_advantages
+
+    config_path = maths_config(tmp_path, sft_dir, ["answer"])
+    config = yaml.safe_load(open(config_path))
+    config["model"]["init_args"]["objective"] = {"class_path": "modules.objectives.grpo.GRPO", "init_args": {
+        "k": 4, "multi_objective_aggregation": "normalize_then_sum"}}
+    yaml.safe_dump(config, open(config_path, "w"))
+    seen = []
+    import modules.objectives.grpo as grpo
+
+    prepare = grpo.GRPO.prepare
+    grpo.GRPO.prepare = lambda self, batch: seen.append(batch) or prepare(self, batch)
+    try:
+        cli = cli_main(["fit", "--config", config_path])
+    finally:
+        grpo.GRPO.prepare = prepare
+    assert torch.isfinite(cli.trainer.callback_metrics["train/loss"])
+    batch = seen[0]
+    assert batch.reward_terms.shape == (len(batch.rewards), 2) and batch.reward_weights.tolist() == pytest.approx([1, 0.2])
+    assert torch.allclose(batch.rewards, batch.reward_terms[:, 0] + 0.2 * batch.reward_terms[:, 1])
+    advantages = prepare(cli.model.objective, batch)["advantages"]
+    assert torch.allclose(advantages, decoupled_advantages(batch.reward_terms, batch.reward_weights, 4))
+    plain = group_normalized_advantages(batch.rewards, 4)
+    assert not torch.allclose(advantages, plain, atol=1e-3) or torch.allclose(plain, torch.zeros_like(plain))
+
+
+@pytest.mark.parametrize("options, message", [
+    ({}, "so the reward must be a modules.rewards.Composed of named terms; got datamodules.task.GoldReward"),
+    ({"composed": True, "missing_eos_penalty": 1.0}, "so missing_eos_penalty and nonfinite_reward"),
+    ({"composed": True, "nonfinite_reward": -1.0}, "so missing_eos_penalty and nonfinite_reward")])
+def test_gdpo_needs_a_composed_reward_and_nothing_that_shifts_its_sum(sft_dir, options, message):
+    from datamodules.task import GoldReward
+    from modules.backbone import BackboneSpec
+    from modules.objectives.grpo import GRPO
+    from modules.rl import RLModule
+
+    reward = Composed({"gold": GoldReward()}) if options.pop("composed", False) else GoldReward()
+    with pytest.raises(ValueError, match=message):
+        RLModule(BackboneSpec(pretrained=sft_dir), sft_dir, reward=reward,
+                 objective=GRPO(multi_objective_aggregation="normalize_then_sum"), **options)

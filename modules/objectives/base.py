@@ -6,6 +6,8 @@ buffers, so they are checkpointed). It receives an `ObjectiveInput` of tensors a
 RL module what it needs:
   responses_per_prompt  K responses sampled per prompt (2 for P3O and online DPO)
   needs_values          the module keeps a value head and fills `ObjectiveInput.values` (PPO)
+  needs_reward_terms    the reward must be a `modules.rewards.Composed`; the module fills `ObjectiveInput.reward_terms`
+                        and `reward_weights` (GRPO's `multi_objective_aggregation: normalize_then_sum`)
   separable_groups      the loss is a sum of per-group terms, each a function of its own group's rows of `logp`
                         and `values` alone, divided by constants of the minibatch (its token, pair or group
                         counts; never a statistic of the current `logp`). Then a micro-batch of whole groups has
@@ -27,6 +29,7 @@ from modules.batch import ObjectiveInput, ObjectiveOutput
 class Objective(nn.Module):
     responses_per_prompt: int = 1
     needs_values: bool = False
+    needs_reward_terms: bool = False
     separable_groups: bool = False
 
     @torch.no_grad()

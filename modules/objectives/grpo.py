@@ -32,6 +32,12 @@ before the group normalisation; the loss then has no KL term.
 `off_policy_mask` (TRL's `off_policy_mask_threshold`, DeepSeek-V3.2's off-policy sequence masking): a response with a
 negative advantage whose mean per-token log(pi_sampler / pi) is above the threshold drops out of the policy term
 (its KL term stays); pi_sampler is the engine's logprobs where pi_old is a forward's (vLLM), else pi_old.
+`multi_objective_aggregation` (TRL's argument) with a composed reward (`modules.rewards.Composed`): 'sum_then_normalize'
+(default) normalises the weighted sum of its terms, the reward, as above; 'normalize_then_sum' is GDPO (Liu et al.,
+arXiv 2601.05242): each term normalised within its group, their weighted sum normalised over the rollout
+(`decoupled_advantages`; on each rank: TRL gathers every rank's first), so a term whose scale or spread differs
+from the others' no longer drowns them. It takes neither `kl_in_reward` nor `scale_rewards`, nor the RL module's
+`missing_eos_penalty` (put a length term in the composed reward instead).
 `kl_bias_correction` (TRL's `use_bias_correction_kl`, DeepSeek-V3.2): the k3 term multiplied by the (differentiable)
 ratio rho, rho k3, so its gradient is the unbiased reverse-KL gradient: at rho = 1 it adds k3 grad logp to grad k3,
 and the sum is (logp - ref) grad logp per token.
@@ -54,6 +60,7 @@ from modules.objectives.base import Objective, check_clipping
 LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo", "cispo", "sapo", "luspo", "vespo")
 CLIPPED = ("grpo", "bnpo", "dr_grpo", "dapo", "luspo")        # the loss types with PPO's clipped term
 SCALE_REWARDS = ("group", "batch", "none")
+AGGREGATIONS = ("sum_then_normalize", "normalize_then_sum")
 
 
 def group_normalized_advantages(rewards: torch.Tensor, k: int, scale: str = "group", eps: float = 1e-4) -> torch.Tensor:
@@ -68,6 +75,31 @@ def group_normalized_advantages(rewards: torch.Tensor, k: int, scale: str = "gro
     elif scale != "none":
         raise ValueError(f"GRPO: scale_rewards must be 'group', 'batch' or 'none', got {scale!r}")
     return centred.view(-1)
+
+
+def _nanstd(x: torch.Tensor, dim: int, keepdim: bool = False) -> torch.Tensor:
+    """The std along `dim` of the values that are not NaN, with Bessel's correction (NaN where fewer than 2)."""
+    count = (~x.isnan()).sum(dim, keepdim=True)
+    var = torch.nanmean((x - torch.nanmean(x, dim, keepdim=True)) ** 2, dim, keepdim=True)
+    std = (var * count / (count - 1)).where(count > 1, torch.nan).sqrt()
+    return std if keepdim else std.squeeze(dim)
+
+
+def decoupled_advantages(terms: torch.Tensor, weights: torch.Tensor, k: int, eps: float = 1e-4) -> torch.Tensor:
+    """GDPO's advantages (Liu et al., arXiv 2601.05242; TRL's `multi_objective_aggregation: normalize_then_sum`):
+    each reward term normalised within each group of k, (r_t - group mean_t) / (group std_t + eps), NaN (a term that
+    does not apply) left out of its means, stds and sums; their weighted sum r = sum_t w_t r_t; then normalised over
+    the rollout, (r - mean) / (std + eps). Stds with Bessel's correction. terms (N, T), weights (T,) -> (N,).
+
+    Example, k = 3, weights [1, 1], eps aside: group 1 terms a [1, 0, 0], b [0, 0, 0]; group 2 a [0, 0, 0], b [1, 0, 0].
+    a in group 1: mean 1/3, std sqrt(1/3): [1.1547, -0.5774, -0.5774]; b in group 1: all equal, 0 / (0 + eps) = 0;
+    group 2 the same with a and b swapped: r = [1.1547, -0.5774, -0.5774] in both groups; over the 6, mean 0 and
+    std sqrt((2 x 1.3333 + 4 x 0.3333) / 5) = sqrt(0.8) = 0.8944, so A = [1.2910, -0.6455, -0.6455] twice. (Summed
+    first, both groups' rewards are [1, 0, 0] and GRPO's group-normalised A is [1.1547, -0.5774, -0.5774].)"""
+    grouped = terms.view(-1, k, terms.shape[-1])                                   # (G, k, T)
+    normed = (grouped - torch.nanmean(grouped, 1, keepdim=True)) / (_nanstd(grouped, 1, keepdim=True) + eps)
+    rewards = (normed.view(-1, terms.shape[-1]) * weights.to(terms.dtype)).nansum(-1)   # (N,)
+    return (rewards - rewards.mean()) / (rewards.std() + eps)
 
 
 def aggregate(per_token: torch.Tensor, mask: torch.Tensor, loss_type: str, max_new_tokens: int | None = None,
@@ -126,7 +158,8 @@ class GRPO(Objective):
                  clip_eps_high: float | None = None, cispo_max: float = 5.0, sapo_temperature_pos: float = 1.0,
                  sapo_temperature_neg: float = 1.05, vespo_k_pos: float = 2.0, vespo_lambda_pos: float = 3.0,
                  vespo_k_neg: float = 3.0, vespo_lambda_neg: float = 2.0, kl_bias_correction: bool = False,
-                 off_policy_mask: float | None = None):
+                 off_policy_mask: float | None = None,
+                 multi_objective_aggregation: Literal["sum_then_normalize", "normalize_then_sum"] = "sum_then_normalize"):
         super().__init__()
         if importance_sampling_level not in ("token", "sequence"):
             raise ValueError(f"GRPO: importance_sampling_level must be 'token' or 'sequence', got "
@@ -151,6 +184,15 @@ class GRPO(Objective):
         if off_policy_mask is not None and not off_policy_mask >= 0:
             raise ValueError(f"GRPO: off_policy_mask={off_policy_mask}; expected a threshold >= 0 (TRL suggests 0.5), or "
                              "null (off)")
+        if multi_objective_aggregation not in AGGREGATIONS:
+            raise ValueError(f"GRPO: multi_objective_aggregation={multi_objective_aggregation!r}; expected one of "
+                             f"{AGGREGATIONS}")
+        if multi_objective_aggregation == "normalize_then_sum" and (kl_in_reward or scale_rewards != "group"):
+            raise ValueError("GRPO: multi_objective_aggregation 'normalize_then_sum' normalises each reward term within "
+                             "its group, then their sum over the rollout; it takes neither kl_in_reward nor scale_rewards "
+                             f"(got kl_in_reward={kl_in_reward}, scale_rewards={scale_rewards!r})")
+        self.multi_objective_aggregation = multi_objective_aggregation
+        self.needs_reward_terms = multi_objective_aggregation == "normalize_then_sum"
         self.kl_bias_correction, self.off_policy_mask = kl_bias_correction, off_policy_mask
         self.cispo_max, self.sapo_temperatures = cispo_max, (sapo_temperature_pos, sapo_temperature_neg)
         self.vespo = {"k_pos": vespo_k_pos, "lambda_pos": vespo_lambda_pos, "k_neg": vespo_k_neg,
@@ -162,6 +204,12 @@ class GRPO(Objective):
 
     @torch.no_grad()
     def prepare(self, batch: ObjectiveInput) -> dict[str, torch.Tensor]:
+        if self.needs_reward_terms:                               # GDPO: the terms normalised apart, then summed
+            if batch.reward_terms is None:
+                raise ValueError("GRPO: multi_objective_aggregation 'normalize_then_sum' needs the reward's terms "
+                                 "(a modules.rewards.Composed reward)")
+            return {"advantages": decoupled_advantages(batch.reward_terms.float(), batch.reward_weights,
+                                                       batch.group_size)}
         rewards = batch.rewards.float()
         if self.kl_in_reward:                                     # r - beta * sum_t (old - ref), the rollout's KL
             rewards = rewards - self.kl_coef * F.sequence_logprobs(batch.old_logp - batch.ref_logp, batch.mask)
