@@ -138,6 +138,9 @@ class GRPO(Objective):
             0.28 with clip_eps 0.2). None: clip_eps. clip_eps, clip_eps_high and dual_clip: the clipped loss types.
         off_policy_mask: a response with A < 0 whose mean log(pi_sampler / pi) per token exceeds this leaves the
             policy term (TRL's `off_policy_mask_threshold`, e.g. 0.5); None: off.
+        multi_objective_aggregation: with a composed reward, 'sum_then_normalize' (default) normalises the weighted
+            sum of its terms; 'normalize_then_sum' (GDPO) each term within its group, then their weighted sum over
+            the rollout (`decoupled_advantages`). TRL's argument.
         kl_bias_correction: the k3 KL term times the ratio, for the unbiased reverse-KL gradient (TRL's
             `use_bias_correction_kl`, on by default there; off here).
         cispo_max: 'cispo': the bound of the detached ratio (TRL's `epsilon_high` there; ScaleRL's 5.0).
