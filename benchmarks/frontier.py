@@ -31,7 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from runs import DEFAULT_EXPORTS, ROOT, ensure_exports, panel_figure, read_points, run_one, write_points  # noqa: E402
 from stats import bootstrap_ci, fmt_ci, frontier_at, frontier_auc, paired_ci  # noqa: E402
 
-# name -> (config, K responses per prompt, KL knob of the objective, objective overrides)
+# name -> (config, K responses per prompt, KL knob of the objective, objective overrides[, RL module overrides])
 OBJECTIVES = {
     "P3O-V2": ("configs/quickstart/p3o.yaml", 2, "kl_coef", {}),
     "P3O-V1": ("configs/quickstart/p3o_v1.yaml", 2, "kl_coef", {}),
@@ -42,6 +42,9 @@ OBJECTIVES = {
     "P3O-4": ("configs/quickstart/p3o.yaml", 4, "kl_coef", {"k": 4}),
     "RLOO-4": ("configs/quickstart/rloo.yaml", 4, "kl_coef", {"k": 4}),
     "GRPO-4": ("configs/quickstart/grpo.yaml", 4, "kl_coef", {"k": 4}),
+    # the policy gradient through the top-20% tokens by entropy alone (`top_entropy_quantile`, TRL's suggested rho)
+    "P3O-V2 forks 0.2": ("configs/quickstart/p3o.yaml", 2, "kl_coef", {}, {"top_entropy_quantile": 0.2}),
+    "GRPO-4 forks 0.2": ("configs/quickstart/grpo.yaml", 4, "kl_coef", {"k": 4}, {"top_entropy_quantile": 0.2}),
 }
 KL_SWEEP = {"kl_coef": [0.02, 0.1], "beta": [0.05, 0.3]}   # weak and strong pull towards the SFT policy
 LR_SWEEP = [3e-4, 1e-3]
@@ -80,14 +83,14 @@ def main() -> None:
     start, rows = time.time(), []
 
     def train(name: str, knob_value: float, lr: float, seed: int, setting: str, rollouts: int, reward: Path):
-        config, k, knob, overrides = OBJECTIVES[name]
+        config, k, knob, overrides, *module = OBJECTIVES[name]
         t0 = time.time()
         run = run_one(config, f"{setting}-{name}-{knob}{knob_value:g}-lr{lr:g}-s{seed}", seed, args.out,
                       rollouts=rollouts, responses_per_rollout=args.responses_per_rollout,
                       minibatch_responses=args.minibatch_responses, k=k, eval_every=1, eval_prompts=args.eval_prompts,
                       exports=args.exports, objective={**overrides, knob: knob_value}, lr=lr,
                       model={"reward": {"class_path": "modules.rewards.RewardModel",
-                                        "init_args": {"path": str(reward), "normalize": True}}})
+                                        "init_args": {"path": str(reward), "normalize": True}}, **(module or [{}])[0]})
         rows.extend({"setting": setting, "objective": name, "knob": knob, "value": knob_value, "lr": lr, "seed": seed,
                      **p} for p in run["points"])
         end = run["points"][-1]

@@ -216,11 +216,12 @@ class RLModule(TrainedOnlyCheckpoints, L.LightningModule):
             raise ValueError(f"RLModule: keep_groups keeps the prompts whose responses' rewards differ; "
                              f"{type(objective).__name__} samples {objective.responses_per_prompt} response per prompt "
                              "(needs K >= 2)")
-        if objective.needs_reward_terms and not isinstance(reward, Composed):
+        terms = getattr(objective, "needs_reward_terms", False)
+        if terms and not isinstance(reward, Composed):
             raise ValueError(f"RLModule: {type(objective).__name__} normalises each term of the reward apart "
                              f"(multi_objective_aggregation 'normalize_then_sum'), so the reward must be a "
                              f"modules.rewards.Composed of named terms; got {qualified_name(reward)}")
-        if objective.needs_reward_terms and (missing_eos_penalty, nonfinite_reward) != (None, None):
+        if terms and (missing_eos_penalty, nonfinite_reward) != (None, None):
             raise ValueError(f"RLModule: {type(objective).__name__} normalises each term of the composed reward apart, "
                              "so missing_eos_penalty and nonfinite_reward, which replace or shift their sum, would be "
                              "lost; set them to null (a length term in the composed reward, e.g. "
