@@ -3,6 +3,8 @@
     python benchmarks/frontier.py            # 9 objectives x (2 KL strengths x 2 learning rates) x 5 seeds
                                              # + over-optimisation against a weak reward model (see README for time)
     python benchmarks/frontier.py --quick    # 2 objectives, 1 setting, 2 seeds, a few rollouts (CI-sized)
+    python benchmarks/frontier.py --objectives P3O-V2 'P3O-V2 forks 0.2' GRPO-4 'GRPO-4 forks 0.2' --seeds 0 1 2 \
+        --out benchmarks/results/frontier/forks   # forking tokens (not in the default run; results/frontier/forks)
 
 Budget, the same for every objective: the same number of *sampled responses* per rollout and in total (prompts
 per rollout = responses per rollout / K), the same number of responses per minibatch and of updates per rollout,
@@ -44,8 +46,12 @@ OBJECTIVES = {
     "GRPO-4": ("configs/quickstart/grpo.yaml", 4, "kl_coef", {"k": 4}),
     # the policy gradient through the top-20% tokens by entropy alone (`top_entropy_quantile`, TRL's suggested rho)
     "P3O-V2 forks 0.2": ("configs/quickstart/p3o.yaml", 2, "kl_coef", {}, {"top_entropy_quantile": 0.2}),
+    # the same with P3O's KL in the loss (`kl_in_loss`): its gradient on every token, as GRPO's KL term has
+    "P3O-V2 forks 0.2, KL in loss": ("configs/quickstart/p3o.yaml", 2, "kl_coef", {"kl_in_loss": True},
+                                     {"top_entropy_quantile": 0.2}),
     "GRPO-4 forks 0.2": ("configs/quickstart/grpo.yaml", 4, "kl_coef", {"k": 4}, {"top_entropy_quantile": 0.2}),
 }
+DEFAULT = [name for name, arm in OBJECTIVES.items() if len(arm) == 4]   # the objectives as shipped
 KL_SWEEP = {"kl_coef": [0.02, 0.1], "beta": [0.05, 0.3]}   # weak and strong pull towards the SFT policy
 LR_SWEEP = [3e-4, 1e-3]
 BUDGETS = [0.5, 1.0, 2.0, 4.0, 8.0]
@@ -55,7 +61,8 @@ BASELINE = "P3O-V2"
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="P3O-V2, GRPO-4; 1 setting; 2 seeds; 4 rollouts")
-    parser.add_argument("--objectives", nargs="*", default=list(OBJECTIVES), choices=list(OBJECTIVES))
+    parser.add_argument("--objectives", nargs="*", default=DEFAULT, choices=list(OBJECTIVES),
+                        help="default: the 9 objectives as shipped (the 'forks' arms: on request)")
     parser.add_argument("--seeds", type=int, nargs="*", default=[0, 1, 2, 3, 4])
     parser.add_argument("--rollouts", type=int, default=16)
     parser.add_argument("--responses-per-rollout", type=int, default=64)

@@ -182,6 +182,8 @@ class RLModule(TrainedOnlyCheckpoints, L.LightningModule):
             there. KL terms and normalisers are unchanged. The mask is set once per rollout from pi_old's entropies
             (the sampler's, or those of pi_old's forward pass); TRL takes the current policy's per micro-batch, the
             same tokens on a rollout's first update. `train/forking_tokens` logs the share kept. 1 (default): off.
+            With P3O set its `kl_in_loss`: its KL pull is otherwise in the reward difference, which then reaches the
+            forks alone, and the KL ran away on the embedded task (benchmarks/results/frontier/forks).
     """
 
     def __init__(self, policy: BackboneSpec, tokenizer: str, reward: Callable, objective: Objective,
