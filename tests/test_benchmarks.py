@@ -349,7 +349,7 @@ def test_memory_build_quick_prints_the_peak_of_building_the_models():
     processes, peak, every = rows["single"]
     assert processes == 1 and peak == every > 0.2
     processes, peak, every = rows["fsdp2"]
-    assert processes == 3 and 3 * peak >= every > 2 * 0.2
+    assert processes == 3 and 3 * peak >= every - 0.02 and every > 2 * 0.2   # (each printed to 0.01 GB)
 
 
 @pytest.mark.slow
