@@ -97,7 +97,7 @@ def main() -> None:
                       minibatch_responses=args.minibatch_responses, k=k, eval_every=1, eval_prompts=args.eval_prompts,
                       exports=args.exports, objective={**overrides, knob: knob_value}, lr=lr,
                       model={"reward": {"class_path": "modules.rewards.RewardModel",
-                                        "init_args": {"path": str(reward), "normalize": True}}, **(module or [{}])[0]})
+                                        "init_args": {"path": str(reward), "normalize": True}}, **(module[0] if module else {})})
         rows.extend({"setting": setting, "objective": name, "knob": knob, "value": knob_value, "lr": lr, "seed": seed,
                      **p} for p in run["points"])
         end = run["points"][-1]

@@ -264,7 +264,7 @@ class RLModule(TrainedOnlyCheckpoints, L.LightningModule):
         self.top_entropy_quantile = top_entropy_quantile
         self.entropy_control = EntropyControl(entropy_coef, entropy_target, entropy_coef_delta, entropy_coef_min,
                                               entropy_coef_max)
-        self._entropy_sums: torch.Tensor | None = None     # (entropy sum, tokens) of the last minibatch's bonus
+        self._entropy_sums: tuple[float, float] | None = None   # (entropy sum, tokens) of the last minibatch's bonus
         self.engine = engine or Sampler()
         self.policy = self.reference = self.value = None
         self.rollout: Rollout | None = None
@@ -570,7 +570,7 @@ class RLModule(TrainedOnlyCheckpoints, L.LightningModule):
         mask = loss_mask(roll.response_mask, self.trained_rows(roll)).bool()
         pool = roll.entropy[mask].float()
         if self._trainer is not None and self.trainer.world_size > 1:           # (-1: padding; entropies are >= 0)
-            longest = int(self.trainer.strategy.reduce(torch.tensor(float(len(pool)), device=self.device), reduce_op="max"))
+            longest = int(self.over_ranks([float(len(pool))], "max")[0])
             padded = torch.cat([pool, pool.new_full((longest - len(pool),), -1.0)])
             pool = self.all_gather(padded).flatten()
             pool = pool[pool >= 0]
@@ -665,10 +665,8 @@ class RLModule(TrainedOnlyCheckpoints, L.LightningModule):
             self.clip_grad_norm(optimizer, params, grad_norm)
         optimizer.step()
         if self.entropy_control.target is not None:         # the adaptive coefficient, on every process's tokens
-            sums = self._entropy_sums
-            if self._trainer is not None and self.trainer.world_size > 1:
-                sums = self.trainer.strategy.reduce(sums, reduce_op="sum")
-            self.entropy_control.step(float(sums[0] / sums[1].clamp(min=1)))
+            total, tokens = self.over_ranks(list(self._entropy_sums))
+            self.entropy_control.step(total / max(tokens, 1.0))
         return {**out.metrics, "grad_norm": grad_norm}
 
     def backward_minibatch(self, sub: Rollout, extra: dict, tokens: float, where: str,
@@ -689,7 +687,7 @@ class RLModule(TrainedOnlyCheckpoints, L.LightningModule):
             out = self.objective(batch)
             if entropy is not None:                                   # the entropy bonus (`entropy_coef`)
                 mask = batch.policy_mask()
-                self._entropy_sums = torch.stack([F.masked_sum(entropy, mask), mask.sum()]).detach().double()
+                self._entropy_sums = (float(F.masked_sum(entropy, mask)), float(mask.sum()))
                 bonus, coef = F.masked_mean(entropy, mask), self.entropy_control.applied()
                 out = ObjectiveOutput(out.loss - coef * bonus, {**out.metrics, "update_entropy": bonus.detach(),
                                                                 "entropy_coef": torch.tensor(coef)})
