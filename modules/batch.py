@@ -4,6 +4,7 @@ N = rows (responses), P = prompt length, L = response length. The datamodule's c
 """
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -108,6 +109,9 @@ class ObjectiveInput:
     forks: torch.Tensor | None = None        # (N, L) bool: the forking tokens, the policy gradient's alone (None: all)
     reward_terms: torch.Tensor | None = None  # (N, T) a composed reward's terms (NaN where one does not apply), for
     reward_weights: torch.Tensor | None = None  # (T,) their weights; objectives with `needs_reward_terms` (else None)
+    # in `prepare` only: a tensor summed over the processes (every process calls it there at the same point), so
+    # that a statistic of the rollout (a std, a whitening, a mean KL) is of every process's rows; None in one process
+    sum_over_ranks: Callable[[torch.Tensor], torch.Tensor] | None = None
 
     def loss_mask(self) -> torch.Tensor:
         """(N, L) the tokens that carry the loss: `mask` less the rows that are not `trained` (`RLModule

@@ -5,6 +5,7 @@ Shapes: B = batch, T = sequence length, V = vocabulary. Masks are 0/1 tensors of
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -21,11 +22,35 @@ def masked_mean(values: torch.Tensor, mask: torch.Tensor, dim: int | None = None
     return masked_sum(values, mask, dim) / mask.sum(dim).clamp(min=1.0)
 
 
-def masked_whiten(values: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True, eps: float = 1e-8) -> torch.Tensor:
-    """(values - mean) / std over the masked entries (std with Bessel's correction)."""
-    mean = masked_mean(values, mask)
-    var = masked_mean((values - mean) ** 2, mask)
-    n = mask.sum().clamp(min=2.0)
+def moments(values: torch.Tensor, mask: torch.Tensor | None = None,
+            sum_over: Callable[[torch.Tensor], torch.Tensor] | None = None) -> tuple[torch.Tensor, ...]:
+    """(count, mean, variance) of the entries of `values` where `mask` is 1 (every entry without one); the variance
+    over the count (no Bessel's correction). `sum_over`, a function summing a tensor over the processes (each calls
+    it at the same point), makes them those of every process's entries together (two sums); None: these alone.
+
+    Example: values [1, 2, 3, 6], mask [1, 1, 1, 0]: count 3, mean 2, variance (1 + 0 + 1) / 3 = 0.6667. Split over
+    two processes, [1, 2] on one and [3, 6] with mask [1, 0] on the other, each gets the same three numbers."""
+    mask = torch.ones_like(values) if mask is None else mask.to(values.dtype)
+    sum_over = sum_over or (lambda t: t)
+    count, total = sum_over(torch.stack([mask.sum(), masked_sum(values, mask)]))
+    mean = total / count.clamp(min=1.0)
+    return count, mean, sum_over(masked_sum((values - mean) ** 2, mask)) / count.clamp(min=1.0)
+
+
+def std(values: torch.Tensor, sum_over: Callable[[torch.Tensor], torch.Tensor] | None = None) -> torch.Tensor:
+    """The std of every entry of `values` with Bessel's correction, over every process's with `sum_over` (`moments`).
+
+    Example: [1, 2, 3] -> sqrt(2 / 2) = 1; [1, 2] here and [3] in another process: 1 in both."""
+    count, _, var = moments(values, sum_over=sum_over)
+    return (var * count / (count - 1)).sqrt()
+
+
+def masked_whiten(values: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True, eps: float = 1e-8,
+                  sum_over: Callable[[torch.Tensor], torch.Tensor] | None = None) -> torch.Tensor:
+    """(values - mean) / std over the masked entries (std with Bessel's correction); over every process's masked
+    entries with `sum_over` (`moments`)."""
+    n, mean, var = moments(values, mask, sum_over)
+    n = n.clamp(min=2.0)
     var = var * n / (n - 1)
     whitened = (values - mean) * torch.rsqrt(var + eps)
     return whitened if shift_mean else whitened + mean

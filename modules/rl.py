@@ -429,6 +429,11 @@ class RLModule(TrainedOnlyCheckpoints, L.LightningModule):
         values = torch.tensor(values, dtype=torch.float32, device=self.device)
         return self.trainer.strategy.reduce(values, reduce_op=reduce_op).tolist()
 
+    def sum_over_ranks(self, tensor: torch.Tensor) -> torch.Tensor:
+        """`tensor` summed over the processes (a new tensor); every process calls it at the same point (an
+        objective's `prepare`: `ObjectiveInput.sum_over_ranks`)."""
+        return self.trainer.strategy.reduce(tensor.clone(), reduce_op="sum")
+
     @torch.no_grad()
     def make_rollout(self, batch: PairBatch) -> Rollout:
         """Sample K responses per prompt, score them, and record pi_old / pi_ref logprobs (and timings)."""
@@ -599,7 +604,10 @@ class RLModule(TrainedOnlyCheckpoints, L.LightningModule):
         t0, sums, updates = time.perf_counter(), defaultdict(float), 0
         if self.top_entropy_quantile < 1:
             roll.forks = self.forking_tokens(roll)
-        extra = self.objective.prepare(self.objective_input(roll, roll.old_logp, {}))
+        inputs = self.objective_input(roll, roll.old_logp, {})
+        if self._trainer is not None and self.trainer.world_size > 1:
+            inputs.sum_over_ranks = self.sum_over_ranks     # the rollout's statistics over every process's rows
+        extra = self.objective.prepare(inputs)
         for epoch in range(self.epochs):
             for index, rows in enumerate(self.minibatches(roll)):
                 where = f"rollout {batch_idx}, epoch {epoch}, minibatch {index}"

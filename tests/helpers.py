@@ -113,8 +113,8 @@ def tiny_stage_config(tmp_path: Path, stage: str, sft_dir: str, name: str, extra
 
 class ParamDigest(L.Callback):
     """Test callback: each rank saves its module's flattened trainable parameters, the prompts it trained on, the
-    last evaluation's metrics (`callbacks.evaluation.Evaluation`; rank 0 only, None without one) and whether each
-    model a reward or judge holds (`modules.rewards.FrozenModel`) is sharded."""
+    last evaluation's metrics (`callbacks.evaluation.Evaluation`; rank 0 only, None without one), whether each
+    model a reward or judge holds (`modules.rewards.FrozenModel`) is sharded, and the RL objective's buffers."""
 
     def __init__(self, path: str):
         self.path, self.prompts, self.initial = path, [], None
@@ -134,8 +134,10 @@ class ParamDigest(L.Callback):
         frozen = [m for m in [*pl_module.modules(), *(getattr(cb, "judge", None) for cb in trainer.callbacks)]
                   if isinstance(m, FrozenModel)]                   # the reward's and the judge's own models
         sharded = {qualified_name(m): bool(fsdp_units(m.model)) for m in frozen}
+        objective = getattr(pl_module, "objective", None)                # its running statistics (RL)
+        buffers = {} if objective is None else {name: b.clone() for name, b in objective.named_buffers()}
         torch.save({"params": flat, "initial": self.initial, "prompts": self.prompts, "evaluation": evaluation,
-                    "sharded": sharded},
+                    "sharded": sharded, "buffers": buffers},
                    f"{self.path}.rank{trainer.global_rank}.pt")
 
 
@@ -447,3 +449,40 @@ def first_trace_call(task, tools, **data) -> tuple[dict, object, str]:
     assert tok.decode(example["prompt_ids"]).startswith("tools add :")
     call = example["chosen_ids"][:example["chosen_own"].index(0)]
     return example, tok, tok.decode(call[:-1], skip_special_tokens=False)     # (the call turn, its EOS dropped)
+
+
+def in_threads(fn, world: int = 2) -> list:
+    """`fn(rank, sum_over)` for each of `world` ranks, each in its own thread at once; `sum_over(tensor)` is an
+    all-reduce among them: every rank gets the sum of the tensors all ranks passed at the same call (in rank order,
+    so each gets the same bits). Returns each rank's result; a rank's exception is raised, and a rank that never
+    reaches a call fails the others after 30 s (`threading.BrokenBarrierError`), not a hang."""
+    import threading
+
+    barrier, slots, results, errors = threading.Barrier(world, timeout=30), [None] * world, [None] * world, []
+
+    def sum_over(rank):
+        def reduce(tensor):
+            slots[rank] = tensor.clone()
+            barrier.wait()
+            total = slots[0].clone()
+            for other in slots[1:]:
+                total += other
+            barrier.wait()                            # every rank has read the slots before the next call
+            return total
+        return reduce
+
+    def run(rank):
+        try:
+            results[rank] = fn(rank, sum_over(rank))
+        except BaseException as error:  # noqa: BLE001 (raised in the caller)
+            errors.append(error)
+            barrier.abort()
+
+    threads = [threading.Thread(target=run, args=(rank,)) for rank in range(world)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    if errors:
+        raise errors[0]
+    return results

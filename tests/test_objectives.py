@@ -160,3 +160,61 @@ def test_objectives_refuse_hyperparameters_outside_their_range(build, message):
     with pytest.raises(ValueError, match=message):
         build()
     P3O(clip_eps=1e9), PPO(dual_clip=3.0, gamma=0.0, lam=1.0), GRPO(dual_clip=1.01), OnlineDPO(beta=1e-3)  # in range
+
+
+def rollout_input(rows: slice, seed: int = 0, groups: int = 4, K: int = 4, L: int = 3) -> ObjectiveInput:
+    """Rows `rows` of a rollout of `groups` x K responses whose second half's rewards (and their terms) are 4x as
+    spread as the first's and whose responses end at different lengths; values for PPO, two reward terms for GDPO."""
+    gen = torch.Generator().manual_seed(seed)
+    N = groups * K
+    old, ref, values = -torch.rand(N, L, generator=gen), -torch.rand(N, L, generator=gen), torch.randn(N, L, generator=gen)
+    mask = torch.ones(N, L)
+    mask[1::3, 2:] = 0
+    spread = torch.where(torch.arange(N) >= N // 2, 4.0, 1.0)
+    terms = torch.randn(N, 2, generator=gen) * spread[:, None]
+    return ObjectiveInput(logp=old[rows], old_logp=old[rows], ref_logp=ref[rows], mask=mask[rows],
+                          rewards=(terms @ torch.tensor([1.0, 0.5]))[rows], group_size=K, values=values[rows],
+                          old_values=values[rows], reward_terms=terms[rows], reward_weights=torch.tensor([1.0, 0.5]))
+
+
+@pytest.mark.parametrize("build", [
+    lambda: GRPO(k=4, scale_rewards="batch"),
+    lambda: GRPO(k=4, multi_objective_aggregation="normalize_then_sum"),                 # GDPO's sum over the rollout
+    lambda: PPO(target_kl=0.1, kl_horizon=10),                                            # whitening, adaptive KL
+    lambda: P3O(k=4, scale_q=True),                                                      # the rewards' running std
+], ids=["grpo batch std", "gdpo", "ppo whiten and target_kl", "p3o scale_q"])
+def test_rollout_statistics_are_every_process_rows(build):
+    """Two processes (threads summing through `in_threads`), each with 2 of the rollout's 4 groups, two rollouts:
+    with `sum_over_ranks` the statistics an objective takes of the whole rollout (GRPO's batch std, GDPO's
+    normalisation of the summed terms, PPO's whitening and its adaptive KL's mean, P3O's running reward std) are
+    every process's, so each process's advantages and buffers equal one process's on all rows (1e-6). Without it
+    they are each process's own (the same rollouts differ by more than 1e-2: the halves' rewards differ in spread)."""
+    from tests.helpers import in_threads
+
+    whole, alone = build(), build()
+
+    def prepared(objective, rows, sum_over):
+        extras = []
+        for seed in (0, 1):
+            batch = rollout_input(rows, seed)
+            batch.sum_over_ranks = sum_over
+            extras.append(objective.prepare(batch))
+        return extras, {name: b.clone() for name, b in objective.named_buffers()}
+
+    expected, expected_buffers = prepared(whole, slice(None), None)
+
+    def rank(r, sum_over):
+        return prepared(build(), slice(8 * r, 8 * r + 8), sum_over)
+
+    ranks = in_threads(rank)
+    own = prepared(alone, slice(8, 16), None)                 # the second half, alone
+    for _, buffers in ranks:
+        for name, value in buffers.items():
+            assert torch.allclose(value, expected_buffers[name], rtol=1e-6, atol=0), (name, value)
+    for seed in (0, 1):
+        for key, value in expected[seed].items():
+            split = torch.cat([ranks[0][0][seed][key], ranks[1][0][seed][key]])
+            assert torch.allclose(split, value, atol=1e-6), (key, (split - value).abs().max())
+    gap = max([(own[0][s][k] - expected[s][k][8:]).abs().max().item() for s in (0, 1) for k in expected[s]] +
+              [((own[1][n] - b).abs() / b.abs()).max().item() for n, b in expected_buffers.items()])
+    assert gap > 1e-2

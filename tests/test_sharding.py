@@ -244,7 +244,7 @@ def _exported_params(directory: str, scorer: bool = False) -> torch.Tensor:
 CASES = {
     "sft": ("sft", {"micro_batch_tokens": 40}, False),
     "reward": ("reward", {"micro_batch_tokens": 60}, False),
-    "p3o": ("rl", {"micro_batch_tokens": 40}, True),
+    "p3o": ("rl", {"micro_batch_tokens": 40, "objective": {"init_args": {"scale_q": True}}}, True),
     "ppo": ("rl", {"entropy_coef": 0.01, "top_entropy_quantile": 0.5}, True),    # the entropy in the loss too
     "p3o_lora": ("rl", {"policy": {"lora": {"r": 4, "lora_alpha": 8}}}, True),    # pairwise reward, a judge
 }
@@ -294,7 +294,9 @@ def test_fsdp2_trains_like_ddp_and_exports_whole_weights(tmp_path, sft_dir, rewa
     micro-batches, whose count the ranks agree on): each rank trains on its own prompts and both end with the same
     weights. The RL runs equal the same run under DDP within 1e-6 (float rounding of a reduce-scatter instead of an
     all-reduce), evaluation included (PPO with an entropy bonus and forking tokens over both processes' entropies;
-    LoRA P3O: its metrics, the judge's win rate among them, within 1e-6). LoRA P3O's weights are within 5e-6
+    LoRA P3O: its metrics, the judge's win rate among them, within 1e-6), and the objective's buffers are the same
+    on both ranks (P3O's `scale_q` running reward std, of both processes' rewards: without `sum_over_ranks` each
+    rank kept its own under FSDP2, which never broadcasts buffers). LoRA P3O's weights are within 5e-6
     (measured 1.3e-6): it trains on the tiny LLM judge's verdicts asked in both orders, (f(a, b) - f(b, a)) / 2,
     about 3e-5 where f itself is about 0.24 (position bias), so the sharded judge's rounding (about 1e-7, within the
     1e-5 tested above) is a few thousandths of the signal, and AdamW's normalised step passes that on to the
@@ -320,6 +322,10 @@ def test_fsdp2_trains_like_ddp_and_exports_whole_weights(tmp_path, sft_dir, rewa
         assert fsdp2[0]["prompts"] == ddp[0]["prompts"] and torch.equal(ddp[0]["params"], ddp[1]["params"])
         assert torch.equal(fsdp2[0]["initial"], ddp[0]["initial"])
         assert (fsdp2[0]["params"] - ddp[0]["params"]).abs().max() < tolerance
+        for name, value in fsdp2[0]["buffers"].items():        # the objective's statistics: every process's rows
+            assert torch.equal(value, fsdp2[1]["buffers"][name]) and torch.equal(ddp[0]["buffers"][name],
+                                                                                ddp[1]["buffers"][name]), name
+            assert torch.allclose(value, ddp[0]["buffers"][name], rtol=1e-6, atol=0), name
     if case == "p3o_lora":
         assert (exported - _exported_params(exports["ddp"], scorer)).abs().max() < tolerance
         ours, theirs = fsdp2[0]["evaluation"], digests["ddp"][0]["evaluation"]        # the judges' verdicts too

@@ -23,6 +23,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from modules import functional as F
 from modules.batch import ObjectiveInput, ObjectiveOutput
 
 
@@ -36,7 +37,9 @@ class Objective(nn.Module):
     def prepare(self, batch: ObjectiveInput) -> dict[str, torch.Tensor]:
         """Called once per rollout, before the epochs, on the whole rollout (`logp` = `old_logp`, no gradient).
         Update running statistics here and return per-row tensors (first dim N, e.g. advantages) that are then
-        sliced into `batch.extra` for every minibatch."""
+        sliced into `batch.extra` for every minibatch. Each process holds its own rows of the rollout: a statistic of
+        the whole rollout (a std, a whitening, a mean) takes `batch.sum_over_ranks` (`functional.moments`), so every
+        process computes the same number and the run equals one process's with the same global batch."""
         return {}
 
     def forward(self, batch: ObjectiveInput) -> ObjectiveOutput:
@@ -56,7 +59,8 @@ def check_clipping(name: str, clip_eps: float, dual_clip: float | None = None, c
 
 
 class RunningMoments(nn.Module):
-    """Running mean / std over everything passed to `update` (Chan et al. parallel algorithm), checkpointed."""
+    """Running mean / std over everything passed to `update` (Chan et al. parallel algorithm), checkpointed; the
+    same on every process when each update passes `sum_over`."""
 
     def __init__(self):
         super().__init__()
@@ -65,9 +69,9 @@ class RunningMoments(nn.Module):
         self.register_buffer("count", torch.zeros((), dtype=torch.float64))
 
     @torch.no_grad()
-    def update(self, x: torch.Tensor) -> None:
-        x = x.detach().double().flatten()
-        n, mean, var = x.numel(), x.mean(), x.var(unbiased=False) if x.numel() > 1 else x.new_zeros(())
+    def update(self, x: torch.Tensor, sum_over=None) -> None:
+        """Add the entries of `x` (every process's with `sum_over`, `functional.moments`)."""
+        n, mean, var = F.moments(x.detach().double().flatten(), sum_over=sum_over)
         total = self.count + n
         delta = mean - self.mean
         m2 = self.var * self.count + var * n + delta**2 * self.count * n / total

@@ -8,7 +8,7 @@ reward. Note: with k = 2 and group scaling the advantages are always +-1/sqrt(2)
 the size of the reward difference is lost, unlike P3O / RLOO.
 
 `scale_rewards` (TRL's argument): 'group' divides by the std of the group (default, TRL's default), 'batch' by
-the std of all rewards of the rollout (on each rank: TRL gathers the rewards of all ranks first), 'none' only
+the std of all rewards of the rollout (every process's, as TRL gathers them), 'none' only
 centres. `loss_type` (TRL's argument) says how per-token losses l_t (mask m_t) are aggregated:
   'grpo'    mean over sequences of each sequence's token mean (the paper; our default)
   'bnpo'    sum_t l_t m_t / sum_t m_t over the minibatch
@@ -35,7 +35,7 @@ negative advantage whose mean per-token log(pi_sampler / pi) is above the thresh
 `multi_objective_aggregation` (TRL's argument) with a composed reward (`modules.rewards.Composed`): 'sum_then_normalize'
 (default) normalises the weighted sum of its terms, the reward, as above; 'normalize_then_sum' is GDPO (Liu et al.,
 arXiv 2601.05242): each term normalised within its group, their weighted sum normalised over the rollout
-(`decoupled_advantages`; on each rank: TRL gathers every rank's first), so a term whose scale or spread differs
+(`decoupled_advantages`; every process's, as TRL gathers them), so a term whose scale or spread differs
 from the others' no longer drowns them. It takes neither `kl_in_reward` nor `scale_rewards`, nor the RL module's
 `missing_eos_penalty` (put a length term in the composed reward instead).
 `kl_bias_correction` (TRL's `use_bias_correction_kl`, DeepSeek-V3.2): the k3 term multiplied by the (differentiable)
@@ -63,15 +63,16 @@ SCALE_REWARDS = ("group", "batch", "none")
 AGGREGATIONS = ("sum_then_normalize", "normalize_then_sum")
 
 
-def group_normalized_advantages(rewards: torch.Tensor, k: int, scale: str = "group", eps: float = 1e-4) -> torch.Tensor:
+def group_normalized_advantages(rewards: torch.Tensor, k: int, scale: str = "group", eps: float = 1e-4,
+                                sum_over=None) -> torch.Tensor:
     """(r - group mean) / (std + eps), std with Bessel's correction over the group ('group') or all rewards
-    ('batch'); 'none' only centres. (N,) -> (N,)."""
+    ('batch': every process's with `sum_over`, `functional.moments`); 'none' only centres. (N,) -> (N,)."""
     groups = rewards.view(-1, k)                                  # (G, k)
     centred = groups - groups.mean(-1, keepdim=True)
     if scale == "group":
         centred = centred / (groups.std(-1, keepdim=True) + eps)
     elif scale == "batch":
-        centred = centred / (rewards.std() + eps)
+        centred = centred / (F.std(rewards, sum_over) + eps)
     elif scale != "none":
         raise ValueError(f"GRPO: scale_rewards must be 'group', 'batch' or 'none', got {scale!r}")
     return centred.view(-1)
@@ -85,11 +86,13 @@ def _nanstd(x: torch.Tensor, dim: int, keepdim: bool = False) -> torch.Tensor:
     return std if keepdim else std.squeeze(dim)
 
 
-def decoupled_advantages(terms: torch.Tensor, weights: torch.Tensor, k: int, eps: float = 1e-4) -> torch.Tensor:
+def decoupled_advantages(terms: torch.Tensor, weights: torch.Tensor, k: int, eps: float = 1e-4,
+                         sum_over=None) -> torch.Tensor:
     """GDPO's advantages (Liu et al., arXiv 2601.05242; TRL's `multi_objective_aggregation: normalize_then_sum`):
     each reward term normalised within each group of k, (r_t - group mean_t) / (group std_t + eps), NaN (a term that
     does not apply) left out of its means, stds and sums; their weighted sum r = sum_t w_t r_t; then normalised over
-    the rollout, (r - mean) / (std + eps). Stds with Bessel's correction. terms (N, T), weights (T,) -> (N,).
+    the rollout, (r - mean) / (std + eps), every process's with `sum_over` (`functional.moments`). Stds with
+    Bessel's correction. terms (N, T), weights (T,) -> (N,).
 
     Example, k = 3, weights [1, 1], eps aside: group 1 terms a [1, 0, 0], b [0, 0, 0]; group 2 a [0, 0, 0], b [1, 0, 0].
     a in group 1: mean 1/3, std sqrt(1/3): [1.1547, -0.5774, -0.5774]; b in group 1: all equal, 0 / (0 + eps) = 0;
@@ -99,7 +102,8 @@ def decoupled_advantages(terms: torch.Tensor, weights: torch.Tensor, k: int, eps
     grouped = terms.view(-1, k, terms.shape[-1])                                   # (G, k, T)
     normed = (grouped - torch.nanmean(grouped, 1, keepdim=True)) / (_nanstd(grouped, 1, keepdim=True) + eps)
     rewards = (normed.view(-1, terms.shape[-1]) * weights.to(terms.dtype)).nansum(-1)   # (N,)
-    return (rewards - rewards.mean()) / (rewards.std() + eps)
+    count, mean, var = F.moments(rewards, sum_over=sum_over)
+    return (rewards - mean) / ((var * count / (count - 1)).sqrt() + eps)
 
 
 def aggregate(per_token: torch.Tensor, mask: torch.Tensor, loss_type: str, max_new_tokens: int | None = None,
@@ -212,11 +216,12 @@ class GRPO(Objective):
                 raise ValueError("GRPO: multi_objective_aggregation 'normalize_then_sum' needs the reward's terms "
                                  "(a modules.rewards.Composed reward)")
             return {"advantages": decoupled_advantages(batch.reward_terms.float(), batch.reward_weights,
-                                                       batch.group_size)}
+                                                       batch.group_size, sum_over=batch.sum_over_ranks)}
         rewards = batch.rewards.float()
         if self.kl_in_reward:                                     # r - beta * sum_t (old - ref), the rollout's KL
             rewards = rewards - self.kl_coef * F.sequence_logprobs(batch.old_logp - batch.ref_logp, batch.mask)
-        return {"advantages": group_normalized_advantages(rewards, batch.group_size, self.scale_rewards)}
+        return {"advantages": group_normalized_advantages(rewards, batch.group_size, self.scale_rewards,
+                                                          sum_over=batch.sum_over_ranks)}
 
     def forward(self, batch: ObjectiveInput) -> ObjectiveOutput:
         adv = batch.extra["advantages"][:, None]                                            # (N, 1)

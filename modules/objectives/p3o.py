@@ -14,7 +14,7 @@ Options, all off by default (the paper's defaults):
     group, every pair with its own clipping and importance weights. K = 2 is exactly the paper's P3O; with one
     epoch, ratios 1 and no clipping its gradient equals RLOO-K's exactly (constant 1; `tests/test_p3o.py`).
   * `reward_clip` clips raw rewards to +-value; `scale_q` then divides the *rewards* (not the KL term) by a
-    running std of all rewards seen so far, with Bessel's correction (the authors' code):
+    running std of all rewards seen so far (every process's), with Bessel's correction (the authors' code):
     Delta = r1/sigma - r2/sigma - beta (KL1 - KL2). The running std mixes prompts but is one number per rollout,
     so shift invariance holds only up to how a shift changes sigma (a per-prompt shift changes it).
   * `avg_tokenwise` (the authors' later code): the summed pair loss is divided by the response tokens of the
@@ -135,7 +135,7 @@ class P3O(Objective):
     @torch.no_grad()
     def prepare(self, batch: ObjectiveInput) -> dict[str, torch.Tensor]:
         if self.scale_q:
-            self.reward_stats.update(self.rewards(batch))
+            self.reward_stats.update(self.rewards(batch), batch.sum_over_ranks)
         return {}
 
     def scaled_rewards(self, batch: ObjectiveInput) -> torch.Tensor:

@@ -7,7 +7,8 @@ per-token reward -beta * KL_t (k1 or k3) with the reward-model score added at th
 GAE(gamma, lambda) on the value head's estimates; advantages whitened over the rollout; clipped policy loss on
 per-token ratios; clipped value loss; one response per prompt; optional adaptive KL controller (Ziegler et al.).
 Deviations from TRL's PPOTrainer (the reference code), all deliberate:
-  * advantages are whitened once per rollout (in `prepare`), not per minibatch;
+  * advantages are whitened once per rollout (in `prepare`), not per minibatch, over every process's tokens
+    (OpenRLHF and veRL whiten over the whole batch too; TRL over each process's);
   * the score is added at the last response token (the EOS, when emitted) and V = 0 after it, the usual choice
     (Ziegler et al., OpenRLHF). TRL adds the score one position later (the first padding position after EOS)
     and keeps V_old there, so with gamma * lambda < 1 its GAE differs from ours: it bootstraps from V_old at
@@ -69,8 +70,9 @@ class PPO(Objective):
         clip_eps: policy ratio clip.
         value_clip: value clip around the rollout's values.
         vf_coef: weight of the value loss.
-        whiten_advantages: normalise advantages over the rollout.
-        target_kl: adaptive KL controller's target KL per response (None: fixed beta).
+        whiten_advantages: normalise advantages over the rollout (every process's tokens).
+        target_kl: adaptive KL controller's target KL per response, against the mean over every process's responses
+            (None: fixed beta).
         kl_horizon: the adaptive controller's horizon in responses (Ziegler et al.).
         dual_clip: c > 1 bounds the surrogate of negative advantages below by c * A (None: off).
         clip_eps_high: the upper clip bound, 1 + clip_eps_high (DAPO's clip-higher, TRL's `epsilon_high`; DAPO uses
@@ -106,13 +108,14 @@ class PPO(Objective):
     def prepare(self, batch: ObjectiveInput) -> dict[str, torch.Tensor]:
         if batch.old_values is None:
             raise ValueError("PPO needs value estimates: the RL module fills them when needs_values is set")
-        if self.target_kl is not None:
-            kl = F.sequence_logprobs(batch.old_logp - batch.ref_logp, batch.mask).mean()
+        if self.target_kl is not None:      # the mean sequence KL and the count of every process's responses
+            n, kl, _ = F.moments(F.sequence_logprobs(batch.old_logp - batch.ref_logp, batch.mask),
+                                 sum_over=batch.sum_over_ranks)
             error = (kl / self.target_kl - 1).clamp(-0.2, 0.2)
-            self.kl_coef.mul_(1 + error * len(batch.rewards) / self.kl_horizon)
+            self.kl_coef.mul_(1 + error * n / self.kl_horizon)
         adv, returns = gae(self.token_rewards(batch), batch.old_values, batch.mask, self.gamma, self.lam)
         if self.whiten_advantages:
-            adv = F.masked_whiten(adv, batch.mask)
+            adv = F.masked_whiten(adv, batch.mask, sum_over=batch.sum_over_ranks)
         return {"advantages": adv, "returns": returns}
 
     def forward(self, batch: ObjectiveInput) -> ObjectiveOutput:
