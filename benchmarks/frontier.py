@@ -30,7 +30,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from runs import DEFAULT_EXPORTS, ROOT, ensure_exports, panel_figure, read_points, run_one, write_points  # noqa: E402
+from runs import DEFAULT_EXPORTS, ROOT, ensure_exports, panel_figure, quick_scratch, read_points, run_one, write_points  # noqa: E402
 from stats import bootstrap_ci, fmt_ci, frontier_at, frontier_auc, paired_ci  # noqa: E402
 
 # name -> (config, K responses per prompt, KL knob of the objective, objective overrides[, RL module overrides])
@@ -74,6 +74,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks/results/frontier")
     parser.add_argument("--report-only", action="store_true", help="redo table.md and the figures from points.csv")
     args = parser.parse_args()
+    quick_scratch(args, out=parser.get_default("out"))
     if args.report_only:
         return report(read_points(args.out / "points.csv"), args.out)
     sys.argv = sys.argv[:1]  # LightningCLI reads its own arguments from run_one's list

@@ -23,7 +23,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from runs import DEFAULT_EXPORTS, ROOT, ensure_exports, panel_figure, run_one, write_points  # noqa: E402
+from runs import DEFAULT_EXPORTS, ROOT, ensure_exports, panel_figure, quick_scratch, run_one, write_points  # noqa: E402
 from stats import frontier_at  # noqa: E402
 
 # name -> (config, K responses per prompt)
@@ -51,6 +51,7 @@ def main() -> None:
     parser.add_argument("--exports", type=Path, default=DEFAULT_EXPORTS, help="directory with sft/ and reward/")
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks/results/invariance")
     args = parser.parse_args()
+    quick_scratch(args, out=parser.get_default("out"))
     sys.argv = sys.argv[:1]  # LightningCLI reads its own arguments from run_one's list
     if args.quick:
         args.objectives, args.scales, args.seeds = ["P3O-V2", "PPO"], [0.0, 16.0], [0]

@@ -29,7 +29,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from frontier import report  # noqa: E402
-from runs import DEFAULT_EXPORTS, ROOT, ensure_exports, read_points, run_one, write_points  # noqa: E402
+from runs import DEFAULT_EXPORTS, ROOT, ensure_exports, quick_scratch, read_points, run_one, write_points  # noqa: E402
 
 PAIRWISE = "pairwise"
 # name -> (config, K responses per prompt, reward: 'scalar' or 'pairwise', objective overrides)
@@ -69,6 +69,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks/results/relative")
     parser.add_argument("--report-only", action="store_true", help="redo table.md and the figure from the CSVs")
     args = parser.parse_args()
+    quick_scratch(args, out=parser.get_default("out"))
     if args.report_only:
         return write_report(read_points(args.out / "points.csv"), read_costs(args.out / "costs.csv"), args.out)
     sys.argv = sys.argv[:1]  # LightningCLI reads its own arguments from run_one's list

@@ -28,7 +28,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from runs import ROOT, ensure_exports, panel_figure, read_points, run_one, write_points  # noqa: E402
+from runs import ROOT, ensure_exports, panel_figure, quick_scratch, read_points, run_one, write_points  # noqa: E402
 from stats import frontier_at  # noqa: E402
 
 # name -> (config, K responses per prompt)
@@ -56,6 +56,7 @@ def main() -> None:
     parser.add_argument("--report-only", action="store_true",
                         help="redo table.md and curves.png from points.csv (give the --eval-prompts of the run)")
     args = parser.parse_args()
+    quick_scratch(args, out=parser.get_default("out"))
     if args.report_only:
         return report(read_points(args.out / "points.csv"), args.out, args.eval_prompts)
     sys.argv = sys.argv[:1]  # LightningCLI reads its own arguments from run_one's list

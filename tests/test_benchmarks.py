@@ -133,6 +133,35 @@ def test_verifiable_quick_builds_its_sft_export_and_reports_every_objective(tmp_
                for p in points if p["clipfrac"])
 
 
+def test_quick_runs_write_nothing_where_the_published_results_and_full_exports_are(tmp_path, capsys):
+    """`--quick` with --out / --exports at their defaults (benchmarks/results/..., artifacts/...) moves them to a
+    scratch directory, saying so; one given explicitly, or a full run, stays where it is. Every learning benchmark
+    (frontier, invariance, relative, smollm2, verifiable, tools) calls it with its own defaults."""
+    import argparse
+    import tempfile
+
+    from benchmarks.runs import ROOT, learning_arguments, quick_scratch, settle
+
+    out, exports = ROOT / "benchmarks/results/verifiable", ROOT / "artifacts/sums"
+    parser = argparse.ArgumentParser()
+    learning_arguments(parser, quick_help="", seeds=[0, 1], rollouts=80, exports=exports, out=out)
+    args = parser.parse_args(["--quick"])
+    settle(args, [0, 1])
+    scratch = Path(tempfile.gettempdir()) / "p3o-rlhf-quick"
+    assert (args.out, args.exports) == (scratch / "benchmarks/results/verifiable", scratch / "artifacts/sums")
+    assert "[quick] --out " in capsys.readouterr().out
+    for argv, expected in ((["--quick", "--out", str(tmp_path)], (tmp_path, scratch / "artifacts/sums")),
+                           ([], (out, exports))):
+        args = parser.parse_args(argv)
+        settle(args, [0, 1])
+        assert (args.out, args.exports) == expected
+    for script in ("frontier", "invariance", "relative", "smollm2"):
+        assert 'quick_scratch(args, out=parser.get_default("out"))' in (ROOT / f"benchmarks/{script}.py").read_text()
+    args = argparse.Namespace(quick=True, out=tmp_path)
+    quick_scratch(args, out=ROOT / "benchmarks/results/frontier")
+    assert args.out == tmp_path
+
+
 def test_verifiable_summary_on_literal_points():
     """Two seeds evaluated at 0, 5, 10: start 0.4 / 0.5, at 5 (the first evaluation at or after a quarter of the
     run) 0.9 / 0.6, end 0.8 / 0.7 with KL 1.0 / 2.0, best 0.9 / 0.7; clipfrac the mean of the two windows':
