@@ -1,10 +1,14 @@
 """Learning from a verifiable reward: P3O, RLOO and GRPO (and two P3O variants) on the embedded sum task, whose
 reward is 1 where the response's number is the record's answer, else 0 (`modules.verifiable.AnswerMatch`); thirteen
 ablation arms asking why P3O rises more slowly than GRPO-4 there, each changing one thing; three of TRL 1.16's GRPO
-variants (its unbiased KL gradient, CISPO, SAPO); and three with DAPO's dynamic sampling (`keep_groups`).
+variants (its unbiased KL gradient, CISPO, SAPO); three with DAPO's dynamic sampling (`keep_groups`); and three on a
+composed reward, correct + 0.25 x an uncalibrated judge, asking whether GDPO's per-term normalisation keeps the
+weights' meaning where GRPO's sum does not (`REWARDS`).
 
-    python benchmarks/verifiable.py            # 24 arms x 5 seeds, 80 rollouts each (~32 min on 2 cores)
+    python benchmarks/verifiable.py            # 27 arms x 5 seeds, 80 rollouts each (~45 min on 2 cores)
     python benchmarks/verifiable.py --arms 'P3O kl 0'   # some arms; the others' rows in points.csv are kept
+    python benchmarks/verifiable.py --arms GRPO-4 'GRPO-4 + judge' 'GDPO-4 + judge' P3O 'P3O + judge' \
+        --out benchmarks/results/verifiable/gdpo        # the composed reward (results/verifiable/gdpo)
     python benchmarks/verifiable.py --quick    # every arm, 1 seed, 3 rollouts (CI-sized)
 
 Every run starts from one SFT export of configs/quickstart/sums_sft.yaml (demonstrations right half of the time)
@@ -103,9 +107,42 @@ ARMS["GRPO-4 SAPO"] = (4, {"class_path": "modules.objectives.grpo.GRPO",
 # as the arm it copies, those whose rewards do not all tie first (the sum task holds as many more records)
 OVERSAMPLE = {"GRPO-4 dynamic sampling": 2, "P3O-4 dynamic sampling": 2, "P3O dynamic sampling": 3}
 ARMS.update({name: ARMS[name.removesuffix(" dynamic sampling")] for name in OVERSAMPLE})
+# A composed reward whose second term is on another scale: an uncalibrated judge (`UncalibratedJudge`, std 3,
+# unrelated to correctness) weighted 0.25, where the user means correctness to count 4x as much. Summed, the judge's
+# spread (0.25 x 3 = 0.75) outweighs correctness's (at most 0.5); GDPO normalises each term within its group first,
+# so the weights say how much each counts (`multi_objective_aggregation: normalize_then_sum`).
+JUDGED = {"class_path": "modules.rewards.Composed", "init_args": {
+    "rewards": {"correct": REWARD, "judge": {"class_path": "verifiable.UncalibratedJudge", "init_args": {"scale": 3.0}}},
+    "weights": {"correct": 1.0, "judge": 0.25}}}
+REWARDS = {"GRPO-4 + judge": JUDGED, "GDPO-4 + judge": JUDGED, "P3O + judge": JUDGED}
+ARMS["GRPO-4 + judge"] = ARMS["GRPO-4"]
+ARMS["GDPO-4 + judge"] = (4, {"class_path": "modules.objectives.grpo.GRPO",
+                              "init_args": {"k": 4, "kl_coef": 0.05, "clip_eps": 0.2,
+                                            "multi_objective_aggregation": "normalize_then_sum"}})
+ARMS["P3O + judge"] = ARMS["P3O"]
 BASELINE = "P3O"
 # train/* metrics kept per evaluation window: mean since the last
-TRAIN_METRICS = ("clipfrac", "tied_groups", "better_shift", "worse_shift", "sampled_tied_groups")
+TRAIN_METRICS = ("clipfrac", "tied_groups", "better_shift", "worse_shift", "sampled_tied_groups", "reward_judge")
+
+
+class UncalibratedJudge:
+    """The composed arms' second term: a stand-in for a reward model whose scale nobody calibrated, unrelated to
+    the task. Each (prompt, response) gets a fixed score, `scale` x a standard normal drawn from a hash of both texts
+    (the same response to the same prompt always scores the same, so a policy can learn to please it).
+
+    Args:
+        scale: the scores' std.
+    """
+
+    def __init__(self, scale: float = 3.0):
+        self.scale = scale
+
+    def __call__(self, prompts: list[str], responses: list[str]) -> list[float]:
+        import hashlib
+        import random
+
+        return [self.scale * random.Random(hashlib.sha256(f"{p}\0{r}".encode()).digest()).gauss(0.0, 1.0)
+                for p, r in zip(prompts, responses)]
 
 
 def main() -> None:
@@ -131,7 +168,8 @@ def main() -> None:
             run = run_one(CONFIG, f"{name.replace(' ', '_')}-s{seed}", seed, args.out, rollouts=args.rollouts,
                           responses_per_rollout=args.responses_per_rollout, minibatch_responses=args.minibatch_responses,
                           k=k, eval_every=args.eval_every, eval_prompts=args.eval_prompts, exports=args.exports,
-                          model={"reward": REWARD, "objective": objective}, lr=lr, oversample=oversample,
+                          model={"reward": REWARDS.get(name, REWARD), "objective": objective}, lr=lr,
+                          oversample=oversample,
                           data={"source": {"init_args": {"num_train": 3000 * oversample}}} if oversample > 1 else None)
             seconds = time.time() - t0
             per_rollout = {key: [m.get(f"train/{key}") for m in run["train"]] for key in TRAIN_METRICS}
@@ -251,10 +289,13 @@ def figure(rows: list[dict], path: Path) -> None:
         colours[name], styles[name] = colours.get(name.removesuffix(" dynamic sampling"), colours[name]), "--"
     kl = [n for n in names if "kl" in n.lower() and n not in MAIN]
     dynamic = [n for n in names if n in OVERSAMPLE]
+    judged = [n for n in names if n in REWARDS]
     panels = [("objectives", [n for n in names if n in MAIN]),
-              ("why slower? clipping, scale, step", [n for n in names if n not in MAIN + tuple(kl + dynamic)]),
+              ("why slower? clipping, scale, step",
+               [n for n in names if n not in MAIN + tuple(kl + dynamic + judged)]),
               ("why slower? where the KL enters", kl),
-              ("dynamic sampling (2-3x the samples per rollout)", dynamic)]
+              ("dynamic sampling (2-3x the samples per rollout)", dynamic),
+              ("correct + 0.25 x an uncalibrated judge (std 3)", judged)]
     compare = {title: [n for n in ("P3O", "P3O-4" if arms is dynamic else "", "GRPO-4") if n in names]
                for title, arms in panels}                           # drawn again beside each ablation
     panels = [(title, ([] if title == "objectives" else compare[title]) + arms) for title, arms in panels if arms]

@@ -116,7 +116,8 @@ def test_verifiable_quick_builds_its_sft_export_and_reports_every_objective(tmp_
     for arm in ("P3O", "RLOO", "GRPO-4", "P3O-4", "P3O scale_q", "P3O-V1", "P3O clip 0.4", "GRPO-4 unscaled",
                 "P3O lr 1e-4", "P3O kl 0", "GRPO-4 sequence ratio", "GRPO-4 KL in reward",
                 "GRPO-4 KL in reward unscaled", "P3O KL in loss", "P3O KL in loss, beta 0.025", "GRPO-4 dynamic sampling",
-                "P3O-4 dynamic sampling", "P3O dynamic sampling", "GRPO-4 unbiased KL", "GRPO-4 CISPO", "GRPO-4 SAPO"):
+                "P3O-4 dynamic sampling", "P3O dynamic sampling", "GRPO-4 unbiased KL", "GRPO-4 CISPO", "GRPO-4 SAPO",
+                "GRPO-4 + judge", "GDPO-4 + judge", "P3O + judge"):
         assert f"| {arm} |" in table
     assert "| objective | accuracy at start | at rollout 1 | at the end |" in table
     import csv
@@ -131,6 +132,8 @@ def test_verifiable_quick_builds_its_sft_export_and_reports_every_objective(tmp_
     assert all((p["clipfrac"] == "") == (p["rollout"] == "0" or p["objective"] == "GRPO-4 SAPO") for p in points)
     assert all(0.0 <= float(p["clipfrac"]) <= 1.0 and 0.0 <= float(p["tied_groups"]) <= 1.0
                for p in points if p["clipfrac"])
+    # the composed arms log the judge's term (`train/reward_judge`), the others have none
+    assert all((p["reward_judge"] != "") == (p["objective"].endswith("+ judge") and p["rollout"] != "0") for p in points)
 
 
 def test_quick_runs_write_nothing_where_the_published_results_and_full_exports_are(tmp_path, capsys):
