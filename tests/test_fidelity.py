@@ -566,6 +566,38 @@ def random_group_input(k: int, groups: int = 3, seed: int = 0, ratio_one: bool =
     return make_input(logp.tolist(), old.tolist(), ref.tolist(), rewards.tolist(), group_size=k)
 
 
+@pytest.mark.parametrize("k", [2, 4])
+def test_rloo_reward_clip_range_and_normalize_advantages_equal_trls_code(k):
+    """TRL 1.16's RLOOTrainer, its advantages written out (`_generate_and_score_completions`): rewards clamped to
+    `reward_clip_range`, minus beta times the sum over the response of (old - ref), leave-one-out baselines, then with
+    `normalize_advantages` (A - nanmean) / (nanstd + 1e-4), nanstd with Bessel's correction. Ragged masks, K 2 and 4;
+    the loss and gradient are those of the unnormalised option with these advantages."""
+    gen = torch.Generator().manual_seed(k)
+    n, L, beta, low, high = 4 * k, 5, 0.05, -1.0, 1.5
+    old, ref = -torch.rand(n, L, generator=gen) * 2, -torch.rand(n, L, generator=gen) * 2
+    mask = (torch.arange(L) < torch.randint(1, L + 1, (n, 1), generator=gen)).float()
+    rewards = torch.randn(n, generator=gen) * 2
+    # TRL, as written there
+    trl_rewards = rewards.clamp(min=low, max=high)
+    trl_rewards = trl_rewards - beta * ((old - ref) * mask).sum(-1)
+    grouped = trl_rewards.view(-1, k)
+    counts = (~torch.isnan(grouped)).sum(dim=1, keepdim=True)
+    baselines = ((torch.nansum(grouped, dim=1, keepdim=True) - grouped) / (counts - 1)).view(-1)
+    advantages = trl_rewards - baselines
+
+    def nanstd(t):
+        variance = torch.nanmean((t - torch.nanmean(t, keepdim=True)) ** 2)
+        count = torch.sum(~torch.isnan(t))
+        return torch.sqrt(variance * count / (count - 1))
+
+    normalized = (advantages - torch.nanmean(advantages)) / (nanstd(advantages) + 1e-4)
+    for normalize, expected in ((False, advantages), (True, normalized)):
+        ours = RLOO(k=k, kl_coef=beta, reward_clip_range=(low, high), normalize_advantages=normalize)
+        batch = ObjectiveInput(logp=old.clone().requires_grad_(True), old_logp=old, ref_logp=ref, mask=mask,
+                               rewards=rewards, group_size=k)
+        assert torch.allclose(ours.prepare(batch)["advantages"], expected, atol=1e-6), normalize
+
+
 @pytest.mark.parametrize("k", [3, 4])
 def test_p3o_k_equals_rloo_k_at_ratio_one_without_clipping(k):
     """Per group, sum_{i<j} 1/2 (r_i - r_j)(grad_i - grad_j) = K/2 sum_i (r_i - mean) grad_i; over the

@@ -162,6 +162,23 @@ def test_objectives_refuse_hyperparameters_outside_their_range(build, message):
     P3O(clip_eps=1e9), PPO(dual_clip=3.0, gamma=0.0, lam=1.0), GRPO(dual_clip=1.01), OnlineDPO(beta=1e-3)  # in range
 
 
+def test_rloo_reward_clip_range_and_normalize_advantages():
+    """The docstring's example: rewards [3, -1] clamped to [-0.5, 2] are [2, -0.5], minus 0.5 x KL [1, 0]: [1.5,
+    -0.5], so A = [2, -2]. Normalised, two groups' A [2, -2, 1, -1]: mean 0, std sqrt(10 / 3) = 1.8257, so [1.0954,
+    -1.0954, 0.5477, -0.5477] (eps 1e-4 aside). A range that is not [low < high], or normalising with the advantages
+    recomputed every minibatch, is one line."""
+    rloo = RLOO(k=2, kl_coef=0.5, reward_clip_range=(-0.5, 2.0))
+    batch = make_input([[0.0], [0.0]], old=[[1.0], [0.0]], ref=[[0.0], [0.0]], rewards=[3.0, -1.0])
+    assert rloo.prepare(batch)["advantages"].tolist() == [2.0, -2.0]
+    batch = make_input([[0.0]] * 4, rewards=[2.0, -2.0, 1.0, -1.0])
+    normalized = RLOO(k=2, kl_coef=0.0, normalize_advantages=True).prepare(batch)["advantages"]
+    assert torch.allclose(normalized, torch.tensor([1.0954, -1.0954, 0.5477, -0.5477]), atol=1e-4)
+    with pytest.raises(ValueError, match=r"reward_clip_range=\(2.0, 1.0\); expected \[low, high\] with low < high"):
+        RLOO(reward_clip_range=(2.0, 1.0))
+    with pytest.raises(ValueError, match="normalize_advantages normalises the rollout's advantages once"):
+        RLOO(normalize_advantages=True, kl_on_current_policy=True)
+
+
 def rollout_input(rows: slice, seed: int = 0, groups: int = 4, K: int = 4, L: int = 3) -> ObjectiveInput:
     """Rows `rows` of a rollout of `groups` x K responses whose second half's rewards (and their terms) are 4x as
     spread as the first's and whose responses end at different lengths; values for PPO, two reward terms for GDPO."""
@@ -182,7 +199,8 @@ def rollout_input(rows: slice, seed: int = 0, groups: int = 4, K: int = 4, L: in
     lambda: GRPO(k=4, multi_objective_aggregation="normalize_then_sum"),                 # GDPO's sum over the rollout
     lambda: PPO(target_kl=0.1, kl_horizon=10),                                            # whitening, adaptive KL
     lambda: P3O(k=4, scale_q=True),                                                      # the rewards' running std
-], ids=["grpo batch std", "gdpo", "ppo whiten and target_kl", "p3o scale_q"])
+    lambda: RLOO(k=4, normalize_advantages=True),
+], ids=["grpo batch std", "gdpo", "ppo whiten and target_kl", "p3o scale_q", "rloo normalize_advantages"])
 def test_rollout_statistics_are_every_process_rows(build):
     """Two processes (threads summing through `in_threads`), each with 2 of the rollout's 4 groups, two rollouts:
     with `sum_over_ranks` the statistics an objective takes of the whole rollout (GRPO's batch std, GDPO's

@@ -9,7 +9,10 @@ A_i = r_hat_i - mean_{j != i} r_hat_j, computed once per rollout (`prepare`). Wi
 which at ratio 1 is the same gradient. With k = 2 and no clipping this is exactly P3O's pairwise policy gradient
 (docs/algorithms.md s. 2).
 Options: `kl_on_current_policy: true` shapes with the current policy's detached logp, recomputed every minibatch
-(as P3O does; our earlier default). `dual_clip` bounds the surrogate of negative advantages (off).
+(as P3O does; our earlier default). `dual_clip` bounds the surrogate of negative advantages (off). TRL 1.16's
+`reward_clip_range` clamps the rewards to [low, high] before the KL shaping, and its `normalize_advantages` divides
+the leave-one-out advantages by their std over the rollout after centring them, (A - mean) / (std + 1e-4), every
+process's rows (TRL gathers them); both off, as in TRL.
 """
 from __future__ import annotations
 
@@ -38,28 +41,50 @@ class RLOO(Objective):
         dual_clip: c > 1 bounds the surrogate of negative advantages below by c * A (None: off).
         clip_eps_high: the upper clip bound, 1 + clip_eps_high (DAPO's clip-higher, TRL's `epsilon_high`; DAPO uses
             0.28 with clip_eps 0.2). None: clip_eps.
+        reward_clip_range: [low, high] the rewards are clamped to before the KL shaping (TRL's); None: off.
+        normalize_advantages: (A - mean) / (std + 1e-4) over the rollout's advantages, every process's (TRL's).
     """
 
     separable_groups = True        # per-row terms (baselines within the group) over the row count
 
     def __init__(self, k: int = 2, kl_coef: float = 0.05, clip_eps: float = 0.2, kl_on_current_policy: bool = False,
-                 dual_clip: float | None = None, clip_eps_high: float | None = None):
+                 dual_clip: float | None = None, clip_eps_high: float | None = None,
+                 reward_clip_range: tuple[float, float] | None = None, normalize_advantages: bool = False):
         super().__init__()
         if k < 2:
             raise ValueError(f"RLOO needs k >= 2 responses per prompt, got {k}")
         check_clipping("RLOO", clip_eps, dual_clip, clip_eps_high)
+        if reward_clip_range is not None and not (len(reward_clip_range) == 2 and
+                                                  reward_clip_range[0] < reward_clip_range[1]):
+            raise ValueError(f"RLOO: reward_clip_range={reward_clip_range}; expected [low, high] with low < high, or "
+                             "null (off)")
+        if normalize_advantages and kl_on_current_policy:
+            raise ValueError("RLOO: normalize_advantages normalises the rollout's advantages once, before the updates; "
+                             "kl_on_current_policy recomputes them from every minibatch's policy: set one of them")
         self.responses_per_prompt, self.kl_coef, self.clip_eps, self.clip_eps_high = k, kl_coef, clip_eps, clip_eps_high
         self.kl_on_current_policy, self.dual_clip = kl_on_current_policy, dual_clip
+        self.reward_clip_range, self.normalize_advantages = reward_clip_range, normalize_advantages
 
     def advantages(self, rewards: torch.Tensor, logp: torch.Tensor, ref: torch.Tensor, k: int) -> torch.Tensor:
-        """Leave-one-out advantages of r - beta * (logp - ref), all (N,), logp detached."""
-        return leave_one_out_advantages(rewards.float() - self.kl_coef * (logp - ref), k)
+        """Leave-one-out advantages of r - beta * (logp - ref) (r clamped to `reward_clip_range` first), all (N,),
+        logp detached.
+
+        Example: k 2, rewards [3, -1], reward_clip_range [-0.5, 2], beta 0.5, logp - ref [1, 0]: r [2, -0.5], shaped
+        [1.5, -0.5], A [2, -2]."""
+        rewards = rewards.float()
+        if self.reward_clip_range is not None:
+            rewards = rewards.clamp(*self.reward_clip_range)
+        return leave_one_out_advantages(rewards - self.kl_coef * (logp - ref), k)
 
     @torch.no_grad()
     def prepare(self, batch: ObjectiveInput) -> dict[str, torch.Tensor]:
         old = F.sequence_logprobs(batch.old_logp, batch.mask)
         ref = F.sequence_logprobs(batch.ref_logp, batch.mask)
-        return {"advantages": self.advantages(batch.rewards, old, ref, batch.group_size)}
+        adv = self.advantages(batch.rewards, old, ref, batch.group_size)
+        if self.normalize_advantages:             # (TRL's order: after the baselines, over every process's rows)
+            _, mean, _ = F.moments(adv, sum_over=batch.sum_over_ranks)
+            adv = (adv - mean) / (F.std(adv, batch.sum_over_ranks) + 1e-4)
+        return {"advantages": adv}
 
     def forward(self, batch: ObjectiveInput) -> ObjectiveOutput:
         logp = F.sequence_logprobs(batch.policy_logp(), batch.mask)         # (N,) (forks: their gradient alone)
