@@ -7,6 +7,7 @@ import math
 
 import pytest
 import torch
+import torch.nn.functional as TF
 
 from modules import functional as F
 from modules.batch import ObjectiveInput
@@ -596,6 +597,31 @@ def test_rloo_reward_clip_range_and_normalize_advantages_equal_trls_code(k):
         batch = ObjectiveInput(logp=old.clone().requires_grad_(True), old_logp=old, ref_logp=ref, mask=mask,
                                rewards=rewards, group_size=k)
         assert torch.allclose(ours.prepare(batch)["advantages"], expected, atol=1e-6), normalize
+
+
+@pytest.mark.parametrize("loss_type", ["sigmoid", "ipo"])
+def test_online_dpo_equals_trls_online_trainer_on_decided_pairs(loss_type):
+    """TRL 1.16's OnlineDPOTrainer, its loss written out (`training_step`): the first half of the pairs against the
+    second, chosen where its score is >= the other's, logits = (chosen - ref) - (rejected - ref) of the masked sums,
+    -logsigmoid(beta logits) or (logits - 1 / (2 beta))^2, the mean over pairs. Ours on the same pairs (no tie: TRL
+    makes the first response the winner of one, ours leaves it out), as consecutive rows; loss and gradient."""
+    gen = torch.Generator().manual_seed(3)
+    pairs, L, beta = 6, 4, 0.2
+    logp, ref = -torch.rand(2 * pairs, L, generator=gen) * 3, -torch.rand(2 * pairs, L, generator=gen) * 3
+    mask = (torch.arange(L) < torch.randint(1, L + 1, (2 * pairs, 1), generator=gen)).float()
+    rewards = torch.randn(2 * pairs, generator=gen)
+    first, second = torch.arange(0, 2 * pairs, 2), torch.arange(1, 2 * pairs, 2)   # TRL's halves, our pairs
+    theirs = logp.clone().requires_grad_(True)
+    sums, ref_sums = (theirs * mask).sum(1), (ref * mask).sum(1)
+    chosen_first = rewards[first] >= rewards[second]
+    chosen, rejected = torch.where(chosen_first, first, second), torch.where(chosen_first, second, first)
+    logits = (sums[chosen] - ref_sums[chosen]) - (sums[rejected] - ref_sums[rejected])
+    losses = -TF.logsigmoid(beta * logits) if loss_type == "sigmoid" else (logits - 1 / (2 * beta)) ** 2
+    losses.mean().backward()
+    loss, g = grad(OnlineDPO(beta=beta, loss_type=loss_type),
+                   make_input(logp.tolist(), logp.tolist(), ref.tolist(), rewards.tolist(), mask=mask.tolist()))
+    assert loss.item() == pytest.approx(losses.mean().item(), rel=1e-6)
+    assert torch.allclose(g, theirs.grad, atol=1e-6)
 
 
 @pytest.mark.parametrize("k", [3, 4])

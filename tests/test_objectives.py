@@ -53,6 +53,18 @@ def test_dpo_soft_labels_weight_both_orderings():
     assert math.isclose(OnlineDPO(beta=0.1, soft_labels=True)(batch).loss.item(), expected, rel_tol=1e-6)
 
 
+def test_online_ipo_squares_the_margin_from_one_over_two_beta():
+    """TRL's online `loss_type: ipo`, beta 0.5: pair 0 has r = (0, 1), so y2 wins, h = logp - ref = (0.5, 1.0): loss
+    (h_w - h_l - 1 / (2 beta))^2 = (0.5 - 1)^2 = 0.25, gradient 2 (0.5 - 1) = -1 on logp2 and +1 on logp1; pair 1
+    ties (left out). With soft labels: one line."""
+    batch = make_input([0.5, 1.0, 0.0, 0.0], ref=[0.0] * 4, rewards=[0.0, 1.0, 5.0, 5.0])
+    ipo = OnlineDPO(beta=0.5, loss_type="ipo")
+    assert ipo(batch).loss.item() == pytest.approx(0.25)
+    assert torch.allclose(grad(ipo, batch).view(-1), torch.tensor([1.0, -1.0, 0.0, 0.0]))
+    with pytest.raises(ValueError, match="soft_labels weights the two orderings of the sigmoid loss"):
+        OnlineDPO(soft_labels=True, loss_type="ipo")
+
+
 def test_gae_against_a_hand_computed_example():
     """gamma = 1, lambda = 0.5, rewards (0, 0, 1), values (0.5, 0.6, 0.7):
     deltas: d2 = 1 - 0.7 = 0.3, d1 = 0 + 0.7 - 0.6 = 0.1, d0 = 0 + 0.6 - 0.5 = 0.1
