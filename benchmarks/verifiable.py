@@ -1,14 +1,14 @@
 """Learning from a verifiable reward: P3O, RLOO and GRPO (and two P3O variants) on the embedded sum task, whose
 reward is 1 where the response's number is the record's answer, else 0 (`modules.verifiable.AnswerMatch`); thirteen
 ablation arms asking why P3O rises more slowly than GRPO-4 there, each changing one thing; three of TRL 1.16's GRPO
-variants (its unbiased KL gradient, CISPO, SAPO); three with DAPO's dynamic sampling (`keep_groups`); and three on a
-composed reward, correct + 0.25 x an uncalibrated judge, asking whether GDPO's per-term normalisation keeps the
-weights' meaning where GRPO's sum does not (`REWARDS`).
+variants (its unbiased KL gradient, CISPO, SAPO); three with DAPO's dynamic sampling (`keep_groups`); and four on a
+composed reward, correct + 0.25 x an uncalibrated judge, asking whether normalising each term (GDPO, P3O's
+`normalize_terms`) keeps the weights' meaning where the sum does not (`REWARDS`).
 
-    python benchmarks/verifiable.py            # 27 arms x 5 seeds, 80 rollouts each (~45 min on 2 cores)
+    python benchmarks/verifiable.py            # 28 arms x 5 seeds, 80 rollouts each (~47 min on 2 cores)
     python benchmarks/verifiable.py --arms 'P3O kl 0'   # some arms; the others' rows in points.csv are kept
     python benchmarks/verifiable.py --arms GRPO-4 'GRPO-4 + judge' 'GDPO-4 + judge' P3O 'P3O + judge' \
-        --out benchmarks/results/verifiable/gdpo        # the composed reward (results/verifiable/gdpo)
+        'P3O normalize_terms + judge' --out benchmarks/results/verifiable/gdpo   # the composed reward
     python benchmarks/verifiable.py --quick    # every arm, 1 seed, 3 rollouts (CI-sized)
 
 Every run starts from one SFT export of configs/quickstart/sums_sft.yaml (demonstrations right half of the time)
@@ -114,12 +114,16 @@ ARMS.update({name: ARMS[name.removesuffix(" dynamic sampling")] for name in OVER
 JUDGED = {"class_path": "modules.rewards.Composed", "init_args": {
     "rewards": {"correct": REWARD, "judge": {"class_path": "verifiable.UncalibratedJudge", "init_args": {"scale": 3.0}}},
     "weights": {"correct": 1.0, "judge": 0.25}}}
-REWARDS = {"GRPO-4 + judge": JUDGED, "GDPO-4 + judge": JUDGED, "P3O + judge": JUDGED}
+REWARDS = {"GRPO-4 + judge": JUDGED, "GDPO-4 + judge": JUDGED, "P3O + judge": JUDGED,
+           "P3O normalize_terms + judge": JUDGED}
 ARMS["GRPO-4 + judge"] = ARMS["GRPO-4"]
 ARMS["GDPO-4 + judge"] = (4, {"class_path": "modules.objectives.grpo.GRPO",
                               "init_args": {"k": 4, "kl_coef": 0.05, "clip_eps": 0.2,
                                             "multi_objective_aggregation": "normalize_then_sum"}})
 ARMS["P3O + judge"] = ARMS["P3O"]
+ARMS["P3O normalize_terms + judge"] = (2, {"class_path": "modules.objectives.p3o.P3O",      # each term's differences
+                                           "init_args": {"variant": "v2", "clip_eps": 0.2, "kl_coef": 0.05,  # over
+                                                         "is_cap": 10.0, "normalize_terms": True}})  # their rms
 BASELINE = "P3O"
 # train/* metrics kept per evaluation window: mean since the last
 TRAIN_METRICS = ("clipfrac", "tied_groups", "better_shift", "worse_shift", "sampled_tied_groups", "reward_judge")

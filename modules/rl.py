@@ -221,8 +221,8 @@ class RLModule(TrainedOnlyCheckpoints, L.LightningModule):
         terms = getattr(objective, "needs_reward_terms", False)
         if terms and not isinstance(reward, Composed):
             raise ValueError(f"RLModule: {type(objective).__name__} normalises each term of the reward apart "
-                             f"(multi_objective_aggregation 'normalize_then_sum'), so the reward must be a "
-                             f"modules.rewards.Composed of named terms; got {qualified_name(reward)}")
+                             f"(GRPO's multi_objective_aggregation 'normalize_then_sum', P3O's normalize_terms), so the "
+                             f"reward must be a modules.rewards.Composed of named terms; got {qualified_name(reward)}")
         if terms and (missing_eos_penalty, nonfinite_reward) != (None, None):
             raise ValueError(f"RLModule: {type(objective).__name__} normalises each term of the composed reward apart, "
                              "so missing_eos_penalty and nonfinite_reward, which replace or shift their sum, would be "

@@ -117,7 +117,7 @@ def test_verifiable_quick_builds_its_sft_export_and_reports_every_objective(tmp_
                 "P3O lr 1e-4", "P3O kl 0", "GRPO-4 sequence ratio", "GRPO-4 KL in reward",
                 "GRPO-4 KL in reward unscaled", "P3O KL in loss", "P3O KL in loss, beta 0.025", "GRPO-4 dynamic sampling",
                 "P3O-4 dynamic sampling", "P3O dynamic sampling", "GRPO-4 unbiased KL", "GRPO-4 CISPO", "GRPO-4 SAPO",
-                "GRPO-4 + judge", "GDPO-4 + judge", "P3O + judge"):
+                "GRPO-4 + judge", "GDPO-4 + judge", "P3O + judge", "P3O normalize_terms + judge"):
         assert f"| {arm} |" in table
     assert "| objective | accuracy at start | at rollout 1 | at the end |" in table
     import csv

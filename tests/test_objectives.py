@@ -191,6 +191,33 @@ def test_rloo_reward_clip_range_and_normalize_advantages():
         RLOO(normalize_advantages=True, kl_on_current_policy=True)
 
 
+def test_p3o_normalize_terms_scales_each_term_by_its_pair_differences():
+    """`normalized_term_rewards`' example: K 2, weights [1, 0.25], terms [[1, 3], [0, -3], [1, 6], [1, 0]]: rms of the
+    differences sqrt(1/2) (correct) and 6 (judge), so the pairs' Delta before the KL is [1.6642, 0.25] (eps aside).
+    A term shifted by a constant per prompt leaves every Delta as it was (each term's differences are), and a term
+    that does not apply (NaN) to a group adds nothing. P3O with the option trains on these Deltas; with `scale_q` or
+    `reward_clip`, one line."""
+    from modules.objectives.p3o import normalized_term_rewards
+
+    terms, weights = torch.tensor([[1.0, 3.0], [0.0, -3.0], [1.0, 6.0], [1.0, 0.0]]), torch.tensor([1.0, 0.25])
+    rewards = normalized_term_rewards(terms, weights, 2)
+    assert torch.allclose(rewards[0::2] - rewards[1::2], torch.tensor([1.6642, 0.25]), atol=1e-3)
+    shifted = terms + torch.tensor([[5.0, -100.0], [5.0, -100.0], [-2.0, 7.0], [-2.0, 7.0]])
+    moved = normalized_term_rewards(shifted, weights, 2)
+    assert torch.allclose(moved[0::2] - moved[1::2], rewards[0::2] - rewards[1::2], atol=1e-5)
+    missing = torch.cat([terms, torch.tensor([[float("nan")], [float("nan")], [4.0], [0.0]])], -1)
+    three = normalized_term_rewards(missing, torch.tensor([1.0, 0.25, 1.0]), 2)      # third term: rms 4 over 1 pair
+    assert torch.allclose(three[0::2] - three[1::2], torch.tensor([1.6642, 0.25 + 1.0]), atol=1e-3)
+    p3o = P3O(kl_coef=0.0, normalize_terms=True)
+    batch = make_input([[0.0]] * 4, rewards=(terms @ weights).tolist())
+    batch.reward_terms, batch.reward_weights = terms, weights
+    batch.extra = p3o.prepare(batch)
+    assert p3o(batch).metrics["delta_abs"].item() == pytest.approx((1.6642 + 0.25) / 2, abs=1e-3)
+    for option in ({"scale_q": True}, {"reward_clip": 1.0}):
+        with pytest.raises(ValueError, match="normalize_terms scales each term of the composed reward by its own"):
+            P3O(normalize_terms=True, **option)
+
+
 def rollout_input(rows: slice, seed: int = 0, groups: int = 4, K: int = 4, L: int = 3) -> ObjectiveInput:
     """Rows `rows` of a rollout of `groups` x K responses whose second half's rewards (and their terms) are 4x as
     spread as the first's and whose responses end at different lengths; values for PPO, two reward terms for GDPO."""
@@ -212,7 +239,9 @@ def rollout_input(rows: slice, seed: int = 0, groups: int = 4, K: int = 4, L: in
     lambda: PPO(target_kl=0.1, kl_horizon=10),                                            # whitening, adaptive KL
     lambda: P3O(k=4, scale_q=True),                                                      # the rewards' running std
     lambda: RLOO(k=4, normalize_advantages=True),
-], ids=["grpo batch std", "gdpo", "ppo whiten and target_kl", "p3o scale_q", "rloo normalize_advantages"])
+    lambda: P3O(k=4, normalize_terms=True),                                    # each term's pair-difference rms
+], ids=["grpo batch std", "gdpo", "ppo whiten and target_kl", "p3o scale_q", "rloo normalize_advantages",
+        "p3o normalize_terms"])
 def test_rollout_statistics_are_every_process_rows(build):
     """Two processes (threads summing through `in_threads`), each with 2 of the rollout's 4 groups, two rollouts:
     with `sum_over_ranks` the statistics an objective takes of the whole rollout (GRPO's batch std, GDPO's

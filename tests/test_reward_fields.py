@@ -539,17 +539,44 @@ def test_gdpo_normalises_the_composed_terms_of_a_run_apart(tmp_path, sft_dir):
     assert not torch.allclose(advantages, plain, atol=1e-3) or torch.allclose(plain, torch.zeros_like(plain))
 
 
+def test_p3o_normalize_terms_trains_on_each_terms_scaled_differences(tmp_path, sft_dir):
+    """P3O with `normalize_terms` on the composed sums reward (correct + 0.2 format): it trains end to end, and the
+    rewards whose differences it trains on are `normalized_term_rewards` of the rollout's two terms with their weights."""
+    from modules.objectives.p3o import P3O, normalized_term_rewards
+
+    config_path = maths_config(tmp_path, sft_dir, ["answer"])
+    config = yaml.safe_load(open(config_path))
+    config["model"]["init_args"]["objective"]["init_args"]["normalize_terms"] = True
+    yaml.safe_dump(config, open(config_path, "w"))
+    seen, prepare = [], P3O.prepare
+    P3O.prepare = lambda self, batch: seen.append((batch, prepare(self, batch))) or seen[-1][1]
+    try:
+        cli = cli_main(["fit", "--config", config_path])
+    finally:
+        P3O.prepare = prepare
+    assert torch.isfinite(cli.trainer.callback_metrics["train/loss"])
+    batch, extra = seen[0]
+    assert batch.reward_terms.shape == (len(batch.rewards), 2) and batch.reward_weights.tolist() == pytest.approx([1, 0.2])
+    assert torch.equal(extra["term_rewards"], normalized_term_rewards(batch.reward_terms, batch.reward_weights, 2))
+
+
 @pytest.mark.parametrize("options, message", [
     ({}, "so the reward must be a modules.rewards.Composed of named terms; got datamodules.task.GoldReward"),
     ({"composed": True, "missing_eos_penalty": 1.0}, "so missing_eos_penalty and nonfinite_reward"),
     ({"composed": True, "nonfinite_reward": -1.0}, "so missing_eos_penalty and nonfinite_reward")])
-def test_gdpo_needs_a_composed_reward_and_nothing_that_shifts_its_sum(sft_dir, options, message):
+@pytest.mark.parametrize("objective", ["gdpo", "p3o"])
+def test_per_term_normalisation_needs_a_composed_reward_and_nothing_that_shifts_its_sum(sft_dir, options, message,
+                                                                                      objective):
+    """GDPO and P3O's `normalize_terms` read the composed reward's terms: any other reward, or an option that
+    changes their sum, is one line."""
     from datamodules.task import GoldReward
     from modules.backbone import BackboneSpec
     from modules.objectives.grpo import GRPO
+    from modules.objectives.p3o import P3O
     from modules.rl import RLModule
 
+    options = dict(options)                             # (the parameter is shared by both objectives' cases)
     reward = Composed({"gold": GoldReward()}) if options.pop("composed", False) else GoldReward()
+    built = GRPO(multi_objective_aggregation="normalize_then_sum") if objective == "gdpo" else P3O(normalize_terms=True)
     with pytest.raises(ValueError, match=message):
-        RLModule(BackboneSpec(pretrained=sft_dir), sft_dir, reward=reward,
-                 objective=GRPO(multi_objective_aggregation="normalize_then_sum"), **options)
+        RLModule(BackboneSpec(pretrained=sft_dir), sft_dir, reward=reward, objective=built, **options)

@@ -20,6 +20,11 @@ Options, all off by default (the paper's defaults):
   * `avg_tokenwise` (the authors' later code): the summed pair loss is divided by the response tokens of the
     minibatch (both responses; and by K - 1, the pairs each response is in) instead of averaged over pairs, so the
     step size depends on response length.
+  * `normalize_terms` (not the paper's; P3O's counterpart of GDPO, with a `modules.rewards.Composed` reward): each
+    term's pair differences are divided by their root mean square over the rollout's pairs (every process's),
+    Delta = sum_t w_t (r_t,i - r_t,j) / rms_t - beta (KL_i - KL_j) (`normalized_term_rewards`), so a weight says how
+    much its term counts whatever the term's units. A difference does not change when a term is shifted per
+    prompt, so shift invariance holds term by term, unlike `scale_q`'s std of the rewards themselves.
   * `kl_in_loss` (not the paper's): the KL leaves the reward difference, Delta = r1 - r2, and enters the loss as
     beta times each response's sequence KL (the sum over its tokens of the k3 estimate, as GRPO's per-token
     penalty), averaged over responses. On a 0 / 1 reward most pairs tie, and their Delta is then the KL difference
@@ -56,6 +61,25 @@ def group_pairs(n: int, k: int, device=None) -> tuple[torch.Tensor, torch.Tensor
     first, second = torch.triu_indices(k, k, offset=1, device=device)       # (M,) each, M = k(k-1)/2
     offsets = torch.arange(0, n, k, device=device)[:, None]                  # (G, 1)
     return (offsets + first).flatten(), (offsets + second).flatten()
+
+
+def normalized_term_rewards(terms: torch.Tensor, weights: torch.Tensor, k: int, eps: float = 1e-4,
+                            sum_over=None) -> torch.Tensor:
+    """Rewards whose pair differences are `normalize_terms`' Delta: r_i = sum_t w_t r_t,i / (rms_t + eps), rms_t the
+    root mean square of term t's differences r_t,i - r_t,j over every pair of every group of k (every process's
+    with `sum_over`, `functional.moments`); a NaN term (one that does not apply) adds nothing to a reward and its
+    differences are left out of rms_t. terms (N, T), weights (T,) -> (N,).
+
+    Example, k 2, weights [1, 0.25]: terms [[1, 3], [0, -3], [1, 6], [1, 0]]. Differences: correct [1, 0], rms
+    sqrt(1 / 2) = 0.7071; judge [6, 6], rms 6. Rewards [1.4142 + 0.125, -0.125, 1.4142 + 0.25, 1.4142], so the
+    pairs' Delta (before the KL) is [1.6642, 0.25]: correctness counts 1 / 0.7071 per unit and the judge 0.25 / 6."""
+    i, j = group_pairs(len(terms), k, terms.device)
+    diffs = terms[i] - terms[j]                                                  # (P, T)
+    valid = ~diffs.isnan()
+    totals = torch.cat([diffs.nan_to_num().pow(2).sum(0), valid.sum(0).to(terms.dtype)])       # (2T,)
+    totals = totals if sum_over is None else sum_over(totals)
+    rms = (totals[: terms.shape[1]] / totals[terms.shape[1]:].clamp(min=1)).sqrt()             # (T,)
+    return (terms.nan_to_num() * (weights.to(terms.dtype) / (rms + eps))).sum(-1)
 
 
 def p3o_v1_terms(delta, log_rho1, log_rho2, eps: float, cap: float,
@@ -96,6 +120,8 @@ class P3O(Objective):
         k: responses per prompt (2 = the paper); the loss averages over all pairs of each group.
         reward_clip: clip raw rewards to [-reward_clip, reward_clip] (None = off).
         scale_q: divide the (clipped) rewards by their running std (Bessel-corrected) before the KL term.
+        normalize_terms: with a composed reward, each term's pair differences divided by their root mean square over
+            the rollout before the weighted sum (`normalized_term_rewards`; P3O's counterpart of GDPO).
         avg_tokenwise: normalise the summed pair loss by response tokens instead of averaging over pairs.
         kl_in_loss: beta times the mean sequence k3 KL to the reference in the loss instead of the KL-shaped reward
             difference (not the paper's; see the module docstring).
@@ -108,7 +134,8 @@ class P3O(Objective):
 
     def __init__(self, variant: Literal["v1", "v2"] = "v2", clip_eps: float = 0.2, kl_coef: float = 0.05,
                  is_cap: float = 10.0, k: int = 2, reward_clip: float | None = None, scale_q: bool = False,
-                 avg_tokenwise: bool = False, kl_in_loss: bool = False, clip_eps_high: float | None = None):
+                 avg_tokenwise: bool = False, kl_in_loss: bool = False, clip_eps_high: float | None = None,
+                 normalize_terms: bool = False):
         super().__init__()
         if variant not in ("v1", "v2"):
             raise ValueError(f"P3O: variant must be 'v1' or 'v2', got {variant!r}")
@@ -122,11 +149,16 @@ class P3O(Objective):
                              "1 + clip_eps_high])")
         if not is_cap > 0:
             raise ValueError(f"P3O: is_cap={is_cap}; expected > 0")
+        if normalize_terms and (scale_q or reward_clip is not None):
+            raise ValueError("P3O: normalize_terms scales each term of the composed reward by its own pair differences; "
+                             f"scale_q and reward_clip act on their sum (got scale_q={scale_q}, "
+                             f"reward_clip={reward_clip}): set them to false / null")
         self.variant, self.clip_eps, self.kl_coef, self.is_cap = variant, clip_eps, kl_coef, is_cap
         self.clip_eps_high = clip_eps_high
         self.responses_per_prompt, self.reward_clip = k, reward_clip
         self.scale_q, self.avg_tokenwise, self.kl_in_loss = scale_q, avg_tokenwise, kl_in_loss
         self.reward_stats = RunningMoments()
+        self.normalize_terms = self.needs_reward_terms = normalize_terms
 
     def rewards(self, batch: ObjectiveInput) -> torch.Tensor:
         r = batch.rewards.float()
@@ -136,10 +168,18 @@ class P3O(Objective):
     def prepare(self, batch: ObjectiveInput) -> dict[str, torch.Tensor]:
         if self.scale_q:
             self.reward_stats.update(self.rewards(batch), batch.sum_over_ranks)
+        if self.normalize_terms:
+            if batch.reward_terms is None:
+                raise ValueError("P3O: normalize_terms needs the reward's terms (a modules.rewards.Composed reward)")
+            return {"term_rewards": normalized_term_rewards(batch.reward_terms.float(), batch.reward_weights,
+                                                            self.responses_per_prompt, sum_over=batch.sum_over_ranks)}
         return {}
 
     def scaled_rewards(self, batch: ObjectiveInput) -> torch.Tensor:
-        """r (clipped), divided by the running std when `scale_q`. (N,)"""
+        """r (clipped), divided by the running std when `scale_q`; `normalize_terms`: the rollout's
+        `normalized_term_rewards`. (N,)"""
+        if self.normalize_terms:
+            return batch.extra["term_rewards"]
         r = self.rewards(batch)
         return r / self.reward_stats.unbiased_std.to(r.dtype) if self.scale_q else r
 
