@@ -39,7 +39,7 @@ class Objective(nn.Module):
         Update running statistics here and return per-row tensors (first dim N, e.g. advantages) that are then
         sliced into `batch.extra` for every minibatch. Each process holds its own rows of the rollout: a statistic of
         the whole rollout (a std, a whitening, a mean) takes `batch.sum_over_ranks` (`functional.moments`), so every
-        process computes the same number and the run equals one process's with the same global batch."""
+        process computes the same number: the one a single process would compute from the global batch."""
         return {}
 
     def forward(self, batch: ObjectiveInput) -> ObjectiveOutput:
