@@ -247,20 +247,36 @@ def has_eos(response_ids: torch.Tensor, eos_token_id: int | None) -> torch.Tenso
     return (response_ids == eos_token_id).any(-1)
 
 
+KL_ESTIMATORS = ("k1", "k2", "k3", "low_var_kl", "k1+", "k3+")
+
+
 def kl_penalty(logp: torch.Tensor, ref_logp: torch.Tensor, estimator: str = "k1") -> torch.Tensor:
-    """Per-sample estimate of KL(pi || ref) from samples of pi, given log pi and log ref.
+    """Per-sample estimate of KL(pi || ref) from samples of pi, given log pi and log ref. Elementwise.
 
     k1 = log(pi/ref) (unbiased, can be negative); k2 = 0.5 * log(pi/ref)^2; k3 = (r - 1) - log r with
-    r = ref/pi (unbiased, always >= 0). Elementwise.
-    """
+    r = ref/pi (unbiased, always >= 0). veRL's `kl_loss_type` names two more: 'low_var_kl' is k3 with log r clamped
+    to [-20, 20] and the result to [-10, 10] (veRL's default for its KL loss, which veRL also calls k3); a '+' (k1+,
+    k3+) keeps the value of k1 or of veRL's k3 (low_var_kl) and takes the gradient of k2, (logp - ref) d logp, the
+    unbiased gradient of the reverse KL (a straight-through estimator, as veRL's).
+
+    Example, logp - ref = 1: k1 1, k2 0.5, k3 e^-1 - 1 + 1 = 0.3679, with gradients d/d logp 1, 1, 1 - e^-1 = 0.6321;
+    k1+ and k3+ the values of k1 and k3 with gradient 1 (k2's). At logp - ref = -30: k3 e^30 - 31, low_var_kl and
+    k3+ 10 (low_var_kl's gradient 0: clamped; k3+'s -30, k2's)."""
     log_ratio = logp - ref_logp
+    if estimator.endswith("+") and estimator in KL_ESTIMATORS:
+        value = kl_penalty(logp, ref_logp, "k1" if estimator == "k1+" else "low_var_kl")
+        gradient = 0.5 * log_ratio**2
+        return gradient - gradient.detach() + value.detach()
     if estimator == "k1":
         return log_ratio
     if estimator == "k2":
         return 0.5 * log_ratio**2
     if estimator == "k3":
         return torch.expm1(-log_ratio) + log_ratio
-    raise ValueError(f"unknown KL estimator {estimator!r}; expected one of 'k1', 'k2', 'k3'")
+    if estimator == "low_var_kl":
+        clamped = log_ratio.clamp(-20.0, 20.0)
+        return (torch.expm1(-clamped) + clamped).clamp(-10.0, 10.0)
+    raise ValueError(f"unknown KL estimator {estimator!r}; expected one of {KL_ESTIMATORS}")
 
 
 def response_only_nll(target_logp: torch.Tensor, loss_mask: torch.Tensor) -> torch.Tensor:

@@ -599,6 +599,52 @@ def test_rloo_reward_clip_range_and_normalize_advantages_equal_trls_code(k):
         assert torch.allclose(ours.prepare(batch)["advantages"], expected, atol=1e-6), normalize
 
 
+def verl_kl_penalty(logprob, ref_logprob, kl_penalty):
+    """veRL's `core_algos.kl_penalty` (with `kl_penalty_forward`), written out."""
+    base = kl_penalty[:-1] if kl_penalty.endswith("+") else kl_penalty
+    if base in ("kl", "k1"):
+        forward = logprob - ref_logprob
+    elif base in ("mse", "k2"):
+        forward = 0.5 * (logprob - ref_logprob).square()
+    else:                                                  # "low_var_kl", "k3": veRL clamps both
+        kl = torch.clamp(ref_logprob - logprob, min=-20, max=20)
+        forward = torch.clamp(torch.exp(kl) - kl - 1, min=-10, max=10)
+    if not kl_penalty.endswith("+") or kl_penalty in ("mse", "k2"):
+        return forward
+    backward = 0.5 * (logprob - ref_logprob).square()
+    return backward - backward.detach() + forward.detach()
+
+
+@pytest.mark.parametrize("ours, theirs", [("k1", "k1"), ("k2", "k2"), ("low_var_kl", "low_var_kl"), ("k1+", "k1+"),
+                                          ("k3+", "k3+"), ("k3", None)])
+def test_kl_estimators_equal_verls(ours, theirs):
+    """`functional.kl_penalty` against veRL's `kl_penalty` (its `kl_loss_type` names) on log-ratios from -30 to 30:
+    values and gradients within float rounding. Our 'k3' is TRL's, unclamped: equal to veRL's clamped one (which
+    veRL also calls k3) where nothing is clamped, |log ratio| <= 2.3 (k3 <= 10 there)."""
+    logp = torch.tensor([-30.0, -5.0, -2.0, -0.3, 0.0, 0.7, 2.0, 5.0, 30.0]) - 1.0
+    ref = torch.full_like(logp, -1.0)
+    if theirs is None:
+        logp, ref, theirs = logp[2:7], ref[2:7], "low_var_kl"
+    a, b = logp.clone().requires_grad_(True), logp.clone().requires_grad_(True)
+    mine, verl = F.kl_penalty(a, ref, ours), verl_kl_penalty(b, ref, theirs)
+    mine.sum().backward()
+    verl.sum().backward()
+    assert torch.allclose(mine, verl, rtol=1e-6, atol=1e-6) and torch.allclose(a.grad, b.grad, rtol=1e-6, atol=1e-6)
+
+
+def test_grpo_k3_plus_is_the_bias_corrected_kl_gradient_at_ratio_one():
+    """At ratio 1, TRL's bias-corrected k3 (rho k3) and veRL's straight-through k3+ are the same term: value k3,
+    gradient (logp - ref) per token. GRPO's loss and gradient are then equal; at ratio != 1 they differ."""
+    batch = lambda old: make_input([[-1.0, -2.0], [-0.5, -1.5]], old, [[-1.5, -1.0], [-0.2, -2.5]], [1.0, 0.0])  # noqa: E731
+    at_one = [[-1.0, -2.0], [-0.5, -1.5]]
+    loss_a, g_a = grad(GRPO(k=2, kl_estimator="k3+"), batch(at_one))
+    loss_b, g_b = grad(GRPO(k=2, kl_bias_correction=True), batch(at_one))
+    assert loss_a.item() == pytest.approx(loss_b.item(), rel=1e-6) and torch.allclose(g_a, g_b, atol=1e-7)
+    _, g_c = grad(GRPO(k=2, kl_estimator="k3+"), batch([[-1.2, -2.0], [-0.5, -1.0]]))
+    _, g_d = grad(GRPO(k=2, kl_bias_correction=True), batch([[-1.2, -2.0], [-0.5, -1.0]]))
+    assert not torch.allclose(g_c, g_d, atol=1e-4)
+
+
 @pytest.mark.parametrize("loss_type", ["sigmoid", "ipo"])
 def test_online_dpo_equals_trls_online_trainer_on_decided_pairs(loss_type):
     """TRL 1.16's OnlineDPOTrainer, its loss written out (`training_step`): the first half of the pairs against the

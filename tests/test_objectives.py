@@ -4,6 +4,7 @@ import math
 import pytest
 import torch
 
+from modules import functional as F
 from modules.batch import ObjectiveInput
 from modules.objectives.dpo import OnlineDPO
 from modules.objectives.grpo import GRPO, group_normalized_advantages
@@ -51,6 +52,27 @@ def test_dpo_soft_labels_weight_both_orderings():
     ls = lambda x: -math.log(1 + math.exp(-x))  # noqa: E731
     expected = -(p * ls(m) + (1 - p) * ls(-m))
     assert math.isclose(OnlineDPO(beta=0.1, soft_labels=True)(batch).loss.item(), expected, rel_tol=1e-6)
+
+
+def test_kl_estimators_literal_and_grpo_refusals():
+    """`functional.kl_penalty`'s example at logp - ref = 1 and -30 (values and gradients); GRPO's `kl_estimator` other
+    than k3 with `kl_in_reward` or `kl_bias_correction`, or an unknown name: one line."""
+    e = math.exp(-1.0)
+    for name, value, slope in (("k1", 1.0, 1.0), ("k2", 0.5, 1.0), ("k3", e, 1 - e), ("low_var_kl", e, 1 - e),
+                               ("k1+", 1.0, 1.0), ("k3+", e, 1.0)):
+        x = torch.tensor(1.0, requires_grad=True)
+        out = F.kl_penalty(x, torch.tensor(0.0), name)
+        out.backward()
+        assert (out.item(), x.grad.item()) == (pytest.approx(value, rel=1e-6), pytest.approx(slope, rel=1e-6)), name
+    x = torch.tensor(-30.0, requires_grad=True)
+    out = F.kl_penalty(x, torch.tensor(0.0), "low_var_kl")
+    out.backward()
+    assert (out.item(), x.grad.item()) == (10.0, 0.0)
+    for options, message in (({"kl_in_reward": True}, "kl_in_reward removes that term"),
+                             ({"kl_bias_correction": True}, "kl_bias_correction is defined for k3"),
+                             ({"kl_estimator": "k4"}, "expected one of")):
+        with pytest.raises(ValueError, match=message):
+            GRPO(**{"kl_estimator": "k1", **options})
 
 
 def test_online_ipo_squares_the_margin_from_one_over_two_beta():

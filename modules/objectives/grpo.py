@@ -38,6 +38,10 @@ arXiv 2601.05242): each term normalised within its group, their weighted sum nor
 (`decoupled_advantages`; every process's, as TRL gathers them), so a term whose scale or spread differs
 from the others' no longer drowns them. It takes neither `kl_in_reward` nor `scale_rewards`, nor the RL module's
 `missing_eos_penalty` (put a length term in the composed reward instead).
+`kl_estimator` (veRL's `kl_loss_type`): the per-token KL term of the loss, k3 by default (TRL's, the paper's);
+'k1', 'k2', veRL's 'low_var_kl' (k3 clamped to [-10, 10], veRL's default) or a straight-through 'k1+' / 'k3+' (the
+value of k1 / low_var_kl, the gradient of k2: (logp - ref) per token, the unbiased reverse-KL gradient)
+(`functional.kl_penalty`).
 `kl_bias_correction` (TRL's `use_bias_correction_kl`, DeepSeek-V3.2): the k3 term multiplied by the (differentiable)
 ratio rho, rho k3, so its gradient is the unbiased reverse-KL gradient: at rho = 1 it adds k3 grad logp to grad k3,
 and the sum is (logp - ref) grad logp per token.
@@ -147,6 +151,8 @@ class GRPO(Objective):
             the rollout (`decoupled_advantages`). TRL's argument.
         kl_bias_correction: the k3 KL term times the ratio, for the unbiased reverse-KL gradient (TRL's
             `use_bias_correction_kl`, on by default there; off here).
+        kl_estimator: the per-token KL term: 'k3' (TRL's), 'k1', 'k2', 'low_var_kl' (veRL's clamped k3), 'k1+' or
+            'k3+' (that value with k2's gradient; veRL's `kl_loss_type` names).
         cispo_max: 'cispo': the bound of the detached ratio (TRL's `epsilon_high` there; ScaleRL's 5.0).
         sapo_temperature_pos: 'sapo': the gate's temperature tau where A > 0 (TRL's).
         sapo_temperature_neg: 'sapo': tau where A <= 0 (TRL's).
@@ -166,7 +172,8 @@ class GRPO(Objective):
                  sapo_temperature_neg: float = 1.05, vespo_k_pos: float = 2.0, vespo_lambda_pos: float = 3.0,
                  vespo_k_neg: float = 3.0, vespo_lambda_neg: float = 2.0, kl_bias_correction: bool = False,
                  off_policy_mask: float | None = None,
-                 multi_objective_aggregation: Literal["sum_then_normalize", "normalize_then_sum"] = "sum_then_normalize"):
+                 multi_objective_aggregation: Literal["sum_then_normalize", "normalize_then_sum"] = "sum_then_normalize",
+                 kl_estimator: Literal["k3", "k1", "k2", "low_var_kl", "k1+", "k3+"] = "k3"):
         super().__init__()
         if importance_sampling_level not in ("token", "sequence"):
             raise ValueError(f"GRPO: importance_sampling_level must be 'token' or 'sequence', got "
@@ -188,6 +195,12 @@ class GRPO(Objective):
                 raise ValueError(f"GRPO: {name}={value}; expected > 0")
         if kl_bias_correction and kl_in_reward:
             raise ValueError("GRPO: kl_bias_correction weights the KL term of the loss, which kl_in_reward removes")
+        if kl_estimator not in F.KL_ESTIMATORS:
+            raise ValueError(f"GRPO: kl_estimator={kl_estimator!r}; expected one of {F.KL_ESTIMATORS}")
+        if kl_estimator != "k3" and (kl_in_reward or kl_bias_correction):
+            raise ValueError(f"GRPO: kl_estimator={kl_estimator!r} chooses the KL term of the loss; "
+                             f"{'kl_in_reward removes that term' if kl_in_reward else 'kl_bias_correction is defined for k3'}"
+                             ": set kl_estimator: k3")
         if off_policy_mask is not None and not off_policy_mask >= 0:
             raise ValueError(f"GRPO: off_policy_mask={off_policy_mask}; expected a threshold >= 0 (TRL suggests 0.5), or "
                              "null (off)")
@@ -201,6 +214,7 @@ class GRPO(Objective):
         self.multi_objective_aggregation = multi_objective_aggregation
         self.needs_reward_terms = multi_objective_aggregation == "normalize_then_sum"
         self.kl_bias_correction, self.off_policy_mask = kl_bias_correction, off_policy_mask
+        self.kl_estimator = kl_estimator
         self.cispo_max, self.sapo_temperatures = cispo_max, (sapo_temperature_pos, sapo_temperature_neg)
         self.vespo = {"k_pos": vespo_k_pos, "lambda_pos": vespo_lambda_pos, "k_neg": vespo_k_neg,
                       "lambda_neg": vespo_lambda_neg}
@@ -250,7 +264,7 @@ class GRPO(Objective):
             keep = F.off_policy_keep(batch.logp, sampled, batch.mask, adv, self.off_policy_mask)          # (N, 1)
             surrogate = surrogate * keep
             metrics["off_policy_masked"] = 1 - keep.mean()
-        kl = F.kl_penalty(batch.logp, batch.ref_logp, "k3")                                 # (N, L)
+        kl = F.kl_penalty(batch.logp, batch.ref_logp, self.kl_estimator)                    # (N, L)
         beta = 0.0 if self.kl_in_reward else self.kl_coef                                  # (else in the reward)
         penalty = kl * log_ratio.exp() if self.kl_bias_correction else kl                 # (rho k3: unbiased)
         per_token = -(surrogate * weights - beta * penalty)                             # TRL: IS weights the PG term
