@@ -74,7 +74,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks/results/frontier")
     parser.add_argument("--report-only", action="store_true", help="redo table.md and the figures from points.csv")
     args = parser.parse_args()
-    quick_scratch(args, out=parser.get_default("out"))
+    quick_scratch(parser, args, "out")
     if args.report_only:
         return report(read_points(args.out / "points.csv"), args.out)
     sys.argv = sys.argv[:1]  # LightningCLI reads its own arguments from run_one's list

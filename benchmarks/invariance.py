@@ -51,7 +51,7 @@ def main() -> None:
     parser.add_argument("--exports", type=Path, default=DEFAULT_EXPORTS, help="directory with sft/ and reward/")
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks/results/invariance")
     args = parser.parse_args()
-    quick_scratch(args, out=parser.get_default("out"))
+    quick_scratch(parser, args, "out")
     sys.argv = sys.argv[:1]  # LightningCLI reads its own arguments from run_one's list
     if args.quick:
         args.objectives, args.scales, args.seeds = ["P3O-V2", "PPO"], [0.0, 16.0], [0]

@@ -69,7 +69,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks/results/relative")
     parser.add_argument("--report-only", action="store_true", help="redo table.md and the figure from the CSVs")
     args = parser.parse_args()
-    quick_scratch(args, out=parser.get_default("out"))
+    quick_scratch(parser, args, "out")
     if args.report_only:
         return write_report(read_points(args.out / "points.csv"), read_costs(args.out / "costs.csv"), args.out)
     sys.argv = sys.argv[:1]  # LightningCLI reads its own arguments from run_one's list

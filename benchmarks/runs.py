@@ -59,15 +59,16 @@ def ensure_exports(exports: Path, tag: str, family: str = "quickstart", stages: 
             cli_main(["fit", "--config", f"configs/{family}/{stage}.yaml", "--trainer.enable_progress_bar=false"])
 
 
-def quick_scratch(args, **defaults: Path) -> None:
-    """With --quick, each path argument named in `defaults` (name -> its default) that is still at its default moves
-    to a scratch directory, said in one line: a CI-sized run must not overwrite the published results (points.csv,
-    table, figure) under benchmarks/results, nor leave a one-epoch SFT export where the full run would reuse it."""
+def quick_scratch(parser, args, *names: str) -> None:
+    """With --quick, each path argument in `names` still at its default (`parser`'s) moves to a scratch directory,
+    said in one line: a CI-sized run must not overwrite the published results (points.csv, table, figure) under
+    benchmarks/results, nor leave a one-epoch SFT export where the full run would reuse it."""
     import tempfile
 
     if not args.quick:
         return
-    for name, default in defaults.items():
+    for name in names:
+        default = parser.get_default(name)
         if getattr(args, name) == default:
             scratch = Path(tempfile.gettempdir()) / "p3o-rlhf-quick" / default.relative_to(ROOT)
             setattr(args, name, scratch)
@@ -77,7 +78,6 @@ def quick_scratch(args, **defaults: Path) -> None:
 def learning_arguments(parser, *, quick_help: str, seeds: list[int], rollouts: int, exports: Path, out: Path) -> None:
     """The arguments of a benchmark of learning curves from one SFT export (`verifiable.py`, `tools.py`): --quick,
     --seeds, the budget of each run, --exports, --out, --report-only (`settle` applies --quick)."""
-    parser.set_defaults(quick_defaults={"exports": exports, "out": out})
     parser.add_argument("--quick", action="store_true", help=quick_help)
     parser.add_argument("--seeds", type=int, nargs="*", help=f"default: {seeds[0]}-{seeds[-1]} (--quick: 0)")
     parser.add_argument("--rollouts", type=int, default=rollouts)
@@ -90,10 +90,10 @@ def learning_arguments(parser, *, quick_help: str, seeds: list[int], rollouts: i
     parser.add_argument("--report-only", action="store_true", help="redo table.md and the figure from points.csv")
 
 
-def settle(args, seeds: list[int]) -> None:
+def settle(parser, args, seeds: list[int]) -> None:
     """--quick's budget (1 seed, 3 rollouts of 16 responses in minibatches of 8, 16 prompts evaluated after each;
     --exports and --out left at their defaults: scratch directories, `quick_scratch`) and the default seeds."""
-    quick_scratch(args, **args.quick_defaults)
+    quick_scratch(parser, args, "out", "exports")
     if args.quick:
         args.seeds = args.seeds or [0]
         args.rollouts, args.responses_per_rollout, args.minibatch_responses = 3, 16, 8

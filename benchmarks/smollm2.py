@@ -56,7 +56,7 @@ def main() -> None:
     parser.add_argument("--report-only", action="store_true",
                         help="redo table.md and curves.png from points.csv (give the --eval-prompts of the run)")
     args = parser.parse_args()
-    quick_scratch(args, out=parser.get_default("out"))
+    quick_scratch(parser, args, "out")
     if args.report_only:
         return report(read_points(args.out / "points.csv"), args.out, args.eval_prompts)
     sys.argv = sys.argv[:1]  # LightningCLI reads its own arguments from run_one's list

@@ -65,7 +65,7 @@ def main() -> None:
     if args.report_only:
         return write_report(read_points(args.out / "points.csv"), args.out, measure)
     sys.argv = sys.argv[:1]  # LightningCLI reads its own arguments from run_one's list
-    settle(args, [0, 1, 2])
+    settle(parser, args, [0, 1, 2])
     os.chdir(ROOT)
     logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)
     (args.out / "configs").mkdir(parents=True, exist_ok=True)

@@ -37,12 +37,23 @@ def moments(values: torch.Tensor, mask: torch.Tensor | None = None,
     return count, mean, sum_over(masked_sum((values - mean) ** 2, mask)) / count.clamp(min=1.0)
 
 
-def std(values: torch.Tensor, sum_over: Callable[[torch.Tensor], torch.Tensor] | None = None) -> torch.Tensor:
-    """The std of every entry of `values` with Bessel's correction, over every process's with `sum_over` (`moments`).
+def mean_std(values: torch.Tensor, sum_over: Callable[[torch.Tensor], torch.Tensor] | None = None
+             ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The mean and the std (Bessel's correction) of every entry of `values`, over every process's with `sum_over`
+    (`moments`).
 
-    Example: [1, 2, 3] -> sqrt(2 / 2) = 1; [1, 2] here and [3] in another process: 1 in both."""
-    count, _, var = moments(values, sum_over=sum_over)
-    return (var * count / (count - 1)).sqrt()
+    Example: [1, 2, 3] -> (2, sqrt(2 / 2) = 1); [1, 2] here and [3] in another process: (2, 1) in both."""
+    count, mean, var = moments(values, sum_over=sum_over)
+    return mean, (var * count / (count - 1)).sqrt()
+
+
+def standardize(values: torch.Tensor, eps: float = 1e-4,
+                sum_over: Callable[[torch.Tensor], torch.Tensor] | None = None) -> torch.Tensor:
+    """(values - mean) / (std + eps) over every entry (every process's with `sum_over`; `mean_std`).
+
+    Example: [2, -2, 1, -1]: mean 0, std sqrt(10 / 3) = 1.8257, so [1.0954, -1.0954, 0.5477, -0.5477] (eps aside)."""
+    mean, std = mean_std(values, sum_over)
+    return (values - mean) / (std + eps)
 
 
 def masked_whiten(values: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True, eps: float = 1e-8,

@@ -149,19 +149,19 @@ def test_quick_runs_write_nothing_where_the_published_results_and_full_exports_a
     parser = argparse.ArgumentParser()
     learning_arguments(parser, quick_help="", seeds=[0, 1], rollouts=80, exports=exports, out=out)
     args = parser.parse_args(["--quick"])
-    settle(args, [0, 1])
+    settle(parser, args, [0, 1])
     scratch = Path(tempfile.gettempdir()) / "p3o-rlhf-quick"
     assert (args.out, args.exports) == (scratch / "benchmarks/results/verifiable", scratch / "artifacts/sums")
     assert "[quick] --out " in capsys.readouterr().out
     for argv, expected in ((["--quick", "--out", str(tmp_path)], (tmp_path, scratch / "artifacts/sums")),
                            ([], (out, exports))):
         args = parser.parse_args(argv)
-        settle(args, [0, 1])
+        settle(parser, args, [0, 1])
         assert (args.out, args.exports) == expected
     for script in ("frontier", "invariance", "relative", "smollm2"):
-        assert 'quick_scratch(args, out=parser.get_default("out"))' in (ROOT / f"benchmarks/{script}.py").read_text()
-    args = argparse.Namespace(quick=True, out=tmp_path)
-    quick_scratch(args, out=ROOT / "benchmarks/results/frontier")
+        assert 'quick_scratch(parser, args, "out")' in (ROOT / f"benchmarks/{script}.py").read_text()
+    args = parser.parse_args(["--quick", "--out", str(tmp_path)])
+    quick_scratch(parser, args, "out")
     assert args.out == tmp_path
 
 

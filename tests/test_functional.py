@@ -24,8 +24,8 @@ def test_masked_whiten_mean_zero_unit_std_on_mask():
 
 def test_moments_and_std_of_every_process_entries():
     """The docstrings' examples: [1, 2, 3, (6 masked)]: count 3, mean 2, variance 2 / 3; split over two processes
-    (threads summing with `in_threads`) each gets the same. std [1, 2, 3] = 1, also as [1, 2] + [3]. The whitening
-    over both processes' entries equals the whitening of all of them."""
+    (threads summing with `in_threads`) each gets the same. Mean and std of [1, 2, 3]: 2 and 1, also as [1, 2] + [3];
+    [2, -2, 1, -1] standardized. The whitening over both processes' entries equals the whitening of all of them."""
     from tests.helpers import in_threads
 
     values, mask = torch.tensor([1.0, 2.0, 3.0, 6.0]), torch.tensor([1, 1, 1, 0])
@@ -33,9 +33,11 @@ def test_moments_and_std_of_every_process_entries():
     halves = in_threads(lambda rank, sum_over: F.moments(values[2 * rank:2 * rank + 2], mask[2 * rank:2 * rank + 2],
                                                           sum_over))
     assert all([round(float(x), 4) for x in half] == [3.0, 2.0, 0.6667] for half in halves)
-    assert float(F.std(torch.tensor([1.0, 2.0, 3.0]))) == 1.0
-    assert [float(x) for x in in_threads(lambda rank, sum_over: F.std(torch.tensor([[1.0, 2.0], [3.0]][rank]),
-                                                                      sum_over))] == [1.0, 1.0]
+    assert [float(x) for x in F.mean_std(torch.tensor([1.0, 2.0, 3.0]))] == [2.0, 1.0]
+    halves = in_threads(lambda rank, sum_over: F.mean_std(torch.tensor([[1.0, 2.0], [3.0]][rank]), sum_over))
+    assert [[float(x) for x in half] for half in halves] == [[2.0, 1.0], [2.0, 1.0]]
+    assert torch.allclose(F.standardize(torch.tensor([2.0, -2.0, 1.0, -1.0])),
+                          torch.tensor([1.0954, -1.0954, 0.5477, -0.5477]), atol=1e-4)
     x, m = torch.randn(6, 5), (torch.rand(6, 5) > 0.3).float()
     whole = F.masked_whiten(x, m)
     split = in_threads(lambda rank, sum_over: F.masked_whiten(x[3 * rank:3 * rank + 3], m[3 * rank:3 * rank + 3],

@@ -70,13 +70,13 @@ AGGREGATIONS = ("sum_then_normalize", "normalize_then_sum")
 def group_normalized_advantages(rewards: torch.Tensor, k: int, scale: str = "group", eps: float = 1e-4,
                                 sum_over=None) -> torch.Tensor:
     """(r - group mean) / (std + eps), std with Bessel's correction over the group ('group') or all rewards
-    ('batch': every process's with `sum_over`, `functional.moments`); 'none' only centres. (N,) -> (N,)."""
+    ('batch': every process's with `sum_over`, `functional.mean_std`); 'none' only centres. (N,) -> (N,)."""
     groups = rewards.view(-1, k)                                  # (G, k)
     centred = groups - groups.mean(-1, keepdim=True)
     if scale == "group":
         centred = centred / (groups.std(-1, keepdim=True) + eps)
     elif scale == "batch":
-        centred = centred / (F.std(rewards, sum_over) + eps)
+        centred = centred / (F.mean_std(rewards, sum_over)[1] + eps)
     elif scale != "none":
         raise ValueError(f"GRPO: scale_rewards must be 'group', 'batch' or 'none', got {scale!r}")
     return centred.view(-1)
@@ -95,7 +95,7 @@ def decoupled_advantages(terms: torch.Tensor, weights: torch.Tensor, k: int, eps
     """GDPO's advantages (Liu et al., arXiv 2601.05242; TRL's `multi_objective_aggregation: normalize_then_sum`):
     each reward term normalised within each group of k, (r_t - group mean_t) / (group std_t + eps), NaN (a term that
     does not apply) left out of its means, stds and sums; their weighted sum r = sum_t w_t r_t; then normalised over
-    the rollout, (r - mean) / (std + eps), every process's with `sum_over` (`functional.moments`). Stds with
+    the rollout, (r - mean) / (std + eps), every process's with `sum_over` (`functional.standardize`). Stds with
     Bessel's correction. terms (N, T), weights (T,) -> (N,).
 
     Example, k = 3, weights [1, 1], eps aside: group 1 terms a [1, 0, 0], b [0, 0, 0]; group 2 a [0, 0, 0], b [1, 0, 0].
@@ -106,8 +106,7 @@ def decoupled_advantages(terms: torch.Tensor, weights: torch.Tensor, k: int, eps
     grouped = terms.view(-1, k, terms.shape[-1])                                   # (G, k, T)
     normed = (grouped - torch.nanmean(grouped, 1, keepdim=True)) / (_nanstd(grouped, 1, keepdim=True) + eps)
     rewards = (normed.view(-1, terms.shape[-1]) * weights.to(terms.dtype)).nansum(-1)   # (N,)
-    count, mean, var = F.moments(rewards, sum_over=sum_over)
-    return (rewards - mean) / ((var * count / (count - 1)).sqrt() + eps)
+    return F.standardize(rewards, eps, sum_over)
 
 
 def aggregate(per_token: torch.Tensor, mask: torch.Tensor, loss_type: str, max_new_tokens: int | None = None,

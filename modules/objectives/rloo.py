@@ -82,8 +82,7 @@ class RLOO(Objective):
         ref = F.sequence_logprobs(batch.ref_logp, batch.mask)
         adv = self.advantages(batch.rewards, old, ref, batch.group_size)
         if self.normalize_advantages:             # (TRL's order: after the baselines, over every process's rows)
-            _, mean, _ = F.moments(adv, sum_over=batch.sum_over_ranks)
-            adv = (adv - mean) / (F.std(adv, batch.sum_over_ranks) + 1e-4)
+            adv = F.standardize(adv, 1e-4, batch.sum_over_ranks)
         return {"advantages": adv}
 
     def forward(self, batch: ObjectiveInput) -> ObjectiveOutput:
