@@ -167,12 +167,28 @@ def linear_token_logprobs(hidden: torch.Tensor, weight: torch.Tensor, bias: torc
 
 
 class _ChunkedLinearLogprobs(torch.autograd.Function):
+    """`linear_token_logprobs` in chunks of rows, its backward written out (no autograd graph per chunk).
+
+    With z = (h W^T + b) / T, log p = log_softmax(z), the outputs of a row are log p_y and H = -sum_v p_v log p_v.
+    Given their incoming gradients a and e: d log p_y / dz = onehot_y - p and dH / dz = -p (log p + H), so
+    dL/dz = a onehot_y - p (a + e (log p + H)), and dL/d(logits) = dL/dz / T. In place over one chunk's log p, that
+    is one (chunk, V) tensor (two with the entropy: p beside it), where autograd's graph of the same ops held
+    three (five). Then grad h = G W, grad W += G^T h, grad b += the sum of G's rows (G = dL/d(logits)), the
+    matmuls under the forward's autocast state as autograd's would run them.
+
+    Example (the docstring's of `linear_token_logprobs`), row 0: p = (e, 1, 1) / (e + 2) = (0.5761, 0.2119,
+    0.2119), log p = (-0.5514, -1.5514, -1.5514), H = 0.9753; a = 1, e = 0: dL/dz = (1 - 0.5761, -0.2119, -0.2119)
+    = (0.4239, -0.2119, -0.2119); a = 0, e = 1: dL/dz = -p (log p + H) = -p (0.4239, -0.5761, -0.5761) =
+    (-0.2442, 0.1221, 0.1221). Each sums to 0, as every row of dL/dz does. With hidden = I, grad W = G^T h puts
+    row 0's dL/dz in W's first column (`tests/test_entropy.py`)."""
+
     @staticmethod
-    def _outputs(h, w, b, y, temperature, with_entropy) -> tuple[torch.Tensor, ...]:
-        """(logprobs,) or (logprobs, entropies) of one chunk of rows."""
-        if with_entropy:
-            return token_logprobs_and_entropy(F.linear(h, w, b), y, temperature)
-        return (token_logprobs(F.linear(h, w, b), y, temperature),)
+    def _logp(h, w, b, temperature) -> torch.Tensor:
+        """log_softmax((h W^T + b) / T) of one chunk, (chunk, V) float32: the same ops as `token_logprobs`."""
+        logits = F.linear(h, w, b).float()
+        if temperature != 1.0:
+            logits = logits / temperature
+        return torch.log_softmax(logits, dim=-1)
 
     @staticmethod
     def forward(ctx, hidden, weight, bias, labels, temperature, chunk, with_entropy):
@@ -181,33 +197,50 @@ class _ChunkedLinearLogprobs(torch.autograd.Function):
                         "dtype": torch.get_autocast_dtype(device)}
         ctx.temperature, ctx.chunk, ctx.with_entropy = temperature, chunk, with_entropy
         ctx.save_for_backward(hidden, weight, bias, labels)
-        parts = [_ChunkedLinearLogprobs._outputs(h, weight, bias, y, temperature, with_entropy)
-                 for h, y in zip(hidden.split(chunk), labels.split(chunk))]
-        outputs = tuple(torch.cat(column) for column in zip(*parts))                           # each (M,)
-        return outputs if with_entropy else outputs[0]
+        logps, entropies = [], []
+        for h, y in zip(hidden.split(chunk), labels.split(chunk)):
+            logp = _ChunkedLinearLogprobs._logp(h, weight, bias, temperature)                # (chunk, V)
+            logps.append(logp.gather(-1, y.unsqueeze(-1)).squeeze(-1))
+            if with_entropy:
+                entropies.append(entropy(logp))
+            del logp
+        return (torch.cat(logps), torch.cat(entropies)) if with_entropy else torch.cat(logps)     # each (M,)
 
     @staticmethod
-    def backward(ctx, *grad):
+    def backward(ctx, grad_logp, grad_entropy=None):
         hidden, weight, bias, labels = ctx.saved_tensors
         need_h, need_w, need_b = ctx.needs_input_grad[:3]
         grad_h = torch.empty_like(hidden) if need_h else None
         grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_w else None
         grad_b = torch.zeros(bias.shape, dtype=torch.float32, device=bias.device) if need_b else None
-        w = weight.detach().requires_grad_(need_w)
-        b = bias.detach().requires_grad_(need_b) if bias is not None else None
-        with torch.enable_grad(), torch.autocast(**ctx.autocast):
+        dtype = ctx.autocast["dtype"] if ctx.autocast["enabled"] else torch.promote_types(hidden.dtype, weight.dtype)
+        with torch.autocast(**ctx.autocast):
             for start in range(0, hidden.shape[0], ctx.chunk):
                 rows = slice(start, start + ctx.chunk)
-                h = hidden[rows].detach().requires_grad_(need_h)
-                outputs = _ChunkedLinearLogprobs._outputs(h, w, b, labels[rows], ctx.temperature, ctx.with_entropy)
-                wanted = [t for t, need in ((h, need_h), (w, need_w), (b, need_b)) if need]
-                grads = iter(torch.autograd.grad(outputs, wanted, [g[rows] for g in grad]))
-                if need_h:
-                    grad_h[rows] = next(grads)
-                if need_w:
-                    grad_w += next(grads)
+                h, y = hidden[rows], labels[rows]
+                grad = _ChunkedLinearLogprobs._logp(h, weight, bias, ctx.temperature)            # log p (chunk, V)
+                a = grad_logp[rows].float().unsqueeze(-1)                                      # (chunk, 1)
+                if ctx.with_entropy and grad_entropy is not None:
+                    e = grad_entropy[rows].float().unsqueeze(-1)
+                    p = grad.exp()
+                    h_row = entropy(grad).unsqueeze(-1)
+                    grad.add_(h_row).mul_(e).add_(a).mul_(p).neg_()             # -p (a + e (log p + H))
+                    del p
+                else:
+                    grad.exp_().mul_(-a)                                        # -p a
+                grad.scatter_add_(-1, y.unsqueeze(-1), a)                       # + a onehot_y: dL/dz
+                if ctx.temperature != 1.0:
+                    grad.div_(ctx.temperature)                                  # dL/d(logits)
                 if need_b:
-                    grad_b += next(grads)
+                    grad_b += grad.sum(0)
+                grad = grad.to(dtype)                                           # the logits' dtype, as autograd
+                if need_h:
+                    grad_h[rows] = grad @ weight.to(dtype)                      # (chunk, H)
+                if need_w:
+                    if dtype == h.dtype == torch.float32:
+                        grad_w.addmm_(grad.t(), h)                              # in place: no (V, H) temporary
+                    else:
+                        grad_w += grad.t() @ h.to(dtype)
         return (grad_h, grad_w.to(weight.dtype) if need_w else None, grad_b.to(bias.dtype) if need_b else None,
                 None, None, None, None)
 

@@ -55,19 +55,32 @@ def test_linear_token_logprobs_with_entropy_literal_example_in_any_chunking():
         assert math.isclose(entropy[0].item(), 0.9753, abs_tol=1e-4)
 
 
-@pytest.mark.parametrize("precision", ["fp32", "bf16-autocast"])
+@pytest.mark.parametrize("chunk", [1, 2])
+def test_the_chunked_heads_written_out_backward_literal_example(chunk):
+    """`_ChunkedLinearLogprobs`' docstring: hidden = I, weight [[1, 0], [0, 1], [0, 0]], labels [0, 2]. A loss of
+    row 0's logprob puts dL/dz = onehot_0 - p = (0.4239, -0.2119, -0.2119) in the weight's first column; a loss of
+    row 0's entropy puts -p (log p + H) = (-0.2442, 0.1221, 0.1221) there; the second column (row 1's) is 0."""
+    for which, column in ((0, [0.4239, -0.2119, -0.2119]), (1, [-0.2442, 0.1221, 0.1221])):
+        weight = torch.tensor([[1.0, 0.0], [0.0, 1.0], [0.0, 0.0]], requires_grad=True)
+        out = F.linear_token_logprobs(torch.eye(2), weight, None, torch.tensor([0, 2]), chunk=chunk, with_entropy=True)
+        out[which][0].backward()
+        assert torch.allclose(weight.grad[:, 0], torch.tensor(column), atol=1e-4)
+        assert torch.equal(weight.grad[:, 1], torch.zeros(3))
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16-autocast", "bf16-weights"])
 def test_chunked_logprobs_and_entropies_equal_the_whole_logits_in_value_and_gradient(precision):
     """37 rows in chunks of 5 against one (37, V) logits tensor, with a bias and T = 0.7: logprobs, entropies and
     the gradients of hidden, weight and bias of a loss reading both agree within float rounding; the entropies
     are those of `F.entropy` on the log-softmax."""
     torch.manual_seed(0)
     M, H, V = 37, 16, 50
-    leaves = [torch.randn(M, H, requires_grad=True), torch.randn(V, H, requires_grad=True),
-              torch.randn(V, requires_grad=True)]
+    dtype = torch.bfloat16 if precision == "bf16-weights" else torch.float32
+    leaves = [torch.randn(shape).to(dtype).requires_grad_() for shape in ((M, H), (V, H), (V,))]
     labels, a, b = torch.randint(0, V, (M,)), torch.randn(M), torch.randn(M)
     results = []
     for chunk in (0, 5):
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision != "fp32"):
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16-autocast"):
             logp, entropy = F.linear_token_logprobs(*leaves, labels, temperature=0.7, chunk=chunk, with_entropy=True)
         grads = torch.autograd.grad((logp * a + entropy * b).sum(), leaves)
         results.append((logp, entropy, *grads))

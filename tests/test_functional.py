@@ -114,19 +114,19 @@ def test_linear_token_logprobs_literal_example_in_any_chunking():
         assert torch.allclose(got, torch.tensor([1 - lse, -lse]), atol=1e-6)
 
 
-@pytest.mark.parametrize("precision", ["fp32", "bf16-autocast"])
+@pytest.mark.parametrize("precision", ["fp32", "bf16-autocast", "bf16-weights"])
 def test_chunked_linear_logprobs_equal_the_whole_logits_in_value_and_gradient(precision):
     """37 rows in chunks of 5 (the last one of 2) against one (37, V) logits tensor, with a bias and T = 0.7:
     logprobs and the gradients of hidden, weight and bias agree within float rounding; under bf16 autocast the
     backward recomputes each chunk in bf16 as the forward did."""
     torch.manual_seed(0)
     M, H, V = 37, 16, 50
-    leaves = [torch.randn(M, H, requires_grad=True), torch.randn(V, H, requires_grad=True),
-              torch.randn(V, requires_grad=True)]
+    dtype = torch.bfloat16 if precision == "bf16-weights" else torch.float32
+    leaves = [torch.randn(shape).to(dtype).requires_grad_() for shape in ((M, H), (V, H), (V,))]
     labels, weights = torch.randint(0, V, (M,)), torch.randn(M)
     results = []
     for chunk in (0, 5):
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision != "fp32"):
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16-autocast"):
             logp = F.linear_token_logprobs(*leaves, labels, temperature=0.7, chunk=chunk)
         grads = torch.autograd.grad((logp * weights).sum(), leaves)
         results.append((logp, *grads))
