@@ -120,8 +120,12 @@ def entropy(logp: torch.Tensor) -> torch.Tensor:
     """Entropy -sum_v p_v log p_v of distributions given by their log-probabilities: (..., V) -> (...). A token of
     log-probability -inf (masked out) adds 0.
 
-    Example: log [1/2, 1/4, 1/4] -> 1/2 log 2 + 2 * 1/4 log 4 = 1.5 log 2 = 1.0397; log [1, 0, 0] -> 0."""
-    return -torch.linalg.vecdot(logp.exp(), logp.clamp(min=torch.finfo(logp.dtype).min))   # (-inf -> min: 0 * min = 0)
+    Example: log [1/2, 1/4, 1/4] -> 1/2 log 2 + 2 * 1/4 log 4 = 1.5 log 2 = 1.0397; log [1, 0, 0] -> 0.
+
+    At a -inf the log-probability is read as 0 (0 x 0 = 0), so the gradient there is 0 too: a clamp to the most
+    negative float gave the same values, but its product's gradient, -p x incoming x (-3.4e38), overflowed to inf
+    for an incoming gradient above 1 in size, and exp's backward made 0 x inf = NaN."""
+    return -torch.linalg.vecdot(logp.exp(), logp.masked_fill(logp == float("-inf"), 0.0))
 
 
 def token_logprobs_and_entropy(logits: torch.Tensor, labels: torch.Tensor,
@@ -184,10 +188,11 @@ class _ChunkedLinearLogprobs(torch.autograd.Function):
 
     @staticmethod
     def _logp(h, w, b, temperature) -> torch.Tensor:
-        """log_softmax((h W^T + b) / T) of one chunk, (chunk, V) float32: the same ops as `token_logprobs`."""
+        """log_softmax((h W^T + b) / T) of one chunk, (chunk, V) float32: the same ops as `token_logprobs` (the
+        division in place: the logits are this function's own)."""
         logits = F.linear(h, w, b).float()
         if temperature != 1.0:
-            logits = logits / temperature
+            logits.div_(temperature)
         return torch.log_softmax(logits, dim=-1)
 
     @staticmethod
@@ -201,8 +206,8 @@ class _ChunkedLinearLogprobs(torch.autograd.Function):
         for h, y in zip(hidden.split(chunk), labels.split(chunk)):
             logp = _ChunkedLinearLogprobs._logp(h, weight, bias, temperature)                # (chunk, V)
             logps.append(logp.gather(-1, y.unsqueeze(-1)).squeeze(-1))
-            if with_entropy:
-                entropies.append(entropy(logp))
+            if with_entropy:        # `entropy(logp)` with -inf clamped in place (0 x min = 0): one (chunk, V) tensor more
+                entropies.append(-torch.linalg.vecdot(logp.exp(), logp.clamp_(min=torch.finfo(logp.dtype).min)))
             del logp
         return (torch.cat(logps), torch.cat(entropies)) if with_entropy else torch.cat(logps)     # each (M,)
 
@@ -214,6 +219,7 @@ class _ChunkedLinearLogprobs(torch.autograd.Function):
         grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_w else None
         grad_b = torch.zeros(bias.shape, dtype=torch.float32, device=bias.device) if need_b else None
         dtype = ctx.autocast["dtype"] if ctx.autocast["enabled"] else torch.promote_types(hidden.dtype, weight.dtype)
+        w = weight if ctx.autocast["enabled"] else weight.to(dtype)      # (autocast casts it once, cached, as forward)
         with torch.autocast(**ctx.autocast):
             for start in range(0, hidden.shape[0], ctx.chunk):
                 rows = slice(start, start + ctx.chunk)
@@ -223,8 +229,9 @@ class _ChunkedLinearLogprobs(torch.autograd.Function):
                 if ctx.with_entropy and grad_entropy is not None:
                     e = grad_entropy[rows].float().unsqueeze(-1)
                     p = grad.exp()
-                    h_row = entropy(grad).unsqueeze(-1)
-                    grad.add_(h_row).mul_(e).add_(a).mul_(p).neg_()             # -p (a + e (log p + H))
+                    grad.clamp_(min=torch.finfo(grad.dtype).min)               # (-inf: p = 0 there, as `entropy`)
+                    h_row = -torch.linalg.vecdot(p, grad).unsqueeze(-1)         # H, as `entropy` computes it
+                    grad.add_(h_row).mul_(p).mul_(e).add_(p.mul_(a)).neg_()     # -(e p (log p + H) + a p)
                     del p
                 else:
                     grad.exp_().mul_(-a)                                        # -p a
@@ -235,7 +242,7 @@ class _ChunkedLinearLogprobs(torch.autograd.Function):
                     grad_b += grad.sum(0)
                 grad = grad.to(dtype)                                           # the logits' dtype, as autograd
                 if need_h:
-                    grad_h[rows] = grad @ weight.to(dtype)                      # (chunk, H)
+                    grad_h[rows] = grad @ w                                     # (chunk, H)
                 if need_w:
                     if dtype == h.dtype == torch.float32:
                         grad_w.addmm_(grad.t(), h)                              # in place: no (V, H) temporary

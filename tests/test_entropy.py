@@ -68,6 +68,26 @@ def test_the_chunked_heads_written_out_backward_literal_example(chunk):
         assert torch.equal(weight.grad[:, 1], torch.zeros(3))
 
 
+def test_a_banned_token_leaves_the_chunked_heads_values_and_gradients_finite_and_equal():
+    """A bias of -inf on one token (a banned token: probability 0, log-probability -inf), and entropy weights up to
+    about 100: the entropies and every gradient are finite, chunked or whole, and equal. (`F.entropy` clamped -inf
+    to the most negative float, whose product with such a weight overflowed in its backward: NaN gradients on the
+    whole logits' path.)"""
+    torch.manual_seed(0)
+    M, H, V = 12, 8, 20
+    bias = torch.zeros(V)
+    bias[3] = float("-inf")
+    leaves = [torch.randn(M, H, requires_grad=True), torch.randn(V, H, requires_grad=True)]
+    labels, a, b = torch.randint(4, V, (M,)), torch.randn(M), 50 * torch.randn(M)
+    results = []
+    for chunk in (0, 5):
+        logp, entropy = F.linear_token_logprobs(*leaves, bias, labels, chunk=chunk, with_entropy=True)
+        results.append((logp, entropy, *torch.autograd.grad((logp * a + entropy * b).sum(), leaves)))
+    for plain, chunked in zip(*results):
+        assert torch.isfinite(plain).all() and torch.isfinite(chunked).all()
+        assert torch.allclose(plain, chunked, atol=1e-4, rtol=1e-5)
+
+
 @pytest.mark.parametrize("precision", ["fp32", "bf16-autocast", "bf16-weights"])
 def test_chunked_logprobs_and_entropies_equal_the_whole_logits_in_value_and_gradient(precision):
     """37 rows in chunks of 5 against one (37, V) logits tensor, with a bias and T = 0.7: logprobs, entropies and
