@@ -8,6 +8,7 @@ response length, the responses per rollout and the vocabulary grow; and one upda
     python benchmarks/memory.py --build --shape llama-1b --strategies single fsdp2   # building the models alone
     python benchmarks/memory.py --build --shape llama-1b --strategies fsdp2 --processes 4 [--lora 16] [--judge]
     python benchmarks/memory.py --settings          # one update under each memory setting (about 6 minutes)
+    python benchmarks/memory.py --head              # the LM head's logprobs alone, three ways (about 3 minutes)
     python benchmarks/memory.py --quick             # a 2-layer model, tiny workloads (CI-sized; TRL optional)
     python benchmarks/memory.py --plot OUT1 OUT2 --figure memory.png   # the figure from saved sweep outputs
     python benchmarks/memory.py --device cuda --shape llama-1b --precision bf16-mixed --points base V151936   # a GPU
@@ -48,6 +49,14 @@ fresh process (peak RSS is a high-water mark):
   micro+ckpt  + `activation_checkpointing: true`
 Printed: peak RSS and seconds, with ratios against `whole`, and the loss and gradient norm of each setting (the
 settings compute the same update: they agree to float rounding).
+
+The LM head (`--head`): the logprobs (and, in the `+entropy` rows, the entropies) of `--rows` tokens (1024: one
+micro-batch of the defaults) under a random (vocabulary, 576) head, forward then backward of a loss reading them,
+three ways, each in a fresh process: `whole` (one (rows, vocabulary) logits tensor, autograd), `autograd chunks`
+(the library's chunks, each chunk's backward by autograd over its recomputed logits: the library before its
+backward was written out) and `library` (`functional.linear_token_logprobs` as shipped). Printed: the peak RSS
+above the inputs, the seconds of forward and of backward, ratios against `autograd chunks`, and the largest
+gradient difference from `whole`.
 """
 from __future__ import annotations
 
@@ -128,6 +137,111 @@ def one_update(args) -> dict:
     return {"peak_gb": peak_rss_gb(), "built_gb": built,
             "seconds": seconds, "loss": out.loss.item(), "grad_norm": grad.norm().item(),
             "micro_batches": len(module.micro_batches(roll)) if setting.get("micro") else 1}
+
+
+HEAD_WAYS = ("whole", "autograd chunks", "library")
+
+
+def one_head(args) -> dict:
+    """Runs in the child process: forward and backward of the LM head's logprobs one way (`args.way`)."""
+    import threading
+
+    import torch
+
+    from modules import functional as F
+    from modules.forward import head_chunk
+
+    class AutogradChunks(torch.autograd.Function):
+        """The reference: the library's chunked forward, each chunk's backward by autograd over its recomputed
+        logits (`torch.autograd.grad`), the weight's gradient summed over chunks."""
+
+        @staticmethod
+        def forward(ctx, hidden, weight, labels, chunk, with_entropy):
+            ctx.save_for_backward(hidden, weight, labels)
+            ctx.chunk, ctx.with_entropy = chunk, with_entropy
+            return F.linear_token_logprobs(hidden, weight, None, labels, 1.0, chunk, with_entropy)
+
+        @staticmethod
+        def backward(ctx, *grads):
+            hidden, weight, labels = ctx.saved_tensors
+            grad_h, grad_w = torch.empty_like(hidden), torch.zeros_like(weight)
+            w = weight.detach().requires_grad_()
+            with torch.enable_grad():
+                for start in range(0, hidden.shape[0], ctx.chunk):
+                    rows = slice(start, start + ctx.chunk)
+                    h = hidden[rows].detach().requires_grad_()
+                    logits = torch.nn.functional.linear(h, w)
+                    out = F.token_logprobs_and_entropy(logits, labels[rows]) if ctx.with_entropy else \
+                        (F.token_logprobs(logits, labels[rows]),)
+                    dh, dw = torch.autograd.grad(out, [h, w], [g[rows] for g in grads])
+                    grad_h[rows] = dh
+                    grad_w += dw
+            return grad_h, grad_w, None, None, None
+
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    M, H, V = args.rows, 576, args.vocab
+    hidden, weight = torch.randn(M, H, requires_grad=True), (0.05 * torch.randn(V, H)).requires_grad_()
+    labels, a, b = torch.randint(0, V, (M,)), torch.randn(M), torch.randn(M)
+    chunk = args.chunk or head_chunk(None, V)
+
+    def rss() -> float:
+        return int(open("/proc/self/statm").read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+    base, peak, running = rss(), [0.0], [True]
+
+    def watch():
+        while running[0]:
+            peak[0] = max(peak[0], rss())
+            time.sleep(0.0005)
+
+    watcher = threading.Thread(target=watch)
+    watcher.start()
+    t0 = time.perf_counter()
+    if args.way == "whole":
+        out = F.linear_token_logprobs(hidden, weight, None, labels, 1.0, 0, args.entropy)
+    elif args.way == "autograd chunks":
+        out = AutogradChunks.apply(hidden, weight, labels, chunk, args.entropy)
+    else:
+        out = F.linear_token_logprobs(hidden, weight, None, labels, 1.0, chunk, args.entropy)
+    logp, entropy = out if args.entropy else (out, None)
+    loss = (logp * a).sum() + ((entropy * b).sum() if args.entropy else 0.0)
+    t1 = time.perf_counter()
+    loss.backward()
+    t2 = time.perf_counter()
+    running[0] = False
+    watcher.join()
+    return {"peak_mb": peak[0] - base, "forward_s": t1 - t0, "backward_s": t2 - t1, "chunk": chunk,
+            "grads": [hidden.grad[:128].tolist(), weight.grad[:128].tolist()]}
+
+
+def head(args) -> None:
+    if args.way:
+        Path(args.json).write_text(json.dumps(one_head(args)))
+        return
+    vocabs = [args.vocab] if args.vocab else [49152, 151936]
+    print(f"The LM head's logprobs: {args.rows} tokens, hidden 576, forward + backward of a loss reading them; "
+          f"{machine(args.threads)}; peak: RSS above the inputs")
+    print(f"{'vocabulary':>10} {'entropy':>8} {'way':<16}{'peak MB':>9}{'x ref':>7}{'fwd s':>7}{'bwd s':>7}{'x ref':>7}"
+          f"{'max |grad - whole|':>20}")
+    import torch
+
+    chunks = {}
+    for vocab in vocabs:
+        for entropy in (False, True):
+            rows = {way: child([__file__, "--head", "--way", way, "--vocab", vocab, "--rows", args.rows, "--threads",
+                                args.threads, "--chunk", args.chunk or 0, *["--entropy"] * entropy],
+                               f"memory head {way}") for way in HEAD_WAYS}
+            ref, whole = rows["autograd chunks"], rows["whole"]
+            chunks[vocab] = ref
+            for way, r in rows.items():
+                diff = max((torch.tensor(g) - torch.tensor(w)).abs().max().item()
+                           for g, w in zip(r["grads"], whole["grads"]))
+                print(f"{vocab:>10} {'yes' if entropy else 'no':>8} {way:<16}{r['peak_mb']:>9.0f}"
+                      f"{r['peak_mb'] / ref['peak_mb']:>7.2f}{r['forward_s']:>7.2f}{r['backward_s']:>7.2f}"
+                      f"{r['backward_s'] / ref['backward_s']:>7.2f}{diff:>20.2e}")
+    print("(chunks: " + ", ".join(f"{r['chunk']} rows at {v:,}" for v, r in chunks.items()) + "; `modules.forward."
+          "head_chunk`)")
 
 
 def tokenizer_of_size(size: int, directory: str, base: str = TOKENIZER) -> str:
@@ -293,6 +407,7 @@ def settings(args) -> None:
     if args.setting:
         Path(args.json).write_text(json.dumps(one_update(args)))
         return
+    args.vocab = args.vocab or 49152
     rows = {name: child([__file__, "--settings", "--setting", name, "--vocab", args.vocab, "--threads", args.threads,
                          "--micro_batch_tokens", args.micro_batch_tokens, *["--quick"] * args.quick],
                         f"memory setting {name}") for name in SETTINGS}
@@ -329,6 +444,10 @@ def main() -> None:
     parser.add_argument("--rollouts", type=int, default=1,
                         help="measured rollouts after a warm-up one (0: the first rollout alone, warm-up costs included)")
     parser.add_argument("--settings", action="store_true", help="one update under each memory setting instead")
+    parser.add_argument("--head", action="store_true", help="the LM head's logprobs alone, three ways, instead")
+    parser.add_argument("--rows", type=int, default=1024, help="--head: tokens (rows of the head)")
+    parser.add_argument("--chunk", type=int, default=0,
+                        help="--head: rows per chunk (default: the library's, 2**24 / vocabulary)")
     parser.add_argument("--build", action="store_true",
                         help="the peak of building (and sharding) our models under each of --strategies instead")
     parser.add_argument("--processes", type=int, default=2,
@@ -337,17 +456,21 @@ def main() -> None:
     parser.add_argument("--judge", action="store_true",
                         help="--build: the reward is an LLM judge of the same shape (random init), built and sharded too")
     parser.add_argument("--micro_batch_tokens", type=int, default=None, help="--settings: budget of the micro settings")
-    parser.add_argument("--vocab", type=int, default=49152, help="--settings: vocabulary size (Qwen: 151936)")
+    parser.add_argument("--vocab", type=int, default=None,
+                        help="--settings: vocabulary size (default 49152; Qwen: 151936); --head: the one vocabulary "
+                             "(default both)")
     parser.add_argument("--plot", nargs="*", metavar="OUTPUT",
                         help="draw the sweep's figure from saved outputs of earlier sweeps (to --figure) instead")
     parser.add_argument("--figure", default="memory.png", help="--plot: the figure's path")
     parser.add_argument("--setting", choices=list(SETTINGS), help=argparse.SUPPRESS)   # the child process
+    parser.add_argument("--way", choices=HEAD_WAYS, help=argparse.SUPPRESS)            # the child process (--head)
+    parser.add_argument("--entropy", action="store_true", help=argparse.SUPPRESS)      # (--head)
     parser.add_argument("--json", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.plot:
         plot_sweep(read_sweep_tables([Path(p).read_text() for p in args.plot]), Path(args.figure))
         return
-    build(args) if args.build else settings(args) if args.settings else sweep(args)
+    build(args) if args.build else settings(args) if args.settings else head(args) if args.head else sweep(args)
 
 
 if __name__ == "__main__":

@@ -336,6 +336,24 @@ def test_memory_benchmark_settings_compute_the_same_update():
         assert run["grad_norm"] == pytest.approx(runs["whole"]["grad_norm"], rel=1e-4), name
 
 
+@pytest.mark.parametrize("entropy", [False, True])
+def test_memory_head_ways_compute_the_same_gradients(entropy):
+    """`benchmarks/memory.py --head`'s child step, in this process: 40 rows in chunks of 16, vocabulary 3000: the
+    whole logits, the autograd-per-chunk reference and the library give the same gradients (the reference is what
+    the library's written-out backward is measured against), and each reports its peak and seconds."""
+    import argparse
+
+    import torch
+    from memory import HEAD_WAYS, one_head
+
+    runs = {way: one_head(argparse.Namespace(way=way, rows=40, vocab=3000, chunk=16, threads=1, entropy=entropy))
+            for way in HEAD_WAYS}
+    for way, run in runs.items():
+        assert run["chunk"] == 16 and run["peak_mb"] >= 0 and run["backward_s"] > 0
+        for got, want in zip(run["grads"], runs["whole"]["grads"]):
+            assert torch.allclose(torch.tensor(got), torch.tensor(want), atol=1e-5), way
+
+
 @pytest.mark.slow
 def test_memory_sweep_quick_prints_a_row_per_point_for_our_side():
     """TRL is an optional extra (not in CI's install; in `make lock`'s, with the bench extra): the sweep measures
