@@ -207,7 +207,9 @@ class Evaluation(L.Callback):
                "val/eos_rate": roll.has_eos.float().mean().item(),
                **({"val/entropy": F.masked_mean(roll.entropy, roll.response_mask).item()} if roll.entropy is not None
                   else {}),
-               **({"val/tool_calls": roll.timings["tools/calls"] / len(roll)} if "tools/calls" in roll.timings else {})}
+               **({"val/tool_calls": roll.timings["tools/calls"] / len(roll)} if "tools/calls" in roll.timings else {}),
+               **({"val/user_turns": roll.timings["tools/user_turns"] / len(roll)}
+                  if "tools/user_turns" in roll.timings else {})}
         with reward_metrics() as logged, reward_extras() as extras:    # what the rewards log about the policy's
             gold = self._gold(roll.prompts, roll.responses, roll.fields, roll.completion_ids, roll.messages,  # (TRL's)
                               roll.environments)

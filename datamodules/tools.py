@@ -10,12 +10,18 @@ evaluation samples) runs them (`modules.sampling.generate_with_tools`):
      assistant header (`tool_suffix`) and appended to the response;
   3. those responses generate their next turn, and so on, until no new turn calls a tool, `max_turns` rounds of
      calls have run, or a response has no room left.
+With an environment that defines `respond` (a simulated user, veRL's interactions), a turn that ended with EOS
+without calling a tool is shown to it: a text it returns becomes a `user` message, rendered after the turn's EOS
+with the next assistant header (`user_suffix`), and the response goes on to its next turn; None ends the response.
+It sees every such turn, the last one included (its state can score the conversation): a message past
+`max_user_turns` is dropped, and the response ends.
 
 A rollout's response is then every turn and every tool result in order. `attention_mask` covers all of it,
 `response_mask` only the policy's own tokens (each turn up to and including its EOS): the tool results are context
-the policy is conditioned on, never trained on, and not counted in the KL or the length (TRL's `tool_mask`).
+the policy is conditioned on, never trained on, and not counted in the KL or the length (TRL's `tool_mask`); so
+are a simulated user's messages.
 `max_new_tokens` bounds the whole response, tool results included (TRL's `max_completion_length`): a tool result
-that would leave no room for one more token is not appended, and that response ends with its call.
+(or a user message) that would leave no room for one more token is not appended, and that response ends there.
 
 A call that fails (malformed JSON, an unknown tool, wrong arguments, an exception, more than `timeout` seconds)
 gives the policy `{"error": "..."}` as its result, as TRL does; the share of failed calls is logged
@@ -62,19 +68,28 @@ class Tools:
             is not: `modules.rewards.environment_reward` reads it). The K responses to a prompt must get the same
             text, as they answer the same prompt. Or several, `{name: class}` (TRL's dict): each record names its
             own in its `environment` field (read as a reward field), and its prompt carries that one's tools only.
+            An environment may also be a simulated user (veRL's interactions): `respond(self, messages)`, if
+            defined, is not a tool but is called with the response's messages so far (TRL's list of assistant,
+            tool and user messages) whenever a turn ends with EOS and calls no tool, and returns the user's next
+            message as a text (the policy answers it in a further turn) or None (the conversation ends).
         max_turns: rounds of tool calls per response (TRL's `max_tool_calling_iterations`); the turn after the
             last round is the policy's final answer.
+        max_user_turns: messages a simulated user (an environment's `respond`) may add per response (veRL's
+            `max_user_turns`); the turn after the last one ends the response (respond still sees it; what it
+            returns then is dropped).
         timeout: seconds a call may take; a slower one gives the policy an error result (and is counted as a
             failure). A synchronous function that ignores it keeps running in its thread.
         concurrency: responses whose calls run at once, each in a thread of its own (a response's own calls run in
             order): for tools that wait (a remote sandbox, a search API), so a round of calls takes about the
             slowest call rather than their sum. 1 (the default, as TRL) runs them one after another; above 1 the
             functions must be safe to call from several threads at once (environment instances are per response).
+            A simulated user's `respond` calls run the same way, each within `timeout` seconds.
     """
 
     functions: list[Callable] = field(default_factory=list)
     environment: type | dict[str, type] | None = None
     max_turns: int = 4
+    max_user_turns: int = 4
     timeout: float = 30.0
     concurrency: int = 1
 
@@ -87,6 +102,9 @@ class Tools:
                 raise ValueError(f"Tools: functions holds {fn!r}, which is not callable; expected functions")
         if self.max_turns < 1:
             raise ValueError(f"Tools: max_turns={self.max_turns}; expected >= 1 (rounds of tool calls per response)")
+        if self.max_user_turns < 0:
+            raise ValueError(f"Tools: max_user_turns={self.max_user_turns}; expected >= 0 (a simulated user's "
+                              "messages per response)")
         if not 0 < self.timeout < float("inf"):
             raise ValueError(f"Tools: timeout={self.timeout}; expected a finite number of seconds > 0")
         if self.concurrency < 1:
@@ -111,6 +129,11 @@ class Tools:
             self.tool_schemas[name] = [schema_of(fn) for fn in self.functions + methods]
         self.schemas = [schema for schemas in self.tool_schemas.values() for schema in schemas]
         self.reset_takes = {name: _keywords(pool[0].reset) for name, pool in self.pools.items()}
+        self.user_classes = {cls for name, cls in classes.items() if callable(getattr(self.pools[name][0], "respond", None))}
+        for name, schemas in self.tool_schemas.items():
+            if not schemas and classes.get(name) not in self.user_classes:
+                raise ValueError(f"Tools: environment {self.environment_name(name)} has no tool methods and no respond "
+                                  "method, and there are no functions: nothing for the policy to call or talk to")
 
     @property
     def multi(self) -> bool:
@@ -198,11 +221,16 @@ class Tools:
 
     def check_template(self, tokenizer) -> None:
         """A chat template that does not render the schemas (SmolLM2's, Llama 3's basic one), or that cannot render
-        a tool result after an assistant turn, stops here in one line."""
+        a tool result (a simulated user's message, where an environment responds) after an assistant turn, stops
+        here in one line."""
         name = getattr(tokenizer, "name_or_path", "the tokenizer")
         if not getattr(tokenizer, "chat_template", None):
             raise DataError(f"data tools: tokenizer {name!r} has no chat template, which tools need (their schemas "
                               "go into every prompt, their results are rendered as tool messages)")
+        if self.user_classes:
+            user_suffix(tokenizer, "x")
+        if not self.schemas:
+            return
         user = [{"role": "user", "content": "x"}]
         with_tools = tokenizer.apply_chat_template(user, tools=self.schemas, add_generation_prompt=True, tokenize=False)
         plain = tokenizer.apply_chat_template(user, add_generation_prompt=True, tokenize=False)
@@ -226,16 +254,46 @@ class Tools:
     def call_all(self, texts: list[str], environments: list) -> list[tuple[list[dict], int]]:
         """`call` for each response's latest turn `texts[i]` on its `environments[i]` (None without), `concurrency`
         responses at a time; the outcomes in the order of `texts`."""
-        if self.concurrency == 1 or len(texts) < 2:
-            return [self.call(text, env) for text, env in zip(texts, environments)]
+        return self._each(self.call, texts, environments)
+
+    def responds(self, environment) -> bool:
+        """Whether `environment` (a response's instance, or None) is a simulated user: its class defines `respond`."""
+        return environment is not None and type(environment) in self.user_classes
+
+    def respond(self, messages: list[dict], environment) -> str | None:
+        """A simulated user's next message to a response whose messages so far are `messages` (the last, the
+        policy's turn that ended without a call): its `environment`'s `respond(messages)`, a text or None (the
+        conversation ends). One that raises, takes more than `timeout` seconds or returns anything else stops the
+        run in one line naming the environment (the policy did nothing wrong: the simulator did)."""
+        where = f"{type(environment).__module__}.{type(environment).__qualname__}"
+        try:
+            message = _run(environment.respond, {"messages": [dict(m) for m in messages]}, self.timeout)
+        except concurrent.futures.TimeoutError:
+            raise DataError(f"data tools environment {where}: respond took more than timeout={self.timeout:g} s") from None
+        except Exception as error:
+            raise DataError(f"data tools environment {where}: respond raised {type(error).__name__}: {error}") from None
+        if message is not None and not isinstance(message, str):
+            raise DataError(f"data tools environment {where}: respond returned a {type(message).__name__}; expected "
+                            "the user's next message as a text, or None to end the conversation")
+        return message
+
+    def respond_all(self, conversations: list[list[dict]], environments: list) -> list[str | None]:
+        """`respond` for each response's `conversations[i]` on its `environments[i]`, `concurrency` at a time; the
+        messages in the order given."""
+        return self._each(self.respond, conversations, environments)
+
+    def _each(self, fn: Callable, firsts: list, environments: list) -> list:
+        if self.concurrency == 1 or len(firsts) < 2:
+            return [fn(first, env) for first, env in zip(firsts, environments)]
         with concurrent.futures.ThreadPoolExecutor(max_workers=self.concurrency) as pool:
-            return list(pool.map(self.call, texts, environments))
+            return list(pool.map(fn, firsts, environments))
 
 
 def environment_methods(instance) -> dict[str, Callable]:
-    """An environment instance's tools: its public methods but `reset` and `get_reward`, by name (TRL's rule)."""
+    """An environment instance's tools: its public methods but `reset` and `get_reward` (TRL's rule) and `respond`
+    (a simulated user's), by name."""
     return {name: method for name, method in inspect.getmembers(instance, predicate=inspect.ismethod)
-            if not name.startswith("_") and name not in ("reset", "get_reward")}
+            if not name.startswith("_") and name not in ("reset", "get_reward", "respond")}
 
 
 def _keywords(fn: Callable) -> tuple[list[str], list[str] | None]:
@@ -342,14 +400,29 @@ def tool_suffix(tokenizer, messages: list[dict]) -> list[int]:
     Example (ChatML): [{"role": "tool", "content": "5"}] -> ids of "\\n<|im_start|>tool\\n5<|im_end|>\\n
     <|im_start|>assistant\\n" (the template's own tool wrapping, e.g. Qwen's <tool_response>, included)."""
     call = [{"type": "function", "function": {"name": messages[0]["name"], "arguments": {}}}]
-    head = [{"role": "user", "content": "x"}, {"role": "assistant", "content": "", "tool_calls": call}]
+    return _suffix(tokenizer, {"role": "assistant", "content": "", "tool_calls": call}, messages, "a tool result")
+
+
+def user_suffix(tokenizer, text: str) -> list[int]:
+    """Token ids that follow an assistant turn's EOS to give it a user message `text` (a simulated user's, an
+    environment's `respond`) and open the next assistant turn, as `tool_suffix` does for tool results.
+
+    Example (ChatML): "Try again." -> ids of "\\n<|im_start|>user\\nTry again.<|im_end|>\\n<|im_start|>assistant\\n"."""
+    return _suffix(tokenizer, {"role": "assistant", "content": "y"}, [{"role": "user", "content": text}],
+                   "a user message")
+
+
+def _suffix(tokenizer, turn: dict, messages: list[dict], what: str) -> list[int]:
+    """The chat template's rendering of [user, `turn`, *messages] with the generation prompt, less that of [user,
+    `turn`] cut after its last EOS (TRL's `_get_tool_suffix_ids`)."""
+    head = [{"role": "user", "content": "x"}, turn]
     prefix = _ids(tokenizer.apply_chat_template(head, add_generation_prompt=False, tokenize=True))
     full = _ids(tokenizer.apply_chat_template(head + messages, add_generation_prompt=True, tokenize=True))
     eos = [i for i, t in enumerate(prefix) if t == tokenizer.eos_token_id]
     prefix = prefix[:eos[-1] + 1] if eos else prefix
     if full[:len(prefix)] != prefix:
         raise DataError(f"data tools: the chat template of {getattr(tokenizer, 'name_or_path', 'the tokenizer')!r} "
-                          "renders an assistant turn differently when a tool result follows it, so a result cannot "
+                          f"renders an assistant turn differently when {what} follows it, so {what} cannot "
                           "be appended to a generated turn")
     return full[len(prefix):]
 

@@ -447,6 +447,8 @@ class RLModule(TrainedOnlyCheckpoints, L.LightningModule):
         if "tools/calls" in roll.timings:              # (sums over the rollout: per response, per call)
             calls, failed = roll.timings.pop("tools/calls"), roll.timings.pop("tools/failed")
             roll.timings.update({"train/tool_calls": calls / len(roll), "train/tool_failures": failed / max(calls, 1)})
+            if "tools/user_turns" in roll.timings:     # (a simulated user's messages per response)
+                roll.timings["train/user_turns"] = roll.timings.pop("tools/user_turns") / len(roll)
         with (reward_timeout(self.reward_timeout), trainer_state(self.progress(len(batch))), reward_metrics() as logged,
               reward_extras(keep=False)):                      # (extra columns: shown with evaluation samples only)
             roll.rewards = self.score(roll)

@@ -11,7 +11,7 @@ import torch
 
 from datamodules.collate import encode_prompt, pad
 from datamodules.sources import DataError
-from datamodules.tools import CALL, Tools, tool_suffix
+from datamodules.tools import CALL, Tools, tool_suffix, user_suffix
 from modules import functional as F
 from modules.batch import Rollout
 from modules.cpu import prepacked_linears
@@ -231,6 +231,8 @@ class _Row:
     ended: bool                     # the last turn emitted EOS
     calls: int = 0
     failed: int = 0
+    rounds: int = 0                 # rounds of calls run
+    user_turns: int = 0             # a simulated user's messages appended
 
 
 def generate_with_tools(generate: Callable, tools: Tools, tokenizer, prompt_ids: torch.Tensor,
@@ -239,16 +241,21 @@ def generate_with_tools(generate: Callable, tools: Tools, tokenizer, prompt_ids:
     """The multi-turn rollout of `num_samples` responses per prompt, with `tools` (`datamodules.tools`, whose
     docstring describes the loop and the layout). `generate` is an engine's `generate(prompt_ids, prompt_mask,
     prompts, config, num_samples, same_weights=..., **kwargs)` (the model and tokenizer bound), called once for the
-    first turns and once per round of calls for the responses that go on (one sample each, from prompt + the
-    response so far, `same_weights=True`). Returns a Rollout laid out as any other, plus `messages` (each response
-    as TRL's list of assistant and tool messages) and `timings["tools/calls"]`, `["tools/failed"]` (sums over the
-    rollout).
+    first turns and once per round of calls (or user messages) for the responses that go on (one sample each, from
+    prompt + the response so far, `same_weights=True`). Returns a Rollout laid out as any other, plus `messages`
+    (each response as TRL's list of assistant, tool and user messages) and `timings["tools/calls"]`,
+    `["tools/failed"]` and, with a simulated user, `["tools/user_turns"]` (sums over the rollout).
 
     With an environment (`Tools.environment`), each response's instance is reset first from its prompt and record
     `fields` (name -> one value per prompt); prompts whose reset returned a text are encoded again with it (and
     `Rollout.prompts` holds them so; such a prompt that leaves no room for `max_new_tokens` within `max_length`, the
     model's positions, is one line), every call runs on the response's own instance, and `Rollout.environments`
-    holds the instances for the rewards."""
+    holds the instances for the rewards. An environment that defines `respond` (a simulated user) is asked for the
+    next user message after each turn that ended with EOS without a call; a message goes in as tool results do
+    (`user_suffix`: context, outside `response_mask`), and the response's next turn is generated with the others
+    that go on. Past `tools.max_user_turns` messages (or without room) the message is dropped and the response
+    ends, so the simulator has seen every turn that ended with EOS without a call, the last one included. Rounds
+    of calls are counted per response (at most `tools.max_turns` each), whatever user messages come between them."""
     environments = None
     if tools.environment is not None:
         environments, observed, names = tools.start(prompts, fields or {}, num_samples)
@@ -269,26 +276,32 @@ def generate_with_tools(generate: Callable, tools: Tools, tokenizer, prompt_ids:
         tokens = first.response_ids[i][keep].tolist()
         rows.append(_Row(tokens, [1] * len(tokens), _picked(first.old_logp, i, keep), _picked(first.entropy, i, keep),
                          [_assistant(tokenizer, tokens)], bool(first.has_eos[i])))
-    for _ in range(tools.max_turns):
+    active = list(range(len(rows)))                       # the rows whose latest turn was just generated
+    while True:
         going = []
-        calling = [i for i, row in enumerate(rows) if row.ended and CALL.search(row.messages[-1]["content"])]
+        ended = [i for i in active if rows[i].ended]
+        called = {i for i in ended if CALL.search(rows[i].messages[-1]["content"])}
+        calling = [i for i in ended if i in called and rows[i].rounds < tools.max_turns]
+        answering = [i for i in ended if i not in called and environments is not None and tools.responds(environments[i])]
         outcomes = tools.call_all([rows[i].messages[-1]["content"] for i in calling],      # (each one's latest turn)
                                   [environments and environments[i] for i in calling])
         for i, (results, failed) in zip(calling, outcomes):
             row = rows[i]
-            row.calls, row.failed = row.calls + len(results), row.failed + failed
-            suffix = tool_suffix(tokenizer, results)
-            if len(row.tokens) + len(suffix) >= budget:   # no room: the response ends with its call, unanswered
+            row.calls, row.failed, row.rounds = row.calls + len(results), row.failed + failed, row.rounds + 1
+            if _append(row, results, tool_suffix(tokenizer, results), budget):
+                going.append(i)
+            else:                                          # no room: the response ends with its call, unanswered
                 row.ended = False
-                continue
-            row.messages += results
-            row.tokens += suffix
-            row.own += [0] * len(suffix)
-            row.logp += [0.0] * len(suffix)
-            row.entropy += [0.0] * len(suffix)
-            going.append(i)
+        said = tools.respond_all([rows[i].messages for i in answering], [environments[i] for i in answering])
+        for i, text in zip(answering, said):     # (past max_user_turns, or without room: the response ends here)
+            if text is not None and rows[i].user_turns < tools.max_user_turns and \
+                    _append(rows[i], [{"role": "user", "content": text}], user_suffix(tokenizer, text), budget):
+                rows[i].user_turns += 1
+                going.append(i)
         if not going:
             break
+        going.sort()
+        active = going
         contexts = [prompt_ids[i // num_samples][prompt_mask[i // num_samples].bool()].tolist() + rows[i].tokens
                     for i in going]
         ids, mask = _left_pad(contexts, tokenizer.pad_token_id, prompt_ids.device)
@@ -310,7 +323,22 @@ def generate_with_tools(generate: Callable, tools: Tools, tokenizer, prompt_ids:
     roll.environments = environments
     roll.timings.update({"tools/calls": float(sum(r.calls for r in rows)),
                          "tools/failed": float(sum(r.failed for r in rows))})
+    if tools.user_classes:
+        roll.timings["tools/user_turns"] = float(sum(r.user_turns for r in rows))
     return roll
+
+
+def _append(row: _Row, messages: list[dict], suffix: list[int], budget: int) -> bool:
+    """`messages` (tool results, or a user's message) and their `suffix` tokens appended to `row` as context outside
+    the policy's tokens, if that leaves room for one more token within `budget`; whether they were."""
+    if len(row.tokens) + len(suffix) >= budget:
+        return False
+    row.messages += messages
+    row.tokens += suffix
+    row.own += [0] * len(suffix)
+    row.logp += [0.0] * len(suffix)
+    row.entropy += [0.0] * len(suffix)
+    return True
 
 
 def _picked(values: torch.Tensor | None, row: int, keep: torch.Tensor) -> list[float]:
