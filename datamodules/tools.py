@@ -267,7 +267,7 @@ class Tools:
         run in one line naming the environment (the policy did nothing wrong: the simulator did)."""
         where = f"{type(environment).__module__}.{type(environment).__qualname__}"
         try:
-            message = _run(environment.respond, {"messages": [dict(m) for m in messages]}, self.timeout)
+            message = _run(environment.respond, {}, self.timeout, ([dict(m) for m in messages],))
         except concurrent.futures.TimeoutError:
             raise DataError(f"data tools environment {where}: respond took more than timeout={self.timeout:g} s") from None
         except Exception as error:
@@ -382,12 +382,13 @@ def run_call(call: dict, by_name: dict[str, Callable], timeout: float) -> tuple[
     return name, text, True
 
 
-def _run(fn: Callable, arguments: dict, timeout: float):
+def _run(fn: Callable, arguments: dict, timeout: float, args: tuple = ()):
+    """fn(*args, **arguments) within `timeout` seconds (a coroutine function awaited), else TimeoutError."""
     if inspect.iscoroutinefunction(fn):
-        return asyncio.run(asyncio.wait_for(fn(**arguments), timeout))
+        return asyncio.run(asyncio.wait_for(fn(*args, **arguments), timeout))
     pool = concurrent.futures.ThreadPoolExecutor(max_workers=1)
     try:
-        return pool.submit(fn, **arguments).result(timeout=timeout)
+        return pool.submit(fn, *args, **arguments).result(timeout=timeout)
     finally:
         pool.shutdown(wait=False)
 

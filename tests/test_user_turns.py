@@ -46,6 +46,13 @@ class CountingTutor(Counter):
         return None if "5" in messages[-1]["content"] else RETRY
 
 
+class AsyncTutor(Tutor):
+    """The Tutor as a coroutine (a simulator that awaits a model or a server), its argument named otherwise."""
+
+    async def respond(self, conversation: list[dict]) -> str | None:
+        return Tutor.respond(self, conversation)
+
+
 class Rude(Tutor):
     def respond(self, messages):
         raise ConnectionError("simulator down")
@@ -100,15 +107,17 @@ def prompts_and_ids(hermes, tools):  # noqa: F811
     return prompts, ids, mask
 
 
+@pytest.mark.parametrize("tutor", [Tutor, AsyncTutor])
 @pytest.mark.parametrize("max_user_turns", [1, 2])
-def test_a_wrong_turn_gets_the_users_message_and_the_next_turn_answers_it(hermes, max_user_turns):  # noqa: F811
+def test_a_wrong_turn_gets_the_users_message_and_the_next_turn_answers_it(hermes, max_user_turns, tutor):  # noqa: F811
     """Every turn answers "4", "4", then "5" (scripted); the tutor wants 5 (prompt 0) or 4 (prompt 1). Prompt 1's
     responses end after their first turn (respond said None). Prompt 0's get RETRY as a user turn after each wrong
     turn, up to max_user_turns: with 2, their third turn says 5 and respond ends them; with 1, their second turn
     ("4") ends them, respond having seen it (its RETRY dropped). The user's messages are context (attention 1,
     response mask 0, logprob 0) between the turns, laid out as the chat template writes the conversation; respond
-    saw the messages so far; the rollout counts the user's messages, and the reward reads the tutors."""
-    tools = Tools(environment=Tutor, max_user_turns=max_user_turns)
+    saw the messages so far; the rollout counts the user's messages, and the reward reads the tutors. The same with
+    an `async def respond` whose argument has another name (it is passed by position)."""
+    tools = Tools(environment=tutor, max_user_turns=max_user_turns)
     generate, calls = scripted(hermes, ["4", "4", "5"])
     prompts, ids, mask = prompts_and_ids(hermes, tools)
     roll = generate_with_tools(generate, tools, hermes, ids, mask, prompts, SamplingConfig(max_new_tokens=200), 2,
