@@ -196,8 +196,18 @@ env_roll = generate_with_tools(lambda *a, **k: engine.generate(model, tok, *a, *
 want = pad([encode_prompt(tok, p, env.schemas) for p in ["a Start from 0.", "b Start from 10."]], tok.pad_token_id, "left")[0]
 same_prompts = bool(torch.equal(env_roll.input_ids[::2, :env_roll.prompt_length], want))
 results = "/".join(m[1]["content"] for m in env_roll.messages[::2])
+from tests.test_user_turns import Tutor
+user = Tools(environment=Tutor, max_user_turns=1)
+user_roll = generate_with_tools(lambda *a, **k: engine.generate(model, tok, *a, **k), user, tok, ids, mask, ["a", "b"],
+                                SamplingConfig(max_new_tokens=64), 2, {"answer": [7, 7]}, 512, record_logprobs=True)
+answer = len(tok("5", add_special_tokens=False)["input_ids"]) + 1
+after = user_roll.response_mask.clone()
+after[:, :answer] = 0
+user_logp = response_logprobs(model, user_roll.input_ids, user_roll.attention_mask, user_roll.prompt_length, 1.0).detach()
 print("RESULT", ",".join(map(str, pushes)), int(later.sum()), float(((logp - roll.old_logp).abs() * later).max()),
-      same_prompts, results, ",".join(str(e.calls) for e in env_roll.environments))
+      same_prompts, results, ",".join(str(e.calls) for e in env_roll.environments),
+      "/".join(m["role"] for m in user_roll.messages[1][:3]), int(after[1::2].sum()),
+      float(((user_logp - user_roll.old_logp).abs() * after)[1::2].max()))
 """
 
 
@@ -207,13 +217,16 @@ def test_tool_turns_continue_through_vllm_with_one_push_per_rollout():
     logprobs equal a
     trainer forward over the whole sequence up to rounding. A later turn (`same_weights`) pushes no weights when
     the engine has them already; a new rollout does. With a tools environment (`tests.helpers.Counter`), vLLM
-    generates from the prompts encoded with reset's text, and each call runs on its response's instance."""
+    generates from the prompts encoded with reset's text, and each call runs on its response's instance. With a
+    simulated user (`tests.test_user_turns.Tutor`, wanting 7), the odd rows' scripted "5" gets its message, and
+    vLLM's turn after it has the trainer's logprobs too."""
     proc = subprocess.run([sys.executable, "-c", TOOL_ROLLOUT], capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     line = next(x for x in proc.stdout.splitlines() if x.startswith("RESULT")).split()
     pushes, tokens, diff = line[1], int(line[2]), float(line[3])
     assert pushes == "1,1,2" and tokens > 0 and diff < 1e-3
-    assert line[4:] == ["True", "5/15", "1,0,1,0"]      # (a tools environment: prompts with its text, its own state)
+    assert line[4:7] == ["True", "5/15", "1,0,1,0"]      # (a tools environment: prompts with its text, its own state)
+    assert line[7] == "assistant/user/assistant" and int(line[8]) > 0 and float(line[9]) < 1e-3
 
 
 def test_a_head_size_vllm_cpu_cannot_run_is_refused_in_one_line(sft_dir, tokenizer):
