@@ -196,6 +196,13 @@ class _ChunkedLinearLogprobs(torch.autograd.Function):
         return torch.log_softmax(logits, dim=-1)
 
     @staticmethod
+    def _entropy_(logp) -> tuple[torch.Tensor, torch.Tensor]:
+        """(`entropy(logp)` (chunk,), p = exp(log p) (chunk, V)), log p's -inf clamped in place to the most negative
+        float (p = 0 there: 0 x min = 0, the same values), so no second (chunk, V) tensor is made for it."""
+        p = logp.exp()
+        return -torch.linalg.vecdot(p, logp.clamp_(min=torch.finfo(logp.dtype).min)), p
+
+    @staticmethod
     def forward(ctx, hidden, weight, bias, labels, temperature, chunk, with_entropy):
         device = hidden.device.type
         ctx.autocast = {"device_type": device, "enabled": torch.is_autocast_enabled(device),
@@ -206,8 +213,8 @@ class _ChunkedLinearLogprobs(torch.autograd.Function):
         for h, y in zip(hidden.split(chunk), labels.split(chunk)):
             logp = _ChunkedLinearLogprobs._logp(h, weight, bias, temperature)                # (chunk, V)
             logps.append(logp.gather(-1, y.unsqueeze(-1)).squeeze(-1))
-            if with_entropy:        # `entropy(logp)` with -inf clamped in place (0 x min = 0): one (chunk, V) tensor more
-                entropies.append(-torch.linalg.vecdot(logp.exp(), logp.clamp_(min=torch.finfo(logp.dtype).min)))
+            if with_entropy:
+                entropies.append(_ChunkedLinearLogprobs._entropy_(logp)[0])
             del logp
         return (torch.cat(logps), torch.cat(entropies)) if with_entropy else torch.cat(logps)     # each (M,)
 
@@ -228,10 +235,8 @@ class _ChunkedLinearLogprobs(torch.autograd.Function):
                 a = grad_logp[rows].float().unsqueeze(-1)                                      # (chunk, 1)
                 if ctx.with_entropy and grad_entropy is not None:
                     e = grad_entropy[rows].float().unsqueeze(-1)
-                    p = grad.exp()
-                    grad.clamp_(min=torch.finfo(grad.dtype).min)               # (-inf: p = 0 there, as `entropy`)
-                    h_row = -torch.linalg.vecdot(p, grad).unsqueeze(-1)         # H, as `entropy` computes it
-                    grad.add_(h_row).mul_(p).mul_(e).add_(p.mul_(a)).neg_()     # -(e p (log p + H) + a p)
+                    h_row, p = _ChunkedLinearLogprobs._entropy_(grad)
+                    grad.add_(h_row.unsqueeze(-1)).mul_(p).mul_(e).add_(p.mul_(a)).neg_()   # -(e p (log p + H) + a p)
                     del p
                 else:
                     grad.exp_().mul_(-a)                                        # -p a
