@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import re
 
-from datamodules.sources import Source
+from datamodules.sources import Source, _conversation_problem
 
 ASSISTANT = "\n\nAssistant:"
 
@@ -129,6 +129,43 @@ class CarperTLDR(_Adapter):
 
 
 CALCULATOR = re.compile(r"<<[^<>]*>>")
+
+
+class Messages(_Adapter):
+    """TRL's conversational language-modelling layout, one list of messages per record (`{messages: [{role,
+    content}, ...]}`, as UltraChat's): the prompt is every message before the first assistant turn, `chosen` the
+    rest, from that turn on. One assistant message is read as its text; a longer rest is a multi-turn trace, and SFT
+    (data `chosen_only: true`) trains on every assistant turn, the user's messages and tool results being context
+    (TRL's `assistant_only_loss`). The record's other fields are kept (for `reward_fields`).
+
+    Args:
+        source: the source whose rows are converted.
+        field: the field holding the messages.
+
+    Example: {messages: [system "Be brief.", user "Hi", assistant "Hello!", user "2 + 2?", assistant "4"], id: 7} ->
+    {prompt: [system "Be brief.", user "Hi"], chosen: [assistant "Hello!", user "2 + 2?", assistant "4"], id: 7}.
+    """
+
+    def __init__(self, source: Source, field: str = "messages"):
+        super().__init__(source)
+        self.field = field
+
+    def convert(self, row) -> dict:
+        messages = row.get(self.field) if isinstance(row, dict) else None
+        if not isinstance(messages, list) or not messages or not all(isinstance(m, dict) for m in messages):
+            return {"_invalid": (self.field, "missing, empty, or not a list of {role, content} messages")}
+        first = next((i for i, m in enumerate(messages) if m.get("role") == "assistant"), None)
+        if first is None:
+            return {"_invalid": (self.field, "no assistant message (nothing to train on)")}
+        if first == 0:
+            return {"_invalid": (self.field, "starts with an assistant message; expected the user's turn (or a "
+                                             "system one) first")}
+        for offset, part, what in ((0, messages[:first], "the prompt"), (first, messages[first:], "the response")):
+            problem = _conversation_problem(part, response=offset > 0)
+            if problem:
+                return {"_invalid": (self.field, f"{what} (messages {offset} on): {problem}")}
+        rest = {key: value for key, value in row.items() if key != self.field}
+        return {**rest, "prompt": messages[:first], "chosen": messages[first:]}
 
 
 class GSM8K(_Adapter):

@@ -27,7 +27,9 @@ class PairDataModule(L.LightningDataModule):
         max_prompt_length: longer prompts are bad records (they would leave no room for a response).
         prompts_only: records need only a prompt (RL on a prompt set).
         chosen_only: records need a prompt and a chosen response only (SFT on demonstrations, e.g. `{prompt,
-            completion}` with `fields: {chosen: completion}`); batches then have no `rejected`.
+            completion}` with `fields: {chosen: completion}`); batches then have no `rejected`. A `chosen` may be a
+            multi-turn trace, assistant turns separated by user messages or tool results (TRL's conversational
+            `messages`, through `datamodules.formats.Messages`): the loss is on every assistant turn.
         skip_invalid: drop bad records with a logged count instead of raising.
         batch_size: records per training batch (prompts per rollout in RL).
         val_batch_size: records per validation batch (None: batch_size).
@@ -166,7 +168,7 @@ class PairDataModule(L.LightningDataModule):
         if not self.prompts_only:
             room = self.max_length - len(prompt_ids)
             for key in ("chosen",) if self.chosen_only else ("chosen", "rejected"):
-                if isinstance(rec[key], list):                 # a tool-use trace: the assistant's turns trained
+                if isinstance(rec[key], list):                 # a multi-turn trace: the assistant's turns trained
                     ids, own = self.encode_trace(rec, key, index, origin)
                     example[f"{key}_own"] = own[:room]
                 else:
@@ -183,13 +185,14 @@ class PairDataModule(L.LightningDataModule):
         return self.tools.schemas_for(rec.get("fields", {}).get("environment") if self.tools.multi else None)
 
     def encode_trace(self, rec: dict, key: str, index: int, origin: str) -> tuple[list[int], list[int]]:
-        """A tool-use trace's ids and the policy's tokens among them (`datamodules.tools.encode_trace`)."""
+        """A multi-turn trace's ids and the policy's tokens among them (`datamodules.tools.encode_trace`): tool use
+        (with data tools) or a conversation with user turns (any chat template)."""
         where = f"{origin}: record {index}: field {getattr(self.fields, key)!r}"
-        if self.tools is None:
-            raise DataError(f"{where}: a tool-use trace (assistant and tool messages) needs data tools, whose "
+        if self.tools is None and any(m["role"] == "tool" or m.get("tool_calls") for m in rec[key]):
+            raise DataError(f"{where}: a tool-use trace (tool calls and tool messages) needs data tools, whose "
                             "schemas the prompts carry")
         if not self.chosen_only:
-            raise DataError(f"{where}: tool-use traces are SFT demonstrations (data chosen_only: true); the reward "
+            raise DataError(f"{where}: multi-turn traces are SFT demonstrations (data chosen_only: true); the reward "
                             "and preference stages take single responses")
         try:
             return encode_trace(self.tokenizer, rec["prompt"], rec[key], self.schemas(rec))

@@ -272,13 +272,14 @@ def _problem(row, fields: FieldMap, need: tuple[str, ...]) -> tuple[str, str] | 
 def _conversation_problem(messages: list, response: bool) -> str | None:
     """What is wrong with a field in TRL's conversational format, or None: a prompt is a non-empty list of
     `{role, content}` messages with text content; a response (chosen, rejected) is one message of role assistant,
-    or a tool-use trace (`_trace_problem`)."""
+    or a multi-turn trace (`_is_trace`, `_trace_problem`)."""
     roles = [m.get("role") if isinstance(m, dict) else None for m in messages]
     if response and roles != ["assistant"]:
         if len(roles) > 1 and _is_trace(roles):
             return _trace_problem(messages)
         return (f"a list of {len(messages)} items; expected a string, or one message {{role: assistant, content: ...}} "
-                "(TRL's conversational format), or a tool-use trace: assistant, tool..., assistant, ...")
+                "(TRL's conversational format), or a multi-turn trace: assistant turns separated by tool results or "
+                "by one user message, the last an assistant's")
     if not messages:
         return "an empty list of messages"
     for i, message in enumerate(messages):
@@ -293,15 +294,22 @@ def _conversation_problem(messages: list, response: bool) -> str | None:
 
 
 def _is_trace(roles: list) -> bool:
-    """Roles of a tool-use trace: assistant turns with one or more tool results between them, an assistant's last."""
-    return (roles[0] == roles[-1] == "assistant" and set(roles) <= {"assistant", "tool"}
-            and all(not (a == b == "assistant") for a, b in zip(roles, roles[1:])))
+    """Roles of a multi-turn trace: assistant turns, the last an assistant's, each pair separated by one or more tool
+    results or by one user message (what a rollout's tool calls or simulated user put between two turns).
+
+    Example: [assistant, tool, tool, assistant, user, assistant] -> True; [assistant, user, user, assistant],
+    [assistant, tool, user, assistant] -> False."""
+    if not roles or roles[0] != "assistant" or roles[-1] != "assistant" or not set(roles) <= {"assistant", "tool", "user"}:
+        return False
+    gaps = "".join("a" if role == "assistant" else role[0] for role in roles).split("a")[1:-1]
+    return all(gap == "u" or (gap and set(gap) == {"t"}) for gap in gaps)
 
 
 def _trace_problem(messages: list[dict]) -> str | None:
-    """What is wrong with a tool-use trace (SFT on the turns of a tool rollout, `datamodules.tools.encode_trace`), or
-    None: an assistant turn has text content, or `tool_calls` (TRL's `[{"type": "function", "function": {"name": ...,
-    "arguments": {...}}}]`) and content text or none; a tool result has text content."""
+    """What is wrong with a multi-turn trace (SFT on the turns of a rollout with tools or a simulated user,
+    `datamodules.tools.encode_trace`), or None: an assistant turn has text content, or `tool_calls` (TRL's
+    `[{"type": "function", "function": {"name": ..., "arguments": {...}}}]`) and content text or none; a tool result
+    and a user message have text content."""
     for i, message in enumerate(messages):
         content, calls = message.get("content"), message.get("tool_calls")
         if message["role"] == "assistant" and calls is not None:

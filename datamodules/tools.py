@@ -33,8 +33,8 @@ database): before the first turn each instance's `reset` is called with the reco
 it returns is appended to the last user message of that response's prompt; after the response, a reward may read
 the instance (TRL's `environments`, e.g. `modules.rewards.environment_reward`, its `get_reward()`).
 
-A demonstration given as a tool-use trace (SFT) is laid out the same way, its tool results outside the loss
-(`encode_trace`). docs/tools.md is the user's guide.
+A demonstration given as a multi-turn trace (SFT) is laid out the same way, its tool results and user messages
+outside the loss (`encode_trace`). docs/tools.md is the user's guide.
 """
 from __future__ import annotations
 
@@ -422,7 +422,7 @@ def _suffix(tokenizer, turn: dict, messages: list[dict], what: str) -> list[int]
     eos = [i for i, t in enumerate(prefix) if t == tokenizer.eos_token_id]
     prefix = prefix[:eos[-1] + 1] if eos else prefix
     if full[:len(prefix)] != prefix:
-        raise DataError(f"data tools: the chat template of {getattr(tokenizer, 'name_or_path', 'the tokenizer')!r} "
+        raise DataError(f"the chat template of {getattr(tokenizer, 'name_or_path', 'the tokenizer')!r} "
                           f"renders an assistant turn differently when {what} follows it, so {what} cannot "
                           "be appended to a generated turn")
     return full[len(prefix):]
@@ -432,17 +432,19 @@ def _ids(rendered) -> list[int]:
     return list(rendered["input_ids"] if hasattr(rendered, "keys") else rendered)
 
 
-def encode_trace(tokenizer, prompt: str | list[dict], messages: list[dict], schemas: list[dict]) -> tuple[list[int], list[int]]:
-    """A tool-use trace as a response (SFT on demonstrations of tool use): its token ids and which are the policy's
-    (1) rather than a tool's (0). Each assistant turn is its text as the chat template writes it after the
-    conversation so far (content, then its `tool_calls` in the template's format), tokenized as a response is
-    (`datamodules.collate.encode_response`), then EOS; each run of tool results is the `tool_suffix` a rollout
-    appends. So a trace's tokens and masks are those of the rollout that would produce it (tested), and SFT trains
-    on the assistant's turns alone.
+def encode_trace(tokenizer, prompt: str | list[dict], messages: list[dict], schemas: list[dict] | None) -> tuple[list[int], list[int]]:
+    """A multi-turn trace as a response (SFT on demonstrations of tool use or of a conversation): its token ids and
+    which are the policy's (1) rather than a tool's or the user's (0). Each assistant turn is its text as the chat
+    template writes it after the conversation so far (content, then its `tool_calls` in the template's format),
+    tokenized as a response is (`datamodules.collate.encode_response`), then EOS; each run of tool results is the
+    `tool_suffix` a rollout appends, each user message the `user_suffix` a simulated user's gets. So a trace's tokens
+    and masks are those of the rollout that would produce it (tested), and SFT trains on the assistant's turns.
 
     Example (Hermes template): [assistant calling add(2, 3), tool "5", assistant "5."] -> ids of
     '<tool_call>{"name": "add", "arguments": {"a": 2, "b": 3}}</tool_call>' + EOS (1s), of the suffix
-    '\\n<|im_start|>user\\n<tool_response>5</tool_response><|im_end|>\\n<|im_start|>assistant\\n' (0s), of '5.' + EOS (1s)."""
+    '\\n<|im_start|>user\\n<tool_response>5</tool_response><|im_end|>\\n<|im_start|>assistant\\n' (0s), of '5.' + EOS (1s);
+    [assistant "4", user "Try again.", assistant "5"] -> ids of '4' + EOS (1s),
+    '\\n<|im_start|>user\\nTry again.<|im_end|>\\n<|im_start|>assistant\\n' (0s), '5' + EOS (1s)."""
     context = list(prompt) if isinstance(prompt, list) else [{"role": "user", "content": prompt}]
     ids, own, i = [], [], 0
     while i < len(messages):
@@ -452,12 +454,16 @@ def encode_trace(tokenizer, prompt: str | list[dict], messages: list[dict], sche
             turn.append(tokenizer.eos_token_id)
             ids, own, context, i = ids + turn, own + [1] * len(turn), context + [message], i + 1
             continue
-        results = []
-        while i < len(messages) and messages[i]["role"] == "tool":
-            results.append({"role": "tool", "name": messages[i].get("name") or "tool", "content": messages[i]["content"]})
-            i += 1
-        suffix = tool_suffix(tokenizer, results)
-        ids, own, context = ids + suffix, own + [0] * len(suffix), context + results
+        if messages[i]["role"] == "user":
+            said = [{"role": "user", "content": messages[i]["content"]}]
+            suffix, i = user_suffix(tokenizer, said[0]["content"]), i + 1
+        else:
+            said = []
+            while i < len(messages) and messages[i]["role"] == "tool":
+                said.append({"role": "tool", "name": messages[i].get("name") or "tool", "content": messages[i]["content"]})
+                i += 1
+            suffix = tool_suffix(tokenizer, said)
+        ids, own, context = ids + suffix, own + [0] * len(suffix), context + said
     return ids, own
 
 

@@ -1,9 +1,9 @@
-"""HH, TL;DR, GSM8K and MBPP adapters on fixture files in exactly the hub layouts, malformed records included."""
+"""HH, TL;DR, GSM8K, MBPP and TRL's `messages` adapters on fixture files in exactly the hub layouts, malformed records included."""
 import json
 
 import pytest
 
-from datamodules.formats import GSM8K, MBPP, AnthropicHH, CarperTLDR, SummarizeFromFeedback
+from datamodules.formats import GSM8K, MBPP, AnthropicHH, CarperTLDR, Messages, SummarizeFromFeedback
 from datamodules.pairs import PairDataModule
 from datamodules.sources import DataError, LocalFiles
 
@@ -160,3 +160,38 @@ def test_mbpp_malformed_records(tmp_path, task_tokenizer_path):
         load(MBPP, tmp_path, MBPP_FULL + [{**MBPP_FULL[0], "code": None}], task_tokenizer_path, chosen_only=True)
     with pytest.raises(ValueError, match=r"MBPP: shown_tests=-1; expected 0 or more"):
         MBPP(LocalFiles(write(tmp_path, MBPP_FULL)), shown_tests=-1)
+
+
+CHAT = [  # TRL's conversational language-modelling layout (UltraChat's): one list of messages per record
+    {"messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"},
+                  {"role": "assistant", "content": "Hello!"}, {"role": "user", "content": "2 + 2?"},
+                  {"role": "assistant", "content": "4"}], "id": 7},
+    {"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello!"}]},
+]
+
+
+def test_messages_splits_each_conversation_at_its_first_assistant_turn():
+    """The prompt is what comes before the first assistant turn, `chosen` the rest (a trace of several turns, or
+    one message, read as its text downstream); the record's other fields are kept."""
+    records = Messages(None).convert
+    assert records(CHAT[0]) == {"id": 7, "prompt": CHAT[0]["messages"][:2], "chosen": CHAT[0]["messages"][2:]}
+    assert records(CHAT[1]) == {"prompt": CHAT[1]["messages"][:1], "chosen": CHAT[1]["messages"][1:]}
+    assert Messages(None, field="conversation").convert(
+        {"conversation": CHAT[1]["messages"]})["chosen"] == [{"role": "assistant", "content": "Hello!"}]
+
+
+@pytest.mark.parametrize("messages, reason", [
+    (None, r"missing, empty, or not a list of \{role, content\} messages"),
+    ([{"role": "user", "content": "Hi"}], r"no assistant message \(nothing to train on\)"),
+    ([{"role": "assistant", "content": "Hello!"}], r"starts with an assistant message; expected the user's turn"),
+    (CHAT[1]["messages"] + [{"role": "user", "content": "Bye"}],
+     r"the response \(messages 1 on\): a list of 2 items; expected .* a multi-turn trace: assistant turns separated "
+     r"by tool results or by one user message, the last an assistant's \(set data skip_invalid"),
+    (CHAT[1]["messages"] + [{"role": "user", "content": "a"}, {"role": "user", "content": "b"},
+                            {"role": "assistant", "content": "c"}], r"the response \(messages 1 on\): a list of 4 items"),
+    ([{"role": "user", "content": 3}, {"role": "assistant", "content": "x"}],
+     r"the prompt \(messages 0 on\): message 0 \(user\): content: expected text, got int"),
+])
+def test_messages_malformed_records(tmp_path, task_tokenizer_path, messages, reason):
+    with pytest.raises(DataError, match=rf"record 2: field 'messages': {reason}"):
+        load(Messages, tmp_path, CHAT + [{"messages": messages}], task_tokenizer_path, chosen_only=True)

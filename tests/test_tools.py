@@ -348,7 +348,7 @@ def test_sft_trains_on_the_assistant_turns_of_tool_use_traces(tmp_path, tool_dir
 
 @pytest.mark.parametrize("chosen, settings, reason", [
     (TRACE, {}, "a tool-use trace .* needs data tools"),
-    (TRACE, {"tools": Tools(functions=[add])}, r"tool-use traces are SFT demonstrations \(data chosen_only: true\)"),
+    (TRACE, {"tools": Tools(functions=[add])}, r"multi-turn traces are SFT demonstrations \(data chosen_only: true\)"),
     ([TRACE[0], TRACE[2], TRACE[1], TRACE[2]], {}, "a list of 4 items; expected a string, or one message"),
     ([{"role": "assistant", "tool_calls": "add(2, 3)"}, TRACE[1], TRACE[2]], {},
      r"message 0 \(assistant\): tool_calls: expected \[\{\"type\": \"function\""),

@@ -152,6 +152,57 @@ def test_a_wrong_turn_gets_the_users_message_and_the_next_turn_answers_it(hermes
     assert awaited(environment_reward(roll.prompts, roll.responses, roll.environments))[2:] == [1.0, 1.0]
 
 
+def test_a_conversation_trace_is_laid_out_as_the_rollout_that_would_produce_it(hermes):  # noqa: F811
+    """SFT on a conversation (assistant "4", user RETRY, assistant "4", user RETRY, assistant "5"): its tokens and
+    the policy's mask are the response ids and mask of the tutored rollout whose turns said those words, the
+    user's messages outside the mask."""
+    from datamodules.tools import encode_trace
+
+    tools = Tools(environment=Tutor, max_user_turns=2)
+    prompts, ids, mask = prompts_and_ids(hermes, tools)
+    roll = generate_with_tools(scripted(hermes, ["4", "4", "5"])[0], tools, hermes, ids, mask, prompts,
+                               SamplingConfig(max_new_tokens=200), 1, {"answer": [5, 4]})
+    trace = roll.messages[0]
+    assert [m["role"] for m in trace] == ["assistant", "user", "assistant", "user", "assistant"]
+    got, own = encode_trace(hermes, prompts[0], trace, tools.schemas)
+    assert roll.response_ids[0, :len(got)].tolist() == got and roll.response_mask[0, :len(got)].tolist() == own
+    assert len(got) == int(roll.attention_mask[0, roll.prompt_length:].sum()) and 0 in own
+    assert hermes.decode([t for t, o in zip(got, own) if not o]).count(RETRY) == 2
+
+
+@pytest.mark.slow
+def test_sft_trains_on_every_assistant_turn_of_a_conversation_from_trls_messages_layout(tmp_path, tool_dir):  # noqa: F811
+    """SFT from YAML on records in TRL's `messages` layout (`datamodules.formats.Messages`), no data tools: each
+    record's assistant turns are in the loss mask, the user's second message is not, and the step is finite."""
+    from train import cli_main
+
+    rows = [{"messages": [{"role": "user", "content": f"What is 2 + {i}?"}, {"role": "assistant", "content": "4"},
+                          {"role": "user", "content": RETRY}, {"role": "assistant", "content": str(2 + i)}]}
+            for i in range(8)]
+    path = tmp_path / "chats.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    config = yaml.safe_load(open("configs/quickstart/sft.yaml"))
+    config["trainer"].update({"max_epochs": 1, "logger": False, "enable_checkpointing": False,
+                              "enable_progress_bar": False, "log_every_n_steps": 1, "callbacks": []})
+    config["model"]["init_args"]["backbone"] = {"pretrained": tool_dir}
+    source = {"class_path": "datamodules.sources.LocalFiles", "init_args": {"train": str(path), "val": str(path)}}
+    config["data"]["init_args"].update({"source": {"class_path": "datamodules.formats.Messages",
+                                                   "init_args": {"source": source}},
+                                        "tokenizer": tool_dir, "batch_size": 4, "chosen_only": True,
+                                        "max_prompt_length": 100, "max_length": 200})
+    (tmp_path / "sft.yaml").write_text(yaml.safe_dump(config))
+    cli = cli_main(["fit", "--config", str(tmp_path / "sft.yaml")])
+    assert torch.isfinite(cli.trainer.callback_metrics["train/loss"])
+    example = cli.datamodule.splits["train"][0]
+    batch = next(iter(cli.datamodule.train_dataloader()))
+    P, tokenizer = len(example["prompt_ids"]), cli.datamodule.tokenizer
+    trained = batch.chosen.loss_mask[0, P: P + len(example["chosen_ids"])].tolist()
+    assert trained == example["chosen_own"]
+    ids = example["chosen_ids"]
+    assert tokenizer.decode([t for t, o in zip(ids, trained) if not o]).count(RETRY) == 1
+    assert tokenizer.decode([t for t, o in zip(ids, trained) if o]).count(tokenizer.eos_token) == 2
+
+
 def test_rounds_of_calls_and_user_turns_interleave_each_counted_per_response(hermes):  # noqa: F811
     """CountingTutor (the `add` tool, a tutor wanting 5), max_turns 1: turns CALL, "4", CALL, "5". The first call
     runs (round 1), "4" gets RETRY, the second call is past max_turns, so it ends the response unanswered, and
