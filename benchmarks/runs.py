@@ -116,13 +116,14 @@ def build_sft(exports: Path, config: str, quick: bool, tag: str) -> None:
 def run_one(config: str, tag: str, seed: int, out: Path, *, rollouts: int, responses_per_rollout: int,
             minibatch_responses: int, k: int, eval_every: int, eval_prompts: int, exports: Path = DEFAULT_EXPORTS,
             model: dict | None = None, objective: dict | None = None, lr: float | None = None,
-            oversample: int = 1, data: dict | None = None) -> dict:
+            oversample: int = 1, data: dict | None = None, metrics: tuple[str, ...] = ()) -> dict:
     """One run. Budget: `rollouts` rollouts of `responses_per_rollout` trained responses (prompts per rollout =
     responses / k), minibatches of `minibatch_responses` responses; evaluation every `eval_every` rollouts on the
     first `eval_prompts` held-out prompts. `model` / `objective` are merged into the model's / objective's
     init_args, `data` into the data's. `oversample` > 1: each rollout samples that many times the prompts and trains
     on `responses_per_rollout` of the responses (`keep_groups`: DAPO's dynamic sampling); a point's "samples" counts
-    the sampled ones. Returns {"points": evaluation history, "weights": final policy parameters (flat, CPU),
+    the sampled ones; `metrics` names further `val/<name>` metrics each point keeps. Returns {"points": evaluation
+    history, "weights": final policy parameters (flat, CPU),
     "weights_after_first": the same after the first rollout, "responses": each rollout's sampled responses,
     "score_s": each rollout's scoring seconds, "train": each rollout's `train/*` metrics}."""
     import yaml
@@ -164,7 +165,8 @@ def run_one(config: str, tag: str, seed: int, out: Path, *, rollouts: int, respo
     sampled = responses_per_rollout * oversample
     points = [{"rollout": h["step"], "samples": h["step"] * sampled, "gold": h.get("val/gold_reward"),
                "proxy": h.get("val/reward"), "kl": h.get("val/kl"), "win_rate": h.get("val/win_rate"),
-               "length": h.get("val/length"), "tool_calls": h.get("val/tool_calls")} for h in evaluation.history]
+               "length": h.get("val/length"), "tool_calls": h.get("val/tool_calls"),
+               **{name: h.get(f"val/{name}") for name in metrics}} for h in evaluation.history]
     return {"points": points, "weights": flat_weights(cli.model.policy),
             "weights_after_first": trace.weights_after_first, "responses": trace.responses, "score_s": trace.score_s,
             "train": trace.train}

@@ -153,18 +153,24 @@ class CalculatorSumTask(SumTask):
     def word_tokenizer(self, name: str, words: str) -> str:
         """The tokenizer `name` of the calls' words, the task's own `words` (its arguments' keys), and every number
         up to twice the largest operand, with the task's chat `template`."""
-        from modules.backbone import load_tokenizer
-
         top = 2 * self.max_operand + 2
         numbers = range(top + 1)
         corpus = [f"tools add : and result <tool_call> </tool_call> {{\"name\": \"add\", \"arguments\": {words}",
                   " ".join(f"{i} {i}, {i}}}}}" for i in numbers)]
-        path = cached_word_tokenizer(corpus, self.cache_dir, name)
-        tokenizer = load_tokenizer(path)
-        if tokenizer.chat_template != self.template:
-            tokenizer.chat_template = self.template
-            tokenizer.save_pretrained(path)
-        return path
+        return chat_word_tokenizer(corpus, self.cache_dir, name, self.template)
+
+
+def chat_word_tokenizer(corpus: list[str], cache_dir: str, name: str, template: str) -> str:
+    """The directory of the word-level tokenizer of `corpus` (`datamodules.task.cached_word_tokenizer`) with the chat
+    `template` (an embedded task's conversational prompts)."""
+    from modules.backbone import load_tokenizer
+
+    path = cached_word_tokenizer(corpus, cache_dir, name)
+    tokenizer = load_tokenizer(path)
+    if tokenizer.chat_template != template:
+        tokenizer.chat_template = template
+        tokenizer.save_pretrained(path)
+    return path
 
 
 class Register:

@@ -462,19 +462,25 @@ def test_the_memory_figure_reads_progress_lines_and_tables(tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("task,measure,calls", [("calculator", "accuracy", 1.0), ("register", "register holds the sum", 2.0)])
-def test_tools_quick_builds_its_sft_export_and_reports_every_arm(tmp_path, task, measure, calls):
+@pytest.mark.parametrize("task,measure,second,calls", [("calculator", "accuracy", "calls per answer", 1.0),
+                                                       ("register", "register holds the sum", "calls per answer", 2.0),
+                                                       ("guess", "secret guessed", "hints followed", 0.0)])
+def test_tools_quick_builds_its_sft_export_and_reports_every_arm(tmp_path, task, measure, second, calls):
+    """The guessing game's arms include P3O-4, and its points keep the hints followed (a share) and the user's
+    messages per response (at most max_user_turns, 4)."""
     _run("tools.py", tmp_path / "exports", tmp_path / "out", "--task", task)
     assert (tmp_path / "exports" / "sft" / "config.json").exists() and (tmp_path / "out" / "tools.png").exists()
     table = (tmp_path / "out" / "table.md").read_text()
-    assert f"| objective | seeds | rollouts | {measure} at start | at the end | calls per answer at start |" in table
-    for arm in ("P3O", "GRPO-4", "RLOO"):
+    assert f"| objective | seeds | rollouts | {measure} at start | at the end | {second} at start |" in table
+    for arm in ("P3O", "GRPO-4", "RLOO") + (("P3O-4",) if task == "guess" else ()):
         assert f"| {arm} | 1 | 3 |" in table
     import csv
 
     points = list(csv.DictReader(open(tmp_path / "out" / "points.csv")))
     assert [int(p["rollout"]) for p in points if p["objective"] == "P3O"] == [0, 1, 2, 3]
     assert all(0.0 <= float(p["gold"]) <= 1.0 and 0.0 <= float(p["tool_calls"]) <= calls for p in points)
+    if task == "guess":
+        assert all(0.0 <= float(p["followed"]) <= 1.0 and 0.0 <= float(p["user_turns"]) <= 4 for p in points)
 
 
 def test_tools_summary_on_literal_points():
