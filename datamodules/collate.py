@@ -17,10 +17,13 @@ class NoChatTemplate(ValueError):
     """A conversation given to a tokenizer without a chat template."""
 
 
-def encode_prompt(tokenizer, prompt: str | list[dict], tools: list[dict] | None = None) -> list[int]:
+def encode_prompt(tokenizer, prompt: str | list[dict], tools: list[dict] | None = None,
+                  template_kwargs: dict | None = None) -> list[int]:
     """Prompt ids ending with the generation prompt: a text as one user turn through the chat template (plain text
     without one), a conversation (a list of `{role, content}` messages) through the chat template as it is
-    (`NoChatTemplate` without one). `tools`: JSON schemas the template renders (`datamodules.tools.Tools.schemas`)."""
+    (`NoChatTemplate` without one). `tools`: JSON schemas the template renders (`datamodules.tools.Tools.schemas`);
+    `template_kwargs`: further variables of the template (data `chat_template_kwargs`, e.g. Qwen3's
+    `enable_thinking`)."""
     template = getattr(tokenizer, "chat_template", None)
     if isinstance(prompt, list):
         if not template:
@@ -31,7 +34,8 @@ def encode_prompt(tokenizer, prompt: str | list[dict], tools: list[dict] | None 
         messages = [{"role": "user", "content": prompt}]
     else:
         return tokenizer(prompt, add_special_tokens=True)["input_ids"]
-    ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, tools=tools or None)
+    ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, tools=tools or None,
+                                        **(template_kwargs or {}))
     return list(ids["input_ids"] if hasattr(ids, "keys") else ids)
 
 

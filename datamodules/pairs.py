@@ -6,12 +6,19 @@ response, for SFT on demonstrations). Every batch is a `datamodules.batch.PairBa
 """
 from __future__ import annotations
 
+from typing import Any
+
 import lightning as L
 from torch.utils.data import DataLoader, DistributedSampler
 
 from datamodules.collate import NoChatTemplate, PairCollator, encode_prompt, encode_response
 from datamodules.sources import FIELDS, DataError, FieldMap, Source, validate_records, warn
 from datamodules.tools import Tools, encode_trace
+
+# apply_chat_template's own arguments, which the stages set (chat_template_kwargs may not)
+TEMPLATE_ARGUMENTS = {"conversation", "messages", "tools", "documents", "chat_template", "add_generation_prompt",
+                      "continue_final_message", "tokenize", "padding", "truncation", "max_length", "return_tensors",
+                      "return_dict", "return_assistant_tokens_mask", "tokenizer_kwargs"}
 
 
 class PairDataModule(L.LightningDataModule):
@@ -51,6 +58,10 @@ class PairDataModule(L.LightningDataModule):
             trace (assistant turns with `tool_calls`, tool results, the answer): SFT trains on the assistant's turns.
             Its `environment` (TRL's `environment_factory`) gives each response an instance whose methods are tools,
             reset from the record's prompt and `reward_fields`.
+        chat_template_kwargs: further variables for the tokenizer's chat template wherever it renders the policy's
+            conversations: prompts, SFT traces, and in rollouts tool results and a simulated user's messages (TRL's
+            `chat_template_kwargs`, veRL's `apply_chat_template_kwargs`), e.g. `{enable_thinking: false}` for Qwen3's
+            non-thinking mode. A reward model's or judge's own template does not get them.
     """
 
     def __init__(self, source: Source, tokenizer: str | None = None, fields: FieldMap | None = None,
@@ -58,8 +69,13 @@ class PairDataModule(L.LightningDataModule):
                  max_prompt_length: int = 32, prompts_only: bool = False, chosen_only: bool = False,
                  skip_invalid: bool = False,
                  num_workers: int = 0, seed: int = 0, reward_fields: list[str] | None = None,
-                 optional_fields: list[str] | None = None, tools: Tools | None = None):
+                 optional_fields: list[str] | None = None, tools: Tools | None = None,
+                 chat_template_kwargs: dict[str, Any] | None = None):
         super().__init__()
+        self.chat_template_kwargs = dict(chat_template_kwargs or {})
+        if taken := sorted(set(self.chat_template_kwargs) & TEMPLATE_ARGUMENTS):
+            raise ValueError(f"PairDataModule: chat_template_kwargs sets {taken}, which the stages set themselves; "
+                             "expected the template's own variables (e.g. enable_thinking)")
         self.tools = tools
         for name, value, least in (("batch_size", batch_size, 1), ("val_batch_size", val_batch_size or 1, 1),
                                    ("max_length", max_length, 2), ("max_prompt_length", max_prompt_length, 1),
@@ -106,8 +122,10 @@ class PairDataModule(L.LightningDataModule):
         return "none" if self.prompts_only else "chosen" if self.chosen_only else "pairs"
 
     def setup(self, stage: str | None = None) -> None:
+        if self.chat_template_kwargs:
+            check_template_kwargs(self.tokenizer, self.tokenizer_path, self.chat_template_kwargs)
         if self.tools is not None:
-            self.tools.check_template(self.tokenizer)
+            self.tools.check_template(self.tokenizer, self.chat_template_kwargs)
         for split in ("train", "val"):
             if split not in self.splits:
                 self.splits[split] = self.encoded(split)
@@ -150,7 +168,7 @@ class PairDataModule(L.LightningDataModule):
         except DataError as error:
             raise DataError(f"{origin}: record {index}: {error}") from None
         try:
-            prompt_ids = encode_prompt(self.tokenizer, rec["prompt"], schemas)
+            prompt_ids = encode_prompt(self.tokenizer, rec["prompt"], schemas, self.chat_template_kwargs)
         except NoChatTemplate as error:
             raise DataError(f"{origin}: record {index}: field {self.fields.prompt!r}: {error}; use a tokenizer that "
                             "has one (data tokenizer), or give prompts as text") from None
@@ -195,7 +213,7 @@ class PairDataModule(L.LightningDataModule):
             raise DataError(f"{where}: multi-turn traces are SFT demonstrations (data chosen_only: true); the reward "
                             "and preference stages take single responses")
         try:
-            return encode_trace(self.tokenizer, rec["prompt"], rec[key], self.schemas(rec))
+            return encode_trace(self.tokenizer, rec["prompt"], rec[key], self.schemas(rec), self.chat_template_kwargs)
         except DataError as error:
             raise DataError(f"{where}: {error}") from None
 
@@ -262,3 +280,26 @@ def _source_tokenizer(source) -> str:
         raise ValueError(f"PairDataModule: source {type(source).__name__} ships no tokenizer; set data tokenizer: "
                          "<directory, hub id or .gguf file>")
     return path
+
+
+def check_template_kwargs(tokenizer, path: str, kwargs: dict) -> None:
+    """Data `chat_template_kwargs` that would change nothing stop here in one line: a tokenizer without a chat
+    template, or a name the template never reads (a misspelt `enable_thinking` would otherwise be ignored). A
+    template Jinja cannot parse here (one using transformers' own tags) is not checked.
+
+    Example: {enable_thinking: false} with Qwen3's template passes; {enable_thinkng: false} is refused."""
+    template = getattr(tokenizer, "chat_template", None)
+    if not template:
+        raise DataError(f"data chat_template_kwargs: tokenizer {path!r} has no chat template, so {sorted(kwargs)} "
+                        "would change nothing; remove them or use a tokenizer with one")
+    import jinja2
+    from jinja2 import meta
+
+    try:
+        names = meta.find_undeclared_variables(jinja2.Environment(extensions=["jinja2.ext.loopcontrols"]).parse(
+            template if isinstance(template, str) else next(iter(template.values()))))
+    except jinja2.TemplateError:
+        return
+    if unread := sorted(set(kwargs) - names):
+        raise DataError(f"data chat_template_kwargs: the chat template of {path!r} never reads {unread}; expected "
+                        f"names it uses (it reads {sorted(names)})")

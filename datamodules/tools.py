@@ -219,25 +219,27 @@ class Tools:
             out.append(prompt if seen[0] is None else observed(prompt, seen[0]))
         return envs, out, names
 
-    def check_template(self, tokenizer) -> None:
+    def check_template(self, tokenizer, template_kwargs: dict | None = None) -> None:
         """A chat template that does not render the schemas (SmolLM2's, Llama 3's basic one), or that cannot render
         a tool result (a simulated user's message, where an environment responds) after an assistant turn, stops
-        here in one line."""
+        here in one line. `template_kwargs`: the data's `chat_template_kwargs`."""
+        kw = template_kwargs or {}
         name = getattr(tokenizer, "name_or_path", "the tokenizer")
         if not getattr(tokenizer, "chat_template", None):
             raise DataError(f"data tools: tokenizer {name!r} has no chat template, which tools need (their schemas "
                               "go into every prompt, their results are rendered as tool messages)")
         if self.user_classes:
-            user_suffix(tokenizer, "x")
+            user_suffix(tokenizer, "x", kw)
         if not self.schemas:
             return
         user = [{"role": "user", "content": "x"}]
-        with_tools = tokenizer.apply_chat_template(user, tools=self.schemas, add_generation_prompt=True, tokenize=False)
-        plain = tokenizer.apply_chat_template(user, add_generation_prompt=True, tokenize=False)
+        with_tools = tokenizer.apply_chat_template(user, tools=self.schemas, add_generation_prompt=True, tokenize=False,
+                                                   **kw)
+        plain = tokenizer.apply_chat_template(user, add_generation_prompt=True, tokenize=False, **kw)
         if with_tools == plain or self.schemas[0]["function"]["name"] not in with_tools:
             raise DataError(f"data tools: the chat template of {name!r} does not render tool schemas (it ignores "
                               "`tools`); use a tokenizer whose template does (Qwen2.5 / Qwen3, SmolLM3, Hermes)")
-        tool_suffix(tokenizer, [{"role": "tool", "name": self.schemas[0]["function"]["name"], "content": "1"}])
+        tool_suffix(tokenizer, [{"role": "tool", "name": self.schemas[0]["function"]["name"], "content": "1"}], kw)
 
     def call(self, text: str, environment=None) -> tuple[list[dict], int]:
         """Run every call in a turn's `text`, on the response's `environment` instance for its methods: ([tool
@@ -393,32 +395,35 @@ def _run(fn: Callable, arguments: dict, timeout: float, args: tuple = ()):
         pool.shutdown(wait=False)
 
 
-def tool_suffix(tokenizer, messages: list[dict]) -> list[int]:
+def tool_suffix(tokenizer, messages: list[dict], template_kwargs: dict | None = None) -> list[int]:
     """Token ids that follow an assistant turn's EOS to give it `messages` (tool results) and open the next
     assistant turn: the chat template's rendering of [user, assistant with a call, *messages] with the generation
-    prompt, less that of [user, assistant with a call] cut after its last EOS (TRL's `_get_tool_suffix_ids`).
+    prompt, less that of [user, assistant with a call] cut after its last EOS (TRL's `_get_tool_suffix_ids`);
+    `template_kwargs`, the data's `chat_template_kwargs`, go to every rendering.
 
     Example (ChatML): [{"role": "tool", "content": "5"}] -> ids of "\\n<|im_start|>tool\\n5<|im_end|>\\n
     <|im_start|>assistant\\n" (the template's own tool wrapping, e.g. Qwen's <tool_response>, included)."""
     call = [{"type": "function", "function": {"name": messages[0]["name"], "arguments": {}}}]
-    return _suffix(tokenizer, {"role": "assistant", "content": "", "tool_calls": call}, messages, "a tool result")
+    return _suffix(tokenizer, {"role": "assistant", "content": "", "tool_calls": call}, messages, "a tool result",
+                   template_kwargs)
 
 
-def user_suffix(tokenizer, text: str) -> list[int]:
+def user_suffix(tokenizer, text: str, template_kwargs: dict | None = None) -> list[int]:
     """Token ids that follow an assistant turn's EOS to give it a user message `text` (a simulated user's, an
     environment's `respond`) and open the next assistant turn, as `tool_suffix` does for tool results.
 
     Example (ChatML): "Try again." -> ids of "\\n<|im_start|>user\\nTry again.<|im_end|>\\n<|im_start|>assistant\\n"."""
     return _suffix(tokenizer, {"role": "assistant", "content": "y"}, [{"role": "user", "content": text}],
-                   "a user message")
+                   "a user message", template_kwargs)
 
 
-def _suffix(tokenizer, turn: dict, messages: list[dict], what: str) -> list[int]:
+def _suffix(tokenizer, turn: dict, messages: list[dict], what: str, template_kwargs: dict | None = None) -> list[int]:
     """The chat template's rendering of [user, `turn`, *messages] with the generation prompt, less that of [user,
     `turn`] cut after its last EOS (TRL's `_get_tool_suffix_ids`)."""
     head = [{"role": "user", "content": "x"}, turn]
-    prefix = _ids(tokenizer.apply_chat_template(head, add_generation_prompt=False, tokenize=True))
-    full = _ids(tokenizer.apply_chat_template(head + messages, add_generation_prompt=True, tokenize=True))
+    kw = template_kwargs or {}
+    prefix = _ids(tokenizer.apply_chat_template(head, add_generation_prompt=False, tokenize=True, **kw))
+    full = _ids(tokenizer.apply_chat_template(head + messages, add_generation_prompt=True, tokenize=True, **kw))
     eos = [i for i, t in enumerate(prefix) if t == tokenizer.eos_token_id]
     prefix = prefix[:eos[-1] + 1] if eos else prefix
     if full[:len(prefix)] != prefix:
@@ -432,13 +437,15 @@ def _ids(rendered) -> list[int]:
     return list(rendered["input_ids"] if hasattr(rendered, "keys") else rendered)
 
 
-def encode_trace(tokenizer, prompt: str | list[dict], messages: list[dict], schemas: list[dict] | None) -> tuple[list[int], list[int]]:
+def encode_trace(tokenizer, prompt: str | list[dict], messages: list[dict], schemas: list[dict] | None,
+                 template_kwargs: dict | None = None) -> tuple[list[int], list[int]]:
     """A multi-turn trace as a response (SFT on demonstrations of tool use or of a conversation): its token ids and
     which are the policy's (1) rather than a tool's or the user's (0). Each assistant turn is its text as the chat
     template writes it after the conversation so far (content, then its `tool_calls` in the template's format),
     tokenized as a response is (`datamodules.collate.encode_response`), then EOS; each run of tool results is the
     `tool_suffix` a rollout appends, each user message the `user_suffix` a simulated user's gets. So a trace's tokens
     and masks are those of the rollout that would produce it (tested), and SFT trains on the assistant's turns.
+    `template_kwargs`: the data's `chat_template_kwargs`, for every rendering.
 
     Example (Hermes template): [assistant calling add(2, 3), tool "5", assistant "5."] -> ids of
     '<tool_call>{"name": "add", "arguments": {"a": 2, "b": 3}}</tool_call>' + EOS (1s), of the suffix
@@ -450,28 +457,31 @@ def encode_trace(tokenizer, prompt: str | list[dict], messages: list[dict], sche
     while i < len(messages):
         if messages[i]["role"] == "assistant":
             message = {**messages[i], "content": messages[i].get("content") or ""}
-            turn = tokenizer(_turn(tokenizer, context, message, schemas), add_special_tokens=False)["input_ids"]
+            turn = tokenizer(_turn(tokenizer, context, message, schemas, template_kwargs),
+                             add_special_tokens=False)["input_ids"]
             turn.append(tokenizer.eos_token_id)
             ids, own, context, i = ids + turn, own + [1] * len(turn), context + [message], i + 1
             continue
         if messages[i]["role"] == "user":
             said = [{"role": "user", "content": messages[i]["content"]}]
-            suffix, i = user_suffix(tokenizer, said[0]["content"]), i + 1
+            suffix, i = user_suffix(tokenizer, said[0]["content"], template_kwargs), i + 1
         else:
             said = []
             while i < len(messages) and messages[i]["role"] == "tool":
                 said.append({"role": "tool", "name": messages[i].get("name") or "tool", "content": messages[i]["content"]})
                 i += 1
-            suffix = tool_suffix(tokenizer, said)
+            suffix = tool_suffix(tokenizer, said, template_kwargs)
         ids, own, context = ids + suffix, own + [0] * len(suffix), context + said
     return ids, own
 
 
-def _turn(tokenizer, context: list[dict], message: dict, schemas: list[dict]) -> str:
+def _turn(tokenizer, context: list[dict], message: dict, schemas: list[dict] | None,
+          template_kwargs: dict | None = None) -> str:
     """The text the chat template writes for assistant `message` after `context` and its generation prompt, up to
     (not including) its EOS."""
-    before = tokenizer.apply_chat_template(context, tools=schemas, add_generation_prompt=True, tokenize=False)
-    after = tokenizer.apply_chat_template(context + [message], tools=schemas, tokenize=False)
+    kw = template_kwargs or {}
+    before = tokenizer.apply_chat_template(context, tools=schemas, add_generation_prompt=True, tokenize=False, **kw)
+    after = tokenizer.apply_chat_template(context + [message], tools=schemas, tokenize=False, **kw)
     end = after.find(tokenizer.eos_token, len(before)) if after.startswith(before) else -1
     if end < 0:
         raise DataError("the chat template does not write an assistant turn as the generation prompt followed by "

@@ -494,6 +494,7 @@ class RLModule(TrainedOnlyCheckpoints, L.LightningModule):
             return generate_with_tools(functools.partial(self.engine.generate, model, tokenizer), tools, tokenizer,
                                        prompt_ids, prompt_mask, prompts, config, num_samples, fields,
                                        getattr(model.config, "max_position_embeddings", None),
+                                       getattr(self.trainer.datamodule, "chat_template_kwargs", None),
                                        record_logprobs=record_logprobs, share_prompts=share_prompts)
 
     def logged_means(self, logged: dict[str, list[float]]) -> dict[str, float]:

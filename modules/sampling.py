@@ -237,7 +237,8 @@ class _Row:
 
 def generate_with_tools(generate: Callable, tools: Tools, tokenizer, prompt_ids: torch.Tensor,
                         prompt_mask: torch.Tensor, prompts: list, config, num_samples: int,
-                        fields: dict[str, list] | None = None, max_length: int | None = None, **kwargs) -> Rollout:
+                        fields: dict[str, list] | None = None, max_length: int | None = None,
+                        template_kwargs: dict | None = None, **kwargs) -> Rollout:
     """The multi-turn rollout of `num_samples` responses per prompt, with `tools` (`datamodules.tools`, whose
     docstring describes the loop and the layout). `generate` is an engine's `generate(prompt_ids, prompt_mask,
     prompts, config, num_samples, same_weights=..., **kwargs)` (the model and tokenizer bound), called once for the
@@ -255,13 +256,15 @@ def generate_with_tools(generate: Callable, tools: Tools, tokenizer, prompt_ids:
     (`user_suffix`: context, outside `response_mask`), and the response's next turn is generated with the others
     that go on. Past `tools.max_user_turns` messages (or without room) the message is dropped and the response
     ends, so the simulator has seen every turn that ended with EOS without a call, the last one included. Rounds
-    of calls are counted per response (at most `tools.max_turns` each), whatever user messages come between them."""
+    of calls are counted per response (at most `tools.max_turns` each), whatever user messages come between them.
+    `template_kwargs` (the data's `chat_template_kwargs`) go to every rendering by the chat template."""
     environments = None
     if tools.environment is not None:
         environments, observed, names = tools.start(prompts, fields or {}, num_samples)
         if observed != list(prompts):
             prompts = observed
-            ids = [encode_prompt(tokenizer, prompt, tools.schemas_for(name)) for prompt, name in zip(prompts, names)]
+            ids = [encode_prompt(tokenizer, prompt, tools.schemas_for(name), template_kwargs)
+                   for prompt, name in zip(prompts, names)]
             longest = max(range(len(ids)), key=lambda i: len(ids[i]))
             if max_length is not None and len(ids[longest]) + config.max_new_tokens > max_length:
                 raise DataError(f"data tools environment {tools.environment_name(names[longest])}: reset's text makes prompt "
@@ -288,14 +291,15 @@ def generate_with_tools(generate: Callable, tools: Tools, tokenizer, prompt_ids:
         for i, (results, failed) in zip(calling, outcomes):
             row = rows[i]
             row.calls, row.failed, row.rounds = row.calls + len(results), row.failed + failed, row.rounds + 1
-            if _append(row, results, tool_suffix(tokenizer, results), budget):
+            if _append(row, results, tool_suffix(tokenizer, results, template_kwargs), budget):
                 going.append(i)
             else:                                          # no room: the response ends with its call, unanswered
                 row.ended = False
         said = tools.respond_all([rows[i].messages for i in answering], [environments[i] for i in answering])
         for i, text in zip(answering, said):     # (past max_user_turns, or without room: the response ends here)
             if text is not None and rows[i].user_turns < tools.max_user_turns and \
-                    _append(rows[i], [{"role": "user", "content": text}], user_suffix(tokenizer, text), budget):
+                    _append(rows[i], [{"role": "user", "content": text}], user_suffix(tokenizer, text, template_kwargs),
+                            budget):
                 rows[i].user_turns += 1
                 going.append(i)
         if not going:
