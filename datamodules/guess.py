@@ -67,9 +67,11 @@ def guessed(completions: list, environments: list, log_metric=None, **kwargs) ->
 
 
 class GuessTask(Source):
-    """Records `{prompt: [{user: "guess a number from 0 to 8"}], chosen, answer: <the secret>}` for data `tools:
-    {environment: datamodules.guess.Hints}` and the reward `modules.rewards.environment_reward`: the secret is drawn
-    uniformly from 0..`top` and the prompt is the same for every record.
+    """The guessing game's records, `{prompt: [{user: "guess a number from 0 to 8"}], chosen, answer: <the secret>}`.
+
+    For data `tools: {environment: datamodules.guess.Hints}` and the reward `datamodules.guess.guessed` (or
+    `modules.rewards.environment_reward`): the secret is drawn uniformly from 0..`top`, and the prompt is the same
+    for every record.
 
     A demonstration (`chosen`) is a conversation with `Hints`: a first guess drawn uniformly from 0..top, then, until
     it is right or `max_hints` hints have been given, the user's hint and a guess one away from the last. That step
