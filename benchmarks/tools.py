@@ -44,6 +44,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from runs import ROOT, build_sft, learning_arguments, read_points, run_one, settle, write_points  # noqa: E402
 from stats import bootstrap_ci, fmt_ci  # noqa: E402
 
+
 class Task(NamedTuple):
     """An embedded task: its configs (RL, SFT), its exports and results under the repository, its reward, what that
     measures, the second measure (the evaluation metric, its column's name), and its arms."""

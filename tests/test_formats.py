@@ -1,4 +1,5 @@
-"""HH, TL;DR, GSM8K, MBPP and TRL's `messages` adapters on fixture files in exactly the hub layouts, malformed records included."""
+"""HH, TL;DR, GSM8K, MBPP and TRL's `messages` adapters on fixture files in exactly the hub layouts, malformed records
+included."""
 import json
 
 import pytest

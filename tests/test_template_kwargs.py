@@ -131,7 +131,7 @@ def test_rl_rollouts_render_the_users_messages_with_them_end_to_end(tmp_path, th
     """P3O from YAML with `chat_template_kwargs: {enable_thinking: false}` and the Tutor: the turn after a user
     message sees the empty think block where the prompt opens the first turn and again where the user's message
     opens its own."""
-    from tests.test_template_kwargs import ThinkingPupil as Pupil   # (the class the config names, by that path)
+    from tests.test_template_kwargs import ThinkingPupil as Pupil  # (the class the config names, by that path)
     from train import cli_main
 
     config = yaml.safe_load(open(tool_config(tmp_path, thinking_dir, engine="tests.test_template_kwargs.ThinkingPupil")))
