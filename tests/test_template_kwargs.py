@@ -148,3 +148,30 @@ def test_rl_rollouts_render_the_users_messages_with_them_end_to_end(tmp_path, th
     assert Pupil.contexts and all(
         c.count(EMPTY_THINK) == 2 and c.endswith(f"{RETRY}<|im_end|>\n<|im_start|>assistant\n{EMPTY_THINK}")
         for c in Pupil.contexts)
+
+
+# Qwen3's behaviour, written small: an assistant turn after the last user message carries an empty think block, an
+# earlier one does not, so a user message after a turn rewrites that turn.
+REWRITES = ("{% set ns = namespace(last=-1) %}{% for m in messages %}{% if m.role == 'user' %}{% set ns.last = "
+            "loop.index0 %}{% endif %}{% endfor %}{% for m in messages %}<|im_start|>{{ m.role }}\n{% if m.role == "
+            "'assistant' and loop.index0 > ns.last %}<think>\n\n</think>\n\n{% endif %}{{ m.content }}<|im_end|>\n"
+            "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% if enable_thinking is defined and "
+            "enable_thinking is false %}<think>\n\n</think>\n\n{% endif %}{% endif %}")
+
+
+def test_a_template_that_rewrites_earlier_turns_takes_single_turns_and_refuses_several_in_one_line(hermes):  # noqa: F811
+    """With such a template (Qwen3's kind), enable_thinking false opens the prompt's turn with the empty block, and
+    a single response is laid out as the template writes it; a simulated user's message cannot be appended to a
+    generated turn (its rendering would rewrite that turn), which stops in one line, at the data's check."""
+    import copy
+
+    tokenizer = copy.deepcopy(hermes)
+    tokenizer.chat_template = REWRITES
+    assert tokenizer.decode(encode_prompt(tokenizer, "q", None, OFF)).endswith("assistant\n" + EMPTY_THINK)
+    whole = tokenizer.apply_chat_template([{"role": "user", "content": "q"}, {"role": "assistant", "content": "4"}],
+                                          tokenize=False)
+    assert whole == tokenizer.decode(encode_prompt(tokenizer, "q", None, OFF)) + "4<|im_end|>\n"
+    with pytest.raises(DataError, match=r"^the chat template of \S+ renders an assistant turn differently when a user "
+                                        r"message follows it, so a user message cannot be appended to a generated "
+                                        r"turn$"):
+        Tools(environment=Tutor).check_template(tokenizer, OFF)
