@@ -37,6 +37,9 @@ class SamplingConfig:
         temperature: divides the logits when sampling, and in every logprob the RL stage computes.
         top_p: nucleus filter (1.0: off).
         top_k: keep the k most likely tokens (0: off).
+        min_p: keep the tokens at least min_p times as likely as the most likely one (0.0: off; TRL's and vLLM's
+            `min_p`). Applied after the temperature and before top-k / top-p, in vLLM's order (HF's `generate`
+            applies it after them: the same tokens unless top_p is set too).
         max_new_tokens: the response budget in tokens.
         do_sample: False takes the most likely token (greedy).
         prepack_weights: on CPU, run the policy's linear layers through oneDNN with their weights reordered once
@@ -46,6 +49,7 @@ class SamplingConfig:
     temperature: float = 1.0
     top_p: float = 1.0
     top_k: int = 0
+    min_p: float = 0.0
     max_new_tokens: int = 32
     do_sample: bool = True
     prepack_weights: bool = True
@@ -60,30 +64,39 @@ class SamplingConfig:
             raise ValueError(f"SamplingConfig: top_p={self.top_p}; expected 0 <= top_p <= 1 (1: off)")
         if self.top_k < 0:
             raise ValueError(f"SamplingConfig: top_k={self.top_k}; expected >= 0 (0: off)")
+        if not 0 <= self.min_p <= 1:
+            raise ValueError(f"SamplingConfig: min_p={self.min_p}; expected 0 <= min_p <= 1 (0: off)")
 
 
 class _Draw:
     """The token choice of each generation step, as the last logits processor: `generate` runs with
     `do_sample=False` and takes the argmax of what this returns (0 at the chosen token, -inf elsewhere).
 
-    Sampling: HF's temperature / top-k / top-p warpers, softmax, then one uniform per row through the inverse CDF
-    (`F.inverse_cdf_sample`): the same categorical distribution as `torch.multinomial`, which on CPU draws an
-    exponential variate for every vocabulary entry (`benchmarks/decode.py` times both). Greedy
+    Sampling: HF's temperature / min-p / top-k / top-p warpers (in vLLM's order), softmax, then one uniform per row
+    through the inverse CDF (`F.inverse_cdf_sample`): the same categorical distribution as `torch.multinomial`, which
+    on CPU draws an exponential variate for every vocabulary entry (`benchmarks/decode.py` times both). Greedy
     (`do_sample: false`): the argmax.
     With `record`, it also keeps the sampler's own logprob of each chosen token, log_softmax(logits / T) of the raw
-    logits (before top-k / top-p): the quantity `modules.forward.response_logprobs` computes (here from the
+    logits (before min-p / top-k / top-p): the quantity `modules.forward.response_logprobs` computes (here from the
     KV-cached decode, equal up to float rounding). It always keeps the entropy of that distribution at each step,
     the policy's per-token entropy on its own samples (TRL's and veRL's `entropy`), from the same log_softmax
     (`F.token_logprobs_and_entropy`: 0.4 ms more a step at (16, 49152) on 2 cores, 0.5% of a 135M-shape step,
     `benchmarks/decode.py`). Memory: one (N, V) distribution at a time."""
 
     def __init__(self, config: "SamplingConfig", record: bool):
-        from transformers import LogitsProcessorList, TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
+        from transformers import (
+            LogitsProcessorList,
+            MinPLogitsWarper,
+            TemperatureLogitsWarper,
+            TopKLogitsWarper,
+            TopPLogitsWarper,
+        )
 
         self.temperature, self.record, self.picked, self.entropies = config.temperature, record, [], []
         self.warpers = None
         if config.do_sample:
             self.warpers = LogitsProcessorList([TemperatureLogitsWarper(config.temperature)]
+                                               + ([MinPLogitsWarper(config.min_p)] if config.min_p else [])
                                                + ([TopKLogitsWarper(config.top_k)] if config.top_k else [])
                                                + ([TopPLogitsWarper(config.top_p)] if config.top_p < 1.0 else []))
 

@@ -1,6 +1,7 @@
 """modules/sampling.py: our sampler draws from the policy's (warped) distribution, records the raw logprobs a
 forward gives, computes each prompt once for its K responses, and truncates after the first EOS."""
 
+import pytest
 import torch
 
 from datamodules.collate import PairCollator, encode_prompt
@@ -119,6 +120,33 @@ def test_the_sampler_draws_from_the_warped_distribution_and_records_the_raw_logp
     assert torch.allclose(draw.result(tokens[:, None])[:, 0], raw[tokens], atol=1e-6)
     greedy = _Draw(SamplingConfig(do_sample=False), record=False)
     assert (greedy(ids[:2], logits[:2].clone()).argmax(-1) == 0).all()
+
+
+def test_min_p_keeps_the_tokens_at_least_min_p_times_as_likely_as_the_top_one():
+    """min_p 0.2 at T = 1 on probabilities [0.5, 0.3, 0.15, 0.05]: the threshold is 0.2 x 0.5 = 0.1, so the last token
+    goes and the others keep their ratios, [0.5, 0.3, 0.15] / 0.95 = [0.526, 0.316, 0.158, 0]. Drawn over 40000 rows
+    the frequencies match within 0.01, the removed token is never drawn, and the recorded logprob is still the raw
+    log_softmax (before the filter). With top_k 2 as well, the two most likely tokens remain (min-p and top-k
+    commute). With top_p the order counts: on [0.4, 0.3, 0.2, 0.1], min_p 0.3 (threshold 0.12) then top_p 0.75
+    (vLLM's order) removes 0.1, then 0.2 (renormalised 0.222, within the 0.25 top-p drops) and keeps two tokens,
+    where top_p first would keep three. min_p outside [0, 1] is one line."""
+    from modules.sampling import SamplingConfig, _Draw
+
+    logits = torch.tensor([[0.5, 0.3, 0.15, 0.05]]).log().repeat(40_000, 1)
+    ids = torch.zeros(40_000, 1, dtype=torch.long)
+    expected = torch.tensor([0.5, 0.3, 0.15, 0.0]) / 0.95
+    torch.manual_seed(0)
+    draw = _Draw(SamplingConfig(min_p=0.2), record=True)
+    tokens = draw(ids, logits.clone()).argmax(-1)
+    freq = torch.bincount(tokens, minlength=4).float() / len(tokens)
+    assert torch.allclose(freq, expected, atol=0.01) and freq[3] == 0
+    assert torch.allclose(draw.result(tokens[:, None])[:, 0], logits[0].log_softmax(-1)[tokens], atol=1e-6)
+    both = _Draw(SamplingConfig(min_p=0.2, top_k=2), record=False)
+    assert set(both(ids, logits.clone()).argmax(-1).tolist()) == {0, 1}
+    ordered = _Draw(SamplingConfig(min_p=0.3, top_p=0.75), record=False)
+    assert set(ordered(ids, torch.tensor([[0.4, 0.3, 0.2, 0.1]]).log().repeat(40_000, 1)).argmax(-1).tolist()) == {0, 1}
+    with pytest.raises(ValueError, match=r"^SamplingConfig: min_p=1.5; expected 0 <= min_p <= 1 \(0: off\)$"):
+        SamplingConfig(min_p=1.5)
 
 
 def test_sample_draws_the_first_token_from_the_policys_distribution(tiny_spec, tokenizer):

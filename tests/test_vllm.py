@@ -4,6 +4,7 @@ rounding, sampling follows torch's random stream, and P3O trains end to end thro
 
 Runs in the engine's own environment (`make install-vllm` builds .venv-vllm from constraints-vllm.txt; `make test`
 runs this file there); skipped where vllm is not installed."""
+import math
 import subprocess
 import sys
 
@@ -131,6 +132,28 @@ def test_sampling_follows_torchs_random_stream(engine, vllm_sft_dir, tokenizer):
     assert torch.equal(draws[0].input_ids, draws[1].input_ids) and torch.equal(draws[0].old_logp, draws[1].old_logp)
     assert not torch.equal(draws[0].input_ids, draws[2].input_ids)
     assert draws[0].prompts == [t for t in texts for _ in range(2)] and len(draws[0]) == 8
+
+
+def test_min_p_reaches_the_engine_and_filters_what_it_draws(engine, vllm_sft_dir, tokenizer):
+    """min_p 0.9 keeps, at each step, only the tokens nearly as likely as the top one: every token the engine draws
+    is then within log(1 / 0.9) of the step's most likely token under the trainer's forward pass (up to the fp32 gap
+    between the two, 1e-3 here), where min_p 0 draws tokens far below it."""
+    model = build_causal_lm(BackboneSpec(pretrained=vllm_sft_dir), tokenizer).eval()
+    ids, mask, texts = _prompts(tokenizer)
+    gaps = []
+    for min_p in (0.9, 0.0):
+        torch.manual_seed(0)
+        roll = engine.generate(model, tokenizer, ids, mask, texts, SamplingConfig(max_new_tokens=12, min_p=min_p), 4)
+        worst = 0.0
+        for i in range(len(roll)):                                  # each sequence unpadded, as the engine saw it
+            seq = roll.input_ids[i][roll.attention_mask[i].bool()]
+            start = int(roll.attention_mask[i, :roll.prompt_length].sum())
+            with torch.no_grad():
+                logp = model(input_ids=seq[None]).logits[0, start - 1:-1].float().log_softmax(-1)
+            drawn = logp.gather(-1, seq[start:, None])[:, 0]
+            worst = max(worst, (logp.amax(-1) - drawn).max().item())
+        gaps.append(worst)
+    assert gaps[0] <= math.log(1 / 0.9) + 1e-3 and gaps[1] > 1.0, gaps
 
 
 def test_p3o_trains_end_to_end_with_vllm(tmp_path, vllm_sft_dir):
