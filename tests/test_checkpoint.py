@@ -125,9 +125,13 @@ def test_sigkill_mid_epoch_resume_is_bit_exact_under_two_processes_with_fsdp2(tm
     """Two processes (every rank's sampling RNG and prompt shard restored, as under DDP, whose callbacks are the
     same), FSDP2: the checkpoint holds the trained weights and optimizer state gathered on rank 0; resumed, each
     rank takes its shards back. Again with `save_distributed_checkpoint: true` (a folder with one shard per rank,
-    the frozen weights included: its loader asks for every key)."""
-    _resume_case(tmp_path, sft_dir, devices=2, interrupt="SIGKILL",
-                 strategy={"class_path": "modules.sharding.FSDP2Strategy"}, sharded_too=True)
+    the frozen weights included: its loader asks for every key). With the adaptive entropy bonus on, as in the
+    one-process case: its two buffers (the same on every rank, from every process's tokens) come back in both
+    kinds of checkpoint, or the resumed first step would differ."""
+    last = _resume_case(tmp_path, sft_dir, devices=2, interrupt="SIGKILL", model={"entropy_coef": 0.01, "entropy_target": 100.0},
+                        strategy={"class_path": "modules.sharding.FSDP2Strategy"}, sharded_too=True)
+    state = torch.load(last, weights_only=False)["state_dict"]
+    assert float(state["entropy_control.coef"]) > 0.01 and float(state["entropy_control.last"]) < 100
 
 
 @pytest.mark.slow
