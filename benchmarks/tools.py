@@ -1,4 +1,5 @@
-"""Learning to use a tool, or a user: P3O, GRPO-4 and RLOO on an embedded multi-turn task (docs/tools.md), `--task`:
+"""Learning to use a tool, or a user: P3O, GRPO-4 and RLOO (and P3O-4 on the guessing game) on an embedded multi-turn
+task (docs/tools.md), `--task`:
 
 - calculator (`datamodules.sums.CalculatorSumTask`): sums of two numbers up to 30, with an `add` tool the policy may
   call. The SFT policy calls it on about half the prompts (as half its demonstrations do) and answers the rest from
@@ -16,12 +17,12 @@
 
     python benchmarks/tools.py                    # calculator: 3 arms x 3 seeds, 60 rollouts each (~9 min on 2 cores)
     python benchmarks/tools.py --task register    # register: the same (~10 min)
-    python benchmarks/tools.py --task guess       # guessing game: 3 arms x 3 seeds, 80 rollouts (~14 min)
+    python benchmarks/tools.py --task guess --rollouts 80   # guessing game: 4 arms (P3O-4 too) x 3 seeds (~16 min)
     python benchmarks/tools.py --quick            # every arm, 1 seed, 3 rollouts (CI-sized)
 
 Every run starts from one SFT export of the task's configs/quickstart/<tools|environment|guess>_sft.yaml and runs
 its <tools|environment|guess>_p3o.yaml with only the objective swapped: 64 responses per rollout (32 prompts x 2, or
-16 x 4 for GRPO-4), minibatches of 16 responses, the config's learning rate (3e-4 calculator and guess, 1e-4
+16 x 4 for GRPO-4 and P3O-4), minibatches of 16 responses, the config's learning rate (3e-4 calculator and guess, 1e-4
 register), KL coefficient 0.05, and the same evaluation every 10 rollouts on the same 200 held-out prompts, sampled
 at temperature 1, through the same loop of turns. Reported: the evaluation's reward (`val/gold_reward`: accuracy,
 registers holding the sum, secrets guessed) and its tool calls per answer (`val/tool_calls`), or for the guessing
