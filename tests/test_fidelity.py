@@ -632,6 +632,23 @@ def test_kl_estimators_equal_verls(ours, theirs):
     assert torch.allclose(mine, verl, rtol=1e-6, atol=1e-6) and torch.allclose(a.grad, b.grad, rtol=1e-6, atol=1e-6)
 
 
+@pytest.mark.parametrize("ours, theirs", [("k1", "kl"), ("k2", "mse"), ("low_var_kl", "low_var_kl")])
+def test_ppo_token_rewards_equal_verls_kl_in_reward(ours, theirs):
+    """PPO's per-token rewards against veRL's `apply_kl_penalty` written out: token_level_scores (the sequence reward
+    on the last response token) - beta * kl_penalty(old, ref, algorithm.kl_penalty) * response_mask. Log-ratios up
+    to 30 in size, where low_var_kl clamps (k3 would give e^30 there) and a ragged mask."""
+    old = torch.tensor([[-31.0, -1.2, -0.5], [-0.1, 29.0, -2.0]])
+    ref = torch.tensor([[-1.0, -1.0, -0.4], [-0.3, -1.0, -2.0]])
+    mask = torch.tensor([[1.0, 1.0, 1.0], [1.0, 1.0, 0.0]])
+    batch = make_input(old.tolist(), old.tolist(), ref.tolist(), [2.0, -1.0], group_size=1, mask=mask.tolist())
+    scores = torch.zeros_like(old)
+    scores[0, 2], scores[1, 1] = 2.0, -1.0
+    verl = scores - 0.1 * verl_kl_penalty(old, ref, theirs) * mask
+    assert torch.allclose(PPO(kl_coef=0.1, kl_estimator=ours).token_rewards(batch), verl, rtol=1e-6, atol=1e-6)
+    if ours == "low_var_kl":
+        assert verl.abs().max() < 3 and PPO(kl_coef=0.1, kl_estimator="k3").token_rewards(batch).abs().max() > 1e10
+
+
 def test_grpo_k3_plus_is_the_bias_corrected_kl_gradient_at_ratio_one():
     """At ratio 1, TRL's bias-corrected k3 (rho k3) and veRL's straight-through k3+ are the same term: value k3,
     gradient (logp - ref) per token. GRPO's loss and gradient are then equal; at ratio != 1 they differ."""

@@ -181,7 +181,7 @@ def test_ppo_needs_values_and_objectives_validate_group_sizes():
     (lambda: P3O(clip_eps=0.0), r"^P3O: clip_eps=0.0; expected > 0$"),
     (lambda: P3O(is_cap=-1.0), r"^P3O: is_cap=-1.0; expected > 0$"),
     (lambda: PPO(dual_clip=1.0), r"^PPO: dual_clip=1.0; expected > 1, or null \(off\)$"),
-    (lambda: PPO(kl_estimator="k4"), r"^PPO: kl_estimator='k4'; expected 'k1', 'k2' or 'k3'$"),
+    (lambda: PPO(kl_estimator="k4"), r"^PPO: kl_estimator='k4'; expected 'k1', 'k2', 'k3' or 'low_var_kl'$"),
     (lambda: PPO(lam=1.5), r"^PPO: gamma=1.0, lam=1.5; expected both in \[0, 1\]$"),
     (lambda: RLOO(clip_eps=-0.2), r"^RLOO: clip_eps=-0.2; expected > 0$"),
     (lambda: GRPO(dual_clip=0.5), r"^GRPO: dual_clip=0.5; expected > 1, or null \(off\)$"),

@@ -64,7 +64,9 @@ class PPO(Objective):
 
     Args:
         kl_coef: beta of the per-token KL penalty (the starting value when adaptive).
-        kl_estimator: 'k1' (log-ratio), 'k2' or 'k3' per-token KL estimate in the reward (`modules.functional.kl_penalty`).
+        kl_estimator: the per-token KL estimate in the reward (`modules.functional.kl_penalty`): 'k1' (the log-ratio,
+            veRL's `kl_penalty: kl`), 'k2' (veRL's `mse`), 'k3', or 'low_var_kl' (veRL's: k3 with the log-ratio
+            clamped to [-20, 20] and the value to [-10, 10], so one extreme token cannot swamp a response's reward).
         gamma: GAE discount.
         lam: GAE lambda.
         clip_eps: policy ratio clip.
@@ -82,14 +84,14 @@ class PPO(Objective):
     needs_values = True
     separable_groups = True        # per-token terms over the minibatch's token count; whitening is in `prepare`
 
-    def __init__(self, kl_coef: float = 0.05, kl_estimator: Literal["k1", "k2", "k3"] = "k1", gamma: float = 1.0,
+    def __init__(self, kl_coef: float = 0.05, kl_estimator: Literal["k1", "k2", "k3", "low_var_kl"] = "k1", gamma: float = 1.0,
                  lam: float = 0.95,
                  clip_eps: float = 0.2, value_clip: float = 0.2, vf_coef: float = 0.1, whiten_advantages: bool = True,
                  target_kl: float | None = None, kl_horizon: int = 10000, dual_clip: float | None = None,
                  clip_eps_high: float | None = None):
         super().__init__()
-        if kl_estimator not in ("k1", "k2", "k3"):
-            raise ValueError(f"PPO: kl_estimator={kl_estimator!r}; expected 'k1', 'k2' or 'k3'")
+        if kl_estimator not in ("k1", "k2", "k3", "low_var_kl"):
+            raise ValueError(f"PPO: kl_estimator={kl_estimator!r}; expected 'k1', 'k2', 'k3' or 'low_var_kl'")
         if not (0 <= gamma <= 1 and 0 <= lam <= 1):
             raise ValueError(f"PPO: gamma={gamma}, lam={lam}; expected both in [0, 1]")
         check_clipping("PPO", clip_eps, dual_clip, clip_eps_high)
