@@ -327,23 +327,28 @@ def test_sft_trains_on_the_assistant_turns_of_tool_use_traces(tmp_path, tool_dir
     rows = [{"prompt": [{"role": "user", "content": f"What is 2 + 3? ({i})"}], "chosen": TRACE} for i in range(8)]
     path = tmp_path / "traces.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    config = yaml.safe_load(open("configs/quickstart/sft.yaml"))
-    config["trainer"].update({"max_epochs": 1, "logger": False, "enable_checkpointing": False,
-                              "enable_progress_bar": False, "log_every_n_steps": 1, "callbacks": []})
-    config["model"]["init_args"]["backbone"] = {"pretrained": tool_dir}
-    config["data"]["init_args"].update({"source": {"class_path": "datamodules.sources.LocalFiles",
-                                                   "init_args": {"train": str(path), "val": str(path)}},
-                                        "tokenizer": tool_dir, "batch_size": 4, "chosen_only": True,
-                                        "max_prompt_length": 200, "max_length": 300,
-                                        "tools": {"functions": ["tests.helpers.add"]}})
-    (tmp_path / "sft.yaml").write_text(yaml.safe_dump(config))
-    cli = cli_main(["fit", "--config", str(tmp_path / "sft.yaml")])
+    source = {"class_path": "datamodules.sources.LocalFiles", "init_args": {"train": str(path), "val": str(path)}}
+    cli = cli_main(["fit", "--config", sft_config(tmp_path, tool_dir, source, max_prompt_length=200, max_length=300,
+                                                  tools={"functions": ["tests.helpers.add"]})])
     assert torch.isfinite(cli.trainer.callback_metrics["train/loss"])
     example = cli.datamodule.splits["train"][0]
     batch = next(iter(cli.datamodule.train_dataloader()))
     P = len(example["prompt_ids"])
     trained = batch.chosen.loss_mask[0, P: P + len(example["chosen_ids"])].tolist()
     assert trained == example["chosen_own"] and 0 in trained and example["chosen"] == TRACE
+
+
+def sft_config(tmp_path, tool_dir, source: dict, **data) -> str:
+    """The quickstart SFT config, one epoch on `source` with `tool_dir`'s tiny policy and tokenizer (batches of 4,
+    `chosen_only`), `data` merged into the data's arguments; its path."""
+    config = yaml.safe_load(open("configs/quickstart/sft.yaml"))
+    config["trainer"].update({"max_epochs": 1, "logger": False, "enable_checkpointing": False,
+                              "enable_progress_bar": False, "log_every_n_steps": 1, "callbacks": []})
+    config["model"]["init_args"]["backbone"] = {"pretrained": tool_dir}
+    config["data"]["init_args"].update({"source": source, "tokenizer": tool_dir, "batch_size": 4, "chosen_only": True,
+                                        **data})
+    (tmp_path / "sft.yaml").write_text(yaml.safe_dump(config))
+    return str(tmp_path / "sft.yaml")
 
 
 @pytest.mark.parametrize("chosen, settings, reason", [

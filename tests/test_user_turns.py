@@ -15,7 +15,7 @@ from modules.engines import Sampler
 from modules.rewards import awaited, environment_reward
 from modules.sampling import SamplingConfig, generate_with_tools, rollout_of
 from tests.helpers import Counter
-from tests.test_tools import hermes, scripted, tool_config, tool_dir  # noqa: F401  (fixtures)
+from tests.test_tools import hermes, scripted, sft_config, tool_config, tool_dir  # noqa: F401  (fixtures)
 
 RETRY = "Not quite. Try again."
 
@@ -181,17 +181,9 @@ def test_sft_trains_on_every_assistant_turn_of_a_conversation_from_trls_messages
             for i in range(8)]
     path = tmp_path / "chats.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    config = yaml.safe_load(open("configs/quickstart/sft.yaml"))
-    config["trainer"].update({"max_epochs": 1, "logger": False, "enable_checkpointing": False,
-                              "enable_progress_bar": False, "log_every_n_steps": 1, "callbacks": []})
-    config["model"]["init_args"]["backbone"] = {"pretrained": tool_dir}
-    source = {"class_path": "datamodules.sources.LocalFiles", "init_args": {"train": str(path), "val": str(path)}}
-    config["data"]["init_args"].update({"source": {"class_path": "datamodules.formats.Messages",
-                                                   "init_args": {"source": source}},
-                                        "tokenizer": tool_dir, "batch_size": 4, "chosen_only": True,
-                                        "max_prompt_length": 100, "max_length": 200})
-    (tmp_path / "sft.yaml").write_text(yaml.safe_dump(config))
-    cli = cli_main(["fit", "--config", str(tmp_path / "sft.yaml")])
+    files = {"class_path": "datamodules.sources.LocalFiles", "init_args": {"train": str(path), "val": str(path)}}
+    source = {"class_path": "datamodules.formats.Messages", "init_args": {"source": files}}
+    cli = cli_main(["fit", "--config", sft_config(tmp_path, tool_dir, source, max_prompt_length=100, max_length=200)])
     assert torch.isfinite(cli.trainer.callback_metrics["train/loss"])
     example = cli.datamodule.splits["train"][0]
     batch = next(iter(cli.datamodule.train_dataloader()))
