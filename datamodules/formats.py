@@ -168,6 +168,38 @@ class Messages(_Adapter):
         return {**rest, "prompt": messages[:first], "chosen": messages[first:]}
 
 
+class ImplicitPrompt(_Adapter):
+    """TRL's implicit-prompt preference layout (its `extract_prompt`), as in `trl-lib/ultrafeedback_binarized`: `chosen`
+    and `rejected` are whole conversations, the prompt being the messages they share before they part. Gives
+    `{prompt: the shared messages, chosen: the rest of chosen, rejected: the rest of rejected}`; the record's other
+    fields are kept. A record that already has a `prompt` is kept as it is (TRL's `maybe_extract_prompt`).
+
+    Args:
+        source: the source whose rows are converted.
+
+    Example: {chosen: [user "What color is the sky?", assistant "It is blue."], rejected: [user "What color is the
+    sky?", assistant "It is green."]} -> {prompt: [user "What color is the sky?"], chosen: [assistant "It is blue."],
+    rejected: [assistant "It is green."]}.
+    """
+
+    def convert(self, row) -> dict:
+        if isinstance(row, dict) and row.get("prompt") is not None:
+            return row
+        for key in ("chosen", "rejected"):
+            value = row.get(key) if isinstance(row, dict) else None
+            if not isinstance(value, list) or not value or not all(isinstance(m, dict) for m in value):
+                return {"_invalid": (key, "expected a conversation, a list of {role, content} messages (TRL's implicit "
+                                          "prompt); text transcripts go through datamodules.formats.AnthropicHH")}
+        chosen, rejected = row["chosen"], row["rejected"]
+        shared = next((i for i, (a, b) in enumerate(zip(chosen, rejected)) if a != b), min(len(chosen), len(rejected)))
+        if shared == 0:
+            return {"_invalid": ("chosen", "shares no first message with 'rejected': no prompt to extract")}
+        if shared == len(chosen) or shared == len(rejected):
+            return {"_invalid": ("rejected" if shared == len(rejected) else "chosen",
+                                 "ends where the other one's shared messages end: no response after the prompt")}
+        return {**row, "prompt": chosen[:shared], "chosen": chosen[shared:], "rejected": rejected[shared:]}
+
+
 class GSM8K(_Adapter):
     """`openai/gsm8k` (config `main`): `question`, and `answer`, a worked solution ending in "#### <number>". Gives
     `{prompt: question + instruction, chosen: the solution, answer: the number}`: SFT on the solutions (data

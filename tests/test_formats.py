@@ -1,10 +1,10 @@
-"""HH, TL;DR, GSM8K, MBPP and TRL's `messages` adapters on fixture files in exactly the hub layouts, malformed records
-included."""
+"""HH, TL;DR, GSM8K, MBPP and TRL's `messages` and implicit-prompt adapters on fixture files in exactly the hub
+layouts, malformed records included."""
 import json
 
 import pytest
 
-from datamodules.formats import GSM8K, MBPP, AnthropicHH, CarperTLDR, Messages, SummarizeFromFeedback
+from datamodules.formats import GSM8K, MBPP, AnthropicHH, CarperTLDR, ImplicitPrompt, Messages, SummarizeFromFeedback
 from datamodules.pairs import PairDataModule
 from datamodules.sources import DataError, LocalFiles
 
@@ -196,3 +196,39 @@ def test_messages_splits_each_conversation_at_its_first_assistant_turn():
 def test_messages_malformed_records(tmp_path, task_tokenizer_path, messages, reason):
     with pytest.raises(DataError, match=rf"record 2: field 'messages': {reason}"):
         load(Messages, tmp_path, CHAT + [{"messages": messages}], task_tokenizer_path, chosen_only=True)
+
+
+SKY = {"role": "user", "content": "What color is the sky?"}
+ULTRAFEEDBACK = [  # trl-lib/ultrafeedback_binarized's layout: whole conversations, the prompt implicit in both
+    {"chosen": [SKY, {"role": "assistant", "content": "It is blue."}],
+     "rejected": [SKY, {"role": "assistant", "content": "It is green."}], "score_chosen": 8.0, "score_rejected": 2.0},
+    {"chosen": [{"role": "system", "content": "Be brief."}, SKY, {"role": "assistant", "content": "Blue."}],
+     "rejected": [{"role": "system", "content": "Be brief."}, SKY, {"role": "assistant", "content": "Green."}]},
+]
+
+
+def test_implicit_prompt_is_the_messages_chosen_and_rejected_share(tmp_path, task_tokenizer_path):
+    """TRL's `extract_prompt` docstring example (record 0), a system turn in the shared part (record 1); the other
+    fields kept; a record with its own prompt kept as it is (TRL's `maybe_extract_prompt`)."""
+    records = load(ImplicitPrompt, tmp_path, ULTRAFEEDBACK, task_tokenizer_path)
+    assert records[0] == {"prompt": [SKY], "chosen": "It is blue.", "rejected": "It is green."}
+    assert records[1]["prompt"] == ULTRAFEEDBACK[1]["chosen"][:2] and records[1]["chosen"] == "Blue."
+    converted = ImplicitPrompt(None).convert(ULTRAFEEDBACK[0])
+    assert converted["score_chosen"] == 8.0 and converted["chosen"] == [{"role": "assistant", "content": "It is blue."}]
+    given = {"prompt": "q", "chosen": "a", "rejected": "b"}
+    assert ImplicitPrompt(None).convert(given) is given
+
+
+@pytest.mark.parametrize("row, reason", [
+    ({"chosen": "It is blue.", "rejected": "It is green."}, r"field 'chosen': expected a conversation, a list of "
+                                                            r"\{role, content\} messages \(TRL's implicit prompt\)"),
+    ({"chosen": [{"role": "user", "content": "x"}, {"role": "assistant", "content": "y"}],
+      "rejected": ULTRAFEEDBACK[0]["rejected"]}, r"field 'chosen': shares no first message with 'rejected'"),
+    ({"chosen": [SKY], "rejected": [SKY, {"role": "assistant", "content": "Green."}]},
+     r"field 'chosen': ends where the other one's shared messages end: no response after the prompt"),
+    ({"chosen": [SKY, {"role": "assistant", "content": "a"}, {"role": "user", "content": "b"}],
+      "rejected": [SKY, {"role": "assistant", "content": "c"}]}, r"field 'chosen': a list of 2 items; expected"),
+])
+def test_implicit_prompt_malformed_records(tmp_path, task_tokenizer_path, row, reason):
+    with pytest.raises(DataError, match=rf"record 2: {reason}"):
+        load(ImplicitPrompt, tmp_path, ULTRAFEEDBACK + [row], task_tokenizer_path)

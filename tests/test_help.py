@@ -13,7 +13,7 @@ OURS = ("modules", "datamodules", "callbacks")
 EXTRA = ["modules.engines.Sampler", "modules.engines.MismatchCorrection", "modules.sampling.SamplingConfig",
          "modules.backbone.BackboneSpec", "datamodules.sources.FieldMap",   # nested without a class_path of their own
          "datamodules.sources.LocalFiles", "datamodules.formats.CarperTLDR",  # named by the README
-         "datamodules.formats.Messages",
+         "datamodules.formats.Messages", "datamodules.formats.ImplicitPrompt",
          "modules.rewards.DifferenceOf", "modules.rewards.PromptShift",
          "modules.remote.RemoteReward", "modules.remote.RemotePairwiseReward", "modules.verifiable.Contains",
          "modules.verifiable.PythonTests"]
