@@ -172,7 +172,9 @@ class ImplicitPrompt(_Adapter):
     """TRL's implicit-prompt preference layout (its `extract_prompt`), as in `trl-lib/ultrafeedback_binarized`: `chosen`
     and `rejected` are whole conversations, the prompt being the messages they share before they part. Gives
     `{prompt: the shared messages, chosen: the rest of chosen, rejected: the rest of rejected}`; the record's other
-    fields are kept. A record that already has a `prompt` is kept as it is (TRL's `maybe_extract_prompt`).
+    fields are kept. A record whose own `prompt` is of the same kind as its `chosen` (both conversations, or both
+    texts) is kept as it is; a text `prompt` beside conversations (HuggingFaceH4/ultrafeedback_binarized's) gives way
+    to the extracted one (TRL's `maybe_extract_prompt`).
 
     Args:
         source: the source whose rows are converted.
@@ -183,7 +185,8 @@ class ImplicitPrompt(_Adapter):
     """
 
     def convert(self, row) -> dict:
-        if isinstance(row, dict) and row.get("prompt") is not None:
+        if isinstance(row, dict) and row.get("prompt") is not None and \
+                isinstance(row["prompt"], list) == isinstance(row.get("chosen"), list):
             return row
         for key in ("chosen", "rejected"):
             value = row.get(key) if isinstance(row, dict) else None

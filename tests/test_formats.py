@@ -209,7 +209,8 @@ ULTRAFEEDBACK = [  # trl-lib/ultrafeedback_binarized's layout: whole conversatio
 
 def test_implicit_prompt_is_the_messages_chosen_and_rejected_share(tmp_path, task_tokenizer_path):
     """TRL's `extract_prompt` docstring example (record 0), a system turn in the shared part (record 1); the other
-    fields kept; a record with its own prompt kept as it is (TRL's `maybe_extract_prompt`)."""
+    fields kept; a record with its own prompt of the same kind as its responses kept as it is, a text prompt beside
+    conversations replaced (TRL's `maybe_extract_prompt`)."""
     records = load(ImplicitPrompt, tmp_path, ULTRAFEEDBACK, task_tokenizer_path)
     assert records[0] == {"prompt": [SKY], "chosen": "It is blue.", "rejected": "It is green."}
     assert records[1]["prompt"] == ULTRAFEEDBACK[1]["chosen"][:2] and records[1]["chosen"] == "Blue."
@@ -217,6 +218,8 @@ def test_implicit_prompt_is_the_messages_chosen_and_rejected_share(tmp_path, tas
     assert converted["score_chosen"] == 8.0 and converted["chosen"] == [{"role": "assistant", "content": "It is blue."}]
     given = {"prompt": "q", "chosen": "a", "rejected": "b"}
     assert ImplicitPrompt(None).convert(given) is given
+    h4 = {"prompt": SKY["content"], **ULTRAFEEDBACK[0]}    # HuggingFaceH4's layout: a text prompt beside conversations
+    assert ImplicitPrompt(None).convert(h4)["prompt"] == [SKY]
 
 
 @pytest.mark.parametrize("row, reason", [
