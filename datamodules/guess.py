@@ -8,15 +8,7 @@ from __future__ import annotations
 import random
 
 from datamodules.sources import Source
-from datamodules.sums import CALCULATOR_TEMPLATE, chat_word_tokenizer
-
-
-def last_number(text: str) -> int | None:
-    """The last whole number written as a word of its own in `text`, or None.
-
-    Example: "3 or 4" -> 4; "no idea" -> None."""
-    numbers = [word for word in text.split() if word.isdigit()]
-    return int(numbers[-1]) if numbers else None
+from datamodules.sums import CALCULATOR_TEMPLATE, chat_word_tokenizer, last_number
 
 
 class Hints:

@@ -82,9 +82,17 @@ def final_answer(completions: list, answer: list, **kwargs) -> list[float]:
     out = []
     for messages, want in zip(completions, answer):
         text = messages[-1]["content"] if messages and messages[-1]["role"] == "assistant" else ""
-        numbers = [word for word in text.split() if word.isdigit()]
-        out.append(float(bool(numbers) and int(numbers[-1]) == int(want)))
+        said = last_number(text)
+        out.append(float(said is not None and said == int(want)))
     return out
+
+
+def last_number(text: str) -> int | None:
+    """The last whole number written as a word of its own in `text`, or None (the embedded tasks' answers).
+
+    Example: "3 or 4" -> 4; "no idea" -> None."""
+    numbers = [word for word in text.split() if word.isdigit()]
+    return int(numbers[-1]) if numbers else None
 
 
 # The calculator task's chat template: word-level, every token space-separated; the call is Hermes JSON.

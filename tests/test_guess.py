@@ -3,7 +3,8 @@ the demonstrations, and a rollout with it as the user."""
 import pytest
 import torch
 
-from datamodules.guess import GuessTask, Hints, guessed, last_number
+from datamodules.guess import GuessTask, Hints, guessed
+from datamodules.sums import last_number
 from datamodules.tools import Tools, encode_trace
 from modules.sampling import SamplingConfig, generate_with_tools
 
