@@ -62,6 +62,11 @@ class PairDataModule(L.LightningDataModule):
             conversations: prompts, SFT traces, and in rollouts tool results and a simulated user's messages (TRL's
             `chat_template_kwargs`, veRL's `apply_chat_template_kwargs`), e.g. `{enable_thinking: false}` for Qwen3's
             non-thinking mode. A reward model's or judge's own template does not get them.
+        chat_template: a chat template to use in place of the tokenizer's, in this stage and in its export (TRL's
+            `chat_template_path`, veRL's `custom_chat_template`): a `.jinja` file, or the template itself (a text
+            holding `{{` or `{%`). Tools and a simulated user need one that renders earlier turns the same whatever
+            follows them; Qwen3's own drops the think block from earlier turns, and
+            `configs/chat_templates/qwen3_training.jinja` is Qwen3's with that rule removed.
     """
 
     def __init__(self, source: Source, tokenizer: str | None = None, fields: FieldMap | None = None,
@@ -70,8 +75,9 @@ class PairDataModule(L.LightningDataModule):
                  skip_invalid: bool = False,
                  num_workers: int = 0, seed: int = 0, reward_fields: list[str] | None = None,
                  optional_fields: list[str] | None = None, tools: Tools | None = None,
-                 chat_template_kwargs: dict[str, Any] | None = None):
+                 chat_template_kwargs: dict[str, Any] | None = None, chat_template: str | None = None):
         super().__init__()
+        self.chat_template = read_chat_template(chat_template) if chat_template is not None else None
         self.chat_template_kwargs = dict(chat_template_kwargs or {})
         if taken := sorted(set(self.chat_template_kwargs) & TEMPLATE_ARGUMENTS):
             raise ValueError(f"PairDataModule: chat_template_kwargs sets {taken}, which the stages set themselves; "
@@ -114,6 +120,8 @@ class PairDataModule(L.LightningDataModule):
             from modules.backbone import load_tokenizer
 
             self._tokenizer = load_tokenizer(self.tokenizer_path)
+            if self.chat_template is not None:
+                use_chat_template(self._tokenizer, self.chat_template)
         return self._tokenizer
 
     @property
@@ -280,6 +288,37 @@ def _source_tokenizer(source) -> str:
         raise ValueError(f"PairDataModule: source {type(source).__name__} ships no tokenizer; set data tokenizer: "
                          "<directory, hub id or .gguf file>")
     return path
+
+
+def read_chat_template(value: str) -> str:
+    """Data `chat_template`'s text: the template itself where `value` holds `{{` or `{%`, else the file `value`
+    names (one line where there is none). Its Jinja is checked where a tokenizer renders it (`use_chat_template`)."""
+    if "{{" in value or "{%" in value:
+        return value
+    from modules.backbone import resolve_path
+
+    try:
+        with open(resolve_path(value), encoding="utf-8") as handle:
+            return handle.read()
+    except (OSError, UnicodeDecodeError) as error:
+        raise ValueError(f"PairDataModule: chat_template {value!r}: {getattr(error, 'strerror', None) or error}; "
+                         "expected a Jinja chat template file (or the template itself, holding {{ or {%)") from None
+
+
+def use_chat_template(tokenizer, template: str) -> None:
+    """Make `template` `tokenizer`'s chat template (so its renderings and a `save_pretrained` use it), after one
+    rendering of a user message shows it compiles: a Jinja error stops here in one line, with its line number."""
+    import jinja2
+
+    try:
+        tokenizer.apply_chat_template([{"role": "user", "content": "x"}], chat_template=template, tokenize=False,
+                                      add_generation_prompt=True)
+    except jinja2.TemplateSyntaxError as error:
+        raise DataError(f"data chat_template: line {error.lineno}: {error.message}") from None
+    except jinja2.TemplateError as error:
+        raise DataError(f"data chat_template: rendering a user message failed: {type(error).__name__}: {error}") \
+            from None
+    tokenizer.chat_template = template
 
 
 def check_template_kwargs(tokenizer, path: str, kwargs: dict) -> None:

@@ -429,7 +429,8 @@ def _suffix(tokenizer, turn: dict, messages: list[dict], what: str, template_kwa
     if full[:len(prefix)] != prefix:
         raise DataError(f"the chat template of {getattr(tokenizer, 'name_or_path', 'the tokenizer')!r} "
                           f"renders an assistant turn differently when {what} follows it, so {what} cannot "
-                          "be appended to a generated turn")
+                          "be appended to a generated turn; set data chat_template to a template that renders earlier "
+                          "turns the same whatever follows them (Qwen3's: configs/chat_templates/qwen3_training.jinja)")
     return full[len(prefix):]
 
 

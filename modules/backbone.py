@@ -142,6 +142,14 @@ def load_tokenizer(name: str):
     return tok
 
 
+def use_data_template(tokenizer, datamodule) -> None:
+    """The data's `chat_template` (where it sets one; the data checked it) as `tokenizer`'s: a stage renders with its
+    own tokenizer what its data renders (tool results, a simulated user's messages) and exports that template."""
+    template = getattr(datamodule, "chat_template", None)
+    if template is not None:
+        tokenizer.chat_template = template
+
+
 def gguf_tokenizer(path: str):
     """The tokenizer of a GGUF file. transformers converts it from the file's metadata in seconds (8 s for
     SmolLM2's); the result is saved once in a cache folder and read back in a fraction of a second afterwards, the

@@ -18,7 +18,7 @@ from datamodules.batch import PairBatch, Sequences
 from datamodules.collate import stack_pair
 from modules import functional as F
 from modules import optimizers
-from modules.backbone import BackboneSpec, build_causal_lm, load_tokenizer, reference_of
+from modules.backbone import BackboneSpec, build_causal_lm, load_tokenizer, reference_of, use_data_template
 from modules.batch import Rollout
 from modules.checkpoints import TrainedOnlyCheckpoints
 from modules.checks import check_positions, check_responses
@@ -76,6 +76,7 @@ class OfflineDPOModule(TrainedOnlyCheckpoints, L.LightningModule):
                 build_causal_lm, self.policy_spec, self.tokenizer, fsdp_mesh(self))
 
     def setup(self, stage: str) -> None:
+        use_data_template(self.tokenizer, self.trainer.datamodule)
         check_responses("OfflineDPOModule", self.trainer.datamodule, "pairs")
 
     def on_fit_start(self) -> None:

@@ -22,7 +22,7 @@ from datamodules.batch import PairBatch
 from datamodules.collate import encode_prompt, encode_response, pad
 from modules import functional as F
 from modules import optimizers
-from modules.backbone import BackboneSpec, build_scorer, load_tokenizer
+from modules.backbone import BackboneSpec, build_scorer, load_tokenizer, use_data_template
 from modules.checkpoints import TrainedOnlyCheckpoints
 from modules.checks import check_calibration_prompts, check_positions, check_responses
 from modules.export import export_model
@@ -140,6 +140,7 @@ class PreferenceModule(TrainedOnlyCheckpoints, L.LightningModule):
             self.scorer = build_sharded(build_scorer, self.backbone, self.tokenizer, fsdp_mesh(self))
 
     def setup(self, stage: str) -> None:
+        use_data_template(self.tokenizer, self.trainer.datamodule)
         check_responses("PreferenceModule", self.trainer.datamodule, "pairs")
 
     def on_fit_start(self) -> None:

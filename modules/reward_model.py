@@ -20,7 +20,7 @@ from datamodules.batch import PairBatch
 from datamodules.collate import stack_pair
 from modules import functional as F
 from modules import optimizers
-from modules.backbone import BackboneSpec, build_scorer, load_tokenizer
+from modules.backbone import BackboneSpec, build_scorer, load_tokenizer, use_data_template
 from modules.checkpoints import TrainedOnlyCheckpoints
 from modules.checks import check_calibration_prompts, check_positions, check_responses
 from modules.export import export_model
@@ -105,6 +105,7 @@ class RewardModule(TrainedOnlyCheckpoints, L.LightningModule):
             self.scorer = build_sharded(build_scorer, self.backbone, self.tokenizer, fsdp_mesh(self))
 
     def setup(self, stage: str) -> None:
+        use_data_template(self.tokenizer, self.trainer.datamodule)
         check_responses("RewardModule", self.trainer.datamodule, "pairs")
 
     def on_fit_start(self) -> None:

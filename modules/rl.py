@@ -31,6 +31,7 @@ from modules.backbone import (
     build_scorer,
     load_tokenizer,
     reference_of,
+    use_data_template,
 )
 from modules.batch import ObjectiveInput, ObjectiveOutput, Rollout, loss_mask
 from modules.checkpoints import TrainedOnlyCheckpoints, frozen_names, is_frozen
@@ -279,6 +280,9 @@ class RLModule(TrainedOnlyCheckpoints, L.LightningModule):
         if self.objective.needs_values and self.value is None:
             spec = self.value_spec or BackboneSpec(pretrained=self.policy_spec.pretrained, config=self.policy_spec.config)
             self.value = build_sharded(build_scorer, spec, self.tokenizer, mesh)
+
+    def setup(self, stage: str) -> None:
+        use_data_template(self.tokenizer, self.trainer.datamodule)
 
     def on_fit_start(self) -> None:
         data = self.trainer.datamodule

@@ -9,7 +9,7 @@ from torchmetrics import MeanMetric
 from datamodules.batch import PairBatch
 from modules import functional as F
 from modules import optimizers
-from modules.backbone import BackboneSpec, build_causal_lm, load_tokenizer
+from modules.backbone import BackboneSpec, build_causal_lm, load_tokenizer, use_data_template
 from modules.checkpoints import TrainedOnlyCheckpoints
 from modules.checks import check_positions, check_responses
 from modules.export import export_model
@@ -57,6 +57,7 @@ class SFTModule(TrainedOnlyCheckpoints, L.LightningModule):
             self.policy = build_sharded(build_causal_lm, self.backbone, self.tokenizer, fsdp_mesh(self))
 
     def setup(self, stage: str) -> None:
+        use_data_template(self.tokenizer, self.trainer.datamodule)
         check_responses("SFTModule", self.trainer.datamodule, "chosen")
 
     def on_fit_start(self) -> None:

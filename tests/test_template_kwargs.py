@@ -173,5 +173,5 @@ def test_a_template_that_rewrites_earlier_turns_takes_single_turns_and_refuses_s
     assert whole == tokenizer.decode(encode_prompt(tokenizer, "q", None, OFF)) + "4<|im_end|>\n"
     with pytest.raises(DataError, match=r"^the chat template of \S+ renders an assistant turn differently when a user "
                                         r"message follows it, so a user message cannot be appended to a generated "
-                                        r"turn$"):
+                                        r"turn; set data chat_template to"):
         Tools(environment=Tutor).check_template(tokenizer, OFF)
