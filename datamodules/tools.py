@@ -5,7 +5,8 @@ The data module renders the functions' JSON schemas into every prompt through th
 evaluation samples) runs them (`modules.sampling.generate_with_tools`):
   1. every response generates a turn;
   2. a turn that ended with EOS and holds tool calls in the Hermes format that the Qwen2.5 / Qwen3, SmolLM3 and
-     Hermes templates render, `<tool_call>{"name": ..., "arguments": {...}}</tool_call>`, has them run
+     Hermes templates render, `<tool_call>{"name": ..., "arguments": {...}}</tool_call>`, outside its reasoning
+     (`call_blocks`: not inside a `<think>` block), has them run
      (`run_call`); their results become `tool` messages, rendered by the chat template together with the next
      assistant header (`tool_suffix`) and appended to the response;
   3. those responses generate their next turn, and so on, until no new turn calls a tool, `max_turns` rounds of
@@ -331,14 +332,28 @@ def schema_of(fn: Callable) -> dict:
                           "type hints and a Google-style docstring with an Args section)") from None
 
 
+def call_blocks(text: str) -> list[str]:
+    """The bodies of a turn's `<tool_call>` blocks outside its reasoning: after the last `</think>` (Qwen3's,
+    DeepSeek-R1's and SmolLM3's reasoning blocks; a call the policy only thinks about is not run, as with TRL's
+    and vLLM's reasoning parsers), none where a `<think>` is never closed, all of them in a turn without think tags.
+
+    Example: '<think>or <tool_call>A</tool_call>?</think><tool_call>B</tool_call>' -> ['B']; '<think>
+    <tool_call>A</tool_call>' -> []; '<tool_call>A</tool_call>' -> ['A']."""
+    if "</think>" in text:
+        text = text.rsplit("</think>", 1)[1]
+    elif "<think>" in text:
+        return []
+    return CALL.findall(text)
+
+
 def parse_calls(text: str) -> list[dict]:
-    """The tool calls in a turn's text: each `<tool_call>` block's JSON as `{"name", "arguments"}`, or
-    `{"error": why}` for a block that is not such JSON.
+    """The tool calls in a turn's text (`call_blocks`): each `<tool_call>` block's JSON as `{"name", "arguments"}`,
+    or `{"error": why}` for a block that is not such JSON.
 
     Example: 'Let me add. <tool_call>{"name": "add", "arguments": {"a": 2, "b": 3}}</tool_call>' ->
     [{"name": "add", "arguments": {"a": 2, "b": 3}}]; '<tool_call>add(2, 3)</tool_call>' -> [{"error": "..."}]."""
     calls = []
-    for body in CALL.findall(text):
+    for body in call_blocks(text):
         try:
             call = json.loads(body)
         except json.JSONDecodeError as error:

@@ -12,7 +12,7 @@ import yaml
 
 from datamodules.collate import encode_prompt, pad
 from datamodules.sources import DataError
-from datamodules.tools import Tools, parse_calls, run_call, tool_suffix
+from datamodules.tools import Tools, call_blocks, parse_calls, run_call, tool_suffix
 from modules.sampling import generate_with_tools
 from tests.conftest import TINY
 from tests.helpers import HERMES_TEMPLATE, ScriptedToolCalls, add, first_trace_call
@@ -81,6 +81,34 @@ def test_parse_calls_reads_each_block_and_says_what_is_wrong_with_a_bad_one():
     assert "JSON object" in calls[3]["error"] and "name" not in calls[3]
     assert calls[4] == {"name": "add", "error": "the arguments of a tool call are a JSON object"}
     assert parse_calls("no call here") == [] and parse_calls("<tool_call>{}") == []     # (an unclosed block)
+
+
+def test_calls_inside_the_reasoning_are_not_calls():
+    """The docstring's examples: a call after `</think>` is read, one inside the think block (or in a block never
+    closed) is not; a turn without think tags is read whole."""
+    assert call_blocks("<think>or <tool_call>A</tool_call>?</think><tool_call>B</tool_call>") == ["B"]
+    assert call_blocks("<think>\n<tool_call>A</tool_call>") == []
+    assert call_blocks("<tool_call>A</tool_call>") == ["A"]
+    assert call_blocks("</think>\n\n<tool_call>A</tool_call>") == ["A"]      # (DeepSeek-R1: `<think>` in the prompt)
+    assert parse_calls("<think>" + ScriptedToolCalls.CALL + "</think>5") == []
+
+
+def test_a_turn_that_only_thinks_of_a_call_ends_and_one_that_calls_after_thinking_runs_it(hermes):
+    """Two rows, the first turn thinking of `add` and answering, the second thinking and then calling: the first
+    response ends with its turn (no tool message), the second gets the result and answers."""
+    tools = Tools(functions=[add])
+    thought = f"<think>maybe {ScriptedToolCalls.CALL}</think>"
+    generate, calls = scripted(hermes, [thought + "It is 5.", "The sum is 5."])
+    ids, mask = pad([encode_prompt(hermes, "q", tools.schemas)], hermes.pad_token_id, "left")
+    from modules.sampling import SamplingConfig
+
+    roll = generate_with_tools(generate, tools, hermes, ids, mask, ["q"], SamplingConfig(max_new_tokens=300), 1)
+    assert [m["role"] for m in roll.messages[0]] == ["assistant"] and roll.timings["tools/calls"] == 0
+    assert len(calls) == 1
+    generate, calls = scripted(hermes, ["<think>add them</think>" + ScriptedToolCalls.CALL, "The sum is 5."])
+    roll = generate_with_tools(generate, tools, hermes, ids, mask, ["q"], SamplingConfig(max_new_tokens=300), 1)
+    assert [m["role"] for m in roll.messages[0]] == ["assistant", "tool", "assistant"]
+    assert roll.messages[0][1]["content"] == "5" and roll.timings["tools/calls"] == 1
 
 
 def test_run_call_returns_the_result_or_an_error_for_the_policy():
