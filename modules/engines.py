@@ -129,9 +129,9 @@ class VLLM(Engine):
     and evaluation always sample the model as it is. Every response draws from its own seed, taken from torch's
     random stream: a resumed run samples what an uninterrupted one would (same hardware and versions).
 
-    Logprobs are vLLM's `processed_logprobs`: log_softmax(logits / T), which equal the trainer's with top_k 0, top_p 1
-    and min_p 0; with top-k / top-p / min-p they are those of the filtered distribution (what was actually sampled
-    from).
+    Logprobs are vLLM's `processed_logprobs`: log_softmax(logits / T), which equal the trainer's with top_k 0, top_p 1,
+    min_p 0 and repetition_penalty 1; otherwise they are those of the filtered, penalised distribution (what was
+    actually sampled from).
 
     Args:
         dtype: the engine's weights and compute: 'float32' (default; the push check and exact-ish logprobs),
@@ -257,6 +257,7 @@ class VLLM(Engine):
         params = [SamplingParams(n=num_samples, temperature=config.temperature if config.do_sample else 0.0,
                                  top_p=config.top_p, top_k=config.top_k if config.do_sample else 0,
                                  min_p=config.min_p if config.do_sample else 0.0,
+                                 repetition_penalty=config.repetition_penalty,
                                  max_tokens=min(config.max_new_tokens, self._max_len - int(n)), seed=seed, logprobs=0,
                                  stop_token_ids=[tokenizer.eos_token_id], detokenize=False)
                   for seed, n in zip(seeds, lengths)]

@@ -88,6 +88,18 @@ def inverse_cdf_sample(probs: torch.Tensor, uniforms: torch.Tensor) -> torch.Ten
     return torch.minimum(index, last_positive)
 
 
+def repetition_penalty(logits: torch.Tensor, ids: torch.Tensor, valid: torch.Tensor, penalty: float) -> torch.Tensor:
+    """CTRL's repetition penalty (Keskar et al. 2019; HF's `RepetitionPenaltyLogitsProcessor`, vLLM's
+    `repetition_penalty`): the logit of every token that occurs among `ids` (B, T) at a position where `valid` (B, T)
+    is 1 (a prompt's padding is not text) is divided by `penalty` where positive and multiplied by it where not.
+    logits (B, V) -> (B, V).
+
+    Example: logits [[2, -1, 0.5, 3]], ids [[0, 1, 3]] with valid [[1, 1, 0]] (token 3 only at a padded position),
+    penalty 2 -> [[1, -2, 0.5, 3]]: tokens 0 and 1 occurred, 2 did not, 3 only as padding."""
+    seen = torch.zeros(logits.shape, dtype=torch.long, device=logits.device).scatter_add_(-1, ids, valid.long()) > 0
+    return torch.where(seen, torch.where(logits > 0, logits / penalty, logits * penalty), logits)
+
+
 def last_token_index(attention_mask: torch.Tensor) -> torch.Tensor:
     """Index of the last real token of each row, whatever the padding side. (B, T) -> (B,)."""
     T = attention_mask.shape[-1]

@@ -40,6 +40,10 @@ class SamplingConfig:
         min_p: keep the tokens at least min_p times as likely as the most likely one (0.0: off; TRL's and vLLM's
             `min_p`). Applied after the temperature and before top-k / top-p, in vLLM's order (HF's `generate`
             applies it after them: the same tokens unless top_p is set too).
+        repetition_penalty: the logits of tokens already in the prompt or the response divided by it where positive,
+            multiplied where not, before the temperature (1.0: off; TRL's, vLLM's and HF's `repetition_penalty`;
+            greedy too). Only the choice is penalised: the logprobs the RL stage computes are the policy's own, as in
+            TRL, so above 1 the rollouts are off the policy's distribution, as with top-k / top-p.
         max_new_tokens: the response budget in tokens.
         do_sample: False takes the most likely token (greedy).
         prepack_weights: on CPU, run the policy's linear layers through oneDNN with their weights reordered once
@@ -50,6 +54,7 @@ class SamplingConfig:
     top_p: float = 1.0
     top_k: int = 0
     min_p: float = 0.0
+    repetition_penalty: float = 1.0
     max_new_tokens: int = 32
     do_sample: bool = True
     prepack_weights: bool = True
@@ -66,24 +71,28 @@ class SamplingConfig:
             raise ValueError(f"SamplingConfig: top_k={self.top_k}; expected >= 0 (0: off)")
         if not 0 <= self.min_p <= 1:
             raise ValueError(f"SamplingConfig: min_p={self.min_p}; expected 0 <= min_p <= 1 (0: off)")
+        if not 0 < self.repetition_penalty < float("inf"):
+            raise ValueError(f"SamplingConfig: repetition_penalty={self.repetition_penalty}; expected a finite number "
+                             "> 0 (1: off; above 1 discourages repeats)")
 
 
 class _Draw:
     """The token choice of each generation step, as the last logits processor: `generate` runs with
     `do_sample=False` and takes the argmax of what this returns (0 at the chosen token, -inf elsewhere).
 
-    Sampling: HF's temperature / min-p / top-k / top-p warpers (in vLLM's order), softmax, then one uniform per row
-    through the inverse CDF (`F.inverse_cdf_sample`): the same categorical distribution as `torch.multinomial`, which
-    on CPU draws an exponential variate for every vocabulary entry (`benchmarks/decode.py` times both). Greedy
-    (`do_sample: false`): the argmax.
+    Sampling: the repetition penalty (`F.repetition_penalty`, over the prompt but its padding, `prompt_mask`, and the
+    tokens generated so far), HF's temperature / min-p / top-k / top-p warpers (in vLLM's order), softmax, then one
+    uniform per row through the inverse CDF (`F.inverse_cdf_sample`): the same categorical distribution as
+    `torch.multinomial`, which on CPU draws an exponential variate for every vocabulary entry (`benchmarks/decode.py`
+    times both). Greedy (`do_sample: false`): the argmax, after the repetition penalty.
     With `record`, it also keeps the sampler's own logprob of each chosen token, log_softmax(logits / T) of the raw
-    logits (before min-p / top-k / top-p): the quantity `modules.forward.response_logprobs` computes (here from the
-    KV-cached decode, equal up to float rounding). It always keeps the entropy of that distribution at each step,
-    the policy's per-token entropy on its own samples (TRL's and veRL's `entropy`), from the same log_softmax
-    (`F.token_logprobs_and_entropy`: 0.4 ms more a step at (16, 49152) on 2 cores, 0.5% of a 135M-shape step,
-    `benchmarks/decode.py`). Memory: one (N, V) distribution at a time."""
+    logits (before the repetition penalty and min-p / top-k / top-p): the quantity `modules.forward.response_logprobs`
+    computes (here from the KV-cached decode, equal up to float rounding). It always keeps the entropy of that
+    distribution at each step, the policy's per-token entropy on its own samples (TRL's and veRL's `entropy`), from
+    the same log_softmax (`F.token_logprobs_and_entropy`: 0.4 ms more a step at (16, 49152) on 2 cores, 0.5% of a
+    135M-shape step, `benchmarks/decode.py`). Memory: one (N, V) distribution at a time."""
 
-    def __init__(self, config: "SamplingConfig", record: bool):
+    def __init__(self, config: "SamplingConfig", record: bool, prompt_mask: torch.Tensor | None = None):
         from transformers import (
             LogitsProcessorList,
             MinPLogitsWarper,
@@ -93,6 +102,7 @@ class _Draw:
         )
 
         self.temperature, self.record, self.picked, self.entropies = config.temperature, record, [], []
+        self.penalty, self.prompt_mask = config.repetition_penalty, prompt_mask      # (N, P) or None: no padding
         self.warpers = None
         if config.do_sample:
             self.warpers = LogitsProcessorList([TemperatureLogitsWarper(config.temperature)]
@@ -102,10 +112,16 @@ class _Draw:
 
     def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
         logits = scores.float()                                                     # (N, V)
+        chosen_from = logits
+        if self.penalty != 1.0:
+            valid = torch.ones_like(input_ids)
+            if self.prompt_mask is not None:
+                valid[:, :self.prompt_mask.shape[1]] = self.prompt_mask
+            chosen_from = F.repetition_penalty(logits, input_ids, valid, self.penalty)
         if self.warpers is None:
-            tokens = logits.argmax(-1)                                              # (N,)
+            tokens = chosen_from.argmax(-1)                                         # (N,)
         else:
-            probs = torch.softmax(self.warpers(input_ids, logits), -1)
+            probs = torch.softmax(self.warpers(input_ids, chosen_from), -1)
             tokens = F.inverse_cdf_sample(probs, torch.rand(len(probs), device=probs.device))
         picked, entropy = F.token_logprobs_and_entropy(logits, tokens, self.temperature)    # (N,) each
         self.entropies.append(entropy)
@@ -154,7 +170,7 @@ def sample(model, tokenizer, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor
     model.eval()
     try:
         with gathered(model):                                    # FSDP2: whole parameters, no collective per token
-            draw = _Draw(config, record_logprobs)
+            draw = _Draw(config, record_logprobs, mask)
             partitioned = is_partitioned(model)                  # DeepSpeed ZeRO-3: every rank runs every step
             shared = share_prompts and num_samples > 1 and prompt_ids.shape[1] > 1 and not partitioned
             prepacked = prepacked_linears(model, len(ids)) if config.prepack_weights else contextlib.nullcontext()

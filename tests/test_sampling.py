@@ -213,3 +213,59 @@ def test_sampling_truncates_after_the_first_eos(sft_dir, tokenizer):
         assert (resp[i, n:] == tokenizer.pad_token_id).all()                 # everything after is padding
         assert roll.responses[i] == tokenizer.decode(resp[i, : n], skip_special_tokens=True).strip()
     assert torch.equal(roll.attention_mask[:, roll.prompt_length:], mask)
+
+
+def test_repetition_penalty_of_the_docstring_and_as_hf_computes_it():
+    """`F.repetition_penalty`'s example, worked out: tokens 0 and 1 occurred (2 / 2 = 1, -1 x 2 = -2), 2 did not,
+    3 only at a padded position; and on random logits with every position valid, HF's
+    `RepetitionPenaltyLogitsProcessor` (penalties above and below 1). A penalty of 0 or below is one line."""
+    from transformers import RepetitionPenaltyLogitsProcessor
+
+    got = F.repetition_penalty(torch.tensor([[2.0, -1.0, 0.5, 3.0]]), torch.tensor([[0, 1, 3]]),
+                               torch.tensor([[1, 1, 0]]), 2.0)
+    assert torch.equal(got, torch.tensor([[1.0, -2.0, 0.5, 3.0]]))
+    torch.manual_seed(0)
+    logits, ids = torch.randn(4, 50), torch.randint(0, 50, (4, 30))
+    for penalty in (1.3, 0.7):
+        hf = RepetitionPenaltyLogitsProcessor(penalty)(ids, logits.clone())
+        assert torch.allclose(F.repetition_penalty(logits, ids, torch.ones_like(ids), penalty), hf, atol=1e-6)
+    with pytest.raises(ValueError, match=r"^SamplingConfig: repetition_penalty=0.0; expected a finite number > 0"):
+        SamplingConfig(repetition_penalty=0.0)
+
+
+def test_the_sampler_penalises_repeats_as_hf_generate_does_and_records_the_policys_own_logprobs(tiny_spec, tokenizer):
+    """Greedy with repetition_penalty 1.5 through `sample` equals HF's `generate(repetition_penalty=1.5)` on an
+    unpadded prompt, and differs from greedy without it (the tiny model repeats itself); at T = 0.7 the recorded
+    logprobs are still the policy's own (a forward's, the penalty left out). On left-padded prompts, a row's padding
+    is not text: with a penalty below 1 (repeats favoured) each row draws what its prompt alone draws."""
+    model = build_causal_lm(tiny_spec, tokenizer).eval()
+
+    def batch_of(texts):
+        return PairCollator(tokenizer.pad_token_id)([{"prompt": t, "prompt_ids": encode_prompt(tokenizer, t)}
+                                                     for t in texts])
+
+    one = batch_of(["write a review of the cafe :"])
+    config = SamplingConfig(do_sample=False, max_new_tokens=16, repetition_penalty=1.5)
+    ours = sample(model, tokenizer, one.prompt_ids, one.prompt_mask, one.prompts, config)
+    hf = model.generate(input_ids=one.prompt_ids, attention_mask=one.prompt_mask, do_sample=False, max_new_tokens=16,
+                        repetition_penalty=1.5, pad_token_id=tokenizer.pad_token_id)
+    n = int(ours.response_mask[0].sum())
+    assert torch.equal(ours.input_ids[0, one.prompt_ids.shape[1]:][:n], hf[0, one.prompt_ids.shape[1]:][:n])
+    plain = sample(model, tokenizer, one.prompt_ids, one.prompt_mask, one.prompts,
+                   SamplingConfig(do_sample=False, max_new_tokens=16))
+    assert not torch.equal(plain.input_ids, ours.input_ids)
+    torch.manual_seed(0)
+    roll = sample(model, tokenizer, one.prompt_ids, one.prompt_mask, one.prompts,
+                  SamplingConfig(temperature=0.7, max_new_tokens=12, repetition_penalty=1.5), 4, record_logprobs=True)
+    with torch.no_grad():
+        forward = response_logprobs(model, roll.input_ids, roll.attention_mask, roll.prompt_length, 0.7)
+    assert torch.allclose(roll.old_logp, forward * roll.response_mask, atol=1e-4, rtol=0)
+    texts = ["write a review of the cafe :", "the hotel , please , write a long review of it :"]
+    both = batch_of(texts)
+    favour = SamplingConfig(do_sample=False, max_new_tokens=12, repetition_penalty=0.3)
+    padded = sample(model, tokenizer, both.prompt_ids, both.prompt_mask, both.prompts, favour)
+    assert both.prompt_mask[0].min() == 0                                     # the first row is padded
+    for i, text in enumerate(texts):
+        alone = batch_of([text])
+        solo = sample(model, tokenizer, alone.prompt_ids, alone.prompt_mask, alone.prompts, favour)
+        assert padded.responses[i] == solo.responses[0], i

@@ -156,6 +156,21 @@ def test_min_p_reaches_the_engine_and_filters_what_it_draws(engine, vllm_sft_dir
     assert gaps[0] <= math.log(1 / 0.9) + 1e-3 and gaps[1] > 1.0, gaps
 
 
+def test_repetition_penalty_reaches_the_engine_and_draws_what_our_sampler_draws(engine, vllm_sft_dir, tokenizer):
+    """Greedy with repetition_penalty 5 (the random tiny model repeats one word, or its pad token, without it): vLLM's
+    tokens equal our sampler's on every row (left-padded prompts: the padding is not text in either), and differ
+    from greedy without the penalty."""
+    from modules.sampling import sample
+
+    model = build_causal_lm(BackboneSpec(pretrained=vllm_sft_dir), tokenizer).eval()
+    ids, mask, texts = _prompts(tokenizer)
+    plain = engine.generate(model, tokenizer, ids, mask, texts, SamplingConfig(max_new_tokens=16, do_sample=False))
+    config = SamplingConfig(max_new_tokens=16, do_sample=False, repetition_penalty=5.0)
+    ours, theirs = (sample(model, tokenizer, ids, mask, texts, config),
+                    engine.generate(model, tokenizer, ids, mask, texts, config))
+    assert ours.responses == theirs.responses and ours.responses != plain.responses
+
+
 def test_p3o_trains_end_to_end_with_vllm(tmp_path, vllm_sft_dir):
     """P3O through train.py with `engine: VLLM` (a fresh process, as a user runs it): every rollout and the
     evaluation sample through vLLM, pi_old is the trainer's forward, the logged sampler/trainer gap is float
