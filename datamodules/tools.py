@@ -85,6 +85,11 @@ class Tools:
             slowest call rather than their sum. 1 (the default, as TRL) runs them one after another; above 1 the
             functions must be safe to call from several threads at once (environment instances are per response).
             A simulated user's `respond` calls run the same way, each within `timeout` seconds.
+        parser: how a turn's text is read for calls, by import path: a function (text) -> [{"name", "arguments"} or
+            {"error": why} (a malformed call, answered with that error)], none for a turn that calls nothing.
+            `datamodules.tools.parse_calls` (the default): the Hermes `<tool_call>` blocks of Qwen2.5 / Qwen3,
+            SmolLM3 and Hermes models; `datamodules.tools.json_calls`: Llama 3.1 / 3.2 / 3.3's bare JSON
+            `{"name": ..., "parameters": {...}}`. The chat template must write a call the way the parser reads it.
     """
 
     functions: list[Callable] = field(default_factory=list)
@@ -93,6 +98,7 @@ class Tools:
     max_user_turns: int = 4
     timeout: float = 30.0
     concurrency: int = 1
+    parser: Callable[[str], list[dict]] | None = None
 
     def __post_init__(self):
         if not self.functions and self.environment is None:
@@ -110,6 +116,10 @@ class Tools:
             raise ValueError(f"Tools: timeout={self.timeout}; expected a finite number of seconds > 0")
         if self.concurrency < 1:
             raise ValueError(f"Tools: concurrency={self.concurrency}; expected >= 1 (responses whose calls run at once)")
+        if self.parser is not None and not callable(self.parser):
+            raise ValueError(f"Tools: parser={self.parser!r} is not callable; expected a function (text) -> calls, "
+                             "e.g. datamodules.tools.json_calls")
+        self.parse: Callable[[str], list[dict]] = self.parser or parse_calls
         classes = self.environment if isinstance(self.environment, dict) else \
             {} if self.environment is None else {None: self.environment}
         if isinstance(self.environment, dict) and not self.environment:
@@ -248,7 +258,7 @@ class Tools:
         by_name = self.by_name if environment is None else {
             **self.by_name, **{name: getattr(environment, name) for name in self.method_names[type(environment)]}}
         messages, failed = [], 0
-        for call in parse_calls(text):
+        for call in self.parse(text):
             name, result, ok = run_call(call, by_name, self.timeout)
             messages.append({"role": "tool", "name": name, "content": result})
             failed += not ok
@@ -359,19 +369,51 @@ def parse_calls(text: str) -> list[dict]:
         except json.JSONDecodeError as error:
             calls.append({"error": f"the tool call is not JSON ({error.msg} at character {error.pos})"})
             continue
-        if not isinstance(call, dict) or not isinstance(call.get("name"), str):
-            calls.append({"error": 'a tool call is a JSON object {"name": ..., "arguments": {...}}'})
-            continue
-        arguments = call.get("arguments", {})
-        if isinstance(arguments, str):                     # some templates render the arguments as a JSON string
-            try:
-                arguments = json.loads(arguments)
-            except json.JSONDecodeError:
-                pass
-        if not isinstance(arguments, dict):
-            calls.append({"name": call["name"], "error": "the arguments of a tool call are a JSON object"})
-            continue
-        calls.append({"name": call["name"], "arguments": arguments})
+        calls.append(_call_of(call))
+    return calls
+
+
+def _call_of(call) -> dict:
+    """A decoded call's `{"name", "arguments"}`, or `{"error": why}` (with its name where it has one)."""
+    if not isinstance(call, dict) or not isinstance(call.get("name"), str):
+        return {"error": 'a tool call is a JSON object {"name": ..., "arguments": {...}}'}
+    arguments = call.get("arguments", {})
+    if isinstance(arguments, str):                         # some templates render the arguments as a JSON string
+        try:
+            arguments = json.loads(arguments)
+        except json.JSONDecodeError:
+            pass
+    if not isinstance(arguments, dict):
+        return {"name": call["name"], "error": "the arguments of a tool call are a JSON object"}
+    return {"name": call["name"], "arguments": arguments}
+
+
+def json_calls(text: str) -> list[dict]:
+    """The tool calls of a Llama 3.1 / 3.2 / 3.3 turn (vLLM's `llama3_json` parser): its text, after an optional
+    `<|python_tag|>`, is a JSON object `{"name": ..., "parameters": {...}}` ("arguments" is read too), or several
+    joined by ";"; a turn that does not start with "{" calls nothing, and one that does but holds no such call is
+    answered with an error (the policy's system prompt asks for that JSON to call). Each as `parse_calls` gives it.
+
+    Example: '{"name": "add", "parameters": {"a": 2, "b": 3}}' -> [{"name": "add", "arguments": {"a": 2, "b": 3}}];
+    'It is 5.' -> []; '{"name": "add", "parameters": {"a": 2' -> [{"error": "the tool call is not JSON (...)"}]."""
+    body = text.strip()
+    body = body[len("<|python_tag|>"):].lstrip() if body.startswith("<|python_tag|>") else body
+    if not body.startswith("{"):
+        return []
+    decoder, calls, at = json.JSONDecoder(), [], 0
+    while at < len(body):
+        try:
+            call, at = decoder.raw_decode(body, at)
+        except json.JSONDecodeError as error:
+            return calls + [{"error": f"the tool call is not JSON ({error.msg} at character {error.pos})"}]
+        if isinstance(call, dict) and "parameters" in call and "arguments" not in call:
+            call = {**call, "arguments": call.pop("parameters")}
+        calls.append(_call_of(call))
+        rest = body[at:].lstrip()
+        if rest and not rest.startswith(";"):
+            return calls + [{"error": f"text after a tool call: {rest[:40]!r}; expected another call after ';' or "
+                                      "nothing"}]
+        at = len(body) - len(rest.lstrip(";").lstrip())
     return calls
 
 

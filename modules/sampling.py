@@ -11,7 +11,7 @@ import torch
 
 from datamodules.collate import encode_prompt, pad
 from datamodules.sources import DataError
-from datamodules.tools import Tools, call_blocks, tool_suffix, user_suffix
+from datamodules.tools import Tools, tool_suffix, user_suffix
 from modules import functional as F
 from modules.batch import Rollout
 from modules.cpu import prepacked_linears
@@ -312,7 +312,7 @@ def generate_with_tools(generate: Callable, tools: Tools, tokenizer, prompt_ids:
     while True:
         going = []
         ended = [i for i in active if rows[i].ended]
-        called = {i for i in ended if call_blocks(rows[i].messages[-1]["content"])}
+        called = {i for i in ended if tools.parse(rows[i].messages[-1]["content"])}
         calling = [i for i in ended if i in called and rows[i].rounds < tools.max_turns]
         answering = [i for i in ended if i not in called and environments is not None and tools.responds(environments[i])]
         outcomes = tools.call_all([rows[i].messages[-1]["content"] for i in calling],      # (each one's latest turn)

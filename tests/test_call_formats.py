@@ -1,0 +1,96 @@
+"""Data tools `parser`: how a turn's text is read for calls. The default reads Hermes `<tool_call>` blocks (tested
+in tests/test_tools.py); `datamodules.tools.json_calls` reads Llama 3.1 / 3.2 / 3.3's bare JSON calls, tested here
+against Llama 3.2's own chat template (`tests/templates/llama3_2.jinja`, as meta-llama's checkpoints ship it) on a
+tokenizer given Llama's special tokens."""
+import copy
+
+import pytest
+import torch
+
+from datamodules.collate import encode_prompt, pad
+from datamodules.tools import Tools, encode_trace, json_calls, parse_calls, tool_suffix
+from modules.sampling import SamplingConfig, generate_with_tools
+from tests.helpers import add
+from tests.test_tools import hermes, scripted, tool_config, tool_dir  # noqa: F401  (fixtures)
+
+LLAMA32 = open("tests/templates/llama3_2.jinja").read()
+CALL = '{"name": "add", "parameters": {"a": 2, "b": 3}}'
+
+
+@pytest.fixture(scope="module")
+def llama(hermes):  # noqa: F811
+    """SmolLM2's tokenizer with Llama 3's header and end-of-turn tokens (EOS <|eot_id|>) and Llama 3.2's template."""
+    tokenizer = copy.deepcopy(hermes)
+    tokenizer.add_special_tokens({"eos_token": "<|eot_id|>", "bos_token": "<|begin_of_text|>",
+                                  "additional_special_tokens": ["<|start_header_id|>", "<|end_header_id|>",
+                                                                "<|python_tag|>"]})
+    tokenizer.chat_template = LLAMA32
+    return tokenizer
+
+
+def test_json_calls_reads_llamas_calls_and_says_what_is_wrong_with_a_bad_one():
+    """The docstring's examples; `<|python_tag|>` and "arguments" read too, two calls joined by ";"; a JSON object
+    that is no call, arguments that are no object and text after a call each give an error entry; Hermes blocks are
+    not Llama's calls, nor Llama's Hermes'."""
+    assert json_calls(CALL) == [{"name": "add", "arguments": {"a": 2, "b": 3}}]
+    assert json_calls("It is 5.") == []
+    assert json_calls('{"name": "add", "parameters": {"a": 2')[0]["error"].startswith("the tool call is not JSON")
+    assert json_calls('<|python_tag|>{"name": "a", "arguments": {}}; {"name": "b", "parameters": {"x": 1}}') == [
+        {"name": "a", "arguments": {}}, {"name": "b", "arguments": {"x": 1}}]
+    assert json_calls('{"a": 1}') == [{"error": 'a tool call is a JSON object {"name": ..., "arguments": {...}}'}]
+    assert json_calls('{"name": "a", "parameters": [1]}') == [
+        {"name": "a", "error": "the arguments of a tool call are a JSON object"}]
+    assert json_calls('{"name": "a", "parameters": {}} and 5')[1]["error"].startswith("text after a tool call")
+    assert json_calls('<tool_call>{"name": "add", "arguments": {}}</tool_call>') == [] and parse_calls(CALL) == []
+
+
+def test_llamas_template_writes_a_call_json_calls_reads_back_and_appends_its_results(llama):
+    """Llama 3.2's template passes the data's checks (it renders the schemas, and a call turn the same whatever
+    follows); a trace's call turn is the JSON it writes, which `json_calls` reads back as the call; the tool result
+    comes back as Llama's ipython message (as JSON: its template's `is iterable` holds for a text too)."""
+    tools = Tools(functions=[add], parser=json_calls)
+    tools.check_template(llama)
+    trace = [{"role": "assistant", "content": "",
+              "tool_calls": [{"type": "function", "function": {"name": "add", "arguments": {"a": 2, "b": 3}}}]},
+             {"role": "tool", "name": "add", "content": "5"}, {"role": "assistant", "content": "5."}]
+    ids, own = encode_trace(llama, "What is 2 + 3?", trace, tools.schemas)
+    policy = llama.decode([t for t, o in zip(ids, own) if o])
+    assert policy == CALL + "<|eot_id|>5.<|eot_id|>"
+    assert tools.parse(policy.split("<|eot_id|>")[0]) == [{"name": "add", "arguments": {"a": 2, "b": 3}}]
+    assert llama.decode(tool_suffix(llama, [trace[1]])) == \
+        "<|start_header_id|>ipython<|end_header_id|>\n\n\"5\"<|eot_id|><|start_header_id|>assistant<|end_header_id|>\n\n"
+
+
+def test_a_rollout_runs_llamas_calls_with_its_parser_and_not_with_the_default(llama):
+    """A scripted first turn writing Llama's JSON call: with `parser: json_calls` it runs, its result is appended
+    and the policy answers; with the default (Hermes) parser the same turn is an answer and the response ends."""
+    prompts = ["What is 2 + 3?"]
+    for parser, roles in ((json_calls, ["assistant", "tool", "assistant"]), (None, ["assistant"])):
+        tools = Tools(functions=[add], parser=parser)
+        ids, mask = pad([encode_prompt(llama, p, tools.schemas) for p in prompts], llama.pad_token_id, "left")
+        generate, calls = scripted(llama, [CALL, "It is 5."])
+        roll = generate_with_tools(generate, tools, llama, ids, mask, prompts, SamplingConfig(max_new_tokens=200), 1)
+        assert [m["role"] for m in roll.messages[0]] == roles, parser
+        if parser is not None:
+            assert roll.messages[0][1]["content"] == "5" and roll.timings["tools/calls"] == 1
+            n = len(llama(CALL, add_special_tokens=False)["input_ids"]) + 1
+            suffix = tool_suffix(llama, [roll.messages[0][1]])
+            assert roll.response_ids[0, n:n + len(suffix)].tolist() == suffix
+            assert roll.response_mask[0, n:n + len(suffix)].sum() == 0 and torch.all(roll.response_mask[0, :n] == 1)
+
+
+def test_a_parser_that_is_not_callable_is_one_line():
+    with pytest.raises(ValueError, match=r"^Tools: parser='json' is not callable; expected a function \(text\) -> "
+                                         r"calls, e\.g\. datamodules\.tools\.json_calls$"):
+        Tools(functions=[add], parser="json")
+
+
+def test_the_parser_is_given_in_yaml_by_its_import_path(tmp_path, tool_dir):  # noqa: F811
+    import yaml
+
+    from train import cli_main
+
+    config = yaml.safe_load(open(tool_config(tmp_path, tool_dir)))
+    config["data"]["init_args"]["tools"]["parser"] = "datamodules.tools.json_calls"
+    (tmp_path / "rl.yaml").write_text(yaml.safe_dump(config))
+    assert cli_main(["--config", str(tmp_path / "rl.yaml")], run=False).datamodule.tools.parse is json_calls
