@@ -4,9 +4,9 @@ The data module renders the functions' JSON schemas into every prompt through th
 (`apply_chat_template(..., tools=...)`), for every stage; the RL module's generation (its rollouts and its
 evaluation samples) runs them (`modules.sampling.generate_with_tools`):
   1. every response generates a turn;
-  2. a turn that ended with EOS and holds tool calls in the Hermes format that the Qwen2.5 / Qwen3, SmolLM3 and
-     Hermes templates render, `<tool_call>{"name": ..., "arguments": {...}}</tool_call>`, outside its reasoning
-     (`call_blocks`: not inside a `<think>` block), has them run
+  2. a turn that ended with EOS and holds tool calls (by default in the Hermes format that the Qwen2.5 / Qwen3,
+     SmolLM3 and Hermes templates render, `<tool_call>{"name": ..., "arguments": {...}}</tool_call>`, outside its
+     reasoning, `parse_calls`; Llama 3's JSON with `json_calls`: the tools' `parser`) has them run
      (`run_call`); their results become `tool` messages, rendered by the chat template together with the next
      assistant header (`tool_suffix`) and appended to the response;
   3. those responses generate their next turn, and so on, until no new turn calls a tool, `max_turns` rounds of
