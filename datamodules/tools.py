@@ -6,7 +6,8 @@ evaluation samples) runs them (`modules.sampling.generate_with_tools`):
   1. every response generates a turn;
   2. a turn that ended with EOS and holds tool calls (by default in the Hermes format that the Qwen2.5 / Qwen3,
      SmolLM3 and Hermes templates render, `<tool_call>{"name": ..., "arguments": {...}}</tool_call>`, outside its
-     reasoning, `parse_calls`; Llama 3's JSON with `json_calls`: the tools' `parser`) has them run
+     reasoning, `parse_calls`; Qwen3.5's XML with `xml_calls`, Llama 3's JSON with `json_calls`: the tools'
+     `parser`) has them run
      (`run_call`); their results become `tool` messages, rendered by the chat template together with the next
      assistant header (`tool_suffix`) and appended to the response;
   3. those responses generate their next turn, and so on, until no new turn calls a tool, `max_turns` rounds of
@@ -50,6 +51,8 @@ from typing import Callable
 from datamodules.sources import DataError
 
 CALL = re.compile(r"<tool_call>(.*?)</tool_call>", re.DOTALL)
+XML_FUNCTION = re.compile(r"<function=([^>\n]+)>(.*?)</function>", re.DOTALL)
+XML_PARAMETER = re.compile(r"<parameter=([^>\n]+)>\n?(.*?)\n?</parameter>", re.DOTALL)
 
 
 @dataclass
@@ -88,8 +91,10 @@ class Tools:
         parser: how a turn's text is read for calls, by import path: a function (text) -> [{"name", "arguments"} or
             {"error": why} (a malformed call, answered with that error)], none for a turn that calls nothing.
             `datamodules.tools.parse_calls` (the default): the Hermes `<tool_call>` blocks of Qwen2.5 / Qwen3,
-            SmolLM3 and Hermes models; `datamodules.tools.json_calls`: Llama 3.1 / 3.2 / 3.3's bare JSON
-            `{"name": ..., "parameters": {...}}`. The chat template must write a call the way the parser reads it.
+            SmolLM3 and Hermes models; `datamodules.tools.xml_calls`: Qwen3-Coder / Qwen3.5 / Qwen3.6's
+            `<tool_call><function=...><parameter=...>` blocks; `datamodules.tools.json_calls`: Llama 3.1 / 3.2 /
+            3.3's bare JSON `{"name": ..., "parameters": {...}}`. The chat template must write a call the way the
+            parser reads it.
     """
 
     functions: list[Callable] = field(default_factory=list)
@@ -386,6 +391,32 @@ def _call_of(call) -> dict:
     if not isinstance(arguments, dict):
         return {"name": call["name"], "error": "the arguments of a tool call are a JSON object"}
     return {"name": call["name"], "arguments": arguments}
+
+
+def xml_calls(text: str) -> list[dict]:
+    """The tool calls of Qwen3-Coder, Qwen3.5 and Qwen3.6: `<tool_call>` blocks outside the reasoning (as
+    `parse_calls` reads them, `call_blocks`), each holding `<function=NAME>` and a `<parameter=KEY>` block per
+    argument. A value is read as JSON where it parses as JSON (the templates write every value but text as JSON),
+    else as text, so a text argument that looks like a number arrives as one (vLLM's `qwen3_coder` parser reads the
+    schema's types instead).
+
+    Example: '<tool_call>\n<function=add>\n<parameter=a>\n2\n</parameter>\n<parameter=b>\n3\n</parameter>\n
+    </function>\n</tool_call>' -> [{"name": "add", "arguments": {"a": 2, "b": 3}}]; a block without `<function=...>`
+    -> [{"error": "..."}]."""
+    calls = []
+    for body in call_blocks(text):
+        function = XML_FUNCTION.search(body)
+        if function is None:
+            calls.append({"error": "a tool call is <function=NAME> holding <parameter=KEY>VALUE</parameter> blocks"})
+            continue
+        arguments = {}
+        for key, value in XML_PARAMETER.findall(function[2]):
+            try:
+                arguments[key.strip()] = json.loads(value)
+            except json.JSONDecodeError:
+                arguments[key.strip()] = value
+        calls.append({"name": function[1].strip(), "arguments": arguments})
+    return calls
 
 
 def json_calls(text: str) -> list[dict]:

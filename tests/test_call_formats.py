@@ -1,14 +1,16 @@
 """Data tools `parser`: how a turn's text is read for calls. The default reads Hermes `<tool_call>` blocks (tested
 in tests/test_tools.py); `datamodules.tools.json_calls` reads Llama 3.1 / 3.2 / 3.3's bare JSON calls, tested here
 against Llama 3.2's own chat template (`tests/templates/llama3_2.jinja`, as meta-llama's checkpoints ship it) on a
-tokenizer given Llama's special tokens."""
+tokenizer given Llama's special tokens; `datamodules.tools.xml_calls` reads Qwen3.5 / 3.6's XML calls, tested
+against Qwen3.6's own template (`tests/templates/qwen3_6.jinja`, as Qwen's checkpoints ship it)."""
 import copy
 
 import pytest
 import torch
 
 from datamodules.collate import encode_prompt, pad
-from datamodules.tools import Tools, encode_trace, json_calls, parse_calls, tool_suffix
+from datamodules.sources import DataError
+from datamodules.tools import Tools, encode_trace, json_calls, parse_calls, tool_suffix, xml_calls
 from modules.sampling import SamplingConfig, generate_with_tools
 from tests.helpers import add
 from tests.test_tools import hermes, scripted, tool_config, tool_dir  # noqa: F401  (fixtures)
@@ -94,3 +96,62 @@ def test_the_parser_is_given_in_yaml_by_its_import_path(tmp_path, tool_dir):  # 
     config["data"]["init_args"]["tools"]["parser"] = "datamodules.tools.json_calls"
     (tmp_path / "rl.yaml").write_text(yaml.safe_dump(config))
     assert cli_main(["--config", str(tmp_path / "rl.yaml")], run=False).datamodule.tools.parse is json_calls
+
+
+QWEN36 = open("tests/templates/qwen3_6.jinja").read()
+XML_CALL = ("<tool_call>\n<function=add>\n<parameter=a>\n2\n</parameter>\n<parameter=b>\n3\n</parameter>\n</function>\n"
+            "</tool_call>")
+
+
+@pytest.fixture(scope="module")
+def qwen36(hermes):  # noqa: F811
+    """SmolLM2's tokenizer (ChatML, EOS <|im_end|>) with Qwen3.6's own template."""
+    tokenizer = copy.deepcopy(hermes)
+    tokenizer.chat_template = QWEN36
+    return tokenizer
+
+
+def test_xml_calls_reads_qwen3_5s_calls_outside_the_reasoning():
+    """The docstring's example, after a think block; a text value over two lines stays text; a call inside the
+    reasoning is not read; a block without `<function=...>` is an error entry."""
+    assert xml_calls("<think>\nadd them\n</think>\n\n" + XML_CALL) == [{"name": "add", "arguments": {"a": 2, "b": 3}}]
+    say = "<tool_call>\n<function=say>\n<parameter=text>\nhello\nworld\n</parameter>\n</function>\n</tool_call>"
+    assert xml_calls(say) == [{"name": "say", "arguments": {"text": "hello\nworld"}}]
+    assert xml_calls("<think>" + XML_CALL + "</think>\n\n5") == []
+    assert xml_calls('<tool_call>{"name": "add"}</tool_call>')[0]["error"].startswith("a tool call is <function=NAME>")
+
+
+def test_qwen3_6s_template_takes_tools_and_with_preserve_thinking_a_user(qwen36):
+    """Qwen3.6's own template writes every turn after the last user message with its think block, so tool results
+    append to a generated turn as they are; a user message moves that boundary and is refused in one line, unless
+    `chat_template_kwargs: {preserve_thinking: true}` (the template's own switch: every turn keeps its block). Its
+    generation prompt opens the think block, so a turn starts inside it. The call a trace's turn is written with is
+    read back by `xml_calls`, and the result comes back in Qwen's wrapping, opening the next turn's block."""
+    from tests.test_user_turns import Tutor
+
+    tools = Tools(functions=[add], parser=xml_calls)
+    tools.check_template(qwen36)
+    with pytest.raises(DataError, match=r"renders an assistant turn differently when a user message follows it"):
+        Tools(environment=Tutor).check_template(qwen36)
+    Tools(environment=Tutor).check_template(qwen36, {"preserve_thinking": True})
+    trace = [{"role": "assistant", "content": "",
+              "tool_calls": [{"type": "function", "function": {"name": "add", "arguments": {"a": 2, "b": 3}}}]},
+             {"role": "tool", "name": "add", "content": "5"}, {"role": "assistant", "content": "5."}]
+    ids, own = encode_trace(qwen36, "What is 2 + 3?", trace, tools.schemas)
+    turns = qwen36.decode([t for t, o in zip(ids, own) if o]).split("<|im_end|>")
+    assert turns[0] == "\n</think>\n\n" + XML_CALL and turns[1] == "\n</think>\n\n5."
+    assert tools.parse(turns[0]) == [{"name": "add", "arguments": {"a": 2, "b": 3}}]
+    assert qwen36.decode(tool_suffix(qwen36, [trace[1]])) == \
+        "\n<|im_start|>user\n<tool_response>\n5\n</tool_response><|im_end|>\n<|im_start|>assistant\n<think>\n"
+
+
+def test_a_rollout_runs_qwen3_5s_xml_calls(qwen36):
+    """A scripted first turn thinking (inside the block the prompt opened) and then writing Qwen3.5's XML call: with
+    `parser: xml_calls` it runs, its result is appended and the policy answers."""
+    tools = Tools(functions=[add], parser=xml_calls)
+    ids, mask = pad([encode_prompt(qwen36, "What is 2 + 3?", tools.schemas)], qwen36.pad_token_id, "left")
+    assert qwen36.decode(ids[0]).endswith("<|im_start|>assistant\n<think>\n")
+    generate, calls = scripted(qwen36, ["add them\n</think>\n\n" + XML_CALL, "It is 5."])
+    roll = generate_with_tools(generate, tools, qwen36, ids, mask, ["What is 2 + 3?"], SamplingConfig(max_new_tokens=300), 1)
+    assert [m["role"] for m in roll.messages[0]] == ["assistant", "tool", "assistant"]
+    assert roll.messages[0][1]["content"] == "5" and roll.timings["tools/calls"] == 1 and len(calls) == 2
