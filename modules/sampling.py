@@ -309,13 +309,18 @@ def generate_with_tools(generate: Callable, tools: Tools, tokenizer, prompt_ids:
         rows.append(_Row(tokens, [1] * len(tokens), _picked(first.old_logp, i, keep), _picked(first.entropy, i, keep),
                          [_assistant(tokenizer, tokens)], bool(first.has_eos[i])))
     active = list(range(len(rows)))                       # the rows whose latest turn was just generated
+    # A generation prompt that opens the think block (Qwen3.5 / 3.6, DeepSeek-R1) starts each turn inside it: the
+    # parser reads the turn as it follows that "<think>" (its tool and user suffixes end with the same prompt)
+    opened = [_opens_thinking(tokenizer, prompt_ids[i // num_samples], prompt_mask[i // num_samples])
+              for i in range(len(rows))]
+    latest = lambda i: ("<think>" if opened[i] else "") + rows[i].messages[-1]["content"]  # noqa: E731
     while True:
         going = []
         ended = [i for i in active if rows[i].ended]
-        called = {i for i in ended if tools.parse(rows[i].messages[-1]["content"])}
+        called = {i for i in ended if tools.parse(latest(i))}
         calling = [i for i in ended if i in called and rows[i].rounds < tools.max_turns]
         answering = [i for i in ended if i not in called and environments is not None and tools.responds(environments[i])]
-        outcomes = tools.call_all([rows[i].messages[-1]["content"] for i in calling],      # (each one's latest turn)
+        outcomes = tools.call_all([latest(i) for i in calling],      # (each one's latest turn)
                                   [environments and environments[i] for i in calling])
         for i, (results, failed) in zip(calling, outcomes):
             row = rows[i]
@@ -376,6 +381,14 @@ def _append(row: _Row, messages: list[dict], suffix: list[int], budget: int) -> 
 
 def _picked(values: torch.Tensor | None, row: int, keep: torch.Tensor) -> list[float]:
     return [0.0] * int(keep.sum()) if values is None else values[row][keep].tolist()
+
+
+def _opens_thinking(tokenizer, ids: torch.Tensor, mask: torch.Tensor) -> bool:
+    """Whether a prompt's last tokens leave a think block open (a "<think>" after the last "</think>").
+
+    Example: "...<|im_start|>assistant\n<think>\n" -> True; "...assistant\n<think>\n\n</think>\n\n" -> False."""
+    tail = tokenizer.decode(ids[mask.bool()][-16:].tolist(), skip_special_tokens=False)
+    return tail.rfind("<think>") > tail.rfind("</think>")
 
 
 def _assistant(tokenizer, tokens: list[int]) -> dict:

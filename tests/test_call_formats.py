@@ -145,13 +145,19 @@ def test_qwen3_6s_template_takes_tools_and_with_preserve_thinking_a_user(qwen36)
         "\n<|im_start|>user\n<tool_response>\n5\n</tool_response><|im_end|>\n<|im_start|>assistant\n<think>\n"
 
 
-def test_a_rollout_runs_qwen3_5s_xml_calls(qwen36):
-    """A scripted first turn thinking (inside the block the prompt opened) and then writing Qwen3.5's XML call: with
-    `parser: xml_calls` it runs, its result is appended and the policy answers."""
+def test_a_rollout_runs_qwen3_5s_xml_calls_and_not_those_still_inside_the_think_block_the_prompt_opened(qwen36):
+    """Qwen3.6's generation prompt opens the think block. A scripted first turn thinking, closing the block and
+    writing the XML call: with `parser: xml_calls` it runs, its result is appended and the policy answers. A first
+    turn that writes the call and ends without closing the block only thought of it: the response ends there. With
+    `enable_thinking: false` the prompt closes the block itself, and the same unclosed turn's call runs."""
     tools = Tools(functions=[add], parser=xml_calls)
-    ids, mask = pad([encode_prompt(qwen36, "What is 2 + 3?", tools.schemas)], qwen36.pad_token_id, "left")
-    assert qwen36.decode(ids[0]).endswith("<|im_start|>assistant\n<think>\n")
-    generate, calls = scripted(qwen36, ["add them\n</think>\n\n" + XML_CALL, "It is 5."])
-    roll = generate_with_tools(generate, tools, qwen36, ids, mask, ["What is 2 + 3?"], SamplingConfig(max_new_tokens=300), 1)
-    assert [m["role"] for m in roll.messages[0]] == ["assistant", "tool", "assistant"]
-    assert roll.messages[0][1]["content"] == "5" and roll.timings["tools/calls"] == 1 and len(calls) == 2
+    for kwargs, turn, roles in (({}, "add them\n</think>\n\n" + XML_CALL, ["assistant", "tool", "assistant"]),
+                                ({}, "maybe " + XML_CALL, ["assistant"]),
+                                ({"enable_thinking": False}, XML_CALL, ["assistant", "tool", "assistant"])):
+        ids, mask = pad([encode_prompt(qwen36, "What is 2 + 3?", tools.schemas, kwargs)], qwen36.pad_token_id, "left")
+        assert qwen36.decode(ids[0]).endswith("<think>\n" if not kwargs else "</think>\n\n")
+        generate, calls = scripted(qwen36, [turn, "It is 5."])
+        roll = generate_with_tools(generate, tools, qwen36, ids, mask, ["What is 2 + 3?"],
+                                   SamplingConfig(max_new_tokens=300), 1, template_kwargs=kwargs)
+        assert [m["role"] for m in roll.messages[0]] == roles, turn
+        assert roll.timings["tools/calls"] == (len(roles) > 1) and len(calls) == len(roles) // 2 + 1
