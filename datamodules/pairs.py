@@ -65,8 +65,8 @@ class PairDataModule(L.LightningDataModule):
         chat_template: a chat template to use in place of the tokenizer's, in this stage and in its export (TRL's
             `chat_template_path`, veRL's `custom_chat_template`): a `.jinja` file, or the template itself (a text
             holding `{{` or `{%`). Tools and a simulated user need one that renders earlier turns the same whatever
-            follows them; Qwen3's own drops the think block from earlier turns, and
-            `configs/chat_templates/qwen3_training.jinja` is Qwen3's with that rule removed.
+            follows them; Qwen3's and Qwen3.5's own drop the think block from earlier turns, and
+            `configs/chat_templates/` holds theirs with that rule removed.
     """
 
     def __init__(self, source: Source, tokenizer: str | None = None, fields: FieldMap | None = None,

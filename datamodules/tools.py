@@ -518,7 +518,8 @@ def _suffix(tokenizer, turn: dict, messages: list[dict], what: str, template_kwa
         raise DataError(f"the chat template of {getattr(tokenizer, 'name_or_path', 'the tokenizer')!r} "
                           f"renders an assistant turn differently when {what} follows it, so {what} cannot "
                           "be appended to a generated turn; set data chat_template to a template that renders earlier "
-                          "turns the same whatever follows them (Qwen3's: configs/chat_templates/qwen3_training.jinja)")
+                          "turns the same whatever follows them (configs/chat_templates/ has Qwen3's and Qwen3.5's; "
+                          "Qwen3.6's own does with chat_template_kwargs {preserve_thinking: true})")
     return full[len(prefix):]
 
 

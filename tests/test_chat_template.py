@@ -51,8 +51,9 @@ def test_qwen3s_template_is_refused_with_tools_or_a_user_in_one_line_naming_the_
         with pytest.raises(DataError, match=rf"^the chat template of \S+ renders an assistant turn differently when "
                                             rf"{what} follows it, so {what} cannot be appended to a generated turn; "
                                             r"set data chat_template to a template that renders earlier turns the same "
-                                            r"whatever follows them \(Qwen3's: "
-                                            r"configs/chat_templates/qwen3_training\.jinja\)$"):
+                                            r"whatever follows them \(configs/chat_templates/ has Qwen3's and "
+                                            r"Qwen3\.5's; Qwen3\.6's own does with chat_template_kwargs "
+                                            r"\{preserve_thinking: true\}\)$"):
             tools.check_template(qwen3)
 
 
@@ -208,3 +209,35 @@ def test_sft_on_tool_traces_with_the_template_trains_on_its_layout_and_exports_i
     assert (example["chosen_ids"], example["chosen_own"]) == encode_trace(training, prompt, trace, schemas)
     cli.model.export(str(tmp_path / "export"))
     assert AutoTokenizer.from_pretrained(tmp_path / "export").chat_template == TRAINING
+
+
+@pytest.mark.parametrize("variant", ["think", "nothink"])
+def test_qwen3_5s_training_templates_take_a_user_and_write_what_qwen3_5s_own_write(hermes, variant):  # noqa: F811
+    """Qwen3.5's own templates (`tests/templates/qwen3_5_<variant>.jinja`) take tools (tool results do not move the
+    last user message) but refuse a simulated user; the training variants take both. They write prompts (system or
+    not, tools or not, `enable_thinking` unset / true / false) and conversations whose assistant turns all follow the
+    last user message (answers, reasoning, calls, a multi-step tool exchange) exactly as Qwen3.5's own, and an
+    answer before a later user message with its (empty) think block, where Qwen3.5's own drops it."""
+    from tests.test_user_turns import Tutor
+
+    own, ours = copy.deepcopy(hermes), copy.deepcopy(hermes)
+    own.chat_template = Path(f"tests/templates/qwen3_5_{variant}.jinja").read_text()
+    ours.chat_template = Path(f"configs/chat_templates/qwen3_5_{variant}_training.jinja").read_text()
+    Tools(functions=[add]).check_template(own)
+    with pytest.raises(DataError, match=r"renders an assistant turn differently when a user message follows it"):
+        Tools(environment=Tutor).check_template(own)
+    Tools(functions=[add]).check_template(ours)
+    Tools(environment=Tutor).check_template(ours)
+    for tools in (None, Tools(functions=[add]).schemas):
+        for thinking in (None, True, False):
+            kw = {"tools": tools, **({} if thinking is None else {"enable_thinking": thinking})}
+            for prompt in ([USER], [SYSTEM, USER]):
+                assert own.apply_chat_template(prompt, add_generation_prompt=True, tokenize=False, **kw) == \
+                    ours.apply_chat_template(prompt, add_generation_prompt=True, tokenize=False, **kw)
+                for tail in [[last] for last in LAST_TURNS] + [[{**CALL, "reasoning_content": "add"}, RESULT,
+                                                                {"role": "assistant", "content": "5"}]]:
+                    assert own.apply_chat_template(prompt + tail, tokenize=False, **kw) == \
+                        ours.apply_chat_template(prompt + tail, tokenize=False, **kw)
+    earlier = [USER, {"role": "assistant", "content": "4"}, {"role": "user", "content": "Try again."}]
+    theirs, mine = own.apply_chat_template(earlier, tokenize=False), ours.apply_chat_template(earlier, tokenize=False)
+    assert mine.count(EMPTY_THINK) == 1 and theirs.count(EMPTY_THINK) == 0
