@@ -384,11 +384,12 @@ def _picked(values: torch.Tensor | None, row: int, keep: torch.Tensor) -> list[f
 
 
 def _opens_thinking(tokenizer, ids: torch.Tensor, mask: torch.Tensor) -> bool:
-    """Whether a prompt's last tokens leave a think block open (a "<think>" after the last "</think>").
+    """Whether a prompt ends by opening a think block (its generation prompt's last word "<think>").
 
-    Example: "...<|im_start|>assistant\n<think>\n" -> True; "...assistant\n<think>\n\n</think>\n\n" -> False."""
+    Example: "...<|im_start|>assistant\n<think>\n" -> True; "...assistant\n<think>\n\n</think>\n\n" -> False;
+    "... what does <think> do?<|im_end|>\n<|im_start|>assistant\n" -> False."""
     tail = tokenizer.decode(ids[mask.bool()][-16:].tolist(), skip_special_tokens=False)
-    return tail.rfind("<think>") > tail.rfind("</think>")
+    return tail.rstrip().endswith("<think>")
 
 
 def _assistant(tokenizer, tokens: list[int]) -> dict:

@@ -161,3 +161,16 @@ def test_a_rollout_runs_qwen3_5s_xml_calls_and_not_those_still_inside_the_think_
                                    SamplingConfig(max_new_tokens=300), 1, template_kwargs=kwargs)
         assert [m["role"] for m in roll.messages[0]] == roles, turn
         assert roll.timings["tools/calls"] == (len(roles) > 1) and len(calls) == len(roles) // 2 + 1
+
+
+def test_only_a_prompt_that_ends_by_opening_the_think_block_starts_its_turns_inside_it(qwen36, hermes):  # noqa: F811
+    """`_opens_thinking`'s examples: Qwen3.6's thinking prompt, its non-thinking one (the block closed), and a user
+    message that mentions the tag just before a generation prompt that opens none (the Hermes template's)."""
+    from modules.sampling import _opens_thinking
+
+    def opens(tokenizer, text, **kwargs):
+        ids = torch.tensor(encode_prompt(tokenizer, text, None, kwargs))
+        return _opens_thinking(tokenizer, ids, torch.ones_like(ids))
+
+    assert opens(qwen36, "What is 2 + 3?") and not opens(qwen36, "What is 2 + 3?", enable_thinking=False)
+    assert not opens(hermes, "What does <think> do?")
