@@ -396,6 +396,18 @@ class ScriptedFirstTurn:
                           torch.zeros(response.shape, device=response.device) if record_logprobs else None)
 
 
+class RecordsContexts:
+    """A test engine mixin: records in its class's `contexts` the decoded context of each later turn (`same_weights`)
+    it generates (the tool results' and user messages' renderings included), then generates as its next base does."""
+
+    contexts: list[str] = []
+
+    def generate(self, model, tokenizer, prompt_ids, prompt_mask, prompts, config, num_samples=1, **kwargs):
+        if kwargs.get("same_weights"):
+            type(self).contexts += [tokenizer.decode(row[m.bool()]) for row, m in zip(prompt_ids, prompt_mask)]
+        return super().generate(model, tokenizer, prompt_ids, prompt_mask, prompts, config, num_samples, **kwargs)
+
+
 class ScriptedToolCalls(ScriptedFirstTurn, Sampler):
     """`ScriptedFirstTurn`, then our sampler."""
 

@@ -14,7 +14,7 @@ from datamodules.collate import encode_prompt
 from datamodules.pairs import PairDataModule
 from datamodules.sources import DataError, LocalFiles
 from datamodules.tools import Tools, encode_trace, tool_suffix, user_suffix
-from tests.helpers import ScriptedToolCalls, add
+from tests.helpers import RecordsContexts, ScriptedToolCalls, add
 from tests.test_tools import hermes, tool_config, tool_dir  # noqa: F401  (fixtures)
 
 QWEN3 = Path("tests/templates/qwen3.jinja").read_text()
@@ -149,15 +149,10 @@ def test_the_data_reads_a_file_or_the_template_itself_and_says_what_is_wrong_in_
         PairDataModule(LocalFiles(path), tokenizer=tool_dir, chat_template=str(broken)).setup("fit")
 
 
-class RecordingToolCalls(ScriptedToolCalls):
+class RecordingToolCalls(RecordsContexts, ScriptedToolCalls):
     """ScriptedToolCalls that records the decoded context of each later turn."""
 
     contexts: list[str] = []
-
-    def generate(self, model, tokenizer, prompt_ids, prompt_mask, prompts, config, num_samples=1, **kwargs):
-        if kwargs.get("same_weights"):
-            RecordingToolCalls.contexts += [tokenizer.decode(row[m.bool()]) for row, m in zip(prompt_ids, prompt_mask)]
-        return super().generate(model, tokenizer, prompt_ids, prompt_mask, prompts, config, num_samples, **kwargs)
 
 
 @pytest.mark.slow

@@ -12,7 +12,7 @@ from datamodules.pairs import PairDataModule
 from datamodules.sources import DataError, LocalFiles
 from datamodules.tools import Tools, encode_trace, tool_suffix, user_suffix
 from modules.sampling import SamplingConfig, generate_with_tools
-from tests.helpers import HERMES_TEMPLATE, add
+from tests.helpers import HERMES_TEMPLATE, RecordsContexts, add
 from tests.test_tools import hermes, scripted, tool_config, tool_dir  # noqa: F401  (fixtures)
 from tests.test_user_turns import RETRY, ScriptedPupil, Tutor
 
@@ -115,15 +115,10 @@ def test_variables_that_would_change_nothing_or_clash_are_one_line(tmp_path, thi
         PairDataModule(LocalFiles(path), tokenizer=task_tokenizer_path, chat_template_kwargs=OFF).setup()
 
 
-class ThinkingPupil(ScriptedPupil):
+class ThinkingPupil(RecordsContexts, ScriptedPupil):
     """ScriptedPupil that records the decoded context of each of its later turns."""
 
     contexts: list[str] = []
-
-    def generate(self, model, tokenizer, prompt_ids, prompt_mask, prompts, config, num_samples=1, **kwargs):
-        if kwargs.get("same_weights"):
-            ThinkingPupil.contexts += [tokenizer.decode(row[m.bool()]) for row, m in zip(prompt_ids, prompt_mask)]
-        return super().generate(model, tokenizer, prompt_ids, prompt_mask, prompts, config, num_samples, **kwargs)
 
 
 @pytest.mark.slow
