@@ -396,6 +396,15 @@ class ScriptedFirstTurn:
                           torch.zeros(response.shape, device=response.device) if record_logprobs else None)
 
 
+def with_template(tokenizer, template: str):
+    """A copy of `tokenizer` whose chat template is `template` (the original is left as it is)."""
+    import copy
+
+    other = copy.deepcopy(tokenizer)
+    other.chat_template = template
+    return other
+
+
 class RecordsContexts:
     """A test engine mixin: records in its class's `contexts` the decoded context of each later turn (`same_weights`)
     it generates (the tool results' and user messages' renderings included), then generates as its next base does."""

@@ -3,8 +3,6 @@ in tests/test_tools.py); `datamodules.tools.json_calls` reads Llama 3.1 / 3.2 / 
 against Llama 3.2's own chat template (`tests/templates/llama3_2.jinja`, as meta-llama's checkpoints ship it) on a
 tokenizer given Llama's special tokens; `datamodules.tools.xml_calls` reads Qwen3.5 / 3.6's XML calls, tested
 against Qwen3.6's own template (`tests/templates/qwen3_6.jinja`, as Qwen's checkpoints ship it)."""
-import copy
-
 import pytest
 import torch
 
@@ -12,7 +10,7 @@ from datamodules.collate import encode_prompt, pad
 from datamodules.sources import DataError
 from datamodules.tools import Tools, encode_trace, json_calls, parse_calls, tool_suffix, xml_calls
 from modules.sampling import SamplingConfig, generate_with_tools
-from tests.helpers import add
+from tests.helpers import add, with_template
 from tests.test_tools import hermes, scripted, tool_config, tool_dir  # noqa: F401  (fixtures)
 
 LLAMA32 = open("tests/templates/llama3_2.jinja").read()
@@ -22,11 +20,10 @@ CALL = '{"name": "add", "parameters": {"a": 2, "b": 3}}'
 @pytest.fixture(scope="module")
 def llama(hermes):  # noqa: F811
     """SmolLM2's tokenizer with Llama 3's header and end-of-turn tokens (EOS <|eot_id|>) and Llama 3.2's template."""
-    tokenizer = copy.deepcopy(hermes)
+    tokenizer = with_template(hermes, LLAMA32)
     tokenizer.add_special_tokens({"eos_token": "<|eot_id|>", "bos_token": "<|begin_of_text|>",
                                   "additional_special_tokens": ["<|start_header_id|>", "<|end_header_id|>",
                                                                 "<|python_tag|>"]})
-    tokenizer.chat_template = LLAMA32
     return tokenizer
 
 
@@ -106,9 +103,7 @@ XML_CALL = ("<tool_call>\n<function=add>\n<parameter=a>\n2\n</parameter>\n<param
 @pytest.fixture(scope="module")
 def qwen36(hermes):  # noqa: F811
     """SmolLM2's tokenizer (ChatML, EOS <|im_end|>) with Qwen3.6's own template."""
-    tokenizer = copy.deepcopy(hermes)
-    tokenizer.chat_template = QWEN36
-    return tokenizer
+    return with_template(hermes, QWEN36)
 
 
 def test_xml_calls_reads_qwen3_5s_calls_outside_the_reasoning():

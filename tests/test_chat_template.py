@@ -2,7 +2,6 @@
 tokenizer's, in the stage and its export; and `configs/chat_templates/qwen3_training.jinja`, Qwen3's template
 for rollouts with tools or a simulated user. `tests/templates/qwen3.jinja` is Qwen3's own template, as its
 checkpoints ship it (Qwen/Qwen3-0.6B's tokenizer_config.json)."""
-import copy
 import json
 from pathlib import Path
 
@@ -14,7 +13,7 @@ from datamodules.collate import encode_prompt
 from datamodules.pairs import PairDataModule
 from datamodules.sources import DataError, LocalFiles
 from datamodules.tools import Tools, encode_trace, tool_suffix, user_suffix
-from tests.helpers import RecordsContexts, ScriptedToolCalls, add
+from tests.helpers import RecordsContexts, ScriptedToolCalls, add, with_template
 from tests.test_tools import hermes, tool_config, tool_dir  # noqa: F401  (fixtures)
 
 QWEN3 = Path("tests/templates/qwen3.jinja").read_text()
@@ -29,17 +28,13 @@ EMPTY_THINK = "<think>\n\n</think>\n\n"
 @pytest.fixture(scope="module")
 def qwen3(hermes):  # noqa: F811
     """SmolLM2's tokenizer (ChatML, EOS <|im_end|>) with Qwen3's own template."""
-    tokenizer = copy.deepcopy(hermes)
-    tokenizer.chat_template = QWEN3
-    return tokenizer
+    return with_template(hermes, QWEN3)
 
 
 @pytest.fixture(scope="module")
 def training(hermes):  # noqa: F811
     """The same tokenizer with the training variant."""
-    tokenizer = copy.deepcopy(hermes)
-    tokenizer.chat_template = TRAINING
-    return tokenizer
+    return with_template(hermes, TRAINING)
 
 
 def test_qwen3s_template_is_refused_with_tools_or_a_user_in_one_line_naming_the_fix(qwen3):
@@ -215,9 +210,8 @@ def test_qwen3_5s_training_templates_take_a_user_and_write_what_qwen3_5s_own_wri
     answer before a later user message with its (empty) think block, where Qwen3.5's own drops it."""
     from tests.test_user_turns import Tutor
 
-    own, ours = copy.deepcopy(hermes), copy.deepcopy(hermes)
-    own.chat_template = Path(f"tests/templates/qwen3_5_{variant}.jinja").read_text()
-    ours.chat_template = Path(f"configs/chat_templates/qwen3_5_{variant}_training.jinja").read_text()
+    own = with_template(hermes, Path(f"tests/templates/qwen3_5_{variant}.jinja").read_text())
+    ours = with_template(hermes, Path(f"configs/chat_templates/qwen3_5_{variant}_training.jinja").read_text())
     Tools(functions=[add]).check_template(own)
     with pytest.raises(DataError, match=r"renders an assistant turn differently when a user message follows it"):
         Tools(environment=Tutor).check_template(own)

@@ -12,7 +12,7 @@ from datamodules.pairs import PairDataModule
 from datamodules.sources import DataError, LocalFiles
 from datamodules.tools import Tools, encode_trace, tool_suffix, user_suffix
 from modules.sampling import SamplingConfig, generate_with_tools
-from tests.helpers import HERMES_TEMPLATE, RecordsContexts, add
+from tests.helpers import HERMES_TEMPLATE, RecordsContexts, add, with_template
 from tests.test_tools import hermes, scripted, tool_config, tool_dir  # noqa: F401  (fixtures)
 from tests.test_user_turns import RETRY, ScriptedPupil, Tutor
 
@@ -34,11 +34,7 @@ OFF = {"enable_thinking": False}
 
 @pytest.fixture(scope="module")
 def thinking(hermes):  # noqa: F811
-    import copy
-
-    tokenizer = copy.deepcopy(hermes)
-    tokenizer.chat_template = THINKING
-    return tokenizer
+    return with_template(hermes, THINKING)
 
 
 @pytest.fixture(scope="module")
@@ -158,10 +154,7 @@ def test_a_template_that_rewrites_earlier_turns_takes_single_turns_and_refuses_s
     """With such a template (Qwen3's kind), enable_thinking false opens the prompt's turn with the empty block, and
     a single response is laid out as the template writes it; a simulated user's message cannot be appended to a
     generated turn (its rendering would rewrite that turn), which stops in one line, at the data's check."""
-    import copy
-
-    tokenizer = copy.deepcopy(hermes)
-    tokenizer.chat_template = REWRITES
+    tokenizer = with_template(hermes, REWRITES)
     assert tokenizer.decode(encode_prompt(tokenizer, "q", None, OFF)).endswith("assistant\n" + EMPTY_THINK)
     whole = tokenizer.apply_chat_template([{"role": "user", "content": "q"}, {"role": "assistant", "content": "4"}],
                                           tokenize=False)
