@@ -311,9 +311,8 @@ def generate_with_tools(generate: Callable, tools: Tools, tokenizer, prompt_ids:
     active = list(range(len(rows)))                       # the rows whose latest turn was just generated
     # A generation prompt that opens the think block (Qwen3.5 / 3.6, DeepSeek-R1) starts each turn inside it: the
     # parser reads the turn as it follows that "<think>" (its tool and user suffixes end with the same prompt)
-    opened = [_opens_thinking(tokenizer, prompt_ids[i // num_samples], prompt_mask[i // num_samples])
-              for i in range(len(rows))]
-    latest = lambda i: ("<think>" if opened[i] else "") + rows[i].messages[-1]["content"]  # noqa: E731
+    opened = [_opens_thinking(tokenizer, ids, mask) for ids, mask in zip(prompt_ids, prompt_mask)]   # per prompt
+    latest = lambda i: ("<think>" if opened[i // num_samples] else "") + rows[i].messages[-1]["content"]  # noqa: E731
     while True:
         going = []
         ended = [i for i in active if rows[i].ended]
