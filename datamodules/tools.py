@@ -44,6 +44,7 @@ import asyncio
 import concurrent.futures
 import inspect
 import json
+import math
 import re
 from dataclasses import dataclass, field
 from typing import Callable
@@ -89,12 +90,13 @@ class Tools:
             functions must be safe to call from several threads at once (environment instances are per response).
             A simulated user's `respond` calls run the same way, each within `timeout` seconds.
         parser: how a turn's text is read for calls, by import path: a function (text) -> [{"name", "arguments"} or
-            {"error": why} (a malformed call, answered with that error)], none for a turn that calls nothing.
+            {"error": why} (a malformed call, answered with that error)], none for a turn that calls nothing; one
+            that takes a `schemas` keyword is given the JSON schemas of the tools the response may call.
             `datamodules.tools.parse_calls` (the default): the Hermes `<tool_call>` blocks of Qwen2.5 / Qwen3,
             SmolLM3 and Hermes models; `datamodules.tools.xml_calls`: Qwen3-Coder / Qwen3.5 / Qwen3.6's
-            `<tool_call><function=...><parameter=...>` blocks; `datamodules.tools.json_calls`: Llama 3.1 / 3.2 /
-            3.3's bare JSON `{"name": ..., "parameters": {...}}`. The chat template must write a call the way the
-            parser reads it.
+            `<tool_call><function=...><parameter=...>` blocks, each value read as its schema's type;
+            `datamodules.tools.json_calls`: Llama 3.1 / 3.2 / 3.3's bare JSON `{"name": ..., "parameters": {...}}`.
+            The chat template must write a call the way the parser reads it.
     """
 
     functions: list[Callable] = field(default_factory=list)
@@ -125,11 +127,16 @@ class Tools:
             raise ValueError(f"Tools: parser={self.parser!r} is not callable; expected a function (text) -> calls, "
                              "e.g. datamodules.tools.json_calls")
         self.parse: Callable[[str], list[dict]] = self.parser or parse_calls
+        try:
+            self.parse_schemas = "schemas" in inspect.signature(self.parse).parameters
+        except (TypeError, ValueError):                  # a callable without a signature Python can read
+            self.parse_schemas = False
         classes = self.environment if isinstance(self.environment, dict) else \
             {} if self.environment is None else {None: self.environment}
         if isinstance(self.environment, dict) and not self.environment:
             raise ValueError("Tools: environment is an empty mapping; expected {name: class, ...} or one class")
         self.classes: dict[str | None, type] = classes
+        self.names = {cls: name for name, cls in classes.items()}    # environment class -> its name (None: the one)
         self.pools = {name: [self._new_environment(name)] for name in classes}   # (each probed at once)
         self.by_name = {fn.__name__: fn for fn in self.functions}
         self.tool_schemas = {}                                     # environment name -> the schemas its prompts carry
@@ -263,7 +270,8 @@ class Tools:
         by_name = self.by_name if environment is None else {
             **self.by_name, **{name: getattr(environment, name) for name in self.method_names[type(environment)]}}
         messages, failed = [], 0
-        for call in self.parse(text):
+        schemas = self.tool_schemas[self.names.get(type(environment))]
+        for call in self.parse(text, schemas=schemas) if self.parse_schemas else self.parse(text):
             name, result, ok = run_call(call, by_name, self.timeout)
             messages.append({"role": "tool", "name": name, "content": result})
             failed += not ok
@@ -393,30 +401,102 @@ def _call_of(call) -> dict:
     return {"name": call["name"], "arguments": arguments}
 
 
-def xml_calls(text: str) -> list[dict]:
+def xml_calls(text: str, schemas: list[dict] | None = None) -> list[dict]:
     """The tool calls of Qwen3-Coder, Qwen3.5 and Qwen3.6: `<tool_call>` blocks outside the reasoning (as
     `parse_calls` reads them, `call_blocks`), each holding `<function=NAME>` and a `<parameter=KEY>` block per
-    argument. A value is read as JSON where it parses as JSON (the templates write every value but text as JSON),
-    else as text, so a text argument that looks like a number arrives as one (vLLM's `qwen3_coder` parser reads the
-    schema's types instead).
+    argument. A value is text; where `schemas` (the tools' JSON schemas, as `Tools` passes them) give the
+    parameter's type, it is read as that type (`typed`, vLLM's rule for these calls), else as JSON where it parses
+    (the templates write every value but text as JSON) and as text where it does not.
 
     Example: '<tool_call>\n<function=add>\n<parameter=a>\n2\n</parameter>\n<parameter=b>\n3\n</parameter>\n
-    </function>\n</tool_call>' -> [{"name": "add", "arguments": {"a": 2, "b": 3}}]; a block without `<function=...>`
-    -> [{"error": "..."}]."""
+    </function>\n</tool_call>' -> [{"name": "add", "arguments": {"a": 2, "b": 3}}]; the same call to a tool whose
+    schema types `a` as a string -> {"a": "2", "b": 3}; a block without `<function=...>` -> [{"error": "..."}]."""
+    properties = {schema["function"]["name"]: schema["function"].get("parameters", {}).get("properties", {})
+                  for schema in schemas or []}
     calls = []
     for body in call_blocks(text):
         function = XML_FUNCTION.search(body)
         if function is None:
             calls.append({"error": "a tool call is <function=NAME> holding <parameter=KEY>VALUE</parameter> blocks"})
             continue
-        arguments = {}
+        name, arguments = function[1].strip(), {}
         for key, value in XML_PARAMETER.findall(function[2]):
-            try:
-                arguments[key.strip()] = json.loads(value)
-            except json.JSONDecodeError:
-                arguments[key.strip()] = value
-        calls.append({"name": function[1].strip(), "arguments": arguments})
+            schema = properties.get(name, {}).get(key.strip())
+            arguments[key.strip()] = typed(value, schema_types(schema)) if schema is not None else typed(value, [])
+        calls.append({"name": name, "arguments": arguments})
     return calls
+
+
+def schema_types(schema: dict) -> list[str]:
+    """The JSON types a parameter's schema allows: its `type` (one or a list), those of its `enum` values and of
+    its `anyOf` / `oneOf` / `allOf` choices; ["string"] where it names none (vLLM's `extract_types_from_schema`).
+
+    Example: {"type": "integer"} -> ["integer"]; {"anyOf": [{"type": "integer"}, {"type": "null"}]} ->
+    ["integer", "null"]; {"enum": ["a", 1]} -> ["string", "integer"]; {} -> ["string"]."""
+    found = [schema["type"]] if isinstance(schema.get("type"), str) else list(schema.get("type") or [])
+    for value in schema.get("enum") or []:
+        found.append("null" if value is None else "boolean" if isinstance(value, bool) else
+                     "integer" if isinstance(value, int) else "number" if isinstance(value, float) else
+                     "string" if isinstance(value, str) else "array" if isinstance(value, list) else "object")
+    for choice in (c for key in ("anyOf", "oneOf", "allOf") for c in schema.get(key) or []):
+        found += schema_types(choice) if isinstance(choice, dict) else []
+    return list(dict.fromkeys(found)) or ["string"]
+
+
+def typed(value: str, types: list[str]) -> object:
+    """A parameter's text `value` read as the first of `types` it is, in the order null, integer, number, boolean,
+    object, array, string (vLLM's `coerce_to_schema_type`): null is "null"; a number is a finite float, an integer
+    where it is whole; a boolean is "true"/"1" or "false"/"0" (any case); an object or array is JSON. Where none
+    fits, or `types` is empty, JSON where it parses to a finite value, else the text.
+
+    Example: typed("5", ["string"]) -> "5"; typed("5", ["integer"]) -> 5; typed("2.0", ["number"]) -> 2;
+    typed("True", ["boolean"]) -> True; typed("null", ["integer", "null"]) -> None; typed("five", ["integer"]) ->
+    "five"; typed("[1, 2]", []) -> [1, 2]."""
+    kinds = set(types)
+    if "null" in kinds and value.lower() == "null":
+        return None
+    for kind in ("integer", "number", "boolean", "object", "array", "string"):
+        if kind not in kinds:
+            continue
+        if kind == "string":
+            return value
+        if kind == "integer" and re.fullmatch(r"\s*[+-]?\d+\s*", value):
+            return int(value)
+        if kind == "number":
+            try:
+                number = float(value)
+            except ValueError:
+                continue
+            if math.isfinite(number):
+                return int(number) if number == int(number) else number
+        if kind == "boolean" and value.strip().lower() in ("true", "1", "false", "0"):
+            return value.strip().lower() in ("true", "1")
+        if kind in ("object", "array"):
+            parsed = _finite_json(value)
+            if isinstance(parsed, dict if kind == "object" else list):     # (vLLM takes any JSON value here)
+                return parsed
+    parsed = _finite_json(value)
+    return value if parsed is _NOT_JSON else parsed
+
+
+_NOT_JSON = object()
+
+
+def _finite_json(value: str) -> object:
+    """`value` as JSON, or `_NOT_JSON` where it is not JSON or holds a non-finite number (1e999, NaN)."""
+    try:
+        parsed = json.loads(value)
+    except json.JSONDecodeError:
+        return _NOT_JSON
+    return parsed if _finite(parsed) else _NOT_JSON
+
+
+def _finite(value: object) -> bool:
+    if isinstance(value, float):
+        return math.isfinite(value)
+    if isinstance(value, (list, dict)):
+        return all(map(_finite, value.values() if isinstance(value, dict) else value))
+    return True
 
 
 def json_calls(text: str) -> list[dict]:

@@ -8,7 +8,7 @@ import torch
 
 from datamodules.collate import encode_prompt, pad
 from datamodules.sources import DataError
-from datamodules.tools import Tools, encode_trace, json_calls, parse_calls, tool_suffix, xml_calls
+from datamodules.tools import Tools, encode_trace, json_calls, parse_calls, schema_types, tool_suffix, typed, xml_calls
 from modules.sampling import SamplingConfig, generate_with_tools
 from tests.helpers import add, with_template
 from tests.test_tools import hermes, scripted, tool_config, tool_dir  # noqa: F401  (fixtures)
@@ -114,6 +114,85 @@ def test_xml_calls_reads_qwen3_5s_calls_outside_the_reasoning():
     assert xml_calls(say) == [{"name": "say", "arguments": {"text": "hello\nworld"}}]
     assert xml_calls("<think>" + XML_CALL + "</think>\n\n5") == []
     assert xml_calls('<tool_call>{"name": "add"}</tool_call>')[0]["error"].startswith("a tool call is <function=NAME>")
+
+
+def lookup(query: str, limit: int | None = None, exact: bool = False, tags: list[str] | None = None,
+           weight: float = 1.0) -> str:
+    """Look a text up; answers with the Python types of what it was given.
+
+    Args:
+        query: the text.
+        limit: how many answers.
+        exact: whether to match exactly.
+        tags: which tags.
+        weight: how much.
+    """
+    return repr([query, limit, exact, tags, weight])
+
+
+class Library:
+    """An environment whose tool takes a text."""
+
+    def reset(self, **kwargs):
+        return None
+
+    def find(self, title: str) -> str:
+        """Find a book.
+
+        Args:
+            title: its title.
+        """
+        return repr(title)
+
+
+def test_typed_and_schema_types_read_a_value_as_its_schemas_type():
+    """The docstrings' examples; a whole number given as a float; booleans "1", "0" and any case; a value no allowed
+    type takes falls back to JSON, then text; non-finite numbers stay text (they are no JSON); an object or array
+    type takes only a JSON value of that kind (vLLM takes any JSON value there: "5" for an array-or-string
+    parameter is 5 to vLLM, "5" here); types repeat once, in the order found."""
+    assert typed("5", ["string"]) == "5" and typed("5", ["integer"]) == 5 and typed("2.0", ["number"]) == 2
+    assert typed("True", ["boolean"]) is True and typed("0", ["boolean"]) is False and typed("no", ["boolean"]) == "no"
+    assert typed("null", ["integer", "null"]) is None and typed("five", ["integer"]) == "five"
+    assert typed("[1, 2]", []) == [1, 2] and typed("2.5", ["integer"]) == 2.5 and typed("-3", ["number"]) == -3
+    assert typed("1e999", ["number"]) == "1e999" and typed("[1e999]", ["array"]) == "[1e999]"
+    assert typed("NaN", []) == "NaN" and typed('{"a": 1}', ["object"]) == {"a": 1}
+    assert typed("5", ["array", "string"]) == "5" and typed("[5]", ["array", "string"]) == [5]
+    assert isinstance(typed("2.0", ["number"]), int) and isinstance(typed("2.5", ["number"]), float)
+    assert schema_types({"type": "integer"}) == ["integer"] and schema_types({}) == ["string"]
+    assert schema_types({"anyOf": [{"type": "integer"}, {"type": "null"}]}) == ["integer", "null"]
+    assert schema_types({"enum": ["a", 1]}) == ["string", "integer"]
+    assert schema_types({"type": ["integer", "string"], "enum": [1, True, None, 2.5, [], {}]}) == \
+        ["integer", "string", "boolean", "null", "number", "array", "object"]
+
+
+def test_xml_calls_reads_each_value_as_its_parameters_type_where_tools_give_schemas():
+    """A text parameter whose value looks like JSON (a number, "true", "null", a list) reaches the tool as the text the
+    policy wrote, where without schemas it would arrive as JSON; an integer, a boolean, a number and a list reach it
+    typed; a tool the schemas lack, or a parameter its schema lacks, is read as before (JSON, else text). `Tools`
+    gives the parser the schemas of the response's tools, an environment's methods' included, and a parser that
+    takes no `schemas` keyword is called as before."""
+    def call(function, **values):
+        parameters = "".join(f"<parameter={k}>\n{v}\n</parameter>\n" for k, v in values.items())
+        return f"<tool_call>\n<function={function}>\n{parameters}</function>\n</tool_call>"
+
+    schemas = Tools(functions=[lookup]).schemas
+    text = call("lookup", query="2024", limit="3", exact="True", tags='["a", "b"]', weight="1.5")
+    assert xml_calls(text, schemas)[0]["arguments"] == {"query": "2024", "limit": 3, "exact": True, "tags": ["a", "b"],
+                                                       "weight": 1.5}
+    assert xml_calls(text)[0]["arguments"] == {"query": 2024, "limit": 3, "exact": "True", "tags": ["a", "b"],
+                                               "weight": 1.5}
+    assert xml_calls(call("lookup", query="null", limit="null"), schemas)[0]["arguments"] == {"query": "null",
+                                                                                              "limit": None}
+    assert xml_calls(call("other", query="2024"), schemas)[0]["arguments"] == {"query": 2024}
+    assert xml_calls(call("lookup", extra="7"), schemas)[0]["arguments"] == {"extra": 7}
+
+    tools = Tools(functions=[lookup, add], environment=Library, parser=xml_calls)
+    messages, failed = tools.call(call("lookup", query="true", exact="1") + call("add", a="2", b="3") +
+                                  call("find", title="1984"), Library())
+    assert [m["content"] for m in messages] == ["['true', None, True, None, 1.0]", "5", "'1984'"] and failed == 0
+    seen = []
+    Tools(functions=[lookup], parser=lambda text: seen.append(text) or []).call("hi")
+    assert seen == ["hi"]
 
 
 def test_qwen3_6s_template_takes_tools_and_with_preserve_thinking_a_user(qwen36):

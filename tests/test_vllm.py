@@ -273,3 +273,35 @@ def test_a_head_size_vllm_cpu_cannot_run_is_refused_in_one_line(sft_dir, tokeniz
     model = build_causal_lm(BackboneSpec(pretrained=sft_dir), tokenizer)          # TINY: heads of 16 dimensions
     with pytest.raises(ConfigError, match=r"supports attention heads of \[32, 64"):
         VLLM().start(model, tokenizer)
+
+
+def test_xml_call_values_are_typed_as_vllm_types_them():
+    """`datamodules.tools.typed` and `schema_types` equal vLLM's `coerce_to_schema_type` and
+    `extract_types_from_schema` (the rule its Qwen3-Coder / Qwen3.5 parser reads XML call values by) over a grid of
+    values and schemas, but where a value is JSON of another kind than an object or array type asks for (vLLM takes
+    it; `typed` tries the next type: "5" or '{"a": 1}' for an array-or-string parameter stays text)."""
+    import json
+
+    from vllm.tool_parsers.utils import coerce_to_schema_type, extract_types_from_schema
+
+    from datamodules.tools import schema_types, typed
+
+    values = ["5", "-3", "2.0", "2.5", "1e3", "1e999", "nan", "true", "False", "1", "0", "null", "Null", "", " 7 ",
+              "[1, 2]", '{"a": 1}', "[1e999]", '"q"', "hello", "5 apples", "[1, 2"]
+    kinds = [[], ["string"], ["integer"], ["number"], ["boolean"], ["null"], ["object"], ["array"], ["integer", "null"],
+             ["string", "integer"], ["number", "boolean"], ["object", "array"], ["integer", "boolean", "string"],
+             ["array", "string"]]
+    checked, differ = 0, []
+    for types in kinds:
+        for value in values:
+            ours, theirs = typed(value, types), coerce_to_schema_type(value, types or ["unknown"])
+            if ours == value != theirs and {"object", "array"} & set(types) and theirs == json.loads(value):
+                differ.append((value, types))             # the one difference, in the docstring
+                continue
+            assert (ours, type(ours)) == (theirs, type(theirs)), (value, types)
+            checked += 1
+    assert checked > 290 and differ == [(v, ["array", "string"]) for v in ("5", "-3", "2.0", "2.5", "1e3", "true", "1",
+                                                                          "0", "null", " 7 ", '{"a": 1}', '"q"')]
+    for schema in ({"type": "integer"}, {}, {"type": ["string", "null"]}, {"enum": ["a", 1, 2.5, None, True]},
+                   {"anyOf": [{"type": "integer"}, {"oneOf": [{"type": "boolean"}]}]}, {"allOf": [{"enum": [[1]]}]}):
+        assert sorted(schema_types(schema)) == sorted(extract_types_from_schema(schema)), schema
