@@ -3,8 +3,10 @@
 Prompts go through the tokenizer's chat template when it has one (a single user turn plus the generation
 prompt); otherwise they are encoded as plain text. A prompt may also be a conversation, TRL's conversational
 format: a list of `{role, content}` messages (a system turn, earlier turns), which goes through the chat template
-as it is. A response is encoded without special tokens and followed by EOS, so prompt + response concatenate at
-the token level with no boundary effects.
+as it is. A response is encoded without special tokens and followed by the token the chat template ends an
+assistant turn with (`turn_end_id`: EOS for most models, Gemma's `<end_of_turn>`, Phi-3's `<|end|>`), so prompt +
+response concatenate at the token level with no boundary effects. A generated response ends at the first of the
+model's stop tokens (`stop_ids`: that one, EOS and its generation config's).
 """
 from __future__ import annotations
 
@@ -50,9 +52,56 @@ def prompt_text(prompt: str | list[dict]) -> str:
 
 
 def encode_response(tokenizer, text: str, eos: bool = True) -> list[int]:
-    """Response ids followed by EOS (`eos=False` for a response that was cut before emitting one)."""
+    """Response ids followed by the end of a turn (`turn_end_id`; `eos=False` for a response that was cut before
+    emitting one)."""
     ids = tokenizer(text, add_special_tokens=False)["input_ids"]
-    return ids + ([tokenizer.eos_token_id] if eos and tokenizer.eos_token_id is not None else [])
+    end = turn_end_id(tokenizer)
+    return ids + ([end] if eos and end is not None else [])
+
+
+PROBE = "p3o turn end probe"
+
+
+def turn_end_id(tokenizer) -> int | None:
+    """The token the chat template writes right after an assistant turn's text (whitespace between allowed): how a
+    response ends in training data and in a trace. ChatML's `<|im_end|>` and Llama 3's `<|eot_id|>` (their EOS),
+    Gemma's `<end_of_turn>` and Phi-3's `<|end|>` (not their EOS). EOS where the tokenizer has no chat template or
+    the template writes no special token there. Worked out once per template (kept on the tokenizer).
+
+    Example: Gemma 3's template writes "<start_of_turn>model\nHi<end_of_turn>\n" -> the id of "<end_of_turn>";
+    SmolLM2's "<|im_start|>assistant\nHi<|im_end|>\n" -> the id of "<|im_end|>" (its EOS)."""
+    template = getattr(tokenizer, "chat_template", None)
+    key = (template, tokenizer.eos_token_id, len(tokenizer))
+    known = tokenizer.__dict__.get("_p3o_turn_end")
+    if known is not None and known[0] == key:
+        return known[1]
+    end = tokenizer.eos_token_id
+    if template:
+        try:
+            text = tokenizer.apply_chat_template([{"role": "user", "content": "x"},
+                                                  {"role": "assistant", "content": PROBE}], tokenize=False)
+        except Exception:                          # (a template that takes no such conversation: EOS)
+            text = ""
+        at = text.rfind(PROBE)
+        rest = text[at + len(PROBE):].lstrip() if at >= 0 else ""
+        specials = set(tokenizer.all_special_tokens) | {t.content for t in tokenizer.added_tokens_decoder.values()
+                                                        if t.special}
+        written = next((s for s in sorted(specials, key=len, reverse=True) if s and rest.startswith(s)), None)
+        if written is not None:
+            end = tokenizer.convert_tokens_to_ids(written)
+    tokenizer.__dict__["_p3o_turn_end"] = (key, end)
+    return end
+
+
+def stop_ids(tokenizer) -> list[int]:
+    """The tokens a generated response ends at (TRL 1.16, vLLM and HF `generate` stop at each of a model's EOS ids):
+    `turn_end_id`, EOS, and the EOS ids of the model's generation config where its tokenizer was loaded with one
+    (`modules.backbone.load_tokenizer` keeps them as `generation_eos_ids`). Without them a Gemma or Phi-3 turn would
+    run past its end-of-turn token.
+
+    Example: Gemma 3 (EOS "<eos>" 1, generation config [1, 106]) -> [106, 1]; SmolLM2 -> [2]."""
+    ids = [turn_end_id(tokenizer), tokenizer.eos_token_id, *getattr(tokenizer, "generation_eos_ids", ())]
+    return list(dict.fromkeys(i for i in ids if i is not None))
 
 
 def pad(rows: list[list[int]], pad_id: int, side: str) -> tuple[torch.Tensor, torch.Tensor]:

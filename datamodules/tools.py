@@ -35,7 +35,9 @@ database): before the first turn each instance's `reset` is called with the reco
 it returns is appended to the last user message of that response's prompt; after the response, a reward may read
 the instance (TRL's `environments`, e.g. `modules.rewards.environment_reward`, its `get_reward()`).
 
-A demonstration given as a multi-turn trace (SFT) is laid out the same way, its tool results and user messages
+EOS above is any of the model's stop tokens (`datamodules.collate.stop_ids`: EOS, the token the chat template ends
+a turn with, the generation config's EOS ids). A demonstration given as a multi-turn trace (SFT) is laid out the
+same way, its tool results and user messages
 outside the loss (`encode_trace`). docs/tools.md is the user's guide.
 """
 from __future__ import annotations
@@ -49,6 +51,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Callable
 
+from datamodules.collate import stop_ids, turn_end_id
 from datamodules.sources import DataError
 
 CALL = re.compile(r"<tool_call>(.*?)</tool_call>", re.DOTALL)
@@ -587,12 +590,13 @@ def user_suffix(tokenizer, text: str, template_kwargs: dict | None = None) -> li
 
 def _suffix(tokenizer, turn: dict, messages: list[dict], what: str, template_kwargs: dict | None = None) -> list[int]:
     """The chat template's rendering of [user, `turn`, *messages] with the generation prompt, less that of [user,
-    `turn`] cut after its last EOS (TRL's `_get_tool_suffix_ids`)."""
+    `turn`] cut after its last stop token (EOS, the end of a turn: `stop_ids`; TRL's `_get_tool_suffix_ids`)."""
     head = [{"role": "user", "content": "x"}, turn]
     kw = template_kwargs or {}
     prefix = _ids(tokenizer.apply_chat_template(head, add_generation_prompt=False, tokenize=True, **kw))
     full = _ids(tokenizer.apply_chat_template(head + messages, add_generation_prompt=True, tokenize=True, **kw))
-    eos = [i for i, t in enumerate(prefix) if t == tokenizer.eos_token_id]
+    stops = stop_ids(tokenizer)
+    eos = [i for i, t in enumerate(prefix) if t in stops]
     prefix = prefix[:eos[-1] + 1] if eos else prefix
     if full[:len(prefix)] != prefix:
         raise DataError(f"the chat template of {getattr(tokenizer, 'name_or_path', 'the tokenizer')!r} "
@@ -612,7 +616,8 @@ def encode_trace(tokenizer, prompt: str | list[dict], messages: list[dict], sche
     """A multi-turn trace as a response (SFT on demonstrations of tool use or of a conversation): its token ids and
     which are the policy's (1) rather than a tool's or the user's (0). Each assistant turn is its text as the chat
     template writes it after the conversation so far (content, then its `tool_calls` in the template's format),
-    tokenized as a response is (`datamodules.collate.encode_response`), then EOS; each run of tool results is the
+    tokenized as a response is (`datamodules.collate.encode_response`), then the end of a turn (`turn_end_id`: EOS
+    for most models, Gemma's `<end_of_turn>`); each run of tool results is the
     `tool_suffix` a rollout appends, each user message the `user_suffix` a simulated user's gets. So a trace's tokens
     and masks are those of the rollout that would produce it (tested), and SFT trains on the assistant's turns.
     `template_kwargs`: the data's `chat_template_kwargs`, for every rendering.
@@ -629,7 +634,7 @@ def encode_trace(tokenizer, prompt: str | list[dict], messages: list[dict], sche
             message = {**messages[i], "content": messages[i].get("content") or ""}
             turn = tokenizer(_turn(tokenizer, context, message, schemas, template_kwargs),
                              add_special_tokens=False)["input_ids"]
-            turn.append(tokenizer.eos_token_id)
+            turn.append(turn_end_id(tokenizer))
             ids, own, context, i = ids + turn, own + [1] * len(turn), context + [message], i + 1
             continue
         if messages[i]["role"] == "user":
@@ -648,12 +653,13 @@ def encode_trace(tokenizer, prompt: str | list[dict], messages: list[dict], sche
 def _turn(tokenizer, context: list[dict], message: dict, schemas: list[dict] | None,
           template_kwargs: dict | None = None) -> str:
     """The text the chat template writes for assistant `message` after `context` and its generation prompt, up to
-    (not including) its EOS."""
+    (not including) the end of the turn (`turn_end_id`)."""
     kw = template_kwargs or {}
     before = tokenizer.apply_chat_template(context, tools=schemas, add_generation_prompt=True, tokenize=False, **kw)
     after = tokenizer.apply_chat_template(context + [message], tools=schemas, tokenize=False, **kw)
-    end = after.find(tokenizer.eos_token, len(before)) if after.startswith(before) else -1
+    written = tokenizer.convert_ids_to_tokens(turn_end_id(tokenizer))
+    end = after.find(written, len(before)) if after.startswith(before) else -1
     if end < 0:
         raise DataError("the chat template does not write an assistant turn as the generation prompt followed by "
-                        f"the turn and {tokenizer.eos_token!r}, so a trace's turns cannot be laid out as a rollout's")
+                        f"the turn and {written!r}, so a trace's turns cannot be laid out as a rollout's")
     return after[len(before):end]

@@ -124,7 +124,9 @@ def _hf_location(name: str) -> dict[str, Any]:
 
 def load_tokenizer(name: str):
     """Tokenizer from a directory, hub id or GGUF file (converted once, then read from `gguf_tokenizer`'s cache);
-    pad token made distinct from EOS where possible."""
+    pad token made distinct from EOS where possible. The EOS ids of the model's generation config (its
+    `generation_config.json` beside the tokenizer; Gemma's [<eos>, <end_of_turn>]) are kept as `generation_eos_ids`:
+    a response ends at any of them (`datamodules.collate.stop_ids`)."""
     from transformers import AutoTokenizer
 
     location = _hf_location(name)
@@ -139,7 +141,25 @@ def load_tokenizer(name: str):
             if tok.pad_token is None:
                 tok.pad_token = tok.eos_token
             warn("tokenizer %s: no pad token distinct from EOS; padding with EOS (masks still exact)", name)
+    tok.generation_eos_ids = [] if "gguf_file" in location else _generation_eos_ids(location["pretrained_model_name_or_path"])
     return tok
+
+
+def _generation_eos_ids(path: str) -> list[int]:
+    """The EOS ids of the generation config at `path` (a folder, or a hub id whose files are within reach), none
+    where it has none."""
+    from transformers import GenerationConfig
+
+    if os.path.isdir(path) and not os.path.exists(os.path.join(path, "generation_config.json")):
+        return []
+    try:
+        ids = GenerationConfig.from_pretrained(path).eos_token_id
+    except Exception as error:                     # (none within reach, or unreadable: the tokenizer's own alone)
+        if os.path.isdir(path):
+            warn("%s/generation_config.json unreadable (%s: %s); responses end at the tokenizer's EOS and the chat "
+                 "template's end of turn only", path, type(error).__name__, error)
+        return []
+    return [] if ids is None else [ids] if isinstance(ids, int) else list(ids)
 
 
 def use_data_template(tokenizer, datamodule) -> None:

@@ -26,6 +26,7 @@ from typing import Literal
 
 import torch
 
+from datamodules.collate import stop_ids
 from modules import functional as F
 from modules.batch import Rollout
 from modules.checks import ConfigError
@@ -259,7 +260,7 @@ class VLLM(Engine):
                                  min_p=config.min_p if config.do_sample else 0.0,
                                  repetition_penalty=config.repetition_penalty,
                                  max_tokens=min(config.max_new_tokens, self._max_len - int(n)), seed=seed, logprobs=0,
-                                 stop_token_ids=[tokenizer.eos_token_id], detokenize=False)
+                                 stop_token_ids=stop_ids(tokenizer), detokenize=False)
                   for seed, n in zip(seeds, lengths)]
         outputs = self.llm.generate(requests, params, use_tqdm=False)
         if self.sleep_between_rollouts and torch.cuda.is_available():

@@ -13,6 +13,7 @@ import os
 import torch
 from torch import nn
 
+from datamodules.collate import stop_ids
 from modules.backbone import BackboneSpec, build_causal_lm, build_scorer, is_lora
 
 
@@ -101,6 +102,7 @@ def save_pretrained(model: nn.Module, tokenizer, directory: str) -> None:
     fresh.load_state_dict(state)
     if getattr(fresh, "generation_config", None) is not None:
         fresh.generation_config.pad_token_id = tokenizer.pad_token_id
-        fresh.generation_config.eos_token_id = tokenizer.eos_token_id
+        stops = stop_ids(tokenizer)             # (a Gemma keeps <end_of_turn> beside <eos>, as it came)
+        fresh.generation_config.eos_token_id = stops[0] if len(stops) == 1 else stops
     fresh.save_pretrained(directory)
     tokenizer.save_pretrained(directory)

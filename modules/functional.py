@@ -291,28 +291,37 @@ def sequence_logprobs(token_logps: torch.Tensor, mask: torch.Tensor) -> torch.Te
     return masked_sum(token_logps, mask, dim=-1)
 
 
-def response_mask(response_ids: torch.Tensor, eos_token_id: int | None, pad_token_id: int | None = None) -> torch.Tensor:
-    """1 for response tokens up to and including the first EOS, 0 after it. (B, L) -> (B, L).
+def response_mask(response_ids: torch.Tensor, eos_token_id: int | list[int] | None,
+                  pad_token_id: int | None = None) -> torch.Tensor:
+    """1 for response tokens up to and including the first EOS, 0 after it. (B, L) -> (B, L). `eos_token_id`: one
+    id or several (a model's stop tokens, `datamodules.collate.stop_ids`), the first of any ending the response.
 
-    Without an EOS the whole row counts, except `pad_token_id` positions when the pad id is not the EOS id.
+    Without an EOS the whole row counts, except `pad_token_id` positions when the pad id is not an EOS id.
+
+    Example: [[5, 2, 7], [5, 9, 7]] with EOS [2, 9] -> [[1, 1, 0], [1, 1, 0]]; with EOS 2 -> [[1, 1, 0], [1, 1, 1]].
     """
-    B, L = response_ids.shape
-    if eos_token_id is None:
+    eos = _ids(eos_token_id)
+    if not eos:
         mask = torch.ones_like(response_ids, dtype=torch.long)
     else:
-        is_eos = (response_ids == eos_token_id).long()          # (B, L)
+        is_eos = torch.isin(response_ids, torch.tensor(eos, device=response_ids.device)).long()   # (B, L)
         eos_before = is_eos.cumsum(-1) - is_eos                  # EOS strictly before t
         mask = (eos_before == 0).long()
-    if pad_token_id is not None and pad_token_id != eos_token_id:
+    if pad_token_id is not None and pad_token_id not in eos:
         mask = mask * (response_ids != pad_token_id).long()
     return mask
 
 
-def has_eos(response_ids: torch.Tensor, eos_token_id: int | None) -> torch.Tensor:
-    """Whether each row emitted an EOS. (B, L) -> (B,) bool."""
-    if eos_token_id is None:
+def has_eos(response_ids: torch.Tensor, eos_token_id: int | list[int] | None) -> torch.Tensor:
+    """Whether each row emitted an EOS (any of several ids). (B, L) -> (B,) bool."""
+    eos = _ids(eos_token_id)
+    if not eos:
         return torch.zeros(response_ids.shape[0], dtype=torch.bool, device=response_ids.device)
-    return (response_ids == eos_token_id).any(-1)
+    return torch.isin(response_ids, torch.tensor(eos, device=response_ids.device)).any(-1)
+
+
+def _ids(eos_token_id: int | list[int] | None) -> list[int]:
+    return [] if eos_token_id is None else [eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id)
 
 
 KL_ESTIMATORS = ("k1", "k2", "k3", "low_var_kl", "k1+", "k3+")

@@ -19,7 +19,7 @@ from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torchmetrics import MeanMetric
 
 from datamodules.batch import PairBatch
-from datamodules.collate import encode_prompt, encode_response, pad
+from datamodules.collate import encode_prompt, encode_response, pad, turn_end_id
 from modules import functional as F
 from modules import optimizers
 from modules.backbone import BackboneSpec, build_scorer, load_tokenizer, use_data_template
@@ -38,8 +38,9 @@ USAGE = """\
 # Pairwise preference model exported by p3o-rlhf
 
 `preference(prompt, a, b)` is the logit of P(a preferred over b): g(a, b) - g(b, a), where g is this
-`AutoModelForSequenceClassification` (one label) read at the last token of **prompt + a + EOS + b + EOS**
-(the prompt through the tokenizer's chat template when it has one; responses encoded without special tokens).
+`AutoModelForSequenceClassification` (one label) read at the last token of **prompt + a + end + b + end**
+(the prompt through the tokenizer's chat template when it has one; responses encoded without special tokens, each
+followed by `end`, the token the chat template ends an assistant turn with: EOS for most models).
 It is antisymmetric: preference(prompt, b, a) = -preference(prompt, a, b).
 
 ```python
@@ -47,6 +48,7 @@ import torch
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
 path = {PATH}   # this folder
+end = {END}   # the token that ends a response
 tok = AutoTokenizer.from_pretrained(path)
 model = AutoModelForSequenceClassification.from_pretrained(path).eval()
 
@@ -56,7 +58,7 @@ def preference(prompt: str, a: str, b: str) -> float:
                                       tokenize=True, return_dict=True)["input_ids"]
     else:
         ids = tok(prompt)["input_ids"]
-    response = lambda text: tok(text, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+    response = lambda text: tok(text, add_special_tokens=False)["input_ids"] + [end]
     with torch.no_grad():   # one unpadded sequence at a time
         g = lambda x, y: model(input_ids=torch.tensor([ids + response(x) + response(y)])).logits[0, 0].item()
         return g(a, b) - g(b, a)
@@ -216,9 +218,10 @@ class PreferenceModule(TrainedOnlyCheckpoints, L.LightningModule):
                      "source": f"pairs of samples of {self.calibration_policy}"}
         with open(os.path.join(directory, CONFIG_FILE), "w") as handle:
             json.dump({"kind": "pairwise preference model",
-                       "input": "prompt (chat template if any) + response a + EOS + response b + EOS",
+                       "input": "prompt (chat template if any) + response a + end of turn + response b + end of turn",
                        "output": "f(a, b) = g(a, b) - g(b, a), the logit of P(a preferred over b); see README.md",
                        **stats}, handle, indent=2)
         with open(os.path.join(directory, "README.md"), "w") as handle:
-            handle.write(USAGE.replace("{PATH}", json.dumps(final_dir or directory)))
+            handle.write(USAGE.replace("{PATH}", json.dumps(final_dir or directory))
+                         .replace("{END}", str(turn_end_id(self.tokenizer))))
         read_last_token_when_pad_is_eos(directory, self.tokenizer)

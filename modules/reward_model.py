@@ -17,7 +17,7 @@ from torchmetrics import CatMetric, MeanMetric
 from torchmetrics.classification import BinaryAccuracy
 
 from datamodules.batch import PairBatch
-from datamodules.collate import stack_pair
+from datamodules.collate import stack_pair, turn_end_id
 from modules import functional as F
 from modules import optimizers
 from modules.backbone import BackboneSpec, build_scorer, load_tokenizer, use_data_template
@@ -35,8 +35,9 @@ USAGE = """\
 # Reward model exported by p3o-rlhf
 
 A Bradley-Terry reward: `AutoModelForSequenceClassification` with one label, read at the last token.
-It was trained on **prompt + response + EOS**: score a response with its closing EOS token appended (without it
-the reward is read at a position the model never learnt to score). The prompt goes through the tokenizer's chat
+It was trained on **prompt + response + end of turn**: score a response with the token the chat template ends an
+assistant turn with appended (EOS for most models; `end` below), as without it the reward is read at a position the
+model never learnt to score. The prompt goes through the tokenizer's chat
 template when it has one; the response is encoded without special tokens. `reward_stats.json` holds the mean and
 std of the reward on samples of the SFT policy: `(reward - mean) / std` is the normalised reward the RL stage uses.
 
@@ -45,6 +46,7 @@ import json, torch
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
 path = {PATH}   # this folder
+end = {END}   # the token that ends a response
 tok = AutoTokenizer.from_pretrained(path)
 model = AutoModelForSequenceClassification.from_pretrained(path).eval()
 stats = json.load(open(f"{path}/reward_stats.json"))
@@ -55,7 +57,7 @@ def reward(prompt: str, response: str) -> float:
                                       tokenize=True, return_dict=True)["input_ids"]
     else:
         ids = tok(prompt)["input_ids"]
-    ids = ids + tok(response, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+    ids = ids + tok(response, add_special_tokens=False)["input_ids"] + [end]
     with torch.no_grad():
         raw = model(input_ids=torch.tensor([ids])).logits[0, 0].item()   # one unpadded sequence at a time
     return (raw - stats["mean"]) / stats["std"]
@@ -191,11 +193,12 @@ class RewardModule(TrainedOnlyCheckpoints, L.LightningModule):
         if self.calibration is not None:
             stats = {"mean": self.calibration["mean"], "std": self.calibration["std"],
                      "n": len(self.calibration["rewards"]), "source": f"samples of {self.calibration_policy}"}
-        stats["input"] = "prompt (chat template if any) + response + EOS; see README.md"
+        stats["input"] = "prompt (chat template if any) + response + end of turn; see README.md"
         with open(os.path.join(directory, STATS_FILE), "w") as handle:
             json.dump(stats, handle, indent=2)
         with open(os.path.join(directory, "README.md"), "w") as handle:
-            handle.write(USAGE.replace("{PATH}", json.dumps(final_dir or directory)))
+            handle.write(USAGE.replace("{PATH}", json.dumps(final_dir or directory))
+                         .replace("{END}", str(turn_end_id(self.tokenizer))))
         read_last_token_when_pad_is_eos(directory, self.tokenizer)
 
 

@@ -9,7 +9,7 @@ from typing import Callable
 
 import torch
 
-from datamodules.collate import encode_prompt, pad
+from datamodules.collate import encode_prompt, pad, stop_ids
 from datamodules.sources import DataError
 from datamodules.tools import Tools, tool_suffix, user_suffix
 from modules import functional as F
@@ -148,7 +148,8 @@ class _Draw:
 def sample(model, tokenizer, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, prompts: list[str],
            config: SamplingConfig, num_samples: int = 1, record_logprobs: bool = False,
            share_prompts: bool = True) -> Rollout:
-    """Draw `num_samples` responses per prompt; truncate each after its first EOS.
+    """Draw `num_samples` responses per prompt; truncate each after its first stop token (`stop_ids`: EOS, the end of
+    a turn, the model's generation config's EOS ids), called EOS below.
 
     prompt_ids / prompt_mask (B, P) must be left-padded. Returns a Rollout of N = B * num_samples rows,
     prompt-major (row i * K + k is the k-th sample for prompt i), tokens after the first EOS set to pad.
@@ -165,7 +166,7 @@ def sample(model, tokenizer, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor
     # `_Draw` makes the choice; HF's neutral sampling values keep a checkpoint's own (generation_config.json) from
     # being merged in, where they would only draw a warning
     gen = GenerationConfig(do_sample=False, temperature=1.0, top_p=1.0, top_k=50, max_new_tokens=config.max_new_tokens,
-                           pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
+                           pad_token_id=tokenizer.pad_token_id, eos_token_id=stop_ids(tokenizer))
     was_training = model.training
     model.eval()
     try:
@@ -188,13 +189,15 @@ def sample(model, tokenizer, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor
 def rollout_of(ids: torch.Tensor, mask: torch.Tensor, response: torch.Tensor, prompts: list[str], num_samples: int,
                tokenizer, picked: torch.Tensor | None = None, entropy: torch.Tensor | None = None) -> Rollout:
     """The `Rollout` of generated tokens, whatever engine drew them: `ids` / `mask` (N, P) the left-padded prompts
-    (each repeated for its samples), `response` (N, L) the tokens drawn (anything after the first EOS is ignored),
+    (each repeated for its samples), `response` (N, L) the tokens drawn (anything after the first stop token,
+    `stop_ids`, is ignored),
     `prompts` one text per prompt, `picked` (N, L) the engine's logprob of each drawn token and `entropy` (N, L) the
-    entropy of the distribution it was drawn from (each None where the engine has none). Tokens after the first
-    EOS become pad, their mask, logprobs and entropies 0; `responses` holds the decoded texts."""
+    entropy of the distribution it was drawn from (each None where the engine has none). Tokens after it become
+    pad, their mask, logprobs and entropies 0; `responses` holds the decoded texts."""
     if response.shape[1] == 0:                                   # max_new_tokens = 0
         response = response.new_full((response.shape[0], 1), tokenizer.pad_token_id)
-    resp_mask = F.response_mask(response, tokenizer.eos_token_id)  # (N, L)
+    stops = stop_ids(tokenizer)
+    resp_mask = F.response_mask(response, stops)                 # (N, L)
     response = torch.where(resp_mask.bool(), response, torch.full_like(response, tokenizer.pad_token_id))
     texts = tokenizer.batch_decode(response * resp_mask + (1 - resp_mask) * tokenizer.pad_token_id,
                                    skip_special_tokens=True)
@@ -206,7 +209,7 @@ def rollout_of(ids: torch.Tensor, mask: torch.Tensor, response: torch.Tensor, pr
         group_size=num_samples,
         prompts=[p for p in prompts for _ in range(num_samples)],
         responses=[t.strip() for t in texts],
-        has_eos=F.has_eos(response, tokenizer.eos_token_id),
+        has_eos=F.has_eos(response, stops),
         old_logp=None if picked is None else _fit(picked, response.shape[1]) * resp_mask,
         entropy=None if entropy is None else _fit(entropy, response.shape[1]) * resp_mask,
     )
@@ -301,7 +304,7 @@ def generate_with_tools(generate: Callable, tools: Tools, tokenizer, prompt_ids:
                                 f"{config.max_new_tokens} in the model's {max_length} positions; shorten the text")
             prompt_ids, prompt_mask = _left_pad(ids, tokenizer.pad_token_id, prompt_ids.device)
     first = generate(prompt_ids, prompt_mask, prompts, config, num_samples, same_weights=False, **kwargs)
-    budget, eos = config.max_new_tokens, tokenizer.eos_token_id
+    budget, stops = config.max_new_tokens, stop_ids(tokenizer)
     rows = []
     for i in range(len(first)):
         keep = first.response_mask[i].bool()
@@ -356,7 +359,7 @@ def generate_with_tools(generate: Callable, tools: Tools, tokenizer, prompt_ids:
             row.entropy += _picked(turn.entropy, j, keep)[:left]
             row.messages.append(_assistant(tokenizer, tokens))
             row.ended = bool(turn.has_eos[j]) and len(tokens) == int(keep.sum())
-    roll = _assemble(first, rows, tokenizer, eos)
+    roll = _assemble(first, rows, tokenizer, stops)
     roll.environments = environments
     roll.timings.update({"tools/calls": float(sum(r.calls for r in rows)),
                          "tools/failed": float(sum(r.failed for r in rows))})
@@ -393,8 +396,8 @@ def _opens_thinking(tokenizer, ids: torch.Tensor, mask: torch.Tensor) -> bool:
 
 def _assistant(tokenizer, tokens: list[int]) -> dict:
     """A turn as an assistant message: its text, special tokens kept (a template may make `<tool_call>` one), its
-    EOS dropped."""
-    if tokens and tokens[-1] == tokenizer.eos_token_id:
+    stop token (EOS, `stop_ids`) dropped."""
+    if tokens and tokens[-1] in stop_ids(tokenizer):
         tokens = tokens[:-1]
     return {"role": "assistant", "content": tokenizer.decode(tokens, skip_special_tokens=False).strip()}
 
@@ -404,7 +407,7 @@ def _left_pad(rows: list[list[int]], pad_id: int, device) -> tuple[torch.Tensor,
     return ids.to(device), mask.to(device)
 
 
-def _assemble(first: Rollout, rows: list[_Row], tokenizer, eos: int) -> Rollout:
+def _assemble(first: Rollout, rows: list[_Row], tokenizer, stops: list[int]) -> Rollout:
     """The Rollout of the built rows: the first turns' prompts, responses right-padded to the longest."""
     width = max(1, max(len(r.tokens) for r in rows))
     N, device = len(rows), first.input_ids.device
@@ -427,7 +430,7 @@ def _assemble(first: Rollout, rows: list[_Row], tokenizer, eos: int) -> Rollout:
         group_size=first.group_size,
         prompts=first.prompts,
         responses=[t.strip() for t in texts],
-        has_eos=torch.tensor([r.own[-1:] == [1] and r.tokens[-1] == eos for r in rows], device=first.has_eos.device),
+        has_eos=torch.tensor([r.own[-1:] == [1] and r.tokens[-1] in stops for r in rows], device=first.has_eos.device),
         old_logp=None if first.old_logp is None else logp.to(device),
         entropy=None if first.entropy is None else entropy.to(device),
         sampler_logp=None,

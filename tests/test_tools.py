@@ -10,7 +10,7 @@ import pytest
 import torch
 import yaml
 
-from datamodules.collate import encode_prompt, pad
+from datamodules.collate import encode_prompt, pad, turn_end_id
 from datamodules.sources import DataError
 from datamodules.tools import Tools, call_blocks, parse_calls, run_call, tool_suffix
 from modules.sampling import generate_with_tools
@@ -449,7 +449,8 @@ def test_a_composed_reward_passes_the_messages_to_its_terms_in_evaluation():
 
 
 def scripted(hermes, turns: list[str]):
-    """A `generate` whose n-th call answers every context with `turns[n]` (then EOS), recorded logprobs -1."""
+    """A `generate` whose n-th call answers every context with `turns[n]` (then the end of a turn, `turn_end_id`: EOS
+    for most templates), recorded logprobs -1."""
     from modules.sampling import rollout_of
 
     calls = []
@@ -457,7 +458,7 @@ def scripted(hermes, turns: list[str]):
     def generate(ids, mask, prompts, config, num_samples, same_weights=False, **kwargs):
         text = turns[len(calls)]
         calls.append((len(ids), same_weights, config.max_new_tokens))
-        row = hermes(text, add_special_tokens=False)["input_ids"] + [hermes.eos_token_id]
+        row = hermes(text, add_special_tokens=False)["input_ids"] + [turn_end_id(hermes)]
         response = torch.tensor([row] * (len(ids) * num_samples))
         return rollout_of(ids.repeat_interleave(num_samples, 0), mask.repeat_interleave(num_samples, 0), response,
                           prompts, num_samples, hermes, -torch.ones(response.shape))
