@@ -6,8 +6,8 @@ evaluation samples) runs them (`modules.sampling.generate_with_tools`):
   1. every response generates a turn;
   2. a turn that ended with EOS and holds tool calls (by default in the Hermes format that the Qwen2.5 / Qwen3,
      SmolLM3 and Hermes templates render, `<tool_call>{"name": ..., "arguments": {...}}</tool_call>`, outside its
-     reasoning, `parse_calls`; Qwen3.5's XML with `xml_calls`, Llama 3's JSON with `json_calls`: the tools'
-     `parser`) has them run
+     reasoning, `parse_calls`; Qwen3.5's XML with `xml_calls`, Llama 3's JSON with `json_calls`, GLM's with
+     `glm_calls`: the tools' `parser`) has them run
      (`run_call`); their results become `tool` messages, rendered by the chat template together with the next
      assistant header (`tool_suffix`) and appended to the response;
   3. those responses generate their next turn, and so on, until no new turn calls a tool, `max_turns` rounds of
@@ -51,12 +51,14 @@ import re
 from dataclasses import dataclass, field
 from typing import Callable
 
-from datamodules.collate import stop_ids, turn_end_id
+from datamodules.collate import stop_ids
 from datamodules.sources import DataError
 
 CALL = re.compile(r"<tool_call>(.*?)</tool_call>", re.DOTALL)
 XML_FUNCTION = re.compile(r"<function=([^>\n]+)>(.*?)</function>", re.DOTALL)
 XML_PARAMETER = re.compile(r"<parameter=([^>\n]+)>\n?(.*?)\n?</parameter>", re.DOTALL)
+GLM_NAME = re.compile(r"\s*([^\s<]+)")
+GLM_ARGUMENT = re.compile(r"<arg_key>(.*?)</arg_key>\s*<arg_value>(.*?)</arg_value>", re.DOTALL)
 
 
 @dataclass
@@ -98,7 +100,8 @@ class Tools:
             `datamodules.tools.parse_calls` (the default): the Hermes `<tool_call>` blocks of Qwen2.5 / Qwen3,
             SmolLM3 and Hermes models; `datamodules.tools.xml_calls`: Qwen3-Coder / Qwen3.5 / Qwen3.6's
             `<tool_call><function=...><parameter=...>` blocks, each value read as its schema's type;
-            `datamodules.tools.json_calls`: Llama 3.1 / 3.2 / 3.3's bare JSON `{"name": ..., "parameters": {...}}`.
+            `datamodules.tools.json_calls`: Llama 3.1 / 3.2 / 3.3's bare JSON `{"name": ..., "parameters": {...}}`;
+            `datamodules.tools.glm_calls`: GLM-4.5 to 5's `<tool_call>NAME<arg_key>...<arg_value>...` blocks.
             The chat template must write a call the way the parser reads it.
     """
 
@@ -414,20 +417,42 @@ def xml_calls(text: str, schemas: list[dict] | None = None) -> list[dict]:
     Example: '<tool_call>\n<function=add>\n<parameter=a>\n2\n</parameter>\n<parameter=b>\n3\n</parameter>\n
     </function>\n</tool_call>' -> [{"name": "add", "arguments": {"a": 2, "b": 3}}]; the same call to a tool whose
     schema types `a` as a string -> {"a": "2", "b": 3}; a block without `<function=...>` -> [{"error": "..."}]."""
-    properties = {schema["function"]["name"]: schema["function"].get("parameters", {}).get("properties", {})
-                  for schema in schemas or []}
     calls = []
     for body in call_blocks(text):
         function = XML_FUNCTION.search(body)
         if function is None:
             calls.append({"error": "a tool call is <function=NAME> holding <parameter=KEY>VALUE</parameter> blocks"})
             continue
-        name, arguments = function[1].strip(), {}
-        for key, value in XML_PARAMETER.findall(function[2]):
-            schema = properties.get(name, {}).get(key.strip())
-            arguments[key.strip()] = typed(value, schema_types(schema)) if schema is not None else typed(value, [])
-        calls.append({"name": name, "arguments": arguments})
+        name = function[1].strip()
+        calls.append({"name": name, "arguments": _arguments(name, XML_PARAMETER.findall(function[2]), schemas)})
     return calls
+
+
+def glm_calls(text: str, schemas: list[dict] | None = None) -> list[dict]:
+    """The tool calls of GLM-4.5, 4.6, 4.7 and 5: `<tool_call>` blocks outside the reasoning (`call_blocks`), each
+    the tool's name then an `<arg_key>KEY</arg_key>` and `<arg_value>VALUE</arg_value>` per argument (vLLM's `glm45` /
+    `glm47` parsers). Values are read as `xml_calls` reads them: as their schema's type where `schemas` give it.
+
+    Example: '<tool_call>add\n<arg_key>a</arg_key>\n<arg_value>2</arg_value>\n<arg_key>b</arg_key>\n<arg_value>3
+    </arg_value>\n</tool_call>' -> [{"name": "add", "arguments": {"a": 2, "b": 3}}]; a block that starts with no name
+    -> [{"error": "..."}]."""
+    calls = []
+    for body in call_blocks(text):
+        name = GLM_NAME.match(body)
+        if name is None:
+            calls.append({"error": "a tool call is the tool's name, then <arg_key>KEY</arg_key><arg_value>VALUE"
+                                   "</arg_value> per argument"})
+            continue
+        calls.append({"name": name[1], "arguments": _arguments(name[1], GLM_ARGUMENT.findall(body), schemas)})
+    return calls
+
+
+def _arguments(name: str, pairs: list[tuple[str, str]], schemas: list[dict] | None) -> dict:
+    """A call's (key, value text) pairs as its arguments, each value `typed` as tool `name`'s schema types it."""
+    properties = next((schema["function"].get("parameters", {}).get("properties", {}) for schema in schemas or []
+                       if schema["function"]["name"] == name), {})
+    return {key.strip(): typed(value, schema_types(properties[key.strip()]) if key.strip() in properties else [])
+            for key, value in pairs}
 
 
 def schema_types(schema: dict) -> list[str]:
@@ -590,20 +615,30 @@ def user_suffix(tokenizer, text: str, template_kwargs: dict | None = None) -> li
 
 def _suffix(tokenizer, turn: dict, messages: list[dict], what: str, template_kwargs: dict | None = None) -> list[int]:
     """The chat template's rendering of [user, `turn`, *messages] with the generation prompt, less that of [user,
-    `turn`] cut after its last stop token (EOS, the end of a turn: `stop_ids`; TRL's `_get_tool_suffix_ids`)."""
+    `turn`] cut after its last stop token (EOS, the end of a turn: `stop_ids`; TRL's `_get_tool_suffix_ids`). A
+    template that writes none after the turn (GLM-4.5's own: the next message's token only when one follows) is
+    refused: the stop token the policy generated would be followed by another."""
     head = [{"role": "user", "content": "x"}, turn]
     kw = template_kwargs or {}
+    name = getattr(tokenizer, 'name_or_path', 'the tokenizer')
+    asked = _ids(tokenizer.apply_chat_template(head[:1], add_generation_prompt=False, tokenize=True, **kw))
     prefix = _ids(tokenizer.apply_chat_template(head, add_generation_prompt=False, tokenize=True, **kw))
     full = _ids(tokenizer.apply_chat_template(head + messages, add_generation_prompt=True, tokenize=True, **kw))
     stops = stop_ids(tokenizer)
-    eos = [i for i, t in enumerate(prefix) if t in stops]
-    prefix = prefix[:eos[-1] + 1] if eos else prefix
+    ends = [i for i, t in enumerate(prefix) if t in stops and i >= len(asked)]     # (the turn's, not the user's)
+    if not ends:
+        written = ", ".join(map(repr, tokenizer.convert_ids_to_tokens(stops)))
+        raise DataError(f"the chat template of {name!r} writes no stop token ({written}) "
+                        f"after an assistant turn, so {what} cannot be appended to a generated turn; set data "
+                        "chat_template to a template that ends every assistant turn with one "
+                        "(configs/chat_templates/glm4_moe_training.jinja for GLM-4.5)")
+    prefix = prefix[:ends[-1] + 1]
     if full[:len(prefix)] != prefix:
-        raise DataError(f"the chat template of {getattr(tokenizer, 'name_or_path', 'the tokenizer')!r} "
+        raise DataError(f"the chat template of {name!r} "
                           f"renders an assistant turn differently when {what} follows it, so {what} cannot "
                           "be appended to a generated turn; set data chat_template to a template that renders earlier "
-                          "turns the same whatever follows them (configs/chat_templates/ has Qwen3's and Qwen3.5's; "
-                          "Qwen3.6's own does with chat_template_kwargs {preserve_thinking: true})")
+                          "turns the same whatever follows them (configs/chat_templates/ has Qwen3's, Qwen3.5's and "
+                          "GLM-4.5's; Qwen3.6's own does with chat_template_kwargs {preserve_thinking: true})")
     return full[len(prefix):]
 
 
@@ -632,9 +667,8 @@ def encode_trace(tokenizer, prompt: str | list[dict], messages: list[dict], sche
     while i < len(messages):
         if messages[i]["role"] == "assistant":
             message = {**messages[i], "content": messages[i].get("content") or ""}
-            turn = tokenizer(_turn(tokenizer, context, message, schemas, template_kwargs),
-                             add_special_tokens=False)["input_ids"]
-            turn.append(turn_end_id(tokenizer))
+            text, end = _turn(tokenizer, context, message, schemas, template_kwargs)
+            turn = tokenizer(text, add_special_tokens=False)["input_ids"] + [end]
             ids, own, context, i = ids + turn, own + [1] * len(turn), context + [message], i + 1
             continue
         if messages[i]["role"] == "user":
@@ -651,15 +685,18 @@ def encode_trace(tokenizer, prompt: str | list[dict], messages: list[dict], sche
 
 
 def _turn(tokenizer, context: list[dict], message: dict, schemas: list[dict] | None,
-          template_kwargs: dict | None = None) -> str:
-    """The text the chat template writes for assistant `message` after `context` and its generation prompt, up to
-    (not including) the end of the turn (`turn_end_id`)."""
+          template_kwargs: dict | None = None) -> tuple[str, int]:
+    """(the text the chat template writes for assistant `message` after `context` and its generation prompt, the
+    stop token it ends the turn with): the first of `stop_ids` it writes there (GLM's <|observation|> after a call,
+    <|user|> after an answer; EOS or the end of a turn for most)."""
     kw = template_kwargs or {}
     before = tokenizer.apply_chat_template(context, tools=schemas, add_generation_prompt=True, tokenize=False, **kw)
     after = tokenizer.apply_chat_template(context + [message], tools=schemas, tokenize=False, **kw)
-    written = tokenizer.convert_ids_to_tokens(turn_end_id(tokenizer))
-    end = after.find(written, len(before)) if after.startswith(before) else -1
-    if end < 0:
+    stops = stop_ids(tokenizer)
+    found = [(after.find(token, len(before)), i) for token, i in zip(tokenizer.convert_ids_to_tokens(stops), stops)]
+    found = sorted((at, i) for at, i in found if at >= 0) if after.startswith(before) else []
+    if not found:
+        written = ", ".join(map(repr, tokenizer.convert_ids_to_tokens(stops)))
         raise DataError("the chat template does not write an assistant turn as the generation prompt followed by "
-                        f"the turn and {written!r}, so a trace's turns cannot be laid out as a rollout's")
-    return after[len(before):end]
+                        f"the turn and a stop token ({written}), so a trace's turns cannot be laid out as a rollout's")
+    return after[len(before):found[0][0]], found[0][1]

@@ -8,7 +8,7 @@ import torch
 
 from datamodules.collate import encode_prompt, pad
 from datamodules.sources import DataError
-from datamodules.tools import Tools, encode_trace, json_calls, parse_calls, schema_types, tool_suffix, typed, xml_calls
+from datamodules.tools import Tools, encode_trace, glm_calls, json_calls, parse_calls, schema_types, tool_suffix, typed, xml_calls
 from modules.sampling import SamplingConfig, generate_with_tools
 from tests.helpers import add, with_template
 from tests.test_tools import hermes, scripted, tool_config, tool_dir  # noqa: F401  (fixtures)
@@ -248,3 +248,111 @@ def test_only_a_prompt_that_ends_by_opening_the_think_block_starts_its_turns_ins
 
     assert opens(qwen36, "What is 2 + 3?") and not opens(qwen36, "What is 2 + 3?", enable_thinking=False)
     assert not opens(hermes, "What does <think> do?")
+
+
+GLM_OWN = open("tests/templates/glm4_moe.jinja").read()
+GLM_TRAINING = open("configs/chat_templates/glm4_moe_training.jinja").read()
+GLM_CALL = ("<tool_call>add\n<arg_key>a</arg_key>\n<arg_value>2</arg_value>\n<arg_key>b</arg_key>\n<arg_value>3"
+            "</arg_value>\n</tool_call>")
+
+
+def glm_tokenizer(hermes, template):  # noqa: F811
+    """SmolLM2's tokenizer with GLM-4.5's turn tokens, EOS <|endoftext|>, the EOS ids of GLM-4.5's generation config
+    (<|endoftext|>, <|user|>, <|observation|>) and `template`."""
+    tokenizer = with_template(hermes, template)
+    tokenizer.add_special_tokens({"eos_token": "<|endoftext|>", "additional_special_tokens": [
+        "[gMASK]", "<sop>", "<|system|>", "<|user|>", "<|assistant|>", "<|observation|>"]})
+    tokenizer.generation_eos_ids = tokenizer.convert_tokens_to_ids(["<|endoftext|>", "<|user|>", "<|observation|>"])
+    return tokenizer
+
+
+@pytest.fixture(scope="module")
+def glm(hermes):  # noqa: F811
+    return glm_tokenizer(hermes, GLM_TRAINING)
+
+
+def test_glm_calls_reads_glms_calls_typed_by_the_schemas():
+    """The docstring's example, after a think block; a call without arguments; a text parameter keeps the text
+    written; a call inside the reasoning is not read; a block without a name is an error entry."""
+    from tests.test_call_formats import lookup
+
+    assert glm_calls("<think>add them</think>\n" + GLM_CALL) == [{"name": "add", "arguments": {"a": 2, "b": 3}}]
+    assert glm_calls("<tool_call>ping</tool_call>") == [{"name": "ping", "arguments": {}}]
+    text = "<tool_call>lookup<arg_key>query</arg_key><arg_value>2024</arg_value><arg_key>limit</arg_key><arg_value>3" \
+           "</arg_value></tool_call>"
+    schemas = Tools(functions=[lookup]).schemas
+    assert glm_calls(text, schemas) == [{"name": "lookup", "arguments": {"query": "2024", "limit": 3}}]
+    assert glm_calls("<think>" + GLM_CALL + "</think>5") == [] and xml_calls(GLM_CALL)[0].keys() == {"error"}
+    assert glm_calls("<tool_call><arg_key>a</arg_key></tool_call>")[0]["error"].startswith("a tool call is the tool")
+
+
+def test_glms_own_template_is_refused_and_the_training_one_writes_prompts_as_it_does(hermes, glm):  # noqa: F811
+    """GLM-4.5's own template writes no stop token after an assistant turn (the next message's <|observation|> or
+    <|user|> only when one follows), so tools and a simulated user are refused in one line naming the training
+    template. That template takes both, writes every prompt as GLM's own does (system or not, tools or not,
+    `enable_thinking` unset or false), and a conversation as GLM's own writes it but for the token that ends its
+    last turn and the reasoning it keeps in earlier turns."""
+    from tests.test_user_turns import Tutor
+
+    own = glm_tokenizer(hermes, GLM_OWN)
+    for tools in (Tools(functions=[add], parser=glm_calls), Tools(environment=Tutor)):
+        with pytest.raises(DataError, match=r"writes no stop token \('<\|endoftext\|>', '<\|user\|>', '<\|observation"
+                                            r"\|>'\) after an assistant turn, .*glm4_moe_training\.jinja for GLM-4\.5\)$"):
+            tools.check_template(own)
+        tools.check_template(glm)
+    schemas = Tools(functions=[add]).schemas
+    for system in ([], [{"role": "system", "content": "Be brief."}]):
+        for kwargs in ({}, {"enable_thinking": False}):
+            for tools in (None, schemas):
+                messages = system + [{"role": "user", "content": "What is 2 + 3?"}]
+                assert [tok.apply_chat_template(messages, tools=tools, add_generation_prompt=True, tokenize=False,
+                                                **kwargs) for tok in (glm, own)] == 2 * [own.apply_chat_template(
+                    messages, tools=tools, add_generation_prompt=True, tokenize=False, **kwargs)]
+    call = {"role": "assistant", "content": "",
+            "tool_calls": [{"type": "function", "function": {"name": "add", "arguments": {"a": 2, "b": 3}}}]}
+    talk = [{"role": "user", "content": "What is 2 + 3?"}, call, {"role": "tool", "name": "add", "content": "5"},
+            {"role": "assistant", "content": "It is 5."}]
+    assert glm.apply_chat_template(talk, tokenize=False) == own.apply_chat_template(talk, tokenize=False) + "<|user|>"
+    thought = [talk[0], {**call, "reasoning_content": "add them"}] + talk[2:] + [{"role": "user", "content": "Sure?"},
+                                                                                {"role": "assistant", "content": "Yes."}]
+    ours, theirs = (tok.apply_chat_template(thought, tokenize=False) for tok in (glm, own))
+    assert theirs.count("<think>add them</think>") == 0 and ours.replace("<think>add them</think>", "<think></think>") \
+        == theirs + "<|user|>"
+
+
+def test_a_glm_trace_and_rollout_end_a_call_with_observation_and_an_answer_with_user(glm):
+    """An SFT trace with GLM's training template is token for token the template's rendering of the whole
+    conversation: the call turn ends with <|observation|>, the answer with <|user|>, both the policy's; the tool
+    result follows without a second <|observation|>. A rollout whose scripted policy writes those turns (each with
+    the stop token GLM's generation config ends it at) runs the call with `glm_calls` and lays the response out as
+    the trace."""
+    from modules.sampling import rollout_of
+
+    tools = Tools(functions=[add], parser=glm_calls)
+    call = {"role": "assistant", "content": "", "tool_calls": [
+        {"type": "function", "function": {"name": "add", "arguments": {"a": 2, "b": 3}}}]}
+    trace = [call, {"role": "tool", "name": "add", "content": "5"}, {"role": "assistant", "content": "It is 5."}]
+    ids, own = encode_trace(glm, "What is 2 + 3?", trace, tools.schemas)
+    whole = glm.apply_chat_template([{"role": "user", "content": "What is 2 + 3?"}] + trace, tools=tools.schemas)
+    whole = list(whole["input_ids"] if hasattr(whole, "keys") else whole)
+    assert encode_prompt(glm, "What is 2 + 3?", tools.schemas) + ids == whole
+    policy = glm.decode([t for t, o in zip(ids, own) if o])
+    assert policy == "\n<think></think>\n" + GLM_CALL + "<|observation|>\n<think></think>\nIt is 5.<|user|>"
+    assert glm.decode([t for t, o in zip(ids, own) if not o]) == "\n<tool_response>\n5\n</tool_response><|assistant|>"
+
+    turns, calls = ["\n<think></think>\n" + GLM_CALL + "<|observation|>", "\n<think></think>\nIt is 5.<|user|>"], []
+
+    def generate(ids, mask, prompts, config, num_samples, same_weights=False, **kwargs):
+        row = glm(turns[len(calls)], add_special_tokens=False)["input_ids"] + [glm.pad_token_id] * 3
+        calls.append(row)
+        response = torch.tensor([row] * (len(ids) * num_samples))
+        return rollout_of(ids.repeat_interleave(num_samples, 0), mask.repeat_interleave(num_samples, 0), response,
+                          prompts, num_samples, glm, -torch.ones(response.shape))
+
+    prompt_ids, mask = pad([encode_prompt(glm, "What is 2 + 3?", tools.schemas)], glm.pad_token_id, "left")
+    roll = generate_with_tools(generate, tools, glm, prompt_ids, mask, ["What is 2 + 3?"],
+                               SamplingConfig(max_new_tokens=300), 1)
+    assert [m["role"] for m in roll.messages[0]] == ["assistant", "tool", "assistant"]
+    assert roll.messages[0][1]["content"] == "5" and roll.has_eos.tolist() == [True]
+    assert roll.input_ids[0, roll.prompt_length:roll.prompt_length + len(ids)].tolist() == ids
+    assert roll.response_mask[0, :len(ids)].tolist() == own and roll.response_mask[0, len(ids):].sum() == 0

@@ -46,8 +46,8 @@ def test_qwen3s_template_is_refused_with_tools_or_a_user_in_one_line_naming_the_
         with pytest.raises(DataError, match=rf"^the chat template of \S+ renders an assistant turn differently when "
                                             rf"{what} follows it, so {what} cannot be appended to a generated turn; "
                                             r"set data chat_template to a template that renders earlier turns the same "
-                                            r"whatever follows them \(configs/chat_templates/ has Qwen3's and "
-                                            r"Qwen3\.5's; Qwen3\.6's own does with chat_template_kwargs "
+                                            r"whatever follows them \(configs/chat_templates/ has Qwen3's, "
+                                            r"Qwen3\.5's and GLM-4\.5's; Qwen3\.6's own does with chat_template_kwargs "
                                             r"\{preserve_thinking: true\}\)$"):
             tools.check_template(qwen3)
 
