@@ -305,3 +305,25 @@ def test_xml_call_values_are_typed_as_vllm_types_them():
     for schema in ({"type": "integer"}, {}, {"type": ["string", "null"]}, {"enum": ["a", 1, 2.5, None, True]},
                    {"anyOf": [{"type": "integer"}, {"oneOf": [{"type": "boolean"}]}]}, {"allOf": [{"enum": [[1]]}]}):
         assert sorted(schema_types(schema)) == sorted(extract_types_from_schema(schema)), schema
+
+
+def test_every_stop_token_ends_a_vllm_response_where_it_ends_our_samplers(engine, vllm_sft_dir, tokenizer):
+    """Further stop tokens (here the token each row draws first greedily, given as the tokenizer's generation config
+    EOS ids; `datamodules.collate.stop_ids`: Gemma's <end_of_turn>, GLM's <|observation|>): vLLM draws nothing past
+    them (one token per row, where it drew 10 before: the masks alone would hide the rest), and its responses equal
+    our sampler's with the same stop tokens."""
+    from modules.sampling import sample
+
+    model = build_causal_lm(BackboneSpec(pretrained=vllm_sft_dir), tokenizer).eval()
+    ids, mask, texts = _prompts(tokenizer)
+    free = engine.generate(model, tokenizer, ids, mask, texts, GREEDY)
+    stops = sorted(set(free.response_ids[:, 0].tolist()) - {tokenizer.eos_token_id})
+    tokenizer.generation_eos_ids = stops
+    try:
+        theirs = engine.generate(model, tokenizer, ids, mask, texts, GREEDY)
+        ours = sample(model, tokenizer, ids, mask, texts, GREEDY)
+    finally:
+        del tokenizer.generation_eos_ids
+    assert free.response_ids.shape[1] == GREEDY.max_new_tokens and theirs.response_ids.shape[1] == 1
+    assert theirs.response_mask.tolist() == [[1]] * 4 and theirs.has_eos.all() and not free.has_eos.any()
+    assert torch.equal(theirs.response_ids, ours.response_ids) and torch.equal(theirs.has_eos, ours.has_eos)
