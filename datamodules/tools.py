@@ -429,9 +429,10 @@ def xml_calls(text: str, schemas: list[dict] | None = None) -> list[dict]:
 
 
 def glm_calls(text: str, schemas: list[dict] | None = None) -> list[dict]:
-    """The tool calls of GLM-4.5, 4.6, 4.7 and 5: `<tool_call>` blocks outside the reasoning (`call_blocks`), each
-    the tool's name then an `<arg_key>KEY</arg_key>` and `<arg_value>VALUE</arg_value>` per argument (vLLM's `glm45` /
-    `glm47` parsers). Values are read as `xml_calls` reads them: as their schema's type where `schemas` give it.
+    """The tool calls of GLM-4.5 (tested with its template; 4.6, 4.7 and 5 write them the same way): `<tool_call>`
+    blocks outside the reasoning (`call_blocks`), each the tool's name then an `<arg_key>KEY</arg_key>` and
+    `<arg_value>VALUE</arg_value>` per argument (vLLM's `glm45` / `glm47` parsers). Values are read as `xml_calls`
+    reads them: as their schema's type where `schemas` give it.
 
     Example: '<tool_call>add\n<arg_key>a</arg_key>\n<arg_value>2</arg_value>\n<arg_key>b</arg_key>\n<arg_value>3
     </arg_value>\n</tool_call>' -> [{"name": "add", "arguments": {"a": 2, "b": 3}}]; a block that starts with no name
@@ -651,8 +652,9 @@ def encode_trace(tokenizer, prompt: str | list[dict], messages: list[dict], sche
     """A multi-turn trace as a response (SFT on demonstrations of tool use or of a conversation): its token ids and
     which are the policy's (1) rather than a tool's or the user's (0). Each assistant turn is its text as the chat
     template writes it after the conversation so far (content, then its `tool_calls` in the template's format),
-    tokenized as a response is (`datamodules.collate.encode_response`), then the end of a turn (`turn_end_id`: EOS
-    for most models, Gemma's `<end_of_turn>`); each run of tool results is the
+    tokenized as a response is (`datamodules.collate.encode_response`), then the stop token the template writes after
+    it (EOS for most models, Gemma's `<end_of_turn>`, GLM's `<|observation|>` after a call); each run of tool results
+    is the
     `tool_suffix` a rollout appends, each user message the `user_suffix` a simulated user's gets. So a trace's tokens
     and masks are those of the rollout that would produce it (tested), and SFT trains on the assistant's turns.
     `template_kwargs`: the data's `chat_template_kwargs`, for every rendering.
