@@ -356,3 +356,32 @@ def test_a_glm_trace_and_rollout_end_a_call_with_observation_and_an_answer_with_
     assert roll.messages[0][1]["content"] == "5" and roll.has_eos.tolist() == [True]
     assert roll.input_ids[0, roll.prompt_length:roll.prompt_length + len(ids)].tolist() == ids
     assert roll.response_mask[0, :len(ids)].tolist() == own and roll.response_mask[0, len(ids):].sum() == 0
+
+
+def test_nemotron_3s_own_template_takes_tools_and_a_user_and_lays_out_traces_as_it_writes_them(hermes):  # noqa: F811
+    """NVIDIA Nemotron 3 Nano's own template (`tests/templates/nemotron_3_nano.jinja`) writes Qwen3.5's XML calls,
+    keeps the reasoning of every turn after the last user message and ends each turn with <|im_end|>: tools and a
+    simulated user pass the data's checks as they are (the checks' probe turn has no reasoning: with a user message
+    the template would drop an earlier turn's reasoning, `truncate_history_thinking`, where a rollout keeps what the
+    policy generated; not checked). An SFT trace (thinking, each turn with its reasoning; or
+    `enable_thinking: false`, without) is token for token the template's conversation, and `xml_calls` reads its
+    call turn back (in thinking mode the generation prompt opens the think block, so the turn is read after it)."""
+    from tests.test_user_turns import Tutor
+
+    nemotron = with_template(hermes, open("tests/templates/nemotron_3_nano.jinja").read())
+    tools = Tools(functions=[add], parser=xml_calls)
+    tools.check_template(nemotron)
+    Tools(environment=Tutor).check_template(nemotron)
+    call = {"role": "assistant", "content": "", "reasoning_content": "add them", "tool_calls": [
+        {"type": "function", "function": {"name": "add", "arguments": {"a": 2, "b": 3}}}]}
+    trace = [call, {"role": "tool", "name": "add", "content": "5"},
+             {"role": "assistant", "content": "It is 5.", "reasoning_content": "done"}]
+    for kwargs, turns in (({}, trace), ({"enable_thinking": False},
+                                        [{k: v for k, v in m.items() if k != "reasoning_content"} for m in trace])):
+        ids, own = encode_trace(nemotron, "What is 2 + 3?", turns, tools.schemas, kwargs)
+        whole = nemotron.apply_chat_template([{"role": "user", "content": "What is 2 + 3?"}] + turns,
+                                             tools=tools.schemas, **kwargs)
+        prompt = encode_prompt(nemotron, "What is 2 + 3?", tools.schemas, kwargs)
+        assert prompt + ids == list(whole["input_ids"] if hasattr(whole, "keys") else whole)[:len(prompt) + len(ids)]
+        first = nemotron.decode([t for t, o in zip(ids, own) if o]).split("<|im_end|>")[0]
+        assert tools.parse(("<think>\n" if not kwargs else "") + first) == [{"name": "add", "arguments": {"a": 2, "b": 3}}]
