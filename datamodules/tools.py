@@ -607,11 +607,13 @@ def tool_suffix(tokenizer, messages: list[dict], template_kwargs: dict | None = 
 
 def user_suffix(tokenizer, text: str, template_kwargs: dict | None = None) -> list[int]:
     """Token ids that follow an assistant turn's EOS to give it a user message `text` (a simulated user's, an
-    environment's `respond`) and open the next assistant turn, as `tool_suffix` does for tool results.
+    environment's `respond`) and open the next assistant turn, as `tool_suffix` does for tool results. The turn it
+    follows reasons (`<think>...</think>` in its text, as a thinking policy's turns do), so a template that drops
+    an earlier turn's reasoning once a user message follows it (Qwen3's, Nemotron 3's by default) is refused.
 
     Example (ChatML): "Try again." -> ids of "\\n<|im_start|>user\\nTry again.<|im_end|>\\n<|im_start|>assistant\\n"."""
-    return _suffix(tokenizer, {"role": "assistant", "content": "y"}, [{"role": "user", "content": text}],
-                   "a user message", template_kwargs)
+    return _suffix(tokenizer, {"role": "assistant", "content": "<think>\nr\n</think>\n\ny"},
+                   [{"role": "user", "content": text}], "a user message", template_kwargs)
 
 
 def _suffix(tokenizer, turn: dict, messages: list[dict], what: str, template_kwargs: dict | None = None) -> list[int]:
@@ -639,7 +641,8 @@ def _suffix(tokenizer, turn: dict, messages: list[dict], what: str, template_kwa
                           f"renders an assistant turn differently when {what} follows it, so {what} cannot "
                           "be appended to a generated turn; set data chat_template to a template that renders earlier "
                           "turns the same whatever follows them (configs/chat_templates/ has Qwen3's, Qwen3.5's and "
-                          "GLM-4.5's; Qwen3.6's own does with chat_template_kwargs {preserve_thinking: true})")
+                          "GLM-4.5's; Qwen3.6's own does with chat_template_kwargs {preserve_thinking: true}, "
+                          "Nemotron 3's with {truncate_history_thinking: false})")
     return full[len(prefix):]
 
 

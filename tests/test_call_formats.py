@@ -360,10 +360,10 @@ def test_a_glm_trace_and_rollout_end_a_call_with_observation_and_an_answer_with_
 
 def test_nemotron_3s_own_template_takes_tools_and_a_user_and_lays_out_traces_as_it_writes_them(hermes):  # noqa: F811
     """NVIDIA Nemotron 3 Nano's own template (`tests/templates/nemotron_3_nano.jinja`) writes Qwen3.5's XML calls,
-    keeps the reasoning of every turn after the last user message and ends each turn with <|im_end|>: tools and a
-    simulated user pass the data's checks as they are (the checks' probe turn has no reasoning: with a user message
-    the template would drop an earlier turn's reasoning, `truncate_history_thinking`, where a rollout keeps what the
-    policy generated; not checked). An SFT trace (thinking, each turn with its reasoning; or
+    keeps the reasoning of every turn after the last user message and ends each turn with <|im_end|>: tools pass the
+    data's checks as they are. A simulated user's message would make it drop the reasoning of the turn before
+    (`truncate_history_thinking`), where a rollout keeps what the policy generated: refused in one line, and taken
+    with the template's own `truncate_history_thinking: false`. An SFT trace (thinking, each turn with its reasoning; or
     `enable_thinking: false`, without) is token for token the template's conversation, and `xml_calls` reads its
     call turn back (in thinking mode the generation prompt opens the think block, so the turn is read after it)."""
     from tests.test_user_turns import Tutor
@@ -371,7 +371,10 @@ def test_nemotron_3s_own_template_takes_tools_and_a_user_and_lays_out_traces_as_
     nemotron = with_template(hermes, open("tests/templates/nemotron_3_nano.jinja").read())
     tools = Tools(functions=[add], parser=xml_calls)
     tools.check_template(nemotron)
-    Tools(environment=Tutor).check_template(nemotron)
+    with pytest.raises(DataError, match=r"renders an assistant turn differently when a user message follows it.*"
+                                        r"Nemotron 3's with \{truncate_history_thinking: false\}\)$"):
+        Tools(environment=Tutor).check_template(nemotron)
+    Tools(environment=Tutor).check_template(nemotron, {"truncate_history_thinking": False})
     call = {"role": "assistant", "content": "", "reasoning_content": "add them", "tool_calls": [
         {"type": "function", "function": {"name": "add", "arguments": {"a": 2, "b": 3}}}]}
     trace = [call, {"role": "tool", "name": "add", "content": "5"},
