@@ -452,8 +452,8 @@ def _arguments(name: str, pairs: list[tuple[str, str]], schemas: list[dict] | No
     """A call's (key, value text) pairs as its arguments, each value `typed` as tool `name`'s schema types it."""
     properties = next((schema["function"].get("parameters", {}).get("properties", {}) for schema in schemas or []
                        if schema["function"]["name"] == name), {})
-    return {key.strip(): typed(value, schema_types(properties[key.strip()]) if key.strip() in properties else [])
-            for key, value in pairs}
+    pairs = [(key.strip(), value) for key, value in pairs]
+    return {key: typed(value, schema_types(properties[key]) if key in properties else []) for key, value in pairs}
 
 
 def schema_types(schema: dict) -> list[str]:

@@ -310,7 +310,7 @@ def generate_with_tools(generate: Callable, tools: Tools, tokenizer, prompt_ids:
         keep = first.response_mask[i].bool()
         tokens = first.response_ids[i][keep].tolist()
         rows.append(_Row(tokens, [1] * len(tokens), _picked(first.old_logp, i, keep), _picked(first.entropy, i, keep),
-                         [_assistant(tokenizer, tokens)], bool(first.has_eos[i])))
+                         [_assistant(tokenizer, tokens, stops)], bool(first.has_eos[i])))
     active = list(range(len(rows)))                       # the rows whose latest turn was just generated
     # A generation prompt that opens the think block (Qwen3.5 / 3.6, DeepSeek-R1) starts each turn inside it: the
     # parser reads the turn as it follows that "<think>" (its tool and user suffixes end with the same prompt)
@@ -357,7 +357,7 @@ def generate_with_tools(generate: Callable, tools: Tools, tokenizer, prompt_ids:
             row.own += [1] * len(tokens)
             row.logp += _picked(turn.old_logp, j, keep)[:left]
             row.entropy += _picked(turn.entropy, j, keep)[:left]
-            row.messages.append(_assistant(tokenizer, tokens))
+            row.messages.append(_assistant(tokenizer, tokens, stops))
             row.ended = bool(turn.has_eos[j]) and len(tokens) == int(keep.sum())
     roll = _assemble(first, rows, tokenizer, stops)
     roll.environments = environments
@@ -394,10 +394,10 @@ def _opens_thinking(tokenizer, ids: torch.Tensor, mask: torch.Tensor) -> bool:
     return tail.rstrip().endswith("<think>")
 
 
-def _assistant(tokenizer, tokens: list[int]) -> dict:
+def _assistant(tokenizer, tokens: list[int], stops: list[int]) -> dict:
     """A turn as an assistant message: its text, special tokens kept (a template may make `<tool_call>` one), its
-    stop token (EOS, `stop_ids`) dropped."""
-    if tokens and tokens[-1] in stop_ids(tokenizer):
+    stop token (one of `stops`, the tokenizer's `stop_ids`) dropped."""
+    if tokens and tokens[-1] in stops:
         tokens = tokens[:-1]
     return {"role": "assistant", "content": tokenizer.decode(tokens, skip_special_tokens=False).strip()}
 

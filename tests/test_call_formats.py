@@ -326,8 +326,6 @@ def test_a_glm_trace_and_rollout_end_a_call_with_observation_and_an_answer_with_
     result follows without a second <|observation|>. A rollout whose scripted policy writes those turns (each with
     the stop token GLM's generation config ends it at) runs the call with `glm_calls` and lays the response out as
     the trace."""
-    from modules.sampling import rollout_of
-
     tools = Tools(functions=[add], parser=glm_calls)
     call = {"role": "assistant", "content": "", "tool_calls": [
         {"type": "function", "function": {"name": "add", "arguments": {"a": 2, "b": 3}}}]}
@@ -340,20 +338,13 @@ def test_a_glm_trace_and_rollout_end_a_call_with_observation_and_an_answer_with_
     assert policy == "\n<think></think>\n" + GLM_CALL + "<|observation|>\n<think></think>\nIt is 5.<|user|>"
     assert glm.decode([t for t, o in zip(ids, own) if not o]) == "\n<tool_response>\n5\n</tool_response><|assistant|>"
 
-    turns, calls = ["\n<think></think>\n" + GLM_CALL + "<|observation|>", "\n<think></think>\nIt is 5.<|user|>"], []
-
-    def generate(ids, mask, prompts, config, num_samples, same_weights=False, **kwargs):
-        row = glm(turns[len(calls)], add_special_tokens=False)["input_ids"] + [glm.pad_token_id] * 3
-        calls.append(row)
-        response = torch.tensor([row] * (len(ids) * num_samples))
-        return rollout_of(ids.repeat_interleave(num_samples, 0), mask.repeat_interleave(num_samples, 0), response,
-                          prompts, num_samples, glm, -torch.ones(response.shape))
-
+    generate, calls = scripted(glm, ["\n<think></think>\n" + GLM_CALL + "<|observation|>",
+                                     "\n<think></think>\nIt is 5.<|user|>"], end=False)
     prompt_ids, mask = pad([encode_prompt(glm, "What is 2 + 3?", tools.schemas)], glm.pad_token_id, "left")
     roll = generate_with_tools(generate, tools, glm, prompt_ids, mask, ["What is 2 + 3?"],
                                SamplingConfig(max_new_tokens=300), 1)
     assert [m["role"] for m in roll.messages[0]] == ["assistant", "tool", "assistant"]
-    assert roll.messages[0][1]["content"] == "5" and roll.has_eos.tolist() == [True]
+    assert roll.messages[0][1]["content"] == "5" and roll.has_eos.tolist() == [True] and len(calls) == 2
     assert roll.input_ids[0, roll.prompt_length:roll.prompt_length + len(ids)].tolist() == ids
     assert roll.response_mask[0, :len(ids)].tolist() == own and roll.response_mask[0, len(ids):].sum() == 0
 

@@ -448,9 +448,9 @@ def test_a_composed_reward_passes_the_messages_to_its_terms_in_evaluation():
     assert call_text_reward(correct_after_tool, prompts, ["a", "b"], {}, None, messages) == [1.0, 0.0]
 
 
-def scripted(hermes, turns: list[str]):
+def scripted(hermes, turns: list[str], end: bool = True):
     """A `generate` whose n-th call answers every context with `turns[n]` (then the end of a turn, `turn_end_id`: EOS
-    for most templates), recorded logprobs -1."""
+    for most templates; `end=False`: each turn writes its own stop token), recorded logprobs -1."""
     from modules.sampling import rollout_of
 
     calls = []
@@ -458,7 +458,7 @@ def scripted(hermes, turns: list[str]):
     def generate(ids, mask, prompts, config, num_samples, same_weights=False, **kwargs):
         text = turns[len(calls)]
         calls.append((len(ids), same_weights, config.max_new_tokens))
-        row = hermes(text, add_special_tokens=False)["input_ids"] + [turn_end_id(hermes)]
+        row = hermes(text, add_special_tokens=False)["input_ids"] + ([turn_end_id(hermes)] if end else [])
         response = torch.tensor([row] * (len(ids) * num_samples))
         return rollout_of(ids.repeat_interleave(num_samples, 0), mask.repeat_interleave(num_samples, 0), response,
                           prompts, num_samples, hermes, -torch.ones(response.shape))
