@@ -618,7 +618,9 @@ def user_suffix(tokenizer, text: str, template_kwargs: dict | None = None) -> li
 
 def _suffix(tokenizer, turn: dict, messages: list[dict], what: str, template_kwargs: dict | None = None) -> list[int]:
     """The chat template's rendering of [user, `turn`, *messages] with the generation prompt, less that of [user,
-    `turn`] cut after its last stop token (EOS, the end of a turn: `stop_ids`; TRL's `_get_tool_suffix_ids`). A
+    `turn`] cut after the stop token that ends the turn (the first of `stop_ids` after the user message, as the
+    policy's turn ends at the first; TRL's `_get_tool_suffix_ids` cuts after the last EOS, which misses Phi-3's
+    <|end|> before the <|endoftext|> that closes a conversation). A
     template that writes none after the turn (GLM-4.5's own: the next message's token only when one follows) is
     refused: the stop token the policy generated would be followed by another."""
     head = [{"role": "user", "content": "x"}, turn]
@@ -635,7 +637,7 @@ def _suffix(tokenizer, turn: dict, messages: list[dict], what: str, template_kwa
                         f"after an assistant turn, so {what} cannot be appended to a generated turn; set data "
                         "chat_template to a template that ends every assistant turn with one "
                         "(configs/chat_templates/glm4_moe_training.jinja for GLM-4.5)")
-    prefix = prefix[:ends[-1] + 1]
+    prefix = prefix[:ends[0] + 1]
     if full[:len(prefix)] != prefix:
         raise DataError(f"the chat template of {name!r} "
                           f"renders an assistant turn differently when {what} follows it, so {what} cannot "

@@ -2,7 +2,8 @@
 with the token the chat template ends one with (`turn_end_id`). Gemma's `<end_of_turn>` and Phi-3's `<|end|>` are
 not their tokenizer's EOS: before, a Gemma turn ran past its end, SFT taught `<eos>` instead, and a simulated user's
 message was appended without the newline the template writes. `tests/templates/gemma3.jinja` is Gemma 3's own
-template, as its checkpoints ship it; the tokenizer is SmolLM2's with Gemma's turn tokens and EOS added."""
+template and `tests/templates/phi3_5.jinja` Phi-3.5's, as their checkpoints ship them; the tokenizer is SmolLM2's with
+their turn tokens and EOS added."""
 import json
 
 import pytest
@@ -120,3 +121,23 @@ def test_an_export_keeps_every_stop_token_and_a_reload_reads_them(gemma, tiny_sp
     again = load_tokenizer(str(tmp_path))
     assert again.generation_eos_ids == written and stop_ids(again) == written
     assert "+ [end]" in USAGE and "end = {END}" in USAGE
+
+
+def test_phi_3_5s_turns_end_with_end_not_its_eos(hermes):  # noqa: F811
+    """Phi-3.5's template ends every turn with <|end|> (its EOS <|endoftext|> closes the whole conversation): that is
+    the end of a turn and the first stop token, an SFT response ends with it, and a conversation with a simulated
+    user laid out as a rollout is token for token the template's rendering of it (less its closing EOS)."""
+    from tests.test_user_turns import RETRY
+
+    phi = with_template(hermes, open("tests/templates/phi3_5.jinja").read())
+    phi.add_special_tokens({"eos_token": "<|endoftext|>",
+                            "additional_special_tokens": ["<|system|>", "<|user|>", "<|assistant|>", "<|end|>"]})
+    end = phi.convert_tokens_to_ids("<|end|>")
+    assert turn_end_id(phi) == end and stop_ids(phi) == [end, phi.eos_token_id] and encode_response(phi, "Hi")[-1] == end
+    trace = [{"role": "assistant", "content": "4"}, {"role": "user", "content": RETRY},
+             {"role": "assistant", "content": "5"}]
+    ids, own = encode_trace(phi, "What is 2 + 3?", trace, None)
+    whole = phi.apply_chat_template([{"role": "user", "content": "What is 2 + 3?"}] + trace, tokenize=True)
+    whole = list(whole["input_ids"] if hasattr(whole, "keys") else whole)
+    assert encode_prompt(phi, "What is 2 + 3?") + ids == whole[:-2] and phi.decode(whole[-2:]) == "\n<|endoftext|>"
+    assert phi.decode([t for t, o in zip(ids, own) if o]) == "4<|end|>5<|end|>"
