@@ -7,7 +7,7 @@ evaluation samples) runs them (`modules.sampling.generate_with_tools`):
   2. a turn that ended with EOS and holds tool calls (by default in the Hermes format that the Qwen2.5 / Qwen3,
      SmolLM3 and Hermes templates render, `<tool_call>{"name": ..., "arguments": {...}}</tool_call>`, outside its
      reasoning, `parse_calls`; Qwen3.5's XML with `xml_calls`, Llama 3's JSON with `json_calls`, GLM's with
-     `glm_calls`: the tools' `parser`) has them run
+     `glm_calls`, gpt-oss's harmony messages with `harmony_calls`: the tools' `parser`) has them run
      (`run_call`); their results become `tool` messages, rendered by the chat template together with the next
      assistant header (`tool_suffix`) and appended to the response;
   3. those responses generate their next turn, and so on, until no new turn calls a tool, `max_turns` rounds of
@@ -59,6 +59,8 @@ XML_FUNCTION = re.compile(r"<function=([^>\n]+)>(.*?)</function>", re.DOTALL)
 XML_PARAMETER = re.compile(r"<parameter=([^>\n]+)>\n?(.*?)\n?</parameter>", re.DOTALL)
 GLM_NAME = re.compile(r"\s*([^\s<]+)")
 GLM_ARGUMENT = re.compile(r"<arg_key>(.*?)</arg_key>\s*<arg_value>(.*?)</arg_value>", re.DOTALL)
+HARMONY_RECIPIENT = re.compile(r"to=([^\s<]+)")
+HARMONY_BUILTINS = ("assistant", "python", "browser", "container")
 
 
 @dataclass
@@ -557,6 +559,35 @@ def json_calls(text: str) -> list[dict]:
     return calls
 
 
+def harmony_calls(text: str) -> list[dict]:
+    """The tool calls of gpt-oss (OpenAI's harmony format): each message of the turn addressed to a function, in
+    whatever channel, its text the call's JSON arguments (vLLM's harmony parser, openai_harmony's messages). A turn
+    is the text after the generation prompt `<|start|>assistant`, messages joined by `<|end|><|start|>assistant`;
+    a message is a header, `<|message|>`, then its text. The recipient is `to=functions.NAME` (a bare `to=NAME` too,
+    unless a built-in tool: python, browser, container), written after the channel as the model writes it
+    (`<|channel|>commentary to=functions.add <|constrain|>json`) or before it as gpt-oss's template does
+    (` to=functions.add<|channel|>commentary json`). Messages to nobody (analysis, final) call nothing.
+
+    Example: '<|channel|>analysis<|message|>Add them.<|end|><|start|>assistant<|channel|>commentary
+    to=functions.add <|constrain|>json<|message|>{"a": 2, "b": 3}' -> [{"name": "add", "arguments": {"a": 2, "b":
+    3}}]; '<|channel|>final<|message|>5' -> []; arguments that are not JSON -> [{"name": ..., "error": "..."}]."""
+    calls = []
+    for message in text.split("<|start|>"):
+        header, marker, body = message.partition("<|message|>")
+        recipient = HARMONY_RECIPIENT.search(header) if marker else None
+        name = recipient[1].removeprefix("functions.") if recipient else ""
+        if not name or (not recipient[1].startswith("functions.") and name.split(".")[0] in HARMONY_BUILTINS):
+            continue
+        body = re.split(r"<\|(?:end|call|return)\|>", body, maxsplit=1)[0].strip()
+        arguments = _finite_json(body)
+        if arguments is _NOT_JSON or not isinstance(arguments, dict):
+            calls.append({"name": name, "error": f"the arguments of a call to functions.{name} are a JSON object, "
+                                                 f"got {body[:40]!r}"})
+            continue
+        calls.append({"name": name, "arguments": arguments})
+    return calls
+
+
 def run_call(call: dict, by_name: dict[str, Callable], timeout: float) -> tuple[str, str, bool]:
     """(tool name, result text, succeeded) of one parsed call. The result is the function's return value as text
     (JSON for dicts and lists), or `{"error": ...}` when the call fails in any way.
@@ -642,8 +673,8 @@ def _suffix(tokenizer, turn: dict, messages: list[dict], what: str, template_kwa
         raise DataError(f"the chat template of {name!r} "
                           f"renders an assistant turn differently when {what} follows it, so {what} cannot "
                           "be appended to a generated turn; set data chat_template to a template that renders earlier "
-                          "turns the same whatever follows them (configs/chat_templates/ has Qwen3's, Qwen3.5's and "
-                          "GLM-4.5's; Qwen3.6's own does with chat_template_kwargs {preserve_thinking: true}, "
+                          "turns the same whatever follows them (configs/chat_templates/ has Qwen3's, Qwen3.5's, "
+                          "GLM-4.5's and gpt-oss's; Qwen3.6's own does with chat_template_kwargs {preserve_thinking: true}, "
                           "Nemotron 3's with {truncate_history_thinking: false})")
     return full[len(prefix):]
 
@@ -705,5 +736,7 @@ def _turn(tokenizer, context: list[dict], message: dict, schemas: list[dict] | N
     if not found:
         written = ", ".join(map(repr, tokenizer.convert_ids_to_tokens(stops)))
         raise DataError("the chat template does not write an assistant turn as the generation prompt followed by "
-                        f"the turn and a stop token ({written}), so a trace's turns cannot be laid out as a rollout's")
+                        f"the turn and a stop token ({written}), so a trace's turns cannot be laid out as a rollout's "
+                        "(a template that drops an earlier turn's reasoning, as gpt-oss's does once an answer follows "
+                        "a call: set data chat_template to one of configs/chat_templates/)")
     return after[len(before):found[0][0]], found[0][1]

@@ -379,3 +379,133 @@ def test_nemotron_3s_own_template_takes_tools_and_a_user_and_lays_out_traces_as_
         assert prompt + ids == list(whole["input_ids"] if hasattr(whole, "keys") else whole)[:len(prompt) + len(ids)]
         first = nemotron.decode([t for t, o in zip(ids, own) if o]).split("<|im_end|>")[0]
         assert tools.parse(("<think>\n" if not kwargs else "") + first) == [{"name": "add", "arguments": {"a": 2, "b": 3}}]
+
+
+GPT_OSS_OWN = open("tests/templates/gpt_oss.jinja").read()
+GPT_OSS_TRAINING = open("configs/chat_templates/gpt_oss_training.jinja").read()
+NATIVE_CALL = '<|channel|>commentary to=functions.add <|constrain|>json<|message|>{"a": 2, "b": 3}'    # as gpt-oss writes it
+TEMPLATE_CALL = ' to=functions.add<|channel|>commentary json<|message|>{"a": 2, "b": 3}'           # as its template does
+
+
+def gpt_oss_tokenizer(hermes, template):  # noqa: F811
+    """SmolLM2's tokenizer with gpt-oss's harmony tokens, EOS <|return|>, the EOS ids of gpt-oss's generation config
+    (<|return|>, <|endoftext|>, <|call|>) and `template`."""
+    tokenizer = with_template(hermes, template)
+    tokenizer.add_special_tokens({"eos_token": "<|return|>", "additional_special_tokens": [
+        "<|start|>", "<|channel|>", "<|message|>", "<|end|>", "<|call|>", "<|constrain|>", "<|endoftext|>"]})
+    tokenizer.generation_eos_ids = tokenizer.convert_tokens_to_ids(["<|return|>", "<|endoftext|>", "<|call|>"])
+    return tokenizer
+
+
+@pytest.fixture(scope="module")
+def gpt_oss(hermes):  # noqa: F811
+    return gpt_oss_tokenizer(hermes, GPT_OSS_TRAINING)
+
+
+def test_harmony_calls_reads_gpt_oss_calls_with_the_recipient_before_or_after_the_channel():
+    """The docstring's example; the template's header order; a call after an analysis message; messages to nobody and
+    to a built-in tool call nothing; a bare recipient is a function (vLLM's rule); arguments that are not a JSON
+    object, or not finite, are an error entry naming the function."""
+    from datamodules.tools import harmony_calls
+
+    add_call = [{"name": "add", "arguments": {"a": 2, "b": 3}}]
+    assert harmony_calls(NATIVE_CALL) == add_call and harmony_calls(TEMPLATE_CALL) == add_call
+    assert harmony_calls("<|channel|>analysis<|message|>Add them.<|end|><|start|>assistant" + NATIVE_CALL) == add_call
+    assert harmony_calls("<|channel|>analysis<|message|>to=functions.add {}<|end|><|start|>assistant<|channel|>final"
+                         "<|message|>5") == []
+    assert harmony_calls("<|channel|>analysis to=python code<|message|>print(5)") == []
+    assert harmony_calls("<|channel|>commentary to=add <|constrain|>json<|message|>{}") == [{"name": "add", "arguments": {}}]
+    for body in ("add(2, 3)", "[2, 3]", '{"a": 1e999}'):
+        assert harmony_calls(TEMPLATE_CALL.replace('{"a": 2, "b": 3}', body)) == [{"name": "add", "error": (
+            f"the arguments of a call to functions.add are a JSON object, got {body!r}")}]
+
+
+def test_gpt_oss_own_template_takes_tools_and_the_training_one_writes_prompts_and_last_turns_as_it_does(hermes, gpt_oss):  # noqa: F811
+    """gpt-oss's own template (`tests/templates/gpt_oss.jinja`) appends a tool result after <|call|> as a rollout
+    does, so tools pass the data's checks as they are. It writes an earlier answer with <|end|> (the policy wrote
+    <|return|>) and drops the analysis of a call once an answer follows: a simulated user is refused in one line,
+    and so is an SFT trace whose call reasons, both naming the training template. That template takes both, writes
+    every prompt as the original does (system or not, tools or not, any reasoning effort) and a conversation's last
+    turn too; it differs from the original only where the original drops an analysis or ends an earlier answer
+    with <|end|>."""
+    from datamodules.tools import harmony_calls
+    from tests.test_user_turns import Tutor
+
+    own = gpt_oss_tokenizer(hermes, GPT_OSS_OWN)
+    tools = Tools(functions=[add], parser=harmony_calls)
+    tools.check_template(own)
+    with pytest.raises(DataError, match=r"renders an assistant turn differently when a user message follows it.*"
+                                        r"GLM-4\.5's and gpt-oss's;"):
+        Tools(environment=Tutor).check_template(own)
+    Tools(environment=Tutor).check_template(gpt_oss)
+    call = {"role": "assistant", "content": "", "thinking": "Add them.", "tool_calls": [
+        {"type": "function", "function": {"name": "add", "arguments": {"a": 2, "b": 3}}}]}
+    trace = [call, {"role": "tool", "name": "add", "content": "5"}, {"role": "assistant", "content": "It is 5."}]
+    with pytest.raises(DataError, match=r"cannot be laid out as a rollout's \(a template that drops an earlier turn's "
+                                        r"reasoning, as gpt-oss's does once an answer follows a call: .*\)$"):
+        encode_trace(own, "What is 2 + 3?", trace, tools.schemas)
+
+    for system in ([], [{"role": "system", "content": "Be brief."}]):
+        for kwargs in ({}, {"reasoning_effort": "high"}):
+            for schemas in (None, tools.schemas):
+                messages = system + [{"role": "user", "content": "What is 2 + 3?"}]
+                ours, theirs = (tok.apply_chat_template(messages, tools=schemas, add_generation_prompt=True,
+                                                        tokenize=False, **kwargs) for tok in (gpt_oss, own))
+                assert ours == theirs and ("namespace functions" in ours) == bool(schemas)
+    user = [{"role": "user", "content": "What is 2 + 3?"}]
+    unreasoned = [{k: v for k, v in call.items() if k != "thinking"}] + trace[1:]
+    for talk in (user + [{"role": "assistant", "content": "5", "thinking": "Add."}], user + [call], user + unreasoned):
+        assert gpt_oss.apply_chat_template(talk, tokenize=False) == own.apply_chat_template(talk, tokenize=False)
+    result = [{"role": "tool", "name": "add", "content": "5"}]
+    assert tool_suffix(own, result) == tool_suffix(gpt_oss, result)
+    ours, theirs = (tok.apply_chat_template(user + trace, tokenize=False) for tok in (gpt_oss, own))
+    analysis = "<|start|>assistant<|channel|>analysis<|message|>Add them.<|end|>"
+    assert ours.count(analysis) == 1 and ours.replace(analysis, "") == theirs
+    again = user + trace + [{"role": "user", "content": "Sure?"}, {"role": "assistant", "content": "Yes."}]
+    ours, theirs = (tok.apply_chat_template(again, tokenize=False) for tok in (gpt_oss, own))
+    assert ours.replace(analysis, "").replace("It is 5.<|return|>", "It is 5.<|end|>") == theirs
+
+
+def test_a_gpt_oss_trace_and_rollout_are_laid_out_as_the_training_template_writes_the_conversation(gpt_oss):
+    """An SFT trace with gpt-oss's training template (a call that reasons, its result, an answer that reasons, a
+    user's question, another answer) is token for token the template's rendering of the conversation: the call
+    ends with <|call|>, each answer with <|return|>, all the policy's; the tool result and the user's message are
+    the suffixes a rollout appends. A rollout whose scripted policy writes the call as gpt-oss writes it (the
+    recipient after the channel) runs it with `harmony_calls`, appends the result and ends at <|return|>; with the
+    template's order of the header, its tokens are the trace's."""
+    from datamodules.tools import harmony_calls
+
+    tools = Tools(functions=[add], parser=harmony_calls)
+    call = {"role": "assistant", "content": "", "thinking": "Add them.", "tool_calls": [
+        {"type": "function", "function": {"name": "add", "arguments": {"a": 2, "b": 3}}}]}
+    trace = [call, {"role": "tool", "name": "add", "content": "5"},
+             {"role": "assistant", "content": "It is 5.", "thinking": "Done."}]
+    ids, own = encode_trace(gpt_oss, "What is 2 + 3?", trace, tools.schemas)
+    whole = gpt_oss.apply_chat_template([{"role": "user", "content": "What is 2 + 3?"}] + trace, tools=tools.schemas)
+    prompt = encode_prompt(gpt_oss, "What is 2 + 3?", tools.schemas)
+    assert prompt + ids == list(whole["input_ids"] if hasattr(whole, "keys") else whole)
+    first = "<|channel|>analysis<|message|>Add them.<|end|><|start|>assistant" + TEMPLATE_CALL + "<|call|>"
+    answer = "<|channel|>analysis<|message|>Done.<|end|><|start|>assistant<|channel|>final<|message|>It is 5.<|return|>"
+    assert gpt_oss.decode([t for t, o in zip(ids, own) if o]) == first + answer
+    result = '<|start|>functions.add to=assistant<|channel|>commentary<|message|>"5"<|end|><|start|>assistant'
+    assert gpt_oss.decode([t for t, o in zip(ids, own) if not o]) == result
+    talk = trace + [{"role": "user", "content": "Sure?"}, {"role": "assistant", "content": "Yes."}]
+    longer, mask = encode_trace(gpt_oss, "What is 2 + 3?", talk, tools.schemas)
+    whole = gpt_oss.apply_chat_template([{"role": "user", "content": "What is 2 + 3?"}] + talk, tools=tools.schemas)
+    assert prompt + longer == list(whole["input_ids"] if hasattr(whole, "keys") else whole)
+    assert gpt_oss.decode([t for t, o in zip(longer, mask) if not o]).endswith(
+        "<|start|>user<|message|>Sure?<|end|><|start|>assistant")
+
+    prompt_ids, prompt_mask = pad([prompt], gpt_oss.pad_token_id, "left")
+    for written in (first, first.replace(TEMPLATE_CALL, NATIVE_CALL)):
+        generate, calls = scripted(gpt_oss, [written, answer], end=False)
+        roll = generate_with_tools(generate, tools, gpt_oss, prompt_ids, prompt_mask, ["What is 2 + 3?"],
+                                   SamplingConfig(max_new_tokens=300), 1)
+        assert [m["role"] for m in roll.messages[0]] == ["assistant", "tool", "assistant"] and len(calls) == 2
+        assert roll.messages[0][1]["content"] == "5" and roll.has_eos.tolist() == [True]
+        n = int(roll.attention_mask[0, roll.prompt_length:].sum())
+        tokens = roll.input_ids[0, roll.prompt_length:roll.prompt_length + n].tolist()
+        assert (tokens == ids) == (written == first)
+        assert gpt_oss.decode(tokens) == written + result + answer
+        turns = [len(gpt_oss(text, add_special_tokens=False)["input_ids"]) for text in (written, answer)]
+        assert roll.response_mask[0, :n].tolist() == [1] * turns[0] + [0] * (n - sum(turns)) + [1] * turns[1]

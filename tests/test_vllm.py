@@ -307,6 +307,50 @@ def test_xml_call_values_are_typed_as_vllm_types_them():
         assert sorted(schema_types(schema)) == sorted(extract_types_from_schema(schema)), schema
 
 
+def test_harmony_calls_are_the_calls_openai_harmony_reads_from_gpt_oss_turns():
+    """`datamodules.tools.harmony_calls` reads a gpt-oss turn's calls as vLLM's harmony parser does: the messages
+    openai_harmony parses from the turn's tokens (o200k_harmony, shipped with it), those whose recipient vLLM's
+    `is_function_recipient` takes, named by `extract_function_from_recipient`, with their JSON arguments (a message
+    whose text is not a JSON object is an error entry for us, a text argument for vLLM). Each turn ends with the
+    stop token the model ended it with, dropped before the parser reads it (`_assistant`)."""
+    import json
+
+    from openai_harmony import HarmonyEncodingName, Role, load_harmony_encoding
+    from vllm.entrypoints.openai.parser.harmony_utils import extract_function_from_recipient, is_function_recipient
+
+    from datamodules.tools import harmony_calls
+
+    encoding = load_harmony_encoding(HarmonyEncodingName.HARMONY_GPT_OSS)
+    call = '{"a": 2, "b": 3}'
+    turns = [
+        f"<|channel|>commentary to=functions.add <|constrain|>json<|message|>{call}<|call|>",
+        f" to=functions.add<|channel|>commentary json<|message|>{call}<|call|>",
+        f"<|channel|>analysis<|message|>Add them.<|end|><|start|>assistant<|channel|>commentary to=functions.add "
+        f"<|constrain|>json<|message|>{call}<|call|>",
+        f"<|channel|>analysis<|message|>Add.<|end|><|start|>assistant to=functions.add<|channel|>commentary json"
+        f"<|message|>{call}<|call|>",
+        "<|channel|>analysis<|message|>to=functions.add {}<|end|><|start|>assistant<|channel|>final<|message|>5<|return|>",
+        "<|channel|>final<|message|>It is 5.<|return|>",
+        "<|channel|>analysis to=python code<|message|>print(2 + 3)<|call|>",
+        "<|channel|>analysis to=browser.search<|message|>{\"query\": \"2 + 3\"}<|call|>",
+        "<|channel|>commentary to=add <|constrain|>json<|message|>{}<|call|>",
+        "<|channel|>analysis to=functions.lookup <|constrain|>json<|message|>{\"q\": [1, {\"x\": null}]}<|call|>",
+        "<|channel|>commentary to=functions.ping<|message|>{}<|call|>",
+        "<|channel|>commentary<|message|>Working on it.<|end|><|start|>assistant<|channel|>commentary to=functions.add "
+        f"<|constrain|>json<|message|>{call}<|call|>",
+    ]
+    for turn in turns:
+        theirs = []
+        for message in encoding.parse_messages_from_completion_tokens(encoding.encode(turn, allowed_special="all"),
+                                                                      role=Role.ASSISTANT):
+            if message.recipient and is_function_recipient(message.recipient):
+                theirs.append({"name": extract_function_from_recipient(message.recipient),
+                               "arguments": json.loads(message.content[0].text)})
+        stop = next(end for end in ("<|call|>", "<|return|>") if turn.endswith(end))
+        assert harmony_calls(turn[:-len(stop)]) == theirs, turn
+    assert sum(bool(harmony_calls(turn)) for turn in turns) == 8
+
+
 def test_every_stop_token_ends_a_vllm_response_where_it_ends_our_samplers(engine, vllm_sft_dir, tokenizer):
     """Further stop tokens (here the token each row draws first greedily, given as the tokenizer's generation config
     EOS ids; `datamodules.collate.stop_ids`: Gemma's <end_of_turn>, GLM's <|observation|>): vLLM draws nothing past
