@@ -10,6 +10,8 @@ model's stop tokens (`stop_ids`: that one, EOS and its generation config's).
 """
 from __future__ import annotations
 
+import re
+
 import torch
 
 from datamodules.batch import PairBatch, Sequences
@@ -53,13 +55,35 @@ def prompt_text(prompt: str | list[dict]) -> str:
 
 def encode_response(tokenizer, text: str, eos: bool = True) -> list[int]:
     """Response ids followed by the end of a turn (`turn_end_id`; `eos=False` for a response that was cut before
-    emitting one)."""
+    emitting one). With a harmony template (gpt-oss) a text is the answer, written as its final message.
+
+    Example (gpt-oss): "It is 5." -> ids of "<|channel|>final<|message|>It is 5.<|return|>"."""
+    text = HARMONY_ANSWER + text if harmony(tokenizer) else text
     ids = tokenizer(text, add_special_tokens=False)["input_ids"]
     end = turn_end_id(tokenizer)
     return ids + ([end] if eos and end is not None else [])
 
 
 PROBE = "p3o turn end probe"
+HARMONY_ANSWER = "<|channel|>final<|message|>"
+
+
+def harmony(tokenizer) -> bool:
+    """Whether the chat template writes OpenAI's harmony format (gpt-oss), where a turn is messages in channels
+    (analysis, commentary, final) and the answer is the final message: a response's text is that message's
+    (`answer_of`), and a response given as text is written as one (`encode_response`)."""
+    return HARMONY_ANSWER in (getattr(tokenizer, "chat_template", None) or "")
+
+
+def answer_of(text: str) -> str:
+    """The answer in a harmony response decoded with its special tokens: the text of its last final message (vLLM's
+    `content`), "" where it has none (cut off while reasoning, or ended by a call).
+
+    Example: "<|channel|>analysis<|message|>Add.<|end|><|start|>assistant<|channel|>final<|message|>It is 5.<|return|>"
+    -> "It is 5."; "<|channel|>analysis<|message|>Add" -> ""."""
+    if HARMONY_ANSWER not in text:
+        return ""
+    return re.split(r"<\|(?:end|return|call|endoftext)\|>", text.rsplit(HARMONY_ANSWER, 1)[1], maxsplit=1)[0].strip()
 
 
 def turn_end_id(tokenizer) -> int | None:

@@ -194,13 +194,15 @@ class PairDataModule(L.LightningDataModule):
         if not self.prompts_only:
             room = self.max_length - len(prompt_ids)
             for key in ("chosen",) if self.chosen_only else ("chosen", "rejected"):
-                if isinstance(rec[key], list):                 # a multi-turn trace: the assistant's turns trained
+                text = rec[key]
+                if isinstance(rec[key], list):      # a trace (a turn that reasons): written through the template
                     ids, own = self.encode_trace(rec, key, index, origin)
                     example[f"{key}_own"] = own[:room]
+                    text = rec[key][0]["content"] if len(rec[key]) == 1 else rec[key]   # (one turn: its answer)
                 else:
                     ids = encode_response(self.tokenizer, rec[key])
                 example["_cut"] += len(ids) > room
-                example[f"{key}_ids"], example[key] = ids[:room], rec[key]
+                example[f"{key}_ids"], example[key] = ids[:room], text
         return example
 
     def schemas(self, rec: dict) -> list[dict] | None:
@@ -217,7 +219,7 @@ class PairDataModule(L.LightningDataModule):
         if self.tools is None and any(m["role"] == "tool" or m.get("tool_calls") for m in rec[key]):
             raise DataError(f"{where}: a tool-use trace (tool calls and tool messages) needs data tools, whose "
                             "schemas the prompts carry")
-        if not self.chosen_only:
+        if not self.chosen_only and len(rec[key]) > 1:
             raise DataError(f"{where}: multi-turn traces are SFT demonstrations (data chosen_only: true); the reward "
                             "and preference stages take single responses")
         try:

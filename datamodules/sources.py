@@ -327,10 +327,17 @@ def _trace_problem(messages: list[dict]) -> str | None:
     return None
 
 
+TURN_KEYS = ("thinking", "reasoning_content", "reasoning", "tool_calls")
+
+
 def _value(value, response: bool):
-    """A field's value as the stages use it: a response given as one assistant message becomes its text; a tool-use
-    trace stays a list of messages."""
-    return value[0]["content"] if response and isinstance(value, list) and len(value) == 1 else value
+    """A field's value as the stages use it: a response given as one assistant message becomes its text, unless it
+    carries what a chat template writes beside the text (`TURN_KEYS`: gpt-oss's `thinking`, Qwen3's and GLM's
+    `reasoning_content`, calls), which a text would drop: that one, and a multi-turn trace, stay lists of messages
+    (`datamodules.tools.encode_trace` writes them through the template)."""
+    if response and isinstance(value, list) and len(value) == 1 and not any(value[0].get(k) for k in TURN_KEYS):
+        return value[0]["content"]
+    return value
 
 
 def _missing(row: dict, keep: tuple[str, ...]) -> tuple[str, str] | None:

@@ -9,7 +9,7 @@ from typing import Callable
 
 import torch
 
-from datamodules.collate import encode_prompt, pad, stop_ids
+from datamodules.collate import answer_of, encode_prompt, harmony, pad, stop_ids
 from datamodules.sources import DataError
 from datamodules.tools import Tools, tool_suffix, user_suffix
 from modules import functional as F
@@ -199,8 +199,7 @@ def rollout_of(ids: torch.Tensor, mask: torch.Tensor, response: torch.Tensor, pr
     stops = stop_ids(tokenizer)
     resp_mask = F.response_mask(response, stops)                 # (N, L)
     response = torch.where(resp_mask.bool(), response, torch.full_like(response, tokenizer.pad_token_id))
-    texts = tokenizer.batch_decode(response * resp_mask + (1 - resp_mask) * tokenizer.pad_token_id,
-                                   skip_special_tokens=True)
+    texts = response_texts(tokenizer, [row[m.bool()].tolist() for row, m in zip(response, resp_mask)])
     return Rollout(
         input_ids=torch.cat([ids, response], 1),                 # (N, P + L)
         attention_mask=torch.cat([mask, resp_mask], 1),          # (N, P + L)
@@ -208,7 +207,7 @@ def rollout_of(ids: torch.Tensor, mask: torch.Tensor, response: torch.Tensor, pr
         prompt_length=ids.shape[1],
         group_size=num_samples,
         prompts=[p for p in prompts for _ in range(num_samples)],
-        responses=[t.strip() for t in texts],
+        responses=texts,
         has_eos=F.has_eos(response, stops),
         old_logp=None if picked is None else _fit(picked, response.shape[1]) * resp_mask,
         entropy=None if entropy is None else _fit(entropy, response.shape[1]) * resp_mask,
@@ -394,6 +393,19 @@ def _opens_thinking(tokenizer, ids: torch.Tensor, mask: torch.Tensor) -> bool:
     return tail.rstrip().endswith("<think>")
 
 
+def response_texts(tokenizer, rows: list[list[int]]) -> list[str]:
+    """The texts of responses given as their real tokens, as rewards, judges and the logs read them: decoded without
+    special tokens; with a harmony template (gpt-oss), the answer alone (`datamodules.collate.answer_of`: its last
+    final message's text, as vLLM's `content`), since its analysis and call messages lose their bounds without the
+    special tokens.
+
+    Example (gpt-oss): ids of "<|channel|>analysis<|message|>Add.<|end|><|start|>assistant<|channel|>final<|message|>
+    It is 5.<|return|>" -> "It is 5." (without: "analysisAdd.assistantfinalIt is 5.")."""
+    if harmony(tokenizer):
+        return [answer_of(text) for text in tokenizer.batch_decode(rows, skip_special_tokens=False)]
+    return [text.strip() for text in tokenizer.batch_decode(rows, skip_special_tokens=True)]
+
+
 def _assistant(tokenizer, tokens: list[int], stops: list[int]) -> dict:
     """A turn as an assistant message: its text, special tokens kept (a template may make `<tool_call>` one), its
     stop token (one of `stops`, the tokenizer's `stop_ids`) dropped."""
@@ -420,7 +432,7 @@ def _assemble(first: Rollout, rows: list[_Row], tokenizer, stops: list[int]) -> 
         real[i, :n] = 1
         own[i, :n] = torch.tensor(row.own, dtype=torch.long)
         logp[i, :n], entropy[i, :n] = torch.tensor(row.logp), torch.tensor(row.entropy)
-    texts = tokenizer.batch_decode([r.tokens for r in rows], skip_special_tokens=True)
+    texts = response_texts(tokenizer, [r.tokens for r in rows])
     prompt_ids, prompt_mask = first.input_ids[:, :first.prompt_length], first.attention_mask[:, :first.prompt_length]
     return Rollout(
         input_ids=torch.cat([prompt_ids, response.to(device)], 1),
@@ -429,7 +441,7 @@ def _assemble(first: Rollout, rows: list[_Row], tokenizer, stops: list[int]) -> 
         prompt_length=first.prompt_length,
         group_size=first.group_size,
         prompts=first.prompts,
-        responses=[t.strip() for t in texts],
+        responses=texts,
         has_eos=torch.tensor([r.own[-1:] == [1] and r.tokens[-1] in stops for r in rows], device=first.has_eos.device),
         old_logp=None if first.old_logp is None else logp.to(device),
         entropy=None if first.entropy is None else entropy.to(device),

@@ -503,9 +503,56 @@ def test_a_gpt_oss_trace_and_rollout_are_laid_out_as_the_training_template_write
                                    SamplingConfig(max_new_tokens=300), 1)
         assert [m["role"] for m in roll.messages[0]] == ["assistant", "tool", "assistant"] and len(calls) == 2
         assert roll.messages[0][1]["content"] == "5" and roll.has_eos.tolist() == [True]
+        assert roll.responses == ["It is 5."]                      # (the answer: `response_texts`)
         n = int(roll.attention_mask[0, roll.prompt_length:].sum())
         tokens = roll.input_ids[0, roll.prompt_length:roll.prompt_length + n].tolist()
         assert (tokens == ids) == (written == first)
         assert gpt_oss.decode(tokens) == written + result + answer
         turns = [len(gpt_oss(text, add_special_tokens=False)["input_ids"]) for text in (written, answer)]
         assert roll.response_mask[0, :n].tolist() == [1] * turns[0] + [0] * (n - sum(turns)) + [1] * turns[1]
+
+
+def test_gpt_oss_responses_are_final_messages_and_a_records_thinking_is_written_not_dropped(tmp_path, hermes, gpt_oss):  # noqa: F811
+    """With gpt-oss a response given as text is its answer: written as the final message, as its template writes an
+    answer (not bare text after `<|start|>assistant`), and a rollout's text is its last final message's
+    (`answer_of`). A record's response given as one assistant message with `thinking` (gpt-oss) or
+    `reasoning_content` (Qwen3) is written through the template with it, for SFT and for reward pairs, where it
+    used to become its bare text (the reasoning dropped); the stage's text is the answer."""
+    import json
+
+    from datamodules.collate import answer_of, encode_response
+    from datamodules.pairs import PairDataModule
+    from datamodules.sources import LocalFiles
+    from modules.sampling import response_texts
+
+    user = [{"role": "user", "content": "What is 2 + 3?"}]
+    for tok in (gpt_oss, gpt_oss_tokenizer(hermes, GPT_OSS_OWN)):
+        whole = tok.apply_chat_template(user + [{"role": "assistant", "content": "It is 5."}], tokenize=True)
+        assert encode_prompt(tok, user) + encode_response(tok, "It is 5.") == list(
+            whole["input_ids"] if hasattr(whole, "keys") else whole)
+    answer = "<|channel|>analysis<|message|>Add.<|end|><|start|>assistant<|channel|>final<|message|>It is 5.<|return|>"
+    assert answer_of(answer) == "It is 5." and answer_of("<|channel|>analysis<|message|>Add") == ""
+    assert answer_of(TEMPLATE_CALL) == "" and answer_of("<|channel|>final<|message|> 5 <|end|><|start|>") == "5"
+    rows = [gpt_oss(answer, add_special_tokens=False)["input_ids"], gpt_oss(NATIVE_CALL)["input_ids"]]
+    assert response_texts(gpt_oss, rows) == ["It is 5.", ""]
+    assert response_texts(hermes, [hermes("It is 5.<|im_end|>")["input_ids"]]) == ["It is 5."]
+
+    qwen3 = with_template(hermes, open("tests/templates/qwen3.jinja").read())
+    for name, tok, turn in (("gpt_oss", gpt_oss, {"thinking": "Add."}), ("qwen3", qwen3, {"reasoning_content": "Add."})):
+        directory = tmp_path / name
+        tok.save_pretrained(directory / "tok")
+        chosen = [{"role": "assistant", "content": "It is 5.", **turn}]
+        rows = [{"prompt": "What is 2 + 3?", "chosen": chosen, "rejected": "It is 6."}] * 2
+        (directory / "r.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+        for chosen_only in (True, False):
+            data = PairDataModule(LocalFiles(str(directory / "r.jsonl")), tokenizer=str(directory / "tok"),
+                                  chosen_only=chosen_only, max_prompt_length=400, max_length=500)
+            data.setup("fit")
+            example = data.splits["train"][0]
+            whole = tok.apply_chat_template(user + chosen, tokenize=True)        # (Qwen3's: and a newline after)
+            ids, whole = example["prompt_ids"] + example["chosen_ids"], list(whole["input_ids"] if hasattr(
+                whole, "keys") else whole)
+            assert ids == whole[:len(ids)] and len(whole) - len(ids) == (name == "qwen3")
+            assert "Add." in tok.decode(example["chosen_ids"]) and example["chosen"] == "It is 5."
+            if not chosen_only:
+                assert example["rejected_ids"] == encode_response(data.tokenizer, "It is 6.")
