@@ -103,7 +103,8 @@ class Tools:
             SmolLM3 and Hermes models; `datamodules.tools.xml_calls`: Qwen3-Coder / Qwen3.5 / Qwen3.6's
             `<tool_call><function=...><parameter=...>` blocks, each value read as its schema's type;
             `datamodules.tools.json_calls`: Llama 3.1 / 3.2 / 3.3's bare JSON `{"name": ..., "parameters": {...}}`;
-            `datamodules.tools.glm_calls`: GLM-4.5 to 5's `<tool_call>NAME<arg_key>...<arg_value>...` blocks.
+            `datamodules.tools.glm_calls`: GLM-4.5 to 5's `<tool_call>NAME<arg_key>...<arg_value>...` blocks;
+            `datamodules.tools.harmony_calls`: gpt-oss's messages addressed `to=functions.NAME`.
             The chat template must write a call the way the parser reads it.
     """
 
