@@ -60,6 +60,8 @@ XML_PARAMETER = re.compile(r"<parameter=([^>\n]+)>\n?(.*?)\n?</parameter>", re.D
 GLM_NAME = re.compile(r"\s*([^\s<]+)")
 GLM_ARGUMENT = re.compile(r"<arg_key>(.*?)</arg_key>\s*<arg_value>(.*?)</arg_value>", re.DOTALL)
 HARMONY_RECIPIENT = re.compile(r"to=([^\s<]+)")
+GEMMA4_CALL = re.compile(r"<\|tool_call>call:([\w.\-]+)(\{.*?\})(?=<tool_call\|>|<turn\|>|$)", re.DOTALL)
+GEMMA4_STRING = '<|"|>'
 HARMONY_BUILTINS = ("assistant", "python", "browser", "container")
 
 
@@ -589,6 +591,36 @@ def harmony_calls(text: str) -> list[dict]:
     return calls
 
 
+def gemma4_calls(text: str) -> list[dict]:
+    """The tool calls of Gemma 4: `<|tool_call>call:NAME{ARGUMENTS}<tool_call|>` blocks after its reasoning (the
+    last `<channel|>` that closes a `<|channel>thought` block; none where one is never closed, as `call_blocks`
+    reads `<think>`). The arguments are Gemma's JSON: keys bare, text between `<|"|>` marks (transformers' parser,
+    `parse_content(..., "json", {"unquoted_keys": True, "string_delims": ...})`, as its chat parsing and TRL read
+    them), so a value keeps its type; vLLM's parser gives every bare value as text.
+
+    Example: '<|channel>thought\nAdd them.<channel|><|tool_call>call:add{a:2,b:3}<tool_call|>' -> [{"name": "add",
+    "arguments": {"a": 2, "b": 3}}]; 'call:lookup{query:<|"|>2024<|"|>}' in that block -> {"query": "2024"}; a
+    block whose arguments are not that JSON -> [{"name": ..., "error": "..."}]."""
+    from transformers.utils.chat_parsing.content_parsers import parse_content
+
+    if "<channel|>" in text:
+        text = text.rsplit("<channel|>", 1)[1]
+    elif "<|channel>" in text:
+        return []
+    calls = []
+    for name, body in GEMMA4_CALL.findall(text):
+        try:
+            arguments = parse_content(body, "json", {"unquoted_keys": True, "string_delims": [[GEMMA4_STRING] * 2]})
+        except ValueError:
+            arguments = None
+        if not isinstance(arguments, dict) or not _finite(arguments):
+            calls.append({"name": name, "error": f"the arguments of a call to {name} are an object {{key:value,...}}, "
+                                                 f'text between <|"|> marks; got {body[:40]!r}'})
+            continue
+        calls.append({"name": name, "arguments": arguments})
+    return calls
+
+
 def run_call(call: dict, by_name: dict[str, Callable], timeout: float) -> tuple[str, str, bool]:
     """(tool name, result text, succeeded) of one parsed call. The result is the function's return value as text
     (JSON for dicts and lists), or `{"error": ...}` when the call fails in any way.
@@ -640,12 +672,13 @@ def tool_suffix(tokenizer, messages: list[dict], template_kwargs: dict | None = 
 def user_suffix(tokenizer, text: str, template_kwargs: dict | None = None) -> list[int]:
     """Token ids that follow an assistant turn's EOS to give it a user message `text` (a simulated user's, an
     environment's `respond`) and open the next assistant turn, as `tool_suffix` does for tool results. The turn it
-    follows reasons (`<think>...</think>` in its text, as a thinking policy's turns do), so a template that drops
-    an earlier turn's reasoning once a user message follows it (Qwen3's, Nemotron 3's by default) is refused.
+    follows reasons (`<think>...</think>` in its text, as a thinking policy's turns do, and the message fields
+    templates write reasoning from: `reasoning_content`, gpt-oss's `thinking`), so a template that drops an earlier
+    turn's reasoning once a user message follows it (Qwen3's, Nemotron 3's by default, Gemma 4's) is refused.
 
     Example (ChatML): "Try again." -> ids of "\\n<|im_start|>user\\nTry again.<|im_end|>\\n<|im_start|>assistant\\n"."""
-    return _suffix(tokenizer, {"role": "assistant", "content": "<think>\nr\n</think>\n\ny"},
-                   [{"role": "user", "content": text}], "a user message", template_kwargs)
+    turn = {"role": "assistant", "content": "<think>\nr\n</think>\n\ny", "reasoning_content": "r", "thinking": "r"}
+    return _suffix(tokenizer, turn, [{"role": "user", "content": text}], "a user message", template_kwargs)
 
 
 def _suffix(tokenizer, turn: dict, messages: list[dict], what: str, template_kwargs: dict | None = None) -> list[int]:

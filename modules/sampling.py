@@ -311,10 +311,11 @@ def generate_with_tools(generate: Callable, tools: Tools, tokenizer, prompt_ids:
         rows.append(_Row(tokens, [1] * len(tokens), _picked(first.old_logp, i, keep), _picked(first.entropy, i, keep),
                          [_assistant(tokenizer, tokens, stops)], bool(first.has_eos[i])))
     active = list(range(len(rows)))                       # the rows whose latest turn was just generated
-    # A generation prompt that opens the think block (Qwen3.5 / 3.6, DeepSeek-R1) starts each turn inside it: the
-    # parser reads the turn as it follows that "<think>" (its tool and user suffixes end with the same prompt)
-    opened = [_opens_thinking(tokenizer, ids, mask) for ids, mask in zip(prompt_ids, prompt_mask)]   # per prompt
-    latest = lambda i: ("<think>" if opened[i // num_samples] else "") + rows[i].messages[-1]["content"]  # noqa: E731
+    # A context that ends by opening the reasoning (Qwen3.5 / 3.6's and DeepSeek-R1's generation prompt, Gemma 4's
+    # after a tool result in thinking mode) starts the turn inside it: the parser reads the turn after that opening
+    firsts = [_opening(tokenizer, ids[mask.bool()].tolist()) for ids, mask in zip(prompt_ids, prompt_mask)]
+    opened = [firsts[i // num_samples] for i in range(len(rows))]            # per response, for its latest turn
+    latest = lambda i: opened[i] + rows[i].messages[-1]["content"]  # noqa: E731
     while True:
         going = []
         ended = [i for i in active if rows[i].ended]
@@ -343,6 +344,8 @@ def generate_with_tools(generate: Callable, tools: Tools, tokenizer, prompt_ids:
         active = going
         contexts = [prompt_ids[i // num_samples][prompt_mask[i // num_samples].bool()].tolist() + rows[i].tokens
                     for i in going]
+        for i, context in zip(going, contexts):
+            opened[i] = _opening(tokenizer, context)
         ids, mask = _left_pad(contexts, tokenizer.pad_token_id, prompt_ids.device)
         room = max(budget - len(rows[i].tokens) for i in going)
         turn = generate(ids, mask, [prompts[i // num_samples] for i in going],
@@ -384,26 +387,50 @@ def _picked(values: torch.Tensor | None, row: int, keep: torch.Tensor) -> list[f
     return [0.0] * int(keep.sum()) if values is None else values[row][keep].tolist()
 
 
-def _opens_thinking(tokenizer, ids: torch.Tensor, mask: torch.Tensor) -> bool:
-    """Whether a prompt ends by opening a think block (its generation prompt's last word "<think>").
+OPENINGS = ("<think>", "<|channel>thought")           # the reasoning's opening: Qwen3, DeepSeek-R1; Gemma 4
 
-    Example: "...<|im_start|>assistant\n<think>\n" -> True; "...assistant\n<think>\n\n</think>\n\n" -> False;
-    "... what does <think> do?<|im_end|>\n<|im_start|>assistant\n" -> False."""
-    tail = tokenizer.decode(ids[mask.bool()][-16:].tolist(), skip_special_tokens=False)
-    return tail.rstrip().endswith("<think>")
+
+def _opening(tokenizer, ids: list[int]) -> str:
+    """The reasoning's opening a context ends with (its last words "<think>", or Gemma 4's "<|channel>thought"),
+    else "": the turn generated after it starts inside the reasoning.
+
+    Example: "...<|im_start|>assistant\n<think>\n" -> "<think>"; "...assistant\n<think>\n\n</think>\n\n" -> "";
+    "... what does <think> do?<|im_end|>\n<|im_start|>assistant\n" -> ""; Gemma 4 in thinking mode after a tool
+    result, "...<tool_response|><|channel>thought\n" -> "<|channel>thought"."""
+    tail = tokenizer.decode(ids[-16:], skip_special_tokens=False).rstrip()
+    return next((opening for opening in OPENINGS if tail.endswith(opening)), "")
 
 
 def response_texts(tokenizer, rows: list[list[int]]) -> list[str]:
     """The texts of responses given as their real tokens, as rewards, judges and the logs read them: decoded without
-    special tokens; with a harmony template (gpt-oss), the answer alone (`datamodules.collate.answer_of`: its last
-    final message's text, as vLLM's `content`), since its analysis and call messages lose their bounds without the
-    special tokens.
+    special tokens. Reasoning whose bounds are special tokens, lost in that text, is left out: with a harmony
+    template (gpt-oss) the text is the answer alone (`datamodules.collate.answer_of`: its last final message's, as
+    vLLM's `content`), with Gemma 4's every `<|channel>...<channel|>` block is dropped (an unclosed one to the end).
 
     Example (gpt-oss): ids of "<|channel|>analysis<|message|>Add.<|end|><|start|>assistant<|channel|>final<|message|>
-    It is 5.<|return|>" -> "It is 5." (without: "analysisAdd.assistantfinalIt is 5.")."""
+    It is 5.<|return|>" -> "It is 5." (without: "analysisAdd.assistantfinalIt is 5."); (Gemma 4) ids of
+    "<|channel>thought\nAdd.<channel|>It is 5.<turn|>" -> "It is 5." (without: "thought\nAdd.It is 5.")."""
     if harmony(tokenizer):
         return [answer_of(text) for text in tokenizer.batch_decode(rows, skip_special_tokens=False)]
+    if "<|channel>thought" in (getattr(tokenizer, "chat_template", None) or ""):          # (Gemma 4's)
+        opening, closing = tokenizer.convert_tokens_to_ids(["<|channel>", "<channel|>"])
+        rows = [_outside(row, opening, closing) for row in rows]
     return [text.strip() for text in tokenizer.batch_decode(rows, skip_special_tokens=True)]
+
+
+def _outside(ids: list[int], opening: int, closing: int) -> list[int]:
+    """`ids` without the spans from each `opening` to its `closing` id, both included (to the end if unclosed).
+
+    Example: [5, O, 6, C, 7, O, 8] -> [5, 7]."""
+    kept, inside = [], False
+    for token in ids:
+        if inside:
+            inside = token != closing
+        elif token == opening:
+            inside = True
+        else:
+            kept.append(token)
+    return kept
 
 
 def _assistant(tokenizer, tokens: list[int], stops: list[int]) -> dict:

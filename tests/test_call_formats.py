@@ -238,16 +238,15 @@ def test_a_rollout_runs_qwen3_5s_xml_calls_and_not_those_still_inside_the_think_
 
 
 def test_only_a_prompt_that_ends_by_opening_the_think_block_starts_its_turns_inside_it(qwen36, hermes):  # noqa: F811
-    """`_opens_thinking`'s examples: Qwen3.6's thinking prompt, its non-thinking one (the block closed), and a user
+    """`_opening`'s examples: Qwen3.6's thinking prompt, its non-thinking one (the block closed), and a user
     message that mentions the tag just before a generation prompt that opens none (the Hermes template's)."""
-    from modules.sampling import _opens_thinking
+    from modules.sampling import _opening
 
     def opens(tokenizer, text, **kwargs):
-        ids = torch.tensor(encode_prompt(tokenizer, text, None, kwargs))
-        return _opens_thinking(tokenizer, ids, torch.ones_like(ids))
+        return _opening(tokenizer, encode_prompt(tokenizer, text, None, kwargs))
 
-    assert opens(qwen36, "What is 2 + 3?") and not opens(qwen36, "What is 2 + 3?", enable_thinking=False)
-    assert not opens(hermes, "What does <think> do?")
+    assert opens(qwen36, "What is 2 + 3?") == "<think>" and opens(qwen36, "What is 2 + 3?", enable_thinking=False) == ""
+    assert opens(hermes, "What does <think> do?") == ""
 
 
 GLM_OWN = open("tests/templates/glm4_moe.jinja").read()
@@ -556,3 +555,129 @@ def test_gpt_oss_responses_are_final_messages_and_a_records_thinking_is_written_
             assert "Add." in tok.decode(example["chosen_ids"]) and example["chosen"] == "It is 5."
             if not chosen_only:
                 assert example["rejected_ids"] == encode_response(data.tokenizer, "It is 6.")
+
+
+GEMMA4_OWN = open("tests/templates/gemma4.jinja").read()
+GEMMA4_TRAINING = open("configs/chat_templates/gemma4_training.jinja").read()
+GEMMA4_CALL = "<|tool_call>call:add{a:2,b:3}<tool_call|>"
+
+
+def gemma4_tokenizer(hermes, template):  # noqa: F811
+    """SmolLM2's tokenizer with Gemma 4's turn, channel, call and string tokens, EOS <eos>, the EOS ids of Gemma 4's
+    generation config (<eos>, <turn|>, <|tool_response>) and `template`."""
+    tokenizer = with_template(hermes, template)
+    tokenizer.add_special_tokens({"eos_token": "<eos>", "bos_token": "<bos>", "additional_special_tokens": [
+        "<|turn>", "<turn|>", "<|tool_call>", "<tool_call|>", "<|tool_response>", "<tool_response|>", '<|"|>',
+        "<|channel>", "<channel|>", "<|tool>", "<tool|>", "<|think|>"]})
+    tokenizer.generation_eos_ids = tokenizer.convert_tokens_to_ids(["<eos>", "<turn|>", "<|tool_response>"])
+    return tokenizer
+
+
+@pytest.fixture(scope="module")
+def gemma4(hermes):  # noqa: F811
+    return gemma4_tokenizer(hermes, GEMMA4_OWN)
+
+
+def test_gemma4_calls_reads_gemmas_calls_after_its_reasoning_with_their_types():
+    """The docstring's examples; text, lists, objects, null and booleans; two calls; a call in a thought block that
+    is closed before the turn's call, or never closed; a call the model ends with <turn|> (vLLM's tolerance);
+    arguments that are not Gemma's JSON (a bare word, a non-finite number) are an error entry naming the tool."""
+    from datamodules.tools import gemma4_calls
+
+    add_call = [{"name": "add", "arguments": {"a": 2, "b": 3}}]
+    assert gemma4_calls("<|channel>thought\nAdd them.<channel|>" + GEMMA4_CALL) == add_call
+    assert gemma4_calls('<|tool_call>call:lookup{query:<|"|>2024, {x}<|"|>,limit:3,tags:[<|"|>a<|"|>,null],'
+                        'opt:{deep:true,n:-2.5}}<tool_call|>') == [{"name": "lookup", "arguments": {
+                            "query": "2024, {x}", "limit": 3, "tags": ["a", None], "opt": {"deep": True, "n": -2.5}}}]
+    assert gemma4_calls("<|tool_call>call:ping{}<tool_call|>" + GEMMA4_CALL) == [{"name": "ping", "arguments": {}}] + add_call
+    assert gemma4_calls("<|channel>thought\n" + GEMMA4_CALL + "<channel|>It is 5.") == []
+    assert gemma4_calls("<|channel>thought\nmaybe " + GEMMA4_CALL) == []
+    assert gemma4_calls("<|tool_call>call:add{a:2,b:3}") == add_call
+    assert gemma4_calls(GEMMA4_CALL.replace("a:2", "a:two")) == [{"name": "add", "error": (
+        "the arguments of a call to add are an object {key:value,...}, text between <|\"|> marks; got '{a:two,b:3}'")}]
+    assert gemma4_calls(GEMMA4_CALL.replace("a:2", "a:1e999"))[0].keys() == {"name", "error"}
+    assert gemma4_calls("It is 5.") == [] and parse_calls(GEMMA4_CALL) == []
+
+
+@pytest.mark.parametrize("kwargs", [{}, {"enable_thinking": True}])
+def test_gemma4s_own_template_takes_tools_and_lays_out_a_trace_and_a_rollout_as_it_writes_the_conversation(gemma4, kwargs):
+    """Gemma 4's own template (`tests/templates/gemma4.jinja`) ends a call with <|tool_response>, one of its
+    generation config's EOS ids, and writes the result after it without a new turn: tools pass the data's checks as
+    they are. An SFT trace (a call that reasons, its result, an answer that reasons) is token for token the
+    template's conversation; in thinking mode the result is followed by an open thought block, so the answer's turn
+    starts inside it. A rollout whose scripted policy writes those turns runs the call with `gemma4_calls`, ends the
+    call's turn at <|tool_response> and the answer's at <turn|>, lays the response out as the trace, and its text
+    leaves the reasoning out."""
+    from datamodules.tools import gemma4_calls
+
+    tools = Tools(functions=[add], parser=gemma4_calls)
+    tools.check_template(gemma4, kwargs)
+    thinking = bool(kwargs)
+    result = [{"role": "tool", "name": "add", "content": "5"}]
+    assert gemma4.decode(tool_suffix(gemma4, result, kwargs)) == \
+        'response:add{value:<|"|>5<|"|>}<tool_response|>' + ("<|channel>thought\n" if thinking else "")
+    call = {"role": "assistant", "content": "", "reasoning_content": "Add them.", "tool_calls": [
+        {"type": "function", "function": {"name": "add", "arguments": {"a": 2, "b": 3}}}]}
+    trace = [call, result[0], {"role": "assistant", "content": "It is 5.", "reasoning_content": "Done."}]
+    ids, own = encode_trace(gemma4, "What is 2 + 3?", trace, tools.schemas, kwargs)
+    whole = gemma4.apply_chat_template([{"role": "user", "content": "What is 2 + 3?"}] + trace, tools=tools.schemas,
+                                       **kwargs)
+    prompt = encode_prompt(gemma4, "What is 2 + 3?", tools.schemas, kwargs)
+    assert prompt + ids + gemma4("\n", add_special_tokens=False)["input_ids"] == list(
+        whole["input_ids"] if hasattr(whole, "keys") else whole)
+    first = "<|channel>thought\nAdd them.\n<channel|>" + GEMMA4_CALL + "<|tool_response>"
+    answer = ("" if thinking else "<|channel>thought\n") + "Done.\n<channel|>It is 5.<turn|>"
+    assert gemma4.decode([t for t, o in zip(ids, own) if o]) == first + answer
+
+    prompt_ids, mask = pad([prompt], gemma4.pad_token_id, "left")
+    generate, calls = scripted(gemma4, [first, answer], end=False)
+    roll = generate_with_tools(generate, tools, gemma4, prompt_ids, mask, ["What is 2 + 3?"],
+                               SamplingConfig(max_new_tokens=300), 1, template_kwargs=kwargs)
+    assert [m["role"] for m in roll.messages[0]] == ["assistant", "tool", "assistant"] and len(calls) == 2
+    assert roll.input_ids[0, roll.prompt_length:roll.prompt_length + len(ids)].tolist() == ids
+    assert roll.response_mask[0, :len(ids)].tolist() == own and roll.has_eos.tolist() == [True]
+    assert roll.responses == ['call:add{a:2,b:3}response:add{value:5}It is 5.']
+
+
+def test_gemma4s_own_template_refuses_a_user_and_the_training_one_keeps_every_turns_reasoning(hermes, gemma4):  # noqa: F811
+    """Gemma 4's own template writes a turn's reasoning only after the last user message: a simulated user is
+    refused in one line. `configs/chat_templates/gemma4_training.jinja` writes every turn's: it takes one, writes
+    prompts (system or not, tools or not, thinking or not) and the turns after the last user message as Gemma 4's
+    own does, and differs from it only by the reasoning of earlier turns. A call inside an unclosed thought block is
+    not run: in a first turn that opens the block, and in thinking mode in a turn after a tool result, whose
+    context opens it."""
+    from datamodules.tools import gemma4_calls
+    from tests.test_user_turns import Tutor
+
+    training = gemma4_tokenizer(hermes, GEMMA4_TRAINING)
+    with pytest.raises(DataError, match=r"renders an assistant turn differently when a user message follows it"):
+        Tools(environment=Tutor).check_template(gemma4)
+    Tools(environment=Tutor).check_template(training)
+    assert gemma4.decode(tool_suffix(training, [{"role": "tool", "name": "add", "content": "5"}])).startswith("response:")
+    schemas = Tools(functions=[add]).schemas
+    for system in ([], [{"role": "system", "content": "Be brief."}]):
+        for kwargs in ({}, {"enable_thinking": True}):
+            for tools in (None, schemas):
+                messages = system + [{"role": "user", "content": "What is 2 + 3?"}]
+                ours, theirs = (tok.apply_chat_template(messages, tools=tools, add_generation_prompt=True,
+                                                        tokenize=False, **kwargs) for tok in (training, gemma4))
+                assert ours == theirs
+    talk = [{"role": "user", "content": "2 + 3?"}, {"role": "assistant", "content": "5", "reasoning_content": "Add."},
+            {"role": "user", "content": "Sure?"}, {"role": "assistant", "content": "Yes.", "reasoning_content": "Yes."}]
+    ours, theirs = (tok.apply_chat_template(talk, tokenize=False) for tok in (training, gemma4))
+    thought = "<|channel>thought\nAdd.\n<channel|>"
+    assert ours.count(thought) == 1 and ours.replace(thought, "") == theirs
+    assert training.apply_chat_template(talk[2:], tokenize=False) == gemma4.apply_chat_template(talk[2:], tokenize=False)
+
+    tools = Tools(functions=[add], parser=gemma4_calls)
+    maybe = "maybe " + GEMMA4_CALL + "<|tool_response>"
+    for kwargs, turns, roles in (({}, ["<|channel>thought\n" + maybe], ["assistant"]),
+                                 ({"enable_thinking": True}, [GEMMA4_CALL + "<|tool_response>", maybe],
+                                  ["assistant", "tool", "assistant"])):
+        prompt_ids, mask = pad([encode_prompt(gemma4, "What is 2 + 3?", tools.schemas, kwargs)], gemma4.pad_token_id,
+                               "left")
+        generate, calls = scripted(gemma4, turns, end=False)
+        roll = generate_with_tools(generate, tools, gemma4, prompt_ids, mask, ["What is 2 + 3?"],
+                                   SamplingConfig(max_new_tokens=300), 1, template_kwargs=kwargs)
+        assert [m["role"] for m in roll.messages[0]] == roles and len(calls) == len(turns)
+        assert roll.timings["tools/calls"] == len(turns) - 1 and roll.has_eos.tolist() == [True]
