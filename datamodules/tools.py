@@ -7,7 +7,8 @@ evaluation samples) runs them (`modules.sampling.generate_with_tools`):
   2. a turn that ended with EOS and holds tool calls (by default in the Hermes format that the Qwen2.5 / Qwen3,
      SmolLM3 and Hermes templates render, `<tool_call>{"name": ..., "arguments": {...}}</tool_call>`, outside its
      reasoning, `parse_calls`; Qwen3.5's XML with `xml_calls`, Llama 3's JSON with `json_calls`, GLM's with
-     `glm_calls`, gpt-oss's harmony messages with `harmony_calls`: the tools' `parser`) has them run
+     `glm_calls`, gpt-oss's harmony messages with `harmony_calls`, Gemma 4's with `gemma4_calls`: the tools'
+     `parser`) has them run
      (`run_call`); their results become `tool` messages, rendered by the chat template together with the next
      assistant header (`tool_suffix`) and appended to the response;
   3. those responses generate their next turn, and so on, until no new turn calls a tool, `max_turns` rounds of
@@ -106,7 +107,8 @@ class Tools:
             `<tool_call><function=...><parameter=...>` blocks, each value read as its schema's type;
             `datamodules.tools.json_calls`: Llama 3.1 / 3.2 / 3.3's bare JSON `{"name": ..., "parameters": {...}}`;
             `datamodules.tools.glm_calls`: GLM-4.5 to 5's `<tool_call>NAME<arg_key>...<arg_value>...` blocks;
-            `datamodules.tools.harmony_calls`: gpt-oss's messages addressed `to=functions.NAME`.
+            `datamodules.tools.harmony_calls`: gpt-oss's messages addressed `to=functions.NAME`;
+            `datamodules.tools.gemma4_calls`: Gemma 4's `<|tool_call>call:NAME{...}<tool_call|>` blocks.
             The chat template must write a call the way the parser reads it.
     """
 

@@ -351,6 +351,39 @@ def test_harmony_calls_are_the_calls_openai_harmony_reads_from_gpt_oss_turns():
     assert sum(bool(harmony_calls(turn)) for turn in turns) == 8
 
 
+def test_gemma4_calls_read_the_arguments_vllms_gemma4_parser_reads_with_their_types():
+    """`datamodules.tools.gemma4_calls` reads a Gemma 4 call's arguments as vLLM's Gemma 4 parser
+    (`_parse_gemma4_args`) does, but typed: vLLM gives every bare value as its text ("42", "true", "null"), we give
+    the JSON value (42, True, None), as transformers' chat parsing and TRL do. Over a grid of arguments as Gemma's
+    template writes them (text between <|"|> marks, with commas, braces and colons inside; numbers; booleans; null;
+    lists; nested objects), ours with each bare value written back as text equal vLLM's."""
+    from vllm.parser.gemma4 import _parse_gemma4_args
+
+    from datamodules.tools import gemma4_calls
+
+    def as_text(value):
+        if isinstance(value, dict):
+            return {k: as_text(v) for k, v in value.items()}
+        if isinstance(value, list):
+            return [as_text(v) for v in value]
+        return value if isinstance(value, str) else "null" if value is None else str(value).lower() \
+            if isinstance(value, bool) else str(value)
+
+    q = '<|"|>'
+    values = [f"{q}Tokyo{q}", f"{q}a, b: {{c}}{q}", f"{q}2024{q}", f"{q}{q}", "42", "-7", "2.5", "true", "false", "null",
+              f"[{q}a{q},{q}b{q}]", "[1,2,3]", "[]", f"{{inner:{q}v{q},n:1}}", "{}", f"[{{x:1}},{{y:{q}z{q}}}]",
+              f"{{deep:{{deeper:[true,null]}}}}"]
+    checked = 0
+    for first in values:
+        for second in values[::3]:
+            args = f"a:{first},b:{second}"
+            ours = gemma4_calls(f"<|tool_call>call:f{{{args}}}<tool_call|>")
+            assert len(ours) == 1 and "arguments" in ours[0], args
+            assert as_text(ours[0]["arguments"]) == _parse_gemma4_args(args), args
+            checked += 1
+    assert checked == len(values) * len(values[::3])
+
+
 def test_every_stop_token_ends_a_vllm_response_where_it_ends_our_samplers(engine, vllm_sft_dir, tokenizer):
     """Further stop tokens (here the token each row draws first greedily, given as the tokenizer's generation config
     EOS ids; `datamodules.collate.stop_ids`: Gemma's <end_of_turn>, GLM's <|observation|>): vLLM draws nothing past
