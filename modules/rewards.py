@@ -30,6 +30,7 @@ from typing import Callable
 import torch
 from torch import nn
 
+from datamodules.collate import pad
 from modules.backbone import BackboneSpec, build_scorer, load_tokenizer
 from modules.batch import Rollout
 from modules.forward import score_texts, sequence_rewards
@@ -115,18 +116,34 @@ class RewardModel(FrozenModel):
         clip: clip the (normalised) reward to [-clip, clip] (None = off).
         share_prompts: score a rollout's K responses to a prompt with the prompt computed once
             (`modules.forward.sequence_rewards` with the group size; same numbers up to float rounding).
-    When the reward model shares the policy's vocabulary, rollouts are scored from their token ids directly;
-    otherwise their texts are re-tokenized with the reward model's own tokenizer.
+        scoring: what the model reads of a response. "tokens", as the reward stage trains it: the prompt as the
+            data encodes it, the response's tokens and its turn's stop token (a cut-off one without), read at that
+            last token; from the rollout's token ids where the vocabularies match, else from its texts re-tokenized.
+            "chat_template", as TRL's GRPOTrainer gives a reward model the rollout (and as reward models trained
+            elsewhere are meant to be used, e.g. Skywork-Reward): the model's own chat template over the
+            conversation, the prompt's messages then the response as an assistant message (with tools, its
+            messages), read at the last token the template writes (plain prompt + response text without a
+            template). Default (None): "tokens" where `path` holds `reward_stats.json` (the reward stage's export),
+            else "chat_template".
+        batch_size: responses per forward with "chat_template".
+    With "tokens", when the reward model shares the policy's vocabulary, rollouts are scored from their token ids
+    directly; otherwise their texts are re-tokenized with the reward model's own tokenizer.
 
     The scorer is built when the RL module's `configure_model` calls `configure(mesh)` (under FSDP2 whole on the
     first rank only, then sharded), or at the first use of `model` otherwise (`FrozenModel`).
     """
 
-    def __init__(self, path: str, normalize: bool = True, clip: float | None = None, share_prompts: bool = True):
+    def __init__(self, path: str, normalize: bool = True, clip: float | None = None, share_prompts: bool = True,
+                 scoring: str | None = None, batch_size: int = 64):
         _check_scorer(path)
         super().__init__(BackboneSpec(pretrained=path), load_tokenizer(path))
         self.path, self.normalize, self.clip, self.share_prompts = path, normalize, clip, share_prompts
         stats_path = os.path.join(path, "reward_stats.json")
+        if scoring not in (None, "tokens", "chat_template"):
+            raise ValueError(f"RewardModel: scoring={scoring!r}; expected 'tokens' (as the reward stage trains), "
+                             "'chat_template' (the model's own chat template, as TRL scores) or null (by the folder)")
+        self.scoring = scoring or ("tokens" if os.path.exists(stats_path) else "chat_template")
+        self.batch_size = batch_size
         self.mean, self.std = 0.0, 1.0
         if normalize:
             if not os.path.exists(stats_path):
@@ -144,7 +161,9 @@ class RewardModel(FrozenModel):
 
     @torch.no_grad()
     def score(self, rollout: Rollout, tokenizer) -> torch.Tensor:
-        if self._same_vocab(tokenizer):
+        if self.scoring == "chat_template":
+            raw = torch.tensor(self.conversation_scores(rollout), device=rollout.input_ids.device)
+        elif self._same_vocab(tokenizer):
             raw = sequence_rewards(self.model, rollout.input_ids, rollout.attention_mask, rollout.prompt_length,
                                    rollout.group_size if self.share_prompts else 1)          # (N,)
         else:
@@ -152,6 +171,32 @@ class RewardModel(FrozenModel):
                               rollout.has_eos.tolist()).to(rollout.input_ids.device)
         reward = (raw - self.mean) / self.std
         return reward.clamp(-self.clip, self.clip) if self.clip else reward
+
+
+    def conversation_scores(self, rollout: Rollout) -> list[float]:
+        """Each response's raw reward read as TRL's GRPOTrainer reads a reward model's: the model's chat template
+        over prompt + response (the prompt's messages, or its text as a user message, then the response as an
+        assistant message, or its messages with tools), as text, tokenized without added special tokens, the
+        reward at the last token; without a chat template the prompt's text followed by the response's."""
+        from datamodules.collate import prompt_text
+
+        tokenizer, rows = self.tokenizer, []
+        for i, prompt in enumerate(rollout.prompts):
+            if getattr(tokenizer, "chat_template", None):
+                messages = list(prompt) if isinstance(prompt, list) else [{"role": "user", "content": prompt}]
+                completion = rollout.messages[i] if rollout.messages is not None else \
+                    [{"role": "assistant", "content": rollout.responses[i]}]
+                text = tokenizer.apply_chat_template(messages + completion, tokenize=False)
+            else:
+                text = prompt_text(prompt) + rollout.responses[i]
+            rows.append(tokenizer(text, add_special_tokens=False)["input_ids"])
+        device = next(self.model.parameters()).device
+
+        def forward(a: int, b: int) -> list[float]:
+            self.check_length(max(len(row) for row in rows[a:b]), "a conversation rendered by its chat template")
+            ids, mask = pad(rows[a:b], tokenizer.pad_token_id, "right")
+            return sequence_rewards(self.model, ids.to(device), mask.to(device)).float().tolist()
+        return self.batched(len(rows), self.batch_size, forward)
 
 
 def read_scale(path: str, keys: tuple[str, ...]) -> dict[str, float]:

@@ -6,6 +6,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from datamodules.collate import encode_prompt, pad
+from modules.backbone import BackboneSpec
 from modules.batch import Rollout
 from modules.rewards import RewardError, check
 from tests.helpers import tiny_rl_config
@@ -213,3 +215,44 @@ def test_an_async_reward_trains_end_to_end_as_the_evaluation_reward_too(tmp_path
     assert cli.trainer.callback_metrics["train/reward"] == 1.0
     evaluation = next(cb for cb in cli.trainer.callbacks if type(cb).__name__ == "Evaluation").history[-1]
     assert evaluation["val/gold_reward"] > 0
+
+
+def test_a_reward_model_from_elsewhere_reads_the_conversation_through_its_own_chat_template(reward_dir, sft_dir,
+                                                                                         tmp_path):
+    """A reward model without the reward stage's `reward_stats.json` (one trained elsewhere) is scored as TRL's
+    GRPOTrainer scores one (`scoring: chat_template`): its own chat template over [user prompt, assistant
+    response] as text, tokenized without added special tokens, read at the last token, one response at a time
+    here as TRL's code reads it. The reward stage's export (and `scoring: tokens`) keeps prompt ids + response ids
+    + EOS, where this template's trailing "." would be missing: the numbers differ. A bad value is one line."""
+    import shutil
+
+    from modules.backbone import build_causal_lm, load_tokenizer
+    from modules.rewards import RewardModel
+    from modules.sampling import SamplingConfig, sample
+
+    other = tmp_path / "elsewhere"
+    shutil.copytree(reward_dir, other)
+    (other / "reward_stats.json").unlink()
+    tokenizer = load_tokenizer(str(other))
+    tokenizer.chat_template = "{% for m in messages %}{{ m['content'] + ' . ' }}{% endfor %}"
+    tokenizer.save_pretrained(str(other))
+    reward = RewardModel(str(other), normalize=False)
+    assert reward.scoring == "chat_template" and RewardModel(reward_dir).scoring == "tokens"
+
+    policy_tokenizer = load_tokenizer(sft_dir)
+    policy = build_causal_lm(BackboneSpec(pretrained=sft_dir), policy_tokenizer)
+    prompts = ["write a review of the cafe :", "write a review of the park :"]
+    ids, mask = pad([encode_prompt(policy_tokenizer, p) for p in prompts], policy_tokenizer.pad_token_id, "left")
+    roll = sample(policy, policy_tokenizer, ids, mask, prompts, SamplingConfig(max_new_tokens=6), num_samples=2)
+    trl = []
+    for prompt, response in zip(roll.prompts, roll.responses):        # TRL 1.16 grpo_trainer.py, _calculate_rewards
+        text = tokenizer.apply_chat_template([{"role": "user", "content": prompt},
+                                              {"role": "assistant", "content": response}], tokenize=False)
+        inputs = tokenizer(text=[text], return_tensors="pt", padding=True, padding_side="right", add_special_tokens=False)
+        trl.append(reward.model(**inputs).logits[0, 0].item())
+    assert torch.allclose(reward.score(roll, policy_tokenizer), torch.tensor(trl), atol=1e-5)
+    tokens = RewardModel(str(other), normalize=False, scoring="tokens").score(roll, policy_tokenizer)
+    assert not torch.allclose(tokens, torch.tensor(trl), atol=1e-3)
+    with pytest.raises(ValueError, match=r"^RewardModel: scoring='chat'; expected 'tokens' \(as the reward stage trains\), "
+                                         r"'chat_template' \(the model's own chat template, as TRL scores\) or null"):
+        RewardModel(str(other), normalize=False, scoring="chat")
