@@ -186,7 +186,11 @@ class RewardModel(FrozenModel):
                 messages = list(prompt) if isinstance(prompt, list) else [{"role": "user", "content": prompt}]
                 completion = rollout.messages[i] if rollout.messages is not None else \
                     [{"role": "assistant", "content": rollout.responses[i]}]
-                text = tokenizer.apply_chat_template(messages + completion, tokenize=False)
+                try:
+                    text = tokenizer.apply_chat_template(messages + completion, tokenize=False)
+                except Exception as error:           # (a template's raise_exception, a role it does not take)
+                    raise RewardError(f"RewardModel ({self.path}): its chat template cannot write response {i}'s "
+                                      f"conversation ({type(error).__name__}: {error}); set scoring: tokens") from None
             else:
                 text = prompt_text(prompt) + rollout.responses[i]
             rows.append(tokenizer(text, add_special_tokens=False)["input_ids"])

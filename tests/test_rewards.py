@@ -253,6 +253,11 @@ def test_a_reward_model_from_elsewhere_reads_the_conversation_through_its_own_ch
     assert torch.allclose(reward.score(roll, policy_tokenizer), torch.tensor(trl), atol=1e-5)
     tokens = RewardModel(str(other), normalize=False, scoring="tokens").score(roll, policy_tokenizer)
     assert not torch.allclose(tokens, torch.tensor(trl), atol=1e-3)
+    strict = RewardModel(str(other), normalize=False)
+    strict.tokenizer.chat_template = "{{ raise_exception('roles must alternate') }}"
+    with pytest.raises(RewardError, match=r"^RewardModel \(.*elsewhere\): its chat template cannot write response 0's "
+                                          r"conversation \(TemplateError: roles must alternate\); set scoring: tokens$"):
+        strict.score(roll, policy_tokenizer)
     with pytest.raises(ValueError, match=r"^RewardModel: scoring='chat'; expected 'tokens' \(as the reward stage trains\), "
                                          r"'chat_template' \(the model's own chat template, as TRL scores\) or null"):
         RewardModel(str(other), normalize=False, scoring="chat")

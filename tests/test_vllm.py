@@ -372,7 +372,7 @@ def test_gemma4_calls_read_the_arguments_vllms_gemma4_parser_reads_with_their_ty
     q = '<|"|>'
     values = [f"{q}Tokyo{q}", f"{q}a, b: {{c}}{q}", f"{q}2024{q}", f"{q}{q}", "42", "-7", "2.5", "true", "false", "null",
               f"[{q}a{q},{q}b{q}]", "[1,2,3]", "[]", f"{{inner:{q}v{q},n:1}}", "{}", f"[{{x:1}},{{y:{q}z{q}}}]",
-              f"{{deep:{{deeper:[true,null]}}}}"]
+              "{deep:{deeper:[true,null]}}"]
     checked = 0
     for first in values:
         for second in values[::3]:
