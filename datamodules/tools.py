@@ -7,8 +7,8 @@ evaluation samples) runs them (`modules.sampling.generate_with_tools`):
   2. a turn that ended with EOS and holds tool calls (by default in the Hermes format that the Qwen2.5 / Qwen3,
      SmolLM3 and Hermes templates render, `<tool_call>{"name": ..., "arguments": {...}}</tool_call>`, outside its
      reasoning, `parse_calls`; Qwen3.5's XML with `xml_calls`, Llama 3's JSON with `json_calls`, GLM's with
-     `glm_calls`, gpt-oss's harmony messages with `harmony_calls`, Gemma 4's with `gemma4_calls`: the tools'
-     `parser`) has them run
+     `glm_calls`, gpt-oss's harmony messages with `harmony_calls`, Gemma 4's with `gemma4_calls`, LFM2's Python
+     calls with `pythonic_calls`: the tools' `parser`) has them run
      (`run_call`); their results become `tool` messages, rendered by the chat template together with the next
      assistant header (`tool_suffix`) and appended to the response;
   3. those responses generate their next turn, and so on, until no new turn calls a tool, `max_turns` rounds of
@@ -63,6 +63,7 @@ GLM_ARGUMENT = re.compile(r"<arg_key>(.*?)</arg_key>\s*<arg_value>(.*?)</arg_val
 HARMONY_RECIPIENT = re.compile(r"to=([^\s<]+)")
 GEMMA4_CALL = re.compile(r"<\|tool_call>call:([\w.\-]+)(\{.*?\})(?=<tool_call\|>|<turn\|>|$)", re.DOTALL)
 GEMMA4_STRING = '<|"|>'
+PYTHONIC_CALL = re.compile(r"<\|tool_call_start\|>(.*?)(?:<\|tool_call_end\|>|$)", re.DOTALL)
 HARMONY_BUILTINS = ("assistant", "python", "browser", "container")
 
 
@@ -108,7 +109,8 @@ class Tools:
             `datamodules.tools.json_calls`: Llama 3.1 / 3.2 / 3.3's bare JSON `{"name": ..., "parameters": {...}}`;
             `datamodules.tools.glm_calls`: GLM-4.5 to 5's `<tool_call>NAME<arg_key>...<arg_value>...` blocks;
             `datamodules.tools.harmony_calls`: gpt-oss's messages addressed `to=functions.NAME`;
-            `datamodules.tools.gemma4_calls`: Gemma 4's `<|tool_call>call:NAME{...}<tool_call|>` blocks.
+            `datamodules.tools.gemma4_calls`: Gemma 4's `<|tool_call>call:NAME{...}<tool_call|>` blocks;
+            `datamodules.tools.pythonic_calls`: LFM2 / LFM2.5's `<|tool_call_start|>[name(key=value)]` lists.
             The chat template must write a call the way the parser reads it.
     """
 
@@ -368,10 +370,11 @@ def schema_of(fn: Callable) -> dict:
                           "type hints and a Google-style docstring with an Args section)") from None
 
 
-def call_blocks(text: str) -> list[str]:
-    """The bodies of a turn's `<tool_call>` blocks outside its reasoning: after the last `</think>` (Qwen3's,
-    DeepSeek-R1's and SmolLM3's reasoning blocks; a call the policy only thinks about is not run, as with TRL's
-    and vLLM's reasoning parsers), none where a `<think>` is never closed, all of them in a turn without think tags.
+def call_blocks(text: str, blocks: re.Pattern = CALL) -> list[str]:
+    """The bodies of a turn's `<tool_call>` blocks (or those `blocks` finds) outside its reasoning: after the last
+    `</think>` (Qwen3's, DeepSeek-R1's, SmolLM3's and LFM2.5's reasoning blocks; a call the policy only thinks about
+    is not run, as with TRL's and vLLM's reasoning parsers), none where a `<think>` is never closed, all of them in a
+    turn without think tags.
 
     Example: '<think>or <tool_call>A</tool_call>?</think><tool_call>B</tool_call>' -> ['B']; '<think>
     <tool_call>A</tool_call>' -> []; '<tool_call>A</tool_call>' -> ['A']."""
@@ -379,7 +382,7 @@ def call_blocks(text: str) -> list[str]:
         text = text.rsplit("</think>", 1)[1]
     elif "<think>" in text:
         return []
-    return CALL.findall(text)
+    return blocks.findall(text)
 
 
 def parse_calls(text: str) -> list[dict]:
@@ -623,6 +626,63 @@ def gemma4_calls(text: str) -> list[dict]:
     return calls
 
 
+def pythonic_calls(text: str) -> list[dict]:
+    """The tool calls of LFM2 / LFM2.5 (Liquid AI): a `<|tool_call_start|>[name(key=value, ...), ...]
+    <|tool_call_end|>` block outside the reasoning (`call_blocks`), a Python list of calls with keyword arguments
+    whose values are Python literals (JSON's true, false and null read too), as vLLM's `lfm2` parser reads them.
+    A block that is not such a list is one error entry; a call with an argument that is no literal (or no keyword),
+    an error entry naming it. vLLM also repairs some malformed text (a raw newline or an unescaped quote inside a
+    string, a leading zero), and reads a block that holds no list of calls (`[]`, `add(a=2)`) as no call; here
+    both are errors the policy is answered with.
+
+    Example: '<|tool_call_start|>[add(a=2, b=3)]<|tool_call_end|>' -> [{"name": "add", "arguments": {"a": 2, "b":
+    3}}]; '[search(query="p3o", tags=["rl"]), ping()]' in that block -> two calls; '[add(2, 3)]' -> [{"name":
+    "add", "error": "..."}]."""
+    import ast
+
+    calls = []
+    for body in call_blocks(text, PYTHONIC_CALL):
+        try:
+            tree = ast.parse(body.strip(), mode="eval").body
+        except (SyntaxError, ValueError):
+            tree = None
+        if not isinstance(tree, ast.List) or not tree.elts or not all(isinstance(e, ast.Call) for e in tree.elts):
+            calls.append({"error": f"a tool call is a list of calls [name(key=value, ...)], got {body.strip()[:40]!r}"})
+            continue
+        for call in tree.elts:
+            name = ast.unparse(call.func)
+            try:
+                if not isinstance(call.func, (ast.Name, ast.Attribute)):
+                    raise ValueError("its name is not a (dotted) name")
+                if call.args or any(keyword.arg is None for keyword in call.keywords):
+                    raise ValueError("arguments are given by keyword")
+                calls.append({"name": name, "arguments": {k.arg: _literal(k.value) for k in call.keywords}})
+            except ValueError as error:
+                calls.append({"name": name, "error": f"the call to {name} is not name(key=literal, ...): {error}"})
+    return calls
+
+
+def _literal(node) -> object:
+    """A Python literal's value (`ast.literal_eval`), JSON's true / false / null read as True / False / None, a
+    tuple as a list; else a ValueError. Example: the node of [1, null, (2, true)] -> [1, None, [2, True]]."""
+    import ast
+
+    names = {"true": True, "false": False, "null": None}
+    if isinstance(node, ast.Name) and node.id in names:
+        return names[node.id]
+    if isinstance(node, (ast.List, ast.Tuple)):
+        return [_literal(item) for item in node.elts]
+    if isinstance(node, ast.Dict) and all(isinstance(key, ast.Constant) for key in node.keys):
+        return {_literal(key): _literal(value) for key, value in zip(node.keys, node.values)}
+    try:
+        value = ast.literal_eval(node)
+    except (ValueError, TypeError, SyntaxError, MemoryError, RecursionError):
+        raise ValueError(f"{ast.unparse(node)[:40]!r} is not a literal") from None
+    if not _finite(value) or not isinstance(value, (str, int, float, bool, type(None))):
+        raise ValueError(f"{ast.unparse(node)[:40]!r} is not a JSON value")
+    return value
+
+
 def run_call(call: dict, by_name: dict[str, Callable], timeout: float) -> tuple[str, str, bool]:
     """(tool name, result text, succeeded) of one parsed call. The result is the function's return value as text
     (JSON for dicts and lists), or `{"error": ...}` when the call fails in any way.
@@ -710,8 +770,8 @@ def _suffix(tokenizer, turn: dict, messages: list[dict], what: str, template_kwa
                           f"renders an assistant turn differently when {what} follows it, so {what} cannot "
                           "be appended to a generated turn; set data chat_template to a template that renders earlier "
                           "turns the same whatever follows them (configs/chat_templates/ has Qwen3's, Qwen3.5's, "
-                          "GLM-4.5's and gpt-oss's; Qwen3.6's own does with chat_template_kwargs {preserve_thinking: true}, "
-                          "Nemotron 3's with {truncate_history_thinking: false})")
+                          "GLM-4.5's, gpt-oss's and Gemma 4's; Qwen3.6's and LFM2.5's own do with chat_template_kwargs "
+                          "{preserve_thinking: true}, Nemotron 3's with {truncate_history_thinking: false})")
     return full[len(prefix):]
 
 

@@ -434,7 +434,7 @@ def test_gpt_oss_own_template_takes_tools_and_the_training_one_writes_prompts_an
     tools = Tools(functions=[add], parser=harmony_calls)
     tools.check_template(own)
     with pytest.raises(DataError, match=r"renders an assistant turn differently when a user message follows it.*"
-                                        r"GLM-4\.5's and gpt-oss's;"):
+                                        r"GLM-4\.5's, gpt-oss's and Gemma 4's;"):
         Tools(environment=Tutor).check_template(own)
     Tools(environment=Tutor).check_template(gpt_oss)
     call = {"role": "assistant", "content": "", "thinking": "Add them.", "tool_calls": [
@@ -681,3 +681,77 @@ def test_gemma4s_own_template_refuses_a_user_and_the_training_one_keeps_every_tu
                                    SamplingConfig(max_new_tokens=300), 1, template_kwargs=kwargs)
         assert [m["role"] for m in roll.messages[0]] == roles and len(calls) == len(turns)
         assert roll.timings["tools/calls"] == len(turns) - 1 and roll.has_eos.tolist() == [True]
+
+
+LFM2_5 = open("tests/templates/lfm2_5.jinja").read()
+LFM_CALL = "<|tool_call_start|>[add(a=2, b=3)]<|tool_call_end|>"
+
+
+@pytest.fixture(scope="module")
+def lfm(hermes):  # noqa: F811
+    """SmolLM2's tokenizer (ChatML, EOS <|im_end|>) with LFM2.5's call tokens and its own template (TRL's
+    `lfm2_2_5_v2.jinja`, as LiquidAI/LFM2.5-230M ships it)."""
+    tokenizer = with_template(hermes, LFM2_5)
+    tokenizer.add_special_tokens({"bos_token": "<|startoftext|>",
+                                  "additional_special_tokens": ["<|tool_call_start|>", "<|tool_call_end|>"]})
+    return tokenizer
+
+
+def test_pythonic_calls_reads_lfm2s_python_calls_outside_the_reasoning():
+    """The docstring's examples; JSON's literals and nested values; a dotted name; a call inside the reasoning is
+    not read, an unclosed block is; what is not a list of keyword calls of literals is an error entry."""
+    from datamodules.tools import pythonic_calls
+
+    assert pythonic_calls(LFM_CALL) == [{"name": "add", "arguments": {"a": 2, "b": 3}}]
+    block = '<|tool_call_start|>[search(query="p3o", tags=["rl", None], opt={"x": null, "y": true}), ping()]'
+    assert pythonic_calls(block + "<|tool_call_end|>") == pythonic_calls(block) == [
+        {"name": "search", "arguments": {"query": "p3o", "tags": ["rl", None], "opt": {"x": None, "y": True}}},
+        {"name": "ping", "arguments": {}}]
+    assert pythonic_calls("<|tool_call_start|>[files.read(path='a', lines=(1, 2))]") == [
+        {"name": "files.read", "arguments": {"path": "a", "lines": [1, 2]}}]
+    assert pythonic_calls("<think>" + LFM_CALL + "</think>It is 5.") == [] and pythonic_calls("It is 5.") == []
+    for body, error in (("[add(2, 3)]", "the call to add is not name(key=literal, ...): arguments are given by keyword"),
+                        ("[add(a=x)]", "the call to add is not name(key=literal, ...): 'x' is not a literal"),
+                        ("[add(a=1e999)]", "the call to add is not name(key=literal, ...): '1e309' is not a JSON value")):
+        assert pythonic_calls(f"<|tool_call_start|>{body}<|tool_call_end|>") == [{"name": "add", "error": error}]
+    for body in ("add(a=2)", "[]", "[add(a=2"):
+        assert pythonic_calls(f"<|tool_call_start|>{body}<|tool_call_end|>") == [
+            {"error": f"a tool call is a list of calls [name(key=value, ...)], got {body!r}"}]
+
+
+def test_lfm2_5s_own_template_takes_tools_and_a_user_with_its_switch_and_lays_out_a_rollout_as_its_trace(lfm):
+    """LFM2.5's own template ends every turn with <|im_end|> and writes a tool result as a `tool` turn: tools pass
+    the data's checks as they are. It drops the reasoning of turns before the last user message: a simulated user
+    is refused, and taken with its own `preserve_thinking: true`. An SFT trace (a call that reasons, its result, an
+    answer that reasons) is token for token the template's conversation; a rollout whose scripted policy writes
+    those turns runs the call with `pythonic_calls` and lays the response out as the trace."""
+    from datamodules.tools import pythonic_calls
+    from tests.test_user_turns import Tutor
+
+    tools = Tools(functions=[add], parser=pythonic_calls)
+    tools.check_template(lfm)
+    with pytest.raises(DataError, match=r"renders an assistant turn differently when a user message follows it.*"
+                                        r"Qwen3\.6's and LFM2\.5's own do with chat_template_kwargs "
+                                        r"\{preserve_thinking: true\}"):
+        Tools(environment=Tutor).check_template(lfm)
+    Tools(environment=Tutor).check_template(lfm, {"preserve_thinking": True})
+    call = {"role": "assistant", "content": "", "thinking": "Add them.", "tool_calls": [
+        {"type": "function", "function": {"name": "add", "arguments": {"a": 2, "b": 3}}}]}
+    trace = [call, {"role": "tool", "name": "add", "content": "5"},
+             {"role": "assistant", "content": "It is 5.", "thinking": "Done."}]
+    ids, own = encode_trace(lfm, "What is 2 + 3?", trace, tools.schemas)
+    whole = lfm.apply_chat_template([{"role": "user", "content": "What is 2 + 3?"}] + trace, tools=tools.schemas)
+    prompt = encode_prompt(lfm, "What is 2 + 3?", tools.schemas)
+    assert prompt + ids + lfm("\n", add_special_tokens=False)["input_ids"] == list(
+        whole["input_ids"] if hasattr(whole, "keys") else whole)
+    first, answer = "<think>Add them.</think>" + LFM_CALL, "<think>Done.</think>It is 5."
+    assert lfm.decode([t for t, o in zip(ids, own) if o]) == f"{first}<|im_end|>{answer}<|im_end|>"
+    assert lfm.decode([t for t, o in zip(ids, own) if not o]) == "\n<|im_start|>tool\n5<|im_end|>\n<|im_start|>assistant\n"
+
+    prompt_ids, mask = pad([prompt], lfm.pad_token_id, "left")
+    generate, calls = scripted(lfm, [first, answer])
+    roll = generate_with_tools(generate, tools, lfm, prompt_ids, mask, ["What is 2 + 3?"],
+                               SamplingConfig(max_new_tokens=300), 1)
+    assert [m["role"] for m in roll.messages[0]] == ["assistant", "tool", "assistant"] and len(calls) == 2
+    assert roll.input_ids[0, roll.prompt_length:roll.prompt_length + len(ids)].tolist() == ids
+    assert roll.response_mask[0, :len(ids)].tolist() == own and roll.messages[0][1]["content"] == "5"

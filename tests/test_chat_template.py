@@ -47,8 +47,8 @@ def test_qwen3s_template_is_refused_with_tools_or_a_user_in_one_line_naming_the_
                                             rf"{what} follows it, so {what} cannot be appended to a generated turn; "
                                             r"set data chat_template to a template that renders earlier turns the same "
                                             r"whatever follows them \(configs/chat_templates/ has Qwen3's, "
-                                            r"Qwen3\.5's, GLM-4\.5's and gpt-oss's; Qwen3\.6's own does with "
-                                            r"chat_template_kwargs "
+                                            r"Qwen3\.5's, GLM-4\.5's, gpt-oss's and Gemma 4's; Qwen3\.6's and "
+                                            r"LFM2\.5's own do with chat_template_kwargs "
                                             r"\{preserve_thinking: true\}, Nemotron 3's with "
                                             r"\{truncate_history_thinking: false\}\)$"):
             tools.check_template(qwen3)

@@ -384,6 +384,36 @@ def test_gemma4_calls_read_the_arguments_vllms_gemma4_parser_reads_with_their_ty
     assert checked == len(values) * len(values[::3])
 
 
+def test_pythonic_calls_are_the_calls_vllms_lfm2_parser_reads():
+    """`datamodules.tools.pythonic_calls` reads an LFM2 / LFM2.5 turn's calls as vLLM's `lfm2` tool parser does, over
+    well-formed blocks (literals of every JSON kind, Python's and JSON's names for them, tuples, dotted names,
+    several calls, text around the block). Where vLLM repairs a malformed block or reads no call in it, ours gives
+    an error entry (tested in tests/test_call_formats.py)."""
+    import json
+
+    from vllm.tool_parsers.lfm2_tool_parser import Lfm2ToolParser
+
+    from benchmarks.harness import TOKENIZER
+    from datamodules.tools import pythonic_calls
+    from modules.backbone import load_tokenizer
+
+    tokenizer = load_tokenizer(TOKENIZER)
+    tokenizer.add_special_tokens({"additional_special_tokens": ["<|tool_call_start|>", "<|tool_call_end|>"]})
+    parser = Lfm2ToolParser(tokenizer)
+    bodies = ["[add(a=2, b=3)]", "[ping()]", '[search(query="p3o", limit=3)]', "[f(x=None, y=True, z=False)]",
+              "[f(x=null, y=true, z=false)]", "[f(x=-2.5, y=1e3)]", "[f(x=[1, 'a', [2]], y={'k': {'n': None}})]",
+              "[f(x=(1, 2))]", "[files.read(path='a.txt')]", "[add(a=1, b=2), add(a=3, b=4)]", "[f(s='it''s')]",
+              "[f(s=\"a, b) [c]\")]"]
+    for body in bodies:
+        for text in (f"<|tool_call_start|>{body}<|tool_call_end|>", f"Let me see. <|tool_call_start|>{body}"
+                                                                     "<|tool_call_end|> Done."):
+            theirs = parser.extract_tool_calls(text, None)
+            assert theirs.tools_called, text
+            expected = [{"name": c.function.name, "arguments": json.loads(c.function.arguments)}
+                        for c in theirs.tool_calls]
+            assert pythonic_calls(text) == expected, text
+
+
 def test_every_stop_token_ends_a_vllm_response_where_it_ends_our_samplers(engine, vllm_sft_dir, tokenizer):
     """Further stop tokens (here the token each row draws first greedily, given as the tokenizer's generation config
     EOS ids; `datamodules.collate.stop_ids`: Gemma's <end_of_turn>, GLM's <|observation|>): vLLM draws nothing past
