@@ -587,13 +587,16 @@ def harmony_calls(text: str) -> list[dict]:
         if not name or (not recipient[1].startswith("functions.") and name.split(".")[0] in HARMONY_BUILTINS):
             continue
         body = re.split(r"<\|(?:end|call|return)\|>", body, maxsplit=1)[0].strip()
-        arguments = _finite_json(body)
-        if arguments is _NOT_JSON or not isinstance(arguments, dict):
-            calls.append({"name": name, "error": f"the arguments of a call to functions.{name} are a JSON object, "
-                                                 f"got {body[:40]!r}"})
-            continue
-        calls.append({"name": name, "arguments": arguments})
+        calls.append(_object_call(name, _finite_json(body), "a JSON object", body))
     return calls
+
+
+def _object_call(name: str, arguments, expected: str, written: str) -> dict:
+    """`{"name", "arguments"}` where `arguments` is an object of finite values, else `{"name", "error"}` saying
+    what was `expected` and what was `written`."""
+    if isinstance(arguments, dict) and _finite(arguments):
+        return {"name": name, "arguments": arguments}
+    return {"name": name, "error": f"the arguments of a call to {name} are {expected}; got {written[:40]!r}"}
 
 
 def gemma4_calls(text: str) -> list[dict]:
@@ -618,11 +621,7 @@ def gemma4_calls(text: str) -> list[dict]:
             arguments = parse_content(body, "json", {"unquoted_keys": True, "string_delims": [[GEMMA4_STRING] * 2]})
         except ValueError:
             arguments = None
-        if not isinstance(arguments, dict) or not _finite(arguments):
-            calls.append({"name": name, "error": f"the arguments of a call to {name} are an object {{key:value,...}}, "
-                                                 f'text between <|"|> marks; got {body[:40]!r}'})
-            continue
-        calls.append({"name": name, "arguments": arguments})
+        calls.append(_object_call(name, arguments, 'an object {key:value,...}, text between <|"|> marks', body))
     return calls
 
 

@@ -405,6 +405,21 @@ def with_template(tokenizer, template: str):
     return other
 
 
+def family_tokenizer(tokenizer, template: str, specials: list[str], eos: str | None = None, bos: str | None = None,
+                     stops: list[str] = ()):
+    """A copy of `tokenizer` standing in for a model family's (its vocabulary aside): its chat `template`, its special
+    tokens `specials`, its EOS and BOS where given, and `stops` as the EOS ids of its generation config (as
+    `modules.backbone.load_tokenizer` keeps them, `generation_eos_ids`).
+
+    Example: gpt-oss's, with EOS "<|return|>" and stops ["<|return|>", "<|endoftext|>", "<|call|>"]."""
+    other = with_template(tokenizer, template)
+    other.add_special_tokens({**({"eos_token": eos} if eos else {}), **({"bos_token": bos} if bos else {}),
+                              "additional_special_tokens": list(specials)})
+    if stops:
+        other.generation_eos_ids = other.convert_tokens_to_ids(list(stops))
+    return other
+
+
 class RecordsContexts:
     """A test engine mixin: records in its class's `contexts` the decoded context of each later turn (`same_weights`)
     it generates (the tool results' and user messages' renderings included), then generates as its next base does."""

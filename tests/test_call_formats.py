@@ -10,7 +10,7 @@ from datamodules.collate import encode_prompt, pad
 from datamodules.sources import DataError
 from datamodules.tools import Tools, encode_trace, glm_calls, json_calls, parse_calls, schema_types, tool_suffix, typed, xml_calls
 from modules.sampling import SamplingConfig, generate_with_tools
-from tests.helpers import add, with_template
+from tests.helpers import add, family_tokenizer, with_template
 from tests.test_tools import hermes, scripted, tool_config, tool_dir  # noqa: F401  (fixtures)
 
 LLAMA32 = open("tests/templates/llama3_2.jinja").read()
@@ -258,11 +258,9 @@ GLM_CALL = ("<tool_call>add\n<arg_key>a</arg_key>\n<arg_value>2</arg_value>\n<ar
 def glm_tokenizer(hermes, template):  # noqa: F811
     """SmolLM2's tokenizer with GLM-4.5's turn tokens, EOS <|endoftext|>, the EOS ids of GLM-4.5's generation config
     (<|endoftext|>, <|user|>, <|observation|>) and `template`."""
-    tokenizer = with_template(hermes, template)
-    tokenizer.add_special_tokens({"eos_token": "<|endoftext|>", "additional_special_tokens": [
-        "[gMASK]", "<sop>", "<|system|>", "<|user|>", "<|assistant|>", "<|observation|>"]})
-    tokenizer.generation_eos_ids = tokenizer.convert_tokens_to_ids(["<|endoftext|>", "<|user|>", "<|observation|>"])
-    return tokenizer
+    return family_tokenizer(hermes, template, ["[gMASK]", "<sop>", "<|system|>", "<|user|>", "<|assistant|>",
+                                               "<|observation|>"], eos="<|endoftext|>",
+                            stops=["<|endoftext|>", "<|user|>", "<|observation|>"])
 
 
 @pytest.fixture(scope="module")
@@ -380,6 +378,14 @@ def test_nemotron_3s_own_template_takes_tools_and_a_user_and_lays_out_traces_as_
         assert tools.parse(("<think>\n" if not kwargs else "") + first) == [{"name": "add", "arguments": {"a": 2, "b": 3}}]
 
 
+def add_trace(key: str) -> list[dict]:
+    """A trace that calls add(2, 3) reasoning "Add them.", gets "5" and answers "It is 5." reasoning "Done.", each
+    turn's reasoning under `key` (gpt-oss's and LFM2.5's `thinking`, Gemma 4's and Qwen3's `reasoning_content`)."""
+    return [{"role": "assistant", "content": "", key: "Add them.", "tool_calls": [
+                {"type": "function", "function": {"name": "add", "arguments": {"a": 2, "b": 3}}}]},
+            {"role": "tool", "name": "add", "content": "5"}, {"role": "assistant", "content": "It is 5.", key: "Done."}]
+
+
 GPT_OSS_OWN = open("tests/templates/gpt_oss.jinja").read()
 GPT_OSS_TRAINING = open("configs/chat_templates/gpt_oss_training.jinja").read()
 NATIVE_CALL = '<|channel|>commentary to=functions.add <|constrain|>json<|message|>{"a": 2, "b": 3}'    # as gpt-oss writes it
@@ -389,11 +395,9 @@ TEMPLATE_CALL = ' to=functions.add<|channel|>commentary json<|message|>{"a": 2, 
 def gpt_oss_tokenizer(hermes, template):  # noqa: F811
     """SmolLM2's tokenizer with gpt-oss's harmony tokens, EOS <|return|>, the EOS ids of gpt-oss's generation config
     (<|return|>, <|endoftext|>, <|call|>) and `template`."""
-    tokenizer = with_template(hermes, template)
-    tokenizer.add_special_tokens({"eos_token": "<|return|>", "additional_special_tokens": [
-        "<|start|>", "<|channel|>", "<|message|>", "<|end|>", "<|call|>", "<|constrain|>", "<|endoftext|>"]})
-    tokenizer.generation_eos_ids = tokenizer.convert_tokens_to_ids(["<|return|>", "<|endoftext|>", "<|call|>"])
-    return tokenizer
+    return family_tokenizer(hermes, template, ["<|start|>", "<|channel|>", "<|message|>", "<|end|>", "<|call|>",
+                                               "<|constrain|>", "<|endoftext|>"], eos="<|return|>",
+                            stops=["<|return|>", "<|endoftext|>", "<|call|>"])
 
 
 @pytest.fixture(scope="module")
@@ -416,7 +420,7 @@ def test_harmony_calls_reads_gpt_oss_calls_with_the_recipient_before_or_after_th
     assert harmony_calls("<|channel|>commentary to=add <|constrain|>json<|message|>{}") == [{"name": "add", "arguments": {}}]
     for body in ("add(2, 3)", "[2, 3]", '{"a": 1e999}'):
         assert harmony_calls(TEMPLATE_CALL.replace('{"a": 2, "b": 3}', body)) == [{"name": "add", "error": (
-            f"the arguments of a call to functions.add are a JSON object, got {body!r}")}]
+            f"the arguments of a call to add are a JSON object; got {body!r}")}]
 
 
 def test_gpt_oss_own_template_takes_tools_and_the_training_one_writes_prompts_and_last_turns_as_it_does(hermes, gpt_oss):  # noqa: F811
@@ -475,10 +479,7 @@ def test_a_gpt_oss_trace_and_rollout_are_laid_out_as_the_training_template_write
     from datamodules.tools import harmony_calls
 
     tools = Tools(functions=[add], parser=harmony_calls)
-    call = {"role": "assistant", "content": "", "thinking": "Add them.", "tool_calls": [
-        {"type": "function", "function": {"name": "add", "arguments": {"a": 2, "b": 3}}}]}
-    trace = [call, {"role": "tool", "name": "add", "content": "5"},
-             {"role": "assistant", "content": "It is 5.", "thinking": "Done."}]
+    trace = add_trace("thinking")
     ids, own = encode_trace(gpt_oss, "What is 2 + 3?", trace, tools.schemas)
     whole = gpt_oss.apply_chat_template([{"role": "user", "content": "What is 2 + 3?"}] + trace, tools=tools.schemas)
     prompt = encode_prompt(gpt_oss, "What is 2 + 3?", tools.schemas)
@@ -565,12 +566,10 @@ GEMMA4_CALL = "<|tool_call>call:add{a:2,b:3}<tool_call|>"
 def gemma4_tokenizer(hermes, template):  # noqa: F811
     """SmolLM2's tokenizer with Gemma 4's turn, channel, call and string tokens, EOS <eos>, the EOS ids of Gemma 4's
     generation config (<eos>, <turn|>, <|tool_response>) and `template`."""
-    tokenizer = with_template(hermes, template)
-    tokenizer.add_special_tokens({"eos_token": "<eos>", "bos_token": "<bos>", "additional_special_tokens": [
-        "<|turn>", "<turn|>", "<|tool_call>", "<tool_call|>", "<|tool_response>", "<tool_response|>", '<|"|>',
-        "<|channel>", "<channel|>", "<|tool>", "<tool|>", "<|think|>"]})
-    tokenizer.generation_eos_ids = tokenizer.convert_tokens_to_ids(["<eos>", "<turn|>", "<|tool_response>"])
-    return tokenizer
+    return family_tokenizer(hermes, template, ["<|turn>", "<turn|>", "<|tool_call>", "<tool_call|>", "<|tool_response>",
+                                               "<tool_response|>", '<|"|>', "<|channel>", "<channel|>", "<|tool>",
+                                               "<tool|>", "<|think|>"], eos="<eos>", bos="<bos>",
+                            stops=["<eos>", "<turn|>", "<|tool_response>"])
 
 
 @pytest.fixture(scope="module")
@@ -616,9 +615,7 @@ def test_gemma4s_own_template_takes_tools_and_lays_out_a_trace_and_a_rollout_as_
     result = [{"role": "tool", "name": "add", "content": "5"}]
     assert gemma4.decode(tool_suffix(gemma4, result, kwargs)) == \
         'response:add{value:<|"|>5<|"|>}<tool_response|>' + ("<|channel>thought\n" if thinking else "")
-    call = {"role": "assistant", "content": "", "reasoning_content": "Add them.", "tool_calls": [
-        {"type": "function", "function": {"name": "add", "arguments": {"a": 2, "b": 3}}}]}
-    trace = [call, result[0], {"role": "assistant", "content": "It is 5.", "reasoning_content": "Done."}]
+    trace = add_trace("reasoning_content")
     ids, own = encode_trace(gemma4, "What is 2 + 3?", trace, tools.schemas, kwargs)
     whole = gemma4.apply_chat_template([{"role": "user", "content": "What is 2 + 3?"}] + trace, tools=tools.schemas,
                                        **kwargs)
@@ -691,10 +688,7 @@ LFM_CALL = "<|tool_call_start|>[add(a=2, b=3)]<|tool_call_end|>"
 def lfm(hermes):  # noqa: F811
     """SmolLM2's tokenizer (ChatML, EOS <|im_end|>) with LFM2.5's call tokens and its own template (TRL's
     `lfm2_2_5_v2.jinja`, as LiquidAI/LFM2.5-230M ships it)."""
-    tokenizer = with_template(hermes, LFM2_5)
-    tokenizer.add_special_tokens({"bos_token": "<|startoftext|>",
-                                  "additional_special_tokens": ["<|tool_call_start|>", "<|tool_call_end|>"]})
-    return tokenizer
+    return family_tokenizer(hermes, LFM2_5, ["<|tool_call_start|>", "<|tool_call_end|>"], bos="<|startoftext|>")
 
 
 def test_pythonic_calls_reads_lfm2s_python_calls_outside_the_reasoning():
@@ -735,10 +729,7 @@ def test_lfm2_5s_own_template_takes_tools_and_a_user_with_its_switch_and_lays_ou
                                         r"\{preserve_thinking: true\}"):
         Tools(environment=Tutor).check_template(lfm)
     Tools(environment=Tutor).check_template(lfm, {"preserve_thinking": True})
-    call = {"role": "assistant", "content": "", "thinking": "Add them.", "tool_calls": [
-        {"type": "function", "function": {"name": "add", "arguments": {"a": 2, "b": 3}}}]}
-    trace = [call, {"role": "tool", "name": "add", "content": "5"},
-             {"role": "assistant", "content": "It is 5.", "thinking": "Done."}]
+    trace = add_trace("thinking")
     ids, own = encode_trace(lfm, "What is 2 + 3?", trace, tools.schemas)
     whole = lfm.apply_chat_template([{"role": "user", "content": "What is 2 + 3?"}] + trace, tools=tools.schemas)
     prompt = encode_prompt(lfm, "What is 2 + 3?", tools.schemas)
