@@ -172,7 +172,6 @@ class RewardModel(FrozenModel):
         reward = (raw - self.mean) / self.std
         return reward.clamp(-self.clip, self.clip) if self.clip else reward
 
-
     def conversation_scores(self, rollout: Rollout) -> list[float]:
         """Each response's raw reward read as TRL's GRPOTrainer reads a reward model's: the model's chat template
         over prompt + response (the prompt's messages, or its text as a user message, then the response as an
