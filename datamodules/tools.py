@@ -43,6 +43,7 @@ outside the loss (`encode_trace`). docs/tools.md is the user's guide.
 """
 from __future__ import annotations
 
+import ast
 import asyncio
 import concurrent.futures
 import inspect
@@ -370,17 +371,17 @@ def schema_of(fn: Callable) -> dict:
                           "type hints and a Google-style docstring with an Args section)") from None
 
 
-def call_blocks(text: str, blocks: re.Pattern = CALL) -> list[str]:
+def call_blocks(text: str, blocks: re.Pattern = CALL, opening: str = "<think>", closing: str = "</think>") -> list:
     """The bodies of a turn's `<tool_call>` blocks (or those `blocks` finds) outside its reasoning: after the last
-    `</think>` (Qwen3's, DeepSeek-R1's, SmolLM3's and LFM2.5's reasoning blocks; a call the policy only thinks about
-    is not run, as with TRL's and vLLM's reasoning parsers), none where a `<think>` is never closed, all of them in a
-    turn without think tags.
+    `closing` (Qwen3's, DeepSeek-R1's, SmolLM3's and LFM2.5's `</think>`, Gemma 4's `<channel|>`; a call the policy
+    only thinks about is not run, as with TRL's and vLLM's reasoning parsers), none where an `opening` is never
+    closed, all of them in a turn without those tags.
 
     Example: '<think>or <tool_call>A</tool_call>?</think><tool_call>B</tool_call>' -> ['B']; '<think>
     <tool_call>A</tool_call>' -> []; '<tool_call>A</tool_call>' -> ['A']."""
-    if "</think>" in text:
-        text = text.rsplit("</think>", 1)[1]
-    elif "<think>" in text:
+    if closing in text:
+        text = text.rsplit(closing, 1)[1]
+    elif opening in text:
         return []
     return blocks.findall(text)
 
@@ -611,12 +612,8 @@ def gemma4_calls(text: str) -> list[dict]:
     block whose arguments are not that JSON -> [{"name": ..., "error": "..."}]."""
     from transformers.utils.chat_parsing.content_parsers import parse_content
 
-    if "<channel|>" in text:
-        text = text.rsplit("<channel|>", 1)[1]
-    elif "<|channel>" in text:
-        return []
     calls = []
-    for name, body in GEMMA4_CALL.findall(text):
+    for name, body in call_blocks(text, GEMMA4_CALL, "<|channel>", "<channel|>"):
         try:
             arguments = parse_content(body, "json", {"unquoted_keys": True, "string_delims": [[GEMMA4_STRING] * 2]})
         except ValueError:
@@ -637,8 +634,6 @@ def pythonic_calls(text: str) -> list[dict]:
     Example: '<|tool_call_start|>[add(a=2, b=3)]<|tool_call_end|>' -> [{"name": "add", "arguments": {"a": 2, "b":
     3}}]; '[search(query="p3o", tags=["rl"]), ping()]' in that block -> two calls; '[add(2, 3)]' -> [{"name":
     "add", "error": "..."}]."""
-    import ast
-
     calls = []
     for body in call_blocks(text, PYTHONIC_CALL):
         try:
@@ -664,8 +659,6 @@ def pythonic_calls(text: str) -> list[dict]:
 def _literal(node) -> object:
     """A Python literal's value (`ast.literal_eval`), JSON's true / false / null read as True / False / None, a
     tuple as a list; else a ValueError. Example: the node of [1, null, (2, true)] -> [1, None, [2, True]]."""
-    import ast
-
     names = {"true": True, "false": False, "null": None}
     if isinstance(node, ast.Name) and node.id in names:
         return names[node.id]

@@ -30,7 +30,7 @@ from typing import Callable
 import torch
 from torch import nn
 
-from datamodules.collate import pad
+from datamodules.collate import pad, prompt_text
 from modules.backbone import BackboneSpec, build_scorer, load_tokenizer
 from modules.batch import Rollout
 from modules.forward import score_texts, sequence_rewards
@@ -177,8 +177,6 @@ class RewardModel(FrozenModel):
         over prompt + response (the prompt's messages, or its text as a user message, then the response as an
         assistant message, or its messages with tools), as text, tokenized without added special tokens, the
         reward at the last token; without a chat template the prompt's text followed by the response's."""
-        from datamodules.collate import prompt_text
-
         tokenizer, rows = self.tokenizer, []
         for i, prompt in enumerate(rollout.prompts):
             if getattr(tokenizer, "chat_template", None):
