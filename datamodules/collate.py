@@ -86,6 +86,25 @@ def answer_of(text: str) -> str:
     return re.split(r"<\|(?:end|return|call|endoftext)\|>", text.rsplit(HARMONY_ANSWER, 1)[1], maxsplit=1)[0].strip()
 
 
+GEMMA4_THOUGHT = ("<|channel>thought", "<channel|>")
+
+
+def reasoning_marks(tokenizer) -> tuple[str, str]:
+    """The opening and closing of a turn's reasoning in the tokenizer's chat template: Gemma 4's thought block
+    (`<|channel>thought` ... `<channel|>`), else `<think>` ... `</think>` (Qwen3, DeepSeek-R1, SmolLM3, GLM, LFM2.5).
+    gpt-oss reasons in messages instead (`harmony`)."""
+    return GEMMA4_THOUGHT if GEMMA4_THOUGHT[0] in (getattr(tokenizer, "chat_template", None) or "") else \
+        ("<think>", "</think>")
+
+
+def reasoning_field(tokenizer) -> str:
+    """The message field that holds an assistant turn's reasoning, as the chat template reads it: `thinking` where
+    it reads `message.thinking` (gpt-oss, LFM2.5), else `reasoning_content` (Qwen3, GLM, Gemma 4, Nemotron 3); the
+    names TRL's parsed messages use for those families."""
+    template = getattr(tokenizer, "chat_template", None) or ""
+    return "thinking" if re.search(r"message\.thinking|message\[['\"]thinking['\"]\]", template) else "reasoning_content"
+
+
 def turn_end_id(tokenizer) -> int | None:
     """The token the chat template writes right after an assistant turn's text (whitespace between allowed): how a
     response ends in training data and in a trace. ChatML's `<|im_end|>` and Llama 3's `<|eot_id|>` (their EOS),

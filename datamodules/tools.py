@@ -53,7 +53,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Callable
 
-from datamodules.collate import stop_ids
+from datamodules.collate import answer_of, harmony, reasoning_field, reasoning_marks, stop_ids
 from datamodules.sources import DataError
 
 CALL = re.compile(r"<tool_call>(.*?)</tool_call>", re.DOTALL)
@@ -280,14 +280,19 @@ class Tools:
                               "`tools`); use a tokenizer whose template does (Qwen2.5 / Qwen3, SmolLM3, Hermes)")
         tool_suffix(tokenizer, [{"role": "tool", "name": self.schemas[0]["function"]["name"], "content": "1"}], kw)
 
+    def read(self, text: str, environment=None) -> list[dict]:
+        """The calls in a turn's `text` as the parser reads them, given (where it takes them) the schemas of the
+        tools the response's `environment` offers."""
+        schemas = self.tool_schemas[self.names.get(type(environment))]
+        return self.parse(text, schemas=schemas) if self.parse_schemas else self.parse(text)
+
     def call(self, text: str, environment=None) -> tuple[list[dict], int]:
         """Run every call in a turn's `text`, on the response's `environment` instance for its methods: ([tool
         message per call], failed calls)."""
         by_name = self.by_name if environment is None else {
             **self.by_name, **{name: getattr(environment, name) for name in self.method_names[type(environment)]}}
         messages, failed = [], 0
-        schemas = self.tool_schemas[self.names.get(type(environment))]
-        for call in self.parse(text, schemas=schemas) if self.parse_schemas else self.parse(text):
+        for call in self.read(text, environment):
             name, result, ok = run_call(call, by_name, self.timeout)
             messages.append({"role": "tool", "name": name, "content": result})
             failed += not ok
@@ -673,6 +678,62 @@ def _literal(node) -> object:
     if not _finite(value) or not isinstance(value, (str, int, float, bool, type(None))):
         raise ValueError(f"{ast.unparse(node)[:40]!r} is not a JSON value")
     return value
+
+
+CALL_MARKUP = {parse_calls: CALL, xml_calls: CALL, glm_calls: CALL, pythonic_calls: PYTHONIC_CALL,
+               gemma4_calls: re.compile(GEMMA4_CALL.pattern + r"(?:<tool_call\|>)?", re.DOTALL)}
+HARMONY_ANALYSIS = re.compile(r"<\|channel\|>analysis<\|message\|>(.*?)(?=<\|(?:end|call|return)\|>|$)", re.DOTALL)
+
+
+def assistant_message(tokenizer, text: str, calls: list[dict], parser: Callable | None = None) -> dict:
+    """A policy's turn as the message TRL's tool loop gives rewards (transformers' `parse_response` with TRL 1.16's
+    response templates): `{"role": "assistant", "content": ...}`, the content being the turn's text outside its
+    reasoning and its calls (gpt-oss: its final message's text), stripped ("" where there is none); the reasoning
+    under the field the chat template reads (`datamodules.collate.reasoning_field`: `thinking` for gpt-oss and
+    LFM2.5, else `reasoning_content`) where there is any; `tool_calls` as TRL's `[{"type": "function", "function":
+    {"name", "arguments"}}]` where the turn calls. `text` is the turn decoded with its special tokens, without its
+    stop token, after the reasoning opening its context ended with (a turn that starts inside the reasoning);
+    `calls` is what `parser` (None: `parse_calls`) read of it. A call the parser could not read is not in
+    `tool_calls` (its error result follows as a tool message). The parsers here have their call markup taken out
+    of the content; a parser of your own leaves it there, and a Llama 3 turn that calls has no content.
+
+    Example (Qwen3): '<think>\nAdd them.\n</think>\n\nLet me add.\n<tool_call>\n{"name": "add", "arguments": {"a":
+    2, "b": 3}}\n</tool_call>' -> {"role": "assistant", "content": "Let me add.", "reasoning_content": "Add them.",
+    "tool_calls": [{"type": "function", "function": {"name": "add", "arguments": {"a": 2, "b": 3}}}]}; '<think>\nAdd'
+    (cut off) -> {"role": "assistant", "content": "", "reasoning_content": "Add"}; (gpt-oss) '<|channel|>analysis
+    <|message|>Add.<|end|><|start|>assistant<|channel|>final<|message|>5' -> {"role": "assistant", "content": "5",
+    "thinking": "Add."}."""
+    parser = parser or parse_calls
+    if harmony(tokenizer):
+        reasoning, content = "\n".join(part.strip() for part in HARMONY_ANALYSIS.findall(text)), answer_of(text)
+    else:
+        reasoning, content = split_reasoning(text, *reasoning_marks(tokenizer))
+        if parser is json_calls and calls:
+            content = ""
+        elif parser in CALL_MARKUP:
+            content = CALL_MARKUP[parser].sub("", content)
+    message = {"role": "assistant", "content": content.strip()}
+    if reasoning.strip():
+        message[reasoning_field(tokenizer)] = reasoning.strip()
+    read = [{"type": "function", "function": {"name": c["name"], "arguments": c["arguments"]}}
+            for c in calls if "arguments" in c]
+    if read:
+        message["tool_calls"] = read
+    return message
+
+
+def split_reasoning(text: str, opening: str, closing: str) -> tuple[str, str]:
+    """(reasoning, the rest) of a turn's text: the reasoning runs from its `opening` (or the start) to the last
+    `closing`, or to the end where the turn opens it and never closes it.
+
+    Example: "<think>\nAdd.\n</think>\n\nIt is 5." -> ("\nAdd.\n", "\n\nIt is 5."); "Add.</think>5" -> ("Add.", "5");
+    "<think>Add" -> ("Add", ""); "It is 5." -> ("", "It is 5.")."""
+    if closing in text:
+        before, _, after = text.rpartition(closing)
+        head, opened, reasoning = before.partition(opening)
+        return (reasoning, head + after) if opened else (before, after)
+    head, opened, reasoning = text.partition(opening)
+    return reasoning, head
 
 
 def run_call(call: dict, by_name: dict[str, Callable], timeout: float) -> tuple[str, str, bool]:

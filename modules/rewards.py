@@ -707,7 +707,8 @@ def call_text_reward(reward, prompts: list[str], responses: list[str], fields: d
 
     On conversational data (prompts given as lists of messages) a TRL-style reward gets each completion as TRL
     gives it there, `[{"role": "assistant", "content": text}]`, or with tools `messages` (`Rollout.messages`: the
-    assistant turns and tool results in order, as TRL's tool loop gives them); any other reward gets texts (with
+    assistant turns, parsed into content, reasoning and `tool_calls` as TRL parses them, and tool results in order,
+    as TRL's tool loop gives them); any other reward gets texts (with
     tools, the whole response: turns and tool results as the policy saw them). With a tools environment, a reward
     that names `environments` (or a TRL-style one with `**kwargs`) gets each response's instance (`Rollout.
     environments`), as TRL passes them: `modules.rewards.environment_reward` reads their `get_reward()`.

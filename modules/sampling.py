@@ -9,9 +9,9 @@ from typing import Callable
 
 import torch
 
-from datamodules.collate import answer_of, encode_prompt, harmony, pad, stop_ids
+from datamodules.collate import GEMMA4_THOUGHT, answer_of, encode_prompt, harmony, pad, reasoning_marks, stop_ids
 from datamodules.sources import DataError
-from datamodules.tools import Tools, tool_suffix, user_suffix
+from datamodules.tools import Tools, assistant_message, tool_suffix, user_suffix
 from modules import functional as F
 from modules.batch import Rollout
 from modules.cpu import prepacked_linears
@@ -260,6 +260,8 @@ class _Row:
     entropy: list[float]
     messages: list[dict]            # its turns and results so far: the last, its latest turn, until results follow
     ended: bool                     # the last turn emitted EOS
+    turn: str = ""                  # the latest turn's text, as the parser reads it
+    read: list[dict] = dataclasses.field(default_factory=list)   # the calls in it
     calls: int = 0
     failed: int = 0
     rounds: int = 0                 # rounds of calls run
@@ -304,26 +306,25 @@ def generate_with_tools(generate: Callable, tools: Tools, tokenizer, prompt_ids:
             prompt_ids, prompt_mask = _left_pad(ids, tokenizer.pad_token_id, prompt_ids.device)
     first = generate(prompt_ids, prompt_mask, prompts, config, num_samples, same_weights=False, **kwargs)
     budget, stops = config.max_new_tokens, stop_ids(tokenizer)
+    env = lambda i: environments and environments[i]  # noqa: E731
+    # A context that ends by opening the reasoning (Qwen3.5 / 3.6's and DeepSeek-R1's generation prompt, Gemma 4's
+    # after a tool result in thinking mode) starts the turn inside it: the turn is read after that opening
+    firsts = [_opening(tokenizer, ids[mask.bool()].tolist()) for ids, mask in zip(prompt_ids, prompt_mask)]
     rows = []
     for i in range(len(first)):
         keep = first.response_mask[i].bool()
         tokens = first.response_ids[i][keep].tolist()
         rows.append(_Row(tokens, [1] * len(tokens), _picked(first.old_logp, i, keep), _picked(first.entropy, i, keep),
-                         [_assistant(tokenizer, tokens, stops)], bool(first.has_eos[i])))
+                         [], bool(first.has_eos[i])))
+        _add_turn(rows[i], tokens, firsts[i // num_samples], tokenizer, stops, tools, env(i))
     active = list(range(len(rows)))                       # the rows whose latest turn was just generated
-    # A context that ends by opening the reasoning (Qwen3.5 / 3.6's and DeepSeek-R1's generation prompt, Gemma 4's
-    # after a tool result in thinking mode) starts the turn inside it: the parser reads the turn after that opening
-    firsts = [_opening(tokenizer, ids[mask.bool()].tolist()) for ids, mask in zip(prompt_ids, prompt_mask)]
-    opened = [firsts[i // num_samples] for i in range(len(rows))]            # per response, for its latest turn
-    latest = lambda i: opened[i] + rows[i].messages[-1]["content"]  # noqa: E731
     while True:
         going = []
         ended = [i for i in active if rows[i].ended]
-        called = {i for i in ended if tools.parse(latest(i))}
+        called = {i for i in ended if rows[i].read}
         calling = [i for i in ended if i in called and rows[i].rounds < tools.max_turns]
         answering = [i for i in ended if i not in called and environments is not None and tools.responds(environments[i])]
-        outcomes = tools.call_all([latest(i) for i in calling],      # (each one's latest turn)
-                                  [environments and environments[i] for i in calling])
+        outcomes = tools.call_all([rows[i].turn for i in calling], [env(i) for i in calling])
         for i, (results, failed) in zip(calling, outcomes):
             row = rows[i]
             row.calls, row.failed, row.rounds = row.calls + len(results), row.failed + failed, row.rounds + 1
@@ -344,8 +345,6 @@ def generate_with_tools(generate: Callable, tools: Tools, tokenizer, prompt_ids:
         active = going
         contexts = [prompt_ids[i // num_samples][prompt_mask[i // num_samples].bool()].tolist() + rows[i].tokens
                     for i in going]
-        for i, context in zip(going, contexts):
-            opened[i] = _opening(tokenizer, context)
         ids, mask = _left_pad(contexts, tokenizer.pad_token_id, prompt_ids.device)
         room = max(budget - len(rows[i].tokens) for i in going)
         turn = generate(ids, mask, [prompts[i // num_samples] for i in going],
@@ -359,7 +358,7 @@ def generate_with_tools(generate: Callable, tools: Tools, tokenizer, prompt_ids:
             row.own += [1] * len(tokens)
             row.logp += _picked(turn.old_logp, j, keep)[:left]
             row.entropy += _picked(turn.entropy, j, keep)[:left]
-            row.messages.append(_assistant(tokenizer, tokens, stops))
+            _add_turn(row, tokens, _opening(tokenizer, contexts[j]), tokenizer, stops, tools, env(i))
             row.ended = bool(turn.has_eos[j]) and len(tokens) == int(keep.sum())
     roll = _assemble(first, rows, tokenizer, stops)
     roll.environments = environments
@@ -412,7 +411,7 @@ def response_texts(tokenizer, rows: list[list[int]]) -> list[str]:
     "<|channel>thought\nAdd.<channel|>It is 5.<turn|>" -> "It is 5." (without: "thought\nAdd.It is 5.")."""
     if harmony(tokenizer):
         return [answer_of(text) for text in tokenizer.batch_decode(rows, skip_special_tokens=False)]
-    if "<|channel>thought" in (getattr(tokenizer, "chat_template", None) or ""):          # (Gemma 4's)
+    if reasoning_marks(tokenizer) == GEMMA4_THOUGHT:
         opening, closing = tokenizer.convert_tokens_to_ids(["<|channel>", "<channel|>"])
         rows = [_outside(row, opening, closing) for row in rows]
     return [text.strip() for text in tokenizer.batch_decode(rows, skip_special_tokens=True)]
@@ -433,12 +432,16 @@ def _outside(ids: list[int], opening: int, closing: int) -> list[int]:
     return kept
 
 
-def _assistant(tokenizer, tokens: list[int], stops: list[int]) -> dict:
-    """A turn as an assistant message: its text, special tokens kept (a template may make `<tool_call>` one), its
-    stop token (one of `stops`, the tokenizer's `stop_ids`) dropped."""
+def _add_turn(row: _Row, tokens: list[int], opened: str, tokenizer, stops: list[int], tools: Tools,
+              environment) -> None:
+    """A new turn of `row`: `row.turn`, its text as the parser reads it (special tokens kept, as a template may make
+    `<tool_call>` one; its stop token, one of `stops`, dropped; after the reasoning's opening where its context
+    `opened` it), `row.read`, the calls in it, and its message appended (`datamodules.tools.assistant_message`)."""
     if tokens and tokens[-1] in stops:
         tokens = tokens[:-1]
-    return {"role": "assistant", "content": tokenizer.decode(tokens, skip_special_tokens=False).strip()}
+    row.turn = opened + tokenizer.decode(tokens, skip_special_tokens=False)
+    row.read = tools.read(row.turn, environment)
+    row.messages.append(assistant_message(tokenizer, row.turn, row.read, tools.parse))
 
 
 def _left_pad(rows: list[list[int]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:

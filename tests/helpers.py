@@ -375,6 +375,8 @@ class ScriptedFirstTurn:
 
     exact = False
     CALL = '<tool_call>{"name": "add", "arguments": {"a": 2, "b": 3}}</tool_call>'
+    CALL_MESSAGE = {"role": "assistant", "content": "",        # (that turn in `Rollout.messages`, as TRL parses it)
+                    "tool_calls": [{"type": "function", "function": {"name": "add", "arguments": {"a": 2, "b": 3}}}]}
     only_rank: int | None = None       # in a distributed run, only this rank's responses call (ranks then differ)
 
     def generate(self, model, tokenizer, prompt_ids, prompt_mask, prompts, config, num_samples=1,

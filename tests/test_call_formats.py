@@ -223,17 +223,21 @@ def test_a_rollout_runs_qwen3_5s_xml_calls_and_not_those_still_inside_the_think_
     """Qwen3.6's generation prompt opens the think block. A scripted first turn thinking, closing the block and
     writing the XML call: with `parser: xml_calls` it runs, its result is appended and the policy answers. A first
     turn that writes the call and ends without closing the block only thought of it: the response ends there. With
-    `enable_thinking: false` the prompt closes the block itself, and the same unclosed turn's call runs."""
+    `enable_thinking: false` the prompt closes the block itself, and the same unclosed turn's call runs. Each first
+    turn's message holds its reasoning and calls as TRL parses them."""
     tools = Tools(functions=[add], parser=xml_calls)
-    for kwargs, turn, roles in (({}, "add them\n</think>\n\n" + XML_CALL, ["assistant", "tool", "assistant"]),
-                                ({}, "maybe " + XML_CALL, ["assistant"]),
-                                ({"enable_thinking": False}, XML_CALL, ["assistant", "tool", "assistant"])):
+    call = [{"type": "function", "function": {"name": "add", "arguments": {"a": 2, "b": 3}}}]
+    for kwargs, turn, roles, message in (
+            ({}, "add them\n</think>\n\n" + XML_CALL, ["assistant", "tool", "assistant"],
+             {"content": "", "reasoning_content": "add them", "tool_calls": call}),
+            ({}, "maybe " + XML_CALL, ["assistant"], {"content": "", "reasoning_content": "maybe " + XML_CALL}),
+            ({"enable_thinking": False}, XML_CALL, ["assistant", "tool", "assistant"], {"content": "", "tool_calls": call})):
         ids, mask = pad([encode_prompt(qwen36, "What is 2 + 3?", tools.schemas, kwargs)], qwen36.pad_token_id, "left")
         assert qwen36.decode(ids[0]).endswith("<think>\n" if not kwargs else "</think>\n\n")
         generate, calls = scripted(qwen36, [turn, "It is 5."])
         roll = generate_with_tools(generate, tools, qwen36, ids, mask, ["What is 2 + 3?"],
                                    SamplingConfig(max_new_tokens=300), 1, template_kwargs=kwargs)
-        assert [m["role"] for m in roll.messages[0]] == roles, turn
+        assert [m["role"] for m in roll.messages[0]] == roles and roll.messages[0][0] == {"role": "assistant", **message}
         assert roll.timings["tools/calls"] == (len(roles) > 1) and len(calls) == len(roles) // 2 + 1
 
 
@@ -322,7 +326,7 @@ def test_a_glm_trace_and_rollout_end_a_call_with_observation_and_an_answer_with_
     conversation: the call turn ends with <|observation|>, the answer with <|user|>, both the policy's; the tool
     result follows without a second <|observation|>. A rollout whose scripted policy writes those turns (each with
     the stop token GLM's generation config ends it at) runs the call with `glm_calls` and lays the response out as
-    the trace."""
+    the trace; its messages are the trace."""
     tools = Tools(functions=[add], parser=glm_calls)
     call = {"role": "assistant", "content": "", "tool_calls": [
         {"type": "function", "function": {"name": "add", "arguments": {"a": 2, "b": 3}}}]}
@@ -344,6 +348,7 @@ def test_a_glm_trace_and_rollout_end_a_call_with_observation_and_an_answer_with_
     assert roll.messages[0][1]["content"] == "5" and roll.has_eos.tolist() == [True] and len(calls) == 2
     assert roll.input_ids[0, roll.prompt_length:roll.prompt_length + len(ids)].tolist() == ids
     assert roll.response_mask[0, :len(ids)].tolist() == own and roll.response_mask[0, len(ids):].sum() == 0
+    assert roll.messages[0] == trace                      # (each turn's message as TRL parses it)
 
 
 def test_nemotron_3s_own_template_takes_tools_and_a_user_and_lays_out_traces_as_it_writes_them(hermes):  # noqa: F811
@@ -475,7 +480,8 @@ def test_a_gpt_oss_trace_and_rollout_are_laid_out_as_the_training_template_write
     ends with <|call|>, each answer with <|return|>, all the policy's; the tool result and the user's message are
     the suffixes a rollout appends. A rollout whose scripted policy writes the call as gpt-oss writes it (the
     recipient after the channel) runs it with `harmony_calls`, appends the result and ends at <|return|>; with the
-    template's order of the header, its tokens are the trace's."""
+    template's order of the header, its tokens are the trace's; either way its messages are the trace (each turn as
+    TRL parses it: analysis as `thinking`, the call as `tool_calls`, the final message as content)."""
     from datamodules.tools import harmony_calls
 
     tools = Tools(functions=[add], parser=harmony_calls)
@@ -504,6 +510,7 @@ def test_a_gpt_oss_trace_and_rollout_are_laid_out_as_the_training_template_write
         assert [m["role"] for m in roll.messages[0]] == ["assistant", "tool", "assistant"] and len(calls) == 2
         assert roll.messages[0][1]["content"] == "5" and roll.has_eos.tolist() == [True]
         assert roll.responses == ["It is 5."]                      # (the answer: `response_texts`)
+        assert roll.messages[0] == trace                           # (each turn's messages as TRL parses them)
         n = int(roll.attention_mask[0, roll.prompt_length:].sum())
         tokens = roll.input_ids[0, roll.prompt_length:roll.prompt_length + n].tolist()
         assert (tokens == ids) == (written == first)
@@ -606,7 +613,7 @@ def test_gemma4s_own_template_takes_tools_and_lays_out_a_trace_and_a_rollout_as_
     template's conversation; in thinking mode the result is followed by an open thought block, so the answer's turn
     starts inside it. A rollout whose scripted policy writes those turns runs the call with `gemma4_calls`, ends the
     call's turn at <|tool_response> and the answer's at <turn|>, lays the response out as the trace, and its text
-    leaves the reasoning out."""
+    leaves the reasoning out; its messages are the trace (each turn as TRL parses it)."""
     from datamodules.tools import gemma4_calls
 
     tools = Tools(functions=[add], parser=gemma4_calls)
@@ -633,7 +640,7 @@ def test_gemma4s_own_template_takes_tools_and_lays_out_a_trace_and_a_rollout_as_
     assert [m["role"] for m in roll.messages[0]] == ["assistant", "tool", "assistant"] and len(calls) == 2
     assert roll.input_ids[0, roll.prompt_length:roll.prompt_length + len(ids)].tolist() == ids
     assert roll.response_mask[0, :len(ids)].tolist() == own and roll.has_eos.tolist() == [True]
-    assert roll.responses == ['call:add{a:2,b:3}response:add{value:5}It is 5.']
+    assert roll.responses == ['call:add{a:2,b:3}response:add{value:5}It is 5.'] and roll.messages[0] == trace
 
 
 def test_gemma4s_own_template_refuses_a_user_and_the_training_one_keeps_every_turns_reasoning(hermes, gemma4):  # noqa: F811
@@ -718,7 +725,8 @@ def test_lfm2_5s_own_template_takes_tools_and_a_user_with_its_switch_and_lays_ou
     the data's checks as they are. It drops the reasoning of turns before the last user message: a simulated user
     is refused, and taken with its own `preserve_thinking: true`. An SFT trace (a call that reasons, its result, an
     answer that reasons) is token for token the template's conversation; a rollout whose scripted policy writes
-    those turns runs the call with `pythonic_calls` and lays the response out as the trace."""
+    those turns runs the call with `pythonic_calls` and lays the response out as the trace, and its messages are the
+    trace (each turn as TRL parses it)."""
     from datamodules.tools import pythonic_calls
     from tests.test_user_turns import Tutor
 
@@ -745,4 +753,4 @@ def test_lfm2_5s_own_template_takes_tools_and_a_user_with_its_switch_and_lays_ou
                                SamplingConfig(max_new_tokens=300), 1)
     assert [m["role"] for m in roll.messages[0]] == ["assistant", "tool", "assistant"] and len(calls) == 2
     assert roll.input_ids[0, roll.prompt_length:roll.prompt_length + len(ids)].tolist() == ids
-    assert roll.response_mask[0, :len(ids)].tolist() == own and roll.messages[0][1]["content"] == "5"
+    assert roll.response_mask[0, :len(ids)].tolist() == own and roll.messages[0] == trace

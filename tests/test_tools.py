@@ -197,7 +197,7 @@ def test_a_tool_rollout_trains_on_the_policys_tokens_and_conditions_on_the_resul
         assert roll.response_mask[row, :n_call].all() and not roll.response_mask[row, n_call:n_call + n_tool].any()
         sampled = int(real[row].sum()) - n_call - n_tool
         assert sampled > 0 and roll.response_mask[row, n_call + n_tool:].sum() == sampled
-        assert roll.messages[row][:2] == [{"role": "assistant", "content": ScriptedToolCalls.CALL},
+        assert roll.messages[row][:2] == [ScriptedToolCalls.CALL_MESSAGE,
                                           {"role": "tool", "name": "add", "content": "5"}]
         assert [m["role"] for m in roll.messages[row]] == ["assistant", "tool", "assistant"]
         assert "<tool_response>5</tool_response>" in roll.responses[row]      # the text reward sees the result too
@@ -226,7 +226,7 @@ def test_a_result_that_leaves_no_room_ends_the_response_with_its_call(hermes, to
     suffix = tool_suffix(hermes, [{"role": "tool", "name": "add", "content": "5"}])
     roll = rollout(hermes, model, max_new_tokens=len(call) + len(suffix))
     assert roll.attention_mask[0, roll.prompt_length:].sum() == len(call) and roll.has_eos[0]
-    assert roll.messages[0] == [{"role": "assistant", "content": ScriptedToolCalls.CALL}]
+    assert roll.messages[0] == [ScriptedToolCalls.CALL_MESSAGE]
     roomy = rollout(hermes, model, max_new_tokens=len(call) + len(suffix) + 1)
     assert roomy.attention_mask[0, roomy.prompt_length:].sum() == len(call) + len(suffix) + 1
     assert roomy.response_mask[0].sum() == len(call) + 1 and not roomy.has_eos[0]    # (one token, then out of room)
@@ -482,8 +482,11 @@ def test_rounds_of_calls_stop_at_max_turns_and_a_turn_may_call_twice(hermes, max
     turn = hermes(twice, add_special_tokens=False)["input_ids"] + [hermes.eos_token_id]
     suffix = tool_suffix(hermes, results)
     assert [m["role"] for m in roll.messages[0]] == ["assistant", "tool", "tool"] * max_turns + ["assistant"]
-    assert roll.messages[0][1:3] == results and roll.messages[0][-1]["content"] == (
-        "The sums are 5 and 7." if max_turns == 2 else twice)
+    both = ScriptedToolCalls.CALL_MESSAGE["tool_calls"] + [
+        {"type": "function", "function": {"name": "add", "arguments": {"a": 4, "b": 3}}}]
+    assert roll.messages[0][1:3] == results and roll.messages[0][-1] == (
+        {"role": "assistant", "content": "The sums are 5 and 7."} if max_turns == 2 else
+        {"role": "assistant", "content": "", "tool_calls": both})
     assert roll.timings["tools/calls"] == 4 * 2 * max_turns and roll.timings["tools/failed"] == 0
     assert roll.response_ids[0, :len(turn) + len(suffix)].tolist() == turn + suffix
     assert roll.response_mask[0, len(turn):len(turn) + len(suffix)].sum() == 0

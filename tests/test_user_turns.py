@@ -206,7 +206,7 @@ def test_rounds_of_calls_and_user_turns_interleave_each_counted_per_response(her
     prompts, ids, mask = prompts_and_ids(hermes, tools)
     roll = generate_with_tools(generate, tools, hermes, ids, mask, prompts, SamplingConfig(max_new_tokens=300), 1)
     assert [m["role"] for m in roll.messages[0]] == ["assistant", "tool", "assistant", "user", "assistant"]
-    assert roll.messages[0][1]["content"] == "5" and roll.messages[0][-1]["content"] == ScriptedFirstTurn.CALL
+    assert roll.messages[0][1]["content"] == "5" and roll.messages[0][-1] == ScriptedFirstTurn.CALL_MESSAGE
     assert roll.timings["tools/calls"] == 2 and roll.timings["tools/user_turns"] == 2 and len(calls) == 3
     own = hermes.decode(roll.response_ids[0][roll.response_mask[0].bool()])
     assert RETRY not in own and "<tool_response>" not in own and own.count("<tool_call>") == 2
