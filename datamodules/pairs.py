@@ -150,8 +150,9 @@ class PairDataModule(L.LightningDataModule):
             raise DataError(f"{origin}: the {split} split is empty{_why_empty(self.source, split)}")
         need = {"none": ("prompt",), "chosen": ("prompt", "chosen"), "pairs": FIELDS}[self.responses]
         first = self.source.first_index(split) if hasattr(self.source, "first_index") else 0
+        written = need == ("prompt",) and self.tools is not None and self.tools.environment is not None
         return origin, validate_records(rows, origin, self.fields, need, self.skip_invalid, first, self.reward_fields,
-                                        self.optional_fields)
+                                        self.optional_fields, empty_prompts=written)   # (reset writes the text)
 
     def encoded(self, split: str) -> list[dict]:
         origin, records = self._indexed_records(split)

@@ -136,6 +136,39 @@ class HubDataset(Source):
         return where, ds.to_list()
 
 
+class Episodes(Source):
+    """Records for an environment that writes each prompt itself (TRL's dataset-free mode: no `train_dataset`, the
+    `environment_factory`'s `reset` returns the task): `num_train` training and `num_val` held-out records
+    `{prompt: [{role: user, content: ""}], episode: i}`, numbered from 0 for training and on from `num_train` for
+    validation, so no held-out episode is a trained one. For RL (data `prompts_only: true`) with `reward_fields:
+    [episode]` and a tools environment whose `reset(episode)` returns the task's text, drawn from the episode number
+    (`random.Random(episode)`): the text becomes the user message, the K responses to a record get the same task (as
+    their group needs; different texts stop the run in one line), and a rerun gets the same tasks. A reset that
+    returns None leaves the prompt empty and stops the run in one line. The training records set the run's length,
+    `batch_size` of them per rollout, as TRL's `max_steps` does there.
+
+    Args:
+        num_train: training episodes.
+        num_val: held-out episodes (the evaluation's prompts).
+    """
+
+    name = "episodes"
+
+    def __init__(self, num_train: int = 1000, num_val: int = 100):
+        for arg, value in (("num_train", num_train), ("num_val", num_val)):
+            if value < 1:
+                raise ValueError(f"Episodes: {arg}={value}; expected at least 1")
+        self.num_train, self.num_val = num_train, num_val
+
+    def load(self, split: str) -> tuple[str, list[dict]]:
+        first, count = self.first_index(split), self.num_train if split == "train" else self.num_val
+        return f"episodes ({split})", [{"prompt": [{"role": "user", "content": ""}], "episode": first + i}
+                                       for i in range(count)]
+
+    def first_index(self, split: str) -> int:
+        return 0 if split == "train" else self.num_train
+
+
 def read_file(path: str) -> list[dict]:
     """All rows of a .jsonl / .json / .parquet / .csv / .tsv file as dicts; unreadable files raise DataError naming
     the file (and, for .jsonl, .csv and .tsv, the record and line). .json and .parquet are read through `datasets`."""
@@ -199,15 +232,16 @@ def _read_table(path: str, delimiter: str) -> list[dict]:
 
 def validate_records(rows: list, origin: str, fields: FieldMap, need: tuple[str, ...] = FIELDS,
                      skip_invalid: bool = False, first: int = 0, keep: tuple[str, ...] = (),
-                     optional: tuple[str, ...] = ()) -> list[tuple[int, dict]]:
+                     optional: tuple[str, ...] = (), empty_prompts: bool = False) -> list[tuple[int, dict]]:
     """Map rows to `(index in the file, {prompt, chosen, rejected})` (only `need`), raising or counting every bad
     record; `first` is the file index of `rows[0]`. `keep`: further fields every record must hold (any value but
     null), carried as they are in the record's `fields` dict (the reward's record fields, e.g. a reference answer);
-    those also in `optional` may be missing or null, and are carried as None."""
+    those also in `optional` may be missing or null, and are carried as None. `empty_prompts`: a prompt without
+    text is no problem (a tools environment's `reset` writes it, `Episodes`)."""
     out, skipped = [], Counter()
     required = tuple(name for name in keep if name not in optional)
     for index, row in enumerate(rows, start=first):
-        problem = _problem(row, fields, need) or _missing(row, required)
+        problem = _problem(row, fields, need, empty_prompts) or _missing(row, required)
         if problem is None:
             rec = {key: _value(row[getattr(fields, key)], key != "prompt") for key in need}
             if keep:
@@ -242,7 +276,7 @@ def _warn_duplicates(records: list[tuple[int, dict]], origin: str) -> None:
              origin, len(repeats), len(records), index, first)
 
 
-def _problem(row, fields: FieldMap, need: tuple[str, ...]) -> tuple[str, str] | None:
+def _problem(row, fields: FieldMap, need: tuple[str, ...], empty_prompts: bool = False) -> tuple[str, str] | None:
     if not isinstance(row, dict):
         return "<record>", f"expected an object, got {type(row).__name__}"
     if "_invalid" in row:  # set by a format adapter (datamodules.formats)
@@ -254,25 +288,26 @@ def _problem(row, fields: FieldMap, need: tuple[str, ...]) -> tuple[str, str] | 
                           f"fields: {{prompt: ..., chosen: ..., rejected: ...}})")
         if row[name] is None:
             return name, "null; expected a string"
+        blank_ok = empty_prompts and key == "prompt"
         if isinstance(row[name], list):             # TRL's conversational format
-            problem = _conversation_problem(row[name], response=key != "prompt")
+            problem = _conversation_problem(row[name], response=key != "prompt", blank_ok=blank_ok)
             if problem:
                 return name, problem
             continue
         if not isinstance(row[name], str):
             what = "a string or a list of messages" if key == "prompt" else "a string or one assistant message"
             return name, f"expected {what}, got {type(row[name]).__name__}"
-        if not row[name].strip():
+        if not row[name].strip() and not blank_ok:
             return name, "empty"
     if "chosen" in need and "rejected" in need and row[fields.chosen] == row[fields.rejected]:
         return fields.rejected, "identical to 'chosen'"
     return None
 
 
-def _conversation_problem(messages: list, response: bool) -> str | None:
+def _conversation_problem(messages: list, response: bool, blank_ok: bool = False) -> str | None:
     """What is wrong with a field in TRL's conversational format, or None: a prompt is a non-empty list of
-    `{role, content}` messages with text content; a response (chosen, rejected) is one message of role assistant,
-    or a multi-turn trace (`_is_trace`, `_trace_problem`)."""
+    `{role, content}` messages with text content (the last's may be blank where `blank_ok`); a response (chosen,
+    rejected) is one message of role assistant, or a multi-turn trace (`_is_trace`, `_trace_problem`)."""
     roles = [m.get("role") if isinstance(m, dict) else None for m in messages]
     if response and roles != ["assistant"]:
         if len(roles) > 1 and _is_trace(roles):
@@ -288,7 +323,7 @@ def _conversation_problem(messages: list, response: bool) -> str | None:
         if not isinstance(message.get("content"), str):
             return (f"message {i} ({message['role']}): content: expected text, got "
                     f"{type(message.get('content')).__name__} (text-only messages)")
-    if not messages[-1]["content"].strip():
+    if not messages[-1]["content"].strip() and not blank_ok:
         return f"message {len(messages) - 1} ({messages[-1]['role']}): empty"
     return None
 

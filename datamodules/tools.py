@@ -249,6 +249,10 @@ class Tools:
                 if observation is not None and not isinstance(observation, str):
                     raise DataError(f"data tools environment {where}: reset returned a "
                                     f"{type(observation).__name__}; expected None or a text to append to the prompt")
+                if observation is None and not _text(prompt).strip():
+                    raise DataError(f"data tools environment {where}: reset(prompt {i}) returned None and the prompt is "
+                                    "empty (as datamodules.sources.Episodes gives it); expected the task's text, "
+                                    "which becomes the prompt")
                 seen.append(observation)
             if any(o != seen[0] for o in seen):
                 raise DataError(f"data tools environment {where}: reset gave the {num_samples} responses to prompt {i} "
@@ -362,6 +366,11 @@ def observed(prompt: str | list[dict], observation: str) -> str | list[dict]:
     if isinstance(prompt, str):
         return prompt + observation
     return prompt[:-1] + [{**prompt[-1], "content": (prompt[-1].get("content") or "") + observation}]
+
+
+def _text(prompt: str | list[dict]) -> str:
+    """A prompt's text, its last message's for a conversation."""
+    return prompt if isinstance(prompt, str) else prompt[-1].get("content") or ""
 
 
 def schema_of(fn: Callable) -> dict:

@@ -3,6 +3,7 @@ callbacks and rewards that record or break a run."""
 from __future__ import annotations
 
 import os
+import random
 import subprocess
 import sys
 from pathlib import Path
@@ -470,6 +471,19 @@ class Counter:
 
     def get_reward(self) -> float:
         return float(self.calls > 0)
+
+
+class Episode(Counter):
+    """`Counter` as an environment that writes each prompt (`datamodules.sources.Episodes`): reset draws the base
+    from the episode number and returns the whole task."""
+
+    def reset(self, episode: int) -> str:
+        self.base, self.calls = episode_base(episode), 0
+        return f"What is 2 + 3, from {self.base}?"
+
+
+def episode_base(episode: int) -> int:
+    return random.Random(episode).randrange(100)
 
     def _helper(self) -> None:            # (private: not a tool)
         pass

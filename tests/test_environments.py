@@ -8,11 +8,11 @@ import torch
 import yaml
 
 from datamodules.collate import encode_prompt, pad
-from datamodules.sources import DataError
+from datamodules.sources import DataError, Episodes
 from datamodules.tools import Tools, environment_methods, observed
 from modules.rewards import RewardError, awaited, call_text_reward, environment_reward
 from modules.sampling import SamplingConfig, generate_with_tools
-from tests.helpers import Counter, ScriptedToolCalls, first_trace_call
+from tests.helpers import Counter, Episode, ScriptedToolCalls, episode_base, first_trace_call
 from tests.test_tools import hermes, tool_config, tool_dir  # noqa: F401  (fixtures)
 
 
@@ -279,3 +279,67 @@ def test_several_environments_each_record_its_own_tools_instances_and_reset(tmp_
                                                "answer": [1, 2]}, 2)
     assert names == ["register", "register"] and again[:2] == tools.pools["register"][:2]
     assert len(tools.pools["register"]) == 4 and len(tools.pools["count"]) == 2
+
+
+def test_episodes_give_empty_prompts_that_only_an_environment_may_write(tool_dir):  # noqa: F811
+    """`Episodes` (TRL's dataset-free mode): numbered records with an empty user message, held-out ones numbered on
+    from the training ones. Their empty prompts are bad records in one line without a tools environment or in SFT
+    (which runs none), and pass in RL with one; reset then writes each prompt (the same task for the K responses to
+    a record, drawn from its episode), and a reset that leaves a prompt empty stops the run in one line."""
+    from datamodules.pairs import PairDataModule
+
+    source = Episodes(num_train=3, num_val=2)
+    assert source.load("train") == ("episodes (train)", [{"prompt": [{"role": "user", "content": ""}], "episode": i}
+                                                         for i in range(3)])
+    assert [r["episode"] for r in source.load("val")[1]] == [3, 4] and source.first_index("val") == 3
+    with pytest.raises(ValueError, match=r"^Episodes: num_val=0; expected at least 1$"):
+        Episodes(num_val=0)
+    plain = PairDataModule(source, tokenizer=tool_dir, prompts_only=True, reward_fields=["episode"])
+    with pytest.raises(DataError, match=r"^episodes \(val\): record 3: field 'prompt': message 0 \(user\): empty"):
+        plain.records("val")
+    written = PairDataModule(source, tokenizer=tool_dir, prompts_only=True, reward_fields=["episode"],
+                             tools=Tools(environment=Episode))
+    assert written.records("val")[1][1] == {"prompt": [{"role": "user", "content": ""}], "fields": {"episode": 4}}
+    chosen = PairDataModule(source, tokenizer=tool_dir, chosen_only=True, tools=Tools(environment=Episode))
+    with pytest.raises(DataError, match=r"record 0: field 'prompt': message 0 \(user\): empty"):
+        chosen.records("train")                                          # (SFT runs no environment)
+
+    empty = [{"role": "user", "content": ""}]
+    instances, prompts, _ = Tools(environment=Episode).start([empty, empty], {"episode": [7, 8]}, 2)
+    assert prompts == [[{"role": "user", "content": f"What is 2 + 3, from {episode_base(n)}?"}] for n in (7, 8)]
+    assert [e.base for e in instances] == [episode_base(7)] * 2 + [episode_base(8)] * 2 and episode_base(7) != episode_base(8)
+    with pytest.raises(DataError, match=r"^data tools environment \S*Quiet: reset\(prompt 0\) "
+                                        r"returned None and the prompt is empty \(as datamodules.sources.Episodes gives "
+                                        r"it\); expected the task's text, which becomes the prompt$"):
+        Tools(environment=Quiet).start([empty], {}, 2)
+
+
+def episode_answered(prompts, completions, environments, episode, **kwargs) -> list[float]:
+    """TRL-style: 1 where the prompt is its episode's task, the instance was reset from the episode, and every tool
+    result is the instance's base + 5."""
+    return [float(p[-1]["content"] == f"What is 2 + 3, from {episode_base(n)}?" and e.base == episode_base(n) and
+                  all(m["content"] == str(e.base + 5) for m in c if m["role"] == "tool"))
+            for p, c, e, n in zip(prompts, completions, environments, episode)]
+
+
+@pytest.mark.slow
+def test_rl_on_episodes_runs_end_to_end_from_yaml(tmp_path, tool_dir):  # noqa: F811
+    """P3O from YAML on `Episodes` with the `Episode` environment writing every prompt: half the responses call
+    (scripted) on their own instance, the environment's reward pays those, and the evaluation, on held-out
+    episodes, gets the prompts reset wrote, with each record's episode."""
+    from tests.test_judges import evaluation
+    from train import cli_main
+
+    config = yaml.safe_load(open(tool_config(tmp_path, tool_dir)))
+    config["data"]["init_args"].update({
+        "source": {"class_path": "datamodules.sources.Episodes", "init_args": {"num_train": 8, "num_val": 4}},
+        "tools": {"environment": "tests.helpers.Episode", "max_turns": 1}, "reward_fields": ["episode"],
+        "prompts_only": True})
+    config["model"]["init_args"]["reward"] = "modules.rewards.environment_reward"
+    config["trainer"]["callbacks"][1]["init_args"]["reward"] = "tests.test_environments.episode_answered"
+    (tmp_path / "episodes.yaml").write_text(yaml.safe_dump(config))
+    cli = cli_main(["fit", "--config", str(tmp_path / "episodes.yaml")])
+    metrics = cli.trainer.callback_metrics
+    assert torch.isfinite(metrics["train/loss"])
+    assert float(metrics["train/tool_calls"]) == pytest.approx(0.5) and float(metrics["train/reward"]) == pytest.approx(0.5)
+    assert evaluation(cli).history[-1]["val/gold_reward"] == pytest.approx(1.0)
