@@ -347,14 +347,25 @@ def _named(value, name: str):
     return found
 
 
+def samples_table(rows: list[tuple]) -> str:
+    """(prompt, response, reward, extra columns) rows as a Markdown table, what TensorBoard's text tab shows: a cell's
+    "|" escaped and its line breaks written as <br>, so each sample stays one row.
+
+    Example: [("Hi", "Hello|there\nfriend", 0.5, {})] -> "| reward | prompt | response |\n|---|---|---|\n| +0.500 | Hi |
+    Hello\\|there<br>friend |"."""
+    cell = lambda text: str(text).replace("|", "\\|").replace("\n", "<br>")  # noqa: E731
+    extra = any(e for *_, e in rows)
+    lines = ["| reward | prompt | response |" + (" extra |" if extra else ""), "|---|---|---|" + ("---|" if extra else "")]
+    lines += [f"| {v:+.3f} | {cell(prompt_text(p))} | {cell(r)} |" + (f" {cell(extra_text(e))} |" if extra else "")
+              for p, r, v, e in rows]
+    return "\n".join(lines)
+
+
 def _log_text_and_figure(logger, rows, history, step) -> None:
     experiment = getattr(logger, "experiment", None)
     if experiment is None or not hasattr(experiment, "add_text"):
         return
-    extra = any(e for *_, e in rows)
-    lines = ["| reward | prompt | response |" + (" extra |" if extra else ""), "|---|---|---|" + ("---|" if extra else "")]
-    lines += [f"| {v:+.3f} | {prompt_text(p)} | {r} |" + (f" {extra_text(e)} |" if extra else "") for p, r, v, e in rows]
-    experiment.add_text("val/samples", "\n".join(lines), step)
+    experiment.add_text("val/samples", samples_table(rows), step)
     points = [(h["val/kl"], h.get("val/gold_reward", h.get("val/reward"))) for h in history if "val/kl" in h]
     if not points:
         return

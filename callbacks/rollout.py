@@ -14,6 +14,7 @@ import contextlib
 import lightning as L
 import torch
 
+from callbacks.evaluation import batches_done, samples_table
 from callbacks.sharding import outside_forward
 
 
@@ -22,10 +23,18 @@ class OnPolicyRollout(L.Callback):
 
     Args:
         seed: seeds the sampling stream (each rank draws from seed * 1000 + rank).
+        log_samples: the first this many responses of a rollout (the K responses to each of its first prompts, in
+            order) with their training rewards and the columns the reward logged for them (TRL's `log_extra`),
+            written to the logger as a text table, `train/samples` (TRL's `log_completions`; rank 0's rollout).
+            0: none.
+        log_every_n_rollouts: write them for every n-th rollout, the first included.
     """
 
-    def __init__(self, seed: int = 0):
-        self.seed = seed
+    def __init__(self, seed: int = 0, log_samples: int = 0, log_every_n_rollouts: int = 1):
+        if log_samples < 0 or log_every_n_rollouts < 1:
+            raise ValueError(f"OnPolicyRollout: log_samples={log_samples}, log_every_n_rollouts={log_every_n_rollouts}; "
+                             "expected log_samples >= 0 and log_every_n_rollouts >= 1")
+        self.seed, self.log_samples, self.log_every = seed, log_samples, log_every_n_rollouts
         self.rng_state: dict | None = None
         self.rollouts = 0
         self.samples = 0
@@ -51,8 +60,18 @@ class OnPolicyRollout(L.Callback):
     def on_train_batch_start(self, trainer: L.Trainer, pl_module, batch, batch_idx: int) -> None:
         with self._own_rng(pl_module.device, trainer.global_rank), outside_forward(trainer):
             pl_module.rollout = pl_module.make_rollout(batch)
+        if self.log_samples and self.rollouts % self.log_every == 0 and trainer.is_global_zero:
+            self._log_samples(trainer, pl_module.rollout)
         self.rollouts += 1
         self.samples += len(pl_module.rollout)
+
+    def _log_samples(self, trainer: L.Trainer, roll) -> None:
+        experiment = getattr(trainer.logger, "experiment", None)
+        if experiment is None or not hasattr(experiment, "add_text"):
+            return
+        rows = [(p, r, float(v), {name: values[i] for name, values in roll.extras.items()})
+                for i, (p, r, v) in enumerate(zip(roll.prompts, roll.responses, roll.rewards.tolist()))]
+        experiment.add_text("train/samples", samples_table(rows[: self.log_samples]), batches_done(trainer))
 
     def state_dict(self) -> dict:
         """Called on every rank when a checkpoint is written: gathers each rank's random stream."""

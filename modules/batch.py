@@ -45,6 +45,7 @@ class Rollout:
     reward_terms: dict[str, torch.Tensor] = field(default_factory=dict)  # a composed reward's terms: name -> (N,)
     messages: list[list[dict]] | None = None  # (N,) with tools: each response as its assistant and tool messages
     environments: list | None = None          # (N,) with a tools environment: each response's instance (rewards read it)
+    extras: dict[str, list] = field(default_factory=dict)    # the columns a reward logged (TRL's `log_extra`): name -> (N,)
 
     def __len__(self) -> int:
         return self.input_ids.shape[0]
@@ -71,7 +72,8 @@ class Rollout:
                        fields={name: [values[i] for i in idx] for name, values in self.fields.items()},
                        reward_terms={name: values[rows.to(values.device)] for name, values in self.reward_terms.items()},
                        messages=None if self.messages is None else [self.messages[i] for i in idx],
-                       environments=None if self.environments is None else [self.environments[i] for i in idx])
+                       environments=None if self.environments is None else [self.environments[i] for i in idx],
+                       extras={name: [values[i] for i in idx] for name, values in self.extras.items()})
 
     def with_fields(self, fields: dict[str, list]) -> "Rollout":
         """Set `fields` from the prompts' record fields (name -> one value per prompt): each repeated for the K

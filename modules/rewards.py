@@ -609,8 +609,9 @@ def _collecting(var: contextvars.ContextVar, keep: bool):
 def reward_extras(keep: bool = True):
     """Within it, a reward that takes `log_extra` (by name, or TRL-style with `**kwargs`) gets TRL's
     `log_extra(column, values)`, one value per response of its call; yields {column: [values]} (`keep=False`: dropped,
-    for calls whose samples are not shown: training, which has no table of samples, and an evaluation's reference
-    samples). The evaluation shows the columns beside its samples (`show`)."""
+    for calls whose samples are not shown: an evaluation's reference samples). The evaluation shows the columns
+    beside its samples (`show`), a rollout's samples table beside its responses (`OnPolicyRollout log_samples`;
+    `Rollout.extras`, where there is one value per response)."""
     return _collecting(_extras, keep)
 
 

@@ -454,8 +454,9 @@ class RLModule(TrainedOnlyCheckpoints, L.LightningModule):
             if "tools/user_turns" in roll.timings:     # (a simulated user's messages per response)
                 roll.timings["train/user_turns"] = roll.timings.pop("tools/user_turns") / len(roll)
         with (reward_timeout(self.reward_timeout), trainer_state(self.progress(len(batch))), reward_metrics() as logged,
-              reward_extras(keep=False)):                      # (extra columns: shown with evaluation samples only)
+              reward_extras() as extras):                      # (extra columns: the rollout's samples table shows them)
             roll.rewards = self.score(roll)
+        roll.extras = {name: values for name, values in extras.items() if len(values) == len(roll)}
         roll.timings.update({f"train/{name}": mean for name, mean in self.logged_means(logged).items()})
         if self.keep_groups is not None:
             roll = self.keep_informative(roll)

@@ -306,6 +306,16 @@ class GatheredFrozen(L.Callback):
                 out.write(json.dumps(keys) + "\n")
 
 
+class RecordRollouts(L.Callback):
+    """Records each rollout's (prompt, response, training reward, {}) rows, after OnPolicyRollout made it."""
+
+    seen: list = []
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        roll = pl_module.rollout
+        type(self).seen.append(list(zip(roll.prompts, roll.responses, roll.rewards.tolist(), [{}] * len(roll))))
+
+
 class RecordingCheckpoint(L.Callback):
     """Test callback: records after which batches a StepCheckpoint of the same trainer saved."""
 

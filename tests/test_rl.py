@@ -5,13 +5,14 @@ import math
 
 import pytest
 import torch
+import yaml
 
 from datamodules.collate import PairCollator, encode_prompt
 from modules.backbone import BackboneSpec, build_causal_lm
 from modules.forward import response_logprobs
 from modules.rl import NonFiniteError
 from modules.sampling import SamplingConfig, sample
-from tests.helpers import tiny_rl_config
+from tests.helpers import RecordRollouts, tiny_rl_config
 from train import cli_main
 
 
@@ -232,3 +233,32 @@ def test_a_nonfinite_update_stops_before_the_step_keeping_the_last_good_checkpoi
     policy = {k: v for k, v in state["state_dict"].items() if k.startswith("policy.")}
     assert policy and all(torch.isfinite(v).all() for v in policy.values())
     assert not export.exists()
+
+
+def test_log_samples_writes_a_rollouts_first_responses_and_rewards_as_text(tmp_path, sft_dir):
+    """`OnPolicyRollout(log_samples: 3, log_every_n_rollouts: 2)` over 4 rollouts: `train/samples` at the first and
+    the third, each the Markdown table of that rollout's first 3 responses with their training rewards (the K = 2
+    responses to its first prompt, then one to the second); `samples_table` works its example out; a negative
+    count is one line."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from callbacks.evaluation import samples_table
+    from callbacks.rollout import OnPolicyRollout
+
+    assert samples_table([("Hi", "Hello|there\nfriend", 0.5, {})]) == \
+        "| reward | prompt | response |\n|---|---|---|\n| +0.500 | Hi | Hello\\|there<br>friend |"
+    with pytest.raises(ValueError, match=r"^OnPolicyRollout: log_samples=-1, log_every_n_rollouts=1; expected"):
+        OnPolicyRollout(log_samples=-1)
+    path = tiny_rl_config(tmp_path, sft_dir, extra_callbacks=[{"class_path": "tests.helpers.RecordRollouts"}])
+    config = yaml.safe_load(open(path))
+    [rollout] = [cb for cb in config["trainer"]["callbacks"] if cb["class_path"].endswith("OnPolicyRollout")]
+    rollout["init_args"] = {"log_samples": 3, "log_every_n_rollouts": 2}
+    (tmp_path / "logged.yaml").write_text(yaml.safe_dump(config))
+    RecordRollouts.seen = []
+    cli = cli_main(["fit", "--config", str(tmp_path / "logged.yaml")])
+    events = EventAccumulator(cli.trainer.logger.log_dir)
+    events.Reload()
+    logged = events.Tensors("train/samples/text_summary")
+    assert len(RecordRollouts.seen) == 4 and [event.step for event in logged] == [0, 2]
+    for event, rows in zip(logged, RecordRollouts.seen[::2]):
+        assert event.tensor_proto.string_val[0].decode() == samples_table(rows[:3])

@@ -149,14 +149,29 @@ def extra_reward(completions, log_extra, **kwargs):
     return [0.0] * len(completions)
 
 
-def test_the_evaluation_shows_log_extra_columns_beside_its_samples(tmp_path, sft_dir, capsys):
-    """The tiny run with `extra_reward` as the RL reward (its training calls work, the columns dropped) and the
-    evaluation's, showing 2 samples: each printed sample ends with `[chars: <its length>]`."""
+def test_the_evaluation_and_the_rollouts_samples_show_log_extra_columns(tmp_path, sft_dir, capsys):
+    """The tiny run with `extra_reward` as the RL reward and the evaluation's, showing 2 samples: each printed sample
+    ends with `[chars: <its length>]`; the rollouts keep the training calls' columns (`Rollout.extras`), and
+    `OnPolicyRollout log_samples: 2` shows them beside each response of `train/samples`."""
+    import yaml
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
     config = tiny_rl_config(tmp_path, sft_dir, model={"reward": "tests.test_trl_arguments.extra_reward"},
                             evaluation={"reward": "tests.test_trl_arguments.extra_reward", "show": 2})
-    cli_main(["fit", "--config", config])
+    derived = yaml.safe_load(open(config))
+    [rollout] = [cb for cb in derived["trainer"]["callbacks"] if cb["class_path"].endswith("OnPolicyRollout")]
+    rollout["init_args"] = {"log_samples": 2}
+    (tmp_path / "logged.yaml").write_text(yaml.safe_dump(derived))
+    cli = cli_main(["fit", "--config", str(tmp_path / "logged.yaml")])
     shown = [line for line in capsys.readouterr().out.splitlines() if " -> " in line]
     assert len(shown) == 2 and all(line.endswith("]") and "[chars: " in line for line in shown), shown
     for line in shown:
         response, chars = line.split(" -> ", 1)[1].rsplit("   [chars: ", 1)
         assert int(chars.rstrip("]")) == len(response)
+    events = EventAccumulator(cli.trainer.logger.log_dir)
+    events.Reload()
+    tables = [e.tensor_proto.string_val[0].decode() for e in events.Tensors("train/samples/text_summary")]
+    assert len(tables) == 4
+    for table in tables:
+        rows = [row.split(" | ") for row in table.splitlines()[2:]]
+        assert len(rows) == 2 and all(int(row[3].removeprefix("chars: ").rstrip(" |")) == len(row[2]) for row in rows)
