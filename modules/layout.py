@@ -125,9 +125,14 @@ def micro_batch_groups(group_tokens: torch.Tensor, budget: int, parts: int | Non
 CUSTOM_MASK_ATTENTION = {"sdpa": "bool", "eager": "additive"}
 
 # Decoders whose attention is plain causal attention over position ids, so that a custom mask with the same
-# positions reproduces it exactly (tested for each in tests/test_layout.py). Others (ALiBi, sliding windows,
-# bidirectional prefixes) build masks of their own and keep the one-row-per-response layout.
-SHARED_PROMPT_MODELS = ("llama", "mistral", "qwen2", "qwen3")
+# positions reproduces it exactly, and whose logits are their LM head applied to the last hidden states (no logit
+# scaling or soft-capping: `modules.forward.splits_head`), each tested in tests/test_layout.py against the model's
+# own logits. Mixture-of-experts decoders route each token on its own hidden state, so packing rows changes no
+# token's experts. Sliding windows pass where rows fit in the window (`shares_prompts`). Others (ALiBi,
+# bidirectional prefixes, logit scaling: Granite, Cohere; soft-capping: Gemma 2; linear attention: Qwen3.5, Qwen3-Next)
+# keep the one-row-per-response layout and the model's own logits.
+SHARED_PROMPT_MODELS = ("llama", "mistral", "qwen2", "qwen3", "smollm3", "olmo2", "olmo3", "phi3",
+                        "qwen2_moe", "qwen3_moe", "mixtral", "olmoe", "gpt_oss", "glm4_moe")
 
 
 def shares_prompts(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, prompt_length: int,
@@ -135,11 +140,14 @@ def shares_prompts(model, input_ids: torch.Tensor, attention_mask: torch.Tensor,
     """Whether `response_logprobs` can compute each group's prompt once. It needs all of:
     - a decoder of `SHARED_PROMPT_MODELS`, with an attention implementation that takes a custom mask;
     - no sliding window shorter than the rows (a window that long never cuts anything off);
+    - a mixture of experts that does not compute its router's load-balancing loss in its forward
+      (`output_router_logits`: that loss reads the attention mask as one flag per token);
     - whole groups, the K rows of each holding the same prompt (ids and mask)."""
     config = getattr(model, "config", None)
     N, K = input_ids.shape[0], group_size
     if (N % K or getattr(config, "model_type", None) not in SHARED_PROMPT_MODELS
             or getattr(config, "_attn_implementation", None) not in CUSTOM_MASK_ATTENTION
+            or getattr(config, "output_router_logits", False)
             or input_ids.shape[1] > (window(config) or input_ids.shape[1])):
         return False
     grouped = torch.stack([input_ids[:, :prompt_length], attention_mask[:, :prompt_length]]).view(2, N // K, K, -1)

@@ -75,23 +75,46 @@ def test_packed_last_token_literal():
     assert L.packed_last_token(empty, 2, 2, gather).tolist() == [2, 1]
 
 
+MOE = {"num_experts_per_tok": 2, "moe_intermediate_size": 32}
+ARCHITECTURES = {                                     # (the tiny shape's extra fields each model type needs)
+    "llama": {}, "mistral": {"sliding_window": None}, "qwen2": {}, "qwen3": {}, "smollm3": {}, "olmo2": {},
+    "olmo3": {"sliding_window": 64, "layer_types": ["sliding_attention", "full_attention"]}, "phi3": {},
+    "qwen2_moe": {**MOE, "num_experts": 4, "shared_expert_intermediate_size": 32}, "qwen3_moe": {**MOE, "num_experts": 4},
+    "mixtral": {"num_local_experts": 4, "num_experts_per_tok": 2, "sliding_window": None},
+    "olmoe": {"num_experts": 4, "num_experts_per_tok": 2},
+    "gpt_oss": {"num_local_experts": 4, "num_experts_per_tok": 2, "head_dim": 16, "sliding_window": 64,
+                "layer_types": ["sliding_attention", "full_attention"]},
+    "glm4_moe": {**MOE, "n_routed_experts": 4, "first_k_dense_replace": 1, "head_dim": 16, "n_group": 1, "topk_group": 1},
+}
+
+
+def tiny_model(tokenizer, model_type: str, attention: str = "sdpa", lora: bool = False, **extra):
+    """A 2-layer random-init model of `model_type` at the tiny shape (a 1-head key/value: grouped-query attention)."""
+    config = {**TINY_SHAPE, "model_type": model_type, "attn_implementation": attention, "num_key_value_heads": 1,
+              "num_hidden_layers": 2, **ARCHITECTURES.get(model_type, {}), **extra}
+    return build_causal_lm(BackboneSpec(config=config, lora={"r": 4} if lora else None), tokenizer)
+
+
 @pytest.mark.parametrize("packed", [True, False], ids=["packed", "padded"])
 @pytest.mark.parametrize("model_type,attention", [("llama", "sdpa"), ("llama", "eager"), ("mistral", "sdpa"),
-                                                  ("qwen2", "sdpa"), ("qwen3", "eager"), ("llama-lora", "sdpa")])
+                                                  ("qwen2", "sdpa"), ("qwen3", "eager"), ("llama-lora", "sdpa")] +
+                         [(name, "sdpa") for name in L.SHARED_PROMPT_MODELS if name not in ("llama", "mistral", "qwen2",
+                                                                                            "qwen3", "gpt_oss")] +
+                         [("gpt_oss", "eager")])
 def test_shared_prompt_logprobs_and_gradients_equal_one_row_per_response(tokenizer, model_type, attention, packed):
     """Each prompt computed once for its K = 3 responses (`group_size=3`) against one row per response: the same
     logprobs on every response token (1e-5) and the same gradient of their masked sum (1e-5 relative to the
-    largest), for each decoder and attention implementation that shares prompts, and a LoRA policy; packed (the
-    default: padding dropped, the decoder sees fewer columns than the padded layout's P + K L) and padded (what a
-    model partitioned by DeepSpeed ZeRO-3 runs; `prompt_layout: padded`). The packed path runs the LM head on the real
-    response tokens only and returns exactly 0 after each response."""
+    largest), for each decoder of `SHARED_PROMPT_MODELS` (dense and mixture-of-experts) and attention implementation
+    that shares prompts, and a LoRA policy; packed (the default: padding dropped, the decoder sees fewer columns
+    than the padded layout's P + K L) and padded (what a model partitioned by DeepSpeed ZeRO-3 runs; `prompt_layout:
+    padded`). Both equal the model's own logits' (its forward on one row per response), so its LM head on its last
+    hidden states is its logits. The packed path runs the LM head on the real response tokens only and returns
+    exactly 0 after each response."""
+    from modules.forward import lm_logits
+    from modules.functional import token_logprobs
     from modules.layout import shares_prompts
 
-    config = {**TINY_SHAPE, "model_type": model_type.split("-")[0], "attn_implementation": attention,
-              "num_key_value_heads": 1}
-    if model_type == "mistral":
-        config["sliding_window"] = None
-    model = build_causal_lm(BackboneSpec(config=config, lora={"r": 4} if "lora" in model_type else None), tokenizer)
+    model = tiny_model(tokenizer, model_type.split("-")[0], attention, lora="lora" in model_type)
     ids, mask, response_mask = grouped_rows(tokenizer)
     assert model.config._attn_implementation == attention and shares_prompts(model, ids, mask, 5, 3)
     widths, head_rows = [], []
@@ -110,11 +133,31 @@ def test_shared_prompt_logprobs_and_gradients_equal_one_row_per_response(tokeniz
         assert (shared[response_mask == 0] == 0).all() and head_rows[-1] == int(response_mask.sum())
     else:
         assert head_rows[-1] == 2 * 3 * L                # groups x K L predicting positions
+    with torch.no_grad():
+        own = token_logprobs(lm_logits(model, ids, mask)[:, 4:-1], ids[:, 5:], 0.7)
+    assert torch.allclose(own * response_mask, shared * response_mask, atol=1e-5, rtol=0)
+
+
+def test_a_model_whose_logits_are_not_its_head_on_its_states_would_fail_that_check(tokenizer, monkeypatch):
+    """Why Granite (logits divided by `logits_scaling`) is not in `SHARED_PROMPT_MODELS`: listed, its logprobs from
+    the head on the hidden states would differ from its own logits' by far more than the check's 1e-5, as they do
+    from the one-row-per-response path that keeps its own logits (not listed, the default)."""
+    from modules.forward import lm_logits, response_logprobs
+    from modules.functional import token_logprobs
+
+    model = tiny_model(tokenizer, "granite", logits_scaling=4.0)
+    ids, mask, response_mask = grouped_rows(tokenizer)
+    with torch.no_grad():
+        own = token_logprobs(lm_logits(model, ids, mask)[:, 4:-1], ids[:, 5:], 0.7) * response_mask
+        assert torch.allclose(response_logprobs(model, ids, mask, 5, 0.7, group_size=3) * response_mask, own, atol=1e-6)
+        monkeypatch.setattr(L, "SHARED_PROMPT_MODELS", L.SHARED_PROMPT_MODELS + ("granite",))
+        assert (response_logprobs(model, ids, mask, 5, 0.7, group_size=3) * response_mask - own).abs().max() > 1e-2
 
 
 def test_prompts_are_shared_only_where_the_layout_is_exact(tokenizer):
     """Falls back to one row per response when a group's rows hold different prompts, when groups are not whole,
-    for a sliding window shorter than the rows, and for an attention implementation that ignores custom masks."""
+    for a sliding window shorter than the rows, for an attention implementation that ignores custom masks, and for a
+    mixture of experts that computes its router loss in its forward (`output_router_logits`)."""
     from modules.layout import shares_prompts
 
     ids, mask, _ = grouped_rows(tokenizer)
@@ -130,6 +173,8 @@ def test_prompts_are_shared_only_where_the_layout_is_exact(tokenizer):
         assert shares_prompts(mistral, ids, mask, 5, 3) == shared
     llama.config._attn_implementation = "flash_attention_2"
     assert not shares_prompts(llama, ids, mask, 5, 3)
+    assert shares_prompts(tiny_model(tokenizer, "qwen3_moe"), ids, mask, 5, 3)
+    assert not shares_prompts(tiny_model(tokenizer, "qwen3_moe", output_router_logits=True), ids, mask, 5, 3)
 
 
 def test_rl_module_shares_prompts_by_default_with_the_same_updates(tmp_path, sft_dir, monkeypatch):
@@ -153,15 +198,17 @@ def test_rl_module_shares_prompts_by_default_with_the_same_updates(tmp_path, sft
     assert (weights[True] - weights[False]).abs().max() < 1e-4
 
 
-@pytest.mark.parametrize("attention", ["sdpa", "eager"])
-def test_shared_prompt_rewards_equal_one_row_per_response(tokenizer, attention):
+@pytest.mark.parametrize("model_type,attention", [("llama", "sdpa"), ("llama", "eager"), ("qwen3_moe", "sdpa"),
+                                                  ("mixtral", "eager")])
+def test_shared_prompt_rewards_equal_one_row_per_response(tokenizer, model_type, attention):
     """A reward model (scalar head) scores K = 3 responses per prompt with each prompt computed once and no
     padding (the backbone sees 18 columns, not the padded layout's P + K L = 23): the same rewards (1e-5) as one row
-    per response, read at each response's last real token (rows 1 and 4 stop early)."""
+    per response, read at each response's last real token (rows 1 and 4 stop early); dense and mixture of experts."""
     from modules.backbone import build_scorer
     from modules.forward import scorer_head, sequence_rewards
 
-    scorer = build_scorer(BackboneSpec(config={**TINY_SHAPE, "attn_implementation": attention}), tokenizer).eval()
+    config = {**TINY_SHAPE, "model_type": model_type, "attn_implementation": attention, **ARCHITECTURES[model_type]}
+    scorer = build_scorer(BackboneSpec(config=config), tokenizer).eval()
     ids, mask, _ = grouped_rows(tokenizer)
     widths = []
     scorer_head(scorer)[0].register_forward_pre_hook(
