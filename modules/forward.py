@@ -177,6 +177,29 @@ def decoder_states(model, input_ids: torch.Tensor, attention_mask: torch.Tensor,
 
 
 @contextlib.contextmanager
+def router_losses(model, on: bool = True):
+    """Within it, every forward of `model` (a mixture of experts: its config has `output_router_logits`) computes
+    its router load-balancing loss (the architecture's own `load_balancing_loss_func`, over the real tokens of its
+    attention mask), collected in the yielded list, one per forward, with its graph. Switching the router logits on
+    makes `layout.shares_prompts` keep one row per response (a packed row's mask is not one flag per token), so
+    each loss is the one that forward has on one row per response. `on=False`: nothing changes, the list stays
+    empty."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    if not on:
+        yield []
+        return
+    seen, before = [], base.config.output_router_logits
+    base.config.output_router_logits = True
+    handle = base.register_forward_hook(lambda mod, args, out: seen.append(out.aux_loss)
+                                        if getattr(out, "aux_loss", None) is not None else None)
+    try:
+        yield seen
+    finally:
+        handle.remove()
+        base.config.output_router_logits = before
+
+
+@contextlib.contextmanager
 def _output_of(module: torch.nn.Module):
     """Collects `module`'s forward outputs while active (a list, filled in call order)."""
     seen = []

@@ -39,7 +39,7 @@ from modules.checks import ConfigError, check_positions
 from modules.engines import Engine, Sampler, SamplerMismatchError
 from modules.entropy import EntropyControl
 from modules.export import export_model
-from modules.forward import response_logprobs, token_scores
+from modules.forward import response_logprobs, router_losses, token_scores
 from modules.objectives.base import Objective
 from modules.optimizers import learning_rate
 from modules.process import names_on_every_process
@@ -185,6 +185,13 @@ class RLModule(TrainedOnlyCheckpoints, L.LightningModule):
             same tokens on a rollout's first update. `train/forking_tokens` logs the share kept. 1 (default): off.
             With P3O set its `kl_in_loss`: its KL pull is otherwise in the reward difference, which then reaches the
             forks alone, and the KL ran away on the embedded task (benchmarks/results/frontier/forks).
+        router_aux_loss_coef: for a mixture-of-experts policy (Qwen3-MoE, Mixtral, OLMoE, gpt-oss...), the router's
+            load-balancing loss (the architecture's own, `output_router_logits`) times this is added to the loss,
+            averaged over an update's micro-batch forwards (each over its own tokens, one row per response), as TRL
+            1.16's `router_aux_loss_coef` adds it (the forward's loss over its micro-batch); logged as
+            `train/router_aux_loss`. Those forwards then run one row per response. 0 (default): off, as OpenRLHF's
+            `aux_loss_coef` (TRL's default is the architecture's coefficient, e.g. 0.001 for Qwen3-MoE; set it to
+            match). A policy that is not a mixture of experts is refused in one line.
     """
 
     def __init__(self, policy: BackboneSpec, tokenizer: str, reward: Callable, objective: Objective,
@@ -198,7 +205,8 @@ class RLModule(TrainedOnlyCheckpoints, L.LightningModule):
                  micro_batch_tokens: int | None = 1024, engine: Engine | None = None,
                  prompt_layout: Literal["packed", "padded"] = "packed", reward_timeout: float | None = DEFAULT_TIMEOUT,
                  entropy_coef: float = 0.0, top_entropy_quantile: float = 1.0, entropy_target: float | None = None,
-                 entropy_coef_delta: float = 0.005, entropy_coef_min: float = 0.0, entropy_coef_max: float = 1.0):
+                 entropy_coef_delta: float = 0.005, entropy_coef_min: float = 0.0, entropy_coef_max: float = 1.0,
+                 router_aux_loss_coef: float = 0.0):
         super().__init__()
         self.save_hyperparameters(ignore=["reward", "objective", "engine"])
         self.automatic_optimization = False
@@ -263,6 +271,12 @@ class RLModule(TrainedOnlyCheckpoints, L.LightningModule):
             raise ValueError(f"RLModule: entropy_coef_delta={entropy_coef_delta}, entropy_coef_min={entropy_coef_min}, "
                              f"entropy_coef_max={entropy_coef_max}; expected delta > 0 and min <= max")
         self.top_entropy_quantile = top_entropy_quantile
+        if not (math.isfinite(router_aux_loss_coef) and router_aux_loss_coef >= 0):
+            raise ValueError(f"RLModule: router_aux_loss_coef={router_aux_loss_coef}; expected a finite number >= 0 "
+                             "(0: off)")
+        self.router_aux_loss_coef = router_aux_loss_coef
+        self._router_loss: torch.Tensor | None = None     # (the last micro-batch forward's, until its backward)
+        self._router_scale, self._router_losses = 1.0, []
         self.entropy_control = EntropyControl(entropy_coef, entropy_target, entropy_coef_delta, entropy_coef_min,
                                               entropy_coef_max)
         self._entropy_sums: tuple[float, float] | None = None   # (entropy sum, tokens) of the last minibatch's bonus
@@ -280,6 +294,12 @@ class RLModule(TrainedOnlyCheckpoints, L.LightningModule):
         if self.objective.needs_values and self.value is None:
             spec = self.value_spec or BackboneSpec(pretrained=self.policy_spec.pretrained, config=self.policy_spec.config)
             self.value = build_sharded(build_scorer, spec, self.tokenizer, mesh)
+        config = self.policy.config
+        if self.router_aux_loss_coef and not (hasattr(config, "output_router_logits") and
+                                              hasattr(config, "router_aux_loss_coef")):
+            raise ConfigError(f"RLModule: router_aux_loss_coef={self.router_aux_loss_coef}, but the policy "
+                              f"({config.model_type}) is not a mixture of experts with a router load-balancing loss "
+                              "(its config has no output_router_logits and router_aux_loss_coef); expected 0")
 
     def setup(self, stage: str) -> None:
         use_data_template(self.tokenizer, self.trainer.datamodule)
@@ -711,18 +731,27 @@ class RLModule(TrainedOnlyCheckpoints, L.LightningModule):
             return out
 
         parts = self.micro_batches(sub, agree=True)
+        self._router_scale, self._router_losses = self.router_aux_loss_coef / len(parts), []
         if len(parts) == 1:
             out = loss(*self._forward_part(sub))
             self._backward(out.loss)
-            return out
+            return self._with_router_loss(out)
         entropy = None
         if self.entropy_control.enabled:  # (rows not yet run hold these; the bonus is linear in them: exact either way)
             entropy = sub.entropy if sub.entropy is not None else torch.zeros_like(sub.old_logp)
         # (the rollout's entropies may be another pass's than its pi_old: with the bonus, step (1) always runs)
         reuse = first and self.rollout_passes_reusable(sub) and not self.entropy_control.enabled
-        return accumulate(parts, lambda rows: self._forward_part(sub.select(rows)), loss, self._backward,
-                          (sub.old_logp, sub.values if self.value is not None else None, entropy),
-                          self.objective.separable_groups, reuse, self.device)
+        return self._with_router_loss(accumulate(
+            parts, lambda rows: self._forward_part(sub.select(rows)), loss, self._backward,
+            (sub.old_logp, sub.values if self.value is not None else None, entropy), self.objective.separable_groups,
+            reuse, self.device))
+
+    def _with_router_loss(self, out: ObjectiveOutput) -> ObjectiveOutput:
+        """`out` with the router loss's mean over the update's micro-batch forwards in its metrics (with
+        `router_aux_loss_coef`); the loss stays the objective's."""
+        if not self._router_losses:
+            return out
+        return ObjectiveOutput(out.loss, {**out.metrics, "router_aux_loss": torch.stack(self._router_losses).mean()})
 
     def rollout_passes_reusable(self, sub: Rollout) -> bool:
         """Whether the rollout's pi_old (and old values) are what a forward of the unchanged policy (and value model)
@@ -732,14 +761,23 @@ class RLModule(TrainedOnlyCheckpoints, L.LightningModule):
 
     def _forward_part(self, part: Rollout) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
         """(logprobs, values or None, entropies or None: with `entropy_coef`) of one micro-batch, in one forward
-        each."""
-        if self.entropy_control.enabled:
-            logp, entropy = self._part_logprobs(self.policy, part, self.sampling.temperature, entropy=True)
-        else:
-            logp, entropy = self._part_logprobs(self.policy, part, self.sampling.temperature), None
+        each. With `router_aux_loss_coef`, a forward with a graph leaves its router loss for the next `_backward`."""
+        with router_losses(self.policy, on=self.router_aux_loss_coef > 0) as routed:
+            if self.entropy_control.enabled:
+                logp, entropy = self._part_logprobs(self.policy, part, self.sampling.temperature, entropy=True)
+            else:
+                logp, entropy = self._part_logprobs(self.policy, part, self.sampling.temperature), None
+        if routed and torch.is_grad_enabled():
+            self._router_loss = torch.stack(routed).mean()
+            self._router_losses.append(self._router_loss.detach())
         return logp, self._part_values(part) if self.value is not None else None, entropy
 
     def _backward(self, loss: torch.Tensor) -> None:
+        """`loss`'s gradient added to the parameters', with the router loss of the micro-batch forward it follows
+        (`router_aux_loss_coef` / micro-batches x that loss; every forward with a graph is followed by one
+        backward: `backward_minibatch`, `modules.accumulate`)."""
+        if self._router_loss is not None:
+            loss, self._router_loss = loss + self._router_scale * self._router_loss, None
         self.manual_backward(loss) if self._trainer is not None else loss.backward()
 
     def stop_unless_finite(self, value: torch.Tensor, what: str, where: str) -> None:
