@@ -277,7 +277,8 @@ def generate_with_tools(generate: Callable, tools: Tools, tokenizer, prompt_ids:
     prompts, config, num_samples, same_weights=..., **kwargs)` (the model and tokenizer bound), called once for the
     first turns and once per round of calls (or user messages) for the responses that go on (one sample each, from
     prompt + the response so far, `same_weights=True`). Returns a Rollout laid out as any other, plus `messages`
-    (each response as TRL's list of assistant, tool and user messages) and `timings["tools/calls"]`,
+    (each response as TRL's list of assistant, tool and user messages, each turn parsed as TRL parses it:
+    `datamodules.tools.assistant_message`) and `timings["tools/calls"]`,
     `["tools/failed"]` and, with a simulated user, `["tools/user_turns"]` (sums over the rollout).
 
     With an environment (`Tools.environment`), each response's instance is reset first from its prompt and record
