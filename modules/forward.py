@@ -57,7 +57,7 @@ def response_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.Tens
     the padding (`layout.shared_prompt_layout`; finite values after the EOS), as every model does with `packed=False`.
     Every consumer masks the positions after the EOS."""
     if group_size > 1 and layout.shares_prompts(model, input_ids, attention_mask, prompt_length, group_size):
-        if packed and not is_partitioned(model):
+        if packed and splits_head(model):
             return _packed_prompt_logprobs(model, input_ids, attention_mask, prompt_length, temperature, group_size,
                                            chunk, entropy)
         return _shared_prompt_logprobs(model, input_ids, attention_mask, prompt_length, temperature, group_size,
@@ -138,10 +138,12 @@ def head_logprobs(head, hidden: torch.Tensor, labels: torch.Tensor, temperature:
 
 def splits_head(model) -> bool:
     """Whether the model's logits are its LM head applied to its decoder's last hidden states, callable apart:
-    a model of `layout.SHARED_PROMPT_MODELS` (no logit scaling or soft-capping in between) whose parameters are not
-    partitioned by DeepSpeed (an FSDP2 root keeps its LM head gathered after its forward: `modules.sharding`)."""
-    model_type = getattr(getattr(model, "config", None), "model_type", None)
-    return model_type in layout.SHARED_PROMPT_MODELS and not is_partitioned(model)
+    a model of `layout.SHARED_PROMPT_MODELS` (no logit scaling in between) without a final soft-capping of its
+    logits (Gemma 3's `final_logit_softcapping`, null in its checkpoints) whose parameters are not partitioned by
+    DeepSpeed (an FSDP2 root keeps its LM head gathered after its forward: `modules.sharding`)."""
+    config = getattr(model, "config", None)
+    return (getattr(config, "model_type", None) in layout.SHARED_PROMPT_MODELS
+            and getattr(config, "final_logit_softcapping", None) is None and not is_partitioned(model))
 
 
 def _shared_prompt_logprobs(model, input_ids, attention_mask, prompt_length, temperature, group_size, entropy):

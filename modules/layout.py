@@ -128,10 +128,12 @@ CUSTOM_MASK_ATTENTION = {"sdpa": "bool", "eager": "additive"}
 # positions reproduces it exactly, and whose logits are their LM head applied to the last hidden states (no logit
 # scaling or soft-capping: `modules.forward.splits_head`), each tested in tests/test_layout.py against the model's
 # own logits. Mixture-of-experts decoders route each token on its own hidden state, so packing rows changes no
-# token's experts. Sliding windows pass where rows fit in the window (`shares_prompts`). Others (ALiBi,
-# bidirectional prefixes, logit scaling: Granite, Cohere; soft-capping: Gemma 2; linear attention: Qwen3.5, Qwen3-Next)
-# keep the one-row-per-response layout and the model's own logits.
-SHARED_PROMPT_MODELS = ("llama", "mistral", "qwen2", "qwen3", "smollm3", "olmo2", "olmo3", "phi3",
+# token's experts. Sliding windows pass where rows fit in the window (`shares_prompts`). Gemma 3 soft-caps its logits
+# where its config sets `final_logit_softcapping` (its checkpoints do not): then it shares prompts in the padded
+# layout, with its own logits (`modules.forward.splits_head`). Others (ALiBi, bidirectional prefixes, logit scaling:
+# Granite, Cohere; attention soft-capping: Gemma 2; linear attention: Qwen3.5, Qwen3-Next) keep the one-row-per-
+# response layout and the model's own logits.
+SHARED_PROMPT_MODELS = ("llama", "mistral", "qwen2", "qwen3", "smollm3", "olmo2", "olmo3", "phi3", "gemma3_text",
                         "qwen2_moe", "qwen3_moe", "mixtral", "olmoe", "gpt_oss", "glm4_moe")
 
 

@@ -79,6 +79,7 @@ MOE = {"num_experts_per_tok": 2, "moe_intermediate_size": 32}
 ARCHITECTURES = {                                     # (the tiny shape's extra fields each model type needs)
     "llama": {}, "mistral": {"sliding_window": None}, "qwen2": {}, "qwen3": {}, "smollm3": {}, "olmo2": {},
     "olmo3": {"sliding_window": 64, "layer_types": ["sliding_attention", "full_attention"]}, "phi3": {},
+    "gemma3_text": {"sliding_window": 64, "layer_types": ["sliding_attention", "full_attention"], "head_dim": 16},
     "qwen2_moe": {**MOE, "num_experts": 4, "shared_expert_intermediate_size": 32}, "qwen3_moe": {**MOE, "num_experts": 4},
     "mixtral": {"num_local_experts": 4, "num_experts_per_tok": 2, "sliding_window": None},
     "olmoe": {"num_experts": 4, "num_experts_per_tok": 2},
@@ -151,6 +152,24 @@ def test_a_model_whose_logits_are_not_its_head_on_its_states_would_fail_that_che
         own = token_logprobs(lm_logits(model, ids, mask)[:, 4:-1], ids[:, 5:], 0.7) * response_mask
         assert torch.allclose(response_logprobs(model, ids, mask, 5, 0.7, group_size=3) * response_mask, own, atol=1e-6)
         monkeypatch.setattr(L, "SHARED_PROMPT_MODELS", L.SHARED_PROMPT_MODELS + ("granite",))
+        assert (response_logprobs(model, ids, mask, 5, 0.7, group_size=3) * response_mask - own).abs().max() > 1e-2
+
+
+def test_a_soft_capped_gemma_3_shares_prompts_with_its_own_logits(tokenizer, monkeypatch):
+    """Gemma 3 with `final_logit_softcapping` (its checkpoints leave it null): the head is not applied apart
+    (`splits_head`), so its prompts are shared in the padded layout through its own forward, and its logprobs are
+    its own soft-capped logits' (1e-5); with the head applied apart they would differ by more than 1e-2."""
+    import modules.forward
+    from modules.forward import lm_logits, response_logprobs, splits_head
+    from modules.functional import token_logprobs
+
+    model = tiny_model(tokenizer, "gemma3_text", final_logit_softcapping=0.02)   # (below the tiny logits)
+    ids, mask, response_mask = grouped_rows(tokenizer)
+    assert not splits_head(model) and splits_head(tiny_model(tokenizer, "gemma3_text"))
+    with torch.no_grad():
+        own = token_logprobs(lm_logits(model, ids, mask)[:, 4:-1], ids[:, 5:], 0.7) * response_mask
+        assert torch.allclose(response_logprobs(model, ids, mask, 5, 0.7, group_size=3) * response_mask, own, atol=1e-5)
+        monkeypatch.setattr(modules.forward, "splits_head", lambda model: True)
         assert (response_logprobs(model, ids, mask, 5, 0.7, group_size=3) * response_mask - own).abs().max() > 1e-2
 
 
