@@ -136,13 +136,20 @@ def head_logprobs(head, hidden: torch.Tensor, labels: torch.Tensor, temperature:
     return F.token_logprobs(head(hidden), labels, temperature)
 
 
+# Hybrid decoders whose logits are their LM head on the last hidden states, but whose linear-attention (Qwen3.5,
+# Qwen3-Next), convolution (LFM2) or Mamba (Nemotron-H: Nemotron 3) layers carry state along a row, so a group's
+# responses cannot share one: the chunked head serves them in one row per response (tested for each against the
+# model's own logits, tests/test_forward.py).
+RECURRENT_SPLIT_HEAD = ("qwen3_5_text", "qwen3_5_moe_text", "qwen3_next", "lfm2", "nemotron_h")
+
+
 def splits_head(model) -> bool:
     """Whether the model's logits are its LM head applied to its decoder's last hidden states, callable apart:
-    a model of `layout.SHARED_PROMPT_MODELS` (no logit scaling in between) without a final soft-capping of its
-    logits (Gemma 3's `final_logit_softcapping`, null in its checkpoints) whose parameters are not partitioned by
-    DeepSpeed (an FSDP2 root keeps its LM head gathered after its forward: `modules.sharding`)."""
+    a model of `layout.SHARED_PROMPT_MODELS` or `RECURRENT_SPLIT_HEAD` (no logit scaling in between) without a final
+    soft-capping of its logits (Gemma 3's `final_logit_softcapping`, null in its checkpoints) whose parameters are not
+    partitioned by DeepSpeed (an FSDP2 root keeps its LM head gathered after its forward: `modules.sharding`)."""
     config = getattr(model, "config", None)
-    return (getattr(config, "model_type", None) in layout.SHARED_PROMPT_MODELS
+    return (getattr(config, "model_type", None) in layout.SHARED_PROMPT_MODELS + RECURRENT_SPLIT_HEAD
             and getattr(config, "final_logit_softcapping", None) is None and not is_partitioned(model))
 
 

@@ -55,6 +55,41 @@ def test_chunked_lm_head_logprobs_and_gradients_equal_the_whole_logits(tokenizer
     assert (whole_grad - chunked_grad).abs().max() <= 1e-5 * whole_grad.abs().max()
 
 
+LINEAR = {"head_dim": 16, "linear_key_head_dim": 8, "linear_value_head_dim": 8, "linear_num_key_heads": 2,
+          "linear_num_value_heads": 2, "layer_types": ["linear_attention", "full_attention"]}
+MOE = {"num_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 32, "shared_expert_intermediate_size": 32}
+HYBRIDS = {                                   # each family's recurrent layer beside an attention layer, tiny
+    "qwen3_5_text": LINEAR, "qwen3_5_moe_text": {**LINEAR, **MOE}, "qwen3_next": {**LINEAR, **MOE},
+    "lfm2": {"full_attn_idxs": [1]},                                             # (layer 0: a convolution)
+    "nemotron_h": {"hybrid_override_pattern": "M*-", "num_hidden_layers": 3, "head_dim": 16, "mamba_num_heads": 4,
+                   "mamba_head_dim": 8, "ssm_state_size": 8, "n_groups": 1},   # (Mamba, attention, MLP)
+}
+
+
+@pytest.mark.parametrize("model_type", HYBRIDS)
+def test_hybrid_decoders_take_the_chunked_head_in_one_row_per_response(tokenizer, model_type):
+    """Qwen3.5, Qwen3-Next, LFM2 and Nemotron-H (`forward.RECURRENT_SPLIT_HEAD`, each listed one tested here): the
+    chunked LM head (`splits_head`) but one row per response (`shares_prompts` is false: their linear-attention,
+    convolution or Mamba layers carry state along a row). K = 3 responses per prompt, chunks of 4 tokens: the same
+    logprobs as the model's own logits (1e-5) and the same gradient of their masked sum (1e-5 relative)."""
+    from modules.forward import RECURRENT_SPLIT_HEAD, splits_head
+    from modules.layout import shares_prompts
+
+    assert set(HYBRIDS) == set(RECURRENT_SPLIT_HEAD)
+    config = {**TINY_SHAPE, "model_type": model_type, "num_key_value_heads": 1, "num_hidden_layers": 2,
+              **HYBRIDS[model_type]}
+    model = build_causal_lm(BackboneSpec(config=config), tokenizer)
+    ids, mask, response_mask = grouped_rows(tokenizer)
+    assert splits_head(model) and not shares_prompts(model, ids, mask, 5, 3)
+    model.zero_grad()
+    own = F.token_logprobs(lm_logits(model, ids, mask)[:, 4:-1], ids[:, 5:], 0.7)
+    (own * response_mask).sum().backward()
+    own_grad = torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None])
+    chunked, chunked_grad = logprobs_and_grads(model, ids, mask, response_mask, group_size=3, chunk=4)
+    assert torch.allclose(own.detach() * response_mask, chunked * response_mask, atol=1e-5, rtol=0)
+    assert own_grad.shape == chunked_grad.shape and (own_grad - chunked_grad).abs().max() <= 1e-5 * own_grad.abs().max()
+
+
 def test_sft_loss_in_chunks_equals_cross_entropy_over_the_whole_logits(tokenizer):
     """SFT's loss through `target_logprobs` in chunks of 3 tokens against torch's cross-entropy on the full
     logits of the response tokens (prompt and padding masked), in value and gradient."""
