@@ -290,22 +290,22 @@ class Tools:
         schemas = self.tool_schemas[self.names.get(type(environment))]
         return self.parse(text, schemas=schemas) if self.parse_schemas else self.parse(text)
 
-    def call(self, text: str, environment=None) -> tuple[list[dict], int]:
-        """Run every call in a turn's `text`, on the response's `environment` instance for its methods: ([tool
-        message per call], failed calls)."""
+    def call(self, calls: list[dict], environment=None) -> tuple[list[dict], int]:
+        """Run a turn's `calls` (as `read` gives them), on the response's `environment` instance for its methods:
+        ([tool message per call], failed calls)."""
         by_name = self.by_name if environment is None else {
             **self.by_name, **{name: getattr(environment, name) for name in self.method_names[type(environment)]}}
         messages, failed = [], 0
-        for call in self.read(text, environment):
+        for call in calls:
             name, result, ok = run_call(call, by_name, self.timeout)
             messages.append({"role": "tool", "name": name, "content": result})
             failed += not ok
         return messages, failed
 
-    def call_all(self, texts: list[str], environments: list) -> list[tuple[list[dict], int]]:
-        """`call` for each response's latest turn `texts[i]` on its `environments[i]` (None without), `concurrency`
-        responses at a time; the outcomes in the order of `texts`."""
-        return self._each(self.call, texts, environments)
+    def call_all(self, calls: list[list[dict]], environments: list) -> list[tuple[list[dict], int]]:
+        """`call` for each response's latest turn's `calls[i]` on its `environments[i]` (None without),
+        `concurrency` responses at a time; the outcomes in the order given."""
+        return self._each(self.call, calls, environments)
 
     def responds(self, environment) -> bool:
         """Whether `environment` (a response's instance, or None) is a simulated user: its class defines `respond`."""

@@ -325,7 +325,7 @@ def generate_with_tools(generate: Callable, tools: Tools, tokenizer, prompt_ids:
         called = {i for i in ended if rows[i].read}
         calling = [i for i in ended if i in called and rows[i].rounds < tools.max_turns]
         answering = [i for i in ended if i not in called and environments is not None and tools.responds(environments[i])]
-        outcomes = tools.call_all([rows[i].turn for i in calling], [env(i) for i in calling])
+        outcomes = tools.call_all([rows[i].read for i in calling], [env(i) for i in calling])
         for i, (results, failed) in zip(calling, outcomes):
             row = rows[i]
             row.calls, row.failed, row.rounds = row.calls + len(results), row.failed + failed, row.rounds + 1
@@ -387,18 +387,15 @@ def _picked(values: torch.Tensor | None, row: int, keep: torch.Tensor) -> list[f
     return [0.0] * int(keep.sum()) if values is None else values[row][keep].tolist()
 
 
-OPENINGS = ("<think>", "<|channel>thought")           # the reasoning's opening: Qwen3, DeepSeek-R1; Gemma 4
-
-
 def _opening(tokenizer, ids: list[int]) -> str:
-    """The reasoning's opening a context ends with (its last words "<think>", or Gemma 4's "<|channel>thought"),
-    else "": the turn generated after it starts inside the reasoning.
+    """The reasoning's opening (`datamodules.collate.reasoning_marks`: "<think>", or Gemma 4's "<|channel>thought")
+    where a context ends with it, else "": the turn generated after it starts inside the reasoning.
 
     Example: "...<|im_start|>assistant\n<think>\n" -> "<think>"; "...assistant\n<think>\n\n</think>\n\n" -> "";
     "... what does <think> do?<|im_end|>\n<|im_start|>assistant\n" -> ""; Gemma 4 in thinking mode after a tool
     result, "...<tool_response|><|channel>thought\n" -> "<|channel>thought"."""
-    tail = tokenizer.decode(ids[-16:], skip_special_tokens=False).rstrip()
-    return next((opening for opening in OPENINGS if tail.endswith(opening)), "")
+    opening = reasoning_marks(tokenizer)[0]
+    return opening if tokenizer.decode(ids[-16:], skip_special_tokens=False).rstrip().endswith(opening) else ""
 
 
 def response_texts(tokenizer, rows: list[list[int]]) -> list[str]:

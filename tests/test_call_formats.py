@@ -187,11 +187,12 @@ def test_xml_calls_reads_each_value_as_its_parameters_type_where_tools_give_sche
     assert xml_calls(call("lookup", extra="7"), schemas)[0]["arguments"] == {"extra": 7}
 
     tools = Tools(functions=[lookup, add], environment=Library, parser=xml_calls)
-    messages, failed = tools.call(call("lookup", query="true", exact="1") + call("add", a="2", b="3") +
-                                  call("find", title="1984"), Library())
+    library = Library()
+    turn = call("lookup", query="true", exact="1") + call("add", a="2", b="3") + call("find", title="1984")
+    messages, failed = tools.call(tools.read(turn, library), library)
     assert [m["content"] for m in messages] == ["['true', None, True, None, 1.0]", "5", "'1984'"] and failed == 0
     seen = []
-    Tools(functions=[lookup], parser=lambda text: seen.append(text) or []).call("hi")
+    Tools(functions=[lookup], parser=lambda text: seen.append(text) or []).read("hi")
     assert seen == ["hi"]
 
 

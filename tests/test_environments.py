@@ -223,7 +223,7 @@ def test_the_register_task_writes_traces_whose_calls_leave_the_sum_in_the_regist
     tools = Tools(environment=Register, max_turns=1)
     example, _, call = first_trace_call(task, tools, reward_fields=["answer"], max_length=40)
     (register,), _, _ = tools.start([example["prompt"]], {"answer": [example["fields"]["answer"]]}, 1)
-    results, failed = tools.call(call, register)
+    results, failed = tools.call(tools.read(call, register), register)
     assert failed == 0 and [m["content"] for m in results] == [m["content"] for m in example["chosen"][1:3]]
     assert awaited(environment_reward([], [], [register])) == [1.0]
     (register,), _, _ = tools.start([example["prompt"]], {"answer": [example["fields"]["answer"]]}, 1)

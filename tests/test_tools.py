@@ -533,7 +533,7 @@ def test_concurrency_runs_responses_calls_at_once_with_the_same_outcomes():
         tools = Tools(functions=[wait], environment=Register, concurrency=concurrency)
         registers, _, _ = tools.start([f"p{i}" for i in range(8)], {"answer": list(range(8))}, 1)
         InFlight.most = 0
-        outcomes[concurrency] = tools.call_all([turn(i) for i in range(8)], registers)
+        outcomes[concurrency] = tools.call_all([tools.read(turn(i), r) for i, r in enumerate(registers)], registers)
         assert (InFlight.most > 1) == (concurrency > 1), (concurrency, InFlight.most)
     assert outcomes[1] == outcomes[4]
     assert [[m["content"] for m in results] for results, _ in outcomes[4]] == [
