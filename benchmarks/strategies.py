@@ -73,6 +73,23 @@ def child(stage: str, preset: str, steps: int, out: Path, overrides: list[str]) 
             "kl": metrics.get("train/kl", metrics.get("val/kl")), "gold": last.get("val/gold_reward")}
 
 
+def prepare(stage: str) -> None:
+    """The quickstart exports the stage starts from (`artifacts/quickstart/sft`, then `.../reward`), trained first
+    on one GPU where they are missing (a fresh machine), as `make sft reward` would on the CPU."""
+    text = (ROOT / f"configs/quickstart/{stage}.yaml").read_text()
+    for need in ("sft", "reward"):
+        if need == stage or f"artifacts/quickstart/{need}" not in text or (ROOT / f"artifacts/quickstart/{need}").is_dir():
+            continue
+        t0 = time.perf_counter()
+        proc = subprocess.run([sys.executable, "train.py", "fit", "--config", f"configs/quickstart/{need}.yaml",
+                               "--trainer.accelerator=gpu", "--trainer.devices=1", "--trainer.enable_progress_bar=false"],
+                              capture_output=True, text=True)
+        if proc.returncode:
+            sys.exit(f"[strategies] the quickstart {need} stage that `{stage}` starts from failed: "
+                     f"{(proc.stderr or proc.stdout).strip().splitlines()[-1:]}")
+        print(f"[strategies] made artifacts/quickstart/{need} first ({time.perf_counter() - t0:.0f} s)", flush=True)
+
+
 def fmt(value, spec: str) -> str:
     return "n/a" if value is None else format(value, spec)
 
@@ -93,6 +110,7 @@ def main() -> None:
         sys.argv = sys.argv[:1]
         print("RESULT " + json.dumps(child(args.stage, args.child, args.steps, args.out, args.set)), flush=True)
         return
+    prepare(args.stage)
     rows = []
     for preset in args.presets:
         cmd = [sys.executable, __file__, "--stage", args.stage, "--steps", str(args.steps), "--out", str(args.out),

@@ -393,13 +393,13 @@ def table(results: dict, args) -> str:
                                    shared=False, lora=lora)["total"]
     lines.append(f"compute floor: {total / 1e12:.2f} TFLOP per rollout, prompts of {prompt_len:.0f} tokens each computed "
                  f"once for its {K} responses (generate {flops['generate'] / 1e12:.2f}, pi_ref pass "
-                 f"{flops['logprobs'] / 1e12:.2f}, updates {flops['update'] / 1e12:.2f}) = {compute_floor:.1f} s "
+                 f"{flops['logprobs'] / 1e12:.2f}, updates {flops['update'] / 1e12:.2f}) = {compute_floor:.3g} s "
                  f"(one row per response: {unshared_total / 1e12:.2f} TFLOP = "
-                 f"{unshared_total / (rates['gflops'] * 1e9):.1f} s); "
-                 f"decode floor (weights read per new token) {decode_floor:.2f} s")
+                 f"{unshared_total / (rates['gflops'] * 1e9):.3g} s); "
+                 f"decode floor (weights read per new token) {decode_floor:.3g} s")
     small = (flops["generate"] - flops["decode"]) / (rates["gflops"] * 1e9) + flops["decode"] / (rates["gflops_decode"] * 1e9)
     lines.append(f"generation at the decode-shaped matmul rate ({PROMPTS * K} rows: {rates['gflops_decode']:.0f} GFLOP/s "
-                 f"vs {rates['gflops']:.0f} for {rates['large_rows']} rows): {small:.1f} s, against perf/rollout_s above")
+                 f"vs {rates['gflops']:.0f} for {rates['large_rows']} rows): {small:.3g} s, against perf/rollout_s above")
     return "\n".join(lines)
 
 

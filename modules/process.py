@@ -40,7 +40,7 @@ def exit_process(code: int) -> NoReturn:
         if thread is not threading.main_thread() and not thread.daemon:
             thread.join()
     atexit._run_exitfuncs()         # what a normal exit runs before finalization, while the interpreter is whole
-    if group:
+    if group and dist.is_initialized():     # (an atexit handler may have: seen on a GPU, NCCL, under FSDP2)
         dist.destroy_process_group()
     for file in [o for o in gc.get_objects() if issubclass(type(o), io.IOBase)] + [sys.stdout, sys.stderr]:
         # what finalization would write: files a callback left open (`type`, not `isinstance`: that reads each

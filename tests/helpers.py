@@ -19,11 +19,17 @@ from train import derive_config, merge_config
 TINY_SHAPE = {k: v for k, v in TINY.items() if k != "model_type"}      # the tiny model's widths, any architecture
 
 
+def child_env() -> dict:
+    """The environment of a `train.py` or benchmark child process: this one's, with the repository root first on
+    `PYTHONPATH` and whatever was there kept (a machine whose packages come from `PYTHONPATH`, as `.ci/gpu`'s)."""
+    return {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [os.getcwd(), os.environ.get("PYTHONPATH")]))}
+
+
 def run_train(config: str, *args: str, expect: int | tuple[int, ...] = 0, timeout: int = 600) -> subprocess.CompletedProcess:
     """`python train.py fit --config CONFIG ARGS` in a fresh process from the repository root; asserts its exit
     code (`expect`, e.g. 130 for Ctrl-C or -9 for SIGKILL; a tuple: any of them) and returns it."""
     proc = subprocess.run([sys.executable, "train.py", "fit", "--config", config, *args], capture_output=True,
-                          text=True, timeout=timeout, env={**os.environ, "PYTHONPATH": os.getcwd()})
+                          text=True, timeout=timeout, env=child_env())
     assert proc.returncode in (expect if isinstance(expect, tuple) else (expect,)), proc.stderr[-3000:]
     return proc
 
@@ -144,9 +150,10 @@ class ParamDigest(L.Callback):
 
     @staticmethod
     def _flat(pl_module) -> torch.Tensor:
-        # FSDP2: each rank gathers the whole parameters (every rank calls this)
+        # FSDP2: each rank gathers the whole parameters (every rank calls this). On the CPU: on a GPU, Lightning's
+        # single-device teardown has moved the module there before `on_fit_end`, where `on_train_start` saw CUDA.
         whole = [p.full_tensor() if hasattr(p, "full_tensor") else p for p in pl_module.parameters() if p.requires_grad]
-        return torch.cat([p.detach().flatten().clone() for p in whole])
+        return torch.cat([p.detach().flatten().cpu() for p in whole])
 
 
 class BadReward:

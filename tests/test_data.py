@@ -1,7 +1,6 @@
 """PairDataModule: the shared tokenization path and every bad-input case."""
 import json
 import logging
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -11,6 +10,7 @@ import pytest
 from datamodules.pairs import PairDataModule
 from datamodules.sources import DataError, FieldMap, LocalFiles
 from datamodules.task import ChatReviewTask, GoldReward, ReviewTask, gold_reward
+from tests.helpers import child_env
 from train import cli_main
 
 GOOD = {"prompt": "write a review of the cafe :", "chosen": "the food was great .", "rejected": "the food was bad ."}
@@ -226,7 +226,7 @@ def test_a_data_error_is_one_line_without_a_traceback(tmp_path, task_tokenizer_p
                            f"--data.init_args.source.init_args.train={path}",
                            f"--data.init_args.source.init_args.val={path}", f"--data.init_args.tokenizer={task_tokenizer_path}",
                            f"--trainer.logger.init_args.save_dir={tmp_path}", "--trainer.callbacks=[]"],
-                          env={**os.environ, "PYTHONPATH": os.getcwd()}, capture_output=True, text=True, timeout=300)
+                          env=child_env(), capture_output=True, text=True, timeout=300)
     assert proc.returncode == 1
     assert "Traceback" not in proc.stderr
     assert proc.stderr.strip().splitlines()[-1] == f"error: {path}: record 1: field 'chosen': null; expected a string " \

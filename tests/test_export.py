@@ -12,7 +12,7 @@ import yaml
 from callbacks.export import ExportError, target_problem, write_atomically
 from modules.backbone import build_causal_lm
 from modules.export import save_pretrained
-from tests.helpers import tiny_rl_config
+from tests.helpers import child_env, tiny_rl_config
 from train import cli_main, main
 
 EXPORT = "callbacks.export.HFExport"
@@ -112,7 +112,7 @@ def test_an_interrupted_run_keeps_its_checkpoint_leaves_the_export_and_exits_non
     (export / "config.json").write_text('{"previous": true}')
     config = export_config(tmp_path, sft_dir, export, extra=[{"class_path": "tests.helpers.KillAt",
                                                               "init_args": {"at": 1, "signal": signal_name}}])
-    env = {**os.environ, "PYTHONPATH": os.getcwd()}
+    env = child_env()
     proc = subprocess.run([sys.executable, "train.py", "fit", "--config", config], env=env, capture_output=True,
                           text=True, timeout=600)
     assert proc.returncode == code, proc.stderr[-3000:]
@@ -156,7 +156,7 @@ def test_after_a_resume_the_first_evaluation_is_labelled_with_the_batches_done(t
         if cb["class_path"].endswith("Evaluation"):
             cb["init_args"]["every_n_batches"] = 2
     yaml.safe_dump(data, open(config, "w"))
-    env = {**os.environ, "PYTHONPATH": os.getcwd()}
+    env = child_env()
     proc = subprocess.run([sys.executable, "train.py", "fit", "--config", config], env=env, capture_output=True,
                           text=True, timeout=600)
     assert proc.returncode == -9

@@ -1,5 +1,4 @@
 """train.py: what a user reads on the console and in TensorBoard (one x-axis for train/* and val/*)."""
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -7,7 +6,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.helpers import tiny_rl_config, tiny_stage_config
+from tests.helpers import child_env, tiny_rl_config, tiny_stage_config
 from train import cli_main
 
 
@@ -41,7 +40,7 @@ def test_stage_output_keeps_to_what_a_user_reads(tmp_path, sft_dir):
     console, while the stage's own report does."""
     config = tiny_stage_config(tmp_path, "reward", sft_dir, "reward.yaml",
                                [{"class_path": "callbacks.reward_report.RewardReport"}])
-    env = {**os.environ, "PYTHONPATH": os.getcwd()}
+    env = child_env()
     proc = subprocess.run([sys.executable, "train.py", "fit", "--config", config], env=env, capture_output=True,
                           text=True, timeout=600)
     out = proc.stdout + proc.stderr
