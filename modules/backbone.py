@@ -410,17 +410,21 @@ def build_scorer(spec: BackboneSpec, tokenizer, empty: bool = False) -> nn.Modul
 
 
 def disable_dropout(model: nn.Module) -> None:
-    """Zero every dropout probability: nn.Dropout modules, functional attention dropout and config fields."""
-    for module in model.modules():
-        if isinstance(module, nn.Dropout):
-            module.p = 0.0
-        if isinstance(getattr(module, "attention_dropout", None), float):
-            module.attention_dropout = 0.0
-    config = getattr(model, "config", None)
-    if config is not None:
-        for key, value in list(vars(config).items()):
-            if "dropout" in key and isinstance(value, float):
-                setattr(config, key, 0.0)
+    """Zero every dropout probability: nn.Dropout modules, the probabilities a module keeps for its functional
+    dropout (any attribute named like one: Llama's `attention_dropout`, Seed-OSS's `residual_dropout`, which
+    `nn.functional.dropout` applies in training mode) and the config's fields."""
+    for owner in [*model.modules(), getattr(model, "config", None)]:
+        if isinstance(owner, nn.Dropout):
+            owner.p = 0.0
+        for key, value in list(vars(owner).items()) if owner is not None else ():
+            if _is_dropout_probability(key, value):
+                setattr(owner, key, 0.0)
+
+
+def _is_dropout_probability(name: str, value) -> bool:
+    """A non-zero number under a dropout probability's name (`*dropout*`, GPT-2's `*_pdrop`)."""
+    return (("dropout" in name or name.endswith("pdrop")) and isinstance(value, (int, float))
+            and not isinstance(value, bool) and value != 0)
 
 
 def frozen_copy(model: nn.Module) -> nn.Module:

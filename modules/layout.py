@@ -134,7 +134,10 @@ CUSTOM_MASK_ATTENTION = {"sdpa": "bool", "eager": "additive"}
 # Granite, Cohere; attention soft-capping: Gemma 2; linear attention: Qwen3.5, Qwen3-Next) keep the one-row-per-
 # response layout and the model's own logits.
 SHARED_PROMPT_MODELS = ("llama", "mistral", "qwen2", "qwen3", "smollm3", "olmo2", "olmo3", "phi3", "gemma3_text",
-                        "qwen2_moe", "qwen3_moe", "mixtral", "olmoe", "gpt_oss", "glm4_moe")
+                        "qwen2_moe", "qwen3_moe", "mixtral", "olmoe", "gpt_oss", "glm4_moe",
+                        "glm", "glm4", "ernie4_5", "exaone4", "apertus", "arcee", "helium", "ministral3", "seed_oss",
+                        "starcoder2", "stablelm", "olmo", "deepseek_v2", "deepseek_v3", "glm4_moe_lite",
+                        "ernie4_5_moe", "minimax_m2", "phimoe")
 
 
 def shares_prompts(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, prompt_length: int,

@@ -50,6 +50,22 @@ def test_dropout_is_off_unless_asked(tokenizer):
     assert any(m.p == 0.3 for m in kept.modules() if isinstance(m, torch.nn.Dropout))
 
 
+def test_dropout_a_module_applies_itself_is_off_too(tokenizer):
+    """Seed-OSS keeps its `residual_dropout` (0.1 by default) on its attention and MLP modules and applies it with
+    `nn.functional.dropout` in training mode: off as well (before, two training-mode forwards of the same tokens
+    differed, and with them the logprobs of pi_old and of the update)."""
+    config = {**TINY_SHAPE, "model_type": "seed_oss", "num_hidden_layers": 1}
+    ids = torch.randint(3, 100, (2, 6))
+    model = build_causal_lm(BackboneSpec(config=config), tokenizer).train()
+    assert model.model.layers[0].mlp.residual_dropout == 0.0 and model.config.residual_dropout == 0.0
+    with torch.no_grad():
+        assert torch.equal(model(ids).logits, model(ids).logits)
+    kept = build_causal_lm(BackboneSpec(config=config, dropout=True), tokenizer).train()
+    assert kept.model.layers[0].mlp.residual_dropout == 0.1
+    with torch.no_grad():
+        assert not torch.equal(kept(ids).logits, kept(ids).logits)
+
+
 def test_lora_trains_only_adapters_and_export_merges(tiny_spec, tokenizer, tmp_path):
     tiny_spec.lora = {"r": 4, "lora_alpha": 8}
     model = build_causal_lm(tiny_spec, tokenizer)

@@ -28,7 +28,8 @@ def _digest(path: Path, rank: int = 0) -> dict:
 
 
 def _resume_case(tmp_path, sft_dir, devices: int, interrupt: str, stage: str = "rl", strategy=None,
-                 accelerator: str = "cpu", model: dict | None = None, sharded_too: bool = False) -> Path:
+                 accelerator: str = "cpu", model: dict | None = None, sharded_too: bool = False,
+                 deterministic: bool | str = False) -> Path:
     """Uninterrupted: 2 epochs of R rollouts (SFT / reward stages: R training batches). Interrupted when rollout
     R + 1 (the second of the second epoch) starts: SIGKILL dies at once, leaving last.ckpt of the rollout before
     (saved after every rollout); SIGINT finishes that rollout, saves and exits 130. Resumed from last.ckpt: bit-equal
@@ -37,12 +38,15 @@ def _resume_case(tmp_path, sft_dir, devices: int, interrupt: str, stage: str = "
     `strategy`: DDP by default on several processes (FSDP2 gathers no frozen weight to rank 0 to save);
     `accelerator` 'gpu': the RL runs on CUDA (`tests/test_gpu.py`); `model`: RL module settings; `sharded_too`: the
     interruption and the resume again with `strategy` writing distributed checkpoints (a folder of shards, frozen
-    weights included). Returns last.ckpt."""
+    weights included); `deterministic`: the trainer's (Lightning: torch's deterministic kernels, 'warn' where one has
+    none). Returns last.ckpt."""
     extra = {"devices": devices, "strategy": "ddp"} if devices > 1 else {}
     if strategy:
         extra["strategy"] = strategy
     if accelerator != "cpu":
         extra["accelerator"] = accelerator
+    if deterministic:
+        extra["deterministic"] = deterministic
     rollouts = (4 if stage == "rl" else 8) // devices   # 16 prompts (32 records) / (4 per batch x ranks)
 
     def config(name, callbacks, every=1):
@@ -57,7 +61,8 @@ def _resume_case(tmp_path, sft_dir, devices: int, interrupt: str, stage: str = "
     at = rollouts + 1                             # second epoch, second batch
     # One CPU process: the uninterrupted and the resumed runs go in this one (the same numbers: each run seeds
     # everything it draws), the killed run in its own. Otherwise every run through train.py's launcher.
-    in_process = devices == 1 and not strategy and accelerator == "cpu"
+    # (`deterministic` sets a process-wide torch flag: never in this one)
+    in_process = devices == 1 and not strategy and accelerator == "cpu" and not deterministic
     run = (lambda cfg, *args: cli_main(["fit", "--config", cfg, *args])) if in_process else run_train
     gathered = tmp_path / "gathered.jsonl"
     run(config("straight", digest("straight") + [{"class_path": "tests.helpers.GatheredFrozen",

@@ -76,6 +76,9 @@ def test_packed_last_token_literal():
 
 
 MOE = {"num_experts_per_tok": 2, "moe_intermediate_size": 32}
+MLA = {**MOE, "n_routed_experts": 4, "first_k_dense_replace": 1, "n_group": 1, "topk_group": 1,   # DeepSeek's latent
+       "q_lora_rank": 16, "kv_lora_rank": 16, "qk_rope_head_dim": 8, "qk_nope_head_dim": 8, "v_head_dim": 16,
+       "num_key_value_heads": 2}                                            # attention: as many key/value heads
 ARCHITECTURES = {                                     # (the tiny shape's extra fields each model type needs)
     "llama": {}, "mistral": {"sliding_window": None}, "qwen2": {}, "qwen3": {}, "smollm3": {}, "olmo2": {},
     "olmo3": {"sliding_window": 64, "layer_types": ["sliding_attention", "full_attention"]}, "phi3": {},
@@ -86,6 +89,9 @@ ARCHITECTURES = {                                     # (the tiny shape's extra 
     "gpt_oss": {"num_local_experts": 4, "num_experts_per_tok": 2, "head_dim": 16, "sliding_window": 64,
                 "layer_types": ["sliding_attention", "full_attention"]},
     "glm4_moe": {**MOE, "n_routed_experts": 4, "first_k_dense_replace": 1, "head_dim": 16, "n_group": 1, "topk_group": 1},
+    "glm": {"head_dim": 16}, "glm4": {"head_dim": 16}, "helium": {"head_dim": 16}, "exaone4": {"sliding_window": 64},
+    "deepseek_v2": MLA, "deepseek_v3": MLA, "glm4_moe_lite": MLA, "ernie4_5_moe": {**MOE, "moe_num_experts": 4},
+    "minimax_m2": {**MOE, "num_local_experts": 4}, "phimoe": {"num_local_experts": 4, "num_experts_per_tok": 2},
 }
 
 
@@ -218,11 +224,12 @@ def test_rl_module_shares_prompts_by_default_with_the_same_updates(tmp_path, sft
 
 
 @pytest.mark.parametrize("model_type,attention", [("llama", "sdpa"), ("llama", "eager"), ("qwen3_moe", "sdpa"),
-                                                  ("mixtral", "eager")])
+                                                  ("mixtral", "eager"), ("deepseek_v3", "sdpa"), ("phimoe", "sdpa")])
 def test_shared_prompt_rewards_equal_one_row_per_response(tokenizer, model_type, attention):
     """A reward model (scalar head) scores K = 3 responses per prompt with each prompt computed once and no
     padding (the backbone sees 18 columns, not the padded layout's P + K L = 23): the same rewards (1e-5) as one row
-    per response, read at each response's last real token (rows 1 and 4 stop early); dense and mixture of experts."""
+    per response, read at each response's last real token (rows 1 and 4 stop early); dense, mixture of experts
+    and DeepSeek's latent attention."""
     from modules.backbone import build_scorer
     from modules.forward import scorer_head, sequence_rewards
 
