@@ -140,7 +140,8 @@ def head_logprobs(head, hidden: torch.Tensor, labels: torch.Tensor, temperature:
 # Qwen3-Next), convolution (LFM2) or Mamba (Nemotron-H: Nemotron 3) layers carry state along a row, so a group's
 # responses cannot share one: the chunked head serves them in one row per response (tested for each against the
 # model's own logits, tests/test_forward.py).
-RECURRENT_SPLIT_HEAD = ("qwen3_5_text", "qwen3_5_moe_text", "qwen3_next", "lfm2", "nemotron_h")
+RECURRENT_SPLIT_HEAD = ("qwen3_5_text", "qwen3_5_moe_text", "qwen3_next", "lfm2", "nemotron_h", "lfm2_moe", "kimi_linear",
+                        "olmo_hybrid", "bailing_hybrid", "jamba", "bamba", "minimax")
 
 
 def splits_head(model) -> bool:

@@ -58,17 +58,30 @@ def test_chunked_lm_head_logprobs_and_gradients_equal_the_whole_logits(tokenizer
 LINEAR = {"head_dim": 16, "linear_key_head_dim": 8, "linear_value_head_dim": 8, "linear_num_key_heads": 2,
           "linear_num_value_heads": 2, "layer_types": ["linear_attention", "full_attention"]}
 MOE = {"num_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 32, "shared_expert_intermediate_size": 32}
+LINEAR_FULL = ["linear_attention", "full_attention"]                  # a recurrent layer, then attention
 HYBRIDS = {                                   # each family's recurrent layer beside an attention layer, tiny
     "qwen3_5_text": LINEAR, "qwen3_5_moe_text": {**LINEAR, **MOE}, "qwen3_next": {**LINEAR, **MOE},
     "lfm2": {"full_attn_idxs": [1]},                                             # (layer 0: a convolution)
     "nemotron_h": {"hybrid_override_pattern": "M*-", "num_hidden_layers": 3, "head_dim": 16, "mamba_num_heads": 4,
                    "mamba_head_dim": 8, "ssm_state_size": 8, "n_groups": 1},   # (Mamba, attention, MLP)
+    "lfm2_moe": {**MOE, "num_experts": 4, "num_dense_layers": 1, "layer_types": ["conv", "full_attention"]},
+    "kimi_linear": {**MOE, "num_local_experts": 4, "n_routed_experts": 4, "first_k_dense_replace": 1,
+                    "layer_types": LINEAR_FULL, "linear_head_dim": 8, "linear_num_heads": 2, "num_key_value_heads": 2},
+    "olmo_hybrid": {"layer_types": LINEAR_FULL, "linear_num_key_heads": 2, "linear_num_value_heads": 2,
+                    "linear_key_head_dim": 8, "linear_value_head_dim": 8},
+    "bailing_hybrid": {**MOE, "num_local_experts": 4, "layer_types": LINEAR_FULL, "layer_group_size": 2,
+                       "num_key_value_heads": 2},
+    "minimax": {"num_local_experts": 4, "num_experts_per_tok": 2, "layer_types": LINEAR_FULL},   # (lightning attention)
+    "jamba": {"num_experts": 1, "attn_layer_period": 2, "attn_layer_offset": 1, "mamba_d_state": 8,
+              "use_mamba_kernels": False},                                  # (Mamba, attention)
+    "bamba": {"attn_layer_indices": [1], "mamba_n_heads": 4, "mamba_d_head": 16, "mamba_d_state": 8, "mamba_n_groups": 1},
 }
 
 
 @pytest.mark.parametrize("model_type", HYBRIDS)
 def test_hybrid_decoders_take_the_chunked_head_in_one_row_per_response(tokenizer, model_type):
-    """Qwen3.5, Qwen3-Next, LFM2 and Nemotron-H (`forward.RECURRENT_SPLIT_HEAD`, each listed one tested here): the
+    """Qwen3.5, Qwen3-Next, LFM2 (dense and MoE), Nemotron-H, Kimi Linear, OLMo Hybrid, Ling/Ring hybrid (`bailing_hybrid`),
+    MiniMax-Text-01, Jamba and Bamba (`forward.RECURRENT_SPLIT_HEAD`, each listed one tested here): the
     chunked LM head (`splits_head`) but one row per response (`shares_prompts` is false: their linear-attention,
     convolution or Mamba layers carry state along a row). K = 3 responses per prompt, chunks of 4 tokens: the same
     logprobs as the model's own logits (1e-5) and the same gradient of their masked sum (1e-5 relative)."""
