@@ -137,7 +137,7 @@ SHARED_PROMPT_MODELS = ("llama", "mistral", "qwen2", "qwen3", "smollm3", "olmo2"
                         "qwen2_moe", "qwen3_moe", "mixtral", "olmoe", "gpt_oss", "glm4_moe",
                         "glm", "glm4", "ernie4_5", "exaone4", "apertus", "arcee", "helium", "ministral3", "seed_oss",
                         "starcoder2", "stablelm", "olmo", "deepseek_v2", "deepseek_v3", "glm4_moe_lite",
-                        "ernie4_5_moe", "minimax_m2", "phimoe")
+                        "ernie4_5_moe", "minimax_m2")
 
 
 def shares_prompts(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, prompt_length: int,

@@ -91,7 +91,7 @@ ARCHITECTURES = {                                     # (the tiny shape's extra 
     "glm4_moe": {**MOE, "n_routed_experts": 4, "first_k_dense_replace": 1, "head_dim": 16, "n_group": 1, "topk_group": 1},
     "glm": {"head_dim": 16}, "glm4": {"head_dim": 16}, "helium": {"head_dim": 16}, "exaone4": {"sliding_window": 64},
     "deepseek_v2": MLA, "deepseek_v3": MLA, "glm4_moe_lite": MLA, "ernie4_5_moe": {**MOE, "moe_num_experts": 4},
-    "minimax_m2": {**MOE, "num_local_experts": 4}, "phimoe": {"num_local_experts": 4, "num_experts_per_tok": 2},
+    "minimax_m2": {**MOE, "num_local_experts": 4},
 }
 
 
@@ -224,7 +224,7 @@ def test_rl_module_shares_prompts_by_default_with_the_same_updates(tmp_path, sft
 
 
 @pytest.mark.parametrize("model_type,attention", [("llama", "sdpa"), ("llama", "eager"), ("qwen3_moe", "sdpa"),
-                                                  ("mixtral", "eager"), ("deepseek_v3", "sdpa"), ("phimoe", "sdpa")])
+                                                  ("mixtral", "eager"), ("deepseek_v3", "sdpa"), ("exaone4", "sdpa")])
 def test_shared_prompt_rewards_equal_one_row_per_response(tokenizer, model_type, attention):
     """A reward model (scalar head) scores K = 3 responses per prompt with each prompt computed once and no
     padding (the backbone sees 18 columns, not the padded layout's P + K L = 23): the same rewards (1e-5) as one row

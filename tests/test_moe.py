@@ -37,7 +37,8 @@ def update_grads(module, roll, budget: int | None) -> tuple[torch.Tensor, dict]:
         p.grad = None
     extra = module.objective.prepare(module.objective_input(roll, roll.old_logp, {}))
     out = module.backward_minibatch(roll, extra, float(roll.response_mask.sum()), "test")
-    return torch.cat([p.grad.flatten() for p in module.policy.parameters()]), out.metrics
+    return torch.cat([torch.zeros_like(p).flatten() if p.grad is None else p.grad.flatten()      # (ERNIE's bias:
+                      for p in module.policy.parameters()]), out.metrics                        # not trained)
 
 
 def hf_router_loss_grad(module, roll, parts: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -53,16 +54,21 @@ def hf_router_loss_grad(module, roll, parts: list[torch.Tensor]) -> tuple[torch.
                                      for p in module.policy.parameters()])
 
 
-@pytest.mark.parametrize("budget", [None, 30], ids=["one-pass", "micro-batches"])
+def moe_config(model_type: str) -> dict:
+    return {**TINY_SHAPE, "model_type": model_type, "num_hidden_layers": 2, **ARCHITECTURES[model_type]}
+
+
+@pytest.mark.parametrize("model_type,budget", [("qwen3_moe", None), ("qwen3_moe", 30), ("ernie4_5_moe", 30),
+                                               ("minimax_m2", 30)])
 def test_the_router_loss_adds_its_coefficient_times_the_models_own_loss_averaged_over_the_forwards(
-        task_tokenizer_path, tokenizer, budget):
+        task_tokenizer_path, tokenizer, model_type, budget):
     """The same rollout updated with router_aux_loss_coef 0 and 0.5: the gradients differ by 0.5 x the gradient of
     the model's own load-balancing loss (HF's forward, `output_router_logits`), averaged over the update's
     micro-batch forwards (one pass, or 30-token micro-batches: 3 or more), within float rounding; its value is
     logged (`router_aux_loss`). Positions ids aside, the model's forward is what the update runs on each
-    micro-batch: one row per response, the 2D mask."""
-    plain, roll = moe_module(task_tokenizer_path, tokenizer, 0.0)
-    routed, _ = moe_module(task_tokenizer_path, tokenizer, 0.5)
+    micro-batch: one row per response, the 2D mask. Qwen3-MoE, ERNIE 4.5 MoE and MiniMax-M2."""
+    plain, roll = moe_module(task_tokenizer_path, tokenizer, 0.0, moe_config(model_type))
+    routed, _ = moe_module(task_tokenizer_path, tokenizer, 0.5, moe_config(model_type))
     routed.policy.load_state_dict(plain.policy.state_dict())
     base, base_metrics = update_grads(plain, roll, budget)
     grads, metrics = update_grads(routed, roll, budget)
@@ -88,10 +94,12 @@ def test_router_losses_collects_one_loss_per_forward_only_when_on(task_tokenizer
 
 
 def test_a_router_loss_on_a_policy_without_one_is_one_line(task_tokenizer_path, tokenizer):
-    """A dense policy (Llama) or a negative coefficient: one line each."""
-    with pytest.raises(ConfigError, match=r"^RLModule: router_aux_loss_coef=0.1, but the policy \(llama\) is not a "
-                                          r"mixture of experts with a router load-balancing loss"):
-        moe_module(task_tokenizer_path, tokenizer, 0.1, {**TINY_SHAPE, "model_type": "llama"})
+    """A dense policy (Llama), a mixture of experts whose HF model computes no such loss (DeepSeek-V3: its config
+    has `output_router_logits` but no `router_aux_loss_coef`) or a negative coefficient: one line each."""
+    for model_type, config in (("llama", {**TINY_SHAPE, "model_type": "llama"}), ("deepseek_v3", moe_config("deepseek_v3"))):
+        with pytest.raises(ConfigError, match=rf"^RLModule: router_aux_loss_coef=0.1, but the policy \({model_type}\) is "
+                                              r"not a mixture of experts with a router load-balancing loss"):
+            moe_module(task_tokenizer_path, tokenizer, 0.1, config)
     with pytest.raises(ValueError, match=r"^RLModule: router_aux_loss_coef=-1.0; expected a finite number >= 0"):
         moe_module(task_tokenizer_path, tokenizer, -1.0)
 
