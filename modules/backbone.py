@@ -43,7 +43,8 @@ class BackboneSpec:
         lora: peft.LoraConfig keyword arguments, e.g. `{r: 8, target_modules: all-linear}` (None: full fine-tune).
         quantization: load the pretrained base in 4 or 8 bits with bitsandbytes (QLoRA; needs `lora`).
         dtype: the weights' dtype.
-        dropout: keep the architecture's dropout (off by default: RL compares logprobs of the same tokens).
+        dropout: keep the architecture's dropout (off by default: RL compares logprobs of the same tokens; an RL
+            run whose policy still differs between two training-mode forwards says so before its first rollout).
         activation_checkpointing: keep only each decoder layer's input in the forward and recompute the layer in
             the backward (transformers' gradient checkpointing, non-reentrant): activation memory of one layer
             instead of all of them, for about one more forward's time in the backward; the same gradients (tested

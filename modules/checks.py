@@ -94,6 +94,28 @@ def check_positions(owner: str, tokens: int, why: str, models: dict) -> None:
                               f"max_position_embeddings ({limit}); lower them")
 
 
+def training_mode_noise(model, tokens: int = 16) -> float:
+    """How much two training-mode forwards of `model` over the same `tokens` tokens differ: the largest difference
+    of their logits over the largest logit (0.0 for a network that is a function of its input). RL reads the
+    policy's logprobs of the same tokens in the sampler or the pi_old pass and again in the update; with dropout
+    left on (an attribute the builder did not recognise, as Seed-OSS's `residual_dropout` once was), the update
+    sees another network each time, and its ratios and KL are noise. Deterministic kernels draw nothing from the
+    random generators, so a run without noise is unchanged by the check. Every process calls it (a sharded model's
+    forward gathers its layers)."""
+    import torch
+
+    was = model.training
+    device = next(model.parameters()).device
+    ids = (torch.arange(tokens, device=device) % model.config.vocab_size)[None]
+    model.train()
+    try:
+        with torch.no_grad():
+            first, second = (model(input_ids=ids).logits.float() for _ in range(2))
+    finally:
+        model.train(was)
+    return float((first - second).abs().max() / first.abs().max().clamp(min=1e-12))
+
+
 RESPONSES = {"pairs": "chosen and rejected responses", "chosen": "a chosen response", "none": "no response"}
 
 

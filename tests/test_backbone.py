@@ -66,6 +66,21 @@ def test_dropout_a_module_applies_itself_is_off_too(tokenizer):
         assert not torch.equal(kept(ids).logits, kept(ids).logits)
 
 
+def test_training_mode_noise_is_zero_for_a_function_of_the_input_and_large_with_dropout(tokenizer):
+    """`checks.training_mode_noise`: 0.0 for the tiny Llama (dropout off); well above the RL module's 1e-4 warning
+    threshold with its attention dropout 0.1 kept, and for Seed-OSS with its residual dropout kept. The model's mode
+    is restored."""
+    from modules.checks import training_mode_noise
+
+    torch.manual_seed(0)
+    plain = build_causal_lm(BackboneSpec(config={**TINY_SHAPE, "model_type": "llama"}), tokenizer).eval()
+    assert training_mode_noise(plain) == 0.0 and not plain.training
+    for config in ({**TINY_SHAPE, "model_type": "llama", "attention_dropout": 0.1},
+                   {**TINY_SHAPE, "model_type": "seed_oss", "num_hidden_layers": 1}):
+        kept = build_causal_lm(BackboneSpec(config=config, dropout=True), tokenizer)
+        assert training_mode_noise(kept) > 1e-2
+
+
 def test_lora_trains_only_adapters_and_export_merges(tiny_spec, tokenizer, tmp_path):
     tiny_spec.lora = {"r": 4, "lora_alpha": 8}
     model = build_causal_lm(tiny_spec, tokenizer)
@@ -326,3 +341,26 @@ def test_the_old_import_of_export_model_warns_and_gives_the_moved_function():
             assert getattr(backbone, name) is getattr(export, name)
     with pytest.raises(AttributeError, match="no_such_name"):
         backbone.no_such_name  # noqa: B018
+
+
+@pytest.mark.slow
+def test_an_rl_run_whose_policy_is_random_in_training_mode_is_warned_once(tmp_path, sft_dir, monkeypatch, caplog):
+    """An RL policy whose dropout the builder misses (here: `disable_dropout` switched off, and a Llama with
+    attention dropout 0.1) gets one warning before the first rollout, naming the model type and the size; the same
+    run with the builder's dropout-off has none."""
+    from tests.helpers import tiny_rl_config
+    from train import cli_main
+
+    policy = {"pretrained": None, "config": {**TINY_SHAPE, "model_type": "llama", "attention_dropout": 0.1}}
+    for missed in (False, True):
+        if missed:
+            monkeypatch.setattr("modules.backbone.disable_dropout", lambda model: None)
+        caplog.clear()
+        config = tiny_rl_config(tmp_path, sft_dir, name=f"missed-{missed}.yaml", model={"policy": policy},
+                                limit_train_batches=1)
+        with caplog.at_level("WARNING", logger="modules.rl"):
+            cli_main(["fit", "--config", config])
+        warned = [r.getMessage() for r in caplog.records if "training-mode forwards" in r.getMessage()]
+        assert len(warned) == int(missed), warned
+    assert warned[0].startswith("RLModule: two training-mode forwards of the policy (llama) over the same tokens "
+                                "differ by ")
