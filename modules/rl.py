@@ -334,18 +334,23 @@ class RLModule(TrainedOnlyCheckpoints, L.LightningModule):
                             f"data max_prompt_length ({data.max_prompt_length}) + model sampling.max_new_tokens "
                             f"({self.sampling.max_new_tokens})",
                             {"policy": self.policy, "value model": self.value, **rewards})
-        if not self.policy_spec.dropout and not is_partitioned(self.policy):
-            noise = training_mode_noise(self.policy)
-            if noise > 1e-4 and self.global_rank == 0:    # (float rounding: 1e-7; GPU kernels with atomics: 1e-6)
-                log.warning("RLModule: two training-mode forwards of the policy (%s) over the same tokens differ by %.2g "
-                            "of its largest logit: the updates see another network than the sampler and pi_old, so "
-                            "ratios and KL are noise (dropout the builder did not switch off, or another random draw in "
-                            "the model's training-mode forward)", self.policy.config.model_type, noise)
         # A frozen reward the CLI made is a plain submodule that a strategy may leave where it was built
         # (FSDP2 has sharded a reward's model, `FrozenModel`, onto the device in `configure_model`).
         device = self.trainer.strategy.root_device
         if isinstance(self.reward, torch.nn.Module) and any(p.device != device for p in self.reward.parameters()):
             self.reward.to(device)
+
+    def on_train_start(self) -> None:
+        # (after a resumed run's weights are loaded: FSDP2 restores them after `on_fit_start`, into resharded units)
+        if not self.policy_spec.dropout and not is_partitioned(self.policy):
+            noise = training_mode_noise(self.policy)
+            for unit in fsdp_units(self.policy):          # FSDP2: as the forward found them
+                unit.reshard()
+            if noise > 1e-4 and self.global_rank == 0:    # (float rounding: 1e-7; GPU kernels with atomics: 1e-6)
+                log.warning("RLModule: two training-mode forwards of the policy (%s) over the same tokens differ by %.2g "
+                            "of its largest logit: the updates see another network than the sampler and pi_old, so "
+                            "ratios and KL are noise (dropout the builder did not switch off, or another random draw in "
+                            "the model's training-mode forward)", self.policy.config.model_type, noise)
 
     def reference_model(self):
         """The frozen reference policy, as a context: the copy, or the LoRA policy with its adapters disabled."""
