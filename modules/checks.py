@@ -106,7 +106,7 @@ def training_mode_noise(model, tokens: int = 16) -> float:
 
     was = model.training
     device = next(model.parameters()).device
-    ids = (torch.arange(tokens, device=device) % model.config.vocab_size)[None]
+    ids = torch.arange(tokens, device=device)[None]           # (any vocabulary has the first 16 ids)
     model.train()
     try:
         with torch.no_grad():

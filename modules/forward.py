@@ -137,7 +137,8 @@ def head_logprobs(head, hidden: torch.Tensor, labels: torch.Tensor, temperature:
 
 
 # Hybrid decoders whose logits are their LM head on the last hidden states, but whose linear-attention (Qwen3.5,
-# Qwen3-Next), convolution (LFM2) or Mamba (Nemotron-H: Nemotron 3) layers carry state along a row, so a group's
+# Qwen3-Next, Kimi Linear, OLMo Hybrid, Ling's bailing_hybrid, MiniMax-Text-01), convolution (LFM2, LFM2-MoE) or Mamba
+# (Nemotron-H: Nemotron 3, Jamba, Bamba) layers carry state along a row, so a group's
 # responses cannot share one: the chunked head serves them in one row per response (tested for each against the
 # model's own logits, tests/test_forward.py).
 RECURRENT_SPLIT_HEAD = ("qwen3_5_text", "qwen3_5_moe_text", "qwen3_next", "lfm2", "nemotron_h", "lfm2_moe", "kimi_linear",
