@@ -780,6 +780,19 @@ def _run(fn: Callable, arguments: dict, timeout: float, args: tuple = ()):
         pool.shutdown(wait=False)
 
 
+def call_turn_end(tokenizer, template_kwargs: dict | None = None) -> int:
+    """The stop token the chat template writes after an assistant turn that calls a tool, before the results (the
+    one `tool_suffix` follows): Gemma 4's `<|tool_response>` (which opens the result), GLM-4.5's `<|observation|>`,
+    ChatML's `<|im_end|>`. A template that writes none is refused as in `tool_suffix`."""
+    prefix, end = _ended_turn(tokenizer, _call_turn("f"), "a tool result", template_kwargs)
+    return prefix[end]
+
+
+def _call_turn(name: str) -> dict:
+    return {"role": "assistant", "content": "",
+            "tool_calls": [{"type": "function", "function": {"name": name, "arguments": {}}}]}
+
+
 def tool_suffix(tokenizer, messages: list[dict], template_kwargs: dict | None = None) -> list[int]:
     """Token ids that follow an assistant turn's EOS to give it `messages` (tool results) and open the next
     assistant turn: the chat template's rendering of [user, assistant with a call, *messages] with the generation
@@ -788,9 +801,7 @@ def tool_suffix(tokenizer, messages: list[dict], template_kwargs: dict | None = 
 
     Example (ChatML): [{"role": "tool", "content": "5"}] -> ids of "\\n<|im_start|>tool\\n5<|im_end|>\\n
     <|im_start|>assistant\\n" (the template's own tool wrapping, e.g. Qwen's <tool_response>, included)."""
-    call = [{"type": "function", "function": {"name": messages[0]["name"], "arguments": {}}}]
-    return _suffix(tokenizer, {"role": "assistant", "content": "", "tool_calls": call}, messages, "a tool result",
-                   template_kwargs)
+    return _suffix(tokenizer, _call_turn(messages[0]["name"]), messages, "a tool result", template_kwargs)
 
 
 def user_suffix(tokenizer, text: str, template_kwargs: dict | None = None) -> list[int]:
@@ -812,21 +823,12 @@ def _suffix(tokenizer, turn: dict, messages: list[dict], what: str, template_kwa
     <|end|> before the <|endoftext|> that closes a conversation). A
     template that writes none after the turn (GLM-4.5's own: the next message's token only when one follows) is
     refused: the stop token the policy generated would be followed by another."""
-    head = [{"role": "user", "content": "x"}, turn]
     kw = template_kwargs or {}
     name = getattr(tokenizer, 'name_or_path', 'the tokenizer')
-    asked = _ids(tokenizer.apply_chat_template(head[:1], add_generation_prompt=False, tokenize=True, **kw))
-    prefix = _ids(tokenizer.apply_chat_template(head, add_generation_prompt=False, tokenize=True, **kw))
-    full = _ids(tokenizer.apply_chat_template(head + messages, add_generation_prompt=True, tokenize=True, **kw))
-    stops = stop_ids(tokenizer)
-    ends = [i for i, t in enumerate(prefix) if t in stops and i >= len(asked)]     # (the turn's, not the user's)
-    if not ends:
-        written = ", ".join(map(repr, tokenizer.convert_ids_to_tokens(stops)))
-        raise DataError(f"the chat template of {name!r} writes no stop token ({written}) "
-                        f"after an assistant turn, so {what} cannot be appended to a generated turn; set data "
-                        "chat_template to a template that ends every assistant turn with one "
-                        "(configs/chat_templates/glm4_moe_training.jinja for GLM-4.5)")
-    prefix = prefix[:ends[0] + 1]
+    prefix, end = _ended_turn(tokenizer, turn, what, template_kwargs)
+    prefix = prefix[:end + 1]
+    full = _ids(tokenizer.apply_chat_template([{"role": "user", "content": "x"}, turn] + messages,
+                                              add_generation_prompt=True, tokenize=True, **kw))
     if full[:len(prefix)] != prefix:
         raise DataError(f"the chat template of {name!r} "
                           f"renders an assistant turn differently when {what} follows it, so {what} cannot "
@@ -835,6 +837,24 @@ def _suffix(tokenizer, turn: dict, messages: list[dict], what: str, template_kwa
                           "GLM-4.5's, gpt-oss's and Gemma 4's; Qwen3.6's and LFM2.5's own do with chat_template_kwargs "
                           "{preserve_thinking: true}, Nemotron 3's with {truncate_history_thinking: false})")
     return full[len(prefix):]
+
+
+def _ended_turn(tokenizer, turn: dict, what: str, template_kwargs: dict | None = None) -> tuple[list[int], int]:
+    """The chat template's rendering of [user, `turn`] and the index of the stop token that ends the turn (the first
+    of `stop_ids` after the user message), or the line that refuses a template writing none (see `_suffix`)."""
+    head = [{"role": "user", "content": "x"}, turn]
+    kw = template_kwargs or {}
+    asked = _ids(tokenizer.apply_chat_template(head[:1], add_generation_prompt=False, tokenize=True, **kw))
+    prefix = _ids(tokenizer.apply_chat_template(head, add_generation_prompt=False, tokenize=True, **kw))
+    stops = stop_ids(tokenizer)
+    ends = [i for i, t in enumerate(prefix) if t in stops and i >= len(asked)]     # (the turn's, not the user's)
+    if not ends:
+        written = ", ".join(map(repr, tokenizer.convert_ids_to_tokens(stops)))
+        raise DataError(f"the chat template of {getattr(tokenizer, 'name_or_path', 'the tokenizer')!r} writes no stop "
+                        f"token ({written}) after an assistant turn, so {what} cannot be appended to a generated turn; "
+                        "set data chat_template to a template that ends every assistant turn with one "
+                        "(configs/chat_templates/glm4_moe_training.jinja for GLM-4.5)")
+    return prefix, ends[0]
 
 
 def _ids(rendered) -> list[int]:

@@ -11,7 +11,7 @@ import torch
 
 from datamodules.collate import GEMMA4_THOUGHT, answer_of, encode_prompt, harmony, pad, reasoning_marks, stop_ids
 from datamodules.sources import DataError
-from datamodules.tools import Tools, assistant_message, tool_suffix, user_suffix
+from datamodules.tools import Tools, assistant_message, call_turn_end, tool_suffix, user_suffix
 from modules import functional as F
 from modules.batch import Rollout
 from modules.cpu import prepacked_linears
@@ -319,6 +319,7 @@ def generate_with_tools(generate: Callable, tools: Tools, tokenizer, prompt_ids:
                          [], bool(first.has_eos[i])))
         _add_turn(rows[i], tokens, firsts[i // num_samples], tokenizer, stops, tools, env(i))
     active = list(range(len(rows)))                       # the rows whose latest turn was just generated
+    end = None                                            # the stop token the template writes after a call
     while True:
         going = []
         ended = [i for i in active if rows[i].ended]
@@ -326,10 +327,14 @@ def generate_with_tools(generate: Callable, tools: Tools, tokenizer, prompt_ids:
         calling = [i for i in ended if i in called and rows[i].rounds < tools.max_turns]
         answering = [i for i in ended if i not in called and environments is not None and tools.responds(environments[i])]
         outcomes = tools.call_all([rows[i].read for i in calling], [env(i) for i in calling])
+        if calling and end is None:
+            end = call_turn_end(tokenizer, template_kwargs)
         for i, (results, failed) in zip(calling, outcomes):
             row = rows[i]
             row.calls, row.failed, row.rounds = row.calls + len(results), row.failed + failed, row.rounds + 1
-            if _append(row, results, tool_suffix(tokenizer, results, template_kwargs), budget):
+            suffix = tool_suffix(tokenizer, results, template_kwargs)
+            if _append(row, results, suffix, budget):
+                _end_as_written(row, len(row.tokens) - len(suffix) - 1, end, stops)
                 going.append(i)
             else:                                          # no room: the response ends with its call, unanswered
                 row.ended = False
@@ -381,6 +386,16 @@ def _append(row: _Row, messages: list[dict], suffix: list[int], budget: int) -> 
     row.logp += [0.0] * len(suffix)
     row.entropy += [0.0] * len(suffix)
     return True
+
+
+def _end_as_written(row: _Row, k: int, end: int, stops: list[int]) -> None:
+    """A turn whose calls ran, ended at token `k` of `row` with another stop token than the one the chat template
+    writes after a call (`end`), gets that one instead, as context (outside the policy's tokens): the results then
+    follow what the template would have written, as the model saw in training. Gemma 4 ends a call with <eos> now
+    and then instead of <|tool_response>, which opens the result (vLLM's `gemma4_utils` puts it back in the same
+    way); a ChatML model may end one with <|endoftext|> instead of <|im_end|>."""
+    if row.tokens[k] != end and row.tokens[k] in stops:
+        row.tokens[k], row.own[k], row.logp[k], row.entropy[k] = end, 0, 0.0, 0.0
 
 
 def _picked(values: torch.Tensor | None, row: int, keep: torch.Tensor) -> list[float]:

@@ -644,6 +644,32 @@ def test_gemma4s_own_template_takes_tools_and_lays_out_a_trace_and_a_rollout_as_
     assert roll.responses == ['call:add{a:2,b:3}response:add{value:5}It is 5.'] and roll.messages[0] == trace
 
 
+def test_a_gemma4_call_ended_with_eos_is_answered_after_the_token_its_template_writes(gemma4):
+    """Gemma 4 ends a call with <eos> now and then instead of <|tool_response> (vLLM's `gemma4_utils`): the call
+    runs, and the <eos> it generated is replaced by <|tool_response>, as context (outside `response_mask`), so the
+    result follows what the template writes. The response is the trace's tokens; the mask is the trace's but at
+    that token; the messages are the trace. `call_turn_end` names the token: Gemma 4's <|tool_response>."""
+    from datamodules.tools import call_turn_end, gemma4_calls
+
+    tools = Tools(functions=[add], parser=gemma4_calls)
+    end = gemma4.convert_tokens_to_ids("<|tool_response>")
+    assert call_turn_end(gemma4) == end
+    trace = add_trace("reasoning_content")
+    ids, own = encode_trace(gemma4, "What is 2 + 3?", trace, tools.schemas)
+    prompt_ids, mask = pad([encode_prompt(gemma4, "What is 2 + 3?", tools.schemas)], gemma4.pad_token_id, "left")
+    call = "<|channel>thought\nAdd them.\n<channel|>" + GEMMA4_CALL
+    answer = "<|channel>thought\nDone.\n<channel|>It is 5.<turn|>"
+    for stop in ("<|tool_response>", "<eos>"):
+        generate, calls = scripted(gemma4, [call + stop, answer], end=False)
+        roll = generate_with_tools(generate, tools, gemma4, prompt_ids, mask, ["What is 2 + 3?"],
+                                   SamplingConfig(max_new_tokens=300), 1)
+        at = ids.index(end)
+        assert len(calls) == 2 and roll.messages[0] == trace
+        assert roll.input_ids[0, roll.prompt_length:roll.prompt_length + len(ids)].tolist() == ids
+        written = roll.response_mask[0, :len(ids)].tolist()
+        assert written == (own if stop == "<|tool_response>" else own[:at] + [0] + own[at + 1:])
+
+
 def test_gemma4s_own_template_refuses_a_user_and_the_training_one_keeps_every_turns_reasoning(hermes, gemma4):  # noqa: F811
     """Gemma 4's own template writes a turn's reasoning only after the last user message: a simulated user is
     refused in one line. `configs/chat_templates/gemma4_training.jinja` writes every turn's: it takes one, writes
