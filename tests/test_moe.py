@@ -14,7 +14,13 @@ from tests.helpers import TINY_SHAPE
 from tests.test_layout import ARCHITECTURES
 from tests.test_microbatch import PROMPTS
 
-QWEN3_MOE = {**TINY_SHAPE, "model_type": "qwen3_moe", "num_hidden_layers": 2, **ARCHITECTURES["qwen3_moe"]}
+
+def moe_config(model_type: str) -> dict:
+    """A tiny 2-layer random-init config of `model_type` (`tests.test_layout.ARCHITECTURES`' fields)."""
+    return {**TINY_SHAPE, "model_type": model_type, "num_hidden_layers": 2, **ARCHITECTURES[model_type]}
+
+
+QWEN3_MOE = moe_config("qwen3_moe")
 
 
 def moe_module(tokenizer_path: str, tokenizer, coef: float, config: dict = QWEN3_MOE):
@@ -52,10 +58,6 @@ def hf_router_loss_grad(module, roll, parts: list[torch.Tensor]) -> tuple[torch.
     loss.backward()
     return loss.detach(), torch.cat([p.grad.flatten() if p.grad is not None else torch.zeros_like(p).flatten()
                                      for p in module.policy.parameters()])
-
-
-def moe_config(model_type: str) -> dict:
-    return {**TINY_SHAPE, "model_type": model_type, "num_hidden_layers": 2, **ARCHITECTURES[model_type]}
 
 
 @pytest.mark.parametrize("model_type,budget", [("qwen3_moe", None), ("qwen3_moe", 30), ("ernie4_5_moe", 30),
