@@ -295,8 +295,19 @@ def check_tokenizer(pretrained: str, tokenizer) -> None:
                           f"{ours.get(token)} here; train with the model's own (data.init_args.tokenizer: {pretrained})")
 
 
-@_outside_zero_init()
 def _build(auto_cls, spec: BackboneSpec, tokenizer, empty: bool = False, **overrides) -> nn.Module:
+    """A whole model is built on the CPU, from the CPU's generator seeded with `spec.seed`, whatever device the
+    strategy builds in (Lightning enters its root device, e.g. `cuda:0`, around `configure_model`; FSDP2 builds
+    on the CPU of its first rank): so random-init models and fresh heads and adapters (a reward or value head,
+    LoRA's A) are the same on every device and strategy (CUDA's generator draws other numbers from the same seed).
+    The strategy then moves the model to its device, as TRL's trainers do; 4-bit / 8-bit models still load onto
+    the GPU (bitsandbytes quantizes there). An empty build (meta tensors) is device-free."""
+    with contextlib.nullcontext() if empty else torch.device("cpu"):
+        return _build_here(auto_cls, spec, tokenizer, empty, **overrides)
+
+
+@_outside_zero_init()
+def _build_here(auto_cls, spec: BackboneSpec, tokenizer, empty: bool = False, **overrides) -> nn.Module:
     torch.manual_seed(spec.seed)      # random-init models and fresh heads (e.g. a reward head) are reproducible
     if spec.pretrained is not None and (is_local(spec.pretrained) or spec.pretrained.startswith("package:")):
         check_tokenizer(spec.pretrained, tokenizer)

@@ -134,6 +134,28 @@ def test_scorer_from_a_causal_lm_directory(tiny_spec, tokenizer, tmp_path):
     assert scorer.config.num_labels == 1
 
 
+@pytest.mark.parametrize("what", ["random-init LM", "LoRA on a pretrained LM", "fresh reward head"])
+def test_a_model_is_built_on_the_cpu_from_its_seed_whatever_device_the_strategy_builds_in(tiny_spec, tokenizer,
+                                                                                           tmp_path, what):
+    """Lightning builds `configure_model` inside its root device (`with torch.device("cuda:0")` on one GPU), while
+    FSDP2 builds on the first rank's CPU: a model built on CUDA draws its random weights from CUDA's generator,
+    which gives other numbers for the same seed (on an H200 the reward head, value head and LoRA A differed between
+    the single-GPU and the FSDP2 run). A device context must not decide where or from which generator a model is
+    built; "meta" stands in for a device here (CI has no GPU): built inside it, the model is on the CPU and equal to
+    the one built outside any context."""
+    save_pretrained(build_causal_lm(tiny_spec, tokenizer), tokenizer, str(tmp_path / "lm"))
+    spec, build = {"random-init LM": (tiny_spec, build_causal_lm),
+                   "LoRA on a pretrained LM": (BackboneSpec(pretrained=str(tmp_path / "lm"), lora={"r": 4}),
+                                               build_causal_lm),
+                   "fresh reward head": (BackboneSpec(pretrained=str(tmp_path / "lm")), build_scorer)}[what]
+    plain = dict(build(spec, tokenizer).named_parameters())
+    with torch.device("meta"):
+        inside = dict(build(spec, tokenizer).named_parameters())
+    assert plain.keys() == inside.keys()
+    for name, p in inside.items():
+        assert p.device.type == "cpu" and torch.equal(p, plain[name]), name
+
+
 @pytest.mark.skipif(importlib.util.find_spec("bitsandbytes") is None, reason="bitsandbytes not installed")
 def test_4bit_loading_runs_forward_and_backward_with_lora(tokenizer, tmp_path):
     save_pretrained(build_causal_lm(BackboneSpec(config=QUANTIZABLE), tokenizer), tokenizer, str(tmp_path / "lm"))
