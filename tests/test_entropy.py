@@ -55,11 +55,21 @@ def test_linear_token_logprobs_with_entropy_literal_example_in_any_chunking():
         assert math.isclose(entropy[0].item(), 0.9753, abs_tol=1e-4)
 
 
+def by_vocabulary(monkeypatch, on: bool) -> None:
+    """The chunked head's 16-bit backward (`_backward_by_vocab`: by slices of the vocabulary, log p from the
+    forward's log Z) made to run in float32 too, so its maths is checked to float32 rounding."""
+    if on:
+        monkeypatch.setattr(F._ChunkedLinearLogprobs, "_by_vocab", staticmethod(lambda dtype: True))
+
+
+@pytest.mark.parametrize("by_vocab", [False, True], ids=["by-rows", "by-vocab"])
 @pytest.mark.parametrize("chunk", [1, 2])
-def test_the_chunked_heads_written_out_backward_literal_example(chunk):
+def test_the_chunked_heads_written_out_backward_literal_example(chunk, by_vocab, monkeypatch):
     """`_ChunkedLinearLogprobs`' docstring: hidden = I, weight [[1, 0], [0, 1], [0, 0]], labels [0, 2]. A loss of
     row 0's logprob puts dL/dz = onehot_0 - p = (0.4239, -0.2119, -0.2119) in the weight's first column; a loss of
-    row 0's entropy puts -p (log p + H) = (-0.2442, 0.1221, 0.1221) there; the second column (row 1's) is 0."""
+    row 0's entropy puts -p (log p + H) = (-0.2442, 0.1221, 0.1221) there; the second column (row 1's) is 0. The
+    same by slices of the vocabulary (chunk 1 of 2 rows: slices of 1 column; chunk 2 is the whole, plain path)."""
+    by_vocabulary(monkeypatch, by_vocab)
     for which, column in ((0, [0.4239, -0.2119, -0.2119]), (1, [-0.2442, 0.1221, 0.1221])):
         weight = torch.tensor([[1.0, 0.0], [0.0, 1.0], [0.0, 0.0]], requires_grad=True)
         out = F.linear_token_logprobs(torch.eye(2), weight, None, torch.tensor([0, 2]), chunk=chunk, with_entropy=True)
@@ -68,11 +78,13 @@ def test_the_chunked_heads_written_out_backward_literal_example(chunk):
         assert torch.equal(weight.grad[:, 1], torch.zeros(3))
 
 
-def test_a_banned_token_leaves_the_chunked_heads_values_and_gradients_finite_and_equal():
+@pytest.mark.parametrize("by_vocab", [False, True], ids=["by-rows", "by-vocab"])
+def test_a_banned_token_leaves_the_chunked_heads_values_and_gradients_finite_and_equal(by_vocab, monkeypatch):
     """A bias of -inf on one token (a banned token: probability 0, log-probability -inf), and entropy weights up to
-    about 100: the entropies and every gradient are finite, chunked or whole, and equal. (`F.entropy` clamped -inf
-    to the most negative float, whose product with such a weight overflowed in its backward: NaN gradients on the
-    whole logits' path.)"""
+    about 100: the entropies and every gradient are finite, chunked (by rows or by vocabulary) or whole, and equal.
+    (`F.entropy` clamped -inf to the most negative float, whose product with such a weight overflowed in its
+    backward: NaN gradients on the whole logits' path.)"""
+    by_vocabulary(monkeypatch, by_vocab)
     torch.manual_seed(0)
     M, H, V = 12, 8, 20
     bias = torch.zeros(V)
@@ -88,11 +100,13 @@ def test_a_banned_token_leaves_the_chunked_heads_values_and_gradients_finite_and
         assert torch.allclose(plain, chunked, atol=1e-4, rtol=1e-5)
 
 
-@pytest.mark.parametrize("precision", ["fp32", "bf16-autocast", "bf16-weights"])
-def test_chunked_logprobs_and_entropies_equal_the_whole_logits_in_value_and_gradient(precision):
+@pytest.mark.parametrize("precision", ["fp32", "fp32-by-vocab", "bf16-autocast", "bf16-weights"])
+def test_chunked_logprobs_and_entropies_equal_the_whole_logits_in_value_and_gradient(precision, monkeypatch):
     """37 rows in chunks of 5 against one (37, V) logits tensor, with a bias and T = 0.7: logprobs, entropies and
     the gradients of hidden, weight and bias of a loss reading both agree within float rounding; the entropies
-    are those of `F.entropy` on the log-softmax."""
+    are those of `F.entropy` on the log-softmax. bf16 goes by slices of the vocabulary (6 columns: 9 slices, the
+    labels spread over them); `fp32-by-vocab` runs that path in float32, to 1e-5."""
+    by_vocabulary(monkeypatch, precision == "fp32-by-vocab")
     torch.manual_seed(0)
     M, H, V = 37, 16, 50
     dtype = torch.bfloat16 if precision == "bf16-weights" else torch.float32
@@ -104,7 +118,7 @@ def test_chunked_logprobs_and_entropies_equal_the_whole_logits_in_value_and_grad
             logp, entropy = F.linear_token_logprobs(*leaves, labels, temperature=0.7, chunk=chunk, with_entropy=True)
         grads = torch.autograd.grad((logp * a + entropy * b).sum(), leaves)
         results.append((logp, entropy, *grads))
-    tol = 1e-5 if precision == "fp32" else 2e-2
+    tol = 1e-5 if precision.startswith("fp32") else 2e-2
     for plain, chunked in zip(*results):
         assert plain.dtype == chunked.dtype and torch.allclose(plain, chunked, atol=tol, rtol=tol)
     if precision == "fp32":

@@ -114,11 +114,14 @@ def test_linear_token_logprobs_literal_example_in_any_chunking():
         assert torch.allclose(got, torch.tensor([1 - lse, -lse]), atol=1e-6)
 
 
-@pytest.mark.parametrize("precision", ["fp32", "bf16-autocast", "bf16-weights"])
-def test_chunked_linear_logprobs_equal_the_whole_logits_in_value_and_gradient(precision):
+@pytest.mark.parametrize("precision", ["fp32", "fp32-by-vocab", "bf16-autocast", "bf16-weights"])
+def test_chunked_linear_logprobs_equal_the_whole_logits_in_value_and_gradient(precision, monkeypatch):
     """37 rows in chunks of 5 (the last one of 2) against one (37, V) logits tensor, with a bias and T = 0.7:
-    logprobs and the gradients of hidden, weight and bias agree within float rounding; under bf16 autocast the
-    backward recomputes each chunk in bf16 as the forward did."""
+    logprobs and the gradients of hidden, weight and bias agree within float rounding; in bf16 (autocast or bf16
+    weights) the backward recomputes the logits in bf16 as the forward did, by slices of the vocabulary (6 of the
+    50 columns a slice: 9 slices); `fp32-by-vocab` runs that path in float32, to 1e-5."""
+    if precision == "fp32-by-vocab":
+        monkeypatch.setattr(F._ChunkedLinearLogprobs, "_by_vocab", staticmethod(lambda dtype: True))
     torch.manual_seed(0)
     M, H, V = 37, 16, 50
     dtype = torch.bfloat16 if precision == "bf16-weights" else torch.float32
@@ -130,7 +133,7 @@ def test_chunked_linear_logprobs_equal_the_whole_logits_in_value_and_gradient(pr
             logp = F.linear_token_logprobs(*leaves, labels, temperature=0.7, chunk=chunk)
         grads = torch.autograd.grad((logp * weights).sum(), leaves)
         results.append((logp, *grads))
-    tol = 1e-5 if precision == "fp32" else 2e-2
+    tol = 1e-5 if precision.startswith("fp32") else 2e-2
     for plain, chunked in zip(*results):
         assert plain.dtype == chunked.dtype and torch.allclose(plain, chunked, atol=tol, rtol=tol)
 
