@@ -124,20 +124,22 @@ def micro_batch_groups(group_tokens: torch.Tensor, budget: int, parts: int | Non
 # Attention implementations that apply a custom 4D mask as given: a boolean one for SDPA, an additive one for eager.
 CUSTOM_MASK_ATTENTION = {"sdpa": "bool", "eager": "additive"}
 
-# Decoders whose attention is plain causal attention over position ids, so that a custom mask with the same
-# positions reproduces it exactly, and whose logits are their LM head applied to the last hidden states (no logit
-# scaling or soft-capping: `modules.forward.splits_head`), each tested in tests/test_layout.py against the model's
-# own logits. Mixture-of-experts decoders route each token on its own hidden state, so packing rows changes no
-# token's experts. Sliding windows pass where rows fit in the window (`shares_prompts`). Gemma 3 soft-caps its logits
-# where its config sets `final_logit_softcapping` (its checkpoints do not): then it shares prompts in the padded
-# layout, with its own logits (`modules.forward.splits_head`). Others (ALiBi, bidirectional prefixes, logit scaling:
-# Granite, Cohere; attention soft-capping: Gemma 2; linear attention: Qwen3.5, Qwen3-Next) keep the one-row-per-
-# response layout and the model's own logits.
+# Decoders whose attention is plain causal attention over position ids (rotary, partial rotary, or learned absolute
+# positions: GPT-2, OPT), so that a custom mask with the same positions reproduces it exactly, and whose logits are
+# their LM head applied to the last hidden states (no logit scaling or soft-capping: `modules.forward.splits_head`),
+# each tested in tests/test_layout.py against the model's own logits. Mixture-of-experts decoders route each token on
+# its own hidden state, so packing rows changes no token's experts. Sliding windows pass where rows fit in the window
+# (`shares_prompts`). Gemma 3 soft-caps its logits where its config sets `final_logit_softcapping` (its checkpoints do
+# not): then it shares prompts in the padded layout, with its own logits (`modules.forward.splits_head`). Others
+# (ALiBi: BLOOM, Falcon-RW, so Falcon is out; bidirectional prefixes, logit scaling: Granite, Cohere; attention
+# soft-capping: Gemma 2; linear attention: Qwen3.5, Qwen3-Next) keep the one-row-per-response layout and the model's
+# own logits.
 SHARED_PROMPT_MODELS = ("llama", "mistral", "qwen2", "qwen3", "smollm3", "olmo2", "olmo3", "phi3", "gemma3_text",
                         "qwen2_moe", "qwen3_moe", "mixtral", "olmoe", "gpt_oss", "glm4_moe",
                         "glm", "glm4", "ernie4_5", "exaone4", "apertus", "arcee", "helium", "ministral3", "seed_oss",
                         "starcoder2", "stablelm", "olmo", "deepseek_v2", "deepseek_v3", "glm4_moe_lite",
-                        "ernie4_5_moe", "minimax_m2")
+                        "ernie4_5_moe", "minimax_m2",
+                        "gpt_neox", "gemma", "phi", "nemotron", "persimmon", "gpt2", "opt")
 
 
 def shares_prompts(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, prompt_length: int,

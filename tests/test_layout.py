@@ -91,7 +91,7 @@ ARCHITECTURES = {                                     # (the tiny shape's extra 
     "glm4_moe": {**MOE, "n_routed_experts": 4, "first_k_dense_replace": 1, "head_dim": 16, "n_group": 1, "topk_group": 1},
     "glm": {"head_dim": 16}, "glm4": {"head_dim": 16}, "helium": {"head_dim": 16}, "exaone4": {"sliding_window": 64},
     "deepseek_v2": MLA, "deepseek_v3": MLA, "glm4_moe_lite": MLA, "ernie4_5_moe": {**MOE, "moe_num_experts": 4},
-    "minimax_m2": {**MOE, "num_local_experts": 4},
+    "minimax_m2": {**MOE, "num_local_experts": 4}, "gemma": {"head_dim": 16},
 }
 
 
@@ -107,7 +107,7 @@ def tiny_model(tokenizer, model_type: str, attention: str = "sdpa", lora: bool =
                                                   ("qwen2", "sdpa"), ("qwen3", "eager"), ("llama-lora", "sdpa")] +
                          [(name, "sdpa") for name in L.SHARED_PROMPT_MODELS if name not in ("llama", "mistral", "qwen2",
                                                                                             "qwen3", "gpt_oss")] +
-                         [("gpt_oss", "eager")])
+                         [("gpt_oss", "eager"), ("gpt_neox", "eager"), ("gpt2", "eager"), ("opt", "eager")])
 def test_shared_prompt_logprobs_and_gradients_equal_one_row_per_response(tokenizer, model_type, attention, packed):
     """Each prompt computed once for its K = 3 responses (`group_size=3`) against one row per response: the same
     logprobs on every response token (1e-5) and the same gradient of their masked sum (1e-5 relative to the
@@ -125,8 +125,8 @@ def test_shared_prompt_logprobs_and_gradients_equal_one_row_per_response(tokeniz
     ids, mask, response_mask = grouped_rows(tokenizer)
     assert model.config._attn_implementation == attention and shares_prompts(model, ids, mask, 5, 3)
     widths, head_rows = [], []
-    model.get_decoder().register_forward_pre_hook(lambda m, a, kw: widths.append(kw["input_ids"].shape[1]),
-                                                  with_kwargs=True)
+    model.get_decoder().register_forward_pre_hook(          # (GPT-2's own forward passes the ids positionally)
+        lambda m, a, kw: widths.append((kw["input_ids"] if "input_ids" in kw else a[0]).shape[1]), with_kwargs=True)
     model.get_output_embeddings().register_forward_pre_hook(lambda m, a: head_rows.append(a[0].shape[:-1].numel()))
     (plain, plain_grad), (shared, shared_grad) = [
         logprobs_and_grads(model, ids, mask, response_mask, group_size=group_size, packed=packed) for group_size in (1, 3)]
@@ -224,7 +224,8 @@ def test_rl_module_shares_prompts_by_default_with_the_same_updates(tmp_path, sft
 
 
 @pytest.mark.parametrize("model_type,attention", [("llama", "sdpa"), ("llama", "eager"), ("qwen3_moe", "sdpa"),
-                                                  ("mixtral", "eager"), ("deepseek_v3", "sdpa"), ("exaone4", "sdpa")])
+                                                  ("mixtral", "eager"), ("deepseek_v3", "sdpa"), ("exaone4", "sdpa"),
+                                                  ("gpt_neox", "sdpa"), ("gpt2", "eager"), ("opt", "sdpa")])
 def test_shared_prompt_rewards_equal_one_row_per_response(tokenizer, model_type, attention):
     """A reward model (scalar head) scores K = 3 responses per prompt with each prompt computed once and no
     padding (the backbone sees 18 columns, not the padded layout's P + K L = 23): the same rewards (1e-5) as one row
@@ -233,7 +234,8 @@ def test_shared_prompt_rewards_equal_one_row_per_response(tokenizer, model_type,
     from modules.backbone import build_scorer
     from modules.forward import scorer_head, sequence_rewards
 
-    config = {**TINY_SHAPE, "model_type": model_type, "attn_implementation": attention, **ARCHITECTURES[model_type]}
+    config = {**TINY_SHAPE, "model_type": model_type, "attn_implementation": attention,
+              **ARCHITECTURES.get(model_type, {})}
     scorer = build_scorer(BackboneSpec(config=config), tokenizer).eval()
     ids, mask, _ = grouped_rows(tokenizer)
     widths = []
@@ -244,3 +246,23 @@ def test_shared_prompt_rewards_equal_one_row_per_response(tokenizer, model_type,
     assert widths == [11, 18]                 # one row per response: P + L; packed: 18 real tokens, not P + K L = 23
     assert shared.shape == (6,) and not torch.allclose(plain, plain[:1].expand(6))
     assert torch.allclose(plain, shared, atol=1e-5, rtol=0)
+
+
+@pytest.mark.slow
+def test_a_pythia_policy_trains_end_to_end_with_each_prompt_computed_once(tmp_path, sft_dir, monkeypatch):
+    """The tiny RL config (P3O, K = 2) with a random-init GPT-NeoX policy, the architecture of the `hh/` and
+    `tldr/` configs' Pythia-1B: it trains to a finite loss, and its logprob passes (pi_ref, the updates) go through
+    the packed layout, each prompt computed once for its responses and the LM head in chunks (before, GPT-NeoX ran
+    one row per response with its whole logits)."""
+    import modules.forward as FW
+    from tests.helpers import tiny_rl_config
+    from train import cli_main
+
+    shared, original = [], FW._packed_prompt_logprobs
+    monkeypatch.setattr(FW, "_packed_prompt_logprobs", lambda model, *a, **kw: shared.append(model.config.model_type)
+                        or original(model, *a, **kw))
+    pythia = {**TINY_SHAPE, "model_type": "gpt_neox", "rotary_pct": 0.25, "num_key_value_heads": 1}
+    cli = cli_main(["fit", "--config", tiny_rl_config(tmp_path, sft_dir, model={"policy": {"pretrained": None,
+                                                                                           "config": pythia}})])
+    assert torch.isfinite(cli.trainer.callback_metrics["train/loss"])
+    assert cli.model.policy.config.model_type == "gpt_neox" and len(shared) >= 8 and set(shared) == {"gpt_neox"}
