@@ -261,7 +261,7 @@ def test_a_pythia_policy_trains_end_to_end_with_each_prompt_computed_once(tmp_pa
     shared, original = [], FW._packed_prompt_logprobs
     monkeypatch.setattr(FW, "_packed_prompt_logprobs", lambda model, *a, **kw: shared.append(model.config.model_type)
                         or original(model, *a, **kw))
-    pythia = {**TINY_SHAPE, "model_type": "gpt_neox", "rotary_pct": 0.25, "num_key_value_heads": 1}
+    pythia = {**TINY_SHAPE, "model_type": "gpt_neox", "rotary_pct": 0.25}          # (Pythia: rotary on a quarter)
     cli = cli_main(["fit", "--config", tiny_rl_config(tmp_path, sft_dir, model={"policy": {"pretrained": None,
                                                                                            "config": pythia}})])
     assert torch.isfinite(cli.trainer.callback_metrics["train/loss"])
