@@ -217,6 +217,27 @@ def test_bf16_mixed_on_cpu_with_fused_adamw_and_clipping_keeps_logprobs_within_i
 
 
 @pytest.mark.slow
+def test_bf16_mixed_with_the_lm_head_in_chunks_trains_through_its_vocabulary_sliced_backward(tmp_path, sft_dir,
+                                                                                          monkeypatch):
+    """bf16-mixed on CPU with `logprob_chunk: 4` (the tiny 94-token vocabulary is never chunked by default) and an
+    entropy bonus: the LM head's logprobs and entropies run chunked inside a real run, packed layout, micro-batches,
+    activation checkpointing and all, and every update's head backward goes by slices of the vocabulary (the bf16
+    path of `F._ChunkedLinearLogprobs`, the one a 151,936-token vocabulary takes); the run trains to a finite loss
+    and logs the entropy it trained on."""
+    from modules import functional as F
+
+    calls, by_vocab = [], F._ChunkedLinearLogprobs._backward_by_vocab
+    monkeypatch.setattr(F._ChunkedLinearLogprobs, "_backward_by_vocab",
+                        staticmethod(lambda ctx, *grads: calls.append(ctx.chunk) or by_vocab(ctx, *grads)))
+    config = tiny_rl_config(tmp_path, sft_dir, model={"logprob_chunk": 4, "entropy_coef": 0.01,
+                                                      "micro_batch_tokens": 64}, precision="bf16-mixed")
+    cli = cli_main(["fit", "--config", config])
+    metrics = cli.trainer.callback_metrics
+    assert torch.isfinite(metrics["train/loss"]) and 0 < float(metrics["train/update_entropy"]) < math.log(94)
+    assert calls and set(calls) == {4} and len(calls) >= cli.trainer.global_step
+
+
+@pytest.mark.slow
 @pytest.mark.parametrize("mode, what", [("loss", "non-finite loss"), ("grad", "non-finite gradient norm")])
 def test_a_nonfinite_update_stops_before_the_step_keeping_the_last_good_checkpoint(tmp_path, sft_dir, mode, what):
     """Rollout 2 (the third) breaks: the run raises before that rollout's first optimizer step; last.ckpt, written
