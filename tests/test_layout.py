@@ -225,7 +225,9 @@ def test_rl_module_shares_prompts_by_default_with_the_same_updates(tmp_path, sft
 
 @pytest.mark.parametrize("model_type,attention", [("llama", "sdpa"), ("llama", "eager"), ("qwen3_moe", "sdpa"),
                                                   ("mixtral", "eager"), ("deepseek_v3", "sdpa"), ("exaone4", "sdpa"),
-                                                  ("gpt_neox", "sdpa"), ("gpt2", "eager"), ("opt", "sdpa")])
+                                                  ("gpt_neox", "sdpa"), ("gpt2", "eager"), ("opt", "sdpa"),
+                                                  ("gemma", "sdpa"), ("phi", "sdpa"), ("nemotron", "sdpa"),
+                                                  ("persimmon", "sdpa")])
 def test_shared_prompt_rewards_equal_one_row_per_response(tokenizer, model_type, attention):
     """A reward model (scalar head) scores K = 3 responses per prompt with each prompt computed once and no
     padding (the backbone sees 18 columns, not the padded layout's P + K L = 23): the same rewards (1e-5) as one row
