@@ -286,29 +286,27 @@ class _ChunkedLinearLogprobs(torch.autograd.Function):
                 None, None, None, None)
 
     @staticmethod
-    def _dlogits_(logp, y, grad_logp, temperature, grad_entropy=None, offset: int = 0) -> torch.Tensor:
+    def _dlogits_(logp, y, grad_logp, temperature, grad_entropy=None, entropy=None, offset: int = 0) -> torch.Tensor:
         """dL/d(logits) from log p (rows, columns) float32, in place: -p a, or -(e p (log p + H) + a p) with an
-        entropy gradient e (H from log p's rows, which must then be whole), then + a at each row's label y (where it
-        falls in these columns, which start at vocabulary index `offset`), then / T."""
+        entropy gradient e (H: `entropy` of each row, or from log p's rows, which must then be whole), then + a at
+        each row's label y where it falls in these columns (which start at vocabulary index `offset`; a row whose
+        label is elsewhere adds 0 to a column of its own: no device sync to find the rows), then / T."""
         a = grad_logp.float().unsqueeze(-1)                                                    # (rows, 1)
         if grad_entropy is not None:
-            h_row, p = _ChunkedLinearLogprobs._entropy_(logp)
-            logp.add_(h_row.unsqueeze(-1)).mul_(p).mul_(grad_entropy.float().unsqueeze(-1)).add_(p.mul_(a)).neg_()
+            if entropy is None:
+                entropy, p = _ChunkedLinearLogprobs._entropy_(logp)
+            else:
+                p = logp.clamp_(min=torch.finfo(logp.dtype).min).exp()
+            logp.add_(entropy.unsqueeze(-1)).mul_(p).mul_(grad_entropy.float().unsqueeze(-1)).add_(p.mul_(a)).neg_()
             del p
         else:
             logp.exp_().mul_(-a)                                                # -p a
-        return _ChunkedLinearLogprobs._plus_label_(logp, y, a, temperature, offset)
-
-    @staticmethod
-    def _plus_label_(grad, y, a, temperature, offset: int = 0) -> torch.Tensor:
-        """+ a onehot_y (dL/dz) for the labels among grad's columns [offset, offset + columns), then / T (a row whose
-        label is elsewhere adds 0 to a column of its own: no device sync to find the rows)."""
         column = y - offset
-        inside = (column >= 0) & (column < grad.shape[1])
-        grad.scatter_add_(-1, column.clamp(0, grad.shape[1] - 1).unsqueeze(-1), a * inside.unsqueeze(-1))
+        inside = (column >= 0) & (column < logp.shape[1])
+        logp.scatter_add_(-1, column.clamp(0, logp.shape[1] - 1).unsqueeze(-1), a * inside.unsqueeze(-1))
         if temperature != 1.0:
-            grad.div_(temperature)                                              # dL/d(logits)
-        return grad
+            logp.div_(temperature)                                              # dL/d(logits)
+        return logp
 
     @staticmethod
     def _backward_by_vocab(ctx, grad_logp, grad_entropy=None):
@@ -330,22 +328,14 @@ class _ChunkedLinearLogprobs(torch.autograd.Function):
         grad_h = torch.zeros(hidden.shape, dtype=torch.float32, device=hidden.device) if need_h else None
         grad_w = torch.empty(weight.shape, dtype=torch.float32, device=weight.device) if need_w else None
         grad_b = torch.empty(bias.shape, dtype=torch.float32, device=bias.device) if need_b else None
-        a = grad_logp.float().unsqueeze(-1)                                     # (M, 1)
-        e = grad_entropy.float().unsqueeze(-1) if ctx.with_entropy and grad_entropy is not None else None
+        e = grad_entropy if ctx.with_entropy else None
         for start in range(0, V, step):
             cols = slice(start, start + step)
             w = weight[cols].to(dtype)                                          # (S, H)
             grad = _ChunkedLinearLogprobs._logits(h, w, None if bias is None else bias[cols].to(dtype),
                                                   ctx.temperature)
-            grad.sub_(log_z.unsqueeze(-1))                                      # log p (M, S)
-            if e is not None:
-                logp = grad.clamp_(min=torch.finfo(grad.dtype).min)
-                p = logp.exp()
-                grad.add_(entropy.unsqueeze(-1)).mul_(p).mul_(e).add_(p.mul_(a)).neg_()   # -(e p (log p + H) + a p)
-                del p
-            else:
-                grad.exp_().mul_(-a)                                            # -p a
-            grad = _ChunkedLinearLogprobs._plus_label_(grad, labels, a, ctx.temperature, start)
+            grad = _ChunkedLinearLogprobs._dlogits_(grad.sub_(log_z.unsqueeze(-1)), labels, grad_logp,   # log p (M, S)
+                                                   ctx.temperature, e, entropy, offset=start)
             if need_b:
                 grad_b[cols] = grad.sum(0)
             grad = grad.to(dtype)
