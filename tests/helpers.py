@@ -555,3 +555,12 @@ def in_threads(fn, world: int = 2) -> list:
     if errors:
         raise errors[0]
     return results
+
+
+def by_vocabulary(monkeypatch, on: bool = True) -> None:
+    """The chunked head's 16-bit backward (`_backward_by_vocab`: by slices of the vocabulary, log p from the
+    forward's log Z) made to run in float32 too, so its maths is checked to float32 rounding."""
+    from modules import functional as F
+
+    if on:
+        monkeypatch.setattr(F._ChunkedLinearLogprobs, "_by_vocab", staticmethod(lambda dtype: True))

@@ -11,7 +11,7 @@ from modules.backbone import BackboneSpec, build_causal_lm
 from modules.batch import ObjectiveInput
 from modules.entropy import EntropyControl
 from modules.forward import response_logprobs
-from tests.helpers import TINY_SHAPE, grouped_rows, run_train, tiny_rl_config
+from tests.helpers import TINY_SHAPE, by_vocabulary, grouped_rows, run_train, tiny_rl_config
 
 
 def test_high_entropy_mask_literal_example():
@@ -53,13 +53,6 @@ def test_linear_token_logprobs_with_entropy_literal_example_in_any_chunking():
         assert torch.allclose(logp, torch.tensor([1 - lse, -lse]), atol=1e-6)
         assert torch.allclose(entropy, torch.full((2,), lse - math.e / (math.e + 2)), atol=1e-6)
         assert math.isclose(entropy[0].item(), 0.9753, abs_tol=1e-4)
-
-
-def by_vocabulary(monkeypatch, on: bool) -> None:
-    """The chunked head's 16-bit backward (`_backward_by_vocab`: by slices of the vocabulary, log p from the
-    forward's log Z) made to run in float32 too, so its maths is checked to float32 rounding."""
-    if on:
-        monkeypatch.setattr(F._ChunkedLinearLogprobs, "_by_vocab", staticmethod(lambda dtype: True))
 
 
 @pytest.mark.parametrize("by_vocab", [False, True], ids=["by-rows", "by-vocab"])

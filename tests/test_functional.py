@@ -120,8 +120,9 @@ def test_chunked_linear_logprobs_equal_the_whole_logits_in_value_and_gradient(pr
     logprobs and the gradients of hidden, weight and bias agree within float rounding; in bf16 (autocast or bf16
     weights) the backward recomputes the logits in bf16 as the forward did, by slices of the vocabulary (6 of the
     50 columns a slice: 9 slices); `fp32-by-vocab` runs that path in float32, to 1e-5."""
-    if precision == "fp32-by-vocab":
-        monkeypatch.setattr(F._ChunkedLinearLogprobs, "_by_vocab", staticmethod(lambda dtype: True))
+    from tests.helpers import by_vocabulary
+
+    by_vocabulary(monkeypatch, precision == "fp32-by-vocab")
     torch.manual_seed(0)
     M, H, V = 37, 16, 50
     dtype = torch.bfloat16 if precision == "bf16-weights" else torch.float32
