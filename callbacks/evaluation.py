@@ -31,6 +31,7 @@ from callbacks.checkpoint import finish_checkpoints, interrupted
 from callbacks.sharding import outside_forward
 from datamodules.collate import PairCollator, encode_response, prompt_text
 from modules import functional as F
+from modules.backbone import autocast_dtype
 from modules.checks import ConfigError, check_positions, import_object
 from modules.judges import both_orders, win_rate
 from modules.process import names_on_every_process
@@ -105,7 +106,7 @@ class Evaluation(L.Callback):
                               "it evaluates the SFT, RL and offline DPO stages (a reward model reports with "
                               "callbacks.reward_report.RewardReport)")
         if isinstance(self.judge, FrozenModel):           # (Lightning has made the FSDP2 mesh by now)
-            self.judge.configure(fsdp_mesh(pl_module))
+            self.judge.configure(fsdp_mesh(pl_module), autocast_dtype(trainer.precision))
         if self.reward is not None and trainer.datamodule is not None:     # a field the data does not keep
             check_fields(self.reward, getattr(trainer.datamodule, "reward_fields", ()))
 

@@ -446,6 +446,47 @@ def frozen_copy(model: nn.Module) -> nn.Module:
     return ref.eval()
 
 
+def autocast_dtype(precision) -> torch.dtype | None:
+    """The dtype a Lightning `precision`'s autocast multiplies in: bf16 for 'bf16-mixed', fp16 for '16-mixed';
+    None for the others (32-true and 64-true compute in their weights' dtype, and 16-true and bf16-true already
+    hold 16-bit weights)."""
+    return {"bf16-mixed": torch.bfloat16, "16-mixed": torch.float16}.get(str(precision))
+
+
+def linears_in(model: nn.Module, dtype: torch.dtype | None) -> nn.Module:
+    """A frozen model with its plain `nn.Linear` weights and biases stored in `dtype`, the dtype mixed precision's
+    autocast multiplies them in (bf16 under bf16-mixed, fp16 under 16-mixed; None: the model as it is).
+
+    Autocast caches the 16-bit cast only of a weight that requires grad, so each forward of a frozen fp32 model (the
+    reference copy, a reward model, a judge) casts every linear weight again, and the fp32 copy holds twice the
+    bytes of the numbers it computes with. Stored in `dtype`, the casts are no-ops: every value is the same bit for
+    bit (tested for each decoder type of `modules.layout.SHARED_PROMPT_MODELS`, policy and reward model), at half
+    the memory of those weights. Left as they are: embeddings, norms, routers and other parameters autocast does
+    not cast (their fp32 keeps the residual stream in fp32, as before), and a linear whose weight another module
+    shares (a head tied to the embeddings). A checkpoint's digest of the frozen weights stays the fp32 weights'
+    (`modules.checkpoints.frozen_digest`). Only for a whole frozen model: not a LoRA model (its base is the
+    policy), not one whose parameters are sharded (FSDP2, DeepSpeed ZeRO-3: not tried; ZeRO casts models itself)."""
+    from modules.sharding import is_sharded
+
+    if dtype is None or is_lora(model) or is_sharded(model):
+        return model
+    if any(p.requires_grad for p in model.parameters()):
+        raise ValueError(f"linears_in: {type(model).__name__} has trainable parameters; only a frozen model's linear "
+                         "weights may be stored in the dtype autocast computes in")
+    from modules.checkpoints import DIGEST_BEFORE_CAST, _sum_and_squares
+
+    uses: dict[int, int] = {}
+    for _, p in model.named_parameters(remove_duplicate=False):
+        uses[id(p)] = uses.get(id(p), 0) + 1
+    for module in model.modules():
+        if type(module) is nn.Linear and all(uses[id(p)] == 1 for p in module.parameters(recurse=False)):
+            digests = [_sum_and_squares(p) for p in module.parameters(recurse=False)]
+            module.to(dtype)                          # (in place: the same Parameter objects)
+            for p, digest in zip(module.parameters(recurse=False), digests):
+                setattr(p, DIGEST_BEFORE_CAST, digest)   # a checkpoint's digest is the fp32 weights' (`frozen_digest`)
+    return model
+
+
 @contextlib.contextmanager
 def reference_of(policy: nn.Module, reference: nn.Module | None):
     """The frozen reference policy: `reference` (a frozen copy), or when it is None the LoRA `policy` with its

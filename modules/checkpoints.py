@@ -23,6 +23,7 @@ from modules.checks import ConfigError, import_class
 
 DIGEST = "frozen_digest"     # checkpoint keys: {parameter name: (sum, L2 norm)} and the names of the saved entries
 TRAINED = "trained_keys"
+DIGEST_BEFORE_CAST = "_digest_before_cast"   # a parameter's attribute: the (sum, sum of squares) of what it was cast from
 
 
 class TrainedOnlyCheckpoints:
@@ -99,7 +100,9 @@ def is_frozen(key: str, frozen: set[str]) -> bool:
 @torch.no_grad()
 def frozen_digest(module: torch.nn.Module) -> dict[str, tuple[float, float]]:
     """{name: (sum, L2 norm)} of every frozen parameter a checkpoint leaves out (`frozen_names`; tied ones once), in
-    float64. A parameter sharded by FSDP2
+    float64; of a frozen linear that mixed precision stores in 16 bits (`modules.backbone.linears_in`), its fp32
+    weights' before the cast, so a checkpoint resumes under another precision and one written before that cast
+    resumes after it. A parameter sharded by FSDP2
     contributes each rank's shard (every rank calls this; one all-reduce); one whole on every rank counts once.
 
     Example: a frozen parameter [[1, 2], [2, 0]] -> (5.0, 3.0) (sum 5; sqrt(1 + 4 + 4) = 3)."""
@@ -112,7 +115,8 @@ def frozen_digest(module: torch.nn.Module) -> dict[str, tuple[float, float]]:
             continue
         local = p.to_local() if isinstance(p, DTensor) else p
         names.append(name)
-        sums.append(_sum_and_squares(local))
+        before = getattr(p, DIGEST_BEFORE_CAST, None)      # (a frozen linear stored in 16 bits: its fp32 source's)
+        sums.append(before if before is not None else _sum_and_squares(local))
         shared.append(isinstance(p, DTensor))
     if not names:
         return {}

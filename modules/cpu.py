@@ -31,9 +31,10 @@ def prepacked_linears(model, rows: int):
     bf16 and inputs cast to bf16, as autocast's `linear` does; bf16 weights compute in bf16.
 
     Applies only on CPU, when no parameter is partitioned (an FSDP2 model is gathered while sampling) and every
-    plain linear has fp32 (or bf16) weights; elsewhere (GPU, fp16 autocast, CPUs without oneDNN bf16 for bf16 work)
-    it changes nothing. bitsandbytes and other `nn.Linear` subclasses keep their own forward. No autograd:
-    generation only. Memory: a reordered copy of the linear weights while it is active (tied embeddings included)."""
+    plain linear has fp32 (or bf16) weights, one dtype for all of them outside autocast; elsewhere (GPU, fp16
+    autocast, CPUs without oneDNN bf16 for bf16 work) it changes nothing. bitsandbytes and other `nn.Linear`
+    subclasses keep their own forward. No autograd: generation only. Memory: a reordered copy of the linear weights
+    while it is active (tied embeddings included)."""
     linears = [m for m in model.modules() if type(m) is torch.nn.Linear]
     dtype = _prepack_dtype(model, linears)
     if dtype is None:
@@ -55,14 +56,15 @@ def _prepack_dtype(model, linears: list) -> torch.dtype | None:
     if not (linears and torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_reorder_linear_weight")
             and not is_partitioned(model)):
         return None
-    weights = {(m.weight.device.type, m.weight.dtype) for m in linears}
-    if len(weights) != 1:
+    devices, dtypes = {m.weight.device.type for m in linears}, {m.weight.dtype for m in linears}
+    if devices != {"cpu"} or not dtypes <= {torch.float32, torch.bfloat16}:
         return None
-    device, dtype = weights.pop()
-    if device != "cpu" or dtype not in (torch.float32, torch.bfloat16):
+    if torch.is_autocast_enabled("cpu"):      # every weight cast to autocast's dtype (a frozen model's bf16 linears
+        dtype = torch.get_autocast_dtype("cpu")   # beside its fp32 tied head: `modules.backbone.linears_in`)
+    elif len(dtypes) == 1:
+        dtype = dtypes.pop()
+    else:
         return None
-    if torch.is_autocast_enabled("cpu"):
-        dtype = torch.get_autocast_dtype("cpu")
     if dtype == torch.bfloat16 and not torch.ops.mkldnn._is_mkldnn_bf16_supported():
         return None
     return dtype if dtype in (torch.float32, torch.bfloat16) else None

@@ -18,7 +18,14 @@ from datamodules.batch import PairBatch, Sequences
 from datamodules.collate import stack_pair
 from modules import functional as F
 from modules import optimizers
-from modules.backbone import BackboneSpec, build_causal_lm, load_tokenizer, reference_of, use_data_template
+from modules.backbone import (
+    BackboneSpec,
+    autocast_dtype,
+    build_causal_lm,
+    load_tokenizer,
+    reference_of,
+    use_data_template,
+)
 from modules.batch import Rollout
 from modules.checkpoints import TrainedOnlyCheckpoints
 from modules.checks import check_positions, check_responses
@@ -72,8 +79,9 @@ class OfflineDPOModule(TrainedOnlyCheckpoints, L.LightningModule):
 
     def configure_model(self) -> None:
         if self.policy is None:
+            linears = autocast_dtype(self.trainer.precision) if self._trainer is not None else None
             self.policy, self.reference = build_with_reference(      # reference None: LoRA's base
-                build_causal_lm, self.policy_spec, self.tokenizer, fsdp_mesh(self))
+                build_causal_lm, self.policy_spec, self.tokenizer, fsdp_mesh(self), linears)
 
     def setup(self, stage: str) -> None:
         use_data_template(self.tokenizer, self.trainer.datamodule)

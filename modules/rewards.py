@@ -54,13 +54,16 @@ class FrozenModel(nn.Module):
         super().__init__()
         self.spec, self.tokenizer = spec, tokenizer
 
-    def configure(self, mesh=None) -> None:
-        """Build the model, frozen, sharded over `mesh` (None: whole). Nothing to do once built."""
+    def configure(self, mesh=None, linears: torch.dtype | None = None) -> None:
+        """Build the model, frozen, sharded over `mesh` (None: whole), its linear weights in the dtype `linears`
+        when given (the dtype mixed precision computes them in: `modules.backbone.linears_in`). Nothing to do once
+        built."""
+        from modules.backbone import linears_in
         from modules.sharding import build_sharded
 
         if "model" not in self._modules:
             model = build_sharded(self.builder, self.spec, self.tokenizer, mesh)
-            self._modules["model"] = model.eval().requires_grad_(False)
+            self._modules["model"] = linears_in(model.eval().requires_grad_(False), linears)
 
     @property
     def model(self) -> nn.Module:

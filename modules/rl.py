@@ -27,6 +27,7 @@ from modules import layout
 from modules.accumulate import accumulate
 from modules.backbone import (
     BackboneSpec,
+    autocast_dtype,
     build_causal_lm,
     build_scorer,
     load_tokenizer,
@@ -286,11 +287,13 @@ class RLModule(TrainedOnlyCheckpoints, L.LightningModule):
 
     def configure_model(self) -> None:
         mesh = fsdp_mesh(self)        # FSDP2 under ModelParallelStrategy: every model is sharded, the reward's too
-        if self.policy is None:
+        if self.policy is None:       # (frozen models' linears in bf16 under bf16-mixed: the same numbers, half the bytes)
+            linears = autocast_dtype(self.trainer.precision) if self._trainer is not None else None
             self.policy, self.reference = build_with_reference(      # reference None: LoRA's base
-                build_causal_lm, self.policy_spec, self.tokenizer, mesh)
+                build_causal_lm, self.policy_spec, self.tokenizer, mesh,
+                linears if self.ref_sync_steps is None else None)     # (a moving reference stays fp32)
             for frozen in (m for m in self.modules() if isinstance(m, FrozenModel)):   # the reward's model
-                frozen.configure(mesh)
+                frozen.configure(mesh, linears)
         if self.objective.needs_values and self.value is None:
             spec = self.value_spec or BackboneSpec(pretrained=self.policy_spec.pretrained, config=self.policy_spec.config)
             self.value = build_sharded(build_scorer, spec, self.tokenizer, mesh)

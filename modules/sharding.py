@@ -148,24 +148,26 @@ def build_sharded(build: Callable[..., nn.Module], spec, tokenizer, mesh) -> nn.
     return _built_and_sharded(build, spec, tokenizer, mesh, reference=False)[0]
 
 
-def build_with_reference(build: Callable[..., nn.Module], spec, tokenizer, mesh
+def build_with_reference(build: Callable[..., nn.Module], spec, tokenizer, mesh, linears: torch.dtype | None = None
                          ) -> tuple[nn.Module, nn.Module | None]:
     """The policy as `build_sharded` makes it, and its reference: None for a LoRA policy (the reference is its
-    base, adapters disabled: `reference_of`), else a frozen, eval-mode copy (`frozen_copy` without a mesh). Under
-    FSDP2 the copy is sharded from the empty model and each rank copies its own shards into it: it is never whole
-    either, and equals the policy exactly."""
-    return _built_and_sharded(build, spec, tokenizer, mesh, reference=True)
+    base, adapters disabled: `reference_of`), else a frozen, eval-mode copy (`frozen_copy` without a mesh, its
+    linear weights in the dtype `linears` when given: `modules.backbone.linears_in`). Under FSDP2 the copy is
+    sharded from the empty model and each rank copies its own shards into it: it is never whole either, and equals
+    the policy exactly (in fp32)."""
+    return _built_and_sharded(build, spec, tokenizer, mesh, reference=True, linears=linears)
 
 
-def _built_and_sharded(build, spec, tokenizer, mesh, reference: bool) -> tuple[nn.Module, nn.Module | None]:
+def _built_and_sharded(build, spec, tokenizer, mesh, reference: bool, linears: torch.dtype | None = None
+                       ) -> tuple[nn.Module, nn.Module | None]:
     import torch.distributed as dist
     from torch.distributed.tensor import distribute_tensor
 
-    from modules.backbone import frozen_copy, is_lora
+    from modules.backbone import frozen_copy, is_lora, linears_in
 
     if mesh is None:
         model = build(spec, tokenizer)
-        return model, (frozen_copy(model) if reference and not is_lora(model) else None)
+        return model, (linears_in(frozen_copy(model), linears) if reference and not is_lora(model) else None)
     if spec.quantization:
         raise ShardingError(QUANTIZED)
     first, model, whole = mesh.get_local_rank() == 0, None, None

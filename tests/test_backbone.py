@@ -386,3 +386,46 @@ def test_an_rl_run_whose_policy_is_random_in_training_mode_is_warned_once(tmp_pa
         assert len(warned) == int(missed), warned
     assert warned[0].startswith("RLModule: two training-mode forwards of the policy (llama) over the same tokens "
                                 "differ by ")
+
+
+def _frozen_pair(tokenizer, model_type: str, scorer: bool):
+    """A frozen tiny model of `model_type` and its copy whose linears are in bf16 (`linears_in`)."""
+    from modules.backbone import build_scorer, frozen_copy, linears_in
+    from tests.test_layout import ARCHITECTURES
+
+    config = {**TINY_SHAPE, "model_type": model_type, "num_key_value_heads": 1, "num_hidden_layers": 2,
+              **ARCHITECTURES.get(model_type, {})}
+    model = frozen_copy((build_scorer if scorer else build_causal_lm)(BackboneSpec(config=config), tokenizer))
+    return model, linears_in(frozen_copy(model), torch.bfloat16)
+
+
+@pytest.mark.parametrize("model_type", sorted(__import__("modules.layout").layout.SHARED_PROMPT_MODELS))
+def test_a_frozen_model_with_bf16_linears_computes_the_same_bits_under_bf16_autocast(tokenizer, model_type):
+    """`linears_in(model, bf16)`: under CPU bf16 autocast (what bf16-mixed runs) the logprobs of a frozen policy
+    (shared-prompt packed layout, and one row per response) and the rewards of a frozen reward model are equal bit for
+    bit to the fp32 model's, for every decoder type that shares prompts (the reward model where transformers has
+    a sequence classifier for it). The plain linears hold bf16 (half their bytes); everything else stays fp32: a
+    head tied to the embeddings, GPT-2's Conv1D, the experts of a mixture of experts (3-D parameters). The
+    checkpoints' digest of the frozen weights is the fp32 model's."""
+    from transformers.models.auto.modeling_auto import MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES as SCORERS
+
+    from modules.checkpoints import frozen_digest
+    from modules.forward import response_logprobs, sequence_rewards
+
+    ids, mask, response_mask = grouped_rows(tokenizer)
+    for scorer in (False, True) if model_type in SCORERS else (False,):
+        fp32, bf16 = _frozen_pair(tokenizer, model_type, scorer)
+        tied = {id(p) for m in bf16.modules() if isinstance(m, torch.nn.Embedding) for p in m.parameters()}
+        dtypes = {(type(m) is torch.nn.Linear and id(m.weight) not in tied, p.dtype)
+                  for m in bf16.modules() for p in m.parameters(recurse=False)}
+        assert dtypes <= {(True, torch.bfloat16), (False, torch.float32)}
+        assert (True, torch.bfloat16) in dtypes or (model_type == "gpt2" and not scorer)   # (GPT-2: Conv1D, a tied head)
+        assert frozen_digest(bf16) == frozen_digest(fp32)     # (a checkpoint's digest: the fp32 weights')
+        with torch.no_grad(), torch.autocast("cpu", torch.bfloat16):
+            if scorer:
+                pairs = [(sequence_rewards(m, ids, mask), sequence_rewards(m, ids, mask, 5, 3)) for m in (fp32, bf16)]
+            else:
+                pairs = [(response_logprobs(m, ids, mask, 5, 0.7), response_logprobs(m, ids, mask, 5, 0.7, group_size=3))
+                         for m in (fp32, bf16)]
+        for a, b in zip(*pairs):
+            assert torch.isfinite(a).all() and torch.equal(a, b)

@@ -2,7 +2,7 @@
 switch off."""
 import torch
 
-from modules.backbone import BackboneSpec, build_causal_lm
+from modules.backbone import BackboneSpec, build_causal_lm, frozen_copy, linears_in
 from tests.helpers import TINY_SHAPE
 
 
@@ -64,7 +64,8 @@ def test_prepacked_linears_give_the_same_forward_and_draws_and_apply_only_to_cpu
     layers' own forwards come back afterwards, and `sample` draws identical tokens from the same random state with
     `prepack_weights` on and off (recorded logprobs within 1e-5). Under CPU bf16 autocast, and for bf16 weights, it
     computes in bf16 like the plain forward (logits within 0.02 at a scale of ~0.5) where oneDNN has bf16 kernels and
-    does not apply where it has none; under fp16 autocast it changes nothing."""
+    does not apply where it has none (a frozen model whose linears are stored in bf16, `linears_in`, gives the
+    same bits); under fp16 autocast it changes nothing."""
     from datamodules.collate import PairCollator, encode_prompt
     from modules.cpu import prepacked_linears
     from modules.sampling import SamplingConfig, sample
@@ -105,6 +106,17 @@ def test_prepacked_linears_give_the_same_forward_and_draws_and_apply_only_to_cpu
                 assert len(patched(model)) == n_linears
                 fast = model(input_ids=ids).logits
         assert fast.dtype == plain.dtype and (fast.float() - plain.float()).abs().max() < 0.02
+        tied = frozen_copy(build_causal_lm(BackboneSpec(config={**tiny_spec.config, "tie_word_embeddings": True}),
+                                           tokenizer))
+        halved = linears_in(frozen_copy(tied), torch.bfloat16)          # bf16 linears beside the fp32 tied head
+        assert {m.weight.dtype for m in halved.modules() if type(m) is torch.nn.Linear} == {torch.bfloat16, torch.float32}
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            logits = []
+            for each in (tied, halved):
+                with prepacked_linears(each, 3):
+                    assert len(patched(each)) == n_linears
+                    logits.append(each(input_ids=ids).logits)
+        assert torch.equal(*logits)                                     # the same packed bf16 weights
         with torch.autocast("cpu", dtype=torch.float16), prepacked_linears(model, 3):
             assert patched(model) == []
         model.to(torch.bfloat16)

@@ -190,7 +190,9 @@ def test_bf16_mixed_on_cpu_with_fused_adamw_and_clipping_keeps_logprobs_within_i
     per rounding), so a logprob moves by a few times 0.002 x the size of the logits. On the tiny model (logits of
     order 1) the rollout's pi_ref logprobs differ from fp32 by a mean of 3e-4 and a max of 9e-4 nats (measured);
     we accept a mean of 3e-3 and a max of 3e-2 nats. pi_old and pi_ref come from forward passes
-    under the same autocast as the update ('auto'), so the first minibatch's ratios are 1 up to the same rounding."""
+    under the same autocast as the update ('auto'), so the first minibatch's ratios are 1 up to the same rounding.
+    The frozen reference holds its linear weights in bf16 (`modules.backbone.linears_in`), and its pi_ref equals,
+    bit for bit, what the fp32 reference (the SFT export) computes under the same autocast."""
     from lightning.pytorch.callbacks import LambdaCallback
 
     from tests.helpers import tiny_rl_config
@@ -199,21 +201,51 @@ def test_bf16_mixed_on_cpu_with_fused_adamw_and_clipping_keeps_logprobs_within_i
     config = tiny_rl_config(tmp_path, sft_dir, model={"optimizer": {"init_args": {"fused": True}}},
                             precision="bf16-mixed", limit_train_batches=1)
     cli = cli_main(["--config", config], run=False)
-    kept = []
+    kept, before = [], []
     cli.trainer.callbacks.append(LambdaCallback(   # after OnPolicyRollout: keeps the rollout
+        on_fit_start=lambda trainer, module: before.append(torch.cat([p.detach().flatten().clone()
+                                                                      for p in module.policy.parameters()])),
         on_train_batch_start=lambda trainer, module, *args: kept.append(module.rollout)))
-    cli.model.configure_model()
-    before = torch.cat([p.detach().flatten().clone() for p in cli.model.policy.parameters()])
     cli.trainer.fit(cli.model, datamodule=cli.datamodule)
     model, roll = cli.model, kept[0]
     assert not model.logprobs_from_sampler
     after = torch.cat([p.detach().flatten() for p in model.policy.parameters()])
-    assert torch.isfinite(after).all() and not torch.equal(before, after)
+    assert torch.isfinite(after).all() and not torch.equal(before[0], after)
+    embedding = model.reference.get_input_embeddings().weight
+    assert embedding.dtype == torch.float32 and {m.weight.dtype for m in model.reference.modules()
+                                                 if type(m) is torch.nn.Linear} == {torch.bfloat16}
+    reference = build_causal_lm(BackboneSpec(pretrained=sft_dir), model.tokenizer).eval()
     mask = roll.response_mask.bool()
-    with model.reference_model() as ref, torch.no_grad():
-        fp32 = response_logprobs(ref, roll.input_ids, roll.attention_mask, roll.prompt_length, model.sampling.temperature)
+    with torch.no_grad():
+        with torch.autocast("cpu", torch.bfloat16):
+            assert torch.equal(roll.ref_logp, model.logprobs(reference, roll))
+        fp32 = response_logprobs(reference, roll.input_ids, roll.attention_mask, roll.prompt_length,
+                                 model.sampling.temperature)
     err = (roll.ref_logp - fp32)[mask].abs()
     assert err.mean() < 3e-3 and err.max() < 3e-2, (err.mean(), err.max())
+
+
+@pytest.mark.slow
+def test_bf16_mixed_keeps_the_reward_models_linears_in_bf16_with_the_same_rewards(tmp_path, sft_dir, reward_dir):
+    """Under bf16-mixed the RL module builds its reward model with bf16 linear weights (`FrozenModel.configure`,
+    `modules.backbone.linears_in`): the rollout's rewards equal, bit for bit, those of the same reward-stage export
+    built in fp32 and run under the same autocast."""
+    from lightning.pytorch.callbacks import LambdaCallback
+
+    from modules.rewards import RewardModel
+
+    config = tiny_rl_config(tmp_path, sft_dir, precision="bf16-mixed", limit_train_batches=1, model={
+        "reward": {"class_path": "modules.rewards.RewardModel", "init_args": {"path": reward_dir, "normalize": False}}})
+    cli = cli_main(["--config", config], run=False)
+    kept = []
+    cli.trainer.callbacks.append(LambdaCallback(on_train_batch_start=lambda trainer, module, *a: kept.append(module.rollout)))
+    cli.trainer.fit(cli.model, datamodule=cli.datamodule)
+    linears = {m.weight.dtype for m in cli.model.reward.model.modules() if type(m) is torch.nn.Linear}
+    assert linears == {torch.bfloat16}
+    fp32 = RewardModel(reward_dir, normalize=False)
+    assert {p.dtype for p in fp32.model.parameters()} == {torch.float32}
+    with torch.no_grad(), torch.autocast("cpu", torch.bfloat16):
+        assert torch.equal(kept[0].rewards, fp32.score(kept[0], cli.model.tokenizer).float())
 
 
 @pytest.mark.slow
