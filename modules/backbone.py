@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import functools
 import hashlib
 import importlib.util
 import logging
@@ -464,7 +465,8 @@ def linears_in(model: nn.Module, dtype: torch.dtype | None) -> nn.Module:
     the memory of those weights. Left as they are: embeddings, norms, routers and other parameters autocast does
     not cast (their fp32 keeps the residual stream in fp32, as before), and a linear whose weight another module
     shares (a head tied to the embeddings). A checkpoint's digest of the frozen weights stays the fp32 weights'
-    (`modules.checkpoints.frozen_digest`). Only for a whole frozen model: not a LoRA model (its base is the
+    (`modules.checkpoints.frozen_digest`). Called outside autocast, the model stops with one line (its fp32 inputs
+    would meet bf16 weights). Only for a whole frozen model: not a LoRA model (its base is the
     policy), not one whose parameters are sharded (FSDP2, DeepSpeed ZeRO-3: not tried; ZeRO casts models itself)."""
     from modules.sharding import is_sharded
 
@@ -478,13 +480,25 @@ def linears_in(model: nn.Module, dtype: torch.dtype | None) -> nn.Module:
     uses: dict[int, int] = {}
     for _, p in model.named_parameters(remove_duplicate=False):
         uses[id(p)] = uses.get(id(p), 0) + 1
-    for module in model.modules():
-        if type(module) is nn.Linear and all(uses[id(p)] == 1 for p in module.parameters(recurse=False)):
-            digests = [_sum_and_squares(p) for p in module.parameters(recurse=False)]
-            module.to(dtype)                          # (in place: the same Parameter objects)
-            for p, digest in zip(module.parameters(recurse=False), digests):
-                setattr(p, DIGEST_BEFORE_CAST, digest)   # a checkpoint's digest is the fp32 weights' (`frozen_digest`)
+    cast = [m for m in model.modules()
+            if type(m) is nn.Linear and all(uses[id(p)] == 1 for p in m.parameters(recurse=False))]
+    for module in cast:
+        digests = [_sum_and_squares(p) for p in module.parameters(recurse=False)]
+        module.to(dtype)                              # (in place: the same Parameter objects)
+        for p, digest in zip(module.parameters(recurse=False), digests):
+            setattr(p, DIGEST_BEFORE_CAST, digest)   # a checkpoint's digest is the fp32 weights' (`frozen_digest`)
+    if cast:                                          # (every forward goes through the first one)
+        cast[0].register_forward_pre_hook(functools.partial(_inside_autocast, type(model).__name__, dtype))
     return model
+
+
+def _inside_autocast(model: str, dtype: torch.dtype, module: nn.Module, args: tuple) -> None:
+    """The forward pre-hook of a `linears_in` model: one line when it is called outside autocast."""
+    x = args[0] if args else None
+    if isinstance(x, torch.Tensor) and x.dtype != dtype and not torch.is_autocast_enabled(x.device.type):
+        raise RuntimeError(f"{model}: a frozen model whose linear weights are held in {dtype} for mixed precision "
+                           f"(modules.backbone.linears_in) was called with {x.dtype} inputs outside autocast; call it "
+                           "inside the run's autocast, `callbacks.sharding.outside_forward(trainer)`, as the library does")
 
 
 @contextlib.contextmanager

@@ -429,3 +429,7 @@ def test_a_frozen_model_with_bf16_linears_computes_the_same_bits_under_bf16_auto
                          for m in (fp32, bf16)]
         for a, b in zip(*pairs):
             assert torch.isfinite(a).all() and torch.equal(a, b)
+        if model_type == "llama":                      # outside autocast: one line, not a dtype clash deep inside
+            with pytest.raises(RuntimeError, match=r"^Llama\w+: a frozen model whose linear weights are held in "
+                                                   r"torch.bfloat16 .* outside autocast; call it inside the run's"):
+                bf16(input_ids=ids)
