@@ -86,7 +86,9 @@ OURS = {"defaults": ["--library-defaults"], "whole": [], "micro": ["--micro-batc
         "micro+ckpt": ["--micro-batch-tokens", "2048", "--checkpointing"],
         "micro512+ckpt": ["--micro-batch-tokens", "512", "--checkpointing"],
         # the defaults with the entropy in the loss (`entropy_coef`, `top_entropy_quantile` at TRL's suggested 0.2)
-        "defaults+entropy": ["--library-defaults", "--entropy-coef", "0.01", "--top-entropy-quantile", "0.2"]}
+        "defaults+entropy": ["--library-defaults", "--entropy-coef", "0.01", "--top-entropy-quantile", "0.2"],
+        # the defaults with bitsandbytes' 8-bit AdamW (`configs/presets/adamw_8bit.yaml`)
+        "defaults+adamw8bit": ["--library-defaults", "--optimizer", "adamw-8bit"]}
 
 
 class VocabularyOnly:

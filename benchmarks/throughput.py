@@ -93,7 +93,8 @@ def run_ours(shape: dict, rollouts: int, args) -> dict:
                 "minibatch_groups": args.minibatch_prompts // processes(args),
                 **({} if args.library_defaults else {"micro_batch_tokens": args.micro_batch_tokens}),
                 "entropy_coef": args.entropy_coef, "top_entropy_quantile": args.top_entropy_quantile,
-                "optimizer": {"init_args": {"lr": 1e-6}}}},
+                "optimizer": {"class_path": OPTIMIZERS[args.optimizer][0],
+                              "init_args": {"lr": 1e-6, "betas": [0.9, 0.95], "weight_decay": 0.0}}}},
             "data": {"init_args": {"tokenizer": args.tokenizer, "batch_size": args.prompts // processes(args),
                                    "source": {"init_args": {"num_train": args.prompts * max(rollouts, 1), "num_val": 8}}}},
         }, Path(tmp) / "ours.yaml")
@@ -164,7 +165,7 @@ def run_trl(shape: dict, rollouts: int, args) -> dict:
                             bf16=args.precision == "bf16-mixed", fp16=False, max_steps=steps_per_rollout * rollouts,
                             logging_steps=10_000,
                             save_strategy="no", report_to="none", disable_tqdm=True, seed=0, shuffle_dataset=False,
-                            max_grad_norm=1.0, adam_beta2=0.95, weight_decay=0.0, optim="adamw_torch_fused",
+                            max_grad_norm=1.0, adam_beta2=0.95, weight_decay=0.0, optim=OPTIMIZERS[args.optimizer][1],
                             model_init_kwargs={"dtype": torch.float32},
                             **({"use_vllm": True, "vllm_mode": "colocate", "vllm_enable_sleep_mode": False,
                                 "vllm_max_model_length": 1024} if args.side == "trl-vllm" else {}))
@@ -174,6 +175,12 @@ def run_trl(shape: dict, rollouts: int, args) -> dict:
     return {"seconds": [b - a for a, b in zip(marks, marks[1:])], "phases": []}
 
 
+# --optimizer: (our class_path, TRL's `optim`). AdamW as the smollm2 config has it (fused: keeps its init_args), or
+# bitsandbytes' 8-bit AdamW (its two moments in 8 bits, blockwise: 2 bytes per parameter instead of 8).
+OPTIMIZERS = {"adamw": ("torch.optim.AdamW", "adamw_torch_fused"),
+              "adamw-8bit": ("bitsandbytes.optim.AdamW8bit", "adamw_bnb_8bit")}
+
+
 def add_work_arguments(parser: argparse.ArgumentParser) -> None:
     """The workload of one side's run, as `benchmarks/memory.py` varies it (hidden here: this script's table
     describes its own fixed workload, PROMPTS x K responses, EPOCHS epochs over minibatches of MINIBATCH_PROMPTS)."""
@@ -181,6 +188,7 @@ def add_work_arguments(parser: argparse.ArgumentParser) -> None:
                           ("micro-batch-tokens", None)):
         parser.add_argument(f"--{name}", type=int, default=default, help=argparse.SUPPRESS)
     parser.add_argument("--tokenizer", default=TOKENIZER, help=argparse.SUPPRESS)
+    parser.add_argument("--optimizer", choices=list(OPTIMIZERS), default="adamw", help=argparse.SUPPRESS)  # both
     parser.add_argument("--checkpointing", action="store_true", help=argparse.SUPPRESS)       # ours
     parser.add_argument("--entropy-coef", type=float, default=0.0, help=argparse.SUPPRESS)    # ours: the entropy
     parser.add_argument("--top-entropy-quantile", type=float, default=1.0, help=argparse.SUPPRESS)   # in the loss

@@ -42,7 +42,7 @@ from modules.entropy import EntropyControl
 from modules.export import export_model
 from modules.forward import response_logprobs, router_losses, token_scores
 from modules.objectives.base import Objective
-from modules.optimizers import learning_rate
+from modules.optimizers import checked, learning_rate
 from modules.process import names_on_every_process
 from modules.rewards import (
     DEFAULT_TIMEOUT,
@@ -831,7 +831,7 @@ class RLModule(TrainedOnlyCheckpoints, L.LightningModule):
 
     def configure_optimizers(self):
         models = [self.policy] + ([self.value] if self.value is not None else [])
-        optimizer = self.optimizer_factory([p for m in models for p in m.parameters() if p.requires_grad])
+        optimizer = checked(self.optimizer_factory([p for m in models for p in m.parameters() if p.requires_grad]))
         if self.scheduler_factory is None:
             return optimizer
         return {"optimizer": optimizer, "lr_scheduler": self.scheduler_factory(optimizer)}

