@@ -5,6 +5,7 @@ response length, the responses per rollout and the vocabulary grow; and one upda
     python benchmarks/memory.py --points base V151936 --ours defaults micro   # some points, some of our variants
     python benchmarks/memory.py --points base --ours defaults --strategies single ddp fsdp2   # 2 CPU processes
     python benchmarks/memory.py --points base --ours defaults --trl-reuse   # TRL also under our malloc settings
+    python benchmarks/memory.py --points base --ours defaults defaults+adamw8bit --trl-8bit   # 8-bit AdamW, both
     python benchmarks/memory.py --build --shape llama-1b --strategies single fsdp2   # building the models alone
     python benchmarks/memory.py --build --shape llama-1b --strategies fsdp2 --processes 4 [--lora 16] [--judge]
     python benchmarks/memory.py --settings          # one update under each memory setting (about 6 minutes)
@@ -28,7 +29,9 @@ checkpointed), `whole` (one pass per rollout and per minibatch, no checkpointing
 `micro` (`micro_batch_tokens: 2048`), `micro+ckpt` (+ `activation_checkpointing: true`), `micro512+ckpt` (512
 tokens, checkpointed: `configs/presets/rl_low_memory.yaml`), `defaults+entropy` (the defaults with an entropy
 bonus, `entropy_coef: 0.01`, and the forking tokens, `top_entropy_quantile: 0.2`: what the entropy in the loss
-costs; TRL computes the entropies in every training forward, whether its options use them or not). `--strategies
+costs; TRL computes the entropies in every training forward, whether its options use them or not),
+`defaults+adamw8bit` (the defaults with bitsandbytes' 8-bit AdamW, `configs/presets/adamw_8bit.yaml`; `--trl-8bit`
+gives TRL its own, `optim: adamw_bnb_8bit`). `--strategies
 ddp fsdp2` runs each of our variants also on 2 CPU processes (gloo; the strategies of
 `configs/presets/ddp_cpu.yaml` and `fsdp_cpu.yaml`), at the same global work and threads: each rank rolls out and
 updates half the prompts on half the threads. Its peak is
@@ -266,7 +269,8 @@ def tokenizer_of_size(size: int, directory: str, base: str = TOKENIZER) -> str:
 def sweep(args) -> None:
     points = QUICK_POINTS if args.quick else POINTS
     names = args.points or list(points)
-    sides = ([("trl", [])] + [("trl-reuse", [])] * args.trl_reuse if has_trl() else []) + [
+    sides = ([("trl", [])] + [("trl-reuse", [])] * args.trl_reuse +
+             [("trl adamw8bit", ["--optimizer", "adamw-8bit"])] * args.trl_8bit if has_trl() else []) + [
         (f"ours {v}" + ("" if strategy == "single" else f" {strategy}"), [*OURS[v], "--strategy", strategy])
         for strategy in args.strategies for v in args.ours]
     if not has_trl():
@@ -448,6 +452,8 @@ def main() -> None:
     parser.add_argument("--trl-reuse", action="store_true",
                         help="the sweep: TRL also under the glibc malloc settings our train.py applies (throughput.py's "
                              "trl-reuse side)")
+    parser.add_argument("--trl-8bit", action="store_true",
+                        help="the sweep: TRL also with its `optim: adamw_bnb_8bit` (beside ours' defaults+adamw8bit)")
     parser.add_argument("--rollouts", type=int, default=1,
                         help="measured rollouts after a warm-up one (0: the first rollout alone, warm-up costs included)")
     parser.add_argument("--settings", action="store_true", help="one update under each memory setting instead")

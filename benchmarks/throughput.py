@@ -107,7 +107,8 @@ def run_ours(shape: dict, rollouts: int, args) -> dict:
         cli = cli_main(["--config", config], run=False)
         cli.trainer.callbacks[:0] = [timer, OnPolicyRollout()]   # the clock starts before sampling
         cli.trainer.fit(cli.model, datamodule=cli.datamodule)
-    return {"seconds": timer.seconds, "phases": timer.phases,
+    optimizer = type(cli.trainer.optimizers[0]).__name__ if cli.trainer.optimizers else None
+    return {"seconds": timer.seconds, "phases": timer.phases, "optimizer": optimizer,
             "prompt_length": statistics.median(timer.prompt_lengths) if timer.prompt_lengths else None}
 
 

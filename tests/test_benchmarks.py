@@ -206,6 +206,22 @@ def test_verifiable_clipfrac_window_is_the_mean_of_the_rollouts_since_the_last_e
 
 
 @pytest.mark.slow
+def test_throughput_side_runs_ours_with_8bit_adamw(tmp_path):
+    """`benchmarks/memory.py`'s `defaults+adamw8bit` variant: throughput.py's side of ours with `--optimizer
+    adamw-8bit` trains with bitsandbytes' AdamW8bit (the class its config names) and reports its peak and seconds."""
+    import json
+    import subprocess
+
+    out = tmp_path / "result.json"
+    proc = subprocess.run([sys.executable, "benchmarks/throughput.py", "--side", "ours", "--quick", "--rollouts", "1",
+                           "--library-defaults", "--optimizer", "adamw-8bit", "--json", str(out)],
+                          capture_output=True, text=True, timeout=900, env=child_env())
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(out.read_text())
+    assert result["optimizer"] == "AdamW8bit" and result["peak_gb"] > 0.1 and len(result["seconds"]) >= 1
+
+
+@pytest.mark.slow
 def test_throughput_quick_prints_the_table_for_our_side():
     """TRL is an optional extra (not installed in CI): --sides ours measures our RL stage alone (LoRA: `--lora 4`,
     whose FLOPs `test_throughput_shapes_parameter_counts_and_lora_flops` checks)."""
