@@ -715,6 +715,7 @@ class RLModule(TrainedOnlyCheckpoints, L.LightningModule):
         if self.max_grad_norm is not None:
             self.clip_grad_norm(optimizer, params, grad_norm)
         optimizer.step()
+        optimizer.zero_grad()     # (set to None: no gradient held through the next rollout's sampling and passes)
         if self.entropy_control.target is not None:         # the adaptive coefficient, on every process's tokens
             total, tokens = self.over_ranks(list(self._entropy_sums))
             self.entropy_control.step(total / max(tokens, 1.0))

@@ -66,6 +66,8 @@ def test_resume_gives_the_same_parameters_as_an_uninterrupted_run(tmp_path, sft_
 @pytest.mark.slow
 @pytest.mark.parametrize("name", ["p3o_v1", "ppo", "dpo", "rloo", "grpo"])
 def test_every_objective_trains_in_the_same_module(tmp_path, sft_dir, name):
+    """Each shipped objective trains the tiny run from its quickstart config (PPO with its value model), and no
+    gradient is left allocated after the last update."""
     config = tiny_rl_config(tmp_path, sft_dir, source=f"configs/quickstart/{name}.yaml")
     args = ["fit", "--config", config]
     if name == "ppo":
@@ -78,6 +80,8 @@ def test_every_objective_trains_in_the_same_module(tmp_path, sft_dir, name):
     assert cli.trainer.callbacks[0].samples == 16 * k   # 16 prompts, k responses each
     if name == "ppo":
         assert "train/vf_loss" in cli.trainer.callback_metrics and cli.model.value is not None
+    # no gradient is held after an update (it would sit through the next rollout: the policy's size again)
+    assert all(p.grad is None for p in cli.model.parameters())
 
 
 @pytest.mark.parametrize("options, logged", [
