@@ -106,7 +106,7 @@ class Evaluation(L.Callback):
                               "it evaluates the SFT, RL and offline DPO stages (a reward model reports with "
                               "callbacks.reward_report.RewardReport)")
         if isinstance(self.judge, FrozenModel):           # (Lightning has made the FSDP2 mesh by now)
-            self.judge.configure(fsdp_mesh(pl_module), autocast_dtype(trainer.precision))
+            self.judge.configure(fsdp_mesh(pl_module), autocast_dtype(trainer))
         if self.reward is not None and trainer.datamodule is not None:     # a field the data does not keep
             check_fields(self.reward, getattr(trainer.datamodule, "reward_fields", ()))
 

@@ -447,11 +447,17 @@ def frozen_copy(model: nn.Module) -> nn.Module:
     return ref.eval()
 
 
-def autocast_dtype(precision) -> torch.dtype | None:
-    """The dtype a Lightning `precision`'s autocast multiplies in: bf16 for 'bf16-mixed', fp16 for '16-mixed';
-    None for the others (32-true and 64-true compute in their weights' dtype, and 16-true and bf16-true already
-    hold 16-bit weights)."""
-    return {"bf16-mixed": torch.bfloat16, "16-mixed": torch.float16}.get(str(precision))
+def autocast_dtype(trainer) -> torch.dtype | None:
+    """The dtype the trainer's autocast multiplies in: bf16 under Lightning's `MixedPrecision` plugin at
+    'bf16-mixed', fp16 at '16-mixed'; None without a trainer and for every other plugin (32-true and 64-true
+    compute in their weights' dtype, 16-true and bf16-true already hold 16-bit weights, and DeepSpeed's and FSDP's
+    plugins cast the models themselves rather than wrap the calls in autocast)."""
+    from lightning.pytorch.plugins.precision import MixedPrecision
+
+    plugin = getattr(trainer, "precision_plugin", None)
+    if not isinstance(plugin, MixedPrecision):
+        return None
+    return {"bf16-mixed": torch.bfloat16, "16-mixed": torch.float16}.get(str(plugin.precision))
 
 
 def linears_in(model: nn.Module, dtype: torch.dtype | None) -> nn.Module:

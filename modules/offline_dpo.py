@@ -79,7 +79,7 @@ class OfflineDPOModule(TrainedOnlyCheckpoints, L.LightningModule):
 
     def configure_model(self) -> None:
         if self.policy is None:
-            linears = autocast_dtype(self.trainer.precision) if self._trainer is not None else None
+            linears = autocast_dtype(self._trainer)
             self.policy, self.reference = build_with_reference(      # reference None: LoRA's base
                 build_causal_lm, self.policy_spec, self.tokenizer, fsdp_mesh(self), linears)
 

@@ -288,7 +288,7 @@ class RLModule(TrainedOnlyCheckpoints, L.LightningModule):
     def configure_model(self) -> None:
         mesh = fsdp_mesh(self)        # FSDP2 under ModelParallelStrategy: every model is sharded, the reward's too
         if self.policy is None:       # (frozen models' linears in bf16 under bf16-mixed: the same numbers, half the bytes)
-            linears = autocast_dtype(self.trainer.precision) if self._trainer is not None else None
+            linears = autocast_dtype(self._trainer)
             self.policy, self.reference = build_with_reference(      # reference None: LoRA's base
                 build_causal_lm, self.policy_spec, self.tokenizer, mesh,
                 linears if self.ref_sync_steps is None else None)     # (a moving reference stays fp32)

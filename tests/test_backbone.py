@@ -433,3 +433,18 @@ def test_a_frozen_model_with_bf16_linears_computes_the_same_bits_under_bf16_auto
             with pytest.raises(RuntimeError, match=r"^Llama\w+: a frozen model whose linear weights are held in "
                                                    r"torch.bfloat16 .* outside autocast; call it inside the run's"):
                 bf16(input_ids=ids)
+
+
+def test_frozen_linears_follow_the_trainers_autocast_and_nothing_else():
+    """`autocast_dtype`: bf16 under Lightning's autocast plugin at bf16-mixed; None at 32-true, bf16-true (weights
+    already 16-bit), without a trainer, and under a plugin that casts the model itself instead of autocasting the
+    calls (DeepSpeed's, FSDP's), where a 16-bit linear could meet fp32 inputs."""
+    import lightning as L
+    from lightning.pytorch.plugins.precision import FSDPPrecision
+
+    from modules.backbone import autocast_dtype
+
+    trainer = lambda precision: L.Trainer(accelerator="cpu", precision=precision, logger=False)  # noqa: E731
+    assert autocast_dtype(trainer("bf16-mixed")) == torch.bfloat16
+    assert autocast_dtype(trainer("32-true")) is autocast_dtype(trainer("bf16-true")) is autocast_dtype(None) is None
+    assert autocast_dtype(type("T", (), {"precision_plugin": FSDPPrecision("bf16-mixed")})()) is None

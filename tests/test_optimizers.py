@@ -6,20 +6,24 @@ import torch
 from modules.backbone import build_causal_lm
 
 
-def test_fused_adamw_matches_the_per_tensor_loop(tiny_spec, tokenizer):
-    """Configs set AdamW(fused=True): one kernel over all tensors instead of a Python loop per tensor (its speed
-    is in the end-to-end number of benchmarks/throughput.py, not timed here). Three steps from the same gradients
-    give the same weights within float32 rounding."""
-    models = [build_causal_lm(tiny_spec, tokenizer) for _ in range(2)]
-    optimizers = [torch.optim.AdamW(models[0].parameters(), lr=1e-2, foreach=False),
-                  torch.optim.AdamW(models[1].parameters(), lr=1e-2, fused=True)]
+def same_steps(models: list, optimizers: list, steps: int) -> None:
+    """`steps` optimizer steps of each model (of one shape) with its optimizer, from the same random gradients."""
     torch.manual_seed(0)
-    for _ in range(3):
+    for _ in range(steps):
         grads = [torch.randn_like(p) for p in models[0].parameters()]
         for model, optimizer in zip(models, optimizers):
             for p, g in zip(model.parameters(), grads):
                 p.grad = g.clone()
             optimizer.step()
+
+
+def test_fused_adamw_matches_the_per_tensor_loop(tiny_spec, tokenizer):
+    """Configs set AdamW(fused=True): one kernel over all tensors instead of a Python loop per tensor (its speed
+    is in the end-to-end number of benchmarks/throughput.py, not timed here). Three steps from the same gradients
+    give the same weights within float32 rounding."""
+    models = [build_causal_lm(tiny_spec, tokenizer) for _ in range(2)]
+    same_steps(models, [torch.optim.AdamW(models[0].parameters(), lr=1e-2, foreach=False),
+                        torch.optim.AdamW(models[1].parameters(), lr=1e-2, fused=True)], 3)
     for a, b in zip(models[0].parameters(), models[1].parameters()):
         assert torch.allclose(a, b, atol=1e-6, rtol=0)
 
@@ -60,13 +64,7 @@ def test_8bit_adamw_follows_adamw_within_its_quantisation(tiny_spec, tokenizer):
     kwargs = {"lr": 1e-2, "betas": (0.9, 0.95), "weight_decay": 0.0}
     optimizers = [torch.optim.AdamW(models[0].parameters(), **kwargs),
                   bnb.optim.AdamW8bit(models[1].parameters(), min_8bit_size=16, **kwargs)]
-    torch.manual_seed(0)
-    for _ in range(5):
-        grads = [torch.randn_like(p) for p in models[0].parameters()]
-        for model, optimizer in zip(models, optimizers):
-            for p, g in zip(model.parameters(), grads):
-                p.grad = g.clone()
-            optimizer.step()
+    same_steps(models, optimizers, 5)
     assert {v.dtype for s in optimizers[1].state.values() for k, v in s.items() if k.startswith("state")} == {torch.uint8}
     moved = [torch.cat([(p.detach() - s).flatten() for p, s in zip(m.parameters(), start)]) for m in models]
     assert (moved[1] - moved[0]).norm() <= 0.02 * moved[0].norm()
