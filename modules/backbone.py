@@ -11,6 +11,7 @@ Optionally wrapped with LoRA (peft) and loaded in 4-bit / 8-bit (bitsandbytes, f
 """
 from __future__ import annotations
 
+import collections
 import contextlib
 import copy
 import functools
@@ -481,18 +482,15 @@ def linears_in(model: nn.Module, dtype: torch.dtype | None) -> nn.Module:
     if any(p.requires_grad for p in model.parameters()):
         raise ValueError(f"linears_in: {type(model).__name__} has trainable parameters; only a frozen model's linear "
                          "weights may be stored in the dtype autocast computes in")
-    from modules.checkpoints import DIGEST_BEFORE_CAST, _sum_and_squares
+    from modules.checkpoints import keep_digest
 
-    uses: dict[int, int] = {}
-    for _, p in model.named_parameters(remove_duplicate=False):
-        uses[id(p)] = uses.get(id(p), 0) + 1
+    uses = collections.Counter(id(p) for _, p in model.named_parameters(remove_duplicate=False))   # (tied: > 1)
     cast = [m for m in model.modules()
             if type(m) is nn.Linear and all(uses[id(p)] == 1 for p in m.parameters(recurse=False))]
     for module in cast:
-        digests = [_sum_and_squares(p) for p in module.parameters(recurse=False)]
-        module.to(dtype)                              # (in place: the same Parameter objects)
-        for p, digest in zip(module.parameters(recurse=False), digests):
-            setattr(p, DIGEST_BEFORE_CAST, digest)   # a checkpoint's digest is the fp32 weights' (`frozen_digest`)
+        for p in module.parameters(recurse=False):   # a checkpoint's digest stays the fp32 weights' (`frozen_digest`)
+            keep_digest(p)
+        module.to(dtype)                              # (in place: the same Parameter objects, the digest kept)
     if cast:                                          # (every forward goes through the first one)
         cast[0].register_forward_pre_hook(functools.partial(_inside_autocast, type(model).__name__, dtype))
     return model

@@ -131,6 +131,12 @@ def frozen_digest(module: torch.nn.Module) -> dict[str, tuple[float, float]]:
     return {name: (float(s), math.sqrt(float(q))) for name, (s, q) in zip(names, table.tolist())}
 
 
+def keep_digest(param: torch.nn.Parameter) -> None:
+    """Record `param`'s digest as it is now, for `frozen_digest` to use after the parameter is cast in place (a frozen
+    linear that mixed precision stores in 16 bits: `modules.backbone.linears_in`)."""
+    setattr(param, DIGEST_BEFORE_CAST, _sum_and_squares(param))
+
+
 def _sum_and_squares(tensor: torch.Tensor) -> torch.Tensor:
     """(sum, sum of squares) in float64 (on the CPU), 4M values at a time: no float64 copy of a whole tensor."""
     total = torch.zeros(2, dtype=torch.float64, device=tensor.device)

@@ -1,5 +1,6 @@
-"""The stages' optimizers: fused AdamW, which the configs set, equals the per-tensor loop; 8-bit AdamW follows AdamW,
-resumes bit-exactly and is refused under FSDP2 in one line; the schedulers step as documented."""
+"""The stages' optimizers: fused AdamW, which the configs set, equals the per-tensor loop; 8-bit AdamW follows
+AdamW, trains every stage, resumes bit-exactly and is refused under FSDP2 in one line; the schedulers step as
+documented."""
 import pytest
 import torch
 
@@ -100,3 +101,19 @@ def test_8bit_adamw_trains_under_ddp_and_under_fsdp2_stops_in_one_line(tmp_path,
     else:
         assert proc.stderr.strip().splitlines()[-1].startswith(
             "error: model.init_args.optimizer: bitsandbytes.optim.adamw.AdamW8bit steps plain tensors and FSDP2 shards")
+
+
+@pytest.mark.parametrize("stage", ["sft", "reward"])
+def test_the_8bit_preset_trains_the_sft_and_reward_stages(tmp_path, sft_dir, stage):
+    """`--config configs/presets/adamw_8bit.yaml` over the SFT and reward stages (the RL stage: the resume test
+    above): their optimizer is AdamW8bit with the stage's learning rate, its moments uint8, the loss finite."""
+    from tests.helpers import tiny_stage_config
+    from train import cli_main
+
+    config = tiny_stage_config(tmp_path, stage, sft_dir, f"{stage}.yaml", limit_train_batches=3)
+    cli = cli_main(["fit", "--config", config, "--config", "configs/presets/adamw_8bit.yaml",
+                    "--model.init_args.optimizer.min_8bit_size=16"])       # (the tiny model's tensors are small)
+    optimizer = cli.trainer.optimizers[0]
+    assert type(optimizer).__name__ == "AdamW8bit" and cli.trainer.global_step == 3
+    assert {v.dtype for s in optimizer.state.values() for k, v in s.items() if k.startswith("state")} == {torch.uint8}
+    assert torch.isfinite(cli.trainer.callback_metrics["train/loss"])

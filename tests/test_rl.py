@@ -186,6 +186,18 @@ def test_clipping_scales_by_the_norm_the_update_computed_exactly_as_lightning_cl
     assert torch.equal(weights["direct"], weights["lightning"])
 
 
+def fit_keeping_rollouts(config: str):
+    """`train.py fit --config config` in this process; (the CLI, each rollout as the updates received it)."""
+    from lightning.pytorch.callbacks import LambdaCallback
+
+    cli = cli_main(["--config", config], run=False)
+    kept = []
+    cli.trainer.callbacks.append(LambdaCallback(   # after OnPolicyRollout: keeps the rollout
+        on_train_batch_start=lambda trainer, module, *args: kept.append(module.rollout)))
+    cli.trainer.fit(cli.model, datamodule=cli.datamodule)
+    return cli, kept
+
+
 def test_bf16_mixed_on_cpu_with_fused_adamw_and_clipping_keeps_logprobs_within_its_tolerance(tmp_path, sft_dir):
     """bf16 autocast on CPU (`configs/presets/bf16.yaml`; CPUs with native bf16 matmul run it faster, see the
     README's speed section) with the configs' fused AdamW and gradient clipping: Lightning's mixed-precision
@@ -197,28 +209,18 @@ def test_bf16_mixed_on_cpu_with_fused_adamw_and_clipping_keeps_logprobs_within_i
     under the same autocast as the update ('auto'), so the first minibatch's ratios are 1 up to the same rounding.
     The frozen reference holds its linear weights in bf16 (`modules.backbone.linears_in`), and its pi_ref equals,
     bit for bit, what the fp32 reference (the SFT export) computes under the same autocast."""
-    from lightning.pytorch.callbacks import LambdaCallback
-
-    from tests.helpers import tiny_rl_config
-    from train import cli_main
-
     config = tiny_rl_config(tmp_path, sft_dir, model={"optimizer": {"init_args": {"fused": True}}},
                             precision="bf16-mixed", limit_train_batches=1)
-    cli = cli_main(["--config", config], run=False)
-    kept, before = [], []
-    cli.trainer.callbacks.append(LambdaCallback(   # after OnPolicyRollout: keeps the rollout
-        on_fit_start=lambda trainer, module: before.append(torch.cat([p.detach().flatten().clone()
-                                                                      for p in module.policy.parameters()])),
-        on_train_batch_start=lambda trainer, module, *args: kept.append(module.rollout)))
-    cli.trainer.fit(cli.model, datamodule=cli.datamodule)
+    cli, kept = fit_keeping_rollouts(config)
     model, roll = cli.model, kept[0]
     assert not model.logprobs_from_sampler
+    reference = build_causal_lm(BackboneSpec(pretrained=sft_dir), model.tokenizer).eval()    # (the policy's start)
+    before = torch.cat([p.detach().flatten() for p in reference.parameters()])
     after = torch.cat([p.detach().flatten() for p in model.policy.parameters()])
-    assert torch.isfinite(after).all() and not torch.equal(before[0], after)
+    assert torch.isfinite(after).all() and not torch.equal(before, after)
     embedding = model.reference.get_input_embeddings().weight
     assert embedding.dtype == torch.float32 and {m.weight.dtype for m in model.reference.modules()
                                                  if type(m) is torch.nn.Linear} == {torch.bfloat16}
-    reference = build_causal_lm(BackboneSpec(pretrained=sft_dir), model.tokenizer).eval()
     mask = roll.response_mask.bool()
     with torch.no_grad():
         with torch.autocast("cpu", torch.bfloat16):
@@ -234,16 +236,11 @@ def test_bf16_mixed_keeps_the_reward_models_linears_in_bf16_with_the_same_reward
     """Under bf16-mixed the RL module builds its reward model with bf16 linear weights (`FrozenModel.configure`,
     `modules.backbone.linears_in`): the rollout's rewards equal, bit for bit, those of the same reward-stage export
     built in fp32 and run under the same autocast."""
-    from lightning.pytorch.callbacks import LambdaCallback
-
     from modules.rewards import RewardModel
 
     config = tiny_rl_config(tmp_path, sft_dir, precision="bf16-mixed", limit_train_batches=1, model={
         "reward": {"class_path": "modules.rewards.RewardModel", "init_args": {"path": reward_dir, "normalize": False}}})
-    cli = cli_main(["--config", config], run=False)
-    kept = []
-    cli.trainer.callbacks.append(LambdaCallback(on_train_batch_start=lambda trainer, module, *a: kept.append(module.rollout)))
-    cli.trainer.fit(cli.model, datamodule=cli.datamodule)
+    cli, kept = fit_keeping_rollouts(config)
     linears = {m.weight.dtype for m in cli.model.reward.model.modules() if type(m) is torch.nn.Linear}
     assert linears == {torch.bfloat16}
     fp32 = RewardModel(reward_dir, normalize=False)
