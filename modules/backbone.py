@@ -462,31 +462,34 @@ def autocast_dtype(trainer) -> torch.dtype | None:
 
 
 def linears_in(model: nn.Module, dtype: torch.dtype | None) -> nn.Module:
-    """A frozen model with its plain `nn.Linear` weights and biases stored in `dtype`, the dtype mixed precision's
-    autocast multiplies them in (bf16 under bf16-mixed, fp16 under 16-mixed; None: the model as it is).
+    """A frozen model, or a LoRA model's frozen base, with its plain `nn.Linear` weights and biases stored in `dtype`,
+    the dtype mixed precision's autocast multiplies them in (bf16 under bf16-mixed, fp16 under 16-mixed; None: the
+    model as it is).
 
     Autocast caches the 16-bit cast only of a weight that requires grad, so each forward of a frozen fp32 model (the
-    reference copy, a reward model, a judge) casts every linear weight again, and the fp32 copy holds twice the
-    bytes of the numbers it computes with. Stored in `dtype`, the casts are no-ops: every value is the same bit for
-    bit (tested for each decoder type of `modules.layout.SHARED_PROMPT_MODELS`, policy and reward model), at half
-    the memory of those weights. Left as they are: embeddings, norms, routers and other parameters autocast does
-    not cast (their fp32 keeps the residual stream in fp32, as before), and a linear whose weight another module
-    shares (a head tied to the embeddings). A checkpoint's digest of the frozen weights stays the fp32 weights'
-    (`modules.checkpoints.frozen_digest`). Called outside autocast, the model stops with one line (its fp32 inputs
-    would meet bf16 weights). Only for a whole frozen model: not a LoRA model (its base is the
-    policy), not one whose parameters are sharded (FSDP2, DeepSpeed ZeRO-3: not tried; ZeRO casts models itself)."""
+    reference copy, a reward model, a judge) or of a LoRA model's frozen base casts every linear weight again, and
+    the fp32 copy holds twice the bytes of the numbers it computes with. Stored in `dtype`, the casts are no-ops:
+    every value is the same bit for bit (tested for each decoder type of `modules.layout.SHARED_PROMPT_MODELS`:
+    frozen policy and reward model, and a LoRA policy's logprobs and adapter gradients), at half the memory of those
+    weights. Left as they are: embeddings, norms, routers and other parameters autocast does not cast (their fp32
+    keeps the residual stream in fp32, as before), a linear whose weight another module shares (a head tied to the
+    embeddings), and a LoRA model's trainable adapters. A checkpoint's digest of the frozen weights stays the fp32
+    weights' (`modules.checkpoints.frozen_digest`), and a LoRA model's export is merged into its fp32 base rebuilt
+    from its spec (`modules.export.export_model`), not into the 16-bit one. Called outside autocast, the model stops
+    with one line (its fp32 inputs would meet bf16 weights). Not for a model whose parameters are sharded (FSDP2,
+    DeepSpeed ZeRO-3: not tried; ZeRO casts models itself) or a full fine-tune's policy (all of it trains)."""
     from modules.sharding import is_sharded
 
-    if dtype is None or is_lora(model) or is_sharded(model):
+    if dtype is None or is_sharded(model):
         return model
-    if any(p.requires_grad for p in model.parameters()):
-        raise ValueError(f"linears_in: {type(model).__name__} has trainable parameters; only a frozen model's linear "
-                         "weights may be stored in the dtype autocast computes in")
+    if not is_lora(model) and any(p.requires_grad for p in model.parameters()):
+        raise ValueError(f"linears_in: {type(model).__name__} has trainable parameters; only a frozen model's or a "
+                         "LoRA model's frozen linear weights may be stored in the dtype autocast computes in")
     from modules.checkpoints import keep_digest
 
     uses = collections.Counter(id(p) for _, p in model.named_parameters(remove_duplicate=False))   # (tied: > 1)
-    cast = [m for m in model.modules()
-            if type(m) is nn.Linear and all(uses[id(p)] == 1 for p in m.parameters(recurse=False))]
+    cast = [m for m in model.modules() if type(m) is nn.Linear and
+            all(uses[id(p)] == 1 and not p.requires_grad for p in m.parameters(recurse=False))]
     for module in cast:
         for p in module.parameters(recurse=False):   # a checkpoint's digest stays the fp32 weights' (`frozen_digest`)
             keep_digest(p)

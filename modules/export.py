@@ -1,7 +1,8 @@
 """Writing a stage's model out as a plain Hugging Face directory (the model is built in `modules.backbone`).
 
 `export_model` is what every stage's `export` calls: whole weights gathered from FSDP2 shards, LoRA merged (or
-saved as adapter + base), a QLoRA adapter put back over its float base. `save_pretrained` writes one model +
+saved as adapter + base), a QLoRA adapter (or one whose base mixed precision held in 16 bits) put back over its
+float base. `save_pretrained` writes one model +
 tokenizer and refuses non-finite weights.
 """
 from __future__ import annotations
@@ -25,10 +26,11 @@ def plain_model(model: nn.Module) -> nn.Module:
 
 
 def _float_twin(model: nn.Module, spec: BackboneSpec, tokenizer) -> nn.Module:
-    """A LoRA model over a 4/8-bit base, rebuilt over the float base with the same adapter weights.
+    """A LoRA model over a 4/8-bit base, or over a base whose linears mixed precision holds in 16 bits
+    (`modules.backbone.linears_in`), rebuilt over its float base (`spec`, unquantized) with the same adapter weights.
 
     Adapters are merged into (or saved next to) the original float weights, as usual for QLoRA; merging into
-    the de-quantized base instead would bake the quantization error into the export.
+    the de-quantized or 16-bit base instead would bake its rounding into the export.
     """
     from peft import get_peft_model_state_dict, set_peft_model_state_dict
 
@@ -36,6 +38,13 @@ def _float_twin(model: nn.Module, spec: BackboneSpec, tokenizer) -> nn.Module:
     twin = build_scorer(plain, tokenizer) if _is_scorer(model) else build_causal_lm(plain, tokenizer)
     set_peft_model_state_dict(twin, get_peft_model_state_dict(model))
     return twin
+
+
+def _rounded_base(model: nn.Module, spec: BackboneSpec) -> bool:
+    """Whether a LoRA model's frozen base is not as `spec` loads it: quantized, or linears held in another dtype."""
+    dtype = getattr(torch, spec.dtype)
+    return bool(spec.quantization) or any(p.dtype != dtype for p in model.parameters()
+                                          if not p.requires_grad and p.is_floating_point())
 
 
 def _rebuilt(model: nn.Module, spec: BackboneSpec, tokenizer, state: dict) -> nn.Module:
@@ -57,7 +66,8 @@ def export_model(model: nn.Module, spec: BackboneSpec | None, tokenizer, directo
     (adapter_config.json, adapter_model.safetensors) and the tokenizer, and `<directory>/base` the base model;
     `AutoModelForCausalLM.from_pretrained(directory)` loads both (peft installed), or
     `PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(f"{directory}/base"), directory)`.
-    A quantized (QLoRA) model is exported over its float base weights. `final_dir`: the folder `directory` will be
+    A quantized (QLoRA) model, or one whose frozen linears were held in 16 bits for mixed precision, is exported
+    over its float base weights as `spec` loads them. `final_dir`: the folder `directory` will be
     renamed to (an atomic export writes elsewhere first); the adapter records its base there.
     """
     from modules.sharding import whole_state
@@ -65,8 +75,10 @@ def export_model(model: nn.Module, spec: BackboneSpec | None, tokenizer, directo
     state = whole_state(model)
     if state is not None:                     # FSDP2: a plain model from the whole weights gathered on rank 0
         model = _rebuilt(model, spec, tokenizer, state)
-    if is_lora(model) and spec is not None and spec.quantization:
+    if is_lora(model) and spec is not None and _rounded_base(model, spec):
         model = _float_twin(model, spec, tokenizer)
+        if merge_lora:                        # (a copy of our own: merged in place, no second one)
+            model = model.merge_and_unload()
     if not is_lora(model) or merge_lora:
         save_pretrained(model, tokenizer, directory)
         return

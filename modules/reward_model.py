@@ -20,7 +20,7 @@ from datamodules.batch import PairBatch
 from datamodules.collate import stack_pair, turn_end_id
 from modules import functional as F
 from modules import optimizers
-from modules.backbone import BackboneSpec, build_scorer, load_tokenizer, use_data_template
+from modules.backbone import BackboneSpec, autocast_dtype, build_scorer, load_tokenizer, use_data_template
 from modules.checkpoints import TrainedOnlyCheckpoints
 from modules.checks import check_calibration_prompts, check_positions, check_responses
 from modules.export import export_model
@@ -104,7 +104,8 @@ class RewardModule(TrainedOnlyCheckpoints, L.LightningModule):
 
     def configure_model(self) -> None:
         if self.scorer is None:
-            self.scorer = build_sharded(build_scorer, self.backbone, self.tokenizer, fsdp_mesh(self))
+            linears = autocast_dtype(self._trainer)     # (a LoRA base's linears: bf16 under bf16-mixed)
+            self.scorer = build_sharded(build_scorer, self.backbone, self.tokenizer, fsdp_mesh(self), linears)
 
     def setup(self, stage: str) -> None:
         use_data_template(self.tokenizer, self.trainer.datamodule)

@@ -296,7 +296,7 @@ class RLModule(TrainedOnlyCheckpoints, L.LightningModule):
                 frozen.configure(mesh, linears)
         if self.objective.needs_values and self.value is None:
             spec = self.value_spec or BackboneSpec(pretrained=self.policy_spec.pretrained, config=self.policy_spec.config)
-            self.value = build_sharded(build_scorer, spec, self.tokenizer, mesh)
+            self.value = build_sharded(build_scorer, spec, self.tokenizer, mesh, autocast_dtype(self._trainer))
         config = self.policy.config
         if self.router_aux_loss_coef and not (hasattr(config, "output_router_logits") and
                                               hasattr(config, "router_aux_loss_coef")):
@@ -346,7 +346,8 @@ class RLModule(TrainedOnlyCheckpoints, L.LightningModule):
     def on_train_start(self) -> None:
         # (after a resumed run's weights are loaded: FSDP2 restores them after `on_fit_start`, into resharded units)
         if not self.policy_spec.dropout and not is_partitioned(self.policy):
-            noise = training_mode_noise(self.policy)
+            with self.trainer.precision_plugin.forward_context():    # (as the updates run: bf16-mixed's autocast)
+                noise = training_mode_noise(self.policy)
             for unit in fsdp_units(self.policy):          # FSDP2: as the forward found them
                 unit.reshard()
             if noise > 1e-4 and self.global_rank == 0:    # (float rounding: 1e-7; GPU kernels with atomics: 1e-6)

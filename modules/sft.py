@@ -9,7 +9,7 @@ from torchmetrics import MeanMetric
 from datamodules.batch import PairBatch
 from modules import functional as F
 from modules import optimizers
-from modules.backbone import BackboneSpec, build_causal_lm, load_tokenizer, use_data_template
+from modules.backbone import BackboneSpec, autocast_dtype, build_causal_lm, load_tokenizer, use_data_template
 from modules.checkpoints import TrainedOnlyCheckpoints
 from modules.checks import check_positions, check_responses
 from modules.export import export_model
@@ -54,7 +54,8 @@ class SFTModule(TrainedOnlyCheckpoints, L.LightningModule):
 
     def configure_model(self) -> None:
         if self.policy is None:
-            self.policy = build_sharded(build_causal_lm, self.backbone, self.tokenizer, fsdp_mesh(self))
+            linears = autocast_dtype(self._trainer)     # (a LoRA base's linears: bf16 under bf16-mixed)
+            self.policy = build_sharded(build_causal_lm, self.backbone, self.tokenizer, fsdp_mesh(self), linears)
 
     def setup(self, stage: str) -> None:
         use_data_template(self.tokenizer, self.trainer.datamodule)

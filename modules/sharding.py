@@ -124,9 +124,11 @@ def shard(model: nn.Module, mesh) -> nn.Module:
     return model
 
 
-def build_sharded(build: Callable[..., nn.Module], spec, tokenizer, mesh) -> nn.Module:
+def build_sharded(build: Callable[..., nn.Module], spec, tokenizer, mesh, linears: torch.dtype | None = None
+                  ) -> nn.Module:
     """`build(spec, tokenizer)` (`build_causal_lm` or `build_scorer`) sharded over `mesh`; built as usual without
-    one. The whole model exists on the mesh's first rank only:
+    one, a LoRA model's frozen base linears then in the dtype `linears` when given (`modules.backbone.linears_in`).
+    The whole model exists on the mesh's first rank only:
 
       1. every rank builds the model empty (`empty=True`: meta tensors; a pretrained model's config is read, not
          its weights), and the first rank also builds it whole, as it would without a mesh (a model that cannot
@@ -145,14 +147,15 @@ def build_sharded(build: Callable[..., nn.Module], spec, tokenizer, mesh) -> nn.
     4 CPU processes: 12.3 GB for all four instead of 19.2, `benchmarks/memory.py --build`). The result equals the
     whole model exactly, modules in the whole build's train / eval mode (`tests/test_sharding.py`). 4-bit / 8-bit
     weights cannot be sharded (`ShardingError`)."""
-    return _built_and_sharded(build, spec, tokenizer, mesh, reference=False)[0]
+    return _built_and_sharded(build, spec, tokenizer, mesh, reference=False, linears=linears)[0]
 
 
 def build_with_reference(build: Callable[..., nn.Module], spec, tokenizer, mesh, linears: torch.dtype | None = None
                          ) -> tuple[nn.Module, nn.Module | None]:
     """The policy as `build_sharded` makes it, and its reference: None for a LoRA policy (the reference is its
-    base, adapters disabled: `reference_of`), else a frozen, eval-mode copy (`frozen_copy` without a mesh, its
-    linear weights in the dtype `linears` when given: `modules.backbone.linears_in`). Under FSDP2 the copy is
+    base, adapters disabled: `reference_of`), else a frozen, eval-mode copy (`frozen_copy` without a mesh). Without
+    a mesh the frozen linear weights (the copy's, or a LoRA policy's base) are held in the dtype `linears` when given
+    (`modules.backbone.linears_in`). Under FSDP2 the copy is
     sharded from the empty model and each rank copies its own shards into it: it is never whole either, and equals
     the policy exactly (in fp32)."""
     return _built_and_sharded(build, spec, tokenizer, mesh, reference=True, linears=linears)
@@ -167,7 +170,9 @@ def _built_and_sharded(build, spec, tokenizer, mesh, reference: bool, linears: t
 
     if mesh is None:
         model = build(spec, tokenizer)
-        return model, (linears_in(frozen_copy(model), linears) if reference and not is_lora(model) else None)
+        if is_lora(model):                   # (its base is frozen: the policy's and the reference's at once)
+            return linears_in(model, linears), None
+        return model, (linears_in(frozen_copy(model), linears) if reference else None)
     if spec.quantization:
         raise ShardingError(QUANTIZED)
     first, model, whole = mesh.get_local_rank() == 0, None, None

@@ -435,6 +435,74 @@ def test_a_frozen_model_with_bf16_linears_computes_the_same_bits_under_bf16_auto
                 bf16(input_ids=ids)
 
 
+def _lora_pair(tokenizer, model_type: str):
+    """A tiny LoRA policy of `model_type` (adapters made non-trivial, training mode) and the same policy whose frozen
+    base linears are in bf16 (`linears_in`)."""
+    from modules.backbone import linears_in
+    from tests.test_layout import ARCHITECTURES
+
+    config = {**TINY_SHAPE, "model_type": model_type, "num_key_value_heads": 1, "num_hidden_layers": 2,
+              **ARCHITECTURES.get(model_type, {})}
+    spec = BackboneSpec(config=config, lora={"r": 2, "lora_alpha": 4})
+    fp32, bf16 = (_nontrivial_lora(build_causal_lm(spec, tokenizer)).train() for _ in range(2))
+    return fp32, linears_in(bf16, torch.bfloat16)
+
+
+@pytest.mark.parametrize("model_type", sorted(__import__("modules.layout").layout.SHARED_PROMPT_MODELS))
+def test_a_lora_policy_with_its_base_linears_in_bf16_trains_with_the_same_bits_under_bf16_autocast(tokenizer,
+                                                                                                  model_type):
+    """`linears_in(lora_model, bf16)` (what every stage does to a LoRA model under bf16-mixed): the frozen base's
+    plain linears hold bf16, the trainable adapters stay fp32, and under CPU bf16 autocast the training-mode
+    logprobs (packed and one row per response, activation checkpointing on) and the adapters' gradients are equal
+    bit for bit (a head tied to the embeddings stays fp32) to those of the fp32 base, for every decoder type that shares prompts. The checkpoints' digest of
+    the frozen weights is the fp32 base's."""
+    from modules.checkpoints import frozen_digest
+
+    ids, mask, response_mask = grouped_rows(tokenizer)
+    fp32, bf16 = _lora_pair(tokenizer, model_type)
+    trained = {p.dtype for p in bf16.parameters() if p.requires_grad}
+    tied = {id(p) for m in bf16.modules() if isinstance(m, torch.nn.Embedding) for p in m.parameters()}
+    cast = {p.dtype for m in bf16.modules() if type(m) is torch.nn.Linear
+            for p in m.parameters(recurse=False) if not p.requires_grad and id(p) not in tied}
+    assert trained == {torch.float32} and (cast == {torch.bfloat16} or (model_type == "gpt2" and not cast))
+    assert frozen_digest(bf16) == frozen_digest(fp32)
+    for group_size in (1, 3):
+        with torch.autocast("cpu", torch.bfloat16):
+            (a, grad_a), (b, grad_b) = (logprobs_and_grads(m, ids, mask, response_mask, group_size=group_size)
+                                        for m in (fp32, bf16))
+        assert torch.isfinite(a).all() and grad_a.abs().sum() > 0
+        assert torch.equal(a, b) and torch.equal(grad_a, grad_b)
+
+
+def test_a_lora_export_over_a_bf16_base_is_merged_into_the_fp32_base(tiny_spec, tokenizer, tmp_path):
+    """A LoRA model whose base linears mixed precision held in bf16 exports what the same adapters over the fp32
+    base export, bit for bit, merged and as adapter + base: the base is rebuilt from the spec
+    (`modules.export.export_model`). Merging into the bf16 base instead would round every merged weight."""
+    from safetensors.torch import load_file
+
+    from modules.backbone import linears_in
+
+    tiny_spec.lora = {"r": 4, "lora_alpha": 8}
+    fp32 = _nontrivial_lora(build_causal_lm(tiny_spec, tokenizer))
+    bf16 = linears_in(_nontrivial_lora(build_causal_lm(tiny_spec, tokenizer)), torch.bfloat16)
+    for merge in (True, False):
+        written = []
+        for name, model in (("fp32", fp32), ("bf16", bf16)):
+            out = tmp_path / f"{name}-{merge}"
+            export_model(model, tiny_spec, tokenizer, str(out), merge_lora=merge)
+            files = ["model.safetensors"] if merge else ["adapter_model.safetensors", "base/model.safetensors"]
+            written.append([load_file(out / f) for f in files])
+        for ours, theirs in zip(*written):
+            assert ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in ours)
+            assert {v.dtype for v in ours.values()} == {torch.float32}
+    rounded = linears_in(_nontrivial_lora(build_causal_lm(tiny_spec, tokenizer)), torch.bfloat16).merge_and_unload()
+    merged = load_file(tmp_path / "fp32-True" / "model.safetensors")
+    name = "model.layers.0.self_attn.q_proj.weight"
+    assert not torch.equal(rounded.state_dict()[name].float(), merged[name])      # (what the rebuild avoids)
+    assert is_lora(bf16) and {p.dtype for p in bf16.get_base_model().model.layers[0].self_attn.q_proj.base_layer
+                              .parameters()} == {torch.bfloat16}                  # (the trained model left as it was)
+
+
 def test_frozen_linears_follow_the_trainers_autocast_and_nothing_else():
     """`autocast_dtype`: bf16 under Lightning's autocast plugin at bf16-mixed; None at 32-true, bf16-true (weights
     already 16-bit), without a trainer, and under a plugin that casts the model itself instead of autocasting the

@@ -249,6 +249,35 @@ def test_bf16_mixed_keeps_the_reward_models_linears_in_bf16_with_the_same_reward
         assert torch.equal(kept[0].rewards, fp32.score(kept[0], cli.model.tokenizer).float())
 
 
+def test_bf16_mixed_holds_a_lora_policys_base_in_bf16_and_exports_it_merged_into_the_fp32_base(tmp_path, sft_dir):
+    """A LoRA policy under bf16-mixed (`modules.backbone.linears_in`): its base linears hold bf16 and its adapters
+    fp32; the rollout's pi_ref (the base, adapters off) equals, bit for bit, what the fp32 SFT export computes under
+    the same autocast; only the adapters train; and the export is the adapters merged into the fp32 base, exactly as
+    the same adapters over a fresh fp32 build of the policy merge."""
+    from peft import get_peft_model_state_dict, set_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    lora = {"r": 4, "lora_alpha": 8}
+    config = tiny_rl_config(tmp_path, sft_dir, model={"policy": {"pretrained": sft_dir, "lora": lora}},
+                            precision="bf16-mixed", limit_train_batches=1)
+    cli, kept = fit_keeping_rollouts(config)
+    policy, tokenizer = cli.model.policy, cli.model.tokenizer
+    layer = policy.get_base_model().model.layers[0].self_attn.q_proj
+    assert layer.base_layer.weight.dtype == torch.bfloat16 and layer.lora_A["default"].weight.dtype == torch.float32
+    start = build_causal_lm(BackboneSpec(pretrained=sft_dir, lora=lora), tokenizer)
+    changed = {k for k, v in policy.state_dict().items() if not torch.equal(v, start.state_dict()[k].to(v.dtype))}
+    assert changed and all("lora_" in k for k in changed)
+    reference = build_causal_lm(BackboneSpec(pretrained=sft_dir), tokenizer).eval()
+    with torch.no_grad(), torch.autocast("cpu", torch.bfloat16):
+        assert torch.equal(kept[0].ref_logp, cli.model.logprobs(reference, kept[0]))
+    cli.model.export(str(tmp_path / "export"))
+    set_peft_model_state_dict(start, get_peft_model_state_dict(policy))
+    expected = start.merge_and_unload().state_dict()
+    written = load_file(tmp_path / "export" / "model.safetensors")
+    assert {v.dtype for v in written.values()} == {torch.float32}
+    assert all(torch.equal(v, expected[k]) for k, v in written.items())
+
+
 @pytest.mark.slow
 def test_bf16_mixed_with_the_lm_head_in_chunks_trains_through_its_vocabulary_sliced_backward(tmp_path, sft_dir,
                                                                                           monkeypatch):
