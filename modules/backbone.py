@@ -496,6 +496,9 @@ def linears_in(model: nn.Module, dtype: torch.dtype | None) -> nn.Module:
         module.to(dtype)                              # (in place: the same Parameter objects, the digest kept)
     if cast:                                          # (every forward goes through the first one)
         cast[0].register_forward_pre_hook(functools.partial(_inside_autocast, type(model).__name__, dtype))
+        from modules.cpu import release_freed_memory
+
+        release_freed_memory()                        # (glibc kept the fp32 weights' pages: handed back)
     return model
 
 

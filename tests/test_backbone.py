@@ -454,8 +454,8 @@ def test_a_lora_policy_with_its_base_linears_in_bf16_trains_with_the_same_bits_u
     """`linears_in(lora_model, bf16)` (what every stage does to a LoRA model under bf16-mixed): the frozen base's
     plain linears hold bf16, the trainable adapters stay fp32, and under CPU bf16 autocast the training-mode
     logprobs (packed and one row per response, activation checkpointing on) and the adapters' gradients are equal
-    bit for bit (a head tied to the embeddings stays fp32) to those of the fp32 base, for every decoder type that shares prompts. The checkpoints' digest of
-    the frozen weights is the fp32 base's."""
+    bit for bit to those of the fp32 base, for every decoder type that shares prompts (a head tied to the embeddings
+    stays fp32). The checkpoints' digest of the frozen weights is the fp32 base's."""
     from modules.checkpoints import frozen_digest
 
     ids, mask, response_mask = grouped_rows(tokenizer)
