@@ -5,6 +5,8 @@
     python benchmarks/frontier.py --quick    # 2 objectives, 1 setting, 2 seeds, a few rollouts (CI-sized)
     python benchmarks/frontier.py --objectives P3O-V2 'P3O-V2 forks 0.2' GRPO-4 'GRPO-4 forks 0.2' --seeds 0 1 2 \
         --out benchmarks/results/frontier/forks   # forking tokens (not in the default run; results/frontier/forks)
+    python benchmarks/frontier.py --objectives P3O-V2 'P3O-V2 8-bit AdamW' GRPO-4 'GRPO-4 8-bit AdamW' \
+        --seeds 0 1 2 --out benchmarks/results/frontier/adamw8bit   # the 8-bit optimizer (results/frontier/adamw8bit)
 
 Budget, the same for every objective: the same number of *sampled responses* per rollout and in total (prompts
 per rollout = responses per rollout / K), the same number of responses per minibatch and of updates per rollout,
@@ -33,6 +35,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from runs import DEFAULT_EXPORTS, ROOT, ensure_exports, panel_figure, quick_scratch, read_points, run_one, write_points  # noqa: E402
 from stats import bootstrap_ci, fmt_ci, frontier_at, frontier_auc, paired_ci  # noqa: E402
 
+ADAMW_8BIT = {"class_path": "bitsandbytes.optim.AdamW8bit"}
 # name -> (config, K responses per prompt, KL knob of the objective, objective overrides[, RL module overrides])
 OBJECTIVES = {
     "P3O-V2": ("configs/quickstart/p3o.yaml", 2, "kl_coef", {}),
@@ -50,6 +53,9 @@ OBJECTIVES = {
     "P3O-V2 forks 0.2, KL in loss": ("configs/quickstart/p3o.yaml", 2, "kl_coef", {"kl_in_loss": True},
                                      {"top_entropy_quantile": 0.2}),
     "GRPO-4 forks 0.2": ("configs/quickstart/grpo.yaml", 4, "kl_coef", {"k": 4}, {"top_entropy_quantile": 0.2}),
+    # bitsandbytes' 8-bit AdamW (`configs/presets/adamw_8bit.yaml`) in place of AdamW, the same lr, betas, decay
+    "P3O-V2 8-bit AdamW": ("configs/quickstart/p3o.yaml", 2, "kl_coef", {}, {"optimizer": ADAMW_8BIT}),
+    "GRPO-4 8-bit AdamW": ("configs/quickstart/grpo.yaml", 4, "kl_coef", {"k": 4}, {"optimizer": ADAMW_8BIT}),
 }
 DEFAULT = [name for name, arm in OBJECTIVES.items() if len(arm) == 4]   # the objectives as shipped
 KL_SWEEP = {"kl_coef": [0.02, 0.1], "beta": [0.05, 0.3]}   # weak and strong pull towards the SFT policy
@@ -62,7 +68,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="P3O-V2, GRPO-4; 1 setting; 2 seeds; 4 rollouts")
     parser.add_argument("--objectives", nargs="*", default=DEFAULT, choices=list(OBJECTIVES),
-                        help="default: the 9 objectives as shipped (the 'forks' arms: on request)")
+                        help="default: the 9 objectives as shipped (the 'forks' and '8-bit AdamW' arms: on request)")
     parser.add_argument("--seeds", type=int, nargs="*", default=[0, 1, 2, 3, 4])
     parser.add_argument("--rollouts", type=int, default=16)
     parser.add_argument("--responses-per-rollout", type=int, default=64)

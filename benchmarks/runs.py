@@ -144,8 +144,9 @@ def run_one(config: str, tag: str, seed: int, out: Path, *, rollouts: int, respo
         model_args["reward"] = {"init_args": {"path": str(exports / "reward")}}
     if "ppo" in Path(config).stem:
         model_args["value_model"] = {"pretrained": str(exports / "reward")}
-    if lr is not None:
-        model_args["optimizer"] = {"init_args": {"lr": lr}}
+    if lr is not None:                  # (into the arm's own optimizer where it names one)
+        given = model_args.get("optimizer", {})
+        model_args["optimizer"] = {**given, "init_args": {**given.get("init_args", {}), "lr": lr}}
     if oversample > 1:
         model_args["keep_groups"] = responses_per_rollout // k
     derived = derive_config(config, {
