@@ -36,7 +36,9 @@ def _float_twin(model: nn.Module, spec: BackboneSpec, tokenizer) -> nn.Module:
 
     plain = dataclasses.replace(spec, quantization=None)
     twin = build_scorer(plain, tokenizer) if _is_scorer(model) else build_causal_lm(plain, tokenizer)
-    set_peft_model_state_dict(twin, get_peft_model_state_dict(model))
+    # (the adapters alone: the twin's base, embeddings included, is built as the model's was; and no question to
+    # the hub about the base's vocabulary, peft's 'auto')
+    set_peft_model_state_dict(twin, get_peft_model_state_dict(model, save_embedding_layers=False))
     return twin
 
 
@@ -88,7 +90,7 @@ def export_model(model: nn.Module, spec: BackboneSpec | None, tokenizer, directo
     original = config.base_model_name_or_path
     config.base_model_name_or_path = os.path.abspath(os.path.join(final_dir or directory, "base"))
     try:
-        model.save_pretrained(directory)
+        model.save_pretrained(directory, save_embedding_layers=False)     # (`base` holds them, resized or not)
     finally:
         config.base_model_name_or_path = original
     tokenizer.save_pretrained(directory)
