@@ -506,9 +506,10 @@ def _inside_autocast(model: str, dtype: torch.dtype, module: nn.Module, args: tu
     """The forward pre-hook of a `linears_in` model: one line when it is called outside autocast."""
     x = args[0] if args else None
     if isinstance(x, torch.Tensor) and x.dtype != dtype and not torch.is_autocast_enabled(x.device.type):
-        raise RuntimeError(f"{model}: a frozen model whose linear weights are held in {dtype} for mixed precision "
+        raise RuntimeError(f"{model}: a model whose frozen linear weights are held in {dtype} for mixed precision "
                            f"(modules.backbone.linears_in) was called with {x.dtype} inputs outside autocast; call it "
-                           "inside the run's autocast, `callbacks.sharding.outside_forward(trainer)`, as the library does")
+                           "inside the run's autocast, `callbacks.sharding.outside_forward(trainer)`, as the library "
+                           "does (or load the stage's export: fp32)")
 
 
 @contextlib.contextmanager

@@ -430,7 +430,7 @@ def test_a_frozen_model_with_bf16_linears_computes_the_same_bits_under_bf16_auto
         for a, b in zip(*pairs):
             assert torch.isfinite(a).all() and torch.equal(a, b)
         if model_type == "llama":                      # outside autocast: one line, not a dtype clash deep inside
-            with pytest.raises(RuntimeError, match=r"^Llama\w+: a frozen model whose linear weights are held in "
+            with pytest.raises(RuntimeError, match=r"^Llama\w+: a model whose frozen linear weights are held in "
                                                    r"torch.bfloat16 .* outside autocast; call it inside the run's"):
                 bf16(input_ids=ids)
 
@@ -455,7 +455,8 @@ def test_a_lora_policy_with_its_base_linears_in_bf16_trains_with_the_same_bits_u
     plain linears hold bf16, the trainable adapters stay fp32, and under CPU bf16 autocast the training-mode
     logprobs (packed and one row per response, activation checkpointing on) and the adapters' gradients are equal
     bit for bit to those of the fp32 base, for every decoder type that shares prompts (a head tied to the embeddings
-    stays fp32). The checkpoints' digest of the frozen weights is the fp32 base's."""
+    stays fp32). The checkpoints' digest of the frozen weights is the fp32 base's. Called outside autocast (a user's
+    own call after a bf16-mixed run), the policy stops with one line."""
     from modules.checkpoints import frozen_digest
 
     ids, mask, response_mask = grouped_rows(tokenizer)
@@ -472,6 +473,10 @@ def test_a_lora_policy_with_its_base_linears_in_bf16_trains_with_the_same_bits_u
                                         for m in (fp32, bf16))
         assert torch.isfinite(a).all() and grad_a.abs().sum() > 0
         assert torch.equal(a, b) and torch.equal(grad_a, grad_b)
+    if model_type == "llama":                          # your own call after a bf16-mixed run, outside autocast
+        with pytest.raises(RuntimeError, match=r"^PeftModel\w*: a model whose frozen linear weights are held in "
+                                               r"torch.bfloat16 .* outside autocast; .* \(or load the stage's export"):
+            bf16(input_ids=ids)
 
 
 def test_a_lora_export_over_a_bf16_base_is_merged_into_the_fp32_base(tiny_spec, tokenizer, tmp_path):
