@@ -7,7 +7,7 @@ import sys
 import pytest
 import torch
 
-from modules.engines import Sampler
+from modules.engines import Sampler, hf_weights
 from tests.helpers import tiny_rl_config
 from train import cli_main
 
@@ -95,3 +95,32 @@ def test_vllm_settings_the_model_or_the_cpu_cannot_take_are_refused_before_start
     with pytest.raises(ConfigError) as raised:
         VLLM(**options).start(model, tokenizer)
     assert str(raised.value) == message
+
+
+def test_a_lora_push_merges_a_base_held_in_bf16_in_fp32(tiny_spec, tokenizer):
+    """`hf_weights` (what the vLLM engine is pushed): a LoRA layer's weight is its base plus B A scale. Over an fp32
+    base it is W + delta in fp32, as before; over a base `linears_in` holds in bf16 (bf16-mixed) it is
+    fp32(bf16 W) + delta, in fp32 (not rounded to bf16 again with the delta in it); an untouched tensor is pushed as
+    it is held. Inside bf16 autocast (where the engine is pushed) the same: B A is not computed in bf16."""
+    from modules.backbone import build_causal_lm, linears_in
+
+    tiny_spec.lora = {"r": 4, "lora_alpha": 8}
+    models = [build_causal_lm(tiny_spec, tokenizer) for _ in range(2)]
+    for model in models:
+        with torch.no_grad():
+            for n, p in model.named_parameters():
+                if "lora_B" in n:
+                    p.fill_(0.01)
+    fp32, bf16 = models[0], linears_in(models[1], torch.bfloat16)
+    layer = fp32.get_base_model().model.layers[0].self_attn.q_proj
+    delta, weight = layer.get_delta_weight("default"), layer.base_layer.weight.detach()
+    name = "model.layers.0.self_attn.q_proj.weight"
+    ours, held = dict(hf_weights(fp32))[name], dict(hf_weights(bf16))[name]
+    assert ours.dtype == held.dtype == torch.float32 and delta.abs().min() > 0
+    assert torch.equal(ours, weight + delta)
+    assert torch.equal(held, weight.bfloat16().float() + delta)
+    with torch.autocast("cpu", torch.bfloat16):                      # (the engine is pushed inside the run's autocast)
+        assert all(torch.equal(dict(hf_weights(m))[name], pushed) for m, pushed in ((fp32, ours), (bf16, held)))
+    assert not torch.equal(held, (weight.bfloat16() + delta.bfloat16()).float())     # (the old push: rounded twice)
+    norm = "model.layers.0.input_layernorm.weight"
+    assert torch.equal(dict(hf_weights(bf16))[norm], dict(fp32.get_base_model().state_dict())[norm])
