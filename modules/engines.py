@@ -304,10 +304,10 @@ def _repack_head(model) -> None:
 def hf_weights(model):
     """(name, tensor) of `model`'s weights as a plain Hugging Face checkpoint names them: a peft model's LoRA
     deltas added to their base weights while the adapters are active (B A scale, `get_delta_weight`), its base
-    weights while they are disabled. Nothing is copied but the merged layers. The deltas are computed in the
-    adapters' dtype even inside the run's autocast, and a base weight held in 16 bits for mixed precision
-    (`modules.backbone.linears_in`) is merged in that dtype (fp32), as its fp32 source was, not rounded to 16 bits
-    again with the delta in it."""
+    weights while they are disabled. Nothing is copied but the merged layers, one delta at a time. The deltas are
+    computed in the adapters' dtype even inside the run's autocast, and a base weight held in 16 bits for mixed
+    precision (`modules.backbone.linears_in`) is merged in that dtype (fp32), as its fp32 source was, not rounded to
+    16 bits again with the delta in it."""
     from modules.backbone import is_lora
     from modules.checkpoints import DIGEST_BEFORE_CAST
 
@@ -317,21 +317,18 @@ def hf_weights(model):
     from peft.tuners.lora import LoraLayer
 
     inner = model.get_base_model()
-    deltas = {}
-    device = next(inner.parameters()).device.type
-    with torch.autocast(device, enabled=False):      # (inside the run's autocast B A would come out in bf16)
-        for name, module in inner.named_modules():
-            if isinstance(module, LoraLayer) and not module.disable_adapters and not module.merged:
-                active = [a for a in module.active_adapters if a in module.lora_A]
-                if active:
-                    deltas[name] = sum(module.get_delta_weight(a) for a in active)
+    adapted = {name: [a for a in module.active_adapters if a in module.lora_A] for name, module in inner.named_modules()
+               if isinstance(module, LoraLayer) and not module.disable_adapters and not module.merged}
+    modules = dict(inner.named_modules())
     held = {name for name, p in inner.named_parameters() if hasattr(p, DIGEST_BEFORE_CAST)}    # (`linears_in`)
+    device = next(inner.parameters()).device.type
     for name, tensor in inner.state_dict().items():
         if ".lora_" in name or "lora_embedding" in name:
             continue
         plain = name.replace(".base_layer.", ".")
         layer = plain.rsplit(".", 1)[0]
-        if plain.endswith(".weight") and layer in deltas:
-            delta = deltas[layer]
+        if plain.endswith(".weight") and adapted.get(layer):     # (one layer's delta at a time)
+            with torch.autocast(device, enabled=False):         # (inside the run's autocast B A comes out in bf16)
+                delta = sum(modules[layer].get_delta_weight(a) for a in adapted[layer])
             tensor = tensor.to(delta.dtype) + delta if name in held else tensor + delta.to(tensor.dtype)
         yield plain, tensor
