@@ -317,9 +317,8 @@ def hf_weights(model):
     from peft.tuners.lora import LoraLayer
 
     inner = model.get_base_model()
-    adapted = {name: [a for a in module.active_adapters if a in module.lora_A] for name, module in inner.named_modules()
+    adapted = {name: module for name, module in inner.named_modules()
                if isinstance(module, LoraLayer) and not module.disable_adapters and not module.merged}
-    modules = dict(inner.named_modules())
     held = {name for name, p in inner.named_parameters() if hasattr(p, DIGEST_BEFORE_CAST)}    # (`linears_in`)
     device = next(inner.parameters()).device.type
     for name, tensor in inner.state_dict().items():
@@ -327,8 +326,10 @@ def hf_weights(model):
             continue
         plain = name.replace(".base_layer.", ".")
         layer = plain.rsplit(".", 1)[0]
-        if plain.endswith(".weight") and adapted.get(layer):     # (one layer's delta at a time)
+        module = adapted.get(layer) if plain.endswith(".weight") else None
+        active = [a for a in module.active_adapters if a in module.lora_A] if module is not None else []
+        if active:                                               # (one layer's delta at a time)
             with torch.autocast(device, enabled=False):         # (inside the run's autocast B A comes out in bf16)
-                delta = sum(modules[layer].get_delta_weight(a) for a in adapted[layer])
+                delta = sum(module.get_delta_weight(a) for a in active)
             tensor = tensor.to(delta.dtype) + delta if name in held else tensor + delta.to(tensor.dtype)
         yield plain, tensor
