@@ -203,9 +203,11 @@ class PreferenceModule(TrainedOnlyCheckpoints, L.LightningModule):
         return self.calibration
 
     def before_export(self) -> None:
-        """On every rank before rank 0 exports: the calibration the export stores (see `RewardModule`)."""
+        """On every rank before rank 0 exports: the calibration the export stores, under the run's precision
+        context (see `RewardModule`)."""
         if self.calibration is None and self._trainer is not None and self.trainer.datamodule is not None:
-            self.calibrate(self.trainer.datamodule.splits["val"])
+            with self.trainer.precision_plugin.forward_context():
+                self.calibrate(self.trainer.datamodule.splits["val"])
 
     def export(self, directory: str, merge_lora: bool = True, final_dir: str | None = None) -> None:
         """AutoModelForSequenceClassification (num_labels=1) + tokenizer + preference.json (with the calibration

@@ -180,9 +180,11 @@ class RewardModule(TrainedOnlyCheckpoints, L.LightningModule):
 
     def before_export(self) -> None:
         """On every rank before rank 0 exports (`callbacks.export.HFExport`): the calibration the export stores,
-        whose scoring forwards a sharded scorer needs every rank for."""
+        whose scoring forwards a sharded scorer needs every rank for; under the run's precision context, as the
+        scorer trained (bf16-mixed: autocast, which a base held in bf16 needs)."""
         if self.calibration is None and self._trainer is not None and self.trainer.datamodule is not None:
-            self.calibrate(self.trainer.datamodule.splits["val"])
+            with self.trainer.precision_plugin.forward_context():
+                self.calibrate(self.trainer.datamodule.splits["val"])
 
     def export(self, directory: str, merge_lora: bool = True, final_dir: str | None = None) -> None:
         """AutoModelForSequenceClassification (num_labels=1) + tokenizer + reward_stats.json + README.md (its code

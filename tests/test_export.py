@@ -12,7 +12,7 @@ import yaml
 from callbacks.export import ExportError, target_problem, write_atomically
 from modules.backbone import build_causal_lm
 from modules.export import save_pretrained
-from tests.helpers import child_env, tiny_rl_config
+from tests.helpers import child_env, derived_config, tiny_rl_config
 from train import cli_main, main
 
 EXPORT = "callbacks.export.HFExport"
@@ -195,3 +195,52 @@ def test_an_export_never_writes_nonfinite_weights(tiny_spec, tokenizer, tmp_path
     with pytest.raises(ValueError, match="parameter 'lm_head.weight' holds NaN or inf; nothing was written"):
         save_pretrained(model, tokenizer, str(tmp_path / "out"))
     assert not (tmp_path / "out" / "model.safetensors").exists()
+
+
+@pytest.mark.parametrize("stage,attr", [("sft", "policy"), ("reward", "scorer"), ("offline_dpo", "policy"),
+                                        ("preference", "scorer")])
+def test_every_stage_under_bf16_mixed_trains_lora_over_a_bf16_base_and_exports_the_fp32_merge(tmp_path, sft_dir,
+                                                                                              stage, attr):
+    """SFT, reward, offline DPO and the pairwise preference stage, each a 2-batch LoRA fit under bf16-mixed
+    (`modules.backbone.linears_in`, as `tests/test_rl.py` checks for the RL policy): the frozen base linears hold
+    bf16 and the trained parameters (adapters, a scorer's head) fp32; only those change; and the export (`HFExport`,
+    which calibrates a reward or preference model first: under autocast, which the bf16 base needs) is the trained
+    parameters loaded into a fresh fp32 build and merged, bit for bit (fp32, not the bf16 base)."""
+    from peft.tuners.lora import LoraLayer
+    from safetensors.torch import load_file
+
+    from modules.backbone import BackboneSpec, build_scorer
+
+    lora = {"r": 4, "lora_alpha": 8}
+    key = "policy" if stage == "offline_dpo" else "backbone"
+    model_args = {key: {"pretrained": sft_dir, "config": None, "lora": lora}}
+    if stage in ("reward", "preference"):
+        model_args["calibration_prompts"] = 4
+    config = derived_config(f"configs/quickstart/{stage}.yaml", tmp_path, {
+        "trainer": {"max_epochs": 1, "limit_train_batches": 2, "limit_val_batches": 1, "precision": "bf16-mixed",
+                    "callbacks": [{"class_path": EXPORT, "init_args": {"dirpath": str(tmp_path / "export")}}],
+                    "enable_checkpointing": False, "enable_progress_bar": False,
+                    "enable_model_summary": False, "logger": {"init_args": {"save_dir": str(tmp_path / "runs")}}},
+        "model": {"init_args": model_args},
+        "data": {"init_args": {"tokenizer": sft_dir, "batch_size": 4,
+                               "source": {"init_args": {"num_train": 16, "num_val": 8,
+                                                        "cache_dir": str(tmp_path / "tok")}}}},
+    }, f"{stage}.yaml")
+    cli = cli_main(["fit", "--config", config])
+    module = cli.model
+    model = getattr(module, attr)
+    base = [m.base_layer for m in model.modules() if isinstance(m, LoraLayer)]
+    assert base and {m.weight.dtype for m in base} == {torch.bfloat16}
+    trainable = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable and {p.dtype for p in trainable.values()} == {torch.float32}
+
+    build = build_causal_lm if attr == "policy" else build_scorer
+    start = build(BackboneSpec(pretrained=sft_dir, lora=lora), module.tokenizer)
+    before = start.state_dict()
+    changed = {k for k, v in model.state_dict().items() if not torch.equal(v, before[k].to(v.dtype))}
+    assert changed and changed <= set(trainable)
+    start.load_state_dict({k: v for k, v in model.state_dict().items() if k in trainable}, strict=False)
+    expected = start.merge_and_unload().state_dict()
+    written = load_file(tmp_path / "export" / "model.safetensors")
+    assert {v.dtype for v in written.values()} == {torch.float32}
+    assert written and all(torch.equal(v, expected[k]) for k, v in written.items())
