@@ -29,7 +29,7 @@ def _digest(path: Path, rank: int = 0) -> dict:
 
 def _resume_case(tmp_path, sft_dir, devices: int, interrupt: str, stage: str = "rl", strategy=None,
                  accelerator: str = "cpu", model: dict | None = None, sharded_too: bool = False,
-                 deterministic: bool | str = False) -> Path:
+                 deterministic: bool | str = False, precision: str = "32-true") -> Path:
     """Uninterrupted: 2 epochs of R rollouts (SFT / reward stages: R training batches). Interrupted when rollout
     R + 1 (the second of the second epoch) starts: SIGKILL dies at once, leaving last.ckpt of the rollout before
     (saved after every rollout); SIGINT finishes that rollout, saves and exits 130. Resumed from last.ckpt: bit-equal
@@ -39,8 +39,9 @@ def _resume_case(tmp_path, sft_dir, devices: int, interrupt: str, stage: str = "
     `accelerator` 'gpu': the RL runs on CUDA (`tests/test_gpu.py`); `model`: RL module settings; `sharded_too`: the
     interruption and the resume again with `strategy` writing distributed checkpoints (a folder of shards, frozen
     weights included); `deterministic`: the trainer's (Lightning: torch's deterministic kernels, 'warn' where one has
-    none). Returns last.ckpt."""
+    none); `precision`: the trainer's. Returns last.ckpt."""
     extra = {"devices": devices, "strategy": "ddp"} if devices > 1 else {}
+    extra["precision"] = precision
     if strategy:
         extra["strategy"] = strategy
     if accelerator != "cpu":
@@ -52,7 +53,8 @@ def _resume_case(tmp_path, sft_dir, devices: int, interrupt: str, stage: str = "
     def config(name, callbacks, every=1):
         checkpoint = {"dirpath": str(tmp_path / name), "every_n_batches": every}
         if stage != "rl":
-            return tiny_stage_config(tmp_path, stage, sft_dir, f"{name}.yaml", callbacks, checkpoint, max_epochs=2)
+            return tiny_stage_config(tmp_path, stage, sft_dir, f"{name}.yaml", callbacks, checkpoint, max_epochs=2,
+                                     precision=precision)
         return tiny_rl_config(tmp_path, sft_dir, name=f"{name}.yaml", max_epochs=2, extra_callbacks=callbacks,
                               checkpoint=checkpoint, model=model, **extra)
 
@@ -123,6 +125,17 @@ def test_ctrl_c_finishes_the_rollout_saves_and_resumes_bit_exactly(tmp_path, sft
 @pytest.mark.parametrize("stage", ["sft", "reward"])
 def test_sft_and_reward_stages_resume_bit_exactly_after_a_mid_epoch_sigkill(tmp_path, sft_dir, stage):
     _resume_case(tmp_path, sft_dir, devices=1, interrupt="SIGKILL", stage=stage)
+
+
+@pytest.mark.slow
+def test_a_lora_policy_under_bf16_mixed_resumes_bit_exactly(tmp_path, sft_dir):
+    """Its base held in bf16 (`modules.backbone.linears_in`): the checkpoint holds the fp32 adapters and their
+    optimizer state, the digest of the frozen base is checked on resume, and the resumed run's adapters equal the
+    uninterrupted run's bit for bit."""
+    last = _resume_case(tmp_path, sft_dir, devices=1, interrupt="SIGKILL", precision="bf16-mixed",
+                        model={"policy": {"lora": {"r": 4, "lora_alpha": 8}}})
+    state = torch.load(last, weights_only=False)["state_dict"]
+    assert state and all("lora_" in k for k in state if k.startswith("policy.")), sorted(state)[:5]
 
 
 @pytest.mark.slow
