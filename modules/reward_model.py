@@ -158,8 +158,8 @@ class RewardModule(TrainedOnlyCheckpoints, L.LightningModule):
                       batch_size=len(batch))
 
     def on_validation_epoch_end(self) -> None:
-        rewards = self.val_rewards.compute()
-        self.log_dict({"val/reward_mean": rewards.mean(), "val/reward_std": rewards.std()})
+        rewards = self.val_rewards.compute()        # (every process's rewards: the same numbers on every rank)
+        self.log_dict({"val/reward_mean": rewards.mean(), "val/reward_std": rewards.std()}, sync_dist=True)
         self.val_rewards.reset()
 
     def configure_optimizers(self):
