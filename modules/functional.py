@@ -137,7 +137,17 @@ def entropy(logp: torch.Tensor) -> torch.Tensor:
     At a -inf the log-probability is read as 0 (0 x 0 = 0), so the gradient there is 0 too: a clamp to the most
     negative float gave the same values, but its product's gradient, -p x incoming x (-3.4e38), overflowed to inf
     for an incoming gradient above 1 in size, and exp's backward made 0 x inf = NaN."""
-    return -torch.linalg.vecdot(logp.exp(), logp.masked_fill(logp == float("-inf"), 0.0))
+    return -row_dot(logp.exp(), logp.masked_fill(logp == float("-inf"), 0.0))
+
+
+def row_dot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """sum_v a_v b_v over the last dimension, (..., V) x (..., V) -> (...), in the inputs' dtype. Outside autocast:
+    under bf16 autocast `torch.linalg.vecdot` rounds both float32 inputs to bf16 and returns bf16 (an entropy of
+    4.5 nats then comes on a grid of 1/32, and ties).
+
+    Example: [[1, 2, 3]] . [[4, 5, 6]] = [32]."""
+    with torch.autocast(a.device.type, enabled=False):
+        return torch.linalg.vecdot(a, b)
 
 
 def token_logprobs_and_entropy(logits: torch.Tensor, labels: torch.Tensor,
@@ -219,7 +229,7 @@ class _ChunkedLinearLogprobs(torch.autograd.Function):
         """(`entropy(logp)` (chunk,), p = exp(log p) (chunk, V)), log p's -inf clamped in place to the most negative
         float (p = 0 there: 0 x min = 0, the same values), so no second (chunk, V) tensor is made for it."""
         p = logp.exp()
-        return -torch.linalg.vecdot(p, logp.clamp_(min=torch.finfo(logp.dtype).min)), p
+        return -row_dot(p, logp.clamp_(min=torch.finfo(logp.dtype).min)), p
 
     @staticmethod
     def _dtype(autocast: dict, hidden, weight) -> torch.dtype:
