@@ -360,7 +360,7 @@ class _ChunkedLinearLogprobs(torch.autograd.Function):
 def high_entropy_mask(entropy: torch.Tensor, mask: torch.Tensor, top: float,
                       pool: torch.Tensor | None = None) -> torch.Tensor:
     """The "forking" tokens of Wang et al. 2025 ("Beyond the 80/20 rule"; TRL's `top_entropy_quantile` rho): the
-    tokens of `mask` whose `entropy` is at least the (1 - top) quantile (linear interpolation, `torch.quantile`) of
+    tokens of `mask` whose `entropy` is at least the (1 - top) quantile (linear interpolation, `quantile`) of
     the entropies in `pool` (default: those under `mask`; the RL module passes every process's). (N, L) -> (N, L)
     bool. top = 1 keeps every masked token (the threshold is the smallest entropy), top = 0 those at the largest.
 
@@ -371,7 +371,28 @@ def high_entropy_mask(entropy: torch.Tensor, mask: torch.Tensor, top: float,
     pool = entropy[mask] if pool is None else pool
     if pool.numel() == 0:
         return torch.zeros_like(mask)
-    return (entropy >= torch.quantile(pool.float(), 1.0 - top)) & mask
+    return (entropy >= quantile(pool.float(), 1.0 - top)) & mask
+
+
+def quantile(values: torch.Tensor, q: float) -> torch.Tensor:
+    """`torch.quantile(values, q)` (linear interpolation) of a 1-D tensor of any size, from two order statistics
+    (`torch.kthvalue`): torch's refuses more than 2**24 values (16.8M, e.g. every process's trained tokens of 512
+    responses of 32k tokens). Computed as torch computes it (the rank q (n - 1) in the values' dtype, then `lerp`),
+    so equal to it up to that size; above it the rank is taken in float64 (float32 no longer holds every integer).
+    NaN if any value is NaN, as torch's.
+
+    Example: [3, 1, 4, 2], q 0.5: rank 0.5 x 3 = 1.5, between the 2nd and 3rd smallest (2 and 3): 2.5; q 1: 4."""
+    n = values.numel()
+    if n == 0:
+        raise ValueError("quantile of no values")
+    if torch.isnan(values).any():
+        return values.new_tensor(float("nan"))
+    dtype = values.dtype if n <= 2 ** 24 else torch.float64
+    rank = torch.tensor(q, dtype=dtype) * (n - 1)
+    below, above = min(int(rank.floor()), n - 1), min(int(rank.ceil()), n - 1)
+    low = torch.kthvalue(values, below + 1).values
+    high = low if above == below else torch.kthvalue(values, above + 1).values
+    return torch.lerp(low, high, (rank - below).to(values.dtype).to(values.device))
 
 
 def sequence_logprobs(token_logps: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

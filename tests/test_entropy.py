@@ -27,6 +27,29 @@ def test_high_entropy_mask_literal_example():
     assert not pooled.any()                                             # (threshold 5.6: above every masked token)
 
 
+def test_quantile_equals_torchs_and_takes_more_values_than_torchs():
+    """`F.quantile` (the forking threshold): the docstring's example; equal to `torch.quantile` bit for bit on 2,000
+    random pools (1-300 values, ties among them) and q's (0 and 1 among them), and on 2**24 values, torch's
+    largest; NaN where a value is NaN, as torch's. One more value, where torch's refuses ("input tensor is too
+    large"), is the interpolation between the two order statistics around the rank q (n - 1), taken in float64."""
+    assert F.quantile(torch.tensor([3.0, 1.0, 4.0, 2.0]), 0.5).item() == 2.5
+    assert F.quantile(torch.tensor([3.0, 1.0, 4.0, 2.0]), 1.0).item() == 4.0
+    g = torch.Generator().manual_seed(0)
+    for trial in range(2000):
+        n = int(torch.randint(1, 300, (1,), generator=g))
+        values = torch.randn(n, generator=g) if trial % 2 else torch.randint(0, 5, (n,), generator=g).float()
+        q = (0.0, 1.0, 0.5)[trial % 3] if trial % 7 == 0 else float(torch.rand(1, generator=g))
+        assert torch.equal(F.quantile(values, q), torch.quantile(values, q)), (n, q)
+    assert torch.isnan(F.quantile(torch.tensor([1.0, float("nan"), 2.0]), 0.5))
+    values = torch.rand(2 ** 24, generator=g)
+    assert torch.equal(F.quantile(values, 0.8), torch.quantile(values, 0.8))
+    values = torch.randperm(2 ** 24 + 1, generator=g).float()          # 0, 1, ..., 2**24 shuffled (exact in float32)
+    with pytest.raises(RuntimeError, match="too large"):
+        torch.quantile(values, 0.8)
+    for q in (0.8, 0.3):    # consecutive integers: the quantile is the rank q (n - 1) itself, in float32 (spacing 1
+        assert abs(F.quantile(values, q).item() - q * 2 ** 24) <= 0.5       # there; a rank off by one is 0.8 away)
+
+
 def test_high_entropy_mask_equals_trl():
     """Against TRL 1.16's `GRPOTrainer.get_high_entropy_mask` (threshold 1 - rho) on random entropies with
     padding, one process; skipped where TRL (the `bench` extra) is not installed."""
