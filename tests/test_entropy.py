@@ -27,6 +27,7 @@ def test_high_entropy_mask_literal_example():
     assert not pooled.any()                                             # (threshold 5.6: above every masked token)
 
 
+@pytest.mark.slow
 def test_quantile_equals_torchs_and_takes_more_values_than_torchs():
     """`F.quantile` (the forking threshold): the docstring's example; equal to `torch.quantile` bit for bit on 2,000
     random pools (1-300 values, ties among them) and q's (0 and 1 among them), and on 2**24 values, torch's
