@@ -7,6 +7,8 @@
         --out benchmarks/results/frontier/forks   # forking tokens (not in the default run; results/frontier/forks)
     python benchmarks/frontier.py --objectives P3O-V2 'P3O-V2 8-bit AdamW' GRPO-4 'GRPO-4 8-bit AdamW' \
         --seeds 0 1 2 --out benchmarks/results/frontier/adamw8bit   # the 8-bit optimizer (results/frontier/adamw8bit)
+    python benchmarks/frontier.py --objectives P3O-V2 'P3O-V2 bf16-mixed' GRPO-4 'GRPO-4 bf16-mixed' \
+        --seeds 0 1 2 --out benchmarks/results/frontier/bf16   # bf16 autocast (configs/presets/bf16.yaml; results/frontier/bf16)
 
 Budget, the same for every objective: the same number of *sampled responses* per rollout and in total (prompts
 per rollout = responses per rollout / K), the same number of responses per minibatch and of updates per rollout,
@@ -36,7 +38,8 @@ from runs import DEFAULT_EXPORTS, ROOT, ensure_exports, panel_figure, quick_scra
 from stats import bootstrap_ci, fmt_ci, frontier_at, frontier_auc, paired_ci  # noqa: E402
 
 ADAMW_8BIT = {"class_path": "bitsandbytes.optim.AdamW8bit"}
-# name -> (config, K responses per prompt, KL knob of the objective, objective overrides[, RL module overrides])
+# name -> (config, K responses per prompt, KL knob of the objective, objective overrides[, RL module overrides
+# [, trainer overrides]])
 OBJECTIVES = {
     "P3O-V2": ("configs/quickstart/p3o.yaml", 2, "kl_coef", {}),
     "P3O-V1": ("configs/quickstart/p3o_v1.yaml", 2, "kl_coef", {}),
@@ -56,6 +59,9 @@ OBJECTIVES = {
     # bitsandbytes' 8-bit AdamW (`configs/presets/adamw_8bit.yaml`) in place of AdamW, the same lr, betas, decay
     "P3O-V2 8-bit AdamW": ("configs/quickstart/p3o.yaml", 2, "kl_coef", {}, {"optimizer": ADAMW_8BIT}),
     "GRPO-4 8-bit AdamW": ("configs/quickstart/grpo.yaml", 4, "kl_coef", {"k": 4}, {"optimizer": ADAMW_8BIT}),
+    # bf16 autocast (`configs/presets/bf16.yaml`): matmuls in bf16, weights and optimizer state fp32
+    "P3O-V2 bf16-mixed": ("configs/quickstart/p3o.yaml", 2, "kl_coef", {}, {}, {"precision": "bf16-mixed"}),
+    "GRPO-4 bf16-mixed": ("configs/quickstart/grpo.yaml", 4, "kl_coef", {"k": 4}, {}, {"precision": "bf16-mixed"}),
 }
 DEFAULT = [name for name, arm in OBJECTIVES.items() if len(arm) == 4]   # the objectives as shipped
 KL_SWEEP = {"kl_coef": [0.02, 0.1], "beta": [0.05, 0.3]}   # weak and strong pull towards the SFT policy
@@ -68,7 +74,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="P3O-V2, GRPO-4; 1 setting; 2 seeds; 4 rollouts")
     parser.add_argument("--objectives", nargs="*", default=DEFAULT, choices=list(OBJECTIVES),
-                        help="default: the 9 objectives as shipped (the 'forks' and '8-bit AdamW' arms: on request)")
+                        help="default: the 9 objectives as shipped (the 'forks', '8-bit AdamW' and 'bf16-mixed' "
+                             "arms: on request)")
     parser.add_argument("--seeds", type=int, nargs="*", default=[0, 1, 2, 3, 4])
     parser.add_argument("--rollouts", type=int, default=16)
     parser.add_argument("--responses-per-rollout", type=int, default=64)
@@ -97,14 +104,15 @@ def main() -> None:
     start, rows = time.time(), []
 
     def train(name: str, knob_value: float, lr: float, seed: int, setting: str, rollouts: int, reward: Path):
-        config, k, knob, overrides, *module = OBJECTIVES[name]
+        config, k, knob, overrides, module, trainer = (*OBJECTIVES[name], {}, {})[:6]
         t0 = time.time()
         run = run_one(config, f"{setting}-{name}-{knob}{knob_value:g}-lr{lr:g}-s{seed}", seed, args.out,
                       rollouts=rollouts, responses_per_rollout=args.responses_per_rollout,
                       minibatch_responses=args.minibatch_responses, k=k, eval_every=1, eval_prompts=args.eval_prompts,
                       exports=args.exports, objective={**overrides, knob: knob_value}, lr=lr,
                       model={"reward": {"class_path": "modules.rewards.RewardModel",
-                                        "init_args": {"path": str(reward), "normalize": True}}, **(module[0] if module else {})})
+                                        "init_args": {"path": str(reward), "normalize": True}}, **module},
+                      trainer=trainer)
         rows.extend({"setting": setting, "objective": name, "knob": knob, "value": knob_value, "lr": lr, "seed": seed,
                      **p} for p in run["points"])
         end = run["points"][-1]

@@ -116,16 +116,17 @@ def build_sft(exports: Path, config: str, quick: bool, tag: str) -> None:
 def run_one(config: str, tag: str, seed: int, out: Path, *, rollouts: int, responses_per_rollout: int,
             minibatch_responses: int, k: int, eval_every: int, eval_prompts: int, exports: Path = DEFAULT_EXPORTS,
             model: dict | None = None, objective: dict | None = None, lr: float | None = None,
-            oversample: int = 1, data: dict | None = None, metrics: tuple[str, ...] = ()) -> dict:
+            oversample: int = 1, data: dict | None = None, metrics: tuple[str, ...] = (),
+            trainer: dict | None = None) -> dict:
     """One run. Budget: `rollouts` rollouts of `responses_per_rollout` trained responses (prompts per rollout =
     responses / k), minibatches of `minibatch_responses` responses; evaluation every `eval_every` rollouts on the
     first `eval_prompts` held-out prompts. `model` / `objective` are merged into the model's / objective's
-    init_args, `data` into the data's. `oversample` > 1: each rollout samples that many times the prompts and trains
-    on `responses_per_rollout` of the responses (`keep_groups`: DAPO's dynamic sampling); a point's "samples" counts
-    the sampled ones; `metrics` names further `val/<name>` metrics each point keeps. Returns {"points": evaluation
-    history, "weights": final policy parameters (flat, CPU),
-    "weights_after_first": the same after the first rollout, "responses": each rollout's sampled responses,
-    "score_s": each rollout's scoring seconds, "train": each rollout's `train/*` metrics}."""
+    init_args, `data` into the data's, `trainer` into the trainer's (e.g. precision). `oversample` > 1: each
+    rollout samples that many times the prompts and trains on `responses_per_rollout` of the responses
+    (`keep_groups`: DAPO's dynamic sampling); a point's "samples" counts the sampled ones; `metrics` names further
+    `val/<name>` metrics each point keeps. Returns {"points": evaluation history, "weights": final policy
+    parameters (flat, CPU), "weights_after_first": the same after the first rollout, "responses": each rollout's
+    sampled responses, "score_s": each rollout's scoring seconds, "train": each rollout's `train/*` metrics}."""
     import yaml
 
     from train import cli_main, derive_config
@@ -153,7 +154,7 @@ def run_one(config: str, tag: str, seed: int, out: Path, *, rollouts: int, respo
         "seed_everything": seed,
         "trainer": {"max_steps": -1, "max_epochs": 1, "limit_train_batches": rollouts, "callbacks": callbacks,
                     "enable_progress_bar": False, "enable_model_summary": False, "enable_checkpointing": False,
-                    "logger": {"init_args": {"save_dir": str(out / "runs"), "name": tag}}},
+                    "logger": {"init_args": {"save_dir": str(out / "runs"), "name": tag}}, **(trainer or {})},
         "model": {"init_args": model_args},
         "data": {"init_args": {"batch_size": oversample * responses_per_rollout // k, "seed": seed,
                                "tokenizer": str(exports / "sft"), **(data or {})}},
