@@ -346,10 +346,34 @@ def _build_here(auto_cls, spec: BackboneSpec, tokenizer, empty: bool = False, **
 
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
         _without_cpu_inference_packing(model)
+    if overrides.get("num_labels"):
+        _scalar_head_in_float32(model)
     if spec.lora:
         with _refused_settings(f"lora {spec.lora}: peft cannot apply it", (ValueError, TypeError)):
             model = _with_lora(model, spec.lora, task_type="SEQ_CLS" if overrides.get("num_labels") else "CAUSAL_LM")
     return model
+
+
+class Float32Head(nn.Linear):
+    """A scorer's scalar head (a reward, a value, a preference logit) computed outside autocast, in its weight's dtype:
+    under bf16 autocast an `nn.Linear` head returns bf16, 8 significant bits, so a reward of about 1 came in steps
+    of 1/128 and a pair's difference (P3O's, the Bradley-Terry loss's) was rounded with it. Here the bf16 hidden
+    state meets the fp32 weight in fp32 (a (tokens, hidden) x (hidden, 1) product: no measurable time). Without
+    autocast, or with 16-bit weights, the same ops as `nn.Linear`, bit for bit; the weights, their names and the
+    export are an `nn.Linear`'s (`tests/test_backbone.py`). `linears_in` leaves it in fp32 (its `type(m) is
+    nn.Linear` test), as sharding and peft's `modules_to_save` copy keep its class."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        with torch.autocast(x.device.type, enabled=False):
+            return nn.functional.linear(x.to(self.weight.dtype), self.weight, self.bias)
+
+
+def _scalar_head_in_float32(model: nn.Module) -> None:
+    """A sequence classifier's head, where it is a plain `nn.Linear` (`score` in the decoders; other heads are left
+    as they are), becomes a `Float32Head` in place: the same module and parameters, its class swapped."""
+    head = getattr(model, "score", None) or getattr(model, "classifier", None)
+    if type(head) is nn.Linear:
+        head.__class__ = Float32Head
 
 
 def _without_cpu_inference_packing(model: nn.Module) -> None:

@@ -1,4 +1,5 @@
 """The model builder: tiny configs, HF directories, GGUF (SmolLM2), LoRA, 4-bit, dropout off."""
+import dataclasses
 import importlib.util
 import json
 import os
@@ -405,7 +406,8 @@ def test_a_frozen_model_with_bf16_linears_computes_the_same_bits_under_bf16_auto
     (shared-prompt packed layout, and one row per response) and the rewards of a frozen reward model are equal bit for
     bit to the fp32 model's, for every decoder type that shares prompts (the reward model where transformers has
     a sequence classifier for it). The plain linears hold bf16 (half their bytes); everything else stays fp32: a
-    head tied to the embeddings, GPT-2's Conv1D, the experts of a mixture of experts (3-D parameters). The
+    head tied to the embeddings, GPT-2's Conv1D, the experts of a mixture of experts (3-D parameters), a scorer's
+    scalar head (`Float32Head`). The
     checkpoints' digest of the frozen weights is the fp32 model's."""
     from transformers.models.auto.modeling_auto import MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES as SCORERS
 
@@ -419,7 +421,10 @@ def test_a_frozen_model_with_bf16_linears_computes_the_same_bits_under_bf16_auto
         dtypes = {(type(m) is torch.nn.Linear and id(m.weight) not in tied, p.dtype)
                   for m in bf16.modules() for p in m.parameters(recurse=False)}
         assert dtypes <= {(True, torch.bfloat16), (False, torch.float32)}
-        assert (True, torch.bfloat16) in dtypes or (model_type == "gpt2" and not scorer)   # (GPT-2: Conv1D, a tied head)
+        assert (True, torch.bfloat16) in dtypes or model_type == "gpt2"   # (GPT-2: Conv1D, a tied head, the fp32 score)
+        if scorer:                  # the scalar head stays fp32 (`Float32Head`: its output in fp32 under autocast)
+            head = bf16.score if hasattr(bf16, "score") else bf16.classifier
+            assert type(head).__name__ == "Float32Head" and head.weight.dtype == torch.float32
         assert frozen_digest(bf16) == frozen_digest(fp32)     # (a checkpoint's digest: the fp32 weights')
         with torch.no_grad(), torch.autocast("cpu", torch.bfloat16):
             if scorer:
@@ -521,3 +526,42 @@ def test_frozen_linears_follow_the_trainers_autocast_and_nothing_else():
     assert autocast_dtype(trainer("bf16-mixed")) == torch.bfloat16
     assert autocast_dtype(trainer("32-true")) is autocast_dtype(trainer("bf16-true")) is autocast_dtype(None) is None
     assert autocast_dtype(type("T", (), {"precision_plugin": FSDPPrecision("bf16-mixed")})()) is None
+
+
+def test_a_scorers_scalar_head_computes_in_float32_under_autocast(tokenizer, tiny_spec, tmp_path):
+    """`Float32Head`, every scorer's `score` (`build_scorer`): weight [[1, 1]], input [[1, 2**-8]]: the sum
+    1 + 2**-8 = 1.00390625 lies halfway between two bf16 numbers (a step of 2**-7 at 1), so an `nn.Linear` under bf16
+    autocast returns 1.0; the head returns 1.00390625 (fp32), and the gradients reach its weight and input. Without
+    autocast, and with bf16 weights under autocast, it computes what `nn.Linear` does, bit for bit. A LoRA scorer's
+    trainable copy of the head (peft's `modules_to_save`) is one too; the export's tensors are an `nn.Linear`'s."""
+    from safetensors.torch import load_file
+
+    from modules.backbone import Float32Head, build_scorer
+
+    plain = torch.nn.Linear(2, 1, bias=False)
+    with torch.no_grad():
+        plain.weight.copy_(torch.tensor([[1.0, 1.0]]))
+    head = torch.nn.Linear(2, 1, bias=False)
+    head.load_state_dict(plain.state_dict())
+    head.__class__ = Float32Head
+    x = torch.tensor([[1.0, 2.0 ** -8]], requires_grad=True)
+    with torch.autocast("cpu", torch.bfloat16):
+        rounded, exact = plain(x), head(x)
+    assert rounded.dtype == torch.bfloat16 and rounded.item() == 1.0
+    assert exact.dtype == torch.float32 and exact.item() == 1.00390625
+    exact.sum().backward()
+    assert head.weight.grad.tolist() == [[1.0, 2.0 ** -8]] and x.grad.tolist() == [[1.0, 1.0]]
+    y = torch.randn(5, 2)
+    assert torch.equal(head(y), plain(y))
+    head.bfloat16()
+    plain.bfloat16()
+    with torch.autocast("cpu", torch.bfloat16):
+        assert torch.equal(head(y), plain(y))
+
+    scorer = build_scorer(tiny_spec, tokenizer)
+    assert type(scorer.score) is Float32Head
+    lora = build_scorer(dataclasses.replace(tiny_spec, lora={"r": 4}), tokenizer)
+    wrapper = lora.get_base_model().score
+    assert {type(m) for m in (wrapper.original_module, *wrapper.modules_to_save.values())} == {Float32Head}
+    save_pretrained(scorer, tokenizer, str(tmp_path / "scorer"))
+    assert load_file(tmp_path / "scorer" / "model.safetensors")["score.weight"].shape == scorer.score.weight.shape
