@@ -358,7 +358,7 @@ class Float32Head(nn.Linear):
     """A scorer's scalar head (a reward, a value, a preference logit) computed outside autocast, in its weight's dtype:
     under bf16 autocast an `nn.Linear` head returns bf16, 8 significant bits, so a reward of about 1 came in steps
     of 1/128 and a pair's difference (P3O's, the Bradley-Terry loss's) was rounded with it. Here the bf16 hidden
-    state meets the fp32 weight in fp32 (a (tokens, hidden) x (hidden, 1) product: no measurable time). Without
+    state meets the fp32 weight in fp32 (one multiply-add per hidden unit and token, beside the body's). Without
     autocast, or with 16-bit weights, the same ops as `nn.Linear`, bit for bit; the weights, their names and the
     export are an `nn.Linear`'s (`tests/test_backbone.py`). `linears_in` leaves it in fp32 (its `type(m) is
     nn.Linear` test), as sharding and peft's `modules_to_save` copy keep its class."""
@@ -368,10 +368,17 @@ class Float32Head(nn.Linear):
             return nn.functional.linear(x.to(self.weight.dtype), self.weight, self.bias)
 
 
+def scalar_head(scorer: nn.Module) -> nn.Module | None:
+    """The head of an AutoModelForSequenceClassification (peft-wrapped or not): `score` (the decoders) or
+    `classifier`; None without either."""
+    model = scorer.get_base_model() if hasattr(scorer, "get_base_model") else scorer
+    return getattr(model, "score", None) or getattr(model, "classifier", None)
+
+
 def _scalar_head_in_float32(model: nn.Module) -> None:
-    """A sequence classifier's head, where it is a plain `nn.Linear` (`score` in the decoders; other heads are left
-    as they are), becomes a `Float32Head` in place: the same module and parameters, its class swapped."""
-    head = getattr(model, "score", None) or getattr(model, "classifier", None)
+    """A sequence classifier's head, where it is a plain `nn.Linear` (other heads are left as they are), becomes a
+    `Float32Head` in place: the same module and parameters, its class swapped."""
+    head = scalar_head(model)
     if type(head) is nn.Linear:
         head.__class__ = Float32Head
 

@@ -10,6 +10,7 @@ import torch
 
 from modules import functional as F
 from modules import layout
+from modules.backbone import scalar_head
 from modules.sharding import forwards_on_every_rank, is_partitioned
 
 
@@ -231,7 +232,7 @@ def causal_lm_parts(model):
 def scorer_head(scorer):
     """(backbone, head) of an AutoModelForSequenceClassification (peft-wrapped or not)."""
     model = scorer.get_base_model() if hasattr(scorer, "get_base_model") else scorer
-    head = getattr(model, "score", None) or getattr(model, "classifier", None)
+    head = scalar_head(model)
     if head is None:
         raise TypeError(f"{type(model).__name__}: no 'score' or 'classifier' head to read a reward from")
     return getattr(model, model.base_model_prefix), head
